@@ -1,0 +1,385 @@
+"""Helpers over ``llvmlite.ir`` for CPU kernels: loops, vectors, fma, reductions, threads.
+
+Templates decide what to compute; this module only turns that plan into IR text. Nothing
+here compiles: ``measure.compile_llvm`` does, in worker processes.
+
+Calling convention of every CPU kernel: pointer arguments then int64 scalars, in the order
+of the kernel's ``ArgSpec`` list. The entry function runs the whole operator; when a
+schedule is parallel, it splits a range of chunks over pthreads (the calling thread takes
+the first share) and joins them before returning.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import llvmlite.ir as ir
+
+F32 = ir.FloatType()
+F64 = ir.DoubleType()
+BF16 = ir.IntType(16)  # bfloat16 travels as raw 16-bit words and is widened by shifting
+I1 = ir.IntType(1)
+I8 = ir.IntType(8)
+I16 = ir.IntType(16)
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+VOID = ir.VoidType()
+PTR = I8.as_pointer()
+
+_ELEMENT = {"float32": F32, "float64": F64, "bfloat16": BF16, "float16": ir.HalfType(),
+            "uint8": I8, "int8": I8, "int32": I32, "int64": I64, "uint16": I16}
+
+
+def element_type(dtype: str) -> ir.Type:
+    return _ELEMENT[dtype]
+
+
+def vec(n: int, element: ir.Type = F32) -> ir.VectorType:
+    return ir.VectorType(element, n)
+
+
+def i64(value: int) -> ir.Constant:
+    return ir.Constant(I64, int(value))
+
+
+def f32(value: float) -> ir.Constant:
+    return ir.Constant(F32, float(value))
+
+
+def new_module(name: str) -> ir.Module:
+    module = ir.Module(name=name)
+    # The triple is set at compile time for the chosen target; an empty one keeps IR portable.
+    return module
+
+
+def declare_intrinsic(module: ir.Module, name: str, ret: ir.Type, args: Sequence[ir.Type]) -> ir.Function:
+    existing = module.globals.get(name)
+    if existing is not None:
+        return existing
+    return ir.Function(module, ir.FunctionType(ret, list(args)), name=name)
+
+
+def _vname(t: ir.VectorType) -> str:
+    el = t.element
+    tag = "f32" if el == F32 else "f64" if el == F64 else f"i{el.width}"
+    return f"v{t.count}{tag}"
+
+
+class KernelBuilder:
+    """An ``ir.IRBuilder`` plus the handful of constructs kernels are made of."""
+
+    def __init__(self, function: ir.Function, fast_math: bool = True):
+        self.function = function
+        self.module: ir.Module = function.module
+        self.b = ir.IRBuilder(function.append_basic_block("entry"))
+        # Reassociation lets LLVM vectorise scalar reductions; kernels tolerate its rounding.
+        self.fm = ("fast",) if fast_math else ()
+
+    # -- arithmetic --------------------------------------------------------------------
+    def fadd(self, a, b):
+        return self.b.fadd(a, b, flags=self.fm)
+
+    def fsub(self, a, b):
+        return self.b.fsub(a, b, flags=self.fm)
+
+    def fmul(self, a, b):
+        return self.b.fmul(a, b, flags=self.fm)
+
+    def fdiv(self, a, b):
+        return self.b.fdiv(a, b, flags=self.fm)
+
+    def fma(self, a, b, c):
+        """a * b + c with one rounding (the llvm.fma intrinsic, scalar or vector)."""
+        t = a.type
+        suffix = _vname(t) if isinstance(t, ir.VectorType) else ("f32" if t == F32 else "f64")
+        fn = declare_intrinsic(self.module, f"llvm.fma.{suffix}", t, [t, t, t])
+        return self.b.call(fn, [a, b, c])
+
+    def call_math(self, name: str, x):
+        """A float math intrinsic such as exp, sqrt, tanh-free pieces: ``llvm.<name>.<type>``."""
+        t = x.type
+        suffix = _vname(t) if isinstance(t, ir.VectorType) else ("f32" if t == F32 else "f64")
+        fn = declare_intrinsic(self.module, f"llvm.{name}.{suffix}", t, [t])
+        return self.b.call(fn, [x], fastmath=self.fm)
+
+    def fmax(self, a, b):
+        t = a.type
+        suffix = _vname(t) if isinstance(t, ir.VectorType) else ("f32" if t == F32 else "f64")
+        fn = declare_intrinsic(self.module, f"llvm.maxnum.{suffix}", t, [t, t])
+        return self.b.call(fn, [a, b])
+
+    # -- memory ------------------------------------------------------------------------
+    def gep(self, base, index, element: ir.Type = F32):
+        """Address of ``base[index]`` where base points at ``element``s."""
+        ptr = self.b.bitcast(base, element.as_pointer()) if base.type != element.as_pointer() else base
+        if isinstance(index, int):
+            index = i64(index)
+        return self.b.gep(ptr, [index], inbounds=True)
+
+    def ptr(self, value):
+        """Any pointer as an untyped ``ptr`` (i8*), the type kernel functions take."""
+        return value if value.type == PTR else self.b.bitcast(value, PTR)
+
+    def load(self, base, index, element: ir.Type = F32):
+        return self.b.load(self.gep(base, index, element), align=_align(element))
+
+    def store(self, value, base, index, element: ir.Type = F32):
+        self.b.store(value, self.gep(base, index, element), align=_align(element))
+
+    def load_vec(self, base, index, lanes: int, element: ir.Type = F32):
+        """Unaligned load of ``lanes`` consecutive elements starting at ``base[index]``."""
+        addr = self.b.bitcast(self.gep(base, index, element), vec(lanes, element).as_pointer())
+        return self.b.load(addr, align=_align(element))
+
+    def store_vec(self, value, base, index, element: ir.Type = F32):
+        lanes = value.type.count
+        addr = self.b.bitcast(self.gep(base, index, element), vec(lanes, element).as_pointer())
+        self.b.store(value, addr, align=_align(element))
+
+    def lane_mask(self, lanes: int, count):
+        """<lanes x i1> with the first ``count`` lanes set (count is an i64 value)."""
+        idx = ir.Constant(vec(lanes, I64), [i for i in range(lanes)])
+        return self.b.icmp_signed("<", idx, self.splat(count, lanes))
+
+    def masked_load_vec(self, base, index, lanes: int, count, element: ir.Type = F32):
+        """Load only the first ``count`` lanes (the rest read as zero): safe at array ends."""
+        t = vec(lanes, element)
+        fn = declare_intrinsic(self.module, f"llvm.masked.load.{_vname(t)}.p0", t,
+                               [PTR, I32, vec(lanes, I1), t])
+        addr = self.b.bitcast(self.gep(base, index, element), PTR)
+        return self.b.call(fn, [addr, ir.Constant(I32, _align(element)), self.lane_mask(lanes, count),
+                                ir.Constant(t, None)])
+
+    def masked_store_vec(self, value, base, index, count, element: ir.Type = F32):
+        t = value.type
+        lanes = t.count
+        fn = declare_intrinsic(self.module, f"llvm.masked.store.{_vname(t)}.p0", VOID,
+                               [t, PTR, I32, vec(lanes, I1)])
+        addr = self.b.bitcast(self.gep(base, index, element), PTR)
+        self.b.call(fn, [value, addr, ir.Constant(I32, _align(element)), self.lane_mask(lanes, count)])
+
+    def prefetch(self, base, index, element: ir.Type = F32, write: bool = False, locality: int = 3):
+        fn = declare_intrinsic(self.module, "llvm.prefetch.p0", VOID, [PTR, I32, I32, I32])
+        addr = self.b.bitcast(self.gep(base, index, element), PTR)
+        self.b.call(fn, [addr, ir.Constant(I32, int(write)), ir.Constant(I32, locality), ir.Constant(I32, 1)])
+
+    # -- vectors -----------------------------------------------------------------------
+    def splat(self, scalar, lanes: int):
+        t = vec(lanes, scalar.type)
+        one = self.b.insert_element(ir.Constant(t, ir.Undefined), scalar, ir.Constant(I32, 0))
+        return self.b.shuffle_vector(one, ir.Constant(t, ir.Undefined), ir.Constant(vec(lanes, I32), [0] * lanes))
+
+    def zeros(self, lanes: int, element: ir.Type = F32):
+        return ir.Constant(vec(lanes, element), None)
+
+    def reduce_add(self, value):
+        """Horizontal sum of a float vector by halving shuffles (a fixed, portable order)."""
+        lanes = value.type.count
+        while lanes > 1:
+            half = lanes // 2
+            lo = self.b.shuffle_vector(value, value, ir.Constant(vec(half, I32), list(range(half))))
+            hi = self.b.shuffle_vector(value, value, ir.Constant(vec(half, I32), list(range(half, lanes))))
+            value = self.fadd(lo, hi)
+            lanes = half
+        return self.b.extract_element(value, ir.Constant(I32, 0))
+
+    def reduce_add_many(self, vectors: Sequence) -> tuple[ir.Value, int]:
+        """Sum each of several equal-width vectors; returns (vector of sums, its width P).
+
+        P is len(vectors) rounded up to a power of two (missing ones count as zero). Pairs
+        of vectors are folded together with shuffles, so P sums cost about P adds instead
+        of P separate horizontal reductions.
+        """
+        lanes = vectors[0].type.count
+        width = 1
+        while width < len(vectors):
+            width *= 2
+        if width > lanes:
+            raise ValueError(f"cannot reduce {len(vectors)} vectors of {lanes} lanes into one vector")
+        work = list(vectors) + [self.zeros(lanes, vectors[0].type.element)] * (width - len(vectors))
+        groups, group_lanes = 1, lanes
+        while len(work) > 1:
+            half = group_lanes // 2
+            lo = [src * lanes + g * group_lanes + t for src in (0, 1) for g in range(groups) for t in range(half)]
+            hi = [i + half for i in lo]
+            paired = []
+            for a, c in zip(work[0::2], work[1::2]):
+                lo_v = self.b.shuffle_vector(a, c, ir.Constant(vec(lanes, I32), lo))
+                hi_v = self.b.shuffle_vector(a, c, ir.Constant(vec(lanes, I32), hi))
+                paired.append(self.fadd(lo_v, hi_v))
+            work, groups, group_lanes = paired, groups * 2, half
+        value = work[0]
+        while group_lanes > 1:
+            half = group_lanes // 2
+            lo = [g * group_lanes + t for g in range(groups) for t in range(half)]
+            hi = [i + half for i in lo]
+            lo_v = self.b.shuffle_vector(value, value, ir.Constant(vec(len(lo), I32), lo))
+            hi_v = self.b.shuffle_vector(value, value, ir.Constant(vec(len(hi), I32), hi))
+            value, group_lanes = self.fadd(lo_v, hi_v), half
+        return value, width
+
+    def memcpy(self, dst, src, nbytes) -> None:
+        fn = declare_intrinsic(self.module, "llvm.memcpy.p0.p0.i64", VOID, [PTR, PTR, I64, I1])
+        nbytes = i64(nbytes) if isinstance(nbytes, int) else nbytes
+        self.b.call(fn, [self.b.bitcast(dst, PTR), self.b.bitcast(src, PTR), nbytes, ir.Constant(I1, 0)])
+
+    def reduce_max(self, value):
+        lanes = value.type.count
+        while lanes > 1:
+            half = lanes // 2
+            lo = self.b.shuffle_vector(value, value, ir.Constant(vec(half, I32), list(range(half))))
+            hi = self.b.shuffle_vector(value, value, ir.Constant(vec(half, I32), list(range(half, lanes))))
+            value = self.fmax(lo, hi)
+            lanes = half
+        return self.b.extract_element(value, ir.Constant(I32, 0))
+
+    def bf16_to_f32(self, raw):
+        """Widen bfloat16 bit patterns (i16 or <N x i16>) to float32: shift into the high half."""
+        if isinstance(raw.type, ir.VectorType):
+            wide = self.b.zext(raw, vec(raw.type.count, I32))
+            wide = self.b.shl(wide, ir.Constant(vec(raw.type.count, I32), [16] * raw.type.count))
+            return self.b.bitcast(wide, vec(raw.type.count, F32))
+        wide = self.b.shl(self.b.zext(raw, I32), ir.Constant(I32, 16))
+        return self.b.bitcast(wide, F32)
+
+    def local(self, ty: ir.Type, name: str = "acc"):
+        """A stack slot in the entry block: SROA turns such slots into registers."""
+        here = self.b.block
+        entry = self.function.entry_basic_block
+        if entry.instructions:
+            self.b.position_before(entry.instructions[0])
+        else:
+            self.b.position_at_start(entry)
+        slot = self.b.alloca(ty, name=name)
+        self.b.position_at_end(here)
+        return slot
+
+    # -- control flow ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def loop(self, start, stop, step: int = 1, name: str = "i") -> Iterator[ir.Value]:
+        """``for (i = start; i < stop; i += step)``; bounds are ints or i64 values.
+
+        The body may create blocks of its own; the loop closes wherever the body ends.
+        """
+        b = self.b
+        start = i64(start) if isinstance(start, int) else start
+        stop = i64(stop) if isinstance(stop, int) else stop
+        pre = b.block
+        header = b.append_basic_block(f"{name}.header")
+        body = b.append_basic_block(f"{name}.body")
+        done = b.append_basic_block(f"{name}.done")
+        b.branch(header)
+        b.position_at_end(header)
+        index = b.phi(I64, name=name)
+        index.add_incoming(start, pre)
+        b.cbranch(b.icmp_signed("<", index, stop), body, done)
+        b.position_at_end(body)
+        yield index
+        nxt = b.add(index, i64(step), name=f"{name}.next", flags=("nsw",))
+        index.add_incoming(nxt, b.block)
+        b.branch(header)
+        b.position_at_end(done)
+
+    @contextlib.contextmanager
+    def if_then(self, cond) -> Iterator[None]:
+        with self.b.if_then(cond):
+            yield
+
+    def min(self, a, b):
+        a = i64(a) if isinstance(a, int) else a
+        b = i64(b) if isinstance(b, int) else b
+        return self.b.select(self.b.icmp_signed("<", a, b), a, b)
+
+    def ret(self) -> None:
+        self.b.ret_void()
+
+
+def _align(element: ir.Type) -> int:
+    width = getattr(element, "width", None)
+    if width is None:
+        width = 64 if element == F64 else 16 if isinstance(element, ir.HalfType) else 32
+    return max(width // 8, 1)
+
+
+def kernel_function(module: ir.Module, name: str, n_pointers: int, n_scalars: int = 0,
+                    extra: Sequence[ir.Type] = (), noalias: bool = True) -> ir.Function:
+    """Declare ``void name(ptr x n_pointers, i64 x n_scalars, extra...)`` with noalias pointers."""
+    types = [PTR] * n_pointers + [I64] * n_scalars + list(extra)
+    fn = ir.Function(module, ir.FunctionType(VOID, types), name=name)
+    for arg in fn.args[:n_pointers]:
+        if noalias:
+            arg.add_attribute("noalias")
+    fn.attributes.add("nounwind")
+    return fn
+
+
+def parallel_entry(module: ir.Module, name: str, body: ir.Function, n_pointers: int, n_scalars: int,
+                   threads: int, n_chunks: int | Callable[[KernelBuilder, list], ir.Value]) -> ir.Function:
+    """Define the kernel entry ``name(ptrs..., scalars...)`` running ``body`` over chunks.
+
+    ``body`` has the entry's arguments plus ``(i64 chunk_begin, i64 chunk_end, i64 thread)``;
+    ``thread`` (0..threads-1) selects per-thread scratch in a workspace. With one
+    thread the entry calls it on the whole range; otherwise thread t (t = 0 is the caller)
+    runs chunks [t*n/threads, (t+1)*n/threads). Where pthread_create fails, that share runs
+    on the calling thread, so the result never depends on getting threads.
+    """
+    entry = kernel_function(module, name, n_pointers, n_scalars)
+    kb = KernelBuilder(entry)
+    b = kb.b
+    args = list(entry.args)
+    total = n_chunks(kb, args) if callable(n_chunks) else i64(n_chunks)
+    if threads <= 1:
+        b.call(body, args + [i64(0), total, i64(0)])
+        kb.ret()
+        return entry
+
+    arg_types = [a.type for a in args]
+    ctx_type = ir.LiteralStructType(arg_types + [I64, I64, I64])
+    tramp = ir.Function(module, ir.FunctionType(PTR, [PTR]), name=f"{name}.thread")
+    tramp.linkage = "internal"
+    tb = ir.IRBuilder(tramp.append_basic_block("entry"))
+    ctx = tb.bitcast(tramp.args[0], ctx_type.as_pointer())
+    fields = [tb.load(tb.gep(ctx, [ir.Constant(I32, 0), ir.Constant(I32, i)], inbounds=True))
+              for i in range(len(arg_types) + 3)]
+    tb.call(body, fields)
+    tb.ret(ir.Constant(PTR, None))
+
+    pthread_create = declare_intrinsic(module, "pthread_create", I32, [I64.as_pointer(), PTR, PTR, PTR])
+    pthread_join = declare_intrinsic(module, "pthread_join", I32, [I64, PTR])
+    ctxs = b.alloca(ctx_type, size=i64(threads), name="ctx")
+    tids = b.alloca(I64, size=i64(threads), name="tid")
+    started = b.alloca(I32, size=i64(threads), name="started")
+    tramp_ptr = b.bitcast(tramp, PTR)
+
+    def bounds(t: int):
+        lo = b.sdiv(b.mul(total, i64(t)), i64(threads))
+        hi = b.sdiv(b.mul(total, i64(t + 1)), i64(threads))
+        return lo, hi
+
+    for t in range(1, threads):
+        lo, hi = bounds(t)
+        slot = b.gep(ctxs, [i64(t)], inbounds=True)
+        for i, value in enumerate(args + [lo, hi, i64(t)]):
+            b.store(value, b.gep(slot, [ir.Constant(I32, 0), ir.Constant(I32, i)], inbounds=True))
+        rc = b.call(pthread_create, [b.gep(tids, [i64(t)], inbounds=True), ir.Constant(PTR, None),
+                                     tramp_ptr, b.bitcast(slot, PTR)])
+        ok = b.icmp_signed("==", rc, ir.Constant(I32, 0))
+        b.store(b.zext(ok, I32), b.gep(started, [i64(t)], inbounds=True))
+        with b.if_then(b.not_(ok)):
+            b.call(body, args + [lo, hi, i64(t)])
+    lo, hi = bounds(0)
+    b.call(body, args + [lo, hi, i64(0)])
+    for t in range(1, threads):
+        flag = b.load(b.gep(started, [i64(t)], inbounds=True))
+        with b.if_then(b.icmp_signed("!=", flag, ir.Constant(I32, 0))):
+            tid = b.load(b.gep(tids, [i64(t)], inbounds=True))
+            b.call(pthread_join, [tid, ir.Constant(PTR, None)])
+    kb.ret()
+    return entry
+
+
+def chunk_body(module: ir.Module, name: str, n_pointers: int, n_scalars: int) -> tuple[ir.Function, KernelBuilder]:
+    """Declare the per-chunk body for ``parallel_entry``: entry args + (begin, end, thread)."""
+    fn = kernel_function(module, name, n_pointers, n_scalars, extra=[I64, I64, I64])
+    fn.linkage = "internal"
+    return fn, KernelBuilder(fn)

@@ -1,0 +1,237 @@
+"""Knobs, the space they span, and one point in it."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+Values = Mapping[str, Any]
+Constraint = Callable[[Values], bool]
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A tunable choice: a name and its ordered values (ints or strings)."""
+
+    name: str
+    values: tuple[Any, ...]
+
+    def __post_init__(self) -> None:
+        if not self.values:
+            raise ValueError(f"knob {self.name} has no values")
+        if len(set(self.values)) != len(self.values):
+            raise ValueError(f"knob {self.name} repeats a value: {self.values}")
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @property
+    def is_numeric(self) -> bool:
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.values)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One point of a space: knob values by name, plus its index in that space."""
+
+    values: tuple[tuple[str, Any], ...]
+    index: int
+
+    def __getitem__(self, name: str) -> Any:
+        for key, value in self.values:
+            if key == name:
+                return value
+        raise KeyError(name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "values": dict(self.values)}
+
+    def __str__(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.values)
+
+
+class ConfigSpace:
+    """The product of knobs, filtered by named constraints.
+
+    ``len(space)`` counts the raw product; ``get(i)`` may return a config that breaks a
+    constraint (``is_valid`` tells). ``sample`` and ``neighbors`` return valid configs only.
+    The last knob varies fastest in the index.
+    """
+
+    def __init__(self, knobs: Sequence[Knob], constraints: Sequence[tuple[str, Constraint]] = ()):
+        names = [k.name for k in knobs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate knob names in {names}")
+        self.knobs: tuple[Knob, ...] = tuple(knobs)
+        self.constraints: tuple[tuple[str, Constraint], ...] = tuple(constraints)
+        self._by_name = {k.name: k for k in self.knobs}
+        self._radix = [len(k) for k in self.knobs]
+        self._size = math.prod(self._radix) if self.knobs else 1
+        self._valid: list[int] | None = None  # every valid index, enumerated on demand
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __contains__(self, config: Config) -> bool:
+        try:
+            return self.index_of(config) == config.index
+        except (KeyError, ValueError):
+            return False
+
+    @property
+    def names(self) -> list[str]:
+        return [k.name for k in self.knobs]
+
+    def restrict(self, **allowed: Sequence[Any]) -> "ConfigSpace":
+        """The same space with some knobs limited to the given values (e.g. threads=[1])."""
+        knobs = []
+        for knob in self.knobs:
+            if knob.name in allowed:
+                keep = tuple(v for v in knob.values if v in tuple(allowed[knob.name]))
+                if not keep:
+                    raise ValueError(f"knob {knob.name} has none of the values {list(allowed[knob.name])}; "
+                                     f"it takes {list(knob.values)}")
+                knob = Knob(knob.name, keep)
+            knobs.append(knob)
+        unknown = set(allowed) - set(self.names)
+        if unknown:
+            raise ValueError(f"no knob named {', '.join(sorted(unknown))}; knobs are {', '.join(self.names)}")
+        return ConfigSpace(knobs, self.constraints)
+
+    def knob(self, name: str) -> Knob:
+        return self._by_name[name]
+
+    def get(self, index: int) -> Config:
+        if not 0 <= index < self._size:
+            raise IndexError(f"config index {index} outside space of size {self._size}")
+        values = []
+        rest = index
+        for knob, radix in zip(reversed(self.knobs), reversed(self._radix)):
+            rest, digit = divmod(rest, radix)
+            values.append((knob.name, knob.values[digit]))
+        return Config(tuple(reversed(values)), index)
+
+    def index_of(self, config: Config | Values) -> int:
+        values = config.as_dict() if isinstance(config, Config) else dict(config)
+        missing = [k.name for k in self.knobs if k.name not in values]
+        if missing:
+            raise KeyError(f"config lacks knobs {missing}")
+        index = 0
+        for knob, radix in zip(self.knobs, self._radix):
+            try:
+                digit = knob.values.index(values[knob.name])
+            except ValueError:
+                raise ValueError(f"{values[knob.name]!r} is not a value of knob {knob.name} {knob.values}") from None
+            index = index * radix + digit
+        return index
+
+    def from_values(self, values: Values) -> Config:
+        return self.get(self.index_of(values))
+
+    def digits(self, config: Config) -> list[int]:
+        """Each knob's position within its values: the config in knob-index coordinates."""
+        return [knob.values.index(value) for knob, (_, value) in zip(self.knobs, config.values)]
+
+    def violations(self, config: Config | Values) -> list[str]:
+        values = config.as_dict() if isinstance(config, Config) else config
+        return [name for name, check in self.constraints if not check(values)]
+
+    def accepts(self, values: Values) -> bool:
+        """True when every knob has a legal value in ``values`` and the constraints hold."""
+        try:
+            self.index_of(values)
+        except (KeyError, ValueError):
+            return False
+        return self.is_valid(values)
+
+    def is_valid(self, config: Config | Values) -> bool:
+        values = config.as_dict() if isinstance(config, Config) else config
+        return all(check(values) for _, check in self.constraints)
+
+    def __iter__(self) -> Iterator[Config]:
+        """Every valid config in index order."""
+        for index in range(self._size):
+            config = self.get(index)
+            if self.is_valid(config):
+                yield config
+
+    ENUMERATE_LIMIT = 2_000_000
+
+    def valid_indices(self) -> list[int]:
+        """Every valid index (enumerated once, then cached). Used when sampling is hard."""
+        if self._valid is None:
+            self._valid = [c.index for c in self]
+        return self._valid
+
+    def sample(self, rng: np.random.Generator, n: int, exclude: set[int] | None = None) -> list[Config]:
+        """Up to ``n`` distinct valid configs drawn uniformly, skipping indices in ``exclude``.
+
+        Fewer than ``n`` come back only when fewer valid configs remain. Draws uniformly
+        and rejects invalid ones; when the constraints reject most draws, it enumerates
+        the valid configs once and draws from those.
+        """
+        exclude = exclude or set()
+        if n <= 0:
+            return []
+        if self._valid is None and self._size > 4096:
+            chosen: dict[int, Config] = {}
+            attempts = 0
+            while len(chosen) < n and attempts < 50 * n:
+                attempts += 1
+                index = int(rng.integers(self._size))
+                if index in chosen or index in exclude:
+                    continue
+                config = self.get(index)
+                if self.is_valid(config):
+                    chosen[index] = config
+            if len(chosen) == n or self._size > self.ENUMERATE_LIMIT:
+                return list(chosen.values())
+        pool = [i for i in self.valid_indices() if i not in exclude]
+        picks = rng.choice(len(pool), size=min(n, len(pool)), replace=False) if pool else []
+        return [self.get(pool[int(i)]) for i in picks]
+
+    def neighbors(self, config: Config) -> list[Config]:
+        """Valid configs that differ from ``config`` in exactly one knob."""
+        out = []
+        base = config.as_dict()
+        for knob in self.knobs:
+            for value in knob.values:
+                if value == base[knob.name]:
+                    continue
+                candidate = dict(base, **{knob.name: value})
+                if self.is_valid(candidate):
+                    out.append(self.from_values(candidate))
+        return out
+
+    def random_neighbor(self, config: Config, rng: np.random.Generator, tries: int = 20) -> Config | None:
+        """A valid config one knob away, or None when none was found in ``tries`` draws."""
+        base = config.as_dict()
+        movable = [k for k in self.knobs if len(k) > 1]
+        if not movable:
+            return None
+        for _ in range(tries):
+            knob = movable[int(rng.integers(len(movable)))]
+            value = knob.values[int(rng.integers(len(knob)))]
+            if value == base[knob.name]:
+                continue
+            candidate = dict(base, **{knob.name: value})
+            if self.is_valid(candidate):
+                return self.from_values(candidate)
+        return None
+
+    def describe(self) -> str:
+        parts = [f"{k.name}{list(k.values)}" for k in self.knobs]
+        return f"ConfigSpace({len(self)} points: " + ", ".join(parts) + ")"
+
+    __repr__ = describe

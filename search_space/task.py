@@ -1,0 +1,130 @@
+"""One operator instance to tune: op name, named dims, dtype and attributes."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Task:
+    """An operator instance.
+
+    ``shape`` holds every dim by name in the operator's order. Dims listed in ``dynamic``
+    are kernel arguments rather than compiled-in constants (sequence and KV lengths); their
+    value in ``shape`` is the size the task is tuned at (its bucket).
+    """
+
+    op: str
+    shape: tuple[tuple[str, int], ...]
+    dtype: str = "float32"
+    attrs: tuple[tuple[str, Any], ...] = ()
+    dynamic: tuple[str, ...] = ()
+    version: int = field(default=SCHEMA_VERSION, compare=False)
+
+    @classmethod
+    def make(
+        cls,
+        op: str,
+        shape: dict[str, int],
+        dtype: str = "float32",
+        attrs: dict[str, Any] | None = None,
+        dynamic: tuple[str, ...] | list[str] = (),
+    ) -> "Task":
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
+        for name, value in shape.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"dim {name} must be a positive integer, got {value!r}")
+        unknown = [d for d in dynamic if d not in shape]
+        if unknown:
+            raise ValueError(f"dynamic dims {unknown} are not dims of the shape")
+        return cls(
+            op=op,
+            shape=tuple((str(k), int(v)) for k, v in shape.items()),
+            dtype=dtype,
+            attrs=tuple(sorted((attrs or {}).items())),
+            dynamic=tuple(d for d in shape if d in dynamic),
+        )
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return dict(self.shape)
+
+    @property
+    def attr(self) -> dict[str, Any]:
+        return dict(self.attrs)
+
+    @property
+    def key(self) -> str:
+        """Stable identity, e.g. ``gemm/float32/M=256,N=256,K=256``; dynamic dims carry a ``~``."""
+        dims = ",".join(f"{k}{'~' if k in self.dynamic else ''}={v}" for k, v in self.shape)
+        key = f"{self.op}/{self.dtype}/{dims}"
+        if self.attrs:
+            key += "/" + ",".join(f"{k}={json.dumps(v)}" for k, v in self.attrs)
+        return key
+
+    @property
+    def flops(self) -> float:
+        from .template import op_definition
+
+        return float(op_definition(self.op).flops(self))
+
+    @property
+    def min_bytes(self) -> float:
+        from .template import op_definition
+
+        return float(op_definition(self.op).min_bytes(self))
+
+    def with_dims(self, **dims: int) -> "Task":
+        shape = self.dims
+        shape.update(dims)
+        return Task.make(self.op, shape, self.dtype, self.attr, self.dynamic)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"op": self.op, "shape": dict(self.shape), "dtype": self.dtype}
+        if self.attrs:
+            out["attrs"] = dict(self.attrs)
+        if self.dynamic:
+            out["dynamic"] = list(self.dynamic)
+        out["version"] = self.version
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Task":
+        return cls.make(
+            data["op"], dict(data["shape"]), data.get("dtype", "float32"),
+            data.get("attrs"), data.get("dynamic", ()),
+        )
+
+    def __str__(self) -> str:
+        return self.key
+
+
+_SHAPE_ITEM = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(\d+)\s*$")
+
+
+def parse_shape(text: str) -> dict[str, int]:
+    """Parse ``M=256,N=256,K=256`` into a dict; raises ValueError with a readable message."""
+    if not text or not text.strip():
+        raise ValueError("empty shape: expected NAME=VALUE pairs like M=256,N=256,K=256")
+    shape: dict[str, int] = {}
+    for item in text.split(","):
+        match = _SHAPE_ITEM.match(item)
+        if not match:
+            raise ValueError(f"malformed shape item {item.strip()!r}: expected NAME=POSITIVE_INT")
+        name, value = match.group(1), int(match.group(2))
+        if value < 1:
+            raise ValueError(f"dim {name} must be >= 1, got {value}")
+        if name in shape:
+            raise ValueError(f"dim {name} given twice")
+        shape[name] = value
+    return shape
+
+
+def format_shape(shape: dict[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in shape.items())

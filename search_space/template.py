@@ -1,0 +1,209 @@
+"""Operators, the schedule templates that implement them, and the registry of both.
+
+An ``Operator`` says what is computed, independent of any target: its dims, FLOPs and
+bytes, random inputs and a numpy reference. A ``Template`` says how one target computes
+it: the space of schedules, a sensible default, a renderer that turns a config into
+kernel source, and analytic features for the cost model. A template subclasses its
+operator, so ``template.reference(...)`` works as the design describes.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from .space import Config, ConfigSpace
+from .target import Target
+from .task import Task
+
+# --------------------------------------------------------------------------- kernel source
+
+ROLES = ("in", "out", "workspace", "scalar")
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    """One kernel argument, in call order.
+
+    Arrays (``in``/``out``) have a ``shape`` of dim names or ints and a numpy ``dtype``;
+    a ``workspace`` is scratch memory of ``nbytes``; a ``scalar`` is an int64 carrying the
+    runtime value of the dim it is named after.
+    """
+
+    name: str
+    role: str
+    dtype: str = "float32"
+    shape: tuple[str | int, ...] = ()
+    nbytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"arg {self.name}: role {self.role!r} not in {ROLES}")
+
+    def resolve_shape(self, dims: dict[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "role": self.role, "dtype": self.dtype,
+                "shape": list(self.shape), "nbytes": self.nbytes}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ArgSpec":
+        return cls(data["name"], data["role"], data.get("dtype", "float32"),
+                   tuple(data.get("shape", ())), int(data.get("nbytes", 0)))
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """What a renderer produces: source text plus everything needed to call it."""
+
+    lang: str  # "llvm" | "cuda"
+    code: str
+    entry: str
+    args: tuple[ArgSpec, ...]
+    launch: tuple[tuple[str, Any], ...] = ()  # cpu: threads; cuda: grid, block, smem
+    notes: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
+
+    @property
+    def launch_dims(self) -> dict[str, Any]:
+        return dict(self.launch)
+
+    def digest(self, flags: str = "") -> str:
+        """Content hash of source and compiler flags: the artifact cache key."""
+        h = hashlib.sha256()
+        for part in (self.lang, flags, self.entry, self.code):
+            h.update(part.encode())
+            h.update(b"\0")
+        return h.hexdigest()[:32]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lang": self.lang, "entry": self.entry, "args": [a.to_dict() for a in self.args],
+                "launch": dict(self.launch), "code": self.code}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "KernelSource":
+        return cls(data["lang"], data["code"], data["entry"],
+                   tuple(ArgSpec.from_dict(a) for a in data["args"]),
+                   tuple(sorted(data.get("launch", {}).items())))
+
+
+# --------------------------------------------------------------------------- operator
+
+TOLERANCE = {"float32": 2e-4, "bfloat16": 2e-2, "float16": 5e-3}
+
+
+class Operator:
+    """What an LLM operator computes. Subclasses set the class attributes and methods."""
+
+    op: ClassVar[str] = ""
+    dims: ClassVar[tuple[str, ...]] = ()
+    example_shape: ClassVar[dict[str, int]] = {}
+    dynamic_dims: ClassVar[tuple[str, ...]] = ()  # dims that may be runtime arguments
+    dtypes: ClassVar[tuple[str, ...]] = ("float32",)
+    description: ClassVar[str] = ""
+
+    def check(self, task: Task) -> None:
+        """Raise ValueError when ``task`` is not a legal instance of this operator."""
+        if task.op != self.op:
+            raise ValueError(f"task op {task.op!r} is not {self.op!r}")
+        given = set(task.dims)
+        if given != set(self.dims):
+            raise ValueError(f"{self.op} takes dims {','.join(self.dims)}; got {','.join(task.dims) or 'none'}")
+        if task.dtype not in self.dtypes:
+            raise ValueError(f"{self.op} supports dtypes {', '.join(self.dtypes)}; got {task.dtype}")
+        bad = [d for d in task.dynamic if d not in self.dynamic_dims]
+        if bad:
+            raise ValueError(f"{self.op}: dims {bad} cannot be dynamic")
+
+    def flops(self, task: Task) -> float:
+        raise NotImplementedError
+
+    def min_bytes(self, task: Task) -> float:
+        """Fewest bytes any kernel must move: every input read once, every output written once."""
+        raise NotImplementedError
+
+    def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The outputs by name, computed with numpy in float64."""
+        raise NotImplementedError
+
+    def tolerance(self, task: Task) -> float:
+        return TOLERANCE[task.dtype]
+
+    def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]) -> tuple[str, Callable[[], object]]:
+        """(description, zero-argument callable) computing the op the fastest plain-numpy way,
+        in float32: what ``autotune bench`` compares a tuned kernel against."""
+        raise NotImplementedError(f"{self.op} has no numpy baseline")
+
+
+class Template(Operator):
+    """How one target kind computes an operator: space, default, render, features."""
+
+    target_kind: ClassVar[str] = ""
+
+    def space(self, task: Task, target: Target) -> ConfigSpace:
+        raise NotImplementedError
+
+    def default(self, task: Task, target: Target) -> Config:
+        raise NotImplementedError
+
+    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
+        raise NotImplementedError
+
+    def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
+        """Analytic features, named the same across operators (see cost_model.features)."""
+        return {}
+
+
+# --------------------------------------------------------------------------- registry
+
+_OPERATORS: dict[str, type[Operator]] = {}
+_TEMPLATES: dict[tuple[str, str], type[Template]] = {}
+
+
+def register_template(cls: type[Template]) -> type[Template]:
+    """Class decorator: make ``cls`` the template for (cls.op, cls.target_kind)."""
+    if not cls.op or cls.target_kind not in ("cpu", "cuda"):
+        raise ValueError(f"{cls.__name__} needs op and target_kind ('cpu' or 'cuda')")
+    _TEMPLATES[(cls.op, cls.target_kind)] = cls
+    _OPERATORS.setdefault(cls.op, cls)
+    return cls
+
+
+def _load_builtin() -> None:
+    importlib.import_module("search_space.templates")
+
+
+def get_template(op: str, target_kind: str = "cpu") -> Template:
+    """The registered template for ``op`` on ``target_kind``; ValueError names the known ones."""
+    _load_builtin()
+    cls = _TEMPLATES.get((op, target_kind))
+    if cls is None:
+        known = sorted(o for o, k in _TEMPLATES if k == target_kind)
+        raise ValueError(f"unknown op {op!r} for target {target_kind}: known ops are {', '.join(known)}")
+    return cls()
+
+
+def op_definition(op: str) -> Operator:
+    _load_builtin()
+    cls = _OPERATORS.get(op)
+    if cls is None:
+        raise ValueError(f"unknown op {op!r}: known ops are {', '.join(sorted(_OPERATORS))}")
+    return cls()
+
+
+def list_templates(target_kind: str | None = None) -> list[Template]:
+    _load_builtin()
+    return [cls() for (op, kind), cls in sorted(_TEMPLATES.items())
+            if target_kind is None or kind == target_kind]
+
+
+def template_module(op: str, target_kind: str) -> str:
+    """The module that registers a template: worker processes import it to find the template."""
+    get_template(op, target_kind)
+    return _TEMPLATES[(op, target_kind)].__module__
