@@ -1,0 +1,4 @@
+"""Built-in schedule templates: importing this package registers every one of them."""
+from __future__ import annotations
+
+from . import gemm, gemv  # noqa: F401

@@ -1,0 +1,199 @@
+"""``gemv`` on the CPU: the decode-time linear layer, Y[M,N] = X[M,K] @ W[N,K]^T, M = 1..16.
+
+Schedule: each output column n is a dot product along K, the contiguous axis of both X
+and W. A tile takes ``rows`` rows of W and ``mtile`` rows of X and keeps
+``mtile x rows x unroll`` vector accumulators of ``vec`` lanes; each loaded W vector is
+used by every X row in the tile and each X vector by every W row. ``kblock`` splits K so
+that the X rows of a block stay in cache while W streams past. Threads split the row
+blocks of W. Remainders of N, M and K are handled by smaller tiles and masked loads.
+"""
+from __future__ import annotations
+
+import math
+
+from ..codegen import llvm as cg
+from ..space import Config, ConfigSpace, Knob
+from ..target import Target
+from ..task import Task
+from ..template import ArgSpec, KernelSource, Template, register_template
+from .matmul_op import Matmul
+
+MAX_M = 16
+
+
+def vector_registers(target: Target) -> int:
+    return 32 if target.vector_bits >= 512 else 16
+
+
+@register_template
+class GemvCpu(Matmul, Template):
+    op = "gemv"
+    target_kind = "cpu"
+    example_shape = {"M": 1, "N": 11008, "K": 4096}
+    description = "decode matmul Y[M,N] = X[M,K] @ W[N,K]^T, M = 1..16"
+
+    def check(self, task: Task) -> None:
+        super().check(task)
+        if task.dims["M"] > MAX_M:
+            raise ValueError(f"gemv is the decode case M = 1..{MAX_M}; use gemm for M = {task.dims['M']}")
+
+    def space(self, task: Task, target: Target) -> ConfigSpace:
+        self.check(task)
+        d = task.dims
+        lanes = target.vector_lanes_f32
+        regs = vector_registers(target)
+        threads = sorted({1, max(target.cores, 1)})
+        knobs = [
+            Knob("rows", tuple(v for v in (1, 2, 4, 8) if v <= d["N"])),
+            Knob("mtile", tuple(v for v in (1, 2, 4, 8, 16) if v <= d["M"])),
+            Knob("vec", tuple(v for v in (4, 8, 16) if v <= lanes)),
+            Knob("unroll", (1, 2, 4)),
+            Knob("kblock", (0,) + tuple(v for v in (256, 1024) if v < d["K"])),
+            Knob("threads", tuple(threads)),
+        ]
+        constraints = [
+            ("accumulators fit in registers",
+             lambda c: c["mtile"] * c["rows"] * c["unroll"] + c["mtile"] * c["unroll"] + 1 <= regs),
+            ("kblock is a multiple of the vector step",
+             lambda c: c["kblock"] % (c["vec"] * c["unroll"]) == 0),
+            ("one row block per thread at least",
+             lambda c: c["threads"] == 1 or math.ceil(d["N"] / c["rows"]) >= c["threads"]),
+        ]
+        return ConfigSpace(knobs, constraints)
+
+    def default(self, task: Task, target: Target) -> Config:
+        space = self.space(task, target)
+        lanes = target.vector_lanes_f32
+        for rows, unroll in ((4, 2), (4, 1), (2, 1), (1, 1)):
+            values = {"rows": rows, "mtile": 1, "vec": lanes, "unroll": unroll, "kblock": 0, "threads": 1}
+            if space.accepts(values):
+                return space.from_values(values)
+        return next(iter(space))
+
+    def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
+        d = task.dims
+        c = config.as_dict()
+        chunks = math.ceil(d["N"] / c["rows"])
+        passes_over_w = math.ceil(d["M"] / c["mtile"])
+        klen = c["kblock"] or d["K"]
+        moved = 4.0 * (d["N"] * d["K"] * passes_over_w + d["M"] * d["N"])
+        return {
+            "threads": c["threads"],
+            "vector_lanes": c["vec"],
+            "unroll": c["unroll"],
+            "accumulators": c["mtile"] * c["rows"] * c["unroll"],
+            "loads_per_fma": (c["mtile"] + c["rows"]) / (c["mtile"] * c["rows"]),
+            "parallel_chunks": chunks,
+            "chunks_per_thread": chunks / c["threads"],
+            "tile_bytes_l1": 4.0 * (c["mtile"] + c["rows"]) * c["vec"] * c["unroll"],
+            "tile_bytes_l2": 4.0 * (c["mtile"] + c["rows"]) * klen,
+            "bytes_moved": moved,
+            "arith_intensity": self.flops(task) / moved,
+            "k_tail_fraction": (d["K"] % (c["vec"] * c["unroll"])) / d["K"],
+            "n_tail_fraction": (d["N"] % c["rows"]) / d["N"],
+        }
+
+    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
+        self.check(task)
+        return _render(task, config.as_dict(), target)
+
+
+def _render(task: Task, c: dict, target: Target) -> KernelSource:
+    d = task.dims
+    M, N, K = d["M"], d["N"], d["K"]
+    rows, mtile, lanes, unroll = c["rows"], c["mtile"], c["vec"], c["unroll"]
+    kblock = c["kblock"] or K
+    module = cg.new_module("gemv")
+    body, kb = cg.chunk_body(module, "gemv_chunk", n_pointers=3, n_scalars=0)
+    X, W, Y, chunk_begin, chunk_end, _thread = body.args
+    b = kb.b
+
+    def tile(m0, n0, nrows: int, mt: int, k0, klen: int, first: bool) -> None:
+        """Y[m0:m0+mt, n0:n0+nrows] (+)= X[m0:+mt, k0:+klen] @ W[n0:+nrows, k0:+klen]^T."""
+        acc = [[[kb.zeros(lanes) for _ in range(unroll)] for _ in range(nrows)] for _ in range(mt)]
+        slots = [[[kb.local(cg.vec(lanes)) for _ in range(unroll)] for _ in range(nrows)] for _ in range(mt)]
+        for m in range(mt):
+            for r in range(nrows):
+                for u in range(unroll):
+                    b.store(acc[m][r][u], slots[m][r][u])
+        x_rows = [b.mul(b.add(m0, cg.i64(m)), cg.i64(K)) for m in range(mt)]
+        w_rows = [b.mul(b.add(n0, cg.i64(r)), cg.i64(K)) for r in range(nrows)]
+
+        def step(k, width_lanes: int, u: int, count=None) -> None:
+            xs = []
+            for m in range(mt):
+                at = b.add(b.add(x_rows[m], k0), k)
+                xs.append(kb.masked_load_vec(X, at, lanes, count) if count is not None
+                          else kb.load_vec(X, at, lanes))
+            for r in range(nrows):
+                at = b.add(b.add(w_rows[r], k0), k)
+                w = (kb.masked_load_vec(W, at, lanes, count) if count is not None
+                     else kb.load_vec(W, at, lanes))
+                for m in range(mt):
+                    slot = slots[m][r][u]
+                    b.store(kb.fma(xs[m], w, b.load(slot)), slot)
+
+        span = lanes * unroll
+        main = klen - klen % span
+        if main:
+            with kb.loop(0, main, span, name="k") as k:
+                for u in range(unroll):
+                    step(b.add(k, cg.i64(u * lanes)), lanes, u)
+        k = main
+        u = 0
+        while klen - k >= lanes:
+            step(cg.i64(k), lanes, u % unroll)
+            k += lanes
+            u += 1
+        if klen - k:
+            step(cg.i64(k), lanes, u % unroll, count=cg.i64(klen - k))
+        for m in range(mt):
+            for r in range(nrows):
+                total = b.load(slots[m][r][0])
+                for u in range(1, unroll):
+                    total = kb.fadd(total, b.load(slots[m][r][u]))
+                s = kb.reduce_add(total)
+                at = b.add(b.mul(b.add(m0, cg.i64(m)), cg.i64(N)), b.add(n0, cg.i64(r)))
+                if not first:
+                    s = kb.fadd(kb.load(Y, at), s)
+                kb.store(s, Y, at)
+
+    def row_block(n0, nrows: int, k0, klen: int, first: bool) -> None:
+        full = M // mtile
+        if full:
+            with kb.loop(0, full, 1, name="mt") as mt_i:
+                tile(b.mul(mt_i, cg.i64(mtile)), n0, nrows, mtile, k0, klen, first)
+        if M % mtile:
+            tile(cg.i64(full * mtile), n0, nrows, M % mtile, k0, klen, first)
+
+    def k_block(k0, klen: int, first: bool) -> None:
+        with kb.loop(chunk_begin, chunk_end, 1, name="rb") as rb:
+            n0 = b.mul(rb, cg.i64(rows))
+            if N % rows == 0:
+                row_block(n0, rows, k0, klen, first)
+            else:
+                whole = b.icmp_signed("<=", b.add(n0, cg.i64(rows)), cg.i64(N))
+                with b.if_else(whole) as (then, otherwise):
+                    with then:
+                        row_block(n0, rows, k0, klen, first)
+                    with otherwise:
+                        with kb.loop(n0, N, 1, name="nr") as n:
+                            row_block(n, 1, k0, klen, first)
+
+    full_blocks = K // kblock
+    k_block(cg.i64(0), kblock, True)
+    if full_blocks > 1:
+        with kb.loop(1, full_blocks, 1, name="kb") as kbi:
+            k_block(b.mul(kbi, cg.i64(kblock)), kblock, False)
+    if K % kblock:
+        k_block(cg.i64(full_blocks * kblock), K % kblock, False)
+    kb.ret()
+
+    chunks = math.ceil(N / rows)
+    cg.parallel_entry(module, "gemv", body, n_pointers=3, n_scalars=0, threads=c["threads"], n_chunks=chunks)
+    args = (
+        ArgSpec("X", "in", task.dtype, ("M", "K")),
+        ArgSpec("W", "in", task.dtype, ("N", "K")),
+        ArgSpec("Y", "out", "float32", ("M", "N")),
+    )
+    return KernelSource("llvm", str(module), "gemv", args, (("threads", c["threads"]),))
