@@ -1,0 +1,12 @@
+"""Build candidates into artifacts and measure them in isolated worker processes."""
+from __future__ import annotations
+
+from .builder import LocalBuilder, default_cache_dir
+from .runner import LocalRunner
+from .timing import TimingPolicy
+from .types import BuildResult, MeasureError, MeasureInput, MeasureResult
+
+__all__ = [
+    "BuildResult", "LocalBuilder", "LocalRunner", "MeasureError", "MeasureInput", "MeasureResult",
+    "TimingPolicy", "default_cache_dir",
+]

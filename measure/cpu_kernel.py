@@ -1,0 +1,138 @@
+"""Load CPU object code into this process and call it on numpy arrays.
+
+Objects are linked in memory by LLVM's MCJIT (no system linker needed); symbols such as
+``pthread_create`` or ``expf`` resolve against the running process. Each loaded kernel
+also gets a small repeat harness, compiled here, that calls the entry ``n`` times so that
+timing a microsecond kernel does not measure Python's call overhead.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from search_space import ArgSpec, KernelSource, Target
+
+from .compile_llvm import compile_to_object, new_target_machine
+
+_HARNESS = "autotune_repeat"
+
+
+def _harness_ir(source: KernelSource) -> str:
+    n_ptr = sum(1 for a in source.args if a.role != "scalar")
+    n_int = len(source.args) - n_ptr
+    params = ", ".join([f"ptr %p{i}" for i in range(n_ptr)] + [f"i64 %s{i}" for i in range(n_int)])
+    call_args = ", ".join([f"ptr %p{i}" for i in range(n_ptr)] + [f"i64 %s{i}" for i in range(n_int)])
+    sep = ", " if params else ""
+    return f"""
+declare void @{source.entry}({params})
+
+define void @{_HARNESS}({params}{sep}i64 %n) {{
+entry:
+  %go = icmp sgt i64 %n, 0
+  br i1 %go, label %loop, label %done
+loop:
+  %i = phi i64 [0, %entry], [%next, %loop]
+  call void @{source.entry}({call_args})
+  %next = add nsw i64 %i, 1
+  %more = icmp slt i64 %next, %n
+  br i1 %more, label %loop, label %done
+done:
+  ret void
+}}
+"""
+
+
+def _check_order(args: tuple[ArgSpec, ...]) -> None:
+    seen_scalar = False
+    for arg in args:
+        if arg.role == "scalar":
+            seen_scalar = True
+        elif seen_scalar:
+            raise ValueError("CPU kernels take pointer arguments before scalar ones")
+
+
+@dataclass
+class LoadedKernel:
+    """A callable CPU kernel: ``kernel(buffers, dims)`` and ``kernel.repeat(buffers, dims, n)``."""
+
+    source: KernelSource
+    engine: object
+    entry: object
+    harness: object
+
+    def _argv(self, buffers: Mapping[str, np.ndarray], dims: Mapping[str, int]) -> list:
+        argv: list = []
+        for arg in self.source.args:
+            if arg.role == "scalar":
+                argv.append(ctypes.c_int64(int(dims[arg.name])))
+            else:
+                array = buffers[arg.name]
+                if not array.flags.c_contiguous:
+                    raise ValueError(f"argument {arg.name} must be C-contiguous")
+                argv.append(ctypes.c_void_p(array.ctypes.data))
+        return argv
+
+    def __call__(self, buffers: Mapping[str, np.ndarray], dims: Mapping[str, int]) -> None:
+        self.entry(*self._argv(buffers, dims))
+
+    def repeat(self, buffers: Mapping[str, np.ndarray], dims: Mapping[str, int], n: int) -> None:
+        self.harness(*self._argv(buffers, dims), ctypes.c_int64(n))
+
+
+def load_object(obj: bytes, source: KernelSource, target: Target) -> LoadedKernel:
+    import llvmlite.binding as llvm
+
+    _check_order(source.args)
+    tm = new_target_machine(target.arch, target.features)  # the engine takes ownership of it
+    host = llvm.parse_assembly(_harness_ir(source))
+    host.triple = llvm.get_process_triple()
+    host.verify()
+    engine = llvm.create_mcjit_compiler(host, tm)
+    engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+    engine.finalize_object()
+    n_ptr = sum(1 for a in source.args if a.role != "scalar")
+    n_int = len(source.args) - n_ptr
+    types = [ctypes.c_void_p] * n_ptr + [ctypes.c_int64] * n_int
+    entry = ctypes.CFUNCTYPE(None, *types)(engine.get_function_address(source.entry))
+    harness = ctypes.CFUNCTYPE(None, *types, ctypes.c_int64)(engine.get_function_address(_HARNESS))
+    if not engine.get_function_address(source.entry):
+        raise RuntimeError(f"entry {source.entry} not found in object")
+    return LoadedKernel(source, engine, entry, harness)
+
+
+def compile_and_load(source: KernelSource, target: Target) -> LoadedKernel:
+    """Compile in this process and load: for small, trusted kernels (tests, runtime fallbacks)."""
+    return load_object(compile_to_object(source.code, target), source, target)
+
+
+def allocate_args(source: KernelSource, dims: Mapping[str, int], inputs: Mapping[str, np.ndarray],
+                  poison: bool = True) -> dict[str, np.ndarray]:
+    """Buffers for every array argument: the given inputs, outputs filled with NaN, workspaces."""
+    buffers: dict[str, np.ndarray] = {}
+    for arg in source.args:
+        if arg.role == "in":
+            array = np.ascontiguousarray(inputs[arg.name])
+            expected = arg.resolve_shape(dict(dims))
+            if expected and array.size != int(np.prod(expected)):
+                raise ValueError(f"input {arg.name} has {array.size} elements, kernel expects {expected}")
+            buffers[arg.name] = array
+        elif arg.role == "out":
+            shape = arg.resolve_shape(dict(dims))
+            dtype = np.dtype(arg.dtype) if arg.dtype != "bfloat16" else np.dtype(np.uint16)
+            out = np.empty(shape, dtype=dtype)
+            if poison:
+                out.fill(np.nan if out.dtype.kind == "f" else 0xFFFF)
+            buffers[arg.name] = out
+        elif arg.role == "workspace":
+            buffers[arg.name] = allocate_workspace(arg.nbytes)
+    return buffers
+
+
+def allocate_workspace(nbytes: int) -> np.ndarray:
+    """Scratch memory aligned to 64 bytes: kernels may use aligned vector stores into it."""
+    raw = np.empty(nbytes + 64, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % 64
+    return raw[offset:offset + nbytes]
