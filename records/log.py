@@ -1,0 +1,174 @@
+"""The JSONL tuning log: the source of truth for everything measured.
+
+Each record is one whole line, written, flushed and fsynced before the next trial, so a
+job killed at any moment loses at most the trial in flight. Loading skips and counts
+lines that do not parse (a truncated last line after a kill, a hand edit gone wrong).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .record import Record
+
+
+class LogWriteError(OSError):
+    """The log cannot be written (missing directory, no permission, full disk)."""
+
+
+@dataclass
+class LoadReport:
+    records: list[Record] = field(default_factory=list)
+    bad_lines: int = 0
+    duplicates: int = 0
+    first_bad_line: int | None = None
+
+
+class RecordLog:
+    """Append-only JSONL file of ``Record`` lines."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def check_writable(self) -> None:
+        """Fail early, before any measurement, if records could not be kept."""
+        parent = self.path.parent if str(self.path.parent) else Path(".")
+        if self.path.is_dir():
+            raise LogWriteError(f"log path {self.path} is a directory")
+        if not parent.exists():
+            raise LogWriteError(f"log directory {parent} does not exist")
+        try:
+            with open(self.path, "a"):
+                pass
+        except OSError as exc:
+            raise LogWriteError(f"cannot write log {self.path}: {exc.strerror or exc}") from None
+
+    def append(self, records: Iterable[Record]) -> None:
+        lines = "".join(r.to_json() + "\n" for r in records)
+        if not lines:
+            return
+        try:
+            self._repair_tail()
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(lines)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise LogWriteError(f"cannot write log {self.path}: {exc.strerror or exc}") from None
+
+    def _repair_tail(self) -> None:
+        """After a kill mid-write the file may end without a newline: end that line first,
+        so the next record starts on a line of its own (the broken one is skipped on load)."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell() == 0:
+                    return
+                f.seek(-1, os.SEEK_END)
+                last = f.read(1)
+        except FileNotFoundError:
+            return
+        if last != b"\n":
+            with open(self.path, "ab") as f:
+                f.write(b"\n")
+
+    def load(self, warn: bool = True) -> LoadReport:
+        report = LoadReport()
+        seen: set[tuple[str, str, str, float]] = set()
+        if not self.path.exists():
+            return report
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = Record.from_json(line)
+                except (ValueError, KeyError, TypeError):
+                    report.bad_lines += 1
+                    report.first_bad_line = report.first_bad_line or number
+                    continue
+                identity = (record.task.key, record.target.key, record.config_key, record.timestamp)
+                if identity in seen:
+                    report.duplicates += 1
+                    continue
+                seen.add(identity)
+                report.records.append(record)
+        if warn and report.bad_lines:
+            warnings.warn(f"{self.path}: skipped {report.bad_lines} unreadable line(s) "
+                          f"(first at line {report.first_bad_line})", stacklevel=2)
+        return report
+
+    def records(self, warn: bool = True) -> list[Record]:
+        return self.load(warn).records
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records())
+
+
+def load_records(paths: Iterable[str | os.PathLike], warn: bool = True) -> list[Record]:
+    out: list[Record] = []
+    for path in paths:
+        out.extend(RecordLog(path).records(warn))
+    return out
+
+
+def best_records(records: Iterable[Record]) -> dict[tuple[str, str], Record]:
+    """The fastest verified record per (task key, target key). Failed records never win."""
+    best: dict[tuple[str, str], Record] = {}
+    for record in records:
+        if not record.ok or not math.isfinite(record.seconds):
+            continue
+        key = (record.task.key, record.target.key)
+        if key not in best or record.seconds < best[key].seconds:
+            best[key] = record
+    return best
+
+
+def best(records: Iterable[Record], task, target) -> Record | None:
+    """The best verified record for one task on one target, or None."""
+    return best_records(r for r in records if r.task.key == task.key and r.target.key == target.key).get(
+        (task.key, target.key))
+
+
+def to_dataframe(records: Iterable[Record]):
+    """One row per record, knob values as ``cfg.<name>`` columns, for notebooks."""
+    import pandas as pd
+
+    rows = []
+    for i, r in enumerate(records):
+        row = {
+            "trial": i,
+            "op": r.task.op,
+            "task": r.task.key,
+            "dtype": r.task.dtype,
+            "target": r.target.key,
+            "device": r.target.device_name,
+            "tuner": r.tuner,
+            "config_index": r.config_index,
+            "error": r.result.error.name,
+            "ok": r.ok,
+            "seconds": r.seconds if r.ok else math.nan,
+            "gflops": r.gflops if r.ok else math.nan,
+            "build_s": r.result.build_s,
+            "run_s": r.result.run_s,
+            "timestamp": r.timestamp,
+            "config": json.dumps(r.config, sort_keys=True),
+        }
+        for dim, value in r.task.shape:
+            row[f"dim.{dim}"] = value
+        for name, value in r.config.items():
+            row[f"cfg.{name}"] = value
+        for key in ("p20", "p80", "min"):
+            if key in r.result.stats:
+                row[key] = r.result.stats[key]
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame["best_so_far_gflops"] = frame["gflops"].fillna(0.0).groupby(
+            [frame["task"], frame["target"]]).cummax()
+    return frame

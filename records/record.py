@@ -1,0 +1,106 @@
+"""One measurement as one JSON line: the unit of everything the project keeps."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from measure import MeasureError, MeasureInput, MeasureResult
+from search_space import Config, ConfigSpace, Target, Task
+
+SCHEMA_VERSION = 1
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("llm-autotune")
+    except Exception:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class Record:
+    """A measured candidate: task, target, config, result, and who measured it when."""
+
+    task: Task
+    target: Target
+    config: dict[str, Any]  # knob values; the index is kept beside them for convenience
+    config_index: int
+    result: MeasureResult
+    tuner: str = ""
+    version: str = field(default_factory=package_version)
+    timestamp: float = field(default_factory=time.time)
+    schema: int = SCHEMA_VERSION
+
+    @classmethod
+    def from_measure(cls, inp: MeasureInput, result: MeasureResult, tuner: str = "") -> "Record":
+        return cls(inp.task, inp.target, inp.config.as_dict(), inp.config.index, result, tuner)
+
+    @property
+    def ok(self) -> bool:
+        return self.result.ok
+
+    @property
+    def seconds(self) -> float:
+        return self.result.median
+
+    @property
+    def gflops(self) -> float:
+        t = self.seconds
+        return self.task.flops / t / 1e9 if self.ok and t > 0 and math.isfinite(t) else 0.0
+
+    @property
+    def config_key(self) -> str:
+        """Identity of the config independent of the space's knob order."""
+        return json.dumps(self.config, sort_keys=True)
+
+    def to_config(self, space: ConfigSpace) -> Config:
+        return space.from_values(self.config)
+
+    def to_measure_input(self, space: ConfigSpace) -> MeasureInput:
+        return MeasureInput(self.task, self.to_config(space), self.target)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "task": self.task.to_dict(),
+            "target": self.target.to_dict(),
+            "config": {"index": self.config_index, "values": self.config},
+            "result": self.result.to_dict(),
+            "tuner": self.tuner,
+            "version": self.version,
+            "timestamp": self.timestamp,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Record":
+        schema = int(data.get("schema", 0))
+        if schema < 1 or schema > SCHEMA_VERSION:
+            raise ValueError(f"record schema {schema} is not supported (this version reads 1..{SCHEMA_VERSION})")
+        config = data["config"]
+        return cls(
+            task=Task.from_dict(data["task"]),
+            target=Target.from_dict(data["target"]),
+            config=dict(config["values"]),
+            config_index=int(config.get("index", -1)),
+            result=MeasureResult.from_dict(data["result"]),
+            tuner=data.get("tuner", ""),
+            version=data.get("version", ""),
+            timestamp=float(data.get("timestamp", 0.0)),
+            schema=schema,
+        )
+
+    @classmethod
+    def from_json(cls, line: str) -> "Record":
+        return cls.from_dict(json.loads(line))
+
+
+def is_error(record: Record, error: MeasureError) -> bool:
+    return record.result.error == error
