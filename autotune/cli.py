@@ -1,0 +1,292 @@
+"""The ``autotune`` command line.
+
+Bad input ends with one line on stderr and exit code 2, never a traceback; set
+AUTOTUNE_DEBUG=1 to see the traceback of an unexpected internal error.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+EXIT_USAGE = 2
+
+
+class UserError(click.ClickException):
+    """Bad input: reported as one line, exit code 2."""
+
+    exit_code = EXIT_USAGE
+
+
+def _err(message: str) -> None:
+    click.echo(f"autotune: error: {message}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: run the click group, turning every failure into one line."""
+    try:
+        cli.main(args=argv, prog_name="autotune", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        _err("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        _err(exc.format_message().replace("\n", " "))
+        sys.exit(EXIT_USAGE if isinstance(exc, (click.UsageError, UserError)) else exc.exit_code)
+    except KeyboardInterrupt:
+        _err("interrupted; every measured record is in the log")
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    except Exception as exc:  # an internal error: still one line unless asked for more
+        if os.environ.get("AUTOTUNE_DEBUG"):
+            raise
+        _err(f"internal error: {type(exc).__name__}: {exc} (set AUTOTUNE_DEBUG=1 for a traceback)")
+        sys.exit(1)
+    sys.exit(0)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def resolve_target(name: str, compile_only: bool = False):
+    from search_space import Target
+
+    if name in ("cpu", "host", "llvm"):
+        return Target.host()
+    if name == "cuda" or name.startswith("sm_"):
+        if compile_only or name.startswith("sm_"):
+            try:
+                return Target.from_name("sm_90a" if name == "cuda" else name)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+        try:
+            return Target.cuda(0)
+        except Exception as exc:
+            raise UserError(f"cuda target unavailable: {exc}") from None
+    raise UserError(f"unknown target {name!r}: use cpu, cuda or an arch like sm_90a")
+
+
+def resolve_task(op: str, shape: str, dtype: str, target_kind: str, dynamic: str = ""):
+    from search_space import Task, get_template, parse_shape
+
+    try:
+        template = get_template(op, target_kind)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        dims = parse_shape(shape)
+        task = Task.make(op, dims, dtype, dynamic=[d for d in dynamic.split(",") if d])
+        template.check(task)
+    except ValueError as exc:
+        raise UserError(f"bad --shape for {op}: {exc}") from None
+    return template, task
+
+
+def open_log(path: str):
+    from records import LogWriteError, RecordLog
+
+    log = RecordLog(path)
+    try:
+        log.check_writable()
+    except LogWriteError as exc:
+        raise UserError(str(exc)) from None
+    return log
+
+
+def read_log(path: str):
+    from records import RecordLog
+
+    if not Path(path).exists():
+        raise UserError(f"log {path} does not exist")
+    if Path(path).is_dir():
+        raise UserError(f"log {path} is a directory")
+    report = RecordLog(path).load(warn=False)
+    if report.bad_lines:
+        click.echo(f"autotune: warning: {path}: skipped {report.bad_lines} unreadable line(s) "
+                   f"(first at line {report.first_bad_line})", err=True)
+    return report.records
+
+
+def _json_default(value: Any):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=_json_default))
+
+
+def positive(ctx, param, value):
+    if value is not None and value < 1:
+        raise UserError(f"--{param.name.replace('_', '-')} must be >= 1, got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="llm-autotune", prog_name="autotune")
+def cli() -> None:
+    """Autotune LLM operator kernels with learned cost models."""
+
+
+@cli.command()
+@click.option("--target", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list")
+def ops(target: str, as_json: bool) -> None:
+    """List the operator templates for a target."""
+    from search_space import format_shape, list_templates
+
+    kind = "cuda" if target == "cuda" or target.startswith("sm_") else target
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"unknown target {target!r}: use cpu or cuda")
+    templates = list_templates(kind)
+    rows = [{"op": t.op, "dims": list(t.dims), "example_shape": format_shape(t.example_shape),
+             "dtypes": list(t.dtypes), "dynamic_dims": list(t.dynamic_dims), "description": t.description}
+            for t in templates]
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"no templates for target {kind} yet")
+        return
+    width = max(len(r["op"]) for r in rows)
+    for r in rows:
+        click.echo(f"{r['op']:<{width}}  dims {','.join(r['dims']):<24} e.g. --shape {r['example_shape']:<32} "
+                   f"{'/'.join(r['dtypes'])}  {r['description']}")
+
+
+@cli.command()
+@click.option("--op", required=True, help="operator, see `autotune ops`")
+@click.option("--shape", required=True, help="dims, e.g. M=256,N=256,K=256")
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--target", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--tuner", default="xgb", show_default=True, type=click.Choice(["xgb", "random", "grid"]))
+@click.option("--trials", default=64, show_default=True, type=int, callback=positive,
+              help="total trials for this task, records already in the log included")
+@click.option("--batch", default=8, show_default=True, type=int, callback=positive)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--log", "log_path", default="tune.jsonl", show_default=True, help="JSONL tuning log (resumed)")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db]")
+@click.option("--no-mlflow", is_flag=True, help="do not log to MLflow")
+@click.option("--experiment", default="llm-autotune", show_default=True, help="MLflow experiment")
+@click.option("--build-timeout", default=60.0, show_default=True, type=float)
+@click.option("--run-timeout", default=20.0, show_default=True, type=float)
+@click.option("--threads", default=None, type=int, callback=positive,
+              help="search only configs with this many threads")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def tune(op, shape, dtype, target, tuner, trials, batch, seed, log_path, tracking_uri, no_mlflow, experiment,
+         build_timeout, run_timeout, threads, quiet) -> None:
+    """Tune one operator instance; every measurement goes to the log."""
+    from .tuning import run_tuning_job
+
+    tgt = resolve_target(target)
+    if tgt.kind != "cpu":
+        raise UserError("tuning on cuda is not available yet: use --target cpu")
+    template, task = resolve_task(op, shape, dtype, tgt.kind)
+    restrict = None
+    if threads is not None:
+        space = template.space(task, tgt)
+        if "threads" not in space.names:
+            raise UserError(f"{op} has no threads knob")
+        if threads not in space.knob("threads").values:
+            raise UserError(f"--threads {threads}: {op} on this machine takes {list(space.knob('threads').values)}")
+        restrict = {"threads": [threads]}
+    log = open_log(log_path)
+    summary = run_tuning_job(task, tgt, tuner, trials, batch, seed, log,
+                             tracking_uri=None if no_mlflow else tracking_uri, use_mlflow=not no_mlflow,
+                             experiment=experiment, build_timeout=build_timeout, run_timeout=run_timeout,
+                             progress=not quiet, restrict=restrict)
+    best = summary.best
+    click.echo(f"{task.key}: {summary.trials} trials ({summary.resumed} resumed from the log, "
+               f"{summary.measured} measured now, {summary.failed} failed) in {summary.wall_s:.1f} s; "
+               f"compile share {summary.compile_share * 100:.0f}%")
+    if best is None:
+        click.echo("no candidate verified; nothing is best")
+    else:
+        click.echo(f"best: {best.seconds * 1e3:.4f} ms, {best.gflops:.1f} GFLOP/s, config {json.dumps(best.config)}")
+    click.echo(f"log: {log.path}")
+
+
+@cli.command()
+@click.option("--log", "log_path", required=True, help="JSONL tuning log")
+@click.option("--json", "as_json", is_flag=True)
+def best(log_path: str, as_json: bool) -> None:
+    """Print the best verified config per task in a log."""
+    from records import best_records
+
+    records = read_log(log_path)
+    winners = sorted(best_records(records).values(), key=lambda r: (r.task.op, r.task.key))
+    rows = [{"task": r.task.key, "op": r.task.op, "shape": r.task.dims, "dtype": r.task.dtype,
+             "target": r.target.key, "device": r.target.device_name, "seconds": r.seconds,
+             "gflops": r.gflops, "config": r.config,
+             "trials": sum(1 for x in records if x.task.key == r.task.key and x.target.key == r.target.key)}
+            for r in winners]
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"{log_path}: no verified record")
+        return
+    for row in rows:
+        click.echo(f"{row['task']} on {row['target']}: {row['seconds'] * 1e3:.4f} ms, {row['gflops']:.1f} GFLOP/s "
+                   f"after {row['trials']} trials, config {json.dumps(row['config'])}")
+
+
+@cli.command()
+@click.option("--op", required=True)
+@click.option("--shape", required=True)
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--log", "log_path", default=None, help="tuning log; without it the template default is benched")
+@click.option("--target", default="cpu", show_default=True)
+@click.option("--threads", default=None, type=int, callback=positive,
+              help="threads for both sides [default: the best record's]")
+@click.option("--json", "as_json", is_flag=True)
+def bench(op, shape, dtype, log_path, target, threads, as_json) -> None:
+    """Run the best recorded kernel and the numpy baseline side by side."""
+    from records import best_records
+
+    from .bench import bench as run_bench
+
+    tgt = resolve_target(target)
+    if tgt.kind != "cpu":
+        raise UserError("bench on cuda is not available yet: use --target cpu")
+    template, task = resolve_task(op, shape, dtype, tgt.kind)
+    space = template.space(task, tgt)
+    config = None
+    if log_path:
+        records = [r for r in read_log(log_path) if r.task.key == task.key and r.target.key == tgt.key]
+        if threads is not None:
+            records = [r for r in records if r.config.get("threads", threads) == threads]
+        winner = best_records(records).get((task.key, tgt.key))
+        if winner is None:
+            raise UserError(f"{log_path} has no verified record for {task.key} on {tgt.key}"
+                            + (f" with threads={threads}" if threads else ""))
+        config = winner.to_config(space)
+    else:
+        config = template.default(task, tgt)
+        if threads is not None and "threads" in space.names:
+            values = dict(config.as_dict(), threads=threads)
+            if space.is_valid(values):
+                config = space.from_values(values)
+    n_threads = threads or int(config.get("threads", 1) or 1)
+    result = run_bench(task, tgt, config, n_threads)
+    if as_json:
+        echo_json(result.to_dict())
+    else:
+        click.echo(result.summary())
+    if result.error:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

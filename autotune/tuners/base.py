@@ -1,0 +1,154 @@
+"""The tuning loop. Tuners only choose configs (``next_batch``) and learn (``update``)."""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from measure import BuildResult, MeasureInput, MeasureResult
+from records import Record, RecordLog
+from search_space import Config, Target, Task, Template, get_template
+
+
+class Builder(Protocol):
+    def build(self, inputs: list[MeasureInput]) -> list[BuildResult]: ...
+
+
+class Runner(Protocol):
+    def run(self, inputs: list[MeasureInput], builds: list[BuildResult]) -> list[MeasureResult]: ...
+
+
+# callback(tuner, inputs, results, records, first_trial): after each batch is logged, and
+# once at the start with the records resumed from the log (first_trial = 0)
+Callback = Callable[["Tuner", list[MeasureInput], list[MeasureResult], list[Record], int], None]
+
+
+@dataclass
+class TuneSummary:
+    task: Task
+    target: Target
+    trials: int = 0            # all trials counted toward the budget, resumed ones included
+    measured: int = 0          # trials measured by this call
+    resumed: int = 0           # trials found in the log
+    failed: int = 0
+    best: Record | None = None
+    wall_s: float = 0.0
+    build_s: float = 0.0
+    run_s: float = 0.0
+    records: list[Record] = field(default_factory=list)
+
+    @property
+    def compile_share(self) -> float:
+        busy = self.build_s + self.run_s
+        return self.build_s / busy if busy > 0 else 0.0
+
+
+class Tuner:
+    """Base of every search strategy.
+
+    Subclasses implement ``next_batch(n)`` (never returning a visited config) and may
+    extend ``update``. ``tune`` owns the loop: resume from the log, build, run, log each
+    record as soon as it is measured, update, call back.
+    """
+
+    name = "base"
+
+    def __init__(self, task: Task, target: Target, template: Template | None = None, seed: int = 0,
+                 restrict: dict[str, Sequence] | None = None):
+        self.task = task
+        self.target = target
+        self.template = template or get_template(task.op, target.kind)
+        self.space = self.template.space(task, target)
+        if restrict:  # e.g. {"threads": [1]}: search only part of the space
+            self.space = self.space.restrict(**restrict)
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.visited: set[int] = set()
+        self.best_cost = math.inf
+        self.best_config: Config | None = None
+
+    # -- strategy interface ----------------------------------------------------------
+    def next_batch(self, n: int) -> list[Config]:
+        raise NotImplementedError
+
+    def update(self, inputs: Sequence[MeasureInput], results: Sequence[MeasureResult]) -> None:
+        for inp, res in zip(inputs, results):
+            self.visited.add(inp.config.index)
+            if res.ok and res.median < self.best_cost:
+                self.best_cost = res.median
+                self.best_config = inp.config
+
+    def has_next(self) -> bool:
+        return len(self.visited) < len(self.space)
+
+    # -- the loop ----------------------------------------------------------------------
+    def resume(self, log: RecordLog) -> list[Record]:
+        """Feed this task's records from ``log`` to the tuner; returns them."""
+        prior: list[Record] = []
+        outside = 0
+        for record in log.records():
+            if record.task.key != self.task.key or record.target.key != self.target.key:
+                continue
+            try:
+                record.to_config(self.space)
+            except (KeyError, ValueError):
+                outside += 1
+                continue
+            prior.append(record)
+        if outside:
+            warnings.warn(f"{outside} record(s) of {self.task.key} in {log.path} lie outside the space searched "
+                          "now (other knob values or another template version); they are not counted", stacklevel=2)
+        if prior:
+            self.update([r.to_measure_input(self.space) for r in prior], [r.result for r in prior])
+        return prior
+
+    def tune(self, n_trials: int, builder: Builder, runner: Runner, batch_size: int = 8,
+             log: RecordLog | None = None, callbacks: Sequence[Callback] = ()) -> TuneSummary:
+        if n_trials < 1:
+            raise ValueError(f"n_trials must be >= 1, got {n_trials}")
+        start = time.perf_counter()
+        summary = TuneSummary(self.task, self.target)
+        prior = self.resume(log) if log is not None else []
+        summary.resumed = len(prior)
+        summary.records.extend(prior)
+        trials = len(prior)
+        if prior:
+            resumed_inputs = [r.to_measure_input(self.space) for r in prior]
+            for callback in callbacks:
+                callback(self, resumed_inputs, [r.result for r in prior], prior, 0)
+        while trials < n_trials and self.has_next():
+            configs = self.next_batch(min(batch_size, n_trials - trials))
+            configs = [c for c in configs if c.index not in self.visited]
+            if not configs:
+                break
+            inputs = [MeasureInput(self.task, c, self.target) for c in configs]
+            builds = builder.build(inputs)
+            results: list[MeasureResult] = []
+            batch_records: list[Record] = []
+            for inp, build in zip(inputs, builds):
+                # one at a time, logged at once: a kill loses at most the trial in flight
+                result = runner.run([inp], [build])[0]
+                record = Record.from_measure(inp, result, self.name)
+                if log is not None:
+                    log.append([record])
+                results.append(result)
+                batch_records.append(record)
+                summary.build_s += result.build_s
+                summary.run_s += result.run_s
+            self.update(inputs, results)
+            first = trials
+            trials += len(inputs)
+            summary.measured += len(inputs)
+            summary.failed += sum(1 for r in results if not r.ok)
+            summary.records.extend(batch_records)
+            for callback in callbacks:
+                callback(self, inputs, results, batch_records, first)
+        summary.trials = trials
+        summary.wall_s = time.perf_counter() - start
+        ok = [r for r in summary.records if r.ok]
+        summary.best = min(ok, key=lambda r: r.seconds) if ok else None
+        return summary

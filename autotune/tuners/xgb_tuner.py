@@ -1,0 +1,105 @@
+"""Model-based search: an XGBoost ranker picks candidates found by simulated annealing.
+
+After every batch the cost model is refitted on everything measured (failed candidates
+count as zero throughput). Candidates come from annealing walks over the space, started
+at the best measured configs and at random points, that move one knob at a time and
+keep the best predicted unvisited configs. A share ``epsilon`` of each batch is drawn
+at random to keep exploring. A config already measured is never proposed again.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Sequence
+
+import numpy as np
+
+from cost_model import FeatureExtractor, XGBConfig, XGBCostModel
+from measure import MeasureInput, MeasureResult
+from search_space import Config
+
+from .base import Tuner
+
+
+class XGBTuner(Tuner):
+    name = "xgb"
+
+    def __init__(self, task, target, template=None, seed: int = 0, epsilon: float = 0.1,
+                 min_train: int = 8, sa_points: int = 96, sa_steps: int = 40,
+                 model_config: XGBConfig | None = None, restrict: dict | None = None):
+        super().__init__(task, target, template, seed, restrict)
+        self.epsilon = epsilon
+        self.min_train = min_train
+        self.sa_points = sa_points
+        self.sa_steps = sa_steps
+        self.features = FeatureExtractor(self.template, task, target, self.space)
+        self.model = XGBCostModel(model_config, seed=seed)
+        self._rows: list[np.ndarray] = []
+        self._throughput: list[float] = []
+        self._configs: list[Config] = []
+
+    # -- learning ----------------------------------------------------------------------
+    def update(self, inputs: Sequence[MeasureInput], results: Sequence[MeasureResult]) -> None:
+        super().update(inputs, results)
+        flops = self.task.flops
+        for inp, res in zip(inputs, results):
+            self._rows.append(self.features.row(inp.config))
+            self._throughput.append(flops / res.median if res.ok and res.median > 0 else 0.0)
+            self._configs.append(inp.config)
+        if len(self._rows) >= self.min_train and max(self._throughput, default=0.0) > 0:
+            self.model.fit(np.stack(self._rows), np.asarray(self._throughput), feature_names=self.features.names)
+
+    def predict(self, configs: Sequence[Config]) -> np.ndarray:
+        return self.model.predict(self.features.matrix(configs))
+
+    # -- proposing ---------------------------------------------------------------------
+    def next_batch(self, n: int) -> list[Config]:
+        if not self.model.fitted:
+            return self.space.sample(self.rng, n, exclude=self.visited)
+        n_random = sum(1 for _ in range(n) if self.rng.random() < self.epsilon)
+        chosen = [c for c in self._anneal(n - n_random) if c.index not in self.visited][: n - n_random]
+        taken = self.visited | {c.index for c in chosen}
+        chosen += self.space.sample(self.rng, n - len(chosen), exclude=taken)
+        return chosen
+
+    def _start_points(self) -> list[Config]:
+        order = np.argsort(self._throughput)[::-1]
+        top = [self._configs[i] for i in order[: max(self.sa_points // 4, 1)] if self._throughput[i] > 0]
+        return top + self.space.sample(self.rng, self.sa_points - len(top))
+
+    def _anneal(self, n: int) -> list[Config]:
+        """The ``n`` best predicted unvisited configs seen along annealing walks."""
+        if n <= 0:
+            return []
+        points = self._start_points()
+        if not points:
+            return []
+        scores = self.predict(points)
+        scale = float(np.std(scores)) or 1.0
+        best: list[tuple[float, int, Config]] = []  # min-heap of (score, index, config)
+        in_heap: set[int] = set()
+
+        def offer(configs: Sequence[Config], values: np.ndarray) -> None:
+            for config, value in zip(configs, values):
+                if config.index in self.visited or config.index in in_heap:
+                    continue
+                item = (float(value), config.index, config)
+                if len(best) < n:
+                    heapq.heappush(best, item)
+                    in_heap.add(config.index)
+                elif item[0] > best[0][0]:
+                    dropped = heapq.heapreplace(best, item)
+                    in_heap.discard(dropped[1])
+                    in_heap.add(config.index)
+
+        offer(points, scores)
+        for step in range(self.sa_steps):
+            temperature = max(1.0 - step / self.sa_steps, 0.05)
+            moves = [self.space.random_neighbor(p, self.rng) or p for p in points]
+            new_scores = self.predict(moves)
+            offer(moves, new_scores)
+            gain = (new_scores - scores) / scale
+            accept = np.log(self.rng.random(len(points)) + 1e-12) < np.minimum(gain / temperature, 0.0)
+            accept |= gain >= 0
+            points = [m if a else p for m, p, a in zip(moves, points, accept)]
+            scores = np.where(accept, new_scores, scores)
+        return [item[2] for item in sorted(best, key=lambda item: -item[0])]
