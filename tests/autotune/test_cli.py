@@ -1,0 +1,125 @@
+"""The command line, run as a user runs it: in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from records import RecordLog
+
+CLI = [sys.executable, "-m", "autotune.cli"]
+
+
+def run(*args, cwd=None, check=True, timeout=600):
+    proc = subprocess.run(CLI + list(args), capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"autotune {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tune", "--op", "nosuchop", "--shape", "M=1"], "unknown op 'nosuchop'"),
+    (["tune", "--op", "gemm", "--shape", "M=1,N"], "malformed shape"),
+    (["tune", "--op", "gemm", "--shape", "M=1,N=2"], "takes dims M,N,K"),
+    (["tune", "--op", "gemm", "--shape", "M=0,N=2,K=2"], "must be >= 1"),
+    (["tune", "--op", "gemm", "--shape", "M=1,N=2,K=3", "--trials", "0"], "--trials must be >= 1"),
+    (["tune", "--op", "gemm", "--shape", "M=1,N=2,K=3", "--log", "/no/such/dir/t.jsonl"], "does not exist"),
+    (["tune", "--op", "gemm", "--shape", "M=1,N=2,K=3", "--trials", "many"], "not a valid integer"),
+    (["best", "--log", "/no/such/log.jsonl"], "does not exist"),
+    (["ops", "--target", "tpu"], "unknown target"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    proc = run(*args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autotune: error:"), proc.stderr
+    assert message in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_ops_lists_templates_as_json():
+    ops = json.loads(run("ops", "--json").stdout)
+    names = {o["op"] for o in ops}
+    assert {"gemm", "gemv"} <= names
+    for o in ops:
+        assert set(o) >= {"op", "dims", "example_shape"}
+        shape = dict(item.split("=") for item in o["example_shape"].split(","))
+        assert list(shape) == o["dims"]
+
+
+def test_tune_64_trials_then_best_verifies_against_numpy(tmp_path):
+    """The issue's acceptance line, as written."""
+    run("tune", "--op", "gemm", "--shape", "M=256,N=256,K=256", "--tuner", "xgb", "--trials", "64",
+        "--log", "t.jsonl", "--no-mlflow", "--quiet", cwd=tmp_path)
+    records = RecordLog(tmp_path / "t.jsonl").records()
+    assert len(records) == 64
+    assert len({r.config_index for r in records}) == 64
+    ok = [r for r in records if r.ok]
+    assert len(ok) >= 60
+    assert all(r.seconds > 1e-6 and len(r.result.costs) >= 3 for r in ok)
+    assert len({round(r.seconds, 9) for r in ok}) > 30  # real timings differ
+
+    (best,) = json.loads(run("best", "--log", "t.jsonl", "--json", cwd=tmp_path).stdout)
+    assert best["task"] == "gemm/float32/M=256,N=256,K=256"
+
+    from runtime import TunedKernels
+
+    with TunedKernels.from_logs([tmp_path / "t.jsonl"]) as kernels:
+        kernel = kernels.get("gemm", {"M": 256, "N": 256, "K": 256})
+        assert kernel.tuned and kernel.config.as_dict() == best["config"]
+        rng = np.random.default_rng(42)
+        x = rng.standard_normal((256, 256)).astype(np.float32)
+        w = rng.standard_normal((256, 256)).astype(np.float32)
+        want = x.astype(np.float64) @ w.T.astype(np.float64)
+        got = kernel(x, w)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_sigkill_midway_then_resume_loses_and_repeats_nothing(tmp_path):
+    log_path = tmp_path / "k.jsonl"
+    args = ["tune", "--op", "gemv", "--shape", "M=2,N=512,K=512", "--tuner", "random", "--trials", "30",
+            "--batch", "4", "--log", str(log_path), "--no-mlflow", "--quiet"]
+    proc = subprocess.Popen(CLI + args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if log_path.exists() and sum(1 for _ in open(log_path)) >= 6:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the job and its workers, like a crash of the machine
+    proc.wait()
+    before = RecordLog(log_path).records()
+    assert 6 <= len(before) < 30
+    with open(log_path, "a") as f:  # as if the kill had landed mid-write
+        f.write('{"schema": 1, "task": {"op": "gem')
+
+    resumed = run(*args, cwd=tmp_path)
+    assert "skipped 1 unreadable line" in resumed.stderr
+    assert f"{len(before)} resumed from the log" in resumed.stdout
+    after = RecordLog(log_path).load(warn=False)
+    assert after.bad_lines == 1
+    records = after.records
+    assert len(records) == 30
+    assert [r.to_json() for r in records[: len(before)]] == [r.to_json() for r in before]
+    assert len({r.config_index for r in records}) == 30
+
+
+def test_bench_prints_both_sides_as_json(tmp_path):
+    run("tune", "--op", "gemv", "--shape", "M=1,N=256,K=256", "--tuner", "random", "--trials", "6",
+        "--log", "b.jsonl", "--no-mlflow", "--quiet", cwd=tmp_path)
+    out = json.loads(run("bench", "--op", "gemv", "--shape", "M=1,N=256,K=256", "--log", "b.jsonl",
+                         "--json", cwd=tmp_path).stdout)
+    for key in ("tuned_s", "baseline_s", "baseline", "speedup", "roofline_fraction"):
+        assert key in out
+    assert out["tuned_s"] > 0 and out["baseline_s"] > 0
+    assert out["speedup"] == pytest.approx(out["baseline_s"] / out["tuned_s"])
+    assert out["blas"]["internal_api"] in ("openblas", "mkl", "blis", None)
+    assert 0 < out["roofline_fraction"] < 1.5
+    text = run("bench", "--op", "gemv", "--shape", "M=1,N=256,K=256", "--log", "b.jsonl", cwd=tmp_path).stdout
+    assert "speedup" in text and "roofline" in text

@@ -1,0 +1,42 @@
+"""A tuning job's MLflow run, checked in a temporary SQLite store."""
+from __future__ import annotations
+
+import pytest
+
+from autotune.tuning import run_tuning_job
+from records import RecordLog
+from search_space import Task
+
+
+@pytest.fixture
+def store(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_job_run_has_params_per_trial_metrics_and_the_log(store, tmp_path, host):
+    from mlflow import MlflowClient
+
+    log = RecordLog(tmp_path / "job.jsonl")
+    task = Task.make("gemv", {"M": 1, "N": 64, "K": 128})
+    summary = run_tuning_job(task, host, "random", trials=10, batch=4, seed=0, log=log,
+                             tracking_uri=store, progress=False)
+    assert summary.trials == 10
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("llm-autotune")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["op"] == "gemv" and params["tuner"] == "random" and params["trials"] == "10"
+    assert params["task"] == task.key and params["target"] == host.key
+    history = client.get_metric_history(run.info.run_id, "gflops")
+    assert sorted(m.step for m in history) == list(range(10))
+    best = client.get_metric_history(run.info.run_id, "best_gflops")
+    values = [m.value for m in sorted(best, key=lambda m: m.step)]
+    assert values == sorted(values) and values[-1] == pytest.approx(summary.best.gflops)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"job.jsonl", "best_config.json"} <= artifacts
+
+    from records.mlflow_tracking import records_from_run
+
+    back = records_from_run(run.info.run_id, store)
+    assert [r.to_json() for r in back] == [r.to_json() for r in log.records()]

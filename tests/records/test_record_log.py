@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from measure import MeasureError, MeasureResult
+from records import LogWriteError, Record, RecordLog, best, best_records, to_dataframe
+from search_space import Target, Task
+
+
+def make_record(index: int, seconds: float | None, task=None, error=MeasureError.RUNTIME_ERROR) -> Record:
+    task = task or Task.make("gemm", {"M": 4, "N": 4, "K": 4})
+    result = (MeasureResult((seconds, seconds * 1.1, seconds * 0.9)) if seconds is not None
+              else MeasureResult.failed(error, "boom"))
+    return Record(task, Target.host(), {"mr": index}, index, result, tuner="test")
+
+
+def test_roundtrip_through_json():
+    record = make_record(3, 0.5)
+    again = Record.from_json(record.to_json())
+    assert again.task == record.task and again.config == record.config
+    assert again.result.costs == record.result.costs and again.result.error == record.result.error
+    assert again.seconds == pytest.approx(0.5)
+    failed = Record.from_json(make_record(1, None, error=MeasureError.WORKER_CRASH).to_json())
+    assert failed.result.error == MeasureError.WORKER_CRASH and not failed.ok
+
+
+def test_append_load_skips_broken_lines_with_a_warning(tmp_path):
+    log = RecordLog(tmp_path / "t.jsonl")
+    log.append([make_record(i, 0.1 * (i + 1)) for i in range(3)])
+    with open(log.path, "a") as f:
+        f.write("{not json}\n")
+        f.write(make_record(9, 0.01).to_json()[:40])  # a write cut off by a kill
+    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+        report = log.load()
+    assert len(report.records) == 3 and report.bad_lines == 2 and report.first_bad_line == 4
+    log.append([make_record(5, 0.2)])  # the torn line is closed, the new record starts a line
+    assert [r.config_index for r in log.records(warn=False)] == [0, 1, 2, 5]
+
+
+def test_exact_duplicate_lines_are_dropped(tmp_path):
+    log = RecordLog(tmp_path / "t.jsonl")
+    record = make_record(1, 0.1)
+    log.append([record, record])
+    report = log.load()
+    assert len(report.records) == 1 and report.duplicates == 1
+
+
+def test_best_never_picks_a_failed_record():
+    records = [make_record(0, 0.3), make_record(1, None, error=MeasureError.WRONG_ANSWER),
+               make_record(2, 0.2), make_record(3, None, error=MeasureError.RUN_TIMEOUT)]
+    task = records[0].task
+    assert best(records, task, Target.host()).config_index == 2
+    assert best([records[1], records[3]], task, Target.host()) is None
+    other = make_record(4, 0.05, task=Task.make("gemv", {"M": 1, "N": 4, "K": 4}))
+    winners = best_records(records + [other])
+    assert len(winners) == 2
+
+
+def test_unwritable_logs_fail_early(tmp_path):
+    with pytest.raises(LogWriteError):
+        RecordLog(tmp_path / "missing" / "t.jsonl").check_writable()
+    with pytest.raises(LogWriteError):
+        RecordLog(tmp_path).check_writable()
+    if os.geteuid() != 0:  # root can write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        with pytest.raises(LogWriteError):
+            RecordLog(locked / "t.jsonl").check_writable()
+
+
+def test_dataframe_has_knob_columns_and_best_so_far():
+    records = [make_record(0, 0.3), make_record(1, None), make_record(2, 0.1)]
+    frame = to_dataframe(records)
+    assert list(frame["cfg.mr"]) == [0, 1, 2]
+    assert list(frame["error"]) == ["NO_ERROR", "RUNTIME_ERROR", "NO_ERROR"]
+    gflops = records[0].task.flops / 1e9
+    assert frame["best_so_far_gflops"].tolist() == pytest.approx([gflops / 0.3, gflops / 0.3, gflops / 0.1])
+
+
+def test_schema_version_is_checked():
+    data = make_record(0, 0.1).to_dict()
+    data["schema"] = 99
+    with pytest.raises(ValueError, match="schema"):
+        Record.from_dict(json.loads(json.dumps(data)))

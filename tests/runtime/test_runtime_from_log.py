@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from autotune.tuners import RandomTuner
+from measure import LocalBuilder, LocalRunner
+from records import RecordLog
+from runtime import TunedKernels, UntunedShapeWarning
+from search_space import Task
+
+
+def test_best_config_is_used_and_untuned_shapes_fall_back(tmp_path, host, fast_policy):
+    task = Task.make("gemv", {"M": 3, "N": 96, "K": 200})
+    log = RecordLog(tmp_path / "r.jsonl")
+    with LocalBuilder(n_parallel=2) as builder, LocalRunner(policy=fast_policy) as runner:
+        summary = RandomTuner(task, host, seed=4).tune(8, builder, runner, batch_size=4, log=log)
+    rng = np.random.default_rng(0)
+    with TunedKernels.from_logs([log.path]) as kernels:
+        kernel = kernels.get("gemv", task.dims)
+        assert kernel.tuned and kernel.config.as_dict() == summary.best.config
+        assert kernels.get("gemv", task.dims) is kernel  # compiled once
+        x = rng.standard_normal((3, 200)).astype(np.float32)
+        w = rng.standard_normal((96, 200)).astype(np.float32)
+        np.testing.assert_allclose(kernel(x, w), x @ w.T, rtol=1e-4, atol=1e-4)
+        with pytest.warns(UntunedShapeWarning, match="never tuned"):
+            other = kernels.get("gemm", {"M": 5, "N": 7, "K": 9})
+        assert not other.tuned
+        x, w = rng.standard_normal((5, 9)).astype(np.float32), rng.standard_normal((7, 9)).astype(np.float32)
+        np.testing.assert_allclose(other(x, w), x @ w.T, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="expected"):
+            kernel(x, w)
+
+
+def test_runtime_does_not_import_the_tuner_stack():
+    code = ("import sys, runtime; "
+            "bad = [m for m in ('xgboost', 'optuna', 'mlflow', 'cost_model', 'autotune') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

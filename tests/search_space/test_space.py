@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from search_space import Config, ConfigSpace, Knob
+
+
+def make_space():
+    return ConfigSpace(
+        [Knob("a", (1, 2, 4)), Knob("b", ("x", "y")), Knob("c", (8, 16, 32, 64))],
+        [("a*c <= 128", lambda v: v["a"] * v["c"] <= 128)],
+    )
+
+
+def test_len_get_index_roundtrip():
+    space = make_space()
+    assert len(space) == 3 * 2 * 4
+    for i in range(len(space)):
+        config = space.get(i)
+        assert config.index == i
+        assert space.index_of(config) == i
+        assert space.index_of(config.as_dict()) == i
+
+
+def test_last_knob_varies_fastest():
+    space = make_space()
+    assert space.get(0).as_dict() == {"a": 1, "b": "x", "c": 8}
+    assert space.get(1).as_dict() == {"a": 1, "b": "x", "c": 16}
+    assert space.get(4).as_dict() == {"a": 1, "b": "y", "c": 8}
+
+
+def test_constraints_filter_iteration_sampling_and_neighbors():
+    space = make_space()
+    valid = list(space)
+    assert all(space.is_valid(c) for c in valid)
+    assert len(valid) == len(space) - 2  # a=4 with c=64, for b in x,y
+    assert space.violations({"a": 4, "b": "x", "c": 64}) == ["a*c <= 128"]
+    rng = np.random.default_rng(0)
+    sample = space.sample(rng, 10)
+    assert len(sample) == 10 and len({c.index for c in sample}) == 10
+    assert all(space.is_valid(c) for c in sample)
+    exclude = {c.index for c in valid[:-3]}
+    rest = space.sample(rng, 10, exclude=exclude)
+    assert {c.index for c in rest} == {c.index for c in valid[-3:]}
+    origin = space.from_values({"a": 2, "b": "x", "c": 64})
+    for n in space.neighbors(origin):
+        diff = [k for k in origin.as_dict() if origin[k] != n[k]]
+        assert len(diff) == 1 and space.is_valid(n)
+    assert all(n["a"] != 4 or n["c"] != 64 for n in space.neighbors(origin))
+
+
+def test_bad_values_raise():
+    space = make_space()
+    with pytest.raises(ValueError):
+        space.index_of({"a": 3, "b": "x", "c": 8})
+    with pytest.raises(KeyError):
+        space.index_of({"a": 1})
+    with pytest.raises(IndexError):
+        space.get(len(space))
+    with pytest.raises(ValueError):
+        Knob("k", (1, 1))
+    with pytest.raises(ValueError):
+        ConfigSpace([Knob("a", (1,)), Knob("a", (2,))])
+
+
+def test_sampling_large_space_is_uniform_enough():
+    space = ConfigSpace([Knob(f"k{i}", tuple(range(10))) for i in range(7)])  # 10^7 points
+    sample = space.sample(np.random.default_rng(1), 2000)
+    assert len({c.index for c in sample}) == 2000
+    first = np.array([c["k0"] for c in sample])
+    counts = np.bincount(first, minlength=10)
+    assert counts.min() > 120  # ~200 expected per value
+
+
+def test_random_neighbor_moves_one_knob():
+    space = make_space()
+    rng = np.random.default_rng(3)
+    config = space.from_values({"a": 1, "b": "x", "c": 8})
+    for _ in range(20):
+        nxt = space.random_neighbor(config, rng)
+        assert nxt is not None and space.is_valid(nxt)
+        assert sum(config[k] != nxt[k] for k in space.names) == 1
+
+
+def test_config_is_not_a_space():
+    config = make_space().get(5)
+    assert isinstance(config, Config)
+    assert not hasattr(config, "knobs")
+    assert Config(config.values, config.index) == config

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from search_space import Target, Task, format_shape, parse_shape
+
+
+def test_parse_shape_accepts_and_rejects():
+    assert parse_shape("M=256,N=128,K=64") == {"M": 256, "N": 128, "K": 64}
+    assert parse_shape(" M = 1 , N=2") == {"M": 1, "N": 2}
+    for bad in ("", "M", "M=", "M=0", "M=-1", "M=1,M=2", "M=1.5", "1=2", "M=1;N=2"):
+        with pytest.raises(ValueError):
+            parse_shape(bad)
+    assert format_shape({"M": 1, "N": 2}) == "M=1,N=2"
+
+
+def test_task_key_roundtrip_and_metrics():
+    task = Task.make("gemm", {"M": 2, "N": 3, "K": 4})
+    assert task.key == "gemm/float32/M=2,N=3,K=4"
+    assert Task.from_dict(json.loads(json.dumps(task.to_dict()))) == task
+    assert task.flops == 2 * 2 * 3 * 4
+    assert task.min_bytes == 4 * (2 * 4 + 3 * 4 + 2 * 3)
+    dyn = Task.make("gemm", {"M": 16, "N": 3, "K": 4}, dynamic=["M"], attrs={"eps": 1e-5})
+    assert "M~=16" in dyn.key and "eps=" in dyn.key
+    assert Task.from_dict(dyn.to_dict()) == dyn
+    with pytest.raises(ValueError):
+        Task.make("gemm", {"M": 0, "N": 1, "K": 1})
+    with pytest.raises(ValueError):
+        Task.make("gemm", {"M": 1, "N": 1, "K": 1}, dtype="int3")
+    with pytest.raises(ValueError):
+        Task.make("gemm", {"M": 1}, dynamic=["Q"])
+
+
+def test_host_target(host):
+    assert host.kind == "cpu"
+    assert host.cores >= 1
+    assert host.vector_bits in (128, 256, 512)
+    assert Target.from_dict(json.loads(json.dumps(host.to_dict()))) == host
+    assert host.key.startswith("cpu-")
+
+
+def test_compile_only_cuda_target():
+    sm90 = Target.from_name("sm_90a")
+    assert sm90.kind == "cuda" and sm90.sm_count == 132 and sm90.max_threads_per_block == 1024
+    with pytest.raises(ValueError):
+        Target.from_name("tpu")
+    with pytest.raises(ValueError):
+        Target(kind="fpga", arch="x")
