@@ -1,0 +1,32 @@
+# Two entry points on a fresh machine; each installs what it needs into .venv first.
+#   make demo   tune gemm and gemv on this CPU (xgb), log to a local MLflow store, print best + bench
+#   make test   run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/autotune tune --op gemm --shape M=256,N=256,K=256 --tuner xgb --trials 48 --log demo.jsonl
+	$(BIN)/autotune tune --op gemv --shape M=1,N=4096,K=4096 --tuner xgb --trials 32 --log demo.jsonl
+	$(BIN)/autotune best --log demo.jsonl
+	$(BIN)/autotune bench --op gemm --shape M=256,N=256,K=256 --log demo.jsonl
+	$(BIN)/autotune bench --op gemv --shape M=1,N=4096,K=4096 --log demo.jsonl
+
+test: $(STAMP)
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/cpu_ops.py --markdown
+
+clean:
+	rm -rf $(VENV) demo.jsonl mlflow.db mlartifacts .pytest_cache
