@@ -125,13 +125,17 @@ class XGBCostModel:
         return model
 
 
-def pairwise_accuracy(predicted: np.ndarray, measured: np.ndarray) -> float:
-    """Share of pairs with different measured values that the prediction orders the same way."""
+def pairwise_accuracy(predicted: np.ndarray, measured: np.ndarray, margin: float = 0.0) -> float:
+    """Share of pairs with different measured values that the prediction orders the same way.
+
+    With ``margin`` > 0 only pairs whose measured values differ by more than that relative
+    amount count: pairs closer than the timing noise are coin flips for any model.
+    """
     predicted = np.asarray(predicted, dtype=np.float64)
     measured = np.asarray(measured, dtype=np.float64)
     dp = predicted[:, None] - predicted[None, :]
     dm = measured[:, None] - measured[None, :]
-    mask = dm > 0
+    mask = dm > margin * np.abs(measured[None, :])
     if not mask.any():
         return float("nan")
     return float(np.mean(dp[mask] > 0))

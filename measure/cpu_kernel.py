@@ -14,6 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from search_space import ArgSpec, KernelSource, Target
+from search_space.ops.common import numpy_dtype
 
 from .compile_llvm import compile_to_object, new_target_machine
 
@@ -121,8 +122,7 @@ def allocate_args(source: KernelSource, dims: Mapping[str, int], inputs: Mapping
             buffers[arg.name] = array
         elif arg.role == "out":
             shape = arg.resolve_shape(dict(dims))
-            dtype = np.dtype(arg.dtype) if arg.dtype != "bfloat16" else np.dtype(np.uint16)
-            out = np.empty(shape, dtype=dtype)
+            out = np.empty(shape, dtype=numpy_dtype(arg.dtype))
             if poison:
                 out.fill(np.nan if out.dtype.kind == "f" else 0xFFFF)
             buffers[arg.name] = out

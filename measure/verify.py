@@ -3,12 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def as_float64(array: np.ndarray, dtype: str) -> np.ndarray:
-    """Kernel output to float64; bfloat16 arrives as raw uint16 words."""
-    if dtype == "bfloat16":
-        return (np.asarray(array, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return np.asarray(array, dtype=np.float64)
+from search_space.ops.common import to_float64
 
 
 def check_output(name: str, got: np.ndarray, want: np.ndarray, tol: float, dtype: str = "float32") -> str | None:
@@ -18,7 +13,7 @@ def check_output(name: str, got: np.ndarray, want: np.ndarray, tol: float, dtype
     element within 20 * tol of the largest reference magnitude, so a single wrong element
     in a large output cannot hide in the norm.
     """
-    got64 = as_float64(got, dtype).reshape(-1)
+    got64 = to_float64(np.asarray(got), dtype).reshape(-1)
     want64 = np.asarray(want, dtype=np.float64).reshape(-1)
     if got64.shape != want64.shape:
         return f"{name}: {got64.size} elements, expected {want64.size}"

@@ -17,6 +17,7 @@ from measure import LocalBuilder, MeasureError, MeasureInput
 from measure.cpu_kernel import LoadedKernel, allocate_workspace, load_object
 from records import Record, best_records, load_records
 from search_space import Config, Target, Task, get_template
+from search_space.ops.common import numpy_dtype
 
 
 class UntunedShapeWarning(UserWarning):
@@ -51,23 +52,19 @@ class BoundKernel:
             if arg.role == "in":
                 array = np.ascontiguousarray(inputs[arg.name])
                 want = arg.resolve_shape(dims)
-                if array.size != int(np.prod(want)) or array.dtype != _numpy_dtype(arg.dtype):
+                if array.size != int(np.prod(want)) or array.dtype != numpy_dtype(arg.dtype):
                     raise ValueError(f"{self.task.op} input {arg.name}: expected {want} {arg.dtype}, "
                                      f"got {array.shape} {array.dtype}")
                 buffers[arg.name] = array
             elif arg.role == "out":
                 given = (out or {}).get(arg.name)
                 buffers[arg.name] = given if given is not None else np.empty(arg.resolve_shape(dims),
-                                                                              _numpy_dtype(arg.dtype))
+                                                                              numpy_dtype(arg.dtype))
             elif arg.role == "workspace":
                 buffers[arg.name] = self._workspace[arg.name]
         self.kernel(buffers, dims)
         outputs = tuple(buffers[n] for n in self.output_names)
         return outputs[0] if len(outputs) == 1 else outputs
-
-
-def _numpy_dtype(dtype: str) -> np.dtype:
-    return np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
 
 
 class TunedKernels:

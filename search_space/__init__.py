@@ -10,14 +10,16 @@ from .template import (
     Operator,
     Template,
     get_template,
+    list_operators,
     list_templates,
     op_definition,
+    register_operator,
     register_template,
     template_module,
 )
 
 __all__ = [
     "ArgSpec", "Config", "ConfigSpace", "KernelSource", "Knob", "Operator", "Target", "Task",
-    "Template", "format_shape", "get_template", "list_templates", "op_definition", "parse_shape",
-    "register_template", "template_module",
+    "Template", "format_shape", "get_template", "list_operators", "list_templates", "op_definition",
+    "parse_shape", "register_operator", "register_template", "template_module",
 ]

@@ -96,14 +96,31 @@ TOLERANCE = {"float32": 2e-4, "bfloat16": 2e-2, "float16": 5e-3}
 
 
 class Operator:
-    """What an LLM operator computes. Subclasses set the class attributes and methods."""
+    """What an LLM operator computes. Subclasses set the class attributes and methods.
+
+    ``signature(task)`` is the contract every template of the operator renders: the input
+    and output arrays by name, in order, with their shapes (dim names) and dtypes. A
+    template's kernel takes those arrays (plus its own workspaces and the dynamic dims as
+    int64 scalars) so that inputs from ``make_inputs`` and outputs of ``reference`` line
+    up with the kernel's arguments by name.
+    """
 
     op: ClassVar[str] = ""
     dims: ClassVar[tuple[str, ...]] = ()
     example_shape: ClassVar[dict[str, int]] = {}
     dynamic_dims: ClassVar[tuple[str, ...]] = ()  # dims that may be runtime arguments
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
+    default_attrs: ClassVar[dict[str, Any]] = {}
     description: ClassVar[str] = ""
+
+    def attrs(self, task: Task) -> dict[str, Any]:
+        """The task's attributes with this operator's defaults filled in."""
+        merged = dict(self.default_attrs)
+        merged.update(task.attr)
+        return merged
+
+    def signature(self, task: Task) -> tuple[ArgSpec, ...]:
+        raise NotImplementedError
 
     def check(self, task: Task) -> None:
         """Raise ValueError when ``task`` is not a legal instance of this operator."""
@@ -117,6 +134,9 @@ class Operator:
         bad = [d for d in task.dynamic if d not in self.dynamic_dims]
         if bad:
             raise ValueError(f"{self.op}: dims {bad} cannot be dynamic")
+        unknown = set(task.attr) - set(self.default_attrs)
+        if unknown:
+            raise ValueError(f"{self.op} has no attributes {sorted(unknown)}; it takes {sorted(self.default_attrs)}")
 
     def flops(self, task: Task) -> float:
         raise NotImplementedError
@@ -166,6 +186,14 @@ _OPERATORS: dict[str, type[Operator]] = {}
 _TEMPLATES: dict[tuple[str, str], type[Template]] = {}
 
 
+def register_operator(cls: type[Operator]) -> type[Operator]:
+    """Class decorator: the definition of operator ``cls.op``."""
+    if not cls.op:
+        raise ValueError(f"{cls.__name__} needs an op name")
+    _OPERATORS[cls.op] = cls
+    return cls
+
+
 def register_template(cls: type[Template]) -> type[Template]:
     """Class decorator: make ``cls`` the template for (cls.op, cls.target_kind)."""
     if not cls.op or cls.target_kind not in ("cpu", "cuda"):
@@ -176,6 +204,7 @@ def register_template(cls: type[Template]) -> type[Template]:
 
 
 def _load_builtin() -> None:
+    importlib.import_module("search_space.ops")
     importlib.import_module("search_space.templates")
 
 
@@ -195,6 +224,11 @@ def op_definition(op: str) -> Operator:
     if cls is None:
         raise ValueError(f"unknown op {op!r}: known ops are {', '.join(sorted(_OPERATORS))}")
     return cls()
+
+
+def list_operators() -> list[Operator]:
+    _load_builtin()
+    return [cls() for _, cls in sorted(_OPERATORS.items())]
 
 
 def list_templates(target_kind: str | None = None) -> list[Template]:

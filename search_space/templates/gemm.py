@@ -26,7 +26,7 @@ from ..target import Target
 from ..task import Task
 from ..template import ArgSpec, KernelSource, Template, register_template
 from .gemv import vector_registers
-from .matmul_op import Matmul
+from ..ops.matmul import GemmOp
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -42,11 +42,9 @@ def effective_blocks(d: dict, c: dict) -> tuple[int, int, int]:
 
 
 @register_template
-class GemmCpu(Matmul, Template):
-    op = "gemm"
+class GemmCpu(GemmOp, Template):
     target_kind = "cpu"
-    example_shape = {"M": 1024, "N": 1024, "K": 1024}
-    description = "matmul Y[M,N] = X[M,K] @ W[N,K]^T (linear layer, HF weight layout)"
+    dtypes = ("float32",)
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
@@ -291,10 +289,5 @@ def _render(task: Task, c: dict) -> KernelSource:
 
     cg.parallel_entry(module, "gemm", body, n_pointers=4, n_scalars=0, threads=c["threads"], n_chunks=chunks)
     workspace = 4 * nc * kc * c["threads"] if pack else 0
-    args = (
-        ArgSpec("X", "in", task.dtype, ("M", "K")),
-        ArgSpec("W", "in", task.dtype, ("N", "K")),
-        ArgSpec("Y", "out", "float32", ("M", "N")),
-        ArgSpec("workspace", "workspace", "uint8", (), nbytes=max(workspace, 64)),
-    )
+    args = GemmOp().signature(task) + (ArgSpec("workspace", "workspace", "uint8", (), nbytes=max(workspace, 64)),)
     return KernelSource("llvm", str(module), "gemm", args, (("threads", c["threads"]),))

@@ -15,27 +15,17 @@ from ..codegen import llvm as cg
 from ..space import Config, ConfigSpace, Knob
 from ..target import Target
 from ..task import Task
-from ..template import ArgSpec, KernelSource, Template, register_template
-from .matmul_op import Matmul
-
-MAX_M = 16
-
+from ..template import KernelSource, Template, register_template
+from ..ops.matmul import GemvOp
 
 def vector_registers(target: Target) -> int:
     return 32 if target.vector_bits >= 512 else 16
 
 
 @register_template
-class GemvCpu(Matmul, Template):
-    op = "gemv"
+class GemvCpu(GemvOp, Template):
     target_kind = "cpu"
-    example_shape = {"M": 1, "N": 11008, "K": 4096}
-    description = "decode matmul Y[M,N] = X[M,K] @ W[N,K]^T, M = 1..16"
-
-    def check(self, task: Task) -> None:
-        super().check(task)
-        if task.dims["M"] > MAX_M:
-            raise ValueError(f"gemv is the decode case M = 1..{MAX_M}; use gemm for M = {task.dims['M']}")
+    dtypes = ("float32",)
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
@@ -191,9 +181,4 @@ def _render(task: Task, c: dict, target: Target) -> KernelSource:
 
     chunks = math.ceil(N / rows)
     cg.parallel_entry(module, "gemv", body, n_pointers=3, n_scalars=0, threads=c["threads"], n_chunks=chunks)
-    args = (
-        ArgSpec("X", "in", task.dtype, ("M", "K")),
-        ArgSpec("W", "in", task.dtype, ("N", "K")),
-        ArgSpec("Y", "out", "float32", ("M", "N")),
-    )
-    return KernelSource("llvm", str(module), "gemv", args, (("threads", c["threads"]),))
+    return KernelSource("llvm", str(module), "gemv", GemvOp().signature(task), (("threads", c["threads"]),))

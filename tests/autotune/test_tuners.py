@@ -53,9 +53,13 @@ def test_unknown_tuner():
 
 def test_xgb_ranks_better_than_chance_after_training(host, machinery, tmp_path):
     """On measured data the model must order unseen configs better than a coin."""
-    builder, runner = machinery
+    from measure import TimingPolicy
+
+    builder, _ = machinery
+    # longer samples than the other tests: the labels here are the timings themselves
+    runner = LocalRunner(policy=TimingPolicy(min_sample_s=0.004, repeats=5, min_repeats=5), timeout_s=60)
     task = Task.make("gemm", {"M": 128, "N": 128, "K": 128})  # long enough to time reliably
-    tuner = XGBTuner(task, host, seed=0)
+    tuner = XGBTuner(task, host, seed=0, restrict={"threads": [1]})  # threads fight a busy CI machine
     tuner.tune(48, builder, runner, batch_size=12)
     rng = np.random.default_rng(5)
     held_out = tuner.space.sample(rng, 32, exclude=tuner.visited)
@@ -67,7 +71,9 @@ def test_xgb_ranks_better_than_chance_after_training(host, machinery, tmp_path):
     ok = [(c, r) for c, r in zip(held_out, results) if r.ok]
     predicted = tuner.predict([c for c, _ in ok])
     measured = np.array([1 / r.median for _, r in ok])
-    assert pairwise_accuracy(predicted, measured) > 0.65
+    runner.close()
+    # pairs more than 25% apart: closer ones are within timing noise on a loaded machine
+    assert pairwise_accuracy(predicted, measured, margin=0.25) > 0.65  # a blind model scores 0.5
 
 
 def test_xgb_proposals_are_unvisited_and_valid(host, machinery):

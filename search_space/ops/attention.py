@@ -1,0 +1,151 @@
+"""Attention with grouped-query heads: prefill over a prompt, decode against a KV cache.
+
+Head h of the queries reads key/value head ``h // (H // HKV)``. ``scale`` defaults to
+1/sqrt(D). Layouts (the contract every template reads):
+
+- ``attention_prefill``: Q[B,T,H,D], K[B,T,HKV,D], V[B,T,HKV,D] -> O[B,T,H,D], token-major
+  as a QKV projection produces them; causal means query t sees keys 0..t. T may be a
+  runtime argument (``dynamic``): the kernel then reads it from its int64 argument T.
+- ``attention_decode``: one new query per sequence, Q[B,H,D] -> O[B,H,D], against the
+  cache K[B,HKV,S,D], V[B,HKV,S,D] of capacity S of which the first L positions are valid.
+  S and L are runtime arguments (int64, in that order after the arrays) when dynamic, so one
+  kernel serves every cache length; a task's L is the length it is tuned at.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..task import Task
+from ..template import ArgSpec, Operator, register_operator
+from .common import FLOAT_DTYPES, ITEMSIZE, random_normal, to_float32, to_float64
+
+
+def _scale(op: Operator, task: Task) -> float:
+    scale = op.attrs(task)["scale"]
+    return float(scale) if scale else 1.0 / math.sqrt(task.dims["D"])
+
+
+def _check_heads(op: Operator, task: Task) -> None:
+    d = task.dims
+    if d["H"] % d["HKV"]:
+        raise ValueError(f"{op.op}: H = {d['H']} must be a multiple of HKV = {d['HKV']}")
+
+
+def softmax_last(scores: np.ndarray) -> np.ndarray:
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores
+
+
+@register_operator
+class AttentionPrefillOp(Operator):
+    op = "attention_prefill"
+    dims = ("B", "T", "H", "HKV", "D")
+    dynamic_dims = ("T",)
+    dtypes = FLOAT_DTYPES
+    default_attrs = {"causal": True, "scale": 0.0}
+    example_shape = {"B": 1, "T": 512, "H": 32, "HKV": 8, "D": 128}
+    description = "causal grouped-query attention over a prompt, flash-style (O = softmax(QK^T) V)"
+
+    def check(self, task: Task) -> None:
+        super().check(task)
+        _check_heads(self, task)
+
+    def signature(self, task: Task) -> tuple[ArgSpec, ...]:
+        dt = task.dtype
+        return (ArgSpec("Q", "in", dt, ("B", "T", "H", "D")), ArgSpec("K", "in", dt, ("B", "T", "HKV", "D")),
+                ArgSpec("V", "in", dt, ("B", "T", "HKV", "D")), ArgSpec("O", "out", dt, ("B", "T", "H", "D")))
+
+    def pairs(self, task: Task) -> float:
+        t = task.dims["T"]
+        return t * (t + 1) / 2 if self.attrs(task)["causal"] else float(t * t)
+
+    def flops(self, task: Task) -> float:
+        d = task.dims
+        return 4.0 * d["B"] * d["H"] * d["D"] * self.pairs(task)
+
+    def min_bytes(self, task: Task) -> float:
+        d = task.dims
+        return ITEMSIZE[task.dtype] * d["B"] * d["T"] * d["D"] * (2 * d["H"] + 2 * d["HKV"])
+
+    def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        d = task.dims
+        return {"Q": random_normal(rng, (d["B"], d["T"], d["H"], d["D"]), task.dtype),
+                "K": random_normal(rng, (d["B"], d["T"], d["HKV"], d["D"]), task.dtype),
+                "V": random_normal(rng, (d["B"], d["T"], d["HKV"], d["D"]), task.dtype)}
+
+    def _attend(self, task: Task, q, k, v) -> np.ndarray:
+        d = task.dims
+        b, t, h, hkv, dim = d["B"], d["T"], d["H"], d["HKV"], d["D"]
+        group = h // hkv
+        qg = q.reshape(b, t, hkv, group, dim).transpose(0, 2, 3, 1, 4)  # B,HKV,G,T,D
+        kt = k.transpose(0, 2, 3, 1)                                      # B,HKV,D,T
+        vt = v.transpose(0, 2, 1, 3)                                      # B,HKV,T,D
+        scores = np.matmul(qg, kt[:, :, None]) * _scale(self, task)       # B,HKV,G,T,T
+        if self.attrs(task)["causal"]:
+            scores[..., np.triu_indices(t, 1)[0], np.triu_indices(t, 1)[1]] = -np.inf
+        out = np.matmul(softmax_last(scores), vt[:, :, None])             # B,HKV,G,T,D
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dim)
+
+    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        q, k, v = (to_float64(inputs[n], task.dtype) for n in ("Q", "K", "V"))
+        return {"O": self._attend(task, q, k, v)}
+
+    def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
+        q, k, v = (to_float32(inputs[n], task.dtype) for n in ("Q", "K", "V"))
+        return "numpy float32 attention (batched matmul, mask, softmax)", lambda: self._attend(task, q, k, v)
+
+
+@register_operator
+class AttentionDecodeOp(Operator):
+    op = "attention_decode"
+    dims = ("B", "H", "HKV", "D", "S", "L")
+    dynamic_dims = ("S", "L")
+    dtypes = FLOAT_DTYPES
+    default_attrs = {"scale": 0.0}
+    example_shape = {"B": 1, "H": 32, "HKV": 8, "D": 128, "S": 4096, "L": 4096}
+    description = "one query per sequence against a KV cache of runtime length L (split-KV)"
+
+    def check(self, task: Task) -> None:
+        super().check(task)
+        _check_heads(self, task)
+        if task.dims["L"] > task.dims["S"]:
+            raise ValueError(f"attention_decode: L = {task.dims['L']} exceeds the cache capacity S = {task.dims['S']}")
+
+    def signature(self, task: Task) -> tuple[ArgSpec, ...]:
+        dt = task.dtype
+        return (ArgSpec("Q", "in", dt, ("B", "H", "D")), ArgSpec("K", "in", dt, ("B", "HKV", "S", "D")),
+                ArgSpec("V", "in", dt, ("B", "HKV", "S", "D")), ArgSpec("O", "out", dt, ("B", "H", "D")))
+
+    def flops(self, task: Task) -> float:
+        d = task.dims
+        return 4.0 * d["B"] * d["H"] * d["L"] * d["D"]
+
+    def min_bytes(self, task: Task) -> float:
+        d = task.dims
+        return ITEMSIZE[task.dtype] * d["B"] * d["D"] * (2 * d["HKV"] * d["L"] + 2 * d["H"])
+
+    def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        d = task.dims
+        cache = (d["B"], d["HKV"], d["S"], d["D"])
+        return {"Q": random_normal(rng, (d["B"], d["H"], d["D"]), task.dtype),
+                "K": random_normal(rng, cache, task.dtype), "V": random_normal(rng, cache, task.dtype)}
+
+    def _attend(self, task: Task, q, k, v) -> np.ndarray:
+        d = task.dims
+        b, h, hkv, dim, length = d["B"], d["H"], d["HKV"], d["D"], d["L"]
+        qg = q.reshape(b, hkv, h // hkv, dim)                             # B,HKV,G,D
+        keys, values = k[:, :, :length], v[:, :, :length]                  # B,HKV,L,D
+        scores = np.matmul(qg, keys.transpose(0, 1, 3, 2)) * _scale(self, task)  # B,HKV,G,L
+        return np.matmul(softmax_last(scores), values).reshape(b, h, dim)
+
+    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        q, k, v = (to_float64(inputs[n], task.dtype) for n in ("Q", "K", "V"))
+        return {"O": self._attend(task, q, k, v)}
+
+    def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
+        q, k, v = (to_float32(inputs[n], task.dtype) for n in ("Q", "K", "V"))
+        return "numpy float32 attention over the cache", lambda: self._attend(task, q, k, v)

@@ -1,0 +1,224 @@
+"""Row-wise and element-wise operators of a Llama-style block.
+
+Every one works on rows: M rows (tokens) of N elements (hidden or intermediate size),
+except ``rope`` which works on T tokens x H heads x D head dims. Outputs have the task's
+dtype; arithmetic is float32 or better. Argument names and layouts (the contract every
+template reads):
+
+- ``softmax``:   X[M,N] -> Y[M,N], each row normalised (max-subtracted, exp, divided by sum).
+- ``rmsnorm``:   X[M,N], G[N] -> Y[M,N] = X / sqrt(mean(X^2) + eps) * G. With
+  ``residual``: X[M,N], R[M,N], G[N] -> S[M,N] = X + R and Y[M,N] = rmsnorm(S) * G
+  (the fused residual add of a decoder block: S is the new residual stream).
+- ``layernorm``: X[M,N], G[N], BETA[N] -> Y = (X - mean) / sqrt(var + eps) * G + BETA.
+- ``rope``:      X[T,H,D], P[T] (int32 positions) -> Y[T,H,D], rotate-half (Llama / HF):
+  for i < D/2, f_i = theta^(-2i/D), a = P[t] * f_i:
+  Y[i] = X[i] cos a - X[i + D/2] sin a,  Y[i + D/2] = X[i + D/2] cos a + X[i] sin a.
+- ``swiglu``:    G[M,N], U[M,N] -> Y = silu(G) * U, silu(g) = g / (1 + exp(-g)).
+- ``gelu``:      X[M,N] -> Y = 0.5 X (1 + tanh(sqrt(2/pi) (X + 0.044715 X^3))).
+- ``add``:       A[M,N], B[M,N] -> Y = A + B.
+
+M (and T) may be runtime arguments: the number of tokens changes from step to step.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..task import Task
+from ..template import ArgSpec, Operator, register_operator
+from .common import FLOAT_DTYPES, ITEMSIZE, random_normal, random_uniform, to_float32, to_float64
+
+
+class RowOp(Operator):
+    """Operators over M rows of N elements; inputs and outputs named by the subclass."""
+
+    dims = ("M", "N")
+    dynamic_dims = ("M",)
+    dtypes = FLOAT_DTYPES
+    example_shape = {"M": 512, "N": 4096}
+    row_inputs: tuple[str, ...] = ("X",)
+    vector_inputs: tuple[str, ...] = ()  # per-column parameters of shape [N]
+    outputs: tuple[str, ...] = ("Y",)
+    flops_per_element = 1.0
+
+    def signature(self, task: Task) -> tuple[ArgSpec, ...]:
+        dt = task.dtype
+        return (tuple(ArgSpec(n, "in", dt, ("M", "N")) for n in self.row_inputs)
+                + tuple(ArgSpec(n, "in", dt, ("N",)) for n in self.vector_inputs)
+                + tuple(ArgSpec(n, "out", dt, ("M", "N")) for n in self.outputs))
+
+    def flops(self, task: Task) -> float:
+        return self.flops_per_element * task.dims["M"] * task.dims["N"]
+
+    def min_bytes(self, task: Task) -> float:
+        d = task.dims
+        rows = len(self.row_inputs) + len(self.outputs)
+        return ITEMSIZE[task.dtype] * (rows * d["M"] * d["N"] + len(self.vector_inputs) * d["N"])
+
+    def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        d = task.dims
+        out = {n: random_normal(rng, (d["M"], d["N"]), task.dtype) for n in self.row_inputs}
+        out.update({n: random_uniform(rng, (d["N"],), task.dtype, 0.5, 1.5) for n in self.vector_inputs})
+        return out
+
+    def compute(self, task: Task, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The operator in numpy, in whatever float type ``arrays`` hold."""
+        raise NotImplementedError
+
+    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.compute(task, {k: to_float64(v, task.dtype) for k, v in inputs.items()})
+
+    def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
+        arrays = {k: to_float32(v, task.dtype) for k, v in inputs.items()}
+        return f"numpy float32 {self.op}", lambda: self.compute(task, arrays)
+
+
+@register_operator
+class SoftmaxOp(RowOp):
+    op = "softmax"
+    flops_per_element = 4.0
+    description = "row softmax Y = exp(X - max) / sum"
+
+    def compute(self, task, a):
+        x = a["X"]
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return {"Y": e / e.sum(axis=1, keepdims=True)}
+
+
+@register_operator
+class RMSNormOp(RowOp):
+    op = "rmsnorm"
+    default_attrs = {"eps": 1e-5, "residual": False}
+    flops_per_element = 4.0
+    description = "RMSNorm Y = X / rms(X) * G, optionally fused with the residual add S = X + R"
+
+    def _residual(self, task: Task) -> bool:
+        return bool(self.attrs(task)["residual"])
+
+    def signature(self, task: Task) -> tuple[ArgSpec, ...]:
+        dt = task.dtype
+        rows = ("X", "R") if self._residual(task) else ("X",)
+        outs = ("Y", "S") if self._residual(task) else ("Y",)
+        return (tuple(ArgSpec(n, "in", dt, ("M", "N")) for n in rows) + (ArgSpec("G", "in", dt, ("N",)),)
+                + tuple(ArgSpec(n, "out", dt, ("M", "N")) for n in outs))
+
+    def min_bytes(self, task: Task) -> float:
+        d = task.dims
+        rows = 4 if self._residual(task) else 2
+        return ITEMSIZE[task.dtype] * (rows * d["M"] * d["N"] + d["N"])
+
+    def make_inputs(self, task, rng):
+        d = task.dims
+        out = {"X": random_normal(rng, (d["M"], d["N"]), task.dtype),
+               "G": random_uniform(rng, (d["N"],), task.dtype, 0.5, 1.5)}
+        if self._residual(task):
+            out["R"] = random_normal(rng, (d["M"], d["N"]), task.dtype)
+        return out
+
+    def compute(self, task, a):
+        x = a["X"] + a["R"] if self._residual(task) else a["X"]
+        eps = float(self.attrs(task)["eps"])
+        y = x / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + eps) * a["G"]
+        return {"Y": y, "S": x} if self._residual(task) else {"Y": y}
+
+
+@register_operator
+class LayerNormOp(RowOp):
+    op = "layernorm"
+    vector_inputs = ("G", "BETA")
+    default_attrs = {"eps": 1e-5}
+    flops_per_element = 6.0
+    description = "LayerNorm Y = (X - mean) / std * G + BETA"
+
+    def compute(self, task, a):
+        x = a["X"]
+        mean = x.mean(axis=1, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=1, keepdims=True)
+        return {"Y": (x - mean) / np.sqrt(var + float(self.attrs(task)["eps"])) * a["G"] + a["BETA"]}
+
+
+@register_operator
+class SwiGLUOp(RowOp):
+    op = "swiglu"
+    row_inputs = ("G", "U")
+    example_shape = {"M": 512, "N": 11008}
+    flops_per_element = 6.0
+    description = "SwiGLU Y = silu(G) * U (the gated MLP activation)"
+
+    def compute(self, task, a):
+        g = a["G"]
+        return {"Y": g / (1.0 + np.exp(-g)) * a["U"]}
+
+
+@register_operator
+class GeluOp(RowOp):
+    op = "gelu"
+    flops_per_element = 10.0
+    description = "GELU, tanh approximation"
+
+    def compute(self, task, a):
+        x = a["X"]
+        return {"Y": 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))}
+
+
+@register_operator
+class AddOp(RowOp):
+    op = "add"
+    row_inputs = ("A", "B")
+    description = "residual add Y = A + B"
+
+    def compute(self, task, a):
+        return {"Y": a["A"] + a["B"]}
+
+
+@register_operator
+class RopeOp(Operator):
+    op = "rope"
+    dims = ("T", "H", "D")
+    dynamic_dims = ("T",)
+    dtypes = FLOAT_DTYPES
+    default_attrs = {"theta": 10000.0}
+    example_shape = {"T": 512, "H": 32, "D": 128}
+    description = "rotary position embedding, rotate-half (Llama), positions as an input"
+
+    def check(self, task: Task) -> None:
+        super().check(task)
+        if task.dims["D"] % 2:
+            raise ValueError(f"rope: head dim D = {task.dims['D']} must be even")
+
+    def signature(self, task: Task) -> tuple[ArgSpec, ...]:
+        dt = task.dtype
+        return (ArgSpec("X", "in", dt, ("T", "H", "D")), ArgSpec("P", "in", "int32", ("T",)),
+                ArgSpec("Y", "out", dt, ("T", "H", "D")))
+
+    def flops(self, task: Task) -> float:
+        d = task.dims
+        return 3.0 * d["T"] * d["H"] * d["D"]
+
+    def min_bytes(self, task: Task) -> float:
+        d = task.dims
+        return 2 * ITEMSIZE[task.dtype] * d["T"] * d["H"] * d["D"] + 4 * d["T"]
+
+    def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        d = task.dims
+        start = int(rng.integers(0, 2048))
+        return {"X": random_normal(rng, (d["T"], d["H"], d["D"]), task.dtype),
+                "P": np.arange(start, start + d["T"], dtype=np.int32)}
+
+    def compute(self, task: Task, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        dim = task.dims["D"]
+        half = dim // 2
+        dtype = np.float64 if x.dtype == np.float64 else np.float32
+        freqs = float(self.attrs(task)["theta"]) ** (-np.arange(half, dtype=np.float64) * 2.0 / dim)
+        angle = (positions.astype(np.float64)[:, None] * freqs[None, :]).astype(dtype)[:, None, :]  # T,1,D/2
+        cos, sin = np.cos(angle), np.sin(angle)
+        lo, hi = x[..., :half], x[..., half:]
+        return np.concatenate([lo * cos - hi * sin, hi * cos + lo * sin], axis=-1)
+
+    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"Y": self.compute(task, to_float64(inputs["X"], task.dtype), inputs["P"])}
+
+    def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
+        x = to_float32(inputs["X"], task.dtype)
+        return "numpy float32 rope", lambda: self.compute(task, x, inputs["P"])

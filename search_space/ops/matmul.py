@@ -1,0 +1,199 @@
+"""Linear layers: Y[M,N] = X[M,K] @ W[N,K]^T, full precision (``gemm``, ``gemv``) and with
+int4 weights (``gemm_q4``, ``gemv_q4``).
+
+W is stored out-features by in-features, as in Hugging Face checkpoints, so both operands
+are contiguous along K. Y has the task's dtype (accumulation is float32 or better).
+
+int4 weight layout (the contract every q4 template reads):
+- ``WQ[N, K/2]`` uint8: two 4-bit codes per byte along K, element ``k = 2j`` in the low
+  nibble of byte ``j``, ``k = 2j + 1`` in the high nibble;
+- ``SCALES[N, K/G]`` and, with ``zero_point``, ``ZEROS[N, K/G]`` in the task's dtype, one
+  per group of G = ``group_size`` consecutive k;
+- dequantised ``w[n, k] = (code - z) * scale`` with ``z = ZEROS[n, k // G]`` or 8 without
+  zero points (symmetric codes).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..task import Task
+from ..template import ArgSpec, Operator, register_operator
+from .common import FLOAT_DTYPES, ITEMSIZE, from_float, random_uniform, to_float32, to_float64
+
+
+class Matmul(Operator):
+    dims = ("M", "N", "K")
+    dtypes = FLOAT_DTYPES
+
+    def signature(self, task: Task) -> tuple[ArgSpec, ...]:
+        return (ArgSpec("X", "in", task.dtype, ("M", "K")), ArgSpec("W", "in", task.dtype, ("N", "K")),
+                ArgSpec("Y", "out", task.dtype, ("M", "N")))
+
+    def flops(self, task: Task) -> float:
+        d = task.dims
+        return 2.0 * d["M"] * d["N"] * d["K"]
+
+    def min_bytes(self, task: Task) -> float:
+        d = task.dims
+        size = ITEMSIZE[task.dtype]
+        return size * (d["M"] * d["K"] + d["N"] * d["K"] + d["M"] * d["N"])
+
+    def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        d = task.dims
+        return {"X": random_uniform(rng, (d["M"], d["K"]), task.dtype),
+                "W": random_uniform(rng, (d["N"], d["K"]), task.dtype)}
+
+    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = to_float64(inputs["X"], task.dtype)
+        w = to_float64(inputs["W"], task.dtype)
+        return {"Y": x @ w.T}
+
+    def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
+        x = to_float32(inputs["X"], task.dtype)
+        w = to_float32(inputs["W"], task.dtype)
+        y = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+        return "numpy matmul X @ W.T (float32 BLAS)", lambda: np.matmul(x, w.T, out=y)
+
+
+@register_operator
+class GemmOp(Matmul):
+    op = "gemm"
+    example_shape = {"M": 1024, "N": 1024, "K": 1024}
+    description = "matmul Y[M,N] = X[M,K] @ W[N,K]^T (linear layer, HF weight layout)"
+
+
+GEMV_MAX_M = 16
+
+
+@register_operator
+class GemvOp(Matmul):
+    op = "gemv"
+    example_shape = {"M": 1, "N": 11008, "K": 4096}
+    description = "decode matmul Y[M,N] = X[M,K] @ W[N,K]^T, M = 1..16"
+
+    def check(self, task: Task) -> None:
+        super().check(task)
+        if task.dims["M"] > GEMV_MAX_M:
+            raise ValueError(f"gemv is the decode case M = 1..{GEMV_MAX_M}; use gemm for M = {task.dims['M']}")
+
+
+# ----------------------------------------------------------------------------- int4
+
+
+def quantize_q4(w: np.ndarray, group_size: int, zero_point: bool) -> dict[str, np.ndarray]:
+    """Quantise float weights W[N, K] group-wise to 4 bits: {"WQ", "SCALES"[, "ZEROS"]} (float32).
+
+    Symmetric (no zero point): scale = max|w| / 7, code = round(w / scale) + 8 in [1, 15].
+    Asymmetric: scale = (max - min) / 15, zero = round(-min / scale), code = round(w / scale) + zero.
+    """
+    n, k = w.shape
+    if k % group_size or k % 2:
+        raise ValueError(f"K = {k} must be a multiple of the group size {group_size} (and even)")
+    groups = w.reshape(n, k // group_size, group_size).astype(np.float64)
+    if zero_point:
+        lo, hi = groups.min(axis=2), groups.max(axis=2)
+        scale = np.maximum(hi - lo, 1e-8) / 15.0
+        zero = np.clip(np.round(-lo / scale), 0, 15)
+        codes = np.clip(np.round(groups / scale[..., None]) + zero[..., None], 0, 15)
+    else:
+        scale = np.maximum(np.abs(groups).max(axis=2), 1e-8) / 7.0
+        zero = None
+        codes = np.clip(np.round(groups / scale[..., None]) + 8, 0, 15)
+    codes = codes.reshape(n, k).astype(np.uint8)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+    out = {"WQ": packed, "SCALES": scale.astype(np.float32)}
+    if zero_point:
+        out["ZEROS"] = zero.astype(np.float32)
+    return out
+
+
+def dequantize_q4(wq: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, group_size: int) -> np.ndarray:
+    """The float64 weights W[N, K] that packed codes stand for."""
+    n = wq.shape[0]
+    codes = np.empty((n, wq.shape[1] * 2), dtype=np.float64)
+    codes[:, 0::2] = wq & 0x0F
+    codes[:, 1::2] = wq >> 4
+    groups = codes.reshape(n, -1, group_size)
+    z = 8.0 if zeros is None else np.asarray(zeros, dtype=np.float64)[..., None]
+    return ((groups - z) * np.asarray(scales, dtype=np.float64)[..., None]).reshape(n, -1)
+
+
+class MatmulQ4(Operator):
+    dims = ("M", "N", "K")
+    dtypes = FLOAT_DTYPES
+    default_attrs = {"group_size": 128, "zero_point": False}
+
+    def check(self, task: Task) -> None:
+        super().check(task)
+        a = self.attrs(task)
+        if a["group_size"] not in (32, 64, 128):
+            raise ValueError(f"{self.op}: group_size must be 32, 64 or 128, got {a['group_size']}")
+        if task.dims["K"] % a["group_size"]:
+            raise ValueError(f"{self.op}: K = {task.dims['K']} must be a multiple of group_size {a['group_size']}")
+
+    def signature(self, task: Task) -> tuple[ArgSpec, ...]:
+        k, groups = task.dims["K"], task.dims["K"] // self.attrs(task)["group_size"]
+        args = [ArgSpec("X", "in", task.dtype, ("M", "K")),
+                ArgSpec("WQ", "in", "uint8", ("N", k // 2)),
+                ArgSpec("SCALES", "in", task.dtype, ("N", groups))]
+        if self.attrs(task)["zero_point"]:
+            args.append(ArgSpec("ZEROS", "in", task.dtype, ("N", groups)))
+        args.append(ArgSpec("Y", "out", task.dtype, ("M", "N")))
+        return tuple(args)
+
+    def flops(self, task: Task) -> float:
+        d = task.dims
+        return 2.0 * d["M"] * d["N"] * d["K"]
+
+    def min_bytes(self, task: Task) -> float:
+        d = task.dims
+        a = self.attrs(task)
+        size = ITEMSIZE[task.dtype]
+        per_group = size * (2 if a["zero_point"] else 1)
+        weights = d["N"] * d["K"] / 2 + d["N"] * d["K"] / a["group_size"] * per_group
+        return weights + size * (d["M"] * d["K"] + d["M"] * d["N"])
+
+    def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        d = task.dims
+        a = self.attrs(task)
+        w = rng.standard_normal((d["N"], d["K"])).astype(np.float32) * 0.05
+        q = quantize_q4(w, a["group_size"], a["zero_point"])
+        out = {"X": random_uniform(rng, (d["M"], d["K"]), task.dtype), "WQ": q["WQ"],
+               "SCALES": from_float(q["SCALES"], task.dtype)}
+        if a["zero_point"]:
+            out["ZEROS"] = from_float(q["ZEROS"], task.dtype)
+        return out
+
+    def dequantized(self, task: Task, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        a = self.attrs(task)
+        zeros = to_float64(inputs["ZEROS"], task.dtype) if a["zero_point"] else None
+        return dequantize_q4(inputs["WQ"], to_float64(inputs["SCALES"], task.dtype), zeros, a["group_size"])
+
+    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"Y": to_float64(inputs["X"], task.dtype) @ self.dequantized(task, inputs).T}
+
+    def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
+        """fp32 GEMV/GEMM on the same (dequantised) weights: what int4 must beat."""
+        x = to_float32(inputs["X"], task.dtype)
+        w = self.dequantized(task, inputs).astype(np.float32)
+        y = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+        return "numpy float32 matmul on the dequantised weights", lambda: np.matmul(x, w.T, out=y)
+
+
+@register_operator
+class GemvQ4Op(MatmulQ4):
+    op = "gemv_q4"
+    example_shape = {"M": 1, "N": 11008, "K": 4096}
+    description = "decode matmul with int4 weights and group-wise scales, M = 1..16"
+
+    def check(self, task: Task) -> None:
+        super().check(task)
+        if task.dims["M"] > GEMV_MAX_M:
+            raise ValueError(f"gemv_q4 is the decode case M = 1..{GEMV_MAX_M}; use gemm_q4")
+
+
+@register_operator
+class GemmQ4Op(MatmulQ4):
+    op = "gemm_q4"
+    example_shape = {"M": 128, "N": 4096, "K": 4096}
+    description = "matmul with int4 weights and group-wise scales (prefill)"
