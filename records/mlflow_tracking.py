@@ -35,9 +35,10 @@ def _artifact_root(uri: str) -> str | None:
 
 def _client(uri: str):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import MlflowClient  # configures mlflow's loggers: quieten them afterwards
+
     for name in ("mlflow", "alembic"):  # schema-migration chatter is not the user's business
         logging.getLogger(name).setLevel(logging.WARNING)
-    from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 

@@ -73,7 +73,8 @@ class KernelBuilder:
         self.module: ir.Module = function.module
         self.b = ir.IRBuilder(function.append_basic_block("entry"))
         # Reassociation lets LLVM vectorise scalar reductions; kernels tolerate its rounding.
-        self.fm = ("fast",) if fast_math else ()
+        # No nnan/ninf: masked attention scores are -inf and exp() must see them.
+        self.fm = ("reassoc", "nsz", "arcp", "contract", "afn") if fast_math else ()
 
     # -- arithmetic --------------------------------------------------------------------
     def fadd(self, a, b):
@@ -101,6 +102,58 @@ class KernelBuilder:
         suffix = _vname(t) if isinstance(t, ir.VectorType) else ("f32" if t == F32 else "f64")
         fn = declare_intrinsic(self.module, f"llvm.{name}.{suffix}", t, [t])
         return self.b.call(fn, [x], fastmath=self.fm)
+
+    def _const_like(self, value, like):
+        t = like.type
+        if isinstance(t, ir.VectorType):
+            return ir.Constant(t, [value] * t.count)
+        return ir.Constant(t, value)
+
+    def exp(self, x):
+        """exp(x) for float32 scalars or vectors: range reduction and a degree-6 polynomial
+        (Cephes expf, about 2 ulp), vectorised inline instead of a libm call per lane.
+        Inputs below -87.3 (including -inf) give exactly 0."""
+        b = self.b
+        c = lambda v: self._const_like(v, x)  # noqa: E731
+        low = b.fcmp_ordered("<", x, c(-87.3))
+        clamped = self.fmax(self.fmin(x, c(88.37)), c(-87.3))
+        n = self.call_math("rint", self.fmul(clamped, c(1.4426950408889634)))
+        r = self.fma(n, c(-0.693359375), clamped)
+        r = self.fma(n, c(2.12194440e-4), r)
+        poly = c(1.9875691500e-4)
+        for coeff in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            poly = self.fma(poly, r, c(coeff))
+        y = self.fadd(self.fma(poly, self.fmul(r, r), r), c(1.0))
+        int_type = vec(x.type.count, I32) if isinstance(x.type, ir.VectorType) else I32
+        # 2^n as 2^(n-1) * 2: n reaches 128 near the top of the range, one past the exponent field
+        bits = b.shl(b.add(b.fptosi(n, int_type), self._const_like(126, ir.Constant(int_type, None))),
+                     self._const_like(23, ir.Constant(int_type, None)))
+        result = self.fmul(self.fmul(y, b.bitcast(bits, x.type)), c(2.0))
+        return b.select(low, c(0.0), result)
+
+    def sigmoid(self, x):
+        """1 / (1 + exp(-x))."""
+        one = self._const_like(1.0, x)
+        return self.fdiv(one, self.fadd(one, self.exp(self.b.fneg(x))))
+
+    def tanh(self, x):
+        """tanh(x): an odd polynomial for |x| < 0.625 (Cephes tanhf), where the exp form
+        would cancel, and 1 - 2 / (1 + exp(2x)) elsewhere, saturating cleanly at +-1."""
+        c = lambda v: self._const_like(v, x)  # noqa: E731
+        z = self.fmul(x, x)
+        poly = c(-5.70498872745e-3)
+        for coeff in (2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1, -3.33332819422e-1):
+            poly = self.fma(poly, z, c(coeff))
+        small = self.fma(self.fmul(poly, z), x, x)
+        large = self.fsub(c(1.0), self.fdiv(c(2.0), self.fadd(c(1.0), self.exp(self.fmul(c(2.0), x)))))
+        magnitude = self.call_math("fabs", x)
+        return self.b.select(self.b.fcmp_ordered("<", magnitude, c(0.625)), small, large)
+
+    def fmin(self, a, b):
+        t = a.type
+        suffix = _vname(t) if isinstance(t, ir.VectorType) else ("f32" if t == F32 else "f64")
+        fn = declare_intrinsic(self.module, f"llvm.minnum.{suffix}", t, [t, t])
+        return self.b.call(fn, [a, b])
 
     def fmax(self, a, b):
         t = a.type

@@ -1,0 +1,45 @@
+"""nvcc builds cubins here without a GPU; ptxas's report becomes build stats."""
+from __future__ import annotations
+
+import pytest
+
+from measure import LocalBuilder, MeasureError
+from measure.compile_cuda import CudaCompileError, compile_to_cubin, parse_ptxas
+from search_space import ArgSpec, KernelSource, Target
+from search_space.codegen.cuda import PREAMBLE, evaluate, kernel_params, resolve_launch
+
+ARGS = (ArgSpec("A", "in", "float16", ("N",)), ArgSpec("Y", "out", "float16", ("N",)), ArgSpec("N", "scalar", "int64"))
+LAUNCH = (("block", (256, 1, 1)), ("grid", ("(N + 255) // 256", 1, 1)), ("smem", 0))
+
+
+def source(body: str) -> KernelSource:
+    code = PREAMBLE + f'extern "C" __global__ void twice({kernel_params(ARGS)}) {{ {body} }}'
+    return KernelSource("cuda", code, "twice", ARGS, LAUNCH)
+
+
+def test_cubin_and_resource_report():
+    body = ("__shared__ float s[128]; long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; "
+            "s[threadIdx.x % 128] = 2.0f; __syncthreads(); if (i < N) Y[i] = from_f32<__half>(s[0] * to_f32(A[i]));")
+    data, stats = compile_to_cubin(source(body), Target.from_name("sm_90a"))
+    assert len(data) > 1000 and data[:4] == b"\x7fELF"
+    assert stats["registers"] > 0 and stats["smem_bytes"] == 512 and stats["barriers"] == 1
+    assert stats["spill_stores"] == 0
+
+
+def test_compile_error_names_the_problem():
+    with pytest.raises(CudaCompileError, match="undefined"):
+        compile_to_cubin(source("Y[0] = not_declared;"), Target.from_name("sm_90a"))
+
+
+def test_launch_expressions():
+    assert resolve_launch(dict(LAUNCH), {"N": 1000}) == ((4, 1, 1), (256, 1, 1), 0)
+    assert evaluate("(L + 63) // 64 * B", {"L": 65, "B": 3}) == 6
+    with pytest.raises(ValueError):
+        evaluate("__import__('os')", {})
+
+
+def test_ptxas_report_parsing():
+    report = ("ptxas info    : Used 40 registers, used 1 barriers, 8192 bytes smem\n"
+              "    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads")
+    assert parse_ptxas(report) == {"registers": 40, "smem_bytes": 8192, "stack_bytes": 16, "spill_stores": 8,
+                                   "spill_loads": 4, "barriers": 1}

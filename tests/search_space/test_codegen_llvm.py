@@ -1,0 +1,101 @@
+"""The LLVM codegen helpers, compiled and run on the host."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from measure.cpu_kernel import allocate_args, compile_and_load
+from search_space import ArgSpec, KernelSource
+from search_space.codegen import llvm as cg
+
+N = 4096
+
+
+def unary_kernel(host, name: str, lanes: int = 16):
+    module = cg.new_module(name)
+    fn = cg.kernel_function(module, "k", 2)
+    kb = cg.KernelBuilder(fn)
+    x, y = fn.args
+    with kb.loop(0, N, lanes) as i:
+        kb.store_vec(getattr(kb, name)(kb.load_vec(x, i, lanes)), y, i)
+    kb.ret()
+    source = KernelSource("llvm", str(module), "k", (ArgSpec("X", "in", "float32", (N,)),
+                                                      ArgSpec("Y", "out", "float32", (N,))))
+    return source, compile_and_load(source, host)
+
+
+@pytest.mark.parametrize("name, reference, low, high", [
+    ("exp", np.exp, -87.0, 88.0),
+    ("tanh", np.tanh, -12.0, 12.0),
+    ("sigmoid", lambda v: 1.0 / (1.0 + np.exp(-v)), -30.0, 30.0),
+])
+def test_vector_math_is_accurate(host, name, reference, low, high):
+    source, kernel = unary_kernel(host, name)
+    x = np.random.default_rng(0).uniform(low, high, N).astype(np.float32)
+    x[:8] = [0.0, 1e-7, -1e-7, 0.5, -0.5, 0.7, low, high]
+    buffers = allocate_args(source, {}, {"X": x})
+    kernel(buffers, {})
+    want = reference(x.astype(np.float64))
+    rel = np.abs(buffers["Y"] - want) / np.maximum(np.abs(want), 1e-30)
+    assert rel.max() < 1e-6, (x[np.argmax(rel)], rel.max())
+
+
+def test_exp_of_minus_infinity_is_zero(host):
+    source, kernel = unary_kernel(host, "exp")
+    x = np.full(N, -np.inf, dtype=np.float32)
+    buffers = allocate_args(source, {}, {"X": x})
+    kernel(buffers, {})
+    assert (buffers["Y"] == 0).all()
+
+
+@pytest.mark.parametrize("count", [1, 3, 5, 8])
+def test_reduce_add_many_sums_each_vector(host, count):
+    module = cg.new_module("r")
+    fn = cg.kernel_function(module, "k", 2)
+    kb = cg.KernelBuilder(fn)
+    x, y = fn.args
+    vectors = [kb.load_vec(x, 16 * i, 16) for i in range(count)]
+    sums, width = kb.reduce_add_many(vectors)
+    if width > 1:
+        kb.store_vec(sums, y, 0)
+    else:  # a one-lane vector
+        kb.store(kb.b.extract_element(sums, cg.ir.Constant(cg.I32, 0)), y, 0)
+    kb.ret()
+    source = KernelSource("llvm", str(module), "k", (ArgSpec("X", "in", "float32", (16 * count,)),
+                                                      ArgSpec("Y", "out", "float32", (8,))))
+    values = np.random.default_rng(count).standard_normal(16 * count).astype(np.float32)
+    buffers = allocate_args(source, {}, {"X": values})
+    compile_and_load(source, host)(buffers, {})
+    np.testing.assert_allclose(buffers["Y"][:count], values.reshape(count, 16).sum(1), rtol=1e-5)
+    assert np.isnan(buffers["Y"][width:]).all()  # nothing written past the sums
+
+
+@pytest.mark.parametrize("threads, chunks", [(1, 7), (2, 7), (4, 3), (3, 1)])
+def test_parallel_entry_covers_every_chunk_once(host, threads, chunks):
+    module = cg.new_module("p")
+    body, kb = cg.chunk_body(module, "body", n_pointers=1, n_scalars=0)
+    out, begin, end, thread = body.args
+    with kb.loop(begin, end, 1) as c:
+        old = kb.load(out, c)
+        kb.store(kb.fadd(old, cg.f32(1.0)), out, c)
+    kb.ret()
+    cg.parallel_entry(module, "k", body, n_pointers=1, n_scalars=0, threads=threads, n_chunks=chunks)
+    source = KernelSource("llvm", str(module), "k", (ArgSpec("Y", "in", "float32", (chunks,)),))
+    y = np.zeros(chunks, dtype=np.float32)
+    compile_and_load(source, host)({"Y": y}, {})
+    assert y.tolist() == [1.0] * chunks
+
+
+def test_masked_loads_and_stores_stay_inside_the_array(host):
+    module = cg.new_module("m")
+    fn = cg.kernel_function(module, "k", 2)
+    kb = cg.KernelBuilder(fn)
+    x, y = fn.args
+    v = kb.masked_load_vec(x, 0, 16, cg.i64(5))
+    kb.masked_store_vec(kb.fadd(v, kb.splat(cg.f32(1.0), 16)), y, 0, cg.i64(5))
+    kb.ret()
+    source = KernelSource("llvm", str(module), "k", (ArgSpec("X", "in", "float32", (5,)),
+                                                      ArgSpec("Y", "out", "float32", (16,))))
+    buffers = allocate_args(source, {}, {"X": np.arange(5, dtype=np.float32)})
+    compile_and_load(source, host)(buffers, {})
+    assert buffers["Y"][:5].tolist() == [1, 2, 3, 4, 5] and np.isnan(buffers["Y"][5:]).all()
