@@ -1,0 +1,6 @@
+"""CUDA schedule templates: importing this package registers every one of them.
+
+Rendering is pure text (CUDA C following the conventions in ``search_space.codegen.cuda``);
+building needs nvcc, running needs a GPU and pycuda.
+"""
+from __future__ import annotations
