@@ -65,6 +65,11 @@ def _vname(t: ir.VectorType) -> str:
     return f"v{t.count}{tag}"
 
 
+def _suffix(t: ir.Type) -> str:
+    """The overload suffix of a float intrinsic for scalar or vector type ``t``."""
+    return _vname(t) if isinstance(t, ir.VectorType) else ("f32" if t == F32 else "f64")
+
+
 class KernelBuilder:
     """An ``ir.IRBuilder`` plus the handful of constructs kernels are made of."""
 
@@ -92,15 +97,13 @@ class KernelBuilder:
     def fma(self, a, b, c):
         """a * b + c with one rounding (the llvm.fma intrinsic, scalar or vector)."""
         t = a.type
-        suffix = _vname(t) if isinstance(t, ir.VectorType) else ("f32" if t == F32 else "f64")
-        fn = declare_intrinsic(self.module, f"llvm.fma.{suffix}", t, [t, t, t])
+        fn = declare_intrinsic(self.module, f"llvm.fma.{_suffix(t)}", t, [t, t, t])
         return self.b.call(fn, [a, b, c])
 
     def call_math(self, name: str, x):
         """A float math intrinsic such as exp, sqrt, tanh-free pieces: ``llvm.<name>.<type>``."""
         t = x.type
-        suffix = _vname(t) if isinstance(t, ir.VectorType) else ("f32" if t == F32 else "f64")
-        fn = declare_intrinsic(self.module, f"llvm.{name}.{suffix}", t, [t])
+        fn = declare_intrinsic(self.module, f"llvm.{name}.{_suffix(t)}", t, [t])
         return self.b.call(fn, [x], fastmath=self.fm)
 
     def _const_like(self, value, like):
@@ -151,14 +154,12 @@ class KernelBuilder:
 
     def fmin(self, a, b):
         t = a.type
-        suffix = _vname(t) if isinstance(t, ir.VectorType) else ("f32" if t == F32 else "f64")
-        fn = declare_intrinsic(self.module, f"llvm.minnum.{suffix}", t, [t, t])
+        fn = declare_intrinsic(self.module, f"llvm.minnum.{_suffix(t)}", t, [t, t])
         return self.b.call(fn, [a, b])
 
     def fmax(self, a, b):
         t = a.type
-        suffix = _vname(t) if isinstance(t, ir.VectorType) else ("f32" if t == F32 else "f64")
-        fn = declare_intrinsic(self.module, f"llvm.maxnum.{suffix}", t, [t, t])
+        fn = declare_intrinsic(self.module, f"llvm.maxnum.{_suffix(t)}", t, [t, t])
         return self.b.call(fn, [a, b])
 
     # -- memory ------------------------------------------------------------------------
@@ -225,16 +226,20 @@ class KernelBuilder:
     def zeros(self, lanes: int, element: ir.Type = F32):
         return ir.Constant(vec(lanes, element), None)
 
-    def reduce_add(self, value):
-        """Horizontal sum of a float vector by halving shuffles (a fixed, portable order)."""
+    def _reduce(self, value, combine):
+        """Fold a vector to a scalar by halving shuffles (a fixed, portable order)."""
         lanes = value.type.count
         while lanes > 1:
             half = lanes // 2
             lo = self.b.shuffle_vector(value, value, ir.Constant(vec(half, I32), list(range(half))))
             hi = self.b.shuffle_vector(value, value, ir.Constant(vec(half, I32), list(range(half, lanes))))
-            value = self.fadd(lo, hi)
+            value = combine(lo, hi)
             lanes = half
         return self.b.extract_element(value, ir.Constant(I32, 0))
+
+    def reduce_add(self, value):
+        """Horizontal sum of a float vector."""
+        return self._reduce(value, self.fadd)
 
     def reduce_add_many(self, vectors: Sequence) -> tuple[ir.Value, int]:
         """Sum each of several equal-width vectors; returns (vector of sums, its width P).
@@ -277,14 +282,8 @@ class KernelBuilder:
         self.b.call(fn, [self.b.bitcast(dst, PTR), self.b.bitcast(src, PTR), nbytes, ir.Constant(I1, 0)])
 
     def reduce_max(self, value):
-        lanes = value.type.count
-        while lanes > 1:
-            half = lanes // 2
-            lo = self.b.shuffle_vector(value, value, ir.Constant(vec(half, I32), list(range(half))))
-            hi = self.b.shuffle_vector(value, value, ir.Constant(vec(half, I32), list(range(half, lanes))))
-            value = self.fmax(lo, hi)
-            lanes = half
-        return self.b.extract_element(value, ir.Constant(I32, 0))
+        """Horizontal maximum of a float vector."""
+        return self._reduce(value, self.fmax)
 
     def bf16_to_f32(self, raw):
         """Widen bfloat16 bit patterns (i16 or <N x i16>) to float32: shift into the high half."""
