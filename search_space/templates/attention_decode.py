@@ -85,6 +85,7 @@ class AttentionDecodeCpu(AttentionDecodeOp, Template):
             Knob("vec", vecs),
             Knob("nv", tuple(v for v in (1, 2, 4, 8) if v == 1 or v * min(vecs) <= _round_up(d["D"], min(vecs)))),
             Knob("unroll", (1, 2, 4)),
+            Knob("prefetch", (0, 2, 4, 8, 16)),
             Knob("threads", tuple(sorted({1, max(target.cores, 1)}))),
         ]
         constraints = [
@@ -103,7 +104,8 @@ class AttentionDecodeCpu(AttentionDecodeOp, Template):
         hr = max(space.knob("hr").values)
         bk = min(space.knob("bk").values, key=lambda v: abs(v - 64))
         for kr, nv in ((4, 4), (2, 4), (2, 2), (1, 2), (1, 1)):
-            values = {"split": 1, "bk": bk, "kr": kr, "hr": hr, "vec": lanes, "nv": nv, "unroll": 1, "threads": 1}
+            values = {"split": 1, "bk": bk, "kr": kr, "hr": hr, "vec": lanes, "nv": nv, "unroll": 1,
+                      "prefetch": 0, "threads": 1}
             if space.accepts(values):
                 return space.from_values(values)
         return next(iter(space))
@@ -186,9 +188,9 @@ def _render(task: Task, c: dict, scale: float) -> KernelSource:
             k0 = b.add(c0, b.mul(blk, cg.i64(bk)))
             nk = kb.min(bk, b.sub(c1, k0))
             row0 = b.add(kv_row0, k0)  # cache row of the block's first key
-
+            last_key = b.sub(b.sub(c1, k0), one)  # prefetches stay inside the unit's range
             # -- scores[h][j] = scale * Q[h] . K[k0 + j], hr heads x kr keys per register tile
-            n_ktiles = b.sdiv(b.add(nk, cg.i64(kr - 1)), cg.i64(kr))
+            n_ktiles =  b.sdiv(b.add(nk, cg.i64(kr - 1)), cg.i64(kr))
             with kb.loop(0, G // hr, 1, name="ht") as ht:
                 h0 = b.mul(ht, cg.i64(hr))
                 q_rows = [b.add(q_row0, b.mul(b.add(h0, cg.i64(i)), cg.i64(D))) for i in range(hr)]
@@ -196,6 +198,11 @@ def _render(task: Task, c: dict, scale: float) -> KernelSource:
                     j0 = b.mul(kt, cg.i64(kr))
                     k_rows = [b.mul(b.add(row0, kb.min(b.add(j0, cg.i64(i)), b.sub(nk, one))), cg.i64(D))
                               for i in range(kr)]
+                    if c["prefetch"]:  # K rows a few keys ahead, into L2: keeps the miss queue full
+                        for i in range(kr):
+                            ahead = b.add(row0, kb.min(b.add(j0, cg.i64(i + c["prefetch"])), last_key))
+                            for line in range(0, D, 16):
+                                kb.prefetch(K, b.add(b.mul(ahead, cg.i64(D)), cg.i64(line)), locality=2)
                     slots = [[[kb.local(cg.vec(lanes), name="dot") for _ in range(unroll)] for _ in range(kr)]
                              for _ in range(hr)]
                     for row in slots:
@@ -277,6 +284,10 @@ def _render(task: Task, c: dict, scale: float) -> KernelSource:
                         b.store(kb.fmul(kb.load_vec(acc, at, lanes), factor), tile[h][v])
                 with kb.loop(0, nk, 1, name="pv") as j:
                     vrow = b.add(b.mul(b.add(row0, j), cg.i64(D)), v0)
+                    if c["prefetch"]:
+                        ahead = b.add(row0, kb.min(b.add(j, cg.i64(c["prefetch"])), last_key))
+                        for line in range(0, nvec * lanes, 16):
+                            kb.prefetch(V, b.add(b.add(b.mul(ahead, cg.i64(D)), v0), cg.i64(line)), locality=2)
                     vs = [load_d(V, b.add(vrow, cg.i64(v * lanes)), last if v == nvec - 1 else lanes)
                           for v in range(nvec)]
                     for h in range(hr):
