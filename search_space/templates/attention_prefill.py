@@ -230,6 +230,28 @@ def outer_micro_kernel(module: ir.Module, name: str, mt: int, nt: int, lanes: in
     return fn
 
 
+def transpose(kb: cg.KernelBuilder, rows: list) -> list:
+    """Transpose a square block held as ``n`` vectors of ``n`` lanes (n a power of two).
+
+    Stage h swaps, in every pair of rows (i, i + h), the lanes with bit h set in row i
+    with the lanes with bit h clear in row i + h; after the stages h = n/2, ..., 1 the
+    block is transposed: log2(n) stages of n two-source shuffles.
+    """
+    n = len(rows)
+    m = list(rows)
+    lo = None
+    h = n // 2
+    while h >= 1:
+        lo = ir.Constant(cg.vec(n, cg.I32), [x if not x & h else n + x - h for x in range(n)])
+        hi = ir.Constant(cg.vec(n, cg.I32), [x + h if not x & h else n + x for x in range(n)])
+        for i in range(n):
+            if not i & h:
+                a, c = m[i], m[i + h]
+                m[i], m[i + h] = kb.b.shuffle_vector(a, c, lo), kb.b.shuffle_vector(a, c, hi)
+        h //= 2
+    return m
+
+
 def _render(task: Task, c: dict, scale: float, causal: bool) -> KernelSource:
     d = task.dims
     B, H, HKV, D = d["B"], d["H"], d["HKV"], d["D"]
@@ -291,21 +313,42 @@ def _render(task: Task, c: dict, scale: float, causal: bool) -> KernelSource:
         n_valid = kb.min(bq, b.sub(T, t0))
         bt = b.mul(bi, T)
 
-        # -- pack Qt[d][row] (scaled), rows of missing tokens and padding rows as zeros
-        q_factor = cg.f32(1.0 if fold else scale)
-        with kb.loop(0, bq, 1, name="tq") as tq:
-            valid = b.icmp_signed("<", tq, n_valid)
-            t = b.add(t0, kb.min(tq, b.sub(n_valid, one)))
-            for hh in range(hs):
-                src = kb.gep(Q, b.mul(b.add(b.mul(b.add(bt, t), cg.i64(H)), b.add(h0, cg.i64(hh))), cg.i64(D)))
-                col = b.add(b.mul(tq, cg.i64(hs)), cg.i64(hh))
-                with kb.loop(0, D, 1, name="qd") as qd:
-                    value = b.select(valid, kb.fmul(kb.load(src, qd), q_factor), cg.f32(0.0))
-                    kb.store(value, qt, b.add(b.mul(qd, cg.i64(Rp)), col))
-        if Rp > R:
-            with kb.loop(0, D, 1, name="qz") as qd:
-                for r in range(R, Rp):
-                    kb.store(cg.f32(0.0), qt, b.add(b.mul(qd, cg.i64(Rp)), cg.i64(r)))
+        # -- pack Qt[d][row] (scaled): blocks of `lanes` rows x `lanes` of D, transposed in
+        # registers; rows of missing tokens and padding rows are zeros
+        q_factor = kb.splat(cg.f32(scale), lanes) if not fold else None
+        d_whole, d_tail = divmod(D, lanes)
+        for v in range(row_vectors):
+            sources = []
+            for r in range(v * lanes, (v + 1) * lanes):
+                if r >= R:
+                    sources.append(None)
+                    continue
+                tq, hh = divmod(r, hs)
+                valid = b.icmp_signed("<", cg.i64(tq), n_valid)
+                t = b.add(t0, kb.min(tq, b.sub(n_valid, one)))
+                offset = b.mul(b.add(b.mul(b.add(bt, t), cg.i64(H)), b.add(h0, cg.i64(hh))), cg.i64(D))
+                sources.append((valid, offset))
+
+            def pack(d0, count: int) -> None:
+                rows = []
+                for source in sources:
+                    if source is None:
+                        rows.append(kb.zeros(lanes))
+                        continue
+                    valid, offset = source
+                    at = b.add(offset, d0)
+                    x = kb.load_vec(Q, at, lanes) if count == lanes else kb.masked_load_vec(Q, at, lanes, cg.i64(count))
+                    if q_factor is not None:
+                        x = kb.fmul(x, q_factor)
+                    rows.append(b.select(valid, x, kb.zeros(lanes)))
+                for i, column in enumerate(transpose(kb, rows)[:count]):
+                    kb.store_vec(column, qt, b.add(b.mul(b.add(d0, cg.i64(i)), cg.i64(Rp)), cg.i64(v * lanes)))
+
+            if d_whole:
+                with kb.loop(0, d_whole * lanes, lanes, name="qd") as d0:
+                    pack(d0, lanes)
+            if d_tail:
+                pack(cg.i64(d_whole * lanes), d_tail)
         for v in range(row_vectors):
             kb.store_vec(kb.splat(neg_inf, lanes), m_buf, v * lanes)
             kb.store_vec(kb.zeros(lanes), l_buf, v * lanes)
@@ -346,7 +389,8 @@ def _render(task: Task, c: dict, scale: float, causal: bool) -> KernelSource:
                 b.store(kb.splat(neg_inf, lanes), mx[v])
             with kb.loop(0, nk, 1, name="sm") as k:
                 for v in range(row_vectors):
-                    b.store(kb.fmax(b.load(mx[v]), score(k, v)), mx[v])
+                    old, s = b.load(mx[v]), score(k, v)
+                    b.store(b.select(b.fcmp_ordered(">", old, s), old, s), mx[v])
             vscale = kb.splat(cg.f32(scale), lanes)
             m_new, sums = [], []
             for v in range(row_vectors):
