@@ -30,7 +30,7 @@ from ..space import Config, ConfigSpace, Knob
 from ..target import Target
 from ..task import Task
 from ..template import ArgSpec, KernelSource, Template, register_template
-from .attention_prefill import _divisors, _fitting, _round_up
+from .attention_prefill import _divisors, _fitting, _round_up, vector_tiles
 from .gemv import vector_registers
 
 
@@ -50,19 +50,6 @@ class _Layout:
 
     def floats(self, threads: int) -> int:
         return self.scratch + threads * self.per_thread
-
-
-def _d_tiles(D: int, lanes: int, nv: int) -> tuple[int, list[tuple[int, int, int]]]:
-    """(full panels of nv whole vectors, edge tiles as (first vector, vectors, lanes of the last))."""
-    whole, tail = divmod(D, lanes)
-    panels = whole // nv
-    first = panels * nv
-    edge_vectors = [lanes] * (whole - first) + ([tail] if tail else [])
-    edges = []
-    for i in range(0, len(edge_vectors), nv):
-        part = edge_vectors[i:i + nv]
-        edges.append((first + i, len(part), part[-1]))
-    return panels, edges
 
 
 @register_template
@@ -155,7 +142,7 @@ def _render(task: Task, c: dict, scale: float) -> KernelSource:
     b = kb.b
     one = cg.i64(1)
     scores = kb.gep(WS, b.add(cg.i64(lay.scratch), b.mul(thread, cg.i64(lay.per_thread))))
-    d_panels, d_edges = _d_tiles(D, lanes, nv)
+    d_panels, d_edges = vector_tiles(D, lanes, nv)
     d_whole, d_tail = divmod(D, lanes)
 
     def load_d(base, at, count: int):

@@ -62,6 +62,20 @@ def _fitting(values: tuple[int, ...], limit: int) -> tuple[int, ...]:
     return below + ((above[0],) if above else ())
 
 
+def vector_tiles(n: int, lanes: int, width: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """Cut a row of ``n`` values into tiles of ``width`` vectors: (number of full tiles of
+    whole vectors, the edge tiles as (first vector, vectors, valid lanes of the last))."""
+    whole, tail = divmod(n, lanes)
+    full = whole // width
+    first = full * width
+    rest = [lanes] * (whole - first) + ([tail] if tail else [])
+    edges = []
+    for i in range(0, len(rest), width):
+        part = rest[i:i + width]
+        edges.append((first + i, len(part), part[-1]))
+    return full, edges
+
+
 class _Layout:
     """Sizes derived from a task and a config: tile rows, padding, workspace offsets (floats)."""
 
@@ -292,8 +306,11 @@ def _render(task: Task, c: dict, scale: float, causal: bool) -> KernelSource:
     neg_inf = cg.f32(float("-inf"))
     # token offset (within the tile) of each query row, as lanes of the row vectors; padding
     # rows take offset 0 so that they always see key 0 and their statistics stay finite
-    tq_of_row = [r // hs if r < R else 0 for r in range(Rp)]
-    tq_vectors = [ir.Constant(cg.vec(lanes, cg.I64), tq_of_row[v * lanes:(v + 1) * lanes]) for v in range(row_vectors)]
+    token_type = ir.ArrayType(cg.I32, Rp)
+    row_token = ir.GlobalVariable(module, token_type, name="row_token")
+    row_token.global_constant = True
+    row_token.linkage = "internal"
+    row_token.initializer = ir.Constant(token_type, [r // hs if r < R else 0 for r in range(Rp)])
 
     n_q = b.sdiv(b.add(T, cg.i64(bq - 1)), cg.i64(bq))
     with kb.loop(chunk_begin, chunk_end, 1, name="chunk") as chunk:
@@ -361,8 +378,8 @@ def _render(task: Task, c: dict, scale: float, causal: bool) -> KernelSource:
             """One block of nk (>= 1) keys starting at k0: scores, online softmax, P.V."""
             # scores St[0:nk][0:Rp]; the last micro tile repeats the last key for missing rows
             n_tiles = b.sdiv(b.add(nk, cg.i64(mr - 1)), cg.i64(mr))
-            for p0 in range(0, row_vectors, nr):
-                nt = min(nr, row_vectors - p0)
+
+            def score_panel(c0, nt: int) -> None:
                 fn = kernel("score", mr, nt, lanes)
                 with kb.loop(0, n_tiles, 1, name="kt") as kt:
                     first = b.mul(kt, cg.i64(mr))
@@ -370,60 +387,61 @@ def _render(task: Task, c: dict, scale: float, causal: bool) -> KernelSource:
                     for i in range(mr):
                         key = b.add(k0, kb.min(b.add(first, cg.i64(i)), b.sub(nk, one)))
                         rows.append(kb.ptr(kb.gep(K, b.add(kv_base, b.mul(key, cg.i64(HKV * D))))))
-                    b.call(fn, rows + [kb.ptr(kb.gep(qt, p0 * lanes)),
-                                       kb.ptr(kb.gep(st, b.add(b.mul(first, cg.i64(Rp)), cg.i64(p0 * lanes)))),
+                    b.call(fn, rows + [kb.ptr(kb.gep(qt, c0)),
+                                       kb.ptr(kb.gep(st, b.add(b.mul(first, cg.i64(Rp)), c0))),
                                        kb.ptr(alpha_buf), cg.i64(D)])
 
-            # online softmax over the block, vectors of query rows at a time
+            full, edges = vector_tiles(Rp, lanes, nr)
+            if full:
+                with kb.loop(0, full, 1, name="sp") as sp:
+                    score_panel(b.mul(sp, cg.i64(nr * lanes)), nr)
+            for first_vector, nt, _ in edges:
+                score_panel(cg.i64(first_vector * lanes), nt)
+
+            # online softmax over the block, one vector of query rows at a time
             rel = b.sub(k0, t0)  # key index relative to the tile's first token
-
-            def score(k, v):
-                s = kb.load_vec(st, b.add(b.mul(k, cg.i64(Rp)), cg.i64(v * lanes)), lanes)
-                if masked:  # future keys of each row's token score -inf
-                    visible = b.icmp_signed("<=", kb.splat(b.add(rel, k), lanes), tq_vectors[v])
-                    s = b.select(visible, s, kb.splat(neg_inf, lanes))
-                return s
-
-            mx = [kb.local(cg.vec(lanes), name="mx") for _ in range(row_vectors)]
-            for v in range(row_vectors):
-                b.store(kb.splat(neg_inf, lanes), mx[v])
-            with kb.loop(0, nk, 1, name="sm") as k:
-                for v in range(row_vectors):
-                    old, s = b.load(mx[v]), score(k, v)
-                    b.store(b.select(b.fcmp_ordered(">", old, s), old, s), mx[v])
             vscale = kb.splat(cg.f32(scale), lanes)
-            m_new, sums = [], []
-            for v in range(row_vectors):
-                m_old = kb.load_vec(m_buf, v * lanes, lanes)
-                block_max = kb.fmul(b.load(mx[v]), vscale) if fold else b.load(mx[v])
-                new = kb.fmax(m_old, block_max)
-                kb.store_vec(kb.exp(kb.fsub(m_old, new)), alpha_buf, v * lanes)
-                kb.store_vec(new, m_buf, v * lanes)
-                m_new.append(b.fneg(new))
-                slot = kb.local(cg.vec(lanes), name="sum")
-                b.store(kb.zeros(lanes), slot)
-                sums.append(slot)
-            with kb.loop(0, nk, 1, name="se") as k:
-                for v in range(row_vectors):
-                    s = score(k, v)
-                    p = kb.exp(kb.fma(s, vscale, m_new[v]) if fold else kb.fadd(s, m_new[v]))
-                    kb.store_vec(p, st, b.add(b.mul(k, cg.i64(Rp)), cg.i64(v * lanes)))
-                    b.store(kb.fadd(b.load(sums[v]), p), sums[v])
-            for v in range(row_vectors):
-                alpha = kb.load_vec(alpha_buf, v * lanes, lanes)
-                l_old = kb.load_vec(l_buf, v * lanes, lanes)
-                kb.store_vec(kb.fma(l_old, alpha, b.load(sums[v])), l_buf, v * lanes)
+            with kb.loop(0, row_vectors, 1, name="sv") as v:
+                col = b.mul(v, cg.i64(lanes))
+                tq_lanes = kb.load_vec(row_token, col, lanes, cg.I32) if masked else None
+
+                def score(k):
+                    s = kb.load_vec(st, b.add(b.mul(k, cg.i64(Rp)), col), lanes)
+                    if masked:  # future keys of each row's token score -inf
+                        key = kb.splat(b.trunc(b.add(rel, k), cg.I32), lanes)
+                        s = b.select(b.icmp_signed("<=", key, tq_lanes), s, kb.splat(neg_inf, lanes))
+                    return s
+
+                mx = kb.local(cg.vec(lanes), name="mx")
+                b.store(kb.splat(neg_inf, lanes), mx)
+                with kb.loop(0, nk, 1, name="sm") as k:
+                    old, s = b.load(mx), score(k)
+                    b.store(b.select(b.fcmp_ordered(">", old, s), old, s), mx)
+                m_old = kb.load_vec(m_buf, col, lanes)
+                block_max = kb.fmul(b.load(mx), vscale) if fold else b.load(mx)
+                m_new = kb.fmax(m_old, block_max)
+                alpha = kb.exp(kb.fsub(m_old, m_new))
+                kb.store_vec(alpha, alpha_buf, col)
+                kb.store_vec(m_new, m_buf, col)
+                neg = b.fneg(m_new)
+                total = kb.local(cg.vec(lanes), name="sum")
+                b.store(kb.zeros(lanes), total)
+                with kb.loop(0, nk, 1, name="se") as k:
+                    s = score(k)
+                    p = kb.exp(kb.fma(s, vscale, neg) if fold else kb.fadd(s, neg))
+                    kb.store_vec(p, st, b.add(b.mul(k, cg.i64(Rp)), col))
+                    b.store(kb.fadd(b.load(total), p), total)
+                kb.store_vec(kb.fma(kb.load_vec(l_buf, col, lanes), alpha, b.load(total)), l_buf, col)
 
             # Oacc[0:R] = Oacc * alpha + P^T . V[k0:k0+nk]
             v_base = b.add(kv_base, b.mul(k0, cg.i64(HKV * D)))
-            for p0 in range(0, d_vectors, nr):
-                nt = min(nr, d_vectors - p0)
-                last = d_last if p0 + nt == d_vectors else lanes
-                bp = kb.ptr(kb.gep(V, b.add(v_base, cg.i64(p0 * lanes))))
+
+            def pv_panel(c0, nt: int, last: int) -> None:
+                bp = kb.ptr(kb.gep(V, b.add(v_base, c0)))
 
                 def pv_tile(r0, mt: int) -> None:
                     rows = [kb.ptr(kb.gep(st, b.add(r0, cg.i64(i)))) for i in range(mt)]
-                    c_at = b.add(b.mul(r0, cg.i64(Dp)), cg.i64(p0 * lanes))
+                    c_at = b.add(b.mul(r0, cg.i64(Dp)), c0)
                     b.call(kernel("pv", mt, nt, last), rows + [bp, kb.ptr(kb.gep(oacc, c_at)),
                                                                kb.ptr(kb.gep(alpha_buf, r0)), nk])
 
@@ -432,6 +450,13 @@ def _render(task: Task, c: dict, scale: float, causal: bool) -> KernelSource:
                         pv_tile(b.mul(rt, cg.i64(mr)), mr)
                 if R % mr:
                     pv_tile(cg.i64(R - R % mr), R % mr)
+
+            full, edges = vector_tiles(D, lanes, nr)
+            if full:
+                with kb.loop(0, full, 1, name="dp") as dp:
+                    pv_panel(b.mul(dp, cg.i64(nr * lanes)), nr, lanes)
+            for first_vector, nt, last in edges:
+                pv_panel(cg.i64(first_vector * lanes), nt, last)
 
         # keys visible to the tile: [0, kend); blocks wholly at or below its first token
         # (or, without causality, every full block) need no mask
