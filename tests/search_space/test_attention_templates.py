@@ -163,3 +163,73 @@ def test_large_magnitude_inputs_stay_finite_and_accurate(machinery, host, op, sh
     for config in configs(template, task, host, np.random.default_rng(3), n_random=2):
         source, kernel = load_kernel(machinery, task, config, host)
         assert run_at(template, source, kernel, task, {}, scale=6.0) is None, str(config)
+
+
+# --------------------------------------------------------------------------- bounds
+
+GUARDED_RUN = r"""
+import ctypes, json, mmap, sys
+import numpy as np
+from measure.cpu_kernel import allocate_args, compile_and_load
+from measure.verify import check_output
+from search_space import Target, Task, get_template
+
+PAGE = mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+keep = []
+
+def guarded(array):
+    # a copy that ends where an unreadable, unwritable page begins
+    pages = -(-array.nbytes // PAGE) + 1
+    buf = mmap.mmap(-1, pages * PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert libc.mprotect(base + (pages - 1) * PAGE, PAGE, 0) == 0
+    out = np.frombuffer(buf, np.uint8, array.nbytes, (pages - 1) * PAGE - array.nbytes)
+    out = out.view(array.dtype).reshape(array.shape)
+    out[...] = array
+    keep.append(buf)
+    return out
+
+case = json.loads(sys.argv[1])
+host = Target.host()
+template = get_template(case["op"], "cpu")
+task = Task.make(case["op"], case["shape"], attrs=case["attrs"], dynamic=case["dynamic"])
+space = template.space(task, host)
+config = space.from_values(dict(template.default(task, host).as_dict(), **case["values"]))
+assert space.is_valid(config), space.violations(config)
+source = template.render(task, config, host)
+kernel = compile_and_load(source, host)
+for dims in case["runs"]:
+    sized = task.with_dims(**dims)
+    inputs = template.make_inputs(sized, np.random.default_rng(0))
+    buffers = {k: guarded(v) for k, v in allocate_args(source, sized.dims, inputs).items()}
+    kernel(buffers, sized.dims)
+    problem = check_output("O", buffers["O"], template.reference(sized, inputs)["O"], template.tolerance(sized))
+    if problem:
+        sys.exit(f"{config} at {dims}: {problem}")
+"""
+
+
+@pytest.mark.parametrize("op, shape, attrs, dynamic, values, runs", [
+    ("attention_prefill", {"B": 2, "T": 37, "H": 6, "HKV": 3, "D": 20}, {}, [], {}, [{}]),
+    ("attention_prefill", {"B": 1, "T": 37, "H": 4, "HKV": 4, "D": 33}, {"causal": False}, [],
+     {"vec": 8, "bq": 8, "bk": 16, "mr": 3, "nr": 3}, [{}]),
+    ("attention_prefill", {"B": 2, "T": 64, "H": 8, "HKV": 1, "D": 24}, {}, ["T"], {"hs": 8, "bq": 4, "nr": 2},
+     [{"T": 1}, {"T": 5}, {"T": 64}, {"T": 70}]),
+    ("attention_decode", {"B": 2, "H": 6, "HKV": 2, "D": 33, "S": 90, "L": 90}, {}, [], {"split": 4, "prefetch": 16},
+     [{"S": 90, "L": 90}, {"S": 41, "L": 41}, {"S": 1, "L": 1}]),
+    ("attention_decode", {"B": 1, "H": 8, "HKV": 1, "D": 64, "S": 300, "L": 300}, {}, [],
+     {"kr": 2, "hr": 4, "vec": 8, "nv": 2, "bk": 32}, [{"S": 300, "L": 300}, {"S": 77, "L": 77}]),
+])
+def test_nothing_is_read_or_written_past_the_arrays(op, shape, attrs, dynamic, values, runs):
+    """Every array ends at an inaccessible page: a read or write past its end kills the
+    process. Decode runs with S = L, so no cache row past L is touched either."""
+    import json
+    import subprocess
+    import sys
+
+    case = {"op": op, "shape": shape, "attrs": attrs, "dynamic": dynamic, "values": values, "runs": runs}
+    proc = subprocess.run([sys.executable, "-c", GUARDED_RUN, json.dumps(case)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
