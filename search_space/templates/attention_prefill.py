@@ -161,7 +161,7 @@ class AttentionPrefillCpu(AttentionPrefillOp, Template):
         n_q = math.ceil(d["T"] / c["bq"])
         # K/V rows each query tile reads: all keys, or those up to its last token when causal
         if self.attrs(task)["causal"]:
-            keys = sum(min(d["T"], _round_up(min((i + 1) * c["bq"], d["T"]), c["bk"])) for i in range(n_q))
+            keys = sum(min((i + 1) * c["bq"], d["T"]) for i in range(n_q))
         else:
             keys = n_q * d["T"]
         tiles = d["B"] * d["HKV"] * lay.nsub
