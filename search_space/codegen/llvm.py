@@ -346,6 +346,78 @@ class KernelBuilder:
     def ret(self) -> None:
         self.b.ret_void()
 
+    def sincos(self, x):
+        """(sin x, cos x) as float32, for float32 or float64 scalars or vectors.
+
+        x = k pi/2 + r with |r| <= pi/4: k = rint(x 2/pi), and r by fused multiply-adds
+        with pi/2 split in three parts (Cody-Waite), in x's own precision. r is then rounded
+        to float32 for the polynomials (Cephes sinf / cosf, about 1 ulp on |r| <= pi/4), and
+        k mod 4 picks and signs them. A float64 argument stays exact to float32 precision
+        for |x| up to 1e9 (RoPE angles, positions x frequencies, reach thousands of
+        radians, where a float32 argument alone would already be off by 1e-4); a float32
+        argument is reduced in float32, exact for the value it holds, for |x| up to 1e5.
+        """
+        b = self.b
+        t = x.type
+        lanes = t.count if isinstance(t, ir.VectorType) else 0
+        wide = (t.element if lanes else t) == F64
+        c = lambda v: self._const_like(v, x)  # noqa: E731
+        k = self.call_math("rint", self.fmul(x, c(0.6366197723675814)))
+        minus_k = b.fneg(k)
+        r = x
+        for part in (_HALF_PI_F64 if wide else _HALF_PI_F32):
+            r = self.fma(minus_k, c(part), r)  # exact products: no reassociation here
+        quadrant = b.fptosi(k, vec(lanes, I32) if lanes else I32)
+        if wide:
+            r = b.fptrunc(r, vec(lanes, F32) if lanes else F32)
+        f = lambda v: self._const_like(v, r)  # noqa: E731
+        z = self.fmul(r, r)
+        poly = self.fma(self.fma(f(-1.9515295891e-4), z, f(8.3321608736e-3)), z, f(-1.6666654611e-1))
+        sin_r = self.fma(self.fmul(poly, z), r, r)
+        poly = self.fma(self.fma(f(2.443315711809948e-5), z, f(-1.388731625493765e-3)), z,
+                        f(4.166664568298827e-2))
+        cos_r = self.fma(self.fmul(poly, z), z, self.fma(f(-0.5), z, f(1.0)))
+        q = lambda v: self._const_like(v, quadrant)  # noqa: E731
+        bit = lambda value, mask: b.icmp_signed("!=", b.and_(value, q(mask)), q(0))  # noqa: E731
+        swap = bit(quadrant, 1)
+        sin_x = b.select(swap, cos_r, sin_r)
+        cos_x = b.select(swap, sin_r, cos_r)
+        sin_x = b.select(bit(quadrant, 2), b.fneg(sin_x), sin_x)
+        cos_x = b.select(bit(b.add(quadrant, q(1)), 2), b.fneg(cos_x), cos_x)
+        return sin_x, cos_x
+
+    def sin(self, x):
+        """sin x as float32 (see ``sincos``)."""
+        return self.sincos(x)[0]
+
+    def cos(self, x):
+        """cos x as float32 (see ``sincos``)."""
+        return self.sincos(x)[1]
+
+
+
+def _split_half_pi(round_to: Callable[[float], float]) -> tuple[float, float, float]:
+    """pi/2 as three numbers of a float format whose sum carries three times its precision."""
+    from fractions import Fraction
+
+    half_pi = Fraction(_PI_DIGITS) / 2
+    parts = []
+    for _ in range(3):
+        part = round_to(float(half_pi))
+        parts.append(part)
+        half_pi -= Fraction(part)
+    return tuple(parts)
+
+
+def _round_f32(value: float) -> float:
+    import struct
+
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+_PI_DIGITS = "3.14159265358979323846264338327950288419716939937510582097494459230781640628620899863"
+_HALF_PI_F64 = _split_half_pi(float)
+_HALF_PI_F32 = _split_half_pi(_round_f32)
 
 def _align(element: ir.Type) -> int:
     width = getattr(element, "width", None)

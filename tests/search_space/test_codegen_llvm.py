@@ -99,3 +99,48 @@ def test_masked_loads_and_stores_stay_inside_the_array(host):
     buffers = allocate_args(source, {}, {"X": np.arange(5, dtype=np.float32)})
     compile_and_load(source, host)(buffers, {})
     assert buffers["Y"][:5].tolist() == [1, 2, 3, 4, 5] and np.isnan(buffers["Y"][5:]).all()
+
+
+def sincos_kernel(host, dtype: str, lanes: int):
+    """Kernel (X[N] of ``dtype``) -> (S[N], C[N]) float32 through ``KernelBuilder.sincos``."""
+    element = cg.element_type(dtype)
+    module = cg.new_module("sincos")
+    fn = cg.kernel_function(module, "k", 3)
+    kb = cg.KernelBuilder(fn)
+    x, s, c = fn.args
+    with kb.loop(0, N, lanes) as i:
+        sin, cos = kb.sincos(kb.load_vec(x, i, lanes, element))
+        kb.store_vec(sin, s, i)
+        kb.store_vec(cos, c, i)
+    kb.ret()
+    source = KernelSource("llvm", str(module), "k", (ArgSpec("X", "in", dtype, (N,)),
+                                                      ArgSpec("S", "out", "float32", (N,)),
+                                                      ArgSpec("C", "out", "float32", (N,))))
+    return source, compile_and_load(source, host)
+
+
+@pytest.mark.parametrize("dtype, lanes, bound", [
+    ("float64", 8, 2e5),    # RoPE angles: positions up to 1e5 and more times frequencies <= 1
+    ("float64", 16, 1e9),   # the stated range of float64 arguments
+    ("float32", 16, 1e4),
+    ("float32", 8, 4.0),
+])
+def test_sincos_is_accurate_for_large_arguments(host, dtype, lanes, bound):
+    source, kernel = sincos_kernel(host, dtype, lanes)
+    rng = np.random.default_rng(int(bound) % 1000)
+    x = rng.uniform(-bound, bound, N).astype(dtype)
+    # exact multiples of pi/2 and their neighbours, where one result is tiny or the quadrant flips
+    k = np.arange(-16, 16)
+    x[:32] = (k * (np.pi / 2)).astype(dtype)
+    x[32:64] = np.nextafter(x[:32], np.inf, dtype=x.dtype)
+    x[64:72] = np.array([0.0, 1e-30, -1e-7, 0.5, np.pi / 4, -np.pi / 4, bound, -bound]).astype(dtype)
+    buffers = allocate_args(source, {}, {"X": x})
+    kernel(buffers, {})
+    exact = x.astype(np.float64)
+    for name, reference in (("S", np.sin), ("C", np.cos)):
+        got = buffers[name].astype(np.float64)
+        want = reference(exact)
+        error = np.abs(got - want)
+        # within float32 rounding: absolute near zeros of the function, relative elsewhere
+        limit = 1.5e-7 * np.maximum(np.abs(want), 2 ** -10) + 1e-12
+        assert (error <= limit).all(), (name, x[np.argmax(error / limit)], error.max())
