@@ -1,0 +1,133 @@
+"""``layernorm`` on the CPU: Y = (X - mean) / sqrt(var + eps) * G + BETA.
+
+The ``stats`` knob chooses how mean and variance are found:
+
+- ``two_pass``: the mean, then the sum of (x - mean)^2: exact centring, one more pass
+  over the row (hot in cache after the first).
+- ``shifted``: one pass summing d = x - K and d^2 with the shift K = the row's first
+  element: var = E[d^2] - E[d]^2. Shifting by a sample of the row keeps the cancellation
+  of the textbook E[x^2] - E[x]^2 away (rows whose mean dwarfs their spread), at two
+  accumulators per vector.
+
+Partial sums are float32, ``vec x unroll`` per row (see rmsnorm). The ``reuse`` knob is
+rmsnorm's: the last pass reloads the row, or (short rows) keeps it in registers.
+"""
+from __future__ import annotations
+
+from ..codegen import llvm as cg
+from ..ops.elementwise import LayerNormOp
+from ..space import Config, ConfigSpace, Knob
+from ..target import Target
+from ..task import Task
+from ..template import KernelSource, Template, register_template
+from . import rowwise as rw
+
+STATS = ("two_pass", "shifted")
+
+
+@register_template
+class LayerNormCpu(LayerNormOp, Template):
+    target_kind = "cpu"
+    dtypes = ("float32",)
+
+    def space(self, task: Task, target: Target) -> ConfigSpace:
+        self.check(task)
+        n = task.dims["N"]
+        reuse = ["reload"]
+        if rw.vectors_per_row(n, target.vector_lanes_f32) <= rw.vector_registers(target) // 2:
+            reuse.append("registers")
+        knobs = rw.reduction_knobs(task, target) + [Knob("stats", STATS), Knob("reuse", tuple(reuse))]
+        constraints = rw.common_constraints(n, task.dims["M"]) + [
+            ("accumulators fit in registers", rw.registers_fit(target, lambda c: 2 * c["unroll"])),
+            ("kept rows fit in registers",
+             lambda c: c["reuse"] != "registers"
+             or rw.registers_fit(target, lambda c: rw.vectors_per_row(n, c["vec"]))(c)),
+        ]
+        return ConfigSpace(knobs, constraints)
+
+    def default(self, task: Task, target: Target) -> Config:
+        lanes = target.vector_lanes_f32
+        return rw.pick_default(self.space(task, target), [
+            dict(vec=lanes, unroll=u, rows=1, threads=1, stats="two_pass", reuse="reload") for u in (4, 2, 1)])
+
+    def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
+        c = config.as_dict()
+        m, n = task.dims["M"], task.dims["N"]
+        passes = 3.0 if c["stats"] == "two_pass" else 2.0
+        return rw.row_features(task, c, n, m, 2, passes, accumulators=c["rows"] * c["unroll"] * 2,
+                               bytes_moved=self.min_bytes(task))
+
+    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
+        self.check(task)
+        c = config.as_dict()
+        n, lanes, unroll = task.dims["N"], c["vec"], c["unroll"]
+        eps = float(self.attrs(task)["eps"])
+        in_registers = c["reuse"] == "registers"
+        args = rw.kernel_args(task, self.signature(task))
+
+        def block(ctx: rw.RowContext, row0, nrows: int) -> None:
+            kb, b, a = ctx.kb, ctx.kb.b, ctx.arrays
+            bases = rw.row_bases(kb, row0, nrows, n)
+            at = lambda r, off: b.add(bases[r], off)  # noqa: E731
+            kept: list = []
+
+            def x_of(r, off, count):
+                x = rw.load(kb, a["X"], at(r, off), lanes, count)
+                if in_registers and len(kept) < nrows * rw.vectors_per_row(n, lanes):
+                    kept.append(x)
+                return x
+
+            sums = rw.Accumulators(kb, nrows, unroll, lanes, 0.0, "sum")
+            if c["stats"] == "two_pass":
+                def total(off, u, count) -> None:
+                    for r in range(nrows):
+                        sums.set(r, u, kb.fadd(sums.get(r, u), x_of(r, off, count)))
+
+                rw.each_vector(kb, n, lanes, unroll, total, unrolled=in_registers)
+                means = [kb.fmul(sums.sum(r), cg.f32(1.0 / n)) for r in range(nrows)]
+                mean_v = [kb.splat(m, lanes) for m in means]
+                squares = rw.Accumulators(kb, nrows, unroll, lanes, 0.0, "sq")
+                replay = iter(list(kept))
+
+                def centred(off, u, count) -> None:
+                    for r in range(nrows):
+                        x = next(replay) if in_registers else x_of(r, off, count)
+                        d = rw.keep_lanes(kb, kb.fsub(x, mean_v[r]), count)
+                        squares.set(r, u, kb.fma(d, d, squares.get(r, u)))
+
+                rw.each_vector(kb, n, lanes, unroll, centred, unrolled=in_registers)
+                variances = [kb.fmul(squares.sum(r), cg.f32(1.0 / n)) for r in range(nrows)]
+            else:
+                shifts = [kb.load(a["X"], bases[r]) for r in range(nrows)]
+                shift_v = [kb.splat(s, lanes) for s in shifts]
+                squares = rw.Accumulators(kb, nrows, unroll, lanes, 0.0, "sq")
+
+                def shifted(off, u, count) -> None:
+                    for r in range(nrows):
+                        d = rw.keep_lanes(kb, kb.fsub(x_of(r, off, count), shift_v[r]), count)
+                        sums.set(r, u, kb.fadd(sums.get(r, u), d))
+                        squares.set(r, u, kb.fma(d, d, squares.get(r, u)))
+
+                rw.each_vector(kb, n, lanes, unroll, shifted, unrolled=in_registers)
+                means, variances = [], []
+                for r in range(nrows):
+                    mean_d = kb.fmul(sums.sum(r), cg.f32(1.0 / n))
+                    spread = kb.fsub(kb.fmul(squares.sum(r), cg.f32(1.0 / n)), kb.fmul(mean_d, mean_d))
+                    means.append(kb.fadd(shifts[r], mean_d))
+                    variances.append(kb.fmax(spread, cg.f32(0.0)))
+            mean_v = [kb.splat(m, lanes) for m in means]
+            scale_v = [kb.splat(kb.fdiv(cg.f32(1.0), kb.call_math("sqrt", kb.fadd(v, cg.f32(eps)))), lanes)
+                       for v in variances]
+            replay = iter(kept)
+
+            def normalise(off, u, count) -> None:
+                g = rw.load(kb, a["G"], off, lanes, count)
+                beta = rw.load(kb, a["BETA"], off, lanes, count)
+                for r in range(nrows):
+                    x = next(replay) if in_registers else x_of(r, off, count)
+                    t = kb.fmul(kb.fsub(x, mean_v[r]), scale_v[r])
+                    rw.store(kb, kb.fma(t, g, beta), a["Y"], at(r, off), count)
+
+            rw.each_vector(kb, n, lanes, unroll, normalise, unrolled=in_registers)
+
+        return rw.build_row_kernel("layernorm", task, args, "M", c["rows"], c["threads"], block)
