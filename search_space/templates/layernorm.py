@@ -2,12 +2,12 @@
 
 The ``stats`` knob chooses how mean and variance are found:
 
-- ``two_pass``: the mean, then the sum of (x - mean)^2: exact centring, one more pass
-  over the row (hot in cache after the first).
-- ``shifted``: one pass summing d = x - K and d^2 with the shift K = the row's first
-  element: var = E[d^2] - E[d]^2. Shifting by a sample of the row keeps the cancellation
-  of the textbook E[x^2] - E[x]^2 away (rows whose mean dwarfs their spread), at two
-  accumulators per vector.
+- ``two_pass``: the mean K, then the sums of d = x - K and d^2: var = E[d^2] - E[d]^2 and
+  mean = K + E[d] (the corrected two-pass algorithm: E[d] removes the rounding of the
+  first mean). One more pass over the row, hot in cache after the first.
+- ``shifted``: one pass over d = x - K with the shift K = the row's first element.
+  Shifting by a sample of the row keeps the cancellation of the textbook
+  E[x^2] - E[x]^2 away (rows whose mean dwarfs their spread) without the extra pass.
 
 Partial sums are float32, ``vec x unroll`` per row (see rmsnorm). The ``reuse`` knob is
 rmsnorm's: the last pass reloads the row, or (short rows) keeps it in registers.
@@ -71,51 +71,46 @@ class LayerNormCpu(LayerNormOp, Template):
             at = lambda r, off: b.add(bases[r], off)  # noqa: E731
             kept: list = []
 
-            def x_of(r, off, count):
+            def first(r, off, count):
+                """The first read of a vector of row r (kept when rows stay in registers)."""
                 x = rw.load(kb, a["X"], at(r, off), lanes, count)
-                if in_registers and len(kept) < nrows * rw.vectors_per_row(n, lanes):
+                if in_registers:
                     kept.append(x)
                 return x
 
             sums = rw.Accumulators(kb, nrows, unroll, lanes, 0.0, "sum")
+            squares = rw.Accumulators(kb, nrows, unroll, lanes, 0.0, "sq")
             if c["stats"] == "two_pass":
                 def total(off, u, count) -> None:
                     for r in range(nrows):
-                        sums.set(r, u, kb.fadd(sums.get(r, u), x_of(r, off, count)))
+                        sums.set(r, u, kb.fadd(sums.get(r, u), first(r, off, count)))
 
                 rw.each_vector(kb, n, lanes, unroll, total, unrolled=in_registers)
-                means = [kb.fmul(sums.sum(r), cg.f32(1.0 / n)) for r in range(nrows)]
-                mean_v = [kb.splat(m, lanes) for m in means]
-                squares = rw.Accumulators(kb, nrows, unroll, lanes, 0.0, "sq")
+                shifts = [kb.fmul(sums.sum(r), cg.f32(1.0 / n)) for r in range(nrows)]
+                deviations = rw.Accumulators(kb, nrows, unroll, lanes, 0.0, "dev")
                 replay = iter(list(kept))
-
-                def centred(off, u, count) -> None:
-                    for r in range(nrows):
-                        x = next(replay) if in_registers else x_of(r, off, count)
-                        d = rw.keep_lanes(kb, kb.fsub(x, mean_v[r]), count)
-                        squares.set(r, u, kb.fma(d, d, squares.get(r, u)))
-
-                rw.each_vector(kb, n, lanes, unroll, centred, unrolled=in_registers)
-                variances = [kb.fmul(squares.sum(r), cg.f32(1.0 / n)) for r in range(nrows)]
+                accumulate = deviations
             else:
                 shifts = [kb.load(a["X"], bases[r]) for r in range(nrows)]
-                shift_v = [kb.splat(s, lanes) for s in shifts]
-                squares = rw.Accumulators(kb, nrows, unroll, lanes, 0.0, "sq")
+                replay = None
+                accumulate = sums
+            shift_v = [kb.splat(s, lanes) for s in shifts]
 
-                def shifted(off, u, count) -> None:
-                    for r in range(nrows):
-                        d = rw.keep_lanes(kb, kb.fsub(x_of(r, off, count), shift_v[r]), count)
-                        sums.set(r, u, kb.fadd(sums.get(r, u), d))
-                        squares.set(r, u, kb.fma(d, d, squares.get(r, u)))
-
-                rw.each_vector(kb, n, lanes, unroll, shifted, unrolled=in_registers)
-                means, variances = [], []
+            def centred(off, u, count) -> None:
                 for r in range(nrows):
-                    mean_d = kb.fmul(sums.sum(r), cg.f32(1.0 / n))
-                    spread = kb.fsub(kb.fmul(squares.sum(r), cg.f32(1.0 / n)), kb.fmul(mean_d, mean_d))
-                    means.append(kb.fadd(shifts[r], mean_d))
-                    variances.append(kb.fmax(spread, cg.f32(0.0)))
-            mean_v = [kb.splat(m, lanes) for m in means]
+                    x = next(replay) if replay is not None and in_registers else first(r, off, count)
+                    d = rw.keep_lanes(kb, kb.fsub(x, shift_v[r]), count)
+                    accumulate.set(r, u, kb.fadd(accumulate.get(r, u), d))
+                    squares.set(r, u, kb.fma(d, d, squares.get(r, u)))
+
+            rw.each_vector(kb, n, lanes, unroll, centred, unrolled=in_registers)
+            residual_means, variances = [], []
+            for r in range(nrows):
+                # mean and variance of d = x - shift; the residual mean of d corrects both
+                mean_d = kb.fmul(accumulate.sum(r), cg.f32(1.0 / n))
+                spread = kb.fsub(kb.fmul(squares.sum(r), cg.f32(1.0 / n)), kb.fmul(mean_d, mean_d))
+                residual_means.append(kb.splat(mean_d, lanes))
+                variances.append(kb.fmax(spread, cg.f32(0.0)))
             scale_v = [kb.splat(kb.fdiv(cg.f32(1.0), kb.call_math("sqrt", kb.fadd(v, cg.f32(eps)))), lanes)
                        for v in variances]
             replay = iter(kept)
@@ -124,8 +119,12 @@ class LayerNormCpu(LayerNormOp, Template):
                 g = rw.load(kb, a["G"], off, lanes, count)
                 beta = rw.load(kb, a["BETA"], off, lanes, count)
                 for r in range(nrows):
-                    x = next(replay) if in_registers else x_of(r, off, count)
-                    t = kb.fmul(kb.fsub(x, mean_v[r]), scale_v[r])
+                    x = next(replay) if in_registers else rw.load(kb, a["X"], at(r, off), lanes, count)
+                    # (x - shift) - mean_d, never x - (shift + mean_d): the rounded sum would
+                    # carry an error of half an ulp of the mean into every element. Plain
+                    # fsub: with fast-math flags LLVM may reassociate it into just that.
+                    centred = b.fsub(b.fsub(x, shift_v[r]), residual_means[r])
+                    t = kb.fmul(centred, scale_v[r])
                     rw.store(kb, kb.fma(t, g, beta), a["Y"], at(r, off), count)
 
             rw.each_vector(kb, n, lanes, unroll, normalise, unrolled=in_registers)
