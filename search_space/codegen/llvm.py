@@ -386,6 +386,51 @@ class KernelBuilder:
         cos_x = b.select(bit(b.add(quadrant, q(1)), 2), b.fneg(cos_x), cos_x)
         return sin_x, cos_x
 
+    def exp_fast(self, x, nonpositive: bool = False):
+        """exp(x) for float32 scalars or vectors in about 15 instructions instead of ``exp``'s 22,
+        for kernels whose speed is the exp's (softmax, SiLU, GELU). Relative error about 2 ulp.
+
+        rint(x log2 e) comes from adding 1.5 * 2^23 + 127 (the float's rounding does it, and
+        the low mantissa bits are then n + 127: shifted into the exponent field they are
+        2^n); exp(r) on |r| <= ln 2 / 2 is 1 + r + r^2 P(r) with P of degree 4 (a minimax fit,
+        3e-9 below float32 precision). Inputs below -87.3 (including -inf) give exactly 0;
+        inputs above 88 give exp(88). ``nonpositive``: the caller guarantees x <= 0 (x - max
+        in softmax), so the upper clamp is left out.
+        """
+        b = self.b
+        c = lambda v: self._const_like(v, x)  # noqa: E731
+        low = b.fcmp_ordered("<", x, c(-87.3))
+        clamped = x if nonpositive else self.fmin(x, c(88.0))
+        clamped = b.select(low, c(-87.3), clamped)
+        magic = 12582912.0 + 127.0
+        shifted = self.fma(clamped, c(1.4426950408889634), c(magic))
+        n = b.fsub(shifted, c(magic))  # exact: plain fsub, no fast-math flags
+        r = self.fma(n, c(-0.693359375), clamped)
+        r = self.fma(n, c(2.12194440e-4), r)
+        poly = c(1.3814604608342052e-3)
+        for coeff in (8.368710987269878e-3, 4.166838899254799e-2, 1.666652113199234e-1, 4.999999403953552e-1,
+                      1.0, 1.0):
+            poly = self.fma(poly, r, c(coeff))
+        int_type = vec(x.type.count, I32) if isinstance(x.type, ir.VectorType) else I32
+        bits = b.shl(b.bitcast(shifted, int_type), self._const_like(23, ir.Constant(int_type, None)))
+        result = self.fmul(poly, b.bitcast(bits, x.type))
+        return b.select(low, c(0.0), result)
+
+    def reciprocal_avx512(self, x):
+        """1 / x for float32 vectors of 4, 8 or 16 lanes, x finite and nonzero: the AVX-512
+        estimate vrcp14ps (relative error below 2^-14) refined by one Newton step (two FMAs,
+        error below 1e-8), instead of a division, whose throughput bounds kernels such as
+        SiLU and GELU. Only for targets with avx512f (and avx512vl below 16 lanes): the
+        caller checks ``Target.has_feature``.
+        """
+        t = x.type
+        mask = I16 if t.count == 16 else I8
+        fn = declare_intrinsic(self.module, f"llvm.x86.avx512.rcp14.ps.{32 * t.count}", t, [t, t, mask])
+        estimate = self.b.call(fn, [x, ir.Constant(t, None), ir.Constant(mask, -1)])
+        one = self._const_like(1.0, x)
+        error = self.fma(self.b.fneg(x), estimate, one)
+        return self.fma(estimate, error, estimate)
+
     def sin(self, x):
         """sin x as float32 (see ``sincos``)."""
         return self.sincos(x)[0]

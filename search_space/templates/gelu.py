@@ -3,7 +3,8 @@
 The ``form`` knob: ``tanh`` evaluates it as written (the codegen's tanh: a polynomial near
 zero, the exp form elsewhere, both computed and one selected); ``sigmoid`` uses the
 identity 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u)), one exp and one division, with no
-cancellation anywhere (large negative u gives exp -> huge and the quotient -> 0).
+cancellation anywhere (large negative u gives exp -> huge and the quotient -> 0). Its
+division follows the ``division`` knob (see swiglu).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ..codegen import llvm as cg
 from ..ops.elementwise import GeluOp
 from ..space import Knob
 from ..template import register_template
-from .pointwise import PointwiseCpu
+from .pointwise import PointwiseCpu, divide, division_knob
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -23,10 +24,14 @@ class GeluCpu(GeluOp, PointwiseCpu):
     dtypes = ("float32",)
 
     def extra_knobs(self, task, target):
-        return [Knob("form", ("sigmoid", "tanh"))]
+        return [Knob("form", ("sigmoid", "tanh")), division_knob(target)]
 
     def extra_defaults(self, task, target):
-        return {"form": "sigmoid"}
+        return {"form": "sigmoid", "division": division_knob(target).values[-1]}
+
+    def extra_constraints(self, task, target):
+        # the tanh form divides inside KernelBuilder.tanh: the knob would change nothing
+        return [("division applies to the sigmoid form", lambda c: c["form"] == "sigmoid" or c["division"] == "divide")]
 
     def emit_vector(self, kb, c, values):
         x = values["X"]
@@ -35,5 +40,5 @@ class GeluCpu(GeluOp, PointwiseCpu):
         if c["form"] == "tanh":
             half_x = kb.fmul(x, const(0.5))
             return {"Y": kb.fma(half_x, kb.tanh(inner), half_x)}
-        denominator = kb.fadd(const(1.0), kb.exp(kb.fmul(inner, const(-2.0))))
-        return {"Y": kb.fdiv(x, denominator)}
+        denominator = kb.fadd(const(1.0), kb.exp_fast(kb.fmul(inner, const(-2.0))))
+        return {"Y": divide(kb, c, x, denominator)}

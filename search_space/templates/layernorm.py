@@ -36,7 +36,8 @@ class LayerNormCpu(LayerNormOp, Template):
         reuse = ["reload"]
         if rw.vectors_per_row(n, target.vector_lanes_f32) <= rw.vector_registers(target) // 2:
             reuse.append("registers")
-        knobs = rw.reduction_knobs(task, target) + [Knob("stats", STATS), Knob("reuse", tuple(reuse))]
+        knobs = rw.reduction_knobs(task, target) + [rw.stores_knob(task, target), Knob("stats", STATS),
+                                                    Knob("reuse", tuple(reuse))]
         constraints = rw.common_constraints(n, task.dims["M"]) + [
             ("accumulators fit in registers", rw.registers_fit(target, lambda c: 2 * c["unroll"])),
             ("kept rows fit in registers",
@@ -48,7 +49,8 @@ class LayerNormCpu(LayerNormOp, Template):
     def default(self, task: Task, target: Target) -> Config:
         lanes = target.vector_lanes_f32
         return rw.pick_default(self.space(task, target), [
-            dict(vec=lanes, unroll=u, rows=1, threads=1, stats="two_pass", reuse="reload") for u in (4, 2, 1)])
+            dict(vec=lanes, unroll=u, rows=1, threads=1, stores="cached", stats="two_pass", reuse="reload")
+            for u in (4, 2, 1)])
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         c = config.as_dict()
@@ -63,6 +65,7 @@ class LayerNormCpu(LayerNormOp, Template):
         n, lanes, unroll = task.dims["N"], c["vec"], c["unroll"]
         eps = float(self.attrs(task)["eps"])
         in_registers = c["reuse"] == "registers"
+        streaming = c["stores"] == "streaming"
         args = rw.kernel_args(task, self.signature(task))
 
         def block(ctx: rw.RowContext, row0, nrows: int) -> None:
@@ -125,8 +128,8 @@ class LayerNormCpu(LayerNormOp, Template):
                     # fsub: with fast-math flags LLVM may reassociate it into just that.
                     centred = b.fsub(b.fsub(x, shift_v[r]), residual_means[r])
                     t = kb.fmul(centred, scale_v[r])
-                    rw.store(kb, kb.fma(t, g, beta), a["Y"], at(r, off), count)
+                    rw.store(kb, kb.fma(t, g, beta), a["Y"], at(r, off), count, streaming)
 
             rw.each_vector(kb, n, lanes, unroll, normalise, unrolled=in_registers)
 
-        return rw.build_row_kernel("layernorm", task, args, "M", c["rows"], c["threads"], block)
+        return rw.build_row_kernel("layernorm", task, args, "M", c["rows"], c["threads"], block, streaming=streaming)

@@ -34,7 +34,7 @@ class RMSNormCpu(RMSNormOp, Template):
         reuse = ["reload"] + (["recompute"] if self._residual(task) else [])
         if rw.vectors_per_row(n, target.vector_lanes_f32) <= rw.vector_registers(target) // 2:
             reuse.append("registers")
-        knobs = rw.reduction_knobs(task, target) + [Knob("reuse", tuple(reuse))]
+        knobs = rw.reduction_knobs(task, target) + [rw.stores_knob(task, target), Knob("reuse", tuple(reuse))]
         constraints = rw.common_constraints(n, task.dims["M"]) + [
             ("accumulators fit in registers", rw.registers_fit(target, lambda c: c["unroll"])),
             ("kept rows fit in registers",
@@ -46,7 +46,7 @@ class RMSNormCpu(RMSNormOp, Template):
     def default(self, task: Task, target: Target) -> Config:
         lanes = target.vector_lanes_f32
         return rw.pick_default(self.space(task, target), [
-            dict(vec=lanes, unroll=u, rows=1, threads=1, reuse="reload") for u in (4, 2, 1)])
+            dict(vec=lanes, unroll=u, rows=1, threads=1, stores="cached", reuse="reload") for u in (4, 2, 1)])
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         c = config.as_dict()
@@ -63,6 +63,7 @@ class RMSNormCpu(RMSNormOp, Template):
         eps = float(self.attrs(task)["eps"])
         args = rw.kernel_args(task, self.signature(task))
         in_registers = reuse == "registers"
+        streaming = c["stores"] == "streaming"
 
         def block(ctx: rw.RowContext, row0, nrows: int) -> None:
             kb, b, a = ctx.kb, ctx.kb.b, ctx.arrays
@@ -81,7 +82,8 @@ class RMSNormCpu(RMSNormOp, Template):
                 for r in range(nrows):
                     x = row_vector(r, off, count)
                     if residual:
-                        rw.store(kb, x, a["S"], b.add(bases[r], off), count)
+                        # S is read back by the second pass when reloaded: keep it cached then
+                        rw.store(kb, x, a["S"], b.add(bases[r], off), count, streaming and reuse != "reload")
                     if in_registers:
                         kept.append(x)
                     acc.set(r, u, kb.fma(x, x, acc.get(r, u)))
@@ -104,8 +106,8 @@ class RMSNormCpu(RMSNormOp, Template):
                         x = row_vector(r, off, count)
                     else:
                         x = rw.load(kb, a["S"], at, lanes, count)
-                    rw.store(kb, kb.fmul(kb.fmul(x, scales[r]), g), a["Y"], at, count)
+                    rw.store(kb, kb.fmul(kb.fmul(x, scales[r]), g), a["Y"], at, count, streaming)
 
             rw.each_vector(kb, n, lanes, unroll, scale, unrolled=in_registers)
 
-        return rw.build_row_kernel("rmsnorm", task, args, "M", c["rows"], c["threads"], block)
+        return rw.build_row_kernel("rmsnorm", task, args, "M", c["rows"], c["threads"], block, streaming=streaming)

@@ -48,7 +48,7 @@ class RopeCpu(RopeOp, Template):
         half = d // 2
         knobs = [rw.vec_knob(target, half), rw.unroll_knob(half),
                  Knob("heads", tuple(v for v in HEAD_BLOCKS if v == 1 or v <= h)),
-                 rw.threads_knob(target), Knob("table", TABLES)]
+                 rw.threads_knob(target), rw.stores_knob(task, target), Knob("table", TABLES)]
         constraints = [
             ("unroll fits the row", lambda c: c["unroll"] == 1 or c["vec"] * c["unroll"] <= half),
             ("one token per thread at least", lambda c: c["threads"] <= t),
@@ -60,7 +60,8 @@ class RopeCpu(RopeOp, Template):
     def default(self, task: Task, target: Target) -> Config:
         lanes = target.vector_lanes_f32
         return rw.pick_default(self.space(task, target), [
-            dict(vec=lanes, unroll=u, heads=hb, threads=1, table="per_token") for hb in (2, 1) for u in (2, 1)])
+            dict(vec=lanes, unroll=u, heads=hb, threads=1, stores="cached", table="per_token")
+            for hb in (2, 1) for u in (2, 1)])
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         c = config.as_dict()
@@ -92,6 +93,7 @@ class RopeCpu(RopeOp, Template):
         h, d = task.dims["H"], task.dims["D"]
         half, width = d // 2, padded(d // 2)
         lanes, unroll, heads = c["vec"], c["unroll"], c["heads"]
+        streaming = c["stores"] == "streaming"
         theta = float(self.attrs(task)["theta"])
         # the reference's frequencies, bit for bit: theta ** (-(2 i) / D) in float64
         freqs = [theta ** (-(i * 2.0) / d) for i in range(half)] + [0.0] * (width - half)
@@ -139,8 +141,8 @@ class RopeCpu(RopeOp, Template):
                         hi_at = b.add(lo_at, cg.i64(half))
                         lo = rw.load(kb, a["X"], lo_at, lanes, count)
                         hi = rw.load(kb, a["X"], hi_at, lanes, count)
-                        rw.store(kb, kb.fsub(kb.fmul(lo, cos), kb.fmul(hi, sin)), a["Y"], lo_at, count)
-                        rw.store(kb, kb.fma(lo, sin, kb.fmul(hi, cos)), a["Y"], hi_at, count)
+                        rw.store(kb, kb.fsub(kb.fmul(lo, cos), kb.fmul(hi, sin)), a["Y"], lo_at, count, streaming)
+                        rw.store(kb, kb.fma(lo, sin, kb.fmul(hi, cos)), a["Y"], hi_at, count, streaming)
                 return step
 
             whole = h // heads
@@ -151,4 +153,5 @@ class RopeCpu(RopeOp, Template):
             for k in range(whole * heads, h):
                 rw.vector_loop(kb, half, lanes, unroll, rotate(cg.i64(k), 1))
 
-        return rw.build_row_kernel("rope", task, args, "T", 1, c["threads"], token, prepare=prepare)
+        return rw.build_row_kernel("rope", task, args, "T", 1, c["threads"], token, prepare=prepare,
+                                   streaming=streaming)

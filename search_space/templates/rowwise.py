@@ -57,6 +57,15 @@ def threads_knob(target: Target) -> Knob:
     return Knob("threads", tuple(sorted({1, max(target.cores, 1)})))
 
 
+def stores_knob(task: Task, target: Target) -> Knob:
+    """How the final results are stored: ``cached``, or also ``streaming`` (non-temporal
+    stores, which skip reading each output line into the cache before writing it: a third
+    less memory traffic for a read-one-write-one stream) when the data far outgrows the
+    caches, as the roofline counts it (over half the L3)."""
+    big = target.l3_bytes and task.min_bytes > target.l3_bytes / 2
+    return Knob("stores", ("cached", "streaming") if big else ("cached",))
+
+
 def common_constraints(n: int, count: int) -> list[tuple[str, Callable]]:
     """The unrolled step fits the row, and every thread gets a chunk (at the tuned count)."""
     return [
@@ -145,11 +154,18 @@ def load(kb: cg.KernelBuilder, base, at, lanes: int, count=None, fill: float = 0
     return value
 
 
-def store(kb: cg.KernelBuilder, value, base, at, count=None) -> None:
-    if count is None:
-        kb.store_vec(value, base, at)
-    else:
+def store(kb: cg.KernelBuilder, value, base, at, count=None, streaming: bool = False) -> None:
+    """Store a vector (its first ``count`` lanes with ``count``); ``streaming``: a non-temporal
+    store (whole vectors only). Its alignment stays that of a float, so LLVM never emits an
+    aligned-only instruction: unaligned rows get narrower non-temporal stores instead."""
+    if count is not None:
         kb.masked_store_vec(value, base, at, count)
+    elif streaming:
+        addr = kb.b.bitcast(kb.gep(base, at), value.type.as_pointer())
+        instruction = kb.b.store(value, addr, align=4)
+        instruction.set_metadata("nontemporal", kb.module.add_metadata([ir.Constant(cg.I32, 1)]))
+    else:
+        kb.store_vec(value, base, at)
 
 
 def keep_lanes(kb: cg.KernelBuilder, value, count, fill: float = 0.0):
@@ -158,6 +174,12 @@ def keep_lanes(kb: cg.KernelBuilder, value, count, fill: float = 0.0):
         return value
     lanes = value.type.count
     return kb.b.select(kb.lane_mask(lanes, count), value, kb.splat(cg.f32(fill), lanes))
+
+
+def vmax(kb: cg.KernelBuilder, a, b):
+    """max(a, b) as one max instruction: a > b ? a : b (``KernelBuilder.fmax`` is llvm.maxnum,
+    whose NaN rule costs a compare and a blend per use on x86, in the loop-carried chain)."""
+    return kb.b.select(kb.b.fcmp_ordered(">", a, b), a, b)
 
 
 class Accumulators:
@@ -191,7 +213,7 @@ class Accumulators:
         return self.kb.reduce_add(self.vector(r, self.kb.fadd))
 
     def max(self, r: int) -> ir.Value:
-        return self.kb.reduce_max(self.vector(r, self.kb.fmax))
+        return self.kb.reduce_max(self.vector(r, lambda a, b: vmax(self.kb, a, b)))
 
 
 # ----------------------------------------------------------------------------- kernel entry
@@ -218,13 +240,14 @@ def kernel_args(task: Task, signature: Sequence[ArgSpec], workspace: Sequence[Ar
 
 def build_row_kernel(name: str, task: Task, args: Sequence[ArgSpec], count_dim: str, rows: int, threads: int,
                      emit_block: BlockEmitter, emit_rest: RestEmitter | None = None,
-                     prepare: Callable[[ir.Module], None] | None = None) -> KernelSource:
+                     prepare: Callable[[ir.Module], None] | None = None, streaming: bool = False) -> KernelSource:
     """Render a kernel that runs ``emit_block(ctx, row0, rows)`` on every block of rows.
 
     There are ceil(count / rows) chunks of ``rows`` rows, split over ``threads``. A last,
     partial block goes to ``emit_rest(ctx, row0, remaining)`` (an i64 row count), or when
     there is none, to ``emit_block`` one row at a time. ``prepare(module)`` may add globals
-    (constant tables) before the body is emitted.
+    (constant tables) before the body is emitted. ``streaming``: the emitters use
+    non-temporal stores, so the body ends with a fence that makes them visible.
     """
     module = cg.new_module(name)
     if prepare is not None:
@@ -256,6 +279,8 @@ def build_row_kernel(name: str, task: Task, args: Sequence[ArgSpec], count_dim: 
                     else:
                         with kb.loop(row0, count, 1, name="rest") as row:
                             emit_block(ctx, row, 1)
+    if streaming:
+        b.fence("seq_cst")  # non-temporal stores are weakly ordered: drain them before returning
     kb.ret()
 
     if dynamic:

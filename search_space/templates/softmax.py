@@ -36,7 +36,7 @@ class SoftmaxCpu(SoftmaxOp, Template):
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
-        knobs = rw.reduction_knobs(task, target) + [Knob("passes", PASSES)]
+        knobs = rw.reduction_knobs(task, target) + [rw.stores_knob(task, target), Knob("passes", PASSES)]
         constraints = rw.common_constraints(task.dims["N"], task.dims["M"]) + [
             ("accumulators fit in registers",
              rw.registers_fit(target, lambda c: c["unroll"] * ACCUMULATORS[c["passes"]])),
@@ -46,7 +46,7 @@ class SoftmaxCpu(SoftmaxOp, Template):
     def default(self, task: Task, target: Target) -> Config:
         lanes = target.vector_lanes_f32
         return rw.pick_default(self.space(task, target), [
-            dict(vec=lanes, unroll=u, rows=1, threads=1, passes="store_exp") for u in (2, 1)])
+            dict(vec=lanes, unroll=u, rows=1, threads=1, stores="cached", passes="store_exp") for u in (2, 1)])
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         c = config.as_dict()
@@ -59,6 +59,7 @@ class SoftmaxCpu(SoftmaxOp, Template):
         self.check(task)
         c = config.as_dict()
         n, lanes, unroll, passes = task.dims["N"], c["vec"], c["unroll"], c["passes"]
+        streaming = c["stores"] == "streaming"
         args = rw.kernel_args(task, self.signature(task))
 
         def block(ctx: rw.RowContext, row0, nrows: int) -> None:
@@ -76,19 +77,20 @@ class SoftmaxCpu(SoftmaxOp, Template):
                     for r in range(nrows):
                         x, m, s = x_of(r, off, count), maxima.get(r, u), sums.get(r, u)
                         d = kb.fsub(x, m)
-                        e = kb.exp(b.fneg(kb.call_math("fabs", d)))
+                        e = kb.exp_fast(b.fneg(kb.call_math("fabs", d)), nonpositive=True)
                         bigger = b.fcmp_ordered(">", d, splat(0.0))
                         sums.set(r, u, b.select(bigger, kb.fma(s, e, splat(1.0)), kb.fadd(s, e)))
-                        maxima.set(r, u, kb.fmax(m, x))
+                        maxima.set(r, u, rw.vmax(kb, x, m))
 
                 rw.vector_loop(kb, n, lanes, unroll, online)
                 row_max, inverse = [], []
                 for r in range(nrows):
                     top = maxima.max(r)
                     top_v = kb.splat(top, lanes)
-                    total = kb.fmul(sums.get(r, 0), kb.exp(kb.fsub(maxima.get(r, 0), top_v)))
+                    scale = lambda u: kb.exp_fast(kb.fsub(maxima.get(r, u), top_v), nonpositive=True)  # noqa: E731
+                    total = kb.fmul(sums.get(r, 0), scale(0))
                     for u in range(1, unroll):
-                        total = kb.fma(sums.get(r, u), kb.exp(kb.fsub(maxima.get(r, u), top_v)), total)
+                        total = kb.fma(sums.get(r, u), scale(u), total)
                     row_max.append(top_v)
                     inverse.append(kb.splat(kb.fdiv(cg.f32(1.0), kb.reduce_add(total)), lanes))
             else:
@@ -96,7 +98,7 @@ class SoftmaxCpu(SoftmaxOp, Template):
 
                 def find_max(off, u, count) -> None:
                     for r in range(nrows):
-                        maxima.set(r, u, kb.fmax(maxima.get(r, u), x_of(r, off, count)))
+                        maxima.set(r, u, rw.vmax(kb, x_of(r, off, count), maxima.get(r, u)))
 
                 rw.vector_loop(kb, n, lanes, unroll, find_max)
                 row_max = [kb.splat(maxima.max(r), lanes) for r in range(nrows)]
@@ -104,7 +106,7 @@ class SoftmaxCpu(SoftmaxOp, Template):
 
                 def exp_sum(off, u, count) -> None:
                     for r in range(nrows):
-                        e = kb.exp(kb.fsub(x_of(r, off, count), row_max[r]))  # -inf fill: e = 0
+                        e = kb.exp_fast(kb.fsub(x_of(r, off, count), row_max[r]), nonpositive=True)  # -inf fill: 0
                         if passes == "store_exp":
                             rw.store(kb, e, a["Y"], at(r, off), count)
                         sums.set(r, u, kb.fadd(sums.get(r, u), e))
@@ -117,9 +119,9 @@ class SoftmaxCpu(SoftmaxOp, Template):
                     if passes == "store_exp":
                         e = rw.load(kb, a["Y"], at(r, off), lanes, count)
                     else:
-                        e = kb.exp(kb.fsub(x_of(r, off, count), row_max[r]))
-                    rw.store(kb, kb.fmul(e, inverse[r]), a["Y"], at(r, off), count)
+                        e = kb.exp_fast(kb.fsub(x_of(r, off, count), row_max[r]), nonpositive=True)
+                    rw.store(kb, kb.fmul(e, inverse[r]), a["Y"], at(r, off), count, streaming)
 
             rw.vector_loop(kb, n, lanes, unroll, normalise)
 
-        return rw.build_row_kernel("softmax", task, args, "M", c["rows"], c["threads"], block)
+        return rw.build_row_kernel("softmax", task, args, "M", c["rows"], c["threads"], block, streaming=streaming)

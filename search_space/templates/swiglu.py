@@ -1,21 +1,29 @@
-"""``swiglu`` on the CPU: Y = silu(G) * U = G * U / (1 + exp(-G)), one division per element.
+"""``swiglu`` on the CPU: Y = silu(G) * U = G * U / (1 + exp(-G)), one division per element
+(the ``division`` knob: a division instruction or, with AVX-512, a reciprocal estimate
+refined by a Newton step, which frees the divider that otherwise bounds the kernel).
 
-exp is the codegen's inline vector exp (no libm call per lane). For G below about -88,
-exp(-G) is clamped to about 2.4e38, so the quotient goes to the correct limit 0.
+exp is the codegen's inline ``exp_fast`` (no libm call per lane). For G below -88,
+exp(-G) is clamped to exp(88) = 1.7e38, so the quotient goes to the correct limit 0.
 """
 from __future__ import annotations
 
 from ..codegen import llvm as cg
 from ..ops.elementwise import SwiGLUOp
 from ..template import register_template
-from .pointwise import PointwiseCpu
+from .pointwise import PointwiseCpu, divide, division_knob
 
 
 @register_template
 class SwiGLUCpu(SwiGLUOp, PointwiseCpu):
     dtypes = ("float32",)
 
+    def extra_knobs(self, task, target):
+        return [division_knob(target)]
+
+    def extra_defaults(self, task, target):
+        return {"division": division_knob(target).values[-1]}
+
     def emit_vector(self, kb, c, values):
         g, u = values["G"], values["U"]
         one = kb.splat(cg.f32(1.0), c["vec"])
-        return {"Y": kb.fdiv(kb.fmul(g, u), kb.fadd(one, kb.exp(kb.b.fneg(g))))}
+        return {"Y": divide(kb, c, kb.fmul(g, u), kb.fadd(one, kb.exp_fast(kb.b.fneg(g))))}

@@ -261,3 +261,31 @@ def test_every_config_of_the_smallest_shape_verifies(op, attrs, host, builder, r
         inputs = [MeasureInput(task, c, host) for c in configs]
         results = runner.run(inputs, builder.build(inputs))
         assert all(r.ok for r in results), [(str(i.config), r.message) for i, r in zip(inputs, results) if not r.ok]
+
+
+STREAMING_CASES = [
+    ("add", {"M": 2100, "N": 1001}, {}), ("swiglu", {"M": 2100, "N": 1001}, {}), ("gelu", {"M": 4200, "N": 1001}, {}),
+    ("softmax", {"M": 2100, "N": 1001}, {}), ("rmsnorm", {"M": 2100, "N": 1001}, {}),
+    ("rmsnorm", {"M": 1100, "N": 1001}, {"residual": True}), ("layernorm", {"M": 2100, "N": 1001}, {}),
+    ("rope", {"T": 520, "H": 32, "D": 130}, {}),
+]
+
+
+@pytest.mark.parametrize("op, shape, attrs", STREAMING_CASES, ids=lambda v: str(v))
+def test_streaming_stores_verify_where_data_outgrows_the_caches(op, shape, attrs, host, builder, runner):
+    template = get_template(op, "cpu")
+    task = Task.make(op, shape, attrs=attrs)
+    assert task.min_bytes > host.l3_bytes / 2
+    space = template.space(task, host)
+    assert space.knob("stores").values == ("cached", "streaming")
+    small = Task.make(op, {d: 8 for d in template.dims}, attrs=attrs)
+    assert template.space(small, host).knob("stores").values == ("cached",)
+    default = template.default(task, host)
+    configs = [config_with(space, default, stores="streaming")]
+    configs.append(config_with(space, configs[0], threads=max(space.knob("threads").values)))
+    configs += [c for c in space.neighbors(configs[0]) if c["stores"] == "streaming"][:2]
+    configs = [c for c in configs if c is not None]
+    inputs = [MeasureInput(task, c, host) for c in configs]
+    results = runner.run(inputs, builder.build(inputs))
+    assert all(r.ok for r in results), [(str(i.config), r.message) for i, r in zip(inputs, results) if not r.ok]
+    assert "nontemporal" in template.render(task, configs[0], host).code
