@@ -249,8 +249,8 @@ def ops(target: str, as_json: bool) -> None:
 @click.option("--threads", default=None, type=int, callback=positive,
               help="search only configs with this many threads")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, log_path, tracking_uri, no_mlflow, experiment,
-         build_timeout, run_timeout, threads, quiet) -> None:
+def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, log_path, tracking_uri, no_mlflow,
+         experiment, build_timeout, run_timeout, threads, quiet) -> None:
     """Tune one operator instance; every measurement goes to the log."""
     from .tuning import run_tuning_job
 

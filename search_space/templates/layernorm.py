@@ -38,11 +38,11 @@ class LayerNormCpu(LayerNormOp, Template):
             reuse.append("registers")
         knobs = rw.reduction_knobs(task, target) + [rw.stores_knob(task, target), Knob("stats", STATS),
                                                     Knob("reuse", tuple(reuse))]
+        budget = rw.register_budget(target)
         constraints = rw.common_constraints(n, task.dims["M"]) + [
-            ("accumulators fit in registers", rw.registers_fit(target, lambda c: 2 * c["unroll"])),
+            ("accumulators fit in registers", lambda c: c["rows"] * 2 * c["unroll"] <= budget),
             ("kept rows fit in registers",
-             lambda c: c["reuse"] != "registers"
-             or rw.registers_fit(target, lambda c: rw.vectors_per_row(n, c["vec"]))(c)),
+             lambda c: c["reuse"] != "registers" or c["rows"] * rw.vectors_per_row(n, c["vec"]) <= budget),
         ]
         return ConfigSpace(knobs, constraints)
 

@@ -12,7 +12,6 @@ every vector of the row in registers (only offered when the block fits: short ro
 """
 from __future__ import annotations
 
-import math
 
 from ..codegen import llvm as cg
 from ..ops.elementwise import RMSNormOp
@@ -35,11 +34,11 @@ class RMSNormCpu(RMSNormOp, Template):
         if rw.vectors_per_row(n, target.vector_lanes_f32) <= rw.vector_registers(target) // 2:
             reuse.append("registers")
         knobs = rw.reduction_knobs(task, target) + [rw.stores_knob(task, target), Knob("reuse", tuple(reuse))]
+        budget = rw.register_budget(target)
         constraints = rw.common_constraints(n, task.dims["M"]) + [
-            ("accumulators fit in registers", rw.registers_fit(target, lambda c: c["unroll"])),
+            ("accumulators fit in registers", lambda c: c["rows"] * c["unroll"] <= budget),
             ("kept rows fit in registers",
-             lambda c: c["reuse"] != "registers"
-             or rw.registers_fit(target, lambda c: rw.vectors_per_row(n, c["vec"]))(c)),
+             lambda c: c["reuse"] != "registers" or c["rows"] * rw.vectors_per_row(n, c["vec"]) <= budget),
         ]
         return ConfigSpace(knobs, constraints)
 

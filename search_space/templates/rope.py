@@ -14,8 +14,6 @@ sharing each loaded cos/sin vector. One token is one parallel chunk; T may be dy
 """
 from __future__ import annotations
 
-import math
-
 import llvmlite.ir as ir
 
 from ..codegen import llvm as cg
@@ -85,7 +83,8 @@ class RopeCpu(RopeOp, Template):
     def workspace(self, task: Task, config: Config) -> tuple[ArgSpec, ...]:
         if config["table"] != "per_token":
             return ()
-        return (ArgSpec("TABLE", "workspace", "float32", nbytes=4 * 2 * padded(task.dims["D"] // 2) * config["threads"]),)
+        nbytes = 4 * 2 * padded(task.dims["D"] // 2) * config["threads"]  # cos and sin rows, per thread
+        return (ArgSpec("TABLE", "workspace", "float32", nbytes=nbytes),)
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)

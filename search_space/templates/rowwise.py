@@ -75,6 +75,21 @@ def common_constraints(n: int, count: int) -> list[tuple[str, Callable]]:
     ]
 
 
+def reduction_knobs(task: Task, target: Target) -> list[Knob]:
+    """vec, unroll, rows (rows of a block, processed together), threads: for row reductions."""
+    m, n = task.dims["M"], task.dims["N"]
+    return [vec_knob(target, n), unroll_knob(n), rows_knob(m, BLOCK_ROWS), threads_knob(target)]
+
+
+def register_budget(target: Target) -> int:
+    """Vectors a block may keep live (accumulators, kept rows): about half the registers."""
+    return vector_registers(target) // 2 + 4
+
+
+def vectors_per_row(n: int, lanes: int) -> int:
+    return -(-n // lanes)
+
+
 def pick_default(space, candidates: Sequence[dict]):
     """The first candidate the space accepts (the last resort: its first valid config)."""
     for values in candidates:
@@ -143,6 +158,21 @@ def vector_loop(kb: cg.KernelBuilder, n: int | ir.Value, lanes: int, unroll: int
     with kb.if_then(b.icmp_signed(">", rest, cg.i64(0))):
         step(whole, 0, rest)
 
+
+def each_vector(kb: cg.KernelBuilder, n: int, lanes: int, unroll: int,
+                step: Callable[[ir.Value, int, ir.Value | None], None], unrolled: bool = False) -> None:
+    """``vector_loop`` over a row of ``n`` elements, or with ``unrolled``, every vector of the
+    row laid out at render time in the same order (so values can be kept between passes)."""
+    if not unrolled:
+        vector_loop(kb, n, lanes, unroll, step)
+        return
+    for index, at in enumerate(range(0, n, lanes)):
+        step(cg.i64(at), index % unroll, cg.i64(n - at) if n - at < lanes else None)
+
+
+def row_bases(kb: cg.KernelBuilder, row0, nrows: int, n: int) -> list:
+    """Element offsets of the rows of a block: (row0 + r) * n."""
+    return [kb.b.mul(kb.b.add(row0, cg.i64(r)), cg.i64(n)) for r in range(nrows)]
 
 def load(kb: cg.KernelBuilder, base, at, lanes: int, count=None, fill: float = 0.0):
     """``lanes`` floats at ``base[at]``; with ``count``, only that many, the rest ``fill``."""
@@ -293,34 +323,3 @@ def build_row_kernel(name: str, task: Task, args: Sequence[ArgSpec], count_dim: 
     cg.parallel_entry(module, name, body, len(pointers), len(scalars), threads=threads, n_chunks=n_chunks)
     return KernelSource("llvm", str(module), name, tuple(args), (("threads", threads),))
 
-
-def each_vector(kb: cg.KernelBuilder, n: int, lanes: int, unroll: int,
-                step: Callable[[ir.Value, int, ir.Value | None], None], unrolled: bool = False) -> None:
-    """``vector_loop`` over a row of ``n`` elements, or with ``unrolled``, every vector of the
-    row laid out at render time in the same order (so values can be kept between passes)."""
-    if not unrolled:
-        vector_loop(kb, n, lanes, unroll, step)
-        return
-    for index, at in enumerate(range(0, n, lanes)):
-        step(cg.i64(at), index % unroll, cg.i64(n - at) if n - at < lanes else None)
-
-
-def row_bases(kb: cg.KernelBuilder, row0, nrows: int, n: int) -> list:
-    """Element offsets of the rows of a block: (row0 + r) * n."""
-    return [kb.b.mul(kb.b.add(row0, cg.i64(r)), cg.i64(n)) for r in range(nrows)]
-
-
-def reduction_knobs(task: Task, target: Target) -> list[Knob]:
-    """vec, unroll, rows (rows of a block, processed together), threads: for row reductions."""
-    m, n = task.dims["M"], task.dims["N"]
-    return [vec_knob(target, n), unroll_knob(n), rows_knob(m, BLOCK_ROWS), threads_knob(target)]
-
-
-def registers_fit(target: Target, per_row_vectors: Callable[[dict], int]) -> Callable[[dict], bool]:
-    """Constraint: a block's accumulators (or kept vectors) fit in about half the registers."""
-    budget = vector_registers(target) // 2 + 4
-    return lambda c: c["rows"] * per_row_vectors(c) <= budget
-
-
-def vectors_per_row(n: int, lanes: int) -> int:
-    return -(-n // lanes)

@@ -39,7 +39,7 @@ class SoftmaxCpu(SoftmaxOp, Template):
         knobs = rw.reduction_knobs(task, target) + [rw.stores_knob(task, target), Knob("passes", PASSES)]
         constraints = rw.common_constraints(task.dims["N"], task.dims["M"]) + [
             ("accumulators fit in registers",
-             rw.registers_fit(target, lambda c: c["unroll"] * ACCUMULATORS[c["passes"]])),
+             lambda c: c["rows"] * c["unroll"] * ACCUMULATORS[c["passes"]] <= rw.register_budget(target)),
         ]
         return ConfigSpace(knobs, constraints)
 

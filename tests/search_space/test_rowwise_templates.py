@@ -31,7 +31,8 @@ def load_kernels(builder, host, pairs):
     """Build (task, config) pairs in worker processes and load each kernel here."""
     inputs = [MeasureInput(task, config, host) for task, config in pairs]
     builds = builder.build(inputs)
-    problems = [(i.task.key, str(i.config), b.message) for i, b in zip(inputs, builds) if b.error != MeasureError.NO_ERROR]
+    problems = [(i.task.key, str(i.config), b.message) for i, b in zip(inputs, builds)
+                if b.error != MeasureError.NO_ERROR]
     assert not problems, problems
     return [load_object(Path(b.artifact).read_bytes(), b.source, host) for b in builds]
 
@@ -185,7 +186,8 @@ def test_softmax_of_extreme_and_masked_rows(n, host, builder):
     for config in one_config_per_value(template, task, host, "passes"):
         configs.append(config)
         space = template.space(task, host)
-        blocked = config_with(space, config, rows=max(space.knob("rows").values), unroll=max(space.knob("unroll").values))
+        blocked = config_with(space, config, rows=max(space.knob("rows").values),
+                              unroll=max(space.knob("unroll").values))
         if blocked is not None:
             configs.append(blocked)
     with np.errstate(invalid="ignore", over="ignore"):
