@@ -1,6 +1,6 @@
 """``swiglu`` on the CPU: Y = silu(G) * U = G * U / (1 + exp(-G)), one division per element
 (the ``division`` knob: a division instruction or, with AVX-512, a reciprocal estimate
-refined by a Newton step, which frees the divider that otherwise bounds the kernel).
+refined by a Newton step; see ``pointwise.division_knob``).
 
 exp is the codegen's inline ``exp_fast`` (no libm call per lane). For G below -88,
 exp(-G) is clamped to exp(88) = 1.7e38, so the quotient goes to the correct limit 0.
@@ -21,7 +21,7 @@ class SwiGLUCpu(SwiGLUOp, PointwiseCpu):
         return [division_knob(target)]
 
     def extra_defaults(self, task, target):
-        return {"division": division_knob(target).values[-1]}
+        return {"division": "divide"}
 
     def emit_vector(self, kb, c, values):
         g, u = values["G"], values["U"]
