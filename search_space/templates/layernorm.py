@@ -1,18 +1,25 @@
 """``layernorm`` on the CPU: Y = (X - mean) / sqrt(var + eps) * G + BETA.
 
-The ``stats`` knob chooses how mean and variance are found:
+The ``stats`` knob chooses how mean and variance are found, both exact for rows whose
+mean dwarfs their spread (and for outlier channels, common in LLM activations):
 
 - ``two_pass``: the mean K, then the sums of d = x - K and d^2: var = E[d^2] - E[d]^2 and
   mean = K + E[d] (the corrected two-pass algorithm: E[d] removes the rounding of the
   first mean). One more pass over the row, hot in cache after the first.
-- ``shifted``: one pass over d = x - K with the shift K = the row's first element.
-  Shifting by a sample of the row keeps the cancellation of the textbook
-  E[x^2] - E[x]^2 away (rows whose mean dwarfs their spread) without the extra pass.
+- ``float64``: one pass summing x and x^2 in float64, where E[x^2] - E[x]^2 keeps 1e-8 of
+  the variance even at |mean| = 1e4 std: half the vector width per add, one pass less.
+  (A float32 one-pass shifted by a sample of the row would fail when that sample is an
+  outlier.)
 
-Partial sums are float32, ``vec x unroll`` per row (see rmsnorm). The ``reuse`` knob is
-rmsnorm's: the last pass reloads the row, or (short rows) keeps it in registers.
+Every row is centred as (x - K) - (mean - K) with K a float32 near the mean, never as
+x - mean with the mean rounded to float32, which would add half an ulp of the mean to
+every deviation. The two-pass partial sums are float32, ``vec x unroll`` per row (see
+rmsnorm). The ``reuse`` knob is rmsnorm's: the last pass reloads the row, or (short rows)
+keeps it in registers.
 """
 from __future__ import annotations
+
+import llvmlite.ir as ir
 
 from ..codegen import llvm as cg
 from ..ops.elementwise import LayerNormOp
@@ -22,7 +29,7 @@ from ..task import Task
 from ..template import KernelSource, Template, register_template
 from . import rowwise as rw
 
-STATS = ("two_pass", "shifted")
+STATS = ("two_pass", "float64")
 
 
 @register_template
@@ -40,7 +47,8 @@ class LayerNormCpu(LayerNormOp, Template):
                                                     Knob("reuse", tuple(reuse))]
         budget = rw.register_budget(target)
         constraints = rw.common_constraints(n, task.dims["M"]) + [
-            ("accumulators fit in registers", lambda c: c["rows"] * 2 * c["unroll"] <= budget),
+            ("accumulators fit in registers",
+             lambda c: c["rows"] * c["unroll"] * (2 if c["stats"] == "two_pass" else c["vec"] // 4) <= budget),
             ("kept rows fit in registers",
              lambda c: c["reuse"] != "registers" or c["rows"] * rw.vectors_per_row(n, c["vec"]) <= budget),
         ]
@@ -56,7 +64,8 @@ class LayerNormCpu(LayerNormOp, Template):
         c = config.as_dict()
         m, n = task.dims["M"], task.dims["N"]
         passes = 3.0 if c["stats"] == "two_pass" else 2.0
-        return rw.row_features(task, c, n, m, 2, passes, accumulators=c["rows"] * c["unroll"] * 2,
+        per_vector = 2 if c["stats"] == "two_pass" else 2 * c["vec"] // 8  # float64 sums: two per 8 lanes
+        return rw.row_features(task, c, n, m, 2, passes, accumulators=c["rows"] * c["unroll"] * per_vector,
                                bytes_moved=self.min_bytes(task))
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
@@ -81,39 +90,55 @@ class LayerNormCpu(LayerNormOp, Template):
                     kept.append(x)
                 return x
 
-            sums = rw.Accumulators(kb, nrows, unroll, lanes, 0.0, "sum")
-            squares = rw.Accumulators(kb, nrows, unroll, lanes, 0.0, "sq")
             if c["stats"] == "two_pass":
+                sums = rw.Accumulators(kb, nrows, unroll, lanes, 0.0, "sum")
+
                 def total(off, u, count) -> None:
                     for r in range(nrows):
                         sums.set(r, u, kb.fadd(sums.get(r, u), first(r, off, count)))
 
                 rw.each_vector(kb, n, lanes, unroll, total, unrolled=in_registers)
-                shifts = [kb.fmul(sums.sum(r), cg.f32(1.0 / n)) for r in range(nrows)]
+                shifts = [kb.splat(kb.fmul(sums.sum(r), cg.f32(1.0 / n)), lanes) for r in range(nrows)]
                 deviations = rw.Accumulators(kb, nrows, unroll, lanes, 0.0, "dev")
+                squares = rw.Accumulators(kb, nrows, unroll, lanes, 0.0, "sq")
                 replay = iter(list(kept))
-                accumulate = deviations
-            else:
-                shifts = [kb.load(a["X"], bases[r]) for r in range(nrows)]
-                replay = None
-                accumulate = sums
-            shift_v = [kb.splat(s, lanes) for s in shifts]
 
-            def centred(off, u, count) -> None:
+                def centred(off, u, count) -> None:
+                    for r in range(nrows):
+                        x = next(replay) if in_registers else first(r, off, count)
+                        d = rw.keep_lanes(kb, kb.fsub(x, shifts[r]), count)
+                        deviations.set(r, u, kb.fadd(deviations.get(r, u), d))
+                        squares.set(r, u, kb.fma(d, d, squares.get(r, u)))
+
+                rw.each_vector(kb, n, lanes, unroll, centred, unrolled=in_registers)
+                residual_means, variances = [], []
                 for r in range(nrows):
-                    x = next(replay) if replay is not None and in_registers else first(r, off, count)
-                    d = rw.keep_lanes(kb, kb.fsub(x, shift_v[r]), count)
-                    accumulate.set(r, u, kb.fadd(accumulate.get(r, u), d))
-                    squares.set(r, u, kb.fma(d, d, squares.get(r, u)))
+                    # mean and variance of d = x - shift; the residual mean of d corrects both
+                    mean_d = kb.fmul(deviations.sum(r), cg.f32(1.0 / n))
+                    spread = kb.fsub(kb.fmul(squares.sum(r), cg.f32(1.0 / n)), kb.fmul(mean_d, mean_d))
+                    residual_means.append(kb.splat(mean_d, lanes))
+                    variances.append(kb.fmax(spread, cg.f32(0.0)))
+            else:
+                sums = rw.Accumulators(kb, nrows, unroll, lanes, 0.0, "sum", cg.F64)
+                squares = rw.Accumulators(kb, nrows, unroll, lanes, 0.0, "sq", cg.F64)
 
-            rw.each_vector(kb, n, lanes, unroll, centred, unrolled=in_registers)
-            residual_means, variances = [], []
-            for r in range(nrows):
-                # mean and variance of d = x - shift; the residual mean of d corrects both
-                mean_d = kb.fmul(accumulate.sum(r), cg.f32(1.0 / n))
-                spread = kb.fsub(kb.fmul(squares.sum(r), cg.f32(1.0 / n)), kb.fmul(mean_d, mean_d))
-                residual_means.append(kb.splat(mean_d, lanes))
-                variances.append(kb.fmax(spread, cg.f32(0.0)))
+                def moments(off, u, count) -> None:
+                    for r in range(nrows):
+                        x = b.fpext(first(r, off, count), cg.vec(lanes, cg.F64))  # masked-off lanes are 0
+                        sums.set(r, u, kb.fadd(sums.get(r, u), x))
+                        squares.set(r, u, kb.fma(x, x, squares.get(r, u)))
+
+                rw.each_vector(kb, n, lanes, unroll, moments, unrolled=in_registers)
+                shifts, residual_means, variances = [], [], []
+                for r in range(nrows):
+                    # plain float64 arithmetic: E[x^2] - E[x]^2 cancels, so no reassociation here
+                    mean = b.fmul(sums.sum(r), ir.Constant(cg.F64, 1.0 / n))
+                    spread = b.fsub(b.fmul(squares.sum(r), ir.Constant(cg.F64, 1.0 / n)), b.fmul(mean, mean))
+                    high = b.fptrunc(mean, cg.F32)
+                    low = b.fptrunc(b.fsub(mean, b.fpext(high, cg.F64)), cg.F32)  # mean = high + low
+                    shifts.append(kb.splat(high, lanes))
+                    residual_means.append(kb.splat(low, lanes))
+                    variances.append(kb.fmax(b.fptrunc(spread, cg.F32), cg.f32(0.0)))
             scale_v = [kb.splat(kb.fdiv(cg.f32(1.0), kb.call_math("sqrt", kb.fadd(v, cg.f32(eps)))), lanes)
                        for v in variances]
             replay = iter(kept)
@@ -126,7 +151,7 @@ class LayerNormCpu(LayerNormOp, Template):
                     # (x - shift) - mean_d, never x - (shift + mean_d): the rounded sum would
                     # carry an error of half an ulp of the mean into every element. Plain
                     # fsub: with fast-math flags LLVM may reassociate it into just that.
-                    centred = b.fsub(b.fsub(x, shift_v[r]), residual_means[r])
+                    centred = b.fsub(b.fsub(x, shifts[r]), residual_means[r])
                     t = kb.fmul(centred, scale_v[r])
                     rw.store(kb, kb.fma(t, g, beta), a["Y"], at(r, off), count, streaming)
 

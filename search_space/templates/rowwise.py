@@ -218,10 +218,12 @@ class Accumulators:
     Slots keep the IR simple across loops; SROA turns them into registers.
     """
 
-    def __init__(self, kb: cg.KernelBuilder, rows: int, unroll: int, lanes: int, init: float, name: str = "acc"):
+    def __init__(self, kb: cg.KernelBuilder, rows: int, unroll: int, lanes: int, init: float, name: str = "acc",
+                 element: ir.Type = cg.F32):
         self.kb, self.unroll = kb, unroll
-        self.slots = [[kb.local(cg.vec(lanes), name=f"{name}{r}_{u}") for u in range(unroll)] for r in range(rows)]
-        start = kb.splat(cg.f32(init), lanes)
+        self.slots = [[kb.local(cg.vec(lanes, element), name=f"{name}{r}_{u}") for u in range(unroll)]
+                      for r in range(rows)]
+        start = kb.splat(ir.Constant(element, init), lanes)
         for row in self.slots:
             for slot in row:
                 kb.b.store(start, slot)
