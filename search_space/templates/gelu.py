@@ -36,9 +36,13 @@ class GeluCpu(GeluOp, PointwiseCpu):
     def emit_vector(self, kb, c, values):
         x = values["X"]
         const = lambda v: kb.splat(cg.f32(v), c["vec"])  # noqa: E731
-        inner = kb.fmul(x, kb.fma(kb.fmul(x, x), const(0.044715 * SQRT_2_OVER_PI), const(SQRT_2_OVER_PI)))
+        def scaled_inner(scale: float):
+            """scale * u = x (scale sqrt(2/pi) + scale 0.044715 sqrt(2/pi) x^2)."""
+            factor = kb.fma(kb.fmul(x, x), const(scale * 0.044715 * SQRT_2_OVER_PI), const(scale * SQRT_2_OVER_PI))
+            return kb.fmul(x, factor)
+
         if c["form"] == "tanh":
             half_x = kb.fmul(x, const(0.5))
-            return {"Y": kb.fma(half_x, kb.tanh(inner), half_x)}
-        denominator = kb.fadd(const(1.0), kb.exp_fast(kb.fmul(inner, const(-2.0))))
+            return {"Y": kb.fma(half_x, kb.tanh(scaled_inner(1.0)), half_x)}
+        denominator = kb.fadd(const(1.0), kb.exp_fast(scaled_inner(-2.0)))  # -2 folded into the constants
         return {"Y": divide(kb, c, x, denominator)}
