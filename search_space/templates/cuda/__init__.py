@@ -5,4 +5,4 @@ building needs nvcc, running needs a GPU and pycuda.
 """
 from __future__ import annotations
 
-from . import add, attention_decode, gelu, layernorm, rmsnorm, rope, softmax, swiglu  # noqa: F401
+from . import add, attention_decode, attention_prefill, gelu, layernorm, rmsnorm, rope, softmax, swiglu  # noqa: F401
