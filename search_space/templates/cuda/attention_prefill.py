@@ -171,6 +171,7 @@ constexpr int NT = BK / 8;          // n-tiles (8 keys) of S
 constexpr int DT = D / 8;           // n-tiles (8 dims) of O
 constexpr int CPR = D / 8;          // 16-byte chunks per row
 
+#ifndef AUTOTUNE_EMULATE
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
@@ -197,6 +198,22 @@ __device__ __forceinline__ void mma16816(float (&c)[4], unsigned a0, unsigned a1
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+#else  // tests run this source on the CPU through an emulator of these instructions
+__device__ __forceinline__ unsigned smem_u32(const void* p) { return emu::smem_offset(p); }
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, unsigned n) { emu::cp_async16(dst, src, n); }
+__device__ __forceinline__ void cp_async_commit() { emu::cp_async_commit(); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { emu::cp_async_wait(N); }
+__device__ __forceinline__ void ldsm_x4(unsigned a, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+  emu::ldmatrix_x4(a, false, r0, r1, r2, r3);
+}
+__device__ __forceinline__ void ldsm_x4_t(unsigned a, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+  emu::ldmatrix_x4(a, true, r0, r1, r2, r3);
+}
+__device__ __forceinline__ void mma16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                         unsigned b0, unsigned b1) {
+  emu::mma16816<E>(c, a0, a1, a2, a3, b0, b1);
+}
+#endif
 // two floats -> one register of two 16-bit values, lo in the low half (the lower column)
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {
   auto v = @PACK@(lo, hi);
