@@ -40,6 +40,7 @@ CASES = [
     ("attention_decode", {"B": 2, "H": 6, "HKV": 1, "D": 80, "S": 40, "L": 33}, {"scale": 0.3}, (), [{}], [{}]),
     ("attention_prefill", {"B": 1, "T": 64, "H": 2, "HKV": 1, "D": 64}, {}, None, [{"T": 1}, {"T": 100}],
      [{}, dict(impl="mma", warps=2, block_k=32, stages=3, q_regs=0),
+      dict(impl="mma", warps=2, warp_rows=32, block_k=32, stages=2, q_regs=1),
       dict(impl="simt", warp_rows=2, block_k=64, stages=1, q_regs=0)]),
     ("attention_prefill", {"B": 2, "T": 40, "H": 4, "HKV": 2, "D": 32}, {"causal": False}, None, [{"T": 33}], [{}]),
     ("attention_prefill", {"B": 1, "T": 20, "H": 2, "HKV": 2, "D": 24}, {"scale": 0.2}, (), [{}], [{}]),
@@ -104,7 +105,7 @@ def test_emulator_catches_a_wrong_fragment_layout(monkeypatch):
     """The check above can fail: swapping two B registers of the mma gives a wrong answer."""
     import search_space.templates.cuda.attention_prefill as prefill
 
-    right = "mma16816(s[2 * np], a0, a1, a2, a3, b0, b1);"
+    right = "mma16816(s[mt][2 * np], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);"
     assert right in prefill._MMA_KERNEL
     monkeypatch.setattr(prefill, "_MMA_KERNEL", prefill._MMA_KERNEL.replace(right, right.replace("b0, b1", "b1, b0")))
     template = get_template("attention_prefill", "cuda")

@@ -181,6 +181,7 @@ def test_attention_decode_on_gpu(drv, builder, target):
 
 def test_attention_prefill_on_gpu(drv, builder, target):
     wanted = [dict(impl="mma", block_k=32, stages=3, q_regs=0), dict(impl="mma", warps=8, block_k=128),
+              dict(impl="mma", warp_rows=32, block_k=32, q_regs=0),
               dict(impl="simt", warp_rows=1, block_k=64, stages=1, q_regs=0),
               dict(impl="simt", warp_rows=4, block_k=32, stages=1, q_regs=0)]
     runs = [{"T": 1}, {"T": 77}, {"T": 128}, {"T": 300}]

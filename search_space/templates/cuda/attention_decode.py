@@ -85,13 +85,13 @@ class AttentionDecodeCuda(AttentionDecodeOp, Template):
 
     def default(self, task: Task, target: Target) -> Config:
         """16-byte vectors, 4 warps, rows of D/vec lanes (at most 32), unroll 2, and enough
-        splits for about two blocks per SM."""
+        splits for about four blocks per SM."""
         space = self.space(task, target)
         d = task.dims
         vec = max(space.knob("vec").values)
         lanes = max(n for n in space.knob("lanes").values if (d["D"] // vec) % n == 0)
         blocks = d["B"] * d["HKV"]
-        want = max(1, 2 * max(target.sm_count, 1) // blocks)
+        want = max(1, 4 * max(target.sm_count, 1) // blocks)
         splits = [s for s in space.knob("splits").values if s <= want] or [1]
         for split in sorted(splits, reverse=True):
             for warps, unroll in ((4, 2), (4, 1), (2, 1), (1, 1)):

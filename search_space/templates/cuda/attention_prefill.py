@@ -7,7 +7,8 @@ mask only the tiles that cross it (or the end of T); the grid runs the longest (
 tiles first. T may be a runtime argument. Two implementations (knob ``impl``):
 
 - ``mma`` (fp16/bf16, D a multiple of 16): tensor cores through mma.sync.m16n8k16 with
-  float32 accumulators. Each warp owns 16 query rows. Q (resident for the whole block),
+  float32 accumulators. Each warp owns ``warp_rows`` = 16 or 32 query rows (one or two
+  m-tiles; with two, every K and V fragment read from shared memory feeds two mmas). Q (resident for the whole block),
   K and V tiles go to shared memory with cp.async (16-byte copies, zero-filled past T),
   K/V in a ring of ``stages`` buffers so the next tiles load while this one is computed.
   Rows are padded by 16 bytes, which makes ldmatrix of 8 rows conflict-free. S = Q K^T
@@ -54,7 +55,8 @@ def _smem(task: Task, c: dict) -> int:
 def _registers(task: Task, c: dict) -> int:
     d = task.dims["D"]
     if c["impl"] == "mma":
-        return 40 + d // 2 + c["block_k"] // 2 + (d // 4 if c["q_regs"] else 4)
+        mt = c["warp_rows"] // 16
+        return 40 + mt * (d // 2 + c["block_k"] // 2 + (d // 4 if c["q_regs"] else 4))
     kpl, dpl = c["block_k"] // 32, -(-d // 32)
     return 40 + c["warp_rows"] * (dpl + 2 * kpl + 2) + kpl
 
@@ -71,19 +73,21 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
         knobs = [
             Knob("impl", ("mma", "simt") if mma else ("simt",)),
             Knob("warps", tuple(w for w in (2, 4, 8) if w <= max_warps)),
-            Knob("warp_rows", ((16,) if mma else ()) + (1, 2, 4)),
+            Knob("warp_rows", ((16, 32) if mma else ()) + (1, 2, 4)),
             Knob("block_k", (32, 64, 128)),
             Knob("stages", (1, 2, 3)),
             Knob("q_regs", (0, 1) if mma else (0,)),
         ]
         constraints = [
-            ("mma warps own 16 query rows, simt warps 1 to 4",
-             lambda c: (c["warp_rows"] == 16) == (c["impl"] == "mma")),
+            ("mma warps own 16 or 32 query rows, simt warps 1 to 4",
+             lambda c: (c["warp_rows"] >= 16) == (c["impl"] == "mma")),
             ("mma pipelines 2 or 3 stages, simt loads one",
              lambda c: (c["stages"] >= 2) if c["impl"] == "mma" else c["stages"] == 1),
             ("Q fragments in registers are an mma option", lambda c: c["impl"] == "mma" or c["q_regs"] == 0),
             ("simt tiles are 32 or 64 keys", lambda c: c["impl"] == "mma" or c["block_k"] <= 64),
             ("registers fit the block", lambda c: registers_ok(_registers(task, c), 32 * c["warps"], target)),
+            # ptxas hoists fragment loads: leave about 30 registers above the accumulators
+            ("mma accumulators leave room for fragments", lambda c: c["impl"] != "mma" or _registers(task, c) <= 224),
             ("tiles fit in shared memory", lambda c: bytes_per_block_ok(_smem(task, c), target)),
         ]
         return ConfigSpace(knobs, constraints)
@@ -116,7 +120,8 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
         return {
             "threads": c["warps"],
             "unroll": c["stages"],
-            "accumulators": (d["D"] // 2 if c["impl"] == "mma" else c["warp_rows"] * -(-d["D"] // 32)),
+            "accumulators": (c["warp_rows"] // 16 * d["D"] // 2 if c["impl"] == "mma"
+                             else c["warp_rows"] * -(-d["D"] // 32)),
             "parallel_chunks": blocks,
             "waves": blocks / (max(target.sm_count, 1) * per_sm),
             "tile_bytes_l1": _smem(task, c),
@@ -151,6 +156,7 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
             mma_type = "f16" if task.dtype == "float16" else "bf16"
             pack = "__floats2half2_rn" if task.dtype == "float16" else "__floats2bfloat162_rn"
             code = (common + f"constexpr int STAGES = {c['stages']};\nconstexpr bool Q_REGS = {'true' if c['q_regs'] else 'false'};\n"
+                    f"constexpr int MT = {c['warp_rows'] // 16};   // m-tiles of 16 rows per warp\n"
                     + _MMA_KERNEL.replace("@MMA_TYPE@", mma_type).replace("@PACK@", pack)
                     .replace("@PARAMS@", kernel_params(args)))
             entry = "attention_prefill_mma"
@@ -224,7 +230,8 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
 template <int ROWS>
 __device__ __forceinline__ void load_tile(E* dst, const E* src, long long stride, long long row0, long long rows) {
   constexpr int CHUNKS = ROWS * CPR;
-#pragma unroll
+  // not unrolled: unrolled copies keep one 64-bit address each alive and crowd out the accumulators
+#pragma unroll 1
   for (int i = 0; i < (CHUNKS + THREADS - 1) / THREADS; ++i) {
     const int chunk = i * THREADS + threadIdx.x;
     if (CHUNKS % THREADS == 0 || chunk < CHUNKS) {
@@ -267,12 +274,17 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_prefill_mma(@PAR
     cp_async_commit();   // always: keeps the group count in step with the tile index
   }
 
-  const int row_w = warp * 16;   // this warp's first row in the tile
-  unsigned qf[Q_REGS ? KSTEPS : 1][4];
-  float o[DT][4];
+  const int row_w = warp * 16 * MT;   // this warp's first row in the tile; m-tile mt starts 16 * mt later
+  unsigned qf[Q_REGS ? MT : 1][Q_REGS ? KSTEPS : 1][4];
+  float o[MT][DT][4];
+  float m_r[MT][2], l_r[MT][2];
 #pragma unroll
-  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.0f, 0.0f};
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < DT; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.0f;
+    m_r[mt][0] = m_r[mt][1] = -INFINITY;
+    l_r[mt][0] = l_r[mt][1] = 0.0f;
+  }
 
   for (int j = 0; j < n_tiles; ++j) {
     cp_async_wait<STAGES - 2>();   // tile j (and Q) have landed for this thread ...
@@ -287,32 +299,43 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_prefill_mma(@PAR
     }
     if (Q_REGS && j == 0) {
 #pragma unroll
-      for (int kk = 0; kk < (Q_REGS ? KSTEPS : 1); ++kk)
-        ldsm_x4(smem_u32(Qs + (row_w + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8),
-                qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
+      for (int mt = 0; mt < (Q_REGS ? MT : 1); ++mt)
+#pragma unroll
+        for (int kk = 0; kk < (Q_REGS ? KSTEPS : 1); ++kk)
+          ldsm_x4(smem_u32(Qs + (row_w + mt * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8),
+                  qf[mt][kk][0], qf[mt][kk][1], qf[mt][kk][2], qf[mt][kk][3]);
     }
     const E* Kt = Ks + (j % STAGES) * BK * LDS;
     const E* Vt = Vs + (j % STAGES) * BK * LDS;
 
-    // S = Q K^T for this warp's 16 rows and the BK keys of the tile
-    float s[NT][4];
+    // S = Q K^T for this warp's rows and the BK keys of the tile; a K fragment serves every m-tile
+    float s[MT][NT][4];
 #pragma unroll
-    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < NT; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; ++kk) {
-      unsigned a0, a1, a2, a3;
-      if constexpr (Q_REGS) {
-        a0 = qf[kk][0]; a1 = qf[kk][1]; a2 = qf[kk][2]; a3 = qf[kk][3];
-      } else {
-        ldsm_x4(smem_u32(Qs + (row_w + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8), a0, a1, a2, a3);
+      unsigned a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if constexpr (Q_REGS) {
+          a[mt][0] = qf[mt][kk][0]; a[mt][1] = qf[mt][kk][1]; a[mt][2] = qf[mt][kk][2]; a[mt][3] = qf[mt][kk][3];
+        } else {
+          ldsm_x4(smem_u32(Qs + (row_w + mt * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8),
+                  a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
+        }
       }
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         unsigned b0, b1, b2, b3;
         const int mi = lane >> 3;   // matrix this lane addresses: (keys +0/+8) x (dims +0/+8)
         ldsm_x4(smem_u32(Kt + (np * 16 + (mi >> 1) * 8 + (lane & 7)) * LDS + kk * 16 + (mi & 1) * 8), b0, b1, b2, b3);
-        mma16816(s[2 * np], a0, a1, a2, a3, b0, b1);
-        mma16816(s[2 * np + 1], a0, a1, a2, a3, b2, b3);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816(s[mt][2 * np], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);
+          mma16816(s[mt][2 * np + 1], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b2, b3);
+        }
       }
     }
 
@@ -320,85 +343,103 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_prefill_mma(@PAR
     const long long k0 = (long long)j * BK;
     if (k0 + BK > T || (CAUSAL && k0 + BK - 1 > q0 + row_w)) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const long long key = k0 + nt * 8 + tig * 2 + (i & 1);
-          const long long qrow = q0 + row_w + gid + (i >> 1) * 8;
-          if (key >= T || (CAUSAL && key > qrow)) s[nt][i] = -INFINITY;
-        }
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const long long key = k0 + nt * 8 + tig * 2 + (i & 1);
+            const long long qrow = q0 + row_w + mt * 16 + gid + (i >> 1) * 8;
+            if (key >= T || (CAUSAL && key > qrow)) s[mt][nt][i] = -INFINITY;
+          }
     }
 
-    // online softmax; lane holds rows gid (r = 0) and gid + 8 (r = 1), a quad shares a row
-    float mx[2] = {m_r[0], m_r[1]};
+    // online softmax; per m-tile a lane holds rows gid (r = 0) and gid + 8 (r = 1), a quad shares a row
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
-    }
-    float base[2], corr[2];
+    for (int mt = 0; mt < MT; ++mt) {
+      float mx[2] = {m_r[mt][0], m_r[mt][1]};
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 2));
-      base[r] = mx[r] == -INFINITY ? 0.0f : mx[r] * SCALE_LOG2;   // no key yet: weights stay 0
-      corr[r] = exp2f(m_r[r] * SCALE_LOG2 - base[r]);
-      m_r[r] = mx[r];
-      l_r[r] *= corr[r];
-    }
+      for (int nt = 0; nt < NT; ++nt) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[mt][nt][0], s[mt][nt][1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[mt][nt][2], s[mt][nt][3]));
+      }
+      float base[2], corr[2];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      s[nt][0] = exp2f(fmaf(s[nt][0], SCALE_LOG2, -base[0]));
-      s[nt][1] = exp2f(fmaf(s[nt][1], SCALE_LOG2, -base[0]));
-      s[nt][2] = exp2f(fmaf(s[nt][2], SCALE_LOG2, -base[1]));
-      s[nt][3] = exp2f(fmaf(s[nt][3], SCALE_LOG2, -base[1]));
-      l_r[0] += s[nt][0] + s[nt][1];
-      l_r[1] += s[nt][2] + s[nt][3];
-    }
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 2));
+        base[r] = mx[r] == -INFINITY ? 0.0f : mx[r] * SCALE_LOG2;   // no key yet: weights stay 0
+        corr[r] = exp2f(m_r[mt][r] * SCALE_LOG2 - base[r]);
+        m_r[mt][r] = mx[r];
+        l_r[mt][r] *= corr[r];
+      }
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      o[dt][0] *= corr[0]; o[dt][1] *= corr[0];
-      o[dt][2] *= corr[1]; o[dt][3] *= corr[1];
+      for (int nt = 0; nt < NT; ++nt) {
+        s[mt][nt][0] = exp2f(fmaf(s[mt][nt][0], SCALE_LOG2, -base[0]));
+        s[mt][nt][1] = exp2f(fmaf(s[mt][nt][1], SCALE_LOG2, -base[0]));
+        s[mt][nt][2] = exp2f(fmaf(s[mt][nt][2], SCALE_LOG2, -base[1]));
+        s[mt][nt][3] = exp2f(fmaf(s[mt][nt][3], SCALE_LOG2, -base[1]));
+        l_r[mt][0] += s[mt][nt][0] + s[mt][nt][1];
+        l_r[mt][1] += s[mt][nt][2] + s[mt][nt][3];
+      }
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        o[mt][dt][0] *= corr[0]; o[mt][dt][1] *= corr[0];
+        o[mt][dt][2] *= corr[1]; o[mt][dt][3] *= corr[1];
+      }
     }
 
-    // O += P V: the S accumulators of n-tiles 2kk, 2kk+1 are the A fragment of k-step kk
+    // O += P V: the S accumulators of n-tiles 2kk, 2kk+1 are the A fragment of k-step kk;
+    // a V fragment serves every m-tile
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
-      const unsigned a0 = pack2(s[2 * kk][0], s[2 * kk][1]);
-      const unsigned a1 = pack2(s[2 * kk][2], s[2 * kk][3]);
-      const unsigned a2 = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      const unsigned a3 = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      unsigned p[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        p[mt][0] = pack2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        p[mt][1] = pack2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        p[mt][2] = pack2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        p[mt][3] = pack2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dp = 0; dp < DT / 2; ++dp) {
         unsigned b0, b1, b2, b3;
         const int mi = lane >> 3;   // matrix this lane addresses: (keys +0/+8) x (dims +0/+8)
         ldsm_x4_t(smem_u32(Vt + (kk * 16 + (mi & 1) * 8 + (lane & 7)) * LDS + dp * 16 + (mi >> 1) * 8), b0, b1, b2, b3);
-        mma16816(o[2 * dp], a0, a1, a2, a3, b0, b1);
-        mma16816(o[2 * dp + 1], a0, a1, a2, a3, b2, b3);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816(o[mt][2 * dp], p[mt][0], p[mt][1], p[mt][2], p[mt][3], b0, b1);
+          mma16816(o[mt][2 * dp + 1], p[mt][0], p[mt][1], p[mt][2], p[mt][3], b2, b3);
+        }
       }
     }
   }
 
-  // finish the rows: full sums over the quad, normalise, stage in this warp's Q rows
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l_r[r] += __shfl_xor_sync(FULL, l_r[r], 1);
-    l_r[r] += __shfl_xor_sync(FULL, l_r[r], 2);
-  }
-  const float inv0 = l_r[0] > 0.0f ? 1.0f / l_r[0] : 0.0f;
-  const float inv1 = l_r[1] > 0.0f ? 1.0f / l_r[1] : 0.0f;
+  // finish the rows: full sums over the quad, normalise, stage in this warp's own Q rows
   __syncwarp();   // every lane of the warp is done reading its Q rows
-  E* Ow = Qs + row_w * LDS;
 #pragma unroll
-  for (int dt = 0; dt < DT; ++dt) {
-    *reinterpret_cast<unsigned*>(Ow + gid * LDS + dt * 8 + tig * 2) = pack2(o[dt][0] * inv0, o[dt][1] * inv0);
-    *reinterpret_cast<unsigned*>(Ow + (gid + 8) * LDS + dt * 8 + tig * 2) = pack2(o[dt][2] * inv1, o[dt][3] * inv1);
+  for (int mt = 0; mt < MT; ++mt) {
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = l_r[mt][r];
+      l += __shfl_xor_sync(FULL, l, 1);
+      l += __shfl_xor_sync(FULL, l, 2);
+      inv[r] = l > 0.0f ? 1.0f / l : 0.0f;
+    }
+    E* Ow = Qs + (row_w + mt * 16) * LDS;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      *reinterpret_cast<unsigned*>(Ow + gid * LDS + dt * 8 + tig * 2) = pack2(o[mt][dt][0] * inv[0], o[mt][dt][1] * inv[0]);
+      *reinterpret_cast<unsigned*>(Ow + (gid + 8) * LDS + dt * 8 + tig * 2) = pack2(o[mt][dt][2] * inv[1], o[mt][dt][3] * inv[1]);
+    }
   }
   __syncwarp();
+  E* Ow = Qs + row_w * LDS;
 #pragma unroll
-  for (int i = 0; i < (16 * CPR + 31) / 32; ++i) {
+  for (int i = 0; i < (16 * MT * CPR + 31) / 32; ++i) {
     const int chunk = i * 32 + lane;
-    if ((16 * CPR) % 32 == 0 || chunk < 16 * CPR) {
+    if ((16 * MT * CPR) % 32 == 0 || chunk < 16 * MT * CPR) {
       const int r = chunk / CPR, c = chunk % CPR;
       const long long t = q0 + row_w + r;
       if (t < T) *reinterpret_cast<uint4*>(Ob + t * q_stride + c * 8) = *reinterpret_cast<const uint4*>(Ow + r * LDS + c * 8);
