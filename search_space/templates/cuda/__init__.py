@@ -4,3 +4,5 @@ Rendering is pure text (CUDA C following the conventions in ``search_space.codeg
 building needs nvcc, running needs a GPU and pycuda.
 """
 from __future__ import annotations
+
+from . import add, attention_decode, attention_prefill, gelu, layernorm, rmsnorm, rope, softmax, swiglu  # noqa: F401
