@@ -4,3 +4,5 @@ Rendering is pure text (CUDA C following the conventions in ``search_space.codeg
 building needs nvcc, running needs a GPU and pycuda.
 """
 from __future__ import annotations
+
+from . import gemv  # noqa: F401,E402
