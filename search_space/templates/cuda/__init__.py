@@ -6,3 +6,4 @@ building needs nvcc, running needs a GPU and pycuda.
 from __future__ import annotations
 
 from . import gemv  # noqa: F401,E402
+from . import gemm  # noqa: F401,E402
