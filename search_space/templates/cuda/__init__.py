@@ -7,3 +7,4 @@ from __future__ import annotations
 
 from . import gemv  # noqa: F401,E402
 from . import gemm  # noqa: F401,E402
+from . import gemm_q4, gemv_q4  # noqa: F401,E402
