@@ -150,8 +150,16 @@ class LocalBuilder:
         finally:
             self._idle.put(worker)
         self.compile_s += out["build_s"]
-        return BuildResult(out["artifact"], KernelSource.from_dict(out["source"]), out["digest"],
-                           out["build_s"], stats=out["stats"], cached=out["cached"])
+        source = KernelSource.from_dict(out["source"])
+        if inp.target.kind == "cuda":
+            from .resources import cuda_resource_problems
+
+            problems = cuda_resource_problems(source, out["stats"], inp.target, inp.task.dims)
+            if problems:
+                return BuildResult(None, source, out["digest"], out["build_s"], MeasureError.OUT_OF_RESOURCES,
+                                   "; ".join(problems), stats=out["stats"], cached=out["cached"])
+        return BuildResult(out["artifact"], source, out["digest"], out["build_s"], stats=out["stats"],
+                           cached=out["cached"])
 
     def close(self) -> None:
         while not self._idle.empty():

@@ -235,7 +235,7 @@ def _simt_space(task: Task, target: Target) -> ConfigSpace:
     ]
     constraints = [
         ("thread tile divides the block tile", lambda c: c["bm"] % c["tm"] == 0 and c["bn"] % c["tn"] == 0),
-        ("64 to 512 threads", lambda c: 64 <= _threads(task, c) <= 512),
+        ("32 to 512 threads", lambda c: 32 <= _threads(task, c) <= 512),
         ("whole loads per thread", lambda c: (c["bm"] * c["bk"]) % (c["vec"] * _threads(task, c)) == 0
          and (c["bn"] * c["bk"]) % (c["vec"] * _threads(task, c)) == 0),
         ("group_m only with several row tiles", lambda c: c["group_m"] == 1 or M > c["bm"]),
