@@ -80,14 +80,14 @@ def test_gemm_tensor_core_pipeline_variants(emulator, config):
     assert emulator.check(task, cfg, SM90, deferred=True) is None
 
 
-@pytest.mark.parametrize("config", [
-    dict(core="mma", warps=4, rows=2, ksplit=2, unroll=2, mtile=2, kc=256),  # three K chunks, the last short
-    dict(core="mma", warps=2, rows=1, ksplit=1, unroll=1, mtile=4, kc=512),
-    dict(core="simt", warps=4, rows=4, ksplit=2, unroll=2, mtile=1, kc=640),
+@pytest.mark.parametrize("k, config", [
+    (640, dict(core="mma", warps=4, rows=2, ksplit=2, unroll=2, mtile=2, kc=256)),  # three K chunks, the last short
+    (640, dict(core="mma", warps=2, rows=1, ksplit=1, unroll=1, mtile=4, kc=512)),
+    (2112, dict(core="simt", warps=4, rows=4, ksplit=2, unroll=2, mtile=1, kc=2176)),
 ])
-def test_gemm_q4_chunks_splits_and_tiles(emulator, config):
+def test_gemm_q4_chunks_splits_and_tiles(emulator, k, config):
     template = get_template("gemm_q4", "cuda")
-    task = Task.make("gemm_q4", {"M": 20, "N": 33, "K": 640}, "float16", {"group_size": 32})
+    task = Task.make("gemm_q4", {"M": 20, "N": 33, "K": k}, "float16", {"group_size": 32})
     space = template.space(task, SM90)
     cfg = space.from_values(config)
     assert space.is_valid(cfg), space.violations(cfg)
@@ -144,8 +144,10 @@ def test_emulator_passes_the_unchanged_kernel(emulator, gemm_case):
     (" && k0 + col < 200;", " && k0 + col < 208;", False, "crash"),
     # a row bound past M: the store lands beyond Y
     ("if (row < 37 && col < 45)", "if (row < 38 && col < 45)", False, "crash"),
-    # one warp skips a barrier the others wait at
-    ("  cp_async_wait<0>();\n", "  cp_async_wait<0>();\n  if (warp == 0) __syncthreads();\n", False, "deadlock"),
+    # half a warp enters a shuffle while the rest of the block waits at a barrier: a hang on a GPU
+    ("cp_async_wait<1>();\n    __syncthreads();",
+     "cp_async_wait<1>();\n    if (threadIdx.x < 16) (void)__shfl_xor_sync(0xffffffffu, 1.0f, 1);\n    __syncthreads();",
+     False, "deadlock"),
 ])
 def test_emulator_catches_planted_bugs(emulator, gemm_case, old, new, deferred, expect):
     verdict = _verdict(emulator, gemm_case, _mutated(gemm_case[2], old, new), deferred)

@@ -43,12 +43,13 @@ class GemvCuda(GemvOp, Template):
         M, N, K = (task.dims[d] for d in ("M", "N", "K"))
         size = ITEMSIZE[task.dtype]
         x_bytes = M * K * size
+        narrowest = 32 * min(vector_bytes(task)) // size  # K one warp covers per step, at least
         knobs = [
             Knob("warps", (1, 2, 4, 8)),
             Knob("rows", tuple(r for r in (1, 2, 4) if r <= N)),
-            Knob("ksplit", (1, 2, 4, 8)),
+            Knob("ksplit", tuple(v for v in (1, 2, 4, 8) if v == 1 or v * narrowest <= K)),
             Knob("vec", vector_bytes(task)),
-            Knob("unroll", (1, 2, 4)),
+            Knob("unroll", tuple(v for v in (1, 2, 4) if v == 1 or v * narrowest <= K)),
             Knob("x_smem", (0, 1) if x_bytes <= smem_limit(target) // 2 else (0,)),
         ]
         constraints = [

@@ -57,13 +57,14 @@ def chunk_values(task: Task, m_rows: int, target: Target) -> tuple[int, ...]:
 
 
 def q4_knobs(task: Task, target: Target, mtiles: tuple[int, ...]) -> list[Knob]:
-    M = task.dims["M"]
+    M, K = task.dims["M"], task.dims["K"]
     m_rows = min(M, 8 * max(mtiles))
+    span = STEP_K if "mma" in cores(task) else 1024  # K one warp of a split covers at least
     return [
         Knob("core", cores(task)),
         Knob("warps", (2, 4, 8)),
         Knob("rows", (1, 2, 4)),
-        Knob("ksplit", (1, 2, 4)),
+        Knob("ksplit", tuple(v for v in (1, 2, 4) if v == 1 or v * span <= K)),
         Knob("unroll", (1, 2)),
         Knob("mtile", mtiles),
         Knob("kc", chunk_values(task, m_rows, target)),
