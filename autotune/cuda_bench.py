@@ -104,34 +104,59 @@ class CudaBenchResult(BenchResult):
                 f"{vendor}{check}; {self.roofline_fraction * 100:.0f}% of the {self.bound} roofline ({roof})")
 
 
+class CudaBench:
+    """Benches several tasks on one GPU, sharing the builder, the runner, the vendor's worker
+    process (torch is imported once) and the ceilings (measured once)."""
+
+    def __init__(self, target: Target, device: int = 0, seed: int = 0, policy: TimingPolicy = BENCH_CUDA_POLICY,
+                 use_torch: bool | None = None, ceilings: dict[str, Any] | None = None):
+        self.target, self.device, self.seed, self.policy = target, device, seed, policy
+        self.use_torch = torch_available() if use_torch is None else use_torch
+        self.ceilings = ceilings or measure_ceilings(target, device, self.use_torch)
+        self.builder = LocalBuilder(timeout_s=600)
+        self.runner = CudaRunner(devices=(device,), timeout_s=300, policy=policy, seed=seed)
+        self.vendor = WorkerProcess(env={"CUDA_VISIBLE_DEVICES": visible_device(device)}, name="autotune-vendor")
+
+    def bench(self, task: Task, config: Config) -> CudaBenchResult:
+        inp = MeasureInput(task, config, self.target)
+        result = self.runner.run([inp], self.builder.build([inp]))[0]
+        baseline, baseline_s, check, versions = "no vendor baseline (torch is not importable)", math.nan, "", {}
+        if self.use_torch:
+            try:
+                out = self.vendor.call("autotune.cuda_baselines:run_vendor_baseline",
+                                       {"task": task.to_dict(), "seed": self.seed,
+                                        "module": template_module(task.op, "cuda"),
+                                        "repeats": self.policy.repeats, "max_total_s": self.policy.max_total_s}, 900)
+                if "error" in out:
+                    baseline = out["error"]
+                else:
+                    baseline, baseline_s, check = out["description"], out["median"], out["check"]
+                    versions = {"torch": out["torch"]}
+            except (WorkerError, WorkerCrash, WorkerTimeout) as exc:
+                baseline = f"vendor baseline failed: {str(exc).splitlines()[0][:300]}"
+        return CudaBenchResult(
+            task, self.target, config.as_dict(), threads=0,
+            tuned_s=result.median if result.ok else math.inf, baseline_s=baseline_s, baseline=baseline,
+            blas=versions, peak_gflops=compute_peak(task, self.ceilings),
+            memory_gbs=float(self.ceilings["stream_gbs"]), memory_level="HBM",
+            error="" if result.ok else f"{result.error.name}: {result.message}",
+            baseline_check=check, sm_clock_mhz=int(result.stats.get("sm_clock_mhz", 0) or 0),
+            ceilings=self.ceilings)
+
+    def close(self) -> None:
+        self.vendor.close()
+        self.runner.close()
+        self.builder.close()
+
+    def __enter__(self) -> "CudaBench":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def bench_cuda(task: Task, target: Target, config: Config, seed: int = 0, device: int = 0,
-               ceilings: dict[str, Any] | None = None, policy: TimingPolicy = BENCH_CUDA_POLICY,
-               use_torch: bool | None = None) -> CudaBenchResult:
-    use_torch = torch_available() if use_torch is None else use_torch
-    inp = MeasureInput(task, config, target)
-    with LocalBuilder(n_parallel=1, timeout_s=600) as builder, \
-            CudaRunner(devices=(device,), timeout_s=300, policy=policy, seed=seed) as runner:
-        result = runner.run([inp], builder.build([inp]))[0]
-    ceilings = ceilings or measure_ceilings(target, device, use_torch)
-    baseline, baseline_s, check, versions = "no vendor baseline (torch is not importable)", math.nan, "", {}
-    if use_torch:
-        worker = WorkerProcess(env={"CUDA_VISIBLE_DEVICES": visible_device(device)}, name="autotune-vendor")
-        try:
-            out = worker.call("autotune.cuda_baselines:run_vendor_baseline",
-                              {"task": task.to_dict(), "seed": seed, "module": template_module(task.op, "cuda"),
-                               "repeats": policy.repeats, "max_total_s": policy.max_total_s}, 900)
-            if "error" in out:
-                baseline = out["error"]
-            else:
-                baseline, baseline_s, check = out["description"], out["median"], out["check"]
-                versions = {"torch": out["torch"]}
-        except (WorkerError, WorkerCrash, WorkerTimeout) as exc:
-            baseline = f"vendor baseline failed: {exc}"
-        finally:
-            worker.close()
-    return CudaBenchResult(
-        task, target, config.as_dict(), threads=0,
-        tuned_s=result.median if result.ok else math.inf, baseline_s=baseline_s, baseline=baseline, blas=versions,
-        peak_gflops=compute_peak(task, ceilings), memory_gbs=float(ceilings["stream_gbs"]), memory_level="HBM",
-        error="" if result.ok else f"{result.error.name}: {result.message}",
-        baseline_check=check, sm_clock_mhz=int(result.stats.get("sm_clock_mhz", 0) or 0), ceilings=ceilings)
+               policy: TimingPolicy = BENCH_CUDA_POLICY, use_torch: bool | None = None) -> CudaBenchResult:
+    """One task: its tuned kernel, the vendor's, the ceilings."""
+    with CudaBench(target, device, seed, policy, use_torch) as session:
+        return session.bench(task, config)
