@@ -13,6 +13,7 @@ cuBLAS (``autotune.cuda_baselines.tensor_core_peak``). When a probe cannot run, 
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from search_space import ArgSpec, KernelSource, Target
@@ -21,8 +22,9 @@ from search_space.codegen.cuda import PREAMBLE
 # TARGETS.md, measured on the H200 machine on 2026-11-28 (used only when a probe cannot run).
 DOCUMENTED = {"stream_gbs": 4090.0, "fp32_gflops": 51000.0, "bf16_gflops": 736000.0, "fp16_gflops": 700000.0}
 
-STREAM_BYTES = 1 << 30  # per array: far past any L2
-FMA_ITERATIONS = 4096
+# Probe sizes; the environment can shrink them (small GPUs, the tests' CPU-emulated GPU).
+STREAM_BYTES = int(os.environ.get("AUTOTUNE_CUDA_PROBE_BYTES", 1 << 30))  # per array: far past any L2
+FMA_ITERATIONS = int(os.environ.get("AUTOTUNE_CUDA_PROBE_ITERATIONS", 4096))
 FMA_CHAINS = 8
 
 _STREAM = PREAMBLE + r"""

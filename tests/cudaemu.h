@@ -23,6 +23,8 @@
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <vector_types.h>
+#include <vector_functions.h>
 
 #define AUTOTUNE_EMULATE 1
 #define __global__
@@ -70,6 +72,12 @@ static Group block_group;
 alignas(128) static unsigned char dynamic_smem_bytes[SMEM_BYTES];
 static std::function<void()> kernel_body;
 static char failure[512] = {0};
+
+// An untyped pointer that converts to the kernel's declared parameter type.
+struct AnyPtr {
+  void* p;
+  template <typename T> operator T*() const { return static_cast<T*>(p); }
+};
 
 inline void fail(const char* what) {
   if (!failure[0]) snprintf(failure, sizeof(failure), "%s", what);
@@ -264,7 +272,9 @@ template <typename T> inline T __shfl_up_sync(unsigned, T v, unsigned d, int wid
 
 template <typename T> inline T __ldg(const T* p) { return *p; }
 template <typename T> inline T __ldcg(const T* p) { return *p; }
+template <typename T> inline T __ldcs(const T* p) { return *p; }
 template <typename T> inline void __stcg(T* p, T v) { *p = v; }
+template <typename T> inline void __stcs(T* p, T v) { *p = v; }
 
 inline float __uint_as_float(unsigned u) { return emu_from_bits<float>(u); }
 inline unsigned __float_as_uint(float f) { return (unsigned)emu_bits(f); }

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from search_space import KernelSource, Task, get_template
-from search_space.codegen.cuda import c_type, resolve_launch
+from search_space.codegen.cuda import resolve_launch
 from search_space.ops.common import numpy_dtype
 
 HERE = Path(__file__).resolve().parent
@@ -58,9 +58,8 @@ def emulated_source(source: KernelSource) -> str:
         if arg.role == "scalar":
             params.append(f"s[{scalars}]")
             scalars += 1
-        else:
-            ctype = "float" if arg.role == "workspace" else c_type(arg.dtype)
-            params.append(f"reinterpret_cast<{ctype}*>(p[{pointers}])")
+        else:  # converts to whatever pointer type the kernel declares (float4*, uint8_t*, ...)
+            params.append(f"emu::AnyPtr{{p[{pointers}]}}")
             pointers += 1
     head = header.split(_EMULATED_MARK, 1)[0]
     return head + code + f"""
