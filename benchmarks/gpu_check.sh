@@ -10,7 +10,8 @@
 #    ops) and prints that table last.
 # Full logs go to $OUT/gpu_check-<time>/ when OUT is set (else /tmp). Each step has a time
 # limit, and tuning stops early when the time set aside for it is used up.
-# Knobs: GPU_CHECK_TRIALS (16), GPU_CHECK_TARGET_TRIALS (32), GPU_CHECK_TUNE_S (300).
+# Knobs: GPU_CHECK_TRIALS (16), GPU_CHECK_TARGET_TRIALS (32), GPU_CHECK_TUNE_S (300),
+# GPU_CHECK_CASES, GPU_CHECK_EXAMPLES (see below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -42,26 +43,34 @@ echo "pytest -m gpu exit code $?" | tee -a "$LOG/steps.log"
 tail -n 15 "$LOG/pytest-gpu.log"
 
 # The TARGETS.md shapes first (they matter most), then every op at its example shape.
-CASES=(
-  "gemv:M=1,N=11008,K=4096:float16"
-  "gemv:M=1,N=28672,K=8192:float16"
-  "gemv_q4:M=1,N=11008,K=4096:float16"
-  "gemv_q4:M=1,N=28672,K=8192:float16"
-  "gemm:M=4096,N=4096,K=4096:float16"
-  "gemm:M=4096,N=4096,K=4096:bfloat16"
-  "gemm:M=4096,N=4096,K=4096:float32"
-  "gemm:M=512,N=11008,K=4096:float16"
-  "gemv_q4:M=16,N=11008,K=4096:bfloat16"
-)
+# GPU_CHECK_CASES (space-separated op:shape:dtype) replaces the first list; GPU_CHECK_EXAMPLES=0
+# leaves out the example shapes.
+if [[ -n "${GPU_CHECK_CASES:-}" ]]; then
+  read -r -a CASES <<< "$GPU_CHECK_CASES"
+else
+  CASES=(
+    "gemv:M=1,N=11008,K=4096:float16"
+    "gemv:M=1,N=28672,K=8192:float16"
+    "gemv_q4:M=1,N=11008,K=4096:float16"
+    "gemv_q4:M=1,N=28672,K=8192:float16"
+    "gemm:M=4096,N=4096,K=4096:float16"
+    "gemm:M=4096,N=4096,K=4096:bfloat16"
+    "gemm:M=4096,N=4096,K=4096:float32"
+    "gemm:M=512,N=11008,K=4096:float16"
+    "gemv_q4:M=16,N=11008,K=4096:bfloat16"
+  )
+fi
 N_TARGET_CASES=${#CASES[@]}
 $PY -m autotune.cli ops --target cuda --json > "$LOG/ops.json" 2> "$LOG/ops.err"
-while IFS= read -r line; do CASES+=("$line"); done < <($PY - "$LOG/ops.json" <<'PYEOF'
+if [[ "${GPU_CHECK_EXAMPLES:-1}" != 0 ]]; then
+  while IFS= read -r line; do CASES+=("$line"); done < <($PY - "$LOG/ops.json" <<'PYEOF'
 import json, sys
 for op in json.load(open(sys.argv[1])):
     dtype = "float16" if "float16" in op["dtypes"] else op["dtypes"][0]
     print(f"{op['op']}:{op['example_shape']}:{dtype}")
 PYEOF
-)
+  )
+fi
 
 step "tuning ${#CASES[@]} cases (xgb; $TARGET_TRIALS trials for TARGETS.md shapes, $TRIALS for the others)"
 i=0

@@ -73,6 +73,8 @@ def build_candidate(payload: dict[str, Any]) -> dict[str, Any]:
         cache.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, data)
         _atomic_write(stats_path, _dump_json(stats))
+        # the source beside its artifact: which kernel a cached file is, for people and tools
+        _atomic_write(cache / (digest + ".source.json"), _dump_json(source.to_dict()))
     return {"artifact": str(path), "source": source.to_dict(), "digest": digest, "stats": stats,
             "build_s": time.perf_counter() - start, "cached": cached}
 

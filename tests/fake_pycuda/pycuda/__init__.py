@@ -4,6 +4,6 @@ It implements the part of ``pycuda.driver`` the project uses, on host memory: "d
 pointers are real host addresses, and a launch runs the kernel's CUDA source on the CPU
 emulator of ``tests/cudaemu.py``. Cubins are opaque to it: ``module_from_buffer`` finds the
 source a cubin was built from in a registry directory (``FAKE_PYCUDA_REGISTRY``) that the
-test fills, keyed by the cubin's sha256.
+test fills, keyed by the cubin's sha256, or else beside the cubin in the builder's cache.
 """
 VERSION_TEXT = "fake"

@@ -187,11 +187,31 @@ class Module:
         return Function(self.source_dict)
 
 
+_CACHE_INDEX: dict[str, Path] = {}
+
+
+def _from_build_cache(digest: str) -> dict | None:
+    """The builder keeps each artifact's source beside it: find the cubin by content."""
+    root = os.environ.get("AUTOTUNE_CACHE_DIR")
+    if not root:
+        return None
+    if digest not in _CACHE_INDEX:
+        for cubin in Path(root).glob("*.cubin"):
+            _CACHE_INDEX.setdefault(hashlib.sha256(cubin.read_bytes()).hexdigest(), cubin)
+    cubin = _CACHE_INDEX.get(digest)
+    source = cubin.with_name(cubin.stem + ".source.json") if cubin else None
+    return json.loads(source.read_text()) if source and source.exists() else None
+
+
 def module_from_buffer(buffer, options=None, message_handler=None) -> Module:
-    path = _registry() / (hashlib.sha256(bytes(buffer)).hexdigest() + ".json")
-    if not path.exists():
-        raise LogicError("cuModuleLoadData failed: device kernel image is invalid (not registered with the fake)")
-    return Module(json.loads(path.read_text()))
+    digest = hashlib.sha256(bytes(buffer)).hexdigest()
+    path = _registry() / (digest + ".json") if os.environ.get("FAKE_PYCUDA_REGISTRY") else None
+    if path is not None and path.exists():
+        return Module(json.loads(path.read_text()))
+    found = _from_build_cache(digest)
+    if found is None:
+        raise LogicError("cuModuleLoadData failed: device kernel image is invalid (unknown to the fake)")
+    return Module(found)
 
 
 class Function:
