@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 #include <random>
 #include <vector>
 #include <ucontext.h>
@@ -68,8 +69,9 @@ static int current = -1;
 static unsigned long events = 0;  // arrivals and completions: progress for deadlock detection
 static bool deferred_copies = false;
 static std::vector<Group> warp_groups;
+static std::vector<Group> warpgroup_groups;  // 4 consecutive warps (Hopper wgmma)
 static Group block_group;
-alignas(128) static unsigned char dynamic_smem_bytes[SMEM_BYTES];
+alignas(1024) static unsigned char dynamic_smem_bytes[SMEM_BYTES];
 static std::function<void()> kernel_body;
 static char failure[512] = {0};
 
@@ -88,6 +90,12 @@ inline void yield() { swapcontext(&fibers[current].ctx, &scheduler); }
 inline int live_in_warp(int warp) {
   int n = 0, threads = (int)fibers.size();
   for (int i = warp * 32; i < std::min(threads, warp * 32 + 32); ++i) n += !fibers[i].done;
+  return n;
+}
+
+inline int live_in_warpgroup(int wg) {
+  int n = 0, threads = (int)fibers.size();
+  for (int i = wg * 128; i < std::min(threads, wg * 128 + 128); ++i) n += !fibers[i].done;
   return n;
 }
 
@@ -199,6 +207,7 @@ inline int launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned b
     fibers[i].tid.z = i / (bx * by);
   }
   warp_groups.assign((threads + 31) / 32, Group());
+  warpgroup_groups.assign((threads + 127) / 128, Group());
   boxes.assign((threads + 31) / 32, WarpBox());
   blockDim.x = bx; blockDim.y = by; blockDim.z = bz;
   gridDim.x = gx; gridDim.y = gy; gridDim.z = gz;
@@ -213,6 +222,7 @@ inline int launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned b
     memset(dynamic_smem_bytes, 0xff, sizeof(dynamic_smem_bytes));  // NaN bytes: stale reads show
     block_group = Group();
     for (auto& g : warp_groups) g = Group();
+    for (auto& g : warpgroup_groups) g = Group();
     if (!run_block()) return 1;
   }
   return 0;
@@ -416,4 +426,63 @@ template <int BYTES> inline RawVec<BYTES> ld_cached(const void* p) {
   RawVec<BYTES> v;
   memcpy(&v, p, BYTES);
   return v;
+}
+
+// ---- Hopper wgmma, emulated: descriptors address the emulator's dynamic shared memory.
+inline unsigned smem_u32(const void* p) {
+  return (unsigned)(static_cast<const unsigned char*>(p) - emu::dynamic_smem_bytes);
+}
+inline void fence_proxy_async() {}
+inline void wgmma_fence() {}
+inline void wgmma_commit() {}
+template <int N> inline void wgmma_wait() {}
+
+namespace emu {
+// Element (row, k) of a K-major operand described by `desc` (128-byte swizzle only).
+inline const unsigned char* gmma_element(unsigned long long desc, int row, int k) {
+  if ((desc >> 62) != 1ull) fail("emulated wgmma: only the 128-byte swizzle layout is emulated");
+  const unsigned long long start = (desc & 0x3FFFull) << 4;
+  const unsigned long long sbo = ((desc >> 32) & 0x3FFFull) << 4;
+  const unsigned long long addr = start + (unsigned long long)(row / 8) * sbo + (row % 8) * 128 + k * 2;
+  const unsigned long long swizzled = addr ^ (((addr >> 7) & 7) << 4);
+  if (swizzled + 2 > SMEM_BYTES) fail("emulated wgmma: descriptor outside shared memory");
+  return dynamic_smem_bytes + swizzled;
+}
+struct WgmmaBox { float* d[128]; unsigned long long da[128], db[128]; };
+static std::vector<WgmmaBox> wgmma_boxes;
+}  // namespace emu
+
+template <int N, typename T> inline void wgmma_m64k16(float* d, unsigned long long da, unsigned long long db) {
+  const bool bf16 = sizeof(T) == 2 && std::is_same<T, __nv_bfloat16>::value;
+  const int me = emu::fibers[emu::current].linear;
+  const int wg = me / 128;
+  if ((int)emu::wgmma_boxes.size() <= wg) emu::wgmma_boxes.resize(wg + 1);
+  emu::WgmmaBox& box = emu::wgmma_boxes[wg];
+  box.d[me % 128] = d;
+  box.da[me % 128] = da;
+  box.db[me % 128] = db;
+  emu::rendezvous(emu::warpgroup_groups[wg], [wg] { return emu::live_in_warpgroup(wg); }, [&] {
+    for (int i = 1; i < 128; ++i)
+      if (box.da[i] != box.da[0] || box.db[i] != box.db[0]) emu::fail("emulated wgmma: descriptors differ across the warpgroup");
+    auto value = [&](const unsigned char* p) {
+      unsigned short h;
+      memcpy(&h, p, 2);
+      return bf16 ? emu_from_bits<float>((uint64_t)((unsigned)h << 16)) : __half2float(__ushort_as_half(h));
+    };
+    static float A[64][16], B[256][16];
+    for (int r = 0; r < 64; ++r)
+      for (int k = 0; k < 16; ++k) A[r][k] = value(emu::gmma_element(box.da[0], r, k));
+    for (int n = 0; n < N; ++n)
+      for (int k = 0; k < 16; ++k) B[n][k] = value(emu::gmma_element(box.db[0], n, k));
+    for (int i = 0; i < 128; ++i) {
+      const int w = i / 32, g = (i % 32) / 4, t = i % 4;
+      for (int j = 0; j < N / 8; ++j)
+        for (int e = 0; e < 4; ++e) {
+          const int row = 16 * w + g + (e >> 1) * 8, col = 8 * j + 2 * t + (e & 1);
+          float s = box.d[i][4 * j + e];
+          for (int k = 0; k < 16; ++k) s += A[row][k] * B[col][k];
+          box.d[i][4 * j + e] = s;
+        }
+    }
+  });
 }

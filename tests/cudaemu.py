@@ -49,7 +49,9 @@ def emulated_source(source: KernelSource) -> str:
     """The kernel as C++ for the emulator, plus an ``emu_run`` entry taking untyped pointers."""
     header = HEADER.read_text()
     ptx = header.split(_EMULATED_MARK, 1)[1].split("\n", 1)[1]
-    code = _PTX_SECTION.sub(lambda _: ptx, source.code)
+    sections = iter(range(1 << 30))
+    # the first PTX section becomes every emulated helper; later ones (wgmma) are covered by it
+    code = _PTX_SECTION.sub(lambda _: ptx if next(sections) == 0 else "", source.code)
     code = _DYNAMIC_SMEM.sub(lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>"
                                        f"(emu::dynamic_smem_bytes);", code)
     params = []

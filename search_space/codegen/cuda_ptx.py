@@ -139,3 +139,47 @@ template <> __device__ __forceinline__ void unpack_f32<__nv_bfloat16, 2>(const R
   out[0] = __uint_as_float(static_cast<unsigned>(v.h[0]) << 16);
 }
 """
+
+
+def _wgmma_function(n: int, ab: str, ctype: str) -> str:
+    """``wgmma_m64k16<N, T>``: D[64 x N] (+)= A[64 x 16] B[N x 16]^T, both from shared memory."""
+    regs = n // 2
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+    names = ",".join(f"%{i}" for i in range(regs))
+    return f"""template <> __device__ __forceinline__ void wgmma_m64k16<{n}, {ctype}>(float* d, unsigned long long da,
+                                                                          unsigned long long db) {{
+  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 2}, 0;\\n"
+               "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ab}.{ab} {{{names}}}, %{regs}, %{regs + 1}, p, 1, 1, 0, 0;\\n}}\\n"
+               : {outs}
+               : "l"(da), "l"(db), "n"(1));
+}}"""
+
+
+WGMMA_SIZES = (16, 32, 64, 128, 256)
+
+# Hopper warpgroup MMA (sm_90a): 128 threads issue m64nNk16 together, operands read from
+# shared memory through descriptors. ``gmma_desc_sw128`` describes a K-major tile stored in
+# rows of 128 bytes (64 half-precision elements) whose 16-byte chunks are XOR-swizzled by
+# the row index modulo 8 (the 128-byte swizzle), rows contiguous, 8-row groups 1024 bytes
+# apart (stride byte offset), the tile 1024-byte aligned; stepping 16 elements along K
+# inside the row adds 32 bytes to the start address. Accumulator registers d[4j .. 4j + 3]
+# of warp w, lane 4g + t hold rows 16w + g (+ 8) and columns 8j + 2t (+ 1).
+WGMMA_HELPERS = "\n// BEGIN PTX (wgmma; a CPU emulator swaps this section for its own definitions)\n" + r"""
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
+}
+template <int N, typename T> __device__ __forceinline__ void wgmma_m64k16(float* d, unsigned long long da,
+                                                                         unsigned long long db);
+""" + "\n".join(_wgmma_function(n, ab, ct) for n in WGMMA_SIZES
+                for ab, ct in (("f16", "__half"), ("bf16", "__nv_bfloat16"))) + "\n// END PTX\n" + r"""
+// Shared-memory matrix descriptor: start address >> 4 (bits 0-13), leading byte offset >> 4
+// (16-29; unused by swizzled K-major tiles, 1 by convention), stride byte offset >> 4
+// (32-45: 1024 bytes between 8-row groups), layout (62-63: 1 = 128-byte swizzle).
+__device__ __forceinline__ unsigned long long gmma_desc_sw128(const void* tile) {
+  const unsigned long long addr = smem_u32(tile);
+  return ((addr & 0x3FFFFull) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
+}
+"""

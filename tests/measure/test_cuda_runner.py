@@ -208,6 +208,29 @@ def test_real_kernels_verify_and_time(gpu_target):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_warpgroup_mma_gemm_on_the_gpu(gpu_target, dtype):
+    """Hopper wgmma: its descriptors and layouts are checked only by the emulator elsewhere."""
+    template = get_template("gemm", "cuda")
+    configs = [dict(bm=128, bn=256, wm=64, stages=4, vec=8, split_k=1, group_m=8),
+               dict(bm=256, bn=128, wm=128, stages=3, vec=8, split_k=1, group_m=8),
+               dict(bm=64, bn=64, wm=64, stages=2, vec=4, split_k=2, group_m=1)]
+    inputs = []
+    for shape in ({"M": 512, "N": 512, "K": 512}, {"M": 300, "N": 200, "K": 136}):
+        task = Task.make("gemm", shape, dtype)
+        space = template.space(task, gpu_target)
+        for values in configs:
+            values = dict(values, instr="wgmma", bk=64, wn=16, swizzle="xor")
+            if space.is_valid(values):
+                inputs.append(MeasureInput(task, space.from_values(values), gpu_target))
+    assert len(inputs) >= 4
+    with LocalBuilder(timeout_s=300) as builder, CudaRunner(timeout_s=60) as runner:
+        results = runner.run(inputs, builder.build(inputs))
+    failures = [(i.task.key, str(i.config), r.error.name, r.message) for i, r in zip(inputs, results) if not r.ok]
+    assert not failures, failures
+
+
+@pytest.mark.gpu
 def test_cuda_faults_each_cost_one_trial_and_the_job_goes_on(gpu_target):
     template = get_template(fakes.CUDA_FAULT_OP, "cuda")
     task = Task.make(fakes.CUDA_FAULT_OP, {"N": 1 << 20})

@@ -80,6 +80,45 @@ def test_gemm_tensor_core_pipeline_variants(emulator, config):
     assert emulator.check(task, cfg, SM90, deferred=True) is None
 
 
+@pytest.mark.parametrize("dtype, shape, config", [
+    ("float16", {"M": 70, "N": 80, "K": 200},
+     dict(instr="wgmma", bm=64, bn=64, bk=64, wm=64, wn=16, stages=3, vec=8, swizzle="xor", split_k=1, group_m=1)),
+    ("bfloat16", {"M": 150, "N": 90, "K": 136},
+     dict(instr="wgmma", bm=256, bn=32, bk=64, wm=128, wn=16, stages=2, vec=4, swizzle="xor", split_k=2, group_m=1)),
+    ("float16", {"M": 130, "N": 260, "K": 72},
+     dict(instr="wgmma", bm=128, bn=256, bk=64, wm=64, wn=16, stages=4, vec=8, swizzle="xor", split_k=1, group_m=8)),
+])
+def test_gemm_warpgroup_mma_variants(emulator, dtype, shape, config):
+    """Hopper wgmma: the tiles the loader writes are what the descriptors describe."""
+    template = get_template("gemm", "cuda")
+    task = Task.make("gemm", shape, dtype)
+    space = template.space(task, SM90)
+    cfg = space.from_values(config)
+    assert space.is_valid(cfg), space.violations(cfg)
+    assert emulator.check(task, cfg, SM90, deferred=True) is None
+
+
+@pytest.mark.parametrize("old, new", [
+    ("^ (row & 7)", "^ ((row >> 1) & 7)"),                      # tiles not in the 128-byte swizzle
+    ("((1024ull >> 4) << 32)", "((512ull >> 4) << 32)"),        # wrong 8-row group stride
+    ("kk * 16)", "kk * 8)"),                                     # wrong K step inside the swizzle atom
+    ("acc[i][4 * j + 2 * h], v1 = acc[i][4 * j + 2 * h + 1]",   # wrong accumulator layout
+     "acc[i][4 * j + h], v1 = acc[i][4 * j + h + 2]"),
+])
+def test_emulator_catches_wgmma_layout_bugs(emulator, old, new):
+    template = get_template("gemm", "cuda")
+    task = Task.make("gemm", {"M": 70, "N": 80, "K": 200}, "float16")
+    config = template.space(task, SM90).from_values(
+        dict(instr="wgmma", bm=64, bn=64, bk=64, wm=64, wn=16, stages=3, vec=8, swizzle="xor", split_k=1, group_m=1))
+    source = _mutated(template.render(task, config, SM90), old, new)
+    inputs = template.make_inputs(task, np.random.default_rng(0))
+    out = emulator.run(source, task.dims, inputs)
+    from measure.verify import check_output
+
+    assert "error" in out or check_output("Y", out["outputs"]["Y"], template.reference(task, inputs)["Y"],
+                                          template.tolerance(task), "float16") is not None
+
+
 @pytest.mark.parametrize("k, config", [
     (640, dict(core="mma", warps=4, rows=2, ksplit=2, unroll=2, mtile=2, kc=256)),  # three K chunks, the last short
     (640, dict(core="mma", warps=2, rows=1, ksplit=1, unroll=1, mtile=4, kc=512)),

@@ -9,7 +9,11 @@ B ("col": stored N x K). Two schedules, chosen by dtype:
   ring of shared-memory tiles filled by ``cp.async`` (``vec`` elements per copy, zero-filled
   past the matrix edges); one barrier per step. Fragments come from shared memory with
   ``ldmatrix``; rows are laid out plainly, padded by 16 bytes, or XOR-swizzled by 16-byte
-  chunk (``swizzle``) so those loads avoid bank conflicts.
+  chunk (``swizzle``) so those loads avoid bank conflicts. ``instr`` = ``wgmma`` uses
+  Hopper's warpgroup MMA instead (sm_90a): ``bm/wm`` warpgroups of 128 threads, each
+  issuing m64n{bn}k16 on ``wm``/64 row blocks straight from the shared tiles (K steps of 64,
+  the 128-byte swizzle the hardware expects, tiles 1024-byte aligned, a proxy fence after
+  the copies land).
 - float32 on CUDA cores (SIMT): a block tile ``bm x bn``, each thread a ``tm x tn`` register
   tile split in 4-wide column groups, K in ``bk`` steps; tiles are stored transposed in
   shared memory (K outermost) so the inner loop reads 16-byte vectors; two shared buffers,
@@ -25,7 +29,7 @@ from __future__ import annotations
 import math
 
 from ...codegen.cuda import PREAMBLE, c_type
-from ...codegen.cuda_ptx import PTX_HELPERS
+from ...codegen.cuda_ptx import PTX_HELPERS, WGMMA_HELPERS, WGMMA_SIZES
 from ...ops.common import ITEMSIZE
 from ...ops.matmul import GemmOp
 from ...space import Config, ConfigSpace, Knob
@@ -63,7 +67,7 @@ class GemmCuda(GemmOp, Template):
             vec = space.knob("vec").values[0]
             tiles = [(128, 256, 64, 64), (128, 128, 64, 64), (128, 128, 64, 32), (64, 128, 32, 64),
                      (64, 64, 32, 32), (32, 64, 32, 32), (32, 32, 16, 32), (16, 32, 16, 16), (16, 16, 16, 16)]
-            base = {"bk": 32, "stages": 4, "vec": vec, "swizzle": "xor", "group_m": 8}
+            base = {"instr": "mma", "bk": 32, "stages": 4, "vec": vec, "swizzle": "xor", "group_m": 8}
             fallbacks = ({}, {"swizzle": "pad"}, {"bk": 16, "swizzle": "pad"}, {"stages": 2, "bk": 16, "swizzle": "pad"})
             keys = ("bm", "bn", "wm", "wn")
         else:
@@ -105,7 +109,9 @@ class GemmCuda(GemmOp, Template):
         moved = size * (M * K * tiles_n + N * K * tiles_m + M * N) + (8.0 * M * N * c["split_k"]
                                                                       if c["split_k"] > 1 else 0.0)
         per_thread = c["bm"] * c["bn"] / threads
-        if tensor_core(task):
+        if tensor_core(task) and _wgmma(c):
+            loads = (c["wm"] + c["bn"]) / (c["wm"] * c["bn"])
+        elif tensor_core(task):
             loads = (c["wm"] + c["wn"]) / (c["wm"] * c["wn"])
         else:
             loads = (c["tm"] + c["tn"]) / (c["tm"] * c["tn"])
@@ -148,7 +154,13 @@ class GemmCuda(GemmOp, Template):
 # ----------------------------------------------------------------------------- shared sizing
 
 
+def _wgmma(c: dict) -> bool:
+    return c.get("instr") == "wgmma"
+
+
 def _threads(task: Task, c: dict) -> int:
+    if tensor_core(task) and _wgmma(c):
+        return 128 * (c["bm"] // c["wm"])
     if tensor_core(task):
         return 32 * (c["bm"] // c["wm"]) * (c["bn"] // c["wn"])
     return (c["bm"] // c["tm"]) * (c["bn"] // c["tn"])
@@ -161,7 +173,8 @@ def _row_stride(c: dict) -> int:
 
 def _dynamic_smem(task: Task, c: dict) -> int:
     if tensor_core(task):
-        return c["stages"] * (c["bm"] + c["bn"]) * _row_stride(c) * ITEMSIZE[task.dtype]
+        align = 1024 if _wgmma(c) else 0  # room to align the tiles to 1024 bytes
+        return c["stages"] * (c["bm"] + c["bn"]) * _row_stride(c) * ITEMSIZE[task.dtype] + align
     return 2 * c["bk"] * ((c["bm"] + 4) + (c["bn"] + 4)) * 4
 
 
@@ -170,6 +183,8 @@ def _smem_bytes(task: Task, c: dict) -> int:
 
 
 def _registers(task: Task, c: dict) -> int:
+    if tensor_core(task) and _wgmma(c):
+        return (c["wm"] // 64) * c["bn"] // 2 + 48
     if tensor_core(task):
         mi, ni = c["wm"] // 16, c["wn"] // 8
         return 4 * mi * ni + 4 * mi + 2 * ni + 40
@@ -200,10 +215,11 @@ def _mma_space(task: Task, target: Target) -> ConfigSpace:
     size = ITEMSIZE[task.dtype]
     vecs = tuple(v for v in (8, 4, 2) if K % v == 0) or (1,)  # elements; a copy never straddles a row end
     knobs = [
+        Knob("instr", ("mma", "wgmma")),
         Knob("bm", tuple(v for v in (16, 32, 64, 128, 256) if v == 16 or v // 2 < M)),
         Knob("bn", tuple(v for v in (16, 32, 64, 128, 256) if v == 16 or v // 2 < N)),
         Knob("bk", (16, 32, 64)),
-        Knob("wm", (16, 32, 64)),
+        Knob("wm", (16, 32, 64, 128)),
         Knob("wn", (16, 32, 64)),
         Knob("stages", (2, 3, 4, 5)),
         Knob("vec", vecs),
@@ -213,7 +229,14 @@ def _mma_space(task: Task, target: Target) -> ConfigSpace:
     ]
     constraints = [
         ("warp tile divides the block tile", lambda c: c["bm"] % c["wm"] == 0 and c["bn"] % c["wn"] == 0),
-        ("1 to 16 warps", lambda c: 1 <= (c["bm"] // c["wm"]) * (c["bn"] // c["wn"]) <= 16),
+        ("mma warp tiles are at most 64 rows", lambda c: _wgmma(c) or c["wm"] <= 64),
+        ("1 to 16 warps", lambda c: 1 <= _threads(task, c) // 32 <= 16),
+        ("wgmma: K steps of 64 in 128-byte swizzled rows",
+         lambda c: not _wgmma(c) or (c["bk"] == 64 and c["swizzle"] == "xor")),
+        ("wgmma: 64 or 128 rows per warpgroup, 1 or 2 warpgroups, wn unused",
+         lambda c: not _wgmma(c) or (c["wm"] in (64, 128) and c["bm"] // c["wm"] in (1, 2) and c["wn"] == 16)),
+        ("wgmma: an N the instruction has, at most 128 accumulators per thread",
+         lambda c: not _wgmma(c) or (c["bn"] in WGMMA_SIZES and (c["wm"] // 64) * c["bn"] // 2 <= 128)),
         ("xor swizzle needs 64- or 128-byte rows", lambda c: c["swizzle"] != "xor" or c["bk"] * size in (64, 128)),
         ("stages do not outnumber K tiles", lambda c: c["stages"] == 2 or c["stages"] <= math.ceil(K / c["bk"])),
         ("group_m only with several row tiles", lambda c: c["group_m"] == 1 or M > c["bm"]),
@@ -364,14 +387,17 @@ __device__ __forceinline__ void load_{name}(T_* __restrict__ tile, const T_* __r
         if (row < {M} && col < {N}) part[(long long)row * {N} + col] = v0;
         if (row < {M} && col + 1 < {N}) part[(long long)row * {N} + col + 1] = v1;"""
     finish = _splitk_finish(c, M, N, threads) if c["split_k"] > 1 else ""
-
-    return PREAMBLE + PTX_HELPERS + f"""
+    head = PREAMBLE + PTX_HELPERS + (WGMMA_HELPERS if _wgmma(c) else "") + f"""
 typedef {T} T_;
 
 __device__ __forceinline__ int swz(int row, int col) {{ return {swz}; }}
 {loader("a", a_chunks, M, "m0", "X")}
 {loader("b", b_chunks, N, "n0", "W")}
+"""
+    if _wgmma(c):
+        return head + _wgmma_kernel(task, c, store, finish)
 
+    return head + f"""
 extern "C" __global__ void __launch_bounds__({threads}) gemm({_params(c, T)}) {{
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T_* const sa = reinterpret_cast<T_*>(smem_raw);
@@ -441,6 +467,78 @@ extern "C" __global__ void __launch_bounds__({threads}) gemm({_params(c, T)}) {{
         const int row = m0 + wm0 + i * 16 + (lane >> 2) + h * 8;
         const int col = n0 + wn0 + j * 8 + (lane & 3) * 2;
         const float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];{store}
+      }}{finish}
+}}
+"""
+
+
+def _wgmma_kernel(task: Task, c: dict, store: str, finish: str) -> str:
+    """The kernel body of the warpgroup-MMA schedule (tiles as ``load_a``/``load_b`` lay them out)."""
+    M, N, K = (task.dims[d] for d in ("M", "N", "K"))
+    T = c_type(task.dtype)
+    BM, BN, BK, WM, S = c["bm"], c["bn"], c["bk"], c["wm"], c["stages"]
+    MI = WM // 64
+    threads = _threads(task, c)
+    return f"""
+extern "C" __global__ void __launch_bounds__({threads}) gemm({_params(c, T)}) {{
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // descriptors need 1024-byte aligned tiles: align by hand (1 KB extra is allocated)
+  T_* const sa = reinterpret_cast<T_*>(smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
+  T_* const sb = sa + {S * BM * BK};
+  const int wg = threadIdx.x >> 7;
+  const int warp = (threadIdx.x >> 5) & 3;
+  const int lane = threadIdx.x & 31;{_tile_origin(c, M, N)}{_k_range(c, K)}
+
+  float acc[{MI}][{BN // 2}];
+  #pragma unroll
+  for (int i = 0; i < {MI}; ++i)
+    #pragma unroll
+    for (int j = 0; j < {BN // 2}; ++j) acc[i][j] = 0.0f;
+
+  #pragma unroll
+  for (int s = 0; s < {S - 1}; ++s) {{
+    if (s < k_tiles) {{
+      load_a(sa + s * {BM * BK}, X, m0, (kt_begin + s) * {BK});
+      load_b(sb + s * {BN * BK}, W, n0, (kt_begin + s) * {BK});
+    }}
+    cp_async_commit();
+  }}
+
+  for (int kt = 0; kt < k_tiles; ++kt) {{
+    cp_async_wait<{S - 2}>();
+    fence_proxy_async();  // the copies are read next by the tensor cores' async proxy
+    __syncthreads();
+    {{
+      const int next = kt + {S - 1};
+      if (next < k_tiles) {{
+        const int slot = next % {S};
+        load_a(sa + slot * {BM * BK}, X, m0, (kt_begin + next) * {BK});
+        load_b(sb + slot * {BN * BK}, W, n0, (kt_begin + next) * {BK});
+      }}
+      cp_async_commit();
+    }}
+    const T_* ta = sa + (kt % {S}) * {BM * BK} + wg * {WM * BK};
+    const T_* tb = sb + (kt % {S}) * {BN * BK};
+    wgmma_fence();
+    #pragma unroll
+    for (int kk = 0; kk < {BK // 16}; ++kk)
+      #pragma unroll
+      for (int i = 0; i < {MI}; ++i)
+        wgmma_m64k16<{BN}, T_>(acc[i], gmma_desc_sw128(ta + i * {64 * BK} + kk * 16), gmma_desc_sw128(tb + kk * 16));
+    wgmma_commit();
+    wgmma_wait<0>();
+  }}
+  cp_async_wait<0>();
+
+  #pragma unroll
+  for (int i = 0; i < {MI}; ++i)
+    #pragma unroll
+    for (int j = 0; j < {BN // 8}; ++j)
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {{
+        const int row = m0 + wg * {WM} + i * 64 + warp * 16 + (lane >> 2) + h * 8;
+        const int col = n0 + j * 8 + (lane & 3) * 2;
+        const float v0 = acc[i][4 * j + 2 * h], v1 = acc[i][4 * j + 2 * h + 1];{store}
       }}{finish}
 }}
 """
