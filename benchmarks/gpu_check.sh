@@ -4,13 +4,15 @@
 #   source .device/env.sh && bash benchmarks/gpu_check.sh
 #
 # 1. the tests marked `gpu` (real kernels verified and timed, injected CUDA faults);
-# 2. tunes every CUDA operator that `autotune ops --target cuda --json` lists, at its example
-#    shape, plus the shapes TARGETS.md sets goals for, each with a small xgb budget;
+# 2. measures hand-picked Hopper configs for the shapes TARGETS.md sets goals for, then tunes
+#    those shapes and every CUDA operator `autotune ops --target cuda --json` lists (at its
+#    example shape), each with a small xgb budget that resumes from those records;
 # 3. benches the best of each against the vendor kernels (cuBLAS, tinygemm, SDPA, torch row
 #    ops) and prints that table last.
 # Full logs go to $OUT/gpu_check-<time>/ when OUT is set (else /tmp). Each step has a time
 # limit, and tuning stops early when the time set aside for it is used up.
-# Knobs: GPU_CHECK_TRIALS (16), GPU_CHECK_TARGET_TRIALS (32), GPU_CHECK_TUNE_S (300),
+# Knobs: GPU_CHECK_TRIALS (16), GPU_CHECK_TARGET_TRIALS (32), GPU_CHECK_TUNE_S (300: no tuning
+# job starts after that many seconds of the script),
 # GPU_CHECK_CASES, GPU_CHECK_EXAMPLES (see below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +40,7 @@ step "device and environment -> $LOG"
 cat "$LOG/environment.txt"
 
 step "tests marked gpu"
-timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 180 tests > "$LOG/pytest-gpu.log" 2>&1
+timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 120 tests > "$LOG/pytest-gpu.log" 2>&1
 echo "pytest -m gpu exit code $?" | tee -a "$LOG/steps.log"
 tail -n 15 "$LOG/pytest-gpu.log"
 
@@ -72,16 +74,23 @@ PYEOF
   )
 fi
 
+if [[ -z "${GPU_CHECK_CASES:-}" ]]; then
+  step "hand-picked candidates for the TARGETS.md shapes (benchmarks/cuda_candidates.py)"
+  timeout 90 $PY benchmarks/cuda_candidates.py --log "$LOG/tune.jsonl" > "$LOG/candidates.log" 2>&1
+  echo "candidates exit code $?" | tee -a "$LOG/steps.log"
+  grep -v "^  failed" "$LOG/candidates.log" | tail -n 12
+fi
+
 step "tuning ${#CASES[@]} cases (xgb; $TARGET_TRIALS trials for TARGETS.md shapes, $TRIALS for the others)"
 i=0
 for case in "${CASES[@]}"; do
-  if (( $(elapsed) > TUNE_S + 60 )); then
+  if (( $(elapsed) > TUNE_S )); then
     echo "  tuning time is up: skipping $case" | tee -a "$LOG/steps.log"; i=$((i + 1)); continue
   fi
   IFS=: read -r op shape dtype <<< "$case"
   trials=$TRIALS; (( i < N_TARGET_CASES )) && trials=$TARGET_TRIALS
   t0=$(date +%s)
-  timeout 75 $PY -m autotune.cli tune --op "$op" --shape "$shape" --dtype "$dtype" --target cuda \
+  timeout 60 $PY -m autotune.cli tune --op "$op" --shape "$shape" --dtype "$dtype" --target cuda \
     --trials "$trials" --tuner xgb --no-mlflow --quiet --log "$LOG/tune.jsonl" >> "$LOG/tune.log" 2>&1
   rc=$?
   echo "  $case: exit $rc in $(( $(date +%s) - t0 ))s: $(tail -n 2 "$LOG/tune.log" | head -n 1)" | tee -a "$LOG/steps.log"
@@ -90,7 +99,7 @@ done
 $PY -m autotune.cli best --log "$LOG/tune.jsonl" > "$LOG/best.txt" 2>&1
 
 step "bench against the vendor baselines"
-timeout 150 $PY benchmarks/cuda_ops.py --log "$LOG/tune.jsonl" --json-out "$LOG/bench.jsonl" \
+timeout 110 $PY benchmarks/cuda_ops.py --log "$LOG/tune.jsonl" --json-out "$LOG/bench.jsonl" \
   --cases "${CASES[@]}" > "$LOG/bench.md" 2> "$LOG/bench.err"
 echo "bench exit code $?" | tee -a "$LOG/steps.log"
 step "done; logs in $LOG"
