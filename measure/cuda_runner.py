@@ -243,7 +243,7 @@ def run_cuda_candidate(payload: dict[str, Any]) -> dict[str, Any]:
     """Worker side: load, verify on poisoned outputs, then time one candidate."""
     import importlib
 
-    from .runner import _PREPARED, _prepared
+    from .runner import _prepared
     from .verify import check_output
 
     importlib.import_module(payload["module"])
@@ -295,8 +295,7 @@ def run_cuda_candidate(payload: dict[str, Any]) -> dict[str, Any]:
                     problem = check_output(arg.name, got[arg.name], reference[arg.name], template.tolerance(task),
                                            arg.dtype)
                     if problem:
-                        _PREPARED.clear()  # a wrong kernel may have scribbled on the inputs
-                        gpu.drop()
+                        gpu.drop()  # a wrong kernel may have scribbled on the device inputs: upload again
                         return {"error": "WRONG_ANSWER", "message": problem}
         repeats = max(policy.min_repeats, min(policy.repeats, int(policy.max_total_s / max(first_s, 1e-7))))
         try:
@@ -426,8 +425,6 @@ class CudaRunner:
             if out.get("sticky"):
                 worker.kill()  # the context is poisoned: the next candidate gets a fresh process
                 out["message"] = out.get("message", "") + " (worker replaced)"
-            if error == MeasureError.WRONG_ANSWER:
-                self._prepared[w] = None  # the worker dropped its inputs
             return MeasureResult.failed(error, out.get("message", ""), build.build_s, run_s, stats)
         stats.update(out["stats"])
         return MeasureResult(tuple(out["costs"]), MeasureError.NO_ERROR, "", build.build_s, run_s, stats=stats)

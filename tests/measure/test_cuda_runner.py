@@ -114,8 +114,8 @@ def test_runner_maps_every_outcome_and_replaces_poisoned_workers():
     assert "worker replaced" in results[1].message
     # sticky error, timeout, crash and the sticky WorkerError each cost the worker; OOR does not
     assert worker.killed == 4
-    # a fresh worker (and a wrong answer) means preparing the task's inputs again
-    assert worker.calls.count("prepare_cuda_task") == 6
+    # a fresh worker means preparing the task's inputs again (a wrong answer only re-uploads them)
+    assert worker.calls.count("prepare_cuda_task") == 5
     assert worker.closed
     for r in results:
         if r.error != MeasureError.NO_ERROR:
