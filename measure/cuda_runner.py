@@ -166,7 +166,10 @@ class _SmClock:
                 return
             handle = ctypes.c_void_p()
             if lib.nvmlDeviceGetHandleByPciBusId_v2(pci_bus_id.encode(), ctypes.byref(handle)) != 0:
-                return
+                # NVML counts GPUs physically, as CUDA_VISIBLE_DEVICES names them
+                visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+                if not visible.isdigit() or lib.nvmlDeviceGetHandleByIndex_v2(int(visible), ctypes.byref(handle)):
+                    return
             self.lib, self.handle = lib, handle
         except OSError:
             pass
