@@ -1,10 +1,10 @@
 """Run generated CUDA kernels on the CPU, so their indexing is checked without a GPU (tests only).
 
 ``cudaemu.h`` turns the CUDA C that templates render into C++ that g++ compiles: each CUDA
-thread is a fiber, barriers and warp collectives (shuffles, ldmatrix, mma.sync) are
+thread is a fiber, barriers and warp collectives (shuffles, ldmatrix, mma.sync, wgmma) are
 rendezvous points, cp.async copies run at once or at their wait_group. The inline-PTX
 section of the source (between ``// BEGIN PTX`` and ``// END PTX``) is swapped for the
-emulated definitions at the end of ``cudaemu.h``.
+emulated definitions of ``cudaemu_ptx.h``.
 
 Kernels run in a worker process on buffers fenced by inaccessible pages: a read or write
 past the end of an array kills the worker (reported as a crash), bytes just before and
@@ -33,10 +33,11 @@ from search_space.ops.common import numpy_dtype
 
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "cudaemu.h"
+PTX_HEADER = HERE / "cudaemu_ptx.h"
 CUDA_INCLUDE = "/usr/local/cuda/include"
+FLAGS = ["-std=c++17", "-O1", "-fPIC", "-w", f"-I{CUDA_INCLUDE}"]
 _PTX_SECTION = re.compile(r"// BEGIN PTX.*?// END PTX", re.S)
 _DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+\w+)*?)\s+(\w+)\s*\[\s*\]\s*;")
-_EMULATED_MARK = "// ---- PTX helpers, emulated"
 
 
 def _cache_dir() -> Path:
@@ -47,11 +48,9 @@ def _cache_dir() -> Path:
 
 def emulated_source(source: KernelSource) -> str:
     """The kernel as C++ for the emulator, plus an ``emu_run`` entry taking untyped pointers."""
-    header = HEADER.read_text()
-    ptx = header.split(_EMULATED_MARK, 1)[1].split("\n", 1)[1]
     sections = iter(range(1 << 30))
     # the first PTX section becomes every emulated helper; later ones (wgmma) are covered by it
-    code = _PTX_SECTION.sub(lambda _: ptx if next(sections) == 0 else "", source.code)
+    code = _PTX_SECTION.sub(lambda _: '#include "cudaemu_ptx.h"' if next(sections) == 0 else "", source.code)
     code = _DYNAMIC_SMEM.sub(lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>"
                                        f"(emu::dynamic_smem_bytes);", code)
     params = []
@@ -63,8 +62,7 @@ def emulated_source(source: KernelSource) -> str:
         else:  # converts to whatever pointer type the kernel declares (float4*, uint8_t*, ...)
             params.append(f"emu::AnyPtr{{p[{pointers}]}}")
             pointers += 1
-    head = header.split(_EMULATED_MARK, 1)[0]
-    return head + code + f"""
+    return '#include "cudaemu.h"\n' + code + f"""
 extern "C" int emu_run(void** p, long long* s, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                        unsigned bz, int deferred, unsigned seed, char* error) {{
   emu::kernel_body = [=]() {{ {source.entry}({", ".join(params)}); }};
@@ -75,18 +73,36 @@ extern "C" int emu_run(void** p, long long* s, unsigned gx, unsigned gy, unsigne
 """
 
 
+def _precompiled_header() -> Path:
+    """A directory holding cudaemu.h and its precompiled form (halves each compile)."""
+    text = HEADER.read_text()
+    folder = _cache_dir() / ("pch-" + hashlib.sha256((text + " ".join(FLAGS)).encode()).hexdigest()[:16])
+    gch = folder / "cudaemu.h.gch"
+    if not gch.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "cudaemu.h").write_text(text)
+        tmp = folder / f".cudaemu.h.gch.{os.getpid()}"
+        proc = subprocess.run(["g++", "-x", "c++-header", *FLAGS, "-o", str(tmp), str(folder / "cudaemu.h")],
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"g++ failed on cudaemu.h:\n{proc.stderr[-4000:]}")
+        os.replace(tmp, gch)
+    return folder
+
+
 def build(source: KernelSource) -> Path:
     """Compile the emulated kernel into a shared library (cached by content)."""
     text = emulated_source(source)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:24]
+    pch = _precompiled_header()
+    digest = hashlib.sha256((text + PTX_HEADER.read_text() + pch.name).encode()).hexdigest()[:24]
     lib = _cache_dir() / f"{digest}.so"
     if lib.exists():
         return lib
     cpp = lib.with_suffix(".cpp")
     cpp.write_text(text)
     tmp = lib.with_name(f".{lib.name}.{os.getpid()}")
-    proc = subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-w", f"-I{CUDA_INCLUDE}",
-                           f"-I{HERE}", "-o", str(tmp), str(cpp)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["g++", *FLAGS, "-shared", f"-I{pch}", f"-I{HERE}", "-o", str(tmp), str(cpp)],
+                          capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"g++ failed on {cpp}:\n{proc.stderr[-4000:]}")
     os.replace(tmp, lib)

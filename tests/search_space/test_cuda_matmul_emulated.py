@@ -66,9 +66,9 @@ def test_generated_kernels_match_the_reference(emulator, op, dtype, shape, attrs
 
 
 @pytest.mark.parametrize("config", [
-    dict(bm=32, bn=32, bk=64, wm=16, wn=32, stages=2, vec=8, swizzle="xor", split_k=2, group_m=8),
-    dict(bm=64, bn=32, bk=32, wm=32, wn=16, stages=5, vec=4, swizzle="pad", split_k=1, group_m=1),
-    dict(bm=16, bn=64, bk=16, wm=16, wn=16, stages=3, vec=2, swizzle="none", split_k=4, group_m=1),
+    dict(instr="mma", bm=32, bn=32, bk=64, wm=16, wn=32, stages=2, vec=8, swizzle="xor", split_k=2, group_m=8),
+    dict(instr="mma", bm=64, bn=32, bk=32, wm=32, wn=16, stages=5, vec=4, swizzle="pad", split_k=1, group_m=1),
+    dict(instr="mma", bm=16, bn=64, bk=16, wm=16, wn=16, stages=3, vec=2, swizzle="none", split_k=4, group_m=1),
 ])
 def test_gemm_tensor_core_pipeline_variants(emulator, config):
     """Swizzles, stage counts, split-K and copy widths, each with late-landing copies."""
@@ -85,7 +85,7 @@ def test_gemm_tensor_core_pipeline_variants(emulator, config):
      dict(instr="wgmma", bm=64, bn=64, bk=64, wm=64, wn=16, stages=3, vec=8, swizzle="xor", split_k=1, group_m=1)),
     ("bfloat16", {"M": 150, "N": 90, "K": 136},
      dict(instr="wgmma", bm=256, bn=32, bk=64, wm=128, wn=16, stages=2, vec=4, swizzle="xor", split_k=2, group_m=1)),
-    ("float16", {"M": 130, "N": 260, "K": 72},
+    ("float16", {"M": 130, "N": 260, "K": 328},
      dict(instr="wgmma", bm=128, bn=256, bk=64, wm=64, wn=16, stages=4, vec=8, swizzle="xor", split_k=1, group_m=8)),
 ])
 def test_gemm_warpgroup_mma_variants(emulator, dtype, shape, config):
@@ -146,7 +146,7 @@ def gemm_case():
     template = get_template("gemm", "cuda")
     task = Task.make("gemm", {"M": 37, "N": 45, "K": 200}, "float16")
     config = template.space(task, SM90).from_values(
-        dict(bm=32, bn=32, bk=32, wm=16, wn=16, stages=3, vec=8, swizzle="xor", split_k=1, group_m=1))
+        dict(instr="mma", bm=32, bn=32, bk=32, wm=16, wn=16, stages=3, vec=8, swizzle="xor", split_k=1, group_m=1))
     source = template.render(task, config, SM90)
     inputs = template.make_inputs(task, np.random.default_rng(0))
     return template, task, source, inputs, template.reference(task, inputs)
