@@ -33,9 +33,9 @@ SIMT_GEMM = [dict(bm=bm, bn=bn, bk=bk, tm=8, tn=8, vec=4, split_k=1, group_m=8)
 GEMV = [dict(warps=w, rows=r, ksplit=k, vec=16, unroll=u, x_smem=0)
         for w, r, k, u in ((4, 1, 1, 4), (4, 2, 1, 4), (8, 1, 1, 4), (8, 2, 2, 2), (4, 4, 1, 2), (8, 1, 2, 4),
                            (2, 2, 1, 4), (4, 1, 4, 2))]
-GEMV_Q4 = [dict(core="mma", warps=w, rows=r, ksplit=k, unroll=u, mtile=1)
-           for w, r, k, u in ((4, 1, 2, 2), (4, 1, 4, 2), (8, 1, 4, 2), (8, 1, 2, 1), (4, 2, 2, 2), (4, 1, 1, 2),
-                              (8, 2, 4, 1), (2, 1, 2, 2))]
+GEMV_Q4 = [dict(core="mma", warps=w, rows=r, ksplit=k, unroll=u, mtile=1, prefetch=p)
+           for w, r, k, u, p in ((4, 1, 2, 2, 1), (4, 1, 4, 2, 1), (8, 1, 4, 2, 1), (8, 1, 2, 1, 0), (4, 2, 2, 2, 1),
+                                 (4, 1, 1, 2, 0), (8, 2, 4, 1, 1), (2, 1, 2, 2, 0))]
 
 CASES = {
     "gemm:M=4096,N=4096,K=4096:float16": HALF_GEMM,

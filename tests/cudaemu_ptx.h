@@ -9,6 +9,7 @@ template <int BYTES> inline void cp_async(void* smem, const void* gmem, bool val
   if (emu::deferred_copies) emu::fibers[emu::current].open.push_back(c);
   else emu::run_copy(c);
 }
+inline void prefetch_l2(const void*) {}
 inline void cp_async_commit() {
   auto& f = emu::fibers[emu::current];
   f.groups.push_back(f.open);

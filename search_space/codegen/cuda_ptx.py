@@ -45,6 +45,8 @@ template <> __device__ __forceinline__ void cp_async<4>(void* smem, const void* 
                :: "r"(smem_u32(smem)), "l"(gmem), "r"(valid ? 4 : 0) : "memory");
 }
 
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" :: "l"(p)); }
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 template <int PENDING> __device__ __forceinline__ void cp_async_wait() {

@@ -185,12 +185,14 @@ def _smem_bytes(task: Task, c: dict) -> int:
 def _registers(task: Task, c: dict) -> int:
     if tensor_core(task) and _wgmma(c):
         return (c["wm"] // 64) * c["bn"] // 2 + 48
+    threads = _threads(task, c)
+    # each global load of a tile keeps its own address (2 registers) live in the unrolled loader
+    loads = max(1, (c["bm"] + c["bn"]) * c["bk"] // (c["vec"] * threads))
     if tensor_core(task):
         mi, ni = c["wm"] // 16, c["wn"] // 8
-        return 4 * mi * ni + 4 * mi + 2 * ni + 40
-    threads = _threads(task, c)
-    loads = max(1, (c["bm"] + c["bn"]) * c["bk"] // threads)
-    return c["tm"] * c["tn"] + c["tm"] + c["tn"] + loads + 30
+        return 4 * mi * ni + 4 * mi + 2 * ni + 2 * loads + 40
+    floats = loads * c["vec"]  # the next tile, staged in registers
+    return c["tm"] * c["tn"] + c["tm"] + c["tn"] + floats + 2 * loads + 30
 
 
 def _workspace_bytes(task: Task, c: dict) -> int:

@@ -15,7 +15,8 @@ Two schedules (knob ``core``):
   the mma is a permutation of the true one; X (the B operand, ``mtile`` x 8 rows per block)
   is staged in shared memory in that same permuted order, ``kc`` columns of K at a time,
   XOR-swizzled by 16-byte unit so the fragment loads of a quarter warp hit distinct banks.
-  ``unroll`` steps of weights are in flight before the first is used; ``ksplit`` warps
+  ``unroll`` steps of weights are in flight before the first is used (``prefetch`` sends the
+  first ones towards L2 before X is staged); ``ksplit`` warps
   share rows and split K, meeting in shared memory. Pieces of K past the end get scale 0.
 - ``simt`` (every dtype; the only one for float32): a block takes ``mtile`` x 8 rows of X
   (all of them for decode), a warp owns ``rows`` W rows, each lane
@@ -68,6 +69,7 @@ def q4_knobs(task: Task, target: Target, mtiles: tuple[int, ...]) -> list[Knob]:
         Knob("unroll", (1, 2)),
         Knob("mtile", mtiles),
         Knob("kc", chunk_values(task, m_rows, target)),
+        Knob("prefetch", (0, 1) if "mma" in cores(task) else (0,)),
     ]
 
 
@@ -80,8 +82,8 @@ def q4_constraints(task: Task, target: Target, knobs: list[Knob]) -> list:
         ("mma row tiles are 1 or 2 per warp", lambda c: c["core"] == "simt" or c["rows"] <= 2),
         ("K split gives every warp work",
          lambda c: c["ksplit"] == 1 or c["ksplit"] * (STEP_K if c["core"] == "mma" else 1024) <= K),
-        ("the SIMT schedule has no K chunks (kc stays at its last value)",
-         lambda c: c["core"] == "mma" or c["kc"] == whole_k),
+        ("the SIMT schedule has no K chunks (kc stays at its last value) and no prefetch",
+         lambda c: c["core"] == "mma" or (c["kc"] == whole_k and c["prefetch"] == 0)),
         ("split-K partials fit in shared memory",
          lambda c: c["ksplit"] == 1 or _partials(task, c) <= 32),
     ] + launch_constraints(target, lambda c: 32 * c["warps"], lambda c: smem_bytes(task, c),
@@ -145,7 +147,7 @@ def q4_default(space: ConfigSpace, task: Task, target: Target) -> Config:
             for kc in sorted(kcs, reverse=True) if core == "mma" else kcs[-1:]:
                 for warps, unroll in ((4, 2), (4, 1), (2, 1), (8, 2)):
                     values = {"core": core, "warps": warps, "rows": rows, "ksplit": ksplit, "unroll": unroll,
-                              "mtile": mtile, "kc": kc}
+                              "mtile": mtile, "kc": kc, "prefetch": 1 if core == "mma" else 0}
                     per_warp = 16 * rows if core == "mma" else rows
                     warps_total = math.ceil(N / per_warp) * ksplit * math.ceil(M / (8 * mtile))
                     tries.append((min(warps_total, want), values))
@@ -246,6 +248,19 @@ def mma_code(task: Task, c: dict) -> str:
         zero_load = ""
         zero_value = f"h2(T_({bias + 8.0}f))"
     zero_regs = f"T_ zr[{U}][{RW}][2];" if zp else ""
+    prefetch = ""
+    if c["prefetch"]:  # the first weights head for L2 while X is staged
+        prefetch = f"""
+  #pragma unroll
+  for (int u = 0; u < {U}; ++u) {{
+    const int kb = (part + u * {KS}) * {STEP_K} + 32 * t;
+    if (kb < {K}) {{
+      #pragma unroll
+      for (int rt = 0; rt < {RW}; ++rt)
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) prefetch_l2(WQ + row_off_q[rt][h] + kb / 2);
+    }}
+  }}"""
     store = f"""
   #pragma unroll
   for (int rt = 0; rt < {RW}; ++rt)
@@ -295,6 +310,7 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}(const T_* __re
   #pragma unroll
   for (int i = 0; i < {RW * NT * 4}; ++i) acc[i] = 0.0f;
 
+{prefetch}
   for (int c0 = 0; c0 < {K}; c0 += {KC}) {{
     __syncthreads();  // the previous chunk of X is no longer read
     for (int i = threadIdx.x; i < {MR * units_row}; i += {threads}) {{
