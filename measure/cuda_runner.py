@@ -3,11 +3,11 @@
 Each worker (a fresh interpreter, ``measure.worker.WorkerProcess``) sees one GPU through
 ``CUDA_VISIBLE_DEVICES`` and keeps, per task, the random inputs, their float64 reference and
 the device copies of both inputs and outputs. A candidate's cubin is loaded from memory
-(``module_from_buffer``); kernels asking for more than 48 KB of dynamic shared memory get
-the opt-in attribute. Outputs are poisoned with NaN and workspaces zeroed before the first
-launch, which is verified against the reference; then the kernel is timed with CUDA
-events, each timed launch preceded by a write over a buffer twice the size of L2 so that
-no launch finds its operands cached by the previous one. The SM clock is read through
+(``module_from_buffer``); kernels using dynamic shared memory get the opt-in attribute for
+what they ask (past 48 KB they need it). Outputs are poisoned with NaN and workspaces
+zeroed before the first launch, which is verified against the reference; then the kernel
+is timed with CUDA events, each timed launch preceded by a write over a buffer twice the
+size of L2 so that no launch finds its operands cached by the previous one. The SM clock is read through
 NVML (ctypes) when the library is there.
 
 Failures are values: a launch the driver refuses (too many resources) is
@@ -39,7 +39,6 @@ from .worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout
 
 # Each timed sample is one launch (events have ~0.5 us resolution): many samples, bounded time.
 CUDA_POLICY = TimingPolicy(warmup=3, min_sample_s=0.0, repeats=50, min_repeats=10, max_total_s=1.0)
-OPT_IN_SMEM = 48 << 10
 MIN_FLUSH_BYTES = 64 << 20
 
 # ----------------------------------------------------------------------------- error classes
@@ -213,7 +212,9 @@ def _launcher(gpu: _Gpu, source: KernelSource, cubin: bytes, dims: dict[str, int
     module = drv.module_from_buffer(cubin)
     func = module.get_function(source.entry)
     grid, block, smem = resolve_launch(source.launch_dims, dims)
-    if smem > OPT_IN_SMEM:
+    if smem > 0:
+        # past 48 KB (static + dynamic) a kernel must opt in; static smem is not known here,
+        # so any kernel with dynamic shared memory opts in for exactly what it asks
         func.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
     allowed = func.get_attribute(drv.function_attribute.MAX_THREADS_PER_BLOCK)
     threads = math.prod(block)
