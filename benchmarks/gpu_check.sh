@@ -11,7 +11,7 @@
 #    ops) and prints that table last.
 # Full logs go to $OUT/gpu_check-<time>/ when OUT is set (else /tmp). Each step has a time
 # limit, and tuning stops early when the time set aside for it is used up.
-# Knobs: GPU_CHECK_TRIALS (16), GPU_CHECK_TARGET_TRIALS (32), GPU_CHECK_TUNE_S (300: no tuning
+# Knobs: GPU_CHECK_TRIALS (12), GPU_CHECK_TARGET_TRIALS (24), GPU_CHECK_TUNE_S (340: no tuning
 # job starts after that many seconds of the script),
 # GPU_CHECK_CASES, GPU_CHECK_EXAMPLES (see below).
 set -uo pipefail
@@ -21,9 +21,9 @@ LOG=${OUT:-/tmp}/gpu_check-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
 export AUTOTUNE_CACHE_DIR=${AUTOTUNE_CACHE_DIR:-/tmp/autotune-kernels}
-TRIALS=${GPU_CHECK_TRIALS:-16}
-TARGET_TRIALS=${GPU_CHECK_TARGET_TRIALS:-32}
-TUNE_S=${GPU_CHECK_TUNE_S:-300}
+TRIALS=${GPU_CHECK_TRIALS:-12}
+TARGET_TRIALS=${GPU_CHECK_TARGET_TRIALS:-24}
+TUNE_S=${GPU_CHECK_TUNE_S:-340}
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
 step() { echo "[$(elapsed)s] $*" | tee -a "$LOG/steps.log"; }
@@ -40,9 +40,10 @@ step "device and environment -> $LOG"
 cat "$LOG/environment.txt"
 
 step "tests marked gpu"
-timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 120 tests > "$LOG/pytest-gpu.log" 2>&1
+timeout 150 $PY -m pytest -v -m gpu -p no:cacheprovider --timeout 120 tests > "$LOG/pytest-gpu.log" 2>&1
 echo "pytest -m gpu exit code $?" | tee -a "$LOG/steps.log"
-tail -n 15 "$LOG/pytest-gpu.log"
+echo "  $(grep -c " PASSED" "$LOG/pytest-gpu.log") passed; not passed:"; grep -E " (FAILED|ERROR)" "$LOG/pytest-gpu.log" | head -n 20
+tail -n 3 "$LOG/pytest-gpu.log"
 
 # The TARGETS.md shapes first (they matter most), then every op at its example shape.
 # GPU_CHECK_CASES (space-separated op:shape:dtype) replaces the first list; GPU_CHECK_EXAMPLES=0
@@ -76,7 +77,7 @@ fi
 
 if [[ -z "${GPU_CHECK_CASES:-}" ]]; then
   step "hand-picked candidates for the TARGETS.md shapes (benchmarks/cuda_candidates.py)"
-  timeout 90 $PY benchmarks/cuda_candidates.py --log "$LOG/tune.jsonl" > "$LOG/candidates.log" 2>&1
+  timeout 80 $PY benchmarks/cuda_candidates.py --log "$LOG/tune.jsonl" > "$LOG/candidates.log" 2>&1
   echo "candidates exit code $?" | tee -a "$LOG/steps.log"
   grep -v "^  failed" "$LOG/candidates.log" | tail -n 12
 fi
@@ -90,7 +91,7 @@ for case in "${CASES[@]}"; do
   IFS=: read -r op shape dtype <<< "$case"
   trials=$TRIALS; (( i < N_TARGET_CASES )) && trials=$TARGET_TRIALS
   t0=$(date +%s)
-  timeout 60 $PY -m autotune.cli tune --op "$op" --shape "$shape" --dtype "$dtype" --target cuda \
+  timeout 45 $PY -m autotune.cli tune --op "$op" --shape "$shape" --dtype "$dtype" --target cuda \
     --trials "$trials" --tuner xgb --no-mlflow --quiet --log "$LOG/tune.jsonl" >> "$LOG/tune.log" 2>&1
   rc=$?
   echo "  $case: exit $rc in $(( $(date +%s) - t0 ))s: $(tail -n 2 "$LOG/tune.log" | head -n 1)" | tee -a "$LOG/steps.log"
@@ -99,7 +100,7 @@ done
 $PY -m autotune.cli best --log "$LOG/tune.jsonl" > "$LOG/best.txt" 2>&1
 
 step "bench against the vendor baselines"
-timeout 110 $PY benchmarks/cuda_ops.py --log "$LOG/tune.jsonl" --json-out "$LOG/bench.jsonl" \
+timeout 90 $PY benchmarks/cuda_ops.py --log "$LOG/tune.jsonl" --json-out "$LOG/bench.jsonl" \
   --cases "${CASES[@]}" > "$LOG/bench.md" 2> "$LOG/bench.err"
 echo "bench exit code $?" | tee -a "$LOG/steps.log"
 step "done; logs in $LOG"
