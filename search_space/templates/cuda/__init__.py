@@ -5,6 +5,4 @@ building needs nvcc, running needs a GPU and pycuda.
 """
 from __future__ import annotations
 
-from . import gemv  # noqa: F401,E402
-from . import gemm  # noqa: F401,E402
-from . import gemm_q4, gemv_q4  # noqa: F401,E402
+from . import gemm, gemm_q4, gemv, gemv_q4  # noqa: F401
