@@ -249,15 +249,30 @@ def ops(target: str, as_json: bool) -> None:
 @click.option("--threads", default=None, type=int, callback=positive,
               help="search only configs with this many threads")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--compile-only", is_flag=True,
+              help="cuda or sm_XX: build --trials configs and check their resources; run nothing")
+@click.option("--json", "as_json", is_flag=True, help="with --compile-only: print a JSON list")
 def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, log_path, tracking_uri, no_mlflow,
-         experiment, build_timeout, run_timeout, threads, quiet) -> None:
+         experiment, build_timeout, run_timeout, threads, quiet, compile_only, as_json) -> None:
     """Tune one operator instance; every measurement goes to the log."""
     from .tuning import run_tuning_job
 
-    tgt = resolve_target(target)
-    if tgt.kind != "cpu":
-        raise UserError("tuning on cuda is not available yet: use --target cpu")
+    compile_only = compile_only or target.startswith("sm_")
+    tgt = resolve_target(target, compile_only)
+    if compile_only and tgt.kind != "cuda":
+        raise UserError("--compile-only is for CUDA targets: use --target cuda or an arch like sm_90a")
+    if tgt.kind == "cuda" and threads is not None:
+        raise UserError("--threads is for the cpu target")
     template, task = resolve_task(op, shape, dtype, tgt.kind, dynamic, attrs)
+    if compile_only:
+        from .cuda_cli import compile_only_report, format_compile_report
+
+        rows = compile_only_report(template, task, tgt, trials, seed, build_timeout)
+        click.echo(json.dumps(rows, indent=2, default=_json_default) if as_json
+                   else format_compile_report(task, tgt, rows))
+        if not any(r["status"] == "NO_ERROR" for r in rows):
+            sys.exit(1)
+        return
     restrict = None
     if threads is not None:
         space = template.space(task, tgt)
@@ -267,10 +282,19 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
             raise UserError(f"--threads {threads}: {op} on this machine takes {list(space.knob('threads').values)}")
         restrict = {"threads": [threads]}
     log = open_log(log_path)
-    summary = run_tuning_job(task, tgt, tuner, trials, batch, seed, log,
-                             tracking_uri=None if no_mlflow else tracking_uri, use_mlflow=not no_mlflow,
-                             experiment=experiment, build_timeout=build_timeout, run_timeout=run_timeout,
-                             progress=not quiet, restrict=restrict)
+    runner = None
+    if tgt.kind == "cuda":
+        from measure import CudaRunner
+
+        runner = CudaRunner(timeout_s=run_timeout, seed=seed)
+    try:
+        summary = run_tuning_job(task, tgt, tuner, trials, batch, seed, log,
+                                 tracking_uri=None if no_mlflow else tracking_uri, use_mlflow=not no_mlflow,
+                                 experiment=experiment, build_timeout=build_timeout, run_timeout=run_timeout,
+                                 progress=not quiet, restrict=restrict, runner=runner)
+    finally:
+        if runner is not None:
+            runner.close()
     best = summary.best
     click.echo(f"{task.key}: {summary.trials} trials ({summary.resumed} resumed from the log, "
                f"{summary.measured} measured now, {summary.failed} failed) in {summary.wall_s:.1f} s; "
@@ -316,9 +340,9 @@ def best(log_path: str, as_json: bool) -> None:
 @click.option("--dynamic", default="", metavar="DIM[,DIM]",
               help="dims the kernel takes at run time; --shape gives the size tuned at")
 @click.option("--log", "log_path", default=None, help="tuning log; without it the template default is benched")
-@click.option("--target", default="cpu", show_default=True)
+@click.option("--target", default="cpu", show_default=True, help="cpu or cuda (vendor baselines through torch)")
 @click.option("--threads", default=None, type=int, callback=positive,
-              help="threads for both sides [default: the best record's]")
+              help="cpu: threads for both sides [default: the best record's]")
 @click.option("--json", "as_json", is_flag=True)
 def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, as_json) -> None:
     """Run the best recorded kernel and the numpy baseline side by side."""
@@ -327,8 +351,8 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, as_json) 
     from .bench import bench as run_bench
 
     tgt = resolve_target(target)
-    if tgt.kind != "cpu":
-        raise UserError("bench on cuda is not available yet: use --target cpu")
+    if tgt.kind == "cuda" and threads is not None:
+        raise UserError("--threads is for the cpu target")
     template, task = resolve_task(op, shape, dtype, tgt.kind, dynamic, attrs)
     space = template.space(task, tgt)
     config = None
@@ -347,8 +371,13 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, as_json) 
             values = dict(config.as_dict(), threads=threads)
             if space.is_valid(values):
                 config = space.from_values(values)
-    n_threads = threads or int(config.get("threads", 1) or 1)
-    result = run_bench(task, tgt, config, n_threads)
+    if tgt.kind == "cuda":
+        from .cuda_bench import bench_cuda
+
+        result = bench_cuda(task, tgt, config)
+    else:
+        n_threads = threads or int(config.get("threads", 1) or 1)
+        result = run_bench(task, tgt, config, n_threads)
     if as_json:
         echo_json(result.to_dict())
     else:
