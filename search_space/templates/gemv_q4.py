@@ -1,0 +1,256 @@
+"""``gemv_q4`` on the CPU: decode matmul with int4 weights, Y[M,N] = X[M,K] @ dequant(WQ)[N,K]^T.
+
+Schedule: the weights stay packed in memory (half a byte each, the point of int4) and are
+decoded in registers: each step loads ``vec`` bytes of a W row, splits them into the codes
+of ``vec`` even and ``vec`` odd k with a vector and/shift, and converts them to float. X is
+laid out once per call (a prologue on the calling thread, into the workspace) with the even
+and odd k of every block of 2 x ``vec`` apart, so each decoded vector meets its X vector
+without any shuffle. A tile keeps ``rows`` W rows x ``mtile`` X rows of accumulators.
+
+How the group scale and zero are applied (``scale``):
+- ``group``: accumulate sum_k x_k q_k over a group, then fold the group in with one fma
+  per accumulator, sum x (q - z) s = s (sum x q - z sum x), using per-lane sums of X per
+  group from the prologue; no per-weight arithmetic besides the decode and the fma.
+- ``dequant``: dequantise each decoded vector, (q - z) * s, and fma it: two more vector
+  ops per weight vector, fewer registers.
+
+``chains`` 2 keeps separate accumulators for the even and odd codes (two dependency
+chains, for tiles too small to hide the fma latency); ``unroll`` groups per loop trip;
+``kblock`` splits K (in groups) so a block of X stays cached while W streams past;
+threads split row blocks of W. Remainder rows and X rows get smaller tiles. K is a
+multiple of the group size (>= 32), so there is no K remainder.
+"""
+from __future__ import annotations
+
+import math
+
+from ..codegen import llvm as cg
+from ..ops.matmul import GemvQ4Op
+from ..space import Config, ConfigSpace, Knob
+from ..target import Target
+from ..task import Task
+from ..template import ArgSpec, KernelSource, Template, register_template
+from .gemv import vector_registers
+from .q4_layout import decode_block, deinterleave_x, q4_attrs
+
+
+def _registers_needed(c) -> int:
+    """Vector registers a tile keeps live: accumulators, X vectors, decoded weights."""
+    per_tile = c["mtile"] * c["rows"]
+    acc = per_tile * c["chains"] + (per_tile if c["scale"] == "group" else 0)
+    return acc + 2 * c["mtile"] + 4
+
+
+@register_template
+class GemvQ4Cpu(GemvQ4Op, Template):
+    target_kind = "cpu"
+    dtypes = ("float32",)
+
+    def space(self, task: Task, target: Target) -> ConfigSpace:
+        self.check(task)
+        d = task.dims
+        group, _ = q4_attrs(self, task)
+        lanes = target.vector_lanes_f32
+        regs = vector_registers(target)
+        groups = d["K"] // group
+        knobs = [
+            Knob("rows", tuple(v for v in (1, 2, 4, 8) if v <= d["N"])),
+            Knob("mtile", tuple(v for v in (1, 2, 4, 8, 16) if v <= d["M"])),
+            Knob("vec", tuple(v for v in (8, 16) if v <= lanes) or (lanes,)),
+            Knob("scale", ("group", "dequant")),
+            Knob("chains", (1, 2)),
+            Knob("unroll", tuple(v for v in (1, 2) if v <= groups)),
+            Knob("kblock", (0,) + tuple(v for v in (4, 16) if v < groups)),
+            Knob("threads", tuple(sorted({1, max(target.cores, 1)}))),
+        ]
+        constraints = [
+            ("accumulators fit in registers", lambda c: _registers_needed(c) <= regs),
+            ("one row block per thread at least",
+             lambda c: c["threads"] == 1 or math.ceil(d["N"] / c["rows"]) >= c["threads"]),
+        ]
+        return ConfigSpace(knobs, constraints)
+
+    def default(self, task: Task, target: Target) -> Config:
+        space = self.space(task, target)
+        lanes = min(16, target.vector_lanes_f32)
+        for rows, mtile in ((4, 2), (4, 1), (2, 2), (2, 1), (1, 1)):
+            values = {"rows": rows, "mtile": mtile, "vec": lanes, "scale": "group", "chains": 1,
+                      "unroll": 1, "kblock": 0, "threads": 1}
+            if space.accepts(values):
+                return space.from_values(values)
+        return next(iter(space))
+
+    def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
+        d = task.dims
+        c = config.as_dict()
+        group, zero_point = q4_attrs(self, task)
+        chunks = math.ceil(d["N"] / c["rows"])
+        passes = math.ceil(d["M"] / c["mtile"])
+        klen = (c["kblock"] * group) if c["kblock"] else d["K"]
+        weight_bytes = d["N"] * d["K"] / 2 + d["N"] * d["K"] / group * 4 * (2 if zero_point else 1)
+        moved = weight_bytes + 4.0 * (d["M"] * d["K"] * 2 + d["M"] * d["N"])
+        return {
+            "threads": c["threads"],
+            "vector_lanes": c["vec"],
+            "unroll": c["unroll"],
+            "accumulators": _registers_needed(c),
+            "loads_per_fma": (2 * c["mtile"] + c["rows"]) / (2 * c["mtile"] * c["rows"]),
+            "parallel_chunks": chunks,
+            "chunks_per_thread": chunks / c["threads"],
+            "tile_bytes_l1": c["rows"] * c["vec"] + 8.0 * c["mtile"] * c["vec"],
+            "tile_bytes_l2": c["rows"] * klen / 2 * passes + 4.0 * d["M"] * klen,
+            "bytes_moved": moved,
+            "arith_intensity": self.flops(task) / moved,
+            "reduction_share": 1.0 / max(group / (2 * c["vec"]), 1.0),
+            "n_tail_fraction": (d["N"] % c["rows"]) / d["N"],
+            "m_tail_fraction": (d["M"] % c["mtile"]) / d["M"],
+        }
+
+    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
+        self.check(task)
+        return _render(self, task, config.as_dict())
+
+
+def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
+    d = task.dims
+    M, N, K = d["M"], d["N"], d["K"]
+    group, zero_point = q4_attrs(op, task)
+    rows, mtile, lanes, chains, unroll = c["rows"], c["mtile"], c["vec"], c["chains"], c["unroll"]
+    folded = c["scale"] == "group"
+    groups = K // group
+    kblock = c["kblock"] or groups
+    span = 2 * lanes
+    blocks_per_group = group // span
+    n_ptr = 6 if zero_point else 5
+    sums_at = M * K  # floats: the per-lane group sums of X follow the laid-out X
+
+    module = cg.new_module("gemv_q4")
+
+    # -- prologue: X laid out for the nibble split (and its group sums), once per call
+    prologue = cg.kernel_function(module, "gemv_q4_layout", n_ptr)
+    prologue.linkage = "internal"
+    pk = cg.KernelBuilder(prologue)
+    p_args = list(prologue.args)
+    p_ws = p_args[-1]
+    sums = pk.gep(p_ws, sums_at) if folded else None
+    deinterleave_x(pk, p_args[0], p_ws, cg.i64(M), K, lanes, sums=sums, group=group)
+    pk.ret()
+
+    body, kb = cg.chunk_body(module, "gemv_q4_chunk", n_pointers=n_ptr, n_scalars=0)
+    b = kb.b
+    WQ, S = body.args[1], body.args[2]
+    Z = body.args[3] if zero_point else None
+    Y, WS = body.args[n_ptr - 2], body.args[n_ptr - 1]
+    chunk_begin, chunk_end = body.args[n_ptr], body.args[n_ptr + 1]
+    XL = WS  # X is read by the prologue only; the chunks read its layout in the workspace
+    XS = kb.gep(WS, sums_at) if folded else None
+
+    def tile(m0, n0, nrows: int, mt: int, g0, ng: int, first: bool) -> None:
+        """Y[m0:+mt, n0:+nrows] (+)= X[m0:+mt, groups g0:+ng] . W[n0:+nrows, same]^T."""
+        # acc: the running sums (dequant) or one group's sum x q (group); tot: scaled sums (group)
+        acc = [[[kb.local(cg.vec(lanes)) for _ in range(chains)] for _ in range(nrows)] for _ in range(mt)]
+        tot = [[kb.local(cg.vec(lanes), "tot") for _ in range(nrows)] for _ in range(mt)] if folded else None
+
+        def clear(slots) -> None:
+            for m in range(mt):
+                for r in range(nrows):
+                    for slot in (slots[m][r] if isinstance(slots[m][r], list) else [slots[m][r]]):
+                        b.store(kb.zeros(lanes), slot)
+
+        clear(tot if folded else acc)
+        x_rows = [b.mul(b.add(m0, cg.i64(m)), cg.i64(K)) for m in range(mt)]
+        w_rows = [b.mul(b.add(n0, cg.i64(r)), cg.i64(K // 2)) for r in range(nrows)]
+        s_rows = [b.mul(b.add(n0, cg.i64(r)), cg.i64(groups)) for r in range(nrows)]
+
+        def one_group(g) -> None:
+            scale = [kb.load(S, b.add(s_rows[r], g)) for r in range(nrows)]
+            zero = [kb.load(Z, b.add(s_rows[r], g)) if zero_point else cg.f32(8.0) for r in range(nrows)]
+            if folded:
+                clear(acc)
+            else:
+                s_vec = [kb.splat(s, lanes) for s in scale]
+                z_vec = [kb.splat(z, lanes) for z in zero]
+            for blk in range(blocks_per_group):
+                k = b.add(b.mul(g, cg.i64(group)), cg.i64(blk * span))
+                kbyte = b.add(b.mul(g, cg.i64(group // 2)), cg.i64(blk * lanes))
+                xs = [(kb.load_vec(XL, b.add(x_rows[m], k), lanes),
+                       kb.load_vec(XL, b.add(b.add(x_rows[m], k), cg.i64(lanes)), lanes)) for m in range(mt)]
+                for r in range(nrows):
+                    even, odd = decode_block(kb, WQ, b.add(w_rows[r], kbyte), lanes)
+                    if not folded:
+                        even = kb.fmul(kb.fsub(even, z_vec[r]), s_vec[r])
+                        odd = kb.fmul(kb.fsub(odd, z_vec[r]), s_vec[r])
+                    for m in range(mt):
+                        slots = acc[m][r]
+                        b.store(kb.fma(xs[m][0], even, b.load(slots[0])), slots[0])
+                        b.store(kb.fma(xs[m][1], odd, b.load(slots[-1])), slots[-1])
+            if folded:
+                for m in range(mt):
+                    at = b.mul(b.add(b.mul(b.add(m0, cg.i64(m)), cg.i64(groups)), g), cg.i64(lanes))
+                    xsum = kb.load_vec(XS, at, lanes)
+                    for r in range(nrows):
+                        part = b.load(acc[m][r][0])
+                        for ch in range(1, chains):
+                            part = kb.fadd(part, b.load(acc[m][r][ch]))
+                        # sum x (q - z) = sum x q - z sum x, then one scale per group
+                        part = kb.fma(kb.splat(kb.fsub(cg.f32(0.0), zero[r]), lanes), xsum, part)
+                        b.store(kb.fma(part, kb.splat(scale[r], lanes), b.load(tot[m][r])), tot[m][r])
+
+        trips = ng // unroll
+        if trips:
+            with kb.loop(0, trips, 1, name="g") as gi:
+                for u in range(unroll):
+                    one_group(b.add(g0, b.add(b.mul(gi, cg.i64(unroll)), cg.i64(u))))
+        for u in range(ng % unroll):
+            one_group(b.add(g0, cg.i64(trips * unroll + u)))
+        for m in range(mt):
+            for r in range(nrows):
+                if folded:
+                    total = b.load(tot[m][r])
+                else:
+                    total = b.load(acc[m][r][0])
+                    for ch in range(1, chains):
+                        total = kb.fadd(total, b.load(acc[m][r][ch]))
+                s = kb.reduce_add(total)
+                at = b.add(b.mul(b.add(m0, cg.i64(m)), cg.i64(N)), b.add(n0, cg.i64(r)))
+                if not first:
+                    s = kb.fadd(kb.load(Y, at), s)
+                kb.store(s, Y, at)
+
+    def row_block(n0, nrows: int, g0, ng: int, first: bool) -> None:
+        full = M // mtile
+        if full:
+            with kb.loop(0, full, 1, name="mt") as mt_i:
+                tile(b.mul(mt_i, cg.i64(mtile)), n0, nrows, mtile, g0, ng, first)
+        if M % mtile:
+            tile(cg.i64(full * mtile), n0, nrows, M % mtile, g0, ng, first)
+
+    def k_block(g0, ng: int, first: bool) -> None:
+        with kb.loop(chunk_begin, chunk_end, 1, name="rb") as rb:
+            n0 = b.mul(rb, cg.i64(rows))
+            if N % rows == 0:
+                row_block(n0, rows, g0, ng, first)
+            else:
+                whole = b.icmp_signed("<=", b.add(n0, cg.i64(rows)), cg.i64(N))
+                with b.if_else(whole) as (then, otherwise):
+                    with then:
+                        row_block(n0, rows, g0, ng, first)
+                    with otherwise:
+                        with kb.loop(n0, N, 1, name="nr") as n:
+                            row_block(n, 1, g0, ng, first)
+
+    full_blocks = groups // kblock
+    k_block(cg.i64(0), kblock, True)
+    if full_blocks > 1:
+        with kb.loop(1, full_blocks, 1, name="kb") as kbi:
+            k_block(b.mul(kbi, cg.i64(kblock)), kblock, False)
+    if groups % kblock:
+        k_block(cg.i64(full_blocks * kblock), groups % kblock, False)
+    kb.ret()
+
+    chunks = math.ceil(N / rows)
+    cg.parallel_entry(module, "gemv_q4", body, n_pointers=n_ptr, n_scalars=0, threads=c["threads"],
+                      n_chunks=chunks, prologue=prologue)
+    workspace = 4 * (M * K + (M * groups * lanes if folded else 0))
+    args = op.signature(task) + (ArgSpec("workspace", "workspace", "uint8", (), nbytes=workspace),)
+    return KernelSource("llvm", str(module), "gemv_q4", args, (("threads", c["threads"]),))
