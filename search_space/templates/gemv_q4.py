@@ -16,7 +16,8 @@ How the group scale and zero are applied (``scale``):
 
 ``chains`` 2 keeps separate accumulators for the even and odd codes (two dependency
 chains, for tiles too small to hide the fma latency); ``unroll`` groups per loop trip;
-``kblock`` splits K (in groups) so a block of X stays cached while W streams past;
+``kblock`` splits K (a multiple of 128 k, so whole groups) so that the block of X that
+every row of W meets stays in L1 while W streams past;
 threads split row blocks of W. Remainder rows and X rows get smaller tiles. K is a
 multiple of the group size (>= 32), so there is no K remainder.
 """
@@ -34,11 +35,14 @@ from .gemv import vector_registers
 from .q4_layout import decode_block, deinterleave_x, q4_attrs
 
 
+PANEL_ROWS = 128  # W rows that share one pass over K blocks (kblock > 0)
+
+
 def _registers_needed(c) -> int:
-    """Vector registers a tile keeps live: accumulators, X vectors, decoded weights."""
+    """Vector registers a tile keeps live: its accumulators plus a few for the decoded
+    weights, scale and zero (X vectors are fma memory operands and need none for long)."""
     per_tile = c["mtile"] * c["rows"]
-    acc = per_tile * c["chains"] + (per_tile if c["scale"] == "group" else 0)
-    return acc + 2 * c["mtile"] + 4
+    return per_tile * c["chains"] + (per_tile if c["scale"] == "group" else 0) + 6
 
 
 @register_template
@@ -60,7 +64,7 @@ class GemvQ4Cpu(GemvQ4Op, Template):
             Knob("scale", ("group", "dequant")),
             Knob("chains", (1, 2)),
             Knob("unroll", tuple(v for v in (1, 2) if v <= groups)),
-            Knob("kblock", (0,) + tuple(v for v in (4, 16) if v < groups)),
+            Knob("kblock", (0,) + tuple(v for v in (512, 2048) if v < d["K"])),
             Knob("threads", tuple(sorted({1, max(target.cores, 1)}))),
         ]
         constraints = [
@@ -86,7 +90,7 @@ class GemvQ4Cpu(GemvQ4Op, Template):
         group, zero_point = q4_attrs(self, task)
         chunks = math.ceil(d["N"] / c["rows"])
         passes = math.ceil(d["M"] / c["mtile"])
-        klen = (c["kblock"] * group) if c["kblock"] else d["K"]
+        klen = c["kblock"] or d["K"]
         weight_bytes = d["N"] * d["K"] / 2 + d["N"] * d["K"] / group * 4 * (2 if zero_point else 1)
         moved = weight_bytes + 4.0 * (d["M"] * d["K"] * 2 + d["M"] * d["N"])
         return {
@@ -118,7 +122,7 @@ def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
     rows, mtile, lanes, chains, unroll = c["rows"], c["mtile"], c["vec"], c["chains"], c["unroll"]
     folded = c["scale"] == "group"
     groups = K // group
-    kblock = c["kblock"] or groups
+    kblock = (c["kblock"] or K) // group  # in groups
     span = 2 * lanes
     blocks_per_group = group // span
     n_ptr = 6 if zero_point else 5
@@ -225,8 +229,8 @@ def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
         if M % mtile:
             tile(cg.i64(full * mtile), n0, nrows, M % mtile, g0, ng, first)
 
-    def k_block(g0, ng: int, first: bool) -> None:
-        with kb.loop(chunk_begin, chunk_end, 1, name="rb") as rb:
+    def k_block(lo, hi, g0, ng: int, first: bool) -> None:
+        with kb.loop(lo, hi, 1, name="rb") as rb:
             n0 = b.mul(rb, cg.i64(rows))
             if N % rows == 0:
                 row_block(n0, rows, g0, ng, first)
@@ -239,13 +243,23 @@ def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
                         with kb.loop(n0, N, 1, name="nr") as n:
                             row_block(n, 1, g0, ng, first)
 
-    full_blocks = groups // kblock
-    k_block(cg.i64(0), kblock, True)
-    if full_blocks > 1:
-        with kb.loop(1, full_blocks, 1, name="kb") as kbi:
-            k_block(b.mul(kbi, cg.i64(kblock)), kblock, False)
-    if groups % kblock:
-        k_block(cg.i64(full_blocks * kblock), groups % kblock, False)
+    def k_blocks(lo, hi) -> None:
+        full_blocks = groups // kblock
+        k_block(lo, hi, cg.i64(0), kblock, True)
+        if full_blocks > 1:
+            with kb.loop(1, full_blocks, 1, name="kb") as kbi:
+                k_block(lo, hi, b.mul(kbi, cg.i64(kblock)), kblock, False)
+        if groups % kblock:
+            k_block(lo, hi, cg.i64(full_blocks * kblock), groups % kblock, False)
+
+    if kblock == groups:
+        k_blocks(chunk_begin, chunk_end)
+    else:
+        # K blocks inside panels of W rows: the X block stays in L1 for a whole panel, and
+        # W is still read in long enough runs per row to stream from memory
+        step = max(PANEL_ROWS // rows, 1)
+        with kb.loop(chunk_begin, chunk_end, step, name="panel") as p0:
+            k_blocks(p0, kb.min(b.add(p0, cg.i64(step)), chunk_end))
     kb.ret()
 
     chunks = math.ceil(N / rows)
