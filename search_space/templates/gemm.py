@@ -8,7 +8,7 @@ sums with shuffles and added into Y. Around it, cache blocks of ``mc`` X rows, `
 rows and ``kc`` of K, in one of two orders (``nkm``: W block outermost, reused by every X
 block; ``mnk``: X block outermost), and the tile loop inside a block walks W panels or X
 panels first (``inner``). ``pack`` copies each W block into a contiguous per-thread buffer.
-Threads split the outermost blocks.
+Threads split the W blocks (``nkm``) or the (X block, W block) pairs (``mnk``).
 
 bfloat16 (X, W and Y as raw 16-bit words, float32 accumulation): with ``dot`` = ``bf16``
 (targets with avx512bf16) the micro-kernel feeds raw pairs of X and W words to
@@ -82,7 +82,8 @@ def blocked_gemm_constraints(d: dict, target: Target) -> list:
 
     def outer_blocks(c) -> int:
         mc, nc, _ = effective_blocks(d, c)
-        return math.ceil(d["N"] / nc) if c["order"] == "nkm" else math.ceil(d["M"] / mc)
+        n_blocks = math.ceil(d["N"] / nc)
+        return n_blocks if c["order"] == "nkm" else math.ceil(d["M"] / mc) * n_blocks
 
     return [
         ("micro tile fits in registers", lambda c: c["mr"] * c["nr"] + c["mr"] + 1 <= regs),
@@ -108,7 +109,7 @@ def blocked_gemm_features(task: Task, c: dict, w_bytes: float, elem: int = 4) ->
     d = task.dims
     mc, nc, kc = effective_blocks(d, c)
     m_blocks, n_blocks = math.ceil(d["M"] / mc), math.ceil(d["N"] / nc)
-    chunks = n_blocks if c["order"] == "nkm" else m_blocks
+    chunks = n_blocks if c["order"] == "nkm" else m_blocks * n_blocks
     # bytes that cross from memory/L3: W once per X block pass unless it stays cached
     w_passes = m_blocks if c["order"] == "mnk" else 1
     moved = (w_bytes * w_passes + elem * d["M"] * d["K"] * n_blocks
@@ -425,16 +426,19 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
                 _round_region(kb, acc_y, Y, cg.i64(0), cg.i64(M), n0, nlen, N, lanes)
         chunks = math.ceil(N / nc)
     else:
-        with kb.loop(chunk_begin, chunk_end, 1, name="mb") as mb:
-            m0 = b.mul(mb, cg.i64(mc))
+        # a chunk is one (X block, W block) pair, X block major: a thread walks the W
+        # blocks of one X block in turn (the X block stays cached), and a shape with a
+        # single X block still splits over threads
+        n_blocks = math.ceil(N / nc)
+        with kb.loop(chunk_begin, chunk_end, 1, name="mn") as pair:
+            m0 = b.mul(b.sdiv(pair, cg.i64(n_blocks)), cg.i64(mc))
             mlen = extent(m0, mc, M)
-            with kb.loop(0, math.ceil(N / nc), 1, name="nb") as nb:
-                n0 = b.mul(nb, cg.i64(nc))
-                nlen = extent(n0, nc, N)
-                k_blocks(lambda k0, klen, first: block(m0, mlen, n0, nlen, k0, klen, first))
-                if scratch_y:
-                    _round_region(kb, acc_y, Y, m0, mlen, n0, nlen, N, lanes)
-        chunks = math.ceil(M / mc)
+            n0 = b.mul(b.srem(pair, cg.i64(n_blocks)), cg.i64(nc))
+            nlen = extent(n0, nc, N)
+            k_blocks(lambda k0, klen, first: block(m0, mlen, n0, nlen, k0, klen, first))
+            if scratch_y:
+                _round_region(kb, acc_y, Y, m0, mlen, n0, nlen, N, lanes)
+        chunks = math.ceil(M / mc) * n_blocks
     kb.ret()
 
     cg.parallel_entry(module, name, body, n_pointers=n_ptr, n_scalars=0, threads=threads, n_chunks=chunks)
