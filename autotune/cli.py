@@ -73,8 +73,8 @@ def resolve_target(name: str, compile_only: bool = False):
     raise UserError(f"unknown target {name!r}: use cpu, cuda or an arch like sm_90a")
 
 
-def resolve_task(op: str, shape: str, dtype: str, target_kind: str, dynamic: str = ""):
-    from search_space import Task, get_template, parse_shape
+def resolve_task(op: str, shape: str, dtype: str, target_kind: str, dynamic: str = "", attrs: str = ""):
+    from search_space import Task, get_template, parse_attrs, parse_shape
 
     try:
         template = get_template(op, target_kind)
@@ -82,10 +82,17 @@ def resolve_task(op: str, shape: str, dtype: str, target_kind: str, dynamic: str
         raise UserError(str(exc)) from None
     try:
         dims = parse_shape(shape)
-        task = Task.make(op, dims, dtype, dynamic=[d for d in dynamic.split(",") if d])
-        template.check(task)
     except ValueError as exc:
         raise UserError(f"bad --shape for {op}: {exc}") from None
+    try:
+        parsed_attrs = parse_attrs(attrs)
+    except ValueError as exc:
+        raise UserError(f"bad --attrs for {op}: {exc}") from None
+    try:
+        task = Task.make(op, dims, dtype, attrs=parsed_attrs, dynamic=[d for d in dynamic.split(",") if d])
+        template.check(task)
+    except ValueError as exc:
+        raise UserError(f"bad --shape{'/--attrs' if parsed_attrs else ''} for {op}: {exc}") from None
     return template, task
 
 
@@ -169,6 +176,7 @@ def ops(target: str, as_json: bool) -> None:
 @click.option("--op", required=True, help="operator, see `autotune ops`")
 @click.option("--shape", required=True, help="dims, e.g. M=256,N=256,K=256")
 @click.option("--dtype", default="float32", show_default=True)
+@click.option("--attrs", default="", help="operator attributes, e.g. group_size=32,zero_point=true")
 @click.option("--target", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--tuner", default="xgb", show_default=True, type=click.Choice(["xgb", "random", "grid"]))
 @click.option("--trials", default=64, show_default=True, type=int, callback=positive,
@@ -184,7 +192,7 @@ def ops(target: str, as_json: bool) -> None:
 @click.option("--threads", default=None, type=int, callback=positive,
               help="search only configs with this many threads")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def tune(op, shape, dtype, target, tuner, trials, batch, seed, log_path, tracking_uri, no_mlflow, experiment,
+def tune(op, shape, dtype, attrs, target, tuner, trials, batch, seed, log_path, tracking_uri, no_mlflow, experiment,
          build_timeout, run_timeout, threads, quiet) -> None:
     """Tune one operator instance; every measurement goes to the log."""
     from .tuning import run_tuning_job
@@ -192,7 +200,7 @@ def tune(op, shape, dtype, target, tuner, trials, batch, seed, log_path, trackin
     tgt = resolve_target(target)
     if tgt.kind != "cpu":
         raise UserError("tuning on cuda is not available yet: use --target cpu")
-    template, task = resolve_task(op, shape, dtype, tgt.kind)
+    template, task = resolve_task(op, shape, dtype, tgt.kind, attrs=attrs)
     restrict = None
     if threads is not None:
         space = template.space(task, tgt)
@@ -246,12 +254,13 @@ def best(log_path: str, as_json: bool) -> None:
 @click.option("--op", required=True)
 @click.option("--shape", required=True)
 @click.option("--dtype", default="float32", show_default=True)
+@click.option("--attrs", default="", help="operator attributes, e.g. group_size=32,zero_point=true")
 @click.option("--log", "log_path", default=None, help="tuning log; without it the template default is benched")
 @click.option("--target", default="cpu", show_default=True)
 @click.option("--threads", default=None, type=int, callback=positive,
               help="threads for both sides [default: the best record's]")
 @click.option("--json", "as_json", is_flag=True)
-def bench(op, shape, dtype, log_path, target, threads, as_json) -> None:
+def bench(op, shape, dtype, attrs, log_path, target, threads, as_json) -> None:
     """Run the best recorded kernel and the numpy baseline side by side."""
     from records import best_records
 
@@ -260,7 +269,7 @@ def bench(op, shape, dtype, log_path, target, threads, as_json) -> None:
     tgt = resolve_target(target)
     if tgt.kind != "cpu":
         raise UserError("bench on cuda is not available yet: use --target cpu")
-    template, task = resolve_task(op, shape, dtype, tgt.kind)
+    template, task = resolve_task(op, shape, dtype, tgt.kind, attrs=attrs)
     space = template.space(task, tgt)
     config = None
     if log_path:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .space import Config, ConfigSpace, Knob
 from .target import Target
-from .task import Task, format_shape, parse_shape
+from .task import Task, format_shape, parse_attrs, parse_shape
 from .template import (
     ArgSpec,
     KernelSource,
@@ -21,5 +21,5 @@ from .template import (
 __all__ = [
     "ArgSpec", "Config", "ConfigSpace", "KernelSource", "Knob", "Operator", "Target", "Task",
     "Template", "format_shape", "get_template", "list_operators", "list_templates", "op_definition",
-    "parse_shape", "register_operator", "register_template", "template_module",
+    "parse_attrs", "parse_shape", "register_operator", "register_template", "template_module",
 ]

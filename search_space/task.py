@@ -126,5 +126,35 @@ def parse_shape(text: str) -> dict[str, int]:
     return shape
 
 
+_ATTR_ITEM = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(\S+?)\s*$")
+
+
+def parse_attrs(text: str) -> dict[str, Any]:
+    """Parse ``group_size=32,zero_point=true`` into a dict of ints, floats, bools or strings."""
+    attrs: dict[str, Any] = {}
+    if not text or not text.strip():
+        return attrs
+    for item in text.split(","):
+        match = _ATTR_ITEM.match(item)
+        if not match:
+            raise ValueError(f"malformed attribute {item.strip()!r}: expected NAME=VALUE")
+        name, raw = match.group(1), match.group(2)
+        if name in attrs:
+            raise ValueError(f"attribute {name} given twice")
+        lowered = raw.lower()
+        if lowered in ("true", "false"):
+            value: Any = lowered == "true"
+        else:
+            try:
+                value = int(raw)
+            except ValueError:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = raw
+        attrs[name] = value
+    return attrs
+
+
 def format_shape(shape: dict[str, int]) -> str:
     return ",".join(f"{k}={v}" for k, v in shape.items())
