@@ -14,6 +14,15 @@ How the group scale and zero are applied (``scale``):
 - ``dequant``: dequantise each decoded vector, (q - z) * s, and fma it: two more vector
   ops per weight vector, fewer registers.
 
+``compute`` (targets with avx512vnni): ``f32`` as above, or ``i16``: the prologue rounds X
+to int16 per (row, group) with the scale max|x| / 32767, the codes are split into int16
+vectors and ``vpdpwssd`` multiplies and adds pairs in int32 — 2 x ``vec`` products per
+instruction and half the decode work — and each group is converted to float once, scaled
+by the weight scale times the X scale. The centre code 8 is subtracted exactly in int32;
+a zero point is folded in float like above. Rounding X costs a relative error of about
+1e-5 on typical activations (1e-4 when a few channels are 50x larger than the rest),
+within the float32 tolerance; ``f32`` stays exact to float32 rounding.
+
 ``chains`` 2 keeps separate accumulators for the even and odd codes (two dependency
 chains, for tiles too small to hide the fma latency); ``unroll`` groups per loop trip;
 ``kblock`` splits K (a multiple of 128 k, so whole groups) so that the block of X that
@@ -25,6 +34,8 @@ from __future__ import annotations
 
 import math
 
+import llvmlite.ir as ir
+
 from ..codegen import llvm as cg
 from ..ops.matmul import GemvQ4Op
 from ..space import Config, ConfigSpace, Knob
@@ -32,7 +43,11 @@ from ..target import Target
 from ..task import Task
 from ..template import ArgSpec, KernelSource, Template, register_template
 from .gemv import vector_registers
-from .q4_layout import decode_block, deinterleave_x, q4_attrs
+from .q4_layout import decode_block, decode_block_i16, deinterleave_x, q4_attrs, quantize_x_i16
+
+
+def _align64(nbytes: int) -> int:
+    return -(-nbytes // 64) * 64
 
 
 PANEL_ROWS = 128  # W rows that share one pass over K blocks (kblock > 0)
@@ -57,7 +72,9 @@ class GemvQ4Cpu(GemvQ4Op, Template):
         lanes = target.vector_lanes_f32
         regs = vector_registers(target)
         groups = d["K"] // group
-        knobs = [
+        vnni = target.has_feature("avx512vnni")
+        knobs = [Knob("compute", ("f32", "i16"))] if vnni else []
+        knobs += [
             Knob("rows", tuple(v for v in (1, 2, 4, 8) if v <= d["N"])),
             Knob("mtile", tuple(v for v in (1, 2, 4, 8, 16) if v <= d["M"])),
             Knob("vec", tuple(v for v in (8, 16) if v <= lanes) or (lanes,)),
@@ -69,6 +86,9 @@ class GemvQ4Cpu(GemvQ4Op, Template):
         ]
         constraints = [
             ("accumulators fit in registers", lambda c: _registers_needed(c) <= regs),
+            ("int16 products are folded per group", lambda c: c.get("compute") != "i16" or c["scale"] == "group"),
+            ("an int16 block of 4 x vec k lies in one group",
+             lambda c: c.get("compute") != "i16" or 4 * c["vec"] <= group),
             ("one row block per thread at least",
              lambda c: c["threads"] == 1 or math.ceil(d["N"] / c["rows"]) >= c["threads"]),
         ]
@@ -80,6 +100,8 @@ class GemvQ4Cpu(GemvQ4Op, Template):
         for rows, mtile in ((4, 2), (4, 1), (2, 2), (2, 1), (1, 1)):
             values = {"rows": rows, "mtile": mtile, "vec": lanes, "scale": "group", "chains": 1,
                       "unroll": 1, "kblock": 0, "threads": 1}
+            if "compute" in space.names:
+                values["compute"] = "f32"
             if space.accepts(values):
                 return space.from_values(values)
         return next(iter(space))
@@ -120,13 +142,18 @@ def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
     M, N, K = d["M"], d["N"], d["K"]
     group, zero_point = q4_attrs(op, task)
     rows, mtile, lanes, chains, unroll = c["rows"], c["mtile"], c["vec"], c["chains"], c["unroll"]
+    vnni = c.get("compute", "f32") == "i16"
     folded = c["scale"] == "group"
     groups = K // group
     kblock = (c["kblock"] or K) // group  # in groups
-    span = 2 * lanes
+    span = 4 * lanes if vnni else 2 * lanes  # k per decoded block
     blocks_per_group = group // span
     n_ptr = 6 if zero_point else 5
-    sums_at = M * K  # floats: the per-lane group sums of X follow the laid-out X
+    # workspace: X laid out (float32, or int16 with a scale per group), then per-lane group sums
+    x_bytes = (2 if vnni else 4) * M * K
+    scales_at = _align64(x_bytes)
+    sums_at = scales_at + (_align64(4 * M * groups) if vnni else 0)
+    workspace = sums_at + (4 * M * groups * lanes if folded else 0)
 
     module = cg.new_module("gemv_q4")
 
@@ -134,10 +161,13 @@ def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
     prologue = cg.kernel_function(module, "gemv_q4_layout", n_ptr)
     prologue.linkage = "internal"
     pk = cg.KernelBuilder(prologue)
-    p_args = list(prologue.args)
-    p_ws = p_args[-1]
-    sums = pk.gep(p_ws, sums_at) if folded else None
-    deinterleave_x(pk, p_args[0], p_ws, cg.i64(M), K, lanes, sums=sums, group=group)
+    x_in, p_ws = prologue.args[0], prologue.args[n_ptr - 1]
+    p_sums = pk.gep(p_ws, sums_at, cg.I8) if folded else None
+    if vnni:
+        quantize_x_i16(pk, x_in, p_ws, pk.gep(p_ws, scales_at, cg.I8), p_sums, cg.i64(M), K, group, lanes,
+                       symmetric=not zero_point)
+    else:
+        deinterleave_x(pk, x_in, p_ws, cg.i64(M), K, lanes, sums=p_sums, group=group)
     pk.ret()
 
     body, kb = cg.chunk_body(module, "gemv_q4_chunk", n_pointers=n_ptr, n_scalars=0)
@@ -147,58 +177,79 @@ def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
     Y, WS = body.args[n_ptr - 2], body.args[n_ptr - 1]
     chunk_begin, chunk_end = body.args[n_ptr], body.args[n_ptr + 1]
     XL = WS  # X is read by the prologue only; the chunks read its layout in the workspace
-    XS = kb.gep(WS, sums_at) if folded else None
+    XSCALE = kb.gep(WS, scales_at, cg.I8) if vnni else None
+    XSUM = kb.gep(WS, sums_at, cg.I8) if folded else None
+    acc_type = cg.vec(lanes, cg.I32) if vnni else cg.vec(lanes)
+    x_el, x_width = (cg.I16, 2 * lanes) if vnni else (cg.F32, lanes)
 
     def tile(m0, n0, nrows: int, mt: int, g0, ng: int, first: bool) -> None:
         """Y[m0:+mt, n0:+nrows] (+)= X[m0:+mt, groups g0:+ng] . W[n0:+nrows, same]^T."""
         # acc: the running sums (dequant) or one group's sum x q (group); tot: scaled sums (group)
-        acc = [[[kb.local(cg.vec(lanes)) for _ in range(chains)] for _ in range(nrows)] for _ in range(mt)]
+        acc = [[[kb.local(acc_type) for _ in range(chains)] for _ in range(nrows)] for _ in range(mt)]
         tot = [[kb.local(cg.vec(lanes), "tot") for _ in range(nrows)] for _ in range(mt)] if folded else None
 
-        def clear(slots) -> None:
+        def clear(slots, value=None) -> None:
             for m in range(mt):
                 for r in range(nrows):
-                    for slot in (slots[m][r] if isinstance(slots[m][r], list) else [slots[m][r]]):
-                        b.store(kb.zeros(lanes), slot)
+                    cells = slots[m][r] if isinstance(slots[m][r], list) else [slots[m][r]]
+                    for i, slot in enumerate(cells):
+                        init = ir.Constant(slot.type.pointee, None)
+                        b.store(value(m) if value is not None and i == 0 else init, slot)
 
         clear(tot if folded else acc)
         x_rows = [b.mul(b.add(m0, cg.i64(m)), cg.i64(K)) for m in range(mt)]
         w_rows = [b.mul(b.add(n0, cg.i64(r)), cg.i64(K // 2)) for r in range(nrows)]
         s_rows = [b.mul(b.add(n0, cg.i64(r)), cg.i64(groups)) for r in range(nrows)]
 
+        def group_sums(m, g):
+            at = b.mul(b.add(b.mul(b.add(m0, cg.i64(m)), cg.i64(groups)), g), cg.i64(lanes))
+            return kb.load_vec(XSUM, at, lanes, cg.I32 if vnni and not zero_point else cg.F32)
+
         def one_group(g) -> None:
             scale = [kb.load(S, b.add(s_rows[r], g)) for r in range(nrows)]
             zero = [kb.load(Z, b.add(s_rows[r], g)) if zero_point else cg.f32(8.0) for r in range(nrows)]
-            if folded:
+            if vnni and not zero_point:
+                # start from -8 * (sum of X per lane): the centre code is subtracted exactly
+                clear(acc, lambda m: group_sums(m, g))
+            elif folded:
                 clear(acc)
             else:
                 s_vec = [kb.splat(s, lanes) for s in scale]
                 z_vec = [kb.splat(z, lanes) for z in zero]
             for blk in range(blocks_per_group):
                 k = b.add(b.mul(g, cg.i64(group)), cg.i64(blk * span))
-                kbyte = b.add(b.mul(g, cg.i64(group // 2)), cg.i64(blk * lanes))
-                xs = [(kb.load_vec(XL, b.add(x_rows[m], k), lanes),
-                       kb.load_vec(XL, b.add(b.add(x_rows[m], k), cg.i64(lanes)), lanes)) for m in range(mt)]
+                kbyte = b.add(b.mul(g, cg.i64(group // 2)), cg.i64(blk * span // 2))
+                xs = [(kb.load_vec(XL, b.add(x_rows[m], k), x_width, x_el),
+                       kb.load_vec(XL, b.add(b.add(x_rows[m], k), cg.i64(x_width)), x_width, x_el))
+                      for m in range(mt)]
                 for r in range(nrows):
-                    even, odd = decode_block(kb, WQ, b.add(w_rows[r], kbyte), lanes)
+                    if vnni:
+                        even, odd = decode_block_i16(kb, WQ, b.add(w_rows[r], kbyte), 2 * lanes)
+                    else:
+                        even, odd = decode_block(kb, WQ, b.add(w_rows[r], kbyte), lanes)
                     if not folded:
                         even = kb.fmul(kb.fsub(even, z_vec[r]), s_vec[r])
                         odd = kb.fmul(kb.fsub(odd, z_vec[r]), s_vec[r])
                     for m in range(mt):
                         slots = acc[m][r]
-                        b.store(kb.fma(xs[m][0], even, b.load(slots[0])), slots[0])
-                        b.store(kb.fma(xs[m][1], odd, b.load(slots[-1])), slots[-1])
+                        for slot, wv, xv in ((slots[0], even, xs[m][0]), (slots[-1], odd, xs[m][1])):
+                            old = b.load(slot)
+                            b.store(kb.dot_i16(old, wv, xv) if vnni else kb.fma(xv, wv, old), slot)
             if folded:
                 for m in range(mt):
-                    at = b.mul(b.add(b.mul(b.add(m0, cg.i64(m)), cg.i64(groups)), g), cg.i64(lanes))
-                    xsum = kb.load_vec(XS, at, lanes)
+                    x_scale = kb.load(XSCALE, b.add(b.mul(b.add(m0, cg.i64(m)), cg.i64(groups)), g)) if vnni else None
+                    xsum = group_sums(m, g) if zero_point or not vnni else None
                     for r in range(nrows):
                         part = b.load(acc[m][r][0])
                         for ch in range(1, chains):
-                            part = kb.fadd(part, b.load(acc[m][r][ch]))
-                        # sum x (q - z) = sum x q - z sum x, then one scale per group
-                        part = kb.fma(kb.splat(kb.fsub(cg.f32(0.0), zero[r]), lanes), xsum, part)
-                        b.store(kb.fma(part, kb.splat(scale[r], lanes), b.load(tot[m][r])), tot[m][r])
+                            part = b.add(part, b.load(acc[m][r][ch])) if vnni else kb.fadd(part, b.load(acc[m][r][ch]))
+                        if vnni:
+                            part = b.sitofp(part, cg.vec(lanes))
+                        if xsum is not None:
+                            # sum x (q - z) = sum x q - z sum x, then one scale per group
+                            part = kb.fma(kb.splat(kb.fsub(cg.f32(0.0), zero[r]), lanes), xsum, part)
+                        factor = kb.fmul(scale[r], x_scale) if vnni else scale[r]
+                        b.store(kb.fma(part, kb.splat(factor, lanes), b.load(tot[m][r])), tot[m][r])
 
         trips = ng // unroll
         if trips:
@@ -265,6 +316,5 @@ def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
     chunks = math.ceil(N / rows)
     cg.parallel_entry(module, "gemv_q4", body, n_pointers=n_ptr, n_scalars=0, threads=c["threads"],
                       n_chunks=chunks, prologue=prologue)
-    workspace = 4 * (M * K + (M * groups * lanes if folded else 0))
     args = op.signature(task) + (ArgSpec("workspace", "workspace", "uint8", (), nbytes=workspace),)
     return KernelSource("llvm", str(module), "gemv_q4", args, (("threads", c["threads"]),))

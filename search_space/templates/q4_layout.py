@@ -81,3 +81,64 @@ def deinterleave_x(kb: cg.KernelBuilder, x, out, rows, K: int, lanes: int, sums=
                     kb.store_vec(odd, out, b.add(at, cg.i64(lanes)))
                     total = kb.fadd(total, kb.fadd(even, odd))
                 kb.store_vec(total, sums, b.mul(b.add(b.mul(m, cg.i64(groups)), g), cg.i64(lanes)))
+
+
+I16_LEVELS = 32767.0  # X is rounded to int16 per (row, group): x ~ q * (max|x| / 32767)
+
+
+def quantize_x_i16(kb: cg.KernelBuilder, x, xq, scales, sums, rows, K: int, group: int, lanes: int,
+                   symmetric: bool) -> None:
+    """Round X to int16 per (row m, group g) for the VNNI path, laid out for the nibble split.
+
+    ``xq[m, k]`` int16: per block of 4 * ``lanes`` k, the 2 * lanes even k then the odd k
+    (the order of the codes that ``vec`` packed bytes split into); ``scales[m, g]`` float:
+    max|x| / 32767 (0 for an all-zero group); ``sums[m, g, 0:lanes]``: per lane of
+    ``vpdpwssd`` the sum of the rounded X that lane meets over the group — as int32 times
+    -8 when ``symmetric`` (the initial value that subtracts the centre code 8 exactly),
+    else as float (multiplied by each row's zero point at the end of the group).
+    """
+    b = kb.b
+    words = 2 * lanes
+    span = 2 * words
+    groups = K // group
+    blocks = group // span
+    f_span, i_words, i_lanes = cg.vec(span), cg.vec(words, cg.I32), cg.vec(lanes, cg.I32)
+    picks = lambda idx: ir.Constant(cg.vec(len(idx), cg.I32), idx)  # noqa: E731
+    evens, odds = picks(list(range(0, span, 2))), picks(list(range(1, span, 2)))
+    pair_lo, pair_hi = picks(list(range(0, words, 2))), picks(list(range(1, words, 2)))
+    with kb.loop(0, rows, 1, name="qm") as m:
+        with kb.loop(0, groups, 1, name="qg") as g:
+            base = b.add(b.mul(m, cg.i64(K)), b.mul(g, cg.i64(group)))
+            top = kb.zeros(span)
+            for blk in range(blocks):
+                top = kb.fmax(top, kb.call_math("fabs", kb.load_vec(x, b.add(base, cg.i64(blk * span)), span)))
+            xmax = kb.reduce_max(top)
+            positive = b.fcmp_ordered(">", xmax, cg.f32(0.0))
+            inv = b.select(positive, kb.fdiv(cg.f32(I16_LEVELS), xmax), cg.f32(0.0))
+            kb.store(kb.fdiv(xmax, cg.f32(I16_LEVELS)), scales, b.add(b.mul(m, cg.i64(groups)), g))
+            inv_v = kb.splat(inv, words)
+            lane_sum = ir.Constant(i_lanes, None)
+            for blk in range(blocks):
+                at = b.add(base, cg.i64(blk * span))
+                v = kb.load_vec(x, at, span)
+                for half, pick in ((0, evens), (1, odds)):
+                    part = b.shuffle_vector(v, ir.Constant(f_span, ir.Undefined), pick)
+                    q = b.fptosi(kb.call_math("rint", kb.fmul(part, inv_v)), i_words)
+                    kb.store_vec(b.trunc(q, cg.vec(words, cg.I16)), xq, b.add(at, cg.i64(half * words)), cg.I16)
+                    pairs = b.add(b.shuffle_vector(q, ir.Constant(i_words, ir.Undefined), pair_lo),
+                                  b.shuffle_vector(q, ir.Constant(i_words, ir.Undefined), pair_hi))
+                    lane_sum = b.add(lane_sum, pairs)
+            at = b.mul(b.add(b.mul(m, cg.i64(groups)), g), cg.i64(lanes))
+            if symmetric:
+                kb.store_vec(b.mul(lane_sum, ir.Constant(i_lanes, [-8] * lanes)), sums, at, cg.I32)
+            else:
+                kb.store_vec(b.sitofp(lane_sum, cg.vec(lanes)), sums, at)
+
+
+def decode_block_i16(kb: cg.KernelBuilder, wq, byte_index, words: int):
+    """The codes of the 2 * ``words`` k packed in ``words`` bytes as int16 vectors (even k, odd k)."""
+    b = kb.b
+    wide = b.zext(kb.load_vec(wq, byte_index, words, cg.I8), cg.vec(words, cg.I16))
+    low = b.and_(wide, ir.Constant(cg.vec(words, cg.I16), [15] * words))
+    high = b.lshr(wide, ir.Constant(cg.vec(words, cg.I16), [4] * words))
+    return low, high
