@@ -158,7 +158,8 @@ def ops(target: str, as_json: bool) -> None:
         raise UserError(f"unknown target {target!r}: use cpu or cuda")
     templates = list_templates(kind)
     rows = [{"op": t.op, "dims": list(t.dims), "example_shape": format_shape(t.example_shape),
-             "dtypes": list(t.dtypes), "dynamic_dims": list(t.dynamic_dims), "description": t.description}
+             "dtypes": list(t.dtypes), "dynamic_dims": list(t.dynamic_dims), "attrs": dict(t.default_attrs),
+             "description": t.description}
             for t in templates]
     if as_json:
         echo_json(rows)
@@ -168,8 +169,9 @@ def ops(target: str, as_json: bool) -> None:
         return
     width = max(len(r["op"]) for r in rows)
     for r in rows:
+        attrs = ",".join(f"{k}={json.dumps(v)}" for k, v in r["attrs"].items())
         click.echo(f"{r['op']:<{width}}  dims {','.join(r['dims']):<24} e.g. --shape {r['example_shape']:<32} "
-                   f"{'/'.join(r['dtypes'])}  {r['description']}")
+                   f"{'/'.join(r['dtypes'])}  {r['description']}" + (f" (--attrs {attrs})" if attrs else ""))
 
 
 @cli.command()
