@@ -23,6 +23,10 @@ a zero point is folded in float like above. Rounding X costs a relative error of
 1e-5 on typical activations (1e-4 when a few channels are 50x larger than the rest),
 within the float32 tolerance; ``f32`` stays exact to float32 rounding.
 
+``prefetch`` > 0 prefetches the bytes that the row block that many blocks ahead will read:
+a W row is only K/2 bytes, and several short rows read in an interleaved way are a
+pattern the hardware prefetcher follows poorly.
+
 ``chains`` 2 keeps separate accumulators for the even and odd codes (two dependency
 chains, for tiles too small to hide the fma latency); ``unroll`` groups per loop trip;
 ``kblock`` splits K (a multiple of 128 k, so whole groups) so that the block of X that
@@ -82,6 +86,7 @@ class GemvQ4Cpu(GemvQ4Op, Template):
             Knob("chains", (1, 2)),
             Knob("unroll", tuple(v for v in (1, 2) if v <= groups)),
             Knob("kblock", (0,) + tuple(v for v in (512, 2048) if v < d["K"])),
+            Knob("prefetch", (0, 1, 2, 4)),
             Knob("threads", tuple(sorted({1, max(target.cores, 1)}))),
         ]
         constraints = [
@@ -97,9 +102,12 @@ class GemvQ4Cpu(GemvQ4Op, Template):
     def default(self, task: Task, target: Target) -> Config:
         space = self.space(task, target)
         lanes = min(16, target.vector_lanes_f32)
-        for rows, mtile in ((4, 2), (4, 1), (2, 2), (2, 1), (1, 1)):
+        # one X row: one W row at a time (a W row is a short stream; several interleaved
+        # ones starve the hardware prefetcher); more X rows: share each decoded W vector
+        tiles = ((1, 1), (1, 2)) if task.dims["M"] <= 2 else ((2, 4), (2, 2), (1, 2), (1, 1))
+        for rows, mtile in tiles:
             values = {"rows": rows, "mtile": mtile, "vec": lanes, "scale": "group", "chains": 1,
-                      "unroll": 1, "kblock": 0, "threads": 1}
+                      "unroll": 1, "kblock": 0, "prefetch": 0 if rows == 1 else 2, "threads": 1}
             if "compute" in space.names:
                 values["compute"] = "f32"
             if space.accepts(values):
@@ -142,6 +150,7 @@ def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
     M, N, K = d["M"], d["N"], d["K"]
     group, zero_point = q4_attrs(op, task)
     rows, mtile, lanes, chains, unroll = c["rows"], c["mtile"], c["vec"], c["chains"], c["unroll"]
+    prefetch = c["prefetch"]
     vnni = c.get("compute", "f32") == "i16"
     folded = c["scale"] == "group"
     groups = K // group
@@ -206,6 +215,13 @@ def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
             return kb.load_vec(XSUM, at, lanes, cg.I32 if vnni and not zero_point else cg.F32)
 
         def one_group(g) -> None:
+            if prefetch:
+                # a W row is only K/2 bytes, too short a stream for the hardware prefetcher:
+                # fetch the same bytes of the row block `prefetch` blocks ahead (clamped to W)
+                for r in range(nrows):
+                    ahead = kb.min(b.add(n0, cg.i64(r + prefetch * rows)), cg.i64(N - 1))
+                    at = b.add(b.mul(ahead, cg.i64(K // 2)), b.mul(g, cg.i64(group // 2)))
+                    kb.prefetch(WQ, at, cg.I8, locality=3)
             scale = [kb.load(S, b.add(s_rows[r], g)) for r in range(nrows)]
             zero = [kb.load(Z, b.add(s_rows[r], g)) if zero_point else cg.f32(8.0) for r in range(nrows)]
             if vnni and not zero_point:
