@@ -4,7 +4,8 @@ Schedule: each output column n is a dot product along K, the contiguous axis of 
 and W. A tile takes ``rows`` rows of W and ``mtile`` rows of X and keeps
 ``mtile x rows x unroll`` vector accumulators of ``vec`` lanes; each loaded W vector is
 used by every X row in the tile and each X vector by every W row. ``kblock`` splits K so
-that the X rows of a block stay in cache while W streams past. Threads split the row
+that the X rows of a block stay in L1 while a panel of 64 W rows streams past (for
+several X rows, X would otherwise come from L2 at every step). Threads split the row
 blocks of W. Remainders of N, M and K are handled by smaller tiles and masked loads.
 
 bfloat16 (X, W, Y raw 16-bit words, float32 accumulation): ``dot`` = ``bf16`` feeds raw
@@ -23,6 +24,9 @@ from ..target import Target
 from ..task import Task
 from ..template import KernelSource, Template, register_template
 from ..ops.matmul import GemvOp
+
+PANEL_ROWS = 64  # W rows that share one pass over the K blocks (kblock > 0)
+
 
 def vector_registers(target: Target) -> int:
     return 32 if target.vector_bits >= 512 else 16
@@ -173,8 +177,8 @@ def _render(task: Task, c: dict, target: Target) -> KernelSource:
         if M % mtile:
             tile(cg.i64(full * mtile), n0, nrows, M % mtile, k0, klen, first)
 
-    def k_block(k0, klen: int, first: bool) -> None:
-        with kb.loop(chunk_begin, chunk_end, 1, name="rb") as rb:
+    def k_block(lo, hi, k0, klen: int, first: bool) -> None:
+        with kb.loop(lo, hi, 1, name="rb") as rb:
             n0 = b.mul(rb, cg.i64(rows))
             if N % rows == 0:
                 row_block(n0, rows, k0, klen, first)
@@ -187,13 +191,23 @@ def _render(task: Task, c: dict, target: Target) -> KernelSource:
                         with kb.loop(n0, N, 1, name="nr") as n:
                             row_block(n, 1, k0, klen, first)
 
-    full_blocks = K // kblock
-    k_block(cg.i64(0), kblock, True)
-    if full_blocks > 1:
-        with kb.loop(1, full_blocks, 1, name="kb") as kbi:
-            k_block(b.mul(kbi, cg.i64(kblock)), kblock, False)
-    if K % kblock:
-        k_block(cg.i64(full_blocks * kblock), K % kblock, False)
+    def k_blocks(lo, hi) -> None:
+        full_blocks = K // kblock
+        k_block(lo, hi, cg.i64(0), kblock, True)
+        if full_blocks > 1:
+            with kb.loop(1, full_blocks, 1, name="kb") as kbi:
+                k_block(lo, hi, b.mul(kbi, cg.i64(kblock)), kblock, False)
+        if K % kblock:
+            k_block(lo, hi, cg.i64(full_blocks * kblock), K % kblock, False)
+
+    if kblock == K:
+        k_blocks(chunk_begin, chunk_end)
+    else:
+        # K blocks inside panels of W rows: the block of X stays in L1 for a whole panel,
+        # and each W row is still read in runs of a whole K block
+        step = max(PANEL_ROWS // rows, 1)
+        with kb.loop(chunk_begin, chunk_end, step, name="panel") as p0:
+            k_blocks(p0, kb.min(b.add(p0, cg.i64(step)), chunk_end))
     kb.ret()
 
     chunks = math.ceil(N / rows)
