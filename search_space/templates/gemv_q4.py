@@ -29,9 +29,9 @@ pattern the hardware prefetcher follows poorly.
 
 ``chains`` 2 keeps separate accumulators for the even and odd codes (two dependency
 chains, for tiles too small to hide the fma latency); ``unroll`` groups per loop trip;
-``kblock`` splits K (a multiple of 128 k, so whole groups) so that the block of X that
-every row of W meets stays in L1 while W streams past;
-threads split row blocks of W. Remainder rows and X rows get smaller tiles. K is a
+``kblock`` splits K (a multiple of 128 k, so whole groups) inside panels of 128 W rows,
+so that the block of X that every row of the panel meets stays in L1; threads split row
+blocks of W. Remainder rows and X rows get smaller tiles. K is a
 multiple of the group size (>= 32), so there is no K remainder.
 """
 from __future__ import annotations
