@@ -18,7 +18,10 @@ How the group scale and zero are applied (``scale``):
 to int16 per (row, group) with the scale max|x| / 32767, the codes are split into int16
 vectors and ``vpdpwssd`` multiplies and adds pairs in int32 — 2 x ``vec`` products per
 instruction and half the decode work — and each group is converted to float once, scaled
-by the weight scale times the X scale. The centre code 8 is subtracted exactly in int32;
+by the weight scale times the X scale. When a group is shorter than a decoded block
+(group 32 with 16 lanes: 64 k per block), lane i of an accumulator holds k 4i..4i+3, so
+each group owns a run of lanes and one block folds several groups with per-lane scales.
+The centre code 8 is subtracted exactly in int32;
 a zero point is folded in float like above. Rounding X costs a relative error of about
 1e-5 on typical activations (1e-4 when a few channels are 50x larger than the rest),
 within the float32 tolerance; ``f32`` stays exact to float32 rounding.
@@ -28,7 +31,8 @@ a W row is only K/2 bytes, and several short rows read in an interleaved way are
 pattern the hardware prefetcher follows poorly.
 
 ``chains`` 2 keeps separate accumulators for the even and odd codes (two dependency
-chains, for tiles too small to hide the fma latency); ``unroll`` groups per loop trip;
+chains, for tiles too small to hide the fma latency); ``unroll`` groups (fold units)
+per loop trip;
 ``kblock`` splits K (a multiple of 128 k, so whole groups) inside panels of 128 W rows,
 so that the block of X that every row of the panel meets stays in L1; threads split row
 blocks of W. Remainder rows and X rows get smaller tiles. K is a
@@ -47,7 +51,8 @@ from ..target import Target
 from ..task import Task
 from ..template import ArgSpec, KernelSource, Template, register_template
 from .gemv import vector_registers
-from .q4_layout import decode_block, decode_block_i16, deinterleave_x, q4_attrs, quantize_x_i16
+from .q4_layout import (decode_block, decode_block_i16, deinterleave_x, i16_unit, lane_spread, q4_attrs,
+                        quantize_x_i16)
 
 
 def _align64(nbytes: int) -> int:
@@ -92,8 +97,7 @@ class GemvQ4Cpu(GemvQ4Op, Template):
         constraints = [
             ("accumulators fit in registers", lambda c: _registers_needed(c) <= regs),
             ("int16 products are folded per group", lambda c: c.get("compute") != "i16" or c["scale"] == "group"),
-            ("an int16 block of 4 x vec k lies in one group",
-             lambda c: c.get("compute") != "i16" or 4 * c["vec"] <= group),
+            ("K is whole int16 blocks", lambda c: c.get("compute") != "i16" or d["K"] % i16_unit(group, c["vec"]) == 0),
             ("one row block per thread at least",
              lambda c: c["threads"] == 1 or math.ceil(d["N"] / c["rows"]) >= c["threads"]),
         ]
@@ -154,15 +158,20 @@ def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
     vnni = c.get("compute", "f32") == "i16"
     folded = c["scale"] == "group"
     groups = K // group
-    kblock = (c["kblock"] or K) // group  # in groups
     span = 4 * lanes if vnni else 2 * lanes  # k per decoded block
-    blocks_per_group = group // span
+    # the loops run over fold units: one group, or for int16 with small groups one block of
+    # several groups (each owning a run of accumulator lanes)
+    unit = i16_unit(group, lanes) if vnni else group
+    per_unit = unit // group
+    units = K // unit
+    kblock = (c["kblock"] or K) // unit  # in units
+    blocks_per_unit = unit // span
     n_ptr = 6 if zero_point else 5
     # workspace: X laid out (float32, or int16 with a scale per group), then per-lane group sums
     x_bytes = (2 if vnni else 4) * M * K
     scales_at = _align64(x_bytes)
     sums_at = scales_at + (_align64(4 * M * groups) if vnni else 0)
-    workspace = sums_at + (4 * M * groups * lanes if folded else 0)
+    workspace = sums_at + (4 * M * units * lanes if folded else 0)
 
     module = cg.new_module("gemv_q4")
 
@@ -191,8 +200,8 @@ def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
     acc_type = cg.vec(lanes, cg.I32) if vnni else cg.vec(lanes)
     x_el, x_width = (cg.I16, 2 * lanes) if vnni else (cg.F32, lanes)
 
-    def tile(m0, n0, nrows: int, mt: int, g0, ng: int, first: bool) -> None:
-        """Y[m0:+mt, n0:+nrows] (+)= X[m0:+mt, groups g0:+ng] . W[n0:+nrows, same]^T."""
+    def tile(m0, n0, nrows: int, mt: int, u0, nu: int, first: bool) -> None:
+        """Y[m0:+mt, n0:+nrows] (+)= X[m0:+mt, units u0:+nu] . W[n0:+nrows, same]^T."""
         # acc: the running sums (dequant) or one group's sum x q (group); tot: scaled sums (group)
         acc = [[[kb.local(acc_type) for _ in range(chains)] for _ in range(nrows)] for _ in range(mt)]
         tot = [[kb.local(cg.vec(lanes), "tot") for _ in range(nrows)] for _ in range(mt)] if folded else None
@@ -210,31 +219,37 @@ def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
         w_rows = [b.mul(b.add(n0, cg.i64(r)), cg.i64(K // 2)) for r in range(nrows)]
         s_rows = [b.mul(b.add(n0, cg.i64(r)), cg.i64(groups)) for r in range(nrows)]
 
-        def group_sums(m, g):
-            at = b.mul(b.add(b.mul(b.add(m0, cg.i64(m)), cg.i64(groups)), g), cg.i64(lanes))
+        def unit_sums(m, u):
+            at = b.mul(b.add(b.mul(b.add(m0, cg.i64(m)), cg.i64(units)), u), cg.i64(lanes))
             return kb.load_vec(XSUM, at, lanes, cg.I32 if vnni and not zero_point else cg.F32)
 
-        def one_group(g) -> None:
+        def per_group(base, row, g):
+            """The unit's value(s) of a per-group array: a scalar, or <per_unit x float>."""
+            at = b.add(row, g)
+            return kb.load(base, at) if per_unit == 1 else kb.load_vec(base, at, per_unit)
+
+        def one_unit(u) -> None:
+            g = b.mul(u, cg.i64(per_unit))  # first group of the unit
             if prefetch:
                 # a W row is only K/2 bytes, too short a stream for the hardware prefetcher:
                 # fetch the same bytes of the row block `prefetch` blocks ahead (clamped to W)
                 for r in range(nrows):
                     ahead = kb.min(b.add(n0, cg.i64(r + prefetch * rows)), cg.i64(N - 1))
-                    at = b.add(b.mul(ahead, cg.i64(K // 2)), b.mul(g, cg.i64(group // 2)))
+                    at = b.add(b.mul(ahead, cg.i64(K // 2)), b.mul(u, cg.i64(unit // 2)))
                     kb.prefetch(WQ, at, cg.I8, locality=3)
-            scale = [kb.load(S, b.add(s_rows[r], g)) for r in range(nrows)]
-            zero = [kb.load(Z, b.add(s_rows[r], g)) if zero_point else cg.f32(8.0) for r in range(nrows)]
+            scale = [per_group(S, s_rows[r], g) for r in range(nrows)]
+            zero = [per_group(Z, s_rows[r], g) if zero_point else cg.f32(8.0) for r in range(nrows)]
             if vnni and not zero_point:
                 # start from -8 * (sum of X per lane): the centre code is subtracted exactly
-                clear(acc, lambda m: group_sums(m, g))
+                clear(acc, lambda m: unit_sums(m, u))
             elif folded:
                 clear(acc)
             else:
                 s_vec = [kb.splat(s, lanes) for s in scale]
                 z_vec = [kb.splat(z, lanes) for z in zero]
-            for blk in range(blocks_per_group):
-                k = b.add(b.mul(g, cg.i64(group)), cg.i64(blk * span))
-                kbyte = b.add(b.mul(g, cg.i64(group // 2)), cg.i64(blk * span // 2))
+            for blk in range(blocks_per_unit):
+                k = b.add(b.mul(u, cg.i64(unit)), cg.i64(blk * span))
+                kbyte = b.add(b.mul(u, cg.i64(unit // 2)), cg.i64(blk * span // 2))
                 xs = [(kb.load_vec(XL, b.add(x_rows[m], k), x_width, x_el),
                        kb.load_vec(XL, b.add(b.add(x_rows[m], k), cg.i64(x_width)), x_width, x_el))
                       for m in range(mt)]
@@ -253,8 +268,8 @@ def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
                             b.store(kb.dot_i16(old, wv, xv) if vnni else kb.fma(xv, wv, old), slot)
             if folded:
                 for m in range(mt):
-                    x_scale = kb.load(XSCALE, b.add(b.mul(b.add(m0, cg.i64(m)), cg.i64(groups)), g)) if vnni else None
-                    xsum = group_sums(m, g) if zero_point or not vnni else None
+                    x_scale = per_group(XSCALE, b.mul(b.add(m0, cg.i64(m)), cg.i64(groups)), g) if vnni else None
+                    xsum = unit_sums(m, u) if zero_point or not vnni else None
                     for r in range(nrows):
                         part = b.load(acc[m][r][0])
                         for ch in range(1, chains):
@@ -263,17 +278,23 @@ def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
                             part = b.sitofp(part, cg.vec(lanes))
                         if xsum is not None:
                             # sum x (q - z) = sum x q - z sum x, then one scale per group
-                            part = kb.fma(kb.splat(kb.fsub(cg.f32(0.0), zero[r]), lanes), xsum, part)
-                        factor = kb.fmul(scale[r], x_scale) if vnni else scale[r]
-                        b.store(kb.fma(part, kb.splat(factor, lanes), b.load(tot[m][r])), tot[m][r])
+                            minus_z = kb.fsub(ir.Constant(zero[r].type, None), zero[r])
+                            part = kb.fma(lane_spread(kb, minus_z, lanes), xsum, part)
+                        if not vnni:
+                            factor = kb.splat(scale[r], lanes)
+                        elif per_unit == 1:
+                            factor = kb.splat(kb.fmul(scale[r], x_scale), lanes)
+                        else:
+                            factor = lane_spread(kb, kb.fmul(scale[r], x_scale), lanes)
+                        b.store(kb.fma(part, factor, b.load(tot[m][r])), tot[m][r])
 
-        trips = ng // unroll
+        trips = nu // unroll
         if trips:
-            with kb.loop(0, trips, 1, name="g") as gi:
-                for u in range(unroll):
-                    one_group(b.add(g0, b.add(b.mul(gi, cg.i64(unroll)), cg.i64(u))))
-        for u in range(ng % unroll):
-            one_group(b.add(g0, cg.i64(trips * unroll + u)))
+            with kb.loop(0, trips, 1, name="u") as ui:
+                for j in range(unroll):
+                    one_unit(b.add(u0, b.add(b.mul(ui, cg.i64(unroll)), cg.i64(j))))
+        for j in range(nu % unroll):
+            one_unit(b.add(u0, cg.i64(trips * unroll + j)))
         for m in range(mt):
             for r in range(nrows):
                 if folded:
@@ -288,38 +309,38 @@ def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
                     s = kb.fadd(kb.load(Y, at), s)
                 kb.store(s, Y, at)
 
-    def row_block(n0, nrows: int, g0, ng: int, first: bool) -> None:
+    def row_block(n0, nrows: int, u0, nu: int, first: bool) -> None:
         full = M // mtile
         if full:
             with kb.loop(0, full, 1, name="mt") as mt_i:
-                tile(b.mul(mt_i, cg.i64(mtile)), n0, nrows, mtile, g0, ng, first)
+                tile(b.mul(mt_i, cg.i64(mtile)), n0, nrows, mtile, u0, nu, first)
         if M % mtile:
-            tile(cg.i64(full * mtile), n0, nrows, M % mtile, g0, ng, first)
+            tile(cg.i64(full * mtile), n0, nrows, M % mtile, u0, nu, first)
 
-    def k_block(lo, hi, g0, ng: int, first: bool) -> None:
+    def k_block(lo, hi, u0, nu: int, first: bool) -> None:
         with kb.loop(lo, hi, 1, name="rb") as rb:
             n0 = b.mul(rb, cg.i64(rows))
             if N % rows == 0:
-                row_block(n0, rows, g0, ng, first)
+                row_block(n0, rows, u0, nu, first)
             else:
                 whole = b.icmp_signed("<=", b.add(n0, cg.i64(rows)), cg.i64(N))
                 with b.if_else(whole) as (then, otherwise):
                     with then:
-                        row_block(n0, rows, g0, ng, first)
+                        row_block(n0, rows, u0, nu, first)
                     with otherwise:
                         with kb.loop(n0, N, 1, name="nr") as n:
-                            row_block(n, 1, g0, ng, first)
+                            row_block(n, 1, u0, nu, first)
 
     def k_blocks(lo, hi) -> None:
-        full_blocks = groups // kblock
+        full_blocks = units // kblock
         k_block(lo, hi, cg.i64(0), kblock, True)
         if full_blocks > 1:
             with kb.loop(1, full_blocks, 1, name="kb") as kbi:
                 k_block(lo, hi, b.mul(kbi, cg.i64(kblock)), kblock, False)
-        if groups % kblock:
-            k_block(lo, hi, cg.i64(full_blocks * kblock), groups % kblock, False)
+        if units % kblock:
+            k_block(lo, hi, cg.i64(full_blocks * kblock), units % kblock, False)
 
-    if kblock == groups:
+    if kblock == units:
         k_blocks(chunk_begin, chunk_end)
     else:
         # K blocks inside panels of W rows: the X block stays in L1 for a whole panel, and

@@ -86,49 +86,74 @@ def deinterleave_x(kb: cg.KernelBuilder, x, out, rows, K: int, lanes: int, sums=
 I16_LEVELS = 32767.0  # X is rounded to int16 per (row, group): x ~ q * (max|x| / 32767)
 
 
+def i16_unit(group: int, lanes: int) -> int:
+    """k per fold unit of the int16 path: a group, or the 4 x ``lanes`` k of one decoded
+    block when groups are smaller (then lane i of the accumulator holds k 4i..4i+3, so
+    each group owns a run of lanes)."""
+    return max(group, 4 * lanes)
+
+
+def lane_spread(kb: cg.KernelBuilder, values, lanes: int):
+    """<P x float> (one value per group of a unit) -> <lanes x float>, each value repeated
+    over the lanes its group owns; a scalar is splat."""
+    if not isinstance(values.type, ir.VectorType):
+        return kb.splat(values, lanes)
+    per = lanes // values.type.count
+    mask = ir.Constant(cg.vec(lanes, cg.I32), [j // per for j in range(lanes)])
+    return kb.b.shuffle_vector(values, ir.Constant(values.type, ir.Undefined), mask)
+
+
 def quantize_x_i16(kb: cg.KernelBuilder, x, xq, scales, sums, rows, K: int, group: int, lanes: int,
                    symmetric: bool) -> None:
     """Round X to int16 per (row m, group g) for the VNNI path, laid out for the nibble split.
 
     ``xq[m, k]`` int16: per block of 4 * ``lanes`` k, the 2 * lanes even k then the odd k
     (the order of the codes that ``vec`` packed bytes split into); ``scales[m, g]`` float:
-    max|x| / 32767 (0 for an all-zero group); ``sums[m, g, 0:lanes]``: per lane of
-    ``vpdpwssd`` the sum of the rounded X that lane meets over the group — as int32 times
-    -8 when ``symmetric`` (the initial value that subtracts the centre code 8 exactly),
-    else as float (multiplied by each row's zero point at the end of the group).
+    max|x| / 32767 (0 for an all-zero group); ``sums[m, u, 0:lanes]`` per fold unit u (see
+    ``i16_unit``): per lane of ``vpdpwssd`` the sum of the rounded X that lane meets — as
+    int32 times -8 when ``symmetric`` (the initial value that subtracts the centre code 8
+    exactly), else as float (multiplied by each row's zero point at the end of the unit).
     """
     b = kb.b
     words = 2 * lanes
     span = 2 * words
+    unit = i16_unit(group, lanes)
+    per_unit = unit // group
     groups = K // group
-    blocks = group // span
-    f_span, i_words, i_lanes = cg.vec(span), cg.vec(words, cg.I32), cg.vec(lanes, cg.I32)
+    i_words, i_lanes = cg.vec(words, cg.I32), cg.vec(lanes, cg.I32)
     picks = lambda idx: ir.Constant(cg.vec(len(idx), cg.I32), idx)  # noqa: E731
     evens, odds = picks(list(range(0, span, 2))), picks(list(range(1, span, 2)))
     pair_lo, pair_hi = picks(list(range(0, words, 2))), picks(list(range(1, words, 2)))
     with kb.loop(0, rows, 1, name="qm") as m:
-        with kb.loop(0, groups, 1, name="qg") as g:
-            base = b.add(b.mul(m, cg.i64(K)), b.mul(g, cg.i64(group)))
-            top = kb.zeros(span)
-            for blk in range(blocks):
-                top = kb.fmax(top, kb.call_math("fabs", kb.load_vec(x, b.add(base, cg.i64(blk * span)), span)))
-            xmax = kb.reduce_max(top)
-            positive = b.fcmp_ordered(">", xmax, cg.f32(0.0))
-            inv = b.select(positive, kb.fdiv(cg.f32(I16_LEVELS), xmax), cg.f32(0.0))
-            kb.store(kb.fdiv(xmax, cg.f32(I16_LEVELS)), scales, b.add(b.mul(m, cg.i64(groups)), g))
-            inv_v = kb.splat(inv, words)
+        with kb.loop(0, K // unit, 1, name="qu") as u:
+            base = b.add(b.mul(m, cg.i64(K)), b.mul(u, cg.i64(unit)))
+            g0 = b.add(b.mul(m, cg.i64(groups)), b.mul(u, cg.i64(per_unit)))
+            inverses = []
+            for j in range(per_unit):
+                values = kb.load_vec(x, b.add(base, cg.i64(j * group)), group)
+                xmax = kb.reduce_max(kb.call_math("fabs", values))
+                positive = b.fcmp_ordered(">", xmax, cg.f32(0.0))
+                inverses.append(b.select(positive, kb.fdiv(cg.f32(I16_LEVELS), xmax), cg.f32(0.0)))
+                kb.store(kb.fdiv(xmax, cg.f32(I16_LEVELS)), scales, b.add(g0, cg.i64(j)))
             lane_sum = ir.Constant(i_lanes, None)
-            for blk in range(blocks):
+            for blk in range(unit // span):
                 at = b.add(base, cg.i64(blk * span))
                 v = kb.load_vec(x, at, span)
+                if per_unit == 1:
+                    inv = kb.splat(inverses[0], span)
+                else:  # the k of this block belong to several groups: one factor each
+                    packed = ir.Constant(cg.vec(per_unit), None)
+                    for j, value in enumerate(inverses):
+                        packed = b.insert_element(packed, value, ir.Constant(cg.I32, j))
+                    inv = lane_spread(kb, packed, span)
+                q = b.fptosi(kb.call_math("rint", kb.fmul(v, inv)), cg.vec(span, cg.I32))
                 for half, pick in ((0, evens), (1, odds)):
-                    part = b.shuffle_vector(v, ir.Constant(f_span, ir.Undefined), pick)
-                    q = b.fptosi(kb.call_math("rint", kb.fmul(part, inv_v)), i_words)
-                    kb.store_vec(b.trunc(q, cg.vec(words, cg.I16)), xq, b.add(at, cg.i64(half * words)), cg.I16)
-                    pairs = b.add(b.shuffle_vector(q, ir.Constant(i_words, ir.Undefined), pair_lo),
-                                  b.shuffle_vector(q, ir.Constant(i_words, ir.Undefined), pair_hi))
+                    part = b.shuffle_vector(q, ir.Constant(q.type, ir.Undefined), pick)
+                    kb.store_vec(b.trunc(part, cg.vec(words, cg.I16)), xq, b.add(at, cg.i64(half * words)), cg.I16)
+                    pairs = b.add(b.shuffle_vector(part, ir.Constant(i_words, ir.Undefined), pair_lo),
+                                  b.shuffle_vector(part, ir.Constant(i_words, ir.Undefined), pair_hi))
                     lane_sum = b.add(lane_sum, pairs)
-            at = b.mul(b.add(b.mul(m, cg.i64(groups)), g), cg.i64(lanes))
+            at = b.mul(b.add(b.mul(m, cg.i64(K // unit)), u), cg.i64(lanes))
             if symmetric:
                 kb.store_vec(b.mul(lane_sum, ir.Constant(i_lanes, [-8] * lanes)), sums, at, cg.I32)
             else:

@@ -105,13 +105,14 @@ def test_quantize_round_trip_is_within_half_a_step():
     assert q["WQ"][0, 0] == 8 | (15 << 4)  # k=0 -> code 8 (low nibble), k=1 -> code 15 (high)
 
 
-@pytest.mark.parametrize("zero_point", [False, True])
-def test_q4_int16_activations_stay_within_float32_tolerance_with_outliers(zero_point, host):
+@pytest.mark.parametrize("group, zero_point", [(128, False), (128, True), (32, False), (32, True)])
+def test_q4_int16_activations_stay_within_float32_tolerance_with_outliers(group, zero_point, host):
     """The VNNI path rounds X to int16 per (row, group); LLM activations have a few channels
     far larger than the rest, which coarsens the rounding of their whole group. Even so the
     result stays within the float32 tolerance of the reference."""
     template = get_template("gemv_q4", "cpu")
-    task = Task.make("gemv_q4", {"M": 4, "N": 256, "K": 2048}, attrs={"group_size": 128, "zero_point": zero_point})
+    # group 32: two groups share each 64-k block of the 16-lane int16 path
+    task = Task.make("gemv_q4", {"M": 4, "N": 256, "K": 2048}, attrs={"group_size": group, "zero_point": zero_point})
     space = template.space(task, host)
     if "compute" not in space.names:
         pytest.skip("the host has no avx512vnni")  # the int16 path is not offered at all there
@@ -121,7 +122,7 @@ def test_q4_int16_activations_stay_within_float32_tolerance_with_outliers(zero_p
     want = template.reference(task, inputs)["Y"]
     errors = {}
     for compute in ("f32", "i16"):
-        values = dict(template.default(task, host).as_dict(), compute=compute)
+        values = dict(template.default(task, host).as_dict(), compute=compute, vec=16)
         assert space.accepts(values)
         source = template.render(task, space.from_values(values), host)
         buffers = allocate_args(source, task.dims, inputs)
