@@ -89,6 +89,15 @@ def resolve_task(op: str, shape: str, dtype: str, target_kind: str, dynamic: str
         template.check(task)
     except ValueError as exc:
         raise UserError(f"bad --shape for {op}: {exc}") from None
+    try:
+        parsed_attrs = parse_attrs(attrs)
+    except ValueError as exc:
+        raise UserError(f"bad --attrs for {op}: {exc}") from None
+    try:
+        task = Task.make(op, dims, dtype, attrs=parsed_attrs, dynamic=[d for d in dynamic.split(",") if d])
+        template.check(task)
+    except ValueError as exc:
+        raise UserError(f"bad --shape{'/--attrs' if parsed_attrs else ''} for {op}: {exc}") from None
     return template, task
 
 
@@ -212,7 +221,8 @@ def ops(target: str, as_json: bool) -> None:
         raise UserError(f"unknown target {target!r}: use cpu or cuda")
     templates = list_templates(kind)
     rows = [{"op": t.op, "dims": list(t.dims), "example_shape": format_shape(t.example_shape),
-             "dtypes": list(t.dtypes), "dynamic_dims": list(t.dynamic_dims), "description": t.description}
+             "dtypes": list(t.dtypes), "dynamic_dims": list(t.dynamic_dims), "attrs": dict(t.default_attrs),
+             "description": t.description}
             for t in templates]
     if as_json:
         echo_json(rows)
@@ -222,8 +232,9 @@ def ops(target: str, as_json: bool) -> None:
         return
     width = max(len(r["op"]) for r in rows)
     for r in rows:
+        attrs = ",".join(f"{k}={json.dumps(v)}" for k, v in r["attrs"].items())
         click.echo(f"{r['op']:<{width}}  dims {','.join(r['dims']):<24} e.g. --shape {r['example_shape']:<32} "
-                   f"{'/'.join(r['dtypes'])}  {r['description']}")
+                   f"{'/'.join(r['dtypes'])}  {r['description']}" + (f" (--attrs {attrs})" if attrs else ""))
 
 
 @cli.command()

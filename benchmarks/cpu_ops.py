@@ -3,6 +3,9 @@
     python benchmarks/cpu_ops.py --cases gemm:M=1024,N=1024,K=1024 gemv:M=1,N=11008,K=4096 \
         --trials 96 --threads 1 --log benchmarks/cpu.jsonl --markdown
 
+A case is ``op:shape``, optionally followed by ``:dtype`` and/or ``:attrs``, e.g.
+``gemm:M=1024,N=1024,K=1024:bfloat16`` or ``gemv_q4:M=1,N=11008,K=4096:group_size=32``.
+
 For each case: ``autotune tune`` (xgb, the stated trial budget, resumed from the log) with
 candidates restricted to the requested thread count, then ``autotune bench`` on the best
 record, which times the tuned kernel, the numpy baseline (OpenBLAS with its fast kernel:
@@ -19,6 +22,7 @@ import subprocess
 import sys
 
 DEFAULT_CASES = ["gemm:M=1024,N=1024,K=1024", "gemv:M=1,N=11008,K=4096"]
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def cli(*args: str) -> str:
@@ -41,13 +45,14 @@ def main() -> None:
 
     rows = []
     for case in args.cases:
-        op, shape, *attrs = case.split(":", 2)
-        options = ["--op", op, "--shape", shape]
-        for item in attrs[0].split(",") if attrs else ():
-            options += ["--attr", item]
-        cli("tune", *options, "--tuner", args.tuner, "--trials", str(args.trials),
+        op, shape, *extra = case.split(":")
+        task_args = ["--op", op, "--shape", shape]
+        for item in extra:
+            task_args += ["--dtype", item] if item in DTYPES else [a for kv in item.split(",") for a in ("--attr", kv)]
+        cli("tune", *task_args, "--tuner", args.tuner, "--trials", str(args.trials),
             "--log", args.log, "--no-mlflow", "--quiet", "--threads", str(args.threads))
-        result = json.loads(cli("bench", *options, "--log", args.log, "--threads", str(args.threads), "--json"))
+        result = json.loads(cli("bench", *task_args, "--log", args.log,
+                                "--threads", str(args.threads), "--json"))
         rows.append(result)
         print(json.dumps(result), file=sys.stderr, flush=True)
 
@@ -63,10 +68,9 @@ def main() -> None:
                 else f"{r['tuned_gbs']:.1f} GB/s")
         blas = r["blas"].get("architecture") or r["baseline"]
         shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
-        key_parts = r["task"].split("/", 3)  # op/dtype/dims[/attributes]
-        if len(key_parts) == 4:
-            shape += f" ({key_parts[3]})"
-        print(f"| {r['op']} | {shape} | {r['threads']} | {r['tuned_s'] * 1e3:.4g} | {r['baseline_s'] * 1e3:.4g} "
+        extras = r["task"].split("/")[3:]  # attrs, as in the task key
+        shape += "".join(f" ({e})" for e in extras) + ("" if r["dtype"] == "float32" else f" {r['dtype']}")
+        print(f"| {r['op']} | {shape} | {r['threads']} | {r['tuned_s'] * 1e3:.3f} | {r['baseline_s'] * 1e3:.3f} "
               f"| {blas} | {r['speedup']:.2f}x | {rate} | {r['roofline_fraction'] * 100:.0f}% "
               f"{r['bound']} ({r['memory_level'] if r['bound'] == 'memory' else 'FMA peak'}) |")
 

@@ -30,6 +30,21 @@ _ELEMENT = {"float32": F32, "float64": F64, "bfloat16": BF16, "float16": ir.Half
             "uint8": I8, "int8": I8, "int32": I32, "int64": I64, "uint16": I16}
 
 
+class BFloatType(ir.types._BaseFloatType):
+    """LLVM's ``bfloat``, which llvmlite.ir lacks: only the operand type of the AVX-512 BF16
+    dot-product intrinsic here (values are bitcast to it from raw 16-bit words)."""
+
+    null = "0.0"
+    intrinsic_name = "bf16"
+
+    def __str__(self) -> str:
+        return "bfloat"
+
+
+BFloatType._create_instance()
+BFLOAT = BFloatType()
+
+
 def element_type(dtype: str) -> ir.Type:
     return _ELEMENT[dtype]
 
@@ -294,6 +309,42 @@ class KernelBuilder:
         wide = self.b.shl(self.b.zext(raw, I32), ir.Constant(I32, 16))
         return self.b.bitcast(wide, F32)
 
+    def f32_to_bf16(self, value):
+        """Round float32 (scalar or vector) to bfloat16 words, nearest even, exactly like
+        ``ops.common.float32_to_bfloat16``: bits + 0x7FFF + ((bits >> 16) & 1), high half."""
+        b = self.b
+        lanes = value.type.count if isinstance(value.type, ir.VectorType) else 0
+        i32 = vec(lanes, I32) if lanes else I32
+        const = (lambda v: ir.Constant(i32, [v] * lanes)) if lanes else (lambda v: ir.Constant(I32, v))
+        bits = b.bitcast(value, i32)
+        odd = b.and_(b.lshr(bits, const(16)), const(1))
+        rounded = b.add(b.add(bits, const(0x7FFF)), odd)
+        return b.trunc(b.lshr(rounded, const(16)), vec(lanes, I16) if lanes else I16)
+
+    def dot_bf16(self, acc, a, c):
+        """acc[i] += a[2i] * c[2i] + a[2i+1] * c[2i+1]: the AVX-512 BF16 ``vdpbf16ps``.
+
+        ``acc`` is <N x float>; ``a`` and ``c`` are <2N x i16> raw bfloat16 words (N = 4, 8
+        or 16). Only for targets with avx512bf16; products of bfloat16 are exact in float32
+        and the instruction flushes denormals."""
+        lanes = acc.type.count
+        width = {4: 128, 8: 256, 16: 512}[lanes]
+        pair = vec(2 * lanes, BFLOAT)
+        fn = declare_intrinsic(self.module, f"llvm.x86.avx512bf16.dpbf16ps.{width}", acc.type,
+                               [acc.type, pair, pair])
+        return self.b.call(fn, [acc, self.b.bitcast(a, pair), self.b.bitcast(c, pair)])
+
+    def dot_i16(self, acc, a, c):
+        """acc[i] += a[2i] * c[2i] + a[2i+1] * c[2i+1] in int32: the AVX-512 VNNI ``vpdpwssd``.
+
+        ``acc`` is <N x i32>, ``a`` and ``c`` are <2N x i16> (N = 8 or 16); for targets with
+        avx512vnni. The sum wraps on overflow, so callers bound their operands."""
+        lanes = acc.type.count
+        width = {8: 256, 16: 512}[lanes]
+        pair = vec(2 * lanes, I16)
+        fn = declare_intrinsic(self.module, f"llvm.x86.avx512.vpdpwssd.{width}", acc.type, [acc.type, pair, pair])
+        return self.b.call(fn, [acc, a, c])
+
     def local(self, ty: ir.Type, name: str = "acc"):
         """A stack slot in the entry block: SROA turns such slots into registers."""
         here = self.b.block
@@ -483,8 +534,12 @@ def kernel_function(module: ir.Module, name: str, n_pointers: int, n_scalars: in
 
 
 def parallel_entry(module: ir.Module, name: str, body: ir.Function, n_pointers: int, n_scalars: int,
-                   threads: int, n_chunks: int | Callable[[KernelBuilder, list], ir.Value]) -> ir.Function:
+                   threads: int, n_chunks: int | Callable[[KernelBuilder, list], ir.Value],
+                   prologue: ir.Function | None = None) -> ir.Function:
     """Define the kernel entry ``name(ptrs..., scalars...)`` running ``body`` over chunks.
+
+    ``prologue``, when given, takes the entry's arguments and runs once on the calling
+    thread before any chunk (e.g. to lay out an operand in a shared workspace).
 
     ``body`` has the entry's arguments plus ``(i64 chunk_begin, i64 chunk_end, i64 thread)``;
     ``thread`` (0..threads-1) selects per-thread scratch in a workspace. With one
@@ -496,6 +551,8 @@ def parallel_entry(module: ir.Module, name: str, body: ir.Function, n_pointers: 
     kb = KernelBuilder(entry)
     b = kb.b
     args = list(entry.args)
+    if prologue is not None:
+        b.call(prologue, args)
     total = n_chunks(kb, args) if callable(n_chunks) else i64(n_chunks)
     if threads <= 1:
         b.call(body, args + [i64(0), total, i64(0)])

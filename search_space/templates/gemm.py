@@ -1,4 +1,4 @@
-"""``gemm`` on the CPU: Y[M,N] = X[M,K] @ W[N,K]^T for any M, N, K.
+"""``gemm`` on the CPU: Y[M,N] = X[M,K] @ W[N,K]^T for any M, N, K, in float32 or bfloat16.
 
 Schedule: both operands are contiguous along K, so the micro-kernel is a register block
 of ``mr x nr`` dot products, each a vector accumulator of ``vec`` lanes running along K:
@@ -7,128 +7,306 @@ the end of a K block the ``nr`` accumulators of each X row are folded into one v
 sums with shuffles and added into Y. Around it, cache blocks of ``mc`` X rows, ``nc`` W
 rows and ``kc`` of K, in one of two orders (``nkm``: W block outermost, reused by every X
 block; ``mnk``: X block outermost), and the tile loop inside a block walks W panels or X
-panels first (``inner``). ``pack`` copies each W block into a contiguous per-thread buffer.
-Threads split the outermost blocks.
+panels first (``inner``). ``pack`` copies each W block into a contiguous per-thread buffer,
+``xpack`` each X block (rows K apart crowd a few cache sets when K is a power of two).
+Threads split the W blocks (``nkm``) or the (X block, W block) pairs (``mnk``).
+
+bfloat16 (X, W and Y as raw 16-bit words, float32 accumulation): with ``dot`` = ``bf16``
+(targets with avx512bf16) the micro-kernel feeds raw pairs of X and W words to
+``vdpbf16ps``, 2 x ``vec`` products per instruction; with ``widen`` it widens them to
+float32 by shifting (packing widens W once per block) and uses fmas. Y is rounded to
+bfloat16 (nearest even) when it is final: directly by the micro-kernel when K is one
+block, otherwise from a float32 copy of Y in the workspace once a block's K loop is done.
 
 Edges: blocks are whole multiples of the micro tile, so only the last M and N tiles can be
 partial; they get their own micro-kernels with the exact sizes, and the K remainder of a
 block is read with masked loads. Nothing reads or writes outside the arrays.
+
+``render_blocked_gemm`` is the schedule itself, parameterised by how W reaches the
+micro-kernel (``WeightSource``): ``gemm_q4`` reuses it with a panel that dequantises int4.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import llvmlite.ir as ir
 
 from ..codegen import llvm as cg
+from ..ops.matmul import GemmOp
 from ..space import Config, ConfigSpace, Knob
 from ..target import Target
 from ..task import Task
 from ..template import ArgSpec, KernelSource, Template, register_template
 from .gemv import vector_registers
-from ..ops.matmul import GemmOp
 
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def n_tile(c: dict) -> int:
+    """Columns of Y per micro tile: ``nr`` dot products, or ``nr`` vectors (outer)."""
+    return c["nr"] * c["vec"] if c.get("kernel") == "outer" else c["nr"]
+
+
 def effective_blocks(d: dict, c: dict) -> tuple[int, int, int]:
     """(mc, nc, kc) as rendered: 0 means the whole dim; blocks are whole micro tiles."""
+    nt = n_tile(c)
     mc = min(_round_up(c["mc"] or d["M"], c["mr"]), _round_up(d["M"], c["mr"]))
-    nc = min(_round_up(c["nc"] or d["N"], c["nr"]), _round_up(d["N"], c["nr"]))
+    nc = min(_round_up(c["nc"] or d["N"], nt), _round_up(d["N"], nt))
     kc = min(c["kc"] or d["K"], d["K"])
     return mc, nc, kc
+
+
+def has_bf16_dot(target: Target) -> bool:
+    return target.has_feature("avx512bf16")
+
+
+def blocked_gemm_knobs(d: dict, target: Target, kc_values=(256, 512, 1024, 2048), pack: bool = True) -> list[Knob]:
+    """The cache-blocking and micro-tile knobs shared by gemm and gemm_q4."""
+    lanes = target.vector_lanes_f32
+    knobs = [
+        Knob("mr", tuple(v for v in (1, 2, 3, 4, 6, 8) if v <= d["M"])),
+        Knob("nr", tuple(v for v in (1, 2, 3, 4, 6, 8) if v <= d["N"])),
+        Knob("vec", tuple(v for v in (8, 16) if v <= lanes) or (lanes,)),
+        Knob("unroll", (1, 2, 4)),
+        Knob("kc", (0,) + tuple(v for v in kc_values if v < d["K"])),
+        Knob("mc", (0,) + tuple(v for v in (32, 64, 128, 256) if v < d["M"])),
+        Knob("nc", (0,) + tuple(v for v in (48, 192, 768) if v < d["N"])),
+        Knob("order", ("nkm", "mnk")),
+        Knob("inner", ("nm", "mn")),
+    ]
+    if pack:
+        knobs.append(Knob("pack", (0, 1)))
+    knobs.append(Knob("xpack", (0, 1)))
+    knobs.append(Knob("threads", tuple(sorted({1, max(target.cores, 1)}))))
+    return knobs
+
+
+def blocked_gemm_constraints(d: dict, target: Target) -> list:
+    regs = vector_registers(target)
+
+    def outer_blocks(c) -> int:
+        mc, nc, _ = effective_blocks(d, c)
+        n_blocks = math.ceil(d["N"] / nc)
+        return n_blocks if c["order"] == "nkm" else math.ceil(d["M"] / mc) * n_blocks
+
+    return [
+        ("micro tile fits in registers",  # accumulators + the X (dot) or W (outer) vectors of a step
+         lambda c: c["mr"] * c["nr"] + (c["nr"] if c.get("kernel") == "outer" else c["mr"]) + 1 <= regs),
+        ("a thread gets an outer block", lambda c: c["threads"] == 1 or outer_blocks(c) >= c["threads"]),
+    ]
+
+
+def blocked_gemm_default(space: ConfigSpace, d: dict, target: Target, extra: dict | None = None) -> Config:
+    lanes = target.vector_lanes_f32
+    for mr, nr in ((4, 6), (4, 4), (2, 4), (2, 2), (1, 2), (1, 1)):
+        values = {"mr": mr, "nr": nr, "vec": min(16, lanes), "unroll": 1,
+                  "kc": 512 if d["K"] > 512 else 0, "mc": 128 if d["M"] > 128 else 0,
+                  "nc": 192 if d["N"] > 192 else 0, "order": "nkm", "inner": "nm", "pack": 1,
+                  "xpack": 0, "threads": 1, **(extra or {})}
+        values = {k: v for k, v in values.items() if k in space.names}
+        if space.accepts(values):
+            return space.from_values(values)
+    return next(iter(space))
+
+
+def blocked_gemm_features(task: Task, c: dict, w_bytes: float, elem: int = 4) -> dict[str, float]:
+    """Analytic features of the blocked schedule; ``w_bytes`` is W's size in memory."""
+    d = task.dims
+    mc, nc, kc = effective_blocks(d, c)
+    m_blocks, n_blocks = math.ceil(d["M"] / mc), math.ceil(d["N"] / nc)
+    chunks = n_blocks if c["order"] == "nkm" else m_blocks * n_blocks
+    # bytes that cross from memory/L3: W once per X block pass unless it stays cached
+    w_passes = m_blocks if c["order"] == "mnk" else 1
+    moved = (w_bytes * w_passes + elem * d["M"] * d["K"] * n_blocks
+             + 4.0 * d["M"] * d["N"] * math.ceil(d["K"] / kc))
+    return {
+        "threads": c["threads"],
+        "vector_lanes": c["vec"],
+        "unroll": c["unroll"],
+        "accumulators": c["mr"] * c["nr"],
+        "loads_per_fma": (c["mr"] + c["nr"]) / (c["mr"] * c["nr"]),
+        "parallel_chunks": chunks,
+        "chunks_per_thread": chunks / c["threads"],
+        "tile_bytes_l1": elem * (c["nr"] if c["inner"] == "nm" else c["mr"]) * kc,
+        "tile_bytes_l2": elem * (mc if c["inner"] == "nm" else nc) * kc,
+        "tile_bytes_l3": elem * nc * kc,
+        "bytes_moved": moved,
+        "arith_intensity": 2.0 * d["M"] * d["N"] * d["K"] / moved,
+        "reduction_share": 1.0 / max(kc / c["vec"], 1.0),
+        "k_tail_fraction": (d["K"] % c["vec"]) / d["K"],
+        "m_tail_fraction": (d["M"] % c["mr"]) / d["M"],
+        "n_tail_fraction": (d["N"] % n_tile(c)) / d["N"],
+        "packed": c.get("pack", 1),
+    }
 
 
 @register_template
 class GemmCpu(GemmOp, Template):
     target_kind = "cpu"
-    dtypes = ("float32",)
+    dtypes = ("float32", "bfloat16")
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
         d = task.dims
-        lanes = target.vector_lanes_f32
-        regs = vector_registers(target)
-        cores = max(target.cores, 1)
-        # values that cannot apply to this shape are left out, so the space stays dense
-        knobs = [
-            Knob("mr", tuple(v for v in (1, 2, 3, 4, 6, 8) if v <= d["M"])),
-            Knob("nr", tuple(v for v in (1, 2, 3, 4, 6, 8) if v <= d["N"])),
-            Knob("vec", tuple(v for v in (8, 16) if v <= lanes) or (lanes,)),
-            Knob("unroll", (1, 2, 4)),
-            Knob("kc", (0,) + tuple(v for v in (256, 512, 1024, 2048) if v < d["K"])),
-            Knob("mc", (0,) + tuple(v for v in (32, 64, 128, 256) if v < d["M"])),
-            Knob("nc", (0,) + tuple(v for v in (48, 192, 768) if v < d["N"])),
-            Knob("order", ("nkm", "mnk")),
-            Knob("inner", ("nm", "mn")),
-            Knob("pack", (0, 1)),
-            Knob("threads", tuple(sorted({1, cores}))),
-        ]
-
-        def outer_blocks(c) -> int:
-            mc, nc, _ = effective_blocks(d, c)
-            return math.ceil(d["N"] / nc) if c["order"] == "nkm" else math.ceil(d["M"] / mc)
-
-        constraints = [
-            ("micro tile fits in registers", lambda c: c["mr"] * c["nr"] + c["mr"] + 1 <= regs),
-            ("a thread gets an outer block", lambda c: c["threads"] == 1 or outer_blocks(c) >= c["threads"]),
-        ]
+        knobs = blocked_gemm_knobs(d, target)
+        constraints = blocked_gemm_constraints(d, target)
+        if task.dtype == "bfloat16":
+            knobs.insert(0, Knob("dot", ("bf16", "widen") if has_bf16_dot(target) else ("widen",)))
+        else:
+            knobs.insert(0, Knob("kernel", ("dot", "outer")))
+            constraints.append(("the outer-product kernel reads a packed W", lambda c: c["kernel"] == "dot" or c["pack"]))
         return ConfigSpace(knobs, constraints)
 
     def default(self, task: Task, target: Target) -> Config:
-        space = self.space(task, target)
-        d = task.dims
-        lanes = target.vector_lanes_f32
-        for mr, nr in ((4, 6), (4, 4), (2, 4), (2, 2), (1, 2), (1, 1)):
-            values = {"mr": mr, "nr": nr, "vec": min(16, lanes), "unroll": 1,
-                      "kc": 512 if d["K"] > 512 else 0, "mc": 128 if d["M"] > 128 else 0,
-                      "nc": 192 if d["N"] > 192 else 0, "order": "nkm", "inner": "nm", "pack": 1,
-                      "threads": 1}
-            if space.accepts(values):
-                return space.from_values(values)
-        return next(iter(space))
+        extra = {"dot": "bf16" if has_bf16_dot(target) else "widen"} if task.dtype == "bfloat16" else {"kernel": "dot"}
+        return blocked_gemm_default(self.space(task, target), task.dims, target, extra)
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         d = task.dims
-        c = config.as_dict()
-        mc, nc, kc = effective_blocks(d, c)
-        m_blocks, n_blocks = math.ceil(d["M"] / mc), math.ceil(d["N"] / nc)
-        chunks = n_blocks if c["order"] == "nkm" else m_blocks
-        # bytes that cross from memory/L3: W once per X block pass unless it stays cached
-        w_passes = m_blocks if c["order"] == "mnk" else 1
-        moved = 4.0 * (d["N"] * d["K"] * w_passes + d["M"] * d["K"] * n_blocks + d["M"] * d["N"] * math.ceil(d["K"] / kc))
-        return {
-            "threads": c["threads"],
-            "vector_lanes": c["vec"],
-            "unroll": c["unroll"],
-            "accumulators": c["mr"] * c["nr"],
-            "loads_per_fma": (c["mr"] + c["nr"]) / (c["mr"] * c["nr"]),
-            "parallel_chunks": chunks,
-            "chunks_per_thread": chunks / c["threads"],
-            "tile_bytes_l1": 4.0 * (c["nr"] if c["inner"] == "nm" else c["mr"]) * kc,
-            "tile_bytes_l2": 4.0 * (mc if c["inner"] == "nm" else nc) * kc,
-            "tile_bytes_l3": 4.0 * nc * kc,
-            "bytes_moved": moved,
-            "arith_intensity": self.flops(task) / moved,
-            "reduction_share": 1.0 / max(kc / c["vec"], 1.0),
-            "k_tail_fraction": (d["K"] % c["vec"]) / d["K"],
-            "m_tail_fraction": (d["M"] % c["mr"]) / d["M"],
-            "n_tail_fraction": (d["N"] % c["nr"]) / d["N"],
-            "packed": c["pack"],
-        }
+        elem = 2 if task.dtype == "bfloat16" else 4
+        return blocked_gemm_features(task, config.as_dict(), elem * d["N"] * d["K"], elem)
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
-        return _render(task, config.as_dict())
+        c = config.as_dict()
+        bf16 = task.dtype == "bfloat16"
+        dot = c.get("dot", "fma") if bf16 else "fma"
+        if dot == "bf16":
+            # raw words into vdpbf16ps: the panel is a plain copy of bfloat16 W rows
+            source = WeightSource(2, "bfloat16", _copy_panel(2) if c["pack"] else None)
+        elif bf16:
+            source = WeightSource(4, "float32", _widen_panel(c["vec"])) if c["pack"] else \
+                WeightSource(2, "bfloat16", None)
+        elif c["kernel"] == "outer":
+            return render_blocked_gemm(task, c, "gemm", GemmOp().signature(task),
+                                       WeightSource(4, "float32", _transpose_panel(c["nr"] * c["vec"], c["vec"])),
+                                       dot="outer")
+        else:
+            source = WeightSource(4, "float32", _copy_panel(4) if c["pack"] else None)
+        return render_blocked_gemm(task, c, "gemm", GemmOp().signature(task), source,
+                                   dot="bf16" if dot == "bf16" else "fma")
+
+
+# ----------------------------------------------------------------------------- the schedule
+
+# fill(kb, inputs, dst, n0, nlen, k0, klen, kc): W rows [n0, n0+nlen) x [k0, k0+klen) into
+# the panel dst (row stride kc elements of the panel's dtype)
+PanelFill = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """How W reaches the micro-kernel: from a per-thread panel filled by ``fill`` (element
+    size ``panel_bytes``, dtype ``dtype``), or straight from the input W (``fill`` None)."""
+
+    panel_bytes: int
+    dtype: str
+    fill: PanelFill | None
+
+
+def _copy_panel(elem: int) -> PanelFill:
+    def fill(kb, inputs, dst, n0, nlen, k0, klen: int, kc: int, K: int) -> None:
+        b = kb.b
+        with kb.loop(0, nlen, 1, name="pk") as r:
+            src = kb.gep(inputs[1], b.add(b.mul(b.add(n0, r), cg.i64(K)), k0), _elem(elem))
+            kb.memcpy(kb.gep(dst, b.mul(r, cg.i64(kc)), _elem(elem)), src, elem * klen)
+    return fill
+
+
+def transpose_square(kb: cg.KernelBuilder, rows: list) -> list:
+    """Transpose T vectors of T lanes (T a power of two): log2(T) stages of two-source
+    shuffles, stage j swapping bit j of the row index with bit j of the lane index."""
+    b = kb.b
+    t = len(rows)
+    rows = list(rows)
+    bit = 1
+    while bit < t:
+        keep = [c if not c & bit else t + (c ^ bit) for c in range(t)]
+        take = [c | bit if not c & bit else t + c for c in range(t)]
+        out = list(rows)
+        for r in range(t):
+            if r & bit:
+                continue
+            lo, hi = rows[r], rows[r | bit]
+            out[r] = b.shuffle_vector(lo, hi, ir.Constant(cg.vec(t, cg.I32), keep))
+            out[r | bit] = b.shuffle_vector(lo, hi, ir.Constant(cg.vec(t, cg.I32), take))
+        rows, bit = out, bit * 2
+    return rows
+
+
+def _transpose_panel(width: int, lanes: int) -> PanelFill:
+    """W rows [n0, n0+nlen) as columns for the outer-product kernel, one micro panel after
+    the other: panel[n // width][k][n % width] (``width`` = the micro tile's columns), the
+    columns past nlen zero. Squares of ``lanes`` x ``lanes`` are transposed in registers."""
+    def fill(kb, inputs, dst, n0, nlen, k0, klen: int, kc: int, K: int) -> None:
+        b = kb.b
+        W = inputs[1]
+        ld = b.mul(b.sdiv(b.add(nlen, cg.i64(width - 1)), cg.i64(width)), cg.i64(width))
+        last = b.sub(nlen, cg.i64(1))
+
+        def column_at(k, nt):
+            """Panel offset of (k, column nt) in the micro-panel layout."""
+            tile = b.sdiv(nt, cg.i64(width))
+            return b.add(b.mul(tile, cg.i64(width * kc)), b.add(b.mul(k, cg.i64(width)), b.srem(nt, cg.i64(width))))
+
+        def square(nt, kt, count: int) -> None:
+            rows = []
+            for i in range(lanes):
+                n = b.add(nt, cg.i64(i))
+                at = b.add(b.mul(b.add(n0, kb.min(n, last)), cg.i64(K)), b.add(k0, kt))
+                v = kb.load_vec(W, at, lanes) if count == lanes else kb.masked_load_vec(W, at, lanes, cg.i64(count))
+                rows.append(b.select(b.icmp_signed("<", n, nlen), v, kb.zeros(lanes)))
+            for c, column in enumerate(transpose_square(kb, rows)[:count]):
+                kb.store_vec(column, dst, column_at(b.add(kt, cg.i64(c)), nt))
+
+        with kb.loop(0, ld, lanes, name="tn") as nt:
+            full = klen - klen % lanes
+            if full:
+                with kb.loop(0, full, lanes, name="tk") as kt:
+                    square(nt, kt, lanes)
+            if klen % lanes:
+                square(nt, cg.i64(full), klen % lanes)
+    return fill
+
+
+def _widen_panel(lanes: int) -> PanelFill:
+    """bfloat16 W rows widened to float32 once per block, so the micro-kernel reads floats."""
+    def fill(kb, inputs, dst, n0, nlen, k0, klen: int, kc: int, K: int) -> None:
+        b = kb.b
+        W = inputs[1]
+        with kb.loop(0, nlen, 1, name="pk") as r:
+            src = b.add(b.mul(b.add(n0, r), cg.i64(K)), k0)
+            out = b.mul(r, cg.i64(kc))
+            main = klen - klen % lanes
+            if main:
+                with kb.loop(0, main, lanes, name="pw") as k:
+                    kb.store_vec(kb.bf16_to_f32(kb.load_vec(W, b.add(src, k), lanes, cg.I16)), dst, b.add(out, k))
+            if klen % lanes:
+                rest = cg.i64(klen % lanes)
+                raw = kb.masked_load_vec(W, b.add(src, cg.i64(main)), lanes, rest, cg.I16)
+                kb.masked_store_vec(kb.bf16_to_f32(raw), dst, b.add(out, cg.i64(main)), rest)
+    return fill
+
+
+def _elem(nbytes: int) -> ir.Type:
+    return {1: cg.I8, 2: cg.I16, 4: cg.F32}[nbytes]
 
 
 def _micro_kernel(module: ir.Module, mt: int, nt: int, klen: int, lanes: int, unroll: int,
-                  K: int, ldw: int, N: int) -> ir.Function:
-    """Y[mt, nt] (+)= X[mt, klen] . W[nt, klen]: pointers at the tile corners, a first flag."""
+                  ldx: int, ldw: int, N: int, x_bf16: bool, w_bf16: bool, dot: str, y_bf16: bool) -> ir.Function:
+    """Y[mt, nt] (+)= X[mt, klen] . W[nt, klen]: pointers at the tile corners, a first flag.
+
+    ``dot`` "fma": float32 fmas, bfloat16 operands widened after loading; "bf16": raw
+    word pairs into vdpbf16ps (a K step covers 2 x lanes elements). ``y_bf16``: the tile is
+    final (one K block) and is stored rounded to bfloat16.
+    """
+    tag = f"{'b' if x_bf16 else 'f'}{'b' if w_bf16 else 'f'}{dot}{'b' if y_bf16 else 'f'}"
     fn = ir.Function(module, ir.FunctionType(cg.VOID, [cg.PTR, cg.PTR, cg.PTR, cg.I1]),
-                     name=f"micro_{mt}x{nt}_k{klen}")
+                     name=f"micro_{mt}x{nt}_k{klen}_x{ldx}_{tag}")
     fn.linkage = "internal"
     for arg in fn.args[:3]:
         arg.add_attribute("noalias")
@@ -139,88 +317,225 @@ def _micro_kernel(module: ir.Module, mt: int, nt: int, klen: int, lanes: int, un
     for row in slots:
         for slot in row:
             b.store(kb.zeros(lanes), slot)
+    width = 2 * lanes if dot == "bf16" else lanes  # elements per K step
 
     def step(k, count=None) -> None:
-        def load(base, row: int, stride: int):
+        def load(base, row: int, stride: int, bf16: bool):
             at = b.add(cg.i64(row * stride), k)
-            return kb.load_vec(base, at, lanes) if count is None else kb.masked_load_vec(base, at, lanes, count)
+            el = cg.I16 if bf16 else cg.F32
+            v = kb.load_vec(base, at, width, el) if count is None else kb.masked_load_vec(base, at, width, count, el)
+            return kb.bf16_to_f32(v) if bf16 and dot == "fma" else v
 
-        xs = [load(x, i, K) for i in range(mt)]
+        xs = [load(x, i, ldx, x_bf16) for i in range(mt)]
         for j in range(nt):
-            wv = load(w, j, ldw)
+            wv = load(w, j, ldw, w_bf16)
             for i in range(mt):
-                b.store(kb.fma(xs[i], wv, b.load(slots[i][j])), slots[i][j])
+                acc = b.load(slots[i][j])
+                b.store(kb.dot_bf16(acc, xs[i], wv) if dot == "bf16" else kb.fma(xs[i], wv, acc), slots[i][j])
 
-    span = lanes * unroll
+    span = width * unroll
     main = klen - klen % span
     if main:
         with kb.loop(0, main, span, name="k") as k:
             for u in range(unroll):
-                step(b.add(k, cg.i64(u * lanes)))
+                step(b.add(k, cg.i64(u * width)))
     k = main
-    while klen - k >= lanes:
+    while klen - k >= width:
         step(cg.i64(k))
-        k += lanes
+        k += width
     if klen - k:
         step(cg.i64(k), count=cg.i64(klen - k))
 
     for i in range(mt):
-        sums, width = kb.reduce_add_many([b.load(slots[i][j]) for j in range(nt)])
+        sums, sum_width = kb.reduce_add_many([b.load(slots[i][j]) for j in range(nt)])
         at = cg.i64(i * N)
+        if y_bf16:
+            _store_row(kb, kb.f32_to_bf16(sums), sum_width, nt, y, at, cg.I16)
+            continue
         with b.if_else(first) as (then, otherwise):
             with then:
-                _store_row(kb, sums, width, nt, y, at)
+                _store_row(kb, sums, sum_width, nt, y, at)
             with otherwise:
-                old = kb.load_vec(y, at, width) if nt == width else kb.masked_load_vec(y, at, width, cg.i64(nt))
-                _store_row(kb, kb.fadd(old, sums), width, nt, y, at)
+                old = kb.load_vec(y, at, sum_width) if nt == sum_width else \
+                    kb.masked_load_vec(y, at, sum_width, cg.i64(nt))
+                _store_row(kb, kb.fadd(old, sums), sum_width, nt, y, at)
     kb.ret()
     return fn
 
 
-def _store_row(kb: cg.KernelBuilder, value, width: int, nt: int, y, at) -> None:
+def _outer_kernel(module: ir.Module, mt: int, nv: int, nt: int, klen: int, lanes: int, unroll: int,
+                  x_strides: tuple[int, int], ldp: int, N: int) -> ir.Function:
+    """Y[mt, nt] (+)= X[mt, klen] . P[klen, nv x lanes]: the outer-product micro-kernel.
+
+    P is the transposed W micro panel (k-major, rows ``ldp`` apart); per k it loads ``nv``
+    vectors of P and broadcasts one X element per row into ``mt x nv`` fmas, so the
+    accumulators are ready-made rows of Y: no reductions, the last vector stored with a
+    mask when ``nt`` is not whole vectors. X element (i, k) is at i * x_strides[0] + k *
+    x_strides[1] (row-major X, or a packed block with the tile's rows interleaved)."""
+    fn = ir.Function(module, ir.FunctionType(cg.VOID, [cg.PTR, cg.PTR, cg.PTR, cg.I1]),
+                     name=f"outer_{mt}x{nv}v{nt}_k{klen}_x{x_strides[0]}_{x_strides[1]}")
+    fn.linkage = "internal"
+    for arg in fn.args[:3]:
+        arg.add_attribute("noalias")
+    kb = cg.KernelBuilder(fn)
+    b = kb.b
+    x, p, y, first = fn.args
+    slots = [[kb.local(cg.vec(lanes)) for _ in range(nv)] for _ in range(mt)]
+    for row in slots:
+        for slot in row:
+            b.store(kb.zeros(lanes), slot)
+
+    def step(k) -> None:
+        row = b.mul(k, cg.i64(ldp))
+        ws = [kb.load_vec(p, b.add(row, cg.i64(j * lanes)), lanes) for j in range(nv)]
+        for i in range(mt):
+            xb = kb.splat(kb.load(x, b.add(cg.i64(i * x_strides[0]), b.mul(k, cg.i64(x_strides[1])))), lanes)
+            for j in range(nv):
+                b.store(kb.fma(xb, ws[j], b.load(slots[i][j])), slots[i][j])
+
+    main = klen - klen % unroll
+    if main:
+        with kb.loop(0, main, unroll, name="k") as k:
+            for u in range(unroll):
+                step(b.add(k, cg.i64(u)))
+    for k in range(main, klen):
+        step(cg.i64(k))
+
+    for i in range(mt):
+        for j in range(nv):
+            at = cg.i64(i * N + j * lanes)
+            count = min(lanes, nt - j * lanes)
+            acc = b.load(slots[i][j])
+            with b.if_else(first) as (then, otherwise):
+                with then:
+                    _store_row(kb, acc, lanes, count, y, at)
+                with otherwise:
+                    old = kb.load_vec(y, at, lanes) if count == lanes else kb.masked_load_vec(y, at, lanes, cg.i64(count))
+                    _store_row(kb, kb.fadd(old, acc), lanes, count, y, at)
+    kb.ret()
+    return fn
+
+
+def _store_row(kb: cg.KernelBuilder, value, width: int, nt: int, y, at, element: ir.Type = cg.F32) -> None:
     if width == 1:
         kb.store(kb.b.extract_element(value, ir.Constant(cg.I32, 0)) if isinstance(value.type, ir.VectorType)
-                 else value, y, at)
+                 else value, y, at, element)
     elif nt == width:
-        kb.store_vec(value, y, at)
+        kb.store_vec(value, y, at, element)
     else:
-        kb.masked_store_vec(value, y, at, cg.i64(nt))
+        kb.masked_store_vec(value, y, at, cg.i64(nt), element)
 
 
-def _render(task: Task, c: dict) -> KernelSource:
+def _round_region(kb: cg.KernelBuilder, src, dst, m0, mlen, n0, nlen, N: int, lanes: int) -> None:
+    """dst[m, n] = bfloat16(src[m, n]) over rows [m0, m0+mlen) and columns [n0, n0+nlen)."""
+    b = kb.b
+    with kb.loop(m0, b.add(m0, mlen), 1, name="cm") as m:
+        row = b.add(b.mul(m, cg.i64(N)), n0)
+        full = b.mul(b.sdiv(nlen, cg.i64(lanes)), cg.i64(lanes))
+        with kb.loop(0, full, lanes, name="cn") as n:
+            at = b.add(row, n)
+            kb.store_vec(kb.f32_to_bf16(kb.load_vec(src, at, lanes)), dst, at, cg.I16)
+        rest = b.sub(nlen, full)
+        with b.if_then(b.icmp_signed(">", rest, cg.i64(0))):
+            at = b.add(row, full)
+            value = kb.f32_to_bf16(kb.masked_load_vec(src, at, lanes, rest))
+            kb.masked_store_vec(value, dst, at, rest, cg.I16)
+
+
+def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec, ...], weights: WeightSource,
+                        dot: str = "fma") -> KernelSource:
+    """The blocked schedule for Y = X @ W^T. ``signature``: the operator's arrays, inputs
+    first (X, then whatever ``weights.fill`` reads), Y last; a workspace is appended."""
     d = task.dims
     M, N, K = d["M"], d["N"], d["K"]
-    mr, nr, lanes, unroll = c["mr"], c["nr"], c["vec"], c["unroll"]
-    mc, nc, kc = effective_blocks(d, c)
-    pack = bool(c["pack"])
+    mr, lanes, unroll = c["mr"], c["vec"], c["unroll"]
+    outer = dot == "outer"
+    nr = n_tile(dict(c, kernel="outer" if outer else "dot"))  # columns per micro tile
+    mc, nc, kc = effective_blocks(d, dict(c, kernel="outer" if outer else "dot"))
+    bf16 = task.dtype == "bfloat16"
+    pack = weights.fill is not None
+    xpack = bool(c["xpack"])
     ldw = kc if pack else K
-    module = cg.new_module("gemm")
-    micro: dict[tuple[int, int, int], ir.Function] = {}
+    ldx = kc if xpack else K
+    w_bf16 = weights.dtype == "bfloat16"
+    scratch_y = bf16 and kc < K  # partial sums of a bfloat16 Y live in a float32 copy
+    n_in = len(signature) - 1
+    n_ptr = n_in + 2
+    module = cg.new_module(name)
+    micro: dict[tuple, ir.Function] = {}
 
     def kernel_for(mt: int, nt: int, klen: int) -> ir.Function:
         key = (mt, nt, klen)
         if key not in micro:
-            micro[key] = _micro_kernel(module, mt, nt, klen, lanes, unroll, K, ldw, N)
+            if outer:
+                x_strides = (1, mr) if xpack else (K, 1)
+                micro[key] = _outer_kernel(module, mt, -(-nt // lanes), nt, klen, lanes, unroll, x_strides, nr, N)
+            else:
+                micro[key] = _micro_kernel(module, mt, nt, klen, lanes, unroll, ldx, ldw, N, bf16, w_bf16, dot,
+                                           bf16 and not scratch_y)
         return micro[key]
 
-    body, kb = cg.chunk_body(module, "gemm_chunk", n_pointers=4, n_scalars=0)
-    X, W, Y, WS, chunk_begin, chunk_end, thread = body.args
+    body, kb = cg.chunk_body(module, f"{name}_chunk", n_pointers=n_ptr, n_scalars=0)
+    inputs = list(body.args[:n_in])
+    Y, WS = body.args[n_in], body.args[n_in + 1]
+    chunk_begin, chunk_end, thread = body.args[n_ptr:n_ptr + 3]
     b = kb.b
-    ws = kb.gep(WS, b.mul(thread, cg.i64(nc * kc))) if pack else None
+    x_el = cg.I16 if bf16 else cg.F32
+    w_el = cg.I16 if w_bf16 else cg.F32
+    panel_bytes = weights.panel_bytes * nc * kc if pack else 0
+    x_elem = 2 if bf16 else 4
+    k_blocks_n = math.ceil(K / kc)
+    # mnk packs an X block once for all its K blocks (reused by every W block of the
+    # thread); nkm packs the one K block it is about to use
+    x_slots = k_blocks_n if c["order"] == "mnk" else 1
+    x_panel_bytes = x_elem * mc * kc * x_slots if xpack else 0
+    per_thread = _round_up(panel_bytes, 64) + x_panel_bytes
+    threads = c["threads"]
+    mine = kb.gep(WS, b.mul(thread, cg.i64(per_thread)), cg.I8)
+    ws = mine if pack else None
+    x_panel = kb.gep(mine, cg.i64(_round_up(panel_bytes, 64)), cg.I8) if xpack else None
+    acc_y = kb.gep(WS, cg.i64(_round_up(per_thread * threads, 64)), cg.I8) if scratch_y else Y
+    X = inputs[0]
+
+    def x_slot(k0):
+        """Element offset of the packed X block of the K block at k0."""
+        return b.mul(b.sdiv(k0, cg.i64(kc)), cg.i64(mc * kc)) if x_slots > 1 else cg.i64(0)
+
+    def pack_x(m0, mlen, k0, klen) -> None:
+        """Copy X[m0:+mlen, k0:+klen] to its slot, rows kc apart: X rows K apart can crowd
+        a few cache sets (K a power of two)."""
+        with kb.loop(0, mlen, 1, name="px") as r:
+            src = b.add(b.mul(b.add(m0, r), cg.i64(K)), k0)
+            if outer:  # rows of a micro tile interleaved: [r // mr][k][r % mr]
+                tile = b.mul(b.sdiv(r, cg.i64(mr)), cg.i64(mr * kc))
+                lane = b.add(x_slot(k0), b.add(tile, b.srem(r, cg.i64(mr))))
+                with kb.loop(0, klen, 1, name="pxk") as k:
+                    kb.store(kb.load(X, b.add(src, k)), x_panel, b.add(lane, b.mul(k, cg.i64(mr))))
+            else:
+                dst = kb.gep(x_panel, b.add(x_slot(k0), b.mul(r, cg.i64(kc))), x_el)
+                nbytes = x_elem * klen if isinstance(klen, int) else b.mul(klen, cg.i64(x_elem))
+                kb.memcpy(dst, kb.gep(X, src, x_el), nbytes)
 
     def block(m0, mlen, n0, nlen, k0, klen: int, first) -> None:
         """All micro tiles of Y[m0:+mlen, n0:+nlen] for the K block [k0, k0+klen)."""
         if pack:
-            with kb.loop(0, nlen, 1, name="pk") as r:
-                src = kb.gep(W, b.add(b.mul(b.add(n0, r), cg.i64(K)), k0))
-                kb.memcpy(kb.gep(ws, b.mul(r, cg.i64(kc))), src, 4 * klen)
+            weights.fill(kb, inputs, ws, n0, nlen, k0, klen, kc, K)
+        if xpack and x_slots == 1:
+            pack_x(m0, mlen, k0, klen)
 
         def w_ptr(jn):
-            return kb.gep(ws, b.mul(jn, cg.i64(kc))) if pack else kb.gep(W, b.add(b.mul(b.add(n0, jn), cg.i64(K)), k0))
+            if outer:  # the micro panel of columns [jn, jn + nr) of the transposed panel
+                return kb.gep(ws, b.mul(jn, cg.i64(kc)), w_el)
+            if pack:
+                return kb.gep(ws, b.mul(jn, cg.i64(kc)), w_el)
+            return kb.gep(inputs[1], b.add(b.mul(b.add(n0, jn), cg.i64(K)), k0), w_el)
 
         def call(im, jn, mt: int, nt: int) -> None:
-            xp = kb.gep(X, b.add(b.mul(b.add(m0, im), cg.i64(K)), k0))
-            yp = kb.gep(Y, b.add(b.mul(b.add(m0, im), cg.i64(N)), b.add(n0, jn)))
+            # im is a multiple of mr: in either packed layout its rows start at im * kc
+            xp = (kb.gep(x_panel, b.add(x_slot(k0), b.mul(im, cg.i64(kc))), x_el) if xpack
+                  else kb.gep(X, b.add(b.mul(b.add(m0, im), cg.i64(K)), k0), x_el))
+            y_el = cg.I16 if bf16 and not scratch_y else cg.F32
+            yp = kb.gep(acc_y, b.add(b.mul(b.add(m0, im), cg.i64(N)), b.add(n0, jn)), y_el)
             b.call(kernel_for(mt, nt, klen), [kb.ptr(xp), kb.ptr(w_ptr(jn)), kb.ptr(yp), first])
 
         m_full = b.sdiv(mlen, cg.i64(mr))
@@ -275,19 +590,32 @@ def _render(task: Task, c: dict) -> KernelSource:
                     m0 = b.mul(mb, cg.i64(mc))
                     block(m0, extent(m0, mc, M), n0, nlen, k0, klen, first)
             k_blocks(per_k)
+            if scratch_y:
+                _round_region(kb, acc_y, Y, cg.i64(0), cg.i64(M), n0, nlen, N, lanes)
         chunks = math.ceil(N / nc)
     else:
-        with kb.loop(chunk_begin, chunk_end, 1, name="mb") as mb:
-            m0 = b.mul(mb, cg.i64(mc))
+        # a chunk is one (X block, W block) pair, X block major: a thread walks the W
+        # blocks of one X block in turn (the X block stays cached), and a shape with a
+        # single X block still splits over threads
+        n_blocks = math.ceil(N / nc)
+        with kb.loop(chunk_begin, chunk_end, 1, name="mn") as pair:
+            m0 = b.mul(b.sdiv(pair, cg.i64(n_blocks)), cg.i64(mc))
             mlen = extent(m0, mc, M)
-            with kb.loop(0, math.ceil(N / nc), 1, name="nb") as nb:
-                n0 = b.mul(nb, cg.i64(nc))
-                nlen = extent(n0, nc, N)
-                k_blocks(lambda k0, klen, first: block(m0, mlen, n0, nlen, k0, klen, first))
-        chunks = math.ceil(M / mc)
+            nb = b.srem(pair, cg.i64(n_blocks))
+            n0 = b.mul(nb, cg.i64(nc))
+            nlen = extent(n0, nc, N)
+            if xpack:  # a new X block for this thread: pack all its K blocks
+                fresh = b.or_(b.icmp_signed("==", nb, cg.i64(0)), b.icmp_signed("==", pair, chunk_begin))
+                with b.if_then(fresh):
+                    with kb.loop(0, K, kc, name="pxk") as k0:
+                        pack_x(m0, mlen, k0, kb.min(kc, b.sub(cg.i64(K), k0)))
+            k_blocks(lambda k0, klen, first: block(m0, mlen, n0, nlen, k0, klen, first))
+            if scratch_y:
+                _round_region(kb, acc_y, Y, m0, mlen, n0, nlen, N, lanes)
+        chunks = math.ceil(M / mc) * n_blocks
     kb.ret()
 
-    cg.parallel_entry(module, "gemm", body, n_pointers=4, n_scalars=0, threads=c["threads"], n_chunks=chunks)
-    workspace = 4 * nc * kc * c["threads"] if pack else 0
-    args = GemmOp().signature(task) + (ArgSpec("workspace", "workspace", "uint8", (), nbytes=max(workspace, 64)),)
-    return KernelSource("llvm", str(module), "gemm", args, (("threads", c["threads"]),))
+    cg.parallel_entry(module, name, body, n_pointers=n_ptr, n_scalars=0, threads=threads, n_chunks=chunks)
+    workspace = _round_up(per_thread * threads, 64) + (4 * M * N if scratch_y else 0)
+    args = tuple(signature) + (ArgSpec("workspace", "workspace", "uint8", (), nbytes=max(workspace, 64)),)
+    return KernelSource("llvm", str(module), name, args, (("threads", threads),))

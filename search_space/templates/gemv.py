@@ -4,8 +4,15 @@ Schedule: each output column n is a dot product along K, the contiguous axis of 
 and W. A tile takes ``rows`` rows of W and ``mtile`` rows of X and keeps
 ``mtile x rows x unroll`` vector accumulators of ``vec`` lanes; each loaded W vector is
 used by every X row in the tile and each X vector by every W row. ``kblock`` splits K so
-that the X rows of a block stay in cache while W streams past. Threads split the row
+that the X rows of a block stay in L1 while a panel of 64 W rows streams past (for
+several X rows, X would otherwise come from L2 at every step). Threads split the row
 blocks of W. Remainders of N, M and K are handled by smaller tiles and masked loads.
+
+bfloat16 (X, W, Y raw 16-bit words, float32 accumulation): ``dot`` = ``bf16`` feeds raw
+word pairs to the AVX-512 BF16 ``vdpbf16ps`` (2 x ``vec`` products per instruction, on
+targets with avx512bf16); ``widen`` widens both operands to float32 by shifting and uses
+fmas. Each output is rounded to bfloat16 (nearest even) once its dot product is complete,
+so K is not split into blocks (``kblock`` is 0) for bfloat16.
 """
 from __future__ import annotations
 
@@ -18,6 +25,9 @@ from ..task import Task
 from ..template import KernelSource, Template, register_template
 from ..ops.matmul import GemvOp
 
+PANEL_ROWS = 64  # W rows that share one pass over the K blocks (kblock > 0)
+
+
 def vector_registers(target: Target) -> int:
     return 32 if target.vector_bits >= 512 else 16
 
@@ -25,7 +35,7 @@ def vector_registers(target: Target) -> int:
 @register_template
 class GemvCpu(GemvOp, Template):
     target_kind = "cpu"
-    dtypes = ("float32",)
+    dtypes = ("float32", "bfloat16")
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
@@ -33,19 +43,21 @@ class GemvCpu(GemvOp, Template):
         lanes = target.vector_lanes_f32
         regs = vector_registers(target)
         threads = sorted({1, max(target.cores, 1)})
-        knobs = [
+        bf16 = task.dtype == "bfloat16"
+        knobs = [Knob("dot", ("bf16", "widen") if target.has_feature("avx512bf16") else ("widen",))] if bf16 else []
+        knobs += [
             Knob("rows", tuple(v for v in (1, 2, 4, 8) if v <= d["N"])),
             Knob("mtile", tuple(v for v in (1, 2, 4, 8, 16) if v <= d["M"])),
             Knob("vec", tuple(v for v in (4, 8, 16) if v <= lanes)),
             Knob("unroll", (1, 2, 4)),
-            Knob("kblock", (0,) + tuple(v for v in (256, 1024) if v < d["K"])),
+            Knob("kblock", (0,) + (() if bf16 else tuple(v for v in (256, 1024) if v < d["K"]))),
             Knob("threads", tuple(threads)),
         ]
         constraints = [
             ("accumulators fit in registers",
              lambda c: c["mtile"] * c["rows"] * c["unroll"] + c["mtile"] * c["unroll"] + 1 <= regs),
             ("kblock is a multiple of the vector step",
-             lambda c: c["kblock"] % (c["vec"] * c["unroll"]) == 0),
+             lambda c: c["kblock"] % (c["vec"] * c["unroll"] * (2 if c.get("dot") == "bf16" else 1)) == 0),
             ("one row block per thread at least",
              lambda c: c["threads"] == 1 or math.ceil(d["N"] / c["rows"]) >= c["threads"]),
         ]
@@ -56,6 +68,8 @@ class GemvCpu(GemvOp, Template):
         lanes = target.vector_lanes_f32
         for rows, unroll in ((4, 2), (4, 1), (2, 1), (1, 1)):
             values = {"rows": rows, "mtile": 1, "vec": lanes, "unroll": unroll, "kblock": 0, "threads": 1}
+            if task.dtype == "bfloat16":
+                values["dot"] = space.knob("dot").values[0]
             if space.accepts(values):
                 return space.from_values(values)
         return next(iter(space))
@@ -66,7 +80,8 @@ class GemvCpu(GemvOp, Template):
         chunks = math.ceil(d["N"] / c["rows"])
         passes_over_w = math.ceil(d["M"] / c["mtile"])
         klen = c["kblock"] or d["K"]
-        moved = 4.0 * (d["N"] * d["K"] * passes_over_w + d["M"] * d["N"])
+        elem = 2.0 if task.dtype == "bfloat16" else 4.0
+        moved = elem * (d["N"] * d["K"] * passes_over_w + d["M"] * d["N"])
         return {
             "threads": c["threads"],
             "vector_lanes": c["vec"],
@@ -75,8 +90,8 @@ class GemvCpu(GemvOp, Template):
             "loads_per_fma": (c["mtile"] + c["rows"]) / (c["mtile"] * c["rows"]),
             "parallel_chunks": chunks,
             "chunks_per_thread": chunks / c["threads"],
-            "tile_bytes_l1": 4.0 * (c["mtile"] + c["rows"]) * c["vec"] * c["unroll"],
-            "tile_bytes_l2": 4.0 * (c["mtile"] + c["rows"]) * klen,
+            "tile_bytes_l1": elem * (c["mtile"] + c["rows"]) * c["vec"] * c["unroll"],
+            "tile_bytes_l2": elem * (c["mtile"] + c["rows"]) * klen,
             "bytes_moved": moved,
             "arith_intensity": self.flops(task) / moved,
             "k_tail_fraction": (d["K"] % (c["vec"] * c["unroll"])) / d["K"],
@@ -93,6 +108,10 @@ def _render(task: Task, c: dict, target: Target) -> KernelSource:
     M, N, K = d["M"], d["N"], d["K"]
     rows, mtile, lanes, unroll = c["rows"], c["mtile"], c["vec"], c["unroll"]
     kblock = c["kblock"] or K
+    bf16 = task.dtype == "bfloat16"
+    dot = "bf16" if bf16 and c["dot"] == "bf16" else "fma"
+    el = cg.I16 if bf16 else cg.F32
+    width = 2 * lanes if dot == "bf16" else lanes  # elements per vector step
     module = cg.new_module("gemv")
     body, kb = cg.chunk_body(module, "gemv_chunk", n_pointers=3, n_scalars=0)
     X, W, Y, chunk_begin, chunk_end, _thread = body.args
@@ -109,34 +128,33 @@ def _render(task: Task, c: dict, target: Target) -> KernelSource:
         x_rows = [b.mul(b.add(m0, cg.i64(m)), cg.i64(K)) for m in range(mt)]
         w_rows = [b.mul(b.add(n0, cg.i64(r)), cg.i64(K)) for r in range(nrows)]
 
-        def step(k, width_lanes: int, u: int, count=None) -> None:
-            xs = []
-            for m in range(mt):
-                at = b.add(b.add(x_rows[m], k0), k)
-                xs.append(kb.masked_load_vec(X, at, lanes, count) if count is not None
-                          else kb.load_vec(X, at, lanes))
+        def load(base, at, count):
+            v = kb.masked_load_vec(base, at, width, count, el) if count is not None else kb.load_vec(base, at, width, el)
+            return kb.bf16_to_f32(v) if bf16 and dot == "fma" else v
+
+        def step(k, u: int, count=None) -> None:
+            xs = [load(X, b.add(b.add(x_rows[m], k0), k), count) for m in range(mt)]
             for r in range(nrows):
-                at = b.add(b.add(w_rows[r], k0), k)
-                w = (kb.masked_load_vec(W, at, lanes, count) if count is not None
-                     else kb.load_vec(W, at, lanes))
+                w = load(W, b.add(b.add(w_rows[r], k0), k), count)
                 for m in range(mt):
                     slot = slots[m][r][u]
-                    b.store(kb.fma(xs[m], w, b.load(slot)), slot)
+                    acc = b.load(slot)
+                    b.store(kb.dot_bf16(acc, xs[m], w) if dot == "bf16" else kb.fma(xs[m], w, acc), slot)
 
-        span = lanes * unroll
+        span = width * unroll
         main = klen - klen % span
         if main:
             with kb.loop(0, main, span, name="k") as k:
                 for u in range(unroll):
-                    step(b.add(k, cg.i64(u * lanes)), lanes, u)
+                    step(b.add(k, cg.i64(u * width)), u)
         k = main
         u = 0
-        while klen - k >= lanes:
-            step(cg.i64(k), lanes, u % unroll)
-            k += lanes
+        while klen - k >= width:
+            step(cg.i64(k), u % unroll)
+            k += width
             u += 1
         if klen - k:
-            step(cg.i64(k), lanes, u % unroll, count=cg.i64(klen - k))
+            step(cg.i64(k), u % unroll, count=cg.i64(klen - k))
         for m in range(mt):
             for r in range(nrows):
                 total = b.load(slots[m][r][0])
@@ -144,6 +162,9 @@ def _render(task: Task, c: dict, target: Target) -> KernelSource:
                     total = kb.fadd(total, b.load(slots[m][r][u]))
                 s = kb.reduce_add(total)
                 at = b.add(b.mul(b.add(m0, cg.i64(m)), cg.i64(N)), b.add(n0, cg.i64(r)))
+                if bf16:  # K is one block: the sum is final
+                    kb.store(kb.f32_to_bf16(s), Y, at, cg.I16)
+                    continue
                 if not first:
                     s = kb.fadd(kb.load(Y, at), s)
                 kb.store(s, Y, at)
@@ -156,8 +177,8 @@ def _render(task: Task, c: dict, target: Target) -> KernelSource:
         if M % mtile:
             tile(cg.i64(full * mtile), n0, nrows, M % mtile, k0, klen, first)
 
-    def k_block(k0, klen: int, first: bool) -> None:
-        with kb.loop(chunk_begin, chunk_end, 1, name="rb") as rb:
+    def k_block(lo, hi, k0, klen: int, first: bool) -> None:
+        with kb.loop(lo, hi, 1, name="rb") as rb:
             n0 = b.mul(rb, cg.i64(rows))
             if N % rows == 0:
                 row_block(n0, rows, k0, klen, first)
@@ -170,13 +191,23 @@ def _render(task: Task, c: dict, target: Target) -> KernelSource:
                         with kb.loop(n0, N, 1, name="nr") as n:
                             row_block(n, 1, k0, klen, first)
 
-    full_blocks = K // kblock
-    k_block(cg.i64(0), kblock, True)
-    if full_blocks > 1:
-        with kb.loop(1, full_blocks, 1, name="kb") as kbi:
-            k_block(b.mul(kbi, cg.i64(kblock)), kblock, False)
-    if K % kblock:
-        k_block(cg.i64(full_blocks * kblock), K % kblock, False)
+    def k_blocks(lo, hi) -> None:
+        full_blocks = K // kblock
+        k_block(lo, hi, cg.i64(0), kblock, True)
+        if full_blocks > 1:
+            with kb.loop(1, full_blocks, 1, name="kb") as kbi:
+                k_block(lo, hi, b.mul(kbi, cg.i64(kblock)), kblock, False)
+        if K % kblock:
+            k_block(lo, hi, cg.i64(full_blocks * kblock), K % kblock, False)
+
+    if kblock == K:
+        k_blocks(chunk_begin, chunk_end)
+    else:
+        # K blocks inside panels of W rows: the block of X stays in L1 for a whole panel,
+        # and each W row is still read in runs of a whole K block
+        step = max(PANEL_ROWS // rows, 1)
+        with kb.loop(chunk_begin, chunk_end, step, name="panel") as p0:
+            k_blocks(p0, kb.min(b.add(p0, cg.i64(step)), chunk_end))
     kb.ret()
 
     chunks = math.ceil(N / rows)

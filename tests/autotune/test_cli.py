@@ -31,6 +31,9 @@ def run(*args, cwd=None, check=True, timeout=600):
     (["tune", "--op", "gemm", "--shape", "M=1,N=2,K=3", "--trials", "0"], "--trials must be >= 1"),
     (["tune", "--op", "gemm", "--shape", "M=1,N=2,K=3", "--log", "/no/such/dir/t.jsonl"], "does not exist"),
     (["tune", "--op", "gemm", "--shape", "M=1,N=2,K=3", "--trials", "many"], "not a valid integer"),
+    (["tune", "--op", "gemv_q4", "--shape", "M=1,N=8,K=64", "--attr", "group_size"], "malformed --attr"),
+    (["tune", "--op", "gemv_q4", "--shape", "M=1,N=8,K=96", "--attr", "group_size=48"], "group_size must be"),
+    (["tune", "--op", "gemm", "--shape", "M=1,N=2,K=3", "--attr", "causal=true"], "has no attribute"),
     (["best", "--log", "/no/such/log.jsonl"], "does not exist"),
     (["ops", "--target", "tpu"], "unknown target"),
 ])
@@ -108,6 +111,15 @@ def test_sigkill_midway_then_resume_loses_and_repeats_nothing(tmp_path):
     assert len(records) == 30
     assert [r.to_json() for r in records[: len(before)]] == [r.to_json() for r in before]
     assert len({r.config_index for r in records}) == 30
+
+
+def test_attrs_reach_the_task_in_tune_and_bench(tmp_path):
+    args = ["--op", "gemv_q4", "--shape", "M=2,N=64,K=128", "--attr", "group_size=32", "--attr", "zero_point=true"]
+    run("tune", *args, "--tuner", "random", "--trials", "3", "--log", "q.jsonl", "--no-mlflow", "--quiet", cwd=tmp_path)
+    records = RecordLog(tmp_path / "q.jsonl").records()
+    assert records and all(r.task.attr == {"group_size": 32, "zero_point": True} for r in records)
+    out = json.loads(run("bench", *args, "--log", "q.jsonl", "--json", cwd=tmp_path).stdout)
+    assert out["task"].endswith('group_size=32,zero_point=true') and out["tuned_s"] > 0
 
 
 def test_bench_prints_both_sides_as_json(tmp_path):

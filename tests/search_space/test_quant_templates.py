@@ -1,0 +1,132 @@
+"""The int4 weight-only CPU templates (gemv_q4, gemm_q4) against the float64 reference:
+every group size, with and without zero points, one X row and sixteen, K of one group."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from measure import LocalBuilder, LocalRunner, MeasureInput
+from measure.cpu_kernel import allocate_args, compile_and_load
+from search_space import Task, get_template
+from search_space.ops.matmul import dequantize_q4, quantize_q4
+
+
+@pytest.fixture(scope="module")
+def machinery(fast_policy):
+    with LocalBuilder(n_parallel=2) as builder, LocalRunner(policy=fast_policy, timeout_s=60) as runner:
+        yield builder, runner
+
+
+def every_knob_value(space, default) -> list:
+    """The default plus, for each value of each knob, the default with that value — or,
+    where the space rejects that, a sampled valid config with that value: every code path
+    a knob selects gets compiled and run once."""
+    configs = [default]
+    base = default.as_dict()
+    pool = space.sample(np.random.default_rng(0), 300)
+    for knob in space.knobs:
+        for value in knob.values:
+            if value == base[knob.name]:
+                continue
+            values = dict(base, **{knob.name: value})
+            if space.accepts(values):
+                configs.append(space.from_values(values))
+            else:
+                configs += [c for c in pool if c[knob.name] == value][:1]
+    return configs
+
+
+def run_all(machinery, inputs):
+    builder, runner = machinery
+    results = runner.run(inputs, builder.build(inputs))
+    failures = [(i.task.key, str(i.config), r.error.name, r.message) for i, r in zip(inputs, results) if not r.ok]
+    assert not failures, failures
+    return results
+
+
+@pytest.mark.parametrize("op", ["gemv_q4", "gemm_q4"])
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_q4_matches_reference(op, group, zero_point, host, machinery):
+    template = get_template(op, "cpu")
+    attrs = {"group_size": group, "zero_point": zero_point}
+    rng = np.random.default_rng(group + zero_point)
+    inputs = []
+    # M = 1 and 16, K of a single group, N not a multiple of any row block
+    for shape, exhaustive in (({"M": 1, "N": 19, "K": group}, True),
+                              ({"M": 16, "N": 37, "K": group}, False),
+                              ({"M": 16 if op == "gemv_q4" else 45, "N": 70, "K": 3 * group}, False)):
+        task = Task.make(op, shape, attrs=attrs)
+        space = template.space(task, host)
+        default = template.default(task, host)
+        configs = every_knob_value(space, default) if exhaustive else [default] + space.sample(rng, 2)
+        inputs += [MeasureInput(task, c, host) for c in configs]
+    run_all(machinery, inputs)
+
+
+def test_q4_knobs_reach_every_code_path(host, machinery):
+    """On a shape with several groups and K blocks, every knob value of both templates."""
+    inputs = []
+    for op, shape in (("gemv_q4", {"M": 5, "N": 301, "K": 2048}), ("gemm_q4", {"M": 21, "N": 50, "K": 1280})):
+        template = get_template(op, "cpu")
+        task = Task.make(op, shape, attrs={"group_size": 64, "zero_point": True})
+        space = template.space(task, host)
+        inputs += [MeasureInput(task, c, host) for c in every_knob_value(space, template.default(task, host))]
+    run_all(machinery, inputs)
+
+
+@pytest.mark.parametrize("op", ["gemv_q4", "gemm_q4"])
+def test_q4_knobs_change_the_generated_code(op, host):
+    template = get_template(op, "cpu")
+    task = Task.make(op, {"M": 4, "N": 512, "K": 4096}, attrs={"group_size": 64, "zero_point": True})
+    space = template.space(task, host)
+    default = template.default(task, host)
+    base = template.render(task, default, host).code
+    for neighbor in space.neighbors(default):
+        assert template.render(task, neighbor, host).code != base, str(neighbor)
+
+
+def test_q4_rejects_k_that_is_not_whole_groups(host):
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        get_template("gemv_q4", "cpu").space(Task.make("gemv_q4", {"M": 1, "N": 8, "K": 96},
+                                                       attrs={"group_size": 64}), host)
+
+
+def test_quantize_round_trip_is_within_half_a_step():
+    """The packing contract the kernels read: low nibble = even k, codes centred at 8."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 64)).astype(np.float32)
+    for zero_point in (False, True):
+        q = quantize_q4(w, 32, zero_point)
+        back = dequantize_q4(q["WQ"], q["SCALES"], q.get("ZEROS"), 32)
+        step = np.repeat(q["SCALES"], 32, axis=1)
+        assert np.all(np.abs(back - w) <= 0.5 * step + 1e-6)
+    q = quantize_q4(np.array([[0.0, 7.0] * 16], dtype=np.float32), 32, False)
+    assert q["WQ"][0, 0] == 8 | (15 << 4)  # k=0 -> code 8 (low nibble), k=1 -> code 15 (high)
+
+
+@pytest.mark.parametrize("group, zero_point", [(128, False), (128, True), (32, False), (32, True)])
+def test_q4_int16_activations_stay_within_float32_tolerance_with_outliers(group, zero_point, host):
+    """The VNNI path rounds X to int16 per (row, group); LLM activations have a few channels
+    far larger than the rest, which coarsens the rounding of their whole group. Even so the
+    result stays within the float32 tolerance of the reference."""
+    template = get_template("gemv_q4", "cpu")
+    # group 32: two groups share each 64-k block of the 16-lane int16 path
+    task = Task.make("gemv_q4", {"M": 4, "N": 256, "K": 2048}, attrs={"group_size": group, "zero_point": zero_point})
+    space = template.space(task, host)
+    if "compute" not in space.names:
+        pytest.skip("the host has no avx512vnni")  # the int16 path is not offered at all there
+    rng = np.random.default_rng(5)
+    inputs = template.make_inputs(task, rng)
+    inputs["X"][:, rng.choice(2048, 12, replace=False)] *= 50.0
+    want = template.reference(task, inputs)["Y"]
+    errors = {}
+    for compute in ("f32", "i16"):
+        values = dict(template.default(task, host).as_dict(), compute=compute, vec=16)
+        assert space.accepts(values)
+        source = template.render(task, space.from_values(values), host)
+        buffers = allocate_args(source, task.dims, inputs)
+        compile_and_load(source, host)(buffers, task.dims)
+        errors[compute] = np.linalg.norm(buffers["Y"] - want) / np.linalg.norm(want)
+    assert errors["f32"] < 1e-5
+    assert errors["i16"] < template.tolerance(task), errors
