@@ -88,16 +88,7 @@ def resolve_task(op: str, shape: str, dtype: str, target_kind: str, dynamic: str
         task = Task.make(op, dims, dtype, attrs=attr_values, dynamic=dynamic_dims)
         template.check(task)
     except ValueError as exc:
-        raise UserError(f"bad --shape for {op}: {exc}") from None
-    try:
-        parsed_attrs = parse_attrs(attrs)
-    except ValueError as exc:
-        raise UserError(f"bad --attrs for {op}: {exc}") from None
-    try:
-        task = Task.make(op, dims, dtype, attrs=parsed_attrs, dynamic=[d for d in dynamic.split(",") if d])
-        template.check(task)
-    except ValueError as exc:
-        raise UserError(f"bad --shape{'/--attrs' if parsed_attrs else ''} for {op}: {exc}") from None
+        raise UserError(f"bad --shape{'/--attr' if attr_values else ''} for {op}: {exc}") from None
     return template, task
 
 
@@ -232,9 +223,9 @@ def ops(target: str, as_json: bool) -> None:
         return
     width = max(len(r["op"]) for r in rows)
     for r in rows:
-        attrs = ",".join(f"{k}={json.dumps(v)}" for k, v in r["attrs"].items())
+        attrs = " ".join(f"--attr {k}={json.dumps(v)}" for k, v in r["attrs"].items())
         click.echo(f"{r['op']:<{width}}  dims {','.join(r['dims']):<24} e.g. --shape {r['example_shape']:<32} "
-                   f"{'/'.join(r['dtypes'])}  {r['description']}" + (f" (--attrs {attrs})" if attrs else ""))
+                   f"{'/'.join(r['dtypes'])}  {r['description']}" + (f" ({attrs})" if attrs else ""))
 
 
 @cli.command()
