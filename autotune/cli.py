@@ -124,6 +124,18 @@ def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=_json_default))
 
 
+def thread_restriction(template, task, target, threads: int | None) -> dict | None:
+    """``--threads N`` as a space restriction ({"threads": [N]}), checked against the space."""
+    if threads is None:
+        return None
+    space = template.space(task, target)
+    if "threads" not in space.names:
+        raise UserError(f"{task.op} has no threads knob")
+    if threads not in space.knob("threads").values:
+        raise UserError(f"--threads {threads}: {task.op} on this machine takes {list(space.knob('threads').values)}")
+    return {"threads": [threads]}
+
+
 def positive(ctx, param, value):
     if value is not None and value < 1:
         raise UserError(f"--{param.name.replace('_', '-')} must be >= 1, got {value}")
@@ -193,14 +205,7 @@ def tune(op, shape, dtype, target, tuner, trials, batch, seed, log_path, trackin
     if tgt.kind != "cpu":
         raise UserError("tuning on cuda is not available yet: use --target cpu")
     template, task = resolve_task(op, shape, dtype, tgt.kind)
-    restrict = None
-    if threads is not None:
-        space = template.space(task, tgt)
-        if "threads" not in space.names:
-            raise UserError(f"{op} has no threads knob")
-        if threads not in space.knob("threads").values:
-            raise UserError(f"--threads {threads}: {op} on this machine takes {list(space.knob('threads').values)}")
-        restrict = {"threads": [threads]}
+    restrict = thread_restriction(template, task, tgt, threads)
     log = open_log(log_path)
     summary = run_tuning_job(task, tgt, tuner, trials, batch, seed, log,
                              tracking_uri=None if no_mlflow else tracking_uri, use_mlflow=not no_mlflow,
@@ -287,6 +292,8 @@ def bench(op, shape, dtype, log_path, target, threads, as_json) -> None:
     if result.error:
         sys.exit(1)
 
+
+from . import cli_research  # noqa: E402,F401  (registers sweep and replay on the group)
 
 if __name__ == "__main__":
     main()

@@ -59,8 +59,10 @@ def run_tuning_job(task: Task, target: Target, tuner_name: str, trials: int, bat
                    log: RecordLog, tracking_uri: str | None = None, use_mlflow: bool = True,
                    experiment: str = "llm-autotune", build_timeout: float = 60.0, run_timeout: float = 20.0,
                    progress: bool = True, builder: LocalBuilder | None = None,
-                   runner: LocalRunner | None = None, restrict: dict | None = None) -> TuneSummary:
-    tuner = make_tuner(tuner_name, task, target, seed=seed, restrict=restrict)
+                   runner: LocalRunner | None = None, restrict: dict | None = None,
+                   tuner_options: dict | None = None, params: dict | None = None) -> TuneSummary:
+    """Tune one task: ``tuner_options`` go to the tuner's constructor, ``params`` to MLflow too."""
+    tuner = make_tuner(tuner_name, task, target, seed=seed, restrict=restrict, **(tuner_options or {}))
     callbacks = []
     run = None
     if use_mlflow:
@@ -70,7 +72,7 @@ def run_tuning_job(task: Task, target: Target, tuner_name: str, trials: int, bat
                         params={"op": task.op, "task": task.key, "shape": task.dims, "dtype": task.dtype,
                                 "target": target.key, "device": target.device_name, "tuner": tuner_name,
                                 "trials": trials, "batch": batch, "seed": seed, "log": str(log.path),
-                                "restrict": restrict or {}},
+                                "restrict": restrict or {}, **(params or {})},
                         tags={"task": task.key, "target": target.key})
         callbacks.append(MLflowCallback(run))
     bar = None
