@@ -114,6 +114,38 @@ def read_log(path: str):
     return report.records
 
 
+def load_logs(paths) -> list:
+    """Records of every log in ``paths`` (each must exist; .jsonl.gz is read through gzip)."""
+    records = []
+    for path in paths:
+        records.extend(read_log(path))
+    return records
+
+
+class ManyValues(click.Option):
+    """An option that takes every word after it up to the next option, and may be repeated:
+    ``--transfer-from a.jsonl b.jsonl`` (what a shell glob expands to) or one value per flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["multiple"] = True
+        super().__init__(*args, **kwargs)
+
+    def add_to_parser(self, parser, ctx) -> None:
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            option = parser._long_opt.get(name) or parser._short_opt.get(name)
+            if option is None:
+                continue
+            process = option.process
+
+            def greedy(value, state, process=process) -> None:
+                process(value, state)
+                while state.rargs and not state.rargs[0].startswith("-"):
+                    process(state.rargs.pop(0), state)
+
+            option.process = greedy
+
+
 def _json_default(value: Any):
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -122,6 +154,31 @@ def _json_default(value: Any):
 
 def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=_json_default))
+
+
+def cost_model_options(tuner: str, transfer_from, load_model: str | None, save_model: str | None, template, task,
+                       target, seed: int) -> tuple[dict, dict]:
+    """The xgb tuner's pre-trained base model (--load-model, then --transfer-from) as tuner
+    options, and what to tell MLflow about it."""
+    from .tuning import pretrained_model
+
+    if not (transfer_from or load_model or save_model):
+        return {}, {}
+    if tuner != "xgb":
+        raise UserError("--transfer-from, --load-model and --save-model need --tuner xgb")
+    if save_model and not Path(save_model).resolve().parent.is_dir():
+        raise UserError(f"--save-model {save_model}: directory {Path(save_model).parent} does not exist")
+    if load_model and not (Path(load_model).is_file() and Path(load_model + ".meta.json").is_file()):
+        raise UserError(f"--load-model {load_model}: no saved model there (saved as PATH and PATH.meta.json)")
+    records = load_logs(transfer_from) if transfer_from else []
+    try:
+        base, note = pretrained_model(records, load_model, template, task, target, seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if note:
+        click.echo(note, err=True)
+    params = {"transfer_from": list(transfer_from or []), "load_model": load_model or ""}
+    return ({"base_model": base} if base is not None else {}), params
 
 
 def thread_restriction(template, task, target, threads: int | None) -> dict | None:
@@ -182,7 +239,8 @@ def ops(target: str, as_json: bool) -> None:
 @click.option("--shape", required=True, help="dims, e.g. M=256,N=256,K=256")
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--target", default="cpu", show_default=True, help="cpu or cuda")
-@click.option("--tuner", default="xgb", show_default=True, type=click.Choice(["xgb", "random", "grid"]))
+@click.option("--tuner", default="xgb", show_default=True,
+              type=click.Choice(["xgb", "random", "grid", "optuna-tpe", "optuna-cmaes"]))
 @click.option("--trials", default=64, show_default=True, type=int, callback=positive,
               help="total trials for this task, records already in the log included")
 @click.option("--batch", default=8, show_default=True, type=int, callback=positive)
@@ -195,9 +253,13 @@ def ops(target: str, as_json: bool) -> None:
 @click.option("--run-timeout", default=20.0, show_default=True, type=float)
 @click.option("--threads", default=None, type=int, callback=positive,
               help="search only configs with this many threads")
+@click.option("--transfer-from", "transfer_from", cls=ManyValues,
+              help="xgb: pre-train the cost model on these logs of other shapes/operators first")
+@click.option("--load-model", default=None, help="xgb: start from a cost model saved by --save-model")
+@click.option("--save-model", default=None, help="xgb: save the cost model here when the job ends")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def tune(op, shape, dtype, target, tuner, trials, batch, seed, log_path, tracking_uri, no_mlflow, experiment,
-         build_timeout, run_timeout, threads, quiet) -> None:
+         build_timeout, run_timeout, threads, transfer_from, load_model, save_model, quiet) -> None:
     """Tune one operator instance; every measurement goes to the log."""
     from .tuning import run_tuning_job
 
@@ -207,10 +269,13 @@ def tune(op, shape, dtype, target, tuner, trials, batch, seed, log_path, trackin
     template, task = resolve_task(op, shape, dtype, tgt.kind)
     restrict = thread_restriction(template, task, tgt, threads)
     log = open_log(log_path)
+    model_options, model_params = cost_model_options(tuner, transfer_from, load_model, save_model, template, task,
+                                                     tgt, seed)
     summary = run_tuning_job(task, tgt, tuner, trials, batch, seed, log,
                              tracking_uri=None if no_mlflow else tracking_uri, use_mlflow=not no_mlflow,
                              experiment=experiment, build_timeout=build_timeout, run_timeout=run_timeout,
-                             progress=not quiet, restrict=restrict)
+                             progress=not quiet, restrict=restrict, tuner_options=model_options,
+                             params=model_params, save_model=save_model)
     best = summary.best
     click.echo(f"{task.key}: {summary.trials} trials ({summary.resumed} resumed from the log, "
                f"{summary.measured} measured now, {summary.failed} failed) in {summary.wall_s:.1f} s; "

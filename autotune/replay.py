@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -23,6 +23,7 @@ from search_space import ConfigSpace, Target, Task, Template, get_template
 
 from .tuners import Tuner, XGBTuner, make_tuner
 
+STATISTICS = ("median", "min")
 TRANSFER = "xgb+transfer"  # the xgb tuner starting from a model pre-trained on other tasks
 
 
@@ -59,8 +60,15 @@ class RecordedSpace:
     outside: int = 0                # records whose config the template no longer has
 
     @classmethod
-    def from_records(cls, records: Iterable[Record]) -> list["RecordedSpace"]:
-        """One RecordedSpace per (task, target) in ``records``; the last record of a config wins."""
+    def from_records(cls, records: Iterable[Record], statistic: str = "median") -> list["RecordedSpace"]:
+        """One RecordedSpace per (task, target) in ``records``; the last record of a config wins.
+
+        ``statistic`` is the recorded time each candidate is answered with: ``median`` (what a
+        tuning job ranks by) or ``min`` of the timed samples (robust to other work on a busy
+        machine, which only ever adds time).
+        """
+        if statistic not in STATISTICS:
+            raise ValueError(f"unknown statistic {statistic!r}: use {' or '.join(STATISTICS)}")
         grouped: dict[tuple[str, str], list[Record]] = {}
         for record in records:
             grouped.setdefault((record.task.key, record.target.key), []).append(record)
@@ -78,7 +86,10 @@ class RecordedSpace:
                 except (KeyError, ValueError):
                     outside += 1
                     continue
-                results[index] = record.result
+                result = record.result
+                if statistic == "min" and result.ok:
+                    result = replace(result, costs=(min(result.costs),))
+                results[index] = result
                 kept.append(record)
             if results:
                 spaces.append(cls(task, target, template, full.only(sorted(results)), results, kept, outside))
