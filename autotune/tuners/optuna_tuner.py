@@ -17,6 +17,7 @@ measured and the study is told its value for the proposal.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -41,6 +42,8 @@ class OptunaTuner(Tuner):
         from optuna.distributions import CategoricalDistribution, IntDistribution
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # multivariate TPE and CMA-ES with margin are marked experimental; the notice is noise here
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         self._optuna = optuna
         self.asks_per_config = asks_per_config
         self.distributions: dict[str, Any] = {}
@@ -149,9 +152,6 @@ class OptunaTPETuner(OptunaTuner):
     name = "optuna-tpe"
 
     def make_sampler(self, seed: int):
-        import warnings
-
-        warnings.filterwarnings("ignore", category=self._optuna.exceptions.ExperimentalWarning)
         # multivariate TPE models knobs jointly (tile sizes interact); constant liar keeps a
         # batch's proposals apart while they wait to be measured
         return self._optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
