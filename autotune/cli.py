@@ -361,4 +361,7 @@ def bench(op, shape, dtype, log_path, target, threads, as_json) -> None:
 from . import cli_research  # noqa: E402,F401  (registers sweep and replay on the group)
 
 if __name__ == "__main__":
-    main()
+    # run as `python -m autotune.cli`: use the package's module, where every command is registered
+    from autotune.cli import main as package_main
+
+    package_main()
