@@ -99,8 +99,9 @@ class XGBCostModel:
         if self.base is not None and names is not None and names != self.feature_names:
             raise ValueError("features must be laid out as the base model's (FeatureExtractor(columns=...))")
         self.feature_names = names
-        data = xgb.DMatrix(features[order], label=labels, qid=groups[order], missing=np.nan,
-                           feature_names=self.feature_names)
+        # names stay on this side (see importance): xgboost would check them on every boosting
+        # round, and one thread avoids OpenMP spinning on a machine busy with other work
+        data = xgb.DMatrix(features[order], label=labels, qid=groups[order], missing=np.nan, nthread=1)
         self.booster = xgb.train(self.config.params(self.seed), data, num_boost_round=self.config.num_rounds,
                                  xgb_model=self.base._predictor() if self.base is not None else None)
         return self
@@ -111,8 +112,7 @@ class XGBCostModel:
         booster = self._predictor()
         if booster is None:
             raise RuntimeError("the cost model has not been fitted")
-        data = xgb.DMatrix(np.asarray(features, dtype=np.float32), missing=np.nan,
-                           feature_names=self.feature_names)
+        data = xgb.DMatrix(np.asarray(features, dtype=np.float32), missing=np.nan, nthread=1)
         return booster.predict(data)
 
     def importance(self) -> dict[str, float]:
@@ -120,7 +120,13 @@ class XGBCostModel:
         booster = self._predictor()
         if booster is None:
             return {}
-        return {k: float(v) for k, v in booster.get_score(importance_type="total_gain").items()}
+        names = self.feature_names or []
+
+        def name(key: str) -> str:  # the booster knows features as f0, f1, ...
+            index = int(key[1:]) if key.startswith("f") and key[1:].isdigit() else -1
+            return names[index] if 0 <= index < len(names) else key
+
+        return {name(k): float(v) for k, v in booster.get_score(importance_type="total_gain").items()}
 
     def save(self, path: str) -> None:
         """The booster (base trees included) to ``path``, config and feature names beside it."""

@@ -46,6 +46,7 @@ class XGBTuner(Tuner):
         self._rows: list[np.ndarray] = []
         self._throughput: list[float] = []
         self._configs: list[Config] = []
+        self._pool_configs: list[Config] | None = None
 
     # -- learning ----------------------------------------------------------------------
     def update(self, inputs: Sequence[MeasureInput], results: Sequence[MeasureResult]) -> None:
@@ -88,7 +89,9 @@ class XGBTuner(Tuner):
         """The ``n`` best predicted unvisited configs of the whole pool."""
         if n <= 0:
             return []
-        configs = [self.space.get(i) for i in pool if i not in self.visited]
+        if self._pool_configs is None:  # built once: the pool is ranked before every batch
+            self._pool_configs = [self.space.get(i) for i in pool]
+        configs = [c for c in self._pool_configs if c.index not in self.visited]
         if not configs:
             return []
         scores = self.predict(configs)
