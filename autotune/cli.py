@@ -73,20 +73,81 @@ def resolve_target(name: str, compile_only: bool = False):
     raise UserError(f"unknown target {name!r}: use cpu, cuda or an arch like sm_90a")
 
 
-def resolve_task(op: str, shape: str, dtype: str, target_kind: str, dynamic: str = ""):
+def resolve_task(op: str, shape: str, dtype: str, target_kind: str, dynamic: str = "",
+                 attrs: tuple[str, ...] | list[str] = ()):
     from search_space import Task, get_template, parse_shape
 
     try:
         template = get_template(op, target_kind)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    dynamic_dims = parse_dynamic(dynamic, template)
+    attr_values = parse_attrs(attrs, template)
     try:
         dims = parse_shape(shape)
-        task = Task.make(op, dims, dtype, dynamic=[d for d in dynamic.split(",") if d])
+        task = Task.make(op, dims, dtype, attrs=attr_values, dynamic=dynamic_dims)
         template.check(task)
     except ValueError as exc:
         raise UserError(f"bad --shape for {op}: {exc}") from None
     return template, task
+
+
+def parse_dynamic(text: str, template) -> list[str]:
+    """``--dynamic M`` or ``M,N``: dims the kernel takes at run time; checked against the operator."""
+    if not text:
+        return []
+    dims = [item.strip() for item in text.split(",")]
+    if any(not d for d in dims):
+        raise UserError(f"malformed --dynamic {text!r}: expected DIM[,DIM] like M")
+    for d in dims:
+        if d not in template.dims:
+            raise UserError(f"--dynamic {d}: {template.op} has no dim {d} (dims {','.join(template.dims)})")
+        if d not in template.dynamic_dims:
+            can = ",".join(template.dynamic_dims) or "none"
+            raise UserError(f"--dynamic {d}: {template.op} cannot take {d} at run time (dynamic dims: {can})")
+    if len(set(dims)) != len(dims):
+        raise UserError(f"--dynamic {text!r} names a dim twice")
+    return dims
+
+
+def parse_attrs(items, template) -> dict[str, Any]:
+    """``--attr KEY=VALUE`` items: VALUE as JSON when it parses (true, 1e-6), else a string.
+
+    Keys must be attributes of the operator and values of the type of its default (an
+    integer is accepted where a float is expected).
+    """
+    attrs: dict[str, Any] = {}
+    defaults = template.default_attrs
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not text.strip():
+            raise UserError(f"malformed --attr {item!r}: expected KEY=VALUE like eps=1e-6")
+        if key in attrs:
+            raise UserError(f"--attr {key} given twice")
+        if key not in defaults:
+            known = ", ".join(sorted(defaults)) or "none"
+            raise UserError(f"--attr {key}: {template.op} has no attribute {key} (attributes: {known})")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text.strip()
+        want = defaults[key]
+        if want is None:
+            ok = True
+        elif isinstance(want, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(want, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            value = float(value) if ok else value
+        elif isinstance(want, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(want))
+        if not ok:
+            raise UserError(f"--attr {key}={text}: expected a {type(want).__name__} like {json.dumps(want)}")
+        attrs[key] = value
+    return attrs
 
 
 def open_log(path: str):
@@ -238,6 +299,10 @@ def ops(target: str, as_json: bool) -> None:
 @click.option("--op", required=True, help="operator, see `autotune ops`")
 @click.option("--shape", required=True, help="dims, e.g. M=256,N=256,K=256")
 @click.option("--dtype", default="float32", show_default=True)
+@click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE",
+              help="operator attribute, repeatable; VALUE is JSON when it parses (residual=true, eps=1e-6)")
+@click.option("--dynamic", default="", metavar="DIM[,DIM]",
+              help="dims the kernel takes at run time; --shape gives the size tuned at")
 @click.option("--target", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--tuner", default="xgb", show_default=True,
               type=click.Choice(["xgb", "random", "grid", "optuna-tpe", "optuna-cmaes"]))
@@ -258,24 +323,49 @@ def ops(target: str, as_json: bool) -> None:
 @click.option("--load-model", default=None, help="xgb: start from a cost model saved by --save-model")
 @click.option("--save-model", default=None, help="xgb: save the cost model here when the job ends")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def tune(op, shape, dtype, target, tuner, trials, batch, seed, log_path, tracking_uri, no_mlflow, experiment,
-         build_timeout, run_timeout, threads, transfer_from, load_model, save_model, quiet) -> None:
+@click.option("--compile-only", is_flag=True,
+              help="cuda or sm_XX: build --trials configs and check their resources; run nothing")
+@click.option("--json", "as_json", is_flag=True, help="with --compile-only: print a JSON list")
+def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, log_path, tracking_uri, no_mlflow,
+         experiment, build_timeout, run_timeout, threads, transfer_from, load_model, save_model, quiet, compile_only,
+         as_json) -> None:
     """Tune one operator instance; every measurement goes to the log."""
     from .tuning import run_tuning_job
 
-    tgt = resolve_target(target)
-    if tgt.kind != "cpu":
-        raise UserError("tuning on cuda is not available yet: use --target cpu")
-    template, task = resolve_task(op, shape, dtype, tgt.kind)
+    compile_only = compile_only or target.startswith("sm_")
+    tgt = resolve_target(target, compile_only)
+    if compile_only and tgt.kind != "cuda":
+        raise UserError("--compile-only is for CUDA targets: use --target cuda or an arch like sm_90a")
+    if tgt.kind == "cuda" and threads is not None:
+        raise UserError("--threads is for the cpu target")
+    template, task = resolve_task(op, shape, dtype, tgt.kind, dynamic, attrs)
+    if compile_only:
+        from .cuda_cli import compile_only_report, format_compile_report
+
+        rows = compile_only_report(template, task, tgt, trials, seed, build_timeout)
+        click.echo(json.dumps(rows, indent=2, default=_json_default) if as_json
+                   else format_compile_report(task, tgt, rows))
+        if not any(r["status"] == "NO_ERROR" for r in rows):
+            sys.exit(1)
+        return
     restrict = thread_restriction(template, task, tgt, threads)
     log = open_log(log_path)
     model_options, model_params = cost_model_options(tuner, transfer_from, load_model, save_model, template, task,
                                                      tgt, seed)
-    summary = run_tuning_job(task, tgt, tuner, trials, batch, seed, log,
-                             tracking_uri=None if no_mlflow else tracking_uri, use_mlflow=not no_mlflow,
-                             experiment=experiment, build_timeout=build_timeout, run_timeout=run_timeout,
-                             progress=not quiet, restrict=restrict, tuner_options=model_options,
-                             params=model_params, save_model=save_model)
+    runner = None
+    if tgt.kind == "cuda":
+        from measure import CudaRunner
+
+        runner = CudaRunner(timeout_s=run_timeout, seed=seed)
+    try:
+        summary = run_tuning_job(task, tgt, tuner, trials, batch, seed, log,
+                                 tracking_uri=None if no_mlflow else tracking_uri, use_mlflow=not no_mlflow,
+                                 experiment=experiment, build_timeout=build_timeout, run_timeout=run_timeout,
+                                 progress=not quiet, restrict=restrict, runner=runner, tuner_options=model_options,
+                                 params=model_params, save_model=save_model)
+    finally:
+        if runner is not None:
+            runner.close()
     best = summary.best
     click.echo(f"{task.key}: {summary.trials} trials ({summary.resumed} resumed from the log, "
                f"{summary.measured} measured now, {summary.failed} failed) in {summary.wall_s:.1f} s; "
@@ -316,21 +406,25 @@ def best(log_path: str, as_json: bool) -> None:
 @click.option("--op", required=True)
 @click.option("--shape", required=True)
 @click.option("--dtype", default="float32", show_default=True)
+@click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE",
+              help="operator attribute, repeatable; VALUE is JSON when it parses (residual=true, eps=1e-6)")
+@click.option("--dynamic", default="", metavar="DIM[,DIM]",
+              help="dims the kernel takes at run time; --shape gives the size tuned at")
 @click.option("--log", "log_path", default=None, help="tuning log; without it the template default is benched")
-@click.option("--target", default="cpu", show_default=True)
+@click.option("--target", default="cpu", show_default=True, help="cpu or cuda (vendor baselines through torch)")
 @click.option("--threads", default=None, type=int, callback=positive,
-              help="threads for both sides [default: the best record's]")
+              help="cpu: threads for both sides [default: the best record's]")
 @click.option("--json", "as_json", is_flag=True)
-def bench(op, shape, dtype, log_path, target, threads, as_json) -> None:
+def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, as_json) -> None:
     """Run the best recorded kernel and the numpy baseline side by side."""
     from records import best_records
 
     from .bench import bench as run_bench
 
     tgt = resolve_target(target)
-    if tgt.kind != "cpu":
-        raise UserError("bench on cuda is not available yet: use --target cpu")
-    template, task = resolve_task(op, shape, dtype, tgt.kind)
+    if tgt.kind == "cuda" and threads is not None:
+        raise UserError("--threads is for the cpu target")
+    template, task = resolve_task(op, shape, dtype, tgt.kind, dynamic, attrs)
     space = template.space(task, tgt)
     config = None
     if log_path:
@@ -348,8 +442,13 @@ def bench(op, shape, dtype, log_path, target, threads, as_json) -> None:
             values = dict(config.as_dict(), threads=threads)
             if space.is_valid(values):
                 config = space.from_values(values)
-    n_threads = threads or int(config.get("threads", 1) or 1)
-    result = run_bench(task, tgt, config, n_threads)
+    if tgt.kind == "cuda":
+        from .cuda_bench import bench_cuda
+
+        result = bench_cuda(task, tgt, config)
+    else:
+        n_threads = threads or int(config.get("threads", 1) or 1)
+        result = run_bench(task, tgt, config, n_threads)
     if as_json:
         echo_json(result.to_dict())
     else:

@@ -30,7 +30,8 @@ def cli(*args: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="op:shape items")
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES,
+                        help="op:shape items, optionally op:shape:KEY=VALUE,... with operator attributes")
     parser.add_argument("--trials", type=int, default=96)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tuner", default="xgb")
@@ -40,11 +41,13 @@ def main() -> None:
 
     rows = []
     for case in args.cases:
-        op, shape = case.split(":", 1)
-        cli("tune", "--op", op, "--shape", shape, "--tuner", args.tuner, "--trials", str(args.trials),
+        op, shape, *attrs = case.split(":", 2)
+        options = ["--op", op, "--shape", shape]
+        for item in attrs[0].split(",") if attrs else ():
+            options += ["--attr", item]
+        cli("tune", *options, "--tuner", args.tuner, "--trials", str(args.trials),
             "--log", args.log, "--no-mlflow", "--quiet", "--threads", str(args.threads))
-        result = json.loads(cli("bench", "--op", op, "--shape", shape, "--log", args.log,
-                                "--threads", str(args.threads), "--json"))
+        result = json.loads(cli("bench", *options, "--log", args.log, "--threads", str(args.threads), "--json"))
         rows.append(result)
         print(json.dumps(result), file=sys.stderr, flush=True)
 
@@ -60,7 +63,10 @@ def main() -> None:
                 else f"{r['tuned_gbs']:.1f} GB/s")
         blas = r["blas"].get("architecture") or r["baseline"]
         shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
-        print(f"| {r['op']} | {shape} | {r['threads']} | {r['tuned_s'] * 1e3:.3f} | {r['baseline_s'] * 1e3:.3f} "
+        key_parts = r["task"].split("/", 3)  # op/dtype/dims[/attributes]
+        if len(key_parts) == 4:
+            shape += f" ({key_parts[3]})"
+        print(f"| {r['op']} | {shape} | {r['threads']} | {r['tuned_s'] * 1e3:.4g} | {r['baseline_s'] * 1e3:.4g} "
               f"| {blas} | {r['speedup']:.2f}x | {rate} | {r['roofline_fraction'] * 100:.0f}% "
               f"{r['bound']} ({r['memory_level'] if r['bound'] == 'memory' else 'FMA peak'}) |")
 

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from .builder import LocalBuilder, default_cache_dir
+from .cuda_runner import CudaRunner
 from .runner import LocalRunner
 from .timing import TimingPolicy
 from .types import BuildResult, MeasureError, MeasureInput, MeasureResult
 
 __all__ = [
-    "BuildResult", "LocalBuilder", "LocalRunner", "MeasureError", "MeasureInput", "MeasureResult",
+    "BuildResult", "CudaRunner", "LocalBuilder", "LocalRunner", "MeasureError", "MeasureInput", "MeasureResult",
     "TimingPolicy", "default_cache_dir",
 ]

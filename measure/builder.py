@@ -73,6 +73,8 @@ def build_candidate(payload: dict[str, Any]) -> dict[str, Any]:
         cache.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, data)
         _atomic_write(stats_path, _dump_json(stats))
+        # the source beside its artifact: which kernel a cached file is, for people and tools
+        _atomic_write(cache / (digest + ".source.json"), _dump_json(source.to_dict()))
     return {"artifact": str(path), "source": source.to_dict(), "digest": digest, "stats": stats,
             "build_s": time.perf_counter() - start, "cached": cached}
 
@@ -150,8 +152,16 @@ class LocalBuilder:
         finally:
             self._idle.put(worker)
         self.compile_s += out["build_s"]
-        return BuildResult(out["artifact"], KernelSource.from_dict(out["source"]), out["digest"],
-                           out["build_s"], stats=out["stats"], cached=out["cached"])
+        source = KernelSource.from_dict(out["source"])
+        if inp.target.kind == "cuda":
+            from .resources import cuda_resource_problems
+
+            problems = cuda_resource_problems(source, out["stats"], inp.target, inp.task.dims)
+            if problems:
+                return BuildResult(None, source, out["digest"], out["build_s"], MeasureError.OUT_OF_RESOURCES,
+                                   "; ".join(problems), stats=out["stats"], cached=out["cached"])
+        return BuildResult(out["artifact"], source, out["digest"], out["build_s"], stats=out["stats"],
+                           cached=out["cached"])
 
     def close(self) -> None:
         while not self._idle.empty():

@@ -76,6 +76,79 @@ class FaultProbe(Template):
         return KernelSource("llvm", str(module), "fault", args)
 
 
+# ----------------------------------------------------------------------------- CUDA faults
+
+CUDA_FAULT_OP = "cuda_fault_probe"
+CUDA_MODES = ("ok", "oob", "hang", "wrong", "trap", "fat", "slow")
+
+
+@register_template
+class CudaFaultProbe(Template):
+    """Y[i] = 2 * X[i] on the GPU, or a deliberate failure chosen by ``mode``:
+
+    ``oob`` writes far outside Y (an illegal address: a sticky error that poisons the
+    context), ``hang`` never ends, ``wrong`` computes 3 * X, ``trap`` executes a trap
+    instruction, ``fat`` asks for more shared memory than any GPU has (caught after
+    compiling, before running), ``slow`` is correct but loops. The space has no launch
+    constraints, so every mode reaches the builder and the runner.
+    """
+
+    op = CUDA_FAULT_OP
+    target_kind = "cuda"
+    dims = ("N",)
+    example_shape = {"N": 4096}
+    description = "test-only CUDA template with injected faults"
+
+    def signature(self, task: Task):
+        return (ArgSpec("X", "in", "float32", ("N",)), ArgSpec("Y", "out", "float32", ("N",)))
+
+    def flops(self, task: Task) -> float:
+        return float(task.dims["N"])
+
+    def min_bytes(self, task: Task) -> float:
+        return 8.0 * task.dims["N"]
+
+    def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {"X": rng.uniform(-1, 1, task.dims["N"]).astype(np.float32)}
+
+    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"Y": 2.0 * inputs["X"].astype(np.float64)}
+
+    def space(self, task: Task, target: Target) -> ConfigSpace:
+        return ConfigSpace([Knob("mode", CUDA_MODES), Knob("block", (128, 256))])
+
+    def default(self, task: Task, target: Target) -> Config:
+        return self.space(task, target).from_values({"mode": "ok", "block": 128})
+
+    def features(self, task, config, target):
+        return {"threads": float(config["block"])}
+
+    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
+        from search_space.codegen.cuda import PREAMBLE, kernel_params
+
+        mode, block = config["mode"], config["block"]
+        n = task.dims["N"]
+        args = self.signature(task)
+        scale = "3.0f" if mode == "wrong" else "2.0f"
+        extra = {
+            "oob": "if (i == 0) Y[(1LL << 36) + 12345] = 1.0f;",
+            "hang": "if (i == 0) { while (true) { asm volatile(\"nanosleep.u32 1000;\"); } }",
+            "trap": "if (i == 0) asm volatile(\"trap;\");",
+            "slow": "for (int r = 0; r < 20000; ++r) v = v * 1.0000001f + 1e-30f;",
+        }.get(mode, "")
+        smem = 300 << 10 if mode == "fat" else 0
+        code = PREAMBLE + f"""
+extern "C" __global__ void fault({kernel_params(args)}) {{
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  float v = i < {n} ? X[i] : 0.0f;
+  {extra}
+  if (i < {n}) Y[i] = {scale} * v;
+}}
+"""
+        launch = (("block", (block, 1, 1)), ("grid", (-(-n // block), 1, 1)), ("smem", smem))
+        return KernelSource("cuda", code, "fault", args, launch)
+
+
 # ----------------------------------------------------------------------------- recorded sweeps
 # Replay tests run every tuner against measurements recorded here, on this machine, by a real
 # sweep: ``autotune.replay.ReplayRunner`` answers each candidate with its recorded result, as

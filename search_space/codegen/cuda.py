@@ -93,3 +93,95 @@ def kernel_params(args) -> str:
         else:
             params.append(f"{c_type(arg.dtype)}* __restrict__ {arg.name}")
     return ", ".join(params)
+
+
+# --------------------------------------------------------------------------- row and attention helpers
+# Appended for the row-wise and attention templates; self-contained (nothing above changes).
+
+VECTOR_HELPERS = r"""
+// N consecutive elements of T moved as one access of N * sizeof(T) bytes (<= 16); the
+// alignment lets nvcc emit a single ld/st.global.v4 / v2 / b32 / b16.
+template <typename T, int N> struct alignas(sizeof(T) * N) Pack { T e[N]; };
+template <int BYTES> struct RawBits;
+template <> struct RawBits<16> { typedef uint4 type; };
+template <> struct RawBits<8> { typedef uint2 type; };
+template <> struct RawBits<4> { typedef unsigned int type; };
+template <> struct RawBits<2> { typedef unsigned short type; };
+
+// HINT 0: default caching; 1: streaming (ld.global.cs / st.global.cs, data touched once);
+// 2: read-only path (ld.global.nc) for data no thread of the kernel writes.
+template <int N, int HINT = 0, typename T>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  typedef typename RawBits<sizeof(T) * N>::type R;
+  R raw;
+  if constexpr (HINT == 1) raw = __ldcs(reinterpret_cast<const R*>(p));
+  else if constexpr (HINT == 2) raw = __ldg(reinterpret_cast<const R*>(p));
+  else raw = *reinterpret_cast<const R*>(p);
+  Pack<T, N> out;
+  *reinterpret_cast<R*>(&out) = raw;
+  return out;
+}
+
+template <int N, int HINT = 0, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
+  typedef typename RawBits<sizeof(T) * N>::type R;
+  const R raw = *reinterpret_cast<const R*>(&v);
+  if constexpr (HINT == 1) __stcs(reinterpret_cast<R*>(p), raw);
+  else *reinterpret_cast<R*>(p) = raw;
+}
+
+// Block-wide reductions for blocks of THREADS threads (a multiple of 32). `scratch` is 32
+// floats of shared memory; every thread gets the result. The leading barrier lets the
+// same scratch serve consecutive reductions.
+template <int THREADS>
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  v = warp_sum(v);
+  if constexpr (THREADS > 32) {
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = (threadIdx.x & 31) < THREADS / 32 ? scratch[threadIdx.x & 31] : 0.0f;
+    v = warp_sum(v);
+  }
+  return v;
+}
+
+template <int THREADS>
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  v = warp_max(v);
+  if constexpr (THREADS > 32) {
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = (threadIdx.x & 31) < THREADS / 32 ? scratch[threadIdx.x & 31] : -INFINITY;
+    v = warp_max(v);
+  }
+  return v;
+}
+"""
+
+
+def dim_scalars(task) -> tuple:
+    """One int64 ``scalar`` ArgSpec per dynamic dim of ``task``, in the operator's dim order."""
+    from ..template import ArgSpec  # noqa: PLC0415 - the template module imports this one
+
+    return tuple(ArgSpec(name, "scalar", "int64") for name in task.dynamic)
+
+
+def static_dims(task, names) -> str:
+    """C constants for the dims among ``names`` that are compiled in; dynamic ones are the
+    kernel's ``long long`` parameters of the same name, so code uses either the same way."""
+    dims = task.dims
+    return "".join(f"constexpr long long {n} = {dims[n]};\n" for n in names if n not in task.dynamic)
+
+
+def bytes_per_block_ok(nbytes: int, target) -> bool:
+    """Shared memory of one block fits the target (opt-in maximum, e.g. 227 KiB on sm_90).
+    More than 48 KiB of dynamic shared memory needs the runner to raise the kernel's
+    MAX_DYNAMIC_SHARED_SIZE_BYTES attribute before launching."""
+    return nbytes <= (target.max_shared_memory_per_block or 48 << 10)
+
+
+def registers_ok(per_thread: int, threads: int, target) -> bool:
+    """A register estimate fits one thread (255) and the block's register file."""
+    return per_thread <= 255 and per_thread * threads <= (target.max_registers_per_block or 65536)

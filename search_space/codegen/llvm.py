@@ -345,6 +345,123 @@ class KernelBuilder:
     def ret(self) -> None:
         self.b.ret_void()
 
+    def sincos(self, x):
+        """(sin x, cos x) as float32, for float32 or float64 scalars or vectors.
+
+        x = k pi/2 + r with |r| <= pi/4: k = rint(x 2/pi), and r by fused multiply-adds
+        with pi/2 split in three parts (Cody-Waite), in x's own precision. r is then rounded
+        to float32 for the polynomials (Cephes sinf / cosf, about 1 ulp on |r| <= pi/4), and
+        k mod 4 picks and signs them. A float64 argument stays exact to float32 precision
+        for |x| up to 1e9 (RoPE angles, positions x frequencies, reach thousands of
+        radians, where a float32 argument alone would already be off by 1e-4); a float32
+        argument is reduced in float32, exact for the value it holds, for |x| up to 1e5.
+        """
+        b = self.b
+        t = x.type
+        lanes = t.count if isinstance(t, ir.VectorType) else 0
+        wide = (t.element if lanes else t) == F64
+        c = lambda v: self._const_like(v, x)  # noqa: E731
+        k = self.call_math("rint", self.fmul(x, c(0.6366197723675814)))
+        minus_k = b.fneg(k)
+        r = x
+        for part in (_HALF_PI_F64 if wide else _HALF_PI_F32):
+            r = self.fma(minus_k, c(part), r)  # exact products: no reassociation here
+        quadrant = b.fptosi(k, vec(lanes, I32) if lanes else I32)
+        if wide:
+            r = b.fptrunc(r, vec(lanes, F32) if lanes else F32)
+        f = lambda v: self._const_like(v, r)  # noqa: E731
+        z = self.fmul(r, r)
+        poly = self.fma(self.fma(f(-1.9515295891e-4), z, f(8.3321608736e-3)), z, f(-1.6666654611e-1))
+        sin_r = self.fma(self.fmul(poly, z), r, r)
+        poly = self.fma(self.fma(f(2.443315711809948e-5), z, f(-1.388731625493765e-3)), z,
+                        f(4.166664568298827e-2))
+        cos_r = self.fma(self.fmul(poly, z), z, self.fma(f(-0.5), z, f(1.0)))
+        q = lambda v: self._const_like(v, quadrant)  # noqa: E731
+        bit = lambda value, mask: b.icmp_signed("!=", b.and_(value, q(mask)), q(0))  # noqa: E731
+        swap = bit(quadrant, 1)
+        sin_x = b.select(swap, cos_r, sin_r)
+        cos_x = b.select(swap, sin_r, cos_r)
+        sin_x = b.select(bit(quadrant, 2), b.fneg(sin_x), sin_x)
+        cos_x = b.select(bit(b.add(quadrant, q(1)), 2), b.fneg(cos_x), cos_x)
+        return sin_x, cos_x
+
+    def exp_fast(self, x, nonpositive: bool = False):
+        """exp(x) for float32 scalars or vectors, relative error below 5e-7 (about 4 ulp), in
+        8 multiply-adds instead of ``exp``'s 12: for kernels whose speed is the exp's (softmax,
+        SiLU, GELU), where that many ulps vanish in the 2e-4 tolerance of float32 kernels.
+
+        rint(x log2 e) comes from adding 1.5 * 2^23 + 127 (the float's rounding does it, and
+        the low mantissa bits are then n + 127: shifted into the exponent field they are
+        2^n); r = x - n ln 2 with ln 2 in one float (its error, 2e-9 n, stays below 3e-7);
+        exp(r) on |r| <= ln 2 / 2 is 1 + r + r^2 P(r) with P a degree-3 minimax fit (1e-7).
+        Inputs below -87.3 (including -inf) give exactly 0; inputs above 88 give exp(88).
+        ``nonpositive``: the caller guarantees x <= 0 (x - max in softmax), so the upper
+        clamp is left out.
+        """
+        b = self.b
+        c = lambda v: self._const_like(v, x)  # noqa: E731
+        low = b.fcmp_ordered("<", x, c(-87.3))
+        clamped = x if nonpositive else self.fmin(x, c(88.0))
+        clamped = b.select(low, c(-87.3), clamped)
+        magic = 12582912.0 + 127.0
+        shifted = self.fma(clamped, c(1.4426950408889634), c(magic))
+        n = b.fsub(shifted, c(magic))  # exact: plain fsub, no fast-math flags
+        r = self.fma(n, c(-0.6931471805599453), clamped)
+        poly = c(8.312528021633625e-3)
+        for coeff in (4.189011827111244e-2, 1.6667114198207855e-1, 4.99992311000824e-1, 1.0, 1.0):
+            poly = self.fma(poly, r, c(coeff))
+        int_type = vec(x.type.count, I32) if isinstance(x.type, ir.VectorType) else I32
+        bits = b.shl(b.bitcast(shifted, int_type), self._const_like(23, ir.Constant(int_type, None)))
+        result = self.fmul(poly, b.bitcast(bits, x.type))
+        return b.select(low, c(0.0), result)
+
+    def reciprocal_avx512(self, x):
+        """1 / x for float32 vectors of 4, 8 or 16 lanes, x finite and nonzero: the AVX-512
+        estimate vrcp14ps (relative error below 2^-14) refined by one Newton step (two FMAs,
+        error below 1e-8), instead of a division, whose throughput bounds kernels such as
+        SiLU and GELU. Only for targets with avx512f (and avx512vl below 16 lanes): the
+        caller checks ``Target.has_feature``.
+        """
+        t = x.type
+        mask = I16 if t.count == 16 else I8
+        fn = declare_intrinsic(self.module, f"llvm.x86.avx512.rcp14.ps.{32 * t.count}", t, [t, t, mask])
+        estimate = self.b.call(fn, [x, ir.Constant(t, None), ir.Constant(mask, -1)])
+        one = self._const_like(1.0, x)
+        error = self.fma(self.b.fneg(x), estimate, one)
+        return self.fma(estimate, error, estimate)
+
+    def sin(self, x):
+        """sin x as float32 (see ``sincos``)."""
+        return self.sincos(x)[0]
+
+    def cos(self, x):
+        """cos x as float32 (see ``sincos``)."""
+        return self.sincos(x)[1]
+
+
+
+def _split_half_pi(round_to: Callable[[float], float]) -> tuple[float, float, float]:
+    """pi/2 as three numbers of a float format whose sum carries three times its precision."""
+    from fractions import Fraction
+
+    half_pi = Fraction(_PI_DIGITS) / 2
+    parts = []
+    for _ in range(3):
+        part = round_to(float(half_pi))
+        parts.append(part)
+        half_pi -= Fraction(part)
+    return tuple(parts)
+
+
+def _round_f32(value: float) -> float:
+    import struct
+
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+_PI_DIGITS = "3.14159265358979323846264338327950288419716939937510582097494459230781640628620899863"
+_HALF_PI_F64 = _split_half_pi(float)
+_HALF_PI_F32 = _split_half_pi(_round_f32)
 
 def _align(element: ir.Type) -> int:
     width = getattr(element, "width", None)

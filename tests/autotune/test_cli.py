@@ -123,3 +123,46 @@ def test_bench_prints_both_sides_as_json(tmp_path):
     assert 0 < out["roofline_fraction"] < 1.5
     text = run("bench", "--op", "gemv", "--shape", "M=1,N=256,K=256", "--log", "b.jsonl", cwd=tmp_path).stdout
     assert "speedup" in text and "roofline" in text
+
+
+@pytest.mark.parametrize("command", ["tune", "bench"])
+@pytest.mark.parametrize("extra, message", [
+    (["--attr", "eps"], "malformed --attr 'eps'"),
+    (["--attr", "=1"], "malformed --attr"),
+    (["--attr", "scale=2"], "rmsnorm has no attribute scale"),
+    (["--attr", "residual=yes"], "--attr residual=yes: expected a bool"),
+    (["--attr", "eps=true"], "--attr eps=true: expected a float"),
+    (["--attr", "eps=1e-6", "--attr", "eps=1e-5"], "--attr eps given twice"),
+    (["--dynamic", "N"], "rmsnorm cannot take N at run time"),
+    (["--dynamic", "K"], "rmsnorm has no dim K"),
+    (["--dynamic", "M,"], "malformed --dynamic"),
+    (["--dynamic", "M,M"], "names a dim twice"),
+])
+def test_bad_attr_or_dynamic_is_one_line_and_exit_2(command, extra, message, tmp_path):
+    args = [command, "--op", "rmsnorm", "--shape", "M=4,N=64", *extra]
+    if command == "tune":
+        args += ["--trials", "1", "--no-mlflow", "--quiet", "--log", "t.jsonl"]
+    proc = run(*args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autotune: error:"), proc.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+def test_tune_and_bench_with_attrs_and_a_dynamic_dim(tmp_path):
+    options = ["--op", "rmsnorm", "--shape", "M=8,N=256", "--attr", "residual=true", "--attr", "eps=1e-6",
+               "--dynamic", "M"]
+    run("tune", *options, "--tuner", "random", "--trials", "4", "--log", "r.jsonl", "--no-mlflow", "--quiet",
+        cwd=tmp_path)
+    records = RecordLog(tmp_path / "r.jsonl").records()
+    assert len(records) == 4 and all(r.ok for r in records)
+    task = records[0].task
+    assert task.attr == {"residual": True, "eps": 1e-6} and task.dynamic == ("M",)
+    assert task.key == "rmsnorm/float32/M~=8,N=256/eps=1e-06,residual=true"
+
+    out = json.loads(run("bench", *options, "--log", "r.jsonl", "--json", cwd=tmp_path).stdout)
+    assert out["task"] == task.key and out["tuned_s"] > 0 and out["baseline_s"] > 0
+    # the same shape without the options is another task: the log has nothing for it
+    proc = run("bench", "--op", "rmsnorm", "--shape", "M=8,N=256", "--log", "r.jsonl", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "no verified record" in proc.stderr

@@ -28,6 +28,7 @@ def unary_kernel(host, name: str, lanes: int = 16):
     ("exp", np.exp, -87.0, 88.0),
     ("tanh", np.tanh, -12.0, 12.0),
     ("sigmoid", lambda v: 1.0 / (1.0 + np.exp(-v)), -30.0, 30.0),
+    ("exp_fast", np.exp, -87.0, 88.0),
 ])
 def test_vector_math_is_accurate(host, name, reference, low, high):
     source, kernel = unary_kernel(host, name)
@@ -40,8 +41,9 @@ def test_vector_math_is_accurate(host, name, reference, low, high):
     assert rel.max() < 1e-6, (x[np.argmax(rel)], rel.max())
 
 
-def test_exp_of_minus_infinity_is_zero(host):
-    source, kernel = unary_kernel(host, "exp")
+@pytest.mark.parametrize("name", ["exp", "exp_fast"])
+def test_exp_of_minus_infinity_is_zero(host, name):
+    source, kernel = unary_kernel(host, name)
     x = np.full(N, -np.inf, dtype=np.float32)
     buffers = allocate_args(source, {}, {"X": x})
     kernel(buffers, {})
@@ -99,3 +101,98 @@ def test_masked_loads_and_stores_stay_inside_the_array(host):
     buffers = allocate_args(source, {}, {"X": np.arange(5, dtype=np.float32)})
     compile_and_load(source, host)(buffers, {})
     assert buffers["Y"][:5].tolist() == [1, 2, 3, 4, 5] and np.isnan(buffers["Y"][5:]).all()
+
+
+def sincos_kernel(host, dtype: str, lanes: int):
+    """Kernel (X[N] of ``dtype``) -> (S[N], C[N]) float32 through ``KernelBuilder.sincos``."""
+    element = cg.element_type(dtype)
+    module = cg.new_module("sincos")
+    fn = cg.kernel_function(module, "k", 3)
+    kb = cg.KernelBuilder(fn)
+    x, s, c = fn.args
+    with kb.loop(0, N, lanes) as i:
+        sin, cos = kb.sincos(kb.load_vec(x, i, lanes, element))
+        kb.store_vec(sin, s, i)
+        kb.store_vec(cos, c, i)
+    kb.ret()
+    source = KernelSource("llvm", str(module), "k", (ArgSpec("X", "in", dtype, (N,)),
+                                                      ArgSpec("S", "out", "float32", (N,)),
+                                                      ArgSpec("C", "out", "float32", (N,))))
+    return source, compile_and_load(source, host)
+
+
+@pytest.mark.parametrize("dtype, lanes, bound", [
+    ("float64", 8, 2e5),    # RoPE angles: positions up to 1e5 and more times frequencies <= 1
+    ("float64", 16, 1e9),   # the stated range of float64 arguments
+    ("float32", 16, 1e4),
+    ("float32", 8, 4.0),
+])
+def test_sincos_is_accurate_for_large_arguments(host, dtype, lanes, bound):
+    source, kernel = sincos_kernel(host, dtype, lanes)
+    rng = np.random.default_rng(int(bound) % 1000)
+    x = rng.uniform(-bound, bound, N).astype(dtype)
+    # exact multiples of pi/2 and their neighbours, where one result is tiny or the quadrant flips
+    k = np.arange(-16, 16)
+    x[:32] = (k * (np.pi / 2)).astype(dtype)
+    x[32:64] = np.nextafter(x[:32], np.inf, dtype=x.dtype)
+    x[64:72] = np.array([0.0, 1e-30, -1e-7, 0.5, np.pi / 4, -np.pi / 4, bound, -bound]).astype(dtype)
+    buffers = allocate_args(source, {}, {"X": x})
+    kernel(buffers, {})
+    exact = x.astype(np.float64)
+    for name, reference in (("S", np.sin), ("C", np.cos)):
+        got = buffers[name].astype(np.float64)
+        want = reference(exact)
+        error = np.abs(got - want)
+        # within float32 rounding: absolute near zeros of the function, relative elsewhere
+        limit = 1.5e-7 * np.maximum(np.abs(want), 2 ** -10) + 1e-12
+        assert (error <= limit).all(), (name, x[np.argmax(error / limit)], error.max())
+
+
+def test_exp_fast_on_nonpositive_inputs_and_its_clamps(host):
+    module = cg.new_module("e")
+    fn = cg.kernel_function(module, "k", 3)
+    kb = cg.KernelBuilder(fn)
+    x, y, z = fn.args
+    with kb.loop(0, N, 16) as i:
+        v = kb.load_vec(x, i, 16)
+        kb.store_vec(kb.exp_fast(v, nonpositive=True), y, i)
+        kb.store_vec(kb.exp_fast(kb.b.fneg(v)), z, i)
+    kb.ret()
+    source = KernelSource("llvm", str(module), "k", (ArgSpec("X", "in", "float32", (N,)),
+                                                      ArgSpec("Y", "out", "float32", (N,)),
+                                                      ArgSpec("Z", "out", "float32", (N,))))
+    x = -np.random.default_rng(1).uniform(0, 100, N).astype(np.float32)
+    x[:6] = [0.0, -0.0, -np.inf, -87.29, -87.31, -88.5]
+    buffers = allocate_args(source, {}, {"X": x})
+    compile_and_load(source, host)(buffers, {})
+    want = np.exp(x.astype(np.float64))
+    live = x >= -87.29
+    assert (np.abs(buffers["Y"][live] / want[live] - 1) < 5e-7).all()
+    assert (buffers["Y"][~live] == 0).all()
+    up = buffers["Z"]  # exp(-x): above 88 it saturates at exp(88), never inf
+    assert np.isfinite(up).all()
+    assert np.allclose(up[-x > 88], np.exp(np.float32(88.0)), rtol=1e-6)
+    inside = -x <= 88
+    assert (np.abs(up[inside] / np.exp(-x[inside].astype(np.float64)) - 1) < 5e-7).all()
+
+
+@pytest.mark.parametrize("lanes", [4, 8, 16])
+def test_avx512_reciprocal_is_accurate(host, lanes):
+    if not (host.has_feature("avx512f") and host.has_feature("avx512vl")):
+        pytest.skip("the host has no AVX-512")  # the template never offers it there either
+    module = cg.new_module("r")
+    fn = cg.kernel_function(module, "k", 2)
+    kb = cg.KernelBuilder(fn)
+    x, y = fn.args
+    with kb.loop(0, N, lanes) as i:
+        kb.store_vec(kb.reciprocal_avx512(kb.load_vec(x, i, lanes)), y, i)
+    kb.ret()
+    source = KernelSource("llvm", str(module), "k", (ArgSpec("X", "in", "float32", (N,)),
+                                                      ArgSpec("Y", "out", "float32", (N,))))
+    rng = np.random.default_rng(lanes)
+    x = (rng.choice([-1, 1], N) * 10.0 ** rng.uniform(-30, 30, N)).astype(np.float32)
+    x[:4] = [1.0, -1.0, 3.0, 1.7e38]
+    buffers = allocate_args(source, {}, {"X": x})
+    compile_and_load(source, host)(buffers, {})
+    want = 1.0 / x.astype(np.float64)
+    assert (np.abs(buffers["Y"] / want - 1) < 2.5e-7).all()

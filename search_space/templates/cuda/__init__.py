@@ -4,3 +4,19 @@ Rendering is pure text (CUDA C following the conventions in ``search_space.codeg
 building needs nvcc, running needs a GPU and pycuda.
 """
 from __future__ import annotations
+
+from . import (  # noqa: F401
+    add,
+    attention_decode,
+    attention_prefill,
+    gelu,
+    gemm,
+    gemm_q4,
+    gemv,
+    gemv_q4,
+    layernorm,
+    rmsnorm,
+    rope,
+    softmax,
+    swiglu,
+)

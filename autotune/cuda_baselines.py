@@ -1,0 +1,269 @@
+"""Vendor baselines on the GPU, through torch, keyed by operator: what a tuned CUDA kernel is
+compared with by ``autotune bench --target cuda``.
+
+| op | baseline |
+| --- | --- |
+| gemm, gemv | cuBLAS via ``torch.matmul(X, W.T)`` (TF32 off for float32) |
+| gemm_q4, gemv_q4 | tinygemm via ``torch._weight_int4pack_mm`` (bfloat16 activations, its own packing) |
+| softmax | ``torch.softmax`` |
+| rmsnorm | ``torch.nn.functional.rms_norm`` (with ``residual``: the add, then the norm) |
+| layernorm | ``torch.nn.functional.layer_norm`` |
+| rope | rotate-half in eager torch with precomputed cos/sin (the Hugging Face Llama way) |
+| swiglu | ``F.silu(G) * U`` |
+| gelu | ``F.gelu(X, approximate="tanh")`` |
+| add | ``torch.add`` |
+| attention_prefill, attention_decode | ``F.scaled_dot_product_attention`` (GQA) |
+
+Each runs in a worker process that imports torch (never the parent). Inputs come from the
+operator's ``make_inputs`` with the same seed as the tuned kernel's; the baseline's output
+is compared with the float64 reference and the verdict reported (tinygemm computes in
+bfloat16, so its tolerance is bfloat16's whatever the task's dtype). Timing is the CUDA
+runner's: CUDA events around each call, an L2-sized buffer written before each one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+BaselineFactory = Callable[[Any, Any, dict, Any], tuple[str, Callable[[], Any]]]
+BASELINES: dict[str, BaselineFactory] = {}
+
+
+def baseline(*ops: str):
+    def register(factory: BaselineFactory) -> BaselineFactory:
+        for op in ops:
+            BASELINES[op] = factory
+        return factory
+    return register
+
+
+def _tensor(torch, array: np.ndarray, dtype: str):
+    """A device tensor from an input array (bfloat16 travels as raw uint16)."""
+    if dtype == "bfloat16" and array.dtype == np.uint16:
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16).cuda()
+    return torch.from_numpy(np.ascontiguousarray(array)).cuda()
+
+
+@baseline("gemm", "gemv")
+def _matmul(torch, task, t, template):
+    x, w = t["X"], t["W"]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return "cuBLAS torch.matmul(X, W.T)", lambda: torch.matmul(x, w.t())
+
+
+def tinygemm_pack(torch, wq: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, group: int):
+    """Our int4 layout -> tinygemm's: packed weights and [K/G, N, 2] bfloat16 (scale, zero).
+
+    tinygemm dequantises as (q - 8) * scale + zero, so zero = (8 - z) * scale; it packs the
+    even k in the high nibble (we put it in the low one).
+    """
+    codes = torch.from_numpy(wq).cuda()
+    scale = torch.from_numpy(np.asarray(scales, dtype=np.float32)).cuda()
+    z = torch.from_numpy(np.asarray(zeros, dtype=np.float32)).cuda() if zeros is not None else torch.full_like(scale, 8.0)
+    swapped = ((codes & 0x0F) << 4) | (codes >> 4)
+    try:  # torch >= 2.5 takes uint8 [N, K/2]
+        packed = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), 8)
+    except RuntimeError:  # older torch: int32 codes [N, K]
+        unpacked = torch.stack([codes & 0x0F, codes >> 4], dim=-1).reshape(codes.shape[0], -1).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack(unpacked, 8)
+    scales_zeros = torch.stack([scale, (8.0 - z) * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return packed, scales_zeros
+
+
+@baseline("gemm_q4", "gemv_q4")
+def _int4(torch, task, t, template):
+    from search_space.ops.common import to_float32
+
+    a = template.attrs(task)
+    raw = t["_raw"]
+    zeros = to_float32(raw["ZEROS"], task.dtype) if a["zero_point"] else None
+    packed, sz = tinygemm_pack(torch, raw["WQ"], to_float32(raw["SCALES"], task.dtype), zeros, a["group_size"])
+    x = t["X"].to(torch.bfloat16)
+    group = a["group_size"]
+    return ("tinygemm torch._weight_int4pack_mm (bfloat16)",
+            lambda: torch._weight_int4pack_mm(x, packed, group, sz))
+
+
+@baseline("softmax")
+def _softmax(torch, task, t, template):
+    x = t["X"]
+    return "torch.softmax", lambda: torch.softmax(x, dim=-1)
+
+
+@baseline("rmsnorm")
+def _rmsnorm(torch, task, t, template):
+    import torch.nn.functional as F
+
+    eps = float(template.attrs(task)["eps"])
+    x, g = t["X"], t["G"]
+    n = x.shape[-1]
+    if template.attrs(task).get("residual"):
+        r = t["R"]
+
+        def fused():
+            s = x + r
+            return F.rms_norm(s, (n,), g, eps), s
+        return "torch add + F.rms_norm", fused
+    return "F.rms_norm", lambda: F.rms_norm(x, (n,), g, eps)
+
+
+@baseline("layernorm")
+def _layernorm(torch, task, t, template):
+    import torch.nn.functional as F
+
+    eps = float(template.attrs(task)["eps"])
+    x, g, b = t["X"], t["G"], t["BETA"]
+    return "F.layer_norm", lambda: F.layer_norm(x, (x.shape[-1],), g, b, eps)
+
+
+@baseline("swiglu")
+def _swiglu(torch, task, t, template):
+    import torch.nn.functional as F
+
+    g, u = t["G"], t["U"]
+    return "F.silu(G) * U", lambda: F.silu(g) * u
+
+
+@baseline("gelu")
+def _gelu(torch, task, t, template):
+    import torch.nn.functional as F
+
+    x = t["X"]
+    return "F.gelu(tanh)", lambda: F.gelu(x, approximate="tanh")
+
+
+@baseline("add")
+def _add(torch, task, t, template):
+    a, b = t["A"], t["B"]
+    return "torch.add", lambda: torch.add(a, b)
+
+
+@baseline("rope")
+def _rope(torch, task, t, template):
+    x, p = t["X"], t["P"]
+    d = task.dims["D"]
+    theta = float(template.attrs(task)["theta"])
+    freqs = theta ** (-torch.arange(0, d // 2, device="cuda", dtype=torch.float32) * 2.0 / d)
+    angle = p.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([angle, angle], dim=-1)[:, None, :]  # T, 1, D
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    def rope():
+        lo, hi = x[..., : d // 2], x[..., d // 2:]
+        return x * cos + torch.cat([-hi, lo], dim=-1) * sin
+    return "eager torch rotate-half (HF Llama)", rope
+
+
+@baseline("attention_prefill")
+def _prefill(torch, task, t, template):
+    import torch.nn.functional as F
+
+    a = template.attrs(task)
+    scale = float(a["scale"]) or 1.0 / math.sqrt(task.dims["D"])
+    q, k, v = (t[n].transpose(1, 2) for n in ("Q", "K", "V"))  # B, heads, T, D views
+    return ("F.scaled_dot_product_attention (GQA)",
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=bool(a["causal"]), scale=scale,
+                                                   enable_gqa=True))
+
+
+@baseline("attention_decode")
+def _decode(torch, task, t, template):
+    import torch.nn.functional as F
+
+    d = task.dims
+    scale = float(template.attrs(task)["scale"]) or 1.0 / math.sqrt(d["D"])
+    q = t["Q"][:, :, None, :]  # B, H, 1, D
+    k, v = t["K"][:, :, : d["L"], :], t["V"][:, :, : d["L"], :]
+    return ("F.scaled_dot_product_attention decode (GQA)",
+            lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True))
+
+
+def _as_outputs(task, value) -> dict[str, Any]:
+    """The baseline's result named like the operator's outputs."""
+    if task.op == "attention_prefill":
+        return {"O": value.transpose(1, 2)}
+    if task.op == "attention_decode":
+        return {"O": value[:, :, 0, :]}
+    if isinstance(value, tuple):
+        return {"Y": value[0], "S": value[1]}
+    return {"Y": value}
+
+
+def run_vendor_baseline(payload: dict[str, Any]) -> dict[str, Any]:
+    """Worker side: build the op's torch baseline on the task's inputs, check it, time it."""
+    import importlib
+
+    import torch
+
+    from measure.verify import check_output
+    from search_space import Task, get_template
+    from search_space.template import TOLERANCE
+
+    importlib.import_module(payload["module"])
+    task = Task.from_dict(payload["task"])
+    if task.op not in BASELINES:
+        return {"error": f"no vendor baseline for {task.op}"}
+    template = get_template(task.op, "cuda")
+    raw = template.make_inputs(task, np.random.default_rng(payload["seed"]))
+    signature = {a.name: a for a in template.signature(task)}
+    tensors = {name: _tensor(torch, array, signature[name].dtype if name in signature else task.dtype)
+               for name, array in raw.items()}
+    tensors["_raw"] = raw
+    description, call = BASELINES[task.op](torch, task, tensors, template)
+    result = call()
+    torch.cuda.synchronize()
+    reference = template.reference(task, raw)
+    tolerance = TOLERANCE["bfloat16"] if task.op.endswith("_q4") else template.tolerance(task)
+    problems = []
+    for name, value in _as_outputs(task, result).items():
+        got = value.float().cpu().numpy()
+        problem = check_output(name, got, reference[name], tolerance, "float32")
+        if problem:
+            problems.append(problem)
+    costs = time_torch(torch, call, payload.get("repeats", 50), payload.get("max_total_s", 2.0))
+    return {"description": description, "costs": costs, "median": float(np.median(costs)),
+            "check": "; ".join(problems), "torch": torch.__version__, "device": torch.cuda.get_device_name()}
+
+
+def time_torch(torch, call: Callable[[], Any], repeats: int, max_total_s: float) -> list[float]:
+    """Seconds per call: events around each call, a buffer twice the L2 written before each."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+    flush = torch.empty(max(2 * l2, 64 << 20) // 4, dtype=torch.int32, device="cuda")
+    for _ in range(3):
+        call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    call()
+    end.record()
+    torch.cuda.synchronize()
+    first = max(start.elapsed_time(end) * 1e-3, 1e-7)
+    n = max(10, min(repeats, int(max_total_s / first)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        flush.fill_(i)
+        starts[i].record()
+        call()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
+
+
+def tensor_core_peak(payload: dict[str, Any]) -> dict[str, Any]:
+    """Worker side: cuBLAS rates (GFLOP/s) on random 8192^3 bfloat16 and float16 products and a
+    4096^3 float32 one (TF32 off): the practical matrix ceilings of this GPU, measured now."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out = {}
+    for name, dtype, n in (("bf16_gflops", torch.bfloat16, 8192), ("fp16_gflops", torch.float16, 8192),
+                           ("fp32_matmul_gflops", torch.float32, 4096)):
+        a = torch.randn(n, n, device="cuda", dtype=dtype)
+        b = torch.randn(n, n, device="cuda", dtype=dtype)
+        costs = time_torch(torch, lambda: torch.matmul(a, b), 10, 2.0)
+        out[name] = 2.0 * n ** 3 / float(np.median(costs)) / 1e9
+        del a, b
+    out["torch"] = torch.__version__
+    return out

@@ -1,0 +1,66 @@
+"""CUDA pieces of the command line that need no GPU: ``autotune tune --compile-only``.
+
+Builds the template default and a sample of the space with nvcc, checks each against the
+target's limits (``measure.resources``) and reports per config what ptxas says: registers,
+static and dynamic shared memory, spills, stack, plus the launch shape. Nothing runs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from measure import LocalBuilder, MeasureError, MeasureInput
+from search_space import Target, Task, Template
+
+
+def compile_only_report(template: Template, task: Task, target: Target, n_configs: int, seed: int,
+                        build_timeout: float) -> list[dict[str, Any]]:
+    """One row per config: the default first, then up to ``n_configs - 1`` sampled ones."""
+    space = template.space(task, target)
+    default = template.default(task, target)
+    configs = [default] + space.sample(np.random.default_rng(seed), max(n_configs - 1, 0), exclude={default.index})
+    inputs = [MeasureInput(task, c, target) for c in configs]
+    with LocalBuilder(timeout_s=build_timeout) as builder:
+        builds = builder.build(inputs)
+    rows = []
+    for config, build in zip(configs, builds):
+        stats = build.stats or {}
+        launch = build.source.launch_dims if build.source is not None else {}
+        block = launch.get("block", ())
+        row = {
+            "config": config.as_dict(),
+            "status": build.error.name,
+            "registers": stats.get("registers"),
+            "smem_static": stats.get("smem_bytes"),
+            "smem_dynamic": launch.get("smem"),
+            "spill_stores": stats.get("spill_stores"),
+            "spill_loads": stats.get("spill_loads"),
+            "stack_bytes": stats.get("stack_bytes"),
+            "threads": math.prod(block) if block else None,
+            "grid": list(launch["grid"]) if "grid" in launch else None,
+            "nvcc_s": stats.get("nvcc_s"),
+            "cached": build.cached,
+            "message": build.message,
+        }
+        rows.append(row)
+    return rows
+
+
+def format_compile_report(task: Task, target: Target, rows: list[dict[str, Any]]) -> str:
+    ok = sum(1 for r in rows if r["status"] == MeasureError.NO_ERROR.name)
+    lines = [f"{task.key} for {target.arch}: {ok} of {len(rows)} configs build and fit the target"]
+    for r in rows:
+        config = ",".join(f"{k}={v}" for k, v in r["config"].items())
+        if r["registers"] is None:
+            lines.append(f"  {r['status']:<16} {config}: {r['message']}")
+            continue
+        spills = (r["spill_stores"] or 0) + (r["spill_loads"] or 0)
+        smem = f"{r['smem_static'] or 0}+{r['smem_dynamic'] or 0}"
+        line = (f"  {r['status']:<16} regs {r['registers']:>3}  smem {smem:>12} B  spills {spills:>4} B  "
+                f"stack {r['stack_bytes'] or 0:>4} B  threads {r['threads']:>4}  grid {r['grid']}  {config}")
+        if r["status"] != MeasureError.NO_ERROR.name:
+            line += f": {r['message']}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The GPU machine's whole check in one go, under 8 minutes. From the project root:
+#
+#   source .device/env.sh && bash benchmarks/gpu_check.sh
+#
+# 1. the tests marked `gpu` (real kernels verified and timed, injected CUDA faults);
+# 2. measures hand-picked Hopper configs for the shapes TARGETS.md sets goals for, then tunes
+#    those shapes and every CUDA operator `autotune ops --target cuda --json` lists (at its
+#    example shape), each with a small xgb budget that resumes from those records;
+# 3. benches the best of each against the vendor kernels (cuBLAS, tinygemm, SDPA, torch row
+#    ops) and prints that table last.
+# Full logs go to $OUT/gpu_check-<time>/ when OUT is set (else /tmp). Each step has a time
+# limit, and tuning stops early when the time set aside for it is used up.
+# Knobs: GPU_CHECK_TRIALS (12), GPU_CHECK_TARGET_TRIALS (24), GPU_CHECK_TUNE_S (340: no tuning
+# job starts after that many seconds of the script),
+# GPU_CHECK_CASES, GPU_CHECK_EXAMPLES (see below).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+LOG=${OUT:-/tmp}/gpu_check-$(date +%Y%m%d-%H%M%S)
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
+export AUTOTUNE_CACHE_DIR=${AUTOTUNE_CACHE_DIR:-/tmp/autotune-kernels}
+TRIALS=${GPU_CHECK_TRIALS:-12}
+TARGET_TRIALS=${GPU_CHECK_TARGET_TRIALS:-24}
+TUNE_S=${GPU_CHECK_TUNE_S:-340}
+START=$(date +%s)
+elapsed() { echo $(( $(date +%s) - START )); }
+step() { echo "[$(elapsed)s] $*" | tee -a "$LOG/steps.log"; }
+
+step "device and environment -> $LOG"
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw \
+    --format=csv 2>&1
+  $PY -c "import sys, numpy; print('python', sys.version.split()[0], 'numpy', numpy.__version__)"
+  $PY -c "import pycuda, pycuda.driver as d; d.init(); print('pycuda', pycuda.VERSION_TEXT, d.Device(0).name())"
+  $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" 2>&1
+  nvcc --version | tail -1
+} > "$LOG/environment.txt" 2>&1
+cat "$LOG/environment.txt"
+
+step "tests marked gpu"
+timeout 150 $PY -m pytest -v -m gpu -p no:cacheprovider --timeout 120 tests > "$LOG/pytest-gpu.log" 2>&1
+echo "pytest -m gpu exit code $?" | tee -a "$LOG/steps.log"
+echo "  $(grep -c " PASSED" "$LOG/pytest-gpu.log") passed; not passed:"; grep -E " (FAILED|ERROR)" "$LOG/pytest-gpu.log" | head -n 20
+tail -n 3 "$LOG/pytest-gpu.log"
+
+# The TARGETS.md shapes first (they matter most), then every op at its example shape.
+# GPU_CHECK_CASES (space-separated op:shape:dtype) replaces the first list; GPU_CHECK_EXAMPLES=0
+# leaves out the example shapes.
+if [[ -n "${GPU_CHECK_CASES:-}" ]]; then
+  read -r -a CASES <<< "$GPU_CHECK_CASES"
+else
+  CASES=(
+    "gemv:M=1,N=11008,K=4096:float16"
+    "gemv:M=1,N=28672,K=8192:float16"
+    "gemv_q4:M=1,N=11008,K=4096:float16"
+    "gemv_q4:M=1,N=28672,K=8192:float16"
+    "gemm:M=4096,N=4096,K=4096:float16"
+    "gemm:M=4096,N=4096,K=4096:bfloat16"
+    "gemm:M=4096,N=4096,K=4096:float32"
+    "gemm:M=512,N=11008,K=4096:float16"
+    "gemv_q4:M=16,N=11008,K=4096:bfloat16"
+  )
+fi
+N_TARGET_CASES=${#CASES[@]}
+$PY -m autotune.cli ops --target cuda --json > "$LOG/ops.json" 2> "$LOG/ops.err"
+if [[ "${GPU_CHECK_EXAMPLES:-1}" != 0 ]]; then
+  while IFS= read -r line; do CASES+=("$line"); done < <($PY - "$LOG/ops.json" <<'PYEOF'
+import json, sys
+for op in json.load(open(sys.argv[1])):
+    dtype = "float16" if "float16" in op["dtypes"] else op["dtypes"][0]
+    print(f"{op['op']}:{op['example_shape']}:{dtype}")
+PYEOF
+  )
+fi
+
+if [[ -z "${GPU_CHECK_CASES:-}" ]]; then
+  step "hand-picked candidates for the TARGETS.md shapes (benchmarks/cuda_candidates.py)"
+  timeout 80 $PY benchmarks/cuda_candidates.py --log "$LOG/tune.jsonl" > "$LOG/candidates.log" 2>&1
+  echo "candidates exit code $?" | tee -a "$LOG/steps.log"
+  grep -v "^  failed" "$LOG/candidates.log" | tail -n 12
+fi
+
+step "tuning ${#CASES[@]} cases (xgb; $TARGET_TRIALS trials for TARGETS.md shapes, $TRIALS for the others)"
+i=0
+for case in "${CASES[@]}"; do
+  if (( $(elapsed) > TUNE_S )); then
+    echo "  tuning time is up: skipping $case" | tee -a "$LOG/steps.log"; i=$((i + 1)); continue
+  fi
+  IFS=: read -r op shape dtype <<< "$case"
+  trials=$TRIALS; (( i < N_TARGET_CASES )) && trials=$TARGET_TRIALS
+  t0=$(date +%s)
+  timeout 45 $PY -m autotune.cli tune --op "$op" --shape "$shape" --dtype "$dtype" --target cuda \
+    --trials "$trials" --tuner xgb --no-mlflow --quiet --log "$LOG/tune.jsonl" >> "$LOG/tune.log" 2>&1
+  rc=$?
+  echo "  $case: exit $rc in $(( $(date +%s) - t0 ))s: $(tail -n 2 "$LOG/tune.log" | head -n 1)" | tee -a "$LOG/steps.log"
+  i=$((i + 1))
+done
+$PY -m autotune.cli best --log "$LOG/tune.jsonl" > "$LOG/best.txt" 2>&1
+
+step "bench against the vendor baselines"
+timeout 90 $PY benchmarks/cuda_ops.py --log "$LOG/tune.jsonl" --json-out "$LOG/bench.jsonl" \
+  --cases "${CASES[@]}" > "$LOG/bench.md" 2> "$LOG/bench.err"
+echo "bench exit code $?" | tee -a "$LOG/steps.log"
+step "done; logs in $LOG"
+echo
+cat "$LOG/bench.md"

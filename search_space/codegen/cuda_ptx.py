@@ -1,0 +1,187 @@
+"""Inline-PTX helpers for CUDA templates: async copies, ldmatrix, tensor-core mma, streaming loads.
+
+``PTX_HELPERS`` is CUDA C to paste after ``codegen.cuda.PREAMBLE``. Everything in it is
+plain sm_80+ PTX (it assembles for sm_90a), wrapped in small ``__device__`` functions so that
+templates stay readable:
+
+- ``cp_async<BYTES>(smem, gmem, valid)``: ``cp.async`` of 4, 8 or 16 bytes; when ``valid``
+  is false nothing is read and the destination is zero-filled (``src-size`` 0), which is how
+  tiles that hang over the edge of a matrix are padded with zeros. 16-byte copies bypass L1
+  (``.cg``); smaller ones must go through it (``.ca``), as PTX requires.
+- ``ldmatrix_x4/x2`` and ``ldmatrix_x4_trans``: the fragment loads of ``mma.sync``.
+- ``mma_16816<T>``: ``mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}`` with float32
+  accumulators. Fragment layout (PTX ISA, "Matrix fragments for mma.m16n8k16"): lane = 4g + t;
+  A regs a0..a3 hold (row g, k 2t..2t+1), (row g+8, same k), (row g, k 2t+8..), (row g+8, k 2t+8..);
+  B regs b0, b1 hold (k 2t..2t+1, col g) and (k 2t+8.., col g); C/D c0,c1 are (row g, cols
+  2t, 2t+1) and c2,c3 are (row g+8, same cols).
+- ``ld_stream<BYTES>(p)``: global loads of data read exactly once (weights in decode), through
+  the non-coherent path without allocating in L1 and with a 256-byte L2 prefetch hint.
+"""
+from __future__ import annotations
+
+PTX_HELPERS = r"""
+template <int BYTES> struct RawVec;
+template <> struct RawVec<16> { unsigned w[4]; };
+template <> struct RawVec<8> { unsigned w[2]; };
+template <> struct RawVec<4> { unsigned w[1]; };
+template <> struct RawVec<2> { unsigned short h[1]; };
+
+// BEGIN PTX (a CPU emulator swaps this section for its own definitions)
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+template <int BYTES> __device__ __forceinline__ void cp_async(void* smem, const void* gmem, bool valid);
+template <> __device__ __forceinline__ void cp_async<16>(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               :: "r"(smem_u32(smem)), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
+}
+template <> __device__ __forceinline__ void cp_async<8>(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n"
+               :: "r"(smem_u32(smem)), "l"(gmem), "r"(valid ? 8 : 0) : "memory");
+}
+template <> __device__ __forceinline__ void cp_async<4>(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
+               :: "r"(smem_u32(smem)), "l"(gmem), "r"(valid ? 4 : 0) : "memory");
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" :: "l"(p)); }
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int PENDING> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" :: "n"(PENDING) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(smem_u32(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x2(unsigned& r0, unsigned& r1, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r0), "=r"(r1) : "r"(smem_u32(p)));
+}
+
+template <typename T> __device__ __forceinline__ void mma_16816(float* c, const unsigned* a, const unsigned* b);
+template <> __device__ __forceinline__ void mma_16816<__half>(float* c, const unsigned* a, const unsigned* b) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float* c, const unsigned* a, const unsigned* b) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <int BYTES> __device__ __forceinline__ RawVec<BYTES> ld_stream(const void* p);
+template <> __device__ __forceinline__ RawVec<16> ld_stream<16>(const void* p) {
+  RawVec<16> v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3]) : "l"(p));
+  return v;
+}
+template <> __device__ __forceinline__ RawVec<8> ld_stream<8>(const void* p) {
+  RawVec<8> v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0, %1}, [%2];\n"
+               : "=r"(v.w[0]), "=r"(v.w[1]) : "l"(p));
+  return v;
+}
+template <> __device__ __forceinline__ RawVec<4> ld_stream<4>(const void* p) {
+  RawVec<4> v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];\n" : "=r"(v.w[0]) : "l"(p));
+  return v;
+}
+template <> __device__ __forceinline__ RawVec<2> ld_stream<2>(const void* p) {
+  RawVec<2> v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.u16 %0, [%1];\n" : "=h"(v.h[0]) : "l"(p));
+  return v;
+}
+
+// Cached read-only loads (activations that every block reads again).
+template <int BYTES> __device__ __forceinline__ RawVec<BYTES> ld_cached(const void* p);
+template <> __device__ __forceinline__ RawVec<16> ld_cached<16>(const void* p) {
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+  RawVec<16> v; v.w[0] = u.x; v.w[1] = u.y; v.w[2] = u.z; v.w[3] = u.w; return v;
+}
+template <> __device__ __forceinline__ RawVec<8> ld_cached<8>(const void* p) {
+  const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+  RawVec<8> v; v.w[0] = u.x; v.w[1] = u.y; return v;
+}
+template <> __device__ __forceinline__ RawVec<4> ld_cached<4>(const void* p) {
+  RawVec<4> v; v.w[0] = __ldg(reinterpret_cast<const unsigned*>(p)); return v;
+}
+template <> __device__ __forceinline__ RawVec<2> ld_cached<2>(const void* p) {
+  RawVec<2> v; v.h[0] = __ldg(reinterpret_cast<const unsigned short*>(p)); return v;
+}
+// END PTX
+
+// Widen the elements packed in a raw vector to float: ELEMS = BYTES / sizeof(T).
+template <typename T, int BYTES> __device__ __forceinline__ void unpack_f32(const RawVec<BYTES>& v, float* out);
+#define AUTOTUNE_UNPACK_WORDS(T, BYTES, BODY) \
+  template <> __device__ __forceinline__ void unpack_f32<T, BYTES>(const RawVec<BYTES>& v, float* out) { \
+    _Pragma("unroll") for (int i = 0; i < BYTES / 4; ++i) { const unsigned u = v.w[i]; BODY } }
+AUTOTUNE_UNPACK_WORDS(float, 16, out[i] = __uint_as_float(u);)
+AUTOTUNE_UNPACK_WORDS(float, 8, out[i] = __uint_as_float(u);)
+AUTOTUNE_UNPACK_WORDS(float, 4, out[i] = __uint_as_float(u);)
+AUTOTUNE_UNPACK_WORDS(__half, 16, { const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&u)); out[2 * i] = f.x; out[2 * i + 1] = f.y; })
+AUTOTUNE_UNPACK_WORDS(__half, 8, { const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&u)); out[2 * i] = f.x; out[2 * i + 1] = f.y; })
+AUTOTUNE_UNPACK_WORDS(__half, 4, { const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&u)); out[2 * i] = f.x; out[2 * i + 1] = f.y; })
+AUTOTUNE_UNPACK_WORDS(__nv_bfloat16, 16, { out[2 * i] = __uint_as_float(u << 16); out[2 * i + 1] = __uint_as_float(u & 0xffff0000u); })
+AUTOTUNE_UNPACK_WORDS(__nv_bfloat16, 8, { out[2 * i] = __uint_as_float(u << 16); out[2 * i + 1] = __uint_as_float(u & 0xffff0000u); })
+AUTOTUNE_UNPACK_WORDS(__nv_bfloat16, 4, { out[2 * i] = __uint_as_float(u << 16); out[2 * i + 1] = __uint_as_float(u & 0xffff0000u); })
+#undef AUTOTUNE_UNPACK_WORDS
+template <> __device__ __forceinline__ void unpack_f32<__half, 2>(const RawVec<2>& v, float* out) {
+  out[0] = __half2float(__ushort_as_half(v.h[0]));
+}
+template <> __device__ __forceinline__ void unpack_f32<__nv_bfloat16, 2>(const RawVec<2>& v, float* out) {
+  out[0] = __uint_as_float(static_cast<unsigned>(v.h[0]) << 16);
+}
+"""
+
+
+def _wgmma_function(n: int, ab: str, ctype: str) -> str:
+    """``wgmma_m64k16<N, T>``: D[64 x N] (+)= A[64 x 16] B[N x 16]^T, both from shared memory."""
+    regs = n // 2
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+    names = ",".join(f"%{i}" for i in range(regs))
+    return f"""template <> __device__ __forceinline__ void wgmma_m64k16<{n}, {ctype}>(float* d, unsigned long long da,
+                                                                          unsigned long long db) {{
+  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 2}, 0;\\n"
+               "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ab}.{ab} {{{names}}}, %{regs}, %{regs + 1}, p, 1, 1, 0, 0;\\n}}\\n"
+               : {outs}
+               : "l"(da), "l"(db), "n"(1));
+}}"""
+
+
+WGMMA_SIZES = (16, 32, 64, 128, 256)
+
+# Hopper warpgroup MMA (sm_90a): 128 threads issue m64nNk16 together, operands read from
+# shared memory through descriptors. ``gmma_desc_sw128`` describes a K-major tile stored in
+# rows of 128 bytes (64 half-precision elements) whose 16-byte chunks are XOR-swizzled by
+# the row index modulo 8 (the 128-byte swizzle), rows contiguous, 8-row groups 1024 bytes
+# apart (stride byte offset), the tile 1024-byte aligned; stepping 16 elements along K
+# inside the row adds 32 bytes to the start address. Accumulator registers d[4j .. 4j + 3]
+# of warp w, lane 4g + t hold rows 16w + g (+ 8) and columns 8j + 2t (+ 1).
+WGMMA_HELPERS = "\n// BEGIN PTX (wgmma; a CPU emulator swaps this section for its own definitions)\n" + r"""
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
+}
+template <int N, typename T> __device__ __forceinline__ void wgmma_m64k16(float* d, unsigned long long da,
+                                                                         unsigned long long db);
+""" + "\n".join(_wgmma_function(n, ab, ct) for n in WGMMA_SIZES
+                for ab, ct in (("f16", "__half"), ("bf16", "__nv_bfloat16"))) + "\n// END PTX\n" + r"""
+// Shared-memory matrix descriptor: start address >> 4 (bits 0-13), leading byte offset >> 4
+// (16-29; unused by swizzled K-major tiles, 1 by convention), stride byte offset >> 4
+// (32-45: 1024 bytes between 8-row groups), layout (62-63: 1 = 128-byte swizzle).
+__device__ __forceinline__ unsigned long long gmma_desc_sw128(const void* tile) {
+  const unsigned long long addr = smem_u32(tile);
+  return ((addr & 0x3FFFFull) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
+}
+"""

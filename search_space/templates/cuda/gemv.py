@@ -1,0 +1,251 @@
+"""``gemv`` on CUDA: the decode-time linear layer Y[M,N] = X[M,K] @ W[N,K]^T, M = 1..16.
+
+Decode is a stream over W: every weight is read once and used M times, so the kernel's
+job is to keep enough bytes in flight to saturate HBM. Schedule: a warp owns ``rows``
+rows of W; its lanes read consecutive ``vec``-byte pieces of those rows (one coalesced
+512-byte request per warp and row for 16-byte loads), ``unroll`` pieces per row in flight
+before the first use, through the non-coherent path without allocating in L1 (weights are
+read once). Each loaded W vector meets every X row: X comes from L1 (``x_smem`` = 0) or is
+staged once per block in shared memory (1). ``ksplit`` warps share the same rows and
+split K between them; their partial sums meet in shared memory. Sums are float32 and are
+reduced across the warp with shuffles. Rows past N read the last row (in bounds) and are
+never stored; K needs no tail beyond the last ``vec`` piece because ``vec`` divides K.
+"""
+from __future__ import annotations
+
+import math
+
+from ...codegen.cuda import PREAMBLE, c_type
+from ...codegen.cuda_ptx import PTX_HELPERS
+from ...ops.common import ITEMSIZE
+from ...ops.matmul import GemvOp
+from ...space import Config, ConfigSpace, Knob
+from ...target import Target
+from ...task import Task
+from ...template import KernelSource, Template, register_template
+from .limits import blocks_per_sm, launch_constraints, smem_limit
+
+
+def vector_bytes(task: Task) -> tuple[int, ...]:
+    """Load widths (bytes) whose element count divides K, so no piece straddles a row end."""
+    size = ITEMSIZE[task.dtype]
+    widths = tuple(b for b in (16, 8, 4) if b >= size and task.dims["K"] % (b // size) == 0)
+    return widths or (size,)
+
+
+@register_template
+class GemvCuda(GemvOp, Template):
+    target_kind = "cuda"
+    dtypes = ("float16", "bfloat16", "float32")
+
+    def space(self, task: Task, target: Target) -> ConfigSpace:
+        self.check(task)
+        M, N, K = (task.dims[d] for d in ("M", "N", "K"))
+        size = ITEMSIZE[task.dtype]
+        x_bytes = M * K * size
+        narrowest = 32 * min(vector_bytes(task)) // size  # K one warp covers per step, at least
+        knobs = [
+            Knob("warps", (1, 2, 4, 8)),
+            Knob("rows", tuple(r for r in (1, 2, 4) if r <= N)),
+            Knob("ksplit", tuple(v for v in (1, 2, 4, 8) if v == 1 or v * narrowest <= K)),
+            Knob("vec", vector_bytes(task)),
+            Knob("unroll", tuple(v for v in (1, 2, 4) if v == 1 or v * narrowest <= K)),
+            Knob("x_smem", (0, 1) if x_bytes <= smem_limit(target) // 2 else (0,)),
+        ]
+        constraints = [
+            ("ksplit divides warps", lambda c: c["warps"] % c["ksplit"] == 0),
+            ("every warp of a K split gets a piece of K",
+             lambda c: c["ksplit"] == 1 or c["ksplit"] * 32 * (c["vec"] // size) <= K),
+            ("unrolled pieces fit in K", lambda c: c["unroll"] == 1
+             or c["ksplit"] * 32 * (c["vec"] // size) * c["unroll"] <= K),
+        ]
+        constraints += launch_constraints(target, lambda c: 32 * c["warps"], lambda c: _smem_bytes(task, c),
+                                          lambda c: _registers(task, c))
+        return ConfigSpace(knobs, constraints)
+
+    def default(self, task: Task, target: Target) -> Config:
+        space = self.space(task, target)
+        vec = space.knob("vec").values[0]
+        rows = 2 if task.dims["M"] <= 4 else 1
+        for values in ({"warps": 4, "rows": rows, "ksplit": 1, "vec": vec, "unroll": 4, "x_smem": 0},
+                       {"warps": 4, "rows": rows, "ksplit": 1, "vec": vec, "unroll": 2, "x_smem": 0},
+                       {"warps": 4, "rows": 1, "ksplit": 1, "vec": vec, "unroll": 1, "x_smem": 0}):
+            if space.accepts(values):
+                return space.from_values(values)
+        return next(iter(space))
+
+    def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
+        M, N, K = (task.dims[d] for d in ("M", "N", "K"))
+        c = config.as_dict()
+        size = ITEMSIZE[task.dtype]
+        lanes = c["vec"] // size
+        threads = 32 * c["warps"]
+        rows_per_block = c["rows"] * c["warps"] // c["ksplit"]
+        blocks = math.ceil(N / rows_per_block)
+        smem = _smem_bytes(task, c)
+        resident = max(blocks_per_sm(threads, smem, _registers(task, c), target), 1)
+        sms = target.sm_count or 132
+        x_reads = blocks * M * K * size  # every block reads all of X (from L1/L2)
+        moved = size * (N * K + M * N) + x_reads
+        return {
+            "threads": threads,
+            "vector_lanes": lanes,
+            "unroll": c["unroll"],
+            "accumulators": M * c["rows"],
+            "loads_per_fma": (M + c["rows"]) / (M * c["rows"]),
+            "parallel_chunks": blocks,
+            "chunks_per_thread": blocks / (sms * resident),
+            "waves": blocks / (sms * resident),
+            "tile_bytes_l1": float(c["vec"] * c["unroll"] * c["rows"] * threads),
+            "shared_bytes": smem,
+            "bytes_moved": moved,
+            "arith_intensity": self.flops(task) / moved,
+            "reduction_share": c["ksplit"] * 32 / max(K / lanes, 1),
+            "n_tail_fraction": (blocks * rows_per_block - N) / N,
+        }
+
+    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
+        self.check(task)
+        return KernelSource("cuda", _code(task, config.as_dict()), "gemv", self.signature(task),
+                            (("block", (32 * config["warps"], 1, 1)),
+                             ("grid", (_blocks(task, config.as_dict()), 1, 1)),
+                             ("smem", _dynamic_smem(task, config.as_dict()))))
+
+
+def _blocks(task: Task, c: dict) -> int:
+    return math.ceil(task.dims["N"] / (c["rows"] * c["warps"] // c["ksplit"]))
+
+
+def _dynamic_smem(task: Task, c: dict) -> int:
+    return task.dims["M"] * task.dims["K"] * ITEMSIZE[task.dtype] if c["x_smem"] else 0
+
+
+def _smem_bytes(task: Task, c: dict) -> int:
+    reduce = 4 * task.dims["M"] * c["rows"] * c["warps"] if c["ksplit"] > 1 else 0
+    return _dynamic_smem(task, c) + reduce
+
+
+def _registers(task: Task, c: dict) -> int:
+    words = max(c["vec"] // 4, 1)
+    lanes = c["vec"] // ITEMSIZE[task.dtype]
+    return task.dims["M"] * c["rows"] + c["unroll"] * c["rows"] * words + c["rows"] * lanes + lanes + 24
+
+
+def _code(task: Task, c: dict) -> str:
+    M, N, K = (task.dims[d] for d in ("M", "N", "K"))
+    T = c_type(task.dtype)
+    size = ITEMSIZE[task.dtype]
+    VB = c["vec"]
+    V = VB // size
+    R, U, WARPS, KS = c["rows"], c["unroll"], c["warps"], c["ksplit"]
+    GROUPS = WARPS // KS
+    STRIDE = KS * 32 * V  # elements between one warp's consecutive pieces of a row
+    STEP = STRIDE * U
+    KMAIN = K // STEP * STEP
+    x_src = "xs" if c["x_smem"] else "X"
+    x_load = (f"*reinterpret_cast<const RawVec<{VB}>*>(xs + m * K_ + k)" if c["x_smem"]
+              else f"ld_cached<{VB}>(X + m * K_ + k)")
+    stage_x = ""
+    if c["x_smem"]:
+        stage_x = f"""
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  {T}* xs = reinterpret_cast<{T}*>(smem_raw);
+  for (int i = threadIdx.x; i < M_ * K_ / {V}; i += {32 * WARPS})
+    *reinterpret_cast<RawVec<{VB}>*>(xs + i * {V}) = ld_cached<{VB}>(X + i * {V});
+  __syncthreads();"""
+    if KS == 1:
+        epilogue = """
+  if (lane == 0) {
+    #pragma unroll
+    for (int r = 0; r < R_; ++r) {
+      const long long n = n0 + r;
+      if (n < N_) {
+        #pragma unroll
+        for (int m = 0; m < M_; ++m) Y[m * N_ + n] = from_f32<T_>(acc[m][r]);
+      }
+    }
+  }"""
+    else:
+        epilogue = f"""
+  __shared__ float red[{GROUPS}][{KS}][M_ * R_];
+  if (lane == 0) {{
+    #pragma unroll
+    for (int m = 0; m < M_; ++m)
+      #pragma unroll
+      for (int r = 0; r < R_; ++r) red[group][part][m * R_ + r] = acc[m][r];
+  }}
+  __syncthreads();
+  if (part == 0) {{
+    for (int i = lane; i < M_ * R_; i += 32) {{
+      float s = 0.0f;
+      #pragma unroll
+      for (int p = 0; p < {KS}; ++p) s += red[group][p][i];
+      const long long n = n0 + i % R_;
+      if (n < N_) Y[(i / R_) * N_ + n] = from_f32<T_>(s);
+    }}
+  }}"""
+    return PREAMBLE + PTX_HELPERS + f"""
+typedef {T} T_;
+constexpr int M_ = {M};
+constexpr long long N_ = {N};
+constexpr int K_ = {K};
+constexpr int R_ = {R};
+
+// One piece: {V} elements of each of the R rows at column k, against every X row.
+__device__ __forceinline__ void gemv_piece(float (&acc)[M_][R_], const RawVec<{VB}> (&w)[R_],
+                                           const T_* __restrict__ {x_src}, int k) {{
+  float wf[R_][{V}];
+  #pragma unroll
+  for (int r = 0; r < R_; ++r) unpack_f32<T_, {VB}>(w[r], wf[r]);
+  #pragma unroll
+  for (int m = 0; m < M_; ++m) {{
+    float xf[{V}];
+    unpack_f32<T_, {VB}>({x_load}, xf);
+    #pragma unroll
+    for (int r = 0; r < R_; ++r)
+      #pragma unroll
+      for (int e = 0; e < {V}; ++e) acc[m][r] = fmaf(xf[e], wf[r][e], acc[m][r]);
+  }}
+}}
+
+extern "C" __global__ void __launch_bounds__({32 * WARPS}) gemv(const T_* __restrict__ X, const T_* __restrict__ W,
+                                                           T_* __restrict__ Y) {{
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int group = warp / {KS};
+  const int part = warp % {KS};
+  const long long n0 = (long long)blockIdx.x * {R * GROUPS} + group * R_;{stage_x}
+  const T_* wrow[R_];
+  #pragma unroll
+  for (int r = 0; r < R_; ++r) wrow[r] = W + (n0 + r < N_ ? n0 + r : N_ - 1) * K_;  // clamp: never stored
+  float acc[M_][R_];
+  #pragma unroll
+  for (int m = 0; m < M_; ++m)
+    #pragma unroll
+    for (int r = 0; r < R_; ++r) acc[m][r] = 0.0f;
+  const int lane_k = (part * 32 + lane) * {V};
+  for (int k0 = 0; k0 < {KMAIN}; k0 += {STEP}) {{
+    RawVec<{VB}> w[{U}][R_];
+    #pragma unroll
+    for (int u = 0; u < {U}; ++u)
+      #pragma unroll
+      for (int r = 0; r < R_; ++r) w[u][r] = ld_stream<{VB}>(wrow[r] + k0 + u * {STRIDE} + lane_k);
+    #pragma unroll
+    for (int u = 0; u < {U}; ++u) gemv_piece(acc, w[u], {x_src}, k0 + u * {STRIDE} + lane_k);
+  }}
+  #pragma unroll
+  for (int u = 0; u < {U}; ++u) {{
+    const int k = {KMAIN} + u * {STRIDE} + lane_k;
+    if (k < K_) {{
+      RawVec<{VB}> w[R_];
+      #pragma unroll
+      for (int r = 0; r < R_; ++r) w[r] = ld_stream<{VB}>(wrow[r] + k);
+      gemv_piece(acc, w, {x_src}, k);
+    }}
+  }}
+  #pragma unroll
+  for (int m = 0; m < M_; ++m)
+    #pragma unroll
+    for (int r = 0; r < R_; ++r) acc[m][r] = warp_sum(acc[m][r]);{epilogue}
+}}
+"""

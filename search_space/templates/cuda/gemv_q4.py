@@ -1,0 +1,35 @@
+"""``gemv_q4`` on CUDA: decode matmul with int4 weights, M = 1..16 (schedules in ``matmul_q4``).
+
+One block covers every X row (``mtile`` = ceil(M / 8) tiles of 8 for the tensor-core
+schedule), so each weight is read from memory exactly once.
+"""
+from __future__ import annotations
+
+import math
+
+from ...ops.matmul import GemvQ4Op
+from ...space import Config, ConfigSpace
+from ...target import Target
+from ...task import Task
+from ...template import KernelSource, Template, register_template
+from . import matmul_q4 as q4
+
+
+@register_template
+class GemvQ4Cuda(GemvQ4Op, Template):
+    target_kind = "cuda"
+    dtypes = ("float16", "bfloat16", "float32")
+
+    def space(self, task: Task, target: Target) -> ConfigSpace:
+        self.check(task)
+        return q4.q4_space(task, target, (math.ceil(task.dims["M"] / 8),))
+
+    def default(self, task: Task, target: Target) -> Config:
+        return q4.q4_default(self.space(task, target), task, target)
+
+    def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
+        return q4.q4_features(self, task, config, target)
+
+    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
+        self.check(task)
+        return q4.q4_render(self, task, config)

@@ -1,0 +1,510 @@
+"""int4 weight-only matmul on CUDA, shared by ``gemv_q4`` and ``gemm_q4``.
+
+Contract (``ops/matmul.py``): Y[M,N] = X[M,K] @ W[N,K]^T with W stored as 4-bit codes
+``WQ[N, K/2]`` (low nibble first), per-group ``SCALES`` and optional ``ZEROS`` (group size
+G = 32, 64 or 128 along K); ``w = (code - z) * scale``, z = 8 without zero points.
+
+Two schedules (knob ``core``):
+
+- ``mma`` (float16 / bfloat16): the weights are the A operand of m16n8k16 ``mma.sync`` and
+  never touch shared memory. A warp owns ``rows`` tiles of 16 W rows. Per 128-wide step of
+  K, lane 4g + t loads 16 bytes (32 codes, one group) of rows g and g + 8 of each tile and
+  dequantises them in registers: ``(w & 0x000F000F) | 0x6400_6400`` is the half2 pair
+  (1024 + c_j, 1024 + c_{j+4}) (0x4300 and 128 for bfloat16), minus (1024 + z) is exact,
+  times the scale. Codes j and j + 4 of a word thus share a register, so the k order inside
+  the mma is a permutation of the true one; X (the B operand, ``mtile`` x 8 rows per block)
+  is staged in shared memory in that same permuted order, ``kc`` columns of K at a time,
+  XOR-swizzled by 16-byte unit so the fragment loads of a quarter warp hit distinct banks.
+  ``unroll`` steps of weights are in flight before the first is used (``prefetch`` sends the
+  first ones towards L2 before X is staged); ``ksplit`` warps
+  share rows and split K, meeting in shared memory. Pieces of K past the end get scale 0.
+- ``simt`` (every dtype; the only one for float32): a block takes ``mtile`` x 8 rows of X
+  (all of them for decode), a warp owns ``rows`` W rows, each lane
+  reads 16-byte pieces (32 codes of one group) and multiplies them with float32 X on CUDA
+  cores (``unroll`` pieces in flight): codes become floats exactly through the 2^23 magic
+  number, the zero point is applied once per piece through the sum of the X values, the
+  scale once per piece.
+
+Rows of W past N read the last row and are not stored; rows of X past M read the last row.
+"""
+from __future__ import annotations
+
+import math
+
+from ...codegen.cuda import PREAMBLE, c_type
+from ...codegen.cuda_ptx import PTX_HELPERS
+from ...ops.common import ITEMSIZE
+from ...space import Config, ConfigSpace, Knob
+from ...target import Target
+from ...task import Task
+from ...template import KernelSource
+from .limits import blocks_per_sm, launch_constraints, smem_limit
+
+STEP_K = 128  # K covered by one mma step of a warp (4 lanes x 32 codes)
+
+
+def cores(task: Task) -> tuple[str, ...]:
+    return ("mma", "simt") if task.dtype in ("float16", "bfloat16") else ("simt",)
+
+
+def chunk_values(task: Task, m_rows: int, target: Target) -> tuple[int, ...]:
+    """X chunk lengths along K: multiples of 128 up to K (rounded up), fitting in shared memory."""
+    K = task.dims["K"]
+    size = ITEMSIZE[task.dtype]
+    whole = -(-K // STEP_K) * STEP_K
+    values = [v for v in (256, 512, 1024, 2048, 4096) if v < whole] + [whole]
+    fitting = tuple(v for v in values if m_rows * v * size <= smem_limit(target))
+    return fitting or (STEP_K,)
+
+
+def q4_knobs(task: Task, target: Target, mtiles: tuple[int, ...]) -> list[Knob]:
+    M, K = task.dims["M"], task.dims["K"]
+    m_rows = min(M, 8 * max(mtiles))
+    span = STEP_K if "mma" in cores(task) else 1024  # K one warp of a split covers at least
+    return [
+        Knob("core", cores(task)),
+        Knob("warps", (2, 4, 8)),
+        Knob("rows", (1, 2, 4)),
+        Knob("ksplit", tuple(v for v in (1, 2, 4) if v == 1 or v * span <= K)),
+        Knob("unroll", (1, 2)),
+        Knob("mtile", mtiles),
+        Knob("kc", chunk_values(task, m_rows, target)),
+        Knob("prefetch", (0, 1) if "mma" in cores(task) else (0,)),
+    ]
+
+
+def q4_constraints(task: Task, target: Target, knobs: list[Knob]) -> list:
+    K = task.dims["K"]
+    by_name = {k.name: k.values for k in knobs}
+    whole_k = by_name["kc"][-1]
+    return [
+        ("ksplit divides warps", lambda c: c["warps"] % c["ksplit"] == 0),
+        ("mma row tiles are 1 or 2 per warp", lambda c: c["core"] == "simt" or c["rows"] <= 2),
+        ("K split gives every warp work",
+         lambda c: c["ksplit"] == 1 or c["ksplit"] * (STEP_K if c["core"] == "mma" else 1024) <= K),
+        ("the SIMT schedule has no K chunks (kc stays at its last value) and no prefetch",
+         lambda c: c["core"] == "mma" or (c["kc"] == whole_k and c["prefetch"] == 0)),
+        ("split-K partials fit in shared memory",
+         lambda c: c["ksplit"] == 1 or _partials(task, c) <= 32),
+    ] + launch_constraints(target, lambda c: 32 * c["warps"], lambda c: smem_bytes(task, c),
+                           lambda c: registers(task, c))
+
+
+def _partials(task: Task, c: dict) -> int:
+    """Floats per lane a K split exchanges through shared memory."""
+    if c["core"] == "mma":
+        return c["rows"] * c["mtile"] * 4
+    return m_rows(task, c) * c["rows"]
+
+
+def m_rows(task: Task, c: dict) -> int:
+    return min(task.dims["M"], 8 * c["mtile"])
+
+
+def smem_bytes(task: Task, c: dict) -> int:
+    size = ITEMSIZE[task.dtype]
+    red = 4 * 32 * c["warps"] * _partials(task, c) if c["ksplit"] > 1 else 0
+    if c["core"] == "mma":
+        return m_rows(task, c) * c["kc"] * size + red
+    return red
+
+
+def registers(task: Task, c: dict) -> int:
+    zp = 2 if task.attr.get("zero_point") else 1
+    if c["core"] == "mma":
+        raw = c["unroll"] * c["rows"] * 2 * (4 + zp)
+        return c["rows"] * c["mtile"] * 4 + raw + c["rows"] * 4 + c["mtile"] * 4 + 48
+    return m_rows(task, c) * c["rows"] + c["unroll"] * c["rows"] * (4 + zp) + 32 + 40
+
+
+def rows_per_block(c: dict) -> int:
+    per_warp = 16 * c["rows"] if c["core"] == "mma" else c["rows"]
+    return per_warp * (c["warps"] // c["ksplit"])
+
+
+def grid(task: Task, c: dict) -> tuple[int, int, int]:
+    M, N = task.dims["M"], task.dims["N"]
+    return (math.ceil(N / rows_per_block(c)), math.ceil(M / (8 * c["mtile"])), 1)
+
+
+def q4_space(task: Task, target: Target, mtiles: tuple[int, ...]) -> ConfigSpace:
+    knobs = q4_knobs(task, target, mtiles)
+    return ConfigSpace(knobs, q4_constraints(task, target, knobs))
+
+
+def q4_default(space: ConfigSpace, task: Task, target: Target) -> Config:
+    """Tensor cores where the dtype allows; enough warps to cover memory latency (16 per SM
+    for decode, 8 for larger M): decode has few 16-row tiles, so K is split between warps."""
+    M, N = task.dims["M"], task.dims["N"]
+    sms = target.sm_count or 132
+    want = (16 if M <= 16 else 8) * sms
+    kcs = space.knob("kc").values
+    core = space.knob("core").values[0]
+    rows = 1 if core == "mma" else 2
+    tries = []
+    for mtile in sorted(space.knob("mtile").values, reverse=True):
+        for ksplit in (1, 2, 4):
+            for kc in sorted(kcs, reverse=True) if core == "mma" else kcs[-1:]:
+                for warps, unroll in ((4, 2), (4, 1), (2, 1), (8, 2)):
+                    values = {"core": core, "warps": warps, "rows": rows, "ksplit": ksplit, "unroll": unroll,
+                              "mtile": mtile, "kc": kc, "prefetch": 1 if core == "mma" else 0}
+                    per_warp = 16 * rows if core == "mma" else rows
+                    warps_total = math.ceil(N / per_warp) * ksplit * math.ceil(M / (8 * mtile))
+                    tries.append((min(warps_total, want), values))
+    # the first valid config with enough warps, else the one with the most warps
+    best = None
+    for warps_total, values in tries:
+        if space.accepts(values) and (best is None or warps_total > best[0]):
+            best = (warps_total, values)
+    return space.from_values(best[1]) if best else next(iter(space))
+
+
+def q4_features(op, task: Task, config: Config, target: Target) -> dict[str, float]:
+    M, N, K = (task.dims[d] for d in ("M", "N", "K"))
+    c = config.as_dict()
+    threads = 32 * c["warps"]
+    gx, gy, _ = grid(task, c)
+    blocks = gx * gy
+    smem = smem_bytes(task, c)
+    resident = max(blocks_per_sm(threads, smem, registers(task, c), target), 1)
+    sms = target.sm_count or 132
+    size = ITEMSIZE[task.dtype]
+    weights = op.min_bytes(task) - size * (M * K + M * N)
+    moved = weights * gy + size * (M * K * gx + M * N)
+    return {
+        "threads": threads,
+        "vector_lanes": 32,
+        "unroll": c["unroll"],
+        "accumulators": _partials(task, c),
+        "parallel_chunks": blocks,
+        "chunks_per_thread": blocks / (sms * resident),
+        "waves": blocks / (sms * resident),
+        "tile_bytes_l1": float(m_rows(task, c) * c["kc"] * size) if c["core"] == "mma" else 0.0,
+        "shared_bytes": smem,
+        "bytes_moved": moved,
+        "arith_intensity": op.flops(task) / moved,
+        "packed": 1.0 if c["core"] == "mma" else 0.0,
+        "n_tail_fraction": (gx * rows_per_block(c) - N) / N,
+        "m_tail_fraction": (gy * 8 * c["mtile"] - M) / M,
+        "k_tail_fraction": (-K % STEP_K) / K if c["core"] == "mma" else 0.0,
+    }
+
+
+def q4_render(op, task: Task, config: Config) -> KernelSource:
+    c = config.as_dict()
+    code = mma_code(task, c) if c["core"] == "mma" else simt_code(task, c)
+    smem = m_rows(task, c) * c["kc"] * ITEMSIZE[task.dtype] if c["core"] == "mma" else 0
+    return KernelSource("cuda", code, op.op, op.signature(task),
+                        (("block", (32 * c["warps"], 1, 1)), ("grid", grid(task, c)), ("smem", smem)))
+
+
+def _reduce_and_store(task: Task, c: dict, values: str, count: int, store: str) -> str:
+    """Sum ``count`` per-lane partials over the K-split warps of a row group, then ``store``."""
+    KS = c["ksplit"]
+    if KS == 1:
+        return store
+    groups = c["warps"] // KS
+    return f"""
+  __shared__ float red[{groups}][{KS}][{count}][32];
+  #pragma unroll
+  for (int v = 0; v < {count}; ++v) red[group][part][v][lane] = {values}[v];
+  __syncthreads();
+  if (part == 0) {{
+    #pragma unroll
+    for (int v = 0; v < {count}; ++v) {{
+      float s = 0.0f;
+      #pragma unroll
+      for (int p = 0; p < {KS}; ++p) s += red[group][p][v][lane];
+      {values}[v] = s;
+    }}
+{store}
+  }}"""
+
+
+# ----------------------------------------------------------------------------- mma
+
+
+def mma_code(task: Task, c: dict) -> str:
+    M, N, K = (task.dims[d] for d in ("M", "N", "K"))
+    attrs = task.attr
+    G = attrs.get("group_size", 128)
+    zp = bool(attrs.get("zero_point", False))
+    T = c_type(task.dtype)
+    bf16 = task.dtype == "bfloat16"
+    T2 = "__nv_bfloat162" if bf16 else "__half2"
+    magic = "0x43004300u" if bf16 else "0x64006400u"
+    bias = 128.0 if bf16 else 1024.0
+    RW, NT, U, KS, WARPS = c["rows"], c["mtile"], c["unroll"], c["ksplit"], c["warps"]
+    KC = c["kc"]
+    MR = m_rows(task, c)
+    threads = 32 * WARPS
+    rpb = rows_per_block(c)
+    units_row = KC // 8
+    zero_decl = ", const T_* __restrict__ ZEROS" if zp else ""
+    if zp:
+        zero_load = "zr[u][rt][h] = inb ? ZEROS[row_off_s[rt][h] + grp] : T_(0.0f);"
+        zero_value = f"__hadd2(h2(zr[u][rt][h]), h2(T_({bias}f)))"
+    else:
+        zero_load = ""
+        zero_value = f"h2(T_({bias + 8.0}f))"
+    zero_regs = f"T_ zr[{U}][{RW}][2];" if zp else ""
+    prefetch = ""
+    if c["prefetch"]:  # the first weights head for L2 while X is staged
+        prefetch = f"""
+  #pragma unroll
+  for (int u = 0; u < {U}; ++u) {{
+    const int kb = (part + u * {KS}) * {STEP_K} + 32 * t;
+    if (kb < {K}) {{
+      #pragma unroll
+      for (int rt = 0; rt < {RW}; ++rt)
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) prefetch_l2(WQ + row_off_q[rt][h] + kb / 2);
+    }}
+  }}"""
+    store = f"""
+  #pragma unroll
+  for (int rt = 0; rt < {RW}; ++rt)
+    #pragma unroll
+    for (int nt = 0; nt < {NT}; ++nt)
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) {{
+        const long long n = nb + rt * 16 + g + (e >> 1) * 8;
+        const int m = mx0 + nt * 8 + 2 * t + (e & 1);
+        if (n < {N} && m < {M}) Y[(long long)m * {N} + n] = from_f32<T_>(acc[(rt * {NT} + nt) * 4 + e]);
+      }}"""
+    return PREAMBLE + PTX_HELPERS + f"""
+typedef {T} T_;
+typedef {T2} T2_;
+
+__device__ __forceinline__ T2_ h2(T_ v) {{ T2_ r; r.x = v; r.y = v; return r; }}
+__device__ __forceinline__ T2_ as_h2(unsigned u) {{ T2_ r; memcpy(&r, &u, 4); return r; }}
+__device__ __forceinline__ unsigned as_u32(T2_ v) {{ unsigned u; memcpy(&u, &v, 4); return u; }}
+
+// 16-byte unit q of X row `row` in shared memory: XOR-swizzled within aligned groups of 4 units.
+__device__ __forceinline__ int xunit(int row, int q) {{ return row * {units_row} + (q ^ (((q >> 3) & 1) << 1) ^ (row & 1)); }}
+
+extern "C" __global__ void __launch_bounds__({threads}) {task.op}(const T_* __restrict__ X, const uint8_t* __restrict__ WQ,
+    const T_* __restrict__ SCALES{zero_decl}, T_* __restrict__ Y) {{
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  RawVec<16>* xs = reinterpret_cast<RawVec<16>*>(smem_raw);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int group = warp / {KS};
+  const int part = warp % {KS};
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const long long nb = (long long)blockIdx.x * {rpb} + group * {16 * RW};
+  const int mx0 = blockIdx.y * {8 * NT};
+
+  long long row_off_q[{RW}][2], row_off_s[{RW}][2];
+  #pragma unroll
+  for (int rt = 0; rt < {RW}; ++rt)
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {{
+      long long n = nb + rt * 16 + g + h * 8;
+      n = n < {N} ? n : {N - 1};
+      row_off_q[rt][h] = n * {K // 2};
+      row_off_s[rt][h] = n * {K // G};
+    }}
+  float acc[{RW * NT * 4}];
+  #pragma unroll
+  for (int i = 0; i < {RW * NT * 4}; ++i) acc[i] = 0.0f;
+
+{prefetch}
+  for (int c0 = 0; c0 < {K}; c0 += {KC}) {{
+    __syncthreads();  // the previous chunk of X is no longer read
+    for (int i = threadIdx.x; i < {MR * units_row}; i += {threads}) {{
+      const int row = i / {units_row};
+      const int q = i % {units_row};
+      const int k = c0 + q * 8;
+      RawVec<16> v;
+      if (k < {K}) {{
+        const int m = mx0 + row < {M} ? mx0 + row : {M - 1};
+        const RawVec<16> x = ld_cached<16>(X + (long long)m * {K} + k);
+        // k order inside a unit becomes 0,4,1,5,2,6,3,7: the order codes are paired in
+        v.w[0] = __byte_perm(x.w[0], x.w[2], 0x5410);
+        v.w[1] = __byte_perm(x.w[0], x.w[2], 0x7632);
+        v.w[2] = __byte_perm(x.w[1], x.w[3], 0x5410);
+        v.w[3] = __byte_perm(x.w[1], x.w[3], 0x7632);
+      }} else {{
+        v.w[0] = v.w[1] = v.w[2] = v.w[3] = 0u;
+      }}
+      xs[xunit(row, q)] = v;
+    }}
+    __syncthreads();
+    const int steps = (min({KC}, {K} - c0) + {STEP_K - 1}) / {STEP_K};
+    for (int s0 = part; s0 < steps; s0 += {KS * U}) {{
+      RawVec<16> wr[{U}][{RW}][2];
+      T_ sc[{U}][{RW}][2];
+      {zero_regs}
+      #pragma unroll
+      for (int u = 0; u < {U}; ++u) {{
+        const int kb = c0 + (s0 + u * {KS}) * {STEP_K} + 32 * t;
+        const bool inb = s0 + u * {KS} < steps && kb < {K};
+        const int grp = kb / {G};
+        #pragma unroll
+        for (int rt = 0; rt < {RW}; ++rt)
+          #pragma unroll
+          for (int h = 0; h < 2; ++h) {{
+            if (inb) wr[u][rt][h] = ld_stream<16>(WQ + row_off_q[rt][h] + kb / 2);
+            else wr[u][rt][h].w[0] = wr[u][rt][h].w[1] = wr[u][rt][h].w[2] = wr[u][rt][h].w[3] = 0u;
+            sc[u][rt][h] = inb ? SCALES[row_off_s[rt][h] + grp] : T_(0.0f);  // scale 0: no contribution
+            {zero_load}
+          }}
+      }}
+      #pragma unroll
+      for (int u = 0; u < {U}; ++u) {{
+        const int s = s0 + u * {KS};
+        if (s < steps) {{
+          T2_ scale2[{RW}][2], zero2[{RW}][2];
+          #pragma unroll
+          for (int rt = 0; rt < {RW}; ++rt)
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) {{
+              scale2[rt][h] = h2(sc[u][rt][h]);
+              zero2[rt][h] = {zero_value};
+            }}
+          #pragma unroll
+          for (int i = 0; i < 4; ++i) {{
+            RawVec<16> xv[{NT}];
+            #pragma unroll
+            for (int nt = 0; nt < {NT}; ++nt) {{
+              const int row = nt * 8 + g < {MR} ? nt * 8 + g : {MR - 1};
+              xv[nt] = xs[xunit(row, s * {STEP_K // 8} + 4 * t + i)];
+            }}
+            #pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {{
+              unsigned a[{RW}][4];
+              #pragma unroll
+              for (int rt = 0; rt < {RW}; ++rt)
+                #pragma unroll
+                for (int h = 0; h < 2; ++h)
+                  #pragma unroll
+                  for (int j = 0; j < 2; ++j) {{
+                    const unsigned codes = ((wr[u][rt][h].w[i] >> (4 * (2 * hh + j))) & 0x000F000Fu) | {magic};
+                    a[rt][h + 2 * j] = as_u32(__hmul2(__hsub2(as_h2(codes), zero2[rt][h]), scale2[rt][h]));
+                  }}
+              #pragma unroll
+              for (int nt = 0; nt < {NT}; ++nt) {{
+                const unsigned b[2] = {{xv[nt].w[2 * hh], xv[nt].w[2 * hh + 1]}};
+                #pragma unroll
+                for (int rt = 0; rt < {RW}; ++rt) mma_16816<T_>(&acc[(rt * {NT} + nt) * 4], a[rt], b);
+              }}
+            }}
+          }}
+        }}
+      }}
+    }}
+  }}
+{_reduce_and_store(task, c, "acc", RW * NT * 4, store)}
+}}
+"""
+
+
+# ----------------------------------------------------------------------------- SIMT
+
+
+def simt_code(task: Task, c: dict) -> str:
+    M, N, K = (task.dims[d] for d in ("M", "N", "K"))
+    attrs = task.attr
+    G = attrs.get("group_size", 128)
+    zp = bool(attrs.get("zero_point", False))
+    T = c_type(task.dtype)
+    size = ITEMSIZE[task.dtype]
+    R, KS, WARPS, U = c["rows"], c["ksplit"], c["warps"], c["unroll"]
+    MT = m_rows(task, c)  # X rows of this block
+    threads = 32 * WARPS
+    rpb = rows_per_block(c)
+    pieces = K // 32
+    xbytes = 16
+    xvecs = 32 * size // xbytes  # 16-byte loads per 32 X values
+    per_vec = xbytes // size
+    zero_decl = ", const T_* __restrict__ ZEROS" if zp else ""
+    zero_load = "z[u][r] = to_f32(ZEROS[row_off_s[r] + grp]);" if zp else "z[u][r] = 8.0f;"
+    store = f"""
+  if (lane == 0) {{
+    #pragma unroll
+    for (int r = 0; r < {R}; ++r) {{
+      const long long n = n0 + r;
+      if (n < {N}) {{
+        #pragma unroll
+        for (int m = 0; m < {MT}; ++m)
+          if (m0 + m < {M}) Y[(long long)(m0 + m) * {N} + n] = from_f32<T_>(acc[m * {R} + r]);
+      }}
+    }}
+  }}"""
+    return PREAMBLE + PTX_HELPERS + f"""
+typedef {T} T_;
+
+extern "C" __global__ void __launch_bounds__({threads}) {task.op}(const T_* __restrict__ X, const uint8_t* __restrict__ WQ,
+    const T_* __restrict__ SCALES{zero_decl}, T_* __restrict__ Y) {{
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int group = warp / {KS};
+  const int part = warp % {KS};
+  const long long n0 = (long long)blockIdx.x * {rpb} + group * {R};
+  const int m0 = blockIdx.y * {MT};
+  long long row_off_q[{R}], row_off_s[{R}];
+  #pragma unroll
+  for (int r = 0; r < {R}; ++r) {{
+    const long long n = n0 + r < {N} ? n0 + r : {N - 1};
+    row_off_q[r] = n * {K // 2};
+    row_off_s[r] = n * {K // G};
+  }}
+  float acc[{MT * R}];
+  #pragma unroll
+  for (int i = 0; i < {MT * R}; ++i) acc[i] = 0.0f;
+  for (int p0 = part * 32 + lane; p0 < {pieces}; p0 += {KS * 32 * U}) {{
+    RawVec<16> w[{U}][{R}];
+    float s[{U}][{R}], z[{U}][{R}];
+    #pragma unroll
+    for (int u = 0; u < {U}; ++u) {{
+      const int p = p0 + u * {KS * 32};
+      if (p < {pieces}) {{
+        const int k = p * 32;
+        const int grp = k / {G};
+        #pragma unroll
+        for (int r = 0; r < {R}; ++r) {{
+          w[u][r] = ld_stream<16>(WQ + row_off_q[r] + k / 2);
+          s[u][r] = to_f32(SCALES[row_off_s[r] + grp]);
+          {zero_load}
+        }}
+      }}
+    }}
+    #pragma unroll
+    for (int u = 0; u < {U}; ++u) {{
+      const int p = p0 + u * {KS * 32};
+      if (p < {pieces}) {{
+        const int k = p * 32;
+        #pragma unroll
+        for (int m = 0; m < {MT}; ++m) {{
+          const long long xm = m0 + m < {M} ? m0 + m : {M - 1};
+          float x[32];
+          #pragma unroll
+          for (int v = 0; v < {xvecs}; ++v)
+            unpack_f32<T_, {xbytes}>(ld_cached<{xbytes}>(X + xm * {K} + k + v * {per_vec}), x + v * {per_vec});
+          float xsum = 0.0f;
+          #pragma unroll
+          for (int j = 0; j < 32; ++j) xsum += x[j];
+          #pragma unroll
+          for (int r = 0; r < {R}; ++r) {{
+            float dot = 0.0f;
+            #pragma unroll
+            for (int i = 0; i < 4; ++i)
+              #pragma unroll
+              for (int j = 0; j < 8; ++j) {{
+                // 2^23 + code, exactly, minus 2^23: the code as a float
+                const float code = __uint_as_float(((w[u][r].w[i] >> (4 * j)) & 0xFu) | 0x4B000000u) - 8388608.0f;
+                dot = fmaf(x[8 * i + j], code, dot);
+              }}
+            acc[m * {R} + r] = fmaf(s[u][r], dot - z[u][r] * xsum, acc[m * {R} + r]);
+          }}
+        }}
+      }}
+    }}
+  }}
+  #pragma unroll
+  for (int i = 0; i < {MT * R}; ++i) acc[i] = warp_sum(acc[i]);
+{_reduce_and_store(task, c, "acc", MT * R, store)}
+}}
+"""

@@ -1,0 +1,176 @@
+"""``rope`` on CUDA: rotate-half rotary embedding of X[T,H,D] at positions P[T].
+
+A block takes ``tokens`` tokens. Its work items are pair-vectors: ``vec`` consecutive
+dims i of the low half of one head's row and the matching dims i + D/2 of the high half,
+numbered so that consecutive threads move consecutive 16-byte vectors of each half.
+Items per thread are a compile-time count (H, D static), unrolled.
+
+Angles: a = P[t] * f_i with f_i = theta^(-2i/D) from a float64 table compiled in (the
+same numbers the float64 reference uses), multiplied in float64 and reduced to
+[-pi, pi] in float64, so that __sincosf (absolute error 2^-21.4 there) stays accurate at
+positions of many thousands where a float32 product alone would be off by 1e-4.
+``trig = shared``: the block computes cos/sin once per (token, i) into shared memory and
+every head reuses them; ``trig = registers``: each thread computes its own.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...codegen.cuda import PREAMBLE, VECTOR_HELPERS, c_type, dim_scalars, kernel_params, registers_ok, static_dims
+from ...ops.common import ITEMSIZE
+from ...ops.elementwise import RopeOp
+from ...space import Config, ConfigSpace, Knob
+from ...target import Target
+from ...task import Task
+from ...template import KernelSource, Template, register_template
+
+THREADS = (32, 64, 128, 256, 512)
+MAX_ITEMS_PER_THREAD = 16
+STATIC_SMEM = 48 << 10
+
+
+def _items(task: Task, c: dict) -> int:
+    d = task.dims
+    return c["tokens"] * d["H"] * (d["D"] // 2) // c["vec"]
+
+
+def _per_thread(task: Task, c: dict) -> int:
+    return -(-_items(task, c) // c["threads"])
+
+
+def _registers(task: Task, c: dict) -> int:
+    """Unrolled items may all have their two loads in flight."""
+    return 32 + _per_thread(task, c) * 2 * max(c["vec"] * ITEMSIZE[task.dtype] // 4, 1)
+
+
+def _smem(task: Task, c: dict) -> int:
+    return 8 * c["tokens"] * (task.dims["D"] // 2) if c["trig"] == "shared" else 0
+
+
+@register_template
+class RopeCuda(RopeOp, Template):
+    target_kind = "cuda"
+    dtypes = ("float32", "float16", "bfloat16")
+
+    def space(self, task: Task, target: Target) -> ConfigSpace:
+        self.check(task)
+        d, itemsize = task.dims, ITEMSIZE[task.dtype]
+        half = d["D"] // 2
+        max_threads = target.max_threads_per_block or 1024
+        knobs = [
+            Knob("tokens", (1, 2, 4, 8)),
+            Knob("threads", tuple(t for t in THREADS if t <= max_threads)),
+            Knob("vec", tuple(v for v in (1, 2, 4, 8) if v * itemsize <= 16 and half % v == 0)),
+            Knob("trig", ("shared", "registers")),
+        ]
+        constraints = [
+            ("every warp has an item", lambda c: c["threads"] <= max(32, 32 * -(-_items(task, c) // 32))),
+            ("items per thread stay unrollable", lambda c: _per_thread(task, c) <= MAX_ITEMS_PER_THREAD),
+            ("registers fit the block",
+             lambda c: registers_ok(_registers(task, c), c["threads"], target)),
+            # a static __shared__ array: the 48 KiB static limit applies, not the opt-in one
+            ("cos/sin table fits in static shared memory", lambda c: _smem(task, c) <= STATIC_SMEM),
+        ]
+        return ConfigSpace(knobs, constraints)
+
+    def default(self, task: Task, target: Target) -> Config:
+        """Widest vectors, shared cos/sin, 256 threads and the fewest tokens per block that
+        give every thread at least two items (loads in flight)."""
+        space = self.space(task, target)
+        vec = max(space.knob("vec").values)
+        candidates = [dict(tokens=tokens, threads=threads, vec=vec, trig="shared")
+                      for threads in (256, 128, 64, 512) for tokens in (1, 2, 4, 8)]
+        valid = [v for v in candidates if space.accepts(v)]
+        for values in valid:
+            if _per_thread(task, values) >= 2:
+                return space.from_values(values)
+        return space.from_values(valid[-1]) if valid else next(iter(space))
+
+    def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
+        c = config.as_dict()
+        d = task.dims
+        blocks = -(-d["T"] // c["tokens"])
+        items = _items(task, c)
+        per_sm = max(1, 2048 // c["threads"])
+        moved = self.min_bytes(task)
+        return {
+            "threads": c["threads"] / 32,
+            "vector_lanes": c["vec"],
+            "unroll": _per_thread(task, c),
+            "parallel_chunks": blocks,
+            "chunks_per_thread": items / c["threads"],
+            "waves": blocks / (max(target.sm_count, 1) * per_sm),
+            "tile_bytes_l1": c["tokens"] * d["H"] * d["D"] * ITEMSIZE[task.dtype],
+            "bytes_moved": moved,
+            "arith_intensity": self.flops(task) / moved,
+            "m_tail_fraction": (blocks * c["tokens"] - d["T"]) / (blocks * c["tokens"]),
+            "n_tail_fraction": (_per_thread(task, c) * c["threads"] - items) / (_per_thread(task, c) * c["threads"]),
+            "shared_bytes": _smem(task, c),
+        }
+
+    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
+        self.check(task)
+        c = config.as_dict()
+        d = task.dims
+        half = d["D"] // 2
+        theta = float(self.attrs(task)["theta"])
+        freqs = theta ** (-np.arange(half, dtype=np.float64) * 2.0 / d["D"])  # exactly as the reference
+        table = ", ".join(repr(float(f)) for f in freqs)
+        args = self.signature(task) + dim_scalars(task)
+        shared = c["trig"] == "shared"
+        trig_setup = (
+            "  __shared__ float cos_t[TOKENS * HALF], sin_t[TOKENS * HALF];\n"
+            "  for (int k = threadIdx.x; k < TOKENS * HALF; k += THREADS) {\n"
+            "    const long long t = t0 + k / HALF;\n"
+            "    if (t < T) rope_angle(P[t], INV_FREQ[k % HALF], cos_t[k], sin_t[k]);\n"
+            "  }\n  __syncthreads();\n") if shared else ""
+        if shared:
+            cs = ("      const float cs = cos_t[tt * HALF + f + e], sn = sin_t[tt * HALF + f + e];\n")
+        else:
+            cs = "      float cs, sn;\n      rope_angle(pos, INV_FREQ[f + e], cs, sn);\n"
+        code = (
+            PREAMBLE + VECTOR_HELPERS
+            + f"typedef {c_type(task.dtype)} T_;\n"
+            f"constexpr int H = {d['H']};\nconstexpr int D = {d['D']};\nconstexpr int HALF = D / 2;\n"
+            f"constexpr int VEC = {c['vec']};\nconstexpr int NPV = HALF / VEC;\n"
+            f"constexpr int TOKENS = {c['tokens']};\nconstexpr int THREADS = {c['threads']};\n"
+            "constexpr int ITEMS = TOKENS * H * NPV;\n"
+            "constexpr int PER_THREAD = (ITEMS + THREADS - 1) / THREADS;\n"
+            + static_dims(task, ("T",))
+            + f"__device__ const double INV_FREQ[HALF] = {{{table}}};\n"
+            "\n// cos and sin of pos * inv_freq: float64 product and reduction to [-pi, pi], then the\n"
+            "// fast float32 sincos, accurate on that interval.\n"
+            "__device__ __forceinline__ void rope_angle(int pos, double inv_freq, float& c, float& s) {\n"
+            "  const double a = (double)pos * inv_freq;\n"
+            "  const double k = rint(a * 0.15915494309189535);\n"
+            "  __sincosf((float)fma(-k, 6.283185307179586, a), &s, &c);\n"
+            "}\n\n"
+            f'extern "C" __global__ void __launch_bounds__(THREADS) rope_rows({kernel_params(args)}) {{\n'
+            "  typedef T_ E;\n"
+            "  const long long t0 = (long long)blockIdx.x * TOKENS;\n"
+            + trig_setup
+            + "#pragma unroll\n  for (int it = 0; it < PER_THREAD; ++it) {\n"
+            "    const int item = it * THREADS + threadIdx.x;\n"
+            "    if (ITEMS % THREADS != 0 && item >= ITEMS) break;\n"
+            "    const int tt = item / (H * NPV);\n"
+            "    const int h = (item / NPV) % H;\n"
+            "    const int f = (item % NPV) * VEC;\n"
+            "    const long long t = t0 + tt;\n"
+            "    if (t >= T) break;\n"
+            + ("" if shared else "    const int pos = P[t];\n")
+            + "    const long long base = (t * H + h) * D + f;\n"
+            "    const Pack<E, VEC> lo = load_pack<VEC>(X + base);\n"
+            "    const Pack<E, VEC> hi = load_pack<VEC>(X + base + HALF);\n"
+            "    Pack<E, VEC> ylo, yhi;\n"
+            "#pragma unroll\n    for (int e = 0; e < VEC; ++e) {\n"
+            + cs
+            + "      const float a = to_f32(lo.e[e]), b = to_f32(hi.e[e]);\n"
+            "      ylo.e[e] = from_f32<E>(a * cs - b * sn);\n"
+            "      yhi.e[e] = from_f32<E>(b * cs + a * sn);\n"
+            "    }\n"
+            "    store_pack<VEC>(Y + base, ylo);\n"
+            "    store_pack<VEC>(Y + base + HALF, yhi);\n"
+            "  }\n}\n")
+        grid = f"(T + {c['tokens'] - 1}) // {c['tokens']}" if "T" in task.dynamic else -(-d["T"] // c["tokens"])
+        launch = (("block", (c["threads"], 1, 1)), ("grid", (grid, 1, 1)), ("smem", 0))
+        return KernelSource("cuda", code, "rope_rows", tuple(args), launch)

@@ -1,0 +1,48 @@
+"""Pieces of ``autotune bench --target cuda`` that need no GPU: baselines for every operator,
+the roofline probes compile, results read well without a vendor baseline."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from autotune.cuda_baselines import BASELINES
+from autotune.cuda_bench import CudaBenchResult, compute_peak
+from measure.compile_cuda import compile_to_cubin
+from measure.cuda_roofline import DOCUMENTED, probe_sources
+from search_space import Target, Task, list_operators
+
+SM90 = Target.from_name("sm_90a")
+
+
+def test_every_llm_operator_has_a_vendor_baseline():
+    ops = {o.op for o in list_operators() if type(o).__module__.startswith("search_space.ops")}
+    assert ops, "no operators registered"
+    assert ops <= set(BASELINES), sorted(ops - set(BASELINES))
+
+
+@pytest.mark.parametrize("name", ["stream", "fma"])
+def test_roofline_probes_compile(name):
+    data, stats = compile_to_cubin(probe_sources()[name], SM90)
+    assert data[:4] == b"\x7fELF" and stats["registers"] > 0 and stats["spill_stores"] == 0
+
+
+def test_peaks_follow_the_unit_that_does_the_work():
+    ceilings = dict(DOCUMENTED)
+    assert compute_peak(Task.make("gemm", {"M": 8, "N": 8, "K": 8}, "bfloat16"), ceilings) == DOCUMENTED["bf16_gflops"]
+    assert compute_peak(Task.make("gemm", {"M": 8, "N": 8, "K": 8}, "float16"), ceilings) == DOCUMENTED["fp16_gflops"]
+    assert compute_peak(Task.make("gemm", {"M": 8, "N": 8, "K": 8}, "float32"), ceilings) == DOCUMENTED["fp32_gflops"]
+    assert compute_peak(Task.make("softmax", {"M": 8, "N": 8}, "float16"), ceilings) == DOCUMENTED["fp32_gflops"]
+
+
+def test_result_without_a_vendor_baseline_is_valid_json_and_readable():
+    task = Task.make("gemv", {"M": 1, "N": 11008, "K": 4096}, "float16")
+    result = CudaBenchResult(task, SM90, {"warps": 4}, threads=0, tuned_s=30e-6, baseline_s=math.nan,
+                             baseline="no vendor baseline (torch is not importable)",
+                             peak_gflops=DOCUMENTED["fp16_gflops"], memory_gbs=DOCUMENTED["stream_gbs"],
+                             memory_level="HBM", ceilings=dict(DOCUMENTED, source="TARGETS.md"))
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert data["baseline_s"] is None and data["speedup"] is None and data["bound"] == "memory"
+    assert 0.7 < data["roofline_fraction"] < 0.8  # 90 MB in 30 us against 4.09 TB/s
+    assert "no vendor baseline" in result.summary() and "GB/s" in result.summary()

@@ -1,0 +1,84 @@
+"""The CUDA side of the command line, as a user runs it: compile-only builds, clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "autotune.cli"]
+
+
+def run(*args, cwd=None, env=None, timeout=900):
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def one_line_error(proc, fragment: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autotune: error:"), proc.stderr
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def without_pycuda(tmp_path):
+    """An environment where ``import pycuda`` fails, whatever this machine has installed."""
+    fake = tmp_path / "nopycuda" / "pycuda"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('pycuda is not usable here')\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(fake.parent)] + [p for p in sys.path if p])
+    return env
+
+
+def test_compile_only_reports_registers_shared_memory_and_spills(tmp_path):
+    proc = run("tune", "--op", "gemm", "--shape", "M=100,N=72,K=96", "--dtype", "float16", "--target", "sm_90a",
+               "--trials", "3", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert len(rows) == 3
+    for row in rows:
+        assert {"config", "status", "registers", "smem_static", "smem_dynamic", "spill_stores", "spill_loads",
+                "threads", "grid"} <= set(row)
+        assert row["status"] == "NO_ERROR" and row["registers"] > 0 and row["threads"] >= 32
+        assert row["smem_dynamic"] > 0  # the tensor-core pipeline stages tiles in shared memory
+    assert len({json.dumps(r["config"], sort_keys=True) for r in rows}) == 3
+    assert not (tmp_path / "tune.jsonl").exists()  # nothing ran, nothing was logged
+
+
+def test_compile_only_text_for_the_cuda_target(tmp_path):
+    proc = run("tune", "--op", "gemv_q4", "--shape", "M=1,N=512,K=512", "--dtype", "bfloat16", "--target", "cuda",
+               "--compile-only", "--trials", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "2 of 2 configs build and fit the target" in lines[0]
+    assert all("regs" in line and "spills" in line for line in lines[1:])
+
+
+@pytest.mark.parametrize("command", ["tune", "bench"])
+def test_cuda_target_without_pycuda_is_one_line_exit_2(tmp_path, without_pycuda, command):
+    proc = run(command, "--op", "gemv", "--shape", "M=1,N=256,K=256", "--dtype", "float16", "--target", "cuda",
+               cwd=tmp_path, env=without_pycuda)
+    one_line_error(proc, "cuda target unavailable")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["tune", "--op", "gemm", "--shape", "M=8,N=8,K=8", "--compile-only"], "--compile-only is for CUDA targets"),
+    (["tune", "--op", "gemm", "--shape", "M=8,N=8,K=8", "--target", "sm_90a", "--threads", "2"],
+     "--threads is for the cpu target"),
+    (["tune", "--op", "gemm", "--shape", "M=8,N=8", "--target", "sm_90a"], "takes dims M,N,K"),
+    (["tune", "--op", "nosuchop", "--shape", "M=8", "--target", "sm_90a"], "unknown op 'nosuchop' for target cuda"),
+])
+def test_bad_cuda_input_is_one_line_exit_2(tmp_path, args, fragment):
+    one_line_error(run(*args, cwd=tmp_path), fragment)
+
+
+def test_ops_lists_the_cuda_matmul_templates():
+    proc = run("ops", "--target", "cuda", "--json")
+    assert proc.returncode == 0, proc.stderr
+    ops = {o["op"]: o for o in json.loads(proc.stdout)}
+    assert {"gemm", "gemv", "gemm_q4", "gemv_q4"} <= set(ops)
+    assert set(ops["gemm"]["dtypes"]) == {"float16", "bfloat16", "float32"}

@@ -1,0 +1,232 @@
+"""Run generated CUDA kernels on the CPU, so their indexing is checked without a GPU (tests only).
+
+``cudaemu.h`` turns the CUDA C that templates render into C++ that g++ compiles: each CUDA
+thread is a fiber, barriers and warp collectives (shuffles, ldmatrix, mma.sync, wgmma) are
+rendezvous points, cp.async copies run at once or at their wait_group. The inline-PTX
+section of the source (between ``// BEGIN PTX`` and ``// END PTX``) is swapped for the
+emulated definitions of ``cudaemu_ptx.h``.
+
+Kernels run in a worker process on buffers fenced by inaccessible pages: a read or write
+past the end of an array kills the worker (reported as a crash), bytes just before and
+after each array are NaN canaries (an out-of-bounds read that reaches an output shows as
+NaN; a write there is reported). Outputs start as NaN, workspaces as zeros, as in the
+CUDA runner. This checks what the generated code computes with the documented semantics
+of each instruction; it cannot check timing, the hardware's own behaviour or resources.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import mmap
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from search_space import KernelSource, Task, get_template
+from search_space.codegen.cuda import resolve_launch
+from search_space.ops.common import numpy_dtype
+
+HERE = Path(__file__).resolve().parent
+HEADER = HERE / "cudaemu.h"
+PTX_HEADER = HERE / "cudaemu_ptx.h"
+CUDA_INCLUDE = "/usr/local/cuda/include"
+FLAGS = ["-std=c++17", "-O1", "-fPIC", "-w", f"-I{CUDA_INCLUDE}"]
+_PTX_SECTION = re.compile(r"// BEGIN PTX.*?// END PTX", re.S)
+_DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+\w+)*?)\s+(\w+)\s*\[\s*\]\s*;")
+
+
+def _cache_dir() -> Path:
+    path = Path(tempfile.gettempdir()) / f"autotune-cudaemu-{os.getuid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def emulated_source(source: KernelSource) -> str:
+    """The kernel as C++ for the emulator, plus an ``emu_run`` entry taking untyped pointers."""
+    sections = iter(range(1 << 30))
+    # the first PTX section becomes every emulated helper; later ones (wgmma) are covered by it
+    code = _PTX_SECTION.sub(lambda _: '#include "cudaemu_ptx.h"' if next(sections) == 0 else "", source.code)
+    code = _DYNAMIC_SMEM.sub(lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>"
+                                       f"(emu::dynamic_smem_bytes);", code)
+    params = []
+    pointers = scalars = 0
+    for arg in source.args:
+        if arg.role == "scalar":
+            params.append(f"s[{scalars}]")
+            scalars += 1
+        else:  # converts to whatever pointer type the kernel declares (float4*, uint8_t*, ...)
+            params.append(f"emu::AnyPtr{{p[{pointers}]}}")
+            pointers += 1
+    return '#include "cudaemu.h"\n' + code + f"""
+extern "C" int emu_run(void** p, long long* s, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                       unsigned bz, int deferred, unsigned seed, char* error) {{
+  emu::kernel_body = [=]() {{ {source.entry}({", ".join(params)}); }};
+  const int rc = emu::launch(gx, gy, gz, bx, by, bz, deferred != 0, seed);
+  if (rc) snprintf(error, 511, "%s", emu::failure);
+  return rc;
+}}
+"""
+
+
+def _precompiled_header() -> Path:
+    """A directory holding cudaemu.h and its precompiled form (halves each compile)."""
+    text = HEADER.read_text()
+    folder = _cache_dir() / ("pch-" + hashlib.sha256((text + " ".join(FLAGS)).encode()).hexdigest()[:16])
+    gch = folder / "cudaemu.h.gch"
+    if not gch.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "cudaemu.h").write_text(text)
+        tmp = folder / f".cudaemu.h.gch.{os.getpid()}"
+        proc = subprocess.run(["g++", "-x", "c++-header", *FLAGS, "-o", str(tmp), str(folder / "cudaemu.h")],
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"g++ failed on cudaemu.h:\n{proc.stderr[-4000:]}")
+        os.replace(tmp, gch)
+    return folder
+
+
+def build(source: KernelSource) -> Path:
+    """Compile the emulated kernel into a shared library (cached by content)."""
+    text = emulated_source(source)
+    pch = _precompiled_header()
+    digest = hashlib.sha256((text + PTX_HEADER.read_text() + pch.name).encode()).hexdigest()[:24]
+    lib = _cache_dir() / f"{digest}.so"
+    if lib.exists():
+        return lib
+    cpp = lib.with_suffix(".cpp")
+    cpp.write_text(text)
+    tmp = lib.with_name(f".{lib.name}.{os.getpid()}")
+    proc = subprocess.run(["g++", *FLAGS, "-shared", f"-I{pch}", f"-I{HERE}", "-o", str(tmp), str(cpp)],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"g++ failed on {cpp}:\n{proc.stderr[-4000:]}")
+    os.replace(tmp, lib)
+    return lib
+
+
+# ----------------------------------------------------------------------------- fenced buffers
+
+PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+CANARY = 0xFF  # NaN in float32, float16 and bfloat16
+
+
+class Fenced:
+    """An array whose (16-byte rounded) end touches an inaccessible page, with a page before it."""
+
+    def __init__(self, nbytes: int, dtype: np.dtype, shape: tuple[int, ...]):
+        rounded = -(-max(nbytes, 1) // 16) * 16
+        body = -(-rounded // PAGE) * PAGE
+        self.map = mmap.mmap(-1, body + 2 * PAGE)
+        raw = np.frombuffer(self.map, dtype=np.uint8)
+        base = raw.ctypes.data
+        raw[:] = CANARY
+        for offset in (0, PAGE + body):
+            if _libc.mprotect(base + offset, PAGE, 0) != 0:
+                raise OSError(ctypes.get_errno(), "mprotect failed")
+        self.start = PAGE + body - rounded
+        self.raw = raw
+        self.nbytes = nbytes
+        self.array = raw[self.start:self.start + nbytes].view(dtype).reshape(shape)
+
+    @property
+    def pointer(self) -> int:
+        return self.array.ctypes.data
+
+    def canaries_intact(self) -> bool:
+        before = self.raw[PAGE:self.start]
+        after = self.raw[self.start + self.nbytes: len(self.raw) - PAGE]
+        return bool(np.all(before == CANARY) and np.all(after == CANARY))
+
+
+def run_emulated(payload: dict[str, Any]) -> dict[str, Any]:
+    """Worker side: run the kernel once on fenced copies of the inputs; return the outputs."""
+    source = KernelSource.from_dict(payload["source"])
+    dims = payload["dims"]
+    inputs = payload["inputs"]
+    lib = ctypes.CDLL(payload["library"])
+    buffers: dict[str, Fenced] = {}
+    pointers, scalars = [], []
+    for arg in source.args:
+        if arg.role == "scalar":
+            scalars.append(int(dims[arg.name]))
+            continue
+        if arg.role == "workspace":
+            fenced = Fenced(arg.nbytes, np.dtype(np.uint8), (arg.nbytes,))
+            fenced.array[:] = 0
+        else:
+            shape = arg.resolve_shape(dims)
+            dtype = numpy_dtype(arg.dtype)
+            fenced = Fenced(int(np.prod(shape)) * dtype.itemsize, dtype, shape)
+            if arg.role == "in":
+                fenced.array[...] = inputs[arg.name].reshape(shape)
+            else:
+                fenced.array.view(np.uint8)[...] = CANARY  # NaN: unwritten outputs show
+        buffers[arg.name] = fenced
+        pointers.append(fenced.pointer)
+    grid, block, _smem = resolve_launch(source.launch_dims, dims)
+    argv = (ctypes.c_void_p * max(len(pointers), 1))(*pointers)
+    svals = (ctypes.c_longlong * max(len(scalars), 1))(*scalars)
+    error = ctypes.create_string_buffer(512)
+    lib.emu_run.restype = ctypes.c_int
+    rc = lib.emu_run(argv, svals, *[ctypes.c_uint(v) for v in (*grid, *block)],
+                     ctypes.c_int(int(payload["deferred"])), ctypes.c_uint(payload["seed"]), error)
+    if rc != 0:
+        return {"error": error.value.decode(errors="replace")}
+    damaged = [name for name, f in buffers.items() if not f.canaries_intact()]
+    if damaged:
+        return {"error": f"wrote next to the arrays {damaged}"}
+    changed = [a.name for a in source.args if a.role == "in"
+               and not np.array_equal(buffers[a.name].array.reshape(-1), inputs[a.name].reshape(-1))]
+    if changed:
+        return {"error": f"wrote into the inputs {changed}"}
+    return {"outputs": {a.name: buffers[a.name].array.copy() for a in source.args if a.role == "out"}}
+
+
+class Emulator:
+    """Checks (task, config) pairs of CUDA templates against their float64 references."""
+
+    def __init__(self, timeout_s: float = 600.0):
+        from measure.worker import WorkerProcess
+
+        self.worker = WorkerProcess(name="cudaemu")
+        self.timeout_s = timeout_s
+
+    def run(self, source: KernelSource, dims: dict[str, int], inputs: dict[str, np.ndarray],
+            deferred: bool = False, seed: int = 0) -> dict[str, Any]:
+        library = build(source)
+        payload = {"source": source.to_dict(), "dims": dims, "inputs": inputs, "library": str(library),
+                   "deferred": deferred, "seed": seed}
+        return self.worker.call("cudaemu:run_emulated", payload, self.timeout_s)
+
+    def check(self, task: Task, config, target, seed: int = 0, deferred: bool = False) -> str | None:
+        """None when the kernel's outputs match the reference, else what went wrong."""
+        from measure.verify import check_output
+        from measure.worker import WorkerCrash, WorkerTimeout
+
+        template = get_template(task.op, "cuda")
+        source = template.render(task, config, target)
+        inputs = template.make_inputs(task, np.random.default_rng(seed))
+        reference = template.reference(task, inputs)
+        try:
+            out = self.run(source, task.dims, inputs, deferred=deferred, seed=seed)
+        except (WorkerCrash, WorkerTimeout) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        if "error" in out:
+            return out["error"]
+        for arg in source.args:
+            if arg.role == "out":
+                problem = check_output(arg.name, out["outputs"][arg.name], reference[arg.name],
+                                       template.tolerance(task), arg.dtype)
+                if problem:
+                    return problem
+        return None
+
+    def close(self) -> None:
+        self.worker.close()

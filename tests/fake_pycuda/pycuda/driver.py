@@ -1,0 +1,255 @@
+"""Fake ``pycuda.driver``: host memory as device memory, kernels run on the CPU emulator."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+class Error(Exception):
+    pass
+
+
+class LogicError(Error):
+    pass
+
+
+class LaunchError(Error):
+    pass
+
+
+class RuntimeError(Error):  # noqa: A001 - pycuda's own name
+    pass
+
+
+class MemoryError(Error):  # noqa: A001
+    pass
+
+
+class device_attribute:  # noqa: N801 - pycuda's spelling
+    MULTIPROCESSOR_COUNT = "sm_count"
+    MAX_THREADS_PER_BLOCK = "max_threads"
+    MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = "smem_optin"
+    MAX_REGISTERS_PER_BLOCK = "regs"
+    L2_CACHE_SIZE = "l2"
+    CLOCK_RATE = "clock"
+
+
+class function_attribute:  # noqa: N801
+    MAX_DYNAMIC_SHARED_SIZE_BYTES = "max_dynamic_smem"
+    MAX_THREADS_PER_BLOCK = "max_threads"
+
+
+ATTRIBUTES = {"sm_count": 2, "max_threads": 1024, "smem_optin": 227 << 10, "regs": 65536, "l2": 1 << 20,
+              "clock": 1980000}
+_initialised = False
+
+
+def init(flags: int = 0) -> None:
+    global _initialised
+    if os.environ.get("FAKE_PYCUDA_NO_DEVICE"):
+        raise RuntimeError("cuInit failed: no CUDA-capable device is detected")
+    _initialised = True
+
+
+class Device:
+    def __init__(self, index: int):
+        if not _initialised:
+            raise LogicError("cuDeviceGet failed: initialization error")
+        if index != 0:
+            raise LogicError("cuDeviceGet failed: invalid device ordinal")
+
+    @staticmethod
+    def count() -> int:
+        return 1
+
+    def name(self) -> str:
+        return "Fake GPU (CPU emulator)"
+
+    def compute_capability(self) -> tuple[int, int]:
+        return (9, 0)
+
+    def pci_bus_id(self) -> str:
+        return "0000:00:00.0"
+
+    def get_attribute(self, attr):
+        return ATTRIBUTES[attr]
+
+    def retain_primary_context(self):
+        return object()
+
+
+class DeviceAllocation:
+    def __init__(self, nbytes: int):
+        self._raw = np.zeros(nbytes + 256, dtype=np.uint8)
+        offset = (-self._raw.ctypes.data) % 256
+        self.bytes = self._raw[offset:offset + nbytes]
+        self.freed = False
+
+    def __int__(self) -> int:
+        return self.bytes.ctypes.data
+
+    __index__ = __int__
+
+    def free(self) -> None:
+        self.freed = True
+
+
+def mem_alloc(nbytes: int) -> DeviceAllocation:
+    return DeviceAllocation(int(nbytes))
+
+
+def _view(dest, dtype, count):
+    if not isinstance(dest, DeviceAllocation):
+        raise LogicError("fake pycuda: memset needs a DeviceAllocation")
+    view = dest.bytes.view(dtype)
+    if count > view.size:
+        raise LogicError(f"cuMemset failed: invalid argument ({count} values, {view.size} fit)")
+    return view[:count]
+
+
+def memset_d8(dest, data, size):
+    _view(dest, np.uint8, size)[:] = data
+
+
+def memset_d16(dest, data, size):
+    _view(dest, np.uint16, size)[:] = data
+
+
+def memset_d32(dest, data, size):
+    _view(dest, np.uint32, size)[:] = data
+
+
+def memset_d8_async(dest, data, size, stream=None):
+    memset_d8(dest, data, size)
+
+
+def memset_d16_async(dest, data, size, stream=None):
+    memset_d16(dest, data, size)
+
+
+def memset_d32_async(dest, data, size, stream=None):
+    memset_d32(dest, data, size)
+
+
+def memcpy_htod(dest, src):
+    src = np.ascontiguousarray(src)
+    dest.bytes[: src.nbytes] = src.reshape(-1).view(np.uint8)
+
+
+def memcpy_dtoh(dest, src):
+    flat = dest.reshape(-1).view(np.uint8)
+    flat[:] = src.bytes[: flat.size]
+
+
+class Stream:
+    pass
+
+
+class Event:
+    def __init__(self, flags: int = 0):
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+        return self
+
+    def synchronize(self):
+        return self
+
+    def time_since(self, other: "Event") -> float:
+        return (self.t - other.t) * 1e3
+
+
+def _registry() -> Path:
+    return Path(os.environ["FAKE_PYCUDA_REGISTRY"])
+
+
+def register(cubin: bytes, source_dict: dict) -> None:
+    """Test side: remember which source a cubin was built from."""
+    path = _registry() / (hashlib.sha256(cubin).hexdigest() + ".json")
+    path.write_text(json.dumps(source_dict))
+
+
+class Module:
+    def __init__(self, source_dict: dict):
+        self.source_dict = source_dict
+
+    def get_function(self, name: str) -> "Function":
+        if name != self.source_dict["entry"]:
+            raise LogicError(f"cuModuleGetFunction failed: named symbol not found ({name})")
+        return Function(self.source_dict)
+
+
+_CACHE_INDEX: dict[str, Path] = {}
+
+
+def _from_build_cache(digest: str) -> dict | None:
+    """The builder keeps each artifact's source beside it: find the cubin by content."""
+    root = os.environ.get("AUTOTUNE_CACHE_DIR")
+    if not root:
+        return None
+    if digest not in _CACHE_INDEX:
+        for cubin in Path(root).glob("*.cubin"):
+            _CACHE_INDEX.setdefault(hashlib.sha256(cubin.read_bytes()).hexdigest(), cubin)
+    cubin = _CACHE_INDEX.get(digest)
+    source = cubin.with_name(cubin.stem + ".source.json") if cubin else None
+    return json.loads(source.read_text()) if source and source.exists() else None
+
+
+def module_from_buffer(buffer, options=None, message_handler=None) -> Module:
+    digest = hashlib.sha256(bytes(buffer)).hexdigest()
+    path = _registry() / (digest + ".json") if os.environ.get("FAKE_PYCUDA_REGISTRY") else None
+    if path is not None and path.exists():
+        return Module(json.loads(path.read_text()))
+    found = _from_build_cache(digest)
+    if found is None:
+        raise LogicError("cuModuleLoadData failed: device kernel image is invalid (unknown to the fake)")
+    return Module(found)
+
+
+class Function:
+    def __init__(self, source_dict: dict):
+        self.source_dict = source_dict
+        self.max_dynamic_smem = 48 << 10
+        self.types = None
+        self.lib = None
+
+    def set_attribute(self, attr, value):
+        if attr == function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES:
+            if value > ATTRIBUTES["smem_optin"]:
+                raise LogicError("cuFuncSetAttribute failed: invalid argument")
+            self.max_dynamic_smem = value
+
+    def get_attribute(self, attr):
+        return 1024 if attr == function_attribute.MAX_THREADS_PER_BLOCK else 0
+
+    def prepare(self, arg_types):
+        self.types = [np.dtype(t) for t in arg_types]
+        return self
+
+    def prepared_async_call(self, grid, block, stream, *args, shared_size=0):
+        if int(np.prod(block)) > 1024 or shared_size > self.max_dynamic_smem:
+            raise LaunchError("cuLaunchKernel failed: invalid argument")
+        if self.lib is None:
+            import cudaemu  # tests/ is on the worker's path
+            from search_space import KernelSource
+
+            self.lib = ctypes.CDLL(str(cudaemu.build(KernelSource.from_dict(self.source_dict))))
+            self.lib.emu_run.restype = ctypes.c_int
+        pointers = [int(a) for a, t in zip(args, self.types) if t == np.dtype(np.uintp)]
+        scalars = [int(a) for a, t in zip(args, self.types) if t != np.dtype(np.uintp)]
+        argv = (ctypes.c_void_p * max(len(pointers), 1))(*pointers)
+        svals = (ctypes.c_longlong * max(len(scalars), 1))(*scalars)
+        error = ctypes.create_string_buffer(512)
+        rc = self.lib.emu_run(argv, svals, *[ctypes.c_uint(v) for v in (*grid, *block)], ctypes.c_int(1),
+                              ctypes.c_uint(0), error)
+        if rc != 0:
+            raise LaunchError(f"cuCtxSynchronize failed: an illegal instruction was encountered "
+                              f"({error.value.decode(errors='replace')})")

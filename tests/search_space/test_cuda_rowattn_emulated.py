@@ -1,0 +1,131 @@
+"""The generated CUDA C of the row-wise and attention templates, run on the CPU through the
+emulator in tests/cuda_emulator.py and compared with the float64 references.
+
+This is where indexing, tails, barriers, warp collectives and the mma/ldmatrix fragment
+layouts of the attention kernels are checked on a machine without a GPU: every dtype,
+awkward shapes, runtime sizes other than the tuned ones, poisoned outputs. Speed and the
+real hardware's behaviour are the GPU tests' business (test_cuda_rowattn_gpu.py).
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import cuda_emulator
+from measure.verify import check_output
+from search_space import Target, Task, get_template
+from search_space.ops.common import numpy_dtype
+
+SM90 = Target.from_name("sm_90a")
+DTYPES = ("float32", "float16", "bfloat16")
+
+# (op, tuned shape, attrs, dynamic dims (None: the operator's), runtime overrides, config overrides)
+CASES = [
+    ("softmax", {"M": 8, "N": 1000}, {}, None, [{"M": 3}], [{}, dict(mapping="block", threads=64, cache="reread", unroll=4)]),
+    ("softmax", {"M": 4, "N": 1}, {}, (), [{}], [{}]),
+    ("rmsnorm", {"M": 8, "N": 24}, {"residual": True}, None, [{"M": 9}],
+     [{}, dict(mapping="warp", threads=64, cache="reread", vec=1, unroll=1)]),
+    ("rmsnorm", {"M": 8, "N": 1000}, {}, None, [{"M": 2}], [dict(mapping="block", threads=128, cache="smem", unroll=2)]),
+    ("layernorm", {"M": 8, "N": 1000}, {}, None, [{"M": 3}],
+     [{}, dict(mapping="block", threads=64, cache="reread", unroll=2, stream=1)]),
+    ("add", {"M": 8, "N": 1001}, {}, None, [{"M": 3}], [{}, dict(grid="persistent", vec=2)]),
+    ("swiglu", {"M": 8, "N": 7}, {}, None, [{"M": 5}], [{}]),
+    ("gelu", {"M": 8, "N": 1001}, {}, None, [{"M": 1}], [dict(unroll=4, vec=1)]),
+    ("rope", {"T": 8, "H": 3, "D": 80}, {"theta": 500000.0}, None, [{"T": 19}], [{}, dict(trig="registers", tokens=4)]),
+    ("rope", {"T": 2, "H": 1, "D": 2}, {}, (), [{}], [{}]),
+    ("attention_decode", {"B": 1, "H": 4, "HKV": 4, "D": 64, "S": 96, "L": 96}, {}, None,
+     [{"L": 1}, {"S": 130, "L": 129}], [{}, dict(splits=1, warps=2), dict(lanes=32, vec=1, unroll=4, splits=4)]),
+    ("attention_decode", {"B": 2, "H": 6, "HKV": 1, "D": 80, "S": 40, "L": 33}, {"scale": 0.3}, (), [{}], [{}]),
+    ("attention_prefill", {"B": 1, "T": 64, "H": 2, "HKV": 1, "D": 64}, {}, None, [{"T": 1}, {"T": 100}],
+     [{}, dict(impl="mma", warps=2, block_k=32, stages=3, q_regs=0),
+      dict(impl="mma", warps=2, warp_rows=32, block_k=32, stages=2, q_regs=1),
+      dict(impl="simt", warp_rows=2, block_k=64, stages=1, q_regs=0)]),
+    ("attention_prefill", {"B": 2, "T": 40, "H": 4, "HKV": 2, "D": 32}, {"causal": False}, None, [{"T": 33}], [{}]),
+    ("attention_prefill", {"B": 1, "T": 20, "H": 2, "HKV": 2, "D": 24}, {"scale": 0.2}, (), [{}], [{}]),
+]
+
+
+def jobs():
+    out = []
+    for op, shape, attrs, dynamic, runs, overrides in CASES:
+        template = get_template(op, "cuda")
+        for dtype in DTYPES:
+            task = Task.make(op, shape, dtype, attrs=attrs, dynamic=template.dynamic_dims if dynamic is None else dynamic)
+            space = template.space(task, SM90)
+            default = template.default(task, SM90).as_dict()
+            seen = set()
+            for extra in overrides:
+                values = dict(default, **extra)
+                if not space.accepts(values):
+                    continue   # e.g. an mma config for float32
+                config = space.from_values(values)
+                if config.index not in seen:
+                    seen.add(config.index)
+                    out.append((template, task, config, runs))
+    return out
+
+
+def poisoned(shape, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return np.full(shape, 0xFFFF, dtype=np.uint16)
+    return np.full(shape, np.nan, dtype=numpy_dtype(dtype))
+
+
+def test_emulated_kernels_match_the_reference():
+    work = jobs()
+    assert len(work) >= 40
+    sources = [template.render(task, config, SM90) for template, task, config, _ in work]
+    with ThreadPoolExecutor(2) as pool:   # g++ builds in parallel; runs stay in this process
+        list(pool.map(cuda_emulator.build, sources))
+    problems = []
+    for (template, task, config, runs), source in zip(work, sources):
+        workspaces = {a.name: np.zeros(max(a.nbytes, 1), np.uint8) for a in source.args if a.role == "workspace"}
+        for i, overrides in enumerate(runs):
+            run_task = task.with_dims(**overrides)
+            inputs = template.make_inputs(run_task, np.random.default_rng(i))
+            reference = template.reference(run_task, inputs)
+            # twice on the same workspace: split-KV counters must come back to zero
+            for call in range(2 if workspaces else 1):
+                arrays = dict(inputs)
+                outputs = [a for a in source.args if a.role == "out"]
+                for arg in outputs:
+                    arrays[arg.name] = poisoned(arg.resolve_shape(run_task.dims), arg.dtype)
+                cuda_emulator.run(source, run_task.dims, arrays, workspaces)
+                for arg in outputs:
+                    problem = check_output(arg.name, arrays[arg.name], reference[arg.name],
+                                           template.tolerance(run_task), arg.dtype)
+                    if problem:
+                        problems.append(f"{run_task.key} {config} call {call}: {problem}")
+    assert not problems, "\n".join(problems)
+
+
+def test_emulator_catches_a_wrong_fragment_layout(monkeypatch):
+    """The check above can fail: swapping two B registers of the mma gives a wrong answer."""
+    import search_space.templates.cuda.attention_prefill as prefill
+
+    right = "mma16816(s[mt][2 * np], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);"
+    assert right in prefill._MMA_KERNEL
+    monkeypatch.setattr(prefill, "_MMA_KERNEL", prefill._MMA_KERNEL.replace(right, right.replace("b0, b1", "b1, b0")))
+    template = get_template("attention_prefill", "cuda")
+    task = Task.make("attention_prefill", {"B": 1, "T": 40, "H": 1, "HKV": 1, "D": 32}, "float16")
+    source = template.render(task, template.default(task, SM90), SM90)
+    inputs = template.make_inputs(task, np.random.default_rng(0))
+    arrays = dict(inputs, O=poisoned((1, 40, 1, 32), "float16"))
+    cuda_emulator.run(source, task.dims, arrays)
+    assert check_output("O", arrays["O"], template.reference(task, inputs)["O"], template.tolerance(task), "float16")
+
+
+def test_emulator_reports_a_deadlock():
+    from search_space import ArgSpec, KernelSource
+    from search_space.codegen.cuda import PREAMBLE, kernel_params
+
+    args = (ArgSpec("Y", "out", "float32", (32,)),)
+    code = (PREAMBLE + f'extern "C" __global__ void stuck({kernel_params(args)}) {{\n'
+            "  if (threadIdx.x < 16) __syncthreads();   // half a block at a barrier: never completes\n"
+            "  else for (int i = 0; i < 3; ++i) __syncwarp();\n"
+            "  Y[threadIdx.x] = 1.0f;\n}\n")
+    source = KernelSource("cuda", code, "stuck", args, (("block", (64, 1, 1)), ("grid", (1, 1, 1)), ("smem", 0)))
+    with pytest.raises(RuntimeError, match="failed"):
+        cuda_emulator.run(source, {}, {"Y": np.zeros(64, np.float32)})
