@@ -175,6 +175,38 @@ def read_log(path: str):
     return report.records
 
 
+def load_logs(paths) -> list:
+    """Records of every log in ``paths`` (each must exist; .jsonl.gz is read through gzip)."""
+    records = []
+    for path in paths:
+        records.extend(read_log(path))
+    return records
+
+
+class ManyValues(click.Option):
+    """An option that takes every word after it up to the next option, and may be repeated:
+    ``--transfer-from a.jsonl b.jsonl`` (what a shell glob expands to) or one value per flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["multiple"] = True
+        super().__init__(*args, **kwargs)
+
+    def add_to_parser(self, parser, ctx) -> None:
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            option = parser._long_opt.get(name) or parser._short_opt.get(name)
+            if option is None:
+                continue
+            process = option.process
+
+            def greedy(value, state, process=process) -> None:
+                process(value, state)
+                while state.rargs and not state.rargs[0].startswith("-"):
+                    process(state.rargs.pop(0), state)
+
+            option.process = greedy
+
+
 def _json_default(value: Any):
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -183,6 +215,43 @@ def _json_default(value: Any):
 
 def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=_json_default))
+
+
+def cost_model_options(tuner: str, transfer_from, load_model: str | None, save_model: str | None, template, task,
+                       target, seed: int) -> tuple[dict, dict]:
+    """The xgb tuner's pre-trained base model (--load-model, then --transfer-from) as tuner
+    options, and what to tell MLflow about it."""
+    from .tuning import pretrained_model
+
+    if not (transfer_from or load_model or save_model):
+        return {}, {}
+    if tuner != "xgb":
+        raise UserError("--transfer-from, --load-model and --save-model need --tuner xgb")
+    if save_model and not Path(save_model).resolve().parent.is_dir():
+        raise UserError(f"--save-model {save_model}: directory {Path(save_model).parent} does not exist")
+    if load_model and not (Path(load_model).is_file() and Path(load_model + ".meta.json").is_file()):
+        raise UserError(f"--load-model {load_model}: no saved model there (saved as PATH and PATH.meta.json)")
+    records = load_logs(transfer_from) if transfer_from else []
+    try:
+        base, note = pretrained_model(records, load_model, template, task, target, seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if note:
+        click.echo(note, err=True)
+    params = {"transfer_from": list(transfer_from or []), "load_model": load_model or ""}
+    return ({"base_model": base} if base is not None else {}), params
+
+
+def thread_restriction(template, task, target, threads: int | None) -> dict | None:
+    """``--threads N`` as a space restriction ({"threads": [N]}), checked against the space."""
+    if threads is None:
+        return None
+    space = template.space(task, target)
+    if "threads" not in space.names:
+        raise UserError(f"{task.op} has no threads knob")
+    if threads not in space.knob("threads").values:
+        raise UserError(f"--threads {threads}: {task.op} on this machine takes {list(space.knob('threads').values)}")
+    return {"threads": [threads]}
 
 
 def positive(ctx, param, value):
@@ -237,7 +306,8 @@ def ops(target: str, as_json: bool) -> None:
 @click.option("--dynamic", default="", metavar="DIM[,DIM]",
               help="dims the kernel takes at run time; --shape gives the size tuned at")
 @click.option("--target", default="cpu", show_default=True, help="cpu or cuda")
-@click.option("--tuner", default="xgb", show_default=True, type=click.Choice(["xgb", "random", "grid"]))
+@click.option("--tuner", default="xgb", show_default=True,
+              type=click.Choice(["xgb", "random", "grid", "optuna-tpe", "optuna-cmaes"]))
 @click.option("--trials", default=64, show_default=True, type=int, callback=positive,
               help="total trials for this task, records already in the log included")
 @click.option("--batch", default=8, show_default=True, type=int, callback=positive)
@@ -250,12 +320,17 @@ def ops(target: str, as_json: bool) -> None:
 @click.option("--run-timeout", default=20.0, show_default=True, type=float)
 @click.option("--threads", default=None, type=int, callback=positive,
               help="search only configs with this many threads")
+@click.option("--transfer-from", "transfer_from", cls=ManyValues,
+              help="xgb: pre-train the cost model on these logs of other shapes/operators first")
+@click.option("--load-model", default=None, help="xgb: start from a cost model saved by --save-model")
+@click.option("--save-model", default=None, help="xgb: save the cost model here when the job ends")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option("--compile-only", is_flag=True,
               help="cuda or sm_XX: build --trials configs and check their resources; run nothing")
 @click.option("--json", "as_json", is_flag=True, help="with --compile-only: print a JSON list")
 def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, log_path, tracking_uri, no_mlflow,
-         experiment, build_timeout, run_timeout, threads, quiet, compile_only, as_json) -> None:
+         experiment, build_timeout, run_timeout, threads, transfer_from, load_model, save_model, quiet, compile_only,
+         as_json) -> None:
     """Tune one operator instance; every measurement goes to the log."""
     from .tuning import run_tuning_job
 
@@ -275,15 +350,10 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
         if not any(r["status"] == "NO_ERROR" for r in rows):
             sys.exit(1)
         return
-    restrict = None
-    if threads is not None:
-        space = template.space(task, tgt)
-        if "threads" not in space.names:
-            raise UserError(f"{op} has no threads knob")
-        if threads not in space.knob("threads").values:
-            raise UserError(f"--threads {threads}: {op} on this machine takes {list(space.knob('threads').values)}")
-        restrict = {"threads": [threads]}
+    restrict = thread_restriction(template, task, tgt, threads)
     log = open_log(log_path)
+    model_options, model_params = cost_model_options(tuner, transfer_from, load_model, save_model, template, task,
+                                                     tgt, seed)
     runner = None
     if tgt.kind == "cuda":
         from measure import CudaRunner
@@ -293,7 +363,8 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
         summary = run_tuning_job(task, tgt, tuner, trials, batch, seed, log,
                                  tracking_uri=None if no_mlflow else tracking_uri, use_mlflow=not no_mlflow,
                                  experiment=experiment, build_timeout=build_timeout, run_timeout=run_timeout,
-                                 progress=not quiet, restrict=restrict, runner=runner)
+                                 progress=not quiet, restrict=restrict, runner=runner, tuner_options=model_options,
+                                 params=model_params, save_model=save_model)
     finally:
         if runner is not None:
             runner.close()
@@ -388,5 +459,10 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, as_json) 
         sys.exit(1)
 
 
+from . import cli_research  # noqa: E402,F401  (registers sweep and replay on the group)
+
 if __name__ == "__main__":
-    main()
+    # run as `python -m autotune.cli`: use the package's module, where every command is registered
+    from autotune.cli import main as package_main
+
+    package_main()

@@ -3,6 +3,10 @@
 Labels are throughputs normalised per task (the task's best measured = 1, failures = 0),
 so tasks of different sizes can train one model; candidates of a task form one ranking
 group. The model only has to order candidates well, hence a ranking objective.
+
+A model can start from a pre-trained ``base`` (transfer from other tasks): every fit then
+adds its trees to a copy of the base's, so what the base learned stays and the new trees
+correct it on the task at hand.
 """
 from __future__ import annotations
 
@@ -60,16 +64,27 @@ def normalize_per_group(throughput: np.ndarray, groups: np.ndarray) -> np.ndarra
 class XGBCostModel:
     """fit(features, throughput, groups) then predict(features) -> scores (higher = faster)."""
 
-    def __init__(self, config: XGBConfig | None = None, seed: int = 0):
+    def __init__(self, config: XGBConfig | None = None, seed: int = 0, base: "XGBCostModel | None" = None):
         self.config = config or XGBConfig()
         self.seed = seed
         self.booster = None
-        self.feature_names: list[str] | None = None
-        self._base = None  # a pre-trained booster to continue from (transfer)
+        self.base = base if base is not None and base.fitted else None
+        self.feature_names: list[str] | None = list(base.feature_names) if self.base and base.feature_names else None
 
     @property
     def fitted(self) -> bool:
-        return self.booster is not None
+        """True when the model can predict: fitted itself, or given a fitted base."""
+        return self.booster is not None or self.base is not None
+
+    @property
+    def n_trees(self) -> int:
+        booster = self._predictor()
+        return booster.num_boosted_rounds() if booster is not None else 0
+
+    def _predictor(self):
+        if self.booster is not None:
+            return self.booster
+        return self.base._predictor() if self.base is not None else None
 
     def fit(self, features: np.ndarray, throughput: np.ndarray, groups: np.ndarray | None = None,
             feature_names: Sequence[str] | None = None) -> "XGBCostModel":
@@ -80,33 +95,47 @@ class XGBCostModel:
         groups = np.zeros(len(throughput), dtype=np.int64) if groups is None else np.asarray(groups)
         order = np.argsort(groups, kind="stable")  # xgboost wants qid sorted
         labels = normalize_per_group(throughput, groups)[order]
-        self.feature_names = list(feature_names) if feature_names is not None else None
-        data = xgb.DMatrix(features[order], label=labels, qid=groups[order], missing=np.nan,
-                           feature_names=self.feature_names)
+        names = list(feature_names) if feature_names is not None else None
+        if self.base is not None and names is not None and names != self.feature_names:
+            raise ValueError("features must be laid out as the base model's (FeatureExtractor(columns=...))")
+        self.feature_names = names
+        # names stay on this side (see importance): xgboost would check them on every boosting
+        # round, and one thread avoids OpenMP spinning on a machine busy with other work
+        data = xgb.DMatrix(features[order], label=labels, qid=groups[order], missing=np.nan, nthread=1)
         self.booster = xgb.train(self.config.params(self.seed), data, num_boost_round=self.config.num_rounds,
-                                 xgb_model=self._base)
+                                 xgb_model=self.base._predictor() if self.base is not None else None)
         return self
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         import xgboost as xgb
 
-        if self.booster is None:
+        booster = self._predictor()
+        if booster is None:
             raise RuntimeError("the cost model has not been fitted")
-        data = xgb.DMatrix(np.asarray(features, dtype=np.float32), missing=np.nan,
-                           feature_names=self.feature_names)
-        return self.booster.predict(data)
+        data = xgb.DMatrix(np.asarray(features, dtype=np.float32), missing=np.nan, nthread=1)
+        return booster.predict(data)
 
     def importance(self) -> dict[str, float]:
-        if self.booster is None:
+        """Total gain per feature name (features never split on are absent)."""
+        booster = self._predictor()
+        if booster is None:
             return {}
-        return {k: float(v) for k, v in self.booster.get_score(importance_type="gain").items()}
+        names = self.feature_names or []
+
+        def name(key: str) -> str:  # the booster knows features as f0, f1, ...
+            index = int(key[1:]) if key.startswith("f") and key[1:].isdigit() else -1
+            return names[index] if 0 <= index < len(names) else key
+
+        return {name(k): float(v) for k, v in booster.get_score(importance_type="total_gain").items()}
 
     def save(self, path: str) -> None:
+        """The booster (base trees included) to ``path``, config and feature names beside it."""
         import json
 
-        if self.booster is None:
+        booster = self._predictor()
+        if booster is None:
             raise RuntimeError("nothing to save: the cost model has not been fitted")
-        self.booster.save_model(path)
+        booster.save_model(path)
         with open(path + ".meta.json", "w") as f:
             json.dump({"config": asdict(self.config), "feature_names": self.feature_names}, f)
 
@@ -123,19 +152,3 @@ class XGBCostModel:
         model.booster.load_model(path)
         model.feature_names = meta["feature_names"]
         return model
-
-
-def pairwise_accuracy(predicted: np.ndarray, measured: np.ndarray, margin: float = 0.0) -> float:
-    """Share of pairs with different measured values that the prediction orders the same way.
-
-    With ``margin`` > 0 only pairs whose measured values differ by more than that relative
-    amount count: pairs closer than the timing noise are coin flips for any model.
-    """
-    predicted = np.asarray(predicted, dtype=np.float64)
-    measured = np.asarray(measured, dtype=np.float64)
-    dp = predicted[:, None] - predicted[None, :]
-    dm = measured[:, None] - measured[None, :]
-    mask = dm > margin * np.abs(measured[None, :])
-    if not mask.any():
-        return float("nan")
-    return float(np.mean(dp[mask] > 0))

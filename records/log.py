@@ -3,9 +3,11 @@
 Each record is one whole line, written, flushed and fsynced before the next trial, so a
 job killed at any moment loses at most the trial in flight. Loading skips and counts
 lines that do not parse (a truncated last line after a kill, a hand edit gone wrong).
+A log whose name ends in ``.gz`` (an archived sweep) is read through gzip and is read-only.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -38,6 +40,8 @@ class RecordLog:
     def check_writable(self) -> None:
         """Fail early, before any measurement, if records could not be kept."""
         parent = self.path.parent if str(self.path.parent) else Path(".")
+        if self.compressed:
+            raise LogWriteError(f"log {self.path} is compressed (.gz): archived logs are read-only")
         if self.path.is_dir():
             raise LogWriteError(f"log path {self.path} is a directory")
         if not parent.exists():
@@ -48,10 +52,16 @@ class RecordLog:
         except OSError as exc:
             raise LogWriteError(f"cannot write log {self.path}: {exc.strerror or exc}") from None
 
+    @property
+    def compressed(self) -> bool:
+        return self.path.suffix == ".gz"
+
     def append(self, records: Iterable[Record]) -> None:
         lines = "".join(r.to_json() + "\n" for r in records)
         if not lines:
             return
+        if self.compressed:
+            raise LogWriteError(f"log {self.path} is compressed (.gz): archived logs are read-only")
         try:
             self._repair_tail()
             with open(self.path, "a", encoding="utf-8") as f:
@@ -82,7 +92,8 @@ class RecordLog:
         seen: set[tuple[str, str, str, float]] = set()
         if not self.path.exists():
             return report
-        with open(self.path, encoding="utf-8", errors="replace") as f:
+        opener = gzip.open if self.compressed else open
+        with opener(self.path, "rt", encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -166,6 +177,10 @@ def to_dataframe(records: Iterable[Record]):
         for key in ("p20", "p80", "min"):
             if key in r.result.stats:
                 row[key] = r.result.stats[key]
+        for key, column in (("score", "model_score"), ("batch", "batch"),
+                            ("pairwise_accuracy", "model_pairwise_accuracy"), ("topk_recall", "model_topk_recall")):
+            if key in r.model:
+                row[column] = r.model[key]
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty:

@@ -72,7 +72,9 @@ class MLflowRun:
 
     def log_trials(self, records: Iterable[Record], first_step: int,
                    extra: dict[str, float] | None = None) -> None:
-        """One point per trial at ``step`` = its trial number: its GFLOP/s and the best so far."""
+        """One point per trial at ``step`` = its trial number: its GFLOP/s and the best so far;
+        at the last trial of a batch ranked by a cost model, that ranking's ``model_pairwise_accuracy``
+        and ``model_topk_recall``."""
         from mlflow.entities import Metric
 
         metrics = []
@@ -85,6 +87,9 @@ class MLflowRun:
             metrics.append(Metric("ok", 1.0 if record.ok else 0.0, now, step))
             if record.ok:
                 metrics.append(Metric("seconds", record.seconds, now, step))
+            for key in ("pairwise_accuracy", "topk_recall"):  # the cost model's ranking of the batch
+                if key in record.model:
+                    metrics.append(Metric(f"model_{key}", float(record.model[key]), now, step))
         for key, value in (extra or {}).items():
             metrics.append(Metric(key, float(value), now, first_step))
         for start in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics

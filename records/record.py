@@ -24,7 +24,13 @@ def package_version() -> str:
 
 @dataclass(frozen=True)
 class Record:
-    """A measured candidate: task, target, config, result, and who measured it when."""
+    """A measured candidate: task, target, config, result, and who measured it when.
+
+    ``model`` holds what a model-based tuner predicted before measuring: ``score`` (its
+    ranking score), ``batch`` (the trial number at which the batch started), and on the
+    last record of each batch the batch's ``pairwise_accuracy`` and ``topk_recall`` (with
+    its ``k``), comparing the predicted ranking with the measured one. Empty otherwise.
+    """
 
     task: Task
     target: Target
@@ -35,10 +41,13 @@ class Record:
     version: str = field(default_factory=package_version)
     timestamp: float = field(default_factory=time.time)
     schema: int = SCHEMA_VERSION
+    model: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_measure(cls, inp: MeasureInput, result: MeasureResult, tuner: str = "") -> "Record":
-        return cls(inp.task, inp.target, inp.config.as_dict(), inp.config.index, result, tuner)
+    def from_measure(cls, inp: MeasureInput, result: MeasureResult, tuner: str = "",
+                     model: dict[str, Any] | None = None) -> "Record":
+        return cls(inp.task, inp.target, inp.config.as_dict(), inp.config.index, result, tuner,
+                   model=dict(model or {}))
 
     @property
     def ok(self) -> bool:
@@ -65,7 +74,7 @@ class Record:
         return MeasureInput(self.task, self.to_config(space), self.target)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "schema": self.schema,
             "task": self.task.to_dict(),
             "target": self.target.to_dict(),
@@ -75,6 +84,9 @@ class Record:
             "version": self.version,
             "timestamp": self.timestamp,
         }
+        if self.model:  # optional: readers that predate it ignore the key
+            data["model"] = {k: v for k, v in self.model.items() if not (isinstance(v, float) and not math.isfinite(v))}
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
@@ -95,6 +107,7 @@ class Record:
             version=data.get("version", ""),
             timestamp=float(data.get("timestamp", 0.0)),
             schema=schema,
+            model=dict(data.get("model") or {}),
         )
 
     @classmethod

@@ -9,6 +9,7 @@ import numpy as np
 
 Values = Mapping[str, Any]
 Constraint = Callable[[Values], bool]
+KEPT = "one of the kept configs"  # the constraint ``ConfigSpace.only`` adds
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,25 @@ class ConfigSpace:
         if unknown:
             raise ValueError(f"no knob named {', '.join(sorted(unknown))}; knobs are {', '.join(self.names)}")
         return ConfigSpace(knobs, self.constraints)
+
+    def only(self, indices: Sequence[int]) -> "ConfigSpace":
+        """The same space limited to the given indices (e.g. the configs a sweep recorded).
+
+        Indices stay those of this space; sampling, neighbours and validity see only the
+        kept configs, and the kept valid configs are known without enumerating the space.
+        """
+        keep = frozenset(int(i) for i in indices)
+        space = ConfigSpace(self.knobs, self.constraints + (
+            (KEPT, lambda c: self.index_of(c) in keep),))
+        space._valid = sorted(i for i in keep if 0 <= i < self._size and self.is_valid(self.get(i)))
+        return space
+
+    def valid_count(self, limit: int) -> int | None:
+        """The number of valid configs when it is cheap to know (already enumerated, or a raw
+        space of at most ``limit`` points), else None."""
+        if self._valid is None and self._size > limit:
+            return None
+        return len(self.valid_indices())
 
     def knob(self, name: str) -> Knob:
         return self._by_name[name]

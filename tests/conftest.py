@@ -54,3 +54,17 @@ def fast_policy():
     from measure import TimingPolicy
 
     return TimingPolicy(warmup=1, min_sample_s=0.0005, repeats=3, min_repeats=3, max_total_s=0.5)
+
+
+@pytest.fixture(scope="session")
+def sweep_logs(tmp_path_factory, fast_policy):
+    """Real sweeps of two small gemv spaces (every config measured once), shared by the
+    replay, transfer, CLI and notebook tests: {"target": path, "other": path}."""
+    from fakes import SMALL_SWEEPS, record_sweep
+
+    folder = tmp_path_factory.mktemp("sweeps")
+    paths = {}
+    for name, (op, shape) in SMALL_SWEEPS.items():
+        paths[name] = folder / f"{name}.jsonl"
+        record_sweep(paths[name], op, shape, fast_policy)
+    return paths

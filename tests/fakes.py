@@ -147,3 +147,37 @@ extern "C" __global__ void fault({kernel_params(args)}) {{
 """
         launch = (("block", (block, 1, 1)), ("grid", (-(-n // block), 1, 1)), ("smem", smem))
         return KernelSource("cuda", code, "fault", args, launch)
+
+
+# ----------------------------------------------------------------------------- recorded sweeps
+# Replay tests run every tuner against measurements recorded here, on this machine, by a real
+# sweep: ``autotune.replay.ReplayRunner`` answers each candidate with its recorded result, as
+# Kernel Tuner's simulation mode does, so tuners are tested without measuring again.
+
+SMALL_SWEEPS = {  # two shapes of one operator: 60 configs each with one thread
+    "target": ("gemv", {"M": 2, "N": 48, "K": 96}),
+    "other": ("gemv", {"M": 3, "N": 40, "K": 200}),
+}
+
+
+def record_sweep(path, op: str, shape: dict, policy, threads: int = 1, seed: int = 0):
+    """Measure every config of ``op`` at ``shape`` (``threads`` only) into the log at ``path``."""
+    from autotune.tuners import SweepTuner
+    from measure import LocalBuilder, LocalRunner
+    from records import RecordLog
+
+    task, target = Task.make(op, shape), Target.host()
+    tuner = SweepTuner(task, target, seed=seed, restrict={"threads": [threads]})
+    log = RecordLog(path)
+    with LocalBuilder(n_parallel=2) as builder, LocalRunner(policy=policy, timeout_s=30) as runner:
+        tuner.tune(len(tuner.plan), builder, runner, batch_size=16, log=log)
+    return log
+
+
+def recorded_space(path, statistic: str = "median"):
+    """The one task recorded in the log at ``path``, ready for replay."""
+    from autotune.replay import RecordedSpace
+    from records import RecordLog
+
+    (space,) = RecordedSpace.from_records(RecordLog(path).records(), statistic)
+    return space

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from .base import Tuner, TuneSummary
-from .simple import GridTuner, RandomTuner
+from .simple import GridTuner, RandomTuner, SweepTuner
+from .optuna_tuner import OptunaCmaEsTuner, OptunaTPETuner, OptunaTuner
 from .xgb_tuner import XGBTuner
 
-TUNERS: dict[str, type[Tuner]] = {"xgb": XGBTuner, "random": RandomTuner, "grid": GridTuner}
+TUNERS: dict[str, type[Tuner]] = {"xgb": XGBTuner, "random": RandomTuner, "grid": GridTuner, "sweep": SweepTuner,
+                                 "optuna-tpe": OptunaTPETuner, "optuna-cmaes": OptunaCmaEsTuner}
 
 
 def make_tuner(name: str, task, target, seed: int = 0, **kwargs) -> Tuner:
@@ -16,4 +18,4 @@ def make_tuner(name: str, task, target, seed: int = 0, **kwargs) -> Tuner:
     return cls(task, target, seed=seed, **kwargs)
 
 
-__all__ = ["GridTuner", "RandomTuner", "TUNERS", "TuneSummary", "Tuner", "XGBTuner", "make_tuner"]
+__all__ = ["GridTuner", "OptunaCmaEsTuner", "OptunaTPETuner", "OptunaTuner", "RandomTuner", "SweepTuner", "TUNERS", "TuneSummary", "Tuner", "XGBTuner", "make_tuner"]

@@ -9,9 +9,11 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from cost_model import batch_quality
+from cost_model.transfer import throughput_of
 from measure import BuildResult, MeasureInput, MeasureResult
 from records import Record, RecordLog
-from search_space import Config, Target, Task, Template, get_template
+from search_space import Config, ConfigSpace, Target, Task, Template, get_template
 
 
 class Builder(Protocol):
@@ -52,17 +54,21 @@ class Tuner:
 
     Subclasses implement ``next_batch(n)`` (never returning a visited config) and may
     extend ``update``. ``tune`` owns the loop: resume from the log, build, run, log each
-    record as soon as it is measured, update, call back.
+    record as soon as it is measured, update, call back. A tuner with a cost model also
+    implements ``predict_batch``: the loop then records the model's score of each
+    candidate before it is measured, and on the batch's last record how well the model's
+    ranking of the batch matched the measured one (live model quality).
     """
 
     name = "base"
 
     def __init__(self, task: Task, target: Target, template: Template | None = None, seed: int = 0,
-                 restrict: dict[str, Sequence] | None = None):
+                 restrict: dict[str, Sequence] | None = None, space: ConfigSpace | None = None):
         self.task = task
         self.target = target
         self.template = template or get_template(task.op, target.kind)
-        self.space = self.template.space(task, target)
+        # ``space``: search a given space (e.g. the configs a sweep recorded) instead of the template's
+        self.space = space if space is not None else self.template.space(task, target)
         if restrict:  # e.g. {"threads": [1]}: search only part of the space
             self.space = self.space.restrict(**restrict)
         self.seed = seed
@@ -84,6 +90,10 @@ class Tuner:
 
     def has_next(self) -> bool:
         return len(self.visited) < len(self.space)
+
+    def predict_batch(self, configs: Sequence[Config]) -> np.ndarray | None:
+        """The cost model's scores of ``configs`` (higher = faster), or None without a model."""
+        return None
 
     # -- the loop ----------------------------------------------------------------------
     def resume(self, log: RecordLog) -> list[Record]:
@@ -126,16 +136,23 @@ class Tuner:
             if not configs:
                 break
             inputs = [MeasureInput(self.task, c, self.target) for c in configs]
+            scores = self.predict_batch(configs)  # ranked before anything is measured
             builds = builder.build(inputs)
             results: list[MeasureResult] = []
             batch_records: list[Record] = []
-            for inp, build in zip(inputs, builds):
+            for i, (inp, build) in enumerate(zip(inputs, builds)):
                 # one at a time, logged at once: a kill loses at most the trial in flight
                 result = runner.run([inp], [build])[0]
-                record = Record.from_measure(inp, result, self.name)
+                results.append(result)
+                model = None
+                if scores is not None:
+                    model = {"score": float(scores[i]), "batch": trials}
+                    if i == len(inputs) - 1:  # the whole batch is measured: how good was the ranking?
+                        measured = [throughput_of(self.task, r) for r in results]
+                        model.update(batch_quality(scores, measured))
+                record = Record.from_measure(inp, result, self.name, model)
                 if log is not None:
                     log.append([record])
-                results.append(result)
                 batch_records.append(record)
                 summary.build_s += result.build_s
                 summary.run_s += result.run_s

@@ -35,3 +35,34 @@ class GridTuner(Tuner):
 
     def has_next(self) -> bool:
         return self._cursor < len(self.space) and super().has_next()
+
+
+class SweepTuner(Tuner):
+    """Measures a fixed plan: every valid config, or a seeded random subset of ``sample``.
+
+    The plan is a seeded random permutation, so a sweep cut short is still a uniform
+    random subset, and a sweep resumed with the same seed continues the same plan.
+    """
+
+    name = "sweep"
+
+    def __init__(self, *args, sample: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        valid = self.space.valid_indices()
+        order = self.rng.permutation(len(valid))
+        if sample is not None:
+            order = order[:sample]
+        self.plan: list[int] = [valid[int(i)] for i in order]
+        self._cursor = 0
+
+    def next_batch(self, n: int) -> list[Config]:
+        batch: list[Config] = []
+        while len(batch) < n and self._cursor < len(self.plan):
+            index = self.plan[self._cursor]
+            self._cursor += 1
+            if index not in self.visited:
+                batch.append(self.space.get(index))
+        return batch
+
+    def has_next(self) -> bool:
+        return any(i not in self.visited for i in self.plan[self._cursor:])

@@ -1,10 +1,16 @@
-"""Model-based search: an XGBoost ranker picks candidates found by simulated annealing.
+"""Model-based search: an XGBoost ranker picks the candidates to measure.
 
 After every batch the cost model is refitted on everything measured (failed candidates
 count as zero throughput). Candidates come from annealing walks over the space, started
 at the best measured configs and at random points, that move one knob at a time and
-keep the best predicted unvisited configs. A share ``epsilon`` of each batch is drawn
-at random to keep exploring. A config already measured is never proposed again.
+keep the best predicted unvisited configs; a space whose valid configs are few (at most
+``exhaustive_limit``, e.g. a decode gemv, or the configs a sweep recorded) is ranked
+whole instead. A share ``epsilon`` of each batch is drawn at random to keep exploring.
+A config already measured is never proposed again.
+
+Transfer: given a pre-trained ``base_model`` (other shapes or operators, see
+``cost_model.transfer``), the tuner lays its features out as the base model's, ranks
+its very first batch with it, and each refit adds trees to the base's.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from cost_model import FeatureExtractor, XGBConfig, XGBCostModel
+from cost_model.transfer import throughput_of
 from measure import MeasureInput, MeasureResult
 from search_space import Config
 
@@ -25,25 +32,28 @@ class XGBTuner(Tuner):
 
     def __init__(self, task, target, template=None, seed: int = 0, epsilon: float = 0.1,
                  min_train: int = 8, sa_points: int = 96, sa_steps: int = 40,
-                 model_config: XGBConfig | None = None, restrict: dict | None = None):
-        super().__init__(task, target, template, seed, restrict)
+                 model_config: XGBConfig | None = None, restrict: dict | None = None,
+                 base_model: XGBCostModel | None = None, exhaustive_limit: int = 4096, space=None):
+        super().__init__(task, target, template, seed, restrict, space)
         self.epsilon = epsilon
         self.min_train = min_train
         self.sa_points = sa_points
         self.sa_steps = sa_steps
-        self.features = FeatureExtractor(self.template, task, target, self.space)
-        self.model = XGBCostModel(model_config, seed=seed)
+        self.exhaustive_limit = exhaustive_limit
+        columns = base_model.feature_names if base_model is not None and base_model.fitted else None
+        self.features = FeatureExtractor(self.template, task, target, self.space, columns=columns)
+        self.model = XGBCostModel(model_config, seed=seed, base=base_model)
         self._rows: list[np.ndarray] = []
         self._throughput: list[float] = []
         self._configs: list[Config] = []
+        self._pool_configs: list[Config] | None = None
 
     # -- learning ----------------------------------------------------------------------
     def update(self, inputs: Sequence[MeasureInput], results: Sequence[MeasureResult]) -> None:
         super().update(inputs, results)
-        flops = self.task.flops
         for inp, res in zip(inputs, results):
-            self._rows.append(self.features.row(inp.config))
-            self._throughput.append(flops / res.median if res.ok and res.median > 0 else 0.0)
+            self._rows.append(self.features.row(inp.config, res.stats))
+            self._throughput.append(throughput_of(self.task, res))
             self._configs.append(inp.config)
         if len(self._rows) >= self.min_train and max(self._throughput, default=0.0) > 0:
             self.model.fit(np.stack(self._rows), np.asarray(self._throughput), feature_names=self.features.names)
@@ -51,15 +61,42 @@ class XGBTuner(Tuner):
     def predict(self, configs: Sequence[Config]) -> np.ndarray:
         return self.model.predict(self.features.matrix(configs))
 
+    def predict_batch(self, configs: Sequence[Config]) -> np.ndarray | None:
+        return self.predict(configs) if self.model.fitted and configs else None
+
+    def save_model(self, path: str) -> None:
+        """The cost model as it is now (base trees included), for ``--load-model`` later."""
+        self.model.save(path)
+
     # -- proposing ---------------------------------------------------------------------
     def next_batch(self, n: int) -> list[Config]:
         if not self.model.fitted:
             return self.space.sample(self.rng, n, exclude=self.visited)
         n_random = sum(1 for _ in range(n) if self.rng.random() < self.epsilon)
-        chosen = [c for c in self._anneal(n - n_random) if c.index not in self.visited][: n - n_random]
+        pool = self._pool()
+        ranked = self._rank_pool(pool, n - n_random) if pool is not None else self._anneal(n - n_random)
+        chosen = [c for c in ranked if c.index not in self.visited][: n - n_random]
         taken = self.visited | {c.index for c in chosen}
         chosen += self.space.sample(self.rng, n - len(chosen), exclude=taken)
         return chosen
+
+    def _pool(self) -> list[int] | None:
+        """Every valid index when there are few enough to rank them all, else None."""
+        count = self.space.valid_count(self.exhaustive_limit)
+        return self.space.valid_indices() if count is not None and count <= self.exhaustive_limit else None
+
+    def _rank_pool(self, pool: list[int], n: int) -> list[Config]:
+        """The ``n`` best predicted unvisited configs of the whole pool."""
+        if n <= 0:
+            return []
+        if self._pool_configs is None:  # built once: the pool is ranked before every batch
+            self._pool_configs = [self.space.get(i) for i in pool]
+        configs = [c for c in self._pool_configs if c.index not in self.visited]
+        if not configs:
+            return []
+        scores = self.predict(configs)
+        top = np.argsort(-scores, kind="stable")[:n]
+        return [configs[int(i)] for i in top]
 
     def _start_points(self) -> list[Config]:
         order = np.argsort(self._throughput)[::-1]

@@ -40,3 +40,23 @@ def test_job_run_has_params_per_trial_metrics_and_the_log(store, tmp_path, host)
 
     back = records_from_run(run.info.run_id, store)
     assert [r.to_json() for r in back] == [r.to_json() for r in log.records()]
+
+
+def test_xgb_job_logs_the_models_live_ranking_quality(store, tmp_path, host):
+    from mlflow import MlflowClient
+
+    log = RecordLog(tmp_path / "xgb.jsonl")
+    task = Task.make("gemv", {"M": 1, "N": 64, "K": 128})
+    run_tuning_job(task, host, "xgb", trials=24, batch=8, seed=0, log=log, tracking_uri=store, progress=False,
+                   restrict={"threads": [1]})
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("llm-autotune").experiment_id])
+    ranked = {r.model["batch"] + 7: r.model for r in log.records() if "pairwise_accuracy" in r.model}
+    assert all("score" in r.model for r in log.records()[8:]), "batches 2 and 3 were ranked before being measured"
+    # a batch whose throughputs all lie within the noise margin has no pairwise figure
+    assert ranked and set(ranked) <= {15, 23}
+    history = client.get_metric_history(run.info.run_id, "model_pairwise_accuracy")
+    assert {m.step: m.value for m in history} == {step: pytest.approx(m["pairwise_accuracy"])
+                                                  for step, m in ranked.items()}
+    recall = client.get_metric_history(run.info.run_id, "model_topk_recall")
+    assert {m.step for m in recall} <= {15, 23} and recall

@@ -86,3 +86,33 @@ def test_schema_version_is_checked():
     data["schema"] = 99
     with pytest.raises(ValueError, match="schema"):
         Record.from_dict(json.loads(json.dumps(data)))
+
+
+def test_model_figures_roundtrip_and_reach_the_dataframe():
+    from dataclasses import replace
+
+    plain = make_record(1, 0.2)
+    assert "model" not in plain.to_dict(), "records without a model keep the old shape"
+    ranked = replace(plain, model={"score": 0.7, "batch": 8, "pairwise_accuracy": 0.75, "topk_recall": 0.5,
+                                   "k": 2, "undefined": float("nan")})
+    again = Record.from_json(ranked.to_json())
+    assert again.model == {"score": 0.7, "batch": 8, "pairwise_accuracy": 0.75, "topk_recall": 0.5, "k": 2}
+    frame = to_dataframe([plain, again])
+    assert frame.loc[1, "model_score"] == 0.7 and frame.loc[1, "batch"] == 8
+    assert frame.loc[1, "model_pairwise_accuracy"] == 0.75 and frame.loc[1, "model_topk_recall"] == 0.5
+    assert frame["model_score"].isna().iloc[0]
+
+
+def test_gzipped_logs_are_read_and_never_written(tmp_path):
+    import gzip
+
+    records = [make_record(i, 0.1 * (i + 1)) for i in range(3)]
+    path = tmp_path / "sweep.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("".join(r.to_json() + "\n" for r in records))
+    log = RecordLog(path)
+    assert [r.config_index for r in log.records()] == [0, 1, 2]
+    with pytest.raises(LogWriteError, match="read-only"):
+        log.append(records[:1])
+    with pytest.raises(LogWriteError, match="read-only"):
+        log.check_writable()

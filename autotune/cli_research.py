@@ -1,0 +1,125 @@
+"""Research commands of the ``autotune`` CLI: ``sweep`` (measure a space) and ``replay``
+(compare tuners offline on a sweep). Registered on the ``cli`` group by autotune/cli.py.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .cli import ManyValues, UserError, cli, load_logs, open_log, positive, resolve_target, resolve_task, thread_restriction
+
+
+@cli.command()
+@click.option("--op", required=True, help="operator, see `autotune ops`")
+@click.option("--shape", required=True, help="dims, e.g. M=256,N=256,K=256")
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--target", default="cpu", show_default=True, help="cpu")
+@click.option("--sample", default=None, type=int, callback=positive,
+              help="measure a seeded random subset of this many configs [default: the whole space]")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of the subset and of the inputs")
+@click.option("--threads", default=None, type=int, callback=positive, help="sweep only configs with this many threads")
+@click.option("--batch", default=16, show_default=True, type=int, callback=positive, help="configs built in parallel")
+@click.option("--log", "log_path", required=True, help="JSONL log of the sweep (resumed)")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI")
+@click.option("--no-mlflow", is_flag=True, help="do not log to MLflow")
+@click.option("--experiment", default="llm-autotune-sweeps", show_default=True, help="MLflow experiment")
+@click.option("--build-timeout", default=60.0, show_default=True, type=float)
+@click.option("--run-timeout", default=20.0, show_default=True, type=float)
+@click.option("--repeats", default=7, show_default=True, type=int, callback=positive,
+              help="timed samples per config (many short samples keep a clean minimum on a busy machine)")
+@click.option("--min-sample-ms", default=5.0, show_default=True, type=float,
+              help="shortest timed sample; a config's calls are repeated until a sample lasts this long")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def sweep(op, shape, dtype, target, sample, seed, threads, batch, log_path, tracking_uri, no_mlflow, experiment,
+          build_timeout, run_timeout, repeats, min_sample_ms, quiet) -> None:
+    """Measure a whole space, or a stated random subset of it, into a log for `replay`."""
+    from measure import LocalRunner, TimingPolicy
+
+    from .tuners import SweepTuner
+    from .tuning import run_tuning_job
+
+    if min_sample_ms <= 0:
+        raise UserError(f"--min-sample-ms must be > 0, got {min_sample_ms}")
+    tgt = resolve_target(target)
+    if tgt.kind != "cpu":
+        raise UserError("sweeps on cuda are not available yet: use --target cpu")
+    template, task = resolve_task(op, shape, dtype, tgt.kind)
+    restrict = thread_restriction(template, task, tgt, threads)
+    log = open_log(log_path)
+    plan = set(SweepTuner(task, tgt, template, seed=seed, restrict=restrict, sample=sample).plan)
+    # records of this task from an earlier sweep with another plan count toward the total too
+    earlier = {r.config_index for r in log.records(warn=False)
+               if r.task.key == task.key and r.target.key == tgt.key and r.config_index not in plan}
+    policy = TimingPolicy(min_sample_s=min_sample_ms / 1e3, repeats=repeats, min_repeats=min(3, repeats))
+    with LocalRunner(timeout_s=run_timeout, seed=seed, policy=policy) as runner:
+        summary = run_tuning_job(task, tgt, "sweep", len(plan) + len(earlier), batch, seed, log,
+                                 tracking_uri=None if no_mlflow else tracking_uri, use_mlflow=not no_mlflow,
+                                 experiment=experiment, build_timeout=build_timeout, progress=not quiet,
+                                 restrict=restrict, runner=runner, tuner_options={"sample": sample},
+                                 params={"sample": sample if sample is not None else "all", "repeats": repeats,
+                                         "min_sample_ms": min_sample_ms})
+    ok = [r for r in summary.records if r.ok]
+    click.echo(f"{task.key}: swept {len(plan)} of the space's configs ({summary.resumed} resumed, "
+               f"{summary.measured} measured now, {summary.failed} failed) in {summary.wall_s:.1f} s")
+    if ok:
+        top = max(r.gflops for r in ok)
+        near = sum(1 for r in ok if r.gflops >= 0.95 * top) / len(ok)
+        click.echo(f"best {top:.1f} GFLOP/s; {near * 100:.1f}% of the verified configs are within 95% of it")
+    click.echo(f"log: {log.path}")
+
+
+@cli.command()
+@click.option("--log", "logs", cls=ManyValues, required=True, help="sweep log(s) to replay on (.jsonl or .jsonl.gz)")
+@click.option("--tuners", default="xgb,random,optuna-tpe", show_default=True, help="comma-separated tuner names")
+@click.option("--seeds", default=20, show_default=True, type=int, callback=positive)
+@click.option("--trials", default=200, show_default=True, type=int, callback=positive, help="budget of each run")
+@click.option("--batch", default=8, show_default=True, type=int, callback=positive)
+@click.option("--transfer-from", "transfer_from", cls=ManyValues,
+              help="logs of other tasks: adds xgb+transfer, xgb starting from a model pre-trained on them")
+@click.option("--statistic", default="median", show_default=True, type=click.Choice(["median", "min"]),
+              help="recorded time to answer with: the median of the timed samples, or their minimum")
+@click.option("--xgb-rounds", default=None, type=int, callback=positive, help="boosting rounds per refit [default: 80]")
+@click.option("--json", "json_path", default="replay.json", show_default=True, help="write the full report here")
+@click.option("--plot", "plot_path", default="replay.png", show_default=True, help="write the convergence plot here")
+@click.option("--quiet", is_flag=True, help="no progress lines")
+def replay(logs, tuners, seeds, trials, batch, transfer_from, statistic, xgb_rounds, json_path, plot_path, quiet) -> None:
+    """Compare tuners on recorded sweeps without hardware: trials to 90%/95% of the best over seeds."""
+    from cost_model import XGBConfig
+
+    from .compare import compare_tuners, format_table, plot_convergence, to_json
+    from .replay import TRANSFER, RecordedSpace
+    from .tuners import TUNERS
+
+    names = [t.strip() for t in tuners.split(",") if t.strip()]
+    allowed = [t for t in TUNERS if t != "sweep"]
+    unknown = [t for t in names if t not in allowed and t != TRANSFER]
+    if unknown or not names:
+        raise UserError(f"--tuners: unknown tuner {', '.join(unknown) or '(none given)'}: choose from {', '.join(allowed)}")
+    if TRANSFER in names and not transfer_from:
+        raise UserError(f"--tuners {TRANSFER} needs --transfer-from")
+    for path in (json_path, plot_path):
+        parent = Path(path).parent
+        if not parent.is_dir():
+            raise UserError(f"cannot write {path}: directory {parent} does not exist")
+    records = load_logs(logs)
+    try:
+        spaces = RecordedSpace.from_records(records, statistic)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if not spaces:
+        raise UserError(f"no record in {', '.join(logs)} lies in a space of today's templates")
+    transfer = load_logs(transfer_from) if transfer_from else []
+    model_config = XGBConfig(num_rounds=xgb_rounds) if xgb_rounds else None
+    progress = None if quiet else (lambda line: click.echo(line, err=True))
+    try:
+        report = compare_tuners(spaces, names, seeds, trials, batch, transfer, model_config, progress=progress)
+    except ValueError as exc:  # e.g. nothing to pre-train on
+        raise UserError(str(exc)) from None
+    report.update({"logs": list(logs), "transfer_from": list(transfer_from or []), "statistic": statistic,
+                   "xgb_rounds": xgb_rounds or XGBConfig().num_rounds})
+    Path(json_path).write_text(to_json(report))
+    plot_convergence(report, plot_path)
+    click.echo(format_table(report))
+    click.echo(f"report: {json_path}; plot: {plot_path}")

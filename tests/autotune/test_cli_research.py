@@ -1,0 +1,77 @@
+"""sweep, replay and the research options of tune, run as a user runs them."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from records import RecordLog
+from test_cli import run
+
+
+@pytest.mark.parametrize("args, message", [
+    (["replay", "--log", "/no/such/sweep.jsonl"], "does not exist"),
+    (["replay", "--log", "{target}", "--tuners", "xgb,magic"], "unknown tuner magic"),
+    (["replay", "--log", "{target}", "--tuners", "xgb+transfer"], "needs --transfer-from"),
+    (["replay", "--log", "{target}", "--seeds", "0"], "--seeds must be >= 1"),
+    (["replay", "--log", "{target}", "--json", "/no/such/dir/r.json"], "does not exist"),
+    (["sweep", "--op", "nosuchop", "--shape", "M=1", "--log", "s.jsonl"], "unknown op 'nosuchop'"),
+    (["sweep", "--op", "gemv", "--shape", "M=1,N=8,K=8", "--log", "s.jsonl", "--sample", "0"], "--sample must be >= 1"),
+    (["tune", "--op", "gemv", "--shape", "M=1,N=8,K=8", "--tuner", "random", "--transfer-from", "{other}"],
+     "need --tuner xgb"),
+    (["tune", "--op", "gemv", "--shape", "M=1,N=8,K=8", "--load-model", "/no/such/model.json"], "no saved model"),
+    (["tune", "--op", "gemv", "--shape", "M=1,N=8,K=8", "--transfer-from", "/no/such/log.jsonl"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, sweep_logs, tmp_path):
+    args = [a.format(target=sweep_logs["target"], other=sweep_logs["other"]) for a in args]
+    proc = run(*args, "--no-mlflow" if args[0] in ("sweep", "tune") else "--quiet", cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autotune: error:"), proc.stderr
+    assert message in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_sweep_measures_a_stated_subset_and_resumes(tmp_path):
+    args = ["sweep", "--op", "gemv", "--shape", "M=1,N=16,K=40", "--threads", "1", "--sample", "6",
+            "--log", "s.jsonl", "--no-mlflow", "--quiet", "--repeats", "5", "--min-sample-ms", "0.2"]
+    out = run(*args, cwd=tmp_path).stdout
+    records = RecordLog(tmp_path / "s.jsonl").records()
+    assert len(records) == 6 and len({r.config_index for r in records}) == 6
+    assert all(r.tuner == "sweep" and r.config["threads"] == 1 for r in records)
+    assert all(len(r.result.costs) == 5 for r in records if r.ok)
+    assert "swept 6" in out and "within 95%" in out
+    again = run(*args, cwd=tmp_path).stdout
+    assert "6 resumed, 0 measured now" in again and len(RecordLog(tmp_path / "s.jsonl").records()) == 6
+
+
+def test_replay_reports_table_json_and_plot(sweep_logs, tmp_path):
+    proc = run("replay", "--log", str(sweep_logs["target"]), "--tuners", "xgb,random,optuna-tpe", "--seeds", "2",
+               "--trials", "20", "--transfer-from", str(sweep_logs["other"]), str(sweep_logs["other"]),
+               "--statistic", "min", "--xgb-rounds", "30", "--json", "r.json", "--plot", "r.png", cwd=tmp_path)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["transfer_from"] == [str(sweep_logs["other"])] * 2, "--transfer-from takes several logs"
+    assert report["statistic"] == "min" and report["xgb_rounds"] == 30
+    (entry,) = report["spaces"]
+    assert [t["tuner"] for t in entry["tuners"]] == ["xgb", "xgb+transfer", "random", "optuna-tpe"]
+    assert entry["transfer"]["records"] == 120
+    assert all(t["seeds"] == 2 for t in entry["tuners"])
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert "xgb+transfer" in proc.stdout and "within 95%" in proc.stdout
+    assert "95% of best after" in proc.stderr  # progress lines
+
+
+def test_tune_transfers_saves_and_loads_a_model(sweep_logs, tmp_path):
+    shape = "M=2,N=40,K=64"
+    proc = run("tune", "--op", "gemv", "--shape", shape, "--threads", "1", "--trials", "12", "--batch", "6",
+               "--transfer-from", str(sweep_logs["other"]), str(sweep_logs["target"]), "--save-model", "m.json",
+               "--log", "t.jsonl", "--no-mlflow", "--quiet", cwd=tmp_path)
+    assert "pre-trained the cost model on 120 records of 2 other task(s)" in proc.stderr
+    records = RecordLog(tmp_path / "t.jsonl").records()
+    assert len(records) == 12
+    assert all("score" in r.model for r in records), "with a pre-trained model even the first batch is ranked"
+    assert (tmp_path / "m.json").is_file() and (tmp_path / "m.json.meta.json").is_file()
+    proc = run("tune", "--op", "gemv", "--shape", shape, "--threads", "1", "--trials", "18", "--batch", "6",
+               "--load-model", "m.json", "--log", "t.jsonl", "--no-mlflow", "--quiet", cwd=tmp_path)
+    assert "loaded the cost model m.json" in proc.stderr
+    records = RecordLog(tmp_path / "t.jsonl").records()
+    assert len(records) == 18 and all("score" in r.model for r in records[12:])
