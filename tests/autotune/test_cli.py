@@ -75,7 +75,7 @@ def test_tune_64_trials_then_best_verifies_against_numpy(tmp_path):
 
     with TunedKernels.from_logs([tmp_path / "t.jsonl"]) as kernels:
         kernel = kernels.get("gemm", {"M": 256, "N": 256, "K": 256})
-        assert kernel.tuned and kernel.config.as_dict() == best["config"]
+        assert kernel.tuned and kernel.config == best["config"]
         rng = np.random.default_rng(42)
         x = rng.standard_normal((256, 256)).astype(np.float32)
         w = rng.standard_normal((256, 256)).astype(np.float32)

@@ -21,7 +21,7 @@ def test_best_config_is_used_and_untuned_shapes_fall_back(tmp_path, host, fast_p
     rng = np.random.default_rng(0)
     with TunedKernels.from_logs([log.path]) as kernels:
         kernel = kernels.get("gemv", task.dims)
-        assert kernel.tuned and kernel.config.as_dict() == summary.best.config
+        assert kernel.tuned and kernel.config == summary.best.config
         assert kernels.get("gemv", task.dims) is kernel  # compiled once
         x = rng.standard_normal((3, 200)).astype(np.float32)
         w = rng.standard_normal((96, 200)).astype(np.float32)

@@ -1,0 +1,264 @@
+"""The runtime's one kernel interface: a compiled CPU kernel called on numpy arrays.
+
+Kernels come from tuning logs (``runtime.from_log``, compiled on first use) or from an
+exported library (``runtime.library``, a shared object loaded with ctypes); both hand out
+``Kernel`` objects, chosen by the same rule (``select``): the operator, dtype, attributes
+and dynamic dims must match, static dims exactly, dynamic dims (token counts, KV lengths)
+at the nearest tuned bucket. Only numpy and ctypes are imported here, so that a deployment
+that loads an exported library needs nothing else.
+
+Calling conventions: array arguments first (in the order of ``args``), then one int64 per
+dynamic dim. ``kernel(x, w)`` checks every argument and allocates the outputs; a hot loop
+binds its buffers once (``kernel.bind({...})``) and then pays only the foreign call.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, TypeVar
+
+import numpy as np
+
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "uint8": np.uint8,
+                "int32": np.int32, "int64": np.int64}
+
+
+def numpy_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype an array of ``dtype`` is stored as (bfloat16 as raw uint16 words)."""
+    return np.dtype(NUMPY_DTYPES[dtype])
+
+
+@dataclass(frozen=True)
+class ArgInfo:
+    """One kernel argument: an array (``in``/``out``) of ``shape`` (dim names or ints), a
+    ``workspace`` of ``nbytes`` scratch bytes, or a ``scalar``: the int64 value of a dynamic dim."""
+
+    name: str
+    role: str
+    dtype: str = "float32"
+    shape: tuple[str | int, ...] = ()
+    nbytes: int = 0
+
+    def resolve_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else int(dims[d]) for d in self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "role": self.role, "dtype": self.dtype, "shape": list(self.shape),
+                "nbytes": self.nbytes}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ArgInfo":
+        return cls(data["name"], data["role"], data.get("dtype", "float32"), tuple(data.get("shape", ())),
+                   int(data.get("nbytes", 0)))
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What a kernel computes: operator, dims (dynamic ones at the bucket tuned), dtype, attributes."""
+
+    op: str
+    dims: tuple[tuple[str, int], ...]
+    dtype: str = "float32"
+    attrs: tuple[tuple[str, Any], ...] = ()
+    dynamic: tuple[str, ...] = ()
+
+    @classmethod
+    def make(cls, op: str, dims: Mapping[str, int], dtype: str = "float32", attrs: Mapping[str, Any] | None = None,
+             dynamic: Iterable[str] = ()) -> "KernelSpec":
+        dynamic = tuple(dynamic)
+        return cls(op, tuple((str(k), int(v)) for k, v in dims.items()), dtype,
+                   tuple(sorted((attrs or {}).items())), tuple(d for d in dict(dims) if d in dynamic))
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return dict(self.dims)
+
+    @property
+    def attr(self) -> dict[str, Any]:
+        return dict(self.attrs)
+
+    def describe(self) -> str:
+        dims = ",".join(f"{k}{'~' if k in self.dynamic else ''}={v}" for k, v in self.dims)
+        attrs = ",".join(f"{k}={v}" for k, v in self.attrs)
+        return f"{self.op}/{self.dtype}/{dims}" + (f"/{attrs}" if attrs else "")
+
+
+class UntunedShapeWarning(UserWarning):
+    """A call ran the template default because no tuned kernel serves its shape."""
+
+
+T = TypeVar("T")
+
+
+def distance(have: KernelSpec, want: KernelSpec) -> float | None:
+    """How far a kernel tuned for ``have`` is from the call ``want``; None when it cannot serve it.
+
+    Static dims must be equal; each dynamic dim adds |log(have / want)|, so the nearest bucket
+    on a ratio scale wins (a kernel tuned at KV length 2048 serves 1800 rather than 512)."""
+    if (have.op, have.dtype, set(have.dynamic)) != (want.op, want.dtype, set(want.dynamic)):
+        return None
+    if have.attr != want.attr:
+        return None
+    a, b = have.shape, want.shape
+    if set(a) != set(b):
+        return None
+    total = 0.0
+    for name, value in b.items():
+        if name in want.dynamic:
+            total += abs(math.log(a[name] / value))
+        elif a[name] != value:
+            return None
+    return total
+
+
+def select(candidates: Iterable[T], spec_of: Callable[[T], KernelSpec], want: KernelSpec) -> T | None:
+    """The candidate whose spec serves ``want`` best (see ``distance``), or None."""
+    best, best_d = None, math.inf
+    for item in candidates:
+        d = distance(spec_of(item), want)
+        if d is not None and d < best_d:
+            best, best_d = item, d
+    return best
+
+
+def buckets(specs: Iterable[KernelSpec], op: str, dim: str, **fixed: int) -> list[int]:
+    """Sorted values of ``dim`` among the kernels of ``op`` whose other ``fixed`` dims match:
+    e.g. the token counts a prefill GEMM was tuned at, for padding a prompt up to one."""
+    values = set()
+    for spec in specs:
+        shape = spec.shape
+        if spec.op == op and dim in shape and all(shape.get(k) == v for k, v in fixed.items()):
+            values.add(shape[dim])
+    return sorted(values)
+
+
+def aligned_empty(nbytes: int, align: int = 64) -> np.ndarray:
+    """Scratch bytes aligned for vector stores."""
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset:offset + nbytes]
+
+
+@dataclass
+class Kernel:
+    """A loaded kernel for one spec. ``function`` is a ctypes function taking the array
+    pointers then the dynamic dims as int64; ``keepalive`` holds whatever owns its code."""
+
+    spec: KernelSpec
+    args: tuple[ArgInfo, ...]
+    function: Callable[..., Any]
+    tuned: bool
+    seconds: float | None = None      # measured time of the tuned config, when known
+    config: dict[str, Any] = field(default_factory=dict)
+    entry: str = ""
+    keepalive: Any = None
+
+    def __post_init__(self) -> None:
+        self.input_names = [a.name for a in self.args if a.role == "in"]
+        self.output_names = [a.name for a in self.args if a.role == "out"]
+        self.scalar_names = [a.name for a in self.args if a.role == "scalar"]
+        self._workspace = {a.name: aligned_empty(a.nbytes) for a in self.args if a.role == "workspace"}
+
+    @property
+    def op(self) -> str:
+        return self.spec.op
+
+    def dims_for(self, arrays: Mapping[str, np.ndarray], dims: Mapping[str, int] | None = None) -> dict[str, int]:
+        """The call's dims: the kernel's, with dynamic ones read off array shapes or given."""
+        out = self.spec.shape
+        given = dict(dims or {})
+        runtime_dims = list(self.spec.dynamic) + [n for n in self.scalar_names if n not in self.spec.dynamic]
+        for name in runtime_dims:
+            if name in given:
+                out[name] = int(given.pop(name))
+                continue
+            for arg in self.args:
+                array = arrays.get(arg.name)
+                if array is not None and name in arg.shape and array.ndim == len(arg.shape):
+                    out[name] = int(array.shape[arg.shape.index(name)])
+                    break
+            else:
+                raise TypeError(f"{self.spec.describe()}: pass the dynamic dim {name} (dims={{'{name}': ...}})")
+        for name, value in given.items():
+            if out.get(name) != value:
+                raise ValueError(f"{self.spec.describe()}: dim {name} is compiled in as {out.get(name)}, not {value}")
+        return out
+
+    def _check(self, arg: ArgInfo, array: np.ndarray, dims: Mapping[str, int]) -> np.ndarray:
+        want = arg.resolve_shape(dims)
+        if array.size != int(np.prod(want)) or array.dtype != numpy_dtype(arg.dtype):
+            raise ValueError(f"{self.spec.op} {arg.role}put {arg.name}: expected {want} {arg.dtype}, "
+                             f"got {array.shape} {array.dtype}")
+        if not array.flags.c_contiguous:
+            raise ValueError(f"{self.spec.op} argument {arg.name} must be C-contiguous")
+        return array
+
+    def bind(self, arrays: Mapping[str, np.ndarray], dims: Mapping[str, int] | None = None) -> "BoundCall":
+        """Check ``arrays`` (every input and output by name) once; the result calls the kernel on
+        them with nothing but the foreign call, taking new values of the dynamic dims if given."""
+        call_dims = self.dims_for(arrays, dims)
+        pointers: list[int] = []
+        for arg in self.args:
+            if arg.role in ("in", "out"):
+                if arg.name not in arrays:
+                    raise TypeError(f"{self.spec.op} needs {arg.role}put {arg.name}")
+                pointers.append(self._check(arg, arrays[arg.name], call_dims).ctypes.data)
+            elif arg.role == "workspace":
+                pointers.append(self._workspace[arg.name].ctypes.data)
+        return BoundCall(self, pointers, {n: call_dims[n] for n in self.scalar_names}, dict(arrays))
+
+    def __call__(self, *arrays: np.ndarray, out: Mapping[str, np.ndarray] | None = None,
+                 dims: Mapping[str, int] | None = None, **named: np.ndarray):
+        """Run on inputs (positional in argument order, or by name); returns the output(s)."""
+        inputs = dict(zip(self.input_names, arrays))
+        inputs.update(named)
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise TypeError(f"{self.spec.op} needs inputs {self.input_names}; missing {missing}")
+        buffers = {n: np.ascontiguousarray(inputs[n]) for n in self.input_names}
+        call_dims = self.dims_for(buffers, dims)
+        for arg in self.args:
+            if arg.role == "out":
+                given = (out or {}).get(arg.name)
+                buffers[arg.name] = given if given is not None else np.empty(arg.resolve_shape(call_dims),
+                                                                              numpy_dtype(arg.dtype))
+        self.bind(buffers, call_dims)()
+        outputs = tuple(buffers[n] for n in self.output_names)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+class BoundCall:
+    """A kernel bound to its buffers: ``call()`` or ``call(L=129)`` for a new dynamic value."""
+
+    __slots__ = ("kernel", "pointers", "scalars", "arrays", "_function")
+
+    def __init__(self, kernel: Kernel, pointers: list[int], scalars: dict[str, int], arrays: dict):
+        self.kernel = kernel
+        self.pointers = pointers
+        self.scalars = scalars
+        self.arrays = arrays  # keeps the buffers alive while the pointers are in use
+        self._function = kernel.function
+
+    def __call__(self, **dims: int) -> None:
+        for name, value in dims.items():
+            if name not in self.scalars:
+                raise TypeError(f"{self.kernel.spec.op}: {name} is not a dynamic dim of this kernel")
+            self.scalars[name] = value
+        self._function(*self.pointers, *self.scalars.values())
+
+
+def ctypes_signature(args: Sequence[ArgInfo]) -> list:
+    """ctypes argument types of a kernel with these arguments (pointers, then int64 dims)."""
+    return [ctypes.c_int64 if a.role == "scalar" else ctypes.c_void_p for a in args]
+
+
+class KernelProvider(Protocol):
+    """Where a model gets its kernels: a tuning log, an exported library, template defaults."""
+
+    def get(self, op: str, shape: Mapping[str, int], dtype: str = "float32", attrs: Mapping | None = None,
+            dynamic: Sequence[str] = ()) -> Kernel: ...
+
+    def specs(self) -> list[KernelSpec]: ...
+
+    def close(self) -> None: ...
