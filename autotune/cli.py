@@ -460,6 +460,7 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, as_json) 
 
 
 from . import cli_research  # noqa: E402,F401  (registers sweep and replay on the group)
+from . import cli_export  # noqa: E402,F401  (registers export on the group)
 
 if __name__ == "__main__":
     # run as `python -m autotune.cli`: use the package's module, where every command is registered

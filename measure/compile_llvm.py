@@ -62,3 +62,48 @@ def compile_to_object(module_text: str, target: Target) -> bytes:
 def compile_to_assembly(module_text: str, target: Target) -> str:
     module = optimize(module_text, target)
     return target_machine(target.arch, target.features).emit_assembly(module)
+
+
+# --------------------------------------------------------------------------- library objects
+# An exported library links many kernels into one shared object: each kernel's entry gets a
+# name unique in the library and everything else it defines becomes internal, so helpers of
+# the same name in two kernels never clash (and O3 is free to inline or drop them).
+
+_LOCAL_LINKAGES = ("internal", "private")
+
+
+def export_only(module, entry: str, symbol: str) -> None:
+    """Rename ``entry`` to ``symbol`` and make every other definition in ``module`` internal."""
+    import llvmlite.binding as llvm
+
+    found = False
+    for fn in module.functions:
+        if fn.is_declaration:
+            continue
+        if fn.name == entry:
+            fn.name = symbol
+            fn.linkage = llvm.Linkage.external
+            found = True
+        elif fn.linkage.name not in _LOCAL_LINKAGES:
+            fn.linkage = llvm.Linkage.internal
+    for variable in module.global_variables:
+        if not variable.is_declaration and variable.linkage.name not in _LOCAL_LINKAGES:
+            variable.linkage = llvm.Linkage.internal
+    if not found:
+        raise ValueError(f"the module defines no function {entry!r}")
+
+
+def compile_library_object(module_text: str, entry: str, symbol: str, target: Target) -> bytes:
+    """Object code of one kernel for a shared library: its only global symbol is ``symbol``."""
+    import llvmlite.binding as llvm
+
+    llvm.initialize_native_target()
+    module = llvm.parse_assembly(module_text)
+    export_only(module, entry, symbol)
+    return compile_to_object(str(module), target)
+
+
+def library_object_job(payload: dict) -> bytes:
+    """Worker side of ``compile_library_object`` (LLVM assertions abort only the worker)."""
+    return compile_library_object(payload["code"], payload["entry"], payload["symbol"],
+                                  Target.from_dict(payload["target"]))

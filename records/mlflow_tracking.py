@@ -108,17 +108,49 @@ class MLflowRun:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def records_from_run(run_id: str, tracking_uri: str | None = None, artifact: str = "tune.jsonl") -> list[Record]:
-    """Read a job's tuning log back from its MLflow run (for export)."""
+class RunNotFound(LookupError):
+    """No MLflow run with that id in the store."""
+
+
+def _store_exists(uri: str) -> bool:
+    """A SQLite store that is not there would be created empty by MLflow: say so instead."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).is_file()
+    return True
+
+
+def _log_artifacts(client, run_id: str, folder: str | None = None) -> list[str]:
+    """Paths of the run's tuning logs (``.jsonl``, ``.jsonl.gz``), in every artifact folder."""
+    found = []
+    for item in client.list_artifacts(run_id, folder):
+        if item.is_dir:
+            found.extend(_log_artifacts(client, run_id, item.path))
+        elif item.path.endswith((".jsonl", ".jsonl.gz")):
+            found.append(item.path)
+    return sorted(found)
+
+
+def records_from_run(run_id: str, tracking_uri: str | None = None) -> list[Record]:
+    """Read a job's records back from the tuning log(s) its MLflow run keeps as artifacts.
+
+    Raises RunNotFound for a run the store does not hold and FileNotFoundError for a run
+    without a tuning log."""
     from .log import RecordLog
 
-    client = _client(resolve_tracking_uri(tracking_uri))
-    names = [a.path for a in client.list_artifacts(run_id)]
-    logs = [n for n in names if n.endswith(".jsonl")]
+    uri = resolve_tracking_uri(tracking_uri)
+    if not _store_exists(uri):
+        raise RunNotFound(f"no MLflow store at {uri}")
+    client = _client(uri)
+    try:
+        client.get_run(run_id)
+    except Exception as exc:  # MlflowException for an unknown or malformed id
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunNotFound(f"no MLflow run {run_id} in {uri} ({reason})") from None
+    logs = _log_artifacts(client, run_id)
     if not logs:
-        raise FileNotFoundError(f"MLflow run {run_id} has no .jsonl tuning log among its artifacts {names}")
+        raise FileNotFoundError(f"MLflow run {run_id} has no .jsonl tuning log among its artifacts")
+    records: list[Record] = []
     with tempfile.TemporaryDirectory() as tmp:
-        records: list[Record] = []
         for name in logs:
             local = client.download_artifacts(run_id, name, tmp)
             records.extend(RecordLog(local).records())

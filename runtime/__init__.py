@@ -13,6 +13,7 @@ import importlib
 _LAZY = {
     "Kernel": "runtime.kernel", "KernelSpec": "runtime.kernel", "ArgInfo": "runtime.kernel",
     "UntunedShapeWarning": "runtime.kernel", "TunedKernels": "runtime.from_log",
+    "load": "runtime.library", "KernelLibrary": "runtime.library",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,0 +1,69 @@
+"""``autotune export``: the best verified kernel of every task as a library directory.
+Registered on the ``cli`` group by autotune/cli.py.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .cli import ManyValues, UserError, _err, cli, echo_json, load_logs
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1024:.1f} KiB" if nbytes < 1 << 20 else f"{nbytes / (1 << 20):.1f} MiB"
+
+
+def _records(logs, run_id: str | None, tracking_uri: str | None) -> list:
+    if bool(logs) == bool(run_id):
+        raise UserError("give the records with either --log LOG [LOG...] or --mlflow-run RUN_ID")
+    if logs:
+        return load_logs(logs)
+    from records.mlflow_tracking import RunNotFound, records_from_run
+
+    try:
+        return records_from_run(run_id, tracking_uri)
+    except (RunNotFound, FileNotFoundError) as exc:
+        raise UserError(str(exc).strip('"')) from None
+
+
+@cli.command("export")
+@click.option("--log", "logs", cls=ManyValues, metavar="LOG [LOG...]", help="JSONL tuning log(s)")
+@click.option("--mlflow-run", "run_id", default=None, help="read the records from this MLflow run's log artifact(s)")
+@click.option("--tracking-uri", default=None,
+              help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db]")
+@click.option("--out", "out_dir", required=True, help="library directory (an earlier library there is replaced)")
+@click.option("--target", default=None,
+              help="cpu, cuda, an arch (sm_90a) or a target key [default: the records' only target]")
+@click.option("--no-verify", is_flag=True, help="do not check the exported CPU kernels against numpy")
+@click.option("--json", "as_json", is_flag=True, help="print the exported kernels as JSON")
+def export(logs, run_id, tracking_uri, out_dir, target, no_verify, as_json) -> None:
+    """Compile the best verified config of every task into a kernel library (manifest.json,
+    one shared library or cubins, sources, a C header) that `runtime.load` runs with numpy only."""
+    from records import ExportError, ExportFailed, export_library
+
+    records = _records(logs, run_id, tracking_uri)
+    try:
+        summary = export_library(records, out_dir, target, verify=not no_verify)
+    except ExportFailed as exc:
+        _err(str(exc))
+        sys.exit(1)
+    except ExportError as exc:
+        raise UserError(str(exc)) from None
+    if as_json:
+        echo_json({"path": str(summary.path), "target": summary.target.key, "bytes": summary.total_bytes,
+                   "library": str(summary.library) if summary.library else None, "verified": summary.verified,
+                   "kernels": [{k: e[k] for k in ("entry", "task", "op", "config", "seconds", "gflops")}
+                               for e in summary.kernels]})
+        return
+    checked = (f"all {summary.verified} checked against numpy" if summary.verified == len(summary.kernels)
+               else "not checked here")
+    click.echo(f"exported {len(summary.kernels)} kernel(s) for {summary.target.key} to {summary.path} "
+               f"({_size(summary.total_bytes)}; {checked}) in {summary.seconds:.1f} s")
+    if summary.library is not None:
+        click.echo(f"  {summary.library.name}  {_size(summary.library.stat().st_size)}; header llm_autotune_kernels.h")
+    for entry in summary.kernels:
+        click.echo(f"  {entry['entry']}  {entry['task']}  {entry['seconds'] * 1e3:.4f} ms  "
+                   f"{entry['gflops']:.1f} GFLOP/s")
+    for note in summary.notes:
+        click.echo(f"  note: {note}")

@@ -1,0 +1,390 @@
+"""Export the best verified kernel of every task as a library directory a deployment loads.
+
+``export_library(records, "lib/")`` writes::
+
+    lib/manifest.json                 what every kernel computes and how to call it
+    lib/libllm_autotune_kernels.so    CPU: every kernel, one exported symbol each
+    lib/llm_autotune_kernels.h        CPU: a typed C prototype per kernel
+    lib/cubins/<entry>.cubin          CUDA: one cubin per kernel
+    lib/sources/<entry>.ll | .cu      every kernel's source text
+
+For each task the fastest verified record on the target is rendered again from its config
+(templates are pure, so this is the code that was measured) and compiled: CPU kernels by
+LLVM's O3 pipeline in worker processes, each entry renamed to a name unique in the library
+and everything else made internal, then linked by the system C compiler; CUDA kernels by
+nvcc (no GPU needed). Before the new library replaces anything at ``out_dir``, every CPU
+kernel is loaded from it and checked against the numpy reference in a worker process, so
+a library that exists is one whose kernels compute the right answer on this machine.
+``runtime.load`` reads the directory back with numpy and ctypes only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from queue import Queue
+from typing import Any, Iterable
+
+from measure.worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout
+from search_space import KernelSource, Target, Task, get_template
+
+from .c_header import header_text
+from .log import best_records
+from .record import Record, package_version
+
+FORMAT = "llm-autotune-kernels"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+LIBRARY = "libllm_autotune_kernels.so"
+HEADER = "llm_autotune_kernels.h"
+SOURCE_SUFFIX = {"llvm": ".ll", "cuda": ".cu"}
+DTYPE_TAG = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+
+
+class ExportError(Exception):
+    """The records cannot be exported as asked (bad input): one line for the user."""
+
+
+class ExportFailed(ExportError):
+    """Exporting went wrong past the input: a compiler crashed, linking failed, a kernel was wrong."""
+
+
+@dataclass
+class ExportSummary:
+    path: Path
+    target: Target
+    kernels: list[dict[str, Any]]
+    library: Path | None
+    total_bytes: int
+    verified: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- choosing
+
+
+def choose_target(records: Iterable[Record], name: str | None = None) -> Target:
+    """The target whose kernels to export: ``cpu``, ``cuda``, an arch (``sm_90a``, ``znver4``)
+    or a target key (``cpu-znver4``); without a name, the only one the records hold."""
+    targets: dict[str, Target] = {}
+    for record in records:
+        if record.ok:
+            targets.setdefault(record.target.key, record.target)
+    if not targets:
+        raise ExportError("the records hold no verified measurement: nothing to export")
+    if name is None:
+        chosen = dict(targets)
+    elif name in ("cpu", "host", "llvm", "cuda"):
+        kind = "cuda" if name == "cuda" else "cpu"
+        chosen = {k: t for k, t in targets.items() if t.kind == kind}
+    else:
+        chosen = {k: t for k, t in targets.items() if name in (k, t.arch)}
+    if not chosen:
+        raise ExportError(f"no verified record for target {name}: the records hold kernels for "
+                          f"{', '.join(sorted(targets))}")
+    if len(chosen) > 1 and name in ("cpu", "host", "llvm"):
+        host = Target.host().key
+        if host in chosen:
+            return chosen[host]
+    if len(chosen) > 1:
+        raise ExportError(f"the records hold kernels for {', '.join(sorted(chosen))}: pass --target with one of them")
+    return next(iter(chosen.values()))
+
+
+def entry_name(task: Task, target: Target) -> str:
+    """A C identifier unique in the library and stable across exports of the same task."""
+    digest = hashlib.sha256(f"{task.key}|{target.key}".encode()).hexdigest()[:10]
+    return f"{task.op}_{DTYPE_TAG.get(task.dtype, task.dtype)}_{digest}"
+
+
+@dataclass
+class _Kernel:
+    record: Record
+    source: KernelSource
+    entry: str
+
+    @property
+    def task(self) -> Task:
+        return self.record.task
+
+
+def _render(record: Record) -> KernelSource:
+    task, target = record.task, record.target
+    try:
+        template = get_template(task.op, target.kind)
+        config = record.to_config(template.space(task, target))
+        return template.render(task, config, target)
+    except (ValueError, KeyError) as exc:
+        raise ExportError(f"the best record of {task.key} no longer renders with this version "
+                          f"(config {json.dumps(record.config)}): {exc}") from None
+
+
+def _kernels(records: Iterable[Record], target: Target) -> list[_Kernel]:
+    winners = sorted((r for (_, target_key), r in best_records(records).items() if target_key == target.key),
+                     key=lambda r: (r.task.op, r.task.key))
+    if not winners:
+        raise ExportError(f"no verified record for target {target.key}: nothing to export")
+    kernels = [_Kernel(r, _render(r), entry_name(r.task, target)) for r in winners]
+    names = [k.entry for k in kernels]
+    if len(set(names)) != len(names):  # a 40-bit clash between two task keys: never silently
+        raise ExportError("two tasks got the same entry name; report this with the log")
+    return kernels
+
+
+# ----------------------------------------------------------------------------- compiling
+
+
+def _in_workers(jobs: list[tuple[str, dict]], labels: list[str], n_parallel: int, timeout_s: float) -> list[Any]:
+    """Run ``(function path, payload)`` jobs on a few worker processes; any failure is an ExportError."""
+    idle: Queue[WorkerProcess] = Queue()
+    workers = [WorkerProcess(name=f"autotune-export-{i}") for i in range(max(1, min(n_parallel, len(jobs))))]
+    for worker in workers:
+        idle.put(worker)
+
+    def run(i: int) -> Any:
+        worker = idle.get()
+        try:
+            return worker.call(jobs[i][0], jobs[i][1], timeout_s)
+        except WorkerTimeout:
+            raise ExportFailed(f"{labels[i]}: took longer than {timeout_s:.0f} s") from None
+        except WorkerCrash as exc:
+            raise ExportFailed(f"{labels[i]}: the worker died ({exc})") from None
+        except WorkerError as exc:
+            raise ExportFailed(f"{labels[i]}: {exc}") from None
+        finally:
+            idle.put(worker)
+
+    try:
+        with ThreadPoolExecutor(max_workers=len(workers)) as pool:
+            return list(pool.map(run, range(len(jobs))))
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+def find_c_compiler(cc: str | None = None) -> list[str]:
+    """The command that links the shared library: ``cc``, else $CC, else cc, gcc or clang."""
+    for candidate in (cc, os.environ.get("CC"), "cc", "gcc", "clang"):
+        if not candidate:
+            continue
+        words = shlex.split(candidate)
+        path = shutil.which(words[0]) if words else None
+        if path:
+            return [path, *words[1:]]
+    raise ExportError("no C compiler found (tried $CC, cc, gcc, clang): one is needed to link the CPU kernels "
+                      "into a shared library")
+
+
+def link_shared_library(objects: list[Path], out: Path, cc: str | None = None) -> None:
+    command = [*find_c_compiler(cc), "-shared", "-o", str(out), *map(str, objects),
+               # LLVM's objects carry no .note.GNU-stack: without this the linker asks for an
+               # executable stack, which recent glibc refuses to dlopen
+               "-Wl,-z,noexecstack", f"-Wl,-soname,{out.name}", "-lm", "-lpthread"]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()][:4]
+        raise ExportFailed(f"linking {out.name} failed: {' | '.join(lines) or f'exit code {proc.returncode}'}")
+
+
+def _compile_cpu(kernels: list[_Kernel], stage: Path, target: Target, n_parallel: int, timeout_s: float,
+                 cc: str | None) -> Path:
+    find_c_compiler(cc)  # fail before spending minutes in LLVM
+    jobs = [("measure.compile_llvm:library_object_job",
+             {"code": k.source.code, "entry": k.source.entry, "symbol": k.entry, "target": target.to_dict()})
+            for k in kernels]
+    objects = _in_workers(jobs, [f"compiling {k.task.key}" for k in kernels], n_parallel, timeout_s)
+    with tempfile.TemporaryDirectory(prefix="autotune-export-") as tmp:
+        paths = []
+        for kernel, data in zip(kernels, objects):
+            path = Path(tmp) / f"{kernel.entry}.o"
+            path.write_bytes(data)
+            paths.append(path)
+        library = stage / LIBRARY
+        link_shared_library(paths, library, cc)
+    return library
+
+
+def _compile_cuda(kernels: list[_Kernel], stage: Path, target: Target) -> dict[str, str]:
+    from measure.compile_cuda import CudaCompileError, compile_to_cubin, nvcc_path
+
+    try:
+        nvcc_path()
+    except CudaCompileError as exc:
+        raise ExportError(str(exc)) from None
+    (stage / "cubins").mkdir()
+    files = {}
+    for kernel in kernels:
+        try:
+            data, _ = compile_to_cubin(kernel.source, target)
+        except CudaCompileError as exc:
+            raise ExportFailed(f"compiling {kernel.task.key}: {exc}") from None
+        name = f"cubins/{kernel.entry}.cubin"
+        (stage / name).write_bytes(data)
+        files[kernel.entry] = name
+    return files
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _manifest_entry(kernel: _Kernel, source_file: str, source_hash: str, target: Target) -> dict[str, Any]:
+    record, task, source = kernel.record, kernel.task, kernel.source
+    entry = {
+        "op": task.op,
+        "task": task.key,
+        "dims": task.dims,
+        "dynamic": list(task.dynamic),
+        "dtype": task.dtype,
+        "attrs": task.attr,
+        "config": record.config,
+        "entry": kernel.entry,
+        "symbol": kernel.entry if target.kind == "cpu" else source.entry,
+        "lang": source.lang,
+        "args": [a.to_dict() for a in source.args],
+        "launch": source.launch_dims,
+        "seconds": record.seconds,
+        "gflops": record.gflops,
+        "source": source_file,
+        "source_sha256": source_hash,
+        "tuned": True,
+        "measured": {"device": record.target.device_name, "tuner": record.tuner, "timestamp": record.timestamp,
+                     **{k: record.result.stats[k] for k in ("p20", "p80", "min") if k in record.result.stats}},
+    }
+    return entry
+
+
+def _write_library(kernels: list[_Kernel], stage: Path, target: Target, n_parallel: int, timeout_s: float,
+                   cc: str | None) -> tuple[list[dict[str, Any]], Path | None]:
+    (stage / "sources").mkdir()
+    entries = []
+    for kernel in kernels:
+        name = f"sources/{kernel.entry}{SOURCE_SUFFIX.get(kernel.source.lang, '.txt')}"
+        data = kernel.source.code.encode()
+        (stage / name).write_bytes(data)
+        entries.append(_manifest_entry(kernel, name, hashlib.sha256(data).hexdigest(), target))
+    library = None
+    if target.kind == "cpu":
+        library = _compile_cpu(kernels, stage, target, n_parallel, timeout_s, cc)
+        (stage / HEADER).write_text(header_text(entries, target.key))
+    else:
+        cubins = _compile_cuda(kernels, stage, target)
+        for entry in entries:
+            entry["cubin"] = cubins[entry["entry"]]
+    manifest = {
+        "format": FORMAT,
+        "schema": SCHEMA_VERSION,
+        "target": target.to_dict(),
+        "package_version": package_version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "library": LIBRARY if library is not None else None,
+        "header": HEADER if library is not None else None,
+        "kernels": entries,
+    }
+    (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return entries, library
+
+
+# ----------------------------------------------------------------------------- verifying
+
+
+def verify_library_job(payload: dict[str, Any]) -> list[str]:
+    """Worker side: load the library as a deployment would and check every kernel against the
+    template's numpy reference at its tuned dims. Returns one line per wrong kernel."""
+    import numpy as np
+
+    from measure.verify import check_output
+    from runtime.library import KernelLibrary
+
+    library = KernelLibrary(payload["dir"])
+    problems = []
+    for entry in library.entries:
+        task = Task.make(entry["op"], entry["dims"], entry["dtype"], entry["attrs"], entry["dynamic"])
+        template = get_template(task.op, "cpu")
+        inputs = template.make_inputs(task, np.random.default_rng(payload.get("seed", 0)))
+        want = template.reference(task, inputs)
+        kernel = library.kernel(entry["entry"])
+        got = kernel(**inputs, dims={d: task.dims[d] for d in task.dynamic})
+        got = got if isinstance(got, tuple) else (got,)
+        for name, value in zip(kernel.output_names, got):
+            dtype = next(a.dtype for a in kernel.args if a.name == name)
+            problem = check_output(name, value, want[name], template.tolerance(task), dtype)
+            if problem:
+                problems.append(f"{entry['entry']} ({task.key}): {problem}")
+    return problems
+
+
+# ----------------------------------------------------------------------------- the directory
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ExportError(f"--out {out} is a non-empty directory that holds no kernel library: refusing to replace it")
+    parent = out.parent
+    if not parent.is_dir():
+        raise ExportError(f"--out {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"--out {out}: directory {parent} is not writable")
+
+
+def _replace(stage: Path, out: Path) -> None:
+    """Put the finished library at ``out``; an earlier library there goes only once this one is whole."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_library(records: Iterable[Record], out_dir: str | os.PathLike, target: Target | str | None = None,
+                   verify: bool = True, n_parallel: int | None = None, timeout_s: float = 600.0,
+                   cc: str | None = None) -> ExportSummary:
+    """Compile the best verified config of every task on ``target`` into the library ``out_dir``.
+
+    ``target``: a Target, a name for ``choose_target``, or None for the only target in the
+    records. ``verify``: check every CPU kernel of the new library against numpy before it
+    replaces anything. Raises ExportError for anything the user can fix."""
+    start = time.perf_counter()
+    records = list(records)
+    target = target if isinstance(target, Target) else choose_target(records, target)
+    out = Path(out_dir).absolute()
+    _check_out_dir(out)
+    kernels = _kernels(records, target)
+    n_parallel = n_parallel or min(2, len(os.sched_getaffinity(0)))
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot create a directory there: {exc.strerror or exc}") from None
+    try:
+        entries, library = _write_library(kernels, stage, target, n_parallel, timeout_s, cc)
+        verified, notes = 0, []
+        if verify and library is not None:
+            problems = _in_workers([("records.export:verify_library_job", {"dir": str(stage)})],
+                                   ["checking the exported kernels"], 1, timeout_s)[0]
+            if problems:
+                raise ExportFailed(f"{len(problems)} exported kernel(s) computed a wrong answer, nothing was "
+                                  f"written: {problems[0]}")
+            verified = len(entries)
+        elif target.kind == "cuda":
+            notes.append("CUDA kernels are checked when they run on a GPU, not at export")
+        stage.chmod(0o755)  # mkdtemp makes it private; a library is for others to read
+        _replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return ExportSummary(out, target, entries, out / library.name if library else None, total, verified,
+                         time.perf_counter() - start, notes)

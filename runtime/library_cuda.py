@@ -1,0 +1,180 @@
+"""The CUDA kernels of an exported library: cubins loaded and launched with pycuda.
+
+pycuda is imported when the first CUDA kernel is loaded, never by ``import runtime``.
+A ``CudaKernel`` keeps the calling convention of ``runtime.kernel.Kernel``:
+
+- ``kernel(x, w)`` takes and returns numpy arrays (copied to the device and back: for
+  checking and occasional calls);
+- ``kernel.bind({name: device buffer}, dims)`` binds device-resident buffers (pycuda
+  ``GPUArray``s, checked like numpy arrays, or raw ``DeviceAllocation``s) and returns a call
+  that only launches: what a model that keeps its activations on the GPU uses;
+- ``kernel.function(*device_pointers, *dims)`` launches on the library's stream.
+
+Launch geometry comes from the manifest: ``block``, ``grid`` (ints or integer expressions
+over dim names, for dynamic dims) and ``smem`` (dynamic shared memory bytes).
+"""
+from __future__ import annotations
+
+import ast
+import math
+import operator
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .kernel import ArgInfo, BoundCall, Kernel, KernelSpec, numpy_dtype
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+        ast.Mod: operator.mod}
+
+
+def evaluate(expr: int | str, dims: Mapping[str, int]) -> int:
+    """An int, or integer arithmetic (+ - * // % and parentheses) over dim names: the launch
+    expressions of ``search_space.codegen.cuda``, read here without importing the project."""
+    if isinstance(expr, int):
+        return expr
+
+    def walk(node: ast.AST) -> int:
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            return int(dims[node.id])
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](walk(node.left), walk(node.right))
+        raise ValueError(f"unsupported launch expression {expr!r}")
+
+    return int(walk(ast.parse(str(expr), mode="eval")))
+
+
+class CudaModules:
+    """The pycuda context, stream and loaded cubins of one library."""
+
+    def __init__(self) -> None:
+        try:
+            import pycuda.driver as drv
+
+            import pycuda.autoprimaryctx  # noqa: F401 - retains and pushes the primary context
+        except ImportError as exc:
+            raise RuntimeError("CUDA kernels need pycuda (pip install 'llm-autotune[cuda]') and a GPU") from exc
+        self.drv = drv
+        self.stream = drv.Stream()
+        self.modules: list[Any] = []
+
+    def kernel(self, folder: Path, record: Mapping[str, Any], spec: KernelSpec, args: tuple[ArgInfo, ...]) -> "CudaKernel":
+        drv = self.drv
+        module = drv.module_from_buffer((folder / record["cubin"]).read_bytes())
+        self.modules.append(module)  # a module unloads when collected; its functions go with it
+        function = module.get_function(record["symbol"])
+        launch = dict(record["launch"])
+        smem_expr = launch.get("smem", 0)
+        granted = [0]  # dynamic shared memory the function has opted in for so far
+
+        def opt_in(smem: int) -> None:
+            # past 48 KB (static + dynamic) a kernel must opt in: for exactly what it asks, as the runner does
+            if smem > granted[0]:
+                function.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+                granted[0] = smem
+
+        opt_in(evaluate(smem_expr, spec.shape))
+        function.prepare([np.int64 if a.role == "scalar" else np.uintp for a in args])
+        block = tuple(int(b) for b in launch["block"])
+        grid_exprs = tuple(launch["grid"])
+        static = spec.shape
+        scalar_names = [a.name for a in args if a.role == "scalar"]
+        n_pointers = len(args) - len(scalar_names)
+        stream = self.stream
+
+        def launch_kernel(*values: int) -> None:
+            dims = dict(static)
+            dims.update(zip(scalar_names, values[n_pointers:]))
+            grid = tuple(evaluate(g, dims) for g in grid_exprs)
+            smem = evaluate(smem_expr, dims)
+            opt_in(smem)
+            function.prepared_async_call(grid, block, stream, *values, shared_size=smem)
+
+        return CudaKernel(spec, args, launch_kernel, tuned=bool(record.get("tuned", True)),
+                          seconds=record.get("seconds"), config=dict(record.get("config") or {}),
+                          entry=record["entry"], keepalive=(self, module))
+
+    def close(self) -> None:
+        self.modules.clear()
+
+
+class CudaKernel(Kernel):
+    """A library kernel in a cubin (see the module docstring)."""
+
+    def __post_init__(self) -> None:
+        self.input_names = [a.name for a in self.args if a.role == "in"]
+        self.output_names = [a.name for a in self.args if a.role == "out"]
+        self.scalar_names = [a.name for a in self.args if a.role == "scalar"]
+        modules: CudaModules = self.keepalive[0]
+        drv = modules.drv
+        self._drv, self._stream = drv, modules.stream
+        self._workspace = {}
+        for arg in self.args:
+            if arg.role == "workspace":
+                alloc = drv.mem_alloc(max(arg.nbytes, 4))
+                drv.memset_d8(alloc, 0, max(arg.nbytes, 4))  # counters and partial sums start at zero
+                self._workspace[arg.name] = alloc
+
+    def _device_pointer(self, arg: ArgInfo, buffer: Any, dims: Mapping[str, int]) -> int:
+        if hasattr(buffer, "gpudata"):  # a GPUArray: its size and dtype can be checked
+            want = arg.resolve_shape(dims)
+            if buffer.size != math.prod(want) or np.dtype(buffer.dtype) != numpy_dtype(arg.dtype):
+                raise ValueError(f"{self.spec.op} {arg.role}put {arg.name}: expected {want} {arg.dtype}, "
+                                 f"got {buffer.shape} {buffer.dtype}")
+            return int(buffer.gpudata)
+        return int(buffer)
+
+    def bind(self, arrays: Mapping[str, Any], dims: Mapping[str, int] | None = None) -> BoundCall:
+        """Bind device buffers by name; ``dims`` gives every dynamic dim a GPUArray shape does not."""
+        call_dims = self.dims_for({n: b for n, b in arrays.items() if hasattr(b, "shape")}, dims)
+        pointers = []
+        for arg in self.args:
+            if arg.role in ("in", "out"):
+                if arg.name not in arrays:
+                    raise TypeError(f"{self.spec.op} needs {arg.role}put {arg.name}")
+                pointers.append(self._device_pointer(arg, arrays[arg.name], call_dims))
+            elif arg.role == "workspace":
+                pointers.append(int(self._workspace[arg.name]))
+        return BoundCall(self, pointers, {n: call_dims[n] for n in self.scalar_names}, dict(arrays))
+
+    def __call__(self, *arrays: np.ndarray, out: Mapping[str, np.ndarray] | None = None,
+                 dims: Mapping[str, int] | None = None, **named: np.ndarray):
+        """numpy in, numpy out: copies the inputs to the device, launches, waits, copies back."""
+        drv = self._drv
+        inputs = dict(zip(self.input_names, arrays))
+        inputs.update(named)
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise TypeError(f"{self.spec.op} needs inputs {self.input_names}; missing {missing}")
+        host = {n: np.ascontiguousarray(inputs[n]) for n in self.input_names}
+        call_dims = self.dims_for(host, dims)
+        for arg in self.args:
+            if arg.role == "in":
+                self._check(arg, host[arg.name], call_dims)
+            elif arg.role == "out":
+                given = (out or {}).get(arg.name)
+                host[arg.name] = given if given is not None else np.empty(arg.resolve_shape(call_dims),
+                                                                           numpy_dtype(arg.dtype))
+        device = {}
+        try:
+            for arg in self.args:
+                if arg.role in ("in", "out"):
+                    device[arg.name] = drv.mem_alloc(max(host[arg.name].nbytes, 1))
+                    if arg.role == "in":
+                        drv.memcpy_htod(device[arg.name], host[arg.name])
+            self.bind(device, call_dims)()
+            done = drv.Event()
+            done.record(self._stream)
+            done.synchronize()
+            for name in self.output_names:
+                drv.memcpy_dtoh(host[name], device[name])
+        finally:
+            for alloc in device.values():
+                alloc.free()
+        outputs = tuple(host[n] for n in self.output_names)
+        return outputs[0] if len(outputs) == 1 else outputs
