@@ -35,7 +35,7 @@ from queue import Queue
 from typing import Any, Iterable
 
 from measure.worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout
-from search_space import KernelSource, Target, Task, get_template
+from search_space import KernelSource, Target, Task, get_template, template_module
 
 from .c_header import header_text
 from .log import best_records
@@ -300,11 +300,15 @@ def _write_library(kernels: list[_Kernel], stage: Path, target: Target, n_parall
 def verify_library_job(payload: dict[str, Any]) -> list[str]:
     """Worker side: load the library as a deployment would and check every kernel against the
     template's numpy reference at its tuned dims. Returns one line per wrong kernel."""
+    import importlib
+
     import numpy as np
 
     from measure.verify import check_output
     from runtime.library import KernelLibrary
 
+    for module in payload.get("modules", ()):  # templates registered outside search_space (tests)
+        importlib.import_module(module)
     library = KernelLibrary(payload["dir"])
     problems = []
     for entry in library.entries:
@@ -332,8 +336,10 @@ def _check_out_dir(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise ExportError(f"--out {out} is a non-empty directory that holds no kernel library: refusing to replace it")
     parent = out.parent
-    if not parent.is_dir():
+    if not parent.exists():
         raise ExportError(f"--out {out}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise ExportError(f"--out {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"--out {out}: directory {parent} is not writable")
 
@@ -372,8 +378,9 @@ def export_library(records: Iterable[Record], out_dir: str | os.PathLike, target
         entries, library = _write_library(kernels, stage, target, n_parallel, timeout_s, cc)
         verified, notes = 0, []
         if verify and library is not None:
-            problems = _in_workers([("records.export:verify_library_job", {"dir": str(stage)})],
-                                   ["checking the exported kernels"], 1, timeout_s)[0]
+            modules = sorted({template_module(k.task.op, "cpu") for k in kernels})
+            job = ("records.export:verify_library_job", {"dir": str(stage), "modules": modules})
+            problems = _in_workers([job], ["checking the exported kernels"], 1, timeout_s)[0]
             if problems:
                 raise ExportFailed(f"{len(problems)} exported kernel(s) computed a wrong answer, nothing was "
                                   f"written: {problems[0]}")

@@ -68,3 +68,42 @@ def sweep_logs(tmp_path_factory, fast_policy):
         paths[name] = folder / f"{name}.jsonl"
         record_sweep(paths[name], op, shape, fast_policy)
     return paths
+
+
+# Small tasks of every kind a kernel library holds: a threaded kernel (pthreads), bfloat16
+# words, two outputs, two buckets of one dynamic dim, two dynamic dims, a workspace.
+LIBRARY_TASKS = (
+    ("gemv", {"M": 1, "N": 64, "K": 128}, "float32", {}, (), {"threads": [2]}),
+    ("gemv", {"M": 2, "N": 32, "K": 64}, "bfloat16", {}, (), None),
+    ("rmsnorm", {"M": 8, "N": 64}, "float32", {"residual": True}, ("M",), None),
+    ("rmsnorm", {"M": 64, "N": 64}, "float32", {"residual": True}, ("M",), None),
+    ("attention_decode", {"B": 1, "H": 4, "HKV": 2, "D": 32, "S": 64, "L": 64}, "float32", {}, ("S", "L"), None),
+    ("rope", {"T": 8, "H": 4, "D": 32}, "float32", {}, ("T",), None),
+)
+
+
+@pytest.fixture(scope="session")
+def library_log(tmp_path_factory, host, fast_policy):
+    """A real tuning log of LIBRARY_TASKS (a few random trials each)."""
+    from autotune.tuners import RandomTuner
+    from measure import LocalBuilder, LocalRunner
+    from records import RecordLog
+    from search_space import Task
+
+    log = RecordLog(tmp_path_factory.mktemp("library-log") / "tune.jsonl")
+    with LocalBuilder(n_parallel=2) as builder, LocalRunner(policy=fast_policy) as runner:
+        for op, dims, dtype, attrs, dynamic, restrict in LIBRARY_TASKS:
+            task = Task.make(op, dims, dtype, attrs, dynamic)
+            summary = RandomTuner(task, host, seed=1, restrict=restrict).tune(4, builder, runner, batch_size=4, log=log)
+            assert summary.best is not None, task.key
+    return log.path
+
+
+@pytest.fixture(scope="session")
+def exported_library(tmp_path_factory, library_log):
+    """The library exported from ``library_log`` (read-only for tests: copy it to change it)."""
+    from records import export_library, load_records
+
+    out = tmp_path_factory.mktemp("library") / "lib"
+    export_library(load_records([library_log]), out)
+    return out
