@@ -208,9 +208,10 @@ class Kernel:
                 pointers.append(self._workspace[arg.name].ctypes.data)
         return BoundCall(self, pointers, {n: call_dims[n] for n in self.scalar_names}, dict(arrays))
 
-    def __call__(self, *arrays: np.ndarray, out: Mapping[str, np.ndarray] | None = None,
-                 dims: Mapping[str, int] | None = None, **named: np.ndarray):
-        """Run on inputs (positional in argument order, or by name); returns the output(s)."""
+    def host_buffers(self, arrays: Sequence[np.ndarray], named: Mapping[str, np.ndarray],
+                     out: Mapping[str, np.ndarray] | None, dims: Mapping[str, int] | None
+                     ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """A call's numpy buffers by name (inputs made contiguous, outputs given or allocated) and its dims."""
         inputs = dict(zip(self.input_names, arrays))
         inputs.update(named)
         missing = [n for n in self.input_names if n not in inputs]
@@ -223,6 +224,12 @@ class Kernel:
                 given = (out or {}).get(arg.name)
                 buffers[arg.name] = given if given is not None else np.empty(arg.resolve_shape(call_dims),
                                                                               numpy_dtype(arg.dtype))
+        return buffers, call_dims
+
+    def __call__(self, *arrays: np.ndarray, out: Mapping[str, np.ndarray] | None = None,
+                 dims: Mapping[str, int] | None = None, **named: np.ndarray):
+        """Run on inputs (positional in argument order, or by name); returns the output(s)."""
+        buffers, call_dims = self.host_buffers(arrays, named, out, dims)
         self.bind(buffers, call_dims)()
         outputs = tuple(buffers[n] for n in self.output_names)
         return outputs[0] if len(outputs) == 1 else outputs

@@ -146,20 +146,10 @@ class CudaKernel(Kernel):
                  dims: Mapping[str, int] | None = None, **named: np.ndarray):
         """numpy in, numpy out: copies the inputs to the device, launches, waits, copies back."""
         drv = self._drv
-        inputs = dict(zip(self.input_names, arrays))
-        inputs.update(named)
-        missing = [n for n in self.input_names if n not in inputs]
-        if missing:
-            raise TypeError(f"{self.spec.op} needs inputs {self.input_names}; missing {missing}")
-        host = {n: np.ascontiguousarray(inputs[n]) for n in self.input_names}
-        call_dims = self.dims_for(host, dims)
+        host, call_dims = self.host_buffers(arrays, named, out, dims)
         for arg in self.args:
-            if arg.role == "in":
+            if arg.role in ("in", "out"):
                 self._check(arg, host[arg.name], call_dims)
-            elif arg.role == "out":
-                given = (out or {}).get(arg.name)
-                host[arg.name] = given if given is not None else np.empty(arg.resolve_shape(call_dims),
-                                                                           numpy_dtype(arg.dtype))
         device = {}
         try:
             for arg in self.args:
