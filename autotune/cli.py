@@ -459,7 +459,7 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, as_json) 
         sys.exit(1)
 
 
-from . import cli_research  # noqa: E402,F401  (registers sweep and replay on the group)
+from . import cli_model, cli_research  # noqa: E402,F401  (register tune-model, run, sweep, replay)
 
 if __name__ == "__main__":
     # run as `python -m autotune.cli`: use the package's module, where every command is registered

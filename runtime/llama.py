@@ -58,7 +58,10 @@ class _Buffers:
 class LlamaModel:
     """``generate(prompts, new_tokens)`` on kernels from ``kernels``."""
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, kernels: KernelProvider):
+    def __init__(self, config: ModelConfig, weights: ModelWeights, kernels: KernelProvider,
+                 prefill_sizes: list[int] | None = None):
+        """``prefill_sizes``: the token counts to pad prompts up to, instead of the sizes the
+        provider's prefill GEMMs were tuned at (to run two providers at the same shapes)."""
         if weights.config != config:
             raise ValueError("the weights were made for another model config")
         self.config = config
@@ -67,13 +70,21 @@ class LlamaModel:
         self.quantize = "q4" if weights.quantized else "none"
         self.group_size = weights.group_size or 128
         self.lm_head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        self.used: dict[str, Kernel] = {}  # every kernel handed out, by what it was tuned for
+        self.prefill_sizes = prefill_sizes
+        self._memo: dict[tuple, Kernel] = {}  # the provider's answer per call shape
 
     # -- kernels ---------------------------------------------------------------------
     def _kernel(self, call: KernelCall, **dims: int) -> Kernel:
         spec = call.spec
         shape = spec.shape
         shape.update(dims)
-        return self.kernels.get(spec.op, shape, spec.dtype, spec.attr, spec.dynamic)
+        key = (spec.op, tuple(shape.items()), spec.dtype, spec.attrs, spec.dynamic)
+        kernel = self._memo.get(key)
+        if kernel is None:
+            kernel = self._memo[key] = self.kernels.get(spec.op, shape, spec.dtype, spec.attr, spec.dynamic)
+            self.used[kernel.spec.describe()] = kernel
+        return kernel
 
     def _plan(self, calls: list[KernelCall]) -> dict[str, Kernel]:
         return {call.role: self._kernel(call) for call in calls}
@@ -81,6 +92,8 @@ class LlamaModel:
     def padded_tokens(self, batch: int, tokens: int) -> int:
         """The prompt length a prefill runs at: the smallest tuned GEMM M >= batch * tokens
         that is a multiple of the batch, else the prompt's own length."""
+        if self.prefill_sizes is not None:
+            return min((t for t in self.prefill_sizes if t >= tokens), default=tokens)
         probe = prefill_calls(self.config, tokens, self.quantize, self.group_size, batch)
         q_proj = next(c for c in probe if c.role == "q_proj").spec
         shape = q_proj.shape
