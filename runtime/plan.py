@@ -79,35 +79,36 @@ def _layer_linears(config: ModelConfig, m: int, quantize: str, group_size: int) 
             _linear("down_proj", m, c.hidden_size, c.intermediate_size, layers, quantize, group_size)]
 
 
-def prefill_calls(config: ModelConfig, tokens: int, quantize: str = "none", group_size: int = 128,
-                  batch: int = 1) -> list[KernelCall]:
-    """Kernels of one prefill pass over ``batch`` prompts of ``tokens`` tokens (logits of the last)."""
-    check_quantize(config, quantize, group_size)
-    c, layers, rows = config, config.num_hidden_layers, batch * tokens
-    attention = KernelSpec.make("attention_prefill", {"B": batch, "T": tokens, "H": c.num_attention_heads,
-                                                      "HKV": c.num_key_value_heads, "D": c.head_dim},
-                                attrs={"causal": True}, dynamic=("T",))
+def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: KernelSpec, quantize: str,
+                group_size: int) -> list[KernelCall]:
+    """The kernels of a pass over ``rows`` token rows of ``sequences`` sequences."""
+    c, layers = config, config.num_hidden_layers
     return ([_norm(c, "first_norm", rows, False, 1), _norm(c, "residual_norm", rows, True, 2 * layers)]
             + _layer_linears(c, rows, quantize, group_size)
             + [_rope(c, "rope_q", rows, c.num_attention_heads, layers),
                _rope(c, "rope_k", rows, c.num_key_value_heads, layers),
                KernelCall("attention", attention, layers),
                _rows("swiglu", "swiglu", rows, c.intermediate_size, layers),
-               _linear("lm_head", batch, c.vocab_size, c.hidden_size, 1, quantize, group_size)])
+               _linear("lm_head", sequences, c.vocab_size, c.hidden_size, 1, quantize, group_size)])
+
+
+def prefill_calls(config: ModelConfig, tokens: int, quantize: str = "none", group_size: int = 128,
+                  batch: int = 1) -> list[KernelCall]:
+    """Kernels of one prefill pass over ``batch`` prompts of ``tokens`` tokens (logits of the last)."""
+    check_quantize(config, quantize, group_size)
+    c = config
+    attention = KernelSpec.make("attention_prefill", {"B": batch, "T": tokens, "H": c.num_attention_heads,
+                                                      "HKV": c.num_key_value_heads, "D": c.head_dim},
+                                attrs={"causal": True}, dynamic=("T",))
+    return _pass_calls(c, batch * tokens, batch, attention, quantize, group_size)
 
 
 def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "none",
                  group_size: int = 128) -> list[KernelCall]:
     """Kernels of one decode step: one new token per sequence, ``kv_len`` cached positions."""
     check_quantize(config, quantize, group_size)
-    c, layers = config, config.num_hidden_layers
+    c = config
     attention = KernelSpec.make("attention_decode", {"B": batch, "H": c.num_attention_heads,
                                                      "HKV": c.num_key_value_heads, "D": c.head_dim,
                                                      "S": kv_len, "L": kv_len}, dynamic=("S", "L"))
-    return ([_norm(c, "first_norm", batch, False, 1), _norm(c, "residual_norm", batch, True, 2 * layers)]
-            + _layer_linears(c, batch, quantize, group_size)
-            + [_rope(c, "rope_q", batch, c.num_attention_heads, layers),
-               _rope(c, "rope_k", batch, c.num_key_value_heads, layers),
-               KernelCall("attention", attention, layers),
-               _rows("swiglu", "swiglu", batch, c.intermediate_size, layers),
-               _linear("lm_head", batch, c.vocab_size, c.hidden_size, 1, quantize, group_size)])
+    return _pass_calls(c, batch, batch, attention, quantize, group_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cli import run
+from test_cli import assert_usage_error, run
 
 from records import RecordLog
 
@@ -84,11 +84,7 @@ def test_q4_model_tunes_and_runs_against_the_dequantised_reference(tmp_path):
     (["run", "--model", "tiny", "--log", "/no/such/log.jsonl"], "does not exist"),
 ])
 def test_bad_model_input_is_one_line_and_exit_2(args, message, tmp_path):
-    proc = run(*args, cwd=tmp_path, check=False)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("autotune: error:"), proc.stderr
-    assert message in lines[0]
+    assert_usage_error(run(*args, cwd=tmp_path, check=False), message)
 
 
 def test_q4_needs_dims_that_are_multiples_of_the_group(tmp_path):
