@@ -459,7 +459,7 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, as_json) 
         sys.exit(1)
 
 
-from . import cli_research  # noqa: E402,F401  (registers sweep and replay on the group)
+from . import cli_model, cli_research  # noqa: E402,F401  (register tune-model, run, sweep, replay)
 from . import cli_export  # noqa: E402,F401  (registers export on the group)
 
 if __name__ == "__main__":

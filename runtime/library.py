@@ -34,6 +34,10 @@ class LibraryFormatError(ValueError):
     """The directory is not a kernel library this version of the runtime reads."""
 
 
+class IncompatibleCpuError(ValueError):
+    """The library was compiled for instruction-set extensions this CPU lacks."""
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     folder = Path(path)
     file = folder / MANIFEST
@@ -103,7 +107,7 @@ class KernelLibrary:
     def _open_shared_library(self) -> None:
         missing = missing_cpu_features(self.target)
         if missing:
-            raise RuntimeError(f"{self.path} was compiled for {self.target.get('arch')} and needs "
+            raise IncompatibleCpuError(f"{self.path} was compiled for {self.target.get('arch')} and needs "
                                f"{', '.join(missing)}, which this CPU lacks: export it again for this machine")
         name = self.manifest.get("library")
         if not name:

@@ -181,3 +181,34 @@ def recorded_space(path, statistic: str = "median"):
 
     (space,) = RecordedSpace.from_records(RecordLog(path).records(), statistic)
     return space
+
+
+class SyntheticRunner:
+    """Answers every candidate with a made-up time: ``base[op]`` seconds times a factor in
+    [1, 2) fixed by the config's index, so a task's configs differ and searching pays off.
+    Tasks whose op is in ``failing`` always fail. Nothing is compiled or run: for testing
+    drivers (the model scheduler) where only the bookkeeping is under test."""
+
+    def __init__(self, base: dict[str, float], failing: tuple[str, ...] = ()):
+        self.base = base
+        self.failing = failing
+        self.calls: list[tuple[str, int]] = []
+
+    def build(self, inputs):
+        from measure import BuildResult
+
+        return [BuildResult(None, None) for _ in inputs]
+
+    def run(self, inputs, builds):
+        from measure import MeasureError, MeasureResult
+
+        out = []
+        for inp in inputs:
+            self.calls.append((inp.task.key, inp.config.index))
+            if inp.task.op in self.failing:
+                out.append(MeasureResult.failed(MeasureError.RUNTIME_ERROR, "synthetic failure"))
+                continue
+            factor = 1.0 + ((inp.config.index * 2654435761) % 1000) / 1000.0
+            seconds = self.base.get(inp.task.op, 1e-5) * factor
+            out.append(MeasureResult((seconds, seconds, seconds)))
+        return out

@@ -42,6 +42,7 @@ class TuneSummary:
     build_s: float = 0.0
     run_s: float = 0.0
     records: list[Record] = field(default_factory=list)
+    started: float = 0.0       # perf_counter at start
 
     @property
     def compile_share(self) -> float:
@@ -120,52 +121,67 @@ class Tuner:
              log: RecordLog | None = None, callbacks: Sequence[Callback] = ()) -> TuneSummary:
         if n_trials < 1:
             raise ValueError(f"n_trials must be >= 1, got {n_trials}")
-        start = time.perf_counter()
+        summary = self.start(log, callbacks)
+        while summary.trials < n_trials and self.has_next():
+            configs = self.next_batch(min(batch_size, n_trials - summary.trials))
+            if not self.measure(configs, builder, runner, summary, log, callbacks):
+                break
+        return self.finish(summary)
+
+    # The steps of ``tune``, for drivers that interleave many tasks (the model scheduler).
+    def start(self, log: RecordLog | None = None, callbacks: Sequence[Callback] = ()) -> TuneSummary:
+        """Resume from ``log``; returns the summary that ``measure`` and ``finish`` fill in."""
         summary = TuneSummary(self.task, self.target)
+        summary.started = time.perf_counter()
         prior = self.resume(log) if log is not None else []
-        summary.resumed = len(prior)
+        summary.resumed = summary.trials = len(prior)
         summary.records.extend(prior)
-        trials = len(prior)
         if prior:
             resumed_inputs = [r.to_measure_input(self.space) for r in prior]
             for callback in callbacks:
                 callback(self, resumed_inputs, [r.result for r in prior], prior, 0)
-        while trials < n_trials and self.has_next():
-            configs = self.next_batch(min(batch_size, n_trials - trials))
-            configs = [c for c in configs if c.index not in self.visited]
-            if not configs:
-                break
-            inputs = [MeasureInput(self.task, c, self.target) for c in configs]
-            scores = self.predict_batch(configs)  # ranked before anything is measured
-            builds = builder.build(inputs)
-            results: list[MeasureResult] = []
-            batch_records: list[Record] = []
-            for i, (inp, build) in enumerate(zip(inputs, builds)):
-                # one at a time, logged at once: a kill loses at most the trial in flight
-                result = runner.run([inp], [build])[0]
-                results.append(result)
-                model = None
-                if scores is not None:
-                    model = {"score": float(scores[i]), "batch": trials}
-                    if i == len(inputs) - 1:  # the whole batch is measured: how good was the ranking?
-                        measured = [throughput_of(self.task, r) for r in results]
-                        model.update(batch_quality(scores, measured))
-                record = Record.from_measure(inp, result, self.name, model)
-                if log is not None:
-                    log.append([record])
-                batch_records.append(record)
-                summary.build_s += result.build_s
-                summary.run_s += result.run_s
-            self.update(inputs, results)
-            first = trials
-            trials += len(inputs)
-            summary.measured += len(inputs)
-            summary.failed += sum(1 for r in results if not r.ok)
-            summary.records.extend(batch_records)
-            for callback in callbacks:
-                callback(self, inputs, results, batch_records, first)
-        summary.trials = trials
-        summary.wall_s = time.perf_counter() - start
+        return summary
+
+    def measure(self, configs: Sequence[Config], builder: Builder, runner: Runner, summary: TuneSummary,
+                log: RecordLog | None = None, callbacks: Sequence[Callback] = ()) -> int:
+        """Build, run, log and learn from one batch of configs (visited ones are dropped);
+        returns how many were measured."""
+        configs = [c for c in configs if c.index not in self.visited]
+        if not configs:
+            return 0
+        inputs = [MeasureInput(self.task, c, self.target) for c in configs]
+        scores = self.predict_batch(configs)  # ranked before anything is measured
+        builds = builder.build(inputs)
+        results: list[MeasureResult] = []
+        batch_records: list[Record] = []
+        for i, (inp, build) in enumerate(zip(inputs, builds)):
+            # one at a time, logged at once: a kill loses at most the trial in flight
+            result = runner.run([inp], [build])[0]
+            results.append(result)
+            model = None
+            if scores is not None:
+                model = {"score": float(scores[i]), "batch": summary.trials}
+                if i == len(inputs) - 1:  # the whole batch is measured: how good was the ranking?
+                    measured = [throughput_of(self.task, r) for r in results]
+                    model.update(batch_quality(scores, measured))
+            record = Record.from_measure(inp, result, self.name, model)
+            if log is not None:
+                log.append([record])
+            batch_records.append(record)
+            summary.build_s += result.build_s
+            summary.run_s += result.run_s
+        self.update(inputs, results)
+        first = summary.trials
+        summary.trials += len(inputs)
+        summary.measured += len(inputs)
+        summary.failed += sum(1 for r in results if not r.ok)
+        summary.records.extend(batch_records)
+        for callback in callbacks:
+            callback(self, inputs, results, batch_records, first)
+        return len(inputs)
+
+    def finish(self, summary: TuneSummary) -> TuneSummary:
+        summary.wall_s = time.perf_counter() - summary.started
         ok = [r for r in summary.records if r.ok]
         summary.best = min(ok, key=lambda r: r.seconds) if ok else None
         return summary

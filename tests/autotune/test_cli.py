@@ -38,7 +38,11 @@ def run(*args, cwd=None, check=True, timeout=600):
     (["ops", "--target", "tpu"], "unknown target"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
-    proc = run(*args, cwd=tmp_path, check=False)
+    assert_usage_error(run(*args, cwd=tmp_path, check=False), message)
+
+
+def assert_usage_error(proc, message: str) -> None:
+    """Exit code 2 and one line on stderr that says ``message``, never a traceback."""
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("autotune: error:"), proc.stderr

@@ -44,12 +44,13 @@ def test_cuda_template_contract(template):
 
 @pytest.mark.parametrize("template", CUDA_TEMPLATES, ids=lambda t: t.op)
 def test_cuda_template_compiles_for_sm90a(template):
-    """The default and a sample of the space, for every dtype, go through nvcc."""
-    rng = np.random.default_rng(0)
+    """The default and a sampled config, for every dtype, go through nvcc (a sample of the
+    whole space over the suite: the seed differs per template)."""
+    rng = np.random.default_rng(sum(map(ord, template.op)))
     inputs = []
     for task in example_tasks(template):
         space = template.space(task, SM90)
-        configs = [template.default(task, SM90)] + space.sample(rng, 3)
+        configs = [template.default(task, SM90)] + space.sample(rng, 1)
         inputs += [MeasureInput(task, c, SM90) for c in configs]
     with LocalBuilder(n_parallel=2, timeout_s=300) as builder:
         builds = builder.build(inputs)

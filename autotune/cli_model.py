@@ -1,0 +1,224 @@
+"""Whole-model commands: ``autotune tune-model`` and ``autotune run``."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import click
+
+from .cli import UserError, cli, echo_json, open_log, positive, resolve_target
+
+
+def parse_sizes(text: str, option: str) -> tuple[int, ...]:
+    """``128,512`` -> (128, 512): positive integers, no repeats."""
+    items = [item.strip() for item in text.split(",")] if text else []
+    if not items or any(not i.isdigit() or int(i) < 1 for i in items):
+        raise UserError(f"malformed {option} {text!r}: expected positive integers like 128,512")
+    sizes = tuple(int(i) for i in items)
+    if len(set(sizes)) != len(sizes):
+        raise UserError(f"{option} {text!r} names a size twice")
+    return sizes
+
+
+def load_config(model: str):
+    from runtime.model_config import load_model_config
+
+    try:
+        return load_model_config(model)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+@cli.command("tune-model")
+@click.option("--model", required=True, help="a preset (llama-2-7b, llama-3-8b, mistral-7b, tiny) or a config.json")
+@click.option("--target", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--prefill-tokens", default="128", show_default=True, help="prompt lengths to tune prefill at")
+@click.option("--decode-batch", default="1", show_default=True, help="batch sizes to tune decode at")
+@click.option("--kv-len", default="512", show_default=True, help="KV cache lengths to tune decode attention at")
+@click.option("--quantize", default="none", show_default=True, type=click.Choice(["none", "q4"]),
+              help="q4: int4 weight-only linear layers (symmetric, group-wise scales)")
+@click.option("--group-size", default=128, show_default=True, type=click.Choice(["32", "64", "128"]),
+              callback=lambda ctx, param, value: int(value))
+@click.option("--trials-total", default=200, show_default=True, type=int, callback=positive,
+              help="trials over all tasks, records already in the log included")
+@click.option("--tuner", default="xgb", show_default=True,
+              type=click.Choice(["xgb", "random", "grid", "optuna-tpe", "optuna-cmaes"]))
+@click.option("--batch", default=8, show_default=True, type=int, callback=positive, help="trials per round")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--threads", default=None, type=int, callback=positive, help="cpu: only configs with this many threads")
+@click.option("--log", "log_path", default="tune.jsonl", show_default=True, help="JSONL tuning log (resumed)")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db]")
+@click.option("--no-mlflow", is_flag=True, help="do not log to MLflow")
+@click.option("--experiment", default="llm-autotune", show_default=True)
+@click.option("--build-timeout", default=60.0, show_default=True, type=float)
+@click.option("--run-timeout", default=20.0, show_default=True, type=float)
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, group_size, trials_total, tuner, batch,
+               seed, threads, log_path, tracking_uri, no_mlflow, experiment, build_timeout, run_timeout, quiet,
+               as_json) -> None:
+    """Tune every kernel a model's prefill and decode passes need, over one trial budget."""
+    from .tune_model import ModelWorkload, run_model_job
+
+    config = load_config(model)
+    workload = ModelWorkload(config, parse_sizes(prefill_tokens, "--prefill-tokens"),
+                             parse_sizes(decode_batch, "--decode-batch"), parse_sizes(kv_len, "--kv-len"),
+                             quantize, group_size)
+    try:
+        tasks = workload.tasks()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    tgt = resolve_target(target)
+    restrict = None
+    if threads is not None:
+        if tgt.kind != "cpu":
+            raise UserError("--threads is for the cpu target")
+        restrict = {"threads": [threads]}
+    log = open_log(log_path)
+    runner = None
+    if tgt.kind == "cuda":
+        from measure import CudaRunner
+
+        runner = CudaRunner(timeout_s=run_timeout, seed=seed)
+    click.echo(f"{config.name}: {config.parameters / 1e6:.1f}M parameters, {len(tasks)} tasks "
+               f"({', '.join(sorted({t.task.op for t in tasks}))}), {trials_total} trials in all", err=True)
+    try:
+        summary = run_model_job(workload, tgt, trials_total, log, tuner, batch, seed,
+                                tracking_uri=None if no_mlflow else tracking_uri, use_mlflow=not no_mlflow,
+                                experiment=experiment, build_timeout=build_timeout, run_timeout=run_timeout,
+                                progress=not quiet, runner=runner, restrict=restrict)
+    except ValueError as exc:  # e.g. --threads not offered by a task's space
+        raise UserError(str(exc)) from None
+    finally:
+        if runner is not None:
+            runner.close()
+    rows = [{"task": t.key, "weight": t.weight, "trials": s.trials,
+             "best_ms": s.best.seconds * 1e3 if s.best else None,
+             "share": (t.weight * s.best.seconds / summary.estimated_latency_s) if s.best and
+             summary.estimated_latency_s < float("inf") else None}
+            for t, s in zip(summary.tasks, summary.summaries)]
+    if as_json:
+        echo_json({"model": config.name, "tasks": rows, "trials": summary.trials, "measured": summary.measured,
+                   "resumed": summary.resumed, "wall_s": summary.wall_s, "compile_share": summary.compile_share,
+                   "estimated_latency_ms": summary.estimated_latency_s * 1e3, "given_up": summary.given_up,
+                   "log": str(log.path)})
+        return
+    for row in sorted(rows, key=lambda r: -(r["share"] or 0)):
+        best = f"{row['best_ms'] * 1e3:.2f} us" if row["best_ms"] is not None else "no verified kernel"
+        share = f"{row['share'] * 100:5.1f}%" if row["share"] is not None else "    -"
+        click.echo(f"{share}  {row['trials']:4d} trials  {best:>14}  x{row['weight']:g}  {row['task']}")
+    click.echo(f"{summary.trials} trials ({summary.resumed} resumed, {summary.measured} measured now) in "
+               f"{summary.wall_s:.1f} s, compile share {summary.compile_share * 100:.0f}%; estimated "
+               f"{summary.estimated_latency_s * 1e3:.3f} ms per workload")
+    if summary.given_up:
+        click.echo(f"given up (nothing verified): {', '.join(summary.given_up)}")
+    click.echo(f"log: {log.path}")
+
+
+def _prompts(prompt_ids: str | None, prompt_tokens: int, batch: int, vocab: int, seed: int):
+    import numpy as np
+
+    if prompt_ids:
+        try:
+            ids = [int(i) for i in prompt_ids.split(",")]
+        except ValueError:
+            raise UserError(f"malformed --prompt-ids {prompt_ids!r}: expected integers like 1,2,3") from None
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise UserError(f"--prompt-ids must lie in 0..{vocab - 1}")
+        return np.tile(np.asarray(ids, dtype=np.int64), (batch, 1))
+    return np.random.default_rng(seed).integers(0, vocab, (batch, prompt_tokens))
+
+
+def _kernels(lib: str | None, logs: tuple[str, ...], target: str):
+    """The kernel provider: an exported library, or tuning logs (compiled on first use)."""
+    if bool(lib) == bool(logs):
+        raise UserError("give either --lib DIR (an exported library) or --log LOG (tuning logs)")
+    if lib:
+        import runtime
+
+        if not Path(lib, "manifest.json").is_file():
+            raise UserError(f"--lib {lib}: no manifest.json there (make one with `autotune export`)")
+        try:
+            return runtime.load(lib)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--lib {lib}: {exc}") from None
+    from runtime import TunedKernels
+
+    from .cli import load_logs
+
+    return TunedKernels(load_logs(logs), resolve_target(target))
+
+
+def _quantize_of(kernels, quantize: str) -> str:
+    if quantize != "auto":
+        return quantize
+    ops = {spec.op for spec in kernels.specs()}
+    return "q4" if ops & {"gemv_q4", "gemm_q4"} and not ops & {"gemv", "gemm"} else "none"
+
+
+@cli.command("run")
+@click.option("--lib", default=None, help="an exported library directory (autotune export)")
+@click.option("--log", "logs", multiple=True, help="or tuning logs: kernels compiled on first use (repeatable)")
+@click.option("--model", required=True, help="a preset or a config.json")
+@click.option("--weights", "weights_dir", default=None, help="folder of safetensors files (HF Llama names)")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of generated weights and prompt")
+@click.option("--prompt-tokens", default=64, show_default=True, type=int, callback=positive,
+              help="length of a random prompt")
+@click.option("--prompt-ids", default=None, help="the prompt's token ids, e.g. 1,2,3")
+@click.option("--batch", default=1, show_default=True, type=int, callback=positive, help="sequences at once")
+@click.option("--new-tokens", default=32, show_default=True, type=int, callback=positive)
+@click.option("--quantize", default="auto", show_default=True, type=click.Choice(["auto", "none", "q4"]),
+              help="auto: q4 when the kernels are the int4 ones")
+@click.option("--group-size", default=128, show_default=True, type=click.Choice(["32", "64", "128"]),
+              callback=lambda ctx, param, value: int(value))
+@click.option("--compare", is_flag=True, help="also run the numpy reference and the untuned template defaults")
+@click.option("--target", default="cpu", show_default=True, help="with --log: the target the records are for")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object with the token ids and every figure")
+def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, new_tokens, quantize, group_size,
+        compare, target, as_json) -> None:
+    """Generate with a model on tuned kernels; print prefill and decode tokens/s."""
+    from runtime.kernel import UntunedShapeWarning
+    from runtime.plan import check_quantize
+
+    from .model_run import RunReport, make_weights, run_generation, run_reference
+
+    config = load_config(model)
+    if weights_dir and not Path(weights_dir).is_dir():
+        raise UserError(f"--weights {weights_dir} is not a directory")
+    prompts = _prompts(prompt_ids, prompt_tokens, batch, config.vocab_size, seed)
+    kernels = _kernels(lib, logs, target)
+    try:
+        quantize = _quantize_of(kernels, quantize)
+        try:
+            check_quantize(config, quantize, group_size)
+            weights = make_weights(config, weights_dir, seed, quantize, group_size)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        untuned: list[str] = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UntunedShapeWarning)
+            tuned, counts = run_generation(kernels, config, weights, prompts, new_tokens)
+        for w in caught:
+            if issubclass(w.category, UntunedShapeWarning):
+                untuned.append(str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        for message in untuned:
+            click.echo(f"autotune: warning: {message}", err=True)
+    finally:
+        kernels.close()
+    report = RunReport(config.name, lib or ",".join(logs), quantize, batch, prompts.shape[1], new_tokens, tuned,
+                       counts)
+    if compare:
+        from runtime import TunedKernels
+
+        report.reference, report.reference_blas = run_reference(config, weights_dir, seed, quantize, group_size,
+                                                                prompts, new_tokens)
+        with TunedKernels.defaults() as defaults:
+            # at the prompt length the tuned prefill ran at, so both sides compute the same shapes
+            report.defaults, _ = run_generation(defaults, config, weights, prompts, new_tokens,
+                                                prefill_sizes=[counts["prefill_padded_to"]])
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        click.echo(report.summary())

@@ -1,0 +1,166 @@
+"""``autotune run``: generate with a model on tuned kernels, optionally beside the numpy
+reference and the untuned template defaults, all in one run.
+
+The numpy reference runs in its own worker process with OPENBLAS_CORETYPE and
+OPENBLAS_L2_SIZE removed, so OpenBLAS uses its fastest kernel (which one ran is reported
+through threadpoolctl), as ``autotune bench`` does for single operators. Weights are made
+in each process from the same recipe (a seed or a folder), so nothing large crosses over.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from runtime.generation import Generation
+from runtime.kernel import KernelProvider
+from runtime.llama import LlamaModel
+from runtime.model_config import ModelConfig
+from runtime.weights import ModelWeights
+
+from .bench import FAST_BLAS_ENV
+
+
+REPEATS = 3  # timed generations per side: other work on the machine only ever adds time
+
+
+def fastest(generations: Iterable[Generation]) -> Generation:
+    """The first generation's tokens and logits with the fastest prefill and decode times seen."""
+    runs = list(generations)
+    best = runs[0]
+    best.prefill_s = min(g.prefill_s for g in runs)
+    best.decode_s = min(g.decode_s for g in runs)
+    return best
+
+
+def make_weights(config: ModelConfig, weights_dir: str | None, seed: int, quantize: str,
+                 group_size: int) -> ModelWeights:
+    weights = ModelWeights.load(config, weights_dir) if weights_dir else ModelWeights.random(config, seed)
+    return weights.quantize_q4(group_size) if quantize == "q4" else weights
+
+
+def run_generation(kernels: KernelProvider, config: ModelConfig, weights: ModelWeights, prompts: np.ndarray,
+                   new_tokens: int, prefill_sizes: list[int] | None = None,
+                   repeats: int = REPEATS) -> tuple[Generation, dict[str, int]]:
+    """Load every kernel, warm up once, then the timed generations (the fastest prefill and
+    decode of ``repeats``); also how many of the kernels it ran were tuned and the prompt
+    length the prefill ran at."""
+    model = LlamaModel(config, weights, kernels, prefill_sizes)
+    batch, tokens = prompts.shape
+    model.prepare(batch, tokens, new_tokens)
+    model.generate(prompts, min(new_tokens, 2))
+    generation = fastest(model.generate(prompts, new_tokens) for _ in range(repeats))
+    tuned = sum(1 for k in model.used.values() if k.tuned)
+    return generation, {"tuned": tuned, "untuned": len(model.used) - tuned,
+                        "prefill_padded_to": model.padded_tokens(batch, tokens)}
+
+
+def reference_job(payload: dict[str, Any]) -> dict[str, Any]:
+    """Worker side: the numpy reference generation, with the BLAS it ran on."""
+    from threadpoolctl import threadpool_info
+
+    from runtime.reference import ReferenceModel
+
+    config = ModelConfig.from_hf_dict(payload["config"], payload["name"])
+    weights = make_weights(config, payload["weights_dir"], payload["seed"], payload["quantize"],
+                           payload["group_size"])
+    model = ReferenceModel(config, weights)
+    prompts = np.asarray(payload["prompts"])
+    model.generate(prompts, min(payload["new_tokens"], 2))  # warm-up, as the tuned side gets
+    result = fastest(model.generate(prompts, payload["new_tokens"]) for _ in range(payload["repeats"]))
+    pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+    blas = {k: pools[0].get(k) for k in ("internal_api", "version", "architecture", "num_threads")} if pools else {}
+    return {"tokens": result.tokens, "logits": result.logits, "prefill_s": result.prefill_s,
+            "decode_s": result.decode_s, "prefill_tokens": result.prefill_tokens,
+            "decode_tokens": result.decode_tokens, "blas": blas}
+
+
+def run_reference(config: ModelConfig, weights_dir: str | None, seed: int, quantize: str, group_size: int,
+                  prompts: np.ndarray, new_tokens: int) -> tuple[Generation, dict]:
+    from measure.worker import WorkerProcess
+
+    payload = {"config": config.to_hf_dict(), "name": config.name, "weights_dir": weights_dir, "seed": seed,
+               "quantize": quantize, "group_size": group_size, "prompts": prompts, "new_tokens": new_tokens,
+               "repeats": REPEATS}
+    worker = WorkerProcess(env=FAST_BLAS_ENV, name="autotune-reference")
+    try:
+        out = worker.call("autotune.model_run:reference_job", payload, 3600)
+    finally:
+        worker.close()
+    generation = Generation(out["tokens"], out["logits"], out["prefill_s"], out["decode_s"], out["prefill_tokens"],
+                            out["decode_tokens"])
+    return generation, out["blas"]
+
+
+def logit_difference(a: Generation, b: Generation) -> dict[str, float]:
+    """Largest |a - b| over every step's logits, absolute and relative to the largest |b|."""
+    diff = np.abs(a.logits.astype(np.float64) - b.logits.astype(np.float64))
+    scale = float(np.abs(b.logits).max()) or 1.0
+    return {"max_abs": float(diff.max()), "max_rel": float(diff.max()) / scale,
+            "prefill_max_abs": float(diff[:, 0].max()),
+            "decode_max_abs": float(diff[:, 1:].max()) if diff.shape[1] > 1 else 0.0,
+            "same_tokens": bool(np.array_equal(a.tokens, b.tokens))}
+
+
+@dataclass
+class RunReport:
+    model: str
+    source: str
+    quantize: str
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    tuned: Generation
+    kernels: dict[str, int] = field(default_factory=dict)   # tuned / untuned kernels used
+    reference: Generation | None = None
+    reference_blas: dict = field(default_factory=dict)
+    defaults: Generation | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        def speed(g: Generation) -> dict[str, float]:
+            return {"prefill_tokens_per_s": g.prefill_tokens_per_s, "decode_tokens_per_s": g.decode_tokens_per_s,
+                    "prefill_s": g.prefill_s, "decode_s": g.decode_s}
+
+        out: dict[str, Any] = {"model": self.model, "source": self.source, "quantize": self.quantize,
+                               "batch": self.batch, "prompt_tokens": self.prompt_tokens,
+                               "new_tokens": self.new_tokens, "token_ids": self.tuned.tokens.tolist(),
+                               "kernels": self.kernels, **speed(self.tuned)}
+        for name, other in (("reference", self.reference), ("defaults", self.defaults)):
+            if other is None:
+                continue
+            out[name] = {**speed(other), "logits": logit_difference(self.tuned, other)}
+            out[f"decode_speedup_vs_{name}"] = _ratio(self.tuned.decode_tokens_per_s, other.decode_tokens_per_s)
+            out[f"prefill_speedup_vs_{name}"] = _ratio(self.tuned.prefill_tokens_per_s, other.prefill_tokens_per_s)
+        if self.reference is not None:
+            out["reference"]["blas"] = self.reference_blas
+        return out
+
+    def summary(self) -> str:
+        padded = self.kernels.get("prefill_padded_to", self.prompt_tokens)
+        lines = [f"{self.model} ({self.quantize}) on {self.source}: batch {self.batch}, {self.prompt_tokens} prompt "
+                 f"tokens" + (f" (prefill padded to {padded})" if padded != self.prompt_tokens else "")
+                 + f", {self.new_tokens} new; kernels {self.kernels.get('tuned', 0)} tuned, "
+                 f"{self.kernels.get('untuned', 0)} template defaults",
+                 f"  tuned:     prefill {self.tuned.prefill_tokens_per_s:10.1f} tok/s   "
+                 f"decode {self.tuned.decode_tokens_per_s:8.1f} tok/s"]
+        for name, other in (("numpy", self.reference), ("defaults", self.defaults)):
+            if other is None:
+                continue
+            d = logit_difference(self.tuned, other)
+            lines.append(f"  {name + ':':<10} prefill {other.prefill_tokens_per_s:10.1f} tok/s   "
+                         f"decode {other.decode_tokens_per_s:8.1f} tok/s   tuned is "
+                         f"{_ratio(self.tuned.prefill_tokens_per_s, other.prefill_tokens_per_s):.2f}x / "
+                         f"{_ratio(self.tuned.decode_tokens_per_s, other.decode_tokens_per_s):.2f}x; "
+                         f"largest logit difference {d['max_abs']:.2e} ({d['max_rel']:.1e} relative), "
+                         f"{'same' if d['same_tokens'] else 'different'} tokens")
+        if self.reference_blas:
+            lines.append(f"  numpy BLAS: {self.reference_blas.get('internal_api')} "
+                         f"{self.reference_blas.get('architecture')}, {self.reference_blas.get('num_threads')} threads")
+        lines.append(f"  tokens: {self.tuned.tokens.tolist()}")
+        return "\n".join(lines)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 and math.isfinite(a) and math.isfinite(b) else float("nan")

@@ -1,0 +1,54 @@
+"""A model as tuning tasks: the distinct kernels of its prefill and decode passes.
+
+The passes come from ``runtime.plan`` (the kernels the runtime's decoder calls). A task's
+``weight`` is how often it runs in the workload the scheduler minimises: each prefill size
+once (one prompt) and, for every decode batch, ``decode_steps`` decode steps spread evenly
+over the KV lengths. Its share of end-to-end latency is the weight times its best
+measured time (the scheduler measures every task's template default first).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from runtime.kernel import KernelSpec
+from runtime.model_config import ModelConfig
+from runtime.plan import decode_calls, prefill_calls
+from search_space import Task
+
+DECODE_STEPS = 128  # tokens generated per prompt in the workload a model job tunes for
+
+
+@dataclass
+class ModelTask:
+    task: Task
+    weight: float                                        # runs per workload
+    uses: dict[str, int] = field(default_factory=dict)   # pass name -> calls per pass
+
+    @property
+    def key(self) -> str:
+        return self.task.key
+
+
+def task_of(spec: KernelSpec) -> Task:
+    return Task.make(spec.op, spec.shape, spec.dtype, spec.attr, spec.dynamic)
+
+
+def model_tasks(config: ModelConfig, prefill_tokens: list[int], decode_batch: list[int], kv_len: list[int],
+                quantize: str = "none", group_size: int = 128,
+                decode_steps: int = DECODE_STEPS) -> list[ModelTask]:
+    """The distinct tasks of every pass, by op; raises ValueError for a bad setting."""
+    passes: list[tuple[str, float, list]] = []
+    for tokens in prefill_tokens:
+        passes.append((f"prefill T={tokens}", 1.0, prefill_calls(config, tokens, quantize, group_size)))
+    for batch in decode_batch:
+        for length in kv_len:
+            passes.append((f"decode B={batch} L={length}", decode_steps / len(kv_len),
+                           decode_calls(config, batch, length, quantize, group_size)))
+    tasks: dict[str, ModelTask] = {}
+    for name, runs, calls in passes:
+        for call in calls:
+            task = task_of(call.spec)
+            entry = tasks.setdefault(task.key, ModelTask(task, 0.0))
+            entry.weight += runs * call.count
+            entry.uses[name] = entry.uses.get(name, 0) + call.count
+    return sorted(tasks.values(), key=lambda t: (t.task.op, t.key))

@@ -1,0 +1,132 @@
+"""One model-wide tuning job: the model's tasks, the scheduler, the log, MLflow, progress."""
+from __future__ import annotations
+
+import sys
+import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+from measure import LocalBuilder, LocalRunner
+from records import Record, RecordLog
+from runtime.model_config import ModelConfig
+from search_space import Target
+
+from .model_tasks import ModelTask, model_tasks
+from .scheduler import ModelTuneSummary, TaskScheduler
+
+
+@dataclass(frozen=True)
+class ModelWorkload:
+    """What to tune a model for: the passes it runs and how its weights are stored."""
+
+    config: ModelConfig
+    prefill_tokens: tuple[int, ...] = (128,)
+    decode_batch: tuple[int, ...] = (1,)
+    kv_len: tuple[int, ...] = (512,)
+    quantize: str = "none"
+    group_size: int = 128
+
+    def tasks(self) -> list[ModelTask]:
+        return model_tasks(self.config, list(self.prefill_tokens), list(self.decode_batch), list(self.kv_len),
+                           self.quantize, self.group_size)
+
+    def params(self) -> dict:
+        return {"model": self.config.name, "prefill_tokens": list(self.prefill_tokens),
+                "decode_batch": list(self.decode_batch), "kv_len": list(self.kv_len), "quantize": self.quantize,
+                "group_size": self.group_size, "parameters": self.config.parameters}
+
+
+class ModelProgress:
+    """A rich progress bar over the whole budget, showing the estimated model latency."""
+
+    def __init__(self, name: str, total: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
+                                 console=Console(file=sys.stderr))
+        self.bar = self.progress.add_task(name, total=total, status="")
+        self.done = 0
+        self.progress.start()
+
+    def __call__(self, scheduler: TaskScheduler, index: int, records: list[Record]) -> None:
+        self.done += len(records)
+        latency = scheduler.estimated_latency()
+        status = f"last: {scheduler.tasks[index].task.op}"
+        if latency < float("inf"):
+            status += f"  estimated {latency * 1e3:.2f} ms per workload"
+        self.progress.update(self.bar, completed=self.done, status=status)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class ModelMLflow:
+    """Per round: each trial's GFLOP/s at its global step, and the estimated latency."""
+
+    def __init__(self, run, first_step: int):
+        self.run = run
+        self.step = first_step
+        self.failed = False
+
+    def __call__(self, scheduler: TaskScheduler, index: int, records: list[Record]) -> None:
+        if self.failed:
+            return
+        try:
+            latency = scheduler.estimated_latency()
+            extra = {"estimated_latency_ms": latency * 1e3} if latency < float("inf") else {}
+            self.run.log_trials(records, self.step, extra=extra)
+        except Exception as exc:  # the log already holds these records
+            self.failed = True
+            warnings.warn(f"MLflow logging stopped: {exc}", stacklevel=2)
+        self.step += len(records)
+
+
+def run_model_job(workload: ModelWorkload, target: Target, trials_total: int, log: RecordLog, tuner: str = "xgb",
+                  batch: int = 8, seed: int = 0, tracking_uri: str | None = None, use_mlflow: bool = True,
+                  experiment: str = "llm-autotune", build_timeout: float = 60.0, run_timeout: float = 20.0,
+                  progress: bool = True, runner=None, restrict: dict | None = None) -> ModelTuneSummary:
+    tasks = workload.tasks()
+    scheduler = TaskScheduler(tasks, target, tuner, seed=seed, batch=batch, restrict=restrict)
+    callbacks = []
+    run = None
+    if use_mlflow:
+        from records.mlflow_tracking import MLflowRun
+
+        run = MLflowRun(tracking_uri, experiment=experiment, run_name=f"{tuner}:model:{workload.config.name}",
+                        params={**workload.params(), "target": target.key, "device": target.device_name,
+                                "tuner": tuner, "trials_total": trials_total, "batch": batch, "seed": seed,
+                                "tasks": len(tasks), "log": str(log.path)},
+                        tags={"model": workload.config.name, "target": target.key, "job": "tune-model"})
+        callbacks.append(ModelMLflow(run, 0))
+    bar = ModelProgress(f"{workload.config.name} ({len(tasks)} tasks)", trials_total) if progress else None
+    if bar is not None:
+        callbacks.append(bar)
+    status, summary = "FAILED", None
+    with ExitStack() as stack:
+        builder = stack.enter_context(LocalBuilder(timeout_s=build_timeout))
+        runner = runner or stack.enter_context(LocalRunner(timeout_s=run_timeout, seed=seed))
+        try:
+            summary = scheduler.tune(trials_total, builder, runner, log, on_round=callbacks)
+            status = "FINISHED"
+        finally:
+            if bar is not None:
+                bar.close()
+            if run is not None:
+                _finish(run, log, status, summary)
+    return summary
+
+
+def _finish(run, log: RecordLog, status: str, summary: ModelTuneSummary | None) -> None:
+    try:
+        if summary is not None:
+            run.log_json("model_tasks.json", [
+                {"task": t.key, "weight": t.weight, "uses": t.uses,
+                 "best_seconds": s.best.seconds if s.best else None, "config": s.best.config if s.best else None,
+                 "trials": s.trials} for t, s in zip(summary.tasks, summary.summaries)])
+        if log.path.exists():
+            run.log_artifact(log.path)
+        run.finish(status)
+    except Exception as exc:
+        warnings.warn(f"MLflow: could not finish run {run.run_id}: {exc}", stacklevel=2)

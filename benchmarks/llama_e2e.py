@@ -1,0 +1,80 @@
+"""A whole model end to end on this CPU: tune-model, export, run against numpy and defaults.
+
+    python benchmarks/llama_e2e.py --model benchmarks/models/llama-100m/config.json \
+        --quantize none --trials-total 300 --work /tmp/e2e --markdown
+
+Runs, as a user would, ``autotune tune-model`` (resumed from ``WORK/NAME.jsonl``),
+``autotune export`` into ``WORK/NAME-lib`` and ``autotune run --lib ... --compare --json``
+(the tuned library, the numpy reference in its own process with OpenBLAS's fastest kernel,
+and the same model on untuned template defaults, all in one run), then prints one markdown
+row per model with the speeds, the speedups and the largest logit difference.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from cpu_ops import cli as autotune  # runs `autotune ARGS...` in a subprocess, stops on failure
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", default=["tiny"], help="presets or config.json files")
+    parser.add_argument("--quantize", default="none", choices=["none", "q4"])
+    parser.add_argument("--trials-total", type=int, default=300)
+    parser.add_argument("--prefill-tokens", default="128")
+    parser.add_argument("--decode-batch", default="1")
+    parser.add_argument("--kv-len", default="512")
+    parser.add_argument("--prompt-tokens", type=int, default=100)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--work", default="benchmarks/e2e")
+    parser.add_argument("--markdown", action="store_true", help="print the table header too")
+    args = parser.parse_args()
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for model in args.model:
+        name = Path(model).parent.name if model.endswith(".json") else model
+        name += "-q4" if args.quantize == "q4" else ""
+        log, lib = work / f"{name}.jsonl", work / f"{name}-lib"
+        begin = time.perf_counter()
+        tune = json.loads(autotune("tune-model", "--model", model, "--quantize", args.quantize,
+                                   "--prefill-tokens", args.prefill_tokens, "--decode-batch", args.decode_batch,
+                                   "--kv-len", args.kv_len, "--trials-total", str(args.trials_total),
+                                   "--log", str(log), "--no-mlflow", "--quiet", "--json"))
+        tune_s = time.perf_counter() - begin
+        autotune("export", "--log", str(log), "--out", str(lib))
+        out = json.loads(autotune("run", "--lib", str(lib), "--model", model, "--prompt-tokens",
+                                  str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--compare",
+                                  "--json"))
+        out.update(name=name, trials=tune["trials"], tasks=len(tune["tasks"]), tune_s=tune_s)
+        rows.append(out)
+        print(json.dumps(out), file=sys.stderr, flush=True)
+
+    if args.markdown:
+        load = os.getloadavg()
+        print(f"Machine: {platform.node()}, {platform.processor() or platform.machine()}, "
+              f"{datetime.date.today().isoformat()}, load average {load[0]:.1f}/{load[1]:.1f}; "
+              f"{args.prompt_tokens} prompt tokens, {args.new_tokens} new, batch 1; best of 3 timed runs per side.\n")
+        print("| model | weights | tasks / trials | tune min | decode tok/s tuned | numpy | defaults | "
+              "tuned/numpy | tuned/defaults | prefill tok/s tuned / numpy / defaults | max logit diff (rel) "
+              "vs numpy |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        ref, dft = r["reference"], r["defaults"]
+        print(f"| {r['name']} | {r['quantize']} | {r['tasks']} / {r['trials']} | {r['tune_s'] / 60:.1f} | "
+              f"{r['decode_tokens_per_s']:.1f} | {ref['decode_tokens_per_s']:.1f} | {dft['decode_tokens_per_s']:.1f} | "
+              f"{r['decode_speedup_vs_reference']:.2f}x | {r['decode_speedup_vs_defaults']:.2f}x | "
+              f"{r['prefill_tokens_per_s']:.0f} / {ref['prefill_tokens_per_s']:.0f} / {dft['prefill_tokens_per_s']:.0f} | "
+              f"{ref['logits']['max_abs']:.1e} ({ref['logits']['max_rel']:.1e}) |")
+
+
+if __name__ == "__main__":
+    main()

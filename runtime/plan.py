@@ -1,0 +1,114 @@
+"""Which kernels one forward pass of a Llama-style decoder calls, and how often.
+
+The decoder (``runtime.llama``) asks for exactly these kernels, and ``autotune tune-model``
+tunes exactly these tasks, so the two can never disagree. A prefill pass runs ``tokens``
+tokens of one sequence; a decode pass runs one new token for each of ``batch`` sequences
+against a KV cache holding ``kv_len`` positions. Token counts and KV lengths are dynamic
+dims of the row-wise and attention kernels (one kernel serves every count, tuned at the
+given size); the linear layers compile their M in.
+
+Residual adds are fused into the RMSNorm that follows them (``rmsnorm`` with
+``residual=true`` writes the new residual stream too), so a layer calls no ``add``.
+With ``quantize="q4"`` every linear layer, the LM head included, uses int4 weights
+(``gemm_q4``/``gemv_q4``, symmetric codes, one scale per ``group_size`` weights).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .kernel import KernelSpec
+from .model_config import ModelConfig
+
+QUANTIZE = ("none", "q4")
+GEMV_MAX_M = 16  # above this the decode step uses the gemm kernels
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """One kernel of a forward pass: its role, what it computes, and calls per pass."""
+
+    role: str
+    spec: KernelSpec
+    count: int
+
+
+def check_quantize(config: ModelConfig, quantize: str, group_size: int = 128) -> None:
+    """Raise ValueError when ``config`` cannot run with ``quantize``."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantization {quantize!r}: use one of {', '.join(QUANTIZE)}")
+    if quantize == "q4":
+        if group_size not in (32, 64, 128):
+            raise ValueError(f"q4 group size must be 32, 64 or 128, got {group_size}")
+        for name, k in (("hidden_size", config.hidden_size), ("intermediate_size", config.intermediate_size),
+                        ("num_attention_heads * head_dim", config.q_size)):
+            if k % group_size:
+                raise ValueError(f"--quantize q4: {name} = {k} of {config.name} is not a multiple of the "
+                                 f"group size {group_size}")
+
+
+def _linear(role: str, m: int, n: int, k: int, count: int, quantize: str, group_size: int) -> KernelCall:
+    op = "gemv" if m <= GEMV_MAX_M else "gemm"
+    attrs = {}
+    if quantize == "q4":
+        op += "_q4"
+        attrs = {"group_size": group_size, "zero_point": False}
+    return KernelCall(role, KernelSpec.make(op, {"M": m, "N": n, "K": k}, attrs=attrs), count)
+
+
+def _rows(role: str, op: str, rows: int, n: int, count: int, attrs: dict | None = None) -> KernelCall:
+    return KernelCall(role, KernelSpec.make(op, {"M": rows, "N": n}, attrs=attrs, dynamic=("M",)), count)
+
+
+def _norm(config: ModelConfig, role: str, rows: int, residual: bool, count: int) -> KernelCall:
+    return _rows(role, "rmsnorm", rows, config.hidden_size, count,
+                 {"eps": config.rms_norm_eps, "residual": residual})
+
+
+def _rope(config: ModelConfig, role: str, tokens: int, heads: int, count: int) -> KernelCall:
+    spec = KernelSpec.make("rope", {"T": tokens, "H": heads, "D": config.head_dim},
+                           attrs={"theta": config.rope_theta}, dynamic=("T",))
+    return KernelCall(role, spec, count)
+
+
+def _layer_linears(config: ModelConfig, m: int, quantize: str, group_size: int) -> list[KernelCall]:
+    c, layers = config, config.num_hidden_layers
+    return [_linear("q_proj", m, c.q_size, c.hidden_size, layers, quantize, group_size),
+            _linear("kv_proj", m, c.kv_size, c.hidden_size, 2 * layers, quantize, group_size),
+            _linear("o_proj", m, c.hidden_size, c.q_size, layers, quantize, group_size),
+            _linear("gate_up_proj", m, c.intermediate_size, c.hidden_size, 2 * layers, quantize, group_size),
+            _linear("down_proj", m, c.hidden_size, c.intermediate_size, layers, quantize, group_size)]
+
+
+def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: KernelSpec, quantize: str,
+                group_size: int) -> list[KernelCall]:
+    """The kernels of a pass over ``rows`` token rows of ``sequences`` sequences."""
+    c, layers = config, config.num_hidden_layers
+    return ([_norm(c, "first_norm", rows, False, 1), _norm(c, "residual_norm", rows, True, 2 * layers)]
+            + _layer_linears(c, rows, quantize, group_size)
+            + [_rope(c, "rope_q", rows, c.num_attention_heads, layers),
+               _rope(c, "rope_k", rows, c.num_key_value_heads, layers),
+               KernelCall("attention", attention, layers),
+               _rows("swiglu", "swiglu", rows, c.intermediate_size, layers),
+               _linear("lm_head", sequences, c.vocab_size, c.hidden_size, 1, quantize, group_size)])
+
+
+def prefill_calls(config: ModelConfig, tokens: int, quantize: str = "none", group_size: int = 128,
+                  batch: int = 1) -> list[KernelCall]:
+    """Kernels of one prefill pass over ``batch`` prompts of ``tokens`` tokens (logits of the last)."""
+    check_quantize(config, quantize, group_size)
+    c = config
+    attention = KernelSpec.make("attention_prefill", {"B": batch, "T": tokens, "H": c.num_attention_heads,
+                                                      "HKV": c.num_key_value_heads, "D": c.head_dim},
+                                attrs={"causal": True}, dynamic=("T",))
+    return _pass_calls(c, batch * tokens, batch, attention, quantize, group_size)
+
+
+def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "none",
+                 group_size: int = 128) -> list[KernelCall]:
+    """Kernels of one decode step: one new token per sequence, ``kv_len`` cached positions."""
+    check_quantize(config, quantize, group_size)
+    c = config
+    attention = KernelSpec.make("attention_decode", {"B": batch, "H": c.num_attention_heads,
+                                                     "HKV": c.num_key_value_heads, "D": c.head_dim,
+                                                     "S": kv_len, "L": kv_len}, dynamic=("S", "L"))
+    return _pass_calls(c, batch, batch, attention, quantize, group_size)

@@ -1,0 +1,109 @@
+"""A Llama-style decoder in plain numpy (float32, OpenBLAS matmuls): the reference the tuned
+runtime is checked against and the speed it is compared with.
+
+The same computation as ``runtime.llama``: RMSNorm, Q/K/V projections, rotary embedding
+(rotate-half), causal grouped-query attention over a KV cache, output projection, residual,
+SwiGLU MLP, final norm, LM head, greedy decoding. Quantised weights enter as the float32
+weights their int4 codes stand for.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .generation import Generation
+from .model_config import ModelConfig
+from .weights import ModelWeights, layer_name
+
+
+def rms_norm(x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * gain
+
+
+def rotate(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+    """Rotary embedding of x[..., T, heads, D] at ``positions`` [T] (angles in float64)."""
+    dim = x.shape[-1]
+    half = dim // 2
+    freqs = theta ** (-np.arange(half, dtype=np.float64) * 2.0 / dim)
+    angle = positions.astype(np.float64)[:, None] * freqs[None, :]
+    cos, sin = np.cos(angle).astype(np.float32)[:, None, :], np.sin(angle).astype(np.float32)[:, None, :]
+    lo, hi = x[..., :half], x[..., half:]
+    return np.concatenate([lo * cos - hi * sin, hi * cos + lo * sin], axis=-1)
+
+
+class ReferenceModel:
+    """``generate(prompts, new_tokens)`` with numpy only; the KV cache is [B, HKV, S, D] per layer."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights):
+        self.config = config
+        self.w = weights
+
+    def _matmul(self, x: np.ndarray, name: str) -> np.ndarray:
+        return x @ self.w.linear(name).T
+
+    def _lm_head(self, x: np.ndarray) -> np.ndarray:
+        return self._matmul(x, "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight")
+
+    def _attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int) -> np.ndarray:
+        """q[B, T, H, D] at positions start..start+T-1 against cache positions 0..start+T-1."""
+        c = self.config
+        b, t = q.shape[:2]
+        group = c.num_attention_heads // c.num_key_value_heads
+        length = start + t
+        qg = q.reshape(b, t, c.num_key_value_heads, group, c.head_dim).transpose(0, 2, 3, 1, 4)  # B,HKV,G,T,D
+        keys, values = k_cache[:, :, :length], v_cache[:, :, :length]                            # B,HKV,L,D
+        scores = np.matmul(qg, keys[:, :, None].transpose(0, 1, 2, 4, 3)) * np.float32(c.head_dim ** -0.5)
+        if t > 1:  # causal: query i (at position start + i) sees keys 0..start + i
+            mask = np.arange(length)[None, :] > (start + np.arange(t))[:, None]
+            scores = np.where(mask, np.float32(-np.inf), scores)
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out = np.matmul(scores, values[:, :, None])                                             # B,HKV,G,T,D
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, c.q_size)
+
+    def forward(self, ids: np.ndarray, start: int, caches: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """Logits [B, V] of the last of the tokens ``ids`` [B, T] placed at ``start``."""
+        c, w = self.config, self.w
+        b, t = ids.shape
+        x = w["model.embed_tokens.weight"][ids]                                                   # B,T,h
+        positions = np.arange(start, start + t)
+        for layer in range(c.num_hidden_layers):
+            h = rms_norm(x, w[layer_name(layer, "input_layernorm")], c.rms_norm_eps)
+            q = self._matmul(h, layer_name(layer, "self_attn.q_proj")).reshape(b, t, c.num_attention_heads, c.head_dim)
+            k = self._matmul(h, layer_name(layer, "self_attn.k_proj")).reshape(b, t, c.num_key_value_heads, c.head_dim)
+            v = self._matmul(h, layer_name(layer, "self_attn.v_proj")).reshape(b, t, c.num_key_value_heads, c.head_dim)
+            q, k = rotate(q, positions, c.rope_theta), rotate(k, positions, c.rope_theta)
+            k_cache, v_cache = caches[layer]
+            k_cache[:, :, start:start + t] = k.transpose(0, 2, 1, 3)
+            v_cache[:, :, start:start + t] = v.transpose(0, 2, 1, 3)
+            attn = self._attention(q, k_cache, v_cache, start)
+            x = x + self._matmul(attn, layer_name(layer, "self_attn.o_proj"))
+            h = rms_norm(x, w[layer_name(layer, "post_attention_layernorm")], c.rms_norm_eps)
+            gate = self._matmul(h, layer_name(layer, "mlp.gate_proj"))
+            up = self._matmul(h, layer_name(layer, "mlp.up_proj"))
+            x = x + self._matmul(gate / (1.0 + np.exp(-gate)) * up, layer_name(layer, "mlp.down_proj"))
+        h = rms_norm(x[:, -1], w["model.norm.weight"], c.rms_norm_eps)
+        return self._lm_head(h)
+
+    def generate(self, prompts: np.ndarray, new_tokens: int) -> Generation:
+        """Greedy decoding of ``new_tokens`` tokens after ``prompts`` [B, T]."""
+        c = self.config
+        prompts = np.asarray(prompts, dtype=np.int64)
+        b, t = prompts.shape
+        capacity = t + new_tokens
+        caches = [(np.zeros((b, c.num_key_value_heads, capacity, c.head_dim), np.float32),
+                   np.zeros((b, c.num_key_value_heads, capacity, c.head_dim), np.float32))
+                  for _ in range(c.num_hidden_layers)]
+        begin = time.perf_counter()
+        logits = [self.forward(prompts, 0, caches)]
+        prefill_s = time.perf_counter() - begin
+        tokens = [np.argmax(logits[0], axis=-1)]
+        begin = time.perf_counter()
+        for step in range(1, new_tokens):
+            logits.append(self.forward(tokens[-1][:, None], t + step - 1, caches))
+            tokens.append(np.argmax(logits[-1], axis=-1))
+        decode_s = time.perf_counter() - begin
+        return Generation(np.stack(tokens, axis=1), np.stack(logits, axis=1), prefill_s, decode_s, b * t,
+                          b * (new_tokens - 1))

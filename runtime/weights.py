@@ -1,0 +1,169 @@
+"""Weights of a Llama-style model under Hugging Face tensor names, in float32.
+
+From safetensors files (``model.safetensors`` or shards, as ``save_pretrained`` writes
+them), or generated from a seed for tests. ``quantize_q4`` packs every linear layer into
+the int4 format of ``runtime.q4``; the float32 weights those codes stand for are kept for
+the numpy reference, so that both sides compute with the same numbers.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .model_config import ModelConfig
+from .q4 import dequantize_q4, quantize_q4
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def layer_name(layer: int, part: str) -> str:
+    return f"model.layers.{layer}.{part}.weight"
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the decoder reads, by Hugging Face name, with its shape."""
+    c = config
+    h, i = c.hidden_size, c.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    for layer in range(c.num_hidden_layers):
+        shapes.update({
+            layer_name(layer, "input_layernorm"): (h,), layer_name(layer, "post_attention_layernorm"): (h,),
+            layer_name(layer, "self_attn.q_proj"): (c.q_size, h), layer_name(layer, "self_attn.k_proj"): (c.kv_size, h),
+            layer_name(layer, "self_attn.v_proj"): (c.kv_size, h), layer_name(layer, "self_attn.o_proj"): (h, c.q_size),
+            layer_name(layer, "mlp.gate_proj"): (i, h), layer_name(layer, "mlp.up_proj"): (i, h),
+            layer_name(layer, "mlp.down_proj"): (h, i)})
+    return shapes
+
+
+def linear_names(config: ModelConfig) -> list[str]:
+    names = [layer_name(layer, part) for layer in range(config.num_hidden_layers) for part in LINEARS]
+    return names + ["lm_head.weight" if not config.tie_word_embeddings else "model.embed_tokens.weight"]
+
+
+@dataclass
+class QuantizedLinear:
+    """One linear layer in int4: the kernel's arrays and the weights they stand for."""
+
+    wq: np.ndarray         # [N, K/2] uint8
+    scales: np.ndarray     # [N, K/G] float32
+    dequantized: np.ndarray  # [N, K] float32
+
+
+@dataclass
+class ModelWeights:
+    config: ModelConfig
+    tensors: dict[str, np.ndarray]
+    quantized: dict[str, QuantizedLinear] = field(default_factory=dict)
+    group_size: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name, shape in expected_shapes(self.config).items():
+            tensor = self.tensors.get(name)
+            if tensor is None:
+                problems.append(f"{name} is missing")
+            elif tuple(tensor.shape) != shape:
+                problems.append(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise ValueError(f"weights do not fit {self.config.name}: {'; '.join(problems[:3])}{more}")
+        self.tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.tensors.items()}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.tensors[name]
+
+    @property
+    def lm_head(self) -> np.ndarray:
+        return self.tensors["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
+
+    def linear(self, name: str) -> np.ndarray:
+        """The float32 weights a linear layer computes with: the dequantised ones when quantised."""
+        q = self.quantized.get(name)
+        return q.dequantized if q is not None else self.tensors[name]
+
+    @classmethod
+    def random(cls, config: ModelConfig, seed: int = 0) -> "ModelWeights":
+        """Seeded weights at the scale of a trained model (std 0.02; norm gains near 1)."""
+        rng = np.random.default_rng(seed)
+        tensors = {}
+        for name, shape in expected_shapes(config).items():
+            if len(shape) == 1:
+                tensors[name] = rng.uniform(0.8, 1.2, shape).astype(np.float32)
+            else:
+                tensors[name] = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+        return cls(config, tensors)
+
+    @classmethod
+    def load(cls, config: ModelConfig, folder: str | Path) -> "ModelWeights":
+        """Every ``*.safetensors`` file in ``folder``; float16 and bfloat16 become float32."""
+        files = sorted(Path(folder).glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"no .safetensors files in {folder}")
+        tensors: dict[str, np.ndarray] = {}
+        wanted = set(expected_shapes(config))
+        for path in files:
+            tensors.update({k: v for k, v in read_safetensors(path).items() if k in wanted})
+        return cls(config, tensors)
+
+    def save(self, folder: str | Path) -> Path:
+        """``model.safetensors`` and ``config.json`` in ``folder``, loadable by ``load``."""
+        from safetensors.numpy import save_file
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(self.tensors, str(out / "model.safetensors"))
+        self.config.save(out / "config.json")
+        return out
+
+    def quantize_q4(self, group_size: int = 128) -> "ModelWeights":
+        """A copy whose linear layers (LM head included) are int4 with symmetric group scales."""
+        quantized = {}
+        for name in linear_names(self.config):
+            packed = quantize_q4(self.tensors[name], group_size, zero_point=False)
+            dequantized = dequantize_q4(packed["WQ"], packed["SCALES"], None, group_size).astype(np.float32)
+            quantized[name] = QuantizedLinear(packed["WQ"], packed["SCALES"], dequantized)
+        return ModelWeights(self.config, dict(self.tensors), quantized, group_size)
+
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """The float tensors of one safetensors file as float32.
+
+    Read with the safetensors package where numpy knows the dtype; bfloat16, which numpy
+    lacks, is read from the file's header and widened by shifting the raw words."""
+    from safetensors import safe_open
+
+    tensors: dict[str, np.ndarray] = {}
+    header = _header(path)
+    with safe_open(str(path), framework="numpy") as f:
+        for name in f.keys():
+            info = header[name]
+            if info["dtype"] == "BF16":
+                continue
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, expected a float type")
+            tensors[name] = f.get_tensor(name).astype(np.float32)
+    bf16 = [n for n, info in header.items() if n != "__metadata__" and info["dtype"] == "BF16"]
+    if bf16:
+        offset = 8 + struct.unpack("<Q", Path(path).open("rb").read(8))[0]
+        raw = np.memmap(path, dtype=np.uint8, mode="r", offset=offset)
+        for name in bf16:
+            begin, end = header[name]["data_offsets"]
+            words = raw[begin:end].view(np.uint16).reshape(header[name]["shape"])
+            tensors[name] = (words.astype(np.uint32) << 16).view(np.float32)
+    return tensors
+
+
+def _header(path: str | Path) -> dict:
+    with Path(path).open("rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(size))

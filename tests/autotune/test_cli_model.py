@@ -1,0 +1,95 @@
+"""tune-model and run from the command line, on real kernels of the tiny preset."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli import assert_usage_error, run
+
+from records import RecordLog
+
+
+@pytest.fixture(scope="module")
+def tiny_log(tmp_path_factory):
+    """A tune-model job of the tiny preset, logged to a temporary MLflow store."""
+    folder = tmp_path_factory.mktemp("tiny")
+    proc = run("tune-model", "--model", "tiny", "--prefill-tokens", "16", "--decode-batch", "1", "--kv-len", "64",
+               "--trials-total", "30", "--batch", "4", "--log", "tiny.jsonl", "--quiet", "--json",
+               "--tracking-uri", f"sqlite:///{folder}/mlflow.db", cwd=folder)
+    return folder, json.loads(proc.stdout)
+
+
+def test_tune_model_measures_every_task_within_the_budget(tiny_log):
+    folder, summary = tiny_log
+    records = RecordLog(folder / "tiny.jsonl").records()
+    assert summary["trials"] == len(records) == 30
+    assert len(summary["tasks"]) == 21 and all(t["trials"] >= 1 for t in summary["tasks"])
+    assert all(t["best_ms"] > 0 for t in summary["tasks"])
+    assert abs(sum(t["share"] for t in summary["tasks"]) - 1.0) < 1e-6
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
+    (run_info,) = client.search_runs(client.get_experiment_by_name("llm-autotune").experiment_id)
+    assert run_info.data.params["model"] == "tiny" and run_info.data.params["tasks"] == "21"
+    assert len(client.get_metric_history(run_info.info.run_id, "gflops")) == 30
+    assert {a.path for a in client.list_artifacts(run_info.info.run_id)} >= {"tiny.jsonl", "model_tasks.json"}
+
+
+def test_a_resumed_tune_model_only_adds_trials(tiny_log, tmp_path):
+    folder, _ = tiny_log
+    log = tmp_path / "again.jsonl"
+    log.write_text((folder / "tiny.jsonl").read_text())
+    proc = run("tune-model", "--model", "tiny", "--prefill-tokens", "16", "--kv-len", "64", "--trials-total", "34",
+               "--batch", "4", "--log", str(log), "--quiet", "--no-mlflow", "--json", cwd=tmp_path)
+    summary = json.loads(proc.stdout)
+    assert summary["resumed"] == 30 and summary["measured"] == 4
+    records = RecordLog(log).records()
+    assert len({(r.task.key, r.config_index) for r in records}) == len(records) == 34
+
+
+def test_run_on_the_tuned_log_matches_the_reference_and_the_defaults(tiny_log):
+    folder, _ = tiny_log
+    proc = run("run", "--log", "tiny.jsonl", "--model", "tiny", "--prompt-tokens", "11", "--new-tokens", "6",
+               "--compare", "--json", cwd=folder)
+    out = json.loads(proc.stdout)
+    assert out["kernels"]["tuned"] == 21 and out["kernels"]["untuned"] == 0
+    assert out["kernels"]["prefill_padded_to"] == 16
+    assert len(out["token_ids"][0]) == 6
+    for side in ("reference", "defaults"):
+        assert out[side]["logits"]["max_rel"] < 1e-4, side
+        assert out[side]["logits"]["same_tokens"], side
+        assert out[f"decode_speedup_vs_{side}"] > 0
+    assert out["decode_tokens_per_s"] > 0 and out["reference"]["blas"]["internal_api"] == "openblas"
+
+
+def test_q4_model_tunes_and_runs_against_the_dequantised_reference(tmp_path):
+    run("tune-model", "--model", "tiny", "--quantize", "q4", "--prefill-tokens", "24", "--kv-len", "32",
+        "--trials-total", "21", "--batch", "2", "--log", "q4.jsonl", "--quiet", "--no-mlflow", cwd=tmp_path)
+    ops = {r.task.op for r in RecordLog(tmp_path / "q4.jsonl").records()}
+    assert {"gemm_q4", "gemv_q4"} <= ops and not ops & {"gemm", "gemv"}
+    out = json.loads(run("run", "--log", "q4.jsonl", "--model", "tiny", "--prompt-ids", "5,6,7,8,9",
+                         "--new-tokens", "4", "--compare", "--json", cwd=tmp_path).stdout)
+    assert out["quantize"] == "q4"
+    assert out["reference"]["logits"]["max_rel"] < 1e-4 and out["reference"]["logits"]["same_tokens"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tune-model", "--model", "no-such-model"], "not a preset"),
+    (["tune-model", "--model", "tiny", "--prefill-tokens", "12,x"], "malformed --prefill-tokens"),
+    (["tune-model", "--model", "tiny", "--kv-len", "64,64"], "names a size twice"),
+    (["tune-model", "--model", "tiny", "--trials-total", "0"], "--trials-total must be >= 1"),
+    (["tune-model", "--model", "tiny", "--log", "/no/such/dir/x.jsonl"], "does not exist"),
+    (["run", "--model", "tiny"], "either --lib DIR"),
+    (["run", "--model", "tiny", "--lib", "/no/such/lib"], "no manifest.json"),
+    (["run", "--model", "tiny", "--log", "/no/such/log.jsonl"], "does not exist"),
+])
+def test_bad_model_input_is_one_line_and_exit_2(args, message, tmp_path):
+    assert_usage_error(run(*args, cwd=tmp_path, check=False), message)
+
+
+def test_q4_needs_dims_that_are_multiples_of_the_group(tmp_path):
+    config = {"hidden_size": 96, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 1,
+              "vocab_size": 50}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    proc = run("tune-model", "--model", str(tmp_path / "config.json"), "--quantize", "q4", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "not a multiple of the group size 128" in proc.stderr

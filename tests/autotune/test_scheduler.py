@@ -1,0 +1,78 @@
+"""The model's tasks and the scheduler that spreads one budget over them (synthetic timings)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from fakes import SyntheticRunner
+
+from autotune.model_tasks import DECODE_STEPS, model_tasks
+from autotune.scheduler import TaskScheduler
+from records import RecordLog
+from runtime.model_config import PRESETS
+from search_space import Target, get_template
+
+TINY = PRESETS["tiny"]
+
+
+def test_model_tasks_are_distinct_and_weighted_by_use():
+    tasks = {t.key: t for t in model_tasks(TINY, [128], [1], [512, 1024])}
+    assert len(tasks) == len({t.task.key for t in tasks.values()})
+    layers = TINY.num_hidden_layers
+    q_prefill = tasks["gemm/float32/M=128,N=128,K=128"]  # q_proj and o_proj share a shape here
+    assert q_prefill.weight == 2 * layers and q_prefill.uses == {"prefill T=128": 2 * layers}
+    attention = [t for t in tasks.values() if t.task.op == "attention_decode"]
+    assert len(attention) == 2  # one per KV length, each run half of the decode steps
+    assert all(t.weight == layers * DECODE_STEPS / 2 for t in attention)
+    gemv = tasks["gemv/float32/M=1,N=512,K=128"]  # the LM head: once per prefill and per decode step
+    assert gemv.weight == 1 + DECODE_STEPS
+    assert all(t.task.op != "add" for t in tasks.values())  # residual adds are fused into the norm
+
+
+def test_every_task_starts_from_its_default_and_the_budget_follows_the_gradient(tmp_path):
+    target = Target.host()
+    tasks = model_tasks(TINY, [128], [1], [512])
+    # gemv dominates the workload (many decode steps, slow synthetic times): it should get most trials
+    runner = SyntheticRunner({"gemv": 1e-3, "gemm": 1e-4})
+    log = RecordLog(tmp_path / "m.jsonl")
+    scheduler = TaskScheduler(tasks, target, "random", seed=0, batch=4)
+    summary = scheduler.tune(120, runner, runner, log)
+    records = log.records()
+    assert summary.trials == summary.measured == len(records) == 120
+    first = {}
+    for record in records:
+        first.setdefault(record.task.key, record)
+    assert set(first) == {t.key for t in tasks}  # every task measured
+    for task in tasks:  # ... and its template default first
+        template = get_template(task.task.op, "cpu")
+        assert first[task.key].config == template.default(task.task, target).as_dict(), task.key
+    per_task = Counter(r.task.key for r in records)
+    gemv = sum(n for key, n in per_task.items() if key.startswith("gemv/"))
+    gemm = sum(n for key, n in per_task.items() if key.startswith("gemm/"))
+    assert gemv > 2 * gemm
+    assert summary.history[-1][1] <= summary.history[len(tasks)][1]  # the estimate only falls
+
+
+def test_a_resumed_job_counts_the_log_and_never_measures_a_config_twice(tmp_path):
+    target = Target.host()
+    tasks = model_tasks(TINY, [64], [1], [256])
+    log = RecordLog(tmp_path / "m.jsonl")
+    runner = SyntheticRunner({"gemv": 1e-4})
+    TaskScheduler(tasks, target, "random", seed=1, batch=4).tune(30, runner, runner, log)
+    again = SyntheticRunner({"gemv": 1e-4})
+    summary = TaskScheduler(tasks, target, "random", seed=1, batch=4).tune(50, again, again, log)
+    records = log.records()
+    assert summary.resumed == 30 and summary.measured == 20 and len(records) == 50
+    assert len({(r.task.key, r.config_index) for r in records}) == 50
+    assert not set(again.calls) & set(runner.calls)
+
+
+def test_a_task_that_never_verifies_is_given_up_and_the_rest_go_on(tmp_path):
+    tasks = model_tasks(TINY, [64], [1], [256])
+    runner = SyntheticRunner({"gemv": 1e-4}, failing=("swiglu",))
+    with pytest.warns(UserWarning, match="swiglu.*no candidate verified.*RUNTIME_ERROR"):
+        summary = TaskScheduler(tasks, Target.host(), "random", seed=2, batch=2).tune(80, runner, runner)
+    assert summary.trials == 80
+    assert all("swiglu" in key for key in summary.given_up) and summary.given_up
+    swiglu = [s for t, s in zip(summary.tasks, summary.summaries) if t.task.op == "swiglu"]
+    assert all(s.trials <= 3 * 2 for s in swiglu)

@@ -1,0 +1,127 @@
+"""The Llama decoder on real kernels against the numpy reference; weights and configs."""
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from runtime.llama import LlamaModel
+from runtime.model_config import PRESETS, ModelConfig, load_model_config
+from runtime.plan import decode_calls, prefill_calls
+from runtime.reference import ReferenceModel
+from runtime.weights import ModelWeights, read_safetensors
+
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def default_kernels():
+    """Template defaults, compiled once for every test of this module."""
+    from runtime import TunedKernels
+
+    with TunedKernels.defaults() as kernels:
+        yield kernels
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("quantize", ["none", "q4"])
+def test_prefill_and_every_decode_step_match_the_numpy_reference(default_kernels, quantize):
+    weights = ModelWeights.random(TINY, seed=3)
+    if quantize == "q4":
+        weights = weights.quantize_q4(128)
+    prompts = np.random.default_rng(1).integers(0, TINY.vocab_size, (2, 9))
+    ours = LlamaModel(TINY, weights, default_kernels).generate(prompts, 5)
+    reference = ReferenceModel(TINY, weights).generate(prompts, 5)
+    assert ours.logits.shape == (2, 5, TINY.vocab_size)
+    for step in range(5):  # step 0 is the prefill's last position, then each decode step
+        assert relative_error(ours.logits[:, step], reference.logits[:, step]) < 1e-4, step
+    np.testing.assert_array_equal(ours.tokens, reference.tokens)
+    assert ours.decode_tokens == 2 * 4 and ours.prefill_tokens == 2 * 9
+
+
+def test_a_padded_prefill_computes_the_same_logits(default_kernels):
+    weights = ModelWeights.random(TINY, seed=4)
+    prompts = np.random.default_rng(2).integers(0, TINY.vocab_size, (1, 6))
+    exact = LlamaModel(TINY, weights, default_kernels).generate(prompts, 3)
+    padded_model = LlamaModel(TINY, weights, default_kernels, prefill_sizes=[16])
+    assert padded_model.padded_tokens(1, 6) == 16
+    padded = padded_model.generate(prompts, 3)
+    assert relative_error(padded.logits, exact.logits) < 1e-5
+    np.testing.assert_array_equal(padded.tokens, exact.tokens)
+
+
+def test_the_reference_is_causal_and_agrees_with_a_full_recompute():
+    """Decoding with the cache equals recomputing the whole sequence without one."""
+    weights = ModelWeights.random(TINY, seed=5)
+    model = ReferenceModel(TINY, weights)
+    prompts = np.random.default_rng(3).integers(0, TINY.vocab_size, (1, 7))
+    out = model.generate(prompts, 4)
+    sequence = np.concatenate([prompts, out.tokens[:, :3]], axis=1)
+    shape = (1, TINY.num_key_value_heads, 10, TINY.head_dim)
+    caches = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(TINY.num_hidden_layers)]
+    full = model.forward(sequence, 0, caches)
+    assert relative_error(out.logits[:, 3], full) < 1e-5
+
+
+def test_weights_round_trip_through_safetensors_and_config_json(tmp_path):
+    weights = ModelWeights.random(TINY, seed=6)
+    weights.save(tmp_path)
+    config = load_model_config(tmp_path)
+    assert config.hidden_size == TINY.hidden_size and config.num_key_value_heads == TINY.num_key_value_heads
+    loaded = ModelWeights.load(config, tmp_path)
+    for name, tensor in weights.tensors.items():
+        np.testing.assert_array_equal(loaded[name], tensor)
+
+
+def test_bfloat16_safetensors_are_widened(tmp_path):
+    values = np.array([[1.0, -2.5], [0.15625, 3e38]], dtype=np.float32)
+    words = (values.view(np.uint32) >> 16).astype(np.uint16)  # exact in bf16 except the last
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]}}).encode()
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + words.tobytes())
+    out = read_safetensors(path)["w"]
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out[0], values[0])
+    assert out[1, 0] == np.float32(0.15625)
+
+
+def test_bad_weights_and_configs_are_named():
+    weights = ModelWeights.random(TINY, seed=0).tensors
+    weights.pop("model.norm.weight")
+    weights["lm_head.weight"] = weights["lm_head.weight"][:5]
+    with pytest.raises(ValueError, match="model.norm.weight is missing.*lm_head.weight has shape"):
+        ModelWeights(TINY, weights)
+    with pytest.raises(ValueError, match="not a preset"):
+        load_model_config("no-such-model")
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        ModelConfig.from_hf_dict({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                                  "num_key_value_heads": 3, "num_hidden_layers": 1, "vocab_size": 10})
+
+
+def test_presets_have_their_published_sizes():
+    assert abs(PRESETS["llama-2-7b"].parameters / 1e9 - 6.74) < 0.01
+    assert abs(PRESETS["llama-3-8b"].parameters / 1e9 - 8.03) < 0.01
+    assert abs(PRESETS["mistral-7b"].parameters / 1e9 - 7.24) < 0.01
+
+
+def test_the_plan_counts_each_kernel_per_pass():
+    calls = {c.role: c for c in prefill_calls(TINY, 128)}
+    layers = TINY.num_hidden_layers
+    assert calls["q_proj"].spec.op == "gemm" and calls["q_proj"].spec.shape == {"M": 128, "N": 128, "K": 128}
+    assert calls["kv_proj"].count == 2 * layers and calls["residual_norm"].count == 2 * layers
+    assert calls["lm_head"].spec.op == "gemv" and calls["lm_head"].spec.shape["M"] == 1
+    assert calls["attention"].spec.dynamic == ("T",)
+    decode = {c.role: c for c in decode_calls(TINY, 8, 512, "q4")}
+    assert decode["gate_up_proj"].spec.op == "gemv_q4"
+    assert decode["gate_up_proj"].spec.attr == {"group_size": 128, "zero_point": False}
+    assert decode["attention"].spec.dynamic == ("S", "L")
+    assert {c.spec.op for c in decode_calls(TINY, 32, 512)} >= {"gemm"}  # batches above 16 use gemm
+    odd = ModelConfig.from_hf_dict({"hidden_size": 96, "intermediate_size": 256, "num_attention_heads": 4,
+                                    "num_hidden_layers": 1, "vocab_size": 50})
+    with pytest.raises(ValueError, match="hidden_size = 96 .* not a multiple of the group size 128"):
+        prefill_calls(odd, 16, "q4")
