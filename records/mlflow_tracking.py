@@ -149,6 +149,7 @@ def records_from_run(run_id: str, tracking_uri: str | None = None) -> list[Recor
     logs = _log_artifacts(client, run_id)
     if not logs:
         raise FileNotFoundError(f"MLflow run {run_id} has no .jsonl tuning log among its artifacts")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for errors
     records: list[Record] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in logs:

@@ -71,10 +71,12 @@ def sweep_logs(tmp_path_factory, fast_policy):
 
 
 # Small tasks of every kind a kernel library holds: a threaded kernel (pthreads), bfloat16
-# words, two outputs, two buckets of one dynamic dim, two dynamic dims, a workspace.
+# words, int4 codes in bytes, two outputs, two buckets of one dynamic dim, two dynamic dims,
+# a workspace.
 LIBRARY_TASKS = (
     ("gemv", {"M": 1, "N": 64, "K": 128}, "float32", {}, (), {"threads": [2]}),
     ("gemv", {"M": 2, "N": 32, "K": 64}, "bfloat16", {}, (), None),
+    ("gemv_q4", {"M": 1, "N": 32, "K": 128}, "float32", {"group_size": 32}, (), None),
     ("rmsnorm", {"M": 8, "N": 64}, "float32", {"residual": True}, ("M",), None),
     ("rmsnorm", {"M": 64, "N": 64}, "float32", {"residual": True}, ("M",), None),
     ("attention_decode", {"B": 1, "H": 4, "HKV": 2, "D": 32, "S": 64, "L": 64}, "float32", {}, ("S", "L"), None),

@@ -64,6 +64,8 @@ def test_the_library_directory_holds_every_kernel_its_sources_and_a_header(expor
     assert f"void {attention['entry']}(const float *Q, const float *K, const float *V, float *O, void *workspace, " \
            "int64_t S, int64_t L);" in header
     assert f"workspace: scratch of {attention['args'][4]['nbytes']} bytes" in header
+    q4 = next(k for k in kernels if k["op"] == "gemv_q4")
+    assert f"void {q4['entry']}(const float *X, const uint8_t *WQ, const float *SCALES, float *Y" in header
     assert all(f"void {e}(" in header for e in entries)
 
 
@@ -193,7 +195,7 @@ def test_export_from_an_mlflow_run_gives_the_kernels_of_its_log(mlflow_job, tmp_
         main(["export", "--mlflow-run", mlflow_job["run"], "--tracking-uri", mlflow_job["store"],
               "--out", str(tmp_path / "from-run"), "--json"])
     out = capsys.readouterr()
-    assert exit.value.code == 0, out.err
+    assert exit.value.code == 0 and out.err == "", out.err
     printed = json.loads(out.out)
     assert printed["verified"] == 2 and {k["op"] for k in printed["kernels"]} == {"gemv", "softmax"}
     from_log = export_library(load_records([mlflow_job["log"]]), tmp_path / "from-log")
@@ -206,8 +208,8 @@ def test_the_cli_says_what_it_exported(library_log, tmp_path):
     proc = _cli("export", "--log", str(library_log), "--out", "lib", "--no-verify", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert re.match(r"exported 6 kernel\(s\) for cpu-\S+ to \S+/lib \([\d.]+ KiB; not checked here\)", lines[0]), lines[0]
-    assert lines[1].startswith(f"  {LIBRARY}  ") and len(lines) == 2 + 6
+    assert re.match(r"exported 7 kernel\(s\) for cpu-\S+ to \S+/lib \([\d.]+ KiB; not checked here\)", lines[0]), lines[0]
+    assert lines[1].startswith(f"  {LIBRARY}  ") and len(lines) == 2 + 7
 
 
 @pytest.mark.parametrize("case, message", [
