@@ -298,8 +298,8 @@ def _write_library(kernels: list[_Kernel], stage: Path, target: Target, n_parall
 
 
 def verify_library_job(payload: dict[str, Any]) -> list[str]:
-    """Worker side: load the library as a deployment would and check every kernel against the
-    template's numpy reference at its tuned dims. Returns one line per wrong kernel."""
+    """Worker side: load the library as a deployment would and check the kernel ``entry``
+    against the template's numpy reference at its tuned dims. Returns one line per wrong output."""
     import importlib
 
     import numpy as np
@@ -310,20 +310,20 @@ def verify_library_job(payload: dict[str, Any]) -> list[str]:
     for module in payload.get("modules", ()):  # templates registered outside search_space (tests)
         importlib.import_module(module)
     library = KernelLibrary(payload["dir"])
+    entry = next(e for e in library.entries if e["entry"] == payload["entry"])
+    task = Task.make(entry["op"], entry["dims"], entry["dtype"], entry["attrs"], entry["dynamic"])
+    template = get_template(task.op, "cpu")
+    inputs = template.make_inputs(task, np.random.default_rng(payload.get("seed", 0)))
+    want = template.reference(task, inputs)
+    kernel = library.kernel(entry["entry"])
+    got = kernel(**inputs, dims={d: task.dims[d] for d in task.dynamic})
+    got = got if isinstance(got, tuple) else (got,)
     problems = []
-    for entry in library.entries:
-        task = Task.make(entry["op"], entry["dims"], entry["dtype"], entry["attrs"], entry["dynamic"])
-        template = get_template(task.op, "cpu")
-        inputs = template.make_inputs(task, np.random.default_rng(payload.get("seed", 0)))
-        want = template.reference(task, inputs)
-        kernel = library.kernel(entry["entry"])
-        got = kernel(**inputs, dims={d: task.dims[d] for d in task.dynamic})
-        got = got if isinstance(got, tuple) else (got,)
-        for name, value in zip(kernel.output_names, got):
-            dtype = next(a.dtype for a in kernel.args if a.name == name)
-            problem = check_output(name, value, want[name], template.tolerance(task), dtype)
-            if problem:
-                problems.append(f"{entry['entry']} ({task.key}): {problem}")
+    for name, value in zip(kernel.output_names, got):
+        dtype = next(a.dtype for a in kernel.args if a.name == name)
+        problem = check_output(name, value, want[name], template.tolerance(task), dtype)
+        if problem:
+            problems.append(f"{entry['entry']} ({task.key}): {problem}")
     return problems
 
 
@@ -383,8 +383,11 @@ def export_library(records: Iterable[Record], out_dir: str | os.PathLike, target
             notes.append(f"compiled for {target.key}, not this CPU ({Target.host().key}): not checked here")
         if verify and library is not None and not foreign:
             modules = sorted({template_module(k.task.op, "cpu") for k in kernels})
-            job = ("records.export:verify_library_job", {"dir": str(stage), "modules": modules})
-            problems = _in_workers([job], ["checking the exported kernels"], 1, timeout_s)[0]
+            jobs = [("records.export:verify_library_job", {"dir": str(stage), "modules": modules, "entry": k.entry})
+                    for k in kernels]
+            # one worker, one kernel at a time: inputs and references of large tasks take memory
+            checked = _in_workers(jobs, [f"checking {k.entry} ({k.task.key})" for k in kernels], 1, timeout_s)
+            problems = [line for lines in checked for line in lines]
             if problems:
                 raise ExportFailed(f"{len(problems)} exported kernel(s) computed a wrong answer, nothing was "
                                   f"written: {problems[0]}")

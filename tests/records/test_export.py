@@ -153,6 +153,10 @@ def test_a_wrong_kernel_never_replaces_a_library(tmp_path, exported_library, hos
     liar = Record(task, host, {"mode": "wrong", "repeat": 1}, 3, MeasureResult((1e-6,)))
     with pytest.raises(ExportFailed, match="wrong answer.*relative error"):
         export_library([liar], out)
+    crash = dataclasses.replace(liar, config={"mode": "crash", "repeat": 1})
+    with pytest.raises(ExportFailed, match=r"checking fault_probe_f32_\w+ \(fault_probe/float32/N=256\): "
+                                           "the worker died .*SIGSEGV"):
+        export_library([crash], out)
     assert (out / "manifest.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["lib"], "a partial library was left behind"
     honest = dataclasses.replace(liar, config={"mode": "ok", "repeat": 2})
