@@ -212,3 +212,30 @@ class SyntheticRunner:
             seconds = self.base.get(inp.task.op, 1e-5) * factor
             out.append(MeasureResult((seconds, seconds, seconds)))
         return out
+
+
+def run_numpy_only(tmp_path, script: str, *args: str, timeout: float = 300):
+    """Run ``script`` in a fresh ``python -I -S`` that can import only numpy and a copy of the
+    ``runtime`` package: what a deployment of an exported library has. Returns the process."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy
+
+    import runtime
+
+    site = tmp_path / "site"
+    if not site.exists():
+        site.mkdir()
+        shutil.copytree(Path(runtime.__file__).parent, site / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
+        numpy_dir = Path(numpy.__file__).parent
+        for name in ("numpy", "numpy.libs"):  # numpy.libs holds the OpenBLAS numpy's wheel links against
+            if (numpy_dir.parent / name).exists():
+                (site / name).symlink_to(numpy_dir.parent / name)
+    path = tmp_path / "deploy.py"
+    path.write_text(f"import sys\nsys.path[:] = [{str(site)!r}] + [p for p in sys.path if 'site-packages' not in p]\n"
+                    + script)
+    return subprocess.run([sys.executable, "-I", "-S", str(path), *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=timeout)

@@ -93,3 +93,46 @@ def test_q4_needs_dims_that_are_multiples_of_the_group(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     proc = run("tune-model", "--model", str(tmp_path / "config.json"), "--quantize", "q4", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "not a multiple of the group size 128" in proc.stderr
+
+
+DEPLOYED_MODEL = """
+import json, sys
+import numpy as np
+import runtime
+from runtime.llama import LlamaModel
+from runtime.model_config import load_model_config
+from runtime.weights import ModelWeights
+
+config = load_model_config("tiny")
+with runtime.load(sys.argv[1]) as library:
+    out = LlamaModel(config, ModelWeights.random(config, seed=7), library).generate(np.array([[3, 1, 4, 1, 5]]), 4)
+heavy = ("search_space", "measure", "records", "autotune", "cost_model", "llvmlite", "xgboost", "optuna", "mlflow")
+print(json.dumps({"tokens": out.tokens.tolist(), "logits": out.logits.tolist(),
+                  "imported": sorted({m.split(".")[0] for m in sys.modules if m.split(".")[0] in heavy})}))
+"""
+
+
+def test_the_exported_library_runs_the_model_with_numpy_only(tiny_log, tmp_path):
+    """tune-model, export, then run in a process that has numpy and the runtime and nothing else."""
+    import numpy as np
+    from fakes import run_numpy_only
+
+    from runtime.model_config import PRESETS
+    from runtime.reference import ReferenceModel
+    from runtime.weights import ModelWeights
+
+    folder, _ = tiny_log
+    run("export", "--log", str(folder / "tiny.jsonl"), "--out", str(tmp_path / "lib"), cwd=tmp_path)
+    out = json.loads(run("run", "--lib", "lib", "--model", "tiny", "--prompt-tokens", "12", "--new-tokens", "5",
+                         "--compare", "--json", cwd=tmp_path).stdout)
+    assert out["kernels"] == {"tuned": 21, "untuned": 0, "prefill_padded_to": 16}
+    assert out["reference"]["logits"]["max_rel"] < 1e-4 and out["reference"]["logits"]["same_tokens"]
+    proc = run_numpy_only(tmp_path, DEPLOYED_MODEL, str(tmp_path / "lib"))
+    assert proc.returncode == 0, proc.stderr
+    deployed = json.loads(proc.stdout)
+    assert deployed["imported"] == []
+    reference = ReferenceModel(PRESETS["tiny"], ModelWeights.random(PRESETS["tiny"], seed=7)).generate(
+        np.array([[3, 1, 4, 1, 5]]), 4)
+    logits = np.asarray(deployed["logits"])
+    assert np.abs(logits - reference.logits).max() / np.abs(reference.logits).max() < 1e-4
+    assert deployed["tokens"] == reference.tokens.tolist()

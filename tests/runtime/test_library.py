@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import textwrap
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
+from fakes import run_numpy_only
 
 import runtime
 from measure.verify import check_output
@@ -153,20 +151,9 @@ print(json.dumps(out))
 
 def test_a_fresh_process_with_only_numpy_loads_the_library_and_runs_kernels(tmp_path, exported_library):
     """What a deployment has: numpy and a copy of the runtime package, nothing else importable."""
-    site = tmp_path / "site"
-    site.mkdir()
-    shutil.copytree(Path(runtime.__file__).parent, site / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
-    numpy_dir = Path(np.__file__).parent
-    for name in ("numpy", "numpy.libs"):  # numpy.libs holds the OpenBLAS numpy's wheel links against
-        if (numpy_dir.parent / name).exists():
-            (site / name).symlink_to(numpy_dir.parent / name)
     library = tmp_path / "deployed"
     shutil.copytree(exported_library, library)  # a library moves with its directory
-    script = tmp_path / "deploy.py"
-    script.write_text(f"import sys\nsys.path[:] = [{str(site)!r}] + [p for p in sys.path if 'site-packages' not in p]\n"
-                      + textwrap.dedent(FRESH))
-    proc = subprocess.run([sys.executable, "-I", "-S", str(script), str(library)], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120)
+    proc = run_numpy_only(tmp_path, textwrap.dedent(FRESH), str(library), timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["entries"] == 7
