@@ -328,9 +328,11 @@ def ops(target: str, as_json: bool) -> None:
 @click.option("--compile-only", is_flag=True,
               help="cuda or sm_XX: build --trials configs and check their resources; run nothing")
 @click.option("--json", "as_json", is_flag=True, help="with --compile-only: print a JSON list")
+@click.option("--cold-cache", is_flag=True,
+              help="cpu: time with the inputs out of cache, as in a model (tune-model always does)")
 def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, log_path, tracking_uri, no_mlflow,
          experiment, build_timeout, run_timeout, threads, transfer_from, load_model, save_model, quiet, compile_only,
-         as_json) -> None:
+         as_json, cold_cache) -> None:
     """Tune one operator instance; every measurement goes to the log."""
     from .tuning import run_tuning_job
 
@@ -359,6 +361,10 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
         from measure import CudaRunner
 
         runner = CudaRunner(timeout_s=run_timeout, seed=seed)
+    elif cold_cache:
+        from measure import LocalRunner, cold_policy
+
+        runner = LocalRunner(timeout_s=run_timeout, seed=seed, policy=cold_policy(tgt))
     try:
         summary = run_tuning_job(task, tgt, tuner, trials, batch, seed, log,
                                  tracking_uri=None if no_mlflow else tracking_uri, use_mlflow=not no_mlflow,

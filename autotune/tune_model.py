@@ -6,7 +6,7 @@ import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from measure import LocalBuilder, LocalRunner
+from measure import LocalBuilder, LocalRunner, cold_policy
 from records import Record, RecordLog
 from runtime.model_config import ModelConfig
 from search_space import Target
@@ -106,7 +106,9 @@ def run_model_job(workload: ModelWorkload, target: Target, trials_total: int, lo
     status, summary = "FAILED", None
     with ExitStack() as stack:
         builder = stack.enter_context(LocalBuilder(timeout_s=build_timeout))
-        runner = runner or stack.enter_context(LocalRunner(timeout_s=run_timeout, seed=seed))
+        # as in the model, each kernel's weights come from memory: time with inputs out of cache
+        runner = runner or stack.enter_context(LocalRunner(timeout_s=run_timeout, seed=seed,
+                                                           policy=cold_policy(target)))
         try:
             summary = scheduler.tune(trials_total, builder, runner, log, on_round=callbacks)
             status = "FINISHED"

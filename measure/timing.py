@@ -15,6 +15,11 @@ class TimingPolicy:
     Each timed sample runs the kernel ``inner`` times, with ``inner`` grown until a sample
     lasts at least ``min_sample_s``; ``repeats`` samples are taken, fewer (never under
     ``min_repeats``) when a single call is so slow that they would exceed ``max_total_s``.
+
+    ``cold_bytes`` > 0 times the kernel as a model runs it: each layer's weights come from
+    memory, not from a cache that the previous call warmed. The CPU runner then gives the
+    kernel enough copies of its inputs to fill this many bytes (at most ``MAX_COPIES``) and
+    cycles through them, so a call's inputs have left the caches since their last use.
     """
 
     warmup: int = 1
@@ -22,6 +27,19 @@ class TimingPolicy:
     repeats: int = 7
     min_repeats: int = 3
     max_total_s: float = 2.0
+    cold_bytes: int = 0
+
+
+MAX_COPIES = 64  # inputs smaller than cold_bytes / 64 stay in cache, as a model's activations do
+
+
+def cold_policy(target, policy: TimingPolicy | None = None) -> TimingPolicy:
+    """``policy`` (default: the tuning default) timing inputs out of ``target``'s caches:
+    copies filling twice its last-level cache."""
+    from dataclasses import replace
+
+    cold = 2 * (target.l3_bytes or target.l2_bytes or 32 << 20)
+    return replace(policy or TimingPolicy(), cold_bytes=cold)
 
 
 def time_calls(run_n: Callable[[int], None], policy: TimingPolicy, first_call_s: float | None = None) -> dict:
