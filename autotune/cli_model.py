@@ -214,7 +214,9 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
 
         report.reference, report.reference_blas = run_reference(config, weights_dir, seed, quantize, group_size,
                                                                 prompts, new_tokens)
-        with TunedKernels.defaults() as defaults:
+        # the defaults run where the tuned kernels do: compiled for this CPU, or for the GPU
+        defaults_target = resolve_target("cuda") if getattr(kernels, "kind", "cpu") == "cuda" else None
+        with TunedKernels.defaults(defaults_target) as defaults:
             # at the prompt length the tuned prefill ran at, so both sides compute the same shapes
             report.defaults, _ = run_generation(defaults, config, weights, prompts, new_tokens,
                                                 prefill_sizes=[counts["prefill_padded_to"]])

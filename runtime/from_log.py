@@ -35,6 +35,7 @@ class TunedKernels:
         self._best = [rec for (_, target_key), rec in best_records(records).items() if target_key == self.target.key]
         self._loaded: dict[str, Kernel] = {}
         self._builder: LocalBuilder | None = None
+        self._cuda = None  # pycuda context and modules, for a CUDA target
         self.warn_untuned = warn_untuned
 
     @classmethod
@@ -45,6 +46,10 @@ class TunedKernels:
     def defaults(cls, target: Target | None = None) -> "TunedKernels":
         """Every kernel at its template default: what running untuned means."""
         return cls((), target, warn_untuned=False)
+
+    @property
+    def kind(self) -> str:
+        return self.target.kind
 
     def specs(self) -> list[KernelSpec]:
         return [spec_of_task(r.task) for r in self._best]
@@ -81,13 +86,31 @@ class TunedKernels:
         build = self._builder.build([MeasureInput(task, config, self.target)])[0]
         if build.error != MeasureError.NO_ERROR or build.artifact is None or build.source is None:
             raise RuntimeError(f"could not build {task.key} with {config}: {build.error.name}: {build.message}")
+        args = tuple(ArgInfo.from_dict(a.to_dict()) for a in build.source.args)
+        if self.target.kind == "cuda":
+            return self._load_cubin(task, build, args, config, tuned, seconds)
         with open(build.artifact, "rb") as f:
             loaded = load_object(f.read(), build.source, self.target)
-        args = tuple(ArgInfo.from_dict(a.to_dict()) for a in build.source.args)
         return Kernel(spec_of_task(task), args, loaded.entry, tuned, seconds, config.as_dict(),
                       build.source.entry, keepalive=loaded)
 
+    def _load_cubin(self, task: Task, build, args, config: Config, tuned: bool, seconds: float | None) -> Kernel:
+        """A cubin from the build cache, launched through pycuda like a library's kernels."""
+        from pathlib import Path
+
+        from .library_cuda import CudaModules
+
+        if self._cuda is None:
+            self._cuda = CudaModules()
+        artifact = Path(build.artifact)
+        record = {"cubin": artifact.name, "symbol": build.source.entry, "entry": build.source.entry,
+                  "launch": build.source.launch_dims, "tuned": tuned, "seconds": seconds, "config": config.as_dict()}
+        return self._cuda.kernel(artifact.parent, record, spec_of_task(task), args)
+
     def close(self) -> None:
+        if self._cuda is not None:
+            self._cuda.close()
+            self._cuda = None
         if self._builder is not None:
             self._builder.close()
             self._builder = None

@@ -109,3 +109,20 @@ def exported_library(tmp_path_factory, library_log):
     out = tmp_path_factory.mktemp("library") / "lib"
     export_library(load_records([library_log]), out)
     return out
+
+
+@pytest.fixture
+def fake_gpu(tmp_path, monkeypatch):
+    """pycuda is ``tests/fake_pycuda`` here and in the workers this test starts (device memory
+    is host memory, kernels run on the CPU emulator); returns the fake's cubin registry."""
+    import sys
+
+    from fakes import FAKE_PYCUDA
+
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    monkeypatch.setenv("FAKE_PYCUDA_REGISTRY", str(registry))
+    monkeypatch.syspath_prepend(str(FAKE_PYCUDA))
+    yield registry
+    for name in [m for m in sys.modules if m == "pycuda" or m.startswith("pycuda.")]:
+        del sys.modules[name]

@@ -319,6 +319,7 @@ inline long long max(long long a, int b) { return a > b ? a : b; }
 
 inline int atomicAdd(int* p, int v) { int o = *p; *p += v; return o; }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned o = *p; *p += v; return o; }
+inline unsigned atomicInc(unsigned* p, unsigned limit) { unsigned o = *p; *p = o >= limit ? 0u : o + 1u; return o; }
 inline float atomicAdd(float* p, float v) { float o = *p; *p += v; return o; }
 inline unsigned atomicExch(unsigned* p, unsigned v) { unsigned o = *p; *p = v; return o; }
 inline int atomicExch(int* p, int v) { int o = *p; *p = v; return o; }

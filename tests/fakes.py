@@ -6,6 +6,10 @@ one computes a wrong answer, one is not valid LLVM IR, and two are correct (one 
 """
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import numpy as np
 
 from search_space import ArgSpec, Config, ConfigSpace, KernelSource, Knob, Target, Task, Template, register_template
@@ -220,7 +224,6 @@ def run_numpy_only(tmp_path, script: str, *args: str, timeout: float = 300):
     import shutil
     import subprocess
     import sys
-    from pathlib import Path
 
     import numpy
 
@@ -239,3 +242,18 @@ def run_numpy_only(tmp_path, script: str, *args: str, timeout: float = 300):
                     + script)
     return subprocess.run([sys.executable, "-I", "-S", str(path), *args], capture_output=True, text=True,
                           cwd=tmp_path, timeout=timeout)
+
+
+FAKE_PYCUDA = Path(__file__).resolve().parent / "fake_pycuda"
+FAKE_GPU_TARGET = Target(kind="cuda", arch="sm_90a", device_name="Fake GPU (CPU emulator)", sm_count=2,
+                         max_threads_per_block=1024, max_shared_memory_per_block=227 << 10,
+                         max_registers_per_block=65536, l2_bytes=1 << 20, clock_mhz=1980)
+
+
+def register_library(registry: Path, folder: Path) -> None:
+    """Tell the fake which source each of the library's cubins was built from."""
+    for entry in json.loads((folder / "manifest.json").read_text())["kernels"]:
+        cubin = (folder / entry["cubin"]).read_bytes()
+        source = {"lang": "cuda", "code": (folder / entry["source"]).read_text(), "entry": entry["symbol"],
+                  "args": entry["args"], "launch": entry["launch"]}
+        (registry / (hashlib.sha256(cubin).hexdigest() + ".json")).write_text(json.dumps(source))

@@ -19,27 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fakes import FAKE_GPU_TARGET, FAKE_PYCUDA
 
 from measure import BuildResult, LocalBuilder, MeasureError, MeasureInput
 from measure.cuda_runner import CudaRunner
-from search_space import Target, Task, get_template
+from search_space import Task, get_template
 
-FAKE = Path(__file__).resolve().parent.parent / "fake_pycuda"
-FAKE_TARGET = Target(kind="cuda", arch="sm_90a", device_name="Fake GPU (CPU emulator)", sm_count=2,
-                     max_threads_per_block=1024, max_shared_memory_per_block=227 << 10,
-                     max_registers_per_block=65536, l2_bytes=1 << 20, clock_mhz=1980)
-
-
-@pytest.fixture
-def fake_gpu(tmp_path, monkeypatch):
-    """Workers started in this test import the fake pycuda; returns the cubin registry."""
-    registry = tmp_path / "registry"
-    registry.mkdir()
-    monkeypatch.setenv("FAKE_PYCUDA_REGISTRY", str(registry))
-    monkeypatch.syspath_prepend(str(FAKE))
-    yield registry
-    for name in [m for m in sys.modules if m == "pycuda" or m.startswith("pycuda.")]:
-        del sys.modules[name]
+FAKE, FAKE_TARGET = FAKE_PYCUDA, FAKE_GPU_TARGET
 
 
 def register(registry: Path, cubin: bytes, source) -> None:

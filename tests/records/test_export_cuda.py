@@ -4,47 +4,23 @@ CPU emulator), so this checks the plumbing (manifest, cubins, launch geometry fo
 dims, device buffers); the ``gpu`` machine runs the same on an H200."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fakes import FAKE_GPU_TARGET, FAKE_PYCUDA, register_library
 
 import runtime
 from measure import CudaRunner, LocalBuilder
 from measure.verify import check_output
 from records import RecordLog, export_library
-from search_space import Target, Task, get_template
+from search_space import Task, get_template
 
-FAKE = Path(__file__).resolve().parent.parent / "fake_pycuda"
-FAKE_TARGET = Target(kind="cuda", arch="sm_90a", device_name="Fake GPU (CPU emulator)", sm_count=2,
-                     max_threads_per_block=1024, max_shared_memory_per_block=227 << 10,
-                     max_registers_per_block=65536, l2_bytes=1 << 20, clock_mhz=1980)
+FAKE, FAKE_TARGET = FAKE_PYCUDA, FAKE_GPU_TARGET
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="building cubins needs nvcc")
-
-
-@pytest.fixture
-def fake_gpu(tmp_path, monkeypatch):
-    registry = tmp_path / "registry"
-    registry.mkdir()
-    monkeypatch.setenv("FAKE_PYCUDA_REGISTRY", str(registry))
-    monkeypatch.syspath_prepend(str(FAKE))
-    yield registry
-    for name in [m for m in sys.modules if m == "pycuda" or m.startswith("pycuda.")]:
-        del sys.modules[name]
-
-
-def _register_library(registry: Path, folder: Path) -> None:
-    """Tell the fake which source each of the library's cubins was built from."""
-    for entry in json.loads((folder / "manifest.json").read_text())["kernels"]:
-        cubin = (folder / entry["cubin"]).read_bytes()
-        source = {"lang": "cuda", "code": (folder / entry["source"]).read_text(), "entry": entry["symbol"],
-                  "args": entry["args"], "launch": entry["launch"]}
-        (registry / (hashlib.sha256(cubin).hexdigest() + ".json")).write_text(json.dumps(source))
 
 
 def test_cuda_records_export_to_cubins_that_the_runtime_launches(fake_gpu, tmp_path):
@@ -64,7 +40,7 @@ def test_cuda_records_export_to_cubins_that_the_runtime_launches(fake_gpu, tmp_p
     for entry in manifest["kernels"]:
         assert (tmp_path / "lib" / entry["cubin"]).read_bytes()[:4] == b"\x7fELF"  # a cubin is an ELF image
         assert set(entry["launch"]) >= {"grid", "block"} and entry["source"].endswith(".cu")
-    _register_library(fake_gpu, tmp_path / "lib")
+    register_library(fake_gpu, tmp_path / "lib")
 
     library = runtime.load(tmp_path / "lib")
     rng = np.random.default_rng(0)

@@ -148,6 +148,30 @@ def memcpy_dtoh(dest, src):
     flat[:] = src.bytes[: flat.size]
 
 
+class Memcpy2D:
+    """cuMemcpy2D between host and fake device memory (both are host addresses here)."""
+
+    def __init__(self):
+        self.src = self.dst = None
+        self.src_pitch = self.dst_pitch = self.width_in_bytes = self.height = 0
+
+    def set_src_host(self, array):
+        self._keep = np.ascontiguousarray(array)
+        self.src = self._keep.ctypes.data
+
+    def set_src_device(self, pointer):
+        self.src = int(pointer)
+
+    def set_dst_device(self, pointer):
+        self.dst = int(pointer)
+
+    def __call__(self, aligned=True, stream=None):
+        if self.width_in_bytes > min(self.src_pitch, self.dst_pitch):
+            raise LogicError("cuMemcpy2D failed: invalid value (width exceeds a pitch)")
+        for row in range(self.height):
+            ctypes.memmove(self.dst + row * self.dst_pitch, self.src + row * self.src_pitch, self.width_in_bytes)
+
+
 class Stream:
     pass
 

@@ -1,0 +1,141 @@
+"""Where a model keeps its activations, weights and KV cache: host memory (numpy) for CPU
+kernels, device memory for CUDA kernels (pycuda, imported on first use).
+
+The decoder needs only a handful of operations besides the kernels: allocate, copy a
+whole buffer in or out, and three strided copies (a decode step's K/V rows into the cache,
+a prompt's K/V into the cache, one token of each prompt). On the device each is one
+``cuMemcpy2D``; the layouts are those of ``runtime.plan``: activations ``[rows, width]``,
+the cache ``[B, HKV, S, D]`` per layer.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class HostArrays:
+    """numpy arrays: for kernels that run on the CPU."""
+
+    kind = "cpu"
+
+    def empty(self, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+        return np.empty(shape, dtype)
+
+    def zeros(self, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+        return np.zeros(shape, dtype)
+
+    def upload(self, host: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(host)
+
+    def set(self, buffer: np.ndarray, host: np.ndarray) -> None:
+        buffer.reshape(-1)[:] = np.asarray(host).reshape(-1)
+
+    def get(self, buffer: np.ndarray) -> np.ndarray:
+        return buffer
+
+    def write_position(self, cache: np.ndarray, rows: np.ndarray, position: int) -> None:
+        """cache[B, HKV, S, D][:, :, position] = rows[B * HKV, D]."""
+        b, hkv, _, d = cache.shape
+        cache[:, :, position] = rows.reshape(b, hkv, d)
+
+    def write_prompt(self, cache: np.ndarray, rows: np.ndarray, tokens: int) -> None:
+        """cache[:, :, :tokens] = rows[B * tokens, HKV * D], token-major as projected."""
+        b, hkv, _, d = cache.shape
+        cache[:, :, :tokens] = rows.reshape(b, tokens, hkv, d).transpose(0, 2, 1, 3)
+
+    def rows_at(self, rows: np.ndarray, sequences: int, index: int, out: np.ndarray) -> np.ndarray:
+        """out[b] = row ``index`` of sequence b in rows[sequences * T, width]."""
+        width = rows.shape[-1]
+        out[:] = rows.reshape(sequences, -1, width)[:, index]
+        return out
+
+
+class DeviceArray:
+    """A device allocation with a shape and dtype (what kernels check before they bind it)."""
+
+    def __init__(self, allocation, shape: tuple[int, ...], dtype):
+        self.allocation = allocation
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self.size = math.prod(self.shape)
+        self.nbytes = self.size * self.dtype.itemsize
+        self.gpudata = int(allocation)
+
+    def reshape(self, *shape) -> "DeviceArray":
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        if math.prod(shape) != self.size:
+            raise ValueError(f"cannot view {self.shape} as {shape}")
+        return DeviceArray(self.allocation, shape, self.dtype)
+
+
+class CudaArrays:
+    """Device memory through pycuda's driver API; transfers on the default stream, which
+    orders them after the kernels launched before them."""
+
+    kind = "cuda"
+
+    def __init__(self) -> None:
+        try:
+            import pycuda.driver as drv
+
+            import pycuda.autoprimaryctx  # noqa: F401 - the device's primary context, as torch uses
+        except ImportError as exc:
+            raise RuntimeError("a model on CUDA kernels needs pycuda (pip install 'llm-autotune[cuda]')") from exc
+        self.drv = drv
+
+    def empty(self, shape: tuple[int, ...], dtype=np.float32) -> DeviceArray:
+        nbytes = max(math.prod(shape) * np.dtype(dtype).itemsize, 1)
+        return DeviceArray(self.drv.mem_alloc(nbytes), shape, dtype)
+
+    def zeros(self, shape: tuple[int, ...], dtype=np.float32) -> DeviceArray:
+        array = self.empty(shape, dtype)
+        self.drv.memset_d8(array.allocation, 0, max(array.nbytes, 1))
+        return array
+
+    def upload(self, host: np.ndarray) -> DeviceArray:
+        host = np.ascontiguousarray(host)
+        array = self.empty(host.shape, host.dtype)
+        self.drv.memcpy_htod(array.allocation, host)
+        return array
+
+    def set(self, buffer: DeviceArray, host: np.ndarray) -> None:
+        self.drv.memcpy_htod(buffer.allocation, np.ascontiguousarray(host, dtype=buffer.dtype))
+
+    def get(self, buffer: DeviceArray) -> np.ndarray:
+        host = np.empty(buffer.shape, buffer.dtype)
+        self.drv.memcpy_dtoh(host, buffer.allocation)
+        return host
+
+    def _copy_2d(self, dst: int, dst_pitch: int, src, src_pitch: int, width: int, height: int) -> None:
+        copy = self.drv.Memcpy2D()
+        if isinstance(src, np.ndarray):
+            copy.set_src_host(src)
+        else:
+            copy.set_src_device(src)
+        copy.set_dst_device(dst)
+        copy.src_pitch, copy.dst_pitch, copy.width_in_bytes, copy.height = src_pitch, dst_pitch, width, height
+        copy(aligned=False)
+
+    def write_position(self, cache: DeviceArray, rows: DeviceArray, position: int) -> None:
+        b, hkv, s, d = cache.shape
+        row = d * cache.dtype.itemsize
+        self._copy_2d(cache.gpudata + position * row, s * row, rows.gpudata, row, row, b * hkv)
+
+    def write_prompt(self, cache: DeviceArray, rows: DeviceArray, tokens: int) -> None:
+        b, hkv, s, d = cache.shape  # transposed on the host: once per prompt
+        host = self.get(rows).reshape(b, tokens, hkv, d).transpose(0, 2, 1, 3).reshape(b * hkv, tokens * d)
+        row = d * cache.dtype.itemsize
+        self._copy_2d(cache.gpudata, s * row, np.ascontiguousarray(host), tokens * row, tokens * row, b * hkv)
+
+    def rows_at(self, rows: DeviceArray, sequences: int, index: int, out: DeviceArray) -> DeviceArray:
+        width = rows.shape[-1] * rows.dtype.itemsize
+        per_sequence = rows.shape[0] // sequences
+        self._copy_2d(out.gpudata, width, rows.gpudata + index * width, per_sequence * width, width, sequences)
+        return out
+
+
+def arrays_for(kind: str):
+    """The memory a model uses with kernels of this target kind."""
+    return CudaArrays() if kind == "cuda" else HostArrays()
