@@ -2,8 +2,9 @@
 
 Objects are linked in memory by LLVM's MCJIT (no system linker needed); symbols such as
 ``pthread_create`` or ``expf`` resolve against the running process. Each loaded kernel
-also gets a small repeat harness, compiled here, that calls the entry ``n`` times so that
-timing a microsecond kernel does not measure Python's call overhead.
+also gets a small repeat harness, compiled here, that calls the entry ``n`` times (cycling
+over sets of buffers, for timing with cold caches) so that timing a microsecond kernel does
+not measure Python's call overhead.
 """
 from __future__ import annotations
 
@@ -19,20 +20,24 @@ from search_space.ops.common import numpy_dtype
 from .compile_llvm import compile_to_object, new_target_machine
 
 _HARNESS = "autotune_repeat"
-_ROTATE = "autotune_rotate"
 
 
-def _rotate_ir(source: KernelSource, n_ptr: int, n_int: int) -> str:
-    """``autotune_rotate(table, sets, scalars..., n)``: call the entry n times, call i on the
-    pointer set ``i % sets`` of ``table`` (sets x n_ptr pointers, row-major)."""
+def _harness_ir(source: KernelSource) -> str:
+    """``autotune_repeat(table, sets, scalars..., n)``: call the entry n times, call i with
+    the pointer set ``i % sets`` of ``table`` (sets x pointer arguments, row-major)."""
+    n_ptr = sum(1 for a in source.args if a.role != "scalar")
+    n_int = len(source.args) - n_ptr
     scalars = [f"i64 %s{i}" for i in range(n_int)]
+    entry_params = ", ".join(["ptr"] * n_ptr + ["i64"] * n_int)
+    offsets = "\n".join(f"  %at{j} = add i64 %base, {j}" for j in range(n_ptr))
     loads = "\n".join(f"  %slot{j} = getelementptr ptr, ptr %table, i64 %at{j}\n  %p{j} = load ptr, ptr %slot{j}"
                       for j in range(n_ptr))
-    offsets = "\n".join(f"  %at{j} = add i64 %base, {j}" for j in range(n_ptr))
     call_args = ", ".join([f"ptr %p{j}" for j in range(n_ptr)] + scalars)
     params = ", ".join(["ptr %table", "i64 %sets"] + scalars + ["i64 %n"])
     return f"""
-define void @{_ROTATE}({params}) {{
+declare void @{source.entry}({entry_params})
+
+define void @{_HARNESS}({params}) {{
 entry:
   %go = icmp sgt i64 %n, 0
   br i1 %go, label %loop, label %done
@@ -42,31 +47,6 @@ loop:
   %base = mul i64 %set, {n_ptr}
 {offsets}
 {loads}
-  call void @{source.entry}({call_args})
-  %next = add nsw i64 %i, 1
-  %more = icmp slt i64 %next, %n
-  br i1 %more, label %loop, label %done
-done:
-  ret void
-}}
-"""
-
-
-def _harness_ir(source: KernelSource) -> str:
-    n_ptr = sum(1 for a in source.args if a.role != "scalar")
-    n_int = len(source.args) - n_ptr
-    params = ", ".join([f"ptr %p{i}" for i in range(n_ptr)] + [f"i64 %s{i}" for i in range(n_int)])
-    call_args = ", ".join([f"ptr %p{i}" for i in range(n_ptr)] + [f"i64 %s{i}" for i in range(n_int)])
-    sep = ", " if params else ""
-    return _rotate_ir(source, n_ptr, n_int) + f"""
-declare void @{source.entry}({params})
-
-define void @{_HARNESS}({params}{sep}i64 %n) {{
-entry:
-  %go = icmp sgt i64 %n, 0
-  br i1 %go, label %loop, label %done
-loop:
-  %i = phi i64 [0, %entry], [%next, %loop]
   call void @{source.entry}({call_args})
   %next = add nsw i64 %i, 1
   %more = icmp slt i64 %next, %n
@@ -94,7 +74,6 @@ class LoadedKernel:
     engine: object
     entry: object
     harness: object
-    rotator: object
 
     def _argv(self, buffers: Mapping[str, np.ndarray], dims: Mapping[str, int]) -> list:
         argv: list = []
@@ -112,14 +91,14 @@ class LoadedKernel:
         self.entry(*self._argv(buffers, dims))
 
     def repeat(self, buffers: Mapping[str, np.ndarray], dims: Mapping[str, int], n: int) -> None:
-        self.harness(*self._argv(buffers, dims), ctypes.c_int64(n))
+        self.rotate([buffers], dims, n)
 
     def rotate(self, sets: list[Mapping[str, np.ndarray]], dims: Mapping[str, int], n: int) -> None:
         """Call n times, cycling through the buffer ``sets`` (see ``TimingPolicy.cold_bytes``)."""
         table = np.array([[a.value for a in self._argv(bufs, dims) if isinstance(a, ctypes.c_void_p)]
                           for bufs in sets], dtype=np.uint64)
         scalars = [a for a in self._argv(sets[0], dims) if isinstance(a, ctypes.c_int64)]
-        self.rotator(ctypes.c_void_p(table.ctypes.data), ctypes.c_int64(len(sets)), *scalars, ctypes.c_int64(n))
+        self.harness(ctypes.c_void_p(table.ctypes.data), ctypes.c_int64(len(sets)), *scalars, ctypes.c_int64(n))
 
 
 def load_object(obj: bytes, source: KernelSource, target: Target) -> LoadedKernel:
@@ -137,12 +116,11 @@ def load_object(obj: bytes, source: KernelSource, target: Target) -> LoadedKerne
     n_int = len(source.args) - n_ptr
     types = [ctypes.c_void_p] * n_ptr + [ctypes.c_int64] * n_int
     entry = ctypes.CFUNCTYPE(None, *types)(engine.get_function_address(source.entry))
-    harness = ctypes.CFUNCTYPE(None, *types, ctypes.c_int64)(engine.get_function_address(_HARNESS))
-    rotator = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, *([ctypes.c_int64] * n_int),
-                               ctypes.c_int64)(engine.get_function_address(_ROTATE))
+    harness = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, *([ctypes.c_int64] * n_int),
+                               ctypes.c_int64)(engine.get_function_address(_HARNESS))
     if not engine.get_function_address(source.entry):
         raise RuntimeError(f"entry {source.entry} not found in object")
-    return LoadedKernel(source, engine, entry, harness, rotator)
+    return LoadedKernel(source, engine, entry, harness)
 
 
 def compile_and_load(source: KernelSource, target: Target) -> LoadedKernel:

@@ -15,39 +15,14 @@ over dim names, for dynamic dims) and ``smem`` (dynamic shared memory bytes).
 """
 from __future__ import annotations
 
-import ast
 import math
-import operator
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from .kernel import ArgInfo, BoundCall, Kernel, KernelSpec, numpy_dtype
-
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
-        ast.Mod: operator.mod}
-
-
-def evaluate(expr: int | str, dims: Mapping[str, int]) -> int:
-    """An int, or integer arithmetic (+ - * // % and parentheses) over dim names: the launch
-    expressions of ``search_space.codegen.cuda``, read here without importing the project."""
-    if isinstance(expr, int):
-        return expr
-
-    def walk(node: ast.AST) -> int:
-        if isinstance(node, ast.Expression):
-            return walk(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
-            return node.value
-        if isinstance(node, ast.Name):
-            return int(dims[node.id])
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](walk(node.left), walk(node.right))
-        raise ValueError(f"unsupported launch expression {expr!r}")
-
-    return int(walk(ast.parse(str(expr), mode="eval")))
-
+from .launch import evaluate
 
 class CudaModules:
     """The pycuda context, stream and loaded cubins of one library."""

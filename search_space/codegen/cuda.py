@@ -11,9 +11,9 @@ Rendering is pure text: nothing here needs a GPU or nvcc.
 """
 from __future__ import annotations
 
-import ast
-import operator
 from typing import Any, Mapping
+
+from runtime.launch import evaluate  # the launch-expression format is the runtime's contract too
 
 C_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint8": "uint8_t",
            "int32": "int32_t", "int64": "long long"}
@@ -48,29 +48,6 @@ __device__ __forceinline__ float warp_max(float v) {
 
 def c_type(dtype: str) -> str:
     return C_TYPES[dtype]
-
-
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
-        ast.Mod: operator.mod}
-
-
-def evaluate(expr: int | str, dims: Mapping[str, int]) -> int:
-    """An int, or integer arithmetic (+ - * // % and parentheses) over dim names."""
-    if isinstance(expr, int):
-        return expr
-
-    def walk(node: ast.AST) -> int:
-        if isinstance(node, ast.Expression):
-            return walk(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
-            return node.value
-        if isinstance(node, ast.Name):
-            return int(dims[node.id])
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](walk(node.left), walk(node.right))
-        raise ValueError(f"unsupported launch expression {expr!r}")
-
-    return int(walk(ast.parse(str(expr), mode="eval")))
 
 
 def resolve_launch(launch: Mapping[str, Any], dims: Mapping[str, int]) -> tuple[tuple[int, ...], tuple[int, ...], int]:
