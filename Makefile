@@ -1,5 +1,6 @@
 # Two entry points on a fresh machine; each installs what it needs into .venv first.
-#   make demo   tune gemm and gemv on this CPU (xgb), log to a local MLflow store, print best + bench
+#   make demo   tune gemm and gemv on this CPU (xgb), log to a local MLflow store, print best + bench;
+#               then tune, export and run the tiny model against numpy and the untuned defaults
 #   make test   run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,6 +22,9 @@ demo: $(STAMP)
 	$(BIN)/autotune best --log demo.jsonl
 	$(BIN)/autotune bench --op gemm --shape M=256,N=256,K=256 --log demo.jsonl
 	$(BIN)/autotune bench --op gemv --shape M=1,N=4096,K=4096 --log demo.jsonl
+	$(BIN)/autotune tune-model --model tiny --trials-total 60 --log demo-model.jsonl
+	$(BIN)/autotune export --log demo-model.jsonl --out demo-lib
+	$(BIN)/autotune run --lib demo-lib --model tiny --compare
 
 test: $(STAMP)
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q
@@ -29,4 +33,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_ops.py --markdown
 
 clean:
-	rm -rf $(VENV) demo.jsonl mlflow.db mlartifacts .pytest_cache
+	rm -rf $(VENV) demo.jsonl demo-model.jsonl demo-lib mlflow.db mlartifacts .pytest_cache
