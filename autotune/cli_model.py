@@ -54,9 +54,10 @@ def load_config(model: str):
 @click.option("--run-timeout", default=20.0, show_default=True, type=float)
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@click.option("--list-tasks", is_flag=True, help="print the model's tasks and how often each runs, tune nothing")
 def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, group_size, trials_total, tuner, batch,
                seed, threads, log_path, tracking_uri, no_mlflow, experiment, build_timeout, run_timeout, quiet,
-               as_json) -> None:
+               as_json, list_tasks) -> None:
     """Tune every kernel a model's prefill and decode passes need, over one trial budget."""
     from .tune_model import ModelWorkload, run_model_job
 
@@ -68,6 +69,17 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
         tasks = workload.tasks()
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if list_tasks:
+        rows = [{"task": t.key, "op": t.task.op, "weight": t.weight, "calls_per_pass": t.uses} for t in tasks]
+        if as_json:
+            echo_json(rows)
+            return
+        for row in rows:
+            uses = ", ".join(f"{n} x{c}" for n, c in row["calls_per_pass"].items())
+            click.echo(f"x{row['weight']:<8g} {row['task']}  ({uses})")
+        click.echo(f"{len(rows)} tasks of {config.name} ({config.parameters / 1e6:.1f}M parameters); weight = runs "
+                   "per workload (each prefill once, 128 decode steps per batch size)")
+        return
     tgt = resolve_target(target)
     restrict = None
     if threads is not None:

@@ -136,3 +136,15 @@ def test_the_exported_library_runs_the_model_with_numpy_only(tiny_log, tmp_path)
     logits = np.asarray(deployed["logits"])
     assert np.abs(logits - reference.logits).max() / np.abs(reference.logits).max() < 1e-4
     assert deployed["tokens"] == reference.tokens.tolist()
+
+
+def test_list_tasks_names_every_kernel_of_a_preset_with_its_uses(tmp_path):
+    rows = json.loads(run("tune-model", "--model", "llama-2-7b", "--prefill-tokens", "128,512", "--decode-batch",
+                          "1,8", "--kv-len", "512,4096", "--list-tasks", "--json", cwd=tmp_path).stdout)
+    by_key = {r["task"]: r for r in rows}
+    assert len(by_key) == len(rows)
+    down = by_key["gemm/float32/M=512,N=4096,K=11008"]  # the MLP's down projection in a 512-token prefill
+    assert down["calls_per_pass"] == {"prefill T=512": 32} and down["weight"] == 32
+    attention = [r for r in rows if r["op"] == "attention_decode"]
+    assert len(attention) == 4  # two batch sizes x two KV lengths
+    assert not (tmp_path / "tune.jsonl").exists()  # nothing was tuned
