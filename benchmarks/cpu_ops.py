@@ -24,10 +24,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +66,123 @@ PRESETS = {"llm": LLM_CASES, "default": DEFAULT_CASES}
 ROW_OPS = ("rmsnorm", "layernorm", "softmax", "rope", "swiglu", "gelu", "add")
 
 
+def parse_case(case: str) -> tuple[str, str, str, list[str]]:
+    """``op:shape[:dtype][:attrs]`` as (op, shape, dtype, ["KEY=VALUE", ...])."""
+    op, shape, *extra = case.split(":")
+    dtype, attrs = "float32", []
+    for item in extra:
+        if item in DTYPES:
+            dtype = item
+        else:
+            attrs += item.split(",")
+    return op, shape, dtype, attrs
+
+
+def task_args(case: str) -> list[str]:
+    op, shape, dtype, attrs = parse_case(case)
+    return ["--op", op, "--shape", shape, "--dtype", dtype] + [a for kv in attrs for a in ("--attr", kv)]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autotune.cli", *args], capture_output=True, text=True)
+
+
+def fastest_record(log: str, case: str, threads: int):
+    """The verified record of the case with the fastest timed sample at this thread count.
+
+    ``autotune best`` ranks by the median of a candidate's samples; on a busy machine the
+    fastest sample is the steadier statistic (other work only adds time), and it is what
+    the table compares, so the kernel benched is picked by it too."""
+    from autotune.cli import resolve_task
+    from records import load_records
+    from search_space import Target
+
+    op, shape, dtype, attrs = parse_case(case)
+    _, task = resolve_task(op, shape, dtype, "cpu", "", attrs)
+    target = Target.host()
+    mine = [r for r in load_records([log], warn=False)
+            if r.ok and r.task.key == task.key and r.target.key == target.key
+            and r.config.get("threads", threads) == threads]
+    return min(mine, key=lambda r: min(r.result.costs), default=None)
+
+
+def run_case(case: str, threads: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Tune (resumed from the log) and bench one case; a failure is a result with ``error``."""
+    meta: dict[str, Any] = {"case": case, "trials": args.trials, "tuner": args.tuner,
+                            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    if not args.bench_only:
+        tuned = cli("tune", *task_args(case), "--tuner", args.tuner, "--trials", str(args.trials), "--log", args.log,
+                    "--no-mlflow", "--quiet", "--threads", str(threads))
+        if tuned.returncode != 0:
+            return {**meta, "threads": threads, "error": f"tune failed: {tuned.stderr.strip()[-500:]}"}
+    record = fastest_record(args.log, case, threads)
+    if record is None:
+        return {**meta, "threads": threads, "error": f"no verified record with threads={threads} in {args.log}"}
+    with tempfile.TemporaryDirectory() as folder:
+        picked = Path(folder) / "picked.jsonl"
+        picked.write_text(record.to_json() + "\n")
+        meta["load"] = os.getloadavg()  # just before the timed part
+        benched = cli("bench", *task_args(case), "--log", str(picked), "--threads", str(threads), "--json")
+    try:
+        result = json.loads(benched.stdout)
+    except json.JSONDecodeError:
+        return {**meta, "threads": threads, "error": f"bench failed: {benched.stderr.strip()[-500:]}"}
+    meta["load_after"] = os.getloadavg()
+    return {**result, **meta}
+
+
+@dataclass
+class Row:
+    """One (case, thread count) of the table: the best of its bench runs.
+
+    Times are the fastest timed sample over every run, for the tuned kernel and for the
+    baseline separately: other work on the machine only ever adds time (the roofline probes
+    are best-of too). ``median_ratio`` is the latest run's ratio of the medians."""
+
+    case: str
+    threads: int
+    op: str
+    dtype: str
+    tuned_s: float
+    baseline_s: float
+    median_ratio: float
+    flops: float
+    nbytes: float
+    level: str  # the memory level the working set fits in
+    blas: str
+    runs: int
+    loads: tuple[float, float]  # lowest and highest 1-minute load before a bench of this row
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline_s / self.tuned_s
+
+
+def best_rows(results: list[dict[str, Any]]) -> list[Row]:
+    """Rows in the order their cases first appear, one thread count after the other."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in results:
+        if r.get("tuned_s"):
+            groups.setdefault((r["case"], r["threads"]), []).append(r)
+    rows = []
+    for (case, threads), runs in groups.items():
+        last = runs[-1]
+        fastest = lambda key, fallback: min(r.get(key) or r[fallback] for r in runs)  # noqa: E731
+        loads = [r["load"][0] for r in runs if r.get("load")]
+        rows.append(Row(case, threads, last["op"], last["dtype"], fastest("tuned_min_s", "tuned_s"),
+                        fastest("baseline_min_s", "baseline_s"), last["speedup"],
+                        last["tuned_gflops"] * last["tuned_s"] * 1e9, last["tuned_gbs"] * last["tuned_s"] * 1e9,
+                        last["memory_level"], last["blas"].get("architecture") or "-", len(runs),
+                        (min(loads), max(loads)) if loads else (math.nan, math.nan)))
+    order = {case: i for i, case in reversed(list(enumerate(r["case"] for r in results)))}
+    return sorted(rows, key=lambda row: (row.threads, order[row.case]))
+
+
 def ceilings(results: list[dict[str, Any]]) -> dict[tuple[int, str], float]:
     """The highest FMA peak (key "peak") and read bandwidth per memory level that the probes
-    measured in these results, per thread count. Other work on the machine only ever
-    lowers a probe's result, so the highest is the machine's ceiling; judging every case
-    against it keeps a probe that ran at a busy moment from flattering its case."""
+    measured in these results, per thread count: other work only ever lowers a probe's
+    result, so the highest is the machine's ceiling, and judging every case against it
+    keeps a probe that ran at a busy moment from flattering its case."""
     best: dict[tuple[int, str], float] = {}
     for r in results:
         if r.get("tuned_s"):
@@ -77,123 +192,57 @@ def ceilings(results: list[dict[str, Any]]) -> dict[tuple[int, str], float]:
     return best
 
 
-def fastest(result: dict[str, Any]) -> tuple[float, float]:
-    """(tuned, baseline) seconds: the fastest timed sample of each (other work on the machine
-    only ever adds time; the roofline probes are best-of too), the medians where a result
-    predates the minima."""
-    return (result.get("tuned_min_s") or result["tuned_s"], result.get("baseline_min_s") or result["baseline_s"])
-
-
-def roofline(result: dict[str, Any], ceiling: dict[tuple[int, str], float]) -> tuple[str, float, float]:
-    """(bound, fraction of the roof, the roof's rate) of a result's fastest sample against the
-    run's ceilings."""
-    peak = ceiling.get((result["threads"], "peak"), result["peak_gflops"])
-    bandwidth = ceiling.get((result["threads"], result["memory_level"]), result["memory_gbs"])
-    flops = result["tuned_gflops"] * result["tuned_s"] * 1e9
-    nbytes = result["tuned_gbs"] * result["tuned_s"] * 1e9
-    compute_s, memory_s = flops / (peak * 1e9), nbytes / (bandwidth * 1e9)
-    tuned_s = fastest(result)[0]
+def roofline(row: Row, ceiling: dict[tuple[int, str], float]) -> tuple[str, float, float]:
+    """(bound, fraction of the roof, the roof's rate): compute or memory, whichever binds."""
+    peak, bandwidth = ceiling[(row.threads, "peak")], ceiling[(row.threads, row.level)]
+    compute_s, memory_s = row.flops / (peak * 1e9), row.nbytes / (bandwidth * 1e9)
     if compute_s >= memory_s:
-        return "compute", compute_s / tuned_s, peak
-    return "memory", memory_s / tuned_s, bandwidth
+        return "compute", compute_s / row.tuned_s, peak
+    return "memory", memory_s / row.tuned_s, bandwidth
 
 
-def target_of(result: dict[str, Any], bound: str, fraction: float) -> tuple[str, bool | None]:
-    """The line of TARGETS.md this result is held to, and whether it is met (None: no line).
+def target_of(row: Row, bound: str, fraction: float) -> tuple[str, bool | None]:
+    """The line of TARGETS.md a row is held to, and whether it is met (None: no line).
 
     bfloat16 has no line of its own: the float32 line of the same operator is applied
     (against float32 OpenBLAS for gemm, to the bfloat16 bytes for gemv) and marked so."""
-    op, dtype = result["op"], result["dtype"]
-    tuned_s, baseline_s = fastest(result)
-    speedup = baseline_s / tuned_s
     memory = bound == "memory"
-    bf16 = " (fp32 line)" if dtype == "bfloat16" else ""
-    if op == "gemm":
-        return f">= 0.9x OpenBLAS{bf16}", speedup >= 0.9
-    if op == "gemv":
+    bf16 = " (fp32 line)" if row.dtype == "bfloat16" else ""
+    if row.op == "gemm":
+        return f">= 0.9x OpenBLAS{bf16}", row.speedup >= 0.9
+    if row.op == "gemv":
         return f">= 80% of bandwidth{bf16}", memory and fraction >= 0.8
-    if op == "gemv_q4":
-        return ">= 3x numpy fp32 GEMV", speedup >= 3.0
-    if op in ROW_OPS:
-        return ">= 70% of bandwidth, >= 2x numpy", memory and fraction >= 0.7 and speedup >= 2.0
-    if op == "attention_prefill":
-        return ">= 3x numpy reference", speedup >= 3.0
-    if op == "attention_decode":
+    if row.op == "gemv_q4":
+        return ">= 3x numpy fp32 GEMV", row.speedup >= 3.0
+    if row.op in ROW_OPS:
+        return ">= 70% of bandwidth, >= 2x numpy", memory and fraction >= 0.7 and row.speedup >= 2.0
+    if row.op == "attention_prefill":
+        return ">= 3x numpy reference", row.speedup >= 3.0
+    if row.op == "attention_decode":
         return ">= 70% of bandwidth (KV reads)", memory and fraction >= 0.7
     return "none in TARGETS.md", None
 
 
-def parse_case(case: str) -> list[str]:
-    """``op:shape[:dtype][:attrs]`` as autotune arguments."""
-    op, shape, *extra = case.split(":")
-    task_args = ["--op", op, "--shape", shape]
-    for item in extra:
-        task_args += ["--dtype", item] if item in DTYPES else [a for kv in item.split(",") for a in ("--attr", kv)]
-    return task_args
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "autotune.cli", *args], capture_output=True, text=True)
-
-
-def run_case(case: str, threads: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Tune (resumed from the log) and bench one case; a failure is a result with ``error``."""
-    task_args = parse_case(case)
-    meta: dict[str, Any] = {"case": case, "trials": args.trials, "tuner": args.tuner,
-                            "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    if not args.bench_only:
-        tuned = cli("tune", *task_args, "--tuner", args.tuner, "--trials", str(args.trials), "--log", args.log,
-                    "--no-mlflow", "--quiet", "--threads", str(threads))
-        if tuned.returncode != 0:
-            return {**meta, "threads": threads, "error": f"tune failed: {tuned.stderr.strip()[-500:]}"}
-    meta["load"] = os.getloadavg()  # just before the timed part
-    benched = cli("bench", *task_args, "--log", args.log, "--threads", str(threads), "--json")
-    try:
-        result = json.loads(benched.stdout)
-    except json.JSONDecodeError:
-        return {**meta, "threads": threads, "error": f"bench failed: {benched.stderr.strip()[-500:]}"}
-    meta["load_after"] = os.getloadavg()
-    return {**result, **meta}
-
-
-def latest(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The last result per (case, threads), in the order the cases first appear."""
-    table: dict[tuple[str, int], dict[str, Any]] = {}
-    order: dict[str, int] = {}
-    for r in results:
-        table[(r["case"], r["threads"])] = r
-        order.setdefault(r["case"], len(order))
-    return sorted(table.values(), key=lambda r: (r["threads"], order[r["case"]]))
-
-
 def markdown(results: list[dict[str, Any]]) -> str:
-    """One row per result: times and the tuned/baseline ratio from the fastest samples (the
-    ratio of the medians beside it), the rate and roofline fraction of the fastest tuned
-    sample against the run's ceilings (and against the case's own probes)."""
     ceiling = ceilings(results)
     lines = ["| op | shape | threads | tuned ms | baseline ms | baseline kernel | tuned/baseline | (medians) "
-             "| tuned rate | roofline fraction | (own probe) | target | met | load |",
+             "| tuned rate | roofline fraction | target | met | runs | load |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in results:
-        op, _, rest = r["case"].partition(":")
-        shape = rest.replace(":", " ")
-        load = f"{r['load'][0]:.1f}" if r.get("load") else "-"
-        if not r.get("tuned_s"):
-            lines.append(f"| {op} | {shape} | {r['threads']} | failed: {r.get('error', '')[:120]} "
-                         f"| | | | | | | | | | {load} |")
-            continue
-        tuned_s, baseline_s = fastest(r)
-        bound, fraction, roof = roofline(r, ceiling)
-        faster = r["tuned_s"] / tuned_s  # the rates of the fastest sample
-        rate = (f"{r['tuned_gflops'] * faster:.1f} GFLOP/s" if bound == "compute"
-                else f"{r['tuned_gbs'] * faster:.1f} GB/s")
-        where = f"of {r['memory_level']} {roof:.0f} GB/s" if bound == "memory" else f"of FMA peak {roof:.0f} GFLOP/s"
-        blas = r["blas"].get("architecture") or "-"
-        target, met = target_of(r, bound, fraction)
-        lines.append(f"| {op} | {shape} | {r['threads']} | {tuned_s * 1e3:.4g} | {baseline_s * 1e3:.4g} "
-                     f"| {blas} | {baseline_s / tuned_s:.2f}x | {r['speedup']:.2f}x | {rate} "
-                     f"| {fraction * 100:.0f}% {where} | {r['roofline_fraction'] * faster * 100:.0f}% | {target} "
-                     f"| {'-' if met is None else 'yes' if met else '**no**'} | {load} |")
+    for row in best_rows(results):
+        op, _, rest = row.case.partition(":")
+        bound, fraction, roof = roofline(row, ceiling)
+        rate = (f"{row.flops / row.tuned_s / 1e9:.1f} GFLOP/s" if bound == "compute"
+                else f"{row.nbytes / row.tuned_s / 1e9:.1f} GB/s")
+        where = f"of {row.level} {roof:.0f} GB/s" if bound == "memory" else f"of FMA peak {roof:.0f} GFLOP/s"
+        target, met = target_of(row, bound, fraction)
+        low, high = row.loads
+        load = f"{low:.1f}" if low == high else f"{low:.1f}-{high:.1f}"
+        lines.append(f"| {op} | {rest.replace(':', ' ')} | {row.threads} | {row.tuned_s * 1e3:.4g} "
+                     f"| {row.baseline_s * 1e3:.4g} | {row.blas} | {row.speedup:.2f}x | {row.median_ratio:.2f}x "
+                     f"| {rate} | {fraction * 100:.0f}% {where} | {target} "
+                     f"| {'-' if met is None else 'yes' if met else '**no**'} | {row.runs} | {load} |")
+    failed = [r for r in results if not r.get("tuned_s")]
+    lines += [f"\nfailed: {r['case']} threads={r['threads']}: {r.get('error', '')[:300]}" for r in failed]
     return "\n".join(lines)
 
 
@@ -219,13 +268,22 @@ def main() -> None:
         if not Path(args.table).is_file():
             print(f"cpu_ops.py: no results file {args.table}", file=sys.stderr)
             sys.exit(2)
-        print(markdown(latest(read_results(args.table))))
+        print(markdown(read_results(args.table)))
         return
     if args.trials < 1 or min(args.threads) < 1:
         print("cpu_ops.py: --trials and --threads must be positive", file=sys.stderr)
         sys.exit(2)
     cases = (args.cases or []) + (PRESETS[args.preset] if args.preset else [])
     cases = cases or DEFAULT_CASES
+    from autotune.cli import UserError, resolve_task
+
+    for case in cases:
+        try:
+            op, shape, dtype, attrs = parse_case(case)
+            resolve_task(op, shape, dtype, "cpu", "", attrs)
+        except (UserError, ValueError) as exc:
+            print(f"cpu_ops.py: bad case {case!r}: {exc}", file=sys.stderr)
+            sys.exit(2)
 
     rows = []
     for threads in args.threads:
@@ -243,7 +301,8 @@ def main() -> None:
         device = next((r["device"] for r in rows if r.get("device")), "")
         print(f"Machine: {platform.node()} ({device}), {datetime.date.today().isoformat()}, threads "
               f"{', '.join(map(str, args.threads))}, {args.tuner} with {args.trials} trials per case and thread "
-              f"count; load = 1-minute load average just before each bench.\n")
+              f"count; times are the fastest sample of all bench runs of a row, load the 1-minute load average "
+              f"before each.\n")
     print(markdown(rows))
 
 
