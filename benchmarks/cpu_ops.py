@@ -158,8 +158,8 @@ class Row:
         return self.baseline_s / self.tuned_s
 
 
-def best_rows(results: list[dict[str, Any]]) -> list[Row]:
-    """Rows in the order their cases first appear, one thread count after the other."""
+def best_rows(results: list[dict[str, Any]], cases: list[str] | None = None) -> list[Row]:
+    """Rows in the order of ``cases`` (else of their first result), one thread count after the other."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in results:
         if r.get("tuned_s"):
@@ -174,7 +174,7 @@ def best_rows(results: list[dict[str, Any]]) -> list[Row]:
                         last["tuned_gflops"] * last["tuned_s"] * 1e9, last["tuned_gbs"] * last["tuned_s"] * 1e9,
                         last["memory_level"], last["blas"].get("architecture") or "-", len(runs),
                         (min(loads), max(loads)) if loads else (math.nan, math.nan)))
-    order = {case: i for i, case in reversed(list(enumerate(r["case"] for r in results)))}
+    order = {case: i for i, case in reversed(list(enumerate(cases or [r["case"] for r in results])))}
     return sorted(rows, key=lambda row: (row.threads, order[row.case]))
 
 
@@ -223,12 +223,12 @@ def target_of(row: Row, bound: str, fraction: float) -> tuple[str, bool | None]:
     return "none in TARGETS.md", None
 
 
-def markdown(results: list[dict[str, Any]]) -> str:
+def markdown(results: list[dict[str, Any]], cases: list[str] | None = None) -> str:
     ceiling = ceilings(results)
     lines = ["| op | shape | threads | tuned ms | baseline ms | baseline kernel | tuned/baseline | (medians) "
              "| tuned rate | roofline fraction | target | met | runs | load |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for row in best_rows(results):
+    for row in best_rows(results, cases):
         op, _, rest = row.case.partition(":")
         bound, fraction, roof = roofline(row, ceiling)
         rate = (f"{row.flops / row.tuned_s / 1e9:.1f} GFLOP/s" if bound == "compute"
@@ -261,14 +261,19 @@ def main() -> None:
     parser.add_argument("--log", default="benchmarks/cpu.jsonl", help="tuning log (resumed)")
     parser.add_argument("--results", default=None, help="append each bench result here (JSONL)")
     parser.add_argument("--bench-only", action="store_true", help="bench the logged best again, tune nothing")
-    parser.add_argument("--table", metavar="RESULTS", default=None, help="print the table of a results file and stop")
+    parser.add_argument("--table", metavar="RESULTS", default=None,
+                        help="print the table of a results file (of --cases/--preset only, when given) and stop")
     parser.add_argument("--markdown", action="store_true", help="print the table header and run notes too")
     args = parser.parse_args()
     if args.table:
         if not Path(args.table).is_file():
             print(f"cpu_ops.py: no results file {args.table}", file=sys.stderr)
             sys.exit(2)
-        print(markdown(read_results(args.table)))
+        results = read_results(args.table)
+        wanted = (args.cases or []) + (PRESETS[args.preset] if args.preset else [])
+        if wanted:  # only these cases' rows, in this order
+            results = [r for r in results if r["case"] in wanted]
+        print(markdown(results, wanted or None))
         return
     if args.trials < 1 or min(args.threads) < 1:
         print("cpu_ops.py: --trials and --threads must be positive", file=sys.stderr)
@@ -303,7 +308,7 @@ def main() -> None:
               f"{', '.join(map(str, args.threads))}, {args.tuner} with {args.trials} trials per case and thread "
               f"count; times are the fastest sample of all bench runs of a row, load the 1-minute load average "
               f"before each.\n")
-    print(markdown(rows))
+    print(markdown(rows, cases))
 
 
 if __name__ == "__main__":
