@@ -49,9 +49,11 @@ class BenchResult:
     target: Target
     config: dict[str, Any]
     threads: int
-    tuned_s: float
+    tuned_s: float  # medians of the timed samples
     baseline_s: float
     baseline: str
+    tuned_min_s: float = math.inf  # fastest sample of each: on a busy machine other work only adds time
+    baseline_min_s: float = math.inf
     blas: dict[str, Any] = field(default_factory=dict)
     peak_gflops: float = 0.0
     memory_gbs: float = 0.0  # read bandwidth of the level the working set fits in
@@ -99,6 +101,8 @@ class BenchResult:
             "target": self.target.key, "device": self.target.device_name, "threads": self.threads,
             "config": self.config, "tuned_s": self.tuned_s if math.isfinite(self.tuned_s) else None, "baseline_s": self.baseline_s,
             "baseline": self.baseline, "blas": self.blas, "speedup": self.speedup,
+            "tuned_min_s": self.tuned_min_s if math.isfinite(self.tuned_min_s) else None,
+            "baseline_min_s": self.baseline_min_s if math.isfinite(self.baseline_min_s) else None,
             "tuned_gflops": self.tuned_gflops, "baseline_gflops": self.baseline_gflops,
             "tuned_gbs": self.tuned_gbs, "peak_gflops": self.peak_gflops, "memory_gbs": self.memory_gbs,
             "memory_level": self.memory_level,
@@ -137,6 +141,8 @@ def bench(task: Task, target: Target, config: Config, threads: int, seed: int = 
     return BenchResult(task, target, config.as_dict(), threads,
                        tuned_s=result.median if result.ok else math.inf,
                        baseline_s=base["median"], baseline=base["description"], blas=base["blas"],
+                       tuned_min_s=min(result.costs) if result.ok else math.inf,
+                       baseline_min_s=min(base["costs"]),
                        peak_gflops=roof["peak_gflops"], memory_gbs=bandwidth, memory_level=level,
                        error="" if result.ok else f"{result.error.name}: {result.message}")
 

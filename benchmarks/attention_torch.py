@@ -14,6 +14,7 @@ through ``enable_gqa``; nothing is copied for it inside the timed region. Append
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -21,17 +22,21 @@ import warnings
 
 import numpy as np
 
-DEFAULT_CASES = [
+DEFAULT_CASES = [  # the attention cases of benchmarks/cpu_ops.py --preset llm
     "attention_prefill:B=1,T=128,H=32,HKV=8,D=128",
     "attention_prefill:B=1,T=512,H=32,HKV=8,D=128",
     "attention_prefill:B=1,T=512,H=32,HKV=32,D=128",
     "attention_decode:B=1,H=32,HKV=8,D=128,S=4096,L=4096",
+    "attention_decode:B=4,H=32,HKV=8,D=128,S=4096,L=4096",
     "attention_decode:B=16,H=32,HKV=8,D=128,S=512,L=512",
+    "attention_decode:B=4,H=32,HKV=32,D=128,S=2048,L=2048",
 ]
 
 
-def time_call(fn, min_s: float = 0.2, repeats: int = 7) -> float:
-    """Median seconds per call over ``repeats`` samples of at least ``min_s`` each."""
+def time_call(fn, min_s: float = 0.2, repeats: int = 7) -> tuple[float, float]:
+    """(median, fastest) seconds per call over ``repeats`` samples of at least
+    ``min_s / repeats`` each: on a busy machine other work only ever adds time, so the
+    fastest sample is the steadier comparison."""
     fn()
     n = 1
     while True:
@@ -47,7 +52,7 @@ def time_call(fn, min_s: float = 0.2, repeats: int = 7) -> float:
         for _ in range(n):
             fn()
         samples.append((time.perf_counter() - start) / n)
-    return statistics.median(samples)
+    return statistics.median(samples), min(samples)
 
 
 def parse_case(text: str):
@@ -107,8 +112,8 @@ def main() -> None:
     records = [r for r in load_records(args.log, warn=False) if r.config.get("threads", 1) == args.threads]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); tuned kernels with "
           f"threads={args.threads} from {', '.join(args.log)} ({len(records)} records)")
-    print("| op | shape | tuned | tuned ms | SDPA ms | tuned/SDPA speed | max abs diff |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| op | shape | tuned | tuned ms | SDPA ms | tuned/SDPA speed | (medians) | max abs diff | load |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with TunedKernels(records) as kernels:
         for op, dims, attrs in cases:
             template = get_template(op, "cpu")
@@ -121,10 +126,12 @@ def main() -> None:
             sdpa = sdpa_call(torch, op, dims, attrs, inputs)
             tuned()
             diff = float(np.max(np.abs(out - sdpa().numpy())))
-            tuned_s, sdpa_s = time_call(tuned), time_call(sdpa)
+            load = os.getloadavg()[0]
+            (tuned_s, tuned_min), (sdpa_s, sdpa_min) = time_call(tuned), time_call(sdpa)
             shape = ",".join(f"{k}={v}" for k, v in dims.items()) + ("" if attrs.get("causal", True) else " non-causal")
-            print(f"| {op} | {shape} | {'yes' if kernel.tuned else 'default'} | {tuned_s * 1e3:.3f} | "
-                  f"{sdpa_s * 1e3:.3f} | {sdpa_s / tuned_s:.2f}x | {diff:.1e} |", flush=True)
+            print(f"| {op} | {shape} | {'yes' if kernel.tuned else 'default'} | {tuned_min * 1e3:.3f} | "
+                  f"{sdpa_min * 1e3:.3f} | {sdpa_min / tuned_min:.2f}x | {sdpa_s / tuned_s:.2f}x | {diff:.1e} "
+                  f"| {load:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,46 +13,71 @@ from search_space import Task, get_template, list_templates
 CPU_OPS = sorted(t.op for t in list_templates("cpu") if type(t).__module__.startswith("search_space.templates"))
 
 
+# where the example shape is the smallest case of a range that has code paths of its own
+TOPS = {"gemv": {"M": 16}, "gemv_q4": {"M": 16}}
+
+
 def random_shape(op: str, rng: np.random.Generator) -> dict[str, int]:
-    """Dims up to min(example, 300); half of them multiples of a random power of two, so
-    that operators whose dims must divide by something (group sizes, even head dims) get
-    legal shapes often enough to sample by rejection."""
+    """Dims up to min(example, 300) (or TOPS); half of them multiples of a random power of two (never
+    above that cap), so that operators whose dims must divide by something (group sizes,
+    even head dims) get legal shapes often enough to sample by rejection."""
     template = get_template(op, "cpu")
     example = template.example_shape
     shape = {}
     for dim in template.dims:
-        top = max(2, min(example[dim], 300))
+        top = TOPS.get(op, {}).get(dim) or max(2, min(example[dim], 300))
         step = 2 ** int(rng.integers(1, 8)) if rng.random() < 0.5 else 1
-        shape[dim] = step * int(rng.integers(1, max(top // step, 1) + 1))
+        step = min(step, 1 << (top.bit_length() - 1))  # a step above top would exceed the cap
+        shape[dim] = step * int(rng.integers(1, top // step + 1))
     return shape
 
 
-def is_legal(op: str, shape: dict[str, int]) -> bool:
+def is_legal(task: Task) -> bool:
     try:
-        get_template(op, "cpu").check(Task.make(op, shape))
+        get_template(task.op, "cpu").check(task)
     except ValueError:
         return False
     return True
 
 
-def smallest_legal(op: str, shape: dict[str, int]) -> dict[str, int]:
-    """Shrink each dim of a legal shape to its smallest legal value (twice over, since one
+def smallest_legal(task: Task) -> Task:
+    """Shrink each dim of a legal task to its smallest legal value (twice over, since one
     dim's limit may depend on another's): all ones where the operator allows it."""
-    shape = dict(shape)
     for _ in range(2):
-        for dim in shape:
-            shape[dim] = next(v for v in range(1, shape[dim] + 1) if is_legal(op, {**shape, dim: v}))
-    return shape
+        for dim, size in task.dims.items():
+            task = next(t for t in (task.with_dims(**{dim: v}) for v in range(1, size + 1)) if is_legal(t))
+    return task
 
 
-def legal_shapes(op: str, n: int, seed: int) -> list[dict[str, int]]:
+def legal_tasks(op: str, n: int, seed: int, dtype: str = "float32",
+                attrs: tuple[dict, ...] = ({},)) -> list[Task]:
+    """``n`` random legal tasks, the i-th with attributes ``attrs[i % len(attrs)]``; the
+    first shrunk to the smallest legal size."""
     rng = np.random.default_rng(seed)
-    out: list[dict[str, int]] = []
+    out: list[Task] = []
     while len(out) < n:
-        shape = random_shape(op, rng)
-        if is_legal(op, shape):
-            out.append(shape)
-    return [smallest_legal(op, out[0])] + out[1:]  # the smallest legal size, then random ones
+        task = Task.make(op, random_shape(op, rng), dtype, attrs[len(out) % len(attrs)])
+        if is_legal(task):
+            out.append(task)
+    return [smallest_legal(out[0])] + out[1:]
+
+
+Q4_OPS = ("gemv_q4", "gemm_q4")
+# (op, dtype, attributes cycled over the shapes): every CPU operator at its defaults, and
+# the variants with code paths of their own; each gets 20 random shapes
+VARIANTS = [(op, "float32", ({},)) for op in CPU_OPS if op not in Q4_OPS] + [
+    ("gemm", "bfloat16", ({},)),
+    ("gemv", "bfloat16", ({},)),
+    ("rmsnorm", "float32", ({"residual": True},)),
+] + [(op, "float32", ({"group_size": g, "zero_point": False}, {"group_size": g, "zero_point": True}))
+     for op in Q4_OPS for g in (32, 64, 128)]
+
+
+def variant_id(variant) -> str:
+    op, dtype, attrs = variant
+    group = attrs[0].get("group_size")
+    return op + ("" if dtype == "float32" else f"-{dtype}") + (f"-g{group}" if group else "") + (
+        "-residual" if attrs[0].get("residual") else "")
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +102,26 @@ def test_template_contract(op, host):
     assert [a.role for a in source.args].count("out") >= 1
 
 
-@pytest.mark.parametrize("op", CPU_OPS)
-def test_kernels_match_numpy_on_20_random_shapes(op, host, machinery):
+def test_every_operator_has_a_random_shape_variant():
+    assert {v[0] for v in VARIANTS} == set(CPU_OPS)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_kernels_match_numpy_on_20_random_shapes(variant, host, machinery):
+    """The default and one sampled config per shape, all compiled by one builder's worker
+    pool and run by one runner worker: outputs poisoned, checked against the reference."""
+    op, dtype, attrs = variant
     builder, runner = machinery
     template = get_template(op, "cpu")
     rng = np.random.default_rng(7)
+    tasks = legal_tasks(op, 20, seed=11, dtype=dtype, attrs=attrs)
+    assert len({t.key for t in tasks}) == 20
+    assert all(v == 1 for d, v in tasks[0].dims.items() if d not in ("K", "D"))  # the smallest legal size
+    assert {tuple(sorted(a.items())) for a in attrs} == {tuple(sorted(t.attr.items())) for t in tasks}
+    if "HKV" in template.dims:
+        assert any(t.dims["H"] > t.dims["HKV"] > 1 for t in tasks)  # grouped-query shapes
     inputs = []
-    for shape in legal_shapes(op, 20, seed=11):
-        task = Task.make(op, shape)
+    for task in tasks:
         space = template.space(task, host)
         configs = [template.default(task, host)] + space.sample(rng, 1)
         inputs += [MeasureInput(task, c, host) for c in configs]

@@ -201,6 +201,15 @@ def test_softmax_of_extreme_and_masked_rows(n, host, builder):
         assert (y[np.isneginf(x)] == 0).all()
 
 
+def test_softmax_store_exp_keeps_its_stores_cached(host):
+    """store_exp reads Y back after writing it: streaming stores would only evict it."""
+    template = get_template("softmax", "cpu")
+    space = template.space(Task.make("softmax", {"M": 16384, "N": 512}), host)
+    assert space.knob("stores").values == ("cached", "streaming")
+    passes_streaming = {c["passes"] for c in space if c["stores"] == "streaming"}
+    assert passes_streaming == {"online", "recompute"}
+
+
 # ----------------------------------------------------------------------------- norms
 
 
@@ -285,8 +294,8 @@ def test_streaming_stores_verify_where_data_outgrows_the_caches(op, shape, attrs
     small = Task.make(op, {d: 8 for d in template.dims}, attrs=attrs)
     assert template.space(small, host).knob("stores").values == ("cached",)
     default = template.default(task, host)
-    configs = [config_with(space, default, stores="streaming")]
-    configs.append(config_with(space, configs[0], threads=max(space.knob("threads").values)))
+    streaming = config_with(space, default, stores="streaming") or next(c for c in space if c["stores"] == "streaming")
+    configs = [streaming, config_with(space, streaming, threads=max(space.knob("threads").values))]
     configs += [c for c in space.neighbors(configs[0]) if c["stores"] == "streaming"][:2]
     configs = [c for c in configs if c is not None]
     inputs = [MeasureInput(task, c, host) for c in configs]
