@@ -22,6 +22,7 @@ whether it is met.
 from __future__ import annotations
 
 import argparse
+import gzip
 import datetime
 import json
 import math
@@ -247,7 +248,10 @@ def markdown(results: list[dict[str, Any]], cases: list[str] | None = None) -> s
 
 
 def read_results(path: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """A results file, plain or gzipped (as kept in benchmarks/data/)."""
+    raw = Path(path).read_bytes()
+    text = gzip.decompress(raw).decode() if path.endswith(".gz") else raw.decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def main() -> None:
