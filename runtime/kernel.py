@@ -165,7 +165,8 @@ class Kernel:
         return self.spec.op
 
     def dims_for(self, arrays: Mapping[str, np.ndarray], dims: Mapping[str, int] | None = None) -> dict[str, int]:
-        """The call's dims: the kernel's, with dynamic ones read off array shapes or given."""
+        """The call's dims: the kernel's, with dynamic ones read off array shapes or given
+        (a dim the kernel takes at run time though its task fixed it keeps the task's value)."""
         out = self.spec.shape
         given = dict(dims or {})
         runtime_dims = list(self.spec.dynamic) + [n for n in self.scalar_names if n not in self.spec.dynamic]
@@ -179,6 +180,8 @@ class Kernel:
                     out[name] = int(array.shape[arg.shape.index(name)])
                     break
             else:
+                if name not in self.spec.dynamic:  # a runtime argument of a task tuned at one size
+                    continue
                 raise TypeError(f"{self.spec.describe()}: pass the dynamic dim {name} (dims={{'{name}': ...}})")
         for name, value in given.items():
             if out.get(name) != value:
