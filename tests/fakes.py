@@ -158,20 +158,21 @@ extern "C" __global__ void fault({kernel_params(args)}) {{
 # sweep: ``autotune.replay.ReplayRunner`` answers each candidate with its recorded result, as
 # Kernel Tuner's simulation mode does, so tuners are tested without measuring again.
 
-SMALL_SWEEPS = {  # two shapes of one operator: 60 configs each with one thread
-    "target": ("gemv", {"M": 2, "N": 48, "K": 96}),
-    "other": ("gemv", {"M": 3, "N": 40, "K": 200}),
+SMALL_SWEEPS = {  # two shapes of one operator: 56-80 configs each (one thread, vec 4 or 8), by the host's registers
+    "target": ("gemv", {"M": 2, "N": 48, "K": 300}),
+    "other": ("gemv", {"M": 3, "N": 40, "K": 400}),
 }
+SWEEP_RESTRICT = {"threads": [1], "vec": [4, 8]}  # the same knob values on AVX2 and AVX-512 hosts
 
 
-def record_sweep(path, op: str, shape: dict, policy, threads: int = 1, seed: int = 0):
-    """Measure every config of ``op`` at ``shape`` (``threads`` only) into the log at ``path``."""
+def record_sweep(path, op: str, shape: dict, policy, restrict: dict | None = None, seed: int = 0):
+    """Measure every config of ``op`` at ``shape`` (within ``restrict``) into the log at ``path``."""
     from autotune.tuners import SweepTuner
     from measure import LocalBuilder, LocalRunner
     from records import RecordLog
 
     task, target = Task.make(op, shape), Target.host()
-    tuner = SweepTuner(task, target, seed=seed, restrict={"threads": [threads]})
+    tuner = SweepTuner(task, target, seed=seed, restrict=restrict or SWEEP_RESTRICT)
     log = RecordLog(path)
     with LocalBuilder(n_parallel=2) as builder, LocalRunner(policy=policy, timeout_s=30) as runner:
         tuner.tune(len(tuner.plan), builder, runner, batch_size=16, log=log)

@@ -53,7 +53,7 @@ def test_replay_reports_table_json_and_plot(sweep_logs, tmp_path):
     assert report["statistic"] == "min" and report["xgb_rounds"] == 30
     (entry,) = report["spaces"]
     assert [t["tuner"] for t in entry["tuners"]] == ["xgb", "xgb+transfer", "random", "optuna-tpe"]
-    assert entry["transfer"]["records"] == 120
+    assert entry["transfer"]["records"] == 2 * len(RecordLog(sweep_logs["other"]).records())
     assert all(t["seeds"] == 2 for t in entry["tuners"])
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert "xgb+transfer" in proc.stdout and "within 95%" in proc.stdout
@@ -65,7 +65,8 @@ def test_tune_transfers_saves_and_loads_a_model(sweep_logs, tmp_path):
     proc = run("tune", "--op", "gemv", "--shape", shape, "--threads", "1", "--trials", "12", "--batch", "6",
                "--transfer-from", str(sweep_logs["other"]), str(sweep_logs["target"]), "--save-model", "m.json",
                "--log", "t.jsonl", "--no-mlflow", "--quiet", cwd=tmp_path)
-    assert "pre-trained the cost model on 120 records of 2 other task(s)" in proc.stderr
+    swept = sum(len(RecordLog(sweep_logs[name]).records()) for name in ("other", "target"))
+    assert f"pre-trained the cost model on {swept} records of 2 other task(s)" in proc.stderr
     records = RecordLog(tmp_path / "t.jsonl").records()
     assert len(records) == 12
     assert all("score" in r.model for r in records), "with a pre-trained model even the first batch is ranked"

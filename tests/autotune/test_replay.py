@@ -23,7 +23,8 @@ def space(sweep_logs):
 
 def test_recorded_space_holds_the_sweep(space, sweep_logs):
     records = RecordLog(sweep_logs["target"]).records()
-    assert len(space.results) == len(records) == len(space.space.valid_indices()) == 60
+    # 56 configs on an AVX2 host, 80 on AVX-512 (more register blocks fit): enough for 40 distinct trials
+    assert len(space.results) == len(records) == len(space.space.valid_indices()) >= 50
     assert space.best_gflops == pytest.approx(max(r.gflops for r in records))
     assert 0 < space.share_within(0.95) <= 1
     # the replay runner answers with the recorded result, and refuses what was never measured
@@ -67,9 +68,9 @@ def test_every_tuner_replays(name, space, tmp_path):
 
 def test_replay_runs_to_the_end_of_a_small_space(space):
     run = replay_tuner(space, "random", seed=0, trials=500)
-    assert len(run.gflops) == 60
+    assert len(run.gflops) == len(space.results)
     assert run.best_so_far()[-1] == pytest.approx(space.best_gflops)
-    assert run.trials_to(space.best_gflops) <= 60
+    assert run.trials_to(space.best_gflops) <= len(space.results)
 
 
 def test_xgb_records_its_live_ranking_quality(space, tmp_path):

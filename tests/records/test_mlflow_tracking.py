@@ -46,7 +46,7 @@ def test_xgb_job_logs_the_models_live_ranking_quality(store, tmp_path, host):
     from mlflow import MlflowClient
 
     log = RecordLog(tmp_path / "xgb.jsonl")
-    task = Task.make("gemv", {"M": 1, "N": 64, "K": 128})
+    task = Task.make("gemv", {"M": 1, "N": 64, "K": 300})  # K > 256: a K-block knob, 24+ configs on any host
     run_tuning_job(task, host, "xgb", trials=24, batch=8, seed=0, log=log, tracking_uri=store, progress=False,
                    restrict={"threads": [1]})
     client = MlflowClient(tracking_uri=store)

@@ -14,7 +14,7 @@ CPU_OPS = sorted(t.op for t in list_templates("cpu") if type(t).__module__.start
 
 
 # where the example shape is the smallest case of a range that has code paths of its own
-TOPS = {"gemv": {"M": 16}, "gemv_q4": {"M": 16}}
+TOPS = {"gemv": {"M": 16}, "gemv_q4": {"M": 16}, "attention_prefill": {"T": 160, "H": 16}}  # attention: T^2 work
 
 
 def random_shape(op: str, rng: np.random.Generator) -> dict[str, int]:

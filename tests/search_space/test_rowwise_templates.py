@@ -254,7 +254,8 @@ def runner(fast_policy):
 @pytest.mark.parametrize("op", sorted(OP_KNOBS))
 def test_every_operator_knob_value_verifies(op, host, builder, runner):
     template = get_template(op, "cpu")
-    shape = {"T": 5, "H": 3, "D": 38} if op == "rope" else {"M": 5, "N": 70}
+    # N=60: not a whole number of vectors, and short enough to keep in AVX2's registers too
+    shape = {"T": 5, "H": 3, "D": 38} if op == "rope" else {"M": 5, "N": 60}
     task = Task.make(op, shape)
     configs = one_config_per_value(template, task, host, OP_KNOBS[op])
     assert len({c[OP_KNOBS[op]] for c in configs}) >= 2
