@@ -13,14 +13,14 @@ from records import RecordLog
 def test_training_set_groups_tasks_and_skips_what_templates_lost(sweep_logs):
     target = recorded_space(sweep_logs["target"])
     columns = FeatureExtractor(target.template, target.task, target.target, target.space).names
-    records = RecordLog(sweep_logs["other"]).records() + RecordLog(sweep_logs["target"]).records()
+    other = RecordLog(sweep_logs["other"]).records()
+    records = other + RecordLog(sweep_logs["target"]).records()
     stale = records[0].__class__(**{**records[0].__dict__, "config": dict(records[0].config, rows=3)})
     data = training_set(records + [stale], columns)
-    n_other = len(RecordLog(sweep_logs["other"]).records())
     assert len(data) == len(records) and data.skipped == 1 and len(data.tasks) == 2
     assert sorted(np.unique(data.groups)) == [0, 1] and data.features.shape == (len(records), len(columns))
     only_other = training_set(records, columns, exclude=[(target.task.key, target.target.key)])
-    assert len(only_other) == n_other and only_other.tasks[0].startswith("gemv/float32/M=3")
+    assert len(only_other) == len(other) and only_other.tasks[0].startswith("gemv/float32/M=3")
 
 
 def test_continuing_from_a_base_keeps_its_trees(sweep_logs, tmp_path):
