@@ -316,29 +316,31 @@ def emulated_source(source: KernelSource) -> str:
         '\nextern "C" int emu_launch(void** ptrs, long long* scalars, unsigned gx, unsigned gy, unsigned gz, '
         "unsigned bx, unsigned long long smem, int eager) {\n"
         f"  return emu::launch(gx, gy, gz, bx, smem, eager != 0, [&]() {{ {source.entry}({', '.join(call)}); }});\n}}\n")
-    return "#define AUTOTUNE_EMULATE 1\n" + SHIM + code + launcher
+    return f'#include "{SHIM_NAME}"\n' + code + launcher
 
 
-def _cache_dir() -> Path:
-    root = Path(os.environ.get("AUTOTUNE_CACHE_DIR") or tempfile.gettempdir()) / "cuda-emulator"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+SHIM_NAME = "cuda_emulator_shim.h"
+FLAGS = ["-std=c++17", "-O1", "-fPIC", "-w"]
 
 
 def build(source: KernelSource) -> ctypes.CDLL:
-    """Compile the emulated kernel into a shared library (cached by content)."""
+    """Compile the emulated kernel into a shared library (cached by content), the shim
+    precompiled once (shared with tests/cudaemu.py's helper)."""
+    from cudaemu import _cache_dir, precompiled_header
+
+    shim = precompiled_header(SHIM_NAME, "#define AUTOTUNE_EMULATE 1\n" + SHIM, FLAGS)
     text = emulated_source(source)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:24]
-    lib = _cache_dir() / f"{digest}.so"
+    digest = hashlib.sha256((text + shim.name).encode()).hexdigest()[:24]
+    lib = _cache_dir() / f"emulator-{digest}.so"
     if not lib.exists():
-        compiler = shutil.which("g++") or shutil.which("clang++")
+        compiler = shutil.which("g++")
         if compiler is None:
-            raise RuntimeError("the CUDA emulator needs g++ or clang++")
+            raise RuntimeError("the CUDA emulator needs g++")
         with tempfile.TemporaryDirectory() as tmp:
             cpp = Path(tmp) / "kernel.cpp"
             cpp.write_text(text)
             out = Path(tmp) / "kernel.so"
-            proc = subprocess.run([compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-o", str(out), str(cpp)],
+            proc = subprocess.run([compiler, *FLAGS, "-shared", f"-I{shim}", "-o", str(out), str(cpp)],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError("emulated kernel does not compile:\n" + proc.stderr[-4000:])
