@@ -108,8 +108,9 @@ def test_every_operator_has_a_random_shape_variant():
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_kernels_match_numpy_on_20_random_shapes(variant, host, machinery):
-    """The default and one sampled config per shape, all compiled by one builder's worker
-    pool and run by one runner worker: outputs poisoned, checked against the reference."""
+    """One config per shape, the default and a sampled one in turn (the smallest shape gets
+    the default), all compiled by one builder's worker pool and run by one runner worker:
+    outputs poisoned, checked against the reference. Compiling dominates, hence one each."""
     op, dtype, attrs = variant
     builder, runner = machinery
     template = get_template(op, "cpu")
@@ -121,10 +122,10 @@ def test_kernels_match_numpy_on_20_random_shapes(variant, host, machinery):
     if "HKV" in template.dims:
         assert any(t.dims["H"] > t.dims["HKV"] > 1 for t in tasks)  # grouped-query shapes
     inputs = []
-    for task in tasks:
+    for i, task in enumerate(tasks):
         space = template.space(task, host)
-        configs = [template.default(task, host)] + space.sample(rng, 1)
-        inputs += [MeasureInput(task, c, host) for c in configs]
+        config = template.default(task, host) if i % 2 == 0 else space.sample(rng, 1)[0]
+        inputs.append(MeasureInput(task, config, host))
     builds = builder.build(inputs)
     results = runner.run(inputs, builds)
     failures = [(i.task.key, str(i.config), r.error.name, r.message) for i, r in zip(inputs, results) if not r.ok]
