@@ -164,8 +164,13 @@ class LocalBuilder:
                            cached=out["cached"])
 
     def close(self) -> None:
+        workers = []
         while not self._idle.empty():
-            self._idle.get().close()
+            workers.append(self._idle.get())
+        for worker in workers:
+            worker.request_exit()
+        for worker in workers:
+            worker.close()
 
     def __enter__(self) -> "LocalBuilder":
         return self

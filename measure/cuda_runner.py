@@ -435,6 +435,8 @@ class CudaRunner:
 
     def close(self) -> None:
         for worker in self._workers:
+            worker.request_exit()
+        for worker in self._workers:
             worker.close()
 
     def __enter__(self) -> "CudaRunner":

@@ -110,12 +110,21 @@ class WorkerProcess:
             self._conn.close()
         self._conn = None
 
-    def close(self) -> None:
+    def request_exit(self) -> None:
+        """Ask the worker to exit without waiting for it (``close`` then waits): a pool asks
+        all its workers first, so their interpreters shut down side by side."""
         if self.alive and self._conn is not None:
             try:
                 self._conn.send(None)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.request_exit()
+        if self._process is not None:
+            try:
                 self._process.wait(timeout=2)
-            except (OSError, subprocess.TimeoutExpired):
+            except subprocess.TimeoutExpired:
                 pass
         self.kill()
         self._process = None
