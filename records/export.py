@@ -169,6 +169,8 @@ def _in_workers(jobs: list[tuple[str, dict]], labels: list[str], n_parallel: int
             return list(pool.map(run, range(len(jobs))))
     finally:
         for worker in workers:
+            worker.request_exit()
+        for worker in workers:
             worker.close()
 
 
@@ -214,7 +216,10 @@ def _compile_cpu(kernels: list[_Kernel], stage: Path, target: Target, n_parallel
     return library
 
 
-def _compile_cuda(kernels: list[_Kernel], stage: Path, target: Target) -> dict[str, str]:
+def _compile_cuda(kernels: list[_Kernel], stage: Path, target: Target, n_parallel: int) -> dict[str, str]:
+    """A cubin per kernel: the one tuning built when the kernel cache still holds it (same
+    source, same nvcc flags), else nvcc's, several at a time."""
+    from measure.builder import artifact_flags, default_cache_dir
     from measure.compile_cuda import CudaCompileError, compile_to_cubin, nvcc_path
 
     try:
@@ -222,14 +227,23 @@ def _compile_cuda(kernels: list[_Kernel], stage: Path, target: Target) -> dict[s
     except CudaCompileError as exc:
         raise ExportError(str(exc)) from None
     (stage / "cubins").mkdir()
-    files = {}
-    for kernel in kernels:
+    cache, flags = default_cache_dir(), artifact_flags(target)
+
+    def cubin(kernel: _Kernel) -> bytes:
+        cached = cache / f"{kernel.source.digest(flags)}.cubin"
+        if cached.is_file():
+            return cached.read_bytes()
         try:
-            data, _ = compile_to_cubin(kernel.source, target)
+            return compile_to_cubin(kernel.source, target)[0]
         except CudaCompileError as exc:
             raise ExportFailed(f"compiling {kernel.task.key}: {exc}") from None
+
+    with ThreadPoolExecutor(max_workers=max(1, n_parallel)) as pool:  # nvcc runs as its own process
+        data = list(pool.map(cubin, kernels))
+    files = {}
+    for kernel, blob in zip(kernels, data):
         name = f"cubins/{kernel.entry}.cubin"
-        (stage / name).write_bytes(data)
+        (stage / name).write_bytes(blob)
         files[kernel.entry] = name
     return files
 
@@ -277,7 +291,7 @@ def _write_library(kernels: list[_Kernel], stage: Path, target: Target, n_parall
         library = _compile_cpu(kernels, stage, target, n_parallel, timeout_s, cc)
         (stage / HEADER).write_text(header_text(entries, target.key))
     else:
-        cubins = _compile_cuda(kernels, stage, target)
+        cubins = _compile_cuda(kernels, stage, target, n_parallel)
         for entry in entries:
             entry["cubin"] = cubins[entry["entry"]]
     manifest = {

@@ -23,7 +23,7 @@ FAKE, FAKE_TARGET = FAKE_PYCUDA, FAKE_GPU_TARGET
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="building cubins needs nvcc")
 
 
-def test_cuda_records_export_to_cubins_that_the_runtime_launches(fake_gpu, tmp_path):
+def test_cuda_records_export_to_cubins_that_the_runtime_launches(fake_gpu, tmp_path, monkeypatch):
     from autotune.tuners import RandomTuner
 
     log = RecordLog(tmp_path / "cuda.jsonl")
@@ -33,7 +33,14 @@ def test_cuda_records_export_to_cubins_that_the_runtime_launches(fake_gpu, tmp_p
         for task in tasks:
             summary = RandomTuner(task, FAKE_TARGET, seed=0).tune(2, builder, runner, batch_size=2, log=log)
             assert summary.best is not None, task.key
-    summary = export_library(log.records(), tmp_path / "lib", "cuda")
+    import measure.compile_cuda
+
+    def no_nvcc(*args, **kwargs):
+        raise AssertionError("export recompiled a cubin that the tuning job had built")
+
+    with monkeypatch.context() as patch:  # the kernel cache holds every cubin the job built
+        patch.setattr(measure.compile_cuda, "compile_to_cubin", no_nvcc)
+        summary = export_library(log.records(), tmp_path / "lib", "cuda")
     assert summary.library is None and summary.verified == 0 and "checked when they run on a GPU" in summary.notes[0]
     manifest = json.loads((tmp_path / "lib" / "manifest.json").read_text())
     assert manifest["target"]["kind"] == "cuda" and manifest["library"] is None and manifest["header"] is None
