@@ -26,8 +26,10 @@ demo: $(STAMP)
 	$(BIN)/autotune export --log demo-model.jsonl --out demo-lib
 	$(BIN)/autotune run --lib demo-lib --model tiny --compare
 
+# two workers for everything but the tests whose assertions rest on quiet timings, then those alone
 test: $(STAMP)
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -n 2 --dist loadfile -m 'not serial'
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -m serial
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_ops.py --markdown

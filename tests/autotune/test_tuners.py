@@ -51,6 +51,7 @@ def test_unknown_tuner():
         make_tuner("magic", TASK, None)
 
 
+@pytest.mark.serial  # the labels are the timings: other tests running beside it blur them
 def test_xgb_ranks_better_than_chance_after_training(host, machinery, tmp_path):
     """On measured data the model must order unseen configs better than a coin."""
     from measure import TimingPolicy
@@ -85,3 +86,4 @@ def test_xgb_proposals_are_unvisited_and_valid(host, machinery):
         assert len(batch) == 8
         assert not {c.index for c in batch} & tuner.visited
         assert all(tuner.space.is_valid(c) for c in batch)
+
