@@ -3,8 +3,8 @@
 Measurements of other shapes or other operators become rows laid out in the columns of
 the model being trained (knobs by name, shared features by name; what a task lacks stays
 NaN), each task its own ranking group with labels normalised to that task's best. The
-tuner of a new task then starts from this model, ranks its very first batch with it, and
-adds trees on its own measurements as they arrive.
+tuner of a new task ranks with this model until the task has measurements of its own
+(``autotune.tuners.xgb_tuner``).
 
 Samples are duck-typed: anything with ``task``, ``target``, ``config`` (knob values by
 name) and ``result`` (a ``MeasureResult``), such as a tuning log's records.

@@ -5,12 +5,21 @@ count as zero throughput). Candidates come from annealing walks over the space, 
 at the best measured configs and at random points, that move one knob at a time and
 keep the best predicted unvisited configs; a space whose valid configs are few (at most
 ``exhaustive_limit``, e.g. a decode gemv, or the configs a sweep recorded) is ranked
-whole instead. A share ``epsilon`` of each batch is drawn at random to keep exploring.
-A config already measured is never proposed again.
+whole instead. A batch is not simply the top of that ranking: each pick must differ from
+the batch's earlier picks in at least ``diversity`` knobs (else the next best that does is
+taken), so that a batch tries several regions the model rates highly rather than one
+region's near-copies; where the model is wrong about a region, the batch loses one trial
+to it, not all. A share ``epsilon`` of each batch is drawn at random to keep exploring. A
+config already measured is never proposed again.
 
 Transfer: given a pre-trained ``base_model`` (other shapes or operators, see
-``cost_model.transfer``), the tuner lays its features out as the base model's, ranks
-its very first batch with it, and each refit adds trees to the base's.
+``cost_model.transfer``), the tuner lays its features out as the base model's and lets it
+rank the batches until the task has ``min_train`` measurements of its own; from then on a
+model fitted on those alone ranks. Letting the base keep steering (adding the task's trees
+to the base's) cost trials wherever the other shapes' best configs differ from this one's
+(replays in benchmarks/RESULTS.md); the base's picks of the first batch are what carries
+over. ``save_model`` still keeps the base's knowledge: it saves the base continued on this
+task's measurements.
 """
 from __future__ import annotations
 
@@ -33,16 +42,19 @@ class XGBTuner(Tuner):
     def __init__(self, task, target, template=None, seed: int = 0, epsilon: float = 0.1,
                  min_train: int = 8, sa_points: int = 96, sa_steps: int = 40,
                  model_config: XGBConfig | None = None, restrict: dict | None = None,
-                 base_model: XGBCostModel | None = None, exhaustive_limit: int = 4096, space=None):
+                 base_model: XGBCostModel | None = None, exhaustive_limit: int = 4096, space=None,
+                 diversity: int = 2):
         super().__init__(task, target, template, seed, restrict, space)
         self.epsilon = epsilon
+        self.diversity = diversity
         self.min_train = min_train
         self.sa_points = sa_points
         self.sa_steps = sa_steps
         self.exhaustive_limit = exhaustive_limit
         columns = base_model.feature_names if base_model is not None and base_model.fitted else None
         self.features = FeatureExtractor(self.template, task, target, self.space, columns=columns)
-        self.model = XGBCostModel(model_config, seed=seed, base=base_model)
+        self.prior = base_model if base_model is not None and base_model.fitted else None
+        self.model = XGBCostModel(model_config, seed=seed)  # this task's measurements only
         self._rows: list[np.ndarray] = []
         self._throughput: list[float] = []
         self._configs: list[Config] = []
@@ -58,24 +70,40 @@ class XGBTuner(Tuner):
         if len(self._rows) >= self.min_train and max(self._throughput, default=0.0) > 0:
             self.model.fit(np.stack(self._rows), np.asarray(self._throughput), feature_names=self.features.names)
 
+    def ranker(self) -> XGBCostModel | None:
+        """The model that ranks now: the task's own once fitted, else the pre-trained one."""
+        return self.model if self.model.fitted else self.prior
+
     def predict(self, configs: Sequence[Config]) -> np.ndarray:
-        return self.model.predict(self.features.matrix(configs))
+        ranker = self.ranker()
+        if ranker is None:
+            raise RuntimeError("the cost model has not been fitted")
+        return ranker.predict(self.features.matrix(configs))
 
     def predict_batch(self, configs: Sequence[Config]) -> np.ndarray | None:
-        return self.predict(configs) if self.model.fitted and configs else None
+        return self.predict(configs) if self.ranker() is not None and configs else None
 
     def save_model(self, path: str) -> None:
-        """The cost model as it is now (base trees included), for ``--load-model`` later."""
-        self.model.save(path)
+        """The cost model for ``--load-model`` later: with a pre-trained base, the base
+        continued on this task's measurements (what it knew plus this task), else the task's own."""
+        model = self.model
+        if self.prior is not None and self.model.fitted:
+            model = XGBCostModel(self.model.config, seed=self.seed, base=self.prior).fit(
+                np.stack(self._rows), np.asarray(self._throughput), feature_names=self.features.names)
+        elif self.prior is not None:
+            model = self.prior
+        model.save(path)
 
     # -- proposing ---------------------------------------------------------------------
     def next_batch(self, n: int) -> list[Config]:
-        if not self.model.fitted:
+        if self.ranker() is None:
             return self.space.sample(self.rng, n, exclude=self.visited)
         n_random = sum(1 for _ in range(n) if self.rng.random() < self.epsilon)
+        n_model = n - n_random
         pool = self._pool()
-        ranked = self._rank_pool(pool, n - n_random) if pool is not None else self._anneal(n - n_random)
-        chosen = [c for c in ranked if c.index not in self.visited][: n - n_random]
+        # more candidates than picks, for the diversity rule to choose from
+        ranked = self._rank_pool(pool) if pool is not None else self._anneal(4 * n_model)
+        chosen = self._diverse(ranked, n_model)
         taken = self.visited | {c.index for c in chosen}
         chosen += self.space.sample(self.rng, n - len(chosen), exclude=taken)
         return chosen
@@ -85,18 +113,33 @@ class XGBTuner(Tuner):
         count = self.space.valid_count(self.exhaustive_limit)
         return self.space.valid_indices() if count is not None and count <= self.exhaustive_limit else None
 
-    def _rank_pool(self, pool: list[int], n: int) -> list[Config]:
-        """The ``n`` best predicted unvisited configs of the whole pool."""
-        if n <= 0:
-            return []
+    def _rank_pool(self, pool: list[int]) -> list[Config]:
+        """Every unvisited config of the pool, best predicted first."""
         if self._pool_configs is None:  # built once: the pool is ranked before every batch
             self._pool_configs = [self.space.get(i) for i in pool]
         configs = [c for c in self._pool_configs if c.index not in self.visited]
         if not configs:
             return []
         scores = self.predict(configs)
-        top = np.argsort(-scores, kind="stable")[:n]
-        return [configs[int(i)] for i in top]
+        return [configs[int(i)] for i in np.argsort(-scores, kind="stable")]
+
+    def _diverse(self, ranked: Sequence[Config], n: int) -> list[Config]:
+        """Up to ``n`` of ``ranked`` (best first), each differing from the earlier picks in at
+        least ``diversity`` knobs; filled up in ranked order when too few do."""
+        if n <= 0:
+            return []
+        ranked = [c for c in ranked if c.index not in self.visited]
+        chosen: list[Config] = []
+        digits: list[np.ndarray] = []
+        for config in ranked:
+            d = np.asarray(self.space.digits(config))
+            if all(np.count_nonzero(d != e) >= self.diversity for e in digits):
+                chosen.append(config)
+                digits.append(d)
+                if len(chosen) == n:
+                    return chosen
+        taken = {c.index for c in chosen}
+        return chosen + [c for c in ranked if c.index not in taken][: n - len(chosen)]
 
     def _start_points(self) -> list[Config]:
         order = np.argsort(self._throughput)[::-1]

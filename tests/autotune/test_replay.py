@@ -98,6 +98,10 @@ def test_transfer_ranks_the_first_batch(space, sweep_logs):
     first = tuner.next_batch(8)
     scores = tuner.predict_batch(first)
     assert scores is not None and len(set(c.index for c in first)) == 8
+    assert tuner.ranker() is base
+    # once the task has measurements of its own, a model of those alone ranks
+    tuner.update([MeasureInput(space.task, c, space.target) for c in first], [space.results[c.index] for c in first])
+    assert tuner.ranker() is tuner.model and tuner.model.fitted and tuner.model.base is None
     run = replay_tuner(space, TRANSFER, seed=0, trials=24, base_model=base)
     assert len(run.gflops) == 24
     # the task's own records are never used to pre-train its model

@@ -87,3 +87,24 @@ def test_xgb_proposals_are_unvisited_and_valid(host, machinery):
         assert not {c.index for c in batch} & tuner.visited
         assert all(tuner.space.is_valid(c) for c in batch)
 
+
+def test_xgb_batch_picks_differ_in_at_least_two_knobs(host):
+    """The diversity rule: near-copies of a pick (one knob apart) wait for a later batch."""
+    tuner = XGBTuner(TASK, host, seed=0)
+    space = tuner.space
+    first = space.sample(np.random.default_rng(1), 1)[0]
+    close = [c for c in space.neighbors(first) if c.index != first.index]
+    far = [c for c in space.sample(np.random.default_rng(2), 40)
+           if sum(a != b for a, b in zip(space.digits(c), space.digits(first))) >= 2]
+    assert len(close) >= 3 and len(far) >= 3
+    ranked = [first] + close + far
+    picks = tuner._diverse(ranked, 3)
+    assert picks[0] is first and not {c.index for c in picks} & {c.index for c in close}
+    digits = [np.asarray(space.digits(c)) for c in picks]
+    assert all(np.count_nonzero(a != b) >= 2 for i, a in enumerate(digits) for b in digits[i + 1:])
+    # too few diverse candidates: filled up in ranked order; diversity 0 is the plain top of the ranking
+    assert [c.index for c in tuner._diverse([first] + close, 3)] == [first.index] + [c.index for c in close[:2]]
+    tuner.diversity = 0
+    assert [c.index for c in tuner._diverse(ranked, 3)] == [c.index for c in ranked[:3]]
+    tuner.visited.add(first.index)  # a measured config is never proposed again
+    assert first.index not in {c.index for c in tuner._diverse(ranked, 3)}
