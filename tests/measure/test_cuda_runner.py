@@ -72,6 +72,9 @@ class FakeWorker:
         self.killed += 1
         self.generation += 1  # the next call starts a new process, which must prepare again
 
+    def request_exit(self):
+        pass
+
     def close(self):
         self.closed = True
 
