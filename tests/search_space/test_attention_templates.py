@@ -93,7 +93,8 @@ def test_prefill_gqa_ratios_and_head_dims(machinery, host, causal, D):
     for H, HKV in ((4, 4), (8, 2), (8, 1)):  # ratios 1, 4, 8 (H = HKV included)
         task = Task.make("attention_prefill", {"B": 1, "T": 45, "H": H, "HKV": HKV, "D": D},
                          attrs={"causal": causal})
-        inputs += [MeasureInput(task, c, host) for c in configs(template, task, host, rng, n_random=2)]
+        # the default and one sampled config per ratio: four such tests sample 12 in all
+        inputs += [MeasureInput(task, c, host) for c in configs(template, task, host, rng, n_random=1)]
     verify_all(machinery, inputs)
 
 
