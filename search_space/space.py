@@ -14,16 +14,24 @@ KEPT = "one of the kept configs"  # the constraint ``ConfigSpace.only`` adds
 
 @dataclass(frozen=True)
 class Knob:
-    """A tunable choice: a name and its ordered values (ints or strings)."""
+    """A tunable choice: a name and its ordered values (ints or strings).
+
+    ``legacy``: for a knob added to a template after logs were written, the value that
+    reproduces the code from before the knob existed; a record without the knob is read as
+    that value, so old measurements stay usable. None: every config must name the knob.
+    """
 
     name: str
     values: tuple[Any, ...]
+    legacy: Any = None
 
     def __post_init__(self) -> None:
         if not self.values:
             raise ValueError(f"knob {self.name} has no values")
         if len(set(self.values)) != len(self.values):
             raise ValueError(f"knob {self.name} repeats a value: {self.values}")
+        if self.legacy is not None and self.legacy not in self.values:
+            raise ValueError(f"knob {self.name}: legacy value {self.legacy!r} is not one of {self.values}")
 
     def __len__(self) -> int:
         return len(self.values)
@@ -103,7 +111,7 @@ class ConfigSpace:
                 if not keep:
                     raise ValueError(f"knob {knob.name} has none of the values {list(allowed[knob.name])}; "
                                      f"it takes {list(knob.values)}")
-                knob = Knob(knob.name, keep)
+                knob = Knob(knob.name, keep, knob.legacy if knob.legacy in keep else None)
             knobs.append(knob)
         unknown = set(allowed) - set(self.names)
         if unknown:
@@ -144,6 +152,9 @@ class ConfigSpace:
 
     def index_of(self, config: Config | Values) -> int:
         values = config.as_dict() if isinstance(config, Config) else dict(config)
+        for knob in self.knobs:  # logs from before a knob existed: the value that was built then
+            if knob.name not in values and knob.legacy is not None:
+                values[knob.name] = knob.legacy
         missing = [k.name for k in self.knobs if k.name not in values]
         if missing:
             raise KeyError(f"config lacks knobs {missing}")

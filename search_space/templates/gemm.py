@@ -80,7 +80,7 @@ def blocked_gemm_knobs(d: dict, target: Target, kc_values=(256, 512, 1024, 2048)
     ]
     if pack:
         knobs.append(Knob("pack", (0, 1)))
-    knobs.append(Knob("xpack", (0, 1)))
+    knobs.append(Knob("xpack", (0, 1), legacy=0))  # logs from before X packing existed: not packed
     knobs.append(Knob("threads", tuple(sorted({1, max(target.cores, 1)}))))
     return knobs
 
@@ -157,7 +157,7 @@ class GemmCpu(GemmOp, Template):
         if task.dtype == "bfloat16":
             knobs.insert(0, Knob("dot", ("bf16", "widen") if has_bf16_dot(target) else ("widen",)))
         else:
-            knobs.insert(0, Knob("kernel", ("dot", "outer")))
+            knobs.insert(0, Knob("kernel", ("dot", "outer"), legacy="dot"))  # the only kernel before "outer"
             constraints.append(("the outer-product kernel reads a packed W", lambda c: c["kernel"] == "dot" or c["pack"]))
         return ConfigSpace(knobs, constraints)
 

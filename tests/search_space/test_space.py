@@ -88,3 +88,27 @@ def test_config_is_not_a_space():
     assert isinstance(config, Config)
     assert not hasattr(config, "knobs")
     assert Config(config.values, config.index) == config
+
+
+def test_a_knob_added_later_reads_old_configs_as_its_legacy_value():
+    space = ConfigSpace([Knob("tile", (4, 8)), Knob("packed", (0, 1), legacy=0), Knob("order", ("a", "b"))])
+    old = {"tile": 8, "order": "b"}  # logged before "packed" existed
+    assert space.from_values(old).as_dict() == {"tile": 8, "packed": 0, "order": "b"}
+    with pytest.raises(KeyError, match="lacks knobs"):  # a knob without a legacy value must be named
+        space.from_values({"tile": 8})
+    assert space.restrict(packed=[0]).from_values(old)["packed"] == 0
+    with pytest.raises(KeyError):  # the legacy value is outside this restricted space
+        space.restrict(packed=[1]).index_of(old)
+    with pytest.raises(ValueError, match="legacy value"):
+        Knob("packed", (0, 1), legacy=2)
+
+
+def test_gemm_logs_from_before_the_outer_kernel_and_x_packing_still_map(host):
+    from search_space import Task, get_template
+
+    task = Task.make("gemm", {"M": 512, "N": 512, "K": 512})
+    space = get_template("gemm", "cpu").space(task, host)
+    old = {"mr": 3, "nr": 3, "vec": 8, "unroll": 2, "kc": 0, "mc": 32, "nc": 192, "order": "nkm",
+           "inner": "nm", "pack": 1, "threads": 1}  # a record of 2026-11-28
+    config = space.from_values(old)
+    assert config["kernel"] == "dot" and config["xpack"] == 0
