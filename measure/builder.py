@@ -11,7 +11,7 @@ from typing import Any
 from search_space import Config, KernelSource, Target, Task, get_template, template_module
 
 from .types import BuildResult, MeasureError, MeasureInput
-from .worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout
+from .worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout, close_all
 
 
 def default_cache_dir() -> Path:
@@ -19,8 +19,9 @@ def default_cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "llm-autotune" / "kernels"
 
 
-def _suffix(target: Target) -> str:
-    return ".o" if target.kind == "cpu" else ".cubin"
+def artifact_path(cache_dir: Path, digest: str, target: Target) -> Path:
+    """Where the kernel cache keeps the artifact of a source with this digest (``KernelSource.digest``)."""
+    return Path(cache_dir) / (digest + (".o" if target.kind == "cpu" else ".cubin"))
 
 
 def render_candidate(task: Task, config: Config, target: Target) -> KernelSource:
@@ -63,7 +64,7 @@ def build_candidate(payload: dict[str, Any]) -> dict[str, Any]:
     flags = artifact_flags(target)
     digest = source.digest(flags)
     cache = Path(payload["cache_dir"])
-    path = cache / (digest + _suffix(target))
+    path = artifact_path(cache, digest, target)
     stats_path = cache / (digest + ".json")
     cached = path.exists()
     if cached:
@@ -167,10 +168,7 @@ class LocalBuilder:
         workers = []
         while not self._idle.empty():
             workers.append(self._idle.get())
-        for worker in workers:
-            worker.request_exit()
-        for worker in workers:
-            worker.close()
+        close_all(workers)
 
     def __enter__(self) -> "LocalBuilder":
         return self

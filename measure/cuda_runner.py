@@ -35,7 +35,7 @@ from search_space import KernelSource, Target, Task, get_template, template_modu
 
 from .timing import TimingPolicy, summarize
 from .types import BuildResult, MeasureError, MeasureInput, MeasureResult
-from .worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout
+from .worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout, close_all
 
 # Each timed sample is one launch (events have ~0.5 us resolution): many samples, bounded time.
 CUDA_POLICY = TimingPolicy(warmup=3, min_sample_s=0.0, repeats=50, min_repeats=10, max_total_s=1.0)
@@ -434,10 +434,7 @@ class CudaRunner:
         return MeasureResult(tuple(out["costs"]), MeasureError.NO_ERROR, "", build.build_s, run_s, stats=stats)
 
     def close(self) -> None:
-        for worker in self._workers:
-            worker.request_exit()
-        for worker in self._workers:
-            worker.close()
+        close_all(self._workers)
 
     def __enter__(self) -> "CudaRunner":
         return self

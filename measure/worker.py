@@ -111,8 +111,7 @@ class WorkerProcess:
         self._conn = None
 
     def request_exit(self) -> None:
-        """Ask the worker to exit without waiting for it (``close`` then waits): a pool asks
-        all its workers first, so their interpreters shut down side by side."""
+        """Ask the worker to exit without waiting for it (``close`` then waits; see ``close_all``)."""
         if self.alive and self._conn is not None:
             try:
                 self._conn.send(None)
@@ -134,6 +133,15 @@ class WorkerProcess:
             self.kill()
         except Exception:
             pass
+
+
+def close_all(workers) -> None:
+    """Close a pool: every worker is asked to exit first, so their interpreters shut down side by side."""
+    workers = list(workers)
+    for worker in workers:
+        worker.request_exit()
+    for worker in workers:
+        worker.close()
 
 
 def _describe_exit(code: int | None) -> str:

@@ -34,7 +34,7 @@ from pathlib import Path
 from queue import Queue
 from typing import Any, Iterable
 
-from measure.worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout
+from measure.worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout, close_all
 from search_space import KernelSource, Target, Task, get_template, template_module
 
 from .c_header import header_text
@@ -168,10 +168,7 @@ def _in_workers(jobs: list[tuple[str, dict]], labels: list[str], n_parallel: int
         with ThreadPoolExecutor(max_workers=len(workers)) as pool:
             return list(pool.map(run, range(len(jobs))))
     finally:
-        for worker in workers:
-            worker.request_exit()
-        for worker in workers:
-            worker.close()
+        close_all(workers)
 
 
 def find_c_compiler(cc: str | None = None) -> list[str]:
@@ -219,7 +216,7 @@ def _compile_cpu(kernels: list[_Kernel], stage: Path, target: Target, n_parallel
 def _compile_cuda(kernels: list[_Kernel], stage: Path, target: Target, n_parallel: int) -> dict[str, str]:
     """A cubin per kernel: the one tuning built when the kernel cache still holds it (same
     source, same nvcc flags), else nvcc's, several at a time."""
-    from measure.builder import artifact_flags, default_cache_dir
+    from measure.builder import artifact_flags, artifact_path, default_cache_dir
     from measure.compile_cuda import CudaCompileError, compile_to_cubin, nvcc_path
 
     try:
@@ -230,7 +227,7 @@ def _compile_cuda(kernels: list[_Kernel], stage: Path, target: Target, n_paralle
     cache, flags = default_cache_dir(), artifact_flags(target)
 
     def cubin(kernel: _Kernel) -> bytes:
-        cached = cache / f"{kernel.source.digest(flags)}.cubin"
+        cached = artifact_path(cache, kernel.source.digest(flags), target)
         if cached.is_file():
             return cached.read_bytes()
         try:

@@ -326,12 +326,12 @@ FLAGS = ["-std=c++17", "-O1", "-fPIC", "-w"]
 def build(source: KernelSource) -> ctypes.CDLL:
     """Compile the emulated kernel into a shared library (cached by content), the shim
     precompiled once (shared with tests/cudaemu.py's helper)."""
-    from cudaemu import _cache_dir, precompiled_header
+    from cudaemu import cache_dir, precompiled_header
 
     shim = precompiled_header(SHIM_NAME, "#define AUTOTUNE_EMULATE 1\n" + SHIM, FLAGS)
     text = emulated_source(source)
     digest = hashlib.sha256((text + shim.name).encode()).hexdigest()[:24]
-    lib = _cache_dir() / f"emulator-{digest}.so"
+    lib = cache_dir() / f"emulator-{digest}.so"
     if not lib.exists():
         compiler = shutil.which("g++")
         if compiler is None:

@@ -41,7 +41,7 @@ _PTX_SECTION = re.compile(r"// BEGIN PTX.*?// END PTX", re.S)
 _DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+\w+)*?)\s+(\w+)\s*\[\s*\]\s*;")
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     # the test session's fresh artifact cache when there is one, so a run pays what CI pays
     root = Path(os.environ.get("AUTOTUNE_CACHE_DIR") or tempfile.gettempdir())
     path = root / f"autotune-cudaemu-{os.getuid()}"
@@ -83,7 +83,7 @@ def precompiled_header(name: str, text: str, flags: list[str]) -> Path:
     """A directory holding header ``name`` (contents ``text``) and its precompiled form for
     ``flags``; a source that includes it from there skips parsing the C++ library headers,
     which is most of each compile."""
-    folder = _cache_dir() / ("pch-" + hashlib.sha256((text + " ".join(flags)).encode()).hexdigest()[:16])
+    folder = cache_dir() / ("pch-" + hashlib.sha256((text + " ".join(flags)).encode()).hexdigest()[:16])
     gch = folder / f"{name}.gch"
     with _PCH_LOCK:  # builds run in threads: one of them compiles the header, the others wait
         if not gch.exists():
@@ -107,7 +107,7 @@ def build(source: KernelSource) -> Path:
     text = emulated_source(source)
     pch = precompiled_header("cudaemu.h", HEADER.read_text(), FLAGS)
     digest = hashlib.sha256((text + PTX_HEADER.read_text() + pch.name).encode()).hexdigest()[:24]
-    lib = _cache_dir() / f"{digest}.so"
+    lib = cache_dir() / f"{digest}.so"
     if lib.exists():
         return lib
     cpp = lib.with_suffix(".cpp")

@@ -51,9 +51,9 @@ class XGBTuner(Tuner):
         self.sa_points = sa_points
         self.sa_steps = sa_steps
         self.exhaustive_limit = exhaustive_limit
-        columns = base_model.feature_names if base_model is not None and base_model.fitted else None
-        self.features = FeatureExtractor(self.template, task, target, self.space, columns=columns)
         self.prior = base_model if base_model is not None and base_model.fitted else None
+        columns = self.prior.feature_names if self.prior is not None else None
+        self.features = FeatureExtractor(self.template, task, target, self.space, columns=columns)
         self.model = XGBCostModel(model_config, seed=seed)  # this task's measurements only
         self._rows: list[np.ndarray] = []
         self._throughput: list[float] = []
