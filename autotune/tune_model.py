@@ -1,15 +1,13 @@
-"""One model-wide tuning job: the model's tasks, the scheduler, the log, MLflow, progress."""
+"""A model's tuning: what to tune it for, its tasks, the scheduler, the log, MLflow, progress."""
 from __future__ import annotations
 
 import sys
 import warnings
-from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
 
-from measure import LocalBuilder, LocalRunner, cold_policy
 from records import Record, RecordLog
 from runtime.model_config import ModelConfig
-from search_space import Target
 
 from .model_tasks import ModelTask, model_tasks
 from .scheduler import ModelTuneSummary, TaskScheduler
@@ -34,6 +32,16 @@ class ModelWorkload:
         return {"model": self.config.name, "prefill_tokens": list(self.prefill_tokens),
                 "decode_batch": list(self.decode_batch), "kv_len": list(self.kv_len), "quantize": self.quantize,
                 "group_size": self.group_size, "parameters": self.config.parameters}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": asdict(self.config),
+                "prefill_tokens": list(self.prefill_tokens), "decode_batch": list(self.decode_batch),
+                "kv_len": list(self.kv_len), "quantize": self.quantize, "group_size": self.group_size}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelWorkload":
+        return cls(ModelConfig(**data["config"]), tuple(data["prefill_tokens"]),
+                   tuple(data["decode_batch"]), tuple(data["kv_len"]), data["quantize"], data["group_size"])
 
 
 class ModelProgress:
@@ -83,40 +91,29 @@ class ModelMLflow:
         self.step += len(records)
 
 
-def run_model_job(workload: ModelWorkload, target: Target, trials_total: int, log: RecordLog, tuner: str = "xgb",
-                  batch: int = 8, seed: int = 0, tracking_uri: str | None = None, use_mlflow: bool = True,
-                  experiment: str = "llm-autotune", build_timeout: float = 60.0, run_timeout: float = 20.0,
-                  progress: bool = True, runner=None, restrict: dict | None = None) -> ModelTuneSummary:
-    tasks = workload.tasks()
-    scheduler = TaskScheduler(tasks, target, tuner, seed=seed, batch=batch, restrict=restrict)
-    callbacks = []
-    run = None
-    if use_mlflow:
-        from records.mlflow_tracking import MLflowRun
+def tune_model(job, log: RecordLog, builder, runner, progress: bool) -> ModelTuneSummary:
+    """Every task of ``job.model`` (a ``TuningJob``, see ``autotune.job.run_job``) over one
+    budget, the scheduler choosing where each round goes."""
+    from .tuning import start_tracking
 
-        run = MLflowRun(tracking_uri, experiment=experiment, run_name=f"{tuner}:model:{workload.config.name}",
-                        params={**workload.params(), "target": target.key, "device": target.device_name,
-                                "tuner": tuner, "trials_total": trials_total, "batch": batch, "seed": seed,
-                                "tasks": len(tasks), "log": str(log.path)},
-                        tags={"model": workload.config.name, "target": target.key, "job": "tune-model"})
+    tasks = job.model.tasks()
+    scheduler = TaskScheduler(tasks, job.target, job.tuner, seed=job.seed, batch=job.batch, restrict=job.restrict)
+    callbacks = []
+    run = start_tracking(job)
+    if run is not None:
         callbacks.append(ModelMLflow(run, 0))
-    bar = ModelProgress(f"{workload.config.name} ({len(tasks)} tasks)", trials_total) if progress else None
+    bar = ModelProgress(f"{job.model.config.name} ({len(tasks)} tasks)", job.trials) if progress else None
     if bar is not None:
         callbacks.append(bar)
     status, summary = "FAILED", None
-    with ExitStack() as stack:
-        builder = stack.enter_context(LocalBuilder(timeout_s=build_timeout))
-        # as in the model, each kernel's weights come from memory: time with inputs out of cache
-        runner = runner or stack.enter_context(LocalRunner(timeout_s=run_timeout, seed=seed,
-                                                           policy=cold_policy(target)))
-        try:
-            summary = scheduler.tune(trials_total, builder, runner, log, on_round=callbacks)
-            status = "FINISHED"
-        finally:
-            if bar is not None:
-                bar.close()
-            if run is not None:
-                _finish(run, log, status, summary)
+    try:
+        summary = scheduler.tune(job.trials, builder, runner, log, on_round=callbacks)
+        status = "FINISHED"
+    finally:
+        if bar is not None:
+            bar.close()
+        if run is not None:
+            _finish(run, log, status, summary)
     return summary
 
 

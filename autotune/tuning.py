@@ -1,4 +1,4 @@
-"""One tuning job: a tuner, a builder, a runner, the log, MLflow and a progress bar.
+"""One task's tuning: a tuner, a builder, a runner, the log, MLflow and a progress bar.
 
 The progress bar and MLflow also show the cost model's live quality: how well its ranking
 of each batch, made before the batch was measured, matched the measured ranking.
@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import sys
 import warnings
-from contextlib import ExitStack
-from measure import LocalBuilder, LocalRunner, MeasureInput, MeasureResult
+
+from measure import MeasureInput, MeasureResult
 from records import Record, RecordLog
-from search_space import Target, Task
+from search_space import Target, Task, get_template
 
 from .tuners import TuneSummary, Tuner, make_tuner
 
@@ -67,46 +67,38 @@ class MLflowCallback:
             warnings.warn(f"MLflow logging stopped: {exc}", stacklevel=2)
 
 
-def run_tuning_job(task: Task, target: Target, tuner_name: str, trials: int, batch: int, seed: int,
-                   log: RecordLog, tracking_uri: str | None = None, use_mlflow: bool = True,
-                   experiment: str = "llm-autotune", build_timeout: float = 60.0, run_timeout: float = 20.0,
-                   progress: bool = True, builder: LocalBuilder | None = None,
-                   runner: LocalRunner | None = None, restrict: dict | None = None,
-                   tuner_options: dict | None = None, params: dict | None = None,
-                   save_model: str | None = None) -> TuneSummary:
-    """Tune one task: ``tuner_options`` go to the tuner's constructor, ``params`` to MLflow too;
-    ``save_model``: where to save the xgb tuner's cost model at the end."""
-    tuner = make_tuner(tuner_name, task, target, seed=seed, restrict=restrict, **(tuner_options or {}))
-    callbacks = []
-    run = None
-    if use_mlflow:
-        from records.mlflow_tracking import MLflowRun
+def start_tracking(job):
+    """The job's MLflow run, or None when the job does not track."""
+    if not job.mlflow:
+        return None
+    from records.mlflow_tracking import MLflowRun
 
-        run = MLflowRun(tracking_uri, experiment=experiment, run_name=f"{tuner_name}:{task.key}",
-                        params={"op": task.op, "task": task.key, "shape": task.dims, "dtype": task.dtype,
-                                "target": target.key, "device": target.device_name, "tuner": tuner_name,
-                                "trials": trials, "batch": batch, "seed": seed, "log": str(log.path),
-                                "restrict": restrict or {}, **(params or {})},
-                        tags={"task": task.key, "target": target.key})
+    return MLflowRun(job.tracking_uri, experiment=job.experiment, run_name=job.name, params=job.params(),
+                     tags=job.tags())
+
+
+def tune_task(job, log: RecordLog, builder, runner, tuner_options: dict, progress: bool) -> TuneSummary:
+    """One task of ``job`` (a ``TuningJob``, see ``autotune.job.run_job``): the tuner's loop
+    with the log, MLflow and a progress bar as callbacks."""
+    tuner = make_tuner(job.tuner, job.task, job.target, seed=job.seed, restrict=job.restrict, **tuner_options)
+    callbacks = []
+    run = start_tracking(job)
+    if run is not None:
         callbacks.append(MLflowCallback(run))
-    bar = None
-    with ExitStack() as stack:
-        builder = builder or stack.enter_context(LocalBuilder(timeout_s=build_timeout))
-        runner = runner or stack.enter_context(LocalRunner(timeout_s=run_timeout, seed=seed))
-        if progress:
-            bar = ProgressCallback(task, trials)
-            callbacks.append(bar)
-        status = "FAILED"
-        try:
-            summary = tuner.tune(trials, builder, runner, batch_size=batch, log=log, callbacks=callbacks)
-            status = "FINISHED"
-            if save_model:
-                _save_model(tuner, save_model)
-        finally:
-            if bar is not None:
-                bar.close()
-            if run is not None:
-                _finish_run(run, log, status, locals().get("summary"))
+    bar = ProgressCallback(job.task, job.trials) if progress else None
+    if bar is not None:
+        callbacks.append(bar)
+    status, summary = "FAILED", None
+    try:
+        summary = tuner.tune(job.trials, builder, runner, batch_size=job.batch, log=log, callbacks=callbacks)
+        status = "FINISHED"
+        if job.save_model:
+            _save_model(tuner, job.save_model)
+    finally:
+        if bar is not None:
+            bar.close()
+        if run is not None:
+            _finish_run(run, log, status, summary)
     return summary
 
 
@@ -118,8 +110,7 @@ def _save_model(tuner: Tuner, path: str) -> None:
     model.save(path)
 
 
-def pretrained_model(records: list[Record], load_model: str | None, template, task: Task, target: Target,
-                     seed: int = 0):
+def pretrained_model(records: list[Record], load_model: str | None, task: Task, target: Target, seed: int = 0):
     """The base model of an xgb job and a note for the user: loaded from ``load_model`` (saved
     by an earlier job), then pre-trained on ``records`` of other tasks (this task's own records
     are left out: they are resumed from the log instead). (None, "") when neither is given.
@@ -137,6 +128,7 @@ def pretrained_model(records: list[Record], load_model: str | None, template, ta
             raise ValueError(f"--load-model {load_model}: {exc}") from None
         note = f"loaded the cost model {load_model} ({base.n_trees} trees)"
     if records:
+        template = get_template(task.op, target.kind)
         space = template.space(task, target)
         columns = base.feature_names if base is not None else FeatureExtractor(template, task, target, space).names
         data = training_set(records, columns, exclude=[(task.key, target.key)])

@@ -104,7 +104,7 @@ def main() -> None:
         sys.exit(2)
 
     from records import load_records
-    from runtime import TunedKernels
+    from export import TunedKernels
     from search_space import Task, get_template
 
     warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"

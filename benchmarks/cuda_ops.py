@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--json-out", default=None, help="append one JSON line per case here")
     args = parser.parse_args()
 
-    from autotune.cuda_bench import CudaBench
+    from autotune.bench.cuda import CudaBench
     from records import RecordLog, best_records
     from search_space import Target
 

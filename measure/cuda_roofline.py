@@ -8,7 +8,7 @@ Two probe kernels, built with nvcc and run through pycuda in a GPU worker proces
 - float32 peak: independent FFMA chains in every thread of a full grid.
 
 The tensor-core peak needs a well-built matmul; where torch is importable it comes from
-cuBLAS (``autotune.cuda_baselines.tensor_core_peak``). When a probe cannot run, the
+cuBLAS (``autotune.bench.cuda_baselines.tensor_core_peak``). When a probe cannot run, the
 ``DOCUMENTED`` H200 numbers of TARGETS.md stand in, and the result says so.
 """
 from __future__ import annotations

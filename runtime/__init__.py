@@ -1,10 +1,10 @@
-"""Run LLM operators and whole models on tuned kernels.
+"""Run LLM operators and whole models on tuned kernels: the part a deployment copies.
 
-Two sources of kernels share one interface (``runtime.kernel.Kernel``): an exported library
-(``runtime.load(DIR)``: numpy and ctypes only, nothing else of the project) and tuning logs
-(``TunedKernels.from_logs``: compiles with the project's LLVM stack). Attributes are loaded
-on first use, so ``import runtime`` alone pulls in nothing heavy, and the tuner's
-dependencies (xgboost, optuna, mlflow) are never imported.
+``runtime.load(DIR)`` opens an exported library with numpy and ctypes only (pycuda for a
+CUDA library); the Llama decoder, its numpy reference, model configs and weights run on any
+``KernelProvider``. This package imports nothing else of the project: kernels compiled from
+tuning logs (``export.TunedKernels``) belong to the tuning side. Attributes are loaded on
+first use, so ``import runtime`` alone pulls in nothing heavy.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import importlib
 
 _LAZY = {
     "Kernel": "runtime.kernel", "KernelSpec": "runtime.kernel", "ArgInfo": "runtime.kernel",
-    "UntunedShapeWarning": "runtime.kernel", "TunedKernels": "runtime.from_log",
+    "KernelProvider": "runtime.kernel", "UntunedShapeWarning": "runtime.kernel",
     "load": "runtime.library", "KernelLibrary": "runtime.library",
 }
 

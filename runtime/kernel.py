@@ -1,6 +1,6 @@
 """The runtime's one kernel interface: a compiled CPU kernel called on numpy arrays.
 
-Kernels come from tuning logs (``runtime.from_log``, compiled on first use) or from an
+Kernels come from tuning logs (``export.TunedKernels``, compiled on first use) or from an
 exported library (``runtime.library``, a shared object loaded with ctypes); both hand out
 ``Kernel`` objects, chosen by the same rule (``select``): the operator, dtype, attributes
 and dynamic dims must match, static dims exactly, dynamic dims (token counts, KV lengths)

@@ -3,23 +3,22 @@
 ``runtime.load("lib/")`` reads ``manifest.json``, opens the shared library with ctypes (CPU)
 or the cubins with pycuda (CUDA, imported on first use) and hands out ``runtime.kernel.Kernel``
 objects chosen by ``runtime.kernel.select``: static dims exactly, dynamic dims at the nearest
-tuned bucket. A call no kernel of the library serves runs the template default with an
-``UntunedShapeWarning`` where the project's compile stack is installed, and is a LookupError
-where it is not (a deployment with numpy only). Nothing here imports any other part of the
-project unless that fallback is taken.
+tuned bucket. A call no kernel of the library serves goes to the ``fallback`` provider given
+at load time, with an ``UntunedShapeWarning`` (the tuning side passes
+``export.TunedKernels.defaults()``, which compiles template defaults); without one it is a
+LookupError. Nothing here imports any other part of the project.
 """
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import json
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .kernel import ArgInfo, Kernel, KernelSpec, UntunedShapeWarning, ctypes_signature, select
+from .kernel import ArgInfo, Kernel, KernelProvider, KernelSpec, UntunedShapeWarning, ctypes_signature, select
 
-FORMAT = "llm-autotune-kernels"  # what records.export writes (the runtime cannot import records)
+FORMAT = "llm-autotune-kernels"  # the manifest format export.library_writer writes and this module reads
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -74,19 +73,15 @@ def missing_cpu_features(target: Mapping[str, Any], cpuinfo: str = "/proc/cpuinf
     return [f for f in need if f in _CHECKED_FEATURES and f not in have]
 
 
-def compile_stack_available() -> bool:
-    """Whether template defaults can be compiled here (found without importing anything)."""
-    return all(importlib.util.find_spec(name) is not None for name in ("search_space", "measure", "llvmlite"))
-
-
 class KernelLibrary:
     """The kernels of an exported library, by spec: a ``KernelProvider`` like ``TunedKernels``.
 
     ``get(op, shape, dtype, attrs, dynamic)`` returns the library's kernel for that call (or
-    the template default, see the module docstring); ``kernel(entry)`` one kernel by its entry
-    name; ``entries`` the manifest's kernel records. ``warn_untuned=False`` silences the warning."""
+    the ``fallback`` provider's, see the module docstring; the library closes it);
+    ``kernel(entry)`` one kernel by its entry name; ``entries`` the manifest's kernel records.
+    ``warn_untuned=False`` silences the warning."""
 
-    def __init__(self, path: str | Path, warn_untuned: bool = True):
+    def __init__(self, path: str | Path, warn_untuned: bool = True, fallback: KernelProvider | None = None):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.target: dict[str, Any] = dict(self.manifest["target"])
@@ -96,7 +91,7 @@ class KernelLibrary:
         self._specs = [spec_of_entry(e) for e in self.entries]
         self._by_entry = {e["entry"]: e for e in self.entries}
         self._loaded: dict[str, Kernel] = {}
-        self._fallback = None
+        self._fallback = fallback
         self._dll: ctypes.CDLL | None = None
         self._cuda = None
         if self.kind == "cpu":
@@ -129,17 +124,13 @@ class KernelLibrary:
         return self._untuned(want, op, shape, dtype, attrs, dynamic)
 
     def _untuned(self, want: KernelSpec, op, shape, dtype, attrs, dynamic) -> Kernel:
-        if self.kind != "cpu" or not compile_stack_available():
-            raise LookupError(f"the kernel library {self.path} has no kernel for {want.describe()}, and no "
-                              "template default can be compiled here (that needs the llm-autotune compile stack"
-                              + (" and a CPU library" if self.kind != "cpu" else "") + ")")
+        if self._fallback is None:
+            raise LookupError(f"the kernel library {self.path} has no kernel for {want.describe()}, and it was "
+                              "loaded without a fallback (the tuning side's export.TunedKernels.defaults() "
+                              "compiles template defaults)")
         if self.warn_untuned:
             warnings.warn(f"{want.describe()} is not in the kernel library {self.path}: running the template default",
                           UntunedShapeWarning, stacklevel=3)
-        if self._fallback is None:
-            from .from_log import TunedKernels  # the compile stack: only on this path
-
-            self._fallback = TunedKernels.defaults()
         return self._fallback.get(op, shape, dtype, attrs, dynamic)
 
     def close(self) -> None:
@@ -192,6 +183,6 @@ class KernelLibrary:
         return self._cuda.kernel(self.path, record, spec_of_entry(record), args)
 
 
-def load(path: str | Path, warn_untuned: bool = True) -> KernelLibrary:
+def load(path: str | Path, warn_untuned: bool = True, fallback: KernelProvider | None = None) -> KernelLibrary:
     """Open the kernel library exported to ``path`` (see ``KernelLibrary``)."""
-    return KernelLibrary(path, warn_untuned)
+    return KernelLibrary(path, warn_untuned, fallback)

@@ -70,13 +70,13 @@ class Task:
 
     @property
     def flops(self) -> float:
-        from .template import op_definition
+        from .registry import op_definition
 
         return float(op_definition(self.op).flops(self))
 
     @property
     def min_bytes(self) -> float:
-        from .template import op_definition
+        from .registry import op_definition
 
         return float(op_definition(self.op).min_bytes(self))
 

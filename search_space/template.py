@@ -1,4 +1,4 @@
-"""Operators, the schedule templates that implement them, and the registry of both.
+"""Operators and the schedule templates that implement them (registered in ``registry``).
 
 An ``Operator`` says what is computed, independent of any target: its dims, FLOPs and
 bytes, random inputs and a numpy reference. A ``Template`` says how one target computes
@@ -9,7 +9,6 @@ operator, so ``template.reference(...)`` works as the design describes.
 from __future__ import annotations
 
 import hashlib
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -17,6 +16,8 @@ import numpy as np
 
 from .space import Config, ConfigSpace
 from .target import Target
+from .registry import (get_template, list_operators, list_templates, op_definition, register_operator,
+                       register_template, template_module)
 from .task import Task
 
 # --------------------------------------------------------------------------- kernel source
@@ -178,66 +179,3 @@ class Template(Operator):
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         """Analytic features, named the same across operators (see cost_model.features)."""
         return {}
-
-
-# --------------------------------------------------------------------------- registry
-
-_OPERATORS: dict[str, type[Operator]] = {}
-_TEMPLATES: dict[tuple[str, str], type[Template]] = {}
-
-
-def register_operator(cls: type[Operator]) -> type[Operator]:
-    """Class decorator: the definition of operator ``cls.op``."""
-    if not cls.op:
-        raise ValueError(f"{cls.__name__} needs an op name")
-    _OPERATORS[cls.op] = cls
-    return cls
-
-
-def register_template(cls: type[Template]) -> type[Template]:
-    """Class decorator: make ``cls`` the template for (cls.op, cls.target_kind)."""
-    if not cls.op or cls.target_kind not in ("cpu", "cuda"):
-        raise ValueError(f"{cls.__name__} needs op and target_kind ('cpu' or 'cuda')")
-    _TEMPLATES[(cls.op, cls.target_kind)] = cls
-    _OPERATORS.setdefault(cls.op, cls)
-    return cls
-
-
-def _load_builtin() -> None:
-    importlib.import_module("search_space.ops")
-    importlib.import_module("search_space.templates")
-
-
-def get_template(op: str, target_kind: str = "cpu") -> Template:
-    """The registered template for ``op`` on ``target_kind``; ValueError names the known ones."""
-    _load_builtin()
-    cls = _TEMPLATES.get((op, target_kind))
-    if cls is None:
-        known = sorted(o for o, k in _TEMPLATES if k == target_kind)
-        raise ValueError(f"unknown op {op!r} for target {target_kind}: known ops are {', '.join(known)}")
-    return cls()
-
-
-def op_definition(op: str) -> Operator:
-    _load_builtin()
-    cls = _OPERATORS.get(op)
-    if cls is None:
-        raise ValueError(f"unknown op {op!r}: known ops are {', '.join(sorted(_OPERATORS))}")
-    return cls()
-
-
-def list_operators() -> list[Operator]:
-    _load_builtin()
-    return [cls() for _, cls in sorted(_OPERATORS.items())]
-
-
-def list_templates(target_kind: str | None = None) -> list[Template]:
-    _load_builtin()
-    return [cls() for (op, kind), cls in sorted(_TEMPLATES.items())
-            if target_kind is None or kind == target_kind]
-
-
-def template_module(op: str, target_kind: str) -> str:
-    """The module that registers a template: worker processes import it to find the template."""
-    get_template(op, target_kind)
-    return _TEMPLATES[(op, target_kind)].__module__

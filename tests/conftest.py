@@ -104,7 +104,8 @@ def library_log(tmp_path_factory, host, fast_policy):
 @pytest.fixture(scope="session")
 def exported_library(tmp_path_factory, library_log):
     """The library exported from ``library_log`` (read-only for tests: copy it to change it)."""
-    from records import export_library, load_records
+    from export import export_library
+    from records import load_records
 
     out = tmp_path_factory.mktemp("library") / "lib"
     export_library(load_records([library_log]), out)

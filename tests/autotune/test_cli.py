@@ -75,7 +75,7 @@ def test_tune_64_trials_then_best_verifies_against_numpy(tmp_path):
     (best,) = json.loads(run("best", "--log", "t.jsonl", "--json", cwd=tmp_path).stdout)
     assert best["task"] == "gemm/float32/M=256,N=256,K=256"
 
-    from runtime import TunedKernels
+    from export import TunedKernels
 
     with TunedKernels.from_logs([tmp_path / "t.jsonl"]) as kernels:
         kernel = kernels.get("gemm", {"M": 256, "N": 256, "K": 256})

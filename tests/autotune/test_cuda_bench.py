@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from autotune.cuda_baselines import BASELINES
-from autotune.cuda_bench import CudaBenchResult, compute_peak
+from autotune.bench.cuda import CudaBenchResult, compute_peak
+from autotune.bench.cuda_baselines import BASELINES
 from measure.compile_cuda import compile_to_cubin
 from measure.cuda_roofline import DOCUMENTED, probe_sources
 from search_space import Target, Task, list_operators

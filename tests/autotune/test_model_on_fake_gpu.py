@@ -12,9 +12,10 @@ import pytest
 from fakes import FAKE_GPU_TARGET, register_library
 
 import runtime
-from autotune.tune_model import ModelWorkload, run_model_job
+from autotune import ModelWorkload, TuningJob, run_job
 from measure import CudaRunner
-from records import RecordLog, export_library
+from export import export_library
+from records import RecordLog
 from runtime.llama import LlamaModel
 from runtime.model_config import ModelConfig
 from runtime.reference import ReferenceModel
@@ -31,8 +32,9 @@ def test_the_model_tunes_exports_and_runs_on_cuda_kernels(fake_gpu, tmp_path):
     log = RecordLog(tmp_path / "cuda.jsonl")
     workload = ModelWorkload(MICRO, prefill_tokens=(8,), decode_batch=(1,), kv_len=(16,))
     with CudaRunner(timeout_s=300) as runner:
-        summary = run_model_job(workload, FAKE_GPU_TARGET, 12, log, "random", batch=2, use_mlflow=False,
-                                progress=False, runner=runner)
+        job = TuningJob(FAKE_GPU_TARGET, model=workload, tuner="random", trials=12, batch=2, log=log.path,
+                        mlflow=False)
+        summary = run_job(job, progress=False, runner=runner)
     assert len(summary.tasks) == 12 and summary.trials == 12 and not summary.given_up
     assert all(s.best is not None for s in summary.summaries)
     export_library(log.records(), tmp_path / "lib", "cuda")

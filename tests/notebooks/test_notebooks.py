@@ -9,7 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from autotune.tuning import run_tuning_job
+from autotune import TuningJob, run_job
 from fakes import SMALL_SWEEPS
 from measure import LocalBuilder, LocalRunner
 from records import RecordLog
@@ -33,8 +33,9 @@ def study(tmp_path_factory, sweep_logs, fast_policy):
     with LocalBuilder(n_parallel=2) as builder, LocalRunner(policy=fast_policy, timeout_s=30) as runner:
         for tuner, trials in (("xgb", 40), ("random", 16), ("optuna-tpe", 16)):
             log = RecordLog(folder / f"{tuner}.jsonl")
-            run_tuning_job(task, target, tuner, trials, 8, 0, log, tracking_uri=uri, experiment="notebooks",
-                           progress=False, builder=builder, runner=runner, restrict={"threads": [1]})
+            job = TuningJob(target, task, tuner=tuner, trials=trials, log=log.path, tracking_uri=uri,
+                            experiment="notebooks", restrict={"threads": [1]})
+            run_job(job, progress=False, builder=builder, runner=runner)
             logs.append(str(log.path))
     logs.append(str(sweep_logs["other"]))
     return {"AUTOTUNE_LOG": os.pathsep.join(logs), "MLFLOW_TRACKING_URI": uri, "AUTOTUNE_EXPERIMENT": "notebooks",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from autotune.tuning import run_tuning_job
+from autotune import TuningJob, run_job
 from records import RecordLog
 from search_space import Task
 
@@ -18,8 +18,8 @@ def test_job_run_has_params_per_trial_metrics_and_the_log(store, tmp_path, host)
 
     log = RecordLog(tmp_path / "job.jsonl")
     task = Task.make("gemv", {"M": 1, "N": 64, "K": 128})
-    summary = run_tuning_job(task, host, "random", trials=10, batch=4, seed=0, log=log,
-                             tracking_uri=store, progress=False)
+    summary = run_job(TuningJob(host, task, tuner="random", trials=10, batch=4, log=log.path, tracking_uri=store),
+                      progress=False)
     assert summary.trials == 10
     client = MlflowClient(tracking_uri=store)
     experiment = client.get_experiment_by_name("llm-autotune")
@@ -47,8 +47,8 @@ def test_xgb_job_logs_the_models_live_ranking_quality(store, tmp_path, host):
 
     log = RecordLog(tmp_path / "xgb.jsonl")
     task = Task.make("gemv", {"M": 1, "N": 64, "K": 300})  # K > 256: a K-block knob, 24+ configs on any host
-    run_tuning_job(task, host, "xgb", trials=24, batch=8, seed=0, log=log, tracking_uri=store, progress=False,
-                   restrict={"threads": [1]})
+    run_job(TuningJob(host, task, tuner="xgb", trials=24, batch=8, log=log.path, tracking_uri=store,
+                      restrict={"threads": [1]}), progress=False)
     client = MlflowClient(tracking_uri=store)
     (run,) = client.search_runs([client.get_experiment_by_name("llm-autotune").experiment_id])
     ranked = {r.model["batch"] + 7: r.model for r in log.records() if "pairwise_accuracy" in r.model}

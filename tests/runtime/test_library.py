@@ -74,15 +74,19 @@ def test_a_bound_call_takes_new_dynamic_dims(exported_library):
     assert np.isnan(y[3:]).all(), "rows past M were written"
 
 
-def test_an_untuned_shape_runs_the_template_default_with_a_warning(exported_library):
-    library = runtime.load(exported_library)
+def test_an_untuned_shape_runs_the_fallback_with_a_warning(exported_library):
+    from export import TunedKernels
+
+    with runtime.load(exported_library) as bare, pytest.raises(LookupError, match="without a fallback"):
+        bare.get("gemv", {"M": 3, "N": 64, "K": 128})
+    library = runtime.load(exported_library, fallback=TunedKernels.defaults())
     with pytest.warns(runtime.UntunedShapeWarning, match="not in the kernel library"):
         kernel = library.get("gemv", {"M": 3, "N": 64, "K": 128})
     assert not kernel.tuned
     rng = np.random.default_rng(2)
     x, w = rng.standard_normal((3, 128)).astype(np.float32), rng.standard_normal((64, 128)).astype(np.float32)
     np.testing.assert_allclose(kernel(x, w), x @ w.T, rtol=1e-4, atol=1e-4)
-    quiet = runtime.load(exported_library, warn_untuned=False)
+    quiet = runtime.load(exported_library, warn_untuned=False, fallback=TunedKernels.defaults())
     with warnings.catch_warnings():
         warnings.simplefilter("error", runtime.UntunedShapeWarning)
         assert not quiet.get("gemv", {"M": 3, "N": 64, "K": 128}).tuned

@@ -19,7 +19,7 @@ TINY = PRESETS["tiny"]
 @pytest.fixture(scope="module")
 def default_kernels():
     """Template defaults, compiled once for every test of this module."""
-    from runtime import TunedKernels
+    from export import TunedKernels
 
     with TunedKernels.defaults() as kernels:
         yield kernels

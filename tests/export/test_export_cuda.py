@@ -15,7 +15,8 @@ from fakes import FAKE_GPU_TARGET, FAKE_PYCUDA, register_library
 import runtime
 from measure import CudaRunner, LocalBuilder
 from measure.verify import check_output
-from records import RecordLog, export_library
+from export import export_library
+from records import RecordLog
 from search_space import Task, get_template
 
 FAKE, FAKE_TARGET = FAKE_PYCUDA, FAKE_GPU_TARGET

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .cli import UserError, cli, echo_json, open_log, positive, resolve_target
+from .common import UserError, echo_json, load_logs, make_job, open_log, positive, resolve_target, run_tuning
+from .group import cli
 
 
 def parse_sizes(text: str, option: str) -> tuple[int, ...]:
@@ -59,7 +60,7 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
                seed, threads, log_path, tracking_uri, no_mlflow, experiment, build_timeout, run_timeout, quiet,
                as_json, list_tasks) -> None:
     """Tune every kernel a model's prefill and decode passes need, over one trial budget."""
-    from .tune_model import ModelWorkload, run_model_job
+    from autotune.tune_model import ModelWorkload
 
     config = load_config(model)
     workload = ModelWorkload(config, parse_sizes(prefill_tokens, "--prefill-tokens"),
@@ -81,29 +82,18 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
                    "per workload (each prefill once, 128 decode steps per batch size)")
         return
     tgt = resolve_target(target)
-    restrict = None
-    if threads is not None:
-        if tgt.kind != "cpu":
-            raise UserError("--threads is for the cpu target")
-        restrict = {"threads": [threads]}
-    log = open_log(log_path)
-    runner = None
-    if tgt.kind == "cuda":
-        from measure import CudaRunner
-
-        runner = CudaRunner(timeout_s=run_timeout, seed=seed)
+    if threads is not None and tgt.kind != "cpu":
+        raise UserError("--threads is for the cpu target")
+    job = make_job(target=tgt, model=workload, tuner=tuner, trials=trials_total, batch=batch, seed=seed,
+                   log=open_log(log_path).path, restrict={"threads": [threads]} if threads is not None else None,
+                   mlflow=not no_mlflow, tracking_uri=tracking_uri, experiment=experiment,
+                   build_timeout=build_timeout, run_timeout=run_timeout)
     click.echo(f"{config.name}: {config.parameters / 1e6:.1f}M parameters, {len(tasks)} tasks "
                f"({', '.join(sorted({t.task.op for t in tasks}))}), {trials_total} trials in all", err=True)
     try:
-        summary = run_model_job(workload, tgt, trials_total, log, tuner, batch, seed,
-                                tracking_uri=None if no_mlflow else tracking_uri, use_mlflow=not no_mlflow,
-                                experiment=experiment, build_timeout=build_timeout, run_timeout=run_timeout,
-                                progress=not quiet, runner=runner, restrict=restrict)
+        summary = run_tuning(job, progress=not quiet)
     except ValueError as exc:  # e.g. --threads not offered by a task's space
         raise UserError(str(exc)) from None
-    finally:
-        if runner is not None:
-            runner.close()
     rows = [{"task": t.key, "weight": t.weight, "trials": s.trials,
              "best_ms": s.best.seconds * 1e3 if s.best else None,
              "share": (t.weight * s.best.seconds / summary.estimated_latency_s) if s.best and
@@ -113,7 +103,7 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
         echo_json({"model": config.name, "tasks": rows, "trials": summary.trials, "measured": summary.measured,
                    "resumed": summary.resumed, "wall_s": summary.wall_s, "compile_share": summary.compile_share,
                    "estimated_latency_ms": summary.estimated_latency_s * 1e3, "given_up": summary.given_up,
-                   "log": str(log.path)})
+                   "log": job.log})
         return
     for row in sorted(rows, key=lambda r: -(r["share"] or 0)):
         best = f"{row['best_ms'] * 1e3:.2f} us" if row["best_ms"] is not None else "no verified kernel"
@@ -124,7 +114,7 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
                f"{summary.estimated_latency_s * 1e3:.3f} ms per workload")
     if summary.given_up:
         click.echo(f"given up (nothing verified): {', '.join(summary.given_up)}")
-    click.echo(f"log: {log.path}")
+    click.echo(f"log: {job.log}")
 
 
 def _prompts(prompt_ids: str | None, prompt_tokens: int, batch: int, vocab: int, seed: int):
@@ -145,19 +135,21 @@ def _kernels(lib: str | None, logs: tuple[str, ...], target: str):
     """The kernel provider: an exported library, or tuning logs (compiled on first use)."""
     if bool(lib) == bool(logs):
         raise UserError("give either --lib DIR (an exported library) or --log LOG (tuning logs)")
+    from export import TunedKernels
+
     if lib:
         import runtime
 
         if not Path(lib, "manifest.json").is_file():
             raise UserError(f"--lib {lib}: no manifest.json there (make one with `autotune export`)")
+        from runtime.library import read_manifest
+
         try:
-            return runtime.load(lib)
-        except (OSError, ValueError) as exc:
+            # shapes a CPU library lacks run template defaults, compiled here
+            cpu = read_manifest(lib).get("target", {}).get("kind") == "cpu"
+            return runtime.load(lib, fallback=TunedKernels.defaults() if cpu else None)
+        except (OSError, ValueError, AttributeError) as exc:
             raise UserError(f"--lib {lib}: {exc}") from None
-    from runtime import TunedKernels
-
-    from .cli import load_logs
-
     return TunedKernels(load_logs(logs), resolve_target(target))
 
 
@@ -192,7 +184,7 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
     from runtime.kernel import UntunedShapeWarning
     from runtime.plan import check_quantize
 
-    from .model_run import RunReport, make_weights, run_generation, run_reference
+    from autotune.bench.model_run import RunReport, make_weights, run_generation, run_reference
 
     config = load_config(model)
     if weights_dir and not Path(weights_dir).is_dir():
@@ -222,7 +214,7 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
     report = RunReport(config.name, lib or ",".join(logs), quantize, batch, prompts.shape[1], new_tokens, tuned,
                        counts)
     if compare:
-        from runtime import TunedKernels
+        from export import TunedKernels
 
         report.reference, report.reference_blas = run_reference(config, weights_dir, seed, quantize, group_size,
                                                                 prompts, new_tokens)

@@ -23,7 +23,7 @@ from measure.cuda_runner import CudaRunner, visible_device
 from measure.worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout
 from search_space import Config, Target, Task, template_module
 
-from .bench import BenchResult
+from .cpu import BenchResult
 
 BENCH_CUDA_POLICY = TimingPolicy(warmup=5, min_sample_s=0.0, repeats=200, min_repeats=20, max_total_s=3.0)
 TENSOR_CORE_OPS = ("gemm", "gemm_q4", "gemv_q4", "attention_prefill", "attention_decode")
@@ -52,7 +52,7 @@ def measure_ceilings(target: Target, device: int = 0, use_torch: bool | None = N
     if use_torch:
         peak = WorkerProcess(env=env, name="autotune-cuda-peak")
         try:
-            out = peak.call("autotune.cuda_baselines:tensor_core_peak", {}, 600)
+            out = peak.call("autotune.bench.cuda_baselines:tensor_core_peak", {}, 600)
             ceilings.update(bf16_gflops=out["bf16_gflops"], fp16_gflops=out["fp16_gflops"],
                             fp32_matmul_gflops=out["fp32_matmul_gflops"])
             measured |= {"bf16_gflops", "fp16_gflops"}
@@ -123,7 +123,7 @@ class CudaBench:
         baseline, baseline_s, check, versions = "no vendor baseline (torch is not importable)", math.nan, "", {}
         if self.use_torch:
             try:
-                out = self.vendor.call("autotune.cuda_baselines:run_vendor_baseline",
+                out = self.vendor.call("autotune.bench.cuda_baselines:run_vendor_baseline",
                                        {"task": task.to_dict(), "seed": self.seed,
                                         "module": template_module(task.op, "cuda"),
                                         "repeats": self.policy.repeats, "max_total_s": self.policy.max_total_s}, 900)

@@ -15,9 +15,8 @@ from typing import Iterable, Mapping, Sequence
 from measure import LocalBuilder, MeasureError, MeasureInput
 from measure.cpu_kernel import load_object
 from records import Record, best_records, load_records
+from runtime.kernel import ArgInfo, Kernel, KernelSpec, UntunedShapeWarning, select
 from search_space import Config, Target, Task, get_template
-
-from .kernel import ArgInfo, Kernel, KernelSpec, UntunedShapeWarning, select
 
 
 def spec_of_task(task: Task) -> KernelSpec:
@@ -98,7 +97,7 @@ class TunedKernels:
         """A cubin from the build cache, launched through pycuda like a library's kernels."""
         from pathlib import Path
 
-        from .library_cuda import CudaModules
+        from runtime.library_cuda import CudaModules
 
         if self._cuda is None:
             self._cuda = CudaModules()

@@ -9,7 +9,8 @@ import pytest
 from autotune.tuners import RandomTuner
 from measure import LocalBuilder, LocalRunner
 from records import RecordLog
-from runtime import TunedKernels, UntunedShapeWarning
+from export import TunedKernels
+from runtime import UntunedShapeWarning
 from search_space import Task
 
 

@@ -35,15 +35,13 @@ from queue import Queue
 from typing import Any, Iterable
 
 from measure.worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout, close_all
+from records import Record, best_records
+from records.record import package_version
+from runtime.library import FORMAT, MANIFEST, SCHEMA_VERSION
 from search_space import KernelSource, Target, Task, get_template, template_module
 
 from .c_header import header_text
-from .log import best_records
-from .record import Record, package_version
 
-FORMAT = "llm-autotune-kernels"
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 LIBRARY = "libllm_autotune_kernels.so"
 HEADER = "llm_autotune_kernels.h"
 SOURCE_SUFFIX = {"llvm": ".ll", "cuda": ".cu"}
@@ -394,7 +392,7 @@ def export_library(records: Iterable[Record], out_dir: str | os.PathLike, target
             notes.append(f"compiled for {target.key}, not this CPU ({Target.host().key}): not checked here")
         if verify and library is not None and not foreign:
             modules = sorted({template_module(k.task.op, "cpu") for k in kernels})
-            jobs = [("records.export:verify_library_job", {"dir": str(stage), "modules": modules, "entry": k.entry})
+            jobs = [("export.library_writer:verify_library_job", {"dir": str(stage), "modules": modules, "entry": k.entry})
                     for k in kernels]
             # one worker, one kernel at a time: inputs and references of large tasks take memory
             checked = _in_workers(jobs, [f"checking {k.entry} ({k.task.key})" for k in kernels], 1, timeout_s)

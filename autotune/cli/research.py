@@ -1,14 +1,17 @@
 """Research commands of the ``autotune`` CLI: ``sweep`` (measure a space) and ``replay``
-(compare tuners offline on a sweep). Registered on the ``cli`` group by autotune/cli.py.
+(compare tuners offline on a sweep).
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
 
-from .cli import ManyValues, UserError, cli, load_logs, open_log, positive, resolve_target, resolve_task, thread_restriction
+from .common import (ManyValues, UserError, load_logs, make_job, open_log, positive, resolve_target, resolve_task,
+                     run_tuning, thread_restriction)
+from .group import cli
 
 
 @cli.command()
@@ -35,13 +38,11 @@ from .cli import ManyValues, UserError, cli, load_logs, open_log, positive, reso
 def sweep(op, shape, dtype, target, sample, seed, threads, batch, log_path, tracking_uri, no_mlflow, experiment,
           build_timeout, run_timeout, repeats, min_sample_ms, quiet) -> None:
     """Measure a whole space, or a stated random subset of it, into a log for `replay`."""
-    from measure import LocalRunner, TimingPolicy
+    from autotune.tuners import SweepTuner
+    from measure import TimingPolicy
 
-    from .tuners import SweepTuner
-    from .tuning import run_tuning_job
-
-    if min_sample_ms <= 0:
-        raise UserError(f"--min-sample-ms must be > 0, got {min_sample_ms}")
+    if not math.isfinite(min_sample_ms) or min_sample_ms <= 0:
+        raise UserError(f"--min-sample-ms must be a number of milliseconds > 0, got {min_sample_ms}")
     tgt = resolve_target(target)
     if tgt.kind != "cpu":
         raise UserError("sweeps on cuda are not available yet: use --target cpu")
@@ -52,14 +53,14 @@ def sweep(op, shape, dtype, target, sample, seed, threads, batch, log_path, trac
     # records of this task from an earlier sweep with another plan count toward the total too
     earlier = {r.config_index for r in log.records(warn=False)
                if r.task.key == task.key and r.target.key == tgt.key and r.config_index not in plan}
-    policy = TimingPolicy(min_sample_s=min_sample_ms / 1e3, repeats=repeats, min_repeats=min(3, repeats))
-    with LocalRunner(timeout_s=run_timeout, seed=seed, policy=policy) as runner:
-        summary = run_tuning_job(task, tgt, "sweep", len(plan) + len(earlier), batch, seed, log,
-                                 tracking_uri=None if no_mlflow else tracking_uri, use_mlflow=not no_mlflow,
-                                 experiment=experiment, build_timeout=build_timeout, progress=not quiet,
-                                 restrict=restrict, runner=runner, tuner_options={"sample": sample},
-                                 params={"sample": sample if sample is not None else "all", "repeats": repeats,
-                                         "min_sample_ms": min_sample_ms})
+    timing = TimingPolicy(min_sample_s=min_sample_ms / 1e3, repeats=repeats, min_repeats=min(3, repeats))
+    job = make_job(target=tgt, task=task, tuner="sweep", trials=len(plan) + len(earlier), batch=batch, seed=seed,
+                   log=log.path, restrict=restrict, tuner_options={"sample": sample}, mlflow=not no_mlflow,
+                   tracking_uri=tracking_uri, experiment=experiment, build_timeout=build_timeout,
+                   run_timeout=run_timeout, timing=timing,
+                   extra_params={"sample": sample if sample is not None else "all", "repeats": repeats,
+                           "min_sample_ms": min_sample_ms})
+    summary = run_tuning(job, progress=not quiet)
     ok = [r for r in summary.records if r.ok]
     click.echo(f"{task.key}: swept {len(plan)} of the space's configs ({summary.resumed} resumed, "
                f"{summary.measured} measured now, {summary.failed} failed) in {summary.wall_s:.1f} s")
@@ -88,9 +89,9 @@ def replay(logs, tuners, seeds, trials, batch, transfer_from, statistic, xgb_rou
     """Compare tuners on recorded sweeps without hardware: trials to 90%/95% of the best over seeds."""
     from cost_model import XGBConfig
 
-    from .compare import compare_tuners, format_table, plot_convergence, to_json
-    from .replay import TRANSFER, RecordedSpace
-    from .tuners import TUNERS
+    from autotune.compare import compare_tuners, format_table, plot_convergence, to_json
+    from autotune.replay import TRANSFER, RecordedSpace
+    from autotune.tuners import TUNERS
 
     names = [t.strip() for t in tuners.split(",") if t.strip()]
     allowed = [t for t in TUNERS if t != "sweep"]

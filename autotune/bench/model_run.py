@@ -20,7 +20,7 @@ from runtime.llama import LlamaModel
 from runtime.model_config import ModelConfig
 from runtime.weights import ModelWeights
 
-from .bench import FAST_BLAS_ENV
+from .cpu import FAST_BLAS_ENV
 
 
 REPEATS = 3  # timed generations per side: other work on the machine only ever adds time
@@ -86,7 +86,7 @@ def run_reference(config: ModelConfig, weights_dir: str | None, seed: int, quant
                "repeats": REPEATS}
     worker = WorkerProcess(env=FAST_BLAS_ENV, name="autotune-reference")
     try:
-        out = worker.call("autotune.model_run:reference_job", payload, 3600)
+        out = worker.call("autotune.bench.model_run:reference_job", payload, 3600)
     finally:
         worker.close()
     generation = Generation(out["tokens"], out["logits"], out["prefill_s"], out["decode_s"], out["prefill_tokens"],

@@ -1,5 +1,4 @@
 """``autotune export``: the best verified kernel of every task as a library directory.
-Registered on the ``cli`` group by autotune/cli.py.
 """
 from __future__ import annotations
 
@@ -7,7 +6,8 @@ import sys
 
 import click
 
-from .cli import ManyValues, UserError, _err, cli, echo_json, load_logs
+from .common import ManyValues, UserError, echo_json, load_logs
+from .group import cli, error_line
 
 
 def _size(nbytes: int) -> str:
@@ -40,13 +40,13 @@ def _records(logs, run_id: str | None, tracking_uri: str | None) -> list:
 def export(logs, run_id, tracking_uri, out_dir, target, no_verify, as_json) -> None:
     """Compile the best verified config of every task into a kernel library (manifest.json,
     one shared library or cubins, sources, a C header) that `runtime.load` runs with numpy only."""
-    from records import ExportError, ExportFailed, export_library
+    from export import ExportError, ExportFailed, export_library
 
     records = _records(logs, run_id, tracking_uri)
     try:
         summary = export_library(records, out_dir, target, verify=not no_verify)
     except ExportFailed as exc:
-        _err(str(exc))
+        error_line(str(exc))
         sys.exit(1)
     except ExportError as exc:
         raise UserError(str(exc)) from None

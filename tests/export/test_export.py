@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from measure import MeasureError, MeasureResult
-from records import ExportFailed, Record, RecordLog, export_library, load_records
-from records.export import HEADER, LIBRARY
+from export import ExportFailed, export_library
+from export.library_writer import HEADER, LIBRARY
+from records import Record, RecordLog, load_records
 
 CLI = [sys.executable, "-m", "autotune.cli"]
 
@@ -99,7 +100,7 @@ int main(int argc, char **argv) {
 
 
 def _cc() -> str:
-    from records.export import find_c_compiler
+    from export.library_writer import find_c_compiler
 
     return find_c_compiler()[0]
 
@@ -171,14 +172,15 @@ def test_a_wrong_kernel_never_replaces_a_library(tmp_path, exported_library, hos
 @pytest.fixture(scope="module")
 def mlflow_job(tmp_path_factory, host):
     """Two real tuning jobs into one log, each an MLflow run in a temporary SQLite store."""
-    from autotune.tuning import run_tuning_job
+    from autotune import TuningJob, run_job
     from search_space import Task
 
     folder = tmp_path_factory.mktemp("mlflow-export")
     store = f"sqlite:///{folder / 'mlflow.db'}"
     log = RecordLog(folder / "job.jsonl")
     for task in (Task.make("gemv", {"M": 1, "N": 32, "K": 64}), Task.make("softmax", {"M": 4, "N": 48})):
-        run_tuning_job(task, host, "random", trials=2, batch=2, seed=0, log=log, tracking_uri=store, progress=False)
+        run_job(TuningJob(host, task, tuner="random", trials=2, batch=2, log=log.path, tracking_uri=store),
+                progress=False)
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=store)

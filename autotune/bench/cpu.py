@@ -132,7 +132,7 @@ def bench(task: Task, target: Target, config: Config, threads: int, seed: int = 
                "policy": {k: getattr(policy, k) for k in policy.__dataclass_fields__}}
     baseline_worker = WorkerProcess(env=FAST_BLAS_ENV, name="autotune-baseline")
     try:
-        base = baseline_worker.call("autotune.bench:run_numpy_baseline", payload, 1800)
+        base = baseline_worker.call("autotune.bench.cpu:run_numpy_baseline", payload, 1800)
         roof = baseline_worker.call("measure.roofline:measure_roofline",
                                     {"target": target.to_dict(), "threads": threads}, 600)
     finally:

@@ -1,0 +1,58 @@
+"""``autotune bench``: the best recorded kernel beside its baseline and the roofline, in one run."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .common import UserError, echo_json, positive, read_log, resolve_target, resolve_task
+from .group import cli
+
+
+@cli.command()
+@click.option("--op", required=True)
+@click.option("--shape", required=True)
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE",
+              help="operator attribute, repeatable; VALUE is JSON when it parses (residual=true, eps=1e-6)")
+@click.option("--dynamic", default="", metavar="DIM[,DIM]",
+              help="dims the kernel takes at run time; --shape gives the size tuned at")
+@click.option("--log", "log_path", default=None, help="tuning log; without it the template default is benched")
+@click.option("--target", default="cpu", show_default=True, help="cpu or cuda (vendor baselines through torch)")
+@click.option("--threads", default=None, type=int, callback=positive,
+              help="cpu: threads for both sides [default: the best record's]")
+@click.option("--json", "as_json", is_flag=True)
+def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, as_json) -> None:
+    """Run the best recorded kernel and the numpy baseline side by side."""
+    from records import best_records
+
+    from ..bench import bench_kernel
+
+    tgt = resolve_target(target)
+    if tgt.kind == "cuda" and threads is not None:
+        raise UserError("--threads is for the cpu target")
+    template, task = resolve_task(op, shape, dtype, tgt.kind, dynamic, attrs)
+    space = template.space(task, tgt)
+    config = None
+    if log_path:
+        records = [r for r in read_log(log_path) if r.task.key == task.key and r.target.key == tgt.key]
+        if threads is not None:
+            records = [r for r in records if r.config.get("threads", threads) == threads]
+        winner = best_records(records).get((task.key, tgt.key))
+        if winner is None:
+            raise UserError(f"{log_path} has no verified record for {task.key} on {tgt.key}"
+                            + (f" with threads={threads}" if threads else ""))
+        config = winner.to_config(space)
+    else:
+        config = template.default(task, tgt)
+        if threads is not None and "threads" in space.names:
+            values = dict(config.as_dict(), threads=threads)
+            if space.is_valid(values):
+                config = space.from_values(values)
+    result = bench_kernel(task, tgt, config, threads)
+    if as_json:
+        echo_json(result.to_dict())
+    else:
+        click.echo(result.summary())
+    if result.error:
+        sys.exit(1)

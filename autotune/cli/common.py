@@ -1,0 +1,235 @@
+"""What the commands share: parsing targets, tasks, dims and attributes, opening logs,
+printing JSON. Every bad input becomes a ``UserError`` (one line, exit code 2)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .group import UserError
+
+def resolve_target(name: str, compile_only: bool = False):
+    from search_space import Target
+
+    if name in ("cpu", "host", "llvm"):
+        return Target.host()
+    if name == "cuda" or name.startswith("sm_"):
+        if compile_only or name.startswith("sm_"):
+            try:
+                return Target.from_name("sm_90a" if name == "cuda" else name)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+        try:
+            return Target.cuda(0)
+        except Exception as exc:
+            raise UserError(f"cuda target unavailable: {exc}") from None
+    raise UserError(f"unknown target {name!r}: use cpu, cuda or an arch like sm_90a")
+
+
+def resolve_task(op: str, shape: str, dtype: str, target_kind: str, dynamic: str = "",
+                 attrs: tuple[str, ...] | list[str] = ()):
+    from search_space import Task, get_template, parse_shape
+
+    try:
+        template = get_template(op, target_kind)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    dynamic_dims = parse_dynamic(dynamic, template)
+    attr_values = parse_attrs(attrs, template)
+    try:
+        dims = parse_shape(shape)
+        task = Task.make(op, dims, dtype, attrs=attr_values, dynamic=dynamic_dims)
+        template.check(task)
+    except ValueError as exc:
+        raise UserError(f"bad --shape{'/--attr' if attr_values else ''} for {op}: {exc}") from None
+    return template, task
+
+
+def parse_dynamic(text: str, template) -> list[str]:
+    """``--dynamic M`` or ``M,N``: dims the kernel takes at run time; checked against the operator."""
+    if not text:
+        return []
+    dims = [item.strip() for item in text.split(",")]
+    if any(not d for d in dims):
+        raise UserError(f"malformed --dynamic {text!r}: expected DIM[,DIM] like M")
+    for d in dims:
+        if d not in template.dims:
+            raise UserError(f"--dynamic {d}: {template.op} has no dim {d} (dims {','.join(template.dims)})")
+        if d not in template.dynamic_dims:
+            can = ",".join(template.dynamic_dims) or "none"
+            raise UserError(f"--dynamic {d}: {template.op} cannot take {d} at run time (dynamic dims: {can})")
+    if len(set(dims)) != len(dims):
+        raise UserError(f"--dynamic {text!r} names a dim twice")
+    return dims
+
+
+def parse_attrs(items, template) -> dict[str, Any]:
+    """``--attr KEY=VALUE`` items: VALUE as JSON when it parses (true, 1e-6), else a string.
+
+    Keys must be attributes of the operator and values of the type of its default (an
+    integer is accepted where a float is expected).
+    """
+    attrs: dict[str, Any] = {}
+    defaults = template.default_attrs
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not text.strip():
+            raise UserError(f"malformed --attr {item!r}: expected KEY=VALUE like eps=1e-6")
+        if key in attrs:
+            raise UserError(f"--attr {key} given twice")
+        if key not in defaults:
+            known = ", ".join(sorted(defaults)) or "none"
+            raise UserError(f"--attr {key}: {template.op} has no attribute {key} (attributes: {known})")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text.strip()
+        want = defaults[key]
+        if want is None:
+            ok = True
+        elif isinstance(want, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(want, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            value = float(value) if ok else value
+        elif isinstance(want, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(want))
+        if not ok:
+            raise UserError(f"--attr {key}={text}: expected a {type(want).__name__} like {json.dumps(want)}")
+        attrs[key] = value
+    return attrs
+
+
+def open_log(path: str):
+    from records import LogWriteError, RecordLog
+
+    log = RecordLog(path)
+    try:
+        log.check_writable()
+    except LogWriteError as exc:
+        raise UserError(str(exc)) from None
+    return log
+
+
+def read_log(path: str):
+    from records import RecordLog
+
+    if not Path(path).exists():
+        raise UserError(f"log {path} does not exist")
+    if Path(path).is_dir():
+        raise UserError(f"log {path} is a directory")
+    report = RecordLog(path).load(warn=False)
+    if report.bad_lines:
+        click.echo(f"autotune: warning: {path}: skipped {report.bad_lines} unreadable line(s) "
+                   f"(first at line {report.first_bad_line})", err=True)
+    return report.records
+
+
+def load_logs(paths) -> list:
+    """Records of every log in ``paths`` (each must exist; .jsonl.gz is read through gzip)."""
+    records = []
+    for path in paths:
+        records.extend(read_log(path))
+    return records
+
+
+class ManyValues(click.Option):
+    """An option that takes every word after it up to the next option, and may be repeated:
+    ``--transfer-from a.jsonl b.jsonl`` (what a shell glob expands to) or one value per flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["multiple"] = True
+        super().__init__(*args, **kwargs)
+
+    def add_to_parser(self, parser, ctx) -> None:
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            option = parser._long_opt.get(name) or parser._short_opt.get(name)
+            if option is None:
+                continue
+            process = option.process
+
+            def greedy(value, state, process=process) -> None:
+                process(value, state)
+                while state.rargs and not state.rargs[0].startswith("-"):
+                    process(state.rargs.pop(0), state)
+
+            option.process = greedy
+
+
+def _json_default(value: Any):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=_json_default))
+
+
+def thread_restriction(template, task, target, threads: int | None) -> dict | None:
+    """``--threads N`` as a space restriction ({"threads": [N]}), checked against the space."""
+    if threads is None:
+        return None
+    space = template.space(task, target)
+    if "threads" not in space.names:
+        raise UserError(f"{task.op} has no threads knob")
+    if threads not in space.knob("threads").values:
+        raise UserError(f"--threads {threads}: {task.op} on this machine takes {list(space.knob('threads').values)}")
+    return {"threads": [threads]}
+
+
+def positive(ctx, param, value):
+    if value is not None and value < 1:
+        raise UserError(f"--{param.name.replace('_', '-')} must be >= 1, got {value}")
+    return value
+
+
+def check_timeouts(**timeouts: float) -> None:
+    """``--build-timeout``/``--run-timeout``: finite seconds > 0 (0 or NaN would record every
+    candidate as timed out, and a resumed job would never measure them again)."""
+    for name, value in timeouts.items():
+        if not math.isfinite(value) or value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a number of seconds > 0, got {value}")
+
+
+def check_model_files(tuner: str, transfer_from, load_model: str | None, save_model: str | None) -> None:
+    """The xgb tuner's cost-model options name files that exist (or, to save, a directory that does)."""
+    if not (transfer_from or load_model or save_model):
+        return
+    if tuner != "xgb":
+        raise UserError("--transfer-from, --load-model and --save-model need --tuner xgb")
+    if save_model and not Path(save_model).resolve().parent.is_dir():
+        raise UserError(f"--save-model {save_model}: directory {Path(save_model).parent} does not exist")
+    if load_model and not (Path(load_model).is_file() and Path(load_model + ".meta.json").is_file()):
+        raise UserError(f"--load-model {load_model}: no saved model there (saved as PATH and PATH.meta.json)")
+    for path in transfer_from or ():
+        if not Path(path).is_file():
+            raise UserError(f"--transfer-from: log {path} does not exist")
+
+
+def make_job(**fields: Any):
+    """A ``TuningJob`` from the command's options; a job that cannot run is bad input."""
+    from autotune.job import JobError, TuningJob
+
+    check_timeouts(**{k: fields[k] for k in ("build_timeout", "run_timeout") if k in fields})
+    try:
+        return TuningJob(**fields)
+    except JobError as exc:
+        raise UserError(str(exc)) from None
+
+
+def run_tuning(job, progress: bool):
+    """Run ``job`` as every command does: remarks on stderr, bad input as a UserError."""
+    from autotune.job import JobError, run_job
+
+    try:
+        return run_job(job, progress=progress, note=lambda text: click.echo(text, err=True))
+    except JobError as exc:
+        raise UserError(str(exc)) from None

@@ -1,0 +1,58 @@
+"""The ``autotune`` click group and its entry point, which turns every failure into one line.
+
+Bad input ends with one line on stderr and exit code 2, never a traceback; set
+AUTOTUNE_DEBUG=1 to see the traceback of an unexpected internal error. The commands live in
+the modules beside this one and register themselves on ``cli``; this module imports none of
+them (``autotune.cli`` does).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+EXIT_USAGE = 2
+
+
+class UserError(click.ClickException):
+    """Bad input: reported as one line, exit code 2."""
+
+    exit_code = EXIT_USAGE
+
+
+def error_line(message: str) -> None:
+    click.echo(f"autotune: error: {message}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: run the click group, turning every failure into one line."""
+    try:
+        cli.main(args=argv, prog_name="autotune", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        error_line("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        error_line(exc.format_message().replace("\n", " "))
+        sys.exit(EXIT_USAGE if isinstance(exc, (click.UsageError, UserError)) else exc.exit_code)
+    except KeyboardInterrupt:
+        error_line("interrupted; every measured record is in the log")
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    except Exception as exc:  # an internal error: still one line unless asked for more
+        if os.environ.get("AUTOTUNE_DEBUG"):
+            raise
+        error_line(f"internal error: {type(exc).__name__}: {exc} (set AUTOTUNE_DEBUG=1 for a traceback)")
+        sys.exit(1)
+    sys.exit(0)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="llm-autotune", prog_name="autotune")
+def cli() -> None:
+    """Autotune LLM operator kernels with learned cost models."""
+
+

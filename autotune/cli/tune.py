@@ -1,0 +1,137 @@
+"""``autotune ops``, ``tune`` and ``best``: the operators, tuning one of them, the best configs."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .common import (ManyValues, UserError, check_model_files, check_timeouts, echo_json, make_job, open_log,
+                     positive, read_log, resolve_target, resolve_task, run_tuning, thread_restriction)
+from .group import cli
+
+
+@cli.command()
+@click.option("--target", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list")
+def ops(target: str, as_json: bool) -> None:
+    """List the operator templates for a target."""
+    from search_space import format_shape, list_templates
+
+    kind = "cuda" if target == "cuda" or target.startswith("sm_") else target
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"unknown target {target!r}: use cpu or cuda")
+    templates = list_templates(kind)
+    rows = [{"op": t.op, "dims": list(t.dims), "example_shape": format_shape(t.example_shape),
+             "dtypes": list(t.dtypes), "dynamic_dims": list(t.dynamic_dims), "attrs": dict(t.default_attrs),
+             "description": t.description}
+            for t in templates]
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"no templates for target {kind} yet")
+        return
+    width = max(len(r["op"]) for r in rows)
+    for r in rows:
+        attrs = " ".join(f"--attr {k}={json.dumps(v)}" for k, v in r["attrs"].items())
+        click.echo(f"{r['op']:<{width}}  dims {','.join(r['dims']):<24} e.g. --shape {r['example_shape']:<32} "
+                   f"{'/'.join(r['dtypes'])}  {r['description']}" + (f" ({attrs})" if attrs else ""))
+
+
+@cli.command()
+@click.option("--op", required=True, help="operator, see `autotune ops`")
+@click.option("--shape", required=True, help="dims, e.g. M=256,N=256,K=256")
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE",
+              help="operator attribute, repeatable; VALUE is JSON when it parses (residual=true, eps=1e-6)")
+@click.option("--dynamic", default="", metavar="DIM[,DIM]",
+              help="dims the kernel takes at run time; --shape gives the size tuned at")
+@click.option("--target", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--tuner", default="xgb", show_default=True,
+              type=click.Choice(["xgb", "random", "grid", "optuna-tpe", "optuna-cmaes"]))
+@click.option("--trials", default=64, show_default=True, type=int, callback=positive,
+              help="total trials for this task, records already in the log included")
+@click.option("--batch", default=8, show_default=True, type=int, callback=positive)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--log", "log_path", default="tune.jsonl", show_default=True, help="JSONL tuning log (resumed)")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db]")
+@click.option("--no-mlflow", is_flag=True, help="do not log to MLflow")
+@click.option("--experiment", default="llm-autotune", show_default=True, help="MLflow experiment")
+@click.option("--build-timeout", default=60.0, show_default=True, type=float)
+@click.option("--run-timeout", default=20.0, show_default=True, type=float)
+@click.option("--threads", default=None, type=int, callback=positive,
+              help="search only configs with this many threads")
+@click.option("--transfer-from", "transfer_from", cls=ManyValues,
+              help="xgb: pre-train the cost model on these logs of other shapes/operators first")
+@click.option("--load-model", default=None, help="xgb: start from a cost model saved by --save-model")
+@click.option("--save-model", default=None, help="xgb: save the cost model here when the job ends")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--compile-only", is_flag=True,
+              help="cuda or sm_XX: build --trials configs and check their resources; run nothing")
+@click.option("--json", "as_json", is_flag=True, help="with --compile-only: print a JSON list")
+@click.option("--cold-cache", is_flag=True,
+              help="cpu: time with the inputs out of cache, as in a model (tune-model always does)")
+def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, log_path, tracking_uri, no_mlflow,
+         experiment, build_timeout, run_timeout, threads, transfer_from, load_model, save_model, quiet, compile_only,
+         as_json, cold_cache) -> None:
+    """Tune one operator instance; every measurement goes to the log."""
+    compile_only = compile_only or target.startswith("sm_")
+    tgt = resolve_target(target, compile_only)
+    if compile_only and tgt.kind != "cuda":
+        raise UserError("--compile-only is for CUDA targets: use --target cuda or an arch like sm_90a")
+    if tgt.kind == "cuda" and threads is not None:
+        raise UserError("--threads is for the cpu target")
+    template, task = resolve_task(op, shape, dtype, tgt.kind, dynamic, attrs)
+    if compile_only:
+        from .compile_only import compile_only_report, format_compile_report
+
+        check_timeouts(build_timeout=build_timeout)
+        rows = compile_only_report(template, task, tgt, trials, seed, build_timeout)
+        if as_json:
+            echo_json(rows)
+        else:
+            click.echo(format_compile_report(task, tgt, rows))
+        if not any(r["status"] == "NO_ERROR" for r in rows):
+            sys.exit(1)
+        return
+    check_model_files(tuner, transfer_from, load_model, save_model)
+    job = make_job(target=tgt, task=task, tuner=tuner, trials=trials, batch=batch, seed=seed, log=open_log(log_path).path,
+                   restrict=thread_restriction(template, task, tgt, threads), transfer_from=tuple(transfer_from or ()),
+                   load_model=load_model, save_model=save_model, mlflow=not no_mlflow, tracking_uri=tracking_uri,
+                   experiment=experiment, build_timeout=build_timeout, run_timeout=run_timeout, cold_cache=cold_cache)
+    summary = run_tuning(job, progress=not quiet)
+    best = summary.best
+    click.echo(f"{task.key}: {summary.trials} trials ({summary.resumed} resumed from the log, "
+               f"{summary.measured} measured now, {summary.failed} failed) in {summary.wall_s:.1f} s; "
+               f"compile share {summary.compile_share * 100:.0f}%")
+    if best is None:
+        click.echo("no candidate verified; nothing is best")
+    else:
+        click.echo(f"best: {best.seconds * 1e3:.4f} ms, {best.gflops:.1f} GFLOP/s, config {json.dumps(best.config)}")
+    click.echo(f"log: {job.log}")
+
+
+@cli.command()
+@click.option("--log", "log_path", required=True, help="JSONL tuning log")
+@click.option("--json", "as_json", is_flag=True)
+def best(log_path: str, as_json: bool) -> None:
+    """Print the best verified config per task in a log."""
+    from records import best_records
+
+    records = read_log(log_path)
+    winners = sorted(best_records(records).values(), key=lambda r: (r.task.op, r.task.key))
+    rows = [{"task": r.task.key, "op": r.task.op, "shape": r.task.dims, "dtype": r.task.dtype,
+             "target": r.target.key, "device": r.target.device_name, "seconds": r.seconds,
+             "gflops": r.gflops, "config": r.config,
+             "trials": sum(1 for x in records if x.task.key == r.task.key and x.target.key == r.target.key)}
+            for r in winners]
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"{log_path}: no verified record")
+        return
+    for row in rows:
+        click.echo(f"{row['task']} on {row['target']}: {row['seconds'] * 1e3:.4f} ms, {row['gflops']:.1f} GFLOP/s "
+                   f"after {row['trials']} trials, config {json.dumps(row['config'])}")

@@ -1,0 +1,179 @@
+"""One tuning job, described once and run one way.
+
+A ``TuningJob`` says what to tune (one operator instance, or every kernel of a model), where
+(the target), how (tuner, budget, batch, seed, restriction, timing, timeouts, the cost
+model's transfer) and where the measurements go (the log, MLflow). The CLI's ``tune``,
+``sweep`` and ``tune-model``, the Python API and the notebooks all build one and hand it to
+``run_job``; its ``params()`` are what MLflow records, and ``to_dict``/``from_dict`` carry
+it to another process.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+from measure import CudaRunner, LocalBuilder, LocalRunner, TimingPolicy, cold_policy
+from records import RecordLog, load_records
+from search_space import Target, Task
+
+from .scheduler import ModelTuneSummary
+from .tune_model import ModelWorkload, tune_model
+from .tuners import TUNERS, TuneSummary
+from .tuning import pretrained_model, tune_task
+
+
+class JobError(ValueError):
+    """The job cannot run as described (bad input): one line for the user."""
+
+
+@dataclass(frozen=True)
+class TuningJob:
+    """What to tune, where, how, and where to keep the measurements.
+
+    Exactly one of ``task`` (one operator instance) and ``model`` (every kernel a model's
+    passes call, one budget over all of them) is given. ``trials`` counts the records
+    already in the log. ``timing=None`` keeps the runner's default; ``cold_cache`` times
+    with the inputs out of cache, as a model runs a kernel (model jobs always do).
+    ``transfer_from``/``load_model``/``save_model`` give the xgb tuner's cost model a start
+    and keep it; ``tuner_options`` go to the tuner as they are; ``extra_params`` are recorded
+    in MLflow beside the job's own.
+    """
+
+    target: Target
+    task: Task | None = None
+    model: ModelWorkload | None = None
+    tuner: str = "xgb"
+    trials: int = 64
+    batch: int = 8
+    seed: int = 0
+    log: str = "tune.jsonl"
+    restrict: Mapping[str, list] | None = None
+    tuner_options: Mapping[str, Any] = field(default_factory=dict)
+    transfer_from: tuple[str, ...] = ()
+    load_model: str | None = None
+    save_model: str | None = None
+    mlflow: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "llm-autotune"
+    build_timeout: float = 60.0
+    run_timeout: float = 20.0
+    timing: TimingPolicy | None = None
+    cold_cache: bool = False
+    extra_params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.task is None) == (self.model is None):
+            raise JobError("a tuning job tunes either one task or one model")
+        if self.tuner not in TUNERS:
+            raise JobError(f"unknown tuner {self.tuner!r}: choose from {', '.join(TUNERS)}")
+        for name in ("trials", "batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise JobError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("build_timeout", "run_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise JobError(f"{name.replace('_', '-')} must be a number of seconds > 0, got {value!r}")
+        if (self.transfer_from or self.load_model or self.save_model) and self.tuner != "xgb":
+            raise JobError("transfer_from, load_model and save_model need the xgb tuner")
+        if self.model is not None and self.target.kind != "cpu" and self.restrict:
+            raise JobError("a restriction (threads) is for the cpu target")
+        object.__setattr__(self, "transfer_from", tuple(str(p) for p in self.transfer_from))
+        object.__setattr__(self, "log", str(self.log))
+
+    @property
+    def name(self) -> str:
+        """The MLflow run name: tuner and what it tunes."""
+        what = self.task.key if self.task is not None else f"model:{self.model.config.name}"
+        return f"{self.tuner}:{what}"
+
+    def params(self) -> dict[str, Any]:
+        """What MLflow records about the job."""
+        out: dict[str, Any] = {"target": self.target.key, "device": self.target.device_name, "tuner": self.tuner,
+                               "batch": self.batch, "seed": self.seed, "log": self.log}
+        if self.task is not None:
+            out.update(op=self.task.op, task=self.task.key, shape=self.task.dims, dtype=self.task.dtype,
+                       trials=self.trials, restrict=dict(self.restrict or {}))
+        else:
+            out.update(self.model.params(), trials_total=self.trials, tasks=len(self.model.tasks()))
+        if self.transfer_from or self.load_model:
+            out.update(transfer_from=list(self.transfer_from), load_model=self.load_model or "")
+        return {**out, **self.extra_params}
+
+    def tags(self) -> dict[str, str]:
+        if self.task is not None:
+            return {"task": self.task.key, "target": self.target.key}
+        return {"model": self.model.config.name, "target": self.target.key, "job": "tune-model"}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description; ``from_dict`` reads it back."""
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["target"] = self.target.to_dict()
+        data["task"] = self.task.to_dict() if self.task is not None else None
+        data["model"] = self.model.to_dict() if self.model is not None else None
+        data["timing"] = asdict(self.timing) if self.timing is not None else None
+        data["transfer_from"] = list(self.transfer_from)
+        data["restrict"] = dict(self.restrict) if self.restrict else None
+        data["tuner_options"], data["extra_params"] = dict(self.tuner_options), dict(self.extra_params)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TuningJob":
+        fields = dict(data)
+        fields["target"] = Target.from_dict(fields["target"])
+        fields["task"] = Task.from_dict(fields["task"]) if fields.get("task") else None
+        fields["model"] = ModelWorkload.from_dict(fields["model"]) if fields.get("model") else None
+        fields["timing"] = TimingPolicy(**fields["timing"]) if fields.get("timing") else None
+        fields["transfer_from"] = tuple(fields.get("transfer_from") or ())
+        return cls(**fields)
+
+
+def _print_note(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def run_job(job: TuningJob, progress: bool = True, builder=None, runner=None,
+            note: Callable[[str], None] = _print_note) -> TuneSummary | ModelTuneSummary:
+    """Run ``job``: resume from its log, measure up to its budget, log every record as it is
+    measured (and to MLflow), return the summary. ``builder``/``runner`` replace the local
+    ones (tests, replay); ``note`` receives one-line remarks (what the cost model started from).
+
+    Raises JobError before measuring anything when the job's inputs cannot be used."""
+    log = RecordLog(job.log)
+    with ExitStack() as stack:
+        builder = builder or stack.enter_context(LocalBuilder(timeout_s=job.build_timeout))
+        runner = runner or stack.enter_context(_runner(job))
+        if job.task is not None:
+            options = dict(job.tuner_options)
+            base = _base_model(job, note)
+            if base is not None:
+                options["base_model"] = base
+            return tune_task(job, log, builder, runner, options, progress)
+        return tune_model(job, log, builder, runner, progress)
+
+
+def _runner(job: TuningJob):
+    """The runner for the job's target: the GPU's, or a local CPU one timing as the job says."""
+    if job.target.kind == "cuda":
+        return CudaRunner(timeout_s=job.run_timeout, seed=job.seed, policy=job.timing)
+    policy = job.timing
+    if job.cold_cache or job.model is not None:  # as in the model: each kernel's weights come from memory
+        policy = cold_policy(job.target, policy)
+    return LocalRunner(timeout_s=job.run_timeout, seed=job.seed, policy=policy)
+
+
+def _base_model(job: TuningJob, note: Callable[[str], None]):
+    """The xgb tuner's starting model: loaded, then pre-trained on other tasks' records."""
+    if not (job.transfer_from or job.load_model):
+        return None
+    records = load_records(job.transfer_from, warn=False) if job.transfer_from else []
+    try:
+        base, text = pretrained_model(records, job.load_model, job.task, job.target, job.seed)
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
+    if text:
+        note(text)
+    return base

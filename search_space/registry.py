@@ -1,0 +1,74 @@
+"""The registry of operators and templates, by op name and target kind.
+
+Kept apart from ``template`` so that ``Task`` (whose FLOPs and bytes come from its
+operator's definition) can look an operator up without importing the template module,
+which imports ``Task``. The built-in operators and templates register themselves when
+their packages are first imported, on the first lookup.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .template import Operator, Template
+
+_OPERATORS: dict[str, type[Operator]] = {}
+_TEMPLATES: dict[tuple[str, str], type[Template]] = {}
+
+
+def register_operator(cls: type[Operator]) -> type[Operator]:
+    """Class decorator: the definition of operator ``cls.op``."""
+    if not cls.op:
+        raise ValueError(f"{cls.__name__} needs an op name")
+    _OPERATORS[cls.op] = cls
+    return cls
+
+
+def register_template(cls: type[Template]) -> type[Template]:
+    """Class decorator: make ``cls`` the template for (cls.op, cls.target_kind)."""
+    if not cls.op or cls.target_kind not in ("cpu", "cuda"):
+        raise ValueError(f"{cls.__name__} needs op and target_kind ('cpu' or 'cuda')")
+    _TEMPLATES[(cls.op, cls.target_kind)] = cls
+    _OPERATORS.setdefault(cls.op, cls)
+    return cls
+
+
+def _load_builtin() -> None:
+    importlib.import_module("search_space.ops")
+    importlib.import_module("search_space.templates")
+
+
+def get_template(op: str, target_kind: str = "cpu") -> Template:
+    """The registered template for ``op`` on ``target_kind``; ValueError names the known ones."""
+    _load_builtin()
+    cls = _TEMPLATES.get((op, target_kind))
+    if cls is None:
+        known = sorted(o for o, k in _TEMPLATES if k == target_kind)
+        raise ValueError(f"unknown op {op!r} for target {target_kind}: known ops are {', '.join(known)}")
+    return cls()
+
+
+def op_definition(op: str) -> Operator:
+    _load_builtin()
+    cls = _OPERATORS.get(op)
+    if cls is None:
+        raise ValueError(f"unknown op {op!r}: known ops are {', '.join(sorted(_OPERATORS))}")
+    return cls()
+
+
+def list_operators() -> list[Operator]:
+    _load_builtin()
+    return [cls() for _, cls in sorted(_OPERATORS.items())]
+
+
+def list_templates(target_kind: str | None = None) -> list[Template]:
+    _load_builtin()
+    return [cls() for (op, kind), cls in sorted(_TEMPLATES.items())
+            if target_kind is None or kind == target_kind]
+
+
+def template_module(op: str, target_kind: str) -> str:
+    """The module that registers a template: worker processes import it to find the template."""
+    get_template(op, target_kind)
+    return _TEMPLATES[(op, target_kind)].__module__
