@@ -30,8 +30,7 @@ from ..space import Config, ConfigSpace, Knob
 from ..target import Target
 from ..task import Task
 from ..template import ArgSpec, KernelSource, Template, register_template
-from .attention_prefill import _divisors, _fitting, _round_up, vector_tiles
-from .gemv import vector_registers
+from .attention_prefill import _divisors, _fitting, _round_up, space_basics, vector_tiles
 
 
 class _Layout:
@@ -59,10 +58,7 @@ class AttentionDecodeCpu(AttentionDecodeOp, Template):
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
-        d = task.dims
-        lanes = target.vector_lanes_f32
-        regs = vector_registers(target)
-        G = d["H"] // d["HKV"]
+        d, lanes, regs, G = space_basics(task, target)
         vecs = tuple(v for v in (4, 8, 16) if v <= lanes) or (lanes,)
         knobs = [
             Knob("split", tuple(v for v in (1, 2, 4, 8, 16, 32) if v == 1 or d["L"] >= 16 * v)),

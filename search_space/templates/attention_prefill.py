@@ -76,6 +76,13 @@ def vector_tiles(n: int, lanes: int, width: int) -> tuple[int, list[tuple[int, i
     return full, edges
 
 
+def space_basics(task: Task, target: Target) -> tuple[dict[str, int], int, int, int]:
+    """What the spaces of both CPU attention templates start from: the dims, the float32
+    lanes and vector registers of the target, and G, the query heads per KV head."""
+    d = task.dims
+    return d, target.vector_lanes_f32, vector_registers(target), d["H"] // d["HKV"]
+
+
 class _Layout:
     """Sizes derived from a task and a config: tile rows, padding, workspace offsets (floats)."""
 
@@ -106,10 +113,7 @@ class AttentionPrefillCpu(AttentionPrefillOp, Template):
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
-        d = task.dims
-        lanes = target.vector_lanes_f32
-        regs = vector_registers(target)
-        G = d["H"] // d["HKV"]
+        d, lanes, regs, G = space_basics(task, target)
         causal = bool(self.attrs(task)["causal"])
         knobs = [
             Knob("bq", _fitting((4, 8, 16, 32, 64, 128), d["T"])),

@@ -296,6 +296,22 @@ def _elem(nbytes: int) -> ir.Type:
     return {1: cg.I8, 2: cg.I16, 4: cg.F32}[nbytes]
 
 
+def _tile_function(module: ir.Module, name: str, mt: int, nv: int,
+                   lanes: int) -> tuple[ir.Function, cg.KernelBuilder, list[list[ir.Value]]]:
+    """The frame of a micro-kernel: an internal ``void name(x, w, y, first)`` whose three
+    arrays never alias, its builder, and ``mt x nv`` vector accumulators set to zero."""
+    fn = ir.Function(module, ir.FunctionType(cg.VOID, [cg.PTR, cg.PTR, cg.PTR, cg.I1]), name=name)
+    fn.linkage = "internal"
+    for arg in fn.args[:3]:
+        arg.add_attribute("noalias")
+    kb = cg.KernelBuilder(fn)
+    slots = [[kb.local(cg.vec(lanes)) for _ in range(nv)] for _ in range(mt)]
+    for row in slots:
+        for slot in row:
+            kb.b.store(kb.zeros(lanes), slot)
+    return fn, kb, slots
+
+
 def _micro_kernel(module: ir.Module, mt: int, nt: int, klen: int, lanes: int, unroll: int,
                   ldx: int, ldw: int, N: int, x_bf16: bool, w_bf16: bool, dot: str, y_bf16: bool) -> ir.Function:
     """Y[mt, nt] (+)= X[mt, klen] . W[nt, klen]: pointers at the tile corners, a first flag.
@@ -305,18 +321,9 @@ def _micro_kernel(module: ir.Module, mt: int, nt: int, klen: int, lanes: int, un
     final (one K block) and is stored rounded to bfloat16.
     """
     tag = f"{'b' if x_bf16 else 'f'}{'b' if w_bf16 else 'f'}{dot}{'b' if y_bf16 else 'f'}"
-    fn = ir.Function(module, ir.FunctionType(cg.VOID, [cg.PTR, cg.PTR, cg.PTR, cg.I1]),
-                     name=f"micro_{mt}x{nt}_k{klen}_x{ldx}_{tag}")
-    fn.linkage = "internal"
-    for arg in fn.args[:3]:
-        arg.add_attribute("noalias")
-    kb = cg.KernelBuilder(fn)
+    fn, kb, slots = _tile_function(module, f"micro_{mt}x{nt}_k{klen}_x{ldx}_{tag}", mt, nt, lanes)
     b = kb.b
     x, w, y, first = fn.args
-    slots = [[kb.local(cg.vec(lanes)) for _ in range(nt)] for _ in range(mt)]
-    for row in slots:
-        for slot in row:
-            b.store(kb.zeros(lanes), slot)
     width = 2 * lanes if dot == "bf16" else lanes  # elements per K step
 
     def step(k, count=None) -> None:
@@ -372,18 +379,10 @@ def _outer_kernel(module: ir.Module, mt: int, nv: int, nt: int, klen: int, lanes
     accumulators are ready-made rows of Y: no reductions, the last vector stored with a
     mask when ``nt`` is not whole vectors. X element (i, k) is at i * x_strides[0] + k *
     x_strides[1] (row-major X, or a packed block with the tile's rows interleaved)."""
-    fn = ir.Function(module, ir.FunctionType(cg.VOID, [cg.PTR, cg.PTR, cg.PTR, cg.I1]),
-                     name=f"outer_{mt}x{nv}v{nt}_k{klen}_x{x_strides[0]}_{x_strides[1]}")
-    fn.linkage = "internal"
-    for arg in fn.args[:3]:
-        arg.add_attribute("noalias")
-    kb = cg.KernelBuilder(fn)
+    fn, kb, slots = _tile_function(module, f"outer_{mt}x{nv}v{nt}_k{klen}_x{x_strides[0]}_{x_strides[1]}",
+                                   mt, nv, lanes)
     b = kb.b
     x, p, y, first = fn.args
-    slots = [[kb.local(cg.vec(lanes)) for _ in range(nv)] for _ in range(mt)]
-    for row in slots:
-        for slot in row:
-            b.store(kb.zeros(lanes), slot)
 
     def step(k) -> None:
         row = b.mul(k, cg.i64(ldp))

@@ -24,6 +24,7 @@ from ..target import Target
 from ..task import Task
 from ..template import KernelSource, Template, register_template
 from ..ops.matmul import GemvOp
+from .gemv_plan import emit_gemv_plan
 
 PANEL_ROWS = 64  # W rows that share one pass over the K blocks (kblock > 0)
 
@@ -169,45 +170,8 @@ def _render(task: Task, c: dict, target: Target) -> KernelSource:
                     s = kb.fadd(kb.load(Y, at), s)
                 kb.store(s, Y, at)
 
-    def row_block(n0, nrows: int, k0, klen: int, first: bool) -> None:
-        full = M // mtile
-        if full:
-            with kb.loop(0, full, 1, name="mt") as mt_i:
-                tile(b.mul(mt_i, cg.i64(mtile)), n0, nrows, mtile, k0, klen, first)
-        if M % mtile:
-            tile(cg.i64(full * mtile), n0, nrows, M % mtile, k0, klen, first)
-
-    def k_block(lo, hi, k0, klen: int, first: bool) -> None:
-        with kb.loop(lo, hi, 1, name="rb") as rb:
-            n0 = b.mul(rb, cg.i64(rows))
-            if N % rows == 0:
-                row_block(n0, rows, k0, klen, first)
-            else:
-                whole = b.icmp_signed("<=", b.add(n0, cg.i64(rows)), cg.i64(N))
-                with b.if_else(whole) as (then, otherwise):
-                    with then:
-                        row_block(n0, rows, k0, klen, first)
-                    with otherwise:
-                        with kb.loop(n0, N, 1, name="nr") as n:
-                            row_block(n, 1, k0, klen, first)
-
-    def k_blocks(lo, hi) -> None:
-        full_blocks = K // kblock
-        k_block(lo, hi, cg.i64(0), kblock, True)
-        if full_blocks > 1:
-            with kb.loop(1, full_blocks, 1, name="kb") as kbi:
-                k_block(lo, hi, b.mul(kbi, cg.i64(kblock)), kblock, False)
-        if K % kblock:
-            k_block(lo, hi, cg.i64(full_blocks * kblock), K % kblock, False)
-
-    if kblock == K:
-        k_blocks(chunk_begin, chunk_end)
-    else:
-        # K blocks inside panels of W rows: the block of X stays in L1 for a whole panel,
-        # and each W row is still read in runs of a whole K block
-        step = max(PANEL_ROWS // rows, 1)
-        with kb.loop(chunk_begin, chunk_end, step, name="panel") as p0:
-            k_blocks(p0, kb.min(b.add(p0, cg.i64(step)), chunk_end))
+    emit_gemv_plan(kb, tile, chunk_begin, chunk_end, M=M, N=N, rows=rows, mtile=mtile, K=K, kblock=kblock,
+                   panel_rows=PANEL_ROWS)
     kb.ret()
 
     chunks = math.ceil(N / rows)

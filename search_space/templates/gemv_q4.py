@@ -51,6 +51,7 @@ from ..target import Target
 from ..task import Task
 from ..template import ArgSpec, KernelSource, Template, register_template
 from .gemv import vector_registers
+from .gemv_plan import emit_gemv_plan
 from .q4_layout import (decode_block, decode_block_i16, deinterleave_x, i16_unit, lane_spread, q4_attrs,
                         quantize_x_i16)
 
@@ -309,45 +310,9 @@ def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
                     s = kb.fadd(kb.load(Y, at), s)
                 kb.store(s, Y, at)
 
-    def row_block(n0, nrows: int, u0, nu: int, first: bool) -> None:
-        full = M // mtile
-        if full:
-            with kb.loop(0, full, 1, name="mt") as mt_i:
-                tile(b.mul(mt_i, cg.i64(mtile)), n0, nrows, mtile, u0, nu, first)
-        if M % mtile:
-            tile(cg.i64(full * mtile), n0, nrows, M % mtile, u0, nu, first)
-
-    def k_block(lo, hi, u0, nu: int, first: bool) -> None:
-        with kb.loop(lo, hi, 1, name="rb") as rb:
-            n0 = b.mul(rb, cg.i64(rows))
-            if N % rows == 0:
-                row_block(n0, rows, u0, nu, first)
-            else:
-                whole = b.icmp_signed("<=", b.add(n0, cg.i64(rows)), cg.i64(N))
-                with b.if_else(whole) as (then, otherwise):
-                    with then:
-                        row_block(n0, rows, u0, nu, first)
-                    with otherwise:
-                        with kb.loop(n0, N, 1, name="nr") as n:
-                            row_block(n, 1, u0, nu, first)
-
-    def k_blocks(lo, hi) -> None:
-        full_blocks = units // kblock
-        k_block(lo, hi, cg.i64(0), kblock, True)
-        if full_blocks > 1:
-            with kb.loop(1, full_blocks, 1, name="kb") as kbi:
-                k_block(lo, hi, b.mul(kbi, cg.i64(kblock)), kblock, False)
-        if units % kblock:
-            k_block(lo, hi, cg.i64(full_blocks * kblock), units % kblock, False)
-
-    if kblock == units:
-        k_blocks(chunk_begin, chunk_end)
-    else:
-        # K blocks inside panels of W rows: the X block stays in L1 for a whole panel, and
-        # W is still read in long enough runs per row to stream from memory
-        step = max(PANEL_ROWS // rows, 1)
-        with kb.loop(chunk_begin, chunk_end, step, name="panel") as p0:
-            k_blocks(p0, kb.min(b.add(p0, cg.i64(step)), chunk_end))
+    # K in fold units: a K block is whole units
+    emit_gemv_plan(kb, tile, chunk_begin, chunk_end, M=M, N=N, rows=rows, mtile=mtile, K=units, kblock=kblock,
+                   panel_rows=PANEL_ROWS)
     kb.ret()
 
     chunks = math.ceil(N / rows)

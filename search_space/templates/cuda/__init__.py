@@ -5,18 +5,5 @@ building needs nvcc, running needs a GPU and pycuda.
 """
 from __future__ import annotations
 
-from . import (  # noqa: F401
-    add,
-    attention_decode,
-    attention_prefill,
-    gelu,
-    gemm,
-    gemm_q4,
-    gemv,
-    gemv_q4,
-    layernorm,
-    rmsnorm,
-    rope,
-    softmax,
-    swiglu,
-)
+from . import add, attention_decode, attention_prefill, gelu, gemm, gemm_q4, gemv, gemv_q4  # noqa: F401
+from . import layernorm, rmsnorm, rope, softmax, swiglu  # noqa: F401

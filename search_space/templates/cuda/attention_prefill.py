@@ -169,6 +169,23 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
         return KernelSource("cuda", code, entry, tuple(args), launch)
 
 
+# Where a block's work lies, the same in both kernels (written into each at @BLOCK_COORDS@
+# when this module loads): its query tile (the last ones first when causal: they have the
+# most keys), head, batch and KV head, the base pointers of its rows, and the number of
+# key tiles it visits (causal: up to the diagonal).
+_BLOCK_COORDS = r"""
+  const int qt = CAUSAL ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z, kvh = h / G;
+  const long long q0 = (long long)qt * BQ;
+  const long long q_stride = (long long)H * D, kv_stride = (long long)HKV * D;
+  const E* Qb = Q + ((long long)b * T * H + h) * D;
+  const E* Kb = K + ((long long)b * T * HKV + kvh) * D;
+  const E* Vb = V + ((long long)b * T * HKV + kvh) * D;
+  E* Ob = O + ((long long)b * T * H + h) * D;
+  const long long kv_len = CAUSAL ? (q0 + BQ < T ? q0 + BQ : T) : T;
+  const int n_tiles = (int)((kv_len + BK - 1) / BK);
+""".strip("\n")
+
 _MMA_KERNEL = r"""
 #define FULL 0xffffffffu
 constexpr int LDS = D + 8;          // padded row: 8 rows of an ldmatrix hit 8 distinct bank groups
@@ -250,16 +267,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_prefill_mma(@PAR
   E* Vs = Ks + STAGES * BK * LDS;           // [STAGES][BK][LDS]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;   // mma fragment coordinates
-  const int qt = CAUSAL ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z, kvh = h / G;
-  const long long q0 = (long long)qt * BQ;
-  const long long q_stride = (long long)H * D, kv_stride = (long long)HKV * D;
-  const E* Qb = Q + ((long long)b * T * H + h) * D;
-  const E* Kb = K + ((long long)b * T * HKV + kvh) * D;
-  const E* Vb = V + ((long long)b * T * HKV + kvh) * D;
-  E* Ob = O + ((long long)b * T * H + h) * D;
-  const long long kv_len = CAUSAL ? (q0 + BQ < T ? q0 + BQ : T) : T;
-  const int n_tiles = (int)((kv_len + BK - 1) / BK);
+@BLOCK_COORDS@
 
   load_tile<BQ>(Qs, Qb, q_stride, q0, T);
   load_tile<BK>(Ks, Kb, kv_stride, 0, T);
@@ -446,7 +454,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_prefill_mma(@PAR
     }
   }
 }
-"""
+""".replace("@BLOCK_COORDS@", _BLOCK_COORDS)
 
 _SIMT_KERNEL = r"""
 #define FULL 0xffffffffu
@@ -460,16 +468,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_prefill_simt(@PA
   float* Ks = Qs + BQ * D;           // [BK][LDK]
   float* Vs = Ks + BK * LDK;         // [BK][D]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int qt = CAUSAL ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z, kvh = h / G;
-  const long long q0 = (long long)qt * BQ;
-  const long long q_stride = (long long)H * D, kv_stride = (long long)HKV * D;
-  const E* Qb = Q + ((long long)b * T * H + h) * D;
-  const E* Kb = K + ((long long)b * T * HKV + kvh) * D;
-  const E* Vb = V + ((long long)b * T * HKV + kvh) * D;
-  E* Ob = O + ((long long)b * T * H + h) * D;
-  const long long kv_len = CAUSAL ? (q0 + BQ < T ? q0 + BQ : T) : T;
-  const int n_tiles = (int)((kv_len + BK - 1) / BK);
+@BLOCK_COORDS@
 
   for (int i = threadIdx.x; i < BQ * D; i += THREADS) {
     const long long t = q0 + i / D;
@@ -570,4 +569,4 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_prefill_simt(@PA
     }
   }
 }
-"""
+""".replace("@BLOCK_COORDS@", _BLOCK_COORDS)

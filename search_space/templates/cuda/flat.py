@@ -9,10 +9,14 @@ because the chunk starts at a multiple of ``vec``; the last, partial vector is d
 scalar code. ``grid = exact`` launches one block per chunk; ``persistent`` launches a
 full wave of blocks that stride over the chunks. ``stream`` marks loads and stores
 evict-first (data touched once). Arithmetic is float32.
+
+``ElementwiseCuda`` is the template of the family: an op is its operator plus the C
+expression of one output element.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ...codegen.cuda import (PREAMBLE, VECTOR_HELPERS, c_type, dim_scalars, kernel_params, registers_ok,
                              static_dims)
@@ -20,7 +24,7 @@ from ...ops.common import ITEMSIZE
 from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
-from ...template import KernelSource
+from ...template import KernelSource, Template
 
 THREADS = (128, 256, 512, 1024)
 
@@ -149,3 +153,26 @@ def flat_source(task: Task, config: Config, target: Target, entry: str, signatur
         "      }\n    }\n  }\n}\n")
     launch = (("block", (p.threads, 1, 1)), ("grid", (p.grid(task, target), 1, 1)), ("smem", 0))
     return KernelSource("cuda", code, entry, tuple(signature + dim_scalars(task)), launch)
+
+
+class ElementwiseCuda(Template):
+    """Y = ``expr`` element by element over M x N; subclasses also inherit the operator (RowOp),
+    whose ``row_inputs`` are the kernel's inputs in order: a, b, ... in ``expr``, C over
+    floats (see ``flat_source``). The kernel is named ``<op>_flat``."""
+
+    target_kind = "cuda"
+    expr: ClassVar[str] = ""
+
+    def space(self, task: Task, target: Target) -> ConfigSpace:
+        self.check(task)
+        return flat_space(task, target, inputs=len(self.row_inputs))
+
+    def default(self, task: Task, target: Target) -> Config:
+        return flat_default(self.space(task, target))
+
+    def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
+        return flat_features(task, config, target, self.min_bytes(task), self.flops(task))
+
+    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
+        self.check(task)
+        return flat_source(task, config, target, f"{self.op}_flat", self.signature(task), self.row_inputs, self.expr)

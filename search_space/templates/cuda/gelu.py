@@ -6,30 +6,12 @@ fast exponential and no cancellation near u = 0 (u = sqrt(2/pi) (x + 0.044715 x^
 from __future__ import annotations
 
 from ...ops.elementwise import GeluOp
-from ...space import Config, ConfigSpace
-from ...target import Target
-from ...task import Task
-from ...template import KernelSource, Template, register_template
-from .flat import flat_default, flat_features, flat_source, flat_space
+from ...template import register_template
+from .flat import ElementwiseCuda
 
 
 @register_template
-class GeluCuda(GeluOp, Template):
-    target_kind = "cuda"
+class GeluCuda(GeluOp, ElementwiseCuda):
     dtypes = ("float32", "float16", "bfloat16")
-
-    def space(self, task: Task, target: Target) -> ConfigSpace:
-        self.check(task)
-        return flat_space(task, target, inputs=1)
-
-    def default(self, task: Task, target: Target) -> Config:
-        return flat_default(self.space(task, target))
-
-    def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
-        return flat_features(task, config, target, self.min_bytes(task), self.flops(task))
-
-    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
-        self.check(task)
-        # -2 * sqrt(2 / pi) = -1.5957691216057308
-        return flat_source(task, config, target, "gelu_flat", self.signature(task), ("X",),
-                           "a / (1.0f + __expf(-1.5957691216057308f * fmaf(0.044715f * a, a * a, a)))")
+    # -2 * sqrt(2 / pi) = -1.5957691216057308
+    expr = "a / (1.0f + __expf(-1.5957691216057308f * fmaf(0.044715f * a, a * a, a)))"

@@ -8,47 +8,32 @@ thread wrote, with ordinary loads). G is read through the read-only cache.
 """
 from __future__ import annotations
 
-from ...codegen.cuda import dim_scalars
 from ...ops.elementwise import RMSNormOp
-from ...space import Config, ConfigSpace
-from ...target import Target
 from ...task import Task
-from ...template import KernelSource, Template, register_template
-from .rowplan import RowPlan, c_float, row_default, row_features, row_kernel_source, row_space
+from ...template import register_template
+from .rowplan import RowKernelCuda, RowPlan, c_float
 
 
 @register_template
-class RMSNormCuda(RMSNormOp, Template):
-    target_kind = "cuda"
+class RMSNormCuda(RMSNormOp, RowKernelCuda):
     dtypes = ("float32", "float16", "bfloat16")
 
-    def space(self, task: Task, target: Target) -> ConfigSpace:
-        self.check(task)
-        return row_space(task, target, streams=2 if self._residual(task) else 1)
+    def streams(self, task: Task) -> int:
+        return 2 if self._residual(task) else 1  # R is loaded with X
 
-    def default(self, task: Task, target: Target) -> Config:
-        return row_default(self.space(task, target), task)
-
-    def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
-        return row_features(task, config, target, self.min_bytes(task), self.flops(task), passes=2)
-
-    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
-        self.check(task)
-        plan = RowPlan.of(task, config)
-        args = self.signature(task) + dim_scalars(task)
-        body = _body(plan, self._residual(task), float(self.attrs(task)["eps"]))
-        return row_kernel_source(task, plan, "rmsnorm_rows", args, body)
+    def body(self, task: Task, plan: RowPlan) -> str:
+        return _body(plan, self._residual(task), float(self.attrs(task)["eps"]))
 
 
 def _body(p: RowPlan, residual: bool, eps: float) -> str:
     head = "  const T* x = X + row * N;\n  T* y = Y + row * N;\n"
-    first = p.loop(True) + f"    Pack<T, VEC> a = load_pack<VEC, {p.load_hint}>(x + (long long)v * VEC);\n"
+    first = p.loop(True) + f"    Pack<T, VEC> a = {p.first_load('x')};\n"
     source = "x"
     if residual:
         # S is read back in re-read mode: keep it cached (no evict-first) there.
         s_hint = p.store_hint if p.cache != "reread" else 0
         head += "  const T* r = R + row * N;\n  T* s = S + row * N;\n"
-        first += (f"    const Pack<T, VEC> b = load_pack<VEC, {p.load_hint}>(r + (long long)v * VEC);\n"
+        first += (f"    const Pack<T, VEC> b = {p.first_load('r')};\n"
                   "#pragma unroll\n    for (int e = 0; e < VEC; ++e) a.e[e] = from_f32<T>(to_f32(a.e[e]) + to_f32(b.e[e]));\n"
                   f"    store_pack<VEC, {s_hint}>(s + (long long)v * VEC, a);\n")
         source = "s"
@@ -56,9 +41,4 @@ def _body(p: RowPlan, residual: bool, eps: float) -> str:
               + "#pragma unroll\n    for (int e = 0; e < VEC; ++e) { const float f = to_f32(a.e[e]); ss = fmaf(f, f, ss); }\n  }\n")
     return (head + p.declare_cache("x") + "  float ss = 0.0f;\n" + first
             + f"  const float inv = rsqrtf(row_sum(ss, scratch) * (1.0f / N) + {c_float(eps)});\n"
-            + p.loop(False)
-            + f"    const Pack<T, VEC> a = {p.get('x', source)};\n"
-            "    const Pack<T, VEC> g = load_pack<VEC, 2>(G + (long long)v * VEC);\n"
-            "    Pack<T, VEC> o;\n"
-            "#pragma unroll\n    for (int e = 0; e < VEC; ++e) o.e[e] = from_f32<T>(to_f32(a.e[e]) * inv * to_f32(g.e[e]));\n"
-            f"    store_pack<VEC, {p.store_hint}>(y + (long long)v * VEC, o);\n  }}\n")
+            + p.write_pass(source, "to_f32(a.e[e]) * inv * to_f32(g.e[e])", columns=p.column("g", "G")))

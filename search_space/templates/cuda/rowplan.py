@@ -15,19 +15,23 @@ L1/L2 usually still hold it). ``unroll`` unrolls the loops of the smem/reread mo
 that several independent loads are in flight. ``stream`` marks data touched once with
 evict-first cache hints. Reductions use warp shuffles, and shared memory across warps
 when a block owns the row. All arithmetic is float32.
+
+``RowKernelCuda`` is the template of the family: an op is its operator plus the body of
+its kernel once the row is chosen.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
-from ...codegen.cuda import (PREAMBLE, VECTOR_HELPERS, bytes_per_block_ok, c_type, kernel_params, registers_ok,
-                             static_dims)
+from ...codegen.cuda import (PREAMBLE, VECTOR_HELPERS, bytes_per_block_ok, c_type, dim_scalars, kernel_params,
+                             registers_ok, static_dims)
 from ...ops.common import ITEMSIZE
 from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
-from ...template import KernelSource
+from ...template import KernelSource, Template
 
 THREADS = (64, 128, 256, 512, 1024)
 CACHES = ("regs", "smem", "reread")
@@ -155,6 +159,35 @@ class RowPlan:
             return f"load_pack<VEC>({name}_s + v * VEC)"
         return f"load_pack<VEC>({source} + (long long)v * VEC)"
 
+    def first_load(self, ptr: str) -> str:
+        """Vector v of the row at ``ptr``, loaded by the first pass."""
+        return f"load_pack<VEC, {self.load_hint}>({ptr} + (long long)v * VEC)"
+
+    @staticmethod
+    def column(var: str, array: str) -> str:
+        """Declares ``var``: vector v of the per-column parameter ``array`` [N], which no
+        thread writes (read-only path)."""
+        return f"    const Pack<T, VEC> {var} = load_pack<VEC, 2>({array} + (long long)v * VEC);\n"
+
+    def first_pass(self, statements: str) -> str:
+        """The loop of the first pass: ``a`` = vector v of the row x, loaded and kept in the
+        cache, then ``statements``."""
+        return (self.loop(True) + f"    const Pack<T, VEC> a = {self.first_load('x')};\n" + self.keep("x", "a")
+                + statements + "  }\n")
+
+    def next_pass(self, statements: str, source: str = "x") -> str:
+        """The loop of a later pass: ``a`` = vector v of the cached row (re-read from the row
+        pointer ``source`` otherwise), then ``statements``."""
+        return self.loop(False) + f"    const Pack<T, VEC> a = {self.get('x', source)};\n" + statements + "  }\n"
+
+    def write_pass(self, source: str, expr: str, columns: str = "") -> str:
+        """The last pass of every row kernel: after ``a`` (see ``next_pass``) and the
+        ``columns`` declared, element e of y = ``expr``."""
+        return self.next_pass(
+            columns + "    Pack<T, VEC> o;\n"
+            f"#pragma unroll\n    for (int e = 0; e < VEC; ++e) o.e[e] = from_f32<T>({expr});\n"
+            f"    store_pack<VEC, {self.store_hint}>(y + (long long)v * VEC, o);\n", source)
+
     @property
     def load_hint(self) -> int:
         """First-pass loads: evict-first when streaming and the row is not read again."""
@@ -270,3 +303,35 @@ def row_kernel_source(task: Task, plan: RowPlan, entry: str, args, body: str, lo
             + plan.smem_decl() + plan.row_start() + body + "}\n")
     launch = (("block", (plan.threads, 1, 1)), ("grid", (plan.grid(task), 1, 1)), ("smem", plan.smem_bytes()))
     return KernelSource("cuda", code, entry, tuple(args), launch)
+
+
+class RowKernelCuda(Template):
+    """A row kernel over M x N (one warp or block per row); subclasses also inherit the
+    operator (RowOp) and write ``body``. The kernel is named ``<op>_rows``."""
+
+    target_kind = "cuda"
+    log2e: ClassVar[bool] = False  # the body uses the constant LOG2E
+
+    def streams(self, task: Task) -> int:
+        """Input rows loaded per element in the heaviest pass (see ``row_space``)."""
+        return 1
+
+    def body(self, task: Task, plan: RowPlan) -> str:
+        """The kernel's statements once the row is chosen (see ``row_kernel_source``)."""
+        raise NotImplementedError
+
+    def space(self, task: Task, target: Target) -> ConfigSpace:
+        self.check(task)
+        return row_space(task, target, streams=self.streams(task))
+
+    def default(self, task: Task, target: Target) -> Config:
+        return row_default(self.space(task, target), task)
+
+    def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
+        return row_features(task, config, target, self.min_bytes(task), self.flops(task), passes=2)
+
+    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
+        self.check(task)
+        plan = RowPlan.of(task, config)
+        args = self.signature(task) + dim_scalars(task)
+        return row_kernel_source(task, plan, f"{self.op}_rows", args, self.body(task, plan), log2e=self.log2e)
