@@ -151,8 +151,8 @@ def run_job(job: TuningJob, progress: bool = True, builder=None, runner=None,
             base = _base_model(job, note)
             if base is not None:
                 options["base_model"] = base
-            return tune_task(job, log, builder, runner, options, progress)
-        return tune_model(job, log, builder, runner, progress)
+            return tune_task(job, log, builder, runner, options, progress, note)
+        return tune_model(job, log, builder, runner, progress, note)
 
 
 def _runner(job: TuningJob):

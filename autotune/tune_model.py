@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from records import Record, RecordLog
 from runtime.model_config import ModelConfig
@@ -91,29 +91,30 @@ class ModelMLflow:
         self.step += len(records)
 
 
-def tune_model(job, log: RecordLog, builder, runner, progress: bool) -> ModelTuneSummary:
+def tune_model(job, log: RecordLog, builder, runner, progress: bool, note: Callable[[str], None]) -> ModelTuneSummary:
     """Every task of ``job.model`` (a ``TuningJob``, see ``autotune.job.run_job``) over one
     budget, the scheduler choosing where each round goes."""
-    from .tuning import start_tracking
+    from .tuning import Tracking, ended_by
 
     tasks = job.model.tasks()
     scheduler = TaskScheduler(tasks, job.target, job.tuner, seed=job.seed, batch=job.batch, restrict=job.restrict)
     callbacks = []
-    run = start_tracking(job)
-    if run is not None:
-        callbacks.append(ModelMLflow(run, 0))
+    tracking = Tracking(job, note)
+    if tracking.run is not None:
+        callbacks.append(ModelMLflow(tracking.run, 0))
     bar = ModelProgress(f"{job.model.config.name} ({len(tasks)} tasks)", job.trials) if progress else None
     if bar is not None:
         callbacks.append(bar)
-    status, summary = "FAILED", None
+    summary, stopped_by = None, None
     try:
         summary = scheduler.tune(job.trials, builder, runner, log, on_round=callbacks)
-        status = "FINISHED"
+    except BaseException as exc:
+        stopped_by = exc
+        raise
     finally:
         if bar is not None:
             bar.close()
-        if run is not None:
-            _finish(run, log, status, summary)
+        tracking.finish(lambda run, status: _finish(run, log, status, summary), ended_by(stopped_by))
     return summary
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from typing import Callable
 
 from measure import MeasureInput, MeasureResult
 from records import Record, RecordLog
@@ -67,38 +68,91 @@ class MLflowCallback:
             warnings.warn(f"MLflow logging stopped: {exc}", stacklevel=2)
 
 
-def start_tracking(job):
-    """The job's MLflow run, or None when the job does not track."""
-    if not job.mlflow:
-        return None
-    from records.mlflow_tracking import MLflowRun
+class Tracking:
+    """A job's MLflow run, best effort: when the store cannot be reached at the start the job
+    tunes without it (the log holds every record), with one warning through ``note``.
 
-    return MLflowRun(job.tracking_uri, experiment=job.experiment, run_name=job.name, params=job.params(),
-                     tags=job.tags())
+    ``finish`` ends the run (FINISHED, FAILED, or KILLED when interrupted) with the log as an
+    artifact, and says through ``note`` where the run is (what ``export --mlflow-run`` needs).
+    """
+
+    def __init__(self, job, note: Callable[[str], None]):
+        self.run = None
+        self.note = note
+        self.unavailable = ""  # the store asked for, when it could not be reached
+        if not job.mlflow:
+            return
+        from records.mlflow_tracking import MLflowRun, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(job.tracking_uri)
+        try:
+            check_reachable(uri)
+            self.run = MLflowRun(uri, experiment=job.experiment, run_name=job.name, params=job.params(),
+                                 tags=job.tags())
+        except Exception as exc:  # tracking is a convenience; the log is the source of truth
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            self.unavailable = uri
+            note(f"autotune: warning: MLflow at {uri} is unavailable ({reason}); tuning without it, "
+                 "every record goes to the log")
+
+    def finish(self, finish_run: Callable, status: str) -> None:
+        if self.run is None:
+            if self.unavailable:
+                self.note(f"MLflow: this job was not tracked ({self.unavailable} was unavailable); the log holds "
+                          "every record")
+            return
+        finish_run(self.run, status)
+        self.note(f"MLflow run {self.run.run_id} ({status.lower()}) in {self.run.uri}")
 
 
-def tune_task(job, log: RecordLog, builder, runner, tuner_options: dict, progress: bool) -> TuneSummary:
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """A tracking server that does not answer fails here at once, not after MLflow's minutes
+    of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(f"no tracking server answers at {parsed.hostname}:{port}: "
+                              f"{exc.strerror or exc}") from None
+
+
+def ended_by(exc: BaseException | None) -> str:
+    """The MLflow status of a job that stopped with ``exc`` (None: it finished)."""
+    if exc is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+
+
+def tune_task(job, log: RecordLog, builder, runner, tuner_options: dict, progress: bool,
+              note: Callable[[str], None]) -> TuneSummary:
     """One task of ``job`` (a ``TuningJob``, see ``autotune.job.run_job``): the tuner's loop
     with the log, MLflow and a progress bar as callbacks."""
     tuner = make_tuner(job.tuner, job.task, job.target, seed=job.seed, restrict=job.restrict, **tuner_options)
     callbacks = []
-    run = start_tracking(job)
-    if run is not None:
-        callbacks.append(MLflowCallback(run))
+    tracking = Tracking(job, note)
+    if tracking.run is not None:
+        callbacks.append(MLflowCallback(tracking.run))
     bar = ProgressCallback(job.task, job.trials) if progress else None
     if bar is not None:
         callbacks.append(bar)
-    status, summary = "FAILED", None
+    summary, stopped_by = None, None
     try:
         summary = tuner.tune(job.trials, builder, runner, batch_size=job.batch, log=log, callbacks=callbacks)
-        status = "FINISHED"
         if job.save_model:
             _save_model(tuner, job.save_model)
+    except BaseException as exc:
+        stopped_by = exc
+        raise
     finally:
         if bar is not None:
             bar.close()
-        if run is not None:
-            _finish_run(run, log, status, summary)
+        tracking.finish(lambda run, status: _finish_run(run, log, status, summary), ended_by(stopped_by))
     return summary
 
 

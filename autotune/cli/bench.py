@@ -1,6 +1,7 @@
 """``autotune bench``: the best recorded kernel beside its baseline and the roofline, in one run."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -31,6 +32,8 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, as_json) 
     tgt = resolve_target(target)
     if tgt.kind == "cuda" and threads is not None:
         raise UserError("--threads is for the cpu target")
+    if threads is not None and threads > len(os.sched_getaffinity(0)):
+        raise UserError(f"--threads {threads}: this machine runs {len(os.sched_getaffinity(0))} thread(s) at once")
     template, task = resolve_task(op, shape, dtype, tgt.kind, dynamic, attrs)
     space = template.space(task, tgt)
     config = None

@@ -45,7 +45,30 @@ def resolve_task(op: str, shape: str, dtype: str, target_kind: str, dynamic: str
         template.check(task)
     except ValueError as exc:
         raise UserError(f"bad --shape{'/--attr' if attr_values else ''} for {op}: {exc}") from None
+    check_fits_in_memory(task)
     return template, task
+
+
+def available_memory() -> int:
+    """Bytes this machine can still allocate (MemAvailable), or 0 where nobody can tell."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def check_fits_in_memory(task) -> None:
+    """A task whose arrays cannot be allocated would record a RUNTIME_ERROR for every trial:
+    refuse it up front. Measuring holds the inputs and outputs, a float64 reference of the
+    outputs and a poisoned copy: about three times the bytes the operator moves."""
+    need = 3 * task.min_bytes
+    have = available_memory()
+    if have and need > have:
+        raise UserError(f"{task.key} needs about {need / 2**30:.1f} GiB for its inputs, outputs and reference; "
+                        f"this machine has {have / 2**30:.1f} GiB available")
 
 
 def parse_dynamic(text: str, template) -> list[str]:

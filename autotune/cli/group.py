@@ -8,7 +8,9 @@ them (``autotune.cli`` does).
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -25,18 +27,36 @@ def error_line(message: str) -> None:
     click.echo(f"autotune: error: {message}", err=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that it ends as an interrupt does: the log
+    keeps every record, an MLflow run is marked KILLED, half-written folders are removed."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the click group, turning every failure into one line."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         cli.main(args=argv, prog_name="autotune", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.Abort:
-        error_line("aborted")
+    except click.Abort as exc:  # click turns an interrupt into Abort
+        if isinstance(exc.__cause__, Terminated):
+            error_line("terminated; every measured record is in the log")
+            sys.exit(143)
+        error_line("interrupted; every measured record is in the log"
+                   if isinstance(exc.__cause__, KeyboardInterrupt) else "aborted")
         sys.exit(130)
     except click.ClickException as exc:
         error_line(exc.format_message().replace("\n", " "))
         sys.exit(EXIT_USAGE if isinstance(exc, (click.UsageError, UserError)) else exc.exit_code)
+    except Terminated:
+        error_line("terminated; every measured record is in the log")
+        sys.exit(143)
     except KeyboardInterrupt:
         error_line("interrupted; every measured record is in the log")
         sys.exit(130)

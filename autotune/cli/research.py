@@ -104,6 +104,8 @@ def replay(logs, tuners, seeds, trials, batch, transfer_from, statistic, xgb_rou
         parent = Path(path).parent
         if not parent.is_dir():
             raise UserError(f"cannot write {path}: directory {parent} does not exist")
+        if Path(path).is_dir():
+            raise UserError(f"cannot write {path}: it is a directory")
     records = load_logs(logs)
     try:
         spaces = RecordedSpace.from_records(records, statistic)

@@ -1,0 +1,76 @@
+"""Input that poisoned logs or stopped jobs, met through the command line as a user meets it:
+an unreachable tracking store, nonsense timeouts, shapes no machine can hold, SIGTERM."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from records import RecordLog
+
+CLI = [sys.executable, "-m", "autotune.cli"]
+SMALL = ["--op", "gemv", "--shape", "M=1,N=64,K=64"]
+
+
+def run(*args, cwd, timeout=300):
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("uri", ["bogus://x", "http://127.0.0.1:9"])
+def test_an_unreachable_tracking_store_warns_once_and_the_job_tunes_into_its_log(uri, tmp_path):
+    start = time.monotonic()
+    proc = run("tune", *SMALL, "--tuner", "random", "--trials", "3", "--quiet", "--log", "t.jsonl",
+               "--tracking-uri", uri, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - start < 120  # not MLflow's minutes of retries
+    assert proc.stderr.count("autotune: warning: MLflow") == 1 and "not tracked" in proc.stderr
+    assert len(RecordLog(tmp_path / "t.jsonl").records()) == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tune", *SMALL, "--run-timeout", "0"], "--run-timeout must be a number of seconds > 0"),
+    (["tune", *SMALL, "--run-timeout", "-1"], "--run-timeout must be a number of seconds > 0"),
+    (["tune", *SMALL, "--build-timeout", "nan"], "--build-timeout must be a number of seconds > 0"),
+    (["tune", *SMALL, "--build-timeout", "inf"], "--build-timeout must be a number of seconds > 0"),
+    (["tune-model", "--model", "tiny", "--run-timeout", "nan"], "--run-timeout must be a number of seconds > 0"),
+    (["sweep", *SMALL, "--log", "s.jsonl", "--run-timeout", "0"], "--run-timeout must be a number of seconds > 0"),
+    (["sweep", *SMALL, "--log", "s.jsonl", "--min-sample-ms", "nan"], "--min-sample-ms must be"),
+    (["sweep", *SMALL, "--log", "s.jsonl", "--min-sample-ms", "inf"], "--min-sample-ms must be"),
+    (["bench", *SMALL, "--threads", str(len(os.sched_getaffinity(0)) + 1)], "thread(s) at once"),
+    (["replay", "--log", "x.jsonl", "--json", "."], "it is a directory"),
+    (["tune", "--op", "gemm", "--shape", "M=1000000,N=1000000,K=1000000"], "GiB available"),
+])
+def test_bad_numbers_and_impossible_shapes_are_bad_input(args, message, tmp_path):
+    (tmp_path / "x.jsonl").write_text("")
+    proc = run(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "tune.jsonl").exists() or not (tmp_path / "tune.jsonl").read_text()
+
+
+def test_sigterm_ends_the_job_as_an_interrupt_does_and_marks_the_run_killed(tmp_path):
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    # a gemm large enough that the job is still measuring when the signal comes
+    proc = subprocess.Popen(CLI + ["tune", "--op", "gemm", "--shape", "M=256,N=256,K=256", "--tuner", "random",
+                                   "--trials", "400", "--quiet", "--log", "t.jsonl", "--tracking-uri", store],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "t.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (log.exists() and log.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "terminated; every measured record is in the log" in stderr
+    assert len(RecordLog(log).records()) >= 1
+    client = MlflowClient(tracking_uri=store)
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("llm-autotune").experiment_id])
+    assert mlflow_run.info.status == "KILLED"
