@@ -21,7 +21,7 @@ import numpy as np
 
 from .arrays import arrays_for
 from .generation import Generation
-from .kernel import BoundCall, Kernel, KernelProvider, buckets
+from .kernel import BoundCall, Kernel, KernelProvider, buckets, select
 from .model_config import ModelConfig
 from .plan import KernelCall, decode_calls, prefill_calls
 from .weights import ModelWeights, layer_name
@@ -93,18 +93,25 @@ class LlamaModel:
         return self._device[key]
 
     def padded_tokens(self, batch: int, tokens: int) -> int:
-        """The prompt length a prefill runs at: the smallest tuned GEMM M >= batch * tokens
-        that is a multiple of the batch, else the prompt's own length."""
+        """The prompt length a prefill runs at: the smallest length >= the prompt's at which
+        every kernel of the pass is tuned. Candidates are the prompt's own length and the
+        token counts the prefill linear layers were tuned at (GEMMs, and GEMVs for short
+        prompts); without a fully tuned one, the smallest tuned linear size that fits, else
+        the prompt's own length. Causal attention keeps the real tokens blind to the padding."""
         if self.prefill_sizes is not None:
             return min((t for t in self.prefill_sizes if t >= tokens), default=tokens)
-        probe = prefill_calls(self.config, tokens, self.quantize, self.group_size, batch)
-        q_proj = next(c for c in probe if c.role == "q_proj").spec
-        shape = q_proj.shape
-        sizes = buckets(self.kernels.specs(), q_proj.op, "M", N=shape["N"], K=shape["K"])
-        for m in sizes:
-            if m >= batch * tokens and m % batch == 0:
-                return m // batch
-        return tokens
+        specs = self.kernels.specs()
+        probe = next(c for c in self._prefill(tokens, batch) if c.role == "q_proj").spec.shape
+        tuned_sizes = sorted({m // batch for op in ("gemm", "gemv", "gemm_q4", "gemv_q4")
+                              for m in buckets(specs, op, "M", N=probe["N"], K=probe["K"])
+                              if m % batch == 0 and m // batch >= tokens})
+        for length in sorted({tokens, *tuned_sizes}):
+            if all(select(specs, lambda spec: spec, call.spec) is not None for call in self._prefill(length, batch)):
+                return length
+        return tuned_sizes[0] if tuned_sizes else tokens
+
+    def _prefill(self, tokens: int, batch: int) -> list[KernelCall]:
+        return prefill_calls(self.config, tokens, self.quantize, self.group_size, batch)
 
     def _linear(self, kernel: Kernel, name: str, x, y) -> BoundCall:
         if name in self.w.quantized:

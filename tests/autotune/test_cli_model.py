@@ -148,3 +148,19 @@ def test_list_tasks_names_every_kernel_of_a_preset_with_its_uses(tmp_path):
     attention = [r for r in rows if r["op"] == "attention_decode"]
     assert len(attention) == 4  # two batch sizes x two KV lengths
     assert not (tmp_path / "tune.jsonl").exists()  # nothing was tuned
+
+
+def test_a_prompt_of_any_length_runs_tuned_kernels_only(tmp_path):
+    """Prompts are padded to a token count whose every prefill kernel is tuned: the GEMMs'
+    (here a GEMV at 8 tokens and GEMMs at 128), or their own length where the decode GEMVs serve
+    it (1 token). A 16-token prompt is a GEMV call that no tuned GEMV serves: it goes to 128."""
+    run("tune-model", "--model", "tiny", "--prefill-tokens", "8,128", "--decode-batch", "1", "--kv-len", "256",
+        "--tuner", "random", "--trials-total", "30", "--batch", "4", "--log", "t.jsonl", "--quiet", "--no-mlflow",
+        cwd=tmp_path)
+    run("export", "--log", "t.jsonl", "--out", "lib", cwd=tmp_path)
+    for tokens, padded in ((1, 1), (3, 8), (16, 128), (17, 128), (64, 128), (100, 128)):
+        proc = run("run", "--lib", "lib", "--model", "tiny", "--prompt-ids", ",".join(["7"] * tokens),
+                   "--new-tokens", "2", "--json", cwd=tmp_path)
+        out = json.loads(proc.stdout)
+        assert "UntunedShapeWarning" not in proc.stderr and "not in the kernel library" not in proc.stderr, tokens
+        assert out["kernels"]["untuned"] == 0 and out["kernels"]["prefill_padded_to"] == padded, (tokens, out["kernels"])
