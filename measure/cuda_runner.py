@@ -14,7 +14,10 @@ Failures are values: a launch the driver refuses (too many resources) is
 OUT_OF_RESOURCES; a fault while the kernel runs (illegal address, misaligned access, trap)
 is RUNTIME_ERROR, and because such errors poison the CUDA context the worker is killed and
 replaced; a kernel that never ends is RUN_TIMEOUT (the watchdog kills the worker); a dead
-worker is WORKER_CRASH; a wrong result is WRONG_ANSWER. The job goes on in every case.
+worker is WORKER_CRASH; a wrong result is WRONG_ANSWER, and so is a kernel that wrote to its
+inputs (the device inputs are read back and compared with the host copies after the
+verification launch and after timing; written ones are uploaded again). The job goes on in
+every case.
 
 pycuda is imported only inside the workers, so this module imports on machines without it.
 """
@@ -128,6 +131,17 @@ class _Gpu:
                 nbytes = int(np.prod(shape)) * numpy_dtype(arg.dtype).itemsize
                 self.outputs[arg.name] = (self.drv.mem_alloc(max(nbytes, 1)), shape, arg.dtype)
         self.task_key = key
+
+    def modified_inputs(self, inputs: dict[str, np.ndarray]) -> list[str]:
+        """Names of the device inputs whose bytes no longer match the host copies they came from."""
+        changed = []
+        for name, alloc in self.inputs.items():
+            host = np.ascontiguousarray(inputs[name])
+            back = np.empty_like(host)
+            self.drv.memcpy_dtoh(back, alloc)
+            if not np.array_equal(back.reshape(-1).view(np.uint8), host.reshape(-1).view(np.uint8)):
+                changed.append(name)
+        return changed
 
     def drop(self) -> None:
         for alloc in self.inputs.values():
@@ -290,16 +304,21 @@ def run_cuda_candidate(payload: dict[str, Any]) -> dict[str, Any]:
                 host = np.empty(shape, dtype=numpy_dtype(dtype))
                 drv.memcpy_dtoh(host, alloc)
                 got[name] = host
+            # inputs first, always: device inputs written to would hand the damage to every later candidate
+            scribbled = gpu.modified_inputs(inputs)
         except drv.Error as exc:
             error, sticky = classify_cuda_error(str(exc))
             return {"error": error.name, "message": f"kernel failed: {exc}", "sticky": sticky}
+        if scribbled:
+            gpu.drop()  # upload them again for the next candidate
+            return {"error": "WRONG_ANSWER", "message": f"modified its input {', '.join(scribbled)} "
+                                                        "during the verification run"}
         if payload["check"]:
             for arg in source.args:
                 if arg.role == "out":
                     problem = check_output(arg.name, got[arg.name], reference[arg.name], template.tolerance(task),
                                            arg.dtype)
                     if problem:
-                        gpu.drop()  # a wrong kernel may have scribbled on the device inputs: upload again
                         return {"error": "WRONG_ANSWER", "message": problem}
         repeats = max(policy.min_repeats, min(policy.repeats, int(policy.max_total_s / max(first_s, 1e-7))))
         try:
@@ -316,9 +335,13 @@ def run_cuda_candidate(payload: dict[str, Any]) -> dict[str, Any]:
             ends[-1].synchronize()
             clock_after = gpu.clock.read()
             costs = [e.time_since(s) * 1e-3 for s, e in zip(starts, ends)]
+            scribbled = gpu.modified_inputs(inputs)
         except drv.Error as exc:
             error, sticky = classify_cuda_error(str(exc))
             return {"error": error.name, "message": f"kernel failed while timed: {exc}", "sticky": sticky}
+        if scribbled:
+            gpu.drop()
+            return {"error": "WRONG_ANSWER", "message": f"modified its input {', '.join(scribbled)} while timed"}
         del module
     finally:
         for alloc in workspaces.values():

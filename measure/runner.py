@@ -2,10 +2,13 @@
 
 The worker keeps each task's random inputs and float64 reference between candidates; a
 candidate that hangs or crashes costs one trial: the worker is killed, a new one starts,
-and the next candidate prepares its task again.
+and the next candidate prepares its task again. Kernels run on those kept inputs, so each
+candidate's inputs are checked against their digests after it ran: one that wrote to them
+is a wrong answer, and the worker makes fresh inputs for the next.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,16 +25,36 @@ from .worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout
 # ----------------------------------------------------------------------------- worker side
 
 _PREPARED: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
+_INPUT_DIGESTS: dict[str, dict[str, bytes]] = {}  # per prepared key: what each input held at first
 
 
 def _prepared(task: Task, target_kind: str, seed: int):
     key = f"{task.key}#{seed}"
     if key not in _PREPARED:
-        _PREPARED.clear()  # one task at a time: inputs can be hundreds of MB
+        drop_prepared()  # one task at a time: inputs can be hundreds of MB
         template = get_template(task.op, target_kind)
-        inputs = template.make_inputs(task, np.random.default_rng(seed))
+        made = template.make_inputs(task, np.random.default_rng(seed))
+        inputs = {name: np.ascontiguousarray(array) for name, array in made.items()}
         _PREPARED[key] = (inputs, template.reference(task, inputs))
+        _INPUT_DIGESTS[key] = {name: input_digest(array) for name, array in inputs.items()}
     return _PREPARED[key]
+
+
+def drop_prepared() -> None:
+    """Forget the kept inputs (the next candidate makes them again)."""
+    _PREPARED.clear()
+    _INPUT_DIGESTS.clear()
+
+
+def input_digest(array: np.ndarray) -> bytes:
+    """A digest of the array's bytes (NaN-safe, unlike comparing values); ~1.5 GB/s."""
+    return hashlib.sha1(np.ascontiguousarray(array).reshape(-1).view(np.uint8)).digest()
+
+
+def modified_inputs(task: Task, seed: int, buffers: dict[str, np.ndarray]) -> list[str]:
+    """Names of the kept inputs of ``task`` whose bytes in ``buffers`` changed since they were made."""
+    digests = _INPUT_DIGESTS.get(f"{task.key}#{seed}", {})
+    return [name for name, digest in digests.items() if name in buffers and input_digest(buffers[name]) != digest]
 
 
 def prepare_task(payload: dict[str, Any]) -> bool:
@@ -59,17 +82,20 @@ def run_cpu_candidate(payload: dict[str, Any]) -> dict[str, Any]:
     inputs, reference = _prepared(task, target.kind, payload["seed"])
     kernel = load_object(Path(payload["artifact"]).read_bytes(), source, target)
     dims = task.dims
-    buffers = allocate_args(source, dims, inputs, poison=True)
+    buffers = allocate_args(source, dims, inputs, poison=True)  # the kept input arrays themselves
     start = time.perf_counter()
     kernel(buffers, dims)
     first = time.perf_counter() - start
+    # inputs first, always: a kernel that wrote to them would hand its damage to every later candidate
+    scribbled = _scribbled(task, payload["seed"], buffers, "during the verification run")
+    if scribbled:
+        return scribbled
     if payload["check"]:
         for arg in source.args:
             if arg.role == "out":
                 problem = check_output(arg.name, buffers[arg.name], reference[arg.name],
                                        template.tolerance(task), arg.dtype)
                 if problem:
-                    _PREPARED.clear()  # a wrong kernel may also have scribbled on the inputs
                     return {"error": "WRONG_ANSWER", "message": problem}
     sets = cold_copies(source, buffers, policy.cold_bytes)
     if len(sets) > 1:
@@ -77,7 +103,20 @@ def run_cpu_candidate(payload: dict[str, Any]) -> dict[str, Any]:
         timing["input_copies"] = len(sets)
     else:
         timing = time_calls(lambda n: kernel.repeat(buffers, dims, n), policy, first_call_s=first)
+    scribbled = _scribbled(task, payload["seed"], buffers, "while timed")
+    if scribbled:
+        return scribbled
     return {"error": "NO_ERROR", "costs": timing.pop("costs"), "stats": timing}
+
+
+def _scribbled(task: Task, seed: int, buffers: dict[str, np.ndarray], when: str) -> dict[str, Any] | None:
+    """A WRONG_ANSWER reply when the candidate wrote to its inputs (they are dropped), else None."""
+    names = modified_inputs(task, seed, buffers)
+    if not names:
+        return None
+    drop_prepared()
+    return {"error": "WRONG_ANSWER", "message": f"modified its input {', '.join(names)} {when}",
+            "inputs_dropped": True}
 
 
 def cold_copies(source: KernelSource, buffers: dict[str, np.ndarray], cold_bytes: int) -> list[dict]:
@@ -157,8 +196,8 @@ class LocalRunner:
         run_s = time.perf_counter() - start
         error = MeasureError[out["error"]]
         if error != MeasureError.NO_ERROR:
-            if error == MeasureError.WRONG_ANSWER:
-                self._prepared = None  # the worker dropped its inputs
+            if out.get("inputs_dropped"):
+                self._prepared = None  # the candidate wrote to them: the worker makes them again
             return MeasureResult.failed(error, out.get("message", ""), build.build_s, run_s, stats)
         stats.update(out["stats"])
         return MeasureResult(tuple(out["costs"]), MeasureError.NO_ERROR, "", build.build_s, run_s, stats=stats)

@@ -3,13 +3,17 @@
 Compiling (LLVM has assertions on) and running candidate kernels can abort, segfault or
 hang. Each happens in a ``WorkerProcess``: the parent waits with a timeout, and on a hang
 or a crash kills the process and starts a fresh one on the next call. The job goes on.
+Workers die with their parent (see ``measure.worker_main``), even one stuck in a hang.
 """
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
+from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -61,8 +65,8 @@ class WorkerProcess:
                 env[key] = value
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "measure.worker_main", str(theirs.fileno())],
+            process = _popen_from_lasting_thread(
+                [sys.executable, "-m", "measure.worker_main", str(theirs.fileno()), str(os.getpid())],
                 pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
             )
         finally:
@@ -142,6 +146,40 @@ def close_all(workers) -> None:
         worker.request_exit()
     for worker in workers:
         worker.close()
+
+
+# ----------------------------------------------------------------------------- starting workers
+# A worker asks Linux for SIGKILL when its parent dies (PR_SET_PDEATHSIG), but "parent" there
+# is the *thread* that started it: the builder and the CUDA runner call from pool threads that
+# end after each batch, which would kill their workers with them. So every worker is started
+# from one thread that lives as long as this process.
+
+_spawner: threading.Thread | None = None
+_spawn_requests: queue.SimpleQueue | None = None
+_spawner_lock = threading.Lock()
+
+
+def _popen_from_lasting_thread(args: list[str], **kwargs) -> subprocess.Popen:
+    global _spawner, _spawn_requests
+    with _spawner_lock:
+        if _spawner is None or not _spawner.is_alive():  # first use, or a forked child of this process
+            _spawn_requests = queue.SimpleQueue()
+            _spawner = threading.Thread(target=_serve_spawns, args=(_spawn_requests,), name="autotune-spawner",
+                                        daemon=True)
+            _spawner.start()
+        requests = _spawn_requests
+    future: Future = Future()
+    requests.put((future, args, kwargs))
+    return future.result()
+
+
+def _serve_spawns(requests: queue.SimpleQueue) -> None:
+    while True:
+        future, args, kwargs = requests.get()
+        try:
+            future.set_result(subprocess.Popen(args, **kwargs))
+        except BaseException as exc:  # e.g. OSError: handed to the caller
+            future.set_exception(exc)
 
 
 def _describe_exit(code: int | None) -> str:

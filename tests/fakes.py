@@ -2,7 +2,8 @@
 
 ``FaultProbe`` is a real CPU template whose ``mode`` knob renders kernels that really
 misbehave: one never ends, one writes far outside its arrays (the worker dies of SIGSEGV),
-one computes a wrong answer, one is not valid LLVM IR, and two are correct (one slowly). Each compiles and runs like any candidate.
+one computes a wrong answer, one writes the right answer and then zeroes its input, one is
+not valid LLVM IR, and two are correct (one slowly). Each compiles and runs like any candidate.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from search_space import ArgSpec, Config, ConfigSpace, KernelSource, Knob, Targe
 from search_space.codegen import llvm as cg
 
 FAULT_OP = "fault_probe"
-MODES = ("ok", "hang", "crash", "wrong", "slow", "badir")
+# scribble before slow: a grid over the modes measures a correct kernel right after the scribblers
+MODES = ("ok", "hang", "crash", "wrong", "scribble", "slow", "badir")
 
 
 @register_template
@@ -73,6 +75,9 @@ class FaultProbe(Template):
                 kb.store(kb.fmul(kb.load(x, i), cg.f32(scale)), y, i)
         if mode == "crash":
             kb.store(cg.f32(1.0), y, cg.i64(1 << 40))  # far outside any mapping: SIGSEGV
+        if mode == "scribble":  # Y is right, but X is zeroed: the next candidate would read zeros
+            with kb.loop(0, n, 1, name="z") as i:
+                kb.store(cg.f32(0.0), x, i)
         if mode == "hang":
             with kb.loop(0, 1, 0, name="forever"):  # step 0: the condition never changes
                 kb.store(kb.fadd(kb.load(y, 0), cg.f32(1.0)), y, 0)
@@ -83,7 +88,7 @@ class FaultProbe(Template):
 # ----------------------------------------------------------------------------- CUDA faults
 
 CUDA_FAULT_OP = "cuda_fault_probe"
-CUDA_MODES = ("ok", "oob", "hang", "wrong", "trap", "fat", "slow")
+CUDA_MODES = ("ok", "oob", "hang", "wrong", "trap", "fat", "slow", "scribble")
 
 
 @register_template
@@ -93,8 +98,9 @@ class CudaFaultProbe(Template):
     ``oob`` writes far outside Y (an illegal address: a sticky error that poisons the
     context), ``hang`` never ends, ``wrong`` computes 3 * X, ``trap`` executes a trap
     instruction, ``fat`` asks for more shared memory than any GPU has (caught after
-    compiling, before running), ``slow`` is correct but loops. The space has no launch
-    constraints, so every mode reaches the builder and the runner.
+    compiling, before running), ``slow`` is correct but loops, ``scribble`` writes the right Y
+    and then zeroes X. The space has no launch constraints, so every mode reaches the builder
+    and the runner.
     """
 
     op = CUDA_FAULT_OP
@@ -138,8 +144,13 @@ class CudaFaultProbe(Template):
             "oob": "if (i == 0) Y[(1LL << 36) + 12345] = 1.0f;",
             "hang": "if (i == 0) { while (true) { asm volatile(\"nanosleep.u32 1000;\"); } }",
             "trap": "if (i == 0) asm volatile(\"trap;\");",
-            "slow": "for (int r = 0; r < 20000; ++r) v = v * 1.0000001f + 1e-30f;",
+            # the loop's result is only compared, never stored: v (and so Y) stays exact, but the
+            # compiler must run the loop (feeding it back into v drifted Y by 0.25%: a wrong answer)
+            "slow": "float w = v; for (int r = 0; r < 20000; ++r) w = w * 1.0000001f + 1e-30f;\n"
+                    "  if (w == 12345.0f) v = 0.0f;  // |w| stays below 2",
         }.get(mode, "")
+        # Y is right, but X is zeroed after each thread has read its element
+        scribble = f"if (i < {n}) const_cast<float*>(X)[i] = 0.0f;" if mode == "scribble" else ""
         smem = 300 << 10 if mode == "fat" else 0
         code = PREAMBLE + f"""
 extern "C" __global__ void fault({kernel_params(args)}) {{
@@ -147,6 +158,7 @@ extern "C" __global__ void fault({kernel_params(args)}) {{
   float v = i < {n} ? X[i] : 0.0f;
   {extra}
   if (i < {n}) Y[i] = {scale} * v;
+  {scribble}
 }}
 """
         launch = (("block", (block, 1, 1)), ("grid", (-(-n // block), 1, 1)), ("smem", smem))
@@ -217,6 +229,14 @@ class SyntheticRunner:
             seconds = self.base.get(inp.task.op, 1e-5) * factor
             out.append(MeasureResult((seconds, seconds, seconds)))
         return out
+
+
+def spin_forever(started_file: str) -> None:
+    """A worker job that hangs at 100% CPU, as a runaway candidate does; it first creates
+    ``started_file`` so that a test knows the worker is busy with it."""
+    Path(started_file).touch()
+    while True:
+        pass
 
 
 def run_numpy_only(tmp_path, script: str, *args: str, timeout: float = 300):

@@ -17,11 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fakes
 import numpy as np
 import pytest
 from fakes import FAKE_GPU_TARGET, FAKE_PYCUDA
 
-from measure import BuildResult, LocalBuilder, MeasureError, MeasureInput
+from measure import BuildResult, LocalBuilder, MeasureError, MeasureInput, TimingPolicy
 from measure.cuda_runner import CudaRunner
 from search_space import Task, get_template
 
@@ -96,6 +97,87 @@ def test_wrong_answers_refused_launches_and_kernel_faults_on_the_fake_gpu(fake_g
     assert "launch refused" in results[2].message
     assert "deadlock" in results[3].message and "worker replaced" in results[3].message
     assert generation == 2  # the 'sticky' fault cost the worker once
+
+
+def test_cuda_fault_probe_on_the_fake_gpu_each_fault_costs_only_its_own_trial(fake_gpu, tmp_path):
+    """The H200 fault job, minus the faults the emulator cannot raise (oob, hang, trap): a
+    correct kernel is NO_ERROR whatever ran before it, a refused launch writes nothing and
+    costs no worker, a kernel that writes to its input is the wrong one."""
+    from measure.compile_cuda import compile_to_cubin
+
+    template = get_template(fakes.CUDA_FAULT_OP, "cuda")
+    task = Task.make(fakes.CUDA_FAULT_OP, {"N": 4096})
+    space = template.space(task, FAKE_TARGET)
+    modes = ["ok", "wrong", "ok", "fat", "slow", "scribble", "ok", "greedy", "slow", "ok"]
+    inputs = [MeasureInput(task, space.from_values({"mode": "ok" if m == "greedy" else m, "block": 128}),
+                           FAKE_TARGET) for m in modes]
+    with LocalBuilder(n_parallel=2, timeout_s=300) as builder:
+        built = dict(zip(modes, builder.build(inputs)))
+    assert built["fat"].error == MeasureError.OUT_OF_RESOURCES  # the builder's check turns it away
+    # ... and had it not, the driver refuses it: compile it anyway and let the runner try
+    cubin, stats = compile_to_cubin(built["fat"].source, FAKE_TARGET)
+    fat_path = tmp_path / "fat.cubin"
+    fat_path.write_bytes(cubin)
+    built["fat"] = BuildResult(str(fat_path), built["fat"].source, "fat", stats=stats)
+    # "greedy": the correct kernel as if it needed 128 registers a thread, in blocks of 1024
+    # threads: more than the register file holds, so its launch is refused
+    greedy_cubin = Path(built["ok"].artifact).read_bytes() + b"greedy"  # distinct bytes, distinct registry key
+    greedy_path = tmp_path / "greedy.cubin"
+    greedy_path.write_bytes(greedy_cubin)
+    greedy_source = dataclasses.replace(built["ok"].source, launch=tuple(
+        (k, (1024, 1, 1) if k == "block" else (4, 1, 1) if k == "grid" else v) for k, v in built["ok"].source.launch))
+    (fake_gpu / (hashlib.sha256(greedy_cubin).hexdigest() + ".json")).write_text(
+        json.dumps(dict(greedy_source.to_dict(), registers=128)))
+    built["greedy"] = dataclasses.replace(built["ok"], artifact=str(greedy_path), source=greedy_source)
+    for mode, build in built.items():
+        if mode not in ("fat", "greedy"):
+            assert build.error == MeasureError.NO_ERROR, build.message
+            register(fake_gpu, Path(build.artifact).read_bytes(), build.source)
+    register(fake_gpu, cubin, built["fat"].source)
+    policy = TimingPolicy(warmup=1, min_sample_s=0.0, repeats=3, min_repeats=3, max_total_s=0.2)
+    with CudaRunner(timeout_s=300, policy=policy) as runner:
+        results = runner.run(inputs, [built[m] for m in modes])
+        generation = runner._workers[0].generation
+    errors = [r.error.name for r in results]
+    assert errors == ["NO_ERROR", "WRONG_ANSWER", "NO_ERROR", "OUT_OF_RESOURCES", "NO_ERROR", "WRONG_ANSWER",
+                      "NO_ERROR", "OUT_OF_RESOURCES", "NO_ERROR", "NO_ERROR"], list(zip(modes, errors,
+                                                                                         [r.message for r in results]))
+    assert "launch refused" in results[3].message
+    assert results[5].message == "modified its input X during the verification run"
+    assert "too many resources requested for launch" in results[7].message
+    assert generation == 1  # refused launches and wrong answers cost no worker
+
+
+def test_the_fake_refuses_launches_over_the_register_file_as_the_driver_does(fake_gpu):
+    """CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: raised by the launch call, before anything runs (the
+    outputs keep their poison), and not sticky (the next launch in the same context works)."""
+    import pycuda.driver as drv
+
+    from measure.cuda_runner import classify_cuda_error
+
+    task = Task.make(fakes.CUDA_FAULT_OP, {"N": 4096})
+    template = get_template(fakes.CUDA_FAULT_OP, "cuda")
+    source = template.render(task, template.default(task, FAKE_TARGET), FAKE_TARGET)
+    cubin = b"a kernel that needs 128 registers a thread"
+    (fake_gpu / (hashlib.sha256(cubin).hexdigest() + ".json")).write_text(
+        json.dumps(dict(source.to_dict(), registers=128)))
+    drv.init()
+    func = drv.module_from_buffer(cubin).get_function("fault")
+    assert func.get_attribute(drv.function_attribute.MAX_THREADS_PER_BLOCK) == 512
+    func.prepare([np.uintp, np.uintp])
+    x_host = np.random.default_rng(0).uniform(-1, 1, 4096).astype(np.float32)
+    x, y = drv.mem_alloc(x_host.nbytes), drv.mem_alloc(x_host.nbytes)
+    drv.memcpy_htod(x, x_host)
+    drv.memset_d32(y, 0x7FC00000, 4096)
+    with pytest.raises(drv.LaunchError, match="too many resources requested for launch") as refused:
+        func.prepared_async_call((4, 1, 1), (1024, 1, 1), None, int(x), int(y))
+    assert classify_cuda_error(str(refused.value), during_launch=True) == (MeasureError.OUT_OF_RESOURCES, False)
+    y_host = np.empty_like(x_host)
+    drv.memcpy_dtoh(y_host, y)
+    assert np.isnan(y_host).all()  # nothing ran
+    func.prepared_async_call((8, 1, 1), (512, 1, 1), None, int(x), int(y))
+    drv.memcpy_dtoh(y_host, y)
+    np.testing.assert_array_equal(y_host, 2 * x_host)
 
 
 def _cli(args, env, cwd):

@@ -117,7 +117,7 @@ def test_runner_maps_every_outcome_and_replaces_poisoned_workers():
     assert "worker replaced" in results[1].message
     # sticky error, timeout, crash and the sticky WorkerError each cost the worker; OOR does not
     assert worker.killed == 4
-    # a fresh worker means preparing the task's inputs again (a wrong answer only re-uploads them)
+    # a fresh worker means preparing the task's inputs again (a wrong answer keeps them)
     assert worker.calls.count("prepare_cuda_task") == 5
     assert worker.closed
     for r in results:
@@ -238,7 +238,7 @@ def test_cuda_faults_each_cost_one_trial_and_the_job_goes_on(gpu_target):
     template = get_template(fakes.CUDA_FAULT_OP, "cuda")
     task = Task.make(fakes.CUDA_FAULT_OP, {"N": 1 << 20})
     space = template.space(task, gpu_target)
-    modes = ["ok", "oob", "ok", "hang", "ok", "wrong", "ok", "trap", "ok", "fat", "slow"]
+    modes = ["ok", "oob", "ok", "hang", "ok", "wrong", "ok", "trap", "ok", "fat", "slow", "scribble", "ok"]
     inputs = [MeasureInput(task, space.from_values({"mode": m, "block": 128}), gpu_target) for m in modes]
     with LocalBuilder(n_parallel=4, timeout_s=300) as builder, CudaRunner(timeout_s=10) as runner:
         results = runner.run(inputs, builder.build(inputs))
@@ -248,9 +248,10 @@ def test_cuda_faults_each_cost_one_trial_and_the_job_goes_on(gpu_target):
     assert errors == [MeasureError.NO_ERROR, MeasureError.RUNTIME_ERROR, MeasureError.NO_ERROR,
                       MeasureError.RUN_TIMEOUT, MeasureError.NO_ERROR, MeasureError.WRONG_ANSWER,
                       MeasureError.NO_ERROR, MeasureError.RUNTIME_ERROR, MeasureError.NO_ERROR,
-                      MeasureError.OUT_OF_RESOURCES, MeasureError.NO_ERROR], [(e.name, r.message) for e, r in
-                                                                               zip(errors, results)]
+                      MeasureError.OUT_OF_RESOURCES, MeasureError.NO_ERROR, MeasureError.WRONG_ANSWER,
+                      MeasureError.NO_ERROR], [(e.name, r.message) for e, r in zip(errors, results)]
     assert "illegal" in results[1].message
+    assert "modified its input X" in results[11].message
     assert results[10].median > results[0].median  # the slow kernel is slower
 
 

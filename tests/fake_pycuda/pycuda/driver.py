@@ -44,10 +44,12 @@ class device_attribute:  # noqa: N801 - pycuda's spelling
 class function_attribute:  # noqa: N801
     MAX_DYNAMIC_SHARED_SIZE_BYTES = "max_dynamic_smem"
     MAX_THREADS_PER_BLOCK = "max_threads"
+    NUM_REGS = "num_regs"
 
 
 ATTRIBUTES = {"sm_count": 2, "max_threads": 1024, "smem_optin": 227 << 10, "regs": 65536, "l2": 1 << 20,
               "clock": 1980000}
+DEFAULT_REGISTERS = 32  # per thread, for a kernel whose ptxas report the fake has not seen
 _initialised = False
 
 
@@ -196,7 +198,8 @@ def _registry() -> Path:
 
 
 def register(cubin: bytes, source_dict: dict) -> None:
-    """Test side: remember which source a cubin was built from."""
+    """Test side: remember which source a cubin was built from. An optional ``registers``
+    entry is what ptxas would have put in the cubin (registers per thread)."""
     path = _registry() / (hashlib.sha256(cubin).hexdigest() + ".json")
     path.write_text(json.dumps(source_dict))
 
@@ -215,7 +218,8 @@ _CACHE_INDEX: dict[str, Path] = {}
 
 
 def _from_build_cache(digest: str) -> dict | None:
-    """The builder keeps each artifact's source beside it: find the cubin by content."""
+    """The builder keeps each artifact's source beside it (and ptxas's report, whose register
+    count the cubin carries on a real GPU): find the cubin by content."""
     root = os.environ.get("AUTOTUNE_CACHE_DIR")
     if not root:
         return None
@@ -224,7 +228,13 @@ def _from_build_cache(digest: str) -> dict | None:
             _CACHE_INDEX.setdefault(hashlib.sha256(cubin.read_bytes()).hexdigest(), cubin)
     cubin = _CACHE_INDEX.get(digest)
     source = cubin.with_name(cubin.stem + ".source.json") if cubin else None
-    return json.loads(source.read_text()) if source and source.exists() else None
+    if not (source and source.exists()):
+        return None
+    found = json.loads(source.read_text())
+    stats = cubin.with_name(cubin.stem + ".json")
+    if stats.exists():
+        found.setdefault("registers", json.loads(stats.read_text()).get("registers", 0))
+    return found
 
 
 def module_from_buffer(buffer, options=None, message_handler=None) -> Module:
@@ -238,9 +248,17 @@ def module_from_buffer(buffer, options=None, message_handler=None) -> Module:
     return Module(found)
 
 
+def _register_limited_threads(registers: int) -> int:
+    """The most threads per block the register file holds (registers go out per warp, in
+    units of 256), as the driver reports in CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return min(ATTRIBUTES["max_threads"], ATTRIBUTES["regs"] // max(per_warp, 1) * 32)
+
+
 class Function:
     def __init__(self, source_dict: dict):
         self.source_dict = source_dict
+        self.registers = int(source_dict.get("registers") or DEFAULT_REGISTERS)
         self.max_dynamic_smem = 48 << 10
         self.types = None
         self.lib = None
@@ -252,15 +270,24 @@ class Function:
             self.max_dynamic_smem = value
 
     def get_attribute(self, attr):
-        return 1024 if attr == function_attribute.MAX_THREADS_PER_BLOCK else 0
+        if attr == function_attribute.MAX_THREADS_PER_BLOCK:
+            return _register_limited_threads(self.registers)
+        if attr == function_attribute.NUM_REGS:
+            return self.registers
+        return 0
 
     def prepare(self, arg_types):
         self.types = [np.dtype(t) for t in arg_types]
         return self
 
     def prepared_async_call(self, grid, block, stream, *args, shared_size=0):
-        if int(np.prod(block)) > 1024 or shared_size > self.max_dynamic_smem:
-            raise LaunchError("cuLaunchKernel failed: invalid argument")
+        # Refused launches, as the driver refuses them: before anything runs, so nothing is
+        # written, and not sticky (the context stays usable; only faults while running poison it).
+        threads = int(np.prod(block))
+        if threads > ATTRIBUTES["max_threads"] or shared_size > self.max_dynamic_smem:
+            raise LogicError("cuLaunchKernel failed: invalid argument")  # CUDA_ERROR_INVALID_VALUE
+        if threads > _register_limited_threads(self.registers):
+            raise LaunchError("cuLaunchKernel failed: too many resources requested for launch")
         if self.lib is None:
             import cudaemu  # tests/ is on the worker's path
             from search_space import KernelSource
