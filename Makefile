@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean check-cc
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# export links the CPU kernels into a shared library with the system C compiler: say so before anything runs
+check-cc:
+	@for c in "$${CC%% *}" cc gcc clang; do [ -n "$$c" ] && command -v "$$c" >/dev/null 2>&1 && exit 0; done; \
+	echo "make demo: no C compiler found (tried \$$CC, cc, gcc, clang); autotune export needs one to link the kernels: install gcc (apt-get install gcc) or set CC" >&2; \
+	exit 2
+
+demo: check-cc $(STAMP)
 	$(BIN)/autotune tune --op gemm --shape M=256,N=256,K=256 --tuner xgb --trials 48 --log demo.jsonl
 	$(BIN)/autotune tune --op gemv --shape M=1,N=4096,K=4096 --tuner xgb --trials 32 --log demo.jsonl
 	$(BIN)/autotune best --log demo.jsonl

@@ -1,0 +1,25 @@
+"""`make demo` on a machine without a C compiler stops at once, naming what to install."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_without_a_c_compiler_stops_with_one_line(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()  # a PATH with no compiler (and nothing else)
+    start = time.monotonic()
+    proc = subprocess.run([shutil.which("make"), "-s", "-C", str(ROOT), "demo"], capture_output=True, text=True,
+                          env={"PATH": str(empty), "CC": str(tmp_path / "no-such-cc")}, timeout=60)
+    assert proc.returncode == 2
+    assert time.monotonic() - start < 30
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith(("make: ", "make["))]  # make's own
+    assert len(lines) == 1 and "no C compiler found" in lines[0] and "install gcc" in lines[0]
+    assert proc.stdout == ""
