@@ -3,7 +3,7 @@
 #
 #   source .device/env.sh && bash benchmarks/gpu_check.sh
 #
-# 1. the tests marked `gpu` (real kernels verified and timed, injected CUDA faults);
+# 1. the tests marked `gpu`: the injected CUDA faults first, then real kernels verified and timed;
 # 2. measures hand-picked Hopper configs for the shapes TARGETS.md sets goals for, then tunes
 #    those shapes and every CUDA operator `autotune ops --target cuda --json` lists (at its
 #    example shape), each with a small xgb budget that resumes from those records;
@@ -39,8 +39,15 @@ step "device and environment -> $LOG"
 } > "$LOG/environment.txt" 2>&1
 cat "$LOG/environment.txt"
 
-step "tests marked gpu"
-timeout 150 $PY -m pytest -v -m gpu -p no:cacheprovider --timeout 120 tests > "$LOG/pytest-gpu.log" 2>&1
+step "GPU fault tests first (each fault costs only its own trial; a correct kernel after one is NO_ERROR)"
+timeout 120 $PY -m pytest -v -m gpu -p no:cacheprovider --timeout 100 tests/measure/test_cuda_runner.py \
+  > "$LOG/pytest-gpu-faults.log" 2>&1
+echo "pytest -m gpu (faults) exit code $?" | tee -a "$LOG/steps.log"
+grep -E " (PASSED|FAILED|ERROR)" "$LOG/pytest-gpu-faults.log" | head -n 20
+
+step "the other tests marked gpu"
+timeout 150 $PY -m pytest -v -m gpu -p no:cacheprovider --timeout 120 tests --ignore=tests/measure/test_cuda_runner.py \
+  > "$LOG/pytest-gpu.log" 2>&1
 echo "pytest -m gpu exit code $?" | tee -a "$LOG/steps.log"
 echo "  $(grep -c " PASSED" "$LOG/pytest-gpu.log") passed; not passed:"; grep -E " (FAILED|ERROR)" "$LOG/pytest-gpu.log" | head -n 20
 tail -n 3 "$LOG/pytest-gpu.log"
