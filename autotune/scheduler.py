@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -131,6 +132,12 @@ class TaskScheduler:
 
     def tune(self, trials_total: int, builder: Builder, runner: Runner, log: RecordLog | None = None,
              on_round: Sequence[RoundCallback] = ()) -> ModelTuneSummary:
+        # one job per log, as Tuner.tune: a second job would measure every config again
+        with log.lock() if log is not None else nullcontext():
+            return self._tune(trials_total, builder, runner, log, on_round)
+
+    def _tune(self, trials_total: int, builder: Builder, runner: Runner, log: RecordLog | None,
+              on_round: Sequence[RoundCallback]) -> ModelTuneSummary:
         if trials_total < 1:
             raise ValueError(f"trials_total must be >= 1, got {trials_total}")
         start = time.perf_counter()

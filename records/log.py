@@ -2,16 +2,22 @@
 
 Each record is one whole line, written, flushed and fsynced before the next trial, so a
 job killed at any moment loses at most the trial in flight. Loading skips and counts
-lines that do not parse (a truncated last line after a kill, a hand edit gone wrong).
+lines that are not records (a truncated last line after a kill, a hand edit gone wrong,
+JSON that is not a record, a record of an operator no template knows).
 A log whose name ends in ``.gz`` (an archived sweep) is read through gzip and is read-only.
+Only regular files are logs: a device never ends (``/dev/zero``) or never takes a write
+(``/dev/full``), and a FIFO blocks until someone opens its other end.
 """
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import math
 import os
+import stat
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -20,7 +26,37 @@ from .record import Record
 
 
 class LogWriteError(OSError):
-    """The log cannot be written (missing directory, no permission, full disk)."""
+    """The log cannot be written (missing directory, no permission, full disk, not a regular file)."""
+
+
+class LogLockedError(LogWriteError):
+    """Another tuning job holds the log: two jobs would measure every config twice."""
+
+
+class LogReadError(OSError):
+    """The log cannot be read as a log (it is not a regular file)."""
+
+
+def _special_kind(path: Path) -> str | None:
+    """What ``path`` is when it exists and is not a regular file ("a directory", "a FIFO", ...),
+    else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # a new log (or a dangling symlink), or one that open() reports on
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
 
 
 @dataclass
@@ -38,12 +74,12 @@ class RecordLog:
         self.path = Path(path)
 
     def check_writable(self) -> None:
-        """Fail early, before any measurement, if records could not be kept."""
+        """Fail early, before any measurement, if records could not be kept (or another job
+        holds the log: see ``lock``)."""
         parent = self.path.parent if str(self.path.parent) else Path(".")
         if self.compressed:
             raise LogWriteError(f"log {self.path} is compressed (.gz): archived logs are read-only")
-        if self.path.is_dir():
-            raise LogWriteError(f"log path {self.path} is a directory")
+        self._refuse_special(LogWriteError)
         if not parent.exists():
             raise LogWriteError(f"log directory {parent} does not exist")
         try:
@@ -51,6 +87,73 @@ class RecordLog:
                 pass
         except OSError as exc:
             raise LogWriteError(f"cannot write log {self.path}: {exc.strerror or exc}") from None
+        with self.lock():  # refuse now, before any set-up, when another job is tuning into this log
+            pass
+
+    def _refuse_special(self, error: type[OSError]) -> None:
+        kind = _special_kind(self.path)
+        if kind == "a directory":
+            raise error(f"log path {self.path} is a directory")
+        if kind is not None:
+            raise error(f"log {self.path} is {kind}: a log must be a regular file")
+
+    @property
+    def lock_path(self) -> Path:
+        # beside the real file, so a log named through a symlink or another path has one lock
+        real = self.path.resolve()
+        return real.with_name(real.name + ".lock")
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the log for one tuning job; LogLockedError at once if another job holds it.
+
+        An advisory ``flock`` on a sidecar ``PATH.lock`` rather than on the log itself: the
+        holder's pid goes into it for the message without putting anything but records in
+        the log, and it is independent of ``append`` opening and closing the log (a POSIX
+        fcntl/lockf lock would be dropped by the first close of any descriptor of the log).
+        The kernel releases a flock when its holder dies, so a killed job leaves no stale
+        lock. Readers (best, replay, export) never take it.
+        """
+        path = self.lock_path
+        fd = self._acquire(path)
+        try:
+            yield
+        finally:
+            # unlinked while still held: a job that opened this file meanwhile sees it is gone
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            os.close(fd)
+
+    def _acquire(self, path: Path) -> int:
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise LogWriteError(f"cannot lock log {self.path}: {path}: {exc.strerror or exc}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise LogLockedError(f"log {self.path} is in use by another tuning job (pid {holder})") from None
+            except OSError as exc:
+                os.close(fd)
+                raise LogWriteError(f"cannot lock log {self.path}: {exc.strerror or exc}") from None
+            try:  # the previous holder may have unlinked the file between our open and flock
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+            if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                try:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+                except OSError:  # a full disk: the pid is only for the message, the flock is the lock
+                    pass
+                return fd
+            os.close(fd)
 
     @property
     def compressed(self) -> bool:
@@ -62,6 +165,7 @@ class RecordLog:
             return
         if self.compressed:
             raise LogWriteError(f"log {self.path} is compressed (.gz): archived logs are read-only")
+        self._refuse_special(LogWriteError)  # a FIFO would block, /dev/full never takes the line
         try:
             self._repair_tail()
             with open(self.path, "a", encoding="utf-8") as f:
@@ -92,6 +196,8 @@ class RecordLog:
         seen: set[tuple[str, str, str, float]] = set()
         if not self.path.exists():
             return report
+        # a device reads forever (/dev/zero: one endless line in memory), a FIFO blocks
+        self._refuse_special(LogReadError)
         opener = gzip.open if self.compressed else open
         with opener(self.path, "rt", encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, start=1):
@@ -99,7 +205,7 @@ class RecordLog:
                     continue
                 try:
                     record = Record.from_json(line)
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                     report.bad_lines += 1
                     report.first_bad_line = report.first_bad_line or number
                     continue
@@ -129,10 +235,11 @@ def load_records(paths: Iterable[str | os.PathLike], warn: bool = True) -> list[
 
 
 def best_records(records: Iterable[Record]) -> dict[tuple[str, str], Record]:
-    """The fastest verified record per (task key, target key). Failed records never win."""
+    """The fastest verified record per (task key, target key). Failed records never win, nor do
+    times no kernel takes (zero, negative, NaN, infinite: ``Record.ok`` is False for them)."""
     best: dict[tuple[str, str], Record] = {}
     for record in records:
-        if not record.ok or not math.isfinite(record.seconds):
+        if not record.ok:
             continue
         key = (record.task.key, record.target.key)
         if key not in best or record.seconds < best[key].seconds:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from measure import MeasureError, MeasureInput, MeasureResult
-from search_space import Config, ConfigSpace, Target, Task
+from search_space import Config, ConfigSpace, Target, Task, op_definition
 
 SCHEMA_VERSION = 1
 
@@ -51,7 +51,9 @@ class Record:
 
     @property
     def ok(self) -> bool:
-        return self.result.ok
+        """Verified, with times a kernel can take: a zero, negative, NaN or infinite time (a hand
+        edit, a broken timer) would otherwise win every comparison it is in."""
+        return self.result.ok and all(math.isfinite(c) and c > 0 for c in self.result.costs)
 
     @property
     def seconds(self) -> float:
@@ -93,12 +95,20 @@ class Record:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Record":
+        """Raises ValueError (or KeyError, TypeError) for anything that is not a record."""
+        if not isinstance(data, dict):
+            raise ValueError(f"not a record: {repr(data)[:40]} is not a JSON object")
+        for section in ("task", "target", "config", "result"):
+            if not isinstance(data.get(section), dict):
+                raise ValueError(f"not a record: no {section!r} object")
         schema = int(data.get("schema", 0))
         if schema < 1 or schema > SCHEMA_VERSION:
             raise ValueError(f"record schema {schema} is not supported (this version reads 1..{SCHEMA_VERSION})")
         config = data["config"]
+        task = Task.from_dict(data["task"])
+        op_definition(task.op)  # ValueError for an operator no template (of any target kind) knows
         return cls(
-            task=Task.from_dict(data["task"]),
+            task=task,
             target=Target.from_dict(data["target"]),
             config=dict(config["values"]),
             config_index=int(config.get("index", -1)),

@@ -141,13 +141,18 @@ def open_log(path: str):
 
 
 def read_log(path: str):
-    from records import RecordLog
+    from records import LogReadError, RecordLog
 
     if not Path(path).exists():
         raise UserError(f"log {path} does not exist")
     if Path(path).is_dir():
         raise UserError(f"log {path} is a directory")
-    report = RecordLog(path).load(warn=False)
+    try:
+        report = RecordLog(path).load(warn=False)
+    except LogReadError as exc:  # a FIFO or a device: refused rather than read forever
+        raise UserError(str(exc)) from None
+    except OSError as exc:  # e.g. no permission
+        raise UserError(f"cannot read log {path}: {exc.strerror or exc}") from None
     if report.bad_lines:
         click.echo(f"autotune: warning: {path}: skipped {report.bad_lines} unreadable line(s) "
                    f"(first at line {report.first_bad_line})", err=True)
@@ -251,8 +256,9 @@ def make_job(**fields: Any):
 def run_tuning(job, progress: bool):
     """Run ``job`` as every command does: remarks on stderr, bad input as a UserError."""
     from autotune.job import JobError, run_job
+    from records import LogLockedError
 
     try:
         return run_job(job, progress=progress, note=lambda text: click.echo(text, err=True))
-    except JobError as exc:
+    except (JobError, LogLockedError) as exc:  # a second job took the log since open_log looked
         raise UserError(str(exc)) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
@@ -85,7 +86,7 @@ class Tuner:
     def update(self, inputs: Sequence[MeasureInput], results: Sequence[MeasureResult]) -> None:
         for inp, res in zip(inputs, results):
             self.visited.add(inp.config.index)
-            if res.ok and res.median < self.best_cost:
+            if res.ok and 0 < res.median < self.best_cost:  # a zero or negative time is no kernel's
                 self.best_cost = res.median
                 self.best_config = inp.config
 
@@ -121,12 +122,15 @@ class Tuner:
              log: RecordLog | None = None, callbacks: Sequence[Callback] = ()) -> TuneSummary:
         if n_trials < 1:
             raise ValueError(f"n_trials must be >= 1, got {n_trials}")
-        summary = self.start(log, callbacks)
-        while summary.trials < n_trials and self.has_next():
-            configs = self.next_batch(min(batch_size, n_trials - summary.trials))
-            if not self.measure(configs, builder, runner, summary, log, callbacks):
-                break
-        return self.finish(summary)
+        # the whole job holds the log: a second job on it would measure every config again and
+        # count it toward its own budget (LogLockedError, at once, for that job)
+        with log.lock() if log is not None else nullcontext():
+            summary = self.start(log, callbacks)
+            while summary.trials < n_trials and self.has_next():
+                configs = self.next_batch(min(batch_size, n_trials - summary.trials))
+                if not self.measure(configs, builder, runner, summary, log, callbacks):
+                    break
+            return self.finish(summary)
 
     # The steps of ``tune``, for drivers that interleave many tasks (the model scheduler).
     def start(self, log: RecordLog | None = None, callbacks: Sequence[Callback] = ()) -> TuneSummary:
@@ -134,7 +138,9 @@ class Tuner:
         summary = TuneSummary(self.task, self.target)
         summary.started = time.perf_counter()
         prior = self.resume(log) if log is not None else []
-        summary.resumed = summary.trials = len(prior)
+        # a config counts once toward the budget, however often it is in the log (two jobs that
+        # once ran on one log measured each config twice)
+        summary.resumed = summary.trials = len({r.to_config(self.space).index for r in prior})
         summary.records.extend(prior)
         if prior:
             resumed_inputs = [r.to_measure_input(self.space) for r in prior]

@@ -76,3 +76,17 @@ def test_a_task_that_never_verifies_is_given_up_and_the_rest_go_on(tmp_path):
     assert all("swiglu" in key for key in summary.given_up) and summary.given_up
     swiglu = [s for t, s in zip(summary.tasks, summary.summaries) if t.task.op == "swiglu"]
     assert all(s.trials <= 3 * 2 for s in swiglu)
+
+
+def test_a_model_job_holds_its_log_like_a_single_task_job(tmp_path):
+    from records import LogLockedError
+
+    tasks = model_tasks(TINY, [128], [1], [512])
+    runner = SyntheticRunner({"gemv": 1e-3, "gemm": 1e-4})
+    log = RecordLog(tmp_path / "m.jsonl")
+    with log.lock():  # another job has the log
+        with pytest.raises(LogLockedError, match="in use by another tuning job"):
+            TaskScheduler(tasks, Target.host(), "random", seed=0, batch=4).tune(8, runner, runner, log)
+    assert log.records() == []
+    summary = TaskScheduler(tasks, Target.host(), "random", seed=0, batch=4).tune(8, runner, runner, log)
+    assert summary.trials == 8

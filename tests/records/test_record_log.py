@@ -116,3 +116,47 @@ def test_gzipped_logs_are_read_and_never_written(tmp_path):
         log.append(records[:1])
     with pytest.raises(LogWriteError, match="read-only"):
         log.check_writable()
+
+
+def test_json_lines_that_are_not_records_are_skipped_and_counted(tmp_path):
+    """JSON that is not a record (a list, null, a number, a string, an empty object, fields of
+    the wrong type, an operator no template knows) is skipped and counted like a torn line."""
+    good = make_record(0, 0.1)
+    unknown_op = good.to_dict()
+    unknown_op["task"]["op"] = "nosuchop"
+    wrong_types = good.to_dict()
+    wrong_types["task"]["shape"] = [1, 2]
+    lines = [good.to_json(), "[1,2,3]", "null", "42", '"text"', "{}", json.dumps(unknown_op),
+             json.dumps({**good.to_dict(), "task": "gemm"}), json.dumps(wrong_types), make_record(1, 0.2).to_json()]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match="skipped 8 unreadable"):
+        report = RecordLog(path).load()
+    assert [r.config_index for r in report.records] == [0, 1]
+    assert report.bad_lines == 8 and report.first_bad_line == 2
+
+
+def test_records_of_an_op_known_for_the_other_target_kind_are_kept(tmp_path):
+    from fakes import CUDA_FAULT_OP  # registers a template for cuda only
+
+    record = Record(Task.make(CUDA_FAULT_OP, {"N": 64}), Target.host(), {"mode": "ok", "block": 128}, 0,
+                    MeasureResult((1e-6, 1e-6, 1e-6)))
+    log = RecordLog(tmp_path / "t.jsonl")
+    log.append([record])
+    report = log.load(warn=False)
+    assert len(report.records) == 1 and report.bad_lines == 0
+
+
+@pytest.mark.parametrize("costs", [[0.0, 0.0, 0.0], [-1e-6, -1e-6, -1e-6], [float("nan")] * 3,
+                                   [float("inf")] * 3, [1e-6, 0.0, 1e-6]])
+def test_times_no_kernel_takes_never_win(costs, tmp_path):
+    """A zero, negative, NaN or infinite time (a hand edit, a broken timer) is not verified."""
+    good = make_record(0, 0.3)
+    bad = make_record(1, 0.1).to_dict()
+    bad["result"]["costs"] = costs
+    path = tmp_path / "t.jsonl"
+    path.write_text(good.to_json() + "\n" + json.dumps(bad) + "\n")  # json writes NaN and Infinity as such
+    records = RecordLog(path).records(warn=False)
+    assert len(records) == 2 and not records[1].ok
+    assert best_records(records)[(good.task.key, good.target.key)].config_index == 0
+    assert best(records[1:], good.task, good.target) is None
