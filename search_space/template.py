@@ -112,6 +112,7 @@ class Operator:
     dynamic_dims: ClassVar[tuple[str, ...]] = ()  # dims that may be runtime arguments
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
     default_attrs: ClassVar[dict[str, Any]] = {}
+    attr_docs: ClassVar[dict[str, str]] = {}  # what each attribute means, for `autotune ops`
     description: ClassVar[str] = ""
 
     def attrs(self, task: Task) -> dict[str, Any]:

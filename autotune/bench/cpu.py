@@ -8,6 +8,7 @@ ran is reported through threadpoolctl. The roofline probes run with the same thr
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,8 @@ from measure import LocalBuilder, LocalRunner, MeasureInput, TimingPolicy
 from measure.roofline import working_set_bandwidth
 from measure.worker import WorkerProcess
 from search_space import Config, Target, Task, get_template, template_module
+
+from ..units import format_rate, format_time, rate
 
 BENCH_POLICY = TimingPolicy(warmup=2, min_sample_s=0.05, repeats=9, min_repeats=5, max_total_s=20.0)
 FAST_BLAS_ENV: dict[str, str | None] = {"OPENBLAS_CORETYPE": None, "OPENBLAS_L2_SIZE": None}
@@ -43,6 +46,10 @@ def run_numpy_baseline(payload: dict[str, Any]) -> dict[str, Any]:
             "blas": {k: blas.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}}
 
 
+SPREAD_LIMIT = 0.10  # samples spread wider than this (p20..p80 over the median): the figure may move as much
+BUSY_LOAD = 0.75  # load beyond this bench's own threads: another process shares the cores
+
+
 @dataclass
 class BenchResult:
     task: Task
@@ -59,6 +66,21 @@ class BenchResult:
     memory_gbs: float = 0.0  # read bandwidth of the level the working set fits in
     memory_level: str = "DRAM"
     error: str = ""
+    tuned_spread: float = 0.0  # (p80 - p20) / median of the timed samples
+    baseline_spread: float = 0.0
+    load: float = 0.0  # the machine's 1-minute load average when the timing ended
+    cores: int = 0
+
+    @property
+    def unreliable(self) -> list[str]:
+        """Why the figures should not be trusted: samples that spread, or other work running."""
+        reasons = [f"the {side} samples spread {value * 100:.0f}%"
+                   for side, value in (("tuned", self.tuned_spread), ("baseline", self.baseline_spread))
+                   if value > SPREAD_LIMIT]
+        if self.cores and self.load - self.threads > BUSY_LOAD:
+            reasons.append(f"the load was {self.load:.1f} on {self.cores} cores with {self.threads} thread(s) "
+                           "of this bench")
+        return reasons
 
     @property
     def speedup(self) -> float:
@@ -107,19 +129,25 @@ class BenchResult:
             "tuned_gbs": self.tuned_gbs, "peak_gflops": self.peak_gflops, "memory_gbs": self.memory_gbs,
             "memory_level": self.memory_level,
             "bound": self.bound, "roofline_fraction": self.roofline_fraction, "error": self.error,
+            "rate": rate(self.task, self.tuned_s)[0], "rate_unit": rate(self.task, self.tuned_s)[1],
+            "tuned_spread": self.tuned_spread, "baseline_spread": self.baseline_spread, "load": self.load,
+            "cores": self.cores, "unreliable": self.unreliable,
         }
 
     def summary(self) -> str:
         if self.error:
             return f"{self.task.key}: tuned kernel failed: {self.error}"
-        rate = (f"{self.tuned_gflops:.1f} GFLOP/s" if self.bound == "compute"
-                else f"{self.tuned_gbs:.1f} GB/s")
+        rate = format_rate(self.task, self.tuned_s)
         blas = self.blas.get("architecture") or ""
-        return (f"{self.task.key} threads={self.threads}: tuned {self.tuned_s * 1e3:.4f} ms ({rate}), "
-                f"baseline {self.baseline_s * 1e3:.4f} ms ({self.baseline}{', ' + blas if blas else ''}), "
+        return (f"{self.task.key} threads={self.threads}: tuned {format_time(self.tuned_s)} ({rate}), "
+                f"baseline {format_time(self.baseline_s)} ({self.baseline}{', ' + blas if blas else ''}), "
                 f"speedup {self.speedup:.2f}x, {self.roofline_fraction * 100:.0f}% of the {self.bound} roofline"
                 + (f" ({self.memory_level} {self.memory_gbs:.0f} GB/s)" if self.bound == "memory" else
-                   f" ({self.peak_gflops:.0f} GFLOP/s)"))
+                   f" ({self.peak_gflops:.0f} GFLOP/s)") + self.warning())
+
+    def warning(self) -> str:
+        reasons = self.unreliable
+        return f"; UNRELIABLE: {', '.join(reasons)}: measure again on a quiet machine" if reasons else ""
 
 
 def bench(task: Task, target: Target, config: Config, threads: int, seed: int = 0,
@@ -137,6 +165,7 @@ def bench(task: Task, target: Target, config: Config, threads: int, seed: int = 
                                     {"target": target.to_dict(), "threads": threads}, 600)
     finally:
         baseline_worker.close()
+    load = os.getloadavg()[0]
     level, bandwidth = working_set_bandwidth(roof, task.min_bytes, target, threads)
     return BenchResult(task, target, config.as_dict(), threads,
                        tuned_s=result.median if result.ok else math.inf,
@@ -144,5 +173,15 @@ def bench(task: Task, target: Target, config: Config, threads: int, seed: int = 
                        tuned_min_s=min(result.costs) if result.ok else math.inf,
                        baseline_min_s=min(base["costs"]),
                        peak_gflops=roof["peak_gflops"], memory_gbs=bandwidth, memory_level=level,
-                       error="" if result.ok else f"{result.error.name}: {result.message}")
+                       error="" if result.ok else f"{result.error.name}: {result.message}",
+                       tuned_spread=spread(result.costs) if result.ok else 0.0, baseline_spread=spread(base["costs"]),
+                       load=load, cores=len(os.sched_getaffinity(0)))
+
+
+def spread(costs) -> float:
+    """(p80 - p20) / median of timed samples: how far one run's figure may move."""
+    if len(costs) < 2:
+        return 0.0
+    p20, median, p80 = np.percentile(costs, [20, 50, 80])
+    return float((p80 - p20) / median) if median > 0 else 0.0
 

@@ -23,7 +23,8 @@ from measure.cuda_runner import CudaRunner, visible_device
 from measure.worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout
 from search_space import Config, Target, Task, template_module
 
-from .cpu import BenchResult
+from ..units import format_rate, format_time
+from .cpu import BenchResult, spread
 
 BENCH_CUDA_POLICY = TimingPolicy(warmup=5, min_sample_s=0.0, repeats=200, min_repeats=20, max_total_s=3.0)
 TENSOR_CORE_OPS = ("gemm", "gemm_q4", "gemv_q4", "attention_prefill", "attention_decode")
@@ -94,14 +95,15 @@ class CudaBenchResult(BenchResult):
     def summary(self) -> str:
         if self.error:
             return f"{self.task.key}: tuned kernel failed: {self.error}"
-        rate = (f"{self.tuned_gflops / 1e3:.1f} TFLOP/s" if self.bound == "compute" else f"{self.tuned_gbs:.0f} GB/s")
-        vendor = (f"{self.baseline} {self.baseline_s * 1e3:.4f} ms, tuned/vendor speedup {self.speedup:.2f}x"
+        rate = format_rate(self.task, self.tuned_s)
+        vendor = (f"{self.baseline} {format_time(self.baseline_s)}, tuned/vendor speedup {self.speedup:.2f}x"
                   if math.isfinite(self.baseline_s) else self.baseline)
         check = f" (vendor check: {self.baseline_check})" if self.baseline_check else ""
         roof = (f"{self.memory_gbs:.0f} GB/s streaming" if self.bound == "memory"
                 else f"{self.peak_gflops / 1e3:.0f} TFLOP/s peak")
-        return (f"{self.task.key} on {self.target.device_name}: tuned {self.tuned_s * 1e3:.4f} ms ({rate}); "
-                f"{vendor}{check}; {self.roofline_fraction * 100:.0f}% of the {self.bound} roofline ({roof})")
+        return (f"{self.task.key} on {self.target.device_name}: tuned {format_time(self.tuned_s)} ({rate}); "
+                f"{vendor}{check}; {self.roofline_fraction * 100:.0f}% of the {self.bound} roofline ({roof})"
+                + self.warning())
 
 
 class CudaBench:
@@ -141,7 +143,7 @@ class CudaBench:
             memory_gbs=float(self.ceilings["stream_gbs"]), memory_level="HBM",
             error="" if result.ok else f"{result.error.name}: {result.message}",
             baseline_check=check, sm_clock_mhz=int(result.stats.get("sm_clock_mhz", 0) or 0),
-            ceilings=self.ceilings)
+            ceilings=self.ceilings, tuned_spread=spread(result.costs) if result.ok else 0.0)
 
     def close(self) -> None:
         self.vendor.close()

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..units import format_rate, format_time
 from .common import ManyValues, UserError, echo_json, load_logs
 from .group import cli, error_line
 
@@ -41,6 +42,7 @@ def export(logs, run_id, tracking_uri, out_dir, target, no_verify, as_json) -> N
     """Compile the best verified config of every task into a kernel library (manifest.json,
     one shared library or cubins, sources, a C header) that `runtime.load` runs with numpy only."""
     from export import ExportError, ExportFailed, export_library
+    from search_space import Task
 
     records = _records(logs, run_id, tracking_uri)
     try:
@@ -63,7 +65,8 @@ def export(logs, run_id, tracking_uri, out_dir, target, no_verify, as_json) -> N
     if summary.library is not None:
         click.echo(f"  {summary.library.name}  {_size(summary.library.stat().st_size)}; header llm_autotune_kernels.h")
     for entry in summary.kernels:
-        click.echo(f"  {entry['entry']}  {entry['task']}  {entry['seconds'] * 1e3:.4f} ms  "
-                   f"{entry['gflops']:.1f} GFLOP/s")
+        task = Task.make(entry["op"], entry["dims"], entry["dtype"], entry["attrs"], entry["dynamic"])
+        click.echo(f"  {entry['entry']}  {entry['task']}  {format_time(entry['seconds'])}  "
+                   f"{format_rate(task, entry['seconds'])}")
     for note in summary.notes:
         click.echo(f"  note: {note}")

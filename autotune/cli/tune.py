@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..units import format_rate, format_time, rate
 from .common import (ManyValues, UserError, check_model_files, check_timeouts, echo_json, make_job, open_log,
                      positive, read_log, resolve_target, resolve_task, run_tuning, thread_restriction)
 from .group import cli
@@ -24,7 +25,7 @@ def ops(target: str, as_json: bool) -> None:
     templates = list_templates(kind)
     rows = [{"op": t.op, "dims": list(t.dims), "example_shape": format_shape(t.example_shape),
              "dtypes": list(t.dtypes), "dynamic_dims": list(t.dynamic_dims), "attrs": dict(t.default_attrs),
-             "description": t.description}
+             "attr_docs": {k: t.attr_docs.get(k, "") for k in t.default_attrs}, "description": t.description}
             for t in templates]
     if as_json:
         echo_json(rows)
@@ -32,11 +33,13 @@ def ops(target: str, as_json: bool) -> None:
     if not rows:
         click.echo(f"no templates for target {kind} yet")
         return
-    width = max(len(r["op"]) for r in rows)
+    # one line per operator, its attributes below it: nothing runs past a column of another row
     for r in rows:
-        attrs = " ".join(f"--attr {k}={json.dumps(v)}" for k, v in r["attrs"].items())
-        click.echo(f"{r['op']:<{width}}  dims {','.join(r['dims']):<24} e.g. --shape {r['example_shape']:<32} "
-                   f"{'/'.join(r['dtypes'])}  {r['description']}" + (f" ({attrs})" if attrs else ""))
+        dynamic = f"; --dynamic {','.join(r['dynamic_dims'])}" if r["dynamic_dims"] else ""
+        click.echo(f"{r['op']}: {r['description']}")
+        click.echo(f"    --shape {r['example_shape']}  ({'/'.join(r['dtypes'])}{dynamic})")
+        for key, value in r["attrs"].items():
+            click.echo(f"    --attr {key}={json.dumps(value)}  {r['attr_docs'][key]}")
 
 
 @cli.command()
@@ -108,7 +111,7 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
     if best is None:
         click.echo("no candidate verified; nothing is best")
     else:
-        click.echo(f"best: {best.seconds * 1e3:.4f} ms, {best.gflops:.1f} GFLOP/s, config {json.dumps(best.config)}")
+        click.echo(f"best: {format_time(best.seconds)}, {format_rate(task, best.seconds)}, config {json.dumps(best.config)}")
     click.echo(f"log: {job.log}")
 
 
@@ -123,7 +126,8 @@ def best(log_path: str, as_json: bool) -> None:
     winners = sorted(best_records(records).values(), key=lambda r: (r.task.op, r.task.key))
     rows = [{"task": r.task.key, "op": r.task.op, "shape": r.task.dims, "dtype": r.task.dtype,
              "target": r.target.key, "device": r.target.device_name, "seconds": r.seconds,
-             "gflops": r.gflops, "config": r.config,
+             "gflops": r.gflops, "rate": rate(r.task, r.seconds)[0], "rate_unit": rate(r.task, r.seconds)[1],
+             "config": r.config,
              "trials": sum(1 for x in records if x.task.key == r.task.key and x.target.key == r.target.key)}
             for r in winners]
     if as_json:
@@ -133,5 +137,5 @@ def best(log_path: str, as_json: bool) -> None:
         click.echo(f"{log_path}: no verified record")
         return
     for row in rows:
-        click.echo(f"{row['task']} on {row['target']}: {row['seconds'] * 1e3:.4f} ms, {row['gflops']:.1f} GFLOP/s "
+        click.echo(f"{row['task']} on {row['target']}: {format_time(row['seconds'])}, {row['rate']:.1f} {row['rate_unit']} "
                    f"after {row['trials']} trials, config {json.dumps(row['config'])}")

@@ -47,6 +47,8 @@ class AttentionPrefillOp(Operator):
     dynamic_dims = ("T",)
     dtypes = FLOAT_DTYPES
     default_attrs = {"causal": True, "scale": 0.0}
+    attr_docs = {"causal": "true: each query sees only the keys at or before its position",
+                 "scale": "softmax scale of Q.K; 0.0 means 1/sqrt(D)"}
     example_shape = {"B": 1, "T": 512, "H": 32, "HKV": 8, "D": 128}
     description = "causal grouped-query attention over a prompt, flash-style (O = softmax(QK^T) V)"
 
@@ -106,6 +108,7 @@ class AttentionDecodeOp(Operator):
     dynamic_dims = ("S", "L")
     dtypes = FLOAT_DTYPES
     default_attrs = {"scale": 0.0}
+    attr_docs = {"scale": "softmax scale of Q.K; 0.0 means 1/sqrt(D)"}
     example_shape = {"B": 1, "H": 32, "HKV": 8, "D": 128, "S": 4096, "L": 4096}
     description = "one query per sequence against a KV cache of runtime length L (split-KV)"
 

@@ -90,6 +90,8 @@ class SoftmaxOp(RowOp):
 class RMSNormOp(RowOp):
     op = "rmsnorm"
     default_attrs = {"eps": 1e-5, "residual": False}
+    attr_docs = {"eps": "added to the mean of squares before the square root",
+                 "residual": "true: normalise X + R and also write that sum as S (the fused residual add)"}
     flops_per_element = 4.0
     description = "RMSNorm Y = X / rms(X) * G, optionally fused with the residual add S = X + R"
 
@@ -128,6 +130,7 @@ class LayerNormOp(RowOp):
     op = "layernorm"
     vector_inputs = ("G", "BETA")
     default_attrs = {"eps": 1e-5}
+    attr_docs = {"eps": "added to the variance before the square root"}
     flops_per_element = 6.0
     description = "LayerNorm Y = (X - mean) / std * G + BETA"
 
@@ -179,6 +182,7 @@ class RopeOp(Operator):
     dynamic_dims = ("T",)
     dtypes = FLOAT_DTYPES
     default_attrs = {"theta": 10000.0}
+    attr_docs = {"theta": "RoPE base: position p turns pair i by p * theta^(-2i/D)"}
     example_shape = {"T": 512, "H": 32, "D": 128}
     description = "rotary position embedding, rotate-half (Llama), positions as an input"
 

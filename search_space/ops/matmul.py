@@ -86,6 +86,8 @@ class MatmulQ4(Operator):
     dims = ("M", "N", "K")
     dtypes = FLOAT_DTYPES
     default_attrs = {"group_size": 128, "zero_point": False}
+    attr_docs = {"group_size": "weights per scale (32, 64 or 128) along K",
+                 "zero_point": "true: each group also has a zero point (asymmetric int4); false: symmetric"}
 
     def check(self, task: Task) -> None:
         super().check(task)

@@ -131,7 +131,8 @@ def test_bench_prints_both_sides_as_json(tmp_path):
         "--log", "b.jsonl", "--no-mlflow", "--quiet", cwd=tmp_path)
     out = json.loads(run("bench", "--op", "gemv", "--shape", "M=1,N=256,K=256", "--log", "b.jsonl",
                          "--json", cwd=tmp_path).stdout)
-    for key in ("tuned_s", "baseline_s", "baseline", "speedup", "roofline_fraction"):
+    for key in ("tuned_s", "baseline_s", "baseline", "speedup", "roofline_fraction", "tuned_spread", "baseline_spread",
+                "load", "cores", "unreliable", "rate", "rate_unit"):
         assert key in out
     assert out["tuned_s"] > 0 and out["baseline_s"] > 0
     assert out["speedup"] == pytest.approx(out["baseline_s"] / out["tuned_s"])
