@@ -32,10 +32,10 @@ demo: check-cc $(STAMP)
 	$(BIN)/autotune export --log demo-model.jsonl --out demo-lib
 	$(BIN)/autotune run --lib demo-lib --model tiny --compare
 
-# two workers for everything but the tests whose assertions rest on quiet timings, then those alone
+# two workers, each test file kept on one (module fixtures compile kernels once); no assertion
+# rests on quiet timings, so nothing needs to run alone
 test: $(STAMP)
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -n 2 --dist loadfile -m 'not serial'
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -m serial
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_ops.py --markdown
