@@ -140,6 +140,8 @@ class TaskScheduler:
               on_round: Sequence[RoundCallback]) -> ModelTuneSummary:
         if trials_total < 1:
             raise ValueError(f"trials_total must be >= 1, got {trials_total}")
+        # round callbacks that follow candidates too (progress) get each one as it is measured
+        per_candidate = [_PerCandidate(c) for c in on_round if hasattr(c, "measured")]
         start = time.perf_counter()
         summaries = [tuner.start(log) for tuner in self.tuners]
         for i, s in enumerate(summaries):
@@ -161,7 +163,7 @@ class TaskScheduler:
             else:
                 configs = self.tuners[i].next_batch(n)
             before = len(summaries[i].records)
-            measured = self.tuners[i].measure(configs, builder, runner, summaries[i], log)
+            measured = self.tuners[i].measure(configs, builder, runner, summaries[i], log, per_candidate)
             if not measured:  # the tuner has nothing new to offer
                 self.given_up.add(i)
                 continue
@@ -186,3 +188,14 @@ class TaskScheduler:
         result.given_up = [self.tasks[i].key for i in sorted(self.given_up)]
         result.wall_s = time.perf_counter() - start
         return result
+
+
+class _PerCandidate:
+    """A round callback's per-candidate hooks (``building``, ``measured``) as a tuner callback."""
+
+    def __init__(self, callback):
+        self.building = getattr(callback, "building", None)
+        self.measured = callback.measured
+
+    def __call__(self, *args) -> None:  # batch ends are reported per round by the scheduler itself
+        pass

@@ -1,7 +1,6 @@
 """A model's tuning: what to tune it for, its tasks, the scheduler, the log, MLflow, progress."""
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
@@ -10,7 +9,9 @@ from records import Record, RecordLog
 from runtime.model_config import ModelConfig
 
 from .model_tasks import ModelTask, model_tasks
+from .progress import ProgressDisplay
 from .scheduler import ModelTuneSummary, TaskScheduler
+from .units import format_time
 
 
 @dataclass(frozen=True)
@@ -45,29 +46,28 @@ class ModelWorkload:
 
 
 class ModelProgress:
-    """A rich progress bar over the whole budget, showing the estimated model latency."""
+    """Progress over the whole budget, advancing per measured candidate, with the estimated
+    model latency after each round."""
 
-    def __init__(self, name: str, total: int):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
-                                 console=Console(file=sys.stderr))
-        self.bar = self.progress.add_task(name, total=total, status="")
+    def __init__(self, name: str, total: int, stream=None):
+        self.display = ProgressDisplay(name, total, stream)
         self.done = 0
-        self.progress.start()
+        self.status = ""
+
+    def building(self, n: int) -> None:
+        self.display.update(figures=f"compiling {n}  {self.status}".strip())
+
+    def measured(self, record: Record, trial: int) -> None:
+        self.done += 1
+        self.display.update(self.done, f"measuring {record.task.op}  {self.status}".strip())
 
     def __call__(self, scheduler: TaskScheduler, index: int, records: list[Record]) -> None:
-        self.done += len(records)
         latency = scheduler.estimated_latency()
-        status = f"last: {scheduler.tasks[index].task.op}"
-        if latency < float("inf"):
-            status += f"  estimated {latency * 1e3:.2f} ms per workload"
-        self.progress.update(self.bar, completed=self.done, status=status)
+        self.status = f"estimated {format_time(latency)} per workload" if latency < float("inf") else ""
+        self.display.update(self.done, f"last: {scheduler.tasks[index].task.op}  {self.status}".strip(), line=True)
 
     def close(self) -> None:
-        self.progress.stop()
+        self.display.close()
 
 
 class ModelMLflow:

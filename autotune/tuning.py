@@ -5,7 +5,6 @@ of each batch, made before the batch was measured, matched the measured ranking.
 """
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Callable
 
@@ -13,42 +12,54 @@ from measure import MeasureInput, MeasureResult
 from records import Record, RecordLog
 from search_space import Target, Task, get_template
 
+from .progress import ProgressDisplay
 from .tuners import TuneSummary, Tuner, make_tuner
+from .units import format_rate
 
 
 class ProgressCallback:
-    """A rich progress bar over the trial budget, showing the best throughput so far."""
+    """Progress over the trial budget, advancing per measured candidate: compiling or
+    measuring, the best rate so far and the cost model's ranking of the last batch."""
 
-    def __init__(self, task: Task, total: int):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("{task.fields[best]}"),
-                                 console=Console(file=sys.stderr), transient=False)
-        self.bar = self.progress.add_task(task.key, total=total, best="")
-        self.best = 0.0
+    def __init__(self, task: Task, total: int, stream=None):
+        self.task = task
+        self.display = ProgressDisplay(task.key, total, stream)
+        self.best_s = float("inf")
         self.quality: dict = {}
-        self.progress.start()
+        self.batch, self.in_batch = 0, 0
 
-    def _best_text(self) -> str:
-        text = f"best {self.best:.1f} GFLOP/s" if self.best else ""
+    def _figures(self, phase: str = "") -> str:
+        parts = [phase] if phase else []
+        if self.best_s < float("inf"):
+            parts.append(f"best {format_rate(self.task, self.best_s)}")
         if "pairwise_accuracy" in self.quality:  # the model's ranking of the last batch
-            text += f"  model: pairwise {self.quality['pairwise_accuracy']:.2f}"
+            model = f"model: pairwise {self.quality['pairwise_accuracy']:.2f}"
             if "topk_recall" in self.quality:
-                text += f", top-{self.quality['k']} {self.quality['topk_recall']:.2f}"
-        return text
+                model += f", top-{self.quality['k']} {self.quality['topk_recall']:.2f}"
+            parts.append(model)
+        return "  ".join(parts)
+
+    def building(self, n: int) -> None:
+        self.batch, self.in_batch = n, 0
+        self.display.update(figures=self._figures(f"compiling {n}"))
+
+    def measured(self, record: Record, trial: int) -> None:
+        self.in_batch += 1
+        if record.ok:
+            self.best_s = min(self.best_s, record.seconds)
+        self.display.update(trial, self._figures(f"measuring {self.in_batch}/{self.batch}"))
 
     def __call__(self, tuner: Tuner, inputs: list[MeasureInput], results: list[MeasureResult],
                  records: list[Record], first: int) -> None:
         for record in records:
-            self.best = max(self.best, record.gflops)
+            if record.ok:
+                self.best_s = min(self.best_s, record.seconds)
             if "pairwise_accuracy" in record.model:
                 self.quality = record.model
-        self.progress.update(self.bar, completed=first + len(records), best=self._best_text())
+        self.display.update(first + len(records), self._figures(), line=True)
 
     def close(self) -> None:
-        self.progress.stop()
+        self.display.close()
 
 
 class MLflowCallback:

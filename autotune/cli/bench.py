@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 
 import click
 
@@ -52,10 +53,23 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, as_json) 
             values = dict(config.as_dict(), threads=threads)
             if space.is_valid(values):
                 config = space.from_values(values)
-    result = bench_kernel(task, tgt, config, threads)
+    with waiting(f"benching {task.op}: tuned kernel, baseline, roofline probes"):
+        result = bench_kernel(task, tgt, config, threads)
     if as_json:
         echo_json(result.to_dict())
     else:
         click.echo(result.summary())
     if result.error:
         sys.exit(1)
+
+
+@contextmanager
+def waiting(text: str):
+    """A spinner with ``text`` on a terminal while the work runs (a bench takes 10 s or more)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(file=sys.stderr).status(text):
+        yield

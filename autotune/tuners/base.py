@@ -26,8 +26,17 @@ class Runner(Protocol):
 
 
 # callback(tuner, inputs, results, records, first_trial): after each batch is logged, and
-# once at the start with the records resumed from the log (first_trial = 0)
+# once at the start with the records resumed from the log (first_trial = 0). A callback may
+# also have ``building(n)`` (a batch of n starts compiling) and ``measured(record, trial)``
+# (one candidate is measured and logged): progress displays advance per candidate with them.
 Callback = Callable[["Tuner", list[MeasureInput], list[MeasureResult], list[Record], int], None]
+
+
+def _tell(callbacks: Sequence[Callback], event: str, *args) -> None:
+    for callback in callbacks:
+        hook = getattr(callback, event, None)
+        if hook is not None:
+            hook(*args)
 
 
 @dataclass
@@ -157,6 +166,7 @@ class Tuner:
             return 0
         inputs = [MeasureInput(self.task, c, self.target) for c in configs]
         scores = self.predict_batch(configs)  # ranked before anything is measured
+        _tell(callbacks, "building", len(inputs))
         builds = builder.build(inputs)
         results: list[MeasureResult] = []
         batch_records: list[Record] = []
@@ -174,6 +184,7 @@ class Tuner:
             if log is not None:
                 log.append([record])
             batch_records.append(record)
+            _tell(callbacks, "measured", record, summary.trials + i + 1)
             summary.build_s += result.build_s
             summary.run_s += result.run_s
         self.update(inputs, results)
