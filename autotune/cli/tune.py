@@ -112,7 +112,30 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
         click.echo("no candidate verified; nothing is best")
     else:
         click.echo(f"best: {format_time(best.seconds)}, {format_rate(task, best.seconds)}, config {json.dumps(best.config)}")
+        note = timing_note(best, job.target)
+        if note:
+            click.echo(note)
     click.echo(f"log: {job.log}")
+
+
+def timing_note(record, target) -> str:
+    """A warning when the best record's samples spread widely or the machine is busy now."""
+    import os
+
+    from ..bench.cpu import BUSY_LOAD, SPREAD_LIMIT
+
+    stats = record.result.stats
+    reasons = []
+    if stats.get("p20") and stats.get("p80") and record.seconds > 0:
+        spread = (stats["p80"] - stats["p20"]) / record.seconds
+        if spread > SPREAD_LIMIT:
+            reasons.append(f"its samples spread {spread * 100:.0f}%")
+    if target.kind == "cpu":
+        load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+        threads = int(record.config.get("threads", 1) or 1)
+        if load - threads > BUSY_LOAD:
+            reasons.append(f"the load is {load:.1f} on {cores} cores")
+    return f"warning: the best time may be off: {', '.join(reasons)}; tune again on a quiet machine" if reasons else ""
 
 
 @cli.command()
