@@ -46,6 +46,7 @@ def run_numpy_baseline(payload: dict[str, Any]) -> dict[str, Any]:
             "blas": {k: blas.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}}
 
 
+ABOVE_ROOFLINE = 1.05  # a measured fraction past this says the probe measured the wrong level, not a fast kernel
 SPREAD_LIMIT = 0.10  # samples spread wider than this (p20..p80 over the median): the figure may move as much
 BUSY_LOAD = 0.75  # load beyond this bench's own threads: another process shares the cores
 
@@ -128,7 +129,8 @@ class BenchResult:
             "tuned_gflops": self.tuned_gflops, "baseline_gflops": self.baseline_gflops,
             "tuned_gbs": self.tuned_gbs, "peak_gflops": self.peak_gflops, "memory_gbs": self.memory_gbs,
             "memory_level": self.memory_level,
-            "bound": self.bound, "roofline_fraction": self.roofline_fraction, "error": self.error,
+            "bound": self.bound, "roofline_fraction": self.roofline_fraction,
+            "roofline_trusted": self.roofline_fraction <= ABOVE_ROOFLINE, "error": self.error,
             "rate": rate(self.task, self.tuned_s)[0], "rate_unit": rate(self.task, self.tuned_s)[1],
             "tuned_spread": self.tuned_spread, "baseline_spread": self.baseline_spread, "load": self.load,
             "cores": self.cores, "unreliable": self.unreliable,
@@ -139,11 +141,16 @@ class BenchResult:
             return f"{self.task.key}: tuned kernel failed: {self.error}"
         rate = format_rate(self.task, self.tuned_s)
         blas = self.blas.get("architecture") or ""
+        ceiling = (f"{self.memory_level} {self.memory_gbs:.0f} GB/s" if self.bound == "memory"
+                   else f"{self.peak_gflops:.0f} GFLOP/s")
+        if self.roofline_fraction > ABOVE_ROOFLINE:  # no kernel beats the machine: the ceiling was the wrong one
+            roofline = (f"faster than the {self.bound} roofline the probes measured ({ceiling}): the working set "
+                        f"sits in a faster level than the probe's, so no fraction is given")
+        else:
+            roofline = f"{self.roofline_fraction * 100:.0f}% of the {self.bound} roofline ({ceiling})"
         return (f"{self.task.key} threads={self.threads}: tuned {format_time(self.tuned_s)} ({rate}), "
                 f"baseline {format_time(self.baseline_s)} ({self.baseline}{', ' + blas if blas else ''}), "
-                f"speedup {self.speedup:.2f}x, {self.roofline_fraction * 100:.0f}% of the {self.bound} roofline"
-                + (f" ({self.memory_level} {self.memory_gbs:.0f} GB/s)" if self.bound == "memory" else
-                   f" ({self.peak_gflops:.0f} GFLOP/s)") + self.warning())
+                f"speedup {self.speedup:.2f}x, {roofline}" + self.warning())
 
     def warning(self) -> str:
         reasons = self.unreliable

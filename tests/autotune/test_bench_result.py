@@ -21,3 +21,17 @@ def test_a_figure_whose_samples_spread_or_whose_machine_is_busy_is_flagged():
     data = noisy.to_dict()
     assert data["tuned_spread"] == noisy.tuned_spread and data["load"] == 3.5 and len(data["unreliable"]) == 2
     assert data["rate_unit"] == "GB/s" and "GB/s" in text
+
+
+def test_a_fraction_above_the_roofline_is_said_in_words_not_printed():
+    from autotune.bench.cpu import BenchResult
+
+    task = Task.make("gemv", {"M": 1, "N": 256, "K": 256})
+    seconds_at_roofline = task.min_bytes / 100e9
+    fast = BenchResult(task, Target.host(), {}, 1, tuned_s=seconds_at_roofline / 1.5, baseline_s=1e-5,
+                       baseline="numpy", memory_gbs=100.0, memory_level="L2")
+    assert fast.roofline_fraction > 1.4 and not fast.to_dict()["roofline_trusted"]
+    assert "faster than the memory roofline" in fast.summary() and "%" not in fast.summary()
+    fair = BenchResult(task, Target.host(), {}, 1, tuned_s=seconds_at_roofline / 0.8, baseline_s=1e-5,
+                       baseline="numpy", memory_gbs=100.0, memory_level="L2")
+    assert "80% of the memory roofline (L2 100 GB/s)" in fair.summary()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,9 +138,12 @@ def test_bench_prints_both_sides_as_json(tmp_path):
     assert out["tuned_s"] > 0 and out["baseline_s"] > 0
     assert out["speedup"] == pytest.approx(out["baseline_s"] / out["tuned_s"])
     assert out["blas"]["internal_api"] in ("openblas", "mkl", "blis", None)
-    assert 0 < out["roofline_fraction"] < 1.5
+    assert out["roofline_fraction"] > 0
     text = run("bench", "--op", "gemv", "--shape", "M=1,N=256,K=256", "--log", "b.jsonl", cwd=tmp_path).stdout
     assert "speedup" in text and "roofline" in text
+    # a fraction past 105% means the probe measured the wrong level: said in words, never printed
+    fractions = [int(f) for f in re.findall(r"(\d+)% of the", text)]
+    assert all(f <= 105 for f in fractions) and (fractions or "faster than the memory roofline" in text)
 
 
 @pytest.mark.parametrize("command", ["tune", "bench"])
