@@ -15,17 +15,27 @@ and everything else made internal, then linked by the system C compiler; CUDA ke
 nvcc (no GPU needed). Before the new library replaces anything at ``out_dir``, every CPU
 kernel is loaded from it and checked against the numpy reference in a worker process, so
 a library that exists is one whose kernels compute the right answer on this machine.
-``runtime.load`` reads the directory back with numpy and ctypes only.
+``runtime.load`` reads the directory back with numpy and ctypes only, and checks the sha256
+the manifest records of the shared library and of every cubin and source.
+
+Only a library replaces a library: ``out_dir`` may be missing, empty, or a directory this
+module wrote (``_why_not_replaceable``); a symlink to one is followed and the link kept. The
+new library is staged beside it in ``.NAME.partial-PID-*``, which an export that dies leaves
+behind and the next export to the same place removes (``remove_stale_leftovers``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,13 +47,16 @@ from typing import Any, Iterable
 from measure.worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout, close_all
 from records import Record, best_records
 from records.record import package_version
-from runtime.library import FORMAT, MANIFEST, SCHEMA_VERSION
+from runtime.library import FORMAT, MANIFEST, SCHEMA_VERSION, read_manifest, sha256_of
 from search_space import KernelSource, Target, Task, get_template, template_module
 
 from .c_header import header_text
 
 LIBRARY = "libllm_autotune_kernels.so"
 HEADER = "llm_autotune_kernels.h"
+LIBRARY_FILES = (MANIFEST, LIBRARY, HEADER)   # what a library directory holds: these files,
+LIBRARY_FOLDERS = ("sources", "cubins")        # and these folders of plain files
+STALE_AFTER_S = 24 * 3600  # a leftover this old goes even if its pid was reused by a live process
 SOURCE_SUFFIX = {"llvm": ".ll", "cuda": ".cu"}
 DTYPE_TAG = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
@@ -289,6 +302,7 @@ def _write_library(kernels: list[_Kernel], stage: Path, target: Target, n_parall
         cubins = _compile_cuda(kernels, stage, target, n_parallel)
         for entry in entries:
             entry["cubin"] = cubins[entry["entry"]]
+            entry["cubin_sha256"] = sha256_of(stage / entry["cubin"])  # runtime.load checks it
     manifest = {
         "format": FORMAT,
         "schema": SCHEMA_VERSION,
@@ -296,6 +310,7 @@ def _write_library(kernels: list[_Kernel], stage: Path, target: Target, n_parall
         "package_version": package_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "library": LIBRARY if library is not None else None,
+        "library_sha256": sha256_of(library) if library is not None else None,  # runtime.load checks it
         "header": HEADER if library is not None else None,
         "kernels": entries,
     }
@@ -339,11 +354,49 @@ def verify_library_job(payload: dict[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------- the directory
 
 
+def _resolve_out(out_dir: str | os.PathLike) -> Path:
+    """--out as an absolute path. A symlink is followed: the library it points to is replaced
+    and the link kept, so that a deployment's ``current -> lib-v3`` link goes on working
+    (replacing the link by a directory would silently detach it)."""
+    out = Path(out_dir).absolute()
+    if not out.is_symlink():
+        return out
+    try:
+        return out.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise ExportError(f"--out {out} is a symlink that cannot be followed: {exc}") from None
+
+
+def _why_not_replaceable(out: Path) -> str | None:
+    """Why the non-empty directory ``out`` may not be replaced by a library, or None: only one
+    whose manifest is this project's format and that holds nothing a library does not."""
+    if not (out / MANIFEST).is_file():
+        return "is a non-empty directory that holds no kernel library"
+    try:
+        read_manifest(out)
+    except (OSError, ValueError) as exc:
+        return f"holds a {MANIFEST} that is not a kernel library's ({exc})"
+    for item in sorted(out.iterdir()):
+        if item.is_symlink():
+            return f"holds the symlink {item.name}, which no kernel library has"
+        if item.name in LIBRARY_FILES and item.is_file():
+            continue
+        if item.name in LIBRARY_FOLDERS and item.is_dir():
+            other = next((f for f in item.iterdir() if f.is_symlink() or not f.is_file()), None)
+            if other is None:
+                continue
+            return f"holds {item.name}/{other.name}, which is not part of a kernel library"
+        return f"holds {item.name}, which is not part of a kernel library"
+    return None
+
+
 def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise ExportError(f"--out {out} is a non-empty directory that holds no kernel library: refusing to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        reason = _why_not_replaceable(out)
+        if reason:
+            raise ExportError(f"--out {out} {reason}: refusing to replace it")
     parent = out.parent
     if not parent.exists():
         raise ExportError(f"--out {out}: directory {parent} does not exist")
@@ -353,14 +406,78 @@ def _check_out_dir(out: Path) -> None:
         raise ExportError(f"--out {out}: directory {parent} is not writable")
 
 
+def _leftover_pattern(out: Path) -> re.Pattern:
+    """Names of what an export to ``out`` makes beside it: ``.NAME.partial-PID-XXXX`` (the
+    stage) and ``.NAME.old-PID`` (the earlier library while it is swapped out); the pid is
+    absent from stages of older versions."""
+    return re.compile(rf"\.{re.escape(out.name)}\.(?:partial|old)-(?:(\d+)(?:-|\Z))?")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        pass
+    return True
+
+
+def remove_stale_leftovers(out: Path) -> list[Path]:
+    """Remove the stages (and swapped-out libraries) that exports to ``out`` killed by a signal
+    left behind: those whose export is gone (its pid is dead) or that are older than a day.
+    Those of an export still running are kept. Returns what was removed."""
+    pattern, removed = _leftover_pattern(out), []
+    try:
+        neighbours = list(out.parent.iterdir())
+    except OSError:  # a parent we may write but not list: nothing to find
+        return removed
+    for path in neighbours:
+        match = pattern.match(path.name)
+        if match is None or path.is_symlink() or not path.is_dir():
+            continue
+        pid = int(match.group(1)) if match.group(1) else 0
+        dead = 0 < pid < 2**31 and not _process_alive(pid)
+        if dead or time.time() - path.lstat().st_mtime > STALE_AFTER_S:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While exporting, SIGTERM raises SystemExit(143) in the main thread instead of killing
+    the process on the spot, so that the stage is removed on the way out. Only where SIGTERM
+    has its default action: a handler the caller installed (the CLI's raises too) is theirs."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)  # not an Exception: no `except Exception` swallows it
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _replace(stage: Path, out: Path) -> None:
-    """Put the finished library at ``out``; an earlier library there goes only once this one is whole."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(stage, out)
-    if old is not None:
+    """Put the finished library at ``out``; an earlier library there goes only once this one is
+    whole, and is put back if the swap is interrupted between its two renames."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    had_old = out.exists()
+    try:
+        if had_old:
+            os.replace(out, old)
+        os.replace(stage, out)
+    except BaseException:
+        if had_old and old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    if had_old:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -371,17 +488,27 @@ def export_library(records: Iterable[Record], out_dir: str | os.PathLike, target
 
     ``target``: a Target, a name for ``choose_target``, or None for the only target in the
     records. ``verify``: check every CPU kernel of the new library against numpy before it
-    replaces anything (on the CPU it was compiled for). Raises ExportError for bad input and
-    ExportFailed when compiling, linking or that check fails."""
+    replaces anything (on the CPU it was compiled for). ``out_dir`` is replaced only if it is
+    missing, empty or a library (``_why_not_replaceable``); a symlink is followed, the link kept.
+    Raises ExportError for bad input and ExportFailed when compiling, linking or that check
+    fails; on SIGTERM (where it has its default action) SystemExit(143) once the stage is removed."""
     start = time.perf_counter()
     records = list(records)
     target = target if isinstance(target, Target) else choose_target(records, target)
-    out = Path(out_dir).absolute()
+    out = _resolve_out(out_dir)
     _check_out_dir(out)
     kernels = _kernels(records, target)
     n_parallel = n_parallel or min(2, len(os.sched_getaffinity(0)))
-    try:
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    with _sigterm_raises():
+        return _export(kernels, out, target, verify, n_parallel, timeout_s, cc, start)
+
+
+def _export(kernels: list[_Kernel], out: Path, target: Target, verify: bool, n_parallel: int, timeout_s: float,
+            cc: str | None, start: float) -> ExportSummary:
+    """Build the library in a stage beside ``out``, check it, swap it in; the stage goes on any failure."""
+    remove_stale_leftovers(out)
+    try:  # the pid in the name tells a later export whether this one is still running
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     except OSError as exc:
         raise ExportError(f"--out {out}: cannot create a directory there: {exc.strerror or exc}") from None
     try:
@@ -404,6 +531,7 @@ def export_library(records: Iterable[Record], out_dir: str | os.PathLike, target
         elif target.kind == "cuda":
             notes.append("CUDA kernels are checked when they run on a GPU, not at export")
         stage.chmod(0o755)  # mkdtemp makes it private; a library is for others to read
+        _check_out_dir(out)  # again: minutes have passed, and someone may have put files there
         _replace(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

@@ -101,7 +101,10 @@ class CudaArrays:
         return array
 
     def set(self, buffer: DeviceArray, host: np.ndarray) -> None:
-        self.drv.memcpy_htod(buffer.allocation, np.ascontiguousarray(host, dtype=buffer.dtype))
+        host = np.ascontiguousarray(host, dtype=buffer.dtype)
+        if host.size != buffer.size:  # the copy would run past the allocation
+            raise ValueError(f"cannot copy {host.shape} values into a device buffer of {buffer.shape}")
+        self.drv.memcpy_htod(buffer.allocation, host)
 
     def get(self, buffer: DeviceArray) -> np.ndarray:
         host = np.empty(buffer.shape, buffer.dtype)
@@ -120,11 +123,15 @@ class CudaArrays:
 
     def write_position(self, cache: DeviceArray, rows: DeviceArray, position: int) -> None:
         b, hkv, s, d = cache.shape
+        if not 0 <= position < s or rows.size != b * hkv * d or rows.dtype != cache.dtype:
+            raise ValueError(f"cannot write {rows.shape} rows at position {position} of a cache of {cache.shape}")
         row = d * cache.dtype.itemsize
         self._copy_2d(cache.gpudata + position * row, s * row, rows.gpudata, row, row, b * hkv)
 
     def write_prompt(self, cache: DeviceArray, rows: DeviceArray, tokens: int) -> None:
         b, hkv, s, d = cache.shape  # transposed on the host: once per prompt
+        if not 1 <= tokens <= s or rows.size != b * tokens * hkv * d or rows.dtype != cache.dtype:
+            raise ValueError(f"cannot write {rows.shape} as {tokens} tokens into a cache of {cache.shape}")
         host = self.get(rows).reshape(b, tokens, hkv, d).transpose(0, 2, 1, 3).reshape(b * hkv, tokens * d)
         row = d * cache.dtype.itemsize
         self._copy_2d(cache.gpudata, s * row, np.ascontiguousarray(host), tokens * row, tokens * row, b * hkv)
@@ -132,6 +139,9 @@ class CudaArrays:
     def rows_at(self, rows: DeviceArray, sequences: int, index: int, out: DeviceArray) -> DeviceArray:
         width = rows.shape[-1] * rows.dtype.itemsize
         per_sequence = rows.shape[0] // sequences
+        if (rows.ndim != 2 or rows.shape[0] != per_sequence * sequences or not 0 <= index < per_sequence
+                or out.size != sequences * rows.shape[-1] or out.dtype != rows.dtype):
+            raise ValueError(f"cannot copy row {index} of {sequences} sequences in {rows.shape} into {out.shape}")
         self._copy_2d(out.gpudata, width, rows.gpudata + index * width, per_sequence * width, width, sequences)
         return out
 

@@ -14,7 +14,9 @@ binds its buffers once (``kernel.bind({...})``) and then pays only the foreign c
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, TypeVar
 
@@ -133,6 +135,41 @@ def buckets(specs: Iterable[KernelSpec], op: str, dim: str, **fixed: int) -> lis
     return sorted(values)
 
 
+def same_layout(shape: Sequence[int], want: Sequence[int]) -> bool:
+    """Whether a C-contiguous array of ``shape`` holds ``want`` element for element: the same
+    shape, or it with runs of adjacent axes merged (the model's ``[rows, width]`` activations
+    for a ``[T, H, D]`` argument); not a transposed or otherwise regrouped one of the same size."""
+    if math.prod(shape) != math.prod(want):
+        return False
+    boundaries = set(itertools.accumulate(want, operator.mul))
+    return all(b in boundaries for b in itertools.accumulate(shape, operator.mul))
+
+
+# A dim that sizes no array but counts the valid part of one: attention_decode reads the
+# first L of the S rows its KV cache holds, so L may never exceed S.
+COUNTED_WITHIN = {"attention_decode": {"L": "S"}}
+
+
+def check_runtime_dims(spec: KernelSpec, values: Mapping[str, int], limits: Mapping[str, int] | None = None) -> None:
+    """Refuse runtime dim ``values`` the kernel would read or write past its buffers with: each
+    must be an int >= 1, at most its ``limits`` value (what the bound arrays were checked to
+    hold) and, for a count of valid rows (``COUNTED_WITHIN``), at most the rows there are."""
+    within = COUNTED_WITHIN.get(spec.op, {})
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{spec.describe()}: dim {name} must be an int, not {value!r}")
+        if value < 1:
+            raise ValueError(f"{spec.describe()}: dim {name} = {value} must be at least 1")
+        if name in within:
+            other = within[name]
+            bound = values.get(other, spec.shape.get(other))
+            if bound is not None and value > bound:
+                raise ValueError(f"{spec.describe()}: dim {name} = {value} exceeds {other} = {bound}")
+        elif limits is not None and name in limits and value > limits[name]:
+            raise ValueError(f"{spec.describe()}: dim {name} = {value} exceeds {limits[name]}, "
+                             "what the bound arrays hold (bind larger arrays)")
+
+
 def aligned_empty(nbytes: int, align: int = 64) -> np.ndarray:
     """Scratch bytes aligned for vector stores."""
     raw = np.empty(nbytes + align, dtype=np.uint8)
@@ -172,7 +209,7 @@ class Kernel:
         runtime_dims = list(self.spec.dynamic) + [n for n in self.scalar_names if n not in self.spec.dynamic]
         for name in runtime_dims:
             if name in given:
-                out[name] = int(given.pop(name))
+                out[name] = given.pop(name)  # an int, checked below: 3.5 is refused, not rounded
                 continue
             for arg in self.args:
                 array = arrays.get(arg.name)
@@ -186,16 +223,31 @@ class Kernel:
         for name, value in given.items():
             if out.get(name) != value:
                 raise ValueError(f"{self.spec.describe()}: dim {name} is compiled in as {out.get(name)}, not {value}")
-        return out
+        check_runtime_dims(self.spec, {n: out[n] for n in runtime_dims if n in out})
+        return {name: int(value) for name, value in out.items()}
 
     def _check(self, arg: ArgInfo, array: np.ndarray, dims: Mapping[str, int]) -> np.ndarray:
+        """``array`` if the kernel may be handed it for ``arg``: a numpy array of the argument's
+        dtype and shape (see ``same_layout``), C-contiguous and aligned, writeable if an output."""
+        if not isinstance(array, np.ndarray):
+            raise ValueError(f"{self.spec.op} {arg.role}put {arg.name}: expected a numpy array, "
+                             f"got {type(array).__name__}")
         want = arg.resolve_shape(dims)
-        if array.size != int(np.prod(want)) or array.dtype != numpy_dtype(arg.dtype):
+        if array.dtype != numpy_dtype(arg.dtype) or not same_layout(array.shape, want):
             raise ValueError(f"{self.spec.op} {arg.role}put {arg.name}: expected {want} {arg.dtype}, "
                              f"got {array.shape} {array.dtype}")
-        if not array.flags.c_contiguous:
-            raise ValueError(f"{self.spec.op} argument {arg.name} must be C-contiguous")
+        if not (array.flags.c_contiguous and array.flags.aligned):
+            raise ValueError(f"{self.spec.op} argument {arg.name} must be C-contiguous and aligned")
+        if arg.role == "out" and not array.flags.writeable:
+            raise ValueError(f"{self.spec.op} output {arg.name} is read-only: the kernel writes it")
         return array
+
+    def _checked_workspace(self, arg: ArgInfo) -> np.ndarray:
+        """The kernel's own scratch buffer for ``arg``, checked like an output."""
+        buffer = self._workspace[arg.name]
+        if buffer.nbytes < arg.nbytes or not (buffer.flags.c_contiguous and buffer.flags.writeable):
+            raise ValueError(f"{self.spec.op} workspace {arg.name}: expected {arg.nbytes} writeable bytes")
+        return buffer
 
     def bind(self, arrays: Mapping[str, np.ndarray], dims: Mapping[str, int] | None = None) -> "BoundCall":
         """Check ``arrays`` (every input and output by name) once; the result calls the kernel on
@@ -208,7 +260,7 @@ class Kernel:
                     raise TypeError(f"{self.spec.op} needs {arg.role}put {arg.name}")
                 pointers.append(self._check(arg, arrays[arg.name], call_dims).ctypes.data)
             elif arg.role == "workspace":
-                pointers.append(self._workspace[arg.name].ctypes.data)
+                pointers.append(self._checked_workspace(arg).ctypes.data)
         return BoundCall(self, pointers, {n: call_dims[n] for n in self.scalar_names}, dict(arrays))
 
     def host_buffers(self, arrays: Sequence[np.ndarray], named: Mapping[str, np.ndarray],
@@ -239,23 +291,33 @@ class Kernel:
 
 
 class BoundCall:
-    """A kernel bound to its buffers: ``call()`` or ``call(L=129)`` for a new dynamic value."""
+    """A kernel bound to its buffers: ``call()`` or ``call(L=129)`` for a new dynamic value.
 
-    __slots__ = ("kernel", "pointers", "scalars", "arrays", "_function")
+    A new value is checked before the foreign call (``check_runtime_dims``): it may not exceed
+    the value the arrays were bound and checked at, nor (L) the rows of the cache it counts in."""
+
+    __slots__ = ("kernel", "pointers", "scalars", "limits", "arrays", "_function")
 
     def __init__(self, kernel: Kernel, pointers: list[int], scalars: dict[str, int], arrays: dict):
         self.kernel = kernel
         self.pointers = pointers
         self.scalars = scalars
+        self.limits = dict(scalars)  # what the bound arrays hold: no dim may grow past it
         self.arrays = arrays  # keeps the buffers alive while the pointers are in use
         self._function = kernel.function
 
     def __call__(self, **dims: int) -> None:
-        for name, value in dims.items():
+        if dims:
+            self._set_dims(dims)
+        self._function(*self.pointers, *self.scalars.values())
+
+    def _set_dims(self, dims: Mapping[str, int]) -> None:
+        for name in dims:
             if name not in self.scalars:
                 raise TypeError(f"{self.kernel.spec.op}: {name} is not a dynamic dim of this kernel")
-            self.scalars[name] = value
-        self._function(*self.pointers, *self.scalars.values())
+        values = {**self.scalars, **dims}
+        check_runtime_dims(self.kernel.spec, values, self.limits)
+        self.scalars = {name: int(value) for name, value in values.items()}
 
 
 def ctypes_signature(args: Sequence[ArgInfo]) -> list:

@@ -11,16 +11,31 @@ LookupError. Nothing here imports any other part of the project.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
+import math
+import re
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Sequence
 
-from .kernel import ArgInfo, Kernel, KernelProvider, KernelSpec, UntunedShapeWarning, ctypes_signature, select
+from .kernel import (NUMPY_DTYPES, ArgInfo, Kernel, KernelProvider, KernelSpec, UntunedShapeWarning, ctypes_signature,
+                     select)
+from .launch import evaluate
 
 FORMAT = "llm-autotune-kernels"  # the manifest format export.library_writer writes and this module reads
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+
+# What a manifest may say, checked before anything reaches ctypes or the GPU.
+ROLES = ("in", "out", "workspace", "scalar")
+MAX_DIM = 2**31 - 1                # no tensor dim comes near it; a larger one is an edited manifest
+MAX_WORKSPACE_BYTES = 1 << 32      # scratch a kernel asks for when loaded: 4 GiB is past any template's
+MAX_SHARED_BYTES = 1 << 20         # dynamic shared memory per CUDA block (GPUs offer at most 228 KiB)
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# A CPU entry is looked up with dlsym, which also searches the libraries the .so links (libc:
+# "system", "abort"): only names of the form export gives its kernels, <op>_<dtype>_<10 hex>.
+CPU_ENTRY = re.compile(r"[a-z0-9_]+_[0-9a-f]{10}\Z")
 
 # Instruction-set extensions whose absence makes a kernel die of SIGILL, in LLVM's spelling;
 # /proc/cpuinfo spells them with underscores (avx512_bf16), which the comparison ignores.
@@ -37,11 +52,17 @@ class IncompatibleCpuError(ValueError):
     """The library was compiled for instruction-set extensions this CPU lacks."""
 
 
+class UnverifiedLibraryWarning(UserWarning):
+    """A library from an older export records no sha256 of its code: it is loaded unchecked."""
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     folder = Path(path)
     file = folder / MANIFEST
     if not file.is_file():
         raise FileNotFoundError(f"{folder} is not a kernel library: it has no {MANIFEST}")
+    if not file.resolve().is_relative_to(folder.resolve()):  # a library reads only its own files
+        raise LibraryFormatError(f"{file} leads out of the library folder (to {file.resolve()})")
     try:
         manifest = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
@@ -51,6 +72,210 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     schema = manifest.get("schema")
     if not isinstance(schema, int) or not 1 <= schema <= SCHEMA_VERSION:
         raise LibraryFormatError(f"{file} has schema {schema!r}; this runtime reads 1..{SCHEMA_VERSION}")
+    return manifest
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def library_file(folder: Path, name: Any, what: str) -> Path:
+    """The file ``name`` (as the manifest spells it) inside the library ``folder``, resolved:
+    a relative path without ``..`` that, symlinks followed, stays inside the folder."""
+    if not isinstance(name, str) or not name:
+        raise LibraryFormatError(f"{folder}: {what} has no file name")
+    relative = PurePosixPath(name)
+    if relative.is_absolute() or ".." in relative.parts or "\\" in name:
+        raise LibraryFormatError(f"{folder}: {what} {name!r} is not a path inside the library folder")
+    root = folder.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise LibraryFormatError(f"{folder}: {what} {name!r} leads out of the library folder (to {path})")
+    if not path.is_file():
+        raise LibraryFormatError(f"{folder}: {what} {name!r} is missing")
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_sha256(actual: str, expected: Any, what: str) -> None:
+    """A file whose content is not what export wrote is never run."""
+    if actual != expected:
+        raise LibraryFormatError(f"{what}: sha256 {actual} does not match the manifest's {expected!r}: "
+                                 "the file was changed after export")
+
+
+# ----------------------------------------------------------------------------- the manifest
+
+
+def expected_task_key(entry: Mapping[str, Any]) -> str:
+    """The task key export wrote for an entry with these op, dtype, dims and attributes (the
+    format of ``search_space.Task.key``): an entry whose dims were edited no longer matches it."""
+    dims = ",".join(f"{k}{'~' if k in entry['dynamic'] else ''}={v}" for k, v in entry["dims"].items())
+    key = f"{entry['op']}/{entry['dtype']}/{dims}"
+    attrs = entry.get("attrs") or {}
+    if attrs:
+        key += "/" + ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(attrs.items()))
+    return key
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_dims(entry: Mapping[str, Any], where: str) -> None:
+    dims = entry.get("dims")
+    if not isinstance(dims, dict) or not dims:
+        raise LibraryFormatError(f"{where}: dims must be an object of dim names and sizes")
+    for name, value in dims.items():
+        if not IDENTIFIER.match(name) or not _is_int(value) or not 1 <= value <= MAX_DIM:
+            raise LibraryFormatError(f"{where}: dim {name} = {value!r} is not a positive int up to {MAX_DIM}")
+    dynamic = entry.get("dynamic")
+    if not isinstance(dynamic, list) or any(d not in dims for d in dynamic) or len(set(dynamic)) != len(dynamic):
+        raise LibraryFormatError(f"{where}: dynamic dims {dynamic!r} are not distinct dims of {list(dims)}")
+
+
+def _check_args(entry: Mapping[str, Any], where: str) -> None:
+    """Arguments as the calling convention has them: arrays of known dtypes whose shapes name
+    the entry's dims, workspaces of sane sizes, then one int64 per dim taken at run time."""
+    args, dims = entry.get("args"), entry["dims"]
+    if not isinstance(args, list) or not args:
+        raise LibraryFormatError(f"{where}: args must be a list")
+    names, scalars_started = set(), False
+    for arg in args:
+        if not isinstance(arg, dict) or not isinstance(arg.get("name"), str) or not IDENTIFIER.match(arg["name"]):
+            raise LibraryFormatError(f"{where}: argument {arg!r} has no valid name")
+        name, role = arg["name"], arg.get("role")
+        if name in names:
+            raise LibraryFormatError(f"{where}: two arguments are named {name}")
+        names.add(name)
+        if role not in ROLES:
+            raise LibraryFormatError(f"{where}: argument {name} has role {role!r}, not one of {ROLES}")
+        if scalars_started and role != "scalar":
+            raise LibraryFormatError(f"{where}: argument {name} comes after the int64 dims")
+        scalars_started = role == "scalar"
+        if role in ("in", "out"):
+            shape = arg.get("shape")
+            if arg.get("dtype", "float32") not in NUMPY_DTYPES or not isinstance(shape, list):
+                raise LibraryFormatError(f"{where}: array {name} needs a known dtype and a shape")
+            for d in shape:
+                if not (d in dims if isinstance(d, str) else _is_int(d) and 1 <= d <= MAX_DIM):
+                    raise LibraryFormatError(f"{where}: array {name} has shape {shape}: {d!r} is not a dim "
+                                             f"of {list(dims)} or a positive int")
+        elif role == "workspace":
+            nbytes = arg.get("nbytes", 0)
+            if not _is_int(nbytes) or not 0 <= nbytes <= MAX_WORKSPACE_BYTES:
+                raise LibraryFormatError(f"{where}: workspace {name} of {nbytes!r} bytes (at most "
+                                         f"{MAX_WORKSPACE_BYTES})")
+        elif name not in dims:
+            raise LibraryFormatError(f"{where}: int64 argument {name} is not a dim of {list(dims)}")
+    scalars = {a["name"] for a in args if a["role"] == "scalar"}
+    if not set(entry["dynamic"]) <= scalars:
+        raise LibraryFormatError(f"{where}: dynamic dims {entry['dynamic']} are not all int64 arguments")
+
+
+def _check_launch(entry: Mapping[str, Any], where: str) -> None:
+    """CUDA launch geometry: a block of at most 1024 threads, a grid and shared memory that
+    evaluate at the entry's dims."""
+    launch = entry.get("launch")
+    if not isinstance(launch, dict):
+        raise LibraryFormatError(f"{where}: no launch geometry")
+    block, grid = launch.get("block"), launch.get("grid")
+    if (not isinstance(block, list) or not 1 <= len(block) <= 3 or not all(_is_int(b) and b >= 1 for b in block)
+            or math.prod(block) > 1024):
+        raise LibraryFormatError(f"{where}: block {block!r} is not 1 to 3 positive ints of at most 1024 threads")
+    if not isinstance(grid, list) or not 1 <= len(grid) <= 3 or not all(isinstance(g, (int, str)) for g in grid):
+        raise LibraryFormatError(f"{where}: grid {grid!r} is not 1 to 3 ints or expressions")
+    try:
+        sizes = [evaluate(g, entry["dims"]) for g in grid]
+        smem = evaluate(launch.get("smem", 0), entry["dims"])
+    except (KeyError, ValueError, TypeError, ZeroDivisionError, SyntaxError, RecursionError) as exc:
+        raise LibraryFormatError(f"{where}: launch geometry does not evaluate at its dims: {exc!r}") from None
+    if any(n < 1 for n in sizes) or not 0 <= smem <= MAX_SHARED_BYTES:
+        raise LibraryFormatError(f"{where}: grid {sizes} or shared memory {smem} bytes out of range")
+
+
+def check_entry(entry: Any, kind: str) -> None:
+    """Refuse a kernel record the runtime could not call safely (LibraryFormatError)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("entry"), str) or not IDENTIFIER.match(entry["entry"]):
+        raise LibraryFormatError(f"a kernel record without a valid entry name: {str(entry)[:80]}")
+    where = f"kernel {entry['entry']}"
+    if not isinstance(entry.get("op"), str) or entry.get("dtype") not in NUMPY_DTYPES:
+        raise LibraryFormatError(f"{where}: needs an op and a known dtype")
+    for key in ("attrs", "config"):
+        if not isinstance(entry.get(key) or {}, dict):
+            raise LibraryFormatError(f"{where}: {key} must be an object")
+    _check_dims(entry, where)
+    if entry.get("task") != expected_task_key(entry):
+        raise LibraryFormatError(f"{where}: its op, dtype, dims and attributes ({expected_task_key(entry)}) "
+                                 f"do not match its task {entry.get('task')!r}")
+    _check_args(entry, where)
+    symbol = entry.get("symbol", entry["entry"])
+    if kind == "cpu" and (symbol != entry["entry"] or not CPU_ENTRY.match(symbol)):
+        raise LibraryFormatError(f"{where}: symbol {symbol!r} is not an entry name export gives a kernel")
+    if kind == "cuda":
+        if not isinstance(symbol, str) or not IDENTIFIER.match(symbol):
+            raise LibraryFormatError(f"{where}: symbol {symbol!r} is not a C identifier")
+        _check_launch(entry, where)
+
+
+def check_manifest(manifest: Mapping[str, Any], folder: Path) -> None:
+    """The whole manifest: a target and a list of valid kernel records with distinct entry names."""
+    target, kernels = manifest.get("target"), manifest.get("kernels")
+    if not isinstance(target, dict) or target.get("kind") not in ("cpu", "cuda"):
+        raise LibraryFormatError(f"{folder}: the manifest's target kind is not cpu or cuda")
+    if not isinstance(kernels, list):
+        raise LibraryFormatError(f"{folder}: the manifest has no list of kernels")
+    try:
+        for entry in kernels:
+            check_entry(entry, target["kind"])
+    except LibraryFormatError as exc:
+        raise LibraryFormatError(f"{folder / MANIFEST}: {exc}") from None
+    names = [e["entry"] for e in kernels]
+    if len(set(names)) != len(names):
+        raise LibraryFormatError(f"{folder / MANIFEST}: two kernels share an entry name")
+
+
+def named_files(manifest: Mapping[str, Any]) -> list[tuple[Any, Any, str]]:
+    """(name, recorded sha256 or None, what it is) of every file a checked manifest names."""
+    kind = manifest["target"]["kind"]
+    files = [(manifest.get("library"), manifest.get("library_sha256"), "shared library")] if kind == "cpu" else []
+    for entry in manifest["kernels"]:
+        if kind == "cuda":
+            files.append((entry.get("cubin"), entry.get("cubin_sha256"), f"cubin of {entry['entry']}"))
+        files.append((entry.get("source"), entry.get("source_sha256"), f"source of {entry['entry']}"))
+    return files
+
+
+def check_files(manifest: Mapping[str, Any], folder: Path) -> list[str]:
+    """Check that every file the manifest names lies inside ``folder`` and has the sha256 it
+    records; returns the files it records none for (libraries from before hashes were kept)."""
+    unverified = []
+    for name, expected, what in named_files(manifest):
+        path = library_file(folder, name, what)
+        if expected is None:
+            unverified.append(str(name))
+        else:
+            check_sha256(sha256_of(path), expected, f"{folder}: {what} {name}")
+    return unverified
+
+
+def checked_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of the library in ``folder`` once it and the files it names check out
+    (``check_manifest``, ``check_files``); a library from before hashes were recorded loads
+    with an ``UnverifiedLibraryWarning``."""
+    manifest = read_manifest(folder)
+    check_manifest(manifest, folder)
+    unverified = check_files(manifest, folder)
+    if unverified:
+        more = " and more" if len(unverified) > 3 else ""
+        warnings.warn(f"{folder} records no sha256 of {', '.join(unverified[:3])}{more}: loaded unchecked "
+                      "(export it again to have it checked)", UnverifiedLibraryWarning, stacklevel=4)
     return manifest
 
 
@@ -83,7 +308,7 @@ class KernelLibrary:
 
     def __init__(self, path: str | Path, warn_untuned: bool = True, fallback: KernelProvider | None = None):
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
+        self.manifest = checked_manifest(self.path)
         self.target: dict[str, Any] = dict(self.manifest["target"])
         self.kind: str = self.target["kind"]
         self.entries: list[dict[str, Any]] = list(self.manifest["kernels"])
@@ -96,19 +321,16 @@ class KernelLibrary:
         self._cuda = None
         if self.kind == "cpu":
             self._open_shared_library()
-        elif self.kind != "cuda":
-            raise LibraryFormatError(f"{self.path}: unknown target kind {self.kind!r}")
 
     def _open_shared_library(self) -> None:
         missing = missing_cpu_features(self.target)
         if missing:
             raise IncompatibleCpuError(f"{self.path} was compiled for {self.target.get('arch')} and needs "
                                f"{', '.join(missing)}, which this CPU lacks: export it again for this machine")
-        name = self.manifest.get("library")
-        if not name:
-            raise LibraryFormatError(f"{self.path}: a CPU library without a shared object")
+        # inside the folder and of the recorded sha256: checked by check_files at load
+        library = library_file(self.path, self.manifest.get("library"), "shared library")
         # RTLD_LOCAL: two libraries loaded side by side keep their own symbols
-        self._dll = ctypes.CDLL(str((self.path / name).resolve()), mode=ctypes.RTLD_LOCAL)
+        self._dll = ctypes.CDLL(str(library), mode=ctypes.RTLD_LOCAL)
 
     # ------------------------------------------------------------------ KernelProvider
 
@@ -180,7 +402,11 @@ class KernelLibrary:
 
         if self._cuda is None:
             self._cuda = CudaModules()
-        return self._cuda.kernel(self.path, record, spec_of_entry(record), args)
+        # read and checked once more here: these are the bytes that run, whatever the file holds now
+        cubin = library_file(self.path, record["cubin"], f"cubin of {record['entry']}").read_bytes()
+        if record.get("cubin_sha256") is not None:
+            check_sha256(hashlib.sha256(cubin).hexdigest(), record["cubin_sha256"], f"{self.path}: {record['cubin']}")
+        return self._cuda.kernel(self.path, record, spec_of_entry(record), args, cubin)
 
 
 def load(path: str | Path, warn_untuned: bool = True, fallback: KernelProvider | None = None) -> KernelLibrary:

@@ -15,13 +15,12 @@ over dim names, for dynamic dims) and ``smem`` (dynamic shared memory bytes).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from .kernel import ArgInfo, BoundCall, Kernel, KernelSpec, numpy_dtype
+from .kernel import ArgInfo, BoundCall, Kernel, KernelSpec, numpy_dtype, same_layout
 from .launch import evaluate
 
 class CudaModules:
@@ -38,9 +37,14 @@ class CudaModules:
         self.stream = drv.Stream()
         self.modules: list[Any] = []
 
-    def kernel(self, folder: Path, record: Mapping[str, Any], spec: KernelSpec, args: tuple[ArgInfo, ...]) -> "CudaKernel":
+    def kernel(self, folder: Path, record: Mapping[str, Any], spec: KernelSpec, args: tuple[ArgInfo, ...],
+               cubin: bytes | None = None) -> "CudaKernel":
+        """The kernel ``record`` describes, from ``cubin`` (a library passes the bytes it checked)
+        or else the file ``folder / record["cubin"]``."""
         drv = self.drv
-        module = drv.module_from_buffer((folder / record["cubin"]).read_bytes())
+        if cubin is None:
+            cubin = (folder / record["cubin"]).read_bytes()
+        module = drv.module_from_buffer(cubin)
         self.modules.append(module)  # a module unloads when collected; its functions go with it
         function = module.get_function(record["symbol"])
         launch = dict(record["launch"])
@@ -96,11 +100,19 @@ class CudaKernel(Kernel):
                 self._workspace[arg.name] = alloc
 
     def _device_pointer(self, arg: ArgInfo, buffer: Any, dims: Mapping[str, int]) -> int:
-        if hasattr(buffer, "gpudata"):  # a GPUArray: its size and dtype can be checked
+        """A device buffer's address: a GPUArray or DeviceArray is checked for shape, dtype and
+        layout; a raw allocation is taken to hold ``dims`` (the caller's word, as in C)."""
+        if isinstance(buffer, np.ndarray):
+            raise ValueError(f"{self.spec.op} {arg.role}put {arg.name}: a numpy array is host memory; bind "
+                             "device buffers, or call the kernel on numpy arrays")
+        if hasattr(buffer, "gpudata"):
             want = arg.resolve_shape(dims)
-            if buffer.size != math.prod(want) or np.dtype(buffer.dtype) != numpy_dtype(arg.dtype):
+            if np.dtype(buffer.dtype) != numpy_dtype(arg.dtype) or not same_layout(buffer.shape, want):
                 raise ValueError(f"{self.spec.op} {arg.role}put {arg.name}: expected {want} {arg.dtype}, "
                                  f"got {buffer.shape} {buffer.dtype}")
+            flags = getattr(buffer, "flags", None)  # a GPUArray may be a strided view; a DeviceArray never is
+            if flags is not None and not flags.c_contiguous:
+                raise ValueError(f"{self.spec.op} argument {arg.name} must be C-contiguous")
             return int(buffer.gpudata)
         return int(buffer)
 

@@ -139,23 +139,26 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     """The float tensors of one safetensors file as float32.
 
     Read with the safetensors package where numpy knows the dtype; bfloat16, which numpy
-    lacks, is read from the file's header and widened by shifting the raw words."""
-    from safetensors import safe_open
+    lacks, is read from the file's header and widened by shifting the raw words. The header
+    is checked first (``read_header``): a malformed file is a ValueError, never a MemoryError."""
+    from safetensors import SafetensorError, safe_open
 
     tensors: dict[str, np.ndarray] = {}
-    header = _header(path)
-    with safe_open(str(path), framework="numpy") as f:
-        for name in f.keys():
-            info = header[name]
-            if info["dtype"] == "BF16":
-                continue
-            if info["dtype"] not in _SAFETENSORS_DTYPES:
-                raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, expected a float type")
-            tensors[name] = f.get_tensor(name).astype(np.float32)
+    header, data_start = read_header(path)
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            for name in f.keys():
+                info = header[name]
+                if info["dtype"] == "BF16":
+                    continue
+                if info["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, expected a float type")
+                tensors[name] = f.get_tensor(name).astype(np.float32)
+    except SafetensorError as exc:  # what the package finds beyond the header: one line, a ValueError
+        raise ValueError(f"{path}: not a valid safetensors file: {exc}") from None
     bf16 = [n for n, info in header.items() if n != "__metadata__" and info["dtype"] == "BF16"]
     if bf16:
-        offset = 8 + struct.unpack("<Q", Path(path).open("rb").read(8))[0]
-        raw = np.memmap(path, dtype=np.uint8, mode="r", offset=offset)
+        raw = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
         for name in bf16:
             begin, end = header[name]["data_offsets"]
             words = raw[begin:end].view(np.uint16).reshape(header[name]["shape"])
@@ -163,7 +166,46 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _header(path: str | Path) -> dict:
-    with Path(path).open("rb") as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        return json.loads(f.read(size))
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit: a longer header is a corrupt or hostile file
+
+
+def read_header(path: str | Path) -> tuple[dict, int]:
+    """A safetensors file's header (tensor name -> dtype, shape, data offsets) and where its data
+    starts, checked against the file: a ValueError names the file and what is wrong with it."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        length = struct.unpack("<Q", prefix)[0]
+        if length > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"{path}: not a safetensors file (header length {length} exceeds the file's "
+                             f"{size} bytes or the limit of {MAX_HEADER_BYTES})")
+        text = f.read(length)
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested past the parser's depth
+        raise ValueError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    for name, info in header.items():
+        if name != "__metadata__":
+            _check_tensor_info(path, name, info, size - 8 - length)
+    return header, 8 + length
+
+
+def _check_tensor_info(path: Path, name: str, info, data_bytes: int) -> None:
+    """A tensor's entry: a dtype, a shape of counts and data offsets inside the file's data."""
+    shape = info.get("shape") if isinstance(info, dict) else None
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    well_formed = (isinstance(shape, list) and all(_is_count(d) for d in shape)
+                   and isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                   and isinstance(info.get("dtype"), str) and offsets[0] <= offsets[1] <= data_bytes)
+    if not well_formed:
+        raise ValueError(f"{path}: not a safetensors file (tensor {name}'s dtype, shape or data offsets "
+                         "are malformed or lie outside the file)")
+
+
+def _is_count(value) -> bool:
+    return type(value) is int and value >= 0

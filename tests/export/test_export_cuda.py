@@ -4,6 +4,7 @@ CPU emulator), so this checks the plumbing (manifest, cubins, launch geometry fo
 dims, device buffers); the ``gpu`` machine runs the same on an H200."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -46,7 +47,9 @@ def test_cuda_records_export_to_cubins_that_the_runtime_launches(fake_gpu, tmp_p
     manifest = json.loads((tmp_path / "lib" / "manifest.json").read_text())
     assert manifest["target"]["kind"] == "cuda" and manifest["library"] is None and manifest["header"] is None
     for entry in manifest["kernels"]:
-        assert (tmp_path / "lib" / entry["cubin"]).read_bytes()[:4] == b"\x7fELF"  # a cubin is an ELF image
+        cubin = (tmp_path / "lib" / entry["cubin"]).read_bytes()
+        assert cubin[:4] == b"\x7fELF"  # a cubin is an ELF image
+        assert entry["cubin_sha256"] == hashlib.sha256(cubin).hexdigest()  # checked by runtime.load
         assert set(entry["launch"]) >= {"grid", "block"} and entry["source"].endswith(".cu")
     register_library(fake_gpu, tmp_path / "lib")
 
@@ -73,13 +76,35 @@ def test_cuda_records_export_to_cubins_that_the_runtime_launches(fake_gpu, tmp_p
         drv.memcpy_htod(device[n], a)
     device["Y"] = drv.mem_alloc(6 * 64 * 2)
     drv.memset_d16(device["Y"], 0x7E00, 6 * 64)  # NaN
-    kernel.bind(device, dims={"M": 8})(M=4)
+    call = kernel.bind(device, dims={"M": 8})
+    with pytest.raises(ValueError, match="dim M = 9 exceeds 8, what the bound arrays hold"):
+        call(M=9)  # raw allocations hold what bind was told: no launch past it
+    call(M=4)
     y = np.empty((6, 64), np.float16)
     drv.memcpy_dtoh(y, device["Y"])
     want = get_template("rmsnorm", "cuda").reference(task, inputs)["Y"]
     assert check_output("Y", y[:4], want[:4], 5e-3, "float16") is None
     assert np.isnan(y[4:]).all(), "rows past M were written"
 
+    with pytest.raises(ValueError, match="a numpy array is host memory"):
+        kernel.bind({**inputs, "Y": np.empty((6, 64), np.float16)}, dims={"M": 6})
+    from runtime.arrays import CudaArrays
+
+    arrays = CudaArrays()
+    upload = {n: arrays.upload(a) for n, a in inputs.items()}
+    with pytest.raises(ValueError, match=r"output Y: expected \(6, 64\) float16, got \(64, 6\)"):
+        kernel.bind({**upload, "Y": arrays.empty((64, 6), np.float16)})
+    kernel.bind({**upload, "Y": arrays.empty((6, 64), np.float16)})()
+
     with pytest.raises(LookupError, match="has no kernel for gemv/float16/M=2,N=64,K=64"):
         library.get("gemv", {"M": 2, "N": 64, "K": 64}, "float16")
     library.close()
+
+    changed = tmp_path / "changed"  # a cubin changed after export never reaches the GPU
+    shutil.copytree(tmp_path / "lib", changed)
+    cubin = changed / manifest["kernels"][0]["cubin"]
+    cubin.write_bytes(cubin.read_bytes() + b"\0")
+    from runtime.library import LibraryFormatError
+
+    with pytest.raises(LibraryFormatError, match="cubin of .* does not match the manifest's"):
+        runtime.load(changed)

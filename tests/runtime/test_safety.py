@@ -1,0 +1,351 @@
+"""What a tuned library may not do to the process that loads it: kernels are called only on
+arrays and dims they can handle, a manifest is believed only as far as it checks out, and
+weights files are read only once their header makes sense.
+
+Calls that would crash today's code run in a child process (``run_numpy_only``), so that a
+regression fails the test instead of killing pytest."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fakes import run_numpy_only
+
+import runtime
+from runtime.library import LibraryFormatError
+
+ATTEMPT = r"""
+import json, sys
+import numpy as np
+import runtime
+
+def attempt(call):
+    try:
+        call()
+        return "ok"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+library = runtime.load(sys.argv[1])
+rng = np.random.default_rng(0)
+def f32(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+out = {}
+"""
+
+
+def _run(tmp_path, library, body: str) -> dict:
+    proc = run_numpy_only(tmp_path, textwrap.dedent(ATTEMPT) + textwrap.dedent(body) + "\nprint(json.dumps(out))\n",
+                          str(library), timeout=120)
+    assert proc.returncode == 0, f"the child died (exit {proc.returncode}): {proc.stderr[-2000:]}"
+    return json.loads(proc.stdout)
+
+
+# ----------------------------------------------------------------------------- dynamic dims of a bound call
+
+
+def test_a_bound_call_refuses_dims_its_arrays_do_not_hold(tmp_path, exported_library):
+    out = _run(tmp_path, exported_library, """
+        kernel = library.get("rmsnorm", {"M": 8, "N": 64}, attrs={"residual": True}, dynamic=["M"])
+        x, r, g, y, s = f32(8, 64), f32(8, 64), f32(64), np.zeros((8, 64), np.float32), np.zeros((8, 64), np.float32)
+        call = kernel.bind({"X": x, "R": r, "G": g, "Y": y, "S": s})
+        for m in (100000, 64, 9, -5, 0, 3.5, True):
+            out[repr(m)] = attempt(lambda: call(M=m))
+        out["refused ones changed nothing"] = call.scalars == {"M": 8}
+        out["M=5"] = attempt(lambda: call(M=5))
+        out["M=8"] = attempt(lambda: call(M=8))
+        out["call()"] = attempt(call)
+        out["bind M=-5"] = attempt(lambda: kernel.bind({"X": x, "R": r, "G": g, "Y": y, "S": s}, dims={"M": -5}))
+        out["call M=7.5"] = attempt(lambda: kernel(x[:7], r[:7], g, dims={"M": 7.5}))
+    """)
+    for value in ("100000", "64", "9", "-5", "0", "3.5", "True"):
+        assert out[value].startswith("ValueError") and "dim M" in out[value], (value, out[value])
+    assert "exceeds 8, what the bound arrays hold" in out["100000"]
+    assert "must be at least 1" in out["-5"] and "must be an int" in out["3.5"]
+    assert out["refused ones changed nothing"] is True
+    assert out["M=5"] == out["M=8"] == out["call()"] == "ok"
+    assert out["bind M=-5"].startswith("ValueError") and "dim M = -5" in out["bind M=-5"]
+    assert out["call M=7.5"].startswith("ValueError") and "dim M must be an int, not 7.5" in out["call M=7.5"]
+
+
+def test_a_kv_length_may_not_pass_the_cache_it_counts_in(tmp_path, exported_library):
+    out = _run(tmp_path, exported_library, """
+        shape = {"B": 1, "H": 4, "HKV": 2, "D": 32, "S": 64, "L": 64}
+        kernel = library.get("attention_decode", shape, dynamic=["S", "L"])
+        q, k, v, o = f32(1, 4, 32), f32(1, 2, 64, 32), f32(1, 2, 64, 32), np.zeros((1, 4, 32), np.float32)
+        call = kernel.bind({"Q": q, "K": k, "V": v, "O": o}, dims={"S": 64, "L": 1})
+        out["L=64"] = attempt(lambda: call(L=64))
+        out["L=65"] = attempt(lambda: call(L=65))
+        out["S=65"] = attempt(lambda: call(S=65))
+        out["S=32,L=40"] = attempt(lambda: call(S=32, L=40))
+        out["S=32,L=32"] = attempt(lambda: call(S=32, L=32))
+        out["bind L=100"] = attempt(lambda: kernel.bind({"Q": q, "K": k, "V": v, "O": o}, dims={"S": 64, "L": 100}))
+    """)
+    assert out["L=64"] == out["S=32,L=32"] == "ok"
+    assert out["L=65"].startswith("ValueError") and "dim L = 65 exceeds S = 64" in out["L=65"]
+    assert out["S=65"].startswith("ValueError") and "dim S = 65 exceeds 64" in out["S=65"]
+    assert "dim L = 40 exceeds S = 32" in out["S=32,L=40"]
+    assert "dim L = 100 exceeds S = 64" in out["bind L=100"]
+
+
+# ----------------------------------------------------------------------------- arrays handed to C
+
+
+def test_outputs_must_be_writeable_and_every_array_exactly_what_the_kernel_takes(tmp_path, exported_library):
+    readonly = tmp_path / "readonly.bin"
+    np.zeros((8, 64), np.float32).tofile(readonly)
+    out = _run(tmp_path, exported_library, f"""
+        kernel = library.get("rmsnorm", {{"M": 8, "N": 64}}, attrs={{"residual": True}}, dynamic=["M"])
+        x, r, g, s = f32(8, 64), f32(8, 64), f32(64), np.zeros((8, 64), np.float32)
+        frozen = bytes(8 * 64 * 4)
+        cases = {{
+            "over bytes": np.frombuffer(frozen, np.float32).reshape(8, 64),
+            "read-only memmap": np.memmap({str(readonly)!r}, np.float32, mode="r", shape=(8, 64)),
+            "transposed shape": np.zeros((64, 8), np.float32),
+            "float64": np.zeros((8, 64), np.float64),
+            "strided": np.zeros((8, 128), np.float32)[:, ::2],
+            "a list": [[0.0] * 64] * 8,
+        }}
+        for name, y in cases.items():
+            out["call " + name] = attempt(lambda: kernel(x, r, g, out={{"Y": y, "S": s}}))
+            out["bind " + name] = attempt(lambda: kernel.bind({{"X": x, "R": r, "G": g, "Y": y, "S": s}}))
+        out["bytes untouched"] = frozen == bytes(8 * 64 * 4)
+        gemv = library.get("gemv", {{"M": 1, "N": 64, "K": 128}})
+        out["gemv W transposed"] = attempt(lambda: gemv(f32(1, 128), f32(128, 64)))
+        out["gemv W as rows"] = attempt(lambda: gemv(f32(1, 128), f32(64, 128)))
+        out["input read-only"] = attempt(lambda: kernel(x, r, np.frombuffer(g.tobytes(), np.float32)))
+    """)
+    for case, words in (("over bytes", "read-only"), ("read-only memmap", "read-only"),
+                        ("transposed shape", "expected (8, 64) float32, got (64, 8)"),
+                        ("float64", "float64"), ("strided", "C-contiguous"), ("a list", "a numpy array")):
+        for how in ("call", "bind"):
+            message = out[f"{how} {case}"]
+            assert message.startswith("ValueError") and " Y" in message and words in message, (how, case, message)
+    assert out["bytes untouched"] is True
+    assert out["gemv W transposed"].startswith("ValueError") and "input W" in out["gemv W transposed"]
+    assert out["gemv W as rows"] == out["input read-only"] == "ok"  # inputs are only read
+
+
+def test_an_array_may_merge_adjacent_axes_but_not_regroup_them():
+    from runtime.kernel import same_layout
+
+    assert same_layout((8, 4, 32), (8, 4, 32)) and same_layout((8, 128), (8, 4, 32))
+    assert same_layout((32, 32), (8, 4, 32)) and same_layout((1024,), (8, 4, 32)) and same_layout((4, 1), (4,))
+    assert not same_layout((64, 8), (8, 64)) and not same_layout((8, 64), (8, 32))
+    assert not same_layout((16, 64), (8, 128))
+
+
+# ----------------------------------------------------------------------------- what the manifest may say
+
+
+def _copy(exported_library, tmp_path) -> Path:
+    copy = tmp_path / "lib"
+    shutil.copytree(exported_library, copy)
+    return copy
+
+
+def _edit(folder: Path, change) -> None:
+    """Apply ``change(manifest, folder)`` to the library's manifest.json."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest, folder)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _kernel(manifest: dict, op: str) -> dict:
+    return next(k for k in manifest["kernels"] if k["op"] == op and k["dtype"] == "float32")
+
+
+def _gemv(manifest: dict) -> dict:
+    return _kernel(manifest, "gemv")
+
+
+def _workspace(manifest: dict) -> dict:
+    return next(a for a in _kernel(manifest, "attention_decode")["args"] if a["role"] == "workspace")
+
+
+def _drop_dim_arguments(manifest: dict, folder: Path) -> None:
+    rmsnorm = _kernel(manifest, "rmsnorm")
+    rmsnorm["args"] = [a for a in rmsnorm["args"] if a["role"] != "scalar"]
+
+
+MANIFEST_EDITS = {  # what an edit does to the manifest, and the words the refusal has
+    "absolute library path": (lambda m, lib: m.update(library=str(lib.resolve() / m["library"])),
+                              "is not a path inside the library folder"),
+    "library path with ..": (lambda m, lib: m.update(library=f"../lib/{m['library']}"),
+                             "is not a path inside the library folder"),
+    "source path with ..": (lambda m, lib: _gemv(m).update(source="../outside.ll"), "is not a path inside"),
+    "a dim edited": (lambda m, lib: _gemv(m)["dims"].update(K=16), "do not match its task"),
+    "a dim of zero": (lambda m, lib: _gemv(m)["dims"].update(K=0), "dim K = 0 is not a positive int"),
+    "a dim as text": (lambda m, lib: _gemv(m)["dims"].update(K="128"), "dim K = '128' is not a positive int"),
+    "a dim as float": (lambda m, lib: _gemv(m)["dims"].update(K=128.0), "dim K = 128.0 is not a positive int"),
+    "an unknown dim in a shape": (lambda m, lib: _gemv(m)["args"][0].update(shape=["M", "Q"]), "'Q' is not a dim"),
+    "a negative size in a shape": (lambda m, lib: _gemv(m)["args"][0].update(shape=["M", -128]), "-128 is not a dim"),
+    "an unknown dtype": (lambda m, lib: _gemv(m)["args"][0].update(dtype="float128"), "needs a known dtype"),
+    "a huge workspace": (lambda m, lib: _workspace(m).update(nbytes=1 << 40), "bytes (at most"),
+    "a negative workspace": (lambda m, lib: _workspace(m).update(nbytes=-8), "of -8 bytes"),
+    "a dynamic dim not passed": (_drop_dim_arguments, "are not all int64 arguments"),
+    "an unknown role": (lambda m, lib: _gemv(m)["args"][2].update(role="inout"), "role 'inout'"),
+    "a libc symbol": (lambda m, lib: _gemv(m).update(symbol="system"), "not an entry name"),
+    "an entry named like libc": (lambda m, lib: _gemv(m).update(entry="abort", symbol="abort"), "not an entry name"),
+    "two kernels of one name": (lambda m, lib: m["kernels"].append(m["kernels"][0]), "share an entry name"),
+    "the target kind": (lambda m, lib: m["target"].update(kind="tpu"), "target kind"),
+}
+
+
+@pytest.mark.parametrize("case", MANIFEST_EDITS)
+def test_a_manifest_is_checked_before_anything_reaches_ctypes(case, tmp_path, exported_library):
+    library = _copy(exported_library, tmp_path)
+    change, words = MANIFEST_EDITS[case]
+    _edit(library, change)
+    with pytest.raises(LibraryFormatError, match=re.escape(words)):
+        runtime.load(library)
+
+
+def test_an_edited_dim_never_reaches_a_kernel(tmp_path, exported_library):
+    """What the tracker reported: K edited from 128 to 16 made the kernel read past the arrays."""
+    library = _copy(exported_library, tmp_path)
+    _edit(library, lambda m, lib: _gemv(m)["dims"].update(K=16))
+    proc = run_numpy_only(tmp_path, textwrap.dedent("""
+        import sys
+        import numpy as np
+        import runtime
+        try:
+            library = runtime.load(sys.argv[1])
+        except ValueError as exc:
+            print("refused:", exc)
+            raise SystemExit(0)
+        kernel = library.get("gemv", {"M": 1, "N": 64, "K": 16})
+        print("ran:", kernel(np.ones((1, 16), np.float32), np.ones((64, 16), np.float32)).sum())
+    """), str(library), timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("refused:"), (proc.returncode, proc.stdout, proc.stderr)
+    assert "do not match its task 'gemv/float32/M=1,N=64,K=128'" in proc.stdout
+
+
+@pytest.mark.parametrize("where", ["shared library", "source"])
+def test_a_file_changed_after_export_is_refused(where, tmp_path, exported_library):
+    library = _copy(exported_library, tmp_path)
+    manifest = json.loads((library / "manifest.json").read_text())
+    name = manifest["library"] if where == "shared library" else _gemv(manifest)["source"]
+    with (library / name).open("ab") as f:
+        f.write(b"\n")
+    with pytest.raises(LibraryFormatError, match=f"{where}.*sha256 .* does not match the manifest's"):
+        runtime.load(library)
+
+
+def test_a_symlink_out_of_the_folder_is_refused(tmp_path, exported_library):
+    library = _copy(exported_library, tmp_path)
+    outside = tmp_path / "elsewhere.so"
+    (library / "libllm_autotune_kernels.so").rename(outside)
+    (library / "libllm_autotune_kernels.so").symlink_to(outside)
+    with pytest.raises(LibraryFormatError, match="leads out of the library folder"):
+        runtime.load(library)
+    manifest = tmp_path / "elsewhere.json"  # the manifest itself is read only from inside the folder
+    (library / "manifest.json").rename(manifest)
+    (library / "manifest.json").symlink_to(manifest)
+    with pytest.raises(LibraryFormatError, match="manifest.json leads out of the library folder"):
+        runtime.load(library)
+    (library / "manifest.json").unlink()
+    manifest.rename(library / "manifest.json")
+    inside = library / "sources" / "kept.so"  # a link that stays inside is a file of the library
+    (library / "libllm_autotune_kernels.so").unlink()
+    outside.rename(inside)
+    (library / "libllm_autotune_kernels.so").symlink_to(inside)
+    assert len(runtime.load(library).entries) == 7
+
+
+def test_the_export_records_the_hash_of_the_shared_library(exported_library):
+    import hashlib
+
+    manifest = json.loads((exported_library / "manifest.json").read_text())
+    shared_library = (exported_library / manifest["library"]).read_bytes()
+    assert manifest["library_sha256"] == hashlib.sha256(shared_library).hexdigest()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a library with its hashes loads without a warning
+        runtime.load(exported_library)
+
+
+def test_a_schema_1_library_without_hashes_loads_with_a_warning(tmp_path, exported_library):
+    from runtime.library import UnverifiedLibraryWarning
+
+    library = _copy(exported_library, tmp_path)
+    _edit(library, lambda manifest, folder: manifest.pop("library_sha256"))
+    with pytest.warns(UnverifiedLibraryWarning, match="records no sha256 of libllm_autotune_kernels.so"):
+        loaded = runtime.load(library)
+    gemv = loaded.get("gemv", {"M": 1, "N": 64, "K": 128})
+    x, w = np.ones((1, 128), np.float32), np.ones((64, 128), np.float32)
+    np.testing.assert_allclose(gemv(x, w), np.full((1, 64), 128.0))
+
+
+# ----------------------------------------------------------------------------- safetensors headers
+
+CLI = [sys.executable, "-m", "autotune.cli"]
+
+
+def _weights_file(folder: Path, case: str) -> None:
+    folder.mkdir()
+    path = folder / "model.safetensors"
+    if case == "huge header length":
+        path.write_bytes(struct.pack("<Q", 1 << 62) + b"{}" + bytes(64))
+    elif case == "random bytes":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    elif case == "header past the end":
+        path.write_bytes(struct.pack("<Q", 1000) + b'{"a": 1}')
+    elif case == "header not an object":
+        path.write_bytes(struct.pack("<Q", 2) + b"[]")
+    elif case == "offsets past the end":
+        header = json.dumps({"model.norm.weight": {"dtype": "F32", "shape": [128], "data_offsets": [0, 512]}}).encode()
+        path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+
+
+@pytest.mark.parametrize("case", ["huge header length", "random bytes", "header past the end", "header not an object",
+                                  "offsets past the end"])
+def test_a_malformed_weights_file_is_one_line_and_exit_2(case, tmp_path, exported_library):
+    _weights_file(tmp_path / "weights", case)
+    proc = subprocess.run(CLI + ["run", "--model", "tiny", "--lib", str(exported_library), "--weights",
+                                 str(tmp_path / "weights"), "--new-tokens", "2", "--prompt-tokens", "4"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("autotune: error: ") and "not a safetensors file" in lines[0], lines
+    assert "MemoryError" not in proc.stderr and "internal error" not in proc.stderr
+
+
+def test_a_good_weights_file_reads_as_before(tmp_path):
+    from runtime.model_config import PRESETS
+    from runtime.weights import ModelWeights, read_header
+
+    weights = ModelWeights.random(PRESETS["tiny"], seed=1)
+    weights.save(tmp_path)
+    header, start = read_header(tmp_path / "model.safetensors")
+    assert "model.norm.weight" in header and start > 8
+    loaded = ModelWeights.load(PRESETS["tiny"], tmp_path)
+    np.testing.assert_array_equal(loaded["model.norm.weight"], weights["model.norm.weight"])
+
+
+# ----------------------------------------------------------------------------- device memory
+
+
+def test_device_copies_stay_inside_their_buffers(fake_gpu):
+    from runtime.arrays import CudaArrays
+
+    arrays = CudaArrays()
+    cache, rows = arrays.zeros((1, 2, 8, 4)), arrays.zeros((2, 4))
+    with pytest.raises(ValueError, match="into a device buffer of"):
+        arrays.set(rows, np.zeros(16, np.float32))
+    with pytest.raises(ValueError, match="at position 8 of a cache of"):
+        arrays.write_position(cache, rows, 8)
+    with pytest.raises(ValueError, match="as 9 tokens into a cache of"):
+        arrays.write_prompt(cache, arrays.zeros((9, 8)), 9)
+    with pytest.raises(ValueError, match="cannot copy row 3"):
+        arrays.rows_at(arrays.zeros((6, 4)), 2, 3, arrays.zeros((2, 4)))
+    arrays.write_position(cache, arrays.upload(np.ones((2, 4), np.float32)), 7)
+    assert arrays.get(cache)[0, :, 7].sum() == 8 and arrays.get(cache).sum() == 8
