@@ -42,6 +42,11 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, as_json) 
         records = [r for r in read_log(log_path) if r.task.key == task.key and r.target.key == tgt.key]
         if threads is not None:
             records = [r for r in records if r.config.get("threads", threads) == threads]
+        outside = [r for r in records if not in_space(r, space)]
+        if outside:  # written by another version of the template: counted, never run
+            click.echo(f"autotune: warning: {log_path}: skipped {len(outside)} record(s) whose config is not in "
+                       f"today's space of {task.op}", err=True)
+            records = [r for r in records if in_space(r, space)]
         winner = best_records(records).get((task.key, tgt.key))
         if winner is None:
             raise UserError(f"{log_path} has no verified record for {task.key} on {tgt.key}"
@@ -73,3 +78,11 @@ def waiting(text: str):
 
     with Console(file=sys.stderr).status(text):
         yield
+
+
+def in_space(record, space) -> bool:
+    try:
+        record.to_config(space)
+    except (KeyError, ValueError, IndexError):
+        return False
+    return True

@@ -94,3 +94,22 @@ def test_a_tracked_job_names_its_mlflow_run_for_export(tmp_path):
                  cwd=tmp_path)
     assert export.returncode == 0, export.stderr
     assert " us " in export.stdout and "GB/s" in export.stdout and "0.0000 ms" not in export.stdout
+
+
+def test_bench_skips_a_record_whose_config_is_not_in_the_space(tmp_path):
+    import json
+
+    proc = run("tune", *SMALL, "--tuner", "random", "--trials", "2", "--quiet", "--no-mlflow", "--log", "t.jsonl",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / "t.jsonl").read_text().splitlines()
+    alien = json.loads(lines[0])
+    alien["config"]["values"]["vec"] = 999  # a knob value today's template does not offer
+    alien["result"]["costs"] = [1e-12] * 3  # so it would win
+    alien["timestamp"] += 1
+    with open(tmp_path / "t.jsonl", "a") as f:
+        f.write(json.dumps(alien) + "\n")
+    proc = run("bench", *SMALL, "--log", "t.jsonl", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 record(s) whose config is not in today's space" in proc.stderr
+    assert json.loads(proc.stdout)["config"]["vec"] != 999
