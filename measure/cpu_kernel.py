@@ -141,13 +141,35 @@ def allocate_args(source: KernelSource, dims: Mapping[str, int], inputs: Mapping
             buffers[arg.name] = array
         elif arg.role == "out":
             shape = arg.resolve_shape(dict(dims))
-            out = np.empty(shape, dtype=numpy_dtype(arg.dtype))
+            out = guarded_empty(shape, numpy_dtype(arg.dtype))
             if poison:
                 out.fill(np.nan if out.dtype.kind == "f" else 0xFFFF)
             buffers[arg.name] = out
         elif arg.role == "workspace":
             buffers[arg.name] = allocate_workspace(arg.nbytes)
     return buffers
+
+
+GUARD_BYTES = 256  # after each output: a kernel writing a little past its end is caught, not a neighbour hurt
+GUARD_PATTERN = 0xA5
+
+
+def guarded_empty(shape, dtype) -> np.ndarray:
+    """An array followed in memory by GUARD_BYTES of a known pattern (see ``overran``)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + GUARD_BYTES, dtype=np.uint8)
+    raw[nbytes:] = GUARD_PATTERN
+    return raw[:nbytes].view(dtype).reshape(shape)
+
+
+def overran(array: np.ndarray) -> bool:
+    """Whether a kernel wrote into the guard after ``array`` (one made by ``guarded_empty``)."""
+    base = array
+    while base is not None and not (base.dtype == np.uint8 and base.ndim == 1
+                                    and base.size == array.nbytes + GUARD_BYTES):
+        base = base.base
+    return base is not None and bool((base[array.nbytes:] != GUARD_PATTERN).any())
 
 
 def allocate_workspace(nbytes: int) -> np.ndarray:

@@ -69,7 +69,7 @@ def run_cpu_candidate(payload: dict[str, Any]) -> dict[str, Any]:
     """Worker side: load the object, check the answer on poisoned outputs, then time it."""
     import importlib
 
-    from .cpu_kernel import allocate_args, load_object
+    from .cpu_kernel import allocate_args, load_object, overran
     from .timing import time_calls
     from .verify import check_output
 
@@ -90,6 +90,9 @@ def run_cpu_candidate(payload: dict[str, Any]) -> dict[str, Any]:
     scribbled = _scribbled(task, payload["seed"], buffers, "during the verification run")
     if scribbled:
         return scribbled
+    for arg in source.args:
+        if arg.role == "out" and overran(buffers[arg.name]):
+            return {"error": "WRONG_ANSWER", "message": f"wrote past the end of its output {arg.name}"}
     if payload["check"]:
         for arg in source.args:
             if arg.role == "out":

@@ -17,8 +17,8 @@ from search_space import ArgSpec, Config, ConfigSpace, KernelSource, Knob, Targe
 from search_space.codegen import llvm as cg
 
 FAULT_OP = "fault_probe"
-# scribble before slow: a grid over the modes measures a correct kernel right after the scribblers
-MODES = ("ok", "hang", "crash", "wrong", "scribble", "slow", "badir")
+# scribble and oob before slow: a grid over the modes measures a correct kernel right after them
+MODES = ("ok", "hang", "crash", "wrong", "scribble", "oob", "slow", "badir")
 
 
 @register_template
@@ -75,6 +75,8 @@ class FaultProbe(Template):
                 kb.store(kb.fmul(kb.load(x, i), cg.f32(scale)), y, i)
         if mode == "crash":
             kb.store(cg.f32(1.0), y, cg.i64(1 << 40))  # far outside any mapping: SIGSEGV
+        if mode == "oob":  # Y is right, and one float past its end is written too
+            kb.store(cg.f32(1.0), y, cg.i64(n))
         if mode == "scribble":  # Y is right, but X is zeroed: the next candidate would read zeros
             with kb.loop(0, n, 1, name="z") as i:
                 kb.store(cg.f32(0.0), x, i)

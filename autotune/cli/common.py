@@ -201,16 +201,37 @@ def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=_json_default))
 
 
-def thread_restriction(template, task, target, threads: int | None) -> dict | None:
-    """``--threads N`` as a space restriction ({"threads": [N]}), checked against the space."""
-    if threads is None:
-        return None
+def restriction(template, task, target, threads: int | None, items=()) -> dict | None:
+    """``--threads N`` and ``--restrict KNOB=V[,V...]`` as one space restriction, checked
+    against the space: values are matched by their text (``vec=8,16``, ``stores=cached``)."""
     space = template.space(task, target)
-    if "threads" not in space.names:
-        raise UserError(f"{task.op} has no threads knob")
-    if threads not in space.knob("threads").values:
-        raise UserError(f"--threads {threads}: {task.op} on this machine takes {list(space.knob('threads').values)}")
-    return {"threads": [threads]}
+    allowed: dict[str, list] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not text.strip():
+            raise UserError(f"malformed --restrict {item!r}: expected KNOB=VALUE[,VALUE] like vec=8,16")
+        if name not in space.names:
+            raise UserError(f"--restrict {name}: {task.op} has no knob {name} (knobs: {', '.join(space.names)})")
+        offered = {str(v).lower(): v for v in space.knob(name).values}
+        wanted = [w.strip().lower() for w in text.split(",")]
+        unknown = [w for w in wanted if w not in offered]
+        if unknown:
+            raise UserError(f"--restrict {name}={text}: {task.op} on this machine takes "
+                            f"{', '.join(map(str, space.knob(name).values))}")
+        allowed[name] = [offered[w] for w in wanted]
+    if threads is not None:
+        if "threads" not in space.names:
+            raise UserError(f"{task.op} has no threads knob")
+        if threads not in space.knob("threads").values:
+            raise UserError(f"--threads {threads}: {task.op} on this machine takes {list(space.knob('threads').values)}")
+        allowed["threads"] = [threads]
+    try:
+        if allowed:
+            space.restrict(**allowed)
+    except ValueError as exc:
+        raise UserError(f"--restrict: {exc}") from None
+    return allowed or None
 
 
 def positive(ctx, param, value):

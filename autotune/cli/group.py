@@ -7,6 +7,7 @@ them (``autotune.cli`` does).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -27,6 +28,17 @@ def error_line(message: str) -> None:
     click.echo(f"autotune: error: {message}", err=True)
 
 
+def load_plugins() -> None:
+    """Import the modules named in AUTOTUNE_PLUGINS (comma-separated): templates of your own
+    operators register themselves on import, like the built-in ones. Worker processes import
+    a template's module by name, so it must be importable there too (PYTHONPATH)."""
+    for name in filter(None, (n.strip() for n in os.environ.get("AUTOTUNE_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise UserError(f"AUTOTUNE_PLUGINS: cannot import {name}: {type(exc).__name__}: {exc}") from None
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the command is, so that it ends as an interrupt does: the log
     keeps every record, an MLflow run is marked KILLED, half-written folders are removed."""
@@ -41,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        load_plugins()
         cli.main(args=argv, prog_name="autotune", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

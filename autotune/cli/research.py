@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from .common import (ManyValues, UserError, load_logs, make_job, open_log, positive, resolve_target, resolve_task,
-                     run_tuning, thread_restriction)
+                     run_tuning, restriction)
 from .group import cli
 
 
@@ -22,6 +22,8 @@ from .group import cli
 @click.option("--sample", default=None, type=int, callback=positive,
               help="measure a seeded random subset of this many configs [default: the whole space]")
 @click.option("--seed", default=0, show_default=True, type=int, help="seed of the subset and of the inputs")
+@click.option("--restrict", "restrict_items", multiple=True, metavar="KNOB=V[,V]",
+              help="search only these values of a knob, repeatable (vec=8,16)")
 @click.option("--threads", default=None, type=int, callback=positive, help="sweep only configs with this many threads")
 @click.option("--batch", default=16, show_default=True, type=int, callback=positive, help="configs built in parallel")
 @click.option("--log", "log_path", required=True, help="JSONL log of the sweep (resumed)")
@@ -35,8 +37,8 @@ from .group import cli
 @click.option("--min-sample-ms", default=5.0, show_default=True, type=float,
               help="shortest timed sample; a config's calls are repeated until a sample lasts this long")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def sweep(op, shape, dtype, target, sample, seed, threads, batch, log_path, tracking_uri, no_mlflow, experiment,
-          build_timeout, run_timeout, repeats, min_sample_ms, quiet) -> None:
+def sweep(op, shape, dtype, target, sample, seed, restrict_items, threads, batch, log_path, tracking_uri, no_mlflow,
+          experiment, build_timeout, run_timeout, repeats, min_sample_ms, quiet) -> None:
     """Measure a whole space, or a stated random subset of it, into a log for `replay`."""
     from autotune.tuners import SweepTuner
     from measure import TimingPolicy
@@ -47,7 +49,7 @@ def sweep(op, shape, dtype, target, sample, seed, threads, batch, log_path, trac
     if tgt.kind != "cpu":
         raise UserError("sweeps on cuda are not available yet: use --target cpu")
     template, task = resolve_task(op, shape, dtype, tgt.kind)
-    restrict = thread_restriction(template, task, tgt, threads)
+    restrict = restriction(template, task, tgt, threads, restrict_items)
     log = open_log(log_path)
     plan = set(SweepTuner(task, tgt, template, seed=seed, restrict=restrict, sample=sample).plan)
     # records of this task from an earlier sweep with another plan count toward the total too

@@ -8,7 +8,7 @@ import click
 
 from ..units import format_rate, format_time, rate
 from .common import (ManyValues, UserError, check_model_files, check_timeouts, echo_json, make_job, open_log,
-                     positive, read_log, resolve_target, resolve_task, run_tuning, thread_restriction)
+                     positive, read_log, resolve_target, resolve_task, run_tuning, restriction)
 from .group import cli
 
 
@@ -63,6 +63,8 @@ def ops(target: str, as_json: bool) -> None:
 @click.option("--experiment", default="llm-autotune", show_default=True, help="MLflow experiment")
 @click.option("--build-timeout", default=60.0, show_default=True, type=float)
 @click.option("--run-timeout", default=20.0, show_default=True, type=float)
+@click.option("--restrict", "restrict_items", multiple=True, metavar="KNOB=V[,V]",
+              help="search only these values of a knob, repeatable (vec=8,16)")
 @click.option("--threads", default=None, type=int, callback=positive,
               help="search only configs with this many threads")
 @click.option("--transfer-from", "transfer_from", cls=ManyValues,
@@ -76,8 +78,8 @@ def ops(target: str, as_json: bool) -> None:
 @click.option("--cold-cache", is_flag=True,
               help="cpu: time with the inputs out of cache, as in a model (tune-model always does)")
 def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, log_path, tracking_uri, no_mlflow,
-         experiment, build_timeout, run_timeout, threads, transfer_from, load_model, save_model, quiet, compile_only,
-         as_json, cold_cache) -> None:
+         experiment, build_timeout, run_timeout, restrict_items, threads, transfer_from, load_model, save_model, quiet,
+         compile_only, as_json, cold_cache) -> None:
     """Tune one operator instance; every measurement goes to the log."""
     compile_only = compile_only or target.startswith("sm_")
     tgt = resolve_target(target, compile_only)
@@ -100,7 +102,7 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
         return
     check_model_files(tuner, transfer_from, load_model, save_model)
     job = make_job(target=tgt, task=task, tuner=tuner, trials=trials, batch=batch, seed=seed, log=open_log(log_path).path,
-                   restrict=thread_restriction(template, task, tgt, threads), transfer_from=tuple(transfer_from or ()),
+                   restrict=restriction(template, task, tgt, threads, restrict_items), transfer_from=tuple(transfer_from or ()),
                    load_model=load_model, save_model=save_model, mlflow=not no_mlflow, tracking_uri=tracking_uri,
                    experiment=experiment, build_timeout=build_timeout, run_timeout=run_timeout, cold_cache=cold_cache)
     summary = run_tuning(job, progress=not quiet)

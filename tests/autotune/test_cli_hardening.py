@@ -44,6 +44,9 @@ def test_an_unreachable_tracking_store_warns_once_and_the_job_tunes_into_its_log
     (["bench", *SMALL, "--threads", str(len(os.sched_getaffinity(0)) + 1)], "thread(s) at once"),
     (["replay", "--log", "x.jsonl", "--json", "."], "it is a directory"),
     (["tune", "--op", "gemm", "--shape", "M=1000000,N=1000000,K=1000000"], "GiB available"),
+    (["tune", *SMALL, "--restrict", "vec=3"], "--restrict vec=3: gemv on this machine takes"),
+    (["tune", *SMALL, "--restrict", "nope=1"], "gemv has no knob nope"),
+    (["tune", *SMALL, "--restrict", "vec"], "malformed --restrict"),
 ])
 def test_bad_numbers_and_impossible_shapes_are_bad_input(args, message, tmp_path):
     (tmp_path / "x.jsonl").write_text("")
@@ -113,3 +116,17 @@ def test_bench_skips_a_record_whose_config_is_not_in_the_space(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "skipped 1 record(s) whose config is not in today's space" in proc.stderr
     assert json.loads(proc.stdout)["config"]["vec"] != 999
+
+
+def test_a_plugin_that_cannot_be_imported_is_bad_input(tmp_path):
+    env = dict(os.environ, AUTOTUNE_PLUGINS="no_such_plugin_module")
+    proc = subprocess.run(CLI + ["ops"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 2 and "AUTOTUNE_PLUGINS: cannot import no_such_plugin_module" in proc.stderr
+
+
+def test_restrict_limits_the_search_to_the_values_given(tmp_path):
+    proc = run("tune", *SMALL, "--tuner", "random", "--trials", "4", "--restrict", "vec=8", "--restrict", "unroll=1,2",
+               "--quiet", "--no-mlflow", "--log", "r.jsonl", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    records = RecordLog(tmp_path / "r.jsonl").records()
+    assert len(records) == 4 and all(r.config["vec"] == 8 and r.config["unroll"] in (1, 2) for r in records)

@@ -17,14 +17,14 @@ from search_space import Task
 def test_failed_candidates_are_failed_trials(name, host, fast_policy, tmp_path):
     """Kernels that hang, crash, compute wrong answers or do not compile: FAIL, with no value."""
     task = Task.make(fakes.FAULT_OP, {"N": 256})
-    tuner = make_tuner(name, task, host, seed=0, restrict={"repeat": [1, 2]})  # every mode twice: 14 configs
+    tuner = make_tuner(name, task, host, seed=0, restrict={"repeat": [1, 2]})  # every mode twice: 16 configs
     log = RecordLog(tmp_path / "faults.jsonl")
     with LocalBuilder(n_parallel=2) as builder, LocalRunner(policy=fast_policy, timeout_s=3) as runner:
         tuner.tune(len(tuner.space), builder, runner, batch_size=6, log=log)
     records = log.records()
-    assert len(records) == 14  # the whole space, each config once
+    assert len(records) == 16  # the whole space, each config once
     failed = {r.config_index for r in records if not r.ok}
-    assert {r.config["mode"] for r in records if not r.ok} == {"hang", "crash", "wrong", "scribble", "badir"}
+    assert {r.config["mode"] for r in records if not r.ok} == {"hang", "crash", "wrong", "scribble", "oob", "badir"}
     for trial in tuner.study.trials:
         config = tuner.space.from_values(tuner._decode(trial.params))
         if config.index in failed:

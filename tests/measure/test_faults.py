@@ -19,7 +19,7 @@ def inputs_for(host, *modes):
 
 
 def test_each_fault_is_recorded_with_its_error_and_measuring_goes_on(host, fast_policy):
-    inputs = inputs_for(host, "ok", "hang", "ok", "crash", "ok", "wrong", "ok", "scribble", "ok")
+    inputs = inputs_for(host, "ok", "hang", "ok", "crash", "ok", "wrong", "ok", "scribble", "ok", "oob", "ok")
     with LocalBuilder(n_parallel=2) as builder, LocalRunner(timeout_s=3, policy=fast_policy) as runner:
         builds = builder.build(inputs)
         assert all(b.error == MeasureError.NO_ERROR for b in builds)
@@ -27,11 +27,13 @@ def test_each_fault_is_recorded_with_its_error_and_measuring_goes_on(host, fast_
     errors = [r.error for r in results]
     assert errors == [MeasureError.NO_ERROR, MeasureError.RUN_TIMEOUT, MeasureError.NO_ERROR,
                       MeasureError.WORKER_CRASH, MeasureError.NO_ERROR, MeasureError.WRONG_ANSWER,
-                      MeasureError.NO_ERROR, MeasureError.WRONG_ANSWER, MeasureError.NO_ERROR], \
+                      MeasureError.NO_ERROR, MeasureError.WRONG_ANSWER, MeasureError.NO_ERROR,
+                      MeasureError.WRONG_ANSWER, MeasureError.NO_ERROR], \
         [(e.name, r.message) for e, r in zip(errors, results)]
     assert "SIGSEGV" in results[3].message
     assert "relative error" in results[5].message or "element" in results[5].message
     assert "modified its input X" in results[7].message
+    assert "wrote past the end of its output Y" in results[9].message
     for r in results:
         assert r.ok == (r.error == MeasureError.NO_ERROR)
         assert (r.median > 0) if r.ok else (r.median == float("inf"))
@@ -46,14 +48,15 @@ def test_a_tuning_job_survives_faults_and_never_picks_a_faulty_best(host, fast_p
     with LocalBuilder(n_parallel=2) as builder, LocalRunner(timeout_s=3, policy=fast_policy) as runner:
         summary = tuner.tune(len(tuner.space), builder, runner, batch_size=5, log=log)
     records = log.records()
-    assert summary.trials == len(records) == len(tuner.space) == 2 * len(fakes.MODES) == 14
+    assert summary.trials == len(records) == len(tuner.space) == 2 * len(fakes.MODES) == 16
     by_mode: dict[str, set] = {}
     for r in records:
         by_mode.setdefault(r.config["mode"], set()).add(r.result.error)
     assert set(by_mode) == set(fakes.MODES)
     expected = {"ok": MeasureError.NO_ERROR, "slow": MeasureError.NO_ERROR, "hang": MeasureError.RUN_TIMEOUT,
                 "crash": MeasureError.WORKER_CRASH, "wrong": MeasureError.WRONG_ANSWER,
-                "scribble": MeasureError.WRONG_ANSWER, "badir": MeasureError.COMPILE_ERROR}
+                "scribble": MeasureError.WRONG_ANSWER, "oob": MeasureError.WRONG_ANSWER,
+                "badir": MeasureError.COMPILE_ERROR}
     assert by_mode == {mode: {error} for mode, error in expected.items()}, \
         [(r.config["mode"], r.result.error.name, r.result.message) for r in records]
     for r in records:
@@ -136,3 +139,30 @@ def test_worker_is_replaced_after_a_fault(host, fast_policy, mode):
         first, second = runner.run(inputs, builds)
         assert not first.ok and second.ok
         assert runner._worker.generation == 2
+
+
+def test_a_whole_autotune_tune_job_over_a_mix_of_faults(tmp_path):
+    """Through the command line, as a user meets it: a template of one's own (AUTOTUNE_PLUGINS),
+    one candidate of each fault mode, each carrying its own error, every correct one NO_ERROR."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(fakes.__file__).parent
+    # the project before tests/: its folders (tests/search_space, ...) would shadow the packages
+    path = [str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, AUTOTUNE_PLUGINS="fakes", MLFLOW_DISABLE_TELEMETRY="true",
+               PYTHONPATH=os.pathsep.join(filter(None, path)))
+    proc = subprocess.run([sys.executable, "-m", "autotune.cli", "tune", "--op", fakes.FAULT_OP, "--shape", "N=4096",
+                           "--tuner", "grid", "--trials", str(len(fakes.MODES)), "--restrict", "repeat=1",
+                           "--run-timeout", "3", "--no-mlflow", "--quiet", "--log", "faults.jsonl"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = RecordLog(tmp_path / "faults.jsonl").records()
+    errors = {r.config["mode"]: r.result.error for r in records}
+    assert errors == {"ok": MeasureError.NO_ERROR, "slow": MeasureError.NO_ERROR, "hang": MeasureError.RUN_TIMEOUT,
+                      "crash": MeasureError.WORKER_CRASH, "wrong": MeasureError.WRONG_ANSWER,
+                      "scribble": MeasureError.WRONG_ANSWER, "oob": MeasureError.WRONG_ANSWER,
+                      "badir": MeasureError.COMPILE_ERROR}, [(r.config, r.result.message) for r in records]
+    assert "best:" in proc.stdout and ('"mode": "ok"' in proc.stdout or '"mode": "slow"' in proc.stdout)
