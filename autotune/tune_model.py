@@ -94,28 +94,16 @@ class ModelMLflow:
 def tune_model(job, log: RecordLog, builder, runner, progress: bool, note: Callable[[str], None]) -> ModelTuneSummary:
     """Every task of ``job.model`` (a ``TuningJob``, see ``autotune.job.run_job``) over one
     budget, the scheduler choosing where each round goes."""
-    from .tuning import Tracking, ended_by
+    from .tuning import observed
 
     tasks = job.model.tasks()
     scheduler = TaskScheduler(tasks, job.target, job.tuner, seed=job.seed, batch=job.batch, restrict=job.restrict)
-    callbacks = []
-    tracking = Tracking(job, note)
-    if tracking.run is not None:
-        callbacks.append(ModelMLflow(tracking.run, 0))
     bar = ModelProgress(f"{job.model.config.name} ({len(tasks)} tasks)", job.trials) if progress else None
-    if bar is not None:
-        callbacks.append(bar)
-    summary, stopped_by = None, None
-    try:
-        summary = scheduler.tune(job.trials, builder, runner, log, on_round=callbacks)
-    except BaseException as exc:
-        stopped_by = exc
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        tracking.finish(lambda run, status: _finish(run, log, status, summary), ended_by(stopped_by))
-    return summary
+    with observed(job, note, bar, lambda run, status, summary: _finish(run, log, status, summary)) as (
+            tracking, outcome):
+        callbacks = [c for c in (ModelMLflow(tracking.run, 0) if tracking.run else None, bar) if c is not None]
+        outcome["summary"] = scheduler.tune(job.trials, builder, runner, log, on_round=callbacks)
+    return outcome["summary"]
 
 
 def _finish(run, log: RecordLog, status: str, summary: ModelTuneSummary | None) -> None:

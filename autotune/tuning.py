@@ -6,6 +6,7 @@ of each batch, made before the batch was measured, matched the measured ranking.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from typing import Callable
 
 from measure import MeasureInput, MeasureResult
@@ -140,31 +141,37 @@ def ended_by(exc: BaseException | None) -> str:
     return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
 
 
-def tune_task(job, log: RecordLog, builder, runner, tuner_options: dict, progress: bool,
-              note: Callable[[str], None]) -> TuneSummary:
-    """One task of ``job`` (a ``TuningJob``, see ``autotune.job.run_job``): the tuner's loop
-    with the log, MLflow and a progress bar as callbacks."""
-    tuner = make_tuner(job.tuner, job.task, job.target, seed=job.seed, restrict=job.restrict, **tuner_options)
-    callbacks = []
-    tracking = Tracking(job, note)
-    if tracking.run is not None:
-        callbacks.append(MLflowCallback(tracking.run))
-    bar = ProgressCallback(job.task, job.trials) if progress else None
-    if bar is not None:
-        callbacks.append(bar)
-    summary, stopped_by = None, None
+@contextmanager
+def observed(job, note: Callable[[str], None], bar, finish_run: Callable):
+    """A job's MLflow run (best effort) and progress bar around its work. Yields the
+    ``Tracking`` and a dict to put the summary in; however the work ends, the bar closes and
+    the run ends with the matching status through ``finish_run(run, status, summary)``."""
+    tracking, outcome, stopped_by = Tracking(job, note), {"summary": None}, None
     try:
-        summary = tuner.tune(job.trials, builder, runner, batch_size=job.batch, log=log, callbacks=callbacks)
-        if job.save_model:
-            _save_model(tuner, job.save_model)
+        yield tracking, outcome
     except BaseException as exc:
         stopped_by = exc
         raise
     finally:
         if bar is not None:
             bar.close()
-        tracking.finish(lambda run, status: _finish_run(run, log, status, summary), ended_by(stopped_by))
-    return summary
+        tracking.finish(lambda run, status: finish_run(run, status, outcome["summary"]), ended_by(stopped_by))
+
+
+def tune_task(job, log: RecordLog, builder, runner, tuner_options: dict, progress: bool,
+              note: Callable[[str], None]) -> TuneSummary:
+    """One task of ``job`` (a ``TuningJob``, see ``autotune.job.run_job``): the tuner's loop
+    with the log, MLflow and a progress bar as callbacks."""
+    tuner = make_tuner(job.tuner, job.task, job.target, seed=job.seed, restrict=job.restrict, **tuner_options)
+    bar = ProgressCallback(job.task, job.trials) if progress else None
+    with observed(job, note, bar, lambda run, status, summary: _finish_run(run, log, status, summary)) as (
+            tracking, outcome):
+        callbacks = [c for c in (MLflowCallback(tracking.run) if tracking.run else None, bar) if c is not None]
+        outcome["summary"] = tuner.tune(job.trials, builder, runner, batch_size=job.batch, log=log,
+                                        callbacks=callbacks)
+        if job.save_model:
+            _save_model(tuner, job.save_model)
+    return outcome["summary"]
 
 
 def _save_model(tuner: Tuner, path: str) -> None:
