@@ -184,6 +184,7 @@ class LlamaModel:
     def prepare(self, batch: int, tokens: int, new_tokens: int) -> None:
         """Load every kernel a generation of this size uses, so that timing it measures only
         the run (kernels from a tuning log are compiled on first use)."""
+        self.config.check_sequence(tokens + new_tokens)  # a Mistral sliding window: refused past it
         padded = self.padded_tokens(batch, tokens)
         self._plan(prefill_calls(self.config, padded, self.quantize, self.group_size, batch))
         capacity = padded + new_tokens
@@ -201,6 +202,8 @@ class LlamaModel:
         if prompts.min() < 0 or prompts.max() >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in 0..{self.config.vocab_size - 1}")
         batch, tokens = prompts.shape
+        # attention here sees the whole cache: a sequence past a sliding window is refused
+        self.config.check_sequence(tokens + new_tokens)
         padded = self.padded_tokens(batch, tokens)
         capacity = padded + new_tokens
         caches = self.new_caches(batch, capacity)

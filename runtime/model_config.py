@@ -1,7 +1,12 @@
 """Llama-style model configurations: Hugging Face ``config.json`` files and shipped presets.
 
-Only the fields a decoder needs are read; ``head_dim`` defaults to hidden / heads and
-``num_key_value_heads`` to the number of heads (multi-head attention), as in transformers.
+Every field of a ``config.json`` is either honoured or refused with one line naming it and
+its value, never silently dropped: a runtime that loads a popular checkpoint and quietly
+computes something else is the worst failure it can have. ``head_dim`` defaults to hidden /
+heads and ``num_key_value_heads`` to the number of heads (multi-head attention), as in
+transformers. ``rope_theta`` is read at the top level (transformers 4.x) or under
+``rope_parameters`` (5.x); the only rotary embedding implemented is the plain one
+(rope type ``default``). The lists below say what is accepted and why.
 """
 from __future__ import annotations
 
@@ -9,6 +14,40 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+# The decoder is Llama's (RMSNorm, bias-free projections, rotate-half RoPE, grouped-query
+# attention, SwiGLU). Mistral is the same network plus an optional sliding window (refused at
+# run time for sequences longer than it, see ``ModelConfig.check_sequence``).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# Why some popular look-alikes are refused, said in the error line.
+_WHY_NOT = {"Qwen2ForCausalLM": "its q/k/v projections have biases", "qwen2": "its q/k/v projections have biases",
+            "GemmaForCausalLM": "it scales embeddings, offsets its norms, gates with GeLU", "gemma": "it scales embeddings, offsets its norms, gates with GeLU",
+            "MixtralForCausalLM": "its MLP is a mixture of experts", "mixtral": "its MLP is a mixture of experts"}
+# silu and swish are the same function (x * sigmoid(x)), the gate of SwiGLU.
+SUPPORTED_ACTIVATIONS = ("silu", "swish")
+# Rotary embedding variants implemented: only the plain one; linear, dynamic, yarn, llama3,
+# longrope ... change the frequencies and would give other logits.
+SUPPORTED_ROPE_TYPES = ("default",)
+
+# Fields read into ModelConfig or checked by ``from_hf_dict`` (honoured, or refused by value).
+READ_FIELDS = frozenset({
+    "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "num_hidden_layers", "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+    "tie_word_embeddings", "max_position_embeddings", "sliding_window", "architectures", "model_type",
+    "hidden_act", "attention_bias", "mlp_bias", "pretraining_tp"})
+# Fields that change nothing a greedy decoder computes from the weights: token ids (the
+# caller's business), training-only settings (initialisation, dropout: inference has none),
+# the storage dtype (weights become float32 on load), the attention implementation transformers
+# picks (same math), and bookkeeping. Any field on neither list is refused by name, so a new
+# semantics is never dropped silently; add a field here only once it is known to be harmless.
+HARMLESS_FIELDS = frozenset({
+    "_name_or_path", "transformers_version", "torch_dtype", "dtype", "bos_token_id", "eos_token_id",
+    "pad_token_id", "initializer_range", "use_cache", "attention_dropout", "max_sequence_length",
+    "output_attentions", "output_hidden_states", "return_dict", "torchscript", "_attn_implementation_autoset",
+    "tokenizer_class", "id2label", "label2id"})
+# Keys inside ``rope_scaling`` / ``rope_parameters`` that a default rope may carry.
+_DEFAULT_ROPE_KEYS = frozenset({"rope_type", "type", "rope_theta"})
 
 
 @dataclass(frozen=True)
@@ -25,6 +64,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
+    sliding_window: int | None = None  # Mistral: each token attends to at most this many; None: all
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -39,6 +79,9 @@ class ModelConfig:
             raise ValueError(f"model {self.name}: head_dim = {self.head_dim} must be even (rotary embedding)")
         if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
             raise ValueError(f"model {self.name}: rms_norm_eps and rope_theta must be positive")
+        window = self.sliding_window
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+            raise ValueError(f"model {self.name}: sliding_window must be a positive integer or null, got {window!r}")
 
     @property
     def q_size(self) -> int:
@@ -56,30 +99,150 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.num_hidden_layers * layer + self.vocab_size * h + head + h
 
+    def check_sequence(self, tokens: int) -> None:
+        """Refuse a sequence of ``tokens`` (prompt + new tokens) longer than the sliding window:
+        the runtime attends to the whole cache, the model only to the last ``sliding_window``
+        tokens, so past the window the two would give different logits."""
+        if self.sliding_window is not None and tokens > self.sliding_window:
+            raise ValueError(f"model {self.name}: {tokens} tokens (prompt + new tokens) exceed its sliding_window "
+                             f"of {self.sliding_window}; sliding-window attention is not implemented, so a "
+                             "sequence must fit in the window")
+
     def to_hf_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("name")
-        data.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu")
+        if self.sliding_window is None:
+            data.pop("sliding_window")
+            data.update(model_type="llama", architectures=["LlamaForCausalLM"])
+        else:
+            data.update(model_type="mistral", architectures=["MistralForCausalLM"])
+        data.update(hidden_act="silu")
         return data
 
     @classmethod
-    def from_hf_dict(cls, data: Mapping[str, Any], name: str = "model") -> "ModelConfig":
+    def from_hf_dict(cls, data: Mapping[str, Any], name: str = "model", source: str | None = None) -> "ModelConfig":
+        """The config a transformers ``config.json`` (4.x or 5.x layout) describes, or a
+        ValueError of one line naming the first field that is not implemented. ``source``
+        begins that line (the file's path); by default ``model config NAME``."""
+        where = source or f"model config {name}"
+        _check_family(data, where)
+        unknown = sorted(k for k in data if k not in READ_FIELDS and k not in HARMLESS_FIELDS)
+        if unknown:
+            more = f" (and {', '.join(unknown[1:4])}{' ...' if len(unknown) > 4 else ''})" if len(unknown) > 1 else ""
+            raise ValueError(f"{where}: unknown field {unknown[0]} = {_show(data[unknown[0]])}{more} is refused: "
+                             "it may change the computation, and this runtime does not implement it")
         missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
                                "vocab_size") if k not in data]
         if missing:
-            raise ValueError(f"model config {name}: missing {', '.join(missing)}")
+            raise ValueError(f"{where}: missing {', '.join(missing)}")
+        _check_layers(data, where)
         heads = data["num_attention_heads"]
-        head_dim = data.get("head_dim") or (data["hidden_size"] // heads if heads else 0)
+        head_dim = data.get("head_dim") or (data["hidden_size"] // heads if isinstance(heads, int) and heads else 0)
         return cls(name=name, hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
                    num_attention_heads=heads, num_key_value_heads=data.get("num_key_value_heads") or heads,
                    head_dim=head_dim, num_hidden_layers=data["num_hidden_layers"], vocab_size=data["vocab_size"],
-                   rms_norm_eps=float(data.get("rms_norm_eps", 1e-5)),
-                   rope_theta=float(data.get("rope_theta", 10000.0)),
-                   tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-                   max_position_embeddings=int(data.get("max_position_embeddings", 4096)))
+                   rms_norm_eps=_or(_optional_number(data.get("rms_norm_eps"), "rms_norm_eps", where), 1e-5),
+                   rope_theta=_rope_theta(data, where),
+                   tie_word_embeddings=_flag(data, "tie_word_embeddings", where),
+                   max_position_embeddings=_or(data.get("max_position_embeddings"), 4096),
+                   sliding_window=data.get("sliding_window"))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_family(data: Mapping[str, Any], where: str) -> None:
+    """``architectures`` and ``model_type``: the Llama network (Llama, Mistral), or refused."""
+    architectures = data.get("architectures")
+    if architectures is not None:
+        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+            raise ValueError(f"{where}: architectures = {_show(architectures)} is not a list of class names")
+        for arch in architectures:
+            if arch not in SUPPORTED_ARCHITECTURES:
+                why = f" ({_WHY_NOT[arch]})" if arch in _WHY_NOT else ""
+                raise ValueError(f"{where}: architectures {arch!r} is not supported{why}; supported: "
+                                 f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    model_type = data.get("model_type")
+    if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+        why = f" ({_WHY_NOT[model_type]})" if isinstance(model_type, str) and model_type in _WHY_NOT else ""
+        raise ValueError(f"{where}: model_type {_show(model_type)} is not supported{why}; supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def _check_layers(data: Mapping[str, Any], where: str) -> None:
+    """Fields that would change a layer's computation: only Llama's own values pass."""
+    act = data.get("hidden_act", "silu")
+    if act not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(f"{where}: hidden_act {_show(act)} is not implemented; supported: "
+                         f"{', '.join(SUPPORTED_ACTIVATIONS)}")
+    for field, part in (("attention_bias", "q/k/v/o projections"), ("mlp_bias", "MLP projections")):
+        value = data.get(field)
+        if value not in (None, False):
+            raise ValueError(f"{where}: {field} = {_show(value)} (biases on the {part}) is not implemented; "
+                             "supported: false")
+    tp = data.get("pretraining_tp")
+    if tp not in (None, 1) or isinstance(tp, bool):
+        raise ValueError(f"{where}: pretraining_tp = {_show(tp)} is not supported; supported: 1")
+    window = data.get("sliding_window")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise ValueError(f"{where}: sliding_window = {_show(window)} is not a positive integer or null")
+
+
+def _optional_number(value: Any, field: str, where: str) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{where}: {field} = {_show(value)} is not a number")
+    return float(value)
+
+
+def _flag(data: Mapping[str, Any], field: str, where: str) -> bool:
+    value = data.get(field, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: {field} = {_show(value)} is not true or false")
+    return value
+
+
+def _rope_theta(data: Mapping[str, Any], where: str) -> float:
+    """The rotary base, from ``rope_theta`` (transformers 4.x) or ``rope_parameters.rope_theta``
+    (5.x), after checking that ``rope_scaling`` and ``rope_parameters`` ask for no scaling."""
+    params = data.get("rope_parameters")
+    for field in ("rope_scaling", "rope_parameters"):
+        spec = data.get(field)
+        if spec is None:
+            continue
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where}: {field} = {_show(spec)} is not an object")
+        kinds = {key: spec[key] for key in ("rope_type", "type") if key in spec}
+        if len(set(map(str, kinds.values()))) > 1:
+            raise ValueError(f"{where}: {field}.rope_type and {field}.type disagree ({_show(kinds)})")
+        if not kinds and field == "rope_scaling":
+            raise ValueError(f"{where}: rope_scaling = {_show(spec)} names no rope type; supported: "
+                             f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+        key, kind = next(iter(kinds.items())) if kinds else ("rope_type", "default")
+        if kind not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"{where}: rope scaling {_show(kind)} ({field}.{key}) is not implemented; supported: "
+                             f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+        allowed = _DEFAULT_ROPE_KEYS if field == "rope_parameters" else _DEFAULT_ROPE_KEYS - {"rope_theta"}
+        extra = sorted(k for k in spec if k not in allowed)
+        if extra:
+            raise ValueError(f"{where}: {field}.{extra[0]} = {_show(spec[extra[0]])} is not implemented for rope "
+                             f"type {kind!r}; supported: {', '.join(sorted(allowed))}")
+    top = _optional_number(data.get("rope_theta"), "rope_theta", where)
+    nested = _optional_number(params.get("rope_theta"), "rope_parameters.rope_theta", where) if params else None
+    if top is not None and nested is not None and top != nested:
+        raise ValueError(f"{where}: rope_theta = {top:g} and rope_parameters.rope_theta = {nested:g} disagree")
+    theta = nested if nested is not None else top
+    return 10000.0 if theta is None else theta
 
 
 def _preset(name: str, **fields: Any) -> ModelConfig:
@@ -106,7 +269,8 @@ PRESETS: dict[str, ModelConfig] = {
 def load_model_config(name_or_path: str | Path) -> ModelConfig:
     """A preset by name, or a Hugging Face ``config.json`` (a file, or a directory holding one).
 
-    Raises ValueError with a readable message for an unknown name or an unreadable file."""
+    Raises ValueError with a readable message for an unknown name, an unreadable file, or a
+    field this runtime does not implement (the line begins with the file's path)."""
     text = str(name_or_path)
     if text in PRESETS:
         return PRESETS[text]
@@ -123,6 +287,6 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
         raise ValueError(f"model config {path}: expected a JSON object")
     name = data.get("_name_or_path") or path.parent.name or path.stem
     try:
-        return ModelConfig.from_hf_dict(data, name=str(name))
+        return ModelConfig.from_hf_dict(data, name=str(name), source=str(path))
     except TypeError as exc:
         raise ValueError(f"model config {path}: {exc}") from None

@@ -92,6 +92,7 @@ class ReferenceModel:
         c = self.config
         prompts = np.asarray(prompts, dtype=np.int64)
         b, t = prompts.shape
+        c.check_sequence(t + new_tokens)  # past a sliding window this decoder would compute something else
         capacity = t + new_tokens
         caches = [(np.zeros((b, c.num_key_value_heads, capacity, c.head_dim), np.float32),
                    np.zeros((b, c.num_key_value_heads, capacity, c.head_dim), np.float32))

@@ -8,6 +8,7 @@ the numpy reference, so that both sides compute with the same numbers.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,13 @@ import numpy as np
 
 from .model_config import ModelConfig
 from .q4 import dequantize_q4, quantize_q4
+
+# Rotary frequencies some older transformers versions saved as buffers: they are a function
+# of rope_theta and head_dim, recomputed by the rope kernel as transformers recomputes them,
+# and the config's rope type (only 'default' is accepted) says they are the plain ones. Every
+# other tensor the decoder does not read makes ``ModelWeights.load`` refuse.
+IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+INDEX_FILE = "model.safetensors.index.json"
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -102,14 +110,42 @@ class ModelWeights:
 
     @classmethod
     def load(cls, config: ModelConfig, folder: str | Path) -> "ModelWeights":
-        """Every ``*.safetensors`` file in ``folder``; float16 and bfloat16 become float32."""
-        files = sorted(Path(folder).glob("*.safetensors"))
-        if not files:
-            raise ValueError(f"no .safetensors files in {folder}")
-        tensors: dict[str, np.ndarray] = {}
+        """The checkpoint in ``folder`` (``checkpoint_files``); float16 and bfloat16 become float32.
+
+        Every tensor of the checkpoint must be one the decoder reads (``expected_shapes``): a
+        checkpoint that holds others (the biases of a model with ``attention_bias``, modules of
+        another architecture) is refused with their names rather than loaded without them.
+        Rotary ``inv_freq`` buffers are the one exception (``IGNORED_TENSORS``)."""
+        files = checkpoint_files(folder)
         wanted = set(expected_shapes(config))
+        found: dict[str, Path] = {}  # every tensor of the checkpoint -> its file
         for path in files:
-            tensors.update({k: v for k, v in read_safetensors(path).items() if k in wanted})
+            header, _ = read_header(path)
+            for name in header:
+                if name == "__metadata__":
+                    continue
+                if name in found:
+                    raise ValueError(f"{folder}: tensor {name} is in both {found[name].name} and {path.name}")
+                found[name] = path
+        _check_index(Path(folder), found)
+        unused = sorted(n for n in found if n not in wanted and not IGNORED_TENSORS.fullmatch(n))
+        tied_head = config.tie_word_embeddings and "lm_head.weight" in unused
+        if tied_head:  # checked below: the LM head is the embedding, so it may only repeat it
+            unused.remove("lm_head.weight")
+        if unused:
+            more = f" (and {len(unused) - 4} more)" if len(unused) > 4 else ""
+            raise ValueError(f"{folder}: the checkpoint holds {len(unused)} tensors {config.name} does not use: "
+                             f"{', '.join(unused[:4])}{more}; biases and modules the decoder lacks are not "
+                             "implemented")
+        tensors: dict[str, np.ndarray] = {}
+        for path in files:
+            tensors.update({k: v for k, v in read_safetensors(path).items()
+                            if k in wanted or (tied_head and k == "lm_head.weight")})
+        if tied_head:
+            head, embed = tensors.pop("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+            if embed is None or head.shape != embed.shape or not np.array_equal(head, embed):
+                raise ValueError(f"{folder}: tie_word_embeddings is true but lm_head.weight differs from "
+                                 "model.embed_tokens.weight")
         return cls(config, tensors)
 
     def save(self, folder: str | Path) -> Path:
@@ -130,6 +166,55 @@ class ModelWeights:
             dequantized = dequantize_q4(packed["WQ"], packed["SCALES"], None, group_size).astype(np.float32)
             quantized[name] = QuantizedLinear(packed["WQ"], packed["SCALES"], dequantized)
         return ModelWeights(self.config, dict(self.tensors), quantized, group_size)
+
+
+def checkpoint_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint, as transformers picks them: the shards a
+    ``model.safetensors.index.json`` names (``save_pretrained`` of a large model), else
+    ``model.safetensors``, else every ``*.safetensors`` file in the folder. Other files beside
+    an index or a ``model.safetensors`` (Mistral's ``consolidated.safetensors``) are not read."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = _weight_map(index)
+        names = sorted(set(weight_map.values()))
+        bad = [n for n in names if Path(n).name != n or not n.endswith(".safetensors")]
+        if bad:
+            raise ValueError(f"{index}: weight_map names {bad[0]!r}, not a .safetensors file beside the index")
+        absent = [n for n in names if not (folder / n).is_file()]
+        if absent:
+            raise ValueError(f"{index}: weight_map names {', '.join(absent[:3])}, not in {folder}")
+        return [folder / n for n in names]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no .safetensors files in {folder}")
+    return files
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {index}: {exc}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ValueError(f"{index}: no weight_map of tensor names to file names")
+    return weight_map
+
+
+def _check_index(folder: Path, found: dict[str, Path]) -> None:
+    """Each tensor the index maps lies in the file it names."""
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return
+    for name, file in _weight_map(index).items():
+        if name not in found:
+            raise ValueError(f"{index}: tensor {name} is not in {file}")
+        if found[name].name != file:
+            raise ValueError(f"{index}: tensor {name} is in {found[name].name}, not in {file}")
 
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}

@@ -190,6 +190,10 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
     if weights_dir and not Path(weights_dir).is_dir():
         raise UserError(f"--weights {weights_dir} is not a directory")
     prompts = _prompts(prompt_ids, prompt_tokens, batch, config.vocab_size, seed)
+    try:  # e.g. past a sliding window the runtime does not implement
+        config.check_sequence(prompts.shape[1] + new_tokens)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     kernels = _kernels(lib, logs, target)
     try:
         quantize = _quantize_of(kernels, quantize)

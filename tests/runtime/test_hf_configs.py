@@ -1,0 +1,307 @@
+"""Real Hugging Face configs and checkpoints: every field honoured or refused by name.
+
+The config dicts are those transformers 4.x and 5.x write for popular checkpoints (Llama 2,
+Llama 3, Llama 3.1, TinyLlama, Mistral, Qwen2); no transformers needed."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from runtime.llama import LlamaModel
+from runtime.model_config import ModelConfig, load_model_config
+from runtime.plan import prefill_calls
+from runtime.reference import ReferenceModel, rotate
+from runtime.weights import ModelWeights
+
+LLAMA2_4X = {  # meta-llama/Llama-2-7b-hf
+    "_name_or_path": "meta-llama/Llama-2-7b-hf", "architectures": ["LlamaForCausalLM"], "bos_token_id": 1,
+    "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 11008, "max_position_embeddings": 4096, "model_type": "llama", "num_attention_heads": 32,
+    "num_hidden_layers": 32, "num_key_value_heads": 32, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": None, "tie_word_embeddings": False, "torch_dtype": "float16",
+    "transformers_version": "4.31.0.dev0", "use_cache": True, "vocab_size": 32000}
+LLAMA3_4X = {  # meta-llama/Meta-Llama-3-8B
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+    "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 8192, "model_type": "llama",
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 500000.0, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.40.0.dev0", "use_cache": True, "vocab_size": 128256}
+LLAMA3_5X = {  # the same checkpoint saved by transformers 5: no top-level rope_theta
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "dtype": "bfloat16", "eos_token_id": 128001, "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 8192,
+    "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}, "tie_word_embeddings": False,
+    "transformers_version": "5.0.0", "use_cache": True, "vocab_size": 128256}
+_LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+LLAMA31_4X = {**LLAMA3_4X, "eos_token_id": [128001, 128008, 128009], "max_position_embeddings": 131072,
+              "mlp_bias": False, "rope_scaling": {**_LLAMA3_SCALING, "rope_type": "llama3"},
+              "transformers_version": "4.43.0.dev0"}
+LLAMA31_5X = {**LLAMA3_5X, "max_position_embeddings": 131072,
+              "rope_parameters": {**_LLAMA3_SCALING, "rope_theta": 500000.0, "rope_type": "llama3"}}
+TINYLLAMA = {  # TinyLlama/TinyLlama-1.1B-Chat-v1.0
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 5632,
+    "max_position_embeddings": 2048, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 22,
+    "num_key_value_heads": 4, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
+    "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.35.0", "use_cache": True, "vocab_size": 32000}
+MISTRAL_V01 = {  # mistralai/Mistral-7B-v0.1: a 4096-token sliding window
+    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
+    "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.34.0.dev0", "use_cache": True, "vocab_size": 32000}
+MISTRAL_V02 = {**MISTRAL_V01, "attention_dropout": 0.0, "rope_theta": 1000000.0, "sliding_window": None,
+               "transformers_version": "4.36.0"}  # mistralai/Mistral-7B-Instruct-v0.2: no window
+QWEN2 = {  # Qwen/Qwen2-0.5B: Llama-like, but q/k/v have biases
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+    "intermediate_size": 4864, "max_position_embeddings": 131072, "max_window_layers": 24, "model_type": "qwen2",
+    "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "transformers_version": "4.40.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+
+# a model small enough to run in milliseconds, in each layout
+SMALL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 64,
+         "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+         "vocab_size": 96, "rms_norm_eps": 1e-5, "max_position_embeddings": 256, "tie_word_embeddings": False}
+
+
+def parse(data: dict) -> ModelConfig:
+    return ModelConfig.from_hf_dict(data, "m", source="config.json")
+
+
+@pytest.mark.parametrize("data, theta, kv_heads, window", [
+    (LLAMA2_4X, 10000.0, 32, None), (LLAMA3_4X, 500000.0, 8, None), (LLAMA3_5X, 500000.0, 8, None),
+    (TINYLLAMA, 10000.0, 4, None), (MISTRAL_V01, 10000.0, 8, 4096), (MISTRAL_V02, 1000000.0, 8, None),
+], ids=["llama2", "llama3-4.x", "llama3-5.x", "tinyllama", "mistral-v0.1", "mistral-v0.2"])
+def test_supported_checkpoints_parse_with_their_rope_theta(data, theta, kv_heads, window):
+    config = parse(data)
+    assert config.rope_theta == theta and config.num_key_value_heads == kv_heads
+    assert config.sliding_window == window
+    assert config.head_dim == data["hidden_size"] // data["num_attention_heads"]
+    assert config.max_position_embeddings == data["max_position_embeddings"]
+    assert parse(config.to_hf_dict()) == config  # what the reference worker receives parses back the same
+
+
+def test_rope_theta_of_both_layouts_reaches_the_rope_kernel_and_the_reference():
+    default = parse(SMALL)
+    v5 = parse({**SMALL, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}})
+    v4 = parse({**SMALL, "rope_theta": 500000.0, "rope_scaling": None})
+    assert (default.rope_theta, v5.rope_theta, v4.rope_theta) == (10000.0, 500000.0, 500000.0)
+    for config in (v4, v5):
+        rope = {c.role: c for c in prefill_calls(config, 16)}["rope_q"]
+        assert rope.spec.attr["theta"] == 500000.0
+    prompts = np.random.default_rng(0).integers(0, SMALL["vocab_size"], (1, 12))
+    logits = {name: ReferenceModel(config, ModelWeights.random(config, seed=1)).generate(prompts, 3).logits
+              for name, config in (("default", default), ("v5", v5), ("v4", v4))}
+    np.testing.assert_array_equal(logits["v5"], logits["v4"])
+    assert np.abs(logits["v5"] - logits["default"]).max() > 1e-3 * np.abs(logits["default"]).max()
+
+
+def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
+    from export import TunedKernels
+
+    config = parse({**SMALL, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}})
+    spec = {c.role: c for c in prefill_calls(config, 8)}["rope_q"].spec
+    x = np.random.default_rng(2).standard_normal((8, config.q_size)).astype(np.float32)
+    positions = np.arange(100, 108, dtype=np.int32)  # far enough for the two thetas to differ clearly
+    y = np.zeros_like(x)
+    with TunedKernels.defaults() as kernels:
+        kernels.get(spec.op, spec.shape, spec.dtype, spec.attr, spec.dynamic).bind(
+            {"X": x, "P": positions, "Y": y}, {"T": 8})()
+    heads = x.reshape(8, config.num_attention_heads, config.head_dim)
+    want = rotate(heads, positions, 500000.0).reshape(8, -1)
+    wrong = rotate(heads, positions, 10000.0).reshape(8, -1)
+    assert np.abs(y - want).max() < 1e-4 < np.abs(y - wrong).max()
+
+
+@pytest.mark.parametrize("data, message", [
+    (LLAMA31_4X, "rope scaling 'llama3' (rope_scaling.rope_type) is not implemented; supported: default"),
+    (LLAMA31_5X, "rope scaling 'llama3' (rope_parameters.rope_type) is not implemented; supported: default"),
+    ({**LLAMA2_4X, "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling 'linear' (rope_scaling.type)"),
+    ({**LLAMA2_4X, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic' (rope_scaling.type)"),
+    ({**LLAMA3_5X, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}},
+     "rope scaling 'yarn' (rope_parameters.rope_type)"),
+    ({**LLAMA3_5X, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope scaling 'longrope'"),
+    ({**LLAMA3_5X, "rope_parameters": {"rope_type": "something-new", "rope_theta": 1e4}}, "'something-new'"),
+    ({**LLAMA2_4X, "rope_scaling": {"factor": 2.0}}, "rope_scaling = {\"factor\": 2.0} names no rope type"),
+    ({**LLAMA3_5X, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "rope_parameters.partial_rotary_factor = 0.5 is not implemented"),
+    ({**LLAMA3_4X, "rope_parameters": {"rope_theta": 10000.0}}, "rope_theta = 500000 and rope_parameters.rope_theta"),
+    (QWEN2, "architectures 'Qwen2ForCausalLM' is not supported (its q/k/v projections have biases)"),
+    ({**QWEN2, "architectures": None}, "model_type 'qwen2' is not supported"),
+    ({**LLAMA2_4X, "model_type": "gemma", "architectures": None}, "model_type 'gemma' is not supported"),
+    ({**LLAMA2_4X, "architectures": ["LlamaForSequenceClassification"]},
+     "architectures 'LlamaForSequenceClassification'"),
+    ({**TINYLLAMA, "attention_bias": True}, "attention_bias = true"),
+    ({**LLAMA3_5X, "mlp_bias": True}, "mlp_bias = true"),
+    ({**LLAMA2_4X, "hidden_act": "gelu"}, "hidden_act 'gelu' is not implemented; supported: silu, swish"),
+    ({**LLAMA2_4X, "pretraining_tp": 2}, "pretraining_tp = 2"),
+    ({**LLAMA2_4X, "quantization_config": {"quant_method": "gptq", "bits": 4}}, "unknown field quantization_config"),
+    ({**LLAMA2_4X, "auto_map": {"AutoModelForCausalLM": "x.Y"}}, "unknown field auto_map"),
+    ({**MISTRAL_V01, "sliding_window": -1}, "sliding_window = -1"),
+    ({**LLAMA2_4X, "rope_theta": "10000"}, "rope_theta = '10000' is not a number"),
+], ids=["llama3.1-4.x", "llama3.1-5.x", "linear", "dynamic", "yarn", "longrope", "unknown-rope", "untyped-scaling",
+        "partial-rotary", "thetas-disagree", "qwen2", "qwen2-model-type", "gemma", "classifier", "attention-bias",
+        "mlp-bias", "gelu", "pretraining-tp", "quantized", "custom-code", "bad-window", "theta-string"])
+def test_a_field_that_is_not_implemented_is_refused_by_name(data, message):
+    with pytest.raises(ValueError) as caught:
+        parse(data)
+    text = str(caught.value)
+    assert text.startswith("config.json: ") and message in text and "\n" not in text, text
+
+
+def test_harmless_fields_are_accepted_and_attention_dropout_too():
+    config = parse({**LLAMA2_4X, "attention_dropout": 0.1, "pad_token_id": 0, "dtype": "float32",
+                    "use_cache": False, "initializer_range": 0.5, "head_dim": None, "num_key_value_heads": None,
+                    "hidden_act": "swish", "attention_bias": False, "mlp_bias": False})
+    assert config.num_key_value_heads == 32 and config.head_dim == 128
+
+
+def test_load_model_config_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA31_5X))
+    with pytest.raises(ValueError, match=r"^.*config\.json: rope scaling 'llama3' \(rope_parameters.rope_type\)"):
+        load_model_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_5X))
+    assert load_model_config(tmp_path).rope_theta == 500000.0
+
+
+class _NoKernels:
+    """A provider that must not be reached: the window check comes first."""
+
+    kind = "cpu"
+
+    def specs(self):
+        raise AssertionError("kernels asked for")
+
+    def get(self, *args, **kwargs):
+        raise AssertionError("kernels asked for")
+
+
+def test_a_sequence_longer_than_the_sliding_window_is_refused_before_it_runs():
+    config = parse({**SMALL, "model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 8})
+    assert config.sliding_window == 8
+    config.check_sequence(8)  # fits: attention over the window is attention over everything
+    model = LlamaModel(config, ModelWeights.random(config), _NoKernels())
+    with pytest.raises(ValueError, match="9 tokens .* exceed its sliding_window of 8"):
+        model.generate(np.zeros((1, 6), dtype=np.int64), 3)
+    with pytest.raises(ValueError, match="sliding_window of 8"):
+        model.prepare(1, 6, 3)
+    # a window of null, or none at all, never refuses
+    parse({**SMALL, "sliding_window": None}).check_sequence(10 ** 6)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _save(folder, tensors: dict, name: str = "model.safetensors"):
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / name))
+
+
+def test_a_checkpoint_with_tensors_the_model_does_not_use_is_refused(tmp_path):
+    config = parse(SMALL)
+    tensors = dict(ModelWeights.random(config).tensors)
+    biases = {f"model.layers.{i}.self_attn.{p}_proj.bias": np.zeros(8, np.float32) for i in range(2) for p in "qkv"}
+    _save(tmp_path, {**tensors, **biases})
+    with pytest.raises(ValueError, match=r"holds 6 tensors m does not use: model\.layers\.0\.self_attn\.k_proj\.bias"
+                                         r", .* \(and 2 more\)"):
+        ModelWeights.load(config, tmp_path)
+
+
+def test_rotary_inv_freq_buffers_are_ignored(tmp_path):
+    config = parse(SMALL)
+    weights = ModelWeights.random(config)
+    inv_freq = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32) for i in range(2)}
+    _save(tmp_path, {**weights.tensors, **inv_freq})
+    loaded = ModelWeights.load(config, tmp_path)
+    assert set(loaded.tensors) == set(weights.tensors)
+
+
+def test_a_tied_head_may_only_repeat_the_embedding(tmp_path):
+    config = parse({**SMALL, "tie_word_embeddings": True})
+    weights = ModelWeights.random(config)
+    embed = weights["model.embed_tokens.weight"]
+    _save(tmp_path / "same", {**weights.tensors, "lm_head.weight": embed.copy()})
+    assert "lm_head.weight" not in ModelWeights.load(config, tmp_path / "same").tensors
+    _save(tmp_path / "other", {**weights.tensors, "lm_head.weight": embed + 1})
+    with pytest.raises(ValueError, match="tie_word_embeddings is true but lm_head.weight differs"):
+        ModelWeights.load(config, tmp_path / "other")
+
+
+def _sharded(folder, weights: ModelWeights) -> dict:
+    names = sorted(weights.tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in shards.items():
+        _save(folder, {n: weights.tensors[n] for n in part}, file)
+    index = {"metadata": {"total_size": 0}, "weight_map": {n: f for f, part in shards.items() for n in part}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return index
+
+
+def test_a_sharded_checkpoint_loads_through_its_index(tmp_path):
+    config = parse(SMALL)
+    weights = ModelWeights.random(config, seed=4)
+    index = _sharded(tmp_path, weights)
+    # Mistral's repositories also hold consolidated.safetensors (other names): not read beside an index
+    _save(tmp_path, {"layers.0.attention.wq.weight": np.zeros((2, 2), np.float32)}, "consolidated.safetensors")
+    loaded = ModelWeights.load(config, tmp_path)
+    for name, tensor in weights.tensors.items():
+        np.testing.assert_array_equal(loaded[name], tensor)
+    index["weight_map"]["model.norm.weight"] = "model-00003-of-00002.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="weight_map names model-00003-of-00002.safetensors, not in"):
+        ModelWeights.load(config, tmp_path)
+    index = _sharded(tmp_path, weights)  # the index right again, then wrong about one tensor's shard
+    shard = index["weight_map"]["model.norm.weight"]
+    index["weight_map"]["model.norm.weight"] = next(f for f in index["weight_map"].values() if f != shard)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"tensor model\.norm\.weight is in model-0000\d-of-00002\.safetensors, "
+                                         r"not in"):
+        ModelWeights.load(config, tmp_path)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+CLI = [sys.executable, "-m", "autotune.cli"]
+
+
+def _cli(tmp_path, *args):
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("data, message", [
+    (LLAMA31_5X, "rope scaling 'llama3' (rope_parameters.rope_type) is not implemented"),
+    (QWEN2, "architectures 'Qwen2ForCausalLM' is not supported"),
+    ({**TINYLLAMA, "attention_bias": True}, "attention_bias = true"),
+], ids=["llama3.1", "qwen2", "attention-bias"])
+def test_run_with_a_refused_config_is_one_line_and_exit_2(data, message, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    (tmp_path / "empty.jsonl").write_text("")
+    proc = _cli(tmp_path, "run", "--model", str(tmp_path / "config.json"), "--prompt-tokens", "4",
+                "--new-tokens", "2", "--log", "empty.jsonl")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("autotune: error: ") and message in lines[0], lines
+    assert str(tmp_path / "config.json") in lines[0]
+
+
+def test_run_past_a_sliding_window_is_one_line_and_exit_2(tmp_path):
+    small = {**MISTRAL_V01, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "num_hidden_layers": 1, "vocab_size": 64, "sliding_window": 4}
+    (tmp_path / "config.json").write_text(json.dumps(small))
+    (tmp_path / "empty.jsonl").write_text("")
+    proc = _cli(tmp_path, "run", "--model", str(tmp_path / "config.json"), "--prompt-tokens", "4",
+                "--new-tokens", "2", "--log", "empty.jsonl")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "sliding_window of 4" in lines[0], proc.stderr
