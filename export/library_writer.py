@@ -196,7 +196,9 @@ def find_c_compiler(cc: str | None = None) -> list[str]:
 
 
 def link_shared_library(objects: list[Path], out: Path, cc: str | None = None) -> None:
-    command = [*find_c_compiler(cc), "-shared", "-o", str(out), *map(str, objects),
+    from search_space.codegen.llvm_pool import object_file  # the kernels' shared worker pool
+
+    command = [*find_c_compiler(cc), "-shared", "-o", str(out), *map(str, objects), str(object_file()),
                # LLVM's objects carry no .note.GNU-stack: without this the linker asks for an
                # executable stack, which recent glibc refuses to dlopen
                "-Wl,-z,noexecstack", f"-Wl,-soname,{out.name}", "-lm", "-lpthread"]

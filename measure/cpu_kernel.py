@@ -15,6 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from search_space import ArgSpec, KernelSource, Target
+from search_space.codegen import llvm_pool
 from search_space.ops.common import numpy_dtype
 
 from .compile_llvm import compile_to_object, new_target_machine
@@ -110,6 +111,9 @@ def load_object(obj: bytes, source: KernelSource, target: Target) -> LoadedKerne
     host.triple = llvm.get_process_triple()
     host.verify()
     engine = llvm.create_mcjit_compiler(host, tm)
+    # parallel kernels call the worker pool: compiled once per process, shared by every kernel
+    # loaded here (why it is not inside each kernel object: search_space/codegen/llvm_pool.py)
+    llvm_pool.install()
     engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
     engine.finalize_object()
     n_ptr = sum(1 for a in source.args if a.role != "scalar")

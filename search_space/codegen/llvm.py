@@ -5,8 +5,9 @@ here compiles: ``measure.compile_llvm`` does, in worker processes.
 
 Calling convention of every CPU kernel: pointer arguments then int64 scalars, in the order
 of the kernel's ``ArgSpec`` list. The entry function runs the whole operator; when a
-schedule is parallel, it splits a range of chunks over pthreads (the calling thread takes
-the first share) and joins them before returning.
+schedule is parallel, it splits a range of chunks into shares that the process's persistent
+worker pool runs (``llvm_pool``: the calling thread takes the first share) and returns once
+all are done.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import contextlib
 from typing import Callable, Iterator, Sequence
 
 import llvmlite.ir as ir
+
+from . import llvm_pool
 
 F32 = ir.FloatType()
 F64 = ir.DoubleType()
@@ -543,9 +546,10 @@ def parallel_entry(module: ir.Module, name: str, body: ir.Function, n_pointers: 
 
     ``body`` has the entry's arguments plus ``(i64 chunk_begin, i64 chunk_end, i64 thread)``;
     ``thread`` (0..threads-1) selects per-thread scratch in a workspace. With one
-    thread the entry calls it on the whole range; otherwise thread t (t = 0 is the caller)
-    runs chunks [t*n/threads, (t+1)*n/threads). Where pthread_create fails, that share runs
-    on the calling thread, so the result never depends on getting threads.
+    thread the entry calls it on the whole range; otherwise share t (t = 0 on the caller)
+    runs chunks [t*n/threads, (t+1)*n/threads), handed to the process's worker pool
+    (``llvm_pool``: threads created once, woken per call). A share the pool cannot give a
+    thread runs on the calling thread, so the result never depends on getting threads.
     """
     entry = kernel_function(module, name, n_pointers, n_scalars)
     kb = KernelBuilder(entry)
@@ -559,47 +563,26 @@ def parallel_entry(module: ir.Module, name: str, body: ir.Function, n_pointers: 
         kb.ret()
         return entry
 
-    arg_types = [a.type for a in args]
-    ctx_type = ir.LiteralStructType(arg_types + [I64, I64, I64])
-    tramp = ir.Function(module, ir.FunctionType(PTR, [PTR]), name=f"{name}.thread")
-    tramp.linkage = "internal"
-    tb = ir.IRBuilder(tramp.append_basic_block("entry"))
-    ctx = tb.bitcast(tramp.args[0], ctx_type.as_pointer())
-    fields = [tb.load(tb.gep(ctx, [ir.Constant(I32, 0), ir.Constant(I32, i)], inbounds=True))
-              for i in range(len(arg_types) + 3)]
-    tb.call(body, fields)
-    tb.ret(ir.Constant(PTR, None))
+    # share(ctx, t): the entry's arguments and the chunk count travel in one struct on the
+    # caller's stack, which outlives every share (the pool returns when all are done)
+    ctx_type = ir.LiteralStructType([a.type for a in args] + [I64])
+    share = ir.Function(module, llvm_pool.TASK, name=f"{name}.share")
+    share.linkage = "internal"
+    share.attributes.add("nounwind")
+    sb = ir.IRBuilder(share.append_basic_block("entry"))
+    ctx = sb.bitcast(share.args[0], ctx_type.as_pointer())
+    fields = [sb.load(sb.gep(ctx, [ir.Constant(I32, 0), ir.Constant(I32, i)], inbounds=True))
+              for i in range(len(args) + 1)]
+    chunks, t = fields[-1], share.args[1]
+    lo = sb.sdiv(sb.mul(chunks, t), i64(threads))
+    hi = sb.sdiv(sb.mul(chunks, sb.add(t, i64(1))), i64(threads))
+    sb.call(body, fields[:-1] + [lo, hi, t])
+    sb.ret_void()
 
-    pthread_create = declare_intrinsic(module, "pthread_create", I32, [I64.as_pointer(), PTR, PTR, PTR])
-    pthread_join = declare_intrinsic(module, "pthread_join", I32, [I64, PTR])
-    ctxs = b.alloca(ctx_type, size=i64(threads), name="ctx")
-    tids = b.alloca(I64, size=i64(threads), name="tid")
-    started = b.alloca(I32, size=i64(threads), name="started")
-    tramp_ptr = b.bitcast(tramp, PTR)
-
-    def bounds(t: int):
-        lo = b.sdiv(b.mul(total, i64(t)), i64(threads))
-        hi = b.sdiv(b.mul(total, i64(t + 1)), i64(threads))
-        return lo, hi
-
-    for t in range(1, threads):
-        lo, hi = bounds(t)
-        slot = b.gep(ctxs, [i64(t)], inbounds=True)
-        for i, value in enumerate(args + [lo, hi, i64(t)]):
-            b.store(value, b.gep(slot, [ir.Constant(I32, 0), ir.Constant(I32, i)], inbounds=True))
-        rc = b.call(pthread_create, [b.gep(tids, [i64(t)], inbounds=True), ir.Constant(PTR, None),
-                                     tramp_ptr, b.bitcast(slot, PTR)])
-        ok = b.icmp_signed("==", rc, ir.Constant(I32, 0))
-        b.store(b.zext(ok, I32), b.gep(started, [i64(t)], inbounds=True))
-        with b.if_then(b.not_(ok)):
-            b.call(body, args + [lo, hi, i64(t)])
-    lo, hi = bounds(0)
-    b.call(body, args + [lo, hi, i64(0)])
-    for t in range(1, threads):
-        flag = b.load(b.gep(started, [i64(t)], inbounds=True))
-        with b.if_then(b.icmp_signed("!=", flag, ir.Constant(I32, 0))):
-            tid = b.load(b.gep(tids, [i64(t)], inbounds=True))
-            b.call(pthread_join, [tid, ir.Constant(PTR, None)])
+    slot = b.alloca(ctx_type, name="ctx")
+    for i, value in enumerate(args + [total]):
+        b.store(value, b.gep(slot, [ir.Constant(I32, 0), ir.Constant(I32, i)], inbounds=True))
+    b.call(llvm_pool.declare_run(module), [share, b.bitcast(slot, PTR), i64(threads)])
     kb.ret()
     return entry
 
