@@ -196,3 +196,25 @@ def test_avx512_reciprocal_is_accurate(host, lanes):
     compile_and_load(source, host)(buffers, {})
     want = 1.0 / x.astype(np.float64)
     assert (np.abs(buffers["Y"] / want - 1) < 2.5e-7).all()
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_a_masked_store_of_16_bit_words_writes_exactly_count_elements(count, lanes):
+    """LLVM 22 (x86) stored two 16-bit lanes for a one-lane mask known at compile time: a
+    bfloat16 GEMM wrote one element past Y. Stores must stay inside the mask."""
+    from search_space import Target
+
+    module = cg.new_module("masked")
+    fn = cg.kernel_function(module, "masked", n_pointers=2)
+    kb = cg.KernelBuilder(fn)
+    src, dst = fn.args
+    value = kb.masked_load_vec(src, cg.i64(0), lanes, cg.i64(count))
+    kb.masked_store_vec(kb.f32_to_bf16(value), dst, cg.i64(0), cg.i64(count), cg.I16)
+    kb.ret()
+    source = KernelSource("llvm", str(module), "masked", (ArgSpec("S", "in", "float32", ("N",)),
+                                                          ArgSpec("D", "out", "uint16", ("N",))))
+    kernel = compile_and_load(source, Target.host())
+    raw = np.full(2 * lanes + 64, 0xA5, dtype=np.uint8)
+    kernel({"S": np.arange(1, lanes + 1, dtype=np.float32), "D": raw}, {})
+    assert (raw[:2 * count] != 0xA5).any() and (raw[2 * count:] == 0xA5).all()
