@@ -15,7 +15,8 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
-from measure import CudaRunner, LocalBuilder, LocalRunner, TimingPolicy, cold_policy
+from measure import CudaRunner, LocalBuilder, LocalRunner, TimingPolicy
+from measure.timing import CACHE_CONDITIONS, cache_condition, condition_of, policy_for
 from records import RecordLog, load_records
 from search_space import Target, Task
 
@@ -23,6 +24,13 @@ from .scheduler import ModelTuneSummary
 from .tune_model import ModelWorkload, tune_model
 from .tuners import TUNERS, TuneSummary
 from .tuning import pretrained_model, tune_task
+
+
+# A model job's timing unless the job gives one: each sample the fastest of 3 runs
+# (``TimingPolicy.best_of``). The scheduler sets each task's template default against a few
+# candidates; on a shared machine the default's samples can mostly fall inside an episode of
+# other work, and a candidate that met none then replaces a default that is faster in the model.
+MODEL_TIMING = TimingPolicy(best_of=3)
 
 
 class JobError(ValueError):
@@ -35,8 +43,13 @@ class TuningJob:
 
     Exactly one of ``task`` (one operator instance) and ``model`` (every kernel a model's
     passes call, one budget over all of them) is given. ``trials`` counts the records
-    already in the log. ``timing=None`` keeps the runner's default; ``cold_cache`` times
-    with the inputs out of cache, as a model runs a kernel (model jobs always do).
+    already in the log. ``timing=None`` keeps the runner's default. ``cache`` says in which
+    cache condition candidates are timed on the CPU (``cache_condition``): "cold" (inputs out
+    of cache, as a model too large for the last-level cache runs each kernel), "warm" (inputs in
+    cache: for a model, copies filling what one pass touches; for an operator, the same buffers
+    every call) or "auto": a model job decides from the bytes one forward pass touches, an
+    operator job times warm unless ``cold_cache`` (the same as ``cache="cold"``). A model job
+    without ``timing`` takes best-of-3 samples (``MODEL_TIMING``).
     ``transfer_from``/``load_model``/``save_model`` give the xgb tuner's cost model a start
     and keep it; ``tuner_options`` go to the tuner as they are; ``extra_params`` are recorded
     in MLflow beside the job's own.
@@ -62,6 +75,7 @@ class TuningJob:
     run_timeout: float = 20.0
     timing: TimingPolicy | None = None
     cold_cache: bool = False
+    cache: str = "auto"
     extra_params: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,6 +93,10 @@ class TuningJob:
                 raise JobError(f"{name.replace('_', '-')} must be a number of seconds > 0, got {value!r}")
         if (self.transfer_from or self.load_model or self.save_model) and self.tuner != "xgb":
             raise JobError("transfer_from, load_model and save_model need the xgb tuner")
+        if self.cache not in ("auto", *CACHE_CONDITIONS):
+            raise JobError(f"unknown cache condition {self.cache!r}: use auto, cold or warm")
+        if self.cold_cache and self.cache == "warm":
+            raise JobError("cold_cache and cache='warm' contradict each other")
         if self.model is not None and self.target.kind != "cpu" and self.restrict:
             raise JobError("a restriction (threads) is for the cpu target")
         object.__setattr__(self, "transfer_from", tuple(str(p) for p in self.transfer_from))
@@ -90,10 +108,29 @@ class TuningJob:
         what = self.task.key if self.task is not None else f"model:{self.model.config.name}"
         return f"{self.tuner}:{what}"
 
+    def cache_condition(self) -> str | None:
+        """"cold" or "warm": the cache condition CPU candidates are timed in (None on the GPU,
+        whose runner times as it always has). With ``cache="auto"`` a model job times cold when
+        one forward pass touches more bytes than the last-level cache holds (each kernel's
+        weights then come from memory, as in a 7B model) and warm when the model stays in cache
+        from one pass to the next (``measure.timing.cache_condition``)."""
+        if self.target.kind != "cpu":
+            return None
+        if self.cache != "auto":
+            return self.cache
+        if self.cold_cache:
+            return "cold"
+        if self.model is None:
+            return condition_of(self.timing or TimingPolicy())
+        return cache_condition(self.model.working_set_bytes(), self.target)
+
     def params(self) -> dict[str, Any]:
         """What MLflow records about the job."""
         out: dict[str, Any] = {"target": self.target.key, "device": self.target.device_name, "tuner": self.tuner,
                                "batch": self.batch, "seed": self.seed, "log": self.log}
+        condition = self.cache_condition()
+        if condition is not None:
+            out["cache"] = condition
         if self.task is not None:
             out.update(op=self.task.op, task=self.task.key, shape=self.task.dims, dtype=self.task.dtype,
                        trials=self.trials, restrict=dict(self.restrict or {}))
@@ -159,9 +196,12 @@ def _runner(job: TuningJob):
     """The runner for the job's target: the GPU's, or a local CPU one timing as the job says."""
     if job.target.kind == "cuda":
         return CudaRunner(timeout_s=job.run_timeout, seed=job.seed, policy=job.timing)
-    policy = job.timing
-    if job.cold_cache or job.model is not None:  # as in the model: each kernel's weights come from memory
-        policy = cold_policy(job.target, policy)
+    policy = job.timing if job.timing is not None or job.model is None else MODEL_TIMING
+    if job.cache != "auto" or job.cold_cache or job.model is not None:
+        # cold: as in a model too big for the cache, each kernel's weights come from memory;
+        # warm: as in one that fits, they are still in cache from the previous pass
+        pass_bytes = job.model.working_set_bytes() if job.model is not None else 0
+        policy = policy_for(job.cache_condition(), job.target, policy, pass_bytes)
     return LocalRunner(timeout_s=job.run_timeout, seed=job.seed, policy=policy)
 
 

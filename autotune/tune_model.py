@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping
 from records import Record, RecordLog
 from runtime.model_config import ModelConfig
 
-from .model_tasks import ModelTask, model_tasks
+from .model_tasks import ModelTask, model_tasks, workload_bytes
 from .progress import ProgressDisplay
 from .scheduler import ModelTuneSummary, TaskScheduler
 from .units import format_time
@@ -29,10 +29,17 @@ class ModelWorkload:
         return model_tasks(self.config, list(self.prefill_tokens), list(self.decode_batch), list(self.kv_len),
                            self.quantize, self.group_size)
 
+    def working_set_bytes(self) -> int:
+        """The most bytes one forward pass of the workload touches (weights, activations, KV
+        cache): above the last-level cache, every kernel's weights come from memory."""
+        return workload_bytes(self.config, list(self.prefill_tokens), list(self.decode_batch), list(self.kv_len),
+                              self.quantize, self.group_size)
+
     def params(self) -> dict:
         return {"model": self.config.name, "prefill_tokens": list(self.prefill_tokens),
                 "decode_batch": list(self.decode_batch), "kv_len": list(self.kv_len), "quantize": self.quantize,
-                "group_size": self.group_size, "parameters": self.config.parameters}
+                "group_size": self.group_size, "parameters": self.config.parameters,
+                "working_set_bytes": self.working_set_bytes()}
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config),
@@ -97,6 +104,10 @@ def tune_model(job, log: RecordLog, builder, runner, progress: bool, note: Calla
     from .tuning import observed
 
     tasks = job.model.tasks()
+    mixed = _other_conditions(log, tasks, job.target, job.cache_condition())
+    if mixed:
+        note(f"warning: {log.path} holds {mixed} of these tasks; this job times {job.cache_condition()} and resumes "
+             "them as they are, so the best times mix both (use a new --log to tune in one condition only)")
     scheduler = TaskScheduler(tasks, job.target, job.tuner, seed=job.seed, batch=job.batch, restrict=job.restrict)
     bar = ModelProgress(f"{job.model.config.name} ({len(tasks)} tasks)", job.trials) if progress else None
     with observed(job, note, bar, lambda run, status, summary: _finish(run, log, status, summary)) as (
@@ -104,6 +115,22 @@ def tune_model(job, log: RecordLog, builder, runner, progress: bool, note: Calla
         callbacks = [c for c in (ModelMLflow(tracking.run, 0) if tracking.run else None, bar) if c is not None]
         outcome["summary"] = scheduler.tune(job.trials, builder, runner, log, on_round=callbacks)
     return outcome["summary"]
+
+
+def _other_conditions(log: RecordLog, tasks: list[ModelTask], target, condition: str | None) -> str:
+    """"N records timed cold" (or warm, or with no condition recorded) of ``tasks`` in ``log``
+    whose condition is not ``condition``; "" when there are none."""
+    if condition is None or not log.path.exists():
+        return ""
+    keys = {t.key for t in tasks}
+    counts: dict[str, int] = {}
+    for record in log.records(warn=False):
+        if record.ok and record.task.key in keys and record.target.key == target.key:
+            other = record.result.stats.get("cache", "with no cache condition recorded")
+            if other != condition:
+                counts[other] = counts.get(other, 0) + 1
+    return ", ".join(f"{n} records timed {c}" if c in ("cold", "warm") else f"{n} records {c}"
+                     for c, n in sorted(counts.items()))
 
 
 def _finish(run, log: RecordLog, status: str, summary: ModelTuneSummary | None) -> None:

@@ -7,7 +7,10 @@ Runs, as a user would, ``autotune tune-model`` (resumed from ``WORK/NAME.jsonl``
 ``autotune export`` into ``WORK/NAME-lib`` and ``autotune run --lib ... --compare --json``
 (the tuned library, the numpy reference in its own process with OpenBLAS's fastest kernel,
 and the same model on untuned template defaults, all in one run), then prints one markdown
-row per model with the speeds, the speedups and the largest logit difference.
+row per model with the speeds, the speedups, the largest logit difference and the cache
+condition the library was tuned in (``tune-model`` decides it from the model: cold when one
+forward pass touches more than the last-level cache, else warm; ``run`` reads it back from the
+library's manifest, or says it cannot).
 """
 from __future__ import annotations
 
@@ -16,11 +19,18 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from cpu_ops import cli as autotune  # runs `autotune ARGS...` in a subprocess, stops on failure
+
+def autotune(*args: str) -> str:
+    """Run `autotune ARGS...` in a subprocess; its stdout, or stop with its stderr on failure."""
+    proc = subprocess.run([sys.executable, "-m", "autotune.cli", *args], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"autotune {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc.stdout
 
 
 def main() -> None:
@@ -54,7 +64,8 @@ def main() -> None:
         out = json.loads(autotune("run", "--lib", str(lib), "--model", model, "--prompt-tokens",
                                   str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--compare",
                                   "--json"))
-        out.update(name=name, trials=tune["trials"], tasks=len(tune["tasks"]), tune_s=tune_s)
+        out.update(name=name, trials=tune["trials"], tasks=len(tune["tasks"]), tune_s=tune_s,
+                   tuned_cache=tune.get("cache"), working_set_bytes=tune.get("working_set_bytes"))
         rows.append(out)
         print(json.dumps(out), file=sys.stderr, flush=True)
 
@@ -63,13 +74,17 @@ def main() -> None:
         print(f"Machine: {platform.node()}, {platform.processor() or platform.machine()}, "
               f"{datetime.date.today().isoformat()}, load average {load[0]:.1f}/{load[1]:.1f}; "
               f"{args.prompt_tokens} prompt tokens, {args.new_tokens} new, batch 1; best of 3 timed runs per side.\n")
-        print("| model | weights | tasks / trials | tune min | decode tok/s tuned | numpy | defaults | "
+        print("| model | weights | tuned (cache) | tasks / trials | tune min | decode tok/s tuned | numpy | defaults | "
               "tuned/numpy | tuned/defaults | prefill tok/s tuned / numpy / defaults | max logit diff (rel) "
               "vs numpy |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ref, dft = r["reference"], r["defaults"]
-        print(f"| {r['name']} | {r['quantize']} | {r['tasks']} / {r['trials']} | {r['tune_s'] / 60:.1f} | "
+        # what tune-model chose, and what the library itself says (None: its manifest does not record it)
+        said = (r.get("cache") or {}).get("tuned_for")
+        timed = f"{r.get('tuned_cache') or '?'} ({(r.get('working_set_bytes') or 0) / 2**20:.0f} MiB/pass)"
+        timed += "" if said == r.get("tuned_cache") else f", library: {said or 'not recorded'}"
+        print(f"| {r['name']} | {r['quantize']} | {timed} | {r['tasks']} / {r['trials']} | {r['tune_s'] / 60:.1f} | "
               f"{r['decode_tokens_per_s']:.1f} | {ref['decode_tokens_per_s']:.1f} | {dft['decode_tokens_per_s']:.1f} | "
               f"{r['decode_speedup_vs_reference']:.2f}x | {r['decode_speedup_vs_defaults']:.2f}x | "
               f"{r['prefill_tokens_per_s']:.0f} / {ref['prefill_tokens_per_s']:.0f} / {dft['prefill_tokens_per_s']:.0f} | "

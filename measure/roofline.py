@@ -16,6 +16,8 @@ import numpy as np
 from search_space import ArgSpec, KernelSource, Target
 from search_space.codegen import llvm as cg
 
+from .timing import MAX_LAST_LEVEL_CACHE
+
 FMA_CHAINS = 16
 FMA_ITERATIONS = 1 << 19
 READ_BYTES = 512 << 20
@@ -96,10 +98,13 @@ def _read_gbs(kernel_for, target: Target, threads: int, nbytes: int) -> float:
 
 
 def working_set_bandwidth(roof: dict[str, float], nbytes: float, target: Target, threads: int) -> tuple[str, float]:
-    """(level, read GB/s) of the memory level a working set of ``nbytes`` fits in."""
-    if target.l2_bytes and nbytes <= target.l2_bytes * threads * 0.75:
+    """(level, read GB/s) of the smallest memory level whose capacity holds a working set of
+    ``nbytes``: L2 (per core, times the threads that share the work), L3 (as reported, at most
+    ``MAX_LAST_LEVEL_CACHE``: see ``measure.timing``), else DRAM. A bench times with the same
+    buffers every call, so a working set that fits a level is served from it."""
+    if target.l2_bytes and nbytes <= target.l2_bytes * threads:
         return "L2", roof["l2_gbs"]
-    if target.l3_bytes and nbytes <= target.l3_bytes * 0.5:
+    if target.l3_bytes and nbytes <= min(target.l3_bytes, MAX_LAST_LEVEL_CACHE):
         return "L3", roof["l3_gbs"]
     return "DRAM", roof["read_gbs"]
 

@@ -1,6 +1,7 @@
 """Turn a callable into per-call times: warm up, calibrate an inner count, repeat."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -10,16 +11,27 @@ import numpy as np
 
 @dataclass(frozen=True)
 class TimingPolicy:
-    """How long to time a candidate.
+    """How long to time a candidate, and in which cache condition.
 
     Each timed sample runs the kernel ``inner`` times, with ``inner`` grown until a sample
     lasts at least ``min_sample_s``; ``repeats`` samples are taken, fewer (never under
     ``min_repeats``) when a single call is so slow that they would exceed ``max_total_s``.
 
-    ``cold_bytes`` > 0 times the kernel as a model runs it: each layer's weights come from
-    memory, not from a cache that the previous call warmed. The CPU runner then gives the
-    kernel enough copies of its inputs to fill this many bytes (at most ``MAX_COPIES``) and
-    cycles through them, so a call's inputs have left the caches since their last use.
+    ``cold_bytes`` > 0 times the kernel as a model runs it: between two calls of a layer's
+    kernel on the same weights the rest of the pass runs. The CPU runner gives the kernel
+    enough copies of its inputs to fill this many bytes (at most ``MAX_COPIES``) and cycles
+    through them, so each call finds its inputs where a working set of ``cold_bytes`` lives:
+    twice the last-level cache (``cold_policy``) puts them in memory, as in a model too large
+    for the cache; the bytes one pass of a smaller model touches (``warm_policy``) put them in
+    the cache level that holds the model (L3, say, when a pass does not fit one core's L2).
+    ``cache`` names the condition ("cold" or "warm") for the records; empty, it is "cold"
+    when ``cold_bytes`` > 0.
+
+    ``best_of`` > 1 makes each sample the fastest of that many back-to-back runs of ``inner``
+    calls. Other work on the machine only ever adds time, and on a shared machine it comes in
+    episodes of tens of milliseconds that can cover most of a candidate's samples: the median of
+    plain samples then ranks a config by the episode it met, while the median of best-of-3
+    samples still measures the kernel.
     """
 
     warmup: int = 1
@@ -28,9 +40,20 @@ class TimingPolicy:
     min_repeats: int = 3
     max_total_s: float = 2.0
     cold_bytes: int = 0
+    best_of: int = 1
+    cache: str = ""
 
 
 MAX_COPIES = 64  # inputs smaller than cold_bytes / 64 stay in cache, as a model's activations do
+
+# The most last-level cache a decision may assume. A CPU's L3 is read from sysfs as reported;
+# some virtual machines report the host's (or a made-up) figure, e.g. 480 MiB on a 2-core VM,
+# which no real part has per socket (the largest are a few hundred MiB of stacked cache). Taking
+# such a figure at face value would call a 400 MB model "in cache", so decisions that rest on
+# the cache size (cold or warm timing, the roofline level) use at most this much.
+MAX_LAST_LEVEL_CACHE = 256 << 20
+
+CACHE_CONDITIONS = ("cold", "warm")
 
 
 def cold_policy(target, policy: TimingPolicy | None = None) -> TimingPolicy:
@@ -39,7 +62,47 @@ def cold_policy(target, policy: TimingPolicy | None = None) -> TimingPolicy:
     from dataclasses import replace
 
     cold = 2 * (target.l3_bytes or target.l2_bytes or 32 << 20)
-    return replace(policy or TimingPolicy(), cold_bytes=cold)
+    return replace(policy or TimingPolicy(), cold_bytes=cold, cache="cold")
+
+
+def warm_policy(policy: TimingPolicy | None = None, pass_bytes: int = 0) -> TimingPolicy:
+    """``policy`` (default: the tuning default) timing inputs in cache, as in a model whose
+    passes fit in the last-level cache: cycled through copies filling ``pass_bytes`` (what one
+    pass touches between two calls of a kernel on the same weights), so each call finds them in
+    the cache level that holds a pass; with ``pass_bytes`` 0, the same buffers every call."""
+    from dataclasses import replace
+
+    return replace(policy or TimingPolicy(), cold_bytes=max(int(pass_bytes), 0), cache="warm")
+
+
+def condition_of(policy: TimingPolicy) -> str:
+    """"cold" or "warm": the cache condition ``policy`` times kernels in (kept in each record's stats)."""
+    return policy.cache or ("cold" if policy.cold_bytes > 0 else "warm")
+
+
+def last_level_cache_bytes(target) -> int:
+    """The last-level cache a decision may count on: L3 as reported (L2 of every core where
+    there is no L3), at most ``MAX_LAST_LEVEL_CACHE``."""
+    reported = target.l3_bytes or (target.l2_bytes or 0) * max(target.cores or 1, 1)
+    return min(reported, MAX_LAST_LEVEL_CACHE)
+
+
+def cache_condition(working_set_bytes: float, target) -> str:
+    """"cold" when ``working_set_bytes`` (what one forward pass of a model touches) exceeds
+    ``target``'s last-level cache, so a kernel's weights come from memory every call; else
+    "warm": the model stays in cache from one pass to the next."""
+    return "cold" if working_set_bytes > last_level_cache_bytes(target) else "warm"
+
+
+def policy_for(condition: str, target, policy: TimingPolicy | None = None, pass_bytes: int = 0) -> TimingPolicy:
+    """``policy`` timing in ``condition`` ("cold" or "warm") on ``target``; ``pass_bytes``:
+    what one pass of the model touches (see ``warm_policy``), counted at most half the
+    last-level cache, so that warm stays in cache when a caller asks for it on a larger model."""
+    if condition not in CACHE_CONDITIONS:
+        raise ValueError(f"unknown cache condition {condition!r}: use cold or warm")
+    if condition == "cold":
+        return cold_policy(target, policy)
+    return warm_policy(policy, min(pass_bytes, last_level_cache_bytes(target) // 2))
 
 
 def time_calls(run_n: Callable[[int], None], policy: TimingPolicy, first_call_s: float | None = None) -> dict:
@@ -63,14 +126,19 @@ def time_calls(run_n: Callable[[int], None], policy: TimingPolicy, first_call_s:
                 break
             inner = max(inner * 2, int(inner * policy.min_sample_s / max(elapsed, 1e-9) * 1.2))
         one = elapsed / inner
-    budget_repeats = int(policy.max_total_s / max(one * inner, 1e-9))
+    best_of = max(1, policy.best_of)
+    budget_repeats = int(policy.max_total_s / max(one * inner * best_of, 1e-9))
     repeats = max(policy.min_repeats, min(policy.repeats, budget_repeats))
     costs = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        run_n(inner)
-        costs.append((time.perf_counter() - start) / inner)
-    return {"costs": costs, **summarize(costs), "inner": inner, "repeats": repeats}
+        fastest = math.inf
+        for _ in range(best_of):
+            start = time.perf_counter()
+            run_n(inner)
+            fastest = min(fastest, time.perf_counter() - start)
+        costs.append(fastest / inner)
+    extra = {"best_of": best_of} if best_of > 1 else {}
+    return {"costs": costs, **summarize(costs), "inner": inner, "repeats": repeats, **extra}
 
 
 def summarize(costs) -> dict:

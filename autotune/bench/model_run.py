@@ -49,6 +49,11 @@ def run_generation(kernels: KernelProvider, config: ModelConfig, weights: ModelW
     length the prefill ran at."""
     model = LlamaModel(config, weights, kernels, prefill_sizes)
     batch, tokens = prompts.shape
+    if prefill_sizes is None:
+        # the padded length, found once as the defaults' side is given it: LlamaModel.prefill
+        # looks it up on every pass, and searching the provider's tuned sizes there (~0.4 ms on
+        # the tiny model, a fifth of its prefill) would be timed on the tuned side only
+        model.prefill_sizes = [model.padded_tokens(batch, tokens)]
     model.prepare(batch, tokens, new_tokens)
     model.generate(prompts, min(new_tokens, 2))
     generation = fastest(model.generate(prompts, new_tokens) for _ in range(repeats))
@@ -94,6 +99,39 @@ def run_reference(config: ModelConfig, weights_dir: str | None, seed: int, quant
     return generation, out["blas"]
 
 
+def tuned_condition(lib: str | None = None, logs: Iterable[str] = ()) -> str | None:
+    """The cache condition the kernels were timed in when tuned: "cold", "warm", "cold+warm"
+    when they differ, None when nothing says. From a library, its manifest entries' ``measured``
+    stats; from tuning logs, the best records' stats (``"cache"``, set by the CPU runner)."""
+    conditions: set[str] = set()
+    if lib:
+        from runtime.library import read_manifest
+
+        conditions = {(e.get("measured") or {}).get("cache") for e in read_manifest(lib).get("kernels", [])}
+    elif logs:
+        from records import best_records, load_records
+
+        conditions = {r.result.stats.get("cache") for r in best_records(load_records(list(logs), warn=False)).values()}
+    conditions.discard(None)
+    return "+".join(sorted(conditions)) or None
+
+
+def run_condition(config: ModelConfig, batch: int, tokens: int, capacity: int, quantize: str,
+                  group_size: int) -> tuple[str, int, int]:
+    """(condition, bytes, cache bytes): the cache condition this CPU runs the model in, from the
+    bytes its largest pass touches (prefill of ``tokens`` per sequence, decode against a cache
+    of ``capacity`` positions) against the last-level cache, as ``tune-model --cache auto`` decides."""
+    from measure.timing import cache_condition, last_level_cache_bytes
+    from search_space import Target
+
+    from ..model_tasks import pass_bytes
+
+    target = Target.host()
+    touched = max(pass_bytes(config, batch * tokens, batch, capacity, quantize, group_size),
+                  pass_bytes(config, batch, batch, capacity, quantize, group_size))
+    return cache_condition(touched, target), touched, last_level_cache_bytes(target)
+
+
 def logit_difference(a: Generation, b: Generation) -> dict[str, float]:
     """Largest |a - b| over every step's logits, absolute and relative to the largest |b|."""
     diff = np.abs(a.logits.astype(np.float64) - b.logits.astype(np.float64))
@@ -117,6 +155,29 @@ class RunReport:
     reference: Generation | None = None
     reference_blas: dict = field(default_factory=dict)
     defaults: Generation | None = None
+    tuned_for: str | None = None   # the cache condition the kernels were timed in ("cold", "warm")
+    runs_in: tuple[str, int, int] | None = None  # run_condition(): condition, bytes per pass, cache bytes
+
+    def cache(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"tuned_for": self.tuned_for}
+        if self.runs_in is not None:
+            out.update(runs_in=self.runs_in[0], pass_bytes=self.runs_in[1], cache_bytes=self.runs_in[2])
+        return out
+
+    def cache_line(self) -> str:
+        """Which cache condition the kernels were tuned for, and which this run is in."""
+        tuned = (f"kernels tuned {self.tuned_for}" if self.tuned_for else
+                 "the kernels do not say which cache condition they were tuned in")
+        if self.runs_in is None:
+            return f"  timing: {tuned}"
+        condition, touched, cache = self.runs_in
+        mib = 1 << 20
+        fits = "more than" if condition == "cold" else "within"
+        line = (f"  timing: {tuned}; this run is {condition} (a pass touches {touched / mib:.1f} MiB, {fits} the "
+                f"{cache / mib:.0f} MiB last-level cache)")
+        if self.tuned_for in ("cold", "warm") and self.tuned_for != condition:
+            line += f": tune again (tune-model --cache {condition}) for this situation"
+        return line
 
     def to_dict(self) -> dict[str, Any]:
         def speed(g: Generation) -> dict[str, float]:
@@ -126,7 +187,7 @@ class RunReport:
         out: dict[str, Any] = {"model": self.model, "source": self.source, "quantize": self.quantize,
                                "batch": self.batch, "prompt_tokens": self.prompt_tokens,
                                "new_tokens": self.new_tokens, "token_ids": self.tuned.tokens.tolist(),
-                               "kernels": self.kernels, **speed(self.tuned)}
+                               "kernels": self.kernels, "cache": self.cache(), **speed(self.tuned)}
         for name, other in (("reference", self.reference), ("defaults", self.defaults)):
             if other is None:
                 continue
@@ -143,6 +204,7 @@ class RunReport:
                  f"tokens" + (f" (prefill padded to {padded})" if padded != self.prompt_tokens else "")
                  + f", {self.new_tokens} new; kernels {self.kernels.get('tuned', 0)} tuned, "
                  f"{self.kernels.get('untuned', 0)} template defaults",
+                 self.cache_line(),
                  f"  tuned:     prefill {self.tuned.prefill_tokens_per_s:10.1f} tok/s   "
                  f"decode {self.tuned.decode_tokens_per_s:8.1f} tok/s"]
         for name, other in (("numpy", self.reference), ("defaults", self.defaults)):

@@ -56,9 +56,12 @@ def load_config(model: str):
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @click.option("--list-tasks", is_flag=True, help="print the model's tasks and how often each runs, tune nothing")
+@click.option("--cache", default="auto", show_default=True, type=click.Choice(["auto", "cold", "warm"]),
+              help="cpu: time candidates with their inputs out of cache (cold) or in it (warm); auto: cold when "
+                   "one forward pass touches more bytes than the last-level cache holds")
 def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, group_size, trials_total, tuner, batch,
                seed, threads, log_path, tracking_uri, no_mlflow, experiment, build_timeout, run_timeout, quiet,
-               as_json, list_tasks) -> None:
+               as_json, list_tasks, cache) -> None:
     """Tune every kernel a model's prefill and decode passes need, over one trial budget."""
     from autotune.tune_model import ModelWorkload
 
@@ -87,9 +90,12 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
     job = make_job(target=tgt, model=workload, tuner=tuner, trials=trials_total, batch=batch, seed=seed,
                    log=open_log(log_path).path, restrict={"threads": [threads]} if threads is not None else None,
                    mlflow=not no_mlflow, tracking_uri=tracking_uri, experiment=experiment,
-                   build_timeout=build_timeout, run_timeout=run_timeout)
+                   build_timeout=build_timeout, run_timeout=run_timeout, cache=cache)
     click.echo(f"{config.name}: {config.parameters / 1e6:.1f}M parameters, {len(tasks)} tasks "
                f"({', '.join(sorted({t.task.op for t in tasks}))}), {trials_total} trials in all", err=True)
+    condition = job.cache_condition()
+    if condition is not None:
+        click.echo(cache_note(job), err=True)
     try:
         summary = run_tuning(job, progress=not quiet)
     except ValueError as exc:  # e.g. --threads not offered by a task's space
@@ -100,7 +106,8 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
              summary.estimated_latency_s < float("inf") else None}
             for t, s in zip(summary.tasks, summary.summaries)]
     if as_json:
-        echo_json({"model": config.name, "tasks": rows, "trials": summary.trials, "measured": summary.measured,
+        echo_json({"model": config.name, "cache": condition, "working_set_bytes": workload.working_set_bytes(),
+                   "tasks": rows, "trials": summary.trials, "measured": summary.measured,
                    "resumed": summary.resumed, "wall_s": summary.wall_s, "compile_share": summary.compile_share,
                    "estimated_latency_ms": summary.estimated_latency_s * 1e3, "given_up": summary.given_up,
                    "log": job.log})
@@ -114,7 +121,31 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
                f"{summary.estimated_latency_s * 1e3:.3f} ms per workload")
     if summary.given_up:
         click.echo(f"given up (nothing verified): {', '.join(summary.given_up)}")
+    if condition is not None:
+        click.echo(f"timed {condition}: {CACHE_WORDS[condition]}")
     click.echo(f"log: {job.log}")
+
+
+CACHE_WORDS = {"cold": "inputs cycled through copies filling twice the last-level cache",
+               "warm": "inputs cycled through copies filling what one pass touches, found in the cache that "
+                       "holds the model"}
+
+
+def cache_note(job) -> str:
+    """One line: the cache condition ``job`` times candidates in, and why."""
+    from measure.timing import last_level_cache_bytes
+
+    condition, target = job.cache_condition(), job.target
+    if job.cache != "auto" or job.cold_cache:
+        return f"timing candidates {condition} ({CACHE_WORDS[condition]}): as --cache says"
+    mib = 1 << 20
+    llc, reported = last_level_cache_bytes(target), target.l3_bytes
+    size = f"{llc / mib:.0f} MiB" + (f" (L3 reported as {reported / mib:.0f} MiB, counted at most that)"
+                                     if reported and reported > llc else "")
+    working = job.model.working_set_bytes()
+    fits = "more than" if condition == "cold" else "within"
+    return (f"timing candidates {condition} ({CACHE_WORDS[condition]}): one forward pass touches "
+            f"{working / mib:.1f} MiB, {fits} the last-level cache of {size}")
 
 
 def _prompts(prompt_ids: str | None, prompt_tokens: int, batch: int, vocab: int, seed: int):
@@ -184,7 +215,8 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
     from runtime.kernel import UntunedShapeWarning
     from runtime.plan import check_quantize
 
-    from autotune.bench.model_run import RunReport, make_weights, run_generation, run_reference
+    from autotune.bench.model_run import (RunReport, make_weights, run_condition, run_generation, run_reference,
+                                          tuned_condition)
 
     config = load_config(model)
     if weights_dir and not Path(weights_dir).is_dir():
@@ -217,6 +249,13 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
         kernels.close()
     report = RunReport(config.name, lib or ",".join(logs), quantize, batch, prompts.shape[1], new_tokens, tuned,
                        counts)
+    try:
+        report.tuned_for = tuned_condition(lib, logs)
+    except (OSError, ValueError):
+        report.tuned_for = None
+    if getattr(kernels, "kind", "cpu") == "cpu":
+        padded = counts["prefill_padded_to"]
+        report.runs_in = run_condition(config, batch, padded, padded + new_tokens, quantize, group_size)
     if compare:
         from export import TunedKernels
 

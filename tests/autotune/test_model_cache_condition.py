@@ -1,0 +1,126 @@
+"""tune-model times candidates cold or warm as the model runs them, and says which everywhere."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_cli import run
+
+import autotune.job
+from autotune import JobError, ModelWorkload, TuningJob
+from autotune.bench.model_run import RunReport, run_condition, tuned_condition
+from autotune.model_tasks import pass_bytes, weight_bytes
+from measure.timing import cache_condition
+from records import RecordLog
+from runtime.generation import Generation
+from runtime.library import FORMAT, SCHEMA_VERSION
+from runtime.model_config import PRESETS, load_model_config
+from search_space import Task
+
+MIB = 1 << 20
+ROOT = Path(__file__).resolve().parents[2]
+TINY = PRESETS["tiny"]
+LLAMA_100M = load_model_config(ROOT / "benchmarks" / "models" / "llama-100m")
+
+
+@pytest.fixture
+def cpu(host):
+    return replace(host, l2_bytes=2 * MIB, l3_bytes=32 * MIB)
+
+
+def test_a_pass_touches_the_weights_the_activations_and_the_cache():
+    assert LLAMA_100M.tie_word_embeddings
+    assert weight_bytes(LLAMA_100M) == 4 * LLAMA_100M.parameters  # tied: the table is read once, as the head
+    assert weight_bytes(TINY) == 4 * (TINY.parameters - TINY.vocab_size * TINY.hidden_size)  # untied: no table
+    assert weight_bytes(TINY, "q4", 128) < weight_bytes(TINY) / 6
+    longer = pass_bytes(TINY, 1, 1, 1024) - pass_bytes(TINY, 1, 1, 512)
+    assert longer == 4 * 2 * TINY.num_hidden_layers * TINY.kv_size * 512
+    assert 2 * MIB < ModelWorkload(TINY).working_set_bytes() < 4 * MIB
+    assert ModelWorkload(LLAMA_100M).working_set_bytes() > 390 * MIB
+
+
+def test_a_model_that_fits_in_cache_is_timed_warm_and_one_that_does_not_cold(cpu):
+    tiny, big = TuningJob(cpu, model=ModelWorkload(TINY)), TuningJob(cpu, model=ModelWorkload(LLAMA_100M))
+    assert tiny.cache_condition() == "warm" and big.cache_condition() == "cold"
+    vm = replace(cpu, l3_bytes=480 * MIB)  # an implausible L3 is capped: 400 MB of weights stay cold
+    assert TuningJob(vm, model=ModelWorkload(LLAMA_100M)).cache_condition() == "cold"
+    assert TuningJob(vm, model=ModelWorkload(TINY)).cache_condition() == "warm"
+    assert TuningJob(cpu, model=ModelWorkload(TINY), cache="cold").cache_condition() == "cold"
+    assert TuningJob(cpu, model=ModelWorkload(LLAMA_100M), cache="warm").cache_condition() == "warm"
+    assert tiny.params()["cache"] == "warm" and big.params()["working_set_bytes"] > 390 * MIB
+    # cold: copies filling twice the cache; warm: copies filling what one pass touches, so each
+    # call finds its weights in the cache level that holds the model, as it does in the model
+    for job, cold_bytes in ((tiny, ModelWorkload(TINY).working_set_bytes()), (big, 2 * cpu.l3_bytes)):
+        runner = autotune.job._runner(job)
+        try:  # a model job's samples are best-of-3 unless the job gives its own timing
+            assert runner.policy.cold_bytes == cold_bytes and runner.policy.best_of == 3
+            assert runner.policy.cache == job.cache_condition()
+        finally:
+            runner.close()
+
+
+def test_operator_jobs_keep_their_timing(cpu):
+    task = Task.make("gemv", {"M": 1, "N": 64, "K": 64})
+    assert TuningJob(cpu, task).cache_condition() == "warm"
+    assert TuningJob(cpu, task, cold_cache=True).cache_condition() == "cold"
+    assert TuningJob(cpu, task, cache="cold").cache_condition() == "cold"
+    runner = autotune.job._runner(TuningJob(cpu, task, cold_cache=True))
+    try:
+        assert runner.policy.cold_bytes == 2 * cpu.l3_bytes and runner.policy.best_of == 1
+    finally:
+        runner.close()
+    gpu = TuningJob(replace(cpu, kind="cuda"), model=ModelWorkload(TINY))
+    assert gpu.cache_condition() is None and "cache" not in gpu.params()
+    with pytest.raises(JobError, match="unknown cache condition 'hot'"):
+        TuningJob(cpu, task, cache="hot")
+    with pytest.raises(JobError, match="contradict"):
+        TuningJob(cpu, task, cold_cache=True, cache="warm")
+    job = TuningJob(cpu, model=ModelWorkload(TINY, (16,), (1,), (64,)), cache="warm", trials=5)
+    back = TuningJob.from_dict(json.loads(json.dumps(job.to_dict())))
+    assert back == job and back.cache == "warm" and back.params() == job.params()
+
+
+def test_tune_model_says_and_records_its_condition_and_warns_on_a_mixed_log(tmp_path, host):
+    common = ["tune-model", "--model", "tiny", "--prefill-tokens", "16", "--kv-len", "64", "--batch", "2",
+              "--log", "t.jsonl", "--no-mlflow", "--quiet", "--json"]
+    want = cache_condition(ModelWorkload(TINY, (16,), (1,), (64,)).working_set_bytes(), host)
+    other = "cold" if want == "warm" else "warm"
+    proc = run(*common, "--trials-total", "4", cwd=tmp_path)
+    assert f"timing candidates {want}" in proc.stderr and "one forward pass touches" in proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["cache"] == want and summary["working_set_bytes"] > 0
+    records = RecordLog(tmp_path / "t.jsonl").records()
+    assert len(records) == 4 and {r.result.stats["cache"] for r in records if r.ok} == {want}
+    proc = run(*common, "--trials-total", "6", "--cache", other, cwd=tmp_path)
+    assert f"timing candidates {other}" in proc.stderr and "as --cache says" in proc.stderr
+    assert f"records timed {want}" in proc.stderr and "mix both" in proc.stderr
+    records = RecordLog(tmp_path / "t.jsonl").records()
+    assert [r.result.stats["cache"] for r in records if r.ok][4:] == [other] * (sum(r.ok for r in records) - 4)
+    assert tuned_condition(logs=[str(tmp_path / "t.jsonl")]) in (want, "cold+warm", other)
+
+
+def _library(folder: Path, conditions) -> str:
+    folder.mkdir()
+    kernels = [{"measured": {"device": "x", **({"cache": c} if c else {})}} for c in conditions]
+    (folder / "manifest.json").write_text(json.dumps({"format": FORMAT, "schema": SCHEMA_VERSION,
+                                                      "kernels": kernels}))
+    return str(folder)
+
+
+def test_run_reports_the_condition_the_library_was_tuned_for(tmp_path):
+    assert tuned_condition(_library(tmp_path / "warm", ["warm", "warm"])) == "warm"
+    assert tuned_condition(_library(tmp_path / "mixed", ["warm", "cold", None])) == "cold+warm"
+    assert tuned_condition(_library(tmp_path / "old", [None])) is None
+    condition, touched, cache = run_condition(TINY, 1, 128, 160, "none", 128)
+    assert 2 * MIB < touched < 4 * MIB and condition == ("warm" if touched <= cache else "cold")
+    gen = Generation(np.zeros((1, 2), dtype=np.int64), np.zeros((1, 2, 4), dtype=np.float32), 1e-3, 1e-3, 64, 1)
+    report = RunReport("tiny", "lib", "none", 1, 64, 2, gen, tuned_for="cold", runs_in=("warm", 3 * MIB, 256 * MIB))
+    line = report.summary().splitlines()[1]
+    assert "kernels tuned cold" in line and "this run is warm" in line and "tune-model --cache warm" in line
+    assert report.to_dict()["cache"] == {"tuned_for": "cold", "runs_in": "warm", "pass_bytes": 3 * MIB,
+                                         "cache_bytes": 256 * MIB}
+    report.tuned_for = None
+    assert "do not say" in report.summary().splitlines()[1]
