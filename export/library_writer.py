@@ -282,7 +282,7 @@ def _manifest_entry(kernel: _Kernel, source_file: str, source_hash: str, target:
         "source_sha256": source_hash,
         "tuned": True,
         "measured": {"device": record.target.device_name, "tuner": record.tuner, "timestamp": record.timestamp,
-                     **{k: record.result.stats[k] for k in ("p20", "p80", "min") if k in record.result.stats}},
+                     **{k: record.result.stats[k] for k in ("p20", "p80", "min", "cache") if k in record.result.stats}},
     }
     return entry
 

@@ -67,6 +67,7 @@ class LlamaModel:
         self.used: dict[str, Kernel] = {}  # every kernel handed out, by what it was tuned for
         self.prefill_sizes = prefill_sizes
         self._memo: dict[tuple, Kernel] = {}  # the provider's answer per call shape
+        self._padded: dict[tuple[int, int], int] = {}  # padded_tokens per (batch, prompt length)
         self._device: dict[str, object] = {}  # weights where the kernels read them, by name
 
     # -- kernels and weights ---------------------------------------------------------
@@ -100,6 +101,12 @@ class LlamaModel:
         the prompt's own length. Causal attention keeps the real tokens blind to the padding."""
         if self.prefill_sizes is not None:
             return min((t for t in self.prefill_sizes if t >= tokens), default=tokens)
+        key = (batch, tokens)
+        if key not in self._padded:  # the search costs a third of a millisecond: once per prompt shape
+            self._padded[key] = self._search_padded(batch, tokens)
+        return self._padded[key]
+
+    def _search_padded(self, batch: int, tokens: int) -> int:
         specs = self.kernels.specs()
         probe = next(c for c in self._prefill(tokens, batch) if c.role == "q_proj").spec.shape
         tuned_sizes = sorted({m // batch for op in ("gemm", "gemv", "gemm_q4", "gemv_q4")
