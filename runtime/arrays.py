@@ -34,10 +34,31 @@ class HostArrays:
     def get(self, buffer: np.ndarray) -> np.ndarray:
         return buffer
 
+    def gather_rows(self, buffer: np.ndarray, table: np.ndarray, ids: np.ndarray) -> None:
+        """buffer[i] = table[ids[i]]: a decode step's embedding, without a temporary for ``set``."""
+        buffer[...] = table[ids]  # out-of-range ids raise IndexError, as np.take does
+
+    def fill(self, buffer: np.ndarray, value) -> None:
+        buffer.fill(value)
+
     def write_position(self, cache: np.ndarray, rows: np.ndarray, position: int) -> None:
         """cache[B, HKV, S, D][:, :, position] = rows[B * HKV, D]."""
         b, hkv, _, d = cache.shape
         cache[:, :, position] = rows.reshape(b, hkv, d)
+
+    def position_writer(self, cache: np.ndarray, rows: np.ndarray):
+        """``write(position)``: ``write_position(cache, rows, position)`` with the views made
+        once (a decode step writes two per layer; the reshapes cost as much as the copy)."""
+        b, hkv, _, d = cache.shape
+        by_position = cache.transpose(2, 0, 1, 3)  # [S, B, HKV, D], a view
+        source = rows.reshape(b, hkv, d)
+        if not np.shares_memory(source, rows):  # a copy would go stale: the kernels rewrite rows each step
+            raise ValueError(f"rows {rows.shape} must be contiguous to write into a cache of {cache.shape}")
+
+        def write(position: int) -> None:
+            by_position[position] = source
+
+        return write
 
     def write_prompt(self, cache: np.ndarray, rows: np.ndarray, tokens: int) -> None:
         """cache[:, :, :tokens] = rows[B * tokens, HKV * D], token-major as projected."""
@@ -120,6 +141,17 @@ class CudaArrays:
         copy.set_dst_device(dst)
         copy.src_pitch, copy.dst_pitch, copy.width_in_bytes, copy.height = src_pitch, dst_pitch, width, height
         copy(aligned=False)
+
+    def gather_rows(self, buffer: DeviceArray, table: np.ndarray, ids: np.ndarray) -> None:
+        """buffer[i] = table[ids[i]], gathered from a host ``table``."""
+        self.set(buffer, np.take(table, ids, axis=0))
+
+    def fill(self, buffer: DeviceArray, value) -> None:
+        self.set(buffer, np.full(buffer.shape, value, buffer.dtype))
+
+    def position_writer(self, cache: DeviceArray, rows: DeviceArray):
+        """``write(position)``: ``write_position(cache, rows, position)``."""
+        return lambda position: self.write_position(cache, rows, position)
 
     def write_position(self, cache: DeviceArray, rows: DeviceArray, position: int) -> None:
         b, hkv, s, d = cache.shape

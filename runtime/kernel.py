@@ -14,6 +14,7 @@ binds its buffers once (``kernel.bind({...})``) and then pays only the foreign c
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import math
 import operator
@@ -294,9 +295,17 @@ class BoundCall:
     """A kernel bound to its buffers: ``call()`` or ``call(L=129)`` for a new dynamic value.
 
     A new value is checked before the foreign call (``check_runtime_dims``): it may not exceed
-    the value the arrays were bound and checked at, nor (L) the rows of the cache it counts in."""
+    the value the arrays were bound and checked at, nor (L) the rows of the cache it counts in.
+    New values stay for the calls after it.
 
-    __slots__ = ("kernel", "pointers", "scalars", "limits", "arrays", "_function")
+    A decode step makes a few dozen calls of a few microseconds each, so the Python around
+    the foreign call is kept to a minimum: the argument tuple is built when the dims change,
+    not per call, and so is each dim's largest allowed value (``_maxima``), so a call with a
+    new in-range int is one comparison per dim. ``run`` is the foreign call on the current
+    arguments (a ``functools.partial``, cheaper than a method) with nothing around it, for a
+    hot loop that sets no dims."""
+
+    __slots__ = ("kernel", "pointers", "scalars", "limits", "arrays", "_function", "_maxima", "run")
 
     def __init__(self, kernel: Kernel, pointers: list[int], scalars: dict[str, int], arrays: dict):
         self.kernel = kernel
@@ -305,19 +314,49 @@ class BoundCall:
         self.limits = dict(scalars)  # what the bound arrays hold: no dim may grow past it
         self.arrays = arrays  # keeps the buffers alive while the pointers are in use
         self._function = kernel.function
+        self._update()
+
+    def _update(self) -> None:
+        """Rebuild what a call uses from ``scalars``: ``run`` (the arguments bound) and each dim's
+        largest allowed value. A dim that bounds another one (S, which the KV length L counts
+        within) has none: a new value of it takes the full check, which calls this again."""
+        self.run = functools.partial(self._function, *self.pointers, *self.scalars.values())
+        within = COUNTED_WITHIN.get(self.kernel.spec.op, {})
+        shape = self.kernel.spec.shape
+        maxima = {}
+        for name in self.scalars:
+            if name in within.values():
+                continue  # bounds another dim: checked in full (its new value changes the other's maximum)
+            if name in within:
+                bound = self.scalars.get(within[name], shape.get(within[name]))
+                maxima[name] = math.inf if bound is None else bound  # as check_runtime_dims: no bound, no limit
+            else:
+                maxima[name] = self.limits[name]
+        self._maxima = maxima
 
     def __call__(self, **dims: int) -> None:
         if dims:
             self._set_dims(dims)
-        self._function(*self.pointers, *self.scalars.values())
+        self.run()
 
     def _set_dims(self, dims: Mapping[str, int]) -> None:
+        maxima = self._maxima
+        for name, value in dims.items():
+            # the common case, cheaply: a plain int within what the arrays hold; anything else
+            # (a numpy int, a bool, out of range, an unknown or a bounding dim) takes the full check
+            if value.__class__ is not int or not 1 <= value <= maxima.get(name, 0):
+                return self._set_dims_checked(dims)
+        self.scalars.update(dims)
+        self.run = functools.partial(self._function, *self.pointers, *self.scalars.values())
+
+    def _set_dims_checked(self, dims: Mapping[str, int]) -> None:
         for name in dims:
             if name not in self.scalars:
                 raise TypeError(f"{self.kernel.spec.op}: {name} is not a dynamic dim of this kernel")
         values = {**self.scalars, **dims}
         check_runtime_dims(self.kernel.spec, values, self.limits)
         self.scalars = {name: int(value) for name, value in values.items()}
+        self._update()
 
 
 def ctypes_signature(args: Sequence[ArgInfo]) -> list:

@@ -38,13 +38,8 @@ class _Buffers:
             ("k", c.kv_size), ("v", c.kv_size), ("qr", c.q_size), ("kr", c.kv_size), ("attn", c.q_size),
             ("o", c.hidden_size), ("gate", c.intermediate_size), ("up", c.intermediate_size),
             ("act", c.intermediate_size), ("mlp", c.hidden_size))}
+        self.__dict__.update(self.names)  # plain attributes: buf.h is read often, __getattr__ costs 0.4 us
         self.positions = arrays.zeros((rows,), np.int32)
-
-    def __getattr__(self, name: str):
-        try:
-            return self.__dict__["names"][name]
-        except KeyError:
-            raise AttributeError(name) from None
 
 
 class LlamaModel:
@@ -217,37 +212,59 @@ class LlamaModel:
         begin = time.perf_counter()
         first, _ = self.prefill(prompts, caches)
         prefill_s = time.perf_counter() - begin
-        logits, ids = [first.copy()], [np.argmax(first, axis=-1)]
-        step = _DecodeStep(self, batch, capacity, caches)
+        # ndarray.argmax: np.argmax's dispatch costs 0.6 us more, per decode step
+        logits, ids = [first.copy()], [first.argmax(axis=-1)]
+        # the attention calls of every KV length to come are bound here, not in the timed steps
+        step = _DecodeStep(self, batch, capacity, caches, range(tokens + 1, tokens + new_tokens))
         begin = time.perf_counter()
         for position in range(tokens, tokens + new_tokens - 1):
             out = step(ids[-1], position)
             logits.append(out.copy())
-            ids.append(np.argmax(out, axis=-1))
+            ids.append(out.argmax(axis=-1))
         decode_s = time.perf_counter() - begin
         return Generation(np.stack(ids, axis=1), np.stack(logits, axis=1), prefill_s, decode_s, batch * tokens,
                           batch * (new_tokens - 1))
 
 
 class _DecodeStep:
-    """One decode step for ``batch`` sequences with every buffer bound once."""
+    """One decode step for ``batch`` sequences with every buffer bound once.
 
-    def __init__(self, model: LlamaModel, batch: int, capacity: int, caches):
+    A step of the tiny model is 28 kernel calls of 1-2 us each, so whatever Python does
+    between them shows: everything a step can look up is looked up here, once. The calls
+    whose dims never change are kept as their ``BoundCall.run`` (the foreign call and nothing
+    else); attention takes the new KV length through its bound call, which checks it."""
+
+    def __init__(self, model: LlamaModel, batch: int, capacity: int, caches, lengths=()):
+        """``lengths``: the KV lengths the steps will run at, whose attention calls are bound
+        now (any other is bound on first use)."""
         c = model.config
         self.model, self.batch, self.capacity, self.caches = model, batch, capacity, caches
-        self.arrays = model.arrays
+        self.arrays = arrays = model.arrays
+        self.embed = model.embed
         self.calls = decode_calls(c, batch, capacity, model.quantize, model.group_size)
         self.attention_call = next(call for call in self.calls if call.role == "attention")
         k = model._plan(self.calls)
-        self.buf = buf = _Buffers(self.arrays, batch, c)
-        self.first_norm = model._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, batch)
-        self.layers = [model._layer_calls(k, buf, layer) for layer in range(c.num_hidden_layers)]
-        self.logits = self.arrays.empty((batch, c.vocab_size))
-        self.lm_head = model._linear(k["lm_head"], model.lm_head_name, buf.h, self.logits)
-        self.positions = np.zeros(batch, dtype=np.int32)
+        self.buf = buf = _Buffers(arrays, batch, c)
+        self.logits = arrays.empty((batch, c.vocab_size))
+        # the bound calls own the checks and keep their buffers alive; the step runs their ``run``
+        self.bound = [model._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, batch)]
+        self.layers = []  # per layer: (runs before attention, K and V cache writers, runs after)
+        for layer, (k_cache, v_cache) in enumerate(caches):
+            before, after = model._layer_calls(k, buf, layer)
+            self.bound += before + after
+            self.layers.append((tuple(call.run for call in before), arrays.position_writer(k_cache, buf.kr),
+                                arrays.position_writer(v_cache, buf.v), tuple(call.run for call in after)))
+        self.bound.append(model._linear(k["lm_head"], model.lm_head_name, buf.h, self.logits))
+        self.first_norm, self.lm_head = self.bound[0].run, self.bound[-1].run
         self._attention: dict[int, list[BoundCall]] = {}  # by kernel identity: buckets may switch with L
+        self._by_length: dict[int, list[BoundCall]] = {}  # the same lists by KV length: one lookup a step
+        for length in lengths:
+            self._attention_calls(length)
 
     def _attention_calls(self, length: int) -> list[BoundCall]:
+        calls = self._by_length.get(length)
+        if calls is not None:
+            return calls
         kernel = self.model._kernel(self.attention_call, S=self.capacity, L=length)
         calls = self._attention.get(id(kernel))
         if calls is None:
@@ -255,24 +272,24 @@ class _DecodeStep:
             calls = [kernel.bind({"Q": buf.qr, "K": k_cache, "V": v_cache, "O": buf.attn},
                                  {"S": self.capacity, "L": length}) for k_cache, v_cache in self.caches]
             self._attention[id(kernel)] = calls
+        self._by_length[length] = calls
         return calls
 
     def __call__(self, tokens: np.ndarray, position: int) -> np.ndarray:
         """Logits [B, V] (on the host) after feeding ``tokens`` [B] at ``position``."""
-        buf, arrays = self.buf, self.arrays
-        arrays.set(buf.res_a, np.take(self.model.embed, tokens, axis=0))
-        self.positions[:] = position
-        arrays.set(buf.positions, self.positions)
+        arrays, buf = self.arrays, self.buf
+        arrays.gather_rows(buf.res_a, self.embed, tokens)
+        arrays.fill(buf.positions, position)
         length = position + 1
         attention = self._attention_calls(length)
         self.first_norm()
-        for (before, after), attend, (k_cache, v_cache) in zip(self.layers, attention, self.caches):
-            for call in before:
-                call()
-            arrays.write_position(k_cache, buf.kr, position)
-            arrays.write_position(v_cache, buf.v, position)
-            attend(L=length)
-            for call in after:
-                call()
+        for (before, write_k, write_v, after), attend in zip(self.layers, attention):
+            for run in before:
+                run()
+            write_k(position)
+            write_v(position)
+            attend(L=length)  # checked: at most the cache's S rows
+            for run in after:
+                run()
         self.lm_head()
         return arrays.get(self.logits)

@@ -1,0 +1,157 @@
+"""The decode step's fast paths keep every check: a bound call's cheap dim check refuses what
+the full one refuses, ``run`` follows the dims set, and the step's precomputed copies write
+what the plain ones write.
+
+Calls that would crash a regressed runtime run in a child process (``run_numpy_only``), as in
+``test_safety``."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+from fakes import run_numpy_only
+
+from runtime.arrays import HostArrays
+from runtime.llama import LlamaModel, _DecodeStep
+from runtime.model_config import PRESETS
+from runtime.weights import ModelWeights
+
+ATTEMPT = r"""
+import json, sys
+import numpy as np
+import runtime
+
+def attempt(call):
+    try:
+        call()
+        return "ok"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+library = runtime.load(sys.argv[1])
+rng = np.random.default_rng(0)
+def f32(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+out = {}
+"""
+
+
+def _run(tmp_path, library, body: str) -> dict:
+    proc = run_numpy_only(tmp_path, textwrap.dedent(ATTEMPT) + textwrap.dedent(body) + "\nprint(json.dumps(out))\n",
+                          str(library), timeout=120)
+    assert proc.returncode == 0, f"the child died (exit {proc.returncode}): {proc.stderr[-2000:]}"
+    return json.loads(proc.stdout)
+
+
+def test_the_cheap_dim_check_refuses_what_the_full_one_does(tmp_path, exported_library):
+    out = _run(tmp_path, exported_library, """
+        kernel = library.get("rmsnorm", {"M": 8, "N": 64}, attrs={"residual": True}, dynamic=["M"])
+        x, r, g, y, s = f32(8, 64), f32(8, 64), f32(64), np.zeros((8, 64), np.float32), np.zeros((8, 64), np.float32)
+        call = kernel.bind({"X": x, "R": r, "G": g, "Y": y, "S": s})
+        out["M=5"] = attempt(lambda: call(M=5))  # the cheap path: a plain int in range
+        out["after M=5"] = dict(call.scalars)
+        for m in (9, 100000, 0, -1, True, 2.0):
+            out[f"then {m!r}"] = attempt(lambda: call(M=m))
+        out["refused ones changed nothing"] = call.scalars == {"M": 5}
+        out["np.int64(3)"] = attempt(lambda: call(M=np.int64(3)))  # the full check accepts numpy ints
+        out["after np.int64(3)"] = dict(call.scalars)
+        out["unknown dim"] = attempt(lambda: call(Q=3))
+        out["M=8"] = attempt(lambda: call(M=8))
+        # run() is the call with the dims last set: rows past M untouched
+        call(M=3)
+        y[:] = 0
+        call.run()
+        out["run wrote rows"] = [bool(np.any(y[i])) for i in range(8)]
+    """)
+    assert out["M=5"] == "ok" and out["after M=5"] == {"M": 5}
+    for m in ("9", "100000"):
+        assert out[f"then {m}"].startswith("ValueError") and "exceeds 8, what the bound arrays hold" in out[f"then {m}"]
+    for m in ("0", "-1"):
+        assert out[f"then {m}"].startswith("ValueError") and "must be at least 1" in out[f"then {m}"]
+    for m in ("True", "2.0"):
+        assert out[f"then {m}"].startswith("ValueError") and "must be an int" in out[f"then {m}"]
+    assert out["refused ones changed nothing"] is True
+    assert out["np.int64(3)"] == "ok" and out["after np.int64(3)"] == {"M": 3}
+    assert out["unknown dim"].startswith("TypeError") and "Q is not a dynamic dim" in out["unknown dim"]
+    assert out["M=8"] == "ok"
+    assert out["run wrote rows"] == [True] * 3 + [False] * 5
+
+
+def test_a_kv_length_follows_the_cache_rows_set_last(tmp_path, exported_library):
+    out = _run(tmp_path, exported_library, """
+        shape = {"B": 1, "H": 4, "HKV": 2, "D": 32, "S": 64, "L": 64}
+        kernel = library.get("attention_decode", shape, dynamic=["S", "L"])
+        q, k, v, o = f32(1, 4, 32), f32(1, 2, 64, 32), f32(1, 2, 64, 32), np.zeros((1, 4, 32), np.float32)
+        call = kernel.bind({"Q": q, "K": k, "V": v, "O": o}, dims={"S": 64, "L": 1})
+        out["L=64"] = attempt(lambda: call(L=64))
+        out["L=65"] = attempt(lambda: call(L=65))
+        out["S=32"] = attempt(lambda: call(S=32))  # L = 64 stays: refused
+        out["S=32,L=8"] = attempt(lambda: call(S=32, L=8))  # S bounds L: the full check; L's maximum follows
+        out["then L=40"] = attempt(lambda: call(L=40))
+        out["then L=32"] = attempt(lambda: call(L=32))
+        out["S=65"] = attempt(lambda: call(S=65))
+        out["S=64 again"] = attempt(lambda: call(S=64))
+        out["then L=64"] = attempt(lambda: call(L=64))
+        out["scalars"] = dict(call.scalars)
+    """)
+    assert out["S=32"].startswith("ValueError") and "dim L = 64 exceeds S = 32" in out["S=32"]
+    assert out["L=64"] == out["S=32,L=8"] == out["then L=32"] == out["S=64 again"] == out["then L=64"] == "ok"
+    assert out["L=65"].startswith("ValueError") and "dim L = 65 exceeds S = 64" in out["L=65"]
+    assert out["then L=40"].startswith("ValueError") and "dim L = 40 exceeds S = 32" in out["then L=40"]
+    assert out["S=65"].startswith("ValueError") and "dim S = 65 exceeds 64" in out["S=65"]
+    assert out["scalars"] == {"S": 64, "L": 64}
+
+
+def test_host_copies_of_a_decode_step_match_the_plain_ones():
+    arrays = HostArrays()
+    rng = np.random.default_rng(0)
+    cache, plain = np.zeros((2, 3, 8, 4), np.float32), np.zeros((2, 3, 8, 4), np.float32)
+    rows = np.zeros((6, 4), np.float32)
+    write = arrays.position_writer(cache, rows)
+    for position in (0, 5, 7):
+        rows[:] = rng.standard_normal((6, 4))  # the writer sees what the kernels write into rows later
+        write(position)
+        arrays.write_position(plain, rows, position)
+    np.testing.assert_array_equal(cache, plain)
+    with pytest.raises(IndexError):
+        write(8)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        arrays.position_writer(cache, np.zeros((6, 4), np.float32).T)  # [4, 6]: no view as [2, 3, 4]
+
+    table, buffer = rng.standard_normal((10, 4)).astype(np.float32), np.zeros((3, 4), np.float32)
+    arrays.gather_rows(buffer, table, np.array([4, 0, 9]))
+    np.testing.assert_array_equal(buffer, table[[4, 0, 9]])
+    with pytest.raises(IndexError):
+        arrays.gather_rows(buffer, table, np.array([1, 10, 2]))
+    positions = np.zeros(3, np.int32)
+    arrays.fill(positions, 17)
+    assert positions.tolist() == [17, 17, 17]
+
+
+@pytest.fixture(scope="module")
+def default_kernels():
+    from export import TunedKernels
+
+    with TunedKernels.defaults() as kernels:
+        yield kernels
+
+
+def test_a_decode_step_binds_new_lengths_and_refuses_positions_past_its_cache(default_kernels):
+    tiny = PRESETS["tiny"]
+    weights = ModelWeights.random(tiny, seed=3)
+    model = LlamaModel(tiny, weights, default_kernels)
+    prompts = np.random.default_rng(1).integers(0, tiny.vocab_size, (1, 5))
+    generated = model.generate(prompts, 4)
+    caches = model.new_caches(1, 8)
+    first, _ = model.prefill(prompts, caches)
+    step = _DecodeStep(model, 1, 8, caches, lengths=[6])  # 7 and 8 are bound on first use
+    tokens = first.argmax(axis=-1)
+    for i, position in enumerate(range(5, 8)):  # generate's three decode steps, on a cache of another size
+        logits = step(tokens, position)
+        np.testing.assert_allclose(logits, generated.logits[:, i + 1], rtol=1e-5, atol=1e-5)
+        tokens = logits.argmax(axis=-1)
+    assert sorted(step._by_length) == [6, 7, 8]
+    with pytest.raises((IndexError, ValueError)):
+        step(tokens, 8)  # the cache holds 8 positions
