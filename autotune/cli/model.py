@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..units import format_time
 from .common import UserError, echo_json, load_logs, make_job, open_log, positive, resolve_target, run_tuning
 from .group import cli
 
@@ -113,12 +114,12 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
                    "log": job.log})
         return
     for row in sorted(rows, key=lambda r: -(r["share"] or 0)):
-        best = f"{row['best_ms'] * 1e3:.2f} us" if row["best_ms"] is not None else "no verified kernel"
+        best = format_time(row["best_ms"] / 1e3) if row["best_ms"] is not None else "no verified kernel"
         share = f"{row['share'] * 100:5.1f}%" if row["share"] is not None else "    -"
         click.echo(f"{share}  {row['trials']:4d} trials  {best:>14}  x{row['weight']:g}  {row['task']}")
     click.echo(f"{summary.trials} trials ({summary.resumed} resumed, {summary.measured} measured now) in "
                f"{summary.wall_s:.1f} s, compile share {summary.compile_share * 100:.0f}%; estimated "
-               f"{summary.estimated_latency_s * 1e3:.3f} ms per workload")
+               f"{format_time(summary.estimated_latency_s)} per workload")
     if summary.given_up:
         click.echo(f"given up (nothing verified): {', '.join(summary.given_up)}")
     if condition is not None:
