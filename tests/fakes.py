@@ -280,3 +280,38 @@ def register_library(registry: Path, folder: Path) -> None:
         source = {"lang": "cuda", "code": (folder / entry["source"]).read_text(), "entry": entry["symbol"],
                   "args": entry["args"], "launch": entry["launch"]}
         (registry / (hashlib.sha256(cubin).hexdigest() + ".json")).write_text(json.dumps(source))
+
+
+# ----------------------------------------------------------------------------- calls into a library, in a child
+
+
+ATTEMPT = r"""
+import json, sys
+import numpy as np
+import runtime
+
+def attempt(call):
+    try:
+        call()
+        return "ok"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+library = runtime.load(sys.argv[1])
+rng = np.random.default_rng(0)
+def f32(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+out = {}
+"""
+
+
+def run_library_attempts(tmp_path, library, body: str) -> dict:
+    """Run ``body`` (which fills ``out`` using ``attempt(lambda: ...)``) against ``library`` in a
+    fresh numpy-only process, so a call that would crash kills the child, not the test run."""
+    import json
+    import textwrap
+
+    proc = run_numpy_only(tmp_path, textwrap.dedent(ATTEMPT) + textwrap.dedent(body) + "\nprint(json.dumps(out))\n",
+                          str(library), timeout=120)
+    assert proc.returncode == 0, f"the child died (exit {proc.returncode}): {proc.stderr[-2000:]}"
+    return json.loads(proc.stdout)

@@ -18,43 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import run_numpy_only
+from fakes import run_library_attempts, run_numpy_only
 
 import runtime
 from runtime.library import LibraryFormatError
-
-ATTEMPT = r"""
-import json, sys
-import numpy as np
-import runtime
-
-def attempt(call):
-    try:
-        call()
-        return "ok"
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-
-library = runtime.load(sys.argv[1])
-rng = np.random.default_rng(0)
-def f32(*shape):
-    return rng.standard_normal(shape).astype(np.float32)
-out = {}
-"""
-
-
-def _run(tmp_path, library, body: str) -> dict:
-    proc = run_numpy_only(tmp_path, textwrap.dedent(ATTEMPT) + textwrap.dedent(body) + "\nprint(json.dumps(out))\n",
-                          str(library), timeout=120)
-    assert proc.returncode == 0, f"the child died (exit {proc.returncode}): {proc.stderr[-2000:]}"
-    return json.loads(proc.stdout)
 
 
 # ----------------------------------------------------------------------------- dynamic dims of a bound call
 
 
 def test_a_bound_call_refuses_dims_its_arrays_do_not_hold(tmp_path, exported_library):
-    out = _run(tmp_path, exported_library, """
+    out = run_library_attempts(tmp_path, exported_library, """
         kernel = library.get("rmsnorm", {"M": 8, "N": 64}, attrs={"residual": True}, dynamic=["M"])
         x, r, g, y, s = f32(8, 64), f32(8, 64), f32(64), np.zeros((8, 64), np.float32), np.zeros((8, 64), np.float32)
         call = kernel.bind({"X": x, "R": r, "G": g, "Y": y, "S": s})
@@ -78,7 +52,7 @@ def test_a_bound_call_refuses_dims_its_arrays_do_not_hold(tmp_path, exported_lib
 
 
 def test_a_kv_length_may_not_pass_the_cache_it_counts_in(tmp_path, exported_library):
-    out = _run(tmp_path, exported_library, """
+    out = run_library_attempts(tmp_path, exported_library, """
         shape = {"B": 1, "H": 4, "HKV": 2, "D": 32, "S": 64, "L": 64}
         kernel = library.get("attention_decode", shape, dynamic=["S", "L"])
         q, k, v, o = f32(1, 4, 32), f32(1, 2, 64, 32), f32(1, 2, 64, 32), np.zeros((1, 4, 32), np.float32)
@@ -103,7 +77,7 @@ def test_a_kv_length_may_not_pass_the_cache_it_counts_in(tmp_path, exported_libr
 def test_outputs_must_be_writeable_and_every_array_exactly_what_the_kernel_takes(tmp_path, exported_library):
     readonly = tmp_path / "readonly.bin"
     np.zeros((8, 64), np.float32).tofile(readonly)
-    out = _run(tmp_path, exported_library, f"""
+    out = run_library_attempts(tmp_path, exported_library, f"""
         kernel = library.get("rmsnorm", {{"M": 8, "N": 64}}, attrs={{"residual": True}}, dynamic=["M"])
         x, r, g, s = f32(8, 64), f32(8, 64), f32(64), np.zeros((8, 64), np.float32)
         frozen = bytes(8 * 64 * 4)
