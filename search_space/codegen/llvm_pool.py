@@ -60,7 +60,11 @@ import llvmlite.ir as ir
 
 POOL_RUN = "llm_autotune_pool_run_v1"  # the one symbol; a change of protocol changes the name
 MAX_WORKERS = 255                      # threads besides the caller; further shares run inline
-SPIN_NS = 50_000                       # how long an idle worker (or the waiting caller) spins
+SPIN_NS = 500_000                      # how long an idle worker (or the waiting caller) spins:
+# a model's prefill calls its parallel kernels 50-100 us apart, with one-thread kernels
+# between; a worker asleep by then costs ~45 us to wake, which tuning (calls back to back)
+# never sees. 500 us keeps them awake through a pass (the demo's tuned prefill went from
+# 0.81-1.17x to 1.08-1.23x the defaults, RESULTS.md); past PAUSE_NS the spin yields the CPU.
 PAUSE_NS = 500                         # of which the first part without yielding the CPU
 
 I8 = ir.IntType(8)
