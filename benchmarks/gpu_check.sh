@@ -9,7 +9,8 @@
 #    example shape), each with a small xgb budget that resumes from those records;
 # 3. benches the best of each against the vendor kernels (cuBLAS, tinygemm, SDPA, torch row
 #    ops) and prints that table last.
-# Full logs go to $OUT/gpu_check-<time>/ when OUT is set (else /tmp). Each step has a time
+# Full logs go to /tmp/gpu_check-<time>/ and, when OUT is set, as one tar to
+# $OUT/gpu_check-logs.tar.gz. Each step has a time
 # limit, and tuning stops early when the time set aside for it is used up.
 # Knobs: GPU_CHECK_TRIALS (12), GPU_CHECK_TARGET_TRIALS (24), GPU_CHECK_TUNE_S (340: no tuning
 # job starts after that many seconds of the script),
@@ -17,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-LOG=${OUT:-/tmp}/gpu_check-$(date +%Y%m%d-%H%M%S)
+LOG=/tmp/gpu_check-$(date +%Y%m%d-%H%M%S)  # $OUT gets one tar of it at the end
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
 export AUTOTUNE_CACHE_DIR=${AUTOTUNE_CACHE_DIR:-/tmp/autotune-kernels}
@@ -113,3 +114,7 @@ echo "bench exit code $?" | tee -a "$LOG/steps.log"
 step "done; logs in $LOG"
 echo
 cat "$LOG/bench.md"
+# only a handful of files come back from the GPU machine: everything in one tar
+if [[ -n "${OUT:-}" ]]; then
+  tar -czf "$OUT/gpu_check-logs.tar.gz" -C "$(dirname "$LOG")" "$(basename "$LOG")" && echo "logs: $OUT/gpu_check-logs.tar.gz"
+fi
