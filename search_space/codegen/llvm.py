@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 import llvmlite.ir as ir
 
 from . import llvm_pool
+from .ir_loop import counted_loop
 
 F32 = ir.FloatType()
 F64 = ir.DoubleType()
@@ -377,24 +378,10 @@ class KernelBuilder:
 
         The body may create blocks of its own; the loop closes wherever the body ends.
         """
-        b = self.b
         start = i64(start) if isinstance(start, int) else start
         stop = i64(stop) if isinstance(stop, int) else stop
-        pre = b.block
-        header = b.append_basic_block(f"{name}.header")
-        body = b.append_basic_block(f"{name}.body")
-        done = b.append_basic_block(f"{name}.done")
-        b.branch(header)
-        b.position_at_end(header)
-        index = b.phi(I64, name=name)
-        index.add_incoming(start, pre)
-        b.cbranch(b.icmp_signed("<", index, stop), body, done)
-        b.position_at_end(body)
-        yield index
-        nxt = b.add(index, i64(step), name=f"{name}.next", flags=("nsw",))
-        index.add_incoming(nxt, b.block)
-        b.branch(header)
-        b.position_at_end(done)
+        with counted_loop(self.b, start, stop, step, name) as index:
+            yield index
 
     @contextlib.contextmanager
     def if_then(self, cond) -> Iterator[None]:

@@ -49,7 +49,6 @@ How it behaves:
 from __future__ import annotations
 
 import atexit
-import contextlib
 import platform
 import shutil
 import tempfile
@@ -57,6 +56,8 @@ import threading
 from pathlib import Path
 
 import llvmlite.ir as ir
+
+from .ir_loop import counted_loop
 
 POOL_RUN = "llm_autotune_pool_run_v1"  # the one symbol; a change of protocol changes the name
 MAX_WORKERS = 255                      # threads besides the caller; further shares run inline
@@ -159,29 +160,6 @@ class _Emitter:
     @staticmethod
     def _no_pool() -> ir.Constant:
         return ir.Constant(I64, 1).inttoptr(PTR)  # the mapping failed: run every share inline
-
-    @staticmethod
-    def _count(b: ir.IRBuilder, start, stop, name: str):
-        """``for (i = start; i < stop; i++)`` as a context manager yielding i (i64 values)."""
-
-        @contextlib.contextmanager
-        def loop():
-            pre = b.block
-            head = b.append_basic_block(f"{name}.head")
-            body = b.append_basic_block(f"{name}.body")
-            done = b.append_basic_block(f"{name}.done")
-            b.branch(head)
-            b.position_at_end(head)
-            i = b.phi(I64, name=name)
-            i.add_incoming(start, pre)
-            b.cbranch(b.icmp_signed("<", i, stop), body, done)
-            b.position_at_end(body)
-            yield i
-            i.add_incoming(b.add(i, _i64(1)), b.block)
-            b.branch(head)
-            b.position_at_end(done)
-
-        return loop()
 
     # -- pieces -----------------------------------------------------------------------
     def _pause(self) -> ir.Function:
@@ -337,7 +315,7 @@ class _Emitter:
         b.cbranch(b.icmp_signed(">", n, _i64(1)), check_state, inline)
 
         b.position_at_end(inline)  # no pool, or it is busy: every share on this thread, in order
-        with self._count(b, _i64(0), n, "s") as s:
+        with counted_loop(b, _i64(0), n, name="s") as s:
             b.call(task, [ctx, s])
         b.ret_void()
 
@@ -379,13 +357,13 @@ class _Emitter:
         b.store(ctx, self._field(b, state, _CTX))
         pending = self._field(b, state, _PENDING)
         b.store_atomic(b.trunc(used, I32), pending, "release", 4)
-        with self._count(b, _i64(0), used, "w") as w:
+        with counted_loop(b, _i64(0), used, name="w") as w:
             b.atomic_rmw("add", self._field(b, state, w, _SEQ), _i32(1), "seq_cst")
             asleep = b.load_atomic(self._field(b, state, w, _SLEEPING), "seq_cst", 4)
             with b.if_then(b.icmp_unsigned("!=", asleep, _i32(0))):
                 b.call(self.futex_wake, [self._field(b, state, w, _SEQ)])
         b.call(task, [ctx, _i64(0)])
-        with self._count(b, b.add(used, _i64(1)), n, "extra") as s:  # shares no worker could take
+        with counted_loop(b, b.add(used, _i64(1)), n, name="extra") as s:  # shares no worker could take
             b.call(task, [ctx, s])
 
         wait, done, sleep = (fn.append_basic_block(x) for x in ("wait", "done", "sleep"))
