@@ -48,7 +48,7 @@ class TuningJob:
     of cache, as a model too large for the last-level cache runs each kernel), "warm" (inputs in
     cache: for a model, copies filling what one pass touches; for an operator, the same buffers
     every call) or "auto": a model job decides from the bytes one forward pass touches, an
-    operator job times warm unless ``cold_cache`` (the same as ``cache="cold"``). A model job
+    operator job times warm. A model job
     without ``timing`` takes best-of-3 samples (``MODEL_TIMING``).
     ``transfer_from``/``load_model``/``save_model`` give the xgb tuner's cost model a start
     and keep it; ``tuner_options`` go to the tuner as they are; ``extra_params`` are recorded
@@ -74,7 +74,6 @@ class TuningJob:
     build_timeout: float = 60.0
     run_timeout: float = 20.0
     timing: TimingPolicy | None = None
-    cold_cache: bool = False
     cache: str = "auto"
     extra_params: Mapping[str, Any] = field(default_factory=dict)
 
@@ -95,8 +94,6 @@ class TuningJob:
             raise JobError("transfer_from, load_model and save_model need the xgb tuner")
         if self.cache not in ("auto", *CACHE_CONDITIONS):
             raise JobError(f"unknown cache condition {self.cache!r}: use auto, cold or warm")
-        if self.cold_cache and self.cache == "warm":
-            raise JobError("cold_cache and cache='warm' contradict each other")
         if self.model is not None and self.target.kind != "cpu" and self.restrict:
             raise JobError("a restriction (threads) is for the cpu target")
         object.__setattr__(self, "transfer_from", tuple(str(p) for p in self.transfer_from))
@@ -118,8 +115,6 @@ class TuningJob:
             return None
         if self.cache != "auto":
             return self.cache
-        if self.cold_cache:
-            return "cold"
         if self.model is None:
             return condition_of(self.timing or TimingPolicy())
         return cache_condition(self.model.working_set_bytes(), self.target)
@@ -197,7 +192,7 @@ def _runner(job: TuningJob):
     if job.target.kind == "cuda":
         return CudaRunner(timeout_s=job.run_timeout, seed=job.seed, policy=job.timing)
     policy = job.timing if job.timing is not None or job.model is None else MODEL_TIMING
-    if job.cache != "auto" or job.cold_cache or job.model is not None:
+    if job.cache != "auto" or job.model is not None:
         # cold: as in a model too big for the cache, each kernel's weights come from memory;
         # warm: as in one that fits, they are still in cache from the previous pass
         pass_bytes = job.model.working_set_bytes() if job.model is not None else 0

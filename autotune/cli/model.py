@@ -137,7 +137,7 @@ def cache_note(job) -> str:
     from measure.timing import last_level_cache_bytes
 
     condition, target = job.cache_condition(), job.target
-    if job.cache != "auto" or job.cold_cache:
+    if job.cache != "auto":
         return f"timing candidates {condition} ({CACHE_WORDS[condition]}): as --cache says"
     mib = 1 << 20
     llc, reported = last_level_cache_bytes(target), target.l3_bytes

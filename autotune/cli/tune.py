@@ -104,7 +104,8 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
     job = make_job(target=tgt, task=task, tuner=tuner, trials=trials, batch=batch, seed=seed, log=open_log(log_path).path,
                    restrict=restriction(template, task, tgt, threads, restrict_items), transfer_from=tuple(transfer_from or ()),
                    load_model=load_model, save_model=save_model, mlflow=not no_mlflow, tracking_uri=tracking_uri,
-                   experiment=experiment, build_timeout=build_timeout, run_timeout=run_timeout, cold_cache=cold_cache)
+                   experiment=experiment, build_timeout=build_timeout, run_timeout=run_timeout,
+                   cache="cold" if cold_cache else "auto")
     summary = run_tuning(job, progress=not quiet)
     best = summary.best
     click.echo(f"{task.key}: {summary.trials} trials ({summary.resumed} resumed from the log, "

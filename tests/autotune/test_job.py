@@ -37,7 +37,7 @@ def test_a_job_round_trips_through_json(host):
     jobs = [TuningJob(host, TASK, tuner="xgb", trials=5, restrict={"threads": [1]}, transfer_from=("x.jsonl",),
                       timing=TimingPolicy(repeats=3), extra_params={"note": "a"}),
             TuningJob(Target.from_name("sm_90a"), model=ModelWorkload(MICRO, (8, 16), (1,), (32,), "q4", 32),
-                      tuner="random", trials=40, cold_cache=True)]
+                      tuner="random", trials=40, cache="cold")]
     for job in jobs:
         back = TuningJob.from_dict(json.loads(json.dumps(job.to_dict())))
         assert back == job
