@@ -23,7 +23,7 @@ from search_space import Target, Task
 from .scheduler import ModelTuneSummary
 from .tune_model import ModelWorkload, tune_model
 from .tuners import TUNERS, TuneSummary
-from .tuning import pretrained_model, tune_task
+from .tuning import pretrained_model, remeasure_task, tune_task
 
 
 # A model job's timing unless the job gives one: each sample the fastest of 3 runs
@@ -52,7 +52,9 @@ class TuningJob:
     without ``timing`` takes best-of-3 samples (``MODEL_TIMING``).
     ``transfer_from``/``load_model``/``save_model`` give the xgb tuner's cost model a start
     and keep it; ``tuner_options`` go to the tuner as they are; ``extra_params`` are recorded
-    in MLflow beside the job's own.
+    in MLflow beside the job's own. ``remeasure_stale``: instead of searching, measure again
+    the configs of the task's stale records in the log (``records.stale_configs``), appending
+    fresh records; the tuner and the budget are not used.
     """
 
     target: Target
@@ -76,6 +78,7 @@ class TuningJob:
     timing: TimingPolicy | None = None
     cache: str = "auto"
     extra_params: Mapping[str, Any] = field(default_factory=dict)
+    remeasure_stale: bool = False
 
     def __post_init__(self) -> None:
         if (self.task is None) == (self.model is None):
@@ -96,6 +99,8 @@ class TuningJob:
             raise JobError(f"unknown cache condition {self.cache!r}: use auto, cold or warm")
         if self.model is not None and self.target.kind != "cpu" and self.restrict:
             raise JobError("a restriction (threads) is for the cpu target")
+        if self.remeasure_stale and self.task is None:
+            raise JobError("remeasure_stale measures one task's stale records again: give a task, not a model")
         object.__setattr__(self, "transfer_from", tuple(str(p) for p in self.transfer_from))
         object.__setattr__(self, "log", str(self.log))
 
@@ -103,7 +108,7 @@ class TuningJob:
     def name(self) -> str:
         """The MLflow run name: tuner and what it tunes."""
         what = self.task.key if self.task is not None else f"model:{self.model.config.name}"
-        return f"{self.tuner}:{what}"
+        return f"{'remeasure' if self.remeasure_stale else self.tuner}:{what}"
 
     def cache_condition(self) -> str | None:
         """"cold" or "warm": the cache condition CPU candidates are timed in (None on the GPU,
@@ -133,6 +138,8 @@ class TuningJob:
             out.update(self.model.params(), trials_total=self.trials, tasks=len(self.model.tasks()))
         if self.transfer_from or self.load_model:
             out.update(transfer_from=list(self.transfer_from), load_model=self.load_model or "")
+        if self.remeasure_stale:
+            out["remeasure_stale"] = True
         return {**out, **self.extra_params}
 
     def tags(self) -> dict[str, str]:
@@ -178,6 +185,8 @@ def run_job(job: TuningJob, progress: bool = True, builder=None, runner=None,
     with ExitStack() as stack:
         builder = builder or stack.enter_context(LocalBuilder(timeout_s=job.build_timeout))
         runner = runner or stack.enter_context(_runner(job))
+        if job.task is not None and job.remeasure_stale:
+            return remeasure_task(job, log, builder, runner, progress, note)
         if job.task is not None:
             options = dict(job.tuner_options)
             base = _base_model(job, note)

@@ -24,13 +24,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from measure import MeasureError
+from measure import Builder, MeasureError, Runner
 from records import Record, RecordLog
 from search_space import Config, Target
 
 from .model_tasks import ModelTask
 from .tuners import TuneSummary, Tuner, make_tuner
-from .tuners.base import Builder, Runner
 
 MAX_FAILED_ROUNDS = 3  # rounds without one verified candidate before a task is given up
 

@@ -5,12 +5,13 @@ of each batch, made before the batch was measured, matched the measured ranking.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from contextlib import contextmanager
 from typing import Callable
 
 from measure import MeasureInput, MeasureResult
-from records import Record, RecordLog
+from records import Record, RecordLog, stale_configs
 from search_space import Target, Task, get_template
 
 from .progress import ProgressDisplay
@@ -172,6 +173,56 @@ def tune_task(job, log: RecordLog, builder, runner, tuner_options: dict, progres
         if job.save_model:
             _save_model(tuner, job.save_model)
     return outcome["summary"]
+
+
+REMEASURE = "remeasure"  # the tuner name of records that measured a stale record's config again
+
+
+def remeasure_task(job, log: RecordLog, builder, runner, progress: bool, note: Callable[[str], None]) -> TuneSummary:
+    """Measure again, on today's code, the configs of ``job.task``'s stale records in ``log``
+    (``records.stale_configs``). Each new record is appended as soon as it is measured; the
+    stale records stay in the log (nothing measured is ever dropped), and once a config has a
+    fresh record its stale ones are superseded. The summary counts the new records only."""
+    task, target = job.task, job.target
+    summary = TuneSummary(task, target)
+    summary.started = time.perf_counter()
+    with log.lock():  # one job per log, as for tuning
+        again, lost = stale_configs(log.records(warn=False), task, target)
+        if lost:
+            note(f"autotune: warning: {task.key}: {lost} stale config(s) are not in today's space of {task.op}: "
+                 "they cannot be measured again")
+        space = get_template(task.op, target.kind).space(task, target)
+        bar = ProgressCallback(task, len(again)) if progress and again else None
+        with observed(job, note, bar, lambda run, status, s: _finish_run(run, log, status, s)) as (tracking, outcome):
+            tracked = MLflowCallback(tracking.run) if tracking.run else None
+            for start in range(0, len(again), job.batch):
+                inputs = [MeasureInput(task, r.to_config(space), target) for r in again[start:start + job.batch]]
+                if bar is not None:
+                    bar.building(len(inputs))
+                builds = builder.build(inputs)
+                results, records = [], []
+                for inp, build in zip(inputs, builds):
+                    result = runner.run([inp], [build])[0]  # one at a time, logged at once
+                    record = Record.from_measure(inp, result, REMEASURE)
+                    log.append([record])
+                    results.append(result)
+                    records.append(record)
+                    summary.measured += 1
+                    summary.build_s += result.build_s
+                    summary.run_s += result.run_s
+                    if bar is not None:
+                        bar.measured(record, summary.measured)
+                first, summary.trials = summary.trials, summary.measured
+                summary.failed += sum(1 for r in results if not r.ok)
+                summary.records.extend(records)
+                for callback in (tracked, bar):
+                    if callback is not None:
+                        callback(None, inputs, results, records, first)
+            summary.wall_s = time.perf_counter() - summary.started
+            ok = [r for r in summary.records if r.ok]
+            summary.best = min(ok, key=lambda r: r.seconds) if ok else None
+            outcome["summary"] = summary
+    return summary
 
 
 def _save_model(tuner: Tuner, path: str) -> None:

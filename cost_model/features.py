@@ -103,7 +103,6 @@ class FeatureExtractor:
             knobs = [f"{KNOB_PREFIX}{k.name}" for k in space.knobs] if include_knobs else []
             columns = knobs + list(SHARED_FEATURES)
         self.names: list[str] = list(columns)
-        self.knob_names = [n[len(KNOB_PREFIX):] for n in self.names if n.startswith(KNOB_PREFIX)]
         self._context = dict(zip(CONTEXT_FEATURES, task_context(task, target)))
         self._cache: dict[int, np.ndarray] = {}
 

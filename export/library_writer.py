@@ -8,13 +8,16 @@
     lib/cubins/<entry>.cubin          CUDA: one cubin per kernel
     lib/sources/<entry>.ll | .cu      every kernel's source text
 
-For each task the fastest verified record on the target is rendered again from its config
-(templates are pure, so this is the code that was measured) and compiled: CPU kernels by
-LLVM's O3 pipeline in worker processes, each entry renamed to a name unique in the library
-and everything else made internal, then linked by the system C compiler; CUDA kernels by
-nvcc (no GPU needed). Before the new library replaces anything at ``out_dir``, every CPU
-kernel is loaded from it and checked against the numpy reference in a worker process, so
-a library that exists is one whose kernels compute the right answer on this machine.
+For each task the fastest verified record on the target that is not stale (its code is what
+today's template renders for its config: ``records.freshness``; a StaleRecordsWarning per task
+says how many were skipped, ``allow_stale`` uses them) is rendered again and compiled by the target's
+backend (``measure.backends``) in worker processes: CPU kernels by LLVM's O3 pipeline, each
+entry renamed to a name unique in the library and everything else made internal, then
+linked by the system C compiler; CUDA kernels by nvcc (no GPU needed; the cubin tuning built
+when the kernel cache still holds it). Before the new library replaces anything at
+``out_dir``, every kernel that this machine can run is loaded from it and checked against
+the numpy reference in a worker process, so a library that exists is one whose kernels
+compute the right answer here.
 ``runtime.load`` reads the directory back with numpy and ctypes only, and checks the sha256
 the manifest records of the shared library and of every cubin and source.
 
@@ -37,6 +40,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,8 +48,9 @@ from pathlib import Path
 from queue import Queue
 from typing import Any, Iterable
 
+from measure.backends import Backend, get_backend
 from measure.worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout, close_all
-from records import Record, best_records
+from records import Record, StaleRecordsWarning, select_best
 from records.record import package_version
 from runtime.library import FORMAT, MANIFEST, SCHEMA_VERSION, read_manifest, sha256_of
 from search_space import KernelSource, Target, Task, get_template, template_module
@@ -140,9 +145,16 @@ def _render(record: Record) -> KernelSource:
                           f"(config {json.dumps(record.config)}): {exc}") from None
 
 
-def _kernels(records: Iterable[Record], target: Target) -> list[_Kernel]:
-    winners = sorted((r for (_, target_key), r in best_records(records).items() if target_key == target.key),
-                     key=lambda r: (r.task.op, r.task.key))
+def _kernels(records: Iterable[Record], target: Target, allow_stale: bool) -> list[_Kernel]:
+    choices = select_best((r for r in records if r.target.key == target.key), allow_stale)
+    for choice in choices:
+        note = choice.note()
+        if note:
+            warnings.warn(note, StaleRecordsWarning, stacklevel=3)
+    winners = sorted((c.record for c in choices if c.record is not None), key=lambda r: (r.task.op, r.task.key))
+    if not winners and choices:
+        raise ExportError(f"every verified record for target {target.key} is stale: nothing to export (measure "
+                          "them again with `autotune tune --remeasure-stale`, or use them with --allow-stale)")
     if not winners:
         raise ExportError(f"no verified record for target {target.key}: nothing to export")
     kernels = [_Kernel(r, _render(r), entry_name(r.task, target)) for r in winners]
@@ -208,13 +220,16 @@ def link_shared_library(objects: list[Path], out: Path, cc: str | None = None) -
         raise ExportFailed(f"linking {out.name} failed: {' | '.join(lines) or f'exit code {proc.returncode}'}")
 
 
-def _compile_cpu(kernels: list[_Kernel], stage: Path, target: Target, n_parallel: int, timeout_s: float,
-                 cc: str | None) -> Path:
-    find_c_compiler(cc)  # fail before spending minutes in LLVM
-    jobs = [("measure.compile_llvm:library_object_job",
-             {"code": k.source.code, "entry": k.source.entry, "symbol": k.entry, "target": target.to_dict()})
-            for k in kernels]
-    objects = _in_workers(jobs, [f"compiling {k.task.key}" for k in kernels], n_parallel, timeout_s)
+def _compile(kernels: list[_Kernel], target: Target, n_parallel: int, timeout_s: float) -> list[bytes]:
+    """Each kernel as its library ships it (``Backend.library_object``), several at a time in
+    worker processes: a compiler that aborts costs the export, not the process that runs it."""
+    jobs = [("measure.builder:library_object_job",
+             {"source": k.source.to_dict(), "symbol": k.entry, "target": target.to_dict()}) for k in kernels]
+    return _in_workers(jobs, [f"compiling {k.task.key}" for k in kernels], n_parallel, timeout_s)
+
+
+def _link(kernels: list[_Kernel], objects: list[bytes], stage: Path, cc: str | None) -> Path:
+    """One shared library of every kernel's object."""
     with tempfile.TemporaryDirectory(prefix="autotune-export-") as tmp:
         paths = []
         for kernel, data in zip(kernels, objects):
@@ -226,42 +241,10 @@ def _compile_cpu(kernels: list[_Kernel], stage: Path, target: Target, n_parallel
     return library
 
 
-def _compile_cuda(kernels: list[_Kernel], stage: Path, target: Target, n_parallel: int) -> dict[str, str]:
-    """A cubin per kernel: the one tuning built when the kernel cache still holds it (same
-    source, same nvcc flags), else nvcc's, several at a time."""
-    from measure.builder import artifact_flags, artifact_path, default_cache_dir
-    from measure.compile_cuda import CudaCompileError, compile_to_cubin, nvcc_path
-
-    try:
-        nvcc_path()
-    except CudaCompileError as exc:
-        raise ExportError(str(exc)) from None
-    (stage / "cubins").mkdir()
-    cache, flags = default_cache_dir(), artifact_flags(target)
-
-    def cubin(kernel: _Kernel) -> bytes:
-        cached = artifact_path(cache, kernel.source.digest(flags), target)
-        if cached.is_file():
-            return cached.read_bytes()
-        try:
-            return compile_to_cubin(kernel.source, target)[0]
-        except CudaCompileError as exc:
-            raise ExportFailed(f"compiling {kernel.task.key}: {exc}") from None
-
-    with ThreadPoolExecutor(max_workers=max(1, n_parallel)) as pool:  # nvcc runs as its own process
-        data = list(pool.map(cubin, kernels))
-    files = {}
-    for kernel, blob in zip(kernels, data):
-        name = f"cubins/{kernel.entry}.cubin"
-        (stage / name).write_bytes(blob)
-        files[kernel.entry] = name
-    return files
-
-
 # ----------------------------------------------------------------------------- manifest
 
 
-def _manifest_entry(kernel: _Kernel, source_file: str, source_hash: str, target: Target) -> dict[str, Any]:
+def _manifest_entry(kernel: _Kernel, source_file: str, source_hash: str, backend: Backend) -> dict[str, Any]:
     record, task, source = kernel.record, kernel.task, kernel.source
     entry = {
         "op": task.op,
@@ -272,7 +255,7 @@ def _manifest_entry(kernel: _Kernel, source_file: str, source_hash: str, target:
         "attrs": task.attr,
         "config": record.config,
         "entry": kernel.entry,
-        "symbol": kernel.entry if target.kind == "cpu" else source.entry,
+        "symbol": backend.library_symbol(source, kernel.entry),
         "lang": source.lang,
         "args": [a.to_dict() for a in source.args],
         "launch": source.launch_dims,
@@ -289,21 +272,29 @@ def _manifest_entry(kernel: _Kernel, source_file: str, source_hash: str, target:
 
 def _write_library(kernels: list[_Kernel], stage: Path, target: Target, n_parallel: int, timeout_s: float,
                    cc: str | None) -> tuple[list[dict[str, Any]], Path | None]:
+    backend = get_backend(target.kind)
+    problem = backend.toolchain_problem()
+    if problem:
+        raise ExportError(problem)
+    if backend.linked_library:
+        find_c_compiler(cc)  # fail before spending minutes compiling
     (stage / "sources").mkdir()
     entries = []
     for kernel in kernels:
         name = f"sources/{kernel.entry}{SOURCE_SUFFIX.get(kernel.source.lang, '.txt')}"
         data = kernel.source.code.encode()
         (stage / name).write_bytes(data)
-        entries.append(_manifest_entry(kernel, name, hashlib.sha256(data).hexdigest(), target))
+        entries.append(_manifest_entry(kernel, name, hashlib.sha256(data).hexdigest(), backend))
+    objects = _compile(kernels, target, n_parallel, timeout_s)
     library = None
-    if target.kind == "cpu":
-        library = _compile_cpu(kernels, stage, target, n_parallel, timeout_s, cc)
+    if backend.linked_library:
+        library = _link(kernels, objects, stage, cc)
         (stage / HEADER).write_text(header_text(entries, target.key))
-    else:
-        cubins = _compile_cuda(kernels, stage, target, n_parallel)
-        for entry in entries:
-            entry["cubin"] = cubins[entry["entry"]]
+    else:  # one file per kernel, each loaded as a module of its own
+        (stage / "cubins").mkdir()
+        for entry, data in zip(entries, objects):
+            entry["cubin"] = f"cubins/{entry['entry']}{backend.artifact_suffix}"
+            (stage / entry["cubin"]).write_bytes(data)
             entry["cubin_sha256"] = sha256_of(stage / entry["cubin"])  # runtime.load checks it
     manifest = {
         "format": FORMAT,
@@ -325,12 +316,12 @@ def _write_library(kernels: list[_Kernel], stage: Path, target: Target, n_parall
 
 def verify_library_job(payload: dict[str, Any]) -> list[str]:
     """Worker side: load the library as a deployment would and check the kernel ``entry``
-    against the template's numpy reference at its tuned dims. Returns one line per wrong output."""
+    against the template's numpy reference at its tuned dims, on the inputs tuning measured
+    it on. Returns one line per wrong output."""
     import importlib
 
-    import numpy as np
-
-    from measure.verify import check_output
+    from measure.task_data import task_data
+    from measure.verify import output_problems
     from runtime.library import KernelLibrary
 
     for module in payload.get("modules", ()):  # templates registered outside search_space (tests)
@@ -338,19 +329,14 @@ def verify_library_job(payload: dict[str, Any]) -> list[str]:
     library = KernelLibrary(payload["dir"])
     entry = next(e for e in library.entries if e["entry"] == payload["entry"])
     task = Task.make(entry["op"], entry["dims"], entry["dtype"], entry["attrs"], entry["dynamic"])
-    template = get_template(task.op, "cpu")
-    inputs = template.make_inputs(task, np.random.default_rng(payload.get("seed", 0)))
-    want = template.reference(task, inputs)
+    data = task_data(task, library.kind, payload.get("seed", 0))
     kernel = library.kernel(entry["entry"])
-    got = kernel(**inputs, dims={d: task.dims[d] for d in task.dynamic})
-    got = got if isinstance(got, tuple) else (got,)
-    problems = []
-    for name, value in zip(kernel.output_names, got):
-        dtype = next(a.dtype for a in kernel.args if a.name == name)
-        problem = check_output(name, value, want[name], template.tolerance(task), dtype)
-        if problem:
-            problems.append(f"{entry['entry']} ({task.key}): {problem}")
-    return problems
+    got = kernel(**data.inputs, dims={d: task.dims[d] for d in task.dynamic})
+    outputs = dict(zip(kernel.output_names, got if isinstance(got, tuple) else (got,)))
+    dtypes = {a.name: a.dtype for a in kernel.args if a.name in outputs}
+    tolerance = get_template(task.op, library.kind).tolerance(task)
+    return [f"{entry['entry']} ({task.key}): {problem}"
+            for problem in output_problems(outputs, data.reference, dtypes, tolerance)]
 
 
 # ----------------------------------------------------------------------------- the directory
@@ -485,12 +471,14 @@ def _replace(stage: Path, out: Path) -> None:
 
 def export_library(records: Iterable[Record], out_dir: str | os.PathLike, target: Target | str | None = None,
                    verify: bool = True, n_parallel: int | None = None, timeout_s: float = 600.0,
-                   cc: str | None = None) -> ExportSummary:
+                   cc: str | None = None, allow_stale: bool = False) -> ExportSummary:
     """Compile the best verified config of every task on ``target`` into the library ``out_dir``.
 
     ``target``: a Target, a name for ``choose_target``, or None for the only target in the
-    records. ``verify``: check every CPU kernel of the new library against numpy before it
-    replaces anything (on the CPU it was compiled for). ``out_dir`` is replaced only if it is
+    records. Stale records are skipped, one StaleRecordsWarning per task that had any in the
+    way, unless ``allow_stale`` (then one per task that uses one). ``verify``: check every
+    CPU kernel of the new library against numpy before it replaces anything (on the CPU it
+    was compiled for). ``out_dir`` is replaced only if it is
     missing, empty or a library (``_why_not_replaceable``); a symlink is followed, the link kept.
     Raises ExportError for bad input and ExportFailed when compiling, linking or that check
     fails; on SIGTERM (where it has its default action) SystemExit(143) once the stage is removed."""
@@ -499,7 +487,7 @@ def export_library(records: Iterable[Record], out_dir: str | os.PathLike, target
     target = target if isinstance(target, Target) else choose_target(records, target)
     out = _resolve_out(out_dir)
     _check_out_dir(out)
-    kernels = _kernels(records, target)
+    kernels = _kernels(records, target, allow_stale)
     n_parallel = n_parallel or min(2, len(os.sched_getaffinity(0)))
     with _sigterm_raises():
         return _export(kernels, out, target, verify, n_parallel, timeout_s, cc, start)
@@ -516,11 +504,11 @@ def _export(kernels: list[_Kernel], out: Path, target: Target, verify: bool, n_p
     try:
         entries, library = _write_library(kernels, stage, target, n_parallel, timeout_s, cc)
         verified, notes = 0, []
-        foreign = library is not None and target.key != Target.host().key
-        if foreign:  # its kernels may use instructions this CPU lacks
-            notes.append(f"compiled for {target.key}, not this CPU ({Target.host().key}): not checked here")
-        if verify and library is not None and not foreign:
-            modules = sorted({template_module(k.task.op, "cpu") for k in kernels})
+        unchecked = get_backend(target.kind).cannot_check_here(target)
+        if unchecked:
+            notes.append(unchecked)
+        elif verify:
+            modules = sorted({template_module(k.task.op, target.kind) for k in kernels})
             jobs = [("export.library_writer:verify_library_job", {"dir": str(stage), "modules": modules, "entry": k.entry})
                     for k in kernels]
             # one worker, one kernel at a time: inputs and references of large tasks take memory
@@ -530,8 +518,6 @@ def _export(kernels: list[_Kernel], out: Path, target: Target, verify: bool, n_p
                 raise ExportFailed(f"{len(problems)} exported kernel(s) computed a wrong answer, nothing was "
                                   f"written: {problems[0]}")
             verified = len(entries)
-        elif target.kind == "cuda":
-            notes.append("CUDA kernels are checked when they run on a GPU, not at export")
         stage.chmod(0o755)  # mkdtemp makes it private; a library is for others to read
         _check_out_dir(out)  # again: minutes have passed, and someone may have put files there
         _replace(stage, out)

@@ -2,8 +2,9 @@
 
 ``TunedKernels.from_logs(["tune.jsonl"])`` picks, for each call's (op, shape, dtype, attrs),
 the fastest verified config in the logs (static dims exactly, dynamic dims at the nearest
-tuned bucket), compiles it once (in a worker process, through the on-disk artifact cache)
-and keeps it loaded. A shape nobody tuned runs the template's default config, with a
+tuned bucket) whose record is not stale (``records.freshness``: a StaleRecordsWarning per
+task says how many were skipped; ``allow_stale=True`` uses them), compiles it once (in a
+worker process, through the on-disk artifact cache) and keeps it loaded. A shape nobody tuned runs the template's default config, with a
 warning. This path needs the compile stack (llvmlite); an exported library
 (``runtime.library``) does not. Nothing here imports xgboost, optuna or mlflow.
 """
@@ -14,7 +15,7 @@ from typing import Iterable, Mapping, Sequence
 
 from measure import LocalBuilder, MeasureError, MeasureInput
 from measure.cpu_kernel import load_object
-from records import Record, best_records, load_records
+from records import Record, StaleRecordsWarning, load_records, select_best
 from runtime.kernel import ArgInfo, Kernel, KernelSpec, UntunedShapeWarning, select
 from search_space import Config, Target, Task, get_template
 
@@ -27,19 +28,26 @@ class TunedKernels:
     """Best-recorded kernels by task, compiled on first use and cached.
 
     ``warn_untuned=False`` runs template defaults silently: the untuned baseline a tuned
-    model is compared with."""
+    model is compared with. ``allow_stale=True`` uses stale records (with a warning) where
+    they are the fastest."""
 
-    def __init__(self, records: Iterable[Record] = (), target: Target | None = None, warn_untuned: bool = True):
+    def __init__(self, records: Iterable[Record] = (), target: Target | None = None, warn_untuned: bool = True,
+                 allow_stale: bool = False):
         self.target = target or Target.host()
-        self._best = [rec for (_, target_key), rec in best_records(records).items() if target_key == self.target.key]
+        choices = select_best((r for r in records if r.target.key == self.target.key), allow_stale)
+        for choice in choices:
+            note = choice.note()
+            if note:
+                warnings.warn(note, StaleRecordsWarning, stacklevel=2)
+        self._best = [c.record for c in choices if c.record is not None]
         self._loaded: dict[str, Kernel] = {}
         self._builder: LocalBuilder | None = None
         self._cuda = None  # pycuda context and modules, for a CUDA target
         self.warn_untuned = warn_untuned
 
     @classmethod
-    def from_logs(cls, paths: Iterable[str], target: Target | None = None) -> "TunedKernels":
-        return cls(load_records(paths), target)
+    def from_logs(cls, paths: Iterable[str], target: Target | None = None, allow_stale: bool = False) -> "TunedKernels":
+        return cls(load_records(paths), target, allow_stale=allow_stale)
 
     @classmethod
     def defaults(cls, target: Target | None = None) -> "TunedKernels":

@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from search_space import Config, KernelSource, Target, Task, get_template, template_module
+from search_space import KernelSource, Target, Task, get_template, template_module
 
+from .backends import get_backend
 from .types import BuildResult, MeasureError, MeasureInput
 from .worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout, close_all
 
@@ -21,33 +22,33 @@ def default_cache_dir() -> Path:
 
 def artifact_path(cache_dir: Path, digest: str, target: Target) -> Path:
     """Where the kernel cache keeps the artifact of a source with this digest (``KernelSource.digest``)."""
-    return Path(cache_dir) / (digest + (".o" if target.kind == "cpu" else ".cubin"))
-
-
-def render_candidate(task: Task, config: Config, target: Target) -> KernelSource:
-    return get_template(task.op, target.kind).render(task, config, target)
-
-
-def compile_source(source: KernelSource, target: Target) -> tuple[bytes, dict[str, Any]]:
-    """Source -> artifact bytes and build stats, for either target kind."""
-    if target.kind == "cpu":
-        from .compile_llvm import compile_to_object
-
-        obj = compile_to_object(source.code, target)
-        return obj, {"artifact_bytes": len(obj)}
-    from .compile_cuda import compile_to_cubin  # noqa: PLC0415 - CUDA builds only
-
-    return compile_to_cubin(source, target)
+    return Path(cache_dir) / (digest + get_backend(target.kind).artifact_suffix)
 
 
 def artifact_flags(target: Target) -> str:
-    if target.kind == "cpu":
-        from .compile_llvm import compile_flags
+    """What besides the source decides the artifact (compiler, its options): part of the cache key."""
+    return get_backend(target.kind).flags(target)
 
-        return compile_flags(target)
-    from .compile_cuda import compile_flags as cuda_flags
 
-    return cuda_flags(target)
+def compiler_identity(target: Target) -> str:
+    """The compiler (and its version) that builds ``target``'s artifacts here; "" when unknown."""
+    return get_backend(target.kind).compiler()
+
+
+def cached_artifact(cache_dir: Path, source: KernelSource, target: Target) -> tuple[Path, dict[str, Any]] | None:
+    """The kernel cache's artifact of ``source`` and its build stats, or None when the cache
+    lacks it or another compiler built it."""
+    digest = source.digest(artifact_flags(target))
+    path = artifact_path(cache_dir, digest, target)
+    if not path.exists():
+        return None
+    stats = _read_json(Path(cache_dir) / (digest + ".json"))
+    compiler = compiler_identity(target)
+    # one from another compiler (or from before the cache kept which) is not what a build
+    # makes now; with no compiler to ask (none here, or it does not say), the cache is all there is
+    if compiler and stats.get("compiler") != compiler:
+        return None
+    return path, stats
 
 
 def build_candidate(payload: dict[str, Any]) -> dict[str, Any]:
@@ -64,20 +65,28 @@ def build_candidate(payload: dict[str, Any]) -> dict[str, Any]:
     flags = artifact_flags(target)
     digest = source.digest(flags)
     cache = Path(payload["cache_dir"])
-    path = artifact_path(cache, digest, target)
-    stats_path = cache / (digest + ".json")
-    cached = path.exists()
-    if cached:
-        stats = _read_json(stats_path)
+    hit = cached_artifact(cache, source, target)
+    cached = hit is not None
+    if hit is not None:
+        path, stats = hit
     else:
-        data, stats = compile_source(source, target)
+        data, stats = get_backend(target.kind).compile(source, target)
+        stats["compiler"] = compiler_identity(target)  # kept in the record: part of its code identity
+        path = artifact_path(cache, digest, target)
         cache.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, data)
-        _atomic_write(stats_path, _dump_json(stats))
+        _atomic_write(cache / (digest + ".json"), _dump_json(stats))
         # the source beside its artifact: which kernel a cached file is, for people and tools
         _atomic_write(cache / (digest + ".source.json"), _dump_json(source.to_dict()))
     return {"artifact": str(path), "source": source.to_dict(), "digest": digest, "stats": stats,
             "build_s": time.perf_counter() - start, "cached": cached}
+
+
+def library_object_job(payload: dict[str, Any]) -> bytes:
+    """Worker side of exporting: one kernel compiled as its library ships it (see
+    ``Backend.library_object``); a compiler that aborts takes only the worker with it."""
+    target = Target.from_dict(payload["target"])
+    return get_backend(target.kind).library_object(KernelSource.from_dict(payload["source"]), payload["symbol"], target)
 
 
 def _dump_json(data: dict[str, Any]) -> bytes:
@@ -112,7 +121,6 @@ class LocalBuilder:
         for i in range(self.n_parallel):
             self._idle.put(WorkerProcess(name=f"autotune-build-{i}"))
         self._spaces: dict[tuple[str, str], Any] = {}
-        self.compile_s = 0.0  # worker seconds spent rendering and compiling, for reports
 
     def _space(self, task: Task, target: Target):
         key = (task.key, target.key)
@@ -152,15 +160,11 @@ class LocalBuilder:
                                message=_one_line(str(exc)))
         finally:
             self._idle.put(worker)
-        self.compile_s += out["build_s"]
         source = KernelSource.from_dict(out["source"])
-        if inp.target.kind == "cuda":
-            from .resources import cuda_resource_problems
-
-            problems = cuda_resource_problems(source, out["stats"], inp.target, inp.task.dims)
-            if problems:
-                return BuildResult(None, source, out["digest"], out["build_s"], MeasureError.OUT_OF_RESOURCES,
-                                   "; ".join(problems), stats=out["stats"], cached=out["cached"])
+        problems = get_backend(inp.target.kind).build_problems(source, out["stats"], inp.target, inp.task.dims)
+        if problems:  # compiled, but it can never launch on the target
+            return BuildResult(None, source, out["digest"], out["build_s"], MeasureError.OUT_OF_RESOURCES,
+                               "; ".join(problems), stats=out["stats"], cached=out["cached"])
         return BuildResult(out["artifact"], source, out["digest"], out["build_s"], stats=out["stats"],
                            cached=out["cached"])
 

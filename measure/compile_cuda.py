@@ -4,6 +4,7 @@ Needs nvcc on the PATH but no GPU: a cubin built here for ``sm_90a`` loads on an
 """
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import subprocess
@@ -31,6 +32,28 @@ def nvcc_path() -> str:
 
 def compile_flags(target: Target) -> str:
     return "nvcc " + " ".join(NVCC_FLAGS) + f" -arch={target.arch}"
+
+
+_RELEASE = re.compile(r"release [\d.]+, V([\d.]+)")
+
+
+def compiler_version() -> str:
+    """nvcc's version as kept in each record ("nvcc 12.4.131"), or "" when no nvcc answers
+    here: another nvcc may make other code of the same source (part of the record's code identity)."""
+    path = shutil.which("nvcc")
+    return _nvcc_version(path) if path else ""
+
+
+@functools.lru_cache(maxsize=4)
+def _nvcc_version(path: str) -> str:
+    try:
+        proc = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    match = _RELEASE.search(proc.stdout)
+    if proc.returncode != 0 or match is None:
+        return ""
+    return f"nvcc {match.group(1)}"
 
 
 _REGISTERS = re.compile(r"Used (\d+) registers")

@@ -17,6 +17,15 @@ def compile_flags(target: Target) -> str:
     return f"llvm;cpu={target.arch};features={target.features};O{OPT_LEVEL}"
 
 
+def compiler_version() -> str:
+    """The LLVM that compiles CPU kernels, as kept in each record: another LLVM may make
+    other code of the same source (part of the record's code identity)."""
+    import llvmlite
+    import llvmlite.binding as llvm
+
+    return f"LLVM {'.'.join(map(str, llvm.llvm_version_info))} (llvmlite {llvmlite.__version__})"
+
+
 @functools.lru_cache(maxsize=8)
 def target_machine(arch: str, features: str):
     """A shared target machine for compiling. Never hand it to an execution engine: the
@@ -59,11 +68,6 @@ def compile_to_object(module_text: str, target: Target) -> bytes:
     return target_machine(target.arch, target.features).emit_object(module)
 
 
-def compile_to_assembly(module_text: str, target: Target) -> str:
-    module = optimize(module_text, target)
-    return target_machine(target.arch, target.features).emit_assembly(module)
-
-
 # --------------------------------------------------------------------------- library objects
 # An exported library links many kernels into one shared object: each kernel's entry gets a
 # name unique in the library and everything else it defines becomes internal, so helpers of
@@ -101,9 +105,3 @@ def compile_library_object(module_text: str, entry: str, symbol: str, target: Ta
     module = llvm.parse_assembly(module_text)
     export_only(module, entry, symbol)
     return compile_to_object(str(module), target)
-
-
-def library_object_job(payload: dict) -> bytes:
-    """Worker side of ``compile_library_object`` (LLVM assertions abort only the worker)."""
-    return compile_library_object(payload["code"], payload["entry"], payload["symbol"],
-                                  Target.from_dict(payload["target"]))

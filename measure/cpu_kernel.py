@@ -19,6 +19,7 @@ from search_space.codegen import llvm_pool
 from search_space.ops.common import numpy_dtype
 
 from .compile_llvm import compile_to_object, new_target_machine
+from .verify import GUARD_BYTES, GUARD_PATTERN
 
 _HARNESS = "autotune_repeat"
 
@@ -152,10 +153,6 @@ def allocate_args(source: KernelSource, dims: Mapping[str, int], inputs: Mapping
         elif arg.role == "workspace":
             buffers[arg.name] = allocate_workspace(arg.nbytes)
     return buffers
-
-
-GUARD_BYTES = 256  # after each output: a kernel writing a little past its end is caught, not a neighbour hurt
-GUARD_PATTERN = 0xA5
 
 
 def guarded_empty(shape, dtype) -> np.ndarray:

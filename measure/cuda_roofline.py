@@ -78,14 +78,14 @@ def measure_cuda_roofline(payload: dict[str, Any]) -> dict[str, Any]:
     """Worker side (a GPU worker): streaming bandwidth (GB/s) and float32 FFMA peak (GFLOP/s)."""
     import numpy as np
 
+    from .backends import get_backend
     from .compile_cuda import compile_to_cubin
-    from .cuda_runner import _gpu
 
     target = Target.from_dict(payload["target"])
-    gpu = _gpu()
+    gpu = get_backend("cuda").open_session()
     drv = gpu.drv
     sources = probe_sources()
-    out: dict[str, Any] = {"device": gpu.name}
+    out: dict[str, Any] = {"device": gpu.device_name}
 
     cubin, _ = compile_to_cubin(sources["stream"], target)
     module = drv.module_from_buffer(cubin)

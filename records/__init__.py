@@ -1,9 +1,11 @@
-"""Tuning records: the JSONL log, best-config lookup, pandas, MLflow tracking."""
+"""Tuning records: the JSONL log, best-config lookup, whether records are stale, pandas, MLflow tracking."""
 from __future__ import annotations
 
+from .freshness import CodeCheck, StaleRecordsWarning, TaskChoice, chosen, select_best, stale_configs
 from .log import (LoadReport, LogLockedError, LogReadError, LogWriteError, RecordLog, best, best_records,
                   load_records, to_dataframe)
-from .record import Record
+from .record import CodeIdentity, Record
 
-__all__ = ["LoadReport", "LogLockedError", "LogReadError", "LogWriteError", "Record", "RecordLog", "best",
-           "best_records", "load_records", "to_dataframe"]
+__all__ = ["CodeCheck", "CodeIdentity", "LoadReport", "LogLockedError", "LogReadError", "LogWriteError", "Record",
+           "RecordLog", "StaleRecordsWarning", "TaskChoice", "best", "best_records", "chosen", "load_records",
+           "select_best", "stale_configs", "to_dataframe"]

@@ -7,10 +7,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from measure import MeasureError, MeasureInput, MeasureResult
+from measure import MeasureInput, MeasureResult
 from search_space import Config, ConfigSpace, Target, Task, op_definition
 
 SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CodeIdentity:
+    """Which code a record measured: the digest of the rendered source with its compile flags
+    (``KernelSource.digest``, the kernel cache's key) and the compiler that built it ("" when
+    the record does not say)."""
+
+    digest: str
+    compiler: str = ""
 
 
 def package_version() -> str:
@@ -63,6 +73,16 @@ class Record:
     def gflops(self) -> float:
         t = self.seconds
         return self.task.flops / t / 1e9 if self.ok and t > 0 and math.isfinite(t) else 0.0
+
+    @property
+    def code(self) -> CodeIdentity | None:
+        """The identity of the code measured, kept in the result's stats by the runner (digest)
+        and the builder (compiler); None for a record that keeps none (see ``records.freshness``)."""
+        digest = self.result.stats.get("digest")
+        if not isinstance(digest, str) or not digest:
+            return None
+        compiler = self.result.stats.get("compiler")
+        return CodeIdentity(digest, compiler if isinstance(compiler, str) else "")
 
     @property
     def config_key(self) -> str:
@@ -123,7 +143,3 @@ class Record:
     @classmethod
     def from_json(cls, line: str) -> "Record":
         return cls.from_dict(json.loads(line))
-
-
-def is_error(record: Record, error: MeasureError) -> bool:
-    return record.result.error == error

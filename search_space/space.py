@@ -18,7 +18,9 @@ class Knob:
 
     ``legacy``: for a knob added to a template after logs were written, the value that
     reproduces the code from before the knob existed; a record without the knob is read as
-    that value, so old measurements stay usable. None: every config must name the knob.
+    that value, so old measurements keep their place in the space (replay, transfer, a
+    resumed search). Whether today's code for that config is still what was measured is the
+    record's code identity's to say (``records.freshness``). None: every config must name the knob.
     """
 
     name: str

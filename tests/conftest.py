@@ -1,11 +1,68 @@
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+# ----------------------------------------------------------------------------- tools
+# The programs some tests need besides Python, in one place. A test marked
+# ``@pytest.mark.tools("nvcc", ...)``, or using a fixture that calls ``require_tools``, is
+# skipped with the reason on a machine that lacks one.
+
+
+def _c_compiler() -> bool:
+    from export.library_writer import ExportError, find_c_compiler
+
+    try:
+        find_c_compiler()
+    except ExportError:
+        return False
+    return True
+
+
+def _emulator() -> bool:
+    from cudaemu import CUDA_INCLUDE
+
+    return shutil.which("g++") is not None and (Path(CUDA_INCLUDE) / "cuda_fp16.h").is_file()
+
+
+TOOLS = {
+    "nvcc": (lambda: shutil.which("nvcc") is not None, "needs nvcc (the CUDA toolkit) on PATH to build cubins"),
+    "cc": (_c_compiler, "needs a C compiler ($CC, cc, gcc or clang) to link exported libraries"),
+    "emulator": (_emulator, "needs g++ and the CUDA toolkit's headers for the CPU emulator of CUDA (tests/cudaemu.py)"),
+    "make": (lambda: shutil.which("make") is not None, "needs make"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _have(tool: str) -> bool:
+    return TOOLS[tool][0]()
+
+
+def missing_tools(*tools: str) -> list[str]:
+    """The skip reason of every tool in ``tools`` this machine lacks."""
+    unknown = [t for t in tools if t not in TOOLS]
+    if unknown:
+        raise ValueError(f"unknown tool {unknown}: known are {', '.join(TOOLS)}")
+    return [TOOLS[t][1] for t in tools if not _have(t)]
+
+
+def require_tools(*tools: str) -> None:
+    """Skip the calling test (or fixture) unless this machine has every tool in ``tools``."""
+    missing = missing_tools(*tools)
+    if missing:
+        pytest.skip("; ".join(missing))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"tools(*names): needs these programs ({', '.join(TOOLS)}); "
+                                       "skipped with the reason where one is missing")
 
 
 def _has_gpu() -> bool:
@@ -21,12 +78,16 @@ def _has_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    if _has_gpu():
-        return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU and pycuda")
+    gpu = None
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        missing = [reason for marker in item.iter_markers("tools") for reason in missing_tools(*marker.args)]
+        if "gpu" in item.keywords:  # the GPU tests build their kernels
+            gpu = _has_gpu() if gpu is None else gpu
+            if not gpu:
+                item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU and pycuda"))
+            missing += missing_tools("nvcc")
+        if missing:
+            item.add_marker(pytest.mark.skip(reason="; ".join(dict.fromkeys(missing))))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -105,6 +166,8 @@ def library_log(tmp_path_factory, host, fast_policy):
 def exported_library(tmp_path_factory, library_log):
     """The library exported from ``library_log`` (read-only for tests: copy it to change it)."""
     from export import export_library
+
+    require_tools("cc")
     from records import load_records
 
     out = tmp_path_factory.mktemp("library") / "lib"
@@ -119,6 +182,8 @@ def fake_gpu(tmp_path, monkeypatch):
     import sys
 
     from fakes import FAKE_PYCUDA
+
+    require_tools("emulator")
 
     registry = tmp_path / "registry"
     registry.mkdir()

@@ -8,7 +8,12 @@
 // cp.async copies are either done at once ("eager") or held back until the wait_group that
 // retires them ("deferred"): running both catches reads that come before the wait and
 // copies that land on data still being read. Shared memory is a static per block (blocks
-// never overlap), zero-filled with NaN bytes before each block so stale reads show.
+// never overlap), filled with NaN bytes before each block so stale reads show.
+//
+// Sources reach the emulated instructions in one of two ways: the inline-PTX helpers of
+// search_space/codegen/cuda_ptx.py are swapped for cudaemu_ptx.h, and a source may call the
+// emu:: functions at the end of this file itself under #ifdef AUTOTUNE_EMULATE (offsets into
+// dynamic shared memory, as the hardware's shared addresses are).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -20,6 +25,7 @@
 #include <type_traits>
 #include <random>
 #include <vector>
+#include <sys/mman.h>
 #include <ucontext.h>
 
 #include <cuda_fp16.h>
@@ -38,19 +44,27 @@
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static
 
+// The emulator's state and scheduler (below, under CUDAEMU_RUNTIME) are compiled once into
+// an object that every kernel's library links: each library has its own copy, and each
+// kernel compiles only its own code. Hidden: no library's state binds to another's.
+#pragma GCC visibility push(hidden)
+
 struct emu_dim3 { unsigned x = 0, y = 0, z = 0; };
-static emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
+extern emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 namespace emu {
 
 constexpr size_t STACK_BYTES = 256 << 10;
 constexpr size_t SMEM_BYTES = 256 << 10;
+constexpr int MAX_THREADS = 1024;  // per block, as on the GPU
 
-struct Copy { void* dst; const void* src; int bytes; bool valid; };
+// ``bytes`` land at ``dst``: the first ``src_bytes`` from ``src`` (all of them when negative),
+// zeros for the rest (all zeros when not ``valid``), as cp.async's src-size operand says.
+struct Copy { void* dst; const void* src; int bytes; bool valid; int src_bytes = -1; };
 
 struct Fiber {
   ucontext_t ctx;
-  std::vector<char> stack;
+  char* stack = nullptr;  // STACK_BYTES of ``stacks``
   emu_dim3 tid;
   int linear = 0;
   bool done = false;
@@ -63,17 +77,18 @@ struct Group {
   unsigned long generation = 0;
 };
 
-static std::vector<Fiber> fibers;
-static ucontext_t scheduler;
-static int current = -1;
-static unsigned long events = 0;  // arrivals and completions: progress for deadlock detection
-static bool deferred_copies = false;
-static std::vector<Group> warp_groups;
-static std::vector<Group> warpgroup_groups;  // 4 consecutive warps (Hopper wgmma)
-static Group block_group;
-alignas(1024) static unsigned char dynamic_smem_bytes[SMEM_BYTES];
-static std::function<void()> kernel_body;
-static char failure[512] = {0};
+extern std::vector<Fiber> fibers;
+extern ucontext_t scheduler;
+extern int current;
+extern unsigned long events;  // arrivals and completions: progress for deadlock detection
+extern bool deferred_copies;
+extern std::vector<Group> warp_groups;
+extern std::vector<Group> warpgroup_groups;  // 4 consecutive warps (Hopper wgmma)
+extern Group block_group;
+alignas(1024) extern unsigned char dynamic_smem_bytes[SMEM_BYTES];
+extern size_t dynamic_smem_size;  // what the launch asked for (emu_set_dynamic_smem)
+extern std::function<void()> kernel_body;
+extern char failure[512];
 
 // An untyped pointer that converts to the kernel's declared parameter type.
 struct AnyPtr {
@@ -134,12 +149,40 @@ struct WarpBox {
   unsigned a[32][4], b[32][2];
   float c[32][4];
 };
-static std::vector<WarpBox> boxes;
+extern std::vector<WarpBox> boxes;
 
 inline void run_copy(const Copy& c) {
-  if (c.valid) memcpy(c.dst, c.src, c.bytes);
-  else memset(c.dst, 0, c.bytes);
+  const int from_src = !c.valid ? 0 : (c.src_bytes < 0 || c.src_bytes > c.bytes ? c.bytes : c.src_bytes);
+  if (from_src) memcpy(c.dst, c.src, from_src);
+  memset(static_cast<unsigned char*>(c.dst) + from_src, 0, c.bytes - from_src);
 }
+
+// Runs the grid, each block's threads as fibers; 0, or 1 with ``failure`` saying why.
+int launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, bool deferred,
+           unsigned seed);
+
+#ifdef CUDAEMU_RUNTIME
+}  // namespace emu
+
+emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace emu {
+
+std::vector<Fiber> fibers;
+ucontext_t scheduler;
+int current = -1;
+unsigned long events = 0;
+bool deferred_copies = false;
+std::vector<Group> warp_groups;
+std::vector<Group> warpgroup_groups;
+Group block_group;
+alignas(1024) unsigned char dynamic_smem_bytes[SMEM_BYTES];
+size_t dynamic_smem_size = SMEM_BYTES;
+std::function<void()> kernel_body;
+char failure[512] = {0};
+std::vector<WarpBox> boxes;
+// Every fiber's stack, mapped once and never cleared: pages a kernel never reaches cost nothing.
+static char* stacks = nullptr;
 
 static void fiber_main() {
   kernel_body();
@@ -154,14 +197,14 @@ static void fiber_main() {
   swapcontext(&f.ctx, &scheduler);
 }
 
-inline void set_current(int i) {
+static void set_current(int i) {
   current = i;
   threadIdx.x = fibers[i].tid.x;
   threadIdx.y = fibers[i].tid.y;
   threadIdx.z = fibers[i].tid.z;
 }
 
-inline bool run_block() {
+static bool run_block() {
   const int threads = (int)fibers.size();
   for (int i = 0; i < threads; ++i) {
     Fiber& f = fibers[i];
@@ -169,8 +212,8 @@ inline bool run_block() {
     f.groups.clear();
     f.open.clear();
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.data();
-    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = STACK_BYTES;
     f.ctx.uc_link = &scheduler;
     makecontext(&f.ctx, fiber_main, 0);
   }
@@ -193,14 +236,27 @@ inline bool run_block() {
   return true;
 }
 
-inline int launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, bool deferred,
-                  unsigned seed) {
+int launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, bool deferred,
+           unsigned seed) {
   failure[0] = 0;
   deferred_copies = deferred;
   const int threads = (int)(bx * by * bz);
+  if (threads < 1 || threads > MAX_THREADS) {
+    fail("a block of more than 1024 threads (or none)");
+    return 1;
+  }
+  if (!stacks) {
+    void* mapped = mmap(nullptr, STACK_BYTES * MAX_THREADS, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mapped == MAP_FAILED) {
+      fail("cannot map the fibers' stacks");
+      return 1;
+    }
+    stacks = static_cast<char*>(mapped);
+  }
   fibers.assign(threads, Fiber());
   for (int i = 0; i < threads; ++i) {
-    fibers[i].stack.resize(STACK_BYTES);
+    fibers[i].stack = stacks + STACK_BYTES * i;
     fibers[i].linear = i;
     fibers[i].tid.x = i % bx;
     fibers[i].tid.y = (i / bx) % by;
@@ -227,6 +283,7 @@ inline int launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned b
   }
   return 0;
 }
+#endif  // CUDAEMU_RUNTIME
 
 }  // namespace emu
 
@@ -326,3 +383,134 @@ inline int atomicExch(int* p, int v) { int o = *p; *p = v; return o; }
 inline unsigned atomicCAS(unsigned* p, unsigned cmp, unsigned v) { unsigned o = *p; if (o == cmp) *p = v; return o; }
 inline int atomicMax(int* p, int v) { int o = *p; if (v > o) *p = v; return o; }
 
+// ------------------------------------------------------------------ tensor-core instructions
+
+inline float emu_lo(unsigned u, bool bf16) {
+  const unsigned short h = (unsigned short)(u & 0xffff);
+  return bf16 ? emu_from_bits<float>((uint64_t)((unsigned)h << 16)) : __half2float(__ushort_as_half(h));
+}
+inline float emu_hi(unsigned u, bool bf16) {
+  const unsigned short h = (unsigned short)(u >> 16);
+  return bf16 ? emu_from_bits<float>((uint64_t)((unsigned)h << 16)) : __half2float(__ushort_as_half(h));
+}
+
+// mma.m16n8k16 with the fragment layout of the PTX ISA (lane = 4g + t).
+inline void emu_mma(float* c, const unsigned* a, const unsigned* b, bool bf16) {
+  const int w = emu::warp(), l = emu::lane();
+  emu::WarpBox& box = emu::boxes[w];
+  for (int i = 0; i < 4; ++i) { box.a[l][i] = a[i]; box.c[l][i] = c[i]; }
+  box.b[l][0] = b[0];
+  box.b[l][1] = b[1];
+  emu::rendezvous(emu::warp_groups[w], [w] { return emu::live_in_warp(w); }, [&] {
+    float A[16][16], B[16][8], C[16][8];
+    for (int i = 0; i < 32; ++i) {
+      const int g = i / 4, t = i % 4;
+      for (int half = 0; half < 2; ++half) {
+        const int k0 = 2 * t + 8 * half;
+        A[g][k0] = emu_lo(box.a[i][2 * half], bf16);
+        A[g][k0 + 1] = emu_hi(box.a[i][2 * half], bf16);
+        A[g + 8][k0] = emu_lo(box.a[i][2 * half + 1], bf16);
+        A[g + 8][k0 + 1] = emu_hi(box.a[i][2 * half + 1], bf16);
+        B[k0][g] = emu_lo(box.b[i][half], bf16);
+        B[k0 + 1][g] = emu_hi(box.b[i][half], bf16);
+      }
+      C[g][2 * t] = box.c[i][0];
+      C[g][2 * t + 1] = box.c[i][1];
+      C[g + 8][2 * t] = box.c[i][2];
+      C[g + 8][2 * t + 1] = box.c[i][3];
+    }
+    for (int m = 0; m < 16; ++m)
+      for (int n = 0; n < 8; ++n) {
+        float s = C[m][n];
+        for (int k = 0; k < 16; ++k) s += A[m][k] * B[k][n];
+        C[m][n] = s;
+      }
+    for (int i = 0; i < 32; ++i) {
+      const int g = i / 4, t = i % 4;
+      box.c[i][0] = C[g][2 * t];
+      box.c[i][1] = C[g][2 * t + 1];
+      box.c[i][2] = C[g + 8][2 * t];
+      box.c[i][3] = C[g + 8][2 * t + 1];
+    }
+  });
+  for (int i = 0; i < 4; ++i) c[i] = box.c[l][i];
+}
+
+// ldmatrix.m8n8.x{count}[.trans].b16: lane 8j + r gives the address of row r of matrix j.
+// Without .trans lane 4g + t receives, in register j, row g's columns 2t and 2t + 1 of
+// matrix j; with .trans, column g's rows 2t and 2t + 1.
+inline void emu_ldmatrix(int count, bool trans, unsigned* regs, const void* p) {
+  const int w = emu::warp(), l = emu::lane();
+  emu::WarpBox& box = emu::boxes[w];
+  if (reinterpret_cast<uintptr_t>(p) % 16) emu::fail("ldmatrix row address not 16-byte aligned");
+  box.addr[l] = p;
+  emu::rendezvous(emu::warp_groups[w], [w] { return emu::live_in_warp(w); }, [&] {
+    for (int i = 0; i < 32; ++i)
+      for (int j = 0; j < count; ++j) {
+        unsigned v;
+        if (!trans) {
+          memcpy(&v, static_cast<const unsigned char*>(box.addr[8 * j + i / 4]) + 4 * (i % 4), 4);
+        } else {
+          const unsigned char* r0 = static_cast<const unsigned char*>(box.addr[8 * j + 2 * (i % 4)]);
+          const unsigned char* r1 = static_cast<const unsigned char*>(box.addr[8 * j + 2 * (i % 4) + 1]);
+          unsigned short lo, hi;
+          memcpy(&lo, r0 + 2 * (i / 4), 2);
+          memcpy(&hi, r1 + 2 * (i / 4), 2);
+          v = lo | ((unsigned)hi << 16);
+        }
+        box.a[i][j] = v;
+      }
+  });
+  for (int j = 0; j < count; ++j) regs[j] = box.a[l][j];
+}
+
+// The instructions for sources that call them under #ifdef AUTOTUNE_EMULATE: shared memory
+// addressed by offsets into the launch's dynamic shared memory, as ``cvta`` gives them.
+namespace emu {
+inline unsigned smem_offset(const void* p) {
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  if (c < dynamic_smem_bytes || c >= dynamic_smem_bytes + dynamic_smem_size) {
+    fail("shared address outside dynamic shared memory");
+    return 0;
+  }
+  return (unsigned)(c - dynamic_smem_bytes);
+}
+inline unsigned char* smem_at(unsigned offset, unsigned bytes) {
+  if ((size_t)offset + bytes > dynamic_smem_size) {
+    fail("shared access past the end of dynamic shared memory");
+    return dynamic_smem_bytes;
+  }
+  return dynamic_smem_bytes + offset;
+}
+inline void cp_async16(unsigned dst, const void* src, unsigned src_bytes) {
+  if (dst % 16) fail("cp.async destination not 16-byte aligned");
+  if (src_bytes && reinterpret_cast<uintptr_t>(src) % 16) fail("cp.async source not 16-byte aligned");
+  Copy c{smem_at(dst, 16), src, 16, true, (int)src_bytes};
+  if (deferred_copies) fibers[current].open.push_back(c);
+  else run_copy(c);
+}
+inline void cp_async_commit() {
+  Fiber& f = fibers[current];
+  f.groups.push_back(f.open);
+  f.open.clear();
+}
+inline void cp_async_wait(int pending) {
+  Fiber& f = fibers[current];
+  while ((int)f.groups.size() > pending) {
+    for (auto& c : f.groups.front()) run_copy(c);
+    f.groups.erase(f.groups.begin());
+  }
+}
+inline void ldmatrix_x4(unsigned offset, bool trans, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+  unsigned r[4];
+  emu_ldmatrix(4, trans, r, smem_at(offset, 16));
+  r0 = r[0]; r1 = r[1]; r2 = r[2]; r3 = r[3];
+}
+template <typename E>
+inline void mma16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+  const unsigned a[4] = {a0, a1, a2, a3}, b[2] = {b0, b1};
+  emu_mma(c, a, b, std::is_same<E, __nv_bfloat16>::value);
+}
+}  // namespace emu
+
+#pragma GCC visibility pop

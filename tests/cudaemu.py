@@ -4,13 +4,17 @@
 thread is a fiber, barriers and warp collectives (shuffles, ldmatrix, mma.sync, wgmma) are
 rendezvous points, cp.async copies run at once or at their wait_group. The inline-PTX
 section of the source (between ``// BEGIN PTX`` and ``// END PTX``) is swapped for the
-emulated definitions of ``cudaemu_ptx.h``.
+emulated definitions of ``cudaemu_ptx.h``; a source may instead call the ``emu::`` functions
+of ``cudaemu.h`` under ``#ifdef AUTOTUNE_EMULATE``. The fake pycuda of ``tests/fake_pycuda``
+launches its kernels here too.
 
 Kernels run in a worker process on buffers fenced by inaccessible pages: a read or write
 past the end of an array kills the worker (reported as a crash), bytes just before and
 after each array are NaN canaries (an out-of-bounds read that reaches an output shows as
-NaN; a write there is reported). Outputs start as NaN, workspaces as zeros, as in the
-CUDA runner. This checks what the generated code computes with the documented semantics
+NaN; a write there is reported). Outputs start as NaN, workspaces as zeros (or as the
+caller passes them: a kernel that must leave its workspace as it found it is run twice),
+as in the CUDA runner. Shared memory addressed by offset is checked against the launch's
+dynamic size. This checks what the generated code computes with the documented semantics
 of each instruction; it cannot check timing, the hardware's own behaviour or resources.
 """
 from __future__ import annotations
@@ -73,6 +77,9 @@ extern "C" int emu_run(void** p, long long* s, unsigned gx, unsigned gy, unsigne
   if (rc) snprintf(error, 511, "%s", emu::failure);
   return rc;
 }}
+extern "C" void emu_set_dynamic_smem(unsigned long long bytes) {{
+  emu::dynamic_smem_size = bytes < emu::SMEM_BYTES ? bytes : emu::SMEM_BYTES;
+}}
 """
 
 
@@ -102,18 +109,37 @@ def _compile_header(folder: Path, name: str, text: str, flags: list[str]) -> Non
     os.replace(tmp, folder / f"{name}.gch")
 
 
+def runtime_object() -> Path:
+    """The emulator's state and scheduler (``cudaemu.h`` under CUDAEMU_RUNTIME), compiled once
+    and linked into every kernel's library instead of being compiled with each kernel."""
+    text = HEADER.read_text()
+    obj = cache_dir() / ("runtime-" + hashlib.sha256((text + " ".join(FLAGS)).encode()).hexdigest()[:16] + ".o")
+    with _PCH_LOCK:
+        if not obj.exists():
+            cpp = obj.with_suffix(".cpp")
+            cpp.write_text('#define CUDAEMU_RUNTIME 1\n#include "cudaemu.h"\n')
+            tmp = obj.with_name(f".{obj.name}.{os.getpid()}")  # other processes may build it too
+            proc = subprocess.run(["g++", *FLAGS, "-c", f"-I{HERE}", "-o", str(tmp), str(cpp)],
+                                  capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"g++ failed on the emulator's runtime:\n{proc.stderr[-4000:]}")
+            os.replace(tmp, obj)
+    return obj
+
+
 def build(source: KernelSource) -> Path:
     """Compile the emulated kernel into a shared library (cached by content)."""
     text = emulated_source(source)
     pch = precompiled_header("cudaemu.h", HEADER.read_text(), FLAGS)
-    digest = hashlib.sha256((text + PTX_HEADER.read_text() + pch.name).encode()).hexdigest()[:24]
+    runtime = runtime_object()
+    digest = hashlib.sha256((text + PTX_HEADER.read_text() + pch.name + runtime.name).encode()).hexdigest()[:24]
     lib = cache_dir() / f"{digest}.so"
     if lib.exists():
         return lib
     cpp = lib.with_suffix(".cpp")
     cpp.write_text(text)
-    tmp = lib.with_name(f".{lib.name}.{os.getpid()}")
-    proc = subprocess.run(["g++", *FLAGS, "-shared", f"-I{pch}", f"-I{HERE}", "-o", str(tmp), str(cpp)],
+    tmp = lib.with_name(f".{lib.name}.{os.getpid()}.{threading.get_ident()}")  # builds run in threads too
+    proc = subprocess.run(["g++", *FLAGS, "-shared", f"-I{pch}", f"-I{HERE}", "-o", str(tmp), str(cpp), str(runtime)],
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"g++ failed on {cpp}:\n{proc.stderr[-4000:]}")
@@ -158,10 +184,12 @@ class Fenced:
 
 
 def run_emulated(payload: dict[str, Any]) -> dict[str, Any]:
-    """Worker side: run the kernel once on fenced copies of the inputs; return the outputs."""
+    """Worker side: run the kernel once on fenced copies of the inputs (and of the workspaces
+    given); return the outputs and the workspaces as the kernel left them."""
     source = KernelSource.from_dict(payload["source"])
     dims = payload["dims"]
     inputs = payload["inputs"]
+    workspaces = payload.get("workspaces") or {}
     lib = ctypes.CDLL(payload["library"])
     buffers: dict[str, Fenced] = {}
     pointers, scalars = [], []
@@ -171,7 +199,8 @@ def run_emulated(payload: dict[str, Any]) -> dict[str, Any]:
             continue
         if arg.role == "workspace":
             fenced = Fenced(arg.nbytes, np.dtype(np.uint8), (arg.nbytes,))
-            fenced.array[:] = 0
+            given = workspaces.get(arg.name)
+            fenced.array[:] = 0 if given is None else given.view(np.uint8).reshape(-1)[:arg.nbytes]
         else:
             shape = arg.resolve_shape(dims)
             dtype = numpy_dtype(arg.dtype)
@@ -182,7 +211,8 @@ def run_emulated(payload: dict[str, Any]) -> dict[str, Any]:
                 fenced.array.view(np.uint8)[...] = CANARY  # NaN: unwritten outputs show
         buffers[arg.name] = fenced
         pointers.append(fenced.pointer)
-    grid, block, _smem = resolve_launch(source.launch_dims, dims)
+    grid, block, smem = resolve_launch(source.launch_dims, dims)
+    lib.emu_set_dynamic_smem(ctypes.c_ulonglong(smem))
     argv = (ctypes.c_void_p * max(len(pointers), 1))(*pointers)
     svals = (ctypes.c_longlong * max(len(scalars), 1))(*scalars)
     error = ctypes.create_string_buffer(512)
@@ -198,7 +228,8 @@ def run_emulated(payload: dict[str, Any]) -> dict[str, Any]:
                and not np.array_equal(buffers[a.name].array.reshape(-1), inputs[a.name].reshape(-1))]
     if changed:
         return {"error": f"wrote into the inputs {changed}"}
-    return {"outputs": {a.name: buffers[a.name].array.copy() for a in source.args if a.role == "out"}}
+    return {"outputs": {a.name: buffers[a.name].array.copy() for a in source.args if a.role == "out"},
+            "workspaces": {a.name: buffers[a.name].array.copy() for a in source.args if a.role == "workspace"}}
 
 
 class Emulator:
@@ -211,10 +242,11 @@ class Emulator:
         self.timeout_s = timeout_s
 
     def run(self, source: KernelSource, dims: dict[str, int], inputs: dict[str, np.ndarray],
-            deferred: bool = False, seed: int = 0) -> dict[str, Any]:
+            deferred: bool = False, seed: int = 0, workspaces: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """``{"outputs": ..., "workspaces": ...}`` by argument name, or ``{"error": what went wrong}``."""
         library = build(source)
         payload = {"source": source.to_dict(), "dims": dims, "inputs": inputs, "library": str(library),
-                   "deferred": deferred, "seed": seed}
+                   "deferred": deferred, "seed": seed, "workspaces": workspaces or {}}
         return self.worker.call("cudaemu:run_emulated", payload, self.timeout_s)
 
     def check(self, task: Task, config, target, seed: int = 0, deferred: bool = False) -> str | None:

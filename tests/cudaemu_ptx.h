@@ -10,97 +10,21 @@ template <int BYTES> inline void cp_async(void* smem, const void* gmem, bool val
   else emu::run_copy(c);
 }
 inline void prefetch_l2(const void*) {}
-inline void cp_async_commit() {
-  auto& f = emu::fibers[emu::current];
-  f.groups.push_back(f.open);
-  f.open.clear();
-}
-template <int PENDING> inline void cp_async_wait() {
-  auto& f = emu::fibers[emu::current];
-  while ((int)f.groups.size() > PENDING) {
-    for (auto& c : f.groups.front()) emu::run_copy(c);
-    f.groups.erase(f.groups.begin());
-  }
-}
+inline void cp_async_commit() { emu::cp_async_commit(); }
+template <int PENDING> inline void cp_async_wait() { emu::cp_async_wait(PENDING); }
 
-// ldmatrix: lane 8j + r gives the address of row r of matrix j; lane 4g + t receives, in
-// register j, the two 16-bit elements (row g, columns 2t and 2t + 1) of matrix j.
-inline void emu_ldmatrix(int count, unsigned* regs, const void* p) {
-  const int w = emu::warp(), l = emu::lane();
-  emu::WarpBox& box = emu::boxes[w];
-  box.addr[l] = p;
-  emu::rendezvous(emu::warp_groups[w], [w] { return emu::live_in_warp(w); }, [&] {
-    for (int i = 0; i < 32; ++i)
-      for (int j = 0; j < count; ++j) {
-        const unsigned char* row = static_cast<const unsigned char*>(box.addr[8 * j + i / 4]);
-        unsigned v;
-        memcpy(&v, row + 4 * (i % 4), 4);
-        box.a[i][j] = v;
-      }
-  });
-  for (int j = 0; j < count; ++j) regs[j] = box.a[l][j];
-}
+// ldmatrix and mma.sync: the emulated instructions of cudaemu.h (emu_ldmatrix, emu_mma)
 inline void ldmatrix_x4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, const void* p) {
   unsigned r[4];
-  emu_ldmatrix(4, r, p);
+  emu_ldmatrix(4, false, r, p);
   r0 = r[0]; r1 = r[1]; r2 = r[2]; r3 = r[3];
 }
 inline void ldmatrix_x2(unsigned& r0, unsigned& r1, const void* p) {
   unsigned r[2];
-  emu_ldmatrix(2, r, p);
+  emu_ldmatrix(2, false, r, p);
   r0 = r[0]; r1 = r[1];
 }
 
-inline float emu_lo(unsigned u, bool bf16) {
-  const unsigned short h = (unsigned short)(u & 0xffff);
-  return bf16 ? emu_from_bits<float>((uint64_t)((unsigned)h << 16)) : __half2float(__ushort_as_half(h));
-}
-inline float emu_hi(unsigned u, bool bf16) {
-  const unsigned short h = (unsigned short)(u >> 16);
-  return bf16 ? emu_from_bits<float>((uint64_t)((unsigned)h << 16)) : __half2float(__ushort_as_half(h));
-}
-
-// mma.m16n8k16 with the fragment layout of the PTX ISA (lane = 4g + t).
-inline void emu_mma(float* c, const unsigned* a, const unsigned* b, bool bf16) {
-  const int w = emu::warp(), l = emu::lane();
-  emu::WarpBox& box = emu::boxes[w];
-  for (int i = 0; i < 4; ++i) { box.a[l][i] = a[i]; box.c[l][i] = c[i]; }
-  box.b[l][0] = b[0];
-  box.b[l][1] = b[1];
-  emu::rendezvous(emu::warp_groups[w], [w] { return emu::live_in_warp(w); }, [&] {
-    float A[16][16], B[16][8], C[16][8];
-    for (int i = 0; i < 32; ++i) {
-      const int g = i / 4, t = i % 4;
-      for (int half = 0; half < 2; ++half) {
-        const int k0 = 2 * t + 8 * half;
-        A[g][k0] = emu_lo(box.a[i][2 * half], bf16);
-        A[g][k0 + 1] = emu_hi(box.a[i][2 * half], bf16);
-        A[g + 8][k0] = emu_lo(box.a[i][2 * half + 1], bf16);
-        A[g + 8][k0 + 1] = emu_hi(box.a[i][2 * half + 1], bf16);
-        B[k0][g] = emu_lo(box.b[i][half], bf16);
-        B[k0 + 1][g] = emu_hi(box.b[i][half], bf16);
-      }
-      C[g][2 * t] = box.c[i][0];
-      C[g][2 * t + 1] = box.c[i][1];
-      C[g + 8][2 * t] = box.c[i][2];
-      C[g + 8][2 * t + 1] = box.c[i][3];
-    }
-    for (int m = 0; m < 16; ++m)
-      for (int n = 0; n < 8; ++n) {
-        float s = C[m][n];
-        for (int k = 0; k < 16; ++k) s += A[m][k] * B[k][n];
-        C[m][n] = s;
-      }
-    for (int i = 0; i < 32; ++i) {
-      const int g = i / 4, t = i % 4;
-      box.c[i][0] = C[g][2 * t];
-      box.c[i][1] = C[g][2 * t + 1];
-      box.c[i][2] = C[g + 8][2 * t];
-      box.c[i][3] = C[g + 8][2 * t + 1];
-    }
-  });
-  for (int i = 0; i < 4; ++i) c[i] = box.c[l][i];
-}
 template <typename T> inline void mma_16816(float* c, const unsigned* a, const unsigned* b);
 template <> inline void mma_16816<__half>(float* c, const unsigned* a, const unsigned* b) { emu_mma(c, a, b, false); }
 template <> inline void mma_16816<__nv_bfloat16>(float* c, const unsigned* a, const unsigned* b) { emu_mma(c, a, b, true); }

@@ -4,11 +4,14 @@
 misbehave: one never ends, one writes far outside its arrays (the worker dies of SIGSEGV),
 one computes a wrong answer, one writes the right answer and then zeroes its input, one is
 not valid LLVM IR, and two are correct (one slowly). Each compiles and runs like any candidate.
+Both fault probes also fail before any kernel runs when asked by the task's ``inputs``
+attribute: making the task's inputs raises, or kills the process that makes them.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,19 @@ FAULT_OP = "fault_probe"
 MODES = ("ok", "hang", "crash", "wrong", "scribble", "oob", "slow", "badir")
 
 
+INPUT_FAULTS = ("ok", "raise", "crash")
+
+
+def make_probe_inputs(task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """X for a fault probe, unless the task's ``inputs`` attribute asks making it to fail."""
+    fault = task.attr.get("inputs", "ok")
+    if fault == "raise":
+        raise ValueError("making the inputs failed on purpose")
+    if fault == "crash":
+        os.abort()
+    return {"X": rng.uniform(-1, 1, task.dims["N"]).astype(np.float32)}
+
+
 @register_template
 class FaultProbe(Template):
     """Y[i] = 2 * X[i], or a deliberate failure chosen by the ``mode`` knob."""
@@ -29,6 +45,8 @@ class FaultProbe(Template):
     target_kind = "cpu"
     dims = ("N",)
     example_shape = {"N": 1024}
+    default_attrs = {"inputs": "ok"}
+    attr_docs = {"inputs": f"one of {INPUT_FAULTS}: making the inputs works, raises, or crashes"}
     description = "test-only template with injected faults"
 
     def flops(self, task: Task) -> float:
@@ -38,7 +56,7 @@ class FaultProbe(Template):
         return 8.0 * task.dims["N"]
 
     def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return {"X": rng.uniform(-1, 1, task.dims["N"]).astype(np.float32)}
+        return make_probe_inputs(task, rng)
 
     def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"Y": 2.0 * inputs["X"].astype(np.float64)}
@@ -109,6 +127,8 @@ class CudaFaultProbe(Template):
     target_kind = "cuda"
     dims = ("N",)
     example_shape = {"N": 4096}
+    default_attrs = {"inputs": "ok"}
+    attr_docs = {"inputs": f"one of {INPUT_FAULTS}: making the inputs works, raises, or crashes"}
     description = "test-only CUDA template with injected faults"
 
     def signature(self, task: Task):
@@ -121,7 +141,7 @@ class CudaFaultProbe(Template):
         return 8.0 * task.dims["N"]
 
     def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return {"X": rng.uniform(-1, 1, task.dims["N"]).astype(np.float32)}
+        return make_probe_inputs(task, rng)
 
     def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"Y": 2.0 * inputs["X"].astype(np.float64)}

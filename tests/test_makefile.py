@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.tools("make")
 def test_make_demo_without_a_c_compiler_stops_with_one_line(tmp_path):
     empty = tmp_path / "bin"
     empty.mkdir()  # a PATH with no compiler (and nothing else)

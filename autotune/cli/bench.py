@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import click
 
-from .common import UserError, echo_json, positive, read_log, resolve_target, resolve_task
+from .common import UserError, echo_json, positive, read_log, report_stale, resolve_target, resolve_task
 from .group import cli
 
 
@@ -23,10 +23,12 @@ from .group import cli
 @click.option("--target", default="cpu", show_default=True, help="cpu or cuda (vendor baselines through torch)")
 @click.option("--threads", default=None, type=int, callback=positive,
               help="cpu: threads for both sides [default: the best record's]")
+@click.option("--allow-stale", is_flag=True,
+              help="use records of code this version no longer builds for their config (with a warning)")
 @click.option("--json", "as_json", is_flag=True)
-def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, as_json) -> None:
+def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, allow_stale, as_json) -> None:
     """Run the best recorded kernel and the numpy baseline side by side."""
-    from records import best_records
+    from records import chosen, select_best
 
     from ..bench import bench_kernel
 
@@ -47,9 +49,12 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, as_json) 
             click.echo(f"autotune: warning: {log_path}: skipped {len(outside)} record(s) whose config is not in "
                        f"today's space of {task.op}", err=True)
             records = [r for r in records if in_space(r, space)]
-        winner = best_records(records).get((task.key, tgt.key))
+        choices = select_best(records, allow_stale)
+        report_stale([n for n in (c.note() for c in choices) if n], [log_path], allow_stale)
+        winner = chosen(choices).get((task.key, tgt.key))
         if winner is None:
-            raise UserError(f"{log_path} has no verified record for {task.key} on {tgt.key}"
+            fresh = "fresh " if choices else ""  # there were verified records, all of them stale
+            raise UserError(f"{log_path} has no {fresh}verified record for {task.key} on {tgt.key}"
                             + (f" with threads={threads}" if threads else ""))
         config = winner.to_config(space)
     else:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +159,38 @@ def read_log(path: str):
         click.echo(f"autotune: warning: {path}: skipped {report.bad_lines} unreadable line(s) "
                    f"(first at line {report.first_bad_line})", err=True)
     return report.records
+
+
+def report_stale(notes: list[str], logs, allow_stale: bool) -> None:
+    """The notes about stale records (one per task, from ``TaskChoice.note``) as warnings on
+    stderr, and, when stale records were skipped, how to measure them again or use them."""
+    for note in notes:
+        click.echo(f"autotune: warning: {note}", err=True)
+    if notes and not allow_stale:
+        log = str(logs[0]) if len(logs) == 1 else "LOG"
+        if log.endswith(".gz"):  # archived logs are read-only
+            again = "in a plain copy of the log (`autotune tune --remeasure-stale --log COPY.jsonl`)"
+        else:
+            again = f"with `autotune tune --remeasure-stale --log {log}`"
+        click.echo(f"autotune: measure stale records again {again}, or use them with --allow-stale", err=True)
+
+
+@contextmanager
+def stale_warnings_reported(logs, allow_stale: bool):
+    """The StaleRecordsWarnings raised inside (by export or TunedKernels), as the command's
+    warning lines (also when it fails)."""
+    from records import StaleRecordsWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", StaleRecordsWarning)
+        try:
+            yield
+        finally:
+            report_stale([str(w.message) for w in caught if issubclass(w.category, StaleRecordsWarning)],
+                         logs, allow_stale)
+            for w in caught:  # every other warning as it would have been shown
+                if not issubclass(w.category, StaleRecordsWarning):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def load_logs(paths) -> list:

@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..units import format_rate, format_time
-from .common import ManyValues, UserError, echo_json, load_logs
+from .common import ManyValues, UserError, echo_json, load_logs, stale_warnings_reported
 from .group import cli, error_line
 
 
@@ -37,16 +37,21 @@ def _records(logs, run_id: str | None, tracking_uri: str | None) -> list:
 @click.option("--target", default=None,
               help="cpu, cuda, an arch (sm_90a) or a target key [default: the records' only target]")
 @click.option("--no-verify", is_flag=True, help="do not check the exported CPU kernels against numpy")
+@click.option("--allow-stale", is_flag=True,
+              help="use records of code this version no longer builds for their config (with a warning)")
 @click.option("--json", "as_json", is_flag=True, help="print the exported kernels as JSON")
-def export(logs, run_id, tracking_uri, out_dir, target, no_verify, as_json) -> None:
+def export(logs, run_id, tracking_uri, out_dir, target, no_verify, allow_stale, as_json) -> None:
     """Compile the best verified config of every task into a kernel library (manifest.json,
-    one shared library or cubins, sources, a C header) that `runtime.load` runs with numpy only."""
+    one shared library or cubins, sources, a C header) that `runtime.load` runs with numpy only.
+    Stale records (measured on code this version no longer builds for their config) are
+    skipped, with one warning per task."""
     from export import ExportError, ExportFailed, export_library
     from search_space import Task
 
     records = _records(logs, run_id, tracking_uri)
     try:
-        summary = export_library(records, out_dir, target, verify=not no_verify)
+        with stale_warnings_reported(logs or [], allow_stale):
+            summary = export_library(records, out_dir, target, verify=not no_verify, allow_stale=allow_stale)
     except ExportFailed as exc:
         error_line(str(exc))
         sys.exit(1)

@@ -8,7 +8,7 @@ import click
 
 from ..units import format_rate, format_time, rate
 from .common import (ManyValues, UserError, check_model_files, check_timeouts, echo_json, make_job, open_log,
-                     positive, read_log, resolve_target, resolve_task, run_tuning, restriction)
+                     positive, read_log, report_stale, resolve_target, resolve_task, run_tuning, restriction)
 from .group import cli
 
 
@@ -43,8 +43,8 @@ def ops(target: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--op", required=True, help="operator, see `autotune ops`")
-@click.option("--shape", required=True, help="dims, e.g. M=256,N=256,K=256")
+@click.option("--op", default=None, help="operator, see `autotune ops` (required unless --remeasure-stale)")
+@click.option("--shape", default=None, help="dims, e.g. M=256,N=256,K=256 (required with --op)")
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE",
               help="operator attribute, repeatable; VALUE is JSON when it parses (residual=true, eps=1e-6)")
@@ -77,10 +77,24 @@ def ops(target: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="with --compile-only: print a JSON list")
 @click.option("--cold-cache", is_flag=True,
               help="cpu: time with the inputs out of cache, as in a model (tune-model always does)")
+@click.option("--remeasure-stale", is_flag=True,
+              help="search nothing: measure again the configs of the log's stale records (code this version no "
+                   "longer builds for their config) and append fresh records; with --op/--shape, that task's only")
 def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, log_path, tracking_uri, no_mlflow,
          experiment, build_timeout, run_timeout, restrict_items, threads, transfer_from, load_model, save_model, quiet,
-         compile_only, as_json, cold_cache) -> None:
-    """Tune one operator instance; every measurement goes to the log."""
+         compile_only, as_json, cold_cache, remeasure_stale) -> None:
+    """Tune one operator instance; every measurement goes to the log. With --remeasure-stale,
+    measure the log's stale records again instead."""
+    if remeasure_stale:
+        if compile_only or target.startswith("sm_"):
+            raise UserError("--remeasure-stale measures: it needs --target cpu or cuda, not --compile-only")
+        if shape is not None and op is None:
+            raise UserError("--shape needs --op")
+        remeasure(op, shape, dtype, attrs, dynamic, resolve_target(target), log_path, batch, seed, not no_mlflow,
+                  tracking_uri, experiment, build_timeout, run_timeout, cold_cache, quiet)
+        return
+    if op is None or shape is None:
+        raise UserError("--op and --shape are required (or --remeasure-stale to measure a log's stale records again)")
     compile_only = compile_only or target.startswith("sm_")
     tgt = resolve_target(target, compile_only)
     if compile_only and tgt.kind != "cuda":
@@ -121,6 +135,50 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
     click.echo(f"log: {job.log}")
 
 
+def remeasure(op, shape, dtype, attrs, dynamic, tgt, log_path, batch, seed, mlflow, tracking_uri, experiment,
+              build_timeout, run_timeout, cold_cache, quiet) -> None:
+    """``tune --remeasure-stale``: one job per task of the log (or the task given) that has stale
+    records on this target."""
+    from records import CodeCheck, stale_configs
+
+    records = read_log(log_path)  # first: a log that does not exist is an error here, not a new log
+    log = open_log(log_path)
+    if op is not None:
+        tasks = [resolve_task(op, shape, dtype, tgt.kind, dynamic, attrs)[1]]
+    else:
+        tasks = list({r.task.key: r.task for r in records if r.target.key == tgt.key}.values())
+        elsewhere = sorted({r.target.key for r in records} - {tgt.key})
+        if elsewhere:
+            click.echo(f"autotune: warning: {log_path}: records of {', '.join(elsewhere)} are not measured again "
+                       f"here ({tgt.key})", err=True)
+    check, todo = CodeCheck(), []
+    for task in tasks:
+        again, lost = stale_configs(records, task, tgt, check)
+        if again:
+            todo.append((task, again))
+        elif lost:  # with configs to measure, the job says this itself
+            click.echo(f"autotune: warning: {task.key}: {lost} stale config(s) are not in today's space of "
+                       f"{task.op}: they cannot be measured again", err=True)
+    if not todo:
+        what = tasks[0].key if op is not None else "any task"
+        click.echo(f"{log_path}: no stale record of {what} on {tgt.key}: nothing to measure again")
+        return
+    for task, again in todo:
+        # records timed cold (a model's) are measured again cold, so that they compare with the rest
+        cold = cold_cache or 2 * sum(r.result.stats.get("cache") == "cold" for r in again) > len(again)
+        job = make_job(target=tgt, task=task, trials=len(again), batch=batch, seed=seed, log=log.path, mlflow=mlflow,
+                       tracking_uri=tracking_uri, experiment=experiment, build_timeout=build_timeout,
+                       run_timeout=run_timeout, cache="cold" if cold else "auto", remeasure_stale=True)
+        summary = run_tuning(job, progress=not quiet)
+        click.echo(f"{task.key}: measured {summary.measured} stale config(s) again ({summary.failed} failed) in "
+                   f"{summary.wall_s:.1f} s")
+        if summary.best is not None:
+            best = summary.best
+            click.echo(f"  fastest of them: {format_time(best.seconds)}, {format_rate(task, best.seconds)}, "
+                       f"config {json.dumps(best.config)}")
+    click.echo(f"log: {log.path}")
+
+
 def timing_note(record, target) -> str:
     """A warning when the best record's samples spread widely or the machine is busy now."""
     import os
@@ -143,24 +201,30 @@ def timing_note(record, target) -> str:
 
 @cli.command()
 @click.option("--log", "log_path", required=True, help="JSONL tuning log")
+@click.option("--allow-stale", is_flag=True,
+              help="use records of code this version no longer builds for their config (with a warning)")
 @click.option("--json", "as_json", is_flag=True)
-def best(log_path: str, as_json: bool) -> None:
-    """Print the best verified config per task in a log."""
-    from records import best_records
+def best(log_path: str, allow_stale: bool, as_json: bool) -> None:
+    """Print the best verified config per task in a log. Stale records (measured on code this
+    version no longer builds for their config) are skipped, with one warning per task."""
+    from records import select_best
 
     records = read_log(log_path)
-    winners = sorted(best_records(records).values(), key=lambda r: (r.task.op, r.task.key))
-    rows = [{"task": r.task.key, "op": r.task.op, "shape": r.task.dims, "dtype": r.task.dtype,
-             "target": r.target.key, "device": r.target.device_name, "seconds": r.seconds,
-             "gflops": r.gflops, "rate": rate(r.task, r.seconds)[0], "rate_unit": rate(r.task, r.seconds)[1],
-             "config": r.config,
-             "trials": sum(1 for x in records if x.task.key == r.task.key and x.target.key == r.target.key)}
-            for r in winners]
+    choices = select_best(records, allow_stale)
+    report_stale([n for n in (c.note() for c in choices) if n], [log_path], allow_stale)
+    rows = []
+    for choice in sorted((c for c in choices if c.record is not None), key=lambda c: (c.task.op, c.task.key)):
+        r = choice.record
+        rows.append({"task": r.task.key, "op": r.task.op, "shape": r.task.dims, "dtype": r.task.dtype,
+                     "target": r.target.key, "device": r.target.device_name, "seconds": r.seconds,
+                     "gflops": r.gflops, "rate": rate(r.task, r.seconds)[0], "rate_unit": rate(r.task, r.seconds)[1],
+                     "config": r.config, "stale": choice.uses_stale, "stale_skipped": choice.stale,
+                     "trials": sum(1 for x in records if x.task.key == r.task.key and x.target.key == r.target.key)})
     if as_json:
         echo_json(rows)
         return
     if not rows:
-        click.echo(f"{log_path}: no verified record")
+        click.echo(f"{log_path}: no {'fresh ' if choices else ''}verified record")
         return
     for row in rows:
         click.echo(f"{row['task']} on {row['target']}: {format_time(row['seconds'])}, {row['rate']:.1f} {row['rate_unit']} "

@@ -6,23 +6,15 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from cost_model import batch_quality
 from cost_model.transfer import throughput_of
-from measure import BuildResult, MeasureInput, MeasureResult
+from measure import Builder, MeasureInput, MeasureResult, Runner
 from records import Record, RecordLog
 from search_space import Config, ConfigSpace, Target, Task, Template, get_template
-
-
-class Builder(Protocol):
-    def build(self, inputs: list[MeasureInput]) -> list[BuildResult]: ...
-
-
-class Runner(Protocol):
-    def run(self, inputs: list[MeasureInput], builds: list[BuildResult]) -> list[MeasureResult]: ...
 
 
 # callback(tuner, inputs, results, records, first_trial): after each batch is logged, and
@@ -86,7 +78,6 @@ class Tuner:
         self.rng = np.random.default_rng(seed)
         self.visited: set[int] = set()
         self.best_cost = math.inf
-        self.best_config: Config | None = None
 
     # -- strategy interface ----------------------------------------------------------
     def next_batch(self, n: int) -> list[Config]:
@@ -97,7 +88,6 @@ class Tuner:
             self.visited.add(inp.config.index)
             if res.ok and 0 < res.median < self.best_cost:  # a zero or negative time is no kernel's
                 self.best_cost = res.median
-                self.best_config = inp.config
 
     def has_next(self) -> bool:
         return len(self.visited) < len(self.space)

@@ -153,11 +153,6 @@ class KernelBuilder:
         result = self.fmul(self.fmul(y, b.bitcast(bits, x.type)), c(2.0))
         return b.select(low, c(0.0), result)
 
-    def sigmoid(self, x):
-        """1 / (1 + exp(-x))."""
-        one = self._const_like(1.0, x)
-        return self.fdiv(one, self.fadd(one, self.exp(self.b.fneg(x))))
-
     def tanh(self, x):
         """tanh(x): an odd polynomial for |x| < 0.625 (Cephes tanhf), where the exp form
         would cancel, and 1 - 2 / (1 + exp(2x)) elsewhere, saturating cleanly at +-1."""

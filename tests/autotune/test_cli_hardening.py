@@ -79,6 +79,7 @@ def test_sigterm_ends_the_job_as_an_interrupt_does_and_marks_the_run_killed(tmp_
     assert mlflow_run.info.status == "KILLED"
 
 
+@pytest.mark.tools("cc")
 def test_a_tracked_job_names_its_mlflow_run_for_export(tmp_path):
     from mlflow import MlflowClient
 

@@ -34,6 +34,7 @@ def without_pycuda(tmp_path):
     return env
 
 
+@pytest.mark.tools("nvcc")
 def test_compile_only_reports_registers_shared_memory_and_spills(tmp_path):
     proc = run("tune", "--op", "gemm", "--shape", "M=100,N=72,K=96", "--dtype", "float16", "--target", "sm_90a",
                "--trials", "3", "--json", cwd=tmp_path)
@@ -49,6 +50,7 @@ def test_compile_only_reports_registers_shared_memory_and_spills(tmp_path):
     assert not (tmp_path / "tune.jsonl").exists()  # nothing ran, nothing was logged
 
 
+@pytest.mark.tools("nvcc")
 def test_compile_only_text_for_the_cuda_target(tmp_path):
     proc = run("tune", "--op", "gemv_q4", "--shape", "M=1,N=512,K=512", "--dtype", "bfloat16", "--target", "cuda",
                "--compile-only", "--trials", "2", cwd=tmp_path)

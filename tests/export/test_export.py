@@ -194,6 +194,7 @@ def _cli(*args, cwd):
     return subprocess.run(CLI + list(args), capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+@pytest.mark.tools("cc")
 def test_export_from_an_mlflow_run_gives_the_kernels_of_its_log(mlflow_job, tmp_path, capsys):
     from autotune.cli import main
 
@@ -210,6 +211,7 @@ def test_export_from_an_mlflow_run_gives_the_kernels_of_its_log(mlflow_job, tmp_
     assert (tmp_path / "from-log" / LIBRARY).read_bytes() == (tmp_path / "from-run" / LIBRARY).read_bytes()
 
 
+@pytest.mark.tools("cc")
 def test_the_cli_says_what_it_exported(library_log, tmp_path):
     proc = _cli("export", "--log", str(library_log), "--out", "lib", "--no-verify", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from search_space import Task, get_template
 
 FAKE, FAKE_TARGET = FAKE_PYCUDA, FAKE_GPU_TARGET
 
-pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="building cubins needs nvcc")
+pytestmark = pytest.mark.tools("nvcc")
 
 
 def test_cuda_records_export_to_cubins_that_the_runtime_launches(fake_gpu, tmp_path, monkeypatch):
@@ -35,13 +36,15 @@ def test_cuda_records_export_to_cubins_that_the_runtime_launches(fake_gpu, tmp_p
         for task in tasks:
             summary = RandomTuner(task, FAKE_TARGET, seed=0).tune(2, builder, runner, batch_size=2, log=log)
             assert summary.best is not None, task.key
-    import measure.compile_cuda
-
-    def no_nvcc(*args, **kwargs):
-        raise AssertionError("export recompiled a cubin that the tuning job had built")
-
-    with monkeypatch.context() as patch:  # the kernel cache holds every cubin the job built
-        patch.setattr(measure.compile_cuda, "compile_to_cubin", no_nvcc)
+    # the kernel cache holds every cubin the job built: an nvcc that always fails comes first
+    # on the PATH of the export's workers, and is never run
+    refusing = tmp_path / "refusing-bin"
+    refusing.mkdir()
+    (refusing / "nvcc").write_text("#!/bin/sh\necho 'error: export recompiled a cubin the tuning job built' >&2\n"
+                                   "exit 1\n")
+    (refusing / "nvcc").chmod(0o755)
+    with monkeypatch.context() as patch:
+        patch.setenv("PATH", f"{refusing}{os.pathsep}{os.environ['PATH']}")
         summary = export_library(log.records(), tmp_path / "lib", "cuda")
     assert summary.library is None and summary.verified == 0 and "checked when they run on a GPU" in summary.notes[0]
     manifest = json.loads((tmp_path / "lib" / "manifest.json").read_text())

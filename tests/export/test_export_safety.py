@@ -121,6 +121,7 @@ def _dead_pid() -> int:
     return child.pid
 
 
+@pytest.mark.tools("cc")
 def test_the_next_export_removes_what_a_killed_one_left(tmp_path, library_log):
     proc = _start_export(library_log, tmp_path)
     stage = _wait_for_stage(tmp_path, proc)
@@ -142,6 +143,7 @@ def test_the_next_export_removes_what_a_killed_one_left(tmp_path, library_log):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["lib", alive.name, recent.name, other.name])
 
 
+@pytest.mark.tools("cc")
 def test_sigterm_during_an_export_from_the_cli_removes_its_stage(tmp_path, library_log):
     proc = _start_export(library_log, tmp_path)
     _wait_for_stage(tmp_path, proc)
@@ -151,6 +153,7 @@ def test_sigterm_during_an_export_from_the_cli_removes_its_stage(tmp_path, libra
     assert list(tmp_path.iterdir()) == [], "the export left its stage (or a library) behind"
 
 
+@pytest.mark.tools("cc")
 def test_sigterm_during_export_library_removes_its_stage(tmp_path, library_log):
     """Called from Python, where SIGTERM would kill the process on the spot: export_library
     turns it into SystemExit(143) for as long as it runs, and cleans up on the way out."""

@@ -5,7 +5,7 @@ import numpy as np
 
 from measure import LocalBuilder, LocalRunner, MeasureInput, TimingPolicy, cold_policy
 from measure.cpu_kernel import allocate_args, compile_and_load
-from measure.runner import cold_copies
+from measure.backends.cpu import cold_copies
 from search_space import Task, get_template
 
 

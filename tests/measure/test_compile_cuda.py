@@ -1,10 +1,11 @@
 """nvcc builds cubins here without a GPU; ptxas's report becomes build stats."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from measure import LocalBuilder, MeasureError
-from measure.compile_cuda import CudaCompileError, compile_to_cubin, parse_ptxas
+from measure.compile_cuda import CudaCompileError, compile_to_cubin, compiler_version, parse_ptxas
 from search_space import ArgSpec, KernelSource, Target
 from search_space.codegen.cuda import PREAMBLE, evaluate, kernel_params, resolve_launch
 
@@ -17,6 +18,7 @@ def source(body: str) -> KernelSource:
     return KernelSource("cuda", code, "twice", ARGS, LAUNCH)
 
 
+@pytest.mark.tools("nvcc")
 def test_cubin_and_resource_report():
     body = ("__shared__ float s[128]; long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; "
             "s[threadIdx.x % 128] = 2.0f; __syncthreads(); if (i < N) Y[i] = from_f32<__half>(s[0] * to_f32(A[i]));")
@@ -26,6 +28,7 @@ def test_cubin_and_resource_report():
     assert stats["spill_stores"] == 0
 
 
+@pytest.mark.tools("nvcc")
 def test_compile_error_names_the_problem():
     with pytest.raises(CudaCompileError, match="undefined"):
         compile_to_cubin(source("Y[0] = not_declared;"), Target.from_name("sm_90a"))
@@ -43,3 +46,15 @@ def test_ptxas_report_parsing():
               "    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads")
     assert parse_ptxas(report) == {"registers": 40, "smem_bytes": 8192, "stack_bytes": 16, "spill_stores": 8,
                                    "spill_loads": 4, "barriers": 1}
+
+
+@pytest.mark.tools("nvcc")
+def test_the_nvcc_version_is_named_or_empty_when_nvcc_cannot_say(tmp_path, monkeypatch):
+    assert re.fullmatch(r"nvcc \d+(\.\d+)+", compiler_version())
+    broken = tmp_path / "nvcc"
+    broken.write_text("#!/bin/sh\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert compiler_version() == ""
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert compiler_version() == ""

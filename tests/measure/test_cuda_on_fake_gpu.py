@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 from fakes import FAKE_GPU_TARGET, FAKE_PYCUDA
 
-from measure import BuildResult, LocalBuilder, MeasureError, MeasureInput, TimingPolicy
-from measure.cuda_runner import CudaRunner
+from measure import BuildResult, CudaRunner, LocalBuilder, MeasureError, MeasureInput, TimingPolicy
 from search_space import Task, get_template
 
 FAKE, FAKE_TARGET = FAKE_PYCUDA, FAKE_GPU_TARGET
@@ -50,6 +49,7 @@ def _inputs(op, shape, dtype, n, attrs=None, seed=0):
     return [MeasureInput(task, c, FAKE_TARGET) for c in configs]
 
 
+@pytest.mark.tools("nvcc")
 def test_runner_verifies_and_times_real_templates_on_the_fake_gpu(fake_gpu):
     inputs = (_inputs("gemv", {"M": 2, "N": 40, "K": 96}, "float16", 1)
               + _inputs("gemm", {"M": 20, "N": 24, "K": 40}, "bfloat16", 1)
@@ -65,6 +65,7 @@ def test_runner_verifies_and_times_real_templates_on_the_fake_gpu(fake_gpu):
         assert r.stats["l2_flush_bytes"] >= 64 << 20
 
 
+@pytest.mark.tools("nvcc")
 def test_wrong_answers_refused_launches_and_kernel_faults_on_the_fake_gpu(fake_gpu):
     (good,) = _inputs("gemv", {"M": 1, "N": 33, "K": 64}, "float16", 0)
     (build,) = build_and_register(fake_gpu, [good])
@@ -99,16 +100,18 @@ def test_wrong_answers_refused_launches_and_kernel_faults_on_the_fake_gpu(fake_g
     assert generation == 2  # the 'sticky' fault cost the worker once
 
 
-def test_cuda_fault_probe_on_the_fake_gpu_each_fault_costs_only_its_own_trial(fake_gpu, tmp_path):
-    """The H200 fault job, minus the faults the emulator cannot raise (oob, hang, trap): a
-    correct kernel is NO_ERROR whatever ran before it, a refused launch writes nothing and
-    costs no worker, a kernel that writes to its input is the wrong one."""
+@pytest.mark.tools("nvcc")
+def test_refused_launches_on_the_fake_gpu_cost_only_their_own_trial(fake_gpu, tmp_path):
+    """The faults only a GPU has (those every backend shares: tests/measure/test_faults.py):
+    too much shared memory, which the builder turns away and the driver refuses, and more
+    registers than the register file holds. A refused launch writes nothing and costs no
+    worker; the correct kernel after it is NO_ERROR."""
     from measure.compile_cuda import compile_to_cubin
 
     template = get_template(fakes.CUDA_FAULT_OP, "cuda")
     task = Task.make(fakes.CUDA_FAULT_OP, {"N": 4096})
     space = template.space(task, FAKE_TARGET)
-    modes = ["ok", "wrong", "ok", "fat", "slow", "scribble", "ok", "greedy", "slow", "ok"]
+    modes = ["ok", "fat", "ok", "greedy", "ok"]
     inputs = [MeasureInput(task, space.from_values({"mode": "ok" if m == "greedy" else m, "block": 128}),
                            FAKE_TARGET) for m in modes]
     with LocalBuilder(n_parallel=2, timeout_s=300) as builder:
@@ -139,13 +142,11 @@ def test_cuda_fault_probe_on_the_fake_gpu_each_fault_costs_only_its_own_trial(fa
         results = runner.run(inputs, [built[m] for m in modes])
         generation = runner._workers[0].generation
     errors = [r.error.name for r in results]
-    assert errors == ["NO_ERROR", "WRONG_ANSWER", "NO_ERROR", "OUT_OF_RESOURCES", "NO_ERROR", "WRONG_ANSWER",
-                      "NO_ERROR", "OUT_OF_RESOURCES", "NO_ERROR", "NO_ERROR"], list(zip(modes, errors,
-                                                                                         [r.message for r in results]))
-    assert "launch refused" in results[3].message
-    assert results[5].message == "modified its input X during the verification run"
-    assert "too many resources requested for launch" in results[7].message
-    assert generation == 1  # refused launches and wrong answers cost no worker
+    assert errors == ["NO_ERROR", "OUT_OF_RESOURCES", "NO_ERROR", "OUT_OF_RESOURCES", "NO_ERROR"], \
+        list(zip(modes, errors, [r.message for r in results]))
+    assert "launch refused" in results[1].message
+    assert "too many resources requested for launch" in results[3].message
+    assert generation == 1  # refused launches cost no worker
 
 
 def test_the_fake_refuses_launches_over_the_register_file_as_the_driver_does(fake_gpu):
@@ -153,7 +154,7 @@ def test_the_fake_refuses_launches_over_the_register_file_as_the_driver_does(fak
     outputs keep their poison), and not sticky (the next launch in the same context works)."""
     import pycuda.driver as drv
 
-    from measure.cuda_runner import classify_cuda_error
+    from measure.cuda_errors import classify_cuda_error
 
     task = Task.make(fakes.CUDA_FAULT_OP, {"N": 4096})
     template = get_template(fakes.CUDA_FAULT_OP, "cuda")
@@ -194,6 +195,7 @@ def _fake_env(registry):
     return env
 
 
+@pytest.mark.tools("nvcc")
 def test_cli_tunes_and_benches_on_the_fake_gpu(fake_gpu, tmp_path):
     from autotune.tuners import GridTuner
     from measure.cuda_roofline import probe_sources

@@ -11,8 +11,9 @@ import fakes
 import numpy as np
 import pytest
 
-from measure import BuildResult, LocalBuilder, MeasureError, MeasureInput
-from measure.cuda_runner import CudaRunner, classify_cuda_error, visible_device
+from measure import BuildResult, CudaRunner, LocalBuilder, MeasureError, MeasureInput
+from measure.backends.cuda import visible_device
+from measure.cuda_errors import classify_cuda_error
 from measure.resources import cuda_resource_problems
 from measure.worker import WorkerCrash, WorkerError, WorkerTimeout
 from search_space import ArgSpec, KernelSource, Target, Task, get_template
@@ -59,7 +60,7 @@ class FakeWorker:
 
     def call(self, path, payload, timeout):
         self.calls.append(path.split(":")[1])
-        if path.endswith("prepare_cuda_task"):
+        if path.endswith("prepare_task"):
             return {"device": "fake GPU"}
         action = self.script.pop(0)
         if isinstance(action, Exception):
@@ -118,7 +119,7 @@ def test_runner_maps_every_outcome_and_replaces_poisoned_workers():
     # sticky error, timeout, crash and the sticky WorkerError each cost the worker; OOR does not
     assert worker.killed == 4
     # a fresh worker means preparing the task's inputs again (a wrong answer keeps them)
-    assert worker.calls.count("prepare_cuda_task") == 5
+    assert worker.calls.count("prepare_task") == 5
     assert worker.closed
     for r in results:
         if r.error != MeasureError.NO_ERROR:
@@ -167,6 +168,7 @@ def test_resource_problems_from_the_ptxas_report():
     assert any("2048 threads" in p for p in threads)
 
 
+@pytest.mark.tools("nvcc")
 def test_builder_reports_out_of_resources_after_compiling():
     """nvcc builds the kernel, the check on its report and launch turns it away."""
     template = get_template(fakes.CUDA_FAULT_OP, "cuda")

@@ -243,6 +243,9 @@ AWKWARD = [
     ("gelu", {"M": 1, "N": 3}, "bfloat16", {}, ()),
     ("rope", {"T": 3, "H": 3, "D": 2}, "float16", {}, ()),
     ("rope", {"T": 33, "H": 5, "D": 80}, "float32", {"theta": 500000.0}, ("T",)),
+    ("rope", {"T": 9, "H": 4, "D": 64}, "bfloat16", {"theta": 500000.0, "rope_type": "llama3", "factor": 32.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 8192}, ("T",)),
     ("attention_decode", {"B": 3, "H": 6, "HKV": 1, "D": 80, "S": 65, "L": 1}, "float16", {}, ("S", "L")),
     ("attention_decode", {"B": 1, "H": 2, "HKV": 2, "D": 8, "S": 9, "L": 9}, "float32", {"scale": 0.5}, ()),
     ("attention_prefill", {"B": 2, "T": 1, "H": 3, "HKV": 1, "D": 32}, "bfloat16", {"causal": False}, ()),
@@ -251,6 +254,7 @@ AWKWARD = [
 ]
 
 
+@pytest.mark.tools("nvcc")
 def test_awkward_and_static_shapes_compile():
     """Smallest legal sizes, odd N and D, static dims, non-default attributes: default configs
     and one sampled config each go through nvcc without spills."""

@@ -161,7 +161,11 @@ def test_rope_on_gpu(drv, builder, target):
     runs = [{"T": 1}, {"T": 7}, {"T": 16}, {"T": 50}]
     wanted = [dict(trig="registers"), dict(tokens=4), dict(vec=1)]
     cases = [("rope", {"T": 16, "H": h, "D": d}, attrs, ("T",), runs, wanted)
-             for h, d, attrs in ((1, 2, {}), (3, 80, {"theta": 500000.0}), (32, 128, {}))]
+             for h, d, attrs in ((1, 2, {}), (3, 80, {"theta": 500000.0}), (32, 128, {}),
+                                 (8, 128, {"theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 8192}),
+                                 (4, 64, {"theta": 10000.0, "rope_type": "linear", "factor": 4.0}))]
     check_cases(drv, builder, target, cases, n_sampled=1)
 
 

@@ -42,6 +42,7 @@ def test_cuda_template_contract(template):
         assert {"grid", "block"} <= set(launch) and math.prod(launch["block"]) <= SM90.max_threads_per_block
 
 
+@pytest.mark.tools("nvcc")
 @pytest.mark.parametrize("template", CUDA_TEMPLATES, ids=lambda t: t.op)
 def test_cuda_template_compiles_for_sm90a(template):
     """The default config of every dtype and a sampled config of one dtype go through nvcc

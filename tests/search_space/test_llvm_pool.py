@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
-import shutil
 import signal
 import threading
 import time
@@ -215,7 +214,7 @@ def test_fork_while_another_thread_holds_the_pool(host):
         thread.join()
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("cc", "gcc", "clang")), reason="needs a C compiler")
+@pytest.mark.tools("cc")
 def test_exported_library_links_one_hidden_pool(tmp_path, host):
     from export.library_writer import link_shared_library
     from measure.compile_llvm import compile_library_object

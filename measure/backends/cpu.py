@@ -1,0 +1,108 @@
+"""The CPU backend: LLVM IR -> object code (llvmlite), linked in memory by MCJIT, called
+through ctypes on numpy arrays.
+
+Kernels run on the task's kept input arrays themselves (no copy of hundreds of MB per
+candidate), so inputs a kernel wrote to are made again. Each output is followed by guard
+bytes, so a write a little past its end is seen. Timing calls the kernel through a compiled
+repeat harness (``measure.cpu_kernel``), cycling over copies of the inputs when the policy
+times a cold cache (``TimingPolicy.cold_bytes``).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from search_space import KernelSource, Target, Task
+
+from .. import compile_llvm
+from ..task_data import TaskData, input_digest
+from ..timing import MAX_COPIES, TimingPolicy, condition_of, time_calls
+from .base import Backend, Candidate, Session
+
+
+class CpuCandidate(Candidate):
+    def __init__(self, kernel, source: KernelSource, task: Task, data: TaskData, buffers: dict[str, np.ndarray]):
+        self.kernel = kernel
+        self.source = source
+        self.dims = task.dims
+        self.data = data
+        self.buffers = buffers  # the kept input arrays, guarded outputs, workspaces
+
+    def run(self) -> float:
+        start = time.perf_counter()
+        self.kernel(self.buffers, self.dims)
+        return time.perf_counter() - start
+
+    def outputs(self) -> tuple[dict[str, np.ndarray], list[str]]:
+        from ..cpu_kernel import overran
+
+        names = [a.name for a in self.source.args if a.role == "out"]
+        return {name: self.buffers[name] for name in names}, [name for name in names if overran(self.buffers[name])]
+
+    def modified_inputs(self) -> list[str]:
+        return [name for name, digest in self.data.digests.items()
+                if name in self.buffers and input_digest(self.buffers[name]) != digest]
+
+    def time(self, policy: TimingPolicy, first_s: float) -> dict[str, Any]:
+        sets = cold_copies(self.source, self.buffers, policy.cold_bytes)
+        if len(sets) > 1:
+            timing = time_calls(lambda n: self.kernel.rotate(sets, self.dims, n), policy, first_call_s=first_s)
+            timing["input_copies"] = len(sets)
+        else:
+            timing = time_calls(lambda n: self.kernel.repeat(self.buffers, self.dims, n), policy, first_call_s=first_s)
+        timing["cache"] = condition_of(policy)  # kept in the record: what situation the time is for
+        return timing
+
+
+def cold_copies(source: KernelSource, buffers: dict[str, np.ndarray], cold_bytes: int) -> list[dict]:
+    """``buffers`` and enough copies of its inputs to fill ``cold_bytes`` (see TimingPolicy)."""
+    inputs = [a.name for a in source.args if a.role == "in"]
+    in_bytes = sum(buffers[name].nbytes for name in inputs)
+    copies = min(MAX_COPIES, -(-cold_bytes // max(in_bytes, 1))) if cold_bytes > in_bytes else 1
+    return [buffers] + [dict(buffers, **{name: buffers[name].copy() for name in inputs}) for _ in range(copies - 1)]
+
+
+class CpuSession(Session):
+    runs_on_kept_inputs = True
+
+    def load(self, artifact: bytes, source: KernelSource, target: Target, task: Task, data: TaskData) -> Candidate:
+        from ..cpu_kernel import allocate_args, load_object
+
+        buffers = allocate_args(source, task.dims, data.inputs, poison=True)  # first: it may not fit
+        return CpuCandidate(load_object(artifact, source, target), source, task, data, buffers)
+
+
+class CpuBackend(Backend):
+    kind = "cpu"
+    artifact_suffix = ".o"
+    default_policy = TimingPolicy()
+    linked_library = True
+
+    def flags(self, target: Target) -> str:
+        return compile_llvm.compile_flags(target)
+
+    def compiler(self) -> str:
+        return compile_llvm.compiler_version()
+
+    def compile(self, source: KernelSource, target: Target) -> tuple[bytes, dict[str, Any]]:
+        obj = compile_llvm.compile_to_object(source.code, target)
+        return obj, {"artifact_bytes": len(obj)}
+
+    def open_session(self) -> Session:
+        return _SESSION
+
+    def library_object(self, source: KernelSource, symbol: str, target: Target) -> bytes:
+        # the entry renamed to a name unique in the library, everything else internal
+        return compile_llvm.compile_library_object(source.code, source.entry, symbol, target)
+
+    def cannot_check_here(self, target: Target) -> str | None:
+        host = Target.host()
+        if target.key != host.key:  # its kernels may use instructions this CPU lacks
+            return f"compiled for {target.key}, not this CPU ({host.key}): not checked here"
+        return None
+
+
+_SESSION = CpuSession()  # the CPU needs no per-process setup
+BACKEND = CpuBackend()
