@@ -5,8 +5,11 @@ its value, never silently dropped: a runtime that loads a popular checkpoint and
 computes something else is the worst failure it can have. ``head_dim`` defaults to hidden /
 heads and ``num_key_value_heads`` to the number of heads (multi-head attention), as in
 transformers. ``rope_theta`` is read at the top level (transformers 4.x) or under
-``rope_parameters`` (5.x); the only rotary embedding implemented is the plain one
-(rope type ``default``). The lists below say what is accepted and why.
+``rope_parameters`` (5.x), and so is the rope scaling: ``rope_scaling`` (4.x) or
+``rope_parameters`` (5.x), with ``rope_type`` (or the older ``type``) ``default``, ``linear``
+(``factor``) or ``llama3`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
+``original_max_position_embeddings``; Llama 3.1 / 3.2), computed as transformers computes
+them (``runtime.rope_frequencies``). The lists below say what is accepted and why.
 """
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+from .rope_frequencies import PARAMETERS as ROPE_PARAMETERS
+from .rope_frequencies import ROPE_TYPES, rope_attrs, rope_problem
 
 # The decoder is Llama's (RMSNorm, bias-free projections, rotate-half RoPE, grouped-query
 # attention, SwiGLU). Mistral is the same network plus an optional sliding window (refused at
@@ -26,9 +32,10 @@ _WHY_NOT = {"Qwen2ForCausalLM": "its q/k/v projections have biases", "qwen2": "i
             "MixtralForCausalLM": "its MLP is a mixture of experts", "mixtral": "its MLP is a mixture of experts"}
 # silu and swish are the same function (x * sigmoid(x)), the gate of SwiGLU.
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
-# Rotary embedding variants implemented: only the plain one; linear, dynamic, yarn, llama3,
-# longrope ... change the frequencies and would give other logits.
-SUPPORTED_ROPE_TYPES = ("default",)
+# Rotary embedding variants implemented (``runtime.rope_frequencies``); dynamic, yarn,
+# longrope ... change the frequencies (some with the sequence length, some scale the
+# attention too) and would give other logits, so they are refused.
+SUPPORTED_ROPE_TYPES = ROPE_TYPES
 
 # Fields read into ModelConfig or checked by ``from_hf_dict`` (honoured, or refused by value).
 READ_FIELDS = frozenset({
@@ -46,8 +53,13 @@ HARMLESS_FIELDS = frozenset({
     "pad_token_id", "initializer_range", "use_cache", "attention_dropout", "max_sequence_length",
     "output_attentions", "output_hidden_states", "return_dict", "torchscript", "_attn_implementation_autoset",
     "tokenizer_class", "id2label", "label2id"})
-# Keys inside ``rope_scaling`` / ``rope_parameters`` that a default rope may carry.
-_DEFAULT_ROPE_KEYS = frozenset({"rope_type", "type", "rope_theta"})
+# Keys inside ``rope_scaling`` / ``rope_parameters`` that any rope may carry (its type and,
+# under ``rope_parameters``, the base); the scaling parameters depend on the type.
+_ROPE_TYPE_KEYS = ("rope_type", "type")
+# ModelConfig's field for each scaling parameter
+_ROPE_FIELDS = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+                "high_freq_factor": "rope_high_freq_factor",
+                "original_max_position_embeddings": "rope_original_max_position_embeddings"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,12 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     sliding_window: int | None = None  # Mistral: each token attends to at most this many; None: all
+    # rope scaling (``runtime.rope_frequencies``): the parameters of ``rope_type`` are set, the others None
+    rope_type: str = "default"
+    rope_factor: float | None = None
+    rope_low_freq_factor: float | None = None
+    rope_high_freq_factor: float | None = None
+    rope_original_max_position_embeddings: int | None = None
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -82,6 +100,26 @@ class ModelConfig:
         window = self.sliding_window
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
             raise ValueError(f"model {self.name}: sliding_window must be a positive integer or null, got {window!r}")
+        takes = ROPE_PARAMETERS.get(self.rope_type, ())
+        stray = [f for p, f in _ROPE_FIELDS.items() if p not in takes and getattr(self, f) is not None]
+        if stray:
+            raise ValueError(f"model {self.name}: {stray[0]} = {getattr(self, stray[0])!r} does not apply to "
+                             f"rope_type {self.rope_type!r}")
+        problem = rope_problem(self.rope_type, self.rope_scaling)
+        if problem:
+            raise ValueError(f"model {self.name}: rope {problem}")
+
+    @property
+    def rope_scaling(self) -> dict[str, float | int]:
+        """The parameters of the rope type by transformers' names (empty for ``default``)."""
+        return {p: getattr(self, _ROPE_FIELDS[p]) for p in ROPE_PARAMETERS.get(self.rope_type, ())
+                if getattr(self, _ROPE_FIELDS[p]) is not None}
+
+    @property
+    def rope_attrs(self) -> dict[str, Any]:
+        """The rope kernel's attributes: ``{"theta": ...}`` for a default rope, plus the type and
+        its parameters for a scaled one."""
+        return rope_attrs(self.rope_theta, self.rope_type, **self.rope_scaling)
 
     @property
     def q_size(self) -> int:
@@ -111,6 +149,10 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("name")
+        for field in ("rope_type", *_ROPE_FIELDS.values()):
+            data.pop(field)
+        if self.rope_type != "default":  # transformers 4.x layout, beside the top-level rope_theta
+            data["rope_scaling"] = {"rope_type": self.rope_type, **self.rope_scaling}
         if self.sliding_window is None:
             data.pop("sliding_window")
             data.update(model_type="llama", architectures=["LlamaForCausalLM"])
@@ -138,6 +180,7 @@ class ModelConfig:
         _check_layers(data, where)
         heads = data["num_attention_heads"]
         head_dim = data.get("head_dim") or (data["hidden_size"] // heads if isinstance(heads, int) and heads else 0)
+        rope_type, scaling = _rope_scaling(data, where)
         return cls(name=name, hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
                    num_attention_heads=heads, num_key_value_heads=data.get("num_key_value_heads") or heads,
                    head_dim=head_dim, num_hidden_layers=data["num_hidden_layers"], vocab_size=data["vocab_size"],
@@ -145,7 +188,8 @@ class ModelConfig:
                    rope_theta=_rope_theta(data, where),
                    tie_word_embeddings=_flag(data, "tie_word_embeddings", where),
                    max_position_embeddings=_or(data.get("max_position_embeddings"), 4096),
-                   sliding_window=data.get("sliding_window"))
+                   sliding_window=data.get("sliding_window"), rope_type=rope_type,
+                   **{_ROPE_FIELDS[p]: v for p, v in scaling.items()})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
@@ -212,17 +256,17 @@ def _flag(data: Mapping[str, Any], field: str, where: str) -> bool:
     return value
 
 
-def _rope_theta(data: Mapping[str, Any], where: str) -> float:
-    """The rotary base, from ``rope_theta`` (transformers 4.x) or ``rope_parameters.rope_theta``
-    (5.x), after checking that ``rope_scaling`` and ``rope_parameters`` ask for no scaling."""
-    params = data.get("rope_parameters")
+def _rope_scaling(data: Mapping[str, Any], where: str) -> tuple[str, dict[str, float | int]]:
+    """The rope type and its parameters, from ``rope_scaling`` (transformers 4.x) or
+    ``rope_parameters`` (5.x); a type or key this runtime does not compute is refused."""
+    found: dict[str, tuple[str, dict[str, float | int]]] = {}
     for field in ("rope_scaling", "rope_parameters"):
         spec = data.get(field)
         if spec is None:
             continue
         if not isinstance(spec, dict):
             raise ValueError(f"{where}: {field} = {_show(spec)} is not an object")
-        kinds = {key: spec[key] for key in ("rope_type", "type") if key in spec}
+        kinds = {key: spec[key] for key in _ROPE_TYPE_KEYS if key in spec}
         if len(set(map(str, kinds.values()))) > 1:
             raise ValueError(f"{where}: {field}.rope_type and {field}.type disagree ({_show(kinds)})")
         if not kinds and field == "rope_scaling":
@@ -232,13 +276,39 @@ def _rope_theta(data: Mapping[str, Any], where: str) -> float:
         if kind not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"{where}: rope scaling {_show(kind)} ({field}.{key}) is not implemented; supported: "
                              f"{', '.join(SUPPORTED_ROPE_TYPES)}")
-        allowed = _DEFAULT_ROPE_KEYS if field == "rope_parameters" else _DEFAULT_ROPE_KEYS - {"rope_theta"}
+        takes = ROPE_PARAMETERS[kind]
+        allowed = {*_ROPE_TYPE_KEYS, *takes} | ({"rope_theta"} if field == "rope_parameters" else set())
         extra = sorted(k for k in spec if k not in allowed)
         if extra:
             raise ValueError(f"{where}: {field}.{extra[0]} = {_show(spec[extra[0]])} is not implemented for rope "
                              f"type {kind!r}; supported: {', '.join(sorted(allowed))}")
+        params = {p: _rope_parameter(spec[p], p) for p in takes if spec.get(p) is not None}
+        problem = rope_problem(kind, params)
+        if problem:
+            raise ValueError(f"{where}: {field}.{problem}")
+        found[field] = (kind, params)
+    if len(found) == 2 and found["rope_scaling"] != found["rope_parameters"]:
+        raise ValueError(f"{where}: rope_scaling = {_show(data['rope_scaling'])} and rope_parameters = "
+                         f"{_show(data['rope_parameters'])} disagree")
+    return found.get("rope_parameters") or found.get("rope_scaling") or ("default", {})
+
+
+def _rope_parameter(value: Any, key: str) -> Any:
+    """One kind of number per parameter (8 and 8.0 alike), so that equal configs give equal
+    kernel attributes; anything else is left for ``rope_problem`` to name."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if key == "original_max_position_embeddings":
+        return int(value) if float(value).is_integer() else value
+    return float(value)
+
+
+def _rope_theta(data: Mapping[str, Any], where: str) -> float:
+    """The rotary base, from ``rope_theta`` (transformers 4.x) or ``rope_parameters.rope_theta`` (5.x)."""
+    params = data.get("rope_parameters")
     top = _optional_number(data.get("rope_theta"), "rope_theta", where)
-    nested = _optional_number(params.get("rope_theta"), "rope_parameters.rope_theta", where) if params else None
+    nested = (_optional_number(params.get("rope_theta"), "rope_parameters.rope_theta", where)
+              if isinstance(params, dict) else None)
     if top is not None and nested is not None and top != nested:
         raise ValueError(f"{where}: rope_theta = {top:g} and rope_parameters.rope_theta = {nested:g} disagree")
     theta = nested if nested is not None else top
@@ -256,6 +326,11 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-3-8b": _preset("llama-3-8b", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                           num_key_value_heads=8, head_dim=128, num_hidden_layers=32, vocab_size=128256,
                           rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192),
+    "llama-3.1-8b": _preset("llama-3.1-8b", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                            num_key_value_heads=8, head_dim=128, num_hidden_layers=32, vocab_size=128256,
+                            rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+                            rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
+                            rope_high_freq_factor=4.0, rope_original_max_position_embeddings=8192),
     "mistral-7b": _preset("mistral-7b", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                           num_key_value_heads=8, head_dim=128, num_hidden_layers=32, vocab_size=32000,
                           rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=32768),

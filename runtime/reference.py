@@ -2,9 +2,9 @@
 runtime is checked against and the speed it is compared with.
 
 The same computation as ``runtime.llama``: RMSNorm, Q/K/V projections, rotary embedding
-(rotate-half), causal grouped-query attention over a KV cache, output projection, residual,
-SwiGLU MLP, final norm, LM head, greedy decoding. Quantised weights enter as the float32
-weights their int4 codes stand for.
+(rotate-half, scaled as the config's rope type says), causal grouped-query attention over a
+KV cache, output projection, residual, SwiGLU MLP, final norm, LM head, greedy decoding.
+Quantised weights enter as the float32 weights their int4 codes stand for.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 
 from .generation import Generation
 from .model_config import ModelConfig
+from .rope_frequencies import inverse_frequencies
 from .weights import ModelWeights, layer_name
 
 
@@ -21,11 +22,13 @@ def rms_norm(x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * gain
 
 
-def rotate(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
-    """Rotary embedding of x[..., T, heads, D] at ``positions`` [T] (angles in float64)."""
+def rotate(x: np.ndarray, positions: np.ndarray, theta: float, rope_type: str = "default",
+           **scaling: float | int) -> np.ndarray:
+    """Rotary embedding of x[..., T, heads, D] at ``positions`` [T] (angles in float64);
+    ``rope_type`` and ``scaling`` as ``runtime.rope_frequencies.inverse_frequencies`` takes them."""
     dim = x.shape[-1]
     half = dim // 2
-    freqs = theta ** (-np.arange(half, dtype=np.float64) * 2.0 / dim)
+    freqs = inverse_frequencies(dim, theta, rope_type, **scaling)
     angle = positions.astype(np.float64)[:, None] * freqs[None, :]
     cos, sin = np.cos(angle).astype(np.float32)[:, None, :], np.sin(angle).astype(np.float32)[:, None, :]
     lo, hi = x[..., :half], x[..., half:]
@@ -74,7 +77,8 @@ class ReferenceModel:
             q = self._matmul(h, layer_name(layer, "self_attn.q_proj")).reshape(b, t, c.num_attention_heads, c.head_dim)
             k = self._matmul(h, layer_name(layer, "self_attn.k_proj")).reshape(b, t, c.num_key_value_heads, c.head_dim)
             v = self._matmul(h, layer_name(layer, "self_attn.v_proj")).reshape(b, t, c.num_key_value_heads, c.head_dim)
-            q, k = rotate(q, positions, c.rope_theta), rotate(k, positions, c.rope_theta)
+            q = rotate(q, positions, c.rope_theta, c.rope_type, **c.rope_scaling)
+            k = rotate(k, positions, c.rope_theta, c.rope_type, **c.rope_scaling)
             k_cache, v_cache = caches[layer]
             k_cache[:, :, start:start + t] = k.transpose(0, 2, 1, 3)
             v_cache[:, :, start:start + t] = v.transpose(0, 2, 1, 3)

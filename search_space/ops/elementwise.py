@@ -11,7 +11,8 @@ template reads):
   (the fused residual add of a decoder block: S is the new residual stream).
 - ``layernorm``: X[M,N], G[N], BETA[N] -> Y = (X - mean) / sqrt(var + eps) * G + BETA.
 - ``rope``:      X[T,H,D], P[T] (int32 positions) -> Y[T,H,D], rotate-half (Llama / HF):
-  for i < D/2, f_i = theta^(-2i/D), a = P[t] * f_i:
+  for i < D/2, f_i = theta^(-2i/D) (rescaled for ``rope_type`` linear or llama3, see
+  ``runtime.rope_frequencies``), a = P[t] * f_i:
   Y[i] = X[i] cos a - X[i + D/2] sin a,  Y[i + D/2] = X[i + D/2] cos a + X[i] sin a.
 - ``swiglu``:    G[M,N], U[M,N] -> Y = silu(G) * U, silu(g) = g / (1 + exp(-g)).
 - ``gelu``:      X[M,N] -> Y = 0.5 X (1 + tanh(sqrt(2/pi) (X + 0.044715 X^3))).
@@ -24,6 +25,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from runtime.rope_frequencies import ROPE_TYPES, SCALING_KEYS, frequencies_of_attrs, rope_problem
 
 from ..task import Task
 from ..template import ArgSpec, Operator, register_operator
@@ -181,8 +184,18 @@ class RopeOp(Operator):
     dims = ("T", "H", "D")
     dynamic_dims = ("T",)
     dtypes = FLOAT_DTYPES
-    default_attrs = {"theta": 10000.0}
-    attr_docs = {"theta": "RoPE base: position p turns pair i by p * theta^(-2i/D)"}
+    # the scaling parameters' defaults are only their types (for --attr) and neutral values: a
+    # rope of type linear or llama3 must name every parameter its type takes (``check``)
+    default_attrs = {"theta": 10000.0, "rope_type": "default", "factor": 1.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    attr_docs = {
+        "theta": "RoPE base: position p turns pair i by p * theta^(-2i/D) (before scaling)",
+        "rope_type": f"frequency scaling, as transformers' rope_type: {', '.join(ROPE_TYPES)}",
+        "factor": "linear, llama3 (required there): how much slower the (long-wavelength) frequencies turn",
+        "low_freq_factor": "llama3 (required): wavelengths above original_max_position_embeddings / this are scaled",
+        "high_freq_factor": "llama3 (required): wavelengths below original_max_position_embeddings / this are kept",
+        "original_max_position_embeddings": "llama3 (required): the context length the model was pretrained at",
+    }
     example_shape = {"T": 512, "H": 32, "D": 128}
     description = "rotary position embedding, rotate-half (Llama), positions as an input"
 
@@ -190,6 +203,13 @@ class RopeOp(Operator):
         super().check(task)
         if task.dims["D"] % 2:
             raise ValueError(f"rope: head dim D = {task.dims['D']} must be even")
+        attrs = task.attr
+        theta = attrs.get("theta", self.default_attrs["theta"])
+        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not math.isfinite(theta) or theta <= 0:
+            raise ValueError(f"rope: theta = {theta!r} is not a positive number")
+        problem = rope_problem(attrs.get("rope_type", "default"), {k: v for k, v in attrs.items() if k in SCALING_KEYS})
+        if problem:
+            raise ValueError(f"rope: {problem}")
 
     def signature(self, task: Task) -> tuple[ArgSpec, ...]:
         dt = task.dtype
@@ -214,7 +234,7 @@ class RopeOp(Operator):
         dim = task.dims["D"]
         half = dim // 2
         dtype = np.float64 if x.dtype == np.float64 else np.float32
-        freqs = float(self.attrs(task)["theta"]) ** (-np.arange(half, dtype=np.float64) * 2.0 / dim)
+        freqs = frequencies_of_attrs(dim, self.attrs(task))
         angle = (positions.astype(np.float64)[:, None] * freqs[None, :]).astype(dtype)[:, None, :]  # T,1,D/2
         cos, sin = np.cos(angle), np.sin(angle)
         lo, hi = x[..., :half], x[..., half:]

@@ -1,6 +1,7 @@
 """``rope`` on the CPU: rotate-half rotary embedding of X[T, H, D] at positions P[T].
 
-For i < D/2: a = P[t] f_i with f_i = theta^(-2i/D); Y[i] = X[i] cos a - X[i+D/2] sin a and
+For i < D/2: a = P[t] f_i with f_i = theta^(-2i/D) (or its linear / llama3 scaling,
+``runtime.rope_frequencies``); Y[i] = X[i] cos a - X[i+D/2] sin a and
 Y[i+D/2] = X[i+D/2] cos a + X[i] sin a. Angles reach thousands of radians (positions x
 frequencies near 1), where a float32 angle is already off by 1e-4: the angle is formed
 and reduced in float64 (``KernelBuilder.sincos``), the frequencies are float64 constants
@@ -15,6 +16,8 @@ sharing each loaded cos/sin vector. One token is one parallel chunk; T may be dy
 from __future__ import annotations
 
 import llvmlite.ir as ir
+
+from runtime.rope_frequencies import frequencies_of_attrs
 
 from ..codegen import llvm as cg
 from ..ops.elementwise import RopeOp
@@ -93,9 +96,8 @@ class RopeCpu(RopeOp, Template):
         half, width = d // 2, padded(d // 2)
         lanes, unroll, heads = c["vec"], c["unroll"], c["heads"]
         streaming = c["stores"] == "streaming"
-        theta = float(self.attrs(task)["theta"])
-        # the reference's frequencies, bit for bit: theta ** (-(2 i) / D) in float64
-        freqs = [theta ** (-(i * 2.0) / d) for i in range(half)] + [0.0] * (width - half)
+        # the reference's frequencies, bit for bit: float64, scaled as the rope type says
+        freqs = [float(f) for f in frequencies_of_attrs(d, self.attrs(task))] + [0.0] * (width - half)
         args = rw.kernel_args(task, self.signature(task), self.workspace(task, config))
         table = {}
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from autotune.bench.cuda import CudaBenchResult, compute_peak
+from autotune.bench.cuda import CudaBenchResult, compute_peak, torch_available
 from autotune.bench.cuda_baselines import BASELINES
 from measure.compile_cuda import compile_to_cubin
 from measure.cuda_roofline import DOCUMENTED, probe_sources
@@ -22,6 +22,7 @@ def test_every_llm_operator_has_a_vendor_baseline():
     assert ops <= set(BASELINES), sorted(ops - set(BASELINES))
 
 
+@pytest.mark.tools("nvcc")
 @pytest.mark.parametrize("name", ["stream", "fma"])
 def test_roofline_probes_compile(name):
     data, stats = compile_to_cubin(probe_sources()[name], SM90)
@@ -46,4 +47,20 @@ def test_result_without_a_vendor_baseline_is_valid_json_and_readable():
     assert data["baseline_s"] is None and data["speedup"] is None and data["bound"] == "memory"
     assert 0.7 < data["roofline_fraction"] < 0.8  # 90 MB in 30 us against 4.09 TB/s
     assert "no vendor baseline" in result.summary() and "GB/s" in result.summary()
+
+
+@pytest.mark.parametrize("version_py, available", [
+    ("cuda: Optional[str] = '12.8'\nhip: Optional[str] = None\n", True),
+    ("cuda: Optional[str] = None\nhip: Optional[str] = '6.2'\n", True),
+    ("__version__ = '2.13.0+cpu'\ncuda: Optional[str] = None\nhip: Optional[str] = None\n", False),
+], ids=["cuda", "rocm", "cpu"])
+def test_only_a_gpu_build_of_torch_offers_vendor_baselines(version_py, available, tmp_path, monkeypatch):
+    """A CPU build (the test extra installs one) must not be asked for cuBLAS: read from its
+    version.py, without importing torch."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('torch must not be imported here')\n")
+    (tmp_path / "torch" / "version.py").write_text("from typing import Optional\n" + version_py)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "torch", raising=False)
+    assert torch_available() is available
 

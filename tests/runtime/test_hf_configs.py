@@ -53,6 +53,12 @@ TINYLLAMA = {  # TinyLlama/TinyLlama-1.1B-Chat-v1.0
     "num_key_value_heads": 4, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
     "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     "transformers_version": "4.35.0", "use_cache": True, "vocab_size": 32000}
+LLAMA32_5X = {  # meta-llama/Llama-3.2-1B saved by transformers 5: llama3 scaling (factor 32), tied head
+    **LLAMA3_5X, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "head_dim": 64,
+    "max_position_embeddings": 131072, "tie_word_embeddings": True,
+    "rope_parameters": {**_LLAMA3_SCALING, "factor": 32.0, "rope_theta": 500000.0, "rope_type": "llama3"}}
+YARN_5X = {**LLAMA3_5X, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                                            "original_max_position_embeddings": 8192}}
 MISTRAL_V01 = {  # mistralai/Mistral-7B-v0.1: a 4096-token sliding window
     "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
     "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
@@ -92,6 +98,33 @@ def test_supported_checkpoints_parse_with_their_rope_theta(data, theta, kv_heads
     assert parse(config.to_hf_dict()) == config  # what the reference worker receives parses back the same
 
 
+@pytest.mark.parametrize("data, rope_type, scaling", [
+    (LLAMA31_4X, "llama3", _LLAMA3_SCALING), (LLAMA31_5X, "llama3", _LLAMA3_SCALING),
+    (LLAMA32_5X, "llama3", {**_LLAMA3_SCALING, "factor": 32.0}),
+    ({**LLAMA2_4X, "rope_scaling": {"type": "linear", "factor": 2}}, "linear", {"factor": 2.0}),
+    ({**LLAMA3_5X, "rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5}}, "linear",
+     {"factor": 4.0}),
+    ({**LLAMA3_4X, "rope_scaling": {"rope_type": "default"}}, "default", {}),
+], ids=["llama3.1-4.x", "llama3.1-5.x", "llama3.2-5.x", "linear-4.x", "linear-5.x", "default-4.x"])
+def test_rope_scaling_of_both_layouts_is_read(data, rope_type, scaling):
+    config = parse(data)
+    assert config.rope_type == rope_type and config.rope_scaling == scaling
+    theta = data.get("rope_theta") or data.get("rope_parameters", {}).get("rope_theta", 10000.0)
+    assert config.rope_theta == theta
+    assert parse(config.to_hf_dict()) == config  # the reference worker's copy parses back the same
+    rope = {c.role: c for c in prefill_calls(config, 16)}["rope_k"].spec
+    want = {"theta": theta} if rope_type == "default" else {"theta": theta, "rope_type": rope_type, **scaling}
+    assert rope.attr == want
+    assert all(type(v) is type(want[k]) for k, v in rope.attr.items())  # 2 and 2.0 name one kernel
+
+
+def test_a_default_rope_keeps_the_kernel_attributes_of_older_records():
+    for data in (LLAMA2_4X, LLAMA3_5X, {**LLAMA3_4X, "rope_scaling": {"rope_type": "default"}}):
+        for call in prefill_calls(parse(data), 16):
+            if call.spec.op == "rope":
+                assert call.spec.attrs == (("theta", parse(data).rope_theta),)
+
+
 def test_rope_theta_of_both_layouts_reaches_the_rope_kernel_and_the_reference():
     default = parse(SMALL)
     v5 = parse({**SMALL, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}})
@@ -125,12 +158,27 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
 
 
 @pytest.mark.parametrize("data, message", [
-    (LLAMA31_4X, "rope scaling 'llama3' (rope_scaling.rope_type) is not implemented; supported: default"),
-    (LLAMA31_5X, "rope scaling 'llama3' (rope_parameters.rope_type) is not implemented; supported: default"),
-    ({**LLAMA2_4X, "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling 'linear' (rope_scaling.type)"),
+    (YARN_5X, "rope scaling 'yarn' (rope_parameters.rope_type) is not implemented; supported: default, linear, "
+              "llama3"),
     ({**LLAMA2_4X, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic' (rope_scaling.type)"),
-    ({**LLAMA3_5X, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}},
-     "rope scaling 'yarn' (rope_parameters.rope_type)"),
+    ({**LLAMA2_4X, "rope_scaling": {"type": "linear"}},
+     "rope_scaling.factor is missing: rope type 'linear' needs factor"),
+    ({**LLAMA2_4X, "rope_scaling": {"type": "linear", "factor": 0}}, "rope_scaling.factor = 0.0 is not a positive"),
+    ({**LLAMA2_4X, "rope_scaling": {"type": "linear", "factor": "2"}}, "rope_scaling.factor = '2' is not a positive"),
+    ({**LLAMA31_5X, "rope_parameters": {**LLAMA31_5X["rope_parameters"], "high_freq_factor": 1.0}},
+     "rope_parameters.low_freq_factor = 1.0 is not below high_freq_factor = 1.0"),
+    ({**LLAMA31_4X, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     "rope_scaling.low_freq_factor is missing: rope type 'llama3' needs factor, low_freq_factor"),
+    ({**LLAMA31_4X, "rope_scaling": {**LLAMA31_4X["rope_scaling"], "original_max_position_embeddings": 8192.5}},
+     "rope_scaling.original_max_position_embeddings = 8192.5 is not a positive integer"),
+    ({**LLAMA31_4X, "rope_scaling": {**LLAMA31_4X["rope_scaling"], "attention_factor": 1.0}},
+     "rope_scaling.attention_factor = 1.0 is not implemented for rope type 'llama3'"),
+    ({**LLAMA2_4X, "rope_scaling": {"type": "linear", "factor": 2.0},
+      "rope_parameters": {"rope_type": "linear", "factor": 4.0}}, "rope_scaling = {\"type\": \"linear\", "),
+    ({**LLAMA2_4X, "rope_scaling": {"type": "linear", "rope_type": "llama3", "factor": 2.0}},
+     "rope_scaling.rope_type and rope_scaling.type disagree"),
+    ({**LLAMA3_4X, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     "rope scaling 'yarn' (rope_scaling.rope_type)"),
     ({**LLAMA3_5X, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope scaling 'longrope'"),
     ({**LLAMA3_5X, "rope_parameters": {"rope_type": "something-new", "rope_theta": 1e4}}, "'something-new'"),
     ({**LLAMA2_4X, "rope_scaling": {"factor": 2.0}}, "rope_scaling = {\"factor\": 2.0} names no rope type"),
@@ -150,9 +198,10 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**LLAMA2_4X, "auto_map": {"AutoModelForCausalLM": "x.Y"}}, "unknown field auto_map"),
     ({**MISTRAL_V01, "sliding_window": -1}, "sliding_window = -1"),
     ({**LLAMA2_4X, "rope_theta": "10000"}, "rope_theta = '10000' is not a number"),
-], ids=["llama3.1-4.x", "llama3.1-5.x", "linear", "dynamic", "yarn", "longrope", "unknown-rope", "untyped-scaling",
-        "partial-rotary", "thetas-disagree", "qwen2", "qwen2-model-type", "gemma", "classifier", "attention-bias",
-        "mlp-bias", "gelu", "pretraining-tp", "quantized", "custom-code", "bad-window", "theta-string"])
+], ids=["yarn", "dynamic", "linear-no-factor", "linear-zero", "linear-string", "llama3-band", "llama3-missing",
+        "llama3-context", "llama3-extra", "layouts-disagree", "types-disagree", "yarn-4.x", "longrope", "unknown-rope",
+        "untyped-scaling", "partial-rotary", "thetas-disagree", "qwen2", "qwen2-model-type", "gemma", "classifier",
+        "attention-bias", "mlp-bias", "gelu", "pretraining-tp", "quantized", "custom-code", "bad-window", "theta-string"])
 def test_a_field_that_is_not_implemented_is_refused_by_name(data, message):
     with pytest.raises(ValueError) as caught:
         parse(data)
@@ -168,8 +217,8 @@ def test_harmless_fields_are_accepted_and_attention_dropout_too():
 
 
 def test_load_model_config_names_the_file(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(LLAMA31_5X))
-    with pytest.raises(ValueError, match=r"^.*config\.json: rope scaling 'llama3' \(rope_parameters.rope_type\)"):
+    (tmp_path / "config.json").write_text(json.dumps(YARN_5X))
+    with pytest.raises(ValueError, match=r"^.*config\.json: rope scaling 'yarn' \(rope_parameters.rope_type\)"):
         load_model_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_5X))
     assert load_model_config(tmp_path).rope_theta == 500000.0
@@ -281,10 +330,11 @@ def _cli(tmp_path, *args):
 
 
 @pytest.mark.parametrize("data, message", [
-    (LLAMA31_5X, "rope scaling 'llama3' (rope_parameters.rope_type) is not implemented"),
+    (YARN_5X, "rope scaling 'yarn' (rope_parameters.rope_type) is not implemented"),
+    ({**LLAMA2_4X, "hidden_act": "gelu_pytorch_tanh"}, "hidden_act 'gelu_pytorch_tanh' is not implemented"),
     (QWEN2, "architectures 'Qwen2ForCausalLM' is not supported"),
     ({**TINYLLAMA, "attention_bias": True}, "attention_bias = true"),
-], ids=["llama3.1", "qwen2", "attention-bias"])
+], ids=["yarn", "gelu", "qwen2", "attention-bias"])
 def test_run_with_a_refused_config_is_one_line_and_exit_2(data, message, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(data))
     (tmp_path / "empty.jsonl").write_text("")

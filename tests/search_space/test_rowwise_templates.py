@@ -146,6 +146,28 @@ def test_rope_is_accurate_at_large_positions(shape, theta, host, builder):
         assert_matches(template, task, inputs, outputs, tol=2e-6)
 
 
+SCALED_ROPES = [  # llama3 with a short original context, so that D = 24 has pairs in all three bands
+    {"theta": 10000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"theta": 500000.0, "rope_type": "linear", "factor": 4.0},
+]
+
+
+@pytest.mark.parametrize("attrs", SCALED_ROPES, ids=lambda a: a["rope_type"])
+def test_scaled_rope_bakes_in_the_scaled_frequencies(attrs, host, builder):
+    template = get_template("rope", "cpu")
+    task = Task.make("rope", {"T": 6, "H": 3, "D": 24}, attrs=attrs, dynamic=("T",))
+    plain = Task.make("rope", {"T": 6, "H": 3, "D": 24}, attrs={"theta": attrs["theta"]}, dynamic=("T",))
+    configs = one_config_per_value(template, task, host, "table")
+    inputs = template.make_inputs(task, np.random.default_rng(6))
+    inputs["P"] = np.array([0, 3, 100, 4095, 65535, 500_000], dtype=np.int32)
+    for kernel in load_kernels(builder, host, [(task, c) for c in configs]):
+        outputs = run(kernel, template, task, inputs)
+        assert_matches(template, task, inputs, outputs, tol=2e-6)
+        # and not the unscaled rotation: the scaling reached the kernel
+        assert np.abs(outputs["Y"] - template.reference(plain, inputs)["Y"]).max() > 1e-2
+
+
 def test_rope_smallest_head_dim_and_one_token(host, builder):
     template = get_template("rope", "cpu")
     task = Task.make("rope", {"T": 1, "H": 1, "D": 2})

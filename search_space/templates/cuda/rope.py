@@ -5,16 +5,17 @@ dims i of the low half of one head's row and the matching dims i + D/2 of the hi
 numbered so that consecutive threads move consecutive 16-byte vectors of each half.
 Items per thread are a compile-time count (H, D static), unrolled.
 
-Angles: a = P[t] * f_i with f_i = theta^(-2i/D) from a float64 table compiled in (the
-same numbers the float64 reference uses), multiplied in float64 and reduced to
-[-pi, pi] in float64, so that __sincosf (absolute error 2^-21.4 there) stays accurate at
-positions of many thousands where a float32 product alone would be off by 1e-4.
+Angles: a = P[t] * f_i with f_i = theta^(-2i/D) (or its linear / llama3 scaling) from a
+float64 table compiled in (``runtime.rope_frequencies``: the numbers the reference uses),
+multiplied in float64 and reduced to [-pi, pi] in float64, so that __sincosf (absolute
+error 2^-21.4 there) stays accurate at positions of many thousands where a float32 product
+alone would be off by 1e-4.
 ``trig = shared``: the block computes cos/sin once per (token, i) into shared memory and
 every head reuses them; ``trig = registers``: each thread computes its own.
 """
 from __future__ import annotations
 
-import numpy as np
+from runtime.rope_frequencies import frequencies_of_attrs
 
 from ...codegen.cuda import PREAMBLE, VECTOR_HELPERS, c_type, dim_scalars, kernel_params, registers_ok, static_dims
 from ...ops.common import ITEMSIZE
@@ -113,8 +114,7 @@ class RopeCuda(RopeOp, Template):
         c = config.as_dict()
         d = task.dims
         half = d["D"] // 2
-        theta = float(self.attrs(task)["theta"])
-        freqs = theta ** (-np.arange(half, dtype=np.float64) * 2.0 / d["D"])  # exactly as the reference
+        freqs = frequencies_of_attrs(d["D"], self.attrs(task))  # exactly as the reference
         table = ", ".join(repr(float(f)) for f in freqs)
         args = self.signature(task) + dim_scalars(task)
         shared = c["trig"] == "shared"

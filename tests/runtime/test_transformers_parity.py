@@ -1,0 +1,237 @@
+"""Small random checkpoints saved by the installed transformers, one per supported family, run
+by the runtime (default kernels, CPU) and by the numpy reference decoder: the same greedy
+tokens as transformers over 32 new tokens, and teacher-forced logits within 1e-4 (float32).
+
+transformers (and torch) are a test dependency only (the ``test`` extra). Checkpoints are
+saved with ``save_pretrained`` (safetensors, transformers 5 layout) and some configs are
+rewritten into the transformers 4.x layout (top-level ``rope_theta``, ``rope_scaling``) that
+the real Llama 2 / 3.1 / TinyLlama repositories ship, so both layouts are read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from runtime.llama import LlamaModel  # noqa: E402
+from runtime.model_config import load_model_config  # noqa: E402
+from runtime.reference import ReferenceModel  # noqa: E402
+from runtime.rope_frequencies import inverse_frequencies  # noqa: E402
+from runtime.weights import ModelWeights  # noqa: E402
+
+PROMPT_TOKENS, NEW_TOKENS, BATCH = 7, 32, 2
+LOGITS_TOLERANCE = 1e-4
+# every family shares these dims, so the compiled kernels serve them all (the rope kernels
+# differ only by their frequencies)
+DIMS = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            num_hidden_layers=2, vocab_size=96, max_position_embeddings=256, rms_norm_eps=1e-5)
+# the llama3 scaling of Llama 3.1, with the original context shrunk from 8192 to 64 so that a
+# 16-dim head has pairs in each band (kept, blended, slowed down) at these short sequences
+LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=64)
+
+
+def _to_4x_layout(folder: Path, rope_theta: bool = True) -> None:
+    """Rewrite a transformers 5 config.json the way transformers 4.x wrote it: the base at the
+    top level (or not at all, as in Llama 2's config), the scaling in ``rope_scaling``."""
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    rope = dict(data.pop("rope_parameters"))
+    theta = rope.pop("rope_theta")
+    if rope_theta:
+        data["rope_theta"] = theta
+    else:
+        assert theta == 10000.0  # the 4.x default
+    rope.pop("type", None)
+    data["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
+    path.write_text(json.dumps(data, indent=2))
+
+
+# name -> (transformers config class, its arguments, layout of the saved config.json)
+FAMILIES = {
+    "llama2": ("LlamaConfig", dict(rope_theta=10000.0), "4.x-no-theta"),
+    "llama2-mha": ("LlamaConfig", dict(rope_theta=10000.0, num_key_value_heads=4), "4.x"),  # as many KV heads
+    "llama3": ("LlamaConfig", dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}), "5.x"),
+    "llama3.1": ("LlamaConfig", dict(rope_parameters={**LLAMA3_SCALING, "rope_theta": 500000.0}), "4.x"),
+    "llama3.2": ("LlamaConfig", dict(rope_parameters={**LLAMA3_SCALING, "factor": 32.0, "rope_theta": 500000.0},
+                                     tie_word_embeddings=True), "5.x"),
+    "linear": ("LlamaConfig", dict(rope_scaling={"type": "linear", "factor": 4.0}, rope_theta=10000.0), "5.x"),
+    "linear-4.x": ("LlamaConfig", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}),
+                   "4.x"),
+    "mistral": ("MistralConfig", dict(rope_theta=1e6, sliding_window=64), "5.x"),  # window past the sequence
+    "tinyllama": ("LlamaConfig", dict(rope_theta=10000.0, num_key_value_heads=1), "4.x"),
+}
+
+
+def _randomize(model) -> None:
+    """Weights far from transformers' tiny init, so that logits spread and greedy picks are clear."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            noise = torch.randn(param.shape, generator=gen)
+            param.copy_(1.0 + 0.1 * noise if param.dim() == 1 else 0.1 * noise)
+
+
+def _save(folder: Path, family: str):
+    config_class, arguments, layout = FAMILIES[family]
+    config = getattr(transformers, config_class)(**{**DIMS, **arguments})
+    model = getattr(transformers, config_class.replace("Config", "ForCausalLM"))(config).eval()
+    _randomize(model)
+    model.save_pretrained(folder, safe_serialization=True)
+    if layout.startswith("4.x"):
+        _to_4x_layout(folder, rope_theta=layout == "4.x")
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Each family saved once: (transformers model, folder)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(0)
+    return {family: (_save(root / family, family), root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def default_kernels():
+    """Template defaults, compiled once for every test of this module."""
+    from export import TunedKernels
+
+    with TunedKernels.defaults() as kernels:
+        yield kernels
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return np.random.default_rng(7).integers(0, DIMS["vocab_size"], (BATCH, PROMPT_TOKENS))
+
+
+def _transformers_greedy(model, prompts: np.ndarray) -> np.ndarray:
+    """transformers' own greedy generation: the NEW_TOKENS new tokens [B, NEW_TOKENS]."""
+    ids = torch.from_numpy(prompts)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    assert out.shape == (BATCH, PROMPT_TOKENS + NEW_TOKENS)  # no early stop on an end-of-sequence token
+    return out[:, PROMPT_TOKENS:].numpy()
+
+
+def _teacher_forced_logits(model, prompts: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """transformers' logits [B, NEW_TOKENS, V] over ``prompts`` followed by ``tokens``: those
+    from the last prompt position on, each predicting the next token."""
+    sequence = torch.from_numpy(np.concatenate([prompts, tokens[:, :-1]], axis=1))
+    with torch.no_grad():
+        logits = model(sequence).logits.float().numpy()
+    return logits[:, PROMPT_TOKENS - 1:]
+
+
+def _check_against_transformers(generation, model, prompts) -> None:
+    want = _teacher_forced_logits(model, prompts, generation.tokens)
+    assert generation.logits.shape == want.shape
+    error = float(np.abs(generation.logits - want).max())
+    assert error < LOGITS_TOLERANCE, f"logits differ from transformers by {error:.2e}"
+    np.testing.assert_array_equal(generation.tokens, _transformers_greedy(model, prompts))
+
+
+def _load(folder: Path):
+    config = load_model_config(folder)
+    return config, ModelWeights.load(config, folder)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_runtime_generates_what_transformers_generates(family, checkpoints, default_kernels, prompts):
+    model, folder = checkpoints[family]
+    config, weights = _load(folder)
+    generation = LlamaModel(config, weights, default_kernels).generate(prompts, NEW_TOKENS)
+    _check_against_transformers(generation, model, prompts)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_reference_decoder_generates_what_transformers_generates(family, checkpoints, prompts):
+    model, folder = checkpoints[family]
+    config, weights = _load(folder)
+    _check_against_transformers(ReferenceModel(config, weights).generate(prompts, NEW_TOKENS), model, prompts)
+
+
+@pytest.mark.parametrize("family", ["llama3", "llama3.1", "llama3.2", "linear", "linear-4.x"])
+def test_the_rope_settings_matter_at_these_lengths(family, checkpoints, prompts):
+    """The comparisons above can fail: run with the plain rope at theta 10000 (what a loader that
+    ignored rope_parameters / rope_scaling would do), the logits leave the tolerance far behind."""
+    model, folder = checkpoints[family]
+    config, weights = _load(folder)
+    plain = dataclasses.replace(config, rope_theta=10000.0, rope_type="default", rope_factor=None,
+                                rope_low_freq_factor=None, rope_high_freq_factor=None,
+                                rope_original_max_position_embeddings=None)
+    assert plain != config
+    generation = ReferenceModel(plain, weights).generate(prompts, NEW_TOKENS)
+    want = _teacher_forced_logits(model, prompts, generation.tokens)
+    assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["llama3.1", "llama3.2", "linear", "linear-4.x"])
+def test_inverse_frequencies_are_those_of_transformers(family, checkpoints):
+    """Each of the head's pairs, in every band of the llama3 scaling, against transformers'
+    own rotary embedding module (float32 there, float64 here)."""
+    model, folder = checkpoints[family]
+    config = load_model_config(folder)
+    theirs = model.model.rotary_emb.inv_freq.double().numpy()
+    ours = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_type, **config.rope_scaling)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    if config.rope_type == "llama3":  # the three bands: kept, blended, divided by the factor
+        plain = inverse_frequencies(config.head_dim, config.rope_theta)
+        ratio = plain / ours
+        assert ratio[0] == 1.0 and np.isclose(ratio[-1], config.rope_factor)
+        assert ((ratio > 1.0) & (ratio < config.rope_factor * (1 - 1e-9))).any()
+
+
+# ----------------------------------------------------------------------------- refusals
+
+def _save_config(folder: Path, config) -> Path:
+    """Only the config.json of a transformers config (no weights needed to be refused)."""
+    config.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                           "rope_theta": 10000.0}),
+     "rope scaling 'yarn' (rope_parameters.rope_type) is not implemented; supported: default, linear, llama3"),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+     "rope scaling 'dynamic' (rope_parameters.rope_type) is not implemented"),
+    (dict(hidden_act="gelu_pytorch_tanh"), "hidden_act 'gelu_pytorch_tanh' is not implemented; supported: silu"),
+    (dict(attention_bias=True), "attention_bias = true (biases on the q/k/v/o projections) is not implemented"),
+    (dict(mlp_bias=True), "mlp_bias = true (biases on the MLP projections) is not implemented"),
+], ids=["yarn", "dynamic", "gelu", "attention-bias", "mlp-bias"])
+def test_a_transformers_config_the_runtime_does_not_implement_is_refused(arguments, message, tmp_path):
+    folder = _save_config(tmp_path, transformers.LlamaConfig(**{**DIMS, **arguments}))
+    with pytest.raises(ValueError) as caught:
+        load_model_config(folder)
+    text = str(caught.value)
+    assert text.startswith(str(folder / "config.json")) and message in text and "\n" not in text, text
+
+
+def test_qwen2_is_refused_for_its_biases(tmp_path):
+    folder = _save_config(tmp_path, transformers.Qwen2Config(**DIMS))
+    with pytest.raises(ValueError, match=r"architectures 'Qwen2ForCausalLM' is not supported \(its q/k/v "
+                                         r"projections have biases\)|model_type 'qwen2' is not supported"):
+        load_model_config(folder)
+
+
+def test_a_sequence_past_mistrals_sliding_window_is_refused(checkpoints, default_kernels, tmp_path):
+    _, folder = checkpoints["mistral"]
+    data = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**data, "sliding_window": 16}))
+    config = load_model_config(tmp_path)
+    weights = ModelWeights.load(config, folder)
+    prompts = np.zeros((1, PROMPT_TOKENS), dtype=np.int64)
+    for decoder in (LlamaModel(config, weights, default_kernels), ReferenceModel(config, weights)):
+        with pytest.raises(ValueError) as caught:
+            decoder.generate(prompts, NEW_TOKENS)
+        text = str(caught.value)
+        assert f"{PROMPT_TOKENS + NEW_TOKENS} tokens" in text and "sliding_window of 16" in text, text
+        assert "\n" not in text
