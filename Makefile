@@ -1,7 +1,7 @@
 # Two entry points on a fresh machine; each installs what it needs into .venv first.
 #   make demo   tune gemm and gemv on this CPU (xgb), log to a local MLflow store, print best + bench;
 #               then tune, export and run the tiny model against numpy and the untuned defaults
-#   make test   run the test suite
+#   make test   run the test suite (the test extra brings torch and transformers to compare with)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,9 +28,11 @@ demo: check-cc $(STAMP)
 	$(BIN)/autotune best --log demo.jsonl
 	$(BIN)/autotune bench --op gemm --shape M=256,N=256,K=256 --log demo.jsonl
 	$(BIN)/autotune bench --op gemv --shape M=1,N=4096,K=4096 --log demo.jsonl
-	$(BIN)/autotune tune-model --model tiny --trials-total 60 --log demo-model.jsonl
+	$(BIN)/autotune tune-model --model tiny --dtype float32 --trials-total 60 --log demo-model.jsonl
 	$(BIN)/autotune export --log demo-model.jsonl --out demo-lib
 	$(BIN)/autotune run --lib demo-lib --model tiny --compare
+	# the same model in float16 on a GPU: its tasks (listing them needs no GPU)
+	$(BIN)/autotune tune-model --model tiny --target cuda --dtype float16 --list-tasks
 
 # two workers, each test file kept on one (module fixtures compile kernels once); no assertion
 # rests on quiet timings, so nothing needs to run alone

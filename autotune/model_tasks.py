@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from runtime.kernel import KernelSpec
 from runtime.model_config import ModelConfig
 from runtime.plan import decode_calls, prefill_calls
+from runtime.precision import ITEMSIZE
 from search_space import Task
 
 DECODE_STEPS = 128  # tokens generated per prompt in the workload a model job tunes for
-FLOAT32 = 4
 
 
 @dataclass
@@ -36,15 +36,16 @@ def task_of(spec: KernelSpec) -> Task:
 
 def model_tasks(config: ModelConfig, prefill_tokens: list[int], decode_batch: list[int], kv_len: list[int],
                 quantize: str = "none", group_size: int = 128,
-                decode_steps: int = DECODE_STEPS) -> list[ModelTask]:
+                decode_steps: int = DECODE_STEPS, dtype: str = "float32", resident: bool = False) -> list[ModelTask]:
     """The distinct tasks of every pass, by op; raises ValueError for a bad setting."""
     passes: list[tuple[str, float, list]] = []
     for tokens in prefill_tokens:
-        passes.append((f"prefill T={tokens}", 1.0, prefill_calls(config, tokens, quantize, group_size)))
+        passes.append((f"prefill T={tokens}", 1.0, prefill_calls(config, tokens, quantize, group_size,
+                                                                     dtype=dtype)))
     for batch in decode_batch:
         for length in kv_len:
             passes.append((f"decode B={batch} L={length}", decode_steps / len(kv_len),
-                           decode_calls(config, batch, length, quantize, group_size)))
+                           decode_calls(config, batch, length, quantize, group_size, dtype, resident)))
     tasks: dict[str, ModelTask] = {}
     for name, runs, calls in passes:
         for call in calls:
@@ -58,37 +59,40 @@ def model_tasks(config: ModelConfig, prefill_tokens: list[int], decode_batch: li
 # ----------------------------------------------------------------------------- bytes a pass touches
 
 
-def weight_bytes(config: ModelConfig, quantize: str = "none", group_size: int = 128) -> int:
-    """Bytes of the weights one forward pass reads: every linear layer (the LM head included;
-    int4 codes and a float32 scale per ``group_size`` weights with q4) and the norm gains. The
+def weight_bytes(config: ModelConfig, quantize: str = "none", group_size: int = 128, dtype: str = "float32") -> int:
+    """Bytes of the weights one forward pass reads in precision ``dtype``: every linear layer
+    (the LM head included; int4 codes and a scale per ``group_size`` weights with q4) and the
+    norm gains. The
     embedding table is only gathered from, a row per token, so a tied one counts once, as the
     LM head."""
     c = config
     h, layers = c.hidden_size, c.num_hidden_layers
     linear = layers * (h * (c.q_size + 2 * c.kv_size) + c.q_size * h + 3 * h * c.intermediate_size)
     linear += c.vocab_size * h
-    per_weight = 0.5 + FLOAT32 / group_size if quantize == "q4" else FLOAT32
-    return int(linear * per_weight) + FLOAT32 * (2 * layers + 1) * h
+    size = ITEMSIZE[dtype]
+    per_weight = 0.5 + size / group_size if quantize == "q4" else size
+    return int(linear * per_weight) + size * (2 * layers + 1) * h
 
 
 def pass_bytes(config: ModelConfig, rows: int, sequences: int, positions: int, quantize: str = "none",
-               group_size: int = 128) -> int:
+               group_size: int = 128, dtype: str = "float32") -> int:
     """Bytes one forward pass over ``rows`` token rows of ``sequences`` sequences touches: the
     weights, the activations (``runtime.llama``'s buffers, the logits) and a KV cache of
     ``positions`` positions per sequence."""
     c = config
     width = 5 * c.hidden_size + 3 * c.q_size + 3 * c.kv_size + 3 * c.intermediate_size
-    activations = FLOAT32 * (rows * width + sequences * (c.vocab_size + c.hidden_size))
-    cache = FLOAT32 * 2 * c.num_hidden_layers * sequences * c.kv_size * positions
-    return weight_bytes(config, quantize, group_size) + activations + cache
+    size = ITEMSIZE[dtype]
+    activations = size * (rows * width + sequences * (c.vocab_size + c.hidden_size))
+    cache = size * 2 * c.num_hidden_layers * sequences * c.kv_size * positions
+    return weight_bytes(config, quantize, group_size, dtype) + activations + cache
 
 
 def workload_bytes(config: ModelConfig, prefill_tokens: list[int], decode_batch: list[int], kv_len: list[int],
-                   quantize: str = "none", group_size: int = 128) -> int:
+                   quantize: str = "none", group_size: int = 128, dtype: str = "float32") -> int:
     """The most bytes any one pass of the workload touches (each prefill size with its prompt in
     the cache; each decode batch at each KV length): what must stay in cache from one pass to
     the next for a kernel to find its weights there."""
     passes = [(tokens, 1, tokens) for tokens in prefill_tokens]
     passes += [(batch, batch, length) for batch in decode_batch for length in kv_len]
-    return max(pass_bytes(config, rows, sequences, positions, quantize, group_size)
+    return max(pass_bytes(config, rows, sequences, positions, quantize, group_size, dtype)
                for rows, sequences, positions in passes)

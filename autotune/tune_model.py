@@ -24,32 +24,37 @@ class ModelWorkload:
     kv_len: tuple[int, ...] = (512,)
     quantize: str = "none"
     group_size: int = 128
+    dtype: str = "float32"  # the model's precision (runtime.plan)
+    resident: bool = False  # the decode step a CUDA model captures as a graph (runtime.plan.decode_calls)
 
     def tasks(self) -> list[ModelTask]:
         return model_tasks(self.config, list(self.prefill_tokens), list(self.decode_batch), list(self.kv_len),
-                           self.quantize, self.group_size)
+                           self.quantize, self.group_size, dtype=self.dtype, resident=self.resident)
 
     def working_set_bytes(self) -> int:
         """The most bytes one forward pass of the workload touches (weights, activations, KV
         cache): above the last-level cache, every kernel's weights come from memory."""
         return workload_bytes(self.config, list(self.prefill_tokens), list(self.decode_batch), list(self.kv_len),
-                              self.quantize, self.group_size)
+                              self.quantize, self.group_size, self.dtype)
 
     def params(self) -> dict:
         return {"model": self.config.name, "prefill_tokens": list(self.prefill_tokens),
                 "decode_batch": list(self.decode_batch), "kv_len": list(self.kv_len), "quantize": self.quantize,
-                "group_size": self.group_size, "parameters": self.config.parameters,
+                "group_size": self.group_size, "dtype": self.dtype, "resident": self.resident,
+                "parameters": self.config.parameters,
                 "working_set_bytes": self.working_set_bytes()}
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config),
                 "prefill_tokens": list(self.prefill_tokens), "decode_batch": list(self.decode_batch),
-                "kv_len": list(self.kv_len), "quantize": self.quantize, "group_size": self.group_size}
+                "kv_len": list(self.kv_len), "quantize": self.quantize, "group_size": self.group_size,
+                "dtype": self.dtype, "resident": self.resident}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelWorkload":
         return cls(ModelConfig(**data["config"]), tuple(data["prefill_tokens"]),
-                   tuple(data["decode_batch"]), tuple(data["kv_len"]), data["quantize"], data["group_size"])
+                   tuple(data["decode_batch"]), tuple(data["kv_len"]), data["quantize"], data["group_size"],
+                   data.get("dtype", "float32"), data.get("resident", False))
 
 
 class ModelProgress:

@@ -1,37 +1,96 @@
 #!/usr/bin/env bash
-# A whole model on the GPU, end to end: tune-model --target cuda, export (cubins), then
-# run --lib --compare (the tuned kernels beside the numpy reference on the host and the same
-# model on untuned template defaults on the GPU). From the project root, on the GPU machine:
+# Whole models on the GPU, every line of the model-level targets in one go (about 5 minutes on
+# the H200). From the project root, on the GPU machine:
 #
 #   source .device/env.sh && bash benchmarks/gpu_model_check.sh
 #
-# Knobs: GPU_MODEL (benchmarks/models/llama-100m/config.json), GPU_MODEL_TRIALS (120),
-# GPU_MODEL_QUANTIZE (none). Logs and the run's JSON go to $OUT/gpu_model-<time>/.
+# 1. llama-100m in float16 through the user's path: tune-model --dtype float16, export (cubins),
+#    autotune run --lib --compare (the numpy reference and the template defaults beside it);
+# 2. llama-2-7b and llama-3-8b, float16 and int4 (q4, float16 activations): tune-model on a small
+#    budget, then benchmarks/gpu_model.py: weights generated on the device, batch 1, prompt 128,
+#    128 new tokens; decode/prefill tokens/s against the bandwidth floor and plain torch eager,
+#    logits against torch in float32.
+# Logs go to /tmp/gpu_model-<time>/ and, when OUT is set, as one tar to $OUT/gpu_model-logs.tar.gz;
+# the summary table is printed last.
+# Knobs: GPU_MODEL_TRIALS (48 per large model), GPU_MODEL_CASES ("llama-2-7b:none llama-2-7b:q4
+# llama-3-8b:none llama-3-8b:q4"), GPU_MODEL_DTYPE (float16), GPU_MODEL_SMALL (1: run step 1),
+# GPU_MODEL_BUDGET_S (420: no large case starts later), GPU_MODEL_RUN_ARGS (extra gpu_model.py options),
+# GPU_MODEL_SEED_DIR (benchmarks/data/h200_models: NAME.jsonl.gz records of earlier runs, resumed),
+# GPU_MODEL_TUNE_S (50: seconds of tuning per large model).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-LOG=${OUT:-/tmp}/gpu_model-$(date +%Y%m%d-%H%M%S)
+LOG=/tmp/gpu_model-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
 export AUTOTUNE_CACHE_DIR=${AUTOTUNE_CACHE_DIR:-/tmp/autotune-kernels}
-MODEL=${GPU_MODEL:-benchmarks/models/llama-100m/config.json}
-TRIALS=${GPU_MODEL_TRIALS:-120}
-QUANTIZE=${GPU_MODEL_QUANTIZE:-none}
-
-echo "tune-model $MODEL ($QUANTIZE) on cuda, $TRIALS trials"
-timeout 240 $PY -m autotune.cli tune-model --model "$MODEL" --target cuda --quantize "$QUANTIZE" \
-  --prefill-tokens 128 --decode-batch 1 --kv-len 512 --trials-total "$TRIALS" --log "$LOG/model.jsonl" \
-  --no-mlflow --quiet > "$LOG/tune-model.txt" 2>&1
-echo "tune-model exit code $?"; tail -n 25 "$LOG/tune-model.txt"
-timeout 120 $PY -m autotune.cli export --log "$LOG/model.jsonl" --out "$LOG/lib" --target cuda > "$LOG/export.txt" 2>&1
-echo "export exit code $?"; tail -n 3 "$LOG/export.txt"
-timeout 180 $PY -m autotune.cli run --lib "$LOG/lib" --model "$MODEL" --prompt-tokens 100 --new-tokens 32 \
-  --compare --json > "$LOG/run.json" 2> "$LOG/run.err"
-echo "run exit code $?"; tail -n 5 "$LOG/run.err"
-$PY - "$LOG/run.json" <<'PYEOF'
+TRIALS=${GPU_MODEL_TRIALS:-48}
+TUNE_S=${GPU_MODEL_TUNE_S:-50}  # each large model's tuning stops after this (its records stay)
+SEED_DIR=${GPU_MODEL_SEED_DIR:-benchmarks/data/h200_models}  # earlier runs' records, resumed
+DTYPE=${GPU_MODEL_DTYPE:-float16}
+read -r -a CASES <<< "${GPU_MODEL_CASES:-llama-2-7b:none llama-2-7b:q4 llama-3-8b:none llama-3-8b:q4}"
+START=$(date +%s)
+step() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$LOG/steps.log"; }
+finish() {
+  step "summary"
+  {
+    for f in "$LOG"/model-*.json; do [[ -s "$f" ]] && tail -n 1 "$f"; done
+  } > "$LOG/summary.jsonl"
+  $PY - "$LOG/summary.jsonl" <<'PYEOF' | tee "$LOG/summary.txt"
 import json, sys
-r = json.load(open(sys.argv[1]))
-print(f"decode tok/s: tuned {r['decode_tokens_per_s']:.1f}, numpy {r['reference']['decode_tokens_per_s']:.1f}, "
-      f"defaults {r['defaults']['decode_tokens_per_s']:.1f}; prefill tok/s tuned {r['prefill_tokens_per_s']:.0f}; "
-      f"largest logit difference vs numpy {r['reference']['logits']['max_rel']:.1e} (relative)")
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+print(f"{'model':<12}{'dtype':<9}{'quant':<6}{'steps':<9}{'decode tok/s':>13}{'floor':>8}{'of floor':>9}{'torch':>8}"
+      f"{'vs torch':>9}{'prefill tok/s':>14}{'vs torch':>9}{'logit rel':>10}")
+for r in rows:
+    lg = r["logits_vs_torch_float32"]
+    print(f"{r['model']:<12}{r['dtype']:<9}{r['quantize']:<6}{r['decode_mode']:<9}{r['decode_tokens_per_s']:>13.1f}"
+          f"{r['floor_tokens_per_s']:>8.1f}{r['share_of_floor'] * 100:>8.0f}%{r['torch_decode_tokens_per_s']:>8.1f}"
+          f"{r['decode_vs_torch']:>8.2f}x{r['prefill_tokens_per_s']:>14.0f}{r['prefill_vs_torch']:>8.2f}x"
+          f"{lg['max_rel']:>10.1e}")
 PYEOF
+  [[ -n "${OUT:-}" ]] && tar -czf "$OUT/gpu_model-logs.tar.gz" -C "$(dirname "$LOG")" "$(basename "$LOG")"
+}
+trap finish EXIT
+
+step "device -> $LOG"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv \
+  > "$LOG/environment.txt" 2>&1
+cat "$LOG/environment.txt"
+
+if [[ "${GPU_MODEL_SMALL:-1}" != 0 ]]; then
+  SMALL=benchmarks/models/llama-100m/config.json
+  step "llama-100m $DTYPE: tune-model, export, run --compare"
+  seed="$SEED_DIR/llama-100m-$DTYPE-none.jsonl.gz"
+  [[ -f "$seed" ]] && gunzip -c "$seed" > "$LOG/small.jsonl"
+  total=$(( $( [[ -f "$LOG/small.jsonl" ]] && wc -l < "$LOG/small.jsonl" || echo 0) + 40 ))
+  timeout 60 $PY -m autotune.cli tune-model --model "$SMALL" --target cuda --dtype "$DTYPE" --prefill-tokens 128 \
+    --decode-batch 1 --kv-len 256 --trials-total "$total" --log "$LOG/small.jsonl" --no-mlflow --quiet \
+    > "$LOG/small-tune.txt" 2>&1
+  echo "tune-model exit code $?"; tail -n 4 "$LOG/small-tune.txt"
+  timeout 45 $PY -m autotune.cli export --log "$LOG/small.jsonl" --out "$LOG/small-lib" --target cuda \
+    > "$LOG/small-export.txt" 2>&1
+  echo "export exit code $?"; tail -n 2 "$LOG/small-export.txt"
+  timeout 60 $PY -m autotune.cli run --lib "$LOG/small-lib" --model "$SMALL" --prompt-tokens 100 --new-tokens 64 \
+    --compare > "$LOG/small-run.txt" 2>&1
+  echo "run exit code $?"; cat "$LOG/small-run.txt" | tail -n 8
+fi
+
+BUDGET=${GPU_MODEL_BUDGET_S:-420}  # no case starts after this many seconds of the script
+for case in "${CASES[@]}"; do
+  model=${case%%:*}; quantize=${case##*:}
+  if (( $(date +%s) - START > BUDGET )); then step "$case: skipped, out of time"; continue; fi
+  name="$model-$DTYPE-$quantize"
+  # resume from the records of an earlier run, if any: the new trials add to them
+  seed="$SEED_DIR/$name.jsonl.gz"
+  [[ -f "$seed" ]] && gunzip -c "$seed" > "$LOG/$name.jsonl"
+  total=$(( $( [[ -f "$LOG/$name.jsonl" ]] && wc -l < "$LOG/$name.jsonl" || echo 0) + TRIALS ))
+  step "$name: tune-model ($TRIALS trials on top of $(( total - TRIALS )) recorded)"
+  timeout "$TUNE_S" $PY -m autotune.cli tune-model --model "$model" --target cuda --dtype "$DTYPE" --quantize "$quantize" \
+    --prefill-tokens 128 --decode-batch 1 --kv-len 256 --trials-total "$total" --log "$LOG/$name.jsonl" \
+    --no-mlflow --quiet > "$LOG/tune-$name.txt" 2>&1
+  echo "tune-model exit code $?"; tail -n 3 "$LOG/tune-$name.txt"
+  step "$name: run against the floor and torch"
+  timeout 100 $PY benchmarks/gpu_model.py --model "$model" --dtype "$DTYPE" --quantize "$quantize" ${GPU_MODEL_RUN_ARGS:-} \
+    --log "$LOG/$name.jsonl" > "$LOG/model-$name.json" 2> "$LOG/model-$name.err"
+  echo "gpu_model exit code $?"; tail -n 2 "$LOG/model-$name.err"
+done

@@ -65,6 +65,19 @@ class HostArrays:
         b, hkv, _, d = cache.shape
         cache[:, :, :tokens] = rows.reshape(b, tokens, hkv, d).transpose(0, 2, 1, 3)
 
+    def split_columns(self, rows: np.ndarray, widths: tuple[int, ...]):
+        """Arrays for the column blocks of ``rows`` [R, sum(widths)] (a fused projection's
+        output), and a call that fills them: None when they are views, as with one row."""
+        edges = np.cumsum((0, *widths))
+        if rows.shape[0] == 1:
+            return [rows[:, a:b] for a, b in zip(edges, edges[1:])], None
+        parts = [np.empty((rows.shape[0], w), rows.dtype) for w in widths]
+
+        def split() -> None:
+            for part, a, b in zip(parts, edges, edges[1:]):
+                part[...] = rows[:, a:b]
+        return parts, split
+
     def rows_at(self, rows: np.ndarray, sequences: int, index: int, out: np.ndarray) -> np.ndarray:
         """out[b] = row ``index`` of sequence b in rows[sequences * T, width]."""
         width = rows.shape[-1]
@@ -84,6 +97,15 @@ class DeviceArray:
         self.nbytes = self.size * self.dtype.itemsize
         self.gpudata = int(allocation)
 
+    def part(self, start: int, shape: tuple[int, ...]) -> "DeviceArray":
+        """Elements ``start`` .. ``start + prod(shape)`` as an array of their own (a view)."""
+        count = math.prod(shape)
+        if not 0 <= start <= start + count <= self.size:
+            raise ValueError(f"elements {start}..{start + count} are not inside {self.shape}")
+        view = DeviceArray(self.gpudata + start * self.dtype.itemsize, shape, self.dtype)
+        view.owner = self  # the view keeps the memory alive
+        return view
+
     def reshape(self, *shape) -> "DeviceArray":
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
         if math.prod(shape) != self.size:
@@ -92,12 +114,13 @@ class DeviceArray:
 
 
 class CudaArrays:
-    """Device memory through pycuda's driver API; transfers on the default stream, which
-    orders them after the kernels launched before them."""
+    """Device memory through pycuda's driver API. Every copy is queued on ``stream``, the
+    stream the kernels launch on, so the host never waits between kernels: only ``get``
+    (the logits, once a step) waits for what was queued before it."""
 
     kind = "cuda"
 
-    def __init__(self) -> None:
+    def __init__(self, stream=None) -> None:
         try:
             import pycuda.driver as drv
 
@@ -105,6 +128,11 @@ class CudaArrays:
         except ImportError as exc:
             raise RuntimeError("a model on CUDA kernels needs pycuda (pip install 'llm-autotune[cuda]')") from exc
         self.drv = drv
+        if stream is None:
+            from .library_cuda import model_stream
+
+            stream = model_stream()
+        self.stream = stream
 
     def empty(self, shape: tuple[int, ...], dtype=np.float32) -> DeviceArray:
         nbytes = max(math.prod(shape) * np.dtype(dtype).itemsize, 1)
@@ -112,24 +140,27 @@ class CudaArrays:
 
     def zeros(self, shape: tuple[int, ...], dtype=np.float32) -> DeviceArray:
         array = self.empty(shape, dtype)
-        self.drv.memset_d8(array.allocation, 0, max(array.nbytes, 1))
+        self.drv.memset_d8_async(array.allocation, 0, max(array.nbytes, 1), self.stream)
         return array
 
     def upload(self, host: np.ndarray) -> DeviceArray:
         host = np.ascontiguousarray(host)
         array = self.empty(host.shape, host.dtype)
-        self.drv.memcpy_htod(array.allocation, host)
+        self.drv.memcpy_htod_async(array.allocation, host, self.stream)
         return array
 
     def set(self, buffer: DeviceArray, host: np.ndarray) -> None:
         host = np.ascontiguousarray(host, dtype=buffer.dtype)
         if host.size != buffer.size:  # the copy would run past the allocation
             raise ValueError(f"cannot copy {host.shape} values into a device buffer of {buffer.shape}")
-        self.drv.memcpy_htod(buffer.allocation, host)
+        # from pageable memory the driver stages the bytes before returning: ``host`` may go
+        self.drv.memcpy_htod_async(buffer.allocation, host, self.stream)
 
     def get(self, buffer: DeviceArray) -> np.ndarray:
+        """A copy on the host, once the kernels queued before it have written ``buffer``."""
         host = np.empty(buffer.shape, buffer.dtype)
-        self.drv.memcpy_dtoh(host, buffer.allocation)
+        self.drv.memcpy_dtoh_async(host, buffer.allocation, self.stream)
+        self.stream.synchronize()
         return host
 
     def _copy_2d(self, dst: int, dst_pitch: int, src, src_pitch: int, width: int, height: int) -> None:
@@ -140,7 +171,7 @@ class CudaArrays:
             copy.set_src_device(src)
         copy.set_dst_device(dst)
         copy.src_pitch, copy.dst_pitch, copy.width_in_bytes, copy.height = src_pitch, dst_pitch, width, height
-        copy(aligned=False)
+        copy(self.stream)
 
     def gather_rows(self, buffer: DeviceArray, table: np.ndarray, ids: np.ndarray) -> None:
         """buffer[i] = table[ids[i]], gathered from a host ``table``."""
@@ -168,6 +199,20 @@ class CudaArrays:
         row = d * cache.dtype.itemsize
         self._copy_2d(cache.gpudata, s * row, np.ascontiguousarray(host), tokens * row, tokens * row, b * hkv)
 
+    def split_columns(self, rows: DeviceArray, widths: tuple[int, ...]):
+        """As ``HostArrays.split_columns``; the copies are ``cuMemcpy2D`` on the stream."""
+        count, width = rows.shape
+        edges = np.cumsum((0, *widths)).tolist()
+        if count == 1:
+            return [rows.part(a, (1, w)) for a, w in zip(edges, widths)], None
+        parts = [self.empty((count, w), rows.dtype) for w in widths]
+        item = rows.dtype.itemsize
+
+        def split() -> None:
+            for part, a, w in zip(parts, edges, widths):
+                self._copy_2d(part.gpudata, w * item, rows.gpudata + a * item, width * item, w * item, count)
+        return parts, split
+
     def rows_at(self, rows: DeviceArray, sequences: int, index: int, out: DeviceArray) -> DeviceArray:
         width = rows.shape[-1] * rows.dtype.itemsize
         per_sequence = rows.shape[0] // sequences
@@ -178,6 +223,7 @@ class CudaArrays:
         return out
 
 
-def arrays_for(kind: str):
-    """The memory a model uses with kernels of this target kind."""
-    return CudaArrays() if kind == "cuda" else HostArrays()
+def arrays_for(kind: str, stream=None):
+    """The memory a model uses with kernels of this target kind (CUDA: copies on ``stream``,
+    the kernels' stream)."""
+    return CudaArrays(stream) if kind == "cuda" else HostArrays()

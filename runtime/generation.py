@@ -9,7 +9,8 @@ import numpy as np
 @dataclass
 class Generation:
     tokens: np.ndarray      # [B, new_tokens] generated ids
-    logits: np.ndarray      # [B, new_tokens, vocab]: step 0 from the prefill, then one per decode step
+    logits: np.ndarray | None  # [B, new_tokens, vocab]: step 0 from the prefill, then one per decode
+    #                            step; None when the generation was asked not to keep them
     prefill_s: float
     decode_s: float
     prefill_tokens: int     # prompt tokens processed (all sequences)

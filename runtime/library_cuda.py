@@ -23,6 +23,20 @@ import numpy as np
 from .kernel import ArgInfo, BoundCall, Kernel, KernelSpec, numpy_dtype, same_layout
 from .launch import evaluate
 
+_STREAM: list = []  # the process's one stream for model work, made on first use
+
+
+def model_stream():
+    """The stream every library's kernels and a model's copies are queued on: one stream, so
+    they run in the order they were issued without the host waiting between them, and a
+    decode step can be captured from it as one CUDA graph."""
+    if not _STREAM:
+        import pycuda.driver as drv
+
+        _STREAM.append(drv.Stream())
+    return _STREAM[0]
+
+
 class CudaModules:
     """The pycuda context, stream and loaded cubins of one library."""
 
@@ -34,7 +48,7 @@ class CudaModules:
         except ImportError as exc:
             raise RuntimeError("CUDA kernels need pycuda (pip install 'llm-autotune[cuda]') and a GPU") from exc
         self.drv = drv
-        self.stream = drv.Stream()
+        self.stream = model_stream()
         self.modules: list[Any] = []
 
     def kernel(self, folder: Path, record: Mapping[str, Any], spec: KernelSpec, args: tuple[ArgInfo, ...],

@@ -21,49 +21,90 @@ import numpy as np
 
 from .arrays import arrays_for
 from .generation import Generation
-from .kernel import BoundCall, Kernel, KernelProvider, buckets, select
+from .kernel import BoundCall, Kernel, KernelProvider, buckets, numpy_dtype, select
 from .model_config import ModelConfig
 from .plan import KernelCall, decode_calls, prefill_calls
-from .weights import ModelWeights, layer_name
+from .precision import check_dtype, from_float, to_float32
+from .weights import DeviceWeights, ModelWeights, fused_parts, layer_name
 
 
 class _Buffers:
-    """Activations of one pass over ``rows`` token rows, ``[rows, width]`` each."""
+    """Activations of one pass over ``rows`` token rows, ``[rows, width]`` each.
 
-    def __init__(self, arrays, rows: int, config: ModelConfig):
+    The fused projections write ``qkv`` and ``gate_up``; q, k, v, gate and up are their column
+    blocks: views with one row, else arrays that ``split_qkv`` / ``split_gate_up`` fill."""
+
+    def __init__(self, arrays, rows: int, config: ModelConfig, dtype: str = "float32"):
         c = config
         self.rows = rows
-        self.names = {name: arrays.empty((rows, width)) for name, width in (
-            ("res_a", c.hidden_size), ("res_b", c.hidden_size), ("h", c.hidden_size), ("q", c.q_size),
-            ("k", c.kv_size), ("v", c.kv_size), ("qr", c.q_size), ("kr", c.kv_size), ("attn", c.q_size),
-            ("o", c.hidden_size), ("gate", c.intermediate_size), ("up", c.intermediate_size),
-            ("act", c.intermediate_size), ("mlp", c.hidden_size))}
+        self.names = {name: arrays.empty((rows, width), numpy_dtype(dtype)) for name, width in (
+            ("res_a", c.hidden_size), ("res_b", c.hidden_size), ("h", c.hidden_size),
+            ("qkv", c.q_size + 2 * c.kv_size), ("qr", c.q_size), ("kr", c.kv_size), ("attn", c.q_size),
+            ("o", c.hidden_size), ("gate_up", 2 * c.intermediate_size), ("act", c.intermediate_size),
+            ("mlp", c.hidden_size))}
         self.__dict__.update(self.names)  # plain attributes: buf.h is read often, __getattr__ costs 0.4 us
+        (self.q, self.k, self.v), self.split_qkv = arrays.split_columns(self.qkv, (c.q_size, c.kv_size, c.kv_size))
+        (self.gate, self.up), self.split_gate_up = arrays.split_columns(
+            self.gate_up, (c.intermediate_size, c.intermediate_size))
         self.positions = arrays.zeros((rows,), np.int32)
+
+
+class _HostCall:
+    """A call in a layer's list that is not a kernel (the copies of a fused projection's
+    column blocks), run the way the step runs bound calls: ``.run()``."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def __call__(self) -> None:
+        self.run()
+
+
+def _host_calls(run) -> list:
+    return [] if run is None else [_HostCall(run)]
 
 
 class LlamaModel:
     """``generate(prompts, new_tokens)`` on kernels from ``kernels``."""
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, kernels: KernelProvider,
-                 prefill_sizes: list[int] | None = None):
+    def __init__(self, config: ModelConfig, weights: ModelWeights | DeviceWeights, kernels: KernelProvider,
+                 prefill_sizes: list[int] | None = None, dtype: str = "float32"):
         """``prefill_sizes``: the token counts to pad prompts up to, instead of the sizes the
-        provider's prefill GEMMs were tuned at (to run two providers at the same shapes)."""
+        provider's prefill GEMMs were tuned at (to run two providers at the same shapes).
+        ``dtype``: the precision the model runs in (``runtime.plan``); weights are rounded to
+        it as they are copied to where the kernels run, the logits come back as float32.
+        ``DeviceWeights`` are used where they lie, and must be in that precision already."""
         if weights.config != config:
             raise ValueError("the weights were made for another model config")
         self.config = config
         self.w = weights
         self.kernels = kernels
         self.arrays = arrays_for(getattr(kernels, "kind", "cpu"))
+        self.dtype = check_dtype(dtype)
+        if self.arrays.kind == "cpu" and dtype != "float32":
+            raise ValueError(f"a model on CPU kernels runs in float32 only (asked for {dtype}): half-precision "
+                             "models need the CUDA target")
         self.quantize = "q4" if weights.quantized else "none"
         self.group_size = weights.group_size or 128
         self.lm_head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-        self.embed = weights["model.embed_tokens.weight"]  # gathered on the host
+        storage = numpy_dtype(dtype)
+        if isinstance(weights, DeviceWeights):
+            if self.arrays.kind != "cuda":
+                raise ValueError("device weights need a provider of CUDA kernels")
+            self.embed = weights.embedding
+            if self.embed.dtype != storage:
+                raise ValueError(f"the embedding table is {self.embed.dtype}; a {dtype} model needs {storage}")
+        else:  # gathered on the host, rows already in the model's precision
+            self.embed = from_float(weights["model.embed_tokens.weight"], dtype)
         self.used: dict[str, Kernel] = {}  # every kernel handed out, by what it was tuned for
         self.prefill_sizes = prefill_sizes
         self._memo: dict[tuple, Kernel] = {}  # the provider's answer per call shape
         self._padded: dict[tuple[int, int], int] = {}  # padded_tokens per (batch, prompt length)
         self._device: dict[str, object] = {}  # weights where the kernels read them, by name
+        # how the last generation decoded: "host" (a call per kernel), "graph" (a captured CUDA
+        # graph per step) or "resident" (the graph's kernels, issued one by one: no capture here)
+        self.decode_mode: str | None = None
+        self.capture_error: str | None = None
 
     # -- kernels and weights ---------------------------------------------------------
     def _kernel(self, call: KernelCall, **dims: int) -> Kernel:
@@ -83,8 +124,18 @@ class LlamaModel:
     def _weight(self, name: str, part: str = "") -> object:
         """A weight tensor (or part of a quantised one: "wq", "scales") where the kernels run."""
         key = f"{name}#{part}"
+        if key not in self._device and isinstance(self.w, DeviceWeights):
+            array = self.w.device(name, part)
+            want = np.uint8 if part == "wq" else numpy_dtype(self.dtype)
+            if np.dtype(array.dtype) != want:
+                raise ValueError(f"device weight {key.rstrip('#')} is {array.dtype}; a {self.dtype} model needs {want}")
+            self._device[key] = array
         if key not in self._device:
-            host = getattr(self.w.quantized[name], part) if part else self.w.tensors[name]
+            parts = fused_parts(name)  # a fused projection: its tensors stacked along N
+            pieces = [getattr(self.w.quantized[p], part) if part else self.w.tensors[p] for p in parts]
+            host = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            if host.dtype == np.float32:  # the int4 codes stay bytes; floats take the model's precision
+                host = from_float(host, self.dtype)
             self._device[key] = self.arrays.upload(host)
         return self._device[key]
 
@@ -103,7 +154,7 @@ class LlamaModel:
 
     def _search_padded(self, batch: int, tokens: int) -> int:
         specs = self.kernels.specs()
-        probe = next(c for c in self._prefill(tokens, batch) if c.role == "q_proj").spec.shape
+        probe = next(c for c in self._prefill(tokens, batch) if c.role == "qkv_proj").spec.shape
         tuned_sizes = sorted({m // batch for op in ("gemm", "gemv", "gemm_q4", "gemv_q4")
                               for m in buckets(specs, op, "M", N=probe["N"], K=probe["K"])
                               if m % batch == 0 and m // batch >= tokens})
@@ -113,10 +164,19 @@ class LlamaModel:
         return tuned_sizes[0] if tuned_sizes else tokens
 
     def _prefill(self, tokens: int, batch: int) -> list[KernelCall]:
-        return prefill_calls(self.config, tokens, self.quantize, self.group_size, batch)
+        return prefill_calls(self.config, tokens, self.quantize, self.group_size, batch, self.dtype)
+
+    def logits_of(self, buffer) -> np.ndarray:
+        """Logits on the host, as float32."""
+        return to_float32(self.arrays.get(buffer), self.dtype)
+
+    def _is_q4(self, name: str) -> bool:
+        if isinstance(self.w, DeviceWeights):  # named as the decoder runs them
+            return name in self.w.quantized
+        return fused_parts(name)[0] in self.w.quantized
 
     def _linear(self, kernel: Kernel, name: str, x, y) -> BoundCall:
-        if name in self.w.quantized:
+        if self._is_q4(name):
             return kernel.bind({"X": x, "WQ": self._weight(name, "wq"), "SCALES": self._weight(name, "scales"),
                                 "Y": y})
         return kernel.bind({"X": x, "W": self._weight(name), "Y": y})
@@ -132,9 +192,8 @@ class LlamaModel:
         """Bound calls of one layer before and after attention (the cache write and the
         attention itself sit between them), the residual stream ending in ``res_a``."""
         c, lay, rows = self.config, layer, buf.rows
-        before = [self._linear(k["q_proj"], layer_name(lay, "self_attn.q_proj"), buf.h, buf.q),
-                  self._linear(k["kv_proj"], layer_name(lay, "self_attn.k_proj"), buf.h, buf.k),
-                  self._linear(k["kv_proj"], layer_name(lay, "self_attn.v_proj"), buf.h, buf.v),
+        before = [self._linear(k["qkv_proj"], layer_name(lay, "self_attn.qkv_proj"), buf.h, buf.qkv),
+                  *_host_calls(buf.split_qkv),
                   k["rope_q"].bind({"X": buf.q, "P": buf.positions, "Y": buf.qr}, {"T": rows}),
                   k["rope_k"].bind({"X": buf.k, "P": buf.positions, "Y": buf.kr}, {"T": rows})]
         last = lay == c.num_hidden_layers - 1
@@ -142,8 +201,8 @@ class LlamaModel:
         after = [self._linear(k["o_proj"], layer_name(lay, "self_attn.o_proj"), buf.attn, buf.o),
                  self._norm(k["residual_norm"], layer_name(lay, "post_attention_layernorm"), buf.o, buf.h, rows,
                             buf.res_a, buf.res_b),
-                 self._linear(k["gate_up_proj"], layer_name(lay, "mlp.gate_proj"), buf.h, buf.gate),
-                 self._linear(k["gate_up_proj"], layer_name(lay, "mlp.up_proj"), buf.h, buf.up),
+                 self._linear(k["gate_up_proj"], layer_name(lay, "mlp.gate_up_proj"), buf.h, buf.gate_up),
+                 *_host_calls(buf.split_gate_up),
                  k["swiglu"].bind({"G": buf.gate, "U": buf.up, "Y": buf.act}, {"M": rows}),
                  self._linear(k["down_proj"], layer_name(lay, "mlp.down_proj"), buf.act, buf.mlp),
                  self._norm(k["residual_norm"], next_gain, buf.mlp, buf.h, rows, buf.res_b, buf.res_a)]
@@ -155,8 +214,8 @@ class LlamaModel:
         c, arrays = self.config, self.arrays
         batch, tokens = prompts.shape
         padded = self.padded_tokens(batch, tokens)
-        k = self._plan(prefill_calls(c, padded, self.quantize, self.group_size, batch))
-        buf = _Buffers(arrays, batch * padded, c)
+        k = self._plan(self._prefill(padded, batch))
+        buf = _Buffers(arrays, batch * padded, c, self.dtype)
         ids = np.zeros((batch, padded), dtype=np.int64)
         ids[:, :tokens] = prompts
         arrays.set(buf.res_a, np.take(self.embed, ids.reshape(-1), axis=0))
@@ -173,31 +232,66 @@ class LlamaModel:
             arrays.write_prompt(v_cache, buf.v, padded)
             for call in after:
                 call()
-        last = arrays.rows_at(buf.h, batch, tokens - 1, arrays.empty((batch, c.hidden_size)))
-        logits = arrays.empty((batch, c.vocab_size))
+        storage = numpy_dtype(self.dtype)
+        last = arrays.rows_at(buf.h, batch, tokens - 1, arrays.empty((batch, c.hidden_size), storage))
+        logits = arrays.empty((batch, c.vocab_size), storage)
         self._linear(k["lm_head"], self.lm_head_name, last, logits)()
-        return arrays.get(logits), padded
+        return self.logits_of(logits), padded
 
     def new_caches(self, batch: int, capacity: int) -> list:
         c = self.config
         shape = (batch, c.num_key_value_heads, capacity, c.head_dim)
-        return [(self.arrays.zeros(shape), self.arrays.zeros(shape)) for _ in range(c.num_hidden_layers)]
+        storage = numpy_dtype(self.dtype)
+        return [(self.arrays.zeros(shape, storage), self.arrays.zeros(shape, storage))
+                for _ in range(c.num_hidden_layers)]
 
     def prepare(self, batch: int, tokens: int, new_tokens: int) -> None:
         """Load every kernel a generation of this size uses, so that timing it measures only
         the run (kernels from a tuning log are compiled on first use)."""
         self.config.check_sequence(tokens + new_tokens)  # a Mistral sliding window: refused past it
         padded = self.padded_tokens(batch, tokens)
-        self._plan(prefill_calls(self.config, padded, self.quantize, self.group_size, batch))
+        self._plan(self._prefill(padded, batch))
         capacity = padded + new_tokens
-        calls = decode_calls(self.config, batch, capacity, self.quantize, self.group_size)
+        if self.arrays.kind == "cuda":
+            try:  # the resident step: one attention kernel, at the longest length
+                self._resident_kernels(batch, capacity)
+                return
+            except LookupError:  # a library without them: the host-driven step below
+                pass
+        calls = decode_calls(self.config, batch, capacity, self.quantize, self.group_size, self.dtype)
         self._plan(calls)
         attention = next(c for c in calls if c.role == "attention")
         for length in range(tokens + 1, tokens + new_tokens):
             self._kernel(attention, S=capacity, L=length)
 
-    def generate(self, prompts: np.ndarray, new_tokens: int) -> Generation:
-        """Greedy decoding of ``new_tokens`` tokens after ``prompts`` [B, T]."""
+    def _resident_kernels(self, batch: int, capacity: int) -> dict[str, Kernel]:
+        """The kernels of the resident decode step by role (LookupError: the provider lacks one);
+        attention is the one for the longest length: a recorded launch cannot switch kernels."""
+        calls = decode_calls(self.config, batch, capacity, self.quantize, self.group_size, self.dtype, resident=True)
+        kernels = {call.role: self._kernel(call) for call in calls if call.role != "attention"}
+        attention = next(call for call in calls if call.role == "attention")
+        kernels["attention"] = self._kernel(attention, S=capacity, L=capacity)
+        return kernels
+
+    def _decode_step(self, batch: int, capacity: int, caches, lengths,
+                     keep_logits: bool) -> "_DecodeStep | _ResidentStep":
+        """The decode step: on CUDA the resident one, captured as a graph, when the kernels
+        provider has its kernels (a library exported before they existed has not)."""
+        step: _DecodeStep | _ResidentStep
+        if self.arrays.kind == "cuda":
+            try:
+                step = _ResidentStep(self, batch, capacity, caches, keep_logits)
+            except LookupError:
+                step = _DecodeStep(self, batch, capacity, caches, lengths)
+        else:
+            step = _DecodeStep(self, batch, capacity, caches, lengths)
+        self.decode_mode = step.mode
+        self.capture_error = getattr(step, "capture_error", None)
+        return step
+
+    def generate(self, prompts: np.ndarray, new_tokens: int, keep_logits: bool = True) -> Generation:
+        """Greedy decoding of ``new_tokens`` tokens after ``prompts`` [B, T]; ``keep_logits=False``
+        keeps only the tokens (a resident CUDA step then copies nothing else to the host)."""
         prompts = np.asarray(prompts, dtype=np.int64)
         if prompts.ndim != 2 or prompts.shape[1] < 1 or new_tokens < 1:
             raise ValueError("prompts must be [batch, tokens] with tokens >= 1, and new_tokens >= 1")
@@ -214,16 +308,19 @@ class LlamaModel:
         prefill_s = time.perf_counter() - begin
         # ndarray.argmax: np.argmax's dispatch costs 0.6 us more, per decode step
         logits, ids = [first.copy()], [first.argmax(axis=-1)]
-        # the attention calls of every KV length to come are bound here, not in the timed steps
-        step = _DecodeStep(self, batch, capacity, caches, range(tokens + 1, tokens + new_tokens))
+        # bound (and on CUDA captured) here, not in the timed steps: for the host-driven step
+        # the attention calls of every KV length to come
+        step = self._decode_step(batch, capacity, caches, range(tokens + 1, tokens + new_tokens), keep_logits)
         begin = time.perf_counter()
         for position in range(tokens, tokens + new_tokens - 1):
-            out = step(ids[-1], position)
-            logits.append(out.copy())
-            ids.append(out.argmax(axis=-1))
+            next_ids, out = step.advance(ids[-1], position, keep_logits)
+            if keep_logits:
+                logits.append(out)
+            ids.append(next_ids)
         decode_s = time.perf_counter() - begin
-        return Generation(np.stack(ids, axis=1), np.stack(logits, axis=1), prefill_s, decode_s, batch * tokens,
-                          batch * (new_tokens - 1))
+        step.close()
+        return Generation(np.stack(ids, axis=1), np.stack(logits, axis=1) if keep_logits else None, prefill_s,
+                          decode_s, batch * tokens, batch * (new_tokens - 1))
 
 
 class _DecodeStep:
@@ -241,11 +338,11 @@ class _DecodeStep:
         self.model, self.batch, self.capacity, self.caches = model, batch, capacity, caches
         self.arrays = arrays = model.arrays
         self.embed = model.embed
-        self.calls = decode_calls(c, batch, capacity, model.quantize, model.group_size)
+        self.calls = decode_calls(c, batch, capacity, model.quantize, model.group_size, model.dtype)
         self.attention_call = next(call for call in self.calls if call.role == "attention")
         k = model._plan(self.calls)
-        self.buf = buf = _Buffers(arrays, batch, c)
-        self.logits = arrays.empty((batch, c.vocab_size))
+        self.buf = buf = _Buffers(arrays, batch, c, model.dtype)
+        self.logits = arrays.empty((batch, c.vocab_size), numpy_dtype(model.dtype))
         # the bound calls own the checks and keep their buffers alive; the step runs their ``run``
         self.bound = [model._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, batch)]
         self.layers = []  # per layer: (runs before attention, K and V cache writers, runs after)
@@ -275,6 +372,16 @@ class _DecodeStep:
         self._by_length[length] = calls
         return calls
 
+    mode = "host"
+
+    def advance(self, tokens: np.ndarray, position: int, keep_logits: bool = True):
+        """(next token ids [B], logits [B, V] as float32 or None) after ``tokens`` at ``position``."""
+        out = self(tokens, position)
+        return out.argmax(axis=-1), (out.copy() if keep_logits else None)
+
+    def close(self) -> None:
+        pass
+
     def __call__(self, tokens: np.ndarray, position: int) -> np.ndarray:
         """Logits [B, V] (on the host) after feeding ``tokens`` [B] at ``position``."""
         arrays, buf = self.arrays, self.buf
@@ -292,4 +399,97 @@ class _DecodeStep:
             for run in after:
                 run()
         self.lm_head()
-        return arrays.get(self.logits)
+        return self.model.logits_of(self.logits) if self.model.dtype != "float32" else arrays.get(self.logits)
+
+
+class _ResidentStep:
+    """A CUDA decode step that stays on the device, captured once as a CUDA graph
+    (``runtime.cuda_graph``) and replayed for every token.
+
+    Its kernels are ``decode_calls(..., resident=True)``: attention reads each sequence's
+    length and ``kv_append`` its position from device memory, ``argmax`` picks the next ids
+    there, so the recorded launches are right at every step. Per step the host writes the new
+    tokens' embedding rows (gathered from its table) and the positions into page-locked
+    memory, launches the graph (which copies them in first and the ids, and the logits when
+    kept, out last), and waits once. Where the driver cannot capture, the same work is issued
+    call by call."""
+
+    def __init__(self, model: LlamaModel, batch: int, capacity: int, caches, keep_logits: bool = True):
+        c, arrays = model.config, model.arrays
+        drv = arrays.drv
+        self.model, self.arrays, self.stream = model, arrays, arrays.stream
+        self.embed = model.embed
+        k = model._resident_kernels(batch, capacity)  # LookupError: the provider has no resident kernels
+        storage = numpy_dtype(model.dtype)
+        self.buf = buf = _Buffers(arrays, batch, c, model.dtype)
+        self.logits = arrays.empty((batch, c.vocab_size), storage)
+        self.ids = arrays.empty((batch,), np.int32)
+        steps = arrays.empty((2, batch), np.int32)   # positions, then lengths (positions + 1)
+        self.lengths = steps.part(batch, (batch,))
+        positions = steps.part(0, (batch,))
+        # page-locked, so that the recorded copies read and write them at every replay
+        self.host_rows = drv.pagelocked_empty((batch, c.hidden_size), storage)
+        self.host_steps = drv.pagelocked_empty((2, batch), np.int32)
+        self.host_ids = drv.pagelocked_empty((batch,), np.int32)
+        self.host_logits = drv.pagelocked_empty((batch, c.vocab_size), storage)
+        self.copies_in = [(buf.res_a, self.host_rows), (steps, self.host_steps)]
+        rows = (batch, c.num_key_value_heads, c.head_dim)
+        self.bound = [model._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, batch)]
+        buf.positions = positions  # rope reads them from the step buffer the graph copies in
+        for layer, (k_cache, v_cache) in enumerate(caches):
+            before, after = model._layer_calls(k, buf, layer)
+            append = k["kv_append"].bind({"K": buf.kr.reshape(rows), "V": buf.v.reshape(rows), "P": positions,
+                                          "KC": k_cache, "VC": v_cache}, {"S": capacity})
+            attend = k["attention"].bind({"Q": buf.qr, "K": k_cache, "V": v_cache, "LENS": self.lengths,
+                                          "O": buf.attn}, {"S": capacity, "L": capacity})
+            self.bound += before + [append, attend] + after
+        self.bound.append(model._linear(k["lm_head"], model.lm_head_name, buf.h, self.logits))
+        self.bound.append(k["argmax"].bind({"X": self.logits, "Y": self.ids}))
+        self.runs = [call.run for call in self.bound]
+        self.graphs: dict[bool, object] = {}  # captured per choice of keeping the logits
+        self.capture_error: str | None = None   # why the driver could not capture, if it could not
+        self.mode = "graph" if self._graph(keep_logits) is not None else "resident"  # captured here, untimed
+
+    def _issue(self, keep_logits: bool) -> None:
+        drv, stream = self.arrays.drv, self.stream
+        for device, host in self.copies_in:
+            drv.memcpy_htod_async(device.gpudata, host, stream)
+        for run in self.runs:
+            run()
+        drv.memcpy_dtoh_async(self.host_ids, self.ids.gpudata, stream)
+        if keep_logits:
+            drv.memcpy_dtoh_async(self.host_logits, self.logits.gpudata, stream)
+
+    def _graph(self, keep_logits: bool):
+        """The captured step, or None where the driver cannot capture (issued call by call)."""
+        if keep_logits not in self.graphs:
+            from .cuda_graph import CudaGraph, CudaGraphError
+
+            try:
+                graph = CudaGraph(self.arrays.drv, self.stream)
+                with graph.capture():
+                    self._issue(keep_logits)
+            except (CudaGraphError, self.arrays.drv.Error) as exc:  # issued call by call instead
+                graph, self.capture_error = None, f"{type(exc).__name__}: {exc}"
+            self.graphs[keep_logits] = graph
+        return self.graphs[keep_logits]
+
+    def advance(self, tokens: np.ndarray, position: int, keep_logits: bool = True):
+        """(next token ids [B], logits [B, V] as float32 or None) after ``tokens`` at ``position``."""
+        np.take(self.embed, tokens, axis=0, out=self.host_rows)  # an id out of range raises IndexError
+        self.host_steps[0] = position
+        self.host_steps[1] = position + 1
+        graph = self._graph(keep_logits)
+        if graph is None:
+            self._issue(keep_logits)
+        else:
+            graph.launch()
+        self.stream.synchronize()
+        logits = to_float32(np.asarray(self.host_logits), self.model.dtype) if keep_logits else None
+        return np.array(self.host_ids, dtype=np.int64), logits
+
+    def close(self) -> None:
+        for graph in self.graphs.values():
+            if graph is not None:
+                graph.close()
+        self.graphs.clear()

@@ -8,16 +8,22 @@ dims of the row-wise and attention kernels (one kernel serves every count, tuned
 given size); the linear layers compile their M in.
 
 Residual adds are fused into the RMSNorm that follows them (``rmsnorm`` with
-``residual=true`` writes the new residual stream too), so a layer calls no ``add``.
+``residual=true`` writes the new residual stream too), so a layer calls no ``add``; the Q, K
+and V projections are one matrix, and so are gate and up (``runtime.weights.FUSED``).
 With ``quantize="q4"`` every linear layer, the LM head included, uses int4 weights
 (``gemm_q4``/``gemv_q4``, symmetric codes, one scale per ``group_size`` weights).
+
+``dtype`` is the model's precision: every kernel of a pass runs in it (weights, activations,
+the KV cache and the logits are stored in it; the kernels accumulate in float32), the int4
+codes' scales too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .kernel import KernelSpec
 from .model_config import ModelConfig
+from .precision import check_dtype
 
 QUANTIZE = ("none", "q4")
 GEMV_MAX_M = 16  # above this the decode step uses the gemm kernels
@@ -65,50 +71,66 @@ def _norm(config: ModelConfig, role: str, rows: int, residual: bool, count: int)
 
 
 def _rope(config: ModelConfig, role: str, tokens: int, heads: int, count: int) -> KernelCall:
+    # {"theta": ...} alone for a default rope (the attrs tuning records have always had), plus
+    # rope_type and its parameters for a scaled one
     spec = KernelSpec.make("rope", {"T": tokens, "H": heads, "D": config.head_dim},
-                           attrs={"theta": config.rope_theta}, dynamic=("T",))
+                           attrs=config.rope_attrs, dynamic=("T",))
     return KernelCall(role, spec, count)
 
 
 def _layer_linears(config: ModelConfig, m: int, quantize: str, group_size: int) -> list[KernelCall]:
     c, layers = config, config.num_hidden_layers
-    return [_linear("q_proj", m, c.q_size, c.hidden_size, layers, quantize, group_size),
-            _linear("kv_proj", m, c.kv_size, c.hidden_size, 2 * layers, quantize, group_size),
+    # Q, K, V as one projection and gate, up as another (runtime.weights.FUSED)
+    return [_linear("qkv_proj", m, c.q_size + 2 * c.kv_size, c.hidden_size, layers, quantize, group_size),
             _linear("o_proj", m, c.hidden_size, c.q_size, layers, quantize, group_size),
-            _linear("gate_up_proj", m, c.intermediate_size, c.hidden_size, 2 * layers, quantize, group_size),
+            _linear("gate_up_proj", m, 2 * c.intermediate_size, c.hidden_size, layers, quantize, group_size),
             _linear("down_proj", m, c.hidden_size, c.intermediate_size, layers, quantize, group_size)]
 
 
 def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: KernelSpec, quantize: str,
-                group_size: int) -> list[KernelCall]:
+                group_size: int, dtype: str) -> list[KernelCall]:
     """The kernels of a pass over ``rows`` token rows of ``sequences`` sequences."""
     c, layers = config, config.num_hidden_layers
-    return ([_norm(c, "first_norm", rows, False, 1), _norm(c, "residual_norm", rows, True, 2 * layers)]
+    calls = ([_norm(c, "first_norm", rows, False, 1), _norm(c, "residual_norm", rows, True, 2 * layers)]
             + _layer_linears(c, rows, quantize, group_size)
             + [_rope(c, "rope_q", rows, c.num_attention_heads, layers),
                _rope(c, "rope_k", rows, c.num_key_value_heads, layers),
                KernelCall("attention", attention, layers),
                _rows("swiglu", "swiglu", rows, c.intermediate_size, layers),
                _linear("lm_head", sequences, c.vocab_size, c.hidden_size, 1, quantize, group_size)])
+    check_dtype(dtype)
+    return [KernelCall(call.role, replace(call.spec, dtype=dtype), call.count) for call in calls]
 
 
 def prefill_calls(config: ModelConfig, tokens: int, quantize: str = "none", group_size: int = 128,
-                  batch: int = 1) -> list[KernelCall]:
+                  batch: int = 1, dtype: str = "float32") -> list[KernelCall]:
     """Kernels of one prefill pass over ``batch`` prompts of ``tokens`` tokens (logits of the last)."""
     check_quantize(config, quantize, group_size)
     c = config
     attention = KernelSpec.make("attention_prefill", {"B": batch, "T": tokens, "H": c.num_attention_heads,
                                                       "HKV": c.num_key_value_heads, "D": c.head_dim},
                                 attrs={"causal": True}, dynamic=("T",))
-    return _pass_calls(c, batch * tokens, batch, attention, quantize, group_size)
+    return _pass_calls(c, batch * tokens, batch, attention, quantize, group_size, dtype)
 
 
 def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "none",
-                 group_size: int = 128) -> list[KernelCall]:
-    """Kernels of one decode step: one new token per sequence, ``kv_len`` cached positions."""
+                 group_size: int = 128, dtype: str = "float32", resident: bool = False) -> list[KernelCall]:
+    """Kernels of one decode step: one new token per sequence, ``kv_len`` cached positions.
+
+    ``resident``: the step a CUDA model captures once as a graph and replays for every token,
+    so nothing in it may depend on the step: attention reads each sequence's length from
+    device memory (``lengths=per_sequence``), ``kv_append`` writes the new K/V rows at each
+    sequence's position (read there too), and ``argmax`` picks the next tokens on the device."""
     check_quantize(config, quantize, group_size)
     c = config
     attention = KernelSpec.make("attention_decode", {"B": batch, "H": c.num_attention_heads,
                                                      "HKV": c.num_key_value_heads, "D": c.head_dim,
-                                                     "S": kv_len, "L": kv_len}, dynamic=("S", "L"))
-    return _pass_calls(c, batch, batch, attention, quantize, group_size)
+                                                     "S": kv_len, "L": kv_len}, dynamic=("S", "L"),
+                                attrs={"lengths": "per_sequence"} if resident else None)
+    calls = _pass_calls(c, batch, batch, attention, quantize, group_size, dtype)
+    if resident:
+        append = KernelSpec.make("kv_append", {"B": batch, "HKV": c.num_key_value_heads, "D": c.head_dim,
+                                               "S": kv_len}, dtype, dynamic=("S",))
+        argmax = KernelSpec.make("argmax", {"M": batch, "N": c.vocab_size}, dtype)
+        calls += [KernelCall("kv_append", append, c.num_hidden_layers), KernelCall("argmax", argmax, 1)]
+    return calls

@@ -12,16 +12,18 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .model_config import ModelConfig
 from .q4 import dequantize_q4, quantize_q4
+from .precision import rounded
 
 # Rotary frequencies some older transformers versions saved as buffers: they are a function
-# of rope_theta and head_dim, recomputed by the rope kernel as transformers recomputes them,
-# and the config's rope type (only 'default' is accepted) says they are the plain ones. Every
-# other tensor the decoder does not read makes ``ModelWeights.load`` refuse.
+# of rope_theta, head_dim and the config's rope type, recomputed by the rope kernel as
+# transformers recomputes them. Every other tensor the decoder does not read makes
+# ``ModelWeights.load`` refuse.
 IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -29,8 +31,45 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
+# Projections that read the same input run as one matrix, their weights stacked along N
+# (rows): one launch and one pass over the input instead of three (Q, K, V) or two (gate, up).
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
 def layer_name(layer: int, part: str) -> str:
     return f"model.layers.{layer}.{part}.weight"
+
+
+def fused_parts(name: str) -> tuple[str, ...]:
+    """The Hugging Face tensors a fused projection stacks ((name,) for any other tensor)."""
+    for fused, parts in FUSED.items():
+        suffix = f".{fused}.weight"
+        if name.endswith(suffix):
+            prefix = name[: -len(suffix)]
+            return tuple(f"{prefix}.{part}.weight" for part in parts)
+    return (name,)
+
+
+def device_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The weights a decoder reads where its kernels run: ``expected_shapes`` with the fused
+    projections stacked, and no embedding table unless it is also the LM head (it is
+    gathered on the host)."""
+    shapes = dict(expected_shapes(config))
+    for layer in range(config.num_hidden_layers):
+        for fused, parts in FUSED.items():
+            rows = sum(shapes.pop(layer_name(layer, part))[0] for part in parts)
+            shapes[layer_name(layer, fused)] = (rows, config.hidden_size)
+    if not config.tie_word_embeddings:
+        shapes.pop("model.embed_tokens.weight")
+    return shapes
+
+
+def device_linear_names(config: ModelConfig) -> list[str]:
+    """The linear layers as the decoder runs them (fused projections, the LM head included)."""
+    names = [layer_name(layer, part) for layer in range(config.num_hidden_layers)
+             for part in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+    return names + ["lm_head.weight" if not config.tie_word_embeddings else "model.embed_tokens.weight"]
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -158,6 +197,19 @@ class ModelWeights:
         self.config.save(out / "config.json")
         return out
 
+    def rounded(self, dtype: str) -> "ModelWeights":
+        """The weights a model in ``dtype`` holds, widened back to float32 (the int4 scales
+        rounded too): a float32 reference of a half-precision model computes from these."""
+        if dtype == "float32":
+            return self
+        quantized = {}
+        for name, q in self.quantized.items():
+            scales = rounded(q.scales, dtype)
+            dequantized = dequantize_q4(q.wq, scales, None, self.group_size).astype(np.float32)
+            quantized[name] = QuantizedLinear(q.wq, scales, dequantized)
+        tensors = {name: rounded(tensor, dtype) for name, tensor in self.tensors.items()}
+        return ModelWeights(self.config, tensors, quantized, self.group_size)
+
     def quantize_q4(self, group_size: int = 128) -> "ModelWeights":
         """A copy whose linear layers (LM head included) are int4 with symmetric group scales."""
         quantized = {}
@@ -166,6 +218,48 @@ class ModelWeights:
             dequantized = dequantize_q4(packed["WQ"], packed["SCALES"], None, group_size).astype(np.float32)
             quantized[name] = QuantizedLinear(packed["WQ"], packed["SCALES"], dequantized)
         return ModelWeights(self.config, dict(self.tensors), quantized, group_size)
+
+
+@dataclass
+class DeviceWeights:
+    """A model's weights already where its CUDA kernels run, in the model's precision: made on
+    the device by another framework (shared, not copied) or generated there, so a large model
+    needs no host copy. ``tensors`` maps every name of ``device_shapes`` (Q/K/V and gate/up
+    stacked as ``FUSED`` says) to a device array (anything with ``gpudata``, ``shape`` and
+    ``dtype``, e.g. ``runtime.arrays.DeviceArray``); an int4 layer named in ``quantized`` has
+    "NAME#wq" ([N, K/2] uint8) and "NAME#scales" ([N, K/group_size]) instead. ``embedding`` is the token table on the host, in the model's
+    storage format (bfloat16 as uint16 words): each step gathers its rows there."""
+
+    config: ModelConfig
+    tensors: dict[str, Any]
+    embedding: np.ndarray
+    quantized: frozenset[str] = frozenset()
+    group_size: int = 0
+
+    def __post_init__(self) -> None:
+        self.quantized = frozenset(self.quantized)
+        shapes = device_shapes(self.config)
+        unknown = sorted(self.quantized - set(device_linear_names(self.config)))
+        if unknown:
+            raise ValueError(f"int4 layers must be linear layers as the decoder runs them; not {unknown[0]}")
+        for name in self.quantized:
+            n, k = shapes.pop(name)
+            if not self.group_size or k % self.group_size:
+                raise ValueError(f"int4 layer {name}: K = {k} is not a multiple of the group size {self.group_size}")
+            shapes[f"{name}#wq"] = (n, k // 2)
+            shapes[f"{name}#scales"] = (n, k // self.group_size)
+        problems = [f"{name} is missing" if name not in self.tensors else
+                    f"{name} has shape {tuple(self.tensors[name].shape)}, expected {shape}"
+                    for name, shape in shapes.items()
+                    if name not in self.tensors or tuple(self.tensors[name].shape) != shape]
+        if problems:
+            raise ValueError(f"device weights do not fit {self.config.name}: {'; '.join(problems[:3])}")
+        if self.embedding.shape != (self.config.vocab_size, self.config.hidden_size):
+            raise ValueError(f"the embedding table has shape {self.embedding.shape}, expected "
+                             f"{(self.config.vocab_size, self.config.hidden_size)}")
+
+    def device(self, name: str, part: str = "") -> Any:
+        return self.tensors[f"{name}#{part}" if part else name]
 
 
 def checkpoint_files(folder: str | Path) -> list[Path]:

@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from runtime.rope_frequencies import frequencies_of_attrs
+
 BaselineFactory = Callable[[Any, Any, dict, Any], tuple[str, Callable[[], Any]]]
 BASELINES: dict[str, BaselineFactory] = {}
 
@@ -144,8 +146,8 @@ def _add(torch, task, t, template):
 def _rope(torch, task, t, template):
     x, p = t["X"], t["P"]
     d = task.dims["D"]
-    theta = float(template.attrs(task)["theta"])
-    freqs = theta ** (-torch.arange(0, d // 2, device="cuda", dtype=torch.float32) * 2.0 / d)
+    # the inverse frequencies as a float32 buffer, as HF Llama keeps them (scaled by the rope type)
+    freqs = torch.tensor(frequencies_of_attrs(d, template.attrs(task)), dtype=torch.float32, device="cuda")
     angle = p.to(torch.float32)[:, None] * freqs[None, :]
     emb = torch.cat([angle, angle], dim=-1)[:, None, :]  # T, 1, D
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
@@ -176,8 +178,35 @@ def _decode(torch, task, t, template):
     scale = float(template.attrs(task)["scale"]) or 1.0 / math.sqrt(d["D"])
     q = t["Q"][:, :, None, :]  # B, H, 1, D
     k, v = t["K"][:, :, : d["L"], :], t["V"][:, :, : d["L"], :]
+    if "LENS" in t:  # each sequence its own length: a mask over the first L positions
+        mask = (torch.arange(d["L"], device="cuda")[None, :] < t["LENS"][:, None].long())[:, None, None, :]
+        return ("F.scaled_dot_product_attention decode (GQA, masked lengths)",
+                lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True))
     return ("F.scaled_dot_product_attention decode (GQA)",
             lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True))
+
+
+@baseline("kv_append")
+def _kv_append(torch, task, t, template):
+    d = task.dims
+    # untouched rows stay NaN, as the operator's reference marks them
+    caches = [torch.full((d["B"], d["HKV"], d["S"], d["D"]), float("nan"), dtype=t["K"].dtype, device="cuda")
+              for _ in range(2)]
+    inside = [(b, int(p)) for b, p in enumerate(t["P"].tolist()) if 0 <= int(p) < d["S"]]
+    rows = torch.tensor([b for b, _ in inside], device="cuda", dtype=torch.long)
+    positions = torch.tensor([p for _, p in inside], device="cuda", dtype=torch.long)
+
+    def append():
+        for cache, new in zip(caches, (t["K"], t["V"])):
+            cache[rows, :, positions] = new[rows]
+        return tuple(caches)
+    return "torch index_put of the rows", append
+
+
+@baseline("argmax")
+def _argmax(torch, task, t, template):
+    x = t["X"]
+    return "torch.argmax", lambda: torch.argmax(x, dim=-1).to(torch.int32)
 
 
 def _as_outputs(task, value) -> dict[str, Any]:
@@ -186,6 +215,8 @@ def _as_outputs(task, value) -> dict[str, Any]:
         return {"O": value.transpose(1, 2)}
     if task.op == "attention_decode":
         return {"O": value[:, :, 0, :]}
+    if task.op == "kv_append":
+        return {"KC": value[0], "VC": value[1]}
     if isinstance(value, tuple):
         return {"Y": value[0], "S": value[1]}
     return {"Y": value}

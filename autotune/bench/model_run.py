@@ -43,11 +43,11 @@ def make_weights(config: ModelConfig, weights_dir: str | None, seed: int, quanti
 
 def run_generation(kernels: KernelProvider, config: ModelConfig, weights: ModelWeights, prompts: np.ndarray,
                    new_tokens: int, prefill_sizes: list[int] | None = None,
-                   repeats: int = REPEATS) -> tuple[Generation, dict[str, int]]:
+                   repeats: int = REPEATS, dtype: str = "float32") -> tuple[Generation, dict[str, int]]:
     """Load every kernel, warm up once, then the timed generations (the fastest prefill and
     decode of ``repeats``); also how many of the kernels it ran were tuned and the prompt
     length the prefill ran at."""
-    model = LlamaModel(config, weights, kernels, prefill_sizes)
+    model = LlamaModel(config, weights, kernels, prefill_sizes, dtype=dtype)
     batch, tokens = prompts.shape
     if prefill_sizes is None:
         # the padded length, found once as the defaults' side is given it: LlamaModel.prefill
@@ -70,7 +70,7 @@ def reference_job(payload: dict[str, Any]) -> dict[str, Any]:
 
     config = ModelConfig.from_hf_dict(payload["config"], payload["name"])
     weights = make_weights(config, payload["weights_dir"], payload["seed"], payload["quantize"],
-                           payload["group_size"])
+                           payload["group_size"]).rounded(payload.get("dtype", "float32"))
     model = ReferenceModel(config, weights)
     prompts = np.asarray(payload["prompts"])
     model.generate(prompts, min(payload["new_tokens"], 2))  # warm-up, as the tuned side gets
@@ -83,11 +83,14 @@ def reference_job(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_reference(config: ModelConfig, weights_dir: str | None, seed: int, quantize: str, group_size: int,
-                  prompts: np.ndarray, new_tokens: int) -> tuple[Generation, dict]:
+                  prompts: np.ndarray, new_tokens: int, dtype: str = "float32") -> tuple[Generation, dict]:
+    """The numpy reference in float32, from the weights a model in ``dtype`` holds (rounded to
+    it), in a worker process with the fastest BLAS."""
     from measure.worker import WorkerProcess
 
     payload = {"config": config.to_hf_dict(), "name": config.name, "weights_dir": weights_dir, "seed": seed,
                "quantize": quantize, "group_size": group_size, "prompts": prompts, "new_tokens": new_tokens,
+               "dtype": dtype,
                "repeats": REPEATS}
     worker = WorkerProcess(env=FAST_BLAS_ENV, name="autotune-reference")
     try:
@@ -156,6 +159,7 @@ class RunReport:
     reference_blas: dict = field(default_factory=dict)
     defaults: Generation | None = None
     tuned_for: str | None = None   # the cache condition the kernels were timed in ("cold", "warm")
+    dtype: str = "float32"         # the model's precision
     runs_in: tuple[str, int, int] | None = None  # run_condition(): condition, bytes per pass, cache bytes
 
     def cache(self) -> dict[str, Any]:
@@ -185,6 +189,7 @@ class RunReport:
                     "prefill_s": g.prefill_s, "decode_s": g.decode_s}
 
         out: dict[str, Any] = {"model": self.model, "source": self.source, "quantize": self.quantize,
+                               "dtype": self.dtype,
                                "batch": self.batch, "prompt_tokens": self.prompt_tokens,
                                "new_tokens": self.new_tokens, "token_ids": self.tuned.tokens.tolist(),
                                "kernels": self.kernels, "cache": self.cache(), **speed(self.tuned)}
@@ -200,7 +205,7 @@ class RunReport:
 
     def summary(self) -> str:
         padded = self.kernels.get("prefill_padded_to", self.prompt_tokens)
-        lines = [f"{self.model} ({self.quantize}) on {self.source}: batch {self.batch}, {self.prompt_tokens} prompt "
+        lines = [f"{self.model} ({self.dtype}, {self.quantize}) on {self.source}: batch {self.batch}, {self.prompt_tokens} prompt "
                  f"tokens" + (f" (prefill padded to {padded})" if padded != self.prompt_tokens else "")
                  + f", {self.new_tokens} new; kernels {self.kernels.get('tuned', 0)} tuned, "
                  f"{self.kernels.get('untuned', 0)} template defaults",

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import click
 
+from runtime.precision import DTYPES
+
 from ..units import format_time
-from .common import UserError, echo_json, load_logs, make_job, open_log, positive, resolve_target, run_tuning
+from .common import (UserError, echo_json, load_logs, make_job, open_log, positive, resolve_target, run_tuning,
+                     stale_warnings_reported)
 from .group import cli
 
 
@@ -60,20 +63,26 @@ def load_config(model: str):
 @click.option("--cache", default="auto", show_default=True, type=click.Choice(["auto", "cold", "warm"]),
               help="cpu: time candidates with their inputs out of cache (cold) or in it (warm); auto: cold when "
                    "one forward pass touches more bytes than the last-level cache holds")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)),
+              help="the model's precision: weights, activations and KV cache (float32 accumulation); "
+                   "half precision needs the cuda target")
 def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, group_size, trials_total, tuner, batch,
                seed, threads, log_path, tracking_uri, no_mlflow, experiment, build_timeout, run_timeout, quiet,
-               as_json, list_tasks, cache) -> None:
+               as_json, list_tasks, cache, dtype) -> None:
     """Tune every kernel a model's prefill and decode passes need, over one trial budget."""
     from autotune.tune_model import ModelWorkload
 
     config = load_config(model)
+    kind = resolve_target(target, compile_only=True).kind
+    # a CUDA model's decode step runs as one captured graph: its kernels are the resident ones
     workload = ModelWorkload(config, parse_sizes(prefill_tokens, "--prefill-tokens"),
                              parse_sizes(decode_batch, "--decode-batch"), parse_sizes(kv_len, "--kv-len"),
-                             quantize, group_size)
+                             quantize, group_size, dtype, resident=kind == "cuda")
     try:
         tasks = workload.tasks()
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    _check_precision(tasks, kind, dtype)
     if list_tasks:
         rows = [{"task": t.key, "op": t.task.op, "weight": t.weight, "calls_per_pass": t.uses} for t in tasks]
         if as_json:
@@ -163,7 +172,7 @@ def _prompts(prompt_ids: str | None, prompt_tokens: int, batch: int, vocab: int,
     return np.random.default_rng(seed).integers(0, vocab, (batch, prompt_tokens))
 
 
-def _kernels(lib: str | None, logs: tuple[str, ...], target: str):
+def _kernels(lib: str | None, logs: tuple[str, ...], target: str, allow_stale: bool = False):
     """The kernel provider: an exported library, or tuning logs (compiled on first use)."""
     if bool(lib) == bool(logs):
         raise UserError("give either --lib DIR (an exported library) or --log LOG (tuning logs)")
@@ -182,7 +191,26 @@ def _kernels(lib: str | None, logs: tuple[str, ...], target: str):
             return runtime.load(lib, fallback=TunedKernels.defaults() if cpu else None)
         except (OSError, ValueError, AttributeError) as exc:
             raise UserError(f"--lib {lib}: {exc}") from None
-    return TunedKernels(load_logs(logs), resolve_target(target))
+    with stale_warnings_reported(logs, allow_stale):  # records of code the templates no longer render
+        return TunedKernels(load_logs(logs), resolve_target(target), allow_stale=allow_stale)
+
+
+def _check_precision(tasks, kind: str, dtype: str) -> None:
+    """Refuse a precision the target's templates do not offer for every task, in one line."""
+    from search_space.registry import get_template
+
+    missing = sorted({t.task.op for t in tasks if dtype not in get_template(t.task.op, kind).dtypes})
+    if missing:
+        raise UserError(f"--dtype {dtype}: the {kind} templates of {', '.join(missing)} offer no {dtype}; "
+                        f"use --dtype float32" + (" or --target cuda" if kind == "cpu" else ""))
+
+
+def _dtype_of(kernels, dtype: str) -> str:
+    """``auto``: the precision of the provider's linear-layer kernels (float32 when it has several)."""
+    if dtype != "auto":
+        return dtype
+    found = {spec.dtype for spec in kernels.specs() if spec.op in ("gemv", "gemm", "gemv_q4", "gemm_q4")}
+    return found.pop() if len(found) == 1 else "float32"
 
 
 def _quantize_of(kernels, quantize: str) -> str:
@@ -210,8 +238,12 @@ def _quantize_of(kernels, quantize: str) -> str:
 @click.option("--compare", is_flag=True, help="also run the numpy reference and the untuned template defaults")
 @click.option("--target", default="cpu", show_default=True, help="with --log: the target the records are for")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object with the token ids and every figure")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", *DTYPES]),
+              help="the model's precision; auto: that of the kernels' linear layers")
+@click.option("--allow-stale", is_flag=True,
+              help="with --log: use records of code the templates no longer render, with a warning")
 def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, new_tokens, quantize, group_size,
-        compare, target, as_json) -> None:
+        compare, target, as_json, dtype, allow_stale) -> None:
     """Generate with a model on tuned kernels; print prefill and decode tokens/s."""
     from runtime.kernel import UntunedShapeWarning
     from runtime.plan import check_quantize
@@ -227,9 +259,12 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
         config.check_sequence(prompts.shape[1] + new_tokens)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    kernels = _kernels(lib, logs, target)
+    kernels = _kernels(lib, logs, target, allow_stale)
     try:
         quantize = _quantize_of(kernels, quantize)
+        dtype = _dtype_of(kernels, dtype)
+        if getattr(kernels, "kind", "cpu") == "cpu" and dtype != "float32":
+            raise UserError(f"--dtype {dtype}: a model on CPU kernels runs in float32 only")
         try:
             check_quantize(config, quantize, group_size)
             weights = make_weights(config, weights_dir, seed, quantize, group_size)
@@ -238,7 +273,7 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
         untuned: list[str] = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UntunedShapeWarning)
-            tuned, counts = run_generation(kernels, config, weights, prompts, new_tokens)
+            tuned, counts = run_generation(kernels, config, weights, prompts, new_tokens, dtype=dtype)
         for w in caught:
             if issubclass(w.category, UntunedShapeWarning):
                 untuned.append(str(w.message))
@@ -249,7 +284,7 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
     finally:
         kernels.close()
     report = RunReport(config.name, lib or ",".join(logs), quantize, batch, prompts.shape[1], new_tokens, tuned,
-                       counts)
+                       counts, dtype=dtype)
     try:
         report.tuned_for = tuned_condition(lib, logs)
     except (OSError, ValueError):
@@ -261,13 +296,13 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
         from export import TunedKernels
 
         report.reference, report.reference_blas = run_reference(config, weights_dir, seed, quantize, group_size,
-                                                                prompts, new_tokens)
+                                                                prompts, new_tokens, dtype)
         # the defaults run where the tuned kernels do: compiled for this CPU, or for the GPU
         defaults_target = resolve_target("cuda") if getattr(kernels, "kind", "cpu") == "cuda" else None
         with TunedKernels.defaults(defaults_target) as defaults:
             # at the prompt length the tuned prefill ran at, so both sides compute the same shapes
             report.defaults, _ = run_generation(defaults, config, weights, prompts, new_tokens,
-                                                prefill_sizes=[counts["prefill_padded_to"]])
+                                                prefill_sizes=[counts["prefill_padded_to"]], dtype=dtype)
     if as_json:
         echo_json(report.to_dict())
     else:

@@ -5,4 +5,4 @@ subclass these definitions and add how one target computes them.
 """
 from __future__ import annotations
 
-from . import attention, elementwise, matmul  # noqa: F401
+from . import attention, device_step, elementwise, matmul  # noqa: F401

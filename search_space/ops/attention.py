@@ -107,21 +107,32 @@ class AttentionDecodeOp(Operator):
     dims = ("B", "H", "HKV", "D", "S", "L")
     dynamic_dims = ("S", "L")
     dtypes = FLOAT_DTYPES
-    default_attrs = {"scale": 0.0}
-    attr_docs = {"scale": "softmax scale of Q.K; 0.0 means 1/sqrt(D)"}
+    default_attrs = {"scale": 0.0, "lengths": "uniform"}
+    attr_docs = {"scale": "softmax scale of Q.K; 0.0 means 1/sqrt(D)",
+                 "lengths": "uniform: every sequence attends to L positions (a scalar argument); per_sequence: "
+                            "sequence b to LENS[b] <= L, read from device memory (what a captured CUDA graph "
+                            "needs: one launch serves every step)"}
     example_shape = {"B": 1, "H": 32, "HKV": 8, "D": 128, "S": 4096, "L": 4096}
     description = "one query per sequence against a KV cache of runtime length L (split-KV)"
+    LENGTHS = ("uniform", "per_sequence")
 
     def check(self, task: Task) -> None:
         super().check(task)
         _check_heads(self, task)
         if task.dims["L"] > task.dims["S"]:
             raise ValueError(f"attention_decode: L = {task.dims['L']} exceeds the cache capacity S = {task.dims['S']}")
+        if self.attrs(task)["lengths"] not in self.LENGTHS:
+            raise ValueError(f"attention_decode: lengths = {self.attrs(task)['lengths']!r}; use one of "
+                             f"{', '.join(self.LENGTHS)}")
+
+    def per_sequence(self, task: Task) -> bool:
+        return self.attrs(task)["lengths"] == "per_sequence"
 
     def signature(self, task: Task) -> tuple[ArgSpec, ...]:
         dt = task.dtype
+        lens = (ArgSpec("LENS", "in", "int32", ("B",)),) if self.per_sequence(task) else ()
         return (ArgSpec("Q", "in", dt, ("B", "H", "D")), ArgSpec("K", "in", dt, ("B", "HKV", "S", "D")),
-                ArgSpec("V", "in", dt, ("B", "HKV", "S", "D")), ArgSpec("O", "out", dt, ("B", "H", "D")))
+                ArgSpec("V", "in", dt, ("B", "HKV", "S", "D")), *lens, ArgSpec("O", "out", dt, ("B", "H", "D")))
 
     def flops(self, task: Task) -> float:
         d = task.dims
@@ -134,21 +145,33 @@ class AttentionDecodeOp(Operator):
     def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
         d = task.dims
         cache = (d["B"], d["HKV"], d["S"], d["D"])
-        return {"Q": random_normal(rng, (d["B"], d["H"], d["D"]), task.dtype),
-                "K": random_normal(rng, cache, task.dtype), "V": random_normal(rng, cache, task.dtype)}
+        inputs = {"Q": random_normal(rng, (d["B"], d["H"], d["D"]), task.dtype),
+                  "K": random_normal(rng, cache, task.dtype), "V": random_normal(rng, cache, task.dtype)}
+        if self.per_sequence(task):  # ragged: sequence b is b positions shorter (at least 1), the first is L
+            inputs["LENS"] = np.maximum(d["L"] - np.arange(d["B"]), min(d["L"], 1)).astype(np.int32)
+        return inputs
 
-    def _attend(self, task: Task, q, k, v) -> np.ndarray:
+    def _lengths(self, task: Task, inputs: dict[str, np.ndarray]) -> list[int]:
         d = task.dims
-        b, h, hkv, dim, length = d["B"], d["H"], d["HKV"], d["D"], d["L"]
-        qg = q.reshape(b, hkv, h // hkv, dim)                             # B,HKV,G,D
-        keys, values = k[:, :, :length], v[:, :, :length]                  # B,HKV,L,D
-        scores = np.matmul(qg, keys.transpose(0, 1, 3, 2)) * _scale(self, task)  # B,HKV,G,L
-        return np.matmul(softmax_last(scores), values).reshape(b, h, dim)
+        return [int(n) for n in inputs["LENS"]] if self.per_sequence(task) else [d["L"]] * d["B"]
+
+    def _attend(self, task: Task, q, k, v, lengths: list[int]) -> np.ndarray:
+        d = task.dims
+        b, h, hkv, dim = d["B"], d["H"], d["HKV"], d["D"]
+        out = np.zeros((b, h, dim), dtype=q.dtype)
+        for seq in {*lengths} - {0}:  # one batched product per distinct length; no positions: zeros
+            rows = [i for i, n in enumerate(lengths) if n == seq]
+            qg = q[rows].reshape(len(rows), hkv, h // hkv, dim)                      # b,HKV,G,D
+            keys, values = k[rows, :, :seq], v[rows, :, :seq]                        # b,HKV,L,D
+            scores = np.matmul(qg, keys.transpose(0, 1, 3, 2)) * _scale(self, task)  # b,HKV,G,L
+            out[rows] = np.matmul(softmax_last(scores), values).reshape(len(rows), h, dim)
+        return out
 
     def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         q, k, v = (to_float64(inputs[n], task.dtype) for n in ("Q", "K", "V"))
-        return {"O": self._attend(task, q, k, v)}
+        return {"O": self._attend(task, q, k, v, self._lengths(task, inputs))}
 
     def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
         q, k, v = (to_float32(inputs[n], task.dtype) for n in ("Q", "K", "V"))
-        return "numpy float32 attention over the cache", lambda: self._attend(task, q, k, v)
+        lengths = self._lengths(task, inputs)
+        return "numpy float32 attention over the cache", lambda: self._attend(task, q, k, v, lengths)

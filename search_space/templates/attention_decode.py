@@ -56,6 +56,12 @@ class AttentionDecodeCpu(AttentionDecodeOp, Template):
     target_kind = "cpu"
     dtypes = ("float32",)
 
+    def check(self, task: Task) -> None:
+        super().check(task)
+        if self.per_sequence(task):
+            raise ValueError("attention_decode on the cpu takes the length as a scalar: lengths=per_sequence is "
+                             "for CUDA graphs")
+
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
         d, lanes, regs, G = space_basics(task, target)

@@ -112,6 +112,7 @@ print(json.dumps({"tokens": out.tokens.tolist(), "logits": out.logits.tolist(),
 """
 
 
+@pytest.mark.tools("cc")
 def test_the_exported_library_runs_the_model_with_numpy_only(tiny_log, tmp_path):
     """tune-model, export, then run in a process that has numpy and the runtime and nothing else."""
     import numpy as np
@@ -150,6 +151,7 @@ def test_list_tasks_names_every_kernel_of_a_preset_with_its_uses(tmp_path):
     assert not (tmp_path / "tune.jsonl").exists()  # nothing was tuned
 
 
+@pytest.mark.tools("cc")
 def test_a_prompt_of_any_length_runs_tuned_kernels_only(tmp_path):
     """Prompts are padded to a token count whose every prefill kernel is tuned: the GEMMs'
     (here a GEMV at 8 tokens and GEMMs at 128), or their own length where the decode GEMVs serve

@@ -19,8 +19,10 @@ def test_model_tasks_are_distinct_and_weighted_by_use():
     tasks = {t.key: t for t in model_tasks(TINY, [128], [1], [512, 1024])}
     assert len(tasks) == len({t.task.key for t in tasks.values()})
     layers = TINY.num_hidden_layers
-    q_prefill = tasks["gemm/float32/M=128,N=128,K=128"]  # q_proj and o_proj share a shape here
-    assert q_prefill.weight == 2 * layers and q_prefill.uses == {"prefill T=128": 2 * layers}
+    qkv_prefill = tasks["gemm/float32/M=128,N=256,K=128"]  # Q, K and V as one projection: 128 + 2 x 64 rows
+    assert qkv_prefill.weight == layers and qkv_prefill.uses == {"prefill T=128": layers}
+    o_prefill = tasks["gemm/float32/M=128,N=128,K=128"]
+    assert o_prefill.weight == layers
     attention = [t for t in tasks.values() if t.task.op == "attention_decode"]
     assert len(attention) == 2  # one per KV length, each run half of the decode steps
     assert all(t.weight == layers * DECODE_STEPS / 2 for t in attention)

@@ -1,5 +1,5 @@
 """The generated CUDA C of the row-wise and attention templates, run on the CPU through the
-emulator in tests/cuda_emulator.py and compared with the float64 references.
+emulator in tests/cudaemu.py and compared with the float64 references.
 
 This is where indexing, tails, barriers, warp collectives and the mma/ldmatrix fragment
 layouts of the attention kernels are checked on a machine without a GPU: every dtype,
@@ -13,12 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-import cuda_emulator
+import cudaemu
 from measure.verify import check_output
 from search_space import Target, Task, get_template
-from search_space.ops.common import numpy_dtype
 
 SM90 = Target.from_name("sm_90a")
+pytestmark = pytest.mark.tools("emulator")
 DTYPES = ("float32", "float16", "bfloat16")
 
 # (op, tuned shape, attrs, dynamic dims (None: the operator's), runtime overrides, config overrides)
@@ -35,9 +35,20 @@ CASES = [
     ("gelu", {"M": 8, "N": 1001}, {}, None, [{"M": 1}], [dict(unroll=4, vec=1)]),
     ("rope", {"T": 8, "H": 3, "D": 80}, {"theta": 500000.0}, None, [{"T": 19}], [{}, dict(trig="registers", tokens=4)]),
     ("rope", {"T": 2, "H": 1, "D": 2}, {}, (), [{}], [{}]),
+    ("rope", {"T": 8, "H": 2, "D": 24}, {"theta": 10000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+     None, [{"T": 5}], [{}, dict(trig="registers")]),
+    ("rope", {"T": 4, "H": 2, "D": 16}, {"theta": 500000.0, "rope_type": "linear", "factor": 4.0}, None, [{}], [{}]),
     ("attention_decode", {"B": 1, "H": 4, "HKV": 4, "D": 64, "S": 96, "L": 96}, {}, None,
      [{"L": 1}, {"S": 130, "L": 129}], [{}, dict(splits=1, warps=2), dict(lanes=32, vec=1, unroll=4, splits=4)]),
     ("attention_decode", {"B": 2, "H": 6, "HKV": 1, "D": 80, "S": 40, "L": 33}, {"scale": 0.3}, (), [{}], [{}]),
+    # ragged lengths from device memory (a CUDA graph's attention): sequence b attends to L - b positions
+    ("attention_decode", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40}, {"lengths": "per_sequence"}, None,
+     [{}, {"L": 2}], [{}, dict(splits=2, warps=2, unroll=1)]),
+    # the resident decode step's own kernels: rows at positions read from memory, greedy ids
+    ("kv_append", {"B": 3, "HKV": 2, "D": 40, "S": 24}, {}, None, [{}, {"S": 7}], [{}, dict(vec=1, threads=32)]),
+    ("argmax", {"M": 3, "N": 1001}, {}, None, [{}], [{}, dict(threads=128)]),
+    ("argmax", {"M": 2, "N": 4096}, {}, None, [{}], [{}, dict(vec=1, threads=256)]),
     ("attention_prefill", {"B": 1, "T": 64, "H": 2, "HKV": 1, "D": 64}, {}, None, [{"T": 1}, {"T": 100}],
      [{}, dict(impl="mma", warps=2, block_k=32, stages=3, q_regs=0),
       dict(impl="mma", warps=2, warp_rows=32, block_k=32, stages=2, q_regs=1),
@@ -67,18 +78,19 @@ def jobs():
     return out
 
 
-def poisoned(shape, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return np.full(shape, 0xFFFF, dtype=np.uint16)
-    return np.full(shape, np.nan, dtype=numpy_dtype(dtype))
+@pytest.fixture(scope="module")
+def emulator():
+    emu = cudaemu.Emulator()
+    yield emu
+    emu.close()
 
 
-def test_emulated_kernels_match_the_reference():
+def test_emulated_kernels_match_the_reference(emulator):
     work = jobs()
     assert len(work) >= 40
     sources = [template.render(task, config, SM90) for template, task, config, _ in work]
-    with ThreadPoolExecutor(2) as pool:   # g++ builds in parallel; runs stay in this process
-        list(pool.map(cuda_emulator.build, sources))
+    with ThreadPoolExecutor(2) as pool:   # g++ builds in parallel; runs go one at a time to the worker
+        list(pool.map(cudaemu.build, sources))
     problems = []
     for (template, task, config, runs), source in zip(work, sources):
         workspaces = {a.name: np.zeros(max(a.nbytes, 1), np.uint8) for a in source.args if a.role == "workspace"}
@@ -88,20 +100,22 @@ def test_emulated_kernels_match_the_reference():
             reference = template.reference(run_task, inputs)
             # twice on the same workspace: split-KV counters must come back to zero
             for call in range(2 if workspaces else 1):
-                arrays = dict(inputs)
-                outputs = [a for a in source.args if a.role == "out"]
-                for arg in outputs:
-                    arrays[arg.name] = poisoned(arg.resolve_shape(run_task.dims), arg.dtype)
-                cuda_emulator.run(source, run_task.dims, arrays, workspaces)
-                for arg in outputs:
-                    problem = check_output(arg.name, arrays[arg.name], reference[arg.name],
-                                           template.tolerance(run_task), arg.dtype)
-                    if problem:
-                        problems.append(f"{run_task.key} {config} call {call}: {problem}")
+                # copies land as late as their wait allows: a read before its wait sees NaN
+                out = emulator.run(source, run_task.dims, inputs, deferred=True, seed=i, workspaces=workspaces)
+                if "error" in out:
+                    problems.append(f"{run_task.key} {config} call {call}: {out['error']}")
+                    break
+                workspaces = out["workspaces"]
+                for arg in source.args:
+                    if arg.role == "out":
+                        problem = check_output(arg.name, out["outputs"][arg.name], reference[arg.name],
+                                               template.tolerance(run_task), arg.dtype)
+                        if problem:
+                            problems.append(f"{run_task.key} {config} call {call}: {problem}")
     assert not problems, "\n".join(problems)
 
 
-def test_emulator_catches_a_wrong_fragment_layout(monkeypatch):
+def test_emulator_catches_a_wrong_fragment_layout(emulator, monkeypatch):
     """The check above can fail: swapping two B registers of the mma gives a wrong answer."""
     import search_space.templates.cuda.attention_prefill as prefill
 
@@ -112,20 +126,40 @@ def test_emulator_catches_a_wrong_fragment_layout(monkeypatch):
     task = Task.make("attention_prefill", {"B": 1, "T": 40, "H": 1, "HKV": 1, "D": 32}, "float16")
     source = template.render(task, template.default(task, SM90), SM90)
     inputs = template.make_inputs(task, np.random.default_rng(0))
-    arrays = dict(inputs, O=poisoned((1, 40, 1, 32), "float16"))
-    cuda_emulator.run(source, task.dims, arrays)
-    assert check_output("O", arrays["O"], template.reference(task, inputs)["O"], template.tolerance(task), "float16")
+    out = emulator.run(source, task.dims, inputs)
+    assert check_output("O", out["outputs"]["O"], template.reference(task, inputs)["O"], template.tolerance(task),
+                        "float16")
 
 
-def test_emulator_reports_a_deadlock():
+def test_emulator_reports_a_deadlock(emulator):
     from search_space import ArgSpec, KernelSource
     from search_space.codegen.cuda import PREAMBLE, kernel_params
 
-    args = (ArgSpec("Y", "out", "float32", (32,)),)
+    args = (ArgSpec("Y", "out", "float32", (64,)),)
     code = (PREAMBLE + f'extern "C" __global__ void stuck({kernel_params(args)}) {{\n'
             "  if (threadIdx.x < 16) __syncthreads();   // half a block at a barrier: never completes\n"
             "  else for (int i = 0; i < 3; ++i) __syncwarp();\n"
             "  Y[threadIdx.x] = 1.0f;\n}\n")
     source = KernelSource("cuda", code, "stuck", args, (("block", (64, 1, 1)), ("grid", (1, 1, 1)), ("smem", 0)))
-    with pytest.raises(RuntimeError, match="failed"):
-        cuda_emulator.run(source, {}, {"Y": np.zeros(64, np.float32)})
+    assert "deadlock" in emulator.run(source, {}, {})["error"]
+
+
+def test_shared_memory_past_the_launch_size_is_caught(emulator):
+    """Shared memory addressed by offset (the emu:: calls under AUTOTUNE_EMULATE) is checked
+    against the dynamic size the launch asked for."""
+    from search_space import ArgSpec, KernelSource
+    from search_space.codegen.cuda import PREAMBLE, kernel_params
+
+    args = (ArgSpec("Y", "out", "float32", (32,)),)
+    code = (PREAMBLE + f'extern "C" __global__ void overrun({kernel_params(args)}) {{\n'
+            "  extern __shared__ __align__(16) float s[];\n"
+            "  unsigned r0, r1, r2, r3;\n"
+            "  emu::ldmatrix_x4(emu::smem_offset(s) + 16 * threadIdx.x, false, r0, r1, r2, r3);\n"
+            "  Y[threadIdx.x] = (float)(r0 & 1u);\n}\n")
+
+    def launch(smem: int) -> KernelSource:
+        return KernelSource("cuda", code, "overrun", args, (("block", (32, 1, 1)), ("grid", (1, 1, 1)), ("smem", smem)))
+
+    fits = emulator.run(launch(512), {}, {})
+    assert "error" not in fits, fits["error"]
+    assert "past the end of dynamic shared memory" in emulator.run(launch(256), {}, {})["error"]

@@ -13,7 +13,9 @@ counter, and the block that arrives last combines the partials and writes O. The
 wraps to 0 in that same atomic (atomicInc), so the workspace is ready for the next call;
 it must be zero-filled once when allocated. Scores are in the log2 domain (q pre-scaled
 by scale * log2(e)); arithmetic is float32. S (row stride of the cache) and L are
-runtime arguments; any 0 <= L <= S works (L = 0 writes zeros).
+runtime arguments; any 0 <= L <= S works (L = 0 writes zeros). With ``lengths=per_sequence``
+each sequence's length is read from ``LENS[b]`` in device memory instead, so a launch
+recorded in a CUDA graph stays right as the cache grows.
 """
 from __future__ import annotations
 
@@ -146,6 +148,8 @@ class AttentionDecodeCuda(AttentionDecodeOp, Template):
             f"constexpr int UNROLL = {c['unroll']};\nconstexpr int SPLITS = {c['splits']};\n"
             f"constexpr float QSCALE = {qscale!r}f;\n"
             + static_dims(task, ("S", "L"))
+            # the positions this block's sequence attends to: the scalar L, or its own from memory
+            + ("#define KV_LEN ((long long)LENS[blockIdx.z])\n" if self.per_sequence(task) else "#define KV_LEN L\n")
             + _KERNEL.replace("@PARAMS@", kernel_params(args)))
         launch = (("block", (32 * c["warps"], 1, 1)), ("grid", (c["splits"], d["HKV"], d["B"])), ("smem", 0))
         return KernelSource("cuda", code, "attention_decode_splitkv", tuple(args), launch)
@@ -166,9 +170,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_decode_splitkv(@
   for (int k = threadIdx.x; k < G * D; k += THREADS) sm_acc[k] = 0.0f;
 
   const long long head = (long long)b * HKV + kvh;
-  const long long per = (L + SPLITS - 1) / SPLITS;
+  const long long per = (KV_LEN + SPLITS - 1) / SPLITS;
   const long long begin = (long long)split * per;
-  const long long end = begin + per < L ? begin + per : L;   // empty when end <= begin
+  const long long end = begin + per < KV_LEN ? begin + per : KV_LEN;   // empty when end <= begin
 
   float q[G][CH][VEC], acc[G][CH][VEC], m[G], l[G];
 #pragma unroll

@@ -128,26 +128,107 @@ def memset_d32(dest, data, size):
     _view(dest, np.uint32, size)[:] = data
 
 
+# ----------------------------------------------------------------------------- streams and graphs
+# Work queued on a stream runs at once, in issue order, unless the stream is being captured
+# (``graph_api``): then it is recorded, and runs each time the graph is launched. As on a
+# real device, a capture refuses what cannot be recorded: synchronous calls on the stream,
+# and copies from host memory that is not page-locked.
+_CAPTURES: dict[int, list] = {}   # stream handle -> work recorded so far
+_GRAPHS: dict[int, list] = {}     # graph (and executable) handle -> its recorded work
+COUNTS = {"launches": 0, "graph_launches": 0}  # kernels run and graphs replayed, for tests
+
+
+def _queue(stream, work, host=None) -> None:
+    handle = getattr(stream, "handle", None)
+    if handle in _CAPTURES:
+        if host is not None and not isinstance(host, PagelockedArray):
+            raise LogicError("cuMemcpyAsync failed: operation not permitted when stream is capturing "
+                             "(host memory is not page-locked)")
+        _CAPTURES[handle].append(work)
+    else:
+        work()
+
+
+def _refuse_while_capturing(call: str) -> None:
+    if _CAPTURES:
+        raise LogicError(f"{call} failed: operation not permitted when stream is capturing")
+
+
+class PagelockedArray(np.ndarray):
+    """Host memory the fake treats as page-locked (pycuda.driver.pagelocked_empty)."""
+
+
+def pagelocked_empty(shape, dtype=np.float32, order="C", mem_flags=0):
+    return np.zeros(shape, dtype, order=order).view(PagelockedArray)
+
+
+class _GraphApi:
+    """The driver's capture calls (see runtime.cuda_graph), on recorded work."""
+
+    def begin_capture(self, stream: int) -> None:
+        if stream in _CAPTURES:
+            raise LogicError("cuStreamBeginCapture failed: the stream is capturing already")
+        _CAPTURES[stream] = []
+
+    def end_capture(self, stream: int) -> int:
+        work = _CAPTURES.pop(stream)
+        handle = id(work)
+        _GRAPHS[handle] = work
+        return handle
+
+    def instantiate(self, graph: int) -> int:
+        return graph
+
+    def launch(self, executable: int, stream: int) -> None:
+        if stream in _CAPTURES:
+            raise LogicError("cuGraphLaunch failed: the stream is capturing")
+        COUNTS["graph_launches"] += 1
+        for work in _GRAPHS[executable]:
+            work()
+
+    def destroy(self, graph, executable) -> None:
+        _GRAPHS.pop(graph, None)
+
+
+def graph_api() -> _GraphApi:
+    return _GraphApi()
+
+
 def memset_d8_async(dest, data, size, stream=None):
-    memset_d8(dest, data, size)
+    _queue(stream, lambda: memset_d8(dest, data, size))
 
 
 def memset_d16_async(dest, data, size, stream=None):
-    memset_d16(dest, data, size)
+    _queue(stream, lambda: memset_d16(dest, data, size))
 
 
 def memset_d32_async(dest, data, size, stream=None):
-    memset_d32(dest, data, size)
+    _queue(stream, lambda: memset_d32(dest, data, size))
 
 
 def memcpy_htod(dest, src):
+    _refuse_while_capturing("cuMemcpyHtoD")
     src = np.ascontiguousarray(src)
     dest.bytes[: src.nbytes] = src.reshape(-1).view(np.uint8)
 
 
 def memcpy_dtoh(dest, src):
+    _refuse_while_capturing("cuMemcpyDtoH")
     flat = dest.reshape(-1).view(np.uint8)
     flat[:] = src.bytes[: flat.size]
+
+
+def memcpy_htod_async(dest, src, stream=None):
+    def copy():  # reads ``src`` when it runs: a replayed graph copies what the host holds then
+        data = np.ascontiguousarray(src)
+        ctypes.memmove(int(dest), data.ctypes.data, data.nbytes)  # an allocation or a raw address
+    _queue(stream, copy, host=src)
+
+
+def memcpy_dtoh_async(dest, src, stream=None):
+    def copy():
+        ctypes.memmove(dest.ctypes.data, int(src), dest.nbytes)
+    _queue(stream, copy, host=dest)
 
 
 class Memcpy2D:
@@ -167,15 +248,33 @@ class Memcpy2D:
     def set_dst_device(self, pointer):
         self.dst = int(pointer)
 
-    def __call__(self, aligned=True, stream=None):
+    def __call__(self, aligned_or_stream=True):
+        """``copy(aligned)`` runs now; ``copy(stream)`` is queued on the stream (as pycuda's)."""
         if self.width_in_bytes > min(self.src_pitch, self.dst_pitch):
             raise LogicError("cuMemcpy2D failed: invalid value (width exceeds a pitch)")
-        for row in range(self.height):
-            ctypes.memmove(self.dst + row * self.dst_pitch, self.src + row * self.src_pitch, self.width_in_bytes)
+        src, dst, pitches = self.src, self.dst, (self.src_pitch, self.dst_pitch, self.width_in_bytes, self.height)
+
+        def copy():
+            src_pitch, dst_pitch, width, height = pitches
+            for row in range(height):
+                ctypes.memmove(dst + row * dst_pitch, src + row * src_pitch, width)
+        if isinstance(aligned_or_stream, Stream):
+            _queue(aligned_or_stream, copy, host=getattr(self, "_keep", None))
+        else:
+            _refuse_while_capturing("cuMemcpy2D")
+            copy()
 
 
 class Stream:
-    pass
+    def __init__(self, flags: int = 0):
+        self.handle = id(self)
+
+    def synchronize(self) -> None:
+        if self.handle in _CAPTURES:
+            raise LogicError("cuStreamSynchronize failed: operation not permitted when stream is capturing")
+
+    def is_done(self) -> bool:
+        return True
 
 
 class Event:
@@ -288,6 +387,11 @@ class Function:
             raise LogicError("cuLaunchKernel failed: invalid argument")  # CUDA_ERROR_INVALID_VALUE
         if threads > _register_limited_threads(self.registers):
             raise LaunchError("cuLaunchKernel failed: too many resources requested for launch")
+        # the argument values as they are now: a recorded launch replays with these
+        _queue(stream, lambda: self._run(tuple(grid), tuple(block), args, shared_size))
+
+    def _run(self, grid, block, args, shared_size) -> None:
+        COUNTS["launches"] += 1
         if self.lib is None:
             import cudaemu  # tests/ is on the worker's path
             from search_space import KernelSource
@@ -299,6 +403,7 @@ class Function:
         argv = (ctypes.c_void_p * max(len(pointers), 1))(*pointers)
         svals = (ctypes.c_longlong * max(len(scalars), 1))(*scalars)
         error = ctypes.create_string_buffer(512)
+        self.lib.emu_set_dynamic_smem(ctypes.c_ulonglong(shared_size))
         rc = self.lib.emu_run(argv, svals, *[ctypes.c_uint(v) for v in (*grid, *block)], ctypes.c_int(1),
                               ctypes.c_uint(0), error)
         if rc != 0:

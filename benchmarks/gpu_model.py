@@ -1,0 +1,270 @@
+"""A large model on the GPU, end to end: tuned kernels against the bandwidth floor and plain torch.
+
+    python benchmarks/gpu_model.py --model llama-2-7b --dtype float16 [--quantize q4] --log tuned.jsonl
+
+Weights are generated on the device with torch (no host copy of a 7B model) and handed to the
+runtime as ``runtime.weights.DeviceWeights``, which uses them where they lie. The kernels come
+from the tuning log (``autotune tune-model --target cuda``), shapes it lacks at template
+defaults. Reported, in one JSON line and a short table:
+
+- decode and prefill tokens/s of the runtime (batch 1, ``--prompt`` tokens, ``--new`` new);
+- the bandwidth floor: (weight bytes + KV bytes at the mean cache length) per decode token over
+  the streaming rate measured here with a device-to-device copy, and the share of it reached;
+- the same model in plain torch eager (F.linear with Q/K/V and gate/up fused as the runtime
+  runs them, SDPA, a static KV cache) on the same weights, and the ratio;
+- the largest logit difference of the runtime against that torch model in float32 on the same
+  (rounded, dequantised) weights, teacher-forced over the runtime's tokens.
+
+torch is a baseline here, not a dependency of the project. It initialises CUDA first; the
+runtime then attaches pycuda to the device's primary context (one context for both).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# "cpu" rehearses the whole script here: torch on the CPU, the runtime on the fake pycuda of the
+# tests (whose device pointers are host addresses), on a small config
+DEVICE = os.environ.get("GPU_MODEL_DEVICE", "cuda")
+
+
+def generate_weights(torch, config, dtype: str, quantize: str, group_size: int, seed: int):
+    """name -> torch tensor on the device in the model's precision, named as the decoder reads
+    them (``runtime.weights.device_shapes``: Q/K/V and gate/up stacked; int4 layers as NAME#wq
+    and NAME#scales), plus for int4 layers the float32 weights their codes stand for."""
+    from runtime.weights import device_linear_names, device_shapes, expected_shapes, fused_parts
+
+    tdtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    parts = {}
+    for name, shape in expected_shapes(config).items():
+        if len(shape) == 1:
+            w = torch.rand(shape, generator=gen, device=DEVICE, dtype=torch.float32) * 0.4 + 0.8
+        else:
+            w = torch.randn(shape, generator=gen, device=DEVICE, dtype=torch.float32) * 0.02
+        parts[name] = w.to(tdtype)
+    stored = {"model.embed_tokens.weight": parts["model.embed_tokens.weight"]}  # gathered on the host
+    for name in device_shapes(config):
+        pieces = [parts.pop(p) if p != "model.embed_tokens.weight" else parts[p] for p in fused_parts(name)]
+        stored[name] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    full = {}
+    for name in (device_linear_names(config) if quantize == "q4" else ()):
+        w = stored[name]
+        n, k = w.shape
+        groups = w.float().reshape(n, k // group_size, group_size)
+        scales = (groups.abs().amax(dim=2).clamp_min(1e-8) / 7.0).to(tdtype)
+        codes = (torch.round(groups / scales.float()[..., None]) + 8).clamp(0, 15).to(torch.uint8).reshape(n, k)
+        stored[f"{name}#wq"] = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+        stored[f"{name}#scales"] = scales.contiguous()
+        full[name] = ((codes.float().reshape(n, -1, group_size) - 8) * scales.float()[..., None]).reshape(n, k)
+        if name != "model.embed_tokens.weight":
+            del stored[name]  # only the codes live on: a 7B model in fp16 and int4 would not fit twice
+    return stored, full
+
+
+def device_weights(torch, config, stored, dtype: str, quantize: str, group_size: int):
+    from runtime.arrays import DeviceArray
+    from runtime.kernel import numpy_dtype
+    from runtime.weights import DeviceWeights, device_linear_names
+
+    def as_array(t):
+        np_dtype = np.uint8 if t.dtype == torch.uint8 else numpy_dtype(dtype)
+        return DeviceArray(t.data_ptr(), tuple(t.shape), np_dtype)
+
+    embed = stored["model.embed_tokens.weight"]
+    host = embed.view(torch.int16).cpu().numpy().view(np.uint16) if dtype == "bfloat16" else embed.cpu().numpy()
+    quantized = frozenset(device_linear_names(config)) if quantize == "q4" else frozenset()
+    return DeviceWeights(config, {n: as_array(t) for n, t in stored.items()}, host, quantized, group_size)
+
+
+class TorchLlama:
+    """The same decoder in plain torch eager: what a user without a compiler runs."""
+
+    def __init__(self, torch, config, weight, dtype):
+        from runtime.rope_frequencies import inverse_frequencies
+
+        self.torch, self.c, self.weight, self.dtype = torch, config, weight, dtype
+        freqs = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_type, **config.rope_scaling)
+        self.freqs = torch.tensor(freqs, dtype=torch.float64, device=DEVICE)
+
+    def _rope(self, x, positions):
+        torch = self.torch
+        angle = positions.to(torch.float64)[:, None] * self.freqs[None, :]
+        cos, sin = angle.cos().to(x.dtype)[:, None, :], angle.sin().to(x.dtype)[:, None, :]
+        half = x.shape[-1] // 2
+        lo, hi = x[..., :half], x[..., half:]
+        return torch.cat([lo * cos - hi * sin, hi * cos + lo * sin], dim=-1)
+
+    def _norm(self, x, name):
+        torch = self.torch
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.c.rms_norm_eps)).to(x.dtype) * self.weight(name)
+
+    def new_cache(self, capacity):
+        c, torch = self.c, self.torch
+        return [(torch.zeros(1, c.num_key_value_heads, capacity, c.head_dim, dtype=self.dtype, device=DEVICE),
+                 torch.zeros(1, c.num_key_value_heads, capacity, c.head_dim, dtype=self.dtype, device=DEVICE))
+                for _ in range(c.num_hidden_layers)]
+
+    def forward(self, ids, start, cache):
+        """Logits [T, V] of ids [T] at positions start.. (the cache filled as it goes)."""
+        torch, c, w = self.torch, self.c, self.weight
+        F = torch.nn.functional
+        t = ids.shape[0]
+        positions = torch.arange(start, start + t, device=DEVICE)
+        x = F.embedding(ids, w("model.embed_tokens.weight"))
+        for layer in range(c.num_hidden_layers):
+            p = f"model.layers.{layer}."
+            h = self._norm(x, p + "input_layernorm.weight")
+            q, k, v = F.linear(h, w(p + "self_attn.qkv_proj.weight")).split([c.q_size, c.kv_size, c.kv_size], -1)
+            q = q.reshape(t, c.num_attention_heads, c.head_dim)
+            k = k.reshape(t, c.num_key_value_heads, c.head_dim)
+            v = v.reshape(t, c.num_key_value_heads, c.head_dim)
+            q, k = self._rope(q, positions), self._rope(k, positions)
+            k_cache, v_cache = cache[layer]
+            k_cache[0, :, start:start + t] = k.transpose(0, 1)
+            v_cache[0, :, start:start + t] = v.transpose(0, 1)
+            length = start + t
+            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[:, :, :length], v_cache[:, :, :length],
+                                               is_causal=t > 1, enable_gqa=True)
+            x = x + F.linear(o[0].transpose(0, 1).reshape(t, -1), w(p + "self_attn.o_proj.weight"))
+            h = self._norm(x, p + "post_attention_layernorm.weight")
+            gate, up = F.linear(h, w(p + "mlp.gate_up_proj.weight")).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w(p + "mlp.down_proj.weight"))
+        head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+        return F.linear(self._norm(x, "model.norm.weight"), w(head))
+
+
+def synchronize(torch) -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def streaming_rate(torch) -> float:
+    """Bytes per second a device-to-device copy of 4 GiB moves (read plus write)."""
+    x = torch.empty(1 << 31 if DEVICE == "cuda" else 1 << 24, dtype=torch.float16, device=DEVICE)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    synchronize(torch)
+    best = float("inf")
+    for _ in range(5):
+        begin = time.perf_counter()
+        y.copy_(x)
+        synchronize(torch)
+        best = min(best, time.perf_counter() - begin)
+    return 2 * x.numel() * x.element_size() / best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama-2-7b")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--quantize", default="none", choices=["none", "q4"])
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--log", action="append", default=[], help="tuning log(s); none: template defaults")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import torch  # first: it owns the primary context the runtime attaches to
+
+    if DEVICE == "cuda":
+        torch.cuda.init()
+    from autotune.model_tasks import weight_bytes
+    from export import TunedKernels
+    from records import load_records
+    from runtime.kernel import UntunedShapeWarning
+    from runtime.llama import LlamaModel
+    from runtime.model_config import load_model_config
+    from search_space import Target
+
+    warnings.simplefilter("ignore", UntunedShapeWarning)  # counted instead: kernels_tuned of kernels
+    config = load_model_config(args.model)
+    rate = streaming_rate(torch)
+    stored, full = generate_weights(torch, config, args.dtype, args.quantize, args.group_size, args.seed)
+    weights = device_weights(torch, config, stored, args.dtype, args.quantize, args.group_size)
+    kernels = TunedKernels(load_records(args.log) if args.log else (), Target.cuda(0))
+    model = LlamaModel(config, weights, kernels, dtype=args.dtype)
+    prompts = np.random.default_rng(args.seed).integers(0, config.vocab_size, (1, args.prompt))
+    model.prepare(1, args.prompt, args.new)
+    model.generate(prompts, 2, keep_logits=False)  # warm-up: every kernel loaded, first launches done
+    # timed keeping only the token ids (a decode step then copies nothing else to the host)
+    timed = min((model.generate(prompts, args.new, keep_logits=False) for _ in range(3)), key=lambda g: g.decode_s)
+    decode_mode = model.decode_mode
+    capture_error = model.capture_error
+    ours_prefill = min(model.generate(prompts, 2, keep_logits=False).prefill_s for _ in range(3))
+    ours = model.generate(prompts, args.new)  # the logits, for the comparison below
+
+    # plain torch eager in the model's precision on the same weights (int4: its dequantised fp16)
+    tdtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    half_weights = {**stored, **{n: f.to(tdtype) for n, f in full.items()}}
+    eager = TorchLlama(torch, config, half_weights.__getitem__, tdtype)
+    ids = torch.tensor(prompts[0], device=DEVICE)
+
+    def eager_generate(new: int):
+        cache = eager.new_cache(args.prompt + new)
+        synchronize(torch)
+        begin = time.perf_counter()
+        logits = eager.forward(ids, 0, cache)
+        token = logits[-1].argmax()
+        synchronize(torch)
+        prefill_s = time.perf_counter() - begin
+        begin = time.perf_counter()
+        for position in range(args.prompt, args.prompt + new - 1):
+            token = eager.forward(token[None], position, cache)[-1].argmax()
+        synchronize(torch)
+        return prefill_s, time.perf_counter() - begin
+
+    with torch.inference_mode():
+        eager_generate(4)
+        runs = [eager_generate(args.new) for _ in range(2)]
+    eager_prefill_s, eager_decode_s = min(r[0] for r in runs), min(r[1] for r in runs)
+    del half_weights, eager
+
+    # float32 torch, teacher-forced over our tokens, one layer's weights widened at a time
+    f32 = TorchLlama(torch, config, lambda n: full[n] if n in full else stored[n].float(), torch.float32)
+    sequence = torch.tensor(np.concatenate([prompts[0], ours.tokens[0, :-1]]), device=DEVICE)
+    with torch.inference_mode():
+        want = f32.forward(sequence, 0, f32.new_cache(sequence.shape[0]))[args.prompt - 1:].cpu().numpy()
+    got = ours.logits[0]
+    max_abs = float(np.abs(got - want).max())
+    max_rel = max_abs / float(np.abs(want).max())
+    same = float(np.mean(got.argmax(-1) == want.argmax(-1)))
+
+    decode_tokens = args.new - 1
+    kv_bytes = 2 * config.num_hidden_layers * config.kv_size * 2 * (args.prompt + args.new / 2)
+    per_token = weight_bytes(config, args.quantize, args.group_size, args.dtype) + kv_bytes
+    floor = rate / per_token
+    result = {
+        "model": config.name, "dtype": args.dtype, "quantize": args.quantize, "prompt": args.prompt, "new": args.new,
+        "kernels_tuned": sum(1 for k in model.used.values() if k.tuned), "kernels": len(model.used),
+        "decode_mode": decode_mode, "capture_error": capture_error, "same_tokens_as_timed": bool((ours.tokens == timed.tokens).all()),
+        "decode_tokens_per_s": decode_tokens / timed.decode_s, "prefill_tokens_per_s": args.prompt / ours_prefill,
+        "streaming_bytes_per_s": rate, "bytes_per_decode_token": per_token, "floor_tokens_per_s": floor,
+        "share_of_floor": decode_tokens / timed.decode_s / floor,
+        "torch_decode_tokens_per_s": decode_tokens / eager_decode_s,
+        "torch_prefill_tokens_per_s": args.prompt / eager_prefill_s,
+        "decode_vs_torch": eager_decode_s / timed.decode_s, "prefill_vs_torch": eager_prefill_s / ours_prefill,
+        "logits_vs_torch_float32": {"max_abs": max_abs, "max_rel": max_rel, "same_argmax_share": same},
+    }
+    print(json.dumps(result))
+    print(f"{config.name} {args.dtype} {args.quantize} ({decode_mode} steps): decode "
+          f"{result['decode_tokens_per_s']:.1f} tok/s = "
+          f"{result['share_of_floor'] * 100:.0f}% of the floor {floor:.1f} (streaming {rate / 1e12:.2f} TB/s), "
+          f"{result['decode_vs_torch']:.2f}x torch eager ({result['torch_decode_tokens_per_s']:.1f}); prefill "
+          f"{result['prefill_tokens_per_s']:.0f} tok/s, {result['prefill_vs_torch']:.2f}x torch; logits vs torch "
+          f"float32: max {max_abs:.2e} ({max_rel:.1e} relative), same argmax {same * 100:.0f}%", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Record the work queued on a stream once, as a CUDA graph, and replay it with one launch.
+
+A decode step is hundreds of kernel launches; issued one by one from Python each costs
+microseconds of host time, more than many of the kernels take on the GPU. Captured once
+(``cuStreamBeginCapture``/``cuStreamEndCapture``, ``cuGraphInstantiateWithFlags``) the whole
+step is one ``cuGraphLaunch``. pycuda 2026.1 has no graph API, so the five driver calls go
+through ctypes to ``libcuda``, the driver library pycuda itself uses (same process, same
+context): NVIDIA's cuda-python bindings would add a dependency of their own for them.
+
+The test suite's fake pycuda provides the same calls (``pycuda.driver.graph_api``), recording
+the launches and copies queued during a capture and replaying them, so the logic is tested
+without a GPU.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+CAPTURE_THREAD_LOCAL = 1  # CU_STREAM_CAPTURE_MODE_THREAD_LOCAL: a synchronising call in the capture fails
+
+
+class CudaGraphError(RuntimeError):
+    """A driver call of the capture or replay failed."""
+
+
+class _Libcuda:
+    """The graph calls of the CUDA driver API, through ctypes."""
+
+    def __init__(self) -> None:
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+        except OSError as exc:
+            raise CudaGraphError(f"the CUDA driver library cannot be opened: {exc}") from None
+        self.lib = lib
+        lib.cuStreamBeginCapture_v2.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.cuStreamEndCapture.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+        lib.cuGraphInstantiateWithFlags.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p,
+                                                    ctypes.c_ulonglong]
+        lib.cuGraphLaunch.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.cuGraphExecDestroy.argtypes = [ctypes.c_void_p]
+        lib.cuGraphDestroy.argtypes = [ctypes.c_void_p]
+        lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+
+    def _check(self, result: int, call: str) -> None:
+        if result != 0:
+            text = ctypes.c_char_p()
+            self.lib.cuGetErrorString(result, ctypes.byref(text))
+            raise CudaGraphError(f"{call} failed: {(text.value or b'unknown error').decode()} ({result})")
+
+    def begin_capture(self, stream: int) -> None:
+        self._check(self.lib.cuStreamBeginCapture_v2(stream, CAPTURE_THREAD_LOCAL), "cuStreamBeginCapture")
+
+    def end_capture(self, stream: int) -> int:
+        graph = ctypes.c_void_p()
+        self._check(self.lib.cuStreamEndCapture(stream, ctypes.byref(graph)), "cuStreamEndCapture")
+        return graph.value
+
+    def instantiate(self, graph: int) -> int:
+        executable = ctypes.c_void_p()
+        self._check(self.lib.cuGraphInstantiateWithFlags(ctypes.byref(executable), graph, 0), "cuGraphInstantiate")
+        return executable.value
+
+    def launch(self, executable: int, stream: int) -> None:
+        self._check(self.lib.cuGraphLaunch(executable, stream), "cuGraphLaunch")
+
+    def destroy(self, graph: int | None, executable: int | None) -> None:
+        if executable:
+            self.lib.cuGraphExecDestroy(executable)
+        if graph:
+            self.lib.cuGraphDestroy(graph)
+
+
+def _driver_graphs(drv: Any):
+    """The driver's graph calls: the fake pycuda's own when it offers them, else libcuda's."""
+    fake = getattr(drv, "graph_api", None)
+    return fake() if fake is not None else _Libcuda()
+
+
+class CudaGraph:
+    """``with graph.capture(): ...issue work on stream...``, then ``graph.launch()`` per replay.
+
+    Everything issued on ``stream`` inside the block is recorded, not run: kernel launches
+    with the argument values they had then, copies between fixed addresses (page-locked host
+    memory only). What changes between replays must therefore live in memory the recorded
+    work reads."""
+
+    def __init__(self, drv: Any, stream: Any):
+        self.stream = stream
+        handle = getattr(stream, "handle", None)
+        if handle is None:
+            raise CudaGraphError("this pycuda's Stream has no handle to capture")
+        self.handle = int(handle)
+        self.api = _driver_graphs(drv)
+        self.graph: int | None = None
+        self.executable: int | None = None
+
+    def capture(self) -> "_Capture":
+        if self.executable is not None:
+            raise CudaGraphError("this graph is captured already")
+        return _Capture(self)
+
+    def launch(self) -> None:
+        if self.executable is None:
+            raise CudaGraphError("launch before capture")
+        self.api.launch(self.executable, self.handle)
+
+    def close(self) -> None:
+        self.api.destroy(self.graph, self.executable)
+        self.graph = self.executable = None
+
+
+class _Capture:
+    def __init__(self, graph: CudaGraph):
+        self.graph = graph
+
+    def __enter__(self) -> CudaGraph:
+        self.graph.api.begin_capture(self.graph.handle)
+        return self.graph
+
+    def __exit__(self, kind, exc, tb) -> None:
+        g = self.graph
+        recorded = g.api.end_capture(g.handle)  # always: a stream left capturing refuses all further work
+        if kind is not None:
+            g.api.destroy(recorded, None)
+            return
+        g.graph = recorded
+        g.executable = g.api.instantiate(recorded)

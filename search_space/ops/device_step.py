@@ -1,0 +1,109 @@
+"""Operators that keep a decode step on the device, so that it can be captured once as a CUDA
+graph and replayed for every token (``runtime.llama``): what changes from step to step (each
+sequence's position) is read from device memory, and only token ids go back to the host.
+
+- ``kv_append``: K[B,HKV,D], V[B,HKV,D], P[B] (int32 positions) -> the caches KC[B,HKV,S,D]
+  and VC[B,HKV,S,D] with row P[b] of sequence b set to K[b] and V[b]; every other row is left
+  as it was (the reference marks those NaN: verification requires the poison there to
+  survive). A position outside 0..S-1 writes nothing.
+- ``argmax``: X[M,N] -> Y[M] (int32), the index of each row's largest value, the first one on
+  ties (as numpy's argmax): greedy decoding's next token ids.
+
+S and M may be runtime arguments (the cache capacity, the batch).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..task import Task
+from ..template import ArgSpec, Operator, register_operator
+from .common import FLOAT_DTYPES, ITEMSIZE, from_float, random_normal, to_float32, to_float64
+
+
+@register_operator
+class KvAppendOp(Operator):
+    op = "kv_append"
+    dims = ("B", "HKV", "D", "S")
+    dynamic_dims = ("S",)
+    dtypes = FLOAT_DTYPES
+    example_shape = {"B": 1, "HKV": 8, "D": 128, "S": 4096}
+    description = "write each sequence's new K/V rows into its cache at its position (read from memory)"
+
+    def signature(self, task: Task) -> tuple[ArgSpec, ...]:
+        dt = task.dtype
+        return (ArgSpec("K", "in", dt, ("B", "HKV", "D")), ArgSpec("V", "in", dt, ("B", "HKV", "D")),
+                ArgSpec("P", "in", "int32", ("B",)),
+                ArgSpec("KC", "out", dt, ("B", "HKV", "S", "D")), ArgSpec("VC", "out", dt, ("B", "HKV", "S", "D")))
+
+    def flops(self, task: Task) -> float:
+        return 0.0
+
+    def min_bytes(self, task: Task) -> float:
+        d = task.dims
+        return 4 * ITEMSIZE[task.dtype] * d["B"] * d["HKV"] * d["D"] + 4 * d["B"]
+
+    def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        d = task.dims
+        rows = (d["B"], d["HKV"], d["D"])
+        # positions spread over the cache, the last one out of range when there is room for it
+        positions = rng.integers(0, d["S"], d["B"])
+        if d["B"] > 1:
+            positions[-1] = d["S"]
+        return {"K": random_normal(rng, rows, task.dtype), "V": random_normal(rng, rows, task.dtype),
+                "P": positions.astype(np.int32)}
+
+    def _append(self, task: Task, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+        d = task.dims
+        kc = np.full((d["B"], d["HKV"], d["S"], d["D"]), np.nan, dtype=k.dtype)
+        vc = kc.copy()
+        for b, position in enumerate(int(p) for p in positions):
+            if 0 <= position < d["S"]:
+                kc[b, :, position] = k[b]
+                vc[b, :, position] = v[b]
+        return {"KC": kc, "VC": vc}
+
+    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._append(task, to_float64(inputs["K"], task.dtype), to_float64(inputs["V"], task.dtype),
+                            inputs["P"])
+
+    def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
+        k, v = to_float32(inputs["K"], task.dtype), to_float32(inputs["V"], task.dtype)
+        return "numpy row copies", lambda: self._append(task, k, v, inputs["P"])
+
+
+@register_operator
+class ArgmaxOp(Operator):
+    op = "argmax"
+    dims = ("M", "N")
+    dynamic_dims = ("M",)
+    dtypes = FLOAT_DTYPES
+    example_shape = {"M": 1, "N": 32000}
+    description = "index of each row's largest value (greedy decoding's next token)"
+
+    def signature(self, task: Task) -> tuple[ArgSpec, ...]:
+        return (ArgSpec("X", "in", task.dtype, ("M", "N")), ArgSpec("Y", "out", "int32", ("M",)))
+
+    def flops(self, task: Task) -> float:
+        return float(task.dims["M"] * task.dims["N"])
+
+    def min_bytes(self, task: Task) -> float:
+        d = task.dims
+        return ITEMSIZE[task.dtype] * d["M"] * d["N"] + 4 * d["M"]
+
+    def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        d = task.dims
+        x = random_normal(rng, (d["M"], d["N"]), task.dtype)
+        # a tie for the largest value in every row: the first index must win
+        for row in range(d["M"]):
+            i, j = sorted(rng.choice(d["N"], 2, replace=False)) if d["N"] > 1 else (0, 0)
+            top = np.max(to_float32(x[row], task.dtype)) + 1.0
+            x[row, i] = x[row, j] = from_float(np.array([top], dtype=np.float32), task.dtype)[0]
+        return {"X": x}
+
+    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"Y": np.argmax(to_float64(inputs["X"], task.dtype), axis=-1).astype(np.int32)}
+
+    def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
+        x = to_float32(inputs["X"], task.dtype)
+        return "numpy argmax", lambda: x.argmax(axis=-1)
+

@@ -1,0 +1,148 @@
+"""``kv_append`` and ``argmax`` on CUDA: the small kernels that keep a decode step on the device
+(see ``search_space.ops.device_step``).
+
+kv_append: one block per (sequence, KV head) row; it reads the sequence's position from P
+and copies the K and V rows (D elements, as vectors of ``vec``) into the caches; a position
+outside the cache writes nothing.
+
+argmax: one block per row. Each thread scans its strided share in increasing index order
+keeping the first largest value, then the block reduces (value, index) pairs, preferring
+the smaller index on equal values, so the result is numpy's (the first maximum).
+"""
+from __future__ import annotations
+
+from ...codegen.cuda import PREAMBLE, VECTOR_HELPERS, c_type, dim_scalars, kernel_params, static_dims
+from ...ops.common import ITEMSIZE
+from ...ops.device_step import ArgmaxOp, KvAppendOp
+from ...space import Config, ConfigSpace, Knob
+from ...target import Target
+from ...task import Task
+from ...template import KernelSource, Template, register_template
+
+
+def _vectors(task: Task, length: int) -> tuple[int, ...]:
+    """Vector widths of at most 16 bytes that keep every row aligned (they divide the row)."""
+    return tuple(v for v in (1, 2, 4, 8) if v * ITEMSIZE[task.dtype] <= 16 and length % v == 0)
+
+
+def _space(task: Task, target: Target, length: int, threads: tuple[int, ...]) -> ConfigSpace:
+    max_threads = target.max_threads_per_block or 1024
+    return ConfigSpace([Knob("vec", _vectors(task, length)),
+                        Knob("threads", tuple(t for t in threads if t <= max_threads))], [])
+
+
+def _features(task: Task, config: Config, length: int, min_bytes: float) -> dict[str, float]:
+    c = config.as_dict()
+    return {"threads": c["threads"] / 32, "vector_lanes": c["vec"], "bytes_moved": min_bytes,
+            "chunks_per_thread": length / (c["threads"] * c["vec"])}
+
+
+@register_template
+class KvAppendCuda(KvAppendOp, Template):
+    target_kind = "cuda"
+    dtypes = ("float32", "float16", "bfloat16")
+
+    def space(self, task: Task, target: Target) -> ConfigSpace:
+        self.check(task)
+        return _space(task, target, task.dims["D"], (32, 64, 128))
+
+    def default(self, task: Task, target: Target) -> Config:
+        space = self.space(task, target)
+        vec = max(space.knob("vec").values)
+        threads = min((t for t in space.knob("threads").values if t * vec >= task.dims["D"]),
+                      default=max(space.knob("threads").values))
+        return space.from_values(dict(vec=vec, threads=threads))
+
+    def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
+        return _features(task, config, task.dims["D"], self.min_bytes(task))
+
+    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
+        self.check(task)
+        c, d = config.as_dict(), task.dims
+        args = self.signature(task) + dim_scalars(task)
+        code = (PREAMBLE + VECTOR_HELPERS
+                + f"typedef {c_type(task.dtype)} E;\nconstexpr int VEC = {c['vec']};\n"
+                f"constexpr int THREADS = {c['threads']};\nconstexpr long long HKV = {d['HKV']};\n"
+                f"constexpr long long D = {d['D']};\n" + static_dims(task, ("S",))
+                + _KV_APPEND.replace("@PARAMS@", kernel_params(args)))
+        launch = (("block", (c["threads"], 1, 1)), ("grid", (d["B"] * d["HKV"], 1, 1)), ("smem", 0))
+        return KernelSource("cuda", code, "kv_append_rows", tuple(args), launch)
+
+
+_KV_APPEND = r"""
+extern "C" __global__ void __launch_bounds__(THREADS) kv_append_rows(@PARAMS@) {
+  const long long row = blockIdx.x;              // sequence b, KV head row % HKV
+  const long long position = P[row / HKV];
+  if (position < 0 || position >= S) return;     // outside the cache: nothing to write
+  const long long src = row * D, dst = (row * S + position) * D;
+  for (long long e = (long long)threadIdx.x * VEC; e < D; e += (long long)THREADS * VEC) {
+    store_pack<VEC>(KC + dst + e, load_pack<VEC>(K + src + e));
+    store_pack<VEC>(VC + dst + e, load_pack<VEC>(V + src + e));
+  }
+}
+"""
+
+
+@register_template
+class ArgmaxCuda(ArgmaxOp, Template):
+    target_kind = "cuda"
+    dtypes = ("float32", "float16", "bfloat16")
+
+    def space(self, task: Task, target: Target) -> ConfigSpace:
+        self.check(task)
+        return _space(task, target, task.dims["N"], (128, 256, 512, 1024))
+
+    def default(self, task: Task, target: Target) -> Config:
+        space = self.space(task, target)
+        return space.from_values(dict(vec=max(space.knob("vec").values),
+                                      threads=min(1024, max(space.knob("threads").values))))
+
+    def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
+        return _features(task, config, task.dims["N"], self.min_bytes(task))
+
+    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
+        self.check(task)
+        c, d = config.as_dict(), task.dims
+        args = self.signature(task) + dim_scalars(task)
+        code = (PREAMBLE + VECTOR_HELPERS
+                + f"typedef {c_type(task.dtype)} E;\nconstexpr int VEC = {c['vec']};\n"
+                f"constexpr int THREADS = {c['threads']};\nconstexpr long long N = {d['N']};\n"
+                + static_dims(task, ("M",)) + _ARGMAX.replace("@PARAMS@", kernel_params(args)))
+        grid = "M" if "M" in task.dynamic else d["M"]
+        launch = (("block", (c["threads"], 1, 1)), ("grid", (grid, 1, 1)), ("smem", 0))
+        return KernelSource("cuda", code, "argmax_rows", tuple(args), launch)
+
+
+_ARGMAX = r"""
+// the better of two (value, index) pairs: the larger value, the smaller index on a tie
+__device__ __forceinline__ void keep_better(float& value, long long& index, float v, long long i) {
+  if (v > value || (v == value && i < index)) { value = v; index = i; }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) argmax_rows(@PARAMS@) {
+  __shared__ float sm_value[THREADS / 32];
+  __shared__ long long sm_index[THREADS / 32];
+  const E* x = X + (long long)blockIdx.x * N;
+  float value = -INFINITY;
+  long long index = N;                            // past the end: nothing seen yet
+  for (long long e = (long long)threadIdx.x * VEC; e < N; e += (long long)THREADS * VEC) {
+    const Pack<E, VEC> p = load_pack<VEC, 1>(x + e);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float v = to_f32(p.e[k]);
+      if (v > value) { value = v; index = e + k; }  // increasing indices: the first maximum stays
+    }
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    keep_better(value, index, __shfl_xor_sync(0xffffffffu, value, offset),
+                __shfl_xor_sync(0xffffffffu, index, offset));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) { sm_value[warp] = value; sm_index[warp] = index; }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < THREADS / 32; ++w) keep_better(value, index, sm_value[w], sm_index[w]);
+    Y[blockIdx.x] = (int)(index < N ? index : 0);   // no value above -inf: index 0, as numpy
+  }
+}
+"""
