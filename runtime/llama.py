@@ -24,7 +24,7 @@ from .generation import Generation
 from .kernel import BoundCall, Kernel, KernelProvider, buckets, numpy_dtype, select
 from .model_config import ModelConfig
 from .plan import KernelCall, decode_calls, prefill_calls
-from .precision import check_dtype, from_float, to_float32
+from .precision import check_dtype, stored_as, to_float32
 from .weights import DeviceWeights, ModelWeights, fused_parts, layer_name
 
 
@@ -95,7 +95,7 @@ class LlamaModel:
             if self.embed.dtype != storage:
                 raise ValueError(f"the embedding table is {self.embed.dtype}; a {dtype} model needs {storage}")
         else:  # gathered on the host, rows already in the model's precision
-            self.embed = from_float(weights["model.embed_tokens.weight"], dtype)
+            self.embed = stored_as(weights.tensors["model.embed_tokens.weight"], dtype)
         self.used: dict[str, Kernel] = {}  # every kernel handed out, by what it was tuned for
         self.prefill_sizes = prefill_sizes
         self._memo: dict[tuple, Kernel] = {}  # the provider's answer per call shape
@@ -132,10 +132,12 @@ class LlamaModel:
             self._device[key] = array
         if key not in self._device:
             parts = fused_parts(name)  # a fused projection: its tensors stacked along N
-            pieces = [getattr(self.w.quantized[p], part) if part else self.w.tensors[p] for p in parts]
+            if part == "wq":  # the int4 codes are bytes
+                pieces = [self.w.quantized[p].wq for p in parts]
+            else:  # floats in the model's precision, converted one tensor at a time
+                pieces = [stored_as(getattr(self.w.quantized[p], part) if part else self.w.tensors[p], self.dtype)
+                          for p in parts]
             host = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-            if host.dtype == np.float32:  # the int4 codes stay bytes; floats take the model's precision
-                host = from_float(host, self.dtype)
             self._device[key] = self.arrays.upload(host)
         return self._device[key]
 

@@ -12,6 +12,34 @@ DTYPES = ("float32", "float16", "bfloat16")
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1, "int32": 4, "int64": 8}
 
 
+class Bfloat16Words(np.ndarray):
+    """bfloat16 values as their raw uint16 words, marked so that nothing takes them for integers
+    (a bfloat16 checkpoint keeps its size in memory: half of float32)."""
+
+
+def precision_of(array: np.ndarray) -> str:
+    """The format a weight array is stored in: float32, float16, or bfloat16 (``Bfloat16Words``)."""
+    if isinstance(array, Bfloat16Words):
+        return "bfloat16"
+    if array.dtype in (np.float16, np.float32):
+        return str(array.dtype)
+    raise ValueError(f"weights must be float32, float16 or bfloat16 words, not {array.dtype}")
+
+
+def widened(array: np.ndarray) -> np.ndarray:
+    """A stored weight array as float32 (itself when it is float32)."""
+    kind = precision_of(array)
+    return np.asarray(array) if kind == "float32" else to_float32(np.asarray(array), kind)
+
+
+def stored_as(array: np.ndarray, dtype: str) -> np.ndarray:
+    """A stored weight array in the storage of ``dtype`` (bfloat16: raw words), rounded to
+    nearest even when it narrows; no copy when it is stored so already."""
+    if precision_of(array) == dtype:
+        return np.asarray(array)
+    return from_float(widened(array), dtype)
+
+
 def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"unknown precision {dtype!r}: use one of {', '.join(DTYPES)}")

@@ -40,7 +40,7 @@ class ReferenceModel:
 
     def __init__(self, config: ModelConfig, weights: ModelWeights):
         self.config = config
-        self.w = weights
+        self.w = weights.widened()  # it computes in float32: the weights too, once
 
     def _matmul(self, x: np.ndarray, name: str) -> np.ndarray:
         return x @ self.w.linear(name).T

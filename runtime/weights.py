@@ -1,4 +1,7 @@
-"""Weights of a Llama-style model under Hugging Face tensor names, in float32.
+"""Weights of a Llama-style model under Hugging Face tensor names, in the precision they were
+stored in (float32, float16, or bfloat16 as ``precision.Bfloat16Words``): a bfloat16 checkpoint
+takes half the memory of float32 and a model in bfloat16 uploads it as it is; every reader that
+computes in float32 widens one tensor at a time (``ModelWeights.__getitem__``, ``linear``).
 
 From safetensors files (``model.safetensors`` or shards, as ``save_pretrained`` writes
 them), or generated from a seed for tests. ``quantize_q4`` packs every linear layer into
@@ -18,7 +21,7 @@ import numpy as np
 
 from .model_config import ModelConfig
 from .q4 import dequantize_q4, quantize_q4
-from .precision import rounded
+from .precision import Bfloat16Words, precision_of, rounded, widened
 
 # Rotary frequencies some older transformers versions saved as buffers: they are a function
 # of rope_theta, head_dim and the config's rope type, recomputed by the rope kernel as
@@ -121,19 +124,20 @@ class ModelWeights:
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
             raise ValueError(f"weights do not fit {self.config.name}: {'; '.join(problems[:3])}{more}")
-        self.tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.tensors.items()}
+        self.tensors = {k: _stored(v) for k, v in self.tensors.items()}
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self.tensors[name]
+        """The tensor as float32 (widened here when it is stored narrower)."""
+        return widened(self.tensors[name])
 
     @property
     def lm_head(self) -> np.ndarray:
-        return self.tensors["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
+        return self["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
 
     def linear(self, name: str) -> np.ndarray:
         """The float32 weights a linear layer computes with: the dequantised ones when quantised."""
         q = self.quantized.get(name)
-        return q.dequantized if q is not None else self.tensors[name]
+        return q.dequantized if q is not None else self[name]
 
     @classmethod
     def random(cls, config: ModelConfig, seed: int = 0) -> "ModelWeights":
@@ -149,7 +153,7 @@ class ModelWeights:
 
     @classmethod
     def load(cls, config: ModelConfig, folder: str | Path) -> "ModelWeights":
-        """The checkpoint in ``folder`` (``checkpoint_files``); float16 and bfloat16 become float32.
+        """The checkpoint in ``folder`` (``checkpoint_files``), each tensor in its file's precision.
 
         Every tensor of the checkpoint must be one the decoder reads (``expected_shapes``): a
         checkpoint that holds others (the biases of a model with ``attention_bias``, modules of
@@ -193,9 +197,19 @@ class ModelWeights:
 
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        save_file(self.tensors, str(out / "model.safetensors"))
+        # numpy has no bfloat16: such tensors are written widened (float32, the same values)
+        save_file({name: self[name] if isinstance(t, Bfloat16Words) else t for name, t in self.tensors.items()},
+                  str(out / "model.safetensors"))
         self.config.save(out / "config.json")
         return out
+
+    def widened(self) -> "ModelWeights":
+        """These weights with every tensor in float32 (itself when they already are): what a
+        float32 computation like the numpy reference works on."""
+        if all(precision_of(t) == "float32" for t in self.tensors.values()):
+            return self
+        return ModelWeights(self.config, {name: self[name] for name in self.tensors}, dict(self.quantized),
+                            self.group_size)
 
     def rounded(self, dtype: str) -> "ModelWeights":
         """The weights a model in ``dtype`` holds, widened back to float32 (the int4 scales
@@ -207,14 +221,14 @@ class ModelWeights:
             scales = rounded(q.scales, dtype)
             dequantized = dequantize_q4(q.wq, scales, None, self.group_size).astype(np.float32)
             quantized[name] = QuantizedLinear(q.wq, scales, dequantized)
-        tensors = {name: rounded(tensor, dtype) for name, tensor in self.tensors.items()}
+        tensors = {name: rounded(self[name], dtype) for name in self.tensors}
         return ModelWeights(self.config, tensors, quantized, self.group_size)
 
     def quantize_q4(self, group_size: int = 128) -> "ModelWeights":
         """A copy whose linear layers (LM head included) are int4 with symmetric group scales."""
         quantized = {}
         for name in linear_names(self.config):
-            packed = quantize_q4(self.tensors[name], group_size, zero_point=False)
+            packed = quantize_q4(self[name], group_size, zero_point=False)
             dequantized = dequantize_q4(packed["WQ"], packed["SCALES"], None, group_size).astype(np.float32)
             quantized[name] = QuantizedLinear(packed["WQ"], packed["SCALES"], dequantized)
         return ModelWeights(self.config, dict(self.tensors), quantized, group_size)
@@ -260,6 +274,17 @@ class DeviceWeights:
 
     def device(self, name: str, part: str = "") -> Any:
         return self.tensors[f"{name}#{part}" if part else name]
+
+
+def _stored(tensor) -> np.ndarray:
+    """A weight tensor kept in its precision (float32, float16, bfloat16 words), contiguous;
+    anything else (float64, lists) as float32."""
+    if isinstance(tensor, Bfloat16Words):
+        return np.ascontiguousarray(tensor).view(Bfloat16Words)
+    array = np.asarray(tensor)
+    if array.dtype in (np.float16, np.float32):
+        return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def checkpoint_files(folder: str | Path) -> list[Path]:
@@ -315,11 +340,12 @@ _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, 
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """The float tensors of one safetensors file as float32.
+    """The float tensors of one safetensors file: float32 and float16 as they are (float64 as
+    float32), bfloat16 as ``Bfloat16Words`` copied out of the file.
 
     Read with the safetensors package where numpy knows the dtype; bfloat16, which numpy
-    lacks, is read from the file's header and widened by shifting the raw words. The header
-    is checked first (``read_header``): a malformed file is a ValueError, never a MemoryError."""
+    lacks, is read from the file's header. The header is checked first (``read_header``): a
+    malformed file is a ValueError, never a MemoryError."""
     from safetensors import SafetensorError, safe_open
 
     tensors: dict[str, np.ndarray] = {}
@@ -332,7 +358,8 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
                     continue
                 if info["dtype"] not in _SAFETENSORS_DTYPES:
                     raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, expected a float type")
-                tensors[name] = f.get_tensor(name).astype(np.float32)
+                tensor = f.get_tensor(name)
+                tensors[name] = tensor if tensor.dtype in (np.float16, np.float32) else tensor.astype(np.float32)
     except SafetensorError as exc:  # what the package finds beyond the header: one line, a ValueError
         raise ValueError(f"{path}: not a valid safetensors file: {exc}") from None
     bf16 = [n for n, info in header.items() if n != "__metadata__" and info["dtype"] == "BF16"]
@@ -341,7 +368,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         for name in bf16:
             begin, end = header[name]["data_offsets"]
             words = raw[begin:end].view(np.uint16).reshape(header[name]["shape"])
-            tensors[name] = (words.astype(np.uint32) << 16).view(np.float32)
+            tensors[name] = np.array(words).view(Bfloat16Words)  # a copy: the file may change after
     return tensors
 
 

@@ -10,6 +10,7 @@ import pytest
 from runtime.llama import LlamaModel
 from runtime.model_config import PRESETS, ModelConfig, load_model_config
 from runtime.plan import decode_calls, prefill_calls
+from runtime.precision import Bfloat16Words, precision_of, widened
 from runtime.reference import ReferenceModel
 from runtime.weights import ModelWeights, read_safetensors
 
@@ -85,9 +86,33 @@ def test_bfloat16_safetensors_are_widened(tmp_path):
     path = tmp_path / "x.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header + words.tobytes())
     out = read_safetensors(path)["w"]
-    assert out.dtype == np.float32
-    np.testing.assert_array_equal(out[0], values[0])
-    assert out[1, 0] == np.float32(0.15625)
+    assert isinstance(out, Bfloat16Words) and out.nbytes == 8  # kept as the file stores it
+    wide = widened(out)
+    np.testing.assert_array_equal(wide[0], values[0])
+    assert wide[1, 0] == np.float32(0.15625)
+
+
+def test_a_half_precision_checkpoint_stays_half_and_computes_as_widened(tmp_path, default_kernels):
+    """float16 and bfloat16 checkpoints load without a float32 copy of the model; the model
+    computes with the same numbers as from the widened weights."""
+    from safetensors.numpy import save_file
+
+    weights = ModelWeights.random(TINY, seed=2)
+    half = {n: t.astype(np.float16) for n, t in weights.tensors.items()}
+    save_file(half, str(tmp_path / "model.safetensors"))
+    TINY.save(tmp_path / "config.json")
+    loaded = ModelWeights.load(TINY, tmp_path)
+    assert all(t.dtype == np.float16 for t in loaded.tensors.values())
+    assert sum(t.nbytes for t in loaded.tensors.values()) == sum(t.nbytes for t in half.values())
+    wide = ModelWeights(TINY, {n: t.astype(np.float32) for n, t in half.items()})
+    prompts = np.array([[1, 2, 3]])
+    np.testing.assert_array_equal(ReferenceModel(TINY, loaded).generate(prompts, 3).logits,
+                                  ReferenceModel(TINY, wide).generate(prompts, 3).logits)
+    # the float32 CPU model widens each tensor as it takes it
+    ours = LlamaModel(TINY, loaded, default_kernels).generate(prompts, 3)
+    np.testing.assert_allclose(ours.logits, ReferenceModel(TINY, wide).generate(prompts, 3).logits, atol=1e-4)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        precision_of(np.zeros(3, np.int32))
 
 
 def test_bad_weights_and_configs_are_named():
