@@ -136,14 +136,18 @@ def build(source: KernelSource) -> Path:
     lib = cache_dir() / f"{digest}.so"
     if lib.exists():
         return lib
-    cpp = lib.with_suffix(".cpp")
+    # every builder its own source and output file: two test processes building the same
+    # kernel at once must not read each other's half-written files
+    unique = f"{os.getpid()}.{threading.get_ident()}"  # builds run in threads too
+    cpp = lib.with_name(f"{digest}.{unique}.cpp")
     cpp.write_text(text)
-    tmp = lib.with_name(f".{lib.name}.{os.getpid()}.{threading.get_ident()}")  # builds run in threads too
+    tmp = lib.with_name(f".{lib.name}.{unique}")
     proc = subprocess.run(["g++", *FLAGS, "-shared", f"-I{pch}", f"-I{HERE}", "-o", str(tmp), str(cpp), str(runtime)],
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"g++ failed on {cpp}:\n{proc.stderr[-4000:]}")
     os.replace(tmp, lib)
+    cpp.unlink(missing_ok=True)
     return lib
 
 
