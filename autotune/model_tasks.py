@@ -61,17 +61,18 @@ def model_tasks(config: ModelConfig, prefill_tokens: list[int], decode_batch: li
 
 def weight_bytes(config: ModelConfig, quantize: str = "none", group_size: int = 128, dtype: str = "float32") -> int:
     """Bytes of the weights one forward pass reads in precision ``dtype``: every linear layer
-    (the LM head included; int4 codes and a scale per ``group_size`` weights with q4) and the
-    norm gains. The
-    embedding table is only gathered from, a row per token, so a tied one counts once, as the
-    LM head."""
+    (the LM head included; int4 codes and a scale per ``group_size`` weights with q4), the
+    norm gains and the projection biases. The embedding table is only gathered from, a row
+    per token, so a tied one counts once, as the LM head."""
     c = config
     h, layers = c.hidden_size, c.num_hidden_layers
     linear = layers * (h * (c.q_size + 2 * c.kv_size) + c.q_size * h + 3 * h * c.intermediate_size)
     linear += c.vocab_size * h
     size = ITEMSIZE[dtype]
     per_weight = 0.5 + size / group_size if quantize == "q4" else size
-    return int(linear * per_weight) + size * (2 * layers + 1) * h
+    biases = layers * ((c.q_size + 2 * c.kv_size) * c.qkv_bias + h * c.o_bias
+                       + (2 * c.intermediate_size + h) * c.mlp_bias)
+    return int(linear * per_weight) + size * ((2 * layers + 1) * h + biases)
 
 
 def pass_bytes(config: ModelConfig, rows: int, sequences: int, positions: int, quantize: str = "none",

@@ -23,25 +23,34 @@ from .arrays import arrays_for
 from .generation import Generation
 from .kernel import BoundCall, Kernel, KernelProvider, buckets, numpy_dtype, select
 from .model_config import ModelConfig
-from .plan import KernelCall, decode_calls, prefill_calls
+from .plan import KernelCall, bias_role, biased_projections, decode_calls, prefill_calls
 from .precision import check_dtype, stored_as, to_float32
-from .weights import DeviceWeights, ModelWeights, fused_parts, layer_name
+from .weights import DeviceWeights, ModelWeights, bias_name, fused_parts, layer_name
+
+
+# the buffer each projection of a layer writes, by role
+_OUTPUTS = {"qkv_proj": "qkv", "o_proj": "o", "gate_up_proj": "gate_up", "down_proj": "mlp"}
 
 
 class _Buffers:
     """Activations of one pass over ``rows`` token rows, ``[rows, width]`` each.
 
     The fused projections write ``qkv`` and ``gate_up``; q, k, v, gate and up are their column
-    blocks: views with one row, else arrays that ``split_qkv`` / ``split_gate_up`` fill."""
+    blocks: views with one row, else arrays that ``split_qkv`` / ``split_gate_up`` fill. A
+    projection with a bias writes ``raw[its output]`` instead, which ``bias_add`` reads (its
+    input and output never alias)."""
 
     def __init__(self, arrays, rows: int, config: ModelConfig, dtype: str = "float32"):
         c = config
         self.rows = rows
-        self.names = {name: arrays.empty((rows, width), numpy_dtype(dtype)) for name, width in (
-            ("res_a", c.hidden_size), ("res_b", c.hidden_size), ("h", c.hidden_size),
-            ("qkv", c.q_size + 2 * c.kv_size), ("qr", c.q_size), ("kr", c.kv_size), ("attn", c.q_size),
-            ("o", c.hidden_size), ("gate_up", 2 * c.intermediate_size), ("act", c.intermediate_size),
-            ("mlp", c.hidden_size))}
+        widths = {"res_a": c.hidden_size, "res_b": c.hidden_size, "h": c.hidden_size,
+                  "qkv": c.q_size + 2 * c.kv_size, "qr": c.q_size, "kr": c.kv_size, "attn": c.q_size,
+                  "o": c.hidden_size, "gate_up": 2 * c.intermediate_size, "act": c.intermediate_size,
+                  "mlp": c.hidden_size}
+        self.names = {name: arrays.empty((rows, width), numpy_dtype(dtype)) for name, width in widths.items()}
+        biased = biased_projections(c)
+        self.raw = {out: arrays.empty((rows, widths[out]), numpy_dtype(dtype)) for role, out in _OUTPUTS.items()
+                    if biased[role]}
         self.__dict__.update(self.names)  # plain attributes: buf.h is read often, __getattr__ costs 0.4 us
         (self.q, self.k, self.v), self.split_qkv = arrays.split_columns(self.qkv, (c.q_size, c.kv_size, c.kv_size))
         (self.gate, self.up), self.split_gate_up = arrays.split_columns(
@@ -183,6 +192,17 @@ class LlamaModel:
                                 "Y": y})
         return kernel.bind({"X": x, "W": self._weight(name), "Y": y})
 
+    def _projection(self, k: dict[str, Kernel], buf: _Buffers, layer: int, role: str, part: str, x) -> list:
+        """The bound calls of one projection of a layer from ``x`` into its output buffer: the
+        linear layer, and where it has a bias, the linear into the raw buffer then ``bias_add``."""
+        out = buf.names[_OUTPUTS[role]]
+        raw = buf.raw.get(_OUTPUTS[role])
+        if raw is None:
+            return [self._linear(k[role], layer_name(layer, part), x, out)]
+        return [self._linear(k[role], layer_name(layer, part), x, raw),
+                k[bias_role(role)].bind({"X": raw, "B": self._weight(bias_name(layer, part)), "Y": out},
+                                        {"M": buf.rows})]
+
     def _norm(self, kernel: Kernel, gain: str, x, out, rows: int, residual=None, new_residual=None) -> BoundCall:
         arrays = {"X": x, "G": self._weight(gain), "Y": out}
         if residual is not None:
@@ -194,19 +214,19 @@ class LlamaModel:
         """Bound calls of one layer before and after attention (the cache write and the
         attention itself sit between them), the residual stream ending in ``res_a``."""
         c, lay, rows = self.config, layer, buf.rows
-        before = [self._linear(k["qkv_proj"], layer_name(lay, "self_attn.qkv_proj"), buf.h, buf.qkv),
+        before = [*self._projection(k, buf, lay, "qkv_proj", "self_attn.qkv_proj", buf.h),
                   *_host_calls(buf.split_qkv),
                   k["rope_q"].bind({"X": buf.q, "P": buf.positions, "Y": buf.qr}, {"T": rows}),
                   k["rope_k"].bind({"X": buf.k, "P": buf.positions, "Y": buf.kr}, {"T": rows})]
         last = lay == c.num_hidden_layers - 1
         next_gain = "model.norm.weight" if last else layer_name(lay + 1, "input_layernorm")
-        after = [self._linear(k["o_proj"], layer_name(lay, "self_attn.o_proj"), buf.attn, buf.o),
+        after = [*self._projection(k, buf, lay, "o_proj", "self_attn.o_proj", buf.attn),
                  self._norm(k["residual_norm"], layer_name(lay, "post_attention_layernorm"), buf.o, buf.h, rows,
                             buf.res_a, buf.res_b),
-                 self._linear(k["gate_up_proj"], layer_name(lay, "mlp.gate_up_proj"), buf.h, buf.gate_up),
+                 *self._projection(k, buf, lay, "gate_up_proj", "mlp.gate_up_proj", buf.h),
                  *_host_calls(buf.split_gate_up),
                  k["swiglu"].bind({"G": buf.gate, "U": buf.up, "Y": buf.act}, {"M": rows}),
-                 self._linear(k["down_proj"], layer_name(lay, "mlp.down_proj"), buf.act, buf.mlp),
+                 *self._projection(k, buf, lay, "down_proj", "mlp.down_proj", buf.act),
                  self._norm(k["residual_norm"], next_gain, buf.mlp, buf.h, rows, buf.res_b, buf.res_a)]
         return before, after
 

@@ -9,7 +9,9 @@ transformers. ``rope_theta`` is read at the top level (transformers 4.x) or unde
 ``rope_parameters`` (5.x), with ``rope_type`` (or the older ``type``) ``default``, ``linear``
 (``factor``) or ``llama3`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
 ``original_max_position_embeddings``; Llama 3.1 / 3.2), computed as transformers computes
-them (``runtime.rope_frequencies``). The lists below say what is accepted and why.
+them (``runtime.rope_frequencies``). Projection biases: Llama's ``attention_bias`` (q, k, v
+and o) and ``mlp_bias`` (gate, up, down), and Qwen2's fixed q/k/v biases. The lists below say
+what is accepted and why.
 """
 from __future__ import annotations
 
@@ -21,14 +23,17 @@ from typing import Any, Mapping
 from .rope_frequencies import PARAMETERS as ROPE_PARAMETERS
 from .rope_frequencies import ROPE_TYPES, rope_attrs, rope_problem
 
-# The decoder is Llama's (RMSNorm, bias-free projections, rotate-half RoPE, grouped-query
-# attention, SwiGLU). Mistral is the same network plus an optional sliding window (refused at
-# run time for sequences longer than it, see ``ModelConfig.check_sequence``).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# The decoder is Llama's (RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU), with
+# projection biases where the config says. Mistral is the same network plus an optional
+# sliding window (refused at run time for sequences longer than it, see
+# ``ModelConfig.check_sequence``); Qwen2 is Llama with biases on q, k and v (always, whatever
+# ``attention_bias`` says: transformers' Qwen2 does not read it).
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES.values())
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Why some popular look-alikes are refused, said in the error line.
-_WHY_NOT = {"Qwen2ForCausalLM": "its q/k/v projections have biases", "qwen2": "its q/k/v projections have biases",
-            "GemmaForCausalLM": "it scales embeddings, offsets its norms, gates with GeLU", "gemma": "it scales embeddings, offsets its norms, gates with GeLU",
+_WHY_NOT = {"GemmaForCausalLM": "it scales embeddings, offsets its norms, gates with GeLU",
+            "gemma": "it scales embeddings, offsets its norms, gates with GeLU",
             "MixtralForCausalLM": "its MLP is a mixture of experts", "mixtral": "its MLP is a mixture of experts"}
 # silu and swish are the same function (x * sigmoid(x)), the gate of SwiGLU.
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
@@ -42,7 +47,10 @@ READ_FIELDS = frozenset({
     "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
     "num_hidden_layers", "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
     "tie_word_embeddings", "max_position_embeddings", "sliding_window", "architectures", "model_type",
-    "hidden_act", "attention_bias", "mlp_bias", "pretraining_tp"})
+    "hidden_act", "attention_bias", "mlp_bias", "pretraining_tp",
+    # Qwen2's: sliding window on (refused) or off, its first layer, and the per-layer attention kind
+    "use_sliding_window", "max_window_layers", "layer_types"})
+_QWEN2_FIELDS = ("use_sliding_window", "max_window_layers", "layer_types")
 # Fields that change nothing a greedy decoder computes from the weights: token ids (the
 # caller's business), training-only settings (initialisation, dropout: inference has none),
 # the storage dtype (weights become float32 on load), the attention implementation transformers
@@ -83,6 +91,11 @@ class ModelConfig:
     rope_low_freq_factor: float | None = None
     rope_high_freq_factor: float | None = None
     rope_original_max_position_embeddings: int | None = None
+    # projection biases: q/k/v (Qwen2; Llama's attention_bias), o (Llama's attention_bias),
+    # gate/up/down (Llama's mlp_bias)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -134,6 +147,8 @@ class ModelConfig:
         """Number of weights (embedding and LM head counted once each unless tied)."""
         h, i = self.hidden_size, self.intermediate_size
         layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        layer += ((self.q_size + 2 * self.kv_size) * self.qkv_bias + h * self.o_bias
+                  + (2 * i + h) * self.mlp_bias)
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.num_hidden_layers * layer + self.vocab_size * h + head + h
 
@@ -147,18 +162,33 @@ class ModelConfig:
                              "sequence must fit in the window")
 
     def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json of a family that computes this model (``from_hf_dict`` reads it back
+        equal): Qwen2 for q/k/v biases alone, Llama for other biases or none, Mistral for a
+        sliding window without biases."""
         data = asdict(self)
         data.pop("name")
-        for field in ("rope_type", *_ROPE_FIELDS.values()):
+        for field in ("rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias", "mlp_bias"):
             data.pop(field)
         if self.rope_type != "default":  # transformers 4.x layout, beside the top-level rope_theta
             data["rope_scaling"] = {"rope_type": self.rope_type, **self.rope_scaling}
         if self.sliding_window is None:
             data.pop("sliding_window")
-            data.update(model_type="llama", architectures=["LlamaForCausalLM"])
+        biases = (self.qkv_bias, self.o_bias, self.mlp_bias)
+        if biases == (True, False, False):
+            if self.sliding_window is not None:
+                raise ValueError(f"model {self.name}: q/k/v biases (Qwen2) with a sliding_window have no config.json "
+                                 "this runtime reads")
+            family = "qwen2"
+            data.update(use_sliding_window=False)
+        elif self.qkv_bias != self.o_bias:
+            which = [p for p, on in zip(("q/k/v", "o", "MLP"), biases) if on]
+            raise ValueError(f"model {self.name}: biases on the {', '.join(which)} projections are no transformers "
+                             "family's (Llama: q/k/v and o together, MLP optional; Qwen2: q/k/v alone)")
         else:
-            data.update(model_type="mistral", architectures=["MistralForCausalLM"])
-        data.update(hidden_act="silu")
+            family = "llama" if self.sliding_window is None or any(biases) else "mistral"
+            if any(biases):
+                data.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        data.update(model_type=family, architectures=[FAMILIES[family]], hidden_act="silu")
         return data
 
     @classmethod
@@ -167,7 +197,7 @@ class ModelConfig:
         ValueError of one line naming the first field that is not implemented. ``source``
         begins that line (the file's path); by default ``model config NAME``."""
         where = source or f"model config {name}"
-        _check_family(data, where)
+        family = _check_family(data, where)
         unknown = sorted(k for k in data if k not in READ_FIELDS and k not in HARMLESS_FIELDS)
         if unknown:
             more = f" (and {', '.join(unknown[1:4])}{' ...' if len(unknown) > 4 else ''})" if len(unknown) > 1 else ""
@@ -178,6 +208,9 @@ class ModelConfig:
         if missing:
             raise ValueError(f"{where}: missing {', '.join(missing)}")
         _check_layers(data, where)
+        biases = _biases(data, family, where)
+        _check_qwen2_fields(data, family, where)
+        window = None if family == "qwen2" else data.get("sliding_window")  # Qwen2's: see _check_qwen2_fields
         heads = data["num_attention_heads"]
         head_dim = data.get("head_dim") or (data["hidden_size"] // heads if isinstance(heads, int) and heads else 0)
         rope_type, scaling = _rope_scaling(data, where)
@@ -188,8 +221,8 @@ class ModelConfig:
                    rope_theta=_rope_theta(data, where),
                    tie_word_embeddings=_flag(data, "tie_word_embeddings", where),
                    max_position_embeddings=_or(data.get("max_position_embeddings"), 4096),
-                   sliding_window=data.get("sliding_window"), rope_type=rope_type,
-                   **{_ROPE_FIELDS[p]: v for p, v in scaling.items()})
+                   sliding_window=window, rope_type=rope_type,
+                   **{_ROPE_FIELDS[p]: v for p, v in scaling.items()}, **biases)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
@@ -204,8 +237,9 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _check_family(data: Mapping[str, Any], where: str) -> None:
-    """``architectures`` and ``model_type``: the Llama network (Llama, Mistral), or refused."""
+def _check_family(data: Mapping[str, Any], where: str) -> str:
+    """The family (a key of ``FAMILIES``) ``architectures`` and ``model_type`` name (Llama when
+    neither is given), or refused: another network, or the two naming different families."""
     architectures = data.get("architectures")
     if architectures is not None:
         if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
@@ -220,6 +254,12 @@ def _check_family(data: Mapping[str, Any], where: str) -> None:
         why = f" ({_WHY_NOT[model_type]})" if isinstance(model_type, str) and model_type in _WHY_NOT else ""
         raise ValueError(f"{where}: model_type {_show(model_type)} is not supported{why}; supported: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    named = {family for family, arch in FAMILIES.items() if arch in (architectures or [])}
+    named |= {model_type} if model_type is not None else set()
+    if len(named) > 1:
+        raise ValueError(f"{where}: architectures = {_show(architectures)} and model_type = {_show(model_type)} "
+                         "name different families")
+    return named.pop() if named else "llama"
 
 
 def _check_layers(data: Mapping[str, Any], where: str) -> None:
@@ -228,17 +268,51 @@ def _check_layers(data: Mapping[str, Any], where: str) -> None:
     if act not in SUPPORTED_ACTIVATIONS:
         raise ValueError(f"{where}: hidden_act {_show(act)} is not implemented; supported: "
                          f"{', '.join(SUPPORTED_ACTIVATIONS)}")
-    for field, part in (("attention_bias", "q/k/v/o projections"), ("mlp_bias", "MLP projections")):
-        value = data.get(field)
-        if value not in (None, False):
-            raise ValueError(f"{where}: {field} = {_show(value)} (biases on the {part}) is not implemented; "
-                             "supported: false")
     tp = data.get("pretraining_tp")
     if tp not in (None, 1) or isinstance(tp, bool):
         raise ValueError(f"{where}: pretraining_tp = {_show(tp)} is not supported; supported: 1")
     window = data.get("sliding_window")
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
         raise ValueError(f"{where}: sliding_window = {_show(window)} is not a positive integer or null")
+
+
+def _biases(data: Mapping[str, Any], family: str, where: str) -> dict[str, bool]:
+    """ModelConfig's bias fields: Llama's ``attention_bias`` (q, k, v, o) and ``mlp_bias`` (gate,
+    up, down); Qwen2's q/k/v biases. The other families' transformers code has no bias switch:
+    a true value there is refused (the checkpoint would lack the biases it announces)."""
+    attention, mlp = (_or(data.get(field), False) for field in ("attention_bias", "mlp_bias"))
+    for field, value in (("attention_bias", attention), ("mlp_bias", mlp)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: {field} = {_show(value)} is not true or false")
+    if family == "llama":
+        return {"qkv_bias": attention, "o_bias": attention, "mlp_bias": mlp}
+    for field, value in (("attention_bias", attention), ("mlp_bias", mlp)):
+        if value:
+            raise ValueError(f"{where}: {field} = true is not read by transformers for model_type {family!r} "
+                             "(only llama has the switch); supported there: false")
+    return {"qkv_bias": family == "qwen2"}
+
+
+def _check_qwen2_fields(data: Mapping[str, Any], family: str, where: str) -> None:
+    """Qwen2's sliding window: with ``use_sliding_window`` false (as every Qwen2 and Qwen2.5
+    checkpoint ships) transformers drops ``sliding_window`` and every layer attends to the
+    whole sequence, whatever ``max_window_layers`` says; true is not implemented. ``layer_types``
+    (transformers 5) must then name full attention for every layer. Other families have none
+    of these fields."""
+    if family != "qwen2":
+        present = [f for f in _QWEN2_FIELDS if f in data]
+        if present:
+            raise ValueError(f"{where}: {present[0]} = {_show(data[present[0]])} is a Qwen2 field, not implemented "
+                             f"for model_type {family!r}")
+        return
+    if _flag(data, "use_sliding_window", where):
+        raise ValueError(f"{where}: use_sliding_window = true (sliding-window attention from layer "
+                         f"{_show(data.get('max_window_layers'))} on) is not implemented; supported: false")
+    kinds = data.get("layer_types")
+    if kinds is not None and (not isinstance(kinds, list) or len(kinds) != data["num_hidden_layers"]
+                              or any(kind != "full_attention" for kind in kinds)):
+        raise ValueError(f"{where}: layer_types = {_show(kinds)} is not implemented; supported: "
+                         "\"full_attention\" for each of the num_hidden_layers layers")
 
 
 def _optional_number(value: Any, field: str, where: str) -> float | None:

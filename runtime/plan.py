@@ -10,6 +10,9 @@ given size); the linear layers compile their M in.
 Residual adds are fused into the RMSNorm that follows them (``rmsnorm`` with
 ``residual=true`` writes the new residual stream too), so a layer calls no ``add``; the Q, K
 and V projections are one matrix, and so are gate and up (``runtime.weights.FUSED``).
+A projection with a bias (``ModelConfig.qkv_bias``, ``o_bias``, ``mlp_bias``) is followed by
+a ``bias_add`` (role ``qkv_bias`` after ``qkv_proj``, and so on); a model without biases calls
+none. The LM head has no bias.
 With ``quantize="q4"`` every linear layer, the LM head included, uses int4 weights
 (``gemm_q4``/``gemv_q4``, symmetric codes, one scale per ``group_size`` weights).
 
@@ -78,13 +81,27 @@ def _rope(config: ModelConfig, role: str, tokens: int, heads: int, count: int) -
     return KernelCall(role, spec, count)
 
 
+def biased_projections(config: ModelConfig) -> dict[str, bool]:
+    """Whether each projection of a layer (by role) has a bias; its ``bias_add`` has the role
+    ``bias_role(role)``."""
+    return {"qkv_proj": config.qkv_bias, "o_proj": config.o_bias, "gate_up_proj": config.mlp_bias,
+            "down_proj": config.mlp_bias}
+
+
+def bias_role(role: str) -> str:
+    return role.replace("_proj", "_bias")
+
+
 def _layer_linears(config: ModelConfig, m: int, quantize: str, group_size: int) -> list[KernelCall]:
     c, layers = config, config.num_hidden_layers
     # Q, K, V as one projection and gate, up as another (runtime.weights.FUSED)
-    return [_linear("qkv_proj", m, c.q_size + 2 * c.kv_size, c.hidden_size, layers, quantize, group_size),
-            _linear("o_proj", m, c.hidden_size, c.q_size, layers, quantize, group_size),
-            _linear("gate_up_proj", m, 2 * c.intermediate_size, c.hidden_size, layers, quantize, group_size),
-            _linear("down_proj", m, c.hidden_size, c.intermediate_size, layers, quantize, group_size)]
+    linears = [_linear("qkv_proj", m, c.q_size + 2 * c.kv_size, c.hidden_size, layers, quantize, group_size),
+               _linear("o_proj", m, c.hidden_size, c.q_size, layers, quantize, group_size),
+               _linear("gate_up_proj", m, 2 * c.intermediate_size, c.hidden_size, layers, quantize, group_size),
+               _linear("down_proj", m, c.hidden_size, c.intermediate_size, layers, quantize, group_size)]
+    biased = biased_projections(c)
+    return linears + [_rows(bias_role(call.role), "bias_add", m, call.spec.shape["N"], layers)
+                      for call in linears if biased[call.role]]
 
 
 def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: KernelSpec, quantize: str,

@@ -3,7 +3,8 @@ runtime is checked against and the speed it is compared with.
 
 The same computation as ``runtime.llama``: RMSNorm, Q/K/V projections, rotary embedding
 (rotate-half, scaled as the config's rope type says), causal grouped-query attention over a
-KV cache, output projection, residual, SwiGLU MLP, final norm, LM head, greedy decoding.
+KV cache, output projection, residual, SwiGLU MLP, final norm, LM head, greedy decoding; each
+projection plus its bias where the config has one.
 Quantised weights enter as the float32 weights their int4 codes stand for.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from .generation import Generation
 from .model_config import ModelConfig
 from .rope_frequencies import inverse_frequencies
-from .weights import ModelWeights, layer_name
+from .weights import ModelWeights, bias_name, biased_parts, layer_name
 
 
 def rms_norm(x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
@@ -41,9 +42,15 @@ class ReferenceModel:
     def __init__(self, config: ModelConfig, weights: ModelWeights):
         self.config = config
         self.w = weights.widened()  # it computes in float32: the weights too, once
+        self.biased = set(biased_parts(config))
 
     def _matmul(self, x: np.ndarray, name: str) -> np.ndarray:
         return x @ self.w.linear(name).T
+
+    def _project(self, x: np.ndarray, layer: int, part: str) -> np.ndarray:
+        """A projection of a layer, plus its bias where it has one."""
+        y = self._matmul(x, layer_name(layer, part))
+        return y + self.w[bias_name(layer, part)] if part in self.biased else y
 
     def _lm_head(self, x: np.ndarray) -> np.ndarray:
         return self._matmul(x, "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight")
@@ -74,20 +81,20 @@ class ReferenceModel:
         positions = np.arange(start, start + t)
         for layer in range(c.num_hidden_layers):
             h = rms_norm(x, w[layer_name(layer, "input_layernorm")], c.rms_norm_eps)
-            q = self._matmul(h, layer_name(layer, "self_attn.q_proj")).reshape(b, t, c.num_attention_heads, c.head_dim)
-            k = self._matmul(h, layer_name(layer, "self_attn.k_proj")).reshape(b, t, c.num_key_value_heads, c.head_dim)
-            v = self._matmul(h, layer_name(layer, "self_attn.v_proj")).reshape(b, t, c.num_key_value_heads, c.head_dim)
+            q = self._project(h, layer, "self_attn.q_proj").reshape(b, t, c.num_attention_heads, c.head_dim)
+            k = self._project(h, layer, "self_attn.k_proj").reshape(b, t, c.num_key_value_heads, c.head_dim)
+            v = self._project(h, layer, "self_attn.v_proj").reshape(b, t, c.num_key_value_heads, c.head_dim)
             q = rotate(q, positions, c.rope_theta, c.rope_type, **c.rope_scaling)
             k = rotate(k, positions, c.rope_theta, c.rope_type, **c.rope_scaling)
             k_cache, v_cache = caches[layer]
             k_cache[:, :, start:start + t] = k.transpose(0, 2, 1, 3)
             v_cache[:, :, start:start + t] = v.transpose(0, 2, 1, 3)
             attn = self._attention(q, k_cache, v_cache, start)
-            x = x + self._matmul(attn, layer_name(layer, "self_attn.o_proj"))
+            x = x + self._project(attn, layer, "self_attn.o_proj")
             h = rms_norm(x, w[layer_name(layer, "post_attention_layernorm")], c.rms_norm_eps)
-            gate = self._matmul(h, layer_name(layer, "mlp.gate_proj"))
-            up = self._matmul(h, layer_name(layer, "mlp.up_proj"))
-            x = x + self._matmul(gate / (1.0 + np.exp(-gate)) * up, layer_name(layer, "mlp.down_proj"))
+            gate = self._project(h, layer, "mlp.gate_proj")
+            up = self._project(h, layer, "mlp.up_proj")
+            x = x + self._project(gate / (1.0 + np.exp(-gate)) * up, layer, "mlp.down_proj")
         h = rms_norm(x[:, -1], w["model.norm.weight"], c.rms_norm_eps)
         return self._lm_head(h)
 

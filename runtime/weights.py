@@ -44,13 +44,26 @@ def layer_name(layer: int, part: str) -> str:
     return f"model.layers.{layer}.{part}.weight"
 
 
+def bias_name(layer: int, part: str) -> str:
+    return f"model.layers.{layer}.{part}.bias"
+
+
+def biased_parts(config: ModelConfig) -> tuple[str, ...]:
+    """The projections (Hugging Face parts) that have a bias in ``config``."""
+    return ((("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") if config.qkv_bias else ())
+            + (("self_attn.o_proj",) if config.o_bias else ())
+            + (("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") if config.mlp_bias else ()))
+
+
 def fused_parts(name: str) -> tuple[str, ...]:
-    """The Hugging Face tensors a fused projection stacks ((name,) for any other tensor)."""
+    """The Hugging Face tensors a fused projection stacks, its weights or its biases ((name,)
+    for any other tensor)."""
     for fused, parts in FUSED.items():
-        suffix = f".{fused}.weight"
-        if name.endswith(suffix):
-            prefix = name[: -len(suffix)]
-            return tuple(f"{prefix}.{part}.weight" for part in parts)
+        for kind in ("weight", "bias"):
+            suffix = f".{fused}.{kind}"
+            if name.endswith(suffix):
+                prefix = name[: -len(suffix)]
+                return tuple(f"{prefix}.{part}.{kind}" for part in parts)
     return (name,)
 
 
@@ -63,6 +76,8 @@ def device_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         for fused, parts in FUSED.items():
             rows = sum(shapes.pop(layer_name(layer, part))[0] for part in parts)
             shapes[layer_name(layer, fused)] = (rows, config.hidden_size)
+            if bias_name(layer, parts[0]) in shapes:  # biases stacked like their weights
+                shapes[bias_name(layer, fused)] = (sum(shapes.pop(bias_name(layer, part))[0] for part in parts),)
     if not config.tie_word_embeddings:
         shapes.pop("model.embed_tokens.weight")
     return shapes
@@ -89,6 +104,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             layer_name(layer, "self_attn.v_proj"): (c.kv_size, h), layer_name(layer, "self_attn.o_proj"): (h, c.q_size),
             layer_name(layer, "mlp.gate_proj"): (i, h), layer_name(layer, "mlp.up_proj"): (i, h),
             layer_name(layer, "mlp.down_proj"): (h, i)})
+        shapes.update({bias_name(layer, part): shapes[layer_name(layer, part)][:1] for part in biased_parts(c)})
     return shapes
 
 
@@ -141,11 +157,14 @@ class ModelWeights:
 
     @classmethod
     def random(cls, config: ModelConfig, seed: int = 0) -> "ModelWeights":
-        """Seeded weights at the scale of a trained model (std 0.02; norm gains near 1)."""
+        """Seeded weights at the scale of a trained model (std 0.02; norm gains near 1; biases
+        std 0.1, large enough to change the logits)."""
         rng = np.random.default_rng(seed)
         tensors = {}
         for name, shape in expected_shapes(config).items():
-            if len(shape) == 1:
+            if name.endswith(".bias"):
+                tensors[name] = (rng.standard_normal(shape, dtype=np.float32) * 0.1).astype(np.float32)
+            elif len(shape) == 1:
                 tensors[name] = rng.uniform(0.8, 1.2, shape).astype(np.float32)
             else:
                 tensors[name] = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
@@ -155,9 +174,10 @@ class ModelWeights:
     def load(cls, config: ModelConfig, folder: str | Path) -> "ModelWeights":
         """The checkpoint in ``folder`` (``checkpoint_files``), each tensor in its file's precision.
 
-        Every tensor of the checkpoint must be one the decoder reads (``expected_shapes``): a
-        checkpoint that holds others (the biases of a model with ``attention_bias``, modules of
-        another architecture) is refused with their names rather than loaded without them.
+        Every tensor of the checkpoint must be one the decoder reads (``expected_shapes``: the
+        projection biases too where the config has them): a checkpoint that holds others
+        (biases its config does not announce, modules of another architecture) is refused with
+        their names rather than loaded without them.
         Rotary ``inv_freq`` buffers are the one exception (``IGNORED_TENSORS``)."""
         files = checkpoint_files(folder)
         wanted = set(expected_shapes(config))
@@ -178,8 +198,8 @@ class ModelWeights:
         if unused:
             more = f" (and {len(unused) - 4} more)" if len(unused) > 4 else ""
             raise ValueError(f"{folder}: the checkpoint holds {len(unused)} tensors {config.name} does not use: "
-                             f"{', '.join(unused[:4])}{more}; biases and modules the decoder lacks are not "
-                             "implemented")
+                             f"{', '.join(unused[:4])}{more}; biases the config does not announce and modules "
+                             "the decoder lacks are not implemented")
         tensors: dict[str, np.ndarray] = {}
         for path in files:
             tensors.update({k: v for k, v in read_safetensors(path).items()
@@ -239,9 +259,10 @@ class DeviceWeights:
     """A model's weights already where its CUDA kernels run, in the model's precision: made on
     the device by another framework (shared, not copied) or generated there, so a large model
     needs no host copy. ``tensors`` maps every name of ``device_shapes`` (Q/K/V and gate/up
-    stacked as ``FUSED`` says) to a device array (anything with ``gpudata``, ``shape`` and
-    ``dtype``, e.g. ``runtime.arrays.DeviceArray``); an int4 layer named in ``quantized`` has
-    "NAME#wq" ([N, K/2] uint8) and "NAME#scales" ([N, K/group_size]) instead. ``embedding`` is the token table on the host, in the model's
+    stacked as ``FUSED`` says, their biases too where the config has them) to a device array
+    (anything with ``gpudata``, ``shape`` and ``dtype``, e.g. ``runtime.arrays.DeviceArray``);
+    an int4 layer named in ``quantized`` has "NAME#wq" ([N, K/2] uint8) and "NAME#scales"
+    ([N, K/group_size]) instead. ``embedding`` is the token table on the host, in the model's
     storage format (bfloat16 as uint16 words): each step gathers its rows there."""
 
     config: ModelConfig

@@ -12,6 +12,7 @@ compared with by ``autotune bench --target cuda``.
 | swiglu | ``F.silu(G) * U`` |
 | gelu | ``F.gelu(X, approximate="tanh")`` |
 | add | ``torch.add`` |
+| bias_add | ``X + B`` (broadcast over rows) |
 | attention_prefill, attention_decode | ``F.scaled_dot_product_attention`` (GQA) |
 
 Each runs in a worker process that imports torch (never the parent). Inputs come from the
@@ -140,6 +141,12 @@ def _gelu(torch, task, t, template):
 def _add(torch, task, t, template):
     a, b = t["A"], t["B"]
     return "torch.add", lambda: torch.add(a, b)
+
+
+@baseline("bias_add")
+def _bias_add(torch, task, t, template):
+    x, b = t["X"], t["B"]
+    return "torch X + B", lambda: torch.add(x, b)
 
 
 @baseline("rope")

@@ -17,6 +17,7 @@ template reads):
 - ``swiglu``:    G[M,N], U[M,N] -> Y = silu(G) * U, silu(g) = g / (1 + exp(-g)).
 - ``gelu``:      X[M,N] -> Y = 0.5 X (1 + tanh(sqrt(2/pi) (X + 0.044715 X^3))).
 - ``add``:       A[M,N], B[M,N] -> Y = A + B.
+- ``bias_add``:  X[M,N], B[N] -> Y = X + B (B added to every row: a linear layer's bias).
 
 M (and T) may be runtime arguments: the number of tokens changes from step to step.
 """
@@ -176,6 +177,16 @@ class AddOp(RowOp):
 
     def compute(self, task, a):
         return {"Y": a["A"] + a["B"]}
+
+
+@register_operator
+class BiasAddOp(RowOp):
+    op = "bias_add"
+    vector_inputs = ("B",)
+    description = "bias add Y = X + B, B[N] added to every row (a linear layer's bias)"
+
+    def compute(self, task, a):
+        return {"Y": a["X"] + a["B"]}
 
 
 @register_operator

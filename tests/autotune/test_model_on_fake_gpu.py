@@ -5,6 +5,7 @@ export to cubins, the decoder on device buffers. ``tests/fake_pycuda`` stands in
 the ``gpu`` machine runs the same on the hardware (``benchmarks/gpu_check.sh``)."""
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import pytest
@@ -116,3 +117,37 @@ def test_a_half_precision_model_keeps_the_float32_tokens(fake_gpu, tmp_path, dty
         best = np.sort(reference.logits[0, flip])[-2:]
         assert best[1] - best[0] <= 2 * error[-1], f"step {flip} picked another token without a near tie"
     assert flip >= steps // 2, flip  # most of the generation agrees token for token
+
+
+# Llama's attention_bias and mlp_bias: every projection of a layer has a bias
+BIASED = dataclasses.replace(MICRO, name="micro-biased", qkv_bias=True, o_bias=True, mlp_bias=True)
+
+
+def test_a_model_with_projection_biases_decodes_the_reference_tokens_on_cuda(fake_gpu):
+    """The bias_add kernels after each projection, in prefill and in the captured resident step,
+    with the weights uploaded from the host and handed over on the device."""
+    from export import TunedKernels
+
+    weights = ModelWeights.random(BIASED, seed=2)
+    prompts = np.array([[5, 9, 2, 33, 7]])
+    reference = ReferenceModel(BIASED, weights).generate(prompts, 6)
+    unbiased = ReferenceModel(MICRO, ModelWeights(MICRO, {n: t for n, t in weights.tensors.items()
+                                                          if not n.endswith(".bias")})).generate(prompts, 6)
+    assert np.abs(unbiased.logits - reference.logits).max() > 0.1  # the biases matter here
+    with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
+        model = LlamaModel(BIASED, weights, kernels)
+        out = model.generate(prompts, 6)
+        assert model.decode_mode == "graph"
+        # one bias_add per width: q/k/v (192), o and down (64), gate/up (128)
+        assert {k.spec.shape["N"] for k in model.used.values() if k.spec.op == "bias_add"} == {192, 64, 128}
+        on_device = {name: model.arrays.upload(np.concatenate([weights[part] for part in fused_parts(name)]))
+                     for name in device_shapes(BIASED)}
+        assert "model.layers.1.mlp.gate_up_proj.bias" in on_device
+        shared = DeviceWeights(BIASED, on_device, weights["model.embed_tokens.weight"])
+        np.testing.assert_array_equal(LlamaModel(BIASED, shared, kernels).generate(prompts, 6).logits, out.logits)
+        missing = {n: a for n, a in on_device.items() if n != "model.layers.0.self_attn.qkv_proj.bias"}
+        with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.qkv_proj\.bias is missing"):
+            DeviceWeights(BIASED, missing, weights["model.embed_tokens.weight"])
+    error = np.abs(out.logits - reference.logits).max() / np.abs(reference.logits).max()
+    assert error < 1e-4, error
+    np.testing.assert_array_equal(out.tokens, reference.tokens)

@@ -4,6 +4,7 @@ The config dicts are those transformers 4.x and 5.x write for popular checkpoint
 Llama 3, Llama 3.1, TinyLlama, Mistral, Qwen2); no transformers needed."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -67,7 +68,7 @@ MISTRAL_V01 = {  # mistralai/Mistral-7B-v0.1: a 4096-token sliding window
     "torch_dtype": "bfloat16", "transformers_version": "4.34.0.dev0", "use_cache": True, "vocab_size": 32000}
 MISTRAL_V02 = {**MISTRAL_V01, "attention_dropout": 0.0, "rope_theta": 1000000.0, "sliding_window": None,
                "transformers_version": "4.36.0"}  # mistralai/Mistral-7B-Instruct-v0.2: no window
-QWEN2 = {  # Qwen/Qwen2-0.5B: Llama-like, but q/k/v have biases
+QWEN2 = {  # Qwen/Qwen2-0.5B: Llama-like, but q/k/v have biases; the window is off (use_sliding_window)
     "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
     "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
     "intermediate_size": 4864, "max_position_embeddings": 131072, "max_window_layers": 24, "model_type": "qwen2",
@@ -88,7 +89,8 @@ def parse(data: dict) -> ModelConfig:
 @pytest.mark.parametrize("data, theta, kv_heads, window", [
     (LLAMA2_4X, 10000.0, 32, None), (LLAMA3_4X, 500000.0, 8, None), (LLAMA3_5X, 500000.0, 8, None),
     (TINYLLAMA, 10000.0, 4, None), (MISTRAL_V01, 10000.0, 8, 4096), (MISTRAL_V02, 1000000.0, 8, None),
-], ids=["llama2", "llama3-4.x", "llama3-5.x", "tinyllama", "mistral-v0.1", "mistral-v0.2"])
+    (QWEN2, 1000000.0, 2, None),
+], ids=["llama2", "llama3-4.x", "llama3-5.x", "tinyllama", "mistral-v0.1", "mistral-v0.2", "qwen2"])
 def test_supported_checkpoints_parse_with_their_rope_theta(data, theta, kv_heads, window):
     config = parse(data)
     assert config.rope_theta == theta and config.num_key_value_heads == kv_heads
@@ -185,13 +187,20 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**LLAMA3_5X, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
      "rope_parameters.partial_rotary_factor = 0.5 is not implemented"),
     ({**LLAMA3_4X, "rope_parameters": {"rope_theta": 10000.0}}, "rope_theta = 500000 and rope_parameters.rope_theta"),
-    (QWEN2, "architectures 'Qwen2ForCausalLM' is not supported (its q/k/v projections have biases)"),
-    ({**QWEN2, "architectures": None}, "model_type 'qwen2' is not supported"),
+    ({**QWEN2, "use_sliding_window": True}, "use_sliding_window = true (sliding-window attention from layer 24 on) "
+                                            "is not implemented; supported: false"),
+    ({**QWEN2, "layer_types": ["full_attention"] * 23 + ["sliding_attention"]}, "layer_types = [\"full_attention\""),
+    ({**QWEN2, "layer_types": ["full_attention"]}, "layer_types = [\"full_attention\"] is not implemented"),
+    ({**QWEN2, "model_type": "llama"}, "and model_type = 'llama' name different families"),
+    ({**LLAMA2_4X, "max_window_layers": 28}, "max_window_layers = 28 is a Qwen2 field, not implemented for "
+                                             "model_type 'llama'"),
     ({**LLAMA2_4X, "model_type": "gemma", "architectures": None}, "model_type 'gemma' is not supported"),
     ({**LLAMA2_4X, "architectures": ["LlamaForSequenceClassification"]},
      "architectures 'LlamaForSequenceClassification'"),
-    ({**TINYLLAMA, "attention_bias": True}, "attention_bias = true"),
-    ({**LLAMA3_5X, "mlp_bias": True}, "mlp_bias = true"),
+    ({**MISTRAL_V01, "attention_bias": True}, "attention_bias = true is not read by transformers for model_type "
+                                              "'mistral'"),
+    ({**QWEN2, "mlp_bias": True}, "mlp_bias = true is not read by transformers for model_type 'qwen2'"),
+    ({**TINYLLAMA, "attention_bias": "yes"}, "attention_bias = 'yes' is not true or false"),
     ({**LLAMA2_4X, "hidden_act": "gelu"}, "hidden_act 'gelu' is not implemented; supported: silu, swish"),
     ({**LLAMA2_4X, "pretraining_tp": 2}, "pretraining_tp = 2"),
     ({**LLAMA2_4X, "quantization_config": {"quant_method": "gptq", "bits": 4}}, "unknown field quantization_config"),
@@ -200,8 +209,10 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**LLAMA2_4X, "rope_theta": "10000"}, "rope_theta = '10000' is not a number"),
 ], ids=["yarn", "dynamic", "linear-no-factor", "linear-zero", "linear-string", "llama3-band", "llama3-missing",
         "llama3-context", "llama3-extra", "layouts-disagree", "types-disagree", "yarn-4.x", "longrope", "unknown-rope",
-        "untyped-scaling", "partial-rotary", "thetas-disagree", "qwen2", "qwen2-model-type", "gemma", "classifier",
-        "attention-bias", "mlp-bias", "gelu", "pretraining-tp", "quantized", "custom-code", "bad-window", "theta-string"])
+        "untyped-scaling", "partial-rotary", "thetas-disagree", "qwen2-window", "qwen2-layer-types",
+        "qwen2-layer-count", "families-disagree", "qwen2-field", "gemma", "classifier", "mistral-bias",
+        "qwen2-mlp-bias", "bias-not-a-flag", "gelu", "pretraining-tp", "quantized", "custom-code", "bad-window",
+        "theta-string"])
 def test_a_field_that_is_not_implemented_is_refused_by_name(data, message):
     with pytest.raises(ValueError) as caught:
         parse(data)
@@ -214,6 +225,39 @@ def test_harmless_fields_are_accepted_and_attention_dropout_too():
                     "use_cache": False, "initializer_range": 0.5, "head_dim": None, "num_key_value_heads": None,
                     "hidden_act": "swish", "attention_bias": False, "mlp_bias": False})
     assert config.num_key_value_heads == 32 and config.head_dim == 128
+
+
+@pytest.mark.parametrize("data, biases", [
+    (QWEN2, (True, False, False)), ({**QWEN2, "attention_bias": False}, (True, False, False)),
+    ({**TINYLLAMA, "attention_bias": True}, (True, True, False)),
+    ({**LLAMA3_5X, "mlp_bias": True}, (False, False, True)),
+    ({**LLAMA3_5X, "attention_bias": True, "mlp_bias": True}, (True, True, True)),
+    ({**LLAMA2_4X, "attention_bias": None}, (False, False, False)),
+], ids=["qwen2", "qwen2-attention-bias-false", "llama-attention", "llama-mlp", "llama-both", "null"])
+def test_projection_biases_are_read_per_family(data, biases):
+    config = parse(data)
+    assert (config.qkv_bias, config.o_bias, config.mlp_bias) == biases
+    assert parse(config.to_hf_dict()) == config
+    calls = [c.role for c in prefill_calls(config, 16) if c.spec.op == "bias_add"]
+    assert calls == [r for r, on in zip(("qkv_bias", "o_bias", "gate_up_bias", "down_bias"),
+                                        (biases[0], biases[1], biases[2], biases[2])) if on]
+
+
+def test_bias_combinations_of_no_family_cannot_be_written_as_a_config():
+    base = parse(SMALL)
+    for flags, named in ((dict(o_bias=True), "the o projections"), (dict(qkv_bias=True, mlp_bias=True), "q/k/v, MLP"),
+                         (dict(qkv_bias=True, sliding_window=8), "sliding_window")):
+        with pytest.raises(ValueError, match=named):
+            dataclasses.replace(base, **flags).to_hf_dict()
+    windowed = dataclasses.replace(base, qkv_bias=True, o_bias=True, sliding_window=8)
+    assert parse(windowed.to_hf_dict()) == windowed  # Llama's biases, the window enforced as Mistral's
+
+
+def test_a_qwen2_window_is_ignored_while_use_sliding_window_is_false():
+    """As transformers does: Qwen2 and Qwen2.5 ship a sliding_window (131072) with the switch off."""
+    config = parse({**QWEN2, "sliding_window": 16, "max_window_layers": 0})
+    assert config.sliding_window is None
+    config.check_sequence(10 ** 6)
 
 
 def test_load_model_config_names_the_file(tmp_path):
@@ -265,6 +309,16 @@ def test_a_checkpoint_with_tensors_the_model_does_not_use_is_refused(tmp_path):
     _save(tmp_path, {**tensors, **biases})
     with pytest.raises(ValueError, match=r"holds 6 tensors m does not use: model\.layers\.0\.self_attn\.k_proj\.bias"
                                          r", .* \(and 2 more\)"):
+        ModelWeights.load(config, tmp_path)
+
+
+def test_a_biased_model_needs_its_biases(tmp_path):
+    config = parse({**SMALL, "attention_bias": True})
+    weights = ModelWeights.random(config)
+    _save(tmp_path, weights.tensors)
+    assert set(ModelWeights.load(config, tmp_path).tensors) == set(weights.tensors)
+    _save(tmp_path, {n: t for n, t in weights.tensors.items() if n != "model.layers.1.self_attn.o_proj.bias"})
+    with pytest.raises(ValueError, match=r"weights do not fit m: model\.layers\.1\.self_attn\.o_proj\.bias is missing"):
         ModelWeights.load(config, tmp_path)
 
 
@@ -332,9 +386,9 @@ def _cli(tmp_path, *args):
 @pytest.mark.parametrize("data, message", [
     (YARN_5X, "rope scaling 'yarn' (rope_parameters.rope_type) is not implemented"),
     ({**LLAMA2_4X, "hidden_act": "gelu_pytorch_tanh"}, "hidden_act 'gelu_pytorch_tanh' is not implemented"),
-    (QWEN2, "architectures 'Qwen2ForCausalLM' is not supported"),
-    ({**TINYLLAMA, "attention_bias": True}, "attention_bias = true"),
-], ids=["yarn", "gelu", "qwen2", "attention-bias"])
+    ({**QWEN2, "use_sliding_window": True}, "use_sliding_window = true"),
+    ({**MISTRAL_V01, "attention_bias": True}, "attention_bias = true"),
+], ids=["yarn", "gelu", "qwen2-window", "mistral-bias"])
 def test_run_with_a_refused_config_is_one_line_and_exit_2(data, message, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(data))
     (tmp_path / "empty.jsonl").write_text("")

@@ -50,6 +50,7 @@ def _to_4x_layout(folder: Path, rope_theta: bool = True) -> None:
         assert theta == 10000.0  # the 4.x default
     rope.pop("type", None)
     data["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
+    data.pop("layer_types", None)  # Qwen2's: transformers 4.x had no such field
     path.write_text(json.dumps(data, indent=2))
 
 
@@ -66,16 +67,28 @@ FAMILIES = {
                    "4.x"),
     "mistral": ("MistralConfig", dict(rope_theta=1e6, sliding_window=64), "5.x"),  # window past the sequence
     "tinyllama": ("LlamaConfig", dict(rope_theta=10000.0, num_key_value_heads=1), "4.x"),
+    # biases on q, k and v; the 4.x one as Qwen2 / Qwen2.5 ship (tied embeddings in the small ones)
+    "qwen2": ("Qwen2Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "5.x"),
+    "qwen2-4.x": ("Qwen2Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                      tie_word_embeddings=True), "4.x"),
+    # Llama with every projection biased
+    "llama-biases": ("LlamaConfig", dict(rope_theta=10000.0, attention_bias=True, mlp_bias=True), "5.x"),
 }
+# config.json fields set after saving: a Qwen2 window far shorter than the sequence, ignored (by
+# transformers too) because use_sliding_window is false, as in the real checkpoints
+CONFIG_EDITS = {"qwen2-4.x": dict(sliding_window=16, max_window_layers=1)}
+BIASED = ["qwen2", "qwen2-4.x", "llama-biases"]
 
 
 def _randomize(model) -> None:
-    """Weights far from transformers' tiny init, so that logits spread and greedy picks are clear."""
+    """Weights far from transformers' tiny init, so that logits spread and greedy picks are clear
+    (norm gains near 1, projections and biases around 0)."""
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
             noise = torch.randn(param.shape, generator=gen)
-            param.copy_(1.0 + 0.1 * noise if param.dim() == 1 else 0.1 * noise)
+            gain = param.dim() == 1 and not name.endswith(".bias")
+            param.copy_(1.0 + 0.1 * noise if gain else 0.1 * noise)
 
 
 def _save(folder: Path, family: str):
@@ -86,6 +99,9 @@ def _save(folder: Path, family: str):
     model.save_pretrained(folder, safe_serialization=True)
     if layout.startswith("4.x"):
         _to_4x_layout(folder, rope_theta=layout == "4.x")
+    if family in CONFIG_EDITS:
+        path = folder / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **CONFIG_EDITS[family]}, indent=2))
     return model
 
 
@@ -173,6 +189,28 @@ def test_the_rope_settings_matter_at_these_lengths(family, checkpoints, prompts)
     assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE
 
 
+@pytest.mark.parametrize("family", BIASED)
+def test_the_biases_matter(family, checkpoints, prompts):
+    """The comparisons above can fail: without its biases (what a loader that skipped them would
+    run) the model's logits leave the tolerance far behind."""
+    model, folder = checkpoints[family]
+    config, weights = _load(folder)
+    plain = dataclasses.replace(config, qkv_bias=False, o_bias=False, mlp_bias=False)
+    assert plain != config and any(name.endswith(".bias") for name in weights.tensors)
+    unbiased = ModelWeights(plain, {n: t for n, t in weights.tensors.items() if not n.endswith(".bias")})
+    generation = ReferenceModel(plain, unbiased).generate(prompts, NEW_TOKENS)
+    want = _teacher_forced_logits(model, prompts, generation.tokens)
+    assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE
+
+
+def test_the_bias_flags_are_those_of_each_family(checkpoints):
+    flags = {family: tuple(getattr(load_model_config(checkpoints[family][1]), f)
+                           for f in ("qkv_bias", "o_bias", "mlp_bias")) for family in BIASED}
+    assert flags == {"qwen2": (True, False, False), "qwen2-4.x": (True, False, False),
+                     "llama-biases": (True, True, True)}
+    assert load_model_config(checkpoints["qwen2-4.x"][1]).sliding_window is None
+
+
 @pytest.mark.parametrize("family", ["llama3.1", "llama3.2", "linear", "linear-4.x"])
 def test_inverse_frequencies_are_those_of_transformers(family, checkpoints):
     """Each of the head's pairs, in every band of the llama3 scaling, against transformers'
@@ -204,22 +242,19 @@ def _save_config(folder: Path, config) -> Path:
     (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
      "rope scaling 'dynamic' (rope_parameters.rope_type) is not implemented"),
     (dict(hidden_act="gelu_pytorch_tanh"), "hidden_act 'gelu_pytorch_tanh' is not implemented; supported: silu"),
-    (dict(attention_bias=True), "attention_bias = true (biases on the q/k/v/o projections) is not implemented"),
-    (dict(mlp_bias=True), "mlp_bias = true (biases on the MLP projections) is not implemented"),
-], ids=["yarn", "dynamic", "gelu", "attention-bias", "mlp-bias"])
+    (dict(config="Qwen2Config", use_sliding_window=True, sliding_window=16, max_window_layers=1),
+     "use_sliding_window = true (sliding-window attention from layer 1 on) is not implemented; supported: false"),
+    (dict(config="Qwen2Config", layer_types=["full_attention", "sliding_attention"]),
+     'layer_types = ["full_attention", "sliding_attention"] is not implemented'),
+], ids=["yarn", "dynamic", "gelu", "qwen2-sliding-window", "qwen2-layer-types"])
 def test_a_transformers_config_the_runtime_does_not_implement_is_refused(arguments, message, tmp_path):
-    folder = _save_config(tmp_path, transformers.LlamaConfig(**{**DIMS, **arguments}))
+    arguments = dict(arguments)
+    config_class = getattr(transformers, arguments.pop("config", "LlamaConfig"))
+    folder = _save_config(tmp_path, config_class(**{**DIMS, **arguments}))
     with pytest.raises(ValueError) as caught:
         load_model_config(folder)
     text = str(caught.value)
     assert text.startswith(str(folder / "config.json")) and message in text and "\n" not in text, text
-
-
-def test_qwen2_is_refused_for_its_biases(tmp_path):
-    folder = _save_config(tmp_path, transformers.Qwen2Config(**DIMS))
-    with pytest.raises(ValueError, match=r"architectures 'Qwen2ForCausalLM' is not supported \(its q/k/v "
-                                         r"projections have biases\)|model_type 'qwen2' is not supported"):
-        load_model_config(folder)
 
 
 def test_a_sequence_past_mistrals_sliding_window_is_refused(checkpoints, default_kernels, tmp_path):

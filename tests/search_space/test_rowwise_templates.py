@@ -18,7 +18,7 @@ from measure.cpu_kernel import allocate_args, load_object
 from measure.verify import check_output
 from search_space import Task, get_template
 
-ROW_OPS = ["softmax", "rmsnorm", "layernorm", "swiglu", "gelu", "add"]
+ROW_OPS = ["softmax", "rmsnorm", "layernorm", "swiglu", "gelu", "add", "bias_add"]
 OP_KNOBS = {"softmax": "passes", "rmsnorm": "reuse", "layernorm": "stats", "gelu": "form", "rope": "table"}
 
 
@@ -309,6 +309,7 @@ def test_every_config_of_the_smallest_shape_verifies(op, attrs, host, builder, r
 
 STREAMING_CASES = [
     ("add", {"M": 2100, "N": 1001}, {}), ("swiglu", {"M": 2100, "N": 1001}, {}), ("gelu", {"M": 4200, "N": 1001}, {}),
+    ("bias_add", {"M": 2100, "N": 1001}, {}),
     ("softmax", {"M": 2100, "N": 1001}, {}), ("rmsnorm", {"M": 2100, "N": 1001}, {}),
     ("rmsnorm", {"M": 1100, "N": 1001}, {"residual": True}), ("layernorm", {"M": 2100, "N": 1001}, {}),
     ("rope", {"T": 520, "H": 32, "D": 130}, {}),

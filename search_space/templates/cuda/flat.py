@@ -10,6 +10,10 @@ scalar code. ``grid = exact`` launches one block per chunk; ``persistent`` launc
 full wave of blocks that stride over the chunks. ``stream`` marks loads and stores
 evict-first (data touched once). Arithmetic is float32.
 
+An input of N elements (a bias: ``vector_inputs`` of the operator) is read at each element's
+column, ``e % N``; its vectors must then stay in one row (``vec`` divides N), and its loads
+are never marked evict-first: every row reads it again.
+
 ``ElementwiseCuda`` is the template of the family: an op is its operator plus the C
 expression of one output element.
 """
@@ -63,7 +67,7 @@ class FlatPlan:
         return 24 + (inputs + 1) * self.unroll * max(self.vec * ITEMSIZE[self.dtype] // 4, 1)
 
 
-def flat_space(task: Task, target: Target, inputs: int) -> ConfigSpace:
+def flat_space(task: Task, target: Target, inputs: int, by_column: bool = False) -> ConfigSpace:
     itemsize = ITEMSIZE[task.dtype]
     max_threads = target.max_threads_per_block or 1024
     knobs = [
@@ -78,15 +82,17 @@ def flat_space(task: Task, target: Target, inputs: int) -> ConfigSpace:
          lambda c: registers_ok(FlatPlan(task.dtype, c["vec"], c["threads"], c["unroll"], c["grid"],
                                          c["stream"]).register_estimate(inputs), c["threads"], target)),
     ]
+    if by_column:
+        constraints.append(("a vector stays in one row", lambda c: task.dims["N"] % c["vec"] == 0))
     return ConfigSpace(knobs, constraints)
 
 
 def flat_default(space: ConfigSpace) -> Config:
-    vec = max(space.knob("vec").values)
-    for values in (dict(vec=vec, threads=256, unroll=2, grid="exact", stream=0),
-                   dict(vec=vec, threads=256, unroll=1, grid="exact", stream=0)):
-        if space.accepts(values):
-            return space.from_values(values)
+    for vec in sorted(space.knob("vec").values, reverse=True):
+        for values in (dict(vec=vec, threads=256, unroll=2, grid="exact", stream=0),
+                       dict(vec=vec, threads=256, unroll=1, grid="exact", stream=0)):
+            if space.accepts(values):
+                return space.from_values(values)
     return next(iter(space))
 
 
@@ -112,17 +118,23 @@ def flat_features(task: Task, config: Config, target: Target, min_bytes: float, 
 
 
 def flat_source(task: Task, config: Config, target: Target, entry: str, signature, inputs: tuple[str, ...],
-                expr: str, helpers: str = "") -> KernelSource:
+                expr: str, helpers: str = "", columns: tuple[str, ...] = ()) -> KernelSource:
     """``Y = expr`` element by element; ``expr`` is C over floats named a, b, ... (one per
-    input, in order); ``helpers`` holds device functions it calls."""
+    input, in order); ``helpers`` holds device functions it calls. ``columns``: the inputs
+    of N elements, read at the element's column."""
     p = FlatPlan.of(task, config)
     names = "abcdefgh"[:len(inputs)]
     hint = 1 if p.stream else 0
-    loads = "".join(f"        {n}[u] = load_pack<VEC, {hint}>({src} + e);\n" for n, src in zip(names, inputs))
+
+    def at(src: str, index: str) -> str:
+        return f"{src} + {index} % N" if src in columns else f"{src} + {index}"
+
+    loads = "".join(f"        {n}[u] = load_pack<VEC, {0 if src in columns else hint}>({at(src, 'e')});\n"
+                    for n, src in zip(names, inputs))
     # zero-initialised: a pack left unloaded (past the end) otherwise makes ptxas spill
     decls = "".join(f"    Pack<T, VEC> {n}[UNROLL] = {{}};\n" for n in names)
     vec_args = ", ".join(f"to_f32({n}[u].e[k])" for n in names)
-    scalar_args = ", ".join(f"to_f32({src}[k])" for src in inputs)
+    scalar_args = ", ".join(f"to_f32(*({at(src, 'k')}))" for src in inputs)
     params = ", ".join(f"float {n}" for n in names)
     if p.grid_mode == "persistent":
         loop = "  for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {\n"
@@ -157,15 +169,15 @@ def flat_source(task: Task, config: Config, target: Target, entry: str, signatur
 
 class ElementwiseCuda(Template):
     """Y = ``expr`` element by element over M x N; subclasses also inherit the operator (RowOp),
-    whose ``row_inputs`` are the kernel's inputs in order: a, b, ... in ``expr``, C over
-    floats (see ``flat_source``). The kernel is named ``<op>_flat``."""
+    whose ``row_inputs`` then ``vector_inputs`` are the kernel's inputs in order: a, b, ... in
+    ``expr``, C over floats (see ``flat_source``). The kernel is named ``<op>_flat``."""
 
     target_kind = "cuda"
     expr: ClassVar[str] = ""
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
-        return flat_space(task, target, inputs=len(self.row_inputs))
+        return flat_space(task, target, len(self.row_inputs) + len(self.vector_inputs), bool(self.vector_inputs))
 
     def default(self, task: Task, target: Target) -> Config:
         return flat_default(self.space(task, target))
@@ -175,4 +187,5 @@ class ElementwiseCuda(Template):
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
-        return flat_source(task, config, target, f"{self.op}_flat", self.signature(task), self.row_inputs, self.expr)
+        return flat_source(task, config, target, f"{self.op}_flat", self.signature(task),
+                           self.row_inputs + self.vector_inputs, self.expr, columns=self.vector_inputs)
