@@ -23,18 +23,21 @@ import numpy as np
 from .kernel import ArgInfo, BoundCall, Kernel, KernelSpec, numpy_dtype, same_layout
 from .launch import evaluate
 
-_STREAM: list = []  # the process's one stream for model work, made on first use
+_STREAM: dict[int, object] = {}  # the process's one stream for model work, per driver module
 
 
 def model_stream():
     """The stream every library's kernels and a model's copies are queued on: one stream, so
     they run in the order they were issued without the host waiting between them, and a
-    decode step can be captured from it as one CUDA graph."""
-    if not _STREAM:
-        import pycuda.driver as drv
+    decode step can be captured from it as one CUDA graph. (Keyed by the driver module: the
+    tests put a fresh fake pycuda in place for each test.)"""
+    import pycuda.driver as drv
 
-        _STREAM.append(drv.Stream())
-    return _STREAM[0]
+    stream = _STREAM.get(id(drv))
+    if stream is None:
+        _STREAM.clear()  # a driver module replaced: its streams go with it
+        stream = _STREAM[id(drv)] = drv.Stream()
+    return stream
 
 
 class CudaModules:

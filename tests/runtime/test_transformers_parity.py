@@ -270,3 +270,20 @@ def test_a_sequence_past_mistrals_sliding_window_is_refused(checkpoints, default
         text = str(caught.value)
         assert f"{PROMPT_TOKENS + NEW_TOKENS} tokens" in text and "sliding_window of 16" in text, text
         assert "\n" not in text
+
+
+@pytest.mark.parametrize("family", ["llama3.1", "qwen2"])
+def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints, prompts, fake_gpu):
+    """The same on the CUDA path (fake GPU: cubins built by nvcc, run on the emulator): device
+    buffers, the decode step captured as a graph, rope scaling (Llama 3.1) and biases (Qwen2)."""
+    from fakes import FAKE_GPU_TARGET
+
+    from export import TunedKernels
+
+    model, folder = checkpoints[family]
+    config, weights = _load(folder)
+    with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
+        runtime_model = LlamaModel(config, weights, kernels)
+        generation = runtime_model.generate(prompts, NEW_TOKENS)
+    assert runtime_model.decode_mode == "graph"
+    _check_against_transformers(generation, model, prompts)
