@@ -37,6 +37,17 @@ def _features(task: Task, config: Config, length: int, min_bytes: float) -> dict
             "chunks_per_thread": length / (c["threads"] * c["vec"])}
 
 
+def _source(task: Task, config: Config, args, constants: str, body: str, entry: str, grid) -> KernelSource:
+    """A one-dimensional launch of ``body`` (its parameters at @PARAMS@), E the element type,
+    VEC and THREADS from the config, then ``constants``."""
+    c = config.as_dict()
+    code = (PREAMBLE + VECTOR_HELPERS
+            + f"typedef {c_type(task.dtype)} E;\nconstexpr int VEC = {c['vec']};\n"
+            f"constexpr int THREADS = {c['threads']};\n" + constants + body.replace("@PARAMS@", kernel_params(args)))
+    launch = (("block", (c["threads"], 1, 1)), ("grid", (grid, 1, 1)), ("smem", 0))
+    return KernelSource("cuda", code, entry, tuple(args), launch)
+
+
 @register_template
 class KvAppendCuda(KvAppendOp, Template):
     target_kind = "cuda"
@@ -58,15 +69,10 @@ class KvAppendCuda(KvAppendOp, Template):
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
-        c, d = config.as_dict(), task.dims
-        args = self.signature(task) + dim_scalars(task)
-        code = (PREAMBLE + VECTOR_HELPERS
-                + f"typedef {c_type(task.dtype)} E;\nconstexpr int VEC = {c['vec']};\n"
-                f"constexpr int THREADS = {c['threads']};\nconstexpr long long HKV = {d['HKV']};\n"
-                f"constexpr long long D = {d['D']};\n" + static_dims(task, ("S",))
-                + _KV_APPEND.replace("@PARAMS@", kernel_params(args)))
-        launch = (("block", (c["threads"], 1, 1)), ("grid", (d["B"] * d["HKV"], 1, 1)), ("smem", 0))
-        return KernelSource("cuda", code, "kv_append_rows", tuple(args), launch)
+        d = task.dims
+        constants = f"constexpr long long HKV = {d['HKV']};\nconstexpr long long D = {d['D']};\n"
+        return _source(task, config, self.signature(task) + dim_scalars(task),
+                       constants + static_dims(task, ("S",)), _KV_APPEND, "kv_append_rows", d["B"] * d["HKV"])
 
 
 _KV_APPEND = r"""
@@ -102,15 +108,10 @@ class ArgmaxCuda(ArgmaxOp, Template):
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
-        c, d = config.as_dict(), task.dims
-        args = self.signature(task) + dim_scalars(task)
-        code = (PREAMBLE + VECTOR_HELPERS
-                + f"typedef {c_type(task.dtype)} E;\nconstexpr int VEC = {c['vec']};\n"
-                f"constexpr int THREADS = {c['threads']};\nconstexpr long long N = {d['N']};\n"
-                + static_dims(task, ("M",)) + _ARGMAX.replace("@PARAMS@", kernel_params(args)))
-        grid = "M" if "M" in task.dynamic else d["M"]
-        launch = (("block", (c["threads"], 1, 1)), ("grid", (grid, 1, 1)), ("smem", 0))
-        return KernelSource("cuda", code, "argmax_rows", tuple(args), launch)
+        d = task.dims
+        return _source(task, config, self.signature(task) + dim_scalars(task),
+                       f"constexpr long long N = {d['N']};\n" + static_dims(task, ("M",)), _ARGMAX, "argmax_rows",
+                       "M" if "M" in task.dynamic else d["M"])
 
 
 _ARGMAX = r"""
