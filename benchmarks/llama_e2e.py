@@ -7,7 +7,9 @@ Runs, as a user would, ``autotune tune-model`` (resumed from ``WORK/NAME.jsonl``
 ``autotune export`` into ``WORK/NAME-lib`` and ``autotune run --lib ... --compare --json``
 (the tuned library, the numpy reference in its own process with OpenBLAS's fastest kernel,
 and the same model on untuned template defaults, all in one run), then prints one markdown
-row per model with the speeds, the speedups, the largest logit difference and the cache
+row per model with the speeds, the speedups, the decode bandwidth floor (the weights and the
+mean KV cache a decode step reads, over the DRAM read bandwidth the roofline probe measures
+here with as many threads as the machine runs), the largest logit difference and the cache
 condition the library was tuned in (``tune-model`` decides it from the model: cold when one
 forward pass touches more than the last-level cache, else warm; ``run`` reads it back from the
 library's manifest, or says it cannot).
@@ -33,6 +35,31 @@ def autotune(*args: str) -> str:
     return proc.stdout
 
 
+def read_bandwidth(threads: int) -> float:
+    """DRAM read bytes/s of the generated read probe with ``threads`` threads (measure.roofline)."""
+    from measure.worker import WorkerProcess
+    from search_space import Target
+
+    worker = WorkerProcess(name="autotune-roofline")
+    try:
+        roof = worker.call("measure.roofline:measure_roofline", {"target": Target.host().to_dict(),
+                                                                  "threads": threads}, 600)
+    finally:
+        worker.close()
+    return roof["read_gbs"] * 1e9
+
+
+def decode_bytes(model: str, quantize: str, prompt: int, new: int) -> float:
+    """Bytes a decode step reads: every weight once (float32; int4 codes and scales with q4) and
+    the KV cache at the mean length of the generation."""
+    from autotune.model_tasks import weight_bytes
+    from runtime.model_config import load_model_config
+
+    config = load_model_config(model)
+    kv = 2 * config.num_hidden_layers * config.kv_size * 4 * (prompt + new / 2)
+    return weight_bytes(config, quantize) + kv
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", default=["tiny"], help="presets or config.json files")
@@ -49,6 +76,8 @@ def main() -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    threads = len(os.sched_getaffinity(0))
+    bandwidth = read_bandwidth(threads)
     rows = []
     for model in args.model:
         name = Path(model).parent.name if model.endswith(".json") else model
@@ -64,8 +93,11 @@ def main() -> None:
         out = json.loads(autotune("run", "--lib", str(lib), "--model", model, "--prompt-tokens",
                                   str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--compare",
                                   "--json"))
+        floor = bandwidth / decode_bytes(model, args.quantize, args.prompt_tokens, args.new_tokens)
         out.update(name=name, trials=tune["trials"], tasks=len(tune["tasks"]), tune_s=tune_s,
-                   tuned_cache=tune.get("cache"), working_set_bytes=tune.get("working_set_bytes"))
+                   tuned_cache=tune.get("cache"), working_set_bytes=tune.get("working_set_bytes"),
+                   read_bytes_per_s=bandwidth, probe_threads=threads, floor_tokens_per_s=floor,
+                   share_of_floor=out["decode_tokens_per_s"] / floor)
         rows.append(out)
         print(json.dumps(out), file=sys.stderr, flush=True)
 
@@ -73,11 +105,12 @@ def main() -> None:
         load = os.getloadavg()
         print(f"Machine: {platform.node()}, {platform.processor() or platform.machine()}, "
               f"{datetime.date.today().isoformat()}, load average {load[0]:.1f}/{load[1]:.1f}; "
-              f"{args.prompt_tokens} prompt tokens, {args.new_tokens} new, batch 1; best of 3 timed runs per side.\n")
-        print("| model | weights | tuned (cache) | tasks / trials | tune min | decode tok/s tuned | numpy | defaults | "
-              "tuned/numpy | tuned/defaults | prefill tok/s tuned / numpy / defaults | max logit diff (rel) "
-              "vs numpy |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+              f"{args.prompt_tokens} prompt tokens, {args.new_tokens} new, batch 1; best of 3 timed runs per side; "
+              f"read probe {bandwidth / 1e9:.1f} GB/s with {threads} threads.\n")
+        print("| model | weights | tuned (cache) | tasks / trials | tune min | decode tok/s tuned | floor | of floor | "
+              "numpy | defaults | tuned/numpy | tuned/defaults | prefill tok/s tuned / numpy / defaults | max logit diff "
+              "(rel) vs numpy |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ref, dft = r["reference"], r["defaults"]
         # what tune-model chose, and what the library itself says (None: its manifest does not record it)
@@ -85,7 +118,8 @@ def main() -> None:
         timed = f"{r.get('tuned_cache') or '?'} ({(r.get('working_set_bytes') or 0) / 2**20:.0f} MiB/pass)"
         timed += "" if said == r.get("tuned_cache") else f", library: {said or 'not recorded'}"
         print(f"| {r['name']} | {r['quantize']} | {timed} | {r['tasks']} / {r['trials']} | {r['tune_s'] / 60:.1f} | "
-              f"{r['decode_tokens_per_s']:.1f} | {ref['decode_tokens_per_s']:.1f} | {dft['decode_tokens_per_s']:.1f} | "
+              f"{r['decode_tokens_per_s']:.1f} | {r['floor_tokens_per_s']:.1f} | {r['share_of_floor'] * 100:.0f}% | "
+              f"{ref['decode_tokens_per_s']:.1f} | {dft['decode_tokens_per_s']:.1f} | "
               f"{r['decode_speedup_vs_reference']:.2f}x | {r['decode_speedup_vs_defaults']:.2f}x | "
               f"{r['prefill_tokens_per_s']:.0f} / {ref['prefill_tokens_per_s']:.0f} / {dft['prefill_tokens_per_s']:.0f} | "
               f"{ref['logits']['max_abs']:.1e} ({ref['logits']['max_rel']:.1e}) |")
