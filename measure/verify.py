@@ -24,7 +24,7 @@ def check_output(name: str, got: np.ndarray, want: np.ndarray, tol: float, dtype
     want64 = np.asarray(want, dtype=np.float64).reshape(-1)
     if got64.shape != want64.shape:
         return f"{name}: {got64.size} elements, expected {want64.size}"
-    if np.dtype(np.asarray(got).dtype).kind in "iu" and dtype not in ("bfloat16",):
+    if np.dtype(np.asarray(got).dtype).kind in "iu" and dtype != "bfloat16":
         wrong = np.flatnonzero(got64 != want64)
         if wrong.size:
             return (f"{name}: {wrong.size} elements differ (first at flat index {int(wrong[0])}: "

@@ -23,7 +23,7 @@ import numpy as np
 from .kernel import ArgInfo, BoundCall, Kernel, KernelSpec, numpy_dtype, same_layout
 from .launch import evaluate
 
-_STREAM: dict[int, object] = {}  # the process's one stream for model work, per driver module
+_STREAM: dict[str, object] = {}  # the process's one stream for model work, and the driver it is of
 
 
 def model_stream():
@@ -33,11 +33,9 @@ def model_stream():
     tests put a fresh fake pycuda in place for each test.)"""
     import pycuda.driver as drv
 
-    stream = _STREAM.get(id(drv))
-    if stream is None:
-        _STREAM.clear()  # a driver module replaced: its streams go with it
-        stream = _STREAM[id(drv)] = drv.Stream()
-    return stream
+    if _STREAM.get("driver") is not drv:  # first use, or a driver module replaced: its stream goes with it
+        _STREAM.update(driver=drv, stream=drv.Stream())
+    return _STREAM["stream"]
 
 
 class CudaModules:

@@ -178,8 +178,9 @@ class LlamaModel:
         return prefill_calls(self.config, tokens, self.quantize, self.group_size, batch, self.dtype)
 
     def logits_of(self, buffer) -> np.ndarray:
-        """Logits on the host, as float32."""
-        return to_float32(self.arrays.get(buffer), self.dtype)
+        """Logits on the host, as float32 (a float32 CPU model's buffer itself: no copy per step)."""
+        host = self.arrays.get(buffer)
+        return host if self.dtype == "float32" else to_float32(host, self.dtype)
 
     def _is_q4(self, name: str) -> bool:
         if isinstance(self.w, DeviceWeights):  # named as the decoder runs them
@@ -421,7 +422,7 @@ class _DecodeStep:
             for run in after:
                 run()
         self.lm_head()
-        return self.model.logits_of(self.logits) if self.model.dtype != "float32" else arrays.get(self.logits)
+        return self.model.logits_of(self.logits)
 
 
 class _ResidentStep:

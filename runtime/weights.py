@@ -38,6 +38,8 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 # (rows): one launch and one pass over the input instead of three (Q, K, V) or two (gate, up).
 FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+# LINEARS as the decoder runs them: each fused group in place of its parts
+DEVICE_LINEARS = tuple(dict.fromkeys(next((f for f, parts in FUSED.items() if p in parts), p) for p in LINEARS))
 
 
 def layer_name(layer: int, part: str) -> str:
@@ -85,8 +87,11 @@ def device_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def device_linear_names(config: ModelConfig) -> list[str]:
     """The linear layers as the decoder runs them (fused projections, the LM head included)."""
-    names = [layer_name(layer, part) for layer in range(config.num_hidden_layers)
-             for part in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+    return _linear_names(config, DEVICE_LINEARS)
+
+
+def _linear_names(config: ModelConfig, parts: tuple[str, ...]) -> list[str]:
+    names = [layer_name(layer, part) for layer in range(config.num_hidden_layers) for part in parts]
     return names + ["lm_head.weight" if not config.tie_word_embeddings else "model.embed_tokens.weight"]
 
 
@@ -109,8 +114,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def linear_names(config: ModelConfig) -> list[str]:
-    names = [layer_name(layer, part) for layer in range(config.num_hidden_layers) for part in LINEARS]
-    return names + ["lm_head.weight" if not config.tie_word_embeddings else "model.embed_tokens.weight"]
+    return _linear_names(config, LINEARS)
 
 
 @dataclass
