@@ -8,13 +8,14 @@ from __future__ import annotations
 import functools
 
 from search_space import Target
+from search_space.codegen.llvm_pool import CODE_MODEL
 
 OPT_LEVEL = 3
 
 
 def compile_flags(target: Target) -> str:
     """Everything besides the source that decides the object code: part of the cache key."""
-    return f"llvm;cpu={target.arch};features={target.features};O{OPT_LEVEL}"
+    return f"llvm;cpu={target.arch};features={target.features};O{OPT_LEVEL};cm={CODE_MODEL}"
 
 
 def compiler_version() -> str:
@@ -40,7 +41,7 @@ def new_target_machine(arch: str, features: str):
     llvm.initialize_native_asmprinter()
     triple = llvm.get_process_triple()
     return llvm.Target.from_triple(triple).create_target_machine(
-        cpu=arch, features=features, opt=OPT_LEVEL, reloc="pic", codemodel="default"
+        cpu=arch, features=features, opt=OPT_LEVEL, reloc="pic", codemodel=CODE_MODEL
     )
 
 

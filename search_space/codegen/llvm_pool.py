@@ -380,6 +380,13 @@ class _Emitter:
         return fn
 
 
+# MCJIT maps an object's code and its constants separately, and in a busy process the two
+# mappings can land more than 2 GiB apart; x86-64's small code model reaches constants through
+# 32-bit offsets, so loading such an object aborts on a relocation overflow (reproduced with
+# a few GiB mapped between one-page holes). The large model addresses them with 64 bits.
+CODE_MODEL = "large" if platform.machine().lower() in ("x86_64", "amd64") else "default"
+
+
 def pool_module(machine: str | None = None, visibility: str = "hidden") -> ir.Module:
     """The pool as an ``ir.Module`` for this machine's architecture (or ``machine``)."""
     return _Emitter(machine or platform.machine(), visibility).m
@@ -390,7 +397,7 @@ def _compile(llvm, visibility: str):
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
     tm = llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(
-        opt=2, reloc="pic", codemodel="default")
+        opt=2, reloc="pic", codemodel=CODE_MODEL)
     module = llvm.parse_assembly(str(pool_module(visibility=visibility)))
     module.triple = llvm.get_process_triple()
     module.data_layout = str(tm.target_data)
