@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from runtime.kernel import KernelSpec
+from runtime.abi import KernelSpec
 from runtime.model_config import ModelConfig
 from runtime.plan import decode_calls, prefill_calls
 from runtime.precision import ITEMSIZE
@@ -31,7 +31,7 @@ class ModelTask:
 
 
 def task_of(spec: KernelSpec) -> Task:
-    return Task.make(spec.op, spec.shape, spec.dtype, spec.attr, spec.dynamic)
+    return Task.make(spec.op, spec.dims, spec.dtype, spec.attr, spec.dynamic)
 
 
 def model_tasks(config: ModelConfig, prefill_tokens: list[int], decode_batch: list[int], kv_len: list[int],

@@ -75,7 +75,7 @@ class _TimedProvider:
 def _task_key(spec) -> str:
     from search_space import Task
 
-    return Task.make(spec.op, spec.shape, spec.dtype, spec.attr, spec.dynamic).key
+    return Task.make(spec.op, spec.dims, spec.dtype, spec.attr, spec.dynamic).key
 
 
 def profile_prefill(lib: str, model: str, prompt_tokens: int, passes: int, seed: int = 0) -> dict:

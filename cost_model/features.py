@@ -70,7 +70,7 @@ def target_features(analytic: Mapping[str, float], target: Target) -> dict[str, 
         tile = analytic.get(f"tile_bytes_{level}")
         if tile is not None and capacity:
             out[f"{level}_fill"] = float(tile) / capacity
-    if "threads" in analytic and target.kind == "cpu" and target.cores:
+    if "threads" in analytic and target.uses_cpu_threads and target.cores:
         out["threads_per_core"] = float(analytic["threads"]) / target.cores
     return out
 

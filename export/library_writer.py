@@ -52,7 +52,8 @@ from measure.backends import Backend, get_backend
 from measure.worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout, close_all
 from records import Record, StaleRecordsWarning, select_best
 from records.record import package_version
-from runtime.library import FORMAT, MANIFEST, SCHEMA_VERSION, read_manifest, sha256_of
+from runtime.abi import MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION
+from runtime.library import MANIFEST, read_manifest, sha256_of
 from search_space import KernelSource, Target, Task, get_template, template_module
 
 from .c_header import header_text
@@ -297,8 +298,8 @@ def _write_library(kernels: list[_Kernel], stage: Path, target: Target, n_parall
             (stage / entry["cubin"]).write_bytes(data)
             entry["cubin_sha256"] = sha256_of(stage / entry["cubin"])  # runtime.load checks it
     manifest = {
-        "format": FORMAT,
-        "schema": SCHEMA_VERSION,
+        "format": MANIFEST_FORMAT,
+        "schema": MANIFEST_SCHEMA_VERSION,
         "target": target.to_dict(),
         "package_version": package_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -11,17 +11,15 @@ warning. This path needs the compile stack (llvmlite); an exported library
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from measure import LocalBuilder, MeasureError, MeasureInput
-from measure.cpu_kernel import load_object
+from measure.backends import get_backend
 from records import Record, StaleRecordsWarning, load_records, select_best
-from runtime.kernel import ArgInfo, Kernel, KernelSpec, UntunedShapeWarning, select
+from runtime.abi import KernelSpec
+from runtime.kernel import Kernel, UntunedShapeWarning, select
 from search_space import Config, Target, Task, get_template
-
-
-def spec_of_task(task: Task) -> KernelSpec:
-    return KernelSpec.make(task.op, task.dims, task.dtype, task.attr, task.dynamic)
 
 
 class TunedKernels:
@@ -42,7 +40,7 @@ class TunedKernels:
         self._best = [c.record for c in choices if c.record is not None]
         self._loaded: dict[str, Kernel] = {}
         self._builder: LocalBuilder | None = None
-        self._cuda = None  # pycuda context and modules, for a CUDA target
+        self._kernels = None  # the backend's loader into this process (a CUDA context)
         self.warn_untuned = warn_untuned
 
     @classmethod
@@ -59,10 +57,10 @@ class TunedKernels:
         return self.target.kind
 
     def specs(self) -> list[KernelSpec]:
-        return [spec_of_task(r.task) for r in self._best]
+        return [r.task for r in self._best]
 
     def record_for(self, task: Task) -> Record | None:
-        return select(self._best, lambda r: spec_of_task(r.task), spec_of_task(task))
+        return select(self._best, lambda r: r.task, task)
 
     def get(self, op: str, shape: Mapping[str, int], dtype: str = "float32", attrs: Mapping | None = None,
             dynamic: Sequence[str] = ()) -> Kernel:
@@ -93,31 +91,15 @@ class TunedKernels:
         build = self._builder.build([MeasureInput(task, config, self.target)])[0]
         if build.error != MeasureError.NO_ERROR or build.artifact is None or build.source is None:
             raise RuntimeError(f"could not build {task.key} with {config}: {build.error.name}: {build.message}")
-        args = tuple(ArgInfo.from_dict(a.to_dict()) for a in build.source.args)
-        if self.target.kind == "cuda":
-            return self._load_cubin(task, build, args, config, tuned, seconds)
-        with open(build.artifact, "rb") as f:
-            loaded = load_object(f.read(), build.source, self.target)
-        return Kernel(spec_of_task(task), args, loaded.entry, tuned, seconds, config.as_dict(),
-                      build.source.entry, keepalive=loaded)
-
-    def _load_cubin(self, task: Task, build, args, config: Config, tuned: bool, seconds: float | None) -> Kernel:
-        """A cubin from the build cache, launched through pycuda like a library's kernels."""
-        from pathlib import Path
-
-        from runtime.library_cuda import CudaModules
-
-        if self._cuda is None:
-            self._cuda = CudaModules()
-        artifact = Path(build.artifact)
-        record = {"cubin": artifact.name, "symbol": build.source.entry, "entry": build.source.entry,
-                  "launch": build.source.launch_dims, "tuned": tuned, "seconds": seconds, "config": config.as_dict()}
-        return self._cuda.kernel(artifact.parent, record, spec_of_task(task), args)
+        if self._kernels is None:
+            self._kernels = get_backend(self.target.kind).in_process_kernels()
+        meta = {"tuned": tuned, "seconds": seconds, "config": config.as_dict()}
+        return self._kernels.kernel(Path(build.artifact), build.source, task, self.target, meta)
 
     def close(self) -> None:
-        if self._cuda is not None:
-            self._cuda.close()
-            self._cuda = None
+        if self._kernels is not None:
+            self._kernels.close()
+            self._kernels = None
         if self._builder is not None:
             self._builder.close()
             self._builder = None

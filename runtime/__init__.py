@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "Kernel": "runtime.kernel", "KernelSpec": "runtime.kernel", "ArgInfo": "runtime.kernel",
+    "Kernel": "runtime.kernel", "KernelSpec": "runtime.abi", "ArgSpec": "runtime.abi",
     "KernelProvider": "runtime.kernel", "UntunedShapeWarning": "runtime.kernel",
     "load": "runtime.library", "KernelLibrary": "runtime.library",
 }

@@ -223,7 +223,11 @@ class CudaArrays:
         return out
 
 
+# the memory of each target kind's kernels: host numpy arrays, or device arrays with copies on a stream
+ARRAYS = {"cpu": lambda stream: HostArrays(), "cuda": CudaArrays}
+
+
 def arrays_for(kind: str, stream=None):
     """The memory a model uses with kernels of this target kind (CUDA: copies on ``stream``,
     the kernels' stream)."""
-    return CudaArrays(stream) if kind == "cuda" else HostArrays()
+    return ARRAYS[kind](stream)

@@ -23,69 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, TypeVar
 
 import numpy as np
 
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "uint8": np.uint8,
-                "int32": np.int32, "int64": np.int64}
-
-
-def numpy_dtype(dtype: str) -> np.dtype:
-    """The numpy dtype an array of ``dtype`` is stored as (bfloat16 as raw uint16 words)."""
-    return np.dtype(NUMPY_DTYPES[dtype])
-
-
-@dataclass(frozen=True)
-class ArgInfo:
-    """One kernel argument: an array (``in``/``out``) of ``shape`` (dim names or ints), a
-    ``workspace`` of ``nbytes`` scratch bytes, or a ``scalar``: the int64 value of a dynamic dim."""
-
-    name: str
-    role: str
-    dtype: str = "float32"
-    shape: tuple[str | int, ...] = ()
-    nbytes: int = 0
-
-    def resolve_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
-        return tuple(d if isinstance(d, int) else int(dims[d]) for d in self.shape)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "role": self.role, "dtype": self.dtype, "shape": list(self.shape),
-                "nbytes": self.nbytes}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ArgInfo":
-        return cls(data["name"], data["role"], data.get("dtype", "float32"), tuple(data.get("shape", ())),
-                   int(data.get("nbytes", 0)))
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """What a kernel computes: operator, dims (dynamic ones at the bucket tuned), dtype, attributes."""
-
-    op: str
-    dims: tuple[tuple[str, int], ...]
-    dtype: str = "float32"
-    attrs: tuple[tuple[str, Any], ...] = ()
-    dynamic: tuple[str, ...] = ()
-
-    @classmethod
-    def make(cls, op: str, dims: Mapping[str, int], dtype: str = "float32", attrs: Mapping[str, Any] | None = None,
-             dynamic: Iterable[str] = ()) -> "KernelSpec":
-        dynamic = tuple(dynamic)
-        return cls(op, tuple((str(k), int(v)) for k, v in dims.items()), dtype,
-                   tuple(sorted((attrs or {}).items())), tuple(d for d in dict(dims) if d in dynamic))
-
-    @property
-    def shape(self) -> dict[str, int]:
-        return dict(self.dims)
-
-    @property
-    def attr(self) -> dict[str, Any]:
-        return dict(self.attrs)
-
-    def describe(self) -> str:
-        dims = ",".join(f"{k}{'~' if k in self.dynamic else ''}={v}" for k, v in self.dims)
-        attrs = ",".join(f"{k}={v}" for k, v in self.attrs)
-        return f"{self.op}/{self.dtype}/{dims}" + (f"/{attrs}" if attrs else "")
-
+from .abi import NUMPY_DTYPES, ArgSpec, KernelSpec, numpy_dtype  # noqa: F401  (the ABI, re-exported)
 
 class UntunedShapeWarning(UserWarning):
     """A call ran the template default because no tuned kernel serves its shape."""
@@ -103,7 +41,7 @@ def distance(have: KernelSpec, want: KernelSpec) -> float | None:
         return None
     if have.attr != want.attr:
         return None
-    a, b = have.shape, want.shape
+    a, b = have.dims, want.dims
     if set(a) != set(b):
         return None
     total = 0.0
@@ -130,7 +68,7 @@ def buckets(specs: Iterable[KernelSpec], op: str, dim: str, **fixed: int) -> lis
     e.g. the token counts a prefill GEMM was tuned at, for padding a prompt up to one."""
     values = set()
     for spec in specs:
-        shape = spec.shape
+        shape = spec.dims
         if spec.op == op and dim in shape and all(shape.get(k) == v for k, v in fixed.items()):
             values.add(shape[dim])
     return sorted(values)
@@ -158,16 +96,16 @@ def check_runtime_dims(spec: KernelSpec, values: Mapping[str, int], limits: Mapp
     within = COUNTED_WITHIN.get(spec.op, {})
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"{spec.describe()}: dim {name} must be an int, not {value!r}")
+            raise ValueError(f"{spec.key}: dim {name} must be an int, not {value!r}")
         if value < 1:
-            raise ValueError(f"{spec.describe()}: dim {name} = {value} must be at least 1")
+            raise ValueError(f"{spec.key}: dim {name} = {value} must be at least 1")
         if name in within:
             other = within[name]
-            bound = values.get(other, spec.shape.get(other))
+            bound = values.get(other, spec.dims.get(other))
             if bound is not None and value > bound:
-                raise ValueError(f"{spec.describe()}: dim {name} = {value} exceeds {other} = {bound}")
+                raise ValueError(f"{spec.key}: dim {name} = {value} exceeds {other} = {bound}")
         elif limits is not None and name in limits and value > limits[name]:
-            raise ValueError(f"{spec.describe()}: dim {name} = {value} exceeds {limits[name]}, "
+            raise ValueError(f"{spec.key}: dim {name} = {value} exceeds {limits[name]}, "
                              "what the bound arrays hold (bind larger arrays)")
 
 
@@ -184,7 +122,7 @@ class Kernel:
     pointers then the dynamic dims as int64; ``keepalive`` holds whatever owns its code."""
 
     spec: KernelSpec
-    args: tuple[ArgInfo, ...]
+    args: tuple[ArgSpec, ...]
     function: Callable[..., Any]
     tuned: bool
     seconds: float | None = None      # measured time of the tuned config, when known
@@ -205,7 +143,7 @@ class Kernel:
     def dims_for(self, arrays: Mapping[str, np.ndarray], dims: Mapping[str, int] | None = None) -> dict[str, int]:
         """The call's dims: the kernel's, with dynamic ones read off array shapes or given
         (a dim the kernel takes at run time though its task fixed it keeps the task's value)."""
-        out = self.spec.shape
+        out = self.spec.dims
         given = dict(dims or {})
         runtime_dims = list(self.spec.dynamic) + [n for n in self.scalar_names if n not in self.spec.dynamic]
         for name in runtime_dims:
@@ -220,14 +158,14 @@ class Kernel:
             else:
                 if name not in self.spec.dynamic:  # a runtime argument of a task tuned at one size
                     continue
-                raise TypeError(f"{self.spec.describe()}: pass the dynamic dim {name} (dims={{'{name}': ...}})")
+                raise TypeError(f"{self.spec.key}: pass the dynamic dim {name} (dims={{'{name}': ...}})")
         for name, value in given.items():
             if out.get(name) != value:
-                raise ValueError(f"{self.spec.describe()}: dim {name} is compiled in as {out.get(name)}, not {value}")
+                raise ValueError(f"{self.spec.key}: dim {name} is compiled in as {out.get(name)}, not {value}")
         check_runtime_dims(self.spec, {n: out[n] for n in runtime_dims if n in out})
         return {name: int(value) for name, value in out.items()}
 
-    def _check(self, arg: ArgInfo, array: np.ndarray, dims: Mapping[str, int]) -> np.ndarray:
+    def _check(self, arg: ArgSpec, array: np.ndarray, dims: Mapping[str, int]) -> np.ndarray:
         """``array`` if the kernel may be handed it for ``arg``: a numpy array of the argument's
         dtype and shape (see ``same_layout``), C-contiguous and aligned, writeable if an output."""
         if not isinstance(array, np.ndarray):
@@ -243,7 +181,7 @@ class Kernel:
             raise ValueError(f"{self.spec.op} output {arg.name} is read-only: the kernel writes it")
         return array
 
-    def _checked_workspace(self, arg: ArgInfo) -> np.ndarray:
+    def _checked_workspace(self, arg: ArgSpec) -> np.ndarray:
         """The kernel's own scratch buffer for ``arg``, checked like an output."""
         buffer = self._workspace[arg.name]
         if buffer.nbytes < arg.nbytes or not (buffer.flags.c_contiguous and buffer.flags.writeable):
@@ -322,7 +260,7 @@ class BoundCall:
         within) has none: a new value of it takes the full check, which calls this again."""
         self.run = functools.partial(self._function, *self.pointers, *self.scalars.values())
         within = COUNTED_WITHIN.get(self.kernel.spec.op, {})
-        shape = self.kernel.spec.shape
+        shape = self.kernel.spec.dims
         maxima = {}
         for name in self.scalars:
             if name in within.values():
@@ -359,7 +297,7 @@ class BoundCall:
         self._update()
 
 
-def ctypes_signature(args: Sequence[ArgInfo]) -> list:
+def ctypes_signature(args: Sequence[ArgSpec]) -> list:
     """ctypes argument types of a kernel with these arguments (pointers, then int64 dims)."""
     return [ctypes.c_int64 if a.role == "scalar" else ctypes.c_void_p for a in args]
 

@@ -19,16 +19,13 @@ import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Sequence
 
-from .kernel import (NUMPY_DTYPES, ArgInfo, Kernel, KernelProvider, KernelSpec, UntunedShapeWarning, ctypes_signature,
-                     select)
+from .abi import MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION, NUMPY_DTYPES, ROLES, ArgSpec, KernelSpec
+from .kernel import Kernel, KernelProvider, UntunedShapeWarning, ctypes_signature, select
 from .launch import evaluate
 
-FORMAT = "llm-autotune-kernels"  # the manifest format export.library_writer writes and this module reads
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
 # What a manifest may say, checked before anything reaches ctypes or the GPU.
-ROLES = ("in", "out", "workspace", "scalar")
 MAX_DIM = 2**31 - 1                # no tensor dim comes near it; a larger one is an edited manifest
 MAX_WORKSPACE_BYTES = 1 << 32      # scratch a kernel asks for when loaded: 4 GiB is past any template's
 MAX_SHARED_BYTES = 1 << 20         # dynamic shared memory per CUDA block (GPUs offer at most 228 KiB)
@@ -67,11 +64,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
         raise LibraryFormatError(f"{file} cannot be read: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise LibraryFormatError(f"{file} is not an {FORMAT} manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise LibraryFormatError(f"{file} is not an {MANIFEST_FORMAT} manifest")
     schema = manifest.get("schema")
-    if not isinstance(schema, int) or not 1 <= schema <= SCHEMA_VERSION:
-        raise LibraryFormatError(f"{file} has schema {schema!r}; this runtime reads 1..{SCHEMA_VERSION}")
+    if not isinstance(schema, int) or not 1 <= schema <= MANIFEST_SCHEMA_VERSION:
+        raise LibraryFormatError(f"{file} has schema {schema!r}; this runtime reads 1..{MANIFEST_SCHEMA_VERSION}")
     return manifest
 
 
@@ -215,20 +212,14 @@ def check_entry(entry: Any, kind: str) -> None:
         raise LibraryFormatError(f"{where}: its op, dtype, dims and attributes ({expected_task_key(entry)}) "
                                  f"do not match its task {entry.get('task')!r}")
     _check_args(entry, where)
-    symbol = entry.get("symbol", entry["entry"])
-    if kind == "cpu" and (symbol != entry["entry"] or not CPU_ENTRY.match(symbol)):
-        raise LibraryFormatError(f"{where}: symbol {symbol!r} is not an entry name export gives a kernel")
-    if kind == "cuda":
-        if not isinstance(symbol, str) or not IDENTIFIER.match(symbol):
-            raise LibraryFormatError(f"{where}: symbol {symbol!r} is not a C identifier")
-        _check_launch(entry, where)
+    LOADERS[kind].check_entry(entry, where)
 
 
 def check_manifest(manifest: Mapping[str, Any], folder: Path) -> None:
     """The whole manifest: a target and a list of valid kernel records with distinct entry names."""
     target, kernels = manifest.get("target"), manifest.get("kernels")
-    if not isinstance(target, dict) or target.get("kind") not in ("cpu", "cuda"):
-        raise LibraryFormatError(f"{folder}: the manifest's target kind is not cpu or cuda")
+    if not isinstance(target, dict) or target.get("kind") not in LOADERS:
+        raise LibraryFormatError(f"{folder}: the manifest's target kind is not one of {', '.join(LOADERS)}")
     if not isinstance(kernels, list):
         raise LibraryFormatError(f"{folder}: the manifest has no list of kernels")
     try:
@@ -243,11 +234,8 @@ def check_manifest(manifest: Mapping[str, Any], folder: Path) -> None:
 
 def named_files(manifest: Mapping[str, Any]) -> list[tuple[Any, Any, str]]:
     """(name, recorded sha256 or None, what it is) of every file a checked manifest names."""
-    kind = manifest["target"]["kind"]
-    files = [(manifest.get("library"), manifest.get("library_sha256"), "shared library")] if kind == "cpu" else []
+    files = LOADERS[manifest["target"]["kind"]].code_files(manifest)
     for entry in manifest["kernels"]:
-        if kind == "cuda":
-            files.append((entry.get("cubin"), entry.get("cubin_sha256"), f"cubin of {entry['entry']}"))
         files.append((entry.get("source"), entry.get("source_sha256"), f"source of {entry['entry']}"))
     return files
 
@@ -317,20 +305,7 @@ class KernelLibrary:
         self._by_entry = {e["entry"]: e for e in self.entries}
         self._loaded: dict[str, Kernel] = {}
         self._fallback = fallback
-        self._dll: ctypes.CDLL | None = None
-        self._cuda = None
-        if self.kind == "cpu":
-            self._open_shared_library()
-
-    def _open_shared_library(self) -> None:
-        missing = missing_cpu_features(self.target)
-        if missing:
-            raise IncompatibleCpuError(f"{self.path} was compiled for {self.target.get('arch')} and needs "
-                               f"{', '.join(missing)}, which this CPU lacks: export it again for this machine")
-        # inside the folder and of the recorded sha256: checked by check_files at load
-        library = library_file(self.path, self.manifest.get("library"), "shared library")
-        # RTLD_LOCAL: two libraries loaded side by side keep their own symbols
-        self._dll = ctypes.CDLL(str(library), mode=ctypes.RTLD_LOCAL)
+        self._code = LOADERS[self.kind](self.path, self.manifest)
 
     # ------------------------------------------------------------------ KernelProvider
 
@@ -347,11 +322,11 @@ class KernelLibrary:
 
     def _untuned(self, want: KernelSpec, op, shape, dtype, attrs, dynamic) -> Kernel:
         if self._fallback is None:
-            raise LookupError(f"the kernel library {self.path} has no kernel for {want.describe()}, and it was "
+            raise LookupError(f"the kernel library {self.path} has no kernel for {want.key}, and it was "
                               "loaded without a fallback (the tuning side's export.TunedKernels.defaults() "
                               "compiles template defaults)")
         if self.warn_untuned:
-            warnings.warn(f"{want.describe()} is not in the kernel library {self.path}: running the template default",
+            warnings.warn(f"{want.key} is not in the kernel library {self.path}: running the template default",
                           UntunedShapeWarning, stacklevel=3)
         return self._fallback.get(op, shape, dtype, attrs, dynamic)
 
@@ -359,9 +334,7 @@ class KernelLibrary:
         if self._fallback is not None:
             self._fallback.close()
             self._fallback = None
-        if self._cuda is not None:
-            self._cuda.close()
-            self._cuda = None
+        self._code.close()
         self._loaded.clear()
 
     def __enter__(self) -> "KernelLibrary":
@@ -380,16 +353,40 @@ class KernelLibrary:
         record = self._by_entry.get(entry)
         if record is None:
             raise KeyError(f"{self.path} has no kernel {entry!r}")
-        args = tuple(ArgInfo.from_dict(a) for a in record["args"])
-        if self.kind == "cpu":
-            kernel = self._cpu_kernel(record, args)
-        else:
-            kernel = self._cuda_kernel(record, args)
+        kernel = self._code.kernel(record, tuple(ArgSpec.from_dict(a) for a in record["args"]))
         self._loaded[entry] = kernel
         return kernel
 
-    def _cpu_kernel(self, record: Mapping[str, Any], args: tuple[ArgInfo, ...]) -> Kernel:
-        assert self._dll is not None
+
+# --------------------------------------------------------------------------- one loader per target kind
+# What differs between targets when a library is loaded: how a manifest entry names its code,
+# which files hold that code, and how a kernel is opened from them. A new target is one class
+# here (or in its own module, imported on first use) and its line in LOADERS.
+
+class SharedObjectKernels:
+    """A CPU library: every kernel in one shared object, opened once with ctypes."""
+
+    @staticmethod
+    def check_entry(entry: Mapping[str, Any], where: str) -> None:
+        symbol = entry.get("symbol", entry["entry"])
+        if symbol != entry["entry"] or not CPU_ENTRY.match(symbol):
+            raise LibraryFormatError(f"{where}: symbol {symbol!r} is not an entry name export gives a kernel")
+
+    @staticmethod
+    def code_files(manifest: Mapping[str, Any]) -> list[tuple[Any, Any, str]]:
+        return [(manifest.get("library"), manifest.get("library_sha256"), "shared library")]
+
+    def __init__(self, folder: Path, manifest: Mapping[str, Any]):
+        missing = missing_cpu_features(manifest["target"])
+        if missing:
+            raise IncompatibleCpuError(f"{folder} was compiled for {manifest['target'].get('arch')} and needs "
+                                       f"{', '.join(missing)}, which this CPU lacks: export it again for this machine")
+        # inside the folder and of the recorded sha256: checked by check_files at load
+        library = library_file(folder, manifest.get("library"), "shared library")
+        # RTLD_LOCAL: two libraries loaded side by side keep their own symbols
+        self._dll = ctypes.CDLL(str(library), mode=ctypes.RTLD_LOCAL)
+
+    def kernel(self, record: Mapping[str, Any], args: tuple[ArgSpec, ...]) -> Kernel:
         function = getattr(self._dll, record.get("symbol", record["entry"]))
         function.argtypes = ctypes_signature(args)
         function.restype = None
@@ -397,16 +394,46 @@ class KernelLibrary:
                       seconds=record.get("seconds"), config=dict(record.get("config") or {}),
                       entry=record["entry"], keepalive=self._dll)
 
-    def _cuda_kernel(self, record: Mapping[str, Any], args: tuple[ArgInfo, ...]) -> Kernel:
+    def close(self) -> None:
+        pass  # the shared object stays mapped while any of its kernels lives (their keepalive)
+
+
+class CubinKernels:
+    """A CUDA library: one cubin per kernel, loaded through pycuda (imported on first use)."""
+
+    @staticmethod
+    def check_entry(entry: Mapping[str, Any], where: str) -> None:
+        symbol = entry.get("symbol", entry["entry"])
+        if not isinstance(symbol, str) or not IDENTIFIER.match(symbol):
+            raise LibraryFormatError(f"{where}: symbol {symbol!r} is not a C identifier")
+        _check_launch(entry, where)
+
+    @staticmethod
+    def code_files(manifest: Mapping[str, Any]) -> list[tuple[Any, Any, str]]:
+        return [(e.get("cubin"), e.get("cubin_sha256"), f"cubin of {e['entry']}") for e in manifest["kernels"]]
+
+    def __init__(self, folder: Path, manifest: Mapping[str, Any]):
+        self.folder = folder
+        self._modules = None
+
+    def kernel(self, record: Mapping[str, Any], args: tuple[ArgSpec, ...]) -> Kernel:
         from .library_cuda import CudaModules  # pycuda is imported there, on first use
 
-        if self._cuda is None:
-            self._cuda = CudaModules()
+        if self._modules is None:
+            self._modules = CudaModules()
         # read and checked once more here: these are the bytes that run, whatever the file holds now
-        cubin = library_file(self.path, record["cubin"], f"cubin of {record['entry']}").read_bytes()
+        cubin = library_file(self.folder, record["cubin"], f"cubin of {record['entry']}").read_bytes()
         if record.get("cubin_sha256") is not None:
-            check_sha256(hashlib.sha256(cubin).hexdigest(), record["cubin_sha256"], f"{self.path}: {record['cubin']}")
-        return self._cuda.kernel(self.path, record, spec_of_entry(record), args, cubin)
+            check_sha256(hashlib.sha256(cubin).hexdigest(), record["cubin_sha256"], f"{self.folder}: {record['cubin']}")
+        return self._modules.kernel(self.folder, record, spec_of_entry(record), args, cubin)
+
+    def close(self) -> None:
+        if self._modules is not None:
+            self._modules.close()
+            self._modules = None
+
+
+LOADERS = {"cpu": SharedObjectKernels, "cuda": CubinKernels}
 
 
 def load(path: str | Path, warn_untuned: bool = True, fallback: KernelProvider | None = None) -> KernelLibrary:

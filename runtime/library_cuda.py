@@ -20,7 +20,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .kernel import ArgInfo, BoundCall, Kernel, KernelSpec, numpy_dtype, same_layout
+from .abi import ArgSpec, KernelSpec, numpy_dtype
+from .kernel import BoundCall, Kernel, same_layout
 from .launch import evaluate
 
 _STREAM: dict[str, object] = {}  # the process's one stream for model work, and the driver it is of
@@ -52,7 +53,7 @@ class CudaModules:
         self.stream = model_stream()
         self.modules: list[Any] = []
 
-    def kernel(self, folder: Path, record: Mapping[str, Any], spec: KernelSpec, args: tuple[ArgInfo, ...],
+    def kernel(self, folder: Path, record: Mapping[str, Any], spec: KernelSpec, args: tuple[ArgSpec, ...],
                cubin: bytes | None = None) -> "CudaKernel":
         """The kernel ``record`` describes, from ``cubin`` (a library passes the bytes it checked)
         or else the file ``folder / record["cubin"]``."""
@@ -72,11 +73,11 @@ class CudaModules:
                 function.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
                 granted[0] = smem
 
-        opt_in(evaluate(smem_expr, spec.shape))
+        opt_in(evaluate(smem_expr, spec.dims))
         function.prepare([np.int64 if a.role == "scalar" else np.uintp for a in args])
         block = tuple(int(b) for b in launch["block"])
         grid_exprs = tuple(launch["grid"])
-        static = spec.shape
+        static = spec.dims
         scalar_names = [a.name for a in args if a.role == "scalar"]
         n_pointers = len(args) - len(scalar_names)
         stream = self.stream
@@ -114,7 +115,7 @@ class CudaKernel(Kernel):
                 drv.memset_d8(alloc, 0, max(arg.nbytes, 4))  # counters and partial sums start at zero
                 self._workspace[arg.name] = alloc
 
-    def _device_pointer(self, arg: ArgInfo, buffer: Any, dims: Mapping[str, int]) -> int:
+    def _device_pointer(self, arg: ArgSpec, buffer: Any, dims: Mapping[str, int]) -> int:
         """A device buffer's address: a GPUArray or DeviceArray is checked for shape, dtype and
         layout; a raw allocation is taken to hold ``dims`` (the caller's word, as in C)."""
         if isinstance(buffer, np.ndarray):

@@ -118,13 +118,13 @@ class LlamaModel:
     # -- kernels and weights ---------------------------------------------------------
     def _kernel(self, call: KernelCall, **dims: int) -> Kernel:
         spec = call.spec
-        shape = spec.shape
+        shape = spec.dims
         shape.update(dims)
         key = (spec.op, tuple(shape.items()), spec.dtype, spec.attrs, spec.dynamic)
         kernel = self._memo.get(key)
         if kernel is None:
             kernel = self._memo[key] = self.kernels.get(spec.op, shape, spec.dtype, spec.attr, spec.dynamic)
-            self.used[kernel.spec.describe()] = kernel
+            self.used[kernel.spec.key] = kernel
         return kernel
 
     def _plan(self, calls: list[KernelCall]) -> dict[str, Kernel]:
@@ -165,7 +165,7 @@ class LlamaModel:
 
     def _search_padded(self, batch: int, tokens: int) -> int:
         specs = self.kernels.specs()
-        probe = next(c for c in self._prefill(tokens, batch) if c.role == "qkv_proj").spec.shape
+        probe = next(c for c in self._prefill(tokens, batch) if c.role == "qkv_proj").spec.dims
         tuned_sizes = sorted({m // batch for op in ("gemm", "gemv", "gemm_q4", "gemv_q4")
                               for m in buckets(specs, op, "M", N=probe["N"], K=probe["K"])
                               if m % batch == 0 and m // batch >= tokens})

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .kernel import KernelSpec
+from .abi import KernelSpec
 from .model_config import ModelConfig
 from .precision import check_dtype
 
@@ -100,7 +100,7 @@ def _layer_linears(config: ModelConfig, m: int, quantize: str, group_size: int) 
                _linear("gate_up_proj", m, 2 * c.intermediate_size, c.hidden_size, layers, quantize, group_size),
                _linear("down_proj", m, c.hidden_size, c.intermediate_size, layers, quantize, group_size)]
     biased = biased_projections(c)
-    return linears + [_rows(bias_role(call.role), "bias_add", m, call.spec.shape["N"], layers)
+    return linears + [_rows(bias_role(call.role), "bias_add", m, call.spec.dims["N"], layers)
                       for call in linears if biased[call.role]]
 
 

@@ -59,6 +59,11 @@ class Target:
         return f"{self.kind}-{self.arch}"
 
     @property
+    def uses_cpu_threads(self) -> bool:
+        """Its kernels run on CPU threads: a ``threads`` knob, and ``--threads`` applies."""
+        return self.kind == "cpu"
+
+    @property
     def vector_lanes_f32(self) -> int:
         return max(self.vector_bits // 32, 1)
 

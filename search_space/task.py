@@ -1,29 +1,22 @@
-"""One operator instance to tune: op name, named dims, dtype and attributes."""
+"""One operator instance to tune: a ``KernelSpec`` (runtime.abi) that checks its dims and dtype."""
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from runtime.abi import KernelSpec
 
 SCHEMA_VERSION = 1
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
-class Task:
-    """An operator instance.
+class Task(KernelSpec):
+    """An operator instance to tune: a ``KernelSpec`` (op, ``shape`` with every dim by name in
+    the operator's order, dtype, attributes, dynamic dims at the size tuned) that checks what it
+    is given and knows its operator's FLOPs and bytes."""
 
-    ``shape`` holds every dim by name in the operator's order. Dims listed in ``dynamic``
-    are kernel arguments rather than compiled-in constants (sequence and KV lengths); their
-    value in ``shape`` is the size the task is tuned at (its bucket).
-    """
-
-    op: str
-    shape: tuple[tuple[str, int], ...]
-    dtype: str = "float32"
-    attrs: tuple[tuple[str, Any], ...] = ()
-    dynamic: tuple[str, ...] = ()
     version: int = field(default=SCHEMA_VERSION, compare=False)
 
     @classmethod
@@ -43,30 +36,7 @@ class Task:
         unknown = [d for d in dynamic if d not in shape]
         if unknown:
             raise ValueError(f"dynamic dims {unknown} are not dims of the shape")
-        return cls(
-            op=op,
-            shape=tuple((str(k), int(v)) for k, v in shape.items()),
-            dtype=dtype,
-            attrs=tuple(sorted((attrs or {}).items())),
-            dynamic=tuple(d for d in shape if d in dynamic),
-        )
-
-    @property
-    def dims(self) -> dict[str, int]:
-        return dict(self.shape)
-
-    @property
-    def attr(self) -> dict[str, Any]:
-        return dict(self.attrs)
-
-    @property
-    def key(self) -> str:
-        """Stable identity, e.g. ``gemm/float32/M=256,N=256,K=256``; dynamic dims carry a ``~``."""
-        dims = ",".join(f"{k}{'~' if k in self.dynamic else ''}={v}" for k, v in self.shape)
-        key = f"{self.op}/{self.dtype}/{dims}"
-        if self.attrs:
-            key += "/" + ",".join(f"{k}={json.dumps(v)}" for k, v in self.attrs)
-        return key
+        return super().make(op, shape, dtype, attrs, dynamic)
 
     @property
     def flops(self) -> float:
@@ -100,9 +70,6 @@ class Task:
             data["op"], dict(data["shape"]), data.get("dtype", "float32"),
             data.get("attrs"), data.get("dynamic", ()),
         )
-
-    def __str__(self) -> str:
-        return self.key
 
 
 _SHAPE_ITEM = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(\d+)\s*$")

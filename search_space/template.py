@@ -14,6 +14,8 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from runtime.abi import ROLES, ArgSpec  # noqa: F401  (the kernel ABI, re-exported)
+
 from .space import Config, ConfigSpace
 from .target import Target
 from .registry import (get_template, list_operators, list_templates, op_definition, register_operator,
@@ -21,40 +23,6 @@ from .registry import (get_template, list_operators, list_templates, op_definiti
 from .task import Task
 
 # --------------------------------------------------------------------------- kernel source
-
-ROLES = ("in", "out", "workspace", "scalar")
-
-
-@dataclass(frozen=True)
-class ArgSpec:
-    """One kernel argument, in call order.
-
-    Arrays (``in``/``out``) have a ``shape`` of dim names or ints and a numpy ``dtype``;
-    a ``workspace`` is scratch memory of ``nbytes``; a ``scalar`` is an int64 carrying the
-    runtime value of the dim it is named after.
-    """
-
-    name: str
-    role: str
-    dtype: str = "float32"
-    shape: tuple[str | int, ...] = ()
-    nbytes: int = 0
-
-    def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"arg {self.name}: role {self.role!r} not in {ROLES}")
-
-    def resolve_shape(self, dims: dict[str, int]) -> tuple[int, ...]:
-        return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "role": self.role, "dtype": self.dtype,
-                "shape": list(self.shape), "nbytes": self.nbytes}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ArgSpec":
-        return cls(data["name"], data["role"], data.get("dtype", "float32"),
-                   tuple(data.get("shape", ())), int(data.get("nbytes", 0)))
 
 
 @dataclass(frozen=True)

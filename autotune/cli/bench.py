@@ -33,7 +33,7 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, allow_sta
     from ..bench import bench_kernel
 
     tgt = resolve_target(target)
-    if tgt.kind == "cuda" and threads is not None:
+    if threads is not None and not tgt.uses_cpu_threads:
         raise UserError("--threads is for the cpu target")
     if threads is not None and threads > len(os.sched_getaffinity(0)):
         raise UserError(f"--threads {threads}: this machine runs {len(os.sched_getaffinity(0))} thread(s) at once")

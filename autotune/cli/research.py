@@ -46,8 +46,6 @@ def sweep(op, shape, dtype, target, sample, seed, restrict_items, threads, batch
     if not math.isfinite(min_sample_ms) or min_sample_ms <= 0:
         raise UserError(f"--min-sample-ms must be a number of milliseconds > 0, got {min_sample_ms}")
     tgt = resolve_target(target)
-    if tgt.kind != "cpu":
-        raise UserError("sweeps on cuda are not available yet: use --target cpu")
     template, task = resolve_task(op, shape, dtype, tgt.kind)
     restrict = restriction(template, task, tgt, threads, restrict_items)
     log = open_log(log_path)

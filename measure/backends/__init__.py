@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Backend, Candidate, KernelFault, Session
+from .base import Backend, Candidate, InProcessKernels, KernelFault, Session
 
 _MODULES = {
     "cpu": "measure.backends.cpu",
@@ -22,4 +22,4 @@ def get_backend(kind: str) -> Backend:
     return importlib.import_module(_MODULES[kind]).BACKEND
 
 
-__all__ = ["Backend", "Candidate", "KernelFault", "Session", "get_backend"]
+__all__ = ["Backend", "Candidate", "InProcessKernels", "KernelFault", "Session", "get_backend"]

@@ -29,6 +29,9 @@ from ..types import MeasureError
 if TYPE_CHECKING:
     import numpy as np
 
+    from pathlib import Path
+
+    from runtime.kernel import Kernel
     from search_space import KernelSource, Target, Task
 
     from ..task_data import TaskData
@@ -88,6 +91,19 @@ class Session(ABC):
         """A candidate wrote to the inputs: copies of them on the device are made again."""
 
 
+class InProcessKernels(ABC):
+    """Built kernels opened in this process as the runtime calls them (``runtime.kernel.Kernel``):
+    what ``export.TunedKernels`` hands a model. Holds what they share (a device context)."""
+
+    @abstractmethod
+    def kernel(self, artifact: Path, source: KernelSource, task: Task, target: Target,
+               meta: Mapping[str, Any]) -> Kernel:
+        """The kernel built at ``artifact``; ``meta``: tuned, seconds, config (kept on the Kernel)."""
+
+    def close(self) -> None:
+        """Free what the kernels share; kernels handed out stop working."""
+
+
 class Backend(ABC):
     kind: ClassVar[str]                # the Target.kind it serves
     artifact_suffix: ClassVar[str]     # of compiled artifacts in the kernel cache
@@ -131,6 +147,10 @@ class Backend(ABC):
     @abstractmethod
     def open_session(self) -> Session:
         """This worker process's session (opened on first use, then the same one)."""
+
+    @abstractmethod
+    def in_process_kernels(self) -> InProcessKernels:
+        """A loader of built kernels into this process, for the runtime (``export.TunedKernels``)."""
 
     # ------------------------------------------------------------------ exporting
 

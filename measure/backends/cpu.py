@@ -10,7 +10,8 @@ times a cold cache (``TimingPolicy.cold_bytes``).
 from __future__ import annotations
 
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from search_space import KernelSource, Target, Task
 from .. import compile_llvm
 from ..task_data import TaskData, input_digest
 from ..timing import MAX_COPIES, TimingPolicy, condition_of, time_calls
-from .base import Backend, Candidate, Session
+from .base import Backend, Candidate, InProcessKernels, Session
 
 
 class CpuCandidate(Candidate):
@@ -74,6 +75,20 @@ class CpuSession(Session):
         return CpuCandidate(load_object(artifact, source, target), source, task, data, buffers)
 
 
+class CpuKernels(InProcessKernels):
+    """Object code linked into this process by MCJIT, each kernel called through ctypes."""
+
+    def kernel(self, artifact: Path, source: KernelSource, task: Task, target: Target,
+               meta: Mapping[str, Any]):
+        from runtime.kernel import Kernel
+
+        from ..cpu_kernel import load_object
+
+        loaded = load_object(Path(artifact).read_bytes(), source, target)
+        return Kernel(task, source.args, loaded.entry, meta["tuned"], meta["seconds"], dict(meta["config"]),
+                      source.entry, keepalive=loaded)
+
+
 class CpuBackend(Backend):
     kind = "cpu"
     artifact_suffix = ".o"
@@ -92,6 +107,9 @@ class CpuBackend(Backend):
 
     def open_session(self) -> Session:
         return _SESSION
+
+    def in_process_kernels(self) -> InProcessKernels:
+        return CpuKernels()
 
     def library_object(self, source: KernelSource, symbol: str, target: Target) -> bytes:
         # the entry renamed to a name unique in the library, everything else internal

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -31,7 +32,7 @@ from ..task_data import TaskData
 from ..timing import TimingPolicy, summarize
 from ..types import MeasureError
 from ..verify import GUARD_BYTES, GUARD_PATTERN
-from .base import Backend, Candidate, KernelFault, Session
+from .base import Backend, Candidate, InProcessKernels, KernelFault, Session
 
 # Each timed sample is one launch (events have ~0.5 us resolution): many samples, bounded time.
 CUDA_POLICY = TimingPolicy(warmup=3, min_sample_s=0.0, repeats=50, min_repeats=10, max_total_s=1.0)
@@ -287,6 +288,30 @@ class CudaCandidate(Candidate):
         self.module = None
 
 
+class CudaKernels(InProcessKernels):
+    """Cubins from the build cache, launched through pycuda as a library's kernels are (one
+    context and stream for all of them, ``runtime.library_cuda``)."""
+
+    def __init__(self) -> None:
+        self._modules = None
+
+    def kernel(self, artifact: Path, source: KernelSource, task: Task, target: Target,
+               meta: Mapping[str, Any]):
+        from runtime.library_cuda import CudaModules
+
+        if self._modules is None:
+            self._modules = CudaModules()
+        artifact = Path(artifact)
+        record = {"cubin": artifact.name, "symbol": source.entry, "entry": source.entry,
+                  "launch": source.launch_dims, **meta}
+        return self._modules.kernel(artifact.parent, record, task, source.args)
+
+    def close(self) -> None:
+        if self._modules is not None:
+            self._modules.close()
+            self._modules = None
+
+
 class CudaBackend(Backend):
     kind = "cuda"
     artifact_suffix = ".cubin"
@@ -326,6 +351,9 @@ class CudaBackend(Backend):
         if _SESSION is None:
             _SESSION = CudaSession()
         return _SESSION
+
+    def in_process_kernels(self) -> InProcessKernels:
+        return CudaKernels()
 
     def library_object(self, source: KernelSource, symbol: str, target: Target) -> bytes:
         """The cubin tuning built when the kernel cache still holds it (same source, same nvcc

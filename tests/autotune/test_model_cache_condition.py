@@ -16,7 +16,7 @@ from autotune.model_tasks import pass_bytes, weight_bytes
 from measure.timing import cache_condition
 from records import RecordLog
 from runtime.generation import Generation
-from runtime.library import FORMAT, SCHEMA_VERSION
+from runtime.abi import MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION
 from runtime.model_config import PRESETS, load_model_config
 from search_space import Task
 
@@ -102,7 +102,7 @@ def test_tune_model_says_and_records_its_condition_and_warns_on_a_mixed_log(tmp_
 def _library(folder: Path, conditions) -> str:
     folder.mkdir()
     kernels = [{"measured": {"device": "x", **({"cache": c} if c else {})}} for c in conditions]
-    (folder / "manifest.json").write_text(json.dumps({"format": FORMAT, "schema": SCHEMA_VERSION,
+    (folder / "manifest.json").write_text(json.dumps({"format": MANIFEST_FORMAT, "schema": MANIFEST_SCHEMA_VERSION,
                                                       "kernels": kernels}))
     return str(folder)
 

@@ -139,7 +139,7 @@ def test_a_model_with_projection_biases_decodes_the_reference_tokens_on_cuda(fak
         out = model.generate(prompts, 6)
         assert model.decode_mode == "graph"
         # one bias_add per width: q/k/v (192), o and down (64), gate/up (128)
-        assert {k.spec.shape["N"] for k in model.used.values() if k.spec.op == "bias_add"} == {192, 64, 128}
+        assert {k.spec.dims["N"] for k in model.used.values() if k.spec.op == "bias_add"} == {192, 64, 128}
         on_device = {name: model.arrays.upload(np.concatenate([weights[part] for part in fused_parts(name)]))
                      for name in device_shapes(BIASED)}
         assert "model.layers.1.mlp.gate_up_proj.bias" in on_device

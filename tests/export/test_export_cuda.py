@@ -60,7 +60,7 @@ def test_cuda_records_export_to_cubins_that_the_runtime_launches(fake_gpu, tmp_p
     rng = np.random.default_rng(0)
     for task in (tasks[0].with_dims(M=5), tasks[0].with_dims(M=13), tasks[1]):  # M off its bucket of 8
         kernel = library.get(task.op, task.dims, task.dtype, dynamic=task.dynamic)
-        assert kernel.tuned and kernel.spec.shape == {**task.dims, **{d: 8 for d in task.dynamic}}
+        assert kernel.tuned and kernel.spec.dims == {**task.dims, **{d: 8 for d in task.dynamic}}
         template = get_template(task.op, "cuda")
         inputs = template.make_inputs(task, rng)
         (name,) = kernel.output_names

@@ -151,7 +151,7 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     positions = np.arange(100, 108, dtype=np.int32)  # far enough for the two thetas to differ clearly
     y = np.zeros_like(x)
     with TunedKernels.defaults() as kernels:
-        kernels.get(spec.op, spec.shape, spec.dtype, spec.attr, spec.dynamic).bind(
+        kernels.get(spec.op, spec.dims, spec.dtype, spec.attr, spec.dynamic).bind(
             {"X": x, "P": positions, "Y": y}, {"T": 8})()
     heads = x.reshape(8, config.num_attention_heads, config.head_dim)
     want = rotate(heads, positions, 500000.0).reshape(8, -1)

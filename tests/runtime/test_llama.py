@@ -138,10 +138,10 @@ def test_the_plan_counts_each_kernel_per_pass():
     calls = {c.role: c for c in prefill_calls(TINY, 128)}
     layers = TINY.num_hidden_layers
     # Q, K and V as one projection (TINY: 4 query heads and 2 KV heads of 32)
-    assert calls["qkv_proj"].spec.op == "gemm" and calls["qkv_proj"].spec.shape == {"M": 128, "N": 256, "K": 128}
+    assert calls["qkv_proj"].spec.op == "gemm" and calls["qkv_proj"].spec.dims == {"M": 128, "N": 256, "K": 128}
     assert calls["qkv_proj"].count == layers and calls["residual_norm"].count == 2 * layers
-    assert calls["gate_up_proj"].spec.shape["N"] == 2 * TINY.intermediate_size
-    assert calls["lm_head"].spec.op == "gemv" and calls["lm_head"].spec.shape["M"] == 1
+    assert calls["gate_up_proj"].spec.dims["N"] == 2 * TINY.intermediate_size
+    assert calls["lm_head"].spec.op == "gemv" and calls["lm_head"].spec.dims["M"] == 1
     assert calls["attention"].spec.dynamic == ("T",)
     decode = {c.role: c for c in decode_calls(TINY, 8, 512, "q4")}
     assert decode["gate_up_proj"].spec.op == "gemv_q4"

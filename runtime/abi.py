@@ -1,0 +1,117 @@
+"""The kernel ABI: what a kernel is and how it is called, shared by the templates that render
+kernels, the exporter that ships them and the runtime that calls them.
+
+- ``KernelSpec``: what a kernel computes (operator, dims, dtype, attributes, which dims are
+  dynamic) and its one identity, ``key``. A tuning ``Task`` is a ``KernelSpec``.
+- ``ArgSpec``: one argument, in call order: arrays first (``in``/``out``/``workspace``),
+  then one int64 ``scalar`` per dynamic dim.
+- dtypes as stored in numpy (``numpy_dtype``; bfloat16 as raw uint16 words).
+- the library manifest's format name and schema version.
+- launch expressions of CUDA kernels (``runtime.launch.evaluate``) and the int4 weight layout
+  (``runtime.q4``) live in their own modules, re-exported here.
+
+Only numpy and the standard library: a deployment copies ``runtime`` alone.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from .launch import evaluate  # noqa: F401  (re-exported: part of the ABI)
+from .q4 import quantize_q4  # noqa: F401  (re-exported: part of the ABI)
+
+# --------------------------------------------------------------------------- dtypes
+
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "uint8": np.uint8,
+                "int32": np.int32, "int64": np.int64}
+
+
+def numpy_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype an array of ``dtype`` is stored as (bfloat16 as raw uint16 words)."""
+    return np.dtype(NUMPY_DTYPES[dtype])
+
+
+# --------------------------------------------------------------------------- arguments
+
+ROLES = ("in", "out", "workspace", "scalar")
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    """One kernel argument, in call order: an array (``in``/``out``) of ``shape`` (dim names or
+    ints) and ``dtype``, a ``workspace`` of ``nbytes`` scratch bytes, or a ``scalar``: the
+    int64 value of the dynamic dim it is named after."""
+
+    name: str
+    role: str
+    dtype: str = "float32"
+    shape: tuple[str | int, ...] = ()
+    nbytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"arg {self.name}: role {self.role!r} not in {ROLES}")
+
+    def resolve_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else int(dims[d]) for d in self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "role": self.role, "dtype": self.dtype, "shape": list(self.shape),
+                "nbytes": self.nbytes}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ArgSpec":
+        return cls(data["name"], data["role"], data.get("dtype", "float32"), tuple(data.get("shape", ())),
+                   int(data.get("nbytes", 0)))
+
+
+# --------------------------------------------------------------------------- identity
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What a kernel computes. ``shape`` holds every dim by name in the operator's order (as
+    pairs; ``dims`` is the same as a dict). Dims in ``dynamic`` are int64 arguments rather than
+    compiled-in constants (token counts, KV lengths); their value in ``shape`` is the size the
+    kernel was tuned at, its bucket."""
+
+    op: str
+    shape: tuple[tuple[str, int], ...]
+    dtype: str = "float32"
+    attrs: tuple[tuple[str, Any], ...] = ()
+    dynamic: tuple[str, ...] = ()
+
+    @classmethod
+    def make(cls, op: str, dims: Mapping[str, int], dtype: str = "float32", attrs: Mapping[str, Any] | None = None,
+             dynamic: Iterable[str] = ()) -> "KernelSpec":
+        dynamic = tuple(dynamic)
+        return cls(op, tuple((str(k), int(v)) for k, v in dims.items()), dtype,
+                   tuple(sorted((attrs or {}).items())), tuple(d for d in dict(dims) if d in dynamic))
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return dict(self.shape)
+
+    @property
+    def attr(self) -> dict[str, Any]:
+        return dict(self.attrs)
+
+    @property
+    def key(self) -> str:
+        """The identity, e.g. ``gemm/float32/M=256,N=256,K=256``; dynamic dims carry a ``~``."""
+        dims = ",".join(f"{k}{'~' if k in self.dynamic else ''}={v}" for k, v in self.shape)
+        key = f"{self.op}/{self.dtype}/{dims}"
+        if self.attrs:
+            key += "/" + ",".join(f"{k}={json.dumps(v)}" for k, v in self.attrs)
+        return key
+
+    def __str__(self) -> str:
+        return self.key
+
+
+# --------------------------------------------------------------------------- library manifest
+
+MANIFEST_FORMAT = "llm-autotune-kernels"  # what export.library_writer writes and runtime.library reads
+MANIFEST_SCHEMA_VERSION = 1
