@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cost_model import XGBConfig, XGBCostModel
+from cost_model.transfer import best_configs_elsewhere
 from records import Record
 
 from .replay import TRANSFER, RecordedSpace, Trajectory, pretrain_for, replay_tuner
@@ -62,17 +63,20 @@ def compare_tuners(spaces: Sequence[RecordedSpace], tuners: Sequence[str], seeds
     for space in spaces:
         names = list(tuners)
         base: XGBCostModel | None = None
+        starts: list[dict] = []  # the best configs of the transfer tasks, tried first
         entry: dict = {"space": space.summary(), "tuners": [], "curves": {}}
         if transfer:
             start = time.perf_counter()
             base = pretrain_for(space, transfer, model_config)
+            starts = best_configs_elsewhere(transfer, space.task, space.target)
             entry["transfer"] = {"records": len(transfer), "pretrain_s": time.perf_counter() - start,
                                  "trees": base.n_trees}
             if "xgb" in names and TRANSFER not in names:
                 names.insert(names.index("xgb") + 1, TRANSFER)
         for name in names:
             runs = [replay_tuner(space, name, seed, trials, batch, base_model=base, model_config=model_config,
-                                 tuner_options=(tuner_options or {}).get(name)) for seed in range(seeds)]
+                                 tuner_options=(tuner_options or {}).get(name), transfer_seeds=starts)
+                    for seed in range(seeds)]
             summary = summarise_tuner(space, runs, trials)
             entry["tuners"].append(summary)
             curves = [run.best_so_far() / space.best_gflops for run in runs]

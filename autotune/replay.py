@@ -184,12 +184,17 @@ def model_features(model: XGBCostModel, space: RecordedSpace) -> FeatureExtracto
 
 def replay_tuner(space: RecordedSpace, tuner: str, seed: int, trials: int, batch: int = 8,
                  base_model: XGBCostModel | None = None, model_config: XGBConfig | None = None,
-                 tuner_options: dict | None = None, log=None) -> Trajectory:
-    """Run one tuner for ``trials`` trials on the recording; ``log`` (a RecordLog) keeps its records."""
+                 tuner_options: dict | None = None, log=None, transfer_seeds: Sequence[dict] = ()) -> Trajectory:
+    """Run one tuner for ``trials`` trials on the recording; ``log`` (a RecordLog) keeps its records.
+    The xgb tuner starts from the template's seed configs, ``xgb+transfer`` also from
+    ``transfer_seeds`` (the best configs of the other shapes, ``best_configs_elsewhere``); a seed
+    the sweep did not record is skipped (its time is unknown here)."""
     options = dict(tuner_options or {})
     name = "xgb" if tuner == TRANSFER else tuner
     if name == "xgb":
         options.setdefault("model_config", model_config)
+        seeds = list(transfer_seeds) if tuner == TRANSFER else []
+        options.setdefault("seeds", seeds + space.template.seed_configs(space.task, space.target))
         if tuner == TRANSFER:
             if base_model is None:
                 raise ValueError(f"{TRANSFER} needs a pre-trained model (--transfer-from)")

@@ -1,4 +1,4 @@
-"""Measure a few hand-picked configs of the CUDA matmul templates and append them to a tuning log.
+"""Measure the seed configs of the CUDA matmul templates (``Template.seed_configs``) and append them to a tuning log.
 
     python benchmarks/cuda_candidates.py --log tune.jsonl
 
@@ -18,35 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-WG = dict(instr="wgmma", bk=64, wn=16, swizzle="xor", vec=8, split_k=1, group_m=8)
-MMA = dict(instr="mma", vec=8, swizzle="xor", split_k=1, group_m=8)
-HALF_GEMM = [
-    dict(WG, bm=128, bn=256, wm=64, stages=3), dict(WG, bm=128, bn=256, wm=64, stages=4),
-    dict(WG, bm=256, bn=128, wm=128, stages=3), dict(WG, bm=256, bn=128, wm=128, stages=4),
-    dict(WG, bm=128, bn=128, wm=64, stages=5), dict(WG, bm=128, bn=128, wm=128, stages=5),
-    dict(MMA, bm=128, bn=256, bk=32, wm=64, wn=64, stages=3), dict(MMA, bm=128, bn=256, bk=32, wm=64, wn=64, stages=4),
-    dict(MMA, bm=256, bn=128, bk=32, wm=64, wn=64, stages=3), dict(MMA, bm=128, bn=128, bk=32, wm=64, wn=32, stages=4),
-    dict(MMA, bm=128, bn=128, bk=64, wm=64, wn=64, stages=3),
+# the configs measured for each case are its template's seed configs (``Template.seed_configs``)
+CASES = [
+    "gemm:M=4096,N=4096,K=4096:float16", "gemm:M=4096,N=4096,K=4096:bfloat16", "gemm:M=512,N=11008,K=4096:float16",
+    "gemm:M=4096,N=4096,K=4096:float32", "gemv:M=1,N=11008,K=4096:float16", "gemv:M=1,N=28672,K=8192:float16",
+    "gemv_q4:M=1,N=11008,K=4096:float16", "gemv_q4:M=1,N=28672,K=8192:float16",
 ]
-SIMT_GEMM = [dict(bm=bm, bn=bn, bk=bk, tm=8, tn=8, vec=4, split_k=1, group_m=8)
-             for bm, bn in ((128, 128), (128, 64), (64, 128)) for bk in (8, 16)]
-GEMV = [dict(warps=w, rows=r, ksplit=k, vec=16, unroll=u, x_smem=0)
-        for w, r, k, u in ((4, 1, 1, 4), (4, 2, 1, 4), (8, 1, 1, 4), (8, 2, 2, 2), (4, 4, 1, 2), (8, 1, 2, 4),
-                           (2, 2, 1, 4), (4, 1, 4, 2))]
-GEMV_Q4 = [dict(core="mma", warps=w, rows=r, ksplit=k, unroll=u, mtile=1, prefetch=p)
-           for w, r, k, u, p in ((4, 1, 2, 2, 1), (4, 1, 4, 2, 1), (8, 1, 4, 2, 1), (8, 1, 2, 1, 0), (4, 2, 2, 2, 1),
-                                 (4, 1, 1, 2, 0), (8, 2, 4, 1, 1), (2, 1, 2, 2, 0))]
-
-CASES = {
-    "gemm:M=4096,N=4096,K=4096:float16": HALF_GEMM,
-    "gemm:M=4096,N=4096,K=4096:bfloat16": HALF_GEMM,
-    "gemm:M=512,N=11008,K=4096:float16": HALF_GEMM,
-    "gemm:M=4096,N=4096,K=4096:float32": SIMT_GEMM,
-    "gemv:M=1,N=11008,K=4096:float16": GEMV,
-    "gemv:M=1,N=28672,K=8192:float16": GEMV,
-    "gemv_q4:M=1,N=11008,K=4096:float16": GEMV_Q4,
-    "gemv_q4:M=1,N=28672,K=8192:float16": GEMV_Q4,
-}
 
 
 def main() -> None:
@@ -69,7 +46,7 @@ def main() -> None:
             space = template.space(task, target)
             done = {r.config_index for r in log.records() if r.task.key == task.key and r.target.key == target.key}
             inputs = []
-            for values in CASES[case]:
+            for values in template.seed_configs(task, target):
                 full = dict(template.default(task, target).as_dict(), **values)
                 if space.accepts(full) and space.index_of(full) not in done:
                     inputs.append(MeasureInput(task, space.from_values(full), target))

@@ -86,6 +86,24 @@ def training_set(samples: Iterable[Any], columns: Sequence[str],
                        list(columns), tasks, skipped)
 
 
+def best_configs_elsewhere(records: Iterable[Any], task, target, per_task: int = 4) -> list[dict[str, Any]]:
+    """The knob values of the ``per_task`` fastest verified configs of every other task of
+    ``task``'s operator on ``target``'s kind, best first, fastest tasks' picks interleaved: where
+    a search on a new shape starts when logs of other shapes are given (``--transfer-from``)."""
+    by_task: dict[str, list[Any]] = {}
+    for record in records:
+        if (record.task.op == task.op and record.target.kind == target.kind and record.task.key != task.key
+                and record.result.ok):
+            by_task.setdefault(f"{record.task.key}@{record.target.key}", []).append(record)
+    ranked = [sorted(items, key=lambda r: r.result.median)[:per_task] for _, items in sorted(by_task.items())]
+    seeds: list[dict[str, Any]] = []
+    for rank in range(per_task):  # each task's best, then each task's second best, ...
+        for items in ranked:
+            if rank < len(items) and dict(items[rank].config) not in seeds:
+                seeds.append(dict(items[rank].config))
+    return seeds
+
+
 def pretrain(data: TrainingSet, config: XGBConfig | None = None, seed: int = 0,
              base: XGBCostModel | None = None) -> XGBCostModel:
     """A model fitted on ``data`` (continuing from ``base`` when given).

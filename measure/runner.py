@@ -139,7 +139,7 @@ class LocalRunner:
     """
 
     def __init__(self, timeout_s: float = 20.0, policy: TimingPolicy | None = None, check: bool = True,
-                 seed: int = 0, prepare_timeout_s: float = 600.0, kind: str = "cpu", devices: Sequence[int] = (0,),
+                 seed: int = 0, prepare_timeout_s: float | None = None, kind: str = "cpu", devices: Sequence[int] = (0,),
                  worker_factory: Callable[[int], Any] | None = None):
         if not devices:
             raise ValueError("a runner needs at least one device")
@@ -150,7 +150,7 @@ class LocalRunner:
         self.policy = policy or self.backend.default_policy
         self.check = check
         self.seed = seed
-        self.prepare_timeout_s = prepare_timeout_s
+        self.prepare_timeout_s = prepare_timeout_s or self.backend.prepare_timeout_s
         self._workers = [(worker_factory or self._new_worker)(d) for d in self.devices]
         self._prepared: list[tuple[int, str] | None] = [None] * len(self._workers)  # (generation, task key)
         self.device_names: list[str] = [""] * len(self._workers)
@@ -243,7 +243,7 @@ class CudaRunner(LocalRunner):
     """A ``LocalRunner`` for CUDA: one worker process per GPU in ``devices``, each owning its context."""
 
     def __init__(self, devices: Sequence[int] = (0,), timeout_s: float = 20.0, policy: TimingPolicy | None = None,
-                 check: bool = True, seed: int = 0, prepare_timeout_s: float = 900.0,
+                 check: bool = True, seed: int = 0, prepare_timeout_s: float | None = None,
                  worker_factory: Callable[[int], Any] | None = None):
         super().__init__(timeout_s, policy, check, seed, prepare_timeout_s, kind="cuda", devices=devices,
                          worker_factory=worker_factory)

@@ -148,3 +148,9 @@ class Template(Operator):
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         """Analytic features, named the same across operators (see cost_model.features)."""
         return {}
+
+    def seed_configs(self, task: Task, target: Target) -> list[dict[str, Any]]:
+        """Configs known to suit ``target`` (knob values; knobs left out take the default's),
+        measured first by a tuner that uses priors. Seeds the space rejects for a task are
+        skipped, so a template may offer the same list for every shape."""
+        return []

@@ -24,7 +24,7 @@ task's measurements.
 from __future__ import annotations
 
 import heapq
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -43,7 +43,7 @@ class XGBTuner(Tuner):
                  min_train: int = 8, sa_points: int = 96, sa_steps: int = 40,
                  model_config: XGBConfig | None = None, restrict: dict | None = None,
                  base_model: XGBCostModel | None = None, exhaustive_limit: int = 4096, space=None,
-                 diversity: int = 2):
+                 diversity: int = 2, seeds: Sequence[Mapping] = ()):
         super().__init__(task, target, template, seed, restrict, space)
         self.epsilon = epsilon
         self.diversity = diversity
@@ -59,6 +59,20 @@ class XGBTuner(Tuner):
         self._throughput: list[float] = []
         self._configs: list[Config] = []
         self._pool_configs: list[Config] | None = None
+        # priors: configs measured before the model proposes (the template's seeds for the
+        # target, the best configs of other shapes); those this space rejects are dropped
+        self.seeds = self._accepted(seeds)
+
+    def _accepted(self, seeds: Sequence[Mapping]) -> list[Config]:
+        default = self.template.default(self.task, self.target).as_dict()
+        configs: list[Config] = []
+        for values in seeds:
+            full = {**default, **dict(values)}
+            if self.space.accepts(full):
+                config = self.space.from_values(full)
+                if config.index not in {c.index for c in configs}:
+                    configs.append(config)
+        return configs
 
     # -- learning ----------------------------------------------------------------------
     def update(self, inputs: Sequence[MeasureInput], results: Sequence[MeasureResult]) -> None:
@@ -96,15 +110,22 @@ class XGBTuner(Tuner):
 
     # -- proposing ---------------------------------------------------------------------
     def next_batch(self, n: int) -> list[Config]:
+        seeds = [c for c in self.seeds if c.index not in self.visited][:n]
+        return seeds + self._propose(n - len(seeds), self.visited | {c.index for c in seeds})
+
+    def _propose(self, n: int, taken: set[int]) -> list[Config]:
+        """``n`` configs not in ``taken``: the model's best (some at random), or random before it has one."""
+        if n <= 0:
+            return []
         if self.ranker() is None:
-            return self.space.sample(self.rng, n, exclude=self.visited)
+            return self.space.sample(self.rng, n, exclude=taken)
         n_random = sum(1 for _ in range(n) if self.rng.random() < self.epsilon)
         n_model = n - n_random
         pool = self._pool()
         # more candidates than picks, for the diversity rule to choose from
         ranked = self._rank_pool(pool) if pool is not None else self._anneal(4 * n_model)
-        chosen = self._diverse(ranked, n_model)
-        taken = self.visited | {c.index for c in chosen}
+        chosen = self._diverse([c for c in ranked if c.index not in taken], n_model)
+        taken = taken | {c.index for c in chosen}
         chosen += self.space.sample(self.rng, n - len(chosen), exclude=taken)
         return chosen
 

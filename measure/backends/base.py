@@ -109,6 +109,14 @@ class Backend(ABC):
     artifact_suffix: ClassVar[str]     # of compiled artifacts in the kernel cache
     default_policy: ClassVar[TimingPolicy]
     linked_library: ClassVar[bool]     # an exported library links its kernels into one shared object
+    # timing picks a cold or a warm cache per job (a CPU's caches outlive a kernel call); False
+    # where every timed call starts cold anyway (the CUDA runner flushes L2 before each launch)
+    cache_conditions: ClassVar[bool] = False
+    # builds report registers, shared memory and spills (``tune --compile-only`` prints them)
+    resource_report: ClassVar[bool] = False
+    prepare_timeout_s: ClassVar[float] = 600.0  # making and uploading one task's inputs
+    # a model's decode step runs on device memory as one replayable graph (runtime.llama)
+    resident_decode: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ building
 

@@ -94,6 +94,7 @@ class CpuBackend(Backend):
     artifact_suffix = ".o"
     default_policy = TimingPolicy()
     linked_library = True
+    cache_conditions = True
 
     def flags(self, target: Target) -> str:
         return compile_llvm.compile_flags(target)

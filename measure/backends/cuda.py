@@ -317,6 +317,9 @@ class CudaBackend(Backend):
     artifact_suffix = ".cubin"
     default_policy = CUDA_POLICY
     linked_library = False
+    resource_report = True
+    prepare_timeout_s = 900.0
+    resident_decode = True
 
     def flags(self, target: Target) -> str:
         return compile_cuda.compile_flags(target)

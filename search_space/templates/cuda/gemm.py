@@ -48,10 +48,30 @@ def _split_values(task: Task, bk_min: int) -> tuple[int, ...]:
     return tuple(s for s in (1, 2, 4, 8) if s == 1 or s <= k_tiles // 2)
 
 
+# Schedules known to suit Hopper, tried first by a tuner with priors: warpgroup MMA with large
+# tiles and deep pipelines, the best mma.sync tilings, and SIMT tiles for float32 (hand-picked
+# on the H200, benchmarks/RESULTS.md).
+_WGMMA = dict(instr="wgmma", bk=64, wn=16, swizzle="xor", vec=8, split_k=1, group_m=8)
+_MMA = dict(instr="mma", vec=8, swizzle="xor", split_k=1, group_m=8)
+TENSOR_CORE_SEEDS = (
+    dict(_WGMMA, bm=128, bn=256, wm=64, stages=3), dict(_WGMMA, bm=128, bn=256, wm=64, stages=4),
+    dict(_WGMMA, bm=256, bn=128, wm=128, stages=3), dict(_WGMMA, bm=256, bn=128, wm=128, stages=4),
+    dict(_WGMMA, bm=128, bn=128, wm=64, stages=5), dict(_WGMMA, bm=128, bn=128, wm=128, stages=5),
+    dict(_MMA, bm=128, bn=256, bk=32, wm=64, wn=64, stages=3), dict(_MMA, bm=128, bn=256, bk=32, wm=64, wn=64, stages=4),
+    dict(_MMA, bm=256, bn=128, bk=32, wm=64, wn=64, stages=3), dict(_MMA, bm=128, bn=128, bk=32, wm=64, wn=32, stages=4),
+    dict(_MMA, bm=128, bn=128, bk=64, wm=64, wn=64, stages=3),
+)
+SIMT_SEEDS = tuple(dict(bm=bm, bn=bn, bk=bk, tm=8, tn=8, vec=4, split_k=1, group_m=8)
+                   for bm, bn in ((128, 128), (128, 64), (64, 128)) for bk in (8, 16))
+
+
 @register_template
 class GemmCuda(GemmOp, Template):
     target_kind = "cuda"
     dtypes = ("float16", "bfloat16", "float32")
+
+    def seed_configs(self, task: Task, target: Target) -> list[dict]:
+        return [dict(s) for s in (TENSOR_CORE_SEEDS if tensor_core(task) else SIMT_SEEDS)]
 
     # ------------------------------------------------------------------ space
 

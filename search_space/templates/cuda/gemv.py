@@ -63,6 +63,12 @@ class GemvCuda(GemvOp, Template):
                                           lambda c: _registers(task, c))
         return ConfigSpace(knobs, constraints)
 
+    def seed_configs(self, task: Task, target: Target) -> list[dict]:
+        """Decode GEMV schedules that stream W well on Hopper (hand-picked on the H200)."""
+        return [dict(warps=w, rows=r, ksplit=k, vec=16, unroll=u, x_smem=0)
+                for w, r, k, u in ((4, 1, 1, 4), (4, 2, 1, 4), (8, 1, 1, 4), (8, 2, 2, 2), (4, 4, 1, 2), (8, 1, 2, 4),
+                                   (2, 2, 1, 4), (4, 1, 4, 2))]
+
     def default(self, task: Task, target: Target) -> Config:
         space = self.space(task, target)
         vec = space.knob("vec").values[0]
