@@ -18,6 +18,7 @@ class HostArrays:
     """numpy arrays: for kernels that run on the CPU."""
 
     kind = "cpu"
+    resident = False  # the host drives each kernel of a decode step
 
     def empty(self, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
         return np.empty(shape, dtype)
@@ -119,6 +120,9 @@ class CudaArrays:
     (the logits, once a step) waits for what was queued before it."""
 
     kind = "cuda"
+    # on a device: a decode step can stay there whole (positions and lengths read from device
+    # memory, the argmax on the device) and be captured as one graph
+    resident = True
 
     def __init__(self, stream=None) -> None:
         try:

@@ -22,7 +22,7 @@ and the runner replaces the worker.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 from ..types import MeasureError
 
@@ -117,6 +117,7 @@ class Backend(ABC):
     prepare_timeout_s: ClassVar[float] = 600.0  # making and uploading one task's inputs
     # a model's decode step runs on device memory as one replayable graph (runtime.llama)
     resident_decode: ClassVar[bool] = False
+    gpu_devices: ClassVar[bool] = False  # a device is a GPU: a cluster places a runner per GPU
 
     # ------------------------------------------------------------------ building
 
@@ -151,6 +152,10 @@ class Backend(ABC):
     def classify(self, message: str) -> tuple[MeasureError, bool]:
         """(error, sticky) for the message of an exception that escaped a worker's job."""
         return MeasureError.RUNTIME_ERROR, False
+
+    @abstractmethod
+    def device_target(self, device: int, cores: Sequence[int]) -> Target:
+        """The target a runner measures on: its ``device`` (a GPU), or the CPU ``cores`` it is pinned to."""
 
     @abstractmethod
     def open_session(self) -> Session:

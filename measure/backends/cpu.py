@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -105,6 +105,11 @@ class CpuBackend(Backend):
     def compile(self, source: KernelSource, target: Target) -> tuple[bytes, dict[str, Any]]:
         obj = compile_llvm.compile_to_object(source.code, target)
         return obj, {"artifact_bytes": len(obj)}
+
+    def device_target(self, device: int, cores: Sequence[int]) -> Target:
+        import dataclasses
+
+        return dataclasses.replace(Target.host(), cores=len(cores))  # host() of a reused process may predate pinning
 
     def open_session(self) -> Session:
         return _SESSION

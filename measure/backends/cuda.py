@@ -20,7 +20,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -320,6 +320,7 @@ class CudaBackend(Backend):
     resource_report = True
     prepare_timeout_s = 900.0
     resident_decode = True
+    gpu_devices = True
 
     def flags(self, target: Target) -> str:
         return compile_cuda.compile_flags(target)
@@ -348,6 +349,9 @@ class CudaBackend(Backend):
 
     def classify(self, message: str) -> tuple[MeasureError, bool]:
         return classify_cuda_error(message)
+
+    def device_target(self, device: int, cores: Sequence[int]) -> Target:
+        return Target.cuda(device)
 
     def open_session(self) -> Session:
         global _SESSION

@@ -106,10 +106,9 @@ def test_every_backend_gives_each_fault_the_same_error_and_measuring_goes_on(kin
     """The CPU and CUDA (on the fake GPU) backends through the one runner: the same fault, the
     same error; a correct candidate after each fault is NO_ERROR; a worker is lost only to
     faults that kill or hang it."""
-    if kind == "cpu":
-        candidates = cpu_fault_candidates(host)
-    else:
-        candidates = cuda_fault_candidates(request.getfixturevalue("fake_gpu"), tmp_path)
+    make = {"cpu": lambda: cpu_fault_candidates(host),
+            "cuda": lambda: cuda_fault_candidates(request.getfixturevalue("fake_gpu"), tmp_path)}
+    candidates = make[kind]()  # a new backend adds its fault probes here
     inputs, builds = ([c[mode] for mode in SEQUENCE] for c in candidates)
     with LocalRunner(timeout_s=3, policy=fast_policy, kind=kind) as runner:
         results = runner.run(inputs, builds)
