@@ -1,6 +1,7 @@
 # Two entry points on a fresh machine; each installs what it needs into .venv first.
 #   make demo   tune gemm and gemv on this CPU (xgb), log to a local MLflow store, print best + bench;
-#               then tune, export and run the tiny model against numpy and the untuned defaults
+#               then tune, export and run the tiny model against numpy and the untuned defaults,
+#               and the tiny model with bfloat16 weights
 #   make test   run the test suite (the test extra brings torch and transformers to compare with)
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,test,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,6 +32,9 @@ demo: check-cc $(STAMP)
 	$(BIN)/autotune tune-model --model tiny --dtype float32 --trials-total 60 --log demo-model.jsonl
 	$(BIN)/autotune export --log demo-model.jsonl --out demo-lib
 	$(BIN)/autotune run --lib demo-lib --model tiny --compare
+	# the same model with bfloat16 weights on this CPU (weight-only: half the bytes, float32 arithmetic)
+	$(BIN)/autotune tune-model --model tiny --dtype bfloat16 --trials-total 21 --log demo-model-bf16.jsonl
+	$(BIN)/autotune run --log demo-model-bf16.jsonl --model tiny --compare
 	# the same model in float16 on a GPU: its tasks (listing them needs no GPU)
 	$(BIN)/autotune tune-model --model tiny --target cuda --dtype float16 --list-tasks
 
@@ -43,4 +47,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_ops.py --markdown
 
 clean:
-	rm -rf $(VENV) demo.jsonl demo-model.jsonl demo-lib mlflow.db mlartifacts .pytest_cache
+	rm -rf $(VENV) demo.jsonl demo-model.jsonl demo-model-bf16.jsonl demo-lib mlflow.db mlartifacts .pytest_cache

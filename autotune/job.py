@@ -9,21 +9,24 @@ it to another process.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
-from measure import CudaRunner, LocalBuilder, LocalRunner, TimingPolicy
+from cost_model.transfer import best_configs_elsewhere
+from measure import LocalBuilder, LocalRunner, TimingPolicy
+from measure.backends import get_backend
 from measure.timing import CACHE_CONDITIONS, cache_condition, condition_of, policy_for
 from records import RecordLog, load_records
-from search_space import Target, Task
+from search_space import Target, Task, get_template
 
 from .scheduler import ModelTuneSummary
-from .tune_model import ModelWorkload, tune_model
+from .tune_model import ModelWorkload, tune_model, tune_model_on_cluster
 from .tuners import TUNERS, TuneSummary
-from .tuning import pretrained_model, remeasure_task, tune_task
+from .tuning import pretrained_model, remeasure_task, tune_task, tune_task_on_cluster
 
 
 # A model job's timing unless the job gives one: each sample the fastest of 3 runs
@@ -55,6 +58,10 @@ class TuningJob:
     in MLflow beside the job's own. ``remeasure_stale``: instead of searching, measure again
     the configs of the task's stale records in the log (``records.stale_configs``), appending
     fresh records; the tuner and the budget are not used.
+    ``cluster``: ``"ray"`` or ``"ray://HOST:PORT"`` measures on a Ray cluster
+    (``measure.cluster``): one tuner (one scheduler for a model) per target its runners report,
+    each with the job's budget; ``runner_cpus``: the cores a CPU host's runner times on (the
+    rest of the host compiles). None measures here, and Ray is never imported.
     """
 
     target: Target
@@ -79,6 +86,8 @@ class TuningJob:
     cache: str = "auto"
     extra_params: Mapping[str, Any] = field(default_factory=dict)
     remeasure_stale: bool = False
+    cluster: str | None = None
+    runner_cpus: int = 1
 
     def __post_init__(self) -> None:
         if (self.task is None) == (self.model is None):
@@ -97,10 +106,19 @@ class TuningJob:
             raise JobError("transfer_from, load_model and save_model need the xgb tuner")
         if self.cache not in ("auto", *CACHE_CONDITIONS):
             raise JobError(f"unknown cache condition {self.cache!r}: use auto, cold or warm")
-        if self.model is not None and self.target.kind != "cpu" and self.restrict:
+        if self.model is not None and not self.target.uses_cpu_threads and self.restrict:
             raise JobError("a restriction (threads) is for the cpu target")
         if self.remeasure_stale and self.task is None:
             raise JobError("remeasure_stale measures one task's stale records again: give a task, not a model")
+        if self.cluster is not None:
+            from measure.cluster import parse_cluster_address  # reads the address; Ray is not imported
+
+            try:
+                parse_cluster_address(self.cluster)
+            except ValueError as exc:
+                raise JobError(str(exc)) from None
+        if not isinstance(self.runner_cpus, int) or self.runner_cpus < 1:
+            raise JobError(f"runner_cpus must be an integer >= 1, got {self.runner_cpus!r}")
         object.__setattr__(self, "transfer_from", tuple(str(p) for p in self.transfer_from))
         object.__setattr__(self, "log", str(self.log))
 
@@ -116,7 +134,7 @@ class TuningJob:
         one forward pass touches more bytes than the last-level cache holds (each kernel's
         weights then come from memory, as in a 7B model) and warm when the model stays in cache
         from one pass to the next (``measure.timing.cache_condition``)."""
-        if self.target.kind != "cpu":
+        if not get_backend(self.target.kind).cache_conditions:
             return None
         if self.cache != "auto":
             return self.cache
@@ -140,6 +158,8 @@ class TuningJob:
             out.update(transfer_from=list(self.transfer_from), load_model=self.load_model or "")
         if self.remeasure_stale:
             out["remeasure_stale"] = True
+        if self.cluster is not None:
+            out.update(cluster=self.cluster, runner_cpus=self.runner_cpus)
         return {**out, **self.extra_params}
 
     def tags(self) -> dict[str, str]:
@@ -180,15 +200,18 @@ def run_job(job: TuningJob, progress: bool = True, builder=None, runner=None,
     measured (and to MLflow), return the summary. ``builder``/``runner`` replace the local
     ones (tests, replay); ``note`` receives one-line remarks (what the cost model started from).
 
-    Raises JobError before measuring anything when the job's inputs cannot be used."""
+    Raises JobError before measuring anything when the job's inputs cannot be used, and
+    ``measure.cluster.ClusterError`` when a job's cluster cannot be used."""
     log = RecordLog(job.log)
+    if job.cluster is not None and builder is None and runner is None:
+        return _run_on_cluster(job, log, progress, note)
     with ExitStack() as stack:
         builder = builder or stack.enter_context(LocalBuilder(timeout_s=job.build_timeout))
         runner = runner or stack.enter_context(_runner(job))
         if job.task is not None and job.remeasure_stale:
             return remeasure_task(job, log, builder, runner, progress, note)
         if job.task is not None:
-            options = dict(job.tuner_options)
+            options = {**_priors(job), **job.tuner_options}
             base = _base_model(job, note)
             if base is not None:
                 options["base_model"] = base
@@ -198,15 +221,74 @@ def run_job(job: TuningJob, progress: bool = True, builder=None, runner=None,
 
 def _runner(job: TuningJob):
     """The runner for the job's target: the GPU's, or a local CPU one timing as the job says."""
-    if job.target.kind == "cuda":
-        return CudaRunner(timeout_s=job.run_timeout, seed=job.seed, policy=job.timing)
+    return LocalRunner(timeout_s=job.run_timeout, seed=job.seed, policy=runner_policy(job, job.target),
+                       kind=job.target.kind)
+
+
+def runner_policy(job: TuningJob, target: Target) -> TimingPolicy | None:
+    """How candidates of ``job`` are timed on ``target`` (None: the runner's default)."""
+    if not get_backend(target.kind).cache_conditions:  # times as it always has (a GPU flushes L2)
+        return job.timing
     policy = job.timing if job.timing is not None or job.model is None else MODEL_TIMING
     if job.cache != "auto" or job.model is not None:
         # cold: as in a model too big for the cache, each kernel's weights come from memory;
         # warm: as in one that fits, they are still in cache from the previous pass
         pass_bytes = job.model.working_set_bytes() if job.model is not None else 0
-        policy = policy_for(job.cache_condition(), job.target, policy, pass_bytes)
-    return LocalRunner(timeout_s=job.run_timeout, seed=job.seed, policy=policy)
+        policy = policy_for(job.cache_condition(), target, policy, pass_bytes)
+    return policy
+
+
+def _run_on_cluster(job: TuningJob, log: RecordLog, progress: bool, note: Callable[[str], None]):
+    """``run_job`` on a Ray cluster: place the runners, learn their targets, tune on each."""
+    from measure.cluster import open_cluster
+
+    base = _base_model(job, note) if job.task is not None and not job.remeasure_stale else None
+    with open_cluster(job.cluster, build_timeout=job.build_timeout, runner_cpus=job.runner_cpus,
+                      note=note) as cluster:
+        targets = cluster.start_runners(job.target.kind, run_timeout=job.run_timeout, seed=job.seed)
+        for target in targets:
+            cluster.set_policy(target.key, runner_policy(job, target))
+        note(f"Ray cluster {job.cluster}: {len(cluster.runners)} runner(s) measuring "
+             f"{', '.join(f'{t.key} ({t.device_name or t.arch})' for t in targets)}; "
+             f"builds on {cluster.build_cpus} CPU(s)")
+        _check_restriction(job, targets)
+        if job.task is not None and job.remeasure_stale:  # the stale records of the job's own target
+            here = next((t for t in targets if t.key == job.target.key), None)
+            if here is None:
+                raise JobError(f"no runner of the cluster measures {job.target.key}, the target of these records")
+            return remeasure_task(dataclasses.replace(job, target=here), log, cluster, cluster, progress, note)
+        if job.task is not None:
+            options = {**_priors(job), **job.tuner_options}
+            if base is not None:
+                options["base_model"] = base
+            return tune_task_on_cluster(job, log, cluster, targets, options, progress, note)
+        return tune_model_on_cluster(job, log, cluster, targets, progress, note)
+
+
+def _check_restriction(job: TuningJob, targets: list[Target]) -> None:
+    """A restriction (--threads) that a runner's space cannot take is bad input, said at once."""
+    if not job.restrict:
+        return
+    tasks = [job.task] if job.task is not None else [t.task for t in job.model.tasks()]
+    for target in targets:
+        for task in tasks:
+            try:
+                get_template(task.op, target.kind).space(task, target).restrict(**job.restrict)
+            except ValueError as exc:
+                raise JobError(f"{task.op} on the cluster's {target.key} runners ({target.cores} core(s) each): "
+                               f"{exc}") from None
+
+
+def _priors(job: TuningJob) -> dict[str, Any]:
+    """The xgb tuner's first configs: the template's seeds for the target, then the best configs
+    of the other shapes in the ``transfer_from`` logs (``best_configs_elsewhere``)."""
+    if job.tuner != "xgb" or job.task is None or job.remeasure_stale:
+        return {}
+    template = get_template(job.task.op, job.target.kind)
+    seeds = template.seed_configs(job.task, job.target)
+    if job.transfer_from:
+        seeds = best_configs_elsewhere(load_records(job.transfer_from, warn=False), job.task, job.target) + seeds
+    return {"seeds": seeds} if seeds else {}
 
 
 def _base_model(job: TuningJob, note: Callable[[str], None]):

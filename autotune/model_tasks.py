@@ -36,16 +36,19 @@ def task_of(spec: KernelSpec) -> Task:
 
 def model_tasks(config: ModelConfig, prefill_tokens: list[int], decode_batch: list[int], kv_len: list[int],
                 quantize: str = "none", group_size: int = 128,
-                decode_steps: int = DECODE_STEPS, dtype: str = "float32", resident: bool = False) -> list[ModelTask]:
-    """The distinct tasks of every pass, by op; raises ValueError for a bad setting."""
+                decode_steps: int = DECODE_STEPS, dtype: str = "float32", resident: bool = False,
+                weights: str | None = None) -> list[ModelTask]:
+    """The distinct tasks of every pass, by op; raises ValueError for a bad setting. ``dtype``
+    and ``weights`` as ``runtime.plan`` takes them (``precisions`` maps a model's precision
+    on a target to them)."""
     passes: list[tuple[str, float, list]] = []
     for tokens in prefill_tokens:
         passes.append((f"prefill T={tokens}", 1.0, prefill_calls(config, tokens, quantize, group_size,
-                                                                     dtype=dtype)))
+                                                                     dtype=dtype, weights=weights)))
     for batch in decode_batch:
         for length in kv_len:
             passes.append((f"decode B={batch} L={length}", decode_steps / len(kv_len),
-                           decode_calls(config, batch, length, quantize, group_size, dtype, resident)))
+                           decode_calls(config, batch, length, quantize, group_size, dtype, resident, weights)))
     tasks: dict[str, ModelTask] = {}
     for name, runs, calls in passes:
         for call in calls:
@@ -59,24 +62,26 @@ def model_tasks(config: ModelConfig, prefill_tokens: list[int], decode_batch: li
 # ----------------------------------------------------------------------------- bytes a pass touches
 
 
-def weight_bytes(config: ModelConfig, quantize: str = "none", group_size: int = 128, dtype: str = "float32") -> int:
+def weight_bytes(config: ModelConfig, quantize: str = "none", group_size: int = 128, dtype: str = "float32",
+                 weights: str | None = None) -> int:
     """Bytes of the weights one forward pass reads in precision ``dtype``: every linear layer
-    (the LM head included; int4 codes and a scale per ``group_size`` weights with q4), the
-    norm gains and the projection biases. The embedding table is only gathered from, a row
-    per token, so a tied one counts once, as the LM head."""
+    (the LM head included; int4 codes and a scale per ``group_size`` weights with q4; in
+    ``weights`` when given: weight-only), the norm gains and the projection biases. The
+    embedding table is only gathered from, a row per token, so a tied one counts once, as the
+    LM head."""
     c = config
     h, layers = c.hidden_size, c.num_hidden_layers
     linear = layers * (h * (c.q_size + 2 * c.kv_size) + c.q_size * h + 3 * h * c.intermediate_size)
     linear += c.vocab_size * h
     size = ITEMSIZE[dtype]
-    per_weight = 0.5 + size / group_size if quantize == "q4" else size
+    per_weight = 0.5 + size / group_size if quantize == "q4" else ITEMSIZE[weights or dtype]
     biases = layers * ((c.q_size + 2 * c.kv_size) * c.qkv_bias + h * c.o_bias
                        + (2 * c.intermediate_size + h) * c.mlp_bias)
     return int(linear * per_weight) + size * ((2 * layers + 1) * h + biases)
 
 
 def pass_bytes(config: ModelConfig, rows: int, sequences: int, positions: int, quantize: str = "none",
-               group_size: int = 128, dtype: str = "float32") -> int:
+               group_size: int = 128, dtype: str = "float32", weights: str | None = None) -> int:
     """Bytes one forward pass over ``rows`` token rows of ``sequences`` sequences touches: the
     weights, the activations (``runtime.llama``'s buffers, the logits) and a KV cache of
     ``positions`` positions per sequence."""
@@ -85,15 +90,16 @@ def pass_bytes(config: ModelConfig, rows: int, sequences: int, positions: int, q
     size = ITEMSIZE[dtype]
     activations = size * (rows * width + sequences * (c.vocab_size + c.hidden_size))
     cache = size * 2 * c.num_hidden_layers * sequences * c.kv_size * positions
-    return weight_bytes(config, quantize, group_size, dtype) + activations + cache
+    return weight_bytes(config, quantize, group_size, dtype, weights) + activations + cache
 
 
 def workload_bytes(config: ModelConfig, prefill_tokens: list[int], decode_batch: list[int], kv_len: list[int],
-                   quantize: str = "none", group_size: int = 128, dtype: str = "float32") -> int:
+                   quantize: str = "none", group_size: int = 128, dtype: str = "float32",
+                   weights: str | None = None) -> int:
     """The most bytes any one pass of the workload touches (each prefill size with its prompt in
     the cache; each decode batch at each KV length): what must stay in cache from one pass to
     the next for a kernel to find its weights there."""
     passes = [(tokens, 1, tokens) for tokens in prefill_tokens]
     passes += [(batch, batch, length) for batch in decode_batch for length in kv_len]
-    return max(pass_bytes(config, rows, sequences, positions, quantize, group_size, dtype)
+    return max(pass_bytes(config, rows, sequences, positions, quantize, group_size, dtype, weights)
                for rows, sequences, positions in passes)

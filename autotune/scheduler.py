@@ -20,7 +20,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from search_space import Config, Target
 
 from .model_tasks import ModelTask
 from .tuners import TuneSummary, Tuner, make_tuner
+from .tuning import ClusterRound
 
 MAX_FAILED_ROUNDS = 3  # rounds without one verified candidate before a task is given up
 
@@ -48,6 +49,7 @@ class ModelTuneSummary:
     wall_s: float = 0.0
     history: list[tuple[int, float]] = field(default_factory=list)  # (trials so far, estimated latency)
     given_up: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def estimated_latency_s(self) -> float:
@@ -100,9 +102,10 @@ class TaskScheduler:
     def _alive(self, i: int) -> bool:
         return i not in self.given_up and self.tuners[i].has_next()
 
-    def choose(self) -> int | None:
-        """The next task to spend a round on, or None when no task has configs left."""
-        alive = [i for i in range(len(self.tasks)) if self._alive(i)]
+    def choose(self, busy: Collection[int] = ()) -> int | None:
+        """The next task to spend a round on, or None when no task has configs left; ``busy``
+        tasks (a round in flight on a cluster) are not chosen."""
+        alive = [i for i in range(len(self.tasks)) if self._alive(i) and i not in busy]
         if not alive:
             return None
         fresh = [i for i in alive if self.rounds[i] == 0 or not math.isfinite(self.best(i))]
@@ -141,52 +144,126 @@ class TaskScheduler:
             raise ValueError(f"trials_total must be >= 1, got {trials_total}")
         # round callbacks that follow candidates too (progress) get each one as it is measured
         per_candidate = [_PerCandidate(c) for c in on_round if hasattr(c, "measured")]
-        start = time.perf_counter()
+        result = self._begin(log)
+        trials = result.resumed
+        while trials < trials_total:
+            i = self.choose()
+            if i is None:
+                break
+            configs = self._round_configs(i, trials_total - trials)
+            before = len(result.summaries[i].records)
+            measured = self.tuners[i].measure(configs, builder, runner, result.summaries[i], log, per_candidate)
+            if not measured:  # the tuner has nothing new to offer
+                self.given_up.add(i)
+                continue
+            trials += measured
+            self._after_round(i, result, result.summaries[i].records[before:], on_round)
+        return self._end(result)
+
+    # -- the steps of a round, shared by the loop above and ``ClusterRounds`` -----------
+    def _begin(self, log: RecordLog | None) -> ModelTuneSummary:
+        """Resume every task from ``log``; the summary the rounds fill in."""
         summaries = [tuner.start(log) for tuner in self.tuners]
         for i, s in enumerate(summaries):
             if s.resumed:
                 self.rounds[i] = math.ceil(s.resumed / self.batch)
                 self.history[i].append(self.best(i))
         result = ModelTuneSummary(self.tasks, summaries, resumed=sum(s.resumed for s in summaries))
-        trials = result.resumed
-        result.history.append((trials, self.estimated_latency()))
-        while trials < trials_total:
-            i = self.choose()
+        result.trials = result.resumed
+        result.history.append((result.trials, self.estimated_latency()))
+        return result
+
+    def _round_configs(self, i: int, remaining: int, busy: Collection[int] = ()) -> list[Config]:
+        """The configs of task i's next round, at most ``remaining``."""
+        n = min(self.batch, remaining)
+        if self.rounds[i] == 0:  # a first round for every task before any gets a second one
+            unmeasured = sum(1 for j in range(len(self.tasks))
+                             if self.rounds[j] == 0 and self._alive(j) and (j == i or j not in busy))
+            n = max(1, min(n, remaining // max(unmeasured, 1)))
+            return self._first_configs(i, n)
+        return self.tuners[i].next_batch(n)
+
+    def _after_round(self, i: int, result: ModelTuneSummary, records: list[Record],
+                     on_round: Sequence[RoundCallback]) -> None:
+        """Task i's round is measured: count it, give the task up after rounds without a
+        verified candidate, and report the round."""
+        summary = result.summaries[i]
+        result.trials += len(records)
+        result.measured += len(records)
+        self.rounds[i] += 1
+        self.history[i].append(self.best(i))
+        if not any(r.ok for r in summary.records):
+            self.failed_rounds[i] += 1
+            if self.failed_rounds[i] >= MAX_FAILED_ROUNDS:
+                self.given_up.add(i)
+                errors = sorted({MeasureError(r.result.error).name for r in summary.records})
+                warnings.warn(f"{self.tasks[i].key}: no candidate verified in {self.failed_rounds[i]} rounds "
+                              f"({', '.join(errors)}); giving it up", stacklevel=2)
+        result.history.append((result.trials, self.estimated_latency()))
+        for callback in on_round:
+            callback(self, i, records)
+
+    def _end(self, result: ModelTuneSummary) -> ModelTuneSummary:
+        result.rounds = sum(self.rounds)
+        result.summaries = [tuner.finish(s) for tuner, s in zip(self.tuners, result.summaries)]
+        result.given_up = [self.tasks[i].key for i in sorted(self.given_up)]
+        result.wall_s = time.perf_counter() - result.started
+        return result
+
+
+class ClusterRounds:
+    """A ``TaskScheduler`` driven on a cluster: rounds of different tasks are in flight at once
+    (at most one per task, as a tuner learns from each round before its next), so that every
+    runner of the target has work while the builds of later rounds go on. ``next_rounds``
+    offers new rounds while fewer than ``capacity`` candidates of this target are in flight;
+    the budget counts the rounds in flight, so it is never overrun. Give ``next_rounds`` to
+    ``autotune.tuning.measure_on_cluster``; ``summary()`` when it returns. The tasks resume
+    from ``log``; records go to ``writer`` (a ``tuning.LogWriter``), else to ``log``."""
+
+    def __init__(self, scheduler: TaskScheduler, trials_total: int, cluster, log: RecordLog | None,
+                 on_round: Sequence[RoundCallback] = (), capacity: int | None = None, writer=None):
+        if trials_total < 1:
+            raise ValueError(f"trials_total must be >= 1, got {trials_total}")
+        self.scheduler, self.trials_total, self.cluster = scheduler, trials_total, cluster
+        self.writer = writer if writer is not None else log
+        self.on_round = list(on_round)
+        self.per_candidate = [_PerCandidate(c) for c in on_round if hasattr(c, "measured")]
+        key = scheduler.target.key
+        self.key = key
+        self.capacity = capacity or cluster.capacity(key)
+        self.result = scheduler._begin(log)
+        self.reserved = self.result.trials  # measured, resumed, or in flight
+        self.busy: set[int] = set()
+        self.step = self.result.trials
+
+    def next_rounds(self) -> list[ClusterRound]:
+        s, rounds = self.scheduler, []
+        in_flight = self.cluster.in_flight_for(self.key)
+        while in_flight < self.capacity and self.reserved < self.trials_total:
+            i = s.choose(self.busy)
             if i is None:
                 break
-            n = min(self.batch, trials_total - trials)
-            if self.rounds[i] == 0:  # a first round for every task before any gets a second one
-                unmeasured = sum(1 for j in range(len(self.tasks)) if self.rounds[j] == 0 and self._alive(j))
-                n = max(1, min(n, (trials_total - trials) // max(unmeasured, 1)))
-                configs = self._first_configs(i, n)
-            else:
-                configs = self.tuners[i].next_batch(n)
-            before = len(summaries[i].records)
-            measured = self.tuners[i].measure(configs, builder, runner, summaries[i], log, per_candidate)
-            if not measured:  # the tuner has nothing new to offer
-                self.given_up.add(i)
+            configs = s._round_configs(i, self.trials_total - self.reserved, self.busy)
+            round_ = ClusterRound(s.tuners[i], self.result.summaries[i], configs, self.writer, self.per_candidate,
+                                  self._done)
+            if not round_.inputs:  # the tuner has nothing new to offer
+                s.given_up.add(i)
                 continue
-            records = summaries[i].records[before:]
-            trials += measured
-            result.measured += measured
-            self.rounds[i] += 1
-            self.history[i].append(self.best(i))
-            if not any(r.ok for r in summaries[i].records):
-                self.failed_rounds[i] += 1
-                if self.failed_rounds[i] >= MAX_FAILED_ROUNDS:
-                    self.given_up.add(i)
-                    errors = sorted({MeasureError(r.result.error).name for r in summaries[i].records})
-                    warnings.warn(f"{self.tasks[i].key}: no candidate verified in {self.failed_rounds[i]} rounds "
-                                  f"({', '.join(errors)}); giving it up", stacklevel=2)
-            result.history.append((trials, self.estimated_latency()))
-            for callback in on_round:
-                callback(self, i, records)
-        result.trials = trials
-        result.rounds = sum(self.rounds)
-        result.summaries = [tuner.finish(s) for tuner, s in zip(self.tuners, summaries)]
-        result.given_up = [self.tasks[i].key for i in sorted(self.given_up)]
-        result.wall_s = time.perf_counter() - start
-        return result
+            round_.tag = i
+            self.busy.add(i)
+            self.reserved += len(round_.inputs)
+            in_flight += len(round_.inputs)
+            rounds.append(round_)
+        return rounds
+
+    def _done(self, round_) -> None:
+        self.busy.discard(round_.tag)
+        round_.finish(self.step)
+        self.step += len(round_.records)
+        self.scheduler._after_round(round_.tag, self.result, round_.records, self.on_round)
+
+    def summary(self) -> ModelTuneSummary:
+        return self.scheduler._end(self.result)
 
 
 class _PerCandidate:

@@ -10,7 +10,7 @@ from runtime.model_config import ModelConfig
 
 from .model_tasks import ModelTask, model_tasks, workload_bytes
 from .progress import ProgressDisplay
-from .scheduler import ModelTuneSummary, TaskScheduler
+from .scheduler import ClusterRounds, ModelTuneSummary, TaskScheduler
 from .units import format_time
 
 
@@ -26,35 +26,37 @@ class ModelWorkload:
     group_size: int = 128
     dtype: str = "float32"  # the model's precision (runtime.plan)
     resident: bool = False  # the decode step a CUDA model captures as a graph (runtime.plan.decode_calls)
+    weights: str | None = None  # the linear layers' weights when not in dtype: weight-only (runtime.plan)
 
     def tasks(self) -> list[ModelTask]:
         return model_tasks(self.config, list(self.prefill_tokens), list(self.decode_batch), list(self.kv_len),
-                           self.quantize, self.group_size, dtype=self.dtype, resident=self.resident)
+                           self.quantize, self.group_size, dtype=self.dtype, resident=self.resident,
+                           weights=self.weights)
 
     def working_set_bytes(self) -> int:
         """The most bytes one forward pass of the workload touches (weights, activations, KV
         cache): above the last-level cache, every kernel's weights come from memory."""
         return workload_bytes(self.config, list(self.prefill_tokens), list(self.decode_batch), list(self.kv_len),
-                              self.quantize, self.group_size, self.dtype)
+                              self.quantize, self.group_size, self.dtype, self.weights)
 
     def params(self) -> dict:
         return {"model": self.config.name, "prefill_tokens": list(self.prefill_tokens),
                 "decode_batch": list(self.decode_batch), "kv_len": list(self.kv_len), "quantize": self.quantize,
                 "group_size": self.group_size, "dtype": self.dtype, "resident": self.resident,
-                "parameters": self.config.parameters,
+                "weights": self.weights or self.dtype, "parameters": self.config.parameters,
                 "working_set_bytes": self.working_set_bytes()}
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config),
                 "prefill_tokens": list(self.prefill_tokens), "decode_batch": list(self.decode_batch),
                 "kv_len": list(self.kv_len), "quantize": self.quantize, "group_size": self.group_size,
-                "dtype": self.dtype, "resident": self.resident}
+                "dtype": self.dtype, "resident": self.resident, "weights": self.weights}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelWorkload":
         return cls(ModelConfig(**data["config"]), tuple(data["prefill_tokens"]),
                    tuple(data["decode_batch"]), tuple(data["kv_len"]), data["quantize"], data["group_size"],
-                   data.get("dtype", "float32"), data.get("resident", False))
+                   data.get("dtype", "float32"), data.get("resident", False), data.get("weights"))
 
 
 class ModelProgress:
@@ -120,6 +122,41 @@ def tune_model(job, log: RecordLog, builder, runner, progress: bool, note: Calla
         callbacks = [c for c in (ModelMLflow(tracking.run, 0) if tracking.run else None, bar) if c is not None]
         outcome["summary"] = scheduler.tune(job.trials, builder, runner, log, on_round=callbacks)
     return outcome["summary"]
+
+
+def tune_model_on_cluster(job, log: RecordLog, cluster, targets, progress: bool,
+                          note: Callable[[str], None]) -> ModelTuneSummary:
+    """``tune_model`` on a cluster: one scheduler per target the runners report, each handing
+    rounds of different tasks to the runners at once (``ClusterRounds``), the job's budget for
+    each target. The driver alone writes the log and the MLflow run. With several targets the
+    summary lists every target's tasks; its estimate and history are the first target's."""
+    from .tuning import _log_cluster_params, measure_on_cluster, observed, written_by_a_thread
+
+    tasks = job.model.tasks()
+    schedulers = [TaskScheduler(tasks, target, job.tuner, seed=job.seed, batch=job.batch, restrict=job.restrict)
+                  for target in targets]
+    label = f"{job.model.config.name} ({len(tasks)} tasks)"
+    bar = ModelProgress(label, job.trials * len(targets)) if progress else None
+    with log.lock(), observed(job, note, bar, lambda run, status, summary: _finish(run, log, status, summary)) as (
+            tracking, outcome):
+        if tracking.run is not None:
+            _log_cluster_params(tracking.run, cluster, targets)
+        callbacks = [c for c in (ModelMLflow(tracking.run, 0) if tracking.run else None, bar) if c is not None]
+        with written_by_a_thread(log) as writer:  # all written before the MLflow run takes the log
+            runs = [ClusterRounds(s, job.trials, cluster, log, callbacks, writer=writer) for s in schedulers]
+            measure_on_cluster(cluster, lambda: [r for run in runs for r in run.next_rounds()])
+        summaries = [run.summary() for run in runs]
+        outcome["summary"] = summaries[0] if len(summaries) == 1 else _all_targets(summaries)
+    return outcome["summary"]
+
+
+def _all_targets(summaries: list[ModelTuneSummary]) -> ModelTuneSummary:
+    first = summaries[0]
+    return ModelTuneSummary([t for s in summaries for t in s.tasks], [x for s in summaries for x in s.summaries],
+                            trials=sum(s.trials for s in summaries), measured=sum(s.measured for s in summaries),
+                            resumed=sum(s.resumed for s in summaries), rounds=sum(s.rounds for s in summaries),
+                            wall_s=max(s.wall_s for s in summaries), history=first.history,
+                            given_up=[k for s in summaries for k in s.given_up])
 
 
 def _other_conditions(log: RecordLog, tasks: list[ModelTask], target, condition: str | None) -> str:

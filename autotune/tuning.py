@@ -5,14 +5,21 @@ of each batch, made before the batch was measured, matched the measured ranking.
 """
 from __future__ import annotations
 
+import functools
+import queue
+import threading
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable
 
+from cost_model import batch_quality
+from cost_model.transfer import throughput_of
 from measure import MeasureInput, MeasureResult
 from records import Record, RecordLog, stale_configs
-from search_space import Target, Task, get_template
+from records.record import package_version
+from search_space import Config, Target, Task, get_template
 
 from .progress import ProgressDisplay
 from .tuners import TuneSummary, Tuner, make_tuner
@@ -100,8 +107,15 @@ class Tracking:
         uri = resolve_tracking_uri(job.tracking_uri)
         try:
             check_reachable(uri)
-            self.run = MLflowRun(uri, experiment=job.experiment, run_name=job.name, params=job.params(),
-                                 tags=job.tags())
+            try:
+                self.run = MLflowRun(uri, experiment=job.experiment, run_name=job.name, params=job.params(),
+                                     tags=job.tags())
+            except Exception as exc:
+                if "RESOURCE_ALREADY_EXISTS" not in f"{getattr(exc, 'error_code', '')} {exc}":
+                    raise
+                # a team's jobs share a server: another one created the experiment since we looked
+                self.run = MLflowRun(uri, experiment=job.experiment, run_name=job.name, params=job.params(),
+                                     tags=job.tags())
         except Exception as exc:  # tracking is a convenience; the log is the source of truth
             reason = " ".join(str(exc).split())[:200] or type(exc).__name__
             self.unavailable = uri
@@ -279,3 +293,217 @@ def _finish_run(run, log: RecordLog, status: str, summary: TuneSummary | None) -
         run.finish(status)
     except Exception as exc:
         warnings.warn(f"MLflow: could not finish run {run.run_id}: {exc}", stacklevel=2)
+
+
+# ----------------------------------------------------------------------------- on a cluster
+
+
+class ClusterRound:
+    """One batch of one tuner's configs measured on a cluster (``measure.cluster.RayCluster``):
+    what ``Tuner.measure`` does in one call, in three steps, so that other batches (other
+    targets, other tasks of a model) are measured meanwhile: ``start`` submits the batch,
+    ``measured`` logs each record as its result comes back (in that order, not the batch's),
+    ``finish`` lets the tuner learn from the whole batch. ``on_done(round)`` is called by
+    ``measure_on_cluster`` when the last result is in."""
+
+    def __init__(self, tuner: Tuner, summary: TuneSummary, configs: list[Config], log: RecordLog | None,
+                 callbacks=(), on_done: Callable[["ClusterRound"], None] = lambda r: None):
+        self.tuner, self.summary, self.log, self.callbacks, self.on_done = tuner, summary, log, list(callbacks), on_done
+        configs = [c for c in configs if c.index not in tuner.visited]
+        self.inputs = [MeasureInput(tuner.task, c, tuner.target) for c in configs]
+        self.scores = tuner.predict_batch(configs) if configs else None  # ranked before anything is measured
+        self.results: list[MeasureResult | None] = [None] * len(configs)
+        self.order: list[int] = []  # positions in the order they were measured
+        self.records: list[Record] = []
+        self.tag = None  # what its driver knows it by (a model's task index)
+
+    @property
+    def done(self) -> bool:
+        return len(self.records) == len(self.inputs)
+
+    def start(self, cluster) -> dict[int, tuple["ClusterRound", int]]:
+        """Submit the batch; returns ticket -> (this round, position)."""
+        _tell(self.callbacks, "building", len(self.inputs))
+        return {ticket: (self, i) for i, ticket in enumerate(cluster.submit(self.inputs))}
+
+    def measured(self, position: int, result: MeasureResult) -> Record:
+        self.results[position] = result
+        model = None
+        if self.scores is not None:
+            model = {"score": float(self.scores[position]), "batch": self.summary.trials}
+            if len(self.records) == len(self.inputs) - 1:  # the batch's last result: how good was the ranking?
+                model.update(batch_quality(self.scores, [throughput_of(self.tuner.task, r) for r in self.results]))
+        inp = self.inputs[position]
+        # Record.from_measure, with the package's version read once: reading it per record
+        # (importlib.metadata) cost the driver a third of its time per candidate
+        record = Record(inp.task, inp.target, inp.config.as_dict(), inp.config.index, result, self.tuner.name,
+                        version=_package_version(), model=dict(model or {}))
+        if self.log is not None:
+            # at once (or to the log's writer thread): a killed driver loses only what is in flight
+            self.log.append([record])
+        self.order.append(position)
+        self.records.append(record)
+        self.summary.build_s += result.build_s
+        self.summary.run_s += result.run_s
+        _tell(self.callbacks, "measured", record, self.summary.trials + len(self.records))
+        return record
+
+    def finish(self, first: int) -> None:
+        """Learn from the batch and report it (``first``: the step of its first record)."""
+        inputs = [self.inputs[i] for i in self.order]
+        results = [self.results[i] for i in self.order]
+        self.tuner.update(inputs, results)
+        self.summary.trials += len(inputs)
+        self.summary.measured += len(inputs)
+        self.summary.failed += sum(1 for r in results if not r.ok)
+        self.summary.records.extend(self.records)
+        for callback in self.callbacks:
+            callback(self.tuner, inputs, results, self.records, first)
+
+
+class LogWriter:
+    """A cluster job's log, written by a thread of the driver: each record is still a whole
+    line, flushed and fsynced on its own, in the order measured, but the driver goes on
+    dispatching while the disk syncs (an fsync takes 0.4-6 ms on a VM's disk, as long as the
+    rest of a candidate's dispatch). ``close`` writes what is queued and raises a write error
+    the thread met; so does the next ``append`` after one."""
+
+    def __init__(self, log: RecordLog):
+        self.log, self.path = log, log.path
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write, name="autotune-log-writer", daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        while (record := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.log.append([record])
+                except BaseException as exc:  # raised in the driver's thread by append or close
+                    self._error = exc
+
+    def append(self, records) -> None:
+        if self._error is not None:
+            raise self._error
+        for record in records:
+            self._queue.put(record)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+@contextmanager
+def written_by_a_thread(log: RecordLog):
+    """A ``LogWriter`` for ``log``, closed (everything queued written) however the block ends."""
+    writer = LogWriter(log)
+    try:
+        yield writer
+    finally:
+        writer.close()
+
+
+@functools.lru_cache(maxsize=None)
+def _package_version() -> str:
+    return package_version()
+
+
+def _tell(callbacks, event: str, *args) -> None:
+    for callback in callbacks:
+        hook = getattr(callback, event, None)
+        if hook is not None:
+            hook(*args)
+
+
+def measure_on_cluster(cluster, next_rounds: Callable[[], list[ClusterRound]]) -> None:
+    """The driver's loop: submit the rounds ``next_rounds()`` offers (asked again whenever a
+    result comes back), hand each result to its round, and call a round's ``on_done`` when it
+    is complete; returns when nothing is in flight and nothing more is offered."""
+    owners: dict[int, tuple[ClusterRound, int]] = {}
+    while True:
+        for round_ in next_rounds():
+            owners.update(round_.start(cluster))
+        if not owners:
+            return
+        for ticket, result in cluster.wait():
+            round_, position = owners.pop(ticket)
+            round_.measured(position, result)
+            if round_.done:
+                round_.on_done(round_)
+
+
+@dataclass
+class ClusterTuneSummary(TuneSummary):
+    """One task tuned on several targets of a cluster: the totals, and each target's summary
+    (``best`` is the first target's: the one with the most runners)."""
+
+    by_target: list[TuneSummary] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, summaries: list[TuneSummary]) -> "ClusterTuneSummary":
+        first = summaries[0]
+        return cls(first.task, first.target, trials=sum(s.trials for s in summaries),
+                   measured=sum(s.measured for s in summaries), resumed=sum(s.resumed for s in summaries),
+                   failed=sum(s.failed for s in summaries), best=first.best, wall_s=max(s.wall_s for s in summaries),
+                   build_s=sum(s.build_s for s in summaries), run_s=sum(s.run_s for s in summaries),
+                   records=[r for s in summaries for r in s.records], started=first.started, by_target=summaries)
+
+
+def tune_task_on_cluster(job, log: RecordLog, cluster, targets: list[Target], tuner_options: dict, progress: bool,
+                         note: Callable[[str], None]) -> TuneSummary:
+    """``tune_task`` on a cluster: one tuner per target the runners report, each with its
+    batch in flight at once (every runner of a target measures a share of it), the job's
+    budget for each target. The driver alone writes the log and the MLflow run."""
+    task = job.task
+    tuners = [make_tuner(job.tuner, task, target, seed=job.seed, restrict=job.restrict, **tuner_options)
+              for target in targets]
+    bar = ProgressCallback(task, job.trials * len(targets)) if progress else None
+    with log.lock(), observed(job, note, bar, lambda run, status, summary: _finish_run(run, log, status, summary)) as (
+            tracking, outcome):
+        if tracking.run is not None:
+            _log_cluster_params(tracking.run, cluster, targets)
+        callbacks = [c for c in (MLflowCallback(tracking.run) if tracking.run else None, bar) if c is not None]
+        summaries = [tuner.start(log, callbacks) for tuner in tuners]
+        busy, stopped, step = set(), set(), [sum(s.trials for s in summaries)]
+
+        def done(round_: ClusterRound) -> None:
+            busy.discard(round_.tuner)
+            round_.finish(step[0])
+            step[0] += len(round_.inputs)
+
+        with written_by_a_thread(log) as writer:  # all written before the MLflow run takes the log
+
+            def next_rounds() -> list[ClusterRound]:
+                rounds = []
+                for tuner, summary in zip(tuners, summaries):
+                    if tuner in busy or tuner in stopped or summary.trials >= job.trials or not tuner.has_next():
+                        continue
+                    configs = tuner.next_batch(min(job.batch, job.trials - summary.trials))
+                    round_ = ClusterRound(tuner, summary, configs, writer, callbacks, done)
+                    if not round_.inputs:  # the tuner has nothing new to offer
+                        stopped.add(tuner)
+                        continue
+                    busy.add(tuner)
+                    rounds.append(round_)
+                return rounds
+
+            measure_on_cluster(cluster, next_rounds)
+        summaries = [tuner.finish(summary) for tuner, summary in zip(tuners, summaries)]
+        outcome["summary"] = summaries[0] if len(summaries) == 1 else ClusterTuneSummary.of(summaries)
+        if job.save_model:
+            _save_model(tuners[0], job.save_model)
+    return outcome["summary"]
+
+
+def _log_cluster_params(run, cluster, targets: list[Target]) -> None:
+    """The runners a cluster job measured on, beside the job's own parameters."""
+    try:
+        run.log_params({"cluster_runners": len(cluster.runners), "cluster_build_cpus": cluster.build_cpus,
+                        "cluster_targets": ",".join(t.key for t in targets),
+                        "cluster_devices": ",".join(sorted({t.device_name for t in targets}))})
+    except Exception as exc:  # tracking never stops a job
+        warnings.warn(f"MLflow: could not log the cluster's parameters: {exc}", stacklevel=2)

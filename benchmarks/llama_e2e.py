@@ -2,6 +2,12 @@
 
     python benchmarks/llama_e2e.py --model benchmarks/models/llama-100m/config.json \
         --quantize none --trials-total 300 --work /tmp/e2e --markdown
+    python benchmarks/llama_e2e.py --model benchmarks/models/llama-100m/config.json \
+        --dtype bfloat16 --trials-total 300 --work /tmp/e2e --markdown
+
+``--dtype bfloat16`` runs the model weight-only on the CPU (bfloat16 linear weights, float32
+arithmetic; ``runtime.plan.precisions``); its numpy reference computes in float32 on the same
+rounded weights, so it reads twice the bytes per weight.
 
 Runs, as a user would, ``autotune tune-model`` (resumed from ``WORK/NAME.jsonl``),
 ``autotune export`` into ``WORK/NAME-lib`` and ``autotune run --lib ... --compare --json``
@@ -49,21 +55,28 @@ def read_bandwidth(threads: int) -> float:
     return roof["read_gbs"] * 1e9
 
 
-def decode_bytes(model: str, quantize: str, prompt: int, new: int) -> float:
-    """Bytes a decode step reads: every weight once (float32; int4 codes and scales with q4) and
-    the KV cache at the mean length of the generation."""
+def decode_bytes(model: str, quantize: str, prompt: int, new: int, dtype: str = "float32") -> float:
+    """Bytes a decode step of a CPU model in ``dtype`` reads: every weight once (float32, or
+    bfloat16 linear weights; int4 codes and scales with q4) and the float32 KV cache at the
+    mean length of the generation."""
     from autotune.model_tasks import weight_bytes
     from runtime.model_config import load_model_config
+    from runtime.plan import precisions
 
     config = load_model_config(model)
+    activations, weights = precisions(dtype, "cpu", quantize)
     kv = 2 * config.num_hidden_layers * config.kv_size * 4 * (prompt + new / 2)
-    return weight_bytes(config, quantize) + kv
+    return weight_bytes(config, quantize, dtype=activations, weights=weights) + kv
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", default=["tiny"], help="presets or config.json files")
     parser.add_argument("--quantize", default="none", choices=["none", "q4"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="bfloat16: weight-only bfloat16 linear layers, float32 arithmetic")
+    parser.add_argument("--cache", default="auto", choices=["auto", "cold", "warm"],
+                        help="tune-model's --cache: the condition candidates are timed in")
     parser.add_argument("--trials-total", type=int, default=300)
     parser.add_argument("--prefill-tokens", default="128")
     parser.add_argument("--decode-batch", default="1")
@@ -82,18 +95,20 @@ def main() -> None:
     for model in args.model:
         name = Path(model).parent.name if model.endswith(".json") else model
         name += "-q4" if args.quantize == "q4" else ""
+        name += "-bf16" if args.dtype == "bfloat16" else ""
         log, lib = work / f"{name}.jsonl", work / f"{name}-lib"
         begin = time.perf_counter()
-        tune = json.loads(autotune("tune-model", "--model", model, "--quantize", args.quantize,
-                                   "--prefill-tokens", args.prefill_tokens, "--decode-batch", args.decode_batch,
+        tune = json.loads(autotune("tune-model", "--model", model, "--quantize", args.quantize, "--dtype", args.dtype,
+                                   "--cache", args.cache, "--prefill-tokens", args.prefill_tokens,
+                                   "--decode-batch", args.decode_batch,
                                    "--kv-len", args.kv_len, "--trials-total", str(args.trials_total),
                                    "--log", str(log), "--no-mlflow", "--quiet", "--json"))
         tune_s = time.perf_counter() - begin
         autotune("export", "--log", str(log), "--out", str(lib))
-        out = json.loads(autotune("run", "--lib", str(lib), "--model", model, "--prompt-tokens",
-                                  str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--compare",
-                                  "--json"))
-        floor = bandwidth / decode_bytes(model, args.quantize, args.prompt_tokens, args.new_tokens)
+        out = json.loads(autotune("run", "--lib", str(lib), "--model", model, "--dtype", args.dtype,
+                                  "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+                                  "--compare", "--json"))
+        floor = bandwidth / decode_bytes(model, args.quantize, args.prompt_tokens, args.new_tokens, args.dtype)
         out.update(name=name, trials=tune["trials"], tasks=len(tune["tasks"]), tune_s=tune_s,
                    tuned_cache=tune.get("cache"), working_set_bytes=tune.get("working_set_bytes"),
                    read_bytes_per_s=bandwidth, probe_threads=threads, floor_tokens_per_s=floor,
@@ -117,7 +132,8 @@ def main() -> None:
         said = (r.get("cache") or {}).get("tuned_for")
         timed = f"{r.get('tuned_cache') or '?'} ({(r.get('working_set_bytes') or 0) / 2**20:.0f} MiB/pass)"
         timed += "" if said == r.get("tuned_cache") else f", library: {said or 'not recorded'}"
-        print(f"| {r['name']} | {r['quantize']} | {timed} | {r['tasks']} / {r['trials']} | {r['tune_s'] / 60:.1f} | "
+        weights = "q4" if r["quantize"] == "q4" else r.get("dtype", "float32")
+        print(f"| {r['name']} | {weights} | {timed} | {r['tasks']} / {r['trials']} | {r['tune_s'] / 60:.1f} | "
               f"{r['decode_tokens_per_s']:.1f} | {r['floor_tokens_per_s']:.1f} | {r['share_of_floor'] * 100:.0f}% | "
               f"{ref['decode_tokens_per_s']:.1f} | {dft['decode_tokens_per_s']:.1f} | "
               f"{r['decode_speedup_vs_reference']:.2f}x | {r['decode_speedup_vs_defaults']:.2f}x | "

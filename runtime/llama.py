@@ -8,6 +8,10 @@ norm, the LM head and greedy decoding. The kernels and their shapes are those of
 template defaults); activations, weights and the KV cache live where the kernels run
 (``runtime.arrays``: numpy for CPU kernels, device memory for CUDA ones).
 
+A bfloat16 model on CPU kernels is weight-only (``runtime.plan.precisions``): its linear layers
+read bfloat16 words (half the bytes of a decode step), and everything else computes and is
+stored in float32, holding the bfloat16 values of the weights it came from.
+
 Prompts are padded up to the nearest token count the prefill GEMMs were tuned at (their
 M is compiled in): causal attention keeps the real tokens blind to the padding, and the
 cache is only read up to the real length. Decode steps bind every buffer once, so a step
@@ -23,8 +27,8 @@ from .arrays import arrays_for
 from .generation import Generation
 from .kernel import BoundCall, Kernel, KernelProvider, buckets, numpy_dtype, select
 from .model_config import ModelConfig
-from .plan import KernelCall, bias_role, biased_projections, decode_calls, prefill_calls
-from .precision import check_dtype, stored_as, to_float32
+from .plan import KernelCall, bias_role, biased_projections, decode_calls, precisions, prefill_calls
+from .precision import bfloat16_to_float32, check_dtype, rounded, stored_as, to_float32, widened
 from .weights import DeviceWeights, ModelWeights, bias_name, fused_parts, layer_name
 
 
@@ -73,6 +77,17 @@ def _host_calls(run) -> list:
     return [] if run is None else [_HostCall(run)]
 
 
+class _WidenedTable:
+    """An embedding table kept as bfloat16 words whose gathered rows come out as float32 (a
+    weight-only model's: no float32 copy of the table, which is also the LM head when tied)."""
+
+    def __init__(self, words: np.ndarray):
+        self.words = words
+
+    def __getitem__(self, ids) -> np.ndarray:
+        return bfloat16_to_float32(self.words[ids])
+
+
 class LlamaModel:
     """``generate(prompts, new_tokens)`` on kernels from ``kernels``."""
 
@@ -81,7 +96,9 @@ class LlamaModel:
         """``prefill_sizes``: the token counts to pad prompts up to, instead of the sizes the
         provider's prefill GEMMs were tuned at (to run two providers at the same shapes).
         ``dtype``: the precision the model runs in (``runtime.plan``); weights are rounded to
-        it as they are copied to where the kernels run, the logits come back as float32.
+        it as they are copied to where the kernels run, the logits come back as float32. On CPU
+        kernels bfloat16 is weight-only (``runtime.plan.precisions``: the kernels run in
+        ``activations``, the linear layers read ``weights_dtype``) and float16 is refused.
         ``DeviceWeights`` are used where they lie, and must be in that precision already."""
         if weights.config != config:
             raise ValueError("the weights were made for another model config")
@@ -90,26 +107,29 @@ class LlamaModel:
         self.kernels = kernels
         self.arrays = arrays_for(getattr(kernels, "kind", "cpu"))
         self.dtype = check_dtype(dtype)
-        if self.arrays.kind == "cpu" and dtype != "float32":
-            raise ValueError(f"a model on CPU kernels runs in float32 only (asked for {dtype}): half-precision "
-                             "models need the CUDA target")
         self.quantize = "q4" if weights.quantized else "none"
         self.group_size = weights.group_size or 128
+        self.activations, self.weights_dtype = precisions(dtype, self.arrays.kind, self.quantize)
         self.lm_head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-        storage = numpy_dtype(dtype)
+        self._device: dict[str, object] = {}  # weights where the kernels read them, by name
         if isinstance(weights, DeviceWeights):
-            if self.arrays.kind != "cuda":
+            if not self.arrays.resident:
                 raise ValueError("device weights need a provider of CUDA kernels")
             self.embed = weights.embedding
-            if self.embed.dtype != storage:
-                raise ValueError(f"the embedding table is {self.embed.dtype}; a {dtype} model needs {storage}")
+            if self.embed.dtype != numpy_dtype(dtype):
+                raise ValueError(f"the embedding table is {self.embed.dtype}; a {dtype} model needs "
+                                 f"{numpy_dtype(dtype)}")
+        elif self.activations != self.weights_dtype:  # weight-only: rows widened as they are gathered
+            words = stored_as(weights.tensors["model.embed_tokens.weight"], self.weights_dtype)
+            self.embed = _WidenedTable(words)
+            if config.tie_word_embeddings:  # the LM head reads the same words
+                self._device[f"{self.lm_head_name}#"] = self.arrays.upload(words)
         else:  # gathered on the host, rows already in the model's precision
             self.embed = stored_as(weights.tensors["model.embed_tokens.weight"], dtype)
         self.used: dict[str, Kernel] = {}  # every kernel handed out, by what it was tuned for
         self.prefill_sizes = prefill_sizes
         self._memo: dict[tuple, Kernel] = {}  # the provider's answer per call shape
         self._padded: dict[tuple[int, int], int] = {}  # padded_tokens per (batch, prompt length)
-        self._device: dict[str, object] = {}  # weights where the kernels read them, by name
         # how the last generation decoded: "host" (a call per kernel), "graph" (a captured CUDA
         # graph per step) or "resident" (the graph's kernels, issued one by one: no capture here)
         self.decode_mode: str | None = None
@@ -130,8 +150,16 @@ class LlamaModel:
     def _plan(self, calls: list[KernelCall]) -> dict[str, Kernel]:
         return {call.role: self._kernel(call) for call in calls}
 
-    def _weight(self, name: str, part: str = "") -> object:
-        """A weight tensor (or part of a quantised one: "wq", "scales") where the kernels run."""
+    def _host_tensor(self, array: np.ndarray, linear: bool) -> np.ndarray:
+        """A host tensor as the kernels take it: a linear layer's weights in ``weights_dtype``;
+        any other tensor in ``activations``, holding its values in the model's precision."""
+        if linear or self.activations == self.dtype:
+            return stored_as(array, self.weights_dtype if linear else self.activations)
+        return rounded(widened(array), self.dtype)  # weight-only: bfloat16 values in float32
+
+    def _weight(self, name: str, part: str = "", linear: bool = False) -> object:
+        """A weight tensor (or part of a quantised one: "wq", "scales") where the kernels run;
+        ``linear``: the weights of a linear layer."""
         key = f"{name}#{part}"
         if key not in self._device and isinstance(self.w, DeviceWeights):
             array = self.w.device(name, part)
@@ -144,8 +172,8 @@ class LlamaModel:
             if part == "wq":  # the int4 codes are bytes
                 pieces = [self.w.quantized[p].wq for p in parts]
             else:  # floats in the model's precision, converted one tensor at a time
-                pieces = [stored_as(getattr(self.w.quantized[p], part) if part else self.w.tensors[p], self.dtype)
-                          for p in parts]
+                pieces = [self._host_tensor(getattr(self.w.quantized[p], part) if part else self.w.tensors[p],
+                                            linear and not part) for p in parts]
             host = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
             self._device[key] = self.arrays.upload(host)
         return self._device[key]
@@ -175,12 +203,17 @@ class LlamaModel:
         return tuned_sizes[0] if tuned_sizes else tokens
 
     def _prefill(self, tokens: int, batch: int) -> list[KernelCall]:
-        return prefill_calls(self.config, tokens, self.quantize, self.group_size, batch, self.dtype)
+        return prefill_calls(self.config, tokens, self.quantize, self.group_size, batch, self.activations,
+                             self.weights_dtype)
+
+    def _decode(self, batch: int, capacity: int, resident: bool = False) -> list[KernelCall]:
+        return decode_calls(self.config, batch, capacity, self.quantize, self.group_size, self.activations,
+                            resident, self.weights_dtype)
 
     def logits_of(self, buffer) -> np.ndarray:
-        """Logits on the host, as float32 (a float32 CPU model's buffer itself: no copy per step)."""
+        """Logits on the host, as float32 (a CPU model's buffer itself: no copy per step)."""
         host = self.arrays.get(buffer)
-        return host if self.dtype == "float32" else to_float32(host, self.dtype)
+        return host if self.activations == "float32" else to_float32(host, self.activations)
 
     def _is_q4(self, name: str) -> bool:
         if isinstance(self.w, DeviceWeights):  # named as the decoder runs them
@@ -191,7 +224,7 @@ class LlamaModel:
         if self._is_q4(name):
             return kernel.bind({"X": x, "WQ": self._weight(name, "wq"), "SCALES": self._weight(name, "scales"),
                                 "Y": y})
-        return kernel.bind({"X": x, "W": self._weight(name), "Y": y})
+        return kernel.bind({"X": x, "W": self._weight(name, linear=True), "Y": y})
 
     def _projection(self, k: dict[str, Kernel], buf: _Buffers, layer: int, role: str, part: str, x) -> list:
         """The bound calls of one projection of a layer from ``x`` into its output buffer: the
@@ -238,10 +271,10 @@ class LlamaModel:
         batch, tokens = prompts.shape
         padded = self.padded_tokens(batch, tokens)
         k = self._plan(self._prefill(padded, batch))
-        buf = _Buffers(arrays, batch * padded, c, self.dtype)
+        buf = _Buffers(arrays, batch * padded, c, self.activations)
         ids = np.zeros((batch, padded), dtype=np.int64)
         ids[:, :tokens] = prompts
-        arrays.set(buf.res_a, np.take(self.embed, ids.reshape(-1), axis=0))
+        arrays.set(buf.res_a, self.embed[ids.reshape(-1)])
         arrays.set(buf.positions, np.tile(np.arange(padded, dtype=np.int32), batch))
         self._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, buf.rows)()
         attention = k["attention"]
@@ -255,7 +288,7 @@ class LlamaModel:
             arrays.write_prompt(v_cache, buf.v, padded)
             for call in after:
                 call()
-        storage = numpy_dtype(self.dtype)
+        storage = numpy_dtype(self.activations)
         last = arrays.rows_at(buf.h, batch, tokens - 1, arrays.empty((batch, c.hidden_size), storage))
         logits = arrays.empty((batch, c.vocab_size), storage)
         self._linear(k["lm_head"], self.lm_head_name, last, logits)()
@@ -264,7 +297,7 @@ class LlamaModel:
     def new_caches(self, batch: int, capacity: int) -> list:
         c = self.config
         shape = (batch, c.num_key_value_heads, capacity, c.head_dim)
-        storage = numpy_dtype(self.dtype)
+        storage = numpy_dtype(self.activations)
         return [(self.arrays.zeros(shape, storage), self.arrays.zeros(shape, storage))
                 for _ in range(c.num_hidden_layers)]
 
@@ -275,13 +308,13 @@ class LlamaModel:
         padded = self.padded_tokens(batch, tokens)
         self._plan(self._prefill(padded, batch))
         capacity = padded + new_tokens
-        if self.arrays.kind == "cuda":
+        if self.arrays.resident:
             try:  # the resident step: one attention kernel, at the longest length
                 self._resident_kernels(batch, capacity)
                 return
             except LookupError:  # a library without them: the host-driven step below
                 pass
-        calls = decode_calls(self.config, batch, capacity, self.quantize, self.group_size, self.dtype)
+        calls = self._decode(batch, capacity)
         self._plan(calls)
         attention = next(c for c in calls if c.role == "attention")
         for length in range(tokens + 1, tokens + new_tokens):
@@ -290,7 +323,7 @@ class LlamaModel:
     def _resident_kernels(self, batch: int, capacity: int) -> dict[str, Kernel]:
         """The kernels of the resident decode step by role (LookupError: the provider lacks one);
         attention is the one for the longest length: a recorded launch cannot switch kernels."""
-        calls = decode_calls(self.config, batch, capacity, self.quantize, self.group_size, self.dtype, resident=True)
+        calls = self._decode(batch, capacity, resident=True)
         kernels = {call.role: self._kernel(call) for call in calls if call.role != "attention"}
         attention = next(call for call in calls if call.role == "attention")
         kernels["attention"] = self._kernel(attention, S=capacity, L=capacity)
@@ -301,7 +334,7 @@ class LlamaModel:
         """The decode step: on CUDA the resident one, captured as a graph, when the kernels
         provider has its kernels (a library exported before they existed has not)."""
         step: _DecodeStep | _ResidentStep
-        if self.arrays.kind == "cuda":
+        if self.arrays.resident:
             try:
                 step = _ResidentStep(self, batch, capacity, caches, keep_logits)
             except LookupError:
@@ -361,11 +394,11 @@ class _DecodeStep:
         self.model, self.batch, self.capacity, self.caches = model, batch, capacity, caches
         self.arrays = arrays = model.arrays
         self.embed = model.embed
-        self.calls = decode_calls(c, batch, capacity, model.quantize, model.group_size, model.dtype)
+        self.calls = model._decode(batch, capacity)
         self.attention_call = next(call for call in self.calls if call.role == "attention")
         k = model._plan(self.calls)
-        self.buf = buf = _Buffers(arrays, batch, c, model.dtype)
-        self.logits = arrays.empty((batch, c.vocab_size), numpy_dtype(model.dtype))
+        self.buf = buf = _Buffers(arrays, batch, c, model.activations)
+        self.logits = arrays.empty((batch, c.vocab_size), numpy_dtype(model.activations))
         # the bound calls own the checks and keep their buffers alive; the step runs their ``run``
         self.bound = [model._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, batch)]
         self.layers = []  # per layer: (runs before attention, K and V cache writers, runs after)

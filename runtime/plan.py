@@ -16,9 +16,11 @@ none. The LM head has no bias.
 With ``quantize="q4"`` every linear layer, the LM head included, uses int4 weights
 (``gemm_q4``/``gemv_q4``, symmetric codes, one scale per ``group_size`` weights).
 
-``dtype`` is the model's precision: every kernel of a pass runs in it (weights, activations,
-the KV cache and the logits are stored in it; the kernels accumulate in float32), the int4
-codes' scales too.
+``dtype`` is the precision the kernels of a pass run in (activations, the KV cache and the
+logits are stored in it; the kernels accumulate in float32), the int4 codes' scales too.
+``weights`` is how the linear layers (the LM head included) store W: ``dtype`` unless said
+otherwise; a float32 pass with bfloat16 weights is weight-only (``weight=bfloat16`` on its
+gemv/gemm tasks). ``precisions`` says which a model in a given precision runs on which kernels.
 """
 from __future__ import annotations
 
@@ -55,9 +57,35 @@ def check_quantize(config: ModelConfig, quantize: str, group_size: int = 128) ->
                                  f"group size {group_size}")
 
 
-def _linear(role: str, m: int, n: int, k: int, count: int, quantize: str, group_size: int) -> KernelCall:
+# the precisions each target kind's kernels compute in, and those its linear layers can keep
+# their weights in while computing in float32 (weight-only: the kernels widen them as they load)
+KERNEL_PRECISIONS = {"cpu": ("float32",), "cuda": ("float32", "float16", "bfloat16")}
+WEIGHT_ONLY = {"cpu": ("bfloat16",), "cuda": ()}
+
+
+def precisions(dtype: str, kind: str, quantize: str = "none") -> tuple[str, str]:
+    """(the precision kernels run in, the linear layers' weights) of a model in ``dtype`` on
+    ``kind`` ("cpu" or "cuda") kernels; ValueError for one that cannot run there.
+
+    CUDA kernels run in the model's precision throughout. CPU kernels compute in float32: a
+    bfloat16 model there keeps its linear layers' weights as bfloat16 (weight-only, half the
+    bytes a decode step reads) and holds every other tensor's bfloat16 values in float32."""
+    check_dtype(dtype)
+    if dtype in KERNEL_PRECISIONS[kind]:
+        return dtype, dtype
+    if dtype not in WEIGHT_ONLY[kind]:
+        raise ValueError(f"the CPU kernels have no {dtype}: use float32 or bfloat16 (bfloat16 weights, "
+                         "float32 arithmetic), or the CUDA target")
+    if quantize != "none":
+        raise ValueError(f"{quantize} on the CPU runs in float32 (its int4 codes are the weights): "
+                         "drop the bfloat16 or the quantization")
+    return "float32", dtype
+
+
+def _linear(role: str, m: int, n: int, k: int, count: int, quantize: str, group_size: int,
+            attrs: dict | None = None) -> KernelCall:
     op = "gemv" if m <= GEMV_MAX_M else "gemm"
-    attrs = {}
+    attrs = dict(attrs or {})
     if quantize == "q4":
         op += "_q4"
         attrs = {"group_size": group_size, "zero_point": False}
@@ -92,46 +120,58 @@ def bias_role(role: str) -> str:
     return role.replace("_proj", "_bias")
 
 
-def _layer_linears(config: ModelConfig, m: int, quantize: str, group_size: int) -> list[KernelCall]:
+def _layer_linears(config: ModelConfig, m: int, quantize: str, group_size: int, attrs: dict) -> list[KernelCall]:
     c, layers = config, config.num_hidden_layers
     # Q, K, V as one projection and gate, up as another (runtime.weights.FUSED)
-    linears = [_linear("qkv_proj", m, c.q_size + 2 * c.kv_size, c.hidden_size, layers, quantize, group_size),
-               _linear("o_proj", m, c.hidden_size, c.q_size, layers, quantize, group_size),
-               _linear("gate_up_proj", m, 2 * c.intermediate_size, c.hidden_size, layers, quantize, group_size),
-               _linear("down_proj", m, c.hidden_size, c.intermediate_size, layers, quantize, group_size)]
+    linears = [_linear("qkv_proj", m, c.q_size + 2 * c.kv_size, c.hidden_size, layers, quantize, group_size, attrs),
+               _linear("o_proj", m, c.hidden_size, c.q_size, layers, quantize, group_size, attrs),
+               _linear("gate_up_proj", m, 2 * c.intermediate_size, c.hidden_size, layers, quantize, group_size, attrs),
+               _linear("down_proj", m, c.hidden_size, c.intermediate_size, layers, quantize, group_size, attrs)]
     biased = biased_projections(c)
     return linears + [_rows(bias_role(call.role), "bias_add", m, call.spec.dims["N"], layers)
                       for call in linears if biased[call.role]]
 
 
+def _linear_attrs(dtype: str, weights: str | None, quantize: str) -> dict:
+    """The attributes that make a linear layer weight-only, or none when W is in ``dtype``."""
+    check_dtype(dtype)
+    if weights is None or check_dtype(weights) == dtype:
+        return {}
+    if (dtype, weights, quantize) != ("float32", "bfloat16", "none"):
+        raise ValueError(f"{weights} weights on {dtype} kernels (quantize {quantize}): weight-only is bfloat16 "
+                         "weights on float32, unquantised")
+    return {"weight": weights}
+
+
 def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: KernelSpec, quantize: str,
-                group_size: int, dtype: str) -> list[KernelCall]:
+                group_size: int, dtype: str, weights: str | None = None) -> list[KernelCall]:
     """The kernels of a pass over ``rows`` token rows of ``sequences`` sequences."""
     c, layers = config, config.num_hidden_layers
+    attrs = _linear_attrs(dtype, weights, quantize)
     calls = ([_norm(c, "first_norm", rows, False, 1), _norm(c, "residual_norm", rows, True, 2 * layers)]
-            + _layer_linears(c, rows, quantize, group_size)
+            + _layer_linears(c, rows, quantize, group_size, attrs)
             + [_rope(c, "rope_q", rows, c.num_attention_heads, layers),
                _rope(c, "rope_k", rows, c.num_key_value_heads, layers),
                KernelCall("attention", attention, layers),
                _rows("swiglu", "swiglu", rows, c.intermediate_size, layers),
-               _linear("lm_head", sequences, c.vocab_size, c.hidden_size, 1, quantize, group_size)])
-    check_dtype(dtype)
+               _linear("lm_head", sequences, c.vocab_size, c.hidden_size, 1, quantize, group_size, attrs)])
     return [KernelCall(call.role, replace(call.spec, dtype=dtype), call.count) for call in calls]
 
 
 def prefill_calls(config: ModelConfig, tokens: int, quantize: str = "none", group_size: int = 128,
-                  batch: int = 1, dtype: str = "float32") -> list[KernelCall]:
+                  batch: int = 1, dtype: str = "float32", weights: str | None = None) -> list[KernelCall]:
     """Kernels of one prefill pass over ``batch`` prompts of ``tokens`` tokens (logits of the last)."""
     check_quantize(config, quantize, group_size)
     c = config
     attention = KernelSpec.make("attention_prefill", {"B": batch, "T": tokens, "H": c.num_attention_heads,
                                                       "HKV": c.num_key_value_heads, "D": c.head_dim},
                                 attrs={"causal": True}, dynamic=("T",))
-    return _pass_calls(c, batch * tokens, batch, attention, quantize, group_size, dtype)
+    return _pass_calls(c, batch * tokens, batch, attention, quantize, group_size, dtype, weights)
 
 
 def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "none",
-                 group_size: int = 128, dtype: str = "float32", resident: bool = False) -> list[KernelCall]:
+                 group_size: int = 128, dtype: str = "float32", resident: bool = False,
+                 weights: str | None = None) -> list[KernelCall]:
     """Kernels of one decode step: one new token per sequence, ``kv_len`` cached positions.
 
     ``resident``: the step a CUDA model captures once as a graph and replays for every token,
@@ -144,7 +184,7 @@ def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "
                                                      "HKV": c.num_key_value_heads, "D": c.head_dim,
                                                      "S": kv_len, "L": kv_len}, dynamic=("S", "L"),
                                 attrs={"lengths": "per_sequence"} if resident else None)
-    calls = _pass_calls(c, batch, batch, attention, quantize, group_size, dtype)
+    calls = _pass_calls(c, batch, batch, attention, quantize, group_size, dtype, weights)
     if resident:
         append = KernelSpec.make("kv_append", {"B": batch, "HKV": c.num_key_value_heads, "D": c.head_dim,
                                                "S": kv_len}, dtype, dynamic=("S",))

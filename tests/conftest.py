@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -37,6 +38,9 @@ TOOLS = {
     "cc": (_c_compiler, "needs a C compiler ($CC, cc, gcc or clang) to link exported libraries"),
     "emulator": (_emulator, "needs g++ and the CUDA toolkit's headers for the CPU emulator of CUDA (tests/cudaemu.py)"),
     "make": (lambda: shutil.which("make") is not None, "needs make"),
+    # not a program, but skipped the same way: the cluster tests need the optional extra
+    "ray": (lambda: importlib.util.find_spec("ray") is not None,
+            "needs Ray, the optional extra (pip install -e '.[ray]'; make install brings it)"),
 }
 
 

@@ -120,7 +120,7 @@ def tuned_condition(lib: str | None = None, logs: Iterable[str] = ()) -> str | N
 
 
 def run_condition(config: ModelConfig, batch: int, tokens: int, capacity: int, quantize: str,
-                  group_size: int) -> tuple[str, int, int]:
+                  group_size: int, dtype: str = "float32", weights: str | None = None) -> tuple[str, int, int]:
     """(condition, bytes, cache bytes): the cache condition this CPU runs the model in, from the
     bytes its largest pass touches (prefill of ``tokens`` per sequence, decode against a cache
     of ``capacity`` positions) against the last-level cache, as ``tune-model --cache auto`` decides."""
@@ -130,8 +130,8 @@ def run_condition(config: ModelConfig, batch: int, tokens: int, capacity: int, q
     from ..model_tasks import pass_bytes
 
     target = Target.host()
-    touched = max(pass_bytes(config, batch * tokens, batch, capacity, quantize, group_size),
-                  pass_bytes(config, batch, batch, capacity, quantize, group_size))
+    touched = max(pass_bytes(config, batch * tokens, batch, capacity, quantize, group_size, dtype, weights),
+                  pass_bytes(config, batch, batch, capacity, quantize, group_size, dtype, weights))
     return cache_condition(touched, target), touched, last_level_cache_bytes(target)
 
 

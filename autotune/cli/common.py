@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .group import UserError
+from .group import CLUSTER_KEY, UserError
 
 def resolve_target(name: str, compile_only: bool = False):
     from search_space import Target
@@ -19,7 +19,8 @@ def resolve_target(name: str, compile_only: bool = False):
     if name in ("cpu", "host", "llvm"):
         return Target.host()
     if name == "cuda" or name.startswith("sm_"):
-        if compile_only or name.startswith("sm_"):
+        # on a cluster the runners say which GPUs they are: this machine need not have one
+        if compile_only or name.startswith("sm_") or cluster_options_given().get("cluster"):
             try:
                 return Target.from_name("sm_90a" if name == "cuda" else name)
             except ValueError as exc:
@@ -297,10 +298,21 @@ def check_model_files(tuner: str, transfer_from, load_model: str | None, save_mo
             raise UserError(f"--transfer-from: log {path} does not exist")
 
 
+def cluster_options_given() -> dict[str, Any]:
+    """``--cluster``/``--runner-cpus`` of the running command (``group.cluster_options``)."""
+    ctx = click.get_current_context(silent=True)
+    return dict(ctx.meta.get(CLUSTER_KEY, {})) if ctx is not None else {}
+
+
 def make_job(**fields: Any):
-    """A ``TuningJob`` from the command's options; a job that cannot run is bad input."""
+    """A ``TuningJob`` from the command's options (``--cluster`` too); a job that cannot run is
+    bad input."""
     from autotune.job import JobError, TuningJob
 
+    for name, value in cluster_options_given().items():
+        fields.setdefault(name, value)
+    if fields.get("runner_cpus") is not None and fields.get("cluster") is None:
+        raise UserError("--runner-cpus is for --cluster")
     check_timeouts(**{k: fields[k] for k in ("build_timeout", "run_timeout") if k in fields})
     try:
         return TuningJob(**fields)
@@ -311,9 +323,12 @@ def make_job(**fields: Any):
 def run_tuning(job, progress: bool):
     """Run ``job`` as every command does: remarks on stderr, bad input as a UserError."""
     from autotune.job import JobError, run_job
+    from measure.cluster import ClusterError
     from records import LogLockedError
 
     try:
         return run_job(job, progress=progress, note=lambda text: click.echo(text, err=True))
     except (JobError, LogLockedError) as exc:  # a second job took the log since open_log looked
+        raise UserError(str(exc)) from None
+    except ClusterError as exc:  # unreachable, nothing to measure on, every runner gone: one line
         raise UserError(str(exc)) from None

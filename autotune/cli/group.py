@@ -83,7 +83,53 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(0)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# ----------------------------------------------------------------------------- --cluster
+# The commands that measure take --cluster and --runner-cpus; they are attached here, where
+# every command is registered, and put in the click context, where ``make_job`` reads them.
+
+CLUSTER_COMMANDS = ("tune", "tune-model", "sweep")
+CLUSTER_KEY = "autotune.cluster"
+
+
+def _keep_cluster_option(ctx: click.Context, param: click.Parameter, value):
+    if value is None:
+        return value
+    if param.name == "cluster":
+        from measure.cluster import parse_cluster_address  # reads the address; Ray is not imported
+
+        try:
+            parse_cluster_address(value)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    elif value < 1:
+        raise UserError(f"--runner-cpus must be >= 1, got {value}")
+    ctx.meta.setdefault(CLUSTER_KEY, {})[param.name] = value
+    return value
+
+
+def cluster_options() -> list[click.Option]:
+    return [
+        click.Option(["--cluster"], default=None, metavar="ray[://HOST:PORT]", expose_value=False,
+                     callback=_keep_cluster_option,
+                     help="measure on a Ray cluster: builds on every CPU of it, a runner per GPU or CPU host; "
+                          "ray: this machine's cluster (or a new local one), ray://HOST:PORT: the cluster whose "
+                          "head is there (run this on one of its nodes)"),
+        click.Option(["--runner-cpus"], default=None, type=int, expose_value=False, callback=_keep_cluster_option,
+                     help="with --cluster, cpu: the cores each CPU host's runner times on (the rest compile) "
+                          "[default: 1]"),
+    ]
+
+
+class AutotuneGroup(click.Group):
+    """The ``autotune`` group: the commands that measure get the cluster options."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if (name or cmd.name) in CLUSTER_COMMANDS:
+            cmd.params.extend(cluster_options())
+        super().add_command(cmd, name)
+
+
+@click.group(cls=AutotuneGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="llm-autotune", prog_name="autotune")
 def cli() -> None:
     """Autotune LLM operator kernels with learned cost models."""

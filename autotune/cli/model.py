@@ -64,8 +64,8 @@ def load_config(model: str):
               help="cpu: time candidates with their inputs out of cache (cold) or in it (warm); auto: cold when "
                    "one forward pass touches more bytes than the last-level cache holds")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)),
-              help="the model's precision: weights, activations and KV cache (float32 accumulation); "
-                   "half precision needs the cuda target")
+              help="the model's precision: weights, activations and KV cache (float32 accumulation); on the cpu "
+                   "bfloat16 is weight-only (bfloat16 linear weights, float32 arithmetic); float16 needs cuda")
 def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, group_size, trials_total, tuner, batch,
                seed, threads, log_path, tracking_uri, no_mlflow, experiment, build_timeout, run_timeout, quiet,
                as_json, list_tasks, cache, dtype) -> None:
@@ -73,16 +73,20 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
     from autotune.tune_model import ModelWorkload
 
     config = load_config(model)
+    from measure.backends import get_backend
+
     kind = resolve_target(target, compile_only=True).kind
+    activations, weights = _precisions(dtype, kind, quantize)
     # a CUDA model's decode step runs as one captured graph: its kernels are the resident ones
     workload = ModelWorkload(config, parse_sizes(prefill_tokens, "--prefill-tokens"),
                              parse_sizes(decode_batch, "--decode-batch"), parse_sizes(kv_len, "--kv-len"),
-                             quantize, group_size, dtype, resident=kind == "cuda")
+                             quantize, group_size, activations, resident=get_backend(kind).resident_decode,
+                             weights=weights if weights != activations else None)
     try:
         tasks = workload.tasks()
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    _check_precision(tasks, kind, dtype)
+    _check_precision(tasks, kind, activations)
     if list_tasks:
         rows = [{"task": t.key, "op": t.task.op, "weight": t.weight, "calls_per_pass": t.uses} for t in tasks]
         if as_json:
@@ -95,7 +99,7 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
                    "per workload (each prefill once, 128 decode steps per batch size)")
         return
     tgt = resolve_target(target)
-    if threads is not None and tgt.kind != "cpu":
+    if threads is not None and not tgt.uses_cpu_threads:
         raise UserError("--threads is for the cpu target")
     job = make_job(target=tgt, model=workload, tuner=tuner, trials=trials_total, batch=batch, seed=seed,
                    log=open_log(log_path).path, restrict={"threads": [threads]} if threads is not None else None,
@@ -195,6 +199,17 @@ def _kernels(lib: str | None, logs: tuple[str, ...], target: str, allow_stale: b
         return TunedKernels(load_logs(logs), resolve_target(target), allow_stale=allow_stale)
 
 
+def _precisions(dtype: str, kind: str, quantize: str) -> tuple[str, str]:
+    """(the kernels' precision, the linear layers' weights) of a model in ``dtype`` on ``kind``
+    (``runtime.plan.precisions``: bfloat16 on the CPU is weight-only), or a one-line refusal."""
+    from runtime.plan import precisions
+
+    try:
+        return precisions(dtype, kind, quantize)
+    except ValueError as exc:
+        raise UserError(f"--dtype {dtype}: {exc}") from None
+
+
 def _check_precision(tasks, kind: str, dtype: str) -> None:
     """Refuse a precision the target's templates do not offer for every task, in one line."""
     from search_space.registry import get_template
@@ -202,14 +217,16 @@ def _check_precision(tasks, kind: str, dtype: str) -> None:
     missing = sorted({t.task.op for t in tasks if dtype not in get_template(t.task.op, kind).dtypes})
     if missing:
         raise UserError(f"--dtype {dtype}: the {kind} templates of {', '.join(missing)} offer no {dtype}; "
-                        f"use --dtype float32" + (" or --target cuda" if kind == "cpu" else ""))
+                        "use --dtype float32 or another target")
 
 
 def _dtype_of(kernels, dtype: str) -> str:
-    """``auto``: the precision of the provider's linear-layer kernels (float32 when it has several)."""
+    """``auto``: the precision of the provider's linear-layer kernels, that of their weights when
+    weight-only (float32 when it has several)."""
     if dtype != "auto":
         return dtype
-    found = {spec.dtype for spec in kernels.specs() if spec.op in ("gemv", "gemm", "gemv_q4", "gemm_q4")}
+    found = {spec.dtype if spec.attr.get("weight", "same") == "same" else spec.attr["weight"]
+             for spec in kernels.specs() if spec.op in ("gemv", "gemm", "gemv_q4", "gemm_q4")}
     return found.pop() if len(found) == 1 else "float32"
 
 
@@ -263,8 +280,7 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
     try:
         quantize = _quantize_of(kernels, quantize)
         dtype = _dtype_of(kernels, dtype)
-        if getattr(kernels, "kind", "cpu") == "cpu" and dtype != "float32":
-            raise UserError(f"--dtype {dtype}: a model on CPU kernels runs in float32 only")
+        activations, weights_dtype = _precisions(dtype, getattr(kernels, "kind", "cpu"), quantize)
         try:
             check_quantize(config, quantize, group_size)
             weights = make_weights(config, weights_dir, seed, quantize, group_size)
@@ -291,7 +307,8 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
         report.tuned_for = None
     if getattr(kernels, "kind", "cpu") == "cpu":
         padded = counts["prefill_padded_to"]
-        report.runs_in = run_condition(config, batch, padded, padded + new_tokens, quantize, group_size)
+        report.runs_in = run_condition(config, batch, padded, padded + new_tokens, quantize, group_size,
+                                       activations, weights_dtype)
     if compare:
         from export import TunedKernels
 

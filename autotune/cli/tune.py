@@ -7,8 +7,9 @@ import sys
 import click
 
 from ..units import format_rate, format_time, rate
-from .common import (ManyValues, UserError, check_model_files, check_timeouts, echo_json, make_job, open_log,
-                     positive, read_log, report_stale, resolve_target, resolve_task, run_tuning, restriction)
+from .common import (ManyValues, UserError, check_model_files, check_timeouts, cluster_options_given, echo_json,
+                     make_job, open_log, positive, read_log, report_stale, resolve_target, resolve_task, run_tuning,
+                     restriction)
 from .group import cli
 
 
@@ -97,9 +98,13 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
         raise UserError("--op and --shape are required (or --remeasure-stale to measure a log's stale records again)")
     compile_only = compile_only or target.startswith("sm_")
     tgt = resolve_target(target, compile_only)
-    if compile_only and tgt.kind != "cuda":
+    from measure.backends import get_backend
+
+    if compile_only and not get_backend(tgt.kind).resource_report:
         raise UserError("--compile-only is for CUDA targets: use --target cuda or an arch like sm_90a")
-    if tgt.kind == "cuda" and threads is not None:
+    if compile_only and cluster_options_given():
+        raise UserError("--compile-only builds on this machine and measures nothing: --cluster is for measuring")
+    if threads is not None and not tgt.uses_cpu_threads:
         raise UserError("--threads is for the cpu target")
     template, task = resolve_task(op, shape, dtype, tgt.kind, dynamic, attrs)
     if compile_only:
@@ -125,11 +130,15 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
     click.echo(f"{task.key}: {summary.trials} trials ({summary.resumed} resumed from the log, "
                f"{summary.measured} measured now, {summary.failed} failed) in {summary.wall_s:.1f} s; "
                f"compile share {summary.compile_share * 100:.0f}%")
+    for each in getattr(summary, "by_target", ()):  # a cluster of several kinds of machine: each its own best
+        fastest = f"{format_time(each.best.seconds)}, {format_rate(task, each.best.seconds)}, config " \
+                  f"{json.dumps(each.best.config)}" if each.best else "no candidate verified"
+        click.echo(f"  on {each.target.key} ({each.target.device_name}): {each.trials} trials, best {fastest}")
     if best is None:
         click.echo("no candidate verified; nothing is best")
     else:
         click.echo(f"best: {format_time(best.seconds)}, {format_rate(task, best.seconds)}, config {json.dumps(best.config)}")
-        note = timing_note(best, job.target)
+        note = timing_note(best, job.target) if job.cluster is None else ""  # this machine's load says nothing there
         if note:
             click.echo(note)
     click.echo(f"log: {job.log}")
@@ -191,7 +200,7 @@ def timing_note(record, target) -> str:
         spread = (stats["p80"] - stats["p20"]) / record.seconds
         if spread > SPREAD_LIMIT:
             reasons.append(f"its samples spread {spread * 100:.0f}%")
-    if target.kind == "cpu":
+    if target.uses_cpu_threads:
         load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
         threads = int(record.config.get("threads", 1) or 1)
         if load - threads > BUSY_LOAD:

@@ -4,6 +4,11 @@ int4 weights (``gemm_q4``, ``gemv_q4``).
 W is stored out-features by in-features, as in Hugging Face checkpoints, so both operands
 are contiguous along K. Y has the task's dtype (accumulation is float32 or better).
 
+Weight-only bfloat16 (``weight=bfloat16`` on a float32 task): X and Y are float32, W holds
+raw bfloat16 words in the same [N, K] layout, widened to float32 as they are read. A decode
+step reads its weights once, so half the bytes is close to half the time. The reference
+computes with the widened weights in float64. Templates opt in (``weight_dtypes``).
+
 int4 weight layout (the contract every q4 template reads):
 - ``WQ[N, K/2]`` uint8: two 4-bit codes per byte along K, element ``k = 2j`` in the low
   nibble of byte ``j``, ``k = 2j + 1`` in the high nibble;
@@ -14,21 +19,47 @@ int4 weight layout (the contract every q4 template reads):
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from runtime.q4 import dequantize_q4, quantize_q4  # the format is the runtime's contract too
 
 from ..task import Task
-from ..template import ArgSpec, Operator, register_operator
+from ..template import ArgSpec, Operator, Template, register_operator
 from .common import FLOAT_DTYPES, ITEMSIZE, from_float, random_uniform, to_float32, to_float64
+
+
+WEIGHT_ONLY = ("bfloat16",)  # narrower storages W may have on a float32 task
 
 
 class Matmul(Operator):
     dims = ("M", "N", "K")
     dtypes = FLOAT_DTYPES
+    default_attrs = {"weight": "same"}
+    attr_docs = {"weight": "storage of W: same (the task's dtype), or bfloat16 on a float32 task (weight-only: "
+                           "raw words widened to float32 as they are read; CPU templates)"}
+    weight_dtypes: ClassVar[tuple[str, ...]] = ()  # a template's weight-only storages (the operator: any)
+
+    def weight_dtype(self, task: Task) -> str:
+        """The dtype W is stored in: the task's, or a weight-only one."""
+        weight = self.attrs(task)["weight"]
+        return task.dtype if weight == "same" else weight
+
+    def check(self, task: Task) -> None:
+        super().check(task)
+        weight = self.attrs(task)["weight"]
+        if weight == "same":
+            return
+        if weight not in WEIGHT_ONLY or task.dtype != "float32":
+            raise ValueError(f"{self.op}: weight={weight!r} on a {task.dtype} task; use weight=same, or "
+                             f"weight={' or '.join(WEIGHT_ONLY)} on a float32 task")
+        if isinstance(self, Template) and weight not in self.weight_dtypes:
+            raise ValueError(f"{self.op}: the {self.target_kind} template takes no weight={weight} "
+                             "(W in the task's dtype only)")
 
     def signature(self, task: Task) -> tuple[ArgSpec, ...]:
-        return (ArgSpec("X", "in", task.dtype, ("M", "K")), ArgSpec("W", "in", task.dtype, ("N", "K")),
+        return (ArgSpec("X", "in", task.dtype, ("M", "K")), ArgSpec("W", "in", self.weight_dtype(task), ("N", "K")),
                 ArgSpec("Y", "out", task.dtype, ("M", "N")))
 
     def flops(self, task: Task) -> float:
@@ -38,21 +69,22 @@ class Matmul(Operator):
     def min_bytes(self, task: Task) -> float:
         d = task.dims
         size = ITEMSIZE[task.dtype]
-        return size * (d["M"] * d["K"] + d["N"] * d["K"] + d["M"] * d["N"])
+        return size * (d["M"] * d["K"] + d["M"] * d["N"]) + ITEMSIZE[self.weight_dtype(task)] * d["N"] * d["K"]
 
     def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
         d = task.dims
         return {"X": random_uniform(rng, (d["M"], d["K"]), task.dtype),
-                "W": random_uniform(rng, (d["N"], d["K"]), task.dtype)}
+                "W": random_uniform(rng, (d["N"], d["K"]), self.weight_dtype(task))}
 
     def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = to_float64(inputs["X"], task.dtype)
-        w = to_float64(inputs["W"], task.dtype)
+        w = to_float64(inputs["W"], self.weight_dtype(task))
         return {"Y": x @ w.T}
 
     def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
+        """float32 BLAS (weight-only: on the widened weights, four bytes each)."""
         x = to_float32(inputs["X"], task.dtype)
-        w = to_float32(inputs["W"], task.dtype)
+        w = to_float32(inputs["W"], self.weight_dtype(task))
         y = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
         return "numpy matmul X @ W.T (float32 BLAS)", lambda: np.matmul(x, w.T, out=y)
 

@@ -18,6 +18,11 @@ float32 by shifting (packing widens W once per block) and uses fmas. Y is rounde
 bfloat16 (nearest even) when it is final: directly by the micro-kernel when K is one
 block, otherwise from a float32 copy of Y in the workspace once a block's K loop is done.
 
+Weight-only bfloat16 (``weight=bfloat16`` on a float32 task: X and Y float32, W raw words):
+the float32 knobs; W is widened by shifting where it is read, once per block when packed
+(the copy and the transposed panel of the outer-product kernel hold float32), at every K
+step of the micro-kernel when not.
+
 Edges: blocks are whole multiples of the micro tile, so only the last M and N tiles can be
 partial; they get their own micro-kernels with the exact sizes, and the K remainder of a
 block is read with masked loads. Nothing reads or writes outside the arrays.
@@ -148,6 +153,7 @@ def blocked_gemm_features(task: Task, c: dict, w_bytes: float, elem: int = 4) ->
 class GemmCpu(GemmOp, Template):
     target_kind = "cpu"
     dtypes = ("float32", "bfloat16")
+    weight_dtypes = ("bfloat16",)
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
@@ -168,22 +174,24 @@ class GemmCpu(GemmOp, Template):
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         d = task.dims
         elem = 2 if task.dtype == "bfloat16" else 4
-        return blocked_gemm_features(task, config.as_dict(), elem * d["N"] * d["K"], elem)
+        w_elem = 2 if self.weight_dtype(task) == "bfloat16" else 4
+        return blocked_gemm_features(task, config.as_dict(), w_elem * d["N"] * d["K"], elem)
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
         c = config.as_dict()
         bf16 = task.dtype == "bfloat16"
+        weight_only = self.weight_dtype(task) != task.dtype  # bfloat16 W, float32 X and Y
         dot = c.get("dot", "fma") if bf16 else "fma"
         if dot == "bf16":
             # raw words into vdpbf16ps: the panel is a plain copy of bfloat16 W rows
             source = WeightSource(2, "bfloat16", _copy_panel(2) if c["pack"] else None)
-        elif bf16:
+        elif bf16 or (weight_only and c["kernel"] == "dot"):
             source = WeightSource(4, "float32", _widen_panel(c["vec"])) if c["pack"] else \
                 WeightSource(2, "bfloat16", None)
         elif c["kernel"] == "outer":
-            return render_blocked_gemm(task, c, "gemm", GemmOp().signature(task),
-                                       WeightSource(4, "float32", _transpose_panel(c["nr"] * c["vec"], c["vec"])),
+            panel = _transpose_panel(c["nr"] * c["vec"], c["vec"], widen=weight_only)
+            return render_blocked_gemm(task, c, "gemm", GemmOp().signature(task), WeightSource(4, "float32", panel),
                                        dot="outer")
         else:
             source = WeightSource(4, "float32", _copy_panel(4) if c["pack"] else None)
@@ -238,10 +246,13 @@ def transpose_square(kb: cg.KernelBuilder, rows: list) -> list:
     return rows
 
 
-def _transpose_panel(width: int, lanes: int) -> PanelFill:
+def _transpose_panel(width: int, lanes: int, widen: bool = False) -> PanelFill:
     """W rows [n0, n0+nlen) as columns for the outer-product kernel, one micro panel after
     the other: panel[n // width][k][n % width] (``width`` = the micro tile's columns), the
-    columns past nlen zero. Squares of ``lanes`` x ``lanes`` are transposed in registers."""
+    columns past nlen zero. Squares of ``lanes`` x ``lanes`` are transposed in registers.
+    ``widen``: W holds bfloat16 words, widened to float32 as they are loaded."""
+    el = cg.I16 if widen else cg.F32
+
     def fill(kb, inputs, dst, n0, nlen, k0, klen: int, kc: int, K: int) -> None:
         b = kb.b
         W = inputs[1]
@@ -258,7 +269,9 @@ def _transpose_panel(width: int, lanes: int) -> PanelFill:
             for i in range(lanes):
                 n = b.add(nt, cg.i64(i))
                 at = b.add(b.mul(b.add(n0, kb.min(n, last)), cg.i64(K)), b.add(k0, kt))
-                v = kb.load_vec(W, at, lanes) if count == lanes else kb.masked_load_vec(W, at, lanes, cg.i64(count))
+                v = kb.load_vec(W, at, lanes, el) if count == lanes else \
+                    kb.masked_load_vec(W, at, lanes, cg.i64(count), el)
+                v = kb.bf16_to_f32(v) if widen else v
                 rows.append(b.select(b.icmp_signed("<", n, nlen), v, kb.zeros(lanes)))
             for c, column in enumerate(transpose_square(kb, rows)[:count]):
                 kb.store_vec(column, dst, column_at(b.add(kt, cg.i64(c)), nt))

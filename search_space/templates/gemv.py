@@ -13,6 +13,13 @@ word pairs to the AVX-512 BF16 ``vdpbf16ps`` (2 x ``vec`` products per instructi
 targets with avx512bf16); ``widen`` widens both operands to float32 by shifting and uses
 fmas. Each output is rounded to bfloat16 (nearest even) once its dot product is complete,
 so K is not split into blocks (``kblock`` is 0) for bfloat16.
+
+Weight-only bfloat16 (``weight=bfloat16`` on a float32 task: X and Y float32, W raw words):
+the float32 schedule and knobs, each W vector widened by shifting as it is loaded, so a
+decode step streams half the bytes of float32 W. Streamed from memory, such a kernel reads
+W slower than float32 kernels do (on a 2-core Intel VM: 17-20 GB/s against 28-30), so it
+also takes ``prefetch``: each W row is prefetched that many bytes ahead of its loads (0:
+none; 24-30 GB/s there).
 """
 from __future__ import annotations
 
@@ -23,10 +30,12 @@ from ..space import Config, ConfigSpace, Knob
 from ..target import Target
 from ..task import Task
 from ..template import KernelSource, Template, register_template
+from ..ops.common import ITEMSIZE
 from ..ops.matmul import GemvOp
 from .gemv_plan import emit_gemv_plan
 
 PANEL_ROWS = 64  # W rows that share one pass over the K blocks (kblock > 0)
+PREFETCH_BYTES = (0, 1024, 2048)  # how far ahead a weight-only kernel prefetches each W row
 
 
 def vector_registers(target: Target) -> int:
@@ -37,6 +46,7 @@ def vector_registers(target: Target) -> int:
 class GemvCpu(GemvOp, Template):
     target_kind = "cpu"
     dtypes = ("float32", "bfloat16")
+    weight_dtypes = ("bfloat16",)
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
@@ -54,6 +64,8 @@ class GemvCpu(GemvOp, Template):
             Knob("kblock", (0,) + (() if bf16 else tuple(v for v in (256, 1024) if v < d["K"]))),
             Knob("threads", tuple(threads)),
         ]
+        if self.weight_dtype(task) != task.dtype:  # weight-only
+            knobs.append(Knob("prefetch", PREFETCH_BYTES))
         constraints = [
             ("accumulators fit in registers",
              lambda c: c["mtile"] * c["rows"] * c["unroll"] + c["mtile"] * c["unroll"] + 1 <= regs),
@@ -71,6 +83,8 @@ class GemvCpu(GemvOp, Template):
             values = {"rows": rows, "mtile": 1, "vec": lanes, "unroll": unroll, "kblock": 0, "threads": 1}
             if task.dtype == "bfloat16":
                 values["dot"] = space.knob("dot").values[0]
+            if "prefetch" in space.names:
+                values["prefetch"] = 1024
             if space.accepts(values):
                 return space.from_values(values)
         return next(iter(space))
@@ -81,8 +95,9 @@ class GemvCpu(GemvOp, Template):
         chunks = math.ceil(d["N"] / c["rows"])
         passes_over_w = math.ceil(d["M"] / c["mtile"])
         klen = c["kblock"] or d["K"]
-        elem = 2.0 if task.dtype == "bfloat16" else 4.0
-        moved = elem * (d["N"] * d["K"] * passes_over_w + d["M"] * d["N"])
+        elem = float(ITEMSIZE[task.dtype])
+        w_elem = float(ITEMSIZE[self.weight_dtype(task)])
+        moved = w_elem * d["N"] * d["K"] * passes_over_w + elem * d["M"] * d["N"]
         return {
             "threads": c["threads"],
             "vector_lanes": c["vec"],
@@ -91,8 +106,8 @@ class GemvCpu(GemvOp, Template):
             "loads_per_fma": (c["mtile"] + c["rows"]) / (c["mtile"] * c["rows"]),
             "parallel_chunks": chunks,
             "chunks_per_thread": chunks / c["threads"],
-            "tile_bytes_l1": elem * (c["mtile"] + c["rows"]) * c["vec"] * c["unroll"],
-            "tile_bytes_l2": elem * (c["mtile"] + c["rows"]) * klen,
+            "tile_bytes_l1": (elem * c["mtile"] + w_elem * c["rows"]) * c["vec"] * c["unroll"],
+            "tile_bytes_l2": (elem * c["mtile"] + w_elem * c["rows"]) * klen,
             "bytes_moved": moved,
             "arith_intensity": self.flops(task) / moved,
             "k_tail_fraction": (d["K"] % (c["vec"] * c["unroll"])) / d["K"],
@@ -110,8 +125,11 @@ def _render(task: Task, c: dict, target: Target) -> KernelSource:
     rows, mtile, lanes, unroll = c["rows"], c["mtile"], c["vec"], c["unroll"]
     kblock = c["kblock"] or K
     bf16 = task.dtype == "bfloat16"
+    w_bf16 = GemvOp().weight_dtype(task) == "bfloat16"  # W as raw words (bfloat16 or weight-only)
     dot = "bf16" if bf16 and c["dot"] == "bf16" else "fma"
-    el = cg.I16 if bf16 else cg.F32
+    x_el = cg.I16 if bf16 else cg.F32
+    w_el = cg.I16 if w_bf16 else cg.F32
+    ahead = c.get("prefetch", 0) // (2 if w_bf16 else 4)  # in W elements
     width = 2 * lanes if dot == "bf16" else lanes  # elements per vector step
     module = cg.new_module("gemv")
     body, kb = cg.chunk_body(module, "gemv_chunk", n_pointers=3, n_scalars=0)
@@ -129,14 +147,17 @@ def _render(task: Task, c: dict, target: Target) -> KernelSource:
         x_rows = [b.mul(b.add(m0, cg.i64(m)), cg.i64(K)) for m in range(mt)]
         w_rows = [b.mul(b.add(n0, cg.i64(r)), cg.i64(K)) for r in range(nrows)]
 
-        def load(base, at, count):
+        def load(base, at, count, el):
             v = kb.masked_load_vec(base, at, width, count, el) if count is not None else kb.load_vec(base, at, width, el)
-            return kb.bf16_to_f32(v) if bf16 and dot == "fma" else v
+            return kb.bf16_to_f32(v) if el == cg.I16 and dot == "fma" else v
 
         def step(k, u: int, count=None) -> None:
-            xs = [load(X, b.add(b.add(x_rows[m], k0), k), count) for m in range(mt)]
+            xs = [load(X, b.add(b.add(x_rows[m], k0), k), count, x_el) for m in range(mt)]
             for r in range(nrows):
-                w = load(W, b.add(b.add(w_rows[r], k0), k), count)
+                at = b.add(b.add(w_rows[r], k0), k)
+                if ahead and count is None and u == 0:  # once per unrolled step: about once a cache line
+                    kb.prefetch(W, b.add(at, cg.i64(ahead)), w_el)
+                w = load(W, at, count, w_el)
                 for m in range(mt):
                     slot = slots[m][r][u]
                     acc = b.load(slot)

@@ -62,3 +62,18 @@ def test_the_cuda_seed_configs_fit_the_spaces_of_the_shapes_they_were_picked_for
     space, default = template.space(task, CUDA), template.default(task, CUDA).as_dict()
     seeds = template.seed_configs(task, CUDA)
     assert seeds and all(space.accepts({**default, **seed}) for seed in seeds)
+
+
+def test_a_job_with_transfer_from_measures_the_best_config_of_the_other_shape_first(host, tmp_path):
+    from autotune.job import TuningJob, run_job
+    from records import RecordLog
+
+    other = Task.make("rmsnorm", {"M": 2, "N": 256})
+    run_job(TuningJob(host, other, tuner="random", trials=4, batch=4, seed=3, log=str(tmp_path / "other.jsonl"),
+                      mlflow=False), progress=False)
+    best = min((r for r in RecordLog(tmp_path / "other.jsonl").records() if r.ok), key=lambda r: r.result.median)
+    mine = Task.make("rmsnorm", {"M": 4, "N": 256})
+    run_job(TuningJob(host, mine, tuner="xgb", trials=2, batch=2, seed=0, log=str(tmp_path / "mine.jsonl"),
+                      transfer_from=(str(tmp_path / "other.jsonl"),), mlflow=False), progress=False)
+    first = RecordLog(tmp_path / "mine.jsonl").records()[0]
+    assert first.config == best.config

@@ -1,0 +1,257 @@
+"""Tuning on a real Ray cluster: two nodes on this machine (``ray.cluster_utils.Cluster``,
+two CPUs each), so that one runner can die while the other goes on.
+
+Each node gets one CPU runner pinned to its last core; builds run on the other cores. The
+candidates are small gemv kernels timed briefly; every test shares the one cluster."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.tools("ray")
+
+CLI = [sys.executable, "-m", "autotune.cli"]
+SHAPE = {"M": 1, "N": 64, "K": 128}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(kernel_cache):
+    """The cluster's GCS address; this process is connected to it as a driver."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # a test cluster: no token for the CLI drivers started below to find, no usage reports
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
+    os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    store = 80 << 20
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": store})
+    cluster.add_node(num_cpus=2, object_store_memory=store)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield cluster.address
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def cluster(ray_cluster, fast_policy):
+    """A RayCluster with its runners started (one per node), timing briefly."""
+    from measure.cluster import open_cluster
+
+    notes = []
+    with open_cluster(f"ray://{ray_cluster}", note=notes.append) as cluster:
+        (target,) = cluster.start_runners("cpu", run_timeout=10)
+        cluster.set_policy(target.key, fast_policy)
+        cluster.notes = notes
+        yield cluster
+
+
+def gemv_inputs(target, n, seed=0, shape=SHAPE):
+    from measure import MeasureInput
+    from search_space import Task, get_template
+
+    task = Task.make("gemv", shape)
+    space = get_template("gemv", "cpu").space(task, target)
+    return [MeasureInput(task, cfg, target) for cfg in space.sample(np.random.default_rng(seed), n)]
+
+
+def test_one_runner_per_host_and_builds_off_its_cores(cluster, host):
+    assert len(cluster.runners) == 2 and len({r.node for r in cluster.runners}) == 2
+    for runner in cluster.runners:
+        assert len(runner.cores) == 1
+        # the runner's target is this CPU as its one pinned core sees it
+        assert runner.target.key == host.key and runner.target.cores == 1
+    # a shape no other test compiles: real compiles (not cache hits) keep both nodes' build CPUs busy
+    builds = cluster.build(gemv_inputs(cluster.runners[0].target, 12, shape={"M": 1, "N": 40, "K": 192}))
+    assert all(b.error.name == "NO_ERROR" and not b.cached for b in builds)
+    assert sum(cluster.build_nodes.values()) == 12
+    for runner in cluster.runners:
+        assert cluster.build_cores[runner.node], "no build ran on a node"
+        assert not cluster.build_cores[runner.node] & set(runner.cores), "a build ran on a runner's core"
+    assert cluster.build_cpus == 2
+
+
+def test_a_runner_killed_while_measuring_loses_only_that_candidate(cluster):
+    import ray
+
+    from measure.cluster.pool import RUNNER_DEPTH
+
+    inputs = gemv_inputs(cluster.runners[0].target, 10, seed=1)
+    builds = cluster.build(inputs)
+    tickets = cluster.submit(inputs, builds)
+    results = dict(cluster.wait())
+    busy = cluster.busy_runners()
+    assert busy, "both runners idle with candidates queued"
+    ray.kill(busy[0].actor)
+    while len(results) < len(tickets):
+        for ticket, result in cluster.wait():
+            assert ticket not in results, "a candidate came back twice"
+            results[ticket] = result
+    assert sorted(results) == sorted(tickets)
+    assert all(r.ok for r in results.values()), [r.message for r in results.values() if not r.ok]
+    # what the dead runner held (the candidate it measured, and the next one queued on it) went to the other
+    assert cluster.lost_runners == 1 and 1 <= cluster.measured_again <= RUNNER_DEPTH and len(cluster.runners) == 1
+    assert any("died" in note and "measured again" in note for note in cluster.notes)
+
+
+def _job(host, fast_policy, log, cluster=None, trials=8, batch=4):
+    from autotune import TuningJob
+    from search_space import Task
+
+    return TuningJob(host, Task.make("gemv", SHAPE), tuner="random", trials=trials, batch=batch, seed=3, log=str(log),
+                     mlflow=False, timing=fast_policy, cluster=cluster)
+
+
+def distinct_configs(path):
+    from records import RecordLog
+
+    records = RecordLog(path).records()
+    return records, {r.config_key for r in records}
+
+
+def test_a_clustered_job_writes_as_many_distinct_records_as_a_local_one(ray_cluster, host, fast_policy, tmp_path):
+    from autotune import run_job
+
+    notes = []
+    local = run_job(_job(host, fast_policy, tmp_path / "local.jsonl"), progress=False)
+    clustered = run_job(_job(host, fast_policy, tmp_path / "cluster.jsonl", f"ray://{ray_cluster}"), progress=False,
+                        note=notes.append)
+    records, configs = distinct_configs(tmp_path / "cluster.jsonl")
+    local_records, local_configs = distinct_configs(tmp_path / "local.jsonl")
+    assert len(records) == len(configs) == len(local_configs) == len(local_records) == 8
+    assert clustered.measured == local.measured == 8 and clustered.best is not None
+    # the records carry the target their runner reported: this CPU, as its one core sees it
+    assert {(r.target.key, r.target.cores) for r in records} == {(host.key, 1)}
+    assert any("2 runner(s) measuring" in n for n in notes), notes
+
+
+def _kill_a_runner_after_first_record(log_path, killed):
+    import ray
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if log_path.exists() and log_path.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.01)
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("autotune-runner-")]
+    actor = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    ray.kill(actor)
+    killed.append(names[0]["name"])
+
+
+def test_a_runner_killed_mid_job_loses_nothing_and_records_nothing_twice(ray_cluster, host, fast_policy, tmp_path):
+    from autotune import run_job
+
+    log, notes, killed = tmp_path / "kill.jsonl", [], []
+    killer = threading.Thread(target=_kill_a_runner_after_first_record, args=(log, killed))
+    killer.start()
+    summary = run_job(_job(host, fast_policy, log, f"ray://{ray_cluster}", trials=12, batch=6), progress=False,
+                      note=notes.append)
+    killer.join()
+    records, configs = distinct_configs(log)
+    # the runner died measuring a candidate (the other was busy too: the batch keeps both fed)
+    assert killed and any(killed[0] in n and "measured again" in n for n in notes), notes
+    assert summary.measured == len(records) == len(configs) == 12
+    assert all(r.ok for r in records)
+
+
+def test_sigkill_of_the_driver_then_resume(ray_cluster, tmp_path):
+    args = CLI + ["tune", "--op", "gemv", "--shape", "M=1,N=64,K=128", "--tuner", "random", "--trials", "10",
+                  "--batch", "2", "--seed", "5", "--log", "kill.jsonl", "--no-mlflow", "--quiet",
+                  "--cluster", f"ray://{ray_cluster}"]
+    log = tmp_path / "kill.jsonl"
+    driver = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and driver.poll() is None:
+        if log.exists() and log.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGKILL)
+    driver.communicate(timeout=30)
+    first, _ = distinct_configs(log)
+    assert 3 <= len(first) < 10, "the driver finished before it could be killed"
+    again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"({len(first)} resumed from the log, {10 - len(first)} measured now" in again.stdout, again.stdout
+    records, configs = distinct_configs(log)
+    assert len(records) == len(configs) == 10
+    assert {r.config_key for r in first} <= configs
+
+
+def test_the_model_scheduler_measures_several_tasks_at_once(cluster, tmp_path):
+    """Rounds of different tasks are in flight together, and their measurements overlap in
+    time (each runner measures one candidate at a time, so an overlap is two runners at once)."""
+    from autotune.model_tasks import ModelTask
+    from autotune.scheduler import ClusterRounds, TaskScheduler
+    from autotune.tuning import measure_on_cluster
+    from measure import TimingPolicy
+    from records import RecordLog
+    from search_space import Task
+
+    target = cluster.runners[0].target
+    # candidates timed for ~0.2 s each, so that the runners' measurements can be seen to overlap
+    cluster.set_policy(target.key, TimingPolicy(warmup=1, min_sample_s=0.04, repeats=5, min_repeats=5))
+    tasks = [ModelTask(Task.make("gemv", {"M": 1, "N": n, "K": 128}), weight=1.0) for n in (32, 64, 96)]
+    log = RecordLog(tmp_path / "model.jsonl")
+    in_flight, most = set(), [0]
+
+    def round_done(scheduler, i, records):
+        in_flight.discard(i)
+
+    scheduler = TaskScheduler(tasks, target, tuner="random", batch=2)
+    run = ClusterRounds(scheduler, 12, cluster, log, on_round=[round_done])
+
+    def next_rounds():
+        rounds = run.next_rounds()
+        in_flight.update(r.tag for r in rounds)
+        most[0] = max(most[0], len(in_flight))
+        return rounds
+
+    measure_on_cluster(cluster, next_rounds)
+    summary = run.summary()
+    records, _ = distinct_configs(log.path)
+    assert summary.trials == len(records) == 12 and len({(r.task.key, r.config_key) for r in records}) == 12
+    assert {r.task.key for r in records} == {t.key for t in tasks}
+    assert most[0] >= 2, "one round at a time"
+    spans = [(r.result.timestamp - r.result.run_s, r.result.timestamp, r.task.key) for r in records]
+    overlapping = [(a[2], b[2]) for a in spans for b in spans if a[2] != b[2] and a[0] < b[1] and b[0] < a[1]]
+    assert overlapping, "no two tasks were measured at the same time"
+    assert np.isfinite(summary.estimated_latency_s)
+
+
+def test_a_model_job_on_the_cluster_logs_to_the_log_and_mlflow(ray_cluster, host, fast_policy, tmp_path):
+    """``tune-model`` through ``run_job``: every task's first round on the two runners, the
+    records in the log (written by the driver's log thread) and the MLflow run, which keeps the
+    whole log and says what the job measured on."""
+    from autotune import TuningJob, run_job
+    from autotune.tune_model import ModelWorkload
+    from records import RecordLog
+    from records.mlflow_tracking import records_from_run
+    from runtime.model_config import PRESETS
+
+    log, uri, notes = tmp_path / "model.jsonl", f"sqlite:///{tmp_path / 'mlflow.db'}", []
+    job = TuningJob(host, model=ModelWorkload(PRESETS["tiny"]), tuner="random", trials=6, batch=2, log=str(log),
+                    tracking_uri=uri, timing=fast_policy, cluster=f"ray://{ray_cluster}")
+    summary = run_job(job, progress=False, note=notes.append)
+    records = RecordLog(log).records()
+    assert summary.measured == len(records) == 6 and len({(r.task.key, r.config_key) for r in records}) == 6
+    run_id = next(n.split()[2] for n in notes if n.startswith("MLflow run "))
+    assert len(records_from_run(run_id, uri)) == 6  # the log artifact was taken once every record was in
+    import mlflow
+
+    params = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).data.params
+    assert params["cluster_runners"] == "2" and params["cluster_targets"] == host.key
+    assert params["cluster"] == f"ray://{ray_cluster}"

@@ -1,0 +1,135 @@
+"""A bfloat16 model on CPU kernels: weight-only (bfloat16 linear weights, float32 arithmetic).
+
+Its reference is the float32 numpy model on the same rounded weights (``ModelWeights.rounded``),
+so the two differ only by float32 arithmetic: logits within ``TOLERANCE`` of the largest
+logit, and the same greedy tokens over 32 steps."""
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from autotune.model_tasks import weight_bytes
+from runtime.llama import LlamaModel
+from runtime.model_config import PRESETS, load_model_config
+from runtime.plan import decode_calls, precisions, prefill_calls
+from runtime.precision import Bfloat16Words, float32_to_bfloat16, widened
+from runtime.reference import ReferenceModel
+from runtime.weights import ModelWeights, device_linear_names
+
+TINY = PRESETS["tiny"]
+LLAMA_100M = "benchmarks/models/llama-100m/config.json"
+TOLERANCE = 1e-5  # |logit difference| / max |logit|: float32 arithmetic only (seen: below 1e-6)
+LINEAR_OPS = ("gemv", "gemm")
+
+
+@pytest.fixture(scope="module")
+def default_kernels():
+    from export import TunedKernels
+
+    with TunedKernels.defaults() as kernels:
+        yield kernels
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
+
+
+def generate_both(config, weights, kernels, prompts, steps: int = 32):
+    model = LlamaModel(config, weights, kernels, dtype="bfloat16")
+    ours = model.generate(prompts, steps)
+    reference = ReferenceModel(config, weights.rounded("bfloat16")).generate(prompts, steps)
+    return model, ours, reference
+
+
+def assert_weight_only(model: LlamaModel) -> None:
+    """Linear layers are float32 kernels reading bfloat16 W; every other kernel is float32."""
+    specs = [k.spec for k in model.used.values()]
+    assert {s.dtype for s in specs} == {"float32"}
+    assert {s.attr.get("weight") for s in specs if s.op in LINEAR_OPS} == {"bfloat16"}
+    assert all("weight" not in s.attr for s in specs if s.op not in LINEAR_OPS)
+    for name in device_linear_names(model.config):
+        assert model._weight(name, linear=True).dtype == np.uint16, name
+
+
+def test_tiny_bfloat16_matches_the_reference_on_rounded_weights(default_kernels):
+    weights = ModelWeights.random(TINY, seed=3)
+    prompts = np.random.default_rng(1).integers(0, TINY.vocab_size, (2, 9))
+    model, ours, reference = generate_both(TINY, weights, default_kernels, prompts)
+    assert_weight_only(model)
+    assert ours.logits.dtype == np.float32 and ours.logits.shape == (2, 32, TINY.vocab_size)
+    assert relative_error(ours.logits, reference.logits) < TOLERANCE
+    np.testing.assert_array_equal(ours.tokens, reference.tokens)
+    # the rounding really happened: against the unrounded float32 model the logits move 100x more
+    unrounded = ReferenceModel(TINY, weights).generate(prompts, 32)
+    assert relative_error(ours.logits, unrounded.logits) > 100 * TOLERANCE
+
+
+def test_llama_100m_bfloat16_matches_the_reference_on_rounded_weights(default_kernels):
+    config = load_model_config(LLAMA_100M)
+    weights = ModelWeights.random(config, seed=11)
+    prompts = np.random.default_rng(4).integers(0, config.vocab_size, (1, 8))
+    model, ours, reference = generate_both(config, weights, default_kernels, prompts)
+    assert_weight_only(model)
+    assert relative_error(ours.logits, reference.logits) < TOLERANCE
+    np.testing.assert_array_equal(ours.tokens, reference.tokens)
+
+
+def save_bfloat16_checkpoint(weights: ModelWeights, folder) -> None:
+    """``model.safetensors`` with every tensor as BF16 (numpy cannot write it), and config.json."""
+    header, blobs, offset = {}, [], 0
+    for name, tensor in weights.tensors.items():
+        words = float32_to_bfloat16(widened(tensor))
+        header[name] = {"dtype": "BF16", "shape": list(words.shape), "data_offsets": [offset, offset + words.nbytes]}
+        blobs.append(words.tobytes())
+        offset += words.nbytes
+    text = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    weights.config.save(folder / "config.json")
+
+
+def test_a_bfloat16_checkpoint_runs_without_a_float32_copy_of_its_linear_weights(tmp_path, default_kernels):
+    save_bfloat16_checkpoint(ModelWeights.random(TINY, seed=8), tmp_path)
+    loaded = ModelWeights.load(TINY, tmp_path)
+    assert all(isinstance(t, Bfloat16Words) for t in loaded.tensors.values())
+    prompts = np.array([[4, 8, 15, 16, 23, 42]])
+    model, ours, reference = generate_both(TINY, loaded, default_kernels, prompts, steps=8)
+    assert_weight_only(model)
+    # unfused layers and the (tied) LM head are the checkpoint's own words; fused ones are stacked words
+    for part in ("self_attn.o_proj", "mlp.down_proj"):
+        name = f"model.layers.0.{part}.weight"
+        assert np.shares_memory(model._weight(name, linear=True), loaded.tensors[name])
+    head = model._weight(model.lm_head_name, linear=True)
+    assert np.shares_memory(head, loaded.tensors[model.lm_head_name])
+    assert relative_error(ours.logits, reference.logits) < TOLERANCE
+    np.testing.assert_array_equal(ours.tokens, reference.tokens)
+    # the same numbers from float32 weights: bit for bit the same model
+    again = LlamaModel(TINY, loaded.widened(), default_kernels, dtype="bfloat16").generate(prompts, 8)
+    np.testing.assert_array_equal(again.logits, ours.logits)
+
+
+def test_the_cpu_runs_bfloat16_weight_only_and_refuses_float16(default_kernels):
+    assert precisions("bfloat16", "cpu") == ("float32", "bfloat16")
+    assert precisions("bfloat16", "cuda") == ("bfloat16", "bfloat16")
+    assert precisions("float32", "cpu", "q4") == ("float32", "float32")
+    weights = ModelWeights.random(TINY, seed=0)
+    with pytest.raises(ValueError, match="the CPU kernels have no float16: use float32 or bfloat16"):
+        LlamaModel(TINY, weights, default_kernels, dtype="float16")
+    with pytest.raises(ValueError, match="q4 on the CPU runs in float32"):
+        LlamaModel(TINY, weights.quantize_q4(128), default_kernels, dtype="bfloat16")
+
+
+def test_the_plan_makes_linear_layers_weight_only_and_counts_half_their_bytes():
+    calls = decode_calls(TINY, 1, 64, weights="bfloat16") + prefill_calls(TINY, 32, weights="bfloat16")
+    linear = [c.spec for c in calls if c.spec.op in LINEAR_OPS]
+    assert {c.role for c in calls if c.spec.op in LINEAR_OPS} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj",
+                                                                  "lm_head"}
+    assert all(s.attr == {"weight": "bfloat16"} and s.dtype == "float32" for s in linear)
+    assert decode_calls(TINY, 1, 64, weights="float32") == decode_calls(TINY, 1, 64)
+    with pytest.raises(ValueError, match="weight-only is bfloat16 weights on float32"):
+        decode_calls(TINY, 1, 64, dtype="bfloat16", weights="float32")
+    config = load_model_config(LLAMA_100M)
+    full, half = weight_bytes(config), weight_bytes(config, weights="bfloat16")
+    assert 0.5 < half / full < 0.51  # the norm gains stay float32

@@ -1,0 +1,127 @@
+"""Weight-only bfloat16 gemm and gemv on the CPU (``weight=bfloat16`` on a float32 task: X and
+Y float32, W raw bfloat16 words): awkward shapes and every knob value against the float64
+reference of the widened weights, and exact results where float32 arithmetic is exact."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from measure import LocalBuilder, LocalRunner, MeasureInput
+from measure.cpu_kernel import allocate_args, compile_and_load
+from search_space import Task, get_template
+from search_space.ops.common import float32_to_bfloat16
+
+from test_quant_templates import every_knob_value  # noqa: E402  (same directory)
+
+WEIGHT_ONLY = {"weight": "bfloat16"}
+
+
+@pytest.fixture(scope="module")
+def machinery(fast_policy):
+    with LocalBuilder(n_parallel=2) as builder, LocalRunner(policy=fast_policy, timeout_s=60) as runner:
+        yield builder, runner
+
+
+SHAPES = {
+    "gemm": [{"M": 1, "N": 1, "K": 1}, {"M": 7, "N": 13, "K": 33}, {"M": 29, "N": 50, "K": 1100},
+             {"M": 130, "N": 97, "K": 515}],
+    "gemv": [{"M": 1, "N": 1, "K": 1}, {"M": 1, "N": 67, "K": 1027}, {"M": 5, "N": 13, "K": 1100},
+             {"M": 16, "N": 70, "K": 300}],
+}
+
+
+@pytest.mark.parametrize("op", ["gemm", "gemv"])
+def test_weight_only_matches_reference_on_awkward_shapes(op, host, machinery):
+    """Verified by the runner: fresh inputs, NaN-poisoned outputs, the float32 tolerance."""
+    builder, runner = machinery
+    template = get_template(op, "cpu")
+    rng = np.random.default_rng(5)
+    inputs = []
+    for i, shape in enumerate(SHAPES[op]):
+        task = Task.make(op, shape, "float32", WEIGHT_ONLY)
+        space = template.space(task, host)
+        default = template.default(task, host)
+        configs = every_knob_value(space, default) if i == 2 else [default] + space.sample(rng, 2)
+        inputs += [MeasureInput(task, c, host) for c in configs]
+    results = runner.run(inputs, builder.build(inputs))
+    failures = [(i.task.key, str(i.config), r.error.name, r.message) for i, r in zip(inputs, results) if not r.ok]
+    assert not failures, failures
+
+
+def exact_inputs(shape: dict[str, int], rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """X integers up to 400 (most not representable in bfloat16: a kernel that rounded X would
+    be off) and W sixteenths (exact in bfloat16): with K <= 600 every product and partial sum is
+    a multiple of 1/16 below 2^20, exact in float32, so any order of summation gives X @ W^T."""
+    assert shape["K"] <= 600
+    x = rng.integers(-400, 401, size=(shape["M"], shape["K"])).astype(np.float32)
+    w = rng.integers(-64, 65, size=(shape["N"], shape["K"])).astype(np.float32) / 16
+    return {"X": x, "W": float32_to_bfloat16(w)}, (x.astype(np.float64) @ w.astype(np.float64).T)
+
+
+def path_configs(op: str, task: Task, host) -> list:
+    """The default, and each way W reaches the arithmetic: for gemm packed (widened copy) or
+    read in place, by the dot or the outer-product kernel, one K block or several; for gemv one
+    K block or several, W prefetched ahead or not."""
+    template = get_template(op, "cpu")
+    space = template.space(task, host)
+    base = template.default(task, host).as_dict()
+    if op == "gemv":
+        changes = [{}, {"kblock": 256, "vec": 8, "unroll": 1, "prefetch": 0}, {"mtile": 2, "rows": 2, "vec": 4},
+                   {"prefetch": 2048, "unroll": 1}]
+    else:
+        changes = [{"kernel": kernel, "pack": pack, "kc": kc}
+                   for kernel, pack in (("dot", 0), ("dot", 1), ("outer", 1)) for kc in (0, 256)]
+    configs = []
+    for change in changes:
+        values = dict(base, **change)
+        assert space.accepts(values), values
+        configs.append(space.from_values(values))
+    return configs
+
+
+@pytest.mark.parametrize("op, shape", [("gemm", {"M": 9, "N": 21, "K": 300}), ("gemv", {"M": 3, "N": 61, "K": 300})])
+def test_weight_only_computes_with_the_widened_weights_exactly(op, shape, host):
+    template = get_template(op, "cpu")
+    task = Task.make(op, shape, "float32", WEIGHT_ONLY)
+    inputs, exact = exact_inputs(shape, np.random.default_rng(2))
+    np.testing.assert_array_equal(template.reference(task, inputs)["Y"], exact)
+    for config in path_configs(op, task, host):
+        source = template.render(task, config, host)
+        assert [(a.name, a.dtype) for a in source.args if a.role != "workspace"] == \
+            [("X", "float32"), ("W", "bfloat16"), ("Y", "float32")]
+        kernel = compile_and_load(source, host)
+        buffers = allocate_args(source, task.dims, inputs)
+        kernel(buffers, task.dims)
+        assert buffers["Y"].dtype == np.float32
+        np.testing.assert_array_equal(buffers["Y"], exact.astype(np.float32), err_msg=str(config))
+
+
+@pytest.mark.parametrize("op", ["gemm", "gemv"])
+def test_weight_only_has_the_float32_knobs_and_half_the_weight_bytes(op, host):
+    """The float32 knobs (gemv: and how far ahead W is prefetched)."""
+    template = get_template(op, "cpu")
+    shape = {"M": 1 if op == "gemv" else 64, "N": 4096, "K": 4096}
+    full, half = Task.make(op, shape), Task.make(op, shape, "float32", WEIGHT_ONLY)
+    extra = ["prefetch"] if op == "gemv" else []
+    assert template.space(half, host).names == template.space(full, host).names + extra
+    assert half.key.endswith('/weight="bfloat16"') and half.key != full.key
+    assert full.min_bytes - half.min_bytes == 2 * 4096 * 4096
+    config = template.default(full, host)
+    assert template.features(half, config, host)["bytes_moved"] < template.features(full, config, host)["bytes_moved"]
+    space = template.space(half, host)
+    default = template.default(half, host)
+    code = template.render(half, default, host).code
+    assert code != template.render(full, default, host).code
+    for neighbor in space.neighbors(default):
+        assert template.render(half, neighbor, host).code != code, str(neighbor)
+
+
+def test_weight_only_is_refused_where_it_means_nothing():
+    gemv = get_template("gemv", "cpu")
+    with pytest.raises(ValueError, match="on a float32 task"):
+        gemv.check(Task.make("gemv", {"M": 1, "N": 8, "K": 8}, "bfloat16", WEIGHT_ONLY))
+    with pytest.raises(ValueError, match="weight='float16'"):
+        gemv.check(Task.make("gemv", {"M": 1, "N": 8, "K": 8}, "float32", {"weight": "float16"}))
+    for op in ("gemv", "gemm"):  # the CUDA templates store W in the task's dtype only
+        with pytest.raises(ValueError, match="cuda template takes no weight=bfloat16"):
+            get_template(op, "cuda").check(Task.make(op, {"M": 1, "N": 8, "K": 8}, "float32", WEIGHT_ONLY))
