@@ -102,14 +102,6 @@ def test_host_copies_of_a_decode_step_match_the_plain_ones():
     assert positions.tolist() == [17, 17, 17]
 
 
-@pytest.fixture(scope="module")
-def default_kernels():
-    from export import TunedKernels
-
-    with TunedKernels.defaults() as kernels:
-        yield kernels
-
-
 def test_a_decode_step_binds_new_lengths_and_refuses_positions_past_its_cache(default_kernels):
     tiny = PRESETS["tiny"]
     weights = ModelWeights.random(tiny, seed=3)

@@ -17,15 +17,6 @@ from runtime.weights import ModelWeights, read_safetensors
 TINY = PRESETS["tiny"]
 
 
-@pytest.fixture(scope="module")
-def default_kernels():
-    """Template defaults, compiled once for every test of this module."""
-    from export import TunedKernels
-
-    with TunedKernels.defaults() as kernels:
-        yield kernels
-
-
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
 

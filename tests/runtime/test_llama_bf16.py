@@ -18,23 +18,12 @@ from runtime.plan import decode_calls, precisions, prefill_calls
 from runtime.precision import Bfloat16Words, float32_to_bfloat16, widened
 from runtime.reference import ReferenceModel
 from runtime.weights import ModelWeights, device_linear_names
+from test_llama import relative_error  # noqa: E402  (same directory)
 
 TINY = PRESETS["tiny"]
 LLAMA_100M = "benchmarks/models/llama-100m/config.json"
 TOLERANCE = 1e-5  # |logit difference| / max |logit|: float32 arithmetic only (seen: below 1e-6)
 LINEAR_OPS = ("gemv", "gemm")
-
-
-@pytest.fixture(scope="module")
-def default_kernels():
-    from export import TunedKernels
-
-    with TunedKernels.defaults() as kernels:
-        yield kernels
-
-
-def relative_error(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
 
 
 def generate_both(config, weights, kernels, prompts, steps: int = 32):

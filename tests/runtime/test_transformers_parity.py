@@ -114,15 +114,6 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def default_kernels():
-    """Template defaults, compiled once for every test of this module."""
-    from export import TunedKernels
-
-    with TunedKernels.defaults() as kernels:
-        yield kernels
-
-
-@pytest.fixture(scope="module")
 def prompts():
     return np.random.default_rng(7).integers(0, DIMS["vocab_size"], (BATCH, PROMPT_TOKENS))
 

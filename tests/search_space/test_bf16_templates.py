@@ -5,18 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from measure import LocalBuilder, LocalRunner, MeasureInput
+from measure import MeasureInput
 from measure.cpu_kernel import allocate_args, compile_and_load
 from search_space import Task, get_template
 from search_space.ops.common import bfloat16_to_float32, float32_to_bfloat16
 
 from test_quant_templates import every_knob_value  # noqa: E402  (same directory)
-
-
-@pytest.fixture(scope="module")
-def machinery(fast_policy):
-    with LocalBuilder(n_parallel=2) as builder, LocalRunner(policy=fast_policy, timeout_s=60) as runner:
-        yield builder, runner
 
 
 SHAPES = {

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cost_model import ANALYTIC_FEATURES
-from measure import LocalBuilder, LocalRunner, MeasureError, MeasureInput
+from measure import MeasureInput
 from search_space import Task, get_template, list_templates
 
 CPU_OPS = sorted(t.op for t in list_templates("cpu") if type(t).__module__.startswith("search_space.templates"))
@@ -78,12 +78,6 @@ def variant_id(variant) -> str:
     group = attrs[0].get("group_size")
     return op + ("" if dtype == "float32" else f"-{dtype}") + (f"-g{group}" if group else "") + (
         "-residual" if attrs[0].get("residual") else "")
-
-
-@pytest.fixture(scope="module")
-def machinery(fast_policy):
-    with LocalBuilder(n_parallel=2) as builder, LocalRunner(policy=fast_policy, timeout_s=60) as runner:
-        yield builder, runner
 
 
 @pytest.mark.parametrize("op", CPU_OPS)

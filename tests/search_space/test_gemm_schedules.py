@@ -3,17 +3,10 @@ along K, outer products with a transposed W panel), X packing in either block or
 blocks split over threads in either order."""
 from __future__ import annotations
 
-import pytest
 
-from measure import LocalBuilder, LocalRunner, MeasureInput
+from measure import MeasureInput
 from search_space import Task, get_template
 from test_quant_templates import every_knob_value  # noqa: E402  (same directory)
-
-
-@pytest.fixture(scope="module")
-def machinery(fast_policy):
-    with LocalBuilder(n_parallel=2) as builder, LocalRunner(policy=fast_policy, timeout_s=60) as runner:
-        yield builder, runner
 
 
 def test_every_gemm_knob_value_on_an_awkward_shape(host, machinery):

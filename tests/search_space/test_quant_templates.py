@@ -5,16 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from measure import LocalBuilder, LocalRunner, MeasureInput
+from measure import MeasureInput
 from measure.cpu_kernel import allocate_args, compile_and_load
 from search_space import Task, get_template
 from search_space.ops.matmul import dequantize_q4, quantize_q4
-
-
-@pytest.fixture(scope="module")
-def machinery(fast_policy):
-    with LocalBuilder(n_parallel=2) as builder, LocalRunner(policy=fast_policy, timeout_s=60) as runner:
-        yield builder, runner
 
 
 def every_knob_value(space, default) -> list:

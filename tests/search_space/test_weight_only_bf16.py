@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from measure import LocalBuilder, LocalRunner, MeasureInput
+from measure import MeasureInput
 from measure.cpu_kernel import allocate_args, compile_and_load
 from search_space import Task, get_template
 from search_space.ops.common import float32_to_bfloat16
@@ -14,12 +14,6 @@ from search_space.ops.common import float32_to_bfloat16
 from test_quant_templates import every_knob_value  # noqa: E402  (same directory)
 
 WEIGHT_ONLY = {"weight": "bfloat16"}
-
-
-@pytest.fixture(scope="module")
-def machinery(fast_policy):
-    with LocalBuilder(n_parallel=2) as builder, LocalRunner(policy=fast_policy, timeout_s=60) as runner:
-        yield builder, runner
 
 
 SHAPES = {
