@@ -211,11 +211,7 @@ def run_job(job: TuningJob, progress: bool = True, builder=None, runner=None,
         if job.task is not None and job.remeasure_stale:
             return remeasure_task(job, log, builder, runner, progress, note)
         if job.task is not None:
-            options = {**_priors(job), **job.tuner_options}
-            base = _base_model(job, note)
-            if base is not None:
-                options["base_model"] = base
-            return tune_task(job, log, builder, runner, options, progress, note)
+            return tune_task(job, log, builder, runner, _tuner_options(job, note), progress, note)
         return tune_model(job, log, builder, runner, progress, note)
 
 
@@ -242,7 +238,8 @@ def _run_on_cluster(job: TuningJob, log: RecordLog, progress: bool, note: Callab
     """``run_job`` on a Ray cluster: place the runners, learn their targets, tune on each."""
     from measure.cluster import open_cluster
 
-    base = _base_model(job, note) if job.task is not None and not job.remeasure_stale else None
+    # before the cluster starts: a log that cannot be pre-trained on is bad input, said at once
+    options = _tuner_options(job, note) if job.task is not None and not job.remeasure_stale else {}
     with open_cluster(job.cluster, build_timeout=job.build_timeout, runner_cpus=job.runner_cpus,
                       note=note) as cluster:
         targets = cluster.start_runners(job.target.kind, run_timeout=job.run_timeout, seed=job.seed)
@@ -258,9 +255,6 @@ def _run_on_cluster(job: TuningJob, log: RecordLog, progress: bool, note: Callab
                 raise JobError(f"no runner of the cluster measures {job.target.key}, the target of these records")
             return remeasure_task(dataclasses.replace(job, target=here), log, cluster, cluster, progress, note)
         if job.task is not None:
-            options = {**_priors(job), **job.tuner_options}
-            if base is not None:
-                options["base_model"] = base
             return tune_task_on_cluster(job, log, cluster, targets, options, progress, note)
         return tune_model_on_cluster(job, log, cluster, targets, progress, note)
 
@@ -279,23 +273,27 @@ def _check_restriction(job: TuningJob, targets: list[Target]) -> None:
                                f"{exc}") from None
 
 
-def _priors(job: TuningJob) -> dict[str, Any]:
-    """The xgb tuner's first configs: the template's seeds for the target, then the best configs
-    of the other shapes in the ``transfer_from`` logs (``best_configs_elsewhere``)."""
-    if job.tuner != "xgb" or job.task is None or job.remeasure_stale:
-        return {}
-    template = get_template(job.task.op, job.target.kind)
-    seeds = template.seed_configs(job.task, job.target)
-    if job.transfer_from:
-        seeds = best_configs_elsewhere(load_records(job.transfer_from, warn=False), job.task, job.target) + seeds
-    return {"seeds": seeds} if seeds else {}
+def _tuner_options(job: TuningJob, note: Callable[[str], None]) -> dict[str, Any]:
+    """The tuner's options for one task: the job's own, and for xgb its priors (``seeds``) and
+    its starting model (``base_model``), the ``transfer_from`` logs read once for both."""
+    options = dict(job.tuner_options)
+    if job.tuner != "xgb":
+        return options
+    records = load_records(job.transfer_from, warn=False) if job.transfer_from else []
+    seeds = (best_configs_elsewhere(records, job.task, job.target)
+             + get_template(job.task.op, job.target.kind).seed_configs(job.task, job.target))
+    if seeds:
+        options.setdefault("seeds", seeds)
+    base = _base_model(job, records, note)
+    if base is not None:
+        options["base_model"] = base
+    return options
 
 
-def _base_model(job: TuningJob, note: Callable[[str], None]):
+def _base_model(job: TuningJob, records: list, note: Callable[[str], None]):
     """The xgb tuner's starting model: loaded, then pre-trained on other tasks' records."""
     if not (job.transfer_from or job.load_model):
         return None
-    records = load_records(job.transfer_from, warn=False) if job.transfer_from else []
     try:
         base, text = pretrained_model(records, job.load_model, job.task, job.target, job.seed)
     except ValueError as exc:
