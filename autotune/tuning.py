@@ -5,7 +5,6 @@ of each batch, made before the batch was measured, matched the measured ranking.
 """
 from __future__ import annotations
 
-import functools
 import queue
 import threading
 import time
@@ -18,11 +17,11 @@ from cost_model import batch_quality
 from cost_model.transfer import throughput_of
 from measure import MeasureInput, MeasureResult
 from records import Record, RecordLog, stale_configs
-from records.record import package_version
 from search_space import Config, Target, Task, get_template
 
 from .progress import ProgressDisplay
 from .tuners import TuneSummary, Tuner, make_tuner
+from .tuners.base import _tell
 from .units import format_rate
 
 
@@ -334,10 +333,7 @@ class ClusterRound:
             if len(self.records) == len(self.inputs) - 1:  # the batch's last result: how good was the ranking?
                 model.update(batch_quality(self.scores, [throughput_of(self.tuner.task, r) for r in self.results]))
         inp = self.inputs[position]
-        # Record.from_measure, with the package's version read once: reading it per record
-        # (importlib.metadata) cost the driver a third of its time per candidate
-        record = Record(inp.task, inp.target, inp.config.as_dict(), inp.config.index, result, self.tuner.name,
-                        version=_package_version(), model=dict(model or {}))
+        record = Record.from_measure(inp, result, self.tuner.name, model)
         if self.log is not None:
             # at once (or to the log's writer thread): a killed driver loses only what is in flight
             self.log.append([record])
@@ -405,18 +401,6 @@ def written_by_a_thread(log: RecordLog):
         yield writer
     finally:
         writer.close()
-
-
-@functools.lru_cache(maxsize=None)
-def _package_version() -> str:
-    return package_version()
-
-
-def _tell(callbacks, event: str, *args) -> None:
-    for callback in callbacks:
-        hook = getattr(callback, event, None)
-        if hook is not None:
-            hook(*args)
 
 
 def measure_on_cluster(cluster, next_rounds: Callable[[], list[ClusterRound]]) -> None:

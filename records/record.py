@@ -1,6 +1,8 @@
 """One measurement as one JSON line: the unit of everything the project keeps."""
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 import time
@@ -23,6 +25,7 @@ class CodeIdentity:
     compiler: str = ""
 
 
+@functools.lru_cache(maxsize=None)  # read per record otherwise: importlib.metadata costs ~1 ms a call
 def package_version() -> str:
     try:
         from importlib.metadata import version
