@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -498,11 +499,16 @@ def _export(kernels: list[_Kernel], out: Path, target: Target, verify: bool, n_p
             cc: str | None, start: float) -> ExportSummary:
     """Build the library in a stage beside ``out``, check it, swap it in; the stage goes on any failure."""
     remove_stale_leftovers(out)
-    try:  # the pid in the name tells a later export whether this one is still running
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
-    except OSError as exc:
-        raise ExportError(f"--out {out}: cannot create a directory there: {exc.strerror or exc}") from None
+    # The pid in the name tells a later export whether this one is still running. The name is
+    # chosen before the directory is made, inside the try: a SIGTERM that lands just after the
+    # mkdir (a SystemExit raised there) still finds the stage to remove.
+    stage: Path | None = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     try:
+        try:
+            stage.mkdir(mode=0o700)
+        except OSError as exc:
+            stage = None  # nothing of this export's to remove
+            raise ExportError(f"--out {out}: cannot create a directory there: {exc.strerror or exc}") from None
         entries, library = _write_library(kernels, stage, target, n_parallel, timeout_s, cc)
         verified, notes = 0, []
         unchecked = get_backend(target.kind).cannot_check_here(target)
@@ -519,11 +525,12 @@ def _export(kernels: list[_Kernel], out: Path, target: Target, verify: bool, n_p
                 raise ExportFailed(f"{len(problems)} exported kernel(s) computed a wrong answer, nothing was "
                                   f"written: {problems[0]}")
             verified = len(entries)
-        stage.chmod(0o755)  # mkdtemp makes it private; a library is for others to read
+        stage.chmod(0o755)  # private while it is built; a library is for others to read
         _check_out_dir(out)  # again: minutes have passed, and someone may have put files there
         _replace(stage, out)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
         raise
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return ExportSummary(out, target, entries, out / library.name if library else None, total, verified,

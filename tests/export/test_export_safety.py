@@ -167,6 +167,28 @@ def test_sigterm_during_export_library_removes_its_stage(tmp_path, library_log):
     assert list(tmp_path.iterdir()) == [], "the export left its stage (or a library) behind"
 
 
+def test_a_sigterm_just_after_the_stage_is_made_still_removes_it(tmp_path, library_log, monkeypatch):
+    """The window CI once hit: the signal's SystemExit raised right after the stage's mkdir
+    returned, before any cleanup was armed (made deterministic here by raising it from mkdir)."""
+    from export import export_library
+    from records import load_records
+
+    made = []
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_signal(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)
+        if self.name.startswith(".lib.partial-"):
+            made.append(self)
+            raise SystemExit(143)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_signal)
+    with pytest.raises(SystemExit):
+        export_library(load_records([library_log]), tmp_path / "lib", verify=False)
+    assert made, "the export made no stage"
+    assert list(tmp_path.iterdir()) == [], "the export left its stage behind"
+
+
 def test_the_sigterm_handler_lasts_only_as_long_as_the_export():
     from export.library_writer import _sigterm_raises
 
