@@ -3,8 +3,9 @@ kernels, the exporter that ships them and the runtime that calls them.
 
 - ``KernelSpec``: what a kernel computes (operator, dims, dtype, attributes, which dims are
   dynamic) and its one identity, ``key``. A tuning ``Task`` is a ``KernelSpec``.
-- ``ArgSpec``: one argument, in call order: arrays first (``in``/``out``/``workspace``),
-  then one int64 ``scalar`` per dynamic dim.
+- ``ArgSpec``: one argument, in call order: TMA descriptors of arrays first (``tensor_map``,
+  128-byte by-value parameters, at the front so each falls on a 64-byte aligned offset), then
+  arrays (``in``/``out``/``workspace``), then one int64 ``scalar`` per dynamic dim.
 - dtypes as stored in numpy (``numpy_dtype``; bfloat16 as raw uint16 words).
 - the library manifest's format name and schema version.
 - launch expressions of CUDA kernels (``runtime.launch.evaluate``) and the int4 weight layout
@@ -36,36 +37,49 @@ def numpy_dtype(dtype: str) -> np.dtype:
 
 # --------------------------------------------------------------------------- arguments
 
-ROLES = ("in", "out", "workspace", "scalar")
+ROLES = ("tensor_map", "in", "out", "workspace", "scalar")
+TENSOR_MAP_SWIZZLES = (0, 32, 64, 128)  # bytes; 0: none
 
 
 @dataclass(frozen=True)
 class ArgSpec:
     """One kernel argument, in call order: an array (``in``/``out``) of ``shape`` (dim names or
-    ints) and ``dtype``, a ``workspace`` of ``nbytes`` scratch bytes, or a ``scalar``: the
-    int64 value of the dynamic dim it is named after."""
+    ints) and ``dtype``, a ``workspace`` of ``nbytes`` scratch bytes, a ``scalar``: the int64
+    value of the dynamic dim it is named after, or a ``tensor_map``: the TMA descriptor of the
+    array ``of`` (a matrix of its leading dims flattened by its last), copied in boxes of
+    ``shape`` = (rows, columns) with ``swizzle`` bytes (0: none), zeros past its edges. The
+    caller encodes the descriptor from the array's address (``runtime.tensor_map``)."""
 
     name: str
     role: str
     dtype: str = "float32"
     shape: tuple[str | int, ...] = ()
     nbytes: int = 0
+    of: str = ""
+    swizzle: int = 0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"arg {self.name}: role {self.role!r} not in {ROLES}")
+        if self.role == "tensor_map" and (not self.of or self.swizzle not in TENSOR_MAP_SWIZZLES
+                                          or len(self.shape) != 2):
+            raise ValueError(f"arg {self.name}: a tensor map needs the array it is of, a (rows, columns) "
+                             f"box and a swizzle in {TENSOR_MAP_SWIZZLES}")
 
     def resolve_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
         return tuple(d if isinstance(d, int) else int(dims[d]) for d in self.shape)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "role": self.role, "dtype": self.dtype, "shape": list(self.shape),
+        data = {"name": self.name, "role": self.role, "dtype": self.dtype, "shape": list(self.shape),
                 "nbytes": self.nbytes}
+        if self.role == "tensor_map":
+            data.update(of=self.of, swizzle=self.swizzle)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ArgSpec":
         return cls(data["name"], data["role"], data.get("dtype", "float32"), tuple(data.get("shape", ())),
-                   int(data.get("nbytes", 0)))
+                   int(data.get("nbytes", 0)), str(data.get("of", "")), int(data.get("swizzle", 0)))
 
 
 # --------------------------------------------------------------------------- identity

@@ -19,7 +19,8 @@ import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Sequence
 
-from .abi import MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION, NUMPY_DTYPES, ROLES, ArgSpec, KernelSpec
+from .abi import (MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION, NUMPY_DTYPES, ROLES, TENSOR_MAP_SWIZZLES, ArgSpec,
+                  KernelSpec, numpy_dtype)
 from .kernel import Kernel, KernelProvider, UntunedShapeWarning, ctypes_signature, select
 from .launch import evaluate
 
@@ -143,7 +144,8 @@ def _check_args(entry: Mapping[str, Any], where: str) -> None:
     args, dims = entry.get("args"), entry["dims"]
     if not isinstance(args, list) or not args:
         raise LibraryFormatError(f"{where}: args must be a list")
-    names, scalars_started = set(), False
+    names, scalars_started, arrays_started = set(), False, False
+    arrays = {a.get("name"): a for a in args if isinstance(a, dict) and a.get("role") in ("in", "out")}
     for arg in args:
         if not isinstance(arg, dict) or not isinstance(arg.get("name"), str) or not IDENTIFIER.match(arg["name"]):
             raise LibraryFormatError(f"{where}: argument {arg!r} has no valid name")
@@ -156,7 +158,12 @@ def _check_args(entry: Mapping[str, Any], where: str) -> None:
         if scalars_started and role != "scalar":
             raise LibraryFormatError(f"{where}: argument {name} comes after the int64 dims")
         scalars_started = role == "scalar"
-        if role in ("in", "out"):
+        if arrays_started and role == "tensor_map":
+            raise LibraryFormatError(f"{where}: tensor map {name} comes after an array")
+        arrays_started = role != "tensor_map"
+        if role == "tensor_map":
+            _check_tensor_map(arg, arrays.get(arg.get("of")), where)
+        elif role in ("in", "out"):
             shape = arg.get("shape")
             if arg.get("dtype", "float32") not in NUMPY_DTYPES or not isinstance(shape, list):
                 raise LibraryFormatError(f"{where}: array {name} needs a known dtype and a shape")
@@ -174,6 +181,19 @@ def _check_args(entry: Mapping[str, Any], where: str) -> None:
     scalars = {a["name"] for a in args if a["role"] == "scalar"}
     if not set(entry["dynamic"]) <= scalars:
         raise LibraryFormatError(f"{where}: dynamic dims {entry['dynamic']} are not all int64 arguments")
+
+
+def _check_tensor_map(arg: Mapping[str, Any], array: Mapping[str, Any] | None, where: str) -> None:
+    """A TMA descriptor's box: of an array of this kernel, as the hardware takes it (at most
+    256 rows and columns, a row of the box within the swizzle span)."""
+    name, box, swizzle = arg["name"], arg.get("shape"), arg.get("swizzle", 0)
+    if array is None or array.get("dtype") != arg.get("dtype"):
+        raise LibraryFormatError(f"{where}: tensor map {name} is not of an array argument of its dtype")
+    if (not isinstance(box, list) or len(box) != 2 or not all(_is_int(b) and 1 <= b <= 256 for b in box)
+            or swizzle not in TENSOR_MAP_SWIZZLES
+            or (swizzle and box[1] * numpy_dtype(arg["dtype"]).itemsize > swizzle)):
+        raise LibraryFormatError(f"{where}: tensor map {name}: box {box!r} with swizzle {swizzle!r} is not one "
+                                 "TMA can copy")
 
 
 def _check_launch(entry: Mapping[str, Any], where: str) -> None:
@@ -371,6 +391,8 @@ class SharedObjectKernels:
         symbol = entry.get("symbol", entry["entry"])
         if symbol != entry["entry"] or not CPU_ENTRY.match(symbol):
             raise LibraryFormatError(f"{where}: symbol {symbol!r} is not an entry name export gives a kernel")
+        if any(a["role"] == "tensor_map" for a in entry["args"]):
+            raise LibraryFormatError(f"{where}: a CPU kernel takes no tensor maps (TMA is a CUDA feature)")
 
     @staticmethod
     def code_files(manifest: Mapping[str, Any]) -> list[tuple[Any, Any, str]]:

@@ -8,7 +8,8 @@ A ``CudaKernel`` keeps the calling convention of ``runtime.kernel.Kernel``:
 - ``kernel.bind({name: device buffer}, dims)`` binds device-resident buffers (pycuda
   ``GPUArray``s, checked like numpy arrays, or raw ``DeviceAllocation``s) and returns a call
   that only launches: what a model that keeps its activations on the GPU uses;
-- ``kernel.function(*device_pointers, *dims)`` launches on the library's stream.
+- ``kernel.function(*device_pointers, *dims)`` launches on the library's stream (a kernel
+  with ``tensor_map`` arguments takes their encoded descriptors first: ``runtime.tensor_map``).
 
 Launch geometry comes from the manifest: ``block``, ``grid`` (ints or integer expressions
 over dim names, for dynamic dims) and ``smem`` (dynamic shared memory bytes).
@@ -20,6 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from . import tensor_map
 from .abi import ArgSpec, KernelSpec, numpy_dtype
 from .kernel import BoundCall, Kernel, same_layout
 from .launch import evaluate
@@ -74,7 +76,7 @@ class CudaModules:
                 granted[0] = smem
 
         opt_in(evaluate(smem_expr, spec.dims))
-        function.prepare([np.int64 if a.role == "scalar" else np.uintp for a in args])
+        function.prepare(tensor_map.prepared_types(args))
         block = tuple(int(b) for b in launch["block"])
         grid_exprs = tuple(launch["grid"])
         static = spec.dims
@@ -135,15 +137,17 @@ class CudaKernel(Kernel):
     def bind(self, arrays: Mapping[str, Any], dims: Mapping[str, int] | None = None) -> BoundCall:
         """Bind device buffers by name; ``dims`` gives every dynamic dim a GPUArray shape does not."""
         call_dims = self.dims_for({n: b for n, b in arrays.items() if hasattr(b, "shape")}, dims)
-        pointers = []
+        pointers = {}
         for arg in self.args:
             if arg.role in ("in", "out"):
                 if arg.name not in arrays:
                     raise TypeError(f"{self.spec.op} needs {arg.role}put {arg.name}")
-                pointers.append(self._device_pointer(arg, arrays[arg.name], call_dims))
+                pointers[arg.name] = self._device_pointer(arg, arrays[arg.name], call_dims)
             elif arg.role == "workspace":
-                pointers.append(int(self._workspace[arg.name]))
-        return BoundCall(self, pointers, {n: call_dims[n] for n in self.scalar_names}, dict(arrays))
+                pointers[arg.name] = int(self._workspace[arg.name])
+        # descriptors (tensor maps) are encoded here, once per binding, from the bound addresses
+        values = tensor_map.bound_values(self._drv, self.args, pointers, call_dims)
+        return BoundCall(self, values, {n: call_dims[n] for n in self.scalar_names}, dict(arrays))
 
     def __call__(self, *arrays: np.ndarray, out: Mapping[str, np.ndarray] | None = None,
                  dims: Mapping[str, int] | None = None, **named: np.ndarray):

@@ -183,10 +183,10 @@ class ConfigSpace:
     def accepts(self, values: Values) -> bool:
         """True when every knob has a legal value in ``values`` and the constraints hold."""
         try:
-            self.index_of(values)
+            index = self.index_of(values)
         except (KeyError, ValueError):
             return False
-        return self.is_valid(values)
+        return self.is_valid(self.get(index))  # with the legacy value of a knob ``values`` lacks
 
     def is_valid(self, config: Config | Values) -> bool:
         values = config.as_dict() if isinstance(config, Config) else config

@@ -35,6 +35,7 @@ import numpy as np
 from search_space import KernelSource, Task, get_template
 from search_space.codegen.cuda import resolve_launch
 from search_space.ops.common import numpy_dtype
+from runtime.tensor_map import TENSOR_MAP_BYTES
 
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "cudaemu.h"
@@ -61,17 +62,20 @@ def emulated_source(source: KernelSource) -> str:
     code = _DYNAMIC_SMEM.sub(lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>"
                                        f"(emu::dynamic_smem_bytes);", code)
     params = []
-    pointers = scalars = 0
+    pointers = scalars = maps = 0
     for arg in source.args:
         if arg.role == "scalar":
             params.append(f"s[{scalars}]")
             scalars += 1
+        elif arg.role == "tensor_map":  # the kernel's TensorMap struct, 128 bytes by value
+            params.append(f"*reinterpret_cast<const TensorMap*>(m + {TENSOR_MAP_BYTES * maps})")
+            maps += 1
         else:  # converts to whatever pointer type the kernel declares (float4*, uint8_t*, ...)
             params.append(f"emu::AnyPtr{{p[{pointers}]}}")
             pointers += 1
     return '#include "cudaemu.h"\n' + code + f"""
-extern "C" int emu_run(void** p, long long* s, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                       unsigned bz, int deferred, unsigned seed, char* error) {{
+extern "C" int emu_run(void** p, long long* s, const unsigned char* m, unsigned gx, unsigned gy, unsigned gz,
+                       unsigned bx, unsigned by, unsigned bz, int deferred, unsigned seed, char* error) {{
   emu::kernel_body = [=]() {{ {source.entry}({", ".join(params)}); }};
   const int rc = emu::launch(gx, gy, gz, bx, by, bz, deferred != 0, seed);
   if (rc) snprintf(error, 511, "%s", emu::failure);
@@ -187,6 +191,45 @@ class Fenced:
         return bool(np.all(before == CANARY) and np.all(after == CANARY))
 
 
+# ----------------------------------------------------------------------------- tensor maps
+# The emulator's own encoding of a TMA descriptor (the driver's is opaque): a magic word, then
+# the matrix and its box, read by the emulated copy (cudaemu_ptx.h, tma_load_2d).
+TENSOR_MAP_MAGIC = 0x50414D54  # "TMAP"
+
+
+def encode_tensor_map(pointer: int, dtype: str, rows: int, cols: int, row_stride: int, box_rows: int,
+                      box_cols: int, swizzle: int) -> bytes:
+    itemsize = numpy_dtype(dtype).itemsize
+    if not (1 <= box_rows <= 256 and 1 <= box_cols <= 256) or (swizzle and box_cols * itemsize > swizzle):
+        raise ValueError(f"cuTensorMapEncodeTiled failed: invalid value (box {box_rows}x{box_cols}, "
+                         f"swizzle {swizzle})")
+    words = [TENSOR_MAP_MAGIC, pointer, rows, cols, row_stride, box_rows, box_cols, itemsize, swizzle]
+    return np.array(words + [0] * (16 - len(words)), dtype=np.uint64).tobytes()
+
+
+class TensorMapApi:
+    """What ``runtime.tensor_map`` asks the driver for, in the emulator's encoding."""
+
+    encode_tiled = staticmethod(encode_tensor_map)
+
+
+class _EmulatedDriver:
+    tensor_map_api = TensorMapApi
+
+
+def launch_values(source: KernelSource, pointers: dict[str, int], dims: dict[str, int]):
+    """ctypes arrays of the pointers, int64 dims and tensor maps ``emu_run`` takes."""
+    from runtime.tensor_map import bound_values
+
+    values = bound_values(_EmulatedDriver, source.args, pointers, dims)
+    maps = b"".join(v for v in values if isinstance(v, bytes))
+    addresses = [v for v in values if not isinstance(v, bytes)]
+    scalars = [int(dims[a.name]) for a in source.args if a.role == "scalar"]
+    return ((ctypes.c_void_p * max(len(addresses), 1))(*addresses),
+            (ctypes.c_longlong * max(len(scalars), 1))(*scalars),
+            ctypes.create_string_buffer(maps, max(len(maps), 1)))
+
+
 def run_emulated(payload: dict[str, Any]) -> dict[str, Any]:
     """Worker side: run the kernel once on fenced copies of the inputs (and of the workspaces
     given); return the outputs and the workspaces as the kernel left them."""
@@ -196,10 +239,8 @@ def run_emulated(payload: dict[str, Any]) -> dict[str, Any]:
     workspaces = payload.get("workspaces") or {}
     lib = ctypes.CDLL(payload["library"])
     buffers: dict[str, Fenced] = {}
-    pointers, scalars = [], []
     for arg in source.args:
-        if arg.role == "scalar":
-            scalars.append(int(dims[arg.name]))
+        if arg.role in ("scalar", "tensor_map"):
             continue
         if arg.role == "workspace":
             fenced = Fenced(arg.nbytes, np.dtype(np.uint8), (arg.nbytes,))
@@ -214,14 +255,12 @@ def run_emulated(payload: dict[str, Any]) -> dict[str, Any]:
             else:
                 fenced.array.view(np.uint8)[...] = CANARY  # NaN: unwritten outputs show
         buffers[arg.name] = fenced
-        pointers.append(fenced.pointer)
     grid, block, smem = resolve_launch(source.launch_dims, dims)
     lib.emu_set_dynamic_smem(ctypes.c_ulonglong(smem))
-    argv = (ctypes.c_void_p * max(len(pointers), 1))(*pointers)
-    svals = (ctypes.c_longlong * max(len(scalars), 1))(*scalars)
+    argv, svals, maps = launch_values(source, {n: f.pointer for n, f in buffers.items()}, dims)
     error = ctypes.create_string_buffer(512)
     lib.emu_run.restype = ctypes.c_int
-    rc = lib.emu_run(argv, svals, *[ctypes.c_uint(v) for v in (*grid, *block)],
+    rc = lib.emu_run(argv, svals, maps, *[ctypes.c_uint(v) for v in (*grid, *block)],
                      ctypes.c_int(int(payload["deferred"])), ctypes.c_uint(payload["seed"]), error)
     if rc != 0:
         return {"error": error.value.decode(errors="replace")}

@@ -98,3 +98,104 @@ template <int N, typename T> inline void wgmma_m64k16(float* d, unsigned long lo
     }
   });
 }
+
+// ---- Hopper TMA and transaction barriers, emulated. An mbarrier's 8 shared bytes hold a
+// magic word and the index of its state here (shared memory starts each block as NaN bytes,
+// so a barrier used before mbar_init is caught). A TMA copy lands at once, or (deferred
+// runs) only when a thread next waits on its barrier: a read of the stage before that wait
+// sees the NaN bytes or the previous tile.
+namespace emu {
+constexpr unsigned MBAR_MAGIC = 0xB4A1u;
+struct PendingTma { std::vector<unsigned char> bytes; unsigned char* dst; };
+struct Mbarrier { int expected = 0, pending = 0; long long tx = 0; unsigned phase = 0; std::vector<PendingTma> copies; };
+static std::vector<Mbarrier> mbarriers;
+
+inline Mbarrier& mbarrier_at(unsigned long long* bar) {
+  smem_offset(bar);  // inside dynamic shared memory
+  if (reinterpret_cast<uintptr_t>(bar) % 8) fail("mbarrier not 8-byte aligned");
+  const unsigned long long word = *bar;
+  if ((word >> 32) != MBAR_MAGIC || (word & 0xffffffffull) >= mbarriers.size()) {
+    fail("mbarrier used before mbar_init (or overwritten)");
+    static Mbarrier dummy;
+    return dummy;
+  }
+  return mbarriers[word & 0xffffffffull];
+}
+inline void mbarrier_progress(Mbarrier& b) {
+  if (b.pending < 0) fail("mbarrier: more arrivals than its count");
+  if (b.pending == 0 && b.tx == 0) {
+    b.phase ^= 1u;
+    b.pending = b.expected;
+    ++events;
+  }
+}
+inline void mbarrier_land(Mbarrier& b) {
+  for (auto& c : b.copies) {
+    memcpy(c.dst, c.bytes.data(), c.bytes.size());
+    b.tx -= (long long)c.bytes.size();
+  }
+  if (!b.copies.empty()) {
+    b.copies.clear();
+    mbarrier_progress(b);
+  }
+}
+}  // namespace emu
+
+inline void mbar_init(unsigned long long* bar, unsigned count) {
+  emu::smem_offset(bar);
+  emu::Mbarrier b;
+  b.expected = b.pending = (int)count;
+  emu::mbarriers.push_back(b);
+  *bar = ((unsigned long long)emu::MBAR_MAGIC << 32) | (unsigned long long)(emu::mbarriers.size() - 1);
+}
+inline void fence_mbarrier_init() {}
+inline void mbar_arrive(unsigned long long* bar) {
+  emu::Mbarrier& b = emu::mbarrier_at(bar);
+  --b.pending;
+  ++emu::events;
+  emu::mbarrier_progress(b);
+}
+inline void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
+  emu::Mbarrier& b = emu::mbarrier_at(bar);
+  b.tx += bytes;
+  mbar_arrive(bar);
+}
+inline bool mbar_try_wait(unsigned long long* bar, unsigned parity) {
+  emu::Mbarrier& b = emu::mbarrier_at(bar);
+  emu::mbarrier_land(b);
+  return b.phase != (parity & 1u);
+}
+inline void mbar_wait(unsigned long long* bar, unsigned parity) {
+  while (!mbar_try_wait(bar, parity) && !emu::failure[0]) emu::yield();
+}
+template <int REGS> inline void setmaxnreg_inc() {}
+template <int REGS> inline void setmaxnreg_dec() {}
+
+// cp.async.bulk.tensor.2d with the emulator's descriptor (tests/cudaemu.py, encode_tensor_map):
+// the box of box_rows x box_cols elements at (row, col), zeros where it leaves the matrix,
+// stored row after row; with the 128-byte swizzle, 16-byte chunk c of a 128-byte row r lands
+// at chunk c ^ (r % 8), as the wgmma descriptors read it.
+template <typename Map> inline void tma_load_2d(void* dst, const Map* map, int col, int row, unsigned long long* bar) {
+  const unsigned long long* w = map->raw;
+  if (w[0] != 0x50414D54ull) { emu::fail("tma_load_2d: the tensor map was not encoded (cuTensorMapEncodeTiled)"); return; }
+  const unsigned char* base = reinterpret_cast<const unsigned char*>(w[1]);
+  const long long rows = (long long)w[2], cols = (long long)w[3], stride = (long long)w[4];
+  const int box_rows = (int)w[5], box_cols = (int)w[6], es = (int)w[7], swizzle = (int)w[8];
+  const int row_bytes = box_cols * es, total = box_rows * row_bytes;
+  const unsigned offset = emu::smem_offset(dst);
+  if (swizzle != 0 && (swizzle != 128 || row_bytes != 128)) { emu::fail("tma_load_2d: only 128-byte rows with the 128-byte swizzle (or none) are emulated"); return; }
+  if (offset % (swizzle ? 1024 : 128)) { emu::fail("tma_load_2d: shared destination not aligned (1024 bytes when swizzled, else 128)"); return; }
+  unsigned char* out = emu::smem_at(offset, total);
+  std::vector<unsigned char> box(total, 0);
+  for (int r = 0; r < box_rows; ++r)
+    for (int c = 0; c < box_cols; ++c) {
+      const long long gr = (long long)row + r, gc = (long long)col + c;
+      if (gr < 0 || gr >= rows || gc < 0 || gc >= cols) continue;
+      unsigned addr = (unsigned)(r * row_bytes + c * es);
+      if (swizzle) addr ^= ((addr >> 7) & 7u) << 4;
+      memcpy(&box[addr], base + gr * stride + gc * es, es);
+    }
+  emu::Mbarrier& b = emu::mbarrier_at(bar);
+  b.copies.push_back(emu::PendingTma{box, out});
+  if (!emu::deferred_copies) emu::mbarrier_land(b);
+}

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from runtime import tensor_map
 from search_space import KernelSource, Target, Task
 
 from .. import compile_cuda
@@ -185,21 +186,17 @@ class CudaCandidate(Candidate):
         if threads > allowed:
             raise RuntimeError(f"too many resources requested for launch: {threads} threads per block, "
                                f"the kernel allows {allowed}")
-        types, values = [], []
+        pointers = {}
         for arg in source.args:
-            if arg.role == "scalar":
-                types.append(np.int64)
-                values.append(np.int64(dims[arg.name]))
-                continue
-            types.append(np.uintp)
             if arg.name in gpu.inputs:
-                alloc = gpu.inputs[arg.name]
+                pointers[arg.name] = int(gpu.inputs[arg.name])
             elif arg.name in self.workspaces:
-                alloc = self.workspaces[arg.name]
-            else:
-                alloc = gpu.outputs[arg.name].alloc
-            values.append(int(alloc))
-        func.prepare(types)
+                pointers[arg.name] = int(self.workspaces[arg.name])
+            elif arg.role == "out":
+                pointers[arg.name] = int(gpu.outputs[arg.name].alloc)
+        values = tensor_map.bound_values(drv, source.args, pointers, dims)
+        values += [np.int64(dims[a.name]) for a in source.args if a.role == "scalar"]
+        func.prepare(tensor_map.prepared_types(source.args))
 
         def launch() -> None:
             func.prepared_async_call(grid, block, gpu.stream, *values, shared_size=smem)

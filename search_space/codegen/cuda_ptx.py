@@ -185,3 +185,49 @@ __device__ __forceinline__ unsigned long long gmma_desc_sw128(const void* tile) 
   return ((addr & 0x3FFFFull) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
 }
 """
+
+# Hopper's tensor memory accelerator and transaction barriers (sm_90a), for warp-specialised
+# pipelines: one producer thread copies tiles with ``tma_load_2d`` (a box of a matrix, as the
+# descriptor ``TensorMap`` the host encoded says, swizzled as the descriptor says, zeros past
+# the matrix edges) and the copy completes ``bytes`` of the stage's ``full`` barrier; the
+# consumers wait on that barrier's phase, and give the stage back by arriving on its
+# ``empty`` barrier. ``mbar_wait(bar, parity)`` returns once the phase of that parity has
+# completed: parity 1 at first (the phase before the first, complete by definition).
+# ``setmaxnreg_*`` moves registers from the producer warpgroup to the consumers.
+TMA_HELPERS = r"""
+struct __align__(64) TensorMap { unsigned long long raw[16]; };  // CUtensorMap, passed by value
+""" + "\n// BEGIN PTX (TMA and mbarrier; a CPU emulator swaps this section for its own definitions)\n" + r"""
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void fence_mbarrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ bool mbar_try_wait(unsigned long long* bar, unsigned parity) {
+  unsigned done;
+  asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+               : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
+  return done != 0;
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+  while (!mbar_try_wait(bar, parity)) {}
+}
+__device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, int col, int row, unsigned long long* bar) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+               :: "r"(smem_u32(dst)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(col), "r"(row),
+                  "r"(smem_u32(bar)) : "memory");
+}
+template <int REGS> __device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(REGS));
+}
+template <int REGS> __device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(REGS));
+}
+// END PTX
+"""

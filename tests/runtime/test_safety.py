@@ -151,6 +151,8 @@ def _drop_dim_arguments(manifest: dict, folder: Path) -> None:
     rmsnorm["args"] = [a for a in rmsnorm["args"] if a["role"] != "scalar"]
 
 
+_X_MAP = {"name": "X_map", "role": "tensor_map", "dtype": "float32", "shape": [16, 32], "of": "X", "swizzle": 128}
+
 MANIFEST_EDITS = {  # what an edit does to the manifest, and the words the refusal has
     "absolute library path": (lambda m, lib: m.update(library=str(lib.resolve() / m["library"])),
                               "is not a path inside the library folder"),
@@ -172,6 +174,9 @@ MANIFEST_EDITS = {  # what an edit does to the manifest, and the words the refus
     "an entry named like libc": (lambda m, lib: _gemv(m).update(entry="abort", symbol="abort"), "not an entry name"),
     "two kernels of one name": (lambda m, lib: m["kernels"].append(m["kernels"][0]), "share an entry name"),
     "the target kind": (lambda m, lib: m["target"].update(kind="tpu"), "target kind"),
+    "a tensor map on a CPU kernel": (lambda m, lib: _gemv(m)["args"].insert(0, dict(_X_MAP)), "takes no tensor maps"),
+    "a tensor map after an array": (lambda m, lib: _gemv(m)["args"].insert(1, dict(_X_MAP)), "comes after an array"),
+    "a tensor map of no array": (lambda m, lib: _gemv(m)["args"].insert(0, dict(_X_MAP, of="Q")), "is not of an array"),
 }
 
 

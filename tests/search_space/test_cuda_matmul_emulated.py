@@ -120,6 +120,52 @@ def test_emulator_catches_wgmma_layout_bugs(emulator, old, new):
                                           template.tolerance(task), "float16") is not None
 
 
+_TMA = dict(instr="wgmma", bk=64, wn=16, swizzle="xor", vec=8, split_k=1, pipeline="tma")
+
+
+@pytest.mark.parametrize("dtype, shape, config", [
+    ("float16", {"M": 70, "N": 80, "K": 200}, dict(_TMA, bm=64, bn=64, wm=64, stages=3, group_m=1, persistent=0)),
+    # two consumer warpgroups of 128 rows, tiles walked by a persistent grid of 2 blocks
+    ("bfloat16", {"M": 300, "N": 90, "K": 136}, dict(_TMA, bm=256, bn=32, wm=128, stages=2, group_m=8, persistent=1)),
+    ("float16", {"M": 130, "N": 260, "K": 328}, dict(_TMA, bm=128, bn=128, wm=64, stages=4, group_m=8, persistent=1)),
+])
+def test_gemm_warp_specialised_tma_variants(emulator, dtype, shape, config):
+    """TMA boxes (zeros past every edge), transaction barriers and the stage ring, with copies
+    landing at once and only when a consumer waits for them."""
+    template = get_template("gemm", "cuda")
+    task = Task.make("gemm", shape, dtype)
+    small = dataclasses.replace(SM90, sm_count=2)  # a persistent grid of 2: each block walks several tiles
+    space = template.space(task, small)
+    cfg = space.from_values(config)
+    assert space.is_valid(cfg), space.violations(cfg)
+    for deferred in (False, True):
+        assert emulator.check(task, cfg, small, deferred=deferred) is None
+
+
+@pytest.mark.parametrize("old, new", [
+    ("mbar_wait(&empty[stage], phase ^ 1u)", "mbar_wait(&empty[stage], phase)"),  # waits for a phase never begun
+    ("      mbar_wait(&full[stage], phase);\n", "\n"),                           # reads a stage before it lands
+    ("if (previous >= 0 && signals) mbar_arrive(&empty[previous]);\n      previous",  # never gives a stage back
+     "previous"),
+    ("kt * 64, n0", "kt * 64, m0"),                                                 # W's box at X's rows
+    ("mbar_init(&empty[s], 2)", "mbar_init(&empty[s], 1)"),                         # one consumer's arrival frees it
+])
+def test_emulator_catches_tma_pipeline_bugs(emulator, old, new):
+    template = get_template("gemm", "cuda")
+    task = Task.make("gemm", {"M": 150, "N": 80, "K": 200}, "float16")
+    config = template.space(task, SM90).from_values(dict(_TMA, bm=128, bn=64, wm=64, stages=2, group_m=1, persistent=0))
+    source = _mutated(template.render(task, config, SM90), old, new)
+    inputs = template.make_inputs(task, np.random.default_rng(0))
+    from measure.verify import check_output
+
+    for deferred in (False, True):
+        out = emulator.run(source, task.dims, inputs, deferred=deferred)
+        if "error" in out or check_output("Y", out["outputs"]["Y"], template.reference(task, inputs)["Y"],
+                                          template.tolerance(task), "float16") is not None:
+            return
+    raise AssertionError(f"the emulator accepted the kernel with {new!r} for {old!r}")
+
+
 @pytest.mark.parametrize("k, config", [
     (640, dict(core="mma", warps=4, rows=2, ksplit=2, unroll=2, mtile=2, kc=256, prefetch=1)),  # 3 K chunks, the last short
     (640, dict(core="mma", warps=2, rows=1, ksplit=1, unroll=1, mtile=4, kc=512, prefetch=0)),

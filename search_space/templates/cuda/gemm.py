@@ -13,7 +13,14 @@ B ("col": stored N x K). Two schedules, chosen by dtype:
   Hopper's warpgroup MMA instead (sm_90a): ``bm/wm`` warpgroups of 128 threads, each
   issuing m64n{bn}k16 on ``wm``/64 row blocks straight from the shared tiles (K steps of 64,
   the 128-byte swizzle the hardware expects, tiles 1024-byte aligned, a proxy fence after
-  the copies land).
+  the copies land). ``pipeline`` = ``tma`` (wgmma only) is Hopper's warp-specialised form:
+  one producer warpgroup, of which one thread copies the stages with TMA (descriptors of X
+  and W passed by value, ``runtime.tensor_map``; zeros past the edges), and ``bm/wm``
+  consumer warpgroups that wait on each stage's transaction barrier, keep one step of
+  MMAs in flight and give a stage back (its ``empty`` barrier) once the MMAs reading it
+  are done; registers move from the producer to the consumers (``setmaxnreg``). With
+  ``persistent`` the grid is one block per SM, each walking the tiles, its pipeline running
+  on across tile boundaries.
 - float32 on CUDA cores (SIMT): a block tile ``bm x bn``, each thread a ``tm x tn`` register
   tile split in 4-wide column groups, K in ``bk`` steps; tiles are stored transposed in
   shared memory (K outermost) so the inner loop reads 16-byte vectors; two shared buffers,
@@ -29,14 +36,14 @@ from __future__ import annotations
 import math
 
 from ...codegen.cuda import PREAMBLE, c_type
-from ...codegen.cuda_ptx import PTX_HELPERS, WGMMA_HELPERS, WGMMA_SIZES
+from ...codegen.cuda_ptx import PTX_HELPERS, TMA_HELPERS, WGMMA_HELPERS, WGMMA_SIZES
 from ...ops.common import ITEMSIZE
 from ...ops.matmul import GemmOp
 from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
 from ...template import ArgSpec, KernelSource, Template, register_template
-from .limits import blocks_per_sm, launch_constraints
+from .limits import MAX_REGISTERS_PER_THREAD as MAX_REGISTERS, blocks_per_sm, launch_constraints
 
 
 def tensor_core(task: Task) -> bool:
@@ -53,7 +60,10 @@ def _split_values(task: Task, bk_min: int) -> tuple[int, ...]:
 # on the H200, benchmarks/RESULTS.md).
 _WGMMA = dict(instr="wgmma", bk=64, wn=16, swizzle="xor", vec=8, split_k=1, group_m=8)
 _MMA = dict(instr="mma", vec=8, swizzle="xor", split_k=1, group_m=8)
+_TMA = dict(_WGMMA, pipeline="tma")
 TENSOR_CORE_SEEDS = (
+    dict(_TMA, bm=128, bn=256, wm=64, stages=4, persistent=1), dict(_TMA, bm=128, bn=256, wm=64, stages=3, persistent=0),
+    dict(_TMA, bm=256, bn=128, wm=128, stages=4, persistent=1), dict(_TMA, bm=128, bn=128, wm=64, stages=5, persistent=1),
     dict(_WGMMA, bm=128, bn=256, wm=64, stages=3), dict(_WGMMA, bm=128, bn=256, wm=64, stages=4),
     dict(_WGMMA, bm=256, bn=128, wm=128, stages=3), dict(_WGMMA, bm=256, bn=128, wm=128, stages=4),
     dict(_WGMMA, bm=128, bn=128, wm=64, stages=5), dict(_WGMMA, bm=128, bn=128, wm=128, stages=5),
@@ -165,9 +175,13 @@ class GemmCuda(GemmOp, Template):
         args = self.signature(task)
         if c["split_k"] > 1:
             args += (ArgSpec("WS", "workspace", "float32", nbytes=_workspace_bytes(task, c)),)
-        code = _mma_code(task, c) if tensor_core(task) else _simt_code(task, c)
-        launch = (("block", (_threads(task, c), 1, 1)), ("grid", (tiles, c["split_k"], 1)),
-                  ("smem", _dynamic_smem(task, c)))
+        grid = (tiles, c["split_k"], 1)
+        if _tma(c):  # descriptors first (see runtime.abi); a persistent grid is one block per SM
+            args = (ArgSpec("X_map", "tensor_map", task.dtype, (c["bm"], c["bk"]), of="X", swizzle=128),
+                    ArgSpec("W_map", "tensor_map", task.dtype, (c["bn"], c["bk"]), of="W", swizzle=128)) + args
+            grid = (_tma_grid(task, c, target), 1, 1)
+        code = _mma_code(task, c, target) if tensor_core(task) else _simt_code(task, c)
+        launch = (("block", (_threads(task, c), 1, 1)), ("grid", grid), ("smem", _dynamic_smem(task, c)))
         return KernelSource("cuda", code, "gemm", args, launch)
 
 
@@ -178,7 +192,18 @@ def _wgmma(c: dict) -> bool:
     return c.get("instr") == "wgmma"
 
 
+def _tma(c: dict) -> bool:
+    return c.get("pipeline") == "tma"
+
+
+# Registers per thread the producer warpgroup gives up and the consumers take (setmaxnreg),
+# with two consumer warpgroups (384 threads: 65536 / 384 = 170 each otherwise).
+PRODUCER_REGISTERS, CONSUMER_REGISTERS = 40, 232
+
+
 def _threads(task: Task, c: dict) -> int:
+    if tensor_core(task) and _tma(c):
+        return 128 * (1 + c["bm"] // c["wm"])  # a producer warpgroup and the consumers
     if tensor_core(task) and _wgmma(c):
         return 128 * (c["bm"] // c["wm"])
     if tensor_core(task):
@@ -194,7 +219,8 @@ def _row_stride(c: dict) -> int:
 def _dynamic_smem(task: Task, c: dict) -> int:
     if tensor_core(task):
         align = 1024 if _wgmma(c) else 0  # room to align the tiles to 1024 bytes
-        return c["stages"] * (c["bm"] + c["bn"]) * _row_stride(c) * ITEMSIZE[task.dtype] + align
+        barriers = 16 * c["stages"] if _tma(c) else 0  # a full and an empty mbarrier per stage
+        return c["stages"] * (c["bm"] + c["bn"]) * _row_stride(c) * ITEMSIZE[task.dtype] + align + barriers
     return 2 * c["bk"] * ((c["bm"] + 4) + (c["bn"] + 4)) * 4
 
 
@@ -203,6 +229,12 @@ def _smem_bytes(task: Task, c: dict) -> int:
 
 
 def _registers(task: Task, c: dict) -> int:
+    if tensor_core(task) and _tma(c):  # the block's share per thread once setmaxnreg has moved them
+        consumers = c["bm"] // c["wm"]
+        need = (c["wm"] // 64) * c["bn"] // 2 + 48
+        if consumers == 2 and need > CONSUMER_REGISTERS:
+            return MAX_REGISTERS + 1  # more than setmaxnreg can give: rejected
+        return -(-(128 * PRODUCER_REGISTERS + consumers * 128 * need) // _threads(task, c))
     if tensor_core(task) and _wgmma(c):
         return (c["wm"] // 64) * c["bn"] // 2 + 48
     threads = _threads(task, c)
@@ -236,6 +268,7 @@ def _mma_space(task: Task, target: Target) -> ConfigSpace:
     M, N, K = (task.dims[d] for d in ("M", "N", "K"))
     size = ITEMSIZE[task.dtype]
     vecs = tuple(v for v in (8, 4, 2) if K % v == 0) or (1,)  # elements; a copy never straddles a row end
+    sms = target.sm_count or 132
     knobs = [
         Knob("instr", ("mma", "wgmma")),
         Knob("bm", tuple(v for v in (16, 32, 64, 128, 256) if v == 16 or v // 2 < M)),
@@ -248,8 +281,15 @@ def _mma_space(task: Task, target: Target) -> ConfigSpace:
         Knob("swizzle", ("none", "pad", "xor")),
         Knob("split_k", _split_values(task, 16)),
         Knob("group_m", (1, 8)),
+        Knob("pipeline", ("cp_async", "tma"), legacy="cp_async"),
+        # a persistent grid only differs from one block per tile when there are more tiles than SMs
+        Knob("persistent", (0, 1) if math.ceil(M / 64) * math.ceil(N / 16) > sms else (0,), legacy=0),
     ]
     constraints = [
+        ("tma: a wgmma pipeline, rows of 16-byte multiples, no K split",
+         lambda c: not _tma(c) or (_wgmma(c) and (K * size) % 16 == 0 and c["split_k"] == 1)),
+        ("persistent: only with the tma pipeline, and more tiles than SMs",
+         lambda c: c["persistent"] == 0 or (_tma(c) and math.ceil(M / c["bm"]) * math.ceil(N / c["bn"]) > sms)),
         ("warp tile divides the block tile", lambda c: c["bm"] % c["wm"] == 0 and c["bn"] % c["wn"] == 0),
         ("mma warp tiles are at most 64 rows", lambda c: _wgmma(c) or c["wm"] <= 64),
         ("1 to 16 warps", lambda c: 1 <= _threads(task, c) // 32 <= 16),
@@ -291,12 +331,12 @@ def _simt_space(task: Task, target: Target) -> ConfigSpace:
 # ----------------------------------------------------------------------------- code pieces
 
 
-def _tile_origin(c: dict, M: int, N: int) -> str:
-    """C++ that maps blockIdx.x to the tile (tm, tn), grouped ``group_m`` row tiles at a time."""
+def _tile_origin(c: dict, M: int, N: int, tile: str = "blockIdx.x") -> str:
+    """C++ that maps ``tile`` (the block's index) to the tile (tm, tn), grouped ``group_m`` row tiles at a time."""
     tiles_m, tiles_n = math.ceil(M / c["bm"]), math.ceil(N / c["bn"])
     group = c["group_m"]
     return f"""
-  const int pid = blockIdx.x;
+  const int pid = {tile};
   const int group_id = pid / ({group} * {tiles_n});
   const int first_m = group_id * {group};
   const int group_rows = min({tiles_m} - first_m, {group});
@@ -351,7 +391,13 @@ def _params(c: dict, T: str) -> str:
 # ----------------------------------------------------------------------------- tensor cores
 
 
-def _mma_code(task: Task, c: dict) -> str:
+def _tma_grid(task: Task, c: dict, target: Target) -> int:
+    """Blocks of the TMA schedule: one per tile, or (persistent) one per SM, each walking tiles."""
+    tiles = math.ceil(task.dims["M"] / c["bm"]) * math.ceil(task.dims["N"] / c["bn"])
+    return min(tiles, target.sm_count or 132) if c["persistent"] else tiles
+
+
+def _mma_code(task: Task, c: dict, target: Target) -> str:
     M, N, K = (task.dims[d] for d in ("M", "N", "K"))
     T = c_type(task.dtype)
     BM, BN, BK, WM, WN, S, V = c["bm"], c["bn"], c["bk"], c["wm"], c["wn"], c["stages"], c["vec"]
@@ -409,13 +455,15 @@ __device__ __forceinline__ void load_{name}(T_* __restrict__ tile, const T_* __r
         if (row < {M} && col < {N}) part[(long long)row * {N} + col] = v0;
         if (row < {M} && col + 1 < {N}) part[(long long)row * {N} + col + 1] = v1;"""
     finish = _splitk_finish(c, M, N, threads) if c["split_k"] > 1 else ""
-    head = PREAMBLE + PTX_HELPERS + (WGMMA_HELPERS if _wgmma(c) else "") + f"""
+    head = PREAMBLE + PTX_HELPERS + (WGMMA_HELPERS if _wgmma(c) else "") + (TMA_HELPERS if _tma(c) else "") + f"""
 typedef {T} T_;
 
 __device__ __forceinline__ int swz(int row, int col) {{ return {swz}; }}
 {loader("a", a_chunks, M, "m0", "X")}
 {loader("b", b_chunks, N, "n0", "W")}
 """
+    if _tma(c):
+        return head + _tma_kernel(task, c, store, _tma_grid(task, c, target))
     if _wgmma(c):
         return head + _wgmma_kernel(task, c, store, finish)
 
@@ -562,6 +610,107 @@ extern "C" __global__ void __launch_bounds__({threads}) gemm({_params(c, T)}) {{
         const int col = n0 + j * 8 + (lane & 3) * 2;
         const float v0 = acc[i][4 * j + 2 * h], v1 = acc[i][4 * j + 2 * h + 1];{store}
       }}{finish}
+}}
+"""
+
+
+def _tma_kernel(task: Task, c: dict, store: str, grid: int) -> str:
+    """The warp-specialised TMA + wgmma schedule (see the module docstring)."""
+    M, N, K = (task.dims[d] for d in ("M", "N", "K"))
+    T = c_type(task.dtype)
+    BM, BN, BK, WM, S = c["bm"], c["bn"], c["bk"], c["wm"], c["stages"]
+    MI = WM // 64
+    consumers = BM // WM
+    threads = _threads(task, c)
+    tiles = math.ceil(M / BM) * math.ceil(N / BN)
+    k_tiles = math.ceil(K / BK)
+    stage_bytes = (BM + BN) * BK * ITEMSIZE[task.dtype]
+    shift = consumers == 2  # with one consumer warpgroup every thread may have 255 registers anyway
+    dec = f"setmaxnreg_dec<{PRODUCER_REGISTERS}>();" if shift else ""
+    inc = f"setmaxnreg_inc<{CONSUMER_REGISTERS}>();" if shift else ""
+    tile_origin = _tile_origin(c, M, N, "tile").replace("\n  ", "\n      ")
+    return f"""
+extern "C" __global__ void __launch_bounds__({threads}) gemm(const __grid_constant__ TensorMap map_x,
+    const __grid_constant__ TensorMap map_w, {_params(c, T)}) {{
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // TMA's 128-byte swizzle and the wgmma descriptors need 1024-byte aligned tiles
+  T_* const sa = reinterpret_cast<T_*>(smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
+  T_* const sb = sa + {S * BM * BK};
+  unsigned long long* const full = reinterpret_cast<unsigned long long*>(sb + {S * BN * BK});
+  unsigned long long* const empty = full + {S};
+  const int wg = threadIdx.x >> 7;
+  if (threadIdx.x == 0) {{
+    for (int s = 0; s < {S}; ++s) {{
+      mbar_init(&full[s], 1);              // the producer's arrival, plus the bytes its copies bring
+      mbar_init(&empty[s], {consumers});   // one arrival per consumer warpgroup
+    }}
+    fence_mbarrier_init();
+  }}
+  __syncthreads();
+
+  if (wg == 0) {{  // producer
+    {dec}
+    if (threadIdx.x == 0) {{
+      int stage = 0;
+      unsigned phase = 0;
+      for (int tile = blockIdx.x; tile < {tiles}; tile += {grid}) {{{tile_origin}
+        for (int kt = 0; kt < {k_tiles}; ++kt) {{
+          mbar_wait(&empty[stage], phase ^ 1u);
+          mbar_arrive_expect_tx(&full[stage], {stage_bytes});
+          tma_load_2d(sa + stage * {BM * BK}, &map_x, kt * {BK}, m0, &full[stage]);
+          tma_load_2d(sb + stage * {BN * BK}, &map_w, kt * {BK}, n0, &full[stage]);
+          if (++stage == {S}) {{ stage = 0; phase ^= 1u; }}
+        }}
+      }}
+    }}
+    return;
+  }}
+
+  // consumers
+  {inc}
+  const int cw = wg - 1;
+  const int warp = (threadIdx.x >> 5) & 3;
+  const int lane = threadIdx.x & 31;
+  const bool signals = (threadIdx.x & 127) == 0;  // one arrival per warpgroup on the empty barriers
+  int stage = 0;
+  unsigned phase = 0;
+  for (int tile = blockIdx.x; tile < {tiles}; tile += {grid}) {{{tile_origin}
+    float acc[{MI}][{BN // 2}];
+    #pragma unroll
+    for (int i = 0; i < {MI}; ++i)
+      #pragma unroll
+      for (int j = 0; j < {BN // 2}; ++j) acc[i][j] = 0.0f;
+    int previous = -1;
+    for (int kt = 0; kt < {k_tiles}; ++kt) {{
+      mbar_wait(&full[stage], phase);
+      const T_* ta = sa + stage * {BM * BK} + cw * {WM * BK};
+      const T_* tb = sb + stage * {BN * BK};
+      wgmma_fence();
+      #pragma unroll
+      for (int kk = 0; kk < {BK // 16}; ++kk)
+        #pragma unroll
+        for (int i = 0; i < {MI}; ++i)
+          wgmma_m64k16<{BN}, T_>(acc[i], gmma_desc_sw128(ta + i * {64 * BK} + kk * 16), gmma_desc_sw128(tb + kk * 16));
+      wgmma_commit();
+      wgmma_wait<1>();  // the previous step's MMAs are done: its stage goes back to the producer
+      if (previous >= 0 && signals) mbar_arrive(&empty[previous]);
+      previous = stage;
+      if (++stage == {S}) {{ stage = 0; phase ^= 1u; }}
+    }}
+    wgmma_wait<0>();
+    if (previous >= 0 && signals) mbar_arrive(&empty[previous]);
+
+    #pragma unroll
+    for (int i = 0; i < {MI}; ++i)
+      #pragma unroll
+      for (int j = 0; j < {BN // 8}; ++j)
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {{
+          const int row = m0 + cw * {WM} + i * 64 + warp * 16 + (lane >> 2) + h * 8;
+          const int col = n0 + j * 8 + (lane & 3) * 2;
+          const float v0 = acc[i][4 * j + 2 * h], v1 = acc[i][4 * j + 2 * h + 1];{store}
+        }}
+  }}
 }}
 """
 

@@ -194,6 +194,13 @@ def graph_api() -> _GraphApi:
     return _GraphApi()
 
 
+def tensor_map_api():
+    """cuTensorMapEncodeTiled (see runtime.tensor_map), in the CPU emulator's encoding."""
+    import cudaemu  # tests/ is on the path
+
+    return cudaemu.TensorMapApi()
+
+
 def memset_d8_async(dest, data, size, stream=None):
     _queue(stream, lambda: memset_d8(dest, data, size))
 
@@ -399,12 +406,14 @@ class Function:
             self.lib = ctypes.CDLL(str(cudaemu.build(KernelSource.from_dict(self.source_dict))))
             self.lib.emu_run.restype = ctypes.c_int
         pointers = [int(a) for a, t in zip(args, self.types) if t == np.dtype(np.uintp)]
-        scalars = [int(a) for a, t in zip(args, self.types) if t != np.dtype(np.uintp)]
+        scalars = [int(a) for a, t in zip(args, self.types) if t.kind == "i"]
+        maps = b"".join(bytes(a) for a, t in zip(args, self.types) if t.kind == "V")  # tensor maps, by value
         argv = (ctypes.c_void_p * max(len(pointers), 1))(*pointers)
         svals = (ctypes.c_longlong * max(len(scalars), 1))(*scalars)
+        mvals = ctypes.create_string_buffer(maps, max(len(maps), 1))
         error = ctypes.create_string_buffer(512)
         self.lib.emu_set_dynamic_smem(ctypes.c_ulonglong(shared_size))
-        rc = self.lib.emu_run(argv, svals, *[ctypes.c_uint(v) for v in (*grid, *block)], ctypes.c_int(1),
+        rc = self.lib.emu_run(argv, svals, mvals, *[ctypes.c_uint(v) for v in (*grid, *block)], ctypes.c_int(1),
                               ctypes.c_uint(0), error)
         if rc != 0:
             raise LaunchError(f"cuCtxSynchronize failed: an illegal instruction was encountered "

@@ -1,0 +1,115 @@
+"""The warp-specialised TMA gemm end to end on the fake GPU: the runner encodes a descriptor
+per ``tensor_map`` argument from the device buffers it launches on and passes it by value;
+an exported library's kernels do the same when they are bound (``runtime.tensor_map``).
+The emulator reads the descriptors the fake driver encodes, so a descriptor of the wrong
+array, box or stride gives a wrong answer here."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fakes import FAKE_GPU_TARGET, register_library
+from test_cuda_on_fake_gpu import build_and_register
+
+import runtime
+from export import export_library
+from measure import CudaRunner, MeasureError, MeasureInput
+from measure.verify import check_output
+from records import Record, RecordLog
+from runtime.abi import numpy_dtype
+from runtime.library import LibraryFormatError
+from search_space import Task, get_template
+
+pytestmark = pytest.mark.tools("nvcc")
+
+TMA = dict(instr="wgmma", bk=64, wn=16, swizzle="xor", vec=8, split_k=1, pipeline="tma")
+
+
+def _input(shape, dtype, **config):
+    template = get_template("gemm", "cuda")
+    task = Task.make("gemm", shape, dtype)
+    space = template.space(task, FAKE_GPU_TARGET)
+    values = dict(TMA, **config)
+    assert space.accepts(values), space.violations(space.from_values(values))
+    return MeasureInput(task, space.from_values(values), FAKE_GPU_TARGET)
+
+
+def test_tma_gemm_is_measured_and_exported_and_runs_from_the_library(fake_gpu, tmp_path):
+    inputs = [
+        # persistent: the fake GPU has 2 SMs, so each block walks 3 of the 6 tiles
+        _input({"M": 130, "N": 90, "K": 200}, "float16", bm=64, bn=32, wm=64, stages=3, group_m=8, persistent=1),
+        _input({"M": 70, "N": 40, "K": 72}, "bfloat16", bm=128, bn=32, wm=64, stages=2, group_m=1, persistent=0),
+    ]
+    builds = build_and_register(fake_gpu, inputs)
+    assert [a.role for a in builds[0].source.args][:2] == ["tensor_map", "tensor_map"]
+    assert builds[0].source.launch_dims["grid"] == (2, 1, 1)
+    with CudaRunner(timeout_s=300) as runner:
+        results = runner.run(inputs, builds)
+    assert [r.error for r in results] == [MeasureError.NO_ERROR] * 2, [r.message for r in results]
+
+    log = RecordLog(tmp_path / "tma.jsonl")
+    log.append(Record.from_measure(i, r, tuner="test") for i, r in zip(inputs, results))
+    export_library(log.records(), tmp_path / "lib", "cuda")
+    manifest = json.loads((tmp_path / "lib" / "manifest.json").read_text())
+    assert len(manifest["kernels"]) == 2
+    maps = [a for a in manifest["kernels"][0]["args"] if a["role"] == "tensor_map"]
+    assert [(m["of"], m["swizzle"]) for m in maps] == [("X", 128), ("W", 128)]
+    register_library(fake_gpu, tmp_path / "lib")
+
+    library = runtime.load(tmp_path / "lib")
+    template = get_template("gemm", "cuda")
+    rng = np.random.default_rng(1)
+    for inp in inputs:
+        task = inp.task
+        kernel = library.get("gemm", task.dims, task.dtype)
+        data = template.make_inputs(task, rng)
+        want = template.reference(task, data)["Y"]
+        assert check_output("Y", kernel(**data), want, template.tolerance(task), task.dtype) is None
+
+        # device buffers bound once: the descriptors are encoded from the bound addresses
+        from runtime.arrays import CudaArrays
+
+        arrays = CudaArrays()
+        bound = {n: arrays.upload(a) for n, a in data.items()}
+        bound["Y"] = arrays.empty(want.shape, numpy_dtype(task.dtype))
+        kernel.bind(bound)()
+        got = arrays.get(bound["Y"])
+        assert check_output("Y", got, want, template.tolerance(task), task.dtype) is None
+
+
+def test_a_tma_box_the_hardware_cannot_copy_is_refused_when_the_library_loads(fake_gpu, tmp_path):
+    inp = _input({"M": 70, "N": 40, "K": 72}, "float16", bm=64, bn=32, wm=64, stages=2, group_m=1, persistent=0)
+    (build,) = build_and_register(fake_gpu, [inp])
+    with CudaRunner(timeout_s=300) as runner:
+        (result,) = runner.run([inp], [build])
+    log = RecordLog(tmp_path / "tma.jsonl")
+    log.append([Record.from_measure(inp, result, tuner="test")])
+    export_library(log.records(), tmp_path / "lib", "cuda")
+    path = tmp_path / "lib" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["kernels"][0]["args"][0]["shape"] = [64, 128]  # 256-byte rows: wider than the 128-byte swizzle
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(LibraryFormatError, match="is not one TMA can copy"):
+        runtime.load(tmp_path / "lib")
+
+
+def test_the_hopper_seeds_compile_for_sm90a_without_spills():
+    """The TMA schedules the tuner tries first at a large shape (two consumer warpgroups with
+    128 accumulators each, registers moved by setmaxnreg), through nvcc and ptxas."""
+    from measure import LocalBuilder
+    from search_space import Target
+    from search_space.templates.cuda.gemm import TENSOR_CORE_SEEDS
+
+    template = get_template("gemm", "cuda")
+    sm90 = Target.from_name("sm_90a")
+    task = Task.make("gemm", {"M": 4096, "N": 4096, "K": 4096}, "bfloat16")
+    space = template.space(task, sm90)
+    seeds = [s for s in TENSOR_CORE_SEEDS if s.get("pipeline") == "tma"]
+    inputs = [MeasureInput(task, space.from_values(s), sm90) for s in seeds if space.accepts(s)]
+    assert len(inputs) == len(seeds) >= 3
+    with LocalBuilder(n_parallel=2, timeout_s=300) as builder:
+        builds = builder.build(inputs)
+    for inp, build in zip(inputs, builds):
+        assert build.error == MeasureError.NO_ERROR, build.message
+        assert build.stats["spill_stores"] == 0 and build.stats["registers"] <= 168, (str(inp.config), build.stats)
