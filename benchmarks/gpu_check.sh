@@ -15,6 +15,12 @@
 # Knobs: GPU_CHECK_TRIALS (12), GPU_CHECK_TARGET_TRIALS (24), GPU_CHECK_TUNE_S (340: no tuning
 # job starts after that many seconds of the script),
 # GPU_CHECK_CASES, GPU_CHECK_EXAMPLES (see below).
+#
+# Sweep mode (GPU_CHECK_MODE=sweep): instead of all that, measure seeded random samples of the
+# CUDA gemm and attention_prefill spaces for GPU_CHECK_SWEEP_S seconds in all (240), so that
+# the GPU search can be replayed without a GPU (`autotune replay`); the logs come back gzipped
+# in $OUT/sweeps/, for benchmarks/data/. GPU_CHECK_SWEEPS (space-separated op:shape:dtype:share%)
+# replaces the default list.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -39,6 +45,30 @@ step "device and environment -> $LOG"
   nvcc --version | tail -1
 } > "$LOG/environment.txt" 2>&1
 cat "$LOG/environment.txt"
+
+if [[ "${GPU_CHECK_MODE:-check}" == sweep ]]; then
+  SWEEP_S=${GPU_CHECK_SWEEP_S:-240}
+  read -r -a SWEEPS <<< "${GPU_CHECK_SWEEPS:-gemm:M=4096,N=4096,K=4096:float16:40 gemm:M=512,N=11008,K=4096:bfloat16:30 attention_prefill:B=1,T=512,H=32,HKV=8,D=128:float16:30}"
+  mkdir -p "$LOG/sweeps"
+  for sweep in "${SWEEPS[@]}"; do
+    IFS=: read -r op shape dtype share <<< "$sweep"
+    seconds=$(( SWEEP_S * ${share%\%} / 100 ))
+    name="${op}_$(echo "$shape" | tr -d '=' | tr ',' '_')-${dtype}-h200-$(date +%Y%m%d)"
+    step "sweep $op $shape $dtype for ${seconds}s -> $name.jsonl"
+    # a seeded sample far larger than the time allows, measured in its random order: the time
+    # limit (SIGTERM, which the job takes as an interrupt: everything measured is kept) decides
+    timeout "$seconds" $PY -m autotune.cli sweep --op "$op" --shape "$shape" --dtype "$dtype" --target cuda \
+      --sample 20000 --seed 0 --batch 32 --no-mlflow --quiet --log "$LOG/sweeps/$name.jsonl" >> "$LOG/sweep.log" 2>&1
+    echo "  exit $?: $(wc -l < "$LOG/sweeps/$name.jsonl" 2>/dev/null || echo 0) configs measured" | tee -a "$LOG/steps.log"
+  done
+  if [[ -n "${OUT:-}" ]]; then
+    mkdir -p "$OUT/sweeps"
+    for f in "$LOG"/sweeps/*.jsonl; do [[ -s "$f" ]] && gzip -c "$f" > "$OUT/sweeps/$(basename "$f").gz"; done
+    tar -czf "$OUT/gpu_check-logs.tar.gz" -C "$(dirname "$LOG")" "$(basename "$LOG")" && echo "logs: $OUT/gpu_check-logs.tar.gz"
+  fi
+  step "sweeps done; logs in $LOG"
+  exit 0
+fi
 
 step "GPU fault tests first (each fault costs only its own trial; a correct kernel after one is NO_ERROR)"
 timeout 120 $PY -m pytest -v -m gpu -p no:cacheprovider --timeout 100 tests/measure/test_cuda_runner.py \

@@ -199,3 +199,54 @@ template <typename Map> inline void tma_load_2d(void* dst, const Map* map, int c
   b.copies.push_back(emu::PendingTma{box, out});
   if (!emu::deferred_copies) emu::mbarrier_land(b);
 }
+
+// TMA store: the box in shared memory (laid out as tma_load_2d lays it) to the matrix, only
+// the elements inside it. Done at once, or (deferred runs) when the thread next waits for its
+// bulk groups' reads, reading shared memory then: a kernel that reuses the box before that
+// wait stores what it wrote over it, and one that never waits stores nothing.
+namespace emu {
+struct PendingStore { const unsigned long long* map; int col, row; unsigned offset; };
+static std::vector<std::vector<PendingStore>> pending_stores;  // per thread of the block
+inline void run_store(const PendingStore& s) {
+  const unsigned long long* w = s.map;
+  unsigned char* base = reinterpret_cast<unsigned char*>(w[1]);
+  const long long rows = (long long)w[2], cols = (long long)w[3], stride = (long long)w[4];
+  const int box_rows = (int)w[5], box_cols = (int)w[6], es = (int)w[7], swizzle = (int)w[8];
+  const int row_bytes = box_cols * es;
+  const unsigned char* box = smem_at(s.offset, box_rows * row_bytes);
+  for (int r = 0; r < box_rows; ++r)
+    for (int c = 0; c < box_cols; ++c) {
+      const long long gr = (long long)s.row + r, gc = (long long)s.col + c;
+      if (gr < 0 || gr >= rows || gc < 0 || gc >= cols) continue;
+      unsigned addr = (unsigned)(r * row_bytes + c * es);
+      if (swizzle) addr ^= ((addr >> 7) & 7u) << 4;
+      memcpy(base + gr * stride + gc * es, box + addr, es);
+    }
+}
+}  // namespace emu
+
+template <typename Map> inline void tma_store_2d(const Map* map, int col, int row, const void* src) {
+  const unsigned long long* w = map->raw;
+  if (w[0] != 0x50414D54ull) { emu::fail("tma_store_2d: the tensor map was not encoded (cuTensorMapEncodeTiled)"); return; }
+  const int row_bytes = (int)(w[6] * w[7]), swizzle = (int)w[8];
+  const unsigned offset = emu::smem_offset(src);
+  if (swizzle != 0 && (swizzle != 128 || row_bytes != 128)) { emu::fail("tma_store_2d: only 128-byte rows with the 128-byte swizzle (or none) are emulated"); return; }
+  if (offset % (swizzle ? 1024 : 128)) { emu::fail("tma_store_2d: shared source not aligned (1024 bytes when swizzled, else 128)"); return; }
+  emu::PendingStore s{w, col, row, offset};
+  if (!emu::deferred_copies) { emu::run_store(s); return; }
+  const int me = emu::fibers[emu::current].linear;
+  if ((int)emu::pending_stores.size() <= me) emu::pending_stores.resize(me + 1);
+  emu::pending_stores[me].push_back(s);
+}
+inline void tma_store_commit() {}
+inline void tma_store_wait_read() {
+  const int me = emu::fibers[emu::current].linear;
+  if ((int)emu::pending_stores.size() <= me) return;
+  for (auto& s : emu::pending_stores[me]) emu::run_store(s);
+  emu::pending_stores[me].clear();
+}
+namespace emu { static std::vector<Group> named_barriers(16); }
+inline void named_barrier_sync(int id, int threads) {
+  if (id < 1 || id > 15) { emu::fail("named barrier id outside 1-15"); return; }
+  emu::rendezvous(emu::named_barriers[id], [threads] { return threads; }, [] {});
+}

@@ -193,7 +193,8 @@ __device__ __forceinline__ unsigned long long gmma_desc_sw128(const void* tile) 
 # consumers wait on that barrier's phase, and give the stage back by arriving on its
 # ``empty`` barrier. ``mbar_wait(bar, parity)`` returns once the phase of that parity has
 # completed: parity 1 at first (the phase before the first, complete by definition).
-# ``setmaxnreg_*`` moves registers from the producer warpgroup to the consumers.
+# ``setmaxnreg_*`` moves registers from the producer warpgroup to the consumers. ``tma_store_2d``
+# writes a box from shared memory back (an epilogue), ``named_barrier_sync`` syncs a warpgroup.
 TMA_HELPERS = r"""
 struct __align__(64) TensorMap { unsigned long long raw[16]; };  // CUtensorMap, passed by value
 """ + "\n// BEGIN PTX (TMA and mbarrier; a CPU emulator swaps this section for its own definitions)\n" + r"""
@@ -222,6 +223,18 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, int
   asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
                :: "r"(smem_u32(dst)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(col), "r"(row),
                   "r"(smem_u32(bar)) : "memory");
+}
+// TMA store of a shared-memory box to the matrix (elements past its edges are not written);
+// the bulk group's reads of shared memory are waited for before that memory is reused.
+__device__ __forceinline__ void tma_store_2d(const TensorMap* map, int col, int row, const void* src) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n"
+               :: "l"(reinterpret_cast<unsigned long long>(map)), "r"(col), "r"(row), "r"(smem_u32(src)) : "memory");
+}
+__device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void tma_store_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+// bar.sync on barrier ``id`` (1-15; 0 is __syncthreads) among ``threads`` threads
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
 }
 template <int REGS> __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(REGS));

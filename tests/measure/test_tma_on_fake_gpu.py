@@ -39,7 +39,8 @@ def test_tma_gemm_is_measured_and_exported_and_runs_from_the_library(fake_gpu, t
     inputs = [
         # persistent: the fake GPU has 2 SMs, so each block walks 3 of the 6 tiles
         _input({"M": 130, "N": 90, "K": 200}, "float16", bm=64, bn=32, wm=64, stages=3, group_m=8, persistent=1),
-        _input({"M": 70, "N": 40, "K": 72}, "bfloat16", bm=128, bn=32, wm=64, stages=2, group_m=1, persistent=0),
+        _input({"M": 70, "N": 40, "K": 72}, "bfloat16", bm=128, bn=64, wm=64, stages=2, group_m=1, persistent=0,
+               epilogue="smem"),  # a descriptor of the output too: Y is written back by TMA stores
     ]
     builds = build_and_register(fake_gpu, inputs)
     assert [a.role for a in builds[0].source.args][:2] == ["tensor_map", "tensor_map"]
@@ -53,8 +54,9 @@ def test_tma_gemm_is_measured_and_exported_and_runs_from_the_library(fake_gpu, t
     export_library(log.records(), tmp_path / "lib", "cuda")
     manifest = json.loads((tmp_path / "lib" / "manifest.json").read_text())
     assert len(manifest["kernels"]) == 2
-    maps = [a for a in manifest["kernels"][0]["args"] if a["role"] == "tensor_map"]
-    assert [(m["of"], m["swizzle"]) for m in maps] == [("X", 128), ("W", 128)]
+    maps = {k["dtype"]: [(a["of"], a["swizzle"]) for a in k["args"] if a["role"] == "tensor_map"]
+            for k in manifest["kernels"]}
+    assert maps == {"float16": [("X", 128), ("W", 128)], "bfloat16": [("X", 128), ("W", 128), ("Y", 128)]}
     register_library(fake_gpu, tmp_path / "lib")
 
     library = runtime.load(tmp_path / "lib")
@@ -107,9 +109,39 @@ def test_the_hopper_seeds_compile_for_sm90a_without_spills():
     space = template.space(task, sm90)
     seeds = [s for s in TENSOR_CORE_SEEDS if s.get("pipeline") == "tma"]
     inputs = [MeasureInput(task, space.from_values(s), sm90) for s in seeds if space.accepts(s)]
-    assert len(inputs) == len(seeds) >= 3
+    assert len(inputs) == len(seeds) >= 4 and any(s.get("epilogue") == "smem" for s in seeds)
     with LocalBuilder(n_parallel=2, timeout_s=300) as builder:
         builds = builder.build(inputs)
     for inp, build in zip(inputs, builds):
         assert build.error == MeasureError.NO_ERROR, build.message
         assert build.stats["spill_stores"] == 0 and build.stats["registers"] <= 168, (str(inp.config), build.stats)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_tma_gemm_on_the_gpu(dtype):
+    """The hardware's word on what only the emulator checks elsewhere: TMA's swizzle and edge
+    fill, the mbarrier phases, setmaxnreg, the persistent walk and the TMA-store epilogue."""
+    from measure import LocalBuilder
+    from search_space import Target
+
+    target = Target.cuda(0)
+    template = get_template("gemm", "cuda")
+    variants = [dict(bm=128, bn=256, wm=64, stages=4, persistent=1, epilogue="direct"),
+                dict(bm=128, bn=128, wm=64, stages=3, persistent=1, epilogue="smem"),
+                dict(bm=256, bn=128, wm=128, stages=3, persistent=0, epilogue="direct"),
+                dict(bm=64, bn=64, wm=64, stages=2, persistent=0, epilogue="smem")]
+    inputs = []
+    for shape in ({"M": 4096, "N": 2048, "K": 512}, {"M": 300, "N": 200, "K": 136}):
+        task = Task.make("gemm", shape, dtype)
+        space = template.space(task, target)
+        for values in variants:
+            for group_m in (8, 1):
+                if space.accepts(dict(TMA, group_m=group_m, **values)):
+                    inputs.append(MeasureInput(task, space.from_values(dict(TMA, group_m=group_m, **values)), target))
+                    break
+    assert len(inputs) >= 6
+    with LocalBuilder(timeout_s=300) as builder, CudaRunner(timeout_s=60) as runner:
+        results = runner.run(inputs, builder.build(inputs))
+    failures = [(i.task.key, str(i.config), r.error.name, r.message) for i, r in zip(inputs, results) if not r.ok]
+    assert not failures, failures

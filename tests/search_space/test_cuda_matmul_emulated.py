@@ -128,6 +128,11 @@ _TMA = dict(instr="wgmma", bk=64, wn=16, swizzle="xor", vec=8, split_k=1, pipeli
     # two consumer warpgroups of 128 rows, tiles walked by a persistent grid of 2 blocks
     ("bfloat16", {"M": 300, "N": 90, "K": 136}, dict(_TMA, bm=256, bn=32, wm=128, stages=2, group_m=8, persistent=1)),
     ("float16", {"M": 130, "N": 260, "K": 328}, dict(_TMA, bm=128, bn=128, wm=64, stages=4, group_m=8, persistent=1)),
+    # the epilogue through shared memory and TMA stores, clipped at the M and N edges
+    ("float16", {"M": 150, "N": 200, "K": 200},
+     dict(_TMA, bm=128, bn=64, wm=64, stages=3, group_m=8, persistent=1, epilogue="smem")),
+    ("bfloat16", {"M": 300, "N": 136, "K": 72},
+     dict(_TMA, bm=256, bn=128, wm=128, stages=2, group_m=1, persistent=0, epilogue="smem")),
 ])
 def test_gemm_warp_specialised_tma_variants(emulator, dtype, shape, config):
     """TMA boxes (zeros past every edge), transaction barriers and the stage ring, with copies
@@ -143,6 +148,17 @@ def test_gemm_warp_specialised_tma_variants(emulator, dtype, shape, config):
 
 
 @pytest.mark.parametrize("old, new", [
+    ("if (signals) tma_store_wait_read();  // the previous", "if (false) tma_store_wait_read();  // the previous"),
+    ("((cc % 64) * 2) ^ ((r & 7) << 4)", "(cc % 64) * 2"),                      # boxes not in the swizzle TMA reads
+    ("  if (signals) tma_store_wait_read();  // shared memory stays", "  //"),  # exits before the last store read
+    ("named_barrier_sync(1 + cw, 128);\n    if (signals) {", "if (signals) {"),   # stores boxes still being written
+], ids=["reuses a box before its store read it", "unswizzled boxes", "exits early", "stores too soon"])
+def test_emulator_catches_tma_epilogue_bugs(emulator, old, new):
+    _assert_caught(emulator, old, new, dict(_TMA, bm=128, bn=64, wm=64, stages=3, group_m=8, persistent=1,
+                                            epilogue="smem"), sm_count=2)
+
+
+@pytest.mark.parametrize("old, new", [
     ("mbar_wait(&empty[stage], phase ^ 1u)", "mbar_wait(&empty[stage], phase)"),  # waits for a phase never begun
     ("      mbar_wait(&full[stage], phase);\n", "\n"),                           # reads a stage before it lands
     ("if (previous >= 0 && signals) mbar_arrive(&empty[previous]);\n      previous",  # never gives a stage back
@@ -151,10 +167,15 @@ def test_gemm_warp_specialised_tma_variants(emulator, dtype, shape, config):
     ("mbar_init(&empty[s], 2)", "mbar_init(&empty[s], 1)"),                         # one consumer's arrival frees it
 ])
 def test_emulator_catches_tma_pipeline_bugs(emulator, old, new):
+    _assert_caught(emulator, old, new, dict(_TMA, bm=128, bn=64, wm=64, stages=2, group_m=1, persistent=0))
+
+
+def _assert_caught(emulator, old, new, values, sm_count=132):
     template = get_template("gemm", "cuda")
-    task = Task.make("gemm", {"M": 150, "N": 80, "K": 200}, "float16")
-    config = template.space(task, SM90).from_values(dict(_TMA, bm=128, bn=64, wm=64, stages=2, group_m=1, persistent=0))
-    source = _mutated(template.render(task, config, SM90), old, new)
+    task = Task.make("gemm", {"M": 150, "N": 200, "K": 200}, "float16")
+    target = dataclasses.replace(SM90, sm_count=sm_count)
+    config = template.space(task, target).from_values(values)
+    source = _mutated(template.render(task, config, target), old, new)
     inputs = template.make_inputs(task, np.random.default_rng(0))
     from measure.verify import check_output
 

@@ -20,7 +20,9 @@ B ("col": stored N x K). Two schedules, chosen by dtype:
   MMAs in flight and give a stage back (its ``empty`` barrier) once the MMAs reading it
   are done; registers move from the producer to the consumers (``setmaxnreg``). With
   ``persistent`` the grid is one block per SM, each walking the tiles, its pipeline running
-  on across tile boundaries.
+  on across tile boundaries. ``epilogue`` = ``smem`` writes each consumer's tile to shared
+  memory (in the 128-byte swizzle, so the stores do not conflict) and back with TMA stores,
+  while the producer already loads the next tile's stages.
 - float32 on CUDA cores (SIMT): a block tile ``bm x bn``, each thread a ``tm x tn`` register
   tile split in 4-wide column groups, K in ``bk`` steps; tiles are stored transposed in
   shared memory (K outermost) so the inner loop reads 16-byte vectors; two shared buffers,
@@ -63,7 +65,9 @@ _MMA = dict(instr="mma", vec=8, swizzle="xor", split_k=1, group_m=8)
 _TMA = dict(_WGMMA, pipeline="tma")
 TENSOR_CORE_SEEDS = (
     dict(_TMA, bm=128, bn=256, wm=64, stages=4, persistent=1), dict(_TMA, bm=128, bn=256, wm=64, stages=3, persistent=0),
+    dict(_TMA, bm=128, bn=256, wm=64, stages=3, persistent=1, epilogue="smem"),
     dict(_TMA, bm=256, bn=128, wm=128, stages=4, persistent=1), dict(_TMA, bm=128, bn=128, wm=64, stages=5, persistent=1),
+    dict(_TMA, bm=128, bn=128, wm=64, stages=4, persistent=1, epilogue="smem"),
     dict(_WGMMA, bm=128, bn=256, wm=64, stages=3), dict(_WGMMA, bm=128, bn=256, wm=64, stages=4),
     dict(_WGMMA, bm=256, bn=128, wm=128, stages=3), dict(_WGMMA, bm=256, bn=128, wm=128, stages=4),
     dict(_WGMMA, bm=128, bn=128, wm=64, stages=5), dict(_WGMMA, bm=128, bn=128, wm=128, stages=5),
@@ -177,8 +181,11 @@ class GemmCuda(GemmOp, Template):
             args += (ArgSpec("WS", "workspace", "float32", nbytes=_workspace_bytes(task, c)),)
         grid = (tiles, c["split_k"], 1)
         if _tma(c):  # descriptors first (see runtime.abi); a persistent grid is one block per SM
-            args = (ArgSpec("X_map", "tensor_map", task.dtype, (c["bm"], c["bk"]), of="X", swizzle=128),
-                    ArgSpec("W_map", "tensor_map", task.dtype, (c["bn"], c["bk"]), of="W", swizzle=128)) + args
+            maps = (ArgSpec("X_map", "tensor_map", task.dtype, (c["bm"], c["bk"]), of="X", swizzle=128),
+                    ArgSpec("W_map", "tensor_map", task.dtype, (c["bn"], c["bk"]), of="W", swizzle=128))
+            if c["epilogue"] == "smem":
+                maps += (ArgSpec("Y_map", "tensor_map", task.dtype, (c["wm"], 64), of="Y", swizzle=128),)
+            args = maps + args
             grid = (_tma_grid(task, c, target), 1, 1)
         code = _mma_code(task, c, target) if tensor_core(task) else _simt_code(task, c)
         launch = (("block", (_threads(task, c), 1, 1)), ("grid", grid), ("smem", _dynamic_smem(task, c)))
@@ -220,7 +227,9 @@ def _dynamic_smem(task: Task, c: dict) -> int:
     if tensor_core(task):
         align = 1024 if _wgmma(c) else 0  # room to align the tiles to 1024 bytes
         barriers = 16 * c["stages"] if _tma(c) else 0  # a full and an empty mbarrier per stage
-        return c["stages"] * (c["bm"] + c["bn"]) * _row_stride(c) * ITEMSIZE[task.dtype] + align + barriers
+        epilogue = c["bm"] * c["bn"] * ITEMSIZE[task.dtype] if c.get("epilogue") == "smem" else 0
+        return (c["stages"] * (c["bm"] + c["bn"]) * _row_stride(c) * ITEMSIZE[task.dtype] + epilogue + align
+                + barriers)
     return 2 * c["bk"] * ((c["bm"] + 4) + (c["bn"] + 4)) * 4
 
 
@@ -284,12 +293,15 @@ def _mma_space(task: Task, target: Target) -> ConfigSpace:
         Knob("pipeline", ("cp_async", "tma"), legacy="cp_async"),
         # a persistent grid only differs from one block per tile when there are more tiles than SMs
         Knob("persistent", (0, 1) if math.ceil(M / 64) * math.ceil(N / 16) > sms else (0,), legacy=0),
+        Knob("epilogue", ("direct", "smem"), legacy="direct"),
     ]
     constraints = [
         ("tma: a wgmma pipeline, rows of 16-byte multiples, no K split",
          lambda c: not _tma(c) or (_wgmma(c) and (K * size) % 16 == 0 and c["split_k"] == 1)),
         ("persistent: only with the tma pipeline, and more tiles than SMs",
          lambda c: c["persistent"] == 0 or (_tma(c) and math.ceil(M / c["bm"]) * math.ceil(N / c["bn"]) > sms)),
+        ("epilogue through shared memory: the tma pipeline, boxes of 64 columns, rows of 16-byte multiples",
+         lambda c: c["epilogue"] == "direct" or (_tma(c) and c["bn"] % 64 == 0 and (N * size) % 16 == 0)),
         ("warp tile divides the block tile", lambda c: c["bm"] % c["wm"] == 0 and c["bn"] % c["wn"] == 0),
         ("mma warp tiles are at most 64 rows", lambda c: _wgmma(c) or c["wm"] <= 64),
         ("1 to 16 warps", lambda c: 1 <= _threads(task, c) // 32 <= 16),
@@ -629,14 +641,59 @@ def _tma_kernel(task: Task, c: dict, store: str, grid: int) -> str:
     dec = f"setmaxnreg_dec<{PRODUCER_REGISTERS}>();" if shift else ""
     inc = f"setmaxnreg_inc<{CONSUMER_REGISTERS}>();" if shift else ""
     tile_origin = _tile_origin(c, M, N, "tile").replace("\n  ", "\n      ")
+    via_smem = c.get("epilogue") == "smem"
+    map_y = ", const __grid_constant__ TensorMap map_y" if via_smem else ""
+    c_tile = consumers * WM * BN if via_smem else 0  # the epilogue's boxes, after the stages
+    if via_smem:
+        epilogue = f"""
+    // through shared memory: this warpgroup's {WM} x {BN} tile as boxes of 64 columns in the
+    // 128-byte swizzle (conflict-free stores), written back by TMA (clipped at the edges)
+    T_* const boxes = sc + cw * {WM * BN};
+    if (signals) tma_store_wait_read();  // the previous tile's boxes have been read out
+    named_barrier_sync(1 + cw, 128);
+    #pragma unroll
+    for (int i = 0; i < {MI}; ++i)
+      #pragma unroll
+      for (int j = 0; j < {BN // 8}; ++j)
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {{
+          const int r = i * 64 + warp * 16 + (lane >> 2) + h * 8;
+          const int cc = j * 8 + (lane & 3) * 2;
+          const int byte = r * 128 + (((cc % 64) * 2) ^ ((r & 7) << 4));
+          T_ pair[2] = {{from_f32<T_>(acc[i][4 * j + 2 * h]), from_f32<T_>(acc[i][4 * j + 2 * h + 1])}};
+          *reinterpret_cast<unsigned*>(reinterpret_cast<unsigned char*>(boxes + (cc / 64) * {WM * 64}) + byte) =
+              *reinterpret_cast<unsigned*>(pair);
+        }}
+    fence_proxy_async();  // the stores are read next by TMA's async proxy
+    named_barrier_sync(1 + cw, 128);
+    if (signals) {{
+      for (int b = 0; b < {BN // 64}; ++b) tma_store_2d(&map_y, n0 + b * 64, m0 + cw * {WM}, boxes + b * {WM * 64});
+      tma_store_commit();
+    }}"""
+        finish = """
+  if (signals) tma_store_wait_read();  // shared memory stays until TMA has read the last boxes"""
+    else:
+        epilogue = f"""
+    #pragma unroll
+    for (int i = 0; i < {MI}; ++i)
+      #pragma unroll
+      for (int j = 0; j < {BN // 8}; ++j)
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {{
+          const int row = m0 + cw * {WM} + i * 64 + warp * 16 + (lane >> 2) + h * 8;
+          const int col = n0 + j * 8 + (lane & 3) * 2;
+          const float v0 = acc[i][4 * j + 2 * h], v1 = acc[i][4 * j + 2 * h + 1];{store}
+        }}"""
+        finish = ""
     return f"""
 extern "C" __global__ void __launch_bounds__({threads}) gemm(const __grid_constant__ TensorMap map_x,
-    const __grid_constant__ TensorMap map_w, {_params(c, T)}) {{
+    const __grid_constant__ TensorMap map_w{map_y}, {_params(c, T)}) {{
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // TMA's 128-byte swizzle and the wgmma descriptors need 1024-byte aligned tiles
   T_* const sa = reinterpret_cast<T_*>(smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
   T_* const sb = sa + {S * BM * BK};
-  unsigned long long* const full = reinterpret_cast<unsigned long long*>(sb + {S * BN * BK});
+  T_* const sc = sb + {S * BN * BK};
+  unsigned long long* const full = reinterpret_cast<unsigned long long*>(sc + {c_tile});
   unsigned long long* const empty = full + {S};
   const int wg = threadIdx.x >> 7;
   if (threadIdx.x == 0) {{
@@ -699,18 +756,8 @@ extern "C" __global__ void __launch_bounds__({threads}) gemm(const __grid_consta
     }}
     wgmma_wait<0>();
     if (previous >= 0 && signals) mbar_arrive(&empty[previous]);
-
-    #pragma unroll
-    for (int i = 0; i < {MI}; ++i)
-      #pragma unroll
-      for (int j = 0; j < {BN // 8}; ++j)
-        #pragma unroll
-        for (int h = 0; h < 2; ++h) {{
-          const int row = m0 + cw * {WM} + i * 64 + warp * 16 + (lane >> 2) + h * 8;
-          const int col = n0 + j * 8 + (lane & 3) * 2;
-          const float v0 = acc[i][4 * j + 2 * h], v1 = acc[i][4 * j + 2 * h + 1];{store}
-        }}
-  }}
+{epilogue}
+  }}{finish}
 }}
 """
 
