@@ -8,7 +8,10 @@
 // cp.async copies are either done at once ("eager") or held back until the wait_group that
 // retires them ("deferred"): running both catches reads that come before the wait and
 // copies that land on data still being read. Shared memory is a static per block (blocks
-// never overlap), filled with NaN bytes before each block so stale reads show.
+// never overlap), filled with NaN bytes before each block so stale reads show. A kernel
+// declared with __cluster_dims__(n, 1, 1) runs its blocks n at a time, a cluster's threads
+// side by side as fibers of one scheduler, each block with its own shared memory (static
+// __shared__ variables excepted: those are one per cluster here).
 //
 // Sources reach the emulated instructions in one of two ways: the inline-PTX helpers of
 // search_space/codegen/cuda_ptx.py are swapped for cudaemu_ptx.h, and a source may call the
@@ -43,6 +46,8 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static
+#define __grid_constant__
+#define __cluster_dims__(...)
 
 // The emulator's state and scheduler (below, under CUDAEMU_RUNTIME) are compiled once into
 // an object that every kernel's library links: each library has its own copy, and each
@@ -57,6 +62,7 @@ namespace emu {
 constexpr size_t STACK_BYTES = 256 << 10;
 constexpr size_t SMEM_BYTES = 256 << 10;
 constexpr int MAX_THREADS = 1024;  // per block, as on the GPU
+constexpr int MAX_CLUSTER = 2;      // blocks of a cluster the emulator runs together
 
 // ``bytes`` land at ``dst``: the first ``src_bytes`` from ``src`` (all of them when negative),
 // zeros for the rest (all zeros when not ``valid``), as cp.async's src-size operand says.
@@ -66,7 +72,9 @@ struct Fiber {
   ucontext_t ctx;
   char* stack = nullptr;  // STACK_BYTES of ``stacks``
   emu_dim3 tid;
-  int linear = 0;
+  emu_dim3 bid;   // its block
+  int rank = 0;   // its block's rank in the cluster
+  int linear = 0; // unique within the cluster: rank * threads per block + thread
   bool done = false;
   std::vector<std::vector<Copy>> groups;  // committed cp.async groups, oldest first
   std::vector<Copy> open;                  // issued, not yet committed
@@ -84,8 +92,11 @@ extern unsigned long events;  // arrivals and completions: progress for deadlock
 extern bool deferred_copies;
 extern std::vector<Group> warp_groups;
 extern std::vector<Group> warpgroup_groups;  // 4 consecutive warps (Hopper wgmma)
-extern Group block_group;
-alignas(1024) extern unsigned char dynamic_smem_bytes[SMEM_BYTES];
+extern Group block_groups[MAX_CLUSTER];
+extern Group cluster_group;
+extern int cluster_size;
+alignas(1024) extern unsigned char smem_pool[MAX_CLUSTER][SMEM_BYTES];
+extern unsigned char* dynamic_smem_bytes;  // the current thread's block's
 extern size_t dynamic_smem_size;  // what the launch asked for (emu_set_dynamic_smem)
 extern std::function<void()> kernel_body;
 extern char failure[512];
@@ -114,7 +125,13 @@ inline int live_in_warpgroup(int wg) {
   return n;
 }
 
-inline int live_in_block() {
+inline int live_in_block(int rank) {
+  int n = 0;
+  for (auto& f : fibers) n += !f.done && f.rank == rank;
+  return n;
+}
+
+inline int live_in_cluster() {
   int n = 0;
   for (auto& f : fibers) n += !f.done;
   return n;
@@ -159,7 +176,7 @@ inline void run_copy(const Copy& c) {
 
 // Runs the grid, each block's threads as fibers; 0, or 1 with ``failure`` saying why.
 int launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, bool deferred,
-           unsigned seed);
+           unsigned seed, int cluster = 1);
 
 #ifdef CUDAEMU_RUNTIME
 }  // namespace emu
@@ -175,8 +192,11 @@ unsigned long events = 0;
 bool deferred_copies = false;
 std::vector<Group> warp_groups;
 std::vector<Group> warpgroup_groups;
-Group block_group;
-alignas(1024) unsigned char dynamic_smem_bytes[SMEM_BYTES];
+Group block_groups[MAX_CLUSTER];
+Group cluster_group;
+int cluster_size = 1;
+alignas(1024) unsigned char smem_pool[MAX_CLUSTER][SMEM_BYTES];
+unsigned char* dynamic_smem_bytes = smem_pool[0];
 size_t dynamic_smem_size = SMEM_BYTES;
 std::function<void()> kernel_body;
 char failure[512] = {0};
@@ -199,9 +219,9 @@ static void fiber_main() {
 
 static void set_current(int i) {
   current = i;
-  threadIdx.x = fibers[i].tid.x;
-  threadIdx.y = fibers[i].tid.y;
-  threadIdx.z = fibers[i].tid.z;
+  threadIdx = fibers[i].tid;
+  blockIdx = fibers[i].bid;
+  dynamic_smem_bytes = smem_pool[fibers[i].rank];
 }
 
 static bool run_block() {
@@ -237,7 +257,7 @@ static bool run_block() {
 }
 
 int launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, bool deferred,
-           unsigned seed) {
+           unsigned seed, int cluster) {
   failure[0] = 0;
   deferred_copies = deferred;
   const int threads = (int)(bx * by * bz);
@@ -245,8 +265,13 @@ int launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsi
     fail("a block of more than 1024 threads (or none)");
     return 1;
   }
+  if (cluster < 1 || cluster > MAX_CLUSTER || gx % cluster) {
+    fail("a cluster the emulator cannot run (more than 2 blocks, or a grid not a multiple of it)");
+    return 1;
+  }
+  cluster_size = cluster;
   if (!stacks) {
-    void* mapped = mmap(nullptr, STACK_BYTES * MAX_THREADS, PROT_READ | PROT_WRITE,
+    void* mapped = mmap(nullptr, STACK_BYTES * MAX_THREADS * MAX_CLUSTER, PROT_READ | PROT_WRITE,
                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (mapped == MAP_FAILED) {
       fail("cannot map the fibers' stacks");
@@ -254,29 +279,36 @@ int launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsi
     }
     stacks = static_cast<char*>(mapped);
   }
-  fibers.assign(threads, Fiber());
-  for (int i = 0; i < threads; ++i) {
+  const int all = threads * cluster;  // a cluster's threads run together
+  fibers.assign(all, Fiber());
+  for (int i = 0; i < all; ++i) {
+    const int t = i % threads;
     fibers[i].stack = stacks + STACK_BYTES * i;
     fibers[i].linear = i;
-    fibers[i].tid.x = i % bx;
-    fibers[i].tid.y = (i / bx) % by;
-    fibers[i].tid.z = i / (bx * by);
+    fibers[i].rank = i / threads;
+    fibers[i].tid.x = t % bx;
+    fibers[i].tid.y = (t / bx) % by;
+    fibers[i].tid.z = t / (bx * by);
   }
-  warp_groups.assign((threads + 31) / 32, Group());
-  warpgroup_groups.assign((threads + 127) / 128, Group());
-  boxes.assign((threads + 31) / 32, WarpBox());
+  warp_groups.assign((all + 31) / 32, Group());
+  warpgroup_groups.assign((all + 127) / 128, Group());
+  boxes.assign((all + 31) / 32, WarpBox());
   blockDim.x = bx; blockDim.y = by; blockDim.z = bz;
   gridDim.x = gx; gridDim.y = gy; gridDim.z = gz;
-  std::vector<unsigned long> order((size_t)gx * gy * gz);
+  std::vector<unsigned long> order((size_t)(gx / cluster) * gy * gz);  // clusters, in a shuffled order
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   std::mt19937 rng(seed);
   std::shuffle(order.begin(), order.end(), rng);
+  const unsigned cx = gx / cluster;
   for (unsigned long b : order) {
-    blockIdx.x = b % gx;
-    blockIdx.y = (b / gx) % gy;
-    blockIdx.z = b / ((unsigned long)gx * gy);
-    memset(dynamic_smem_bytes, 0xff, sizeof(dynamic_smem_bytes));  // NaN bytes: stale reads show
-    block_group = Group();
+    for (auto& f : fibers) {
+      f.bid.x = (unsigned)(b % cx) * cluster + f.rank;
+      f.bid.y = (unsigned)((b / cx) % gy);
+      f.bid.z = (unsigned)(b / ((unsigned long)cx * gy));
+    }
+    memset(smem_pool, 0xff, SMEM_BYTES * cluster);  // NaN bytes: stale reads show
+    for (auto& g : block_groups) g = Group();
+    cluster_group = Group();
     for (auto& g : warp_groups) g = Group();
     for (auto& g : warpgroup_groups) g = Group();
     if (!run_block()) return 1;
@@ -290,7 +322,8 @@ int launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsi
 // ------------------------------------------------------------------ CUDA built-ins
 
 inline void __syncthreads() {
-  emu::rendezvous(emu::block_group, [] { return emu::live_in_block(); }, [] {});
+  const int rank = emu::fibers[emu::current].rank;
+  emu::rendezvous(emu::block_groups[rank], [rank] { return emu::live_in_block(rank); }, [] {});
 }
 inline void __syncwarp(unsigned = 0xffffffffu) {
   const int w = emu::warp();

@@ -43,6 +43,7 @@ PTX_HEADER = HERE / "cudaemu_ptx.h"
 CUDA_INCLUDE = "/usr/local/cuda/include"
 FLAGS = ["-std=c++17", "-O1", "-fPIC", "-w", f"-I{CUDA_INCLUDE}"]
 _PTX_SECTION = re.compile(r"// BEGIN PTX.*?// END PTX", re.S)
+_CLUSTER_DIMS = re.compile(r"__cluster_dims__\(\s*(\d+)\s*,\s*1\s*,\s*1\s*\)")
 _DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+\w+)*?)\s+(\w+)\s*\[\s*\]\s*;")
 
 
@@ -73,11 +74,13 @@ def emulated_source(source: KernelSource) -> str:
         else:  # converts to whatever pointer type the kernel declares (float4*, uint8_t*, ...)
             params.append(f"emu::AnyPtr{{p[{pointers}]}}")
             pointers += 1
+    found = _CLUSTER_DIMS.search(source.code)
+    cluster = int(found.group(1)) if found else 1
     return '#include "cudaemu.h"\n' + code + f"""
 extern "C" int emu_run(void** p, long long* s, const unsigned char* m, unsigned gx, unsigned gy, unsigned gz,
                        unsigned bx, unsigned by, unsigned bz, int deferred, unsigned seed, char* error) {{
   emu::kernel_body = [=]() {{ {source.entry}({", ".join(params)}); }};
-  const int rc = emu::launch(gx, gy, gz, bx, by, bz, deferred != 0, seed);
+  const int rc = emu::launch(gx, gy, gz, bx, by, bz, deferred != 0, seed, {cluster});
   if (rc) snprintf(error, 511, "%s", emu::failure);
   return rc;
 }}

@@ -245,8 +245,46 @@ inline void tma_store_wait_read() {
   for (auto& s : emu::pending_stores[me]) emu::run_store(s);
   emu::pending_stores[me].clear();
 }
-namespace emu { static std::vector<Group> named_barriers(16); }
+namespace emu { static std::vector<Group> named_barriers(16 * MAX_CLUSTER); }  // per block
 inline void named_barrier_sync(int id, int threads) {
   if (id < 1 || id > 15) { emu::fail("named barrier id outside 1-15"); return; }
-  emu::rendezvous(emu::named_barriers[id], [threads] { return threads; }, [] {});
+  emu::rendezvous(emu::named_barriers[emu::fibers[emu::current].rank * 16 + id], [threads] { return threads; }, [] {});
+}
+
+// ---- Thread block clusters: the blocks of a cluster run side by side (cudaemu.h), each with
+// its own shared memory; a shared address is the same offset in every block of the cluster.
+namespace emu {
+template <typename T> inline T* in_block(T* p, int rank) {  // ``p`` of this block, in block ``rank``
+  unsigned char* c = reinterpret_cast<unsigned char*>(p);
+  return reinterpret_cast<T*>(smem_pool[rank] + (c - smem_pool[fibers[current].rank]));
+}
+template <typename F> inline void as_block(int rank, F&& f) {  // run ``f`` addressing block ``rank``'s shared memory
+  unsigned char* mine = dynamic_smem_bytes;
+  dynamic_smem_bytes = smem_pool[rank];
+  f();
+  dynamic_smem_bytes = mine;
+}
+}  // namespace emu
+inline unsigned cluster_ctarank() { return (unsigned)emu::fibers[emu::current].rank; }
+inline void cluster_sync() {
+  emu::rendezvous(emu::cluster_group, [] { return emu::live_in_cluster(); }, [] {});
+}
+inline void mbar_arrive_cluster(unsigned long long* bar, unsigned rank) {
+  if ((int)rank >= emu::cluster_size) { emu::fail("mbarrier arrive on a block outside the cluster"); return; }
+  if (!emu::live_in_block((int)rank)) { emu::fail("mbarrier arrive on a block that has exited (its shared memory is gone)"); return; }
+  unsigned long long* remote = emu::in_block(bar, (int)rank);
+  emu::as_block((int)rank, [&] { mbar_arrive(remote); });
+}
+// the box lands at the same offset in every block of ``mask`` and completes its bytes on the
+// barrier at the same offset there
+template <typename Map> inline void tma_load_2d_multicast(void* dst, const Map* map, int col, int row,
+                                                          unsigned long long* bar, unsigned short mask) {
+  if (mask >> emu::cluster_size) { emu::fail("TMA multicast to a block outside the cluster"); return; }
+  for (int r = 0; r < emu::cluster_size; ++r)
+    if (mask & (1u << r)) {
+      if (!emu::live_in_block(r)) { emu::fail("TMA multicast into a block that has exited"); return; }
+      void* there = emu::in_block(static_cast<unsigned char*>(dst), r);
+      unsigned long long* barrier = emu::in_block(bar, r);
+      emu::as_block(r, [&] { tma_load_2d(there, map, col, row, barrier); });
+    }
 }

@@ -39,6 +39,9 @@ def test_tma_gemm_is_measured_and_exported_and_runs_from_the_library(fake_gpu, t
     inputs = [
         # persistent: the fake GPU has 2 SMs, so each block walks 3 of the 6 tiles
         _input({"M": 130, "N": 90, "K": 200}, "float16", bm=64, bn=32, wm=64, stages=3, group_m=8, persistent=1),
+        # a cluster of the 2 blocks, walking pairs of row tiles that share W's tile
+        _input({"M": 130, "N": 90, "K": 200}, "bfloat16", bm=64, bn=32, wm=64, stages=3, group_m=8, persistent=1,
+               cluster=2),
         _input({"M": 70, "N": 40, "K": 72}, "bfloat16", bm=128, bn=64, wm=64, stages=2, group_m=1, persistent=0,
                epilogue="smem"),  # a descriptor of the output too: Y is written back by TMA stores
     ]
@@ -47,16 +50,15 @@ def test_tma_gemm_is_measured_and_exported_and_runs_from_the_library(fake_gpu, t
     assert builds[0].source.launch_dims["grid"] == (2, 1, 1)
     with CudaRunner(timeout_s=300) as runner:
         results = runner.run(inputs, builds)
-    assert [r.error for r in results] == [MeasureError.NO_ERROR] * 2, [r.message for r in results]
+    assert [r.error for r in results] == [MeasureError.NO_ERROR] * 3, [r.message for r in results]
 
     log = RecordLog(tmp_path / "tma.jsonl")
     log.append(Record.from_measure(i, r, tuner="test") for i, r in zip(inputs, results))
     export_library(log.records(), tmp_path / "lib", "cuda")
     manifest = json.loads((tmp_path / "lib" / "manifest.json").read_text())
-    assert len(manifest["kernels"]) == 2
-    maps = {k["dtype"]: [(a["of"], a["swizzle"]) for a in k["args"] if a["role"] == "tensor_map"]
-            for k in manifest["kernels"]}
-    assert maps == {"float16": [("X", 128), ("W", 128)], "bfloat16": [("X", 128), ("W", 128), ("Y", 128)]}
+    assert len(manifest["kernels"]) == 3
+    maps = sorted([(a["of"], a["shape"][0]) for a in k["args"] if a["role"] == "tensor_map"] for k in manifest["kernels"])
+    assert maps == [[("X", 64), ("W", 16)], [("X", 64), ("W", 32)], [("X", 128), ("W", 64), ("Y", 64)]]
     register_library(fake_gpu, tmp_path / "lib")
 
     library = runtime.load(tmp_path / "lib")
@@ -121,7 +123,8 @@ def test_the_hopper_seeds_compile_for_sm90a_without_spills():
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_tma_gemm_on_the_gpu(dtype):
     """The hardware's word on what only the emulator checks elsewhere: TMA's swizzle and edge
-    fill, the mbarrier phases, setmaxnreg, the persistent walk and the TMA-store epilogue."""
+    fill, the mbarrier phases, setmaxnreg, the persistent walk, the TMA-store epilogue and
+    clusters with multicast."""
     from measure import LocalBuilder
     from search_space import Target
 
@@ -130,7 +133,9 @@ def test_tma_gemm_on_the_gpu(dtype):
     variants = [dict(bm=128, bn=256, wm=64, stages=4, persistent=1, epilogue="direct"),
                 dict(bm=128, bn=128, wm=64, stages=3, persistent=1, epilogue="smem"),
                 dict(bm=256, bn=128, wm=128, stages=3, persistent=0, epilogue="direct"),
-                dict(bm=64, bn=64, wm=64, stages=2, persistent=0, epilogue="smem")]
+                dict(bm=64, bn=64, wm=64, stages=2, persistent=0, epilogue="smem"),
+                dict(bm=128, bn=256, wm=64, stages=4, persistent=1, epilogue="direct", cluster=2),
+                dict(bm=64, bn=128, wm=64, stages=3, persistent=0, epilogue="smem", cluster=2)]
     inputs = []
     for shape in ({"M": 4096, "N": 2048, "K": 512}, {"M": 300, "N": 200, "K": 136}):
         task = Task.make("gemm", shape, dtype)
@@ -140,7 +145,7 @@ def test_tma_gemm_on_the_gpu(dtype):
                 if space.accepts(dict(TMA, group_m=group_m, **values)):
                     inputs.append(MeasureInput(task, space.from_values(dict(TMA, group_m=group_m, **values)), target))
                     break
-    assert len(inputs) >= 6
+    assert len(inputs) >= 9
     with LocalBuilder(timeout_s=300) as builder, CudaRunner(timeout_s=60) as runner:
         results = runner.run(inputs, builder.build(inputs))
     failures = [(i.task.key, str(i.config), r.error.name, r.message) for i, r in zip(inputs, results) if not r.ok]

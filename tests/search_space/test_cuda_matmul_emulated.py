@@ -133,6 +133,12 @@ _TMA = dict(instr="wgmma", bk=64, wn=16, swizzle="xor", vec=8, split_k=1, pipeli
      dict(_TMA, bm=128, bn=64, wm=64, stages=3, group_m=8, persistent=1, epilogue="smem")),
     ("bfloat16", {"M": 300, "N": 136, "K": 72},
      dict(_TMA, bm=256, bn=128, wm=128, stages=2, group_m=1, persistent=0, epilogue="smem")),
+    # clusters of 2 blocks sharing W's tile by multicast (an odd number of row tiles: the last
+    # pair's second block computes rows past M and stores none)
+    ("float16", {"M": 330, "N": 200, "K": 200},
+     dict(_TMA, bm=64, bn=64, wm=64, stages=3, group_m=8, persistent=1, epilogue="smem", cluster=2)),
+    ("bfloat16", {"M": 150, "N": 80, "K": 328},
+     dict(_TMA, bm=64, bn=32, wm=64, stages=4, group_m=1, persistent=0, cluster=2)),
 ])
 def test_gemm_warp_specialised_tma_variants(emulator, dtype, shape, config):
     """TMA boxes (zeros past every edge), transaction barriers and the stage ring, with copies
@@ -156,6 +162,17 @@ def test_gemm_warp_specialised_tma_variants(emulator, dtype, shape, config):
 def test_emulator_catches_tma_epilogue_bugs(emulator, old, new):
     _assert_caught(emulator, old, new, dict(_TMA, bm=128, bn=64, wm=64, stages=3, group_m=8, persistent=1,
                                             epilogue="smem"), sm_count=2)
+
+
+@pytest.mark.parametrize("old, new", [
+    (" mbar_arrive_cluster(&empty[previous], rank ^ 1u); }", " }"),  # the other block never gets its stage back
+    ("&full[stage], 0x3)", "&full[stage], 0x1)"),                     # multicast to one block only
+    ("+ rank * 2048, &map_w", ", &map_w"),                            # both halves of W's box on one
+    ("for (int s = 0; s < 3; ++s) {\n        mbar_wait(&empty", "for (int s = 0; s < 0; ++s) {\n        mbar_wait(&empty"),
+], ids=["no remote release", "one-block multicast", "halves overlap", "exits before the other block's arrivals"])
+def test_emulator_catches_cluster_bugs(emulator, old, new):
+    _assert_caught(emulator, old, new, dict(_TMA, bm=64, bn=64, wm=64, stages=3, group_m=8, persistent=1,
+                                            cluster=2), sm_count=4)
 
 
 @pytest.mark.parametrize("old, new", [
@@ -284,7 +301,7 @@ def test_every_knob_changes_the_code(op, dtype):
             if space.is_valid(values):
                 codes.add(template.render(task, space.from_values(values), SM90).code)
         if len(codes) < 2:  # the default's neighbourhood may pin this knob: look elsewhere
-            for config in space.sample(np.random.default_rng(1), 200):
+            for config in space.sample(np.random.default_rng(1), 1000):
                 for value in knob.values:
                     values = dict(config.as_dict(), **{knob.name: value})
                     if value != config[knob.name] and space.is_valid(values):

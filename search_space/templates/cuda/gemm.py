@@ -22,7 +22,10 @@ B ("col": stored N x K). Two schedules, chosen by dtype:
   ``persistent`` the grid is one block per SM, each walking the tiles, its pipeline running
   on across tile boundaries. ``epilogue`` = ``smem`` writes each consumer's tile to shared
   memory (in the 128-byte swizzle, so the stores do not conflict) and back with TMA stores,
-  while the producer already loads the next tile's stages.
+  while the producer already loads the next tile's stages. ``cluster`` = 2 runs blocks in
+  pairs on row tiles above each other (a thread block cluster): each loads half of their
+  common W tile and TMA multicasts it into both, halving W's traffic from L2; a stage goes
+  back to a producer once the consumers of both blocks are done with it.
 - float32 on CUDA cores (SIMT): a block tile ``bm x bn``, each thread a ``tm x tn`` register
   tile split in 4-wide column groups, K in ``bk`` steps; tiles are stored transposed in
   shared memory (K outermost) so the inner loop reads 16-byte vectors; two shared buffers,
@@ -66,6 +69,8 @@ _TMA = dict(_WGMMA, pipeline="tma")
 TENSOR_CORE_SEEDS = (
     dict(_TMA, bm=128, bn=256, wm=64, stages=4, persistent=1), dict(_TMA, bm=128, bn=256, wm=64, stages=3, persistent=0),
     dict(_TMA, bm=128, bn=256, wm=64, stages=3, persistent=1, epilogue="smem"),
+    dict(_TMA, bm=128, bn=256, wm=64, stages=4, persistent=1, cluster=2),
+    dict(_TMA, bm=128, bn=256, wm=64, stages=3, persistent=1, epilogue="smem", cluster=2),
     dict(_TMA, bm=256, bn=128, wm=128, stages=4, persistent=1), dict(_TMA, bm=128, bn=128, wm=64, stages=5, persistent=1),
     dict(_TMA, bm=128, bn=128, wm=64, stages=4, persistent=1, epilogue="smem"),
     dict(_WGMMA, bm=128, bn=256, wm=64, stages=3), dict(_WGMMA, bm=128, bn=256, wm=64, stages=4),
@@ -182,7 +187,8 @@ class GemmCuda(GemmOp, Template):
         grid = (tiles, c["split_k"], 1)
         if _tma(c):  # descriptors first (see runtime.abi); a persistent grid is one block per SM
             maps = (ArgSpec("X_map", "tensor_map", task.dtype, (c["bm"], c["bk"]), of="X", swizzle=128),
-                    ArgSpec("W_map", "tensor_map", task.dtype, (c["bn"], c["bk"]), of="W", swizzle=128))
+                    ArgSpec("W_map", "tensor_map", task.dtype, (c["bn"] // c["cluster"], c["bk"]), of="W",
+                            swizzle=128))  # with a cluster, each block multicasts its share of W's box
             if c["epilogue"] == "smem":
                 maps += (ArgSpec("Y_map", "tensor_map", task.dtype, (c["wm"], 64), of="Y", swizzle=128),)
             args = maps + args
@@ -294,6 +300,7 @@ def _mma_space(task: Task, target: Target) -> ConfigSpace:
         # a persistent grid only differs from one block per tile when there are more tiles than SMs
         Knob("persistent", (0, 1) if math.ceil(M / 64) * math.ceil(N / 16) > sms else (0,), legacy=0),
         Knob("epilogue", ("direct", "smem"), legacy="direct"),
+        Knob("cluster", (1, 2), legacy=1),
     ]
     constraints = [
         ("tma: a wgmma pipeline, rows of 16-byte multiples, no K split",
@@ -302,6 +309,8 @@ def _mma_space(task: Task, target: Target) -> ConfigSpace:
          lambda c: c["persistent"] == 0 or (_tma(c) and math.ceil(M / c["bm"]) * math.ceil(N / c["bn"]) > sms)),
         ("epilogue through shared memory: the tma pipeline, boxes of 64 columns, rows of 16-byte multiples",
          lambda c: c["epilogue"] == "direct" or (_tma(c) and c["bn"] % 64 == 0 and (N * size) % 16 == 0)),
+        ("clusters of 2: the tma pipeline, two row tiles that share W's tile",
+         lambda c: c["cluster"] == 1 or (_tma(c) and M > c["bm"])),
         ("warp tile divides the block tile", lambda c: c["bm"] % c["wm"] == 0 and c["bn"] % c["wn"] == 0),
         ("mma warp tiles are at most 64 rows", lambda c: _wgmma(c) or c["wm"] <= 64),
         ("1 to 16 warps", lambda c: 1 <= _threads(task, c) // 32 <= 16),
@@ -403,10 +412,16 @@ def _params(c: dict, T: str) -> str:
 # ----------------------------------------------------------------------------- tensor cores
 
 
+def _tma_units(task: Task, c: dict) -> int:
+    """Work units of the TMA schedule: tiles, or with clusters of 2 pairs of tiles above each other."""
+    return math.ceil(task.dims["M"] / (c["bm"] * c["cluster"])) * math.ceil(task.dims["N"] / c["bn"])
+
+
 def _tma_grid(task: Task, c: dict, target: Target) -> int:
-    """Blocks of the TMA schedule: one per tile, or (persistent) one per SM, each walking tiles."""
-    tiles = math.ceil(task.dims["M"] / c["bm"]) * math.ceil(task.dims["N"] / c["bn"])
-    return min(tiles, target.sm_count or 132) if c["persistent"] else tiles
+    """Blocks of the TMA schedule: a cluster per unit, or (persistent) a block per SM, each
+    cluster walking units."""
+    units, cluster = _tma_units(task, c), c["cluster"]
+    return cluster * (min(units, (target.sm_count or 132) // cluster) if c["persistent"] else units)
 
 
 def _mma_code(task: Task, c: dict, target: Target) -> str:
@@ -640,7 +655,34 @@ def _tma_kernel(task: Task, c: dict, store: str, grid: int) -> str:
     shift = consumers == 2  # with one consumer warpgroup every thread may have 255 registers anyway
     dec = f"setmaxnreg_dec<{PRODUCER_REGISTERS}>();" if shift else ""
     inc = f"setmaxnreg_inc<{CONSUMER_REGISTERS}>();" if shift else ""
-    tile_origin = _tile_origin(c, M, N, "tile").replace("\n  ", "\n      ")
+    C = c["cluster"]
+    units = _tma_units(task, c)
+    # a cluster's blocks take row tiles rank 0 and 1 of a unit 2 * bm rows high, and share W's tile
+    tile_origin = _tile_origin(dict(c, bm=BM * C), M, N, "tile").replace("\n  ", "\n      ")
+    if C > 1:
+        tile_origin = tile_origin.replace("const int m0 = ", f"const int m0 = rank * {BM} + ")
+    loop = f"for (int tile = blockIdx.x{f' / {C}' if C > 1 else ''}; tile < {units}; tile += {grid // C})"
+    if C > 1:
+        attributes = f"__cluster_dims__({C}, 1, 1) __launch_bounds__({threads})"
+        start = """
+  const unsigned rank = cluster_ctarank();
+  cluster_sync();  // both blocks' barriers exist before any multicast or remote arrival"""
+        load_w = (f"tma_load_2d_multicast(sb + stage * {BN * BK} + rank * {BN // C * BK}, &map_w, kt * {BK}, "
+                  f"n0 + rank * {BN // C}, &full[stage], 0x3);  // its half of W's box, into both blocks")
+        release = "{ mbar_arrive(&empty[previous]); mbar_arrive_cluster(&empty[previous], rank ^ 1u); }"
+        tail = f"""
+      // the other block's consumers arrive on this block's empty barriers until they are done
+      // with the last stages: wait for those arrivals before the block may exit
+      for (int s = 0; s < {S}; ++s) {{
+        mbar_wait(&empty[stage], phase ^ 1u);
+        if (++stage == {S}) {{ stage = 0; phase ^= 1u; }}
+      }}"""
+    else:
+        attributes = f"__launch_bounds__({threads})"
+        start = "\n  __syncthreads();"
+        load_w = f"tma_load_2d(sb + stage * {BN * BK}, &map_w, kt * {BK}, n0, &full[stage]);"
+        release = "mbar_arrive(&empty[previous]);"
+        tail = ""
     via_smem = c.get("epilogue") == "smem"
     map_y = ", const __grid_constant__ TensorMap map_y" if via_smem else ""
     c_tile = consumers * WM * BN if via_smem else 0  # the epilogue's boxes, after the stages
@@ -686,7 +728,7 @@ def _tma_kernel(task: Task, c: dict, store: str, grid: int) -> str:
         }}"""
         finish = ""
     return f"""
-extern "C" __global__ void __launch_bounds__({threads}) gemm(const __grid_constant__ TensorMap map_x,
+extern "C" __global__ void {attributes} gemm(const __grid_constant__ TensorMap map_x,
     const __grid_constant__ TensorMap map_w{map_y}, {_params(c, T)}) {{
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // TMA's 128-byte swizzle and the wgmma descriptors need 1024-byte aligned tiles
@@ -699,26 +741,25 @@ extern "C" __global__ void __launch_bounds__({threads}) gemm(const __grid_consta
   if (threadIdx.x == 0) {{
     for (int s = 0; s < {S}; ++s) {{
       mbar_init(&full[s], 1);              // the producer's arrival, plus the bytes its copies bring
-      mbar_init(&empty[s], {consumers});   // one arrival per consumer warpgroup
+      mbar_init(&empty[s], {consumers * C});   // one arrival per consumer warpgroup (of each block)
     }}
     fence_mbarrier_init();
-  }}
-  __syncthreads();
+  }}{start}
 
   if (wg == 0) {{  // producer
     {dec}
     if (threadIdx.x == 0) {{
       int stage = 0;
       unsigned phase = 0;
-      for (int tile = blockIdx.x; tile < {tiles}; tile += {grid}) {{{tile_origin}
+      {loop} {{{tile_origin}
         for (int kt = 0; kt < {k_tiles}; ++kt) {{
           mbar_wait(&empty[stage], phase ^ 1u);
           mbar_arrive_expect_tx(&full[stage], {stage_bytes});
           tma_load_2d(sa + stage * {BM * BK}, &map_x, kt * {BK}, m0, &full[stage]);
-          tma_load_2d(sb + stage * {BN * BK}, &map_w, kt * {BK}, n0, &full[stage]);
+          {load_w}
           if (++stage == {S}) {{ stage = 0; phase ^= 1u; }}
         }}
-      }}
+      }}{tail}
     }}
     return;
   }}
@@ -731,7 +772,7 @@ extern "C" __global__ void __launch_bounds__({threads}) gemm(const __grid_consta
   const bool signals = (threadIdx.x & 127) == 0;  // one arrival per warpgroup on the empty barriers
   int stage = 0;
   unsigned phase = 0;
-  for (int tile = blockIdx.x; tile < {tiles}; tile += {grid}) {{{tile_origin}
+  {loop} {{{tile_origin}
     float acc[{MI}][{BN // 2}];
     #pragma unroll
     for (int i = 0; i < {MI}; ++i)
@@ -750,12 +791,12 @@ extern "C" __global__ void __launch_bounds__({threads}) gemm(const __grid_consta
           wgmma_m64k16<{BN}, T_>(acc[i], gmma_desc_sw128(ta + i * {64 * BK} + kk * 16), gmma_desc_sw128(tb + kk * 16));
       wgmma_commit();
       wgmma_wait<1>();  // the previous step's MMAs are done: its stage goes back to the producer
-      if (previous >= 0 && signals) mbar_arrive(&empty[previous]);
+      if (previous >= 0 && signals) {release}
       previous = stage;
       if (++stage == {S}) {{ stage = 0; phase ^= 1u; }}
     }}
     wgmma_wait<0>();
-    if (previous >= 0 && signals) mbar_arrive(&empty[previous]);
+    if (previous >= 0 && signals) {release}
 {epilogue}
   }}{finish}
 }}
