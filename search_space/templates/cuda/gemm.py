@@ -649,7 +649,6 @@ def _tma_kernel(task: Task, c: dict, store: str, grid: int) -> str:
     MI = WM // 64
     consumers = BM // WM
     threads = _threads(task, c)
-    tiles = math.ceil(M / BM) * math.ceil(N / BN)
     k_tiles = math.ceil(K / BK)
     stage_bytes = (BM + BN) * BK * ITEMSIZE[task.dtype]
     shift = consumers == 2  # with one consumer warpgroup every thread may have 255 registers anyway
