@@ -12,7 +12,7 @@
 # Full logs go to /tmp/gpu_check-<time>/ and, when OUT is set, as one tar to
 # $OUT/gpu_check-logs.tar.gz. Each step has a time
 # limit, and tuning stops early when the time set aside for it is used up.
-# Knobs: GPU_CHECK_TRIALS (12), GPU_CHECK_TARGET_TRIALS (24), GPU_CHECK_TUNE_S (340: no tuning
+# Knobs: GPU_CHECK_TRIALS (12), GPU_CHECK_TARGET_TRIALS (24), GPU_CHECK_TUNE_S (320: no tuning
 # job starts after that many seconds of the script),
 # GPU_CHECK_CASES, GPU_CHECK_EXAMPLES (see below).
 #
@@ -30,7 +30,7 @@ export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
 export AUTOTUNE_CACHE_DIR=${AUTOTUNE_CACHE_DIR:-/tmp/autotune-kernels}
 TRIALS=${GPU_CHECK_TRIALS:-12}
 TARGET_TRIALS=${GPU_CHECK_TARGET_TRIALS:-24}
-TUNE_S=${GPU_CHECK_TUNE_S:-340}
+TUNE_S=${GPU_CHECK_TUNE_S:-320}
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
 step() { echo "[$(elapsed)s] $*" | tee -a "$LOG/steps.log"; }
@@ -115,7 +115,7 @@ fi
 
 if [[ -z "${GPU_CHECK_CASES:-}" ]]; then
   step "hand-picked candidates for the TARGETS.md shapes (benchmarks/cuda_candidates.py)"
-  timeout 80 $PY benchmarks/cuda_candidates.py --log "$LOG/tune.jsonl" > "$LOG/candidates.log" 2>&1
+  timeout 110 $PY benchmarks/cuda_candidates.py --log "$LOG/tune.jsonl" > "$LOG/candidates.log" 2>&1
   echo "candidates exit code $?" | tee -a "$LOG/steps.log"
   grep -v "^  failed" "$LOG/candidates.log" | tail -n 12
 fi
