@@ -46,9 +46,9 @@ class ArgSpec:
     """One kernel argument, in call order: an array (``in``/``out``) of ``shape`` (dim names or
     ints) and ``dtype``, a ``workspace`` of ``nbytes`` scratch bytes, a ``scalar``: the int64
     value of the dynamic dim it is named after, or a ``tensor_map``: the TMA descriptor of the
-    array ``of`` (a matrix of its leading dims flattened by its last), copied in boxes of
-    ``shape`` = (rows, columns) with ``swizzle`` bytes (0: none), zeros past its edges. The
-    caller encodes the descriptor from the array's address (``runtime.tensor_map``)."""
+    array ``of``, copied in boxes of ``shape`` (a size per dim of the array, outermost first)
+    with ``swizzle`` bytes (0: none), zeros past its edges. The caller encodes the descriptor
+    from the array's address (``runtime.tensor_map``)."""
 
     name: str
     role: str
@@ -62,9 +62,9 @@ class ArgSpec:
         if self.role not in ROLES:
             raise ValueError(f"arg {self.name}: role {self.role!r} not in {ROLES}")
         if self.role == "tensor_map" and (not self.of or self.swizzle not in TENSOR_MAP_SWIZZLES
-                                          or len(self.shape) != 2):
-            raise ValueError(f"arg {self.name}: a tensor map needs the array it is of, a (rows, columns) "
-                             f"box and a swizzle in {TENSOR_MAP_SWIZZLES}")
+                                          or not 1 <= len(self.shape) <= 5):
+            raise ValueError(f"arg {self.name}: a tensor map needs the array it is of, a box of 1 to 5 dims "
+                             f"and a swizzle in {TENSOR_MAP_SWIZZLES}")
 
     def resolve_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
         return tuple(d if isinstance(d, int) else int(dims[d]) for d in self.shape)

@@ -184,14 +184,14 @@ def _check_args(entry: Mapping[str, Any], where: str) -> None:
 
 
 def _check_tensor_map(arg: Mapping[str, Any], array: Mapping[str, Any] | None, where: str) -> None:
-    """A TMA descriptor's box: of an array of this kernel, as the hardware takes it (at most
-    256 rows and columns, a row of the box within the swizzle span)."""
+    """A TMA descriptor's box: of an array of this kernel, a size per dim of it, as the hardware
+    takes it (at most 256 per dim, the innermost within the swizzle span)."""
     name, box, swizzle = arg["name"], arg.get("shape"), arg.get("swizzle", 0)
     if array is None or array.get("dtype") != arg.get("dtype"):
         raise LibraryFormatError(f"{where}: tensor map {name} is not of an array argument of its dtype")
-    if (not isinstance(box, list) or len(box) != 2 or not all(_is_int(b) and 1 <= b <= 256 for b in box)
-            or swizzle not in TENSOR_MAP_SWIZZLES
-            or (swizzle and box[1] * numpy_dtype(arg["dtype"]).itemsize > swizzle)):
+    if (not isinstance(box, list) or len(box) != len(array.get("shape") or ()) or not 1 <= len(box) <= 5
+            or not all(_is_int(b) and 1 <= b <= 256 for b in box) or swizzle not in TENSOR_MAP_SWIZZLES
+            or (swizzle and box[-1] * numpy_dtype(arg["dtype"]).itemsize > swizzle)):
         raise LibraryFormatError(f"{where}: tensor map {name}: box {box!r} with swizzle {swizzle!r} is not one "
                                  "TMA can copy")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import math
 from typing import Any, Mapping
 
 from .abi import ArgSpec, numpy_dtype
@@ -45,15 +44,15 @@ class _Libcuda:
         lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
         self.lib = lib
 
-    def encode_tiled(self, pointer: int, dtype: str, rows: int, cols: int, row_stride: int,
-                     box_rows: int, box_cols: int, swizzle: int) -> bytes:
+    def encode_tiled(self, pointer: int, dtype: str, dims: tuple[int, ...], strides: tuple[int, ...],
+                     box: tuple[int, ...], swizzle: int) -> bytes:
+        """``dims`` and ``box`` innermost first; ``strides`` in bytes, of every dim but the innermost."""
+        rank = len(dims)
         out = (ctypes.c_uint8 * TENSOR_MAP_BYTES)()
-        dims = (ctypes.c_uint64 * 2)(cols, rows)  # innermost first
-        strides = (ctypes.c_uint64 * 1)(row_stride)  # bytes, of every dim but the innermost
-        box = (ctypes.c_uint32 * 2)(box_cols, box_rows)
-        element_strides = (ctypes.c_uint32 * 2)(1, 1)
-        result = self.lib.cuTensorMapEncodeTiled(ctypes.byref(out), _DATA_TYPES[dtype], 2, pointer, dims, strides,
-                                                 box, element_strides, 0, _SWIZZLES[swizzle], _L2_PROMOTION_256B, 0)
+        result = self.lib.cuTensorMapEncodeTiled(
+            ctypes.byref(out), _DATA_TYPES[dtype], rank, pointer, (ctypes.c_uint64 * rank)(*dims),
+            (ctypes.c_uint64 * max(rank - 1, 1))(*strides), (ctypes.c_uint32 * rank)(*box),
+            (ctypes.c_uint32 * rank)(*([1] * rank)), 0, _SWIZZLES[swizzle], _L2_PROMOTION_256B, 0)
         if result != 0:
             text = ctypes.c_char_p()
             self.lib.cuGetErrorString(result, ctypes.byref(text))
@@ -73,17 +72,23 @@ def _encoder(drv: Any):
 
 
 def encode(drv: Any, arg: ArgSpec, array: ArgSpec, pointer: int, dims: Mapping[str, int]) -> bytes:
-    """The descriptor ``arg`` (a ``tensor_map``) of ``array`` at device address ``pointer``,
-    its shape taken at ``dims``: a matrix of its leading dims by its last one."""
+    """The descriptor ``arg`` (a ``tensor_map``) of ``array`` at device address ``pointer``, its
+    shape taken at ``dims``: the array as it is (C order), boxes of ``arg.shape`` (one size per
+    dim of the array, outermost first)."""
     shape = array.resolve_shape(dims)
-    rows, cols = math.prod(shape[:-1]), shape[-1]
+    box = arg.resolve_shape(dims)
     itemsize = numpy_dtype(array.dtype).itemsize
-    box_rows, box_cols = arg.resolve_shape(dims)
-    if pointer % 16 or (cols * itemsize) % 16:
+    if len(box) != len(shape):
+        raise TensorMapError(f"{arg.name}: a box of {len(box)} dims for {array.name}'s {len(shape)}")
+    strides, step = [], itemsize
+    for size in reversed(shape[1:]):
+        step *= size
+        strides.append(step)
+    if pointer % 16 or any(s % 16 for s in strides):
         raise TensorMapError(f"{arg.name}: TMA needs 16-byte aligned rows ({array.name} at {pointer:#x}, "
-                             f"rows of {cols * itemsize} bytes)")
-    return _encoder(drv).encode_tiled(int(pointer), array.dtype, rows, cols, cols * itemsize, box_rows, box_cols,
-                                      arg.swizzle)
+                             f"strides {strides} bytes)")
+    return _encoder(drv).encode_tiled(int(pointer), array.dtype, tuple(reversed(shape)), tuple(strides),
+                                      tuple(reversed(box)), arg.swizzle)
 
 
 def bound_values(drv: Any, args: tuple[ArgSpec, ...], pointers: Mapping[str, int], dims: Mapping[str, int]) -> list:

@@ -176,8 +176,15 @@ class ConfigSpace:
         """Each knob's position within its values: the config in knob-index coordinates."""
         return [knob.values.index(value) for knob, (_, value) in zip(self.knobs, config.values)]
 
+    def _values(self, config: Config | Values) -> Values:
+        """A config's values; a knob that ``config`` lacks and that has a legacy value takes it."""
+        if isinstance(config, Config):
+            return config.as_dict()
+        missing = {k.name: k.legacy for k in self.knobs if k.name not in config and k.legacy is not None}
+        return {**config, **missing} if missing else config
+
     def violations(self, config: Config | Values) -> list[str]:
-        values = config.as_dict() if isinstance(config, Config) else config
+        values = self._values(config)
         return [name for name, check in self.constraints if not check(values)]
 
     def accepts(self, values: Values) -> bool:
@@ -186,10 +193,10 @@ class ConfigSpace:
             index = self.index_of(values)
         except (KeyError, ValueError):
             return False
-        return self.is_valid(self.get(index))  # with the legacy value of a knob ``values`` lacks
+        return self.is_valid(self.get(index))
 
     def is_valid(self, config: Config | Values) -> bool:
-        values = config.as_dict() if isinstance(config, Config) else config
+        values = self._values(config)
         return all(check(values) for _, check in self.constraints)
 
     def __iter__(self) -> Iterator[Config]:

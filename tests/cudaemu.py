@@ -195,19 +195,24 @@ class Fenced:
 
 
 # ----------------------------------------------------------------------------- tensor maps
-# The emulator's own encoding of a TMA descriptor (the driver's is opaque): a magic word, then
-# the matrix and its box, read by the emulated copy (cudaemu_ptx.h, tma_load_2d).
+# The emulator's own encoding of a TMA descriptor (the driver's is opaque), read by the
+# emulated copies (cudaemu_ptx.h, tma_load / tma_store): word 0 a magic number, the rank, the
+# element size and the swizzle; word 1 the address; then the dims (5 words), the byte strides
+# of every dim but the innermost (4) and the box (5), innermost first.
 TENSOR_MAP_MAGIC = 0x50414D54  # "TMAP"
 
 
-def encode_tensor_map(pointer: int, dtype: str, rows: int, cols: int, row_stride: int, box_rows: int,
-                      box_cols: int, swizzle: int) -> bytes:
+def encode_tensor_map(pointer: int, dtype: str, dims: tuple[int, ...], strides: tuple[int, ...],
+                      box: tuple[int, ...], swizzle: int) -> bytes:
     itemsize = numpy_dtype(dtype).itemsize
-    if not (1 <= box_rows <= 256 and 1 <= box_cols <= 256) or (swizzle and box_cols * itemsize > swizzle):
-        raise ValueError(f"cuTensorMapEncodeTiled failed: invalid value (box {box_rows}x{box_cols}, "
-                         f"swizzle {swizzle})")
-    words = [TENSOR_MAP_MAGIC, pointer, rows, cols, row_stride, box_rows, box_cols, itemsize, swizzle]
-    return np.array(words + [0] * (16 - len(words)), dtype=np.uint64).tobytes()
+    rank = len(dims)
+    if not (1 <= rank <= 5 and len(box) == rank and len(strides) == rank - 1 and all(1 <= b <= 256 for b in box)
+            and (not swizzle or box[0] * itemsize <= swizzle)):
+        raise ValueError(f"cuTensorMapEncodeTiled failed: invalid value (dims {dims}, box {box}, swizzle {swizzle})")
+    pad = lambda values, n: list(values) + [0] * (n - len(values))  # noqa: E731
+    words = ([(TENSOR_MAP_MAGIC << 32) | (rank << 24) | (itemsize << 16) | swizzle, pointer]
+             + pad(dims, 5) + pad(strides, 4) + pad(box, 5))
+    return np.array(words, dtype=np.uint64).tobytes()
 
 
 class TensorMapApi:

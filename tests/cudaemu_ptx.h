@@ -99,6 +99,70 @@ template <int N, typename T> inline void wgmma_m64k16(float* d, unsigned long lo
   });
 }
 
+namespace emu {
+// Element (k, n) of an N-major operand described by `desc` (128-byte swizzle only): 64
+// elements of N per 128-byte line, 8 lines of K per 1024-byte atom (stride byte offset),
+// the next 64 of N ``leading byte offset`` further.
+inline const unsigned char* gmma_element_nmajor(unsigned long long desc, int k, int n) {
+  if ((desc >> 62) != 1ull) fail("emulated wgmma: only the 128-byte swizzle layout is emulated");
+  const unsigned long long start = (desc & 0x3FFFull) << 4;
+  const unsigned long long lbo = ((desc >> 16) & 0x3FFFull) << 4;
+  const unsigned long long sbo = ((desc >> 32) & 0x3FFFull) << 4;
+  const unsigned long long addr = start + (unsigned long long)(n / 64) * lbo + (unsigned long long)(k / 8) * sbo
+                                  + (k % 8) * 128 + (n % 64) * 2;
+  const unsigned long long swizzled = addr ^ (((addr >> 7) & 7) << 4);
+  if (swizzled + 2 > SMEM_BYTES) fail("emulated wgmma: descriptor outside shared memory");
+  return dynamic_smem_bytes + swizzled;
+}
+struct WgmmaRsBox { float* d[128]; unsigned a[128][4]; unsigned long long db[128]; };
+static std::vector<WgmmaRsBox> wgmma_rs_boxes;
+}  // namespace emu
+
+// A from registers: thread 32w + 4g + t holds rows 16w + g (+8) of A as mma.m16n8k16's A
+// fragment does (a[0]: row g, k 2t and 2t + 1 in the low and high halves; a[1]: row g + 8;
+// a[2], a[3]: the same at k + 8); B N-major from shared memory.
+template <int N, typename T> inline void wgmma_m64k16_rs_nmajor(float* d, const unsigned* a, unsigned long long db) {
+  const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  const int me = emu::fibers[emu::current].linear;
+  const int wg = me / 128;
+  if ((int)emu::wgmma_rs_boxes.size() <= wg) emu::wgmma_rs_boxes.resize(wg + 1);
+  emu::WgmmaRsBox& box = emu::wgmma_rs_boxes[wg];
+  box.d[me % 128] = d;
+  for (int i = 0; i < 4; ++i) box.a[me % 128][i] = a[i];
+  box.db[me % 128] = db;
+  emu::rendezvous(emu::warpgroup_groups[wg], [wg] { return emu::live_in_warpgroup(wg); }, [&] {
+    for (int i = 1; i < 128; ++i)
+      if (box.db[i] != box.db[0]) emu::fail("emulated wgmma: descriptors differ across the warpgroup");
+    static float A[64][16], B[256][16];
+    for (int i = 0; i < 128; ++i) {
+      const int w = i / 32, g = (i % 32) / 4, t = i % 4;
+      for (int half = 0; half < 2; ++half) {
+        const int k0 = 2 * t + 8 * half;
+        A[16 * w + g][k0] = emu_lo(box.a[i][2 * half], bf16);
+        A[16 * w + g][k0 + 1] = emu_hi(box.a[i][2 * half], bf16);
+        A[16 * w + g + 8][k0] = emu_lo(box.a[i][2 * half + 1], bf16);
+        A[16 * w + g + 8][k0 + 1] = emu_hi(box.a[i][2 * half + 1], bf16);
+      }
+    }
+    for (int n = 0; n < N; ++n)
+      for (int k = 0; k < 16; ++k) {
+        unsigned short h;
+        memcpy(&h, emu::gmma_element_nmajor(box.db[0], k, n), 2);
+        B[n][k] = bf16 ? emu_from_bits<float>((uint64_t)((unsigned)h << 16)) : __half2float(__ushort_as_half(h));
+      }
+    for (int i = 0; i < 128; ++i) {
+      const int w = i / 32, g = (i % 32) / 4, t = i % 4;
+      for (int j = 0; j < N / 8; ++j)
+        for (int e = 0; e < 4; ++e) {
+          const int row = 16 * w + g + (e >> 1) * 8, col = 8 * j + 2 * t + (e & 1);
+          float sum = box.d[i][4 * j + e];
+          for (int k = 0; k < 16; ++k) sum += A[row][k] * B[col][k];
+          box.d[i][4 * j + e] = sum;
+        }
+    }
+  });
+}
+
 // ---- Hopper TMA and transaction barriers, emulated. An mbarrier's 8 shared bytes hold a
 // magic word and the index of its state here (shared memory starts each block as NaN bytes,
 // so a barrier used before mbar_init is caught). A TMA copy lands at once, or (deferred
@@ -171,33 +235,72 @@ inline void mbar_wait(unsigned long long* bar, unsigned parity) {
 template <int REGS> inline void setmaxnreg_inc() {}
 template <int REGS> inline void setmaxnreg_dec() {}
 
-// cp.async.bulk.tensor.2d with the emulator's descriptor (tests/cudaemu.py, encode_tensor_map):
-// the box of box_rows x box_cols elements at (row, col), zeros where it leaves the matrix,
-// stored row after row; with the 128-byte swizzle, 16-byte chunk c of a 128-byte row r lands
-// at chunk c ^ (r % 8), as the wgmma descriptors read it.
-template <typename Map> inline void tma_load_2d(void* dst, const Map* map, int col, int row, unsigned long long* bar) {
-  const unsigned long long* w = map->raw;
-  if (w[0] != 0x50414D54ull) { emu::fail("tma_load_2d: the tensor map was not encoded (cuTensorMapEncodeTiled)"); return; }
-  const unsigned char* base = reinterpret_cast<const unsigned char*>(w[1]);
-  const long long rows = (long long)w[2], cols = (long long)w[3], stride = (long long)w[4];
-  const int box_rows = (int)w[5], box_cols = (int)w[6], es = (int)w[7], swizzle = (int)w[8];
-  const int row_bytes = box_cols * es, total = box_rows * row_bytes;
-  const unsigned offset = emu::smem_offset(dst);
-  if (swizzle != 0 && (swizzle != 128 || row_bytes != 128)) { emu::fail("tma_load_2d: only 128-byte rows with the 128-byte swizzle (or none) are emulated"); return; }
-  if (offset % (swizzle ? 1024 : 128)) { emu::fail("tma_load_2d: shared destination not aligned (1024 bytes when swizzled, else 128)"); return; }
-  unsigned char* out = emu::smem_at(offset, total);
-  std::vector<unsigned char> box(total, 0);
-  for (int r = 0; r < box_rows; ++r)
-    for (int c = 0; c < box_cols; ++c) {
-      const long long gr = (long long)row + r, gc = (long long)col + c;
-      if (gr < 0 || gr >= rows || gc < 0 || gc >= cols) continue;
-      unsigned addr = (unsigned)(r * row_bytes + c * es);
-      if (swizzle) addr ^= ((addr >> 7) & 7u) << 4;
-      memcpy(&box[addr], base + gr * stride + gc * es, es);
+// cp.async.bulk.tensor.Nd with the emulator's descriptor (tests/cudaemu.py, encode_tensor_map):
+// the box at ``coords`` (innermost first), zeros where it leaves the tensor, stored innermost
+// dim fastest; with the 128-byte swizzle, 16-byte chunk c of 128-byte line r lands at chunk
+// c ^ (r % 8), as the wgmma descriptors read it.
+namespace emu {
+struct TmaBox {
+  unsigned char* base; int rank, es, swizzle; long long dims[5], strides[5]; int box[5]; int bytes;
+};
+inline bool tma_box(const unsigned long long* w, TmaBox& t, const char* what) {
+  if ((w[0] >> 32) != 0x50414D54ull) { fail(what); return false; }
+  t.base = reinterpret_cast<unsigned char*>(w[1]);
+  t.rank = (int)((w[0] >> 24) & 0xff); t.es = (int)((w[0] >> 16) & 0xff); t.swizzle = (int)(w[0] & 0xffff);
+  t.bytes = t.es;
+  for (int i = 0; i < t.rank; ++i) {
+    t.dims[i] = (long long)w[2 + i];
+    t.strides[i] = i == 0 ? t.es : (long long)w[7 + i - 1];
+    t.box[i] = (int)w[11 + i];
+    t.bytes *= t.box[i];
+  }
+  if (t.swizzle != 0 && (t.swizzle != 128 || t.box[0] * t.es != 128)) {
+    fail("TMA: only boxes of 128-byte lines with the 128-byte swizzle (or no swizzle) are emulated");
+    return false;
+  }
+  return true;
+}
+// every element of the box: its offset in shared memory (swizzled) and in global memory, or -1 outside
+template <typename F> inline void tma_each(const TmaBox& t, const int* coords, F&& f) {
+  int index[5] = {0, 0, 0, 0, 0};
+  for (int linear = 0; linear < t.bytes / t.es; ++linear) {
+    long long global = 0;
+    bool inside = true;
+    for (int i = 0; i < t.rank; ++i) {
+      const long long at = (long long)coords[i] + index[i];
+      inside = inside && at >= 0 && at < t.dims[i];
+      global += at * t.strides[i];
     }
+    unsigned addr = (unsigned)(linear * t.es);
+    if (t.swizzle) addr ^= ((addr >> 7) & 7u) << 4;
+    f(addr, inside ? global : -1);
+    for (int i = 0; i < t.rank && ++index[i] == t.box[i]; ++i) index[i] = 0;
+  }
+}
+}  // namespace emu
+
+template <typename Map> inline void tma_load(void* dst, const Map* map, const int* coords, unsigned long long* bar) {
+  emu::TmaBox t;
+  if (!emu::tma_box(map->raw, t, "tma_load: the tensor map was not encoded (cuTensorMapEncodeTiled)")) return;
+  const unsigned offset = emu::smem_offset(dst);
+  if (offset % (t.swizzle ? 1024 : 128)) { emu::fail("tma_load: shared destination not aligned (1024 bytes when swizzled, else 128)"); return; }
+  unsigned char* out = emu::smem_at(offset, t.bytes);
+  std::vector<unsigned char> box(t.bytes, 0);
+  emu::tma_each(t, coords, [&](unsigned addr, long long global) {
+    if (global >= 0) memcpy(&box[addr], t.base + global, t.es);
+  });
   emu::Mbarrier& b = emu::mbarrier_at(bar);
   b.copies.push_back(emu::PendingTma{box, out});
   if (!emu::deferred_copies) emu::mbarrier_land(b);
+}
+template <typename Map> inline void tma_load_2d(void* dst, const Map* map, int col, int row, unsigned long long* bar) {
+  const int coords[2] = {col, row};
+  tma_load(dst, map, coords, bar);
+}
+template <typename Map> inline void tma_load_4d(void* dst, const Map* map, int c0, int c1, int c2, int c3,
+                                                unsigned long long* bar) {
+  const int coords[4] = {c0, c1, c2, c3};
+  tma_load(dst, map, coords, bar);
 }
 
 // TMA store: the box in shared memory (laid out as tma_load_2d lays it) to the matrix, only
@@ -205,34 +308,24 @@ template <typename Map> inline void tma_load_2d(void* dst, const Map* map, int c
 // bulk groups' reads, reading shared memory then: a kernel that reuses the box before that
 // wait stores what it wrote over it, and one that never waits stores nothing.
 namespace emu {
-struct PendingStore { const unsigned long long* map; int col, row; unsigned offset; };
+struct PendingStore { const unsigned long long* map; int coords[5]; unsigned offset; };
 static std::vector<std::vector<PendingStore>> pending_stores;  // per thread of the block
 inline void run_store(const PendingStore& s) {
-  const unsigned long long* w = s.map;
-  unsigned char* base = reinterpret_cast<unsigned char*>(w[1]);
-  const long long rows = (long long)w[2], cols = (long long)w[3], stride = (long long)w[4];
-  const int box_rows = (int)w[5], box_cols = (int)w[6], es = (int)w[7], swizzle = (int)w[8];
-  const int row_bytes = box_cols * es;
-  const unsigned char* box = smem_at(s.offset, box_rows * row_bytes);
-  for (int r = 0; r < box_rows; ++r)
-    for (int c = 0; c < box_cols; ++c) {
-      const long long gr = (long long)s.row + r, gc = (long long)s.col + c;
-      if (gr < 0 || gr >= rows || gc < 0 || gc >= cols) continue;
-      unsigned addr = (unsigned)(r * row_bytes + c * es);
-      if (swizzle) addr ^= ((addr >> 7) & 7u) << 4;
-      memcpy(base + gr * stride + gc * es, box + addr, es);
-    }
+  TmaBox t;
+  if (!tma_box(s.map, t, "tma_store: the tensor map was not encoded (cuTensorMapEncodeTiled)")) return;
+  const unsigned char* box = smem_at(s.offset, t.bytes);
+  tma_each(t, s.coords, [&](unsigned addr, long long global) {
+    if (global >= 0) memcpy(t.base + global, box + addr, t.es);
+  });
 }
 }  // namespace emu
 
 template <typename Map> inline void tma_store_2d(const Map* map, int col, int row, const void* src) {
-  const unsigned long long* w = map->raw;
-  if (w[0] != 0x50414D54ull) { emu::fail("tma_store_2d: the tensor map was not encoded (cuTensorMapEncodeTiled)"); return; }
-  const int row_bytes = (int)(w[6] * w[7]), swizzle = (int)w[8];
+  emu::TmaBox t;
+  if (!emu::tma_box(map->raw, t, "tma_store: the tensor map was not encoded (cuTensorMapEncodeTiled)")) return;
   const unsigned offset = emu::smem_offset(src);
-  if (swizzle != 0 && (swizzle != 128 || row_bytes != 128)) { emu::fail("tma_store_2d: only 128-byte rows with the 128-byte swizzle (or none) are emulated"); return; }
-  if (offset % (swizzle ? 1024 : 128)) { emu::fail("tma_store_2d: shared source not aligned (1024 bytes when swizzled, else 128)"); return; }
-  emu::PendingStore s{w, col, row, offset};
+  if (offset % (t.swizzle ? 1024 : 128)) { emu::fail("tma_store: shared source not aligned (1024 bytes when swizzled, else 128)"); return; }
+  emu::PendingStore s{map->raw, {col, row, 0, 0, 0}, offset};
   if (!emu::deferred_copies) { emu::run_store(s); return; }
   const int me = emu::fibers[emu::current].linear;
   if ((int)emu::pending_stores.size() <= me) emu::pending_stores.resize(me + 1);

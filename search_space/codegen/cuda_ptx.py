@@ -157,6 +157,23 @@ def _wgmma_function(n: int, ab: str, ctype: str) -> str:
 }}"""
 
 
+def _wgmma_rs_function(n: int, ab: str, ctype: str) -> str:
+    """``wgmma_m64k16_rs_nmajor<N, T>``: D[64 x N] (+)= A[64 x 16] B[16 x N], A from registers
+    (four 16-bit pairs per thread, the mma.m16n8k16 A fragment of the thread's warp's 16 rows),
+    B from shared memory stored N-major (its K rows contiguous in N: V in attention)."""
+    regs = n // 2
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+    names = ",".join(f"%{i}" for i in range(regs))
+    a = ", ".join(f"%{regs + i}" for i in range(4))
+    return f"""template <> __device__ __forceinline__ void wgmma_m64k16_rs_nmajor<{n}, {ctype}>(float* d, const unsigned* a,
+                                                                                   unsigned long long db) {{
+  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 5}, 0;\\n"
+               "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ab}.{ab} {{{names}}}, {{{a}}}, %{regs + 4}, p, 1, 1, 1;\\n}}\\n"
+               : {outs}
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(1));
+}}"""
+
+
 WGMMA_SIZES = (16, 32, 64, 128, 256)
 
 # Hopper warpgroup MMA (sm_90a): 128 threads issue m64nNk16 together, operands read from
@@ -175,7 +192,9 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 }
 template <int N, typename T> __device__ __forceinline__ void wgmma_m64k16(float* d, unsigned long long da,
                                                                          unsigned long long db);
-""" + "\n".join(_wgmma_function(n, ab, ct) for n in WGMMA_SIZES
+template <int N, typename T> __device__ __forceinline__ void wgmma_m64k16_rs_nmajor(float* d, const unsigned* a,
+                                                                                   unsigned long long db);
+""" + "\n".join(_wgmma_function(n, ab, ct) + "\n" + _wgmma_rs_function(n, ab, ct) for n in WGMMA_SIZES
                 for ab, ct in (("f16", "__half"), ("bf16", "__nv_bfloat16"))) + "\n// END PTX\n" + r"""
 // Shared-memory matrix descriptor: start address >> 4 (bits 0-13), leading byte offset >> 4
 // (16-29; unused by swizzled K-major tiles, 1 by convention), stride byte offset >> 4
@@ -183,6 +202,14 @@ template <int N, typename T> __device__ __forceinline__ void wgmma_m64k16(float*
 __device__ __forceinline__ unsigned long long gmma_desc_sw128(const void* tile) {
   const unsigned long long addr = smem_u32(tile);
   return ((addr & 0x3FFFFull) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
+}
+// The same for an N-major tile (B stored K rows of N, as TMA lays out V's rows): 128-byte
+// lines hold 64 elements of N, 8 lines (8 K) make a 1024-byte swizzle atom (stride byte
+// offset), and the next 64 elements of N are ``lbo`` bytes further (leading byte offset).
+__device__ __forceinline__ unsigned long long gmma_desc_sw128_nmajor(const void* tile, unsigned lbo) {
+  const unsigned long long addr = smem_u32(tile);
+  return ((addr & 0x3FFFFull) >> 4) | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16) | ((1024ull >> 4) << 32)
+         | (1ull << 62);
 }
 """
 
@@ -258,6 +285,12 @@ __device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TensorMap
                " [%0], [%1, {%2, %3}], [%4], %5;\n"
                :: "r"(smem_u32(dst)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(col), "r"(row),
                   "r"(smem_u32(bar)), "h"(mask) : "memory");
+}
+__device__ __forceinline__ void tma_load_4d(void* dst, const TensorMap* map, int c0, int c1, int c2, int c3,
+                                            unsigned long long* bar) {
+  asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+               :: "r"(smem_u32(dst)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+                  "r"(smem_u32(bar)) : "memory");
 }
 template <int REGS> __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(REGS));

@@ -15,7 +15,7 @@ import pytest
 
 import cudaemu
 from measure.verify import check_output
-from search_space import Target, Task, get_template
+from search_space import KernelSource, Target, Task, get_template
 
 SM90 = Target.from_name("sm_90a")
 pytestmark = pytest.mark.tools("emulator")
@@ -116,6 +116,48 @@ def test_emulated_kernels_match_the_reference(emulator):
                         if problem:
                             problems.append(f"{run_task.key} {config} call {call}: {problem}")
     assert not problems, "\n".join(problems)
+
+
+WGMMA = dict(impl="wgmma", warps=4, warp_rows=16, q_regs=0)
+
+
+@pytest.mark.parametrize("dtype, shape, dynamic, attrs, config", [
+    # one consumer, T a runtime argument (one batch), causal, 64 dims
+    ("float16", {"B": 1, "T": 100, "H": 4, "HKV": 2, "D": 64}, ("T",), {}, dict(WGMMA, block_k=64, stages=2, consumers=1)),
+    # two consumers, two batches (the 4-D boxes stop at each batch's T), 128 dims in two boxes
+    ("bfloat16", {"B": 2, "T": 150, "H": 4, "HKV": 1, "D": 128}, (), {}, dict(WGMMA, block_k=128, stages=3, consumers=2)),
+    ("float16", {"B": 1, "T": 70, "H": 2, "HKV": 2, "D": 128}, (), {"causal": False},
+     dict(WGMMA, block_k=64, stages=3, consumers=2)),
+], ids=["one-consumer", "two-batches", "not-causal"])
+def test_attention_prefill_wgmma_matches_the_reference(emulator, dtype, shape, dynamic, attrs, config):
+    """The Hopper schedule: TMA boxes, the K/V ring, S on wgmma, P from registers into wgmma
+    with V N-major; copies landing at once and only when a consumer waits."""
+    template = get_template("attention_prefill", "cuda")
+    task = Task.make("attention_prefill", shape, dtype, attrs=attrs, dynamic=dynamic)
+    space = template.space(task, SM90)
+    assert space.accepts(config), space.violations(space.from_values(config))
+    for deferred in (False, True):
+        assert emulator.check(task, space.from_values(config), SM90, deferred=deferred) is None
+
+
+@pytest.mark.parametrize("old, new", [
+    ("BK * 128));", "BK * 64));"),                                  # V's second 64-dim box misplaced
+    ("pack2(sc[8 * kk + 2], sc[8 * kk + 3]),\n                             pack2(sc[8 * kk + 4], sc[8 * kk + 5])",
+     "pack2(sc[8 * kk + 4], sc[8 * kk + 5]),\n                             pack2(sc[8 * kk + 2], sc[8 * kk + 3])"),
+    ("+ cw * 64 * 64 +", "+"),                                        # both consumers on the first 64 rows
+    ("if (signals) mbar_arrive(&empty[s]);", ""),                     # stages never given back
+], ids=["v-box-offset", "p-fragment-order", "q-rows", "no-release"])
+def test_emulator_catches_attention_wgmma_bugs(emulator, old, new):
+    template = get_template("attention_prefill", "cuda")
+    task = Task.make("attention_prefill", {"B": 2, "T": 150, "H": 4, "HKV": 1, "D": 128}, "bfloat16")
+    source = template.render(task, template.space(task, SM90).from_values(dict(WGMMA, block_k=64, stages=2,
+                                                                                consumers=2)), SM90)
+    assert old in source.code
+    source = KernelSource(source.lang, source.code.replace(old, new), source.entry, source.args, source.launch_dims)
+    inputs = template.make_inputs(task, np.random.default_rng(0))
+    out = emulator.run(source, task.dims, inputs)
+    assert "error" in out or check_output("O", out["outputs"]["O"], template.reference(task, inputs)["O"],
+                                          template.tolerance(task), "bfloat16")
 
 
 def test_emulator_catches_a_wrong_fragment_layout(emulator, monkeypatch):

@@ -17,6 +17,7 @@ import pytest
 
 from measure import LocalBuilder, MeasureError, MeasureInput
 from measure.verify import check_output
+from runtime import tensor_map
 from search_space import Target, Task, get_template
 from search_space.codegen.cuda import resolve_launch
 from search_space.ops.common import numpy_dtype
@@ -75,19 +76,26 @@ def run_and_check(drv, build, tuned: Task, runs: list[dict], repeat: int = 1, se
         grid, block, smem = resolve_launch(source.launch_dims, dims)
         if smem > SMEM_DEFAULT_LIMIT:
             kernel.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
-        params, outputs = [], {}
+        params, outputs, pointers = [], {}, {}
         for arg in source.args:
             if arg.role == "in":
                 params.append(drv.to_device(np.ascontiguousarray(inputs[arg.name])))
+                pointers[arg.name] = int(params[-1])
             elif arg.role == "out":
                 shape = arg.resolve_shape(dims)
                 device = drv.mem_alloc(max(int(np.prod(shape)) * numpy_dtype(arg.dtype).itemsize, 1))
                 outputs[arg.name] = (device, shape, arg.dtype)
                 params.append(device)
+                pointers[arg.name] = int(device)
             elif arg.role == "workspace":
                 params.append(workspaces[arg.name])
-            else:
+            elif arg.role == "scalar":
                 params.append(np.int64(dims[arg.name]))
+        maps = [a for a in source.args if a.role == "tensor_map"]  # first in the call, by value
+        if maps:
+            arrays = {a.name: a for a in source.args}
+            params = [np.frombuffer(tensor_map.encode(drv, m, arrays[m.of], pointers[m.of], dims), dtype="V128")[0]
+                      for m in maps] + params
         for attempt in range(repeat):
             for device, shape, dtype in outputs.values():
                 drv.memcpy_htod(device, poison(shape, dtype))
@@ -184,7 +192,9 @@ def test_attention_decode_on_gpu(drv, builder, target):
 
 
 def test_attention_prefill_on_gpu(drv, builder, target):
-    wanted = [dict(impl="mma", block_k=32, stages=3, q_regs=0), dict(impl="mma", warps=8, block_k=128),
+    wanted = [dict(impl="wgmma", warps=4, warp_rows=16, q_regs=0, block_k=64, stages=2, consumers=1),
+              dict(impl="wgmma", warps=4, warp_rows=16, q_regs=0, block_k=128, stages=2, consumers=2),
+              dict(impl="mma", block_k=32, stages=3, q_regs=0), dict(impl="mma", warps=8, block_k=128),
               dict(impl="mma", warp_rows=32, block_k=32, q_regs=0),
               dict(impl="simt", warp_rows=1, block_k=64, stages=1, q_regs=0),
               dict(impl="simt", warp_rows=4, block_k=32, stages=1, q_regs=0)]

@@ -20,6 +20,8 @@ tiles first. T may be a runtime argument. Two implementations (knob ``impl``):
   rows padded by one word: conflict-free columns), then owns output dims lane, lane + 32,
   ... for O += P V, with P broadcast by shuffles. Tiles are loaded (converted to float32)
   by the whole block, one stage.
+- ``wgmma`` (Hopper, fp16/bf16, D of 64 or 128): FlashAttention-3 style, a TMA producer
+  warpgroup and ``consumers`` warpgroups of 64 query rows on wgmma (``attention_prefill_wgmma``).
 
 Scores are kept in the log2 domain: exp2(s * scale * log2(e) - max * scale * log2(e)).
 """
@@ -33,6 +35,7 @@ from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
 from ...template import KernelSource, Template, register_template
+from . import attention_prefill_wgmma as hopper
 
 LOG2E = 1.4426950408889634
 
@@ -42,10 +45,18 @@ def _mma_ok(task: Task) -> bool:
 
 
 def _bq(c: dict) -> int:
+    if c["impl"] == "wgmma":
+        return hopper.block_rows(c)
     return c["warps"] * c["warp_rows"]
 
 
+def _threads(c: dict) -> int:
+    return hopper.threads(c) if c["impl"] == "wgmma" else 32 * c["warps"]
+
+
 def _smem(task: Task, c: dict) -> int:
+    if c["impl"] == "wgmma":
+        return hopper.smem_bytes(task, c)
     d = task.dims["D"]
     if c["impl"] == "mma":
         return (_bq(c) + 2 * c["stages"] * c["block_k"]) * (d + 8) * 2
@@ -53,6 +64,8 @@ def _smem(task: Task, c: dict) -> int:
 
 
 def _registers(task: Task, c: dict) -> int:
+    if c["impl"] == "wgmma":
+        return hopper.registers(task, c)
     d = task.dims["D"]
     if c["impl"] == "mma":
         mt = c["warp_rows"] // 16
@@ -77,20 +90,31 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
             Knob("block_k", (32, 64, 128)),
             Knob("stages", (1, 2, 3)),
             Knob("q_regs", (0, 1) if mma else (0,)),
+            Knob("consumers", (1, 2) if hopper.applies(task) else (1,), legacy=1),
         ]
+        if hopper.applies(task):  # appended: the indices of the other impls' configs stay
+            knobs[0] = Knob("impl", knobs[0].values + ("wgmma",))
         constraints = [
             ("mma warps own 16 or 32 query rows, simt warps 1 to 4",
-             lambda c: (c["warp_rows"] >= 16) == (c["impl"] == "mma")),
+             lambda c: (c["warp_rows"] >= 16) == (c["impl"] != "simt")),
             ("mma pipelines 2 or 3 stages, simt loads one",
-             lambda c: (c["stages"] >= 2) if c["impl"] == "mma" else c["stages"] == 1),
+             lambda c: (c["stages"] >= 2) if c["impl"] != "simt" else c["stages"] == 1),
+            ("wgmma: warpgroups of 4 warps of 16 rows, Q from shared memory, 64 or 128 keys a tile",
+             lambda c: c["impl"] != "wgmma" or (c["warps"] == 4 and c["warp_rows"] == 16 and c["q_regs"] == 0
+                                                and c["block_k"] >= 64)),
+            ("consumer warpgroups are a wgmma option", lambda c: c["impl"] == "wgmma" or c["consumers"] == 1),
             ("Q fragments in registers are an mma option", lambda c: c["impl"] == "mma" or c["q_regs"] == 0),
-            ("simt tiles are 32 or 64 keys", lambda c: c["impl"] == "mma" or c["block_k"] <= 64),
-            ("registers fit the block", lambda c: registers_ok(_registers(task, c), 32 * c["warps"], target)),
+            ("simt tiles are 32 or 64 keys", lambda c: c["impl"] != "simt" or c["block_k"] <= 64),
+            ("registers fit the block", lambda c: registers_ok(_registers(task, c), _threads(c), target)),
             # ptxas hoists fragment loads: leave about 30 registers above the accumulators
             ("mma accumulators leave room for fragments", lambda c: c["impl"] != "mma" or _registers(task, c) <= 224),
             ("tiles fit in shared memory", lambda c: bytes_per_block_ok(_smem(task, c), target)),
         ]
         return ConfigSpace(knobs, constraints)
+
+    def seed_configs(self, task: Task, target: Target) -> list[dict]:
+        """The Hopper schedule first where it applies (a tuner with priors measures these first)."""
+        return [dict(s) for s in hopper.SEEDS] if hopper.applies(task) else []
 
     def default(self, task: Task, target: Target) -> Config:
         space = self.space(task, target)
@@ -114,13 +138,13 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
                        for i in range(q_tiles))
         itemsize = ITEMSIZE[task.dtype]
         moved = self.min_bytes(task) + d["B"] * d["H"] * kv_tiles * 2 * c["block_k"] * d["D"] * itemsize
-        per_sm = max(1, min(2048 // (32 * c["warps"]), (target.max_shared_memory_per_block or 48 << 10)
+        per_sm = max(1, min(2048 // _threads(c), (target.max_shared_memory_per_block or 48 << 10)
                             // max(_smem(task, c), 1)))
         pairs_computed = d["B"] * d["H"] * kv_tiles * bq * c["block_k"]
         return {
-            "threads": c["warps"],
+            "threads": _threads(c) // 32,
             "unroll": c["stages"],
-            "accumulators": (c["warp_rows"] // 16 * d["D"] // 2 if c["impl"] == "mma"
+            "accumulators": (c["warp_rows"] // 16 * d["D"] // 2 if c["impl"] != "simt"
                              else c["warp_rows"] * -(-d["D"] // 32)),
             "parallel_chunks": blocks,
             "waves": blocks / (max(target.sm_count, 1) * per_sm),
@@ -130,10 +154,10 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
             "arith_intensity": self.flops(task) / moved,
             "m_tail_fraction": (q_tiles * bq - d["T"]) / (q_tiles * bq),
             "k_tail_fraction": 1.0 - self.pairs(task) * d["B"] * d["H"] / max(pairs_computed, 1),
-            "packed": 1.0 if c["impl"] == "mma" else 0.0,
+            "packed": 1.0 if c["impl"] != "simt" else 0.0,
             "registers": _registers(task, c),
-            "loads_per_fma": 2.0 / bq if c["impl"] == "mma" else 1.0 / c["warp_rows"],
-            "vector_lanes": 8 if c["impl"] == "mma" else 1,
+            "loads_per_fma": 2.0 / bq if c["impl"] != "simt" else 1.0 / c["warp_rows"],
+            "vector_lanes": 8 if c["impl"] != "simt" else 1,
         }
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
@@ -152,7 +176,12 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
             f"constexpr bool CAUSAL = {'true' if self.attrs(task)['causal'] else 'false'};\n"
             f"constexpr float SCALE_LOG2 = {_scale(self, task) * LOG2E!r}f;\n"
             + static_dims(task, ("T",)))
-        if c["impl"] == "mma":
+        if c["impl"] == "wgmma":
+            args = hopper.tensor_maps(task, c) + args  # descriptors first (see runtime.abi)
+            code = hopper.kernel(task, c, common, kernel_params(self.signature(task) + dim_scalars(task)),
+                                 _BLOCK_COORDS)
+            entry = "attention_prefill_wgmma"
+        elif c["impl"] == "mma":
             mma_type = "f16" if task.dtype == "float16" else "bf16"
             pack = "__floats2half2_rn" if task.dtype == "float16" else "__floats2bfloat162_rn"
             code = (common + f"constexpr int STAGES = {c['stages']};\nconstexpr bool Q_REGS = {'true' if c['q_regs'] else 'false'};\n"
@@ -165,7 +194,7 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
                     + _SIMT_KERNEL.replace("@PARAMS@", kernel_params(args)))
             entry = "attention_prefill_simt"
         grid_x = f"(T + {bq - 1}) // {bq}" if "T" in task.dynamic else -(-d["T"] // bq)
-        launch = (("block", (32 * c["warps"], 1, 1)), ("grid", (grid_x, d["H"], d["B"])), ("smem", _smem(task, c)))
+        launch = (("block", (_threads(c), 1, 1)), ("grid", (grid_x, d["H"], d["B"])), ("smem", _smem(task, c)))
         return KernelSource("cuda", code, entry, tuple(args), launch)
 
 

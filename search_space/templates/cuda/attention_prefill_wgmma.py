@@ -1,0 +1,245 @@
+"""The Hopper schedule of CUDA ``attention_prefill`` (``impl`` = ``wgmma``), FlashAttention-3 style.
+
+A block owns 64 query rows per consumer warpgroup (``consumers`` = 1 or 2) of one head. A
+producer warpgroup, of which one thread works, copies with TMA: the block's Q tile once,
+then K and V tiles of ``block_k`` keys through a ring of ``stages`` buffers, each stage
+behind a transaction barrier (``full``) and given back by the consumers (``empty``). Every
+copy is a box of 64 head dims (128 bytes) in the 128-byte swizzle, zeros past the end of T;
+the tensor maps are 4-D (batch, position, head, dim), so a box never crosses into the next
+batch or head.
+
+A consumer warpgroup computes S = Q K^T with wgmma (both operands K-major in shared memory),
+masks and runs the online softmax in registers (a row's values spread over a quad of lanes),
+converts P to 16-bit pairs in place (the accumulator layout of S is the register layout of
+wgmma's A operand) and accumulates O += P V with wgmma taking A from registers and V from
+shared memory N-major (V's rows as TMA lays them out are K rows of the B operand). The
+producer runs ahead by the ring's depth, so K/V copies overlap the consumers' math.
+
+Only where TMA can describe the arrays: 16-bit dtypes, D a multiple of 64 up to 128, and
+one batch when T is a runtime argument (the descriptors are encoded with the T the arrays
+were bound at; with one batch a shorter T reads rows the kernel masks anyway).
+"""
+from __future__ import annotations
+
+from ...codegen.cuda_ptx import PTX_HELPERS, TMA_HELPERS, WGMMA_HELPERS
+from ...task import Task
+from ...template import ArgSpec
+
+# registers the producer warpgroup keeps and the consumers take with two consumers (setmaxnreg)
+PRODUCER_REGISTERS, CONSUMER_REGISTERS = 40, 232
+
+
+_WGMMA = dict(impl="wgmma", warps=4, warp_rows=16, q_regs=0)
+SEEDS = (dict(_WGMMA, block_k=128, stages=2, consumers=2), dict(_WGMMA, block_k=64, stages=3, consumers=2),
+         dict(_WGMMA, block_k=128, stages=3, consumers=1), dict(_WGMMA, block_k=64, stages=2, consumers=1))
+
+
+def applies(task: Task) -> bool:
+    d = task.dims
+    return (task.dtype in ("float16", "bfloat16") and d["D"] in (64, 128)
+            and ("T" not in task.dynamic or d["B"] == 1))
+
+
+def block_rows(c: dict) -> int:
+    return 64 * c["consumers"]
+
+
+def threads(c: dict) -> int:
+    return 128 * (1 + c["consumers"])
+
+
+def smem_bytes(task: Task, c: dict) -> int:
+    d = task.dims["D"]
+    tiles = (block_rows(c) + 2 * c["stages"] * c["block_k"]) * d * 2
+    return tiles + 1024 + 8 * (1 + 2 * c["stages"])  # 1 KB to align the tiles, the barriers
+
+
+def registers(task: Task, c: dict) -> int:
+    """Per thread once setmaxnreg has moved them: O (D / 2) and S (block_k / 2) accumulators."""
+    need = task.dims["D"] // 2 + c["block_k"] // 2 + 48
+    if c["consumers"] == 2:
+        if need > CONSUMER_REGISTERS:
+            return 256  # more than setmaxnreg can give: rejected by the register constraint
+        return -(-(128 * PRODUCER_REGISTERS + 2 * 128 * need) // threads(c))
+    return need
+
+
+def tensor_maps(task: Task, c: dict) -> tuple[ArgSpec, ...]:
+    """Boxes of (1 batch, rows, 1 head, 64 dims) of Q, K and V."""
+    dt = task.dtype
+    return (ArgSpec("Q_map", "tensor_map", dt, (1, block_rows(c), 1, 64), of="Q", swizzle=128),
+            ArgSpec("K_map", "tensor_map", dt, (1, c["block_k"], 1, 64), of="K", swizzle=128),
+            ArgSpec("V_map", "tensor_map", dt, (1, c["block_k"], 1, 64), of="V", swizzle=128))
+
+
+def kernel(task: Task, c: dict, common: str, params: str, block_coords: str) -> str:
+    """The kernel source; ``common`` defines E, B, H, HKV, G, D, BQ, BK, CAUSAL, SCALE_LOG2 and T."""
+    pack = "__floats2half2_rn" if task.dtype == "float16" else "__floats2bfloat162_rn"
+    shift = c["consumers"] == 2
+    return (common + PTX_HELPERS + WGMMA_HELPERS + TMA_HELPERS
+            + f"constexpr int CONSUMERS = {c['consumers']};\nconstexpr int STAGES = {c['stages']};\n"
+            + _KERNEL.replace("@PARAMS@", params).replace("@BLOCK_COORDS@", block_coords)
+            .replace("@PACK@", pack)
+            .replace("@DEC@", f"setmaxnreg_dec<{PRODUCER_REGISTERS}>();" if shift else "")
+            .replace("@INC@", f"setmaxnreg_inc<{CONSUMER_REGISTERS}>();" if shift else ""))
+
+
+_KERNEL = r"""
+#define FULL 0xffffffffu
+constexpr int BLOCK_THREADS = 128 * (1 + CONSUMERS);
+constexpr int DB = D / 64;                 // 64-dim boxes (128-byte lines) per row
+constexpr int Q_BYTES = BQ * D * 2, KV_BYTES = BK * D * 2;
+
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+  auto v = @PACK@(lo, hi);
+  return *reinterpret_cast<unsigned*>(&v);
+}
+
+extern "C" __global__ void __launch_bounds__(BLOCK_THREADS) attention_prefill_wgmma(
+    const __grid_constant__ TensorMap map_q, const __grid_constant__ TensorMap map_k,
+    const __grid_constant__ TensorMap map_v, @PARAMS@) {
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // tiles of 128-byte lines in the 128-byte swizzle, 1024-byte aligned: Q [DB][BQ][64],
+  // K and V [STAGES][DB][BK][64]
+  E* const Qs = reinterpret_cast<E*>(smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
+  E* const Ks = Qs + BQ * D;
+  E* const Vs = Ks + STAGES * BK * D;
+  unsigned long long* const q_full = reinterpret_cast<unsigned long long*>(Vs + STAGES * BK * D);
+  unsigned long long* const full = q_full + 1;
+  unsigned long long* const empty = full + STAGES;
+@BLOCK_COORDS@
+  const int wg = threadIdx.x >> 7;
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], CONSUMERS);
+    }
+    fence_mbarrier_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // producer
+    @DEC@
+    if (threadIdx.x == 0) {
+      mbar_arrive_expect_tx(q_full, Q_BYTES);
+      for (int db = 0; db < DB; ++db) tma_load_4d(Qs + db * BQ * 64, &map_q, db * 64, h, (int)q0, b, q_full);
+      for (int j = 0; j < n_tiles; ++j) {
+        const int s = j % STAGES;
+        mbar_wait(&empty[s], ((j / STAGES) & 1) ^ 1u);
+        mbar_arrive_expect_tx(&full[s], 2 * KV_BYTES);
+        for (int db = 0; db < DB; ++db) {
+          tma_load_4d(Ks + (s * DB + db) * BK * 64, &map_k, db * 64, kvh, j * BK, b, &full[s]);
+          tma_load_4d(Vs + (s * DB + db) * BK * 64, &map_v, db * 64, kvh, j * BK, b, &full[s]);
+        }
+      }
+    }
+    return;
+  }
+
+  // consumers: warpgroup cw owns rows cw * 64 .. + 63 of the tile, warp w of it 16 of those
+  @INC@
+  const int cw = wg - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int row_w = cw * 64 + warp * 16;
+  const bool signals = (threadIdx.x & 127) == 0;
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.0f, 0.0f};
+  mbar_wait(q_full, 0);
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int s = j % STAGES;
+    mbar_wait(&full[s], (j / STAGES) & 1);
+    // S = Q K^T: 64 rows x BK keys; k-steps of 16 dims, 4 per 64-dim box
+    float sc[BK / 2];
+#pragma unroll
+    for (int i = 0; i < BK / 2; ++i) sc[i] = 0.0f;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      wgmma_m64k16<BK, E>(sc, gmma_desc_sw128(Qs + (kk / 4) * BQ * 64 + cw * 64 * 64 + (kk % 4) * 16),
+                          gmma_desc_sw128(Ks + (s * DB + kk / 4) * BK * 64 + (kk % 4) * 16));
+    wgmma_commit();
+    wgmma_wait<0>();
+
+    // mask keys past T, and above the diagonal, only in tiles that reach them; sc[4n + i] is
+    // row gid (+ 8 for i >= 2), key 8n + 2 tig (+ 1 for odd i)
+    const long long k0 = (long long)j * BK;
+    if (k0 + BK > T || (CAUSAL && k0 + BK - 1 > q0 + row_w)) {
+#pragma unroll
+      for (int n = 0; n < BK / 8; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const long long key = k0 + n * 8 + tig * 2 + (i & 1);
+          const long long qrow = q0 + row_w + gid + (i >> 1) * 8;
+          if (key >= T || (CAUSAL && key > qrow)) sc[4 * n + i] = -INFINITY;
+        }
+    }
+
+    // online softmax: a quad of lanes shares each of a lane's two rows
+    float mx[2] = {m_r[0], m_r[1]};
+#pragma unroll
+    for (int n = 0; n < BK / 8; ++n) {
+      mx[0] = fmaxf(mx[0], fmaxf(sc[4 * n], sc[4 * n + 1]));
+      mx[1] = fmaxf(mx[1], fmaxf(sc[4 * n + 2], sc[4 * n + 3]));
+    }
+    float base[2], corr[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 2));
+      base[r] = mx[r] == -INFINITY ? 0.0f : mx[r] * SCALE_LOG2;   // no key yet: weights stay 0
+      corr[r] = exp2f(m_r[r] * SCALE_LOG2 - base[r]);
+      m_r[r] = mx[r];
+      l_r[r] *= corr[r];
+    }
+#pragma unroll
+    for (int n = 0; n < BK / 8; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        sc[4 * n + i] = exp2f(fmaf(sc[4 * n + i], SCALE_LOG2, -base[i >> 1]));
+        l_r[i >> 1] += sc[4 * n + i];
+      }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[4 * n] *= corr[0]; o[4 * n + 1] *= corr[0];
+      o[4 * n + 2] *= corr[1]; o[4 * n + 3] *= corr[1];
+    }
+
+    // O += P V: keys 16kk .. 16kk + 15 of P are S's n-tiles 2kk and 2kk + 1, already laid out
+    // as wgmma's A fragment; V's BK rows are the K rows of an N-major B, D wide over DB boxes
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      const unsigned a[4] = {pack2(sc[8 * kk], sc[8 * kk + 1]), pack2(sc[8 * kk + 2], sc[8 * kk + 3]),
+                             pack2(sc[8 * kk + 4], sc[8 * kk + 5]), pack2(sc[8 * kk + 6], sc[8 * kk + 7])};
+      wgmma_m64k16_rs_nmajor<D, E>(o, a, gmma_desc_sw128_nmajor(Vs + s * DB * BK * 64 + kk * 16 * 64, BK * 128));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    if (signals) mbar_arrive(&empty[s]);   // this warpgroup is done with the stage
+  }
+
+  // finish the rows: full sums over the quad, normalise, store pairs of dims
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_r[r];
+    l += __shfl_xor_sync(FULL, l, 1);
+    l += __shfl_xor_sync(FULL, l, 2);
+    inv[r] = l > 0.0f ? 1.0f / l : 0.0f;
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const long long row = q0 + row_w + gid + r * 8;
+    if (row < T) {
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n)
+        *reinterpret_cast<unsigned*>(Ob + row * q_stride + n * 8 + tig * 2) =
+            pack2(o[4 * n + 2 * r] * inv[r], o[4 * n + 2 * r + 1] * inv[r]);
+    }
+  }
+}
+"""
