@@ -99,6 +99,7 @@ else
     "gemm:M=4096,N=4096,K=4096:float32"
     "gemm:M=512,N=11008,K=4096:float16"
     "gemv_q4:M=16,N=11008,K=4096:bfloat16"
+    "attention_prefill:B=1,T=2048,H=32,HKV=8,D=128:float16"
   )
 fi
 N_TARGET_CASES=${#CASES[@]}
