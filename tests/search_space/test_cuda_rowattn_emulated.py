@@ -128,7 +128,12 @@ WGMMA = dict(impl="wgmma", warps=4, warp_rows=16, q_regs=0)
     ("bfloat16", {"B": 2, "T": 150, "H": 4, "HKV": 1, "D": 128}, (), {}, dict(WGMMA, block_k=128, stages=3, consumers=2)),
     ("float16", {"B": 1, "T": 70, "H": 2, "HKV": 2, "D": 128}, (), {"causal": False},
      dict(WGMMA, block_k=64, stages=3, consumers=2)),
-], ids=["one-consumer", "two-batches", "not-causal"])
+    # the softmax of tile j while S of tile j and P V of tile j - 1 are in flight
+    ("bfloat16", {"B": 2, "T": 150, "H": 4, "HKV": 1, "D": 128}, (), {},
+     dict(WGMMA, block_k=64, stages=2, consumers=2, overlap=1)),
+    ("float16", {"B": 1, "T": 40, "H": 2, "HKV": 1, "D": 64}, ("T",), {},
+     dict(WGMMA, block_k=128, stages=3, consumers=1, overlap=1)),  # a single key tile
+], ids=["one-consumer", "two-batches", "not-causal", "overlap", "overlap-one-tile"])
 def test_attention_prefill_wgmma_matches_the_reference(emulator, dtype, shape, dynamic, attrs, config):
     """The Hopper schedule: TMA boxes, the K/V ring, S on wgmma, P from registers into wgmma
     with V N-major; copies landing at once and only when a consumer waits."""
@@ -142,16 +147,28 @@ def test_attention_prefill_wgmma_matches_the_reference(emulator, dtype, shape, d
 
 @pytest.mark.parametrize("old, new", [
     ("BK * 128));", "BK * 64));"),                                  # V's second 64-dim box misplaced
-    ("pack2(sc[8 * kk + 2], sc[8 * kk + 3]),\n                             pack2(sc[8 * kk + 4], sc[8 * kk + 5])",
-     "pack2(sc[8 * kk + 4], sc[8 * kk + 5]),\n                             pack2(sc[8 * kk + 2], sc[8 * kk + 3])"),
-    ("+ cw * 64 * 64 +", "+"),                                        # both consumers on the first 64 rows
+    ("p + 4 * kk,", "p + 4 * (kk ^ 1),"),                             # P's key blocks swapped
+    ("Qs + cw * 64 * 64;", "Qs;"),                                    # both consumers on the first 64 rows
     ("if (signals) mbar_arrive(&empty[s]);", ""),                     # stages never given back
-], ids=["v-box-offset", "p-fragment-order", "q-rows", "no-release"])
+    ("issue_pv(o, p, Vs + s * DB * BK * 64);\n    wgmma_wait<0>();", "wgmma_wait<0>();"),  # P V never issued
+], ids=["v-box-offset", "p-fragment-order", "q-rows", "no-release", "no-pv"])
 def test_emulator_catches_attention_wgmma_bugs(emulator, old, new):
+    _assert_attention_bug_caught(emulator, old, new, overlap=0)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("issue_pv(o, p, Vs + prev * DB", "issue_pv(o, p, Vs + s * DB"),        # P V of tile j - 1 on tile j's V
+    ("    scale_o(o, corr);\n    pack_p(sc, p);\n  }", "    pack_p(sc, p);\n  }"),  # O never rescaled
+], ids=["wrong-v-stage", "no-rescale"])
+def test_emulator_catches_attention_overlap_bugs(emulator, old, new):
+    _assert_attention_bug_caught(emulator, old, new, overlap=1)
+
+
+def _assert_attention_bug_caught(emulator, old, new, overlap):
     template = get_template("attention_prefill", "cuda")
     task = Task.make("attention_prefill", {"B": 2, "T": 150, "H": 4, "HKV": 1, "D": 128}, "bfloat16")
     source = template.render(task, template.space(task, SM90).from_values(dict(WGMMA, block_k=64, stages=2,
-                                                                                consumers=2)), SM90)
+                                                                                consumers=2, overlap=overlap)), SM90)
     assert old in source.code
     source = KernelSource(source.lang, source.code.replace(old, new), source.entry, source.args, source.launch_dims)
     inputs = template.make_inputs(task, np.random.default_rng(0))

@@ -194,6 +194,7 @@ def test_attention_decode_on_gpu(drv, builder, target):
 def test_attention_prefill_on_gpu(drv, builder, target):
     wanted = [dict(impl="wgmma", warps=4, warp_rows=16, q_regs=0, block_k=64, stages=2, consumers=1),
               dict(impl="wgmma", warps=4, warp_rows=16, q_regs=0, block_k=128, stages=2, consumers=2),
+              dict(impl="wgmma", warps=4, warp_rows=16, q_regs=0, block_k=64, stages=3, consumers=2, overlap=1),
               dict(impl="mma", block_k=32, stages=3, q_regs=0), dict(impl="mma", warps=8, block_k=128),
               dict(impl="mma", warp_rows=32, block_k=32, q_regs=0),
               dict(impl="simt", warp_rows=1, block_k=64, stages=1, q_regs=0),

@@ -91,6 +91,7 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
             Knob("stages", (1, 2, 3)),
             Knob("q_regs", (0, 1) if mma else (0,)),
             Knob("consumers", (1, 2) if hopper.applies(task) else (1,), legacy=1),
+            Knob("overlap", (0, 1) if hopper.applies(task) else (0,), legacy=0),
         ]
         if hopper.applies(task):  # appended: the indices of the other impls' configs stay
             knobs[0] = Knob("impl", knobs[0].values + ("wgmma",))
@@ -102,7 +103,8 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
             ("wgmma: warpgroups of 4 warps of 16 rows, Q from shared memory, 64 or 128 keys a tile",
              lambda c: c["impl"] != "wgmma" or (c["warps"] == 4 and c["warp_rows"] == 16 and c["q_regs"] == 0
                                                 and c["block_k"] >= 64)),
-            ("consumer warpgroups are a wgmma option", lambda c: c["impl"] == "wgmma" or c["consumers"] == 1),
+            ("consumer warpgroups and their overlap are wgmma options",
+             lambda c: c["impl"] == "wgmma" or (c["consumers"] == 1 and c["overlap"] == 0)),
             ("Q fragments in registers are an mma option", lambda c: c["impl"] == "mma" or c["q_regs"] == 0),
             ("simt tiles are 32 or 64 keys", lambda c: c["impl"] != "simt" or c["block_k"] <= 64),
             ("registers fit the block", lambda c: registers_ok(_registers(task, c), _threads(c), target)),

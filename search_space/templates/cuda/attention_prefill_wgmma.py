@@ -10,10 +10,12 @@ batch or head.
 
 A consumer warpgroup computes S = Q K^T with wgmma (both operands K-major in shared memory),
 masks and runs the online softmax in registers (a row's values spread over a quad of lanes),
-converts P to 16-bit pairs in place (the accumulator layout of S is the register layout of
-wgmma's A operand) and accumulates O += P V with wgmma taking A from registers and V from
-shared memory N-major (V's rows as TMA lays them out are K rows of the B operand). The
-producer runs ahead by the ring's depth, so K/V copies overlap the consumers' math.
+converts P to 16-bit pairs (the accumulator layout of S is the register layout of wgmma's A
+operand) and accumulates O += P V with wgmma taking A from registers and V from shared
+memory N-major (V's rows as TMA lays them out are K rows of the B operand). The producer
+runs ahead by the ring's depth, so K/V copies overlap the consumers' math; with ``overlap``
+the tensor cores also compute S of the next tile and P V of the last one while the
+warpgroup runs the softmax (FlashAttention-3's intra-warpgroup pipelining).
 
 Only where TMA can describe the arrays: 16-bit dtypes, D a multiple of 64 up to 128, and
 one batch when T is a runtime argument (the descriptors are encoded with the T the arrays
@@ -30,8 +32,11 @@ PRODUCER_REGISTERS, CONSUMER_REGISTERS = 40, 232
 
 
 _WGMMA = dict(impl="wgmma", warps=4, warp_rows=16, q_regs=0)
-SEEDS = (dict(_WGMMA, block_k=128, stages=2, consumers=2), dict(_WGMMA, block_k=64, stages=3, consumers=2),
-         dict(_WGMMA, block_k=128, stages=3, consumers=1), dict(_WGMMA, block_k=64, stages=2, consumers=1))
+SEEDS = (dict(_WGMMA, block_k=128, stages=2, consumers=2, overlap=1), dict(_WGMMA, block_k=64, stages=3, consumers=2,
+                                                                          overlap=1),
+         dict(_WGMMA, block_k=128, stages=2, consumers=2, overlap=0), dict(_WGMMA, block_k=128, stages=3, consumers=1,
+                                                                          overlap=1),
+         dict(_WGMMA, block_k=64, stages=2, consumers=1, overlap=0))
 
 
 def applies(task: Task) -> bool:
@@ -56,7 +61,7 @@ def smem_bytes(task: Task, c: dict) -> int:
 
 def registers(task: Task, c: dict) -> int:
     """Per thread once setmaxnreg has moved them: O (D / 2) and S (block_k / 2) accumulators."""
-    need = task.dims["D"] // 2 + c["block_k"] // 2 + 48
+    need = task.dims["D"] // 2 + c["block_k"] // 2 + (c["block_k"] // 4 if c["overlap"] else 0) + 48
     if c["consumers"] == 2:
         if need > CONSUMER_REGISTERS:
             return 256  # more than setmaxnreg can give: rejected by the register constraint
@@ -79,7 +84,7 @@ def kernel(task: Task, c: dict, common: str, params: str, block_coords: str) -> 
     return (common + PTX_HELPERS + WGMMA_HELPERS + TMA_HELPERS
             + f"constexpr int CONSUMERS = {c['consumers']};\nconstexpr int STAGES = {c['stages']};\n"
             + _KERNEL.replace("@PARAMS@", params).replace("@BLOCK_COORDS@", block_coords)
-            .replace("@PACK@", pack)
+            .replace("@PACK@", pack).replace("@LOOP@", _OVERLAPPED if c["overlap"] else _SERIAL)
             .replace("@DEC@", f"setmaxnreg_dec<{PRODUCER_REGISTERS}>();" if shift else "")
             .replace("@INC@", f"setmaxnreg_inc<{CONSUMER_REGISTERS}>();" if shift else ""))
 
@@ -93,6 +98,83 @@ constexpr int Q_BYTES = BQ * D * 2, KV_BYTES = BK * D * 2;
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {
   auto v = @PACK@(lo, hi);
   return *reinterpret_cast<unsigned*>(&v);
+}
+
+// S = Q K^T of a warpgroup's 64 rows and a tile's BK keys, issued (not waited for): k-steps
+// of 16 dims, 4 per 64-dim box, both operands K-major
+__device__ __forceinline__ void issue_qk(float* sc, const E* q, const E* k) {
+#pragma unroll
+  for (int i = 0; i < BK / 2; ++i) sc[i] = 0.0f;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    wgmma_m64k16<BK, E>(sc, gmma_desc_sw128(q + (kk / 4) * BQ * 64 + (kk % 4) * 16),
+                        gmma_desc_sw128(k + (kk / 4) * BK * 64 + (kk % 4) * 16));
+  wgmma_commit();
+}
+
+// O += P V, issued: keys 16kk .. 16kk + 15 of P are p[4kk .. 4kk + 3] (wgmma's A fragment);
+// V's BK rows are the K rows of an N-major B, D wide over DB boxes
+__device__ __forceinline__ void issue_pv(float* o, const unsigned* p, const E* v) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < BK / 16; ++kk)
+    wgmma_m64k16_rs_nmajor<D, E>(o, p + 4 * kk, gmma_desc_sw128_nmajor(v + kk * 16 * 64, BK * 128));
+  wgmma_commit();
+}
+
+// Mask keys past T and above the diagonal (only in tiles that reach them), then the online
+// softmax: sc becomes P (unnormalised), m_r and l_r move on, corr is what O is to be scaled
+// by. sc[4n + i] is row gid (+ 8 for i >= 2), key 8n + 2 tig (+ 1 for odd i); a quad of lanes
+// shares each row.
+__device__ __forceinline__ void softmax_tile(float* sc, float* m_r, float* l_r, float* corr, long long k0,
+                                             long long qrow0, long long T, int gid, int tig) {
+  if (k0 + BK > T || (CAUSAL && k0 + BK - 1 > qrow0)) {
+#pragma unroll
+    for (int n = 0; n < BK / 8; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const long long key = k0 + n * 8 + tig * 2 + (i & 1);
+        const long long qrow = qrow0 + gid + (i >> 1) * 8;
+        if (key >= T || (CAUSAL && key > qrow)) sc[4 * n + i] = -INFINITY;
+      }
+  }
+  float mx[2] = {m_r[0], m_r[1]};
+#pragma unroll
+  for (int n = 0; n < BK / 8; ++n) {
+    mx[0] = fmaxf(mx[0], fmaxf(sc[4 * n], sc[4 * n + 1]));
+    mx[1] = fmaxf(mx[1], fmaxf(sc[4 * n + 2], sc[4 * n + 3]));
+  }
+  float base[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 2));
+    base[r] = mx[r] == -INFINITY ? 0.0f : mx[r] * SCALE_LOG2;   // no key yet: weights stay 0
+    corr[r] = exp2f(m_r[r] * SCALE_LOG2 - base[r]);
+    m_r[r] = mx[r];
+    l_r[r] *= corr[r];
+  }
+#pragma unroll
+  for (int n = 0; n < BK / 8; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      sc[4 * n + i] = exp2f(fmaf(sc[4 * n + i], SCALE_LOG2, -base[i >> 1]));
+      l_r[i >> 1] += sc[4 * n + i];
+    }
+}
+
+__device__ __forceinline__ void scale_o(float* o, const float* corr) {
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    o[4 * n] *= corr[0]; o[4 * n + 1] *= corr[0];
+    o[4 * n + 2] *= corr[1]; o[4 * n + 3] *= corr[1];
+  }
+}
+
+__device__ __forceinline__ void pack_p(const float* sc, unsigned* p) {
+#pragma unroll
+  for (int i = 0; i < BK / 4; ++i) p[i] = pack2(sc[2 * i], sc[2 * i + 1]);
 }
 
 extern "C" __global__ void __launch_bounds__(BLOCK_THREADS) attention_prefill_wgmma(
@@ -143,85 +225,14 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS) attention_prefill_wg
   const int gid = lane >> 2, tig = lane & 3;
   const int row_w = cw * 64 + warp * 16;
   const bool signals = (threadIdx.x & 127) == 0;
-  float o[D / 2];
+  const E* const Qw = Qs + cw * 64 * 64;  // this warpgroup's rows of each 64-dim box of Q
+  float o[D / 2], sc[BK / 2], corr[2];
+  unsigned p[BK / 4];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
   float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.0f, 0.0f};
   mbar_wait(q_full, 0);
-
-  for (int j = 0; j < n_tiles; ++j) {
-    const int s = j % STAGES;
-    mbar_wait(&full[s], (j / STAGES) & 1);
-    // S = Q K^T: 64 rows x BK keys; k-steps of 16 dims, 4 per 64-dim box
-    float sc[BK / 2];
-#pragma unroll
-    for (int i = 0; i < BK / 2; ++i) sc[i] = 0.0f;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      wgmma_m64k16<BK, E>(sc, gmma_desc_sw128(Qs + (kk / 4) * BQ * 64 + cw * 64 * 64 + (kk % 4) * 16),
-                          gmma_desc_sw128(Ks + (s * DB + kk / 4) * BK * 64 + (kk % 4) * 16));
-    wgmma_commit();
-    wgmma_wait<0>();
-
-    // mask keys past T, and above the diagonal, only in tiles that reach them; sc[4n + i] is
-    // row gid (+ 8 for i >= 2), key 8n + 2 tig (+ 1 for odd i)
-    const long long k0 = (long long)j * BK;
-    if (k0 + BK > T || (CAUSAL && k0 + BK - 1 > q0 + row_w)) {
-#pragma unroll
-      for (int n = 0; n < BK / 8; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const long long key = k0 + n * 8 + tig * 2 + (i & 1);
-          const long long qrow = q0 + row_w + gid + (i >> 1) * 8;
-          if (key >= T || (CAUSAL && key > qrow)) sc[4 * n + i] = -INFINITY;
-        }
-    }
-
-    // online softmax: a quad of lanes shares each of a lane's two rows
-    float mx[2] = {m_r[0], m_r[1]};
-#pragma unroll
-    for (int n = 0; n < BK / 8; ++n) {
-      mx[0] = fmaxf(mx[0], fmaxf(sc[4 * n], sc[4 * n + 1]));
-      mx[1] = fmaxf(mx[1], fmaxf(sc[4 * n + 2], sc[4 * n + 3]));
-    }
-    float base[2], corr[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 2));
-      base[r] = mx[r] == -INFINITY ? 0.0f : mx[r] * SCALE_LOG2;   // no key yet: weights stay 0
-      corr[r] = exp2f(m_r[r] * SCALE_LOG2 - base[r]);
-      m_r[r] = mx[r];
-      l_r[r] *= corr[r];
-    }
-#pragma unroll
-    for (int n = 0; n < BK / 8; ++n)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        sc[4 * n + i] = exp2f(fmaf(sc[4 * n + i], SCALE_LOG2, -base[i >> 1]));
-        l_r[i >> 1] += sc[4 * n + i];
-      }
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[4 * n] *= corr[0]; o[4 * n + 1] *= corr[0];
-      o[4 * n + 2] *= corr[1]; o[4 * n + 3] *= corr[1];
-    }
-
-    // O += P V: keys 16kk .. 16kk + 15 of P are S's n-tiles 2kk and 2kk + 1, already laid out
-    // as wgmma's A fragment; V's BK rows are the K rows of an N-major B, D wide over DB boxes
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      const unsigned a[4] = {pack2(sc[8 * kk], sc[8 * kk + 1]), pack2(sc[8 * kk + 2], sc[8 * kk + 3]),
-                             pack2(sc[8 * kk + 4], sc[8 * kk + 5]), pack2(sc[8 * kk + 6], sc[8 * kk + 7])};
-      wgmma_m64k16_rs_nmajor<D, E>(o, a, gmma_desc_sw128_nmajor(Vs + s * DB * BK * 64 + kk * 16 * 64, BK * 128));
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    if (signals) mbar_arrive(&empty[s]);   // this warpgroup is done with the stage
-  }
-
+@LOOP@
   // finish the rows: full sums over the quad, normalise, store pairs of dims
   float inv[2];
 #pragma unroll
@@ -242,4 +253,46 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS) attention_prefill_wg
     }
   }
 }
+"""
+
+# One tile after the other: S, softmax, P V, each waited for.
+_SERIAL = r"""
+  for (int j = 0; j < n_tiles; ++j) {
+    const int s = j % STAGES;
+    mbar_wait(&full[s], (j / STAGES) & 1);
+    issue_qk(sc, Qw, Ks + s * DB * BK * 64);
+    wgmma_wait<0>();
+    softmax_tile(sc, m_r, l_r, corr, (long long)j * BK, q0 + row_w, T, gid, tig);
+    scale_o(o, corr);
+    pack_p(sc, p);
+    issue_pv(o, p, Vs + s * DB * BK * 64);
+    wgmma_wait<0>();
+    if (signals) mbar_arrive(&empty[s]);   // this warpgroup is done with the stage
+  }
+"""
+
+# FlashAttention-3's intra-warpgroup overlap: the tensor cores compute S of tile j and
+# O += P V of tile j - 1 while the warpgroup runs tile j's softmax; O is rescaled once
+# the P V in flight is done.
+_OVERLAPPED = r"""
+  mbar_wait(&full[0], 0);
+  issue_qk(sc, Qw, Ks);
+  wgmma_wait<0>();
+  softmax_tile(sc, m_r, l_r, corr, 0, q0 + row_w, T, gid, tig);   // O is 0: nothing to rescale
+  pack_p(sc, p);
+  for (int j = 1; j < n_tiles; ++j) {
+    const int s = j % STAGES, prev = (j - 1) % STAGES;
+    mbar_wait(&full[s], (j / STAGES) & 1);
+    issue_qk(sc, Qw, Ks + s * DB * BK * 64);    // S of tile j ...
+    issue_pv(o, p, Vs + prev * DB * BK * 64);   // ... and P V of tile j - 1, both in flight
+    wgmma_wait<1>();                            // S is done
+    softmax_tile(sc, m_r, l_r, corr, (long long)j * BK, q0 + row_w, T, gid, tig);
+    wgmma_wait<0>();                            // P V of tile j - 1 is done: its stage and O are free
+    if (signals) mbar_arrive(&empty[prev]);
+    scale_o(o, corr);
+    pack_p(sc, p);
+  }
+  issue_pv(o, p, Vs + ((n_tiles - 1) % STAGES) * DB * BK * 64);
+  wgmma_wait<0>();
+  if (signals) mbar_arrive(&empty[(n_tiles - 1) % STAGES]);
 """
