@@ -150,3 +150,38 @@ def test_tma_gemm_on_the_gpu(dtype):
         results = runner.run(inputs, builder.build(inputs))
     failures = [(i.task.key, str(i.config), r.error.name, r.message) for i, r in zip(inputs, results) if not r.ok]
     assert not failures, failures
+
+
+def test_tma_attention_from_a_library_at_a_shorter_prompt(fake_gpu, tmp_path):
+    """The Hopper prefill through an exported library: bound once at the length it was tuned
+    for, then called at a shorter T (its descriptors, encoded at the bound length, still
+    cover it: one batch, and the kernel masks every key past T)."""
+    template = get_template("attention_prefill", "cuda")
+    task = Task.make("attention_prefill", {"B": 1, "T": 96, "H": 4, "HKV": 2, "D": 64}, "float16", dynamic=("T",))
+    space = template.space(task, FAKE_GPU_TARGET)
+    config = space.from_values(dict(impl="wgmma", warps=4, warp_rows=16, q_regs=0, block_k=64, stages=2,
+                                    consumers=1, overlap=1))
+    inp = MeasureInput(task, config, FAKE_GPU_TARGET)
+    (build,) = build_and_register(fake_gpu, [inp])
+    with CudaRunner(timeout_s=300) as runner:
+        (result,) = runner.run([inp], [build])
+    assert result.error == MeasureError.NO_ERROR, result.message
+    log = RecordLog(tmp_path / "attn.jsonl")
+    log.append([Record.from_measure(inp, result, tuner="test")])
+    export_library(log.records(), tmp_path / "lib", "cuda")
+    register_library(fake_gpu, tmp_path / "lib")
+    kernel = runtime.load(tmp_path / "lib").get("attention_prefill", task.dims, task.dtype, dynamic=["T"])
+
+    from runtime.arrays import CudaArrays
+
+    arrays = CudaArrays()
+    rng = np.random.default_rng(3)
+    full = template.make_inputs(task, rng)
+    bound = {n: arrays.upload(a) for n, a in full.items()}
+    bound["O"] = arrays.empty((1, 96, 4, 64), np.float16)
+    call = kernel.bind(bound)
+    short = task.with_dims(T=37)
+    data = {n: np.ascontiguousarray(a[:, :37]) for n, a in full.items()}  # one batch: the first 37 rows
+    call(T=37)
+    got = arrays.get(bound["O"])[:, :37]
+    assert check_output("O", got, template.reference(short, data)["O"], template.tolerance(short), "float16") is None
