@@ -133,7 +133,7 @@ step "tuning the ${N_TARGET_CASES} TARGETS.md cases on a fresh log (xgb with pri
 for case in "${CASES[@]:0:N_TARGET_CASES}"; do tune_case "$case" "$TARGET_TRIALS"; done
 $PY -m autotune.cli best --log "$LOG/tune.jsonl" > "$LOG/best-xgb-fresh.txt" 2>&1
 
-if [[ -z "${GPU_CHECK_CASES:-}" ]]; then
+if [[ -z "${GPU_CHECK_CASES:-}" ]] && (( $(elapsed) + 110 <= TUNE_S )); then  # within the 8 minutes
   step "hand-picked candidates for the TARGETS.md shapes the search did not measure (benchmarks/cuda_candidates.py)"
   timeout 110 $PY benchmarks/cuda_candidates.py --log "$LOG/tune.jsonl" > "$LOG/candidates.log" 2>&1
   echo "candidates exit code $?" | tee -a "$LOG/steps.log"

@@ -48,9 +48,11 @@ class _Libcuda:
                      box: tuple[int, ...], swizzle: int) -> bytes:
         """``dims`` and ``box`` innermost first; ``strides`` in bytes, of every dim but the innermost."""
         rank = len(dims)
-        out = (ctypes.c_uint8 * TENSOR_MAP_BYTES)()
+        # CUtensorMap is a 64-byte aligned struct: the driver writes it into aligned memory
+        room = ctypes.create_string_buffer(TENSOR_MAP_BYTES + 64)
+        out = (ctypes.addressof(room) + 63) & ~63
         result = self.lib.cuTensorMapEncodeTiled(
-            ctypes.byref(out), _DATA_TYPES[dtype], rank, pointer, (ctypes.c_uint64 * rank)(*dims),
+            ctypes.c_void_p(out), _DATA_TYPES[dtype], rank, pointer, (ctypes.c_uint64 * rank)(*dims),
             (ctypes.c_uint64 * max(rank - 1, 1))(*strides), (ctypes.c_uint32 * rank)(*box),
             (ctypes.c_uint32 * rank)(*([1] * rank)), 0, _SWIZZLES[swizzle], _L2_PROMOTION_256B, 0)
         if result != 0:
@@ -58,7 +60,7 @@ class _Libcuda:
             self.lib.cuGetErrorString(result, ctypes.byref(text))
             raise TensorMapError(f"cuTensorMapEncodeTiled failed: {(text.value or b'unknown error').decode()} "
                                  f"({result})")
-        return bytes(out)
+        return ctypes.string_at(out, TENSOR_MAP_BYTES)
 
 
 @functools.lru_cache(maxsize=None)
