@@ -16,6 +16,8 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
+from .libcuda import check, open_libcuda
+
 CAPTURE_THREAD_LOCAL = 1  # CU_STREAM_CAPTURE_MODE_THREAD_LOCAL: a synchronising call in the capture fails
 
 
@@ -27,11 +29,7 @@ class _Libcuda:
     """The graph calls of the CUDA driver API, through ctypes."""
 
     def __init__(self) -> None:
-        try:
-            lib = ctypes.CDLL("libcuda.so.1")
-        except OSError as exc:
-            raise CudaGraphError(f"the CUDA driver library cannot be opened: {exc}") from None
-        self.lib = lib
+        self.lib = lib = open_libcuda(CudaGraphError)
         lib.cuStreamBeginCapture_v2.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.cuStreamEndCapture.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
         lib.cuGraphInstantiateWithFlags.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p,
@@ -39,13 +37,9 @@ class _Libcuda:
         lib.cuGraphLaunch.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         lib.cuGraphExecDestroy.argtypes = [ctypes.c_void_p]
         lib.cuGraphDestroy.argtypes = [ctypes.c_void_p]
-        lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
 
     def _check(self, result: int, call: str) -> None:
-        if result != 0:
-            text = ctypes.c_char_p()
-            self.lib.cuGetErrorString(result, ctypes.byref(text))
-            raise CudaGraphError(f"{call} failed: {(text.value or b'unknown error').decode()} ({result})")
+        check(self.lib, result, call, CudaGraphError)
 
     def begin_capture(self, stream: int) -> None:
         self._check(self.lib.cuStreamBeginCapture_v2(stream, CAPTURE_THREAD_LOCAL), "cuStreamBeginCapture")

@@ -19,6 +19,7 @@ import functools
 from typing import Any, Mapping
 
 from .abi import ArgSpec, numpy_dtype
+from .libcuda import check, open_libcuda
 
 TENSOR_MAP_BYTES = 128
 # CUtensorMapDataType, CUtensorMapSwizzle and CUtensorMapL2promotion of cuda.h
@@ -33,15 +34,11 @@ class TensorMapError(RuntimeError):
 
 class _Libcuda:
     def __init__(self) -> None:
-        try:
-            lib = ctypes.CDLL("libcuda.so.1")
-        except OSError as exc:
-            raise TensorMapError(f"the CUDA driver library cannot be opened: {exc}") from None
+        lib = open_libcuda(TensorMapError)
         u64p, u32p = ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32)
         lib.cuTensorMapEncodeTiled.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,
                                                u64p, u64p, u32p, u32p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                                ctypes.c_int]
-        lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
         self.lib = lib
 
     def encode_tiled(self, pointer: int, dtype: str, dims: tuple[int, ...], strides: tuple[int, ...],
@@ -55,11 +52,7 @@ class _Libcuda:
             ctypes.c_void_p(out), _DATA_TYPES[dtype], rank, pointer, (ctypes.c_uint64 * rank)(*dims),
             (ctypes.c_uint64 * max(rank - 1, 1))(*strides), (ctypes.c_uint32 * rank)(*box),
             (ctypes.c_uint32 * rank)(*([1] * rank)), 0, _SWIZZLES[swizzle], _L2_PROMOTION_256B, 0)
-        if result != 0:
-            text = ctypes.c_char_p()
-            self.lib.cuGetErrorString(result, ctypes.byref(text))
-            raise TensorMapError(f"cuTensorMapEncodeTiled failed: {(text.value or b'unknown error').decode()} "
-                                 f"({result})")
+        check(self.lib, result, "cuTensorMapEncodeTiled", TensorMapError)
         return ctypes.string_at(out, TENSOR_MAP_BYTES)
 
 

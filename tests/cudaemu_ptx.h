@@ -61,6 +61,20 @@ inline const unsigned char* gmma_element(unsigned long long desc, int row, int k
   return dynamic_smem_bytes + swizzled;
 }
 struct WgmmaBox { float* d[128]; unsigned long long da[128], db[128]; };
+// D[64 x N] += A[64 x 16] B[N x 16]^T into the 128 threads' accumulators: d[4j .. 4j + 3] of
+// warp w, lane 4g + t hold rows 16w + g (+ 8) and columns 8j + 2t (+ 1)
+inline void wgmma_accumulate(float* const* d, const float (*A)[16], const float (*B)[16], int N) {
+  for (int i = 0; i < 128; ++i) {
+    const int w = i / 32, g = (i % 32) / 4, t = i % 4;
+    for (int j = 0; j < N / 8; ++j)
+      for (int e = 0; e < 4; ++e) {
+        const int row = 16 * w + g + (e >> 1) * 8, col = 8 * j + 2 * t + (e & 1);
+        float sum = d[i][4 * j + e];
+        for (int k = 0; k < 16; ++k) sum += A[row][k] * B[col][k];
+        d[i][4 * j + e] = sum;
+      }
+  }
+}
 static std::vector<WgmmaBox> wgmma_boxes;
 }  // namespace emu
 
@@ -86,16 +100,7 @@ template <int N, typename T> inline void wgmma_m64k16(float* d, unsigned long lo
       for (int k = 0; k < 16; ++k) A[r][k] = value(emu::gmma_element(box.da[0], r, k));
     for (int n = 0; n < N; ++n)
       for (int k = 0; k < 16; ++k) B[n][k] = value(emu::gmma_element(box.db[0], n, k));
-    for (int i = 0; i < 128; ++i) {
-      const int w = i / 32, g = (i % 32) / 4, t = i % 4;
-      for (int j = 0; j < N / 8; ++j)
-        for (int e = 0; e < 4; ++e) {
-          const int row = 16 * w + g + (e >> 1) * 8, col = 8 * j + 2 * t + (e & 1);
-          float s = box.d[i][4 * j + e];
-          for (int k = 0; k < 16; ++k) s += A[row][k] * B[col][k];
-          box.d[i][4 * j + e] = s;
-        }
-    }
+    emu::wgmma_accumulate(box.d, A, B, N);
   });
 }
 
@@ -150,16 +155,7 @@ template <int N, typename T> inline void wgmma_m64k16_rs_nmajor(float* d, const 
         memcpy(&h, emu::gmma_element_nmajor(box.db[0], k, n), 2);
         B[n][k] = bf16 ? emu_from_bits<float>((uint64_t)((unsigned)h << 16)) : __half2float(__ushort_as_half(h));
       }
-    for (int i = 0; i < 128; ++i) {
-      const int w = i / 32, g = (i % 32) / 4, t = i % 4;
-      for (int j = 0; j < N / 8; ++j)
-        for (int e = 0; e < 4; ++e) {
-          const int row = 16 * w + g + (e >> 1) * 8, col = 8 * j + 2 * t + (e & 1);
-          float sum = box.d[i][4 * j + e];
-          for (int k = 0; k < 16; ++k) sum += A[row][k] * B[col][k];
-          box.d[i][4 * j + e] = sum;
-        }
-    }
+    emu::wgmma_accumulate(box.d, A, B, N);
   });
 }
 

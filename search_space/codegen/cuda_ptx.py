@@ -192,9 +192,7 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 }
 template <int N, typename T> __device__ __forceinline__ void wgmma_m64k16(float* d, unsigned long long da,
                                                                          unsigned long long db);
-template <int N, typename T> __device__ __forceinline__ void wgmma_m64k16_rs_nmajor(float* d, const unsigned* a,
-                                                                                   unsigned long long db);
-""" + "\n".join(_wgmma_function(n, ab, ct) + "\n" + _wgmma_rs_function(n, ab, ct) for n in WGMMA_SIZES
+""" + "\n".join(_wgmma_function(n, ab, ct) for n in WGMMA_SIZES
                 for ab, ct in (("f16", "__half"), ("bf16", "__nv_bfloat16"))) + "\n// END PTX\n" + r"""
 // Shared-memory matrix descriptor: start address >> 4 (bits 0-13), leading byte offset >> 4
 // (16-29; unused by swizzled K-major tiles, 1 by convention), stride byte offset >> 4
@@ -203,7 +201,17 @@ __device__ __forceinline__ unsigned long long gmma_desc_sw128(const void* tile) 
   const unsigned long long addr = smem_u32(tile);
   return ((addr & 0x3FFFFull) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
 }
-// The same for an N-major tile (B stored K rows of N, as TMA lays out V's rows): 128-byte
+"""
+
+# Warpgroup MMA with A from registers and B stored N-major (sm_90a), for attention's O += P V
+# (after ``WGMMA_HELPERS``): ``wgmma_m64k16_rs_nmajor<N, T>`` and its B descriptor
+# ``gmma_desc_sw128_nmajor``. Kept apart so the kernels that do not use them render as before.
+WGMMA_RS_HELPERS = ("\n// BEGIN PTX (wgmma, A from registers; a CPU emulator swaps this section for its own)\n"
+                    + """template <int N, typename T> __device__ __forceinline__ void wgmma_m64k16_rs_nmajor(
+    float* d, const unsigned* a, unsigned long long db);
+""" + "\n".join(_wgmma_rs_function(n, ab, ct) for n in WGMMA_SIZES
+                for ab, ct in (("f16", "__half"), ("bf16", "__nv_bfloat16"))) + "\n// END PTX\n" + r"""
+// The B descriptor of an N-major tile (K rows of N, as TMA lays out V's rows): 128-byte
 // lines hold 64 elements of N, 8 lines (8 K) make a 1024-byte swizzle atom (stride byte
 // offset), and the next 64 elements of N are ``lbo`` bytes further (leading byte offset).
 __device__ __forceinline__ unsigned long long gmma_desc_sw128_nmajor(const void* tile, unsigned lbo) {
@@ -211,7 +219,7 @@ __device__ __forceinline__ unsigned long long gmma_desc_sw128_nmajor(const void*
   return ((addr & 0x3FFFFull) >> 4) | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16) | ((1024ull >> 4) << 32)
          | (1ull << 62);
 }
-"""
+""")
 
 # Hopper's tensor memory accelerator and transaction barriers (sm_90a), for warp-specialised
 # pipelines: one producer thread copies tiles with ``tma_load_2d`` (a box of a matrix, as the

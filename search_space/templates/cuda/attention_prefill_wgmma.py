@@ -23,7 +23,7 @@ were bound at; with one batch a shorter T reads rows the kernel masks anyway).
 """
 from __future__ import annotations
 
-from ...codegen.cuda_ptx import PTX_HELPERS, TMA_HELPERS, WGMMA_HELPERS
+from ...codegen.cuda_ptx import PTX_HELPERS, TMA_HELPERS, WGMMA_HELPERS, WGMMA_RS_HELPERS
 from ...task import Task
 from ...template import ArgSpec
 
@@ -81,7 +81,7 @@ def kernel(task: Task, c: dict, common: str, params: str, block_coords: str) -> 
     """The kernel source; ``common`` defines E, B, H, HKV, G, D, BQ, BK, CAUSAL, SCALE_LOG2 and T."""
     pack = "__floats2half2_rn" if task.dtype == "float16" else "__floats2bfloat162_rn"
     shift = c["consumers"] == 2
-    return (common + PTX_HELPERS + WGMMA_HELPERS + TMA_HELPERS
+    return (common + PTX_HELPERS + WGMMA_HELPERS + WGMMA_RS_HELPERS + TMA_HELPERS
             + f"constexpr int CONSUMERS = {c['consumers']};\nconstexpr int STAGES = {c['stages']};\n"
             + _KERNEL.replace("@PARAMS@", params).replace("@BLOCK_COORDS@", block_coords)
             .replace("@PACK@", pack).replace("@LOOP@", _OVERLAPPED if c["overlap"] else _SERIAL)

@@ -417,6 +417,23 @@ def _tma_units(task: Task, c: dict) -> int:
     return math.ceil(task.dims["M"] / (c["bm"] * c["cluster"])) * math.ceil(task.dims["N"] / c["bn"])
 
 
+def _wgmma_store(c: dict, warpgroup: str, store: str, indent: str) -> str:
+    """C++ storing the wgmma accumulators of warpgroup ``warpgroup`` (its ``wm`` rows of the
+    tile) through ``store`` (which writes row, col from v0, v1), its lines indented by ``indent``."""
+    MI, BN, WM = c["wm"] // 64, c["bn"], c["wm"]
+    lines = ["#pragma unroll",
+             f"for (int i = 0; i < {MI}; ++i)",
+             "  #pragma unroll",
+             f"  for (int j = 0; j < {BN // 8}; ++j)",
+             "    #pragma unroll",
+             "    for (int h = 0; h < 2; ++h) {",
+             f"      const int row = m0 + {warpgroup} * {WM} + i * 64 + warp * 16 + (lane >> 2) + h * 8;",
+             "      const int col = n0 + j * 8 + (lane & 3) * 2;",
+             "      const float v0 = acc[i][4 * j + 2 * h], v1 = acc[i][4 * j + 2 * h + 1];" + store,
+             "    }"]
+    return "\n".join(indent + line if not line.startswith("\n") else line for line in lines)
+
+
 def _tma_grid(task: Task, c: dict, target: Target) -> int:
     """Blocks of the TMA schedule: a cluster per unit, or (persistent) a block per SM, each
     cluster walking units."""
@@ -627,16 +644,7 @@ extern "C" __global__ void __launch_bounds__({threads}) gemm({_params(c, T)}) {{
   }}
   cp_async_wait<0>();
 
-  #pragma unroll
-  for (int i = 0; i < {MI}; ++i)
-    #pragma unroll
-    for (int j = 0; j < {BN // 8}; ++j)
-      #pragma unroll
-      for (int h = 0; h < 2; ++h) {{
-        const int row = m0 + wg * {WM} + i * 64 + warp * 16 + (lane >> 2) + h * 8;
-        const int col = n0 + j * 8 + (lane & 3) * 2;
-        const float v0 = acc[i][4 * j + 2 * h], v1 = acc[i][4 * j + 2 * h + 1];{store}
-      }}{finish}
+{_wgmma_store(c, "wg", store, "  ")}{finish}
 }}
 """
 
@@ -714,17 +722,7 @@ def _tma_kernel(task: Task, c: dict, store: str, grid: int) -> str:
         finish = """
   if (signals) tma_store_wait_read();  // shared memory stays until TMA has read the last boxes"""
     else:
-        epilogue = f"""
-    #pragma unroll
-    for (int i = 0; i < {MI}; ++i)
-      #pragma unroll
-      for (int j = 0; j < {BN // 8}; ++j)
-        #pragma unroll
-        for (int h = 0; h < 2; ++h) {{
-          const int row = m0 + cw * {WM} + i * 64 + warp * 16 + (lane >> 2) + h * 8;
-          const int col = n0 + j * 8 + (lane & 3) * 2;
-          const float v0 = acc[i][4 * j + 2 * h], v1 = acc[i][4 * j + 2 * h + 1];{store}
-        }}"""
+        epilogue = _wgmma_store(c, "cw", store, "    ")
         finish = ""
     return f"""
 extern "C" __global__ void {attributes} gemm(const __grid_constant__ TensorMap map_x,
