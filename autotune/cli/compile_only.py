@@ -16,11 +16,25 @@ from search_space import Target, Task, Template
 
 
 def compile_only_report(template: Template, task: Task, target: Target, n_configs: int, seed: int,
-                        build_timeout: float) -> list[dict[str, Any]]:
-    """One row per config: the default first, then up to ``n_configs - 1`` sampled ones."""
+                        build_timeout: float, restrict: dict | None = None) -> list[dict[str, Any]]:
+    """One row per config, ``n_configs`` in all: the default, the template's seed schedules,
+    then sampled ones; each only where the space (limited to ``restrict``, ``--restrict``'s knob
+    values) takes it. The seeds come before the samples because a narrow restriction of a
+    large space may leave too few valid configs for random draws to find."""
     space = template.space(task, target)
-    default = template.default(task, target)
-    configs = [default] + space.sample(np.random.default_rng(seed), max(n_configs - 1, 0), exclude={default.index})
+    if restrict:
+        space = space.restrict(**restrict)
+    defaults = template.default(task, target).as_dict()
+    configs: dict[int, Any] = {}
+    for values in [defaults] + [{**defaults, **seed} for seed in template.seed_configs(task, target)]:
+        if len(configs) < n_configs and space.accepts(values):
+            config = space.from_values(values)
+            configs.setdefault(config.index, config)
+    configs.update((c.index, c) for c in space.sample(np.random.default_rng(seed), max(n_configs - len(configs), 0),
+                                                        exclude=set(configs)))
+    configs = list(configs.values())
+    if not configs:
+        raise ValueError("no config of the space is valid with these knob values")
     inputs = [MeasureInput(task, c, target) for c in configs]
     with LocalBuilder(timeout_s=build_timeout) as builder:
         builds = builder.build(inputs)

@@ -111,7 +111,11 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
         from .compile_only import compile_only_report, format_compile_report
 
         check_timeouts(build_timeout=build_timeout)
-        rows = compile_only_report(template, task, tgt, trials, seed, build_timeout)
+        try:
+            rows = compile_only_report(template, task, tgt, trials, seed, build_timeout,
+                                       restriction(template, task, tgt, threads, restrict_items))
+        except ValueError as exc:
+            raise UserError(f"--restrict: {exc}") from None
         if as_json:
             echo_json(rows)
         else:

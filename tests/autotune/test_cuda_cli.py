@@ -51,6 +51,21 @@ def test_compile_only_reports_registers_shared_memory_and_spills(tmp_path):
 
 
 @pytest.mark.tools("nvcc")
+def test_compile_only_keeps_to_restricted_knobs_and_finds_the_seed_schedules(tmp_path):
+    """A narrow --restrict of a huge space: random draws rarely land in it, the template's seeds do."""
+    proc = run("tune", "--op", "gemm", "--shape", "M=4096,N=4096,K=4096", "--dtype", "bfloat16", "--target",
+               "sm_90a", "--restrict", "pipeline=tma", "--restrict", "cluster=2", "--trials", "2", "--json",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert len(rows) == 2 and all(r["config"]["pipeline"] == "tma" and r["config"]["cluster"] == 2 for r in rows)
+    assert all(r["status"] == "NO_ERROR" and r["threads"] == 384 for r in rows)
+    proc = run("tune", "--op", "gemm", "--shape", "M=64,N=64,K=64", "--dtype", "float16", "--target", "sm_90a",
+               "--restrict", "cluster=2", "--compile-only", cwd=tmp_path)
+    one_line_error(proc, "--restrict: no config of the space is valid with these knob values")
+
+
+@pytest.mark.tools("nvcc")
 def test_compile_only_text_for_the_cuda_target(tmp_path):
     proc = run("tune", "--op", "gemv_q4", "--shape", "M=1,N=512,K=512", "--dtype", "bfloat16", "--target", "cuda",
                "--compile-only", "--trials", "2", cwd=tmp_path)
