@@ -219,7 +219,8 @@ class ConfigSpace:
 
         Fewer than ``n`` come back only when fewer valid configs remain. Draws uniformly
         and rejects invalid ones; when the constraints reject most draws, it enumerates
-        the valid configs once and draws from those.
+        the valid configs once and draws from those, or, in a space too large to enumerate,
+        repairs random draws into valid configs (``_repaired``).
         """
         exclude = exclude or set()
         if n <= 0:
@@ -235,11 +236,53 @@ class ConfigSpace:
                 config = self.get(index)
                 if self.is_valid(config):
                     chosen[index] = config
+            if len(chosen) < n and self._size > self.ENUMERATE_LIMIT:
+                chosen.update(self._repaired(rng, n - len(chosen), exclude | set(chosen)))
             if len(chosen) == n or self._size > self.ENUMERATE_LIMIT:
                 return list(chosen.values())
         pool = [i for i in self.valid_indices() if i not in exclude]
         picks = rng.choice(len(pool), size=min(n, len(pool)), replace=False) if pool else []
         return [self.get(pool[int(i)]) for i in picks]
+
+    def _repaired(self, rng: np.random.Generator, n: int, exclude: set[int], walks_per_config: int = 20,
+                  steps: int = 60) -> dict[int, Config]:
+        """Up to ``n`` valid configs not in ``exclude``, each found by a min-conflicts walk from a
+        uniform draw: set a random knob to the value that breaks the fewest constraints (ties at
+        random) until none is broken. For spaces too large to enumerate whose valid configs are
+        too rare for rejection (a narrow ``restrict`` of a large space); not uniform, but every
+        valid config can be reached."""
+        def broken_by(values: Values) -> int:
+            count = 0
+            for _, check in self.constraints:
+                try:  # a check may assume the ones before it hold (a tile that divides another)
+                    count += not check(values)
+                except (ArithmeticError, KeyError, ValueError, TypeError):
+                    count += 1
+            return count
+
+        found: dict[int, Config] = {}
+        radix = [len(k) for k in self.knobs]
+        for _ in range(min(walks_per_config * n, 2000)):  # bounded: a space may hold no valid config
+            digits = [int(rng.integers(r)) for r in radix]
+            values = {k.name: k.values[d] for k, d in zip(self.knobs, digits)}
+            broken = broken_by(values)
+            for _ in range(steps):
+                if not broken:
+                    break
+                knob = self.knobs[int(rng.integers(len(self.knobs)))]
+                scores = []
+                for value in knob.values:
+                    scores.append((broken_by({**values, knob.name: value}), rng.random(), value))
+                broken, _, best = min(scores, key=lambda score: score[:2])
+                values[knob.name] = best
+            if broken:
+                continue
+            config = self.from_values(values)
+            if config.index not in exclude and config.index not in found:
+                found[config.index] = config
+                if len(found) == n:
+                    break
+        return found
 
     def neighbors(self, config: Config) -> list[Config]:
         """Valid configs that differ from ``config`` in exactly one knob."""

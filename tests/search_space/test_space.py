@@ -73,6 +73,20 @@ def test_sampling_large_space_is_uniform_enough():
     assert counts.min() > 120  # ~200 expected per value
 
 
+def test_sparse_valid_configs_of_a_space_too_large_to_enumerate_are_still_found():
+    """10^7 points of which one in 10^4 is valid (k0..k3 all 7): 50 draws per wanted config
+    rarely hit one; walks that repair draws find them, each valid and distinct, and a space
+    holding none ends within its bound."""
+    knobs = [Knob(f"k{i}", tuple(range(10))) for i in range(7)]
+    sparse = ConfigSpace(knobs, [(f"k{i} is 7", lambda v, i=i: v[f"k{i}"] == 7) for i in range(4)])
+    assert len(sparse) > sparse.ENUMERATE_LIMIT
+    sample = sparse.sample(np.random.default_rng(3), 40, exclude={sparse.index_of({f"k{i}": 7 for i in range(7)})})
+    assert len(sample) == 40 and len({c.index for c in sample}) == 40
+    assert all(sparse.is_valid(c) for c in sample) and {c["k6"] for c in sample} != {7}
+    empty = ConfigSpace(knobs, [("never", lambda v: False)])
+    assert empty.sample(np.random.default_rng(0), 3) == []
+
+
 def test_random_neighbor_moves_one_knob():
     space = make_space()
     rng = np.random.default_rng(3)
