@@ -60,7 +60,7 @@ if [[ "${GPU_CHECK_MODE:-check}" == sweep ]]; then
     # a seeded sample far larger than the time allows, measured in its random order: the time
     # limit (SIGTERM, which the job takes as an interrupt: everything measured is kept) decides
     timeout "$seconds" $PY -m autotune.cli sweep --op "$op" --shape "$shape" --dtype "$dtype" --target cuda \
-      --sample 20000 --seed 0 --batch 32 --no-mlflow --quiet --log "$LOG/sweeps/$name.jsonl" >> "$LOG/sweep.log" 2>&1
+      --sample 3000 --seed 0 --batch 32 --no-mlflow --quiet --log "$LOG/sweeps/$name.jsonl" >> "$LOG/sweep.log" 2>&1
     echo "  exit $?: $(wc -l < "$LOG/sweeps/$name.jsonl" 2>/dev/null || echo 0) configs measured" | tee -a "$LOG/steps.log"
   done
   if [[ -n "${OUT:-}" ]]; then

@@ -72,6 +72,13 @@ class Config:
         return ",".join(f"{k}={v}" for k, v in self.values)
 
 
+def _holds(check: Constraint, values: Values) -> bool:
+    try:
+        return bool(check(values))
+    except (ArithmeticError, KeyError, ValueError, TypeError):
+        return False
+
+
 class ConfigSpace:
     """The product of knobs, filtered by named constraints.
 
@@ -184,8 +191,10 @@ class ConfigSpace:
         return {**config, **missing} if missing else config
 
     def violations(self, config: Config | Values) -> list[str]:
+        """The names of the constraints ``config`` breaks; a check that raises counts as broken
+        (it may assume the ones before it hold: a warp tile that divides the block tile)."""
         values = self._values(config)
-        return [name for name, check in self.constraints if not check(values)]
+        return [name for name, check in self.constraints if not _holds(check, values)]
 
     def accepts(self, values: Values) -> bool:
         """True when every knob has a legal value in ``values`` and the constraints hold."""
@@ -197,7 +206,7 @@ class ConfigSpace:
 
     def is_valid(self, config: Config | Values) -> bool:
         values = self._values(config)
-        return all(check(values) for _, check in self.constraints)
+        return all(_holds(check, values) for _, check in self.constraints)
 
     def __iter__(self) -> Iterator[Config]:
         """Every valid config in index order."""
@@ -244,41 +253,32 @@ class ConfigSpace:
         picks = rng.choice(len(pool), size=min(n, len(pool)), replace=False) if pool else []
         return [self.get(pool[int(i)]) for i in picks]
 
-    def _repaired(self, rng: np.random.Generator, n: int, exclude: set[int], walks_per_config: int = 20,
-                  steps: int = 60) -> dict[int, Config]:
-        """Up to ``n`` valid configs not in ``exclude``, each found by a min-conflicts walk from a
-        uniform draw: set a random knob to the value that breaks the fewest constraints (ties at
-        random) until none is broken. For spaces too large to enumerate whose valid configs are
-        too rare for rejection (a narrow ``restrict`` of a large space); not uniform, but every
-        valid config can be reached."""
-        def broken_by(values: Values) -> int:
-            count = 0
-            for _, check in self.constraints:
-                try:  # a check may assume the ones before it hold (a tile that divides another)
-                    count += not check(values)
-                except (ArithmeticError, KeyError, ValueError, TypeError):
-                    count += 1
-            return count
+    def repair(self, values: Values, rng: np.random.Generator, steps: int = 60) -> Config | None:
+        """A valid config reached from ``values`` by a min-conflicts walk (set a random knob to
+        the value that breaks the fewest constraints, ties at random, until none is broken), or
+        None when the walk does not get there in ``steps``: a way to a nearby valid config in a
+        space too large to enumerate."""
+        values = dict(values)
+        broken = len(self.violations(values))
+        for _ in range(steps):
+            if not broken:
+                break
+            knob = self.knobs[int(rng.integers(len(self.knobs)))]
+            scores = [(len(self.violations({**values, knob.name: value})), rng.random(), value)
+                      for value in knob.values]
+            broken, _, best = min(scores, key=lambda score: score[:2])
+            values[knob.name] = best
+        return None if broken else self.from_values(values)
 
+    def _repaired(self, rng: np.random.Generator, n: int, exclude: set[int], walks_per_config: int = 20) -> dict[int, Config]:
+        """Up to ``n`` valid configs not in ``exclude``, each ``repair``ed from a uniform draw: for
+        spaces too large to enumerate whose valid configs are too rare for rejection (a narrow
+        ``restrict`` of a large space); not uniform, but every valid config can be reached."""
         found: dict[int, Config] = {}
-        radix = [len(k) for k in self.knobs]
         for _ in range(min(walks_per_config * n, 2000)):  # bounded: a space may hold no valid config
-            digits = [int(rng.integers(r)) for r in radix]
-            values = {k.name: k.values[d] for k, d in zip(self.knobs, digits)}
-            broken = broken_by(values)
-            for _ in range(steps):
-                if not broken:
-                    break
-                knob = self.knobs[int(rng.integers(len(self.knobs)))]
-                scores = []
-                for value in knob.values:
-                    scores.append((broken_by({**values, knob.name: value}), rng.random(), value))
-                broken, _, best = min(scores, key=lambda score: score[:2])
-                values[knob.name] = best
-            if broken:
-                continue
-            config = self.from_values(values)
-            if config.index not in exclude and config.index not in found:
+            values = {k.name: k.values[int(rng.integers(len(k)))] for k in self.knobs}
+            config = self.repair(values, rng)
+            if config is not None and config.index not in exclude and config.index not in found:
                 found[config.index] = config
                 if len(found) == n:
                     break

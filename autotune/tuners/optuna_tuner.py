@@ -111,7 +111,14 @@ class OptunaTuner(Tuner):
         return batch
 
     def _nearest_kept(self, values: dict[str, Any], exclude: set[int]) -> Config | None:
-        """The valid unmeasured config nearest to ``values`` in knob positions (ties: lowest index)."""
+        """The valid unmeasured config nearest to ``values`` in knob positions (ties: lowest index);
+        in a space too large to enumerate, one a short walk from ``values`` reaches."""
+        if len(self.space) > self.space.ENUMERATE_LIMIT:
+            for _ in range(20):
+                config = self.space.repair(values, self.rng)
+                if config is not None and config.index not in self.visited and config.index not in exclude:
+                    return config
+            return None
         if self._pool is None:  # the kept configs in knob positions scaled to [0, 1], computed once
             self._pool = np.asarray(self.space.valid_indices(), dtype=np.int64)
             self._scale = np.array([max(len(k) - 1, 1) for k in self.space.knobs], dtype=np.float64)

@@ -48,11 +48,22 @@ class SweepTuner(Tuner):
 
     def __init__(self, *args, sample: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        valid = self.space.valid_indices()
-        order = self.rng.permutation(len(valid))
-        if sample is not None:
-            order = order[:sample]
-        self.plan: list[int] = [valid[int(i)] for i in order]
+        space = self.space
+        if sample is not None and len(space) > space.ENUMERATE_LIMIT:
+            # too large to enumerate: the first ``sample`` valid configs of a seeded permutation of
+            # the whole space, which is a uniform random subset of the valid ones all the same
+            self.plan: list[int] = []
+            for index in self.rng.permutation(len(space)):
+                if space.is_valid(space.get(int(index))):
+                    self.plan.append(int(index))
+                    if len(self.plan) == sample:
+                        break
+        else:
+            valid = space.valid_indices()
+            order = self.rng.permutation(len(valid))
+            if sample is not None:
+                order = order[:sample]
+            self.plan = [valid[int(i)] for i in order]
         self._cursor = 0
 
     def next_batch(self, n: int) -> list[Config]:
