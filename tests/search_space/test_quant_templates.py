@@ -30,6 +30,14 @@ def every_knob_value(space, default) -> list:
     return configs
 
 
+def sampled_inputs(template, task, host, rng, exhaustive: bool, n_sampled: int = 2) -> list:
+    """MeasureInputs of ``task``: every knob value (``every_knob_value``), or the default and
+    ``n_sampled`` sampled configs."""
+    space, default = template.space(task, host), template.default(task, host)
+    configs = every_knob_value(space, default) if exhaustive else [default] + space.sample(rng, n_sampled)
+    return [MeasureInput(task, c, host) for c in configs]
+
+
 def run_all(machinery, inputs):
     builder, runner = machinery
     results = runner.run(inputs, builder.build(inputs))
@@ -50,11 +58,7 @@ def test_q4_matches_reference(op, group, zero_point, host, machinery):
     for shape, exhaustive in (({"M": 1, "N": 19, "K": group}, True),
                               ({"M": 16, "N": 37, "K": group}, False),
                               ({"M": 16 if op == "gemv_q4" else 45, "N": 70, "K": 3 * group}, False)):
-        task = Task.make(op, shape, attrs=attrs)
-        space = template.space(task, host)
-        default = template.default(task, host)
-        configs = every_knob_value(space, default) if exhaustive else [default] + space.sample(rng, 2)
-        inputs += [MeasureInput(task, c, host) for c in configs]
+        inputs += sampled_inputs(template, Task.make(op, shape, attrs=attrs), host, rng, exhaustive)
     run_all(machinery, inputs)
 
 

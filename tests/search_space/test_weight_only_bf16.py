@@ -6,12 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from measure import MeasureInput
 from measure.cpu_kernel import allocate_args, compile_and_load
 from search_space import Task, get_template
 from search_space.ops.common import float32_to_bfloat16
 
-from test_quant_templates import every_knob_value  # noqa: E402  (same directory)
+from test_quant_templates import run_all, sampled_inputs  # noqa: E402  (same directory)
 
 WEIGHT_ONLY = {"weight": "bfloat16"}
 
@@ -27,19 +26,12 @@ SHAPES = {
 @pytest.mark.parametrize("op", ["gemm", "gemv"])
 def test_weight_only_matches_reference_on_awkward_shapes(op, host, machinery):
     """Verified by the runner: fresh inputs, NaN-poisoned outputs, the float32 tolerance."""
-    builder, runner = machinery
     template = get_template(op, "cpu")
     rng = np.random.default_rng(5)
     inputs = []
     for i, shape in enumerate(SHAPES[op]):
-        task = Task.make(op, shape, "float32", WEIGHT_ONLY)
-        space = template.space(task, host)
-        default = template.default(task, host)
-        configs = every_knob_value(space, default) if i == 2 else [default] + space.sample(rng, 2)
-        inputs += [MeasureInput(task, c, host) for c in configs]
-    results = runner.run(inputs, builder.build(inputs))
-    failures = [(i.task.key, str(i.config), r.error.name, r.message) for i, r in zip(inputs, results) if not r.ok]
-    assert not failures, failures
+        inputs += sampled_inputs(template, Task.make(op, shape, "float32", WEIGHT_ONLY), host, rng, i == 2)
+    run_all(machinery, inputs)
 
 
 def exact_inputs(shape: dict[str, int], rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
