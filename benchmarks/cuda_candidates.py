@@ -45,11 +45,8 @@ def main() -> None:
             task = Task.make(op, parse_shape(shape), dtype)
             space = template.space(task, target)
             done = {r.config_index for r in log.records() if r.task.key == task.key and r.target.key == target.key}
-            inputs = []
-            for values in template.seed_configs(task, target):
-                full = dict(template.default(task, target).as_dict(), **values)
-                if space.accepts(full) and space.index_of(full) not in done:
-                    inputs.append(MeasureInput(task, space.from_values(full), target))
+            seeds = space.accepted(template.seed_configs(task, target), template.default(task, target).as_dict())
+            inputs = [MeasureInput(task, c, target) for c in seeds if c.index not in done]
             builds = builder.build(inputs)
             results = runner.run(inputs, builds)
             log.append([Record.from_measure(i, r, "candidates") for i, r in zip(inputs, results)])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -203,6 +203,18 @@ class ConfigSpace:
         except (KeyError, ValueError):
             return False
         return self.is_valid(self.get(index))
+
+    def accepted(self, value_sets: Iterable[Values], defaults: Values) -> list[Config]:
+        """The configs ``value_sets`` name, each completed by ``defaults`` for the knobs it leaves
+        out (seed configs are partial), in order and without repeats; those the space rejects
+        are skipped."""
+        configs: dict[int, Config] = {}
+        for values in value_sets:
+            full = {**defaults, **values}
+            if self.accepts(full):
+                config = self.from_values(full)
+                configs.setdefault(config.index, config)
+        return list(configs.values())
 
     def is_valid(self, config: Config | Values) -> bool:
         values = self._values(config)

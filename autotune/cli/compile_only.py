@@ -24,15 +24,9 @@ def compile_only_report(template: Template, task: Task, target: Target, n_config
     space = template.space(task, target)
     if restrict:
         space = space.restrict(**restrict)
-    defaults = template.default(task, target).as_dict()
-    configs: dict[int, Any] = {}
-    for values in [defaults] + [{**defaults, **seed} for seed in template.seed_configs(task, target)]:
-        if len(configs) < n_configs and space.accepts(values):
-            config = space.from_values(values)
-            configs.setdefault(config.index, config)
-    configs.update((c.index, c) for c in space.sample(np.random.default_rng(seed), max(n_configs - len(configs), 0),
-                                                        exclude=set(configs)))
-    configs = list(configs.values())
+    configs = space.accepted([{}, *template.seed_configs(task, target)],
+                             template.default(task, target).as_dict())[:n_configs]
+    configs += space.sample(np.random.default_rng(seed), n_configs - len(configs), exclude={c.index for c in configs})
     if not configs:
         raise ValueError("no config of the space is valid with these knob values")
     inputs = [MeasureInput(task, c, target) for c in configs]

@@ -64,15 +64,7 @@ class XGBTuner(Tuner):
         self.seeds = self._accepted(seeds)
 
     def _accepted(self, seeds: Sequence[Mapping]) -> list[Config]:
-        default = self.template.default(self.task, self.target).as_dict()
-        configs: list[Config] = []
-        for values in seeds:
-            full = {**default, **dict(values)}
-            if self.space.accepts(full):
-                config = self.space.from_values(full)
-                if config.index not in {c.index for c in configs}:
-                    configs.append(config)
-        return configs
+        return self.space.accepted(seeds, self.template.default(self.task, self.target).as_dict())
 
     # -- learning ----------------------------------------------------------------------
     def update(self, inputs: Sequence[MeasureInput], results: Sequence[MeasureResult]) -> None:

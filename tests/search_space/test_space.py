@@ -126,3 +126,10 @@ def test_gemm_logs_from_before_the_outer_kernel_and_x_packing_still_map(host):
            "inner": "nm", "pack": 1, "threads": 1}  # a record of 2026-11-28
     config = space.from_values(old)
     assert config["kernel"] == "dot" and config["xpack"] == 0
+
+
+def test_accepted_completes_partial_values_and_skips_what_the_space_rejects():
+    space = make_space()
+    defaults = {"a": 1, "b": "x", "c": 8}
+    got = space.accepted([{"c": 64}, {"a": 4, "c": 64}, {"b": "y"}, {"c": 64}, {"d": 1} | {"a": 3}], defaults)
+    assert [c.as_dict() for c in got] == [{"a": 1, "b": "x", "c": 64}, {"a": 1, "b": "y", "c": 8}]
