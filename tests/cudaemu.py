@@ -225,17 +225,20 @@ class _EmulatedDriver:
     tensor_map_api = TensorMapApi
 
 
-def launch_values(source: KernelSource, pointers: dict[str, int], dims: dict[str, int]):
-    """ctypes arrays of the pointers, int64 dims and tensor maps ``emu_run`` takes."""
-    from runtime.tensor_map import bound_values
-
-    values = bound_values(_EmulatedDriver, source.args, pointers, dims)
-    maps = b"".join(v for v in values if isinstance(v, bytes))
-    addresses = [v for v in values if not isinstance(v, bytes)]
-    scalars = [int(dims[a.name]) for a in source.args if a.role == "scalar"]
-    return ((ctypes.c_void_p * max(len(addresses), 1))(*addresses),
-            (ctypes.c_longlong * max(len(scalars), 1))(*scalars),
-            ctypes.create_string_buffer(maps, max(len(maps), 1)))
+def emu_launch(lib, addresses: list[int], scalars: list[int], maps: bytes, grid, block, smem: int, deferred: bool,
+               seed: int) -> str | None:
+    """Run a built kernel (``lib``, from ``build``) on its arguments by kind, in call order
+    within each: array addresses, int64 dims, tensor maps (128 bytes each). None, or what
+    went wrong."""
+    lib.emu_run.restype = ctypes.c_int
+    lib.emu_set_dynamic_smem(ctypes.c_ulonglong(smem))
+    error = ctypes.create_string_buffer(512)
+    rc = lib.emu_run((ctypes.c_void_p * max(len(addresses), 1))(*addresses),
+                     (ctypes.c_longlong * max(len(scalars), 1))(*scalars),
+                     ctypes.create_string_buffer(maps, max(len(maps), 1)),
+                     *[ctypes.c_uint(v) for v in (*grid, *block)], ctypes.c_int(int(deferred)), ctypes.c_uint(seed),
+                     error)
+    return error.value.decode(errors="replace") if rc != 0 else None
 
 
 def run_emulated(payload: dict[str, Any]) -> dict[str, Any]:
@@ -263,15 +266,15 @@ def run_emulated(payload: dict[str, Any]) -> dict[str, Any]:
             else:
                 fenced.array.view(np.uint8)[...] = CANARY  # NaN: unwritten outputs show
         buffers[arg.name] = fenced
-    grid, block, smem = resolve_launch(source.launch_dims, dims)
-    lib.emu_set_dynamic_smem(ctypes.c_ulonglong(smem))
-    argv, svals, maps = launch_values(source, {n: f.pointer for n, f in buffers.items()}, dims)
-    error = ctypes.create_string_buffer(512)
-    lib.emu_run.restype = ctypes.c_int
-    rc = lib.emu_run(argv, svals, maps, *[ctypes.c_uint(v) for v in (*grid, *block)],
-                     ctypes.c_int(int(payload["deferred"])), ctypes.c_uint(payload["seed"]), error)
-    if rc != 0:
-        return {"error": error.value.decode(errors="replace")}
+    from runtime.tensor_map import bound_values
+
+    values = bound_values(_EmulatedDriver, source.args, {n: f.pointer for n, f in buffers.items()}, dims)
+    failure = emu_launch(lib, [v for v in values if not isinstance(v, bytes)],
+                         [int(dims[a.name]) for a in source.args if a.role == "scalar"],
+                         b"".join(v for v in values if isinstance(v, bytes)),
+                         *resolve_launch(source.launch_dims, dims), payload["deferred"], payload["seed"])
+    if failure is not None:
+        return {"error": failure}
     damaged = [name for name, f in buffers.items() if not f.canaries_intact()]
     if damaged:
         return {"error": f"wrote next to the arrays {damaged}"}

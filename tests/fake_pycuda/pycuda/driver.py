@@ -398,23 +398,17 @@ class Function:
         _queue(stream, lambda: self._run(tuple(grid), tuple(block), args, shared_size))
 
     def _run(self, grid, block, args, shared_size) -> None:
+        import cudaemu  # tests/ is on the worker's path
+
         COUNTS["launches"] += 1
         if self.lib is None:
-            import cudaemu  # tests/ is on the worker's path
             from search_space import KernelSource
 
             self.lib = ctypes.CDLL(str(cudaemu.build(KernelSource.from_dict(self.source_dict))))
-            self.lib.emu_run.restype = ctypes.c_int
-        pointers = [int(a) for a, t in zip(args, self.types) if t == np.dtype(np.uintp)]
-        scalars = [int(a) for a, t in zip(args, self.types) if t.kind == "i"]
-        maps = b"".join(bytes(a) for a, t in zip(args, self.types) if t.kind == "V")  # tensor maps, by value
-        argv = (ctypes.c_void_p * max(len(pointers), 1))(*pointers)
-        svals = (ctypes.c_longlong * max(len(scalars), 1))(*scalars)
-        mvals = ctypes.create_string_buffer(maps, max(len(maps), 1))
-        error = ctypes.create_string_buffer(512)
-        self.lib.emu_set_dynamic_smem(ctypes.c_ulonglong(shared_size))
-        rc = self.lib.emu_run(argv, svals, mvals, *[ctypes.c_uint(v) for v in (*grid, *block)], ctypes.c_int(1),
-                              ctypes.c_uint(0), error)
-        if rc != 0:
-            raise LaunchError(f"cuCtxSynchronize failed: an illegal instruction was encountered "
-                              f"({error.value.decode(errors='replace')})")
+        failure = cudaemu.emu_launch(
+            self.lib, [int(a) for a, t in zip(args, self.types) if t == np.dtype(np.uintp)],
+            [int(a) for a, t in zip(args, self.types) if t.kind == "i"],
+            b"".join(bytes(a) for a, t in zip(args, self.types) if t.kind == "V"),  # tensor maps, by value
+            grid, block, shared_size, deferred=True, seed=0)
+        if failure is not None:
+            raise LaunchError(f"cuCtxSynchronize failed: an illegal instruction was encountered ({failure})")
