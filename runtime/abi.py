@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -39,6 +39,13 @@ def numpy_dtype(dtype: str) -> np.dtype:
 
 ROLES = ("tensor_map", "in", "out", "workspace", "scalar")
 TENSOR_MAP_SWIZZLES = (0, 32, 64, 128)  # bytes; 0: none
+
+
+def tma_box_fits(box: Sequence[int], itemsize: int, swizzle: int) -> bool:
+    """A box TMA copies (innermost dim last): 1 to 5 dims of 1 to 256 elements, and with a
+    swizzle an innermost row no wider than the swizzle span."""
+    return (1 <= len(box) <= 5 and all(1 <= b <= 256 for b in box) and swizzle in TENSOR_MAP_SWIZZLES
+            and (not swizzle or box[-1] * itemsize <= swizzle))
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Sequence
 
-from .abi import (MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION, NUMPY_DTYPES, ROLES, TENSOR_MAP_SWIZZLES, ArgSpec,
-                  KernelSpec, numpy_dtype)
+from .abi import (MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION, NUMPY_DTYPES, ROLES, ArgSpec, KernelSpec,
+                  numpy_dtype, tma_box_fits)
 from .kernel import Kernel, KernelProvider, UntunedShapeWarning, ctypes_signature, select
 from .launch import evaluate
 
@@ -189,9 +189,8 @@ def _check_tensor_map(arg: Mapping[str, Any], array: Mapping[str, Any] | None, w
     name, box, swizzle = arg["name"], arg.get("shape"), arg.get("swizzle", 0)
     if array is None or array.get("dtype") != arg.get("dtype"):
         raise LibraryFormatError(f"{where}: tensor map {name} is not of an array argument of its dtype")
-    if (not isinstance(box, list) or len(box) != len(array.get("shape") or ()) or not 1 <= len(box) <= 5
-            or not all(_is_int(b) and 1 <= b <= 256 for b in box) or swizzle not in TENSOR_MAP_SWIZZLES
-            or (swizzle and box[-1] * numpy_dtype(arg["dtype"]).itemsize > swizzle)):
+    if (not isinstance(box, list) or len(box) != len(array.get("shape") or ()) or not all(_is_int(b) for b in box)
+            or not tma_box_fits(box, numpy_dtype(arg["dtype"]).itemsize, swizzle)):
         raise LibraryFormatError(f"{where}: tensor map {name}: box {box!r} with swizzle {swizzle!r} is not one "
                                  "TMA can copy")
 

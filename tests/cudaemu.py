@@ -35,6 +35,7 @@ import numpy as np
 from search_space import KernelSource, Task, get_template
 from search_space.codegen.cuda import resolve_launch
 from search_space.ops.common import numpy_dtype
+from runtime.abi import tma_box_fits
 from runtime.tensor_map import TENSOR_MAP_BYTES
 
 HERE = Path(__file__).resolve().parent
@@ -206,8 +207,8 @@ def encode_tensor_map(pointer: int, dtype: str, dims: tuple[int, ...], strides: 
                       box: tuple[int, ...], swizzle: int) -> bytes:
     itemsize = numpy_dtype(dtype).itemsize
     rank = len(dims)
-    if not (1 <= rank <= 5 and len(box) == rank and len(strides) == rank - 1 and all(1 <= b <= 256 for b in box)
-            and (not swizzle or box[0] * itemsize <= swizzle)):
+    # the box comes innermost first here, as the driver takes it
+    if not (len(box) == rank and len(strides) == rank - 1 and tma_box_fits(box[::-1], itemsize, swizzle)):
         raise ValueError(f"cuTensorMapEncodeTiled failed: invalid value (dims {dims}, box {box}, swizzle {swizzle})")
     pad = lambda values, n: list(values) + [0] * (n - len(values))  # noqa: E731
     words = ([(TENSOR_MAP_MAGIC << 32) | (rank << 24) | (itemsize << 16) | swizzle, pointer]
