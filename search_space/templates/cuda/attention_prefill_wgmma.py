@@ -26,9 +26,8 @@ from __future__ import annotations
 from ...codegen.cuda_ptx import PTX_HELPERS, TMA_HELPERS, WGMMA_HELPERS, WGMMA_RS_HELPERS
 from ...task import Task
 from ...template import ArgSpec
+from .limits import setmaxnreg_calls, warp_specialised_registers
 
-# registers the producer warpgroup keeps and the consumers take with two consumers (setmaxnreg)
-PRODUCER_REGISTERS, CONSUMER_REGISTERS = 40, 232
 
 
 _WGMMA = dict(impl="wgmma", warps=4, warp_rows=16, q_regs=0)
@@ -62,11 +61,7 @@ def smem_bytes(task: Task, c: dict) -> int:
 def registers(task: Task, c: dict) -> int:
     """Per thread once setmaxnreg has moved them: O (D / 2) and S (block_k / 2) accumulators."""
     need = task.dims["D"] // 2 + c["block_k"] // 2 + (c["block_k"] // 4 if c["overlap"] else 0) + 48
-    if c["consumers"] == 2:
-        if need > CONSUMER_REGISTERS:
-            return 256  # more than setmaxnreg can give: rejected by the register constraint
-        return -(-(128 * PRODUCER_REGISTERS + 2 * 128 * need) // threads(c))
-    return need
+    return warp_specialised_registers(c["consumers"], need)
 
 
 def tensor_maps(task: Task, c: dict) -> tuple[ArgSpec, ...]:
@@ -80,13 +75,12 @@ def tensor_maps(task: Task, c: dict) -> tuple[ArgSpec, ...]:
 def kernel(task: Task, c: dict, common: str, params: str, block_coords: str) -> str:
     """The kernel source; ``common`` defines E, B, H, HKV, G, D, BQ, BK, CAUSAL, SCALE_LOG2 and T."""
     pack = "__floats2half2_rn" if task.dtype == "float16" else "__floats2bfloat162_rn"
-    shift = c["consumers"] == 2
+    dec, inc = setmaxnreg_calls(c["consumers"])
     return (common + PTX_HELPERS + WGMMA_HELPERS + WGMMA_RS_HELPERS + TMA_HELPERS
             + f"constexpr int CONSUMERS = {c['consumers']};\nconstexpr int STAGES = {c['stages']};\n"
             + _KERNEL.replace("@PARAMS@", params).replace("@BLOCK_COORDS@", block_coords)
             .replace("@PACK@", pack).replace("@LOOP@", _OVERLAPPED if c["overlap"] else _SERIAL)
-            .replace("@DEC@", f"setmaxnreg_dec<{PRODUCER_REGISTERS}>();" if shift else "")
-            .replace("@INC@", f"setmaxnreg_inc<{CONSUMER_REGISTERS}>();" if shift else ""))
+            .replace("@DEC@", dec).replace("@INC@", inc))
 
 
 _KERNEL = r"""

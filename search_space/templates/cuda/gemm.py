@@ -48,7 +48,7 @@ from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
 from ...template import ArgSpec, KernelSource, Template, register_template
-from .limits import MAX_REGISTERS_PER_THREAD as MAX_REGISTERS, blocks_per_sm, launch_constraints
+from .limits import blocks_per_sm, launch_constraints, setmaxnreg_calls, warp_specialised_registers
 
 
 def tensor_core(task: Task) -> bool:
@@ -209,11 +209,6 @@ def _tma(c: dict) -> bool:
     return c.get("pipeline") == "tma"
 
 
-# Registers per thread the producer warpgroup gives up and the consumers take (setmaxnreg),
-# with two consumer warpgroups (384 threads: 65536 / 384 = 170 each otherwise).
-PRODUCER_REGISTERS, CONSUMER_REGISTERS = 40, 232
-
-
 def _threads(task: Task, c: dict) -> int:
     if tensor_core(task) and _tma(c):
         return 128 * (1 + c["bm"] // c["wm"])  # a producer warpgroup and the consumers
@@ -244,12 +239,8 @@ def _smem_bytes(task: Task, c: dict) -> int:
 
 
 def _registers(task: Task, c: dict) -> int:
-    if tensor_core(task) and _tma(c):  # the block's share per thread once setmaxnreg has moved them
-        consumers = c["bm"] // c["wm"]
-        need = (c["wm"] // 64) * c["bn"] // 2 + 48
-        if consumers == 2 and need > CONSUMER_REGISTERS:
-            return MAX_REGISTERS + 1  # more than setmaxnreg can give: rejected
-        return -(-(128 * PRODUCER_REGISTERS + consumers * 128 * need) // _threads(task, c))
+    if tensor_core(task) and _tma(c):
+        return warp_specialised_registers(c["bm"] // c["wm"], (c["wm"] // 64) * c["bn"] // 2 + 48)
     if tensor_core(task) and _wgmma(c):
         return (c["wm"] // 64) * c["bn"] // 2 + 48
     threads = _threads(task, c)
@@ -659,9 +650,7 @@ def _tma_kernel(task: Task, c: dict, store: str, grid: int) -> str:
     threads = _threads(task, c)
     k_tiles = math.ceil(K / BK)
     stage_bytes = (BM + BN) * BK * ITEMSIZE[task.dtype]
-    shift = consumers == 2  # with one consumer warpgroup every thread may have 255 registers anyway
-    dec = f"setmaxnreg_dec<{PRODUCER_REGISTERS}>();" if shift else ""
-    inc = f"setmaxnreg_inc<{CONSUMER_REGISTERS}>();" if shift else ""
+    dec, inc = setmaxnreg_calls(consumers)
     C = c["cluster"]
     units = _tma_units(task, c)
     # a cluster's blocks take row tiles rank 0 and 1 of a unit 2 * bm rows high, and share W's tile

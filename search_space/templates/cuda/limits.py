@@ -65,3 +65,27 @@ def blocks_per_sm(threads: int, smem_bytes: int, registers_per_thread: int, targ
     by_smem = sm_smem // max(smem_bytes + (1 << 10), 1)  # the driver reserves 1 KB per block
     by_regs = 65536 // max(block_registers(max(registers_per_thread, 1), threads), 1)
     return max(0, min(by_threads, by_smem, by_regs, 32))
+
+
+# Warp-specialised kernels: a producer warpgroup and 1 or 2 consumer warpgroups. With two
+# consumers (384 threads: 170 registers each otherwise) setmaxnreg moves registers from the
+# producer to them: 128 x 40 + 256 x 232 fits the 65536 of an SM.
+PRODUCER_REGISTERS, CONSUMER_REGISTERS = 40, 232
+
+
+def warp_specialised_registers(consumers: int, need: int) -> int:
+    """Registers per thread of such a block, the figure the launch constraint checks, when a
+    consumer thread needs ``need``: with one consumer every thread may have that many; with two,
+    setmaxnreg gives the consumers up to CONSUMER_REGISTERS (needing more is rejected)."""
+    if consumers == 1:
+        return need
+    if need > CONSUMER_REGISTERS:
+        return MAX_REGISTERS_PER_THREAD + 1
+    return -(-(128 * PRODUCER_REGISTERS + consumers * 128 * need) // (128 * (1 + consumers)))
+
+
+def setmaxnreg_calls(consumers: int) -> tuple[str, str]:
+    """The C++ statements the producer and each consumer warpgroup start with (none with one consumer)."""
+    if consumers == 1:
+        return "", ""
+    return f"setmaxnreg_dec<{PRODUCER_REGISTERS}>();", f"setmaxnreg_inc<{CONSUMER_REGISTERS}>();"
