@@ -218,6 +218,23 @@ def test_gemm_q4_chunks_splits_and_tiles(emulator, k, config):
     assert emulator.check(task, cfg, SM90, deferred=True) is None
 
 
+@pytest.mark.parametrize("shape, dtype, attrs, config", [
+    # 33 steps of K over 8 warps x 4 steps: a second round of one step, loaded while the first computes
+    ({"M": 1, "N": 40, "K": 4224}, "float16", {"group_size": 64},
+     dict(core="mma", warps=8, rows=1, ksplit=8, unroll=4, mtile=1, kc=4224, prefetch=2)),
+    # 9 steps, the last one short, in rounds of 2 x 2; zero points ride along with the weights
+    ({"M": 3, "N": 23, "K": 1056}, "bfloat16", {"group_size": 32, "zero_point": True},
+     dict(core="mma", warps=4, rows=2, ksplit=2, unroll=2, mtile=1, kc=1152, prefetch=2)),
+])
+def test_gemv_q4_with_pipelined_weights(emulator, shape, dtype, attrs, config):
+    template = get_template("gemv_q4", "cuda")
+    task = Task.make("gemv_q4", shape, dtype, attrs)
+    space = template.space(task, SM90)
+    cfg = space.from_values(config)
+    assert space.is_valid(cfg), space.violations(cfg)
+    assert emulator.check(task, cfg, SM90) is None
+
+
 # ----------------------------------------------------------------------------- the emulator itself
 
 

@@ -28,9 +28,12 @@ class GemvQ4Cuda(GemvQ4Op, Template):
         return q4.q4_default(self.space(task, target), task, target)
 
     def seed_configs(self, task: Task, target: Target) -> list[dict]:
-        """int4 GEMV schedules on mma (hand-picked on the H200)."""
-        return [dict(core="mma", warps=w, rows=r, ksplit=k, unroll=u, mtile=1, prefetch=p)
-                for w, r, k, u, p in ((4, 1, 2, 2, 1), (4, 1, 4, 2, 1), (8, 1, 4, 2, 1), (8, 1, 2, 1, 0), (4, 2, 2, 2, 1),
+        """int4 GEMV schedules on mma: the first two the H200's best so far, then the pipelined
+        ones (``prefetch`` 2, K split over 8 warps: every warp streams its share from the start),
+        then the rest of the hand-picked ones."""
+        return [dict(core="mma", warps=w, rows=r, ksplit=k, unroll=u, prefetch=p)  # mtile: all of M
+                for w, r, k, u, p in ((4, 1, 4, 2, 1), (4, 1, 2, 2, 1), (8, 1, 8, 4, 2), (8, 1, 8, 2, 2), (4, 1, 4, 4, 2),
+                                      (8, 2, 8, 2, 2), (8, 1, 4, 2, 1), (8, 1, 2, 1, 0), (4, 2, 2, 2, 1),
                                       (4, 1, 1, 2, 0), (8, 2, 4, 1, 1), (2, 1, 2, 2, 0))]
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:

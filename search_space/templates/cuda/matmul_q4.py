@@ -15,8 +15,10 @@ Two schedules (knob ``core``):
   the mma is a permutation of the true one; X (the B operand, ``mtile`` x 8 rows per block)
   is staged in shared memory in that same permuted order, ``kc`` columns of K at a time,
   XOR-swizzled by 16-byte unit so the fragment loads of a quarter warp hit distinct banks.
-  ``unroll`` steps of weights are in flight before the first is used (``prefetch`` sends the
-  first ones towards L2 before X is staged); ``ksplit`` warps
+  ``unroll`` steps of weights are in flight before the first is used (``prefetch`` 1 sends the
+  first ones towards L2 before X is staged; 2, with X in one chunk, loads them into registers
+  before X is staged and each next ``unroll`` steps while the current ones compute, so a
+  decode GEMV, a few such rounds per warp, starts streaming at once); ``ksplit`` warps
   share rows and split K, meeting in shared memory. Pieces of K past the end get scale 0.
 - ``simt`` (every dtype; the only one for float32): a block takes ``mtile`` x 8 rows of X
   (all of them for decode), a warp owns ``rows`` W rows, each lane
@@ -65,11 +67,11 @@ def q4_knobs(task: Task, target: Target, mtiles: tuple[int, ...]) -> list[Knob]:
         Knob("core", cores(task)),
         Knob("warps", (2, 4, 8)),
         Knob("rows", (1, 2, 4)),
-        Knob("ksplit", tuple(v for v in (1, 2, 4) if v == 1 or v * span <= K)),
-        Knob("unroll", (1, 2)),
+        Knob("ksplit", tuple(v for v in (1, 2, 4, 8) if v == 1 or v * span <= K)),
+        Knob("unroll", (1, 2, 4)),
         Knob("mtile", mtiles),
         Knob("kc", chunk_values(task, m_rows, target)),
-        Knob("prefetch", (0, 1) if "mma" in cores(task) else (0,)),
+        Knob("prefetch", (0, 1, 2) if "mma" in cores(task) else (0,)),
     ]
 
 
@@ -84,6 +86,8 @@ def q4_constraints(task: Task, target: Target, knobs: list[Knob]) -> list:
          lambda c: c["ksplit"] == 1 or c["ksplit"] * (STEP_K if c["core"] == "mma" else 1024) <= K),
         ("the SIMT schedule has no K chunks (kc stays at its last value) and no prefetch",
          lambda c: c["core"] == "mma" or (c["kc"] == whole_k and c["prefetch"] == 0)),
+        ("the pipelined weights (prefetch 2) need X in one chunk and at most 4 steps x row tiles a buffer",
+         lambda c: c["prefetch"] < 2 or (c["kc"] == whole_k and c["unroll"] * c["rows"] <= 4)),
         ("split-K partials fit in shared memory",
          lambda c: c["ksplit"] == 1 or _partials(task, c) <= 32),
     ] + launch_constraints(target, lambda c: 32 * c["warps"], lambda c: smem_bytes(task, c),
@@ -112,7 +116,7 @@ def smem_bytes(task: Task, c: dict) -> int:
 def registers(task: Task, c: dict) -> int:
     zp = 2 if task.attr.get("zero_point") else 1
     if c["core"] == "mma":
-        raw = c["unroll"] * c["rows"] * 2 * (4 + zp)
+        raw = c["unroll"] * c["rows"] * 2 * (4 + zp) * (2 if c["prefetch"] == 2 else 1)  # 2: two buffers
         return c["rows"] * c["mtile"] * 4 + raw + c["rows"] * 4 + c["mtile"] * 4 + 48
     return m_rows(task, c) * c["rows"] + c["unroll"] * c["rows"] * (4 + zp) + 32 + 40
 
@@ -249,7 +253,7 @@ def mma_code(task: Task, c: dict) -> str:
         zero_value = f"h2(T_({bias + 8.0}f))"
     zero_regs = f"T_ zr[{U}][{RW}][2];" if zp else ""
     prefetch = ""
-    if c["prefetch"]:  # the first weights head for L2 while X is staged
+    if c["prefetch"] == 1:  # the first weights head for L2 while X is staged
         prefetch = f"""
   #pragma unroll
   for (int u = 0; u < {U}; ++u) {{
@@ -272,48 +276,8 @@ def mma_code(task: Task, c: dict) -> str:
         const int m = mx0 + nt * 8 + 2 * t + (e & 1);
         if (n < {N} && m < {M}) Y[(long long)m * {N} + n] = from_f32<T_>(acc[(rt * {NT} + nt) * 4 + e]);
       }}"""
-    return PREAMBLE + PTX_HELPERS + f"""
-typedef {T} T_;
-typedef {T2} T2_;
 
-__device__ __forceinline__ T2_ h2(T_ v) {{ T2_ r; r.x = v; r.y = v; return r; }}
-__device__ __forceinline__ T2_ as_h2(unsigned u) {{ T2_ r; memcpy(&r, &u, 4); return r; }}
-__device__ __forceinline__ unsigned as_u32(T2_ v) {{ unsigned u; memcpy(&u, &v, 4); return u; }}
-
-// 16-byte unit q of X row `row` in shared memory: XOR-swizzled within aligned groups of 4 units.
-__device__ __forceinline__ int xunit(int row, int q) {{ return row * {units_row} + (q ^ (((q >> 3) & 1) << 1) ^ (row & 1)); }}
-
-extern "C" __global__ void __launch_bounds__({threads}) {task.op}(const T_* __restrict__ X, const uint8_t* __restrict__ WQ,
-    const T_* __restrict__ SCALES{zero_decl}, T_* __restrict__ Y) {{
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  RawVec<16>* xs = reinterpret_cast<RawVec<16>*>(smem_raw);
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int group = warp / {KS};
-  const int part = warp % {KS};
-  const int g = lane >> 2;
-  const int t = lane & 3;
-  const long long nb = (long long)blockIdx.x * {rpb} + group * {16 * RW};
-  const int mx0 = blockIdx.y * {8 * NT};
-
-  long long row_off_q[{RW}][2], row_off_s[{RW}][2];
-  #pragma unroll
-  for (int rt = 0; rt < {RW}; ++rt)
-    #pragma unroll
-    for (int h = 0; h < 2; ++h) {{
-      long long n = nb + rt * 16 + g + h * 8;
-      n = n < {N} ? n : {N - 1};
-      row_off_q[rt][h] = n * {K // 2};
-      row_off_s[rt][h] = n * {K // G};
-    }}
-  float acc[{RW * NT * 4}];
-  #pragma unroll
-  for (int i = 0; i < {RW * NT * 4}; ++i) acc[i] = 0.0f;
-
-{prefetch}
-  for (int c0 = 0; c0 < {K}; c0 += {KC}) {{
-    __syncthreads();  // the previous chunk of X is no longer read
-    for (int i = threadIdx.x; i < {MR * units_row}; i += {threads}) {{
+    stage_x = f"""    for (int i = threadIdx.x; i < {MR * units_row}; i += {threads}) {{
       const int row = i / {units_row};
       const int q = i % {units_row};
       const int k = c0 + q * 8;
@@ -331,28 +295,8 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}(const T_* __re
       }}
       xs[xunit(row, q)] = v;
     }}
-    __syncthreads();
-    const int steps = (min({KC}, {K} - c0) + {STEP_K - 1}) / {STEP_K};
-    for (int s0 = part; s0 < steps; s0 += {KS * U}) {{
-      RawVec<16> wr[{U}][{RW}][2];
-      T_ sc[{U}][{RW}][2];
-      {zero_regs}
-      #pragma unroll
-      for (int u = 0; u < {U}; ++u) {{
-        const int kb = c0 + (s0 + u * {KS}) * {STEP_K} + 32 * t;
-        const bool inb = s0 + u * {KS} < steps && kb < {K};
-        const int grp = kb / {G};
-        #pragma unroll
-        for (int rt = 0; rt < {RW}; ++rt)
-          #pragma unroll
-          for (int h = 0; h < 2; ++h) {{
-            if (inb) wr[u][rt][h] = ld_stream<16>(WQ + row_off_q[rt][h] + kb / 2);
-            else wr[u][rt][h].w[0] = wr[u][rt][h].w[1] = wr[u][rt][h].w[2] = wr[u][rt][h].w[3] = 0u;
-            sc[u][rt][h] = inb ? SCALES[row_off_s[rt][h] + grp] : T_(0.0f);  // scale 0: no contribution
-            {zero_load}
-          }}
-      }}
-      #pragma unroll
+"""
+    compute = f"""      #pragma unroll
       for (int u = 0; u < {U}; ++u) {{
         const int s = s0 + u * {KS};
         if (s < steps) {{
@@ -394,9 +338,106 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}(const T_* __re
           }}
         }}
       }}
-    }}
+"""
+
+    def load_steps(w: str, sc: str, zr: str, first: str) -> str:
+        """Loads of the weights, scales (and zero points) of the ``U`` steps from ``first`` on
+        into the registers ``w``, ``sc`` (and ``zr``)."""
+        zl = zero_load.replace("zr[", zr + "[")
+        return f"""      #pragma unroll
+      for (int u = 0; u < {U}; ++u) {{
+        const int kb = c0 + ({first} + u * {KS}) * {STEP_K} + 32 * t;
+        const bool inb = {first} + u * {KS} < steps && kb < {K};
+        const int grp = kb / {G};
+        #pragma unroll
+        for (int rt = 0; rt < {RW}; ++rt)
+          #pragma unroll
+          for (int h = 0; h < 2; ++h) {{
+            if (inb) {w}[u][rt][h] = ld_stream<16>(WQ + row_off_q[rt][h] + kb / 2);
+            else {w}[u][rt][h].w[0] = {w}[u][rt][h].w[1] = {w}[u][rt][h].w[2] = {w}[u][rt][h].w[3] = 0u;
+            {sc}[u][rt][h] = inb ? SCALES[row_off_s[rt][h] + grp] : T_(0.0f);  // scale 0: no contribution
+            {zl}
+          }}
+      }}
+"""
+
+    if c["prefetch"] < 2:
+        main_loop = f"""  for (int c0 = 0; c0 < {K}; c0 += {KC}) {{
+    __syncthreads();  // the previous chunk of X is no longer read
+{stage_x}    __syncthreads();
+    const int steps = (min({KC}, {K} - c0) + {STEP_K - 1}) / {STEP_K};
+    for (int s0 = part; s0 < steps; s0 += {KS * U}) {{
+      RawVec<16> wr[{U}][{RW}][2];
+      T_ sc[{U}][{RW}][2];
+      {zero_regs}
+{load_steps("wr", "sc", "zr", "s0")}{compute}    }}
   }}
-{_reduce_and_store(task, c, "acc", RW * NT * 4, store)}
+"""
+    else:  # one chunk of X: the first steps' weights load before X is staged, the next ones' while these compute
+        zero_next = f"T_ zn[{U}][{RW}][2];" if zp else ""
+        zero_copy = "zr[u][rt][h] = zn[u][rt][h];" if zp else ""
+        main_loop = f"""  const int c0 = 0;
+  const int steps = {-(-K // STEP_K)};
+  RawVec<16> wn[{U}][{RW}][2];
+  T_ sn[{U}][{RW}][2];
+  {zero_next}
+{load_steps("wn", "sn", "zn", "part")}{stage_x}  __syncthreads();
+  for (int s0 = part; s0 < steps; s0 += {KS * U}) {{
+      RawVec<16> wr[{U}][{RW}][2];
+      T_ sc[{U}][{RW}][2];
+      {zero_regs}
+      #pragma unroll
+      for (int u = 0; u < {U}; ++u)
+        #pragma unroll
+        for (int rt = 0; rt < {RW}; ++rt)
+          #pragma unroll
+          for (int h = 0; h < 2; ++h) {{
+            wr[u][rt][h] = wn[u][rt][h];
+            sc[u][rt][h] = sn[u][rt][h];
+            {zero_copy}
+          }}
+{load_steps("wn", "sn", "zn", f"s0 + {KS * U}")}{compute}  }}
+"""
+    return PREAMBLE + PTX_HELPERS + f"""
+typedef {T} T_;
+typedef {T2} T2_;
+
+__device__ __forceinline__ T2_ h2(T_ v) {{ T2_ r; r.x = v; r.y = v; return r; }}
+__device__ __forceinline__ T2_ as_h2(unsigned u) {{ T2_ r; memcpy(&r, &u, 4); return r; }}
+__device__ __forceinline__ unsigned as_u32(T2_ v) {{ unsigned u; memcpy(&u, &v, 4); return u; }}
+
+// 16-byte unit q of X row `row` in shared memory: XOR-swizzled within aligned groups of 4 units.
+__device__ __forceinline__ int xunit(int row, int q) {{ return row * {units_row} + (q ^ (((q >> 3) & 1) << 1) ^ (row & 1)); }}
+
+extern "C" __global__ void __launch_bounds__({threads}) {task.op}(const T_* __restrict__ X, const uint8_t* __restrict__ WQ,
+    const T_* __restrict__ SCALES{zero_decl}, T_* __restrict__ Y) {{
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  RawVec<16>* xs = reinterpret_cast<RawVec<16>*>(smem_raw);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int group = warp / {KS};
+  const int part = warp % {KS};
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const long long nb = (long long)blockIdx.x * {rpb} + group * {16 * RW};
+  const int mx0 = blockIdx.y * {8 * NT};
+
+  long long row_off_q[{RW}][2], row_off_s[{RW}][2];
+  #pragma unroll
+  for (int rt = 0; rt < {RW}; ++rt)
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {{
+      long long n = nb + rt * 16 + g + h * 8;
+      n = n < {N} ? n : {N - 1};
+      row_off_q[rt][h] = n * {K // 2};
+      row_off_s[rt][h] = n * {K // G};
+    }}
+  float acc[{RW * NT * 4}];
+  #pragma unroll
+  for (int i = 0; i < {RW * NT * 4}; ++i) acc[i] = 0.0f;
+
+{prefetch}
+{main_loop}{_reduce_and_store(task, c, "acc", RW * NT * 4, store)}
 }}
 """
 
