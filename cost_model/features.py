@@ -5,8 +5,8 @@ model can learn from many tasks; templates fill the ones that apply and the rest
 (XGBoost treats NaN as missing). Three more groups are derived here, the same way for
 every template: target-relative features (a tile's bytes as a share of the cache level
 it is meant for, threads per core), build features (for CUDA, the registers, spills and
-shared memory that ptxas reported, which replace the template's estimates for candidates
-already built), and task context (log FLOPs, log bytes), which lets a model trained on
+shared memory that ptxas reported and the occupancy they give, which replace the template's
+estimates for candidates already built), and task context (log FLOPs, log bytes), which lets a model trained on
 several shapes tell them apart.
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ ANALYTIC_FEATURES: tuple[str, ...] = (
     "spills",             # CUDA: spill bytes
     "shared_bytes",       # CUDA: shared memory per block
     "waves",              # CUDA: blocks / (SMs x blocks per SM)
+    "occupancy",          # CUDA: resident threads per SM / 2048 (ptxas's registers once built)
     "bytes_per_flop",     # bytes moved per FLOP (derived from bytes_moved when not given)
 )
 # the same for every template, derived from the analytic features and the target's limits
@@ -76,7 +77,7 @@ def target_features(analytic: Mapping[str, float], target: Target) -> dict[str, 
 
 
 def build_features(stats: Mapping[str, Any] | None) -> dict[str, float]:
-    """ptxas's resource report (kept in a record's stats) as the registers/spills features."""
+    """ptxas's resource report (kept in a record's stats) as the registers/spills/occupancy features."""
     if not stats or "registers" not in stats:
         return {}
     out = {"registers": float(stats["registers"])}
@@ -84,6 +85,8 @@ def build_features(stats: Mapping[str, Any] | None) -> dict[str, float]:
         out["spills"] = float(stats.get("spill_stores", 0)) + float(stats.get("spill_loads", 0))
     if "smem_bytes" in stats:
         out["shared_bytes"] = float(stats["smem_bytes"])
+    if "occupancy" in stats:
+        out["occupancy"] = float(stats["occupancy"])
     return out
 
 

@@ -161,12 +161,13 @@ class LocalBuilder:
         finally:
             self._idle.put(worker)
         source = KernelSource.from_dict(out["source"])
-        problems = get_backend(inp.target.kind).build_problems(source, out["stats"], inp.target, inp.task.dims)
+        backend = get_backend(inp.target.kind)
+        problems = backend.build_problems(source, out["stats"], inp.target, inp.task.dims)
         if problems:  # compiled, but it can never launch on the target
             return BuildResult(None, source, out["digest"], out["build_s"], MeasureError.OUT_OF_RESOURCES,
                                "; ".join(problems), stats=out["stats"], cached=out["cached"])
-        return BuildResult(out["artifact"], source, out["digest"], out["build_s"], stats=out["stats"],
-                           cached=out["cached"])
+        stats = {**out["stats"], **backend.launch_stats(source, out["stats"], inp.target, inp.task.dims)}
+        return BuildResult(out["artifact"], source, out["digest"], out["build_s"], stats=stats, cached=out["cached"])
 
     def close(self) -> None:
         workers = []

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from search_space import KernelSource, Target
 from search_space.codegen.cuda import resolve_launch
-from search_space.templates.cuda.limits import DEFAULT_SMEM_BYTES, MAX_REGISTERS_PER_THREAD, block_registers
+from search_space.templates.cuda.limits import DEFAULT_SMEM_BYTES, MAX_REGISTERS_PER_THREAD, block_registers, occupancy
 
 MAX_GRID = (2**31 - 1, 65535, 65535)
 MAX_BLOCK = (1024, 1024, 64)
@@ -41,3 +41,12 @@ def cuda_resource_problems(source: KernelSource, stats: Mapping[str, Any], targe
         problems.append(f"shared memory {static} static + {dynamic} dynamic = {static + dynamic} bytes "
                         f"> {max_smem}")
     return problems
+
+
+def cuda_occupancy(source: KernelSource, stats: Mapping[str, Any], target: Target, dims: Mapping[str, int]) -> float:
+    """The occupancy of a compiled kernel (resident threads per SM / 2048) from ptxas's
+    registers and shared memory and the launch it asks for: the cost model's feature, the
+    template's estimate replaced by the real counts."""
+    _, block, dynamic = resolve_launch(source.launch_dims, dims)
+    static = int(stats.get("smem_bytes", 0))
+    return occupancy(math.prod(block), static + dynamic, int(stats.get("registers", 0)), target)

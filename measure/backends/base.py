@@ -139,6 +139,12 @@ class Backend(ABC):
         """Why a compiled candidate can never launch on ``target`` (from its build stats)."""
         return []
 
+    def launch_stats(self, source: KernelSource, stats: Mapping[str, Any], target: Target,
+                     dims: Mapping[str, int]) -> dict[str, Any]:
+        """Build stats that depend on the launch as well as on the compiled code (added to a
+        built candidate's stats)."""
+        return {}
+
     def toolchain_problem(self) -> str | None:
         """Why this machine cannot compile for the target, or None."""
         return None

@@ -334,6 +334,14 @@ class CudaBackend(Backend):
 
         return cuda_resource_problems(source, stats, target, dims)
 
+    def launch_stats(self, source: KernelSource, stats: Mapping[str, Any], target: Target,
+                     dims: Mapping[str, int]) -> dict[str, Any]:
+        from ..resources import cuda_occupancy
+
+        if "registers" not in stats:
+            return {}
+        return {"occupancy": round(cuda_occupancy(source, stats, target, dims), 4)}
+
     def toolchain_problem(self) -> str | None:
         try:
             compile_cuda.nvcc_path()

@@ -43,6 +43,7 @@ def test_ptxas_report_fills_registers_and_spills(host):
     stats = {"registers": 96, "spill_stores": 8, "spill_loads": 4, "smem_bytes": 4096, "nvcc_s": 1.0}
     assert build_features(stats) == {"registers": 96.0, "spills": 12.0, "shared_bytes": 4096.0}
     assert build_features({"median": 1e-3}) == {}  # a CPU measurement has no build features
+    assert build_features({**stats, "occupancy": 0.5})["occupancy"] == 0.5
     ex = extractor("gemv", {"M": 1, "N": 256, "K": 512}, host)
     config = ex.template.default(ex.task, host)
     plain, built = ex.row(config), ex.row(config, stats)

@@ -41,6 +41,19 @@ def test_launch_expressions():
         evaluate("__import__('os')", {})
 
 
+def test_occupancy_from_the_real_registers_and_the_launch():
+    """A built kernel's occupancy (a cost-model feature): resident threads per SM / 2048 from
+    ptxas's registers, its static plus the launch's dynamic shared memory, and the block."""
+    from measure.resources import cuda_occupancy
+
+    sm90, kernel = Target.from_name("sm_90a"), source("")
+    assert cuda_occupancy(kernel, {"registers": 32, "smem_bytes": 512}, sm90, {"N": 1000}) == 1.0
+    # 128 registers x 256 threads: two blocks' worth of the 65536 registers of an SM
+    assert cuda_occupancy(kernel, {"registers": 128, "smem_bytes": 512}, sm90, {"N": 1000}) == 0.25
+    # 100 KB of shared memory a block: two blocks fit the 227 KB
+    assert cuda_occupancy(kernel, {"registers": 32, "smem_bytes": 100 << 10}, sm90, {"N": 1000}) == 0.25
+
+
 def test_ptxas_report_parsing():
     report = ("ptxas info    : Used 40 registers, used 1 barriers, 8192 bytes smem\n"
               "    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads")

@@ -117,6 +117,7 @@ def test_refused_launches_on_the_fake_gpu_cost_only_their_own_trial(fake_gpu, tm
     with LocalBuilder(n_parallel=2, timeout_s=300) as builder:
         built = dict(zip(modes, builder.build(inputs)))
     assert built["fat"].error == MeasureError.OUT_OF_RESOURCES  # the builder's check turns it away
+    assert 0 < built["ok"].stats["occupancy"] <= 1  # from ptxas's registers, for the cost model
     # ... and had it not, the driver refuses it: compile it anyway and let the runner try
     cubin, stats = compile_to_cubin(built["fat"].source, FAKE_TARGET)
     fat_path = tmp_path / "fat.cubin"

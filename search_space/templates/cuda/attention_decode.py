@@ -28,6 +28,7 @@ from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
 from ...template import ArgSpec, KernelSource, Template, register_template
+from .limits import occupancy
 
 STATIC_SMEM = 48 << 10
 LOG2E = 1.4426950408889634
@@ -124,6 +125,7 @@ class AttentionDecodeCuda(AttentionDecodeOp, Template):
             "arith_intensity": self.flops(task) / moved,
             "reduction_share": math.log2(c["lanes"]) / per_lane + (c["splits"] - 1) / max(d["L"], 1),
             "registers": _registers(task, c),
+            "occupancy": occupancy(32 * c["warps"], _static_smem(task, c), _registers(task, c), target),
             "shared_bytes": _static_smem(task, c),
             "tile_bytes_l1": 2 * c["unroll"] * c["warps"] * 32 // c["lanes"] * d["D"] * ITEMSIZE[task.dtype],
         }

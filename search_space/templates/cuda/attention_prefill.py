@@ -36,6 +36,7 @@ from ...target import Target
 from ...task import Task
 from ...template import KernelSource, Template, register_template
 from . import attention_prefill_wgmma as hopper
+from .limits import occupancy
 
 LOG2E = 1.4426950408889634
 
@@ -158,6 +159,7 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
             "k_tail_fraction": 1.0 - self.pairs(task) * d["B"] * d["H"] / max(pairs_computed, 1),
             "packed": 1.0 if c["impl"] != "simt" else 0.0,
             "registers": _registers(task, c),
+            "occupancy": occupancy(_threads(c), _smem(task, c), _registers(task, c), target),
             "loads_per_fma": 2.0 / bq if c["impl"] != "simt" else 1.0 / c["warp_rows"],
             "vector_lanes": 8 if c["impl"] != "simt" else 1,
         }

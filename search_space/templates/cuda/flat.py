@@ -29,6 +29,7 @@ from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
 from ...template import KernelSource, Template
+from .limits import occupancy
 
 THREADS = (128, 256, 512, 1024)
 
@@ -114,6 +115,7 @@ def flat_features(task: Task, config: Config, target: Target, min_bytes: float, 
         "arith_intensity": flops / min_bytes,
         "n_tail_fraction": (chunks * p.chunk - total) / (chunks * p.chunk),
         "registers": p.register_estimate(1),
+        "occupancy": occupancy(p.threads, 0, p.register_estimate(1), target),
     }
 
 

@@ -48,7 +48,7 @@ from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
 from ...template import ArgSpec, KernelSource, Template, register_template
-from .limits import blocks_per_sm, launch_constraints, setmaxnreg_calls, warp_specialised_registers
+from .limits import blocks_per_sm, launch_constraints, occupancy, setmaxnreg_calls, warp_specialised_registers
 
 
 def tensor_core(task: Task) -> bool:
@@ -166,6 +166,8 @@ class GemmCuda(GemmOp, Template):
             "tile_bytes_l1": float((c["bm"] + c["bn"]) * c["bk"] * size),
             "tile_bytes_l2": float((c["bm"] + c["bn"]) * K * size),
             "shared_bytes": smem,
+            "registers": regs,
+            "occupancy": occupancy(threads, smem, regs, target),
             "bytes_moved": moved,
             "arith_intensity": self.flops(task) / moved,
             "reduction_share": (c["split_k"] - 1) / c["split_k"],

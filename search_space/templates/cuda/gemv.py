@@ -23,7 +23,7 @@ from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
 from ...template import KernelSource, Template, register_template
-from .limits import blocks_per_sm, launch_constraints, smem_limit
+from .limits import blocks_per_sm, launch_constraints, occupancy, smem_limit
 
 
 def vector_bytes(task: Task) -> tuple[int, ...]:
@@ -104,6 +104,8 @@ class GemvCuda(GemvOp, Template):
             "waves": blocks / (sms * resident),
             "tile_bytes_l1": float(c["vec"] * c["unroll"] * c["rows"] * threads),
             "shared_bytes": smem,
+            "registers": _registers(task, c),
+            "occupancy": occupancy(threads, smem, _registers(task, c), target),
             "bytes_moved": moved,
             "arith_intensity": self.flops(task) / moved,
             "reduction_share": c["ksplit"] * 32 / max(K / lanes, 1),

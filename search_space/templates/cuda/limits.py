@@ -67,6 +67,13 @@ def blocks_per_sm(threads: int, smem_bytes: int, registers_per_thread: int, targ
     return max(0, min(by_threads, by_smem, by_regs, 32))
 
 
+def occupancy(threads: int, smem_bytes: int, registers_per_thread: int, target: Target) -> float:
+    """Resident threads per SM as a share of the 2048 an SM holds: how much latency the SM can
+    hide by switching warps (a cost-model feature; ptxas's registers replace the estimate once
+    a candidate is built, ``measure.resources``)."""
+    return blocks_per_sm(threads, smem_bytes, registers_per_thread, target) * threads / 2048
+
+
 # Warp-specialised kernels: a producer warpgroup and 1 or 2 consumer warpgroups. With two
 # consumers (384 threads: 170 registers each otherwise) setmaxnreg moves registers from the
 # producer to them: 128 x 40 + 256 x 232 fits the 65536 of an SM.

@@ -40,7 +40,7 @@ from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
 from ...template import KernelSource
-from .limits import blocks_per_sm, launch_constraints, smem_limit
+from .limits import blocks_per_sm, launch_constraints, occupancy, smem_limit
 
 STEP_K = 128  # K covered by one mma step of a warp (4 lanes x 32 codes)
 
@@ -185,6 +185,8 @@ def q4_features(op, task: Task, config: Config, target: Target) -> dict[str, flo
         "waves": blocks / (sms * resident),
         "tile_bytes_l1": float(m_rows(task, c) * c["kc"] * size) if c["core"] == "mma" else 0.0,
         "shared_bytes": smem,
+        "registers": registers(task, c),
+        "occupancy": occupancy(threads, smem, registers(task, c), target),
         "bytes_moved": moved,
         "arith_intensity": op.flops(task) / moved,
         "packed": 1.0 if c["core"] == "mma" else 0.0,

@@ -24,6 +24,7 @@ from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
 from ...template import KernelSource, Template, register_template
+from .limits import occupancy
 
 THREADS = (32, 64, 128, 256, 512)
 MAX_ITEMS_PER_THREAD = 16
@@ -107,6 +108,8 @@ class RopeCuda(RopeOp, Template):
             "m_tail_fraction": (blocks * c["tokens"] - d["T"]) / (blocks * c["tokens"]),
             "n_tail_fraction": (_per_thread(task, c) * c["threads"] - items) / (_per_thread(task, c) * c["threads"]),
             "shared_bytes": _smem(task, c),
+            "registers": _registers(task, c),
+            "occupancy": occupancy(c["threads"], _smem(task, c), _registers(task, c), target),
         }
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:

@@ -32,6 +32,7 @@ from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
 from ...template import KernelSource, Template
+from .limits import occupancy
 
 THREADS = (64, 128, 256, 512, 1024)
 CACHES = ("regs", "smem", "reread")
@@ -285,6 +286,7 @@ def row_features(task: Task, config: Config, target: Target, min_bytes: float, f
         "m_tail_fraction": (blocks * p.rows - m) / (blocks * p.rows),
         "shared_bytes": smem,
         "registers": p.register_estimate(cached_arrays),
+        "occupancy": occupancy(p.threads, smem, p.register_estimate(cached_arrays), target),
         "reduction_share": math.log2(p.tpr) / max(p.vpt * p.vec, 1),
     }
 
