@@ -13,7 +13,9 @@ defaults. Reported, in one JSON line and a short table:
 - the same model in plain torch eager (F.linear with Q/K/V and gate/up fused as the runtime
   runs them, SDPA, a static KV cache) on the same weights, and the ratio;
 - the largest logit difference of the runtime against that torch model in float32 on the same
-  (rounded, dequantised) weights, teacher-forced over the runtime's tokens.
+  (rounded, dequantised) weights, teacher-forced over the runtime's tokens;
+- where a decode step's time goes, from a timed run under torch's profiler: each kernel's
+  device time per step and share of the step, and the share spent in no kernel.
 
 torch is a baseline here, not a dependency of the project. It initialises CUDA first; the
 runtime then attaches pycuda to the device's primary context (one context for both).
@@ -163,6 +165,49 @@ def streaming_rate(torch) -> float:
     return 2 * x.numel() * x.element_size() / best
 
 
+def kernel_times(torch, run) -> dict[str, tuple[float, int]] | None:
+    """{kernel name: (device seconds, launches)} of what ``run()`` puts on the GPU, from torch's
+    profiler (CUPTI sees every kernel of the process, the runtime's graph replays included);
+    None where the profiler records no kernel (no GPU, or no CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        synchronize(torch)
+    times: dict[str, tuple[float, int]] = {}
+    for event in prof.events():
+        if str(getattr(event, "device_type", "")).split(".")[-1] != "CUDA":
+            continue
+        us = event.time_range.elapsed_us()  # a device event's own span: the kernel (or copy) itself
+        seconds, count = times.get(event.name, (0.0, 0))
+        times[event.name] = (seconds + us * 1e-6, count + 1)
+    return times or None
+
+
+def decode_profile(torch, model, prompts, steps: int, wall_per_step: float) -> dict | None:
+    """Where a decode step's time goes, from a timed run: device time per step and share of the
+    step's wall time of each kernel (by name: the four projections share ``gemv``), and the
+    share in no kernel at all (launch gaps between the graph's kernels, host time). A prefill and
+    ``steps`` decode steps minus a prefill alone, so only the decode steps count."""
+    try:
+        both = kernel_times(torch, lambda: model.generate(prompts, steps + 1, keep_logits=False))
+        alone = kernel_times(torch, lambda: model.generate(prompts, 1, keep_logits=False))
+    except Exception as exc:  # a profiler that cannot run here must not cost the measured lines
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    if both is None or alone is None:
+        return None
+    kernels = {}
+    for name, (seconds, count) in both.items():
+        seconds -= alone.get(name, (0.0, 0))[0]
+        count -= alone.get(name, (0.0, 0))[1]
+        if count > 0:
+            kernels[name] = {"us_per_step": seconds / steps * 1e6, "launches_per_step": count / steps,
+                             "share_of_step": seconds / steps / wall_per_step}
+    busy = sum(k["share_of_step"] for k in kernels.values())
+    return {"steps": steps, "wall_us_per_step": wall_per_step * 1e6, "in_kernels_share": busy,
+            "kernels": dict(sorted(kernels.items(), key=lambda kv: -kv[1]["us_per_step"]))}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llama-2-7b")
@@ -202,6 +247,7 @@ def main() -> int:
     decode_mode = model.decode_mode
     capture_error = model.capture_error
     ours_prefill = min(model.generate(prompts, 2, keep_logits=False).prefill_s for _ in range(3))
+    profile = decode_profile(torch, model, prompts, 16, timed.decode_s / (args.new - 1))
     ours = model.generate(prompts, args.new)  # the logits, for the comparison below
 
     # plain torch eager in the model's precision on the same weights (int4: its dequantised fp16)
@@ -255,6 +301,7 @@ def main() -> int:
         "torch_prefill_tokens_per_s": args.prompt / eager_prefill_s,
         "decode_vs_torch": eager_decode_s / timed.decode_s, "prefill_vs_torch": eager_prefill_s / ours_prefill,
         "logits_vs_torch_float32": {"max_abs": max_abs, "max_rel": max_rel, "same_argmax_share": same},
+        "decode_profile": profile,
     }
     print(json.dumps(result))
     print(f"{config.name} {args.dtype} {args.quantize} ({decode_mode} steps): decode "
@@ -263,6 +310,12 @@ def main() -> int:
           f"{result['decode_vs_torch']:.2f}x torch eager ({result['torch_decode_tokens_per_s']:.1f}); prefill "
           f"{result['prefill_tokens_per_s']:.0f} tok/s, {result['prefill_vs_torch']:.2f}x torch; logits vs torch "
           f"float32: max {max_abs:.2e} ({max_rel:.1e} relative), same argmax {same * 100:.0f}%", file=sys.stderr)
+    if profile and "kernels" in profile:
+        print(f"a decode step from a timed run: {profile['wall_us_per_step']:.0f} us, "
+              f"{profile['in_kernels_share'] * 100:.0f}% of it in kernels:", file=sys.stderr)
+        for name, k in profile["kernels"].items():
+            print(f"  {name:<24}{k['us_per_step']:>9.1f} us {k['launches_per_step']:>6.1f} launches "
+                  f"{k['share_of_step'] * 100:>5.1f}%", file=sys.stderr)
     return 0
 
 

@@ -47,6 +47,14 @@ for r in rows:
           f"{r['floor_tokens_per_s']:>8.1f}{r['share_of_floor'] * 100:>8.0f}%{r['torch_decode_tokens_per_s']:>8.1f}"
           f"{r['decode_vs_torch']:>8.2f}x{r['prefill_tokens_per_s']:>14.0f}{r['prefill_vs_torch']:>8.2f}x"
           f"{lg['max_rel']:>10.1e}")
+for r in rows:  # where a decode step goes (torch's profiler over a timed run)
+    prof = r.get("decode_profile") or {}
+    if "kernels" in prof:
+        top = ", ".join(f"{name} {k['share_of_step'] * 100:.0f}%" for name, k in list(prof["kernels"].items())[:6])
+        print(f"{r['model']} {r['quantize']}: step {prof['wall_us_per_step']:.0f} us, "
+              f"{prof['in_kernels_share'] * 100:.0f}% in kernels: {top}")
+    elif prof:
+        print(f"{r['model']} {r['quantize']}: no profile ({prof.get('error')})")
 PYEOF
   [[ -n "${OUT:-}" ]] && tar -czf "$OUT/gpu_model-logs.tar.gz" -C "$(dirname "$LOG")" "$(basename "$LOG")"
 }
