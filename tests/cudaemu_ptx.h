@@ -230,6 +230,7 @@ inline void mbar_wait(unsigned long long* bar, unsigned parity) {
 }
 template <int REGS> inline void setmaxnreg_inc() {}
 template <int REGS> inline void setmaxnreg_dec() {}
+template <int N, typename R> inline void fence_operands(R*) {}  // a compiler barrier on a GPU
 
 // cp.async.bulk.tensor.Nd with the emulator's descriptor (tests/cudaemu.py, encode_tensor_map):
 // the box at ``coords`` (innermost first), zeros where it leaves the tensor, stored innermost

@@ -284,7 +284,7 @@ __device__ __forceinline__ void cluster_sync() {
 }
 __device__ __forceinline__ void mbar_arrive_cluster(unsigned long long* bar, unsigned rank) {
   asm volatile("{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-               "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n"
+               "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n"
                :: "r"(smem_u32(bar)), "r"(rank) : "memory");
 }
 __device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TensorMap* map, int col, int row,
@@ -305,6 +305,18 @@ template <int REGS> __device__ __forceinline__ void setmaxnreg_inc() {
 }
 template <int REGS> __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(REGS));
+}
+// Ties registers that wgmma reads or writes (accumulators, A fragments) to the point of the call:
+// the PTX ISA leaves it undefined when other code writes them between a wgmma.fence and the
+// wgmma, or touches them before the wait_group that completes it, so the compiler must not move
+// such writes or reads across the fence or the wait. Emits no instruction.
+template <int N> __device__ __forceinline__ void fence_operands(float* r) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i]) :: "memory");
+}
+template <int N> __device__ __forceinline__ void fence_operands(unsigned* r) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i]) :: "memory");
 }
 // END PTX
 """

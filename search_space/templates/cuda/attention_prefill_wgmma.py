@@ -99,6 +99,7 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
 __device__ __forceinline__ void issue_qk(float* sc, const E* q, const E* k) {
 #pragma unroll
   for (int i = 0; i < BK / 2; ++i) sc[i] = 0.0f;
+  fence_operands<BK / 2>(sc);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
@@ -109,7 +110,9 @@ __device__ __forceinline__ void issue_qk(float* sc, const E* q, const E* k) {
 
 // O += P V, issued: keys 16kk .. 16kk + 15 of P are p[4kk .. 4kk + 3] (wgmma's A fragment);
 // V's BK rows are the K rows of an N-major B, D wide over DB boxes
-__device__ __forceinline__ void issue_pv(float* o, const unsigned* p, const E* v) {
+__device__ __forceinline__ void issue_pv(float* o, unsigned* p, const E* v) {
+  fence_operands<D / 2>(o);
+  fence_operands<BK / 4>(p);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < BK / 16; ++kk)
@@ -171,7 +174,7 @@ __device__ __forceinline__ void pack_p(const float* sc, unsigned* p) {
   for (int i = 0; i < BK / 4; ++i) p[i] = pack2(sc[2 * i], sc[2 * i + 1]);
 }
 
-extern "C" __global__ void __launch_bounds__(BLOCK_THREADS) attention_prefill_wgmma(
+extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) attention_prefill_wgmma(
     const __grid_constant__ TensorMap map_q, const __grid_constant__ TensorMap map_k,
     const __grid_constant__ TensorMap map_v, @PARAMS@) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -256,11 +259,13 @@ _SERIAL = r"""
     mbar_wait(&full[s], (j / STAGES) & 1);
     issue_qk(sc, Qw, Ks + s * DB * BK * 64);
     wgmma_wait<0>();
+    fence_operands<BK / 2>(sc);
     softmax_tile(sc, m_r, l_r, corr, (long long)j * BK, q0 + row_w, T, gid, tig);
     scale_o(o, corr);
     pack_p(sc, p);
     issue_pv(o, p, Vs + s * DB * BK * 64);
     wgmma_wait<0>();
+    fence_operands<D / 2>(o);
     if (signals) mbar_arrive(&empty[s]);   // this warpgroup is done with the stage
   }
 """
@@ -272,6 +277,7 @@ _OVERLAPPED = r"""
   mbar_wait(&full[0], 0);
   issue_qk(sc, Qw, Ks);
   wgmma_wait<0>();
+  fence_operands<BK / 2>(sc);
   softmax_tile(sc, m_r, l_r, corr, 0, q0 + row_w, T, gid, tig);   // O is 0: nothing to rescale
   pack_p(sc, p);
   for (int j = 1; j < n_tiles; ++j) {
@@ -280,13 +286,16 @@ _OVERLAPPED = r"""
     issue_qk(sc, Qw, Ks + s * DB * BK * 64);    // S of tile j ...
     issue_pv(o, p, Vs + prev * DB * BK * 64);   // ... and P V of tile j - 1, both in flight
     wgmma_wait<1>();                            // S is done
+    fence_operands<BK / 2>(sc);
     softmax_tile(sc, m_r, l_r, corr, (long long)j * BK, q0 + row_w, T, gid, tig);
     wgmma_wait<0>();                            // P V of tile j - 1 is done: its stage and O are free
+    fence_operands<D / 2>(o);
     if (signals) mbar_arrive(&empty[prev]);
     scale_o(o, corr);
     pack_p(sc, p);
   }
   issue_pv(o, p, Vs + ((n_tiles - 1) % STAGES) * DB * BK * 64);
   wgmma_wait<0>();
+  fence_operands<D / 2>(o);
   if (signals) mbar_arrive(&empty[(n_tiles - 1) % STAGES]);
 """

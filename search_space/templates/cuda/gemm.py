@@ -661,7 +661,7 @@ def _tma_kernel(task: Task, c: dict, store: str, grid: int) -> str:
         tile_origin = tile_origin.replace("const int m0 = ", f"const int m0 = rank * {BM} + ")
     loop = f"for (int tile = blockIdx.x{f' / {C}' if C > 1 else ''}; tile < {units}; tile += {grid // C})"
     if C > 1:
-        attributes = f"__cluster_dims__({C}, 1, 1) __launch_bounds__({threads})"
+        attributes = f"__cluster_dims__({C}, 1, 1) __launch_bounds__({threads}, 1)"
         start = """
   const unsigned rank = cluster_ctarank();
   cluster_sync();  // both blocks' barriers exist before any multicast or remote arrival"""
@@ -676,7 +676,7 @@ def _tma_kernel(task: Task, c: dict, store: str, grid: int) -> str:
         if (++stage == {S}) {{ stage = 0; phase ^= 1u; }}
       }}"""
     else:
-        attributes = f"__launch_bounds__({threads})"
+        attributes = f"__launch_bounds__({threads}, 1)"  # one block an SM: ptxas keeps setmaxnreg
         start = "\n  __syncthreads();"
         load_w = f"tma_load_2d(sb + stage * {BN * BK}, &map_w, kt * {BK}, n0, &full[stage]);"
         release = "mbar_arrive(&empty[previous]);"
@@ -771,6 +771,8 @@ extern "C" __global__ void {attributes} gemm(const __grid_constant__ TensorMap m
       mbar_wait(&full[stage], phase);
       const T_* ta = sa + stage * {BM * BK} + cw * {WM * BK};
       const T_* tb = sb + stage * {BN * BK};
+      #pragma unroll
+      for (int i = 0; i < {MI}; ++i) fence_operands<{BN // 2}>(acc[i]);
       wgmma_fence();
       #pragma unroll
       for (int kk = 0; kk < {BK // 16}; ++kk)
@@ -779,11 +781,15 @@ extern "C" __global__ void {attributes} gemm(const __grid_constant__ TensorMap m
           wgmma_m64k16<{BN}, T_>(acc[i], gmma_desc_sw128(ta + i * {64 * BK} + kk * 16), gmma_desc_sw128(tb + kk * 16));
       wgmma_commit();
       wgmma_wait<1>();  // the previous step's MMAs are done: its stage goes back to the producer
+      #pragma unroll
+      for (int i = 0; i < {MI}; ++i) fence_operands<{BN // 2}>(acc[i]);
       if (previous >= 0 && signals) {release}
       previous = stage;
       if (++stage == {S}) {{ stage = 0; phase ^= 1u; }}
     }}
     wgmma_wait<0>();
+    #pragma unroll
+    for (int i = 0; i < {MI}; ++i) fence_operands<{BN // 2}>(acc[i]);
     if (previous >= 0 && signals) {release}
 {epilogue}
   }}{finish}
