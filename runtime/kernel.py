@@ -241,17 +241,23 @@ class BoundCall:
     not per call, and so is each dim's largest allowed value (``_maxima``), so a call with a
     new in-range int is one comparison per dim. ``run`` is the foreign call on the current
     arguments (a ``functools.partial``, cheaper than a method) with nothing around it, for a
-    hot loop that sets no dims."""
+    hot loop that sets no dims.
 
-    __slots__ = ("kernel", "pointers", "scalars", "limits", "arrays", "_function", "_maxima", "run")
+    ``values_at(dims)``, where given, makes the non-scalar arguments again for new dims: a CUDA
+    kernel's TMA descriptors hold the arrays' shapes (the edge past which a copy reads zeros),
+    so they are encoded again when a dynamic dim changes."""
 
-    def __init__(self, kernel: Kernel, pointers: list[int], scalars: dict[str, int], arrays: dict):
+    __slots__ = ("kernel", "pointers", "scalars", "limits", "arrays", "_function", "_maxima", "_values_at", "run")
+
+    def __init__(self, kernel: Kernel, pointers: list, scalars: dict[str, int], arrays: dict,
+                 values_at: Callable[[Mapping[str, int]], list] | None = None):
         self.kernel = kernel
         self.pointers = pointers
         self.scalars = scalars
         self.limits = dict(scalars)  # what the bound arrays hold: no dim may grow past it
         self.arrays = arrays  # keeps the buffers alive while the pointers are in use
         self._function = kernel.function
+        self._values_at = values_at
         self._update()
 
     def _update(self) -> None:
@@ -285,6 +291,8 @@ class BoundCall:
             if value.__class__ is not int or not 1 <= value <= maxima.get(name, 0):
                 return self._set_dims_checked(dims)
         self.scalars.update(dims)
+        if self._values_at is not None:
+            self.pointers = self._values_at(self.scalars)
         self.run = functools.partial(self._function, *self.pointers, *self.scalars.values())
 
     def _set_dims_checked(self, dims: Mapping[str, int]) -> None:
@@ -294,6 +302,8 @@ class BoundCall:
         values = {**self.scalars, **dims}
         check_runtime_dims(self.kernel.spec, values, self.limits)
         self.scalars = {name: int(value) for name, value in values.items()}
+        if self._values_at is not None:
+            self.pointers = self._values_at(self.scalars)
         self._update()
 
 

@@ -145,9 +145,14 @@ class CudaKernel(Kernel):
                 pointers[arg.name] = self._device_pointer(arg, arrays[arg.name], call_dims)
             elif arg.role == "workspace":
                 pointers[arg.name] = int(self._workspace[arg.name])
-        # descriptors (tensor maps) are encoded here, once per binding, from the bound addresses
+        # descriptors (tensor maps) are encoded here from the bound addresses, and again for new
+        # dynamic dims (a descriptor's shape is where TMA stops reading and fills zeros)
         values = tensor_map.bound_values(self._drv, self.args, pointers, call_dims)
-        return BoundCall(self, values, {n: call_dims[n] for n in self.scalar_names}, dict(arrays))
+        values_at = None
+        if any(a.role == "tensor_map" for a in self.args):
+            def values_at(dims: Mapping[str, int]) -> list:
+                return tensor_map.bound_values(self._drv, self.args, pointers, {**call_dims, **dims})
+        return BoundCall(self, values, {n: call_dims[n] for n in self.scalar_names}, dict(arrays), values_at)
 
     def __call__(self, *arrays: np.ndarray, out: Mapping[str, np.ndarray] | None = None,
                  dims: Mapping[str, int] | None = None, **named: np.ndarray):

@@ -154,8 +154,9 @@ def test_tma_gemm_on_the_gpu(dtype):
 
 def test_tma_attention_from_a_library_at_a_shorter_prompt(fake_gpu, tmp_path):
     """The Hopper prefill through an exported library: bound once at the length it was tuned
-    for, then called at a shorter T (its descriptors, encoded at the bound length, still
-    cover it: one batch, and the kernel masks every key past T)."""
+    for, then called at a shorter T. Its descriptors are encoded again at that T, so TMA reads
+    zeros past it: rows of K and V past T that hold infinities (a cache's stale rows) would
+    otherwise meet P = 0 on the tensor cores and make NaN."""
     template = get_template("attention_prefill", "cuda")
     task = Task.make("attention_prefill", {"B": 1, "T": 96, "H": 4, "HKV": 2, "D": 64}, "float16", dynamic=("T",))
     space = template.space(task, FAKE_GPU_TARGET)
@@ -177,7 +178,10 @@ def test_tma_attention_from_a_library_at_a_shorter_prompt(fake_gpu, tmp_path):
     arrays = CudaArrays()
     rng = np.random.default_rng(3)
     full = template.make_inputs(task, rng)
-    bound = {n: arrays.upload(a) for n, a in full.items()}
+    poisoned = {n: a.copy() for n, a in full.items()}
+    for name in ("K", "V"):
+        poisoned[name][:, 37:] = np.inf
+    bound = {n: arrays.upload(a) for n, a in poisoned.items()}
     bound["O"] = arrays.empty((1, 96, 4, 64), np.float16)
     call = kernel.bind(bound)
     short = task.with_dims(T=37)
