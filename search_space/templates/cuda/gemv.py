@@ -68,7 +68,7 @@ class GemvCuda(GemvOp, Template):
         over 8 warps was the best of 22016x4096 there and is the one that fills the SMs when N
         has few rows, as in 4096x4096)."""
         return [dict(warps=w, rows=r, ksplit=k, vec=16, unroll=u, x_smem=0)
-                for w, r, k, u in ((4, 1, 1, 4), (8, 1, 8, 2), (4, 2, 1, 4), (8, 1, 8, 4), (8, 1, 1, 4), (8, 2, 2, 2),
+                for w, r, k, u in ((4, 1, 1, 4), (8, 1, 8, 2), (4, 2, 1, 4), (8, 2, 8, 2), (8, 1, 1, 4), (8, 2, 2, 2),
                                    (4, 4, 1, 2), (8, 1, 2, 4), (2, 2, 1, 4), (4, 1, 4, 2))]
 
     def default(self, task: Task, target: Target) -> Config:
