@@ -40,15 +40,17 @@ class _Buffers:
     """Activations of one pass over ``rows`` token rows, ``[rows, width]`` each.
 
     The fused projections write ``qkv`` and ``gate_up``; q, k, v, gate and up are their column
-    blocks: views with one row, else arrays that ``split_qkv`` / ``split_gate_up`` fill. A
-    projection with a bias writes ``raw[its output]`` instead, which ``bias_add`` reads (its
+    blocks: views with one row, else arrays that ``split_qkv`` / ``split_gate_up`` fill. With
+    one row the rotary embedding reads q and k as one block ``qk`` and writes ``qkr``, whose
+    column blocks ``qr`` and ``kr`` are; with more, ``qr`` and ``kr`` are arrays of their own.
+    A projection with a bias writes ``raw[its output]`` instead, which ``bias_add`` reads (its
     input and output never alias)."""
 
     def __init__(self, arrays, rows: int, config: ModelConfig, dtype: str = "float32"):
         c = config
         self.rows = rows
         widths = {"res_a": c.hidden_size, "res_b": c.hidden_size, "h": c.hidden_size,
-                  "qkv": c.q_size + 2 * c.kv_size, "qr": c.q_size, "kr": c.kv_size, "attn": c.q_size,
+                  "qkv": c.q_size + 2 * c.kv_size, "attn": c.q_size,
                   "o": c.hidden_size, "gate_up": 2 * c.intermediate_size, "act": c.intermediate_size,
                   "mlp": c.hidden_size}
         self.names = {name: arrays.empty((rows, width), numpy_dtype(dtype)) for name, width in widths.items()}
@@ -59,6 +61,13 @@ class _Buffers:
         (self.q, self.k, self.v), self.split_qkv = arrays.split_columns(self.qkv, (c.q_size, c.kv_size, c.kv_size))
         (self.gate, self.up), self.split_gate_up = arrays.split_columns(
             self.gate_up, (c.intermediate_size, c.intermediate_size))
+        if rows == 1:  # one rope call over q and k side by side (runtime.plan._ropes)
+            (self.qk, _), _ = arrays.split_columns(self.qkv, (c.q_size + c.kv_size, c.kv_size))
+            self.qkr = arrays.empty((rows, c.q_size + c.kv_size), numpy_dtype(dtype))
+            (self.qr, self.kr), _ = arrays.split_columns(self.qkr, (c.q_size, c.kv_size))
+        else:
+            self.qr = arrays.empty((rows, c.q_size), numpy_dtype(dtype))
+            self.kr = arrays.empty((rows, c.kv_size), numpy_dtype(dtype))
         self.positions = arrays.zeros((rows,), np.int32)
 
 
@@ -248,10 +257,13 @@ class LlamaModel:
         """Bound calls of one layer before and after attention (the cache write and the
         attention itself sit between them), the residual stream ending in ``res_a``."""
         c, lay, rows = self.config, layer, buf.rows
+        if "rope_qk" in k:  # one row: q and k rotated in one call
+            ropes = [k["rope_qk"].bind({"X": buf.qk, "P": buf.positions, "Y": buf.qkr}, {"T": rows})]
+        else:
+            ropes = [k["rope_q"].bind({"X": buf.q, "P": buf.positions, "Y": buf.qr}, {"T": rows}),
+                     k["rope_k"].bind({"X": buf.k, "P": buf.positions, "Y": buf.kr}, {"T": rows})]
         before = [*self._projection(k, buf, lay, "qkv_proj", "self_attn.qkv_proj", buf.h),
-                  *_host_calls(buf.split_qkv),
-                  k["rope_q"].bind({"X": buf.q, "P": buf.positions, "Y": buf.qr}, {"T": rows}),
-                  k["rope_k"].bind({"X": buf.k, "P": buf.positions, "Y": buf.kr}, {"T": rows})]
+                  *_host_calls(buf.split_qkv), *ropes]
         last = lay == c.num_hidden_layers - 1
         next_gain = "model.norm.weight" if last else layer_name(lay + 1, "input_layernorm")
         after = [*self._projection(k, buf, lay, "o_proj", "self_attn.o_proj", buf.attn),

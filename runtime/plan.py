@@ -10,6 +10,9 @@ given size); the linear layers compile their M in.
 Residual adds are fused into the RMSNorm that follows them (``rmsnorm`` with
 ``residual=true`` writes the new residual stream too), so a layer calls no ``add``; the Q, K
 and V projections are one matrix, and so are gate and up (``runtime.weights.FUSED``).
+With one token row (decode at batch 1) Q and K sit side by side in that projection's output,
+so one ``rope`` call (role ``rope_qk``, H + HKV heads) rotates both; with more rows they are
+column blocks of it and each has its call (``rope_q``, ``rope_k``).
 A projection with a bias (``ModelConfig.qkv_bias``, ``o_bias``, ``mlp_bias``) is followed by
 a ``bias_add`` (role ``qkv_bias`` after ``qkv_proj``, and so on); a model without biases calls
 none. The LM head has no bias.
@@ -101,6 +104,16 @@ def _norm(config: ModelConfig, role: str, rows: int, residual: bool, count: int)
                  {"eps": config.rms_norm_eps, "residual": residual})
 
 
+def _ropes(config: ModelConfig, rows: int) -> list[KernelCall]:
+    """The rotary embedding calls of a layer over ``rows`` token rows: Q and K in one call when
+    they are contiguous (one row), else one each."""
+    c, layers = config, config.num_hidden_layers
+    if rows == 1:
+        return [_rope(c, "rope_qk", 1, c.num_attention_heads + c.num_key_value_heads, layers)]
+    return [_rope(c, "rope_q", rows, c.num_attention_heads, layers),
+            _rope(c, "rope_k", rows, c.num_key_value_heads, layers)]
+
+
 def _rope(config: ModelConfig, role: str, tokens: int, heads: int, count: int) -> KernelCall:
     # {"theta": ...} alone for a default rope (the attrs tuning records have always had), plus
     # rope_type and its parameters for a scaled one
@@ -150,9 +163,8 @@ def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: Kerne
     attrs = _linear_attrs(dtype, weights, quantize)
     calls = ([_norm(c, "first_norm", rows, False, 1), _norm(c, "residual_norm", rows, True, 2 * layers)]
             + _layer_linears(c, rows, quantize, group_size, attrs)
-            + [_rope(c, "rope_q", rows, c.num_attention_heads, layers),
-               _rope(c, "rope_k", rows, c.num_key_value_heads, layers),
-               KernelCall("attention", attention, layers),
+            + _ropes(c, rows)
+            + [KernelCall("attention", attention, layers),
                _rows("swiglu", "swiglu", rows, c.intermediate_size, layers),
                _linear("lm_head", sequences, c.vocab_size, c.hidden_size, 1, quantize, group_size, attrs)])
     return [KernelCall(call.role, replace(call.spec, dtype=dtype), call.count) for call in calls]
