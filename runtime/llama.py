@@ -254,16 +254,19 @@ class LlamaModel:
 
     # -- one pass ----------------------------------------------------------------------
     def _layer_calls(self, k: dict[str, Kernel], buf: _Buffers, layer: int) -> tuple[list, list]:
-        """Bound calls of one layer before and after attention (the cache write and the
-        attention itself sit between them), the residual stream ending in ``res_a``."""
+        """Bound calls of one layer before and after attention (the rotary embedding and cache
+        write of a resident step, or the cache write, and the attention itself sit between
+        them), the residual stream ending in ``res_a``."""
         c, lay, rows = self.config, layer, buf.rows
-        if "rope_qk" in k:  # one row: q and k rotated in one call
-            ropes = [k["rope_qk"].bind({"X": buf.qk, "P": buf.positions, "Y": buf.qkr}, {"T": rows})]
+        if "rope_append" in k:  # a resident step: rope_append reads q, k, v from the projection's rows
+            ropes, split = [], []
+        elif "rope_qk" in k:  # one row: q and k rotated in one call
+            ropes, split = [k["rope_qk"].bind({"X": buf.qk, "P": buf.positions, "Y": buf.qkr}, {"T": rows})], []
         else:
             ropes = [k["rope_q"].bind({"X": buf.q, "P": buf.positions, "Y": buf.qr}, {"T": rows}),
                      k["rope_k"].bind({"X": buf.k, "P": buf.positions, "Y": buf.kr}, {"T": rows})]
-        before = [*self._projection(k, buf, lay, "qkv_proj", "self_attn.qkv_proj", buf.h),
-                  *_host_calls(buf.split_qkv), *ropes]
+            split = _host_calls(buf.split_qkv)
+        before = [*self._projection(k, buf, lay, "qkv_proj", "self_attn.qkv_proj", buf.h), *split, *ropes]
         last = lay == c.num_hidden_layers - 1
         next_gain = "model.norm.weight" if last else layer_name(lay + 1, "input_layernorm")
         after = [*self._projection(k, buf, lay, "o_proj", "self_attn.o_proj", buf.attn),
@@ -475,8 +478,9 @@ class _ResidentStep:
     (``runtime.cuda_graph``) and replayed for every token.
 
     Its kernels are ``decode_calls(..., resident=True)``: attention reads each sequence's
-    length and ``kv_append`` its position from device memory, ``argmax`` picks the next ids
-    there, so the recorded launches are right at every step. Per step the host writes the new
+    length and ``rope_append`` (the rotary embedding and the cache write in one) its position
+    from device memory, ``argmax`` picks the next ids there, so the recorded launches are right
+    at every step. Per step the host writes the new
     tokens' embedding rows (gathered from its table) and the positions into page-locked
     memory, launches the graph (which copies them in first and the ids, and the logits when
     kept, out last), and waits once. Where the driver cannot capture, the same work is issued
@@ -501,13 +505,12 @@ class _ResidentStep:
         self.host_ids = drv.pagelocked_empty((batch,), np.int32)
         self.host_logits = drv.pagelocked_empty((batch, c.vocab_size), storage)
         self.copies_in = [(buf.res_a, self.host_rows), (steps, self.host_steps)]
-        rows = (batch, c.num_key_value_heads, c.head_dim)
         self.bound = [model._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, batch)]
-        buf.positions = positions  # rope reads them from the step buffer the graph copies in
         for layer, (k_cache, v_cache) in enumerate(caches):
             before, after = model._layer_calls(k, buf, layer)
-            append = k["kv_append"].bind({"K": buf.kr.reshape(rows), "V": buf.v.reshape(rows), "P": positions,
-                                          "KC": k_cache, "VC": v_cache}, {"S": capacity})
+            # q and k rotated at the positions the graph copies in, k and v into the caches there
+            append = k["rope_append"].bind({"QKV": buf.qkv, "P": positions, "Q": buf.qr, "KC": k_cache,
+                                            "VC": v_cache}, {"S": capacity})
             attend = k["attention"].bind({"Q": buf.qr, "K": k_cache, "V": v_cache, "LENS": self.lengths,
                                           "O": buf.attn}, {"S": capacity, "L": capacity})
             self.bound += before + [append, attend] + after

@@ -188,8 +188,10 @@ def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "
 
     ``resident``: the step a CUDA model captures once as a graph and replays for every token,
     so nothing in it may depend on the step: attention reads each sequence's length from
-    device memory (``lengths=per_sequence``), ``kv_append`` writes the new K/V rows at each
-    sequence's position (read there too), and ``argmax`` picks the next tokens on the device."""
+    device memory (``lengths=per_sequence``), ``rope_append`` rotates q and k straight from
+    the Q/K/V projection's rows and writes the new K/V rows at each sequence's position (read
+    there too; one kernel where ``rope`` and a cache write were two or three), and ``argmax``
+    picks the next tokens on the device."""
     check_quantize(config, quantize, group_size)
     c = config
     attention = KernelSpec.make("attention_decode", {"B": batch, "H": c.num_attention_heads,
@@ -198,8 +200,9 @@ def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "
                                 attrs={"lengths": "per_sequence"} if resident else None)
     calls = _pass_calls(c, batch, batch, attention, quantize, group_size, dtype, weights)
     if resident:
-        append = KernelSpec.make("kv_append", {"B": batch, "HKV": c.num_key_value_heads, "D": c.head_dim,
-                                               "S": kv_len}, dtype, dynamic=("S",))
+        append = KernelSpec.make("rope_append", {"B": batch, "H": c.num_attention_heads, "HKV": c.num_key_value_heads,
+                                                 "D": c.head_dim, "S": kv_len}, dtype, c.rope_attrs, dynamic=("S",))
         argmax = KernelSpec.make("argmax", {"M": batch, "N": c.vocab_size}, dtype)
-        calls += [KernelCall("kv_append", append, c.num_hidden_layers), KernelCall("argmax", argmax, 1)]
+        calls = [call for call in calls if call.spec.op != "rope"]
+        calls += [KernelCall("rope_append", append, c.num_hidden_layers), KernelCall("argmax", argmax, 1)]
     return calls

@@ -210,6 +210,31 @@ def _kv_append(torch, task, t, template):
     return "torch index_put of the rows", append
 
 
+@baseline("rope_append")
+def _rope_append(torch, task, t, template):
+    d = task.dims
+    h, hkv, dim = d["H"], d["HKV"], d["D"]
+    qkv, p = t["QKV"], t["P"]
+    freqs = torch.tensor(frequencies_of_attrs(dim, template.attrs(task)), dtype=torch.float32, device="cuda")
+    angle = p.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([angle, angle], dim=-1)[:, None, :]  # B, 1, D
+    cos, sin = emb.cos().to(qkv.dtype), emb.sin().to(qkv.dtype)
+    # untouched rows stay NaN, as the operator's reference marks them
+    caches = [torch.full((d["B"], hkv, d["S"], dim), float("nan"), dtype=qkv.dtype, device="cuda") for _ in range(2)]
+    inside = [(b, int(position)) for b, position in enumerate(p.tolist()) if 0 <= int(position) < d["S"]]
+    rows = torch.tensor([b for b, _ in inside], device="cuda", dtype=torch.long)
+    positions = torch.tensor([position for _, position in inside], device="cuda", dtype=torch.long)
+
+    def rope_append():
+        x = qkv[:, : h + hkv]
+        lo, hi = x[..., : dim // 2], x[..., dim // 2:]
+        rotated = x * cos + torch.cat([-hi, lo], dim=-1) * sin
+        caches[0][rows, :, positions] = rotated[rows, h:]
+        caches[1][rows, :, positions] = qkv[rows, h + hkv:]
+        return rotated[:, :h], caches[0], caches[1]
+    return "eager torch rotate-half (HF Llama) and index_put of the rows", rope_append
+
+
 @baseline("argmax")
 def _argmax(torch, task, t, template):
     x = t["X"]
@@ -224,6 +249,8 @@ def _as_outputs(task, value) -> dict[str, Any]:
         return {"O": value[:, :, 0, :]}
     if task.op == "kv_append":
         return {"KC": value[0], "VC": value[1]}
+    if task.op == "rope_append":
+        return {"Q": value[0], "KC": value[1], "VC": value[2]}
     if isinstance(value, tuple):
         return {"Y": value[0], "S": value[1]}
     return {"Y": value}

@@ -6,6 +6,11 @@ sequence's position) is read from device memory, and only token ids go back to t
   and VC[B,HKV,S,D] with row P[b] of sequence b set to K[b] and V[b]; every other row is left
   as it was (the reference marks those NaN: verification requires the poison there to
   survive). A position outside 0..S-1 writes nothing.
+- ``rope_append``: the fused Q/K/V projection's rows QKV[B, H + 2 HKV, D] and P[B] -> Q[B,H,D]
+  (q rotated at P[b]) and the caches KC, VC[B,HKV,S,D] with row P[b] set to k rotated at P[b] and
+  to v: ``rope`` of q and k and ``kv_append`` in one kernel, straight from the projection's output
+  (attributes as ``rope``'s). Rows other than P[b] are left as they were; a position outside the
+  cache writes no cache row (q is still rotated).
 - ``argmax``: X[M,N] -> Y[M] (int32), the index of each row's largest value, the first one on
   ties (as numpy's argmax): greedy decoding's next token ids.
 
@@ -17,7 +22,10 @@ import numpy as np
 
 from ..task import Task
 from ..template import ArgSpec, Operator, register_operator
+from runtime.rope_frequencies import frequencies_of_attrs
+
 from .common import FLOAT_DTYPES, ITEMSIZE, from_float, random_normal, to_float32, to_float64
+from .elementwise import RopeOp, check_rope, rotate_half
 
 
 @register_operator
@@ -45,30 +53,84 @@ class KvAppendOp(Operator):
     def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
         d = task.dims
         rows = (d["B"], d["HKV"], d["D"])
-        # positions spread over the cache, the last one out of range when there is room for it
-        positions = rng.integers(0, d["S"], d["B"])
-        if d["B"] > 1:
-            positions[-1] = d["S"]
-        return {"K": random_normal(rng, rows, task.dtype), "V": random_normal(rng, rows, task.dtype),
-                "P": positions.astype(np.int32)}
-
-    def _append(self, task: Task, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
-        d = task.dims
-        kc = np.full((d["B"], d["HKV"], d["S"], d["D"]), np.nan, dtype=k.dtype)
-        vc = kc.copy()
-        for b, position in enumerate(int(p) for p in positions):
-            if 0 <= position < d["S"]:
-                kc[b, :, position] = k[b]
-                vc[b, :, position] = v[b]
-        return {"KC": kc, "VC": vc}
+        positions = _positions(rng, d["B"], d["S"])
+        return {"K": random_normal(rng, rows, task.dtype), "V": random_normal(rng, rows, task.dtype), "P": positions}
 
     def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._append(task, to_float64(inputs["K"], task.dtype), to_float64(inputs["V"], task.dtype),
-                            inputs["P"])
+        return _caches(task, to_float64(inputs["K"], task.dtype), to_float64(inputs["V"], task.dtype), inputs["P"])
 
     def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
         k, v = to_float32(inputs["K"], task.dtype), to_float32(inputs["V"], task.dtype)
-        return "numpy row copies", lambda: self._append(task, k, v, inputs["P"])
+        return "numpy row copies", lambda: _caches(task, k, v, inputs["P"])
+
+
+def _positions(rng: np.random.Generator, batch: int, capacity: int) -> np.ndarray:
+    """Positions spread over the cache, the last one out of range when there is room for it."""
+    positions = rng.integers(0, capacity, batch)
+    if batch > 1:
+        positions[-1] = capacity
+    return positions.astype(np.int32)
+
+
+def _caches(task: Task, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """KC, VC with row P[b] of sequence b set to k[b], v[b] and NaN everywhere else."""
+    d = task.dims
+    kc = np.full((d["B"], d["HKV"], d["S"], d["D"]), np.nan, dtype=k.dtype)
+    vc = kc.copy()
+    for b, position in enumerate(int(p) for p in positions):
+        if 0 <= position < d["S"]:
+            kc[b, :, position] = k[b]
+            vc[b, :, position] = v[b]
+    return {"KC": kc, "VC": vc}
+
+
+@register_operator
+class RopeAppendOp(Operator):
+    op = "rope_append"
+    dims = ("B", "H", "HKV", "D", "S")
+    dynamic_dims = ("S",)
+    dtypes = FLOAT_DTYPES
+    default_attrs = RopeOp.default_attrs
+    attr_docs = RopeOp.attr_docs
+    example_shape = {"B": 1, "H": 32, "HKV": 8, "D": 128, "S": 4096}
+    description = ("rope of q and k and their cache append in one kernel, from the fused Q/K/V projection's rows "
+                   "(positions read from memory)")
+
+    def check(self, task: Task) -> None:
+        super().check(task)
+        check_rope(self.op, task)
+
+    def signature(self, task: Task) -> tuple[ArgSpec, ...]:
+        dt, d = task.dtype, task.dims
+        return (ArgSpec("QKV", "in", dt, ("B", d["H"] + 2 * d["HKV"], "D")), ArgSpec("P", "in", "int32", ("B",)),
+                ArgSpec("Q", "out", dt, ("B", "H", "D")),
+                ArgSpec("KC", "out", dt, ("B", "HKV", "S", "D")), ArgSpec("VC", "out", dt, ("B", "HKV", "S", "D")))
+
+    def flops(self, task: Task) -> float:
+        d = task.dims
+        return 3.0 * d["B"] * (d["H"] + d["HKV"]) * d["D"]
+
+    def min_bytes(self, task: Task) -> float:
+        d = task.dims
+        return ITEMSIZE[task.dtype] * d["B"] * d["D"] * (2 * d["H"] + 4 * d["HKV"]) + 4 * d["B"]
+
+    def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        d = task.dims
+        return {"QKV": random_normal(rng, (d["B"], d["H"] + 2 * d["HKV"], d["D"]), task.dtype),
+                "P": _positions(rng, d["B"], d["S"])}
+
+    def _compute(self, task: Task, qkv: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+        d = task.dims
+        freqs = frequencies_of_attrs(d["D"], self.attrs(task))
+        rotated = rotate_half(qkv[:, :d["H"] + d["HKV"]], positions, freqs)
+        return {"Q": rotated[:, :d["H"]], **_caches(task, rotated[:, d["H"]:], qkv[:, d["H"] + d["HKV"]:], positions)}
+
+    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._compute(task, to_float64(inputs["QKV"], task.dtype), inputs["P"])
+
+    def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
+        qkv = to_float32(inputs["QKV"], task.dtype)
+        return "numpy rope and row copies", lambda: self._compute(task, qkv, inputs["P"])
 
 
 @register_operator

@@ -189,6 +189,29 @@ class BiasAddOp(RowOp):
         return {"Y": a["X"] + a["B"]}
 
 
+def check_rope(op: str, task: Task) -> None:
+    """ValueError for an odd head dim or rope attributes that do not describe a rotation."""
+    if task.dims["D"] % 2:
+        raise ValueError(f"{op}: head dim D = {task.dims['D']} must be even")
+    attrs = task.attr
+    theta = attrs.get("theta", RopeOp.default_attrs["theta"])
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not math.isfinite(theta) or theta <= 0:
+        raise ValueError(f"{op}: theta = {theta!r} is not a positive number")
+    problem = rope_problem(attrs.get("rope_type", "default"), {k: v for k, v in attrs.items() if k in SCALING_KEYS})
+    if problem:
+        raise ValueError(f"{op}: {problem}")
+
+
+def rotate_half(x: np.ndarray, positions: np.ndarray, freqs: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE of x[T, heads, D] at positions[T], pair i turning by position * freqs[i]."""
+    half = x.shape[-1] // 2
+    dtype = np.float64 if x.dtype == np.float64 else np.float32
+    angle = (positions.astype(np.float64)[:, None] * freqs[None, :]).astype(dtype)[:, None, :]  # T,1,D/2
+    cos, sin = np.cos(angle), np.sin(angle)
+    lo, hi = x[..., :half], x[..., half:]
+    return np.concatenate([lo * cos - hi * sin, hi * cos + lo * sin], axis=-1)
+
+
 @register_operator
 class RopeOp(Operator):
     op = "rope"
@@ -212,15 +235,7 @@ class RopeOp(Operator):
 
     def check(self, task: Task) -> None:
         super().check(task)
-        if task.dims["D"] % 2:
-            raise ValueError(f"rope: head dim D = {task.dims['D']} must be even")
-        attrs = task.attr
-        theta = attrs.get("theta", self.default_attrs["theta"])
-        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not math.isfinite(theta) or theta <= 0:
-            raise ValueError(f"rope: theta = {theta!r} is not a positive number")
-        problem = rope_problem(attrs.get("rope_type", "default"), {k: v for k, v in attrs.items() if k in SCALING_KEYS})
-        if problem:
-            raise ValueError(f"rope: {problem}")
+        check_rope(self.op, task)
 
     def signature(self, task: Task) -> tuple[ArgSpec, ...]:
         dt = task.dtype
@@ -242,14 +257,7 @@ class RopeOp(Operator):
                 "P": np.arange(start, start + d["T"], dtype=np.int32)}
 
     def compute(self, task: Task, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        dim = task.dims["D"]
-        half = dim // 2
-        dtype = np.float64 if x.dtype == np.float64 else np.float32
-        freqs = frequencies_of_attrs(dim, self.attrs(task))
-        angle = (positions.astype(np.float64)[:, None] * freqs[None, :]).astype(dtype)[:, None, :]  # T,1,D/2
-        cos, sin = np.cos(angle), np.sin(angle)
-        lo, hi = x[..., :half], x[..., half:]
-        return np.concatenate([lo * cos - hi * sin, hi * cos + lo * sin], axis=-1)
+        return rotate_half(x, positions, frequencies_of_attrs(task.dims["D"], self.attrs(task)))
 
     def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"Y": self.compute(task, to_float64(inputs["X"], task.dtype), inputs["P"])}

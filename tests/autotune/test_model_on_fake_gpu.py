@@ -34,11 +34,11 @@ def test_the_model_tunes_exports_and_runs_on_cuda_kernels(fake_gpu, tmp_path, mo
     log = RecordLog(tmp_path / "cuda.jsonl")
     workload = ModelWorkload(MICRO, prefill_tokens=(8,), decode_batch=(1,), kv_len=(16,), resident=True)
     with CudaRunner(timeout_s=300) as runner:
-        job = TuningJob(FAKE_GPU_TARGET, model=workload, tuner="random", trials=18, batch=2, log=log.path,
+        job = TuningJob(FAKE_GPU_TARGET, model=workload, tuner="random", trials=17, batch=2, log=log.path,
                         mlflow=False)
         summary = run_job(job, progress=False, runner=runner)
-    assert len(summary.tasks) == 18 and summary.trials == 18 and not summary.given_up
-    assert {"kv_append", "argmax"} <= {t.task.op for t in summary.tasks}
+    assert len(summary.tasks) == 17 and summary.trials == 17 and not summary.given_up
+    assert {"rope_append", "argmax"} <= {t.task.op for t in summary.tasks}
     assert all(s.best is not None for s in summary.summaries)
     export_library(log.records(), tmp_path / "lib", "cuda")
     register_library(fake_gpu, tmp_path / "lib")

@@ -50,6 +50,13 @@ CASES = [
      [{}, {"L": 2}], [{}, dict(splits=2, warps=2, unroll=1)]),
     # the resident decode step's own kernels: rows at positions read from memory, greedy ids
     ("kv_append", {"B": 3, "HKV": 2, "D": 40, "S": 24}, {}, None, [{}, {"S": 7}], [{}, dict(vec=1, threads=32)]),
+    # rope of q and k with the cache append, from the fused projection's rows
+    ("rope_append", {"B": 3, "H": 4, "HKV": 2, "D": 40, "S": 24}, {"theta": 500000.0}, None, [{}, {"S": 7}],
+     [{}, dict(vec=1, threads=32)]),
+    ("rope_append", {"B": 1, "H": 6, "HKV": 2, "D": 24, "S": 9}, {"theta": 10000.0, "rope_type": "llama3", "factor": 8.0,
+                                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                                  "original_max_position_embeddings": 64},
+     None, [{}], [{}]),
     ("argmax", {"M": 3, "N": 1001}, {}, None, [{}], [{}, dict(threads=128)]),
     ("argmax", {"M": 2, "N": 4096}, {}, None, [{}], [{}, dict(vec=1, threads=256)]),
     ("attention_prefill", {"B": 1, "T": 64, "H": 2, "HKV": 1, "D": 64}, {}, None, [{"T": 1}, {"T": 100}],

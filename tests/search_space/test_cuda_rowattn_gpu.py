@@ -177,6 +177,18 @@ def test_rope_on_gpu(drv, builder, target):
     check_cases(drv, builder, target, cases, n_sampled=1)
 
 
+def test_rope_append_on_gpu(drv, builder, target):
+    """The resident decode step's rope and cache write in one kernel, at batch 1 and 3 (one
+    position past the cache), Llama 2 and Llama 3 heads."""
+    cases = [("rope_append", {"B": b, "H": h, "HKV": hkv, "D": 128, "S": 64}, attrs, ("S",), [{}, {"S": 40}],
+              [dict(vec=1), dict(threads=32)])
+             for b, h, hkv, attrs in ((1, 32, 32, {}), (3, 32, 8, {"theta": 500000.0, "rope_type": "llama3",
+                                                                   "factor": 8.0, "low_freq_factor": 1.0,
+                                                                   "high_freq_factor": 4.0,
+                                                                   "original_max_position_embeddings": 8192}))]
+    check_cases(drv, builder, target, cases, n_sampled=1)
+
+
 def test_attention_decode_on_gpu(drv, builder, target):
     """Split counts from 1 up, L from 1 to S (S itself a runtime argument), every config
     called twice on the same workspace: the second call proves the counters were reset."""

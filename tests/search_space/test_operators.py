@@ -16,8 +16,9 @@ SMALL = {
     "attention_decode": {"B": 2, "H": 4, "HKV": 2, "D": 8, "S": 9, "L": 6},
     "rope": {"T": 3, "H": 2, "D": 8},
     "kv_append": {"B": 3, "HKV": 2, "D": 8, "S": 5},
+    "rope_append": {"B": 3, "H": 4, "HKV": 2, "D": 8, "S": 5},
 }
-PARTIAL_OUTPUTS = ("kv_append",)  # their reference marks NaN what the kernel must leave untouched
+PARTIAL_OUTPUTS = ("kv_append", "rope_append")  # their reference marks NaN what the kernel must leave untouched
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -155,6 +156,23 @@ def test_kv_append_writes_only_each_sequences_row():
     written = ~np.isnan(out["KC"])
     assert written[0, :, 0].all() and written[1, :, 5].all() and written.sum() == 2 * 2 * 4
     np.testing.assert_array_equal(out["VC"][1, :, 5], inputs["V"][1])
+
+
+def test_rope_append_is_rope_of_q_and_k_then_kv_append():
+    attrs = {"theta": 500000.0}
+    fused = Task.make("rope_append", {"B": 2, "H": 4, "HKV": 2, "D": 8, "S": 6}, "float32", attrs)
+    inputs = op_definition("rope_append").make_inputs(fused, np.random.default_rng(0))
+    inputs["P"] = np.array([5, 6], dtype=np.int32)  # the second is past the cache: no row written
+    out = op_definition("rope_append").reference(fused, inputs)
+    qkv, positions = inputs["QKV"], inputs["P"]
+    rope = op_definition("rope")
+    rotated = rope.reference(Task.make("rope", {"T": 2, "H": 6, "D": 8}, "float32", attrs),
+                             {"X": qkv[:, :6], "P": positions})["Y"]
+    np.testing.assert_array_equal(out["Q"], rotated[:, :4])
+    append = op_definition("kv_append").reference(Task.make("kv_append", {"B": 2, "HKV": 2, "D": 8, "S": 6}),
+                                                  {"K": rotated[:, 4:], "V": qkv[:, 6:], "P": positions})
+    np.testing.assert_array_equal(out["KC"], append["KC"])
+    np.testing.assert_array_equal(out["VC"], append["VC"])
 
 
 def test_argmax_takes_the_first_of_equal_maxima():

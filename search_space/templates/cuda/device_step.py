@@ -1,9 +1,15 @@
-"""``kv_append`` and ``argmax`` on CUDA: the small kernels that keep a decode step on the device
-(see ``search_space.ops.device_step``).
+"""``kv_append``, ``rope_append`` and ``argmax`` on CUDA: the small kernels that keep a decode
+step on the device (see ``search_space.ops.device_step``).
 
 kv_append: one block per (sequence, KV head) row; it reads the sequence's position from P
 and copies the K and V rows (D elements, as vectors of ``vec``) into the caches; a position
 outside the cache writes nothing.
+
+rope_append: one block per (head of q or k, sequence). A q head's block rotates its row of the
+projection's output into Q; a k head's block reads the sequence's position, rotates the k row
+into the cache row there and copies the matching v row into V's cache (a position outside the
+cache writes nothing). Each thread takes ``vec`` pairs (i, i + D/2) at a time; angles as in
+``rope`` (float64 frequencies and reduction, then the fast sincos).
 
 argmax: one block per row. Each thread scans its strided share in increasing index order
 keeping the first largest value, then the block reduces (value, index) pairs, preferring
@@ -13,11 +19,12 @@ from __future__ import annotations
 
 from ...codegen.cuda import PREAMBLE, VECTOR_HELPERS, c_type, dim_scalars, kernel_params, static_dims
 from ...ops.common import ITEMSIZE
-from ...ops.device_step import ArgmaxOp, KvAppendOp
+from ...ops.device_step import ArgmaxOp, KvAppendOp, RopeAppendOp
 from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
 from ...template import KernelSource, Template, register_template
+from .rope import ROPE_ANGLE, frequency_table
 
 
 def _vectors(task: Task, length: int) -> tuple[int, ...]:
@@ -37,14 +44,15 @@ def _features(task: Task, config: Config, length: int, min_bytes: float) -> dict
             "chunks_per_thread": length / (c["threads"] * c["vec"])}
 
 
-def _source(task: Task, config: Config, args, constants: str, body: str, entry: str, grid) -> KernelSource:
-    """A one-dimensional launch of ``body`` (its parameters at @PARAMS@), E the element type,
-    VEC and THREADS from the config, then ``constants``."""
+def _source(task: Task, config: Config, args, constants: str, body: str, entry: str, grid,
+            grid_y: int = 1) -> KernelSource:
+    """A launch of ``body`` (its parameters at @PARAMS@) on a (grid, grid_y) grid, E the element
+    type, VEC and THREADS from the config, then ``constants``."""
     c = config.as_dict()
     code = (PREAMBLE + VECTOR_HELPERS
             + f"typedef {c_type(task.dtype)} E;\nconstexpr int VEC = {c['vec']};\n"
             f"constexpr int THREADS = {c['threads']};\n" + constants + body.replace("@PARAMS@", kernel_params(args)))
-    launch = (("block", (c["threads"], 1, 1)), ("grid", (grid, 1, 1)), ("smem", 0))
+    launch = (("block", (c["threads"], 1, 1)), ("grid", (grid, grid_y, 1)), ("smem", 0))
     return KernelSource("cuda", code, entry, tuple(args), launch)
 
 
@@ -84,6 +92,71 @@ extern "C" __global__ void __launch_bounds__(THREADS) kv_append_rows(@PARAMS@) {
   for (long long e = (long long)threadIdx.x * VEC; e < D; e += (long long)THREADS * VEC) {
     store_pack<VEC>(KC + dst + e, load_pack<VEC>(K + src + e));
     store_pack<VEC>(VC + dst + e, load_pack<VEC>(V + src + e));
+  }
+}
+"""
+
+
+@register_template
+class RopeAppendCuda(RopeAppendOp, Template):
+    target_kind = "cuda"
+    dtypes = ("float32", "float16", "bfloat16")
+
+    def space(self, task: Task, target: Target) -> ConfigSpace:
+        self.check(task)
+        return _space(task, target, task.dims["D"] // 2, (32, 64, 128))
+
+    def default(self, task: Task, target: Target) -> Config:
+        space = self.space(task, target)
+        vec = max(space.knob("vec").values)
+        threads = min((t for t in space.knob("threads").values if t * vec >= task.dims["D"] // 2),
+                      default=max(space.knob("threads").values))
+        return space.from_values(dict(vec=vec, threads=threads))
+
+    def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
+        return _features(task, config, task.dims["D"] // 2, self.min_bytes(task))
+
+    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
+        self.check(task)
+        d = task.dims
+        constants = (f"constexpr int H = {d['H']};\nconstexpr int HKV = {d['HKV']};\nconstexpr int D = {d['D']};\n"
+                     "constexpr int HALF = D / 2;\n" + static_dims(task, ("S",))
+                     + frequency_table(task, self.attrs(task)) + ROPE_ANGLE)
+        return _source(task, config, self.signature(task) + dim_scalars(task), constants, _ROPE_APPEND,
+                       "rope_append_rows", d["H"] + d["HKV"], d["B"])
+
+
+_ROPE_APPEND = r"""
+extern "C" __global__ void __launch_bounds__(THREADS) rope_append_rows(@PARAMS@) {
+  const int head = blockIdx.x;                   // q heads 0 .. H - 1, then k heads
+  const long long b = blockIdx.y;
+  const int position = P[b];
+  const E* row = QKV + b * (H + 2 * HKV) * (long long)D;
+  E* out;
+  if (head < H) {
+    out = Q + (b * H + head) * (long long)D;
+  } else {
+    if (position < 0 || position >= S) return;   // outside the cache: no row to write
+    const long long cache_row = ((b * HKV + head - H) * S + position) * D;
+    out = KC + cache_row;
+    for (int e = threadIdx.x * VEC; e < D; e += THREADS * VEC)   // v of this KV head, as it is
+      store_pack<VEC>(VC + cache_row + e, load_pack<VEC>(row + (long long)(head + HKV) * D + e));
+  }
+  const E* x = row + (long long)head * D;
+  for (int f = threadIdx.x * VEC; f < HALF; f += THREADS * VEC) {
+    const Pack<E, VEC> lo = load_pack<VEC>(x + f);
+    const Pack<E, VEC> hi = load_pack<VEC>(x + f + HALF);
+    Pack<E, VEC> ylo, yhi;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      float cs, sn;
+      rope_angle(position, INV_FREQ[f + e], cs, sn);
+      const float a = to_f32(lo.e[e]), c = to_f32(hi.e[e]);
+      ylo.e[e] = from_f32<E>(a * cs - c * sn);
+      yhi.e[e] = from_f32<E>(c * cs + a * sn);
+    }
+    store_pack<VEC>(out + f, ylo);
+    store_pack<VEC>(out + f + HALF, yhi);
   }
 }
 """

@@ -27,6 +27,22 @@ from ...template import KernelSource, Template, register_template
 from .limits import occupancy
 
 THREADS = (32, 64, 128, 256, 512)
+# cos and sin of a position's angle, shared with ``rope_append`` (templates/cuda/device_step.py)
+ROPE_ANGLE = (
+    "\n// cos and sin of pos * inv_freq: float64 product and reduction to [-pi, pi], then the\n"
+    "// fast float32 sincos, accurate on that interval.\n"
+    "__device__ __forceinline__ void rope_angle(int pos, double inv_freq, float& c, float& s) {\n"
+    "  const double a = (double)pos * inv_freq;\n"
+    "  const double k = rint(a * 0.15915494309189535);\n"
+    "  __sincosf((float)fma(-k, 6.283185307179586, a), &s, &c);\n"
+    "}\n\n")
+
+
+def frequency_table(task: Task, attrs) -> str:
+    """The float64 frequencies of pairs 0 .. D/2 - 1 as a device array ``INV_FREQ[HALF]``, the
+    numbers the reference turns by (``runtime.rope_frequencies``)."""
+    table = ", ".join(repr(float(f)) for f in frequencies_of_attrs(task.dims["D"], attrs))
+    return f"__device__ const double INV_FREQ[HALF] = {{{table}}};\n"
 MAX_ITEMS_PER_THREAD = 16
 STATIC_SMEM = 48 << 10
 
@@ -117,8 +133,6 @@ class RopeCuda(RopeOp, Template):
         c = config.as_dict()
         d = task.dims
         half = d["D"] // 2
-        freqs = frequencies_of_attrs(d["D"], self.attrs(task))  # exactly as the reference
-        table = ", ".join(repr(float(f)) for f in freqs)
         args = self.signature(task) + dim_scalars(task)
         shared = c["trig"] == "shared"
         trig_setup = (
@@ -140,15 +154,8 @@ class RopeCuda(RopeOp, Template):
             "constexpr int ITEMS = TOKENS * H * NPV;\n"
             "constexpr int PER_THREAD = (ITEMS + THREADS - 1) / THREADS;\n"
             + static_dims(task, ("T",))
-            + f"__device__ const double INV_FREQ[HALF] = {{{table}}};\n"
-            "\n// cos and sin of pos * inv_freq: float64 product and reduction to [-pi, pi], then the\n"
-            "// fast float32 sincos, accurate on that interval.\n"
-            "__device__ __forceinline__ void rope_angle(int pos, double inv_freq, float& c, float& s) {\n"
-            "  const double a = (double)pos * inv_freq;\n"
-            "  const double k = rint(a * 0.15915494309189535);\n"
-            "  __sincosf((float)fma(-k, 6.283185307179586, a), &s, &c);\n"
-            "}\n\n"
-            f'extern "C" __global__ void __launch_bounds__(THREADS) rope_rows({kernel_params(args)}) {{\n'
+            + frequency_table(task, self.attrs(task)) + ROPE_ANGLE
+            + f'extern "C" __global__ void __launch_bounds__(THREADS) rope_rows({kernel_params(args)}) {{\n'
             "  typedef T_ E;\n"
             "  const long long t0 = (long long)blockIdx.x * TOKENS;\n"
             + trig_setup
