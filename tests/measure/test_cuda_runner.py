@@ -236,6 +236,26 @@ def test_warpgroup_mma_gemm_on_the_gpu(gpu_target, dtype):
 
 
 @pytest.mark.gpu
+def test_int4_gemv_seeds_on_the_gpu(gpu_target):
+    """The int4 GEMV's seeds, the pipelined ones (weights loaded through registers ahead of use)
+    among them, verified on the hardware at decode shapes: fp16, bf16 with zero points, M = 16."""
+    template = get_template("gemv_q4", "cuda")
+    inputs = []
+    for shape, dtype, attrs in (({"M": 1, "N": 4096, "K": 4096}, "float16", {"group_size": 128}),
+                                ({"M": 1, "N": 11008, "K": 4096}, "bfloat16", {"group_size": 64, "zero_point": True}),
+                                ({"M": 16, "N": 4096, "K": 11008}, "float16", {"group_size": 128})):
+        task = Task.make("gemv_q4", shape, dtype, attrs)
+        space = template.space(task, gpu_target)
+        seeds = space.accepted(template.seed_configs(task, gpu_target), template.default(task, gpu_target).as_dict())
+        inputs += [MeasureInput(task, config, gpu_target) for config in seeds]
+    assert any(i.config["prefetch"] == 2 for i in inputs)
+    with LocalBuilder(timeout_s=300) as builder, CudaRunner(timeout_s=60) as runner:
+        results = runner.run(inputs, builder.build(inputs))
+    failures = [(i.task.key, str(i.config), r.error.name, r.message) for i, r in zip(inputs, results) if not r.ok]
+    assert not failures, failures
+
+
+@pytest.mark.gpu
 def test_cuda_faults_each_cost_one_trial_and_the_job_goes_on(gpu_target):
     template = get_template(fakes.CUDA_FAULT_OP, "cuda")
     task = Task.make(fakes.CUDA_FAULT_OP, {"N": 1 << 20})

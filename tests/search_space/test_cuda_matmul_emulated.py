@@ -235,6 +235,17 @@ def test_gemv_q4_with_pipelined_weights(emulator, shape, dtype, attrs, config):
     assert emulator.check(task, cfg, SM90) is None
 
 
+def test_pipelined_int4_weights_only_where_x_is_one_chunk():
+    """prefetch 2 stages all of X once: where 16 rows of K = 11008 do not fit in shared memory
+    (the largest chunk is 4096), no config has it."""
+    template = get_template("gemv_q4", "cuda")
+    for shape, pipelined in (({"M": 16, "N": 256, "K": 11008}, False), ({"M": 1, "N": 256, "K": 11008}, True)):
+        space = template.space(Task.make("gemv_q4", shape, "float16", {"group_size": 128}), SM90)
+        valid = [space.get(i).as_dict() for i in space.valid_indices()]
+        assert all(c["kc"] >= shape["K"] for c in valid if c["prefetch"] == 2)
+        assert any(c["prefetch"] == 2 for c in valid) == pipelined
+
+
 # ----------------------------------------------------------------------------- the emulator itself
 
 

@@ -78,7 +78,8 @@ def q4_knobs(task: Task, target: Target, mtiles: tuple[int, ...]) -> list[Knob]:
 def q4_constraints(task: Task, target: Target, knobs: list[Knob]) -> list:
     K = task.dims["K"]
     by_name = {k.name: k.values for k in knobs}
-    whole_k = by_name["kc"][-1]
+    whole_k = by_name["kc"][-1]  # the largest chunk that fits: all of K only when that fits
+    one_chunk = -(-K // STEP_K) * STEP_K
     return [
         ("ksplit divides warps", lambda c: c["warps"] % c["ksplit"] == 0),
         ("mma row tiles are 1 or 2 per warp", lambda c: c["core"] == "simt" or c["rows"] <= 2),
@@ -87,7 +88,7 @@ def q4_constraints(task: Task, target: Target, knobs: list[Knob]) -> list:
         ("the SIMT schedule has no K chunks (kc stays at its last value) and no prefetch",
          lambda c: c["core"] == "mma" or (c["kc"] == whole_k and c["prefetch"] == 0)),
         ("the pipelined weights (prefetch 2) need X in one chunk and at most 4 steps x row tiles a buffer",
-         lambda c: c["prefetch"] < 2 or (c["kc"] == whole_k and c["unroll"] * c["rows"] <= 4)),
+         lambda c: c["prefetch"] < 2 or (c["kc"] == one_chunk and c["unroll"] * c["rows"] <= 4)),
         ("split-K partials fit in shared memory",
          lambda c: c["ksplit"] == 1 or _partials(task, c) <= 32),
     ] + launch_constraints(target, lambda c: 32 * c["warps"], lambda c: smem_bytes(task, c),
