@@ -27,7 +27,7 @@ from .arrays import arrays_for
 from .generation import Generation
 from .kernel import BoundCall, Kernel, KernelProvider, buckets, numpy_dtype, select
 from .model_config import ModelConfig
-from .plan import KernelCall, bias_role, biased_projections, decode_calls, precisions, prefill_calls
+from .plan import KernelCall, bias_role, biased_projections, decode_calls, precisions, prefill_calls, unfused
 from .precision import bfloat16_to_float32, check_dtype, rounded, stored_as, to_float32, widened
 from .weights import DeviceWeights, ModelWeights, bias_name, fused_parts, layer_name
 
@@ -157,7 +157,18 @@ class LlamaModel:
         return kernel
 
     def _plan(self, calls: list[KernelCall]) -> dict[str, Kernel]:
-        return {call.role: self._kernel(call) for call in calls}
+        """The kernels of ``calls`` by role; a fused kernel the provider lacks (a library exported
+        before it existed) is replaced by the kernels it fuses, where the provider has those."""
+        kernels = {}
+        for call in calls:
+            try:
+                kernels[call.role] = self._kernel(call)
+            except LookupError:
+                parts = unfused(self.config, call)
+                if not parts:
+                    raise
+                kernels.update(self._plan(parts))
+        return kernels
 
     def _host_tensor(self, array: np.ndarray, linear: bool) -> np.ndarray:
         """A host tensor as the kernels take it: a linear layer's weights in ``weights_dtype``;
@@ -339,7 +350,7 @@ class LlamaModel:
         """The kernels of the resident decode step by role (LookupError: the provider lacks one);
         attention is the one for the longest length: a recorded launch cannot switch kernels."""
         calls = self._decode(batch, capacity, resident=True)
-        kernels = {call.role: self._kernel(call) for call in calls if call.role != "attention"}
+        kernels = self._plan([call for call in calls if call.role != "attention"])
         attention = next(call for call in calls if call.role == "attention")
         kernels["attention"] = self._kernel(attention, S=capacity, L=capacity)
         return kernels
@@ -506,11 +517,17 @@ class _ResidentStep:
         self.host_logits = drv.pagelocked_empty((batch, c.vocab_size), storage)
         self.copies_in = [(buf.res_a, self.host_rows), (steps, self.host_steps)]
         self.bound = [model._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, batch)]
+        buf.positions = positions  # a library without rope_append: its rope kernels read them here
+        rows = (batch, c.num_key_value_heads, c.head_dim)
         for layer, (k_cache, v_cache) in enumerate(caches):
             before, after = model._layer_calls(k, buf, layer)
             # q and k rotated at the positions the graph copies in, k and v into the caches there
-            append = k["rope_append"].bind({"QKV": buf.qkv, "P": positions, "Q": buf.qr, "KC": k_cache,
-                                            "VC": v_cache}, {"S": capacity})
+            if "rope_append" in k:
+                append = k["rope_append"].bind({"QKV": buf.qkv, "P": positions, "Q": buf.qr, "KC": k_cache,
+                                                "VC": v_cache}, {"S": capacity})
+            else:  # rotated by the rope calls in ``before``
+                append = k["kv_append"].bind({"K": buf.kr.reshape(rows), "V": buf.v.reshape(rows), "P": positions,
+                                              "KC": k_cache, "VC": v_cache}, {"S": capacity})
             attend = k["attention"].bind({"Q": buf.qr, "K": k_cache, "V": v_cache, "LENS": self.lengths,
                                           "O": buf.attn}, {"S": capacity, "L": capacity})
             self.bound += before + [append, attend] + after

@@ -129,6 +129,24 @@ def biased_projections(config: ModelConfig) -> dict[str, bool]:
             "down_proj": config.mlp_bias}
 
 
+def unfused(config: ModelConfig, call: KernelCall) -> list[KernelCall]:
+    """The calls a fused kernel stands for, for a library exported before it existed (one holding
+    rope_q, rope_k and kv_append where this plan asks for rope_qk or rope_append); [] for any
+    other call."""
+    c, spec = config, call.spec
+    if call.role not in ("rope_qk", "rope_append"):
+        return []
+    rows = spec.dims["B"] if call.role == "rope_append" else spec.dims["T"]
+    ropes = [KernelCall(r.role, replace(r.spec, dtype=spec.dtype), r.count) for r in (
+        _rope(c, "rope_q", rows, c.num_attention_heads, call.count),
+        _rope(c, "rope_k", rows, c.num_key_value_heads, call.count))]
+    if call.role == "rope_qk":
+        return ropes
+    append = KernelSpec.make("kv_append", {"B": rows, "HKV": c.num_key_value_heads, "D": c.head_dim,
+                                           "S": spec.dims["S"]}, spec.dtype, dynamic=("S",))
+    return ropes + [KernelCall("kv_append", append, call.count)]
+
+
 def bias_role(role: str) -> str:
     return role.replace("_proj", "_bias")
 

@@ -36,6 +36,34 @@ def test_prefill_and_every_decode_step_match_the_numpy_reference(default_kernels
     assert ours.decode_tokens == 2 * 4 and ours.prefill_tokens == 2 * 9
 
 
+class WithoutFusedRope:
+    """A provider as a library exported before q and k were rotated in one call: it has no
+    rope kernel over H + HKV heads."""
+
+    def __init__(self, kernels):
+        self.kernels = kernels
+
+    def get(self, op, shape, dtype="float32", attrs=None, dynamic=()):
+        if op == "rope" and shape["H"] == TINY.num_attention_heads + TINY.num_key_value_heads:
+            raise LookupError("no rope over q and k together in this library")
+        return self.kernels.get(op, shape, dtype, attrs, dynamic)
+
+    def specs(self):
+        return self.kernels.specs()
+
+    def close(self):
+        pass
+
+
+def test_a_library_without_the_fused_rope_decodes_with_its_rope_kernels(default_kernels):
+    weights = ModelWeights.random(TINY, seed=5)
+    prompts = np.random.default_rng(2).integers(0, TINY.vocab_size, (1, 7))
+    model = LlamaModel(TINY, weights, WithoutFusedRope(default_kernels))
+    ours = model.generate(prompts, 4)
+    assert not any(spec.split("/")[0] == "rope" and "H=6," in spec for spec in model.used)
+    np.testing.assert_array_equal(ours.tokens, ReferenceModel(TINY, weights).generate(prompts, 4).tokens)
+
+
 def test_a_padded_prefill_computes_the_same_logits(default_kernels):
     weights = ModelWeights.random(TINY, seed=4)
     prompts = np.random.default_rng(2).integers(0, TINY.vocab_size, (1, 6))
