@@ -290,9 +290,9 @@ class BoundCall:
             # (a numpy int, a bool, out of range, an unknown or a bounding dim) takes the full check
             if value.__class__ is not int or not 1 <= value <= maxima.get(name, 0):
                 return self._set_dims_checked(dims)
+        if self._values_at is not None and any(self.scalars[name] != value for name, value in dims.items()):
+            self.pointers = self._values_at({**self.scalars, **dims})  # a refused descriptor changes nothing
         self.scalars.update(dims)
-        if self._values_at is not None:
-            self.pointers = self._values_at(self.scalars)
         self.run = functools.partial(self._function, *self.pointers, *self.scalars.values())
 
     def _set_dims_checked(self, dims: Mapping[str, int]) -> None:
@@ -301,9 +301,10 @@ class BoundCall:
                 raise TypeError(f"{self.kernel.spec.op}: {name} is not a dynamic dim of this kernel")
         values = {**self.scalars, **dims}
         check_runtime_dims(self.kernel.spec, values, self.limits)
-        self.scalars = {name: int(value) for name, value in values.items()}
-        if self._values_at is not None:
-            self.pointers = self._values_at(self.scalars)
+        values = {name: int(value) for name, value in values.items()}
+        if self._values_at is not None and values != self.scalars:
+            self.pointers = self._values_at(values)  # a refused descriptor changes nothing
+        self.scalars = values
         self._update()
 
 
