@@ -24,7 +24,10 @@ from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
 from ...template import KernelSource, Template, register_template
+from .limits import occupancy
 from .rope import ROPE_ANGLE, frequency_table
+
+REGISTERS = 40  # about what ptxas gives these small kernels (32-52): the estimate before a build
 
 
 def _vectors(task: Task, length: int) -> tuple[int, ...]:
@@ -38,10 +41,11 @@ def _space(task: Task, target: Target, length: int, threads: tuple[int, ...]) ->
                         Knob("threads", tuple(t for t in threads if t <= max_threads))], [])
 
 
-def _features(task: Task, config: Config, length: int, min_bytes: float) -> dict[str, float]:
+def _features(task: Task, config: Config, target: Target, length: int, min_bytes: float) -> dict[str, float]:
     c = config.as_dict()
     return {"threads": c["threads"] / 32, "vector_lanes": c["vec"], "bytes_moved": min_bytes,
-            "chunks_per_thread": length / (c["threads"] * c["vec"])}
+            "chunks_per_thread": length / (c["threads"] * c["vec"]),
+            "occupancy": occupancy(c["threads"], 0, REGISTERS, target)}
 
 
 def _source(task: Task, config: Config, args, constants: str, body: str, entry: str, grid,
@@ -73,7 +77,7 @@ class KvAppendCuda(KvAppendOp, Template):
         return space.from_values(dict(vec=vec, threads=threads))
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
-        return _features(task, config, task.dims["D"], self.min_bytes(task))
+        return _features(task, config, target, task.dims["D"], self.min_bytes(task))
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
@@ -114,7 +118,7 @@ class RopeAppendCuda(RopeAppendOp, Template):
         return space.from_values(dict(vec=vec, threads=threads))
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
-        return _features(task, config, task.dims["D"] // 2, self.min_bytes(task))
+        return _features(task, config, target, task.dims["D"] // 2, self.min_bytes(task))
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
@@ -177,7 +181,7 @@ class ArgmaxCuda(ArgmaxOp, Template):
                                       threads=min(1024, max(space.knob("threads").values))))
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
-        return _features(task, config, task.dims["N"], self.min_bytes(task))
+        return _features(task, config, target, task.dims["N"], self.min_bytes(task))
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)

@@ -85,6 +85,8 @@ def q4_constraints(task: Task, target: Target, knobs: list[Knob]) -> list:
         ("mma row tiles are 1 or 2 per warp", lambda c: c["core"] == "simt" or c["rows"] <= 2),
         ("K split gives every warp work",
          lambda c: c["ksplit"] == 1 or c["ksplit"] * (STEP_K if c["core"] == "mma" else 1024) <= K),
+        ("the SIMT schedule keeps at most 2 pieces in flight (4 spill its 32 floats of X a row)",
+         lambda c: c["core"] == "mma" or c["unroll"] <= 2),
         ("the SIMT schedule has no K chunks (kc stays at its last value) and no prefetch",
          lambda c: c["core"] == "mma" or (c["kc"] == whole_k and c["prefetch"] == 0)),
         ("the pipelined weights (prefetch 2) need X in one chunk and at most 4 steps x row tiles a buffer",
