@@ -110,8 +110,13 @@ def _ropes(config: ModelConfig, rows: int) -> list[KernelCall]:
     c, layers = config, config.num_hidden_layers
     if rows == 1:
         return [_rope(c, "rope_qk", 1, c.num_attention_heads + c.num_key_value_heads, layers)]
-    return [_rope(c, "rope_q", rows, c.num_attention_heads, layers),
-            _rope(c, "rope_k", rows, c.num_key_value_heads, layers)]
+    return _rope_pair(c, rows, layers)
+
+
+def _rope_pair(config: ModelConfig, rows: int, count: int) -> list[KernelCall]:
+    """Q's and K's rotary embedding as a call each."""
+    return [_rope(config, "rope_q", rows, config.num_attention_heads, count),
+            _rope(config, "rope_k", rows, config.num_key_value_heads, count)]
 
 
 def _rope(config: ModelConfig, role: str, tokens: int, heads: int, count: int) -> KernelCall:
@@ -137,9 +142,7 @@ def unfused(config: ModelConfig, call: KernelCall) -> list[KernelCall]:
     if call.role not in ("rope_qk", "rope_append"):
         return []
     rows = spec.dims["B"] if call.role == "rope_append" else spec.dims["T"]
-    ropes = [KernelCall(r.role, replace(r.spec, dtype=spec.dtype), r.count) for r in (
-        _rope(c, "rope_q", rows, c.num_attention_heads, call.count),
-        _rope(c, "rope_k", rows, c.num_key_value_heads, call.count))]
+    ropes = [KernelCall(r.role, replace(r.spec, dtype=spec.dtype), r.count) for r in _rope_pair(c, rows, call.count)]
     if call.role == "rope_qk":
         return ropes
     append = KernelSpec.make("kv_append", {"B": rows, "HKV": c.num_key_value_heads, "D": c.head_dim,

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..task import Task
-from ..template import ArgSpec, Operator, register_operator
 from runtime.rope_frequencies import frequencies_of_attrs
 
+from ..task import Task
+from ..template import ArgSpec, Operator, register_operator
 from .common import FLOAT_DTYPES, ITEMSIZE, from_float, random_normal, to_float32, to_float64
 from .elementwise import RopeOp, check_rope, rotate_half
 

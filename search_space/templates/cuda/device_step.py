@@ -41,6 +41,14 @@ def _space(task: Task, target: Target, length: int, threads: tuple[int, ...]) ->
                         Knob("threads", tuple(t for t in threads if t <= max_threads))], [])
 
 
+def _default(space: ConfigSpace, length: int) -> Config:
+    """The widest vectors, and the fewest threads that cover ``length`` elements in one pass."""
+    vec = max(space.knob("vec").values)
+    threads = min((t for t in space.knob("threads").values if t * vec >= length),
+                  default=max(space.knob("threads").values))
+    return space.from_values(dict(vec=vec, threads=threads))
+
+
 def _features(task: Task, config: Config, target: Target, length: int, min_bytes: float) -> dict[str, float]:
     c = config.as_dict()
     return {"threads": c["threads"] / 32, "vector_lanes": c["vec"], "bytes_moved": min_bytes,
@@ -70,11 +78,7 @@ class KvAppendCuda(KvAppendOp, Template):
         return _space(task, target, task.dims["D"], (32, 64, 128))
 
     def default(self, task: Task, target: Target) -> Config:
-        space = self.space(task, target)
-        vec = max(space.knob("vec").values)
-        threads = min((t for t in space.knob("threads").values if t * vec >= task.dims["D"]),
-                      default=max(space.knob("threads").values))
-        return space.from_values(dict(vec=vec, threads=threads))
+        return _default(self.space(task, target), task.dims["D"])
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         return _features(task, config, target, task.dims["D"], self.min_bytes(task))
@@ -111,11 +115,7 @@ class RopeAppendCuda(RopeAppendOp, Template):
         return _space(task, target, task.dims["D"] // 2, (32, 64, 128))
 
     def default(self, task: Task, target: Target) -> Config:
-        space = self.space(task, target)
-        vec = max(space.knob("vec").values)
-        threads = min((t for t in space.knob("threads").values if t * vec >= task.dims["D"] // 2),
-                      default=max(space.knob("threads").values))
-        return space.from_values(dict(vec=vec, threads=threads))
+        return _default(self.space(task, target), task.dims["D"] // 2)
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         return _features(task, config, target, task.dims["D"] // 2, self.min_bytes(task))

@@ -27,6 +27,8 @@ from ...template import KernelSource, Template, register_template
 from .limits import occupancy
 
 THREADS = (32, 64, 128, 256, 512)
+MAX_ITEMS_PER_THREAD = 16
+STATIC_SMEM = 48 << 10
 # cos and sin of a position's angle, shared with ``rope_append`` (templates/cuda/device_step.py)
 ROPE_ANGLE = (
     "\n// cos and sin of pos * inv_freq: float64 product and reduction to [-pi, pi], then the\n"
@@ -43,8 +45,6 @@ def frequency_table(task: Task, attrs) -> str:
     numbers the reference turns by (``runtime.rope_frequencies``)."""
     table = ", ".join(repr(float(f)) for f in frequencies_of_attrs(task.dims["D"], attrs))
     return f"__device__ const double INV_FREQ[HALF] = {{{table}}};\n"
-MAX_ITEMS_PER_THREAD = 16
-STATIC_SMEM = 48 << 10
 
 
 def _items(task: Task, c: dict) -> int:
