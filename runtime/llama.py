@@ -27,7 +27,8 @@ from .arrays import arrays_for
 from .generation import Generation
 from .kernel import BoundCall, Kernel, KernelProvider, buckets, numpy_dtype, select
 from .model_config import ModelConfig
-from .plan import KernelCall, bias_role, biased_projections, decode_calls, precisions, prefill_calls, unfused
+from .plan import (KernelCall, bias_role, biased_projections, can_fuse_norms, decode_calls, precisions, prefill_calls,
+                   unfused)
 from .precision import bfloat16_to_float32, check_dtype, rounded, stored_as, to_float32, widened
 from .weights import DeviceWeights, ModelWeights, bias_name, fused_parts, layer_name
 
@@ -226,9 +227,10 @@ class LlamaModel:
         return prefill_calls(self.config, tokens, self.quantize, self.group_size, batch, self.activations,
                              self.weights_dtype)
 
-    def _decode(self, batch: int, capacity: int, resident: bool = False) -> list[KernelCall]:
+    def _decode(self, batch: int, capacity: int, resident: bool = False,
+                fused_norms: bool | None = None) -> list[KernelCall]:
         return decode_calls(self.config, batch, capacity, self.quantize, self.group_size, self.activations,
-                            resident, self.weights_dtype)
+                            resident, self.weights_dtype, fused_norms)
 
     def logits_of(self, buffer) -> np.ndarray:
         """Logits on the host, as float32 (a CPU model's buffer itself: no copy per step)."""
@@ -240,20 +242,31 @@ class LlamaModel:
             return name in self.w.quantized
         return fused_parts(name)[0] in self.w.quantized
 
-    def _linear(self, kernel: Kernel, name: str, x, y) -> BoundCall:
+    def _linear(self, kernel: Kernel, name: str, x, y, gain: str | None = None, residual=None) -> BoundCall:
+        """A linear layer ``name`` from ``x`` into ``y``; a GEMV fusing the norm before it reads
+        the norm weight ``gain``, one fusing the residual add after it reads ``residual``."""
+        fused = {}
+        if gain is not None:
+            fused["G"] = self._weight(gain)
+        if residual is not None:
+            fused["R"] = residual
         if self._is_q4(name):
             return kernel.bind({"X": x, "WQ": self._weight(name, "wq"), "SCALES": self._weight(name, "scales"),
-                                "Y": y})
-        return kernel.bind({"X": x, "W": self._weight(name, linear=True), "Y": y})
+                                "Y": y, **fused})
+        return kernel.bind({"X": x, "W": self._weight(name, linear=True), "Y": y, **fused})
 
-    def _projection(self, k: dict[str, Kernel], buf: _Buffers, layer: int, role: str, part: str, x) -> list:
-        """The bound calls of one projection of a layer from ``x`` into its output buffer: the
-        linear layer, and where it has a bias, the linear into the raw buffer then ``bias_add``."""
-        out = buf.names[_OUTPUTS[role]]
+    def _projection(self, k: dict[str, Kernel], buf: _Buffers, layer: int, role: str, part: str, x,
+                    gain: str | None = None, residual=None, out=None) -> list:
+        """The bound calls of one projection of a layer from ``x`` into its output buffer (or
+        ``out``): the linear layer, and where it has a bias, the linear into the raw buffer then
+        ``bias_add``. ``gain`` and ``residual``: what a fused GEMV also reads (``_linear``)."""
+        out = buf.names[_OUTPUTS[role]] if out is None else out
         raw = buf.raw.get(_OUTPUTS[role])
         if raw is None:
-            return [self._linear(k[role], layer_name(layer, part), x, out)]
-        return [self._linear(k[role], layer_name(layer, part), x, raw),
+            return [self._linear(k[role], layer_name(layer, part), x, out, gain, residual)]
+        if residual is not None:
+            raise ValueError(f"{role} has a bias: its residual add cannot be fused into the GEMV")
+        return [self._linear(k[role], layer_name(layer, part), x, raw, gain),
                 k[bias_role(role)].bind({"X": raw, "B": self._weight(bias_name(layer, part)), "Y": out},
                                         {"M": buf.rows})]
 
@@ -264,20 +277,27 @@ class LlamaModel:
         return kernel.bind(arrays, {"M": rows})
 
     # -- one pass ----------------------------------------------------------------------
+    @staticmethod
+    def _ropes(k: dict[str, Kernel], buf: _Buffers) -> list:
+        """The calls after the Q/K/V projection that rotate q and k (none where ``rope_append``
+        does it, reading q, k and v from the projection's rows), with the column copies first."""
+        rows = buf.rows
+        if "rope_append" in k:
+            return []
+        if "rope_qk" in k:  # one row: q and k rotated in one call
+            return [k["rope_qk"].bind({"X": buf.qk, "P": buf.positions, "Y": buf.qkr}, {"T": rows})]
+        return [*_host_calls(buf.split_qkv),
+                k["rope_q"].bind({"X": buf.q, "P": buf.positions, "Y": buf.qr}, {"T": rows}),
+                k["rope_k"].bind({"X": buf.k, "P": buf.positions, "Y": buf.kr}, {"T": rows})]
+
     def _layer_calls(self, k: dict[str, Kernel], buf: _Buffers, layer: int) -> tuple[list, list]:
         """Bound calls of one layer before and after attention (the rotary embedding and cache
         write of a resident step, or the cache write, and the attention itself sit between
         them), the residual stream ending in ``res_a``."""
+        if "residual_norm" not in k:  # the GEMVs do the norms (runtime.plan.FUSED_NORMS)
+            return self._fused_layer_calls(k, buf, layer)
         c, lay, rows = self.config, layer, buf.rows
-        if "rope_append" in k:  # a resident step: rope_append reads q, k, v from the projection's rows
-            ropes, split = [], []
-        elif "rope_qk" in k:  # one row: q and k rotated in one call
-            ropes, split = [k["rope_qk"].bind({"X": buf.qk, "P": buf.positions, "Y": buf.qkr}, {"T": rows})], []
-        else:
-            ropes = [k["rope_q"].bind({"X": buf.q, "P": buf.positions, "Y": buf.qr}, {"T": rows}),
-                     k["rope_k"].bind({"X": buf.k, "P": buf.positions, "Y": buf.kr}, {"T": rows})]
-            split = _host_calls(buf.split_qkv)
-        before = [*self._projection(k, buf, lay, "qkv_proj", "self_attn.qkv_proj", buf.h), *split, *ropes]
+        before = [*self._projection(k, buf, lay, "qkv_proj", "self_attn.qkv_proj", buf.h), *self._ropes(k, buf)]
         last = lay == c.num_hidden_layers - 1
         next_gain = "model.norm.weight" if last else layer_name(lay + 1, "input_layernorm")
         after = [*self._projection(k, buf, lay, "o_proj", "self_attn.o_proj", buf.attn),
@@ -288,6 +308,23 @@ class LlamaModel:
                  k["swiglu"].bind({"G": buf.gate, "U": buf.up, "Y": buf.act}, {"M": rows}),
                  *self._projection(k, buf, lay, "down_proj", "mlp.down_proj", buf.act),
                  self._norm(k["residual_norm"], next_gain, buf.mlp, buf.h, rows, buf.res_b, buf.res_a)]
+        return before, after
+
+    def _fused_layer_calls(self, k: dict[str, Kernel], buf: _Buffers, layer: int) -> tuple[list, list]:
+        """``_layer_calls`` where the GEMVs fuse the norms before them and the residual adds
+        after them: the residual stream comes in ``res_a``, is ``res_b`` after attention and
+        ``res_a`` again after the MLP; the next layer's Q/K/V projection (or the LM head) norms it."""
+        lay = layer
+        before = [*self._projection(k, buf, lay, "qkv_proj", "self_attn.qkv_proj", buf.res_a,
+                                    gain=layer_name(lay, "input_layernorm")), *self._ropes(k, buf)]
+        after = [*self._projection(k, buf, lay, "o_proj", "self_attn.o_proj", buf.attn, residual=buf.res_a,
+                                   out=buf.res_b),
+                 *self._projection(k, buf, lay, "gate_up_proj", "mlp.gate_up_proj", buf.res_b,
+                                   gain=layer_name(lay, "post_attention_layernorm")),
+                 *_host_calls(buf.split_gate_up),
+                 k["swiglu"].bind({"G": buf.gate, "U": buf.up, "Y": buf.act}, {"M": buf.rows}),
+                 *self._projection(k, buf, lay, "down_proj", "mlp.down_proj", buf.act, residual=buf.res_b,
+                                   out=buf.res_a)]
         return before, after
 
     def prefill(self, prompts: np.ndarray, caches: list) -> tuple[np.ndarray, int]:
@@ -348,12 +385,21 @@ class LlamaModel:
 
     def _resident_kernels(self, batch: int, capacity: int) -> dict[str, Kernel]:
         """The kernels of the resident decode step by role (LookupError: the provider lacks one);
-        attention is the one for the longest length: a recorded launch cannot switch kernels."""
-        calls = self._decode(batch, capacity, resident=True)
-        kernels = self._plan([call for call in calls if call.role != "attention"])
-        attention = next(call for call in calls if call.role == "attention")
-        kernels["attention"] = self._kernel(attention, S=capacity, L=capacity)
-        return kernels
+        attention is the one for the longest length: a recorded launch cannot switch kernels.
+        The GEMVs fuse the norms where they can and the provider has them (a library exported
+        before they existed has the norms on their own)."""
+        for fused in (True, False) if can_fuse_norms(self.config, batch) else (False,):
+            calls = self._decode(batch, capacity, resident=True, fused_norms=fused)
+            try:
+                kernels = self._plan([call for call in calls if call.role != "attention"])
+            except LookupError:
+                if not fused:
+                    raise
+                continue
+            attention = next(call for call in calls if call.role == "attention")
+            kernels["attention"] = self._kernel(attention, S=capacity, L=capacity)
+            return kernels
+        raise AssertionError("unreachable: the unfused plan either returns or raises")
 
     def _decode_step(self, batch: int, capacity: int, caches, lengths,
                      keep_logits: bool) -> "_DecodeStep | _ResidentStep":
@@ -515,7 +561,10 @@ class _ResidentStep:
         self.host_ids = drv.pagelocked_empty((batch,), np.int32)
         self.host_logits = drv.pagelocked_empty((batch, c.vocab_size), storage)
         self.copies_in = [(buf.res_a, self.host_rows), (steps, self.host_steps)]
-        self.bound = [model._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, batch)]
+        # the norms on their own, or inside the GEMVs (runtime.plan.FUSED_NORMS)
+        self.fused_norms = "first_norm" not in k
+        self.bound = [] if self.fused_norms else [
+            model._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, batch)]
         buf.positions = positions  # a library without rope_append: its rope kernels read them here
         rows = (batch, c.num_key_value_heads, c.head_dim)
         for layer, (k_cache, v_cache) in enumerate(caches):
@@ -530,7 +579,11 @@ class _ResidentStep:
             attend = k["attention"].bind({"Q": buf.qr, "K": k_cache, "V": v_cache, "LENS": self.lengths,
                                           "O": buf.attn}, {"S": capacity, "L": capacity})
             self.bound += before + [append, attend] + after
-        self.bound.append(model._linear(k["lm_head"], model.lm_head_name, buf.h, self.logits))
+        if self.fused_norms:  # the LM head normalises the residual stream itself
+            self.bound.append(model._linear(k["lm_head"], model.lm_head_name, buf.res_a, self.logits,
+                                            gain="model.norm.weight"))
+        else:
+            self.bound.append(model._linear(k["lm_head"], model.lm_head_name, buf.h, self.logits))
         self.bound.append(k["argmax"].bind({"X": self.logits, "Y": self.ids}))
         self.runs = [call.run for call in self.bound]
         self.graphs: dict[bool, object] = {}  # captured per choice of keeping the logits

@@ -19,6 +19,15 @@ none. The LM head has no bias.
 With ``quantize="q4"`` every linear layer, the LM head included, uses int4 weights
 (``gemm_q4``/``gemv_q4``, symmetric codes, one scale per ``group_size`` weights).
 
+The resident CUDA decode step (``decode_calls(..., resident=True)``) also fuses each RMSNorm
+into the GEMV that reads its output and each residual add into the GEMV whose output it adds
+(``norm=rmsnorm`` and ``residual`` on ``gemv``/``gemv_q4``, ``search_space/ops/matmul.py``):
+a layer is then the Q/K/V projection, ``rope_append``, attention, the output projection, the
+gate/up projection, SwiGLU and the down projection, seven kernels where there were nine. The
+residual stream goes back and forth between two buffers; the LM head normalises the last one.
+Where the GEMVs cannot take them (more than ``GEMV_MAX_M`` rows, a bias after the output or
+MLP projections) or a library predates them, the step keeps its norms (``fused_norms=False``).
+
 ``dtype`` is the precision the kernels of a pass run in (activations, the KV cache and the
 logits are stored in it; the kernels accumulate in float32), the int4 codes' scales too.
 ``weights`` is how the linear layers (the LM head included) store W: ``dtype`` unless said
@@ -134,6 +143,35 @@ def biased_projections(config: ModelConfig) -> dict[str, bool]:
             "down_proj": config.mlp_bias}
 
 
+# the linear layers of a decode step that take over a norm or a residual add, and which
+FUSED_NORMS = {"qkv_proj": "norm", "gate_up_proj": "norm", "lm_head": "norm", "o_proj": "residual",
+               "down_proj": "residual"}
+
+
+def can_fuse_norms(config: ModelConfig, batch: int) -> bool:
+    """Whether a decode step of ``batch`` sequences can run its norms and residual adds inside
+    its GEMVs: every linear layer is a GEMV, and none adds a bias after the GEMV that would
+    take the residual add."""
+    return batch <= GEMV_MAX_M and not (config.o_bias or config.mlp_bias)
+
+
+def _fuse_norms(config: ModelConfig, calls: list[KernelCall]) -> list[KernelCall]:
+    """``calls`` with the RMSNorms folded into the GEMVs that read them and the residual adds
+    into those whose outputs they add (``FUSED_NORMS``)."""
+    fused = []
+    for call in calls:
+        if call.spec.op == "rmsnorm":
+            continue
+        kind = FUSED_NORMS.get(call.role)
+        if kind is not None:
+            extra = {"norm": "rmsnorm", "eps": config.rms_norm_eps} if kind == "norm" else {"residual": True}
+            spec = call.spec
+            call = KernelCall(call.role, KernelSpec.make(spec.op, spec.dims, spec.dtype, {**spec.attr, **extra},
+                                                         spec.dynamic), call.count)
+        fused.append(call)
+    return fused
+
+
 def unfused(config: ModelConfig, call: KernelCall) -> list[KernelCall]:
     """The calls a fused kernel stands for, for a library exported before it existed (one holding
     rope_q, rope_k and kv_append where this plan asks for rope_qk or rope_append); [] for any
@@ -204,15 +242,16 @@ def prefill_calls(config: ModelConfig, tokens: int, quantize: str = "none", grou
 
 def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "none",
                  group_size: int = 128, dtype: str = "float32", resident: bool = False,
-                 weights: str | None = None) -> list[KernelCall]:
+                 weights: str | None = None, fused_norms: bool | None = None) -> list[KernelCall]:
     """Kernels of one decode step: one new token per sequence, ``kv_len`` cached positions.
 
     ``resident``: the step a CUDA model captures once as a graph and replays for every token,
     so nothing in it may depend on the step: attention reads each sequence's length from
     device memory (``lengths=per_sequence``), ``rope_append`` rotates q and k straight from
     the Q/K/V projection's rows and writes the new K/V rows at each sequence's position (read
-    there too; one kernel where ``rope`` and a cache write were two or three), and ``argmax``
-    picks the next tokens on the device."""
+    there too; one kernel where ``rope`` and a cache write were two or three), ``argmax``
+    picks the next tokens on the device, and the GEMVs take over the norms and residual adds
+    where they can (``fused_norms``: None for wherever ``can_fuse_norms``; resident steps only)."""
     check_quantize(config, quantize, group_size)
     c = config
     attention = KernelSpec.make("attention_decode", {"B": batch, "H": c.num_attention_heads,
@@ -226,4 +265,12 @@ def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "
         argmax = KernelSpec.make("argmax", {"M": batch, "N": c.vocab_size}, dtype)
         calls = [call for call in calls if call.spec.op != "rope"]
         calls += [KernelCall("rope_append", append, c.num_hidden_layers), KernelCall("argmax", argmax, 1)]
+        if fused_norms is None:
+            fused_norms = can_fuse_norms(c, batch)
+        if fused_norms:
+            if not can_fuse_norms(c, batch):
+                raise ValueError(f"a decode step of {batch} sequences of {c.name} cannot fuse its norms into GEMVs")
+            calls = _fuse_norms(c, calls)
+    elif fused_norms:
+        raise ValueError("only the resident decode step fuses its norms into GEMVs")
     return calls

@@ -49,11 +49,31 @@ def _tensor(torch, array: np.ndarray, dtype: str):
     return torch.from_numpy(np.ascontiguousarray(array)).cuda()
 
 
+def _with_fusions(torch, task, t, name: str, matmul):
+    """(name, call) of ``matmul(X)`` with what a decode GEMV fuses done by torch around it: the
+    RMSNorm of X before (``norm=rmsnorm``), the residual add after (``residual``)."""
+    import torch.nn.functional as F
+
+    from search_space.ops.matmul import FUSION_ATTRS, fusions
+
+    norm, residual = fusions(task)
+    x = t["X"]
+    eps = float(task.attr.get("eps", FUSION_ATTRS["eps"]))
+    if not (norm or residual):
+        return name, lambda: matmul(x)
+
+    def fused():
+        y = matmul(F.rms_norm(x, (x.shape[-1],), t["G"], eps) if norm else x)
+        return y + t["R"] if residual else y
+
+    return f"{name} with torch's {' and '.join(['RMSNorm before'] * norm + ['add after'] * residual)}", fused
+
+
 @baseline("gemm", "gemv")
 def _matmul(torch, task, t, template):
-    x, w = t["X"], t["W"]
+    w = t["W"]
     torch.backends.cuda.matmul.allow_tf32 = False
-    return "cuBLAS torch.matmul(X, W.T)", lambda: torch.matmul(x, w.t())
+    return _with_fusions(torch, task, t, "cuBLAS torch.matmul(X, W.T)", lambda x: torch.matmul(x, w.t()))
 
 
 def tinygemm_pack(torch, wq: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, group: int):
@@ -78,15 +98,19 @@ def tinygemm_pack(torch, wq: np.ndarray, scales: np.ndarray, zeros: np.ndarray |
 @baseline("gemm_q4", "gemv_q4")
 def _int4(torch, task, t, template):
     from search_space.ops.common import to_float32
+    from search_space.ops.matmul import fusions
 
     a = template.attrs(task)
     raw = t["_raw"]
     zeros = to_float32(raw["ZEROS"], task.dtype) if a["zero_point"] else None
     packed, sz = tinygemm_pack(torch, raw["WQ"], to_float32(raw["SCALES"], task.dtype), zeros, a["group_size"])
-    x = t["X"].to(torch.bfloat16)
     group = a["group_size"]
-    return ("tinygemm torch._weight_int4pack_mm (bfloat16)",
-            lambda: torch._weight_int4pack_mm(x, packed, group, sz))
+    if not any(fusions(task)):  # X converted once, outside the timed call
+        x = t["X"].to(torch.bfloat16)
+        return ("tinygemm torch._weight_int4pack_mm (bfloat16)",
+                lambda: torch._weight_int4pack_mm(x, packed, group, sz))
+    return _with_fusions(torch, task, t, "tinygemm torch._weight_int4pack_mm (bfloat16)",
+                         lambda x: torch._weight_int4pack_mm(x.to(torch.bfloat16), packed, group, sz))
 
 
 @baseline("softmax")

@@ -16,6 +16,15 @@ int4 weight layout (the contract every q4 template reads):
   per group of G = ``group_size`` consecutive k;
 - dequantised ``w[n, k] = (code - z) * scale`` with ``z = ZEROS[n, k // G]`` or 8 without
   zero points (symmetric codes).
+
+Decode fusions (``gemv`` and ``gemv_q4``; templates opt in with ``fusable``): a decode step is
+a few hundred small kernels, each costing a launch and a drain, so a decode linear layer can
+take over its neighbours' work in a decoder layer:
+- ``norm=rmsnorm``: X is RMS-normalised first with the norm weight ``G[K]`` and ``eps``,
+  Y = (X / rms(X) * G) @ W^T. Every block reads all of X anyway, so each finds the rows'
+  mean of squares itself, and the RMSNorm before a projection costs no kernel of its own.
+- ``residual=true``: Y = R + X @ W^T with the residual stream ``R[M, N]`` (a buffer other than
+  Y), so the residual add after the output and down projections costs none either.
 """
 from __future__ import annotations
 
@@ -31,6 +40,61 @@ from .common import FLOAT_DTYPES, ITEMSIZE, from_float, random_uniform, to_float
 
 
 WEIGHT_ONLY = ("bfloat16",)  # narrower storages W may have on a float32 task
+NORMS = ("none", "rmsnorm")
+FUSION_ATTRS = {"norm": "none", "eps": 1e-5, "residual": False}
+FUSION_DOCS = {"norm": "rmsnorm: X is RMS-normalised first, with the norm weight G[K] (decode fusion; CUDA)",
+               "eps": "added to the mean of squares of X with norm=rmsnorm",
+               "residual": "true: Y = R + X @ W^T, with the residual stream R[M,N] (decode fusion; CUDA)"}
+
+
+def fusions(task: Task) -> tuple[bool, bool]:
+    """(X normalised first, residual added to Y) of a linear layer task."""
+    return task.attr.get("norm", "none") == "rmsnorm", bool(task.attr.get("residual", False))
+
+
+def check_fusions(op: Operator, task: Task) -> None:
+    a = op.attrs(task)
+    if a.get("norm", "none") not in NORMS:
+        raise ValueError(f"{op.op}: norm must be one of {', '.join(NORMS)}, got {a['norm']!r}")
+    if isinstance(op, Template) and any(fusions(task)) and not getattr(op, "fusable", False):
+        raise ValueError(f"{op.op}: the {op.target_kind} template fuses no norm or residual add (CUDA only)")
+
+
+def fused_args(op: Operator, task: Task) -> tuple[tuple[ArgSpec, ...], tuple[ArgSpec, ...]]:
+    """The arguments the fusions add: (G after X, R before Y)."""
+    norm, residual = fusions(task)
+    return ((ArgSpec("G", "in", task.dtype, ("K",)),) if norm else (),
+            (ArgSpec("R", "in", task.dtype, ("M", "N")),) if residual else ())
+
+
+def fused_bytes(op: Operator, task: Task) -> float:
+    norm, residual = fusions(task)
+    d = task.dims
+    return ITEMSIZE[task.dtype] * (d["K"] * norm + d["M"] * d["N"] * residual)
+
+
+def fused_inputs(op: Operator, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    norm, residual = fusions(task)
+    d = task.dims
+    out = {}
+    if norm:  # rows far from unit RMS, so that a missing normalisation shows
+        out["G"] = random_uniform(rng, (d["K"],), task.dtype, 0.5, 1.5)
+    if residual:
+        out["R"] = random_uniform(rng, (d["M"], d["N"]), task.dtype)
+    return out
+
+
+def fused_x(op: Operator, task: Task, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """X in float64 as the matmul reads it: RMS-normalised with ``norm=rmsnorm``."""
+    x = to_float64(inputs["X"], task.dtype)
+    if not fusions(task)[0]:
+        return x
+    eps = float(task.attr.get("eps", FUSION_ATTRS["eps"]))
+    return x / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + eps) * to_float64(inputs["G"], task.dtype)
+
+
+def fused_y(op: Operator, task: Task, inputs: dict[str, np.ndarray], y: np.ndarray) -> dict[str, np.ndarray]:
+    return {"Y": y + to_float64(inputs["R"], task.dtype) if fusions(task)[1] else y}
 
 
 class Matmul(Operator):
@@ -48,6 +112,7 @@ class Matmul(Operator):
 
     def check(self, task: Task) -> None:
         super().check(task)
+        check_fusions(self, task)
         weight = self.attrs(task)["weight"]
         if weight == "same":
             return
@@ -59,8 +124,9 @@ class Matmul(Operator):
                              "(W in the task's dtype only)")
 
     def signature(self, task: Task) -> tuple[ArgSpec, ...]:
-        return (ArgSpec("X", "in", task.dtype, ("M", "K")), ArgSpec("W", "in", self.weight_dtype(task), ("N", "K")),
-                ArgSpec("Y", "out", task.dtype, ("M", "N")))
+        g, r = fused_args(self, task)
+        return (ArgSpec("X", "in", task.dtype, ("M", "K")), *g, ArgSpec("W", "in", self.weight_dtype(task), ("N", "K")),
+                *r, ArgSpec("Y", "out", task.dtype, ("M", "N")))
 
     def flops(self, task: Task) -> float:
         d = task.dims
@@ -69,17 +135,17 @@ class Matmul(Operator):
     def min_bytes(self, task: Task) -> float:
         d = task.dims
         size = ITEMSIZE[task.dtype]
-        return size * (d["M"] * d["K"] + d["M"] * d["N"]) + ITEMSIZE[self.weight_dtype(task)] * d["N"] * d["K"]
+        return (size * (d["M"] * d["K"] + d["M"] * d["N"]) + ITEMSIZE[self.weight_dtype(task)] * d["N"] * d["K"]
+                + fused_bytes(self, task))
 
     def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
         d = task.dims
         return {"X": random_uniform(rng, (d["M"], d["K"]), task.dtype),
-                "W": random_uniform(rng, (d["N"], d["K"]), self.weight_dtype(task))}
+                "W": random_uniform(rng, (d["N"], d["K"]), self.weight_dtype(task)), **fused_inputs(self, task, rng)}
 
     def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = to_float64(inputs["X"], task.dtype)
         w = to_float64(inputs["W"], self.weight_dtype(task))
-        return {"Y": x @ w.T}
+        return fused_y(self, task, inputs, fused_x(self, task, inputs) @ w.T)
 
     def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
         """float32 BLAS (weight-only: on the widened weights, four bytes each)."""
@@ -104,6 +170,8 @@ class GemvOp(Matmul):
     op = "gemv"
     example_shape = {"M": 1, "N": 11008, "K": 4096}
     description = "decode matmul Y[M,N] = X[M,K] @ W[N,K]^T, M = 1..16"
+    default_attrs = {**Matmul.default_attrs, **FUSION_ATTRS}
+    attr_docs = {**Matmul.attr_docs, **FUSION_DOCS}
 
     def check(self, task: Task) -> None:
         super().check(task)
@@ -123,6 +191,7 @@ class MatmulQ4(Operator):
 
     def check(self, task: Task) -> None:
         super().check(task)
+        check_fusions(self, task)
         a = self.attrs(task)
         if a["group_size"] not in (32, 64, 128):
             raise ValueError(f"{self.op}: group_size must be 32, 64 or 128, got {a['group_size']}")
@@ -131,12 +200,13 @@ class MatmulQ4(Operator):
 
     def signature(self, task: Task) -> tuple[ArgSpec, ...]:
         k, groups = task.dims["K"], task.dims["K"] // self.attrs(task)["group_size"]
-        args = [ArgSpec("X", "in", task.dtype, ("M", "K")),
+        g, r = fused_args(self, task)
+        args = [ArgSpec("X", "in", task.dtype, ("M", "K")), *g,
                 ArgSpec("WQ", "in", "uint8", ("N", k // 2)),
                 ArgSpec("SCALES", "in", task.dtype, ("N", groups))]
         if self.attrs(task)["zero_point"]:
             args.append(ArgSpec("ZEROS", "in", task.dtype, ("N", groups)))
-        args.append(ArgSpec("Y", "out", task.dtype, ("M", "N")))
+        args += [*r, ArgSpec("Y", "out", task.dtype, ("M", "N"))]
         return tuple(args)
 
     def flops(self, task: Task) -> float:
@@ -149,7 +219,7 @@ class MatmulQ4(Operator):
         size = ITEMSIZE[task.dtype]
         per_group = size * (2 if a["zero_point"] else 1)
         weights = d["N"] * d["K"] / 2 + d["N"] * d["K"] / a["group_size"] * per_group
-        return weights + size * (d["M"] * d["K"] + d["M"] * d["N"])
+        return weights + size * (d["M"] * d["K"] + d["M"] * d["N"]) + fused_bytes(self, task)
 
     def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
         d = task.dims
@@ -160,7 +230,7 @@ class MatmulQ4(Operator):
                "SCALES": from_float(q["SCALES"], task.dtype)}
         if a["zero_point"]:
             out["ZEROS"] = from_float(q["ZEROS"], task.dtype)
-        return out
+        return {**out, **fused_inputs(self, task, rng)}
 
     def dequantized(self, task: Task, inputs: dict[str, np.ndarray]) -> np.ndarray:
         a = self.attrs(task)
@@ -168,7 +238,7 @@ class MatmulQ4(Operator):
         return dequantize_q4(inputs["WQ"], to_float64(inputs["SCALES"], task.dtype), zeros, a["group_size"])
 
     def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"Y": to_float64(inputs["X"], task.dtype) @ self.dequantized(task, inputs).T}
+        return fused_y(self, task, inputs, fused_x(self, task, inputs) @ self.dequantized(task, inputs).T)
 
     def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
         """fp32 GEMV/GEMM on the same (dequantised) weights: what int4 must beat."""
@@ -183,6 +253,8 @@ class GemvQ4Op(MatmulQ4):
     op = "gemv_q4"
     example_shape = {"M": 1, "N": 11008, "K": 4096}
     description = "decode matmul with int4 weights and group-wise scales, M = 1..16"
+    default_attrs = {**MatmulQ4.default_attrs, **FUSION_ATTRS}
+    attr_docs = {**MatmulQ4.attr_docs, **FUSION_DOCS}
 
     def check(self, task: Task) -> None:
         super().check(task)

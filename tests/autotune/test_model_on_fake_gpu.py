@@ -39,6 +39,9 @@ def test_the_model_tunes_exports_and_runs_on_cuda_kernels(fake_gpu, tmp_path, mo
         summary = run_job(job, progress=False, runner=runner)
     assert len(summary.tasks) == 17 and summary.trials == 17 and not summary.given_up
     assert {"rope_append", "argmax"} <= {t.task.op for t in summary.tasks}
+    # the decode step's norms and residual adds run inside its GEMVs
+    assert {(t.task.attr.get("norm"), t.task.attr.get("residual")) for t in summary.tasks
+            if t.task.op == "gemv" and t.task.dims["M"] == 1} >= {("rmsnorm", None), (None, True)}
     assert all(s.best is not None for s in summary.summaries)
     export_library(log.records(), tmp_path / "lib", "cuda")
     register_library(fake_gpu, tmp_path / "lib")
@@ -151,3 +154,46 @@ def test_a_model_with_projection_biases_decodes_the_reference_tokens_on_cuda(fak
     error = np.abs(out.logits - reference.logits).max() / np.abs(reference.logits).max()
     assert error < 1e-4, error
     np.testing.assert_array_equal(out.tokens, reference.tokens)
+
+
+class WithoutFusedNorms:
+    """A provider as a library exported before the GEMVs fused the norms and residual adds."""
+
+    def __init__(self, kernels):
+        self.kernels, self.kind = kernels, kernels.kind
+
+    def get(self, op, shape, dtype="float32", attrs=None, dynamic=()):
+        if op.startswith("gemv") and {"norm", "residual"} & set(attrs or {}):
+            raise LookupError(f"no fused {op} in this library")
+        return self.kernels.get(op, shape, dtype, attrs, dynamic)
+
+    def specs(self):
+        return self.kernels.specs()
+
+
+@pytest.mark.parametrize("quantize", ["none", "q4"])
+def test_the_decode_gemvs_fuse_the_norms_where_the_library_has_them(fake_gpu, quantize):
+    """The captured step with the norms and residual adds inside the GEMVs (float and int4), and
+    with a library that lacks those GEMVs, the same step with its RMSNorm kernels: both decode
+    the reference tokens."""
+    from export import TunedKernels
+
+    weights = ModelWeights.random(MICRO, seed=6)
+    if quantize == "q4":
+        weights = weights.quantize_q4(32)
+    prompts = np.array([[5, 9, 2, 33, 7]])
+    reference = ReferenceModel(MICRO, weights).generate(prompts, 5)
+    with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
+        for provider, fused in ((kernels, True), (WithoutFusedNorms(kernels), False)):
+            model = LlamaModel(MICRO, weights, provider)
+            out = model.generate(prompts, 5)
+            assert model.decode_mode == "graph"
+            norms = {spec.split("/")[0] for spec in model.used
+                     if spec.startswith("gemv") and ('norm="rmsnorm"' in spec or "residual=true" in spec)}
+            assert norms == ({"gemv_q4" if quantize == "q4" else "gemv"} if fused else set()), norms
+            # the prefill keeps its RMSNorm kernels; the decode step has (M = 1) only unfused
+            decode_norms = [spec for spec in model.used if spec.startswith("rmsnorm/") and "M~=1," in spec]
+            assert bool(decode_norms) != fused, decode_norms
+            error = np.abs(out.logits - reference.logits).max() / np.abs(reference.logits).max()
+            assert error < 1e-4, error
+            np.testing.assert_array_equal(out.tokens, reference.tokens)

@@ -10,6 +10,12 @@ staged once per block in shared memory (1). ``ksplit`` warps share the same rows
 split K between them; their partial sums meet in shared memory. Sums are float32 and are
 reduced across the warp with shuffles. Rows past N read the last row (in bounds) and are
 never stored; K needs no tail beyond the last ``vec`` piece because ``vec`` divides K.
+
+Decode fusions (``ops/matmul.py``): with ``norm=rmsnorm`` each X value a lane loads is also
+squared into that row's sum (the warps of a K split cover K once between them, and their sums
+meet with the partial products) and multiplied by the norm weight before use; the rows' scale
+1 / rms(X) is applied to the finished sums. With ``residual`` the stored value is R + the sum.
+W streams from the first instruction either way.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import math
 from ...codegen.cuda import PREAMBLE, c_type
 from ...codegen.cuda_ptx import PTX_HELPERS
 from ...ops.common import ITEMSIZE
-from ...ops.matmul import GemvOp
+from ...ops.matmul import FUSION_ATTRS, GemvOp, fusions
 from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
@@ -37,6 +43,7 @@ def vector_bytes(task: Task) -> tuple[int, ...]:
 class GemvCuda(GemvOp, Template):
     target_kind = "cuda"
     dtypes = ("float16", "bfloat16", "float32")
+    fusable = True
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
@@ -93,8 +100,9 @@ class GemvCuda(GemvOp, Template):
         smem = _smem_bytes(task, c)
         resident = max(blocks_per_sm(threads, smem, _registers(task, c), target), 1)
         sms = target.sm_count or 132
-        x_reads = blocks * M * K * size  # every block reads all of X (from L1/L2)
-        moved = size * (N * K + M * N) + x_reads
+        norm, residual = fusions(task)
+        x_reads = blocks * (M + norm) * K * size  # every block reads all of X (and G) from L1/L2
+        moved = size * (N * K + M * N * (1 + residual)) + x_reads
         return {
             "threads": threads,
             "vector_lanes": lanes,
@@ -131,14 +139,31 @@ def _dynamic_smem(task: Task, c: dict) -> int:
 
 
 def _smem_bytes(task: Task, c: dict) -> int:
-    reduce = 4 * task.dims["M"] * c["rows"] * c["warps"] if c["ksplit"] > 1 else 0
+    norm = fusions(task)[0]
+    reduce = 4 * task.dims["M"] * (c["rows"] + norm) * c["warps"] if c["ksplit"] > 1 else 0
     return _dynamic_smem(task, c) + reduce
 
 
 def _registers(task: Task, c: dict) -> int:
     words = max(c["vec"] // 4, 1)
     lanes = c["vec"] // ITEMSIZE[task.dtype]
-    return task.dims["M"] * c["rows"] + c["unroll"] * c["rows"] * words + c["rows"] * lanes + lanes + 24
+    norm = fusions(task)[0]
+    return (task.dims["M"] * (c["rows"] + norm) + c["unroll"] * c["rows"] * words + c["rows"] * lanes
+            + lanes * (1 + norm) + 24)
+
+
+def fused_output(task: Task, value: str, m: str, n: str, ss: str) -> str:
+    """The C expression a decode GEMV stores at Y[m, n] from the finished float sum ``value``:
+    scaled by 1 / rms(X row m) from its sum of squares ``ss`` with ``norm=rmsnorm``, plus
+    R[m, n] with ``residual`` (``ops/matmul.py``); in the task's dtype."""
+    norm, residual = fusions(task)
+    out = value
+    if norm:
+        eps = float(task.attr.get("eps", FUSION_ATTRS["eps"]))
+        out = f"{out} * rsqrtf({ss} * {1.0 / task.dims['K']!r}f + {eps!r}f)"
+    if residual:
+        out = f"{out} + to_f32(R[(long long)({m}) * {task.dims['N']} + ({n})])"
+    return f"from_f32<T_>({out})"
 
 
 def _code(task: Task, c: dict) -> str:
@@ -152,6 +177,7 @@ def _code(task: Task, c: dict) -> str:
     STRIDE = KS * 32 * V  # elements between one warp's consecutive pieces of a row
     STEP = STRIDE * U
     KMAIN = K // STEP * STEP
+    norm, residual = fusions(task)
     x_src = "xs" if c["x_smem"] else "X"
     x_load = (f"*reinterpret_cast<const RawVec<{VB}>*>(xs + m * K_ + k)" if c["x_smem"]
               else f"ld_cached<{VB}>(X + m * K_ + k)")
@@ -163,37 +189,70 @@ def _code(task: Task, c: dict) -> str:
   for (int i = threadIdx.x; i < M_ * K_ / {V}; i += {32 * WARPS})
     *reinterpret_cast<RawVec<{VB}>*>(xs + i * {V}) = ld_cached<{VB}>(X + i * {V});
   __syncthreads();"""
-    if KS == 1:
-        epilogue = """
-  if (lane == 0) {
+    # the norm: the lane's X values squared into ss (before the weight G scales them)
+    ss_param = ", float (&ss)[M_], const T_* __restrict__ G" if norm else ""
+    ss_args = ", ss, G" if norm else ""
+    g_load = f"""
+  float gf[{V}];
+  unpack_f32<T_, {VB}>(ld_cached<{VB}>(G + k), gf);""" if norm else ""
+    x_norm = f"""
     #pragma unroll
-    for (int r = 0; r < R_; ++r) {
-      const long long n = n0 + r;
-      if (n < N_) {
-        #pragma unroll
-        for (int m = 0; m < M_; ++m) Y[m * N_ + n] = from_f32<T_>(acc[m][r]);
-      }
-    }
-  }"""
-    else:
+    for (int e = 0; e < {V}; ++e) {{
+      ss[m] = fmaf(xf[e], xf[e], ss[m]);
+      xf[e] *= gf[e];
+    }}""" if norm else ""
+    ss_decl = """
+  float ss[M_];
+  #pragma unroll
+  for (int m = 0; m < M_; ++m) ss[m] = 0.0f;""" if norm else ""
+    ss_sum = """
+  #pragma unroll
+  for (int m = 0; m < M_; ++m) ss[m] = warp_sum(ss[m]);""" if norm else ""
+
+    def stored(value: str, m: str, n: str, ss: str) -> str:
+        return fused_output(task, value, m, n, ss)
+
+    if KS == 1:
         epilogue = f"""
-  __shared__ float red[{GROUPS}][{KS}][M_ * R_];
+  if (lane == 0) {{
+    #pragma unroll
+    for (int r = 0; r < R_; ++r) {{
+      const long long n = n0 + r;
+      if (n < N_) {{
+        #pragma unroll
+        for (int m = 0; m < M_; ++m) Y[m * N_ + n] = {stored("acc[m][r]", "m", "n", "ss[m]")};
+      }}
+    }}
+  }}"""
+    else:
+        parts = "M_ * R_ + M_" if norm else "M_ * R_"
+        keep_ss = """
+    #pragma unroll
+    for (int m = 0; m < M_; ++m) red[group][part][M_ * R_ + m] = ss[m];""" if norm else ""
+        sum_ss = f"""
+      float sq = 0.0f;
+      #pragma unroll
+      for (int p = 0; p < {KS}; ++p) sq += red[group][p][M_ * R_ + i / R_];""" if norm else ""
+        epilogue = f"""
+  __shared__ float red[{GROUPS}][{KS}][{parts}];
   if (lane == 0) {{
     #pragma unroll
     for (int m = 0; m < M_; ++m)
       #pragma unroll
-      for (int r = 0; r < R_; ++r) red[group][part][m * R_ + r] = acc[m][r];
+      for (int r = 0; r < R_; ++r) red[group][part][m * R_ + r] = acc[m][r];{keep_ss}
   }}
   __syncthreads();
   if (part == 0) {{
     for (int i = lane; i < M_ * R_; i += 32) {{
       float s = 0.0f;
       #pragma unroll
-      for (int p = 0; p < {KS}; ++p) s += red[group][p][i];
+      for (int p = 0; p < {KS}; ++p) s += red[group][p][i];{sum_ss}
       const long long n = n0 + i % R_;
-      if (n < N_) Y[(i / R_) * N_ + n] = from_f32<T_>(s);
+      if (n < N_) Y[(i / R_) * N_ + n] = {stored("s", "(i / R_)", "n", "sq")};
     }}
   }}"""
+    g_param = "const T_* __restrict__ G, " if norm else ""
+    r_param = "const T_* __restrict__ R, " if residual else ""
     return PREAMBLE + PTX_HELPERS + f"""
 typedef {T} T_;
 constexpr int M_ = {M};
@@ -203,14 +262,14 @@ constexpr int R_ = {R};
 
 // One piece: {V} elements of each of the R rows at column k, against every X row.
 __device__ __forceinline__ void gemv_piece(float (&acc)[M_][R_], const RawVec<{VB}> (&w)[R_],
-                                           const T_* __restrict__ {x_src}, int k) {{
+                                           const T_* __restrict__ {x_src}, int k{ss_param}) {{
   float wf[R_][{V}];
   #pragma unroll
-  for (int r = 0; r < R_; ++r) unpack_f32<T_, {VB}>(w[r], wf[r]);
+  for (int r = 0; r < R_; ++r) unpack_f32<T_, {VB}>(w[r], wf[r]);{g_load}
   #pragma unroll
   for (int m = 0; m < M_; ++m) {{
     float xf[{V}];
-    unpack_f32<T_, {VB}>({x_load}, xf);
+    unpack_f32<T_, {VB}>({x_load}, xf);{x_norm}
     #pragma unroll
     for (int r = 0; r < R_; ++r)
       #pragma unroll
@@ -218,8 +277,8 @@ __device__ __forceinline__ void gemv_piece(float (&acc)[M_][R_], const RawVec<{V
   }}
 }}
 
-extern "C" __global__ void __launch_bounds__({32 * WARPS}) gemv(const T_* __restrict__ X, const T_* __restrict__ W,
-                                                           T_* __restrict__ Y) {{
+extern "C" __global__ void __launch_bounds__({32 * WARPS}) gemv(const T_* __restrict__ X, {g_param}const T_* __restrict__ W,
+                                                           {r_param}T_* __restrict__ Y) {{
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int group = warp / {KS};
@@ -232,7 +291,7 @@ extern "C" __global__ void __launch_bounds__({32 * WARPS}) gemv(const T_* __rest
   #pragma unroll
   for (int m = 0; m < M_; ++m)
     #pragma unroll
-    for (int r = 0; r < R_; ++r) acc[m][r] = 0.0f;
+    for (int r = 0; r < R_; ++r) acc[m][r] = 0.0f;{ss_decl}
   const int lane_k = (part * 32 + lane) * {V};
   for (int k0 = 0; k0 < {KMAIN}; k0 += {STEP}) {{
     RawVec<{VB}> w[{U}][R_];
@@ -241,7 +300,7 @@ extern "C" __global__ void __launch_bounds__({32 * WARPS}) gemv(const T_* __rest
       #pragma unroll
       for (int r = 0; r < R_; ++r) w[u][r] = ld_stream<{VB}>(wrow[r] + k0 + u * {STRIDE} + lane_k);
     #pragma unroll
-    for (int u = 0; u < {U}; ++u) gemv_piece(acc, w[u], {x_src}, k0 + u * {STRIDE} + lane_k);
+    for (int u = 0; u < {U}; ++u) gemv_piece(acc, w[u], {x_src}, k0 + u * {STRIDE} + lane_k{ss_args});
   }}
   #pragma unroll
   for (int u = 0; u < {U}; ++u) {{
@@ -250,12 +309,12 @@ extern "C" __global__ void __launch_bounds__({32 * WARPS}) gemv(const T_* __rest
       RawVec<{VB}> w[R_];
       #pragma unroll
       for (int r = 0; r < R_; ++r) w[r] = ld_stream<{VB}>(wrow[r] + k);
-      gemv_piece(acc, w, {x_src}, k);
+      gemv_piece(acc, w, {x_src}, k{ss_args});
     }}
   }}
   #pragma unroll
   for (int m = 0; m < M_; ++m)
     #pragma unroll
-    for (int r = 0; r < R_; ++r) acc[m][r] = warp_sum(acc[m][r]);{epilogue}
+    for (int r = 0; r < R_; ++r) acc[m][r] = warp_sum(acc[m][r]);{ss_sum}{epilogue}
 }}
 """

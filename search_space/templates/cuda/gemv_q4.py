@@ -19,6 +19,7 @@ from . import matmul_q4 as q4
 class GemvQ4Cuda(GemvQ4Op, Template):
     target_kind = "cuda"
     dtypes = ("float16", "bfloat16", "float32")
+    fusable = True
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)

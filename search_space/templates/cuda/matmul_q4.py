@@ -28,6 +28,12 @@ Two schedules (knob ``core``):
   scale once per piece.
 
 Rows of W past N read the last row and are not stored; rows of X past M read the last row.
+
+Decode fusions (``gemv_q4``, ``ops/matmul.py``): with ``norm=rmsnorm`` X is multiplied by the
+norm weight as it is read (``mma``: as it is staged, each row's sum of squares gathered in
+shared memory; ``simt``: as each piece is loaded, the sums of squares riding with the partial
+products) and the rows' 1 / rms(X) scales the finished sums; with ``residual`` the stored value
+is R + the sum.
 """
 from __future__ import annotations
 
@@ -36,10 +42,12 @@ import math
 from ...codegen.cuda import PREAMBLE, c_type
 from ...codegen.cuda_ptx import PTX_HELPERS
 from ...ops.common import ITEMSIZE
+from ...ops.matmul import fusions
 from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
 from ...template import KernelSource
+from .gemv import fused_output
 from .limits import blocks_per_sm, launch_constraints, occupancy, smem_limit
 
 STEP_K = 128  # K covered by one mma step of a warp (4 lanes x 32 codes)
@@ -98,10 +106,11 @@ def q4_constraints(task: Task, target: Target, knobs: list[Knob]) -> list:
 
 
 def _partials(task: Task, c: dict) -> int:
-    """Floats per lane a K split exchanges through shared memory."""
+    """Floats per lane a K split exchanges through shared memory (SIMT with the norm: each X
+    row's sum of squares too)."""
     if c["core"] == "mma":
         return c["rows"] * c["mtile"] * 4
-    return m_rows(task, c) * c["rows"]
+    return m_rows(task, c) * (c["rows"] + fusions(task)[0])
 
 
 def m_rows(task: Task, c: dict) -> int:
@@ -112,7 +121,7 @@ def smem_bytes(task: Task, c: dict) -> int:
     size = ITEMSIZE[task.dtype]
     red = 4 * 32 * c["warps"] * _partials(task, c) if c["ksplit"] > 1 else 0
     if c["core"] == "mma":
-        return m_rows(task, c) * c["kc"] * size + red
+        return m_rows(task, c) * (c["kc"] * size + 4 * fusions(task)[0]) + red
     return red
 
 
@@ -121,7 +130,8 @@ def registers(task: Task, c: dict) -> int:
     if c["core"] == "mma":
         raw = c["unroll"] * c["rows"] * 2 * (4 + zp) * (2 if c["prefetch"] == 2 else 1)  # 2: two buffers
         return c["rows"] * c["mtile"] * 4 + raw + c["rows"] * 4 + c["mtile"] * 4 + 48
-    return m_rows(task, c) * c["rows"] + c["unroll"] * c["rows"] * (4 + zp) + 32 + 40
+    norm = fusions(task)[0]
+    return m_rows(task, c) * (c["rows"] + norm) + c["unroll"] * c["rows"] * (4 + zp) + 32 * (1 + norm) + 40
 
 
 def rows_per_block(c: dict) -> int:
@@ -176,8 +186,9 @@ def q4_features(op, task: Task, config: Config, target: Target) -> dict[str, flo
     resident = max(blocks_per_sm(threads, smem, registers(task, c), target), 1)
     sms = target.sm_count or 132
     size = ITEMSIZE[task.dtype]
-    weights = op.min_bytes(task) - size * (M * K + M * N)
-    moved = weights * gy + size * (M * K * gx + M * N)
+    norm, residual = fusions(task)
+    weights = op.min_bytes(task) - size * (M * K + M * N * (1 + residual) + K * norm)
+    moved = weights * gy + size * ((M + norm) * K * gx + M * N * (1 + residual))
     return {
         "threads": threads,
         "vector_lanes": 32,
@@ -205,6 +216,15 @@ def q4_render(op, task: Task, config: Config) -> KernelSource:
     smem = m_rows(task, c) * c["kc"] * ITEMSIZE[task.dtype] if c["core"] == "mma" else 0
     return KernelSource("cuda", code, op.op, op.signature(task),
                         (("block", (32 * c["warps"], 1, 1)), ("grid", grid(task, c)), ("smem", smem)))
+
+
+def _params(task: Task, zp: bool) -> str:
+    """The kernel's parameters (``MatmulQ4.signature``)."""
+    norm, residual = fusions(task)
+    return ("const T_* __restrict__ X, " + ("const T_* __restrict__ G, " if norm else "")
+            + "const uint8_t* __restrict__ WQ,\n    const T_* __restrict__ SCALES"
+            + (", const T_* __restrict__ ZEROS" if zp else "") + (", const T_* __restrict__ R" if residual else "")
+            + ", T_* __restrict__ Y")
 
 
 def _reduce_and_store(task: Task, c: dict, values: str, count: int, store: str) -> str:
@@ -249,7 +269,7 @@ def mma_code(task: Task, c: dict) -> str:
     threads = 32 * WARPS
     rpb = rows_per_block(c)
     units_row = KC // 8
-    zero_decl = ", const T_* __restrict__ ZEROS" if zp else ""
+    norm = fusions(task)[0]
     if zp:
         zero_load = "zr[u][rt][h] = inb ? ZEROS[row_off_s[rt][h] + grp] : T_(0.0f);"
         zero_value = f"__hadd2(h2(zr[u][rt][h]), h2(T_({bias}f)))"
@@ -257,6 +277,9 @@ def mma_code(task: Task, c: dict) -> str:
         zero_load = ""
         zero_value = f"h2(T_({bias + 8.0}f))"
     zero_regs = f"T_ zr[{U}][{RW}][2];" if zp else ""
+    ssq_decl = f"""
+  __shared__ float ssq[{MR}];  // each X row's sum of squares (the norm)
+  if (threadIdx.x < {MR}) ssq[threadIdx.x] = 0.0f;""" if norm else ""
     prefetch = ""
     if c["prefetch"] == 1:  # the first weights head for L2 while X is staged
         prefetch = f"""
@@ -279,9 +302,25 @@ def mma_code(task: Task, c: dict) -> str:
       for (int e = 0; e < 4; ++e) {{
         const long long n = nb + rt * 16 + g + (e >> 1) * 8;
         const int m = mx0 + nt * 8 + 2 * t + (e & 1);
-        if (n < {N} && m < {M}) Y[(long long)m * {N} + n] = from_f32<T_>(acc[(rt * {NT} + nt) * 4 + e]);
+        if (n < {N} && m < {M}) Y[(long long)m * {N} + n] = {fused_output(task, f"acc[(rt * {NT} + nt) * 4 + e]", "m", "n", "ssq[m - mx0]")};
       }}"""
 
+    # the norm: x times its weight as it is staged, its square into the row's sum
+    norm_x = """
+        {
+          float xf[8], gf[8];
+          unpack_f32<T_, 16>(x, xf);
+          unpack_f32<T_, 16>(ld_cached<16>(G + k), gf);
+          float sq = 0.0f;
+          T_ h[8];
+          #pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            sq = fmaf(xf[e], xf[e], sq);
+            h[e] = from_f32<T_>(xf[e] * gf[e]);
+          }
+          memcpy(&x, h, 16);
+          atomicAdd(&ssq[row], sq);
+        }""" if norm else ""
     stage_x = f"""    for (int i = threadIdx.x; i < {MR * units_row}; i += {threads}) {{
       const int row = i / {units_row};
       const int q = i % {units_row};
@@ -289,7 +328,7 @@ def mma_code(task: Task, c: dict) -> str:
       RawVec<16> v;
       if (k < {K}) {{
         const int m = mx0 + row < {M} ? mx0 + row : {M - 1};
-        const RawVec<16> x = ld_cached<16>(X + (long long)m * {K} + k);
+        {"" if norm else "const "}RawVec<16> x = ld_cached<16>(X + (long long)m * {K} + k);{norm_x}
         // k order inside a unit becomes 0,4,1,5,2,6,3,7: the order codes are paired in
         v.w[0] = __byte_perm(x.w[0], x.w[2], 0x5410);
         v.w[1] = __byte_perm(x.w[0], x.w[2], 0x7632);
@@ -386,7 +425,7 @@ def mma_code(task: Task, c: dict) -> str:
   RawVec<16> wn[{U}][{RW}][2];
   T_ sn[{U}][{RW}][2];
   {zero_next}
-{load_steps("wn", "sn", "zn", "part")}{stage_x}  __syncthreads();
+{load_steps("wn", "sn", "zn", "part")}{"  __syncthreads();  // the row sums are zeroed" + chr(10) if norm else ""}{stage_x}  __syncthreads();
   for (int s0 = part; s0 < steps; s0 += {KS * U}) {{
       RawVec<16> wr[{U}][{RW}][2];
       T_ sc[{U}][{RW}][2];
@@ -414,10 +453,9 @@ __device__ __forceinline__ unsigned as_u32(T2_ v) {{ unsigned u; memcpy(&u, &v, 
 // 16-byte unit q of X row `row` in shared memory: XOR-swizzled within aligned groups of 4 units.
 __device__ __forceinline__ int xunit(int row, int q) {{ return row * {units_row} + (q ^ (((q >> 3) & 1) << 1) ^ (row & 1)); }}
 
-extern "C" __global__ void __launch_bounds__({threads}) {task.op}(const T_* __restrict__ X, const uint8_t* __restrict__ WQ,
-    const T_* __restrict__ SCALES{zero_decl}, T_* __restrict__ Y) {{
+extern "C" __global__ void __launch_bounds__({threads}) {task.op}({_params(task, zp)}) {{
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  RawVec<16>* xs = reinterpret_cast<RawVec<16>*>(smem_raw);
+  RawVec<16>* xs = reinterpret_cast<RawVec<16>*>(smem_raw);{ssq_decl}
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int group = warp / {KS};
@@ -465,7 +503,8 @@ def simt_code(task: Task, c: dict) -> str:
     xbytes = 16
     xvecs = 32 * size // xbytes  # 16-byte loads per 32 X values
     per_vec = xbytes // size
-    zero_decl = ", const T_* __restrict__ ZEROS" if zp else ""
+    norm = fusions(task)[0]
+    sums = MT * R + MT * norm  # the partial products, then each X row's sum of squares (the norm)
     zero_load = "z[u][r] = to_f32(ZEROS[row_off_s[r] + grp]);" if zp else "z[u][r] = 8.0f;"
     store = f"""
   if (lane == 0) {{
@@ -475,15 +514,25 @@ def simt_code(task: Task, c: dict) -> str:
       if (n < {N}) {{
         #pragma unroll
         for (int m = 0; m < {MT}; ++m)
-          if (m0 + m < {M}) Y[(long long)(m0 + m) * {N} + n] = from_f32<T_>(acc[m * {R} + r]);
+          if (m0 + m < {M}) Y[(long long)(m0 + m) * {N} + n] = {fused_output(task, f"acc[m * {R} + r]", "m0 + m", "n", f"acc[{MT * R} + m]")};
       }}
     }}
   }}"""
+    g_load = f"""
+        float gw[32];
+        #pragma unroll
+        for (int v = 0; v < {xvecs}; ++v)
+          unpack_f32<T_, {xbytes}>(ld_cached<{xbytes}>(G + k + v * {per_vec}), gw + v * {per_vec});""" if norm else ""
+    x_norm = f"""
+          #pragma unroll
+          for (int j = 0; j < 32; ++j) {{
+            acc[{MT * R} + m] = fmaf(x[j], x[j], acc[{MT * R} + m]);
+            x[j] *= gw[j];
+          }}""" if norm else ""
     return PREAMBLE + PTX_HELPERS + f"""
 typedef {T} T_;
 
-extern "C" __global__ void __launch_bounds__({threads}) {task.op}(const T_* __restrict__ X, const uint8_t* __restrict__ WQ,
-    const T_* __restrict__ SCALES{zero_decl}, T_* __restrict__ Y) {{
+extern "C" __global__ void __launch_bounds__({threads}) {task.op}({_params(task, zp)}) {{
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int group = warp / {KS};
@@ -497,9 +546,9 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}(const T_* __re
     row_off_q[r] = n * {K // 2};
     row_off_s[r] = n * {K // G};
   }}
-  float acc[{MT * R}];
+  float acc[{sums}];
   #pragma unroll
-  for (int i = 0; i < {MT * R}; ++i) acc[i] = 0.0f;
+  for (int i = 0; i < {sums}; ++i) acc[i] = 0.0f;
   for (int p0 = part * 32 + lane; p0 < {pieces}; p0 += {KS * 32 * U}) {{
     RawVec<16> w[{U}][{R}];
     float s[{U}][{R}], z[{U}][{R}];
@@ -521,14 +570,14 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}(const T_* __re
     for (int u = 0; u < {U}; ++u) {{
       const int p = p0 + u * {KS * 32};
       if (p < {pieces}) {{
-        const int k = p * 32;
+        const int k = p * 32;{g_load}
         #pragma unroll
         for (int m = 0; m < {MT}; ++m) {{
           const long long xm = m0 + m < {M} ? m0 + m : {M - 1};
           float x[32];
           #pragma unroll
           for (int v = 0; v < {xvecs}; ++v)
-            unpack_f32<T_, {xbytes}>(ld_cached<{xbytes}>(X + xm * {K} + k + v * {per_vec}), x + v * {per_vec});
+            unpack_f32<T_, {xbytes}>(ld_cached<{xbytes}>(X + xm * {K} + k + v * {per_vec}), x + v * {per_vec});{x_norm}
           float xsum = 0.0f;
           #pragma unroll
           for (int j = 0; j < 32; ++j) xsum += x[j];
@@ -550,7 +599,7 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}(const T_* __re
     }}
   }}
   #pragma unroll
-  for (int i = 0; i < {MT * R}; ++i) acc[i] = warp_sum(acc[i]);
-{_reduce_and_store(task, c, "acc", MT * R, store)}
+  for (int i = 0; i < {sums}; ++i) acc[i] = warp_sum(acc[i]);
+{_reduce_and_store(task, c, "acc", sums, store)}
 }}
 """
