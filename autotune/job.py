@@ -16,7 +16,6 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
-from cost_model.transfer import best_configs_elsewhere
 from measure import LocalBuilder, LocalRunner, TimingPolicy
 from measure.backends import get_backend
 from measure.timing import CACHE_CONDITIONS, cache_condition, condition_of, policy_for
@@ -26,7 +25,7 @@ from search_space import Target, Task, get_template
 from .scheduler import ModelTuneSummary
 from .tune_model import ModelWorkload, tune_model, tune_model_on_cluster
 from .tuners import TUNERS, TuneSummary
-from .tuning import pretrained_model, remeasure_task, tune_task, tune_task_on_cluster
+from .tuning import pretrained_model, remeasure_task, tune_task, tune_task_on_cluster, with_priors
 
 
 # A model job's timing unless the job gives one: each sample the fastest of 3 runs
@@ -276,14 +275,10 @@ def _check_restriction(job: TuningJob, targets: list[Target]) -> None:
 def _tuner_options(job: TuningJob, note: Callable[[str], None]) -> dict[str, Any]:
     """The tuner's options for one task: the job's own, and for xgb its priors (``seeds``) and
     its starting model (``base_model``), the ``transfer_from`` logs read once for both."""
-    options = dict(job.tuner_options)
     if job.tuner != "xgb":
-        return options
+        return dict(job.tuner_options)
     records = load_records(job.transfer_from, warn=False) if job.transfer_from else []
-    seeds = (best_configs_elsewhere(records, job.task, job.target)
-             + get_template(job.task.op, job.target.kind).seed_configs(job.task, job.target))
-    if seeds:
-        options.setdefault("seeds", seeds)
+    options = with_priors(job.tuner, job.task, job.target, records, job.tuner_options)
     base = _base_model(job, records, note)
     if base is not None:
         options["base_model"] = base

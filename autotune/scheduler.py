@@ -30,7 +30,7 @@ from search_space import Config, Target
 
 from .model_tasks import ModelTask
 from .tuners import TuneSummary, Tuner, make_tuner
-from .tuning import ClusterRound
+from .tuning import ClusterRound, with_priors
 
 MAX_FAILED_ROUNDS = 3  # rounds without one verified candidate before a task is given up
 
@@ -65,7 +65,9 @@ class ModelTuneSummary:
 class TaskScheduler:
     def __init__(self, tasks: Sequence[ModelTask], target: Target, tuner: str = "xgb", seed: int = 0,
                  batch: int = 8, restrict: dict | None = None, tuner_options: dict | None = None,
-                 alpha: float = 0.2, window: int = 3, epsilon: float = 0.05):
+                 alpha: float = 0.2, window: int = 3, epsilon: float = 0.05, priors: Sequence[Record] = ()):
+        """``priors``: records (the resumed log's) whose best configs of each task's other
+        shapes and variants an xgb tuner measures first, before its template's seed configs."""
         if not tasks:
             raise ValueError("no tasks to tune")
         self.tasks = list(tasks)
@@ -74,7 +76,8 @@ class TaskScheduler:
         self.alpha, self.window, self.epsilon = alpha, window, epsilon
         self.rng = np.random.default_rng(seed)
         self.tuners: list[Tuner] = [make_tuner(tuner, t.task, target, seed=seed + i, restrict=restrict,
-                                               **(tuner_options or {})) for i, t in enumerate(self.tasks)]
+                                               **with_priors(tuner, t.task, target, priors, tuner_options))
+                                    for i, t in enumerate(self.tasks)]
         self.rounds = [0] * len(self.tasks)
         self.failed_rounds = [0] * len(self.tasks)
         self.history: list[list[float]] = [[] for _ in self.tasks]  # best after each round

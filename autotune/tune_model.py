@@ -115,7 +115,9 @@ def tune_model(job, log: RecordLog, builder, runner, progress: bool, note: Calla
     if mixed:
         note(f"warning: {log.path} holds {mixed} of these tasks; this job times {job.cache_condition()} and resumes "
              "them as they are, so the best times mix both (use a new --log to tune in one condition only)")
-    scheduler = TaskScheduler(tasks, job.target, job.tuner, seed=job.seed, batch=job.batch, restrict=job.restrict)
+    # the log's records of other shapes and variants (a fused GEMV's plain one) are where new tasks start
+    scheduler = TaskScheduler(tasks, job.target, job.tuner, seed=job.seed, batch=job.batch, restrict=job.restrict,
+                              priors=log.records(warn=False))
     bar = ModelProgress(f"{job.model.config.name} ({len(tasks)} tasks)", job.trials) if progress else None
     with observed(job, note, bar, lambda run, status, summary: _finish(run, log, status, summary)) as (
             tracking, outcome):
@@ -133,7 +135,9 @@ def tune_model_on_cluster(job, log: RecordLog, cluster, targets, progress: bool,
     from .tuning import _log_cluster_params, measure_on_cluster, observed, written_by_a_thread
 
     tasks = job.model.tasks()
-    schedulers = [TaskScheduler(tasks, target, job.tuner, seed=job.seed, batch=job.batch, restrict=job.restrict)
+    priors = log.records(warn=False)
+    schedulers = [TaskScheduler(tasks, target, job.tuner, seed=job.seed, batch=job.batch, restrict=job.restrict,
+                                priors=priors)
                   for target in targets]
     label = f"{job.model.config.name} ({len(tasks)} tasks)"
     bar = ModelProgress(label, job.trials * len(targets)) if progress else None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from cost_model import batch_quality
-from cost_model.transfer import throughput_of
+from cost_model.transfer import best_configs_elsewhere, throughput_of
 from measure import MeasureInput, MeasureResult
 from records import Record, RecordLog, stale_configs
 from search_space import Config, Target, Task, get_template
@@ -244,6 +244,22 @@ def _save_model(tuner: Tuner, path: str) -> None:
         warnings.warn(f"no cost model to save to {path}: too few verified trials to fit one", stacklevel=2)
         return
     model.save(path)
+
+
+def prior_configs(records, task: Task, target: Target) -> list[dict]:
+    """Where an xgb search of ``task`` starts: the best configs of its operator's other tasks in
+    ``records`` (same dims first), then its template's seed configs for ``target``."""
+    return best_configs_elsewhere(records, task, target) + get_template(task.op, target.kind).seed_configs(task, target)
+
+
+def with_priors(tuner: str, task: Task, target: Target, records, options: dict | None = None) -> dict:
+    """A task's tuner options: for xgb, ``prior_configs`` as its ``seeds`` unless given."""
+    options = dict(options or {})
+    if tuner == "xgb" and "seeds" not in options:
+        seeds = prior_configs(records, task, target)
+        if seeds:
+            options["seeds"] = seeds
+    return options
 
 
 def pretrained_model(records: list[Record], load_model: str | None, task: Task, target: Target, seed: int = 0):

@@ -77,3 +77,25 @@ def test_a_job_with_transfer_from_measures_the_best_config_of_the_other_shape_fi
                       transfer_from=(str(tmp_path / "other.jsonl"),), mlflow=False), progress=False)
     first = RecordLog(tmp_path / "mine.jsonl").records()[0]
     assert first.config == best.config
+
+
+def test_a_model_tuning_starts_each_task_from_its_plain_variant_in_the_log():
+    """A GEMV that fuses its norm is a new task in a resumed log: its xgb search starts from the
+    best config of the plain GEMV of the same dims, then other shapes' best, then the seeds."""
+    from autotune.model_tasks import ModelTask
+    from autotune.scheduler import TaskScheduler
+
+    template = get_template("gemv", "cuda")
+    fused = Task.make("gemv", {"M": 1, "N": 4096, "K": 4096}, "float16", {"norm": "rmsnorm", "eps": 1e-5})
+    records = []
+    for shape, picks in (({"M": 1, "N": 11008, "K": 4096}, (3, 1e-5)), ({"M": 1, "N": 4096, "K": 4096}, (40, 2e-5))):
+        task = Task.make("gemv", shape, "float16")
+        space = template.space(task, CUDA)
+        index, seconds = picks
+        config = space.get(space.valid_indices()[index])
+        records.append(Record.from_measure(MeasureInput(task, config, CUDA), MeasureResult((seconds,) * 3), "t"))
+    scheduler = TaskScheduler([ModelTask(fused, 1.0)], CUDA, "xgb", priors=records)
+    seeds = [c.as_dict() for c in scheduler.tuners[0].seeds]
+    assert seeds[:2] == [records[1].config, records[0].config]  # the same dims first, though slower
+    assert len(seeds) > 2  # the template's seed configs after them
+    assert TaskScheduler([ModelTask(fused, 1.0)], CUDA, "random", priors=records).tuners[0].name == "random"
