@@ -205,6 +205,7 @@ def decode_profile(torch, model, prompts, steps: int, wall_per_step: float) -> d
                              "share_of_step": seconds / steps / wall_per_step}
     busy = sum(k["share_of_step"] for k in kernels.values())
     return {"steps": steps, "wall_us_per_step": wall_per_step * 1e6, "in_kernels_share": busy,
+            "launches_per_step": sum(k["launches_per_step"] for k in kernels.values()),
             "kernels": dict(sorted(kernels.items(), key=lambda kv: -kv[1]["us_per_step"]))}
 
 

@@ -52,7 +52,7 @@ for r in rows:  # where a decode step goes (torch's profiler over a timed run)
     if "kernels" in prof:
         top = ", ".join(f"{name} {k['share_of_step'] * 100:.0f}%" for name, k in list(prof["kernels"].items())[:6])
         print(f"{r['model']} {r['quantize']}: step {prof['wall_us_per_step']:.0f} us, "
-              f"{prof['in_kernels_share'] * 100:.0f}% in kernels: {top}")
+              f"{prof.get('launches_per_step', 0):.0f} kernels, {prof['in_kernels_share'] * 100:.0f}% in kernels: {top}")
     elif prof:
         print(f"{r['model']} {r['quantize']}: no profile ({prof.get('error')})")
 PYEOF

@@ -312,17 +312,16 @@ class LlamaModel:
 
     def _fused_layer_calls(self, k: dict[str, Kernel], buf: _Buffers, layer: int) -> tuple[list, list]:
         """``_layer_calls`` where the GEMVs fuse the norms before them and the residual adds
-        after them: the residual stream comes in ``res_a``, is ``res_b`` after attention and
-        ``res_a`` again after the MLP; the next layer's Q/K/V projection (or the LM head) norms it."""
+        after them, and the gate/up GEMV writes SwiGLU's activation: the residual stream comes in
+        ``res_a``, is ``res_b`` after attention and ``res_a`` again after the MLP; the next
+        layer's Q/K/V projection (or the LM head) norms it."""
         lay = layer
         before = [*self._projection(k, buf, lay, "qkv_proj", "self_attn.qkv_proj", buf.res_a,
                                     gain=layer_name(lay, "input_layernorm")), *self._ropes(k, buf)]
         after = [*self._projection(k, buf, lay, "o_proj", "self_attn.o_proj", buf.attn, residual=buf.res_a,
                                    out=buf.res_b),
                  *self._projection(k, buf, lay, "gate_up_proj", "mlp.gate_up_proj", buf.res_b,
-                                   gain=layer_name(lay, "post_attention_layernorm")),
-                 *_host_calls(buf.split_gate_up),
-                 k["swiglu"].bind({"G": buf.gate, "U": buf.up, "Y": buf.act}, {"M": buf.rows}),
+                                   gain=layer_name(lay, "post_attention_layernorm"), out=buf.act),
                  *self._projection(k, buf, lay, "down_proj", "mlp.down_proj", buf.act, residual=buf.res_b,
                                    out=buf.res_a)]
         return before, after

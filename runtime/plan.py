@@ -20,11 +20,12 @@ With ``quantize="q4"`` every linear layer, the LM head included, uses int4 weigh
 (``gemm_q4``/``gemv_q4``, symmetric codes, one scale per ``group_size`` weights).
 
 The resident CUDA decode step (``decode_calls(..., resident=True)``) also fuses each RMSNorm
-into the GEMV that reads its output and each residual add into the GEMV whose output it adds
-(``norm=rmsnorm`` and ``residual`` on ``gemv``/``gemv_q4``, ``search_space/ops/matmul.py``):
-a layer is then the Q/K/V projection, ``rope_append``, attention, the output projection, the
-gate/up projection, SwiGLU and the down projection, seven kernels where there were nine. The
-residual stream goes back and forth between two buffers; the LM head normalises the last one.
+into the GEMV that reads its output, each residual add into the GEMV whose output it adds and
+SwiGLU into the gate/up GEMV (``norm=rmsnorm``, ``residual`` and ``act=swiglu`` on
+``gemv``/``gemv_q4``, ``search_space/ops/matmul.py``): a layer is then the Q/K/V projection,
+``rope_append``, attention, the output projection, the gate/up projection (writing the
+activation) and the down projection, six kernels where there were nine. The residual stream
+goes back and forth between two buffers; the LM head normalises the last one.
 Where the GEMVs cannot take them (more than ``GEMV_MAX_M`` rows, a bias after the output or
 MLP projections) or a library predates them, the step keeps its norms (``fused_norms=False``).
 
@@ -143,9 +144,10 @@ def biased_projections(config: ModelConfig) -> dict[str, bool]:
             "down_proj": config.mlp_bias}
 
 
-# the linear layers of a decode step that take over a norm or a residual add, and which
-FUSED_NORMS = {"qkv_proj": "norm", "gate_up_proj": "norm", "lm_head": "norm", "o_proj": "residual",
-               "down_proj": "residual"}
+# what the linear layers of a resident decode step take over from the kernels around them
+_NORM = {"norm": "rmsnorm"}  # and the model's eps
+FUSED_NORMS = {"qkv_proj": _NORM, "gate_up_proj": {**_NORM, "act": "swiglu"}, "lm_head": _NORM,
+               "o_proj": {"residual": True}, "down_proj": {"residual": True}}
 
 
 def can_fuse_norms(config: ModelConfig, batch: int) -> bool:
@@ -156,15 +158,16 @@ def can_fuse_norms(config: ModelConfig, batch: int) -> bool:
 
 
 def _fuse_norms(config: ModelConfig, calls: list[KernelCall]) -> list[KernelCall]:
-    """``calls`` with the RMSNorms folded into the GEMVs that read them and the residual adds
-    into those whose outputs they add (``FUSED_NORMS``)."""
+    """``calls`` with the RMSNorms folded into the GEMVs that read them, the residual adds into
+    those whose outputs they add and SwiGLU into the gate/up GEMV (``FUSED_NORMS``)."""
     fused = []
     for call in calls:
-        if call.spec.op == "rmsnorm":
+        if call.spec.op in ("rmsnorm", "swiglu"):
             continue
-        kind = FUSED_NORMS.get(call.role)
-        if kind is not None:
-            extra = {"norm": "rmsnorm", "eps": config.rms_norm_eps} if kind == "norm" else {"residual": True}
+        extra = FUSED_NORMS.get(call.role)
+        if extra is not None:
+            if "norm" in extra:
+                extra = {**extra, "eps": config.rms_norm_eps}
             spec = call.spec
             call = KernelCall(call.role, KernelSpec.make(spec.op, spec.dims, spec.dtype, {**spec.attr, **extra},
                                                          spec.dynamic), call.count)

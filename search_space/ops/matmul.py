@@ -25,6 +25,9 @@ take over its neighbours' work in a decoder layer:
   mean of squares itself, and the RMSNorm before a projection costs no kernel of its own.
 - ``residual=true``: Y = R + X @ W^T with the residual stream ``R[M, N]`` (a buffer other than
   Y), so the residual add after the output and down projections costs none either.
+- ``act=swiglu``: W's rows are the gate projection's then the up projection's (N/2 each, as a
+  fused gate/up weight stacks them), and Y[M, N/2] = silu(X @ W_gate^T) * (X @ W_up^T): the
+  gated MLP's activation costs no kernel, and the N-wide gate/up output is never written.
 """
 from __future__ import annotations
 
@@ -41,10 +44,13 @@ from .common import FLOAT_DTYPES, ITEMSIZE, from_float, random_uniform, to_float
 
 WEIGHT_ONLY = ("bfloat16",)  # narrower storages W may have on a float32 task
 NORMS = ("none", "rmsnorm")
-FUSION_ATTRS = {"norm": "none", "eps": 1e-5, "residual": False}
+ACTS = ("none", "swiglu")
+FUSION_ATTRS = {"norm": "none", "eps": 1e-5, "residual": False, "act": "none"}
 FUSION_DOCS = {"norm": "rmsnorm: X is RMS-normalised first, with the norm weight G[K] (decode fusion; CUDA)",
                "eps": "added to the mean of squares of X with norm=rmsnorm",
-               "residual": "true: Y = R + X @ W^T, with the residual stream R[M,N] (decode fusion; CUDA)"}
+               "residual": "true: Y = R + X @ W^T, with the residual stream R[M,N] (decode fusion; CUDA)",
+               "act": "swiglu: W is gate rows then up rows, Y[M,N/2] = silu(X W_gate^T) * X W_up^T "
+                      "(decode fusion; CUDA)"}
 
 
 def fusions(task: Task) -> tuple[bool, bool]:
@@ -52,11 +58,29 @@ def fusions(task: Task) -> tuple[bool, bool]:
     return task.attr.get("norm", "none") == "rmsnorm", bool(task.attr.get("residual", False))
 
 
+def gated(task: Task) -> bool:
+    """Whether Y is the SwiGLU of W's two halves (``act=swiglu``)."""
+    return task.attr.get("act", "none") == "swiglu"
+
+
+def out_width(task: Task) -> int:
+    """Columns of Y: N, or N/2 with ``act=swiglu``."""
+    return task.dims["N"] // 2 if gated(task) else task.dims["N"]
+
+
+def _y_shape(task: Task) -> tuple:
+    return ("M", task.dims["N"] // 2) if gated(task) else ("M", "N")
+
+
 def check_fusions(op: Operator, task: Task) -> None:
     a = op.attrs(task)
     if a.get("norm", "none") not in NORMS:
         raise ValueError(f"{op.op}: norm must be one of {', '.join(NORMS)}, got {a['norm']!r}")
-    if isinstance(op, Template) and any(fusions(task)) and not getattr(op, "fusable", False):
+    if a.get("act", "none") not in ACTS:
+        raise ValueError(f"{op.op}: act must be one of {', '.join(ACTS)}, got {a['act']!r}")
+    if gated(task) and task.dims["N"] % 2:
+        raise ValueError(f"{op.op}: act=swiglu needs an even N (gate rows, then as many up rows), got {task.dims['N']}")
+    if isinstance(op, Template) and (any(fusions(task)) or gated(task)) and not getattr(op, "fusable", False):
         raise ValueError(f"{op.op}: the {op.target_kind} template fuses no norm or residual add (CUDA only)")
 
 
@@ -64,13 +88,13 @@ def fused_args(op: Operator, task: Task) -> tuple[tuple[ArgSpec, ...], tuple[Arg
     """The arguments the fusions add: (G after X, R before Y)."""
     norm, residual = fusions(task)
     return ((ArgSpec("G", "in", task.dtype, ("K",)),) if norm else (),
-            (ArgSpec("R", "in", task.dtype, ("M", "N")),) if residual else ())
+            (ArgSpec("R", "in", task.dtype, _y_shape(task)),) if residual else ())
 
 
 def fused_bytes(op: Operator, task: Task) -> float:
     norm, residual = fusions(task)
     d = task.dims
-    return ITEMSIZE[task.dtype] * (d["K"] * norm + d["M"] * d["N"] * residual)
+    return ITEMSIZE[task.dtype] * (d["K"] * norm + d["M"] * out_width(task) * residual)
 
 
 def fused_inputs(op: Operator, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -80,7 +104,7 @@ def fused_inputs(op: Operator, task: Task, rng: np.random.Generator) -> dict[str
     if norm:  # rows far from unit RMS, so that a missing normalisation shows
         out["G"] = random_uniform(rng, (d["K"],), task.dtype, 0.5, 1.5)
     if residual:
-        out["R"] = random_uniform(rng, (d["M"], d["N"]), task.dtype)
+        out["R"] = random_uniform(rng, (d["M"], out_width(task)), task.dtype)
     return out
 
 
@@ -94,6 +118,10 @@ def fused_x(op: Operator, task: Task, inputs: dict[str, np.ndarray]) -> np.ndarr
 
 
 def fused_y(op: Operator, task: Task, inputs: dict[str, np.ndarray], y: np.ndarray) -> dict[str, np.ndarray]:
+    """Y from the float64 product X @ W^T: gated (``act=swiglu``), then the residual added."""
+    if gated(task):
+        gate, up = y[:, :out_width(task)], y[:, out_width(task):]
+        y = gate / (1.0 + np.exp(-gate)) * up
     return {"Y": y + to_float64(inputs["R"], task.dtype) if fusions(task)[1] else y}
 
 
@@ -126,7 +154,7 @@ class Matmul(Operator):
     def signature(self, task: Task) -> tuple[ArgSpec, ...]:
         g, r = fused_args(self, task)
         return (ArgSpec("X", "in", task.dtype, ("M", "K")), *g, ArgSpec("W", "in", self.weight_dtype(task), ("N", "K")),
-                *r, ArgSpec("Y", "out", task.dtype, ("M", "N")))
+                *r, ArgSpec("Y", "out", task.dtype, _y_shape(task)))
 
     def flops(self, task: Task) -> float:
         d = task.dims
@@ -135,7 +163,7 @@ class Matmul(Operator):
     def min_bytes(self, task: Task) -> float:
         d = task.dims
         size = ITEMSIZE[task.dtype]
-        return (size * (d["M"] * d["K"] + d["M"] * d["N"]) + ITEMSIZE[self.weight_dtype(task)] * d["N"] * d["K"]
+        return (size * (d["M"] * d["K"] + d["M"] * out_width(task)) + ITEMSIZE[self.weight_dtype(task)] * d["N"] * d["K"]
                 + fused_bytes(self, task))
 
     def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -206,7 +234,7 @@ class MatmulQ4(Operator):
                 ArgSpec("SCALES", "in", task.dtype, ("N", groups))]
         if self.attrs(task)["zero_point"]:
             args.append(ArgSpec("ZEROS", "in", task.dtype, ("N", groups)))
-        args += [*r, ArgSpec("Y", "out", task.dtype, ("M", "N"))]
+        args += [*r, ArgSpec("Y", "out", task.dtype, _y_shape(task))]
         return tuple(args)
 
     def flops(self, task: Task) -> float:
@@ -219,7 +247,7 @@ class MatmulQ4(Operator):
         size = ITEMSIZE[task.dtype]
         per_group = size * (2 if a["zero_point"] else 1)
         weights = d["N"] * d["K"] / 2 + d["N"] * d["K"] / a["group_size"] * per_group
-        return weights + size * (d["M"] * d["K"] + d["M"] * d["N"]) + fused_bytes(self, task)
+        return weights + size * (d["M"] * d["K"] + d["M"] * out_width(task)) + fused_bytes(self, task)
 
     def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
         d = task.dims

@@ -34,14 +34,16 @@ def test_the_model_tunes_exports_and_runs_on_cuda_kernels(fake_gpu, tmp_path, mo
     log = RecordLog(tmp_path / "cuda.jsonl")
     workload = ModelWorkload(MICRO, prefill_tokens=(8,), decode_batch=(1,), kv_len=(16,), resident=True)
     with CudaRunner(timeout_s=300) as runner:
-        job = TuningJob(FAKE_GPU_TARGET, model=workload, tuner="random", trials=17, batch=2, log=log.path,
+        job = TuningJob(FAKE_GPU_TARGET, model=workload, tuner="random", trials=16, batch=2, log=log.path,
                         mlflow=False)
         summary = run_job(job, progress=False, runner=runner)
-    assert len(summary.tasks) == 17 and summary.trials == 17 and not summary.given_up
+    assert len(summary.tasks) == 16 and summary.trials == 16 and not summary.given_up
     assert {"rope_append", "argmax"} <= {t.task.op for t in summary.tasks}
     # the decode step's norms and residual adds run inside its GEMVs
-    assert {(t.task.attr.get("norm"), t.task.attr.get("residual")) for t in summary.tasks
-            if t.task.op == "gemv" and t.task.dims["M"] == 1} >= {("rmsnorm", None), (None, True)}
+    assert {(t.task.attr.get("norm"), t.task.attr.get("residual"), t.task.attr.get("act")) for t in summary.tasks
+            if t.task.op == "gemv" and t.task.dims["M"] == 1} >= {("rmsnorm", None, None), (None, True, None),
+                                                                  ("rmsnorm", None, "swiglu")}
+    assert not any(t.task.op == "swiglu" and t.task.dims["M"] == 1 for t in summary.tasks)
     assert all(s.best is not None for s in summary.summaries)
     export_library(log.records(), tmp_path / "lib", "cuda")
     register_library(fake_gpu, tmp_path / "lib")
@@ -163,7 +165,7 @@ class WithoutFusedNorms:
         self.kernels, self.kind = kernels, kernels.kind
 
     def get(self, op, shape, dtype="float32", attrs=None, dynamic=()):
-        if op.startswith("gemv") and {"norm", "residual"} & set(attrs or {}):
+        if op.startswith("gemv") and {"norm", "residual", "act"} & set(attrs or {}):
             raise LookupError(f"no fused {op} in this library")
         return self.kernels.get(op, shape, dtype, attrs, dynamic)
 
@@ -181,7 +183,7 @@ def test_the_decode_gemvs_fuse_the_norms_where_the_library_has_them(fake_gpu, qu
     weights = ModelWeights.random(MICRO, seed=6)
     if quantize == "q4":
         weights = weights.quantize_q4(32)
-    prompts = np.array([[5, 9, 2, 33, 7]])
+    prompts = np.array([[5, 9, 2, 33, 7], [40, 1, 17, 8, 60]])  # two sequences: M = 2 in the GEMVs
     reference = ReferenceModel(MICRO, weights).generate(prompts, 5)
     with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
         for provider, fused in ((kernels, True), (WithoutFusedNorms(kernels), False)):
@@ -191,8 +193,8 @@ def test_the_decode_gemvs_fuse_the_norms_where_the_library_has_them(fake_gpu, qu
             norms = {spec.split("/")[0] for spec in model.used
                      if spec.startswith("gemv") and ('norm="rmsnorm"' in spec or "residual=true" in spec)}
             assert norms == ({"gemv_q4" if quantize == "q4" else "gemv"} if fused else set()), norms
-            # the prefill keeps its RMSNorm kernels; the decode step has (M = 1) only unfused
-            decode_norms = [spec for spec in model.used if spec.startswith("rmsnorm/") and "M~=1," in spec]
+            # the prefill keeps its RMSNorm kernels; the decode step (M = 2 rows) has them only unfused
+            decode_norms = [spec for spec in model.used if spec.startswith("rmsnorm/") and "M~=2," in spec]
             assert bool(decode_norms) != fused, decode_norms
             error = np.abs(out.logits - reference.logits).max() / np.abs(reference.logits).max()
             assert error < 1e-4, error

@@ -245,18 +245,24 @@ NORM = {"norm": "rmsnorm", "eps": 1e-6}
     ("gemv", {"M": 2, "N": 20, "K": 1030}, "bfloat16", NORM, dict(warps=4, rows=1, ksplit=1, vec=4, unroll=4, x_smem=1)),
     ("gemv", {"M": 1, "N": 9, "K": 260}, "float32", {"residual": True},
      dict(warps=2, rows=4, ksplit=2, vec=16, unroll=1, x_smem=0)),
+    # SwiGLU of the gate and up halves (N = 2 x 37): a warp streams each column's two rows
+    ("gemv", {"M": 2, "N": 74, "K": 1040}, "float16", {**NORM, "act": "swiglu"},
+     dict(warps=4, rows=2, ksplit=2, vec=16, unroll=2, x_smem=0)),
     # mma: the rows' sums gathered in shared memory as X is staged, in chunks of K or in one
     ("gemv_q4", {"M": 9, "N": 40, "K": 640}, "float16", {**NORM, "group_size": 64},
      dict(core="mma", warps=4, rows=1, ksplit=2, unroll=2, mtile=2, kc=256, prefetch=1)),
     ("gemv_q4", {"M": 1, "N": 23, "K": 1056}, "bfloat16", {**NORM, "residual": True, "zero_point": True, "group_size": 32},
      dict(core="mma", warps=4, rows=2, ksplit=2, unroll=2, mtile=1, kc=1152, prefetch=2)),
+    ("gemv_q4", {"M": 3, "N": 46, "K": 1024}, "float16", {**NORM, "act": "swiglu", "group_size": 64},
+     dict(core="mma", warps=4, rows=1, ksplit=2, unroll=2, mtile=1, kc=1024, prefetch=2)),
     # simt: the sums of squares riding with the partial products through the K split
-    ("gemv_q4", {"M": 3, "N": 17, "K": 2048}, "float32", {**NORM, "residual": True, "group_size": 128},
+    ("gemv_q4", {"M": 3, "N": 34, "K": 2048}, "float32", {**NORM, "act": "swiglu", "residual": True, "group_size": 128},
      dict(core="simt", warps=4, rows=2, ksplit=2, unroll=2, mtile=1, kc=2048, prefetch=0)),
 ])
 def test_decode_gemv_fusions(emulator, op, shape, dtype, attrs, config):
-    """X normalised inside the GEMV (``norm=rmsnorm``) and the residual added as Y is written
-    (``residual``), against the float64 reference of RMSNorm, matmul and add."""
+    """X normalised inside the GEMV (``norm=rmsnorm``), the residual added as Y is written
+    (``residual``) and SwiGLU of the two halves (``act=swiglu``), against the float64 reference
+    of RMSNorm, matmul, SwiGLU and add."""
     template = get_template(op, "cuda")
     task = Task.make(op, shape, dtype, attrs)
     space = template.space(task, SM90)
@@ -272,6 +278,9 @@ def test_only_fusable_templates_take_the_decode_fusions():
     get_template("gemv", "cuda").check(task)
     with pytest.raises(ValueError, match="norm must be one of"):
         get_template("gemv", "cuda").check(Task.make("gemv", {"M": 1, "N": 64, "K": 128}, "float32", {"norm": "l2"}))
+    with pytest.raises(ValueError, match="even N"):
+        get_template("gemv_q4", "cuda").check(Task.make("gemv_q4", {"M": 1, "N": 63, "K": 128}, "float16",
+                                                        {"act": "swiglu"}))
     with pytest.raises(ValueError, match="no attributes"):
         get_template("gemm", "cuda").check(Task.make("gemm", {"M": 64, "N": 64, "K": 128}, "float16", NORM))
 

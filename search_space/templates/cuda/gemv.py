@@ -15,6 +15,8 @@ Decode fusions (``ops/matmul.py``): with ``norm=rmsnorm`` each X value a lane lo
 squared into that row's sum (the warps of a K split cover K once between them, and their sums
 meet with the partial products) and multiplied by the norm weight before use; the rows' scale
 1 / rms(X) is applied to the finished sums. With ``residual`` the stored value is R + the sum.
+With ``act=swiglu`` a warp's ``rows`` are output columns: it streams each one's gate row and
+its up row (N/2 rows further), 2 x ``rows`` rows in all, and stores silu(gate) * up.
 W streams from the first instruction either way.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ import math
 from ...codegen.cuda import PREAMBLE, c_type
 from ...codegen.cuda_ptx import PTX_HELPERS
 from ...ops.common import ITEMSIZE
-from ...ops.matmul import FUSION_ATTRS, GemvOp, fusions
+from ...ops.matmul import FUSION_ATTRS, GemvOp, fusions, gated, out_width
 from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
@@ -96,30 +98,31 @@ class GemvCuda(GemvOp, Template):
         lanes = c["vec"] // size
         threads = 32 * c["warps"]
         rows_per_block = c["rows"] * c["warps"] // c["ksplit"]
-        blocks = math.ceil(N / rows_per_block)
+        blocks = _blocks(task, c)
+        loaded = _loaded_rows(task, c)
         smem = _smem_bytes(task, c)
         resident = max(blocks_per_sm(threads, smem, _registers(task, c), target), 1)
         sms = target.sm_count or 132
         norm, residual = fusions(task)
         x_reads = blocks * (M + norm) * K * size  # every block reads all of X (and G) from L1/L2
-        moved = size * (N * K + M * N * (1 + residual)) + x_reads
+        moved = size * (N * K + M * out_width(task) * (1 + residual)) + x_reads
         return {
             "threads": threads,
             "vector_lanes": lanes,
             "unroll": c["unroll"],
-            "accumulators": M * c["rows"],
-            "loads_per_fma": (M + c["rows"]) / (M * c["rows"]),
+            "accumulators": M * loaded,
+            "loads_per_fma": (M + loaded) / (M * loaded),
             "parallel_chunks": blocks,
             "chunks_per_thread": blocks / (sms * resident),
             "waves": blocks / (sms * resident),
-            "tile_bytes_l1": float(c["vec"] * c["unroll"] * c["rows"] * threads),
+            "tile_bytes_l1": float(c["vec"] * c["unroll"] * loaded * threads),
             "shared_bytes": smem,
             "registers": _registers(task, c),
             "occupancy": occupancy(threads, smem, _registers(task, c), target),
             "bytes_moved": moved,
             "arith_intensity": self.flops(task) / moved,
             "reduction_share": c["ksplit"] * 32 / max(K / lanes, 1),
-            "n_tail_fraction": (blocks * rows_per_block - N) / N,
+            "n_tail_fraction": (blocks * rows_per_block - out_width(task)) / out_width(task),
         }
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
@@ -131,7 +134,12 @@ class GemvCuda(GemvOp, Template):
 
 
 def _blocks(task: Task, c: dict) -> int:
-    return math.ceil(task.dims["N"] / (c["rows"] * c["warps"] // c["ksplit"]))
+    return math.ceil(out_width(task) / (c["rows"] * c["warps"] // c["ksplit"]))
+
+
+def _loaded_rows(task: Task, c: dict) -> int:
+    """W rows a warp streams: its ``rows``, twice that with ``act=swiglu`` (gate and up rows)."""
+    return c["rows"] * (2 if gated(task) else 1)
 
 
 def _dynamic_smem(task: Task, c: dict) -> int:
@@ -140,7 +148,7 @@ def _dynamic_smem(task: Task, c: dict) -> int:
 
 def _smem_bytes(task: Task, c: dict) -> int:
     norm = fusions(task)[0]
-    reduce = 4 * task.dims["M"] * (c["rows"] + norm) * c["warps"] if c["ksplit"] > 1 else 0
+    reduce = 4 * task.dims["M"] * (_loaded_rows(task, c) + norm) * c["warps"] if c["ksplit"] > 1 else 0
     return _dynamic_smem(task, c) + reduce
 
 
@@ -148,21 +156,27 @@ def _registers(task: Task, c: dict) -> int:
     words = max(c["vec"] // 4, 1)
     lanes = c["vec"] // ITEMSIZE[task.dtype]
     norm = fusions(task)[0]
-    return (task.dims["M"] * (c["rows"] + norm) + c["unroll"] * c["rows"] * words + c["rows"] * lanes
+    rows = _loaded_rows(task, c)
+    return (task.dims["M"] * (rows + norm) + c["unroll"] * rows * words + rows * lanes
             + lanes * (1 + norm) + 24)
 
 
-def fused_output(task: Task, value: str, m: str, n: str, ss: str) -> str:
-    """The C expression a decode GEMV stores at Y[m, n] from the finished float sum ``value``:
-    scaled by 1 / rms(X row m) from its sum of squares ``ss`` with ``norm=rmsnorm``, plus
-    R[m, n] with ``residual`` (``ops/matmul.py``); in the task's dtype."""
+def fused_output(task: Task, value: str, m: str, n: str, ss: str, up: str = "") -> str:
+    """The C expression a decode GEMV stores at Y[m, n] from the finished float sum ``value``
+    (with ``act=swiglu``: the gate's, and ``up`` the up projection's): each scaled by
+    1 / rms(X row m) from its sum of squares ``ss`` with ``norm=rmsnorm``, then silu(gate) * up,
+    plus R[m, n] with ``residual`` (``ops/matmul.py``); in the task's dtype."""
     norm, residual = fusions(task)
-    out = value
+    scale = ""
     if norm:
         eps = float(task.attr.get("eps", FUSION_ATTRS["eps"]))
-        out = f"{out} * rsqrtf({ss} * {1.0 / task.dims['K']!r}f + {eps!r}f)"
+        scale = f" * rsqrtf({ss} * {1.0 / task.dims['K']!r}f + {eps!r}f)"
+    out = f"{value}{scale}"
+    if up:
+        gate = f"({out})"
+        out = f"{gate} / (1.0f + __expf(-{gate})) * ({up}{scale})"
     if residual:
-        out = f"{out} + to_f32(R[(long long)({m}) * {task.dims['N']} + ({n})])"
+        out = f"{out} + to_f32(R[(long long)({m}) * {out_width(task)} + ({n})])"
     return f"from_f32<T_>({out})"
 
 
@@ -172,7 +186,10 @@ def _code(task: Task, c: dict) -> str:
     size = ITEMSIZE[task.dtype]
     VB = c["vec"]
     V = VB // size
-    R, U, WARPS, KS = c["rows"], c["unroll"], c["warps"], c["ksplit"]
+    RO, U, WARPS, KS = c["rows"], c["unroll"], c["warps"], c["ksplit"]  # RO: output columns a warp owns
+    R = _loaded_rows(task, c)  # W rows it streams
+    glu = gated(task)
+    NO = out_width(task)
     GROUPS = WARPS // KS
     STRIDE = KS * 32 * V  # elements between one warp's consecutive pieces of a row
     STEP = STRIDE * U
@@ -209,10 +226,50 @@ def _code(task: Task, c: dict) -> str:
   #pragma unroll
   for (int m = 0; m < M_; ++m) ss[m] = warp_sum(ss[m]);""" if norm else ""
 
-    def stored(value: str, m: str, n: str, ss: str) -> str:
-        return fused_output(task, value, m, n, ss)
-
-    if KS == 1:
+    if glu:  # a warp's columns: silu(gate) * up, the gate in accumulator r and the up in RO + r
+        keep_ss = """
+    #pragma unroll
+    for (int m = 0; m < M_; ++m) red[group][part][M_ * R_ + m] = ss[m];""" if norm else ""
+        sum_ss = f"""
+      float sq = 0.0f;
+      #pragma unroll
+      for (int p = 0; p < {KS}; ++p) sq += red[group][p][M_ * R_ + m];""" if norm else ""
+        epilogue = f"""
+  if (lane == 0) {{
+    #pragma unroll
+    for (int r = 0; r < {RO}; ++r) {{
+      const long long n = n0 + r;
+      if (n < {NO}) {{
+        #pragma unroll
+        for (int m = 0; m < M_; ++m) {{
+          const float g = acc[m][r], u = acc[m][{RO} + r];
+          Y[m * {NO} + n] = {fused_output(task, "g", "m", "n", "ss[m]", up="u")};
+        }}
+      }}
+    }}
+  }}""" if KS == 1 else f"""
+  __shared__ float red[{GROUPS}][{KS}][{"M_ * R_ + M_" if norm else "M_ * R_"}];
+  if (lane == 0) {{
+    #pragma unroll
+    for (int m = 0; m < M_; ++m)
+      #pragma unroll
+      for (int r = 0; r < R_; ++r) red[group][part][m * R_ + r] = acc[m][r];{keep_ss}
+  }}
+  __syncthreads();
+  if (part == 0) {{
+    for (int i = lane; i < M_ * {RO}; i += 32) {{
+      const int m = i / {RO}, r = i % {RO};
+      float g = 0.0f, u = 0.0f;
+      #pragma unroll
+      for (int p = 0; p < {KS}; ++p) {{
+        g += red[group][p][m * R_ + r];
+        u += red[group][p][m * R_ + {RO} + r];
+      }}{sum_ss}
+      const long long n = n0 + r;
+      if (n < {NO}) Y[m * {NO} + n] = {fused_output(task, "g", "m", "n", "sq", up="u")};
+    }}
+  }}"""
+    elif KS == 1:
         epilogue = f"""
   if (lane == 0) {{
     #pragma unroll
@@ -220,7 +277,7 @@ def _code(task: Task, c: dict) -> str:
       const long long n = n0 + r;
       if (n < N_) {{
         #pragma unroll
-        for (int m = 0; m < M_; ++m) Y[m * N_ + n] = {stored("acc[m][r]", "m", "n", "ss[m]")};
+        for (int m = 0; m < M_; ++m) Y[m * N_ + n] = {fused_output(task, "acc[m][r]", "m", "n", "ss[m]")};
       }}
     }}
   }}"""
@@ -248,9 +305,16 @@ def _code(task: Task, c: dict) -> str:
       #pragma unroll
       for (int p = 0; p < {KS}; ++p) s += red[group][p][i];{sum_ss}
       const long long n = n0 + i % R_;
-      if (n < N_) Y[(i / R_) * N_ + n] = {stored("s", "(i / R_)", "n", "sq")};
+      if (n < N_) Y[(i / R_) * N_ + n] = {fused_output(task, "s", "(i / R_)", "n", "sq")};
     }}
   }}"""
+    if glu:  # column n's gate row, then its up row N/2 further
+        row_pointers = f"""  for (int r = 0; r < R_; ++r) {{
+    const long long n = n0 + r % {RO} < {NO} ? n0 + r % {RO} : {NO - 1};  // clamp: never stored
+    wrow[r] = W + (n + (r < {RO} ? 0 : {NO})) * K_;
+  }}"""
+    else:
+        row_pointers = "  for (int r = 0; r < R_; ++r) wrow[r] = W + (n0 + r < N_ ? n0 + r : N_ - 1) * K_;  // clamp: never stored"
     g_param = "const T_* __restrict__ G, " if norm else ""
     r_param = "const T_* __restrict__ R, " if residual else ""
     return PREAMBLE + PTX_HELPERS + f"""
@@ -283,10 +347,10 @@ extern "C" __global__ void __launch_bounds__({32 * WARPS}) gemv(const T_* __rest
   const int warp = threadIdx.x >> 5;
   const int group = warp / {KS};
   const int part = warp % {KS};
-  const long long n0 = (long long)blockIdx.x * {R * GROUPS} + group * R_;{stage_x}
+  const long long n0 = (long long)blockIdx.x * {RO * GROUPS} + group * {"R_" if not glu else RO};{stage_x}
   const T_* wrow[R_];
   #pragma unroll
-  for (int r = 0; r < R_; ++r) wrow[r] = W + (n0 + r < N_ ? n0 + r : N_ - 1) * K_;  // clamp: never stored
+{row_pointers}
   float acc[M_][R_];
   #pragma unroll
   for (int m = 0; m < M_; ++m)

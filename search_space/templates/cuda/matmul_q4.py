@@ -33,7 +33,9 @@ Decode fusions (``gemv_q4``, ``ops/matmul.py``): with ``norm=rmsnorm`` X is mult
 norm weight as it is read (``mma``: as it is staged, each row's sum of squares gathered in
 shared memory; ``simt``: as each piece is loaded, the sums of squares riding with the partial
 products) and the rows' 1 / rms(X) scales the finished sums; with ``residual`` the stored value
-is R + the sum.
+is R + the sum. With ``act=swiglu`` a warp's ``rows`` (tiles) are output columns: it streams
+the gate's rows and the up projection's N/2 rows further, twice as many, and stores
+silu(gate) * up.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ import math
 from ...codegen.cuda import PREAMBLE, c_type
 from ...codegen.cuda_ptx import PTX_HELPERS
 from ...ops.common import ITEMSIZE
-from ...ops.matmul import fusions
+from ...ops.matmul import fusions, gated, out_width
 from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
@@ -90,7 +92,8 @@ def q4_constraints(task: Task, target: Target, knobs: list[Knob]) -> list:
     one_chunk = -(-K // STEP_K) * STEP_K
     return [
         ("ksplit divides warps", lambda c: c["warps"] % c["ksplit"] == 0),
-        ("mma row tiles are 1 or 2 per warp", lambda c: c["core"] == "simt" or c["rows"] <= 2),
+        ("mma row tiles are 1 or 2 per warp (with act=swiglu: a gate and an up tile)",
+         lambda c: c["core"] == "simt" or loaded_rows(task, c) <= 2),
         ("K split gives every warp work",
          lambda c: c["ksplit"] == 1 or c["ksplit"] * (STEP_K if c["core"] == "mma" else 1024) <= K),
         ("the SIMT schedule keeps at most 2 pieces in flight (4 spill its 32 floats of X a row)",
@@ -98,19 +101,24 @@ def q4_constraints(task: Task, target: Target, knobs: list[Knob]) -> list:
         ("the SIMT schedule has no K chunks (kc stays at its last value) and no prefetch",
          lambda c: c["core"] == "mma" or (c["kc"] == whole_k and c["prefetch"] == 0)),
         ("the pipelined weights (prefetch 2) need X in one chunk and at most 4 steps x row tiles a buffer",
-         lambda c: c["prefetch"] < 2 or (c["kc"] == one_chunk and c["unroll"] * c["rows"] <= 4)),
+         lambda c: c["prefetch"] < 2 or (c["kc"] == one_chunk and c["unroll"] * loaded_rows(task, c) <= 4)),
         ("split-K partials fit in shared memory",
          lambda c: c["ksplit"] == 1 or _partials(task, c) <= 32),
     ] + launch_constraints(target, lambda c: 32 * c["warps"], lambda c: smem_bytes(task, c),
                            lambda c: registers(task, c))
 
 
+def loaded_rows(task: Task, c: dict) -> int:
+    """W rows (SIMT) or row tiles (mma) a warp streams: ``rows``, twice that with ``act=swiglu``."""
+    return c["rows"] * (2 if gated(task) else 1)
+
+
 def _partials(task: Task, c: dict) -> int:
     """Floats per lane a K split exchanges through shared memory (SIMT with the norm: each X
     row's sum of squares too)."""
     if c["core"] == "mma":
-        return c["rows"] * c["mtile"] * 4
-    return m_rows(task, c) * (c["rows"] + fusions(task)[0])
+        return loaded_rows(task, c) * c["mtile"] * 4
+    return m_rows(task, c) * (loaded_rows(task, c) + fusions(task)[0])
 
 
 def m_rows(task: Task, c: dict) -> int:
@@ -127,11 +135,12 @@ def smem_bytes(task: Task, c: dict) -> int:
 
 def registers(task: Task, c: dict) -> int:
     zp = 2 if task.attr.get("zero_point") else 1
+    rows = loaded_rows(task, c)
     if c["core"] == "mma":
-        raw = c["unroll"] * c["rows"] * 2 * (4 + zp) * (2 if c["prefetch"] == 2 else 1)  # 2: two buffers
-        return c["rows"] * c["mtile"] * 4 + raw + c["rows"] * 4 + c["mtile"] * 4 + 48
+        raw = c["unroll"] * rows * 2 * (4 + zp) * (2 if c["prefetch"] == 2 else 1)  # 2: two buffers
+        return rows * c["mtile"] * 4 + raw + rows * 4 + c["mtile"] * 4 + 48
     norm = fusions(task)[0]
-    return m_rows(task, c) * (c["rows"] + norm) + c["unroll"] * c["rows"] * (4 + zp) + 32 * (1 + norm) + 40
+    return m_rows(task, c) * (rows + norm) + c["unroll"] * rows * (4 + zp) + 32 * (1 + norm) + 40
 
 
 def rows_per_block(c: dict) -> int:
@@ -140,7 +149,7 @@ def rows_per_block(c: dict) -> int:
 
 
 def grid(task: Task, c: dict) -> tuple[int, int, int]:
-    M, N = task.dims["M"], task.dims["N"]
+    M, N = task.dims["M"], out_width(task)
     return (math.ceil(N / rows_per_block(c)), math.ceil(M / (8 * c["mtile"])), 1)
 
 
@@ -187,8 +196,8 @@ def q4_features(op, task: Task, config: Config, target: Target) -> dict[str, flo
     sms = target.sm_count or 132
     size = ITEMSIZE[task.dtype]
     norm, residual = fusions(task)
-    weights = op.min_bytes(task) - size * (M * K + M * N * (1 + residual) + K * norm)
-    moved = weights * gy + size * ((M + norm) * K * gx + M * N * (1 + residual))
+    weights = op.min_bytes(task) - size * (M * K + M * out_width(task) * (1 + residual) + K * norm)
+    moved = weights * gy + size * ((M + norm) * K * gx + M * out_width(task) * (1 + residual))
     return {
         "threads": threads,
         "vector_lanes": 32,
@@ -204,7 +213,7 @@ def q4_features(op, task: Task, config: Config, target: Target) -> dict[str, flo
         "bytes_moved": moved,
         "arith_intensity": op.flops(task) / moved,
         "packed": 1.0 if c["core"] == "mma" else 0.0,
-        "n_tail_fraction": (gx * rows_per_block(c) - N) / N,
+        "n_tail_fraction": (gx * rows_per_block(c) - out_width(task)) / out_width(task),
         "m_tail_fraction": (gy * 8 * c["mtile"] - M) / M,
         "k_tail_fraction": (-K % STEP_K) / K if c["core"] == "mma" else 0.0,
     }
@@ -263,7 +272,10 @@ def mma_code(task: Task, c: dict) -> str:
     T2 = "__nv_bfloat162" if bf16 else "__half2"
     magic = "0x43004300u" if bf16 else "0x64006400u"
     bias = 128.0 if bf16 else 1024.0
-    RW, NT, U, KS, WARPS = c["rows"], c["mtile"], c["unroll"], c["ksplit"], c["warps"]
+    RO, NT, U, KS, WARPS = c["rows"], c["mtile"], c["unroll"], c["ksplit"], c["warps"]  # RO: output tiles a warp owns
+    RW = loaded_rows(task, c)  # W row tiles it streams
+    glu = gated(task)
+    NO = out_width(task)
     KC = c["kc"]
     MR = m_rows(task, c)
     threads = 32 * WARPS
@@ -277,6 +289,12 @@ def mma_code(task: Task, c: dict) -> str:
         zero_load = ""
         zero_value = f"h2(T_({bias + 8.0}f))"
     zero_regs = f"T_ zr[{U}][{RW}][2];" if zp else ""
+    if glu:  # tile rt < RO: the gate's rows; RO + rt: the up projection's, N/2 further
+        row_of_tile = f"""      long long n = nb + (rt % {RO}) * 16 + g + h * 8;
+      n = (n < {NO} ? n : {NO - 1}) + (rt < {RO} ? 0 : {NO});"""
+    else:
+        row_of_tile = f"""      long long n = nb + rt * 16 + g + h * 8;
+      n = n < {N} ? n : {N - 1};"""
     ssq_decl = f"""
   __shared__ float ssq[{MR}];  // each X row's sum of squares (the norm)
   if (threadIdx.x < {MR}) ssq[threadIdx.x] = 0.0f;""" if norm else ""
@@ -303,6 +321,19 @@ def mma_code(task: Task, c: dict) -> str:
         const long long n = nb + rt * 16 + g + (e >> 1) * 8;
         const int m = mx0 + nt * 8 + 2 * t + (e & 1);
         if (n < {N} && m < {M}) Y[(long long)m * {N} + n] = {fused_output(task, f"acc[(rt * {NT} + nt) * 4 + e]", "m", "n", "ssq[m - mx0]")};
+      }}"""
+    if glu:  # output tile rt: its gate in accumulator tile rt, its up in tile RO + rt
+        store = f"""
+  #pragma unroll
+  for (int rt = 0; rt < {RO}; ++rt)
+    #pragma unroll
+    for (int nt = 0; nt < {NT}; ++nt)
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) {{
+        const long long n = nb + rt * 16 + g + (e >> 1) * 8;
+        const int m = mx0 + nt * 8 + 2 * t + (e & 1);
+        if (n < {NO} && m < {M})
+          Y[(long long)m * {NO} + n] = {fused_output(task, f"acc[(rt * {NT} + nt) * 4 + e]", "m", "n", "ssq[m - mx0]", up=f"acc[(({RO} + rt) * {NT} + nt) * 4 + e]")};
       }}"""
 
     # the norm: x times its weight as it is staged, its square into the row's sum
@@ -462,7 +493,7 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}({_params(task,
   const int part = warp % {KS};
   const int g = lane >> 2;
   const int t = lane & 3;
-  const long long nb = (long long)blockIdx.x * {rpb} + group * {16 * RW};
+  const long long nb = (long long)blockIdx.x * {rpb} + group * {16 * RO};
   const int mx0 = blockIdx.y * {8 * NT};
 
   long long row_off_q[{RW}][2], row_off_s[{RW}][2];
@@ -470,8 +501,7 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}({_params(task,
   for (int rt = 0; rt < {RW}; ++rt)
     #pragma unroll
     for (int h = 0; h < 2; ++h) {{
-      long long n = nb + rt * 16 + g + h * 8;
-      n = n < {N} ? n : {N - 1};
+{row_of_tile}
       row_off_q[rt][h] = n * {K // 2};
       row_off_s[rt][h] = n * {K // G};
     }}
@@ -495,7 +525,10 @@ def simt_code(task: Task, c: dict) -> str:
     zp = bool(attrs.get("zero_point", False))
     T = c_type(task.dtype)
     size = ITEMSIZE[task.dtype]
-    R, KS, WARPS, U = c["rows"], c["ksplit"], c["warps"], c["unroll"]
+    RO, KS, WARPS, U = c["rows"], c["ksplit"], c["warps"], c["unroll"]  # RO: output columns a warp owns
+    R = loaded_rows(task, c)  # W rows it streams
+    glu = gated(task)
+    NO = out_width(task)
     MT = m_rows(task, c)  # X rows of this block
     threads = 32 * WARPS
     rpb = rows_per_block(c)
@@ -518,6 +551,23 @@ def simt_code(task: Task, c: dict) -> str:
       }}
     }}
   }}"""
+    if glu:  # column r: its gate in accumulator r, its up in RO + r
+        store = f"""
+  if (lane == 0) {{
+    #pragma unroll
+    for (int r = 0; r < {RO}; ++r) {{
+      const long long n = n0 + r;
+      if (n < {NO}) {{
+        #pragma unroll
+        for (int m = 0; m < {MT}; ++m)
+          if (m0 + m < {M})
+            Y[(long long)(m0 + m) * {NO} + n] = {fused_output(task, f"acc[m * {R} + r]", "m0 + m", "n", f"acc[{MT * R} + m]", up=f"acc[m * {R} + {RO} + r]")};
+      }}
+    }}
+  }}"""
+        row_of = f"""    const long long n = (n0 + r % {RO} < {NO} ? n0 + r % {RO} : {NO - 1}) + (r < {RO} ? 0 : {NO});"""
+    else:
+        row_of = f"""    const long long n = n0 + r < {N} ? n0 + r : {N - 1};"""
     g_load = f"""
         float gw[32];
         #pragma unroll
@@ -537,12 +587,12 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}({_params(task,
   const int warp = threadIdx.x >> 5;
   const int group = warp / {KS};
   const int part = warp % {KS};
-  const long long n0 = (long long)blockIdx.x * {rpb} + group * {R};
+  const long long n0 = (long long)blockIdx.x * {rpb} + group * {RO};
   const int m0 = blockIdx.y * {MT};
   long long row_off_q[{R}], row_off_s[{R}];
   #pragma unroll
   for (int r = 0; r < {R}; ++r) {{
-    const long long n = n0 + r < {N} ? n0 + r : {N - 1};
+{row_of}
     row_off_q[r] = n * {K // 2};
     row_off_s[r] = n * {K // G};
   }}
