@@ -27,8 +27,8 @@ from .arrays import arrays_for
 from .generation import Generation
 from .kernel import BoundCall, Kernel, KernelProvider, buckets, numpy_dtype, select
 from .model_config import ModelConfig
-from .plan import (KernelCall, bias_role, biased_projections, can_fuse_norms, decode_calls, precisions, prefill_calls,
-                   unfused)
+from .plan import (FUSED_ATTRS, KernelCall, bias_role, biased_projections, can_fuse_norms, decode_calls, precisions,
+                   prefill_calls, unfused)
 from .precision import bfloat16_to_float32, check_dtype, rounded, stored_as, to_float32, widened
 from .weights import DeviceWeights, ModelWeights, bias_name, fused_parts, layer_name
 
@@ -382,18 +382,29 @@ class LlamaModel:
         for length in range(tokens + 1, tokens + new_tokens):
             self._kernel(attention, S=capacity, L=length)
 
+    def _fuses_norms(self, batch: int) -> bool:
+        """Whether the resident step of ``batch`` sequences tries GEMVs that fuse the norms: where
+        they can, unless the provider's tuned decode GEMVs are all unfused ones (tuning logs from
+        before the fusions: their tuned step beats untuned fused kernels)."""
+        if not can_fuse_norms(self.config, batch):
+            return False
+        gemvs = [spec for spec in self.kernels.specs() if spec.op in ("gemv", "gemv_q4") and spec.dims["M"] == batch]
+        return not gemvs or any(FUSED_ATTRS & set(spec.attr) for spec in gemvs)
+
     def _resident_kernels(self, batch: int, capacity: int) -> dict[str, Kernel]:
         """The kernels of the resident decode step by role (LookupError: the provider lacks one);
         attention is the one for the longest length: a recorded launch cannot switch kernels.
         The GEMVs fuse the norms where they can and the provider has them (a library exported
         before they existed has the norms on their own)."""
-        for fused in (True, False) if can_fuse_norms(self.config, batch) else (False,):
+        for fused in (True, False) if self._fuses_norms(batch) else (False,):
             calls = self._decode(batch, capacity, resident=True, fused_norms=fused)
+            used = dict(self.used)
             try:
                 kernels = self._plan([call for call in calls if call.role != "attention"])
             except LookupError:
                 if not fused:
                     raise
+                self.used = used  # the fused kernels it found are not the ones that run
                 continue
             attention = next(call for call in calls if call.role == "attention")
             kernels["attention"] = self._kernel(attention, S=capacity, L=capacity)

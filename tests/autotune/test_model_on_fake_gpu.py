@@ -159,13 +159,14 @@ def test_a_model_with_projection_biases_decodes_the_reference_tokens_on_cuda(fak
 
 
 class WithoutFusedNorms:
-    """A provider as a library exported before the GEMVs fused the norms and residual adds."""
+    """A provider as a library that lacks one of the fused GEMVs: the LM head's (N = 64 with the
+    norm), the last of them the decode step asks for."""
 
     def __init__(self, kernels):
         self.kernels, self.kind = kernels, kernels.kind
 
     def get(self, op, shape, dtype="float32", attrs=None, dynamic=()):
-        if op.startswith("gemv") and {"norm", "residual", "act"} & set(attrs or {}):
+        if op.startswith("gemv") and "norm" in (attrs or {}) and shape["N"] == MICRO.vocab_size:
             raise LookupError(f"no fused {op} in this library")
         return self.kernels.get(op, shape, dtype, attrs, dynamic)
 

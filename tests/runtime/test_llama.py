@@ -171,3 +171,25 @@ def test_the_plan_counts_each_kernel_per_pass():
                                     "num_hidden_layers": 1, "vocab_size": 50})
     with pytest.raises(ValueError, match="hidden_size = 96 .* not a multiple of the group size 128"):
         prefill_calls(odd, 16, "q4")
+
+
+class _Specs:
+    """A provider that only lists the kernels it was tuned for."""
+
+    def __init__(self, specs):
+        self._specs = specs
+
+    def specs(self):
+        return self._specs
+
+
+def test_the_resident_step_fuses_the_norms_unless_the_tuned_gemvs_are_all_unfused():
+    from runtime.abi import KernelSpec
+
+    weights = ModelWeights.random(TINY, seed=1)
+    plain = KernelSpec.make("gemv", {"M": 1, "N": 64, "K": 64}, "float16")
+    fused = KernelSpec.make("gemv", {"M": 1, "N": 64, "K": 64}, "float16", {"residual": True})
+    prefill = KernelSpec.make("gemv", {"M": 8, "N": 64, "K": 64}, "float16")
+    for specs, fuses in (([], True), ([prefill], True), ([plain, prefill], False), ([plain, fused], True)):
+        assert LlamaModel(TINY, weights, _Specs(specs))._fuses_norms(1) is fuses, specs
+    assert not LlamaModel(TINY, weights, _Specs([]))._fuses_norms(17)  # more rows than a GEMV takes

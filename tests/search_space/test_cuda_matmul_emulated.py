@@ -271,6 +271,25 @@ def test_decode_gemv_fusions(emulator, op, shape, dtype, attrs, config):
     assert emulator.check(task, cfg, SM90, seed=3) is None
 
 
+@pytest.mark.parametrize("x_scale, g_scale", [(1e-4, 0.02), (300.0, 300.0)])
+def test_the_int4_gemv_stages_x_normalised(emulator, x_scale, g_scale):
+    """Rows far from unit RMS: x * g alone would be float16 subnormals (or overflow), so the mma
+    schedule stages x / rms * g."""
+    from measure.verify import check_output
+    from search_space.ops.common import from_float, to_float64
+
+    template = get_template("gemv_q4", "cuda")
+    task = Task.make("gemv_q4", {"M": 2, "N": 64, "K": 1024}, "float16", {**NORM, "eps": 1e-12, "group_size": 64})
+    cfg = template.space(task, SM90).from_values(
+        dict(core="mma", warps=4, rows=1, ksplit=4, unroll=2, mtile=1, kc=1024, prefetch=2))
+    inputs = template.make_inputs(task, np.random.default_rng(1))
+    inputs["X"] = from_float(to_float64(inputs["X"], "float16") * x_scale, "float16")
+    inputs["G"] = from_float(to_float64(inputs["G"], "float16") * g_scale, "float16")
+    out = emulator.run(template.render(task, cfg, SM90), task.dims, inputs)
+    assert check_output("Y", out["outputs"]["Y"], template.reference(task, inputs)["Y"], template.tolerance(task),
+                        "float16") is None
+
+
 def test_only_fusable_templates_take_the_decode_fusions():
     task = Task.make("gemv", {"M": 1, "N": 64, "K": 128}, "float32", NORM)
     with pytest.raises(ValueError, match="fuses no norm"):

@@ -161,14 +161,15 @@ def _registers(task: Task, c: dict) -> int:
             + lanes * (1 + norm) + 24)
 
 
-def fused_output(task: Task, value: str, m: str, n: str, ss: str, up: str = "") -> str:
+def fused_output(task: Task, value: str, m: str, n: str, ss: str | None, up: str = "") -> str:
     """The C expression a decode GEMV stores at Y[m, n] from the finished float sum ``value``
     (with ``act=swiglu``: the gate's, and ``up`` the up projection's): each scaled by
-    1 / rms(X row m) from its sum of squares ``ss`` with ``norm=rmsnorm``, then silu(gate) * up,
-    plus R[m, n] with ``residual`` (``ops/matmul.py``); in the task's dtype."""
+    1 / rms(X row m) from its sum of squares ``ss`` with ``norm=rmsnorm`` (None: the sums are of
+    normalised X already), then silu(gate) * up, plus R[m, n] with ``residual``
+    (``ops/matmul.py``); in the task's dtype."""
     norm, residual = fusions(task)
     scale = ""
-    if norm:
+    if norm and ss is not None:
         eps = float(task.attr.get("eps", FUSION_ATTRS["eps"]))
         scale = f" * rsqrtf({ss} * {1.0 / task.dims['K']!r}f + {eps!r}f)"
     out = f"{value}{scale}"

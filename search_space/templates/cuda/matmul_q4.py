@@ -29,11 +29,12 @@ Two schedules (knob ``core``):
 
 Rows of W past N read the last row and are not stored; rows of X past M read the last row.
 
-Decode fusions (``gemv_q4``, ``ops/matmul.py``): with ``norm=rmsnorm`` X is multiplied by the
-norm weight as it is read (``mma``: as it is staged, each row's sum of squares gathered in
-shared memory; ``simt``: as each piece is loaded, the sums of squares riding with the partial
-products) and the rows' 1 / rms(X) scales the finished sums; with ``residual`` the stored value
-is R + the sum. With ``act=swiglu`` a warp's ``rows`` (tiles) are output columns: it streams
+Decode fusions (``gemv_q4``, ``ops/matmul.py``): with ``norm=rmsnorm`` X is normalised as it
+is read. ``mma``: a first pass over X gathers each row's 1 / rms in shared memory, and X is
+staged as x / rms * g, so the half-precision operand holds normalised values (x * g alone
+could leave float16's range for small or large rows). ``simt``: x * g in float32 as each piece
+is loaded, the sums of squares riding with the partial products, the rows' 1 / rms applied
+to the finished sums. With ``residual`` the stored value is R + the sum. With ``act=swiglu`` a warp's ``rows`` (tiles) are output columns: it streams
 the gate's rows and the up projection's N/2 rows further, twice as many, and stores
 silu(gate) * up.
 """
@@ -44,7 +45,7 @@ import math
 from ...codegen.cuda import PREAMBLE, c_type
 from ...codegen.cuda_ptx import PTX_HELPERS
 from ...ops.common import ITEMSIZE
-from ...ops.matmul import fusions, gated, out_width
+from ...ops.matmul import FUSION_ATTRS, fusions, gated, out_width
 from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
@@ -296,8 +297,25 @@ def mma_code(task: Task, c: dict) -> str:
         row_of_tile = f"""      long long n = nb + rt * 16 + g + h * 8;
       n = n < {N} ? n : {N - 1};"""
     ssq_decl = f"""
-  __shared__ float ssq[{MR}];  // each X row's sum of squares (the norm)
+  __shared__ float ssq[{MR}];  // each X row's sum of squares, then its 1 / rms (the norm)
   if (threadIdx.x < {MR}) ssq[threadIdx.x] = 0.0f;""" if norm else ""
+    eps = float(task.attr.get("eps", FUSION_ATTRS["eps"]))
+    # the norm's first pass: every row's 1 / rms before X is staged (reads of X hit L2 / L1)
+    row_scales = f"""  __syncthreads();  // the row sums are zeroed
+  for (int i = threadIdx.x; i < {MR * (K // 8)}; i += {threads}) {{
+    const int row = i / {K // 8};
+    const int m = mx0 + row < {M} ? mx0 + row : {M - 1};
+    float xf[8];
+    unpack_f32<T_, 16>(ld_cached<16>(X + (long long)m * {K} + (i % {K // 8}) * 8), xf);
+    float sq = 0.0f;
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) sq = fmaf(xf[e], xf[e], sq);
+    atomicAdd(&ssq[row], sq);
+  }}
+  __syncthreads();
+  if (threadIdx.x < {MR}) ssq[threadIdx.x] = rsqrtf(ssq[threadIdx.x] * {1.0 / K!r}f + {eps!r}f);
+  __syncthreads();
+""" if norm else ""
     prefetch = ""
     if c["prefetch"] == 1:  # the first weights head for L2 while X is staged
         prefetch = f"""
@@ -320,7 +338,7 @@ def mma_code(task: Task, c: dict) -> str:
       for (int e = 0; e < 4; ++e) {{
         const long long n = nb + rt * 16 + g + (e >> 1) * 8;
         const int m = mx0 + nt * 8 + 2 * t + (e & 1);
-        if (n < {N} && m < {M}) Y[(long long)m * {N} + n] = {fused_output(task, f"acc[(rt * {NT} + nt) * 4 + e]", "m", "n", "ssq[m - mx0]")};
+        if (n < {N} && m < {M}) Y[(long long)m * {N} + n] = {fused_output(task, f"acc[(rt * {NT} + nt) * 4 + e]", "m", "n", None)};
       }}"""
     if glu:  # output tile rt: its gate in accumulator tile rt, its up in tile RO + rt
         store = f"""
@@ -333,24 +351,20 @@ def mma_code(task: Task, c: dict) -> str:
         const long long n = nb + rt * 16 + g + (e >> 1) * 8;
         const int m = mx0 + nt * 8 + 2 * t + (e & 1);
         if (n < {NO} && m < {M})
-          Y[(long long)m * {NO} + n] = {fused_output(task, f"acc[(rt * {NT} + nt) * 4 + e]", "m", "n", "ssq[m - mx0]", up=f"acc[(({RO} + rt) * {NT} + nt) * 4 + e]")};
+          Y[(long long)m * {NO} + n] = {fused_output(task, f"acc[(rt * {NT} + nt) * 4 + e]", "m", "n", None, up=f"acc[(({RO} + rt) * {NT} + nt) * 4 + e]")};
       }}"""
 
-    # the norm: x times its weight as it is staged, its square into the row's sum
+    # the norm: x / rms * g as it is staged
     norm_x = """
         {
           float xf[8], gf[8];
           unpack_f32<T_, 16>(x, xf);
           unpack_f32<T_, 16>(ld_cached<16>(G + k), gf);
-          float sq = 0.0f;
+          const float scale = ssq[row];
           T_ h[8];
           #pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            sq = fmaf(xf[e], xf[e], sq);
-            h[e] = from_f32<T_>(xf[e] * gf[e]);
-          }
+          for (int e = 0; e < 8; ++e) h[e] = from_f32<T_>(xf[e] * scale * gf[e]);
           memcpy(&x, h, 16);
-          atomicAdd(&ssq[row], sq);
         }""" if norm else ""
     stage_x = f"""    for (int i = threadIdx.x; i < {MR * units_row}; i += {threads}) {{
       const int row = i / {units_row};
@@ -456,7 +470,7 @@ def mma_code(task: Task, c: dict) -> str:
   RawVec<16> wn[{U}][{RW}][2];
   T_ sn[{U}][{RW}][2];
   {zero_next}
-{load_steps("wn", "sn", "zn", "part")}{"  __syncthreads();  // the row sums are zeroed" + chr(10) if norm else ""}{stage_x}  __syncthreads();
+{load_steps("wn", "sn", "zn", "part")}{row_scales}{stage_x}  __syncthreads();
   for (int s0 = part; s0 < steps; s0 += {KS * U}) {{
       RawVec<16> wr[{U}][{RW}][2];
       T_ sc[{U}][{RW}][2];
@@ -510,7 +524,7 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}({_params(task,
   for (int i = 0; i < {RW * NT * 4}; ++i) acc[i] = 0.0f;
 
 {prefetch}
-{main_loop}{_reduce_and_store(task, c, "acc", RW * NT * 4, store)}
+{row_scales if c["prefetch"] < 2 else ""}{main_loop}{_reduce_and_store(task, c, "acc", RW * NT * 4, store)}
 }}
 """
 
