@@ -329,19 +329,9 @@ def mma_code(task: Task, c: dict) -> str:
         for (int h = 0; h < 2; ++h) prefetch_l2(WQ + row_off_q[rt][h] + kb / 2);
     }}
   }}"""
+    # output tile rt (with act=swiglu: its gate in accumulator tile rt, its up in tile RO + rt)
+    up = f"acc[(({RO} + rt) * {NT} + nt) * 4 + e]" if glu else ""
     store = f"""
-  #pragma unroll
-  for (int rt = 0; rt < {RW}; ++rt)
-    #pragma unroll
-    for (int nt = 0; nt < {NT}; ++nt)
-      #pragma unroll
-      for (int e = 0; e < 4; ++e) {{
-        const long long n = nb + rt * 16 + g + (e >> 1) * 8;
-        const int m = mx0 + nt * 8 + 2 * t + (e & 1);
-        if (n < {N} && m < {M}) Y[(long long)m * {N} + n] = {fused_output(task, f"acc[(rt * {NT} + nt) * 4 + e]", "m", "n", None)};
-      }}"""
-    if glu:  # output tile rt: its gate in accumulator tile rt, its up in tile RO + rt
-        store = f"""
   #pragma unroll
   for (int rt = 0; rt < {RO}; ++rt)
     #pragma unroll
@@ -350,8 +340,7 @@ def mma_code(task: Task, c: dict) -> str:
       for (int e = 0; e < 4; ++e) {{
         const long long n = nb + rt * 16 + g + (e >> 1) * 8;
         const int m = mx0 + nt * 8 + 2 * t + (e & 1);
-        if (n < {NO} && m < {M})
-          Y[(long long)m * {NO} + n] = {fused_output(task, f"acc[(rt * {NT} + nt) * 4 + e]", "m", "n", None, up=f"acc[(({RO} + rt) * {NT} + nt) * 4 + e]")};
+        if (n < {NO} && m < {M}) Y[(long long)m * {NO} + n] = {fused_output(task, f"acc[(rt * {NT} + nt) * 4 + e]", "m", "n", None, up)};
       }}"""
 
     # the norm: x / rms * g as it is staged
@@ -553,20 +542,9 @@ def simt_code(task: Task, c: dict) -> str:
     norm = fusions(task)[0]
     sums = MT * R + MT * norm  # the partial products, then each X row's sum of squares (the norm)
     zero_load = "z[u][r] = to_f32(ZEROS[row_off_s[r] + grp]);" if zp else "z[u][r] = 8.0f;"
+    # column r (with act=swiglu: its gate in accumulator r, its up in RO + r)
+    up = f"acc[m * {R} + {RO} + r]" if glu else ""
     store = f"""
-  if (lane == 0) {{
-    #pragma unroll
-    for (int r = 0; r < {R}; ++r) {{
-      const long long n = n0 + r;
-      if (n < {N}) {{
-        #pragma unroll
-        for (int m = 0; m < {MT}; ++m)
-          if (m0 + m < {M}) Y[(long long)(m0 + m) * {N} + n] = {fused_output(task, f"acc[m * {R} + r]", "m0 + m", "n", f"acc[{MT * R} + m]")};
-      }}
-    }}
-  }}"""
-    if glu:  # column r: its gate in accumulator r, its up in RO + r
-        store = f"""
   if (lane == 0) {{
     #pragma unroll
     for (int r = 0; r < {RO}; ++r) {{
@@ -574,11 +552,11 @@ def simt_code(task: Task, c: dict) -> str:
       if (n < {NO}) {{
         #pragma unroll
         for (int m = 0; m < {MT}; ++m)
-          if (m0 + m < {M})
-            Y[(long long)(m0 + m) * {NO} + n] = {fused_output(task, f"acc[m * {R} + r]", "m0 + m", "n", f"acc[{MT * R} + m]", up=f"acc[m * {R} + {RO} + r]")};
+          if (m0 + m < {M}) Y[(long long)(m0 + m) * {NO} + n] = {fused_output(task, f"acc[m * {R} + r]", "m0 + m", "n", f"acc[{MT * R} + m]", up)};
       }}
     }}
   }}"""
+    if glu:  # column n's gate row, then its up row N/2 further
         row_of = f"""    const long long n = (n0 + r % {RO} < {NO} ? n0 + r % {RO} : {NO - 1}) + (r < {RO} ? 0 : {NO});"""
     else:
         row_of = f"""    const long long n = n0 + r < {N} ? n0 + r : {N - 1};"""
