@@ -256,6 +256,29 @@ def test_int4_gemv_seeds_on_the_gpu(gpu_target):
 
 
 @pytest.mark.gpu
+def test_fused_decode_gemvs_on_the_gpu(gpu_target):
+    """The GEMVs of the resident decode step (RMSNorm before, SwiGLU or the residual add after)
+    at llama-2-7b's shapes, their seeds verified on the hardware, float16 and int4."""
+    norm = {"norm": "rmsnorm", "eps": 1e-5}
+    inputs = []
+    for op, shape, dtype, attrs in (
+            ("gemv", {"M": 1, "N": 22016, "K": 4096}, "float16", {**norm, "act": "swiglu"}),
+            ("gemv", {"M": 1, "N": 4096, "K": 11008}, "bfloat16", {"residual": True}),
+            ("gemv_q4", {"M": 1, "N": 12288, "K": 4096}, "float16", {**norm, "group_size": 128}),
+            ("gemv_q4", {"M": 1, "N": 22016, "K": 4096}, "bfloat16", {**norm, "act": "swiglu", "group_size": 128}),
+            ("gemv_q4", {"M": 16, "N": 4096, "K": 11008}, "float16", {"residual": True, "group_size": 128})):
+        template = get_template(op, "cuda")
+        task = Task.make(op, shape, dtype, attrs)
+        space = template.space(task, gpu_target)
+        seeds = space.accepted(template.seed_configs(task, gpu_target), template.default(task, gpu_target).as_dict())
+        inputs += [MeasureInput(task, config, gpu_target) for config in seeds[:4]]
+    with LocalBuilder(timeout_s=300) as builder, CudaRunner(timeout_s=60) as runner:
+        results = runner.run(inputs, builder.build(inputs))
+    failures = [(i.task.key, str(i.config), r.error.name, r.message) for i, r in zip(inputs, results) if not r.ok]
+    assert not failures, failures
+
+
+@pytest.mark.gpu
 def test_cuda_faults_each_cost_one_trial_and_the_job_goes_on(gpu_target):
     template = get_template(fakes.CUDA_FAULT_OP, "cuda")
     task = Task.make(fakes.CUDA_FAULT_OP, {"N": 1 << 20})
