@@ -88,18 +88,14 @@ def training_set(samples: Iterable[Any], columns: Sequence[str],
 
 def best_configs_elsewhere(records: Iterable[Any], task, target, per_task: int = 4) -> list[dict[str, Any]]:
     """The knob values of the ``per_task`` fastest verified configs of every other task of
-    ``task``'s operator on ``target``'s kind, best first, each task's picks interleaved, tasks of
-    ``task``'s very dims (another dtype or attributes: a GEMV that fuses its norm, say) ahead of
-    other shapes: where a search on a new task starts when logs of others are given
-    (``--transfer-from``, or the log a model's tuning resumes)."""
+    ``task``'s operator on ``target``'s kind, best first, fastest tasks' picks interleaved: where
+    a search on a new shape starts when logs of other shapes are given (``--transfer-from``)."""
     by_task: dict[str, list[Any]] = {}
     for record in records:
         if (record.task.op == task.op and record.target.kind == target.kind and record.task.key != task.key
                 and record.result.ok):
             by_task.setdefault(f"{record.task.key}@{record.target.key}", []).append(record)
-    same_dims = {key: items[0].task.dims == task.dims for key, items in by_task.items()}
-    ranked = [sorted(items, key=lambda r: r.result.median)[:per_task]
-              for _, items in sorted(by_task.items(), key=lambda kv: (not same_dims[kv[0]], kv[0]))]
+    ranked = [sorted(items, key=lambda r: r.result.median)[:per_task] for _, items in sorted(by_task.items())]
     seeds: list[dict[str, Any]] = []
     for rank in range(per_task):  # each task's best, then each task's second best, ...
         for items in ranked:

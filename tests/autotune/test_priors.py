@@ -81,7 +81,8 @@ def test_a_job_with_transfer_from_measures_the_best_config_of_the_other_shape_fi
 
 def test_a_model_tuning_starts_each_task_from_its_plain_variant_in_the_log():
     """A GEMV that fuses its norm is a new task in a resumed log: its xgb search starts from the
-    best config of the plain GEMV of the same dims, then other shapes' best, then the seeds."""
+    best config of the plain GEMV of the same dims, then the template's seeds, then other shapes'
+    best."""
     from autotune.model_tasks import ModelTask
     from autotune.scheduler import TaskScheduler
 
@@ -96,6 +97,9 @@ def test_a_model_tuning_starts_each_task_from_its_plain_variant_in_the_log():
         records.append(Record.from_measure(MeasureInput(task, config, CUDA), MeasureResult((seconds,) * 3), "t"))
     scheduler = TaskScheduler([ModelTask(fused, 1.0)], CUDA, "xgb", priors=records)
     seeds = [c.as_dict() for c in scheduler.tuners[0].seeds]
-    assert seeds[:2] == [records[1].config, records[0].config]  # the same dims first, though slower
-    assert len(seeds) > 2  # the template's seed configs after them
+    declared = template.space(fused, CUDA).accepted(template.seed_configs(fused, CUDA),
+                                                   template.default(fused, CUDA).as_dict())
+    # the same dims first (though slower), then the template's seeds, then other shapes' best
+    head = [records[1].config] + [c.as_dict() for c in declared if c.as_dict() != records[1].config]
+    assert seeds == head + [records[0].config]
     assert TaskScheduler([ModelTask(fused, 1.0)], CUDA, "random", priors=records).tuners[0].name == "random"
