@@ -247,14 +247,15 @@ def _save_model(tuner: Tuner, path: str) -> None:
 
 
 def prior_configs(records, task: Task, target: Target) -> list[dict]:
-    """Where an xgb search of ``task`` starts: the best configs in ``records`` of its operator's
-    tasks of the same dims (another variant: a GEMV that fuses its norm, another dtype), then its
-    template's seed configs for ``target``, then the best configs of its other shapes."""
+    """Where an xgb search of ``task`` starts: the two best configs in ``records`` of each of its
+    operator's tasks of the same dims (another variant: a GEMV that fuses its norm, another
+    dtype), then its template's seed configs for ``target``, then the best configs of its other
+    shapes (four each)."""
     records = list(records)
     same = [r for r in records if r.task.dims == task.dims]
     other = [r for r in records if r.task.dims != task.dims]
-    return (best_configs_elsewhere(same, task, target) + get_template(task.op, target.kind).seed_configs(task, target)
-            + best_configs_elsewhere(other, task, target))
+    return (best_configs_elsewhere(same, task, target, per_task=2)
+            + get_template(task.op, target.kind).seed_configs(task, target) + best_configs_elsewhere(other, task, target))
 
 
 def with_priors(tuner: str, task: Task, target: Target, records, options: dict | None = None) -> dict:
