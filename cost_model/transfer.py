@@ -93,7 +93,7 @@ def best_configs_elsewhere(records: Iterable[Any], task, target, per_task: int =
     by_task: dict[str, list[Any]] = {}
     for record in records:
         if (record.task.op == task.op and record.target.kind == target.kind and record.task.key != task.key
-                and record.result.ok):
+                and record.ok):
             by_task.setdefault(f"{record.task.key}@{record.target.key}", []).append(record)
     ranked = [sorted(items, key=lambda r: r.result.median)[:per_task] for _, items in sorted(by_task.items())]
     seeds: list[dict[str, Any]] = []
