@@ -81,7 +81,8 @@ def check_fusions(op: Operator, task: Task) -> None:
     if gated(task) and task.dims["N"] % 2:
         raise ValueError(f"{op.op}: act=swiglu needs an even N (gate rows, then as many up rows), got {task.dims['N']}")
     if isinstance(op, Template) and (any(fusions(task)) or gated(task)) and not getattr(op, "fusable", False):
-        raise ValueError(f"{op.op}: the {op.target_kind} template fuses no norm or residual add (CUDA only)")
+        raise ValueError(f"{op.op}: the {op.target_kind} template takes no decode fusions (norm, residual, act: CUDA "
+                         "templates only)")
 
 
 def fused_args(op: Operator, task: Task) -> tuple[tuple[ArgSpec, ...], tuple[ArgSpec, ...]]:
