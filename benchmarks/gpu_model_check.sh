@@ -15,7 +15,8 @@
 # Knobs: GPU_MODEL_TRIALS (48 per large model), GPU_MODEL_CASES ("llama-2-7b:none llama-2-7b:q4
 # llama-3-8b:none llama-3-8b:q4"), GPU_MODEL_DTYPE (float16), GPU_MODEL_SMALL (1: run step 1),
 # GPU_MODEL_BUDGET_S (420: no large case starts later), GPU_MODEL_RUN_ARGS (extra gpu_model.py options),
-# GPU_MODEL_SEED_DIR (benchmarks/data/h200_models: NAME.jsonl.gz records of earlier runs, resumed),
+# GPU_MODEL_SEED_DIR (benchmarks/data/h200_models: NAME.jsonl.gz records of earlier runs, resumed;
+# another dtype's run starts from the float16 records as priors),
 # GPU_MODEL_TUNE_S (50: seconds of tuning per large model).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +61,16 @@ PYEOF
 }
 trap finish EXIT
 
+# seed_log MODEL QUANTIZE LOG: LOG starts from an earlier run's records of MODEL in $DTYPE, and
+# prints how many (they count toward --trials-total). Without any, the float16 records start it:
+# other tasks (another dtype), so they are not resumed, only the priors each new task starts from.
+seed_log() {
+  local own="$SEED_DIR/$1-$DTYPE-$2.jsonl.gz" half="$SEED_DIR/$1-float16-$2.jsonl.gz"
+  if [[ -f "$own" ]]; then gunzip -c "$own" > "$3"; wc -l < "$3"
+  else { [[ -f "$half" ]] && gunzip -c "$half" > "$3"; }; echo 0
+  fi
+}
+
 step "device -> $LOG"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv \
   > "$LOG/environment.txt" 2>&1
@@ -68,9 +79,7 @@ cat "$LOG/environment.txt"
 if [[ "${GPU_MODEL_SMALL:-1}" != 0 ]]; then
   SMALL=benchmarks/models/llama-100m/config.json
   step "llama-100m $DTYPE: tune-model, export, run --compare"
-  seed="$SEED_DIR/llama-100m-$DTYPE-none.jsonl.gz"
-  [[ -f "$seed" ]] && gunzip -c "$seed" > "$LOG/small.jsonl"
-  total=$(( $( [[ -f "$LOG/small.jsonl" ]] && wc -l < "$LOG/small.jsonl" || echo 0) + 40 ))
+  total=$(( $(seed_log llama-100m none "$LOG/small.jsonl") + 40 ))
   timeout 60 $PY -m autotune.cli tune-model --model "$SMALL" --target cuda --dtype "$DTYPE" --prefill-tokens 128 \
     --decode-batch 1 --kv-len 256 --trials-total "$total" --log "$LOG/small.jsonl" --no-mlflow --quiet \
     > "$LOG/small-tune.txt" 2>&1
@@ -89,9 +98,7 @@ for case in "${CASES[@]}"; do
   if (( $(date +%s) - START > BUDGET )); then step "$case: skipped, out of time"; continue; fi
   name="$model-$DTYPE-$quantize"
   # resume from the records of an earlier run, if any: the new trials add to them
-  seed="$SEED_DIR/$name.jsonl.gz"
-  [[ -f "$seed" ]] && gunzip -c "$seed" > "$LOG/$name.jsonl"
-  total=$(( $( [[ -f "$LOG/$name.jsonl" ]] && wc -l < "$LOG/$name.jsonl" || echo 0) + TRIALS ))
+  total=$(( $(seed_log "$model" "$quantize" "$LOG/$name.jsonl") + TRIALS ))
   step "$name: tune-model ($TRIALS trials on top of $(( total - TRIALS )) recorded)"
   timeout "$TUNE_S" $PY -m autotune.cli tune-model --model "$model" --target cuda --dtype "$DTYPE" --quantize "$quantize" \
     --prefill-tokens 128 --decode-batch 1 --kv-len 256 --trials-total "$total" --log "$LOG/$name.jsonl" \
