@@ -51,22 +51,27 @@ def _tensor(torch, array: np.ndarray, dtype: str):
 
 def _with_fusions(torch, task, t, name: str, matmul):
     """(name, call) of ``matmul(X)`` with what a decode GEMV fuses done by torch around it: the
-    RMSNorm of X before (``norm=rmsnorm``), the residual add after (``residual``)."""
+    RMSNorm of X before (``norm=rmsnorm``), SwiGLU of the two halves (``act=swiglu``) and the
+    residual add (``residual``) after."""
     import torch.nn.functional as F
 
-    from search_space.ops.matmul import FUSION_ATTRS, fusions
+    from search_space.ops.matmul import FUSION_ATTRS, fusions, gated, is_fused, out_width
 
     norm, residual = fusions(task)
+    glu, half = gated(task), out_width(task)
     x = t["X"]
     eps = float(task.attr.get("eps", FUSION_ATTRS["eps"]))
-    if not (norm or residual):
+    if not is_fused(task):
         return name, lambda: matmul(x)
 
     def fused():
         y = matmul(F.rms_norm(x, (x.shape[-1],), t["G"], eps) if norm else x)
+        if glu:
+            y = F.silu(y[:, :half]) * y[:, half:]
         return y + t["R"] if residual else y
 
-    return f"{name} with torch's {' and '.join(['RMSNorm before'] * norm + ['add after'] * residual)}", fused
+    done = ["RMSNorm before"] * norm + ["SwiGLU after"] * glu + ["add after"] * residual
+    return f"{name} with torch's {' and '.join(done)}", fused
 
 
 @baseline("gemm", "gemv")
@@ -98,14 +103,14 @@ def tinygemm_pack(torch, wq: np.ndarray, scales: np.ndarray, zeros: np.ndarray |
 @baseline("gemm_q4", "gemv_q4")
 def _int4(torch, task, t, template):
     from search_space.ops.common import to_float32
-    from search_space.ops.matmul import fusions
+    from search_space.ops.matmul import is_fused
 
     a = template.attrs(task)
     raw = t["_raw"]
     zeros = to_float32(raw["ZEROS"], task.dtype) if a["zero_point"] else None
     packed, sz = tinygemm_pack(torch, raw["WQ"], to_float32(raw["SCALES"], task.dtype), zeros, a["group_size"])
     group = a["group_size"]
-    if not any(fusions(task)):  # X converted once, outside the timed call
+    if not is_fused(task):  # X converted once, outside the timed call
         x = t["X"].to(torch.bfloat16)
         return ("tinygemm torch._weight_int4pack_mm (bfloat16)",
                 lambda: torch._weight_int4pack_mm(x, packed, group, sz))

@@ -63,6 +63,11 @@ def gated(task: Task) -> bool:
     return task.attr.get("act", "none") == "swiglu"
 
 
+def is_fused(task: Task) -> bool:
+    """Whether a linear layer task takes over any neighbour's work (norm, residual or act)."""
+    return any(fusions(task)) or gated(task)
+
+
 def out_width(task: Task) -> int:
     """Columns of Y: N, or N/2 with ``act=swiglu``."""
     return task.dims["N"] // 2 if gated(task) else task.dims["N"]
@@ -80,7 +85,7 @@ def check_fusions(op: Operator, task: Task) -> None:
         raise ValueError(f"{op.op}: act must be one of {', '.join(ACTS)}, got {a['act']!r}")
     if gated(task) and task.dims["N"] % 2:
         raise ValueError(f"{op.op}: act=swiglu needs an even N (gate rows, then as many up rows), got {task.dims['N']}")
-    if isinstance(op, Template) and (any(fusions(task)) or gated(task)) and not getattr(op, "fusable", False):
+    if isinstance(op, Template) and is_fused(task) and not getattr(op, "fusable", False):
         raise ValueError(f"{op.op}: the {op.target_kind} template takes no decode fusions (norm, residual, act: CUDA "
                          "templates only)")
 

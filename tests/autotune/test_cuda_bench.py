@@ -22,6 +22,23 @@ def test_every_llm_operator_has_a_vendor_baseline():
     assert ops <= set(BASELINES), sorted(ops - set(BASELINES))
 
 
+@pytest.mark.parametrize("attrs", [{"norm": "rmsnorm", "eps": 1e-6}, {"act": "swiglu", "norm": "rmsnorm", "eps": 1e-6},
+                                   {"act": "swiglu", "residual": True}])
+def test_the_gemv_baseline_does_what_a_fused_gemv_does(attrs):
+    """The vendor baseline of a fused decode GEMV computes the same Y around the vendor matmul
+    (run here on torch's CPU build)."""
+    import numpy as np
+    import torch
+
+    from search_space import get_template
+
+    task = Task.make("gemv", {"M": 2, "N": 16, "K": 64}, "float32", attrs)
+    template = get_template("gemv", "cuda")
+    inputs = template.make_inputs(task, np.random.default_rng(0))
+    _, call = BASELINES["gemv"](torch, task, {k: torch.from_numpy(v) for k, v in inputs.items()}, template)
+    np.testing.assert_allclose(call().numpy(), template.reference(task, inputs)["Y"], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.tools("nvcc")
 @pytest.mark.parametrize("name", ["stream", "fma"])
 def test_roofline_probes_compile(name):
