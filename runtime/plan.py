@@ -148,7 +148,7 @@ def biased_projections(config: ModelConfig) -> dict[str, bool]:
 _NORM = {"norm": "rmsnorm"}  # and the model's eps
 FUSED_NORMS = {"qkv_proj": _NORM, "gate_up_proj": {**_NORM, "act": "swiglu"}, "lm_head": _NORM,
                "o_proj": {"residual": True}, "down_proj": {"residual": True}}
-FUSED_ATTRS = {"norm", "residual", "act"}  # a GEMV spec with any of them is a fused one
+FUSED_ATTRS = {name for extra in FUSED_NORMS.values() for name in extra}  # a GEMV spec with any: a fused one
 
 
 def can_fuse_norms(config: ModelConfig, batch: int) -> bool:

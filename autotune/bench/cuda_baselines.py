@@ -55,12 +55,12 @@ def _with_fusions(torch, task, t, name: str, matmul):
     residual add (``residual``) after."""
     import torch.nn.functional as F
 
-    from search_space.ops.matmul import FUSION_ATTRS, fusions, gated, is_fused, out_width
+    from search_space.ops.matmul import fusions, gated, is_fused, norm_eps, out_width
 
     norm, residual = fusions(task)
     glu, half = gated(task), out_width(task)
     x = t["X"]
-    eps = float(task.attr.get("eps", FUSION_ATTRS["eps"]))
+    eps = norm_eps(task)
     if not is_fused(task):
         return name, lambda: matmul(x)
 

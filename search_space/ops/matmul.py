@@ -74,7 +74,12 @@ def out_width(task: Task) -> int:
 
 
 def _y_shape(task: Task) -> tuple:
-    return ("M", task.dims["N"] // 2) if gated(task) else ("M", "N")
+    return ("M", out_width(task)) if gated(task) else ("M", "N")
+
+
+def norm_eps(task: Task) -> float:
+    """The eps of a task's fused RMSNorm (``norm=rmsnorm``)."""
+    return float(task.attr.get("eps", FUSION_ATTRS["eps"]))
 
 
 def check_fusions(op: Operator, task: Task) -> None:
@@ -90,20 +95,20 @@ def check_fusions(op: Operator, task: Task) -> None:
                          "templates only)")
 
 
-def fused_args(op: Operator, task: Task) -> tuple[tuple[ArgSpec, ...], tuple[ArgSpec, ...]]:
+def fused_args(task: Task) -> tuple[tuple[ArgSpec, ...], tuple[ArgSpec, ...]]:
     """The arguments the fusions add: (G after X, R before Y)."""
     norm, residual = fusions(task)
     return ((ArgSpec("G", "in", task.dtype, ("K",)),) if norm else (),
             (ArgSpec("R", "in", task.dtype, _y_shape(task)),) if residual else ())
 
 
-def fused_bytes(op: Operator, task: Task) -> float:
+def fused_bytes(task: Task) -> float:
     norm, residual = fusions(task)
     d = task.dims
     return ITEMSIZE[task.dtype] * (d["K"] * norm + d["M"] * out_width(task) * residual)
 
 
-def fused_inputs(op: Operator, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def fused_inputs(task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
     norm, residual = fusions(task)
     d = task.dims
     out = {}
@@ -114,16 +119,15 @@ def fused_inputs(op: Operator, task: Task, rng: np.random.Generator) -> dict[str
     return out
 
 
-def fused_x(op: Operator, task: Task, inputs: dict[str, np.ndarray]) -> np.ndarray:
+def fused_x(task: Task, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """X in float64 as the matmul reads it: RMS-normalised with ``norm=rmsnorm``."""
     x = to_float64(inputs["X"], task.dtype)
     if not fusions(task)[0]:
         return x
-    eps = float(task.attr.get("eps", FUSION_ATTRS["eps"]))
-    return x / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + eps) * to_float64(inputs["G"], task.dtype)
+    return x / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + norm_eps(task)) * to_float64(inputs["G"], task.dtype)
 
 
-def fused_y(op: Operator, task: Task, inputs: dict[str, np.ndarray], y: np.ndarray) -> dict[str, np.ndarray]:
+def fused_y(task: Task, inputs: dict[str, np.ndarray], y: np.ndarray) -> dict[str, np.ndarray]:
     """Y from the float64 product X @ W^T: gated (``act=swiglu``), then the residual added."""
     if gated(task):
         gate, up = y[:, :out_width(task)], y[:, out_width(task):]
@@ -158,7 +162,7 @@ class Matmul(Operator):
                              "(W in the task's dtype only)")
 
     def signature(self, task: Task) -> tuple[ArgSpec, ...]:
-        g, r = fused_args(self, task)
+        g, r = fused_args(task)
         return (ArgSpec("X", "in", task.dtype, ("M", "K")), *g, ArgSpec("W", "in", self.weight_dtype(task), ("N", "K")),
                 *r, ArgSpec("Y", "out", task.dtype, _y_shape(task)))
 
@@ -170,16 +174,16 @@ class Matmul(Operator):
         d = task.dims
         size = ITEMSIZE[task.dtype]
         return (size * (d["M"] * d["K"] + d["M"] * out_width(task)) + ITEMSIZE[self.weight_dtype(task)] * d["N"] * d["K"]
-                + fused_bytes(self, task))
+                + fused_bytes(task))
 
     def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
         d = task.dims
         return {"X": random_uniform(rng, (d["M"], d["K"]), task.dtype),
-                "W": random_uniform(rng, (d["N"], d["K"]), self.weight_dtype(task)), **fused_inputs(self, task, rng)}
+                "W": random_uniform(rng, (d["N"], d["K"]), self.weight_dtype(task)), **fused_inputs(task, rng)}
 
     def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         w = to_float64(inputs["W"], self.weight_dtype(task))
-        return fused_y(self, task, inputs, fused_x(self, task, inputs) @ w.T)
+        return fused_y(task, inputs, fused_x(task, inputs) @ w.T)
 
     def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
         """float32 BLAS (weight-only: on the widened weights, four bytes each)."""
@@ -234,7 +238,7 @@ class MatmulQ4(Operator):
 
     def signature(self, task: Task) -> tuple[ArgSpec, ...]:
         k, groups = task.dims["K"], task.dims["K"] // self.attrs(task)["group_size"]
-        g, r = fused_args(self, task)
+        g, r = fused_args(task)
         args = [ArgSpec("X", "in", task.dtype, ("M", "K")), *g,
                 ArgSpec("WQ", "in", "uint8", ("N", k // 2)),
                 ArgSpec("SCALES", "in", task.dtype, ("N", groups))]
@@ -253,7 +257,7 @@ class MatmulQ4(Operator):
         size = ITEMSIZE[task.dtype]
         per_group = size * (2 if a["zero_point"] else 1)
         weights = d["N"] * d["K"] / 2 + d["N"] * d["K"] / a["group_size"] * per_group
-        return weights + size * (d["M"] * d["K"] + d["M"] * out_width(task)) + fused_bytes(self, task)
+        return weights + size * (d["M"] * d["K"] + d["M"] * out_width(task)) + fused_bytes(task)
 
     def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
         d = task.dims
@@ -264,7 +268,7 @@ class MatmulQ4(Operator):
                "SCALES": from_float(q["SCALES"], task.dtype)}
         if a["zero_point"]:
             out["ZEROS"] = from_float(q["ZEROS"], task.dtype)
-        return {**out, **fused_inputs(self, task, rng)}
+        return {**out, **fused_inputs(task, rng)}
 
     def dequantized(self, task: Task, inputs: dict[str, np.ndarray]) -> np.ndarray:
         a = self.attrs(task)
@@ -272,7 +276,7 @@ class MatmulQ4(Operator):
         return dequantize_q4(inputs["WQ"], to_float64(inputs["SCALES"], task.dtype), zeros, a["group_size"])
 
     def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return fused_y(self, task, inputs, fused_x(self, task, inputs) @ self.dequantized(task, inputs).T)
+        return fused_y(task, inputs, fused_x(task, inputs) @ self.dequantized(task, inputs).T)
 
     def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
         """fp32 GEMV/GEMM on the same (dequantised) weights: what int4 must beat."""

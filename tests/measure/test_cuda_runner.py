@@ -24,6 +24,20 @@ SM90 = Target.from_name("sm_90a")
 # ----------------------------------------------------------------------------- no GPU needed
 
 
+def failures_on_the_gpu(inputs: list[MeasureInput]) -> list[tuple]:
+    """(task, config, error, message) of each input that did not build, run and verify."""
+    with LocalBuilder(timeout_s=300) as builder, CudaRunner(timeout_s=60) as runner:
+        results = runner.run(inputs, builder.build(inputs))
+    return [(i.task.key, str(i.config), r.error.name, r.message) for i, r in zip(inputs, results) if not r.ok]
+
+
+def seed_inputs(template, task: Task, target: Target) -> list[MeasureInput]:
+    """The template's seed configs the task's space accepts, as inputs."""
+    space = template.space(task, target)
+    seeds = space.accepted(template.seed_configs(task, target), template.default(task, target).as_dict())
+    return [MeasureInput(task, config, target) for config in seeds]
+
+
 @pytest.mark.parametrize("message, during_launch, expected", [
     ("cuCtxSynchronize failed: an illegal memory access was encountered", False, (MeasureError.RUNTIME_ERROR, True)),
     ("cuEventSynchronize failed: misaligned address", False, (MeasureError.RUNTIME_ERROR, True)),
@@ -202,9 +216,7 @@ def test_real_kernels_verify_and_time(gpu_target):
         space = template.space(task, gpu_target)
         for config in [template.default(task, gpu_target)] + space.sample(np.random.default_rng(0), 2):
             inputs.append(MeasureInput(task, config, gpu_target))
-    with LocalBuilder(timeout_s=300) as builder, CudaRunner(timeout_s=60) as runner:
-        results = runner.run(inputs, builder.build(inputs))
-    failures = [(i.task.key, str(i.config), r.error.name, r.message) for i, r in zip(inputs, results) if not r.ok]
+    failures = failures_on_the_gpu(inputs)
     assert not failures, failures
     for r in results:
         assert len(r.costs) >= 10 and 1e-7 < r.median < 1.0
@@ -229,9 +241,7 @@ def test_warpgroup_mma_gemm_on_the_gpu(gpu_target, dtype):
             if space.is_valid(values):
                 inputs.append(MeasureInput(task, space.from_values(values), gpu_target))
     assert len(inputs) >= 4
-    with LocalBuilder(timeout_s=300) as builder, CudaRunner(timeout_s=60) as runner:
-        results = runner.run(inputs, builder.build(inputs))
-    failures = [(i.task.key, str(i.config), r.error.name, r.message) for i, r in zip(inputs, results) if not r.ok]
+    failures = failures_on_the_gpu(inputs)
     assert not failures, failures
 
 
@@ -245,13 +255,9 @@ def test_int4_gemv_seeds_on_the_gpu(gpu_target):
                                 ({"M": 1, "N": 11008, "K": 4096}, "bfloat16", {"group_size": 64, "zero_point": True}),
                                 ({"M": 16, "N": 4096, "K": 11008}, "float16", {"group_size": 128})):
         task = Task.make("gemv_q4", shape, dtype, attrs)
-        space = template.space(task, gpu_target)
-        seeds = space.accepted(template.seed_configs(task, gpu_target), template.default(task, gpu_target).as_dict())
-        inputs += [MeasureInput(task, config, gpu_target) for config in seeds]
+        inputs += seed_inputs(template, task, gpu_target)
     assert any(i.config["prefetch"] == 2 for i in inputs)
-    with LocalBuilder(timeout_s=300) as builder, CudaRunner(timeout_s=60) as runner:
-        results = runner.run(inputs, builder.build(inputs))
-    failures = [(i.task.key, str(i.config), r.error.name, r.message) for i, r in zip(inputs, results) if not r.ok]
+    failures = failures_on_the_gpu(inputs)
     assert not failures, failures
 
 
@@ -269,12 +275,8 @@ def test_fused_decode_gemvs_on_the_gpu(gpu_target):
             ("gemv_q4", {"M": 16, "N": 4096, "K": 11008}, "float16", {"residual": True, "group_size": 128})):
         template = get_template(op, "cuda")
         task = Task.make(op, shape, dtype, attrs)
-        space = template.space(task, gpu_target)
-        seeds = space.accepted(template.seed_configs(task, gpu_target), template.default(task, gpu_target).as_dict())
-        inputs += [MeasureInput(task, config, gpu_target) for config in seeds[:4]]
-    with LocalBuilder(timeout_s=300) as builder, CudaRunner(timeout_s=60) as runner:
-        results = runner.run(inputs, builder.build(inputs))
-    failures = [(i.task.key, str(i.config), r.error.name, r.message) for i, r in zip(inputs, results) if not r.ok]
+        inputs += seed_inputs(template, task, gpu_target)[:4]
+    failures = failures_on_the_gpu(inputs)
     assert not failures, failures
 
 
@@ -326,7 +328,5 @@ def test_every_cuda_template_default_runs_at_its_example_shape(gpu_target):
         for dtype in template.dtypes:
             task = Task.make(template.op, dict(template.example_shape), dtype, dynamic=template.dynamic_dims)
             inputs.append(MeasureInput(task, template.default(task, gpu_target), gpu_target))
-    with LocalBuilder(timeout_s=300) as builder, CudaRunner(timeout_s=60) as runner:
-        results = runner.run(inputs, builder.build(inputs))
-    failures = [(i.task.key, str(i.config), r.error.name, r.message) for i, r in zip(inputs, results) if not r.ok]
+    failures = failures_on_the_gpu(inputs)
     assert not failures, failures

@@ -26,7 +26,7 @@ import math
 from ...codegen.cuda import PREAMBLE, c_type
 from ...codegen.cuda_ptx import PTX_HELPERS
 from ...ops.common import ITEMSIZE
-from ...ops.matmul import FUSION_ATTRS, GemvOp, fusions, gated, out_width
+from ...ops.matmul import GemvOp, fusions, gated, norm_eps, out_width
 from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
@@ -161,6 +161,19 @@ def _registers(task: Task, c: dict) -> int:
             + lanes * (1 + norm) + 24)
 
 
+def rms_scale(task: Task, ss: str) -> str:
+    """The C expression 1 / rms of an X row from its sum of squares ``ss`` (``norm=rmsnorm``)."""
+    return f"rsqrtf({ss} * {1.0 / task.dims['K']!r}f + {norm_eps(task)!r}f)"
+
+
+def gate_up_row(task: Task, column: str, up: str) -> str:
+    """The C expression of the W row a gated GEMV (``act=swiglu``) streams for output column
+    ``column`` (clamped to the last column: never stored): the gate's, or where ``up`` holds the
+    up projection's, N/2 rows further."""
+    width = out_width(task)
+    return f"({column} < {width} ? {column} : {width - 1}) + ({up} ? {width} : 0)"
+
+
 def fused_output(task: Task, value: str, m: str, n: str, ss: str | None, up: str = "") -> str:
     """The C expression a decode GEMV stores at Y[m, n] from the finished float sum ``value``
     (with ``act=swiglu``: the gate's, and ``up`` the up projection's): each scaled by
@@ -168,10 +181,7 @@ def fused_output(task: Task, value: str, m: str, n: str, ss: str | None, up: str
     normalised X already), then silu(gate) * up, plus R[m, n] with ``residual``
     (``ops/matmul.py``); in the task's dtype."""
     norm, residual = fusions(task)
-    scale = ""
-    if norm and ss is not None:
-        eps = float(task.attr.get("eps", FUSION_ATTRS["eps"]))
-        scale = f" * rsqrtf({ss} * {1.0 / task.dims['K']!r}f + {eps!r}f)"
+    scale = f" * {rms_scale(task, ss)}" if norm and ss is not None else ""
     out = f"{value}{scale}"
     if up:
         gate = f"({out})"
@@ -227,36 +237,43 @@ def _code(task: Task, c: dict) -> str:
   #pragma unroll
   for (int m = 0; m < M_; ++m) ss[m] = warp_sum(ss[m]);""" if norm else ""
 
-    if glu:  # a warp's columns: silu(gate) * up, the gate in accumulator r and the up in RO + r
-        keep_ss = """
+    # the norm's row sums travel with the partial products through a K split
+    parts = "M_ * R_ + M_" if norm else "M_ * R_"
+    keep_ss = """
     #pragma unroll
     for (int m = 0; m < M_; ++m) red[group][part][M_ * R_ + m] = ss[m];""" if norm else ""
-        sum_ss = f"""
+
+    def sum_ss(row: str) -> str:
+        return f"""
       float sq = 0.0f;
       #pragma unroll
-      for (int p = 0; p < {KS}; ++p) sq += red[group][p][M_ * R_ + m];""" if norm else ""
-        epilogue = f"""
-  if (lane == 0) {{
-    #pragma unroll
-    for (int r = 0; r < {RO}; ++r) {{
-      const long long n = n0 + r;
-      if (n < {NO}) {{
-        #pragma unroll
-        for (int m = 0; m < M_; ++m) {{
-          const float g = acc[m][r], u = acc[m][{RO} + r];
-          Y[m * {NO} + n] = {fused_output(task, "g", "m", "n", "ss[m]", up="u")};
-        }}
-      }}
-    }}
-  }}""" if KS == 1 else f"""
-  __shared__ float red[{GROUPS}][{KS}][{"M_ * R_ + M_" if norm else "M_ * R_"}];
+      for (int p = 0; p < {KS}; ++p) sq += red[group][p][M_ * R_ + {row}];""" if norm else ""
+
+    # a K split's warps leave their sums in shared memory; the first warp of each group adds them up
+    partials = f"""
+  __shared__ float red[{GROUPS}][{KS}][{parts}];
   if (lane == 0) {{
     #pragma unroll
     for (int m = 0; m < M_; ++m)
       #pragma unroll
       for (int r = 0; r < R_; ++r) red[group][part][m * R_ + r] = acc[m][r];{keep_ss}
   }}
-  __syncthreads();
+  __syncthreads();"""
+    if KS == 1:  # with act=swiglu a warp's column r has its gate in accumulator r and its up in RO + r
+        columns, width = (RO, NO) if glu else ("R_", "N_")
+        epilogue = f"""
+  if (lane == 0) {{
+    #pragma unroll
+    for (int r = 0; r < {columns}; ++r) {{
+      const long long n = n0 + r;
+      if (n < {width}) {{
+        #pragma unroll
+        for (int m = 0; m < M_; ++m) Y[m * {width} + n] = {fused_output(task, "acc[m][r]", "m", "n", "ss[m]", f"acc[m][{RO} + r]" if glu else "")};
+      }}
+    }}
+  }}"""
+    elif glu:
+        epilogue = partials + f"""
   if (part == 0) {{
     for (int i = lane; i < M_ * {RO}; i += 32) {{
       const int m = i / {RO}, r = i % {RO};
@@ -265,55 +282,25 @@ def _code(task: Task, c: dict) -> str:
       for (int p = 0; p < {KS}; ++p) {{
         g += red[group][p][m * R_ + r];
         u += red[group][p][m * R_ + {RO} + r];
-      }}{sum_ss}
+      }}{sum_ss("m")}
       const long long n = n0 + r;
       if (n < {NO}) Y[m * {NO} + n] = {fused_output(task, "g", "m", "n", "sq", up="u")};
     }}
   }}"""
-    elif KS == 1:
-        epilogue = f"""
-  if (lane == 0) {{
-    #pragma unroll
-    for (int r = 0; r < R_; ++r) {{
-      const long long n = n0 + r;
-      if (n < N_) {{
-        #pragma unroll
-        for (int m = 0; m < M_; ++m) Y[m * N_ + n] = {fused_output(task, "acc[m][r]", "m", "n", "ss[m]")};
-      }}
-    }}
-  }}"""
     else:
-        parts = "M_ * R_ + M_" if norm else "M_ * R_"
-        keep_ss = """
-    #pragma unroll
-    for (int m = 0; m < M_; ++m) red[group][part][M_ * R_ + m] = ss[m];""" if norm else ""
-        sum_ss = f"""
-      float sq = 0.0f;
-      #pragma unroll
-      for (int p = 0; p < {KS}; ++p) sq += red[group][p][M_ * R_ + i / R_];""" if norm else ""
-        epilogue = f"""
-  __shared__ float red[{GROUPS}][{KS}][{parts}];
-  if (lane == 0) {{
-    #pragma unroll
-    for (int m = 0; m < M_; ++m)
-      #pragma unroll
-      for (int r = 0; r < R_; ++r) red[group][part][m * R_ + r] = acc[m][r];{keep_ss}
-  }}
-  __syncthreads();
+        epilogue = partials + f"""
   if (part == 0) {{
     for (int i = lane; i < M_ * R_; i += 32) {{
       float s = 0.0f;
       #pragma unroll
-      for (int p = 0; p < {KS}; ++p) s += red[group][p][i];{sum_ss}
+      for (int p = 0; p < {KS}; ++p) s += red[group][p][i];{sum_ss("i / R_")}
       const long long n = n0 + i % R_;
       if (n < N_) Y[(i / R_) * N_ + n] = {fused_output(task, "s", "(i / R_)", "n", "sq")};
     }}
   }}"""
     if glu:  # column n's gate row, then its up row N/2 further
-        row_pointers = f"""  for (int r = 0; r < R_; ++r) {{
-    const long long n = n0 + r % {RO} < {NO} ? n0 + r % {RO} : {NO - 1};  // clamp: never stored
-    wrow[r] = W + (n + (r < {RO} ? 0 : {NO})) * K_;
-  }}"""
+        row = gate_up_row(task, f"n0 + r % {RO}", f"r >= {RO}")
+        row_pointers = f"  for (int r = 0; r < R_; ++r) wrow[r] = W + ({row}) * K_;"
     else:
         row_pointers = "  for (int r = 0; r < R_; ++r) wrow[r] = W + (n0 + r < N_ ? n0 + r : N_ - 1) * K_;  // clamp: never stored"
     g_param = "const T_* __restrict__ G, " if norm else ""

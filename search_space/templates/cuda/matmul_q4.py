@@ -45,12 +45,12 @@ import math
 from ...codegen.cuda import PREAMBLE, c_type
 from ...codegen.cuda_ptx import PTX_HELPERS
 from ...ops.common import ITEMSIZE
-from ...ops.matmul import FUSION_ATTRS, fusions, gated, out_width
+from ...ops.matmul import fusions, gated, out_width
 from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
 from ...template import KernelSource
-from .gemv import fused_output
+from .gemv import fused_output, gate_up_row, rms_scale
 from .limits import blocks_per_sm, launch_constraints, occupancy, smem_limit
 
 STEP_K = 128  # K covered by one mma step of a warp (4 lanes x 32 codes)
@@ -187,7 +187,7 @@ def q4_default(space: ConfigSpace, task: Task, target: Target) -> Config:
 
 
 def q4_features(op, task: Task, config: Config, target: Target) -> dict[str, float]:
-    M, N, K = (task.dims[d] for d in ("M", "N", "K"))
+    M, K = task.dims["M"], task.dims["K"]
     c = config.as_dict()
     threads = 32 * c["warps"]
     gx, gy, _ = grid(task, c)
@@ -292,14 +292,13 @@ def mma_code(task: Task, c: dict) -> str:
     zero_regs = f"T_ zr[{U}][{RW}][2];" if zp else ""
     if glu:  # tile rt < RO: the gate's rows; RO + rt: the up projection's, N/2 further
         row_of_tile = f"""      long long n = nb + (rt % {RO}) * 16 + g + h * 8;
-      n = (n < {NO} ? n : {NO - 1}) + (rt < {RO} ? 0 : {NO});"""
+      n = {gate_up_row(task, "n", f"rt >= {RO}")};"""
     else:
         row_of_tile = f"""      long long n = nb + rt * 16 + g + h * 8;
       n = n < {N} ? n : {N - 1};"""
     ssq_decl = f"""
   __shared__ float ssq[{MR}];  // each X row's sum of squares, then its 1 / rms (the norm)
   if (threadIdx.x < {MR}) ssq[threadIdx.x] = 0.0f;""" if norm else ""
-    eps = float(task.attr.get("eps", FUSION_ATTRS["eps"]))
     # the norm's first pass: every row's 1 / rms before X is staged (reads of X hit L2 / L1)
     row_scales = f"""  __syncthreads();  // the row sums are zeroed
   for (int i = threadIdx.x; i < {MR * (K // 8)}; i += {threads}) {{
@@ -313,7 +312,7 @@ def mma_code(task: Task, c: dict) -> str:
     atomicAdd(&ssq[row], sq);
   }}
   __syncthreads();
-  if (threadIdx.x < {MR}) ssq[threadIdx.x] = rsqrtf(ssq[threadIdx.x] * {1.0 / K!r}f + {eps!r}f);
+  if (threadIdx.x < {MR}) ssq[threadIdx.x] = {rms_scale(task, "ssq[threadIdx.x]")};
   __syncthreads();
 """ if norm else ""
     prefetch = ""
@@ -557,7 +556,7 @@ def simt_code(task: Task, c: dict) -> str:
     }}
   }}"""
     if glu:  # column n's gate row, then its up row N/2 further
-        row_of = f"""    const long long n = (n0 + r % {RO} < {NO} ? n0 + r % {RO} : {NO - 1}) + (r < {RO} ? 0 : {NO});"""
+        row_of = f"""    const long long n = {gate_up_row(task, f"n0 + r % {RO}", f"r >= {RO}")};"""
     else:
         row_of = f"""    const long long n = n0 + r < {N} ? n0 + r : {N - 1};"""
     g_load = f"""
