@@ -18,6 +18,11 @@
 # job starts after that many seconds of the script),
 # GPU_CHECK_CASES, GPU_CHECK_EXAMPLES (see below).
 #
+# Targets mode (GPU_CHECK_MODE=targets, about 4-5 minutes): only the tensor-core lines of issue 13
+# (gemm 4096^3 and 512x11008x4096 in float16 and bfloat16, attention prefill T=512 and T=2048),
+# tuned, completed with the hand-picked candidates and benched; no tests, no example shapes. It
+# fits beside `gpu_model_check.sh` in one 15-minute device session.
+#
 # Sweep mode (GPU_CHECK_MODE=sweep): instead of all that, measure seeded random samples of the
 # CUDA gemm and attention_prefill spaces for GPU_CHECK_SWEEP_S seconds in all (240), so that
 # the GPU search can be replayed without a GPU (`autotune replay`); the logs come back gzipped
@@ -72,6 +77,14 @@ if [[ "${GPU_CHECK_MODE:-check}" == sweep ]]; then
   exit 0
 fi
 
+TARGETS_ONLY=0
+if [[ "${GPU_CHECK_MODE:-check}" == targets ]]; then
+  TARGETS_ONLY=1
+  GPU_CHECK_EXAMPLES=0
+  TUNE_S=${GPU_CHECK_TUNE_S:-220}
+fi
+
+if (( ! TARGETS_ONLY )); then
 step "GPU fault tests first (each fault costs only its own trial; a correct kernel after one is NO_ERROR)"
 timeout 120 $PY -m pytest -v -m gpu -p no:cacheprovider --timeout 100 tests/measure/test_cuda_runner.py \
   > "$LOG/pytest-gpu-faults.log" 2>&1
@@ -79,17 +92,27 @@ echo "pytest -m gpu (faults) exit code $?" | tee -a "$LOG/steps.log"
 grep -E " (PASSED|FAILED|ERROR)" "$LOG/pytest-gpu-faults.log" | head -n 20
 
 step "the other tests marked gpu"
-timeout 150 $PY -m pytest -v -m gpu -p no:cacheprovider --timeout 120 tests --ignore=tests/measure/test_cuda_runner.py \
+timeout 180 $PY -m pytest -v -m gpu -p no:cacheprovider --timeout 120 tests --ignore=tests/measure/test_cuda_runner.py \
   > "$LOG/pytest-gpu.log" 2>&1
 echo "pytest -m gpu exit code $?" | tee -a "$LOG/steps.log"
 echo "  $(grep -c " PASSED" "$LOG/pytest-gpu.log") passed; not passed:"; grep -E " (FAILED|ERROR)" "$LOG/pytest-gpu.log" | head -n 20
 tail -n 3 "$LOG/pytest-gpu.log"
+fi
 
 # The TARGETS.md shapes first (they matter most), then every op at its example shape.
 # GPU_CHECK_CASES (space-separated op:shape:dtype) replaces the first list; GPU_CHECK_EXAMPLES=0
 # leaves out the example shapes.
 if [[ -n "${GPU_CHECK_CASES:-}" ]]; then
   read -r -a CASES <<< "$GPU_CHECK_CASES"
+elif (( TARGETS_ONLY )); then
+  CASES=(
+    "gemm:M=4096,N=4096,K=4096:float16"
+    "gemm:M=4096,N=4096,K=4096:bfloat16"
+    "gemm:M=512,N=11008,K=4096:float16"
+    "gemm:M=512,N=11008,K=4096:bfloat16"
+    "attention_prefill:B=1,T=512,H=32,HKV=8,D=128:float16"
+    "attention_prefill:B=1,T=2048,H=32,HKV=8,D=128:float16"
+  )
 else
   CASES=(
     "gemv:M=1,N=11008,K=4096:float16"
@@ -101,6 +124,8 @@ else
     "gemm:M=4096,N=4096,K=4096:float32"
     "gemm:M=512,N=11008,K=4096:float16"
     "gemv_q4:M=16,N=11008,K=4096:bfloat16"
+    "gemm:M=512,N=11008,K=4096:bfloat16"
+    "attention_prefill:B=1,T=512,H=32,HKV=8,D=128:float16"
     "attention_prefill:B=1,T=2048,H=32,HKV=8,D=128:float16"
   )
 fi
@@ -133,9 +158,11 @@ step "tuning the ${N_TARGET_CASES} TARGETS.md cases on a fresh log (xgb with pri
 for case in "${CASES[@]:0:N_TARGET_CASES}"; do tune_case "$case" "$TARGET_TRIALS"; done
 $PY -m autotune.cli best --log "$LOG/tune.jsonl" > "$LOG/best-xgb-fresh.txt" 2>&1
 
-if [[ -z "${GPU_CHECK_CASES:-}" ]] && (( $(elapsed) + 110 <= TUNE_S )); then  # within the 8 minutes
+if (( TARGETS_ONLY )) || { [[ -z "${GPU_CHECK_CASES:-}" ]] && (( $(elapsed) + 110 <= TUNE_S )); }; then  # within the 8 minutes
   step "hand-picked candidates for the TARGETS.md shapes the search did not measure (benchmarks/cuda_candidates.py)"
-  timeout 110 $PY benchmarks/cuda_candidates.py --log "$LOG/tune.jsonl" > "$LOG/candidates.log" 2>&1
+  if (( TARGETS_ONLY )); then candidate_cases=("${CASES[@]}"); else candidate_cases=(); fi
+  timeout "$(( TARGETS_ONLY ? 90 : 110 ))" $PY benchmarks/cuda_candidates.py --log "$LOG/tune.jsonl" \
+    ${candidate_cases[@]:+--cases "${candidate_cases[@]}"} > "$LOG/candidates.log" 2>&1
   echo "candidates exit code $?" | tee -a "$LOG/steps.log"
   grep -v "^  failed" "$LOG/candidates.log" | tail -n 12
 fi

@@ -15,7 +15,9 @@ defaults. Reported, in one JSON line and a short table:
 - the largest logit difference of the runtime against that torch model in float32 on the same
   (rounded, dequantised) weights, teacher-forced over the runtime's tokens;
 - where a decode step's time goes, from a timed run under torch's profiler: each kernel's
-  device time per step and share of the step, and the share spent in no kernel.
+  device time per step and share of the step, and the share spent in no kernel;
+- the programmatic edges in the captured step (``runtime.cuda_graph``) and decode tokens/s of
+  the same step captured without them.
 
 torch is a baseline here, not a dependency of the project. It initialises CUDA first; the
 runtime then attaches pycuda to the device's primary context (one context for both).
@@ -247,6 +249,11 @@ def main() -> int:
     timed = min((model.generate(prompts, args.new, keep_logits=False) for _ in range(3)), key=lambda g: g.decode_s)
     decode_mode = model.decode_mode
     capture_error = model.capture_error
+    edges, edges_error = model.programmatic_edges, model.programmatic_error
+    # the same graph without programmatic edges: what the overlap of neighbouring kernels is worth
+    model.programmatic_launch = False
+    plain = min((model.generate(prompts, args.new, keep_logits=False) for _ in range(3)), key=lambda g: g.decode_s)
+    model.programmatic_launch = True
     ours_prefill = min(model.generate(prompts, 2, keep_logits=False).prefill_s for _ in range(3))
     profile = decode_profile(torch, model, prompts, 16, timed.decode_s / (args.new - 1))
     ours = model.generate(prompts, args.new)  # the logits, for the comparison below
@@ -295,6 +302,9 @@ def main() -> int:
         "model": config.name, "dtype": args.dtype, "quantize": args.quantize, "prompt": args.prompt, "new": args.new,
         "kernels_tuned": sum(1 for k in model.used.values() if k.tuned), "kernels": len(model.used),
         "decode_mode": decode_mode, "capture_error": capture_error, "same_tokens_as_timed": bool((ours.tokens == timed.tokens).all()),
+        "programmatic_edges": edges, "programmatic_error": edges_error,
+        "decode_tokens_per_s_plain_graph": decode_tokens / plain.decode_s,
+        "same_tokens_plain_graph": bool((plain.tokens == timed.tokens).all()),
         "decode_tokens_per_s": decode_tokens / timed.decode_s, "prefill_tokens_per_s": args.prompt / ours_prefill,
         "streaming_bytes_per_s": rate, "bytes_per_decode_token": per_token, "floor_tokens_per_s": floor,
         "share_of_floor": decode_tokens / timed.decode_s / floor,
@@ -311,6 +321,8 @@ def main() -> int:
           f"{result['decode_vs_torch']:.2f}x torch eager ({result['torch_decode_tokens_per_s']:.1f}); prefill "
           f"{result['prefill_tokens_per_s']:.0f} tok/s, {result['prefill_vs_torch']:.2f}x torch; logits vs torch "
           f"float32: max {max_abs:.2e} ({max_rel:.1e} relative), same argmax {same * 100:.0f}%", file=sys.stderr)
+    print(f"  {edges} programmatic edges in the graph{f' (refused: {edges_error})' if edges_error else ''}; "
+          f"without them {result['decode_tokens_per_s_plain_graph']:.1f} tok/s", file=sys.stderr)
     if profile and "kernels" in profile:
         print(f"a decode step from a timed run: {profile['wall_us_per_step']:.0f} us, "
               f"{profile['in_kernels_share'] * 100:.0f}% of it in kernels:", file=sys.stderr)

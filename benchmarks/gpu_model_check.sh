@@ -48,6 +48,12 @@ for r in rows:
           f"{r['floor_tokens_per_s']:>8.1f}{r['share_of_floor'] * 100:>8.0f}%{r['torch_decode_tokens_per_s']:>8.1f}"
           f"{r['decode_vs_torch']:>8.2f}x{r['prefill_tokens_per_s']:>14.0f}{r['prefill_vs_torch']:>8.2f}x"
           f"{lg['max_rel']:>10.1e}")
+for r in rows:  # the captured step's programmatic edges (each kernel starting as the one before ends)
+    if "programmatic_edges" in r:
+        refused = f" (refused: {r['programmatic_error']})" if r.get("programmatic_error") else ""
+        print(f"{r['model']} {r['quantize']}: {r['programmatic_edges']} programmatic edges{refused}; decode "
+              f"{r['decode_tokens_per_s']:.1f} tok/s with them, {r['decode_tokens_per_s_plain_graph']:.1f} without "
+              f"({r['decode_tokens_per_s'] / r['decode_tokens_per_s_plain_graph']:.3f}x)")
 for r in rows:  # where a decode step goes (torch's profiler over a timed run)
     prof = r.get("decode_profile") or {}
     if "kernels" in prof:

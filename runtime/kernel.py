@@ -129,6 +129,9 @@ class Kernel:
     config: dict[str, Any] = field(default_factory=dict)
     entry: str = ""
     keepalive: Any = None
+    # CUDA: the kernel waits for the one before it before reading its data, so a captured graph
+    # may join them by a programmatic edge (``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``)
+    programmatic: bool = False
 
     def __post_init__(self) -> None:
         self.input_names = [a.name for a in self.args if a.role == "in"]

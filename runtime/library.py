@@ -197,7 +197,7 @@ def _check_tensor_map(arg: Mapping[str, Any], array: Mapping[str, Any] | None, w
 
 def _check_launch(entry: Mapping[str, Any], where: str) -> None:
     """CUDA launch geometry: a block of at most 1024 threads, a grid and shared memory that
-    evaluate at the entry's dims."""
+    evaluate at the entry's dims, and whether it takes a programmatic launch (a bool)."""
     launch = entry.get("launch")
     if not isinstance(launch, dict):
         raise LibraryFormatError(f"{where}: no launch geometry")
@@ -214,6 +214,8 @@ def _check_launch(entry: Mapping[str, Any], where: str) -> None:
         raise LibraryFormatError(f"{where}: launch geometry does not evaluate at its dims: {exc!r}") from None
     if any(n < 1 for n in sizes) or not 0 <= smem <= MAX_SHARED_BYTES:
         raise LibraryFormatError(f"{where}: grid {sizes} or shared memory {smem} bytes out of range")
+    if not isinstance(launch.get("programmatic", False), bool):
+        raise LibraryFormatError(f"{where}: programmatic {launch['programmatic']!r} is not true or false")
 
 
 def check_entry(entry: Any, kind: str) -> None:

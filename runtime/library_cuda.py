@@ -12,7 +12,8 @@ A ``CudaKernel`` keeps the calling convention of ``runtime.kernel.Kernel``:
   with ``tensor_map`` arguments takes their encoded descriptors first: ``runtime.tensor_map``).
 
 Launch geometry comes from the manifest: ``block``, ``grid`` (ints or integer expressions
-over dim names, for dynamic dims) and ``smem`` (dynamic shared memory bytes).
+over dim names, for dynamic dims) and ``smem`` (dynamic shared memory bytes); ``programmatic``
+(true) marks a kernel a captured graph may start before the kernel ahead of it has ended.
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ class CudaModules:
 
         return CudaKernel(spec, args, launch_kernel, tuned=bool(record.get("tuned", True)),
                           seconds=record.get("seconds"), config=dict(record.get("config") or {}),
-                          entry=record["entry"], keepalive=(self, module))
+                          entry=record["entry"], keepalive=(self, module),
+                          programmatic=launch.get("programmatic") is True)
 
     def close(self) -> None:
         self.modules.clear()

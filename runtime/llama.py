@@ -76,6 +76,8 @@ class _HostCall:
     """A call in a layer's list that is not a kernel (the copies of a fused projection's
     column blocks), run the way the step runs bound calls: ``.run()``."""
 
+    kernel = None  # no kernel: nothing a programmatic edge could join
+
     def __init__(self, run):
         self.run = run
 
@@ -144,6 +146,11 @@ class LlamaModel:
         # graph per step) or "resident" (the graph's kernels, issued one by one: no capture here)
         self.decode_mode: str | None = None
         self.capture_error: str | None = None
+        # a captured step joins the kernels built for it by programmatic edges (runtime.cuda_graph):
+        # each starts as the one before it ends; False captures plain graphs (to compare)
+        self.programmatic_launch = True
+        self.programmatic_edges = 0  # in the last generation's graph
+        self.programmatic_error: str | None = None  # why its graph has none, where the driver refused them
 
     # -- kernels and weights ---------------------------------------------------------
     def _kernel(self, call: KernelCall, **dims: int) -> Kernel:
@@ -425,6 +432,8 @@ class LlamaModel:
             step = _DecodeStep(self, batch, capacity, caches, lengths)
         self.decode_mode = step.mode
         self.capture_error = getattr(step, "capture_error", None)
+        self.programmatic_edges = getattr(step, "programmatic_edges", 0) if step.mode == "graph" else 0
+        self.programmatic_error = getattr(step, "programmatic_error", None)
         return step
 
     def generate(self, prompts: np.ndarray, new_tokens: int, keep_logits: bool = True) -> Generation:
@@ -598,29 +607,50 @@ class _ResidentStep:
         self.runs = [call.run for call in self.bound]
         self.graphs: dict[bool, object] = {}  # captured per choice of keeping the logits
         self.capture_error: str | None = None   # why the driver could not capture, if it could not
+        # programmatic edges in the graph (runtime.cuda_graph), and why there are none if they failed
+        self.programmatic_edges = 0
+        self.programmatic_error: str | None = None
+        self._programmatic = model.programmatic_launch
         self.mode = "graph" if self._graph(keep_logits) is not None else "resident"  # captured here, untimed
 
-    def _issue(self, keep_logits: bool) -> None:
+    def _issue(self, keep_logits: bool, graph=None) -> None:
+        """Queue the step on the stream; ``graph``: the graph capturing it, which then joins each
+        kernel built for a programmatic launch to the kernel before it by a programmatic edge."""
         drv, stream = self.arrays.drv, self.stream
         for device, host in self.copies_in:
             drv.memcpy_htod_async(device.gpudata, host, stream)
-        for run in self.runs:
-            run()
+        if graph is None:
+            for run in self.runs:
+                run()
+        else:
+            for call in self.bound:
+                if call.kernel is not None and call.kernel.programmatic:
+                    self.programmatic_edges += graph.programmatic_edge()
+                call.run()
         drv.memcpy_dtoh_async(self.host_ids, self.ids.gpudata, stream)
         if keep_logits:
             drv.memcpy_dtoh_async(self.host_logits, self.logits.gpudata, stream)
 
     def _graph(self, keep_logits: bool):
-        """The captured step, or None where the driver cannot capture (issued call by call)."""
+        """The captured step, or None where the driver cannot capture (issued call by call). With
+        programmatic edges where the model allows them and the driver takes them, else without."""
         if keep_logits not in self.graphs:
             from .cuda_graph import CudaGraph, CudaGraphError
 
-            try:
-                graph = CudaGraph(self.arrays.drv, self.stream)
-                with graph.capture():
-                    self._issue(keep_logits)
-            except (CudaGraphError, self.arrays.drv.Error) as exc:  # issued call by call instead
-                graph, self.capture_error = None, f"{type(exc).__name__}: {exc}"
+            graph = None
+            for programmatic in (True, False) if self._programmatic else (False,):
+                self.programmatic_edges = 0
+                try:
+                    graph = CudaGraph(self.arrays.drv, self.stream)
+                    with graph.capture():
+                        self._issue(keep_logits, graph if programmatic else None)
+                    break
+                except (CudaGraphError, self.arrays.drv.Error) as exc:  # without them, or call by call
+                    graph, error = None, f"{type(exc).__name__}: {exc}"
+                    if programmatic:
+                        self.programmatic_error = error
+                    else:
+                        self.capture_error = error
             self.graphs[keep_logits] = graph
         return self.graphs[keep_logits]
 
@@ -633,10 +663,31 @@ class _ResidentStep:
         if graph is None:
             self._issue(keep_logits)
         else:
-            graph.launch()
+            self._launch(graph, keep_logits)
         self.stream.synchronize()
         logits = to_float32(np.asarray(self.host_logits), self.model.dtype) if keep_logits else None
         return np.array(self.host_ids, dtype=np.int64), logits
+
+    def _launch(self, graph, keep_logits: bool) -> None:
+        """Replay ``graph``; one with programmatic edges that the driver will not launch is
+        captured again without them (nothing of a refused launch has run)."""
+        from .cuda_graph import CudaGraphError
+
+        try:
+            graph.launch()
+        except CudaGraphError as exc:
+            if not self.programmatic_edges:
+                raise
+            self.programmatic_error = f"{type(exc).__name__}: {exc}"
+            self.model.programmatic_error = self.programmatic_error
+            self.close()
+            self._programmatic = False
+            plain = self._graph(keep_logits)
+            if plain is None:
+                self._issue(keep_logits)
+            else:
+                plain.launch()
+            self.model.programmatic_edges = self.programmatic_edges
 
     def close(self) -> None:
         for graph in self.graphs.values():

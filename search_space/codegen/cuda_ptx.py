@@ -320,3 +320,32 @@ template <int N> __device__ __forceinline__ void fence_operands(unsigned* r) {
 }
 // END PTX
 """
+
+# Programmatic dependent launch (sm_90+), for the kernels of a captured decode step. Where the
+# graph joins a kernel to the one before it by a programmatic edge (``runtime.cuda_graph``), the
+# kernel may start while that one still runs: it reads only constant data (weights) until
+# ``grid_dependency_wait()`` returns, which is when the kernel before it has finished and its
+# writes are visible; and ``launch_dependents()`` lets the kernel after it start the same way.
+# Launched plainly (tuning, a call per kernel) both are no-ops, as they are below sm_90 and on
+# the CPU emulator (no ``__CUDA_ARCH__``). A kernel that uses them says so in its launch
+# (``PROGRAMMATIC``): the runtime joins only such kernels by programmatic edges.
+GRID_DEPENDENCY_HELPERS = r"""
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+"""
+PROGRAMMATIC = ("programmatic", True)  # the ``KernelSource.launch`` entry of such a kernel
+
+
+def programmatic_launch(target) -> tuple:
+    """The launch entries of a kernel that uses the helpers above: ``PROGRAMMATIC`` where the
+    target's GPUs have programmatic launches (sm_90 on), nothing where the helpers compile away."""
+    digits = "".join(ch for ch in target.arch if ch.isdigit())
+    return (PROGRAMMATIC,) if target.kind == "cuda" and digits and int(digits) >= 90 else ()

@@ -186,11 +186,22 @@ def test_the_decode_gemvs_fuse_the_norms_where_the_library_has_them(fake_gpu, qu
         weights = weights.quantize_q4(32)
     prompts = np.array([[5, 9, 2, 33, 7], [40, 1, 17, 8, 60]])  # two sequences: M = 2 in the GEMVs
     reference = ReferenceModel(MICRO, weights).generate(prompts, 5)
+    import pycuda.driver as fake_driver
+
     with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
         for provider, fused in ((kernels, True), (WithoutFusedNorms(kernels), False)):
             model = LlamaModel(MICRO, weights, provider)
+            captures = len(fake_driver.EDGES_OF_CAPTURES)
             out = model.generate(prompts, 5)
             assert model.decode_mode == "graph"
+            # programmatic edges join each kernel built for them to the kernel before it: with the
+            # fusions every GEMV but the first layer's Q/K/V (after the copies in) and rope_append
+            # (after Q/K/V); without them, rope_append only. Every such kernel waits for the one before.
+            edges = fake_driver.EDGES_OF_CAPTURES[captures:]
+            assert len(edges) == 1 and model.programmatic_error is None
+            assert all(waits for _, _, waits in edges[0]), edges[0]
+            layers = MICRO.num_hidden_layers
+            assert model.programmatic_edges == len(edges[0]) == (5 * layers if fused else layers), edges[0]
             norms = {spec.split("/")[0] for spec in model.used
                      if spec.startswith("gemv") and ('norm="rmsnorm"' in spec or "residual=true" in spec)}
             assert norms == ({"gemv_q4" if quantize == "q4" else "gemv"} if fused else set()), norms
@@ -200,3 +211,19 @@ def test_the_decode_gemvs_fuse_the_norms_where_the_library_has_them(fake_gpu, qu
             error = np.abs(out.logits - reference.logits).max() / np.abs(reference.logits).max()
             assert error < 1e-4, error
             np.testing.assert_array_equal(out.tokens, reference.tokens)
+        # plain graphs where the model asks for them, or where the driver refuses programmatic edges
+        model.programmatic_launch = False
+        np.testing.assert_array_equal(model.generate(prompts, 5).logits, out.logits)
+        assert model.decode_mode == "graph" and model.programmatic_edges == 0
+
+        def refused(stream):
+            raise fake_driver.LogicError("cuStreamUpdateCaptureDependencies failed: not supported")
+        api = fake_driver.graph_api
+        fake_driver.graph_api = lambda: type("NoEdges", (type(api()),), {"programmatic_edge": lambda self, s: refused(s)})()
+        try:
+            refusing = LlamaModel(MICRO, weights, kernels)
+            np.testing.assert_array_equal(refusing.generate(prompts, 5).tokens, out.tokens)
+        finally:
+            fake_driver.graph_api = api
+        assert refusing.decode_mode == "graph" and refusing.programmatic_edges == 0
+        assert "not supported" in refusing.programmatic_error

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cudaemu import CUDA_INCLUDE
 
 from runtime.cuda_graph import CudaGraph, CudaGraphError
 
@@ -46,3 +47,84 @@ def test_a_capture_refuses_pageable_memory_and_synchronous_calls(fake_gpu):
         with CudaGraph(drv, stream).capture():
             stream.synchronize()
     drv.memcpy_htod(device, np.zeros(4, np.int32))  # the stream is usable again after a failed capture
+
+
+# A stand-in for libcuda's three capture-dependency calls, compiled against the toolkit's own
+# cuda.h (so the prototypes, the CUgraphEdgeData layout and the enum values are the header's),
+# recording what runtime.cuda_graph hands them through ctypes.
+_SHIM = r"""
+#include <cuda.h>
+#include <string.h>
+
+static CUgraphNode deps[2] = {(CUgraphNode)0x1000, (CUgraphNode)0x2000};
+static CUgraphEdgeData dep_edges[2];
+int shim_count = 1, shim_node_type = CU_GRAPH_NODE_TYPE_KERNEL, shim_status = CU_STREAM_CAPTURE_STATUS_ACTIVE;
+int shim_update_result = 0, shim_updates = 0;
+CUstream shim_stream;
+CUgraphNode shim_node;
+CUgraphEdgeData shim_edge;
+size_t shim_n;
+unsigned shim_flags;
+
+CUresult cuStreamGetCaptureInfo(CUstream s, CUstreamCaptureStatus *status, cuuint64_t *id, CUgraph *graph,
+                                const CUgraphNode **nodes, const CUgraphEdgeData **edges, size_t *n) {
+  *status = (CUstreamCaptureStatus)shim_status;
+  if (id) *id = 7;
+  if (graph) *graph = 0;
+  *nodes = deps; *edges = dep_edges; *n = (size_t)shim_count;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuGraphNodeGetType(CUgraphNode node, CUgraphNodeType *type) {
+  *type = (CUgraphNodeType)(node == deps[0] ? shim_node_type : -1);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuStreamUpdateCaptureDependencies(CUstream s, CUgraphNode *nodes, const CUgraphEdgeData *data,
+                                           size_t n, unsigned int flags) {
+  shim_updates += 1;
+  shim_stream = s; shim_node = nodes[0]; memcpy(&shim_edge, data, sizeof shim_edge); shim_n = n; shim_flags = flags;
+  return (CUresult)shim_update_result;
+}
+
+CUresult cuGetErrorString(CUresult error, const char **text) { *text = "operation not supported"; return CUDA_SUCCESS; }
+"""
+
+
+@pytest.mark.tools("nvcc")  # the toolkit's cuda.h
+def test_programmatic_edges_reach_the_driver_as_its_header_lays_them_out(tmp_path):
+    import ctypes
+    import shutil
+    import subprocess
+
+    from runtime import cuda_graph
+
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    (tmp_path / "shim.c").write_text(_SHIM)
+    subprocess.run([compiler, "-shared", "-fPIC", "-Werror", f"-I{CUDA_INCLUDE}", "-o", str(tmp_path / "shim.so"),
+                    str(tmp_path / "shim.c")], check=True)
+    lib = ctypes.CDLL(str(tmp_path / "shim.so"))
+    lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    api = cuda_graph._Libcuda.__new__(cuda_graph._Libcuda)
+    api.lib, api._edge_calls_declared = lib, False
+    value = lambda name, kind=ctypes.c_int: kind.in_dll(lib, name)
+
+    assert ctypes.sizeof(cuda_graph.EdgeData) == 8
+    assert api.programmatic_edge(0xABC0) is True
+    assert value("shim_updates").value == 1 and value("shim_n", ctypes.c_size_t).value == 1
+    assert value("shim_stream", ctypes.c_void_p).value == 0xABC0
+    assert value("shim_node", ctypes.c_void_p).value == 0x1000  # the kernel captured last
+    assert value("shim_flags", ctypes.c_uint).value == 1        # CU_STREAM_SET_CAPTURE_DEPENDENCIES
+    edge = bytes(value("shim_edge", ctypes.c_ubyte * 8))
+    assert edge == bytes([1, 0, 1, 0, 0, 0, 0, 0])  # PORT_PROGRAMMATIC, to the whole node, TYPE_PROGRAMMATIC
+
+    for name, wrong in (("shim_node_type", 1), ("shim_count", 2), ("shim_status", 0)):  # a memcpy, a join, no capture
+        value(name).value = wrong
+        assert api.programmatic_edge(0xABC0) is False
+        value(name).value = {"shim_node_type": 0, "shim_count": 1, "shim_status": 1}[name]
+    assert value("shim_updates").value == 1  # nothing changed by those
+    value("shim_update_result").value = 801
+    with pytest.raises(CudaGraphError, match=r"cuStreamUpdateCaptureDependencies failed: operation not supported \(801\)"):
+        api.programmatic_edge(0xABC0)

@@ -164,3 +164,13 @@ def test_a_fresh_process_with_only_numpy_loads_the_library_and_runs_kernels(tmp_
     assert out["rmsnorm_error"] < 1e-4 and out["gemv_error"] < 1e-3 and out["gemv_threads"] == 2
     assert out["untuned"].startswith("the kernel library") and "gemv/float32/M=3,N=64,K=128" in out["untuned"]
     assert out["imported"] == [] and out["project"] == ["runtime"]
+
+
+def test_a_cuda_kernel_entry_says_whether_it_takes_a_programmatic_launch_with_a_bool():
+    from runtime.library import _check_launch
+
+    entry = {"dims": {"M": 1}, "launch": {"block": [128, 1, 1], "grid": [4, 1, 1], "smem": 0, "programmatic": True}}
+    _check_launch(entry, "gemv")
+    entry["launch"]["programmatic"] = "yes"  # a truthy string would join a kernel that never waits
+    with pytest.raises(LibraryFormatError, match="gemv: programmatic 'yes' is not true or false"):
+        _check_launch(entry, "gemv")

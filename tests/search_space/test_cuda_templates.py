@@ -59,3 +59,43 @@ def test_cuda_template_compiles_for_sm90a(template):
                 if b.error != MeasureError.NO_ERROR]
     assert not failures, failures
     assert all(b.stats.get("registers", 0) > 0 for b in builds)
+
+
+@pytest.mark.tools("nvcc")
+def test_the_decode_step_kernels_take_a_programmatic_launch_on_hopper(tmp_path):
+    """The fused decode GEMVs (both int4 schedules, each way of starting the weights) and
+    rope_append say they take a programmatic launch on sm_90a, and nvcc keeps exactly one wait
+    and one trigger in them there: a graph joins them to the kernel before them on that word
+    alone, so a wait compiled away would be a race. Not below sm_90, nor in unfused kernels."""
+    import subprocess
+
+    from measure.compile_cuda import nvcc_path
+    from search_space import get_template
+
+    norm = {"norm": "rmsnorm", "eps": 1e-5}
+    cases = [("gemv", {"M": 1, "N": 64, "K": 256}, norm, {"warps": 4, "rows": 1, "ksplit": 2, "vec": 16,
+                                                          "unroll": 2, "x_smem": 1}),
+             ("rope_append", {"B": 1, "H": 4, "HKV": 2, "D": 64, "S": 32}, {}, None)]
+    cases += [("gemv_q4", {"M": 1, "N": 64, "K": 512}, {"group_size": 128, **norm, "act": "swiglu"},
+               {"core": "mma", "warps": 4, "rows": 1, "ksplit": 2, "unroll": 2, "mtile": 1, "kc": 512,
+                "prefetch": prefetch}) for prefetch in (0, 1, 2)]
+    cases += [("gemv_q4", {"M": 1, "N": 64, "K": 2048}, {"group_size": 128, "residual": True},
+               {"core": "simt", "warps": 4, "rows": 1, "ksplit": 2, "unroll": 2, "mtile": 1, "kc": 2048,
+                "prefetch": 0})]
+    for i, (op, shape, attrs, values) in enumerate(cases):
+        template = get_template(op, "cuda")
+        task = Task.make(op, shape, "float16", attrs, template.dynamic_dims)
+        space = template.space(task, SM90)
+        config = space.from_values(values) if values else template.default(task, SM90)
+        source = template.render(task, config, SM90)
+        assert source.launch_dims.get("programmatic") is True, (op, attrs)
+        assert "programmatic" not in template.render(task, config, Target.from_name("sm_80")).launch_dims
+        (tmp_path / f"k{i}.cu").write_text(source.code)
+        subprocess.run([nvcc_path(), "-arch=sm_90a", "-ptx", "-o", str(tmp_path / f"k{i}.ptx"),
+                        str(tmp_path / f"k{i}.cu")], check=True, capture_output=True)
+        ptx = (tmp_path / f"k{i}.ptx").read_text()
+        assert ptx.count("griddepcontrol.wait") == 1 and ptx.count("griddepcontrol.launch_dependents") == 1, (op, attrs)
+        if attrs:  # the same GEMV unfused: a plain launch, no such instructions
+            plain = Task.make(op, shape, "float16", {k: v for k, v in attrs.items() if k == "group_size"})
+            unfused = template.render(plain, config, SM90)
+            assert "programmatic" not in unfused.launch_dims and "griddepcontrol" not in unfused.code

@@ -9,7 +9,9 @@ rope_append: one block per (head of q or k, sequence). A q head's block rotates 
 projection's output into Q; a k head's block reads the sequence's position, rotates the k row
 into the cache row there and copies the matching v row into V's cache (a position outside the
 cache writes nothing). Each thread takes ``vec`` pairs (i, i + D/2) at a time; angles as in
-``rope`` (float64 frequencies and reduction, then the fast sincos).
+``rope`` (float64 frequencies and reduction, then the fast sincos). It runs only in the captured
+decode step, so it takes a programmatic launch (``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``):
+it lets the next kernel launch and waits for the Q/K/V projection before it reads anything.
 
 argmax: one block per row. Each thread scans its strided share in increasing index order
 keeping the first largest value, then the block reduces (value, index) pairs, preferring
@@ -18,6 +20,7 @@ the smaller index on equal values, so the result is numpy's (the first maximum).
 from __future__ import annotations
 
 from ...codegen.cuda import PREAMBLE, VECTOR_HELPERS, c_type, dim_scalars, kernel_params, static_dims
+from ...codegen.cuda_ptx import GRID_DEPENDENCY_HELPERS, programmatic_launch
 from ...ops.common import ITEMSIZE
 from ...ops.device_step import ArgmaxOp, KvAppendOp, RopeAppendOp
 from ...space import Config, ConfigSpace, Knob
@@ -57,14 +60,16 @@ def _features(task: Task, config: Config, target: Target, length: int, min_bytes
 
 
 def _source(task: Task, config: Config, args, constants: str, body: str, entry: str, grid,
-            grid_y: int = 1) -> KernelSource:
+            grid_y: int = 1, programmatic_on=None) -> KernelSource:
     """A launch of ``body`` (its parameters at @PARAMS@) on a (grid, grid_y) grid, E the element
-    type, VEC and THREADS from the config, then ``constants``."""
+    type, VEC and THREADS from the config, then ``constants``; ``programmatic_on``: the target of
+    a ``body`` that calls the helpers of a programmatic launch (``codegen.cuda_ptx``)."""
     c = config.as_dict()
-    code = (PREAMBLE + VECTOR_HELPERS
+    code = (PREAMBLE + VECTOR_HELPERS + (GRID_DEPENDENCY_HELPERS if programmatic_on else "")
             + f"typedef {c_type(task.dtype)} E;\nconstexpr int VEC = {c['vec']};\n"
             f"constexpr int THREADS = {c['threads']};\n" + constants + body.replace("@PARAMS@", kernel_params(args)))
     launch = (("block", (c["threads"], 1, 1)), ("grid", (grid, grid_y, 1)), ("smem", 0))
+    launch += programmatic_launch(programmatic_on) if programmatic_on else ()
     return KernelSource("cuda", code, entry, tuple(args), launch)
 
 
@@ -127,11 +132,13 @@ class RopeAppendCuda(RopeAppendOp, Template):
                      "constexpr int HALF = D / 2;\n" + static_dims(task, ("S",))
                      + frequency_table(task, self.attrs(task)) + ROPE_ANGLE)
         return _source(task, config, self.signature(task) + dim_scalars(task), constants, _ROPE_APPEND,
-                       "rope_append_rows", d["H"] + d["HKV"], d["B"])
+                       "rope_append_rows", d["H"] + d["HKV"], d["B"], programmatic_on=target)
 
 
 _ROPE_APPEND = r"""
 extern "C" __global__ void __launch_bounds__(THREADS) rope_append_rows(@PARAMS@) {
+  launch_dependents();  // a step of the captured decode graph (programmatic launch)
+  grid_dependency_wait();
   const int head = blockIdx.x;                   // q heads 0 .. H - 1, then k heads
   const long long b = blockIdx.y;
   const int position = P[b];

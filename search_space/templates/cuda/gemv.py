@@ -17,16 +17,23 @@ meet with the partial products) and multiplied by the norm weight before use; th
 1 / rms(X) is applied to the finished sums. With ``residual`` the stored value is R + the sum.
 With ``act=swiglu`` a warp's ``rows`` are output columns: it streams each one's gate row and
 its up row (N/2 rows further), 2 x ``rows`` rows in all, and stores silu(gate) * up.
-W streams from the first instruction either way.
+W streams from the first instruction either way. A fused GEMV runs in the captured decode step,
+so it also takes a programmatic launch (``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``): it sends
+its first step of W towards L2, then waits for the kernel before it to finish, and only then
+reads X or R or writes Y (W and G are constant).
 """
 from __future__ import annotations
 
 import math
 
 from ...codegen.cuda import PREAMBLE, c_type
-from ...codegen.cuda_ptx import PTX_HELPERS
+from ...codegen.cuda_ptx import (
+    GRID_DEPENDENCY_HELPERS,
+    PTX_HELPERS,
+    programmatic_launch,
+)
 from ...ops.common import ITEMSIZE
-from ...ops.matmul import GemvOp, fusions, gated, norm_eps, out_width
+from ...ops.matmul import GemvOp, fusions, gated, is_fused, norm_eps, out_width
 from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
@@ -127,10 +134,10 @@ class GemvCuda(GemvOp, Template):
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
+        launch = (("block", (32 * config["warps"], 1, 1)), ("grid", (_blocks(task, config.as_dict()), 1, 1)),
+                  ("smem", _dynamic_smem(task, config.as_dict())))
         return KernelSource("cuda", _code(task, config.as_dict()), "gemv", self.signature(task),
-                            (("block", (32 * config["warps"], 1, 1)),
-                             ("grid", (_blocks(task, config.as_dict()), 1, 1)),
-                             ("smem", _dynamic_smem(task, config.as_dict()))))
+                            launch + (programmatic_launch(target) if is_fused(task) else ()))
 
 
 def _blocks(task: Task, c: dict) -> int:
@@ -305,7 +312,22 @@ def _code(task: Task, c: dict) -> str:
         row_pointers = "  for (int r = 0; r < R_; ++r) wrow[r] = W + (n0 + r < N_ ? n0 + r : N_ - 1) * K_;  // clamp: never stored"
     g_param = "const T_* __restrict__ G, " if norm else ""
     r_param = "const T_* __restrict__ R, " if residual else ""
-    return PREAMBLE + PTX_HELPERS + f"""
+    helpers = PTX_HELPERS
+    start, wait = stage_x, ""
+    if is_fused(task):  # a programmatic launch: W's first step heads for L2 while the kernel before ends
+        helpers += GRID_DEPENDENCY_HELPERS
+        start = "\n  launch_dependents();"
+        wait = f"""
+  #pragma unroll
+  for (int u = 0; u < {U}; ++u) {{
+    const int k = u * {STRIDE} + (part * 32 + lane) * {V};
+    if (k < K_) {{
+      #pragma unroll
+      for (int r = 0; r < R_; ++r) prefetch_l2(wrow[r] + k);
+    }}
+  }}
+  grid_dependency_wait();  // X, R and Y only from here{stage_x}"""
+    return PREAMBLE + helpers + f"""
 typedef {T} T_;
 constexpr int M_ = {M};
 constexpr long long N_ = {N};
@@ -335,10 +357,10 @@ extern "C" __global__ void __launch_bounds__({32 * WARPS}) gemv(const T_* __rest
   const int warp = threadIdx.x >> 5;
   const int group = warp / {KS};
   const int part = warp % {KS};
-  const long long n0 = (long long)blockIdx.x * {RO * GROUPS} + group * {"R_" if not glu else RO};{stage_x}
+  const long long n0 = (long long)blockIdx.x * {RO * GROUPS} + group * {"R_" if not glu else RO};{start}
   const T_* wrow[R_];
   #pragma unroll
-{row_pointers}
+{row_pointers}{wait}
   float acc[M_][R_];
   #pragma unroll
   for (int m = 0; m < M_; ++m)

@@ -43,4 +43,4 @@ class GemvQ4Cuda(GemvQ4Op, Template):
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
-        return q4.q4_render(self, task, config)
+        return q4.q4_render(self, task, config, target)

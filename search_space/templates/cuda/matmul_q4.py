@@ -36,16 +36,23 @@ could leave float16's range for small or large rows). ``simt``: x * g in float32
 is loaded, the sums of squares riding with the partial products, the rows' 1 / rms applied
 to the finished sums. With ``residual`` the stored value is R + the sum. With ``act=swiglu`` a warp's ``rows`` (tiles) are output columns: it streams
 the gate's rows and the up projection's N/2 rows further, twice as many, and stores
-silu(gate) * up.
+silu(gate) * up. A fused GEMV runs in the captured decode step and takes a programmatic launch
+(``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``): what it does with the weights before X is
+staged (the L2 prefetch, the pipelined first loads; SIMT: an L2 prefetch of its first pieces)
+overlaps the end of the kernel before it, and it waits for that kernel before it reads X or R.
 """
 from __future__ import annotations
 
 import math
 
 from ...codegen.cuda import PREAMBLE, c_type
-from ...codegen.cuda_ptx import PTX_HELPERS
+from ...codegen.cuda_ptx import (
+    GRID_DEPENDENCY_HELPERS,
+    PTX_HELPERS,
+    programmatic_launch,
+)
 from ...ops.common import ITEMSIZE
-from ...ops.matmul import fusions, gated, out_width
+from ...ops.matmul import fusions, gated, is_fused, out_width
 from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
@@ -220,12 +227,22 @@ def q4_features(op, task: Task, config: Config, target: Target) -> dict[str, flo
     }
 
 
-def q4_render(op, task: Task, config: Config) -> KernelSource:
+def q4_render(op, task: Task, config: Config, target: Target) -> KernelSource:
     c = config.as_dict()
     code = mma_code(task, c) if c["core"] == "mma" else simt_code(task, c)
     smem = m_rows(task, c) * c["kc"] * ITEMSIZE[task.dtype] if c["core"] == "mma" else 0
+    launch = (("block", (32 * c["warps"], 1, 1)), ("grid", grid(task, c)), ("smem", smem))
     return KernelSource("cuda", code, op.op, op.signature(task),
-                        (("block", (32 * c["warps"], 1, 1)), ("grid", grid(task, c)), ("smem", smem)))
+                        launch + (programmatic_launch(target) if is_fused(task) else ()))
+
+
+def _programmatic(task: Task) -> tuple[str, str, str]:
+    """(helpers, start, wait): the code of a programmatic launch in a fused GEMV (empty otherwise):
+    the helpers, letting the next kernel launch, and waiting for the one before."""
+    if not is_fused(task):
+        return "", "", ""
+    return (GRID_DEPENDENCY_HELPERS, "\n  launch_dependents();",
+            "\n  grid_dependency_wait();  // X, R and Y only from here\n")
 
 
 def _params(task: Task, zp: bool) -> str:
@@ -283,6 +300,7 @@ def mma_code(task: Task, c: dict) -> str:
     rpb = rows_per_block(c)
     units_row = KC // 8
     norm = fusions(task)[0]
+    helpers, start, wait = _programmatic(task)
     if zp:
         zero_load = "zr[u][rt][h] = inb ? ZEROS[row_off_s[rt][h] + grp] : T_(0.0f);"
         zero_value = f"__hadd2(h2(zr[u][rt][h]), h2(T_({bias}f)))"
@@ -458,7 +476,7 @@ def mma_code(task: Task, c: dict) -> str:
   RawVec<16> wn[{U}][{RW}][2];
   T_ sn[{U}][{RW}][2];
   {zero_next}
-{load_steps("wn", "sn", "zn", "part")}{row_scales}{stage_x}  __syncthreads();
+{load_steps("wn", "sn", "zn", "part")}{wait}{row_scales}{stage_x}  __syncthreads();
   for (int s0 = part; s0 < steps; s0 += {KS * U}) {{
       RawVec<16> wr[{U}][{RW}][2];
       T_ sc[{U}][{RW}][2];
@@ -475,7 +493,7 @@ def mma_code(task: Task, c: dict) -> str:
           }}
 {load_steps("wn", "sn", "zn", f"s0 + {KS * U}")}{compute}  }}
 """
-    return PREAMBLE + PTX_HELPERS + f"""
+    return PREAMBLE + PTX_HELPERS + helpers + f"""
 typedef {T} T_;
 typedef {T2} T2_;
 
@@ -496,7 +514,7 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}({_params(task,
   const int g = lane >> 2;
   const int t = lane & 3;
   const long long nb = (long long)blockIdx.x * {rpb} + group * {16 * RO};
-  const int mx0 = blockIdx.y * {8 * NT};
+  const int mx0 = blockIdx.y * {8 * NT};{start}
 
   long long row_off_q[{RW}][2], row_off_s[{RW}][2];
   #pragma unroll
@@ -511,7 +529,7 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}({_params(task,
   #pragma unroll
   for (int i = 0; i < {RW * NT * 4}; ++i) acc[i] = 0.0f;
 
-{prefetch}
+{prefetch}{wait if c["prefetch"] < 2 else ""}
 {row_scales if c["prefetch"] < 2 else ""}{main_loop}{_reduce_and_store(task, c, "acc", RW * NT * 4, store)}
 }}
 """
@@ -570,7 +588,18 @@ def simt_code(task: Task, c: dict) -> str:
             acc[{MT * R} + m] = fmaf(x[j], x[j], acc[{MT * R} + m]);
             x[j] *= gw[j];
           }}""" if norm else ""
-    return PREAMBLE + PTX_HELPERS + f"""
+    helpers, start, wait = _programmatic(task)
+    if wait:  # the first pieces of W head for L2 while the kernel before ends
+        wait = f"""
+  #pragma unroll
+  for (int u = 0; u < {U}; ++u) {{
+    const int p = part * 32 + lane + u * {KS * 32};
+    if (p < {pieces}) {{
+      #pragma unroll
+      for (int r = 0; r < {R}; ++r) prefetch_l2(WQ + row_off_q[r] + p * 16);
+    }}
+  }}""" + wait
+    return PREAMBLE + PTX_HELPERS + helpers + f"""
 typedef {T} T_;
 
 extern "C" __global__ void __launch_bounds__({threads}) {task.op}({_params(task, zp)}) {{
@@ -579,14 +608,14 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}({_params(task,
   const int group = warp / {KS};
   const int part = warp % {KS};
   const long long n0 = (long long)blockIdx.x * {rpb} + group * {RO};
-  const int m0 = blockIdx.y * {MT};
+  const int m0 = blockIdx.y * {MT};{start}
   long long row_off_q[{R}], row_off_s[{R}];
   #pragma unroll
   for (int r = 0; r < {R}; ++r) {{
 {row_of}
     row_off_q[r] = n * {K // 2};
     row_off_s[r] = n * {K // G};
-  }}
+  }}{wait}
   float acc[{sums}];
   #pragma unroll
   for (int i = 0; i < {sums}; ++i) acc[i] = 0.0f;

@@ -135,7 +135,23 @@ def memset_d32(dest, data, size):
 # and copies from host memory that is not page-locked.
 _CAPTURES: dict[int, list] = {}   # stream handle -> work recorded so far
 _GRAPHS: dict[int, list] = {}     # graph (and executable) handle -> its recorded work
+# Programmatic edges (runtime.cuda_graph): replayed in order like any other, but recorded per
+# capture as (entry of the kernel before, entry of the kernel after, whether the latter's code
+# waits for the former: griddepcontrol.wait), so tests can check what a GPU would overlap.
+_PENDING_EDGE: dict[int, str] = {}  # stream -> the kernel the next captured node joins programmatically
+_CAPTURED_EDGES: dict[int, list] = {}
+EDGES_OF_CAPTURES: list[list] = []  # one list per capture ended, in order
 COUNTS = {"launches": 0, "graph_launches": 0}  # kernels run and graphs replayed, for tests
+
+
+class _Launch:
+    """A kernel launch queued on a stream (recorded as a kernel node while capturing)."""
+
+    def __init__(self, function: Function, run):
+        self.function, self.run = function, run
+
+    def __call__(self) -> None:
+        self.run()
 
 
 def _queue(stream, work, host=None) -> None:
@@ -144,6 +160,12 @@ def _queue(stream, work, host=None) -> None:
         if host is not None and not isinstance(host, PagelockedArray):
             raise LogicError("cuMemcpyAsync failed: operation not permitted when stream is capturing "
                              "(host memory is not page-locked)")
+        if handle in _PENDING_EDGE:
+            if not isinstance(work, _Launch):  # as the driver: programmatic edges join kernel nodes only
+                raise LogicError("cuStreamEndCapture failed: a programmatic dependency joins kernel nodes only")
+            code = work.function.source_dict.get("code", "")
+            _CAPTURED_EDGES[handle].append((_PENDING_EDGE.pop(handle), work.function.source_dict.get("entry"),
+                                            "griddepcontrol.wait" in code))
         _CAPTURES[handle].append(work)
     else:
         work()
@@ -169,11 +191,25 @@ class _GraphApi:
         if stream in _CAPTURES:
             raise LogicError("cuStreamBeginCapture failed: the stream is capturing already")
         _CAPTURES[stream] = []
+        _CAPTURED_EDGES[stream] = []
+        _PENDING_EDGE.pop(stream, None)
+
+    def programmatic_edge(self, stream: int) -> bool:
+        if stream not in _CAPTURES:
+            raise LogicError("cuStreamUpdateCaptureDependencies failed: the stream is not capturing")
+        work = _CAPTURES[stream]
+        if not work or not isinstance(work[-1], _Launch):
+            return False
+        _PENDING_EDGE[stream] = work[-1].function.source_dict.get("entry")
+        return True
 
     def end_capture(self, stream: int) -> int:
         work = _CAPTURES.pop(stream)
         handle = id(work)
         _GRAPHS[handle] = work
+        EDGES_OF_CAPTURES.append(_CAPTURED_EDGES.pop(stream, []))
+        if _PENDING_EDGE.pop(stream, None) is not None:  # an edge to nothing: the driver refuses it
+            raise LogicError("cuStreamEndCapture failed: a programmatic dependency joins kernel nodes only")
         return handle
 
     def instantiate(self, graph: int) -> int:
@@ -295,7 +331,7 @@ class Event:
     def synchronize(self):
         return self
 
-    def time_since(self, other: "Event") -> float:
+    def time_since(self, other: Event) -> float:
         return (self.t - other.t) * 1e3
 
 
@@ -314,7 +350,7 @@ class Module:
     def __init__(self, source_dict: dict):
         self.source_dict = source_dict
 
-    def get_function(self, name: str) -> "Function":
+    def get_function(self, name: str) -> Function:
         if name != self.source_dict["entry"]:
             raise LogicError(f"cuModuleGetFunction failed: named symbol not found ({name})")
         return Function(self.source_dict)
@@ -395,7 +431,7 @@ class Function:
         if threads > _register_limited_threads(self.registers):
             raise LaunchError("cuLaunchKernel failed: too many resources requested for launch")
         # the argument values as they are now: a recorded launch replays with these
-        _queue(stream, lambda: self._run(tuple(grid), tuple(block), args, shared_size))
+        _queue(stream, _Launch(self, lambda: self._run(tuple(grid), tuple(block), args, shared_size)))
 
     def _run(self, grid, block, args, shared_size) -> None:
         import cudaemu  # tests/ is on the worker's path
