@@ -40,7 +40,9 @@ TARGET_TRIALS=${GPU_CHECK_TARGET_TRIALS:-24}
 TUNE_S=${GPU_CHECK_TUNE_S:-320}
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
-step() { echo "[$(elapsed)s] $*" | tee -a "$LOG/steps.log"; }
+# each step also leaves the logs so far in $OUT: a run killed at the device's time limit still returns them
+save() { [[ -n "${OUT:-}" ]] && tar -czf "$OUT/gpu_check-logs.tar.gz" -C "$(dirname "$LOG")" "$(basename "$LOG")"; true; }
+step() { save; echo "[$(elapsed)s] $*" | tee -a "$LOG/steps.log"; }
 
 step "device and environment -> $LOG"
 {

@@ -10,8 +10,11 @@
 #    budget, then benchmarks/gpu_model.py: weights generated on the device, batch 1, prompt 128,
 #    128 new tokens; decode/prefill tokens/s against the bandwidth floor and plain torch eager,
 #    logits against torch in float32.
-# Logs go to /tmp/gpu_model-<time>/ and, when OUT is set, as one tar to $OUT/gpu_model-logs.tar.gz;
-# the summary table is printed last.
+# Logs go to /tmp/gpu_model-<time>/ and, when OUT is set, as one tar to $OUT/gpu_model-logs.tar.gz
+# (written again after each case); the summary table is printed last.
+#
+# Both GPU issues in one 15-minute device session: this script with GPU_MODEL_SMALL=0 (about 7.5
+# minutes), then `GPU_CHECK_MODE=targets bash benchmarks/gpu_check.sh` (about 4-5 minutes).
 # Knobs: GPU_MODEL_TRIALS (48 per large model), GPU_MODEL_CASES ("llama-2-7b:none llama-2-7b:q4
 # llama-3-8b:none llama-3-8b:q4"), GPU_MODEL_DTYPE (float16), GPU_MODEL_SMALL (1: run step 1),
 # GPU_MODEL_BUDGET_S (420: no large case starts later), GPU_MODEL_RUN_ARGS (extra gpu_model.py options),
@@ -66,6 +69,8 @@ PYEOF
   [[ -n "${OUT:-}" ]] && tar -czf "$OUT/gpu_model-logs.tar.gz" -C "$(dirname "$LOG")" "$(basename "$LOG")"
 }
 trap finish EXIT
+# the logs so far into $OUT after each case: a run killed at the device's time limit still returns them
+save() { [[ -n "${OUT:-}" ]] && tar -czf "$OUT/gpu_model-logs.tar.gz" -C "$(dirname "$LOG")" "$(basename "$LOG")"; true; }
 
 # seed_log MODEL QUANTIZE LOG: LOG starts from an earlier run's records of MODEL in $DTYPE, and
 # prints how many (they count toward --trials-total). Without any, the float16 records start it:
@@ -96,6 +101,7 @@ if [[ "${GPU_MODEL_SMALL:-1}" != 0 ]]; then
   timeout 60 $PY -m autotune.cli run --lib "$LOG/small-lib" --model "$SMALL" --prompt-tokens 100 --new-tokens 64 \
     --compare > "$LOG/small-run.txt" 2>&1
   echo "run exit code $?"; cat "$LOG/small-run.txt" | tail -n 8
+  save
 fi
 
 BUDGET=${GPU_MODEL_BUDGET_S:-420}  # no case starts after this many seconds of the script
@@ -114,4 +120,5 @@ for case in "${CASES[@]}"; do
   timeout 100 $PY benchmarks/gpu_model.py --model "$model" --dtype "$DTYPE" --quantize "$quantize" ${GPU_MODEL_RUN_ARGS:-} \
     --log "$LOG/$name.jsonl" > "$LOG/model-$name.json" 2> "$LOG/model-$name.err"
   echo "gpu_model exit code $?"; tail -n 2 "$LOG/model-$name.err"
+  save
 done
