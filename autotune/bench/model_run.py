@@ -43,10 +43,10 @@ def make_weights(config: ModelConfig, weights_dir: str | None, seed: int, quanti
 
 def run_generation(kernels: KernelProvider, config: ModelConfig, weights: ModelWeights, prompts: np.ndarray,
                    new_tokens: int, prefill_sizes: list[int] | None = None,
-                   repeats: int = REPEATS, dtype: str = "float32") -> tuple[Generation, dict[str, int]]:
+                   repeats: int = REPEATS, dtype: str = "float32") -> tuple[Generation, dict[str, Any]]:
     """Load every kernel, warm up once, then the timed generations (the fastest prefill and
-    decode of ``repeats``); also how many of the kernels it ran were tuned and the prompt
-    length the prefill ran at."""
+    decode of ``repeats``); also how many of the kernels it ran were tuned, the prompt length
+    the prefill ran at, and how the decode steps ran (``decode_path``)."""
     model = LlamaModel(config, weights, kernels, prefill_sizes, dtype=dtype)
     batch, tokens = prompts.shape
     if prefill_sizes is None:
@@ -59,7 +59,20 @@ def run_generation(kernels: KernelProvider, config: ModelConfig, weights: ModelW
     generation = fastest(model.generate(prompts, new_tokens) for _ in range(repeats))
     tuned = sum(1 for k in model.used.values() if k.tuned)
     return generation, {"tuned": tuned, "untuned": len(model.used) - tuned,
-                        "prefill_padded_to": model.padded_tokens(batch, tokens)}
+                        "prefill_padded_to": model.padded_tokens(batch, tokens), **decode_path(model)}
+
+
+def decode_path(model: LlamaModel) -> dict[str, Any]:
+    """How the last generation's decode steps ran: ``decode_mode`` (host: a call per kernel;
+    graph: one captured CUDA graph per step; resident: its kernels issued one by one), with the
+    graph's programmatic edges, and the driver's words where it refused a capture or the edges."""
+    path: dict[str, Any] = {"decode_mode": model.decode_mode}
+    if model.decode_mode != "host":
+        path["programmatic_edges"] = model.programmatic_edges
+        for name in ("capture_error", "programmatic_error"):
+            if getattr(model, name):
+                path[name] = getattr(model, name)
+    return path
 
 
 def reference_job(payload: dict[str, Any]) -> dict[str, Any]:
@@ -154,7 +167,7 @@ class RunReport:
     prompt_tokens: int
     new_tokens: int
     tuned: Generation
-    kernels: dict[str, int] = field(default_factory=dict)   # tuned / untuned kernels used
+    kernels: dict[str, Any] = field(default_factory=dict)   # tuned / untuned kernels used, decode_path()
     reference: Generation | None = None
     reference_blas: dict = field(default_factory=dict)
     defaults: Generation | None = None
@@ -183,6 +196,19 @@ class RunReport:
             line += f": tune again (tune-model --cache {condition}) for this situation"
         return line
 
+    def decode_lines(self) -> list[str]:
+        """How a GPU decode step ran (nothing for the CPU's call per kernel)."""
+        mode = self.kernels.get("decode_mode")
+        if mode in (None, "host"):
+            return []
+        if mode == "graph":
+            edges = self.kernels.get("programmatic_edges", 0)
+            line = f"  decode: one CUDA graph per token, {edges} programmatic edges"
+            refused = self.kernels.get("programmatic_error")
+            return [line + (f" (the driver refused them: {refused})" if refused else "")]
+        return [f"  decode: the step's kernels issued one by one (no CUDA graph: "
+                f"{self.kernels.get('capture_error', 'not captured')})"]
+
     def to_dict(self) -> dict[str, Any]:
         def speed(g: Generation) -> dict[str, float]:
             return {"prefill_tokens_per_s": g.prefill_tokens_per_s, "decode_tokens_per_s": g.decode_tokens_per_s,
@@ -210,6 +236,7 @@ class RunReport:
                  + f", {self.new_tokens} new; kernels {self.kernels.get('tuned', 0)} tuned, "
                  f"{self.kernels.get('untuned', 0)} template defaults",
                  self.cache_line(),
+                 *self.decode_lines(),
                  f"  tuned:     prefill {self.tuned.prefill_tokens_per_s:10.1f} tok/s   "
                  f"decode {self.tuned.decode_tokens_per_s:8.1f} tok/s"]
         for name, other in (("numpy", self.reference), ("defaults", self.defaults)):

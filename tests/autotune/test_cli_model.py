@@ -126,7 +126,7 @@ def test_the_exported_library_runs_the_model_with_numpy_only(tiny_log, tmp_path)
     run("export", "--log", str(folder / "tiny.jsonl"), "--out", str(tmp_path / "lib"), cwd=tmp_path)
     out = json.loads(run("run", "--lib", "lib", "--model", "tiny", "--prompt-tokens", "12", "--new-tokens", "5",
                          "--compare", "--json", cwd=tmp_path).stdout)
-    assert out["kernels"] == {"tuned": 20, "untuned": 0, "prefill_padded_to": 16}
+    assert out["kernels"] == {"tuned": 20, "untuned": 0, "prefill_padded_to": 16, "decode_mode": "host"}
     assert out["reference"]["logits"]["max_rel"] < 1e-4 and out["reference"]["logits"]["same_tokens"]
     proc = run_numpy_only(tmp_path, DEPLOYED_MODEL, str(tmp_path / "lib"))
     assert proc.returncode == 0, proc.stderr

@@ -227,3 +227,12 @@ def test_the_decode_gemvs_fuse_the_norms_where_the_library_has_them(fake_gpu, qu
             fake_driver.graph_api = api
         assert refusing.decode_mode == "graph" and refusing.programmatic_edges == 0
         assert "not supported" in refusing.programmatic_error
+    # what `autotune run` reports of it
+    from autotune.bench.model_run import RunReport, decode_path
+
+    for decoder, line in ((model, "one CUDA graph per token, 0 programmatic edges"),
+                          (refusing, "0 programmatic edges (the driver refused them: LogicError: "
+                                     "cuStreamUpdateCaptureDependencies failed: not supported)")):
+        report = RunReport(MICRO.name, "lib", quantize, 2, 5, 5, out, {"tuned": 1, **decode_path(decoder)})
+        (decode,) = report.decode_lines()
+        assert decode.startswith("  decode: one CUDA graph per token") and line in decode and decode in report.summary()
