@@ -180,9 +180,16 @@ class _Capture:
 
     def __exit__(self, kind, exc, tb) -> None:
         g = self.graph
-        recorded = g.api.end_capture(g.handle)  # always: a stream left capturing refuses all further work
-        if kind is not None:
-            g.api.destroy(recorded, None)
+        if kind is not None:  # ended all the same (a stream left capturing refuses all further work)
+            try:
+                g.api.destroy(g.api.end_capture(g.handle), None)
+            except Exception:  # noqa: BLE001 - the capture's own error is the one to report, not this one
+                pass
             return
+        recorded = g.api.end_capture(g.handle)
+        try:
+            g.executable = g.api.instantiate(recorded)
+        except BaseException:
+            g.api.destroy(recorded, None)  # a graph the driver will not instantiate is not kept
+            raise
         g.graph = recorded
-        g.executable = g.api.instantiate(recorded)

@@ -151,6 +151,7 @@ class LlamaModel:
         self.programmatic_launch = True
         self.programmatic_edges = 0  # in the last generation's graph
         self.programmatic_error: str | None = None  # why its graph has none, where the driver refused them
+        self._edges_refused: str | None = None  # the driver's refusal, so later steps do not ask again
 
     # -- kernels and weights ---------------------------------------------------------
     def _kernel(self, call: KernelCall, **dims: int) -> Kernel:
@@ -609,8 +610,7 @@ class _ResidentStep:
         self.capture_error: str | None = None   # why the driver could not capture, if it could not
         # programmatic edges in the graph (runtime.cuda_graph), and why there are none if they failed
         self.programmatic_edges = 0
-        self.programmatic_error: str | None = None
-        self._programmatic = model.programmatic_launch
+        self.programmatic_error = model._edges_refused
         self.mode = "graph" if self._graph(keep_logits) is not None else "resident"  # captured here, untimed
 
     def _issue(self, keep_logits: bool, graph=None) -> None:
@@ -637,8 +637,9 @@ class _ResidentStep:
         if keep_logits not in self.graphs:
             from .cuda_graph import CudaGraph, CudaGraphError
 
-            graph = None
-            for programmatic in (True, False) if self._programmatic else (False,):
+            graph, refused = None, None
+            attempts = (True, False) if self.model.programmatic_launch and not self.model._edges_refused else (False,)
+            for programmatic in attempts:
                 self.programmatic_edges = 0
                 try:
                     graph = CudaGraph(self.arrays.drv, self.stream)
@@ -648,9 +649,11 @@ class _ResidentStep:
                 except (CudaGraphError, self.arrays.drv.Error) as exc:  # without them, or call by call
                     graph, error = None, f"{type(exc).__name__}: {exc}"
                     if programmatic:
-                        self.programmatic_error = error
+                        refused = error
                     else:
                         self.capture_error = error
+            if graph is not None and refused is not None:  # the edges, not capture itself, were refused
+                self.programmatic_error = self.model._edges_refused = refused
             self.graphs[keep_logits] = graph
         return self.graphs[keep_logits]
 
@@ -663,31 +666,10 @@ class _ResidentStep:
         if graph is None:
             self._issue(keep_logits)
         else:
-            self._launch(graph, keep_logits)
+            graph.launch()
         self.stream.synchronize()
         logits = to_float32(np.asarray(self.host_logits), self.model.dtype) if keep_logits else None
         return np.array(self.host_ids, dtype=np.int64), logits
-
-    def _launch(self, graph, keep_logits: bool) -> None:
-        """Replay ``graph``; one with programmatic edges that the driver will not launch is
-        captured again without them (nothing of a refused launch has run)."""
-        from .cuda_graph import CudaGraphError
-
-        try:
-            graph.launch()
-        except CudaGraphError as exc:
-            if not self.programmatic_edges:
-                raise
-            self.programmatic_error = f"{type(exc).__name__}: {exc}"
-            self.model.programmatic_error = self.programmatic_error
-            self.close()
-            self._programmatic = False
-            plain = self._graph(keep_logits)
-            if plain is None:
-                self._issue(keep_logits)
-            else:
-                plain.launch()
-            self.model.programmatic_edges = self.programmatic_edges
 
     def close(self) -> None:
         for graph in self.graphs.values():

@@ -128,3 +128,51 @@ def test_programmatic_edges_reach_the_driver_as_its_header_lays_them_out(tmp_pat
     value("shim_update_result").value = 801
     with pytest.raises(CudaGraphError, match=r"cuStreamUpdateCaptureDependencies failed: operation not supported \(801\)"):
         api.programmatic_edge(0xABC0)
+
+
+class _RecordingGraphApi:
+    """The driver's capture calls, recording the order they come in, failing where told."""
+
+    def __init__(self, end_error=None, instantiate_error=None):
+        self.calls, self.end_error, self.instantiate_error = [], end_error, instantiate_error
+
+    def begin_capture(self, stream):
+        self.calls.append("begin")
+
+    def end_capture(self, stream):
+        self.calls.append("end")
+        if self.end_error:
+            raise self.end_error
+        return 1234
+
+    def instantiate(self, graph):
+        self.calls.append("instantiate")
+        if self.instantiate_error:
+            raise self.instantiate_error
+        return 99
+
+    def destroy(self, graph, executable):
+        self.calls.append(("destroy", graph, executable))
+
+
+def _graph_on(api) -> CudaGraph:
+    driver = type("Driver", (), {"graph_api": staticmethod(lambda: api)})
+    return CudaGraph(driver, type("Stream", (), {"handle": 7})())
+
+
+def test_a_graph_the_driver_will_not_instantiate_is_destroyed():
+    api = _RecordingGraphApi(instantiate_error=CudaGraphError("cuGraphInstantiate failed: not supported (801)"))
+    graph = _graph_on(api)
+    with pytest.raises(CudaGraphError, match="not supported"):
+        with graph.capture():
+            pass
+    assert api.calls == ["begin", "end", "instantiate", ("destroy", 1234, None)]
+    assert graph.graph is None and graph.executable is None
+
+
+def test_a_failed_capture_reports_its_own_error_not_the_end_of_the_capture():
+    api = _RecordingGraphApi(end_error=CudaGraphError("cuStreamEndCapture failed: previous error during capture"))
+    with pytest.raises(ValueError, match="the edge was refused"):
+        with _graph_on(api).capture():
+            raise ValueError("the edge was refused")
+    assert api.calls == ["begin", "end"]  # ended all the same; nothing left to destroy

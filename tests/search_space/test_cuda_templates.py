@@ -99,3 +99,37 @@ def test_the_decode_step_kernels_take_a_programmatic_launch_on_hopper(tmp_path):
             plain = Task.make(op, shape, "float16", {k: v for k, v in attrs.items() if k == "group_size"})
             unfused = template.render(plain, config, SM90)
             assert "programmatic" not in unfused.launch_dims and "griddepcontrol" not in unfused.code
+
+
+WEIGHTS = {"W", "WQ", "SCALES", "ZEROS", "G"}  # inputs no kernel of the step writes
+
+
+def test_nothing_the_kernel_before_writes_is_touched_before_the_wait():
+    """In sampled configs of every kernel that takes a programmatic launch, the kernel body before
+    grid_dependency_wait() names no input but the weights and no output: such a kernel may run
+    while the one before it still writes X, R, the Q/K/V rows or the positions (and still reads
+    what this one writes)."""
+    import re
+
+    from search_space import get_template
+
+    norm = {"norm": "rmsnorm", "eps": 1e-5}
+    variants = [("gemv", {"M": m, "N": 96, "K": 1024}, attrs) for m in (1, 5)
+                for attrs in (norm, {"residual": True}, {**norm, "act": "swiglu"})]
+    variants += [("gemv_q4", {"M": m, "N": 96, "K": 1024}, {"group_size": 64, **attrs}) for m in (1, 9)
+                 for attrs in ({**norm, "act": "swiglu", "zero_point": True}, {"residual": True}, norm)]
+    variants += [("rope_append", {"B": 2, "H": 4, "HKV": 2, "D": 64, "S": 32}, {})]
+    rng = np.random.default_rng(7)
+    checked = 0
+    for op, shape, attrs in variants:
+        template = get_template(op, "cuda")
+        task = Task.make(op, shape, "float16", attrs, template.dynamic_dims)
+        for config in template.space(task, SM90).sample(rng, 30):
+            source = template.render(task, config, SM90)
+            kernel = source.code[source.code.index('extern "C" __global__'):]
+            before = re.sub(r"//.*", "", kernel[kernel.index(") {") + 3:kernel.index("grid_dependency_wait();")])
+            others = [a.name for a in source.args if a.role in ("in", "out") and a.name not in WEIGHTS]
+            touched = [name for name in others if re.search(rf"\b{name}\b", before)]
+            assert not touched and "launch_dependents();" in before, (op, attrs, config.as_dict(), touched)
+            checked += 1
+    assert checked >= 300

@@ -137,7 +137,7 @@ _CAPTURES: dict[int, list] = {}   # stream handle -> work recorded so far
 _GRAPHS: dict[int, list] = {}     # graph (and executable) handle -> its recorded work
 # Programmatic edges (runtime.cuda_graph): replayed in order like any other, but recorded per
 # capture as (entry of the kernel before, entry of the kernel after, whether the latter's code
-# waits for the former: griddepcontrol.wait), so tests can check what a GPU would overlap.
+# waits for the former: calls grid_dependency_wait), so tests can check what a GPU would overlap.
 _PENDING_EDGE: dict[int, str] = {}  # stream -> the kernel the next captured node joins programmatically
 _CAPTURED_EDGES: dict[int, list] = {}
 EDGES_OF_CAPTURES: list[list] = []  # one list per capture ended, in order
@@ -165,7 +165,7 @@ def _queue(stream, work, host=None) -> None:
                 raise LogicError("cuStreamEndCapture failed: a programmatic dependency joins kernel nodes only")
             code = work.function.source_dict.get("code", "")
             _CAPTURED_EDGES[handle].append((_PENDING_EDGE.pop(handle), work.function.source_dict.get("entry"),
-                                            "griddepcontrol.wait" in code))
+                                            "grid_dependency_wait();" in code))  # called, not only defined
         _CAPTURES[handle].append(work)
     else:
         work()
