@@ -415,7 +415,13 @@ class LlamaModel:
                 self.used = used  # the fused kernels it found are not the ones that run
                 continue
             attention = next(call for call in calls if call.role == "attention")
-            kernels["attention"] = self._kernel(attention, S=capacity, L=capacity)
+            try:
+                kernels["attention"] = self._kernel(attention, S=capacity, L=capacity)
+            except LookupError:  # a library from before attention took a programmatic launch
+                plain = unfused(self.config, attention)
+                if not plain:
+                    raise
+                kernels["attention"] = self._kernel(plain[0], S=capacity, L=capacity)
             return kernels
         raise AssertionError("unreachable: the unfused plan either returns or raises")
 

@@ -176,11 +176,20 @@ def _fuse_norms(config: ModelConfig, calls: list[KernelCall]) -> list[KernelCall
     return fused
 
 
+def _programmatic(call: KernelCall) -> KernelCall:
+    spec = call.spec
+    return KernelCall(call.role, KernelSpec.make(spec.op, spec.dims, spec.dtype, {**spec.attr, "programmatic": True},
+                                                 spec.dynamic), call.count)
+
+
 def unfused(config: ModelConfig, call: KernelCall) -> list[KernelCall]:
     """The calls a fused kernel stands for, for a library exported before it existed (one holding
-    rope_q, rope_k and kv_append where this plan asks for rope_qk or rope_append); [] for any
-    other call."""
+    rope_q, rope_k and kv_append where this plan asks for rope_qk or rope_append, or attention
+    without the programmatic launch); [] for any other call."""
     c, spec = config, call.spec
+    if call.role == "attention" and spec.attr.get("programmatic"):
+        attrs = {k: v for k, v in spec.attr.items() if k != "programmatic"}
+        return [KernelCall(call.role, KernelSpec.make(spec.op, spec.dims, spec.dtype, attrs, spec.dynamic), call.count)]
     if call.role not in ("rope_qk", "rope_append"):
         return []
     rows = spec.dims["B"] if call.role == "rope_append" else spec.dims["T"]
@@ -255,7 +264,9 @@ def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "
     the Q/K/V projection's rows and writes the new K/V rows at each sequence's position (read
     there too; one kernel where ``rope`` and a cache write were two or three), ``argmax``
     picks the next tokens on the device, and the GEMVs take over the norms and residual adds
-    where they can (``fused_norms``: None for wherever ``can_fuse_norms``; resident steps only)."""
+    where they can (``fused_norms``: None for wherever ``can_fuse_norms``; resident steps only).
+    That fused step's attention also takes a programmatic launch (``programmatic=true``): in the
+    captured graph every kernel of a layer then starts as the one before it ends."""
     check_quantize(config, quantize, group_size)
     c = config
     attention = KernelSpec.make("attention_decode", {"B": batch, "H": c.num_attention_heads,
@@ -275,6 +286,8 @@ def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "
             if not can_fuse_norms(c, batch):
                 raise ValueError(f"a decode step of {batch} sequences of {c.name} cannot fuse its norms into GEMVs")
             calls = _fuse_norms(c, calls)
+            # the step whose kernels overlap (programmatic launches): attention joins the GEMVs and rope_append
+            calls = [_programmatic(call) if call.role == "attention" else call for call in calls]
     elif fused_norms:
         raise ValueError("only the resident decode step fuses its norms into GEMVs")
     return calls

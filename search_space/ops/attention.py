@@ -107,11 +107,14 @@ class AttentionDecodeOp(Operator):
     dims = ("B", "H", "HKV", "D", "S", "L")
     dynamic_dims = ("S", "L")
     dtypes = FLOAT_DTYPES
-    default_attrs = {"scale": 0.0, "lengths": "uniform"}
+    default_attrs = {"scale": 0.0, "lengths": "uniform", "programmatic": False}
     attr_docs = {"scale": "softmax scale of Q.K; 0.0 means 1/sqrt(D)",
                  "lengths": "uniform: every sequence attends to L positions (a scalar argument); per_sequence: "
                             "sequence b to LENS[b] <= L, read from device memory (what a captured CUDA graph "
-                            "needs: one launch serves every step)"}
+                            "needs: one launch serves every step)",
+                 "programmatic": "true: the kernel may start before the kernel ahead of it in a captured CUDA "
+                                 "graph has ended, and lets the next one start early (programmatic dependent "
+                                 "launch; CUDA, sm_90+)"}
     example_shape = {"B": 1, "H": 32, "HKV": 8, "D": 128, "S": 4096, "L": 4096}
     description = "one query per sequence against a KV cache of runtime length L (split-KV)"
     LENGTHS = ("uniform", "per_sequence")
@@ -124,6 +127,12 @@ class AttentionDecodeOp(Operator):
         if self.attrs(task)["lengths"] not in self.LENGTHS:
             raise ValueError(f"attention_decode: lengths = {self.attrs(task)['lengths']!r}; use one of "
                              f"{', '.join(self.LENGTHS)}")
+        programmatic = self.attrs(task)["programmatic"]
+        if not isinstance(programmatic, bool):
+            raise ValueError(f"attention_decode: programmatic = {programmatic!r}; use true or false")
+        if programmatic and getattr(self, "target_kind", "cuda") != "cuda":
+            raise ValueError(f"attention_decode: the {self.target_kind} template takes no programmatic launch "
+                             "(a CUDA graph's)")
 
     def per_sequence(self, task: Task) -> bool:
         return self.attrs(task)["lengths"] == "per_sequence"

@@ -174,6 +174,15 @@ class WithoutFusedNorms:
         return self.kernels.specs()
 
 
+class WithoutProgrammaticAttention(WithoutFusedNorms):
+    """A library from before attention took a programmatic launch: its fused GEMVs still run."""
+
+    def get(self, op, shape, dtype="float32", attrs=None, dynamic=()):
+        if op == "attention_decode" and (attrs or {}).get("programmatic"):
+            raise LookupError("no programmatic attention_decode in this library")
+        return self.kernels.get(op, shape, dtype, attrs, dynamic)
+
+
 @pytest.mark.parametrize("quantize", ["none", "q4"])
 def test_the_decode_gemvs_fuse_the_norms_where_the_library_has_them(fake_gpu, quantize):
     """The captured step with the norms and residual adds inside the GEMVs (float and int4), and
@@ -189,19 +198,22 @@ def test_the_decode_gemvs_fuse_the_norms_where_the_library_has_them(fake_gpu, qu
     import pycuda.driver as fake_driver
 
     with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
-        for provider, fused in ((kernels, True), (WithoutFusedNorms(kernels), False)):
+        for provider, fused in ((kernels, True), (WithoutProgrammaticAttention(kernels), True),
+                                (WithoutFusedNorms(kernels), False)):
             model = LlamaModel(MICRO, weights, provider)
             captures = len(fake_driver.EDGES_OF_CAPTURES)
             out = model.generate(prompts, 5)
             assert model.decode_mode == "graph"
             # programmatic edges join each kernel built for them to the kernel before it: with the
-            # fusions every GEMV but the first layer's Q/K/V (after the copies in) and rope_append
-            # (after Q/K/V); without them, rope_append only. Every such kernel waits for the one before.
+            # fusions every GEMV but the first layer's Q/K/V (after the copies in), rope_append and
+            # attention; without them, rope_append only. Every such kernel waits for the one before.
             edges = fake_driver.EDGES_OF_CAPTURES[captures:]
             assert len(edges) == 1 and model.programmatic_error is None
             assert all(waits for _, _, waits in edges[0]), edges[0]
             layers = MICRO.num_hidden_layers
-            assert model.programmatic_edges == len(edges[0]) == (5 * layers if fused else layers), edges[0]
+            programmatic_attention = not isinstance(provider, WithoutFusedNorms)
+            assert model.programmatic_edges == len(edges[0]) == (5 * layers + programmatic_attention * layers
+                                                                 if fused else layers), edges[0]
             norms = {spec.split("/")[0] for spec in model.used
                      if spec.startswith("gemv") and ('norm="rmsnorm"' in spec or "residual=true" in spec)}
             assert norms == ({"gemv_q4" if quantize == "q4" else "gemv"} if fused else set()), norms

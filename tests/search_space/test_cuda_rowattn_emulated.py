@@ -48,6 +48,9 @@ CASES = [
     # ragged lengths from device memory (a CUDA graph's attention): sequence b attends to L - b positions
     ("attention_decode", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40}, {"lengths": "per_sequence"}, None,
      [{}, {"L": 2}], [{}, dict(splits=2, warps=2, unroll=1)]),
+    # the captured step's: the same, launched programmatically (its wait and trigger are no-ops here)
+    ("attention_decode", {"B": 2, "H": 4, "HKV": 2, "D": 32, "S": 24, "L": 20},
+     {"lengths": "per_sequence", "programmatic": True}, None, [{}], [dict(splits=2, warps=2, unroll=1)]),
     # the resident decode step's own kernels: rows at positions read from memory, greedy ids
     ("kv_append", {"B": 3, "HKV": 2, "D": 40, "S": 24}, {}, None, [{}, {"S": 7}], [{}, dict(vec=1, threads=32)]),
     # rope of q and k with the cache append, from the fused projection's rows

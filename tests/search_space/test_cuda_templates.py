@@ -63,8 +63,8 @@ def test_cuda_template_compiles_for_sm90a(template):
 
 @pytest.mark.tools("nvcc")
 def test_the_decode_step_kernels_take_a_programmatic_launch_on_hopper(tmp_path):
-    """The fused decode GEMVs (both int4 schedules, each way of starting the weights) and
-    rope_append say they take a programmatic launch on sm_90a, and nvcc keeps exactly one wait
+    """The fused decode GEMVs (both int4 schedules, each way of starting the weights), rope_append
+    and attention with ``programmatic`` say they take a programmatic launch on sm_90a, and nvcc keeps exactly one wait
     and one trigger in them there: a graph joins them to the kernel before them on that word
     alone, so a wait compiled away would be a race. Not below sm_90, nor in unfused kernels."""
     import subprocess
@@ -75,7 +75,9 @@ def test_the_decode_step_kernels_take_a_programmatic_launch_on_hopper(tmp_path):
     norm = {"norm": "rmsnorm", "eps": 1e-5}
     cases = [("gemv", {"M": 1, "N": 64, "K": 256}, norm, {"warps": 4, "rows": 1, "ksplit": 2, "vec": 16,
                                                           "unroll": 2, "x_smem": 1}),
-             ("rope_append", {"B": 1, "H": 4, "HKV": 2, "D": 64, "S": 32}, {}, None)]
+             ("rope_append", {"B": 1, "H": 4, "HKV": 2, "D": 64, "S": 32}, {}, None),
+             ("attention_decode", {"B": 1, "H": 8, "HKV": 2, "D": 64, "S": 64, "L": 64},
+              {"lengths": "per_sequence", "programmatic": True}, None)]
     cases += [("gemv_q4", {"M": 1, "N": 64, "K": 512}, {"group_size": 128, **norm, "act": "swiglu"},
                {"core": "mma", "warps": 4, "rows": 1, "ksplit": 2, "unroll": 2, "mtile": 1, "kc": 512,
                 "prefetch": prefetch}) for prefetch in (0, 1, 2)]
@@ -95,8 +97,9 @@ def test_the_decode_step_kernels_take_a_programmatic_launch_on_hopper(tmp_path):
                         str(tmp_path / f"k{i}.cu")], check=True, capture_output=True)
         ptx = (tmp_path / f"k{i}.ptx").read_text()
         assert ptx.count("griddepcontrol.wait") == 1 and ptx.count("griddepcontrol.launch_dependents") == 1, (op, attrs)
-        if attrs:  # the same GEMV unfused: a plain launch, no such instructions
-            plain = Task.make(op, shape, "float16", {k: v for k, v in attrs.items() if k == "group_size"})
+        if attrs:  # the same kernel unfused: a plain launch, no such instructions
+            plain = Task.make(op, shape, "float16", {k: v for k, v in attrs.items() if k in ("group_size", "lengths")},
+                              template.dynamic_dims)
             unfused = template.render(plain, config, SM90)
             assert "programmatic" not in unfused.launch_dims and "griddepcontrol" not in unfused.code
 
@@ -118,7 +121,9 @@ def test_nothing_the_kernel_before_writes_is_touched_before_the_wait():
                 for attrs in (norm, {"residual": True}, {**norm, "act": "swiglu"})]
     variants += [("gemv_q4", {"M": m, "N": 96, "K": 1024}, {"group_size": 64, **attrs}) for m in (1, 9)
                  for attrs in ({**norm, "act": "swiglu", "zero_point": True}, {"residual": True}, norm)]
-    variants += [("rope_append", {"B": 2, "H": 4, "HKV": 2, "D": 64, "S": 32}, {})]
+    variants += [("rope_append", {"B": 2, "H": 4, "HKV": 2, "D": 64, "S": 32}, {}),
+                 ("attention_decode", {"B": 2, "H": 8, "HKV": 2, "D": 64, "S": 64, "L": 64},
+                  {"lengths": "per_sequence", "programmatic": True})]
     rng = np.random.default_rng(7)
     checked = 0
     for op, shape, attrs in variants:
@@ -128,8 +133,20 @@ def test_nothing_the_kernel_before_writes_is_touched_before_the_wait():
             source = template.render(task, config, SM90)
             kernel = source.code[source.code.index('extern "C" __global__'):]
             before = re.sub(r"//.*", "", kernel[kernel.index(") {") + 3:kernel.index("grid_dependency_wait();")])
-            others = [a.name for a in source.args if a.role in ("in", "out") and a.name not in WEIGHTS]
+            others = [a.name for a in source.args if a.role in ("in", "out", "workspace") and a.name not in WEIGHTS]
             touched = [name for name in others if re.search(rf"\b{name}\b", before)]
             assert not touched and "launch_dependents();" in before, (op, attrs, config.as_dict(), touched)
             checked += 1
     assert checked >= 300
+
+
+def test_a_programmatic_launch_is_a_cuda_graphs_and_a_yes_or_no():
+    from search_space import get_template
+
+    shape = {"B": 1, "H": 4, "HKV": 2, "D": 64, "S": 16, "L": 16}
+    with pytest.raises(ValueError, match="the cpu template takes no programmatic launch"):
+        get_template("attention_decode", "cpu").check(Task.make("attention_decode", shape, "float32",
+                                                                 {"programmatic": True}, ("S", "L")))
+    with pytest.raises(ValueError, match="programmatic = 'yes'; use true or false"):
+        get_template("attention_decode", "cuda").check(Task.make("attention_decode", shape, "float16",
+                                                                  {"programmatic": "yes"}, ("S", "L")))

@@ -15,13 +15,17 @@ it must be zero-filled once when allocated. Scores are in the log2 domain (q pre
 by scale * log2(e)); arithmetic is float32. S (row stride of the cache) and L are
 runtime arguments; any 0 <= L <= S works (L = 0 writes zeros). With ``lengths=per_sequence``
 each sequence's length is read from ``LENS[b]`` in device memory instead, so a launch
-recorded in a CUDA graph stays right as the cache grows.
+recorded in a CUDA graph stays right as the cache grows. With ``programmatic`` (the captured
+decode step's) it lets the next kernel launch and waits for the one before it, first thing
+(``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``): the output projection after it can then stream
+its weights while attention runs.
 """
 from __future__ import annotations
 
 import math
 
 from ...codegen.cuda import PREAMBLE, VECTOR_HELPERS, c_type, dim_scalars, kernel_params, registers_ok, static_dims
+from ...codegen.cuda_ptx import GRID_DEPENDENCY_HELPERS, programmatic_launch
 from ...ops.attention import AttentionDecodeOp, _scale
 from ...ops.common import ITEMSIZE
 from ...space import Config, ConfigSpace, Knob
@@ -137,8 +141,13 @@ class AttentionDecodeCuda(AttentionDecodeOp, Template):
         args = (self.signature(task) + (ArgSpec("WS", "workspace", "float32", (), nbytes=workspace_bytes(task, c["splits"])),)
                 + dim_scalars(task))
         qscale = _scale(self, task) * LOG2E
+        programmatic = self.attrs(task)["programmatic"]
+        kernel = _KERNEL
+        if programmatic:  # a step of a captured graph: the next kernel may launch, this one waits for Q and the cache
+            kernel = kernel.replace("(@PARAMS@) {\n", "(@PARAMS@) {\n  launch_dependents();\n  grid_dependency_wait();\n")
+        kernel = kernel.replace("@PARAMS@", kernel_params(args))
         code = (
-            PREAMBLE + VECTOR_HELPERS
+            PREAMBLE + VECTOR_HELPERS + (GRID_DEPENDENCY_HELPERS if programmatic else "")
             + f"typedef {c_type(task.dtype)} E;\n"
             f"constexpr int B = {d['B']};\nconstexpr int H = {d['H']};\nconstexpr int HKV = {d['HKV']};\n"
             f"constexpr int G = H / HKV;\nconstexpr int D = {d['D']};\n"
@@ -152,8 +161,9 @@ class AttentionDecodeCuda(AttentionDecodeOp, Template):
             + static_dims(task, ("S", "L"))
             # the positions this block's sequence attends to: the scalar L, or its own from memory
             + ("#define KV_LEN ((long long)LENS[blockIdx.z])\n" if self.per_sequence(task) else "#define KV_LEN L\n")
-            + _KERNEL.replace("@PARAMS@", kernel_params(args)))
+            + kernel)
         launch = (("block", (32 * c["warps"], 1, 1)), ("grid", (c["splits"], d["HKV"], d["B"])), ("smem", 0))
+        launch += programmatic_launch(target) if programmatic else ()
         return KernelSource("cuda", code, "attention_decode_splitkv", tuple(args), launch)
 
 
