@@ -18,8 +18,8 @@ meet with the partial products) and multiplied by the norm weight before use; th
 With ``act=swiglu`` a warp's ``rows`` are output columns: it streams each one's gate row and
 its up row (N/2 rows further), 2 x ``rows`` rows in all, and stores silu(gate) * up.
 W streams from the first instruction either way. A fused GEMV runs in the captured decode step,
-so it also takes a programmatic launch (``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``): it sends
-its first step of W towards L2, then waits for the kernel before it to finish, and only then
+so it also takes a programmatic launch (``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``): each lane
+sends its share of W towards L2, then waits for the kernel before it to finish, and only then
 reads X or R or writes Y (W and G are constant).
 """
 from __future__ import annotations
@@ -314,17 +314,13 @@ def _code(task: Task, c: dict) -> str:
     r_param = "const T_* __restrict__ R, " if residual else ""
     helpers = PTX_HELPERS
     start, wait = stage_x, ""
-    if is_fused(task):  # a programmatic launch: W's first step heads for L2 while the kernel before ends
+    if is_fused(task):  # a programmatic launch: the warp's share of W heads for L2 while the kernel before ends
         helpers += GRID_DEPENDENCY_HELPERS
         start = "\n  launch_dependents();"
         wait = f"""
-  #pragma unroll
-  for (int u = 0; u < {U}; ++u) {{
-    const int k = u * {STRIDE} + (part * 32 + lane) * {V};
-    if (k < K_) {{
-      #pragma unroll
-      for (int r = 0; r < R_; ++r) prefetch_l2(wrow[r] + k);
-    }}
+  for (int k = (part * 32 + lane) * {V}; k < K_; k += {STRIDE}) {{
+    #pragma unroll
+    for (int r = 0; r < R_; ++r) prefetch_l2(wrow[r] + k);
   }}
   grid_dependency_wait();  // X, R and Y only from here{stage_x}"""
     return PREAMBLE + helpers + f"""

@@ -37,9 +37,9 @@ is loaded, the sums of squares riding with the partial products, the rows' 1 / r
 to the finished sums. With ``residual`` the stored value is R + the sum. With ``act=swiglu`` a warp's ``rows`` (tiles) are output columns: it streams
 the gate's rows and the up projection's N/2 rows further, twice as many, and stores
 silu(gate) * up. A fused GEMV runs in the captured decode step and takes a programmatic launch
-(``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``): what it does with the weights before X is
-staged (the L2 prefetch, the pipelined first loads; SIMT: an L2 prefetch of its first pieces)
-overlaps the end of the kernel before it, and it waits for that kernel before it reads X or R.
+(``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``): each warp sends its share of the codes towards L2
+(and the pipelined schedule loads its first steps) while the kernel before it ends, and it waits
+for that kernel before it reads X or R.
 """
 from __future__ import annotations
 
@@ -301,6 +301,17 @@ def mma_code(task: Task, c: dict) -> str:
     units_row = KC // 8
     norm = fusions(task)[0]
     helpers, start, wait = _programmatic(task)
+    if wait:  # the warp's weights head for L2 while the kernel before ends
+        wait = f"""
+  for (int s = part; s < {-(-K // STEP_K)}; s += {KS}) {{
+    const int kb = s * {STEP_K} + 32 * t;
+    if (kb < {K}) {{
+      #pragma unroll
+      for (int rt = 0; rt < {RW}; ++rt)
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) prefetch_l2(WQ + row_off_q[rt][h] + kb / 2);
+    }}
+  }}""" + wait
     if zp:
         zero_load = "zr[u][rt][h] = inb ? ZEROS[row_off_s[rt][h] + grp] : T_(0.0f);"
         zero_value = f"__hadd2(h2(zr[u][rt][h]), h2(T_({bias}f)))"
@@ -589,15 +600,11 @@ def simt_code(task: Task, c: dict) -> str:
             x[j] *= gw[j];
           }}""" if norm else ""
     helpers, start, wait = _programmatic(task)
-    if wait:  # the first pieces of W head for L2 while the kernel before ends
+    if wait:  # the warp's pieces of W head for L2 while the kernel before ends
         wait = f"""
-  #pragma unroll
-  for (int u = 0; u < {U}; ++u) {{
-    const int p = part * 32 + lane + u * {KS * 32};
-    if (p < {pieces}) {{
-      #pragma unroll
-      for (int r = 0; r < {R}; ++r) prefetch_l2(WQ + row_off_q[r] + p * 16);
-    }}
+  for (int p = part * 32 + lane; p < {pieces}; p += {KS * 32}) {{
+    #pragma unroll
+    for (int r = 0; r < {R}; ++r) prefetch_l2(WQ + row_off_q[r] + p * 16);
   }}""" + wait
     return PREAMBLE + PTX_HELPERS + helpers + f"""
 typedef {T} T_;
