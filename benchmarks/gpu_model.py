@@ -190,7 +190,9 @@ def decode_profile(torch, model, prompts, steps: int, wall_per_step: float) -> d
     """Where a decode step's time goes, from a timed run: device time per step and share of the
     step's wall time of each kernel (by name: the four projections share ``gemv``), and the
     share in no kernel at all (launch gaps between the graph's kernels, host time). A prefill and
-    ``steps`` decode steps minus a prefill alone, so only the decode steps count."""
+    ``steps`` decode steps minus a prefill alone, so only the decode steps count. Kernels joined
+    by programmatic edges overlap (one starts while the one before it ends), so the shares may
+    add up to more than the step."""
     try:
         both = kernel_times(torch, lambda: model.generate(prompts, steps + 1, keep_logits=False))
         alone = kernel_times(torch, lambda: model.generate(prompts, 1, keep_logits=False))
