@@ -229,7 +229,7 @@ def test_the_decode_gemvs_fuse_the_norms_where_the_library_has_them(fake_gpu, qu
             return
         # plain graphs where the model asks for them, or where the driver refuses programmatic edges
         model.programmatic_launch = False
-        np.testing.assert_array_equal(model.generate(prompts, 5).logits, out.logits)
+        np.testing.assert_array_equal(model.generate(prompts, 3).logits, out.logits[:, :3])
         assert model.decode_mode == "graph" and model.programmatic_edges == 0
 
         asked = []
@@ -242,7 +242,7 @@ def test_the_decode_gemvs_fuse_the_norms_where_the_library_has_them(fake_gpu, qu
         try:
             refusing = LlamaModel(MICRO, weights, kernels)
             for _ in range(2):  # the refusal is remembered: the second generation does not ask again
-                np.testing.assert_array_equal(refusing.generate(prompts, 5).tokens, out.tokens)
+                np.testing.assert_array_equal(refusing.generate(prompts, 3).tokens, out.tokens[:, :3])
                 assert refusing.decode_mode == "graph" and refusing.programmatic_edges == 0
                 assert "not supported" in refusing.programmatic_error and len(asked) == 1
         finally:
