@@ -12,8 +12,8 @@ kernel captured last to the next one can be made programmatic (``programmatic_ed
 ``cuStreamUpdateCaptureDependencies`` with ``CUgraphEdgeData``). The next kernel may then start
 once every block of the one before it has called ``griddepcontrol.launch_dependents`` (or
 ended), not when it has finished; it must itself wait (``griddepcontrol.wait``) before it reads
-what that kernel writes. Its launch and whatever it does before the wait (streaming its first
-weights) overlap the end of the kernel before it. Only kernels built for it may be joined so
+what that kernel writes. Its launch and whatever it does before the wait (sending its weights
+towards L2) overlap the end of the kernel before it. Only kernels built for it may be joined so
 (``Kernel.programmatic``).
 
 The test suite's fake pycuda provides the same calls (``pycuda.driver.graph_api``), recording

@@ -169,17 +169,15 @@ def _fuse_norms(config: ModelConfig, calls: list[KernelCall]) -> list[KernelCall
         if extra is not None:
             if "norm" in extra:
                 extra = {**extra, "eps": config.rms_norm_eps}
-            spec = call.spec
-            call = KernelCall(call.role, KernelSpec.make(spec.op, spec.dims, spec.dtype, {**spec.attr, **extra},
-                                                         spec.dynamic), call.count)
+            call = _with_attrs(call, {**call.spec.attr, **extra})
         fused.append(call)
     return fused
 
 
-def _programmatic(call: KernelCall) -> KernelCall:
+def _with_attrs(call: KernelCall, attrs: dict) -> KernelCall:
+    """``call`` with its kernel's attributes replaced by ``attrs``."""
     spec = call.spec
-    return KernelCall(call.role, KernelSpec.make(spec.op, spec.dims, spec.dtype, {**spec.attr, "programmatic": True},
-                                                 spec.dynamic), call.count)
+    return KernelCall(call.role, KernelSpec.make(spec.op, spec.dims, spec.dtype, attrs, spec.dynamic), call.count)
 
 
 def unfused(config: ModelConfig, call: KernelCall) -> list[KernelCall]:
@@ -188,8 +186,7 @@ def unfused(config: ModelConfig, call: KernelCall) -> list[KernelCall]:
     without the programmatic launch); [] for any other call."""
     c, spec = config, call.spec
     if call.role == "attention" and spec.attr.get("programmatic"):
-        attrs = {k: v for k, v in spec.attr.items() if k != "programmatic"}
-        return [KernelCall(call.role, KernelSpec.make(spec.op, spec.dims, spec.dtype, attrs, spec.dynamic), call.count)]
+        return [_with_attrs(call, {k: v for k, v in spec.attr.items() if k != "programmatic"})]
     if call.role not in ("rope_qk", "rope_append"):
         return []
     rows = spec.dims["B"] if call.role == "rope_append" else spec.dims["T"]
@@ -287,7 +284,8 @@ def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "
                 raise ValueError(f"a decode step of {batch} sequences of {c.name} cannot fuse its norms into GEMVs")
             calls = _fuse_norms(c, calls)
             # the step whose kernels overlap (programmatic launches): attention joins the GEMVs and rope_append
-            calls = [_programmatic(call) if call.role == "attention" else call for call in calls]
+            calls = [_with_attrs(call, {**call.spec.attr, "programmatic": True}) if call.role == "attention" else call
+                     for call in calls]
     elif fused_norms:
         raise ValueError("only the resident decode step fuses its norms into GEMVs")
     return calls

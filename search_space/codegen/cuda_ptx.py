@@ -344,6 +344,16 @@ __device__ __forceinline__ void launch_dependents() {
 PROGRAMMATIC = ("programmatic", True)  # the ``KernelSource.launch`` entry of such a kernel
 
 
+def grid_dependency_code(on: bool) -> tuple[str, str, str]:
+    """(helpers, start, wait) of a kernel that takes a programmatic launch, each empty unless
+    ``on``: the helpers above, the kernel's first statement (its dependents may launch) and the
+    statement from which it may read what the kernel before it writes, and write anything."""
+    if not on:
+        return "", "", ""
+    return (GRID_DEPENDENCY_HELPERS, "\n  launch_dependents();",
+            "\n  grid_dependency_wait();  // other kernels' data and the outputs only from here\n")
+
+
 def programmatic_launch(target) -> tuple:
     """The launch entries of a kernel that uses the helpers above: ``PROGRAMMATIC`` where the
     target's GPUs have programmatic launches (sm_90 on), nothing where the helpers compile away."""

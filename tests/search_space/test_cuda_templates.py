@@ -8,7 +8,7 @@ import pytest
 
 from cost_model import ANALYTIC_FEATURES
 from measure import LocalBuilder, MeasureError, MeasureInput
-from search_space import Target, Task, list_templates
+from search_space import Target, Task, get_template, list_templates
 
 CUDA_TEMPLATES = sorted((t for t in list_templates("cuda") if type(t).__module__.startswith("search_space.templates")),
                         key=lambda t: t.op)
@@ -70,8 +70,6 @@ def test_the_decode_step_kernels_take_a_programmatic_launch_on_hopper(tmp_path):
     import subprocess
 
     from measure.compile_cuda import nvcc_path
-    from search_space import get_template
-
     norm = {"norm": "rmsnorm", "eps": 1e-5}
     cases = [("gemv", {"M": 1, "N": 64, "K": 256}, norm, {"warps": 4, "rows": 1, "ksplit": 2, "vec": 16,
                                                           "unroll": 2, "x_smem": 1}),
@@ -114,8 +112,6 @@ def test_nothing_the_kernel_before_writes_is_touched_before_the_wait():
     what this one writes)."""
     import re
 
-    from search_space import get_template
-
     norm = {"norm": "rmsnorm", "eps": 1e-5}
     variants = [("gemv", {"M": m, "N": 96, "K": 1024}, attrs) for m in (1, 5)
                 for attrs in (norm, {"residual": True}, {**norm, "act": "swiglu"})]
@@ -141,8 +137,6 @@ def test_nothing_the_kernel_before_writes_is_touched_before_the_wait():
 
 
 def test_a_programmatic_launch_is_a_cuda_graphs_and_a_yes_or_no():
-    from search_space import get_template
-
     shape = {"B": 1, "H": 4, "HKV": 2, "D": 64, "S": 16, "L": 16}
     with pytest.raises(ValueError, match="the cpu template takes no programmatic launch"):
         get_template("attention_decode", "cpu").check(Task.make("attention_decode", shape, "float32",

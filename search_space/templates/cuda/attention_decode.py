@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 
 from ...codegen.cuda import PREAMBLE, VECTOR_HELPERS, c_type, dim_scalars, kernel_params, registers_ok, static_dims
-from ...codegen.cuda_ptx import GRID_DEPENDENCY_HELPERS, programmatic_launch
+from ...codegen.cuda_ptx import grid_dependency_code, programmatic_launch
 from ...ops.attention import AttentionDecodeOp, _scale
 from ...ops.common import ITEMSIZE
 from ...space import Config, ConfigSpace, Knob
@@ -142,12 +142,12 @@ class AttentionDecodeCuda(AttentionDecodeOp, Template):
                 + dim_scalars(task))
         qscale = _scale(self, task) * LOG2E
         programmatic = self.attrs(task)["programmatic"]
-        kernel = _KERNEL
-        if programmatic:  # a step of a captured graph: the next kernel may launch, this one waits for Q and the cache
-            kernel = kernel.replace("(@PARAMS@) {\n", "(@PARAMS@) {\n  launch_dependents();\n  grid_dependency_wait();\n")
+        # a step of a captured graph: the next kernel may launch at once, this one waits for Q and the cache
+        helpers, start, wait = grid_dependency_code(programmatic)
+        kernel = _KERNEL.replace("(@PARAMS@) {\n", "(@PARAMS@) {" + (start + wait or "\n"))
         kernel = kernel.replace("@PARAMS@", kernel_params(args))
         code = (
-            PREAMBLE + VECTOR_HELPERS + (GRID_DEPENDENCY_HELPERS if programmatic else "")
+            PREAMBLE + VECTOR_HELPERS + helpers
             + f"typedef {c_type(task.dtype)} E;\n"
             f"constexpr int B = {d['B']};\nconstexpr int H = {d['H']};\nconstexpr int HKV = {d['HKV']};\n"
             f"constexpr int G = H / HKV;\nconstexpr int D = {d['D']};\n"

@@ -27,11 +27,7 @@ from __future__ import annotations
 import math
 
 from ...codegen.cuda import PREAMBLE, c_type
-from ...codegen.cuda_ptx import (
-    GRID_DEPENDENCY_HELPERS,
-    PTX_HELPERS,
-    programmatic_launch,
-)
+from ...codegen.cuda_ptx import PTX_HELPERS, grid_dependency_code, programmatic_launch
 from ...ops.common import ITEMSIZE
 from ...ops.matmul import GemvOp, fusions, gated, is_fused, norm_eps, out_width
 from ...space import Config, ConfigSpace, Knob
@@ -312,18 +308,16 @@ def _code(task: Task, c: dict) -> str:
         row_pointers = "  for (int r = 0; r < R_; ++r) wrow[r] = W + (n0 + r < N_ ? n0 + r : N_ - 1) * K_;  // clamp: never stored"
     g_param = "const T_* __restrict__ G, " if norm else ""
     r_param = "const T_* __restrict__ R, " if residual else ""
-    helpers = PTX_HELPERS
-    start, wait = stage_x, ""
-    if is_fused(task):  # a programmatic launch: the warp's share of W heads for L2 while the kernel before ends
-        helpers += GRID_DEPENDENCY_HELPERS
-        start = "\n  launch_dependents();"
+    helpers, start, wait = grid_dependency_code(is_fused(task))
+    if wait:  # a programmatic launch: the warp's share of W heads for L2 while the kernel before ends
         wait = f"""
   for (int k = (part * 32 + lane) * {V}; k < K_; k += {STRIDE}) {{
     #pragma unroll
     for (int r = 0; r < R_; ++r) prefetch_l2(wrow[r] + k);
-  }}
-  grid_dependency_wait();  // X, R and Y only from here{stage_x}"""
-    return PREAMBLE + helpers + f"""
+  }}""" + wait.rstrip("\n") + stage_x  # X staged (x_smem) after the wait
+    else:
+        start = stage_x
+    return PREAMBLE + PTX_HELPERS + helpers + f"""
 typedef {T} T_;
 constexpr int M_ = {M};
 constexpr long long N_ = {N};

@@ -46,11 +46,7 @@ from __future__ import annotations
 import math
 
 from ...codegen.cuda import PREAMBLE, c_type
-from ...codegen.cuda_ptx import (
-    GRID_DEPENDENCY_HELPERS,
-    PTX_HELPERS,
-    programmatic_launch,
-)
+from ...codegen.cuda_ptx import PTX_HELPERS, grid_dependency_code, programmatic_launch
 from ...ops.common import ITEMSIZE
 from ...ops.matmul import fusions, gated, is_fused, out_width
 from ...space import Config, ConfigSpace, Knob
@@ -236,15 +232,6 @@ def q4_render(op, task: Task, config: Config, target: Target) -> KernelSource:
                         launch + (programmatic_launch(target) if is_fused(task) else ()))
 
 
-def _programmatic(task: Task) -> tuple[str, str, str]:
-    """(helpers, start, wait): the code of a programmatic launch in a fused GEMV (empty otherwise):
-    the helpers, letting the next kernel launch, and waiting for the one before."""
-    if not is_fused(task):
-        return "", "", ""
-    return (GRID_DEPENDENCY_HELPERS, "\n  launch_dependents();",
-            "\n  grid_dependency_wait();  // X, R and Y only from here\n")
-
-
 def _params(task: Task, zp: bool) -> str:
     """The kernel's parameters (``MatmulQ4.signature``)."""
     norm, residual = fusions(task)
@@ -300,7 +287,7 @@ def mma_code(task: Task, c: dict) -> str:
     rpb = rows_per_block(c)
     units_row = KC // 8
     norm = fusions(task)[0]
-    helpers, start, wait = _programmatic(task)
+    helpers, start, wait = grid_dependency_code(is_fused(task))
     if wait:  # the warp's weights head for L2 while the kernel before ends
         wait = f"""
   for (int s = part; s < {-(-K // STEP_K)}; s += {KS}) {{
@@ -599,7 +586,7 @@ def simt_code(task: Task, c: dict) -> str:
             acc[{MT * R} + m] = fmaf(x[j], x[j], acc[{MT * R} + m]);
             x[j] *= gw[j];
           }}""" if norm else ""
-    helpers, start, wait = _programmatic(task)
+    helpers, start, wait = grid_dependency_code(is_fused(task))
     if wait:  # the warp's pieces of W head for L2 while the kernel before ends
         wait = f"""
   for (int p = part * 32 + lane; p < {pieces}; p += {KS * 32}) {{
