@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from runtime.abi import tma_box_fits
+from runtime.tensor_map import TENSOR_MAP_BYTES
 from search_space import KernelSource, Task, get_template
 from search_space.codegen.cuda import resolve_launch
 from search_space.ops.common import numpy_dtype
-from runtime.abi import tma_box_fits
-from runtime.tensor_map import TENSOR_MAP_BYTES
 
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "cudaemu.h"
@@ -61,6 +61,8 @@ def emulated_source(source: KernelSource) -> str:
     sections = iter(range(1 << 30))
     # the first PTX section becomes every emulated helper; later ones (wgmma) are covered by it
     code = _PTX_SECTION.sub(lambda _: '#include "cudaemu_ptx.h"' if next(sections) == 0 else "", source.code)
+    ptx = next(sections) > 0
+    clear_prefetched = "\n  prefetched.clear();" if ptx else ""
     code = _DYNAMIC_SMEM.sub(lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>"
                                        f"(emu::dynamic_smem_bytes);", code)
     params = []
@@ -80,7 +82,7 @@ def emulated_source(source: KernelSource) -> str:
     return '#include "cudaemu.h"\n' + code + f"""
 extern "C" int emu_run(void** p, long long* s, const unsigned char* m, unsigned gx, unsigned gy, unsigned gz,
                        unsigned bx, unsigned by, unsigned bz, int deferred, unsigned seed, char* error) {{
-  emu::kernel_body = [=]() {{ {source.entry}({", ".join(params)}); }};
+  emu::kernel_body = [=]() {{ {source.entry}({", ".join(params)}); }};{clear_prefetched}
   const int rc = emu::launch(gx, gy, gz, bx, by, bz, deferred != 0, seed, {cluster});
   if (rc) snprintf(error, 511, "%s", emu::failure);
   return rc;
@@ -88,7 +90,13 @@ extern "C" int emu_run(void** p, long long* s, const unsigned char* m, unsigned 
 extern "C" void emu_set_dynamic_smem(unsigned long long bytes) {{
   emu::dynamic_smem_size = bytes < emu::SMEM_BYTES ? bytes : emu::SMEM_BYTES;
 }}
-"""
+""" + ("""
+// the addresses the last launch's prefetch_l2 calls named: how many, and the first ``cap`` of them
+extern "C" unsigned long long emu_prefetched(unsigned long long* out, unsigned long long cap) {
+  for (unsigned long long i = 0; i < cap && i < prefetched.size(); ++i) out[i] = (unsigned long long)prefetched[i];
+  return prefetched.size();
+}
+""" if ptx else "")
 
 
 _PCH_LOCK = threading.Lock()
@@ -284,7 +292,26 @@ def run_emulated(payload: dict[str, Any]) -> dict[str, Any]:
     if changed:
         return {"error": f"wrote into the inputs {changed}"}
     return {"outputs": {a.name: buffers[a.name].array.copy() for a in source.args if a.role == "out"},
-            "workspaces": {a.name: buffers[a.name].array.copy() for a in source.args if a.role == "workspace"}}
+            "workspaces": {a.name: buffers[a.name].array.copy() for a in source.args if a.role == "workspace"},
+            "prefetched": prefetched_lines(lib, buffers)}
+
+
+def prefetched_lines(lib, buffers: dict[str, Fenced]) -> dict[str, int]:
+    """Distinct 128-byte lines the launch's ``prefetch_l2`` calls named, by the array they lie
+    in ("" for lines in none of them)."""
+    try:
+        entry = lib.emu_prefetched
+    except AttributeError:  # a kernel without inline PTX prefetches nothing
+        return {}
+    entry.restype = ctypes.c_ulonglong
+    count = entry(None, ctypes.c_ulonglong(0))
+    addresses = (ctypes.c_ulonglong * max(count, 1))()
+    entry(addresses, ctypes.c_ulonglong(count))
+    lines: dict[str, set[int]] = {}
+    for address in addresses[:count]:
+        owner = next((name for name, f in buffers.items() if f.pointer <= address < f.pointer + f.array.nbytes), "")
+        lines.setdefault(owner, set()).add(address // 128)
+    return {name: len(found) for name, found in lines.items()}
 
 
 class Emulator:

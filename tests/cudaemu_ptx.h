@@ -9,7 +9,8 @@ template <int BYTES> inline void cp_async(void* smem, const void* gmem, bool val
   if (emu::deferred_copies) emu::fibers[emu::current].open.push_back(c);
   else emu::run_copy(c);
 }
-inline void prefetch_l2(const void*) {}
+inline std::vector<const void*> prefetched;  // what prefetch_l2 named in this launch (emu_prefetched)
+inline void prefetch_l2(const void* p) { prefetched.push_back(p); }
 inline void cp_async_commit() { emu::cp_async_commit(); }
 template <int PENDING> inline void cp_async_wait() { emu::cp_async_wait(PENDING); }
 

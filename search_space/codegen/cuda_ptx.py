@@ -19,6 +19,8 @@ templates stay readable:
 """
 from __future__ import annotations
 
+import math
+
 PTX_HELPERS = r"""
 template <int BYTES> struct RawVec;
 template <> struct RawVec<16> { unsigned w[4]; };
@@ -352,6 +354,21 @@ def grid_dependency_code(on: bool) -> tuple[str, str, str]:
         return "", "", ""
     return (GRID_DEPENDENCY_HELPERS, "\n  launch_dependents();",
             "\n  grid_dependency_wait();  // other kernels' data and the outputs only from here\n")
+
+
+PREFETCH_L2_SHARE = 4  # a kernel sends at most 1/4 of the L2 of weights ahead of its wait
+
+
+def prefetch_columns(target, K: int, weight_bytes: float, unit: int) -> int:
+    """How far along K (a multiple of ``unit``, at most ``K``) a programmatically launched GEMV
+    sends its weights towards L2 before its wait: all of K while the whole matrix fits in a
+    quarter of the target's L2, else the leading columns that do. The overlap with the kernel
+    before lasts a few microseconds; a prefetch larger than L2 would evict its own first lines
+    before the main loop reads them, and the weights would cross from memory twice."""
+    budget = (target.l2_bytes or 50 << 20) / PREFETCH_L2_SHARE
+    if weight_bytes <= budget:
+        return K
+    return max(unit, math.floor(K * budget / weight_bytes / unit) * unit)
 
 
 def programmatic_launch(target) -> tuple:

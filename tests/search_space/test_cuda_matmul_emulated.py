@@ -290,6 +290,45 @@ def test_the_int4_gemv_stages_x_normalised(emulator, x_scale, g_scale):
                         "float16") is None
 
 
+@pytest.mark.parametrize("op, dtype, attrs, config", [
+    ("gemv", "float16", NORM, dict(warps=4, rows=2, ksplit=2, vec=16, unroll=2, x_smem=1)),
+    ("gemv", "bfloat16", {"residual": True}, dict(warps=4, rows=1, ksplit=1, vec=8, unroll=2, x_smem=0)),
+    ("gemv_q4", "float16", {**NORM, "group_size": 64},
+     dict(core="mma", warps=4, rows=1, ksplit=2, unroll=2, mtile=1, kc=4096, prefetch=0)),
+    ("gemv_q4", "bfloat16", {"residual": True, "zero_point": True, "group_size": 128},
+     dict(core="mma", warps=4, rows=2, ksplit=1, unroll=1, mtile=1, kc=4096, prefetch=2)),
+    ("gemv_q4", "float32", {**NORM, "group_size": 128},
+     dict(core="simt", warps=4, rows=2, ksplit=2, unroll=2, mtile=1, kc=4096, prefetch=0)),
+])
+def test_a_programmatic_gemv_sends_ahead_at_most_a_quarter_of_l2(emulator, op, dtype, attrs, config):
+    """Before its wait a fused GEMV prefetches its weights towards L2: all of them while they fit in
+    a quarter of the target's L2, else only the leading columns that do (a larger prefetch would
+    evict its own first lines before they are read). Counted from the addresses the emulated
+    kernel's prefetches name; nothing but the weights is prefetched, and the outputs still match."""
+    from measure.verify import check_output
+    from search_space.codegen.cuda_ptx import PREFETCH_L2_SHARE
+
+    template = get_template(op, "cuda")
+    task = Task.make(op, {"M": 1, "N": 256, "K": 4096}, dtype, attrs)
+    weights = ("WQ", "SCALES", "ZEROS") if op == "gemv_q4" else ("W",)
+    inputs = template.make_inputs(task, np.random.default_rng(2))
+    matrix = sum(inputs[name].nbytes for name in weights if name in inputs)
+    reference = template.reference(task, inputs)
+    for l2 in (64 << 20, matrix):  # the whole matrix fits a quarter of it; a quarter of the matrix does
+        target = dataclasses.replace(SM90, l2_bytes=l2)
+        cfg = template.space(task, target).from_values(config)
+        out = emulator.run(template.render(task, cfg, target), task.dims, inputs)
+        assert check_output("Y", out["outputs"]["Y"], reference["Y"], template.tolerance(task), dtype) is None
+        lines = out["prefetched"]
+        assert set(lines) <= set(weights), lines
+        sent = 128 * sum(lines.values())
+        if l2 > PREFETCH_L2_SHARE * matrix:  # every line of W (of the codes: scales are small)
+            assert sent >= 0.97 * inputs[weights[0]].nbytes, (sent, matrix)
+        else:  # the leading quarter of the matrix, to within a line per row
+            budget = l2 / PREFETCH_L2_SHARE
+            assert 0.8 * budget <= sent <= budget + 2 * 128 * task.dims["N"] * (1 + (op == "gemv_q4")), (sent, budget)
+
+
 def test_only_fusable_templates_take_the_decode_fusions():
     task = Task.make("gemv", {"M": 1, "N": 64, "K": 128}, "float32", NORM)
     with pytest.raises(ValueError, match="takes no decode fusions"):

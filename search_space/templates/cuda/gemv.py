@@ -19,15 +19,21 @@ With ``act=swiglu`` a warp's ``rows`` are output columns: it streams each one's 
 its up row (N/2 rows further), 2 x ``rows`` rows in all, and stores silu(gate) * up.
 W streams from the first instruction either way. A fused GEMV runs in the captured decode step,
 so it also takes a programmatic launch (``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``): each lane
-sends its share of W towards L2, then waits for the kernel before it to finish, and only then
-reads X or R or writes Y (W and G are constant).
+sends its share of W towards L2 (the leading columns of it that keep the whole prefetch within a
+quarter of L2, ``codegen.cuda_ptx.prefetch_columns``), then waits for the kernel before it to
+finish, and only then reads X or R or writes Y (W and G are constant).
 """
 from __future__ import annotations
 
 import math
 
 from ...codegen.cuda import PREAMBLE, c_type
-from ...codegen.cuda_ptx import PTX_HELPERS, grid_dependency_code, programmatic_launch
+from ...codegen.cuda_ptx import (
+    PTX_HELPERS,
+    grid_dependency_code,
+    prefetch_columns,
+    programmatic_launch,
+)
 from ...ops.common import ITEMSIZE
 from ...ops.matmul import GemvOp, fusions, gated, is_fused, norm_eps, out_width
 from ...space import Config, ConfigSpace, Knob
@@ -132,7 +138,7 @@ class GemvCuda(GemvOp, Template):
         self.check(task)
         launch = (("block", (32 * config["warps"], 1, 1)), ("grid", (_blocks(task, config.as_dict()), 1, 1)),
                   ("smem", _dynamic_smem(task, config.as_dict())))
-        return KernelSource("cuda", _code(task, config.as_dict()), "gemv", self.signature(task),
+        return KernelSource("cuda", _code(task, config.as_dict(), target), "gemv", self.signature(task),
                             launch + (programmatic_launch(target) if is_fused(task) else ()))
 
 
@@ -194,7 +200,7 @@ def fused_output(task: Task, value: str, m: str, n: str, ss: str | None, up: str
     return f"from_f32<T_>({out})"
 
 
-def _code(task: Task, c: dict) -> str:
+def _code(task: Task, c: dict, target: Target) -> str:
     M, N, K = (task.dims[d] for d in ("M", "N", "K"))
     T = c_type(task.dtype)
     size = ITEMSIZE[task.dtype]
@@ -309,9 +315,10 @@ def _code(task: Task, c: dict) -> str:
     g_param = "const T_* __restrict__ G, " if norm else ""
     r_param = "const T_* __restrict__ R, " if residual else ""
     helpers, start, wait = grid_dependency_code(is_fused(task))
-    if wait:  # a programmatic launch: the warp's share of W heads for L2 while the kernel before ends
+    if wait:  # a programmatic launch: the warp's share of W (its leading columns) heads for L2 while the kernel before ends
+        ahead = prefetch_columns(target, K, N * K * size, V)  # lanes past it prefetch nothing
         wait = f"""
-  for (int k = (part * 32 + lane) * {V}; k < K_; k += {STRIDE}) {{
+  for (int k = (part * 32 + lane) * {V}; k < {ahead}; k += {STRIDE}) {{
     #pragma unroll
     for (int r = 0; r < R_; ++r) prefetch_l2(wrow[r] + k);
   }}""" + wait.rstrip("\n") + stage_x  # X staged (x_smem) after the wait

@@ -38,15 +38,21 @@ to the finished sums. With ``residual`` the stored value is R + the sum. With ``
 the gate's rows and the up projection's N/2 rows further, twice as many, and stores
 silu(gate) * up. A fused GEMV runs in the captured decode step and takes a programmatic launch
 (``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``): each warp sends its share of the codes towards L2
-(and the pipelined schedule loads its first steps) while the kernel before it ends, and it waits
-for that kernel before it reads X or R.
+(its leading steps, so that the whole prefetch stays within a quarter of L2:
+``codegen.cuda_ptx.prefetch_columns``), and the pipelined schedule loads its first steps, while
+the kernel before it ends; it waits for that kernel before it reads X or R.
 """
 from __future__ import annotations
 
 import math
 
 from ...codegen.cuda import PREAMBLE, c_type
-from ...codegen.cuda_ptx import PTX_HELPERS, grid_dependency_code, programmatic_launch
+from ...codegen.cuda_ptx import (
+    PTX_HELPERS,
+    grid_dependency_code,
+    prefetch_columns,
+    programmatic_launch,
+)
 from ...ops.common import ITEMSIZE
 from ...ops.matmul import fusions, gated, is_fused, out_width
 from ...space import Config, ConfigSpace, Knob
@@ -123,6 +129,13 @@ def _partials(task: Task, c: dict) -> int:
     if c["core"] == "mma":
         return loaded_rows(task, c) * c["mtile"] * 4
     return m_rows(task, c) * (loaded_rows(task, c) + fusions(task)[0])
+
+
+def weight_bytes(task: Task) -> int:
+    """Bytes of the codes, scales and zero points."""
+    N, K = task.dims["N"], task.dims["K"]
+    groups = -(-K // task.attr.get("group_size", 128))
+    return N * K // 2 + N * groups * ITEMSIZE[task.dtype] * (2 if task.attr.get("zero_point") else 1)
 
 
 def m_rows(task: Task, c: dict) -> int:
@@ -225,7 +238,7 @@ def q4_features(op, task: Task, config: Config, target: Target) -> dict[str, flo
 
 def q4_render(op, task: Task, config: Config, target: Target) -> KernelSource:
     c = config.as_dict()
-    code = mma_code(task, c) if c["core"] == "mma" else simt_code(task, c)
+    code = mma_code(task, c, target) if c["core"] == "mma" else simt_code(task, c, target)
     smem = m_rows(task, c) * c["kc"] * ITEMSIZE[task.dtype] if c["core"] == "mma" else 0
     launch = (("block", (32 * c["warps"], 1, 1)), ("grid", grid(task, c)), ("smem", smem))
     return KernelSource("cuda", code, op.op, op.signature(task),
@@ -267,7 +280,7 @@ def _reduce_and_store(task: Task, c: dict, values: str, count: int, store: str) 
 # ----------------------------------------------------------------------------- mma
 
 
-def mma_code(task: Task, c: dict) -> str:
+def mma_code(task: Task, c: dict, target: Target) -> str:
     M, N, K = (task.dims[d] for d in ("M", "N", "K"))
     attrs = task.attr
     G = attrs.get("group_size", 128)
@@ -288,9 +301,10 @@ def mma_code(task: Task, c: dict) -> str:
     units_row = KC // 8
     norm = fusions(task)[0]
     helpers, start, wait = grid_dependency_code(is_fused(task))
-    if wait:  # the warp's weights head for L2 while the kernel before ends
+    if wait:  # the warp's weights (their leading steps) head for L2 while the kernel before ends
+        ahead = -(-prefetch_columns(target, K, weight_bytes(task), STEP_K) // STEP_K)
         wait = f"""
-  for (int s = part; s < {-(-K // STEP_K)}; s += {KS}) {{
+  for (int s = part; s < {ahead}; s += {KS}) {{
     const int kb = s * {STEP_K} + 32 * t;
     if (kb < {K}) {{
       #pragma unroll
@@ -536,7 +550,7 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}({_params(task,
 # ----------------------------------------------------------------------------- SIMT
 
 
-def simt_code(task: Task, c: dict) -> str:
+def simt_code(task: Task, c: dict, target: Target) -> str:
     M, N, K = (task.dims[d] for d in ("M", "N", "K"))
     attrs = task.attr
     G = attrs.get("group_size", 128)
@@ -587,9 +601,10 @@ def simt_code(task: Task, c: dict) -> str:
             x[j] *= gw[j];
           }}""" if norm else ""
     helpers, start, wait = grid_dependency_code(is_fused(task))
-    if wait:  # the warp's pieces of W head for L2 while the kernel before ends
+    if wait:  # the warp's pieces of W (the leading ones) head for L2 while the kernel before ends
+        ahead = -(-prefetch_columns(target, K, weight_bytes(task), 32) // 32)
         wait = f"""
-  for (int p = part * 32 + lane; p < {pieces}; p += {KS * 32}) {{
+  for (int p = part * 32 + lane; p < {ahead}; p += {KS * 32}) {{
     #pragma unroll
     for (int r = 0; r < {R}; ++r) prefetch_l2(WQ + row_off_q[r] + p * 16);
   }}""" + wait
