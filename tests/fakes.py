@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from measure.timing import TimingPolicy
 from search_space import ArgSpec, Config, ConfigSpace, KernelSource, Knob, Target, Task, Template, register_template
 from search_space.codegen import llvm as cg
 
@@ -288,6 +289,9 @@ def run_numpy_only(tmp_path, script: str, *args: str, timeout: float = 300):
 
 
 FAKE_PYCUDA = Path(__file__).resolve().parent / "fake_pycuda"
+# Timing on the fake GPU measures the emulator: tests whose subject is not timing take 3 samples
+# (the CUDA default takes 10-50, each after a 64 MiB L2 flush)
+FAKE_GPU_TIMING = TimingPolicy(warmup=1, min_sample_s=0.0, repeats=3, min_repeats=3, max_total_s=0.2)
 FAKE_GPU_TARGET = Target(kind="cuda", arch="sm_90a", device_name="Fake GPU (CPU emulator)", sm_count=2,
                          max_threads_per_block=1024, max_shared_memory_per_block=227 << 10,
                          max_registers_per_block=65536, l2_bytes=1 << 20, clock_mhz=1980)

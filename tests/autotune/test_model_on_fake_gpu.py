@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from fakes import FAKE_GPU_TARGET, register_library
+from fakes import FAKE_GPU_TARGET, FAKE_GPU_TIMING, register_library
 
 import runtime
 from autotune import ModelWorkload, TuningJob, run_job
@@ -33,7 +33,7 @@ MICRO = ModelConfig(name="micro", hidden_size=64, intermediate_size=64, num_atte
 def test_the_model_tunes_exports_and_runs_on_cuda_kernels(fake_gpu, tmp_path, monkeypatch):
     log = RecordLog(tmp_path / "cuda.jsonl")
     workload = ModelWorkload(MICRO, prefill_tokens=(8,), decode_batch=(1,), kv_len=(16,), resident=True)
-    with CudaRunner(timeout_s=300) as runner:
+    with CudaRunner(timeout_s=300, policy=FAKE_GPU_TIMING) as runner:
         job = TuningJob(FAKE_GPU_TARGET, model=workload, tuner="random", trials=16, batch=2, log=log.path,
                         mlflow=False)
         summary = run_job(job, progress=False, runner=runner)
@@ -94,7 +94,7 @@ def test_a_half_precision_model_keeps_the_float32_tokens(fake_gpu, tmp_path, dty
     log = RecordLog(tmp_path / "cuda.jsonl")
     workload = ModelWorkload(MICRO, prefill_tokens=(8,), decode_batch=(1,), kv_len=(48,), dtype=dtype, resident=True)
     assert {t.task.dtype for t in workload.tasks()} == {dtype}
-    with CudaRunner(timeout_s=300) as runner:
+    with CudaRunner(timeout_s=300, policy=FAKE_GPU_TIMING) as runner:
         job = TuningJob(FAKE_GPU_TARGET, model=workload, tuner="random", trials=18, batch=4, log=log.path,
                         mlflow=False)
         summary = run_job(job, progress=False, runner=runner)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import FAKE_GPU_TARGET, FAKE_PYCUDA, register_library
+from fakes import FAKE_GPU_TARGET, FAKE_GPU_TIMING, FAKE_PYCUDA, register_library
 
 import runtime
 from measure import CudaRunner, LocalBuilder
@@ -32,7 +32,7 @@ def test_cuda_records_export_to_cubins_that_the_runtime_launches(fake_gpu, tmp_p
     log = RecordLog(tmp_path / "cuda.jsonl")
     tasks = [Task.make("rmsnorm", {"M": 8, "N": 64}, "float16", dynamic=("M",)),
              Task.make("gemv", {"M": 1, "N": 64, "K": 64}, "float16")]
-    with LocalBuilder(n_parallel=2, timeout_s=300) as builder, CudaRunner(timeout_s=300) as runner:
+    with LocalBuilder(n_parallel=2, timeout_s=300) as builder, CudaRunner(timeout_s=300, policy=FAKE_GPU_TIMING) as runner:
         for task in tasks:
             summary = RandomTuner(task, FAKE_TARGET, seed=0).tune(2, builder, runner, batch_size=2, log=log)
             assert summary.best is not None, task.key

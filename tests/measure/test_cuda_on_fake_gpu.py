@@ -20,9 +20,9 @@ from pathlib import Path
 import fakes
 import numpy as np
 import pytest
-from fakes import FAKE_GPU_TARGET, FAKE_PYCUDA
+from fakes import FAKE_GPU_TARGET, FAKE_GPU_TIMING, FAKE_PYCUDA
 
-from measure import BuildResult, CudaRunner, LocalBuilder, MeasureError, MeasureInput, TimingPolicy
+from measure import BuildResult, CudaRunner, LocalBuilder, MeasureError, MeasureInput
 from search_space import Task, get_template
 
 FAKE, FAKE_TARGET = FAKE_PYCUDA, FAKE_GPU_TARGET
@@ -138,8 +138,7 @@ def test_refused_launches_on_the_fake_gpu_cost_only_their_own_trial(fake_gpu, tm
             assert build.error == MeasureError.NO_ERROR, build.message
             register(fake_gpu, Path(build.artifact).read_bytes(), build.source)
     register(fake_gpu, cubin, built["fat"].source)
-    policy = TimingPolicy(warmup=1, min_sample_s=0.0, repeats=3, min_repeats=3, max_total_s=0.2)
-    with CudaRunner(timeout_s=300, policy=policy) as runner:
+    with CudaRunner(timeout_s=300, policy=FAKE_GPU_TIMING) as runner:
         results = runner.run(inputs, [built[m] for m in modes])
         generation = runner._workers[0].generation
     errors = [r.error.name for r in results]

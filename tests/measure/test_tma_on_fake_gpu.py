@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from fakes import FAKE_GPU_TARGET, register_library
+from fakes import FAKE_GPU_TARGET, FAKE_GPU_TIMING, register_library
 from test_cuda_on_fake_gpu import build_and_register
 
 import runtime
@@ -48,7 +48,7 @@ def test_tma_gemm_is_measured_and_exported_and_runs_from_the_library(fake_gpu, t
     builds = build_and_register(fake_gpu, inputs)
     assert [a.role for a in builds[0].source.args][:2] == ["tensor_map", "tensor_map"]
     assert builds[0].source.launch_dims["grid"] == (2, 1, 1)
-    with CudaRunner(timeout_s=300) as runner:
+    with CudaRunner(timeout_s=300, policy=FAKE_GPU_TIMING) as runner:
         results = runner.run(inputs, builds)
     assert [r.error for r in results] == [MeasureError.NO_ERROR] * 3, [r.message for r in results]
 
@@ -85,7 +85,7 @@ def test_tma_gemm_is_measured_and_exported_and_runs_from_the_library(fake_gpu, t
 def test_a_tma_box_the_hardware_cannot_copy_is_refused_when_the_library_loads(fake_gpu, tmp_path):
     inp = _input({"M": 70, "N": 40, "K": 72}, "float16", bm=64, bn=32, wm=64, stages=2, group_m=1, persistent=0)
     (build,) = build_and_register(fake_gpu, [inp])
-    with CudaRunner(timeout_s=300) as runner:
+    with CudaRunner(timeout_s=300, policy=FAKE_GPU_TIMING) as runner:
         (result,) = runner.run([inp], [build])
     log = RecordLog(tmp_path / "tma.jsonl")
     log.append([Record.from_measure(inp, result, tuner="test")])
@@ -146,7 +146,7 @@ def test_tma_gemm_on_the_gpu(dtype):
                     inputs.append(MeasureInput(task, space.from_values(dict(TMA, group_m=group_m, **values)), target))
                     break
     assert len(inputs) >= 9
-    with LocalBuilder(timeout_s=300) as builder, CudaRunner(timeout_s=60) as runner:
+    with LocalBuilder(timeout_s=300) as builder, CudaRunner(timeout_s=60, policy=FAKE_GPU_TIMING) as runner:
         results = runner.run(inputs, builder.build(inputs))
     failures = [(i.task.key, str(i.config), r.error.name, r.message) for i, r in zip(inputs, results) if not r.ok]
     assert not failures, failures
@@ -164,7 +164,7 @@ def test_tma_attention_from_a_library_at_a_shorter_prompt(fake_gpu, tmp_path):
                                     consumers=1, overlap=1))
     inp = MeasureInput(task, config, FAKE_GPU_TARGET)
     (build,) = build_and_register(fake_gpu, [inp])
-    with CudaRunner(timeout_s=300) as runner:
+    with CudaRunner(timeout_s=300, policy=FAKE_GPU_TIMING) as runner:
         (result,) = runner.run([inp], [build])
     assert result.error == MeasureError.NO_ERROR, result.message
     log = RecordLog(tmp_path / "attn.jsonl")

@@ -109,7 +109,8 @@ def test_nothing_the_kernel_before_writes_is_touched_before_the_wait():
     """In sampled configs of every kernel that takes a programmatic launch, the kernel body before
     grid_dependency_wait() names no input but the weights and no output: such a kernel may run
     while the one before it still writes X, R, the Q/K/V rows or the positions (and still reads
-    what this one writes)."""
+    what this one writes). Nor does it return: the waits chain only through kernels that finish
+    after their own wait."""
     import re
 
     norm = {"norm": "rmsnorm", "eps": 1e-5}
@@ -132,6 +133,9 @@ def test_nothing_the_kernel_before_writes_is_touched_before_the_wait():
             others = [a.name for a in source.args if a.role in ("in", "out", "workspace") and a.name not in WEIGHTS]
             touched = [name for name in others if re.search(rf"\b{name}\b", before)]
             assert not touched and "launch_dependents();" in before, (op, attrs, config.as_dict(), touched)
+            # every block reaches the wait: a kernel ending before it could end before the kernel
+            # before it, and the one after (which waits for this one only) would read stale data
+            assert not re.search(r"\breturn\b", before), (op, attrs, config.as_dict())
             checked += 1
     assert checked >= 300
 
