@@ -19,8 +19,6 @@ templates stay readable:
 """
 from __future__ import annotations
 
-import math
-
 PTX_HELPERS = r"""
 template <int BYTES> struct RawVec;
 template <> struct RawVec<16> { unsigned w[4]; };
@@ -327,7 +325,8 @@ template <int N> __device__ __forceinline__ void fence_operands(unsigned* r) {
 # graph joins a kernel to the one before it by a programmatic edge (``runtime.cuda_graph``), the
 # kernel may start while that one still runs: it reads only constant data (weights) until
 # ``grid_dependency_wait()`` returns, which is when the kernel before it has finished and its
-# writes are visible; and ``launch_dependents()`` lets the kernel after it start the same way.
+# writes are visible; and ``launch_dependents()`` lets the kernel after it start the same way
+# (once every block has called it or ended: its first call in a block counts for the block).
 # Launched plainly (tuning, a call per kernel) both are no-ops, as they are below sm_90 and on
 # the CPU emulator (no ``__CUDA_ARCH__``). A kernel that uses them says so in its launch
 # (``PROGRAMMATIC``): the runtime joins only such kernels by programmatic edges.
@@ -347,9 +346,11 @@ PROGRAMMATIC = ("programmatic", True)  # the ``KernelSource.launch`` entry of su
 
 
 def grid_dependency_code(on: bool) -> tuple[str, str, str]:
-    """(helpers, start, wait) of a kernel that takes a programmatic launch, each empty unless
-    ``on``: the helpers above, the kernel's first statement (its dependents may launch) and the
-    statement from which it may read what the kernel before it writes, and write anything."""
+    """(helpers, trigger, wait) of a kernel that takes a programmatic launch, each empty unless
+    ``on``: the helpers above, the statement that lets its dependents launch (a small kernel's
+    first statement; a GEMV's after its main loop, so that the next kernel's weights head for L2
+    as this one's stream ends, not while it still streams them out of L2) and the statement from
+    which it may read what the kernel before it writes, and write anything."""
     if not on:
         return "", "", ""
     return (GRID_DEPENDENCY_HELPERS, "\n  launch_dependents();",
@@ -357,18 +358,19 @@ def grid_dependency_code(on: bool) -> tuple[str, str, str]:
 
 
 PREFETCH_L2_SHARE = 4  # a kernel sends at most 1/4 of the L2 of weights ahead of its wait
+L2_LINE = 128  # bytes a prefetch_l2 brings in
 
 
-def prefetch_columns(target, K: int, weight_bytes: float, unit: int) -> int:
-    """How far along K (a multiple of ``unit``, at most ``K``) a programmatically launched GEMV
-    sends its weights towards L2 before its wait: all of K while the whole matrix fits in a
-    quarter of the target's L2, else the leading columns that do. The overlap with the kernel
-    before lasts a few microseconds; a prefetch larger than L2 would evict its own first lines
-    before the main loop reads them, and the weights would cross from memory twice."""
+def prefetch_lines(target, rows: int, row_bytes: int) -> int:
+    """How many 128-byte lines of each of its ``rows`` weight rows (``row_bytes`` each) a
+    programmatically launched GEMV sends towards L2 before its wait: all of them while the whole
+    matrix fits in a quarter of the target's L2, else the leading lines that do (at least one).
+    The overlap with the kernel before lasts a few microseconds; a prefetch larger than L2 would
+    evict its own first lines before the main loop reads them, and the weights would cross from
+    memory twice."""
     budget = (target.l2_bytes or 50 << 20) / PREFETCH_L2_SHARE
-    if weight_bytes <= budget:
-        return K
-    return max(unit, math.floor(K * budget / weight_bytes / unit) * unit)
+    whole = -(-row_bytes // L2_LINE)
+    return min(whole, max(1, int(budget // (rows * L2_LINE))))
 
 
 def programmatic_launch(target) -> tuple:

@@ -302,31 +302,35 @@ def test_the_int4_gemv_stages_x_normalised(emulator, x_scale, g_scale):
 ])
 def test_a_programmatic_gemv_sends_ahead_at_most_a_quarter_of_l2(emulator, op, dtype, attrs, config):
     """Before its wait a fused GEMV prefetches its weights towards L2: all of them while they fit in
-    a quarter of the target's L2, else only the leading columns that do (a larger prefetch would
-    evict its own first lines before they are read). Counted from the addresses the emulated
-    kernel's prefetches name; nothing but the weights is prefetched, and the outputs still match."""
+    a quarter of the target's L2, else only the leading lines of each row that do (a larger
+    prefetch would evict its own first lines before they are read); an int4 GEMV also the first
+    line of its scales. Counted from the addresses the emulated kernel's prefetches name; nothing
+    but the weights is prefetched, and the outputs still match."""
     from measure.verify import check_output
     from search_space.codegen.cuda_ptx import PREFETCH_L2_SHARE
 
     template = get_template(op, "cuda")
-    task = Task.make(op, {"M": 1, "N": 256, "K": 4096}, dtype, attrs)
+    N = 256
+    task = Task.make(op, {"M": 1, "N": N, "K": 4096}, dtype, attrs)
     weights = ("WQ", "SCALES", "ZEROS") if op == "gemv_q4" else ("W",)
     inputs = template.make_inputs(task, np.random.default_rng(2))
-    matrix = sum(inputs[name].nbytes for name in weights if name in inputs)
+    rows = inputs[weights[0]]  # W, or the int4 codes
     reference = template.reference(task, inputs)
-    for l2 in (64 << 20, matrix):  # the whole matrix fits a quarter of it; a quarter of the matrix does
+    for l2 in (64 << 20, rows.nbytes):  # the whole matrix fits a quarter of it; a quarter of the matrix does
         target = dataclasses.replace(SM90, l2_bytes=l2)
         cfg = template.space(task, target).from_values(config)
         out = emulator.run(template.render(task, cfg, target), task.dims, inputs)
         assert check_output("Y", out["outputs"]["Y"], reference["Y"], template.tolerance(task), dtype) is None
         lines = out["prefetched"]
         assert set(lines) <= set(weights), lines
-        sent = 128 * sum(lines.values())
-        if l2 > PREFETCH_L2_SHARE * matrix:  # every line of W (of the codes: scales are small)
-            assert sent >= 0.97 * inputs[weights[0]].nbytes, (sent, matrix)
-        else:  # the leading quarter of the matrix, to within a line per row
+        if op == "gemv_q4":  # each row's first line of scales (rows share lines)
+            assert lines["SCALES"] >= inputs["SCALES"].nbytes // 128 - 1, lines
+        sent = 128 * lines[weights[0]]
+        if l2 > PREFETCH_L2_SHARE * rows.nbytes:  # every line of every row
+            assert sent >= rows.nbytes, (sent, rows.nbytes)
+        else:  # the leading quarter: whole lines, one more per row where rows do not start on one
             budget = l2 / PREFETCH_L2_SHARE
-            assert 0.8 * budget <= sent <= budget + 2 * 128 * task.dims["N"] * (1 + (op == "gemv_q4")), (sent, budget)
+            assert 0.9 * budget <= sent <= budget + 128 * N, (sent, budget)
 
 
 def test_only_fusable_templates_take_the_decode_fusions():

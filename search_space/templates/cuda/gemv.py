@@ -18,10 +18,12 @@ meet with the partial products) and multiplied by the norm weight before use; th
 With ``act=swiglu`` a warp's ``rows`` are output columns: it streams each one's gate row and
 its up row (N/2 rows further), 2 x ``rows`` rows in all, and stores silu(gate) * up.
 W streams from the first instruction either way. A fused GEMV runs in the captured decode step,
-so it also takes a programmatic launch (``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``): each lane
-sends its share of W towards L2 (the leading columns of it that keep the whole prefetch within a
-quarter of L2, ``codegen.cuda_ptx.prefetch_columns``), then waits for the kernel before it to
-finish, and only then reads X or R or writes Y (W and G are constant).
+so it also takes a programmatic launch (``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``): the lanes
+of a warp send the leading 128-byte lines of its rows towards L2, a line each (as many as keep
+the whole prefetch within a quarter of L2, ``codegen.cuda_ptx.prefetch_lines``), then wait for
+the kernel before it to finish, and only then read X or R or write Y (W and G are constant).
+It lets the kernel after it launch once its main loop is done: that kernel's prefetch then
+meets this one's tail, not lines this one still streams through L2.
 """
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ import math
 
 from ...codegen.cuda import PREAMBLE, c_type
 from ...codegen.cuda_ptx import (
+    L2_LINE,
     PTX_HELPERS,
     grid_dependency_code,
-    prefetch_columns,
+    prefetch_lines,
     programmatic_launch,
 )
 from ...ops.common import ITEMSIZE
@@ -314,14 +317,14 @@ def _code(task: Task, c: dict, target: Target) -> str:
         row_pointers = "  for (int r = 0; r < R_; ++r) wrow[r] = W + (n0 + r < N_ ? n0 + r : N_ - 1) * K_;  // clamp: never stored"
     g_param = "const T_* __restrict__ G, " if norm else ""
     r_param = "const T_* __restrict__ R, " if residual else ""
-    helpers, start, wait = grid_dependency_code(is_fused(task))
-    if wait:  # a programmatic launch: the warp's share of W (its leading columns) heads for L2 while the kernel before ends
-        ahead = prefetch_columns(target, K, N * K * size, V)  # lanes past it prefetch nothing
+    helpers, trigger, wait = grid_dependency_code(is_fused(task))
+    if wait:  # a programmatic launch: the leading lines of the warp's rows head for L2 (a lane a line) while the kernel before ends
         wait = f"""
-  for (int k = (part * 32 + lane) * {V}; k < {ahead}; k += {STRIDE}) {{
+  for (int j = part * 32 + lane; j < {prefetch_lines(target, N, K * size)}; j += {KS * 32}) {{
     #pragma unroll
-    for (int r = 0; r < R_; ++r) prefetch_l2(wrow[r] + k);
+    for (int r = 0; r < R_; ++r) prefetch_l2(wrow[r] + j * {L2_LINE // size});
   }}""" + wait.rstrip("\n") + stage_x  # X staged (x_smem) after the wait
+        start = ""
     else:
         start = stage_x
     return PREAMBLE + PTX_HELPERS + helpers + f"""
@@ -382,7 +385,7 @@ extern "C" __global__ void __launch_bounds__({32 * WARPS}) gemv(const T_* __rest
       for (int r = 0; r < R_; ++r) w[r] = ld_stream<{VB}>(wrow[r] + k);
       gemv_piece(acc, w, {x_src}, k{ss_args});
     }}
-  }}
+  }}{trigger}
   #pragma unroll
   for (int m = 0; m < M_; ++m)
     #pragma unroll

@@ -37,10 +37,11 @@ is loaded, the sums of squares riding with the partial products, the rows' 1 / r
 to the finished sums. With ``residual`` the stored value is R + the sum. With ``act=swiglu`` a warp's ``rows`` (tiles) are output columns: it streams
 the gate's rows and the up projection's N/2 rows further, twice as many, and stores
 silu(gate) * up. A fused GEMV runs in the captured decode step and takes a programmatic launch
-(``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``): each warp sends its share of the codes towards L2
-(its leading steps, so that the whole prefetch stays within a quarter of L2:
-``codegen.cuda_ptx.prefetch_columns``), and the pipelined schedule loads its first steps, while
-the kernel before it ends; it waits for that kernel before it reads X or R.
+(``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``): the lanes of each warp send the leading 128-byte
+lines of its rows of codes towards L2, a line each (as many as keep the whole prefetch within a
+quarter of L2: ``codegen.cuda_ptx.prefetch_lines``), and the first line of their scales, and the
+pipelined schedule loads its first steps, while the kernel before it ends; it waits for that
+kernel before it reads X or R, and lets the kernel after it launch once its main loop is done.
 """
 from __future__ import annotations
 
@@ -48,9 +49,10 @@ import math
 
 from ...codegen.cuda import PREAMBLE, c_type
 from ...codegen.cuda_ptx import (
+    L2_LINE,
     PTX_HELPERS,
     grid_dependency_code,
-    prefetch_columns,
+    prefetch_lines,
     programmatic_launch,
 )
 from ...ops.common import ITEMSIZE
@@ -129,13 +131,6 @@ def _partials(task: Task, c: dict) -> int:
     if c["core"] == "mma":
         return loaded_rows(task, c) * c["mtile"] * 4
     return m_rows(task, c) * (loaded_rows(task, c) + fusions(task)[0])
-
-
-def weight_bytes(task: Task) -> int:
-    """Bytes of the codes, scales and zero points."""
-    N, K = task.dims["N"], task.dims["K"]
-    groups = -(-K // task.attr.get("group_size", 128))
-    return N * K // 2 + N * groups * ITEMSIZE[task.dtype] * (2 if task.attr.get("zero_point") else 1)
 
 
 def m_rows(task: Task, c: dict) -> int:
@@ -300,18 +295,24 @@ def mma_code(task: Task, c: dict, target: Target) -> str:
     rpb = rows_per_block(c)
     units_row = KC // 8
     norm = fusions(task)[0]
-    helpers, start, wait = grid_dependency_code(is_fused(task))
-    if wait:  # the warp's weights (their leading steps) head for L2 while the kernel before ends
-        ahead = -(-prefetch_columns(target, K, weight_bytes(task), STEP_K) // STEP_K)
+    helpers, trigger, wait = grid_dependency_code(is_fused(task))
+    zero_line = "\n        prefetch_l2(ZEROS + row_off_s[rt][h]);" if zp else ""
+    trigger_line = trigger.lstrip("\n") + "\n" if trigger else ""  # after the main loop
+    if wait:  # the leading lines of the warp's rows (g and g + 8 of each tile) head for L2 while the kernel before ends
         wait = f"""
-  for (int s = part; s < {ahead}; s += {KS}) {{
-    const int kb = s * {STEP_K} + 32 * t;
-    if (kb < {K}) {{
+  for (int j = part * 4 + t; j < {prefetch_lines(target, N, K // 2)}; j += {KS * 4}) {{
+    #pragma unroll
+    for (int rt = 0; rt < {RW}; ++rt)
       #pragma unroll
-      for (int rt = 0; rt < {RW}; ++rt)
-        #pragma unroll
-        for (int h = 0; h < 2; ++h) prefetch_l2(WQ + row_off_q[rt][h] + kb / 2);
-    }}
+      for (int h = 0; h < 2; ++h) prefetch_l2(WQ + row_off_q[rt][h] + j * {L2_LINE});
+  }}
+  if (part == 0 && t == 0) {{  // and the first line of their scales{" and zero points" if zp else ""}
+    #pragma unroll
+    for (int rt = 0; rt < {RW}; ++rt)
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {{
+        prefetch_l2(SCALES + row_off_s[rt][h]);{zero_line}
+      }}
   }}""" + wait
     if zp:
         zero_load = "zr[u][rt][h] = inb ? ZEROS[row_off_s[rt][h] + grp] : T_(0.0f);"
@@ -526,7 +527,7 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}({_params(task,
   const int g = lane >> 2;
   const int t = lane & 3;
   const long long nb = (long long)blockIdx.x * {rpb} + group * {16 * RO};
-  const int mx0 = blockIdx.y * {8 * NT};{start}
+  const int mx0 = blockIdx.y * {8 * NT};
 
   long long row_off_q[{RW}][2], row_off_s[{RW}][2];
   #pragma unroll
@@ -542,7 +543,7 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}({_params(task,
   for (int i = 0; i < {RW * NT * 4}; ++i) acc[i] = 0.0f;
 
 {prefetch}{wait if c["prefetch"] < 2 else ""}
-{row_scales if c["prefetch"] < 2 else ""}{main_loop}{_reduce_and_store(task, c, "acc", RW * NT * 4, store)}
+{row_scales if c["prefetch"] < 2 else ""}{main_loop}{trigger_line}{_reduce_and_store(task, c, "acc", RW * NT * 4, store)}
 }}
 """
 
@@ -600,13 +601,19 @@ def simt_code(task: Task, c: dict, target: Target) -> str:
             acc[{MT * R} + m] = fmaf(x[j], x[j], acc[{MT * R} + m]);
             x[j] *= gw[j];
           }}""" if norm else ""
-    helpers, start, wait = grid_dependency_code(is_fused(task))
-    if wait:  # the warp's pieces of W (the leading ones) head for L2 while the kernel before ends
-        ahead = -(-prefetch_columns(target, K, weight_bytes(task), 32) // 32)
+    helpers, trigger, wait = grid_dependency_code(is_fused(task))
+    zero_line = "\n      prefetch_l2(ZEROS + row_off_s[r]);" if zp else ""
+    if wait:  # the leading lines of the warp's rows head for L2 (a lane a line) while the kernel before ends
         wait = f"""
-  for (int p = part * 32 + lane; p < {ahead}; p += {KS * 32}) {{
+  for (int j = part * 32 + lane; j < {prefetch_lines(target, N, K // 2)}; j += {KS * 32}) {{
     #pragma unroll
-    for (int r = 0; r < {R}; ++r) prefetch_l2(WQ + row_off_q[r] + p * 16);
+    for (int r = 0; r < {R}; ++r) prefetch_l2(WQ + row_off_q[r] + j * {L2_LINE});
+  }}
+  if (part == 0 && lane == 0) {{  // and the first line of their scales{" and zero points" if zp else ""}
+    #pragma unroll
+    for (int r = 0; r < {R}; ++r) {{
+      prefetch_l2(SCALES + row_off_s[r]);{zero_line}
+    }}
   }}""" + wait
     return PREAMBLE + PTX_HELPERS + helpers + f"""
 typedef {T} T_;
@@ -617,7 +624,7 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}({_params(task,
   const int group = warp / {KS};
   const int part = warp % {KS};
   const long long n0 = (long long)blockIdx.x * {rpb} + group * {RO};
-  const int m0 = blockIdx.y * {MT};{start}
+  const int m0 = blockIdx.y * {MT};
   long long row_off_q[{R}], row_off_s[{R}];
   #pragma unroll
   for (int r = 0; r < {R}; ++r) {{
@@ -676,7 +683,7 @@ extern "C" __global__ void __launch_bounds__({threads}) {task.op}({_params(task,
         }}
       }}
     }}
-  }}
+  }}{trigger}
   #pragma unroll
   for (int i = 0; i < {sums}; ++i) acc[i] = warp_sum(acc[i]);
 {_reduce_and_store(task, c, "acc", sums, store)}
