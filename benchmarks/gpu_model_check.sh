@@ -43,12 +43,12 @@ finish() {
   $PY - "$LOG/summary.jsonl" <<'PYEOF' | tee "$LOG/summary.txt"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
-print(f"{'model':<12}{'dtype':<9}{'quant':<6}{'steps':<9}{'decode tok/s':>13}{'floor':>8}{'of floor':>9}{'torch':>8}"
+print(f"{'model':<12}{'dtype':<9}{'quant':<6}{'steps':<9}{'decode tok/s':>13}{'floor':>10}{'of floor':>9}{'torch':>8}"
       f"{'vs torch':>9}{'prefill tok/s':>14}{'vs torch':>9}{'logit rel':>10}")
 for r in rows:
     lg = r["logits_vs_torch_float32"]
     print(f"{r['model']:<12}{r['dtype']:<9}{r['quantize']:<6}{r['decode_mode']:<9}{r['decode_tokens_per_s']:>13.1f}"
-          f"{r['floor_tokens_per_s']:>8.1f}{r['share_of_floor'] * 100:>8.0f}%{r['torch_decode_tokens_per_s']:>8.1f}"
+          f"{r['floor_tokens_per_s']:>10.1f}{r['share_of_floor'] * 100:>8.0f}%{r['torch_decode_tokens_per_s']:>8.1f}"
           f"{r['decode_vs_torch']:>8.2f}x{r['prefill_tokens_per_s']:>14.0f}{r['prefill_vs_torch']:>8.2f}x"
           f"{lg['max_rel']:>10.1e}")
 for r in rows:  # the captured step's programmatic edges (each kernel starting as the one before ends)
