@@ -144,6 +144,21 @@ def test_nothing_the_kernel_before_writes_is_touched_before_the_wait():
     assert checked >= 300
 
 
+def test_the_prefetch_ahead_of_a_wait_keeps_to_a_quarter_of_l2():
+    """Whole rows while the matrix fits a quarter of L2; else the lines per row that do, at least
+    one; a partial last line counts as a line. llama-2-7b's fp16 gate/up (172 MiB) gets whole lines
+    within 12.5 MiB on a 50 MB L2, its int4 o_proj (8 MiB) all of it."""
+    import dataclasses
+
+    from search_space.codegen.cuda_ptx import prefetch_lines
+
+    assert prefetch_lines(SM90, 4096, 4096 // 2) == 16  # int4 o_proj: 2 KiB rows, 16 lines each
+    lines, budget = prefetch_lines(SM90, 22016, 4096 * 2), (50 << 20) / 4
+    assert lines < 64 and budget - 22016 * 128 < 22016 * 128 * lines <= budget  # within a line per row
+    assert prefetch_lines(SM90, 64, 200) == 2  # 200-byte rows: two lines
+    assert prefetch_lines(dataclasses.replace(SM90, l2_bytes=1 << 10), 4096, 8192) == 1
+
+
 def test_a_programmatic_launch_is_a_cuda_graphs_and_a_yes_or_no():
     shape = {"B": 1, "H": 4, "HKV": 2, "D": 64, "S": 16, "L": 16}
     with pytest.raises(ValueError, match="the cpu template takes no programmatic launch"):
