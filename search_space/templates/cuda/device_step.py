@@ -20,7 +20,7 @@ the smaller index on equal values, so the result is numpy's (the first maximum).
 from __future__ import annotations
 
 from ...codegen.cuda import PREAMBLE, VECTOR_HELPERS, c_type, dim_scalars, kernel_params, static_dims
-from ...codegen.cuda_ptx import GRID_DEPENDENCY_HELPERS, programmatic_launch
+from ...codegen.cuda_ptx import GRID_DEPENDENCY_HELPERS, grid_dependency_code, programmatic_launch
 from ...ops.common import ITEMSIZE
 from ...ops.device_step import ArgmaxOp, KvAppendOp, RopeAppendOp
 from ...space import Config, ConfigSpace, Knob
@@ -131,14 +131,15 @@ class RopeAppendCuda(RopeAppendOp, Template):
         constants = (f"constexpr int H = {d['H']};\nconstexpr int HKV = {d['HKV']};\nconstexpr int D = {d['D']};\n"
                      "constexpr int HALF = D / 2;\n" + static_dims(task, ("S",))
                      + frequency_table(task, self.attrs(task)) + ROPE_ANGLE)
-        return _source(task, config, self.signature(task) + dim_scalars(task), constants, _ROPE_APPEND,
+        # a step of the captured decode graph: the next kernel may launch at once, this one waits for the rows
+        _, trigger, wait = grid_dependency_code(True)
+        body = _ROPE_APPEND.replace("(@PARAMS@) {\n", "(@PARAMS@) {" + trigger + wait)
+        return _source(task, config, self.signature(task) + dim_scalars(task), constants, body,
                        "rope_append_rows", d["H"] + d["HKV"], d["B"], programmatic_on=target)
 
 
 _ROPE_APPEND = r"""
 extern "C" __global__ void __launch_bounds__(THREADS) rope_append_rows(@PARAMS@) {
-  launch_dependents();  // a step of the captured decode graph (programmatic launch)
-  grid_dependency_wait();
   const int head = blockIdx.x;                   // q heads 0 .. H - 1, then k heads
   const long long b = blockIdx.y;
   const int position = P[b];
