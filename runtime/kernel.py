@@ -85,8 +85,9 @@ def same_layout(shape: Sequence[int], want: Sequence[int]) -> bool:
 
 
 # A dim that sizes no array but counts the valid part of one: attention_decode reads the
-# first L of the S rows its KV cache holds, so L may never exceed S.
-COUNTED_WITHIN = {"attention_decode": {"L": "S"}}
+# first L of the S rows its KV cache holds, so L may never exceed S (rope_append_attention's L,
+# the length it was tuned at, likewise).
+COUNTED_WITHIN = {"attention_decode": {"L": "S"}, "rope_append_attention": {"L": "S"}}
 
 
 def check_runtime_dims(spec: KernelSpec, values: Mapping[str, int], limits: Mapping[str, int] | None = None) -> None:

@@ -287,10 +287,11 @@ class LlamaModel:
     # -- one pass ----------------------------------------------------------------------
     @staticmethod
     def _ropes(k: dict[str, Kernel], buf: _Buffers) -> list:
-        """The calls after the Q/K/V projection that rotate q and k (none where ``rope_append``
-        does it, reading q, k and v from the projection's rows), with the column copies first."""
+        """The calls after the Q/K/V projection that rotate q and k (none where ``rope_append`` or
+        ``rope_append_attention`` does it, reading q, k and v from the projection's rows), with the
+        column copies first."""
         rows = buf.rows
-        if "rope_append" in k:
+        if "rope_append" in k or k["attention"].spec.op == "rope_append_attention":
             return []
         if "rope_qk" in k:  # one row: q and k rotated in one call
             return [k["rope_qk"].bind({"X": buf.qk, "P": buf.positions, "Y": buf.qkr}, {"T": rows})]
@@ -415,15 +416,26 @@ class LlamaModel:
                 self.used = used  # the fused kernels it found are not the ones that run
                 continue
             attention = next(call for call in calls if call.role == "attention")
-            try:
-                kernels["attention"] = self._kernel(attention, S=capacity, L=capacity)
-            except LookupError:  # a library from before attention took a programmatic launch
-                plain = unfused(self.config, attention)
-                if not plain:
-                    raise
-                kernels["attention"] = self._kernel(plain[0], S=capacity, L=capacity)
+            kernels.update(self._attention_kernels(attention, capacity))
             return kernels
         raise AssertionError("unreachable: the unfused plan either returns or raises")
+
+    def _attention_kernels(self, call: KernelCall, capacity: int) -> dict[str, Kernel]:
+        """The resident step's attention kernel by role, the one for the longest length (a
+        recorded launch cannot switch kernels); where the provider lacks it (a library from
+        before attention took over rope_append, or took a programmatic launch), the kernels it
+        stands for."""
+        try:
+            return {"attention": self._kernel(call, S=capacity, L=capacity)}
+        except LookupError:
+            parts = unfused(self.config, call)
+            if not parts:
+                raise
+        kernels: dict[str, Kernel] = {}
+        for part in parts:
+            kernels.update(self._attention_kernels(part, capacity) if part.role == "attention"
+                           else self._plan([part]))
+        return kernels
 
     def _decode_step(self, batch: int, capacity: int, caches, lengths,
                      keep_logits: bool) -> "_DecodeStep | _ResidentStep":
@@ -562,7 +574,7 @@ class _ResidentStep:
 
     Its kernels are ``decode_calls(..., resident=True)``: attention reads each sequence's
     length and ``rope_append`` (the rotary embedding and the cache write in one) its position
-    from device memory, ``argmax`` picks the next ids there, so the recorded launches are right
+    from device memory (or ``rope_append_attention``, all three in one, the position), ``argmax`` picks the next ids there, so the recorded launches are right
     at every step. Per step the host writes the new tokens' embedding rows (gathered from its
     table) and the positions into page-locked memory, launches the graph (which copies them in first and the ids, and the logits when
     kept, out last), and waits once. Where the driver cannot capture, the same work is issued
@@ -592,19 +604,10 @@ class _ResidentStep:
         self.bound = [] if self.fused_norms else [
             model._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, batch)]
         buf.positions = positions  # a library without rope_append: its rope kernels read them here
-        rows = (batch, c.num_key_value_heads, c.head_dim)
+        self.capacity = capacity
         for layer, (k_cache, v_cache) in enumerate(caches):
             before, after = model._layer_calls(k, buf, layer)
-            # q and k rotated at the positions the graph copies in, k and v into the caches there
-            if "rope_append" in k:
-                append = k["rope_append"].bind({"QKV": buf.qkv, "P": positions, "Q": buf.qr, "KC": k_cache,
-                                                "VC": v_cache}, {"S": capacity})
-            else:  # rotated by the rope calls in ``before``
-                append = k["kv_append"].bind({"K": buf.kr.reshape(rows), "V": buf.v.reshape(rows), "P": positions,
-                                              "KC": k_cache, "VC": v_cache}, {"S": capacity})
-            attend = k["attention"].bind({"Q": buf.qr, "K": k_cache, "V": v_cache, "LENS": self.lengths,
-                                          "O": buf.attn}, {"S": capacity, "L": capacity})
-            self.bound += before + [append, attend] + after
+            self.bound += before + self._attention_calls(k, k_cache, v_cache, positions) + after
         if self.fused_norms:  # the LM head normalises the residual stream itself
             self.bound.append(model._linear(k["lm_head"], model.lm_head_name, buf.res_a, self.logits,
                                             gain="model.norm.weight"))
@@ -618,6 +621,25 @@ class _ResidentStep:
         self.programmatic_edges = 0
         self.programmatic_error = model._edges_refused
         self.mode = "graph" if self._graph(keep_logits) is not None else "resident"  # captured here, untimed
+
+    def _attention_calls(self, k: dict, k_cache, v_cache, positions) -> list:
+        """A layer's calls from the Q/K/V projection's rows to attention's output: q and k rotated
+        at the positions the graph copies in, k and v written to the caches there, attention."""
+        buf, capacity = self.buf, self.capacity
+        if k["attention"].spec.op == "rope_append_attention":  # all in one kernel
+            # K and KC are one cache: the kernel reads the rows before each position, writes the one there
+            return [k["attention"].bind({"QKV": buf.qkv, "P": positions, "K": k_cache, "V": v_cache, "O": buf.attn,
+                                         "KC": k_cache, "VC": v_cache}, {"S": capacity, "L": capacity})]
+        if "rope_append" in k:
+            append = k["rope_append"].bind({"QKV": buf.qkv, "P": positions, "Q": buf.qr, "KC": k_cache,
+                                            "VC": v_cache}, {"S": capacity})
+        else:  # rotated by the rope calls before it
+            rows = (buf.rows, self.model.config.num_key_value_heads, self.model.config.head_dim)
+            append = k["kv_append"].bind({"K": buf.kr.reshape(rows), "V": buf.v.reshape(rows), "P": positions,
+                                          "KC": k_cache, "VC": v_cache}, {"S": capacity})
+        attend = k["attention"].bind({"Q": buf.qr, "K": k_cache, "V": v_cache, "LENS": self.lengths,
+                                      "O": buf.attn}, {"S": capacity, "L": capacity})
+        return [append, attend]
 
     def _issue(self, keep_logits: bool, graph=None) -> None:
         """Queue the step on the stream; ``graph``: the graph capturing it, which then joins each

@@ -22,10 +22,11 @@ With ``quantize="q4"`` every linear layer, the LM head included, uses int4 weigh
 The resident CUDA decode step (``decode_calls(..., resident=True)``) also fuses each RMSNorm
 into the GEMV that reads its output, each residual add into the GEMV whose output it adds and
 SwiGLU into the gate/up GEMV (``norm=rmsnorm``, ``residual`` and ``act=swiglu`` on
-``gemv``/``gemv_q4``, ``search_space/ops/matmul.py``): a layer is then the Q/K/V projection,
-``rope_append``, attention, the output projection, the gate/up projection (writing the
-activation) and the down projection, six kernels where there were nine. The residual stream
-goes back and forth between two buffers; the LM head normalises the last one.
+``gemv``/``gemv_q4``, ``search_space/ops/matmul.py``), and attention takes over ``rope_append``
+(``rope_append_attention``, ``search_space/ops/device_step.py``): a layer is then the Q/K/V
+projection, attention, the output projection, the gate/up projection (writing the activation)
+and the down projection, five kernels where there were nine. The residual stream goes back and
+forth between two buffers; the LM head normalises the last one.
 Where the GEMVs cannot take them (more than ``GEMV_MAX_M`` rows, a bias after the output or
 MLP projections) or a library predates them, the step keeps its norms (``fused_norms=False``).
 
@@ -180,11 +181,30 @@ def _with_attrs(call: KernelCall, attrs: dict) -> KernelCall:
     return KernelCall(call.role, KernelSpec.make(spec.op, spec.dims, spec.dtype, attrs, spec.dynamic), call.count)
 
 
+def _rope_into_attention(config: ModelConfig, calls: list[KernelCall]) -> list[KernelCall]:
+    """``calls`` with ``rope_append`` and attention as one ``rope_append_attention`` (role attention)."""
+    append = next(call for call in calls if call.role == "rope_append")
+    attention = next(call for call in calls if call.role == "attention")
+    fused = KernelSpec.make("rope_append_attention", attention.spec.dims, attention.spec.dtype, append.spec.attr,
+                            dynamic=("S", "L"))
+    return [KernelCall("attention", fused, attention.count) if call is attention else call
+            for call in calls if call is not append]
+
+
 def unfused(config: ModelConfig, call: KernelCall) -> list[KernelCall]:
     """The calls a fused kernel stands for, for a library exported before it existed (one holding
-    rope_q, rope_k and kv_append where this plan asks for rope_qk or rope_append, or attention
-    without the programmatic launch); [] for any other call."""
+    rope_q, rope_k and kv_append where this plan asks for rope_qk or rope_append, rope_append and
+    attention where it asks for rope_append_attention, or attention without the programmatic
+    launch); [] for any other call."""
     c, spec = config, call.spec
+    if spec.op == "rope_append_attention":  # rope_append, then the programmatic attention_decode
+        d, attrs = spec.dims, spec.attr
+        append = KernelSpec.make("rope_append", {n: d[n] for n in ("B", "H", "HKV", "D", "S")}, spec.dtype,
+                                 {k: v for k, v in attrs.items() if k != "scale"}, dynamic=("S",))
+        scale = {k: v for k, v in attrs.items() if k == "scale"}
+        attention = KernelSpec.make("attention_decode", d, spec.dtype,
+                                    {"lengths": "per_sequence", "programmatic": True, **scale}, dynamic=("S", "L"))
+        return [KernelCall("rope_append", append, call.count), KernelCall("attention", attention, call.count)]
     if call.role == "attention" and spec.attr.get("programmatic"):
         return [_with_attrs(call, {k: v for k, v in spec.attr.items() if k != "programmatic"})]
     if call.role not in ("rope_qk", "rope_append"):
@@ -262,8 +282,9 @@ def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "
     there too; one kernel where ``rope`` and a cache write were two or three), ``argmax``
     picks the next tokens on the device, and the GEMVs take over the norms and residual adds
     where they can (``fused_norms``: None for wherever ``can_fuse_norms``; resident steps only).
-    That fused step's attention also takes a programmatic launch (``programmatic=true``): in the
-    captured graph every kernel of a layer then starts as the one before it ends."""
+    That fused step's attention is ``rope_append_attention``, rope_append and attention in one
+    kernel (role ``attention``), and takes a programmatic launch as the GEMVs do: in the captured
+    graph every kernel of a layer then starts as the one before it ends."""
     check_quantize(config, quantize, group_size)
     c = config
     attention = KernelSpec.make("attention_decode", {"B": batch, "H": c.num_attention_heads,
@@ -283,9 +304,9 @@ def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "
             if not can_fuse_norms(c, batch):
                 raise ValueError(f"a decode step of {batch} sequences of {c.name} cannot fuse its norms into GEMVs")
             calls = _fuse_norms(c, calls)
-            # the step whose kernels overlap (programmatic launches): attention joins the GEMVs and rope_append
-            calls = [_with_attrs(call, {**call.spec.attr, "programmatic": True}) if call.role == "attention" else call
-                     for call in calls]
+            # the step whose kernels overlap (programmatic launches): rope, the cache write and attention
+            # in one kernel that joins the GEMVs
+            calls = _rope_into_attention(c, calls)
     elif fused_norms:
         raise ValueError("only the resident decode step fuses its norms into GEMVs")
     return calls

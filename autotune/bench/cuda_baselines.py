@@ -264,6 +264,47 @@ def _rope_append(torch, task, t, template):
     return "eager torch rotate-half (HF Llama) and index_put of the rows", rope_append
 
 
+@baseline("rope_append_attention")
+def _rope_append_attention(torch, task, t, template):
+    """rope_append's torch, then SDPA over the cache rows before each position and the new one."""
+    import torch.nn.functional as F
+
+    d = task.dims
+    h, hkv, dim, capacity = d["H"], d["HKV"], d["D"], d["S"]
+    qkv, p, device = t["QKV"], t["P"], t["QKV"].device
+    attrs = template.attrs(task)
+    scale = float(attrs["scale"]) or 1.0 / math.sqrt(dim)
+    freqs = torch.tensor(frequencies_of_attrs(dim, attrs), dtype=torch.float32, device=device)
+    angle = p.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([angle, angle], dim=-1)[:, None, :]  # B, 1, D
+    cos, sin = emb.cos().to(qkv.dtype), emb.sin().to(qkv.dtype)
+    # the rows past each position are NaN in the inputs (never read): zeros here, so that masked
+    # rows add 0, not NaN; one row more for a position past the cache
+    caches = [torch.cat([torch.nan_to_num(t[n]), torch.zeros_like(t[n][:, :, :1])], dim=2) for n in ("K", "V")]
+    cached = [min(max(int(position), 0), capacity) for position in p.tolist()]
+    batch = torch.arange(d["B"], device=device)
+    rows = torch.tensor(cached, device=device, dtype=torch.long)
+    n = max(cached) + 1
+    mask = (torch.arange(n, device=device)[None, :] <= rows[:, None])[:, None, None, :]
+    # the outputs' caches: only the rows written, NaN elsewhere as the operator's reference marks them
+    outs = [torch.full((d["B"], hkv, capacity, dim), float("nan"), dtype=qkv.dtype, device=device) for _ in range(2)]
+    inside = torch.tensor([b for b, c in enumerate(cached) if c == int(p[b]) and c < capacity], device=device,
+                          dtype=torch.long)
+
+    def rope_append_attention():
+        x = qkv[:, : h + hkv]
+        lo, hi = x[..., : dim // 2], x[..., dim // 2:]
+        rotated = x * cos + torch.cat([-hi, lo], dim=-1) * sin
+        new_k, new_v = rotated[:, h:], qkv[:, h + hkv:]
+        for cache, out, new in zip(caches, outs, (new_k, new_v)):
+            cache[batch, :, rows] = new
+            out[inside, :, rows[inside]] = new[inside]
+        o = F.scaled_dot_product_attention(rotated[:, :h, None, :], caches[0][:, :, :n], caches[1][:, :, :n],
+                                           attn_mask=mask, scale=scale, enable_gqa=True)
+        return o, outs[0], outs[1]
+    return "eager torch rotate-half, index_put of the rows and SDPA decode (GQA, masked lengths)", rope_append_attention
+
+
 @baseline("argmax")
 def _argmax(torch, task, t, template):
     x = t["X"]
@@ -280,6 +321,8 @@ def _as_outputs(task, value) -> dict[str, Any]:
         return {"KC": value[0], "VC": value[1]}
     if task.op == "rope_append":
         return {"Q": value[0], "KC": value[1], "VC": value[2]}
+    if task.op == "rope_append_attention":
+        return {"O": value[0][:, :, 0, :], "KC": value[1], "VC": value[2]}
     if isinstance(value, tuple):
         return {"Y": value[0], "S": value[1]}
     return {"Y": value}

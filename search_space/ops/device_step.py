@@ -11,6 +11,13 @@ sequence's position) is read from device memory, and only token ids go back to t
   to v: ``rope`` of q and k and ``kv_append`` in one kernel, straight from the projection's output
   (attributes as ``rope``'s). Rows other than P[b] are left as they were; a position outside the
   cache writes no cache row (q is still rotated).
+- ``rope_append_attention``: ``rope_append`` and then ``attention_decode`` in one kernel, the
+  captured step's attention: QKV[B, H + 2 HKV, D], P[B] and the caches K, V[B,HKV,S,D] (rows
+  before P[b] read) -> O[B,H,D], the rotated q of sequence b attending to the rotated k and v
+  rows 0..P[b] (its own new row last), and the caches KC, VC with row P[b] set to them (the
+  rest left as it was). The runtime passes the same cache as K and KC: no kernel reads the row
+  it writes. A position past the cache attends to all S cached rows and its own, writing none;
+  a negative one to its own row only. L (at least 1) is the length tuned at: P[b] + 1.
 - ``argmax``: X[M,N] -> Y[M] (int32), the index of each row's largest value, the first one on
   ties (as numpy's argmax): greedy decoding's next token ids.
 
@@ -24,6 +31,7 @@ from runtime.rope_frequencies import frequencies_of_attrs
 
 from ..task import Task
 from ..template import ArgSpec, Operator, register_operator
+from .attention import AttentionDecodeOp, _check_heads, _scale, softmax_last
 from .common import FLOAT_DTYPES, ITEMSIZE, from_float, random_normal, to_float32, to_float64
 from .elementwise import RopeOp, check_rope, rotate_half
 
@@ -131,6 +139,85 @@ class RopeAppendOp(Operator):
     def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
         qkv = to_float32(inputs["QKV"], task.dtype)
         return "numpy rope and row copies", lambda: self._compute(task, qkv, inputs["P"])
+
+
+@register_operator
+class RopeAppendAttentionOp(Operator):
+    op = "rope_append_attention"
+    dims = ("B", "H", "HKV", "D", "S", "L")
+    dynamic_dims = ("S", "L")
+    dtypes = FLOAT_DTYPES
+    default_attrs = {"scale": 0.0, **RopeOp.default_attrs}
+    attr_docs = {"scale": AttentionDecodeOp.attr_docs["scale"], **RopeOp.attr_docs}
+    example_shape = {"B": 1, "H": 32, "HKV": 8, "D": 128, "S": 4096, "L": 4096}
+    description = ("rope of q and k, their cache append and decode attention in one kernel, from the fused Q/K/V "
+                   "projection's rows (positions read from memory)")
+
+    def check(self, task: Task) -> None:
+        super().check(task)
+        check_rope(self.op, task)
+        _check_heads(self, task)
+        d = task.dims
+        if not 1 <= d["L"] <= d["S"]:
+            raise ValueError(f"{self.op}: L = {d['L']} must be from 1 to the cache capacity S = {d['S']}")
+
+    def signature(self, task: Task) -> tuple[ArgSpec, ...]:
+        dt, d = task.dtype, task.dims
+        cache = ("B", "HKV", "S", "D")
+        return (ArgSpec("QKV", "in", dt, ("B", d["H"] + 2 * d["HKV"], "D")), ArgSpec("P", "in", "int32", ("B",)),
+                ArgSpec("K", "in", dt, cache), ArgSpec("V", "in", dt, cache), ArgSpec("O", "out", dt, ("B", "H", "D")),
+                ArgSpec("KC", "out", dt, cache), ArgSpec("VC", "out", dt, cache))
+
+    def flops(self, task: Task) -> float:
+        d = task.dims
+        return 4.0 * d["B"] * d["H"] * d["L"] * d["D"] + 3.0 * d["B"] * (d["H"] + d["HKV"]) * d["D"]
+
+    def min_bytes(self, task: Task) -> float:
+        """The cached rows, the projection's rows, O and the two new cache rows."""
+        d = task.dims
+        rows = 2 * d["HKV"] * (d["L"] - 1) + (d["H"] + 2 * d["HKV"]) + d["H"] + 2 * d["HKV"]
+        return ITEMSIZE[task.dtype] * d["B"] * d["D"] * rows + 4 * d["B"]
+
+    def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Ragged positions (sequence b at L - 1 - b, the last past the cache when there are
+        several), and caches that are NaN from each sequence's position on: a kernel that reads
+        a row it should not (the one it writes, or a later one) gives NaN."""
+        d = task.dims
+        positions = np.maximum(d["L"] - 1 - np.arange(d["B"]), 0).astype(np.int32)
+        if d["B"] > 1:
+            positions[-1] = d["S"]
+        cache = (d["B"], d["HKV"], d["S"], d["D"])
+        k, v = random_normal(rng, cache, task.dtype), random_normal(rng, cache, task.dtype)
+        nan = from_float(np.array([np.nan], dtype=np.float32), task.dtype)[0]
+        for b, position in enumerate(positions):
+            k[b, :, position:] = v[b, :, position:] = nan
+        return {"QKV": random_normal(rng, (d["B"], d["H"] + 2 * d["HKV"], d["D"]), task.dtype), "P": positions,
+                "K": k, "V": v}
+
+    def _compute(self, task: Task, qkv: np.ndarray, positions: np.ndarray, k: np.ndarray,
+                 v: np.ndarray) -> dict[str, np.ndarray]:
+        d = task.dims
+        h, hkv, dim = d["H"], d["HKV"], d["D"]
+        rotated = rotate_half(qkv[:, :h + hkv], positions, frequencies_of_attrs(dim, self.attrs(task)))
+        new_k, new_v = rotated[:, h:], qkv[:, h + hkv:]
+        out = np.empty((d["B"], h, dim), dtype=rotated.dtype)
+        for b, position in enumerate(int(p) for p in positions):
+            cached = min(max(position, 0), d["S"])
+            keys = np.concatenate([k[b, :, :cached], new_k[b][:, None]], axis=1)      # HKV, n, D
+            values = np.concatenate([v[b, :, :cached], new_v[b][:, None]], axis=1)
+            q = rotated[b, :h].reshape(hkv, h // hkv, dim)                           # HKV, G, D
+            scores = np.matmul(q, keys.transpose(0, 2, 1)) * _scale(self, task)      # HKV, G, n
+            out[b] = np.matmul(softmax_last(scores), values).reshape(h, dim)
+        return {"O": out, **_caches(task, new_k, new_v, positions)}
+
+    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        qkv, k, v = (to_float64(inputs[n], task.dtype) for n in ("QKV", "K", "V"))
+        return self._compute(task, qkv, inputs["P"], k, v)
+
+    def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
+        qkv, k, v = (to_float32(inputs[n], task.dtype) for n in ("QKV", "K", "V"))
+        return ("numpy rope, row copies and attention over the cache",
+                lambda: self._compute(task, qkv, inputs["P"], k, v))
 
 
 @register_operator

@@ -39,6 +39,26 @@ def test_the_gemv_baseline_does_what_a_fused_gemv_does(attrs):
     np.testing.assert_allclose(call().numpy(), template.reference(task, inputs)["Y"], rtol=1e-4, atol=1e-5)
 
 
+def test_the_rope_append_attention_baseline_does_what_the_fused_kernel_does():
+    """Ragged positions, one past the cache, NaN in the rows no kernel may read (torch's CPU build)."""
+    import numpy as np
+    import torch
+
+    from autotune.bench.cuda_baselines import _as_outputs
+    from measure.verify import check_output
+    from search_space import get_template
+
+    task = Task.make("rope_append_attention", {"B": 3, "H": 4, "HKV": 2, "D": 16, "S": 12, "L": 9}, "float32",
+                     {"theta": 500000.0, "scale": 0.3})
+    template = get_template("rope_append_attention", "cuda")
+    inputs = template.make_inputs(task, np.random.default_rng(0))
+    _, call = BASELINES["rope_append_attention"](torch, task, {k: torch.from_numpy(v) for k, v in inputs.items()},
+                                                 template)
+    reference = template.reference(task, inputs)
+    for name, value in _as_outputs(task, call()).items():
+        assert not check_output(name, value.numpy(), reference[name], 1e-4, "float32"), name
+
+
 @pytest.mark.tools("nvcc")
 @pytest.mark.parametrize("name", ["stream", "fma"])
 def test_roofline_probes_compile(name):

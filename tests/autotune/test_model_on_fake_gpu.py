@@ -37,8 +37,10 @@ def test_the_model_tunes_exports_and_runs_on_cuda_kernels(fake_gpu, tmp_path, mo
         job = TuningJob(FAKE_GPU_TARGET, model=workload, tuner="random", trials=16, batch=2, log=log.path,
                         mlflow=False)
         summary = run_job(job, progress=False, runner=runner)
-    assert len(summary.tasks) == 16 and summary.trials == 16 and not summary.given_up
-    assert {"rope_append", "argmax"} <= {t.task.op for t in summary.tasks}
+    assert len(summary.tasks) == 15 and summary.trials == 16 and not summary.given_up
+    # attention takes over rope_append in the captured step
+    assert {"rope_append_attention", "argmax"} <= {t.task.op for t in summary.tasks}
+    assert not {"rope_append", "attention_decode"} & {t.task.op for t in summary.tasks}
     # the decode step's norms and residual adds run inside its GEMVs
     assert {(t.task.attr.get("norm"), t.task.attr.get("residual"), t.task.attr.get("act")) for t in summary.tasks
             if t.task.op == "gemv" and t.task.dims["M"] == 1} >= {("rmsnorm", None, None), (None, True, None),
@@ -174,13 +176,23 @@ class WithoutFusedNorms:
         return self.kernels.specs()
 
 
-class WithoutProgrammaticAttention(WithoutFusedNorms):
+class WithoutRopeAttention(WithoutFusedNorms):
+    """A library from before attention took over rope_append: rope_append and the programmatic
+    attention run instead."""
+
+    def get(self, op, shape, dtype="float32", attrs=None, dynamic=()):
+        if op == "rope_append_attention":
+            raise LookupError("no rope_append_attention in this library")
+        return self.kernels.get(op, shape, dtype, attrs, dynamic)
+
+
+class WithoutProgrammaticAttention(WithoutRopeAttention):
     """A library from before attention took a programmatic launch: its fused GEMVs still run."""
 
     def get(self, op, shape, dtype="float32", attrs=None, dynamic=()):
         if op == "attention_decode" and (attrs or {}).get("programmatic"):
             raise LookupError("no programmatic attention_decode in this library")
-        return self.kernels.get(op, shape, dtype, attrs, dynamic)
+        return super().get(op, shape, dtype, attrs, dynamic)
 
 
 @pytest.mark.parametrize("quantize", ["none", "q4"])
@@ -198,24 +210,25 @@ def test_the_decode_gemvs_fuse_the_norms_where_the_library_has_them(fake_gpu, qu
     import pycuda.driver as fake_driver
 
     with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
-        providers = [(kernels, True), (WithoutFusedNorms(kernels), False)]
-        if quantize == "none":  # the attention kernel is the same either way
-            providers.insert(1, (WithoutProgrammaticAttention(kernels), True))
-        for provider, fused in providers:
+        layers = MICRO.num_hidden_layers
+        # (provider, whether the GEMVs fuse the norms, programmatic edges per layer)
+        providers = [(kernels, True, 5), (WithoutFusedNorms(kernels), False, 1)]
+        if quantize == "none":  # the attention kernels are the same either way
+            providers[1:1] = [(WithoutRopeAttention(kernels), True, 6), (WithoutProgrammaticAttention(kernels), True, 5)]
+        for provider, fused, per_layer in providers:
             model = LlamaModel(MICRO, weights, provider)
             captures = len(fake_driver.EDGES_OF_CAPTURES)
             out = model.generate(prompts, 5)
             assert model.decode_mode == "graph"
             # programmatic edges join each kernel built for them to the kernel before it: with the
-            # fusions every GEMV but the first layer's Q/K/V (after the copies in), rope_append and
-            # attention; without them, rope_append only. Every such kernel waits for the one before.
+            # fusions every GEMV but the first layer's Q/K/V (after the copies in; the LM head makes
+            # up for it) and attention (rope_append_attention, or rope_append and the programmatic
+            # attention, or rope_append alone); without them, rope_append only. Every such kernel
+            # waits for the one before.
             edges = fake_driver.EDGES_OF_CAPTURES[captures:]
             assert len(edges) == 1 and model.programmatic_error is None
             assert all(waits for _, _, waits in edges[0]), edges[0]
-            layers = MICRO.num_hidden_layers
-            programmatic_attention = not isinstance(provider, WithoutFusedNorms)
-            assert model.programmatic_edges == len(edges[0]) == (5 * layers + programmatic_attention * layers
-                                                                 if fused else layers), edges[0]
+            assert model.programmatic_edges == len(edges[0]) == per_layer * layers, (type(provider), edges[0])
             norms = {spec.split("/")[0] for spec in model.used
                      if spec.startswith("gemv") and ('norm="rmsnorm"' in spec or "residual=true" in spec)}
             assert norms == ({"gemv_q4" if quantize == "q4" else "gemv"} if fused else set()), norms

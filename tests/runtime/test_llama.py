@@ -173,6 +173,28 @@ def test_the_plan_counts_each_kernel_per_pass():
         prefill_calls(odd, 16, "q4")
 
 
+def test_the_overlapped_resident_step_is_five_kernels_a_layer_and_unfuses_for_older_libraries():
+    from runtime.plan import unfused
+
+    layers = TINY.num_hidden_layers
+    step = decode_calls(TINY, 1, 512, dtype="float16", resident=True)
+    per_layer = sum(call.count for call in step if call.role not in ("lm_head", "argmax")) // layers
+    assert per_layer == 5 and all(call.count in (1, layers) for call in step)
+    (attention,) = [call for call in step if call.role == "attention"]
+    assert attention.spec.op == "rope_append_attention" and attention.spec.dynamic == ("S", "L")
+    assert attention.spec.attr == TINY.rope_attrs and not {"rope_append", "kv_append"} & {c.role for c in step}
+    # a library from before it: rope_append and the programmatic attention, and before those their parts
+    append, plain = unfused(TINY, attention)
+    assert (append.role, append.spec.op, append.spec.attr) == ("rope_append", "rope_append", TINY.rope_attrs)
+    assert (plain.role, plain.spec.op, plain.spec.dims) == ("attention", "attention_decode", attention.spec.dims)
+    assert plain.spec.attr == {"lengths": "per_sequence", "programmatic": True}
+    assert [c.spec.attr for c in unfused(TINY, plain)] == [{"lengths": "per_sequence"}]
+    assert {c.role for c in unfused(TINY, append)} == {"rope_q", "rope_k", "kv_append"}
+    # without the fused norms (more rows than a GEMV takes) the step keeps rope_append and plain attention
+    wide = {c.role: c.spec for c in decode_calls(TINY, 32, 512, dtype="float16", resident=True)}
+    assert wide["rope_append"].op == "rope_append" and wide["attention"].attr == {"lengths": "per_sequence"}
+
+
 class _Specs:
     """A provider that only lists the kernels it was tuned for."""
 

@@ -60,6 +60,12 @@ CASES = [
                                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                                   "original_max_position_embeddings": 64},
      None, [{}], [{}]),
+    # and both with attention: the new row from registers, the cached rows before it (NaN from there on)
+    ("rope_append_attention", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40}, {"theta": 500000.0}, None,
+     [{}, {"L": 1}, {"S": 9, "L": 5}], [{}, dict(splits=4, warps=2, unroll=2, lanes=2, vec=2), dict(splits=1, lanes=1)]),
+    ("rope_append_attention", {"B": 1, "H": 6, "HKV": 2, "D": 24, "S": 30, "L": 30},
+     {"theta": 10000.0, "scale": 0.3, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}, None, [{}, {"L": 2}], [{}, dict(splits=8)]),
     ("argmax", {"M": 3, "N": 1001}, {}, None, [{}], [{}, dict(threads=128)]),
     ("argmax", {"M": 2, "N": 4096}, {}, None, [{}], [{}, dict(vec=1, threads=256)]),
     ("attention_prefill", {"B": 1, "T": 64, "H": 2, "HKV": 1, "D": 64}, {}, None, [{"T": 1}, {"T": 100}],

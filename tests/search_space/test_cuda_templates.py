@@ -63,8 +63,8 @@ def test_cuda_template_compiles_for_sm90a(template):
 
 @pytest.mark.tools("nvcc")
 def test_the_decode_step_kernels_take_a_programmatic_launch_on_hopper(tmp_path):
-    """The fused decode GEMVs (both int4 schedules, each way of starting the weights), rope_append
-    and attention with ``programmatic`` say they take a programmatic launch on sm_90a, and nvcc keeps exactly one wait
+    """The fused decode GEMVs (both int4 schedules, each way of starting the weights), rope_append,
+    attention with ``programmatic`` and rope_append_attention say they take a programmatic launch on sm_90a, and nvcc keeps exactly one wait
     and one trigger in them there: a graph joins them to the kernel before them on that word
     alone, so a wait compiled away would be a race. Not below sm_90, nor in unfused kernels."""
     import subprocess
@@ -75,7 +75,8 @@ def test_the_decode_step_kernels_take_a_programmatic_launch_on_hopper(tmp_path):
                                                           "unroll": 2, "x_smem": 1}),
              ("rope_append", {"B": 1, "H": 4, "HKV": 2, "D": 64, "S": 32}, {}, None),
              ("attention_decode", {"B": 1, "H": 8, "HKV": 2, "D": 64, "S": 64, "L": 64},
-              {"lengths": "per_sequence", "programmatic": True}, None)]
+              {"lengths": "per_sequence", "programmatic": True}, None),
+             ("rope_append_attention", {"B": 1, "H": 8, "HKV": 2, "D": 64, "S": 64, "L": 64}, {}, None)]
     cases += [("gemv_q4", {"M": 1, "N": 64, "K": 512}, {"group_size": 128, **norm, "act": "swiglu"},
                {"core": "mma", "warps": 4, "rows": 1, "ksplit": 2, "unroll": 2, "mtile": 1, "kc": 512,
                 "prefetch": prefetch}) for prefetch in (0, 1, 2)]
@@ -120,7 +121,8 @@ def test_nothing_the_kernel_before_writes_is_touched_before_the_wait():
                  for attrs in ({**norm, "act": "swiglu", "zero_point": True}, {"residual": True}, norm)]
     variants += [("rope_append", {"B": 2, "H": 4, "HKV": 2, "D": 64, "S": 32}, {}),
                  ("attention_decode", {"B": 2, "H": 8, "HKV": 2, "D": 64, "S": 64, "L": 64},
-                  {"lengths": "per_sequence", "programmatic": True})]
+                  {"lengths": "per_sequence", "programmatic": True}),
+                 ("rope_append_attention", {"B": 2, "H": 8, "HKV": 2, "D": 64, "S": 64, "L": 64}, {})]
     rng = np.random.default_rng(7)
     checked = 0
     for op, shape, attrs in variants:

@@ -17,8 +17,9 @@ SMALL = {
     "rope": {"T": 3, "H": 2, "D": 8},
     "kv_append": {"B": 3, "HKV": 2, "D": 8, "S": 5},
     "rope_append": {"B": 3, "H": 4, "HKV": 2, "D": 8, "S": 5},
+    "rope_append_attention": {"B": 3, "H": 4, "HKV": 2, "D": 8, "S": 9, "L": 6},
 }
-PARTIAL_OUTPUTS = ("kv_append", "rope_append")  # their reference marks NaN what the kernel must leave untouched
+PARTIAL_OUTPUTS = ("kv_append", "rope_append", "rope_append_attention")  # their reference marks NaN what the kernel must leave untouched
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -173,6 +174,32 @@ def test_rope_append_is_rope_of_q_and_k_then_kv_append():
                                                   {"K": rotated[:, 4:], "V": qkv[:, 6:], "P": positions})
     np.testing.assert_array_equal(out["KC"], append["KC"])
     np.testing.assert_array_equal(out["VC"], append["VC"])
+
+
+def test_rope_append_attention_is_rope_append_then_attention_over_the_written_cache():
+    attrs = {"theta": 500000.0, "scale": 0.3}
+    shape = {"B": 3, "H": 4, "HKV": 2, "D": 8, "S": 6, "L": 5}
+    fused = op_definition("rope_append_attention")
+    task = Task.make("rope_append_attention", shape, "float32", attrs)
+    inputs = fused.make_inputs(task, np.random.default_rng(0))
+    assert inputs["P"].tolist() == [4, 3, 6]  # ragged, the last past the cache
+    out = fused.reference(task, inputs)
+    rope_attrs = {"theta": 500000.0}
+    append = op_definition("rope_append").reference(
+        Task.make("rope_append", {"B": 3, "H": 4, "HKV": 2, "D": 8, "S": 6}, "float32", rope_attrs),
+        {"QKV": inputs["QKV"], "P": inputs["P"]})
+    np.testing.assert_array_equal(out["KC"], append["KC"])
+    np.testing.assert_array_equal(out["VC"], append["VC"])
+    # the caches after the append: the rows before each position, then the new one
+    k, v = inputs["K"].astype(np.float64), inputs["V"].astype(np.float64)
+    written = ~np.isnan(append["KC"])
+    k[written], v[written] = append["KC"][written], append["VC"][written]
+    lens = np.minimum(inputs["P"] + 1, 6).astype(np.int32)
+    attend = op_definition("attention_decode").reference(
+        Task.make("attention_decode", {"B": 3, "H": 4, "HKV": 2, "D": 8, "S": 6, "L": 6}, "float32",
+                  {"scale": 0.3, "lengths": "per_sequence"}), {"Q": append["Q"], "K": k, "V": v, "LENS": lens})
+    np.testing.assert_allclose(out["O"][:2], attend["O"][:2], rtol=1e-12)
+    assert np.isfinite(out["O"]).all()  # the last: all 6 cached rows and its own, none written
 
 
 def test_argmax_takes_the_first_of_equal_maxima():

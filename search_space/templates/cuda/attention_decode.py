@@ -19,6 +19,15 @@ recorded in a CUDA graph stays right as the cache grows. With ``programmatic`` (
 decode step's) it lets the next kernel launch and waits for the one before it, first thing
 (``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``): the output projection after it can then stream
 its weights while attention runs.
+
+``rope_append_attention`` (the captured decode step's attention) is the same kernel, started
+from the Q/K/V projection's rows: every block rotates its q heads itself (``rope_append``'s
+angles, rounded to E as that kernel stores them), attends to the cached rows before the
+sequence's position P[b] (read from memory) and, in the block whose range holds P[b], to the
+new row too: warp 0 rotates k and takes it and v from the projection, scores them as one more
+row and writes both to the caches at P[b]. The runtime passes one cache as K and KC: the rows
+read (before P[b]) and the row written are disjoint, so the restrict-qualified pointers never
+touch the same element.
 """
 from __future__ import annotations
 
@@ -28,11 +37,13 @@ from ...codegen.cuda import PREAMBLE, VECTOR_HELPERS, c_type, dim_scalars, kerne
 from ...codegen.cuda_ptx import grid_dependency_code, programmatic_launch
 from ...ops.attention import AttentionDecodeOp, _scale
 from ...ops.common import ITEMSIZE
+from ...ops.device_step import RopeAppendAttentionOp
 from ...space import Config, ConfigSpace, Knob
 from ...target import Target
 from ...task import Task
 from ...template import ArgSpec, KernelSource, Template, register_template
 from .limits import occupancy
+from .rope import ROPE_ANGLE, frequency_table
 
 STATIC_SMEM = 48 << 10
 LOG2E = 1.4426950408889634
@@ -61,15 +72,18 @@ def workspace_bytes(task: Task, splits: int) -> int:
     return 4 * (heads * splits * _group(task) * (d["D"] + 2) + heads)
 
 
-@register_template
-class AttentionDecodeCuda(AttentionDecodeOp, Template):
+class SplitKvDecode:
+    """The split-KV schedule's space, default, features and kernel, shared by ``attention_decode``
+    and ``rope_append_attention`` (mixed in before their operator)."""
+
     target_kind = "cuda"
     dtypes = ("float32", "float16", "bfloat16")
+    ROW_DIVISOR = 1  # a vector of a row must fit in D / this dims (2: within one rotate-half half)
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
         d, itemsize = task.dims, ITEMSIZE[task.dtype]
-        vecs = tuple(v for v in (1, 2, 4, 8) if v * itemsize <= 16 and d["D"] % v == 0)
+        vecs = tuple(v for v in (1, 2, 4, 8) if v * itemsize <= 16 and (d["D"] // self.ROW_DIVISOR) % v == 0)
         lanes = tuple(n for n in (1, 2, 4, 8, 16, 32) if any((d["D"] // v) % n == 0 for v in vecs))
         splits = tuple(s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s == 1 or s <= -(-d["L"] // 16))
         max_warps = (target.max_threads_per_block or 1024) // 32
@@ -134,17 +148,18 @@ class AttentionDecodeCuda(AttentionDecodeOp, Template):
             "tile_bytes_l1": 2 * c["unroll"] * c["warps"] * 32 // c["lanes"] * d["D"] * ITEMSIZE[task.dtype],
         }
 
-    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
-        self.check(task)
+    def _source(self, task: Task, config: Config, target: Target, programmatic: bool, kernel: str,
+                constants: str, length: str) -> KernelSource:
+        """The launch of ``kernel`` (placeholders filled) with the schedule's constants, then
+        ``constants``; ``length``: the C expression of this block's sequence's length."""
         c = config.as_dict()
         d = task.dims
         args = (self.signature(task) + (ArgSpec("WS", "workspace", "float32", (), nbytes=workspace_bytes(task, c["splits"])),)
                 + dim_scalars(task))
         qscale = _scale(self, task) * LOG2E
-        programmatic = self.attrs(task)["programmatic"]
         # a step of a captured graph: the next kernel may launch at once, this one waits for Q and the cache
         helpers, start, wait = grid_dependency_code(programmatic)
-        kernel = _KERNEL.replace("(@PARAMS@) {\n", "(@PARAMS@) {" + (start + wait or "\n"))
+        kernel = kernel.replace("(@PARAMS@) {\n", "(@PARAMS@) {" + (start + wait or "\n"))
         kernel = kernel.replace("@PARAMS@", kernel_params(args))
         code = (
             PREAMBLE + VECTOR_HELPERS + helpers
@@ -158,14 +173,127 @@ class AttentionDecodeCuda(AttentionDecodeOp, Template):
             "constexpr int STREAMS = WARPS * RPW;  // row groups of the block\n"
             f"constexpr int UNROLL = {c['unroll']};\nconstexpr int SPLITS = {c['splits']};\n"
             f"constexpr float QSCALE = {qscale!r}f;\n"
-            + static_dims(task, ("S", "L"))
-            # the positions this block's sequence attends to: the scalar L, or its own from memory
-            + ("#define KV_LEN ((long long)LENS[blockIdx.z])\n" if self.per_sequence(task) else "#define KV_LEN L\n")
+            + static_dims(task, ("S", "L")) + constants
+            + f"#define KV_LEN {length}\n"
             + kernel)
         launch = (("block", (32 * c["warps"], 1, 1)), ("grid", (c["splits"], d["HKV"], d["B"])), ("smem", 0))
         launch += programmatic_launch(target) if programmatic else ()
         return KernelSource("cuda", code, "attention_decode_splitkv", tuple(args), launch)
 
+
+@register_template
+class AttentionDecodeCuda(SplitKvDecode, AttentionDecodeOp, Template):
+    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
+        self.check(task)
+        kernel = (_KERNEL.replace("@POSITION@\n", "").replace("@END@", _CACHE_END).replace("@Q_VECTOR@", _Q_VECTOR)
+                  .replace("@NEW_ROW@\n", ""))
+        # the positions this block's sequence attends to: the scalar L, or its own from memory
+        length = "((long long)LENS[blockIdx.z])" if self.per_sequence(task) else "L"
+        return self._source(task, config, target, self.attrs(task)["programmatic"], kernel, "", length)
+
+
+@register_template
+class RopeAppendAttentionCuda(SplitKvDecode, RopeAppendAttentionOp, Template):
+    ROW_DIVISOR = 2
+
+    def render(self, task: Task, config: Config, target: Target) -> KernelSource:
+        self.check(task)
+        kernel = (_KERNEL.replace("@POSITION@\n", _POSITION).replace("@END@", _CACHED_END)
+                  .replace("@Q_VECTOR@", _ROTATED_Q_VECTOR).replace("@NEW_ROW@\n", _NEW_ROW))
+        constants = ("constexpr int HALF = D / 2;\n" + frequency_table(task, self.attrs(task)) + ROPE_ANGLE
+                     + _ROTATED_VECTOR)
+        # always a step of the captured graph: it waits for the projection's rows
+        return self._source(task, config, target, True, kernel, constants, "(cached + 1)")
+
+
+_Q_VECTOR = r"""      const Pack<E, VEC> p = load_pack<VEC>(Q + (head * G + g) * D + (c * LPR + li) * VEC);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) { q[g][c][e] = to_f32(p.e[e]) * QSCALE; acc[g][c][e] = 0.0f; }
+"""
+_CACHE_END = """  const long long end = begin + per < KV_LEN ? begin + per : KV_LEN;   // empty when end <= begin
+"""
+
+# rope_append_attention's parts of the kernel
+_ROTATED_VECTOR = r"""
+// Dims i0 .. i0 + VEC - 1 of a q or k row rotated at ``position`` (rotate-half: dim i turns with
+// dim i +- D/2; a vector lies in one half), rounded to E as rope_append stores them.
+__device__ __forceinline__ void rotated_vector(const E* row, int i0, int position, float* out) {
+  const bool low = i0 < HALF;
+  const Pack<E, VEC> x = load_pack<VEC>(row + i0);
+  const Pack<E, VEC> other = load_pack<VEC>(row + (low ? i0 + HALF : i0 - HALF));
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    float cs, sn;
+    rope_angle(position, INV_FREQ[(low ? i0 : i0 - HALF) + e], cs, sn);
+    const float turned = to_f32(other.e[e]) * (low ? -sn : sn);
+    out[e] = to_f32(from_f32<E>(fmaf(to_f32(x.e[e]), cs, turned)));
+  }
+}
+"""
+_POSITION = """  // this sequence's position: the cached rows before it (at most S), then its own new row
+  const int position = P[blockIdx.z];
+  const long long cached = position < 0 ? 0 : (position < S ? position : S);
+"""
+_CACHED_END = """  const long long end = begin + per < cached ? begin + per : cached;   // rows read from the cache
+"""
+_ROTATED_Q_VECTOR = r"""      float r[VEC];
+      rotated_vector(QKV + ((long long)b * (H + 2 * HKV) + kvh * G + g) * D, (c * LPR + li) * VEC, position, r);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) { q[g][c][e] = r[e] * QSCALE; acc[g][c][e] = 0.0f; }
+"""
+_NEW_ROW = r"""  // The block whose range holds the new row takes it from the projection in warp 0 (row group 0;
+  // the others score -inf), and writes k and v to the caches: no block reads that row there.
+  if (warp == 0 && begin <= cached && cached < begin + per) {
+    const E* row = QKV + (long long)b * (H + 2 * HKV) * D;
+    const bool writes = rg == 0 && position == cached && cached < S;   // outside the cache: nothing
+    // the position through a shuffle, so that nvcc computes k's angles anew here: it would
+    // otherwise keep q's (the same dims) live through the whole loop, 10 to 30 more registers
+    const int turn = __shfl_sync(FULL, position, 0);
+    float corr[G], p[G];
+    {
+      float kn[CH][VEC];
+#pragma unroll
+      for (int c = 0; c < CH; ++c) {
+        const int i0 = (c * LPR + li) * VEC;
+        rotated_vector(row + (long long)(H + kvh) * D, i0, turn, kn[c]);
+        if (writes) {
+          Pack<E, VEC> pk;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) pk.e[e] = from_f32<E>(kn[c][e]);
+          store_pack<VEC>(KC + (head * S + cached) * D + i0, pk);
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float part = 0.0f;
+#pragma unroll
+        for (int c = 0; c < CH; ++c)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) part = fmaf(q[g][c][e], kn[c][e], part);
+#pragma unroll
+        for (int off = LPR / 2; off > 0; off >>= 1) part += __shfl_xor_sync(FULL, part, off);
+        const float s = rg == 0 ? part : -INFINITY;
+        const float mn = fmaxf(m[g], s);
+        const float base = mn == -INFINITY ? 0.0f : mn;
+        corr[g] = exp2f(m[g] - base);
+        p[g] = exp2f(s - base);
+        l[g] = fmaf(l[g], corr[g], p[g]);
+        m[g] = mn;
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      const int i0 = (c * LPR + li) * VEC;
+      const Pack<E, VEC> pv = load_pack<VEC>(row + (long long)(H + HKV + kvh) * D + i0);
+      if (writes) store_pack<VEC>(VC + (head * S + cached) * D + i0, pv);
+#pragma unroll
+      for (int g = 0; g < G; ++g)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[g][c][e] = fmaf(p[g], to_f32(pv.e[e]), acc[g][c][e] * corr[g]);
+    }
+  }
+
+"""
 
 _KERNEL = r"""
 #define FULL 0xffffffffu
@@ -180,12 +308,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_decode_splitkv(@
   const int li = lane % LPR;          // lane within its row group
   const int rg = lane / LPR;          // row group within the warp
   for (int k = threadIdx.x; k < G * D; k += THREADS) sm_acc[k] = 0.0f;
+@POSITION@
 
   const long long head = (long long)b * HKV + kvh;
   const long long per = (KV_LEN + SPLITS - 1) / SPLITS;
   const long long begin = (long long)split * per;
-  const long long end = begin + per < KV_LEN ? begin + per : KV_LEN;   // empty when end <= begin
-
+@END@
   float q[G][CH][VEC], acc[G][CH][VEC], m[G], l[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
@@ -193,10 +321,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_decode_splitkv(@
     l[g] = 0.0f;
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
-      const Pack<E, VEC> p = load_pack<VEC>(Q + (head * G + g) * D + (c * LPR + li) * VEC);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) { q[g][c][e] = to_f32(p.e[e]) * QSCALE; acc[g][c][e] = 0.0f; }
-    }
+@Q_VECTOR@    }
   }
 
   const E* Kh = K + head * S * D;
@@ -260,6 +385,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_decode_splitkv(@
     }
   }
 
+@NEW_ROW@
   // Merge the row groups of this warp: partners differ in rg only, so they hold the same dims.
 #pragma unroll
   for (int off = LPR; off < 32; off <<= 1) {
