@@ -22,10 +22,11 @@ its weights while attention runs.
 
 ``rope_append_attention`` (the captured decode step's attention) is the same kernel, started
 from the Q/K/V projection's rows: every block rotates its q heads itself (``rope_append``'s
-angles, rounded to E as that kernel stores them), attends to the cached rows before the
-sequence's position P[b] (read from memory) and, in the block whose range holds P[b], to the
-new row too: warp 0 rotates k and takes it and v from the projection, scores them as one more
-row and writes both to the caches at P[b]. The runtime passes one cache as K and KC: the rows
+angles, rounded to E as that kernel stores them) and attends to the cached rows before the
+sequence's position P[b] (read from memory). The block whose range holds P[b] starts from the
+new row: warp 0 rotates k and takes it and v from the projection as it loads q (no extra round
+trip at the end), makes them the first row of row group 0's online softmax and writes both to
+the caches at P[b]. The runtime passes one cache as K and KC: the rows
 read (before P[b]) and the row written are disjoint, so the restrict-qualified pointers never
 touch the same element.
 """
@@ -186,7 +187,7 @@ class AttentionDecodeCuda(SplitKvDecode, AttentionDecodeOp, Template):
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
         kernel = (_KERNEL.replace("@POSITION@\n", "").replace("@END@", _CACHE_END).replace("@Q_VECTOR@", _Q_VECTOR)
-                  .replace("@NEW_ROW@\n", ""))
+                  .replace("@NEW_ROW@", ""))
         # the positions this block's sequence attends to: the scalar L, or its own from memory
         length = "((long long)LENS[blockIdx.z])" if self.per_sequence(task) else "L"
         return self._source(task, config, target, self.attrs(task)["programmatic"], kernel, "", length)
@@ -199,7 +200,7 @@ class RopeAppendAttentionCuda(SplitKvDecode, RopeAppendAttentionOp, Template):
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
         kernel = (_KERNEL.replace("@POSITION@\n", _POSITION).replace("@END@", _CACHED_END)
-                  .replace("@Q_VECTOR@", _ROTATED_Q_VECTOR).replace("@NEW_ROW@\n", _NEW_ROW))
+                  .replace("@Q_VECTOR@", _ROTATED_Q_VECTOR).replace("@NEW_ROW@", _NEW_ROW))
         constants = ("constexpr int HALF = D / 2;\n" + frequency_table(task, self.attrs(task)) + ROPE_ANGLE
                      + _ROTATED_VECTOR)
         # always a step of the captured graph: it waits for the projection's rows
@@ -241,55 +242,44 @@ _ROTATED_Q_VECTOR = r"""      float r[VEC];
 #pragma unroll
       for (int e = 0; e < VEC; ++e) { q[g][c][e] = r[e] * QSCALE; acc[g][c][e] = 0.0f; }
 """
-_NEW_ROW = r"""  // The block whose range holds the new row takes it from the projection in warp 0 (row group 0;
-  // the others score -inf), and writes k and v to the caches: no block reads that row there.
+_NEW_ROW = r"""  // The block whose range holds the new row starts from it, in warp 0 (row group 0; the others
+  // score -inf): k rotated and v from the projection, whose loads meet q's in flight; both go
+  // to the caches, where no block reads that row.
   if (warp == 0 && begin <= cached && cached < begin + per) {
     const E* row = QKV + (long long)b * (H + 2 * HKV) * D;
     const bool writes = rg == 0 && position == cached && cached < S;   // outside the cache: nothing
-    // the position through a shuffle, so that nvcc computes k's angles anew here: it would
-    // otherwise keep q's (the same dims) live through the whole loop, 10 to 30 more registers
-    const int turn = __shfl_sync(FULL, position, 0);
-    float corr[G], p[G];
-    {
-      float kn[CH][VEC];
-#pragma unroll
-      for (int c = 0; c < CH; ++c) {
-        const int i0 = (c * LPR + li) * VEC;
-        rotated_vector(row + (long long)(H + kvh) * D, i0, turn, kn[c]);
-        if (writes) {
-          Pack<E, VEC> pk;
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) pk.e[e] = from_f32<E>(kn[c][e]);
-          store_pack<VEC>(KC + (head * S + cached) * D + i0, pk);
-        }
-      }
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        float part = 0.0f;
-#pragma unroll
-        for (int c = 0; c < CH; ++c)
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) part = fmaf(q[g][c][e], kn[c][e], part);
-#pragma unroll
-        for (int off = LPR / 2; off > 0; off >>= 1) part += __shfl_xor_sync(FULL, part, off);
-        const float s = rg == 0 ? part : -INFINITY;
-        const float mn = fmaxf(m[g], s);
-        const float base = mn == -INFINITY ? 0.0f : mn;
-        corr[g] = exp2f(m[g] - base);
-        p[g] = exp2f(s - base);
-        l[g] = fmaf(l[g], corr[g], p[g]);
-        m[g] = mn;
-      }
-    }
+    float kn[CH][VEC];
+    Pack<E, VEC> vn[CH];
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
       const int i0 = (c * LPR + li) * VEC;
-      const Pack<E, VEC> pv = load_pack<VEC>(row + (long long)(H + HKV + kvh) * D + i0);
-      if (writes) store_pack<VEC>(VC + (head * S + cached) * D + i0, pv);
+      rotated_vector(row + (long long)(H + kvh) * D, i0, position, kn[c]);
+      vn[c] = load_pack<VEC>(row + (long long)(H + HKV + kvh) * D + i0);
+      if (writes) {
+        Pack<E, VEC> pk;
 #pragma unroll
-      for (int g = 0; g < G; ++g)
+        for (int e = 0; e < VEC; ++e) pk.e[e] = from_f32<E>(kn[c][e]);
+        store_pack<VEC>(KC + (head * S + cached) * D + i0, pk);
+        store_pack<VEC>(VC + (head * S + cached) * D + i0, vn[c]);
+      }
+    }
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[g][c][e] = fmaf(p[g], to_f32(pv.e[e]), acc[g][c][e] * corr[g]);
+    for (int g = 0; g < G; ++g) {
+      float part = 0.0f;
+#pragma unroll
+      for (int c = 0; c < CH; ++c)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) part = fmaf(q[g][c][e], kn[c][e], part);
+#pragma unroll
+      for (int off = LPR / 2; off > 0; off >>= 1) part += __shfl_xor_sync(FULL, part, off);
+      if (rg == 0) {   // the state's first row: weight exp2(s - s) = 1
+        m[g] = part;
+        l[g] = 1.0f;
+#pragma unroll
+        for (int c = 0; c < CH; ++c)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[g][c][e] = to_f32(vn[c].e[e]);
+      }
     }
   }
 
@@ -324,7 +314,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_decode_splitkv(@
 @Q_VECTOR@    }
   }
 
-  const E* Kh = K + head * S * D;
+@NEW_ROW@  const E* Kh = K + head * S * D;
   const E* Vh = V + head * S * D;
   // The loop bound depends on the warp only, so every lane reaches every shuffle.
   for (long long w0 = begin + warp * RPW; w0 < end; w0 += (long long)STREAMS * UNROLL) {
@@ -385,7 +375,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_decode_splitkv(@
     }
   }
 
-@NEW_ROW@
   // Merge the row groups of this warp: partners differ in rg only, so they hold the same dims.
 #pragma unroll
   for (int off = LPR; off < 32; off <<= 1) {
