@@ -420,17 +420,27 @@ class LlamaModel:
             return kernels
         raise AssertionError("unreachable: the unfused plan either returns or raises")
 
+    def _tuned_before_rope_attention(self, batch: int) -> bool:
+        """Whether the provider's tuned kernels for a resident step of ``batch`` sequences are
+        rope_append or the per-sequence attention but no rope_append_attention (a tuning log from
+        before it: its tuned pair beats an untuned fused kernel)."""
+        ops = {spec.op for spec in self.kernels.specs() if spec.dims.get("B") == batch
+               and (spec.op != "attention_decode" or spec.attr.get("lengths") == "per_sequence")}
+        return "rope_append_attention" not in ops and bool(ops & {"rope_append", "attention_decode"})
+
     def _attention_kernels(self, call: KernelCall, capacity: int) -> dict[str, Kernel]:
         """The resident step's attention kernel by role, the one for the longest length (a
         recorded launch cannot switch kernels); where the provider lacks it (a library from
-        before attention took over rope_append, or took a programmatic launch), the kernels it
-        stands for."""
-        try:
-            return {"attention": self._kernel(call, S=capacity, L=capacity)}
-        except LookupError:
-            parts = unfused(self.config, call)
-            if not parts:
-                raise
+        before attention took over rope_append, or took a programmatic launch) or has only
+        tuned the kernels it stands for, those kernels."""
+        parts = unfused(self.config, call)
+        if not (parts and call.spec.op == "rope_append_attention"
+                and self._tuned_before_rope_attention(call.spec.dims["B"])):
+            try:
+                return {"attention": self._kernel(call, S=capacity, L=capacity)}
+            except LookupError:
+                if not parts:
+                    raise
         kernels: dict[str, Kernel] = {}
         for part in parts:
             kernels.update(self._attention_kernels(part, capacity) if part.role == "attention"

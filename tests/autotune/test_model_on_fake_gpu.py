@@ -176,23 +176,30 @@ class WithoutFusedNorms:
         return self.kernels.specs()
 
 
-class WithoutRopeAttention(WithoutFusedNorms):
-    """A library from before attention took over rope_append: rope_append and the programmatic
-    attention run instead."""
+class TunedBeforeRopeAttention(WithoutFusedNorms):
+    """Kernels tuned before attention took over rope_append (a tuning log that lists rope_append
+    but no rope_append_attention): rope_append and the programmatic attention run, though the
+    fused kernel could be compiled at its default."""
 
     def get(self, op, shape, dtype="float32", attrs=None, dynamic=()):
-        if op == "rope_append_attention":
-            raise LookupError("no rope_append_attention in this library")
         return self.kernels.get(op, shape, dtype, attrs, dynamic)
 
+    def specs(self):
+        from runtime.abi import KernelSpec
 
-class WithoutProgrammaticAttention(WithoutRopeAttention):
-    """A library from before attention took a programmatic launch: its fused GEMVs still run."""
+        c = MICRO
+        return [KernelSpec.make("rope_append", {"B": 2, "H": c.num_attention_heads, "HKV": c.num_key_value_heads,
+                                                "D": c.head_dim, "S": 16}, "float32", dynamic=("S",))]
+
+
+class WithoutProgrammaticAttention(WithoutFusedNorms):
+    """A library from before attention took a programmatic launch (and over rope_append): its
+    fused GEMVs still run."""
 
     def get(self, op, shape, dtype="float32", attrs=None, dynamic=()):
-        if op == "attention_decode" and (attrs or {}).get("programmatic"):
-            raise LookupError("no programmatic attention_decode in this library")
-        return super().get(op, shape, dtype, attrs, dynamic)
+        if op == "rope_append_attention" or (op == "attention_decode" and (attrs or {}).get("programmatic")):
+            raise LookupError(f"no {op} of these attributes in this library")
+        return self.kernels.get(op, shape, dtype, attrs, dynamic)
 
 
 @pytest.mark.parametrize("quantize", ["none", "q4"])
@@ -214,7 +221,8 @@ def test_the_decode_gemvs_fuse_the_norms_where_the_library_has_them(fake_gpu, qu
         # (provider, whether the GEMVs fuse the norms, programmatic edges per layer)
         providers = [(kernels, True, 5), (WithoutFusedNorms(kernels), False, 1)]
         if quantize == "none":  # the attention kernels are the same either way
-            providers[1:1] = [(WithoutRopeAttention(kernels), True, 6), (WithoutProgrammaticAttention(kernels), True, 5)]
+            providers[1:1] = [(TunedBeforeRopeAttention(kernels), True, 6),
+                              (WithoutProgrammaticAttention(kernels), True, 5)]
         for provider, fused, per_layer in providers:
             model = LlamaModel(MICRO, weights, provider)
             captures = len(fake_driver.EDGES_OF_CAPTURES)

@@ -134,6 +134,32 @@ def test_emulated_kernels_match_the_reference(emulator):
     assert not problems, "\n".join(problems)
 
 
+
+def test_rope_append_attention_at_positions_outside_the_cache(emulator):
+    """A negative position attends to its own row only, one past the cache to all S cached rows
+    and its own; neither writes a cache row (the reference keeps their rows NaN)."""
+    template = get_template("rope_append_attention", "cuda")
+    task = Task.make("rope_append_attention", {"B": 4, "H": 4, "HKV": 2, "D": 32, "S": 72, "L": 64}, "float16",
+                     {"theta": 10000.0}, template.dynamic_dims)
+    inputs = template.make_inputs(task, np.random.default_rng(3))
+    inputs["P"] = np.array([-2, 77, 0, 71], dtype=np.int32)
+    for name in ("K", "V"):  # rows before each position hold values, the rest NaN
+        cache = inputs[name].astype(np.float32)
+        cache[np.isnan(cache)] = 0.5
+        for b, position in enumerate(inputs["P"]):
+            cache[b, :, max(position, 0):] = np.nan
+        inputs[name] = cache.astype(np.float16)
+    reference = template.reference(task, inputs)
+    assert np.isnan(reference["KC"][:2]).all() and not np.isnan(reference["KC"][3, :, 71]).any()
+    space = template.space(task, SM90)
+    for values in ({}, dict(splits=4, warps=2, unroll=1, lanes=4, vec=4)):
+        source = template.render(task, space.from_values(dict(template.default(task, SM90).as_dict(), **values)), SM90)
+        out = emulator.run(source, task.dims, inputs, deferred=True)
+        assert "error" not in out, out.get("error")
+        for name in ("O", "KC", "VC"):
+            assert not check_output(name, out["outputs"][name], reference[name], template.tolerance(task), "float16")
+
+
 WGMMA = dict(impl="wgmma", warps=4, warp_rows=16, q_regs=0)
 
 

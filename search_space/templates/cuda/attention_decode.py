@@ -242,9 +242,9 @@ _ROTATED_Q_VECTOR = r"""      float r[VEC];
 #pragma unroll
       for (int e = 0; e < VEC; ++e) { q[g][c][e] = r[e] * QSCALE; acc[g][c][e] = 0.0f; }
 """
-_NEW_ROW = r"""  // The block whose range holds the new row starts from it, in warp 0 (row group 0; the others
-  // score -inf): k rotated and v from the projection, whose loads meet q's in flight; both go
-  // to the caches, where no block reads that row.
+_NEW_ROW = r"""  // The block whose range holds the new row starts from it, in row group 0 of warp 0 (the
+  // others start empty): k rotated and v from the projection, whose loads meet q's in flight;
+  // both go to the caches, where no block reads that row.
   if (warp == 0 && begin <= cached && cached < begin + per) {
     const E* row = QKV + (long long)b * (H + 2 * HKV) * D;
     const bool writes = rg == 0 && position == cached && cached < S;   // outside the cache: nothing
