@@ -421,12 +421,13 @@ class LlamaModel:
         raise AssertionError("unreachable: the unfused plan either returns or raises")
 
     def _tuned_before_rope_attention(self, batch: int) -> bool:
-        """Whether the provider's tuned kernels for a resident step of ``batch`` sequences are
-        rope_append or the per-sequence attention but no rope_append_attention (a tuning log from
-        before it: its tuned pair beats an untuned fused kernel)."""
+        """Whether the provider has tuned, for a resident step of ``batch`` sequences, the two
+        kernels rope_append_attention stands for (rope_append and the programmatic attention) but
+        not it: a tuning log from before it, whose tuned pair beats an untuned fused kernel (one
+        untuned kernel beats two)."""
         ops = {spec.op for spec in self.kernels.specs() if spec.dims.get("B") == batch
-               and (spec.op != "attention_decode" or spec.attr.get("lengths") == "per_sequence")}
-        return "rope_append_attention" not in ops and bool(ops & {"rope_append", "attention_decode"})
+               and (spec.op != "attention_decode" or spec.attr.get("programmatic"))}
+        return ops >= {"rope_append", "attention_decode"} and "rope_append_attention" not in ops
 
     def _attention_kernels(self, call: KernelCall, capacity: int) -> dict[str, Kernel]:
         """The resident step's attention kernel by role, the one for the longest length (a

@@ -178,7 +178,7 @@ class WithoutFusedNorms:
 
 class TunedBeforeRopeAttention(WithoutFusedNorms):
     """Kernels tuned before attention took over rope_append (a tuning log that lists rope_append
-    but no rope_append_attention): rope_append and the programmatic attention run, though the
+    and the programmatic attention but no rope_append_attention): that pair runs, though the
     fused kernel could be compiled at its default."""
 
     def get(self, op, shape, dtype="float32", attrs=None, dynamic=()):
@@ -188,8 +188,10 @@ class TunedBeforeRopeAttention(WithoutFusedNorms):
         from runtime.abi import KernelSpec
 
         c = MICRO
-        return [KernelSpec.make("rope_append", {"B": 2, "H": c.num_attention_heads, "HKV": c.num_key_value_heads,
-                                                "D": c.head_dim, "S": 16}, "float32", dynamic=("S",))]
+        dims = {"B": 2, "H": c.num_attention_heads, "HKV": c.num_key_value_heads, "D": c.head_dim, "S": 16}
+        return [KernelSpec.make("rope_append", dims, "float32", dynamic=("S",)),
+                KernelSpec.make("attention_decode", {**dims, "L": 16}, "float32",
+                                {"lengths": "per_sequence", "programmatic": True}, ("S", "L"))]
 
 
 class WithoutProgrammaticAttention(WithoutFusedNorms):

@@ -218,17 +218,19 @@ def test_the_resident_step_fuses_the_norms_unless_the_tuned_gemvs_are_all_unfuse
 
 
 def test_a_log_tuned_before_rope_append_attention_keeps_its_tuned_pair():
-    """A tuning log with rope_append or the per-sequence attention of a batch but no
-    rope_append_attention: the resident step runs the tuned pair, not an untuned fused kernel."""
+    """A tuning log with rope_append and the programmatic attention of a batch but no
+    rope_append_attention: the resident step runs that tuned pair, not an untuned fused kernel;
+    with only one of them tuned, the one untuned fused kernel."""
     from runtime.abi import KernelSpec
 
     weights = ModelWeights.random(TINY, seed=1)
     dims = {"B": 1, "H": 4, "HKV": 2, "D": 32, "S": 64, "L": 64}
     append = KernelSpec.make("rope_append", {k: v for k, v in dims.items() if k != "L"}, "float16", dynamic=("S",))
+    overlapped = KernelSpec.make("attention_decode", dims, "float16", {"lengths": "per_sequence", "programmatic": True},
+                                 ("S", "L"))
     ragged = KernelSpec.make("attention_decode", dims, "float16", {"lengths": "per_sequence"}, ("S", "L"))
-    uniform = KernelSpec.make("attention_decode", dims, "float16", dynamic=("S", "L"))
     fused = KernelSpec.make("rope_append_attention", dims, "float16", dynamic=("S", "L"))
-    for specs, before in (([], False), ([uniform], False), ([append], True), ([ragged], True),
-                          ([append, ragged, fused], False)):
+    for specs, before in (([], False), ([append], False), ([append, ragged], False), ([append, overlapped], True),
+                          ([append, overlapped, fused], False)):
         assert LlamaModel(TINY, weights, _Specs(specs))._tuned_before_rope_attention(1) is before, specs
-    assert not LlamaModel(TINY, weights, _Specs([append]))._tuned_before_rope_attention(2)  # another batch
+    assert not LlamaModel(TINY, weights, _Specs([append, overlapped]))._tuned_before_rope_attention(2)
