@@ -150,9 +150,10 @@ class SplitKvDecode:
         }
 
     def _source(self, task: Task, config: Config, target: Target, programmatic: bool, kernel: str,
-                constants: str, length: str) -> KernelSource:
+                constants: str, length: str, entry: str) -> KernelSource:
         """The launch of ``kernel`` (placeholders filled) with the schedule's constants, then
-        ``constants``; ``length``: the C expression of this block's sequence's length."""
+        ``constants``; ``length``: the C expression of this block's sequence's length; ``entry``:
+        its name (what profiles show)."""
         c = config.as_dict()
         d = task.dims
         args = (self.signature(task) + (ArgSpec("WS", "workspace", "float32", (), nbytes=workspace_bytes(task, c["splits"])),)
@@ -161,7 +162,7 @@ class SplitKvDecode:
         # a step of a captured graph: the next kernel may launch at once, this one waits for Q and the cache
         helpers, start, wait = grid_dependency_code(programmatic)
         kernel = kernel.replace("(@PARAMS@) {\n", "(@PARAMS@) {" + (start + wait or "\n"))
-        kernel = kernel.replace("@PARAMS@", kernel_params(args))
+        kernel = kernel.replace("@PARAMS@", kernel_params(args)).replace("@ENTRY@", entry)
         code = (
             PREAMBLE + VECTOR_HELPERS + helpers
             + f"typedef {c_type(task.dtype)} E;\n"
@@ -179,7 +180,7 @@ class SplitKvDecode:
             + kernel)
         launch = (("block", (32 * c["warps"], 1, 1)), ("grid", (c["splits"], d["HKV"], d["B"])), ("smem", 0))
         launch += programmatic_launch(target) if programmatic else ()
-        return KernelSource("cuda", code, "attention_decode_splitkv", tuple(args), launch)
+        return KernelSource("cuda", code, entry, tuple(args), launch)
 
 
 @register_template
@@ -190,7 +191,8 @@ class AttentionDecodeCuda(SplitKvDecode, AttentionDecodeOp, Template):
                   .replace("@NEW_ROW@", ""))
         # the positions this block's sequence attends to: the scalar L, or its own from memory
         length = "((long long)LENS[blockIdx.z])" if self.per_sequence(task) else "L"
-        return self._source(task, config, target, self.attrs(task)["programmatic"], kernel, "", length)
+        return self._source(task, config, target, self.attrs(task)["programmatic"], kernel, "", length,
+                            "attention_decode_splitkv")
 
 
 @register_template
@@ -204,7 +206,8 @@ class RopeAppendAttentionCuda(SplitKvDecode, RopeAppendAttentionOp, Template):
         constants = ("constexpr int HALF = D / 2;\n" + frequency_table(task, self.attrs(task)) + ROPE_ANGLE
                      + _ROTATED_VECTOR)
         # always a step of the captured graph: it waits for the projection's rows
-        return self._source(task, config, target, True, kernel, constants, "(cached + 1)")
+        return self._source(task, config, target, True, kernel, constants, "(cached + 1)",
+                            "rope_append_attention_splitkv")
 
 
 _Q_VECTOR = r"""      const Pack<E, VEC> p = load_pack<VEC>(Q + (head * G + g) * D + (c * LPR + li) * VEC);
@@ -288,7 +291,7 @@ _NEW_ROW = r"""  // The block whose range holds the new row starts from it, in r
 _KERNEL = r"""
 #define FULL 0xffffffffu
 
-extern "C" __global__ void __launch_bounds__(THREADS) attention_decode_splitkv(@PARAMS@) {
+extern "C" __global__ void __launch_bounds__(THREADS) @ENTRY@(@PARAMS@) {
   __shared__ __align__(16) float sm_acc[G * D];
   __shared__ float sm_m[WARPS][G], sm_l[WARPS][G];
   __shared__ float sm_bm[G], sm_bl[G];
