@@ -249,8 +249,9 @@ def _save_model(tuner: Tuner, path: str) -> None:
 def prior_configs(records, task: Task, target: Target) -> list[dict]:
     """Where an xgb search of ``task`` starts: the two best configs in ``records`` of each of its
     operator's tasks of the same dims (another variant: a GEMV that fuses its norm, another
-    dtype), then its template's seed configs for ``target``, then the best configs of its other
-    shapes (four each)."""
+    dtype; or another operator of the same schedule: attention_decode for rope_append_attention),
+    then its template's seed configs for ``target``, then the best configs of its other shapes
+    (four each)."""
     records = list(records)
     same = [r for r in records if r.task.dims == task.dims]
     other = [r for r in records if r.task.dims != task.dims]

@@ -88,11 +88,13 @@ def training_set(samples: Iterable[Any], columns: Sequence[str],
 
 def best_configs_elsewhere(records: Iterable[Any], task, target, per_task: int = 4) -> list[dict[str, Any]]:
     """The knob values of the ``per_task`` fastest verified configs of every other task of
-    ``task``'s operator on ``target``'s kind, best first, fastest tasks' picks interleaved: where
-    a search on a new shape starts when logs of other shapes are given (``--transfer-from``)."""
+    ``task``'s operator (or of one sharing its template's schedule: ``Template.schedule_family``)
+    on ``target``'s kind, best first, fastest tasks' picks interleaved: where a search on a new
+    shape starts when logs of other shapes are given (``--transfer-from``)."""
+    ops = {task.op, *get_template(task.op, target.kind).schedule_family}
     by_task: dict[str, list[Any]] = {}
     for record in records:
-        if (record.task.op == task.op and record.target.kind == target.kind and record.task.key != task.key
+        if (record.task.op in ops and record.target.kind == target.kind and record.task.key != task.key
                 and record.ok):
             by_task.setdefault(f"{record.task.key}@{record.target.key}", []).append(record)
     ranked = [sorted(items, key=lambda r: r.result.median)[:per_task] for _, items in sorted(by_task.items())]

@@ -135,6 +135,9 @@ class Template(Operator):
     """How one target kind computes an operator: space, default, render, features."""
 
     target_kind: ClassVar[str] = ""
+    # operators whose templates on this target kind share this one's knobs and kernel, so that
+    # their best configs are priors of its search (and the other way round); () for none
+    schedule_family: ClassVar[tuple[str, ...]] = ()
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         raise NotImplementedError

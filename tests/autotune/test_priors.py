@@ -51,6 +51,25 @@ def test_the_best_configs_of_other_shapes_come_first_best_interleaved(host):
     assert seeds == [by_time[(m128, 4e-5)], by_time[(m32, 1e-5)], by_time[(m128, 5e-5)], by_time[(m32, 2e-5)]]
 
 
+def test_rope_append_attention_starts_from_the_best_attention_decode_configs_of_its_dims():
+    """The two share the split-KV schedule: the captured step's fused attention, never tuned,
+    starts where attention_decode of the same dims was fastest (and the other way round)."""
+    from autotune.tuning import prior_configs
+
+    dims = {"B": 1, "H": 8, "HKV": 2, "D": 64, "S": 256, "L": 256}
+    plain = Task.make("attention_decode", dims, "float16", {"lengths": "per_sequence"}, ("S", "L"))
+    fused = Task.make("rope_append_attention", dims, "float16", {}, ("S", "L"))
+    template = get_template("attention_decode", "cuda")
+    space = template.space(plain, CUDA)
+    picks = [space.get(i) for i in space.valid_indices()[10:13]]
+    records = [Record.from_measure(MeasureInput(plain, config, CUDA), MeasureResult((s, s, s)), "t")
+               for config, s in zip(picks, (3e-6, 1e-6, 2e-6))]
+    assert prior_configs(records, fused, CUDA)[:2] == [picks[1].as_dict(), picks[2].as_dict()]
+    fused_records = [Record.from_measure(MeasureInput(fused, picks[0], CUDA), MeasureResult((1e-6,) * 3), "t")]
+    assert prior_configs(fused_records, plain, CUDA)[0] == picks[0].as_dict()
+    assert not best_configs_elsewhere(records, Task.make("softmax", {"M": 1, "N": 256}, "float16"), CUDA)
+
+
 @pytest.mark.parametrize("op,shape,dtype", [("gemm", {"M": 4096, "N": 4096, "K": 4096}, "float16"),
                                             ("gemm", {"M": 512, "N": 11008, "K": 4096}, "bfloat16"),
                                             ("gemm", {"M": 4096, "N": 4096, "K": 4096}, "float32"),

@@ -79,6 +79,7 @@ class SplitKvDecode:
 
     target_kind = "cuda"
     dtypes = ("float32", "float16", "bfloat16")
+    schedule_family = ("attention_decode", "rope_append_attention")  # each's best configs seed the other's search
     ROW_DIVISOR = 1  # a vector of a row must fit in D / this dims (2: within one rotate-half half)
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
