@@ -189,6 +189,19 @@ def test_rope_append_on_gpu(drv, builder, target):
     check_cases(drv, builder, target, cases, n_sampled=1)
 
 
+def test_rope_append_attention_on_gpu(drv, builder, target):
+    """The captured step's attention with rope and the cache write: ragged positions (one past
+    the cache), split and unsplit, Llama 2 and Llama 3 heads, every config called twice on the
+    same workspace."""
+    llama3 = {"theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    wanted = [dict(splits=1), dict(splits=8), dict(lanes=32, vec=1)]
+    cases = [("rope_append_attention", {"B": b, "H": h, "HKV": hkv, "D": 128, "S": 512, "L": 512}, attrs, ("S", "L"),
+              [{"L": 1}, {"L": 300}, {"S": 700, "L": 699}], wanted)
+             for b, h, hkv, attrs in ((1, 32, 32, {}), (3, 32, 8, llama3))]
+    check_cases(drv, builder, target, cases, n_sampled=1, repeat=2)
+
+
 def test_attention_decode_on_gpu(drv, builder, target):
     """Split counts from 1 up, L from 1 to S (S itself a runtime argument), every config
     called twice on the same workspace: the second call proves the counters were reset."""
