@@ -585,8 +585,8 @@ class _ResidentStep:
 
     Its kernels are ``decode_calls(..., resident=True)``: attention reads each sequence's
     length and ``rope_append`` (the rotary embedding and the cache write in one) its position
-    from device memory (or ``rope_append_attention``, all three in one, the position), ``argmax`` picks the next ids there, so the recorded launches are right
-    at every step. Per step the host writes the new tokens' embedding rows (gathered from its
+    from device memory (``rope_append_attention``, all three in one, the position), ``argmax``
+    picks the next ids there, so the recorded launches are right at every step. Per step the host writes the new tokens' embedding rows (gathered from its
     table) and the positions into page-locked memory, launches the graph (which copies them in first and the ids, and the logits when
     kept, out last), and waits once. Where the driver cannot capture, the same work is issued
     call by call."""

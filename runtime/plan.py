@@ -181,7 +181,7 @@ def _with_attrs(call: KernelCall, attrs: dict) -> KernelCall:
     return KernelCall(call.role, KernelSpec.make(spec.op, spec.dims, spec.dtype, attrs, spec.dynamic), call.count)
 
 
-def _rope_into_attention(config: ModelConfig, calls: list[KernelCall]) -> list[KernelCall]:
+def _rope_into_attention(calls: list[KernelCall]) -> list[KernelCall]:
     """``calls`` with ``rope_append`` and attention as one ``rope_append_attention`` (role attention)."""
     append = next(call for call in calls if call.role == "rope_append")
     attention = next(call for call in calls if call.role == "attention")
@@ -306,7 +306,7 @@ def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "
             calls = _fuse_norms(c, calls)
             # the step whose kernels overlap (programmatic launches): rope, the cache write and attention
             # in one kernel that joins the GEMVs
-            calls = _rope_into_attention(c, calls)
+            calls = _rope_into_attention(calls)
     elif fused_norms:
         raise ValueError("only the resident decode step fuses its norms into GEMVs")
     return calls
