@@ -252,6 +252,7 @@ def main() -> int:
     decode_mode = model.decode_mode
     capture_error = model.capture_error
     edges, edges_error = model.programmatic_edges, model.programmatic_error
+    step_kernels = model.step_kernels
     # the same graph without programmatic edges: what the overlap of neighbouring kernels is worth
     model.programmatic_launch = False
     plain = min((model.generate(prompts, args.new, keep_logits=False) for _ in range(3)), key=lambda g: g.decode_s)
@@ -304,7 +305,7 @@ def main() -> int:
         "model": config.name, "dtype": args.dtype, "quantize": args.quantize, "prompt": args.prompt, "new": args.new,
         "kernels_tuned": sum(1 for k in model.used.values() if k.tuned), "kernels": len(model.used),
         "decode_mode": decode_mode, "capture_error": capture_error, "same_tokens_as_timed": bool((ours.tokens == timed.tokens).all()),
-        "programmatic_edges": edges, "programmatic_error": edges_error,
+        "step_kernels": step_kernels, "programmatic_edges": edges, "programmatic_error": edges_error,
         "decode_tokens_per_s_plain_graph": decode_tokens / plain.decode_s,
         "same_tokens_plain_graph": bool((plain.tokens == timed.tokens).all()),
         "decode_tokens_per_s": decode_tokens / timed.decode_s, "prefill_tokens_per_s": args.prompt / ours_prefill,
@@ -323,7 +324,8 @@ def main() -> int:
           f"{result['decode_vs_torch']:.2f}x torch eager ({result['torch_decode_tokens_per_s']:.1f}); prefill "
           f"{result['prefill_tokens_per_s']:.0f} tok/s, {result['prefill_vs_torch']:.2f}x torch; logits vs torch "
           f"float32: max {max_abs:.2e} ({max_rel:.1e} relative), same argmax {same * 100:.0f}%", file=sys.stderr)
-    print(f"  {edges} programmatic edges in the graph{f' (refused: {edges_error})' if edges_error else ''}; "
+    print(f"  {step_kernels} kernels and {edges} programmatic edges in the graph"
+          f"{f' (refused: {edges_error})' if edges_error else ''}; "
           f"without them {result['decode_tokens_per_s_plain_graph']:.1f} tok/s", file=sys.stderr)
     if profile and "kernels" in profile:
         print(f"a decode step from a timed run: {profile['wall_us_per_step']:.0f} us, "

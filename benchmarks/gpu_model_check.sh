@@ -54,7 +54,7 @@ for r in rows:
 for r in rows:  # the captured step's programmatic edges (each kernel starting as the one before ends)
     if "programmatic_edges" in r:
         refused = f" (refused: {r['programmatic_error']})" if r.get("programmatic_error") else ""
-        print(f"{r['model']} {r['quantize']}: {r['programmatic_edges']} programmatic edges{refused}; decode "
+        print(f"{r['model']} {r['quantize']}: {r.get('step_kernels', '?')} kernels, {r['programmatic_edges']} programmatic edges{refused}; decode "
               f"{r['decode_tokens_per_s']:.1f} tok/s with them, {r['decode_tokens_per_s_plain_graph']:.1f} without "
               f"({r['decode_tokens_per_s'] / r['decode_tokens_per_s_plain_graph']:.3f}x)")
 for r in rows:  # where a decode step goes (torch's profiler over a timed run)

@@ -150,6 +150,7 @@ class LlamaModel:
         # each starts as the one before it ends; False captures plain graphs (to compare)
         self.programmatic_launch = True
         self.programmatic_edges = 0  # in the last generation's graph
+        self.step_kernels = 0  # kernels in the last generation's resident step (its graph's kernel nodes)
         self.programmatic_error: str | None = None  # why its graph has none, where the driver refused them
         self._edges_refused: str | None = None  # the driver's refusal, so later steps do not ask again
 
@@ -464,6 +465,8 @@ class LlamaModel:
         self.capture_error = getattr(step, "capture_error", None)
         self.programmatic_edges = getattr(step, "programmatic_edges", 0) if step.mode == "graph" else 0
         self.programmatic_error = getattr(step, "programmatic_error", None)
+        self.step_kernels = (sum(1 for call in step.bound if call.kernel is not None)
+                             if isinstance(step, _ResidentStep) else 0)
         return step
 
     def generate(self, prompts: np.ndarray, new_tokens: int, keep_logits: bool = True) -> Generation:

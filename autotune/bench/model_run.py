@@ -65,9 +65,11 @@ def run_generation(kernels: KernelProvider, config: ModelConfig, weights: ModelW
 def decode_path(model: LlamaModel) -> dict[str, Any]:
     """How the last generation's decode steps ran: ``decode_mode`` (host: a call per kernel;
     graph: one captured CUDA graph per step; resident: its kernels issued one by one), with the
-    graph's programmatic edges, and the driver's words where it refused a capture or the edges."""
+    step's kernels and the graph's programmatic edges, and the driver's words where it refused a
+    capture or the edges."""
     path: dict[str, Any] = {"decode_mode": model.decode_mode}
     if model.decode_mode != "host":
+        path["step_kernels"] = model.step_kernels
         path["programmatic_edges"] = model.programmatic_edges
         for name in ("capture_error", "programmatic_error"):
             if getattr(model, name):
@@ -203,7 +205,8 @@ class RunReport:
             return []
         if mode == "graph":
             edges = self.kernels.get("programmatic_edges", 0)
-            line = f"  decode: one CUDA graph per token, {edges} programmatic edges"
+            line = (f"  decode: one CUDA graph per token, {self.kernels.get('step_kernels', 0)} kernels, "
+                    f"{edges} programmatic edges")
             refused = self.kernels.get("programmatic_error")
             return [line + (f" (the driver refused them: {refused})" if refused else "")]
         return [f"  decode: the step's kernels issued one by one (no CUDA graph: "
