@@ -222,44 +222,58 @@ def _decode(torch, task, t, template):
             lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True))
 
 
+def _written_caches(torch, task, dtype, positions):
+    """(caches, rows, at) for the cache outputs of a row append: two caches of NaN (the rows
+    nothing writes stay so, as the operator's reference marks them), and the sequences whose
+    position lies inside the cache with those positions, as index tensors."""
+    d, device = task.dims, positions.device
+    caches = [torch.full((d["B"], d["HKV"], d["S"], d["D"]), float("nan"), dtype=dtype, device=device)
+              for _ in range(2)]
+    inside = [(b, int(p)) for b, p in enumerate(positions.tolist()) if 0 <= int(p) < d["S"]]
+    rows = torch.tensor([b for b, _ in inside], device=device, dtype=torch.long)
+    at = torch.tensor([p for _, p in inside], device=device, dtype=torch.long)
+    return caches, rows, at
+
+
+def _rotation(torch, task, template, qkv, positions):
+    """The rotate-half (HF Llama) of the projection's q and k rows at ``positions``, as a call:
+    the cos and sin tables are made once, here."""
+    d = task.dims
+    heads, dim = d["H"] + d["HKV"], d["D"]
+    freqs = torch.tensor(frequencies_of_attrs(dim, template.attrs(task)), dtype=torch.float32, device=qkv.device)
+    angle = positions.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([angle, angle], dim=-1)[:, None, :]  # B, 1, D
+    cos, sin = emb.cos().to(qkv.dtype), emb.sin().to(qkv.dtype)
+
+    def rotated():
+        x = qkv[:, :heads]
+        lo, hi = x[..., : dim // 2], x[..., dim // 2:]
+        return x * cos + torch.cat([-hi, lo], dim=-1) * sin
+    return rotated
+
+
 @baseline("kv_append")
 def _kv_append(torch, task, t, template):
-    d = task.dims
-    # untouched rows stay NaN, as the operator's reference marks them
-    caches = [torch.full((d["B"], d["HKV"], d["S"], d["D"]), float("nan"), dtype=t["K"].dtype, device="cuda")
-              for _ in range(2)]
-    inside = [(b, int(p)) for b, p in enumerate(t["P"].tolist()) if 0 <= int(p) < d["S"]]
-    rows = torch.tensor([b for b, _ in inside], device="cuda", dtype=torch.long)
-    positions = torch.tensor([p for _, p in inside], device="cuda", dtype=torch.long)
+    caches, rows, at = _written_caches(torch, task, t["K"].dtype, t["P"])
 
     def append():
         for cache, new in zip(caches, (t["K"], t["V"])):
-            cache[rows, :, positions] = new[rows]
+            cache[rows, :, at] = new[rows]
         return tuple(caches)
     return "torch index_put of the rows", append
 
 
 @baseline("rope_append")
 def _rope_append(torch, task, t, template):
-    d = task.dims
-    h, hkv, dim = d["H"], d["HKV"], d["D"]
-    qkv, p = t["QKV"], t["P"]
-    freqs = torch.tensor(frequencies_of_attrs(dim, template.attrs(task)), dtype=torch.float32, device="cuda")
-    angle = p.to(torch.float32)[:, None] * freqs[None, :]
-    emb = torch.cat([angle, angle], dim=-1)[:, None, :]  # B, 1, D
-    cos, sin = emb.cos().to(qkv.dtype), emb.sin().to(qkv.dtype)
-    # untouched rows stay NaN, as the operator's reference marks them
-    caches = [torch.full((d["B"], hkv, d["S"], dim), float("nan"), dtype=qkv.dtype, device="cuda") for _ in range(2)]
-    inside = [(b, int(position)) for b, position in enumerate(p.tolist()) if 0 <= int(position) < d["S"]]
-    rows = torch.tensor([b for b, _ in inside], device="cuda", dtype=torch.long)
-    positions = torch.tensor([position for _, position in inside], device="cuda", dtype=torch.long)
+    h, hkv = task.dims["H"], task.dims["HKV"]
+    qkv = t["QKV"]
+    rotate = _rotation(torch, task, template, qkv, t["P"])
+    caches, rows, at = _written_caches(torch, task, qkv.dtype, t["P"])
 
     def rope_append():
-        x = qkv[:, : h + hkv]
-        lo, hi = x[..., : dim // 2], x[..., dim // 2:]
-        rotated = x * cos + torch.cat([-hi, lo], dim=-1) * sin
-        caches[0][rows, :, positions] = rotated[rows, h:]
-        caches[1][rows, :, positions] = qkv[rows, h + hkv:]
+        rotated = rotate()
+        caches[0][rows, :, at] = rotated[rows, h:]
+        caches[1][rows, :, at] = qkv[rows, h + hkv:]
         return rotated[:, :h], caches[0], caches[1]
     return "eager torch rotate-half (HF Llama) and index_put of the rows", rope_append
 
@@ -270,35 +284,25 @@ def _rope_append_attention(torch, task, t, template):
     import torch.nn.functional as F
 
     d = task.dims
-    h, hkv, dim, capacity = d["H"], d["HKV"], d["D"], d["S"]
+    h, hkv = d["H"], d["HKV"]
     qkv, p, device = t["QKV"], t["P"], t["QKV"].device
-    attrs = template.attrs(task)
-    scale = float(attrs["scale"]) or 1.0 / math.sqrt(dim)
-    freqs = torch.tensor(frequencies_of_attrs(dim, attrs), dtype=torch.float32, device=device)
-    angle = p.to(torch.float32)[:, None] * freqs[None, :]
-    emb = torch.cat([angle, angle], dim=-1)[:, None, :]  # B, 1, D
-    cos, sin = emb.cos().to(qkv.dtype), emb.sin().to(qkv.dtype)
+    scale = float(template.attrs(task)["scale"]) or 1.0 / math.sqrt(d["D"])
+    rotate = _rotation(torch, task, template, qkv, p)
     # the rows past each position are NaN in the inputs (never read): zeros here, so that masked
     # rows add 0, not NaN; one row more for a position past the cache
     caches = [torch.cat([torch.nan_to_num(t[n]), torch.zeros_like(t[n][:, :, :1])], dim=2) for n in ("K", "V")]
-    cached = [min(max(int(position), 0), capacity) for position in p.tolist()]
+    cached = [min(max(int(position), 0), d["S"]) for position in p.tolist()]
     batch = torch.arange(d["B"], device=device)
     rows = torch.tensor(cached, device=device, dtype=torch.long)
     n = max(cached) + 1
     mask = (torch.arange(n, device=device)[None, :] <= rows[:, None])[:, None, None, :]
-    # the outputs' caches: only the rows written, NaN elsewhere as the operator's reference marks them
-    outs = [torch.full((d["B"], hkv, capacity, dim), float("nan"), dtype=qkv.dtype, device=device) for _ in range(2)]
-    inside = torch.tensor([b for b, c in enumerate(cached) if c == int(p[b]) and c < capacity], device=device,
-                          dtype=torch.long)
+    outs, written, at = _written_caches(torch, task, qkv.dtype, p)  # the outputs: only the rows written
 
     def rope_append_attention():
-        x = qkv[:, : h + hkv]
-        lo, hi = x[..., : dim // 2], x[..., dim // 2:]
-        rotated = x * cos + torch.cat([-hi, lo], dim=-1) * sin
-        new_k, new_v = rotated[:, h:], qkv[:, h + hkv:]
-        for cache, out, new in zip(caches, outs, (new_k, new_v)):
+        rotated = rotate()
+        for cache, out, new in zip(caches, outs, (rotated[:, h:], qkv[:, h + hkv:])):
             cache[batch, :, rows] = new
-            out[inside, :, rows[inside]] = new[inside]
+            out[written, :, at] = new[written]
         o = F.scaled_dot_product_attention(rotated[:, :h, None, :], caches[0][:, :, :n], caches[1][:, :, :n],
                                            attn_mask=mask, scale=scale, enable_gqa=True)
         return o, outs[0], outs[1]

@@ -236,7 +236,7 @@ __device__ __forceinline__ void rotated_vector(const E* row, int i0, int positio
 }
 """
 _POSITION = """  // this sequence's position: the cached rows before it (at most S), then its own new row
-  const int position = P[blockIdx.z];
+  const int position = P[b];
   const long long cached = position < 0 ? 0 : (position < S ? position : S);
 """
 _CACHED_END = """  const long long end = begin + per < cached ? begin + per : cached;   // rows read from the cache
