@@ -54,7 +54,7 @@ from measure.worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeou
 from records import Record, StaleRecordsWarning, select_best
 from records.record import package_version
 from runtime.abi import MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION
-from runtime.library import MANIFEST, read_manifest, sha256_of
+from runtime.library import MANIFEST, read_manifest, seal_contracts, sha256_of
 from search_space import KernelSource, Target, Task, get_template, template_module
 
 from .c_header import header_text
@@ -309,6 +309,7 @@ def _write_library(kernels: list[_Kernel], stage: Path, target: Target, n_parall
         "header": HEADER if library is not None else None,
         "kernels": entries,
     }
+    seal_contracts(manifest)  # runtime.load refuses an entry edited after this
     (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return entries, library
 

@@ -14,7 +14,9 @@ import ctypes
 import hashlib
 import json
 import math
+import os
 import re
+import struct
 import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Sequence
@@ -51,7 +53,8 @@ class IncompatibleCpuError(ValueError):
 
 
 class UnverifiedLibraryWarning(UserWarning):
-    """A library from an older export records no sha256 of its code: it is loaded unchecked."""
+    """A library from an older export records no sha256 of its code, or no contract of its
+    kernels: it is loaded unchecked."""
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -63,12 +66,12 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise LibraryFormatError(f"{file} leads out of the library folder (to {file.resolve()})")
     try:
         manifest = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested past Python's stack
         raise LibraryFormatError(f"{file} cannot be read: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise LibraryFormatError(f"{file} is not an {MANIFEST_FORMAT} manifest")
     schema = manifest.get("schema")
-    if not isinstance(schema, int) or not 1 <= schema <= MANIFEST_SCHEMA_VERSION:
+    if not _is_int(schema) or not 1 <= schema <= MANIFEST_SCHEMA_VERSION:
         raise LibraryFormatError(f"{file} has schema {schema!r}; this runtime reads 1..{MANIFEST_SCHEMA_VERSION}")
     return manifest
 
@@ -122,8 +125,50 @@ def expected_task_key(entry: Mapping[str, Any]) -> str:
     return key
 
 
+# What the runtime believes of a kernel when it calls it. Export seals these fields of every
+# entry together with the sha256 of the code they describe (``contract_sha256``), so an entry
+# edited after export (its dims and task, arguments, launch, or the symbol it names) is refused
+# instead of called on arrays its code does not expect. This guards against edits and
+# corruption, not malice: whoever can write the folder can put any code in it.
+CONTRACT_FIELDS = ("entry", "symbol", "task", "op", "dtype", "dims", "dynamic", "attrs", "lang", "args", "launch")
+
+
+def contract_sha256(entry: Mapping[str, Any], code_sha256: Any) -> str:
+    """The seal of ``entry``'s contract with the code it describes (a JSON-shaped entry, as
+    the manifest holds it)."""
+    contract = {"code_sha256": code_sha256, **{k: entry.get(k) for k in CONTRACT_FIELDS}}
+    return hashlib.sha256(json.dumps(contract, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal_contracts(manifest: dict[str, Any]) -> None:
+    """Export's side: give every kernel record its ``contract_sha256`` (the code hashes first)."""
+    loader = LOADERS[manifest["target"]["kind"]]
+    for entry in manifest["kernels"]:
+        as_read = json.loads(json.dumps(entry))  # exactly what runtime.load will read back
+        entry["contract_sha256"] = contract_sha256(as_read, loader.code_sha256(manifest, as_read))
+
+
+def check_contracts(manifest: Mapping[str, Any], folder: Path) -> list[str]:
+    """Refuse a kernel record that is not what export sealed for its code; returns the entries
+    of a library from before contracts were sealed (loaded with a warning)."""
+    loader, unsealed = LOADERS[manifest["target"]["kind"]], []
+    for entry in manifest["kernels"]:
+        sealed = entry.get("contract_sha256")
+        if sealed is None:
+            unsealed.append(entry["entry"])
+        elif sealed != contract_sha256(entry, loader.code_sha256(manifest, entry)):
+            raise LibraryFormatError(f"{folder / MANIFEST}: kernel {entry['entry']} was edited after export: what "
+                                     "it says of its dims, arguments, launch or symbol is not what export sealed "
+                                     "with its code (export it again rather than editing it)")
+    return unsealed
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_dtype(value: Any) -> bool:
+    return isinstance(value, str) and value in NUMPY_DTYPES
 
 
 def _check_dims(entry: Mapping[str, Any], where: str) -> None:
@@ -134,7 +179,8 @@ def _check_dims(entry: Mapping[str, Any], where: str) -> None:
         if not IDENTIFIER.match(name) or not _is_int(value) or not 1 <= value <= MAX_DIM:
             raise LibraryFormatError(f"{where}: dim {name} = {value!r} is not a positive int up to {MAX_DIM}")
     dynamic = entry.get("dynamic")
-    if not isinstance(dynamic, list) or any(d not in dims for d in dynamic) or len(set(dynamic)) != len(dynamic):
+    if (not isinstance(dynamic, list) or any(not isinstance(d, str) or d not in dims for d in dynamic)
+            or len(set(dynamic)) != len(dynamic)):
         raise LibraryFormatError(f"{where}: dynamic dims {dynamic!r} are not distinct dims of {list(dims)}")
 
 
@@ -145,7 +191,8 @@ def _check_args(entry: Mapping[str, Any], where: str) -> None:
     if not isinstance(args, list) or not args:
         raise LibraryFormatError(f"{where}: args must be a list")
     names, scalars_started, arrays_started = set(), False, False
-    arrays = {a.get("name"): a for a in args if isinstance(a, dict) and a.get("role") in ("in", "out")}
+    arrays = {a["name"]: a for a in args
+              if isinstance(a, dict) and isinstance(a.get("name"), str) and a.get("role") in ("in", "out")}
     for arg in args:
         if not isinstance(arg, dict) or not isinstance(arg.get("name"), str) or not IDENTIFIER.match(arg["name"]):
             raise LibraryFormatError(f"{where}: argument {arg!r} has no valid name")
@@ -165,7 +212,7 @@ def _check_args(entry: Mapping[str, Any], where: str) -> None:
             _check_tensor_map(arg, arrays.get(arg.get("of")), where)
         elif role in ("in", "out"):
             shape = arg.get("shape")
-            if arg.get("dtype", "float32") not in NUMPY_DTYPES or not isinstance(shape, list):
+            if not _is_dtype(arg.get("dtype", "float32")) or not isinstance(shape, list):
                 raise LibraryFormatError(f"{where}: array {name} needs a known dtype and a shape")
             for d in shape:
                 if not (d in dims if isinstance(d, str) else _is_int(d) and 1 <= d <= MAX_DIM):
@@ -187,9 +234,10 @@ def _check_tensor_map(arg: Mapping[str, Any], array: Mapping[str, Any] | None, w
     """A TMA descriptor's box: of an array of this kernel, a size per dim of it, as the hardware
     takes it (at most 256 per dim, the innermost within the swizzle span)."""
     name, box, swizzle = arg["name"], arg.get("shape"), arg.get("swizzle", 0)
-    if array is None or array.get("dtype") != arg.get("dtype"):
+    if array is None or not _is_dtype(arg.get("dtype")) or array.get("dtype") != arg.get("dtype"):
         raise LibraryFormatError(f"{where}: tensor map {name} is not of an array argument of its dtype")
     if (not isinstance(box, list) or len(box) != len(array.get("shape") or ()) or not all(_is_int(b) for b in box)
+            or not _is_int(swizzle)
             or not tma_box_fits(box, numpy_dtype(arg["dtype"]).itemsize, swizzle)):
         raise LibraryFormatError(f"{where}: tensor map {name}: box {box!r} with swizzle {swizzle!r} is not one "
                                  "TMA can copy")
@@ -223,7 +271,7 @@ def check_entry(entry: Any, kind: str) -> None:
     if not isinstance(entry, dict) or not isinstance(entry.get("entry"), str) or not IDENTIFIER.match(entry["entry"]):
         raise LibraryFormatError(f"a kernel record without a valid entry name: {str(entry)[:80]}")
     where = f"kernel {entry['entry']}"
-    if not isinstance(entry.get("op"), str) or entry.get("dtype") not in NUMPY_DTYPES:
+    if not isinstance(entry.get("op"), str) or not _is_dtype(entry.get("dtype")):
         raise LibraryFormatError(f"{where}: needs an op and a known dtype")
     for key in ("attrs", "config"):
         if not isinstance(entry.get(key) or {}, dict):
@@ -239,7 +287,7 @@ def check_entry(entry: Any, kind: str) -> None:
 def check_manifest(manifest: Mapping[str, Any], folder: Path) -> None:
     """The whole manifest: a target and a list of valid kernel records with distinct entry names."""
     target, kernels = manifest.get("target"), manifest.get("kernels")
-    if not isinstance(target, dict) or target.get("kind") not in LOADERS:
+    if not isinstance(target, dict) or not isinstance(target.get("kind"), str) or target["kind"] not in LOADERS:
         raise LibraryFormatError(f"{folder}: the manifest's target kind is not one of {', '.join(LOADERS)}")
     if not isinstance(kernels, list):
         raise LibraryFormatError(f"{folder}: the manifest has no list of kernels")
@@ -281,11 +329,31 @@ def checked_manifest(folder: Path) -> dict[str, Any]:
     manifest = read_manifest(folder)
     check_manifest(manifest, folder)
     unverified = check_files(manifest, folder)
-    if unverified:
-        more = " and more" if len(unverified) > 3 else ""
-        warnings.warn(f"{folder} records no sha256 of {', '.join(unverified[:3])}{more}: loaded unchecked "
-                      "(export it again to have it checked)", UnverifiedLibraryWarning, stacklevel=4)
+    unsealed = check_contracts(manifest, folder)
+    for what, names in (("sha256", unverified), ("contract", unsealed)):
+        if names:
+            more = " and more" if len(names) > 3 else ""
+            warnings.warn(f"{folder} records no {what} of {', '.join(names[:3])}{more}: loaded unchecked "
+                          "(export it again to have it checked)", UnverifiedLibraryWarning, stacklevel=4)
     return manifest
+
+
+def check_shared_object(data: bytes, what: str) -> None:
+    """A 64-bit ELF file whose program headers and segments lie within it: dlopen maps the
+    segments, and one that runs past the end of a truncated file kills the process (SIGBUS)
+    instead of failing."""
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] not in (1, 2):
+        raise LibraryFormatError(f"{what} is not a 64-bit ELF shared object")
+    order = "<" if data[5] == 1 else ">"
+    phoff, = struct.unpack_from(order + "Q", data, 32)
+    phentsize, phnum = struct.unpack_from(order + "HH", data, 54)
+    if phentsize < 56 or phoff + phnum * phentsize > len(data):
+        raise LibraryFormatError(f"{what}: its program headers lie past its end (the file is cut short)")
+    for i in range(phnum):
+        offset, = struct.unpack_from(order + "Q", data, phoff + i * phentsize + 8)
+        size, = struct.unpack_from(order + "Q", data, phoff + i * phentsize + 32)
+        if offset + size > len(data):
+            raise LibraryFormatError(f"{what}: segment {i} lies past its end (the file is cut short)")
 
 
 def spec_of_entry(entry: Mapping[str, Any]) -> KernelSpec:
@@ -394,20 +462,46 @@ class SharedObjectKernels:
             raise LibraryFormatError(f"{where}: symbol {symbol!r} is not an entry name export gives a kernel")
         if any(a["role"] == "tensor_map" for a in entry["args"]):
             raise LibraryFormatError(f"{where}: a CPU kernel takes no tensor maps (TMA is a CUDA feature)")
+        if entry.get("lang", "llvm") != "llvm" or "cubin" in entry:
+            raise LibraryFormatError(f"{where}: a CPU library's kernel is LLVM code in its shared library, "
+                                     f"not {entry.get('lang')!r} code or a cubin")
 
     @staticmethod
     def code_files(manifest: Mapping[str, Any]) -> list[tuple[Any, Any, str]]:
         return [(manifest.get("library"), manifest.get("library_sha256"), "shared library")]
+
+    @staticmethod
+    def code_sha256(manifest: Mapping[str, Any], entry: Mapping[str, Any]) -> Any:
+        return manifest.get("library_sha256")
 
     def __init__(self, folder: Path, manifest: Mapping[str, Any]):
         missing = missing_cpu_features(manifest["target"])
         if missing:
             raise IncompatibleCpuError(f"{folder} was compiled for {manifest['target'].get('arch')} and needs "
                                        f"{', '.join(missing)}, which this CPU lacks: export it again for this machine")
-        # inside the folder and of the recorded sha256: checked by check_files at load
         library = library_file(folder, manifest.get("library"), "shared library")
-        # RTLD_LOCAL: two libraries loaded side by side keep their own symbols
-        self._dll = ctypes.CDLL(str(library), mode=ctypes.RTLD_LOCAL)
+        # The bytes that are checked are the bytes that are loaded: the file is opened once,
+        # checked through that descriptor, and dlopen'ed through it (a file put in its place
+        # meanwhile is not the one that runs).
+        fd = os.open(library, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read()
+            if manifest.get("library_sha256") is not None:
+                check_sha256(hashlib.sha256(data).hexdigest(), manifest["library_sha256"], f"{folder}: {library.name}")
+            check_shared_object(data, f"{folder}: {library.name}")
+            by_descriptor = f"/proc/self/fd/{fd}"
+            # RTLD_LOCAL: two libraries loaded side by side keep their own symbols
+            self._dll = ctypes.CDLL(by_descriptor if os.path.exists(by_descriptor) else str(library),
+                                    mode=ctypes.RTLD_LOCAL)
+        except OSError as exc:
+            raise LibraryFormatError(f"{folder}: {library.name} cannot be loaded: {exc}") from None
+        finally:
+            os.close(fd)
+        for entry in manifest["kernels"]:  # every kernel is there now, not at its first call
+            if not hasattr(self._dll, entry.get("symbol", entry["entry"])):
+                raise LibraryFormatError(f"{folder}: kernel {entry['entry']}: {library.name} has no symbol "
+                                         f"{entry.get('symbol', entry['entry'])!r}")
 
     def kernel(self, record: Mapping[str, Any], args: tuple[ArgSpec, ...]) -> Kernel:
         function = getattr(self._dll, record.get("symbol", record["entry"]))
@@ -434,6 +528,10 @@ class CubinKernels:
     @staticmethod
     def code_files(manifest: Mapping[str, Any]) -> list[tuple[Any, Any, str]]:
         return [(e.get("cubin"), e.get("cubin_sha256"), f"cubin of {e['entry']}") for e in manifest["kernels"]]
+
+    @staticmethod
+    def code_sha256(manifest: Mapping[str, Any], entry: Mapping[str, Any]) -> Any:
+        return entry.get("cubin_sha256")
 
     def __init__(self, folder: Path, manifest: Mapping[str, Any]):
         self.folder = folder

@@ -111,3 +111,11 @@ def test_cuda_records_export_to_cubins_that_the_runtime_launches(fake_gpu, tmp_p
 
     with pytest.raises(LibraryFormatError, match="cubin of .* does not match the manifest's"):
         runtime.load(changed)
+
+    edited = tmp_path / "edited"  # a launch edited by hand is not what export sealed with the cubin
+    shutil.copytree(tmp_path / "lib", edited)
+    block = manifest["kernels"][0]["launch"]["block"]
+    block[0] = block[0] * 2 if block[0] <= 512 else block[0] // 2
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LibraryFormatError, match="was edited after export"):
+        runtime.load(edited)

@@ -177,6 +177,8 @@ MANIFEST_EDITS = {  # what an edit does to the manifest, and the words the refus
     "a tensor map on a CPU kernel": (lambda m, lib: _gemv(m)["args"].insert(0, dict(_X_MAP)), "takes no tensor maps"),
     "a tensor map after an array": (lambda m, lib: _gemv(m)["args"].insert(1, dict(_X_MAP)), "comes after an array"),
     "a tensor map of no array": (lambda m, lib: _gemv(m)["args"].insert(0, dict(_X_MAP, of="Q")), "is not of an array"),
+    "a cubin in a CPU library": (lambda m, lib: _gemv(m).update(cubin="cubins/x.cubin"), "not 'llvm' code or a cubin"),
+    "CUDA code in a CPU library": (lambda m, lib: _gemv(m).update(lang="cuda"), "not 'cuda' code"),
 }
 
 
@@ -207,6 +209,149 @@ def test_an_edited_dim_never_reaches_a_kernel(tmp_path, exported_library):
     """), str(library), timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("refused:"), (proc.returncode, proc.stdout, proc.stderr)
     assert "do not match its task 'gemv/float32/M=1,N=64,K=128'" in proc.stdout
+
+
+def _gemv_of(manifest: dict, n: int) -> dict:
+    return next(k for k in manifest["kernels"] if k["op"] == "gemv" and k["dims"]["N"] == n)
+
+
+def _dims_with_their_task(manifest: dict, folder: Path) -> None:
+    from runtime.library import expected_task_key
+
+    gemv = _gemv(manifest)
+    gemv["dims"]["N"] = 8
+    gemv["task"] = expected_task_key(gemv)
+
+
+def _swap_kernels(manifest: dict, folder: Path) -> None:
+    """Two gemv records naming each other's code: each entry stays well formed."""
+    a, b = _gemv_of(manifest, 64), _gemv_of(manifest, 32)
+    for key in ("entry", "symbol"):
+        a[key], b[key] = b[key], a[key]
+
+
+def _static_dim(manifest: dict, folder: Path) -> None:
+    from runtime.library import expected_task_key
+
+    rmsnorm = _kernel(manifest, "rmsnorm")
+    rmsnorm["dynamic"] = []
+    rmsnorm["args"] = [a for a in rmsnorm["args"] if a["role"] != "scalar"]
+    rmsnorm["task"] = expected_task_key(rmsnorm)
+
+
+# Edits that keep every entry well formed on its own: what the code expects is known only to
+# the seal export put on each entry (contract_sha256). Each of them crashed the process before.
+CONTRACT_EDITS = {
+    "dims and task edited together": _dims_with_their_task,
+    "two kernels' code swapped": _swap_kernels,
+    "a dynamic dim made static": _static_dim,
+    "a smaller output": lambda m, lib: _gemv(m)["args"][2].update(shape=["M"]),
+    "an output of bytes": lambda m, lib: _gemv(m)["args"][2].update(dtype="uint8"),
+    "a weight of one column": lambda m, lib: _gemv(m)["args"][1].update(shape=["N", 1]),
+    "an argument dropped": lambda m, lib: _gemv(m)["args"].pop(1),
+    "an output declared an input": lambda m, lib: _gemv(m)["args"][2].update(role="in"),
+    "a workspace of no bytes": lambda m, lib: _workspace(m).update(nbytes=0),
+    "the seal itself": lambda m, lib: _gemv(m).update(contract_sha256="0" * 64),
+    "the code's hash dropped": lambda m, lib: m.pop("library_sha256"),
+}
+
+
+@pytest.mark.parametrize("case", CONTRACT_EDITS)
+def test_an_entry_edited_after_export_is_refused(case, tmp_path, exported_library):
+    library = _copy(exported_library, tmp_path)
+    _edit(library, CONTRACT_EDITS[case])
+    with pytest.raises(LibraryFormatError, match="was edited after export"):
+        runtime.load(library)
+
+
+def test_every_kernel_of_a_library_from_before_contracts_still_loads_and_is_found(tmp_path, exported_library):
+    """Without seals only the checks of the entries themselves stand; a symbol the shared
+    library lacks is refused at load, not at the kernel's first call."""
+    from runtime.library import UnverifiedLibraryWarning
+
+    library = _copy(exported_library, tmp_path)
+    _edit(library, lambda m, lib: [k.pop("contract_sha256") for k in m["kernels"]])
+    with pytest.warns(UnverifiedLibraryWarning, match="records no contract of"):
+        assert len(runtime.load(library).entries) == 7
+    _edit(library, lambda m, lib: _gemv(m).update(entry="gemv_f32_0123456789", symbol="gemv_f32_0123456789"))
+    with pytest.warns(UnverifiedLibraryWarning), pytest.raises(LibraryFormatError, match="has no symbol"):
+        runtime.load(library)
+
+
+def test_a_shared_object_cut_short_is_refused_not_mapped(tmp_path, exported_library):
+    """dlopen of a truncated shared object dies of SIGBUS; its segments are checked first (an
+    old library records no hash that would catch it). In a child: a regression kills it, not pytest."""
+    library = _copy(exported_library, tmp_path)
+    _edit(library, _as_before_hashes)
+    so = library / "libllm_autotune_kernels.so"
+    so.write_bytes(so.read_bytes()[:4096])
+    proc = run_numpy_only(tmp_path, textwrap.dedent("""
+        import sys, warnings
+        import runtime
+        warnings.simplefilter("ignore")
+        try:
+            runtime.load(sys.argv[1])
+        except ValueError as exc:
+            print("refused:", exc)
+    """), str(library), timeout=120)
+    assert proc.returncode == 0 and "refused:" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr)
+    assert "lies past its end (the file is cut short)" in proc.stdout
+    so.write_bytes(b"not an ELF file at all" * 10)
+    with pytest.warns(UserWarning), pytest.raises(LibraryFormatError, match="is not a 64-bit ELF shared object"):
+        runtime.load(library)
+
+
+ODD_VALUES = ([1], {"a": 1}, None, True, 1.5, "x", -1)
+
+
+def _odd_edits(manifest: dict):
+    """(where, change) for every field of the manifest's top level, its target, a kernel record
+    and each of its arguments, set to each of ODD_VALUES."""
+    paths = [("manifest", manifest, k) for k in manifest if k != "kernels"]
+    paths += [("target", manifest["target"], k) for k in manifest["target"]]
+    gemv = _gemv(manifest)
+    paths += [("kernel", gemv, k) for k in gemv]
+    paths += [(f"arg {a['name']}", a, k) for a in gemv["args"] for k in a]
+    paths += [("dims", gemv["dims"], k) for k in gemv["dims"]]
+    return [(f"{where}.{key} = {value!r}", holder, key, value) for where, holder, key in paths for value in ODD_VALUES]
+
+
+def test_a_field_of_any_json_type_is_refused_in_one_line_or_harmless(tmp_path, exported_library):
+    """Whatever JSON type a field holds, loading either works (an informational field) or
+    raises LibraryFormatError: never a TypeError or a crash from inside the checks."""
+    import copy
+
+    library = _copy(exported_library, tmp_path)
+    original = json.loads((library / "manifest.json").read_text())
+    escaped = []
+    for i in range(len(_odd_edits(original))):
+        manifest = copy.deepcopy(original)
+        what, holder, key, value = _odd_edits(manifest)[i]
+        holder[key] = value
+        (library / "manifest.json").write_text(json.dumps(manifest))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loaded = runtime.load(library)
+                loaded.kernel(_gemv(original)["entry"])
+        except LibraryFormatError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - what this test looks for
+            escaped.append(f"{what}: {type(exc).__name__}: {exc}")
+    assert not escaped, escaped
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"format": "llm-autotune-library", "schema": true}', "has schema True"),
+    ("[" * 100000 + "]" * 100000, "cannot be read"),
+])
+def test_a_manifest_that_is_not_one_is_refused(text, words, tmp_path, exported_library):
+    from runtime.abi import MANIFEST_FORMAT
+
+    library = _copy(exported_library, tmp_path)
+    (library / "manifest.json").write_text(text.replace("llm-autotune-library", MANIFEST_FORMAT))
+    with pytest.raises(LibraryFormatError, match=re.escape(words)):
+        runtime.load(library)
 
 
 @pytest.mark.parametrize("where", ["shared library", "source"])
@@ -252,13 +397,22 @@ def test_the_export_records_the_hash_of_the_shared_library(exported_library):
         runtime.load(exported_library)
 
 
+def _as_before_hashes(manifest: dict, folder: Path) -> None:
+    """What an export from before hashes and contracts were recorded wrote."""
+    manifest.pop("library_sha256")
+    for kernel in manifest["kernels"]:
+        kernel.pop("contract_sha256")
+
+
 def test_a_schema_1_library_without_hashes_loads_with_a_warning(tmp_path, exported_library):
     from runtime.library import UnverifiedLibraryWarning
 
     library = _copy(exported_library, tmp_path)
-    _edit(library, lambda manifest, folder: manifest.pop("library_sha256"))
-    with pytest.warns(UnverifiedLibraryWarning, match="records no sha256 of libllm_autotune_kernels.so"):
+    _edit(library, _as_before_hashes)
+    with pytest.warns(UnverifiedLibraryWarning) as warned:
         loaded = runtime.load(library)
+    said = " | ".join(str(w.message) for w in warned)
+    assert "records no sha256 of libllm_autotune_kernels.so" in said and "records no contract of" in said, said
     gemv = loaded.get("gemv", {"M": 1, "N": 64, "K": 128})
     x, w = np.ones((1, 128), np.float32), np.ones((64, 128), np.float32)
     np.testing.assert_allclose(gemv(x, w), np.full((1, 64), 128.0))
