@@ -138,6 +138,13 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_formats() -> set[str]:
+    """The file suffixes ``plot_convergence`` can write (matplotlib's Agg canvas decides)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return set(FigureCanvasAgg.get_supported_filetypes())
+
+
 def plot_convergence(report: dict, path: str) -> None:
     """Median best-so-far (share of the sweep's best) against trials, quartile bands, a panel per space."""
     import matplotlib

@@ -20,15 +20,21 @@ def resolve_target(name: str, compile_only: bool = False):
         return Target.host()
     if name == "cuda" or name.startswith("sm_"):
         # on a cluster the runners say which GPUs they are: this machine need not have one
-        if compile_only or name.startswith("sm_") or cluster_options_given().get("cluster"):
+        if compile_only or cluster_options_given().get("cluster"):
             try:
                 return Target.from_name("sm_90a" if name == "cuda" else name)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
+        # what measures runs on this machine's GPU: an arch without one would record every
+        # candidate as failed, and a rerun would take those failures as done
         try:
-            return Target.cuda(0)
+            gpu = Target.cuda(0)
         except Exception as exc:
             raise UserError(f"cuda target unavailable: {exc}") from None
+        if name.startswith("sm_") and gpu.arch != name:
+            raise UserError(f"--target {name}: this machine's GPU 0 is {gpu.arch} ({gpu.device_name}); "
+                            "measure with --target cuda")
+        return gpu
     raise UserError(f"unknown target {name!r}: use cpu, cuda or an arch like sm_90a")
 
 
@@ -239,6 +245,8 @@ def echo_json(data: Any) -> None:
 def restriction(template, task, target, threads: int | None, items=()) -> dict | None:
     """``--threads N`` and ``--restrict KNOB=V[,V...]`` as one space restriction, checked
     against the space: values are matched by their text (``vec=8,16``, ``stores=cached``)."""
+    import numpy as np
+
     space = template.space(task, target)
     allowed: dict[str, list] = {}
     for item in items:
@@ -262,16 +270,26 @@ def restriction(template, task, target, threads: int | None, items=()) -> dict |
             raise UserError(f"--threads {threads}: {task.op} on this machine takes {list(space.knob('threads').values)}")
         allowed["threads"] = [threads]
     try:
-        if allowed:
-            space.restrict(**allowed)
+        restricted = space.restrict(**allowed) if allowed else None
     except ValueError as exc:
         raise UserError(f"--restrict: {exc}") from None
+    # a restriction no valid config survives would run zero trials and look like success
+    if restricted is not None and not restricted.sample(np.random.default_rng(0), 1):
+        given = " and ".join(w for w, on in (("--restrict", items), ("--threads", threads is not None)) if on)
+        raise UserError(f"{given}: no config of {task.op}'s space at {task.key} is valid with these knob values")
     return allowed or None
 
 
 def positive(ctx, param, value):
     if value is not None and value < 1:
         raise UserError(f"--{param.name.replace('_', '-')} must be >= 1, got {value}")
+    return value
+
+
+def seed_option(ctx, param, value):
+    """A seed is what numpy's generators take: an int >= 0."""
+    if value is not None and value < 0:
+        raise UserError(f"--seed must be an int >= 0, got {value}")
     return value
 
 
@@ -283,14 +301,31 @@ def check_timeouts(**timeouts: float) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be a number of seconds > 0, got {value}")
 
 
-def check_model_files(tuner: str, transfer_from, load_model: str | None, save_model: str | None) -> None:
-    """The xgb tuner's cost-model options name files that exist (or, to save, a directory that does)."""
+def refuse_overwriting(option: str, output: str, inputs) -> None:
+    """``output`` is not one of the files the command reads (``inputs``): writing a report or a
+    model over a log would lose what was measured."""
+    target = Path(output).resolve()
+    for given in inputs:
+        if given and Path(given).resolve() == target:
+            raise UserError(f"{option} {output} is {given}, which this command reads: writing there would replace it")
+
+
+def check_model_files(tuner: str, transfer_from, load_model: str | None, save_model: str | None,
+                      log: str | None = None) -> None:
+    """The xgb tuner's cost-model options name files that exist (or, to save, a file in a
+    directory that does, and none that the job reads or writes: ``log`` is the job's log)."""
     if not (transfer_from or load_model or save_model):
         return
     if tuner != "xgb":
         raise UserError("--transfer-from, --load-model and --save-model need --tuner xgb")
     if save_model and not Path(save_model).resolve().parent.is_dir():
         raise UserError(f"--save-model {save_model}: directory {Path(save_model).parent} does not exist")
+    if save_model:  # the model is saved at the end of the job: refuse now, not after it
+        if Path(save_model).is_dir() or Path(save_model + ".meta.json").is_dir():
+            raise UserError(f"--save-model {save_model} is a directory: name the file to save the model as")
+        reads = [log, *(transfer_from or ()), load_model, load_model and load_model + ".meta.json"]
+        refuse_overwriting("--save-model", save_model, reads)
+        refuse_overwriting("--save-model", save_model + ".meta.json", reads)
     if load_model and not (Path(load_model).is_file() and Path(load_model + ".meta.json").is_file()):
         raise UserError(f"--load-model {load_model}: no saved model there (saved as PATH and PATH.meta.json)")
     for path in transfer_from or ():

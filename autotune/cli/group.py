@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 import click
 
@@ -133,5 +134,12 @@ class AutotuneGroup(click.Group):
 @click.version_option(package_name="llm-autotune", prog_name="autotune")
 def cli() -> None:
     """Autotune LLM operator kernels with learned cost models."""
+    warnings.showwarning = _warning_line
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning that reaches the user (a skipped log line, a stale record) as the CLI's other
+    warnings read: one line, not the module and line of code that raised it."""
+    click.echo(f"autotune: warning: {message}", err=True)
 
 

@@ -9,8 +9,8 @@ import click
 from runtime.precision import DTYPES
 
 from ..units import format_time
-from .common import (UserError, echo_json, load_logs, make_job, open_log, positive, resolve_target, run_tuning,
-                     stale_warnings_reported)
+from .common import (UserError, available_memory, check_fits_in_memory, echo_json, load_logs, make_job, open_log,
+                     positive, resolve_target, run_tuning, seed_option, stale_warnings_reported)
 from .group import cli
 
 
@@ -49,7 +49,7 @@ def load_config(model: str):
 @click.option("--tuner", default="xgb", show_default=True,
               type=click.Choice(["xgb", "random", "grid", "optuna-tpe", "optuna-cmaes"]))
 @click.option("--batch", default=8, show_default=True, type=int, callback=positive, help="trials per round")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, callback=seed_option)
 @click.option("--threads", default=None, type=int, callback=positive, help="cpu: only configs with this many threads")
 @click.option("--log", "log_path", default="tune.jsonl", show_default=True, help="JSONL tuning log (resumed)")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db]")
@@ -101,6 +101,8 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
     tgt = resolve_target(target)
     if threads is not None and not tgt.uses_cpu_threads:
         raise UserError("--threads is for the cpu target")
+    for task in tasks:  # a task that cannot be allocated would be given up trial after trial
+        check_fits_in_memory(task.task)
     job = make_job(target=tgt, model=workload, tuner=tuner, trials=trials_total, batch=batch, seed=seed,
                    log=open_log(log_path).path, restrict={"threads": [threads]} if threads is not None else None,
                    mlflow=not no_mlflow, tracking_uri=tracking_uri, experiment=experiment,
@@ -220,6 +222,17 @@ def _check_precision(tasks, kind: str, dtype: str) -> None:
                         "use --dtype float32 or another target")
 
 
+def _check_weights_fit(config, weights_dtype: str, quantize: str) -> None:
+    """Refuse a model whose weights alone exceed the memory this machine has available (a
+    config.json with a million layers would otherwise end in MemoryError or the OOM killer)."""
+    per_weight = 0.5 if quantize == "q4" else {"float32": 4, "float16": 2, "bfloat16": 2}.get(weights_dtype, 4)
+    need, have = config.parameters * per_weight, available_memory()
+    if have and need > have:
+        raise UserError(f"{config.name}: its {config.parameters / 1e9:.1f}B weights take about {need / 2**30:.1f} GiB "
+                        f"as {'int4' if quantize == 'q4' else weights_dtype}; this machine has {have / 2**30:.1f} GiB "
+                        "available")
+
+
 def _dtype_of(kernels, dtype: str) -> str:
     """``auto``: the precision of the provider's linear-layer kernels, that of their weights when
     weight-only (float32 when it has several)."""
@@ -242,7 +255,7 @@ def _quantize_of(kernels, quantize: str) -> str:
 @click.option("--log", "logs", multiple=True, help="or tuning logs: kernels compiled on first use (repeatable)")
 @click.option("--model", required=True, help="a preset or a config.json")
 @click.option("--weights", "weights_dir", default=None, help="folder of safetensors files (HF Llama names)")
-@click.option("--seed", default=0, show_default=True, type=int, help="seed of generated weights and prompt")
+@click.option("--seed", default=0, show_default=True, type=int, callback=seed_option, help="seed of generated weights and prompt")
 @click.option("--prompt-tokens", default=64, show_default=True, type=int, callback=positive,
               help="length of a random prompt")
 @click.option("--prompt-ids", default=None, help="the prompt's token ids, e.g. 1,2,3")
@@ -278,9 +291,12 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
         raise UserError(str(exc)) from None
     kernels = _kernels(lib, logs, target, allow_stale)
     try:
+        if getattr(kernels, "kind", "cpu") == "cuda":
+            resolve_target("cuda")  # a GPU to run them on, said in one line before any weights are made
         quantize = _quantize_of(kernels, quantize)
         dtype = _dtype_of(kernels, dtype)
         activations, weights_dtype = _precisions(dtype, getattr(kernels, "kind", "cpu"), quantize)
+        _check_weights_fit(config, weights_dtype, quantize)
         try:
             check_quantize(config, quantize, group_size)
             weights = make_weights(config, weights_dir, seed, quantize, group_size)

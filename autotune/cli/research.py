@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from .common import (ManyValues, UserError, load_logs, make_job, open_log, positive, resolve_target, resolve_task,
-                     run_tuning, restriction)
+from .common import (ManyValues, UserError, load_logs, make_job, open_log, positive, refuse_overwriting,
+                     resolve_target, resolve_task, run_tuning, restriction, seed_option)
 from .group import cli
 
 
@@ -21,7 +21,7 @@ from .group import cli
 @click.option("--target", default="cpu", show_default=True, help="cpu")
 @click.option("--sample", default=None, type=int, callback=positive,
               help="measure a seeded random subset of this many configs [default: the whole space]")
-@click.option("--seed", default=0, show_default=True, type=int, help="seed of the subset and of the inputs")
+@click.option("--seed", default=0, show_default=True, type=int, callback=seed_option, help="seed of the subset and of the inputs")
 @click.option("--restrict", "restrict_items", multiple=True, metavar="KNOB=V[,V]",
               help="search only these values of a knob, repeatable (vec=8,16)")
 @click.option("--threads", default=None, type=int, callback=positive, help="sweep only configs with this many threads")
@@ -89,7 +89,7 @@ def replay(logs, tuners, seeds, trials, batch, transfer_from, statistic, xgb_rou
     """Compare tuners on recorded sweeps without hardware: trials to 90%/95% of the best over seeds."""
     from cost_model import XGBConfig
 
-    from autotune.compare import compare_tuners, format_table, plot_convergence, to_json
+    from autotune.compare import compare_tuners, format_table, plot_convergence, plot_formats, to_json
     from autotune.replay import TRANSFER, RecordedSpace
     from autotune.tuners import TUNERS
 
@@ -100,12 +100,18 @@ def replay(logs, tuners, seeds, trials, batch, transfer_from, statistic, xgb_rou
         raise UserError(f"--tuners: unknown tuner {', '.join(unknown) or '(none given)'}: choose from {', '.join(allowed)}")
     if TRANSFER in names and not transfer_from:
         raise UserError(f"--tuners {TRANSFER} needs --transfer-from")
-    for path in (json_path, plot_path):
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
         parent = Path(path).parent
         if not parent.is_dir():
             raise UserError(f"cannot write {path}: directory {parent} does not exist")
         if Path(path).is_dir():
             raise UserError(f"cannot write {path}: it is a directory")
+        refuse_overwriting(option, path, [*logs, *(transfer_from or ())])
+    if Path(plot_path).resolve() == Path(json_path).resolve():
+        raise UserError(f"--json and --plot both name {json_path}: the report and the plot are two files")
+    formats = plot_formats()
+    if Path(plot_path).suffix.lstrip(".").lower() not in formats:  # known before the replay, not after it
+        raise UserError(f"--plot {plot_path}: the plot is written as .{', .'.join(sorted(formats))}")
     records = load_logs(logs)
     try:
         spaces = RecordedSpace.from_records(records, statistic)

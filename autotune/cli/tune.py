@@ -9,7 +9,7 @@ import click
 from ..units import format_rate, format_time, rate
 from .common import (ManyValues, UserError, check_model_files, check_timeouts, cluster_options_given, echo_json,
                      make_job, open_log, positive, read_log, report_stale, resolve_target, resolve_task, run_tuning,
-                     restriction)
+                     restriction, seed_option)
 from .group import cli
 
 
@@ -57,7 +57,7 @@ def ops(target: str, as_json: bool) -> None:
 @click.option("--trials", default=64, show_default=True, type=int, callback=positive,
               help="total trials for this task, records already in the log included")
 @click.option("--batch", default=8, show_default=True, type=int, callback=positive)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, callback=seed_option)
 @click.option("--log", "log_path", default="tune.jsonl", show_default=True, help="JSONL tuning log (resumed)")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db]")
 @click.option("--no-mlflow", is_flag=True, help="do not log to MLflow")
@@ -123,7 +123,7 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
         if not any(r["status"] == "NO_ERROR" for r in rows):
             sys.exit(1)
         return
-    check_model_files(tuner, transfer_from, load_model, save_model)
+    check_model_files(tuner, transfer_from, load_model, save_model, log_path)
     job = make_job(target=tgt, task=task, tuner=tuner, trials=trials, batch=batch, seed=seed, log=open_log(log_path).path,
                    restrict=restriction(template, task, tgt, threads, restrict_items), transfer_from=tuple(transfer_from or ()),
                    load_model=load_model, save_model=save_model, mlflow=not no_mlflow, tracking_uri=tracking_uri,

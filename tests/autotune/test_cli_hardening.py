@@ -47,6 +47,23 @@ def test_an_unreachable_tracking_store_warns_once_and_the_job_tunes_into_its_log
     (["tune", *SMALL, "--restrict", "vec=3"], "--restrict vec=3: gemv on this machine takes"),
     (["tune", *SMALL, "--restrict", "nope=1"], "gemv has no knob nope"),
     (["tune", *SMALL, "--restrict", "vec"], "malformed --restrict"),
+    # 8 rows x 4 unrolled steps need more vector registers than any x86 CPU has: no valid config,
+    # which ran zero trials and exited 0
+    (["tune", *SMALL, "--restrict", "rows=8", "--restrict", "unroll=4"], "no config of gemv's space"),
+    (["sweep", *SMALL, "--log", "s.jsonl", "--restrict", "rows=8", "--restrict", "unroll=4"], "no config of"),
+    (["tune", *SMALL, "--seed", "-1"], "--seed must be an int >= 0, got -1"),
+    (["sweep", *SMALL, "--log", "s.jsonl", "--seed", "-1"], "--seed must be an int >= 0"),
+    (["tune-model", "--model", "tiny", "--seed", "-1"], "--seed must be an int >= 0"),
+    (["run", "--model", "tiny", "--log", "x.jsonl", "--seed", "-1"], "--seed must be an int >= 0"),
+    (["tune-model", "--model", "tiny", "--kv-len", "99999999999"], "GiB available"),
+    # outputs that would replace what the command reads: measurements lost
+    (["tune", *SMALL, "--log", "x.jsonl", "--save-model", "x.jsonl"], "--save-model x.jsonl is x.jsonl, which this"),
+    (["tune", *SMALL, "--transfer-from", "x.jsonl", "--save-model", "x.jsonl"], "which this command reads"),
+    (["tune", *SMALL, "--save-model", "."], "--save-model . is a directory"),
+    (["replay", "--log", "x.jsonl", "--json", "x.jsonl"], "--json x.jsonl is x.jsonl, which this command reads"),
+    (["replay", "--log", "x.jsonl", "--plot", "x.jsonl"], "--plot x.jsonl is x.jsonl"),
+    (["replay", "--log", "x.jsonl", "--json", "r.png", "--plot", "r.png"], "--json and --plot both name r.png"),
+    (["replay", "--log", "x.jsonl", "--plot", "r.txt"], "--plot r.txt: the plot is written as"),
 ])
 def test_bad_numbers_and_impossible_shapes_are_bad_input(args, message, tmp_path):
     (tmp_path / "x.jsonl").write_text("")
@@ -54,6 +71,31 @@ def test_bad_numbers_and_impossible_shapes_are_bad_input(args, message, tmp_path
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "tune.jsonl").exists() or not (tmp_path / "tune.jsonl").read_text()
+
+
+def test_run_refuses_a_model_whose_weights_cannot_fit_before_making_them(tmp_path):
+    import json
+
+    (tmp_path / "huge").mkdir()
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+              "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "num_hidden_layers": 10_000_000, "vocab_size": 1000, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+    (tmp_path / "huge" / "config.json").write_text(json.dumps(config))
+    tuned = run("tune", *SMALL, "--tuner", "random", "--trials", "2", "--quiet", "--no-mlflow", "--log", "t.jsonl",
+                cwd=tmp_path)
+    assert tuned.returncode == 0, tuned.stderr
+    proc = run("run", "--model", "huge/config.json", "--log", "t.jsonl", "--new-tokens", "2", cwd=tmp_path)
+    assert proc.returncode == 2 and "weights take about" in proc.stderr and "GiB available" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_warning_reaches_the_user_as_one_autotune_line(tmp_path):
+    (tmp_path / "t.jsonl").write_text("not a record\n")
+    proc = run("tune", *SMALL, "--tuner", "random", "--trials", "2", "--quiet", "--no-mlflow", "--log", "t.jsonl",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "autotune: warning: t.jsonl: skipped 1 unreadable line(s)" in proc.stderr
+    assert "UserWarning" not in proc.stderr and ".py:" not in proc.stderr, proc.stderr
 
 
 def test_sigterm_ends_the_job_as_an_interrupt_does_and_marks_the_run_killed(tmp_path):

@@ -62,7 +62,7 @@ def test_compile_only_keeps_to_restricted_knobs_and_finds_the_seed_schedules(tmp
     assert all(r["status"] == "NO_ERROR" and r["threads"] == 384 for r in rows)
     proc = run("tune", "--op", "gemm", "--shape", "M=64,N=64,K=64", "--dtype", "float16", "--target", "sm_90a",
                "--restrict", "cluster=2", "--compile-only", cwd=tmp_path)
-    one_line_error(proc, "--restrict: no config of the space is valid with these knob values")
+    one_line_error(proc, "--restrict: no config of gemm's space at gemm/float16/M=64,N=64,K=64 is valid")
 
 
 @pytest.mark.tools("nvcc")
@@ -82,6 +82,19 @@ def test_cuda_target_without_pycuda_is_one_line_exit_2(tmp_path, without_pycuda,
     one_line_error(proc, "cuda target unavailable")
 
 
+@pytest.mark.parametrize("args", [
+    ["sweep", "--op", "gemv", "--shape", "M=1,N=256,K=256", "--sample", "2", "--log", "s.jsonl", "--no-mlflow"],
+    ["tune-model", "--model", "tiny", "--trials-total", "2", "--log", "s.jsonl", "--no-mlflow"],
+    ["bench", "--op", "gemv", "--shape", "M=1,N=256,K=256"],
+])
+def test_an_arch_measures_only_on_its_gpu(tmp_path, without_pycuda, args):
+    """An arch names what to compile for; where something is measured it needs that GPU. Without
+    one, every candidate was recorded as failed, and a rerun took the failures as done."""
+    proc = run(*args, "--dtype", "float16", "--target", "sm_90a", cwd=tmp_path, env=without_pycuda)
+    one_line_error(proc, "cuda target unavailable")
+    assert not (tmp_path / "s.jsonl").exists() or not (tmp_path / "s.jsonl").read_text()
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["tune", "--op", "gemm", "--shape", "M=8,N=8,K=8", "--compile-only"], "--compile-only is for CUDA targets"),
     (["tune", "--op", "gemm", "--shape", "M=8,N=8,K=8", "--target", "sm_90a", "--threads", "2"],
@@ -99,3 +112,38 @@ def test_ops_lists_the_cuda_matmul_templates():
     ops = {o["op"]: o for o in json.loads(proc.stdout)}
     assert {"gemm", "gemv", "gemm_q4", "gemv_q4"} <= set(ops)
     assert set(ops["gemm"]["dtypes"]) == {"float16", "bfloat16", "float32"}
+
+
+def _cuda_library(folder) -> None:
+    """A well-formed CUDA library of one kernel (its cubin is never opened here)."""
+    import hashlib
+
+    from runtime.abi import MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION
+    from runtime.library import seal_contracts
+
+    (folder / "cubins").mkdir(parents=True)
+    (folder / "sources").mkdir()
+    cubin, source = b"\x7fELF not run here", b"// not run here\n"
+    (folder / "cubins" / "k.cubin").write_bytes(cubin)
+    (folder / "sources" / "k.cu").write_bytes(source)
+    entry = {"op": "rmsnorm", "task": "rmsnorm/float16/M=8,N=64", "dims": {"M": 8, "N": 64}, "dynamic": [],
+             "dtype": "float16", "attrs": {}, "config": {}, "entry": "rmsnorm_f16_0123456789", "symbol": "rmsnorm",
+             "lang": "cuda", "launch": {"grid": [8], "block": [64]},
+             "args": [{"name": "X", "role": "in", "dtype": "float16", "shape": ["M", "N"]},
+                      {"name": "G", "role": "in", "dtype": "float16", "shape": ["N"]},
+                      {"name": "Y", "role": "out", "dtype": "float16", "shape": ["M", "N"]}],
+             "cubin": "cubins/k.cubin", "cubin_sha256": hashlib.sha256(cubin).hexdigest(),
+             "source": "sources/k.cu", "source_sha256": hashlib.sha256(source).hexdigest()}
+    manifest = {"format": MANIFEST_FORMAT, "schema": MANIFEST_SCHEMA_VERSION,
+                "target": {"kind": "cuda", "arch": "sm_90a"}, "library": None, "kernels": [entry]}
+    seal_contracts(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_run_on_a_cuda_library_without_a_gpu_is_one_line_exit_2(tmp_path, without_pycuda):
+    import runtime
+
+    _cuda_library(tmp_path / "lib")
+    assert len(runtime.load(tmp_path / "lib").entries) == 1  # the library itself is fine
+    proc = run("run", "--model", "tiny", "--lib", "lib", "--new-tokens", "2", cwd=tmp_path, env=without_pycuda)
+    one_line_error(proc, "cuda target unavailable")
