@@ -4,7 +4,9 @@ Each record is one whole line, written, flushed and fsynced before the next tria
 job killed at any moment loses at most the trial in flight. Loading skips and counts
 lines that are not records (a truncated last line after a kill, a hand edit gone wrong,
 JSON that is not a record, a record of an operator no template knows).
-A log whose name ends in ``.gz`` (an archived sweep) is read through gzip and is read-only.
+A log whose name ends in ``.gz`` (an archived sweep) is read through gzip and is read-only;
+one cut short or damaged (an interrupted copy) keeps the records before the damage, which
+counts as one unreadable line, and is refused when not even its first line can be read.
 Only regular files are logs: a device never ends (``/dev/zero``) or never takes a write
 (``/dev/full``), and a FIFO blocks until someone opens its other end.
 """
@@ -17,6 +19,7 @@ import math
 import os
 import stat
 import warnings
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +37,7 @@ class LogLockedError(LogWriteError):
 
 
 class LogReadError(OSError):
-    """The log cannot be read as a log (it is not a regular file)."""
+    """The log cannot be read as a log (it is not a regular file, or no line of it can be read)."""
 
 
 def _special_kind(path: Path) -> str | None:
@@ -65,6 +68,7 @@ class LoadReport:
     bad_lines: int = 0
     duplicates: int = 0
     first_bad_line: int | None = None
+    damage: str | None = None  # why the file could not be read past ``first_bad_line`` (a damaged .gz)
 
 
 class RecordLog:
@@ -200,7 +204,7 @@ class RecordLog:
         self._refuse_special(LogReadError)
         opener = gzip.open if self.compressed else open
         with opener(self.path, "rt", encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, start=1):
+            for number, line in self._lines(f, report):
                 if not line.strip():
                     continue
                 try:
@@ -216,9 +220,27 @@ class RecordLog:
                 seen.add(identity)
                 report.records.append(record)
         if warn and report.bad_lines:
+            damage = f"; {report.damage}" if report.damage else ""
             warnings.warn(f"{self.path}: skipped {report.bad_lines} unreadable line(s) "
-                          f"(first at line {report.first_bad_line})", stacklevel=2)
+                          f"(first at line {report.first_bad_line}){damage}", stacklevel=2)
         return report
+
+    def _lines(self, f, report: LoadReport) -> Iterator[tuple[int, str]]:
+        """(number, line) of ``f`` up to where it cannot be read: a .gz cut short or corrupt (an
+        interrupted copy) or an I/O error. The lines before are measurements, kept as after a
+        torn last line, and the damage counts as one unreadable line; a LogReadError when not
+        even the first line can be read."""
+        number = 0
+        try:
+            for number, line in enumerate(f, start=1):
+                yield number, line
+        except (OSError, EOFError, zlib.error) as exc:  # gzip's errors: BadGzipFile, EOFError, zlib.error
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if number == 0:
+                raise LogReadError(f"cannot read log {self.path}: {reason}") from None
+            report.bad_lines += 1
+            report.first_bad_line = report.first_bad_line or number + 1
+            report.damage = f"unreadable from line {number + 1} on ({reason})"
 
     def records(self, warn: bool = True) -> list[Record]:
         return self.load(warn).records

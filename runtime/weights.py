@@ -11,7 +11,9 @@ the numpy reference, so that both sides compute with the same numbers.
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,7 +327,8 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
         bad = [n for n in names if Path(n).name != n or not n.endswith(".safetensors")]
         if bad:
             raise ValueError(f"{index}: weight_map names {bad[0]!r}, not a .safetensors file beside the index")
-        absent = [n for n in names if not (folder / n).is_file()]
+        # a shard that is there but not a regular file is refused by read_header, by what it is
+        absent = [n for n in names if not (folder / n).exists()]
         if absent:
             raise ValueError(f"{index}: weight_map names {', '.join(absent[:3])}, not in {folder}")
         return [folder / n for n in names]
@@ -404,16 +407,24 @@ def read_header(path: str | Path) -> tuple[dict, int]:
     """A safetensors file's header (tensor name -> dtype, shape, data offsets) and where its data
     starts, checked against the file: a ValueError names the file and what is wrong with it."""
     path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        length = struct.unpack("<Q", prefix)[0]
-        if length > min(size - 8, MAX_HEADER_BYTES):
-            raise ValueError(f"{path}: not a safetensors file (header length {length} exceeds the file's "
-                             f"{size} bytes or the limit of {MAX_HEADER_BYTES})")
-        text = f.read(length)
+    try:
+        info = os.stat(path)
+        # only a regular file: a directory fails to open, a FIFO blocks the open forever
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise ValueError(f"{path}: not a safetensors file ({kind})")
+        size = info.st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            length = struct.unpack("<Q", prefix)[0]
+            if length > min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"{path}: not a safetensors file (header length {length} exceeds the file's "
+                                 f"{size} bytes or the limit of {MAX_HEADER_BYTES})")
+            text = f.read(length)
+    except OSError as exc:  # no permission, a dangling symlink, an I/O error: one line, a ValueError
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         header = json.loads(text)
     except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested past the parser's depth

@@ -160,3 +160,72 @@ def test_times_no_kernel_takes_never_win(costs, tmp_path):
     assert len(records) == 2 and not records[1].ok
     assert best_records(records)[(good.task.key, good.target.key)].config_index == 0
     assert best(records[1:], good.task, good.target) is None
+
+
+# ----------------------------------------------------------------------------- damaged .gz logs
+
+def _gzipped(records) -> bytes:
+    import gzip
+
+    return gzip.compress("".join(r.to_json() + "\n" for r in records).encode())
+
+
+def test_a_gzipped_log_cut_short_keeps_every_line_before_the_cut(tmp_path):
+    """An interrupted copy of an archive: the records before the cut are measurements, kept
+    (the cut counts as one unreadable line); before, gzip's EOFError ended every command."""
+    import zlib
+
+    data = _gzipped([make_record(i, 1e-3 * (i + 1)) for i in range(400)])
+    cut = data[: len(data) // 2]
+    whole_lines = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(cut).count(b"\n")
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(cut)
+    with pytest.warns(UserWarning, match=rf"skipped 1 unreadable line\(s\) \(first at line {whole_lines + 1}\); "
+                                         rf"unreadable from line {whole_lines + 1} on \(Compressed file ended"):
+        report = RecordLog(path).load()
+    assert 0 < whole_lines < 400 and [r.config_index for r in report.records] == list(range(whole_lines))
+    assert report.bad_lines == 1 and report.first_bad_line == whole_lines + 1
+
+
+def test_a_gzipped_log_corrupt_after_its_first_member_keeps_that_member(tmp_path):
+    # a second gzip member whose deflate data starts with a reserved block type: zlib.error
+    bad_member = _gzipped([make_record(9, 1e-3)])[:10] + b"\xff" * 16
+    path = tmp_path / "corrupt.jsonl.gz"
+    path.write_bytes(_gzipped([make_record(i, 1e-3) for i in range(3)]) + bad_member)
+    with pytest.warns(UserWarning, match=r"unreadable from line 4 on \(Error -3 while decompressing data"):
+        report = RecordLog(path).load()
+    assert [r.config_index for r in report.records] == [0, 1, 2] and report.damage.startswith("unreadable")
+
+
+@pytest.mark.parametrize("data, reason", [
+    (lambda: _gzipped([make_record(0, 1e-3)])[:30], "Compressed file ended before the end-of-stream marker"),
+    (lambda: _gzipped([make_record(0, 1e-3)])[:10] + b"\xff" * 16, "Error -3 while decompressing data"),
+    (lambda: (make_record(0, 1e-3).to_json() + "\n").encode(), "Not a gzipped file"),
+], ids=["cut-short", "corrupt", "not-gzip"])
+def test_a_gzipped_log_with_no_readable_line_is_refused_in_one_line(data, reason, tmp_path):
+    from records import LogReadError
+
+    path = tmp_path / "t.jsonl.gz"
+    path.write_bytes(data())
+    with pytest.raises(LogReadError, match=rf"^cannot read log {path}: {reason}"):
+        RecordLog(path).load()
+
+
+def test_damaged_gzipped_logs_through_the_command_line(tmp_path):
+    """Exit 2 and one line for a log with nothing readable (before: "aborted", exit 130, or an
+    internal error, exit 1); a warning and the records before the damage otherwise."""
+    import subprocess
+    import sys
+
+    (tmp_path / "empty.jsonl.gz").write_bytes(_gzipped([make_record(0, 1e-3)])[:30])
+    (tmp_path / "cut.jsonl.gz").write_bytes(_gzipped([make_record(i, 1e-3) for i in range(3)])
+                                            + _gzipped([make_record(9, 1e-3)])[:10] + b"\xff" * 16)
+    cli = [sys.executable, "-m", "autotune.cli", "best", "--json", "--log"]
+    proc = subprocess.run(cli + ["empty.jsonl.gz"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["autotune: error: cannot read log empty.jsonl.gz: Compressed file "
+                                                "ended before the end-of-stream marker was reached"]
+    proc = subprocess.run(cli + ["cut.jsonl.gz"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "autotune: warning: cut.jsonl.gz: skipped 1 unreadable line(s) (first at line 4)" in proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
