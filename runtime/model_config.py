@@ -16,6 +16,7 @@ what is accepted and why.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -108,8 +109,10 @@ class ModelConfig:
                              f"multiple of num_key_value_heads = {self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ValueError(f"model {self.name}: head_dim = {self.head_dim} must be even (rotary embedding)")
-        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
-            raise ValueError(f"model {self.name}: rms_norm_eps and rope_theta must be positive")
+        for field in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, field)
+            if not (value > 0 and math.isfinite(value)):  # an infinite eps zeroes every norm's output
+                raise ValueError(f"model {self.name}: {field} must be a positive finite number, got {value!r}")
         window = self.sliding_window
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
             raise ValueError(f"model {self.name}: sliding_window must be a positive integer or null, got {window!r}")
@@ -212,12 +215,18 @@ class ModelConfig:
         _check_qwen2_fields(data, family, where)
         window = None if family == "qwen2" else data.get("sliding_window")  # Qwen2's: see _check_qwen2_fields
         heads = data["num_attention_heads"]
-        head_dim = data.get("head_dim") or (data["hidden_size"] // heads if isinstance(heads, int) and heads else 0)
+        # null or absent means the default, as in transformers; any other value (0 too) is
+        # honoured or refused by __post_init__, never replaced
+        head_dim = data.get("head_dim")
+        if head_dim is None:
+            head_dim = data["hidden_size"] // heads if isinstance(heads, int) and heads else 0
         rope_type, scaling = _rope_scaling(data, where)
         return cls(name=name, hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
-                   num_attention_heads=heads, num_key_value_heads=data.get("num_key_value_heads") or heads,
+                   num_attention_heads=heads,
+                   num_key_value_heads=_or(data.get("num_key_value_heads", _ABSENT_KV_HEADS.get(family)), heads),
                    head_dim=head_dim, num_hidden_layers=data["num_hidden_layers"], vocab_size=data["vocab_size"],
-                   rms_norm_eps=_or(_optional_number(data.get("rms_norm_eps"), "rms_norm_eps", where), 1e-5),
+                   # absent: transformers' default for Llama, Mistral and Qwen2 alike
+                   rms_norm_eps=_or(_optional_number(data.get("rms_norm_eps"), "rms_norm_eps", where), 1e-6),
                    rope_theta=_rope_theta(data, where),
                    tie_word_embeddings=_flag(data, "tie_word_embeddings", where),
                    max_position_embeddings=_or(data.get("max_position_embeddings"), 4096),
@@ -226,6 +235,11 @@ class ModelConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+
+# An absent num_key_value_heads is what the family's config class defaults it to in
+# transformers 4.x and 5.x (Llama's: one per query head); null, as 4.x reads it, is one per query head.
+_ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32}
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -316,10 +330,13 @@ def _check_qwen2_fields(data: Mapping[str, Any], family: str, where: str) -> Non
 
 
 def _optional_number(value: Any, field: str, where: str) -> float | None:
+    """A positive finite number, or None for null (json reads Infinity and NaN too)."""
     if value is None:
         return None
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ValueError(f"{where}: {field} = {_show(value)} is not a number")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{where}: {field} = {_show(value)} is not a positive finite number")
     return float(value)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from runtime.llama import LlamaModel
-from runtime.model_config import ModelConfig, load_model_config
+from runtime.model_config import PRESETS, ModelConfig, load_model_config
 from runtime.plan import prefill_calls
 from runtime.reference import ReferenceModel, rotate
 from runtime.weights import ModelWeights
@@ -207,17 +207,58 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**LLAMA2_4X, "auto_map": {"AutoModelForCausalLM": "x.Y"}}, "unknown field auto_map"),
     ({**MISTRAL_V01, "sliding_window": -1}, "sliding_window = -1"),
     ({**LLAMA2_4X, "rope_theta": "10000"}, "rope_theta = '10000' is not a number"),
+    ({**LLAMA2_4X, "rope_theta": float("inf")}, "rope_theta = Infinity is not a positive finite number"),
+    ({**LLAMA3_5X, "rope_parameters": {"rope_type": "default", "rope_theta": float("inf")}},
+     "rope_parameters.rope_theta = Infinity is not a positive finite number"),
+    ({**LLAMA2_4X, "rope_theta": 0}, "rope_theta = 0 is not a positive finite number"),
+    ({**LLAMA2_4X, "rms_norm_eps": float("inf")}, "rms_norm_eps = Infinity is not a positive finite number"),
+    ({**LLAMA2_4X, "rms_norm_eps": float("nan")}, "rms_norm_eps = NaN is not a positive finite number"),
 ], ids=["yarn", "dynamic", "linear-no-factor", "linear-zero", "linear-string", "llama3-band", "llama3-missing",
         "llama3-context", "llama3-extra", "layouts-disagree", "types-disagree", "yarn-4.x", "longrope", "unknown-rope",
         "untyped-scaling", "partial-rotary", "thetas-disagree", "qwen2-window", "qwen2-layer-types",
         "qwen2-layer-count", "families-disagree", "qwen2-field", "gemma", "classifier", "mistral-bias",
         "qwen2-mlp-bias", "bias-not-a-flag", "gelu", "pretraining-tp", "quantized", "custom-code", "bad-window",
-        "theta-string"])
+        "theta-string", "theta-infinite", "nested-theta-infinite", "theta-zero", "eps-infinite", "eps-nan"])
 def test_a_field_that_is_not_implemented_is_refused_by_name(data, message):
     with pytest.raises(ValueError) as caught:
         parse(data)
     text = str(caught.value)
     assert text.startswith("config.json: ") and message in text and "\n" not in text, text
+
+
+@pytest.mark.parametrize("field", ["num_key_value_heads", "head_dim"])
+def test_a_zero_count_is_refused_not_replaced_by_its_default(field):
+    # before: `data.get(field) or default` ran a model of 0 KV heads (or head_dim 0) as the default
+    with pytest.raises(ValueError, match=rf"^model m: {field} must be a positive integer, got 0$"):
+        parse({**SMALL, field: 0})
+
+
+def test_null_counts_take_the_defaults_as_in_transformers():
+    config = parse({**SMALL, "num_key_value_heads": None, "head_dim": None})
+    assert (config.num_key_value_heads, config.head_dim) == (4, 16)
+
+
+@pytest.mark.parametrize("family, name, heads", [("llama", "LlamaForCausalLM", 4), ("mistral", "MistralForCausalLM", 16),
+                                                 ("qwen2", "Qwen2ForCausalLM", 32)])
+def test_absent_fields_take_the_defaults_transformers_gives_them(family, name, heads):
+    """A config.json may leave out what its family's config class defaults: the model must then
+    be the one transformers builds from the same file (rms_norm_eps was 1e-5 here, 1e-6 there;
+    Mistral's KV heads default to 8 and Qwen2's to 32, not to one per query head)."""
+    import transformers
+
+    data = {k: v for k, v in SMALL.items() if k not in ("rms_norm_eps", "num_key_value_heads")}
+    data.update(architectures=[name], model_type=family, num_attention_heads=heads, hidden_size=256)
+    theirs = transformers.AutoConfig.for_model(family, **{k: v for k, v in data.items() if k != "model_type"})
+    ours = parse(data)
+    assert ours.rms_norm_eps == theirs.rms_norm_eps
+    assert ours.num_key_value_heads == theirs.num_key_value_heads
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+
+
+@pytest.mark.parametrize("field", ["rms_norm_eps", "rope_theta"])
+def test_a_model_config_refuses_an_infinite_float(field):
+    with pytest.raises(ValueError, match=rf"^model tiny: {field} must be a positive finite number, got inf$"):
+        dataclasses.replace(PRESETS["tiny"], **{field: float("inf")})
 
 
 def test_harmless_fields_are_accepted_and_attention_dropout_too():
@@ -388,7 +429,8 @@ def _cli(tmp_path, *args):
     ({**LLAMA2_4X, "hidden_act": "gelu_pytorch_tanh"}, "hidden_act 'gelu_pytorch_tanh' is not implemented"),
     ({**QWEN2, "use_sliding_window": True}, "use_sliding_window = true"),
     ({**MISTRAL_V01, "attention_bias": True}, "attention_bias = true"),
-], ids=["yarn", "gelu", "qwen2-window", "mistral-bias"])
+    ({**SMALL, "rope_theta": float("inf")}, "rope_theta = Infinity is not a positive finite number"),
+], ids=["yarn", "gelu", "qwen2-window", "mistral-bias", "theta-infinite"])
 def test_run_with_a_refused_config_is_one_line_and_exit_2(data, message, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(data))
     (tmp_path / "empty.jsonl").write_text("")
@@ -409,3 +451,13 @@ def test_run_past_a_sliding_window_is_one_line_and_exit_2(tmp_path):
                 "--new-tokens", "2", "--log", "empty.jsonl")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "sliding_window of 4" in lines[0], proc.stderr
+
+
+def test_run_with_zero_kv_heads_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**SMALL, "num_key_value_heads": 0}))
+    (tmp_path / "empty.jsonl").write_text("")
+    proc = _cli(tmp_path, "run", "--model", str(tmp_path / "config.json"), "--prompt-tokens", "4",
+                "--new-tokens", "2", "--log", "empty.jsonl")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].endswith(": num_key_value_heads must be a positive integer, got 0"), lines
