@@ -284,7 +284,8 @@ def pretrained_model(records: list[Record], load_model: str | None, task: Task, 
         try:
             base = XGBCostModel.load(load_model, seed)
         except Exception as exc:
-            raise ValueError(f"--load-model {load_model}: {exc}") from None
+            raise ValueError(f"--load-model {load_model}: not a cost model saved by --save-model "
+                             f"({type(exc).__name__}: {exc})") from None
         note = f"loaded the cost model {load_model} ({base.n_trees} trees)"
     if records:
         template = get_template(task.op, target.kind)

@@ -330,7 +330,8 @@ def check_model_files(tuner: str, transfer_from, load_model: str | None, save_mo
         raise UserError(f"--load-model {load_model}: no saved model there (saved as PATH and PATH.meta.json)")
     for path in transfer_from or ():
         if not Path(path).is_file():
-            raise UserError(f"--transfer-from: log {path} does not exist")
+            why = "is not a file" if Path(path).exists() else "does not exist"
+            raise UserError(f"--transfer-from: log {path} {why}")
 
 
 def cluster_options_given() -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .common import (ManyValues, UserError, load_logs, make_job, open_log, positive, refuse_overwriting,
+from .common import (ManyValues, UserError, check_timeouts, load_logs, make_job, open_log, positive, refuse_overwriting,
                      resolve_target, resolve_task, run_tuning, restriction, seed_option)
 from .group import cli
 
@@ -45,6 +45,10 @@ def sweep(op, shape, dtype, target, sample, seed, restrict_items, threads, batch
 
     if not math.isfinite(min_sample_ms) or min_sample_ms <= 0:
         raise UserError(f"--min-sample-ms must be a number of milliseconds > 0, got {min_sample_ms}")
+    check_timeouts(build_timeout=build_timeout, run_timeout=run_timeout)
+    if repeats * min_sample_ms / 1e3 >= run_timeout:  # every candidate would be recorded as timed out
+        raise UserError(f"--repeats {repeats} samples of --min-sample-ms {min_sample_ms:g} take longer than "
+                        f"--run-timeout {run_timeout:g} s")
     tgt = resolve_target(target)
     template, task = resolve_task(op, shape, dtype, tgt.kind)
     restrict = restriction(template, task, tgt, threads, restrict_items)

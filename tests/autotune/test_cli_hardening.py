@@ -64,6 +64,8 @@ def test_an_unreachable_tracking_store_warns_once_and_the_job_tunes_into_its_log
     (["replay", "--log", "x.jsonl", "--plot", "x.jsonl"], "--plot x.jsonl is x.jsonl"),
     (["replay", "--log", "x.jsonl", "--json", "r.png", "--plot", "r.png"], "--json and --plot both name r.png"),
     (["replay", "--log", "x.jsonl", "--plot", "r.txt"], "--plot r.txt: the plot is written as"),
+    (["sweep", *SMALL, "--log", "s.jsonl", "--min-sample-ms", "1e9"], "take longer than --run-timeout 20 s"),
+    (["tune", *SMALL, "--tuner", "xgb", "--transfer-from", "."], "--transfer-from: log . is not a file"),
 ])
 def test_bad_numbers_and_impossible_shapes_are_bad_input(args, message, tmp_path):
     (tmp_path / "x.jsonl").write_text("")
