@@ -163,8 +163,9 @@ def read_log(path: str):
     except OSError as exc:  # e.g. no permission
         raise UserError(f"cannot read log {path}: {exc.strerror or exc}") from None
     if report.bad_lines:
+        damage = f"; {report.damage}" if report.damage else ""
         click.echo(f"autotune: warning: {path}: skipped {report.bad_lines} unreadable line(s) "
-                   f"(first at line {report.first_bad_line})", err=True)
+                   f"(first at line {report.first_bad_line}){damage}", err=True)
     return report.records
 
 
