@@ -138,7 +138,6 @@ class Kernel:
         self.input_names = [a.name for a in self.args if a.role == "in"]
         self.output_names = [a.name for a in self.args if a.role == "out"]
         self.scalar_names = [a.name for a in self.args if a.role == "scalar"]
-        self._workspace = {a.name: aligned_empty(a.nbytes) for a in self.args if a.role == "workspace"}
 
     @property
     def op(self) -> str:
@@ -185,26 +184,22 @@ class Kernel:
             raise ValueError(f"{self.spec.op} output {arg.name} is read-only: the kernel writes it")
         return array
 
-    def _checked_workspace(self, arg: ArgSpec) -> np.ndarray:
-        """The kernel's own scratch buffer for ``arg``, checked like an output."""
-        buffer = self._workspace[arg.name]
-        if buffer.nbytes < arg.nbytes or not (buffer.flags.c_contiguous and buffer.flags.writeable):
-            raise ValueError(f"{self.spec.op} workspace {arg.name}: expected {arg.nbytes} writeable bytes")
-        return buffer
-
     def bind(self, arrays: Mapping[str, np.ndarray], dims: Mapping[str, int] | None = None) -> "BoundCall":
         """Check ``arrays`` (every input and output by name) once; the result calls the kernel on
         them with nothing but the foreign call, taking new values of the dynamic dims if given."""
         call_dims = self.dims_for(arrays, dims)
         pointers: list[int] = []
+        scratch: dict[str, np.ndarray] = {}
         for arg in self.args:
             if arg.role in ("in", "out"):
                 if arg.name not in arrays:
                     raise TypeError(f"{self.spec.op} needs {arg.role}put {arg.name}")
                 pointers.append(self._check(arg, arrays[arg.name], call_dims).ctypes.data)
             elif arg.role == "workspace":
-                pointers.append(self._checked_workspace(arg).ctypes.data)
-        return BoundCall(self, pointers, {n: call_dims[n] for n in self.scalar_names}, dict(arrays))
+                # a workspace per bound call: calls of one kernel on two threads never share scratch
+                scratch[arg.name] = aligned_empty(arg.nbytes)
+                pointers.append(scratch[arg.name].ctypes.data)
+        return BoundCall(self, pointers, {n: call_dims[n] for n in self.scalar_names}, {**arrays, **scratch})
 
     def host_buffers(self, arrays: Sequence[np.ndarray], named: Mapping[str, np.ndarray],
                      out: Mapping[str, np.ndarray] | None, dims: Mapping[str, int] | None

@@ -452,6 +452,27 @@ class KernelLibrary:
 # which files hold that code, and how a kernel is opened from them. A new target is one class
 # here (or in its own module, imported on first use) and its line in LOADERS.
 
+# What this process has dlopen'ed: by file (device, inode) the sha256 of its bytes, and by path
+# the sha256s of the libraries loaded from it, oldest first. dlopen hands back the library it
+# loaded before from the same path string or the same file, and ctypes never unloads one.
+_LOADED_FILES: dict[tuple[int, int], str] = {}
+_LOADED_PATHS: dict[str, list[str]] = {}
+
+
+def _dlopen_name(library: Path, digest: str, file: os.stat_result, folder: Path) -> str:
+    """The name to dlopen ``library`` (of sha256 ``digest``) under: its path, or, for a library
+    exported again to a path loaded before, that path spelled with ``/.`` segments, which dlopen
+    does not take for the earlier one (the new file is another inode: it maps it afresh)."""
+    if _LOADED_FILES.get((file.st_dev, file.st_ino), digest) != digest:
+        raise LibraryFormatError(f"{folder}: {library.name} was rewritten in place after this process loaded it; "
+                                 "the process runs what it loaded first: load it in a new process")
+    versions = _LOADED_PATHS.setdefault(str(library), [])
+    if digest not in versions:
+        versions.append(digest)
+    again = versions.index(digest)
+    return str(library) if again == 0 else f"{library.parent}{'/.' * again}/{library.name}"
+
+
 class SharedObjectKernels:
     """A CPU library: every kernel in one shared object, opened once with ctypes."""
 
@@ -480,24 +501,29 @@ class SharedObjectKernels:
             raise IncompatibleCpuError(f"{folder} was compiled for {manifest['target'].get('arch')} and needs "
                                        f"{', '.join(missing)}, which this CPU lacks: export it again for this machine")
         library = library_file(folder, manifest.get("library"), "shared library")
-        # The bytes that are checked are the bytes that are loaded: the file is opened once,
-        # checked through that descriptor, and dlopen'ed through it (a file put in its place
-        # meanwhile is not the one that runs).
+        # The bytes that are checked are the bytes that are loaded: the file is opened once and
+        # checked through that descriptor; dlopen then takes its path (so debuggers and profilers
+        # find it), and a file put there meanwhile (another inode) is refused.
         fd = os.open(library, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             with os.fdopen(os.dup(fd), "rb") as f:
                 data = f.read()
+            digest = hashlib.sha256(data).hexdigest()
             if manifest.get("library_sha256") is not None:
-                check_sha256(hashlib.sha256(data).hexdigest(), manifest["library_sha256"], f"{folder}: {library.name}")
+                check_sha256(digest, manifest["library_sha256"], f"{folder}: {library.name}")
             check_shared_object(data, f"{folder}: {library.name}")
-            by_descriptor = f"/proc/self/fd/{fd}"
+            checked = os.fstat(fd)
+            name = _dlopen_name(library, digest, checked, folder)
             # RTLD_LOCAL: two libraries loaded side by side keep their own symbols
-            self._dll = ctypes.CDLL(by_descriptor if os.path.exists(by_descriptor) else str(library),
-                                    mode=ctypes.RTLD_LOCAL)
+            self._dll = ctypes.CDLL(name, mode=ctypes.RTLD_LOCAL)
+            loaded = os.stat(library)
         except OSError as exc:
             raise LibraryFormatError(f"{folder}: {library.name} cannot be loaded: {exc}") from None
         finally:
             os.close(fd)
+        if (loaded.st_dev, loaded.st_ino) != (checked.st_dev, checked.st_ino):
+            raise LibraryFormatError(f"{folder}: {library.name} was replaced while it was being loaded")
+        _LOADED_FILES[(checked.st_dev, checked.st_ino)] = digest
         for entry in manifest["kernels"]:  # every kernel is there now, not at its first call
             if not hasattr(self._dll, entry.get("symbol", entry["entry"])):
                 raise LibraryFormatError(f"{folder}: kernel {entry['entry']}: {library.name} has no symbol "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +261,25 @@ def spin_forever(started_file: str) -> None:
     Path(started_file).touch()
     while True:
         pass
+
+
+def no_hang(fn, seconds: float = 10.0):
+    """``fn()`` in a daemon thread: a regression that blocks (opening a FIFO) fails instead of hanging."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # re-raised in the test's thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds} s"
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
 
 
 def run_numpy_only(tmp_path, script: str, *args: str, timeout: float = 300):

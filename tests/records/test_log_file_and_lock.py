@@ -6,10 +6,10 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+from fakes import no_hang
 
 from measure import MeasureResult
 from records import LogLockedError, LogReadError, LogWriteError, Record, RecordLog
@@ -21,25 +21,6 @@ ROOT = str(Path(__file__).resolve().parents[2])  # the repository, for the scrip
 def make_record(index: int, seconds: float = 1e-3) -> Record:
     return Record(Task.make("gemm", {"M": 4, "N": 4, "K": 4}), Target.host(), {"mr": index}, index,
                   MeasureResult((seconds,) * 3), tuner="test")
-
-
-def no_hang(fn, seconds: float = 10.0):
-    """``fn()`` in a daemon thread: a regression that blocks (opening a FIFO) fails instead of hanging."""
-    out: dict = {}
-
-    def target():
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # re-raised in the test's thread
-            out["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still blocked after {seconds} s"
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
 
 
 @pytest.fixture

@@ -119,3 +119,31 @@ def test_a_decode_step_binds_new_lengths_and_refuses_positions_past_its_cache(de
     assert sorted(step._by_length) == [6, 7, 8]
     with pytest.raises((IndexError, ValueError)):
         step(tokens, 8)  # the cache holds 8 positions
+
+
+def test_calls_of_one_kernel_on_several_threads_do_not_share_scratch(default_kernels):
+    """ctypes lets go of the GIL in the foreign call: threads calling one kernel run at once.
+    Each call has its own workspace (the gemm packs its panels there), so every thread gets
+    the answer it gets alone."""
+    import threading
+
+    kernel = default_kernels.get("gemm", {"M": 128, "N": 128, "K": 128})
+    assert any(a.role == "workspace" for a in kernel.args)
+    rng = np.random.default_rng(0)
+    inputs = [(rng.standard_normal((128, 128)).astype(np.float32), rng.standard_normal((128, 128)).astype(np.float32))
+              for _ in range(4)]
+    alone = [kernel(x, w).copy() for x, w in inputs]
+    wrong = [0] * len(inputs)
+
+    def work(i: int) -> None:
+        y = np.empty_like(alone[i])
+        for _ in range(150):
+            kernel(*inputs[i], out={"Y": y})
+            wrong[i] += not np.array_equal(y, alone[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [0] * len(inputs)

@@ -264,6 +264,86 @@ def test_an_entry_edited_after_export_is_refused(case, tmp_path, exported_librar
         runtime.load(library)
 
 
+def test_two_libraries_in_one_process_each_run_their_own_code(tmp_path, exported_library):
+    """dlopen hands back a library it loaded before under the same path: each library must be
+    opened under its own, or the second runs the first's code on arrays sized for its own."""
+    first, second = _copy(exported_library, tmp_path / "a"), _copy(exported_library, tmp_path / "b")
+    a, b = runtime.load(first), runtime.load(second)
+    assert a._code._dll._handle != b._code._dll._handle
+    x, w = np.ones((1, 128), np.float32), np.ones((64, 128), np.float32)
+    for library in (a, b):
+        np.testing.assert_allclose(library.get("gemv", {"M": 1, "N": 64, "K": 128})(x, w), np.full((1, 64), 128.0))
+
+
+def _with_other_bytes(library: Path, in_place: bool) -> None:
+    """The library's shared object with other bytes (as a new export's would be) and its
+    manifest to match: a new file put at its path, as export puts one, or rewritten in place."""
+    import hashlib
+    import os
+
+    from runtime.library import seal_contracts
+
+    so = library / "libllm_autotune_kernels.so"
+    data = so.read_bytes() + b"\0" * 64
+    if in_place:
+        with so.open("r+b") as f:
+            f.write(data)
+    else:
+        (library / "new.so").write_bytes(data)
+        os.replace(library / "new.so", so)
+
+    def rehash(manifest, folder):
+        manifest["library_sha256"] = hashlib.sha256(data).hexdigest()
+        seal_contracts(manifest)
+
+    _edit(library, rehash)
+
+
+def test_a_library_exported_again_to_a_place_loaded_before_runs_as_the_new_one(tmp_path, exported_library):
+    """dlopen would hand back the library loaded first from that path (a notebook that exports
+    and loads again): the new file is opened under another spelling of the path."""
+    library = _copy(exported_library, tmp_path)
+    old = runtime.load(library)
+    _with_other_bytes(library, in_place=False)
+    new = runtime.load(library)
+    assert new._code._dll._handle != old._code._dll._handle
+    assert runtime.load(library)._code._dll._handle == new._code._dll._handle  # the same one again
+    x, w = np.ones((1, 128), np.float32), np.ones((64, 128), np.float32)
+    np.testing.assert_allclose(new.get("gemv", {"M": 1, "N": 64, "K": 128})(x, w), np.full((1, 64), 128.0))
+
+
+def test_a_library_rewritten_in_place_after_it_was_loaded_is_refused(tmp_path, exported_library):
+    """The same file with other bytes: dlopen would hand back what it mapped first. In a child:
+    the file under a live mapping changes."""
+    library = _copy(exported_library, tmp_path)
+    script = textwrap.dedent("""
+        import sys
+        import runtime
+        runtime.load(sys.argv[1])
+        print("first", flush=True)
+        input()  # the test rewrites the library now
+        try:
+            runtime.load(sys.argv[1])
+            print("loaded")
+        except ValueError as exc:
+            print("refused:", exc)
+    """)
+    site_proc = run_numpy_only(tmp_path, "print('ready')")  # lays out the numpy-only site
+    assert site_proc.returncode == 0, site_proc.stderr
+    path = tmp_path / "twice.py"
+    path.write_text(f"import sys\nsys.path[:] = [{str(tmp_path / 'site')!r}] + "
+                    "[p for p in sys.path if 'site-packages' not in p]\n" + script)
+    child = subprocess.Popen([sys.executable, "-I", "-S", str(path), str(library)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "first", child.stderr.read()
+        _with_other_bytes(library, in_place=True)
+        out, err = child.communicate("\n", timeout=120)
+    finally:
+        child.kill()
+    assert "refused:" in out and "rewritten in place" in out, (out, err)
+
+
 def test_every_kernel_of_a_library_from_before_contracts_still_loads_and_is_found(tmp_path, exported_library):
     """Without seals only the checks of the entries themselves stand; a symbol the shared
     library lacks is refused at load, not at the kernel's first call."""

@@ -7,33 +7,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
+from fakes import no_hang
 
 from runtime.model_config import PRESETS
 from runtime.weights import ModelWeights, checkpoint_files, read_header
 
 CLI = [sys.executable, "-m", "autotune.cli"]
-
-
-def no_hang(fn, seconds: float = 10.0):
-    """``fn()`` in a daemon thread: a regression that blocks (opening a FIFO) fails instead of hanging."""
-    out: dict = {}
-
-    def target():
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # re-raised in the test's thread
-            out["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still blocked after {seconds} s"
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
 
 
 def _not_a_file(path, kind: str) -> None:
