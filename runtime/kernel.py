@@ -205,6 +205,15 @@ class Kernel:
                      out: Mapping[str, np.ndarray] | None, dims: Mapping[str, int] | None
                      ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
         """A call's numpy buffers by name (inputs made contiguous, outputs given or allocated) and its dims."""
+        # an array the kernel does not take is a mistake the caller would never see: its buffer
+        # would simply not be read, or not be written
+        if len(arrays) > len(self.input_names):
+            raise TypeError(f"{self.spec.op} takes {len(self.input_names)} inputs {self.input_names}, "
+                            f"got {len(arrays)}")
+        unknown = sorted(set(named) - set(self.input_names)) + sorted(set(out or {}) - set(self.output_names))
+        if unknown:
+            raise TypeError(f"{self.spec.op} has no argument {unknown[0]!r}: inputs {self.input_names}, "
+                            f"outputs {self.output_names}")
         inputs = dict(zip(self.input_names, arrays))
         inputs.update(named)
         missing = [n for n in self.input_names if n not in inputs]
@@ -223,6 +232,10 @@ class Kernel:
                  dims: Mapping[str, int] | None = None, **named: np.ndarray):
         """Run on inputs (positional in argument order, or by name); returns the output(s)."""
         buffers, call_dims = self.host_buffers(arrays, named, out, dims)
+        for name in self.output_names:  # the kernel reads its inputs while it writes: no overlap
+            clash = next((n for n in self.input_names if np.may_share_memory(buffers[name], buffers[n])), None)
+            if clash is not None:
+                raise ValueError(f"{self.spec.op} output {name} overlaps input {clash}: give it a buffer of its own")
         self.bind(buffers, call_dims)()
         outputs = tuple(buffers[n] for n in self.output_names)
         return outputs[0] if len(outputs) == 1 else outputs

@@ -21,6 +21,8 @@ import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from .abi import (MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION, NUMPY_DTYPES, ROLES, ArgSpec, KernelSpec,
                   numpy_dtype, tma_box_fits)
 from .kernel import Kernel, KernelProvider, UntunedShapeWarning, ctypes_signature, select
@@ -403,6 +405,9 @@ class KernelLibrary:
 
     def get(self, op: str, shape: Mapping[str, int], dtype: str = "float32", attrs: Mapping | None = None,
             dynamic: Sequence[str] = ()) -> Kernel:
+        for name, value in dict(shape).items():  # 2.7 would be taken as 2, 0 divide by zero
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_DIM:
+                raise ValueError(f"{op}: dim {name} must be an int from 1 to {MAX_DIM}, not {value!r}")
         want = KernelSpec.make(op, dict(shape), dtype, dict(attrs or {}), tuple(dynamic))
         index = select(range(len(self._specs)), self._specs.__getitem__, want)
         if index is not None:

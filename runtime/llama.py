@@ -472,9 +472,15 @@ class LlamaModel:
     def generate(self, prompts: np.ndarray, new_tokens: int, keep_logits: bool = True) -> Generation:
         """Greedy decoding of ``new_tokens`` tokens after ``prompts`` [B, T]; ``keep_logits=False``
         keeps only the tokens (a resident CUDA step then copies nothing else to the host)."""
-        prompts = np.asarray(prompts, dtype=np.int64)
-        if prompts.ndim != 2 or prompts.shape[1] < 1 or new_tokens < 1:
-            raise ValueError("prompts must be [batch, tokens] with tokens >= 1, and new_tokens >= 1")
+        given = np.asarray(prompts)
+        if given.dtype.kind not in "iu":  # 1.7 is no token id, nor is True or "3"
+            raise ValueError(f"prompts must be integer token ids, not {given.dtype}")
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, (int, np.integer)):
+            raise ValueError(f"new_tokens must be an int, not {new_tokens!r}")
+        new_tokens = int(new_tokens)
+        prompts = given.astype(np.int64)
+        if prompts.ndim != 2 or prompts.shape[0] < 1 or prompts.shape[1] < 1 or new_tokens < 1:
+            raise ValueError("prompts must be [batch, tokens] with batch and tokens >= 1, and new_tokens >= 1")
         if prompts.min() < 0 or prompts.max() >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in 0..{self.config.vocab_size - 1}")
         batch, tokens = prompts.shape

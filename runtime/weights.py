@@ -17,7 +17,7 @@ import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -136,13 +136,16 @@ class ModelWeights:
     group_size: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tensors, Mapping):
+            raise ValueError(f"weights of {self.config.name} must be a mapping of names to arrays, "
+                             f"not {type(self.tensors).__name__}")
         problems = []
         for name, shape in expected_shapes(self.config).items():
             tensor = self.tensors.get(name)
             if tensor is None:
                 problems.append(f"{name} is missing")
-            elif tuple(tensor.shape) != shape:
-                problems.append(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+            elif tuple(np.shape(tensor)) != shape:
+                problems.append(f"{name} has shape {tuple(np.shape(tensor))}, expected {shape}")
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
             raise ValueError(f"weights do not fit {self.config.name}: {'; '.join(problems[:3])}{more}")
@@ -309,6 +312,8 @@ def _stored(tensor) -> np.ndarray:
     if isinstance(tensor, Bfloat16Words):
         return np.ascontiguousarray(tensor).view(Bfloat16Words)
     array = np.asarray(tensor)
+    if array.dtype.kind not in "fiu":  # complex would lose its imaginary part, text be parsed, objects anything
+        raise ValueError(f"a weight tensor must hold real numbers, not {array.dtype}")
     if array.dtype in (np.float16, np.float32):
         return np.ascontiguousarray(array)
     return np.ascontiguousarray(array, dtype=np.float32)

@@ -147,3 +147,43 @@ def test_calls_of_one_kernel_on_several_threads_do_not_share_scratch(default_ker
     for t in threads:
         t.join()
     assert wrong == [0] * len(inputs)
+
+
+def test_a_call_names_only_arrays_the_kernel_takes_and_no_output_overlaps_an_input(exported_library):
+    import runtime
+
+    library = runtime.load(exported_library)
+    gemv = library.get("gemv", {"M": 1, "N": 64, "K": 128})
+    x, w = np.ones((1, 128), np.float32), np.ones((64, 128), np.float32)
+    with pytest.raises(TypeError, match=r"has no argument 'y'"):  # its buffer would never be written
+        gemv(x, w, out={"y": np.empty((1, 64), np.float32)})
+    with pytest.raises(TypeError, match="has no argument 'B'"):
+        gemv(x, w, B=x)
+    with pytest.raises(TypeError, match="takes 2 inputs"):
+        gemv(x, w, x)
+    shared = np.zeros(256, np.float32)  # X and Y in one buffer: the kernel would read what it writes
+    with pytest.raises(ValueError, match="output Y overlaps input X"):
+        gemv(shared[:128].reshape(1, 128), w, out={"Y": shared[64:128].reshape(1, 64)})
+    for value in (2.7, 0, -3, True, "8", 10**400):
+        with pytest.raises(ValueError, match="dim N must be an int from 1 to"):
+            library.get("gemv", {"M": 1, "N": value, "K": 128})
+    assert library.get("gemv", {"M": 1, "N": np.int64(64), "K": 128}) is gemv
+
+
+def test_generate_takes_integer_token_ids_and_real_weights(default_kernels):
+    tiny = PRESETS["tiny"]
+    weights = ModelWeights.random(tiny, seed=0)
+    model = LlamaModel(tiny, weights, default_kernels)
+    for prompts, words in [([[1.7, 2.2]], "integer token ids"), ([["1", "2"]], "integer token ids"),
+                           ([[True, False]], "integer token ids"), (np.zeros((0, 3), np.int64), "batch and tokens")]:
+        with pytest.raises(ValueError, match=words):
+            model.generate(prompts, new_tokens=2)
+    for new_tokens in (2.5, "3", None):
+        with pytest.raises(ValueError, match="new_tokens must be an int"):
+            model.generate([[1, 2]], new_tokens=new_tokens)
+    assert model.generate([[1, 2]], new_tokens=np.int64(2)).tokens.shape == (1, 2)
+    for odd in (np.full((tiny.hidden_size,), 1 + 1j), np.full((tiny.hidden_size,), "1.0")):
+        with pytest.raises(ValueError, match="must hold real numbers"):
+            ModelWeights(tiny, {**weights.tensors, "model.norm.weight": odd})
+    with pytest.raises(ValueError, match="must be a mapping"):
+        ModelWeights(tiny, None)
