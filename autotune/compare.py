@@ -59,6 +59,9 @@ def compare_tuners(spaces: Sequence[RecordedSpace], tuners: Sequence[str], seeds
     With ``transfer`` records, ``xgb+transfer`` (the xgb tuner starting from a model
     pre-trained on them, the replayed task's own records left out) is run beside ``xgb``.
     """
+    for name, value in (("seeds", seeds), ("trials", trials), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     report: dict = {"trials": trials, "seeds": seeds, "batch": batch, "spaces": []}
     for space in spaces:
         names = list(tuners)
@@ -83,7 +86,7 @@ def compare_tuners(spaces: Sequence[RecordedSpace], tuners: Sequence[str], seeds
             entry["curves"][name] = [[round(float(v), 5) for v in curve] for curve in curves]
             if progress:
                 t95 = summary["trials_to_95"]
-                progress(f"{space.key}: {name:<13} 95% of best after {format_trials(t95, trials)} trials "
+                progress(f"{space.key} on {space.target.key}: {name:<13} 95% of best after {format_trials(t95, trials)} trials "
                          f"(median of {seeds}), {summary['wall_s_per_run']:.1f} s per run")
         report["spaces"].append(entry)
     return report
@@ -112,15 +115,22 @@ def format_trials(stats: dict, trials: int) -> str:
     return f">{trials}" if median > trials else f"{median:.0f}"
 
 
+def space_title(summary: dict) -> str:
+    """A replayed space as the report names it: its task, and the machine when known (one log
+    may hold sweeps of one task on several)."""
+    return f"{summary['task']} on {summary['target']}" if summary.get("target") else summary["task"]
+
+
 def format_table(report: dict) -> str:
     """One block per space: the space's difficulty, then one line per tuner."""
     trials = report["trials"]
     lines = []
     for entry in report["spaces"]:
         s = entry["space"]
-        lines.append(f"{s['task']}: {s['configs']} recorded configs, best {s['best_gflops']:.1f} GFLOP/s; "
+        skipped = f"; {s['outside_space']} records outside today's space skipped" if s.get("outside_space") else ""
+        lines.append(f"{space_title(s)}: {s['configs']} recorded configs, best {s['best_gflops']:.1f} GFLOP/s; "
                      f"{s['share_within_95'] * 100:.1f}% of them within 95% of it, "
-                     f"{s['share_within_90'] * 100:.1f}% within 90%")
+                     f"{s['share_within_90'] * 100:.1f}% within 90%{skipped}")
         lines.append(f"  {'tuner':<13} {'to 90% (IQR)':>18} {'reached':>8} {'to 95% (IQR)':>18} {'reached':>8} "
                      f"{'best@' + str(trials) + ' (IQR)':>22} {'held-out acc':>12}")
         for t in entry["tuners"]:
@@ -164,7 +174,7 @@ def plot_convergence(report: dict, path: str) -> None:
             ax.fill_between(x, np.percentile(data, 25, axis=0), np.percentile(data, 75, axis=0),
                             color=line.get_color(), alpha=0.15)
         ax.axhline(0.95, color="grey", linestyle=":", linewidth=1)
-        ax.set_title(entry["space"]["task"], fontsize=9)
+        ax.set_title(space_title(entry["space"]), fontsize=9)
         ax.set_xlabel("trials")
         ax.set_ylabel("best so far / sweep best")
         ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]), top=1.02)

@@ -103,6 +103,8 @@ class TuningJob:
                 raise JobError(f"{name.replace('_', '-')} must be a number of seconds > 0, got {value!r}")
         if (self.transfer_from or self.load_model or self.save_model) and self.tuner != "xgb":
             raise JobError("transfer_from, load_model and save_model need the xgb tuner")
+        if self.mlflow and (not isinstance(self.experiment, str) or not self.experiment.strip()):
+            raise JobError(f"experiment must name an MLflow experiment, got {self.experiment!r}")
         if self.cache not in ("auto", *CACHE_CONDITIONS):
             raise JobError(f"unknown cache condition {self.cache!r}: use auto, cold or warm")
         if self.model is not None and not self.target.uses_cpu_threads and self.restrict:

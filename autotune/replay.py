@@ -91,7 +91,7 @@ class RecordedSpace:
                     result = replace(result, costs=(min(result.costs),))
                 results[index] = result
                 kept.append(record)
-            if results:
+            if any(result.ok for result in results.values()):  # with no verified config there is no best to reach
                 spaces.append(cls(task, target, template, full.only(sorted(results)), results, kept, outside))
         return spaces
 
@@ -115,7 +115,7 @@ class RecordedSpace:
 
     def summary(self) -> dict:
         values = self.gflops()
-        return {"task": self.task.key, "op": self.task.op, "configs": len(values),
+        return {"task": self.task.key, "target": self.target.key, "op": self.task.op, "configs": len(values),
                 "failed": int(np.sum(values <= 0)), "best_gflops": self.best_gflops,
                 "median_gflops": float(np.median(values[values > 0])) if np.any(values > 0) else 0.0,
                 "share_within_90": self.share_within(0.90), "share_within_95": self.share_within(0.95),

@@ -11,6 +11,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from cost_model import batch_quality
@@ -138,6 +139,11 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     from urllib.parse import urlparse
 
     parsed = urlparse(uri)
+    if parsed.scheme == "sqlite" and uri.startswith("sqlite:///"):
+        store = Path(uri[len("sqlite:///"):])
+        if store.is_dir():  # SQLAlchemy would retry opening it for minutes
+            raise ConnectionError(f"the tracking store {store} is a directory, not an SQLite file")
+        return
     if parsed.scheme not in ("http", "https"):
         return
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
@@ -277,6 +283,7 @@ def pretrained_model(records: list[Record], load_model: str | None, task: Task, 
     Raises ValueError when the saved model cannot be read or nothing can be learned from ``records``.
     """
     from cost_model import FeatureExtractor, XGBCostModel
+    from cost_model.features import KNOB_PREFIX
     from cost_model.transfer import pretrain, training_set
 
     base, note = None, ""
@@ -287,9 +294,17 @@ def pretrained_model(records: list[Record], load_model: str | None, task: Task, 
             raise ValueError(f"--load-model {load_model}: not a cost model saved by --save-model "
                              f"({type(exc).__name__}: {exc})") from None
         note = f"loaded the cost model {load_model} ({base.n_trees} trees)"
+    template = get_template(task.op, target.kind)
+    space = template.space(task, target)
+    if base is not None:
+        # the loaded model's columns become the job's: a knob it never saw would be invisible
+        # to every model of the job (a model saved for another operator)
+        unseen = [k.name for k in space.knobs if f"{KNOB_PREFIX}{k.name}" not in base.feature_names]
+        if unseen:
+            raise ValueError(f"--load-model {load_model} was trained without the knobs "
+                             f"{', '.join(unseen)} of {task.op}: this job could not "
+                             "learn them (pre-train on that model's logs with --transfer-from instead)")
     if records:
-        template = get_template(task.op, target.kind)
-        space = template.space(task, target)
         columns = base.feature_names if base is not None else FeatureExtractor(template, task, target, space).names
         data = training_set(records, columns, exclude=[(task.key, target.key)])
         try:

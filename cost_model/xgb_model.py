@@ -150,5 +150,9 @@ class XGBCostModel:
         model = cls(XGBConfig(**meta["config"]), seed)
         model.booster = xgb.Booster()
         model.booster.load_model(path)
-        model.feature_names = meta["feature_names"]
+        names = meta["feature_names"]
+        if not isinstance(names, list) or len(names) != model.booster.num_features():
+            raise ValueError(f"{path}.meta.json names {len(names) if isinstance(names, list) else 'no'} features; "
+                             f"the model takes {model.booster.num_features()}")
+        model.feature_names = names
         return model

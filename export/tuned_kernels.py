@@ -71,6 +71,10 @@ class TunedKernels:
         if record is not None:
             task = record.task  # the bucket it was tuned at
         cached = self._loaded.get(task.key)
+        if cached is None and record is None:
+            # a default compiled at other values of the dims taken at run time serves this call as
+            # a tuned bucket would (a decode step's KV length changes every token: one compile, not one each)
+            cached = select((k for k in self._loaded.values() if not k.tuned), lambda k: k.spec, task)
         if cached is not None:
             return cached
         space = template.space(task, self.target)

@@ -311,8 +311,12 @@ def to_dataframe(records: Iterable[Record]):
             if key in r.model:
                 row[column] = r.model[key]
         rows.append(row)
-    frame = pd.DataFrame(rows)
-    if not frame.empty:
-        frame["best_so_far_gflops"] = frame["gflops"].fillna(0.0).groupby(
-            [frame["task"], frame["target"]]).cummax()
+    # the fixed columns even without a record: a notebook's df["task"] works on an empty log too
+    frame = pd.DataFrame(rows, columns=list(dict.fromkeys([*FRAME_COLUMNS, *(k for row in rows for k in row)])))
+    frame["best_so_far_gflops"] = frame["gflops"].astype(float).fillna(0.0).groupby(
+        [frame["task"], frame["target"]]).cummax()
     return frame
+
+
+FRAME_COLUMNS = ("trial", "op", "task", "dtype", "target", "device", "tuner", "config_index", "error", "ok",
+                 "seconds", "gflops", "build_s", "run_s", "timestamp", "config")

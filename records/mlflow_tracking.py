@@ -6,11 +6,13 @@ imported only here, so the rest of the project (and the runtime) never pays for 
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -43,6 +45,26 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+@contextmanager
+def _store_setup_lock(uri: str):
+    """Jobs that start together on one new SQLite store would both create its schema (and an
+    experiment), and the loser's half-done migration breaks the store for every later job:
+    they take turns here. The lock is on the store's folder, so nothing is written for it."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        fd = os.open(Path(uri[len("sqlite:///"):]).resolve().parent, os.O_RDONLY)
+    except OSError:  # no such folder: the store fails to open on its own, with its own message
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+
+
 def experiment_id(client, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -57,8 +79,9 @@ class MLflowRun:
                  run_name: str | None = None, params: dict[str, Any] | None = None,
                  tags: dict[str, str] | None = None):
         self.uri = resolve_tracking_uri(tracking_uri)
-        self.client = _client(self.uri)
-        self.experiment_id = experiment_id(self.client, experiment, self.uri)
+        with _store_setup_lock(self.uri):
+            self.client = _client(self.uri)
+            self.experiment_id = experiment_id(self.client, experiment, self.uri)
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
         self.run_id: str = run.info.run_id
         self.best_gflops = 0.0

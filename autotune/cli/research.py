@@ -97,7 +97,7 @@ def replay(logs, tuners, seeds, trials, batch, transfer_from, statistic, xgb_rou
     from autotune.replay import TRANSFER, RecordedSpace
     from autotune.tuners import TUNERS
 
-    names = [t.strip() for t in tuners.split(",") if t.strip()]
+    names = list(dict.fromkeys(t.strip() for t in tuners.split(",") if t.strip()))  # each tuner once
     allowed = [t for t in TUNERS if t != "sweep"]
     unknown = [t for t in names if t not in allowed and t != TRANSFER]
     if unknown or not names:
@@ -122,7 +122,8 @@ def replay(logs, tuners, seeds, trials, batch, transfer_from, statistic, xgb_rou
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if not spaces:
-        raise UserError(f"no record in {', '.join(logs)} lies in a space of today's templates")
+        raise UserError(f"no verified record in {', '.join(logs)} lies in a space of today's templates: "
+                        "nothing to replay")
     transfer = load_logs(transfer_from) if transfer_from else []
     model_config = XGBConfig(num_rounds=xgb_rounds) if xgb_rounds else None
     progress = None if quiet else (lambda line: click.echo(line, err=True))

@@ -121,6 +121,8 @@ class Tuner:
              log: RecordLog | None = None, callbacks: Sequence[Callback] = ()) -> TuneSummary:
         if n_trials < 1:
             raise ValueError(f"n_trials must be >= 1, got {n_trials}")
+        if batch_size < 1:  # a batch of none would end the job at once, as if the space were spent
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         # the whole job holds the log: a second job on it would measure every config again and
         # count it toward its own budget (LogLockedError, at once, for that job)
         with log.lock() if log is not None else nullcontext():

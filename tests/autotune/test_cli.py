@@ -143,7 +143,8 @@ def test_bench_prints_both_sides_as_json(tmp_path):
     assert "speedup" in text and "roofline" in text
     # a fraction past 105% means the probe measured the wrong level: said in words, never printed
     fractions = [int(f) for f in re.findall(r"(\d+)% of the", text)]
-    assert all(f <= 105 for f in fractions) and (fractions or "faster than the memory roofline" in text)
+    # (which ceiling bounds a 256 KiB gemv, memory or a cache level, depends on the machine and its load)
+    assert all(f <= 105 for f in fractions) and (fractions or "roofline the probes measured" in text), text
 
 
 @pytest.mark.parametrize("command", ["tune", "bench"])

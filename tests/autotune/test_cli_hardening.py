@@ -21,8 +21,9 @@ def run(*args, cwd, timeout=300):
     return subprocess.run(CLI + list(args), capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
 
 
-@pytest.mark.parametrize("uri", ["bogus://x", "http://127.0.0.1:9"])
+@pytest.mark.parametrize("uri", ["bogus://x", "http://127.0.0.1:9", "sqlite:///a-folder"])
 def test_an_unreachable_tracking_store_warns_once_and_the_job_tunes_into_its_log(uri, tmp_path):
+    (tmp_path / "a-folder").mkdir()  # an SQLite store that is a folder: SQLAlchemy retried it for minutes
     start = time.monotonic()
     proc = run("tune", *SMALL, "--tuner", "random", "--trials", "3", "--quiet", "--log", "t.jsonl",
                "--tracking-uri", uri, cwd=tmp_path)
@@ -52,6 +53,7 @@ def test_an_unreachable_tracking_store_warns_once_and_the_job_tunes_into_its_log
     (["tune", *SMALL, "--restrict", "rows=8", "--restrict", "unroll=4"], "no config of gemv's space"),
     (["sweep", *SMALL, "--log", "s.jsonl", "--restrict", "rows=8", "--restrict", "unroll=4"], "no config of"),
     (["tune", *SMALL, "--seed", "-1"], "--seed must be an int >= 0, got -1"),
+    (["tune", *SMALL, "--experiment", " "], "experiment must name an MLflow experiment"),
     (["sweep", *SMALL, "--log", "s.jsonl", "--seed", "-1"], "--seed must be an int >= 0"),
     (["tune-model", "--model", "tiny", "--seed", "-1"], "--seed must be an int >= 0"),
     (["run", "--model", "tiny", "--log", "x.jsonl", "--seed", "-1"], "--seed must be an int >= 0"),

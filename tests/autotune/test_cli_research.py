@@ -76,3 +76,12 @@ def test_tune_transfers_saves_and_loads_a_model(sweep_logs, tmp_path):
     assert "loaded the cost model m.json" in proc.stderr
     records = RecordLog(tmp_path / "t.jsonl").records()
     assert len(records) == 18 and all("score" in r.model for r in records[12:])
+    # a model of gemv's features cannot see gemm's knobs: every model of the job would lack them
+    proc = run("tune", "--op", "gemm", "--shape", "M=16,N=16,K=16", "--trials", "4", "--load-model", "m.json",
+               "--log", "g.jsonl", "--no-mlflow", "--quiet", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "was trained without the knobs" in proc.stderr, proc.stderr
+    meta = json.loads((tmp_path / "m.json.meta.json").read_text())
+    (tmp_path / "m.json.meta.json").write_text(json.dumps({**meta, "feature_names": meta["feature_names"][:5]}))
+    proc = run("tune", "--op", "gemv", "--shape", shape, "--threads", "1", "--trials", "19", "--load-model", "m.json",
+               "--log", "t.jsonl", "--no-mlflow", "--quiet", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "names 5 features; the model takes" in proc.stderr, proc.stderr

@@ -145,3 +145,36 @@ def test_curves_are_monotone_shares_of_the_best(space):
     report = compare_tuners([space], ["random"], seeds=2, trials=20)
     for curve in report["spaces"][0]["curves"]["random"]:
         assert np.all(np.diff(curve) >= 0) and 0 < curve[-1] <= 1.0
+
+
+def test_a_space_of_failed_records_only_is_not_replayed(sweep_logs):
+    """Its best is 0 GFLOP/s: every tuner 'reached 95%' of it at once, and the curves divided by it."""
+    import dataclasses
+
+    from autotune.replay import RecordedSpace
+    from measure import MeasureResult
+
+    records = RecordLog(sweep_logs["target"]).records()
+    failed = [dataclasses.replace(r, result=MeasureResult((), MeasureError.RUNTIME_ERROR, "failed")) for r in records]
+    assert RecordedSpace.from_records(failed) == []
+    assert len(RecordedSpace.from_records(failed + records[:3])) == 1  # one verified config is a best to reach
+
+
+def test_replay_arguments_are_checked_and_the_report_names_the_machine(space):
+    for bad in ({"seeds": 0}, {"trials": 0}, {"batch": 0}, {"seeds": 2.5}):
+        with pytest.raises(ValueError, match="must be an int >= 1"):
+            compare_tuners([space], ["random"], **{"seeds": 1, "trials": 4, "batch": 2, **bad})
+    report = compare_tuners([space], ["random"], seeds=1, trials=4, batch=2)
+    assert report["spaces"][0]["space"]["target"] == space.target.key
+    assert f"{space.task.key} on {space.target.key}:" in format_table(report)
+    tuner = make_tuner("random", space.task, space.target, space=space.space)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        tuner.tune(4, ReplayBuilder(), ReplayRunner(space.results), batch_size=0)
+
+
+def test_an_empty_log_gives_a_frame_with_the_usual_columns():
+    from records.log import to_dataframe
+
+    frame = to_dataframe([])
+    assert len(frame) == 0 and {"task", "target", "gflops", "ok", "best_so_far_gflops"} <= set(frame.columns)
+    assert frame.groupby("task")["gflops"].max().empty  # what a notebook does first

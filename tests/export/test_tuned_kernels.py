@@ -42,3 +42,21 @@ def test_runtime_does_not_import_the_tuner_stack():
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_default_serves_other_values_of_its_dynamic_dims_without_compiling_again():
+    """A decode step asks for attention at a new KV length every token: the template default
+    compiled for the first serves them all, as a tuned bucket would (it compiled one each)."""
+    from search_space import get_template
+
+    dims = {"B": 1, "H": 4, "HKV": 2, "D": 32, "S": 64}
+    with TunedKernels.defaults() as kernels:
+        first = kernels.get("attention_decode", {**dims, "L": 10}, dynamic=["S", "L"])
+        assert kernels.get("attention_decode", {**dims, "L": 11}, dynamic=["S", "L"]) is first
+        assert kernels.get("attention_decode", {**dims, "S": 128, "L": 90}, dynamic=["S", "L"]) is first
+        other = kernels.get("attention_decode", {**dims, "H": 8, "L": 10}, dynamic=["S", "L"])  # static dims differ
+        assert other is not first
+        task = Task.make("attention_decode", {**dims, "S": 128, "L": 90}, dynamic=("S", "L"))
+        inputs = get_template("attention_decode", "cpu").make_inputs(task, np.random.default_rng(0))
+        want = get_template("attention_decode", "cpu").reference(task, inputs)["O"]
+        np.testing.assert_allclose(first(**inputs, dims={"S": 128, "L": 90}), want, rtol=1e-4, atol=1e-5)

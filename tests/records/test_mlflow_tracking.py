@@ -60,3 +60,36 @@ def test_xgb_job_logs_the_models_live_ranking_quality(store, tmp_path, host):
                                                   for step, m in ranked.items()}
     recall = client.get_metric_history(run.info.run_id, "model_topk_recall")
     assert {m.step for m in recall} <= {15, 23} and recall
+
+
+def test_jobs_that_start_together_on_a_new_store_each_get_their_run(tmp_path):
+    """Both would create the new store's schema at once, and the loser's half-done migration
+    broke the store for every later job. Three processes wait for one signal, then open it."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "open.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from records.mlflow_tracking import MLflowRun\n"  # imports mlflow: seconds, before the signal
+        "import mlflow  # noqa\n"
+        "while not os.path.exists(sys.argv[2]):\n"
+        "    time.sleep(0.005)\n"
+        "run = MLflowRun(sys.argv[1], experiment='together')\n"
+        "run.finish()\n"
+        "print(run.run_id)\n")
+    uri, go = f"sqlite:///{tmp_path / 'new.db'}", tmp_path / "go"
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    procs = [subprocess.Popen([sys.executable, str(script), uri, str(go)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=os.getcwd()) for _ in range(3)]
+    time.sleep(4)  # every child has imported mlflow
+    go.write_text("")
+    results = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-800:] for _, err in results]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("together").experiment_id])
+    assert len(runs) == 3
