@@ -116,7 +116,7 @@ def test_replay_skips_lines_that_are_not_records(messy_log, tmp_path):
                "--json", "r.json", "--plot", "r.png", "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "skipped 6 unreadable line(s)" in proc.stderr
-    assert "gemv/float32/M=2,N=64,K=64: 5 recorded configs" in proc.stdout
+    assert "gemv/float32/M=2,N=64,K=64 on " in proc.stdout and ": 5 recorded configs" in proc.stdout, proc.stdout
 
 
 # ----------------------------------------------------------------------------- one job per log
