@@ -71,20 +71,22 @@ class TunedKernels:
         if record is not None:
             task = record.task  # the bucket it was tuned at
         cached = self._loaded.get(task.key)
-        if cached is None and record is None:
-            # a default compiled at other values of the dims taken at run time serves this call as
-            # a tuned bucket would (a decode step's KV length changes every token: one compile, not one each)
-            cached = select((k for k in self._loaded.values() if not k.tuned), lambda k: k.spec, task)
         if cached is not None:
             return cached
         space = template.space(task, self.target)
         if record is not None:
             config, seconds = record.to_config(space), record.seconds
         else:
+            config, seconds = template.default(task, self.target), None
+            # the same default compiled at other values of the dims taken at run time is this
+            # call's kernel already (a decode step's KV length changes every token: one compile)
+            same = select((k for k in self._loaded.values() if not k.tuned and k.config == config.as_dict()),
+                          lambda k: k.spec, task)
+            if same is not None:
+                return same
             if self.warn_untuned:
                 warnings.warn(f"{task.key} was never tuned on {self.target.key}: running the template default",
                               UntunedShapeWarning, stacklevel=2)
-            config, seconds = template.default(task, self.target), None
         kernel = self._compile(task, config, record is not None, seconds)
         self._loaded[task.key] = kernel
         return kernel

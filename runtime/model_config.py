@@ -443,6 +443,8 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
     path = Path(text)
     if path.is_dir():
         path = path / "config.json"
+    if path.exists() and not path.is_file():  # a FIFO would block the read, a device never ends
+        raise ValueError(f"model config {path} is not a regular file")
     if not path.is_file():
         raise ValueError(f"unknown model {text!r}: not a preset ({', '.join(PRESETS)}) nor a config.json")
     try:

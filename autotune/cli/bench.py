@@ -41,7 +41,8 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, allow_sta
     space = template.space(task, tgt)
     config = None
     if log_path:
-        records = [r for r in read_log(log_path) if r.task.key == task.key and r.target.key == tgt.key]
+        logged = read_log(log_path)
+        records = [r for r in logged if r.task.key == task.key and r.target.key == tgt.key]
         if threads is not None:
             records = [r for r in records if r.config.get("threads", threads) == threads]
         outside = [r for r in records if not in_space(r, space)]
@@ -54,8 +55,10 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, allow_sta
         winner = chosen(choices).get((task.key, tgt.key))
         if winner is None:
             fresh = "fresh " if choices else ""  # there were verified records, all of them stale
+            elsewhere = sorted({r.target.key for r in logged if r.ok and r.task.key == task.key} - {tgt.key})
             raise UserError(f"{log_path} has no {fresh}verified record for {task.key} on {tgt.key}"
-                            + (f" with threads={threads}" if threads else ""))
+                            + (f" with threads={threads}" if threads else "")
+                            + (f"; it has some measured on {', '.join(elsewhere)}, another machine" if elsewhere else ""))
         config = winner.to_config(space)
     else:
         config = template.default(task, tgt)

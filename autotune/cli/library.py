@@ -20,8 +20,14 @@ def _records(logs, run_id: str | None, tracking_uri: str | None) -> list:
         raise UserError("give the records with either --log LOG [LOG...] or --mlflow-run RUN_ID")
     if logs:
         return load_logs(logs)
-    from records.mlflow_tracking import RunNotFound, records_from_run
+    from records.mlflow_tracking import RunNotFound, records_from_run, resolve_tracking_uri
 
+    from ..tuning import check_reachable
+
+    try:  # a server that does not answer is said so at once (not after MLflow's retries, as "no run")
+        check_reachable(resolve_tracking_uri(tracking_uri))
+    except ConnectionError as exc:
+        raise UserError(f"--mlflow-run {run_id}: {exc}") from None
     try:
         return records_from_run(run_id, tracking_uri)
     except (RunNotFound, FileNotFoundError) as exc:

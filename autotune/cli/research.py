@@ -11,6 +11,7 @@ import click
 
 from .common import (ManyValues, UserError, check_timeouts, load_logs, make_job, open_log, positive, refuse_overwriting,
                      resolve_target, resolve_task, run_tuning, restriction, seed_option)
+from ..units import format_rate, format_time
 from .group import cli
 
 
@@ -66,12 +67,14 @@ def sweep(op, shape, dtype, target, sample, seed, restrict_items, threads, batch
                            "min_sample_ms": min_sample_ms})
     summary = run_tuning(job, progress=not quiet)
     ok = [r for r in summary.records if r.ok]
-    click.echo(f"{task.key}: swept {len(plan)} of the space's configs ({summary.resumed} resumed, "
+    # a sweep resumed with another --sample or --seed: the log holds the earlier plan's configs too
+    click.echo(f"{task.key}: swept {len(plan) + len(earlier)} of the space's configs ({summary.resumed} resumed, "
                f"{summary.measured} measured now, {summary.failed} failed) in {summary.wall_s:.1f} s")
     if ok:
-        top = max(r.gflops for r in ok)
-        near = sum(1 for r in ok if r.gflops >= 0.95 * top) / len(ok)
-        click.echo(f"best {top:.1f} GFLOP/s; {near * 100:.1f}% of the verified configs are within 95% of it")
+        best = max(ok, key=lambda r: r.gflops)
+        near = sum(1 for r in ok if r.gflops >= 0.95 * best.gflops) / len(ok)
+        click.echo(f"best {format_rate(task, best.seconds)} ({format_time(best.seconds)}); "
+                   f"{near * 100:.1f}% of the verified configs are within 95% of it")
     click.echo(f"log: {log.path}")
 
 

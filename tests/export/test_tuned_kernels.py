@@ -45,15 +45,26 @@ def test_runtime_does_not_import_the_tuner_stack():
 
 
 def test_a_default_serves_other_values_of_its_dynamic_dims_without_compiling_again():
-    """A decode step asks for attention at a new KV length every token: the template default
-    compiled for the first serves them all, as a tuned bucket would (it compiled one each)."""
-    from search_space import get_template
+    """A decode step asks for attention at a new KV length every token: where the template's
+    default config is the same, the kernel compiled for the first serves them all (it compiled
+    one each); where the default differs (a dim it depends on), that default is compiled."""
+    from search_space import Target, get_template
 
     dims = {"B": 1, "H": 4, "HKV": 2, "D": 32, "S": 64}
+    template = get_template("attention_decode", "cpu")
+
+    def default(**changed):
+        task = Task.make("attention_decode", {**dims, "L": 10, **changed}, dynamic=("S", "L"))
+        return template.default(task, Target.host()).as_dict()
+
     with TunedKernels.defaults() as kernels:
         first = kernels.get("attention_decode", {**dims, "L": 10}, dynamic=["S", "L"])
+        assert first.config == default()
+        for changed in ({"L": 11}, {"L": 63}, {"S": 128, "L": 90}):
+            again = kernels.get("attention_decode", {**dims, **changed}, dynamic=["S", "L"])
+            assert (again is first) == (default(**changed) == first.config), changed
+            assert again.config == default(**changed)
         assert kernels.get("attention_decode", {**dims, "L": 11}, dynamic=["S", "L"]) is first
-        assert kernels.get("attention_decode", {**dims, "S": 128, "L": 90}, dynamic=["S", "L"]) is first
         other = kernels.get("attention_decode", {**dims, "H": 8, "L": 10}, dynamic=["S", "L"])  # static dims differ
         assert other is not first
         task = Task.make("attention_decode", {**dims, "S": 128, "L": 90}, dynamic=("S", "L"))

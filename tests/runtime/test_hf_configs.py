@@ -307,6 +307,11 @@ def test_load_model_config_names_the_file(tmp_path):
         load_model_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_5X))
     assert load_model_config(tmp_path).rope_theta == 500000.0
+    import os
+
+    os.mkfifo(tmp_path / "fifo.json")  # reading it would block until someone writes
+    with pytest.raises(ValueError, match=r"fifo\.json is not a regular file"):
+        load_model_config(tmp_path / "fifo.json")
 
 
 class _NoKernels:
