@@ -11,7 +11,6 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from cost_model import batch_quality
@@ -138,12 +137,12 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     import socket
     from urllib.parse import urlparse
 
+    from records.mlflow_tracking import sqlite_store
+
+    store = sqlite_store(uri)
+    if store is not None and store.is_dir():  # SQLAlchemy would retry opening it for minutes
+        raise ConnectionError(f"the tracking store {store} is a directory, not an SQLite file")
     parsed = urlparse(uri)
-    if parsed.scheme == "sqlite" and uri.startswith("sqlite:///"):
-        store = Path(uri[len("sqlite:///"):])
-        if store.is_dir():  # SQLAlchemy would retry opening it for minutes
-            raise ConnectionError(f"the tracking store {store} is a directory, not an SQLite file")
-        return
     if parsed.scheme not in ("http", "https"):
         return
     port = parsed.port or (443 if parsed.scheme == "https" else 80)

@@ -27,12 +27,15 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def sqlite_store(uri: str) -> Path | None:
+    """The file of a local SQLite store (``sqlite:///PATH``), or None for any other store."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def _artifact_root(uri: str) -> str | None:
     """Keep artifacts next to a SQLite store instead of wherever the process happens to run."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):]).resolve()
-        return (db.parent / "mlartifacts").as_uri()
-    return None
+    store = sqlite_store(uri)
+    return (store.resolve().parent / "mlartifacts").as_uri() if store is not None else None
 
 
 def _client(uri: str):
@@ -50,11 +53,12 @@ def _store_setup_lock(uri: str):
     """Jobs that start together on one new SQLite store would both create its schema (and an
     experiment), and the loser's half-done migration breaks the store for every later job:
     they take turns here. The lock is on the store's folder, so nothing is written for it."""
-    if not uri.startswith("sqlite:///"):
+    store = sqlite_store(uri)
+    if store is None:
         yield
         return
     try:
-        fd = os.open(Path(uri[len("sqlite:///"):]).resolve().parent, os.O_RDONLY)
+        fd = os.open(store.resolve().parent, os.O_RDONLY)
     except OSError:  # no such folder: the store fails to open on its own, with its own message
         yield
         return
@@ -137,9 +141,8 @@ class RunNotFound(LookupError):
 
 def _store_exists(uri: str) -> bool:
     """A SQLite store that is not there would be created empty by MLflow: say so instead."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):]).is_file()
-    return True
+    store = sqlite_store(uri)
+    return store is None or store.is_file()
 
 
 def _log_artifacts(client, run_id: str, folder: str | None = None) -> list[str]:

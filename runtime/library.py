@@ -506,26 +506,23 @@ class SharedObjectKernels:
             raise IncompatibleCpuError(f"{folder} was compiled for {manifest['target'].get('arch')} and needs "
                                        f"{', '.join(missing)}, which this CPU lacks: export it again for this machine")
         library = library_file(folder, manifest.get("library"), "shared library")
-        # The bytes that are checked are the bytes that are loaded: the file is opened once and
-        # checked through that descriptor; dlopen then takes its path (so debuggers and profilers
-        # find it), and a file put there meanwhile (another inode) is refused.
-        fd = os.open(library, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # The bytes that are checked are the bytes that are loaded: the file is read once and
+        # checked; dlopen then takes its path (so debuggers and profilers find it), and a file
+        # put there meanwhile (another inode) is refused.
         try:
-            with os.fdopen(os.dup(fd), "rb") as f:
+            with open(library, "rb") as f:
                 data = f.read()
+                checked = os.fstat(f.fileno())
             digest = hashlib.sha256(data).hexdigest()
             if manifest.get("library_sha256") is not None:
                 check_sha256(digest, manifest["library_sha256"], f"{folder}: {library.name}")
             check_shared_object(data, f"{folder}: {library.name}")
-            checked = os.fstat(fd)
             name = _dlopen_name(library, digest, checked, folder)
             # RTLD_LOCAL: two libraries loaded side by side keep their own symbols
             self._dll = ctypes.CDLL(name, mode=ctypes.RTLD_LOCAL)
             loaded = os.stat(library)
         except OSError as exc:
             raise LibraryFormatError(f"{folder}: {library.name} cannot be loaded: {exc}") from None
-        finally:
-            os.close(fd)
         if (loaded.st_dev, loaded.st_ino) != (checked.st_dev, checked.st_ino):
             raise LibraryFormatError(f"{folder}: {library.name} was replaced while it was being loaded")
         _LOADED_FILES[(checked.st_dev, checked.st_ino)] = digest

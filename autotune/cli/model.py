@@ -225,7 +225,9 @@ def _check_precision(tasks, kind: str, dtype: str) -> None:
 def _check_weights_fit(config, weights_dtype: str, quantize: str) -> None:
     """Refuse a model whose weights alone exceed the memory this machine has available (a
     config.json with a million layers would otherwise end in MemoryError or the OOM killer)."""
-    per_weight = 0.5 if quantize == "q4" else {"float32": 4, "float16": 2, "bfloat16": 2}.get(weights_dtype, 4)
+    from runtime.abi import numpy_dtype
+
+    per_weight = 0.5 if quantize == "q4" else numpy_dtype(weights_dtype).itemsize
     need, have = config.parameters * per_weight, available_memory()
     if have and need > have:
         raise UserError(f"{config.name}: its {config.parameters / 1e9:.1f}B weights take about {need / 2**30:.1f} GiB "
