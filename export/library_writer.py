@@ -51,7 +51,7 @@ from typing import Any, Iterable
 
 from measure.backends import Backend, get_backend
 from measure.worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout, close_all
-from records import Record, StaleRecordsWarning, select_best
+from records import Record, select_best
 from records.record import package_version
 from runtime.abi import MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION
 from runtime.library import MANIFEST, read_manifest, seal_contracts, sha256_of
@@ -150,9 +150,9 @@ def _render(record: Record) -> KernelSource:
 def _kernels(records: Iterable[Record], target: Target, allow_stale: bool) -> list[_Kernel]:
     choices = select_best((r for r in records if r.target.key == target.key), allow_stale)
     for choice in choices:
-        note = choice.note()
-        if note:
-            warnings.warn(note, StaleRecordsWarning, stacklevel=3)
+        warning = choice.warning()
+        if warning:
+            warnings.warn(warning, stacklevel=3)
     winners = sorted((c.record for c in choices if c.record is not None), key=lambda r: (r.task.op, r.task.key))
     if not winners and choices:
         raise ExportError(f"every verified record for target {target.key} is stale: nothing to export (measure "

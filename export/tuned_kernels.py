@@ -16,7 +16,7 @@ from typing import Iterable, Mapping, Sequence
 
 from measure import LocalBuilder, MeasureError, MeasureInput
 from measure.backends import get_backend
-from records import Record, StaleRecordsWarning, load_records, select_best
+from records import Record, load_records, select_best
 from runtime.abi import KernelSpec
 from runtime.kernel import Kernel, UntunedShapeWarning, select
 from search_space import Config, Target, Task, get_template
@@ -34,9 +34,9 @@ class TunedKernels:
         self.target = target or Target.host()
         choices = select_best((r for r in records if r.target.key == self.target.key), allow_stale)
         for choice in choices:
-            note = choice.note()
-            if note:
-                warnings.warn(note, StaleRecordsWarning, stacklevel=2)
+            warning = choice.warning()
+            if warning:
+                warnings.warn(warning, stacklevel=2)
         self._best = [c.record for c in choices if c.record is not None]
         self._loaded: dict[str, Kernel] = {}
         self._builder: LocalBuilder | None = None

@@ -31,7 +31,13 @@ FRESH, STALE, UNKNOWN = "fresh", "stale", "unknown"
 
 
 class StaleRecordsWarning(UserWarning):
-    """Records of a task were measured on code this version no longer builds for their config."""
+    """Records of a task were measured on code this version no longer builds for their config.
+    ``remeasurable``: whether any of them has a config today's template still has (those
+    ``tune --remeasure-stale`` can measure again)."""
+
+    def __init__(self, message: str, remeasurable: bool = True):
+        super().__init__(message)
+        self.remeasurable = remeasurable
 
 
 class CodeCheck:
@@ -91,6 +97,12 @@ class TaskChoice:
     stale: int = 0                # stale verified records faster than ``record``, superseded ones not counted
     reason: str = ""              # why the first of them (or ``record`` itself) is stale
     uses_stale: bool = False      # ``record`` is stale (allowed by the caller)
+    outside: int = 0              # of the ``stale`` ones, those whose config today's template lacks
+
+    @property
+    def remeasurable(self) -> bool:
+        """Whether some of the stale records can be measured again (their config is still in the space)."""
+        return self.stale > self.outside
 
     def note(self) -> str | None:
         """One line for the user about stale records, or None when none was in the way."""
@@ -100,8 +112,20 @@ class TaskChoice:
         if not self.stale:
             return None
         if self.record is None:
-            return f"{where}: all {self.stale} verified record(s) are stale ({self.reason}); none is used"
-        return f"{where}: {self.stale} faster stale record(s) skipped ({self.reason})"
+            note = f"{where}: all {self.stale} verified record(s) are stale ({self.reason}); none is used"
+        else:
+            note = f"{where}: {self.stale} faster stale record(s) skipped ({self.reason})"
+        if self.outside == self.stale:
+            note += f"; none of them is in today's space of {self.task.op}, so none can be measured again"
+        elif self.outside:
+            note += (f"; {self.outside} of them are not in today's space of {self.task.op} and cannot be "
+                     "measured again")
+        return note
+
+    def warning(self) -> StaleRecordsWarning | None:
+        """The note as the warning export and TunedKernels raise, or None."""
+        note = self.note()
+        return StaleRecordsWarning(note, self.remeasurable) if note else None
 
 
 def _by_config(records: list[Record]) -> dict[str, list[Record]]:
@@ -145,6 +169,7 @@ def select_best(records: Iterable[Record], allow_stale: bool = False,
                 break
             if not _superseded(record, configs[record.config_key], check):
                 choice.stale += 1
+                choice.outside += not check.buildable(record)
                 choice.reason = choice.reason or reason
         choices.append(choice)
     return choices

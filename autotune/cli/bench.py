@@ -51,7 +51,7 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, allow_sta
                        f"today's space of {task.op}", err=True)
             records = [r for r in records if in_space(r, space)]
         choices = select_best(records, allow_stale)
-        report_stale([n for n in (c.note() for c in choices) if n], [log_path], allow_stale)
+        report_stale([w for w in (c.warning() for c in choices) if w], [log_path], allow_stale)
         winner = chosen(choices).get((task.key, tgt.key))
         if winner is None:
             fresh = "fresh " if choices else ""  # there were verified records, all of them stale

@@ -169,12 +169,13 @@ def read_log(path: str):
     return report.records
 
 
-def report_stale(notes: list[str], logs, allow_stale: bool) -> None:
-    """The notes about stale records (one per task, from ``TaskChoice.note``) as warnings on
-    stderr, and, when stale records were skipped, how to measure them again or use them."""
+def report_stale(notes: list, logs, allow_stale: bool) -> None:
+    """The StaleRecordsWarnings (one per task, from ``TaskChoice.warning``) as warnings on
+    stderr, and, when stale records were skipped that today's space still has, how to measure
+    them again or use them."""
     for note in notes:
         click.echo(f"autotune: warning: {note}", err=True)
-    if notes and not allow_stale:
+    if any(note.remeasurable for note in notes) and not allow_stale:
         log = str(logs[0]) if len(logs) == 1 else "LOG"
         if log.endswith(".gz"):  # archived logs are read-only
             again = "in a plain copy of the log (`autotune tune --remeasure-stale --log COPY.jsonl`)"
@@ -194,7 +195,7 @@ def stale_warnings_reported(logs, allow_stale: bool):
         try:
             yield
         finally:
-            report_stale([str(w.message) for w in caught if issubclass(w.category, StaleRecordsWarning)],
+            report_stale([w.message for w in caught if issubclass(w.category, StaleRecordsWarning)],
                          logs, allow_stale)
             for w in caught:  # every other warning as it would have been shown
                 if not issubclass(w.category, StaleRecordsWarning):

@@ -224,7 +224,7 @@ def best(log_path: str, allow_stale: bool, as_json: bool) -> None:
 
     records = read_log(log_path)
     choices = select_best(records, allow_stale)
-    report_stale([n for n in (c.note() for c in choices) if n], [log_path], allow_stale)
+    report_stale([w for w in (c.warning() for c in choices) if w], [log_path], allow_stale)
     rows = []
     for choice in sorted((c for c in choices if c.record is not None), key=lambda c: (c.task.op, c.task.key)):
         r = choice.record

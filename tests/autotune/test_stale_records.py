@@ -119,3 +119,16 @@ def test_remeasure_stale_refuses_bad_input_in_one_line(tmp_path):
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
     proc = autotune(tmp_path, "tune", "--shape", "M=4,N=64")
     assert proc.returncode == 2 and "--op and --shape are required" in proc.stderr
+
+
+def test_the_remeasure_hint_is_offered_only_for_stale_configs_today_s_space_has(capsys):
+    from autotune.cli.common import report_stale
+    from records import StaleRecordsWarning
+
+    outside = StaleRecordsWarning("t: all 2 verified record(s) are stale (...); none of them is in today's space",
+                                  remeasurable=False)
+    report_stale([outside], ["t.jsonl"], allow_stale=False)
+    err = capsys.readouterr().err
+    assert err.startswith("autotune: warning: t: all 2") and "--remeasure-stale" not in err
+    report_stale([outside, StaleRecordsWarning("u: 1 faster stale record(s) skipped (...)")], ["t.jsonl"], False)
+    assert "autotune tune --remeasure-stale --log t.jsonl" in capsys.readouterr().err

@@ -74,6 +74,12 @@ def test_a_config_today_s_template_lacks_is_never_used(host):
     (choice,) = select_best([gone, fresh], allow_stale=True)
     assert choice.record is fresh and choice.stale == 1 and not choice.uses_stale
     assert stale_configs([gone, fresh], TASK, host) == ([], 1)
+    # the note says so, and the CLI offers no --remeasure-stale for it
+    assert choice.note().endswith("; none of them is in today's space of add, so none can be measured again")
+    assert not choice.remeasurable and not choice.warning().remeasurable
+    (choice,) = select_best([gone, record(host, 0.5, digest=OTHER_CODE, unroll=4), fresh])
+    assert choice.stale == 2 and choice.remeasurable and choice.warning().remeasurable
+    assert choice.note().endswith("; 1 of them are not in today's space of add and cannot be measured again")
 
 
 def test_a_stale_record_measured_again_is_superseded(host):
