@@ -114,9 +114,14 @@ class RecordedSpace:
         return float(np.mean(values >= fraction * self.best_gflops)) if len(values) else math.nan
 
     def summary(self) -> dict:
+        from .units import format_rate
+
         values = self.gflops()
+        best_seconds = self.task.flops / (self.best_gflops * 1e9) if self.best_gflops > 0 else math.nan
         return {"task": self.task.key, "target": self.target.key, "op": self.task.op, "configs": len(values),
                 "failed": int(np.sum(values <= 0)), "best_gflops": self.best_gflops,
+                # as tune and best print it: GB/s for a memory-bound operator
+                "best_rate": format_rate(self.task, best_seconds),
                 "median_gflops": float(np.median(values[values > 0])) if np.any(values > 0) else 0.0,
                 "share_within_90": self.share_within(0.90), "share_within_95": self.share_within(0.95),
                 "outside_space": self.outside}

@@ -9,6 +9,7 @@ import pytest
 from autotune.compare import compare_tuners, format_table, plot_convergence, to_json
 from autotune.replay import TRANSFER, ReplayBuilder, ReplayRunner, Trajectory, pretrain_for, replay_tuner
 from autotune.tuners import TUNERS, make_tuner
+from autotune.units import format_rate
 from fakes import recorded_space
 from measure import MeasureError, MeasureInput
 from records import RecordLog
@@ -167,6 +168,9 @@ def test_replay_arguments_are_checked_and_the_report_names_the_machine(space):
     report = compare_tuners([space], ["random"], seeds=1, trials=4, batch=2)
     assert report["spaces"][0]["space"]["target"] == space.target.key
     assert f"{space.task.key} on {space.target.key}:" in format_table(report)
+    # a gemv is memory-bound: its best is in GB/s, as tune and best print it
+    best = min(r.median for r in space.results.values() if r.ok)
+    assert f"best {format_rate(space.task, best)};" in format_table(report) and "GB/s" in format_rate(space.task, best)
     tuner = make_tuner("random", space.task, space.target, space=space.space)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         tuner.tune(4, ReplayBuilder(), ReplayRunner(space.results), batch_size=0)
