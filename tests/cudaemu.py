@@ -116,8 +116,11 @@ def precompiled_header(name: str, text: str, flags: list[str]) -> Path:
 
 def _compile_header(folder: Path, name: str, text: str, flags: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text(text)
-    tmp = folder / f".{name}.gch.{os.getpid()}"  # other processes may build the same header
+    # other processes may build the same header: each writes its own files and renames them in
+    header = folder / f".{name}.{os.getpid()}"
+    header.write_text(text)
+    os.replace(header, folder / name)
+    tmp = folder / f".{name}.gch.{os.getpid()}"
     proc = subprocess.run(["g++", "-x", "c++-header", *flags, "-o", str(tmp), str(folder / name)],
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
