@@ -1,6 +1,6 @@
 // A CPU emulator for the CUDA C that the templates generate (tests only).
 //
-// Every CUDA thread of a block is a fiber (ucontext) on one OS thread; blocks run one after
+// Every CUDA thread of a block is a fiber on one OS thread; blocks run one after
 // another in a shuffled order. Barriers (__syncthreads) and warp collectives (shuffles,
 // ldmatrix, mma.sync) are rendezvous points: each fiber deposits its operands and yields
 // until every live thread of its group has arrived; the last one to arrive computes the
@@ -68,8 +68,24 @@ constexpr int MAX_CLUSTER = 2;      // blocks of a cluster the emulator runs tog
 // zeros for the rest (all zeros when not ``valid``), as cp.async's src-size operand says.
 struct Copy { void* dst; const void* src; int bytes; bool valid; int src_bytes = -1; };
 
+// A fiber's saved context. On x86-64 a switch saves and restores the callee-saved registers,
+// the SSE and x87 control words and the stack pointer (cudaemu_switch, a dozen instructions);
+// glibc's swapcontext also saves the signal mask, a system call per switch, and switching
+// was most of the time a kernel took to emulate. Elsewhere, and where control-flow protection
+// (shadow stacks) is compiled in, swapcontext it is.
+#if defined(__x86_64__) && !defined(__CET__)
+struct Context { void* sp = nullptr; };
+extern "C" void cudaemu_switch(void** save_sp, void* load_sp);
+inline void switch_context(Context& from, Context& to) { cudaemu_switch(&from.sp, to.sp); }
+#else
+struct Context { ucontext_t uc; };
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+// A context that, switched to, runs ``entry`` on ``stack`` (``entry`` must never return).
+void start_context(Context& context, char* stack, size_t bytes, void (*entry)());
+
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   char* stack = nullptr;  // STACK_BYTES of ``stacks``
   emu_dim3 tid;
   emu_dim3 bid;   // its block
@@ -86,7 +102,7 @@ struct Group {
 };
 
 extern std::vector<Fiber> fibers;
-extern ucontext_t scheduler;
+extern Context scheduler;
 extern int current;
 extern unsigned long events;  // arrivals and completions: progress for deadlock detection
 extern bool deferred_copies;
@@ -111,7 +127,7 @@ inline void fail(const char* what) {
   if (!failure[0]) snprintf(failure, sizeof(failure), "%s", what);
 }
 
-inline void yield() { swapcontext(&fibers[current].ctx, &scheduler); }
+inline void yield() { switch_context(fibers[current].ctx, scheduler); }
 
 inline int live_in_warp(int warp) {
   int n = 0, threads = (int)fibers.size();
@@ -186,7 +202,7 @@ emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 namespace emu {
 
 std::vector<Fiber> fibers;
-ucontext_t scheduler;
+Context scheduler;
 int current = -1;
 unsigned long events = 0;
 bool deferred_copies = false;
@@ -214,8 +230,67 @@ static void fiber_main() {
   f.done = true;
   ++events;
   // A warp or block waiting for this thread may now be complete without it.
-  swapcontext(&f.ctx, &scheduler);
+  switch_context(f.ctx, scheduler);  // never resumed: the next block starts every fiber afresh
 }
+
+#if defined(__x86_64__) && !defined(__CET__)
+// cudaemu_switch(save_sp, load_sp): push the callee-saved registers and the control words,
+// store the stack pointer in *save_sp, take load_sp as the stack pointer, pop what that
+// stack holds and return to where it left off.
+asm(R"(
+  .text
+  .globl cudaemu_switch
+  .hidden cudaemu_switch
+  .type cudaemu_switch, @function
+cudaemu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cudaemu_switch, .-cudaemu_switch
+)");
+
+void start_context(Context& context, char* stack, size_t bytes, void (*entry)()) {
+  // a stack as cudaemu_switch leaves it: control words, six registers, then where its ret
+  // goes (entry, which finds the stack as a call leaves it: 8 bytes past 16-byte alignment)
+  auto top = (reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t(15);
+  void** sp = reinterpret_cast<void**>(top);
+  *--sp = nullptr;  // entry's own return address: it never returns
+  *--sp = reinterpret_cast<void*>(entry);
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;
+  uint32_t words[2] = {0, 0};
+  asm volatile("stmxcsr %0" : "=m"(words[0]));
+  asm volatile("fnstcw %0" : "=m"(words[1]));
+  --sp;
+  memcpy(sp, words, sizeof(words));
+  context.sp = sp;
+}
+#else
+void start_context(Context& context, char* stack, size_t bytes, void (*entry)()) {
+  getcontext(&context.uc);
+  context.uc.uc_stack.ss_sp = stack;
+  context.uc.uc_stack.ss_size = bytes;
+  context.uc.uc_link = &scheduler.uc;
+  makecontext(&context.uc, entry, 0);
+}
+#endif
 
 static void set_current(int i) {
   current = i;
@@ -231,11 +306,7 @@ static bool run_block() {
     f.done = false;
     f.groups.clear();
     f.open.clear();
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack;
-    f.ctx.uc_stack.ss_size = STACK_BYTES;
-    f.ctx.uc_link = &scheduler;
-    makecontext(&f.ctx, fiber_main, 0);
+    start_context(f.ctx, f.stack, STACK_BYTES, fiber_main);
   }
   int finished = 0;
   while (finished < threads) {
@@ -244,7 +315,7 @@ static bool run_block() {
     for (int i = 0; i < threads; ++i) {
       if (fibers[i].done) { ++finished; continue; }
       set_current(i);
-      swapcontext(&scheduler, &fibers[i].ctx);
+      switch_context(scheduler, fibers[i].ctx);
       if (failure[0]) return false;
       if (fibers[i].done) ++finished;
     }
