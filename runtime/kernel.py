@@ -155,7 +155,8 @@ class Kernel:
                 continue
             for arg in self.args:
                 array = arrays.get(arg.name)
-                if array is not None and name in arg.shape and array.ndim == len(arg.shape):
+                # not an array (numpy's or a device array): refused by name when the arrays are checked
+                if hasattr(array, "shape") and name in arg.shape and len(array.shape) == len(arg.shape):
                     out[name] = int(array.shape[arg.shape.index(name)])
                     break
             else:
@@ -165,6 +166,12 @@ class Kernel:
         for name, value in given.items():
             if out.get(name) != value:
                 raise ValueError(f"{self.spec.key}: dim {name} is compiled in as {out.get(name)}, not {value}")
+        for name, other in COUNTED_WITHIN.get(self.spec.op, {}).items():
+            # the valid rows of a cache larger or smaller than the tuned one are the caller's to say:
+            # the tuned count would read part of it, or past the rows it holds
+            if name in runtime_dims and name not in (dims or {}) and out.get(other) != self.spec.dims.get(other):
+                raise TypeError(f"{self.spec.key}: the arrays hold {other} = {out.get(other)}, not the tuned "
+                                f"{self.spec.dims.get(other)}: pass how many rows are valid (dims={{'{name}': ...}})")
         check_runtime_dims(self.spec, {n: out[n] for n in runtime_dims if n in out})
         return {name: int(value) for name, value in out.items()}
 
@@ -187,6 +194,7 @@ class Kernel:
     def bind(self, arrays: Mapping[str, np.ndarray], dims: Mapping[str, int] | None = None) -> "BoundCall":
         """Check ``arrays`` (every input and output by name) once; the result calls the kernel on
         them with nothing but the foreign call, taking new values of the dynamic dims if given."""
+        self.check_names(arrays)
         call_dims = self.dims_for(arrays, dims)
         pointers: list[int] = []
         scratch: dict[str, np.ndarray] = {}
@@ -199,7 +207,25 @@ class Kernel:
                 # a workspace per bound call: calls of one kernel on two threads never share scratch
                 scratch[arg.name] = aligned_empty(arg.nbytes)
                 pointers.append(scratch[arg.name].ctypes.data)
+        self.check_no_overlap(arrays)
         return BoundCall(self, pointers, {n: call_dims[n] for n in self.scalar_names}, {**arrays, **scratch})
+
+    def check_names(self, arrays: Mapping[str, Any]) -> None:
+        """Refuse an array the kernel does not take: its buffer would silently not be read or written."""
+        unknown = sorted(set(arrays) - set(self.input_names) - set(self.output_names))
+        if unknown:
+            raise TypeError(f"{self.spec.op} has no argument {unknown[0]!r}: inputs {self.input_names}, "
+                            f"outputs {self.output_names}")
+
+    def check_no_overlap(self, buffers: Mapping[str, np.ndarray]) -> None:
+        """Refuse an output that shares memory with an input (the kernel reads its inputs while it
+        writes) or with another output (one of the two results would be lost)."""
+        for i, name in enumerate(self.output_names):
+            others = self.input_names + self.output_names[:i]
+            clash = next((n for n in others if np.may_share_memory(buffers[name], buffers[n])), None)
+            if clash is not None:
+                what = "input" if clash in self.input_names else "output"
+                raise ValueError(f"{self.spec.op} output {name} overlaps {what} {clash}: give it a buffer of its own")
 
     def host_buffers(self, arrays: Sequence[np.ndarray], named: Mapping[str, np.ndarray],
                      out: Mapping[str, np.ndarray] | None, dims: Mapping[str, int] | None
@@ -232,10 +258,6 @@ class Kernel:
                  dims: Mapping[str, int] | None = None, **named: np.ndarray):
         """Run on inputs (positional in argument order, or by name); returns the output(s)."""
         buffers, call_dims = self.host_buffers(arrays, named, out, dims)
-        for name in self.output_names:  # the kernel reads its inputs while it writes: no overlap
-            clash = next((n for n in self.input_names if np.may_share_memory(buffers[name], buffers[n])), None)
-            if clash is not None:
-                raise ValueError(f"{self.spec.op} output {name} overlaps input {clash}: give it a buffer of its own")
         self.bind(buffers, call_dims)()
         outputs = tuple(buffers[n] for n in self.output_names)
         return outputs[0] if len(outputs) == 1 else outputs
@@ -245,8 +267,9 @@ class BoundCall:
     """A kernel bound to its buffers: ``call()`` or ``call(L=129)`` for a new dynamic value.
 
     A new value is checked before the foreign call (``check_runtime_dims``): it may not exceed
-    the value the arrays were bound and checked at, nor (L) the rows of the cache it counts in.
-    New values stay for the calls after it.
+    the value the arrays were bound and checked at, nor (L) the rows of the cache it counts in,
+    and a dim that sets the arrays' layout (``layout_dims``) keeps its bound value. New values
+    stay for the calls after it.
 
     A decode step makes a few dozen calls of a few microseconds each, so the Python around
     the foreign call is kept to a minimum: the argument tuple is built when the dims change,
@@ -259,7 +282,8 @@ class BoundCall:
     kernel's TMA descriptors hold the arrays' shapes (the edge past which a copy reads zeros),
     so they are encoded again when a dynamic dim changes."""
 
-    __slots__ = ("kernel", "pointers", "scalars", "limits", "arrays", "_function", "_maxima", "_values_at", "run")
+    __slots__ = ("kernel", "pointers", "scalars", "limits", "layout_dims", "arrays", "_function", "_maxima",
+                 "_values_at", "run")
 
     def __init__(self, kernel: Kernel, pointers: list, scalars: dict[str, int], arrays: dict,
                  values_at: Callable[[Mapping[str, int]], list] | None = None):
@@ -267,6 +291,7 @@ class BoundCall:
         self.pointers = pointers
         self.scalars = scalars
         self.limits = dict(scalars)  # what the bound arrays hold: no dim may grow past it
+        self.layout_dims = layout_dims(kernel.args, {**kernel.spec.dims, **scalars}) & set(scalars)
         self.arrays = arrays  # keeps the buffers alive while the pointers are in use
         self._function = kernel.function
         self._values_at = values_at
@@ -281,8 +306,8 @@ class BoundCall:
         shape = self.kernel.spec.dims
         maxima = {}
         for name in self.scalars:
-            if name in within.values():
-                continue  # bounds another dim: checked in full (its new value changes the other's maximum)
+            if name in within.values() or name in self.layout_dims:
+                continue  # bounds another dim, or sets the arrays' layout: checked in full
             if name in within:
                 bound = self.scalars.get(within[name], shape.get(within[name]))
                 maxima[name] = math.inf if bound is None else bound  # as check_runtime_dims: no bound, no limit
@@ -313,11 +338,32 @@ class BoundCall:
                 raise TypeError(f"{self.kernel.spec.op}: {name} is not a dynamic dim of this kernel")
         values = {**self.scalars, **dims}
         check_runtime_dims(self.kernel.spec, values, self.limits)
+        for name in self.layout_dims & set(dims):
+            if values[name] != self.limits[name]:
+                raise ValueError(f"{self.kernel.spec.key}: dim {name} = {values[name]} is not the {self.limits[name]} "
+                                 "the arrays were bound at: it sets where their rows lie (bind arrays of that size)")
         values = {name: int(value) for name, value in values.items()}
         if self._values_at is not None and values != self.scalars:
             self.pointers = self._values_at(values)  # a refused descriptor changes nothing
         self.scalars = values
         self._update()
+
+
+def layout_dims(args: Sequence[ArgSpec], dims: Mapping[str, int]) -> set[str]:
+    """The dims that set where an array's elements lie: any axis of an input or output with a
+    larger axis than 1 outside it (a KV cache's S in [B, HKV, S, D]). A bound call may run at a
+    smaller value of an outermost dim (fewer rows, the same layout), never at another value of
+    one of these."""
+    out = set()
+    for arg in args:
+        if arg.role not in ("in", "out"):
+            continue
+        outer = 1
+        for axis in arg.shape:
+            if isinstance(axis, str) and outer > 1:
+                out.add(axis)
+            outer *= axis if isinstance(axis, int) else int(dims.get(axis, 1))
+    return out
 
 
 def ctypes_signature(args: Sequence[ArgSpec]) -> list:

@@ -138,6 +138,7 @@ class CudaKernel(Kernel):
 
     def bind(self, arrays: Mapping[str, Any], dims: Mapping[str, int] | None = None) -> BoundCall:
         """Bind device buffers by name; ``dims`` gives every dynamic dim a GPUArray shape does not."""
+        self.check_names(arrays)
         call_dims = self.dims_for({n: b for n, b in arrays.items() if hasattr(b, "shape")}, dims)
         pointers = {}
         for arg in self.args:
@@ -164,6 +165,7 @@ class CudaKernel(Kernel):
         for arg in self.args:
             if arg.role in ("in", "out"):
                 self._check(arg, host[arg.name], call_dims)
+        self.check_no_overlap(host)  # two outputs in one host buffer: one copy back would be lost
         device = {}
         try:
             for arg in self.args:

@@ -51,7 +51,9 @@ def test_the_cheap_dim_check_refuses_what_the_full_one_does(tmp_path, exported_l
     assert out["run wrote rows"] == [True] * 3 + [False] * 5
 
 
-def test_a_kv_length_follows_the_cache_rows_set_last(tmp_path, exported_library):
+def test_a_kv_length_stays_within_the_cache_and_the_cache_keeps_its_rows(tmp_path, exported_library):
+    """L may take any value up to the S rows bound; S itself is the cache's row stride
+    ([B, HKV, S, D]): another value would read the bound cache with the wrong layout."""
     out = run_library_attempts(tmp_path, exported_library, """
         shape = {"B": 1, "H": 4, "HKV": 2, "D": 32, "S": 64, "L": 64}
         kernel = library.get("attention_decode", shape, dynamic=["S", "L"])
@@ -60,20 +62,31 @@ def test_a_kv_length_follows_the_cache_rows_set_last(tmp_path, exported_library)
         out["L=64"] = attempt(lambda: call(L=64))
         out["L=65"] = attempt(lambda: call(L=65))
         out["S=32"] = attempt(lambda: call(S=32))  # L = 64 stays: refused
-        out["S=32,L=8"] = attempt(lambda: call(S=32, L=8))  # S bounds L: the full check; L's maximum follows
+        out["S=32,L=8"] = attempt(lambda: call(S=32, L=8))  # the cache's layout: refused
         out["then L=40"] = attempt(lambda: call(L=40))
-        out["then L=32"] = attempt(lambda: call(L=32))
         out["S=65"] = attempt(lambda: call(S=65))
         out["S=64 again"] = attempt(lambda: call(S=64))
         out["then L=64"] = attempt(lambda: call(L=64))
         out["scalars"] = dict(call.scalars)
     """)
     assert out["S=32"].startswith("ValueError") and "dim L = 64 exceeds S = 32" in out["S=32"]
-    assert out["L=64"] == out["S=32,L=8"] == out["then L=32"] == out["S=64 again"] == out["then L=64"] == "ok"
+    assert out["S=32,L=8"].startswith("ValueError") and "dim S = 32 is not the 64 the arrays were bound at" in out["S=32,L=8"]
+    assert out["L=64"] == out["then L=40"] == out["S=64 again"] == out["then L=64"] == "ok"
     assert out["L=65"].startswith("ValueError") and "dim L = 65 exceeds S = 64" in out["L=65"]
-    assert out["then L=40"].startswith("ValueError") and "dim L = 40 exceeds S = 32" in out["then L=40"]
     assert out["S=65"].startswith("ValueError") and "dim S = 65 exceeds 64" in out["S=65"]
     assert out["scalars"] == {"S": 64, "L": 64}
+
+
+def test_the_dims_that_set_an_array_s_layout():
+    from runtime.abi import ArgSpec
+    from runtime.kernel import layout_dims
+
+    cache = [ArgSpec("K", "in", "float32", ("B", "HKV", "S", "D")), ArgSpec("O", "out", "float32", ("B", "H", "D"))]
+    assert layout_dims(cache, {"B": 2, "HKV": 2, "S": 64, "D": 32, "H": 4}) == {"HKV", "S", "D", "H"}
+    # axes of one outside it: the same layout at fewer rows (one sequence's prefill, [1, T, H, D])
+    assert layout_dims(cache, {"B": 1, "HKV": 1, "S": 64, "D": 32, "H": 4}) == {"D"}
+    rows = [ArgSpec("X", "in", "float32", ("M", "N")), ArgSpec("G", "in", "float32", ("N",))]
+    assert layout_dims(rows, {"M": 8, "N": 64}) == {"N"}
 
 
 def test_host_copies_of_a_decode_step_match_the_plain_ones():
@@ -164,6 +177,25 @@ def test_a_call_names_only_arrays_the_kernel_takes_and_no_output_overlaps_an_inp
     shared = np.zeros(256, np.float32)  # X and Y in one buffer: the kernel would read what it writes
     with pytest.raises(ValueError, match="output Y overlaps input X"):
         gemv(shared[:128].reshape(1, 128), w, out={"Y": shared[64:128].reshape(1, 64)})
+    # binding checks the same: names, overlaps, and what an array is
+    with pytest.raises(ValueError, match="output Y overlaps input X"):
+        gemv.bind({"X": shared[:128].reshape(1, 128), "W": w, "Y": shared[64:128].reshape(1, 64)})
+    with pytest.raises(TypeError, match="has no argument 'Z'"):
+        gemv.bind({"X": x, "W": w, "Y": np.empty((1, 64), np.float32), "Z": x})
+    with pytest.raises(ValueError, match="input X: expected a numpy array, got list"):
+        gemv.bind({"X": [[1.0] * 128], "W": w, "Y": np.empty((1, 64), np.float32)})
+    # two outputs in one buffer: one of the results would be lost
+    norm = library.get("rmsnorm", {"M": 8, "N": 64}, attrs={"residual": True}, dynamic=["M"])
+    rows, both = np.ones((8, 64), np.float32), np.empty((8, 64), np.float32)
+    with pytest.raises(ValueError, match="output S overlaps output Y"):
+        norm(rows, rows, np.ones(64, np.float32), out={"Y": both, "S": both})
+    # a cache of other than the tuned rows: how many are valid is the caller's to say
+    attention = library.get("attention_decode", {"B": 1, "H": 4, "HKV": 2, "D": 32, "S": 64, "L": 64},
+                            dynamic=["S", "L"])
+    q, cache = np.ones((1, 4, 32), np.float32), np.ones((1, 2, 128, 32), np.float32)
+    with pytest.raises(TypeError, match=r"pass the dynamic dim L"):
+        attention(q, cache, cache)
+    assert np.allclose(attention(q, cache, cache, dims={"L": 100}), 1.0)
     for value in (2.7, 0, -3, True, "8", 10**400):
         with pytest.raises(ValueError, match="dim N must be an int from 1 to"):
             library.get("gemv", {"M": 1, "N": value, "K": 128})
@@ -187,3 +219,15 @@ def test_generate_takes_integer_token_ids_and_real_weights(default_kernels):
             ModelWeights(tiny, {**weights.tensors, "model.norm.weight": odd})
     with pytest.raises(ValueError, match="must be a mapping"):
         ModelWeights(tiny, None)
+
+
+def test_a_kv_length_compiled_in_is_not_kept_for_a_cache_of_other_rows(default_kernels):
+    """attention_decode tuned at S = L = 16 with neither dynamic: both still reach the kernel at
+    run time, S read off the cache; L is the caller's to give when the cache is not the tuned one."""
+    attention = default_kernels.get("attention_decode", {"B": 1, "H": 2, "HKV": 1, "D": 32, "S": 16, "L": 16})
+    q = np.ones((1, 2, 32), np.float32)
+    small, large = np.ones((1, 1, 16, 32), np.float32), np.ones((1, 1, 24, 32), np.float32)
+    assert np.allclose(attention(q, small, small), 1.0)
+    with pytest.raises(TypeError, match=r"the arrays hold S = 24, not the tuned 16: pass how many rows are valid"):
+        attention(q, large, large)
+    assert np.allclose(attention(q, large, large, dims={"L": 20}), 1.0)
