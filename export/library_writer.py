@@ -209,13 +209,25 @@ def find_c_compiler(cc: str | None = None) -> list[str]:
                       "into a shared library")
 
 
+def _checked_features(target: Target) -> list[str]:
+    """The instruction-set extensions the kernels may use that a CPU may lack, as the runtime
+    checks them at load (``runtime.library.missing_cpu_features``)."""
+    from runtime.library import CHECKED_CPU_FEATURES
+
+    have = [f[1:] for f in target.features.split(",") if f.startswith("+")]
+    return [f for f in CHECKED_CPU_FEATURES if f in have]
+
+
 def link_shared_library(objects: list[Path], out: Path, cc: str | None = None) -> None:
     from search_space.codegen.llvm_pool import object_file  # the kernels' shared worker pool
 
     command = [*find_c_compiler(cc), "-shared", "-o", str(out), *map(str, objects), str(object_file()),
                # LLVM's objects carry no .note.GNU-stack: without this the linker asks for an
                # executable stack, which recent glibc refuses to dlopen
-               "-Wl,-z,noexecstack", f"-Wl,-soname,{out.name}", "-lm", "-lpthread"]
+               "-Wl,-z,noexecstack", f"-Wl,-soname,{out.name}", "-lm", "-lpthread",
+               # the worker pool's threads run the library's code until the process exits: a
+               # dlclose must not unmap it under them
+               "-Wl,-z,nodelete"]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.strip()][:4]
@@ -291,7 +303,7 @@ def _write_library(kernels: list[_Kernel], stage: Path, target: Target, n_parall
     library = None
     if backend.linked_library:
         library = _link(kernels, objects, stage, cc)
-        (stage / HEADER).write_text(header_text(entries, target.key))
+        (stage / HEADER).write_text(header_text(entries, target.key, cpu_features=_checked_features(target)))
     else:  # one file per kernel, each loaded as a module of its own
         (stage / "cubins").mkdir()
         for entry, data in zip(entries, objects):

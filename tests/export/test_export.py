@@ -141,6 +141,58 @@ def test_a_c_program_compiled_against_the_header_calls_the_kernels(tmp_path, exp
     np.testing.assert_allclose(o, ((p / p.sum(-1, keepdims=True)) @ v[0, :, :13]).reshape(-1), rtol=1e-4, atol=1e-5)
 
 
+DLCLOSE_PROGRAM = r"""
+#include <dlfcn.h>
+#include <stdio.h>
+#include <unistd.h>
+
+int main(int argc, char **argv) {
+    static float x[128], w[64 * 128], y[64];
+    for (int round = 0; round < 2; ++round) {  /* call, close, open again, call */
+        void *library = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+        if (!library) return 3;
+        void (*gemv)(const float *, const float *, float *) =
+            (void (*)(const float *, const float *, float *))dlsym(library, argv[2]);
+        if (!gemv) return 4;
+        x[0] = w[0] = 2.0f;
+        gemv(x, w, y);
+        if (y[0] != 4.0f) return 5;
+        if (dlclose(library) != 0) return 6;
+        usleep(100000);  /* the pool's workers wake and sleep meanwhile */
+    }
+    puts("alive");
+    return 0;
+}
+"""
+
+
+def test_the_header_says_what_a_c_caller_must_know(exported_library):
+    from runtime.library import CHECKED_CPU_FEATURES
+    from search_space import Target
+
+    header = (exported_library / HEADER).read_text()
+    have = [f for f in CHECKED_CPU_FEATURES if f"+{f}," in Target.host().features + ","]
+    assert f"CPU: the kernels use {', '.join(have)};\n * on a CPU without them a call dies with SIGILL" in header
+    assert "An output may not\n * overlap an input or another output" in header
+    assert "library is linked NODELETE" in header  # a threads=2 gemv is in the library
+    assert "attributes: eps=1e-05, residual=true" in header  # the defaults are what the kernel computes with
+    assert "WQ packs two 4-bit codes per byte along K" in header
+    assert "S: the rows each cache holds (its capacity); L: how many of them are valid, 1 <= L <= S" in header
+    assert max(len(line) for line in header.splitlines() if line.startswith(" *")) <= 100
+
+
+def test_a_library_closed_after_its_worker_pool_ran_is_not_unmapped_under_the_workers(tmp_path, exported_library):
+    threaded = next(k for k in _manifest(exported_library)["kernels"]
+                    if k["op"] == "gemv" and k["dtype"] == "float32" and k["launch"]["threads"] > 1)
+    (tmp_path / "main.c").write_text(DLCLOSE_PROGRAM)
+    built = subprocess.run([_cc(), "-std=c11", str(tmp_path / "main.c"), "-o", str(tmp_path / "main"), "-ldl"],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    proc = subprocess.run([str(tmp_path / "main"), str(exported_library / LIBRARY), threaded["entry"]],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "alive", (proc.returncode, proc.stderr)
+
+
 def test_a_wrong_kernel_never_replaces_a_library(tmp_path, exported_library, host):
     """Export checks every kernel of the new library before it replaces the old one."""
     from fakes import FAULT_OP
