@@ -49,6 +49,16 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+# the commands whose interruption leaves measurements behind: all of them are in the log
+LOGGING_COMMANDS = ("tune", "tune-model", "sweep")
+
+
+def _stopped(what: str, argv: list[str] | None) -> str:
+    words = sys.argv[1:] if argv is None else argv
+    command = next((w for w in words if not w.startswith("-")), "")
+    return f"{what}; every measured record is in the log" if command in LOGGING_COMMANDS else what
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the click group, turning every failure into one line."""
     if threading.current_thread() is threading.main_thread():
@@ -60,19 +70,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.Abort as exc:  # click turns an interrupt into Abort
         if isinstance(exc.__cause__, Terminated):
-            error_line("terminated; every measured record is in the log")
+            error_line(_stopped("terminated", argv))
             sys.exit(143)
-        error_line("interrupted; every measured record is in the log"
-                   if isinstance(exc.__cause__, KeyboardInterrupt) else "aborted")
+        error_line(_stopped("interrupted", argv) if isinstance(exc.__cause__, KeyboardInterrupt) else "aborted")
         sys.exit(130)
     except click.ClickException as exc:
         error_line(exc.format_message().replace("\n", " "))
         sys.exit(EXIT_USAGE if isinstance(exc, (click.UsageError, UserError)) else exc.exit_code)
     except Terminated:
-        error_line("terminated; every measured record is in the log")
+        error_line(_stopped("terminated", argv))
         sys.exit(143)
     except KeyboardInterrupt:
-        error_line("interrupted; every measured record is in the log")
+        error_line(_stopped("interrupted", argv))
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)

@@ -102,6 +102,15 @@ def test_a_warning_reaches_the_user_as_one_autotune_line(tmp_path):
     assert "UserWarning" not in proc.stderr and ".py:" not in proc.stderr, proc.stderr
 
 
+def test_only_a_command_that_logs_says_its_records_are_in_the_log_when_stopped():
+    from autotune.cli.group import _stopped
+
+    assert _stopped("terminated", ["tune-model", "--model", "tiny"]).endswith("every measured record is in the log")
+    assert _stopped("interrupted", ["sweep"]).endswith("in the log")
+    assert _stopped("terminated", ["export", "--log", "t.jsonl", "--out", "lib"]) == "terminated"
+    assert _stopped("interrupted", ["run", "--lib", "lib"]) == "interrupted"
+
+
 def test_sigterm_ends_the_job_as_an_interrupt_does_and_marks_the_run_killed(tmp_path):
     from mlflow import MlflowClient
 
