@@ -416,13 +416,23 @@ class KernelLibrary:
 
     def _untuned(self, want: KernelSpec, op, shape, dtype, attrs, dynamic) -> Kernel:
         if self._fallback is None:
-            raise LookupError(f"the kernel library {self.path} has no kernel for {want.key}, and it was "
-                              "loaded without a fallback (the tuning side's export.TunedKernels.defaults() "
-                              "compiles template defaults)")
+            raise LookupError(f"the kernel library {self.path} has no kernel for {want.key}{self._attrs_held(want)}, "
+                              "and it was loaded without a fallback (the tuning side's "
+                              "export.TunedKernels.defaults() compiles template defaults)")
         if self.warn_untuned:
             warnings.warn(f"{want.key} is not in the kernel library {self.path}: running the template default",
                           UntunedShapeWarning, stacklevel=3)
         return self._fallback.get(op, shape, dtype, attrs, dynamic)
+
+    def _attrs_held(self, want: KernelSpec) -> str:
+        """Where the library has the op and dtype only with other attributes: which (a call that
+        spells out an attribute at its default asks for another kernel than export keyed)."""
+        held = {spec.attrs for spec in self._specs if spec.op == want.op and spec.dtype == want.dtype}
+        if not held or want.attrs in held:
+            return ""
+        texts = sorted("{" + ", ".join(f"{k}={json.dumps(v)}" for k, v in attrs) + "}" for attrs in held)
+        return (f" (its {want.op} kernels have the attributes {', '.join(texts)}; an attribute at its default "
+                "value is left out of a kernel's key)")
 
     def close(self) -> None:
         if self._fallback is not None:
