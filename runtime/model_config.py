@@ -156,13 +156,14 @@ class ModelConfig:
         return self.num_hidden_layers * layer + self.vocab_size * h + head + h
 
     def check_sequence(self, tokens: int) -> None:
-        """Refuse a sequence of ``tokens`` (prompt + new tokens) longer than the sliding window:
-        the runtime attends to the whole cache, the model only to the last ``sliding_window``
-        tokens, so past the window the two would give different logits."""
-        if self.sliding_window is not None and tokens > self.sliding_window:
-            raise ValueError(f"model {self.name}: {tokens} tokens (prompt + new tokens) exceed its sliding_window "
-                             f"of {self.sliding_window}; sliding-window attention is not implemented, so a "
-                             "sequence must fit in the window")
+        """Refuse a sequence of ``tokens`` (prompt + new tokens) that would attend past the
+        sliding window: the runtime attends to the whole cache, the model only to the last
+        ``sliding_window`` tokens, so past the window the two would give different logits. The
+        last new token is never fed back: the model attends over ``tokens - 1`` positions."""
+        if self.sliding_window is not None and tokens - 1 > self.sliding_window:
+            raise ValueError(f"model {self.name}: {tokens} tokens (prompt + new tokens) attend over {tokens - 1} "
+                             f"positions, more than its sliding_window of {self.sliding_window}; sliding-window "
+                             "attention is not implemented, so a sequence must fit in the window")
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json of a family that computes this model (``from_hf_dict`` reads it back
@@ -213,7 +214,8 @@ class ModelConfig:
         _check_layers(data, where)
         biases = _biases(data, family, where)
         _check_qwen2_fields(data, family, where)
-        window = None if family == "qwen2" else data.get("sliding_window")  # Qwen2's: see _check_qwen2_fields
+        # Qwen2's: see _check_qwen2_fields; an absent one is what the family's config class defaults it to
+        window = None if family == "qwen2" else data.get("sliding_window", _ABSENT_WINDOW.get(family))
         heads = data["num_attention_heads"]
         # null or absent means the default, as in transformers; any other value (0 too) is
         # honoured or refused by __post_init__, never replaced
@@ -240,6 +242,8 @@ class ModelConfig:
 # An absent num_key_value_heads is what the family's config class defaults it to in
 # transformers 4.x and 5.x (Llama's: one per query head); null, as 4.x reads it, is one per query head.
 _ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32}
+# Likewise an absent sliding_window (MistralConfig's is 4096; null: none)
+_ABSENT_WINDOW = {"mistral": 4096}
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -458,3 +462,8 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
         return ModelConfig.from_hf_dict(data, name=str(name), source=str(path))
     except TypeError as exc:
         raise ValueError(f"model config {path}: {exc}") from None
+    except ValueError as exc:  # the checks of the config built from it name the model: name the file
+        text, own = str(exc), f"model {name}: "
+        if text.startswith(own):
+            raise ValueError(f"{path}: {text[len(own):]}") from None
+        raise

@@ -215,7 +215,9 @@ class ModelWeights:
                             if k in wanted or (tied_head and k == "lm_head.weight")})
         if tied_head:
             head, embed = tensors.pop("lm_head.weight"), tensors.get("model.embed_tokens.weight")
-            if embed is None or head.shape != embed.shape or not np.array_equal(head, embed):
+            if embed is None:  # the one table stored under the head's name: transformers ties it the same
+                tensors["model.embed_tokens.weight"] = head
+            elif head.shape != embed.shape or not np.array_equal(head, embed):
                 raise ValueError(f"{folder}: tie_word_embeddings is true but lm_head.weight differs from "
                                  "model.embed_tokens.weight")
         return cls(config, tensors)
@@ -325,6 +327,9 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
     ``model.safetensors``, else every ``*.safetensors`` file in the folder. Other files beside
     an index or a ``model.safetensors`` (Mistral's ``consolidated.safetensors``) are not read."""
     folder = Path(folder)
+    if not folder.is_dir():  # a weights file named where its folder belongs, or nothing there
+        raise ValueError(f"{folder} is not a directory: name the folder that holds the checkpoint's "
+                         ".safetensors files" if folder.exists() else f"{folder} does not exist")
     index = folder / INDEX_FILE
     if index.is_file():
         weight_map = _weight_map(index)
@@ -334,6 +339,10 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
             raise ValueError(f"{index}: weight_map names {bad[0]!r}, not a .safetensors file beside the index")
         # a shard that is there but not a regular file is refused by read_header, by what it is
         absent = [n for n in names if not (folder / n).exists()]
+        dangling = [n for n in absent if (folder / n).is_symlink()]
+        if dangling:
+            raise ValueError(f"{index}: weight_map names {', '.join(dangling[:3])}, a link to nothing in {folder} "
+                             f"(to {os.readlink(folder / dangling[0])})")
         if absent:
             raise ValueError(f"{index}: weight_map names {', '.join(absent[:3])}, not in {folder}")
         return [folder / n for n in names]

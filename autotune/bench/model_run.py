@@ -43,10 +43,12 @@ def make_weights(config: ModelConfig, weights_dir: str | None, seed: int, quanti
 
 def run_generation(kernels: KernelProvider, config: ModelConfig, weights: ModelWeights, prompts: np.ndarray,
                    new_tokens: int, prefill_sizes: list[int] | None = None,
-                   repeats: int = REPEATS, dtype: str = "float32") -> tuple[Generation, dict[str, Any]]:
+                   repeats: int = REPEATS, dtype: str = "float32",
+                   keep_logits: bool = True) -> tuple[Generation, dict[str, Any]]:
     """Load every kernel, warm up once, then the timed generations (the fastest prefill and
     decode of ``repeats``); also how many of the kernels it ran were tuned, the prompt length
-    the prefill ran at, and how the decode steps ran (``decode_path``)."""
+    the prefill ran at, and how the decode steps ran (``decode_path``). ``keep_logits=False``:
+    the tokens only (every step's logits of a long generation take memory)."""
     model = LlamaModel(config, weights, kernels, prefill_sizes, dtype=dtype)
     batch, tokens = prompts.shape
     if prefill_sizes is None:
@@ -56,7 +58,7 @@ def run_generation(kernels: KernelProvider, config: ModelConfig, weights: ModelW
         model.prefill_sizes = [model.padded_tokens(batch, tokens)]
     model.prepare(batch, tokens, new_tokens)
     model.generate(prompts, min(new_tokens, 2))
-    generation = fastest(model.generate(prompts, new_tokens) for _ in range(repeats))
+    generation = fastest(model.generate(prompts, new_tokens, keep_logits=keep_logits) for _ in range(repeats))
     tuned = sum(1 for k in model.used.values() if k.tuned)
     return generation, {"tuned": tuned, "untuned": len(model.used) - tuned,
                         "prefill_padded_to": model.padded_tokens(batch, tokens), **decode_path(model)}

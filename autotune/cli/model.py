@@ -87,6 +87,7 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
     except ValueError as exc:
         raise UserError(str(exc)) from None
     _check_precision(tasks, kind, activations)
+    _warn_past_window(config, workload)
     if list_tasks:
         rows = [{"task": t.key, "op": t.task.op, "weight": t.weight, "calls_per_pass": t.uses} for t in tasks]
         if as_json:
@@ -167,7 +168,7 @@ def cache_note(job) -> str:
 def _prompts(prompt_ids: str | None, prompt_tokens: int, batch: int, vocab: int, seed: int):
     import numpy as np
 
-    if prompt_ids:
+    if prompt_ids is not None:
         try:
             ids = [int(i) for i in prompt_ids.split(",")]
         except ValueError:
@@ -222,17 +223,43 @@ def _check_precision(tasks, kind: str, dtype: str) -> None:
                         "use --dtype float32 or another target")
 
 
-def _check_weights_fit(config, weights_dtype: str, quantize: str) -> None:
-    """Refuse a model whose weights alone exceed the memory this machine has available (a
-    config.json with a million layers would otherwise end in MemoryError or the OOM killer)."""
-    from runtime.abi import numpy_dtype
+def _warn_past_window(config, workload) -> None:
+    """Sizes past a sliding window are tuned for nothing: ``run`` refuses such sequences."""
+    window = config.sliding_window
+    if window is None:
+        return
+    past = ([f"--prefill-tokens {t}" for t in workload.prefill_tokens if t > window]
+            + [f"--kv-len {n}" for n in workload.kv_len if n > window])
+    if past:
+        click.echo(f"autotune: warning: {config.name} has a sliding_window of {window}, and `run` refuses sequences "
+                   f"past it: {', '.join(past)} will never run (give sizes up to {window})", err=True)
 
+
+def _check_model_fits(config, weights_dtype: str, quantize: str, cache_dtype: str, batch: int, positions: int,
+                      logit_steps: int) -> None:
+    """Refuse a run whose weights, KV cache (``positions`` per sequence) and kept logits exceed
+    the memory this machine has available (a config.json with a million layers, or a billion
+    new tokens, would otherwise end in MemoryError, the OOM killer or hours of decoding), or
+    whose sequence is longer than any kernel dim may be."""
+    from runtime.abi import numpy_dtype
+    from runtime.library import MAX_DIM
+
+    if positions > MAX_DIM:
+        raise UserError(f"{config.name}: {positions} positions (prompt + new tokens) is more than the kernels take "
+                        f"({MAX_DIM})")
     per_weight = 0.5 if quantize == "q4" else numpy_dtype(weights_dtype).itemsize
-    need, have = config.parameters * per_weight, available_memory()
-    if have and need > have:
-        raise UserError(f"{config.name}: its {config.parameters / 1e9:.1f}B weights take about {need / 2**30:.1f} GiB "
-                        f"as {'int4' if quantize == 'q4' else weights_dtype}; this machine has {have / 2**30:.1f} GiB "
-                        "available")
+    weights = config.parameters * per_weight
+    cache = 2 * config.num_hidden_layers * batch * positions * config.kv_size * numpy_dtype(cache_dtype).itemsize
+    logits = batch * logit_steps * config.vocab_size * 4
+    have = available_memory()
+    if have and weights + cache + logits > have:
+        parts = [f"its {config.parameters / 1e9:.1f}B weights take about {weights / 2**30:.1f} GiB as "
+                 f"{'int4' if quantize == 'q4' else weights_dtype}"]
+        if cache > weights / 100:
+            parts.append(f"the KV cache of {batch} x {positions} positions {cache / 2**30:.1f} GiB")
+        if logits > weights / 100:
+            parts.append(f"the logits of {logit_steps} steps {logits / 2**30:.1f} GiB")
+        raise UserError(f"{config.name}: {', '.join(parts)}; this machine has {have / 2**30:.1f} GiB available")
 
 
 def _dtype_of(kernels, dtype: str) -> str:
@@ -298,7 +325,9 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
         quantize = _quantize_of(kernels, quantize)
         dtype = _dtype_of(kernels, dtype)
         activations, weights_dtype = _precisions(dtype, getattr(kernels, "kind", "cpu"), quantize)
-        _check_weights_fit(config, weights_dtype, quantize)
+        # the cache in the activations' precision; the logits kept only where --compare compares them
+        _check_model_fits(config, weights_dtype, quantize, activations, batch, prompts.shape[1] + new_tokens,
+                          new_tokens if compare else 0)
         try:
             check_quantize(config, quantize, group_size)
             weights = make_weights(config, weights_dir, seed, quantize, group_size)
@@ -307,7 +336,8 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
         untuned: list[str] = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UntunedShapeWarning)
-            tuned, counts = run_generation(kernels, config, weights, prompts, new_tokens, dtype=dtype)
+            tuned, counts = run_generation(kernels, config, weights, prompts, new_tokens, dtype=dtype,
+                                           keep_logits=compare)
         for w in caught:
             if issubclass(w.category, UntunedShapeWarning):
                 untuned.append(str(w.message))

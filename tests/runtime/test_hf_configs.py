@@ -253,6 +253,9 @@ def test_absent_fields_take_the_defaults_transformers_gives_them(family, name, h
     assert ours.rms_norm_eps == theirs.rms_norm_eps
     assert ours.num_key_value_heads == theirs.num_key_value_heads
     assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    # Mistral's window is 4096 unless said; Qwen2's is off unless use_sliding_window; Llama has none
+    window = getattr(theirs, "sliding_window", None) if getattr(theirs, "use_sliding_window", True) else None
+    assert ours.sliding_window == window and (family != "mistral" or window == 4096)
 
 
 @pytest.mark.parametrize("field", ["rms_norm_eps", "rope_theta"])
@@ -329,12 +332,14 @@ class _NoKernels:
 def test_a_sequence_longer_than_the_sliding_window_is_refused_before_it_runs():
     config = parse({**SMALL, "model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 8})
     assert config.sliding_window == 8
-    config.check_sequence(8)  # fits: attention over the window is attention over everything
+    # fits: attention over the window is attention over everything (the last new token is
+    # never fed back, so 9 tokens attend over 8 positions)
+    config.check_sequence(9)
     model = LlamaModel(config, ModelWeights.random(config), _NoKernels())
-    with pytest.raises(ValueError, match="9 tokens .* exceed its sliding_window of 8"):
-        model.generate(np.zeros((1, 6), dtype=np.int64), 3)
+    with pytest.raises(ValueError, match="10 tokens .* attend over 9 positions, more than its sliding_window of 8"):
+        model.generate(np.zeros((1, 6), dtype=np.int64), 4)
     with pytest.raises(ValueError, match="sliding_window of 8"):
-        model.prepare(1, 6, 3)
+        model.prepare(1, 6, 4)
     # a window of null, or none at all, never refuses
     parse({**SMALL, "sliding_window": None}).check_sequence(10 ** 6)
 
@@ -386,6 +391,11 @@ def test_a_tied_head_may_only_repeat_the_embedding(tmp_path):
     _save(tmp_path / "other", {**weights.tensors, "lm_head.weight": embed + 1})
     with pytest.raises(ValueError, match="tie_word_embeddings is true but lm_head.weight differs"):
         ModelWeights.load(config, tmp_path / "other")
+    # the one table stored under the head's name only: transformers ties it to the embedding
+    only_head = {n: t for n, t in weights.tensors.items() if n != "model.embed_tokens.weight"}
+    _save(tmp_path / "head", {**only_head, "lm_head.weight": embed})
+    loaded = ModelWeights.load(config, tmp_path / "head")
+    assert np.array_equal(loaded["model.embed_tokens.weight"], embed) and "lm_head.weight" not in loaded.tensors
 
 
 def _sharded(folder, weights: ModelWeights) -> dict:
@@ -466,3 +476,25 @@ def test_run_with_zero_kv_heads_is_one_line_and_exit_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].endswith(": num_key_value_heads must be a positive integer, got 0"), lines
+
+
+def test_run_refuses_an_empty_prompt_and_a_generation_that_cannot_fit(tmp_path):
+    small = {**SMALL, "num_hidden_layers": 1, "vocab_size": 64}
+    (tmp_path / "config.json").write_text(json.dumps(small))
+    (tmp_path / "empty.jsonl").write_text("")
+    for args, message in ((["--prompt-ids", ""], "malformed --prompt-ids ''"),
+                          (["--new-tokens", str(10 ** 18)], "is more than the kernels take"),
+                          (["--new-tokens", str(2 * 10 ** 9)], "the KV cache of 1 x 2000000064 positions")):
+        proc = _cli(tmp_path, "run", "--model", "config.json", "--log", "empty.jsonl", *args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (args, proc.stderr)
+
+
+def test_tune_model_warns_of_sizes_past_the_sliding_window(tmp_path):
+    small = {**MISTRAL_V01, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "num_hidden_layers": 1, "vocab_size": 64, "sliding_window": 64}
+    (tmp_path / "config.json").write_text(json.dumps(small))
+    proc = _cli(tmp_path, "tune-model", "--model", "config.json", "--list-tasks", "--kv-len", "32,512")
+    assert proc.returncode == 0, proc.stderr
+    assert ("autotune: warning: config has a sliding_window of 64, and `run` refuses sequences past it: "
+            "--prefill-tokens 128, --kv-len 512 will never run") in proc.stderr
