@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import importlib.util
 import os
 import shutil
@@ -121,18 +122,41 @@ def fast_policy():
     return TimingPolicy(warmup=1, min_sample_s=0.0005, repeats=3, min_repeats=3, max_total_s=0.5)
 
 
+def made_once(tmp_path_factory, name: str, make):
+    """``make(folder)``'s result (a path, or a dict of paths), made once per test session in a
+    folder of the session's: under pytest-xdist the first worker to ask makes it and the others
+    wait for it and take the same files (they are only read), instead of measuring it again."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's basetemp lies in the session's
+        root = root.parent
+    done = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():  # a worker whose make failed leaves nothing: the next one tries again
+            folder = root / name
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            made = make(folder)
+            done.write_text(json.dumps({k: str(v) for k, v in made.items()} if isinstance(made, dict) else str(made)))
+    made = json.loads(done.read_text())
+    return {k: Path(v) for k, v in made.items()} if isinstance(made, dict) else Path(made)
+
+
 @pytest.fixture(scope="session")
 def sweep_logs(tmp_path_factory, fast_policy):
     """Real sweeps of two small gemv spaces (every config measured once), shared by the
     replay, transfer, CLI and notebook tests: {"target": path, "other": path}."""
     from fakes import SMALL_SWEEPS, record_sweep
 
-    folder = tmp_path_factory.mktemp("sweeps")
-    paths = {}
-    for name, (op, shape) in SMALL_SWEEPS.items():
-        paths[name] = folder / f"{name}.jsonl"
-        record_sweep(paths[name], op, shape, fast_policy)
-    return paths
+    def make(folder):
+        paths = {}
+        for name, (op, shape) in SMALL_SWEEPS.items():
+            paths[name] = folder / f"{name}.jsonl"
+            record_sweep(paths[name], op, shape, fast_policy)
+        return paths
+
+    return made_once(tmp_path_factory, "sweeps", make)
 
 
 # Small tasks of every kind a kernel library holds: a threaded kernel (pthreads), bfloat16
@@ -157,13 +181,17 @@ def library_log(tmp_path_factory, host, fast_policy):
     from records import RecordLog
     from search_space import Task
 
-    log = RecordLog(tmp_path_factory.mktemp("library-log") / "tune.jsonl")
-    with LocalBuilder(n_parallel=2) as builder, LocalRunner(policy=fast_policy) as runner:
-        for op, dims, dtype, attrs, dynamic, restrict in LIBRARY_TASKS:
-            task = Task.make(op, dims, dtype, attrs, dynamic)
-            summary = RandomTuner(task, host, seed=1, restrict=restrict).tune(4, builder, runner, batch_size=4, log=log)
-            assert summary.best is not None, task.key
-    return log.path
+    def make(folder):
+        log = RecordLog(folder / "tune.jsonl")
+        with LocalBuilder(n_parallel=2) as builder, LocalRunner(policy=fast_policy) as runner:
+            for op, dims, dtype, attrs, dynamic, restrict in LIBRARY_TASKS:
+                task = Task.make(op, dims, dtype, attrs, dynamic)
+                summary = RandomTuner(task, host, seed=1, restrict=restrict).tune(4, builder, runner, batch_size=4,
+                                                                                  log=log)
+                assert summary.best is not None, task.key
+        return log.path
+
+    return made_once(tmp_path_factory, "library-log", make)
 
 
 @pytest.fixture(scope="session")
@@ -174,9 +202,11 @@ def exported_library(tmp_path_factory, library_log):
     require_tools("cc")
     from records import load_records
 
-    out = tmp_path_factory.mktemp("library") / "lib"
-    export_library(load_records([library_log]), out)
-    return out
+    def make(folder):
+        export_library(load_records([library_log]), folder / "lib")
+        return folder / "lib"
+
+    return made_once(tmp_path_factory, "library", make)
 
 
 @pytest.fixture
