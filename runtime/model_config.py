@@ -231,7 +231,7 @@ class ModelConfig:
                    rms_norm_eps=_or(_optional_number(data.get("rms_norm_eps"), "rms_norm_eps", where), 1e-6),
                    rope_theta=_rope_theta(data, where),
                    tie_word_embeddings=_flag(data, "tie_word_embeddings", where),
-                   max_position_embeddings=_or(data.get("max_position_embeddings"), 4096),
+                   max_position_embeddings=_or(data.get("max_position_embeddings"), _ABSENT_POSITIONS[family]),
                    sliding_window=window, rope_type=rope_type,
                    **{_ROPE_FIELDS[p]: v for p, v in scaling.items()}, **biases)
 
@@ -242,8 +242,10 @@ class ModelConfig:
 # An absent num_key_value_heads is what the family's config class defaults it to in
 # transformers 4.x and 5.x (Llama's: one per query head); null, as 4.x reads it, is one per query head.
 _ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32}
-# Likewise an absent sliding_window (MistralConfig's is 4096; null: none)
+# Likewise an absent sliding_window (MistralConfig's is 4096; null: none) and an absent
+# max_position_embeddings (kept, and written back by to_hf_dict; nothing computes with it)
 _ABSENT_WINDOW = {"mistral": 4096}
+_ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768}
 
 
 def _or(value: Any, default: Any) -> Any:

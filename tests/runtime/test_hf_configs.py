@@ -256,6 +256,7 @@ def test_absent_fields_take_the_defaults_transformers_gives_them(family, name, h
     # Mistral's window is 4096 unless said; Qwen2's is off unless use_sliding_window; Llama has none
     window = getattr(theirs, "sliding_window", None) if getattr(theirs, "use_sliding_window", True) else None
     assert ours.sliding_window == window and (family != "mistral" or window == 4096)
+    assert ours.max_position_embeddings == theirs.max_position_embeddings
 
 
 @pytest.mark.parametrize("field", ["rms_norm_eps", "rope_theta"])
