@@ -124,7 +124,8 @@ def header_text(kernels: Iterable[Mapping[str, Any]], target_key: str, guard: st
         "",
     ]
     for kernel in kernels:
-        comment = entry_comment(kernel)
+        # a description or attribute (a plugin's) that says "*/" must not end the comment early
+        comment = [line.replace("*/", "* /") for line in entry_comment(kernel)]
         out.append("/* " + comment[0])
         for line in comment[1:]:
             if len(line) <= 96:

@@ -181,6 +181,17 @@ def test_the_header_says_what_a_c_caller_must_know(exported_library):
     assert max(len(line) for line in header.splitlines() if line.startswith(" *")) <= 100
 
 
+def test_no_attribute_ends_a_header_comment_early():
+    from export.c_header import header_text
+
+    kernel = {"entry": "rope_f32_x", "task": "rope/float32/T=1,H=1,D=2", "op": "rope", "dims": {"T": 1, "H": 1, "D": 2},
+              "dtype": "float32", "attrs": {"rope_type": "x*/y"}, "dynamic": [], "launch": {"threads": 1},
+              "args": [{"name": "X", "role": "in", "dtype": "float32", "shape": ["T", "H", "D"]}]}
+    header = header_text([kernel], "cpu-test")
+    comments = [line for line in header.splitlines() if line.startswith(" *") and line != " */"]
+    assert comments and not any("*/" in line for line in comments) and "rope_type=x* /y" in header
+
+
 def test_a_library_closed_after_its_worker_pool_ran_is_not_unmapped_under_the_workers(tmp_path, exported_library):
     threaded = next(k for k in _manifest(exported_library)["kernels"]
                     if k["op"] == "gemv" and k["dtype"] == "float32" and k["launch"]["threads"] > 1)
