@@ -357,6 +357,7 @@ class Module:
 
 
 _CACHE_INDEX: dict[str, Path] = {}
+_INDEXED: set[Path] = set()  # cubins already hashed into the index (a file's content never changes)
 
 
 def _from_build_cache(digest: str) -> dict | None:
@@ -367,7 +368,9 @@ def _from_build_cache(digest: str) -> dict | None:
         return None
     if digest not in _CACHE_INDEX:
         for cubin in Path(root).glob("*.cubin"):
-            _CACHE_INDEX.setdefault(hashlib.sha256(cubin.read_bytes()).hexdigest(), cubin)
+            if cubin not in _INDEXED:
+                _INDEXED.add(cubin)
+                _CACHE_INDEX.setdefault(hashlib.sha256(cubin.read_bytes()).hexdigest(), cubin)
     cubin = _CACHE_INDEX.get(digest)
     source = cubin.with_name(cubin.stem + ".source.json") if cubin else None
     if not (source and source.exists()):
