@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import functools
-import json
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -122,10 +122,10 @@ def fast_policy():
     return TimingPolicy(warmup=1, min_sample_s=0.0005, repeats=3, min_repeats=3, max_total_s=0.5)
 
 
-def made_once(tmp_path_factory, name: str, make):
-    """``make(folder)``'s result (a path, or a dict of paths), made once per test session in a
-    folder of the session's: under pytest-xdist the first worker to ask makes it and the others
-    wait for it and take the same files (they are only read), instead of measuring it again."""
+def made_once(tmp_path_factory, name: str, make) -> dict[str, Path]:
+    """``make(folder)``'s paths by name, made once per test session in a folder of the
+    session's: under pytest-xdist the first worker to ask makes them and the others wait for it
+    and take the same files (they are only read), instead of measuring them again."""
     from filelock import FileLock
 
     root = tmp_path_factory.getbasetemp()
@@ -137,10 +137,8 @@ def made_once(tmp_path_factory, name: str, make):
             folder = root / name
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
-            made = make(folder)
-            done.write_text(json.dumps({k: str(v) for k, v in made.items()} if isinstance(made, dict) else str(made)))
-    made = json.loads(done.read_text())
-    return {k: Path(v) for k, v in made.items()} if isinstance(made, dict) else Path(made)
+            done.write_text(json.dumps({key: str(path) for key, path in make(folder).items()}))
+    return {key: Path(path) for key, path in json.loads(done.read_text()).items()}
 
 
 @pytest.fixture(scope="session")
@@ -189,9 +187,9 @@ def library_log(tmp_path_factory, host, fast_policy):
                 summary = RandomTuner(task, host, seed=1, restrict=restrict).tune(4, builder, runner, batch_size=4,
                                                                                   log=log)
                 assert summary.best is not None, task.key
-        return log.path
+        return {"log": log.path}
 
-    return made_once(tmp_path_factory, "library-log", make)
+    return made_once(tmp_path_factory, "library-log", make)["log"]
 
 
 @pytest.fixture(scope="session")
@@ -204,9 +202,9 @@ def exported_library(tmp_path_factory, library_log):
 
     def make(folder):
         export_library(load_records([library_log]), folder / "lib")
-        return folder / "lib"
+        return {"library": folder / "lib"}
 
-    return made_once(tmp_path_factory, "library", make)
+    return made_once(tmp_path_factory, "library", make)["library"]
 
 
 @pytest.fixture
