@@ -128,7 +128,7 @@ def format_table(report: dict) -> str:
     for entry in report["spaces"]:
         s = entry["space"]
         skipped = f"; {s['outside_space']} records outside today's space skipped" if s.get("outside_space") else ""
-        lines.append(f"{space_title(s)}: {s['configs']} recorded configs, best {s.get('best_rate') or format(s['best_gflops'], '.1f') + ' GFLOP/s'}; "
+        lines.append(f"{space_title(s)}: {s['configs']} recorded configs, best {s['best_rate']}; "
                      f"{s['share_within_95'] * 100:.1f}% of them within 95% of it, "
                      f"{s['share_within_90'] * 100:.1f}% within 90%{skipped}")
         lines.append(f"  {'tuner':<13} {'to 90% (IQR)':>18} {'reached':>8} {'to 95% (IQR)':>18} {'reached':>8} "

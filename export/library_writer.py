@@ -51,10 +51,10 @@ from typing import Any, Iterable
 
 from measure.backends import Backend, get_backend
 from measure.worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout, close_all
-from records import Record, select_best
+from records import Record, select_best, stale_warnings
 from records.record import package_version
 from runtime.abi import MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION
-from runtime.library import MANIFEST, read_manifest, seal_contracts, sha256_of
+from runtime.library import MANIFEST, read_manifest, required_cpu_features, seal_contracts, sha256_of
 from search_space import KernelSource, Target, Task, get_template, template_module
 
 from .c_header import header_text
@@ -149,10 +149,8 @@ def _render(record: Record) -> KernelSource:
 
 def _kernels(records: Iterable[Record], target: Target, allow_stale: bool) -> list[_Kernel]:
     choices = select_best((r for r in records if r.target.key == target.key), allow_stale)
-    for choice in choices:
-        warning = choice.warning()
-        if warning:
-            warnings.warn(warning, stacklevel=3)
+    for warning in stale_warnings(choices):
+        warnings.warn(warning, stacklevel=3)
     winners = sorted((c.record for c in choices if c.record is not None), key=lambda r: (r.task.op, r.task.key))
     if not winners and choices:
         raise ExportError(f"every verified record for target {target.key} is stale: nothing to export (measure "
@@ -207,15 +205,6 @@ def find_c_compiler(cc: str | None = None) -> list[str]:
             return [path, *words[1:]]
     raise ExportError("no C compiler found (tried $CC, cc, gcc, clang): one is needed to link the CPU kernels "
                       "into a shared library")
-
-
-def _checked_features(target: Target) -> list[str]:
-    """The instruction-set extensions the kernels may use that a CPU may lack, as the runtime
-    checks them at load (``runtime.library.missing_cpu_features``)."""
-    from runtime.library import CHECKED_CPU_FEATURES
-
-    have = [f[1:] for f in target.features.split(",") if f.startswith("+")]
-    return [f for f in CHECKED_CPU_FEATURES if f in have]
 
 
 def link_shared_library(objects: list[Path], out: Path, cc: str | None = None) -> None:
@@ -303,7 +292,9 @@ def _write_library(kernels: list[_Kernel], stage: Path, target: Target, n_parall
     library = None
     if backend.linked_library:
         library = _link(kernels, objects, stage, cc)
-        (stage / HEADER).write_text(header_text(entries, target.key, cpu_features=_checked_features(target)))
+        # the extensions the runtime checks at load, said to C callers
+        (stage / HEADER).write_text(header_text(entries, target.key,
+                                                cpu_features=required_cpu_features(target.to_dict())))
     else:  # one file per kernel, each loaded as a module of its own
         (stage / "cubins").mkdir()
         for entry, data in zip(entries, objects):

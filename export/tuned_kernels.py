@@ -16,7 +16,7 @@ from typing import Iterable, Mapping, Sequence
 
 from measure import LocalBuilder, MeasureError, MeasureInput
 from measure.backends import get_backend
-from records import Record, load_records, select_best
+from records import Record, load_records, select_best, stale_warnings
 from runtime.abi import KernelSpec
 from runtime.kernel import Kernel, UntunedShapeWarning, select
 from search_space import Config, Target, Task, get_template
@@ -33,10 +33,8 @@ class TunedKernels:
                  allow_stale: bool = False):
         self.target = target or Target.host()
         choices = select_best((r for r in records if r.target.key == self.target.key), allow_stale)
-        for choice in choices:
-            warning = choice.warning()
-            if warning:
-                warnings.warn(warning, stacklevel=2)
+        for warning in stale_warnings(choices):
+            warnings.warn(warning, stacklevel=2)
         self._best = [c.record for c in choices if c.record is not None]
         self._loaded: dict[str, Kernel] = {}
         self._builder: LocalBuilder | None = None

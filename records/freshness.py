@@ -128,6 +128,11 @@ class TaskChoice:
         return StaleRecordsWarning(note, self.remeasurable) if note else None
 
 
+def stale_warnings(choices: Iterable[TaskChoice]) -> list[StaleRecordsWarning]:
+    """One warning per choice that passed over stale records (or uses one)."""
+    return [w for w in (c.warning() for c in choices) if w is not None]
+
+
 def _by_config(records: list[Record]) -> dict[str, list[Record]]:
     out: dict[str, list[Record]] = {}
     for record in records:

@@ -41,7 +41,7 @@ CPU_ENTRY = re.compile(r"[a-z0-9_]+_[0-9a-f]{10}\Z")
 
 # Instruction-set extensions whose absence makes a kernel die of SIGILL, in LLVM's spelling;
 # /proc/cpuinfo spells them with underscores (avx512_bf16), which the comparison ignores.
-CHECKED_CPU_FEATURES = ("avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512dq", "avx512vl",
+_CHECKED_FEATURES = ("avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512dq", "avx512vl",
                      "avx512cd", "avx512bf16", "avx512vnni", "avx512vbmi", "avx512vbmi2", "avx512ifma",
                      "avx512bitalg", "avx512vpopcntdq", "avx512fp16", "avxvnni")
 
@@ -363,6 +363,13 @@ def spec_of_entry(entry: Mapping[str, Any]) -> KernelSpec:
                            entry.get("dynamic") or ())
 
 
+def required_cpu_features(target: Mapping[str, Any]) -> list[str]:
+    """The extensions a library compiled for ``target`` (its manifest's target) may use that a
+    CPU may lack, in the target's order."""
+    need = [f[1:] for f in str(target.get("features", "")).split(",") if f.startswith("+")]
+    return [f for f in need if f in _CHECKED_FEATURES]
+
+
 def missing_cpu_features(target: Mapping[str, Any], cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     """Extensions the library was compiled for that this CPU lacks ([] where nobody can tell)."""
     try:
@@ -373,8 +380,7 @@ def missing_cpu_features(target: Mapping[str, Any], cpuinfo: str = "/proc/cpuinf
     if flags is None:
         return []
     have = {flag.replace("_", "") for flag in flags}
-    need = [f[1:] for f in str(target.get("features", "")).split(",") if f.startswith("+")]
-    return [f for f in need if f in CHECKED_CPU_FEATURES and f not in have]
+    return [f for f in required_cpu_features(target) if f not in have]
 
 
 class KernelLibrary:

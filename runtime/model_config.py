@@ -155,12 +155,17 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.num_hidden_layers * layer + self.vocab_size * h + head + h
 
+    def fits_window(self, positions: int) -> bool:
+        """Whether attention over ``positions`` cached positions stays inside the sliding window
+        (always, without one): the runtime attends to the whole cache, the model only to the last
+        ``sliding_window`` positions, so past the window the two would give different logits."""
+        return self.sliding_window is None or positions <= self.sliding_window
+
     def check_sequence(self, tokens: int) -> None:
         """Refuse a sequence of ``tokens`` (prompt + new tokens) that would attend past the
-        sliding window: the runtime attends to the whole cache, the model only to the last
-        ``sliding_window`` tokens, so past the window the two would give different logits. The
-        last new token is never fed back: the model attends over ``tokens - 1`` positions."""
-        if self.sliding_window is not None and tokens - 1 > self.sliding_window:
+        sliding window (``fits_window``). The last new token is never fed back: the model
+        attends over ``tokens - 1`` positions."""
+        if not self.fits_window(tokens - 1):
             raise ValueError(f"model {self.name}: {tokens} tokens (prompt + new tokens) attend over {tokens - 1} "
                              f"positions, more than its sliding_window of {self.sliding_window}; sliding-window "
                              "attention is not implemented, so a sequence must fit in the window")

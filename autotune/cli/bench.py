@@ -28,7 +28,7 @@ from .group import cli
 @click.option("--json", "as_json", is_flag=True)
 def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, allow_stale, as_json) -> None:
     """Run the best recorded kernel and the numpy baseline side by side."""
-    from records import chosen, select_best
+    from records import chosen, select_best, stale_warnings
 
     from ..bench import bench_kernel
 
@@ -51,7 +51,7 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, allow_sta
                        f"today's space of {task.op}", err=True)
             records = [r for r in records if in_space(r, space)]
         choices = select_best(records, allow_stale)
-        report_stale([w for w in (c.warning() for c in choices) if w], [log_path], allow_stale)
+        report_stale(stale_warnings(choices), [log_path], allow_stale)
         winner = chosen(choices).get((task.key, tgt.key))
         if winner is None:
             fresh = "fresh " if choices else ""  # there were verified records, all of them stale

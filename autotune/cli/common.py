@@ -169,13 +169,13 @@ def read_log(path: str):
     return report.records
 
 
-def report_stale(notes: list, logs, allow_stale: bool) -> None:
-    """The StaleRecordsWarnings (one per task, from ``TaskChoice.warning``) as warnings on
+def report_stale(stale: list, logs, allow_stale: bool) -> None:
+    """The StaleRecordsWarnings (one per task, ``records.stale_warnings``) as warnings on
     stderr, and, when stale records were skipped that today's space still has, how to measure
     them again or use them."""
-    for note in notes:
-        click.echo(f"autotune: warning: {note}", err=True)
-    if any(note.remeasurable for note in notes) and not allow_stale:
+    for warning in stale:
+        click.echo(f"autotune: warning: {warning}", err=True)
+    if any(warning.remeasurable for warning in stale) and not allow_stale:
         log = str(logs[0]) if len(logs) == 1 else "LOG"
         if log.endswith(".gz"):  # archived logs are read-only
             again = "in a plain copy of the log (`autotune tune --remeasure-stale --log COPY.jsonl`)"

@@ -224,13 +224,12 @@ def _check_precision(tasks, kind: str, dtype: str) -> None:
 
 
 def _warn_past_window(config, workload) -> None:
-    """Sizes past a sliding window are tuned for nothing: ``run`` refuses such sequences."""
-    window = config.sliding_window
-    if window is None:
-        return
-    past = ([f"--prefill-tokens {t}" for t in workload.prefill_tokens if t > window]
-            + [f"--kv-len {n}" for n in workload.kv_len if n > window])
+    """Sizes past a sliding window are tuned for nothing: ``run`` refuses such sequences (a
+    prefill of T tokens attends over T positions, a decode step over its KV length)."""
+    past = ([f"--prefill-tokens {t}" for t in workload.prefill_tokens if not config.fits_window(t)]
+            + [f"--kv-len {n}" for n in workload.kv_len if not config.fits_window(n)])
     if past:
+        window = config.sliding_window
         click.echo(f"autotune: warning: {config.name} has a sliding_window of {window}, and `run` refuses sequences "
                    f"past it: {', '.join(past)} will never run (give sizes up to {window})", err=True)
 

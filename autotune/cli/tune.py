@@ -220,11 +220,11 @@ def timing_note(record, target) -> str:
 def best(log_path: str, allow_stale: bool, as_json: bool) -> None:
     """Print the best verified config per task in a log. Stale records (measured on code this
     version no longer builds for their config) are skipped, with one warning per task."""
-    from records import select_best
+    from records import select_best, stale_warnings
 
     records = read_log(log_path)
     choices = select_best(records, allow_stale)
-    report_stale([w for w in (c.warning() for c in choices) if w], [log_path], allow_stale)
+    report_stale(stale_warnings(choices), [log_path], allow_stale)
     rows = []
     for choice in sorted((c for c in choices if c.record is not None), key=lambda c: (c.task.op, c.task.key)):
         r = choice.record
