@@ -18,10 +18,12 @@
 # job starts after that many seconds of the script),
 # GPU_CHECK_CASES, GPU_CHECK_EXAMPLES (see below).
 #
-# Targets mode (GPU_CHECK_MODE=targets, about 4-5 minutes): only the tensor-core lines of issue 13
-# (gemm 4096^3 and 512x11008x4096 in float16 and bfloat16, attention prefill T=512 and T=2048),
-# tuned, completed with the hand-picked candidates and benched; no tests, no example shapes. It
-# fits beside `gpu_model_check.sh` in one 15-minute device session.
+# Targets mode (GPU_CHECK_MODE=targets, about 4-5 minutes, at most about 7.5): only the tensor-core
+# lines of issue 13 (gemm 4096^3 and 512x11008x4096 in float16 and bfloat16, attention prefill
+# T=512 and T=2048), tuned (no tuning job starts after GPU_CHECK_TUNE_S, 220 here), completed with
+# the hand-picked candidates and benched; no tests, no example shapes. The worst case is 10 s of
+# set-up, 220 + 45 s of tuning, 90 s of candidates and 90 s of bench; a run cut short still leaves
+# the bench rows it wrote. It fits beside `gpu_model_check.sh` in one 15-minute device session.
 #
 # Sweep mode (GPU_CHECK_MODE=sweep): instead of all that, measure seeded random samples of the
 # CUDA gemm and attention_prefill spaces for GPU_CHECK_SWEEP_S seconds in all (240), so that
@@ -43,6 +45,7 @@ elapsed() { echo $(( $(date +%s) - START )); }
 # each step also leaves the logs so far in $OUT: a run killed at the device's time limit still returns them
 save() { [[ -n "${OUT:-}" ]] && tar -czf "$OUT/gpu_check-logs.tar.gz" -C "$(dirname "$LOG")" "$(basename "$LOG")"; true; }
 step() { save; echo "[$(elapsed)s] $*" | tee -a "$LOG/steps.log"; }
+trap save EXIT  # a run cut at the device's limit still returns what the last step wrote (bench.jsonl row by row)
 
 step "device and environment -> $LOG"
 {

@@ -13,11 +13,12 @@
 # Logs go to /tmp/gpu_model-<time>/ and, when OUT is set, as one tar to $OUT/gpu_model-logs.tar.gz
 # (written again after each case); the summary table is printed last.
 #
-# Both GPU issues in one 15-minute device session: this script with GPU_MODEL_SMALL=0 (about 7.5
-# minutes), then `GPU_CHECK_MODE=targets bash benchmarks/gpu_check.sh` (about 4-5 minutes).
+# Both GPU issues in one 15-minute device session: this script with GPU_MODEL_SMALL=0 (about 6
+# minutes, at most about 9 with the wheel install), then `GPU_CHECK_MODE=targets bash
+# benchmarks/gpu_check.sh` (about 4-5 minutes).
 # Knobs: GPU_MODEL_TRIALS (48 per large model), GPU_MODEL_CASES ("llama-2-7b:none llama-2-7b:q4
 # llama-3-8b:none llama-3-8b:q4"), GPU_MODEL_DTYPE (float16), GPU_MODEL_SMALL (1: run step 1),
-# GPU_MODEL_BUDGET_S (420: no large case starts later), GPU_MODEL_RUN_ARGS (extra gpu_model.py options),
+# GPU_MODEL_BUDGET_S (360: no large case starts later; the last then ends by about 520 s), GPU_MODEL_RUN_ARGS (extra gpu_model.py options),
 # GPU_MODEL_SEED_DIR (benchmarks/data/h200_models: NAME.jsonl.gz records of earlier runs, resumed;
 # another dtype's run starts from the float16 records as priors),
 # GPU_MODEL_TUNE_S (50: seconds of tuning per large model).
@@ -104,14 +105,15 @@ if [[ "${GPU_MODEL_SMALL:-1}" != 0 ]]; then
   save
 fi
 
-BUDGET=${GPU_MODEL_BUDGET_S:-420}  # no case starts after this many seconds of the script
+BUDGET=${GPU_MODEL_BUDGET_S:-360}  # no case starts after this many seconds of the script
 for case in "${CASES[@]}"; do
   model=${case%%:*}; quantize=${case##*:}
   if (( $(date +%s) - START > BUDGET )); then step "$case: skipped, out of time"; continue; fi
   name="$model-$DTYPE-$quantize"
   # resume from the records of an earlier run, if any: the new trials add to them
   total=$(( $(seed_log "$model" "$quantize" "$LOG/$name.jsonl") + TRIALS ))
-  step "$name: tune-model ($TRIALS trials on top of $(( total - TRIALS )) recorded)"
+  # (the seed file's lines count in full; tune-model resumes only those of this model's tasks)
+  step "$name: tune-model (--trials-total $total: $TRIALS plus the $(( total - TRIALS )) records of $SEED_DIR)"
   timeout "$TUNE_S" $PY -m autotune.cli tune-model --model "$model" --target cuda --dtype "$DTYPE" --quantize "$quantize" \
     --prefill-tokens 128 --decode-batch 1 --kv-len 256 --trials-total "$total" --log "$LOG/$name.jsonl" \
     --no-mlflow --quiet > "$LOG/tune-$name.txt" 2>&1
