@@ -8,15 +8,19 @@ A log whose name ends in ``.gz`` (an archived sweep) is read through gzip and is
 one cut short or damaged (an interrupted copy) keeps the records before the damage, which
 counts as one unreadable line, and is refused when not even its first line can be read.
 Only regular files are logs: a device never ends (``/dev/zero``) or never takes a write
-(``/dev/full``), and a FIFO blocks until someone opens its other end.
+(``/dev/full``), and a FIFO blocks until someone opens its other end. A job appends only to a
+file that is a log of this schema (``check_writable``), not to one with no record in it (a
+database or notes named by mistake) nor to one a newer version wrote.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import gzip
 import json
 import math
 import os
+import re
 import stat
 import warnings
 import zlib
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .record import Record
+from .record import SCHEMA_VERSION, NewerSchemaError, Record
 
 
 class LogWriteError(OSError):
@@ -69,6 +73,19 @@ class LoadReport:
     duplicates: int = 0
     first_bad_line: int | None = None
     damage: str | None = None  # why the file could not be read past ``first_bad_line`` (a damaged .gz)
+    newer_schema: int = 0  # records a newer llm-autotune wrote (not counted in ``bad_lines``)
+    newest_schema: int = 0
+
+    def warning(self, path) -> str | None:
+        """What was skipped, in one line, or None."""
+        parts = []
+        if self.bad_lines:
+            damage = f"; {self.damage}" if self.damage else ""
+            parts.append(f"skipped {self.bad_lines} unreadable line(s) (first at line {self.first_bad_line}){damage}")
+        if self.newer_schema:
+            parts.append(f"skipped {self.newer_schema} record(s) of schema {self.newest_schema}, written by a newer "
+                         f"llm-autotune (this one reads schema 1..{SCHEMA_VERSION}): upgrade to use them")
+        return f"{path}: " + "; ".join(parts) if parts else None
 
 
 class RecordLog:
@@ -76,23 +93,62 @@ class RecordLog:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        # Path drops a trailing "/": "runs/" would become a file named runs
+        self._names_directory = os.fspath(path).endswith(os.sep)
 
     def check_writable(self) -> None:
-        """Fail early, before any measurement, if records could not be kept (or another job
-        holds the log: see ``lock``)."""
-        parent = self.path.parent if str(self.path.parent) else Path(".")
+        """Fail early, before any measurement, if records could not be kept, if the file is not
+        a log this version may append to, or if another job holds the log (see ``lock``)."""
         if self.compressed:
             raise LogWriteError(f"log {self.path} is compressed (.gz): archived logs are read-only")
         self._refuse_special(LogWriteError)
-        if not parent.exists():
-            raise LogWriteError(f"log directory {parent} does not exist")
+        if self._names_directory:
+            raise LogWriteError(f"log path {self.path}{os.sep} names a directory: name the log file in it")
+        parent = self.path.parent if str(self.path.parent) else Path(".")
         try:
+            if not parent.exists():
+                raise LogWriteError(f"log directory {parent} does not exist")
+            self._refuse_foreign()
             with open(self.path, "a"):
                 pass
-        except OSError as exc:
+        except LogWriteError:
+            raise
+        except OSError as exc:  # no permission, a name too long, ...
             raise LogWriteError(f"cannot write log {self.path}: {exc.strerror or exc}") from None
         with self.lock():  # refuse now, before any set-up, when another job is tuning into this log
             pass
+
+    _SCHEMA = re.compile(rb'\s*\{\s*"schema"\s*:\s*(\d+)')
+
+    def _refuse_foreign(self) -> None:
+        """Appending is for logs: not for a file that holds no record at all (a database or a
+        report named by mistake would get records written into it), nor for one a newer
+        llm-autotune wrote (records of two schemas in one file; this version cannot resume it)."""
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return
+        lines = records = newer = newest = 0
+        with f:
+            if b"\0" in f.read(1 << 16):
+                raise LogWriteError(f"{self.path} is not a tuning log (it holds binary data): name a new file")
+            f.seek(0)
+            for line in f:
+                if not line.strip():
+                    continue
+                lines += 1
+                if line.lstrip().startswith((b"{", b"\xef\xbb\xbf{")):
+                    records += 1
+                    found = self._SCHEMA.match(line.removeprefix(b"\xef\xbb\xbf"))
+                    if found and int(found.group(1)) > SCHEMA_VERSION:
+                        newer += 1
+                        newest = max(newest, int(found.group(1)))
+        if lines and not records:
+            raise LogWriteError(f"{self.path} is not a tuning log (none of its {lines} line(s) is a record): "
+                                "name a new file or an existing log")
+        if newer:
+            raise LogWriteError(f"log {self.path} holds {newer} record(s) of schema {newest}, written by a newer "
+                                f"llm-autotune (this one writes schema {SCHEMA_VERSION}): use a new log, or upgrade")
 
     def _refuse_special(self, error: type[OSError]) -> None:
         kind = _special_kind(self.path)
@@ -111,30 +167,62 @@ class RecordLog:
     def lock(self) -> Iterator[None]:
         """Hold the log for one tuning job; LogLockedError at once if another job holds it.
 
-        An advisory ``flock`` on a sidecar ``PATH.lock`` rather than on the log itself: the
-        holder's pid goes into it for the message without putting anything but records in
-        the log, and it is independent of ``append`` opening and closing the log (a POSIX
-        fcntl/lockf lock would be dropped by the first close of any descriptor of the log).
-        The kernel releases a flock when its holder dies, so a killed job leaves no stale
-        lock. Readers (best, replay, export) never take it.
+        Two advisory ``flock``s: one on the log itself, which every name of the file shares
+        (symlinks and hard links alike), and one on a sidecar ``PATH.lock`` that holds the
+        holder's pid for the message without putting anything but records in the log. A
+        flock belongs to its open file, so ``append`` opening and closing the log leaves it
+        (a POSIX fcntl/lockf lock would be dropped by the first close of any descriptor of
+        the log). The kernel releases a flock when its holder dies, so a killed job leaves no
+        stale lock. Where no sidecar can be made (a writable log in a read-only directory, a
+        name at the length limit) the lock on the log alone holds it. Readers (best, replay,
+        export) never take either.
         """
-        path = self.lock_path
-        fd = self._acquire(path)
+        sidecar = self._acquire_sidecar(self.lock_path)
+        try:
+            held = self._flock_log(sidecar is not None)
+        except BaseException:
+            self._release_sidecar(sidecar)
+            raise
         try:
             yield
         finally:
-            # unlinked while still held: a job that opened this file meanwhile sees it is gone
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            os.close(fd)
+            os.close(held)
+            self._release_sidecar(sidecar)
 
-    def _acquire(self, path: Path) -> int:
+    def _release_sidecar(self, fd: int | None) -> None:
+        if fd is None:
+            return
+        # unlinked while still held: a job that opened this file meanwhile sees it is gone
+        try:
+            os.unlink(self.lock_path)
+        except OSError:
+            pass
+        os.close(fd)
+
+    def _flock_log(self, named_holder: bool) -> int:
+        try:  # the job writes this file anyway: a new log starts empty here
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LogWriteError(f"cannot lock log {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            # our sidecar was free, so the holder named the file otherwise (a hard link)
+            how = " under another name" if named_holder else ""
+            raise LogLockedError(f"log {self.path} is in use by another tuning job{how}") from None
+        except OSError as exc:
+            os.close(fd)
+            raise LogWriteError(f"cannot lock log {self.path}: {exc.strerror or exc}") from None
+        return fd
+
+    def _acquire_sidecar(self, path: Path) -> int | None:
         while True:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG):
+                    return None  # the lock on the log itself still holds it
                 raise LogWriteError(f"cannot lock log {self.path}: {path}: {exc.strerror or exc}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -198,17 +286,26 @@ class RecordLog:
     def load(self, warn: bool = True) -> LoadReport:
         report = LoadReport()
         seen: set[tuple[str, str, str, float]] = set()
-        if not self.path.exists():
+        try:
+            os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
             return report
+        except OSError as exc:  # a name too long, no permission on a directory, ...
+            raise LogReadError(f"cannot read log {self.path}: {exc.strerror or exc}") from None
         # a device reads forever (/dev/zero: one endless line in memory), a FIFO blocks
         self._refuse_special(LogReadError)
         opener = gzip.open if self.compressed else open
-        with opener(self.path, "rt", encoding="utf-8", errors="replace") as f:
+        # utf-8-sig: a byte-order mark that an editor put before the first record is no record
+        with opener(self.path, "rt", encoding="utf-8-sig", errors="replace") as f:
             for number, line in self._lines(f, report):
                 if not line.strip():
                     continue
                 try:
                     record = Record.from_json(line)
+                except NewerSchemaError as exc:
+                    report.newer_schema += 1
+                    report.newest_schema = max(report.newest_schema, exc.schema)
+                    continue
                 except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                     report.bad_lines += 1
                     report.first_bad_line = report.first_bad_line or number
@@ -219,10 +316,8 @@ class RecordLog:
                     continue
                 seen.add(identity)
                 report.records.append(record)
-        if warn and report.bad_lines:
-            damage = f"; {report.damage}" if report.damage else ""
-            warnings.warn(f"{self.path}: skipped {report.bad_lines} unreadable line(s) "
-                          f"(first at line {report.first_bad_line}){damage}", stacklevel=2)
+        if warn and (message := report.warning(self.path)):
+            warnings.warn(message, stacklevel=2)
         return report
 
     def _lines(self, f, report: LoadReport) -> Iterator[tuple[int, str]]:

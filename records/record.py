@@ -15,6 +15,14 @@ from search_space import Config, ConfigSpace, Target, Task, op_definition
 SCHEMA_VERSION = 1
 
 
+class NewerSchemaError(ValueError):
+    """A record written by a newer llm-autotune, in a schema this version cannot read."""
+
+    def __init__(self, schema: int):
+        super().__init__(f"record schema {schema} is not supported (this version reads 1..{SCHEMA_VERSION})")
+        self.schema = schema
+
+
 @dataclass(frozen=True)
 class CodeIdentity:
     """Which code a record measured: the digest of the rendered source with its compile flags
@@ -125,7 +133,9 @@ class Record:
             if not isinstance(data.get(section), dict):
                 raise ValueError(f"not a record: no {section!r} object")
         schema = int(data.get("schema", 0))
-        if schema < 1 or schema > SCHEMA_VERSION:
+        if schema > SCHEMA_VERSION:
+            raise NewerSchemaError(schema)
+        if schema < 1:
             raise ValueError(f"record schema {schema} is not supported (this version reads 1..{SCHEMA_VERSION})")
         config = data["config"]
         task = Task.from_dict(data["task"])

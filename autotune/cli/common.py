@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -152,9 +154,13 @@ def open_log(path: str):
 def read_log(path: str):
     from records import LogReadError, RecordLog
 
-    if not Path(path).exists():
-        raise UserError(f"log {path} does not exist")
-    if Path(path).is_dir():
+    try:
+        found = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(f"log {path} does not exist") from None
+    except OSError as exc:  # a name too long, ...
+        raise UserError(f"cannot read log {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(found.st_mode):
         raise UserError(f"log {path} is a directory")
     try:
         report = RecordLog(path).load(warn=False)
@@ -162,10 +168,8 @@ def read_log(path: str):
         raise UserError(str(exc)) from None
     except OSError as exc:  # e.g. no permission
         raise UserError(f"cannot read log {path}: {exc.strerror or exc}") from None
-    if report.bad_lines:
-        damage = f"; {report.damage}" if report.damage else ""
-        click.echo(f"autotune: warning: {path}: skipped {report.bad_lines} unreadable line(s) "
-                   f"(first at line {report.first_bad_line}){damage}", err=True)
+    if message := report.warning(path):
+        click.echo(f"autotune: warning: {message}", err=True)
     return report.records
 
 
@@ -308,8 +312,16 @@ def refuse_overwriting(option: str, output: str, inputs) -> None:
     model over a log would lose what was measured."""
     target = Path(output).resolve()
     for given in inputs:
-        if given and Path(given).resolve() == target:
+        if given and (Path(given).resolve() == target or _same_file(given, output)):
             raise UserError(f"{option} {output} is {given}, which this command reads: writing there would replace it")
+
+
+def _same_file(a, b) -> bool:
+    """Two names of one existing file (a hard link has a path of its own)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either is missing (a new output) or unreadable
+        return False
 
 
 def check_model_files(tuner: str, transfer_from, load_model: str | None, save_model: str | None,

@@ -119,6 +119,75 @@ def test_replay_skips_lines_that_are_not_records(messy_log, tmp_path):
     assert "gemv/float32/M=2,N=64,K=64 on " in proc.stdout and ": 5 recorded configs" in proc.stdout, proc.stdout
 
 
+def test_tune_refuses_files_that_are_not_logs(tmp_path):
+    """Records were appended to whatever file --log named: a database, notes, a directory's name."""
+    database = tmp_path / "mlflow.db"
+    database.write_bytes(b"SQLite format 3\0" + b"\0" * 4096 + b"\n" * 3)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("measure gemv again\n\nsee the log\n")
+    before = {p.name: p.read_bytes() for p in (database, notes)}
+    assert_usage_error(run(*TUNE, "--log", "mlflow.db", cwd=tmp_path), "mlflow.db is not a tuning log (it holds binary data)")
+    assert_usage_error(run(*TUNE, "--log", "notes.txt", cwd=tmp_path),
+                       "notes.txt is not a tuning log (none of its 2 line(s) is a record)")
+    assert {p.name: p.read_bytes() for p in (database, notes)} == before
+    # "runs/" became a file named runs
+    assert_usage_error(run(*TUNE, "--log", "runs/", cwd=tmp_path), "log path runs/ names a directory")
+    assert not (tmp_path / "runs").exists()
+    # an empty file, and a log whose only line a kill cut short, are logs to append to
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "torn.jsonl").write_text(gemv_record(1e-5).to_json()[:40])
+    for name in ("empty.jsonl", "torn.jsonl"):
+        proc = run(*TUNE, "--log", name, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert len(RecordLog(tmp_path / name).records(warn=False)) == 2
+
+
+def test_a_log_of_a_newer_schema_is_named_as_such_and_not_appended_to(tmp_path):
+    newer = []
+    for i in range(3):
+        data = gemv_record(1e-5 * (i + 1), config_offset=i).to_dict()
+        data["schema"] = 7
+        newer.append(json.dumps(data))
+    log = tmp_path / "new.jsonl"
+    log.write_text("\n".join([gemv_record(4e-5, config_offset=5).to_json(), *newer]) + "\n")
+    before = log.read_text()
+    proc = run("best", "--log", "new.jsonl", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    # was: "skipped 3 unreadable line(s)", as if the file were damaged
+    assert ("skipped 3 record(s) of schema 7, written by a newer llm-autotune (this one reads schema 1..1): "
+            "upgrade to use them") in proc.stderr
+    assert "unreadable" not in proc.stderr
+    # was: measured every config again into the file, beside records of another schema
+    assert_usage_error(run(*TUNE, "--log", "new.jsonl", cwd=tmp_path),
+                       "log new.jsonl holds 3 record(s) of schema 7, written by a newer llm-autotune")
+    assert log.read_text() == before
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_record(tmp_path):
+    log = tmp_path / "bom.jsonl"
+    log.write_bytes(b"\xef\xbb\xbf" + (gemv_record(1e-5).to_json() + "\n").encode())
+    assert len(RecordLog(log).records()) == 1
+    proc = run(*TUNE, "--log", "bom.jsonl", cwd=tmp_path)
+    assert proc.returncode == 0 and "1 resumed from the log" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("command", [["best"], ["export", "--out", "lib"], ["replay", "--tuners", "random"], TUNE])
+def test_a_name_too_long_is_one_line_and_exit_2(tmp_path, command):
+    name = "a" * 300 + ".jsonl"  # was: internal error: OSError: [Errno 36] File name too long
+    assert_usage_error(run(*command, "--log", name, cwd=tmp_path, timeout=120), "File name too long")
+
+
+def test_an_output_that_is_a_hard_link_of_the_log_is_refused(tmp_path):
+    log = RecordLog(tmp_path / "t.jsonl")
+    log.append([gemv_record(1e-5)])
+    os.link(log.path, tmp_path / "other-name.jsonl")
+    before = log.path.read_text()
+    # was: the replay report written over the log, under both names
+    assert_usage_error(run("replay", "--log", "other-name.jsonl", "--tuners", "random", "--trials", "1",
+                           "--json", "t.jsonl", cwd=tmp_path), "--json t.jsonl is other-name.jsonl, which this command reads")
+    assert log.path.read_text() == before
+
+
 # ----------------------------------------------------------------------------- one job per log
 
 
@@ -131,6 +200,18 @@ def test_a_second_job_on_a_log_refuses_at_once(tmp_path):
         reader = run("best", "--log", "t.jsonl", cwd=tmp_path, timeout=120)  # readers need no lock
         assert reader.returncode == 0 and "gemv/float32/M=1,N=64,K=64" in reader.stdout, reader.stderr
     assert len(log.records()) == 1, "the refused job measured nothing"
+
+
+def test_a_hard_link_of_a_held_log_is_held_too(tmp_path):
+    """The lock was a sidecar keyed on the name: a job on a hard link of the log ran beside the
+    holder and both measured every config."""
+    log = RecordLog(tmp_path / "t.jsonl")
+    log.append([gemv_record(1e-5)])
+    os.link(log.path, tmp_path / "link.jsonl")
+    with log.lock():
+        assert_usage_error(run(*TUNE, "--log", "link.jsonl", cwd=tmp_path, timeout=120),
+                           "log link.jsonl is in use by another tuning job under another name")
+    assert len(log.records()) == 1
 
 
 def test_tuner_holds_the_log_for_the_whole_job(tmp_path):

@@ -130,3 +130,19 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
         holder.kill()
         holder.wait(timeout=30)
     RecordLog(path).check_writable()  # the kernel released the dead job's lock
+
+
+def test_a_log_whose_sidecar_cannot_be_made_is_still_locked(tmp_path):
+    """A name at the length limit leaves no room for ".lock" (a read-only directory neither): the
+    job ran not at all ("cannot lock log"); the lock on the log itself now holds it alone."""
+    log = RecordLog(tmp_path / ("b" * 250 + ".log"))
+    log.check_writable()
+    with log.lock():
+        assert os.listdir(tmp_path) == [log.path.name]  # no sidecar: its name would be too long
+        with pytest.raises(LogLockedError, match="is in use by another tuning job$"):
+            with RecordLog(log.path).lock():
+                pass
+        log.append([make_record(0)])
+    with log.lock():  # released
+        pass
+    assert len(log.records()) == 1
