@@ -90,18 +90,20 @@ class ModelMLflow:
     def __init__(self, run, first_step: int):
         self.run = run
         self.step = first_step
-        self.failed = False
 
     def __call__(self, scheduler: TaskScheduler, index: int, records: list[Record]) -> None:
-        if self.failed:
+        if self.run.failure:  # after a failure the run sends nothing more (see MLflowRun)
             return
         try:
             latency = scheduler.estimated_latency()
             extra = {"estimated_latency_ms": latency * 1e3} if latency < float("inf") else {}
             self.run.log_trials(records, self.step, extra=extra)
         except Exception as exc:  # the log already holds these records
-            self.failed = True
-            warnings.warn(f"MLflow logging stopped: {exc}", stacklevel=2)
+            from records.mlflow_tracking import error_text
+
+            self.run.failure = self.run.failure or error_text(exc)
+            warnings.warn(f"MLflow logging stopped ({self.run.failure}); tuning on, every record goes to the log",
+                          stacklevel=2)
         self.step += len(records)
 
 
@@ -188,6 +190,8 @@ def _finish(run, log: RecordLog, status: str, summary: ModelTuneSummary | None) 
                  "trials": s.trials} for t, s in zip(summary.tasks, summary.summaries)])
         if log.path.exists():
             run.log_artifact(log.path)
-        run.finish(status)
-    except Exception as exc:
-        warnings.warn(f"MLflow: could not finish run {run.run_id}: {exc}", stacklevel=2)
+    except Exception as exc:  # Tracking then ends the run, or says it could not
+        if not run.failure:
+            from records.mlflow_tracking import error_text
+
+            warnings.warn(f"MLflow: could not store the log in run {run.run_id}: {error_text(exc)}", stacklevel=2)

@@ -5,13 +5,16 @@ of each batch, made before the batch was measured, matched the measured ranking.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 from cost_model import batch_quality
 from cost_model.transfer import best_configs_elsewhere, throughput_of
@@ -71,20 +74,23 @@ class ProgressCallback:
 
 
 class MLflowCallback:
-    """Per-trial metrics into the job's MLflow run; a tracking failure never stops the job."""
+    """Per-trial metrics into the job's MLflow run; a tracking failure never stops the job
+    (after one, the run sends nothing more: see ``MLflowRun``)."""
 
     def __init__(self, run):
         self.run = run
-        self.failed = False
 
     def __call__(self, tuner, inputs, results, records, first) -> None:
-        if self.failed:
+        if self.run.failure:
             return
         try:
             self.run.log_trials(records, first)
         except Exception as exc:  # the log already holds these records
-            self.failed = True
-            warnings.warn(f"MLflow logging stopped: {exc}", stacklevel=2)
+            from records.mlflow_tracking import error_text
+
+            self.run.failure = self.run.failure or error_text(exc)  # once: nothing more is sent
+            warnings.warn(f"MLflow logging stopped ({self.run.failure}); tuning on, every record goes to the log",
+                          stacklevel=2)
 
 
 class Tracking:
@@ -92,7 +98,8 @@ class Tracking:
     tunes without it (the log holds every record), with one warning through ``note``.
 
     ``finish`` ends the run (FINISHED, FAILED, or KILLED when interrupted) with the log as an
-    artifact, and says through ``note`` where the run is (what ``export --mlflow-run`` needs).
+    artifact, and says through ``note`` where the run is (what ``export --mlflow-run`` needs),
+    or that it could not be ended.
     """
 
     def __init__(self, job, note: Callable[[str], None]):
@@ -101,7 +108,7 @@ class Tracking:
         self.unavailable = ""  # the store asked for, when it could not be reached
         if not job.mlflow:
             return
-        from records.mlflow_tracking import MLflowRun, resolve_tracking_uri
+        from records.mlflow_tracking import MLflowRun, error_text, resolve_tracking_uri
 
         uri = resolve_tracking_uri(job.tracking_uri)
         try:
@@ -116,7 +123,7 @@ class Tracking:
                 self.run = MLflowRun(uri, experiment=job.experiment, run_name=job.name, params=job.params(),
                                      tags=job.tags())
         except Exception as exc:  # tracking is a convenience; the log is the source of truth
-            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            reason = error_text(exc)
             self.unavailable = uri
             note(f"autotune: warning: MLflow at {uri} is unavailable ({reason}); tuning without it, "
                  "every record goes to the log")
@@ -127,30 +134,96 @@ class Tracking:
                 self.note(f"MLflow: this job was not tracked ({self.unavailable} was unavailable); the log holds "
                           "every record")
             return
-        finish_run(self.run, status)
-        self.note(f"MLflow run {self.run.run_id} ({status.lower()}) in {self.run.uri}")
+        run = self.run
+        # the reason of a failure during the job was in its warning: the one line says it once
+        stopped_earlier = bool(run.failure)
+        if not run.failure:  # after a failure nothing is sent: a dead server would cost each call its retries
+            if status == "KILLED":  # interrupted: the job ends within seconds, whatever the store does
+                ending = threading.Thread(target=self._end, args=(finish_run, status), daemon=True)
+                ending.start()
+                ending.join(INTERRUPTED_FINISH_S)
+                if ending.is_alive():
+                    run.failure = f"no answer within {INTERRUPTED_FINISH_S:g} s of the interrupt"
+            else:
+                self._end(finish_run, status)
+        if run.ended:
+            self.note(f"MLflow run {run.run_id} ({run.ended.lower()}) in {run.uri}")
+        else:
+            reason = "its tracking stopped during the job" if stopped_earlier else run.failure or "no reply"
+            self.note(f"autotune: warning: MLflow run {run.run_id} could not be ended ({reason}); it stays "
+                      f"RUNNING in {run.uri}, the log holds every record")
+
+    def _end(self, finish_run: Callable, status: str) -> None:
+        finish_run(self.run, status)  # the closing figures and the log (it may end the run too)
+        try:
+            self.run.finish(status)  # a step of its own: a failed upload leaves no run RUNNING
+        except Exception:  # run.failure says why
+            pass
 
 
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """A tracking server that does not answer fails here at once, not after MLflow's minutes
-    of retries."""
-    import socket
-    from urllib.parse import urlparse
+# how long an interrupted job waits for its MLflow run to take the log and end
+INTERRUPTED_FINISH_S = 5.0
 
+
+def check_reachable(uri: str, timeout_s: float = 5.0, writing: bool = True) -> None:
+    """A tracking store that cannot be used fails here at once, with a ConnectionError that
+    says why, not after MLflow's minutes of retries: a server that does not answer an HTTP
+    request (a dead one, or one that takes connections and never replies), an SQLite store
+    that is a directory, is in a directory that does not exist, or (``writing``) cannot be
+    written."""
     from records.mlflow_tracking import sqlite_store
 
     store = sqlite_store(uri)
-    if store is not None and store.is_dir():  # SQLAlchemy would retry opening it for minutes
+    if store is not None:  # SQLAlchemy would retry opening it for minutes
+        _check_sqlite_store(store, writing)
+    if urlparse(uri).scheme in ("http", "https"):
+        _check_server(uri, timeout_s)
+
+
+def _check_sqlite_store(store: Path, writing: bool) -> None:
+    folder = store.parent
+    if store.is_dir():
         raise ConnectionError(f"the tracking store {store} is a directory, not an SQLite file")
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("http", "https"):
+    # a typo in the path would otherwise create a new folder and an empty store there (as the
+    # log refuses a missing directory, so does the store)
+    if not folder.is_dir():
+        raise ConnectionError(f"the tracking store's directory {folder} does not exist")
+    if not writing:
+        if store.exists() and not os.access(store, os.R_OK):
+            raise ConnectionError(f"the tracking store {store} is not readable")
         return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    if store.exists() and not os.access(store, os.R_OK | os.W_OK):
+        raise ConnectionError(f"the tracking store {store} is not writable")
+    if not os.access(folder, os.W_OK | os.X_OK):  # SQLite writes its journal beside the store
+        raise ConnectionError(f"the tracking store's directory {folder} is not writable")
+
+
+def _check_server(uri: str, timeout_s: float) -> None:
+    """Any HTTP answer to GET /health will do (a proxy's 404, a login's 401), short of a 5xx
+    from a gateway whose server is down."""
+    import http.client
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from records.mlflow_tracking import error_text
+
+    parsed = urlparse(uri)
+    where = f"{parsed.hostname}:{parsed.port or (443 if parsed.scheme == 'https' else 80)}"
     try:
-        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
-    except OSError as exc:
-        raise ConnectionError(f"no tracking server answers at {parsed.hostname}:{port}: "
-                              f"{exc.strerror or exc}") from None
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500:
+            raise ConnectionError(f"the tracking server at {where} answers {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLError):  # it speaks TLS: MLflow's own TLS settings apply from here
+            return
+        reason = getattr(exc.reason, "strerror", None) or exc.reason
+        raise ConnectionError(f"no tracking server answers at {where}: {reason}") from None
+    except TimeoutError:
+        raise ConnectionError(f"no tracking server answers at {where}: no reply within {timeout_s:g} s") from None
+    except (OSError, http.client.HTTPException) as exc:  # closed without a reply, or not HTTP
+        raise ConnectionError(f"no tracking server answers at {where}: {error_text(exc)}") from None
 
 
 def ended_by(exc: BaseException | None) -> str:
@@ -317,6 +390,9 @@ def pretrained_model(records: list[Record], load_model: str | None, task: Task, 
 
 
 def _finish_run(run, log: RecordLog, status: str, summary: TuneSummary | None) -> None:
+    """The job's totals, best config and log into its run (``Tracking`` then ends it)."""
+    from records.mlflow_tracking import error_text
+
     try:
         if summary is not None:
             run.log_trials([], 0, extra={"trials": summary.trials, "failed": summary.failed,
@@ -327,9 +403,9 @@ def _finish_run(run, log: RecordLog, status: str, summary: TuneSummary | None) -
                                                   "gflops": summary.best.gflops})
         if log.path.exists():
             run.log_artifact(log.path)
-        run.finish(status)
     except Exception as exc:
-        warnings.warn(f"MLflow: could not finish run {run.run_id}: {exc}", stacklevel=2)
+        if not run.failure:  # else the store is gone, and Tracking.finish says so
+            warnings.warn(f"MLflow: could not store the log in run {run.run_id}: {error_text(exc)}", stacklevel=2)
 
 
 # ----------------------------------------------------------------------------- on a cluster

@@ -10,8 +10,10 @@ import fcntl
 import json
 import logging
 import os
+import re
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
@@ -38,8 +40,44 @@ def _artifact_root(uri: str) -> str | None:
     return (store.resolve().parent / "mlartifacts").as_uri() if store is not None else None
 
 
+# MLflow's own HTTP defaults (7 retries with exponential backoff, 120 s a request) stalled a
+# job for minutes when its server died or hung. With these a call to a dead server fails in
+# about 4 s, to a hung one in about 35 s, and then the run sends nothing more (the log keeps
+# every record). A user's own settings of these variables win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def error_text(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line: its first line, cut at a word when longer than ``limit``."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "") or type(exc).__name__
+    if len(text) <= limit:
+        return text
+    # a failed HTTP request ends its long line with the cause: "... [Errno 111] Connection refused')"
+    cause = re.findall(r"\[Errno -?\d+\][^'\"()]*", text)
+    tail = f" … {cause[-1].strip()}" if cause else " …"
+    return text[:max(limit - len(tail), limit // 2)].rsplit(" ", 1)[0] + tail
+
+
+def _text(value: Any) -> str:
+    """A parameter, tag or name as UTF-8 text: a path that is not valid UTF-8 (a surrogate-
+    escaped byte) would fail the store's encoder, so its odd bytes are written as \\xNN."""
+    text = str(value)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _client(uri: str):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if is_http(uri):  # read by MLflow at each request
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
     from mlflow import MlflowClient  # configures mlflow's loggers: quieten them afterwards
 
     for name in ("mlflow", "alembic"):  # schema-migration chatter is not the user's business
@@ -59,7 +97,7 @@ def _store_setup_lock(uri: str):
         return
     try:
         fd = os.open(store.resolve().parent, os.O_RDONLY)
-    except OSError:  # no such folder: the store fails to open on its own, with its own message
+    except OSError:  # no such folder: MLflow creates it (the CLI refuses such a store first, check_reachable)
         yield
         return
     try:
@@ -76,26 +114,57 @@ def experiment_id(client, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=_artifact_root(uri))
 
 
+class TrackingStopped(RuntimeError):
+    """A call to a run whose tracking failed before: nothing is sent any more."""
+
+
 class MLflowRun:
-    """A tuning job's MLflow run. ``log_trials`` after each batch; ``finish`` at the end."""
+    """A tuning job's MLflow run. ``log_trials`` after each batch; ``finish`` at the end.
+
+    After one call to the store fails, ``failure`` says why and every later call raises
+    TrackingStopped at once: a dead server would cost each call its retries. An artifact that
+    cannot be written (an OSError: a local folder, or a server that answered no) leaves the
+    run usable, so that it can still be ended."""
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
                  run_name: str | None = None, params: dict[str, Any] | None = None,
                  tags: dict[str, str] | None = None):
         self.uri = resolve_tracking_uri(tracking_uri)
+        self.failure = ""  # why tracking stopped: once set, nothing more is sent
+        self.ended = ""  # the status the run was ended with
         with _store_setup_lock(self.uri):
             self.client = _client(self.uri)
             self.experiment_id = experiment_id(self.client, experiment, self.uri)
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
+        run = self.client.create_run(self.experiment_id, run_name=_text(run_name) if run_name else None,
+                                     tags={_text(k): _text(v) for k, v in (tags or {}).items()})
         self.run_id: str = run.info.run_id
         self.best_gflops = 0.0
         if params:
-            self.log_params(params)
+            try:
+                self.log_params(params)
+            except Exception:  # no job will end this run: it must not stay RUNNING
+                try:
+                    self.client.set_terminated(self.run_id, status="FAILED")
+                except Exception:
+                    pass
+                raise
+
+    def _send(self, call, *args, artifact: bool = False, **kwargs):
+        """Every call to the store goes through here (see the class)."""
+        if self.failure:
+            raise TrackingStopped(f"tracking of MLflow run {self.run_id} stopped: {self.failure}")
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if not (artifact and isinstance(exc, OSError)):
+                self.failure = error_text(exc)
+            raise
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        self._send(self.client.log_batch, self.run_id,
+                   params=[Param(_text(k), _text(v)[:6000]) for k, v in params.items()])
 
     def log_trials(self, records: Iterable[Record], first_step: int,
                    extra: dict[str, float] | None = None) -> None:
@@ -120,19 +189,22 @@ class MLflowRun:
         for key, value in (extra or {}).items():
             metrics.append(Metric(key, float(value), now, first_step))
         for start in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
-            self.client.log_batch(self.run_id, metrics=metrics[start:start + 900])
+            self._send(self.client.log_batch, self.run_id, metrics=metrics[start:start + 900])
 
     def log_artifact(self, path: str | os.PathLike) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+        self._send(self.client.log_artifact, self.run_id, str(path), artifact=True)
 
     def log_json(self, name: str, data: Any) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             path.write_text(json.dumps(data, indent=2))
-            self.client.log_artifact(self.run_id, str(path))
+            self._send(self.client.log_artifact, self.run_id, str(path), artifact=True)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        """End the run (once: a second call does nothing)."""
+        if not self.ended:
+            self._send(self.client.set_terminated, self.run_id, status=status)
+            self.ended = status
 
 
 class RunNotFound(LookupError):
@@ -156,29 +228,43 @@ def _log_artifacts(client, run_id: str, folder: str | None = None) -> list[str]:
     return sorted(found)
 
 
+class StoreUnavailable(ConnectionError):
+    """The MLflow store could not be opened or read."""
+
+
 def records_from_run(run_id: str, tracking_uri: str | None = None) -> list[Record]:
     """Read a job's records back from the tuning log(s) its MLflow run keeps as artifacts.
 
-    Raises RunNotFound for a run the store does not hold and FileNotFoundError for a run
-    without a tuning log."""
+    Raises RunNotFound for a run the store does not hold, FileNotFoundError for a run
+    without a tuning log and StoreUnavailable for a store that cannot be opened or read."""
     from .log import RecordLog
 
     uri = resolve_tracking_uri(tracking_uri)
     if not _store_exists(uri):
         raise RunNotFound(f"no MLflow store at {uri}")
-    client = _client(uri)
+    try:
+        client = _client(uri)
+    except Exception as exc:  # an unsupported URI, a store that cannot be opened
+        raise StoreUnavailable(f"cannot open the MLflow store {uri}: {error_text(exc)}") from None
     try:
         client.get_run(run_id)
     except Exception as exc:  # MlflowException for an unknown or malformed id
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RunNotFound(f"no MLflow run {run_id} in {uri} ({reason})") from None
-    logs = _log_artifacts(client, run_id)
-    if not logs:
-        raise FileNotFoundError(f"MLflow run {run_id} has no .jsonl tuning log among its artifacts")
+        raise RunNotFound(f"no MLflow run {run_id} in {uri} ({error_text(exc)})") from None
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for errors
     records: list[Record] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in logs:
-            local = client.download_artifacts(run_id, name, tmp)
-            records.extend(RecordLog(local).records())
+        try:
+            logs = _log_artifacts(client, run_id)
+            local = [client.download_artifacts(run_id, name, tmp) for name in logs]
+        except Exception as exc:
+            raise StoreUnavailable(f"cannot read the artifacts of MLflow run {run_id} in {uri}: "
+                                   f"{error_text(exc)}") from None
+        if not logs:
+            raise FileNotFoundError(f"MLflow run {run_id} has no .jsonl tuning log among its artifacts")
+        for name, path in zip(logs, local):
+            report = RecordLog(path).load(warn=False)
+            # the downloaded copy is deleted below: the warning names the run's artifact instead
+            if message := report.warning(f"MLflow run {run_id}: {name}"):
+                warnings.warn(message, stacklevel=2)
+            records.extend(report.records)
     return records

@@ -25,11 +25,13 @@ def _records(logs, run_id: str | None, tracking_uri: str | None) -> list:
     from ..tuning import check_reachable
 
     try:  # a server that does not answer is said so at once (not after MLflow's retries, as "no run")
-        check_reachable(resolve_tracking_uri(tracking_uri))
+        check_reachable(resolve_tracking_uri(tracking_uri), writing=False)
     except ConnectionError as exc:
         raise UserError(f"--mlflow-run {run_id}: {exc}") from None
     try:
         return records_from_run(run_id, tracking_uri)
+    except ConnectionError as exc:  # StoreUnavailable: an unsupported URI, a store that cannot be read
+        raise UserError(f"--mlflow-run {run_id}: {exc}") from None
     except (RunNotFound, FileNotFoundError) as exc:
         raise UserError(str(exc).strip('"')) from None
 

@@ -94,7 +94,7 @@ def test_run_refuses_a_model_whose_weights_cannot_fit_before_making_them(tmp_pat
 
 
 def test_a_warning_reaches_the_user_as_one_autotune_line(tmp_path):
-    (tmp_path / "t.jsonl").write_text("not a record\n")
+    (tmp_path / "t.jsonl").write_text('{"schema":1,"task":\n')  # a line a kill cut short
     proc = run("tune", *SMALL, "--tuner", "random", "--trials", "2", "--quiet", "--no-mlflow", "--log", "t.jsonl",
                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -93,3 +93,50 @@ def test_jobs_that_start_together_on_a_new_store_each_get_their_run(tmp_path):
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("together").experiment_id])
     assert len(runs) == 3
+
+
+def test_a_log_path_that_is_not_utf8_is_tracked_and_read_back_by_run(store, tmp_path, host):
+    """A surrogate-escaped byte in the log's name failed the store's encoder after the run was
+    created: the run stayed RUNNING with no metric and the warning blamed the store."""
+    import os
+    import warnings
+
+    from mlflow import MlflowClient
+
+    from records.mlflow_tracking import records_from_run
+
+    log = tmp_path / os.fsdecode(b"m\xff.jsonl")
+    run_job(TuningJob(host, Task.make("gemm", {"M": 64, "N": 64, "K": 64}), tuner="random", trials=4,
+                      log=str(log), tracking_uri=store), progress=False)
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("llm-autotune").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["log"].endswith("m\\xff.jsonl")
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "gflops")) == [0, 1, 2, 3]
+    # a damaged line in the run's log: the warning names the run's artifact, not a deleted download
+    (artifact,) = [a.path for a in client.list_artifacts(run.info.run_id) if a.path.endswith(".jsonl")]
+    folder = run.info.artifact_uri.removeprefix("file://")
+    with open(os.path.join(folder, artifact), "a") as f:
+        f.write("not a record\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        back = records_from_run(run.info.run_id, store)
+    assert len(back) == 4
+    (message,) = [str(w.message) for w in caught if "unreadable" in str(w.message)]
+    assert message.startswith(f"MLflow run {run.info.run_id}: ") and "/tmp" not in message.split(": skipped")[0]
+
+
+def test_a_run_whose_set_up_fails_is_ended_as_failed(store, monkeypatch):
+    from mlflow import MlflowClient
+
+    from records.mlflow_tracking import MLflowRun
+
+    def refuse(self, params):
+        raise RuntimeError("the store refused the parameters")
+
+    monkeypatch.setattr(MLflowRun, "log_params", refuse)
+    with pytest.raises(RuntimeError, match="refused"):
+        MLflowRun(store, params={"a": 1})
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("llm-autotune").experiment_id])
+    assert run.info.status == "FAILED"  # not an orphan left RUNNING
