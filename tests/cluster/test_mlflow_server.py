@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import urllib.request
 import pytest
 
 CLI = [sys.executable, "-m", "autotune.cli"]
+SERVER: dict[str, subprocess.Popen] = {}  # the module's server, for the last test to kill
 
 
 def _free_port() -> int:
@@ -31,7 +33,9 @@ def tracking_server(tmp_path_factory):
     server = subprocess.Popen([mlflow, "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
                                "--artifacts-destination", (folder / "artifacts").as_uri(), "--host", "127.0.0.1",
                                "--port", str(port), "--workers", "1"],
-                              cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"))
+                              cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"),
+                              start_new_session=True)  # its workers die with it (the last test kills it)
+    SERVER["process"] = server
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -46,11 +50,12 @@ def tracking_server(tmp_path_factory):
             pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
         time.sleep(0.25)
     yield uri
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +119,35 @@ def test_export_from_the_server_on_another_machine(tracking_server, two_jobs, tm
     assert proc.returncode == 0, proc.stderr
     manifest = (tmp_path / "lib" / "manifest.json").read_text()
     assert "gemv/float32/M=1,N=32,K=256" in manifest
+
+
+# last in the module: it kills the server the tests above share
+def test_a_server_that_dies_mid_job_costs_seconds_not_minutes(tracking_server, tmp_path):
+    from records import RecordLog
+
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        env.pop(name, None)  # the job's own bounds, not a setting of this machine
+    log = tmp_path / "s.jsonl"
+    job = subprocess.Popen(CLI + ["tune", "--op", "gemm", "--shape", "M=64,N=64,K=64", "--tuner", "random",
+                                  "--trials", "12", "--batch", "2", "--quiet", "--log", str(log),
+                                  "--tracking-uri", tracking_server],
+                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (log.exists() and log.read_text().count("\n") >= 4):
+            assert job.poll() is None, job.communicate()[1]
+            time.sleep(0.05)
+    finally:
+        os.killpg(SERVER["process"].pid, signal.SIGKILL)
+        SERVER["process"].wait()
+    killed = time.monotonic()
+    try:
+        _, stderr = job.communicate(timeout=60)  # it took 523 s with MLflow's own retries
+    except subprocess.TimeoutExpired:
+        job.kill()
+        pytest.fail("the job was still waiting for its dead server after 60 s")
+    assert time.monotonic() - killed < 30
+    assert job.returncode == 0, stderr
+    assert len(RecordLog(log).records()) == 12
+    assert "could not be ended" in stderr and "(finished)" not in stderr, stderr
+    assert all(len(line) < 600 for line in stderr.splitlines())
