@@ -299,6 +299,13 @@ def seed_option(ctx, param, value):
     return value
 
 
+def check_tracking(tracking_uri: str | None, no_mlflow: bool) -> None:
+    """``--tracking-uri`` and ``--no-mlflow`` are alternatives: with both, one of them would be
+    silently ignored."""
+    if tracking_uri is not None and no_mlflow:
+        raise UserError(f"--tracking-uri {tracking_uri} and --no-mlflow contradict each other: give one of them")
+
+
 def check_timeouts(**timeouts: float) -> None:
     """``--build-timeout``/``--run-timeout``: finite seconds > 0 (0 or NaN would record every
     candidate as timed out, and a resumed job would never measure them again)."""

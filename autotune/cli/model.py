@@ -9,7 +9,7 @@ import click
 from runtime.precision import DTYPES
 
 from ..units import format_time
-from .common import (UserError, available_memory, check_fits_in_memory, echo_json, load_logs, make_job, open_log,
+from .common import (UserError, available_memory, check_fits_in_memory, check_tracking, echo_json, load_logs, make_job, open_log,
                      positive, resolve_target, run_tuning, seed_option, stale_warnings_reported)
 from .group import cli
 
@@ -72,6 +72,7 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
     """Tune every kernel a model's prefill and decode passes need, over one trial budget."""
     from autotune.tune_model import ModelWorkload
 
+    check_tracking(tracking_uri, no_mlflow)
     config = load_config(model)
     from measure.backends import get_backend
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .common import (ManyValues, UserError, check_timeouts, load_logs, make_job, open_log, positive, refuse_overwriting,
+from .common import (ManyValues, UserError, check_timeouts, check_tracking, load_logs, make_job, open_log, positive, refuse_overwriting,
                      resolve_target, resolve_task, run_tuning, restriction, seed_option)
 from ..units import format_rate, format_time
 from .group import cli
@@ -44,6 +44,7 @@ def sweep(op, shape, dtype, target, sample, seed, restrict_items, threads, batch
     from autotune.tuners import SweepTuner
     from measure import TimingPolicy
 
+    check_tracking(tracking_uri, no_mlflow)
     if not math.isfinite(min_sample_ms) or min_sample_ms <= 0:
         raise UserError(f"--min-sample-ms must be a number of milliseconds > 0, got {min_sample_ms}")
     check_timeouts(build_timeout=build_timeout, run_timeout=run_timeout)

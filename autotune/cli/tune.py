@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..units import format_rate, format_time, rate
-from .common import (ManyValues, UserError, check_model_files, check_timeouts, cluster_options_given, echo_json,
+from .common import (ManyValues, UserError, check_model_files, check_timeouts, check_tracking, cluster_options_given, echo_json,
                      make_job, open_log, positive, read_log, report_stale, resolve_target, resolve_task, run_tuning,
                      restriction, seed_option)
 from .group import cli
@@ -86,6 +86,7 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
          compile_only, as_json, cold_cache, remeasure_stale) -> None:
     """Tune one operator instance; every measurement goes to the log. With --remeasure-stale,
     measure the log's stale records again instead."""
+    check_tracking(tracking_uri, no_mlflow)
     if remeasure_stale:
         if compile_only or target.startswith("sm_"):
             raise UserError("--remeasure-stale measures: it needs --target cpu or cuda, not --compile-only")

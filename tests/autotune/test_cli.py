@@ -37,6 +37,13 @@ def run(*args, cwd=None, check=True, timeout=600):
     (["tune", "--op", "gemm", "--shape", "M=1,N=2,K=3", "--attr", "causal=true"], "has no attribute"),
     (["best", "--log", "/no/such/log.jsonl"], "does not exist"),
     (["ops", "--target", "tpu"], "unknown target"),
+    # one of the two was ignored without a word
+    (["tune", "--op", "gemm", "--shape", "M=1,N=2,K=3", "--no-mlflow", "--tracking-uri", "sqlite:///m.db"],
+     "--tracking-uri sqlite:///m.db and --no-mlflow contradict each other"),
+    (["tune-model", "--model", "tiny", "--no-mlflow", "--tracking-uri", "sqlite:///m.db"], "contradict each other"),
+    (["sweep", "--op", "gemm", "--shape", "M=1,N=2,K=3", "--log", "s.jsonl", "--no-mlflow", "--tracking-uri",
+      "sqlite:///m.db"],
+     "contradict each other"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert_usage_error(run(*args, cwd=tmp_path, check=False), message)
