@@ -200,8 +200,9 @@ class RecordLog:
         os.close(fd)
 
     def _flock_log(self, named_holder: bool) -> int:
+        self._refuse_special(LogWriteError)  # opening a FIFO to read would wait for a writer
         try:  # the job writes this file anyway: a new log starts empty here
-            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK, 0o644)
         except OSError as exc:
             raise LogWriteError(f"cannot lock log {self.path}: {exc.strerror or exc}") from None
         try:

@@ -38,6 +38,12 @@ def test_a_fifo_is_refused_without_blocking(fifo, tmp_path):
         no_hang(lambda: log.append([make_record(0)]))
     with pytest.raises(LogReadError, match="FIFO"):
         no_hang(log.load)
+
+    def lock_it():  # what a tuner given the log does first: opening a FIFO to lock it would wait
+        with log.lock():
+            pass
+    with pytest.raises(LogWriteError, match="FIFO"):
+        no_hang(lock_it)
     link = tmp_path / "link.jsonl"  # a symlink is judged by what it points to
     link.symlink_to(fifo)
     with pytest.raises(LogReadError, match="FIFO"):
