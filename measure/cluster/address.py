@@ -56,6 +56,8 @@ def check_reachable(address: ClusterAddress, timeout_s: float = 5.0) -> None:
         return
     try:
         socket.create_connection((address.host, address.port), timeout=timeout_s).close()
+    except UnicodeError:  # a name the resolver cannot encode ("a..b": an empty label)
+        raise ClusterError(f"--cluster {address}: {address.host} is not a valid host name") from None
     except OSError as exc:
         raise ClusterError(f"no Ray cluster answers at {address.host}:{address.port}: "
                            f"{exc.strerror or exc}") from None

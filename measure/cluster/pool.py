@@ -18,6 +18,8 @@ import collections
 import itertools
 import logging
 import os
+import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -92,6 +94,7 @@ class RayCluster:
         self._queued: dict[str, collections.deque[_Candidate]] = collections.defaultdict(collections.deque)
         self._free: dict[str, list[RunnerHandle]] = collections.defaultdict(list)
         self._finished: list[tuple[int, MeasureResult]] = []
+        self._failure: ClusterError | None = None  # raised once what was measured is handed back
         self._artifacts: dict[str, Any] = {}  # digest -> ObjectRef, from ``build`` for ``run``
         self.lost_runners = 0
         self.measured_again = 0  # candidates a dead runner was measuring, measured by another
@@ -205,8 +208,10 @@ class RayCluster:
 
     def wait(self, timeout: float | None = None) -> list[tuple[int, MeasureResult]]:
         """The (ticket, result) pairs measured since the last call; waits for at least one
-        while any is in flight (up to ``timeout`` seconds)."""
-        while not self._finished:
+        while any is in flight (up to ``timeout`` seconds). When the cluster can measure no
+        more (every runner of a target gone), what was measured is handed back first and
+        the ClusterError comes at the next call: the caller logs every result it was given."""
+        while not self._finished and self._failure is None:
             pending = [*self._building, *self._running]
             if not pending:
                 queued = sum(len(q) for q in self._queued.values())
@@ -217,12 +222,17 @@ class RayCluster:
             if not ready:
                 break
             ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
-            for ref in ready:
-                if ref in self._building:
-                    self._collect_build(ref)
-                else:
-                    self._collect_run(ref)
+            for ref in ready:  # every result that came back, even after a failure among them
+                try:
+                    if ref in self._building:
+                        self._collect_build(ref)
+                    else:
+                        self._collect_run(ref)
+                except ClusterError as exc:
+                    self._failure = self._failure or exc
         done, self._finished = self._finished, []
+        if not done and self._failure is not None:
+            raise self._failure
         return done
 
     @property
@@ -290,8 +300,8 @@ class RayCluster:
             self.lost_runners += 1
         candidate.losses += 1
         if candidate.losses >= MAX_RUNNER_LOSSES:
-            self.note(f"autotune: warning: runner {runner.name} died measuring {candidate.input.config}, the "
-                      f"{candidate.losses}th runner lost on it: recorded as a crash")
+            self.note(f"autotune: warning: runner {runner.name} died measuring {candidate.input.config}, "
+                      f"{candidate.losses} runners lost on it: recorded as a crash")
             self._finish(candidate, MeasureResult.failed(
                 MeasureError.WORKER_CRASH, f"{candidate.losses} runners died measuring it ({_first_line(exc)})",
                 build_s=candidate.build.build_s))
@@ -301,7 +311,7 @@ class RayCluster:
                       f"measured again on another, {len(self.runners_of(key))} runner(s) of {key} left")
             self._queued[key].appendleft(candidate)
         if not self.runners_of(key):
-            lost = len(self._queued[key]) + sum(1 for _, r in self._running.values() if r.target.key == key)
+            lost = self.in_flight_for(key)
             raise ClusterError(f"every runner of {key} on the Ray cluster is gone ({lost} candidate(s) unmeasured; "
                                "every measured record is in the log)")
         self._dispatch(key)
@@ -384,11 +394,17 @@ def _connect(address: ClusterAddress) -> bool:
         return False
     check_reachable(address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports unless the user asks for them
+    # ray.init puts its own SIGTERM handler (a native stack dump, exit 15) over the CLI's, which
+    # ends the job as an interrupt does: keep the CLI's
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address.ray_address, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError: all one line for the user
         raise ClusterError(f"cannot connect to the Ray cluster {address}: {_first_line(exc)}") from None
+    finally:
+        if on_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
     return True
 
 

@@ -103,3 +103,36 @@ def test_a_job_without_a_cluster_never_imports_ray(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["2", "False"]
+
+
+def test_results_that_came_back_with_the_last_runners_loss_are_handed_back_first(monkeypatch):
+    """Every runner gone: the ClusterError came out of wait() at once, and a result collected
+    with it (a candidate recorded as a crash, another runner's finished one) never reached
+    the log, though the job's message said every measured record was there."""
+    from measure.cluster import ClusterError, pool
+    from measure.types import MeasureError, MeasureResult
+
+    cluster = object.__new__(pool.RayCluster)  # no Ray: wait()'s bookkeeping alone
+    cluster._finished, cluster._failure, cluster._building, cluster._queued = [], None, {}, {}
+    cluster._running = {"crash": None, "done": None}
+    crash = MeasureResult.failed(MeasureError.WORKER_CRASH, "2 runners died measuring it")
+
+    def collect(ref):
+        if ref == "crash":  # recorded as a crash, then no runner of its target is left
+            cluster._finished.append((1, crash))
+            raise ClusterError("every runner of cpu-x on the Ray cluster is gone")
+        cluster._finished.append((2, MeasureResult((1e-3,) * 3)))
+
+    monkeypatch.setattr(pool.ray, "wait", lambda refs, num_returns, timeout: (list(refs), []))
+    monkeypatch.setattr(cluster, "_collect_run", lambda ref: (cluster._running.pop(ref), collect(ref)))
+    assert [ticket for ticket, _ in cluster.wait()] == [1, 2]
+    with pytest.raises(ClusterError, match="every runner"):
+        cluster.wait()
+
+
+def test_a_host_name_the_resolver_cannot_encode_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "autotune.cli", "tune", "--op", "gemv", "--shape", "M=1,N=64,K=64",
+                           "--trials", "2", "--no-mlflow", "--log", "t.jsonl", "--cluster", "ray://a..b:6379"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr  # was: internal error: UnicodeError, exit 1
+    assert proc.stderr.strip() == "autotune: error: --cluster ray://a..b:6379: a..b is not a valid host name"

@@ -191,6 +191,27 @@ def test_sigkill_of_the_driver_then_resume(ray_cluster, tmp_path):
     assert {r.config_key for r in first} <= configs
 
 
+def test_sigterm_of_a_cluster_job_ends_it_as_an_interrupt_does(ray_cluster, tmp_path):
+    """ray.init put Ray's own SIGTERM handler over the CLI's: exit 15 and a native stack dump,
+    not the one line (and exit 143) of a terminated job."""
+    args = CLI + ["tune", "--op", "gemv", "--shape", "M=1,N=64,K=128", "--tuner", "random", "--trials", "40",
+                  "--batch", "2", "--log", "term.jsonl", "--no-mlflow", "--quiet", "--cluster", f"ray://{ray_cluster}"]
+    log = tmp_path / "term.jsonl"
+    driver = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and driver.poll() is None:
+        if log.exists() and log.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGTERM)
+    _, stderr = driver.communicate(timeout=60)
+    assert driver.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "autotune: error: terminated; every measured record is in the log", stderr
+    assert "SIGTERM received" not in stderr
+    records, configs = distinct_configs(log)
+    assert 2 <= len(records) == len(configs) < 40
+
+
 def test_the_model_scheduler_measures_several_tasks_at_once(cluster, tmp_path):
     """Rounds of different tasks are in flight together, and their measurements overlap in
     time (each runner measures one candidate at a time, so an overlap is two runners at once)."""
