@@ -109,6 +109,7 @@ class RecordLog:
             if not parent.exists():
                 raise LogWriteError(f"log directory {parent} does not exist")
             self._refuse_foreign()
+            existed = os.path.lexists(self.path)
             with open(self.path, "a"):
                 pass
         except LogWriteError:
@@ -116,7 +117,12 @@ class RecordLog:
         except OSError as exc:  # no permission, a name too long, ...
             raise LogWriteError(f"cannot write log {self.path}: {exc.strerror or exc}") from None
         with self.lock():  # refuse now, before any set-up, when another job is tuning into this log
-            pass
+            if not existed:  # made only to try: a job refused after this (bad options) leaves no empty log
+                try:
+                    if os.stat(self.path).st_size == 0:
+                        os.unlink(self.path)
+                except OSError:
+                    pass
 
     _SCHEMA = re.compile(rb'\s*\{\s*"schema"\s*:\s*(\d+)')
 

@@ -142,6 +142,15 @@ def test_tune_refuses_files_that_are_not_logs(tmp_path):
         assert len(RecordLog(tmp_path / name).records(warn=False)) == 2
 
 
+def test_a_job_refused_after_its_log_was_checked_leaves_no_empty_log(tmp_path):
+    # the log is checked before the job's other options: the check made the file and left it
+    assert_usage_error(run(*TUNE, "--log", "new.jsonl", "--runner-cpus", "2", cwd=tmp_path), "--runner-cpus is for --cluster")
+    assert not (tmp_path / "new.jsonl").exists()
+    (tmp_path / "kept.jsonl").write_text("")  # an empty file the user made stays
+    assert_usage_error(run(*TUNE, "--log", "kept.jsonl", "--runner-cpus", "2", cwd=tmp_path), "--runner-cpus")
+    assert (tmp_path / "kept.jsonl").exists()
+
+
 def test_a_log_of_a_newer_schema_is_named_as_such_and_not_appended_to(tmp_path):
     newer = []
     for i in range(3):
