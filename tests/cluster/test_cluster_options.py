@@ -136,3 +136,36 @@ def test_a_host_name_the_resolver_cannot_encode_is_one_line(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr  # was: internal error: UnicodeError, exit 1
     assert proc.stderr.strip() == "autotune: error: --cluster ray://a..b:6379: a..b is not a valid host name"
+
+
+def test_a_port_where_no_ray_head_listens_is_refused_at_once(monkeypatch):
+    """Something else listening there (a web server, a port that takes connections and never
+    answers): Ray retried it for minutes, deaf to Ctrl-C; the check only opened a connection."""
+    import http.server
+    import threading
+
+    from measure.cluster import ClusterError, check_reachable
+
+    web = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ClusterError, match="is not a Ray head"):
+            check_reachable(ClusterAddress("127.0.0.1", web.server_address[1]), timeout_s=5)
+    finally:
+        web.shutdown()
+    with socket.socket() as silent:  # the kernel accepts connections; nobody ever reads them
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        begin = time.monotonic()
+        with pytest.raises(ClusterError, match="no reply within 1 s"):
+            check_reachable(ClusterAddress("127.0.0.1", silent.getsockname()[1]), timeout_s=1)
+        assert time.monotonic() - begin < 10
+    # `--cluster ray` with RAY_ADDRESS naming a head: it waited for Ray's own retries
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free}")
+    with pytest.raises(ClusterError, match="no Ray cluster answers at 127.0.0.1"):
+        check_reachable(ClusterAddress())
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # Ray's to resolve
+    check_reachable(ClusterAddress())
