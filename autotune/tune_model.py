@@ -1,7 +1,6 @@
 """A model's tuning: what to tune it for, its tasks, the scheduler, the log, MLflow, progress."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
@@ -92,18 +91,9 @@ class ModelMLflow:
         self.step = first_step
 
     def __call__(self, scheduler: TaskScheduler, index: int, records: list[Record]) -> None:
-        if self.run.failure:  # after a failure the run sends nothing more (see MLflowRun)
-            return
-        try:
-            latency = scheduler.estimated_latency()
-            extra = {"estimated_latency_ms": latency * 1e3} if latency < float("inf") else {}
-            self.run.log_trials(records, self.step, extra=extra)
-        except Exception as exc:  # the log already holds these records
-            from records.mlflow_tracking import error_text
-
-            self.run.failure = self.run.failure or error_text(exc)
-            warnings.warn(f"MLflow logging stopped ({self.run.failure}); tuning on, every record goes to the log",
-                          stacklevel=2)
+        latency = scheduler.estimated_latency()
+        extra = {"estimated_latency_ms": latency * 1e3} if latency < float("inf") else {}
+        self.run.log_trials_or_stop(records, self.step, extra=extra)
         self.step += len(records)
 
 
@@ -182,7 +172,7 @@ def _other_conditions(log: RecordLog, tasks: list[ModelTask], target, condition:
 
 
 def _finish(run, log: RecordLog, status: str, summary: ModelTuneSummary | None) -> None:
-    try:
+    with run.closing_uploads():  # Tracking then ends the run, or says it could not
         if summary is not None:
             run.log_json("model_tasks.json", [
                 {"task": t.key, "weight": t.weight, "uses": t.uses,
@@ -190,8 +180,3 @@ def _finish(run, log: RecordLog, status: str, summary: ModelTuneSummary | None) 
                  "trials": s.trials} for t, s in zip(summary.tasks, summary.summaries)])
         if log.path.exists():
             run.log_artifact(log.path)
-    except Exception as exc:  # Tracking then ends the run, or says it could not
-        if not run.failure:
-            from records.mlflow_tracking import error_text
-
-            warnings.warn(f"MLflow: could not store the log in run {run.run_id}: {error_text(exc)}", stacklevel=2)

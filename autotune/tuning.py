@@ -81,16 +81,7 @@ class MLflowCallback:
         self.run = run
 
     def __call__(self, tuner, inputs, results, records, first) -> None:
-        if self.run.failure:
-            return
-        try:
-            self.run.log_trials(records, first)
-        except Exception as exc:  # the log already holds these records
-            from records.mlflow_tracking import error_text
-
-            self.run.failure = self.run.failure or error_text(exc)  # once: nothing more is sent
-            warnings.warn(f"MLflow logging stopped ({self.run.failure}); tuning on, every record goes to the log",
-                          stacklevel=2)
+        self.run.log_trials_or_stop(records, first)
 
 
 class Tracking:
@@ -391,9 +382,7 @@ def pretrained_model(records: list[Record], load_model: str | None, task: Task, 
 
 def _finish_run(run, log: RecordLog, status: str, summary: TuneSummary | None) -> None:
     """The job's totals, best config and log into its run (``Tracking`` then ends it)."""
-    from records.mlflow_tracking import error_text
-
-    try:
+    with run.closing_uploads():
         if summary is not None:
             run.log_trials([], 0, extra={"trials": summary.trials, "failed": summary.failed,
                                          "wall_s": summary.wall_s, "compile_share": summary.compile_share})
@@ -403,9 +392,6 @@ def _finish_run(run, log: RecordLog, status: str, summary: TuneSummary | None) -
                                                   "gflops": summary.best.gflops})
         if log.path.exists():
             run.log_artifact(log.path)
-    except Exception as exc:
-        if not run.failure:  # else the store is gone, and Tracking.finish says so
-            warnings.warn(f"MLflow: could not store the log in run {run.run_id}: {error_text(exc)}", stacklevel=2)
 
 
 # ----------------------------------------------------------------------------- on a cluster

@@ -166,6 +166,30 @@ class MLflowRun:
         self._send(self.client.log_batch, self.run_id,
                    params=[Param(_text(k), _text(v)[:6000]) for k, v in params.items()])
 
+    def log_trials_or_stop(self, records: Iterable[Record], first_step: int,
+                           extra: dict[str, float] | None = None) -> None:
+        """``log_trials`` for a job's per-batch callback: a failure is one warning (the job tunes
+        on, its log holds every record), and nothing is sent after it."""
+        if self.failure:
+            return
+        try:
+            self.log_trials(records, first_step, extra)
+        except Exception as exc:
+            self.failure = self.failure or error_text(exc)
+            warnings.warn(f"MLflow logging stopped ({self.failure}); tuning on, every record goes to the log",
+                          stacklevel=3)
+
+    @contextmanager
+    def closing_uploads(self):
+        """Around a job's closing uploads (its figures, its log): one warning when they fail
+        while the store still answers; a store that is gone is said by whoever ends the run."""
+        try:
+            yield
+        except Exception as exc:
+            if not self.failure:
+                warnings.warn(f"MLflow: could not store the log in run {self.run_id}: {error_text(exc)}",
+                              stacklevel=4)
+
     def log_trials(self, records: Iterable[Record], first_step: int,
                    extra: dict[str, float] | None = None) -> None:
         """One point per trial at ``step`` = its trial number: its GFLOP/s and the best so far;

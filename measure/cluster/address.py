@@ -34,7 +34,8 @@ class ClusterAddress:
         return f"ray://{self.ray_address}" if self.host else "ray"
 
 
-_ADDRESS = re.compile(r"ray://(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})")
+_HOST_PORT = r"(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})"
+_ADDRESS = re.compile("ray://" + _HOST_PORT)
 
 
 def parse_cluster_address(text: str) -> ClusterAddress:
@@ -62,8 +63,7 @@ def check_reachable(address: ClusterAddress, timeout_s: float = 5.0) -> None:
     port where something other than a Ray head listens (Ray would retry it for minutes).
     For ``ray`` the head is the one ``RAY_ADDRESS`` names, when it names one by HOST:PORT."""
     if address.host is None:
-        named = re.fullmatch(r"(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})",
-                             os.environ.get("RAY_ADDRESS", "").strip())
+        named = re.fullmatch(_HOST_PORT, os.environ.get("RAY_ADDRESS", "").strip())
         if named is None:  # unset, "auto", "local": Ray finds or starts the cluster itself
             return
         address = ClusterAddress(named["host"].strip("[]"), int(named["port"]))

@@ -168,19 +168,26 @@ def test_a_runner_killed_mid_job_loses_nothing_and_records_nothing_twice(ray_clu
     assert all(r.ok for r in records)
 
 
+def _signal_after_records(args, cwd, log, records: int, signum) -> tuple[subprocess.Popen, str]:
+    """Run the CLI ``args`` as a driver and send it ``signum`` once ``log`` holds ``records``
+    lines; the ended driver and its stderr."""
+    driver = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and driver.poll() is None:
+        if log.exists() and log.read_text().count("\n") >= records:
+            break
+        time.sleep(0.02)
+    driver.send_signal(signum)
+    _, stderr = driver.communicate(timeout=60)
+    return driver, stderr
+
+
 def test_sigkill_of_the_driver_then_resume(ray_cluster, tmp_path):
     args = CLI + ["tune", "--op", "gemv", "--shape", "M=1,N=64,K=128", "--tuner", "random", "--trials", "10",
                   "--batch", "2", "--seed", "5", "--log", "kill.jsonl", "--no-mlflow", "--quiet",
                   "--cluster", f"ray://{ray_cluster}"]
     log = tmp_path / "kill.jsonl"
-    driver = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and driver.poll() is None:
-        if log.exists() and log.read_text().count("\n") >= 3:
-            break
-        time.sleep(0.02)
-    driver.send_signal(signal.SIGKILL)
-    driver.communicate(timeout=30)
+    _signal_after_records(args, tmp_path, log, 3, signal.SIGKILL)
     first, _ = distinct_configs(log)
     assert 3 <= len(first) < 10, "the driver finished before it could be killed"
     again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -197,14 +204,7 @@ def test_sigterm_of_a_cluster_job_ends_it_as_an_interrupt_does(ray_cluster, tmp_
     args = CLI + ["tune", "--op", "gemv", "--shape", "M=1,N=64,K=128", "--tuner", "random", "--trials", "40",
                   "--batch", "2", "--log", "term.jsonl", "--no-mlflow", "--quiet", "--cluster", f"ray://{ray_cluster}"]
     log = tmp_path / "term.jsonl"
-    driver = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and driver.poll() is None:
-        if log.exists() and log.read_text().count("\n") >= 2:
-            break
-        time.sleep(0.02)
-    driver.send_signal(signal.SIGTERM)
-    _, stderr = driver.communicate(timeout=60)
+    driver, stderr = _signal_after_records(args, tmp_path, log, 2, signal.SIGTERM)
     assert driver.returncode == 143, stderr
     assert stderr.strip().splitlines()[-1] == "autotune: error: terminated; every measured record is in the log", stderr
     assert "SIGTERM received" not in stderr
