@@ -95,7 +95,7 @@ def test_two_concurrent_jobs_log_to_one_server(tracking_server, two_jobs):
         assert [m.step for m in client.get_metric_history(run_id, "gflops")] == [0, 1, 2, 3]
 
 
-def test_records_come_back_from_the_server_without_the_log(tracking_server, two_jobs, tmp_path):
+def test_records_come_back_from_the_server_without_the_log(tracking_server, two_jobs, tmp_path, monkeypatch):
     from records import RecordLog
     from records.mlflow_tracking import records_from_run
 
@@ -103,11 +103,8 @@ def test_records_come_back_from_the_server_without_the_log(tracking_server, two_
     kept = RecordLog(log).records()
     moved = tmp_path / "elsewhere"  # another machine: the log is not there, the server is
     moved.mkdir()
-    os.chdir(moved)
-    try:
-        back = records_from_run(run_id, tracking_server)
-    finally:
-        os.chdir(tmp_path)
+    monkeypatch.chdir(moved)  # back where the test started when it ends: later tests read files relative to it
+    back = records_from_run(run_id, tracking_server)
     assert [r.to_json() for r in back] == [r.to_json() for r in kept]
 
 

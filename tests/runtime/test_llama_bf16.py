@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from runtime.weights import ModelWeights, device_linear_names
 from test_llama import relative_error  # noqa: E402  (same directory)
 
 TINY = PRESETS["tiny"]
-LLAMA_100M = "benchmarks/models/llama-100m/config.json"
+LLAMA_100M = str(Path(__file__).resolve().parents[2] / "benchmarks/models/llama-100m/config.json")
 TOLERANCE = 1e-5  # |logit difference| / max |logit|: float32 arithmetic only (seen: below 1e-6)
 LINEAR_OPS = ("gemv", "gemm")
 
