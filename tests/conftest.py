@@ -82,7 +82,35 @@ def _has_gpu() -> bool:
         return False
 
 
+# The test files that take longest, longest first (seconds on the 2-core VM, 2026-12-05, in
+# brackets). pytest-xdist hands each worker whole files in collection order (the Makefile turns
+# off its reordering by test count, which put the few-but-long files last): started early, the
+# long files run beside others and the short ones fill in at the end, where one long file would
+# otherwise run alone while the other worker waits. A file missing here only runs later.
+LONGEST_FIRST = (
+    "tests/autotune/test_model_on_fake_gpu.py",  # 118
+    "tests/search_space/test_cuda_matmul_emulated.py",  # 96
+    "tests/search_space/test_cuda_templates.py",  # 93
+    "tests/cluster/test_ray_cluster.py",  # 89, mostly waiting on the cluster
+    "tests/search_space/test_cpu_templates.py",  # 82
+    "tests/autotune/test_cli.py",  # 77
+    "tests/autotune/test_cli_hardening.py",  # 67
+    "tests/autotune/test_cli_model.py",  # 61
+    "tests/runtime/test_transformers_parity.py",  # 54
+    "tests/search_space/test_cuda_rowattn_emulated.py",  # 48
+    "tests/search_space/test_attention_templates.py",  # 47
+    "tests/cluster/test_mlflow_server.py",  # 45
+    "tests/measure/test_faults.py",  # 34
+    "tests/measure/test_cuda_on_fake_gpu.py",  # 31
+    "tests/search_space/test_quant_templates.py",  # 28
+    "tests/autotune/test_cli_research.py",  # 27
+    "tests/autotune/test_cuda_cli.py",  # 27
+)
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
     gpu = None
     for item in items:
         missing = [reason for marker in item.iter_markers("tools") for reason in missing_tools(*marker.args)]
@@ -95,10 +123,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="; ".join(dict.fromkeys(missing))))
 
 
+def session_folder(tmp_path_factory) -> Path:
+    """The test session's own temporary folder, the same in every pytest-xdist worker."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's basetemp lies in the session's
+        root = root.parent
+    return root
+
+
 @pytest.fixture(scope="session", autouse=True)
 def kernel_cache(tmp_path_factory):
-    """A fresh artifact cache per test session, shared by every worker it starts."""
-    path = tmp_path_factory.mktemp("kernel-cache")
+    """A fresh artifact cache per test session, shared by every worker it starts (writes to it
+    are atomic renames, so two workers building the same kernel each finish with one file)."""
+    path = session_folder(tmp_path_factory) / "kernel-cache"
+    path.mkdir(exist_ok=True)
     old = os.environ.get("AUTOTUNE_CACHE_DIR")
     os.environ["AUTOTUNE_CACHE_DIR"] = str(path)
     yield path
@@ -128,9 +166,7 @@ def made_once(tmp_path_factory, name: str, make) -> dict[str, Path]:
     and take the same files (they are only read), instead of measuring them again."""
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's basetemp lies in the session's
-        root = root.parent
+    root = session_folder(tmp_path_factory)
     done = root / f"{name}.json"
     with FileLock(str(root / f"{name}.lock")):
         if not done.exists():  # a worker whose make failed leaves nothing: the next one tries again
