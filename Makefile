@@ -38,10 +38,11 @@ demo: check-cc $(STAMP)
 	# the same model in float16 on a GPU: its tasks (listing them needs no GPU)
 	$(BIN)/autotune tune-model --model tiny --target cuda --dtype float16 --list-tasks
 
-# two workers, each test file kept on one (module fixtures compile kernels once); no assertion
-# rests on quiet timings, so nothing needs to run alone
+# two workers, each test file kept on one (module fixtures compile kernels once), the longest
+# files first (tests/conftest.py: LONGEST_FIRST); no assertion rests on quiet timings, so nothing
+# needs to run alone
 test: $(STAMP)
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_ops.py --markdown

@@ -1,4 +1,5 @@
-"""`make demo` on a machine without a C compiler stops at once, naming what to install."""
+"""`make demo` on a machine without a C compiler stops at once, naming what to install; `make test`
+runs the longest test files first."""
 from __future__ import annotations
 
 import shutil
@@ -23,3 +24,18 @@ def test_make_demo_without_a_c_compiler_stops_with_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if not line.startswith(("make: ", "make["))]  # make's own
     assert len(lines) == 1 and "no C compiler found" in lines[0] and "install gcc" in lines[0]
     assert proc.stdout == ""
+
+
+def test_make_test_runs_the_longest_files_first():
+    """`make test` keeps xdist from reordering files by test count, and every file the conftest
+    puts first exists (a renamed one would silently go back to running last)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("top_conftest", ROOT / "tests" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)  # by path: "conftest" may name another folder's
+    LONGEST_FIRST = conftest.LONGEST_FIRST
+    assert "--no-loadscope-reorder" in (ROOT / "Makefile").read_text()
+    missing = [path for path in LONGEST_FIRST if not (ROOT / path).is_file()]
+    assert not missing, missing
+    assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
