@@ -2,8 +2,9 @@
 
 Kept apart from ``template`` so that ``Task`` (whose FLOPs and bytes come from its
 operator's definition) can look an operator up without importing the template module,
-which imports ``Task``. The built-in operators and templates register themselves when
-their packages are first imported, on the first lookup.
+which imports ``Task``. The built-in operators register themselves when ``search_space.ops``
+is first imported, a built-in template when its module is: a lookup imports only the module of
+the template it names, a listing all of them.
 """
 from __future__ import annotations
 
@@ -35,13 +36,31 @@ def register_template(cls: type[Template]) -> type[Template]:
 
 
 def _load_builtin() -> None:
+    """Register every built-in operator and template (for listings and unknown names)."""
+    from .templates import MODULES
+
     importlib.import_module("search_space.ops")
-    importlib.import_module("search_space.templates")
+    for module in MODULES.values():
+        importlib.import_module(module)
+
+
+def _load_template(op: str, target_kind: str) -> None:
+    """Register the template a lookup names by importing its module alone (a process that builds
+    or runs one kernel pays for no other template's import); unknown names load everything."""
+    from .templates import MODULES
+
+    if (op, target_kind) in _TEMPLATES:
+        return
+    module = MODULES.get((op, target_kind))
+    if module is not None:
+        importlib.import_module(module)
+    if (op, target_kind) not in _TEMPLATES:
+        _load_builtin()
 
 
 def get_template(op: str, target_kind: str = "cpu") -> Template:
     """The registered template for ``op`` on ``target_kind``; ValueError names the known ones."""
-    _load_builtin()
+    _load_template(op, target_kind)
     cls = _TEMPLATES.get((op, target_kind))
     if cls is None:
         known = sorted(o for o, k in _TEMPLATES if k == target_kind)
@@ -50,7 +69,9 @@ def get_template(op: str, target_kind: str = "cpu") -> Template:
 
 
 def op_definition(op: str) -> Operator:
-    _load_builtin()
+    importlib.import_module("search_space.ops")  # every built-in operator; a template may add others
+    if op not in _OPERATORS:
+        _load_builtin()
     cls = _OPERATORS.get(op)
     if cls is None:
         raise ValueError(f"unknown op {op!r}: known ops are {', '.join(sorted(_OPERATORS))}")

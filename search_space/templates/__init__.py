@@ -1,5 +1,17 @@
-"""Built-in schedule templates: importing this package registers every one of them."""
+"""Built-in schedule templates. Each module registers its template when it is imported: a
+lookup imports only the module of the template it names (a worker building one gemv candidate
+needs no other), a listing imports them all (``search_space.registry``)."""
 from __future__ import annotations
 
-from . import add, attention_decode, attention_prefill, bias_add, cuda, gelu, gemm, gemm_q4, gemv, gemv_q4  # noqa: F401
-from . import layernorm, rmsnorm, rope, softmax, swiglu  # noqa: F401
+_CPU_OPS = ("add", "attention_decode", "attention_prefill", "bias_add", "gelu", "gemm", "gemm_q4", "gemv", "gemv_q4",
+            "layernorm", "rmsnorm", "rope", "softmax", "swiglu")
+_CUDA_OPS = _CPU_OPS + ("kv_append", "rope_append", "rope_append_attention", "argmax")
+# a CUDA module that registers more than its own name's template
+_CUDA_SHARED = {"kv_append": "device_step", "rope_append": "device_step", "argmax": "device_step",
+                "rope_append_attention": "attention_decode"}
+
+# (op, target kind) -> the module that registers that built-in template
+MODULES: dict[tuple[str, str], str] = {
+    **{(op, "cpu"): f"{__name__}.{op}" for op in _CPU_OPS},
+    **{(op, "cuda"): f"{__name__}.cuda.{_CUDA_SHARED.get(op, op)}" for op in _CUDA_OPS},
+}

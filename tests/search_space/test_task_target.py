@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from search_space import Target, Task, format_shape, parse_shape
+from search_space import Target, Task, format_shape, get_template, parse_shape
 
 
 def test_parse_shape_accepts_and_rejects():
@@ -48,3 +48,34 @@ def test_compile_only_cuda_target():
         Target.from_name("tpu")
     with pytest.raises(ValueError):
         Target(kind="fpga", arch="x")
+
+
+def test_the_registry_knows_where_each_built_in_template_lives():
+    """``search_space.templates.MODULES`` names the module of every built-in template, so that a
+    lookup imports that module alone; a template added without its entry would load them all."""
+    from search_space import list_templates
+    from search_space.templates import MODULES
+
+    built_in = {(t.op, t.target_kind): type(t).__module__ for t in list_templates()
+                if type(t).__module__.startswith("search_space.templates")}
+    assert built_in == MODULES
+
+
+def test_a_lookup_imports_only_the_template_it_names():
+    """A worker building one kernel imports its template's module and no other (a fresh
+    interpreter: this one has imported them all)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from search_space import get_template, Task; "
+            "t = get_template('gemv', 'cpu'); Task.make('gemv', {'M': 1, 'N': 8, 'K': 8}).flops; "
+            "get_template('argmax', 'cuda'); "
+            "print(sorted(m for m in sys.modules if m.startswith('search_space.templates.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    imported = set(eval(out))
+    assert {"search_space.templates.gemv", "search_space.templates.cuda.device_step"} <= imported
+    others = {"gemm", "gemm_q4", "gemv_q4", "attention_prefill", "attention_decode", "softmax", "layernorm"}
+    assert not imported & ({f"search_space.templates.{op}" for op in others}
+                           | {f"search_space.templates.cuda.{op}" for op in others | {"gemv"}}), out
+    with pytest.raises(ValueError, match="unknown op 'nosuchop' for target cpu: known ops are add, "):
+        get_template("nosuchop", "cpu")
