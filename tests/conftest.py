@@ -82,8 +82,8 @@ def _has_gpu() -> bool:
         return False
 
 
-# The test files that take longest, longest first (seconds on the 2-core VM, 2026-12-05, in
-# brackets). pytest-xdist hands each worker whole files in collection order (the Makefile turns
+# The test files that take longest, longest first (seconds on the 2-core VM, 2026-12-05, beside
+# each). pytest-xdist hands each worker whole files in collection order (the Makefile turns
 # off its reordering by test count, which put the few-but-long files last): started early, the
 # long files run beside others and the short ones fill in at the end, where one long file would
 # otherwise run alone while the other worker waits. A file missing here only runs later.
