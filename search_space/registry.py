@@ -47,10 +47,10 @@ def _load_builtin() -> None:
 def _load_template(op: str, target_kind: str) -> None:
     """Register the template a lookup names by importing its module alone (a process that builds
     or runs one kernel pays for no other template's import); unknown names load everything."""
+    if (op, target_kind) in _TEMPLATES:  # every lookup after the first
+        return
     from .templates import MODULES
 
-    if (op, target_kind) in _TEMPLATES:
-        return
     module = MODULES.get((op, target_kind))
     if module is not None:
         importlib.import_module(module)
