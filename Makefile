@@ -40,9 +40,11 @@ demo: check-cc $(STAMP)
 
 # two workers, each test file kept on one (module fixtures compile kernels once), the longest
 # files first (tests/conftest.py: LONGEST_FIRST); no assertion rests on quiet timings, so nothing
-# needs to run alone
+# needs to run alone. The suite starts about 700 Python processes (CLI runs, build and run
+# workers): bytecode is written even where the environment says not to (PYTHONDONTWRITEBYTECODE),
+# or each of them compiles the project's modules again
 test: $(STAMP)
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	PYTHONDONTWRITEBYTECODE= MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_ops.py --markdown

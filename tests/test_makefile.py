@@ -39,3 +39,11 @@ def test_make_test_runs_the_longest_files_first():
     missing = [path for path in LONGEST_FIRST if not (ROOT / path).is_file()]
     assert not missing, missing
     assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
+
+
+def test_make_test_writes_bytecode():
+    """The suite's many Python processes (CLI runs, build and run workers) read the project's
+    compiled modules rather than each compiling them again: `make test` clears
+    PYTHONDONTWRITEBYTECODE, which some environments set."""
+    (line,) = [line for line in (ROOT / "Makefile").read_text().splitlines() if "-m pytest" in line]
+    assert line.split()[0] == "PYTHONDONTWRITEBYTECODE="
