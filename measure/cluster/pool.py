@@ -43,6 +43,26 @@ MAX_RUNNER_LOSSES = 2        # runners that may die measuring one candidate befo
 # candidates handed to a runner at once: it measures one while the next waits in its queue (an
 # actor runs its calls one at a time), so it never idles for a round trip to the driver
 RUNNER_DEPTH = 2
+# ray.wait runs this process's signal handlers while it waits, but an exception one raises
+# (SIGTERM's, Ctrl-C's) surfaces only when the wait returns: with no timeout, never while nothing
+# on the cluster finishes (its builds queued behind another job's, say). So the driver waits in
+# slices of this long.
+WAIT_SLICE_S = 0.5
+
+
+def wait_in_slices(refs: list, num_returns: int = 1, timeout: float | None = None) -> tuple[list, list]:
+    """``ray.wait``, ended within about WAIT_SLICE_S by an exception a signal handler raises."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = WAIT_SLICE_S if deadline is None else max(0.0, min(WAIT_SLICE_S, deadline - time.monotonic()))
+        try:
+            ready, rest = ray.wait(refs, num_returns=num_returns, timeout=left)
+        except SystemError as exc:  # "returned a result with an exception set": the handler's
+            if isinstance(exc.__cause__, BaseException):
+                raise exc.__cause__ from None
+            raise
+        if len(ready) >= num_returns or (deadline is not None and time.monotonic() >= deadline):
+            return ready, rest
 
 
 @dataclass
@@ -151,7 +171,7 @@ class RayCluster:
         """Wait for the runners to start and say what they measure; a runner that cannot start
         is left out with a warning (its cores go back to the builds)."""
         refs = [actor.describe.remote() for actor, *_ in pending]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PLACEMENT_TIMEOUT_S)
+        ready, _ = wait_in_slices(refs, num_returns=len(refs), timeout=PLACEMENT_TIMEOUT_S)
         ready, failed = set(ready), []
         for (actor, name, node, cores), ref in zip(pending, refs):
             try:
@@ -218,7 +238,7 @@ class RayCluster:
                 if queued:  # never expected: a queue no runner will take would wait forever
                     raise ClusterError(f"{queued} candidate(s) queued with no runner to measure them")
                 break
-            ready, _ = ray.wait(pending, num_returns=1, timeout=timeout)
+            ready, _ = wait_in_slices(pending, num_returns=1, timeout=timeout)
             if not ready:
                 break
             ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)

@@ -178,7 +178,12 @@ def _signal_after_records(args, cwd, log, records: int, signum) -> tuple[subproc
             break
         time.sleep(0.02)
     driver.send_signal(signum)
-    _, stderr = driver.communicate(timeout=60)
+    try:
+        _, stderr = driver.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # a driver left running would hold the cluster the next tests use
+        driver.kill()
+        driver.communicate()
+        pytest.fail(f"the driver did not end within 60 s of signal {signum}")
     return driver, stderr
 
 
@@ -210,6 +215,39 @@ def test_sigterm_of_a_cluster_job_ends_it_as_an_interrupt_does(ray_cluster, tmp_
     assert "SIGTERM received" not in stderr
     records, configs = distinct_configs(log)
     assert 2 <= len(records) == len(configs) < 40
+
+
+class Alarm(Exception):
+    pass
+
+
+def test_a_driver_waiting_on_the_cluster_still_takes_signals(ray_cluster):
+    """ray.wait does not return for a signal: a driver whose candidates cannot run (their
+    builds queued behind another job's) waited out SIGTERM and Ctrl-C for as long as that
+    lasted. It waits in slices, so a handler runs within about one."""
+    import ray
+
+    from measure.cluster.pool import WAIT_SLICE_S, wait_in_slices
+
+    @ray.remote(num_cpus=0)
+    def never_done():
+        time.sleep(120)
+
+    def on_alarm(*_):
+        raise Alarm
+
+    ref = never_done.remote()
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    start = time.monotonic()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Alarm):
+            wait_in_slices([ref], num_returns=1, timeout=None)
+        assert time.monotonic() - start < 0.2 + 4 * WAIT_SLICE_S + 2
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        ray.cancel(ref, force=True)
 
 
 def test_the_model_scheduler_measures_several_tasks_at_once(cluster, tmp_path):
