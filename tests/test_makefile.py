@@ -1,5 +1,5 @@
 """`make demo` on a machine without a C compiler stops at once, naming what to install; `make test`
-runs the longest test files first."""
+runs the longest test files first and writes bytecode."""
 from __future__ import annotations
 
 import shutil

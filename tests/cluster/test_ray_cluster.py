@@ -222,9 +222,10 @@ class Alarm(Exception):
 
 
 def test_a_driver_waiting_on_the_cluster_still_takes_signals(ray_cluster):
-    """ray.wait does not return for a signal: a driver whose candidates cannot run (their
-    builds queued behind another job's) waited out SIGTERM and Ctrl-C for as long as that
-    lasted. It waits in slices, so a handler runs within about one."""
+    """ray.wait runs a signal handler while it waits but hands back its exception only when it
+    returns: a driver whose candidates cannot run (their builds queued behind another job's)
+    waited out SIGTERM and Ctrl-C for as long as that lasted. It waits in slices, so the
+    handler's exception comes out within about one."""
     import ray
 
     from measure.cluster.pool import WAIT_SLICE_S, wait_in_slices

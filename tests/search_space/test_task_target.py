@@ -70,9 +70,9 @@ def test_a_lookup_imports_only_the_template_it_names():
     code = ("import sys; from search_space import get_template, Task; "
             "t = get_template('gemv', 'cpu'); Task.make('gemv', {'M': 1, 'N': 8, 'K': 8}).flops; "
             "get_template('argmax', 'cuda'); "
-            "print(sorted(m for m in sys.modules if m.startswith('search_space.templates.')))")
+            "import json; print(json.dumps(sorted(m for m in sys.modules if m.startswith('search_space.templates.'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    imported = set(eval(out))
+    imported = set(json.loads(out))
     assert {"search_space.templates.gemv", "search_space.templates.cuda.device_step"} <= imported
     others = {"gemm", "gemm_q4", "gemv_q4", "attention_prefill", "attention_decode", "softmax", "layernorm"}
     assert not imported & ({f"search_space.templates.{op}" for op in others}
