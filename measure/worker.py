@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import os
 import queue
+import select
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
+import weakref
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
@@ -41,7 +45,9 @@ class WorkerProcess:
     """One worker process serving ``call(function_path, payload, timeout)`` requests.
 
     ``function_path`` is ``"module:function"``; the function takes one picklable payload.
-    The worker is a fresh interpreter (``python -m measure.worker_main``) rather than a
+    The worker is forked from a zygote of this process (``measure.worker_zygote``), a fresh
+    interpreter that has imported what workers need; where none can start it is itself a
+    fresh interpreter (``python -m measure.worker_main``). Either way it is not a
     multiprocessing child, so it never re-imports the caller's ``__main__`` and works the
     same from scripts, notebooks and the CLI. It sees the caller's ``sys.path``.
     ``generation`` increases each time a new process starts, so callers can tell that
@@ -65,7 +71,7 @@ class WorkerProcess:
                 env[key] = value
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         try:
-            process = _popen_from_lasting_thread(
+            process = _fork_from_zygote(env, theirs) or _popen_from_lasting_thread(
                 [sys.executable, "-m", "measure.worker_main", str(theirs.fileno()), str(os.getpid())],
                 pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
             )
@@ -182,12 +188,186 @@ def _serve_spawns(requests: queue.SimpleQueue) -> None:
             future.set_exception(exc)
 
 
+# ----------------------------------------------------------------------------- zygotes
+# One zygote per environment a worker can be started in: the variables, the working directory
+# and the CPU affinity (a cluster runner pins itself before it starts its worker) are fixed
+# when the zygote starts, so a worker asked for under others gets another zygote. Zygotes live
+# as long as this process, so pools of later jobs and replacements after crashes reuse them;
+# idle ones beyond a few are closed (a zygote's workers would die with it).
+# AUTOTUNE_WORKER_ZYGOTE=0 spawns every worker as a fresh interpreter instead.
+
+ZYGOTE_START_S = 120.0  # the zygote imports before it answers: slow on a loaded machine
+MAX_IDLE_ZYGOTES = 2
+
+_zygotes: dict[tuple, "_Zygote"] = {}
+_retired: list["_Zygote"] = []  # zygotes that found a module changed on disk, with workers still alive
+_zygotes_lock = threading.Lock()
+_zygotes_failed = False  # once one could not start or answer, workers are spawned directly
+
+
+class _ForkedWorker:
+    """The part of ``subprocess.Popen`` a ``WorkerProcess`` uses, for a worker forked by a zygote:
+    killed through its pidfd, its exit code read from the pipe the zygote writes it to. Safe to
+    poll from several threads (a new worker's start checks whether the zygotes are idle)."""
+
+    WAIT_SLICE_S = 0.05  # wait() holds the lock this long at a time
+
+    def __init__(self, pid: int, pidfd: int, status_fd: int):
+        self.pid = pid
+        self.returncode: int | None = None
+        self._pidfd, self._status_fd = pidfd, status_fd
+        self._lock = threading.Lock()
+
+    def poll(self) -> int | None:
+        return self._check(0)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = self.WAIT_SLICE_S if deadline is None else min(self.WAIT_SLICE_S, deadline - time.monotonic())
+            code = self._check(max(0.0, left))
+            if code is not None:
+                return code
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout)
+
+    def kill(self) -> None:
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                except ProcessLookupError:  # already ended
+                    pass
+
+    def _check(self, wait_s: float) -> int | None:
+        with self._lock:
+            if self.returncode is None and select.select([self._status_fd], [], [], wait_s)[0]:
+                data = os.read(self._status_fd, 32)
+                # nothing written: the zygote died, and its workers with it (SIGKILL on its death)
+                self.returncode = int(data) if data else -signal.SIGKILL
+                self._close()
+            return self.returncode
+
+    def _close(self) -> None:
+        for fd in (self._pidfd, self._status_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._pidfd = self._status_fd = -1
+
+    def __del__(self) -> None:
+        try:
+            self._close()
+        except Exception:
+            pass
+
+
+class _StaleZygote(Exception):
+    """A module the zygote imported changed on disk: it forks no more workers (old code)."""
+
+
+class _Zygote:
+    def __init__(self, env: dict[str, str]):
+        ours, theirs = socket.socketpair()
+        try:
+            self.process = _popen_from_lasting_thread(
+                [sys.executable, "-m", "measure.worker_zygote", str(theirs.fileno()), str(os.getpid())],
+                pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self.control = ours
+        self.control.settimeout(ZYGOTE_START_S)
+        self.workers: weakref.WeakSet[_ForkedWorker] = weakref.WeakSet()
+
+    def fork(self, conn: socket.socket) -> _ForkedWorker:
+        socket.send_fds(self.control, [b"fork"], [conn.fileno()])
+        message, fds, _, _ = socket.recv_fds(self.control, 64, 2)
+        if message == b"stale":
+            raise _StaleZygote()
+        if message == b"refused" or not message or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            raise OSError("the worker zygote refused or ended")
+        worker = _ForkedWorker(int(message), *fds)
+        self.workers.add(worker)
+        return worker
+
+    @property
+    def idle(self) -> bool:
+        return all(worker.poll() is not None for worker in list(self.workers))
+
+    def close(self) -> None:
+        self.control.close()  # the zygote exits on end of file
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _fork_from_zygote(env: dict[str, str], conn: socket.socket) -> _ForkedWorker | None:
+    """A worker forked by the zygote for this environment, or None where none can serve."""
+    global _zygotes_failed
+    if (_zygotes_failed or os.environ.get("AUTOTUNE_WORKER_ZYGOTE") == "0"
+            or not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal")):
+        return None
+    try:
+        key = (os.getcwd(), frozenset(os.sched_getaffinity(0)), tuple(sorted(env.items())))
+    except OSError:  # e.g. the working directory was deleted: a spawned worker still starts there
+        return None
+    with _zygotes_lock:
+        zygote = _zygotes.pop(key, None)
+        try:
+            if zygote is None:
+                zygote = _Zygote(env)
+            try:
+                worker = zygote.fork(conn)
+            except _StaleZygote:
+                _retired.append(zygote)  # closed once its workers are gone: they die with it
+                zygote = _Zygote(env)
+                worker = zygote.fork(conn)
+        except (OSError, ValueError, _StaleZygote):
+            _zygotes_failed = True
+            if zygote is not None:
+                _retired.append(zygote)  # it may still serve workers: closed once they are gone
+            return None
+        _zygotes[key] = zygote  # last used last
+        idle = [k for k, z in _zygotes.items() if k != key and z.idle]
+        for old in idle[:max(0, len(idle) - MAX_IDLE_ZYGOTES)]:
+            _zygotes.pop(old).close()
+        for stale in [z for z in _retired if z.idle]:
+            _retired.remove(stale)
+            stale.close()
+        return worker
+
+
+def close_idle_zygotes() -> None:
+    """End the zygotes no live worker came from (a notebook done tuning gets its memory back;
+    the next worker starts a new one)."""
+    with _zygotes_lock:
+        for key in [k for k, z in _zygotes.items() if z.idle]:
+            _zygotes.pop(key).close()
+        for zygote in [z for z in _retired if z.idle]:
+            _retired.remove(zygote)
+            zygote.close()
+
+
+def _forget_zygotes() -> None:
+    """In a forked child: the zygotes are the parent's to use and close (and the lock may have
+    been held by a thread that does not exist here)."""
+    global _zygotes_lock
+    _zygotes_lock = threading.Lock()
+    _zygotes.clear()
+    _retired.clear()
+
+
+os.register_at_fork(after_in_child=_forget_zygotes)
+
+
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "worker died"
     if code < 0:
-        import signal
-
         try:
             return f"worker killed by {signal.Signals(-code).name}"
         except ValueError:

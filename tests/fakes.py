@@ -263,6 +263,16 @@ def spin_forever(started_file: str) -> None:
         pass
 
 
+def process_facts(variable: str) -> dict:
+    """A worker job: who the worker is, who started it, and one variable of its environment."""
+    return {"pid": os.getpid(), "parent": os.getppid(), "variable": os.environ.get(variable)}
+
+
+def die_by_signal(signum: int) -> None:
+    """A worker job that kills its own worker, as a candidate that crashes does."""
+    os.kill(os.getpid(), signum)
+
+
 def no_hang(fn, seconds: float = 10.0):
     """``fn()`` in a daemon thread: a regression that blocks (opening a FIFO) fails instead of hanging."""
     out: dict = {}

@@ -1,0 +1,87 @@
+"""Workers forked by a zygote (``measure.worker_zygote``): one per environment, reused by later
+workers of this process, never forking code that changed on disk, and reporting how each
+worker ended as a spawned worker does."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+import search_space.templates.add as add_template
+from measure.worker import WorkerCrash, WorkerProcess, WorkerTimeout, close_all, close_idle_zygotes
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="zygotes need pidfds (Linux 5.3)")
+
+
+def facts(worker: WorkerProcess, variable: str = "ZYGOTE_TEST") -> dict:
+    return worker.call("fakes:process_facts", variable, 120)
+
+
+def test_workers_of_one_environment_share_a_zygote_and_others_get_their_own():
+    plain = [WorkerProcess() for _ in range(3)]
+    marked = WorkerProcess(env={"ZYGOTE_TEST": "1"})
+    try:
+        seen = [facts(w) for w in plain]
+        assert len({f["pid"] for f in seen}) == 3
+        parents = {f["parent"] for f in seen}
+        assert len(parents) == 1 and parents != {os.getpid()}  # forked by one zygote, not by us
+        other = facts(marked)
+        assert other["variable"] == "1" and seen[0]["variable"] is None
+        assert other["parent"] not in parents | {os.getpid()}
+        # a worker started later in the same environment comes from the same zygote
+        late = WorkerProcess()
+        try:
+            assert facts(late)["parent"] in parents
+        finally:
+            late.close()
+    finally:
+        close_all(plain + [marked])
+
+
+def test_a_forked_worker_that_dies_or_hangs_is_reported_and_replaced():
+    worker = WorkerProcess()
+    try:
+        first = facts(worker)["pid"]
+        with pytest.raises(WorkerCrash, match="worker killed by SIGSEGV"):
+            worker.call("fakes:die_by_signal", int(signal.SIGSEGV), 60)
+        second = facts(worker)["pid"]
+        assert second != first and worker.generation == 2
+        with pytest.raises(WorkerTimeout):
+            worker.call("time:sleep", 30, 0.5)
+        assert facts(worker)["pid"] not in (first, second) and worker.generation == 3
+    finally:
+        worker.close()
+
+
+def test_a_module_changed_on_disk_is_not_forked_from_its_old_code():
+    """The zygote imported the templates; once one of their files changes, new workers come from
+    a new zygote, and the workers of the old one keep working until they are closed."""
+    path = Path(add_template.__file__)
+    before = os.stat(path)
+    old = WorkerProcess()
+    try:
+        old_parent = facts(old)["parent"]
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+        new = WorkerProcess()
+        try:
+            assert facts(new)["parent"] != old_parent
+            assert facts(old)["parent"] == old_parent  # still alive: its zygote was kept for it
+        finally:
+            new.close()
+    finally:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        old.close()
+
+
+def test_closing_idle_zygotes_keeps_the_one_a_live_worker_came_from():
+    live, done = WorkerProcess(), WorkerProcess(env={"ZYGOTE_TEST": "2"})
+    try:
+        live_parent, done_parent = facts(live)["parent"], facts(done)["parent"]
+        done.close()
+        close_idle_zygotes()
+        assert not Path(f"/proc/{done_parent}").exists()  # ended and reaped
+        assert facts(live)["parent"] == live_parent
+    finally:
+        close_all([live, done])
