@@ -328,7 +328,7 @@ def _fork_from_zygote(env: dict[str, str], conn: socket.socket) -> _ForkedWorker
                 worker = zygote.fork(conn)
         except (OSError, ValueError, _StaleZygote):
             _zygotes_failed = True
-            if zygote is not None:
+            if zygote is not None and zygote not in _retired:
                 _retired.append(zygote)  # it may still serve workers: closed once they are gone
             return None
         _zygotes[key] = zygote  # last used last
