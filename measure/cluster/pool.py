@@ -48,6 +48,9 @@ RUNNER_DEPTH = 2
 # on the cluster finishes (its builds queued behind another job's, say). So the driver waits in
 # slices of this long.
 WAIT_SLICE_S = 0.5
+# Nothing back from the cluster for this long: say so, once per stall (another job's work may
+# hold every CPU, and the job would otherwise wait without a word).
+STALL_NOTE_S = 60.0
 
 
 def wait_in_slices(refs: list, num_returns: int = 1, timeout: float | None = None) -> tuple[list, list]:
@@ -120,6 +123,8 @@ class RayCluster:
         self.measured_again = 0  # candidates a dead runner was measuring, measured by another
         self.build_nodes: collections.Counter[str] = collections.Counter()  # node id -> builds run there
         self.build_cores: dict[str, set[int]] = collections.defaultdict(set)  # node id -> cores builds ran on
+        self._last_progress = time.monotonic()  # when something last came back, or work was given
+        self._stall_noted = False
 
     # ------------------------------------------------------------------ the cluster
 
@@ -211,6 +216,8 @@ class RayCluster:
         for inp in inputs:
             if not self.runners_of(inp.target.key):
                 raise ClusterError(f"no runner of the Ray cluster measures {inp.target.key}")
+        if not self._building and not self._running:
+            self._last_progress = time.monotonic()
         tickets = []
         for i, inp in enumerate(inputs):
             candidate = _Candidate(next(self._tickets), inp)
@@ -231,6 +238,7 @@ class RayCluster:
         while any is in flight (up to ``timeout`` seconds). When the cluster can measure no
         more (every runner of a target gone), what was measured is handed back first and
         the ClusterError comes at the next call: the caller logs every result it was given."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not self._finished and self._failure is None:
             pending = [*self._building, *self._running]
             if not pending:
@@ -238,9 +246,19 @@ class RayCluster:
                 if queued:  # never expected: a queue no runner will take would wait forever
                     raise ClusterError(f"{queued} candidate(s) queued with no runner to measure them")
                 break
-            ready, _ = wait_in_slices(pending, num_returns=1, timeout=timeout)
+            until = deadline
+            if not self._stall_noted:
+                note_at = self._last_progress + STALL_NOTE_S
+                until = note_at if deadline is None else min(deadline, note_at)
+            ready, _ = wait_in_slices(pending, num_returns=1,
+                                      timeout=None if until is None else max(0.0, until - time.monotonic()))
             if not ready:
-                break
+                if not self._stall_noted and time.monotonic() >= self._last_progress + STALL_NOTE_S:
+                    self._note_stall()
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                continue
+            self._last_progress, self._stall_noted = time.monotonic(), False
             ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
             for ref in ready:  # every result that came back, even after a failure among them
                 try:
@@ -254,6 +272,17 @@ class RayCluster:
         if not done and self._failure is not None:
             raise self._failure
         return done
+
+    def _note_stall(self) -> None:
+        self._stall_noted = True
+        try:
+            free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
+            cpus = f"; {free:g} of the cluster's {total:g} CPUs are free"
+        except Exception:  # a remark: never what ends the wait
+            cpus = ""
+        self.note(f"autotune: nothing has come back from the cluster for {time.monotonic() - self._last_progress:.0f} s "
+                  f"({len(self._building)} build(s), {len(self._running)} measurement(s) in flight{cpus}); "
+                  "another job may hold its CPUs (`ray status` shows its load). Still waiting.")
 
     @property
     def in_flight(self) -> int:

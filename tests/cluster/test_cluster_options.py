@@ -115,6 +115,7 @@ def test_results_that_came_back_with_the_last_runners_loss_are_handed_back_first
     cluster = object.__new__(pool.RayCluster)  # no Ray: wait()'s bookkeeping alone
     cluster._finished, cluster._failure, cluster._building, cluster._queued = [], None, {}, {}
     cluster._running = {"crash": None, "done": None}
+    cluster._last_progress, cluster._stall_noted = time.monotonic(), False
     crash = MeasureResult.failed(MeasureError.WORKER_CRASH, "2 runners died measuring it")
 
     def collect(ref):

@@ -107,6 +107,21 @@ def test_a_runner_killed_while_measuring_loses_only_that_candidate(cluster):
     assert any("died" in note and "measured again" in note for note in cluster.notes)
 
 
+def test_a_stalled_cluster_is_reported_and_the_job_still_gets_every_result(cluster, monkeypatch):
+    """A job whose candidates sit behind another job's work says so rather than wait without a
+    word: here the remark is due at once, before the builds just submitted can come back."""
+    from measure.cluster import pool
+
+    monkeypatch.setattr(pool, "STALL_NOTE_S", 0.0)
+    tickets = cluster.submit(gemv_inputs(cluster.runners[0].target, 4, seed=2))
+    results = {}
+    while len(results) < len(tickets):
+        results.update(cluster.wait())
+    assert all(r.ok for r in results.values()), [r.message for r in results.values() if not r.ok]
+    stalls = [note for note in cluster.notes if "nothing has come back from the cluster" in note]
+    assert stalls and "build(s)" in stalls[0] and "CPUs are free" in stalls[0] and "Still waiting" in stalls[0]
+
+
 def _job(host, fast_policy, log, cluster=None, trials=8, batch=4):
     from autotune import TuningJob
     from search_space import Task
