@@ -196,6 +196,11 @@ def _serve_spawns(requests: queue.SimpleQueue) -> None:
 # idle ones beyond a few are closed (a zygote's workers would die with it).
 # AUTOTUNE_WORKER_ZYGOTE=0 spawns every worker as a fresh interpreter instead.
 
+# the zygote's answers on its control socket (measure.worker_zygote speaks the other side)
+FORK_REQUEST = b"fork"
+STALE = b"stale"  # instead of a pid: a file of a module it imported changed since
+REFUSED = b"refused"  # instead of a pid: it cannot fork (no processes or memory left)
+
 ZYGOTE_START_S = 120.0  # the zygote imports before it answers: slow on a loaded machine
 MAX_IDLE_ZYGOTES = 2
 
@@ -280,11 +285,11 @@ class _Zygote:
         self.workers: weakref.WeakSet[_ForkedWorker] = weakref.WeakSet()
 
     def fork(self, conn: socket.socket) -> _ForkedWorker:
-        socket.send_fds(self.control, [b"fork"], [conn.fileno()])
+        socket.send_fds(self.control, [FORK_REQUEST], [conn.fileno()])
         message, fds, _, _ = socket.recv_fds(self.control, 64, 2)
-        if message == b"stale":
+        if message == STALE:
             raise _StaleZygote()
-        if message == b"refused" or not message or len(fds) != 2:
+        if message == REFUSED or not message or len(fds) != 2:
             for fd in fds:
                 os.close(fd)
             raise OSError("the worker zygote refused or ended")
@@ -335,9 +340,7 @@ def _fork_from_zygote(env: dict[str, str], conn: socket.socket) -> _ForkedWorker
         idle = [k for k, z in _zygotes.items() if k != key and z.idle]
         for old in idle[:max(0, len(idle) - MAX_IDLE_ZYGOTES)]:
             _zygotes.pop(old).close()
-        for stale in [z for z in _retired if z.idle]:
-            _retired.remove(stale)
-            stale.close()
+        _close_idle_retired()
         return worker
 
 
@@ -347,9 +350,14 @@ def close_idle_zygotes() -> None:
     with _zygotes_lock:
         for key in [k for k, z in _zygotes.items() if z.idle]:
             _zygotes.pop(key).close()
-        for zygote in [z for z in _retired if z.idle]:
-            _retired.remove(zygote)
-            zygote.close()
+        _close_idle_retired()
+
+
+def _close_idle_retired() -> None:
+    """Close the retired zygotes whose workers are all gone (the caller holds the lock)."""
+    for zygote in [z for z in _retired if z.idle]:
+        _retired.remove(zygote)
+        zygote.close()
 
 
 def _forget_zygotes() -> None:

@@ -33,15 +33,12 @@ import sys
 import traceback
 from multiprocessing.connection import Connection
 
+from measure.worker import FORK_REQUEST, REFUSED, STALE
 from measure.worker_main import die_with_parent, serve
 
 # what build and run workers import for their jobs, the built-in templates included; never
 # pycuda (it would initialise CUDA state in a process that forks)
-PRELOAD = ("numpy", "measure.builder", "measure.runner", "measure.backends.cpu", "measure.backends.cuda",
-           "search_space.templates")
-FORK_REQUEST = b"fork"
-STALE = b"stale"  # the answer instead of a pid when a module file changed since the zygote imported it
-REFUSED = b"refused"  # the answer when it cannot fork (no processes or memory left)
+PRELOAD = ("numpy", "measure.builder", "measure.runner", "measure.backends.cpu", "measure.backends.cuda")
 
 
 def main(control_fd: int, parent_pid: int) -> None:
@@ -51,9 +48,9 @@ def main(control_fd: int, parent_pid: int) -> None:
         os.close(os.pidfd_open(os.getpid()))
         for module in PRELOAD:
             importlib.import_module(module)
-        from search_space.templates import MODULES
-        for module in sorted(set(MODULES.values())):
-            importlib.import_module(module)
+        from search_space import list_templates
+
+        list_templates()  # imports every built-in template's module
     except (OSError, AttributeError, ImportError):  # no pidfds (old kernel), or a broken install:
         sys.exit(3)                                   # the job then spawns its workers itself
     loaded = _module_files()

@@ -246,14 +246,12 @@ class RayCluster:
                 if queued:  # never expected: a queue no runner will take would wait forever
                     raise ClusterError(f"{queued} candidate(s) queued with no runner to measure them")
                 break
-            until = deadline
-            if not self._stall_noted:
-                note_at = self._last_progress + STALL_NOTE_S
-                until = note_at if deadline is None else min(deadline, note_at)
+            note_at = None if self._stall_noted else self._last_progress + STALL_NOTE_S
+            until = min((t for t in (deadline, note_at) if t is not None), default=None)
             ready, _ = wait_in_slices(pending, num_returns=1,
                                       timeout=None if until is None else max(0.0, until - time.monotonic()))
             if not ready:
-                if not self._stall_noted and time.monotonic() >= self._last_progress + STALL_NOTE_S:
+                if note_at is not None and time.monotonic() >= note_at:
                     self._note_stall()
                 if deadline is not None and time.monotonic() >= deadline:
                     break
