@@ -203,6 +203,9 @@ REFUSED = b"refused"  # instead of a pid: it cannot fork (no processes or memory
 
 ZYGOTE_START_S = 120.0  # the zygote imports before it answers: slow on a loaded machine
 MAX_IDLE_ZYGOTES = 2
+# set anew for each phase of each test by pytest and read by no worker: a forked worker goes
+# without it rather than each test starting its own zygote
+UNKEYED_VARIABLES = ("PYTEST_CURRENT_TEST",)
 
 _zygotes: dict[tuple, "_Zygote"] = {}
 _retired: list["_Zygote"] = []  # zygotes that found a module changed on disk, with workers still alive
@@ -313,6 +316,7 @@ class _Zygote:
 def _fork_from_zygote(env: dict[str, str], conn: socket.socket) -> _ForkedWorker | None:
     """A worker forked by the zygote for this environment, or None where none can serve."""
     global _zygotes_failed
+    env = {k: v for k, v in env.items() if k not in UNKEYED_VARIABLES}
     if (_zygotes_failed or os.environ.get("AUTOTUNE_WORKER_ZYGOTE") == "0"
             or not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal")):
         return None

@@ -30,10 +30,13 @@ def test_workers_of_one_environment_share_a_zygote_and_others_get_their_own():
         other = facts(marked)
         assert other["variable"] == "1" and seen[0]["variable"] is None
         assert other["parent"] not in parents | {os.getpid()}
-        # a worker started later in the same environment comes from the same zygote
+        # a worker started later in the same environment comes from the same zygote, also in
+        # the next test (pytest's own variable, new for every test, keys no zygote)
+        os.environ["PYTEST_CURRENT_TEST"] = "another test (call)"
         late = WorkerProcess()
         try:
-            assert facts(late)["parent"] in parents
+            late_facts = facts(late, "PYTEST_CURRENT_TEST")
+            assert late_facts["parent"] in parents and late_facts["variable"] is None
         finally:
             late.close()
     finally:
