@@ -178,6 +178,29 @@ def made_once(tmp_path_factory, name: str, make) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def mlflow_tables(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store with its tables made, once per session. Making them runs
+    every schema migration, about a second of CPU: tests of a store that exists copy this one
+    (``fakes.copied_store``), and only those of a new store pay it."""
+    def make(folder):
+        from mlflow import MlflowClient
+
+        path = folder / "mlflow.db"
+        MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+        return {"db": path}
+
+    return made_once(tmp_path_factory, "mlflow-tables", make)["db"]
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, mlflow_tables) -> str:
+    """The URI of an empty MLflow store in this test's folder."""
+    from fakes import copied_store
+
+    return copied_store(mlflow_tables, tmp_path)
+
+
+@pytest.fixture(scope="session")
 def sweep_logs(tmp_path_factory, fast_policy):
     """Real sweeps of two small gemv spaces (every config measured once), shared by the
     replay, transfer, CLI and notebook tests: {"target": path, "other": path}."""

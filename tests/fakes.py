@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -261,6 +262,13 @@ def spin_forever(started_file: str) -> None:
     Path(started_file).touch()
     while True:
         pass
+
+
+def copied_store(tables: Path, folder: Path, name: str = "mlflow.db") -> str:
+    """The URI of an MLflow SQLite store at folder/name, a copy of the empty store ``tables``
+    (the ``mlflow_tables`` fixture)."""
+    shutil.copyfile(tables, folder / name)
+    return f"sqlite:///{folder / name}"
 
 
 def process_facts(variable: str) -> dict:

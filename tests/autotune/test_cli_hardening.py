@@ -111,10 +111,10 @@ def test_only_a_command_that_logs_says_its_records_are_in_the_log_when_stopped()
     assert _stopped("interrupted", ["run", "--lib", "lib"]) == "interrupted"
 
 
-def test_sigterm_ends_the_job_as_an_interrupt_does_and_marks_the_run_killed(tmp_path):
+def test_sigterm_ends_the_job_as_an_interrupt_does_and_marks_the_run_killed(tmp_path, mlflow_store):
     from mlflow import MlflowClient
 
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = mlflow_store
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
     # a gemm large enough that the job is still measuring when the signal comes
     proc = subprocess.Popen(CLI + ["tune", "--op", "gemm", "--shape", "M=256,N=256,K=256", "--tuner", "random",
@@ -135,10 +135,10 @@ def test_sigterm_ends_the_job_as_an_interrupt_does_and_marks_the_run_killed(tmp_
 
 
 @pytest.mark.tools("cc")
-def test_a_tracked_job_names_its_mlflow_run_for_export(tmp_path):
+def test_a_tracked_job_names_its_mlflow_run_for_export(tmp_path, mlflow_store):
     from mlflow import MlflowClient
 
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = mlflow_store
     proc = run("tune", *SMALL, "--tuner", "random", "--trials", "2", "--quiet", "--log", "t.jsonl",
                "--tracking-uri", store, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

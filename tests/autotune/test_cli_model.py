@@ -4,15 +4,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from fakes import copied_store
 from test_cli import assert_usage_error, run
 
 from records import RecordLog
 
 
 @pytest.fixture(scope="module")
-def tiny_log(tmp_path_factory):
+def tiny_log(tmp_path_factory, mlflow_tables):
     """A tune-model job of the tiny preset, logged to a temporary MLflow store."""
     folder = tmp_path_factory.mktemp("tiny")
+    copied_store(mlflow_tables, folder)
     proc = run("tune-model", "--model", "tiny", "--prefill-tokens", "16", "--decode-batch", "1", "--kv-len", "64",
                "--trials-total", "30", "--batch", "4", "--log", "tiny.jsonl", "--quiet", "--json",
                "--tracking-uri", f"sqlite:///{folder}/mlflow.db", cwd=folder)

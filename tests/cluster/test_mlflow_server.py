@@ -25,8 +25,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def tracking_server(tmp_path_factory):
+def tracking_server(tmp_path_factory, mlflow_tables):
+    from fakes import copied_store
+
     folder = tmp_path_factory.mktemp("mlflow-server")
+    copied_store(mlflow_tables, folder)
     port = _free_port()
     mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")

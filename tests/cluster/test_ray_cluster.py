@@ -307,7 +307,7 @@ def test_the_model_scheduler_measures_several_tasks_at_once(cluster, tmp_path):
     assert np.isfinite(summary.estimated_latency_s)
 
 
-def test_a_model_job_on_the_cluster_logs_to_the_log_and_mlflow(ray_cluster, host, fast_policy, tmp_path):
+def test_a_model_job_on_the_cluster_logs_to_the_log_and_mlflow(ray_cluster, host, fast_policy, tmp_path, mlflow_store):
     """``tune-model`` through ``run_job``: every task's first round on the two runners, the
     records in the log (written by the driver's log thread) and the MLflow run, which keeps the
     whole log and says what the job measured on."""
@@ -317,7 +317,7 @@ def test_a_model_job_on_the_cluster_logs_to_the_log_and_mlflow(ray_cluster, host
     from records.mlflow_tracking import records_from_run
     from runtime.model_config import PRESETS
 
-    log, uri, notes = tmp_path / "model.jsonl", f"sqlite:///{tmp_path / 'mlflow.db'}", []
+    log, uri, notes = tmp_path / "model.jsonl", mlflow_store, []
     job = TuningJob(host, model=ModelWorkload(PRESETS["tiny"]), tuner="random", trials=6, batch=2, log=str(log),
                     tracking_uri=uri, timing=fast_policy, cluster=f"ray://{ray_cluster}")
     summary = run_job(job, progress=False, note=notes.append)

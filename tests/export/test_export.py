@@ -233,13 +233,15 @@ def test_a_wrong_kernel_never_replaces_a_library(tmp_path, exported_library, hos
 
 
 @pytest.fixture(scope="module")
-def mlflow_job(tmp_path_factory, host):
+def mlflow_job(tmp_path_factory, host, mlflow_tables):
     """Two real tuning jobs into one log, each an MLflow run in a temporary SQLite store."""
     from autotune import TuningJob, run_job
     from search_space import Task
 
+    from fakes import copied_store
+
     folder = tmp_path_factory.mktemp("mlflow-export")
-    store = f"sqlite:///{folder / 'mlflow.db'}"
+    store = copied_store(mlflow_tables, folder)
     log = RecordLog(folder / "job.jsonl")
     for task in (Task.make("gemv", {"M": 1, "N": 32, "K": 64}), Task.make("softmax", {"M": 4, "N": 48})):
         run_job(TuningJob(host, task, tuner="random", trials=2, batch=2, log=log.path, tracking_uri=store),

@@ -10,7 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 from autotune import TuningJob, run_job
-from fakes import SMALL_SWEEPS
+from fakes import SMALL_SWEEPS, copied_store
 from measure import LocalBuilder, LocalRunner
 from records import RecordLog
 from search_space import Target, Task
@@ -24,9 +24,9 @@ PLOTS = {
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, sweep_logs, fast_policy):
+def study(tmp_path_factory, sweep_logs, fast_policy, mlflow_tables):
     folder = tmp_path_factory.mktemp("notebook-study")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = copied_store(mlflow_tables, folder)
     op, shape = SMALL_SWEEPS["target"]
     task, target = Task.make(op, shape), Target.host()
     logs = []

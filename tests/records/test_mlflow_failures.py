@@ -50,10 +50,10 @@ def http_defaults_unset(monkeypatch):
 # ----------------------------------------------------------------------------- a dead server
 
 
-def test_a_dead_server_costs_one_bounded_call_then_nothing_is_sent(tmp_path, http_defaults_unset, monkeypatch):
+def test_a_dead_server_costs_one_bounded_call_then_nothing_is_sent(mlflow_store, http_defaults_unset, monkeypatch):
     from records.mlflow_tracking import MLflowRun, TrackingStopped, _client
 
-    run = MLflowRun(f"sqlite:///{tmp_path / 'm.db'}")
+    run = MLflowRun(mlflow_store)
     run.client = _client(f"http://127.0.0.1:{_free_port()}")  # its server is gone: nothing listens there
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"  # not MLflow's 7, with minutes of backoff
     start = time.monotonic()
@@ -107,11 +107,11 @@ def test_an_interrupted_job_does_not_wait_for_a_store_that_hangs():
     assert "could not be ended" in notes[0] and "(killed)" not in notes[0]
 
 
-def test_a_failed_upload_still_ends_the_run_and_says_how(tmp_path, host):
+def test_a_failed_upload_still_ends_the_run_and_says_how(tmp_path, host, mlflow_store):
     """The artifact folder cannot be made (a file is in its way, as an unwritable one): the
     run was left RUNNING while the job said "(finished)"."""
     (tmp_path / "mlartifacts").write_text("")
-    store = f"sqlite:///{tmp_path / 'm.db'}"
+    store = mlflow_store
     notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -9,8 +9,8 @@ from search_space import Task
 
 
 @pytest.fixture
-def store(tmp_path):
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store(mlflow_store):
+    return mlflow_store
 
 
 def test_job_run_has_params_per_trial_metrics_and_the_log(store, tmp_path, host):
