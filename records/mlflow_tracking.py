@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -46,6 +47,35 @@ def _artifact_root(uri: str) -> str | None:
 # every record). A user's own settings of these variables win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# and no progress bar when a run's log is downloaded (stderr is for errors), no usage reports
+OUR_SETTINGS = {**HTTP_DEFAULTS, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+_settings_lock = threading.Lock()
+_settings_users = 0
+_settings_made: dict[str, str] = {}  # the variables of OUR_SETTINGS this module set
+
+
+@contextmanager
+def our_settings():
+    """OUR_SETTINGS where the environment has none of its own, while calls of ours to MLflow
+    run: MLflow reads them at each request. Taken away after the last of those calls ends, so
+    the process's other MLflow calls (a notebook's own) keep MLflow's defaults."""
+    global _settings_users
+    with _settings_lock:
+        _settings_users += 1
+        for name, value in OUR_SETTINGS.items():
+            if name not in os.environ:
+                os.environ[name] = _settings_made[name] = value
+    try:
+        yield
+    finally:
+        with _settings_lock:
+            _settings_users -= 1
+            if _settings_users == 0:
+                for name, value in _settings_made.items():
+                    if os.environ.get(name) == value:  # not set again by someone else meanwhile
+                        del os.environ[name]
+                _settings_made.clear()
 
 
 def is_http(uri: str) -> bool:
@@ -74,10 +104,6 @@ def _text(value: Any) -> str:
 
 
 def _client(uri: str):
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    if is_http(uri):  # read by MLflow at each request
-        for name, value in HTTP_DEFAULTS.items():
-            os.environ.setdefault(name, value)
     from mlflow import MlflowClient  # configures mlflow's loggers: quieten them afterwards
 
     for name in ("mlflow", "alembic"):  # schema-migration chatter is not the user's business
@@ -132,11 +158,11 @@ class MLflowRun:
         self.uri = resolve_tracking_uri(tracking_uri)
         self.failure = ""  # why tracking stopped: once set, nothing more is sent
         self.ended = ""  # the status the run was ended with
-        with _store_setup_lock(self.uri):
+        with _store_setup_lock(self.uri), our_settings():
             self.client = _client(self.uri)
             self.experiment_id = experiment_id(self.client, experiment, self.uri)
-        run = self.client.create_run(self.experiment_id, run_name=_text(run_name) if run_name else None,
-                                     tags={_text(k): _text(v) for k, v in (tags or {}).items()})
+        run = self._send(self.client.create_run, self.experiment_id, run_name=_text(run_name) if run_name else None,
+                         tags={_text(k): _text(v) for k, v in (tags or {}).items()})
         self.run_id: str = run.info.run_id
         self.best_gflops = 0.0
         if params:
@@ -144,7 +170,8 @@ class MLflowRun:
                 self.log_params(params)
             except Exception:  # no job will end this run: it must not stay RUNNING
                 try:
-                    self.client.set_terminated(self.run_id, status="FAILED")
+                    with our_settings():
+                        self.client.set_terminated(self.run_id, status="FAILED")
                 except Exception:
                     pass
                 raise
@@ -154,7 +181,8 @@ class MLflowRun:
         if self.failure:
             raise TrackingStopped(f"tracking of MLflow run {self.run_id} stopped: {self.failure}")
         try:
-            return call(*args, **kwargs)
+            with our_settings():
+                return call(*args, **kwargs)
         except Exception as exc:
             if not (artifact and isinstance(exc, OSError)):
                 self.failure = error_text(exc)
@@ -261,11 +289,16 @@ def records_from_run(run_id: str, tracking_uri: str | None = None) -> list[Recor
 
     Raises RunNotFound for a run the store does not hold, FileNotFoundError for a run
     without a tuning log and StoreUnavailable for a store that cannot be opened or read."""
-    from .log import RecordLog
-
     uri = resolve_tracking_uri(tracking_uri)
     if not _store_exists(uri):
         raise RunNotFound(f"no MLflow store at {uri}")
+    with our_settings():
+        return _records_of_run(run_id, uri)
+
+
+def _records_of_run(run_id: str, uri: str) -> list[Record]:
+    from .log import RecordLog
+
     try:
         client = _client(uri)
     except Exception as exc:  # an unsupported URI, a store that cannot be opened
@@ -274,7 +307,6 @@ def records_from_run(run_id: str, tracking_uri: str | None = None) -> list[Recor
         client.get_run(run_id)
     except Exception as exc:  # MlflowException for an unknown or malformed id
         raise RunNotFound(f"no MLflow run {run_id} in {uri} ({error_text(exc)})") from None
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for errors
     records: list[Record] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -289,6 +321,6 @@ def records_from_run(run_id: str, tracking_uri: str | None = None) -> list[Recor
             report = RecordLog(path).load(warn=False)
             # the downloaded copy is deleted below: the warning names the run's artifact instead
             if message := report.warning(f"MLflow run {run_id}: {name}"):
-                warnings.warn(message, stacklevel=2)
+                warnings.warn(message, stacklevel=3)  # the caller of records_from_run
             records.extend(report.records)
     return records

@@ -40,9 +40,9 @@ def _runs(store: str):
 @pytest.fixture
 def http_defaults_unset(monkeypatch):
     """MLflow's HTTP settings as a user who set none has them (and as they were, afterwards)."""
-    from records.mlflow_tracking import HTTP_DEFAULTS
+    from records.mlflow_tracking import OUR_SETTINGS
 
-    for name in HTTP_DEFAULTS:
+    for name in OUR_SETTINGS:
         monkeypatch.setenv(name, "")  # so that the delenv below is undone
         monkeypatch.delenv(name)
 
@@ -51,15 +51,16 @@ def http_defaults_unset(monkeypatch):
 
 
 def test_a_dead_server_costs_one_bounded_call_then_nothing_is_sent(mlflow_store, http_defaults_unset, monkeypatch):
-    from records.mlflow_tracking import MLflowRun, TrackingStopped, _client
+    from records.mlflow_tracking import OUR_SETTINGS, MLflowRun, TrackingStopped, _client
 
     run = MLflowRun(mlflow_store)
     run.client = _client(f"http://127.0.0.1:{_free_port()}")  # its server is gone: nothing listens there
-    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"  # not MLflow's 7, with minutes of backoff
     start = time.monotonic()
     with pytest.raises(Exception):
         run.log_params({"a": 1})
-    assert time.monotonic() - start < 15
+    assert time.monotonic() - start < 15  # 2 retries, not MLflow's 7 with minutes of backoff
+    # the settings held only while the calls ran: the process's other MLflow calls keep MLflow's own
+    assert not set(OUR_SETTINGS) & set(os.environ)
     assert "Connection refused" in run.failure
     start = time.monotonic()
     with pytest.raises(TrackingStopped):
@@ -67,8 +68,18 @@ def test_a_dead_server_costs_one_bounded_call_then_nothing_is_sent(mlflow_store,
     with pytest.raises(TrackingStopped):
         run.finish()
     assert time.monotonic() - start < 0.5 and not run.ended
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")  # a user's own setting wins
-    _client(f"http://127.0.0.1:{_free_port()}")
+
+
+def test_the_mlflow_settings_hold_while_calls_of_ours_run_and_a_users_own_win(http_defaults_unset, monkeypatch):
+    from records.mlflow_tracking import our_settings
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")  # the user's
+    with our_settings():
+        with our_settings():  # calls from two threads at once
+            assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"  # the other call still runs
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "60"
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ and "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "60"
 
 
