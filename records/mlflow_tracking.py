@@ -50,19 +50,31 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BA
 # and no progress bar when a run's log is downloaded (stderr is for errors), no usage reports
 OUR_SETTINGS = {**HTTP_DEFAULTS, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
+# schema-migration chatter and run links are not the user's business: warnings only
+QUIET_LOGGERS = ("mlflow", "alembic")
+
 _settings_lock = threading.Lock()
 _settings_users = 0
 _settings_made: dict[str, str] = {}  # the variables of OUR_SETTINGS this module set
+_logger_levels: dict[str, int] = {}  # the levels QUIET_LOGGERS had before
 
 
 @contextmanager
 def our_settings():
-    """OUR_SETTINGS where the environment has none of its own, while calls of ours to MLflow
-    run: MLflow reads them at each request. Taken away after the last of those calls ends, so
-    the process's other MLflow calls (a notebook's own) keep MLflow's defaults."""
+    """OUR_SETTINGS where the environment has none of its own, and QUIET_LOGGERS at warnings
+    only, while calls of ours to MLflow run: MLflow reads the variables at each request. Put
+    back after the last of those calls ends, so the process's other MLflow calls (a notebook's
+    own) keep MLflow's defaults."""
     global _settings_users
+    import mlflow  # noqa: F401  (sets its loggers' levels when first imported: before they are saved)
+
     with _settings_lock:
         _settings_users += 1
+        if _settings_users == 1:
+            for name in QUIET_LOGGERS:
+                logger = logging.getLogger(name)
+                _logger_levels[name] = logger.level
+                logger.setLevel(logging.WARNING)
         for name, value in OUR_SETTINGS.items():
             if name not in os.environ:
                 os.environ[name] = _settings_made[name] = value
@@ -76,6 +88,11 @@ def our_settings():
                     if os.environ.get(name) == value:  # not set again by someone else meanwhile
                         del os.environ[name]
                 _settings_made.clear()
+                for name, level in _logger_levels.items():
+                    logger = logging.getLogger(name)
+                    if logger.level == logging.WARNING:  # not set again by someone else meanwhile
+                        logger.setLevel(level)
+                _logger_levels.clear()
 
 
 def is_http(uri: str) -> bool:
@@ -104,10 +121,8 @@ def _text(value: Any) -> str:
 
 
 def _client(uri: str):
-    from mlflow import MlflowClient  # configures mlflow's loggers: quieten them afterwards
-
-    for name in ("mlflow", "alembic"):  # schema-migration chatter is not the user's business
-        logging.getLogger(name).setLevel(logging.WARNING)
+    """A client of the store at ``uri``: call it, and the client, within ``our_settings()``."""
+    from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 

@@ -71,14 +71,24 @@ def test_a_dead_server_costs_one_bounded_call_then_nothing_is_sent(mlflow_store,
 
 
 def test_the_mlflow_settings_hold_while_calls_of_ours_run_and_a_users_own_win(http_defaults_unset, monkeypatch):
+    import logging
+
     from records.mlflow_tracking import our_settings
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")  # the user's
-    with our_settings():
-        with our_settings():  # calls from two threads at once
-            assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
-        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"  # the other call still runs
-        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "60"
+    mlflow_logger = logging.getLogger("mlflow")
+    before = mlflow_logger.level
+    mlflow_logger.setLevel(logging.INFO)  # MLflow's own level
+    try:
+        with our_settings():
+            with our_settings():  # calls from two threads at once
+                assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+            assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"  # the other call still runs
+            assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "60"
+            assert mlflow_logger.level == logging.WARNING
+        assert mlflow_logger.level == logging.INFO
+    finally:
+        mlflow_logger.setLevel(before)
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ and "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "60"
 
