@@ -95,10 +95,6 @@ def our_settings():
                 _logger_levels.clear()
 
 
-def is_http(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
 def error_text(exc: BaseException, limit: int = 300) -> str:
     """An exception as one line: its first line, cut at a word when longer than ``limit``."""
     text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "") or type(exc).__name__
