@@ -3,6 +3,8 @@ kernels, the exporter that ships them and the runtime that calls them.
 
 - ``KernelSpec``: what a kernel computes (operator, dims, dtype, attributes, which dims are
   dynamic) and its one identity, ``key``. A tuning ``Task`` is a ``KernelSpec``.
+- ``ATTR_DEFAULTS``: what each operator computes with where a spec leaves an attribute out; a
+  spec that spells one out at that value is the same kernel, with the same key.
 - ``ArgSpec``: one argument, in call order: TMA descriptors of arrays first (``tensor_map``,
   128-byte by-value parameters, at the front so each falls on a 64-byte aligned offset), then
   arrays (``in``/``out``/``workspace``), then one int64 ``scalar`` per dynamic dim.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -91,12 +94,57 @@ class ArgSpec:
 
 # --------------------------------------------------------------------------- identity
 
+# What an operator computes with where a spec leaves an attribute out. A spec that gives one of
+# these values computes the same, so ``KernelSpec.make`` leaves it out: one kernel, one key, however
+# the caller spelled it. Only true defaults: rope's scaling parameters (factor, ...) have none, the
+# rope types that take them need every one (``runtime.rope_frequencies``).
+_FUSIONS = {"norm": "none", "eps": 1e-5, "residual": False, "act": "none"}
+_ROPE = {"theta": 10000.0, "rope_type": "default"}
+ATTR_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({op: MappingProxyType(attrs) for op, attrs in {
+    "gemm": {"weight": "same"},
+    "gemv": {"weight": "same", **_FUSIONS},
+    "gemm_q4": {"group_size": 128, "zero_point": False},
+    "gemv_q4": {"group_size": 128, "zero_point": False, **_FUSIONS},
+    "rmsnorm": {"eps": 1e-5, "residual": False},
+    "layernorm": {"eps": 1e-5},
+    "rope": _ROPE,
+    "rope_append": _ROPE,
+    "rope_append_attention": {"scale": 0.0, **_ROPE},
+    "attention_prefill": {"causal": True, "scale": 0.0},
+    "attention_decode": {"scale": 0.0, "lengths": "uniform", "programmatic": False},
+}.items()})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def canonical_attrs(op: str, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """``attrs`` without those at ``op``'s default (``ATTR_DEFAULTS``), and a number given where
+    the default is a float as a float (``theta=500000`` is ``theta=500000.0``). A value of another
+    type than the default's (``residual=0``) stays, for the operator's check to refuse."""
+    defaults = ATTR_DEFAULTS.get(op, {})
+    out: dict[str, Any] = {}
+    for name, value in attrs.items():
+        if name in defaults:
+            default = defaults[name]
+            if isinstance(default, float) and _is_number(value):
+                value = float(value)
+            elif isinstance(default, bool) and isinstance(value, np.bool_):
+                value = bool(value)
+            if type(value) is type(default) and value == default:
+                continue
+        out[str(name)] = value
+    return out
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """What a kernel computes. ``shape`` holds every dim by name in the operator's order (as
     pairs; ``dims`` is the same as a dict). Dims in ``dynamic`` are int64 arguments rather than
     compiled-in constants (token counts, KV lengths); their value in ``shape`` is the size the
-    kernel was tuned at, its bucket."""
+    kernel was tuned at, its bucket. ``make`` leaves out the attributes given at their default
+    (``canonical_attrs``), so a kernel has one key however its caller spelled it."""
 
     op: str
     shape: tuple[tuple[str, int], ...]
@@ -109,7 +157,7 @@ class KernelSpec:
              dynamic: Iterable[str] = ()) -> "KernelSpec":
         dynamic = tuple(dynamic)
         return cls(op, tuple((str(k), int(v)) for k, v in dims.items()), dtype,
-                   tuple(sorted((attrs or {}).items())), tuple(d for d in dict(dims) if d in dynamic))
+                   tuple(sorted(canonical_attrs(op, attrs or {}).items())), tuple(d for d in dict(dims) if d in dynamic))
 
     @property
     def dims(self) -> dict[str, int]:

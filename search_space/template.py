@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
@@ -79,7 +79,7 @@ class Operator:
     example_shape: ClassVar[dict[str, int]] = {}
     dynamic_dims: ClassVar[tuple[str, ...]] = ()  # dims that may be runtime arguments
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
-    default_attrs: ClassVar[dict[str, Any]] = {}
+    default_attrs: ClassVar[Mapping[str, Any]] = {}
     attr_docs: ClassVar[dict[str, str]] = {}  # what each attribute means, for `autotune ops`
     description: ClassVar[str] = ""
 

@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from runtime.abi import ATTR_DEFAULTS
+
 from ..task import Task
 from ..template import ArgSpec, Operator, register_operator
 from .common import FLOAT_DTYPES, ITEMSIZE, random_normal, to_float32, to_float64
@@ -46,7 +48,7 @@ class AttentionPrefillOp(Operator):
     dims = ("B", "T", "H", "HKV", "D")
     dynamic_dims = ("T",)
     dtypes = FLOAT_DTYPES
-    default_attrs = {"causal": True, "scale": 0.0}
+    default_attrs = ATTR_DEFAULTS["attention_prefill"]
     attr_docs = {"causal": "true: each query sees only the keys at or before its position",
                  "scale": "softmax scale of Q.K; 0.0 means 1/sqrt(D)"}
     example_shape = {"B": 1, "T": 512, "H": 32, "HKV": 8, "D": 128}
@@ -107,7 +109,7 @@ class AttentionDecodeOp(Operator):
     dims = ("B", "H", "HKV", "D", "S", "L")
     dynamic_dims = ("S", "L")
     dtypes = FLOAT_DTYPES
-    default_attrs = {"scale": 0.0, "lengths": "uniform", "programmatic": False}
+    default_attrs = ATTR_DEFAULTS["attention_decode"]
     attr_docs = {"scale": "softmax scale of Q.K; 0.0 means 1/sqrt(D)",
                  "lengths": "uniform: every sequence attends to L positions (a scalar argument); per_sequence: "
                             "sequence b to LENS[b] <= L, read from device memory (what a captured CUDA graph "

@@ -27,6 +27,7 @@ import math
 
 import numpy as np
 
+from runtime.abi import ATTR_DEFAULTS
 from runtime.rope_frequencies import ROPE_TYPES, SCALING_KEYS, frequencies_of_attrs, rope_problem
 
 from ..task import Task
@@ -93,7 +94,7 @@ class SoftmaxOp(RowOp):
 @register_operator
 class RMSNormOp(RowOp):
     op = "rmsnorm"
-    default_attrs = {"eps": 1e-5, "residual": False}
+    default_attrs = ATTR_DEFAULTS["rmsnorm"]
     attr_docs = {"eps": "added to the mean of squares before the square root",
                  "residual": "true: normalise X + R and also write that sum as S (the fused residual add)"}
     flops_per_element = 4.0
@@ -133,7 +134,7 @@ class RMSNormOp(RowOp):
 class LayerNormOp(RowOp):
     op = "layernorm"
     vector_inputs = ("G", "BETA")
-    default_attrs = {"eps": 1e-5}
+    default_attrs = ATTR_DEFAULTS["layernorm"]
     attr_docs = {"eps": "added to the variance before the square root"}
     flops_per_element = 6.0
     description = "LayerNorm Y = (X - mean) / std * G + BETA"
@@ -220,7 +221,7 @@ class RopeOp(Operator):
     dtypes = FLOAT_DTYPES
     # the scaling parameters' defaults are only their types (for --attr) and neutral values: a
     # rope of type linear or llama3 must name every parameter its type takes (``check``)
-    default_attrs = {"theta": 10000.0, "rope_type": "default", "factor": 1.0, "low_freq_factor": 1.0,
+    default_attrs = {**ATTR_DEFAULTS["rope"], "factor": 1.0, "low_freq_factor": 1.0,
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     attr_docs = {
         "theta": "RoPE base: position p turns pair i by p * theta^(-2i/D) (before scaling)",

@@ -35,6 +35,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from runtime.abi import ATTR_DEFAULTS
 from runtime.q4 import dequantize_q4, quantize_q4  # the format is the runtime's contract too
 
 from ..task import Task
@@ -45,7 +46,7 @@ from .common import FLOAT_DTYPES, ITEMSIZE, from_float, random_uniform, to_float
 WEIGHT_ONLY = ("bfloat16",)  # narrower storages W may have on a float32 task
 NORMS = ("none", "rmsnorm")
 ACTS = ("none", "swiglu")
-FUSION_ATTRS = {"norm": "none", "eps": 1e-5, "residual": False, "act": "none"}
+FUSION_ATTRS = {name: ATTR_DEFAULTS["gemv"][name] for name in ("norm", "eps", "residual", "act")}
 FUSION_DOCS = {"norm": "rmsnorm: X is RMS-normalised first, with the norm weight G[K] (decode fusion; CUDA)",
                "eps": "added to the mean of squares of X with norm=rmsnorm",
                "residual": "true: Y = R + X @ W^T, with the residual stream R[M,N] (decode fusion; CUDA)",
@@ -138,7 +139,7 @@ def fused_y(task: Task, inputs: dict[str, np.ndarray], y: np.ndarray) -> dict[st
 class Matmul(Operator):
     dims = ("M", "N", "K")
     dtypes = FLOAT_DTYPES
-    default_attrs = {"weight": "same"}
+    default_attrs = ATTR_DEFAULTS["gemm"]
     attr_docs = {"weight": "storage of W: same (the task's dtype), or bfloat16 on a float32 task (weight-only: "
                            "raw words widened to float32 as they are read; CPU templates)"}
     weight_dtypes: ClassVar[tuple[str, ...]] = ()  # a template's weight-only storages (the operator: any)
@@ -208,7 +209,7 @@ class GemvOp(Matmul):
     op = "gemv"
     example_shape = {"M": 1, "N": 11008, "K": 4096}
     description = "decode matmul Y[M,N] = X[M,K] @ W[N,K]^T, M = 1..16"
-    default_attrs = {**Matmul.default_attrs, **FUSION_ATTRS}
+    default_attrs = ATTR_DEFAULTS["gemv"]
     attr_docs = {**Matmul.attr_docs, **FUSION_DOCS}
 
     def check(self, task: Task) -> None:
@@ -223,7 +224,7 @@ class GemvOp(Matmul):
 class MatmulQ4(Operator):
     dims = ("M", "N", "K")
     dtypes = FLOAT_DTYPES
-    default_attrs = {"group_size": 128, "zero_point": False}
+    default_attrs = ATTR_DEFAULTS["gemm_q4"]
     attr_docs = {"group_size": "weights per scale (32, 64 or 128) along K",
                  "zero_point": "true: each group also has a zero point (asymmetric int4); false: symmetric"}
 
@@ -291,7 +292,7 @@ class GemvQ4Op(MatmulQ4):
     op = "gemv_q4"
     example_shape = {"M": 1, "N": 11008, "K": 4096}
     description = "decode matmul with int4 weights and group-wise scales, M = 1..16"
-    default_attrs = {**MatmulQ4.default_attrs, **FUSION_ATTRS}
+    default_attrs = ATTR_DEFAULTS["gemv_q4"]
     attr_docs = {**MatmulQ4.attr_docs, **FUSION_DOCS}
 
     def check(self, task: Task) -> None:

@@ -229,3 +229,18 @@ def test_damaged_gzipped_logs_through_the_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "autotune: warning: cut.jsonl.gz: skipped 1 unreadable line(s) (first at line 4)" in proc.stderr
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+
+
+def test_records_that_spell_out_a_default_attribute_join_their_task(tmp_path):
+    """Logs from before ``KernelSpec.make`` left defaults out of keys (the model's tasks had
+    eps=1e-5, residual=false): their records count for the task that leaves them out."""
+    task = Task.make("rmsnorm", {"M": 8, "N": 64}, attrs={"residual": True}, dynamic=("M",))
+    old = json.loads(make_record(1, 0.2, task).to_json())
+    old["task"]["attrs"] = {"eps": 1e-5, "residual": True}
+    log = RecordLog(tmp_path / "old.jsonl")
+    log.path.write_text(json.dumps(old) + "\n")
+    log.append([make_record(2, 0.1, Task.make("rmsnorm", {"M": 8, "N": 64}, attrs={"eps": 1e-5, "residual": True},
+                                              dynamic=("M",)))])
+    records = log.records(warn=False)
+    assert [r.task.key for r in records] == [task.key] * 2 and task.key == "rmsnorm/float32/M~=8,N=64/residual=true"
+    assert best(records, task, Target.host()).config_index == 2

@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 
+from runtime.abi import canonical_attrs
 from runtime.llama import LlamaModel
 from runtime.model_config import PRESETS, ModelConfig, load_model_config
 from runtime.plan import decode_calls, prefill_calls
@@ -164,7 +165,7 @@ def test_the_plan_counts_each_kernel_per_pass():
     assert calls["attention"].spec.dynamic == ("T",)
     decode = {c.role: c for c in decode_calls(TINY, 8, 512, "q4")}
     assert decode["gate_up_proj"].spec.op == "gemv_q4"
-    assert decode["gate_up_proj"].spec.attr == {"group_size": 128, "zero_point": False}
+    assert decode["gate_up_proj"].spec.attr == {}  # group_size 128, symmetric: the defaults, left out of its key
     assert decode["attention"].spec.dynamic == ("S", "L")
     assert {c.spec.op for c in decode_calls(TINY, 32, 512)} >= {"gemm"}  # batches above 16 use gemm
     odd = ModelConfig.from_hf_dict({"hidden_size": 96, "intermediate_size": 256, "num_attention_heads": 4,
@@ -182,10 +183,11 @@ def test_the_overlapped_resident_step_is_five_kernels_a_layer_and_unfuses_for_ol
     assert per_layer == 5 and all(call.count in (1, layers) for call in step)
     (attention,) = [call for call in step if call.role == "attention"]
     assert attention.spec.op == "rope_append_attention" and attention.spec.dynamic == ("S", "L")
-    assert attention.spec.attr == TINY.rope_attrs and not {"rope_append", "kv_append"} & {c.role for c in step}
+    rope = canonical_attrs("rope", TINY.rope_attrs)  # theta 10000.0 is the default: left out
+    assert attention.spec.attr == rope and not {"rope_append", "kv_append"} & {c.role for c in step}
     # a library from before it: rope_append and the programmatic attention, and before those their parts
     append, plain = unfused(TINY, attention)
-    assert (append.role, append.spec.op, append.spec.attr) == ("rope_append", "rope_append", TINY.rope_attrs)
+    assert (append.role, append.spec.op, append.spec.attr) == ("rope_append", "rope_append", rope)
     assert (plain.role, plain.spec.op, plain.spec.dims) == ("attention", "attention_decode", attention.spec.dims)
     assert plain.spec.attr == {"lengths": "per_sequence", "programmatic": True}
     assert [c.spec.attr for c in unfused(TINY, plain)] == [{"lengths": "per_sequence"}]

@@ -33,6 +33,38 @@ def test_task_key_roundtrip_and_metrics():
         Task.make("gemm", {"M": 1}, dynamic=["Q"])
 
 
+def test_an_attribute_at_its_default_names_the_same_task():
+    plain = Task.make("gemv", {"M": 1, "N": 64, "K": 64}, "float16")
+    spelled = Task.make("gemv", {"M": 1, "N": 64, "K": 64}, "float16",
+                        {"norm": "none", "eps": 1e-5, "residual": False, "act": "none", "weight": "same"})
+    assert spelled == plain and spelled.key == plain.key == "gemv/float16/M=1,N=64,K=64"
+    assert Task.make("rope", {"T": 1, "H": 2, "D": 8}, attrs={"theta": 10000}).attrs == ()
+    # a number where the default is a float is a float: 500000 and 500000.0 name one kernel
+    assert Task.make("rope", {"T": 1, "H": 2, "D": 8}, attrs={"theta": 500000}).key.endswith("/theta=500000.0")
+    # other values stay, and so do values of another type, for the operator's check to refuse
+    assert Task.make("rmsnorm", {"M": 1, "N": 8}, attrs={"eps": 1e-6, "residual": False}).attr == {"eps": 1e-6}
+    odd = Task.make("rmsnorm", {"M": 1, "N": 8}, attrs={"residual": 0})
+    assert odd.attr == {"residual": 0}
+    # a scaled rope's parameters are all required, whatever their value
+    llama3 = {"rope_type": "llama3", "factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    assert Task.make("rope", {"T": 1, "H": 2, "D": 8}, attrs=llama3).attr == llama3
+
+
+def test_the_operators_defaults_are_the_abis():
+    """What a template computes with where a task leaves an attribute out is what the runtime
+    leaves out of a kernel's key (``runtime.abi.ATTR_DEFAULTS``): one table, read by both."""
+    from runtime.abi import ATTR_DEFAULTS
+    from runtime.rope_frequencies import SCALING_KEYS
+    from search_space import list_templates
+
+    for template in list_templates("cpu") + list_templates("cuda"):
+        if not type(template).__module__.startswith("search_space.templates"):
+            continue
+        table = ATTR_DEFAULTS.get(template.op, {})
+        assert dict(table) == {k: v for k, v in template.default_attrs.items() if k not in SCALING_KEYS}, template.op
+
+
 def test_host_target(host):
     assert host.kind == "cpu"
     assert host.cores >= 1
