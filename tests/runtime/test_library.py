@@ -174,3 +174,18 @@ def test_a_cuda_kernel_entry_says_whether_it_takes_a_programmatic_launch_with_a_
     entry["launch"]["programmatic"] = "yes"  # a truthy string would join a kernel that never waits
     with pytest.raises(LibraryFormatError, match="gemv: programmatic 'yes' is not true or false"):
         _check_launch(entry, "gemv")
+
+
+def test_an_entry_of_an_older_library_that_spells_out_defaults_serves_calls_that_leave_them_out():
+    """Libraries exported before keys left defaults out have entries like the model's old
+    calls (eps=1e-5, residual=false): they serve today's calls, which leave them out."""
+    from runtime.abi import KernelSpec
+    from runtime.kernel import select
+    from runtime.library import spec_of_entry
+
+    old = {"op": "rmsnorm", "dims": {"M": 8, "N": 64}, "dtype": "float32", "attrs": {"eps": 1e-5, "residual": False},
+           "dynamic": ["M"]}
+    want = KernelSpec.make("rmsnorm", {"M": 5, "N": 64}, dynamic=["M"])
+    assert spec_of_entry(old).attrs == () and select([old], spec_of_entry, want) is old
+    other = {**old, "attrs": {"eps": 1e-6}}
+    assert select([other], spec_of_entry, want) is None
