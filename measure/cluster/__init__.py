@@ -5,6 +5,7 @@ its own as ``LocalRunner`` does.
     address.py  what ``--cluster`` names, read without Ray
     remote.py   what runs on the nodes: the build task, the runner actor, pinning to cores
     pool.py     the driver's side: connect, place the runners, dispatch, outlive lost runners
+    local_token.py  a new local cluster's token, in the environment rather than ~/.ray
 
 Ray (the optional ``ray`` extra) is imported only by ``open_cluster``, never by importing this
 package, so a job without a cluster never loads it.

@@ -36,6 +36,7 @@ from ..builder import _one_line
 from ..timing import TimingPolicy
 from ..types import BuildResult, MeasureError, MeasureInput, MeasureResult
 from .address import ClusterAddress, ClusterError, check_reachable
+from .local_token import use_a_process_token
 from .remote import MeasureRunner, build_on_node
 
 PLACEMENT_TIMEOUT_S = 120.0  # for the runners to be placed and start; longer means the devices are taken
@@ -106,7 +107,7 @@ class RayCluster:
         self.build_timeout = build_timeout
         self.runner_cpus = runner_cpus
         self.note = note
-        self._owns_ray = _connect(address)
+        self._owns_ray, self._put_back_token = _connect(address)
         self._runner_class = ray.remote(runner_class)
         self._build = ray.remote(build_function)
         self.runners: list[RunnerHandle] = []
@@ -427,6 +428,9 @@ class RayCluster:
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
+        if self._put_back_token is not None:
+            self._put_back_token()
+            self._put_back_token = None
 
     def __enter__(self) -> "RayCluster":
         return self
@@ -435,12 +439,15 @@ class RayCluster:
         self.close()
 
 
-def _connect(address: ClusterAddress) -> bool:
-    """Connect this process to the cluster; True when it started Ray here (and so stops it)."""
+def _connect(address: ClusterAddress) -> tuple[bool, Callable[[], None] | None]:
+    """Connect this process to the cluster. Returns whether it started Ray here (and so stops
+    it), and what puts back the environment after, where a new local cluster was given a
+    token there (``local_token``)."""
     if ray.is_initialized():
-        return False
+        return False, None
     check_reachable(address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports unless the user asks for them
+    put_back = use_a_process_token(address.ray_address)
     # ray.init puts its own SIGTERM handler (a native stack dump, exit 15) over the CLI's, which
     # ends the job as an interrupt does: keep the CLI's
     on_sigterm = signal.getsignal(signal.SIGTERM)
@@ -448,11 +455,13 @@ def _connect(address: ClusterAddress) -> bool:
         ray.init(address=address.ray_address, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError: all one line for the user
+        if put_back is not None:
+            put_back()
         raise ClusterError(f"cannot connect to the Ray cluster {address}: {_first_line(exc)}") from None
     finally:
         if on_sigterm is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_sigterm)
-    return True
+    return True, put_back
 
 
 def _first_line(exc: BaseException) -> str:

@@ -21,6 +21,48 @@ CLI = [sys.executable, "-m", "autotune.cli"]
 SHAPE = {"M": 1, "N": 64, "K": 128}
 
 
+NEW_LOCAL_CLUSTER = """
+import os
+import ray
+from ray._raylet import AuthenticationMode, get_authentication_mode
+from measure.cluster import open_cluster
+
+with open_cluster("ray") as cluster:
+    token_mode = get_authentication_mode() == AuthenticationMode.TOKEN
+    # a task runs on the cluster: its worker process was let in with the token it inherited
+    worker_has_it = ray.get(ray.remote(lambda: "RAY_AUTH_TOKEN" in os.environ).remote())
+print(token_mode, worker_has_it, os.environ.get("RAY_AUTH_MODE"), os.environ.get("RAY_AUTH_TOKEN"))
+"""
+
+
+def test_a_new_local_cluster_keeps_token_authentication_and_writes_nothing_to_the_home(tmp_path):
+    """First in this file: no cluster of the module's runs yet for ``ray`` to join."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run([sys.executable, "-c", NEW_LOCAL_CLUSTER], env=dict(env, HOME=str(home)), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "True", "None", "None"]  # on, used, and put back after
+    assert not list(home.iterdir())  # Ray would have written .ray/auth_token
+    assert "Token authentication" not in proc.stderr
+
+
+def test_where_the_user_has_a_say_ray_s_own_token_rules_hold(tmp_path, monkeypatch):
+    from measure.cluster.local_token import use_a_process_token
+
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert use_a_process_token("127.0.0.1:6379") is None  # a cluster that runs: its token is its own
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert use_a_process_token(None) is None and os.environ["RAY_AUTH_MODE"] == "disabled"
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("theirs")
+    assert use_a_process_token(None) is None and "RAY_AUTH_TOKEN" not in os.environ
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(kernel_cache):
     """The cluster's GCS address; this process is connected to it as a driver."""
