@@ -131,8 +131,8 @@ def _rope_pair(config: ModelConfig, rows: int, count: int) -> list[KernelCall]:
 
 
 def _rope(config: ModelConfig, role: str, tokens: int, heads: int, count: int) -> KernelCall:
-    # {"theta": ...} alone for a default rope (the attrs tuning records have always had), plus
-    # rope_type and its parameters for a scaled one
+    # {"theta": ...} alone for a default rope, plus rope_type and its parameters for a scaled one
+    # (KernelSpec.make leaves out theta 10000.0 and rope_type "default": their defaults)
     spec = KernelSpec.make("rope", {"T": tokens, "H": heads, "D": config.head_dim},
                            attrs=config.rope_attrs, dynamic=("T",))
     return KernelCall(role, spec, count)
