@@ -18,6 +18,7 @@ Only numpy and the standard library: a deployment copies ``runtime`` alone.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
@@ -116,22 +117,37 @@ ATTR_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({op: MappingPr
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def attr_value_fits(default: Any, value: Any) -> bool:
+    """Whether ``value`` is of the kind of the attribute's ``default``: a bool for a bool, a
+    finite number for a float, an int for an int, a string for a string (anything for None)."""
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return _is_number(value) and math.isfinite(value)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, type(default))
 
 
 def canonical_attrs(op: str, attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """``attrs`` without those at ``op``'s default (``ATTR_DEFAULTS``), and a number given where
-    the default is a float as a float (``theta=500000`` is ``theta=500000.0``). A value of another
-    type than the default's (``residual=0``) stays, for the operator's check to refuse."""
+    """``attrs`` without those at ``op``'s default (``ATTR_DEFAULTS``), numpy scalars as the
+    Python values they hold, and a number given where the default is a float as a float
+    (``theta=500000`` is ``theta=500000.0``). A value of another kind than the default's
+    (``residual=0``) stays, for the operator's check to refuse."""
     defaults = ATTR_DEFAULTS.get(op, {})
     out: dict[str, Any] = {}
     for name, value in attrs.items():
+        if isinstance(value, np.generic):  # a key is JSON: np.int64(128) is 128
+            value = value.item()
         if name in defaults:
             default = defaults[name]
             if isinstance(default, float) and _is_number(value):
                 value = float(value)
-            elif isinstance(default, bool) and isinstance(value, np.bool_):
-                value = bool(value)
             if type(value) is type(default) and value == default:
                 continue
         out[str(name)] = value

@@ -9,12 +9,13 @@ operator, so ``template.reference(...)`` works as the design describes.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
-from runtime.abi import ROLES, ArgSpec  # noqa: F401  (the kernel ABI, re-exported)
+from runtime.abi import ROLES, ArgSpec, attr_value_fits  # noqa: F401  (the kernel ABI, re-exported)
 
 from .space import Config, ConfigSpace
 from .target import Target
@@ -107,6 +108,11 @@ class Operator:
         unknown = set(task.attr) - set(self.default_attrs)
         if unknown:
             raise ValueError(f"{self.op} has no attributes {sorted(unknown)}; it takes {sorted(self.default_attrs)}")
+        for name, value in task.attrs:
+            default = self.default_attrs[name]
+            if not attr_value_fits(default, value):
+                raise ValueError(f"{self.op}: {name} = {value!r} is not a {type(default).__name__} like "
+                                 f"{json.dumps(default)}")
 
     def flops(self, task: Task) -> float:
         raise NotImplementedError

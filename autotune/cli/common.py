@@ -13,7 +13,10 @@ from typing import Any
 
 import click
 
+from runtime.abi import attr_value_fits
+
 from .group import CLUSTER_KEY, UserError
+
 
 def resolve_target(name: str, compile_only: bool = False):
     from search_space import Target
@@ -123,20 +126,9 @@ def parse_attrs(items, template) -> dict[str, Any]:
         except ValueError:
             value = text.strip()
         want = defaults[key]
-        if want is None:
-            ok = True
-        elif isinstance(want, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(want, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            value = float(value) if ok else value
-        elif isinstance(want, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, type(want))
-        if not ok:
+        if not attr_value_fits(want, value):
             raise UserError(f"--attr {key}={text}: expected a {type(want).__name__} like {json.dumps(want)}")
-        attrs[key] = value
+        attrs[key] = float(value) if isinstance(want, float) else value
     return attrs
 
 

@@ -51,6 +51,22 @@ def test_an_attribute_at_its_default_names_the_same_task():
     assert Task.make("rope", {"T": 1, "H": 2, "D": 8}, attrs=llama3).attr == llama3
 
 
+def test_an_attribute_of_another_kind_than_its_default_is_refused_and_numpy_scalars_are_plain_values():
+    import numpy as np
+
+    rmsnorm = get_template("rmsnorm", "cpu")
+    for attrs, words in [({"residual": 1}, "residual = 1 is not a bool like false"),
+                         ({"eps": float("nan")}, "eps = nan is not a float like 1e-05"),
+                         ({"eps": "1e-6"}, "eps = '1e-6' is not a float")]:
+        with pytest.raises(ValueError, match=words):
+            rmsnorm.check(Task.make("rmsnorm", {"M": 1, "N": 8}, attrs=attrs))
+    task = Task.make("gemv_q4", {"M": 1, "N": 8, "K": 128},
+                     attrs={"group_size": np.int64(32), "zero_point": np.bool_(True)})
+    get_template("gemv_q4", "cpu").check(task)
+    assert task.key.endswith("/group_size=32,zero_point=true")
+    assert Task.make("gemv_q4", {"M": 1, "N": 8, "K": 128}, attrs={"group_size": np.int64(128)}).attrs == ()
+
+
 def test_the_operators_defaults_are_the_abis():
     """What a template computes with where a task leaves an attribute out is what the runtime
     leaves out of a kernel's key (``runtime.abi.ATTR_DEFAULTS``): one table, read by both."""
