@@ -210,7 +210,7 @@ UNKEYED_VARIABLES = ("PYTEST_CURRENT_TEST",)
 _zygotes: dict[tuple, "_Zygote"] = {}
 _retired: list["_Zygote"] = []  # zygotes that found a module changed on disk, with workers still alive
 _zygotes_lock = threading.Lock()
-_zygotes_failed = False  # once one could not start or answer, workers are spawned directly
+_zygotes_failed = False  # once a new one could not start or answer, workers are spawned directly
 
 
 class _ForkedWorker:
@@ -273,6 +273,10 @@ class _StaleZygote(Exception):
     """A module the zygote imported changed on disk: it forks no more workers (old code)."""
 
 
+class _ZygoteEnded(OSError):
+    """The zygote closed its end without answering: it has exited."""
+
+
 class _Zygote:
     def __init__(self, env: dict[str, str]):
         ours, theirs = socket.socketpair()
@@ -295,7 +299,9 @@ class _Zygote:
         if message == REFUSED or not message or len(fds) != 2:
             for fd in fds:
                 os.close(fd)
-            raise OSError("the worker zygote refused or ended")
+            if not message:
+                raise _ZygoteEnded("the worker zygote ended")
+            raise OSError("the worker zygote refused to fork")
         worker = _ForkedWorker(int(message), *fds)
         self.workers.add(worker)
         return worker
@@ -331,7 +337,9 @@ def _fork_from_zygote(env: dict[str, str], conn: socket.socket) -> _ForkedWorker
                 zygote = _Zygote(env)
             try:
                 worker = zygote.fork(conn)
-            except _StaleZygote:
+            except (_StaleZygote, ConnectionError, _ZygoteEnded):
+                # its code changed on disk, or it died (killed, say, and its workers with it):
+                # a new one serves, and only a new one that fails sends workers to fresh interpreters
                 _retired.append(zygote)  # closed once its workers are gone: they die with it
                 zygote = _Zygote(env)
                 worker = zygote.fork(conn)

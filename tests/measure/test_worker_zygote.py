@@ -58,6 +58,26 @@ def test_a_forked_worker_that_dies_or_hangs_is_reported_and_replaced():
         worker.close()
 
 
+def test_a_zygote_that_died_is_replaced_by_a_new_one():
+    """A zygote killed (by the OOM killer, say) takes its workers with it; the next worker comes
+    from a new zygote, not from a fresh interpreter for the rest of the process's life."""
+    first = WorkerProcess()
+    try:
+        dead = facts(first)["parent"]
+        assert dead != os.getpid()
+        os.kill(dead, signal.SIGKILL)
+        with pytest.raises(WorkerCrash):
+            first.call("time:sleep", 30, 60)  # it dies with its zygote
+        later = [WorkerProcess() for _ in range(2)]
+        try:
+            parents = {facts(w)["parent"] for w in later}
+            assert len(parents) == 1 and not parents & {dead, os.getpid()}
+        finally:
+            close_all(later)
+    finally:
+        first.close()
+
+
 def test_a_module_changed_on_disk_is_not_forked_from_its_old_code():
     """The zygote imported the templates; once one of their files changes, new workers come from
     a new zygote, and the workers of the old one keep working until they are closed."""
