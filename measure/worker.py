@@ -208,7 +208,7 @@ MAX_IDLE_ZYGOTES = 2
 UNKEYED_VARIABLES = ("PYTEST_CURRENT_TEST",)
 
 _zygotes: dict[tuple, "_Zygote"] = {}
-_retired: list["_Zygote"] = []  # zygotes that found a module changed on disk, with workers still alive
+_retired: list["_Zygote"] = []  # zygotes that found a module changed on disk, or died, with workers maybe alive
 _zygotes_lock = threading.Lock()
 _zygotes_failed = False  # once a new one could not start or answer, workers are spawned directly
 

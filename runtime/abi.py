@@ -128,7 +128,10 @@ def attr_value_fits(default: Any, value: Any) -> bool:
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, float):
-        return _is_number(value) and math.isfinite(value)
+        try:
+            return _is_number(value) and math.isfinite(value)
+        except OverflowError:  # an int past any float
+            return False
     if isinstance(default, int):
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, type(default))
@@ -147,7 +150,10 @@ def canonical_attrs(op: str, attrs: Mapping[str, Any]) -> dict[str, Any]:
         if name in defaults:
             default = defaults[name]
             if isinstance(default, float) and _is_number(value):
-                value = float(value)
+                try:
+                    value = float(value)
+                except OverflowError:  # an int past any float: the operator's check refuses it
+                    pass
             if type(value) is type(default) and value == default:
                 continue
         out[str(name)] = value

@@ -33,11 +33,11 @@ def _starts_a_new_cluster(ray_address: str | None) -> bool:
     """Whether ``ray.init(address=ray_address)`` starts a cluster rather than joining one."""
     if ray_address is not None:
         return False
-    from ray._private import services
-
     try:
+        from ray._private import services
+
         return services.canonicalize_bootstrap_address(None) is None
-    except Exception:  # Ray's to report when it connects
+    except Exception:  # Ray's to report when it connects (or a Ray without this function)
         return False
 
 
@@ -58,13 +58,18 @@ def use_a_process_token(ray_address: str | None) -> Callable[[], None] | None:
         return None
     if not _starts_a_new_cluster(ray_address):
         return None
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN"] = _TOKEN
-    _reload_ray_settings()
 
     def put_back() -> None:
         for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
             os.environ.pop(name, None)
         _reload_ray_settings()
 
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = _TOKEN
+    try:
+        _reload_ray_settings()
+    except Exception:  # a Ray without these internals: its own rules, as before
+        for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+            os.environ.pop(name, None)
+        return None
     return put_back

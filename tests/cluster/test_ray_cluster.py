@@ -49,6 +49,7 @@ def test_a_new_local_cluster_keeps_token_authentication_and_writes_nothing_to_th
 
 
 def test_where_the_user_has_a_say_ray_s_own_token_rules_hold(tmp_path, monkeypatch):
+    from measure.cluster import local_token
     from measure.cluster.local_token import use_a_process_token
 
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
@@ -61,6 +62,15 @@ def test_where_the_user_has_a_say_ray_s_own_token_rules_hold(tmp_path, monkeypat
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("theirs")
     assert use_a_process_token(None) is None and "RAY_AUTH_TOKEN" not in os.environ
+    # a Ray whose internals moved: its own rules, and nothing of ours left in the environment
+    (tmp_path / ".ray" / "auth_token").unlink()
+
+    def moved():
+        raise ImportError("cannot import name 'AuthenticationTokenLoader'")
+    monkeypatch.setattr(local_token, "_reload_ray_settings", moved)
+    monkeypatch.setattr(local_token, "_starts_a_new_cluster", lambda address: True)
+    assert use_a_process_token(None) is None
+    assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(os.environ)
 
 
 @pytest.fixture(scope="module")

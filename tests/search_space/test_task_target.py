@@ -57,7 +57,8 @@ def test_an_attribute_of_another_kind_than_its_default_is_refused_and_numpy_scal
     rmsnorm = get_template("rmsnorm", "cpu")
     for attrs, words in [({"residual": 1}, "residual = 1 is not a bool like false"),
                          ({"eps": float("nan")}, "eps = nan is not a float like 1e-05"),
-                         ({"eps": "1e-6"}, "eps = '1e-6' is not a float")]:
+                         ({"eps": "1e-6"}, "eps = '1e-6' is not a float"),
+                         ({"eps": 10 ** 400}, "eps = 1000.* is not a float")]:  # past any float
         with pytest.raises(ValueError, match=words):
             rmsnorm.check(Task.make("rmsnorm", {"M": 1, "N": 8}, attrs=attrs))
     task = Task.make("gemv_q4", {"M": 1, "N": 8, "K": 128},
