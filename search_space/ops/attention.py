@@ -129,10 +129,8 @@ class AttentionDecodeOp(Operator):
         if self.attrs(task)["lengths"] not in self.LENGTHS:
             raise ValueError(f"attention_decode: lengths = {self.attrs(task)['lengths']!r}; use one of "
                              f"{', '.join(self.LENGTHS)}")
-        programmatic = self.attrs(task)["programmatic"]
-        if not isinstance(programmatic, bool):
-            raise ValueError(f"attention_decode: programmatic = {programmatic!r}; use true or false")
-        if programmatic and getattr(self, "target_kind", "cuda") != "cuda":
+        # a bool: Operator.check refuses an attribute of another kind than its default
+        if self.attrs(task)["programmatic"] and getattr(self, "target_kind", "cuda") != "cuda":
             raise ValueError(f"attention_decode: the {self.target_kind} template takes no programmatic launch "
                              "(a CUDA graph's)")
 

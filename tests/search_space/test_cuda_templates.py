@@ -166,6 +166,6 @@ def test_a_programmatic_launch_is_a_cuda_graphs_and_a_yes_or_no():
     with pytest.raises(ValueError, match="the cpu template takes no programmatic launch"):
         get_template("attention_decode", "cpu").check(Task.make("attention_decode", shape, "float32",
                                                                  {"programmatic": True}, ("S", "L")))
-    with pytest.raises(ValueError, match="programmatic = 'yes'; use true or false"):
+    with pytest.raises(ValueError, match="programmatic = 'yes' is not a bool like false"):
         get_template("attention_decode", "cuda").check(Task.make("attention_decode", shape, "float16",
                                                                   {"programmatic": "yes"}, ("S", "L")))
