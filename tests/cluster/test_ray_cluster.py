@@ -36,12 +36,13 @@ print(token_mode, worker_has_it, os.environ.get("RAY_AUTH_MODE"), os.environ.get
 
 
 def test_a_new_local_cluster_keeps_token_authentication_and_writes_nothing_to_the_home(tmp_path):
-    """First in this file: no cluster of the module's runs yet for ``ray`` to join."""
+    """``RAY_ADDRESS=local``: a cluster of its own, though another may run on this machine (the
+    module's, another test session's) that ``ray`` would otherwise join."""
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    proc = subprocess.run([sys.executable, "-c", NEW_LOCAL_CLUSTER], env=dict(env, HOME=str(home)), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, "-c", NEW_LOCAL_CLUSTER], env=dict(env, HOME=str(home), RAY_ADDRESS="local"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["True", "True", "None", "None"]  # on, used, and put back after
     assert not list(home.iterdir())  # Ray would have written .ray/auth_token
