@@ -179,9 +179,20 @@ class ModelWeights:
                 tensors[name] = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
         return cls(config, tensors)
 
+    def check_finite(self) -> None:
+        """ValueError naming the tensors that hold a NaN or an infinity (a damaged checkpoint
+        otherwise generates nonsense without a word). One pass over every weight: seconds for
+        a 7B model, so it is asked for (``load(check_finite=True)``, ``autotune run
+        --check-weights``) rather than done on every load."""
+        bad = [name for name, tensor in self.tensors.items() if not _all_finite(tensor)]
+        if bad:
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise ValueError(f"weights of {self.config.name}: {', '.join(bad[:3])}{more} hold NaN or infinite values")
+
     @classmethod
-    def load(cls, config: ModelConfig, folder: str | Path) -> "ModelWeights":
-        """The checkpoint in ``folder`` (``checkpoint_files``), each tensor in its file's precision.
+    def load(cls, config: ModelConfig, folder: str | Path, check_finite: bool = False) -> "ModelWeights":
+        """The checkpoint in ``folder`` (``checkpoint_files``), each tensor in its file's precision;
+        with ``check_finite``, refused when a tensor holds a NaN or an infinity.
 
         Every tensor of the checkpoint must be one the decoder reads (``expected_shapes``: the
         projection biases too where the config has them): a checkpoint that holds others
@@ -220,7 +231,10 @@ class ModelWeights:
             elif head.shape != embed.shape or not np.array_equal(head, embed):
                 raise ValueError(f"{folder}: tie_word_embeddings is true but lm_head.weight differs from "
                                  "model.embed_tokens.weight")
-        return cls(config, tensors)
+        weights = cls(config, tensors)
+        if check_finite:
+            weights.check_finite()
+        return weights
 
     def save(self, folder: str | Path) -> Path:
         """``model.safetensors`` and ``config.json`` in ``folder``, loadable by ``load``."""
@@ -306,6 +320,23 @@ class DeviceWeights:
 
     def device(self, name: str, part: str = "") -> Any:
         return self.tensors[f"{name}#{part}" if part else name]
+
+
+_FINITE_CHUNK = 1 << 22  # elements checked at a time: the check's scratch stays a few MB
+
+
+def _all_finite(tensor: np.ndarray) -> bool:
+    """Whether a stored weight tensor holds no NaN or infinity (bfloat16 words: exponent not all ones)."""
+    flat = np.asarray(tensor).reshape(-1)
+    bfloat16 = isinstance(tensor, Bfloat16Words)
+    for start in range(0, flat.size, _FINITE_CHUNK):
+        chunk = flat[start:start + _FINITE_CHUNK]
+        if bfloat16:
+            if ((chunk.view(np.uint16) & 0x7F80) == 0x7F80).any():
+                return False
+        elif not np.isfinite(chunk).all():
+            return False
+    return True
 
 
 def _stored(tensor) -> np.ndarray:

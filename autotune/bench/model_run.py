@@ -36,8 +36,9 @@ def fastest(generations: Iterable[Generation]) -> Generation:
 
 
 def make_weights(config: ModelConfig, weights_dir: str | None, seed: int, quantize: str,
-                 group_size: int) -> ModelWeights:
-    weights = ModelWeights.load(config, weights_dir) if weights_dir else ModelWeights.random(config, seed)
+                 group_size: int, check_finite: bool = False) -> ModelWeights:
+    weights = (ModelWeights.load(config, weights_dir, check_finite) if weights_dir
+               else ModelWeights.random(config, seed))
     return weights.quantize_q4(group_size) if quantize == "q4" else weights
 
 

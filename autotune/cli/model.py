@@ -301,8 +301,10 @@ def _quantize_of(kernels, quantize: str) -> str:
               help="the model's precision; auto: that of the kernels' linear layers")
 @click.option("--allow-stale", is_flag=True,
               help="with --log: use records of code the templates no longer render, with a warning")
+@click.option("--check-weights", is_flag=True,
+              help="with --weights: refuse a checkpoint whose tensors hold NaN or infinite values (one pass over them)")
 def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, new_tokens, quantize, group_size,
-        compare, target, as_json, dtype, allow_stale) -> None:
+        compare, target, as_json, dtype, allow_stale, check_weights) -> None:
     """Generate with a model on tuned kernels; print prefill and decode tokens/s."""
     from runtime.kernel import UntunedShapeWarning
     from runtime.plan import check_quantize
@@ -313,6 +315,8 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
     config = load_config(model)
     if weights_dir and not Path(weights_dir).is_dir():
         raise UserError(f"--weights {weights_dir} is not a directory")
+    if check_weights and not weights_dir:
+        raise UserError("--check-weights is for --weights (generated weights are finite)")
     prompts = _prompts(prompt_ids, prompt_tokens, batch, config.vocab_size, seed)
     try:  # e.g. past a sliding window the runtime does not implement
         config.check_sequence(prompts.shape[1] + new_tokens)
@@ -330,7 +334,7 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
                           new_tokens if compare else 0)
         try:
             check_quantize(config, quantize, group_size)
-            weights = make_weights(config, weights_dir, seed, quantize, group_size)
+            weights = make_weights(config, weights_dir, seed, quantize, group_size, check_weights)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         untuned: list[str] = []

@@ -80,6 +80,21 @@ def save_bfloat16_checkpoint(weights: ModelWeights, folder) -> None:
     weights.config.save(folder / "config.json")
 
 
+def test_an_infinity_in_a_bfloat16_checkpoint_is_found_when_asked(tmp_path):
+    weights = ModelWeights.random(TINY, seed=8)
+    weights.tensors["model.norm.weight"][-1] = -np.inf  # bfloat16 word 0xff80: the exponent all ones
+    save_bfloat16_checkpoint(weights, tmp_path)
+    loaded = ModelWeights.load(TINY, tmp_path)
+    assert isinstance(loaded.tensors["model.norm.weight"], Bfloat16Words)
+    with pytest.raises(ValueError, match=r"^weights of tiny: model\.norm\.weight hold NaN or infinite values$"):
+        loaded.check_finite()
+    with pytest.raises(ValueError, match="model.norm.weight hold NaN"):
+        ModelWeights.load(TINY, tmp_path, check_finite=True)
+    weights.tensors["model.norm.weight"][-1] = 1.0
+    save_bfloat16_checkpoint(weights, tmp_path)
+    ModelWeights.load(TINY, tmp_path, check_finite=True)  # finite words pass
+
+
 def test_a_bfloat16_checkpoint_runs_without_a_float32_copy_of_its_linear_weights(tmp_path, default_kernels):
     save_bfloat16_checkpoint(ModelWeights.random(TINY, seed=8), tmp_path)
     loaded = ModelWeights.load(TINY, tmp_path)

@@ -62,3 +62,34 @@ def test_run_with_weights_that_are_not_a_file_is_one_line_and_exit_2(kind, said,
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"autotune: error: weights/model.safetensors: not a safetensors file ({said})"]
+
+
+def test_a_checkpoint_whose_tensors_hold_nan_or_inf_is_refused_when_asked(tmp_path):
+    import numpy as np
+
+    tiny = PRESETS["tiny"]
+    weights = ModelWeights.random(tiny)
+    weights.tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = np.nan
+    weights.save(tmp_path / "f32")
+    assert ModelWeights.load(tiny, tmp_path / "f32")  # not asked: loaded as it is
+    with pytest.raises(ValueError, match=r"^weights of tiny: model\.layers\.1\.mlp\.down_proj\.weight hold NaN "
+                                         r"or infinite values$"):
+        ModelWeights.load(tiny, tmp_path / "f32", check_finite=True)
+    ModelWeights.random(tiny).check_finite()  # finite ones pass
+
+
+def test_run_check_weights_refuses_a_damaged_checkpoint_in_one_line(tmp_path):
+    import numpy as np
+
+    weights = ModelWeights.random(PRESETS["tiny"])
+    weights.tensors["model.embed_tokens.weight"][0, 0] = np.inf
+    weights.save(tmp_path / "weights")
+    (tmp_path / "empty.jsonl").write_text("")
+    run = CLI + ["run", "--model", "tiny", "--prompt-tokens", "4", "--new-tokens", "2", "--log", "empty.jsonl"]
+    proc = subprocess.run(run + ["--weights", "weights", "--check-weights"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "autotune: error: weights of tiny: model.embed_tokens.weight hold NaN or infinite values"]
+    proc = subprocess.run(run + ["--check-weights"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "--check-weights is for --weights" in proc.stderr, proc.stderr
