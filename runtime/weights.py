@@ -149,7 +149,13 @@ class ModelWeights:
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
             raise ValueError(f"weights do not fit {self.config.name}: {'; '.join(problems[:3])}{more}")
-        self.tensors = {k: _stored(v) for k, v in self.tensors.items()}
+        stored = {}
+        for name, tensor in self.tensors.items():
+            try:
+                stored[name] = _stored(tensor)
+            except ValueError as exc:
+                raise ValueError(f"weights of {self.config.name}: {name}: {exc}") from None
+        self.tensors = stored
 
     def __getitem__(self, name: str) -> np.ndarray:
         """The tensor as float32 (widened here when it is stored narrower)."""
@@ -347,6 +353,9 @@ def _stored(tensor) -> np.ndarray:
     array = np.asarray(tensor)
     if array.dtype.kind not in "fiu":  # complex would lose its imaginary part, text be parsed, objects anything
         raise ValueError(f"a weight tensor must hold real numbers, not {array.dtype}")
+    if array.dtype == np.uint16:  # how numpy holds bfloat16: its words would be taken for integers
+        raise ValueError("uint16 values are ambiguous: for bfloat16 words, mark them "
+                         "(array.view(runtime.precision.Bfloat16Words)); for integers, give another dtype")
     if array.dtype in (np.float16, np.float32):
         return np.ascontiguousarray(array)
     return np.ascontiguousarray(array, dtype=np.float32)

@@ -14,6 +14,7 @@ from fakes import run_library_attempts
 from runtime.arrays import HostArrays
 from runtime.llama import LlamaModel, _DecodeStep
 from runtime.model_config import PRESETS
+from runtime.precision import Bfloat16Words
 from runtime.weights import ModelWeights
 
 
@@ -222,8 +223,14 @@ def test_generate_takes_integer_token_ids_and_real_weights(default_kernels):
             model.generate([[1, 2]], new_tokens=new_tokens)
     assert model.generate([[1, 2]], new_tokens=np.int64(2)).tokens.shape == (1, 2)
     for odd in (np.full((tiny.hidden_size,), 1 + 1j), np.full((tiny.hidden_size,), "1.0")):
-        with pytest.raises(ValueError, match="must hold real numbers"):
+        with pytest.raises(ValueError, match="model.norm.weight: a weight tensor must hold real numbers"):
             ModelWeights(tiny, {**weights.tensors, "model.norm.weight": odd})
+    # bfloat16 words as numpy holds them would be taken for integers (16256 for 1.0): said, not done
+    words = np.full((tiny.hidden_size,), 0x3F80, np.uint16)
+    with pytest.raises(ValueError, match=r"model.norm.weight: uint16 values are ambiguous: .*Bfloat16Words"):
+        ModelWeights(tiny, {**weights.tensors, "model.norm.weight": words})
+    marked = ModelWeights(tiny, {**weights.tensors, "model.norm.weight": words.view(Bfloat16Words)})
+    assert np.array_equal(marked["model.norm.weight"], np.ones(tiny.hidden_size, np.float32))
     with pytest.raises(ValueError, match="must be a mapping"):
         ModelWeights(tiny, None)
 
