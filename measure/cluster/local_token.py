@@ -59,17 +59,20 @@ def use_a_process_token(ray_address: str | None) -> Callable[[], None] | None:
     if not _starts_a_new_cluster(ray_address):
         return None
 
-    def put_back() -> None:
-        for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+    ours = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _TOKEN}
+
+    def drop_ours() -> None:
+        for name in ours:
             os.environ.pop(name, None)
+
+    def put_back() -> None:
+        drop_ours()
         _reload_ray_settings()
 
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN"] = _TOKEN
+    os.environ.update(ours)
     try:
         _reload_ray_settings()
     except Exception:  # a Ray without these internals: its own rules, as before
-        for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-            os.environ.pop(name, None)
+        drop_ours()
         return None
     return put_back
