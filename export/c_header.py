@@ -95,12 +95,14 @@ def header_text(kernels: Iterable[Mapping[str, Any]], target_key: str, guard: st
     kernels = list(kernels)
     needs = ", ".join(cpu_features)
     threaded = any(int((k.get("launch") or {}).get("threads", 1) or 1) > 1 for k in kernels)
+    # an AVX-512 host needs a dozen extensions: wrapped, so the comment keeps its width
+    cpu = (f"CPU: the kernels use {needs or 'the instructions of the machine they were tuned on'}; on a CPU "
+           "without them a call dies with SIGILL (check first, e.g. with __builtin_cpu_supports; the Python "
+           "runtime refuses such a library at load).")
     out = [
         f"/* Tuned kernels for {target_key}, exported by llm-autotune; see manifest.json.",
         " *",
-        f" * CPU: the kernels use {needs or 'the instructions of the machine they were tuned on'};",
-        " * on a CPU without them a call dies with SIGILL (check first, e.g. with __builtin_cpu_supports;",
-        " * the Python runtime refuses such a library at load).",
+        *(" * " + part for part in textwrap.wrap(cpu, 96, break_on_hyphens=False)),
         " * Arrays: dense, row-major, any alignment (workspaces: 64-byte aligned). An output may not",
         " * overlap an input or another output. Every kernel returns when its outputs are written.",
         " * Dims: a dynamic dim runs at any value from 1 up to what the arrays hold; a dim that is not",

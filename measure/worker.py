@@ -251,7 +251,13 @@ class _ForkedWorker:
         with self._lock:
             if self.returncode is None and select.select([self._status_fd], [], [], wait_s)[0]:
                 data = os.read(self._status_fd, 32)
-                # nothing written: the zygote died, and its workers with it (SIGKILL on its death)
+                # nothing written: the zygote died, and its workers with it (SIGKILL on its death;
+                # sent again here in case the worker outlived it, as one without prctl does briefly)
+                if not data:
+                    try:
+                        signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 self.returncode = int(data) if data else -signal.SIGKILL
                 self._close()
             return self.returncode

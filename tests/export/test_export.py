@@ -172,13 +172,25 @@ def test_the_header_says_what_a_c_caller_must_know(exported_library):
 
     header = (exported_library / HEADER).read_text()
     have = required_cpu_features(Target.host().to_dict())
-    assert f"CPU: the kernels use {', '.join(have)};\n * on a CPU without them a call dies with SIGILL" in header
+    prose = " ".join(line[2:].strip() for line in header.splitlines() if line.startswith(" *"))
+    assert f"CPU: the kernels use {', '.join(have)}; on a CPU without them a call dies with SIGILL" in prose
     assert "An output may not\n * overlap an input or another output" in header
     assert "library is linked NODELETE" in header  # a threads=2 gemv is in the library
     assert "attributes: eps=1e-05, residual=true" in header  # the defaults are what the kernel computes with
     assert "WQ packs two 4-bit codes per byte along K" in header
     assert "S: the rows each cache holds (its capacity); L: how many of them are valid, 1 <= L <= S" in header
     assert max(len(line) for line in header.splitlines() if line.startswith(" *")) <= 100
+
+
+def test_a_long_list_of_cpu_features_is_wrapped_in_the_header():
+    from export.c_header import header_text
+
+    features = ["avx512f", "avx512dq", "avx512ifma", "avx512cd", "avx512bw", "avx512vl", "avx512bf16",
+                "avx512fp16", "avx512vbmi", "avx512vbmi2", "avx512vnni", "avx512bitalg", "avx512vpopcntdq"]
+    header = header_text([], "cpu-llvm-sapphirerapids", cpu_features=features)
+    assert max(len(line) for line in header.splitlines()) <= 100
+    prose = " ".join(line[2:].strip() for line in header.splitlines() if line.startswith(" *"))
+    assert f"CPU: the kernels use {', '.join(features)}; on a CPU without them" in prose
 
 
 def test_no_attribute_ends_a_header_comment_early():
