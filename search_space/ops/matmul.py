@@ -198,6 +198,7 @@ class Matmul(Operator):
 class GemmOp(Matmul):
     op = "gemm"
     example_shape = {"M": 1024, "N": 1024, "K": 1024}
+    dynamic_dims = ("M",)  # a prefill's token rows, where a template supports it (the CPU's)
     description = "matmul Y[M,N] = X[M,K] @ W[N,K]^T (linear layer, HF weight layout)"
 
 
@@ -305,4 +306,5 @@ class GemvQ4Op(MatmulQ4):
 class GemmQ4Op(MatmulQ4):
     op = "gemm_q4"
     example_shape = {"M": 128, "N": 4096, "K": 4096}
+    dynamic_dims = ("M",)  # as gemm's
     description = "matmul with int4 weights and group-wise scales (prefill)"

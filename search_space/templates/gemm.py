@@ -162,6 +162,8 @@ class GemmCpu(GemmOp, Template):
         constraints = blocked_gemm_constraints(d, target)
         if task.dtype == "bfloat16":
             knobs.insert(0, Knob("dot", ("bf16", "widen") if has_bf16_dot(target) else ("widen",)))
+            if "M" in task.dynamic:  # partial sums over K blocks would need a copy of Y sized by M
+                constraints.append(("a dynamic M rounds Y from registers (one K block)", lambda c: c["kc"] == 0))
         else:
             knobs.insert(0, Knob("kernel", ("dot", "outer"), legacy="dot"))  # the only kernel before "outer"
             constraints.append(("the outer-product kernel reads a packed W", lambda c: c["kernel"] == "dot" or c["pack"]))
@@ -169,6 +171,8 @@ class GemmCpu(GemmOp, Template):
 
     def default(self, task: Task, target: Target) -> Config:
         extra = {"dot": "bf16" if has_bf16_dot(target) else "widen"} if task.dtype == "bfloat16" else {"kernel": "dot"}
+        if task.dtype == "bfloat16" and "M" in task.dynamic:
+            extra["kc"] = 0  # see the space's constraint
         return blocked_gemm_default(self.space(task, target), task.dims, target, extra)
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
@@ -473,6 +477,12 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
     scratch_y = bf16 and kc < K  # partial sums of a bfloat16 Y live in a float32 copy
     n_in = len(signature) - 1
     n_ptr = n_in + 2
+    # a dynamic M (prefill token rows) is the entry's one scalar: blocks and the M edge are
+    # found at run time, and the kernel serves any M with the workspace sized at the tuned one
+    dynamic = "M" in task.dynamic
+    if dynamic and scratch_y:
+        raise ValueError("gemm: a bfloat16 Y split over K blocks keeps float32 partial sums sized by M, "
+                         "so M cannot be dynamic there")
     module = cg.new_module(name)
     micro: dict[tuple, ir.Function] = {}
 
@@ -487,11 +497,13 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
                                            bf16 and not scratch_y)
         return micro[key]
 
-    body, kb = cg.chunk_body(module, f"{name}_chunk", n_pointers=n_ptr, n_scalars=0)
+    n_scalars = 1 if dynamic else 0
+    body, kb = cg.chunk_body(module, f"{name}_chunk", n_pointers=n_ptr, n_scalars=n_scalars)
     inputs = list(body.args[:n_in])
     Y, WS = body.args[n_in], body.args[n_in + 1]
-    chunk_begin, chunk_end, thread = body.args[n_ptr:n_ptr + 3]
+    chunk_begin, chunk_end, thread = body.args[n_ptr + n_scalars:n_ptr + n_scalars + 3]
     b = kb.b
+    rows = body.args[n_ptr] if dynamic else cg.i64(M)  # M as the code sees it
     x_el = cg.I16 if bf16 else cg.F32
     w_el = cg.I16 if w_bf16 else cg.F32
     panel_bytes = weights.panel_bytes * nc * kc if pack else 0
@@ -542,31 +554,50 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
                 return kb.gep(ws, b.mul(jn, cg.i64(kc)), w_el)
             return kb.gep(inputs[1], b.add(b.mul(b.add(n0, jn), cg.i64(K)), k0), w_el)
 
-        def call(im, jn, mt: int, nt: int) -> None:
-            # im is a multiple of mr: in either packed layout its rows start at im * kc
-            xp = (kb.gep(x_panel, b.add(x_slot(k0), b.mul(im, cg.i64(kc))), x_el) if xpack
-                  else kb.gep(X, b.add(b.mul(b.add(m0, im), cg.i64(K)), k0), x_el))
+        def call(im, jn, mt: int, nt: int, i0=None) -> None:
+            # rows [im + i0, +mt) of the tile at im, a multiple of mr: in either packed layout
+            # the tile starts at im * kc; the outer kernel's interleaves its rows (stride 1)
+            i0 = cg.i64(0) if i0 is None else i0
+            if xpack:
+                row = b.add(b.mul(im, cg.i64(kc)), i0 if outer else b.mul(i0, cg.i64(kc)))
+                xp = kb.gep(x_panel, b.add(x_slot(k0), row), x_el)
+            else:
+                xp = kb.gep(X, b.add(b.mul(b.add(m0, b.add(im, i0)), cg.i64(K)), k0), x_el)
             y_el = cg.I16 if bf16 and not scratch_y else cg.F32
-            yp = kb.gep(acc_y, b.add(b.mul(b.add(m0, im), cg.i64(N)), b.add(n0, jn)), y_el)
+            yp = kb.gep(acc_y, b.add(b.mul(b.add(m0, b.add(im, i0)), cg.i64(N)), b.add(n0, jn)), y_el)
             b.call(kernel_for(mt, nt, klen), [kb.ptr(xp), kb.ptr(w_ptr(jn)), kb.ptr(yp), first])
 
         m_full = b.sdiv(mlen, cg.i64(mr))
         n_full = b.sdiv(nlen, cg.i64(nr))
         m_edge, n_edge = M % mr, N % nr
 
+        def m_edge_tile(emit) -> None:
+            """``emit(im, mt, i0)`` for the last, partial tile of M rows: its exact size when M
+            is compiled in; with a dynamic M, pieces of 4, 2 and 1 rows as the remainder's bits say."""
+            rest = b.srem(mlen, cg.i64(mr))
+            tile = b.mul(m_full, cg.i64(mr))
+            if not dynamic:
+                if m_edge:
+                    with b.if_then(b.icmp_signed("!=", rest, cg.i64(0))):
+                        emit(tile, m_edge, None)
+                return
+            piece = (1 << (mr - 1).bit_length()) >> 1  # the largest power of two below mr (0: mr = 1)
+            while piece:
+                with b.if_then(b.icmp_signed("!=", b.and_(rest, cg.i64(piece)), cg.i64(0))):
+                    emit(tile, piece, b.and_(rest, cg.i64(-2 * piece)))  # after the larger pieces' rows
+                piece >>= 1
+
         def m_tiles(jn, nt: int) -> None:
             with kb.loop(0, m_full, 1, name="it") as it:
                 call(b.mul(it, cg.i64(mr)), jn, mr, nt)
-            if m_edge:
-                with b.if_then(b.icmp_signed("!=", b.srem(mlen, cg.i64(mr)), cg.i64(0))):
-                    call(b.mul(m_full, cg.i64(mr)), jn, m_edge, nt)
+            m_edge_tile(lambda im, mt, i0: call(im, jn, mt, nt, i0))
 
-        def n_tiles(im, mt: int) -> None:
+        def n_tiles(im, mt: int, i0=None) -> None:
             with kb.loop(0, n_full, 1, name="jt") as jt:
-                call(im, b.mul(jt, cg.i64(nr)), mt, nr)
+                call(im, b.mul(jt, cg.i64(nr)), mt, nr, i0)
             if n_edge:
                 with b.if_then(b.icmp_signed("!=", b.srem(nlen, cg.i64(nr)), cg.i64(0))):
-                    call(im, b.mul(n_full, cg.i64(nr)), mt, n_edge)
+                    call(im, b.mul(n_full, cg.i64(nr)), mt, n_edge, i0)
 
         if c["inner"] == "nm":
             with kb.loop(0, n_full, 1, name="jt") as jt:
@@ -577,9 +608,7 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
         else:
             with kb.loop(0, m_full, 1, name="it") as it:
                 n_tiles(b.mul(it, cg.i64(mr)), mr)
-            if m_edge:
-                with b.if_then(b.icmp_signed("!=", b.srem(mlen, cg.i64(mr)), cg.i64(0))):
-                    n_tiles(b.mul(m_full, cg.i64(mr)), m_edge)
+            m_edge_tile(n_tiles)
 
     def k_blocks(emit) -> None:
         """Call emit(k0, klen, first) over the K blocks: full ones in a loop, then the rest."""
@@ -589,8 +618,10 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
         if K % kc:
             emit(cg.i64(full * kc), K % kc, ir.Constant(cg.I1, 1 if full == 0 else 0))
 
-    def extent(start, block: int, total: int):
-        return kb.min(block, b.sub(cg.i64(total), start))
+    def extent(start, block: int, total):
+        return kb.min(block, b.sub(total if isinstance(total, ir.Value) else cg.i64(total), start))
+
+    m_blocks = b.sdiv(b.add(rows, cg.i64(mc - 1)), cg.i64(mc))
 
     if c["order"] == "nkm":
         with kb.loop(chunk_begin, chunk_end, 1, name="nb") as nb:
@@ -598,12 +629,12 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
             nlen = extent(n0, nc, N)
 
             def per_k(k0, klen, first):
-                with kb.loop(0, math.ceil(M / mc), 1, name="mb") as mb:
+                with kb.loop(0, m_blocks, 1, name="mb") as mb:
                     m0 = b.mul(mb, cg.i64(mc))
-                    block(m0, extent(m0, mc, M), n0, nlen, k0, klen, first)
+                    block(m0, extent(m0, mc, rows), n0, nlen, k0, klen, first)
             k_blocks(per_k)
             if scratch_y:
-                _round_region(kb, acc_y, Y, cg.i64(0), cg.i64(M), n0, nlen, N, lanes)
+                _round_region(kb, acc_y, Y, cg.i64(0), rows, n0, nlen, N, lanes)
         chunks = math.ceil(N / nc)
     else:
         # a chunk is one (X block, W block) pair, X block major: a thread walks the W
@@ -612,7 +643,7 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
         n_blocks = math.ceil(N / nc)
         with kb.loop(chunk_begin, chunk_end, 1, name="mn") as pair:
             m0 = b.mul(b.sdiv(pair, cg.i64(n_blocks)), cg.i64(mc))
-            mlen = extent(m0, mc, M)
+            mlen = extent(m0, mc, rows)
             nb = b.srem(pair, cg.i64(n_blocks))
             n0 = b.mul(nb, cg.i64(nc))
             nlen = extent(n0, nc, N)
@@ -624,10 +655,16 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
             k_blocks(lambda k0, klen, first: block(m0, mlen, n0, nlen, k0, klen, first))
             if scratch_y:
                 _round_region(kb, acc_y, Y, m0, mlen, n0, nlen, N, lanes)
-        chunks = math.ceil(M / mc) * n_blocks
+        if dynamic:
+            def chunks(entry_kb: cg.KernelBuilder, entry_args: list) -> ir.Value:
+                eb = entry_kb.b
+                return eb.mul(eb.sdiv(eb.add(entry_args[n_ptr], cg.i64(mc - 1)), cg.i64(mc)), cg.i64(n_blocks))
+        else:
+            chunks = math.ceil(M / mc) * n_blocks
     kb.ret()
 
-    cg.parallel_entry(module, name, body, n_pointers=n_ptr, n_scalars=0, threads=threads, n_chunks=chunks)
+    cg.parallel_entry(module, name, body, n_pointers=n_ptr, n_scalars=n_scalars, threads=threads, n_chunks=chunks)
     workspace = _round_up(per_thread * threads, 64) + (4 * M * N if scratch_y else 0)
     args = tuple(signature) + (ArgSpec("workspace", "workspace", "uint8", (), nbytes=max(workspace, 64)),)
+    args += tuple(ArgSpec(d, "scalar", "int64") for d in task.dynamic)
     return KernelSource("llvm", str(module), name, args, (("threads", threads),))

@@ -195,7 +195,7 @@ def guarded(array):
 case = json.loads(sys.argv[1])
 host = Target.host()
 template = get_template(case["op"], "cpu")
-task = Task.make(case["op"], case["shape"], attrs=case["attrs"], dynamic=case["dynamic"])
+task = Task.make(case["op"], case["shape"], case.get("dtype", "float32"), attrs=case["attrs"], dynamic=case["dynamic"])
 space = template.space(task, host)
 config = space.from_values(dict(template.default(task, host).as_dict(), **case["values"]))
 assert space.is_valid(config), space.violations(config)
@@ -206,7 +206,9 @@ for dims in case["runs"]:
     inputs = template.make_inputs(sized, np.random.default_rng(0))
     buffers = {k: guarded(v) for k, v in allocate_args(source, sized.dims, inputs).items()}
     kernel(buffers, sized.dims)
-    problem = check_output("O", buffers["O"], template.reference(sized, inputs)["O"], template.tolerance(sized))
+    out = case.get("output", "O")
+    problem = check_output(out, buffers[out], template.reference(sized, inputs)[out], template.tolerance(sized),
+                           task.dtype)
     if problem:
         sys.exit(f"{config} at {dims}: {problem}")
 """

@@ -87,6 +87,7 @@ SIMT_SEEDS = tuple(dict(bm=bm, bn=bn, bk=bk, tm=8, tn=8, vec=4, split_k=1, group
 @register_template
 class GemmCuda(GemmOp, Template):
     target_kind = "cuda"
+    dynamic_dims = ()  # M is compiled in (the CPU template takes it at run time)
     dtypes = ("float16", "bfloat16", "float32")
 
     def seed_configs(self, task: Task, target: Target) -> list[dict]:

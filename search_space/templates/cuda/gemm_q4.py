@@ -16,6 +16,7 @@ from . import matmul_q4 as q4
 @register_template
 class GemmQ4Cuda(GemmQ4Op, Template):
     target_kind = "cuda"
+    dynamic_dims = ()  # M is compiled in (the CPU template takes it at run time)
     dtypes = ("float16", "bfloat16", "float32")
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
