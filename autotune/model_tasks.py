@@ -37,14 +37,14 @@ def task_of(spec: KernelSpec) -> Task:
 def model_tasks(config: ModelConfig, prefill_tokens: list[int], decode_batch: list[int], kv_len: list[int],
                 quantize: str = "none", group_size: int = 128,
                 decode_steps: int = DECODE_STEPS, dtype: str = "float32", resident: bool = False,
-                weights: str | None = None) -> list[ModelTask]:
-    """The distinct tasks of every pass, by op; raises ValueError for a bad setting. ``dtype``
-    and ``weights`` as ``runtime.plan`` takes them (``precisions`` maps a model's precision
-    on a target to them)."""
+                weights: str | None = None, dynamic_rows: bool = False) -> list[ModelTask]:
+    """The distinct tasks of every pass, by op; raises ValueError for a bad setting. ``dtype``,
+    ``weights`` and ``dynamic_rows`` as ``runtime.plan`` takes them (``precisions`` maps a
+    model's precision on a target to the first two, ``PREFILL_DYNAMIC_ROWS`` a target to the last)."""
     passes: list[tuple[str, float, list]] = []
     for tokens in prefill_tokens:
-        passes.append((f"prefill T={tokens}", 1.0, prefill_calls(config, tokens, quantize, group_size,
-                                                                     dtype=dtype, weights=weights)))
+        passes.append((f"prefill T={tokens}", 1.0, prefill_calls(config, tokens, quantize, group_size, dtype=dtype,
+                                                                     weights=weights, dynamic_rows=dynamic_rows)))
     for batch in decode_batch:
         for length in kv_len:
             passes.append((f"decode B={batch} L={length}", decode_steps / len(kv_len),

@@ -26,11 +26,12 @@ class ModelWorkload:
     dtype: str = "float32"  # the model's precision (runtime.plan)
     resident: bool = False  # the decode step a CUDA model captures as a graph (runtime.plan.decode_calls)
     weights: str | None = None  # the linear layers' weights when not in dtype: weight-only (runtime.plan)
+    dynamic_rows: bool = False  # a prefill's linear layers take M at run time (runtime.plan, the CPU's)
 
     def tasks(self) -> list[ModelTask]:
         return model_tasks(self.config, list(self.prefill_tokens), list(self.decode_batch), list(self.kv_len),
                            self.quantize, self.group_size, dtype=self.dtype, resident=self.resident,
-                           weights=self.weights)
+                           weights=self.weights, dynamic_rows=self.dynamic_rows)
 
     def working_set_bytes(self) -> int:
         """The most bytes one forward pass of the workload touches (weights, activations, KV
@@ -42,20 +43,23 @@ class ModelWorkload:
         return {"model": self.config.name, "prefill_tokens": list(self.prefill_tokens),
                 "decode_batch": list(self.decode_batch), "kv_len": list(self.kv_len), "quantize": self.quantize,
                 "group_size": self.group_size, "dtype": self.dtype, "resident": self.resident,
-                "weights": self.weights or self.dtype, "parameters": self.config.parameters,
+                "weights": self.weights or self.dtype, "dynamic_rows": self.dynamic_rows,
+                "parameters": self.config.parameters,
                 "working_set_bytes": self.working_set_bytes()}
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config),
                 "prefill_tokens": list(self.prefill_tokens), "decode_batch": list(self.decode_batch),
                 "kv_len": list(self.kv_len), "quantize": self.quantize, "group_size": self.group_size,
-                "dtype": self.dtype, "resident": self.resident, "weights": self.weights}
+                "dtype": self.dtype, "resident": self.resident, "weights": self.weights,
+                "dynamic_rows": self.dynamic_rows}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelWorkload":
         return cls(ModelConfig(**data["config"]), tuple(data["prefill_tokens"]),
                    tuple(data["decode_batch"]), tuple(data["kv_len"]), data["quantize"], data["group_size"],
-                   data.get("dtype", "float32"), data.get("resident", False), data.get("weights"))
+                   data.get("dtype", "float32"), data.get("resident", False), data.get("weights"),
+                   data.get("dynamic_rows", False))
 
 
 class ModelProgress:

@@ -27,8 +27,8 @@ from .arrays import arrays_for
 from .generation import Generation
 from .kernel import BoundCall, Kernel, KernelProvider, buckets, numpy_dtype, select
 from .model_config import ModelConfig
-from .plan import (FUSED_ATTRS, KernelCall, bias_role, biased_projections, can_fuse_norms, decode_calls, precisions,
-                   prefill_calls, unfused)
+from .plan import (FUSED_ATTRS, PREFILL_DYNAMIC_ROWS, KernelCall, bias_role, biased_projections, can_fuse_norms,
+                   decode_calls, precisions, prefill_calls, unfused)
 from .precision import bfloat16_to_float32, check_dtype, rounded, stored_as, to_float32, widened
 from .weights import DeviceWeights, ModelWeights, bias_name, fused_parts, layer_name
 
@@ -142,6 +142,7 @@ class LlamaModel:
         self.prefill_sizes = prefill_sizes
         self._memo: dict[tuple, Kernel] = {}  # the provider's answer per call shape
         self._padded: dict[tuple[int, int], int] = {}  # padded_tokens per (batch, prompt length)
+        self._dynamic_rows: bool | None = None  # whether the prefill's linear layers read M at run time
         # how the last generation decoded: "host" (a call per kernel), "graph" (a captured CUDA
         # graph per step) or "resident" (the graph's kernels, issued one by one: no capture here)
         self.decode_mode: str | None = None
@@ -234,7 +235,21 @@ class LlamaModel:
 
     def _prefill(self, tokens: int, batch: int) -> list[KernelCall]:
         return prefill_calls(self.config, tokens, self.quantize, self.group_size, batch, self.activations,
-                             self.weights_dtype)
+                             self.weights_dtype, self.dynamic_rows)
+
+    @property
+    def dynamic_rows(self) -> bool:
+        """Whether a prefill's linear layers read their M at run time, so that a prompt runs at
+        its own length (``runtime.plan.PREFILL_DYNAMIC_ROWS``): on the CPU, unless every gemm the
+        provider was tuned with compiles M in (a library from before dynamic rows: it keeps
+        padding prompts to the sizes it was tuned at)."""
+        if self._dynamic_rows is None:
+            dynamic = PREFILL_DYNAMIC_ROWS[self.arrays.kind]
+            if dynamic:
+                linear = [spec for spec in self.kernels.specs() if spec.op in ("gemm", "gemm_q4")]
+                dynamic = not linear or any("M" in spec.dynamic for spec in linear)
+            self._dynamic_rows = dynamic
+        return self._dynamic_rows
 
     def _decode(self, batch: int, capacity: int, resident: bool = False,
                 fused_norms: bool | None = None) -> list[KernelCall]:

@@ -5,7 +5,9 @@ tunes exactly these tasks, so the two can never disagree. A prefill pass runs ``
 tokens of one sequence; a decode pass runs one new token for each of ``batch`` sequences
 against a KV cache holding ``kv_len`` positions. Token counts and KV lengths are dynamic
 dims of the row-wise and attention kernels (one kernel serves every count, tuned at the
-given size); the linear layers compile their M in.
+given size). The linear layers compile their M in, except a CPU prefill's
+(``dynamic_rows``, ``PREFILL_DYNAMIC_ROWS``): there every linear layer but the LM head is a
+``gemm`` with a dynamic M, so a prompt runs at its own length rather than padded to a tuned one.
 
 Residual adds are fused into the RMSNorm that follows them (``rmsnorm`` with
 ``residual=true`` writes the new residual stream too), so a layer calls no ``add``; the Q, K
@@ -46,6 +48,9 @@ from .precision import check_dtype
 
 QUANTIZE = ("none", "q4")
 GEMV_MAX_M = 16  # above this the decode step uses the gemm kernels
+# whether a prefill's linear layers take the token rows at run time, by target kind (the
+# CPU's gemm templates take a dynamic M; the CUDA ones compile M in)
+PREFILL_DYNAMIC_ROWS = {"cpu": True, "cuda": False}
 
 
 @dataclass(frozen=True)
@@ -97,13 +102,15 @@ def precisions(dtype: str, kind: str, quantize: str = "none") -> tuple[str, str]
 
 
 def _linear(role: str, m: int, n: int, k: int, count: int, quantize: str, group_size: int,
-            attrs: dict | None = None) -> KernelCall:
-    op = "gemv" if m <= GEMV_MAX_M else "gemm"
+            attrs: dict | None = None, dynamic_rows: bool = False) -> KernelCall:
+    """``dynamic_rows``: a gemm that reads M at run time, whatever ``m`` (the rows it is tuned at)."""
+    op = "gemv" if m <= GEMV_MAX_M and not dynamic_rows else "gemm"
     attrs = dict(attrs or {})
     if quantize == "q4":
         op += "_q4"
         attrs = {"group_size": group_size, "zero_point": False}
-    return KernelCall(role, KernelSpec.make(op, {"M": m, "N": n, "K": k}, attrs=attrs), count)
+    return KernelCall(role, KernelSpec.make(op, {"M": m, "N": n, "K": k}, attrs=attrs,
+                                            dynamic=("M",) if dynamic_rows else ()), count)
 
 
 def _rows(role: str, op: str, rows: int, n: int, count: int, attrs: dict | None = None) -> KernelCall:
@@ -222,13 +229,15 @@ def bias_role(role: str) -> str:
     return role.replace("_proj", "_bias")
 
 
-def _layer_linears(config: ModelConfig, m: int, quantize: str, group_size: int, attrs: dict) -> list[KernelCall]:
+def _layer_linears(config: ModelConfig, m: int, quantize: str, group_size: int, attrs: dict,
+                   dynamic_rows: bool = False) -> list[KernelCall]:
     c, layers = config, config.num_hidden_layers
+    q, d = (quantize, group_size, attrs), dynamic_rows
     # Q, K, V as one projection and gate, up as another (runtime.weights.FUSED)
-    linears = [_linear("qkv_proj", m, c.q_size + 2 * c.kv_size, c.hidden_size, layers, quantize, group_size, attrs),
-               _linear("o_proj", m, c.hidden_size, c.q_size, layers, quantize, group_size, attrs),
-               _linear("gate_up_proj", m, 2 * c.intermediate_size, c.hidden_size, layers, quantize, group_size, attrs),
-               _linear("down_proj", m, c.hidden_size, c.intermediate_size, layers, quantize, group_size, attrs)]
+    linears = [_linear("qkv_proj", m, c.q_size + 2 * c.kv_size, c.hidden_size, layers, *q, dynamic_rows=d),
+               _linear("o_proj", m, c.hidden_size, c.q_size, layers, *q, dynamic_rows=d),
+               _linear("gate_up_proj", m, 2 * c.intermediate_size, c.hidden_size, layers, *q, dynamic_rows=d),
+               _linear("down_proj", m, c.hidden_size, c.intermediate_size, layers, *q, dynamic_rows=d)]
     biased = biased_projections(c)
     return linears + [_rows(bias_role(call.role), "bias_add", m, call.spec.dims["N"], layers)
                       for call in linears if biased[call.role]]
@@ -246,12 +255,13 @@ def _linear_attrs(dtype: str, weights: str | None, quantize: str) -> dict:
 
 
 def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: KernelSpec, quantize: str,
-                group_size: int, dtype: str, weights: str | None = None) -> list[KernelCall]:
+                group_size: int, dtype: str, weights: str | None = None,
+                dynamic_rows: bool = False) -> list[KernelCall]:
     """The kernels of a pass over ``rows`` token rows of ``sequences`` sequences."""
     c, layers = config, config.num_hidden_layers
     attrs = _linear_attrs(dtype, weights, quantize)
     calls = ([_norm(c, "first_norm", rows, False, 1), _norm(c, "residual_norm", rows, True, 2 * layers)]
-            + _layer_linears(c, rows, quantize, group_size, attrs)
+            + _layer_linears(c, rows, quantize, group_size, attrs, dynamic_rows)
             + _ropes(c, rows)
             + [KernelCall("attention", attention, layers),
                _rows("swiglu", "swiglu", rows, c.intermediate_size, layers),
@@ -260,14 +270,16 @@ def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: Kerne
 
 
 def prefill_calls(config: ModelConfig, tokens: int, quantize: str = "none", group_size: int = 128,
-                  batch: int = 1, dtype: str = "float32", weights: str | None = None) -> list[KernelCall]:
-    """Kernels of one prefill pass over ``batch`` prompts of ``tokens`` tokens (logits of the last)."""
+                  batch: int = 1, dtype: str = "float32", weights: str | None = None,
+                  dynamic_rows: bool = False) -> list[KernelCall]:
+    """Kernels of one prefill pass over ``batch`` prompts of ``tokens`` tokens (logits of the last).
+    ``dynamic_rows``: the layers' linear layers are gemms with a dynamic M (``PREFILL_DYNAMIC_ROWS``)."""
     check_quantize(config, quantize, group_size)
     c = config
     attention = KernelSpec.make("attention_prefill", {"B": batch, "T": tokens, "H": c.num_attention_heads,
                                                       "HKV": c.num_key_value_heads, "D": c.head_dim},
                                 attrs={"causal": True}, dynamic=("T",))
-    return _pass_calls(c, batch * tokens, batch, attention, quantize, group_size, dtype, weights)
+    return _pass_calls(c, batch * tokens, batch, attention, quantize, group_size, dtype, weights, dynamic_rows)
 
 
 def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "none",

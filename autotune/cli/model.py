@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from runtime.plan import PREFILL_DYNAMIC_ROWS
 from runtime.precision import DTYPES
 
 from ..units import format_time
@@ -82,7 +83,8 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
     workload = ModelWorkload(config, parse_sizes(prefill_tokens, "--prefill-tokens"),
                              parse_sizes(decode_batch, "--decode-batch"), parse_sizes(kv_len, "--kv-len"),
                              quantize, group_size, activations, resident=get_backend(kind).resident_decode,
-                             weights=weights if weights != activations else None)
+                             weights=weights if weights != activations else None,
+                             dynamic_rows=PREFILL_DYNAMIC_ROWS[kind])
     try:
         tasks = workload.tasks()
     except ValueError as exc:

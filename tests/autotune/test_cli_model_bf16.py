@@ -25,7 +25,7 @@ def test_a_bfloat16_model_tunes_exports_and_runs_against_the_rounded_reference(t
     out = json.loads(run("run", "--lib", "lib", "--model", "tiny", "--prompt-tokens", "12", "--new-tokens", "32",
                          "--compare", "--json", cwd=tmp_path).stdout)
     assert out["dtype"] == "bfloat16"
-    assert out["kernels"] == {"tuned": 20, "untuned": 0, "prefill_padded_to": 16, "decode_mode": "host"}
+    assert out["kernels"] == {"tuned": 20, "untuned": 0, "prefill_padded_to": 12, "decode_mode": "host"}
     assert out["reference"]["logits"]["max_rel"] < 1e-5 and out["reference"]["logits"]["same_tokens"]
     assert_usage_error(run("run", "--lib", "lib", "--model", "tiny", "--dtype", "float16", cwd=tmp_path, check=False),
                        "--dtype float16: the CPU kernels have no float16")

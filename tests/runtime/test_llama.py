@@ -76,6 +76,39 @@ def test_a_padded_prefill_computes_the_same_logits(default_kernels):
     np.testing.assert_array_equal(padded.tokens, exact.tokens)
 
 
+class StaticRowGemms:
+    """A provider as a library tuned before a CPU prefill's GEMMs read M at run time: its tuned
+    GEMMs compile a 32-token prefill's M in."""
+
+    def __init__(self, kernels):
+        self.kernels = kernels
+
+    def get(self, op, shape, dtype="float32", attrs=None, dynamic=()):
+        return self.kernels.get(op, shape, dtype, attrs, dynamic)
+
+    def specs(self):
+        return [call.spec for call in prefill_calls(TINY, 32) + decode_calls(TINY, 1, 64)]
+
+    def close(self):
+        pass
+
+
+def test_a_prefill_runs_at_the_prompts_length_or_padded_where_the_gemms_compile_m_in(default_kernels):
+    weights = ModelWeights.random(TINY, seed=6)
+    prompts = np.random.default_rng(3).integers(0, TINY.vocab_size, (1, 6))
+    model = LlamaModel(TINY, weights, default_kernels)
+    assert model.dynamic_rows and model.padded_tokens(1, 6) == 6
+    exact = model.generate(prompts, 3)
+    gemms = [key for key in model.used if key.startswith("gemm/")]
+    assert gemms and all("M~=" in key for key in gemms)  # M read at run time (from any size compiled so far)
+    old = LlamaModel(TINY, weights, StaticRowGemms(default_kernels))
+    assert not old.dynamic_rows and old.padded_tokens(1, 6) == 32
+    padded = old.generate(prompts, 3)
+    assert all("M=32," in key for key in old.used if key.startswith("gemm/"))
+    assert relative_error(padded.logits, exact.logits) < 1e-5
+    np.testing.assert_array_equal(padded.tokens, exact.tokens)
+
+
 def test_the_reference_is_causal_and_agrees_with_a_full_recompute():
     """Decoding with the cache equals recomputing the whole sequence without one."""
     weights = ModelWeights.random(TINY, seed=5)
