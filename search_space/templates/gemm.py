@@ -27,6 +27,11 @@ Edges: blocks are whole multiples of the micro tile, so only the last M and N ti
 partial; they get their own micro-kernels with the exact sizes, and the K remainder of a
 block is read with masked loads. Nothing reads or writes outside the arrays.
 
+Dynamic M (``--dynamic M``: a prefill's token rows): M is the entry's int64 argument, the
+number of M blocks (and of ``mnk`` chunks) is found at run time, and the last partial M tile
+runs as pieces of 4, 2 and 1 rows, as the remainder's bits say, so three edge micro-kernels
+cover every M. The blocks and the workspace keep the sizes of the M the task was tuned at.
+
 ``render_blocked_gemm`` is the schedule itself, parameterised by how W reaches the
 micro-kernel (``WeightSource``): ``gemm_q4`` reuses it with a panel that dequantises int4.
 """
