@@ -1,10 +1,10 @@
 """Where a model's prefill time goes, kernel by kernel, inside the model and alone.
 
     .venv/bin/python benchmarks/tiny_prefill_profile.py --lib demo-lib --log demo-model.jsonl \
-        [--model tiny] [--prompt-tokens 64] [--passes 20] [--markdown]
+        [--model tiny] [--prompt-tokens 64] [--passes 20] [--json]
 
-Runs the prefill pass of ``autotune run`` (same random prompt, padded to the same tuned
-length) on the exported library (``--lib``) and on untuned template defaults, alternating
+Runs the prefill pass of ``autotune run`` (same random prompt, at the same length: its own on
+the CPU, padded to a tuned one where the GEMMs compile M in) on the exported library (``--lib``) and on untuned template defaults, alternating
 pass by pass, and times every bound kernel call with ``perf_counter`` through a wrapper
 defined here (the runtime is untouched: the wrapper sits between ``LlamaModel`` and its
 kernel provider). Per task it prints the median time per call over the timed passes on
@@ -16,7 +16,9 @@ call) and pass (copies filling what one forward pass of the model touches: how `
 times a model that fits in cache). ``--json`` prints every figure instead.
 
 The tuned side's prefill length is fixed once, as ``autotune run`` fixes it
-(``LlamaModel.padded_tokens`` searches the library's tuned sizes on every pass otherwise).
+(``LlamaModel.padded_tokens`` searches the library's tuned sizes on every pass otherwise). A
+row is a call of the model, named by the task the library tuned for it (a dynamic dim's
+nearest tuned bucket).
 """
 from __future__ import annotations
 
@@ -59,17 +61,20 @@ class _TimedKernel:
 
 
 class _TimedProvider:
-    """A kernel provider handing out timed kernels, keyed by the task they were tuned for."""
+    """A kernel provider handing out timed kernels, keyed by the task the first provider to be
+    asked for the same call (the library) tuned for it: ``names``, shared by both sides, so a
+    call with a dynamic dim is one row although the library serves it from a tuned bucket."""
 
-    def __init__(self, provider, sink: dict):
-        self._provider, self._sink = provider, sink
+    def __init__(self, provider, sink: dict, names: dict):
+        self._provider, self._sink, self._names = provider, sink, names
 
     def __getattr__(self, name: str):
         return getattr(self._provider, name)
 
     def get(self, op, shape, dtype="float32", attrs=None, dynamic=()):
         kernel = self._provider.get(op, shape, dtype, attrs, dynamic)
-        return _TimedKernel(kernel, _task_key(kernel.spec), self._sink)
+        call = (op, tuple(sorted(dict(shape).items())), dtype, tuple(sorted((attrs or {}).items())), tuple(dynamic))
+        return _TimedKernel(kernel, self._names.setdefault(call, _task_key(kernel.spec)), self._sink)
 
 
 def _task_key(spec) -> str:
@@ -95,12 +100,14 @@ def profile_prefill(lib: str, model: str, prompt_tokens: int, passes: int, seed:
     in_kernels: dict[str, list[float]] = {"tuned": [], "defaults": []}
     library = runtime.load(lib, fallback=TunedKernels.defaults())
     defaults = TunedKernels.defaults()
+    names: dict = {}
     try:
-        tuned = LlamaModel(config, weights, _TimedProvider(library, sinks["tuned"]))
+        tuned = LlamaModel(config, weights, _TimedProvider(library, sinks["tuned"], names))
         padded = tuned.padded_tokens(1, prompt_tokens)
         tuned.prefill_sizes = [padded]  # as autotune run does: the padded length is not searched per pass
-        models = {"tuned": tuned,
-                  "defaults": LlamaModel(config, weights, _TimedProvider(defaults, sinks["defaults"]), [padded])}
+        models = {"tuned": tuned,  # prepared first: its kernels name the rows
+                  "defaults": LlamaModel(config, weights, _TimedProvider(defaults, sinks["defaults"], names),
+                                         [padded])}
         caches = {}
         for name, m in models.items():
             m.prepare(1, prompt_tokens, 2)
@@ -174,7 +181,7 @@ def _us(seconds) -> str:
 
 
 def markdown(profile: dict, alone: dict) -> str:
-    lines = [f"{profile['model']}, prompt {profile['prompt_tokens']} tokens padded to {profile['padded']}, "
+    lines = [f"{profile['model']}, prompt {profile['prompt_tokens']} tokens run at {profile['padded']}, "
              f"median over {profile['passes']} prefill passes; times in us per call. "
              f"Prefill pass (wall, median): tuned "
              f"{profile['pass_s']['tuned'] * 1e3:.3f} ms, defaults {profile['pass_s']['defaults'] * 1e3:.3f} ms; "
@@ -207,7 +214,7 @@ def main() -> None:
     parser.add_argument("--lib", required=True, help="an exported library (autotune export)")
     parser.add_argument("--log", default=None, help="the tuning log it was exported from (re-times each task alone)")
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--prompt-tokens", type=int, default=64, help="as `autotune run` (padded to the tuned size)")
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="as `autotune run` (its own length, or padded to a tuned size)")
     parser.add_argument("--passes", type=int, default=20)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
