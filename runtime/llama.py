@@ -27,8 +27,8 @@ from .arrays import arrays_for
 from .generation import Generation
 from .kernel import BoundCall, Kernel, KernelProvider, buckets, numpy_dtype, select
 from .model_config import ModelConfig
-from .plan import (FUSED_ATTRS, PREFILL_DYNAMIC_ROWS, KernelCall, bias_role, biased_projections, can_fuse_norms,
-                   decode_calls, precisions, prefill_calls, unfused)
+from .plan import (FUSED_ATTRS, GEMV_MAX_M, PREFILL_DYNAMIC_ROWS, KernelCall, bias_role, biased_projections,
+                   can_fuse_norms, decode_calls, precisions, prefill_calls, unfused)
 from .precision import bfloat16_to_float32, check_dtype, rounded, stored_as, to_float32, widened
 from .weights import DeviceWeights, ModelWeights, bias_name, fused_parts, layer_name
 
@@ -143,6 +143,7 @@ class LlamaModel:
         self._memo: dict[tuple, Kernel] = {}  # the provider's answer per call shape
         self._padded: dict[tuple[int, int], int] = {}  # padded_tokens per (batch, prompt length)
         self._dynamic_rows: bool | None = None  # whether the prefill's linear layers read M at run time
+        self._on_gemvs: dict[tuple[int, int], bool] = {}  # per (batch, tokens): a short prefill on tuned GEMVs
         # how the last generation decoded: "host" (a call per kernel), "graph" (a captured CUDA
         # graph per step) or "resident" (the graph's kernels, issued one by one: no capture here)
         self.decode_mode: str | None = None
@@ -234,8 +235,25 @@ class LlamaModel:
         return tuned_sizes[0] if tuned_sizes else tokens
 
     def _prefill(self, tokens: int, batch: int) -> list[KernelCall]:
+        dynamic = self.dynamic_rows and not self._short_on_gemvs(batch, tokens)
         return prefill_calls(self.config, tokens, self.quantize, self.group_size, batch, self.activations,
-                             self.weights_dtype, self.dynamic_rows)
+                             self.weights_dtype, dynamic)
+
+    def _short_on_gemvs(self, batch: int, tokens: int) -> bool:
+        """Whether a prefill of ``batch * tokens`` rows runs its linear layers on GEMVs tuned at
+        exactly that many rows (a one-token prompt on the decode step's): they stream W at the
+        full rate, where a GEMM tuned for many rows, run at a few, does not."""
+        key = (batch, tokens)
+        if key not in self._on_gemvs:
+            fits = batch * tokens <= GEMV_MAX_M
+            if fits:
+                specs = self.kernels.specs()
+                calls = prefill_calls(self.config, tokens, self.quantize, self.group_size, batch, self.activations,
+                                      self.weights_dtype)
+                fits = all(select(specs, lambda spec: spec, call.spec) is not None
+                           for call in calls if call.spec.op in ("gemv", "gemv_q4"))
+            self._on_gemvs[key] = fits
+        return self._on_gemvs[key]
 
     @property
     def dynamic_rows(self) -> bool:

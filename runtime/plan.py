@@ -7,7 +7,8 @@ against a KV cache holding ``kv_len`` positions. Token counts and KV lengths are
 dims of the row-wise and attention kernels (one kernel serves every count, tuned at the
 given size). The linear layers compile their M in, except a CPU prefill's
 (``dynamic_rows``, ``PREFILL_DYNAMIC_ROWS``): there every linear layer but the LM head is a
-``gemm`` with a dynamic M, so a prompt runs at its own length rather than padded to a tuned one.
+``gemm`` with a dynamic M, so a prompt runs at its own length rather than padded to a tuned one
+(``runtime.llama`` still runs a prefill on GEMVs where some are tuned at exactly its rows).
 
 Residual adds are fused into the RMSNorm that follows them (``rmsnorm`` with
 ``residual=true`` writes the new residual stream too), so a layer calls no ``add``; the Q, K

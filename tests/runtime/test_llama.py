@@ -76,18 +76,20 @@ def test_a_padded_prefill_computes_the_same_logits(default_kernels):
     np.testing.assert_array_equal(padded.tokens, exact.tokens)
 
 
-class StaticRowGemms:
-    """A provider as a library tuned before a CPU prefill's GEMMs read M at run time: its tuned
-    GEMMs compile a 32-token prefill's M in."""
+class TunedFor:
+    """A provider whose kernels are the template defaults and whose tuned tasks (what it says it
+    was tuned for) are the 32-token prefill's and the decode step's: with the prefill's GEMMs
+    reading M at run time, or (``dynamic_rows=False``) compiling it in, as a library tuned before."""
 
-    def __init__(self, kernels):
-        self.kernels = kernels
+    def __init__(self, kernels, dynamic_rows: bool):
+        self.kernels, self.dynamic_rows = kernels, dynamic_rows
 
     def get(self, op, shape, dtype="float32", attrs=None, dynamic=()):
         return self.kernels.get(op, shape, dtype, attrs, dynamic)
 
     def specs(self):
-        return [call.spec for call in prefill_calls(TINY, 32) + decode_calls(TINY, 1, 64)]
+        calls = prefill_calls(TINY, 32, dynamic_rows=self.dynamic_rows) + decode_calls(TINY, 1, 64)
+        return [call.spec for call in calls]
 
     def close(self):
         pass
@@ -101,12 +103,27 @@ def test_a_prefill_runs_at_the_prompts_length_or_padded_where_the_gemms_compile_
     exact = model.generate(prompts, 3)
     gemms = [key for key in model.used if key.startswith("gemm/")]
     assert gemms and all("M~=" in key for key in gemms)  # M read at run time (from any size compiled so far)
-    old = LlamaModel(TINY, weights, StaticRowGemms(default_kernels))
+    old = LlamaModel(TINY, weights, TunedFor(default_kernels, dynamic_rows=False))
     assert not old.dynamic_rows and old.padded_tokens(1, 6) == 32
     padded = old.generate(prompts, 3)
     assert all("M=32," in key for key in old.used if key.startswith("gemm/"))
     assert relative_error(padded.logits, exact.logits) < 1e-5
     np.testing.assert_array_equal(padded.tokens, exact.tokens)
+
+
+def test_a_one_token_prompt_runs_on_the_decode_steps_gemvs(default_kernels):
+    """A GEMM tuned for many rows streams W slower at one row than the decode step's GEMV, tuned
+    at exactly one: a prefill that short takes the tuned GEMVs, a longer one the GEMMs."""
+    weights = ModelWeights.random(TINY, seed=7)
+    model = LlamaModel(TINY, weights, TunedFor(default_kernels, dynamic_rows=True))
+    assert model.dynamic_rows and model.padded_tokens(1, 1) == 1
+    ops = {call.spec.op for call in model._prefill(1, 1)}
+    assert "gemv" in ops and "gemm" not in ops
+    assert {call.spec.op for call in model._prefill(2, 1)} >= {"gemm"}  # no GEMV tuned at two rows
+    prompt = np.array([[5]])
+    np.testing.assert_array_equal(model.generate(prompt, 3).tokens, ReferenceModel(TINY, weights).generate(prompt, 3).tokens)
+    # template defaults claim no tuned GEMV: even one row takes the GEMM that reads M at run time
+    assert "gemm" in {call.spec.op for call in LlamaModel(TINY, weights, default_kernels)._prefill(1, 1)}
 
 
 def test_the_reference_is_causal_and_agrees_with_a_full_recompute():
