@@ -7,6 +7,7 @@ candidate that wrote to its inputs is caught (see ``measure.runner``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 
@@ -34,9 +35,22 @@ def task_data(task: Task, kind: str, seed: int) -> TaskData:
         template = get_template(task.op, kind)
         made = template.make_inputs(task, np.random.default_rng(seed))
         inputs = {name: np.ascontiguousarray(array) for name, array in made.items()}
-        _KEPT[key] = TaskData(key, inputs, template.reference(task, inputs),
-                              {name: input_digest(array) for name, array in inputs.items()})
+        with _one_blas_thread(kind == "cpu"):
+            reference = template.reference(task, inputs)
+        _KEPT[key] = TaskData(key, inputs, reference, {name: input_digest(array) for name, array in inputs.items()})
     return _KEPT[key]
+
+
+def _one_blas_thread(limit: bool):
+    """For a CPU task, the reference's matmuls on one BLAS thread: OpenBLAS's threads spin for
+    about 0.1 s after a call, and on a small machine they would hold the cores that the
+    candidates timed next run their threads on (a two-thread candidate timed right after the
+    reference ran at one thread's speed)."""
+    if not limit:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def drop_task_data() -> None:

@@ -42,8 +42,8 @@ def check_output(name: str, got: np.ndarray, want: np.ndarray, tol: float, dtype
         return f"{name}: {int(bad.sum())} elements are NaN/inf or never written (first at flat index {first})"
     scale = float(np.max(np.abs(want64))) if want64.size else 0.0
     diff = np.abs(got64 - want64)
-    norm_ref = float(np.linalg.norm(want64))
-    rel = float(np.linalg.norm(diff)) / norm_ref if norm_ref > 0 else float(np.linalg.norm(diff))
+    norm_ref, norm_diff = _norm(want64), _norm(diff)
+    rel = norm_diff / norm_ref if norm_ref > 0 else norm_diff
     if rel > tol:
         return f"{name}: relative error {rel:.3g} > {tol:.1g}"
     worst = int(np.argmax(diff)) if diff.size else 0
@@ -51,6 +51,14 @@ def check_output(name: str, got: np.ndarray, want: np.ndarray, tol: float, dtype
         return (f"{name}: element {worst} is {got64[worst]:.6g}, expected {want64[worst]:.6g} "
                 f"(error {diff[worst]:.3g} > {20 * tol:.1g} x max |ref| {scale:.3g})")
     return None
+
+
+def _norm(values: np.ndarray) -> float:
+    """The 2-norm without BLAS: ``np.linalg.norm`` takes a BLAS dot, which on a large output
+    wakes OpenBLAS's threads, and they spin for about 0.1 s after it, on the cores that a
+    parallel candidate is timed on next (a two-thread GEMM timed right after its check ran at
+    one thread's speed on a two-core machine). float64 squares of float32 values cannot overflow."""
+    return float(np.sqrt(np.sum(np.square(values))))
 
 
 def output_problems(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], dtypes: dict[str, str],
