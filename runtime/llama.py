@@ -19,10 +19,12 @@ costs the kernels plus one foreign call (or launch) each.
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
 
+from .abi import KernelSpec
 from .arrays import arrays_for
 from .generation import Generation
 from .kernel import BoundCall, Kernel, KernelProvider, buckets, numpy_dtype, select
@@ -100,6 +102,11 @@ class _WidenedTable:
         return bfloat16_to_float32(self.words[ids])
 
 
+def _all_tuned(specs: list[KernelSpec], calls: list[KernelCall]) -> bool:
+    """Whether a tuned kernel among ``specs`` serves every one of ``calls``."""
+    return all(select(specs, lambda spec: spec, call.spec) is not None for call in calls)
+
+
 class LlamaModel:
     """``generate(prompts, new_tokens)`` on kernels from ``kernels``."""
 
@@ -142,7 +149,6 @@ class LlamaModel:
         self.prefill_sizes = prefill_sizes
         self._memo: dict[tuple, Kernel] = {}  # the provider's answer per call shape
         self._padded: dict[tuple[int, int], int] = {}  # padded_tokens per (batch, prompt length)
-        self._dynamic_rows: bool | None = None  # whether the prefill's linear layers read M at run time
         self._on_gemvs: dict[tuple[int, int], bool] = {}  # per (batch, tokens): a short prefill on tuned GEMVs
         # how the last generation decoded: "host" (a call per kernel), "graph" (a captured CUDA
         # graph per step) or "resident" (the graph's kernels, issued one by one: no capture here)
@@ -230,7 +236,7 @@ class LlamaModel:
                               for m in buckets(specs, op, "M", N=probe["N"], K=probe["K"])
                               if m % batch == 0 and m // batch >= tokens})
         for length in sorted({tokens, *tuned_sizes}):
-            if all(select(specs, lambda spec: spec, call.spec) is not None for call in self._prefill(length, batch)):
+            if _all_tuned(specs, self._prefill(length, batch)):
                 return length
         return tuned_sizes[0] if tuned_sizes else tokens
 
@@ -247,27 +253,22 @@ class LlamaModel:
         if key not in self._on_gemvs:
             fits = batch * tokens <= GEMV_MAX_M
             if fits:
-                specs = self.kernels.specs()
                 calls = prefill_calls(self.config, tokens, self.quantize, self.group_size, batch, self.activations,
                                       self.weights_dtype)
-                fits = all(select(specs, lambda spec: spec, call.spec) is not None
-                           for call in calls if call.spec.op in ("gemv", "gemv_q4"))
+                fits = _all_tuned(self.kernels.specs(), [call for call in calls if call.spec.op in ("gemv", "gemv_q4")])
             self._on_gemvs[key] = fits
         return self._on_gemvs[key]
 
-    @property
+    @functools.cached_property
     def dynamic_rows(self) -> bool:
         """Whether a prefill's linear layers read their M at run time, so that a prompt runs at
         its own length (``runtime.plan.PREFILL_DYNAMIC_ROWS``): on the CPU, unless every gemm the
         provider was tuned with compiles M in (a library from before dynamic rows: it keeps
         padding prompts to the sizes it was tuned at)."""
-        if self._dynamic_rows is None:
-            dynamic = PREFILL_DYNAMIC_ROWS[self.arrays.kind]
-            if dynamic:
-                linear = [spec for spec in self.kernels.specs() if spec.op in ("gemm", "gemm_q4")]
-                dynamic = not linear or any("M" in spec.dynamic for spec in linear)
-            self._dynamic_rows = dynamic
-        return self._dynamic_rows
+        if not PREFILL_DYNAMIC_ROWS[self.arrays.kind]:
+            return False
+        linear = [spec for spec in self.kernels.specs() if spec.op in ("gemm", "gemm_q4")]
+        return not linear or any("M" in spec.dynamic for spec in linear)
 
     def _decode(self, batch: int, capacity: int, resident: bool = False,
                 fused_norms: bool | None = None) -> list[KernelCall]:
