@@ -1,6 +1,6 @@
 """The decode GEMVs' weight-read rates inside a model, per task: how fast each streams W
-when the model calls it (every decode step of one generation, each call timed through its
-ctypes function), against what the tuner measured alone.
+when the model calls it (every call of one generation timed through its ctypes function,
+with ``decode_overhead.Instrument``), to set beside what the tuner measured alone.
 
     .venv/bin/python benchmarks/decode_gemv_rates.py LIB DTYPE [CONFIG]
 
@@ -9,34 +9,52 @@ LIB: an exported library of the model (``autotune export``); DTYPE: the model's 
 task called more than 30 times, the median call and the rate it read W at, and the share of
 the generation spent in kernels.
 """
-import sys, time, statistics
-from collections import defaultdict
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
 import numpy as np
-import runtime
-from runtime.llama import LlamaModel
-from runtime.model_config import load_model_config
-from autotune.bench.model_run import make_weights
-lib, dtype = sys.argv[1], sys.argv[2]
-config = load_model_config(sys.argv[3] if len(sys.argv) > 3 else "benchmarks/models/llama-100m/config.json")
-weights = make_weights(config, None, 0, "none", 128)
-library = runtime.load(lib)
-model = LlamaModel(config, weights, library, dtype=dtype)
-prompts = np.random.default_rng(0).integers(0, config.vocab_size, (1, 16))
-model.generate(prompts, 33)  # warm-up: every kernel loaded and bound
-sink = defaultdict(list)
-for key, kernel in model.used.items():
-    f = kernel.function
-    def timed(*args, f=f, key=key):
-        s = time.perf_counter(); f(*args); sink[key].append(time.perf_counter() - s)
-    kernel.function = timed
-t = time.perf_counter(); g = model.generate(prompts, 33); wall = time.perf_counter() - t
-tot = 0
-for key, ts in sorted(sink.items(), key=lambda kv: -sum(kv[1])):
-    if key.startswith("gemv") and len(ts) > 30:
-        d = dict(p.split("=") for p in key.split("/")[2].split(","))
-        wb = int(d["N"]) * int(d["K"]) * (2 if "bfloat16" in key else 4)
-        med = statistics.median(ts)
-        print(f"{key:58s} calls {len(ts):4d} median {med*1e6:8.1f} us  {wb/med/1e9:5.1f} GB/s")
-    tot += sum(ts)
-print("in kernels share of the generation", round(tot / wall, 3))
-library.close()
+
+from decode_overhead import Instrument  # same directory
+
+PROMPT_TOKENS, NEW_TOKENS = 16, 33
+
+
+def main(lib: str, dtype: str, model: str = "benchmarks/models/llama-100m/config.json") -> None:
+    import runtime
+    from autotune.bench.model_run import make_weights
+    from runtime.llama import LlamaModel
+    from runtime.model_config import load_model_config
+    from runtime.precision import ITEMSIZE
+
+    config = load_model_config(model)
+    library = runtime.load(lib)
+    try:
+        llama = LlamaModel(config, make_weights(config, None, 0, "none", 128), library, dtype=dtype)
+        prompts = np.random.default_rng(0).integers(0, config.vocab_size, (1, PROMPT_TOKENS))
+        llama.generate(prompts, NEW_TOKENS)  # warm-up: every kernel loaded and bound
+        instruments = {key: Instrument([kernel]) for key, kernel in llama.used.items()}
+        for instrument in instruments.values():
+            instrument.on()
+        start = time.perf_counter()
+        llama.generate(prompts, NEW_TOKENS)  # bound in generate, so its calls are the timed ones
+        wall = time.perf_counter() - start
+        for instrument in instruments.values():
+            instrument.off()
+    finally:
+        library.close()
+    for key, instrument in sorted(instruments.items(), key=lambda kv: -sum(kv[1].spans)):
+        spec = llama.used[key].spec
+        if spec.op == "gemv" and len(instrument.spans) > 30:
+            w_bytes = spec.dims["N"] * spec.dims["K"] * ITEMSIZE[spec.attr.get("weight", spec.dtype)]
+            median = statistics.median(instrument.spans)
+            print(f"{key:58s} calls {len(instrument.spans):4d} median {median * 1e6:8.1f} us  "
+                  f"{w_bytes / median / 1e9:5.1f} GB/s")
+    in_kernels = sum(sum(i.spans) for i in instruments.values())
+    print(f"in kernels: {in_kernels / wall:.1%} of the generation")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
