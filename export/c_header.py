@@ -90,6 +90,15 @@ def entry_comment(kernel: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+COMMENT_WIDTH = 96  # after " * ": header lines stay within 100 columns
+
+
+def _comment_lines(text: str, indent: str = "") -> list[str]:
+    """``text`` as lines of a block comment, wrapped at spaces to ``COMMENT_WIDTH``."""
+    return [" * " + part for part in textwrap.wrap(text, COMMENT_WIDTH, subsequent_indent=indent,
+                                                   break_on_hyphens=False)]
+
+
 def header_text(kernels: Iterable[Mapping[str, Any]], target_key: str, guard: str = "LLM_AUTOTUNE_KERNELS_H",
                 cpu_features: Iterable[str] = ()) -> str:
     kernels = list(kernels)
@@ -102,7 +111,7 @@ def header_text(kernels: Iterable[Mapping[str, Any]], target_key: str, guard: st
     out = [
         f"/* Tuned kernels for {target_key}, exported by llm-autotune; see manifest.json.",
         " *",
-        *(" * " + part for part in textwrap.wrap(cpu, 96, break_on_hyphens=False)),
+        *_comment_lines(cpu),
         " * Arrays: dense, row-major, any alignment (workspaces: 64-byte aligned). An output may not",
         " * overlap an input or another output. Every kernel returns when its outputs are written.",
         " * Dims: a dynamic dim runs at any value from 1 up to what the arrays hold; a dim that is not",
@@ -130,12 +139,11 @@ def header_text(kernels: Iterable[Mapping[str, Any]], target_key: str, guard: st
         comment = [line.replace("*/", "* /") for line in entry_comment(kernel)]
         out.append("/* " + comment[0])
         for line in comment[1:]:
-            if len(line) <= 96:
+            if len(line) <= COMMENT_WIDTH:
                 out.append(" * " + line)
                 continue
             indent = " " * (len(line) - len(line.lstrip()) + 2)  # a long line continues further in
-            out.extend(" * " + part for part in textwrap.wrap(line, 96, subsequent_indent=indent,
-                                                               break_on_hyphens=False))
+            out.extend(_comment_lines(line, indent))
         out.append(" */")
         params = ", ".join(c_parameter(a) for a in kernel["args"]) or "void"
         out.append(f"void {kernel['entry']}({params});")
