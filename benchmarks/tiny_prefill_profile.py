@@ -4,8 +4,8 @@
         [--model tiny] [--prompt-tokens 64] [--passes 20] [--json]
 
 Runs the prefill pass of ``autotune run`` (same random prompt, at the same length: its own on
-the CPU, padded to a tuned one where the GEMMs compile M in) on the exported library (``--lib``) and on untuned template defaults, alternating
-pass by pass, and times every bound kernel call with ``perf_counter`` through a wrapper
+the CPU, padded to a tuned one where the GEMMs compile M in) on the exported library
+(``--lib``) and on untuned template defaults, alternating pass by pass, and times every bound kernel call with ``perf_counter`` through a wrapper
 defined here (the runtime is untouched: the wrapper sits between ``LlamaModel`` and its
 kernel provider). Per task it prints the median time per call over the timed passes on
 both sides, and beside them, from ``--log``: the tuned record's time as the tuner measured
@@ -72,8 +72,10 @@ class _TimedProvider:
         return getattr(self._provider, name)
 
     def get(self, op, shape, dtype="float32", attrs=None, dynamic=()):
+        from runtime.abi import KernelSpec
+
         kernel = self._provider.get(op, shape, dtype, attrs, dynamic)
-        call = (op, tuple(sorted(dict(shape).items())), dtype, tuple(sorted((attrs or {}).items())), tuple(dynamic))
+        call = KernelSpec.make(op, dict(shape), dtype, dict(attrs or {}), dynamic).key  # what the model asked for
         return _TimedKernel(kernel, self._names.setdefault(call, _task_key(kernel.spec)), self._sink)
 
 
