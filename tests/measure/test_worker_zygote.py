@@ -5,33 +5,19 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
 import search_space.templates.add as add_template
 from measure.worker import WorkerCrash, WorkerProcess, WorkerTimeout, close_all, close_idle_zygotes
+from test_worker_lifetime import running, wait_until  # noqa: E402  (same directory)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="zygotes need pidfds (Linux 5.3)")
 
 
 def facts(worker: WorkerProcess, variable: str = "ZYGOTE_TEST") -> dict:
     return worker.call("fakes:process_facts", variable, 120)
-
-
-def ends_within(pid: int, seconds: float) -> bool:
-    """Whether process ``pid`` has ended (gone, or a zombie nobody reaped yet) within ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_workers_of_one_environment_share_a_zygote_and_others_get_their_own():
@@ -82,7 +68,7 @@ def test_a_zygote_that_died_is_replaced_by_a_new_one():
         dead = seen["parent"]
         assert dead != os.getpid()
         os.kill(dead, signal.SIGKILL)
-        assert ends_within(seen["pid"], 60)  # it dies with its zygote
+        assert wait_until(lambda: not running(seen["pid"]), 60)  # it dies with its zygote
         # the next call finds it dead (or dying) and starts a new worker, from a new zygote
         try:
             replaced = facts(first)
