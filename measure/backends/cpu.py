@@ -48,11 +48,9 @@ class CpuCandidate(Candidate):
 
     def time(self, policy: TimingPolicy, first_s: float) -> dict[str, Any]:
         sets = cold_copies(self.source, self.buffers, policy.cold_bytes)
+        timing = time_calls(self.kernel.rotation(sets, self.dims), policy, first_call_s=first_s)
         if len(sets) > 1:
-            timing = time_calls(lambda n: self.kernel.rotate(sets, self.dims, n), policy, first_call_s=first_s)
             timing["input_copies"] = len(sets)
-        else:
-            timing = time_calls(lambda n: self.kernel.repeat(self.buffers, self.dims, n), policy, first_call_s=first_s)
         timing["cache"] = condition_of(policy)  # kept in the record: what situation the time is for
         return timing
 

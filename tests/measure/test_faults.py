@@ -208,13 +208,17 @@ def test_inputs_written_only_while_timed_are_caught_too(host, fast_policy, monke
     (inp,) = inputs_for(host, "ok")
     with LocalBuilder(n_parallel=1) as builder:
         (build,) = builder.build([inp])
-    timed_calls = LoadedKernel.rotate
+    timed_calls = LoadedKernel.rotation
 
-    def timed_calls_then_scribble(self, sets, dims, n):
-        timed_calls(self, sets, dims, n)
-        sets[0]["X"][0] = np.float32(7.0)
+    def timed_calls_then_scribble(self, sets, dims):
+        run = timed_calls(self, sets, dims)
 
-    monkeypatch.setattr(LoadedKernel, "rotate", timed_calls_then_scribble)
+        def run_then_scribble(n):
+            run(n)
+            sets[0]["X"][0] = np.float32(7.0)
+        return run_then_scribble
+
+    monkeypatch.setattr(LoadedKernel, "rotation", timed_calls_then_scribble)
     payload = {"task": TASK.to_dict(), "target": host.to_dict(), "kind": "cpu", "source": build.source.to_dict(),
                "artifact": build.artifact, "module": template_module(fakes.FAULT_OP, "cpu"),
                "policy": asdict(fast_policy), "check": True, "seed": 0}
