@@ -10,9 +10,9 @@ defined here (the runtime is untouched: the wrapper sits between ``LlamaModel`` 
 kernel provider). Per task it prints the median time per call over the timed passes on
 both sides, and beside them, from ``--log``: the tuned record's time as the tuner measured
 it (with the cache condition the record says it was timed in, where it says one), and the
-tuned config and the template default re-timed alone by the measuring runner: cold (inputs
-cycled through copies filling twice the last-level cache), in place (the same buffers every
-call) and pass (copies filling what one forward pass of the model touches: how ``tune-model``
+tuned config and the template default re-timed alone by the measuring runner: cold (the
+weights cycled through copies filling twice the last-level cache), in place (the same buffers
+every call) and pass (copies filling what one forward pass of the model touches: how ``tune-model``
 times a model that fits in cache). ``--json`` prints every figure instead.
 
 The tuned side's prefill length is fixed once, as ``autotune run`` fixes it
@@ -141,7 +141,7 @@ def profile_prefill(lib: str, model: str, prompt_tokens: int, passes: int, seed:
 
 def retime_alone(log: str, task_keys: list[str], model: str = "tiny") -> dict[str, dict]:
     """The best record's time, and its config and the template default re-timed alone: cold
-    (copies filling twice the last-level cache), in place (the same buffers every call) and
+    (copies of the weights filling twice the last-level cache), in place (the same buffers every call) and
     warm as ``tune-model`` times a model that fits in cache (copies filling one pass)."""
     from measure import LocalBuilder, LocalRunner, MeasureInput, TimingPolicy
     from measure.timing import policy_for
@@ -204,7 +204,7 @@ def markdown(profile: dict, alone: dict) -> str:
         lines.append(f"| {key} | {row['calls_per_pass']} | {_us(tuned)} | {_us(default)} | {ratio} | {record} | "
                      f"{cells} |")
     lines.append("")
-    lines.append("defaults/tuned > 1: the tuned kernel is faster in the model. Alone: cold = copies of the inputs "
+    lines.append("defaults/tuned > 1: the tuned kernel is faster in the model. Alone: cold = copies of the weights "
                  "filling twice the L3; in place = the same buffers every call; pass = copies filling what one "
                  "pass of the model touches (tune-model's warm). cold* = a record from before records said their "
                  "condition (tune-model then always timed cold).")

@@ -19,11 +19,12 @@ class TimingPolicy:
 
     ``cold_bytes`` > 0 times the kernel as a model runs it: between two calls of a layer's
     kernel on the same weights the rest of the pass runs. The CPU runner gives the kernel
-    enough copies of its inputs to fill this many bytes (at most ``MAX_COPIES``) and cycles
-    through them, so each call finds its inputs where a working set of ``cold_bytes`` lives:
-    twice the last-level cache (``cold_policy``) puts them in memory, as in a model too large
-    for the cache; the bytes one pass of a smaller model touches (``warm_policy``) put them in
-    the cache level that holds the model (L3, say, when a pass does not fit one core's L2).
+    enough copies of its weights (of every input, at most ``MAX_COPIES`` times, for an
+    operator without weights) to fill this many bytes and cycles through them, so each call
+    finds its weights where a working set of ``cold_bytes`` lives: one pass of a model larger
+    than the cache (``cold_policy``) puts them as far back as the model does; the bytes one pass
+    of a smaller model touches (``warm_policy``) put them in the cache level that holds the
+    model (L3, say, when a pass does not fit one core's L2).
     ``cache`` names the condition ("cold" or "warm") for the records; empty, it is "cold"
     when ``cold_bytes`` > 0.
 
@@ -45,6 +46,13 @@ class TimingPolicy:
 
 
 MAX_COPIES = 64  # inputs smaller than cold_bytes / 64 stay in cache, as a model's activations do
+# A model's weights are copied as often as the cycle needs (see measure.backends.cpu.cold_copies),
+# up to this many copies: a table of pointers, not a cap any real weight reaches
+MAX_RESIDENT_COPIES = 4096
+# The longest cycle cold timing makes: past a gigabyte a kernel's weights come from memory, out
+# of every cache and TLB reach, however much longer the cycle is, while each candidate pays for
+# the copies (a 1.1B-parameter float32 pass is 4.4 GB)
+MAX_COLD_CYCLE = 1 << 30
 
 # The most last-level cache a decision may assume. A CPU's L3 is read from sysfs as reported;
 # some virtual machines report the host's (or a made-up) figure, e.g. 480 MiB on a 2-core VM,
@@ -56,13 +64,17 @@ MAX_LAST_LEVEL_CACHE = 256 << 20
 CACHE_CONDITIONS = ("cold", "warm")
 
 
-def cold_policy(target, policy: TimingPolicy | None = None) -> TimingPolicy:
-    """``policy`` (default: the tuning default) timing inputs out of ``target``'s caches:
-    copies filling twice its last-level cache."""
+def cold_policy(target, policy: TimingPolicy | None = None, pass_bytes: int = 0) -> TimingPolicy:
+    """``policy`` (default: the tuning default) timing inputs out of ``target``'s caches. For a
+    model (``pass_bytes``: what one pass touches) the cycle is one pass, at least the last-level
+    cache: each call finds its weights as far back as in the model, which on a host with a large
+    L3 is not all the way out of it. With no model, twice the last-level cache. At most
+    ``MAX_COLD_CYCLE`` either way."""
     from dataclasses import replace
 
-    cold = 2 * (target.l3_bytes or target.l2_bytes or 32 << 20)
-    return replace(policy or TimingPolicy(), cold_bytes=cold, cache="cold")
+    cache = last_level_cache_bytes(target) or 32 << 20
+    cycle = max(int(pass_bytes), cache) if pass_bytes > 0 else 2 * cache
+    return replace(policy or TimingPolicy(), cold_bytes=min(cycle, MAX_COLD_CYCLE), cache="cold")
 
 
 def warm_policy(policy: TimingPolicy | None = None, pass_bytes: int = 0) -> TimingPolicy:
@@ -96,12 +108,13 @@ def cache_condition(working_set_bytes: float, target) -> str:
 
 def policy_for(condition: str, target, policy: TimingPolicy | None = None, pass_bytes: int = 0) -> TimingPolicy:
     """``policy`` timing in ``condition`` ("cold" or "warm") on ``target``; ``pass_bytes``:
-    what one pass of the model touches (see ``warm_policy``), counted at most half the
-    last-level cache, so that warm stays in cache when a caller asks for it on a larger model."""
+    what one pass of the model touches (see ``cold_policy`` and ``warm_policy``). Warm counts
+    it at most half the last-level cache, so that warm stays in cache when a caller asks for it
+    on a larger model."""
     if condition not in CACHE_CONDITIONS:
         raise ValueError(f"unknown cache condition {condition!r}: use cold or warm")
     if condition == "cold":
-        return cold_policy(target, policy)
+        return cold_policy(target, policy, pass_bytes)
     return warm_policy(policy, min(pass_bytes, last_level_cache_bytes(target) // 2))
 
 

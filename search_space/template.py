@@ -114,6 +114,13 @@ class Operator:
                 raise ValueError(f"{self.op}: {name} = {value!r} is not a {type(default).__name__} like "
                                  f"{json.dumps(default)}")
 
+    def resident_inputs(self, task: Task) -> tuple[str, ...]:
+        """The inputs a model keeps from one pass to the next (weights, a KV cache): a model's
+        kernel reads them from wherever the rest of the pass left them, while its other inputs
+        were just written by the kernel before it. Timing for a model cycles copies of these
+        (``measure.backends.cpu.cold_copies``). None: the operator has no such inputs."""
+        return ()
+
     def flops(self, task: Task) -> float:
         raise NotImplementedError
 

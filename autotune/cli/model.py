@@ -146,7 +146,8 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
     click.echo(f"log: {job.log}")
 
 
-CACHE_WORDS = {"cold": "inputs cycled through copies filling twice the last-level cache",
+CACHE_WORDS = {"cold": "weights cycled through copies filling one pass of the model, at least the last-level "
+                       "cache",
                "warm": "inputs cycled through copies filling what one pass touches, found in the cache that "
                        "holds the model"}
 

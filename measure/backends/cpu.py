@@ -16,10 +16,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from search_space import KernelSource, Target, Task
+from search_space.registry import op_definition
 
 from .. import compile_llvm
 from ..task_data import TaskData, input_digest
-from ..timing import MAX_COPIES, TimingPolicy, condition_of, time_calls
+from ..timing import MAX_COPIES, MAX_RESIDENT_COPIES, TimingPolicy, condition_of, time_calls
 from .base import Backend, Candidate, InProcessKernels, Session
 
 
@@ -30,6 +31,7 @@ class CpuCandidate(Candidate):
         self.dims = task.dims
         self.data = data
         self.buffers = buffers  # the kept input arrays, guarded outputs, workspaces
+        self.resident = op_definition(task.op).resident_inputs(task)  # what cold timing cycles
 
     def run(self) -> float:
         start = time.perf_counter()
@@ -47,7 +49,7 @@ class CpuCandidate(Candidate):
                 if name in self.buffers and input_digest(self.buffers[name]) != digest]
 
     def time(self, policy: TimingPolicy, first_s: float) -> dict[str, Any]:
-        sets = cold_copies(self.source, self.buffers, policy.cold_bytes)
+        sets = cold_copies(self.source, self.buffers, policy.cold_bytes, self.resident)
         timing = time_calls(self.kernel.rotation(sets, self.dims), policy, first_call_s=first_s)
         if len(sets) > 1:
             timing["input_copies"] = len(sets)
@@ -55,12 +57,22 @@ class CpuCandidate(Candidate):
         return timing
 
 
-def cold_copies(source: KernelSource, buffers: dict[str, np.ndarray], cold_bytes: int) -> list[dict]:
-    """``buffers`` and enough copies of its inputs to fill ``cold_bytes`` (see TimingPolicy)."""
+def cold_copies(source: KernelSource, buffers: dict[str, np.ndarray], cold_bytes: int,
+                resident: Sequence[str] = ()) -> list[dict]:
+    """``buffers`` and enough copies of its inputs to fill ``cold_bytes`` (see TimingPolicy).
+
+    With ``resident`` inputs (a model's weights or KV cache: ``Operator.resident_inputs``) only
+    those are copied, as many times as it takes (at most ``MAX_RESIDENT_COPIES``): each call then
+    finds its weights as far back as in the model, whatever their size, while the activations
+    stay where the kernel before left them. Without, every input is copied, at most
+    ``MAX_COPIES`` times, so that small inputs stay in cache."""
     inputs = [a.name for a in source.args if a.role == "in"]
-    in_bytes = sum(buffers[name].nbytes for name in inputs)
-    copies = min(MAX_COPIES, -(-cold_bytes // max(in_bytes, 1))) if cold_bytes > in_bytes else 1
-    return [buffers] + [dict(buffers, **{name: buffers[name].copy() for name in inputs}) for _ in range(copies - 1)]
+    weights = [name for name in inputs if name in resident]
+    copied = weights or inputs
+    copied_bytes = sum(buffers[name].nbytes for name in copied)
+    cap = MAX_RESIDENT_COPIES if weights else MAX_COPIES
+    copies = min(cap, -(-cold_bytes // max(copied_bytes, 1))) if cold_bytes > copied_bytes else 1
+    return [buffers] + [dict(buffers, **{name: buffers[name].copy() for name in copied}) for _ in range(copies - 1)]
 
 
 class CpuSession(Session):

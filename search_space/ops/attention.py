@@ -137,6 +137,9 @@ class AttentionDecodeOp(Operator):
     def per_sequence(self, task: Task) -> bool:
         return self.attrs(task)["lengths"] == "per_sequence"
 
+    def resident_inputs(self, task: Task) -> tuple[str, ...]:
+        return ("K", "V")  # the KV cache
+
     def signature(self, task: Task) -> tuple[ArgSpec, ...]:
         dt = task.dtype
         lens = (ArgSpec("LENS", "in", "int32", ("B",)),) if self.per_sequence(task) else ()

@@ -162,6 +162,9 @@ class Matmul(Operator):
             raise ValueError(f"{self.op}: the {self.target_kind} template takes no weight={weight} "
                              "(W in the task's dtype only)")
 
+    def resident_inputs(self, task: Task) -> tuple[str, ...]:
+        return ("W", *(a.name for a in fused_args(task)[0]))
+
     def signature(self, task: Task) -> tuple[ArgSpec, ...]:
         g, r = fused_args(task)
         return (ArgSpec("X", "in", task.dtype, ("M", "K")), *g, ArgSpec("W", "in", self.weight_dtype(task), ("N", "K")),
@@ -237,6 +240,10 @@ class MatmulQ4(Operator):
             raise ValueError(f"{self.op}: group_size must be 32, 64 or 128, got {a['group_size']}")
         if task.dims["K"] % a["group_size"]:
             raise ValueError(f"{self.op}: K = {task.dims['K']} must be a multiple of group_size {a['group_size']}")
+
+    def resident_inputs(self, task: Task) -> tuple[str, ...]:
+        zeros = ("ZEROS",) if self.attrs(task)["zero_point"] else ()
+        return ("WQ", "SCALES", *zeros, *(a.name for a in fused_args(task)[0]))
 
     def signature(self, task: Task) -> tuple[ArgSpec, ...]:
         k, groups = task.dims["K"], task.dims["K"] // self.attrs(task)["group_size"]

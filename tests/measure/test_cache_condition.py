@@ -7,7 +7,7 @@ import pytest
 
 from measure import LocalBuilder, LocalRunner, MeasureInput, TimingPolicy
 from measure.roofline import working_set_bandwidth
-from measure.timing import (MAX_LAST_LEVEL_CACHE, cache_condition, condition_of, last_level_cache_bytes,
+from measure.timing import (MAX_COLD_CYCLE, MAX_LAST_LEVEL_CACHE, cache_condition, condition_of, last_level_cache_bytes,
                             policy_for, warm_policy)
 from search_space import Task, get_template
 
@@ -55,6 +55,12 @@ def test_policies_for_each_condition(cpu):
     base = TimingPolicy(repeats=3)
     cold, warm = policy_for("cold", cpu, base), policy_for("warm", cpu, replace(base, cold_bytes=123))
     assert cold.cold_bytes == 2 * cpu.l3_bytes and cold.repeats == 3 and cold.cache == "cold"
+    # cold for a model: one pass, as far back as the model leaves its weights, at least the cache
+    assert policy_for("cold", cpu, base, pass_bytes=400 * MIB).cold_bytes == 400 * MIB
+    assert policy_for("cold", cpu, base, pass_bytes=3 * MIB).cold_bytes == 32 * MIB
+    assert policy_for("cold", cpu, base, pass_bytes=4400 * MIB).cold_bytes == MAX_COLD_CYCLE
+    vm = replace(cpu, l3_bytes=480 * MIB)  # counted as the capped 256 MiB, twice that with no model
+    assert policy_for("cold", vm, base).cold_bytes == 2 * MAX_LAST_LEVEL_CACHE
     assert warm.cold_bytes == 0 and warm.repeats == 3 and warm == warm_policy(base)
     assert condition_of(cold) == "cold" and condition_of(warm) == "warm" and condition_of(TimingPolicy()) == "warm"
     assert condition_of(TimingPolicy(cold_bytes=1 << 20)) == "cold"  # policies from before the label

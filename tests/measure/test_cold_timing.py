@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from measure import LocalBuilder, LocalRunner, MeasureInput, TimingPolicy, cold_policy
+from measure import LocalBuilder, LocalRunner, MeasureInput, TimingPolicy
 from measure.cpu_kernel import allocate_args, compile_and_load
 from measure.backends.cpu import cold_copies
+from measure.timing import MAX_RESIDENT_COPIES
 from search_space import Task, get_template
 
 
@@ -49,6 +51,7 @@ def test_the_pointer_table_is_built_once_not_in_every_timed_sample(host, monkeyp
     np.testing.assert_allclose(buffers["Y"], buffers["X"] @ buffers["W"].T, rtol=1e-4, atol=1e-4)
 
 def test_copies_fill_the_cold_bytes_up_to_a_cap(host):
+    # an operator with no weights named (resident inputs): every input copied, at most 64 times
     task = Task.make("gemv", {"M": 1, "N": 256, "K": 256})
     template = get_template("gemv", "cpu")
     source = template.render(task, template.default(task, host), host)
@@ -60,14 +63,45 @@ def test_copies_fill_the_cold_bytes_up_to_a_cap(host):
     copies = cold_copies(source, buffers, 3 * in_bytes)
     assert copies[1]["W"] is not buffers["W"] and copies[1]["Y"] is buffers["Y"]
     np.testing.assert_array_equal(copies[2]["W"], buffers["W"])
-    assert cold_policy(host).cold_bytes == 2 * host.l3_bytes
+
+
+def test_a_model_s_weights_are_copied_as_often_as_the_cycle_needs_and_its_activations_not(host):
+    task = Task.make("gemv", {"M": 1, "N": 256, "K": 256})
+    template = get_template("gemv", "cpu")
+    assert template.resident_inputs(task) == ("W",)
+    source = template.render(task, template.default(task, host), host)
+    buffers = allocate_args(source, task.dims, template.make_inputs(task, np.random.default_rng(0)))
+    w_bytes = buffers["W"].nbytes
+    copies = cold_copies(source, buffers, 300 * w_bytes, resident=("W",))
+    assert len(copies) == 300  # past MAX_COPIES: in a model the weights are as far back as a pass
+    assert all(c["X"] is buffers["X"] for c in copies)  # the activation: where the kernel before left it
+    assert len({id(c["W"]) for c in copies}) == 300
+    assert len(cold_copies(source, buffers, 10 ** 6 * w_bytes, resident=("W",))) == MAX_RESIDENT_COPIES
+    assert len(cold_copies(source, buffers, w_bytes // 2, resident=("W",))) == 1
 
 
 def test_a_cold_measurement_verifies_and_says_how_many_copies_it_cycled(host):
     task = Task.make("gemv", {"M": 1, "N": 512, "K": 512})
     inp = MeasureInput(task, get_template("gemv", "cpu").default(task, host), host)
-    policy = TimingPolicy(warmup=1, min_sample_s=0.0005, repeats=3, min_repeats=3, cold_bytes=8 << 20)
+    w_bytes = 4 * 512 * 512
+    policy = TimingPolicy(warmup=1, min_sample_s=0.0005, repeats=3, min_repeats=3, cold_bytes=100 * w_bytes)
     with LocalBuilder(n_parallel=1) as builder, LocalRunner(policy=policy) as runner:
         result = runner.run([inp], builder.build([inp]))[0]
     assert result.ok, result.message
-    assert result.stats["input_copies"] == -(-(8 << 20) // (4 * (512 + 512 * 512)))
+    assert result.stats["input_copies"] == 100  # of W, the gemv's weights
+
+
+@pytest.mark.parametrize("op, shape, attrs, weights", [
+    ("gemv", {"M": 1, "N": 64, "K": 64}, {"norm": "rmsnorm", "residual": True}, {"W", "G"}),
+    ("gemm_q4", {"M": 8, "N": 64, "K": 128}, {"zero_point": True}, {"WQ", "SCALES", "ZEROS"}),
+    ("gemv_q4", {"M": 1, "N": 64, "K": 128}, {"zero_point": False}, {"WQ", "SCALES"}),
+    ("attention_decode", {"B": 1, "H": 4, "HKV": 2, "D": 16, "S": 64, "L": 40}, {}, {"K", "V"}),
+    ("rmsnorm", {"M": 1, "N": 64}, {}, set()),
+])
+def test_the_weights_an_operator_names_are_inputs_of_its_signature(op, shape, attrs, weights):
+    from search_space.registry import op_definition
+
+    task = Task.make(op, shape, attrs=attrs)
+    definition = op_definition(op)
+    inputs = {a.name for a in definition.signature(task) if a.role == "in"}
+    assert set(definition.resident_inputs(task)) == weights and weights <= inputs
