@@ -100,17 +100,23 @@ class LoadedKernel:
         self.rotation(sets, dims)(n)
 
     def rotation(self, sets: list[Mapping[str, np.ndarray]], dims: Mapping[str, int]) -> Callable[[int], None]:
-        """``run(n)``: call n times, cycling through the buffer ``sets``. The pointer table is
-        built here, once: built per call, its Python work (about 4 us a set) would be timed with
-        the kernel, adding a quarter of a millisecond to every sample of a 64-copy cycle."""
-        table = np.array([[a.value for a in self._argv(bufs, dims) if isinstance(a, ctypes.c_void_p)]
-                          for bufs in sets], dtype=np.uint64)
-        head = (ctypes.c_void_p(table.ctypes.data), ctypes.c_int64(len(sets)),
-                *(a for a in self._argv(sets[0], dims) if isinstance(a, ctypes.c_int64)))
-        harness = self.harness
+        """``run(n)``: call n times, cycling through the buffer ``sets``; each run goes on from the
+        set after the last one the run before called. Were every run to start again at the first
+        set, a sample of fewer calls than there are sets would only ever touch its first few, and
+        its inputs would be found as near as those few fill, not as far back as all of them.
+        The pointer table is built here, once: built per call, its Python work (about 4 us a set)
+        would be timed with the kernel, a quarter of a millisecond a sample with 64 sets."""
+        rows = np.array([[a.value for a in self._argv(bufs, dims) if isinstance(a, ctypes.c_void_p)]
+                         for bufs in sets], dtype=np.uint64)
+        table = np.concatenate([rows, rows])  # twice over: a run may start at any set and wrap
+        row_bytes, count = rows.shape[1] * rows.itemsize, len(sets)
+        scalars = [a for a in self._argv(sets[0], dims) if isinstance(a, ctypes.c_int64)]
+        harness, start = self.harness, [0]
 
         def run(n: int) -> None:
-            harness(*head, ctypes.c_int64(n))
+            harness(ctypes.c_void_p(table.ctypes.data + start[0] * row_bytes), ctypes.c_int64(count), *scalars,
+                    ctypes.c_int64(n))
+            start[0] = (start[0] + n) % count
 
         run.keepalive = (table, sets)  # the table, and the arrays its pointers point into
         return run

@@ -31,6 +31,21 @@ def test_the_rotating_harness_calls_each_set_of_pointers_in_turn(host):
         np.testing.assert_allclose(sets[0]["Y"], last["X"] @ last["W"].T, rtol=1e-4, atol=1e-4)
 
 
+
+def test_each_run_goes_on_from_the_set_after_the_last_one_called(host):
+    # a timed sample shorter than the cycle must not touch only its first sets, every sample
+    task = Task.make("gemv", {"M": 1, "N": 24, "K": 40})
+    template = get_template("gemv", "cpu")
+    source = template.render(task, template.default(task, host), host)
+    kernel = compile_and_load(source, host)
+    rng = np.random.default_rng(1)
+    first = allocate_args(source, task.dims, template.make_inputs(task, rng))
+    sets = [first] + [dict(first, X=rng.standard_normal((1, 40)).astype(np.float32)) for _ in range(2)]
+    run = kernel.rotation(sets, task.dims)
+    for n, last in ((2, 1), (2, 0), (1, 1), (4, 2), (3, 2), (7, 0)):
+        run(n)
+        np.testing.assert_allclose(first["Y"], sets[last]["X"] @ first["W"].T, rtol=1e-4, atol=1e-4)
+
 def test_the_pointer_table_is_built_once_not_in_every_timed_sample(host, monkeypatch):
     # building it walks every set in Python (microseconds a set): inside run(n) that time would
     # be counted as the kernel's, on every sample
