@@ -11,11 +11,15 @@ from measure.timing import MAX_RESIDENT_COPIES
 from search_space import Task, get_template
 
 
-def test_the_rotating_harness_calls_each_set_of_pointers_in_turn(host):
-    task = Task.make("gemv", {"M": 2, "N": 24, "K": 40})
+def gemv_kernel(host, task):
+    """The gemv template, its default kernel's source for ``task``, and that kernel loaded."""
     template = get_template("gemv", "cpu")
     source = template.render(task, template.default(task, host), host)
-    kernel = compile_and_load(source, host)
+    return template, source, compile_and_load(source, host)
+
+def test_the_rotating_harness_calls_each_set_of_pointers_in_turn(host):
+    task = Task.make("gemv", {"M": 2, "N": 24, "K": 40})
+    template, source, kernel = gemv_kernel(host, task)
     rng = np.random.default_rng(0)
     sets = []
     for _ in range(3):
@@ -31,13 +35,10 @@ def test_the_rotating_harness_calls_each_set_of_pointers_in_turn(host):
         np.testing.assert_allclose(sets[0]["Y"], last["X"] @ last["W"].T, rtol=1e-4, atol=1e-4)
 
 
-
 def test_each_run_goes_on_from_the_set_after_the_last_one_called(host):
     # a timed sample shorter than the cycle must not touch only its first sets, every sample
     task = Task.make("gemv", {"M": 1, "N": 24, "K": 40})
-    template = get_template("gemv", "cpu")
-    source = template.render(task, template.default(task, host), host)
-    kernel = compile_and_load(source, host)
+    template, source, kernel = gemv_kernel(host, task)
     rng = np.random.default_rng(1)
     first = allocate_args(source, task.dims, template.make_inputs(task, rng))
     sets = [first] + [dict(first, X=rng.standard_normal((1, 40)).astype(np.float32)) for _ in range(2)]
@@ -46,13 +47,12 @@ def test_each_run_goes_on_from_the_set_after_the_last_one_called(host):
         run(n)
         np.testing.assert_allclose(first["Y"], sets[last]["X"] @ first["W"].T, rtol=1e-4, atol=1e-4)
 
+
 def test_the_pointer_table_is_built_once_not_in_every_timed_sample(host, monkeypatch):
     # building it walks every set in Python (microseconds a set): inside run(n) that time would
     # be counted as the kernel's, on every sample
     task = Task.make("gemv", {"M": 1, "N": 24, "K": 40})
-    template = get_template("gemv", "cpu")
-    source = template.render(task, template.default(task, host), host)
-    kernel = compile_and_load(source, host)
+    template, source, kernel = gemv_kernel(host, task)
     buffers = allocate_args(source, task.dims, template.make_inputs(task, np.random.default_rng(0)))
     sets = [buffers] + [dict(buffers, W=buffers["W"].copy()) for _ in range(7)]
     walks = []
