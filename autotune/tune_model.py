@@ -160,15 +160,19 @@ def _all_targets(summaries: list[ModelTuneSummary]) -> ModelTuneSummary:
 
 
 def _other_conditions(log: RecordLog, tasks: list[ModelTask], target, condition: str | None) -> str:
-    """"N records timed cold" (or warm, or with no condition recorded) of ``tasks`` in ``log``
-    whose condition is not ``condition``; "" when there are none."""
+    """"N records timed cold" (or warm, or with no condition recorded, or by the older cycle) of
+    ``tasks`` in ``log`` whose condition is not ``condition``; "" when there are none."""
     if condition is None or not log.path.exists():
         return ""
     keys = {t.key for t in tasks}
     counts: dict[str, int] = {}
     for record in log.records(warn=False):
         if record.ok and record.task.key in keys and record.target.key == target.key:
-            other = record.result.stats.get("cache", "with no cache condition recorded")
+            stats = record.result.stats
+            other = stats.get("cache", "with no cache condition recorded")
+            if other == condition and stats.get("input_copies", 1) > 1 and "cycle_bytes" not in stats:
+                other = (f"timed {condition} by the older cycle of input copies (each sample started again at "
+                         "the first copy, which finds the weights nearer than the model does)")
             if other != condition:
                 counts[other] = counts.get(other, 0) + 1
     return ", ".join(f"{n} records timed {c}" if c in ("cold", "warm") else f"{n} records {c}"

@@ -53,6 +53,9 @@ class CpuCandidate(Candidate):
         timing = time_calls(self.kernel.rotation(sets, self.dims), policy, first_call_s=first_s)
         if len(sets) > 1:
             timing["input_copies"] = len(sets)
+            # what one cycle reads; also marks a record whose samples go on through the cycle
+            # (before, each one started again at the first copy: autotune.tune_model warns of those)
+            timing["cycle_bytes"] = len(sets) * sum(a.nbytes for name, a in sets[0].items() if sets[1][name] is not a)
         timing["cache"] = condition_of(policy)  # kept in the record: what situation the time is for
         return timing
 

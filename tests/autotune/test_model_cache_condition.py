@@ -13,6 +13,7 @@ import autotune.job
 from autotune import JobError, ModelWorkload, TuningJob
 from autotune.bench.model_run import RunReport, run_condition, tuned_condition
 from autotune.model_tasks import pass_bytes, weight_bytes
+from autotune.tune_model import _other_conditions
 from measure.timing import cache_condition
 from records import RecordLog
 from runtime.generation import Generation
@@ -92,6 +93,18 @@ def test_tune_model_says_and_records_its_condition_and_warns_on_a_mixed_log(tmp_
     assert summary["cache"] == want and summary["working_set_bytes"] > 0
     records = RecordLog(tmp_path / "t.jsonl").records()
     assert len(records) == 4 and {r.result.stats["cache"] for r in records if r.ok} == {want}
+    cycled = [r for r in records if r.ok and r.result.stats.get("input_copies", 1) > 1]
+    assert cycled and all(r.result.stats["cycle_bytes"] > 0 for r in cycled)
+    # records from before the samples went on through the cycle (no cycle_bytes) are not quite
+    # the same condition: resuming them says so
+    workload = ModelWorkload(TINY, (16,), (1,), (64,), dynamic_rows=True)  # the job's (a CPU prefill: dynamic M)
+    assert _other_conditions(RecordLog(tmp_path / "t.jsonl"), workload.tasks(), host, want) == ""
+    lines = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    for line in lines:
+        line["result"]["stats"].pop("cycle_bytes", None)
+    (tmp_path / "older.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    older = _other_conditions(RecordLog(tmp_path / "older.jsonl"), workload.tasks(), host, want)
+    assert older.startswith(f"{len(cycled)} records timed {want} by the older cycle")
     proc = run(*common, "--trials-total", "6", "--cache", other, cwd=tmp_path)
     assert f"timing candidates {other}" in proc.stderr and "as --cache says" in proc.stderr
     assert f"records timed {want}" in proc.stderr and "mix both" in proc.stderr
