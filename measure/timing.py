@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -26,7 +26,9 @@ class TimingPolicy:
     of a smaller model touches (``warm_policy``) put them in the cache level that holds the
     model (L3, say, when a pass does not fit one core's L2).
     ``cache`` names the condition ("cold" or "warm") for the records; empty, it is "cold"
-    when ``cold_bytes`` > 0.
+    when ``cold_bytes`` > 0. ``activations_in_cache`` (a model's timing: ``policy_for`` with a
+    pass) copies no input but the weights: an operator without weights (a norm, attention over a
+    prompt) is timed on one set of inputs, which in a model the kernel before has just written.
 
     ``best_of`` > 1 makes each sample the fastest of that many back-to-back runs of ``inner``
     calls. Other work on the machine only ever adds time, and on a shared machine it comes in
@@ -43,6 +45,7 @@ class TimingPolicy:
     cold_bytes: int = 0
     best_of: int = 1
     cache: str = ""
+    activations_in_cache: bool = False
 
 
 MAX_COPIES = 64  # inputs smaller than cold_bytes / 64 stay in cache, as a model's activations do
@@ -70,8 +73,6 @@ def cold_policy(target, policy: TimingPolicy | None = None, pass_bytes: int = 0)
     cache: each call finds its weights as far back as in the model, which on a host with a large
     L3 is not all the way out of it. With no model, twice the last-level cache. At most
     ``MAX_COLD_CYCLE`` either way."""
-    from dataclasses import replace
-
     cache = last_level_cache_bytes(target) or 32 << 20
     cycle = max(int(pass_bytes), cache) if pass_bytes > 0 else 2 * cache
     return replace(policy or TimingPolicy(), cold_bytes=min(cycle, MAX_COLD_CYCLE), cache="cold")
@@ -82,8 +83,6 @@ def warm_policy(policy: TimingPolicy | None = None, pass_bytes: int = 0) -> Timi
     passes fit in the last-level cache: cycled through copies filling ``pass_bytes`` (what one
     pass touches between two calls of a kernel on the same weights), so each call finds them in
     the cache level that holds a pass; with ``pass_bytes`` 0, the same buffers every call."""
-    from dataclasses import replace
-
     return replace(policy or TimingPolicy(), cold_bytes=max(int(pass_bytes), 0), cache="warm")
 
 
@@ -114,8 +113,10 @@ def policy_for(condition: str, target, policy: TimingPolicy | None = None, pass_
     if condition not in CACHE_CONDITIONS:
         raise ValueError(f"unknown cache condition {condition!r}: use cold or warm")
     if condition == "cold":
-        return cold_policy(target, policy, pass_bytes)
-    return warm_policy(policy, min(pass_bytes, last_level_cache_bytes(target) // 2))
+        timed = cold_policy(target, policy, pass_bytes)
+    else:
+        timed = warm_policy(policy, min(pass_bytes, last_level_cache_bytes(target) // 2))
+    return replace(timed, activations_in_cache=pass_bytes > 0)
 
 
 def time_calls(run_n: Callable[[int], None], policy: TimingPolicy, first_call_s: float | None = None) -> dict:

@@ -49,7 +49,7 @@ class CpuCandidate(Candidate):
                 if name in self.buffers and input_digest(self.buffers[name]) != digest]
 
     def time(self, policy: TimingPolicy, first_s: float) -> dict[str, Any]:
-        sets = cold_copies(self.source, self.buffers, policy.cold_bytes, self.resident)
+        sets = cold_copies(self.source, self.buffers, policy.cold_bytes, self.resident, policy.activations_in_cache)
         timing = time_calls(self.kernel.rotation(sets, self.dims), policy, first_call_s=first_s)
         if len(sets) > 1:
             timing["input_copies"] = len(sets)
@@ -61,17 +61,20 @@ class CpuCandidate(Candidate):
 
 
 def cold_copies(source: KernelSource, buffers: dict[str, np.ndarray], cold_bytes: int,
-                resident: Sequence[str] = ()) -> list[dict]:
+                resident: Sequence[str] = (), activations_in_cache: bool = False) -> list[dict]:
     """``buffers`` and enough copies of its inputs to fill ``cold_bytes`` (see TimingPolicy).
 
     With ``resident`` inputs (a model's weights or KV cache: ``Operator.resident_inputs``) only
     those are copied, as many times as it takes (at most ``MAX_RESIDENT_COPIES``): each call then
     finds its weights as far back as in the model, whatever their size, while the activations
     stay where the kernel before left them. Without, every input is copied, at most
-    ``MAX_COPIES`` times, so that small inputs stay in cache."""
+    ``MAX_COPIES`` times, so that small inputs stay in cache; none with
+    ``activations_in_cache`` (in a model they were just written)."""
     inputs = [a.name for a in source.args if a.role == "in"]
     weights = [name for name in inputs if name in resident]
-    copied = weights or inputs
+    copied = weights or ([] if activations_in_cache else inputs)
+    if not copied:
+        return [buffers]
     copied_bytes = sum(buffers[name].nbytes for name in copied)
     cap = MAX_RESIDENT_COPIES if weights else MAX_COPIES
     copies = min(cap, -(-cold_bytes // max(copied_bytes, 1))) if cold_bytes > copied_bytes else 1

@@ -20,6 +20,7 @@ from runtime.generation import Generation
 from runtime.abi import MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION
 from runtime.model_config import PRESETS, load_model_config
 from search_space import Task
+from search_space.registry import op_definition
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,6 +96,10 @@ def test_tune_model_says_and_records_its_condition_and_warns_on_a_mixed_log(tmp_
     assert len(records) == 4 and {r.result.stats["cache"] for r in records if r.ok} == {want}
     cycled = [r for r in records if r.ok and r.result.stats.get("input_copies", 1) > 1]
     assert cycled and all(r.result.stats["cycle_bytes"] > 0 for r in cycled)
+    # an operator with no weights (attention over the prompt) is timed on the inputs the kernel
+    # before it wrote, not on copies
+    activations_only = [r for r in records if r.ok and not op_definition(r.task.op).resident_inputs(r.task)]
+    assert activations_only and not any("input_copies" in r.result.stats for r in activations_only)
     # records from before the samples went on through the cycle (no cycle_bytes) are not quite
     # the same condition: resuming them says so
     workload = ModelWorkload(TINY, (16,), (1,), (64,), dynamic_rows=True)  # the job's (a CPU prefill: dynamic M)

@@ -61,6 +61,10 @@ def test_policies_for_each_condition(cpu):
     assert policy_for("cold", cpu, base, pass_bytes=4400 * MIB).cold_bytes == MAX_COLD_CYCLE
     vm = replace(cpu, l3_bytes=480 * MIB)  # counted as the capped 256 MiB, twice that with no model
     assert policy_for("cold", vm, base).cold_bytes == 2 * MAX_LAST_LEVEL_CACHE
+    # a model's timing (a pass given) leaves activations where the kernel before wrote them
+    assert not policy_for("cold", cpu, base).activations_in_cache
+    assert policy_for("cold", cpu, base, pass_bytes=MIB).activations_in_cache
+    assert policy_for("warm", cpu, base, pass_bytes=MIB).activations_in_cache
     assert warm.cold_bytes == 0 and warm.repeats == 3 and warm == warm_policy(base)
     assert condition_of(cold) == "cold" and condition_of(warm) == "warm" and condition_of(TimingPolicy()) == "warm"
     assert condition_of(TimingPolicy(cold_bytes=1 << 20)) == "cold"  # policies from before the label

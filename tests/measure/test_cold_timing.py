@@ -93,6 +93,9 @@ def test_a_model_s_weights_are_copied_as_often_as_the_cycle_needs_and_its_activa
     assert len({id(c["W"]) for c in copies}) == 300
     assert len(cold_copies(source, buffers, 10 ** 6 * w_bytes, resident=("W",))) == MAX_RESIDENT_COPIES
     assert len(cold_copies(source, buffers, w_bytes // 2, resident=("W",))) == 1
+    # a model's activations are never copied: with no weights named, one set
+    assert len(cold_copies(source, buffers, 300 * w_bytes, resident=("W",), activations_in_cache=True)) == 300
+    assert cold_copies(source, buffers, 300 * w_bytes, activations_in_cache=True) == [buffers]
 
 
 def test_a_cold_measurement_verifies_and_says_how_many_copies_it_cycled(host):
