@@ -148,7 +148,7 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
 
 CACHE_WORDS = {"cold": "weights cycled through copies filling one pass of the model, at least the last-level "
                        "cache",
-               "warm": "inputs cycled through copies filling what one pass touches, found in the cache that "
+               "warm": "weights cycled through copies filling what one pass touches, found in the cache that "
                        "holds the model"}
 
 
