@@ -120,11 +120,13 @@ class TaskScheduler:
 
     # -- the loop ----------------------------------------------------------------------
     def _first_configs(self, i: int, n: int) -> list[Config]:
-        """The template default (when this space holds it) and the tuner's first picks."""
+        """The template default (within a restriction such as ``--threads 1``, when this space
+        holds it) and the tuner's first picks."""
         tuner = self.tuners[i]
         configs: list[Config] = []
         default = tuner.template.default(tuner.task, self.target)
-        values = default.as_dict()
+        values = {name: value if value in tuner.space.knob(name).values else tuner.space.knob(name).values[0]
+                  for name, value in default.as_dict().items()}
         try:
             index = tuner.space.index_of(values)
             if tuner.space.is_valid(values) and index not in tuner.visited:

@@ -21,6 +21,7 @@ short L leave a neutral partial (max -inf, sum 0) that the combine step weighs b
 from __future__ import annotations
 
 import math
+from itertools import product
 
 import llvmlite.ir as ir
 
@@ -31,6 +32,7 @@ from ..target import Target
 from ..task import Task
 from ..template import ArgSpec, KernelSource, Template, register_template
 from .attention_prefill import _divisors, _fitting, _round_up, space_basics, vector_tiles
+from .threads import default_thread_counts, threads_knob
 
 
 class _Layout:
@@ -75,7 +77,7 @@ class AttentionDecodeCpu(AttentionDecodeOp, Template):
             Knob("nv", tuple(v for v in (1, 2, 4, 8) if v == 1 or v * min(vecs) <= _round_up(d["D"], min(vecs)))),
             Knob("unroll", (1, 2, 4)),
             Knob("prefetch", (0, 2, 4, 8, 16)),
-            Knob("threads", tuple(sorted({1, max(target.cores, 1)}))),
+            threads_knob(target),
         ]
         constraints = [
             ("score tile folds into one vector", lambda c: c["hr"] * c["kr"] <= c["vec"]),
@@ -94,9 +96,9 @@ class AttentionDecodeCpu(AttentionDecodeOp, Template):
         bk = min(space.knob("bk").values, key=lambda v: abs(v - 64))
         # one key per score tile: all G heads' dot products of a K row fold together, and
         # the Q rows stay in L1 as memory operands (measured best at G = 4, D = 128)
-        for kr, nv in ((1, 4), (1, 2), (2, 2), (1, 1)):
+        for threads, (kr, nv) in product(default_thread_counts(task, target), ((1, 4), (1, 2), (2, 2), (1, 1))):
             values = {"split": 1, "bk": bk, "kr": kr, "hr": hr, "vec": lanes, "nv": nv, "unroll": 1,
-                      "prefetch": 8, "threads": 1}
+                      "prefetch": 8, "threads": threads}
             if space.accepts(values):
                 return space.from_values(values)
         return next(iter(space))

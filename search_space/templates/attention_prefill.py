@@ -33,6 +33,7 @@ of chunks carry equal causal work.
 from __future__ import annotations
 
 import math
+from itertools import product
 
 import llvmlite.ir as ir
 
@@ -43,6 +44,7 @@ from ..target import Target
 from ..task import Task
 from ..template import ArgSpec, KernelSource, Template, register_template
 from .gemv import vector_registers
+from .threads import default_thread_counts, threads_knob
 
 MAX_ROWS = 256  # query rows per tile: bounds the per-thread workspace
 
@@ -126,7 +128,7 @@ class AttentionPrefillCpu(AttentionPrefillOp, Template):
             # scale the packed queries once, or fold the scale into each exp's argument
             Knob("scale_at", ("q", "exp") if _scale(self, task) > 0 else ("q",)),
             Knob("order", ("zigzag", "linear") if causal else ("linear",)),
-            Knob("threads", tuple(sorted({1, max(target.cores, 1)}))),
+            threads_knob(target),
         ]
 
         def vectors(c) -> int:
@@ -150,9 +152,9 @@ class AttentionPrefillCpu(AttentionPrefillOp, Template):
         hs = max(v for v in _divisors(G) if v <= 8)
         bq = min(space.knob("bq").values, key=lambda v: abs(v * hs - 64))
         bk = min(space.knob("bk").values, key=lambda v: abs(v - 64))
-        for mr, nr in ((6, 4), (4, 4), (4, 2), (2, 2), (1, 1)):
+        for threads, (mr, nr) in product(default_thread_counts(task, target), ((6, 4), (4, 4), (4, 2), (2, 2), (1, 1))):
             values = {"bq": bq, "hs": hs, "bk": bk, "vec": lanes, "mr": mr, "nr": nr, "unroll": 1,
-                      "scale_at": "q", "order": space.knob("order").values[0], "threads": 1}
+                      "scale_at": "q", "order": space.knob("order").values[0], "threads": threads}
             if space.accepts(values):
                 return space.from_values(values)
         return next(iter(space))

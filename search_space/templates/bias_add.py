@@ -29,8 +29,8 @@ class BiasAddCpu(BiasAddOp, Template):
 
     def default(self, task: Task, target: Target) -> Config:
         lanes = target.vector_lanes_f32
-        return rw.pick_default(self.space(task, target), [dict(vec=lanes, unroll=u, rows=r, threads=1, stores="cached")
-                                                          for u in (2, 1) for r in (4, 1)])
+        return rw.pick_default(self.space(task, target), [dict(vec=lanes, unroll=u, rows=r, stores="cached")
+                                                          for u in (2, 1) for r in (4, 1)], task, target)
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         c = config.as_dict()

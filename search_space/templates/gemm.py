@@ -50,6 +50,7 @@ from ..target import Target
 from ..task import Task
 from ..template import ArgSpec, KernelSource, Template, register_template
 from .gemv import vector_registers
+from .threads import default_thread_counts, threads_knob
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -91,7 +92,7 @@ def blocked_gemm_knobs(d: dict, target: Target, kc_values=(256, 512, 1024, 2048)
     if pack:
         knobs.append(Knob("pack", (0, 1)))
     knobs.append(Knob("xpack", (0, 1), legacy=0))  # logs from before X packing existed: not packed
-    knobs.append(Knob("threads", tuple(sorted({1, max(target.cores, 1)}))))
+    knobs.append(threads_knob(target))
     return knobs
 
 
@@ -110,16 +111,18 @@ def blocked_gemm_constraints(d: dict, target: Target) -> list:
     ]
 
 
-def blocked_gemm_default(space: ConfigSpace, d: dict, target: Target, extra: dict | None = None) -> Config:
+def blocked_gemm_default(space: ConfigSpace, task: Task, target: Target, extra: dict | None = None) -> Config:
+    d = task.dims
     lanes = target.vector_lanes_f32
-    for mr, nr in ((4, 6), (4, 4), (2, 4), (2, 2), (1, 2), (1, 1)):
-        values = {"mr": mr, "nr": nr, "vec": min(16, lanes), "unroll": 1,
-                  "kc": 512 if d["K"] > 512 else 0, "mc": 128 if d["M"] > 128 else 0,
-                  "nc": 192 if d["N"] > 192 else 0, "order": "nkm", "inner": "nm", "pack": 1,
-                  "xpack": 0, "threads": 1, **(extra or {})}
-        values = {k: v for k, v in values.items() if k in space.names}
-        if space.accepts(values):
-            return space.from_values(values)
+    for threads in default_thread_counts(task, target):
+        for mr, nr in ((4, 6), (4, 4), (2, 4), (2, 2), (1, 2), (1, 1)):
+            values = {"mr": mr, "nr": nr, "vec": min(16, lanes), "unroll": 1,
+                      "kc": 512 if d["K"] > 512 else 0, "mc": 128 if d["M"] > 128 else 0,
+                      "nc": 192 if d["N"] > 192 else 0, "order": "nkm", "inner": "nm", "pack": 1,
+                      "xpack": 0, "threads": threads, **(extra or {})}
+            values = {k: v for k, v in values.items() if k in space.names}
+            if space.accepts(values):
+                return space.from_values(values)
     return next(iter(space))
 
 
@@ -178,7 +181,7 @@ class GemmCpu(GemmOp, Template):
         extra = {"dot": "bf16" if has_bf16_dot(target) else "widen"} if task.dtype == "bfloat16" else {"kernel": "dot"}
         if task.dtype == "bfloat16" and "M" in task.dynamic:
             extra["kc"] = 0  # see the space's constraint
-        return blocked_gemm_default(self.space(task, target), task.dims, target, extra)
+        return blocked_gemm_default(self.space(task, target), task, target, extra)
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         d = task.dims

@@ -36,7 +36,7 @@ class GemmQ4Cpu(GemmQ4Op, Template):
         return ConfigSpace(knobs, blocked_gemm_constraints(d, target))
 
     def default(self, task: Task, target: Target) -> Config:
-        return blocked_gemm_default(self.space(task, target), task.dims, target)
+        return blocked_gemm_default(self.space(task, target), task, target)
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         d = task.dims

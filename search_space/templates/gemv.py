@@ -24,6 +24,7 @@ none; 24-30 GB/s there).
 from __future__ import annotations
 
 import math
+from itertools import product
 
 from ..codegen import llvm as cg
 from ..space import Config, ConfigSpace, Knob
@@ -33,6 +34,7 @@ from ..template import KernelSource, Template, register_template
 from ..ops.common import ITEMSIZE
 from ..ops.matmul import GemvOp
 from .gemv_plan import emit_gemv_plan
+from .threads import default_thread_counts, threads_knob
 
 PANEL_ROWS = 64  # W rows that share one pass over the K blocks (kblock > 0)
 PREFETCH_BYTES = (0, 1024, 2048)  # how far ahead a weight-only kernel prefetches each W row
@@ -53,7 +55,6 @@ class GemvCpu(GemvOp, Template):
         d = task.dims
         lanes = target.vector_lanes_f32
         regs = vector_registers(target)
-        threads = sorted({1, max(target.cores, 1)})
         bf16 = task.dtype == "bfloat16"
         knobs = [Knob("dot", ("bf16", "widen") if target.has_feature("avx512bf16") else ("widen",))] if bf16 else []
         knobs += [
@@ -62,7 +63,7 @@ class GemvCpu(GemvOp, Template):
             Knob("vec", tuple(v for v in (4, 8, 16) if v <= lanes)),
             Knob("unroll", (1, 2, 4)),
             Knob("kblock", (0,) + (() if bf16 else tuple(v for v in (256, 1024) if v < d["K"]))),
-            Knob("threads", tuple(threads)),
+            threads_knob(target),
         ]
         if self.weight_dtype(task) != task.dtype:  # weight-only
             knobs.append(Knob("prefetch", PREFETCH_BYTES))
@@ -79,8 +80,8 @@ class GemvCpu(GemvOp, Template):
     def default(self, task: Task, target: Target) -> Config:
         space = self.space(task, target)
         lanes = target.vector_lanes_f32
-        for rows, unroll in ((4, 2), (4, 1), (2, 1), (1, 1)):
-            values = {"rows": rows, "mtile": 1, "vec": lanes, "unroll": unroll, "kblock": 0, "threads": 1}
+        for threads, (rows, unroll) in product(default_thread_counts(task, target), ((4, 2), (4, 1), (2, 1), (1, 1))):
+            values = {"rows": rows, "mtile": 1, "vec": lanes, "unroll": unroll, "kblock": 0, "threads": threads}
             if task.dtype == "bfloat16":
                 values["dot"] = space.knob("dot").values[0]
             if "prefetch" in space.names:

@@ -41,6 +41,7 @@ multiple of the group size (>= 32), so there is no K remainder.
 from __future__ import annotations
 
 import math
+from itertools import product
 
 import llvmlite.ir as ir
 
@@ -52,6 +53,7 @@ from ..task import Task
 from ..template import ArgSpec, KernelSource, Template, register_template
 from .gemv import vector_registers
 from .gemv_plan import emit_gemv_plan
+from .threads import default_thread_counts, threads_knob
 from .q4_layout import (decode_block, decode_block_i16, deinterleave_x, i16_unit, lane_spread, q4_attrs,
                         quantize_x_i16)
 
@@ -93,7 +95,7 @@ class GemvQ4Cpu(GemvQ4Op, Template):
             Knob("unroll", tuple(v for v in (1, 2) if v <= groups)),
             Knob("kblock", (0,) + tuple(v for v in (512, 2048) if v < d["K"])),
             Knob("prefetch", (0, 1, 2, 4)),
-            Knob("threads", tuple(sorted({1, max(target.cores, 1)}))),
+            threads_knob(target),
         ]
         constraints = [
             ("accumulators fit in registers", lambda c: _registers_needed(c) <= regs),
@@ -110,9 +112,9 @@ class GemvQ4Cpu(GemvQ4Op, Template):
         # one X row: one W row at a time (a W row is a short stream; several interleaved
         # ones starve the hardware prefetcher); more X rows: share each decoded W vector
         tiles = ((1, 1), (1, 2)) if task.dims["M"] <= 2 else ((2, 4), (2, 2), (1, 2), (1, 1))
-        for rows, mtile in tiles:
+        for threads, (rows, mtile) in product(default_thread_counts(task, target), tiles):
             values = {"rows": rows, "mtile": mtile, "vec": lanes, "scale": "group", "chains": 1,
-                      "unroll": 1, "kblock": 0, "prefetch": 0 if rows == 1 else 2, "threads": 1}
+                      "unroll": 1, "kblock": 0, "prefetch": 0 if rows == 1 else 2, "threads": threads}
             if "compute" in space.names:
                 values["compute"] = "f32"
             if space.accepts(values):

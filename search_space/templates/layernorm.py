@@ -57,8 +57,8 @@ class LayerNormCpu(LayerNormOp, Template):
     def default(self, task: Task, target: Target) -> Config:
         lanes = target.vector_lanes_f32
         return rw.pick_default(self.space(task, target), [
-            dict(vec=lanes, unroll=u, rows=1, threads=1, stores="cached", stats="two_pass", reuse="reload")
-            for u in (4, 2, 1)])
+            dict(vec=lanes, unroll=u, rows=1, stores="cached", stats="two_pass", reuse="reload")
+            for u in (4, 2, 1)], task, target)
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         c = config.as_dict()

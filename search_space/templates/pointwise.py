@@ -62,8 +62,8 @@ class PointwiseCpu(Template):
         space = self.space(task, target)
         lanes = target.vector_lanes_f32
         extra = self.extra_defaults(task, target)
-        return rw.pick_default(space, [dict(vec=lanes, unroll=u, rows=r, threads=1, stores="cached", **extra)
-                                       for u in (2, 1) for r in (16, 4, 1)])
+        return rw.pick_default(space, [dict(vec=lanes, unroll=u, rows=r, stores="cached", **extra)
+                                       for u in (2, 1) for r in (16, 4, 1)], task, target)
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         c = config.as_dict()

@@ -45,7 +45,7 @@ class RMSNormCpu(RMSNormOp, Template):
     def default(self, task: Task, target: Target) -> Config:
         lanes = target.vector_lanes_f32
         return rw.pick_default(self.space(task, target), [
-            dict(vec=lanes, unroll=u, rows=1, threads=1, stores="cached", reuse="reload") for u in (4, 2, 1)])
+            dict(vec=lanes, unroll=u, rows=1, stores="cached", reuse="reload") for u in (4, 2, 1)], task, target)
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         c = config.as_dict()

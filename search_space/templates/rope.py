@@ -61,8 +61,8 @@ class RopeCpu(RopeOp, Template):
     def default(self, task: Task, target: Target) -> Config:
         lanes = target.vector_lanes_f32
         return rw.pick_default(self.space(task, target), [
-            dict(vec=lanes, unroll=u, heads=hb, threads=1, stores="cached", table="per_token")
-            for hb in (2, 1) for u in (2, 1)])
+            dict(vec=lanes, unroll=u, heads=hb, stores="cached", table="per_token")
+            for hb in (2, 1) for u in (2, 1)], task, target)
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         c = config.as_dict()

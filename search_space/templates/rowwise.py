@@ -22,6 +22,7 @@ from ..space import Knob
 from ..target import Target
 from ..task import Task
 from ..template import ArgSpec, KernelSource
+from .threads import default_thread_counts, threads_knob
 
 VECTOR_WIDTHS = (4, 8, 16)
 UNROLLS = (1, 2, 4)
@@ -51,10 +52,6 @@ def unroll_knob(n: int) -> Knob:
 
 def rows_knob(count: int, choices: Sequence[int]) -> Knob:
     return Knob("rows", tuple(r for r in choices if r == choices[0] or r <= count))
-
-
-def threads_knob(target: Target) -> Knob:
-    return Knob("threads", tuple(sorted({1, max(target.cores, 1)})))
 
 
 def stores_knob(task: Task, target: Target) -> Knob:
@@ -90,11 +87,14 @@ def vectors_per_row(n: int, lanes: int) -> int:
     return -(-n // lanes)
 
 
-def pick_default(space, candidates: Sequence[dict]):
-    """The first candidate the space accepts (the last resort: its first valid config)."""
-    for values in candidates:
-        if space.accepts(values):
-            return space.from_values(values)
+def pick_default(space, candidates: Sequence[dict], task: Task, target: Target):
+    """The first candidate the space accepts, each tried on every core first where the task
+    gains from it (``threads.default_thread_counts``); the last resort: its first valid config."""
+    for threads in default_thread_counts(task, target):
+        for values in candidates:
+            values = dict(values, threads=threads)
+            if space.accepts(values):
+                return space.from_values(values)
     return next(iter(space))
 
 
