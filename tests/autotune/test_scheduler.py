@@ -92,3 +92,17 @@ def test_a_model_job_holds_its_log_like_a_single_task_job(tmp_path):
     assert log.records() == []
     summary = TaskScheduler(tasks, Target.host(), "random", seed=0, batch=4).tune(8, runner, runner, log)
     assert summary.trials == 8
+
+
+def test_the_first_round_takes_the_default_within_a_restriction(tmp_path):
+    # the default of a long task runs on every core; --threads 1 keeps the rest of it
+    target = Target.host()
+    gemms = [t for t in model_tasks(TINY, [128], [1], [512]) if t.task.op == "gemm"]
+    tasks = [max(gemms, key=lambda t: t.task.dims["N"])]  # W splits into blocks for both threads
+    runner = SyntheticRunner({"gemm": 1e-4})
+    log = RecordLog(tmp_path / "m.jsonl")
+    TaskScheduler(tasks, target, "random", seed=0, batch=2, restrict={"threads": [1]}).tune(2, runner, runner, log)
+    default = get_template("gemm", "cpu").default(tasks[0].task, target).as_dict()
+    assert default["threads"] == target.cores
+    assert log.records()[0].config == dict(default, threads=1)
+
