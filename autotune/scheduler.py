@@ -1,14 +1,24 @@
 """Spread one trial budget over the tasks of a model (Ansor's gradient task scheduler).
 
 The quantity minimised is the model's estimated latency, ``sum(weight_i * best_i)``: each
-task's best measured time times how often the workload runs it. Every task first gets one
-round, its template default among the configs, so each has a measured time (the first
-rounds shrink so that the budget reaches every task); after that
+task's best measured time times how often the workload runs it. Every task first gets a
+short round (``FIRST_ROUND`` configs, its template default first), so each has a measured
+time; the budget then goes where the time is: a model's norms of one token row take the
+same first round as its largest GEMM and no more unless they turn out to matter. After that
 each round (one batch of trials) goes to the task where a trial is expected to cut the
 estimate most: ``weight_i * (alpha * backward_i + (1 - alpha) * forward_i)``, where
 ``backward_i`` is how fast the task's best fell over its last ``window`` rounds and
-``forward_i = -best_i / rounds_i`` an optimistic guess that another round gains as much as
-an average one did. A small share of rounds goes to a random task, so that none starves.
+``forward_i = -headroom_i / rounds_i`` an optimistic guess that another round gains as much
+as an average one did. A small share of rounds goes to a random task, so that none starves.
+
+The headroom is what a task's best could still lose. Ansor takes all of it (``best_i``). A
+kernel that streams a model's weights (or KV cache) cannot beat the memory, though, and a
+decode GEMV at that floor would otherwise take most rounds for nothing while the prefill
+GEMMs wait. A task that streams weights (or a KV cache) with few flops per byte (under
+``MEMORY_BOUND_INTENSITY``: GEMVs, int4 GEMVs, decode attention) has a floor: its bytes at
+the fastest rate any such task of the job has reached so far (an estimate of the memory's
+read rate that needs no probe). Its headroom is what is left above that floor, at least
+``MIN_HEADROOM`` of its best (the rate is an estimate; a better kernel may raise it).
 
 Resumable: every trial is in the log; a restarted job resumes each task's tuner from it,
 counts those records toward the budget and never measures them again.
@@ -26,13 +36,18 @@ import numpy as np
 
 from measure import Builder, MeasureError, Runner
 from records import Record, RecordLog
-from search_space import Config, Target
+from search_space import Config, Target, op_definition
 
 from .model_tasks import ModelTask
 from .tuners import TuneSummary, Tuner, make_tuner
 from .tuning import ClusterRound, with_priors
 
 MAX_FAILED_ROUNDS = 3  # rounds without one verified candidate before a task is given up
+FIRST_ROUND = 2  # configs in a task's first round: its default and its tuner's first pick
+MIN_HEADROOM = 0.03  # of its best: what a task at the memory floor may still gain (rates measured in one job differ by a few percent)
+# flops per byte read below which a kernel is bound by memory on every target: under the ridge
+# point of a 2-core AVX-512 CPU (about 8) and of an H200 (about 14 in float32, more on tensor cores)
+MEMORY_BOUND_INTENSITY = 6.0
 
 # on_round(scheduler, task_index, records): after each round, with the round's records
 RoundCallback = Callable[["TaskScheduler", int, list[Record]], None]
@@ -78,6 +93,10 @@ class TaskScheduler:
         self.tuners: list[Tuner] = [make_tuner(tuner, t.task, target, seed=seed + i, restrict=restrict,
                                                **with_priors(tuner, t.task, target, priors, tuner_options))
                                     for i, t in enumerate(self.tasks)]
+        # the bytes each task reads, and which of them stream weights at memory speed
+        self.min_bytes = [t.task.min_bytes for t in self.tasks]
+        self.streams = [bool(op_definition(t.task.op).resident_inputs(t.task))
+                        and t.task.flops < MEMORY_BOUND_INTENSITY * nbytes for t, nbytes in zip(self.tasks, self.min_bytes)]
         self.rounds = [0] * len(self.tasks)
         self.failed_rounds = [0] * len(self.tasks)
         self.history: list[list[float]] = [[] for _ in self.tasks]  # best after each round
@@ -91,15 +110,25 @@ class TaskScheduler:
         """sum(weight * best) over the tasks, inf while some task has no verified time."""
         return float(sum(t.weight * self.best(i) for i, t in enumerate(self.tasks)))
 
+    def memory_floor(self, i: int) -> float:
+        """Task i's bytes at the fastest read rate a memory-bound weight-streaming task of this
+        job has reached so far; 0 for any other task, or before a rate is known."""
+        if not self.streams[i]:
+            return 0.0
+        rates = [self.min_bytes[j] / self.best(j) for j in range(len(self.tasks))
+                 if self.streams[j] and 0 < self.best(j) < math.inf]
+        return self.min_bytes[i] / max(rates) if rates else 0.0
+
     def gradient(self, i: int) -> float:
         """Expected change of the estimate per round spent on task i (negative is good)."""
         best = self.best(i)
+        headroom = max(best - self.memory_floor(i), MIN_HEADROOM * best) if math.isfinite(best) else best
         history = self.history[i]
         if len(history) > self.window and math.isfinite(history[-1 - self.window]):
             backward = (history[-1] - history[-1 - self.window]) / self.window
         else:
             backward = 0.0
-        forward = -best / max(self.rounds[i], 1)
+        forward = -headroom / max(self.rounds[i], 1)
         return self.tasks[i].weight * (self.alpha * backward + (1 - self.alpha) * forward)
 
     def _alive(self, i: int) -> bool:
@@ -181,7 +210,8 @@ class TaskScheduler:
     def _round_configs(self, i: int, remaining: int, busy: Collection[int] = ()) -> list[Config]:
         """The configs of task i's next round, at most ``remaining``."""
         n = min(self.batch, remaining)
-        if self.rounds[i] == 0:  # a first round for every task before any gets a second one
+        if self.rounds[i] == 0:  # a short first round for every task before any gets a second one
+            n = min(n, FIRST_ROUND)
             unmeasured = sum(1 for j in range(len(self.tasks))
                              if self.rounds[j] == 0 and self._alive(j) and (j == i or j not in busy))
             n = max(1, min(n, remaining // max(unmeasured, 1)))

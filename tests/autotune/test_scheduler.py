@@ -106,3 +106,21 @@ def test_the_first_round_takes_the_default_within_a_restriction(tmp_path):
     assert default["threads"] == target.cores
     assert log.records()[0].config == dict(default, threads=1)
 
+
+def test_a_gemv_at_the_memory_floor_leaves_the_rounds_to_a_gemm(tmp_path):
+    # the decode GEMV runs 100 times as often, but it already reads its weights at the job's
+    # best rate (the only streaming task), so another round of it can gain little; Ansor's
+    # gradient (headroom = best) would give it nearly every round
+    from autotune.model_tasks import ModelTask
+    from search_space import Task
+
+    gemv = ModelTask(Task.make("gemv", {"M": 1, "N": 4096, "K": 4096}, "float32"), 100.0)
+    gemm = ModelTask(Task.make("gemm", {"M": 128, "N": 4096, "K": 4096}, "float32"), 1.0)
+    runner = SyntheticRunner({"gemv": 1e-3, "gemm": 20e-3})
+    log = RecordLog(tmp_path / "m.jsonl")
+    scheduler = TaskScheduler([gemv, gemm], Target.host(), "random", seed=0, batch=4, epsilon=0.0)
+    scheduler.tune(80, runner, runner, log)
+    per_task = Counter(r.task.op for r in log.records())
+    assert per_task["gemm"] > per_task["gemv"], per_task
+    assert scheduler.memory_floor(0) == pytest.approx(scheduler.best(0))  # the job's fastest streamer
+    assert scheduler.memory_floor(1) == 0.0  # compute-bound: no floor from memory
