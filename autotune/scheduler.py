@@ -14,11 +14,14 @@ as an average one did. A small share of rounds goes to a random task, so that no
 The headroom is what a task's best could still lose. Ansor takes all of it (``best_i``). A
 kernel that streams a model's weights (or KV cache) cannot beat the memory, though, and a
 decode GEMV at that floor would otherwise take most rounds for nothing while the prefill
-GEMMs wait. A task that streams weights (or a KV cache) with few flops per byte (under
+GEMMs wait. With ``weights_from_memory`` (a job timed cold, every kernel's weights coming from
+memory), a task that streams weights (or a KV cache) with few flops per byte (under
 ``MEMORY_BOUND_INTENSITY``: GEMVs, int4 GEMVs, decode attention) has a floor: its bytes at
 the fastest rate any such task of the job has reached so far (an estimate of the memory's
 read rate that needs no probe). Its headroom is what is left above that floor, at least
-``MIN_HEADROOM`` of its best (the rate is an estimate; a better kernel may raise it).
+``MIN_HEADROOM`` of its best (the rate is an estimate; a better kernel may raise it). Timed
+warm, a task's bytes come from whichever cache level they fit, at rates that differ by size,
+so no task's rate says where another's floor is: the headroom is then its best, as Ansor has it.
 
 Resumable: every trial is in the log; a restarted job resumes each task's tuner from it,
 counts those records toward the budget and never measures them again.
@@ -44,7 +47,8 @@ from .tuning import ClusterRound, with_priors
 
 MAX_FAILED_ROUNDS = 3  # rounds without one verified candidate before a task is given up
 FIRST_ROUND = 2  # configs in a task's first round: its default and its tuner's first pick
-MIN_HEADROOM = 0.03  # of its best: what a task at the memory floor may still gain (rates measured in one job differ by a few percent)
+# of its best: what a task at the memory floor may still gain (one job's rates differ by a few percent)
+MIN_HEADROOM = 0.03
 # flops per byte read below which a kernel is bound by memory on every target: under the ridge
 # point of a 2-core AVX-512 CPU (about 8) and of an H200 (about 14 in float32, more on tensor cores)
 MEMORY_BOUND_INTENSITY = 6.0
@@ -80,9 +84,12 @@ class ModelTuneSummary:
 class TaskScheduler:
     def __init__(self, tasks: Sequence[ModelTask], target: Target, tuner: str = "xgb", seed: int = 0,
                  batch: int = 8, restrict: dict | None = None, tuner_options: dict | None = None,
-                 alpha: float = 0.2, window: int = 3, epsilon: float = 0.05, priors: Sequence[Record] = ()):
+                 alpha: float = 0.2, window: int = 3, epsilon: float = 0.05, priors: Sequence[Record] = (),
+                 weights_from_memory: bool = False):
         """``priors``: records (the resumed log's) whose best configs of each task's other
-        shapes and variants an xgb tuner measures first, before its template's seed configs."""
+        shapes and variants an xgb tuner measures first, before its template's seed configs.
+        ``weights_from_memory``: the weight-streaming tasks' headroom stops at the memory's rate (for a
+        job whose candidates find their weights in memory, as a cold one does)."""
         if not tasks:
             raise ValueError("no tasks to tune")
         self.tasks = list(tasks)
@@ -95,8 +102,9 @@ class TaskScheduler:
                                     for i, t in enumerate(self.tasks)]
         # the bytes each task reads, and which of them stream weights at memory speed
         self.min_bytes = [t.task.min_bytes for t in self.tasks]
-        self.streams = [bool(op_definition(t.task.op).resident_inputs(t.task))
-                        and t.task.flops < MEMORY_BOUND_INTENSITY * nbytes for t, nbytes in zip(self.tasks, self.min_bytes)]
+        self.streams = [weights_from_memory and bool(op_definition(t.task.op).resident_inputs(t.task))
+                        and t.task.flops < MEMORY_BOUND_INTENSITY * nbytes
+                        for t, nbytes in zip(self.tasks, self.min_bytes)]
         self.rounds = [0] * len(self.tasks)
         self.failed_rounds = [0] * len(self.tasks)
         self.history: list[list[float]] = [[] for _ in self.tasks]  # best after each round

@@ -113,7 +113,7 @@ def tune_model(job, log: RecordLog, builder, runner, progress: bool, note: Calla
              "them as they are, so the best times mix both (use a new --log to tune in one condition only)")
     # the log's records of other shapes and variants (a fused GEMV's plain one) are where new tasks start
     scheduler = TaskScheduler(tasks, job.target, job.tuner, seed=job.seed, batch=job.batch, restrict=job.restrict,
-                              priors=log.records(warn=False))
+                              priors=log.records(warn=False), weights_from_memory=job.cache_condition() == "cold")
     bar = ModelProgress(f"{job.model.config.name} ({len(tasks)} tasks)", job.trials) if progress else None
     with observed(job, note, bar, lambda run, status, summary: _finish(run, log, status, summary)) as (
             tracking, outcome):
@@ -133,7 +133,7 @@ def tune_model_on_cluster(job, log: RecordLog, cluster, targets, progress: bool,
     tasks = job.model.tasks()
     priors = log.records(warn=False)
     schedulers = [TaskScheduler(tasks, target, job.tuner, seed=job.seed, batch=job.batch, restrict=job.restrict,
-                                priors=priors)
+                                priors=priors, weights_from_memory=job.cache_condition() == "cold")
                   for target in targets]
     label = f"{job.model.config.name} ({len(tasks)} tasks)"
     bar = ModelProgress(label, job.trials * len(targets)) if progress else None

@@ -108,9 +108,9 @@ def test_the_first_round_takes_the_default_within_a_restriction(tmp_path):
 
 
 def test_a_gemv_at_the_memory_floor_leaves_the_rounds_to_a_gemm(tmp_path):
-    # the decode GEMV runs 100 times as often, but it already reads its weights at the job's
-    # best rate (the only streaming task), so another round of it can gain little; Ansor's
-    # gradient (headroom = best) would give it nearly every round
+    # timed cold, the decode GEMV runs 100 times as often, but it already reads its weights at
+    # the job's best rate (the only streaming task), so another round of it can gain little;
+    # Ansor's gradient (headroom = best) would give it nearly every round
     from autotune.model_tasks import ModelTask
     from search_space import Task
 
@@ -118,9 +118,14 @@ def test_a_gemv_at_the_memory_floor_leaves_the_rounds_to_a_gemm(tmp_path):
     gemm = ModelTask(Task.make("gemm", {"M": 128, "N": 4096, "K": 4096}, "float32"), 1.0)
     runner = SyntheticRunner({"gemv": 1e-3, "gemm": 20e-3})
     log = RecordLog(tmp_path / "m.jsonl")
-    scheduler = TaskScheduler([gemv, gemm], Target.host(), "random", seed=0, batch=4, epsilon=0.0)
+    scheduler = TaskScheduler([gemv, gemm], Target.host(), "random", seed=0, batch=4, epsilon=0.0,
+                              weights_from_memory=True)
     scheduler.tune(80, runner, runner, log)
     per_task = Counter(r.task.op for r in log.records())
     assert per_task["gemm"] > per_task["gemv"], per_task
     assert scheduler.memory_floor(0) == pytest.approx(scheduler.best(0))  # the job's fastest streamer
     assert scheduler.memory_floor(1) == 0.0  # compute-bound: no floor from memory
+    # timed warm, rates differ by cache level: no floor, Ansor's headroom
+    warm = TaskScheduler([gemv, gemm], Target.host(), "random", seed=0, batch=4, epsilon=0.0)
+    warm.tune(80, runner, runner, RecordLog(tmp_path / "warm.jsonl"))
+    assert warm.memory_floor(0) == 0.0
