@@ -17,9 +17,9 @@ decode GEMV at that floor would otherwise take most rounds for nothing while the
 GEMMs wait. With ``weights_from_memory`` (a job timed cold, every kernel's weights coming from
 memory), a task that streams weights (or a KV cache) with few flops per byte (under
 ``MEMORY_BOUND_INTENSITY``: GEMVs, int4 GEMVs, decode attention) has a floor: its bytes at
-the fastest rate any such task of the job has reached so far (an estimate of the memory's
-read rate that needs no probe). Its headroom is what is left above that floor, at least
-``MIN_HEADROOM`` of its best (the rate is an estimate; a better kernel may raise it). Timed
+the memory's read rate, as a probe measured it (``read_rate``) or as the fastest such task of
+the job has reached so far, whichever is higher. Its headroom is what is left above that
+floor, at least ``MIN_HEADROOM`` of its best (a kernel may beat the probe). Timed
 warm, a task's bytes come from whichever cache level they fit, at rates that differ by size,
 so no task's rate says where another's floor is: the headroom is then its best, as Ansor has it.
 
@@ -85,11 +85,12 @@ class TaskScheduler:
     def __init__(self, tasks: Sequence[ModelTask], target: Target, tuner: str = "xgb", seed: int = 0,
                  batch: int = 8, restrict: dict | None = None, tuner_options: dict | None = None,
                  alpha: float = 0.2, window: int = 3, epsilon: float = 0.05, priors: Sequence[Record] = (),
-                 weights_from_memory: bool = False):
+                 weights_from_memory: bool = False, read_rate: float = 0.0):
         """``priors``: records (the resumed log's) whose best configs of each task's other
         shapes and variants an xgb tuner measures first, before its template's seed configs.
         ``weights_from_memory``: the weight-streaming tasks' headroom stops at the memory's rate (for a
-        job whose candidates find their weights in memory, as a cold one does)."""
+        job whose candidates find their weights in memory, as a cold one does); ``read_rate``:
+        the memory's read bytes/s with the job's threads, where a probe measured it."""
         if not tasks:
             raise ValueError("no tasks to tune")
         self.tasks = list(tasks)
@@ -102,6 +103,7 @@ class TaskScheduler:
                                     for i, t in enumerate(self.tasks)]
         # the bytes each task reads, and which of them stream weights at memory speed
         self.min_bytes = [t.task.min_bytes for t in self.tasks]
+        self.read_rate = read_rate
         self.streams = [weights_from_memory and bool(op_definition(t.task.op).resident_inputs(t.task))
                         and t.task.flops < MEMORY_BOUND_INTENSITY * nbytes
                         for t, nbytes in zip(self.tasks, self.min_bytes)]
@@ -119,13 +121,14 @@ class TaskScheduler:
         return float(sum(t.weight * self.best(i) for i, t in enumerate(self.tasks)))
 
     def memory_floor(self, i: int) -> float:
-        """Task i's bytes at the fastest read rate a memory-bound weight-streaming task of this
-        job has reached so far; 0 for any other task, or before a rate is known."""
+        """Task i's bytes at the memory's read rate (the probe's, or the fastest a memory-bound
+        weight-streaming task of this job has reached so far, if higher); 0 for any other task,
+        or before a rate is known."""
         if not self.streams[i]:
             return 0.0
-        rates = [self.min_bytes[j] / self.best(j) for j in range(len(self.tasks))
-                 if self.streams[j] and 0 < self.best(j) < math.inf]
-        return self.min_bytes[i] / max(rates) if rates else 0.0
+        rate = max([self.read_rate] + [self.min_bytes[j] / self.best(j) for j in range(len(self.tasks))
+                                       if self.streams[j] and 0 < self.best(j) < math.inf])
+        return self.min_bytes[i] / rate if rate > 0 else 0.0
 
     def gradient(self, i: int) -> float:
         """Expected change of the estimate per round spent on task i (negative is good)."""

@@ -112,8 +112,10 @@ def tune_model(job, log: RecordLog, builder, runner, progress: bool, note: Calla
         note(f"warning: {log.path} holds {mixed} of these tasks; this job times {job.cache_condition()} and resumes "
              "them as they are, so the best times mix both (use a new --log to tune in one condition only)")
     # the log's records of other shapes and variants (a fused GEMV's plain one) are where new tasks start
+    cold = job.cache_condition() == "cold"
     scheduler = TaskScheduler(tasks, job.target, job.tuner, seed=job.seed, batch=job.batch, restrict=job.restrict,
-                              priors=log.records(warn=False), weights_from_memory=job.cache_condition() == "cold")
+                              priors=log.records(warn=False), weights_from_memory=cold,
+                              read_rate=memory_read_rate(job.target, job.restrict, note) if cold else 0.0)
     bar = ModelProgress(f"{job.model.config.name} ({len(tasks)} tasks)", job.trials) if progress else None
     with observed(job, note, bar, lambda run, status, summary: _finish(run, log, status, summary)) as (
             tracking, outcome):
@@ -132,6 +134,7 @@ def tune_model_on_cluster(job, log: RecordLog, cluster, targets, progress: bool,
 
     tasks = job.model.tasks()
     priors = log.records(warn=False)
+    # the runners' memory is not probed from here: the fastest streaming task's rate stands in
     schedulers = [TaskScheduler(tasks, target, job.tuner, seed=job.seed, batch=job.batch, restrict=job.restrict,
                                 priors=priors, weights_from_memory=job.cache_condition() == "cold")
                   for target in targets]
@@ -148,6 +151,25 @@ def tune_model_on_cluster(job, log: RecordLog, cluster, targets, progress: bool,
         summaries = [run.summary() for run in runs]
         outcome["summary"] = summaries[0] if len(summaries) == 1 else _all_targets(summaries)
     return outcome["summary"]
+
+
+def memory_read_rate(target, restrict: dict | None, note: Callable[[str], None]) -> float:
+    """The memory's read bytes/s on this machine with as many threads as the job's kernels may
+    take (the roofline's read probe, in a worker: about 2 s); 0.0, said through ``note``, if the
+    probe fails."""
+    from measure.worker import WorkerProcess
+
+    threads = max((restrict or {}).get("threads") or [max(target.cores, 1)])
+    worker = WorkerProcess(name="autotune-read-probe")
+    try:
+        return float(worker.call("measure.roofline:measure_read_rate", {"target": target.to_dict(),
+                                                                       "threads": threads}, 120))
+    except Exception as exc:  # the scheduler then estimates the rate from the tasks alone
+        note(f"warning: the memory read probe failed ({type(exc).__name__}: {exc}); the scheduler "
+             "estimates the memory's rate from the tuned kernels")
+        return 0.0
+    finally:
+        worker.close()
 
 
 def _all_targets(summaries: list[ModelTuneSummary]) -> ModelTuneSummary:

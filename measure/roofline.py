@@ -109,6 +109,15 @@ def working_set_bandwidth(roof: dict[str, float], nbytes: float, target: Target,
     return "DRAM", roof["read_gbs"]
 
 
+def measure_read_rate(payload: dict[str, Any]) -> float:
+    """Worker side: DRAM read bytes/s with ``threads`` threads (the read probe alone)."""
+    from .cpu_kernel import compile_and_load
+
+    target = Target.from_dict(payload["target"])
+    return 1e9 * _read_gbs(lambda source: compile_and_load(source, target), target, int(payload.get("threads", 1)),
+                           READ_BYTES)
+
+
 def measure_roofline(payload: dict[str, Any]) -> dict[str, float]:
     """Worker side: compile and run the probes. Returns GFLOP/s and GB/s per memory level."""
     from .cpu_kernel import allocate_args, compile_and_load

@@ -129,3 +129,23 @@ def test_a_gemv_at_the_memory_floor_leaves_the_rounds_to_a_gemm(tmp_path):
     warm = TaskScheduler([gemv, gemm], Target.host(), "random", seed=0, batch=4, epsilon=0.0)
     warm.tune(80, runner, runner, RecordLog(tmp_path / "warm.jsonl"))
     assert warm.memory_floor(0) == 0.0
+
+
+def test_a_probed_read_rate_gives_a_slow_streaming_task_its_headroom(tmp_path):
+    # an int4 GEMV that dequantises slowly reads far below the memory's rate: when it is the
+    # job's fastest streamer, only the probe says it is not at the floor
+    from autotune.model_tasks import ModelTask
+    from autotune.tune_model import memory_read_rate
+    from search_space import Task
+
+    notes = []
+    rate = memory_read_rate(Target.host(), {"threads": [1]}, notes.append)
+    assert rate > 1e9 and not notes  # a real DRAM read rate, over 1 GB/s, probed in a worker
+
+    gemv = ModelTask(Task.make("gemv", {"M": 1, "N": 4096, "K": 4096}, "float32"), 100.0)
+    runner = SyntheticRunner({"gemv": 1e-3})
+    scheduler = TaskScheduler([gemv], Target.host(), "random", seed=0, batch=4, weights_from_memory=True,
+                              read_rate=10 * gemv.task.min_bytes / 1e-3)
+    scheduler.tune(4, runner, runner, RecordLog(tmp_path / "m.jsonl"))
+    assert scheduler.memory_floor(0) == pytest.approx(gemv.task.min_bytes / scheduler.read_rate)
+    assert scheduler.memory_floor(0) < scheduler.best(0) / 10
