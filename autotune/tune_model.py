@@ -113,9 +113,12 @@ def tune_model(job, log: RecordLog, builder, runner, progress: bool, note: Calla
              "them as they are, so the best times mix both (use a new --log to tune in one condition only)")
     # the log's records of other shapes and variants (a fused GEMV's plain one) are where new tasks start
     cold = job.cache_condition() == "cold"
+    read_rate = memory_read_rate(job.target, job.restrict, note) if cold else 0.0
+    if read_rate:
+        note(f"memory reads at {read_rate / 1e9:.1f} GB/s (read probe): a GEMV or decode attention at that rate "
+             "leaves its rounds to other tasks")
     scheduler = TaskScheduler(tasks, job.target, job.tuner, seed=job.seed, batch=job.batch, restrict=job.restrict,
-                              priors=log.records(warn=False), weights_from_memory=cold,
-                              read_rate=memory_read_rate(job.target, job.restrict, note) if cold else 0.0)
+                              priors=log.records(warn=False), weights_from_memory=cold, read_rate=read_rate)
     bar = ModelProgress(f"{job.model.config.name} ({len(tasks)} tasks)", job.trials) if progress else None
     with observed(job, note, bar, lambda run, status, summary: _finish(run, log, status, summary)) as (
             tracking, outcome):

@@ -90,6 +90,8 @@ def test_tune_model_says_and_records_its_condition_and_warns_on_a_mixed_log(tmp_
     other = "cold" if want == "warm" else "warm"
     proc = run(*common, "--trials-total", "4", cwd=tmp_path)
     assert f"timing candidates {want}" in proc.stderr and "one forward pass touches" in proc.stderr
+    # timed cold, the scheduler floors the weight-streaming tasks at a probed read rate, and says so
+    assert ("memory reads at" in proc.stderr) == (want == "cold")
     summary = json.loads(proc.stdout)
     assert summary["cache"] == want and summary["working_set_bytes"] > 0
     records = RecordLog(tmp_path / "t.jsonl").records()
@@ -112,6 +114,7 @@ def test_tune_model_says_and_records_its_condition_and_warns_on_a_mixed_log(tmp_
     assert older.startswith(f"{len(cycled)} records timed {want} by the older cycle")
     proc = run(*common, "--trials-total", "6", "--cache", other, cwd=tmp_path)
     assert f"timing candidates {other}" in proc.stderr and "as --cache says" in proc.stderr
+    assert ("memory reads at" in proc.stderr) == (other == "cold")
     assert f"records timed {want}" in proc.stderr and "mix both" in proc.stderr
     records = RecordLog(tmp_path / "t.jsonl").records()
     assert [r.result.stats["cache"] for r in records if r.ok][4:] == [other] * (sum(r.ok for r in records) - 4)
