@@ -4,7 +4,10 @@ The quantity minimised is the model's estimated latency, ``sum(weight_i * best_i
 task's best measured time times how often the workload runs it. Every task first gets a
 short round (``FIRST_ROUND`` configs, its template default first), so each has a measured
 time; the budget then goes where the time is: a model's norms of one token row take the
-same first round as its largest GEMM and no more unless they turn out to matter. After that
+same first round as its largest GEMM and no more unless they turn out to matter. The first
+rounds go in the order of a guess at each task's share (its runs times its bytes and flops
+at a nominal rate), and a budget too small for full first rounds keeps one trial for every
+task still unmeasured, so the tasks likely to matter get the second config. After that
 each round (one batch of trials) goes to the task where a trial is expected to cut the
 estimate most: ``weight_i * (alpha * backward_i + (1 - alpha) * forward_i)``, where
 ``backward_i`` is how fast the task's best fell over its last ``window`` rounds and
@@ -40,6 +43,7 @@ import numpy as np
 from measure import Builder, MeasureError, Runner
 from records import Record, RecordLog
 from search_space import Config, Target, op_definition
+from search_space.templates.threads import rough_one_core_seconds
 
 from .model_tasks import ModelTask
 from .tuners import TuneSummary, Tuner, make_tuner
@@ -104,6 +108,8 @@ class TaskScheduler:
         # the bytes each task reads, and which of them stream weights at memory speed
         self.min_bytes = [t.task.min_bytes for t in self.tasks]
         self.read_rate = read_rate
+        # before a task is measured: its runs times a rough time, to order the first rounds
+        self.guessed_share = [t.weight * rough_one_core_seconds(t.task) for t in self.tasks]
         self.streams = [weights_from_memory and bool(op_definition(t.task.op).resident_inputs(t.task))
                         and t.task.flops < MEMORY_BOUND_INTENSITY * nbytes
                         for t, nbytes in zip(self.tasks, self.min_bytes)]
@@ -153,7 +159,7 @@ class TaskScheduler:
             return None
         fresh = [i for i in alive if self.rounds[i] == 0 or not math.isfinite(self.best(i))]
         if fresh:
-            return fresh[0]
+            return max(fresh, key=lambda j: self.guessed_share[j])
         if self.rng.random() < self.epsilon:
             return int(self.rng.choice(alive))
         return min(alive, key=self.gradient)
@@ -174,7 +180,15 @@ class TaskScheduler:
         except (KeyError, ValueError):
             pass
         if n > len(configs):
-            configs += [c for c in tuner.next_batch(n - len(configs)) if c.index not in {x.index for x in configs}]
+            # the default counts as seen while the tuner picks, so that its picks are other configs
+            # (it is measured with them: no longer seen once they are chosen)
+            default_index = {c.index for c in configs} - tuner.visited
+            tuner.visited |= default_index
+            try:
+                picks = tuner.next_batch(n - len(configs))
+            finally:
+                tuner.visited -= default_index
+            configs += [c for c in picks if c.index not in {x.index for x in configs}]
         return configs
 
     def tune(self, trials_total: int, builder: Builder, runner: Runner, log: RecordLog | None = None,
@@ -225,7 +239,7 @@ class TaskScheduler:
             n = min(n, FIRST_ROUND)
             unmeasured = sum(1 for j in range(len(self.tasks))
                              if self.rounds[j] == 0 and self._alive(j) and (j == i or j not in busy))
-            n = max(1, min(n, remaining // max(unmeasured, 1)))
+            n = max(1, min(n, remaining - (unmeasured - 1)))  # one trial left for each of the others
             return self._first_configs(i, n)
         return self.tuners[i].next_batch(n)
 

@@ -29,10 +29,14 @@ def threads_knob(target: Target) -> Knob:
     return Knob("threads", thread_counts(target))
 
 
+def rough_one_core_seconds(task: Task) -> float:
+    """A guess, before anything is measured, of how long ``task`` takes on one core."""
+    return task.min_bytes / ONE_CORE_BYTES_PER_S + task.flops / ONE_CORE_FLOPS
+
+
 def default_thread_counts(task: Task, target: Target) -> tuple[int, ...]:
     """The thread counts a default tries, in order: every core first when the task is
     long enough on one core to gain from the rest (the template falls back to one thread
     where its constraints leave a thread without work), else one."""
-    one_core_s = task.min_bytes / ONE_CORE_BYTES_PER_S + task.flops / ONE_CORE_FLOPS
     cores = max(target.cores, 1)
-    return (cores, 1) if cores > 1 and one_core_s >= PARALLEL_FROM_S else (1,)
+    return (cores, 1) if cores > 1 and rough_one_core_seconds(task) >= PARALLEL_FROM_S else (1,)

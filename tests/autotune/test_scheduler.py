@@ -149,3 +149,19 @@ def test_a_probed_read_rate_gives_a_slow_streaming_task_its_headroom(tmp_path):
     scheduler.tune(4, runner, runner, RecordLog(tmp_path / "m.jsonl"))
     assert scheduler.memory_floor(0) == pytest.approx(gemv.task.min_bytes / scheduler.read_rate)
     assert scheduler.memory_floor(0) < scheduler.best(0) / 10
+
+
+def test_a_small_budget_gives_its_second_configs_to_the_tasks_likely_to_matter(tmp_path):
+    # 3 trials beyond one per task: every task is measured once, and the 3 extra configs go to
+    # the tasks with the largest guessed share (runs x a rough time from bytes and flops)
+    tasks = model_tasks(TINY, [128], [1], [512])
+    runner = SyntheticRunner({})
+    log = RecordLog(tmp_path / "m.jsonl")
+    scheduler = TaskScheduler(tasks, Target.host(), "random", seed=0, batch=4)
+    scheduler.tune(len(tasks) + 3, runner, runner, log)
+    per_task = Counter(r.task.key for r in log.records())
+    assert set(per_task) == {t.key for t in tasks} and sum(per_task.values()) == len(tasks) + 3
+    guessed = sorted(range(len(tasks)), key=lambda i: -scheduler.guessed_share[i])
+    assert {key for key, n in per_task.items() if n == 2} == {tasks[i].key for i in guessed[:3]}
+    assert log.records()[0].task.key == tasks[guessed[0]].key  # the likeliest to matter goes first
+    assert tasks[guessed[0]].task.op in ("gemv", "attention_decode")  # decode, 128 runs per workload
