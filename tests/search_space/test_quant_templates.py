@@ -2,6 +2,8 @@
 every group size, with and without zero points, one X row and sixteen, K of one group."""
 from __future__ import annotations
 
+from itertools import product
+
 import numpy as np
 import pytest
 
@@ -70,6 +72,22 @@ def test_q4_knobs_reach_every_code_path(host, machinery):
         task = Task.make(op, shape, attrs={"group_size": 64, "zero_point": True})
         space = template.space(task, host)
         inputs += [MeasureInput(task, c, host) for c in every_knob_value(space, template.default(task, host))]
+    run_all(machinery, inputs)
+
+
+def test_gemv_q4_streams_cover_every_row_once(host, machinery):
+    """Runs walked side by side: row blocks that the streams do not divide, a partial last
+    row block, one and two threads, one X row and several (each config verified against
+    the float64 reference by the runner, NaN-poisoned Y included)."""
+    template = get_template("gemv_q4", "cpu")
+    inputs = []
+    for shape in ({"M": 1, "N": 37, "K": 256}, {"M": 3, "N": 70, "K": 256}):
+        task = Task.make("gemv_q4", shape, attrs={"group_size": 32, "zero_point": False})
+        space = template.space(task, host)
+        for streams, rows, threads in product((2, 4), (1, 2, 4), (1, 2)):
+            values = dict(template.default(task, host).as_dict(), streams=streams, rows=rows, threads=threads)
+            assert space.accepts(values), values
+            inputs.append(MeasureInput(task, space.from_values(values), host))
     run_all(machinery, inputs)
 
 
