@@ -12,6 +12,12 @@ heads that read this KV head, a running max, a running sum and an accumulator of
 - P.V: accumulators of ``hr`` heads x ``nv`` vectors of D, each V row loaded once per
   tile and used by all hr heads; the rescale by exp(m - m') is fused into the load.
 
+Prefetch: ``prefetch`` keys ahead, K rows in the score loop and V rows in the P.V loop.
+``v_prefetch`` = ``with_k`` also asks for each V row while its K row is scored, a whole
+block before P.V reads it; with ``in_pv`` the first V rows of every block are read cold,
+each block's pipeline drains at the switch from K to V. With 8 query heads per KV head
+(D = 64) the score loop is long enough to hide them: 16 -> 20 GB/s read cold on two cores.
+
 With one split a unit normalises its accumulators into O. With more, each unit leaves
 (max, sum, accumulator) in the workspace and a combine step merges the splits of every
 (batch, head). S (the cache capacity, the row stride of K and V) and L (valid rows) are
@@ -77,6 +83,7 @@ class AttentionDecodeCpu(AttentionDecodeOp, Template):
             Knob("nv", tuple(v for v in (1, 2, 4, 8) if v == 1 or v * min(vecs) <= _round_up(d["D"], min(vecs)))),
             Knob("unroll", (1, 2, 4)),
             Knob("prefetch", (0, 2, 4, 8, 16)),
+            Knob("v_prefetch", ("with_k", "in_pv")),
             threads_knob(target),
         ]
         constraints = [
@@ -98,7 +105,7 @@ class AttentionDecodeCpu(AttentionDecodeOp, Template):
         # the Q rows stay in L1 as memory operands (measured best at G = 4, D = 128)
         for threads, (kr, nv) in product(default_thread_counts(task, target), ((1, 4), (1, 2), (2, 2), (1, 1))):
             values = {"split": 1, "bk": bk, "kr": kr, "hr": hr, "vec": lanes, "nv": nv, "unroll": 1,
-                      "prefetch": 8, "threads": threads}
+                      "prefetch": 8, "v_prefetch": "with_k", "threads": threads}
             if space.accepts(values):
                 return space.from_values(values)
         return next(iter(space))
@@ -196,6 +203,10 @@ def _render(task: Task, c: dict, scale: float) -> KernelSource:
                             ahead = b.add(row0, kb.min(b.add(j0, cg.i64(i + c["prefetch"])), last_key))
                             for line in range(0, D, 16):
                                 kb.prefetch(K, b.add(b.mul(ahead, cg.i64(D)), cg.i64(line)), locality=2)
+                    if c["v_prefetch"] == "with_k":  # the V rows of the keys scored now, for P.V
+                        for i in range(kr):
+                            for line in range(0, D, 16):
+                                kb.prefetch(V, b.add(k_rows[i], cg.i64(line)), locality=2)
                     slots = [[[kb.local(cg.vec(lanes), name="dot") for _ in range(unroll)] for _ in range(kr)]
                              for _ in range(hr)]
                     for row in slots:
