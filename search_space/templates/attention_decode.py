@@ -83,7 +83,7 @@ class AttentionDecodeCpu(AttentionDecodeOp, Template):
             Knob("nv", tuple(v for v in (1, 2, 4, 8) if v == 1 or v * min(vecs) <= _round_up(d["D"], min(vecs)))),
             Knob("unroll", (1, 2, 4)),
             Knob("prefetch", (0, 2, 4, 8, 16)),
-            Knob("v_prefetch", ("with_k", "in_pv")),
+            Knob("v_prefetch", ("with_k", "in_pv"), legacy="in_pv"),  # logs from before: V in P.V only
             threads_knob(target),
         ]
         constraints = [

@@ -99,7 +99,7 @@ class GemvQ4Cpu(GemvQ4Op, Template):
             Knob("unroll", tuple(v for v in (1, 2) if v <= groups)),
             Knob("kblock", (0,) + tuple(v for v in (512, 2048) if v < d["K"])),
             Knob("prefetch", (0, 1, 2, 4)),
-            Knob("streams", (1, 2, 4)),
+            Knob("streams", (1, 2, 4), legacy=1),  # logs from before streams: one run
             threads_knob(target),
         ]
         constraints = [
