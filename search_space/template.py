@@ -121,6 +121,12 @@ class Operator:
         (``measure.backends.cpu.cold_copies``). None: the operator has no such inputs."""
         return ()
 
+    def resident_read_share(self, task: Task) -> float:
+        """The share of its resident inputs' bytes one call reads: 1, or L / S for a KV cache of
+        capacity S holding L rows. Cold timing counts its copies by the bytes read, so that a
+        cache much larger than its rows still cycles through enough memory."""
+        return 1.0
+
     def flops(self, task: Task) -> float:
         raise NotImplementedError
 

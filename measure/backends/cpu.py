@@ -31,7 +31,9 @@ class CpuCandidate(Candidate):
         self.dims = task.dims
         self.data = data
         self.buffers = buffers  # the kept input arrays, guarded outputs, workspaces
-        self.resident = op_definition(task.op).resident_inputs(task)  # what cold timing cycles
+        op = op_definition(task.op)
+        self.resident = op.resident_inputs(task)  # what cold timing cycles
+        self.read_share = op.resident_read_share(task) if self.resident else 1.0
 
     def run(self) -> float:
         start = time.perf_counter()
@@ -49,19 +51,22 @@ class CpuCandidate(Candidate):
                 if name in self.buffers and input_digest(self.buffers[name]) != digest]
 
     def time(self, policy: TimingPolicy, first_s: float) -> dict[str, Any]:
-        sets = cold_copies(self.source, self.buffers, policy.cold_bytes, self.resident, policy.activations_in_cache)
+        sets = cold_copies(self.source, self.buffers, policy.cold_bytes, self.resident, policy.activations_in_cache,
+                           self.read_share)
         timing = time_calls(self.kernel.rotation(sets, self.dims), policy, first_call_s=first_s)
         if len(sets) > 1:
             timing["input_copies"] = len(sets)
             # what one cycle reads; also marks a record whose samples go on through the cycle
             # (before, each one started again at the first copy: autotune.tune_model warns of those)
-            timing["cycle_bytes"] = len(sets) * sum(a.nbytes for name, a in sets[0].items() if sets[1][name] is not a)
+            copied = sum(a.nbytes for name, a in sets[0].items() if sets[1][name] is not a)
+            timing["cycle_bytes"] = int(len(sets) * copied * (self.read_share if self.resident else 1.0))
         timing["cache"] = condition_of(policy)  # kept in the record: what situation the time is for
         return timing
 
 
 def cold_copies(source: KernelSource, buffers: dict[str, np.ndarray], cold_bytes: int,
-                resident: Sequence[str] = (), activations_in_cache: bool = False) -> list[dict]:
+                resident: Sequence[str] = (), activations_in_cache: bool = False,
+                read_share: float = 1.0) -> list[dict]:
     """``buffers`` and enough copies of its inputs to fill ``cold_bytes`` (see TimingPolicy).
 
     With ``resident`` inputs (a model's weights or KV cache: ``Operator.resident_inputs``) only
@@ -69,13 +74,17 @@ def cold_copies(source: KernelSource, buffers: dict[str, np.ndarray], cold_bytes
     finds its weights as far back as in the model, whatever their size, while the activations
     stay where the kernel before left them. Without, every input is copied, at most
     ``MAX_COPIES`` times, so that small inputs stay in cache; none with
-    ``activations_in_cache`` (in a model they were just written)."""
+    ``activations_in_cache`` (in a model they were just written). ``read_share``: the share of
+    the resident inputs' bytes a call reads (``Operator.resident_read_share``); the copies are
+    counted by those bytes."""
     inputs = [a.name for a in source.args if a.role == "in"]
     weights = [name for name in inputs if name in resident]
     copied = weights or ([] if activations_in_cache else inputs)
     if not copied:
         return [buffers]
     copied_bytes = sum(buffers[name].nbytes for name in copied)
+    if weights:
+        copied_bytes = int(copied_bytes * read_share)
     cap = MAX_RESIDENT_COPIES if weights else MAX_COPIES
     copies = min(cap, -(-cold_bytes // max(copied_bytes, 1))) if cold_bytes > copied_bytes else 1
     return [buffers] + [dict(buffers, **{name: buffers[name].copy() for name in copied}) for _ in range(copies - 1)]

@@ -140,6 +140,9 @@ class AttentionDecodeOp(Operator):
     def resident_inputs(self, task: Task) -> tuple[str, ...]:
         return ("K", "V")  # the KV cache
 
+    def resident_read_share(self, task: Task) -> float:
+        return min(task.dims["L"], task.dims["S"]) / max(task.dims["S"], 1)  # the L rows of S a call reads
+
     def signature(self, task: Task) -> tuple[ArgSpec, ...]:
         dt = task.dtype
         lens = (ArgSpec("LENS", "in", "int32", ("B",)),) if self.per_sequence(task) else ()

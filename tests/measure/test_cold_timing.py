@@ -98,6 +98,26 @@ def test_a_model_s_weights_are_copied_as_often_as_the_cycle_needs_and_its_activa
     assert cold_copies(source, buffers, 300 * w_bytes, activations_in_cache=True) == [buffers]
 
 
+def test_a_kv_cache_larger_than_its_rows_is_copied_by_the_rows_a_call_reads(host):
+    """attention_decode reads L of the S rows of its cache: a cycle of 40 calls' bytes needs
+    40 copies however large S is (counted by capacity, S = 8L gave 5, a cycle that fits in
+    one eighth of the bytes asked for)."""
+    from search_space.registry import op_definition
+
+    template = get_template("attention_decode", "cpu")
+    task = Task.make("attention_decode", {"B": 1, "H": 4, "HKV": 2, "D": 16, "S": 512, "L": 64},
+                     dynamic=("S", "L"))
+    assert op_definition("attention_decode").resident_read_share(task) == 64 / 512
+    assert op_definition("gemv").resident_read_share(Task.make("gemv", {"M": 1, "N": 8, "K": 8})) == 1.0
+    source = template.render(task, template.default(task, host), host)
+    buffers = allocate_args(source, task.dims, template.make_inputs(task, np.random.default_rng(0)))
+    read = (buffers["K"].nbytes + buffers["V"].nbytes) * 64 // 512
+    copies = cold_copies(source, buffers, 40 * read, resident=("K", "V"), read_share=64 / 512)
+    assert len(copies) == 40
+    assert all(c["Q"] is buffers["Q"] for c in copies)
+    assert len(cold_copies(source, buffers, 40 * read, resident=("K", "V"))) == 5  # by capacity
+
+
 def test_a_cold_measurement_verifies_and_says_how_many_copies_it_cycled(host):
     task = Task.make("gemv", {"M": 1, "N": 512, "K": 512})
     inp = MeasureInput(task, get_template("gemv", "cpu").default(task, host), host)
