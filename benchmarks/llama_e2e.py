@@ -47,13 +47,12 @@ def read_bandwidth(threads: int) -> float:
     from measure.worker import WorkerProcess
     from search_space import Target
 
-    worker = WorkerProcess(name="autotune-roofline")
+    worker = WorkerProcess(name="autotune-read-probe")
     try:
-        roof = worker.call("measure.roofline:measure_roofline", {"target": Target.host().to_dict(),
-                                                                  "threads": threads}, 600)
+        return worker.call("measure.roofline:measure_read_rate", {"target": Target.host().to_dict(),
+                                                                   "threads": threads}, 600)
     finally:
         worker.close()
-    return roof["read_gbs"] * 1e9
 
 
 def decode_bytes(model: str, quantize: str, prompt: int, new: int, dtype: str = "float32") -> float:

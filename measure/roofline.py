@@ -84,13 +84,13 @@ def _best_of(fn, repeats: int = 5) -> float:
     return min(times)
 
 
-def _read_gbs(kernel_for, target: Target, threads: int, nbytes: int) -> float:
-    from .cpu_kernel import allocate_args
+def _read_gbs(target: Target, threads: int, nbytes: int) -> float:
+    from .cpu_kernel import allocate_args, compile_and_load
 
     n = max(nbytes // 4 // (CHUNK * threads), 1) * CHUNK * threads
     passes = max(1, (256 << 20) // (4 * n))  # at least 256 MB of reads per sample
     stream = _read_kernel(target.vector_lanes_f32, threads, n, passes)
-    kernel = kernel_for(stream)
+    kernel = compile_and_load(stream, target)
     buffers = allocate_args(stream, {}, {"src": np.ones(n, dtype=np.float32)})
     kernel(buffers, {})
     seconds = _best_of(lambda: kernel(buffers, {}))
@@ -111,11 +111,8 @@ def working_set_bandwidth(roof: dict[str, float], nbytes: float, target: Target,
 
 def measure_read_rate(payload: dict[str, Any]) -> float:
     """Worker side: DRAM read bytes/s with ``threads`` threads (the read probe alone)."""
-    from .cpu_kernel import compile_and_load
-
     target = Target.from_dict(payload["target"])
-    return 1e9 * _read_gbs(lambda source: compile_and_load(source, target), target, int(payload.get("threads", 1)),
-                           READ_BYTES)
+    return 1e9 * _read_gbs(target, int(payload.get("threads", 1)), READ_BYTES)
 
 
 def measure_roofline(payload: dict[str, Any]) -> dict[str, float]:
@@ -133,12 +130,9 @@ def measure_roofline(payload: dict[str, Any]) -> dict[str, float]:
     seconds = _best_of(lambda: kernel(buffers, {}), repeats=9)
     gflops = 2.0 * lanes * FMA_CHAINS * FMA_ITERATIONS * threads / seconds / 1e9
 
-    def load(source):
-        return compile_and_load(source, target)
-
     l2 = (target.l2_bytes or 1 << 20) * threads // 2
     l3 = min((target.l3_bytes or 8 << 20) // 2, 8 << 20)
     return {"peak_gflops": gflops, "threads": threads,
-            "l2_gbs": _read_gbs(load, target, threads, l2),
-            "l3_gbs": _read_gbs(load, target, threads, l3),
-            "read_gbs": _read_gbs(load, target, threads, READ_BYTES)}
+            "l2_gbs": _read_gbs(target, threads, l2),
+            "l3_gbs": _read_gbs(target, threads, l3),
+            "read_gbs": _read_gbs(target, threads, READ_BYTES)}
