@@ -45,8 +45,18 @@ class Terminated(KeyboardInterrupt):
     keeps every record, an MLflow run is marked KILLED, half-written folders are removed."""
 
 
+# set by the handler: code that waits in native calls (Ray's) may turn the Terminated it
+# raises into a plain KeyboardInterrupt, which must still end the job as terminated
+_sigterm_received = threading.Event()
+
+
 def _raise_terminated(signum, frame) -> None:
+    _sigterm_received.set()
     raise Terminated()
+
+
+def _is_termination(exc: BaseException | None) -> bool:
+    return isinstance(exc, Terminated) or (isinstance(exc, KeyboardInterrupt) and _sigterm_received.is_set())
 
 
 # the commands whose interruption leaves measurements behind: all of them are in the log
@@ -62,6 +72,7 @@ def _stopped(what: str, argv: list[str] | None) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the click group, turning every failure into one line."""
     if threading.current_thread() is threading.main_thread():
+        _sigterm_received.clear()
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         load_plugins()
@@ -69,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.Abort as exc:  # click turns an interrupt into Abort
-        if isinstance(exc.__cause__, Terminated):
+        if _is_termination(exc.__cause__):
             error_line(_stopped("terminated", argv))
             sys.exit(143)
         error_line(_stopped("interrupted", argv) if isinstance(exc.__cause__, KeyboardInterrupt) else "aborted")
@@ -77,10 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         error_line(exc.format_message().replace("\n", " "))
         sys.exit(EXIT_USAGE if isinstance(exc, (click.UsageError, UserError)) else exc.exit_code)
-    except Terminated:
-        error_line(_stopped("terminated", argv))
-        sys.exit(143)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if _is_termination(exc):
+            error_line(_stopped("terminated", argv))
+            sys.exit(143)
         error_line(_stopped("interrupted", argv))
         sys.exit(130)
     except BrokenPipeError:

@@ -111,6 +111,40 @@ def test_only_a_command_that_logs_says_its_records_are_in_the_log_when_stopped()
     assert _stopped("interrupted", ["run", "--lib", "lib"]) == "interrupted"
 
 
+@pytest.mark.parametrize("native_wait", [False, True])
+def test_sigterm_ends_a_job_as_terminated_even_where_a_native_wait_rewraps_it(native_wait, monkeypatch, capsys):
+    """Ray's waits raise a new KeyboardInterrupt where a signal handler raised during them, so
+    the Terminated the CLI's SIGTERM handler raises can arrive as a plain KeyboardInterrupt: the
+    job still ends as terminated (143), not as interrupted (130). Ctrl-C stays 130."""
+    from autotune.cli import group
+
+    def command(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises in here
+        except KeyboardInterrupt:
+            if native_wait:
+                raise KeyboardInterrupt() from None  # what ray.wait does with it
+            raise
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt()
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        monkeypatch.setattr(group.cli, "main", command)
+        with pytest.raises(SystemExit) as stopped:
+            group.main(["tune", "--op", "gemv"])
+        assert stopped.value.code == 143
+        assert capsys.readouterr().err.strip() == "autotune: error: terminated; every measured record is in the log"
+        monkeypatch.setattr(group.cli, "main", ctrl_c)
+        with pytest.raises(SystemExit) as stopped:
+            group.main(["tune", "--op", "gemv"])
+        assert stopped.value.code == 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_sigterm_ends_the_job_as_an_interrupt_does_and_marks_the_run_killed(tmp_path, mlflow_store):
     from mlflow import MlflowClient
 
