@@ -43,16 +43,15 @@ def autotune(*args: str) -> str:
 
 
 def read_bandwidth(threads: int) -> float:
-    """DRAM read bytes/s of the generated read probe with ``threads`` threads (measure.roofline)."""
-    from measure.worker import WorkerProcess
+    """DRAM read bytes/s of the generated read probe with ``threads`` threads (the one a cold
+    ``tune-model`` job runs: ``autotune.tune_model.memory_read_rate``)."""
+    from autotune.tune_model import memory_read_rate
     from search_space import Target
 
-    worker = WorkerProcess(name="autotune-read-probe")
-    try:
-        return worker.call("measure.roofline:measure_read_rate", {"target": Target.host().to_dict(),
-                                                                   "threads": threads}, 600)
-    finally:
-        worker.close()
+    rate = memory_read_rate(Target.host(), {"threads": [threads]}, lambda line: print(line, file=sys.stderr))
+    if not rate:
+        sys.exit("the memory read probe failed: no bandwidth floor to compare with")
+    return rate
 
 
 def decode_bytes(model: str, quantize: str, prompt: int, new: int, dtype: str = "float32") -> float:

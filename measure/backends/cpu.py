@@ -33,7 +33,7 @@ class CpuCandidate(Candidate):
         self.buffers = buffers  # the kept input arrays, guarded outputs, workspaces
         op = op_definition(task.op)
         self.resident = op.resident_inputs(task)  # what cold timing cycles
-        self.read_share = op.resident_read_share(task) if self.resident else 1.0
+        self.read_share = op.resident_read_share(task)  # of their bytes, what a call reads
 
     def run(self) -> float:
         start = time.perf_counter()
@@ -59,7 +59,7 @@ class CpuCandidate(Candidate):
             # what one cycle reads; also marks a record whose samples go on through the cycle
             # (before, each one started again at the first copy: autotune.tune_model warns of those)
             copied = sum(a.nbytes for name, a in sets[0].items() if sets[1][name] is not a)
-            timing["cycle_bytes"] = int(len(sets) * copied * (self.read_share if self.resident else 1.0))
+            timing["cycle_bytes"] = int(len(sets) * copied * self.read_share)
         timing["cache"] = condition_of(policy)  # kept in the record: what situation the time is for
         return timing
 

@@ -20,13 +20,9 @@ ONE_CORE_FLOPS = 50e9
 PARALLEL_FROM_S = 20e-6  # a few times the hand-over to the pool
 
 
-def thread_counts(target: Target) -> tuple[int, ...]:
-    """The values of the ``threads`` knob: 1, and every core."""
-    return tuple(sorted({1, max(target.cores, 1)}))
-
-
 def threads_knob(target: Target) -> Knob:
-    return Knob("threads", thread_counts(target))
+    """One thread, and every core."""
+    return Knob("threads", tuple(sorted({1, max(target.cores, 1)})))
 
 
 def rough_one_core_seconds(task: Task) -> float:
