@@ -33,7 +33,9 @@ runs as pieces of 4, 2 and 1 rows, as the remainder's bits say, so three edge mi
 cover every M. The blocks and the workspace keep the sizes of the M the task was tuned at.
 
 ``render_blocked_gemm`` is the schedule itself, parameterised by how W reaches the
-micro-kernel (``WeightSource``): ``gemm_q4`` reuses it with a panel that dequantises int4.
+micro-kernel (``WeightSource``): ``gemm_q4`` reuses it with a panel that dequantises int4,
+or, on its int16 path (``dot="i16"``), with a panel of int16 code pairs and their group scales
+for an outer-product kernel on ``vpdpwssd``, X rounded to int16 as it is packed.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ from ..target import Target
 from ..task import Task
 from ..template import ArgSpec, KernelSource, Template, register_template
 from .gemv import vector_registers
+from .q4_layout import quantize_x_panel
 from .threads import default_thread_counts, threads_knob
 
 
@@ -57,9 +60,15 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def is_outer(c: dict) -> bool:
+    """Whether a config runs an outer-product micro-kernel: gemm's ``kernel=outer``, or
+    gemm_q4's int16 path (``compute=i16``), which is one."""
+    return c.get("kernel") == "outer" or c.get("compute") == "i16"
+
+
 def n_tile(c: dict) -> int:
     """Columns of Y per micro tile: ``nr`` dot products, or ``nr`` vectors (outer)."""
-    return c["nr"] * c["vec"] if c.get("kernel") == "outer" else c["nr"]
+    return c["nr"] * c["vec"] if is_outer(c) else c["nr"]
 
 
 def effective_blocks(d: dict, c: dict) -> tuple[int, int, int]:
@@ -104,18 +113,27 @@ def blocked_gemm_constraints(d: dict, target: Target) -> list:
         n_blocks = math.ceil(d["N"] / nc)
         return n_blocks if c["order"] == "nkm" else math.ceil(d["M"] / mc) * n_blocks
 
+    def registers(c) -> int:
+        """Accumulators (int16 path: int32 ones per group besides the float32 ones) plus the X
+        (dot) or W (outer) vectors of a step."""
+        accumulators = c["mr"] * c["nr"] * (2 if c.get("compute") == "i16" else 1)
+        return accumulators + (c["nr"] if is_outer(c) else c["mr"]) + 1
+
     return [
-        ("micro tile fits in registers",  # accumulators + the X (dot) or W (outer) vectors of a step
-         lambda c: c["mr"] * c["nr"] + (c["nr"] if c.get("kernel") == "outer" else c["mr"]) + 1 <= regs),
+        ("micro tile fits in registers", lambda c: registers(c) <= regs),
         ("a thread gets an outer block", lambda c: c["threads"] == 1 or outer_blocks(c) >= c["threads"]),
     ]
 
 
-def blocked_gemm_default(space: ConfigSpace, task: Task, target: Target, extra: dict | None = None) -> Config:
+DOT_TILES = ((4, 6), (4, 4), (2, 4), (2, 2), (1, 2), (1, 1))  # (mr, nr), the first the space accepts
+
+
+def blocked_gemm_default(space: ConfigSpace, task: Task, target: Target, extra: dict | None = None,
+                         tiles: tuple[tuple[int, int], ...] = DOT_TILES) -> Config:
     d = task.dims
     lanes = target.vector_lanes_f32
     for threads in default_thread_counts(task, target):
-        for mr, nr in ((4, 6), (4, 4), (2, 4), (2, 2), (1, 2), (1, 1)):
+        for mr, nr in tiles:
             values = {"mr": mr, "nr": nr, "vec": min(16, lanes), "unroll": 1,
                       "kc": 512 if d["K"] > 512 else 0, "mc": 128 if d["M"] > 128 else 0,
                       "nc": 192 if d["N"] > 192 else 0, "order": "nkm", "inner": "nm", "pack": 1,
@@ -226,6 +244,9 @@ class WeightSource:
     panel_bytes: int
     dtype: str
     fill: PanelFill | None
+    # > 0: the panel holds int16 codes, k pairs side by side for vpdpwssd, and ``fill`` also
+    # writes the float32 scale of every (group of this many k, column) to a second panel
+    group: int = 0
 
 
 def _copy_panel(elem: int) -> PanelFill:
@@ -425,11 +446,73 @@ def _outer_kernel(module: ir.Module, mt: int, nv: int, nt: int, klen: int, lanes
     for k in range(main, klen):
         step(cg.i64(k))
 
-    for i in range(mt):
-        for j in range(nv):
+    _store_rows(kb, slots, nt, lanes, N, y, first)
+    return fn
+
+
+def _outer_i16_kernel(module: ir.Module, mt: int, nv: int, nt: int, klen: int, lanes: int, unroll: int,
+                      group: int, ldx: int, ldp: int, N: int) -> ir.Function:
+    """Y[mt, nt] (+)= sum over groups of (Xq . Pq) * x scale * w scale: the int16 outer kernel.
+
+    ``void f(xq, xs, p, ps, y, first)``: ``xq`` the tile's int16 X rows (``ldx`` apart),
+    ``xs`` their scales per group (``ldx / group`` apart), ``p`` the W micro panel of int32
+    pairs (k pair-major, ``ldp`` pairs a row: (code(k) - 8, code(k+1) - 8) as two int16),
+    ``ps`` its scales ([group][column], ``ldp`` apart). Per k pair: ``nv`` W vectors and one
+    broadcast X pair per row into ``vpdpwssd`` (two products per lane); per group the int32
+    sums turn into floats with one fma each. The sums stay far from overflow: |x| <= 32767,
+    |code - 8| <= 8, so a group of 128 k adds at most 2^25."""
+    fn = ir.Function(module, ir.FunctionType(cg.VOID, [cg.PTR] * 5 + [cg.I1]),
+                     name=f"outer_i16_{mt}x{nv}v{nt}_k{klen}_x{ldx}")
+    fn.linkage = "internal"
+    for arg in fn.args[:5]:
+        arg.add_attribute("noalias")
+    kb = cg.KernelBuilder(fn)
+    b = kb.b
+    xq, xs, p, ps, y, first = fn.args
+    i_lanes, pairs = cg.vec(lanes, cg.I32), cg.vec(2 * lanes, cg.I16)
+    sums = [[kb.local(cg.vec(lanes)) for _ in range(nv)] for _ in range(mt)]
+    dots = [[kb.local(i_lanes) for _ in range(nv)] for _ in range(mt)]
+    for row in sums:
+        for slot in row:
+            b.store(kb.zeros(lanes), slot)
+    steps = group // 2  # k pairs per group
+
+    def step(k2) -> None:
+        row = b.mul(k2, cg.i64(ldp))
+        ws = [b.bitcast(kb.load_vec(p, b.add(row, cg.i64(j * lanes)), lanes, cg.I32), pairs) for j in range(nv)]
+        for i in range(mt):
+            xb = b.bitcast(kb.splat(kb.load(xq, b.add(cg.i64(i * ldx // 2), k2), cg.I32), lanes), pairs)
+            for j in range(nv):
+                b.store(kb.dot_i16(b.load(dots[i][j]), xb, ws[j]), dots[i][j])
+
+    with kb.loop(0, klen // group, 1, name="g") as g:
+        for row in dots:
+            for slot in row:
+                b.store(ir.Constant(i_lanes, None), slot)
+        first_pair = b.mul(g, cg.i64(steps))
+        with kb.loop(0, steps, unroll, name="k") as k:
+            for u in range(unroll):
+                step(b.add(first_pair, b.add(k, cg.i64(u))))
+        w_scales = [kb.load_vec(ps, b.add(b.mul(g, cg.i64(ldp)), cg.i64(j * lanes)), lanes) for j in range(nv)]
+        for i in range(mt):
+            x_scale = kb.splat(kb.load(xs, b.add(cg.i64(i * (ldx // group)), g)), lanes)
+            for j in range(nv):
+                exact = b.sitofp(b.load(dots[i][j]), cg.vec(lanes))
+                b.store(kb.fma(exact, kb.fmul(w_scales[j], x_scale), b.load(sums[i][j])), sums[i][j])
+
+    _store_rows(kb, sums, nt, lanes, N, y, first)
+    return fn
+
+
+def _store_rows(kb: cg.KernelBuilder, slots, nt: int, lanes: int, N: int, y, first) -> None:
+    """An outer kernel's end: its accumulators are rows of Y (``nt`` columns, the last
+    vector masked), stored when ``first``, else added to Y."""
+    b = kb.b
+    for i, row in enumerate(slots):
+        for j, slot in enumerate(row):
             at = cg.i64(i * N + j * lanes)
             count = min(lanes, nt - j * lanes)
-            acc = b.load(slots[i][j])
+            acc = b.load(slot)
             with b.if_else(first) as (then, otherwise):
                 with then:
                     _store_row(kb, acc, lanes, count, y, at)
@@ -437,7 +520,6 @@ def _outer_kernel(module: ir.Module, mt: int, nv: int, nt: int, klen: int, lanes
                     old = kb.load_vec(y, at, lanes) if count == lanes else kb.masked_load_vec(y, at, lanes, cg.i64(count))
                     _store_row(kb, kb.fadd(old, acc), lanes, count, y, at)
     kb.ret()
-    return fn
 
 
 def _store_row(kb: cg.KernelBuilder, value, width: int, nt: int, y, at, element: ir.Type = cg.F32) -> None:
@@ -473,7 +555,11 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
     d = task.dims
     M, N, K = d["M"], d["N"], d["K"]
     mr, lanes, unroll = c["mr"], c["vec"], c["unroll"]
-    outer = dot == "outer"
+    i16 = dot == "i16"  # int16 X rounded as it is packed, int16 W pairs: the int16 outer kernel
+    outer = dot in ("outer", "i16")
+    group = weights.group
+    if i16 and not (group and c["xpack"]):
+        raise ValueError("gemm: the int16 kernel needs a grouped int16 weight panel and a packed X")
     nr = n_tile(dict(c, kernel="outer" if outer else "dot"))  # columns per micro tile
     mc, nc, kc = effective_blocks(d, dict(c, kernel="outer" if outer else "dot"))
     bf16 = task.dtype == "bfloat16"
@@ -497,7 +583,9 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
     def kernel_for(mt: int, nt: int, klen: int) -> ir.Function:
         key = (mt, nt, klen)
         if key not in micro:
-            if outer:
+            if i16:
+                micro[key] = _outer_i16_kernel(module, mt, -(-nt // lanes), nt, klen, lanes, unroll, group, kc, nr, N)
+            elif outer:
                 x_strides = (1, mr) if xpack else (K, 1)
                 micro[key] = _outer_kernel(module, mt, -(-nt // lanes), nt, klen, lanes, unroll, x_strides, nr, N)
             else:
@@ -512,20 +600,28 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
     chunk_begin, chunk_end, thread = body.args[n_ptr + n_scalars:n_ptr + n_scalars + 3]
     b = kb.b
     rows = body.args[n_ptr] if dynamic else cg.i64(M)  # M as the code sees it
-    x_el = cg.I16 if bf16 else cg.F32
-    w_el = cg.I16 if w_bf16 else cg.F32
+    x_el = cg.I16 if bf16 or i16 else cg.F32
+    w_el = cg.I16 if w_bf16 or i16 else cg.F32
     panel_bytes = weights.panel_bytes * nc * kc if pack else 0
-    x_elem = 2 if bf16 else 4
+    w_scales_at = _round_up(panel_bytes, 64)  # the int16 path's panel of W scales follows the codes
+    if i16:
+        panel_bytes = w_scales_at + 4 * nc * (kc // group)
+    x_elem = 2 if bf16 or i16 else 4
     k_blocks_n = math.ceil(K / kc)
     # mnk packs an X block once for all its K blocks (reused by every W block of the
     # thread); nkm packs the one K block it is about to use
     x_slots = k_blocks_n if c["order"] == "mnk" else 1
     x_panel_bytes = x_elem * mc * kc * x_slots if xpack else 0
+    x_scales_at = x_panel_bytes  # int16 X: the scales of every (row, group) after the rows
+    if i16:
+        x_panel_bytes += 4 * mc * (kc // group) * x_slots
     per_thread = _round_up(panel_bytes, 64) + x_panel_bytes
     threads = c["threads"]
     mine = kb.gep(WS, b.mul(thread, cg.i64(per_thread)), cg.I8)
     ws = mine if pack else None
     x_panel = kb.gep(mine, cg.i64(_round_up(panel_bytes, 64)), cg.I8) if xpack else None
+    x_scales = kb.gep(x_panel, cg.i64(x_scales_at), cg.I8) if i16 else None
+    w_scales = kb.gep(ws, cg.i64(w_scales_at), cg.I8) if i16 else None
     acc_y = kb.gep(WS, cg.i64(_round_up(per_thread * threads, 64)), cg.I8) if scratch_y else Y
     X = inputs[0]
 
@@ -533,9 +629,17 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
         """Element offset of the packed X block of the K block at k0."""
         return b.mul(b.sdiv(k0, cg.i64(kc)), cg.i64(mc * kc)) if x_slots > 1 else cg.i64(0)
 
+    def x_scale_slot(k0):
+        """Element offset of the int16 X scales of the K block at k0: ``[row][group]``."""
+        return b.mul(b.sdiv(k0, cg.i64(kc)), cg.i64(mc * (kc // group))) if x_slots > 1 else cg.i64(0)
+
     def pack_x(m0, mlen, k0, klen) -> None:
         """Copy X[m0:+mlen, k0:+klen] to its slot, rows kc apart: X rows K apart can crowd
-        a few cache sets (K a power of two)."""
+        a few cache sets (K a power of two). The int16 path rounds it on the way."""
+        if i16:
+            quantize_x_panel(kb, X, x_panel, x_scales, m0, mlen, k0, klen, K, kc, group, x_slot(k0),
+                             x_scale_slot(k0))
+            return
         with kb.loop(0, mlen, 1, name="px") as r:
             src = b.add(b.mul(b.add(m0, r), cg.i64(K)), k0)
             if outer:  # rows of a micro tile interleaved: [r // mr][k][r % mr]
@@ -550,7 +654,9 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
 
     def block(m0, mlen, n0, nlen, k0, klen: int, first) -> None:
         """All micro tiles of Y[m0:+mlen, n0:+nlen] for the K block [k0, k0+klen)."""
-        if pack:
+        if i16:
+            weights.fill(kb, inputs, ws, n0, nlen, k0, klen, kc, K, w_scales)
+        elif pack:
             weights.fill(kb, inputs, ws, n0, nlen, k0, klen, kc, K)
         if xpack and x_slots == 1:
             pack_x(m0, mlen, k0, klen)
@@ -566,6 +672,15 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
             # rows [im + i0, +mt) of the tile at im, a multiple of mr: in either packed layout
             # the tile starts at im * kc; the outer kernel's interleaves its rows (stride 1)
             i0 = cg.i64(0) if i0 is None else i0
+            if i16:  # rows kc apart, their scales kc / group apart; W codes and scales per micro panel
+                row = b.add(im, i0)
+                xp = kb.gep(x_panel, b.add(x_slot(k0), b.mul(row, cg.i64(kc))), cg.I16)
+                xsp = kb.gep(x_scales, b.add(x_scale_slot(k0), b.mul(row, cg.i64(kc // group))))
+                wsp = kb.gep(w_scales, b.mul(jn, cg.i64(kc // group)))
+                yp = kb.gep(acc_y, b.add(b.mul(b.add(m0, row), cg.i64(N)), b.add(n0, jn)))
+                b.call(kernel_for(mt, nt, klen), [kb.ptr(xp), kb.ptr(xsp), kb.ptr(w_ptr(jn)), kb.ptr(wsp), kb.ptr(yp),
+                                                  first])
+                return
             if xpack:
                 row = b.add(b.mul(im, cg.i64(kc)), i0 if outer else b.mul(i0, cg.i64(kc)))
                 xp = kb.gep(x_panel, b.add(x_slot(k0), row), x_el)

@@ -167,3 +167,23 @@ def decode_block_i16(kb: cg.KernelBuilder, wq, byte_index, words: int):
     low = b.and_(wide, ir.Constant(cg.vec(words, cg.I16), [15] * words))
     high = b.lshr(wide, ir.Constant(cg.vec(words, cg.I16), [4] * words))
     return low, high
+
+
+def quantize_x_panel(kb: cg.KernelBuilder, x, xq, scales, m0, mlen, k0, klen, K: int, ld: int, group: int,
+                     at, scales_at) -> None:
+    """Round X[m0:+mlen, k0:+klen] to int16 per (row, group) for gemm_q4's int16 kernel:
+    ``xq[at + r * ld + k]`` (int16, k in natural order, so each k pair is one int32) and
+    ``scales[scales_at + r * (ld / group) + g]`` = max|x| / 32767 (0 for an all-zero group).
+    ``klen`` (an int or an i64 value) is whole groups."""
+    b = kb.b
+    with kb.loop(0, mlen, 1, name="qm") as r:
+        src = b.add(b.mul(b.add(m0, r), cg.i64(K)), k0)
+        with kb.loop(0, klen, group, name="qg") as k:
+            values = kb.load_vec(x, b.add(src, k), group)
+            xmax = kb.reduce_max(kb.call_math("fabs", values))
+            positive = b.fcmp_ordered(">", xmax, cg.f32(0.0))
+            inverse = b.select(positive, kb.fdiv(cg.f32(I16_LEVELS), xmax), cg.f32(0.0))
+            g = b.sdiv(k, cg.i64(group))
+            kb.store(kb.fdiv(xmax, cg.f32(I16_LEVELS)), scales, b.add(scales_at, b.add(b.mul(r, cg.i64(ld // group)), g)))
+            q = b.fptosi(kb.call_math("rint", kb.fmul(values, kb.splat(inverse, group))), cg.vec(group, cg.I32))
+            kb.store_vec(b.trunc(q, cg.vec(group, cg.I16)), xq, b.add(at, b.add(b.mul(r, cg.i64(ld)), k)), cg.I16)

@@ -67,9 +67,12 @@ def test_q4_matches_reference(op, group, zero_point, host, machinery):
 def test_q4_knobs_reach_every_code_path(host, machinery):
     """On a shape with several groups and K blocks, every knob value of both templates."""
     inputs = []
-    for op, shape in (("gemv_q4", {"M": 5, "N": 301, "K": 2048}), ("gemm_q4", {"M": 21, "N": 50, "K": 1280})):
+    # codes without a zero point: gemm_q4's int16 path too, where the host has avx512vnni
+    for op, shape, zero_point in (("gemv_q4", {"M": 5, "N": 301, "K": 2048}, True),
+                                  ("gemm_q4", {"M": 21, "N": 50, "K": 1280}, True),
+                                  ("gemm_q4", {"M": 21, "N": 50, "K": 1280}, False)):
         template = get_template(op, "cpu")
-        task = Task.make(op, shape, attrs={"group_size": 64, "zero_point": True})
+        task = Task.make(op, shape, attrs={"group_size": 64, "zero_point": zero_point})
         space = template.space(task, host)
         inputs += [MeasureInput(task, c, host) for c in every_knob_value(space, template.default(task, host))]
     run_all(machinery, inputs)
@@ -121,14 +124,17 @@ def test_quantize_round_trip_is_within_half_a_step():
     assert q["WQ"][0, 0] == 8 | (15 << 4)  # k=0 -> code 8 (low nibble), k=1 -> code 15 (high)
 
 
-@pytest.mark.parametrize("group, zero_point", [(128, False), (128, True), (32, False), (32, True)])
-def test_q4_int16_activations_stay_within_float32_tolerance_with_outliers(group, zero_point, host):
-    """The VNNI path rounds X to int16 per (row, group); LLM activations have a few channels
+@pytest.mark.parametrize("op, group, zero_point", [("gemv_q4", 128, False), ("gemv_q4", 128, True),
+                                                   ("gemv_q4", 32, False), ("gemv_q4", 32, True),
+                                                   ("gemm_q4", 128, False), ("gemm_q4", 32, False)])
+def test_q4_int16_activations_stay_within_float32_tolerance_with_outliers(op, group, zero_point, host):
+    """The VNNI paths round X to int16 per (row, group); LLM activations have a few channels
     far larger than the rest, which coarsens the rounding of their whole group. Even so the
     result stays within the float32 tolerance of the reference."""
-    template = get_template("gemv_q4", "cpu")
-    # group 32: two groups share each 64-k block of the 16-lane int16 path
-    task = Task.make("gemv_q4", {"M": 4, "N": 256, "K": 2048}, attrs={"group_size": group, "zero_point": zero_point})
+    template = get_template(op, "cpu")
+    # group 32: two groups share each 64-k block of gemv_q4's 16-lane int16 path
+    shape = {"M": 4, "N": 256, "K": 2048} if op == "gemv_q4" else {"M": 21, "N": 96, "K": 2048}
+    task = Task.make(op, shape, attrs={"group_size": group, "zero_point": zero_point})
     space = template.space(task, host)
     if "compute" not in space.names:
         pytest.skip("the host has no avx512vnni")  # the int16 path is not offered at all there
@@ -146,3 +152,26 @@ def test_q4_int16_activations_stay_within_float32_tolerance_with_outliers(group,
         errors[compute] = np.linalg.norm(buffers["Y"] - want) / np.linalg.norm(want)
     assert errors["f32"] < 1e-5
     assert errors["i16"] < template.tolerance(task), errors
+
+
+def test_gemm_q4_int16_kernel_compiles_for_a_vnni_target(host):
+    """Hosts without avx512vnni never offer the int16 path, so build it for a CPU that has it:
+    the generated module verifies and compiles, whatever machine runs the suite."""
+    from measure.compile_llvm import compile_to_object
+    from search_space import Target
+
+    vnni = Target.from_dict(dict(host.to_dict(), arch="sapphirerapids", vector_bits=512,
+                                 features="+64bit,+sse4.2,+avx2,+fma,+avx512f,+avx512bw,+avx512vl,+avx512vnni"))
+    template = get_template("gemm_q4", "cpu")
+    task = Task.make("gemm_q4", {"M": 45, "N": 70, "K": 1280}, attrs={"group_size": 32, "zero_point": False},
+                     dynamic=["M"])
+    space = template.space(task, vnni)
+    default = template.default(task, vnni)
+    assert default["compute"] == "i16"
+    for values in ({}, {"order": "nkm", "mr": 3, "nr": 2, "kc": 256, "unroll": 4, "vec": 8}):
+        config = space.from_values(dict(default.as_dict(), **values))
+        source = template.render(task, config, vnni)
+        assert "vpdpwssd" in source.code
+        assert len(compile_to_object(source.code, vnni)) > 0
+    zero_point = Task.make("gemm_q4", {"M": 45, "N": 70, "K": 1280}, attrs={"group_size": 32, "zero_point": True})
+    assert "compute" not in template.space(zero_point, vnni).names  # a zero point keeps the float path
