@@ -3,7 +3,8 @@
 The quantity minimised is the model's estimated latency, ``sum(weight_i * best_i)``: each
 task's best measured time times how often the workload runs it. Every task first gets a
 short round (``FIRST_ROUND`` configs, its template default first), so each has a measured
-time; the budget then goes where the time is: a model's norms of one token row take the
+time (a task resumed from a log gets today's default in its first round of the job, where the
+log has no record of it); the budget then goes where the time is: a model's norms of one token row take the
 same first round as its largest GEMM and no more unless they turn out to matter. The first
 rounds go in the order of a guess at each task's share (its runs times its bytes and flops
 at a nominal rate), and a budget too small for full first rounds keeps one trial for every
@@ -114,6 +115,9 @@ class TaskScheduler:
                         and t.task.flops < MEMORY_BOUND_INTENSITY * nbytes
                         for t, nbytes in zip(self.tasks, self.min_bytes)]
         self.rounds = [0] * len(self.tasks)
+        # tasks whose template default this job has offered (a resumed task's log may lack it:
+        # the template's default changed since, or the log was tuned under a restriction)
+        self.default_offered: set[int] = set()
         self.failed_rounds = [0] * len(self.tasks)
         self.history: list[list[float]] = [[] for _ in self.tasks]  # best after each round
         self.given_up: set[int] = set()
@@ -169,6 +173,7 @@ class TaskScheduler:
         """The template default (within a restriction such as ``--threads 1``, when this space
         holds it) and the tuner's first picks."""
         tuner = self.tuners[i]
+        self.default_offered.add(i)
         configs: list[Config] = []
         default = tuner.template.default(tuner.task, self.target)
         values = {name: value if value in tuner.space.knob(name).values else tuner.space.knob(name).values[0]
@@ -240,6 +245,8 @@ class TaskScheduler:
             unmeasured = sum(1 for j in range(len(self.tasks))
                              if self.rounds[j] == 0 and self._alive(j) and (j == i or j not in busy))
             n = max(1, min(n, remaining - (unmeasured - 1)))  # one trial left for each of the others
+            return self._first_configs(i, n)
+        if i not in self.default_offered:  # a resumed task: today's default, if the log lacks it
             return self._first_configs(i, n)
         return self.tuners[i].next_batch(n)
 

@@ -107,6 +107,25 @@ def test_the_first_round_takes_the_default_within_a_restriction(tmp_path):
     assert log.records()[0].config == dict(default, threads=1)
 
 
+def test_a_resumed_task_measures_a_default_its_log_lacks(tmp_path):
+    """A log tuned under ``--threads 1`` (or before the template's default changed) has no
+    record of today's default: the resumed job's first round of the task measures it."""
+    target = Target.host()
+    gemms = [t for t in model_tasks(TINY, [128], [1], [512]) if t.task.op == "gemm"]
+    tasks = [max(gemms, key=lambda t: t.task.dims["N"])]
+    runner = SyntheticRunner({"gemm": 1e-4})
+    log = RecordLog(tmp_path / "m.jsonl")
+    TaskScheduler(tasks, target, "random", seed=0, batch=2, restrict={"threads": [1]}).tune(4, runner, runner, log)
+    default = get_template("gemm", "cpu").default(tasks[0].task, target).as_dict()
+    assert default["threads"] == target.cores > 1
+    assert default not in [r.config for r in log.records()]
+    summary = TaskScheduler(tasks, target, "random", seed=0, batch=2).tune(6, runner, runner, log)
+    assert summary.resumed == 4 and summary.measured == 2
+    assert log.records()[4].config == default
+    again = TaskScheduler(tasks, target, "random", seed=0, batch=2).tune(8, runner, runner, log)
+    assert again.measured == 2 and len([r for r in log.records() if r.config == default]) == 1
+
+
 def test_a_gemv_at_the_memory_floor_leaves_the_rounds_to_a_gemm(tmp_path):
     # timed cold, the decode GEMV runs 100 times as often, but it already reads its weights at
     # the job's best rate (the only streaming task), so another round of it can gain little;
