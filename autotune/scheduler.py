@@ -169,21 +169,37 @@ class TaskScheduler:
         return min(alive, key=self.gradient)
 
     # -- the loop ----------------------------------------------------------------------
-    def _first_configs(self, i: int, n: int) -> list[Config]:
-        """The template default (within a restriction such as ``--threads 1``, when this space
-        holds it) and the tuner's first picks."""
+    def _default_config(self, i: int) -> Config | None:
+        """Task i's template default, within a restriction such as ``--threads 1`` (None where
+        this space does not hold it)."""
         tuner = self.tuners[i]
-        self.default_offered.add(i)
-        configs: list[Config] = []
         default = tuner.template.default(tuner.task, self.target)
         values = {name: value if value in tuner.space.knob(name).values else tuner.space.knob(name).values[0]
                   for name, value in default.as_dict().items()}
         try:
             index = tuner.space.index_of(values)
-            if tuner.space.is_valid(values) and index not in tuner.visited:
-                configs.append(tuner.space.get(index))
         except (KeyError, ValueError):
-            pass
+            return None
+        return tuner.space.get(index) if tuner.space.is_valid(values) else None
+
+    def unmeasured_defaults(self) -> list[str]:
+        """Keys of the tasks with records (in the log or from this job) but none of their
+        template default: a log tuned before the template's default changed, whose resumed
+        job had no budget left for them."""
+        out = []
+        for i, tuner in enumerate(self.tuners):
+            default = self._default_config(i)
+            if tuner.visited and default is not None and default.index not in tuner.visited:
+                out.append(self.tasks[i].key)
+        return out
+
+    def _first_configs(self, i: int, n: int) -> list[Config]:
+        """The template default (within a restriction, see ``_default_config``), unless measured
+        already, and the tuner's first picks."""
+        tuner = self.tuners[i]
+        self.default_offered.add(i)
+        default = self._default_config(i)
+        configs: list[Config] = [default] if default is not None and default.index not in tuner.visited else []
         if n > len(configs):
             # the default counts as seen while the tuner picks, so that its picks are other configs
             # (it is measured with them: no longer seen once they are chosen)

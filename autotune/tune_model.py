@@ -124,7 +124,19 @@ def tune_model(job, log: RecordLog, builder, runner, progress: bool, note: Calla
             tracking, outcome):
         callbacks = [c for c in (ModelMLflow(tracking.run, 0) if tracking.run else None, bar) if c is not None]
         outcome["summary"] = scheduler.tune(job.trials, builder, runner, log, on_round=callbacks)
+    warn_unmeasured_defaults(scheduler, note)
     return outcome["summary"]
+
+
+def warn_unmeasured_defaults(scheduler: TaskScheduler, note: Callable[[str], None]) -> None:
+    """Name the tasks whose log lacks today's template default: their best record may be slower
+    than the default itself, which a few more trials would measure."""
+    missing = scheduler.unmeasured_defaults()
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        note(f"warning: {len(missing)} task(s) have no record of their template's current default ({shown}); "
+             "the template's default changed since the log was tuned, or the log was tuned under another "
+             "restriction. Raise --trials-total: a resumed task measures its default in its first round")
 
 
 def tune_model_on_cluster(job, log: RecordLog, cluster, targets, progress: bool,
@@ -153,6 +165,8 @@ def tune_model_on_cluster(job, log: RecordLog, cluster, targets, progress: bool,
             measure_on_cluster(cluster, lambda: [r for run in runs for r in run.next_rounds()])
         summaries = [run.summary() for run in runs]
         outcome["summary"] = summaries[0] if len(summaries) == 1 else _all_targets(summaries)
+    for scheduler in schedulers:
+        warn_unmeasured_defaults(scheduler, note)
     return outcome["summary"]
 
 

@@ -8,6 +8,7 @@ from fakes import SyntheticRunner
 
 from autotune.model_tasks import DECODE_STEPS, model_tasks
 from autotune.scheduler import TaskScheduler
+from autotune.tune_model import warn_unmeasured_defaults
 from records import RecordLog
 from runtime.model_config import PRESETS
 from search_space import Target, get_template
@@ -119,9 +120,16 @@ def test_a_resumed_task_measures_a_default_its_log_lacks(tmp_path):
     default = get_template("gemm", "cpu").default(tasks[0].task, target).as_dict()
     assert default["threads"] == target.cores > 1
     assert default not in [r.config for r in log.records()]
-    summary = TaskScheduler(tasks, target, "random", seed=0, batch=2).tune(6, runner, runner, log)
+    # with no budget left the job measures nothing, and says which tasks lack their default
+    spent = TaskScheduler(tasks, target, "random", seed=0, batch=2)
+    assert spent.tune(4, runner, runner, log).measured == 0
+    notes = []
+    warn_unmeasured_defaults(spent, notes.append)
+    assert spent.unmeasured_defaults() == [tasks[0].key] and "1 task(s)" in notes[0] and tasks[0].key in notes[0]
+    scheduler = TaskScheduler(tasks, target, "random", seed=0, batch=2)
+    summary = scheduler.tune(6, runner, runner, log)
     assert summary.resumed == 4 and summary.measured == 2
-    assert log.records()[4].config == default
+    assert log.records()[4].config == default and scheduler.unmeasured_defaults() == []
     again = TaskScheduler(tasks, target, "random", seed=0, batch=2).tune(8, runner, runner, log)
     assert again.measured == 2 and len([r for r in log.records() if r.config == default]) == 1
 
