@@ -343,16 +343,22 @@ class KernelBuilder:
                                [acc.type, pair, pair])
         return self.b.call(fn, [acc, self.b.bitcast(a, pair), self.b.bitcast(c, pair)])
 
-    def dot_i16(self, acc, a, c):
-        """acc[i] += a[2i] * c[2i] + a[2i+1] * c[2i+1] in int32: the AVX-512 VNNI ``vpdpwssd``.
+    def dot_i16(self, acc, a, c, vnni: bool = True):
+        """acc[i] += a[2i] * c[2i] + a[2i+1] * c[2i+1] in int32: the VNNI ``vpdpwssd``.
 
-        ``acc`` is <N x i32>, ``a`` and ``c`` are <2N x i16> (N = 8 or 16); for targets with
-        avx512vnni. The sum wraps on overflow, so callers bound their operands."""
+        ``acc`` is <N x i32>, ``a`` and ``c`` are <2N x i16> (N = 8 or 16). ``vnni``: one
+        instruction (avx512vnni; 8 lanes also avxvnni); else ``vpmaddwd`` and an add (avx2 for 8
+        lanes, avx512bw for 16), the same sums in two instructions. The sum wraps on overflow, so
+        callers bound their operands."""
         lanes = acc.type.count
         width = {8: 256, 16: 512}[lanes]
         pair = vec(2 * lanes, I16)
-        fn = declare_intrinsic(self.module, f"llvm.x86.avx512.vpdpwssd.{width}", acc.type, [acc.type, pair, pair])
-        return self.b.call(fn, [acc, a, c])
+        if vnni:
+            fn = declare_intrinsic(self.module, f"llvm.x86.avx512.vpdpwssd.{width}", acc.type, [acc.type, pair, pair])
+            return self.b.call(fn, [acc, a, c])
+        name = "llvm.x86.avx2.pmadd.wd" if lanes == 8 else "llvm.x86.avx512.pmaddw.d.512"
+        fn = declare_intrinsic(self.module, name, acc.type, [pair, pair])
+        return self.b.add(acc, self.b.call(fn, [a, c]))
 
     def local(self, ty: ir.Type, name: str = "acc"):
         """A stack slot in the entry block: SROA turns such slots into registers."""

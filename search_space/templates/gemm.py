@@ -451,14 +451,15 @@ def _outer_kernel(module: ir.Module, mt: int, nv: int, nt: int, klen: int, lanes
 
 
 def _outer_i16_kernel(module: ir.Module, mt: int, nv: int, nt: int, klen: int, lanes: int, unroll: int,
-                      group: int, ldx: int, ldp: int, N: int) -> ir.Function:
+                      group: int, ldx: int, ldp: int, N: int, vnni: bool) -> ir.Function:
     """Y[mt, nt] (+)= sum over groups of (Xq . Pq) * x scale * w scale: the int16 outer kernel.
 
     ``void f(xq, xs, p, ps, y, first)``: ``xq`` the tile's int16 X rows (``ldx`` apart),
     ``xs`` their scales per group (``ldx / group`` apart), ``p`` the W micro panel of int32
     pairs (k pair-major, ``ldp`` pairs a row: (code(k) - 8, code(k+1) - 8) as two int16),
     ``ps`` its scales ([group][column], ``ldp`` apart). Per k pair: ``nv`` W vectors and one
-    broadcast X pair per row into ``vpdpwssd`` (two products per lane); per group the int32
+    broadcast X pair per row into ``vpdpwssd`` (two products per lane; without ``vnni``,
+    ``vpmaddwd`` and an add); per group the int32
     sums turn into floats with one fma each. The sums stay far from overflow: |x| <= 32767,
     |code - 8| <= 8, so a group of 128 k adds at most 2^25."""
     fn = ir.Function(module, ir.FunctionType(cg.VOID, [cg.PTR] * 5 + [cg.I1]),
@@ -483,7 +484,7 @@ def _outer_i16_kernel(module: ir.Module, mt: int, nv: int, nt: int, klen: int, l
         for i in range(mt):
             xb = b.bitcast(kb.splat(kb.load(xq, b.add(cg.i64(i * ldx // 2), k2), cg.I32), lanes), pairs)
             for j in range(nv):
-                b.store(kb.dot_i16(b.load(dots[i][j]), xb, ws[j]), dots[i][j])
+                b.store(kb.dot_i16(b.load(dots[i][j]), xb, ws[j], vnni), dots[i][j])
 
     with kb.loop(0, klen // group, 1, name="g") as g:
         for row in dots:
@@ -549,9 +550,11 @@ def _round_region(kb: cg.KernelBuilder, src, dst, m0, mlen, n0, nlen, N: int, la
 
 
 def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec, ...], weights: WeightSource,
-                        dot: str = "fma") -> KernelSource:
+                        dot: str = "fma", vnni: bool = True) -> KernelSource:
     """The blocked schedule for Y = X @ W^T. ``signature``: the operator's arrays, inputs
-    first (X, then whatever ``weights.fill`` reads), Y last; a workspace is appended."""
+    first (X, then whatever ``weights.fill`` reads), Y last; a workspace is appended.
+    ``vnni``: the int16 kernel (``dot="i16"``) has ``vpdpwssd``, else it pairs ``vpmaddwd``
+    with an add."""
     d = task.dims
     M, N, K = d["M"], d["N"], d["K"]
     mr, lanes, unroll = c["mr"], c["vec"], c["unroll"]
@@ -584,7 +587,8 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
         key = (mt, nt, klen)
         if key not in micro:
             if i16:
-                micro[key] = _outer_i16_kernel(module, mt, -(-nt // lanes), nt, klen, lanes, unroll, group, kc, nr, N)
+                micro[key] = _outer_i16_kernel(module, mt, -(-nt // lanes), nt, klen, lanes, unroll, group, kc, nr, N,
+                                               vnni)
             elif outer:
                 x_strides = (1, mr) if xpack else (K, 1)
                 micro[key] = _outer_kernel(module, mt, -(-nt // lanes), nt, klen, lanes, unroll, x_strides, nr, N)

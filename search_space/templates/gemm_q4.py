@@ -9,12 +9,12 @@ per vector — and is paid once per W block and X block pass (``mc`` rows reuse 
 prefill shapes it is a small share next to the fmas of the micro-kernel. Cache blocks in
 K are multiples of the group size, so a panel always holds whole groups.
 
-``compute`` (targets with avx512vnni, codes without a zero point): ``f32`` as above, or
-``i16``: an outer-product micro-kernel on ``vpdpwssd``, two int16 products per lane and
-instruction where an fma makes one. Packing X rounds it to int16 per (row, group) with the
-scale max|x| / 32767 (so ``xpack`` is on); the W panel holds the codes minus the centre 8
-as int16, each k pair one int32, laid out as columns for the outer product, and a panel of
-the group scales beside it. Per group the int32 sums are converted and scaled once, by
+``compute`` (targets with AVX2, codes without a zero point): ``f32`` as above, or ``i16``:
+an outer-product micro-kernel on int16 dot products, two products per lane where an fma
+makes one: ``vpdpwssd`` (AVX-512 VNNI, or AVX-VNNI at 8 lanes), else ``vpmaddwd`` and an
+add. Packing X rounds it to int16 per (row, group) with the scale max|x| / 32767 (so
+``xpack`` is on); the W panel holds the codes minus the centre 8 as int16, each k pair one
+int32, laid out as columns for the outer product, and a panel of the group scales beside it. Per group the int32 sums are converted and scaled once, by
 the W scale times the X scale. Rounding X costs a relative error of about 1e-5 on typical
 activations (``gemv_q4``'s int16 path rounds the same way), within the float32 tolerance.
 """
@@ -33,9 +33,9 @@ from .gemm import (WeightSource, blocked_gemm_constraints, blocked_gemm_default,
 from .q4_layout import decode_block, q4_attrs
 
 
-# (mr, nr vectors) of the int16 outer kernel's default: 8 x 1 ran fastest on a 2-core AVX-512
-# VNNI host at M = 128 (benchmarks/RESULTS.md); smaller M take the first tile that fits
-I16_TILES = ((8, 1), (4, 2), (2, 4), (1, 4), (1, 2), (1, 1))
+# (mr, nr vectors) of the int16 outer kernel's default: 8 x 1 ran fastest with AVX-512 VNNI at
+# M = 128, 3 x 2 with 16 ymm registers (benchmarks/RESULTS.md); the first tile that fits is taken
+I16_TILES = ((8, 1), (3, 2), (6, 1), (4, 2), (4, 1), (2, 4), (2, 2), (1, 4), (1, 2), (1, 1))
 
 
 @register_template
@@ -53,6 +53,9 @@ class GemmQ4Cpu(GemmQ4Op, Template):
         if _has_i16(task, target, self):
             knobs.insert(0, Knob("compute", ("f32", "i16"), legacy="f32"))  # f32: the only path before i16
             constraints.append(("the int16 path rounds X as it packs it", lambda c: c["compute"] == "f32" or c["xpack"]))
+            if not target.has_feature("avx512bw"):
+                constraints.append(("16 lanes of int16 products need avx512bw",
+                                    lambda c: c["compute"] == "f32" or c["vec"] == 8))
         return ConfigSpace(knobs, constraints)
 
     def default(self, task: Task, target: Target) -> Config:
@@ -74,14 +77,21 @@ class GemmQ4Cpu(GemmQ4Op, Template):
         group, zero_point = q4_attrs(self, task)
         if c.get("compute") == "i16":
             source = WeightSource(2, "int16", _pairs_panel(task.dims["K"], group, c["nr"] * c["vec"], c["vec"]), group)
-            return render_blocked_gemm(task, c, "gemm_q4", self.signature(task), source, dot="i16")
+            return render_blocked_gemm(task, c, "gemm_q4", self.signature(task), source, dot="i16",
+                                       vnni=_has_vnni(target, c["vec"]))
         source = WeightSource(4, "float32", _dequant_panel(task.dims["K"], group, zero_point, min(c["vec"], 16)))
         return render_blocked_gemm(task, c, "gemm_q4", self.signature(task), source)
 
 
 def _has_i16(task: Task, target: Target, op) -> bool:
-    """The int16 path: vpdpwssd, and codes centred on 8 (no zero point to fold in)."""
-    return target.has_feature("avx512vnni") and not q4_attrs(op, task)[1]
+    """The int16 path: int16 dot products (AVX2 at least), and codes centred on 8 (no zero point
+    to fold in)."""
+    return target.has_feature("avx2") and not q4_attrs(op, task)[1]
+
+
+def _has_vnni(target: Target, lanes: int) -> bool:
+    """``vpdpwssd`` at this width: AVX-512 VNNI, or AVX-VNNI (VEX, 256 bits)."""
+    return target.has_feature("avx512vnni") or (lanes == 8 and target.has_feature("avxvnni"))
 
 
 def _pairs_panel(K: int, group: int, width: int, lanes: int):

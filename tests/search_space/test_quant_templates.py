@@ -137,14 +137,14 @@ def test_q4_int16_activations_stay_within_float32_tolerance_with_outliers(op, gr
     task = Task.make(op, shape, attrs={"group_size": group, "zero_point": zero_point})
     space = template.space(task, host)
     if "compute" not in space.names:
-        pytest.skip("the host has no avx512vnni")  # the int16 path is not offered at all there
+        pytest.skip(f"{op} offers no int16 path on this host")  # (gemv_q4 needs avx512vnni)
     rng = np.random.default_rng(5)
     inputs = template.make_inputs(task, rng)
     inputs["X"][:, rng.choice(2048, 12, replace=False)] *= 50.0
     want = template.reference(task, inputs)["Y"]
     errors = {}
     for compute in ("f32", "i16"):
-        values = dict(template.default(task, host).as_dict(), compute=compute, vec=16)
+        values = dict(template.default(task, host).as_dict(), compute=compute, vec=space.knob("vec").values[-1])
         assert space.accepts(values)
         source = template.render(task, space.from_values(values), host)
         buffers = allocate_args(source, task.dims, inputs)
@@ -154,24 +154,46 @@ def test_q4_int16_activations_stay_within_float32_tolerance_with_outliers(op, gr
     assert errors["i16"] < template.tolerance(task), errors
 
 
-def test_gemm_q4_int16_kernel_compiles_for_a_vnni_target(host):
-    """Hosts without avx512vnni never offer the int16 path, so build it for a CPU that has it:
-    the generated module verifies and compiles, whatever machine runs the suite."""
+# int16 dot products on other CPUs than the host: (LLVM CPU, features, the instruction's intrinsic)
+INT16_TARGETS = {
+    "avx2": ("haswell", "", "pmadd.wd"),
+    "avxvnni": ("alderlake", ",+avxvnni", "vpdpwssd.256"),
+    "avx512vnni": ("icelake-server", ",+avx512f,+avx512bw,+avx512vl,+avx512vnni", "vpdpwssd.512"),
+}
+
+
+@pytest.mark.parametrize("kind", list(INT16_TARGETS))
+def test_gemm_q4_int16_kernel_builds_for_each_kind_of_x86(kind, host):
+    """Whichever machine runs the suite, the int16 path is built for the three kinds of x86
+    that have it, each with its instruction; the AVX2 build (vpmaddwd and an add, which any
+    x86 CPU this project runs on has) also runs here against the float64 reference."""
     from measure.compile_llvm import compile_to_object
     from search_space import Target
 
-    vnni = Target.from_dict(dict(host.to_dict(), arch="sapphirerapids", vector_bits=512,
-                                 features="+64bit,+sse4.2,+avx2,+fma,+avx512f,+avx512bw,+avx512vl,+avx512vnni"))
+    arch, extra, intrinsic = INT16_TARGETS[kind]
+    features = "+64bit,+sse4.2,+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+popcnt,+lzcnt,+movbe" + extra
+    target = Target.from_dict(dict(host.to_dict(), arch=arch, features=features,
+                                   vector_bits=512 if "avx512f" in extra else 256))
     template = get_template("gemm_q4", "cpu")
     task = Task.make("gemm_q4", {"M": 45, "N": 70, "K": 1280}, attrs={"group_size": 32, "zero_point": False},
                      dynamic=["M"])
-    space = template.space(task, vnni)
-    default = template.default(task, vnni)
+    space = template.space(task, target)
+    default = template.default(task, target)
     assert default["compute"] == "i16"
+    lanes = 16 if "avx512f" in extra else 8
     for values in ({}, {"order": "nkm", "mr": 3, "nr": 2, "kc": 256, "unroll": 4, "vec": 8}):
         config = space.from_values(dict(default.as_dict(), **values))
-        source = template.render(task, config, vnni)
-        assert "vpdpwssd" in source.code
-        assert len(compile_to_object(source.code, vnni)) > 0
+        assert space.is_valid(config), space.violations(config)
+        source = template.render(task, config, target)
+        want = intrinsic if config["vec"] == lanes or kind == "avx2" else "vpdpwssd.256"
+        assert want in source.code
+        if kind == "avx2":  # the host has AVX2
+            inputs = template.make_inputs(task, np.random.default_rng(1))
+            buffers = allocate_args(source, task.dims, inputs)
+            compile_and_load(source, target)(buffers, task.dims)
+            want_y = template.reference(task, inputs)["Y"]
+            assert np.linalg.norm(buffers["Y"] - want_y) / np.linalg.norm(want_y) < template.tolerance(task)
+        else:
+            assert len(compile_to_object(source.code, target)) > 0
     zero_point = Task.make("gemm_q4", {"M": 45, "N": 70, "K": 1280}, attrs={"group_size": 32, "zero_point": True})
-    assert "compute" not in template.space(zero_point, vnni).names  # a zero point keeps the float path
+    assert "compute" not in template.space(zero_point, target).names  # a zero point keeps the float path
