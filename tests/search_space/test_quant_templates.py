@@ -89,6 +89,8 @@ def test_gemv_q4_streams_cover_every_row_once(host, machinery):
         space = template.space(task, host)
         for streams, rows, threads in product((2, 4), (1, 2, 4), (1, 2)):
             values = dict(template.default(task, host).as_dict(), streams=streams, rows=rows, threads=threads)
+            if not space.accepts(values):  # 16 vector registers (AVX2) hold 4 rows of one X row only
+                values["mtile"] = 1
             assert space.accepts(values), values
             inputs.append(MeasureInput(task, space.from_values(values), host))
     run_all(machinery, inputs)
