@@ -30,7 +30,7 @@ from ..task import Task
 from ..template import KernelSource, Template, register_template
 from .gemm import (WeightSource, blocked_gemm_constraints, blocked_gemm_default, blocked_gemm_features,
                    blocked_gemm_knobs, render_blocked_gemm, transpose_square)
-from .q4_layout import decode_block, q4_attrs
+from .q4_layout import decode_block, has_vnni, q4_attrs
 
 
 # (mr, nr vectors) of the int16 outer kernel's default: 8 x 1 ran fastest with AVX-512 VNNI at
@@ -78,7 +78,7 @@ class GemmQ4Cpu(GemmQ4Op, Template):
         if c.get("compute") == "i16":
             source = WeightSource(2, "int16", _pairs_panel(task.dims["K"], group, c["nr"] * c["vec"], c["vec"]), group)
             return render_blocked_gemm(task, c, "gemm_q4", self.signature(task), source, dot="i16",
-                                       vnni=_has_vnni(target, c["vec"]))
+                                       vnni=has_vnni(target, c["vec"]))
         source = WeightSource(4, "float32", _dequant_panel(task.dims["K"], group, zero_point, min(c["vec"], 16)))
         return render_blocked_gemm(task, c, "gemm_q4", self.signature(task), source)
 
@@ -89,9 +89,6 @@ def _has_i16(task: Task, target: Target, op) -> bool:
     return target.has_feature("avx2") and not q4_attrs(op, task)[1]
 
 
-def _has_vnni(target: Target, lanes: int) -> bool:
-    """``vpdpwssd`` at this width: AVX-512 VNNI, or AVX-VNNI (VEX, 256 bits)."""
-    return target.has_feature("avx512vnni") or (lanes == 8 and target.has_feature("avxvnni"))
 
 
 def _pairs_panel(K: int, group: int, width: int, lanes: int):

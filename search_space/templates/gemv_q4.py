@@ -14,10 +14,11 @@ How the group scale and zero are applied (``scale``):
 - ``dequant``: dequantise each decoded vector, (q - z) * s, and fma it: two more vector
   ops per weight vector, fewer registers.
 
-``compute`` (targets with avx512vnni): ``f32`` as above, or ``i16``: the prologue rounds X
-to int16 per (row, group) with the scale max|x| / 32767, the codes are split into int16
-vectors and ``vpdpwssd`` multiplies and adds pairs in int32 — 2 x ``vec`` products per
-instruction and half the decode work — and each group is converted to float once, scaled
+``compute`` (targets with AVX2): ``f32`` as above, or ``i16``: the prologue rounds X to
+int16 per (row, group) with the scale max|x| / 32767, the codes are split into int16 vectors
+and ``vpdpwssd`` (AVX-512 VNNI, or AVX-VNNI at 8 lanes; else ``vpmaddwd`` and an add)
+multiplies and adds pairs in int32 — 2 x ``vec`` products per instruction and half the
+decode work — and each group is converted to float once, scaled
 by the weight scale times the X scale. When a group is shorter than a decoded block
 (group 32 with 16 lanes: 64 k per block), lane i of an accumulator holds k 4i..4i+3, so
 each group owns a run of lanes and one block folds several groups with per-lane scales.
@@ -58,7 +59,7 @@ from ..template import ArgSpec, KernelSource, Template, register_template
 from .gemv import vector_registers
 from .gemv_plan import emit_gemv_plan
 from .threads import default_thread_counts, threads_knob
-from .q4_layout import (decode_block, decode_block_i16, deinterleave_x, i16_unit, lane_spread, q4_attrs,
+from .q4_layout import (decode_block, decode_block_i16, deinterleave_x, has_vnni, i16_unit, lane_spread, q4_attrs,
                         quantize_x_i16)
 
 
@@ -88,8 +89,8 @@ class GemvQ4Cpu(GemvQ4Op, Template):
         lanes = target.vector_lanes_f32
         regs = vector_registers(target)
         groups = d["K"] // group
-        vnni = target.has_feature("avx512vnni")
-        knobs = [Knob("compute", ("f32", "i16"))] if vnni else []
+        int16 = target.has_feature("avx2")  # int16 dot products: vpdpwssd, or vpmaddwd and an add
+        knobs = [Knob("compute", ("f32", "i16"))] if int16 else []
         knobs += [
             Knob("rows", tuple(v for v in (1, 2, 4, 8) if v <= d["N"])),
             Knob("mtile", tuple(v for v in (1, 2, 4, 8, 16) if v <= d["M"])),
@@ -106,6 +107,8 @@ class GemvQ4Cpu(GemvQ4Op, Template):
             ("accumulators fit in registers", lambda c: _registers_needed(c) <= regs),
             ("int16 products are folded per group", lambda c: c.get("compute") != "i16" or c["scale"] == "group"),
             ("K is whole int16 blocks", lambda c: c.get("compute") != "i16" or d["K"] % i16_unit(group, c["vec"]) == 0),
+            ("16 lanes of int16 products need avx512bw",
+             lambda c: c.get("compute") != "i16" or c["vec"] == 8 or target.has_feature("avx512bw")),
             ("one row block per thread at least",
              lambda c: c["threads"] == 1 or math.ceil(d["N"] / c["rows"]) >= c["threads"]),
             ("streams walk one K block", lambda c: c["streams"] == 1 or c["kblock"] == 0),
@@ -162,10 +165,11 @@ class GemvQ4Cpu(GemvQ4Op, Template):
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
-        return _render(self, task, config.as_dict())
+        return _render(self, task, config.as_dict(), has_vnni(target, config["vec"]))
 
 
-def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
+def _render(op: GemvQ4Cpu, task: Task, c: dict, dot_vnni: bool) -> KernelSource:
+    """``dot_vnni``: the int16 products are ``vpdpwssd`` (else ``vpmaddwd`` and an add)."""
     d = task.dims
     M, N, K = d["M"], d["N"], d["K"]
     group, zero_point = q4_attrs(op, task)
@@ -281,7 +285,7 @@ def _render(op: GemvQ4Cpu, task: Task, c: dict) -> KernelSource:
                         slots = acc[m][r]
                         for slot, wv, xv in ((slots[0], even, xs[m][0]), (slots[-1], odd, xs[m][1])):
                             old = b.load(slot)
-                            b.store(kb.dot_i16(old, wv, xv) if vnni else kb.fma(xv, wv, old), slot)
+                            b.store(kb.dot_i16(old, wv, xv, dot_vnni) if vnni else kb.fma(xv, wv, old), slot)
             if folded:
                 for m in range(mt):
                     x_scale = per_group(XSCALE, b.mul(b.add(m0, cg.i64(m)), cg.i64(groups)), g) if vnni else None

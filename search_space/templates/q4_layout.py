@@ -23,6 +23,12 @@ from ..task import Task
 Q4_GROUPS = (32, 64, 128)
 
 
+def has_vnni(target, lanes: int) -> bool:
+    """Whether ``target`` has ``vpdpwssd`` at this width: AVX-512 VNNI, or AVX-VNNI (VEX, 256
+    bits). Without it the int16 paths pair ``vpmaddwd`` with an add."""
+    return target.has_feature("avx512vnni") or (lanes == 8 and target.has_feature("avxvnni"))
+
+
 def q4_attrs(op, task: Task) -> tuple[int, bool]:
     """(group size, zero_point) of a q4 task."""
     a = op.attrs(task)

@@ -165,9 +165,9 @@ INT16_TARGETS = {
 
 
 @pytest.mark.parametrize("kind", list(INT16_TARGETS))
-def test_gemm_q4_int16_kernel_builds_for_each_kind_of_x86(kind, host):
-    """Whichever machine runs the suite, the int16 path is built for the three kinds of x86
-    that have it, each with its instruction; the AVX2 build (vpmaddwd and an add, which any
+def test_q4_int16_kernels_build_for_each_kind_of_x86(kind, host):
+    """Whichever machine runs the suite, the int16 paths (gemm_q4, gemv_q4) are built for the
+    three kinds of x86 that have them, each with its instruction; the AVX2 build (vpmaddwd and an add, which any
     x86 CPU this project runs on has) also runs here against the float64 reference."""
     from measure.compile_llvm import compile_to_object
     from search_space import Target
@@ -199,3 +199,18 @@ def test_gemm_q4_int16_kernel_builds_for_each_kind_of_x86(kind, host):
             assert len(compile_to_object(source.code, target)) > 0
     zero_point = Task.make("gemm_q4", {"M": 45, "N": 70, "K": 1280}, attrs={"group_size": 32, "zero_point": True})
     assert "compute" not in template.space(zero_point, target).names  # a zero point keeps the float path
+    # the decode GEMV's int16 path, on the same instruction
+    gemv = get_template("gemv_q4", "cpu")
+    task = Task.make("gemv_q4", {"M": 3, "N": 70, "K": 1280}, attrs={"group_size": 32, "zero_point": False})
+    config = gemv.default(task, target)
+    assert config["compute"] == "i16" and config["vec"] == lanes
+    source = gemv.render(task, config, target)
+    assert intrinsic in source.code
+    if kind == "avx2":
+        inputs = gemv.make_inputs(task, np.random.default_rng(2))
+        buffers = allocate_args(source, task.dims, inputs)
+        compile_and_load(source, target)(buffers, task.dims)
+        want_y = gemv.reference(task, inputs)["Y"]
+        assert np.linalg.norm(buffers["Y"] - want_y) / np.linalg.norm(want_y) < gemv.tolerance(task)
+    else:
+        assert len(compile_to_object(source.code, target)) > 0
