@@ -90,7 +90,8 @@ class GemvQ4Cpu(GemvQ4Op, Template):
         regs = vector_registers(target)
         groups = d["K"] // group
         int16 = target.has_feature("avx2")  # int16 dot products: vpdpwssd, or vpmaddwd and an add
-        knobs = [Knob("compute", ("f32", "i16"))] if int16 else []
+        # legacy: logs of CPUs without avx512vnni, from before it was offered there, ran f32
+        knobs = [Knob("compute", ("f32", "i16"), legacy="f32")] if int16 else []
         knobs += [
             Knob("rows", tuple(v for v in (1, 2, 4, 8) if v <= d["N"])),
             Knob("mtile", tuple(v for v in (1, 2, 4, 8, 16) if v <= d["M"])),
