@@ -1,6 +1,6 @@
 """How much of a decode step is spent outside the kernels: Python, numpy copies, ctypes glue.
 
-    .venv/bin/python benchmarks/decode_overhead.py [--lib DIR] [--model tiny] [--prompt-tokens 64]
+    .venv/bin/python benchmarks/decode_overhead.py [--lib DIR [--quantize q4]] [--model tiny] [--prompt-tokens 64]
         [--steps 16] [--repeats 9] [--trials-total 40] [--results benchmarks/RESULTS.md --label before]
 
 Without ``--lib`` it tunes the model into a temporary directory (``autotune tune-model
@@ -103,7 +103,8 @@ class Instrument:
         return timed
 
 
-def measure(lib: Path, model_name: str, prompt_tokens: int, steps: int, repeats: int, seed: int) -> dict:
+def measure(lib: Path, model_name: str, prompt_tokens: int, steps: int, repeats: int, seed: int,
+            quantize: str = "none") -> dict:
     import runtime
     from runtime.llama import LlamaModel, _DecodeStep
     from runtime.model_config import load_model_config
@@ -111,6 +112,8 @@ def measure(lib: Path, model_name: str, prompt_tokens: int, steps: int, repeats:
 
     config = load_model_config(model_name)
     weights = ModelWeights.random(config, seed)
+    if quantize == "q4":  # the library's int4 linear layers (group 128, as tune-model's default)
+        weights = weights.quantize_q4(128)
     prompts = np.random.default_rng(seed).integers(0, config.vocab_size, (1, prompt_tokens))
     library = runtime.load(lib)
     try:
@@ -221,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=16, help="decode steps per generation")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quantize", default="none", choices=["none", "q4"],
+                        help="q4: the model's linear layers in int4 (a --lib tuned with tune-model --quantize q4)")
     parser.add_argument("--json", action="store_true", help="print every figure as JSON")
     parser.add_argument("--results", help="append a dated section to this markdown file (RESULTS.md)")
     parser.add_argument("--label", default="", help="a word for the section title (before, after)")
@@ -228,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="decode-overhead-") as tmp:
         lib = Path(args.lib) if args.lib else build_library(args.model, args.trials_total, Path(tmp))
-        result = measure(lib, args.model, args.prompt_tokens, args.steps, args.repeats, args.seed)
+        if args.quantize != "none" and not args.lib:
+            parser.error("--quantize needs --lib: a library tuned with tune-model --quantize")
+        result = measure(lib, args.model, args.prompt_tokens, args.steps, args.repeats, args.seed, args.quantize)
     result["cpu"] = cpu_model()
     text = table(result)
     print(json.dumps(result) if args.json else text)
