@@ -14,9 +14,10 @@ an outer-product micro-kernel on int16 dot products, two products per lane where
 makes one: ``vpdpwssd`` (AVX-512 VNNI, or AVX-VNNI at 8 lanes), else ``vpmaddwd`` and an
 add. Packing X rounds it to int16 per (row, group) with the scale max|x| / 32767 (so
 ``xpack`` is on); the W panel holds the codes minus the centre 8 as int16, each k pair one
-int32, laid out as columns for the outer product, and a panel of the group scales beside it. Per group the int32 sums are converted and scaled once, by
-the W scale times the X scale. Rounding X costs a relative error of about 1e-5 on typical
-activations (``gemv_q4``'s int16 path rounds the same way), within the float32 tolerance.
+int32, laid out as columns for the outer product, and a panel of the group scales beside it.
+Per group the int32 sums are converted and scaled once, by the W scale times the X scale.
+Rounding X costs a relative error of about 1e-5 on typical activations (``gemv_q4``'s int16
+path rounds the same way), within the float32 tolerance.
 """
 from __future__ import annotations
 

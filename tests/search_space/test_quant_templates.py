@@ -167,9 +167,9 @@ INT16_TARGETS = {
 @pytest.mark.parametrize("kind", list(INT16_TARGETS))
 def test_q4_int16_kernels_build_for_each_kind_of_x86(kind, host):
     """Whichever machine runs the suite, the int16 paths (gemm_q4, gemv_q4) are built for the
-    three kinds of x86 that have them, each with its instruction; the AVX2 build (vpmaddwd and an add, which any
-    x86 CPU this project runs on has) also runs here against the float64 reference."""
-    from measure.compile_llvm import compile_to_object
+    three kinds of x86 that have them, each with its instruction; the AVX2 build (vpmaddwd and
+    an add, which any x86 CPU this project runs on has) also runs here against the float64
+    reference."""
     from search_space import Target
 
     arch, extra, intrinsic = INT16_TARGETS[kind]
@@ -189,14 +189,7 @@ def test_q4_int16_kernels_build_for_each_kind_of_x86(kind, host):
         source = template.render(task, config, target)
         want = intrinsic if config["vec"] == lanes or kind == "avx2" else "vpdpwssd.256"
         assert want in source.code
-        if kind == "avx2":  # the host has AVX2
-            inputs = template.make_inputs(task, np.random.default_rng(1))
-            buffers = allocate_args(source, task.dims, inputs)
-            compile_and_load(source, target)(buffers, task.dims)
-            want_y = template.reference(task, inputs)["Y"]
-            assert np.linalg.norm(buffers["Y"] - want_y) / np.linalg.norm(want_y) < template.tolerance(task)
-        else:
-            assert len(compile_to_object(source.code, target)) > 0
+        build_and_check(template, task, source, target, run=kind == "avx2")  # the host has AVX2
     zero_point = Task.make("gemm_q4", {"M": 45, "N": 70, "K": 1280}, attrs={"group_size": 32, "zero_point": True})
     assert "compute" not in template.space(zero_point, target).names  # a zero point keeps the float path
     # the decode GEMV's int16 path, on the same instruction
@@ -206,11 +199,19 @@ def test_q4_int16_kernels_build_for_each_kind_of_x86(kind, host):
     assert config["compute"] == "i16" and config["vec"] == lanes
     source = gemv.render(task, config, target)
     assert intrinsic in source.code
-    if kind == "avx2":
-        inputs = gemv.make_inputs(task, np.random.default_rng(2))
-        buffers = allocate_args(source, task.dims, inputs)
-        compile_and_load(source, target)(buffers, task.dims)
-        want_y = gemv.reference(task, inputs)["Y"]
-        assert np.linalg.norm(buffers["Y"] - want_y) / np.linalg.norm(want_y) < gemv.tolerance(task)
-    else:
+    build_and_check(gemv, task, source, target, run=kind == "avx2")
+
+
+def build_and_check(template, task, source, target, run: bool) -> None:
+    """Compile ``source`` for ``target``; with ``run``, also run it here against the float64
+    reference."""
+    from measure.compile_llvm import compile_to_object
+
+    if not run:
         assert len(compile_to_object(source.code, target)) > 0
+        return
+    inputs = template.make_inputs(task, np.random.default_rng(1))
+    buffers = allocate_args(source, task.dims, inputs)
+    compile_and_load(source, target)(buffers, task.dims)
+    want = template.reference(task, inputs)["Y"]
+    assert np.linalg.norm(buffers["Y"] - want) / np.linalg.norm(want) < template.tolerance(task)
