@@ -4,11 +4,11 @@ The quantity minimised is the model's estimated latency, ``sum(weight_i * best_i
 task's best measured time times how often the workload runs it. Every task first gets a
 short round (``FIRST_ROUND`` configs, its template default first), so each has a measured
 time (a task resumed from a log gets today's default in its first round of the job, where the
-log has no record of it); the budget then goes where the time is: a model's norms of one token row take the
-same first round as its largest GEMM and no more unless they turn out to matter. The first
-rounds go in the order of a guess at each task's share (its runs times its bytes and flops
-at a nominal rate), and a budget too small for full first rounds keeps one trial for every
-task still unmeasured, so the tasks likely to matter get the second config. After that
+log has no record of it); the budget then goes where the time is: a model's norms of one
+token row take the same first round as its largest GEMM and no more unless they turn out to
+matter. The first rounds go in the order of a guess at each task's share (its runs times its
+bytes and flops at a nominal rate), and a budget too small for full first rounds keeps one
+trial for every task still unmeasured, so the tasks likely to matter get the second config. After that
 each round (one batch of trials) goes to the task where a trial is expected to cut the
 estimate most: ``weight_i * (alpha * backward_i + (1 - alpha) * forward_i)``, where
 ``backward_i`` is how fast the task's best fell over its last ``window`` rounds and

@@ -231,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="", help="a word for the section title (before, after)")
     args = parser.parse_args(argv)
 
+    if args.quantize != "none" and not args.lib:
+        parser.error("--quantize needs --lib: a library tuned with tune-model --quantize")
     with tempfile.TemporaryDirectory(prefix="decode-overhead-") as tmp:
         lib = Path(args.lib) if args.lib else build_library(args.model, args.trials_total, Path(tmp))
-        if args.quantize != "none" and not args.lib:
-            parser.error("--quantize needs --lib: a library tuned with tune-model --quantize")
         result = measure(lib, args.model, args.prompt_tokens, args.steps, args.repeats, args.seed, args.quantize)
     result["cpu"] = cpu_model()
     text = table(result)

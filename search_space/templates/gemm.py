@@ -459,8 +459,7 @@ def _outer_i16_kernel(module: ir.Module, mt: int, nv: int, nt: int, klen: int, l
     pairs (k pair-major, ``ldp`` pairs a row: (code(k) - 8, code(k+1) - 8) as two int16),
     ``ps`` its scales ([group][column], ``ldp`` apart). Per k pair: ``nv`` W vectors and one
     broadcast X pair per row into ``vpdpwssd`` (two products per lane; without ``vnni``,
-    ``vpmaddwd`` and an add); per group the int32
-    sums turn into floats with one fma each. The sums stay far from overflow: |x| <= 32767,
+    ``vpmaddwd`` and an add); per group the int32 sums turn into floats with one fma each. The sums stay far from overflow: |x| <= 32767,
     |code - 8| <= 8, so a group of 128 k adds at most 2^25."""
     fn = ir.Function(module, ir.FunctionType(cg.VOID, [cg.PTR] * 5 + [cg.I1]),
                      name=f"outer_i16_{mt}x{nv}v{nt}_k{klen}_x{ldx}")
@@ -676,23 +675,23 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
             # rows [im + i0, +mt) of the tile at im, a multiple of mr: in either packed layout
             # the tile starts at im * kc; the outer kernel's interleaves its rows (stride 1)
             i0 = cg.i64(0) if i0 is None else i0
-            if i16:  # rows kc apart, their scales kc / group apart; W codes and scales per micro panel
+            if i16:  # rows kc apart, their scales kc / group apart
                 row = b.add(im, i0)
                 xp = kb.gep(x_panel, b.add(x_slot(k0), b.mul(row, cg.i64(kc))), cg.I16)
-                xsp = kb.gep(x_scales, b.add(x_scale_slot(k0), b.mul(row, cg.i64(kc // group))))
-                wsp = kb.gep(w_scales, b.mul(jn, cg.i64(kc // group)))
-                yp = kb.gep(acc_y, b.add(b.mul(b.add(m0, row), cg.i64(N)), b.add(n0, jn)))
-                b.call(kernel_for(mt, nt, klen), [kb.ptr(xp), kb.ptr(xsp), kb.ptr(w_ptr(jn)), kb.ptr(wsp), kb.ptr(yp),
-                                                  first])
-                return
-            if xpack:
+            elif xpack:
                 row = b.add(b.mul(im, cg.i64(kc)), i0 if outer else b.mul(i0, cg.i64(kc)))
                 xp = kb.gep(x_panel, b.add(x_slot(k0), row), x_el)
             else:
                 xp = kb.gep(X, b.add(b.mul(b.add(m0, b.add(im, i0)), cg.i64(K)), k0), x_el)
             y_el = cg.I16 if bf16 and not scratch_y else cg.F32
             yp = kb.gep(acc_y, b.add(b.mul(b.add(m0, b.add(im, i0)), cg.i64(N)), b.add(n0, jn)), y_el)
-            b.call(kernel_for(mt, nt, klen), [kb.ptr(xp), kb.ptr(w_ptr(jn)), kb.ptr(yp), first])
+            if i16:  # the scales of the X rows and of the W micro panel beside each
+                xsp = kb.gep(x_scales, b.add(x_scale_slot(k0), b.mul(row, cg.i64(kc // group))))
+                wsp = kb.gep(w_scales, b.mul(jn, cg.i64(kc // group)))
+                args = [kb.ptr(xp), kb.ptr(xsp), kb.ptr(w_ptr(jn)), kb.ptr(wsp), kb.ptr(yp), first]
+            else:
+                args = [kb.ptr(xp), kb.ptr(w_ptr(jn)), kb.ptr(yp), first]
+            b.call(kernel_for(mt, nt, klen), args)
 
         m_full = b.sdiv(mlen, cg.i64(mr))
         n_full = b.sdiv(nlen, cg.i64(nr))

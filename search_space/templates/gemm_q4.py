@@ -90,8 +90,6 @@ def _has_i16(task: Task, target: Target, op) -> bool:
     return target.has_feature("avx2") and not q4_attrs(op, task)[1]
 
 
-
-
 def _pairs_panel(K: int, group: int, width: int, lanes: int):
     """W rows [n0, n0+nlen) as int16 codes minus 8 for the int16 outer kernel: k pairs as
     int32 columns, ``panel[n // width][k / 2][n % width]``, squares of ``lanes`` x ``lanes``

@@ -92,6 +92,15 @@ def deinterleave_x(kb: cg.KernelBuilder, x, out, rows, K: int, lanes: int, sums=
 I16_LEVELS = 32767.0  # X is rounded to int16 per (row, group): x ~ q * (max|x| / 32767)
 
 
+def _i16_scale(kb: cg.KernelBuilder, values):
+    """(32767 / max|x|, max|x| / 32767) of one group of X: the factor that rounds it to int16
+    and the scale that undoes it (both 0 for an all-zero group)."""
+    b = kb.b
+    xmax = kb.reduce_max(kb.call_math("fabs", values))
+    positive = b.fcmp_ordered(">", xmax, cg.f32(0.0))
+    return b.select(positive, kb.fdiv(cg.f32(I16_LEVELS), xmax), cg.f32(0.0)), kb.fdiv(xmax, cg.f32(I16_LEVELS))
+
+
 def i16_unit(group: int, lanes: int) -> int:
     """k per fold unit of the int16 path: a group, or the 4 x ``lanes`` k of one decoded
     block when groups are smaller (then lane i of the accumulator holds k 4i..4i+3, so
@@ -136,11 +145,9 @@ def quantize_x_i16(kb: cg.KernelBuilder, x, xq, scales, sums, rows, K: int, grou
             g0 = b.add(b.mul(m, cg.i64(groups)), b.mul(u, cg.i64(per_unit)))
             inverses = []
             for j in range(per_unit):
-                values = kb.load_vec(x, b.add(base, cg.i64(j * group)), group)
-                xmax = kb.reduce_max(kb.call_math("fabs", values))
-                positive = b.fcmp_ordered(">", xmax, cg.f32(0.0))
-                inverses.append(b.select(positive, kb.fdiv(cg.f32(I16_LEVELS), xmax), cg.f32(0.0)))
-                kb.store(kb.fdiv(xmax, cg.f32(I16_LEVELS)), scales, b.add(g0, cg.i64(j)))
+                inverse, scale = _i16_scale(kb, kb.load_vec(x, b.add(base, cg.i64(j * group)), group))
+                inverses.append(inverse)
+                kb.store(scale, scales, b.add(g0, cg.i64(j)))
             lane_sum = ir.Constant(i_lanes, None)
             for blk in range(unit // span):
                 at = b.add(base, cg.i64(blk * span))
@@ -186,10 +193,8 @@ def quantize_x_panel(kb: cg.KernelBuilder, x, xq, scales, m0, mlen, k0, klen, K:
         src = b.add(b.mul(b.add(m0, r), cg.i64(K)), k0)
         with kb.loop(0, klen, group, name="qg") as k:
             values = kb.load_vec(x, b.add(src, k), group)
-            xmax = kb.reduce_max(kb.call_math("fabs", values))
-            positive = b.fcmp_ordered(">", xmax, cg.f32(0.0))
-            inverse = b.select(positive, kb.fdiv(cg.f32(I16_LEVELS), xmax), cg.f32(0.0))
+            inverse, scale = _i16_scale(kb, values)
             g = b.sdiv(k, cg.i64(group))
-            kb.store(kb.fdiv(xmax, cg.f32(I16_LEVELS)), scales, b.add(scales_at, b.add(b.mul(r, cg.i64(ld // group)), g)))
+            kb.store(scale, scales, b.add(scales_at, b.add(b.mul(r, cg.i64(ld // group)), g)))
             q = b.fptosi(kb.call_math("rint", kb.fmul(values, kb.splat(inverse, group))), cg.vec(group, cg.I32))
             kb.store_vec(b.trunc(q, cg.vec(group, cg.I16)), xq, b.add(at, b.add(b.mul(r, cg.i64(ld)), k)), cg.I16)
