@@ -82,29 +82,29 @@ def _has_gpu() -> bool:
         return False
 
 
-# The test files that take longest, longest first (seconds on the 2-core VM, 2026-12-05, beside
+# The test files that take longest, longest first (seconds on the 2-core VM, 2026-12-06, beside
 # each). pytest-xdist hands each worker whole files in collection order (the Makefile turns
 # off its reordering by test count, which put the few-but-long files last): started early, the
 # long files run beside others and the short ones fill in at the end, where one long file would
 # otherwise run alone while the other worker waits. A file missing here only runs later.
 LONGEST_FIRST = (
-    "tests/autotune/test_model_on_fake_gpu.py",  # 118
-    "tests/search_space/test_cuda_matmul_emulated.py",  # 96
-    "tests/search_space/test_cuda_templates.py",  # 93
-    "tests/cluster/test_ray_cluster.py",  # 89, mostly waiting on the cluster
-    "tests/search_space/test_cpu_templates.py",  # 82
-    "tests/autotune/test_cli.py",  # 77
-    "tests/autotune/test_cli_hardening.py",  # 67
-    "tests/autotune/test_cli_model.py",  # 61
-    "tests/runtime/test_transformers_parity.py",  # 54
-    "tests/search_space/test_cuda_rowattn_emulated.py",  # 48
-    "tests/search_space/test_attention_templates.py",  # 47
-    "tests/cluster/test_mlflow_server.py",  # 45
-    "tests/measure/test_faults.py",  # 34
-    "tests/measure/test_cuda_on_fake_gpu.py",  # 31
-    "tests/search_space/test_quant_templates.py",  # 28
-    "tests/autotune/test_cli_research.py",  # 27
-    "tests/autotune/test_cuda_cli.py",  # 27
+    "tests/autotune/test_model_on_fake_gpu.py",  # 99
+    "tests/cluster/test_ray_cluster.py",  # 78, mostly waiting on the cluster
+    "tests/search_space/test_quant_templates.py",  # 70
+    "tests/search_space/test_cuda_matmul_emulated.py",  # 64
+    "tests/autotune/test_cli.py",  # 55
+    "tests/autotune/test_cli_model.py",  # 55
+    "tests/search_space/test_cpu_templates.py",  # 49
+    "tests/search_space/test_cuda_rowattn_emulated.py",  # 42
+    "tests/search_space/test_cuda_templates.py",  # 41
+    "tests/autotune/test_cli_research.py",  # 39
+    "tests/cluster/test_mlflow_server.py",  # 39
+    "tests/runtime/test_transformers_parity.py",  # 37
+    "tests/autotune/test_cli_hardening.py",  # 34
+    "tests/search_space/test_gemm_schedules.py",  # 32
+    "tests/search_space/test_attention_templates.py",  # 31
+    "tests/measure/test_cuda_on_fake_gpu.py",  # 29
+    "tests/measure/test_faults.py",  # 23
 )
 
 
