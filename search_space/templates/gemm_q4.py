@@ -31,7 +31,7 @@ from ..task import Task
 from ..template import KernelSource, Template, register_template
 from .gemm import (WeightSource, blocked_gemm_constraints, blocked_gemm_default, blocked_gemm_features,
                    blocked_gemm_knobs, render_blocked_gemm, transpose_square)
-from .q4_layout import decode_block, has_vnni, q4_attrs
+from .q4_layout import decode_block, has_vnni, i16_width_constraint, q4_attrs
 
 
 # (mr, nr vectors) of the int16 outer kernel's default: 8 x 1 ran fastest with AVX-512 VNNI at
@@ -54,9 +54,7 @@ class GemmQ4Cpu(GemmQ4Op, Template):
         if _has_i16(task, target, self):
             knobs.insert(0, Knob("compute", ("f32", "i16"), legacy="f32"))  # f32: the only path before i16
             constraints.append(("the int16 path rounds X as it packs it", lambda c: c["compute"] == "f32" or c["xpack"]))
-            if not target.has_feature("avx512bw"):
-                constraints.append(("16 lanes of int16 products need avx512bw",
-                                    lambda c: c["compute"] == "f32" or c["vec"] == 8))
+            constraints.append(i16_width_constraint(target))
         return ConfigSpace(knobs, constraints)
 
     def default(self, task: Task, target: Target) -> Config:

@@ -59,8 +59,8 @@ from ..template import ArgSpec, KernelSource, Template, register_template
 from .gemv import vector_registers
 from .gemv_plan import emit_gemv_plan
 from .threads import default_thread_counts, threads_knob
-from .q4_layout import (decode_block, decode_block_i16, deinterleave_x, has_vnni, i16_unit, lane_spread, q4_attrs,
-                        quantize_x_i16)
+from .q4_layout import (decode_block, decode_block_i16, deinterleave_x, has_vnni, i16_unit, i16_width_constraint,
+                        lane_spread, q4_attrs, quantize_x_i16)
 
 
 def _align64(nbytes: int) -> int:
@@ -108,8 +108,7 @@ class GemvQ4Cpu(GemvQ4Op, Template):
             ("accumulators fit in registers", lambda c: _registers_needed(c) <= regs),
             ("int16 products are folded per group", lambda c: c.get("compute") != "i16" or c["scale"] == "group"),
             ("K is whole int16 blocks", lambda c: c.get("compute") != "i16" or d["K"] % i16_unit(group, c["vec"]) == 0),
-            ("16 lanes of int16 products need avx512bw",
-             lambda c: c.get("compute") != "i16" or c["vec"] == 8 or target.has_feature("avx512bw")),
+            i16_width_constraint(target),
             ("one row block per thread at least",
              lambda c: c["threads"] == 1 or math.ceil(d["N"] / c["rows"]) >= c["threads"]),
             ("streams walk one K block", lambda c: c["streams"] == 1 or c["kblock"] == 0),

@@ -29,6 +29,13 @@ def has_vnni(target, lanes: int) -> bool:
     return target.has_feature("avx512vnni") or (lanes == 8 and target.has_feature("avxvnni"))
 
 
+def i16_width_constraint(target):
+    """The constraint of both int16 paths (knob ``compute``): 16 lanes of int16 products are
+    zmm instructions, which need avx512bw; 8 lanes run on AVX2."""
+    return ("16 lanes of int16 products need avx512bw",
+            lambda c: c.get("compute") != "i16" or c["vec"] == 8 or target.has_feature("avx512bw"))
+
+
 def q4_attrs(op, task: Task) -> tuple[int, bool]:
     """(group size, zero_point) of a q4 task."""
     a = op.attrs(task)
