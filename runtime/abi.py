@@ -205,4 +205,6 @@ class KernelSpec:
 # --------------------------------------------------------------------------- library manifest
 
 MANIFEST_FORMAT = "llm-autotune-kernels"  # what export.library_writer writes and runtime.library reads
-MANIFEST_SCHEMA_VERSION = 1
+# 1: the first format; 2: every kernel's contract_sha256 seals the manifest's target as well
+# (runtime.library.check_contracts). The runtime reads both.
+MANIFEST_SCHEMA_VERSION = 2

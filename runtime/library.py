@@ -39,11 +39,19 @@ IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # "system", "abort"): only names of the form export gives its kernels, <op>_<dtype>_<10 hex>.
 CPU_ENTRY = re.compile(r"[a-z0-9_]+_[0-9a-f]{10}\Z")
 
-# Instruction-set extensions whose absence makes a kernel die of SIGILL, in LLVM's spelling;
-# /proc/cpuinfo spells them with underscores (avx512_bf16), which the comparison ignores.
-_CHECKED_FEATURES = ("avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512dq", "avx512vl",
-                     "avx512cd", "avx512bf16", "avx512vnni", "avx512vbmi", "avx512vbmi2", "avx512ifma",
-                     "avx512bitalg", "avx512vpopcntdq", "avx512fp16", "avxvnni")
+# Instruction-set extensions whose absence makes a kernel die of SIGILL, in LLVM's spelling,
+# with /proc/cpuinfo's name where it differs beyond underscores (avx512_bf16 is avx512bf16):
+# those LLVM may emit in generated code (gfni: byte shifts; bmi, lzcnt, popcnt: scalar code).
+# Extensions no kernel here is compiled to use (amx, aes, sha) are left out: where the kernel
+# is too old to list them a library would be refused on the very CPU it was built on.
+_CHECKED_FEATURES = {
+    "sse3": "pni", "ssse3": "ssse3", "sse4.1": "sse41", "sse4.2": "sse42", "popcnt": "popcnt",
+    "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2", "lzcnt": "abm",
+    "movbe": "movbe", "gfni": "gfni", "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq",
+    "avx512vl": "avx512vl", "avx512cd": "avx512cd", "avx512bf16": "avx512bf16", "avx512vnni": "avx512vnni",
+    "avx512vbmi": "avx512vbmi", "avx512vbmi2": "avx512vbmi2", "avx512ifma": "avx512ifma",
+    "avx512bitalg": "avx512bitalg", "avx512vpopcntdq": "avx512vpopcntdq", "avx512fp16": "avx512fp16",
+    "avxvnni": "avxvnni"}
 
 
 class LibraryFormatError(ValueError):
@@ -87,14 +95,17 @@ def library_file(folder: Path, name: Any, what: str) -> Path:
     if not isinstance(name, str) or not name:
         raise LibraryFormatError(f"{folder}: {what} has no file name")
     relative = PurePosixPath(name)
-    if relative.is_absolute() or ".." in relative.parts or "\\" in name:
+    if relative.is_absolute() or ".." in relative.parts or "\\" in name or "\0" in name:
         raise LibraryFormatError(f"{folder}: {what} {name!r} is not a path inside the library folder")
-    root = folder.resolve()
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):
-        raise LibraryFormatError(f"{folder}: {what} {name!r} leads out of the library folder (to {path})")
-    if not path.is_file():
-        raise LibraryFormatError(f"{folder}: {what} {name!r} is missing")
+    try:
+        root = folder.resolve()
+        path = (root / relative).resolve()
+        if not path.is_relative_to(root):
+            raise LibraryFormatError(f"{folder}: {what} {name!r} leads out of the library folder (to {path})")
+        if not path.is_file():
+            raise LibraryFormatError(f"{folder}: {what} {name!r} is missing")
+    except OSError as exc:  # a name past the file system's length limit, a loop of symlinks
+        raise LibraryFormatError(f"{folder}: {what} {name[:80]!r} cannot be opened: {exc.strerror or exc}") from None
     return path
 
 
@@ -130,38 +141,53 @@ def expected_task_key(entry: Mapping[str, Any]) -> str:
 # What the runtime believes of a kernel when it calls it. Export seals these fields of every
 # entry together with the sha256 of the code they describe (``contract_sha256``), so an entry
 # edited after export (its dims and task, arguments, launch, or the symbol it names) is refused
-# instead of called on arrays its code does not expect. This guards against edits and
-# corruption, not malice: whoever can write the folder can put any code in it.
+# instead of called on arrays its code does not expect. From schema 2 the seal covers the
+# manifest's target too: the CPU features a library is checked against before it is loaded
+# are those it was compiled for. This guards against edits and corruption, not malice:
+# whoever can write the folder can put any code in it.
 CONTRACT_FIELDS = ("entry", "symbol", "task", "op", "dtype", "dims", "dynamic", "attrs", "lang", "args", "launch")
+TARGET_SEALED_FROM_SCHEMA = 2
 
 
-def contract_sha256(entry: Mapping[str, Any], code_sha256: Any) -> str:
+def contract_sha256(entry: Mapping[str, Any], code_sha256: Any, target: Mapping[str, Any] | None = None) -> str:
     """The seal of ``entry``'s contract with the code it describes (a JSON-shaped entry, as
-    the manifest holds it)."""
+    the manifest holds it) and, from schema 2, the target it was compiled for."""
     contract = {"code_sha256": code_sha256, **{k: entry.get(k) for k in CONTRACT_FIELDS}}
+    if target is not None:
+        contract["target"] = target
     return hashlib.sha256(json.dumps(contract, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _sealed_target(manifest: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    return manifest["target"] if manifest.get("schema", 1) >= TARGET_SEALED_FROM_SCHEMA else None
 
 
 def seal_contracts(manifest: dict[str, Any]) -> None:
     """Export's side: give every kernel record its ``contract_sha256`` (the code hashes first)."""
     loader = LOADERS[manifest["target"]["kind"]]
-    for entry in manifest["kernels"]:
-        as_read = json.loads(json.dumps(entry))  # exactly what runtime.load will read back
-        entry["contract_sha256"] = contract_sha256(as_read, loader.code_sha256(manifest, as_read))
+    as_read = json.loads(json.dumps(manifest))  # exactly what runtime.load will read back
+    for entry, read in zip(manifest["kernels"], as_read["kernels"]):
+        entry["contract_sha256"] = contract_sha256(read, loader.code_sha256(as_read, read), _sealed_target(as_read))
 
 
 def check_contracts(manifest: Mapping[str, Any], folder: Path) -> list[str]:
     """Refuse a kernel record that is not what export sealed for its code; returns the entries
-    of a library from before contracts were sealed (loaded with a warning)."""
+    of a library from before contracts were sealed (loaded with a warning). Export seals every
+    entry or (before contracts) none: a library where some are sealed and others not, or of a
+    schema that seals them all with some missing, was edited, and is refused."""
     loader, unsealed = LOADERS[manifest["target"]["kind"]], []
+    target = _sealed_target(manifest)
     for entry in manifest["kernels"]:
         sealed = entry.get("contract_sha256")
         if sealed is None:
             unsealed.append(entry["entry"])
-        elif sealed != contract_sha256(entry, loader.code_sha256(manifest, entry)):
+        elif sealed != contract_sha256(entry, loader.code_sha256(manifest, entry), target):
             raise LibraryFormatError(f"{folder / MANIFEST}: kernel {entry['entry']} was edited after export: what "
-                                     "it says of its dims, arguments, launch or symbol is not what export sealed "
-                                     "with its code (export it again rather than editing it)")
+                                     "it says of its dims, arguments, launch, symbol or target is not what export "
+                                     "sealed with its code (export it again rather than editing it)")
+    if unsealed and (target is not None or len(unsealed) < len(manifest["kernels"])):
+        raise LibraryFormatError(f"{folder / MANIFEST}: kernel {unsealed[0]} was edited after export: it has no "
+                                 "contract_sha256, where export seals every kernel's (export it again)")
     return unsealed
 
 
@@ -294,6 +320,7 @@ def check_manifest(manifest: Mapping[str, Any], folder: Path) -> None:
     if not isinstance(kernels, list):
         raise LibraryFormatError(f"{folder}: the manifest has no list of kernels")
     try:
+        LOADERS[target["kind"]].check_target(target)
         for entry in kernels:
             check_entry(entry, target["kind"])
     except LibraryFormatError as exc:
@@ -366,7 +393,10 @@ def spec_of_entry(entry: Mapping[str, Any]) -> KernelSpec:
 def required_cpu_features(target: Mapping[str, Any]) -> list[str]:
     """The extensions a library compiled for ``target`` (its manifest's target) may use that a
     CPU may lack, in the target's order."""
-    need = [f[1:] for f in str(target.get("features", "")).split(",") if f.startswith("+")]
+    features = target.get("features", "")
+    if not isinstance(features, str):
+        raise LibraryFormatError(f"the target's features {features!r} are not LLVM's feature string")
+    need = [f[1:] for f in features.split(",") if f.startswith("+")]
     return [f for f in need if f in _CHECKED_FEATURES]
 
 
@@ -380,7 +410,7 @@ def missing_cpu_features(target: Mapping[str, Any], cpuinfo: str = "/proc/cpuinf
     if flags is None:
         return []
     have = {flag.replace("_", "") for flag in flags}
-    return [f for f in required_cpu_features(target) if f not in have]
+    return [f for f in required_cpu_features(target) if _CHECKED_FEATURES[f] not in have]
 
 
 class KernelLibrary:
@@ -498,6 +528,13 @@ class SharedObjectKernels:
     """A CPU library: every kernel in one shared object, opened once with ctypes."""
 
     @staticmethod
+    def check_target(target: Mapping[str, Any]) -> None:
+        """The CPU features it was compiled for, checked against this CPU's before it is loaded."""
+        if not isinstance(target.get("features"), str):
+            raise LibraryFormatError(f"the target's features {target.get('features')!r} are not LLVM's feature "
+                                     "string: what the library needs of a CPU cannot be checked")
+
+    @staticmethod
     def check_entry(entry: Mapping[str, Any], where: str) -> None:
         symbol = entry.get("symbol", entry["entry"])
         if symbol != entry["entry"] or not CPU_ENTRY.match(symbol):
@@ -561,6 +598,10 @@ class SharedObjectKernels:
 
 class CubinKernels:
     """A CUDA library: one cubin per kernel, loaded through pycuda (imported on first use)."""
+
+    @staticmethod
+    def check_target(target: Mapping[str, Any]) -> None:
+        pass  # the driver refuses a cubin of another architecture, with an error, at load
 
     @staticmethod
     def check_entry(entry: Mapping[str, Any], where: str) -> None:

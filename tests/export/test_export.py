@@ -28,7 +28,7 @@ def _manifest(folder: Path) -> dict:
 
 def test_the_library_directory_holds_every_kernel_its_sources_and_a_header(exported_library, library_log, host):
     manifest = _manifest(exported_library)
-    assert manifest["format"] == "llm-autotune-kernels" and manifest["schema"] == 1
+    assert manifest["format"] == "llm-autotune-kernels" and manifest["schema"] == 2
     assert manifest["target"]["kind"] == "cpu" and manifest["target"]["arch"] == host.arch
     assert manifest["library"] == LIBRARY and manifest["header"] == HEADER and manifest["package_version"]
     kernels = manifest["kernels"]

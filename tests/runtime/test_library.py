@@ -110,10 +110,15 @@ def test_a_directory_that_is_no_library_is_refused(tmp_path, exported_library):
 
 def test_a_library_for_a_cpu_with_more_extensions_is_refused_before_it_runs(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16\n")
-    target = {"features": "+avx2,+avx512f,+avx512bf16,+avx512vnni,+avx512bw,+sse4.2,+64bit"}
-    assert missing_cpu_features(target, str(cpuinfo)) == ["avx512vnni", "avx512bw"]
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 pni sse4_2 avx avx2 fma avx512f avx512_bf16 abm\n")
+    # /proc/cpuinfo spells some of LLVM's names its own way (sse3: pni, lzcnt: abm, bmi: bmi1);
+    # extensions no kernel is compiled to use (amx, avx10) are not asked of the CPU
+    target = {"features": "+avx2,+avx512f,+avx512bf16,+avx512vnni,+avx512bw,+sse4.2,+sse3,+lzcnt,+bmi,+gfni,"
+                          "+amx-tile,+avx10.1,+64bit,-avx512fp16"}
+    assert missing_cpu_features(target, str(cpuinfo)) == ["avx512vnni", "avx512bw", "bmi", "gfni"]
     assert missing_cpu_features(target, str(tmp_path / "absent")) == []
+    with pytest.raises(LibraryFormatError, match="not LLVM's feature string"):  # a list would check nothing
+        missing_cpu_features({"features": ["+avx512f"]}, str(cpuinfo))
 
 
 # ----------------------------------------------------------------------------- numpy only

@@ -254,6 +254,11 @@ CONTRACT_EDITS = {
     "a workspace of no bytes": lambda m, lib: _workspace(m).update(nbytes=0),
     "the seal itself": lambda m, lib: _gemv(m).update(contract_sha256="0" * 64),
     "the code's hash dropped": lambda m, lib: m.pop("library_sha256"),
+    # a loader that took an unsealed entry as one from an older export ran it unchecked
+    "one entry's seal dropped": lambda m, lib: _gemv(m).pop("contract_sha256"),
+    # the features a CPU is checked against before the library is loaded (a CPU without them: SIGILL)
+    "the target's features cut": lambda m, lib: m["target"].update(features="+64bit"),
+    "every seal dropped, the schema kept": lambda m, lib: [k.pop("contract_sha256") for k in m["kernels"]],
 }
 
 
@@ -261,6 +266,32 @@ CONTRACT_EDITS = {
 def test_an_entry_edited_after_export_is_refused(case, tmp_path, exported_library):
     library = _copy(exported_library, tmp_path)
     _edit(library, CONTRACT_EDITS[case])
+    with pytest.raises(LibraryFormatError, match="was edited after export"):
+        runtime.load(library)
+
+
+def test_a_target_without_its_feature_string_is_refused(tmp_path, exported_library):
+    """The features are what a CPU is checked against before the library is loaded: a list, or
+    none, would check nothing (and a CPU without AVX-512 would die of SIGILL at the first call)."""
+    library = _copy(exported_library, tmp_path)
+    _edit(library, lambda m, lib: m["target"].update(features=m["target"]["features"].split(",")))
+    with pytest.raises(LibraryFormatError, match="not LLVM's feature string"):
+        runtime.load(library)
+    _edit(library, lambda m, lib: m["target"].pop("features"))
+    with pytest.raises(LibraryFormatError, match="None are not LLVM's feature string"):
+        runtime.load(library)
+
+
+def test_a_schema_1_library_with_its_contracts_loads_unwarned(tmp_path, exported_library):
+    """Schema 1 sealed each entry without the target: such a library still loads, checked."""
+    from runtime.library import seal_contracts
+
+    library = _copy(exported_library, tmp_path)
+    _edit(library, lambda m, lib: [m.update(schema=1), seal_contracts(m)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(runtime.load(library).entries) == 7
+    _edit(library, lambda m, lib: _gemv(m).pop("contract_sha256"))  # one seal gone: edited
     with pytest.raises(LibraryFormatError, match="was edited after export"):
         runtime.load(library)
 
@@ -351,7 +382,7 @@ def test_every_kernel_of_a_library_from_before_contracts_still_loads_and_is_foun
     from runtime.library import UnverifiedLibraryWarning
 
     library = _copy(exported_library, tmp_path)
-    _edit(library, lambda m, lib: [k.pop("contract_sha256") for k in m["kernels"]])
+    _edit(library, lambda m, lib: [m.update(schema=1)] + [k.pop("contract_sha256") for k in m["kernels"]])
     with pytest.warns(UnverifiedLibraryWarning, match="records no contract of"):
         assert len(runtime.load(library).entries) == 7
     _edit(library, lambda m, lib: _gemv(m).update(entry="gemv_f32_0123456789", symbol="gemv_f32_0123456789"))
@@ -480,6 +511,7 @@ def test_the_export_records_the_hash_of_the_shared_library(exported_library):
 
 def _as_before_hashes(manifest: dict, folder: Path) -> None:
     """What an export from before hashes and contracts were recorded wrote."""
+    manifest["schema"] = 1
     manifest.pop("library_sha256")
     for kernel in manifest["kernels"]:
         kernel.pop("contract_sha256")
