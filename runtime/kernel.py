@@ -241,6 +241,9 @@ class Kernel:
             raise TypeError(f"{self.spec.op} has no argument {unknown[0]!r}: inputs {self.input_names}, "
                             f"outputs {self.output_names}")
         inputs = dict(zip(self.input_names, arrays))
+        twice = sorted(set(inputs) & set(named))
+        if twice:  # as Python's own calls: which of the two was meant is not for the kernel to guess
+            raise TypeError(f"{self.spec.op} got input {twice[0]!r} both by position and by name")
         inputs.update(named)
         missing = [n for n in self.input_names if n not in inputs]
         if missing:

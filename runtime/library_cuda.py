@@ -102,6 +102,12 @@ class CudaModules:
         self.modules.clear()
 
 
+# Lengths a kernel reads from memory and walks its cache by, unclamped (a captured decode
+# step fills them itself): on a call with numpy inputs each must lie within the dim named,
+# or the kernel reads past the cache.
+LENGTHS_READ_UNCLAMPED = {("attention_decode", "LENS"): "L"}
+
+
 class CudaKernel(Kernel):
     """A library kernel in a cubin (see the module docstring)."""
 
@@ -165,6 +171,11 @@ class CudaKernel(Kernel):
         for arg in self.args:
             if arg.role in ("in", "out"):
                 self._check(arg, host[arg.name], call_dims)
+            bound = LENGTHS_READ_UNCLAMPED.get((self.spec.op, arg.name))
+            if bound is not None and host[arg.name].size and not (
+                    0 <= host[arg.name].min() and host[arg.name].max() <= call_dims[bound]):
+                raise ValueError(f"{self.spec.op} input {arg.name}: every length must lie in 0..{bound} = "
+                                 f"{call_dims[bound]}, got {host[arg.name].min()}..{host[arg.name].max()}")
         self.check_no_overlap(host)  # two outputs in one host buffer: one copy back would be lost
         device = {}
         try:

@@ -175,6 +175,8 @@ def test_a_call_names_only_arrays_the_kernel_takes_and_no_output_overlaps_an_inp
         gemv(x, w, B=x)
     with pytest.raises(TypeError, match="takes 2 inputs"):
         gemv(x, w, x)
+    with pytest.raises(TypeError, match="got input 'X' both by position and by name"):  # ran on W's array
+        gemv(x, w, X=w[:1])
     shared = np.zeros(256, np.float32)  # X and Y in one buffer: the kernel would read what it writes
     with pytest.raises(ValueError, match="output Y overlaps input X"):
         gemv(shared[:128].reshape(1, 128), w, out={"Y": shared[64:128].reshape(1, 64)})

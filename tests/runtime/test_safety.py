@@ -595,3 +595,30 @@ def test_device_copies_stay_inside_their_buffers(fake_gpu):
         arrays.rows_at(arrays.zeros((6, 4)), 2, 3, arrays.zeros((2, 4)))
     arrays.write_position(cache, arrays.upload(np.ones((2, 4), np.float32)), 7)
     assert arrays.get(cache)[0, :, 7].sum() == 8 and arrays.get(cache).sum() == 8
+
+
+def test_a_cuda_call_with_lengths_past_its_cache_is_refused_before_the_launch(fake_gpu):
+    """attention_decode with per-sequence lengths walks each sequence's cache up to LENS[b],
+    read from memory unclamped: on a call with numpy inputs, each must lie in 0..L."""
+    from fakes import FAKE_GPU_TARGET
+
+    from runtime.abi import KernelSpec
+    from runtime.library_cuda import CudaKernel, CudaModules
+    from search_space import Task, get_template
+
+    task = Task.make("attention_decode", {"B": 2, "H": 4, "HKV": 2, "D": 32, "S": 16, "L": 16}, "float16",
+                     {"lengths": "per_sequence"}, ("S", "L"))
+    template = get_template("attention_decode", "cuda")
+    args = template.render(task, template.default(task, FAKE_GPU_TARGET), FAKE_GPU_TARGET).args  # not compiled
+
+    def never_launched(*args, **kwargs):
+        raise AssertionError("launched")
+
+    kernel = CudaKernel(KernelSpec.make(task.op, task.dims, task.dtype, task.attr, task.dynamic), args,
+                        never_launched, tuned=True, keepalive=(CudaModules(),))
+    inputs = template.make_inputs(task, np.random.default_rng(0))
+    for lens in ([3, 17], [-1, 4], [10**6, 2]):
+        with pytest.raises(ValueError, match=r"input LENS: every length must lie in 0..L = 16"):
+            kernel(**{**inputs, "LENS": np.array(lens, np.int32)}, dims={"L": 16})
+    with pytest.raises(AssertionError, match="launched"):  # lengths within the cache go on to the launch
+        kernel(**{**inputs, "LENS": np.array([0, 16], np.int32)}, dims={"L": 16})
