@@ -352,6 +352,8 @@ def _resolve_out(out_dir: str | os.PathLike) -> Path:
     """--out as an absolute path. A symlink is followed: the library it points to is replaced
     and the link kept, so that a deployment's ``current -> lib-v3`` link goes on working
     (replacing the link by a directory would silently detach it)."""
+    if not str(os.fspath(out_dir)).strip():  # Path("") is the working directory: an unset $VAR would replace it
+        raise ExportError("--out is empty: name the library's directory")
     out = Path(out_dir).absolute()
     if not out.is_symlink():
         return out
@@ -370,7 +372,12 @@ def _why_not_replaceable(out: Path) -> str | None:
         read_manifest(out)
     except (OSError, ValueError) as exc:
         return f"holds a {MANIFEST} that is not a kernel library's ({exc})"
-    for item in sorted(out.iterdir()):
+    return _foreign_item(out)
+
+
+def _foreign_item(folder: Path) -> str | None:
+    """What in ``folder`` is not part of a kernel library (said as "holds ..."), or None."""
+    for item in sorted(folder.iterdir()):
         if item.is_symlink():
             return f"holds the symlink {item.name}, which no kernel library has"
         if item.name in LIBRARY_FILES and item.is_file():
@@ -401,10 +408,9 @@ def _check_out_dir(out: Path) -> None:
 
 
 def _leftover_pattern(out: Path) -> re.Pattern:
-    """Names of what an export to ``out`` makes beside it: ``.NAME.partial-PID-XXXX`` (the
-    stage) and ``.NAME.old-PID`` (the earlier library while it is swapped out); the pid is
-    absent from stages of older versions."""
-    return re.compile(rf"\.{re.escape(out.name)}\.(?:partial|old)-(?:(\d+)(?:-|\Z))?")
+    """Names of what an export to ``out`` makes beside it, exactly: ``.NAME.partial-PID-XXXXXXXX``
+    (the stage, 8 hex digits) and ``.NAME.old-PID`` (the earlier library while it is swapped out)."""
+    return re.compile(rf"\.{re.escape(out.name)}\.(?:partial-(\d+)-[0-9a-f]{{8}}|old-(\d+))\Z")
 
 
 def _process_alive(pid: int) -> bool:
@@ -420,7 +426,8 @@ def _process_alive(pid: int) -> bool:
 def remove_stale_leftovers(out: Path) -> list[Path]:
     """Remove the stages (and swapped-out libraries) that exports to ``out`` killed by a signal
     left behind: those whose export is gone (its pid is dead) or that are older than a day.
-    Those of an export still running are kept. Returns what was removed."""
+    Those of an export still running are kept, and so is a folder of such a name that holds
+    anything a library does not (someone else's). Returns what was removed."""
     pattern, removed = _leftover_pattern(out), []
     try:
         neighbours = list(out.parent.iterdir())
@@ -430,9 +437,9 @@ def remove_stale_leftovers(out: Path) -> list[Path]:
         match = pattern.match(path.name)
         if match is None or path.is_symlink() or not path.is_dir():
             continue
-        pid = int(match.group(1)) if match.group(1) else 0
+        pid = int(match.group(1) or match.group(2))
         dead = 0 < pid < 2**31 and not _process_alive(pid)
-        if dead or time.time() - path.lstat().st_mtime > STALE_AFTER_S:
+        if (dead or time.time() - path.lstat().st_mtime > STALE_AFTER_S) and _foreign_item(path) is None:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

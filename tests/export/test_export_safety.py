@@ -77,6 +77,14 @@ def test_a_library_is_replaced_by_a_new_one(tmp_path, library_log, exported_libr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lib"]
 
 
+def test_an_empty_out_is_refused_not_taken_for_the_working_directory(tmp_path, library_log):
+    """``--out "$LIB"`` with LIB unset: Path("") is ".", which export would replace when empty."""
+    for out in ("", " "):
+        line = _one_error_line(_export(library_log, out, tmp_path))
+        assert "--out is empty" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_symlinked_out_replaces_the_library_it_points_to_and_keeps_the_link(tmp_path, library_log,
                                                                               exported_library):
     real = tmp_path / "lib-v1"
@@ -128,19 +136,29 @@ def test_the_next_export_removes_what_a_killed_one_left(tmp_path, library_log):
     proc.kill()  # SIGKILL: no cleanup can run
     proc.communicate(timeout=60)
     assert stage.is_dir() and stage.name.startswith(f".lib.partial-{proc.pid}-")
-    alive = tmp_path / f".lib.partial-{os.getpid()}-running"   # an export still running: kept
-    recent = tmp_path / ".lib.partial-x1y2z3"                  # no pid (older versions), recent: kept
-    ancient = tmp_path / ".lib.partial-a4b5c6"                 # no pid, two days old: removed
-    swapped = tmp_path / f".lib.old-{_dead_pid()}"             # a library a dead export set aside: removed
-    other = tmp_path / f".other.partial-{_dead_pid()}-q"       # another --out's: not this export's business
-    for folder in (alive, recent, ancient, swapped, other):
-        folder.mkdir()
-        (folder / "file").write_text("x")
+    # (name, what it holds, days old, removed?): only export's own names, holding only library files
+    cases = [
+        (f".lib.partial-{os.getpid()}-0123abcd", ["manifest.json"], 0, False),   # an export still running
+        (f".lib.partial-{os.getpid()}-89abcdef", ["sources/a.ll"], 2, True),    # two days old: its pid reused
+        (f".lib.old-{_dead_pid()}", ["manifest.json", "libllm_autotune_kernels.so"], 0, True),  # set aside, dead
+        (f".lib.old-{_dead_pid()}", ["keep.txt"], 2, False),                     # a user's files: not export's
+        (".lib.old-backup", ["manifest.json"], 2, False),                        # not a name export gives
+        (".lib.old-2024", ["manifest.json", "notes.txt"], 2, False),             # export's name, not its files
+        (".lib.partial-notes", [], 2, False),
+        (f".other.partial-{_dead_pid()}-0123abcd", [], 2, False),                # another --out's
+    ]
     two_days_ago = time.time() - 2 * 86400
-    os.utime(ancient, (two_days_ago, two_days_ago))
+    for name, files, days, _ in cases:
+        for file in files:
+            (tmp_path / name / file).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / file).write_text("x")
+        (tmp_path / name).mkdir(exist_ok=True)
+        if days:
+            os.utime(tmp_path / name, (two_days_ago, two_days_ago))
     done = _export(library_log, "lib", tmp_path)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["lib", alive.name, recent.name, other.name])
+    kept = sorted(["lib"] + [name for name, _, _, removed in cases if not removed])
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
 
 
 @pytest.mark.tools("cc")
