@@ -1,6 +1,7 @@
 """Render and compile candidates in parallel worker processes, with a content-addressed cache."""
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import time
@@ -13,6 +14,11 @@ from search_space import KernelSource, Target, Task, get_template, template_modu
 from .backends import get_backend
 from .types import BuildResult, MeasureError, MeasureInput
 from .worker import WorkerCrash, WorkerError, WorkerProcess, WorkerTimeout, close_all
+
+
+# the key of the artifact's sha256 in the build stats the cache keeps beside it (not a stat of
+# the build: never handed on to records)
+ARTIFACT_SHA256 = "artifact_sha256"
 
 
 def default_cache_dir() -> Path:
@@ -48,6 +54,14 @@ def cached_artifact(cache_dir: Path, source: KernelSource, target: Target) -> tu
     # makes now; with no compiler to ask (none here, or it does not say), the cache is all there is
     if compiler and stats.get("compiler") != compiler:
         return None
+    # a file cut short or damaged on disk is built again: loaded, a broken object file takes the
+    # process down (the JIT trusts it), and it may be the user's notebook
+    expected = stats.pop(ARTIFACT_SHA256, None)
+    try:
+        if expected != hashlib.sha256(path.read_bytes()).hexdigest():
+            return None
+    except OSError:
+        return None
     return path, stats
 
 
@@ -75,7 +89,7 @@ def build_candidate(payload: dict[str, Any]) -> dict[str, Any]:
         path = artifact_path(cache, digest, target)
         cache.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, data)
-        _atomic_write(cache / (digest + ".json"), _dump_json(stats))
+        _atomic_write(cache / (digest + ".json"), _dump_json({**stats, ARTIFACT_SHA256: hashlib.sha256(data).hexdigest()}))
         # the source beside its artifact: which kernel a cached file is, for people and tools
         _atomic_write(cache / (digest + ".source.json"), _dump_json(source.to_dict()))
     return {"artifact": str(path), "source": source.to_dict(), "digest": digest, "stats": stats,

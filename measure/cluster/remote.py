@@ -100,6 +100,13 @@ def build_on_node(inp: MeasureInput, module: str, timeout_s: float,
 # ----------------------------------------------------------------------------- measuring
 
 
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return path.read_bytes() == data
+    except OSError:
+        return False
+
+
 class MeasureRunner:
     """A Ray actor that measures one candidate at a time on one device of its node: the CPU
     cores it is pinned to, or the GPU Ray gave it (``num_gpus=1``: its device 0)."""
@@ -126,7 +133,7 @@ class MeasureRunner:
     def measure(self, inp: MeasureInput, build: BuildResult, artifact: bytes, module: str) -> MeasureResult:
         importlib.import_module(module)  # the template (a plugin's too) is known here before it is run
         path = artifact_path(self.cache_dir, build.digest, inp.target)
-        if not path.exists():  # content-addressed: a file that is there holds these bytes
+        if not _holds(path, artifact):  # content-addressed, but a file there may be damaged
             path.parent.mkdir(parents=True, exist_ok=True)
             _atomic_write(path, artifact)
         return self.runner.run([inp], [dataclasses.replace(build, artifact=str(path))])[0]

@@ -3,6 +3,9 @@ says which compiler that was (part of a record's code identity)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import numpy as np
 
 from measure import LocalBuilder, MeasureInput
 from measure.builder import compiler_identity
@@ -23,3 +26,30 @@ def test_an_artifact_from_another_compiler_is_built_again(host, tmp_path):
         assert not again.cached and again.stats["compiler"] == compiler_identity(host)
         assert json.loads(stats.read_text())["compiler"] == compiler_identity(host)
         assert builder.build([inp])[0].cached
+
+
+def test_a_damaged_artifact_is_built_again_not_loaded(host, tmp_path, monkeypatch):
+    """The JIT trusts an object file: one cut short on disk took the loading process down (a
+    notebook's, through TunedKernels). The cache keeps each artifact's sha256 and builds again
+    on a mismatch, or where it kept none (a cache from before it did)."""
+    from export import TunedKernels
+
+    task = Task.make("add", {"M": 4, "N": 64})
+    inp = MeasureInput(task, get_template("add", "cpu").default(task, host), host)
+    with LocalBuilder(n_parallel=1, cache_dir=tmp_path) as builder:
+        first = builder.build([inp])[0]
+        artifact = Path(first.artifact)
+        whole = artifact.read_bytes()
+        assert "artifact_sha256" not in first.stats  # the cache's own, not a stat of the build
+        artifact.write_bytes(whole[: len(whole) // 2])
+        again = builder.build([inp])[0]
+        assert not again.cached and artifact.read_bytes() == whole and "artifact_sha256" not in again.stats
+        stats = tmp_path / (first.digest + ".json")
+        stats.write_text(json.dumps({k: v for k, v in json.loads(stats.read_text()).items() if k != "artifact_sha256"}))
+        assert not builder.build([inp])[0].cached
+        assert builder.build([inp])[0].cached
+    artifact.write_bytes(b"\x7fELF" + b"\0" * 60)  # loaded, this was a segfault
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path))
+    with TunedKernels([], target=host, warn_untuned=False) as kernels:
+        x, y = np.ones((4, 64), np.float32), np.full((4, 64), 2.0, np.float32)
+        np.testing.assert_allclose(kernels.get("add", {"M": 4, "N": 64})(x, y), np.full((4, 64), 3.0))
