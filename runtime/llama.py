@@ -26,7 +26,7 @@ import numpy as np
 
 from .abi import KernelSpec
 from .arrays import arrays_for
-from .generation import Generation
+from .generation import Generation, checked_generation, checked_tokens
 from .kernel import BoundCall, Kernel, KernelProvider, buckets, numpy_dtype, select
 from .model_config import ModelConfig
 from .plan import (FUSED_ATTRS, GEMV_MAX_M, PREFILL_DYNAMIC_ROWS, KernelCall, bias_role, biased_projections,
@@ -374,6 +374,7 @@ class LlamaModel:
         """Run the prompts [B, T] through the model, filling ``caches``; logits [B, V] of the
         last prompt token (on the host) and the padded length the pass ran at."""
         c, arrays = self.config, self.arrays
+        prompts = checked_tokens(c, prompts)
         batch, tokens = prompts.shape
         padded = self.padded_tokens(batch, tokens)
         k = self._plan(self._prefill(padded, batch))
@@ -506,20 +507,9 @@ class LlamaModel:
     def generate(self, prompts: np.ndarray, new_tokens: int, keep_logits: bool = True) -> Generation:
         """Greedy decoding of ``new_tokens`` tokens after ``prompts`` [B, T]; ``keep_logits=False``
         keeps only the tokens (a resident CUDA step then copies nothing else to the host)."""
-        given = np.asarray(prompts)
-        if given.dtype.kind not in "iu":  # 1.7 is no token id, nor is True or "3"
-            raise ValueError(f"prompts must be integer token ids, not {given.dtype}")
-        if isinstance(new_tokens, bool) or not isinstance(new_tokens, (int, np.integer)):
-            raise ValueError(f"new_tokens must be an int, not {new_tokens!r}")
-        new_tokens = int(new_tokens)
-        prompts = given.astype(np.int64)
-        if prompts.ndim != 2 or prompts.shape[0] < 1 or prompts.shape[1] < 1 or new_tokens < 1:
-            raise ValueError("prompts must be [batch, tokens] with batch and tokens >= 1, and new_tokens >= 1")
-        if prompts.min() < 0 or prompts.max() >= self.config.vocab_size:
-            raise ValueError(f"token ids must lie in 0..{self.config.vocab_size - 1}")
-        batch, tokens = prompts.shape
         # attention here sees the whole cache: a sequence past a sliding window is refused
-        self.config.check_sequence(tokens + new_tokens)
+        prompts, new_tokens = checked_generation(self.config, prompts, new_tokens)
+        batch, tokens = prompts.shape
         padded = self.padded_tokens(batch, tokens)
         capacity = padded + new_tokens
         caches = self.new_caches(batch, capacity)

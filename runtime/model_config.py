@@ -49,6 +49,8 @@ READ_FIELDS = frozenset({
     "num_hidden_layers", "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
     "tie_word_embeddings", "max_position_embeddings", "sliding_window", "architectures", "model_type",
     "hidden_act", "attention_bias", "mlp_bias", "pretraining_tp",
+    # nanotron's (SmolLM, SmolLM2): rotary pairs interleaved (refused) or, false, rotate-half
+    "rope_interleaved",
     # Qwen2's: sliding window on (refused) or off, its first layer, and the per-layer attention kind
     "use_sliding_window", "max_window_layers", "layer_types"})
 _QWEN2_FIELDS = ("use_sliding_window", "max_window_layers", "layer_types")
@@ -61,7 +63,8 @@ HARMLESS_FIELDS = frozenset({
     "_name_or_path", "transformers_version", "torch_dtype", "dtype", "bos_token_id", "eos_token_id",
     "pad_token_id", "initializer_range", "use_cache", "attention_dropout", "max_sequence_length",
     "output_attentions", "output_hidden_states", "return_dict", "torchscript", "_attn_implementation_autoset",
-    "tokenizer_class", "id2label", "label2id"})
+    "tokenizer_class", "id2label", "label2id",
+    "is_llama_config"})  # nanotron's (SmolLM2): says the config is Llama's, which it is checked to be
 # Keys inside ``rope_scaling`` / ``rope_parameters`` that any rope may carry (its type and,
 # under ``rope_parameters``, the base); the scaling parameters depend on the type.
 _ROPE_TYPE_KEYS = ("rope_type", "type")
@@ -232,8 +235,8 @@ class ModelConfig:
                    num_attention_heads=heads,
                    num_key_value_heads=_or(data.get("num_key_value_heads", _ABSENT_KV_HEADS.get(family)), heads),
                    head_dim=head_dim, num_hidden_layers=data["num_hidden_layers"], vocab_size=data["vocab_size"],
-                   # absent: transformers' default for Llama, Mistral and Qwen2 alike
-                   rms_norm_eps=_or(_optional_number(data.get("rms_norm_eps"), "rms_norm_eps", where), 1e-6),
+                   # absent: transformers' default for Llama, Mistral and Qwen2 alike; null is no epsilon
+                   rms_norm_eps=_number(data.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
                    rope_theta=_rope_theta(data, where),
                    tie_word_embeddings=_flag(data, "tie_word_embeddings", where),
                    max_position_embeddings=_or(data.get("max_position_embeddings"), _ABSENT_POSITIONS[family]),
@@ -296,6 +299,9 @@ def _check_layers(data: Mapping[str, Any], where: str) -> None:
     tp = data.get("pretraining_tp")
     if tp not in (None, 1) or isinstance(tp, bool):
         raise ValueError(f"{where}: pretraining_tp = {_show(tp)} is not supported; supported: 1")
+    if _flag(data, "rope_interleaved", where):
+        raise ValueError(f"{where}: rope_interleaved = true (rotary pairs of adjacent dims) is not implemented; "
+                         "this runtime rotates halves, as transformers' Llama does")
     window = data.get("sliding_window")
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
         raise ValueError(f"{where}: sliding_window = {_show(window)} is not a positive integer or null")
@@ -349,6 +355,13 @@ def _optional_number(value: Any, field: str, where: str) -> float | None:
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{where}: {field} = {_show(value)} is not a positive finite number")
     return float(value)
+
+
+def _number(value: Any, field: str, where: str) -> float:
+    """A positive finite number; null is refused (a value given is never replaced)."""
+    if value is None:
+        raise ValueError(f"{where}: {field} = null is not a positive finite number")
+    return _optional_number(value, field, where)
 
 
 def _flag(data: Mapping[str, Any], field: str, where: str) -> bool:

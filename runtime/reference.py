@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from .generation import Generation
+from .generation import Generation, checked_generation, checked_tokens
 from .model_config import ModelConfig
 from .rope_frequencies import inverse_frequencies
 from .weights import ModelWeights, bias_name, biased_parts, layer_name
@@ -76,6 +76,7 @@ class ReferenceModel:
     def forward(self, ids: np.ndarray, start: int, caches: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         """Logits [B, V] of the last of the tokens ``ids`` [B, T] placed at ``start``."""
         c, w = self.config, self.w
+        ids = checked_tokens(c, ids, start)
         b, t = ids.shape
         x = w["model.embed_tokens.weight"][ids]                                                   # B,T,h
         positions = np.arange(start, start + t)
@@ -101,9 +102,8 @@ class ReferenceModel:
     def generate(self, prompts: np.ndarray, new_tokens: int) -> Generation:
         """Greedy decoding of ``new_tokens`` tokens after ``prompts`` [B, T]."""
         c = self.config
-        prompts = np.asarray(prompts, dtype=np.int64)
+        prompts, new_tokens = checked_generation(c, prompts, new_tokens)
         b, t = prompts.shape
-        c.check_sequence(t + new_tokens)  # past a sliding window this decoder would compute something else
         capacity = t + new_tokens
         caches = [(np.zeros((b, c.num_key_value_heads, capacity, c.head_dim), np.float32),
                    np.zeros((b, c.num_key_value_heads, capacity, c.head_dim), np.float32))

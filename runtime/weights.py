@@ -390,6 +390,10 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
         return [folder / "model.safetensors"]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
+        pickled = sorted(f.name for f in folder.glob("*.bin")) + sorted(f.name for f in folder.glob("*.pt"))
+        if pickled:  # a pickle runs code when loaded: only safetensors are read
+            raise ValueError(f"no .safetensors files in {folder}, only {pickled[0]}, a PyTorch pickle, which is not "
+                             "read (save the model with safe_serialization=True, transformers' default)")
         raise ValueError(f"no .safetensors files in {folder}")
     return files
 

@@ -76,6 +76,14 @@ QWEN2 = {  # Qwen/Qwen2-0.5B: Llama-like, but q/k/v have biases; the window is o
     "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
     "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
     "transformers_version": "4.40.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+SMOLLM2 = {  # HuggingFaceTB/SmolLM2-135M: Llama, with two fields of nanotron's that transformers ignores
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 0,
+    "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 576, "initializer_range": 0.041666666666666664,
+    "intermediate_size": 1536, "is_llama_config": True, "max_position_embeddings": 8192, "mlp_bias": False,
+    "model_type": "llama", "num_attention_heads": 9, "num_hidden_layers": 30, "num_key_value_heads": 3,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_interleaved": False, "rope_scaling": None,
+    "rope_theta": 100000, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.40.1",
+    "use_cache": True, "vocab_size": 49152}
 
 # a model small enough to run in milliseconds, in each layout
 SMALL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 64,
@@ -90,8 +98,8 @@ def parse(data: dict) -> ModelConfig:
 @pytest.mark.parametrize("data, theta, kv_heads, window", [
     (LLAMA2_4X, 10000.0, 32, None), (LLAMA3_4X, 500000.0, 8, None), (LLAMA3_5X, 500000.0, 8, None),
     (TINYLLAMA, 10000.0, 4, None), (MISTRAL_V01, 10000.0, 8, 4096), (MISTRAL_V02, 1000000.0, 8, None),
-    (QWEN2, 1000000.0, 2, None),
-], ids=["llama2", "llama3-4.x", "llama3-5.x", "tinyllama", "mistral-v0.1", "mistral-v0.2", "qwen2"])
+    (QWEN2, 1000000.0, 2, None), (SMOLLM2, 100000.0, 3, None),
+], ids=["llama2", "llama3-4.x", "llama3-5.x", "tinyllama", "mistral-v0.1", "mistral-v0.2", "qwen2", "smollm2"])
 def test_supported_checkpoints_parse_with_their_rope_theta(data, theta, kv_heads, window):
     config = parse(data)
     assert config.rope_theta == theta and config.num_key_value_heads == kv_heads
@@ -206,6 +214,9 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**TINYLLAMA, "attention_bias": "yes"}, "attention_bias = 'yes' is not true or false"),
     ({**LLAMA2_4X, "hidden_act": "gelu"}, "hidden_act 'gelu' is not implemented; supported: silu, swish"),
     ({**LLAMA2_4X, "pretraining_tp": 2}, "pretraining_tp = 2"),
+    ({**SMOLLM2, "rope_interleaved": True}, "rope_interleaved = true (rotary pairs of adjacent dims) is not implemented"),
+    ({**SMOLLM2, "rope_interleaved": "no"}, "rope_interleaved = 'no' is not true or false"),
+    ({**LLAMA2_4X, "rms_norm_eps": None}, "rms_norm_eps = null is not a positive finite number"),
     ({**LLAMA2_4X, "quantization_config": {"quant_method": "gptq", "bits": 4}}, "unknown field quantization_config"),
     ({**LLAMA2_4X, "auto_map": {"AutoModelForCausalLM": "x.Y"}}, "unknown field auto_map"),
     ({**MISTRAL_V01, "sliding_window": -1}, "sliding_window = -1"),
@@ -220,7 +231,7 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
         "llama3-context", "llama3-extra", "layouts-disagree", "types-disagree", "yarn-4.x", "longrope", "unknown-rope",
         "untyped-scaling", "partial-rotary", "thetas-disagree", "qwen2-window", "qwen2-layer-types",
         "qwen2-layer-count", "families-disagree", "qwen2-field", "gemma", "classifier", "mistral-bias",
-        "qwen2-mlp-bias", "bias-not-a-flag", "gelu", "pretraining-tp", "quantized", "custom-code", "bad-window",
+        "qwen2-mlp-bias", "bias-not-a-flag", "gelu", "pretraining-tp", "rope-interleaved", "rope-interleaved-not-a-flag", "eps-null", "quantized", "custom-code", "bad-window",
         "theta-string", "theta-infinite", "nested-theta-infinite", "theta-zero", "eps-infinite", "eps-nan"])
 def test_a_field_that_is_not_implemented_is_refused_by_name(data, message):
     with pytest.raises(ValueError) as caught:
@@ -344,6 +355,20 @@ def test_a_sequence_longer_than_the_sliding_window_is_refused_before_it_runs():
         model.generate(np.zeros((1, 6), dtype=np.int64), 4)
     with pytest.raises(ValueError, match="sliding_window of 8"):
         model.prepare(1, 6, 4)
+    # a pass over a prompt, called by itself, and the numpy reference check the same
+    with pytest.raises(ValueError, match="sliding_window of 8"):
+        model.prefill(np.zeros((1, 20), dtype=np.int64), [])
+    reference = ReferenceModel(config, ModelWeights.random(config))
+    with pytest.raises(ValueError, match="sliding_window of 8"):
+        reference.forward(np.zeros((1, 20), dtype=np.int64), 0, [])
+    with pytest.raises(ValueError, match="sliding_window of 8"):
+        reference.generate(np.zeros((1, 6), dtype=np.int64), 4)
+    # and token ids: numpy would take -5 for the fifth word from the end of the table
+    for run in (lambda ids: model.prefill(ids, []), lambda ids: reference.forward(ids, 0, []),
+                lambda ids: reference.generate(ids, 2)):
+        for bad in ([[5, -5, 3]], [[config.vocab_size]]):
+            with pytest.raises(ValueError, match=f"token ids must lie in 0..{config.vocab_size - 1}"):
+                run(np.array(bad))
     # a window of null, or none at all, never refuses
     parse({**SMALL, "sliding_window": None}).check_sequence(10 ** 6)
 

@@ -51,6 +51,12 @@ def test_a_file_that_cannot_be_read_is_a_value_error(tmp_path):
         read_header(tmp_path / "gone.safetensors")
 
 
+def test_a_folder_of_pytorch_pickles_only_says_they_are_not_read(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not opened")  # a pickle runs code when loaded
+    with pytest.raises(ValueError, match=r"only pytorch_model\.bin, a PyTorch pickle, which is not read"):
+        checkpoint_files(tmp_path)
+
+
 @pytest.mark.parametrize("kind, said", [("directory", "a directory"), ("fifo", "not a regular file")])
 def test_run_with_weights_that_are_not_a_file_is_one_line_and_exit_2(kind, said, tmp_path):
     (tmp_path / "weights").mkdir()
