@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 from measure import LocalBuilder, LocalRunner, TimingPolicy
 from measure.backends import get_backend
 from measure.timing import CACHE_CONDITIONS, cache_condition, condition_of, policy_for
-from records import RecordLog, load_records
+from records import LogReadError, RecordLog, load_records
 from search_space import Target, Task, get_template
 
 from .scheduler import ModelTuneSummary
@@ -279,12 +279,27 @@ def _tuner_options(job: TuningJob, note: Callable[[str], None]) -> dict[str, Any
     its starting model (``base_model``), the ``transfer_from`` logs read once for both."""
     if job.tuner != "xgb":
         return dict(job.tuner_options)
-    records = load_records(job.transfer_from, warn=False) if job.transfer_from else []
+    records = _transfer_records(job)
     options = with_priors(job.tuner, job.task, job.target, records, job.tuner_options)
     base = _base_model(job, records, note)
     if base is not None:
         options["base_model"] = base
     return options
+
+
+def _transfer_records(job: TuningJob) -> list:
+    """The records of the ``transfer_from`` logs (lines that cannot be read are skipped with a
+    warning, as in the job's own log); logs that cannot be read, or hold no record, are bad
+    input: the job would run without the transfer it was asked for."""
+    if not job.transfer_from:
+        return []
+    try:
+        records = load_records(job.transfer_from)
+    except LogReadError as exc:
+        raise JobError(f"--transfer-from: {exc}") from None
+    if not records:
+        raise JobError(f"--transfer-from: {', '.join(job.transfer_from)} hold(s) no record: nothing to pre-train on")
+    return records
 
 
 def _base_model(job: TuningJob, records: list, note: Callable[[str], None]):

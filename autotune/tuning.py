@@ -308,11 +308,12 @@ def remeasure_task(job, log: RecordLog, builder, runner, progress: bool, note: C
 
 
 def _save_model(tuner: Tuner, path: str) -> None:
-    model = getattr(tuner, "model", None)
-    if model is None or not model.fitted:
+    """The xgb tuner's model (``XGBTuner.save_model``: a pre-trained one continued on this
+    task's measurements, or as it was when too few were made to fit it)."""
+    if tuner.ranker() is None:
         warnings.warn(f"no cost model to save to {path}: too few verified trials to fit one", stacklevel=2)
         return
-    model.save(path)
+    tuner.save_model(path)
 
 
 def prior_configs(records, task: Task, target: Target) -> list[dict]:

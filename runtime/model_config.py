@@ -466,10 +466,14 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
         return PRESETS[text]
     path = Path(text)
     if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"model folder {path} has no config.json")
         path = path / "config.json"
     if path.exists() and not path.is_file():  # a FIFO would block the read, a device never ends
         raise ValueError(f"model config {path} is not a regular file")
     if not path.is_file():
+        if path.suffix == ".json" or "/" in text:  # meant as a path
+            raise ValueError(f"model config {text} does not exist")
         raise ValueError(f"unknown model {text!r}: not a preset ({', '.join(PRESETS)}) nor a config.json")
     try:
         data = json.loads(path.read_text())

@@ -113,6 +113,10 @@ class Operator:
             if not attr_value_fits(default, value):
                 raise ValueError(f"{self.op}: {name} = {value!r} is not a {type(default).__name__} like "
                                  f"{json.dumps(default)}")
+            # an epsilon under a square root: a negative one makes NaN rows, which the check
+            # against numpy takes as right wherever numpy's are NaN too
+            if name == "eps" and not value > 0:
+                raise ValueError(f"{self.op}: eps = {value!r} is not a positive number")
 
     def resident_inputs(self, task: Task) -> tuple[str, ...]:
         """The inputs a model keeps from one pass to the next (weights, a KV cache): a model's

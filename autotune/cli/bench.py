@@ -56,9 +56,13 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, allow_sta
         if winner is None:
             fresh = "fresh " if choices else ""  # there were verified records, all of them stale
             elsewhere = sorted({r.target.key for r in logged if r.ok and r.task.key == task.key} - {tgt.key})
+            # the op's other tasks in the log: one tuned with --dynamic, or other attributes, is another task
+            others = sorted({r.task.key for r in logged if r.ok and r.task.op == task.op and r.task.key != task.key})
             raise UserError(f"{log_path} has no {fresh}verified record for {task.key} on {tgt.key}"
                             + (f" with threads={threads}" if threads else "")
-                            + (f"; it has some measured on {', '.join(elsewhere)}, another machine" if elsewhere else ""))
+                            + (f"; it has some measured on {', '.join(elsewhere)}, another machine" if elsewhere else "")
+                            + (f"; its {task.op} tasks: {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}"
+                               " (a dim tuned with --dynamic is written DIM~=N)" if others and not elsewhere else ""))
         config = winner.to_config(space)
     else:
         config = template.default(task, tgt)

@@ -135,6 +135,8 @@ def parse_attrs(items, template) -> dict[str, Any]:
 def open_log(path: str):
     from records import LogWriteError, RecordLog
 
+    if not path.strip():  # Path("") is the working directory: an unset $VAR
+        raise UserError("--log is empty: name the log file")
     log = RecordLog(path)
     try:
         log.check_writable()
@@ -146,6 +148,8 @@ def open_log(path: str):
 def read_log(path: str):
     from records import LogReadError, RecordLog
 
+    if not path.strip():
+        raise UserError("--log is empty: name the log file")
     try:
         found = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -254,6 +258,8 @@ def restriction(template, task, target, threads: int | None, items=()) -> dict |
             raise UserError(f"malformed --restrict {item!r}: expected KNOB=VALUE[,VALUE] like vec=8,16")
         if name not in space.names:
             raise UserError(f"--restrict {name}: {task.op} has no knob {name} (knobs: {', '.join(space.names)})")
+        if name in allowed:  # as --attr: the later would silently replace the earlier
+            raise UserError(f"--restrict {name} given twice: list its values in one, {name}=A,B")
         offered = {str(v).lower(): v for v in space.knob(name).values}
         wanted = [w.strip().lower() for w in text.split(",")]
         unknown = [w for w in wanted if w not in offered]
@@ -262,6 +268,8 @@ def restriction(template, task, target, threads: int | None, items=()) -> dict |
                             f"{', '.join(map(str, space.knob(name).values))}")
         allowed[name] = [offered[w] for w in wanted]
     if threads is not None:
+        if "threads" in allowed:
+            raise UserError("--threads and --restrict threads=... both given: use one")
         if "threads" not in space.names:
             raise UserError(f"{task.op} has no threads knob")
         if threads not in space.knob("threads").values:
@@ -296,6 +304,8 @@ def check_tracking(tracking_uri: str | None, no_mlflow: bool) -> None:
     silently ignored."""
     if tracking_uri is not None and no_mlflow:
         raise UserError(f"--tracking-uri {tracking_uri} and --no-mlflow contradict each other: give one of them")
+    if tracking_uri is not None and not tracking_uri.strip():  # MLflow would take "" for its default store
+        raise UserError("--tracking-uri is empty: name the store (sqlite:///mlflow.db, http://HOST:PORT) or give --no-mlflow")
 
 
 def check_timeouts(**timeouts: float) -> None:

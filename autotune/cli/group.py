@@ -17,6 +17,8 @@ import warnings
 import click
 
 EXIT_USAGE = 2
+# what click (8.2 and later) raises for a group called with nothing: its message is the help
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 class UserError(click.ClickException):
@@ -85,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(143)
         error_line(_stopped("interrupted", argv) if isinstance(exc.__cause__, KeyboardInterrupt) else "aborted")
         sys.exit(130)
+    except NO_ARGS_IS_HELP as exc:  # bare `autotune`: the help, as it reads with --help
+        click.echo(exc.format_message())
+        sys.exit(EXIT_USAGE)
     except click.ClickException as exc:
         error_line(exc.format_message().replace("\n", " "))
         sys.exit(EXIT_USAGE if isinstance(exc, (click.UsageError, UserError)) else exc.exit_code)
@@ -141,8 +146,31 @@ def cluster_options() -> list[click.Option]:
     ]
 
 
+class AutotuneCommand(click.Command):
+    """A command whose single-value options may be given once: click keeps the last of
+    ``--log a --log b`` silently, and the command would read one log where two were meant."""
+
+    def make_parser(self, ctx: click.Context):
+        parser = super().make_parser(ctx)
+        for option in {**parser._long_opt, **parser._short_opt}.values():
+            if option.action == "store":
+                option.process = self._once(option, option.process)
+        return parser
+
+    @staticmethod
+    def _once(option, process):
+        def once(value, state) -> None:
+            if option.dest in state.opts:
+                raise UserError(f"{'/'.join(option._long_opts or option._short_opts)} given twice: it takes one value")
+            process(value, state)
+        return once
+
+
 class AutotuneGroup(click.Group):
-    """The ``autotune`` group: the commands that measure get the cluster options."""
+    """The ``autotune`` group: the commands that measure get the cluster options, and no
+    single-value option may be given twice (``AutotuneCommand``)."""
+
+    command_class = AutotuneCommand
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         if (name or cmd.name) in CLUSTER_COMMANDS:

@@ -5,13 +5,14 @@ import warnings
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from runtime.plan import PREFILL_DYNAMIC_ROWS
 from runtime.precision import DTYPES
 
 from ..units import format_time
 from .common import (UserError, available_memory, check_fits_in_memory, check_tracking, echo_json, load_logs, make_job, open_log,
-                     positive, resolve_target, run_tuning, seed_option, stale_warnings_reported)
+                     positive, resolve_target, restriction, run_tuning, seed_option, stale_warnings_reported)
 from .group import cli
 
 
@@ -107,6 +108,10 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
         raise UserError("--threads is for the cpu target")
     for task in tasks:  # a task that cannot be allocated would be given up trial after trial
         check_fits_in_memory(task.task)
+        if threads is not None:  # said now, naming --threads, not from inside the job
+            from search_space import get_template
+
+            restriction(get_template(task.task.op, tgt.kind), task.task, tgt, threads)
     job = make_job(target=tgt, model=workload, tuner=tuner, trials=trials_total, batch=batch, seed=seed,
                    log=open_log(log_path).path, restrict={"threads": [threads]} if threads is not None else None,
                    mlflow=not no_mlflow, tracking_uri=tracking_uri, experiment=experiment,
@@ -325,7 +330,14 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
         config.check_sequence(prompts.shape[1] + new_tokens)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    # a library runs on the target it was exported for: a --target that names another is a mistake
+    named = click.get_current_context().get_parameter_source("target") is not ParameterSource.DEFAULT
+    named_kind = resolve_target(target, compile_only=True).kind if lib and named else None
     kernels = _kernels(lib, logs, target, allow_stale)
+    if named_kind not in (None, getattr(kernels, "kind", "cpu")):
+        kernels.close()
+        raise UserError(f"--target {target}: the library {lib} is for the {kernels.kind} target it was exported for "
+                        "(--target is for --log)")
     try:
         if getattr(kernels, "kind", "cpu") == "cuda":
             resolve_target("cuda")  # a GPU to run them on, said in one line before any weights are made

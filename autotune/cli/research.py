@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from .common import (ManyValues, UserError, check_timeouts, check_tracking, load_logs, make_job, open_log, positive, refuse_overwriting,
                      resolve_target, resolve_task, run_tuning, restriction, seed_option)
@@ -79,6 +80,18 @@ def sweep(op, shape, dtype, target, sample, seed, restrict_items, threads, batch
     click.echo(f"log: {log.path}")
 
 
+REPLAY_REPORT = "autotune replay"  # the report's "kind": an earlier one (and its plot) may be replaced unnamed
+
+
+def _earlier_report(json_path: str) -> bool:
+    """Whether ``json_path`` holds a report an earlier replay wrote: replay's default files
+    are replaced only then, never a file of the same name the user keeps there."""
+    try:
+        return json.loads(Path(json_path).read_text()).get("kind") == REPLAY_REPORT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 @cli.command()
 @click.option("--log", "logs", cls=ManyValues, required=True, help="sweep log(s) to replay on (.jsonl or .jsonl.gz)")
 @click.option("--tuners", default="xgb,random,optuna-tpe", show_default=True, help="comma-separated tuner names")
@@ -120,6 +133,11 @@ def replay(logs, tuners, seeds, trials, batch, transfer_from, statistic, xgb_rou
     formats = plot_formats()
     if Path(plot_path).suffix.lstrip(".").lower() not in formats:  # known before the replay, not after it
         raise UserError(f"--plot {plot_path}: the plot is written as .{', .'.join(sorted(formats))}")
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        named = click.get_current_context().get_parameter_source(option.lstrip("-") + "_path")
+        if named is ParameterSource.DEFAULT and Path(path).exists() and not _earlier_report(json_path):
+            raise UserError(f"{path} exists and is not an earlier replay's: name where to write with {option} PATH "
+                            "(a file named there is replaced)")
     records = load_logs(logs)
     try:
         spaces = RecordedSpace.from_records(records, statistic)
@@ -135,7 +153,7 @@ def replay(logs, tuners, seeds, trials, batch, transfer_from, statistic, xgb_rou
         report = compare_tuners(spaces, names, seeds, trials, batch, transfer, model_config, progress=progress)
     except ValueError as exc:  # e.g. nothing to pre-train on
         raise UserError(str(exc)) from None
-    report.update({"logs": list(logs), "transfer_from": list(transfer_from or []), "statistic": statistic,
+    report.update({"kind": REPLAY_REPORT, "logs": list(logs), "transfer_from": list(transfer_from or []), "statistic": statistic,
                    "xgb_rounds": xgb_rounds or XGBConfig().num_rounds})
     Path(json_path).write_text(to_json(report))
     plot_convergence(report, plot_path)

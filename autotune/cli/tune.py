@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..units import format_rate, format_time, rate
-from .common import (ManyValues, UserError, check_model_files, check_timeouts, check_tracking, cluster_options_given, echo_json,
+from .common import (ManyValues, UserError, check_model_files, check_timeouts, check_tracking, cluster_options_given, echo_json, load_logs,
                      make_job, open_log, positive, read_log, report_stale, resolve_target, resolve_task, run_tuning,
                      restriction, seed_option)
 from .group import cli
@@ -75,7 +75,8 @@ def ops(target: str, as_json: bool) -> None:
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option("--compile-only", is_flag=True,
               help="cuda or sm_XX: build --trials configs and check their resources; run nothing")
-@click.option("--json", "as_json", is_flag=True, help="with --compile-only: print a JSON list")
+@click.option("--json", "as_json", is_flag=True,
+              help="print the result as one JSON object (with --compile-only: a JSON list of the candidates)")
 @click.option("--cold-cache", is_flag=True,
               help="cpu: time with the inputs out of cache, as in a model (tune-model always does)")
 @click.option("--remeasure-stale", is_flag=True,
@@ -90,6 +91,8 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
     if remeasure_stale:
         if compile_only or target.startswith("sm_"):
             raise UserError("--remeasure-stale measures: it needs --target cpu or cuda, not --compile-only")
+        if as_json:
+            raise UserError("--json is for tuning and --compile-only, not --remeasure-stale")
         if shape is not None and op is None:
             raise UserError("--shape needs --op")
         remeasure(op, shape, dtype, attrs, dynamic, resolve_target(target), log_path, batch, seed, not no_mlflow,
@@ -132,6 +135,17 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
                    cache="cold" if cold_cache else "auto")
     summary = run_tuning(job, progress=not quiet)
     best = summary.best
+    note = timing_note(best, job.target) if best is not None and job.cluster is None else ""  # this machine's load says nothing there
+    if note:
+        click.echo(f"autotune: {note}", err=True)
+    if as_json:
+        echo_json({"task": task.key, "target": job.target.key, "trials": summary.trials, "resumed": summary.resumed,
+                   "measured": summary.measured, "failed": summary.failed, "wall_s": summary.wall_s,
+                   "best": None if best is None else {"seconds": best.seconds, "gflops": best.gflops,
+                                                      "rate": rate(task, best.seconds)[0],
+                                                      "rate_unit": rate(task, best.seconds)[1], "config": best.config},
+                   "log": str(job.log)})
+        return
     click.echo(f"{task.key}: {summary.trials} trials ({summary.resumed} resumed from the log, "
                f"{summary.measured} measured now, {summary.failed} failed) in {summary.wall_s:.1f} s; "
                f"compile share {summary.compile_share * 100:.0f}%")
@@ -143,9 +157,6 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
         click.echo("no candidate verified; nothing is best")
     else:
         click.echo(f"best: {format_time(best.seconds)}, {format_rate(task, best.seconds)}, config {json.dumps(best.config)}")
-        note = timing_note(best, job.target) if job.cluster is None else ""  # this machine's load says nothing there
-        if note:
-            click.echo(note)
     click.echo(f"log: {job.log}")
 
 
@@ -214,18 +225,18 @@ def timing_note(record, target) -> str:
 
 
 @cli.command()
-@click.option("--log", "log_path", required=True, help="JSONL tuning log")
+@click.option("--log", "logs", cls=ManyValues, required=True, help="JSONL tuning log(s)")
 @click.option("--allow-stale", is_flag=True,
               help="use records of code this version no longer builds for their config (with a warning)")
 @click.option("--json", "as_json", is_flag=True)
-def best(log_path: str, allow_stale: bool, as_json: bool) -> None:
-    """Print the best verified config per task in a log. Stale records (measured on code this
-    version no longer builds for their config) are skipped, with one warning per task."""
+def best(logs: tuple[str, ...], allow_stale: bool, as_json: bool) -> None:
+    """Print the best verified config per task in the logs. Stale records (measured on code
+    this version no longer builds for their config) are skipped, with one warning per task."""
     from records import select_best, stale_warnings
 
-    records = read_log(log_path)
+    records = load_logs(logs)
     choices = select_best(records, allow_stale)
-    report_stale(stale_warnings(choices), [log_path], allow_stale)
+    report_stale(stale_warnings(choices), list(logs), allow_stale)
     rows = []
     for choice in sorted((c for c in choices if c.record is not None), key=lambda c: (c.task.op, c.task.key)):
         r = choice.record
@@ -238,7 +249,7 @@ def best(log_path: str, allow_stale: bool, as_json: bool) -> None:
         echo_json(rows)
         return
     if not rows:
-        click.echo(f"{log_path}: no {'fresh ' if choices else ''}verified record")
+        click.echo(f"{', '.join(logs)}: no {'fresh ' if choices else ''}verified record")
         return
     for row in rows:
         click.echo(f"{row['task']} on {row['target']}: {format_time(row['seconds'])}, {row['rate']:.1f} {row['rate_unit']} "

@@ -58,6 +58,12 @@ def assert_usage_error(proc, message: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_autotune_alone_prints_its_help_as_help():
+    proc = run(check=False)
+    assert proc.returncode == 2 and proc.stdout.startswith("Usage: autotune") and "tune-model" in proc.stdout
+    assert len(proc.stdout.splitlines()) > 10, "the help, not one line of it"
+
+
 def test_ops_lists_templates_as_json():
     ops = json.loads(run("ops", "--json").stdout)
     names = {o["op"] for o in ops}

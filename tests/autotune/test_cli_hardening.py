@@ -68,9 +68,22 @@ def test_an_unreachable_tracking_store_warns_once_and_the_job_tunes_into_its_log
     (["replay", "--log", "x.jsonl", "--plot", "r.txt"], "--plot r.txt: the plot is written as"),
     (["sweep", *SMALL, "--log", "s.jsonl", "--min-sample-ms", "1e9"], "take longer than --run-timeout 20 s"),
     (["tune", *SMALL, "--tuner", "xgb", "--transfer-from", "."], "--transfer-from: log . is not a file"),
+    # a transfer log that gives nothing: the job ran as if it had transferred
+    (["tune", *SMALL, "--no-mlflow", "--transfer-from", "x.jsonl"], "--transfer-from: x.jsonl hold(s) no record"),
+    (["tune", *SMALL, "--no-mlflow", "--transfer-from", "x.jsonl.gz"], "--transfer-from: cannot read log x.jsonl.gz"),
+    # an option given twice: click kept the last, silently
+    (["tune", *SMALL, "--log", "a.jsonl", "--log", "b.jsonl"], "--log given twice: it takes one value"),
+    (["tune", *SMALL, "--restrict", "vec=8", "--restrict", "vec=16"], "--restrict vec given twice"),
+    (["tune", *SMALL, "--log", ""], "--log is empty"),
+    (["tune", *SMALL, "--tracking-uri", ""], "--tracking-uri is empty"),
+    # NaN rows where numpy's are NaN too passed the check
+    (["tune", "--op", "rmsnorm", "--shape", "M=4,N=64", "--attr", "eps=-1"], "eps = -1.0 is not a positive number"),
+    (["replay", "--log", "x.jsonl", "--tuners", "random"], "replay.json exists and is not an earlier replay's"),
 ])
 def test_bad_numbers_and_impossible_shapes_are_bad_input(args, message, tmp_path):
     (tmp_path / "x.jsonl").write_text("")
+    (tmp_path / "x.jsonl.gz").write_text("{}\n")  # named .gz, not gzip
+    (tmp_path / "replay.json").write_text("my notes\n")  # not replay's: never replaced unnamed
     proc = run(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

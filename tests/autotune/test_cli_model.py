@@ -77,6 +77,10 @@ def test_q4_model_tunes_and_runs_against_the_dequantised_reference(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["tune-model", "--model", "no-such-model"], "not a preset"),
+    (["tune-model", "--model", "no/such/config.json"], "model config no/such/config.json does not exist"),
+    (["tune-model", "--model", "."], "model folder . has no config.json"),
+    (["tune-model", "--model", "tiny", "--threads", "4096"], "--threads 4096: "),
+    (["run", "--model", "tiny", "--lib", "lib", "--target", "bogus"], "unknown target 'bogus'"),
     (["tune-model", "--model", "tiny", "--prefill-tokens", "12,x"], "malformed --prefill-tokens"),
     (["tune-model", "--model", "tiny", "--kv-len", "64,64"], "names a size twice"),
     (["tune-model", "--model", "tiny", "--trials-total", "0"], "--trials-total must be >= 1"),

@@ -58,6 +58,15 @@ def test_replay_reports_table_json_and_plot(sweep_logs, tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert "xgb+transfer" in proc.stdout and "within 95%" in proc.stdout
     assert "95% of best after" in proc.stderr  # progress lines
+    # replay's own default files are replaced by the next replay; another file of their name is not
+    for _ in range(2):
+        run("replay", "--log", str(sweep_logs["target"]), "--tuners", "random", "--seeds", "1", "--trials", "4",
+            "--quiet", cwd=tmp_path)
+    assert json.loads((tmp_path / "replay.json").read_text())["kind"] == "autotune replay"
+    # best reads every log it is given
+    rows = json.loads(run("best", "--log", str(sweep_logs["target"]), str(sweep_logs["other"]), "--json",
+                          cwd=tmp_path).stdout)
+    assert len({row["task"] for row in rows}) == 2
 
 
 def test_tune_transfers_saves_and_loads_a_model(sweep_logs, tmp_path):
@@ -77,6 +86,13 @@ def test_tune_transfers_saves_and_loads_a_model(sweep_logs, tmp_path):
     records = RecordLog(tmp_path / "t.jsonl").records()
     assert len(records) == 18 and all("score" in r.model for r in records[12:])
     # a model of gemv's features cannot see gemm's knobs: every model of the job would lack them
+    # fewer trials than the model needs to fit its own: the pre-trained model is saved, as it is
+    proc = run("tune", "--op", "gemv", "--shape", "M=3,N=40,K=64", "--threads", "1", "--trials", "3",
+               "--transfer-from", str(sweep_logs["other"]), "--save-model", "few.json", "--log", "few.jsonl",
+               "--no-mlflow", "--quiet", "--json", cwd=tmp_path)
+    assert (tmp_path / "few.json").is_file() and "no cost model to save" not in proc.stderr
+    summary = json.loads(proc.stdout)  # --json: the job's result as one object
+    assert summary["trials"] == 3 and summary["log"] == "few.jsonl" and set(summary["best"]) >= {"seconds", "config"}
     proc = run("tune", "--op", "gemm", "--shape", "M=16,N=16,K=16", "--trials", "4", "--load-model", "m.json",
                "--log", "g.jsonl", "--no-mlflow", "--quiet", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "was trained without the knobs" in proc.stderr, proc.stderr
