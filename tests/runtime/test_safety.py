@@ -160,6 +160,9 @@ MANIFEST_EDITS = {  # what an edit does to the manifest, and the words the refus
     "library path with ..": (lambda m, lib: m.update(library=f"../lib/{m['library']}"),
                              "is not a path inside the library folder"),
     "source path with ..": (lambda m, lib: _gemv(m).update(source="../outside.ll"), "is not a path inside"),
+    # an OSError and a ValueError of the file system's before: not a LibraryFormatError
+    "a name past the length limit": (lambda m, lib: m.update(library="a" * 300), "cannot be opened: File name too long"),
+    "a name with a NUL": (lambda m, lib: _gemv(m).update(source="sources/x\0.ll"), "is not a path inside"),
     "a dim edited": (lambda m, lib: _gemv(m)["dims"].update(K=16), "do not match its task"),
     "a dim of zero": (lambda m, lib: _gemv(m)["dims"].update(K=0), "dim K = 0 is not a positive int"),
     "a dim as text": (lambda m, lib: _gemv(m)["dims"].update(K="128"), "dim K = '128' is not a positive int"),
