@@ -219,9 +219,10 @@ class LlamaModel:
     def padded_tokens(self, batch: int, tokens: int) -> int:
         """The prompt length a prefill runs at: the smallest length >= the prompt's at which
         every kernel of the pass is tuned. Candidates are the prompt's own length and the
-        token counts the prefill linear layers were tuned at (GEMMs, and GEMVs for short
-        prompts); without a fully tuned one, the smallest tuned linear size that fits, else
-        the prompt's own length. Causal attention keeps the real tokens blind to the padding."""
+        token counts the prefill linear layers of its dtype and attributes were tuned at (GEMMs,
+        and GEMVs for short prompts); without a fully tuned one, the prompt's own length where
+        the GEMMs read M at run time (``dynamic_rows``), else the smallest tuned linear size that
+        fits. Causal attention keeps the real tokens blind to the padding."""
         if self.prefill_sizes is not None:
             return min((t for t in self.prefill_sizes if t >= tokens), default=tokens)
         key = (batch, tokens)
@@ -231,14 +232,19 @@ class LlamaModel:
 
     def _search_padded(self, batch: int, tokens: int) -> int:
         specs = self.kernels.specs()
-        probe = next(c for c in self._prefill(tokens, batch) if c.role == "qkv_proj").spec.dims
+        probe = next(c for c in self._prefill(tokens, batch) if c.role == "qkv_proj").spec
+        # sizes of the kernels this pass would run: of its dtype and attributes (another
+        # precision's, or another int4 group's, would pad the prompt to run untuned kernels)
+        own = [s for s in specs if s.dtype == probe.dtype and s.attrs == probe.attrs]
         tuned_sizes = sorted({m // batch for op in ("gemm", "gemv", "gemm_q4", "gemv_q4")
-                              for m in buckets(specs, op, "M", N=probe["N"], K=probe["K"])
+                              for m in buckets(own, op, "M", N=probe.dims["N"], K=probe.dims["K"])
                               if m % batch == 0 and m // batch >= tokens})
         for length in sorted({tokens, *tuned_sizes}):
             if _all_tuned(specs, self._prefill(length, batch)):
                 return length
-        return tuned_sizes[0] if tuned_sizes else tokens
+        # no length runs every kernel tuned: GEMMs that compile M in still run best at a size
+        # they were tuned at; ones that read M at run time gain nothing but rows from padding
+        return tuned_sizes[0] if tuned_sizes and not self.dynamic_rows else tokens
 
     def _prefill(self, tokens: int, batch: int) -> list[KernelCall]:
         dynamic = self.dynamic_rows and not self._short_on_gemvs(batch, tokens)

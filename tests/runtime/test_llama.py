@@ -105,6 +105,13 @@ def test_a_prefill_runs_at_the_prompts_length_or_padded_where_the_gemms_compile_
     assert gemms and all("M~=" in key for key in gemms)  # M read at run time (from any size compiled so far)
     old = LlamaModel(TINY, weights, TunedFor(default_kernels, dynamic_rows=False))
     assert not old.dynamic_rows and old.padded_tokens(1, 6) == 32
+    # two sequences, where attention was tuned for one: no length runs every kernel tuned.
+    # GEMMs that compile M in still run best at their 32 rows; ones that read M gain nothing
+    assert old.padded_tokens(2, 7) == 16
+    assert LlamaModel(TINY, weights, TunedFor(default_kernels, dynamic_rows=True)).padded_tokens(2, 7) == 7
+    # bfloat16 weights: the float32 GEMMs' sizes are no reason to pad (their kernels are not run)
+    assert LlamaModel(TINY, weights, TunedFor(default_kernels, dynamic_rows=False),
+                      dtype="bfloat16").padded_tokens(1, 6) == 6
     padded = old.generate(prompts, 3)
     assert all("M=32," in key for key in old.used if key.startswith("gemm/"))
     assert relative_error(padded.logits, exact.logits) < 1e-5
