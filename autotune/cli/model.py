@@ -211,15 +211,16 @@ def _kernels(lib: str | None, logs: tuple[str, ...], target: str, allow_stale: b
         return TunedKernels(load_logs(logs), resolve_target(target), allow_stale=allow_stale)
 
 
-def _precisions(dtype: str, kind: str, quantize: str) -> tuple[str, str]:
+def _precisions(dtype: str, kind: str, quantize: str, chosen_by: str = "") -> tuple[str, str]:
     """(the kernels' precision, the linear layers' weights) of a model in ``dtype`` on ``kind``
-    (``runtime.plan.precisions``: bfloat16 on the CPU is weight-only), or a one-line refusal."""
+    (``runtime.plan.precisions``: bfloat16 on the CPU is weight-only), or a one-line refusal;
+    ``chosen_by`` says where a dtype the user did not give came from."""
     from runtime.plan import precisions
 
     try:
         return precisions(dtype, kind, quantize)
     except ValueError as exc:
-        raise UserError(f"--dtype {dtype}: {exc}") from None
+        raise UserError(f"--dtype {dtype}{chosen_by}: {exc}") from None
 
 
 def _check_precision(tasks, kind: str, dtype: str) -> None:
@@ -280,6 +281,15 @@ def _dtype_of(kernels, dtype: str) -> str:
     return found.pop() if len(found) == 1 else "float32"
 
 
+def _group_size_of(kernels, group_size: str) -> int:
+    """``auto``: the int4 group of the provider's q4 linear layers (128, the default, when they
+    have several or none); a q4 model at another group than its kernels' runs on none of them."""
+    if group_size != "auto":
+        return int(group_size)
+    found = {int(spec.attr.get("group_size", 128)) for spec in kernels.specs() if spec.op in ("gemv_q4", "gemm_q4")}
+    return found.pop() if len(found) == 1 else 128
+
+
 def _quantize_of(kernels, quantize: str) -> str:
     if quantize != "auto":
         return quantize
@@ -300,8 +310,8 @@ def _quantize_of(kernels, quantize: str) -> str:
 @click.option("--new-tokens", default=32, show_default=True, type=int, callback=positive)
 @click.option("--quantize", default="auto", show_default=True, type=click.Choice(["auto", "none", "q4"]),
               help="auto: q4 when the kernels are the int4 ones")
-@click.option("--group-size", default=128, show_default=True, type=click.Choice(["32", "64", "128"]),
-              callback=lambda ctx, param, value: int(value))
+@click.option("--group-size", default="auto", show_default=True, type=click.Choice(["auto", "32", "64", "128"]),
+              help="q4: weights per scale; auto: that of the kernels' int4 layers (128 where they say none)")
 @click.option("--compare", is_flag=True, help="also run the numpy reference and the untuned template defaults")
 @click.option("--target", default="cpu", show_default=True, help="with --log: the target the records are for")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object with the token ids and every figure")
@@ -342,8 +352,10 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
         if getattr(kernels, "kind", "cpu") == "cuda":
             resolve_target("cuda")  # a GPU to run them on, said in one line before any weights are made
         quantize = _quantize_of(kernels, quantize)
+        group_size = _group_size_of(kernels, group_size)
+        chosen_by = " (--dtype auto: the kernels' linear layers)" if dtype == "auto" else ""
         dtype = _dtype_of(kernels, dtype)
-        activations, weights_dtype = _precisions(dtype, getattr(kernels, "kind", "cpu"), quantize)
+        activations, weights_dtype = _precisions(dtype, getattr(kernels, "kind", "cpu"), quantize, chosen_by)
         # the cache in the activations' precision; the logits kept only where --compare compares them
         _check_model_fits(config, weights_dtype, quantize, activations, batch, prompts.shape[1] + new_tokens,
                           new_tokens if compare else 0)

@@ -65,13 +65,15 @@ def test_run_on_the_tuned_log_matches_the_reference_and_the_defaults(tiny_log):
 
 
 def test_q4_model_tunes_and_runs_against_the_dequantised_reference(tmp_path):
-    run("tune-model", "--model", "tiny", "--quantize", "q4", "--prefill-tokens", "24", "--kv-len", "32",
-        "--trials-total", "21", "--batch", "2", "--log", "q4.jsonl", "--quiet", "--no-mlflow", cwd=tmp_path)
+    run("tune-model", "--model", "tiny", "--quantize", "q4", "--group-size", "32", "--prefill-tokens", "24",
+        "--kv-len", "32", "--trials-total", "21", "--batch", "2", "--log", "q4.jsonl", "--quiet", "--no-mlflow",
+        cwd=tmp_path)
     ops = {r.task.op for r in RecordLog(tmp_path / "q4.jsonl").records()}
     assert {"gemm_q4", "gemv_q4"} <= ops and not ops & {"gemm", "gemv"}
     out = json.loads(run("run", "--log", "q4.jsonl", "--model", "tiny", "--prompt-ids", "5,6,7,8,9",
                          "--new-tokens", "4", "--compare", "--json", cwd=tmp_path).stdout)
-    assert out["quantize"] == "q4"
+    # q4 and its group of 32 come from the kernels: packed at the default 128, none of them would run
+    assert out["quantize"] == "q4" and out["kernels"]["untuned"] == 0, out["kernels"]
     assert out["reference"]["logits"]["max_rel"] < 1e-4 and out["reference"]["logits"]["same_tokens"]
 
 
