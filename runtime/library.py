@@ -431,6 +431,8 @@ class KernelLibrary:
         self._specs = [spec_of_entry(e) for e in self.entries]
         self._by_entry = {e["entry"]: e for e in self.entries}
         self._loaded: dict[str, Kernel] = {}
+        self._warned: set[tuple] = set()  # the untuned kernels warned of
+        self._closed = False
         self._fallback = fallback
         self._code = LOADERS[self.kind](self.path, self.manifest)
 
@@ -441,6 +443,7 @@ class KernelLibrary:
 
     def get(self, op: str, shape: Mapping[str, int], dtype: str = "float32", attrs: Mapping | None = None,
             dynamic: Sequence[str] = ()) -> Kernel:
+        self._check_open()
         for name, value in dict(shape).items():  # 2.7 would be taken as 2, 0 divide by zero
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_DIM:
                 raise ValueError(f"{op}: dim {name} must be an int from 1 to {MAX_DIM}, not {value!r}")
@@ -455,7 +458,10 @@ class KernelLibrary:
             raise LookupError(f"the kernel library {self.path} has no kernel for {want.key}{self._attrs_held(want)}, "
                               "and it was loaded without a fallback (the tuning side's "
                               "export.TunedKernels.defaults() compiles template defaults)")
-        if self.warn_untuned:
+        # once per kernel, not per value of its dynamic dims (a decode step's KV length grows every token)
+        static = (want.op, want.dtype, want.attrs, tuple(kv for kv in want.shape if kv[0] not in want.dynamic))
+        if self.warn_untuned and static not in self._warned:
+            self._warned.add(static)
             warnings.warn(f"{want.key} is not in the kernel library {self.path}: running the template default",
                           UntunedShapeWarning, stacklevel=3)
         return self._fallback.get(op, shape, dtype, attrs, dynamic)
@@ -476,6 +482,11 @@ class KernelLibrary:
             self._fallback = None
         self._code.close()
         self._loaded.clear()
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:  # else a call no kernel served would blame a missing fallback
+            raise RuntimeError(f"the kernel library {self.path} is closed: load it again to use it")
 
     def __enter__(self) -> "KernelLibrary":
         return self
@@ -487,6 +498,7 @@ class KernelLibrary:
 
     def kernel(self, entry: str) -> Kernel:
         """The library's kernel named ``entry`` (a manifest entry name), loaded once."""
+        self._check_open()
         loaded = self._loaded.get(entry)
         if loaded is not None:
             return loaded

@@ -86,12 +86,20 @@ def test_an_untuned_shape_runs_the_fallback_with_a_warning(exported_library):
     rng = np.random.default_rng(2)
     x, w = rng.standard_normal((3, 128)).astype(np.float32), rng.standard_normal((64, 128)).astype(np.float32)
     np.testing.assert_allclose(kernel(x, w), x @ w.T, rtol=1e-4, atol=1e-4)
+    # once per kernel, not per value of a dynamic dim (a decode step asks at every KV length)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", runtime.UntunedShapeWarning)
+        for rows in (5, 7, 300):
+            library.get("rmsnorm", {"M": rows, "N": 96}, dynamic=["M"])
+    assert len(caught) == 1, [str(w.message) for w in caught]
     quiet = runtime.load(exported_library, warn_untuned=False, fallback=TunedKernels.defaults())
     with warnings.catch_warnings():
         warnings.simplefilter("error", runtime.UntunedShapeWarning)
         assert not quiet.get("gemv", {"M": 3, "N": 64, "K": 128}).tuned
     library.close()
     quiet.close()
+    with pytest.raises(RuntimeError, match="is closed: load it again"):  # not "loaded without a fallback"
+        library.get("gemv", {"M": 3, "N": 64, "K": 128})
 
 
 def test_a_directory_that_is_no_library_is_refused(tmp_path, exported_library):
