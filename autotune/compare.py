@@ -94,18 +94,9 @@ def compare_tuners(spaces: Sequence[RecordedSpace], tuners: Sequence[str], seeds
 
 def to_json(report: dict) -> str:
     """The report as strict JSON: undefined figures (NaN) become null."""
-    import json
+    from .strict_json import dumps
 
-    def clean(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
-    return json.dumps(clean(report), indent=1, allow_nan=False)
+    return dumps(report, indent=1)
 
 
 def format_trials(stats: dict, trials: int) -> str:

@@ -157,10 +157,12 @@ def logit_difference(a: Generation, b: Generation) -> dict[str, float]:
     """Largest |a - b| over every step's logits, absolute and relative to the largest |b|."""
     diff = np.abs(a.logits.astype(np.float64) - b.logits.astype(np.float64))
     scale = float(np.abs(b.logits).max()) or 1.0
+    # NaN logits (weights that hold NaN) give token 0 on both sides: equal tokens, no agreement
+    finite = bool(np.isfinite(a.logits).all() and np.isfinite(b.logits).all())
     return {"max_abs": float(diff.max()), "max_rel": float(diff.max()) / scale,
             "prefill_max_abs": float(diff[:, 0].max()),
             "decode_max_abs": float(diff[:, 1:].max()) if diff.shape[1] > 1 else 0.0,
-            "same_tokens": bool(np.array_equal(a.tokens, b.tokens))}
+            "finite": finite, "same_tokens": finite and bool(np.array_equal(a.tokens, b.tokens))}
 
 
 @dataclass
@@ -243,23 +245,30 @@ class RunReport:
                  f"{self.kernels.get('untuned', 0)} template defaults",
                  self.cache_line(),
                  *self.decode_lines(),
-                 f"  tuned:     prefill {self.tuned.prefill_tokens_per_s:10.1f} tok/s   "
-                 f"decode {self.tuned.decode_tokens_per_s:8.1f} tok/s"]
+                 f"  tuned:     prefill {self.tuned.prefill_tokens_per_s:10.1f} tok/s   {_decode(self.tuned)}"]
         for name, other in (("numpy", self.reference), ("defaults", self.defaults)):
             if other is None:
                 continue
             d = logit_difference(self.tuned, other)
-            lines.append(f"  {name + ':':<10} prefill {other.prefill_tokens_per_s:10.1f} tok/s   "
-                         f"decode {other.decode_tokens_per_s:8.1f} tok/s   tuned is "
-                         f"{_ratio(self.tuned.prefill_tokens_per_s, other.prefill_tokens_per_s):.2f}x / "
-                         f"{_ratio(self.tuned.decode_tokens_per_s, other.decode_tokens_per_s):.2f}x; "
-                         f"largest logit difference {d['max_abs']:.2e} ({d['max_rel']:.1e} relative), "
-                         f"{'same' if d['same_tokens'] else 'different'} tokens")
+            agreement = (f"largest logit difference {d['max_abs']:.2e} ({d['max_rel']:.1e} relative), "
+                         f"{'same' if d['same_tokens'] else 'different'} tokens" if d["finite"] else
+                         "logits not finite (NaN or infinite): no agreement to report (--check-weights finds NaN weights)")
+            lines.append(f"  {name + ':':<10} prefill {other.prefill_tokens_per_s:10.1f} tok/s   {_decode(other)}   "
+                         f"tuned is {_times(_ratio(self.tuned.prefill_tokens_per_s, other.prefill_tokens_per_s))} / "
+                         f"{_times(_ratio(self.tuned.decode_tokens_per_s, other.decode_tokens_per_s))}; {agreement}")
         if self.reference_blas:
             lines.append(f"  numpy BLAS: {self.reference_blas.get('internal_api')} "
                          f"{self.reference_blas.get('architecture')}, {self.reference_blas.get('num_threads')} threads")
         lines.append(f"  tokens: {self.tuned.tokens.tolist()}")
         return "\n".join(lines)
+
+
+def _decode(run: Generation) -> str:
+    return f"decode {run.decode_tokens_per_s:8.1f} tok/s" if run.decode_tokens else "no decode step (1 new token)"
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.2f}x" if math.isfinite(ratio) else "-"
 
 
 def _ratio(a: float, b: float) -> float:

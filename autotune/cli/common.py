@@ -234,14 +234,11 @@ class ManyValues(click.Option):
             option.process = greedy
 
 
-def _json_default(value: Any):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=_json_default))
+    """``data`` as strict JSON (``autotune.strict_json``: NaN and Infinity as null)."""
+    from ..strict_json import dumps
+
+    click.echo(dumps(data, indent=2))
 
 
 def restriction(template, task, target, threads: int | None, items=()) -> dict | None:

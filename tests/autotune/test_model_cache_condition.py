@@ -145,3 +145,20 @@ def test_run_reports_the_condition_the_library_was_tuned_for(tmp_path):
                                          "cache_bytes": 256 * MIB}
     report.tuned_for = None
     assert "do not say" in report.summary().splitlines()[1]
+
+
+def test_a_run_report_says_what_it_cannot_compare_and_writes_strict_json():
+    """NaN logits (a checkpoint holding NaN) give token 0 on both sides: not "same tokens";
+    one new token has no decode step: no rate, no ratio, and null (not NaN) in the JSON."""
+    import json
+
+    from autotune.strict_json import dumps
+
+    nan = Generation(np.zeros((1, 1), dtype=np.int64), np.full((1, 1, 4), np.nan, np.float32), 1e-3, 0.0, 64, 0)
+    report = RunReport("tiny", "lib", "none", 1, 64, 1, nan, reference=nan)
+    text = report.summary()
+    assert "logits not finite" in text and "same tokens" not in text and "no decode step" in text, text
+    written = dumps(report.to_dict())
+    assert "NaN" not in written and "Infinity" not in written  # not JSON: parsers outside Python refuse them
+    data = json.loads(written)
+    assert data["reference"]["logits"]["same_tokens"] is False and data["decode_speedup_vs_reference"] is None
