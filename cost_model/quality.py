@@ -17,7 +17,9 @@ LIVE_MARGIN = 0.05
 
 
 def pairwise_accuracy(predicted: np.ndarray, measured: np.ndarray, margin: float = 0.0) -> float:
-    """Share of pairs with different measured values that the prediction orders the same way.
+    """Share of pairs with different measured values that the prediction orders the same way;
+    a pair the prediction ties counts a half (a coin flip: a model that scores every candidate
+    alike, as one fitted on too few points does, is at chance, 0.5, not always wrong).
 
     With ``margin`` > 0 only pairs whose measured values differ by more than that relative
     amount count: pairs closer than the timing noise are coin flips for any model. NaN
@@ -30,11 +32,13 @@ def pairwise_accuracy(predicted: np.ndarray, measured: np.ndarray, margin: float
     mask = dm > margin * np.abs(measured[None, :])
     if not mask.any():
         return float("nan")
-    return float(np.mean(dp[mask] > 0))
+    return float(np.mean((dp[mask] > 0) + 0.5 * (dp[mask] == 0)))
 
 
 def topk_recall(predicted: np.ndarray, measured: np.ndarray, k: int) -> float:
     """Share of the ``k`` fastest measured candidates that the model also put in its top ``k``.
+    Predictions tied across the top-k boundary fill its last places at random: each tied
+    candidate counts for its chance of being in (not the first ones by position).
 
     NaN when nothing was measured faster than zero (every candidate failed).
     """
@@ -43,9 +47,12 @@ def topk_recall(predicted: np.ndarray, measured: np.ndarray, k: int) -> float:
     k = min(k, len(measured), int(np.sum(measured > 0)))
     if k < 1:
         return float("nan")
-    best_measured = set(np.argsort(-measured, kind="stable")[:k].tolist())
-    best_predicted = set(np.argsort(-predicted, kind="stable")[:k].tolist())
-    return len(best_measured & best_predicted) / k
+    best_measured = np.zeros(len(measured), dtype=bool)
+    best_measured[np.argsort(-measured, kind="stable")[:k]] = True
+    threshold = np.sort(predicted)[::-1][k - 1]
+    above, tied = predicted > threshold, predicted == threshold
+    chance = (k - above.sum()) / tied.sum()  # of each candidate at the threshold to be in the top k
+    return float((np.sum(above & best_measured) + chance * np.sum(tied & best_measured)) / k)
 
 
 def batch_k(n: int) -> int:

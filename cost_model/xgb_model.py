@@ -106,13 +106,25 @@ class XGBCostModel:
                                  xgb_model=self.base._predictor() if self.base is not None else None)
         return self
 
-    def predict(self, features: np.ndarray) -> np.ndarray:
+    def predict(self, features: np.ndarray, feature_names: Sequence[str] | None = None) -> np.ndarray:
+        """Scores of the rows of ``features`` (higher: faster). Their columns must be the
+        model's: fewer, or others (``feature_names``, when given), would be scored as if they
+        were, without a word (a model saved for another operator's features)."""
         import xgboost as xgb
 
         booster = self._predictor()
         if booster is None:
             raise RuntimeError("the cost model has not been fitted")
-        data = xgb.DMatrix(np.asarray(features, dtype=np.float32), missing=np.nan, nthread=1)
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or features.shape[1] != booster.num_features():
+            raise ValueError(f"features of shape {features.shape}: the model takes rows of {booster.num_features()} "
+                             "columns (FeatureExtractor(columns=model.feature_names) lays them out)")
+        if feature_names is not None and self.feature_names is not None and list(feature_names) != self.feature_names:
+            differ = [(n, m) for n, m in zip(feature_names, self.feature_names) if n != m]
+            said = f": column {differ[0][0]!r} where the model has {differ[0][1]!r}" if differ else ""
+            raise ValueError(f"features laid out as another model's{said} "
+                             "(FeatureExtractor(columns=model.feature_names) lays them out)")
+        data = xgb.DMatrix(features, missing=np.nan, nthread=1)
         return booster.predict(data)
 
     def importance(self) -> dict[str, float]:

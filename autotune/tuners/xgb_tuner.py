@@ -84,7 +84,7 @@ class XGBTuner(Tuner):
         ranker = self.ranker()
         if ranker is None:
             raise RuntimeError("the cost model has not been fitted")
-        return ranker.predict(self.features.matrix(configs))
+        return ranker.predict(self.features.matrix(configs), self.features.names)
 
     def predict_batch(self, configs: Sequence[Config]) -> np.ndarray | None:
         return self.predict(configs) if self.ranker() is not None and configs else None

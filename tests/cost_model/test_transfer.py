@@ -44,3 +44,10 @@ def test_continuing_from_a_base_keeps_its_trees(sweep_logs, tmp_path):
     loaded = XGBCostModel.load(path)
     assert loaded.feature_names == extractor.names and loaded.n_trees == 40
     assert np.allclose(loaded.predict(X), model.predict(X))
+    # rows of other columns are refused, not scored as if they were the model's
+    with pytest.raises(ValueError, match="the model takes rows of"):
+        loaded.predict(X[:, :-1])
+    renamed = ["knob.other", *extractor.names[1:]]
+    with pytest.raises(ValueError, match="laid out as another model's: column 'knob.other'"):
+        loaded.predict(X, renamed)
+    assert np.allclose(loaded.predict(X, extractor.names), model.predict(X))
