@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -81,15 +82,30 @@ def sweep(op, shape, dtype, target, sample, seed, restrict_items, threads, batch
 
 
 REPLAY_REPORT = "autotune replay"  # the report's "kind": an earlier one (and its plot) may be replaced unnamed
+DEFAULT_REPORT = "replay.json"
 
 
-def _earlier_report(json_path: str) -> bool:
-    """Whether ``json_path`` holds a report an earlier replay wrote: replay's default files
-    are replaced only then, never a file of the same name the user keeps there."""
-    try:
-        return json.loads(Path(json_path).read_text()).get("kind") == REPLAY_REPORT
-    except (OSError, ValueError, AttributeError):
-        return False
+def _sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _written_by_replay(path: str, reports) -> bool:
+    """Whether ``path`` holds what an earlier replay wrote: one of the ``reports`` (an earlier
+    replay's report), or the plot such a report names, as it wrote it (its sha256). Replay's
+    default files are replaced only then, never a file of the same name the user keeps there."""
+    target = str(Path(path).resolve())
+    for report_path in reports:
+        try:
+            report = json.loads(Path(report_path).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(report, dict) or report.get("kind") != REPLAY_REPORT:
+            continue
+        if target == str(Path(report_path).resolve()):
+            return True
+        if target == report.get("plot") and report.get("plot_sha256") == _sha256(path):
+            return True
+    return False
 
 
 @cli.command()
@@ -103,7 +119,7 @@ def _earlier_report(json_path: str) -> bool:
 @click.option("--statistic", default="median", show_default=True, type=click.Choice(["median", "min"]),
               help="recorded time to answer with: the median of the timed samples, or their minimum")
 @click.option("--xgb-rounds", default=None, type=int, callback=positive, help="boosting rounds per refit [default: 80]")
-@click.option("--json", "json_path", default="replay.json", show_default=True, help="write the full report here")
+@click.option("--json", "json_path", default=DEFAULT_REPORT, show_default=True, help="write the full report here")
 @click.option("--plot", "plot_path", default="replay.png", show_default=True, help="write the convergence plot here")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def replay(logs, tuners, seeds, trials, batch, transfer_from, statistic, xgb_rounds, json_path, plot_path, quiet) -> None:
@@ -135,7 +151,8 @@ def replay(logs, tuners, seeds, trials, batch, transfer_from, statistic, xgb_rou
         raise UserError(f"--plot {plot_path}: the plot is written as .{', .'.join(sorted(formats))}")
     for option, path in (("--json", json_path), ("--plot", plot_path)):
         named = click.get_current_context().get_parameter_source(option.lstrip("-") + "_path")
-        if named is ParameterSource.DEFAULT and Path(path).exists() and not _earlier_report(json_path):
+        if (named is ParameterSource.DEFAULT and Path(path).exists()
+                and not _written_by_replay(path, {json_path, DEFAULT_REPORT})):
             raise UserError(f"{path} exists and is not an earlier replay's: name where to write with {option} PATH "
                             "(a file named there is replaced)")
     records = load_logs(logs)
@@ -153,9 +170,11 @@ def replay(logs, tuners, seeds, trials, batch, transfer_from, statistic, xgb_rou
         report = compare_tuners(spaces, names, seeds, trials, batch, transfer, model_config, progress=progress)
     except ValueError as exc:  # e.g. nothing to pre-train on
         raise UserError(str(exc)) from None
-    report.update({"kind": REPLAY_REPORT, "logs": list(logs), "transfer_from": list(transfer_from or []), "statistic": statistic,
-                   "xgb_rounds": xgb_rounds or XGBConfig().num_rounds})
-    Path(json_path).write_text(to_json(report))
+    report.update({"kind": REPLAY_REPORT, "logs": list(logs), "transfer_from": list(transfer_from or []),
+                   "statistic": statistic, "xgb_rounds": xgb_rounds or XGBConfig().num_rounds})
     plot_convergence(report, plot_path)
+    # the plot as written: a later replay replaces it unnamed only while it is still this file
+    report.update(plot=str(Path(plot_path).resolve()), plot_sha256=_sha256(plot_path))
+    Path(json_path).write_text(to_json(report))
     click.echo(format_table(report))
     click.echo(f"report: {json_path}; plot: {plot_path}")

@@ -63,6 +63,11 @@ def test_replay_reports_table_json_and_plot(sweep_logs, tmp_path):
         run("replay", "--log", str(sweep_logs["target"]), "--tuners", "random", "--seeds", "1", "--trials", "4",
             "--quiet", cwd=tmp_path)
     assert json.loads((tmp_path / "replay.json").read_text())["kind"] == "autotune replay"
+    (tmp_path / "replay.png").write_bytes(b"a figure of the user's own")  # the name, not replay's plot
+    proc = run("replay", "--log", str(sweep_logs["target"]), "--tuners", "random", "--json", "other.json",
+               cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "replay.png exists and is not an earlier replay's" in proc.stderr
+    assert (tmp_path / "replay.png").read_bytes() == b"a figure of the user's own"
     # best reads every log it is given
     rows = json.loads(run("best", "--log", str(sweep_logs["target"]), str(sweep_logs["other"]), "--json",
                           cwd=tmp_path).stdout)
