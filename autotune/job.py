@@ -155,8 +155,9 @@ class TuningJob:
                        trials=self.trials, restrict=dict(self.restrict or {}))
         else:
             out.update(self.model.params(), trials_total=self.trials, tasks=len(self.model.tasks()))
-        if self.transfer_from or self.load_model:
-            out.update(transfer_from=list(self.transfer_from), load_model=self.load_model or "")
+        if self.transfer_from or self.load_model or self.save_model:
+            out.update(transfer_from=list(self.transfer_from), load_model=self.load_model or "",
+                       save_model=self.save_model or "")
         if self.remeasure_stale:
             out["remeasure_stale"] = True
         if self.cluster is not None:

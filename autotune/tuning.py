@@ -96,7 +96,7 @@ class Tracking:
     def __init__(self, job, note: Callable[[str], None]):
         self.run = None
         self.note = note
-        self.unavailable = ""  # the store asked for, when it could not be reached
+        self.unavailable = ""  # why the store asked for was not used, when it was not
         if not job.mlflow:
             return
         from records.mlflow_tracking import MLflowRun, error_text, resolve_tracking_uri
@@ -115,14 +115,20 @@ class Tracking:
                                      tags=job.tags())
         except Exception as exc:  # tracking is a convenience; the log is the source of truth
             reason = error_text(exc)
-            self.unavailable = uri
+            self.unavailable = f"{uri} was unavailable"
+            if "must be in the 'active' state" in reason:  # the store answers; the experiment was deleted
+                note(f"autotune: warning: MLflow experiment {job.experiment!r} at {uri} is deleted: restore it "
+                     "(mlflow experiments restore) or name another with --experiment; tuning without MLflow, "
+                     "every record goes to the log")
+                self.unavailable = f"experiment {job.experiment!r} at {uri} is deleted"
+                return
             note(f"autotune: warning: MLflow at {uri} is unavailable ({reason}); tuning without it, "
                  "every record goes to the log")
 
     def finish(self, finish_run: Callable, status: str) -> None:
         if self.run is None:
             if self.unavailable:
-                self.note(f"MLflow: this job was not tracked ({self.unavailable} was unavailable); the log holds "
+                self.note(f"MLflow: this job was not tracked ({self.unavailable}); the log holds "
                           "every record")
             return
         run = self.run
@@ -246,6 +252,7 @@ def tune_task(job, log: RecordLog, builder, runner, tuner_options: dict, progres
     """One task of ``job`` (a ``TuningJob``, see ``autotune.job.run_job``): the tuner's loop
     with the log, MLflow and a progress bar as callbacks."""
     tuner = make_tuner(job.tuner, job.task, job.target, seed=job.seed, restrict=job.restrict, **tuner_options)
+    _note_other_tuners(job, log, note)
     bar = ProgressCallback(job.task, job.trials) if progress else None
     with observed(job, note, bar, lambda run, status, summary: _finish_run(run, log, status, summary)) as (
             tracking, outcome):
@@ -258,6 +265,21 @@ def tune_task(job, log: RecordLog, builder, runner, tuner_options: dict, progres
 
 
 REMEASURE = "remeasure"  # the tuner name of records that measured a stale record's config again
+
+
+def _note_other_tuners(job, log: RecordLog, note: Callable[[str], None]) -> None:
+    """Records of the task that another tuner measured count toward this job's trials (a
+    config is measured once per log), and its MLflow run shows them under this job's tuner:
+    said before the job runs, so that comparing tuners is done on logs of their own."""
+    others: dict[str, int] = {}
+    for record in log.records(warn=False):
+        if (record.task.key == job.task.key and record.target.key == job.target.key
+                and record.tuner not in (job.tuner, REMEASURE)):
+            others[record.tuner] = others.get(record.tuner, 0) + 1
+    if others:
+        said = ", ".join(f"{n} by {name}" for name, n in sorted(others.items()))
+        note(f"autotune: warning: {log.path} holds records of {job.task.key} measured by other tuners ({said}): "
+             f"they count toward --trials and show in this run as {job.tuner}'s; compare tuners on logs of their own")
 
 
 def remeasure_task(job, log: RecordLog, builder, runner, progress: bool, note: Callable[[str], None]) -> TuneSummary:

@@ -352,8 +352,12 @@ class RecordLog:
 
 
 def load_records(paths: Iterable[str | os.PathLike], warn: bool = True) -> list[Record]:
+    """Every record of the logs ``paths`` (read, so each must exist: a name mistyped would
+    read as a log of nothing, and a model run on template defaults)."""
     out: list[Record] = []
     for path in paths:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"log {path} does not exist")
         out.extend(RecordLog(path).records(warn))
     return out
 

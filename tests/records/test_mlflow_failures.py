@@ -222,6 +222,27 @@ def test_a_job_on_a_read_only_store_warns_at_once(tmp_path):
     assert "is not writable" in proc.stderr and "sqlalchemy" not in proc.stderr.lower(), proc.stderr
 
 
+def test_a_deleted_experiment_is_named_and_a_log_of_another_tuner_is_said(tmp_path):
+    """A deleted experiment read as an unavailable store; records of another tuner, resumed,
+    counted toward the trials and showed in MLflow as the new tuner's, without a word."""
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+
+    def tune(*more):
+        return subprocess.run(CLI + ["tune", "--op", "gemm", "--shape", "M=16,N=16,K=16", "--quiet", "--log",
+                                     "t.jsonl", "--tracking-uri", store, "--experiment", "gone", *more],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    assert tune("--trials", "2").returncode == 0
+    client = mlflow.MlflowClient(store)
+    client.delete_experiment(client.get_experiment_by_name("gone").experiment_id)
+    proc = tune("--trials", "3", "--tuner", "random")
+    assert proc.returncode == 0, proc.stderr
+    assert "MLflow experiment 'gone' at" in proc.stderr and "is deleted: restore it" in proc.stderr
+    assert "measured by other tuners (2 by xgb)" in proc.stderr, proc.stderr
+
+
 # ----------------------------------------------------------------------------- export and messages
 
 

@@ -244,3 +244,13 @@ def test_records_that_spell_out_a_default_attribute_join_their_task(tmp_path):
     records = log.records(warn=False)
     assert [r.task.key for r in records] == [task.key] * 2 and task.key == "rmsnorm/float32/M~=8,N=64/residual=true"
     assert best(records, task, Target.host()).config_index == 2
+
+
+def test_reading_a_log_that_does_not_exist_is_an_error(tmp_path):
+    """A mistyped name read as an empty log: a notebook then failed in pandas, a model ran on
+    template defaults. A log to write (RecordLog) may still be new."""
+    from records import load_records
+
+    with pytest.raises(FileNotFoundError, match="log .*typo.jsonl does not exist"):
+        load_records([tmp_path / "typo.jsonl"])
+    assert RecordLog(tmp_path / "new.jsonl").records() == []
