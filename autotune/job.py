@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 from measure import LocalBuilder, LocalRunner, TimingPolicy
 from measure.backends import get_backend
 from measure.timing import CACHE_CONDITIONS, cache_condition, condition_of, policy_for
-from records import LogReadError, RecordLog, load_records
+from records import RecordLog, load_records
 from search_space import Target, Task, get_template
 
 from .scheduler import ModelTuneSummary
@@ -296,7 +296,7 @@ def _transfer_records(job: TuningJob) -> list:
         return []
     try:
         records = load_records(job.transfer_from)
-    except LogReadError as exc:
+    except OSError as exc:  # LogReadError, or a log that does not exist
         raise JobError(f"--transfer-from: {exc}") from None
     if not records:
         raise JobError(f"--transfer-from: {', '.join(job.transfer_from)} hold(s) no record: nothing to pre-train on")
