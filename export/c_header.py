@@ -117,11 +117,15 @@ def header_text(kernels: Iterable[Mapping[str, Any]], target_key: str, guard: st
         " * Dims: a dynamic dim runs at any value from 1 up to what the arrays hold; a dim that is not",
         " * the outermost axis of an array (a cache's S) is part of its layout: pass the true one.",
         " * Threads: entries may be called from several threads at once, each with its own workspace.",
+        " * Names: an entry's name changes when its arguments or workspace sizes do; rebuild against",
+        " * the header of every new export (one whose convention changed then fails to link). One",
+        " * exported library per program: every export has this soname and include guard.",
     ]
     if threaded:
         out += [" * Entries tuned with threads > 1 share a pool of worker threads that the library starts at",
                 " * their first call and keeps until the process exits; the library is linked NODELETE, so",
-                " * dlclose leaves it loaded (its workers run its code)."]
+                " * dlclose leaves it loaded (its workers run its code). The workers take the CPU affinity",
+                " * of the thread that first calls one, and their number is the tuned one."]
     out += [
         " */",
         f"#ifndef {guard}",

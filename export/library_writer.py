@@ -119,9 +119,14 @@ def choose_target(records: Iterable[Record], name: str | None = None) -> Target:
     return next(iter(chosen.values()))
 
 
-def entry_name(task: Task, target: Target) -> str:
-    """A C identifier unique in the library and stable across exports of the same task."""
-    digest = hashlib.sha256(f"{task.key}|{target.key}".encode()).hexdigest()[:10]
+def entry_name(task: Task, target: Target, source: KernelSource) -> str:
+    """A C identifier unique in the library, stable across exports of the same task while its
+    calling convention (the arguments, their shapes and the workspaces' sizes, which the tuned
+    config may change) stays the same: a C program built against an earlier header then calls
+    the new kernel, and one whose convention changed fails to link rather than pass arguments
+    the kernel reads otherwise (a workspace too small, a pointer taken for a dim)."""
+    convention = json.dumps([a.to_dict() for a in source.args], sort_keys=True)
+    digest = hashlib.sha256(f"{task.key}|{target.key}|{convention}".encode()).hexdigest()[:10]
     return f"{task.op}_{DTYPE_TAG.get(task.dtype, task.dtype)}_{digest}"
 
 
@@ -157,7 +162,8 @@ def _kernels(records: Iterable[Record], target: Target, allow_stale: bool) -> li
                           "them again with `autotune tune --remeasure-stale`, or use them with --allow-stale)")
     if not winners:
         raise ExportError(f"no verified record for target {target.key}: nothing to export")
-    kernels = [_Kernel(r, _render(r), entry_name(r.task, target)) for r in winners]
+    sources = [_render(r) for r in winners]
+    kernels = [_Kernel(r, source, entry_name(r.task, target, source)) for r, source in zip(winners, sources)]
     names = [k.entry for k in kernels]
     if len(set(names)) != len(names):  # a 40-bit clash between two task keys: never silently
         raise ExportFailed("two tasks got the same entry name; report this with the log")

@@ -349,3 +349,27 @@ def test_bad_input_is_one_line_and_exit_2(case, message, mlflow_job, tmp_path, c
     assert message in lines[0]
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert not (tmp_path / "lib").exists()
+
+
+def test_an_entry_keeps_its_name_while_its_calling_convention_does(host):
+    """A C program calls an entry by name with the arguments of the header it was built
+    against: a re-export whose tuned config changes only the code keeps the name; one that
+    changes a workspace's size (rope's per-thread table) or drops it gets another, so the old
+    program fails to link instead of overflowing the workspace or reading a pointer as a dim."""
+    from export.library_writer import entry_name
+    from search_space import Task, get_template
+
+    task = Task.make("rope", {"T": 16, "H": 2, "D": 32}, dynamic=("T",))
+    template = get_template("rope", "cpu")
+    space = template.space(task, host)
+    base = template.default(task, host).as_dict()
+
+    def name(**changes):
+        config = space.from_values({**base, **changes})
+        return entry_name(task, host, template.render(task, config, host))
+
+    one_thread = name(table="per_token", threads=1)
+    assert name(table="per_token", threads=1, unroll=1) == one_thread  # other code, same arguments
+    if 2 in space.knob("threads").values:
+        assert name(table="per_token", threads=2) != one_thread  # a table twice the size
+    assert name(table="per_head", threads=1) != one_thread  # no table at all
