@@ -7,20 +7,26 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: install demo test bench clean check-cc
 
-# The project and what it runs on, byte-compiled as pip does by default; then the extras that only the
-# tests and a Ray cluster use (torch, transformers, ray: most of the install's bytes) without it, which
-# halves the install's time: the modules of theirs that are imported are compiled then, once (make test
-# writes bytecode even where the environment says not to)
+# The project and what it runs on, byte-compiled as pip does by default: all that `make demo` and
+# the `autotune` command need
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev,test,ray]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# then the extras that only the tests and a Ray cluster use (torch, transformers, ray: 1 GB, most
+# of the install's bytes), for `make test` only, without bytecode, which halves their install's
+# time: the modules of theirs that are imported are compiled then, once (make test writes bytecode
+# even where the environment says not to)
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev,test,ray]'
+	touch $(TEST_STAMP)
+
+install: $(TEST_STAMP)
 
 # export links the CPU kernels into a shared library with the system C compiler: say so before anything runs
 check-cc:
@@ -40,19 +46,28 @@ demo: check-cc $(STAMP)
 	# the same model with bfloat16 weights on this CPU (weight-only: half the bytes, float32 arithmetic)
 	$(BIN)/autotune tune-model --model tiny --dtype bfloat16 --trials-total 21 --log demo-model-bf16.jsonl
 	$(BIN)/autotune run --log demo-model-bf16.jsonl --model tiny --compare
+	# 21 trials for the tiny model's 20 tasks: nearly every kernel runs its template default, so
+	# tuned against defaults above is timing noise; the float32 run's 60 trials tune them
 	# the same model in float16 on a GPU: its tasks (listing them needs no GPU)
 	$(BIN)/autotune tune-model --model tiny --target cuda --dtype float16 --list-tasks
+	@echo
+	@echo "make demo wrote: demo.jsonl (gemm, gemv), demo-model.jsonl and demo-model-bf16.jsonl (the tiny"
+	@echo "model's kernels): tuning logs, one record per measurement; demo-lib/ (the tuned-kernel library:"
+	@echo "shared object, C header, manifest); mlflow.db and mlartifacts/ (the MLflow store: one run per job)."
+	@echo "Next: source $(BIN)/activate, then autotune best --log demo.jsonl; autotune --help;"
+	@echo "mlflow ui --backend-store-uri sqlite:///mlflow.db; the notebooks in notebooks/ read demo.jsonl."
 
 # two workers, each test file kept on one (module fixtures compile kernels once), the longest
 # files first (tests/conftest.py: LONGEST_FIRST); no assertion rests on quiet timings, so nothing
 # needs to run alone. The suite starts about 700 Python processes (CLI runs, build and run
 # workers): bytecode is written even where the environment says not to (PYTHONDONTWRITEBYTECODE),
 # or each of them compiles the project's modules again
-test: $(STAMP)
+test: $(TEST_STAMP)
 	PYTHONDONTWRITEBYTECODE= MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_ops.py --markdown
 
 clean:
-	rm -rf $(VENV) demo.jsonl demo-model.jsonl demo-model-bf16.jsonl demo-lib mlflow.db mlartifacts .pytest_cache
+	rm -rf $(VENV) demo.jsonl demo-model.jsonl demo-model-bf16.jsonl demo-lib mlflow.db mlartifacts .pytest_cache \
+		notebooks/notebook-plots
