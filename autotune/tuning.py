@@ -44,7 +44,8 @@ class ProgressCallback:
         if self.best_s < float("inf"):
             parts.append(f"best {format_rate(self.task, self.best_s)}")
         if "pairwise_accuracy" in self.quality:  # the model's ranking of the last batch
-            model = f"model: pairwise {self.quality['pairwise_accuracy']:.2f}"
+            # the share of pairs it ordered as they measured (0.5: chance), its top k found
+            model = f"model ranked the last batch: pairs {self.quality['pairwise_accuracy']:.2f} (0.5 = chance)"
             if "topk_recall" in self.quality:
                 model += f", top-{self.quality['k']} {self.quality['topk_recall']:.2f}"
             parts.append(model)

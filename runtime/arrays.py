@@ -130,7 +130,7 @@ class CudaArrays:
 
             import pycuda.autoprimaryctx  # noqa: F401 - the device's primary context, as torch uses
         except ImportError as exc:
-            raise RuntimeError("a model on CUDA kernels needs pycuda (pip install 'llm-autotune[cuda]')") from exc
+            raise RuntimeError("a model on CUDA kernels needs pycuda (the project's cuda extra, pip install -e '.[cuda]')") from exc
         self.drv = drv
         if stream is None:
             from .library_cuda import model_stream

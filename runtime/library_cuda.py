@@ -51,7 +51,7 @@ class CudaModules:
 
             import pycuda.autoprimaryctx  # noqa: F401 - retains and pushes the primary context
         except ImportError as exc:
-            raise RuntimeError("CUDA kernels need pycuda (pip install 'llm-autotune[cuda]') and a GPU") from exc
+            raise RuntimeError("CUDA kernels need pycuda (the project's cuda extra, pip install -e '.[cuda]') and a GPU") from exc
         self.drv = drv
         self.stream = model_stream()
         self.modules: list[Any] = []

@@ -108,7 +108,7 @@ class Target:
         try:
             import pycuda.driver as drv
         except ImportError as exc:  # pragma: no cover - depends on the machine
-            raise RuntimeError("the cuda target needs pycuda: pip install 'llm-autotune[cuda]'") from exc
+            raise RuntimeError("the cuda target needs pycuda: the project's cuda extra, pip install -e '.[cuda]'") from exc
         drv.init()
         dev = drv.Device(device)
         attr = drv.device_attribute

@@ -239,7 +239,7 @@ class RunReport:
 
     def summary(self) -> str:
         padded = self.kernels.get("prefill_padded_to", self.prompt_tokens)
-        lines = [f"{self.model} ({self.dtype}, {self.quantize}) on {self.source}: batch {self.batch}, {self.prompt_tokens} prompt "
+        lines = [f"{self.model} ({self.dtype}, quantize {self.quantize}) on {self.source}: batch {self.batch}, {self.prompt_tokens} prompt "
                  f"tokens" + (f" (prefill padded to {padded})" if padded != self.prompt_tokens else "")
                  + f", {self.new_tokens} new; kernels {self.kernels.get('tuned', 0)} tuned, "
                  f"{self.kernels.get('untuned', 0)} template defaults",

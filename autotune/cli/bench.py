@@ -12,9 +12,9 @@ from .group import cli
 
 
 @cli.command()
-@click.option("--op", required=True)
-@click.option("--shape", required=True)
-@click.option("--dtype", default="float32", show_default=True)
+@click.option("--op", required=True, help="operator, see `autotune ops`")
+@click.option("--shape", required=True, help="dims, e.g. M=256,N=256,K=256")
+@click.option("--dtype", default="float32", show_default=True, help="element type of the arrays (`autotune ops` lists each operator's)")
 @click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE",
               help="operator attribute, repeatable; VALUE is JSON when it parses (residual=true, eps=1e-6)")
 @click.option("--dynamic", default="", metavar="DIM[,DIM]",
@@ -25,7 +25,7 @@ from .group import cli
               help="cpu: threads for both sides [default: the best record's]")
 @click.option("--allow-stale", is_flag=True,
               help="use records of code this version no longer builds for their config (with a warning)")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
 def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, allow_stale, as_json) -> None:
     """Run the best recorded kernel and the numpy baseline side by side."""
     from records import chosen, select_best, stale_warnings

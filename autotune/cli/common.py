@@ -53,6 +53,8 @@ def resolve_task(op: str, shape: str, dtype: str, target_kind: str, dynamic: str
         raise UserError(str(exc)) from None
     dynamic_dims = parse_dynamic(dynamic, template)
     attr_values = parse_attrs(attrs, template)
+    if dtype not in template.dtypes:  # said of --dtype, not of the shape
+        raise UserError(f"--dtype {dtype}: {op} on {target_kind} takes {', '.join(template.dtypes)}")
     try:
         dims = parse_shape(shape)
         task = Task.make(op, dims, dtype, attrs=attr_values, dynamic=dynamic_dims)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from runtime.model_config import PRESETS
 from runtime.plan import PREFILL_DYNAMIC_ROWS
 from runtime.precision import DTYPES
 
@@ -37,7 +38,7 @@ def load_config(model: str):
 
 
 @cli.command("tune-model")
-@click.option("--model", required=True, help="a preset (llama-2-7b, llama-3-8b, mistral-7b, tiny) or a config.json")
+@click.option("--model", required=True, help=f"a preset ({', '.join(PRESETS)}) or a config.json (or its folder)")
 @click.option("--target", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--prefill-tokens", default="128", show_default=True, help="prompt lengths to tune prefill at")
 @click.option("--decode-batch", default="1", show_default=True, help="batch sizes to tune decode at")
@@ -45,20 +46,20 @@ def load_config(model: str):
 @click.option("--quantize", default="none", show_default=True, type=click.Choice(["none", "q4"]),
               help="q4: int4 weight-only linear layers (symmetric, group-wise scales)")
 @click.option("--group-size", default=128, show_default=True, type=click.Choice(["32", "64", "128"]),
-              callback=lambda ctx, param, value: int(value))
+              callback=lambda ctx, param, value: int(value), help="q4: weights per int4 scale along K")
 @click.option("--trials-total", default=200, show_default=True, type=int, callback=positive,
               help="trials over all tasks, records already in the log included")
 @click.option("--tuner", default="xgb", show_default=True,
-              type=click.Choice(["xgb", "random", "grid", "optuna-tpe", "optuna-cmaes"]))
+              type=click.Choice(["xgb", "random", "grid", "optuna-tpe", "optuna-cmaes"]), help="xgb: a learned cost model (XGBoost) ranks the candidates; random, grid; Optuna's TPE and CMA-ES")
 @click.option("--batch", default=8, show_default=True, type=int, callback=positive, help="trials per round")
-@click.option("--seed", default=0, show_default=True, type=int, callback=seed_option)
+@click.option("--seed", default=0, show_default=True, type=int, callback=seed_option, help="seed of the tuners and the inputs")
 @click.option("--threads", default=None, type=int, callback=positive, help="cpu: only configs with this many threads")
 @click.option("--log", "log_path", default="tune.jsonl", show_default=True, help="JSONL tuning log (resumed)")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db]")
 @click.option("--no-mlflow", is_flag=True, help="do not log to MLflow")
-@click.option("--experiment", default="llm-autotune", show_default=True)
-@click.option("--build-timeout", default=60.0, show_default=True, type=float)
-@click.option("--run-timeout", default=20.0, show_default=True, type=float)
+@click.option("--experiment", default="llm-autotune", show_default=True, help="MLflow experiment")
+@click.option("--build-timeout", default=60.0, show_default=True, type=float, help="seconds a candidate may take to compile before it is recorded as BUILD_TIMEOUT")
+@click.option("--run-timeout", default=20.0, show_default=True, type=float, help="seconds a candidate may take to run (its check and timing) before it is recorded as RUN_TIMEOUT")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @click.option("--list-tasks", is_flag=True, help="print the model's tasks and how often each runs, tune nothing")
@@ -137,6 +138,8 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
                    "estimated_latency_ms": summary.estimated_latency_s * 1e3, "given_up": summary.given_up,
                    "log": job.log})
         return
+    # share: of the estimated workload time (each kernel's best time x its calls per workload)
+    click.echo(f"{'share':>6}  {'trials':>11}  {'best':>14}  {'calls':<6} task")
     for row in sorted(rows, key=lambda r: -(r["share"] or 0)):
         best = format_time(row["best_ms"] / 1e3) if row["best_ms"] is not None else "no verified kernel"
         share = f"{row['share'] * 100:5.1f}%" if row["share"] is not None else "    -"
@@ -300,14 +303,14 @@ def _quantize_of(kernels, quantize: str) -> str:
 @cli.command("run")
 @click.option("--lib", default=None, help="an exported library directory (autotune export)")
 @click.option("--log", "logs", multiple=True, help="or tuning logs: kernels compiled on first use (repeatable)")
-@click.option("--model", required=True, help="a preset or a config.json")
+@click.option("--model", required=True, help=f"a preset ({', '.join(PRESETS)}) or a config.json (or its folder)")
 @click.option("--weights", "weights_dir", default=None, help="folder of safetensors files (HF Llama names)")
 @click.option("--seed", default=0, show_default=True, type=int, callback=seed_option, help="seed of generated weights and prompt")
 @click.option("--prompt-tokens", default=64, show_default=True, type=int, callback=positive,
               help="length of a random prompt")
 @click.option("--prompt-ids", default=None, help="the prompt's token ids, e.g. 1,2,3")
 @click.option("--batch", default=1, show_default=True, type=int, callback=positive, help="sequences at once")
-@click.option("--new-tokens", default=32, show_default=True, type=int, callback=positive)
+@click.option("--new-tokens", default=32, show_default=True, type=int, callback=positive, help="tokens generated per sequence")
 @click.option("--quantize", default="auto", show_default=True, type=click.Choice(["auto", "none", "q4"]),
               help="auto: q4 when the kernels are the int4 ones")
 @click.option("--group-size", default="auto", show_default=True, type=click.Choice(["auto", "32", "64", "128"]),

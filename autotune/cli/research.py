@@ -20,7 +20,7 @@ from .group import cli
 @cli.command()
 @click.option("--op", required=True, help="operator, see `autotune ops`")
 @click.option("--shape", required=True, help="dims, e.g. M=256,N=256,K=256")
-@click.option("--dtype", default="float32", show_default=True)
+@click.option("--dtype", default="float32", show_default=True, help="element type of the arrays (`autotune ops` lists each operator's)")
 @click.option("--target", default="cpu", show_default=True, help="cpu")
 @click.option("--sample", default=None, type=int, callback=positive,
               help="measure a seeded random subset of this many configs [default: the whole space]")
@@ -33,8 +33,8 @@ from .group import cli
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI")
 @click.option("--no-mlflow", is_flag=True, help="do not log to MLflow")
 @click.option("--experiment", default="llm-autotune-sweeps", show_default=True, help="MLflow experiment")
-@click.option("--build-timeout", default=60.0, show_default=True, type=float)
-@click.option("--run-timeout", default=20.0, show_default=True, type=float)
+@click.option("--build-timeout", default=60.0, show_default=True, type=float, help="seconds a candidate may take to compile before it is recorded as BUILD_TIMEOUT")
+@click.option("--run-timeout", default=20.0, show_default=True, type=float, help="seconds a candidate may take to run (its check and timing) before it is recorded as RUN_TIMEOUT")
 @click.option("--repeats", default=7, show_default=True, type=int, callback=positive,
               help="timed samples per config (many short samples keep a clean minimum on a busy machine)")
 @click.option("--min-sample-ms", default=5.0, show_default=True, type=float,
@@ -111,9 +111,9 @@ def _written_by_replay(path: str, reports) -> bool:
 @cli.command()
 @click.option("--log", "logs", cls=ManyValues, required=True, help="sweep log(s) to replay on (.jsonl or .jsonl.gz)")
 @click.option("--tuners", default="xgb,random,optuna-tpe", show_default=True, help="comma-separated tuner names")
-@click.option("--seeds", default=20, show_default=True, type=int, callback=positive)
+@click.option("--seeds", default=20, show_default=True, type=int, callback=positive, help="runs of each tuner, one per seed")
 @click.option("--trials", default=200, show_default=True, type=int, callback=positive, help="budget of each run")
-@click.option("--batch", default=8, show_default=True, type=int, callback=positive)
+@click.option("--batch", default=8, show_default=True, type=int, callback=positive, help="configs a tuner proposes at once")
 @click.option("--transfer-from", "transfer_from", cls=ManyValues,
               help="logs of other tasks: adds xgb+transfer, xgb starting from a model pre-trained on them")
 @click.option("--statistic", default="median", show_default=True, type=click.Choice(["median", "min"]),

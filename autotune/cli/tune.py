@@ -46,24 +46,24 @@ def ops(target: str, as_json: bool) -> None:
 @cli.command()
 @click.option("--op", default=None, help="operator, see `autotune ops` (required unless --remeasure-stale)")
 @click.option("--shape", default=None, help="dims, e.g. M=256,N=256,K=256 (required with --op)")
-@click.option("--dtype", default="float32", show_default=True)
+@click.option("--dtype", default="float32", show_default=True, help="element type of the arrays (`autotune ops` lists each operator's)")
 @click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE",
               help="operator attribute, repeatable; VALUE is JSON when it parses (residual=true, eps=1e-6)")
 @click.option("--dynamic", default="", metavar="DIM[,DIM]",
               help="dims the kernel takes at run time; --shape gives the size tuned at")
-@click.option("--target", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--target", default="cpu", show_default=True, help="cpu, cuda (this machine's GPU 0) or an arch like sm_90a (compile-only, no GPU needed)")
 @click.option("--tuner", default="xgb", show_default=True,
-              type=click.Choice(["xgb", "random", "grid", "optuna-tpe", "optuna-cmaes"]))
+              type=click.Choice(["xgb", "random", "grid", "optuna-tpe", "optuna-cmaes"]), help="xgb: a learned cost model (XGBoost) ranks the candidates; random, grid; Optuna's TPE and CMA-ES")
 @click.option("--trials", default=64, show_default=True, type=int, callback=positive,
               help="total trials for this task, records already in the log included")
-@click.option("--batch", default=8, show_default=True, type=int, callback=positive)
-@click.option("--seed", default=0, show_default=True, type=int, callback=seed_option)
+@click.option("--batch", default=8, show_default=True, type=int, callback=positive, help="candidates built and measured per round")
+@click.option("--seed", default=0, show_default=True, type=int, callback=seed_option, help="seed of the tuner and the inputs")
 @click.option("--log", "log_path", default="tune.jsonl", show_default=True, help="JSONL tuning log (resumed)")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db]")
 @click.option("--no-mlflow", is_flag=True, help="do not log to MLflow")
 @click.option("--experiment", default="llm-autotune", show_default=True, help="MLflow experiment")
-@click.option("--build-timeout", default=60.0, show_default=True, type=float)
-@click.option("--run-timeout", default=20.0, show_default=True, type=float)
+@click.option("--build-timeout", default=60.0, show_default=True, type=float, help="seconds a candidate may take to compile before it is recorded as BUILD_TIMEOUT")
+@click.option("--run-timeout", default=20.0, show_default=True, type=float, help="seconds a candidate may take to run (its check and timing) before it is recorded as RUN_TIMEOUT")
 @click.option("--restrict", "restrict_items", multiple=True, metavar="KNOB=V[,V]",
               help="search only these values of a knob, repeatable (vec=8,16)")
 @click.option("--threads", default=None, type=int, callback=positive,
@@ -228,7 +228,7 @@ def timing_note(record, target) -> str:
 @click.option("--log", "logs", cls=ManyValues, required=True, help="JSONL tuning log(s)")
 @click.option("--allow-stale", is_flag=True,
               help="use records of code this version no longer builds for their config (with a warning)")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list")
 def best(logs: tuple[str, ...], allow_stale: bool, as_json: bool) -> None:
     """Print the best verified config per task in the logs. Stale records (measured on code
     this version no longer builds for their config) are skipped, with one warning per task."""
