@@ -16,13 +16,21 @@ from .group import cli
 @cli.command()
 @click.option("--target", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list")
-def ops(target: str, as_json: bool) -> None:
-    """List the operator templates for a target."""
+@click.option("--op", default=None, help="list this operator's knobs and their values (for --restrict) instead")
+@click.option("--shape", default=None, help="with --op: the dims to list them at [default: the example shape]")
+@click.option("--dtype", default=None, help="with --op: the element type [default: the operator's first]")
+def ops(target: str, as_json: bool, op: str | None, shape: str | None, dtype: str | None) -> None:
+    """List the operator templates for a target, or one operator's knobs (--op)."""
     from search_space import format_shape, list_templates
 
     kind = "cuda" if target == "cuda" or target.startswith("sm_") else target
     if kind not in ("cpu", "cuda"):
         raise UserError(f"unknown target {target!r}: use cpu or cuda")
+    if op is not None:
+        _knobs(op, shape, dtype, kind, target, as_json)
+        return
+    if shape is not None or dtype is not None:
+        raise UserError("--shape and --dtype are for --op")
     templates = list_templates(kind)
     rows = [{"op": t.op, "dims": list(t.dims), "example_shape": format_shape(t.example_shape),
              "dtypes": list(t.dtypes), "dynamic_dims": list(t.dynamic_dims), "attrs": dict(t.default_attrs),
@@ -41,6 +49,27 @@ def ops(target: str, as_json: bool) -> None:
         click.echo(f"    --shape {r['example_shape']}  ({'/'.join(r['dtypes'])}{dynamic})")
         for key, value in r["attrs"].items():
             click.echo(f"    --attr {key}={json.dumps(value)}  {r['attr_docs'][key]}")
+
+
+def _knobs(op: str, shape: str | None, dtype: str | None, kind: str, target: str, as_json: bool) -> None:
+    """``ops --op``: the knobs of ``op``'s space at a shape, on this CPU or a CUDA arch (the
+    values depend on both: vector widths, thread counts, tiles that fit)."""
+    from search_space import format_shape, get_template
+
+    try:
+        template = get_template(op, kind)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    tgt = resolve_target("sm_90a" if target == "cuda" else target, compile_only=True)
+    _, task = resolve_task(op, shape or format_shape(template.example_shape), dtype or template.dtypes[0], kind)
+    space = template.space(task, tgt)
+    rows = [{"knob": knob.name, "values": list(knob.values)} for knob in space.knobs]
+    if as_json:
+        echo_json({"task": task.key, "target": tgt.key, "knobs": rows, "size": len(space)})
+        return
+    click.echo(f"{task.key} on {tgt.key}: {len(space)} configs before constraints; --restrict KNOB=V[,V] keeps values")
+    for row in rows:
+        click.echo(f"    {row['knob']}: {', '.join(map(str, row['values']))}")
 
 
 @cli.command()

@@ -58,6 +58,13 @@ def assert_usage_error(proc, message: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_ops_lists_one_operators_knobs_for_restrict():
+    out = json.loads(run("ops", "--op", "gemv", "--shape", "M=1,N=64,K=64", "--json").stdout)
+    knobs = {row["knob"]: row["values"] for row in out["knobs"]}
+    assert out["task"] == "gemv/float32/M=1,N=64,K=64" and "threads" in knobs and 1 in knobs["threads"]
+    assert out["size"] >= len(knobs)
+
+
 def test_autotune_alone_prints_its_help_as_help():
     proc = run(check=False)
     assert proc.returncode == 2 and proc.stdout.startswith("Usage: autotune") and "tune-model" in proc.stdout
