@@ -397,6 +397,7 @@ def to_dataframe(records: Iterable[Record]):
             "tuner": r.tuner,
             "config_index": r.config_index,
             "error": r.result.error.name,
+            "message": r.result.message,  # what the compiler, the check or the worker said
             "ok": r.ok,
             "seconds": r.seconds if r.ok else math.nan,
             "gflops": r.gflops if r.ok else math.nan,
@@ -419,10 +420,12 @@ def to_dataframe(records: Iterable[Record]):
         rows.append(row)
     # the fixed columns even without a record: a notebook's df["task"] works on an empty log too
     frame = pd.DataFrame(rows, columns=list(dict.fromkeys([*FRAME_COLUMNS, *(k for row in rows for k in row)])))
+    for column in ("seconds", "gflops", "build_s", "run_s"):  # float even when empty: cummax, plots
+        frame[column] = frame[column].astype(float)
     frame["best_so_far_gflops"] = frame["gflops"].astype(float).fillna(0.0).groupby(
         [frame["task"], frame["target"]]).cummax()
     return frame
 
 
-FRAME_COLUMNS = ("trial", "op", "task", "dtype", "target", "device", "tuner", "config_index", "error", "ok",
+FRAME_COLUMNS = ("trial", "op", "task", "dtype", "target", "device", "tuner", "config_index", "error", "message", "ok",
                  "seconds", "gflops", "build_s", "run_s", "timestamp", "config")

@@ -77,6 +77,9 @@ def test_dataframe_has_knob_columns_and_best_so_far():
     frame = to_dataframe(records)
     assert list(frame["cfg.mr"]) == [0, 1, 2]
     assert list(frame["error"]) == ["NO_ERROR", "RUNTIME_ERROR", "NO_ERROR"]
+    assert list(frame["message"]) == ["", "boom", ""]  # what failed, for a study of failures
+    empty = to_dataframe([])  # a notebook's df["gflops"].cummax() works on an empty log too
+    assert empty["gflops"].dtype == float and len(empty) == 0
     gflops = records[0].task.flops / 1e9
     assert frame["best_so_far_gflops"].tolist() == pytest.approx([gflops / 0.3, gflops / 0.3, gflops / 0.1])
 
