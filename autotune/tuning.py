@@ -253,11 +253,11 @@ def tune_task(job, log: RecordLog, builder, runner, tuner_options: dict, progres
     """One task of ``job`` (a ``TuningJob``, see ``autotune.job.run_job``): the tuner's loop
     with the log, MLflow and a progress bar as callbacks."""
     tuner = make_tuner(job.tuner, job.task, job.target, seed=job.seed, restrict=job.restrict, **tuner_options)
-    _note_other_tuners(job, log, note)
     bar = ProgressCallback(job.task, job.trials) if progress else None
     with observed(job, note, bar, lambda run, status, summary: _finish_run(run, log, status, summary)) as (
             tracking, outcome):
-        callbacks = [c for c in (MLflowCallback(tracking.run) if tracking.run else None, bar) if c is not None]
+        callbacks = [c for c in (OtherTunersNote(job, log, note), MLflowCallback(tracking.run) if tracking.run else None,
+                                 bar) if c is not None]
         outcome["summary"] = tuner.tune(job.trials, builder, runner, batch_size=job.batch, log=log,
                                         callbacks=callbacks)
         if job.save_model:
@@ -268,19 +268,29 @@ def tune_task(job, log: RecordLog, builder, runner, tuner_options: dict, progres
 REMEASURE = "remeasure"  # the tuner name of records that measured a stale record's config again
 
 
-def _note_other_tuners(job, log: RecordLog, note: Callable[[str], None]) -> None:
-    """Records of the task that another tuner measured count toward this job's trials (a
-    config is measured once per log), and its MLflow run shows them under this job's tuner:
-    said before the job runs, so that comparing tuners is done on logs of their own."""
-    others: dict[str, int] = {}
-    for record in log.records(warn=False):
-        if (record.task.key == job.task.key and record.target.key == job.target.key
-                and record.tuner not in (job.tuner, REMEASURE)):
-            others[record.tuner] = others.get(record.tuner, 0) + 1
-    if others:
-        said = ", ".join(f"{n} by {name}" for name, n in sorted(others.items()))
-        note(f"autotune: warning: {log.path} holds records of {job.task.key} measured by other tuners ({said}): "
-             f"they count toward --trials and show in this run as {job.tuner}'s; compare tuners on logs of their own")
+class OtherTunersNote:
+    """Resumed records of the task that another tuner measured count toward this job's trials
+    (a config is measured once per log), and its MLflow run shows them under this job's tuner:
+    said as the job resumes them (the tuner's first callback, before anything is measured), so
+    that comparing tuners is done on logs of their own."""
+
+    def __init__(self, job, log: RecordLog, note: Callable[[str], None]):
+        self.job, self.log, self.note, self.done = job, log, note, False
+
+    def __call__(self, tuner: Tuner, inputs: list[MeasureInput], results: list[MeasureResult],
+                 records: list[Record], first: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        others: dict[str, int] = {}
+        for record in records:
+            if record.tuner not in (self.job.tuner, REMEASURE):
+                others[record.tuner] = others.get(record.tuner, 0) + 1
+        if others:
+            said = ", ".join(f"{n} by {name}" for name, n in sorted(others.items()))
+            self.note(f"autotune: warning: {self.log.path} holds records of {self.job.task.key} measured by other "
+                      f"tuners ({said}): they count toward --trials and show in this run as {self.job.tuner}'s; "
+                      "compare tuners on logs of their own")
 
 
 def remeasure_task(job, log: RecordLog, builder, runner, progress: bool, note: Callable[[str], None]) -> TuneSummary:

@@ -393,9 +393,10 @@ def spec_of_entry(entry: Mapping[str, Any]) -> KernelSpec:
 def required_cpu_features(target: Mapping[str, Any]) -> list[str]:
     """The extensions a library compiled for ``target`` (its manifest's target) may use that a
     CPU may lack, in the target's order."""
-    features = target.get("features", "")
+    features = target.get("features")
     if not isinstance(features, str):
-        raise LibraryFormatError(f"the target's features {features!r} are not LLVM's feature string")
+        raise LibraryFormatError(f"the target's features {features!r} are not LLVM's feature string: what the "
+                                 "library needs of a CPU cannot be checked")
     need = [f[1:] for f in features.split(",") if f.startswith("+")]
     return [f for f in need if f in _CHECKED_FEATURES]
 
@@ -542,9 +543,7 @@ class SharedObjectKernels:
     @staticmethod
     def check_target(target: Mapping[str, Any]) -> None:
         """The CPU features it was compiled for, checked against this CPU's before it is loaded."""
-        if not isinstance(target.get("features"), str):
-            raise LibraryFormatError(f"the target's features {target.get('features')!r} are not LLVM's feature "
-                                     "string: what the library needs of a CPU cannot be checked")
+        required_cpu_features(target)
 
     @staticmethod
     def check_entry(entry: Mapping[str, Any], where: str) -> None:

@@ -134,11 +134,15 @@ def parse_attrs(items, template) -> dict[str, Any]:
     return attrs
 
 
+def _check_named(path: str) -> None:
+    if not path.strip():  # Path("") is the working directory: an unset $VAR
+        raise UserError("--log is empty: name the log file")
+
+
 def open_log(path: str):
     from records import LogWriteError, RecordLog
 
-    if not path.strip():  # Path("") is the working directory: an unset $VAR
-        raise UserError("--log is empty: name the log file")
+    _check_named(path)
     log = RecordLog(path)
     try:
         log.check_writable()
@@ -150,8 +154,7 @@ def open_log(path: str):
 def read_log(path: str):
     from records import LogReadError, RecordLog
 
-    if not path.strip():
-        raise UserError("--log is empty: name the log file")
+    _check_named(path)
     try:
         found = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):

@@ -107,11 +107,11 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
     tgt = resolve_target(target)
     if threads is not None and not tgt.uses_cpu_threads:
         raise UserError("--threads is for the cpu target")
+    from search_space import get_template
+
     for task in tasks:  # a task that cannot be allocated would be given up trial after trial
         check_fits_in_memory(task.task)
         if threads is not None:  # said now, naming --threads, not from inside the job
-            from search_space import get_template
-
             restriction(get_template(task.task.op, tgt.kind), task.task, tgt, threads)
     job = make_job(target=tgt, model=workload, tuner=tuner, trials=trials_total, batch=batch, seed=seed,
                    log=open_log(log_path).path, restrict={"threads": [threads]} if threads is not None else None,
