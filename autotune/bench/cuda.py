@@ -7,7 +7,7 @@ baseline (``cuda_baselines``: cuBLAS, tinygemm, SDPA, torch row ops) runs in its
 process with torch, on the same inputs, timed the same way and checked against the same
 reference. The ceilings: streaming bandwidth and float32 FFMA peak from probe kernels
 (``measure.cuda_roofline``), the tensor-core peak from cuBLAS on 8192^3 products; without
-torch (or when a probe fails) the H200 values of TARGETS.md stand in, and ``ceilings_source``
+torch (or when a probe fails) the H200 values measured on 2026-11-28 (``DOCUMENTED``) stand in, and ``ceilings_source``
 says which numbers were measured.
 """
 from __future__ import annotations
@@ -85,7 +85,7 @@ def measure_ceilings(target: Target, device: int = 0, use_torch: bool | None = N
                      " (stream and FFMA probes; tensor cores = cuBLAS 8192^3)")
     documented = sorted(set(DOCUMENTED) - measured)
     if documented:
-        parts.append("TARGETS.md H200 values: " + ", ".join(documented))
+        parts.append("H200 values measured on 2026-11-28 (not this GPU): " + ", ".join(documented))
     ceilings["source"] = "; ".join(parts + notes)
     return ceilings
 

@@ -79,7 +79,7 @@ def test_result_without_a_vendor_baseline_is_valid_json_and_readable():
     result = CudaBenchResult(task, SM90, {"warps": 4}, threads=0, tuned_s=30e-6, baseline_s=math.nan,
                              baseline="no vendor baseline (torch is not importable)",
                              peak_gflops=DOCUMENTED["fp16_gflops"], memory_gbs=DOCUMENTED["stream_gbs"],
-                             memory_level="HBM", ceilings=dict(DOCUMENTED, source="TARGETS.md"))
+                             memory_level="HBM", ceilings=dict(DOCUMENTED, source="H200 values measured on 2026-11-28 (not this GPU)"))
     data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert data["baseline_s"] is None and data["speedup"] is None and data["bound"] == "memory"
     assert 0.7 < data["roofline_fraction"] < 0.8  # 90 MB in 30 us against 4.09 TB/s
