@@ -52,6 +52,10 @@ class WorkerProcess:
     same from scripts, notebooks and the CLI. It sees the caller's ``sys.path``.
     ``generation`` increases each time a new process starts, so callers can tell that
     per-process state (loaded inputs, caches) is gone.
+
+    A process forked from the owner (a DataLoader-style worker) does not share the owner's
+    worker: its first call starts one of its own. Both talking over one socket would read each
+    other's answers (a kernel built for another shape).
     """
 
     def __init__(self, env: dict[str, str | None] | None = None, name: str = "autotune-worker"):
@@ -60,6 +64,20 @@ class WorkerProcess:
         self.generation = 0
         self._process: subprocess.Popen | None = None
         self._conn: Connection | None = None
+        self._owner = os.getpid()  # the process whose worker ``_process`` is
+
+    def _disown_inherited(self) -> None:
+        """In a process forked from the owner: forget the owner's worker (this process's copies
+        of its socket and handles close; the worker itself is the owner's to use and end)."""
+        if self._owner == os.getpid():
+            return
+        self._owner = os.getpid()
+        process, self._process = self._process, None
+        if isinstance(process, _ForkedWorker):
+            process.forget()
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
 
     def _start(self) -> None:
         ours, theirs = socket.socketpair()
@@ -82,6 +100,7 @@ class WorkerProcess:
 
     @property
     def alive(self) -> bool:
+        self._disown_inherited()
         return self._process is not None and self._process.poll() is None
 
     def call(self, path: str, payload: Any, timeout: float) -> Any:
@@ -109,6 +128,7 @@ class WorkerProcess:
         return value
 
     def kill(self) -> None:
+        self._disown_inherited()
         if self._process is not None:
             if self._process.poll() is None:
                 self._process.kill()
@@ -261,6 +281,12 @@ class _ForkedWorker:
                 self.returncode = int(data) if data else -signal.SIGKILL
                 self._close()
             return self.returncode
+
+    def forget(self) -> None:
+        """In a forked child: close this process's copies of the handles, signalling nothing (no
+        lock: a thread of the parent may have held it at the fork, and that thread is not here)."""
+        self._lock = threading.Lock()
+        self._close()
 
     def _close(self) -> None:
         for fd in (self._pidfd, self._status_fd):

@@ -115,3 +115,37 @@ def test_closing_idle_zygotes_keeps_the_one_a_live_worker_came_from():
         assert facts(live)["parent"] == live_parent
     finally:
         close_all([live, done])
+
+
+def test_a_process_forked_from_the_owner_starts_its_own_worker_and_leaves_the_owners_alone():
+    """A DataLoader-style fork of a process that has a worker: the child's calls go to a worker
+    of its own (sharing the socket, each read the other's answers: kernels of other shapes), and
+    the child ending or killing its worker leaves the parent's serving."""
+    import multiprocessing
+
+    worker = WorkerProcess()
+    try:
+        parent_worker = facts(worker)["pid"]
+
+        def child(queue):
+            first = facts(worker)["pid"]
+            worker.kill()  # ends the child's own worker only
+            queue.put((first, facts(worker)["pid"], worker.generation))
+
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        children = [context.Process(target=child, args=(queue,)) for _ in range(2)]
+        for process in children:
+            process.start()
+        for _ in range(4):  # the parent keeps calling its worker meanwhile
+            assert facts(worker)["pid"] == parent_worker
+        results = [queue.get(timeout=120) for _ in children]
+        for process in children:
+            process.join(60)
+            assert process.exitcode == 0
+        used = {pid for first, second, _ in results for pid in (first, second)}
+        assert len(used) == 4 and parent_worker not in used
+        assert all(generation == worker.generation + 2 for _, _, generation in results)
+        assert facts(worker)["pid"] == parent_worker and worker.generation == 1
+    finally:
+        worker.close()
