@@ -4,7 +4,10 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import stat
+import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,22 @@ ARTIFACT_SHA256 = "artifact_sha256"
 def default_cache_dir() -> Path:
     root = os.environ.get("AUTOTUNE_CACHE_DIR")
     return Path(root) if root else Path.home() / ".cache" / "llm-autotune" / "kernels"
+
+
+def fallback_cache_dir(create: bool) -> Path | None:
+    """This user's kernel cache under the temp dir, for when the cache cannot be written (a
+    read-only home in a container); None where it does not exist (``create`` false) or is not
+    safely this user's: kernels loaded from a folder others can write could be anyone's code."""
+    folder = Path(tempfile.gettempdir()) / f"llm-autotune-{os.getuid()}-kernels"
+    try:
+        if create:
+            folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return None
+    return folder
 
 
 def artifact_path(cache_dir: Path, digest: str, target: Target) -> Path:
@@ -79,21 +98,37 @@ def build_candidate(payload: dict[str, Any]) -> dict[str, Any]:
     flags = artifact_flags(target)
     digest = source.digest(flags)
     cache = Path(payload["cache_dir"])
-    hit = cached_artifact(cache, source, target)
-    cached = hit is not None
+    fallback = fallback_cache_dir(create=False)
+    hit = cached_artifact(cache, source, target) or (fallback and cached_artifact(fallback, source, target))
+    cached, note = hit is not None, ""
     if hit is not None:
         path, stats = hit
     else:
         data, stats = get_backend(target.kind).compile(source, target)
         stats["compiler"] = compiler_identity(target)  # kept in the record: part of its code identity
-        path = artifact_path(cache, digest, target)
-        cache.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, data)
-        _atomic_write(cache / (digest + ".json"), _dump_json({**stats, ARTIFACT_SHA256: hashlib.sha256(data).hexdigest()}))
-        # the source beside its artifact: which kernel a cached file is, for people and tools
-        _atomic_write(cache / (digest + ".source.json"), _dump_json(source.to_dict()))
+        try:
+            path = _store(cache, digest, target, data, stats, source)
+        except OSError as exc:  # the kernel compiled: a cache that cannot be written is no compile error
+            fallback = fallback_cache_dir(create=True)
+            if fallback is None:
+                raise OSError(f"the kernel cache {cache} cannot be written ({exc.strerror or exc}), nor a "
+                              f"private folder under {tempfile.gettempdir()}") from None
+            path = _store(fallback, digest, target, data, stats, source)
+            note = (f"the kernel cache {cache} cannot be written ({exc.strerror or exc}): kernels are kept in "
+                    f"{fallback} (AUTOTUNE_CACHE_DIR sets the cache)")
     return {"artifact": str(path), "source": source.to_dict(), "digest": digest, "stats": stats,
-            "build_s": time.perf_counter() - start, "cached": cached}
+            "build_s": time.perf_counter() - start, "cached": cached, "cache_note": note}
+
+
+def _store(cache: Path, digest: str, target: Target, data: bytes, stats: dict[str, Any], source: KernelSource) -> Path:
+    """Write a built artifact into ``cache``, its stats (with its sha256) and source beside it."""
+    path = artifact_path(cache, digest, target)
+    cache.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, data)
+    _atomic_write(cache / (digest + ".json"), _dump_json({**stats, ARTIFACT_SHA256: hashlib.sha256(data).hexdigest()}))
+    # the source beside its artifact: which kernel a cached file is, for people and tools
+    _atomic_write(cache / (digest + ".source.json"), _dump_json(source.to_dict()))
+    return path
 
 
 def library_object_job(payload: dict[str, Any]) -> bytes:
@@ -120,8 +155,12 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
 
 
 class LocalBuilder:
@@ -135,6 +174,7 @@ class LocalBuilder:
         for i in range(self.n_parallel):
             self._idle.put(WorkerProcess(name=f"autotune-build-{i}"))
         self._spaces: dict[tuple[str, str], Any] = {}
+        self._cache_noted = False  # a cache that cannot be written is said once per builder
 
     def _space(self, task: Task, target: Target):
         key = (task.key, target.key)
@@ -174,6 +214,9 @@ class LocalBuilder:
                                message=_one_line(str(exc)))
         finally:
             self._idle.put(worker)
+        if out.get("cache_note") and not self._cache_noted:
+            self._cache_noted = True
+            warnings.warn(out["cache_note"], stacklevel=2)
         source = KernelSource.from_dict(out["source"])
         backend = get_backend(inp.target.kind)
         problems = backend.build_problems(source, out["stats"], inp.target, inp.task.dims)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from measure import LocalBuilder, MeasureInput
+from measure import LocalBuilder, MeasureError, MeasureInput
 from measure.builder import compiler_identity
 from search_space import Task, get_template
 
@@ -53,3 +53,47 @@ def test_a_damaged_artifact_is_built_again_not_loaded(host, tmp_path, monkeypatc
     with TunedKernels([], target=host, warn_untuned=False) as kernels:
         x, y = np.ones((4, 64), np.float32), np.full((4, 64), 2.0, np.float32)
         np.testing.assert_allclose(kernels.get("add", {"M": 4, "N": 64})(x, y), np.full((4, 64), 3.0))
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning_not_a_compile_error(host, tmp_path, monkeypatch):
+    """A container with a read-only home: the kernels compile, so they are kept in this user's
+    private folder under the temp dir (said once), found there again, and run; a tuning log
+    would otherwise record every candidate as a compile error for good."""
+    import warnings
+
+    from export import TunedKernels
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    task = Task.make("add", {"M": 4, "N": 64})
+    inp = MeasureInput(task, get_template("add", "cpu").default(task, host), host)
+    with LocalBuilder(n_parallel=1, cache_dir=blocked / "cache") as builder:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first = builder.build([inp])[0]
+            assert first.error == MeasureError.NO_ERROR and not first.cached, first.message
+            assert builder.build([inp])[0].cached  # from the private folder
+        said = [str(w.message) for w in caught]
+        assert len(said) == 1 and "cannot be written" in said[0] and "AUTOTUNE_CACHE_DIR" in said[0]
+    private = Path(first.artifact).parent
+    assert private.parent == tmp_path / "tmp" and private.stat().st_mode & 0o777 == 0o700
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(blocked / "cache"))
+    x, y = np.random.rand(4, 64).astype(np.float32), np.random.rand(4, 64).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with TunedKernels.defaults() as kernels:
+            np.testing.assert_allclose(kernels.get("add", {"M": 4, "N": 64})(x, y), x + y, rtol=1e-6)
+
+
+def test_a_private_folder_that_others_can_write_is_not_used(host, tmp_path, monkeypatch):
+    from measure.builder import fallback_cache_dir
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again in this process
+    folder = fallback_cache_dir(create=True)
+    assert folder is not None and folder.parent == tmp_path
+    folder.chmod(0o777)
+    assert fallback_cache_dir(create=True) is None
