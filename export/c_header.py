@@ -125,7 +125,10 @@ def header_text(kernels: Iterable[Mapping[str, Any]], target_key: str, guard: st
         out += [" * Entries tuned with threads > 1 share a pool of worker threads that the library starts at",
                 " * their first call and keeps until the process exits; the library is linked NODELETE, so",
                 " * dlclose leaves it loaded (its workers run its code). The workers take the CPU affinity",
-                " * of the thread that first calls one, and their number is the tuned one."]
+                " * of the thread that first calls one, and their number is the tuned one. One caller at a",
+                " * time: a call made while another thread's is in the pool runs its shares on the calling",
+                " * thread. A child made by fork() starts a pool of its own. An idle worker spins up to 0.5 ms",
+                " * before it sleeps: processes whose threads outnumber the cores keep each other waiting."]
     out += [
         " */",
         f"#ifndef {guard}",
