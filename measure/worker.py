@@ -114,6 +114,9 @@ class WorkerProcess:
         except (BrokenPipeError, EOFError, OSError) as exc:
             self.kill()
             raise WorkerCrash(f"worker died: {exc}") from None
+        except BaseException:  # interrupted (Ctrl-C in a notebook): the answer in flight would go to the next call
+            self.kill()
+            raise
         if not ready:
             self.kill()
             raise WorkerTimeout(f"no answer within {timeout:.1f} s")
@@ -123,6 +126,9 @@ class WorkerProcess:
             process = self._process
             self.kill()
             raise WorkerCrash(_describe_exit(process.returncode)) from None
+        except BaseException:
+            self.kill()
+            raise
         if status == "error":
             raise WorkerError(*value)
         return value

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -58,7 +59,6 @@ def _kill_me_when_parent_dies() -> bool:
         return False
     try:
         import ctypes
-        import signal
 
         prctl = ctypes.CDLL(None, use_errno=True).prctl
         prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
@@ -84,5 +84,8 @@ def watch_parent(parent_pid: int, interval_s: float = PARENT_CHECK_S) -> threadi
 
 
 if __name__ == "__main__":
+    # Ctrl-C is the job's to handle (it ends its workers): a worker that raised it would report
+    # the candidate in hand as failed, recorded for good (in a job started with SIGINT ignored, too)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(int(sys.argv[2]) if len(sys.argv) > 2 else os.getppid())
     serve(Connection(int(sys.argv[1])))

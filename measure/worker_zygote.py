@@ -140,7 +140,8 @@ def _become_worker(conn_fd: int, zygote_pid: int, control: socket.socket, select
         for pidfd, (_, status_write) in children.items():
             os.close(pidfd)
             os.close(status_write)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # SIGINT stays ignored, as in the zygote: Ctrl-C is the job's to handle (it ends its
+        # workers); a worker that raised it would report the candidate in hand as failed
         die_with_parent(zygote_pid)
         serve(Connection(conn_fd))
     except BaseException:

@@ -149,3 +149,28 @@ def test_a_process_forked_from_the_owner_starts_its_own_worker_and_leaves_the_ow
         assert facts(worker)["pid"] == parent_worker and worker.generation == 1
     finally:
         worker.close()
+
+
+@pytest.mark.parametrize("zygote", ["1", "0"])
+def test_a_worker_ignores_sigint_and_an_interrupted_call_leaves_no_answer_behind(zygote, monkeypatch):
+    """Ctrl-C is the job's: a worker that raised KeyboardInterrupt reported the candidate in hand
+    as failed, recorded for good (a job started in the background has SIGINT ignored, yet its
+    workers raised it). And a call interrupted in the caller (a notebook's Ctrl-C) ends its
+    worker: the answer it was computing would otherwise be read by the next call."""
+    import _thread
+    import threading
+
+    monkeypatch.setenv("AUTOTUNE_WORKER_ZYGOTE", zygote)
+    worker = WorkerProcess()
+    try:
+        pid = facts(worker)["pid"]
+        os.kill(pid, signal.SIGINT)
+        assert worker.call("time:sleep", 0.2, 60) is None and facts(worker)["pid"] == pid and worker.generation == 1
+        timer = threading.Timer(0.3, _thread.interrupt_main)
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            worker.call("time:sleep", 3, 60)
+        answer = facts(worker)
+        assert isinstance(answer, dict) and answer["pid"] != pid and worker.generation == 2
+    finally:
+        worker.close()
