@@ -9,6 +9,7 @@ from runtime.model_config import ModelConfig
 
 from .model_tasks import ModelTask, model_tasks, workload_bytes
 from .progress import ProgressDisplay
+from .resume_notes import other_conditions, other_tuners
 from .scheduler import ClusterRounds, ModelTuneSummary, TaskScheduler
 from .units import format_time
 
@@ -107,10 +108,16 @@ def tune_model(job, log: RecordLog, builder, runner, progress: bool, note: Calla
     from .tuning import observed
 
     tasks = job.model.tasks()
-    mixed = _other_conditions(log, tasks, job.target, job.cache_condition())
+    keys = {t.key for t in tasks}
+    resumed = [r for r in log.records(warn=False) if r.task.key in keys and r.target.key == job.target.key]
+    mixed = other_conditions(resumed, job.cache_condition())
     if mixed:
         note(f"warning: {log.path} holds {mixed} of these tasks; this job times {job.cache_condition()} and resumes "
              "them as they are, so the best times mix both (use a new --log to tune in one condition only)")
+    others = other_tuners(resumed, job.tuner)
+    if others:
+        note(f"warning: {log.path} holds records of these tasks measured by other tuners ({others}): they count "
+             f"toward --trials-total as {job.tuner}'s; compare tuners on logs of their own")
     # the log's records of other shapes and variants (a fused GEMV's plain one) are where new tasks start
     cold = job.cache_condition() == "cold"
     read_rate = memory_read_rate(job.target, job.restrict, note) if cold else 0.0
@@ -196,26 +203,6 @@ def _all_targets(summaries: list[ModelTuneSummary]) -> ModelTuneSummary:
                             resumed=sum(s.resumed for s in summaries), rounds=sum(s.rounds for s in summaries),
                             wall_s=max(s.wall_s for s in summaries), history=first.history,
                             given_up=[k for s in summaries for k in s.given_up])
-
-
-def _other_conditions(log: RecordLog, tasks: list[ModelTask], target, condition: str | None) -> str:
-    """"N records timed cold" (or warm, or with no condition recorded, or by the older cycle) of
-    ``tasks`` in ``log`` whose condition is not ``condition``; "" when there are none."""
-    if condition is None or not log.path.exists():
-        return ""
-    keys = {t.key for t in tasks}
-    counts: dict[str, int] = {}
-    for record in log.records(warn=False):
-        if record.ok and record.task.key in keys and record.target.key == target.key:
-            stats = record.result.stats
-            other = stats.get("cache", "with no cache condition recorded")
-            if other == condition and stats.get("input_copies", 1) > 1 and "cycle_bytes" not in stats:
-                other = (f"timed {condition} by the older cycle of input copies (each sample started again at "
-                         "the first copy, which finds the weights nearer than the model does)")
-            if other != condition:
-                counts[other] = counts.get(other, 0) + 1
-    return ", ".join(f"{n} records timed {c}" if c in ("cold", "warm") else f"{n} records {c}"
-                     for c, n in sorted(counts.items()))
 
 
 def _finish(run, log: RecordLog, status: str, summary: ModelTuneSummary | None) -> None:

@@ -23,6 +23,7 @@ from records import Record, RecordLog, stale_configs
 from search_space import Config, Target, Task, get_template
 
 from .progress import ProgressDisplay
+from .resume_notes import REMEASURE, ResumeNote
 from .tuners import TuneSummary, Tuner, make_tuner
 from .tuners.base import _tell
 from .units import format_rate
@@ -256,41 +257,13 @@ def tune_task(job, log: RecordLog, builder, runner, tuner_options: dict, progres
     bar = ProgressCallback(job.task, job.trials) if progress else None
     with observed(job, note, bar, lambda run, status, summary: _finish_run(run, log, status, summary)) as (
             tracking, outcome):
-        callbacks = [c for c in (OtherTunersNote(job, log, note), MLflowCallback(tracking.run) if tracking.run else None,
+        callbacks = [c for c in (ResumeNote(job, log, note), MLflowCallback(tracking.run) if tracking.run else None,
                                  bar) if c is not None]
         outcome["summary"] = tuner.tune(job.trials, builder, runner, batch_size=job.batch, log=log,
                                         callbacks=callbacks)
         if job.save_model:
             _save_model(tuner, job.save_model)
     return outcome["summary"]
-
-
-REMEASURE = "remeasure"  # the tuner name of records that measured a stale record's config again
-
-
-class OtherTunersNote:
-    """Resumed records of the task that another tuner measured count toward this job's trials
-    (a config is measured once per log), and its MLflow run shows them under this job's tuner:
-    said as the job resumes them (the tuner's first callback, before anything is measured), so
-    that comparing tuners is done on logs of their own."""
-
-    def __init__(self, job, log: RecordLog, note: Callable[[str], None]):
-        self.job, self.log, self.note, self.done = job, log, note, False
-
-    def __call__(self, tuner: Tuner, inputs: list[MeasureInput], results: list[MeasureResult],
-                 records: list[Record], first: int) -> None:
-        if self.done:
-            return
-        self.done = True
-        others: dict[str, int] = {}
-        for record in records:
-            if record.tuner not in (self.job.tuner, REMEASURE):
-                others[record.tuner] = others.get(record.tuner, 0) + 1
-        if others:
-            said = ", ".join(f"{n} by {name}" for name, n in sorted(others.items()))
-            self.note(f"autotune: warning: {self.log.path} holds records of {self.job.task.key} measured by other "
-                      f"tuners ({said}): they count toward --trials and show in this run as {self.job.tuner}'s; "
-                      "compare tuners on logs of their own")
 
 
 def remeasure_task(job, log: RecordLog, builder, runner, progress: bool, note: Callable[[str], None]) -> TuneSummary:
@@ -585,7 +558,9 @@ def tune_task_on_cluster(job, log: RecordLog, cluster, targets: list[Target], tu
         if tracking.run is not None:
             _log_cluster_params(tracking.run, cluster, targets)
         callbacks = [c for c in (MLflowCallback(tracking.run) if tracking.run else None, bar) if c is not None]
-        summaries = [tuner.start(log, callbacks) for tuner in tuners]
+        # said once, of the first target's resumed records (the note's first call)
+        summaries = [tuner.start(log, callbacks + [ResumeNote(job, log, note)] * (i == 0))
+                     for i, tuner in enumerate(tuners)]
         busy, stopped, step = set(), set(), [sum(s.trials for s in summaries)]
 
         def done(round_: ClusterRound) -> None:

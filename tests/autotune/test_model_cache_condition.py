@@ -13,7 +13,7 @@ import autotune.job
 from autotune import JobError, ModelWorkload, TuningJob
 from autotune.bench.model_run import RunReport, run_condition, tuned_condition
 from autotune.model_tasks import pass_bytes, weight_bytes
-from autotune.tune_model import _other_conditions
+from autotune.resume_notes import other_conditions
 from measure.timing import cache_condition
 from records import RecordLog
 from runtime.generation import Generation
@@ -107,20 +107,41 @@ def test_tune_model_says_and_records_its_condition_and_warns_on_a_mixed_log(tmp_
     # records from before the samples went on through the cycle (no cycle_bytes) are not quite
     # the same condition: resuming them says so
     workload = ModelWorkload(TINY, (16,), (1,), (64,), dynamic_rows=True)  # the job's (a CPU prefill: dynamic M)
-    assert _other_conditions(RecordLog(tmp_path / "t.jsonl"), workload.tasks(), host, want) == ""
+    keys = {t.key for t in workload.tasks()}
+
+    def conditions(log: str) -> str:
+        return other_conditions([r for r in RecordLog(tmp_path / log).records() if r.task.key in keys], want)
+
+    assert conditions("t.jsonl") == ""
     lines = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     for line in lines:
         line["result"]["stats"].pop("cycle_bytes", None)
     (tmp_path / "older.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    older = _other_conditions(RecordLog(tmp_path / "older.jsonl"), workload.tasks(), host, want)
+    older = conditions("older.jsonl")
     assert older.startswith(f"{len(cycled)} records timed {want} by the older cycle")
     proc = run(*common, "--trials-total", str(first + 2), "--cache", other, cwd=tmp_path)
     assert f"timing candidates {other}" in proc.stderr and "as --cache says" in proc.stderr
     assert ("memory reads at" in proc.stderr) == (other == "cold")
     assert f"records timed {want}" in proc.stderr and "mix both" in proc.stderr
+    assert "other tuners" not in proc.stderr
+    # another tuner's records among those resumed: said, as tune says it
+    proc = run(*common, "--trials-total", str(first + 3), "--cache", other, "--tuner", "random", cwd=tmp_path)
+    assert "measured by other tuners" in proc.stderr and "by xgb" in proc.stderr
     records = RecordLog(tmp_path / "t.jsonl").records()
     assert [r.result.stats["cache"] for r in records if r.ok][first:] == [other] * (sum(r.ok for r in records) - first)
     assert tuned_condition(logs=[str(tmp_path / "t.jsonl")]) in (want, "cold+warm", other)
+
+
+def test_tune_warns_when_it_resumes_records_of_another_cache_condition(tmp_path):
+    """A cold job resuming warm records would report a warm time as its best."""
+    common = ["tune", "--op", "rmsnorm", "--shape", "M=4,N=256", "--tuner", "random", "--log", "t.jsonl",
+              "--no-mlflow", "--quiet"]
+    proc = run(*common, "--trials", "2", cwd=tmp_path)
+    assert "mixes both" not in proc.stderr
+    proc = run(*common, "--trials", "3", "--cold-cache", cwd=tmp_path)
+    assert "2 records timed warm" in proc.stderr and "this job times cold" in proc.stderr and "mixes both" in proc.stderr
+    proc = run(*common, "--trials", "4", "--cold-cache", cwd=tmp_path)  # the warm ones are still there: said again
+    assert "2 records timed warm" in proc.stderr
 
 
 def _library(folder: Path, conditions) -> str:
