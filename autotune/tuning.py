@@ -76,14 +76,27 @@ class ProgressCallback:
 
 
 class MLflowCallback:
-    """Per-trial metrics into the job's MLflow run; a tracking failure never stops the job
-    (after one, the run sends nothing more: see ``MLflowRun``)."""
+    """Per-trial metrics into the job's MLflow run, sent per batch; a tracking failure never
+    stops the job (after one, the run sends nothing more: see ``MLflowRun``). ``flush`` sends
+    the records of a batch the job did not finish (interrupted): each trial in the log is a
+    point in the run too."""
 
     def __init__(self, run):
         self.run = run
+        self.pending: list[tuple[Record, int]] = []  # measured in the batch under way: (record, trial)
+
+    def measured(self, record: Record, trial: int) -> None:
+        self.pending.append((record, trial))
 
     def __call__(self, tuner, inputs, results, records, first) -> None:
+        self.pending.clear()
         self.run.log_trials_or_stop(records, first)
+
+    def flush(self) -> None:
+        if self.pending:
+            records, first = [r for r, _ in self.pending], self.pending[0][1] - 1
+            self.pending.clear()
+            self.run.log_trials_or_stop(records, first)
 
 
 class Tracking:
@@ -257,10 +270,14 @@ def tune_task(job, log: RecordLog, builder, runner, tuner_options: dict, progres
     bar = ProgressCallback(job.task, job.trials) if progress else None
     with observed(job, note, bar, lambda run, status, summary: _finish_run(run, log, status, summary)) as (
             tracking, outcome):
-        callbacks = [c for c in (ResumeNote(job, log, note), MLflowCallback(tracking.run) if tracking.run else None,
-                                 bar) if c is not None]
-        outcome["summary"] = tuner.tune(job.trials, builder, runner, batch_size=job.batch, log=log,
-                                        callbacks=callbacks)
+        metrics = MLflowCallback(tracking.run) if tracking.run else None
+        callbacks = [c for c in (ResumeNote(job, log, note), metrics, bar) if c is not None]
+        try:
+            outcome["summary"] = tuner.tune(job.trials, builder, runner, batch_size=job.batch, log=log,
+                                            callbacks=callbacks)
+        finally:  # an interrupted batch's records are in the log: in the run too
+            if metrics is not None:
+                metrics.flush()
         if job.save_model:
             _save_model(tuner, job.save_model)
     return outcome["summary"]

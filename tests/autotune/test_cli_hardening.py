@@ -175,10 +175,14 @@ def test_sigterm_ends_the_job_as_an_interrupt_does_and_marks_the_run_killed(tmp_
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
     assert "terminated; every measured record is in the log" in stderr
-    assert len(RecordLog(log).records()) >= 1
+    records = RecordLog(log).records()
+    assert len(records) >= 1
     client = MlflowClient(tracking_uri=store)
     (mlflow_run,) = client.search_runs([client.get_experiment_by_name("llm-autotune").experiment_id])
     assert mlflow_run.info.status == "KILLED"
+    # every trial in the log is a point in the run, those of the batch it stopped in too
+    steps = sorted(m.step for m in client.get_metric_history(mlflow_run.info.run_id, "ok"))
+    assert steps == list(range(len(records)))
 
 
 @pytest.mark.tools("cc")
