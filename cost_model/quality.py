@@ -16,6 +16,16 @@ import numpy as np
 LIVE_MARGIN = 0.05
 
 
+def _paired(predicted, measured) -> tuple[np.ndarray, np.ndarray]:
+    """Both as float arrays of one value per candidate; ValueError when they do not pair up."""
+    predicted = np.asarray(predicted, dtype=np.float64)
+    measured = np.asarray(measured, dtype=np.float64)
+    if predicted.ndim != 1 or measured.ndim != 1 or len(predicted) != len(measured):
+        raise ValueError(f"predicted and measured must be 1-D of one length: got shapes {predicted.shape} "
+                         f"and {measured.shape}")
+    return predicted, measured
+
+
 def pairwise_accuracy(predicted: np.ndarray, measured: np.ndarray, margin: float = 0.0) -> float:
     """Share of pairs with different measured values that the prediction orders the same way;
     a pair the prediction ties counts a half (a coin flip: a model that scores every candidate
@@ -25,8 +35,7 @@ def pairwise_accuracy(predicted: np.ndarray, measured: np.ndarray, margin: float
     amount count: pairs closer than the timing noise are coin flips for any model. NaN
     when no pair counts.
     """
-    predicted = np.asarray(predicted, dtype=np.float64)
-    measured = np.asarray(measured, dtype=np.float64)
+    predicted, measured = _paired(predicted, measured)
     dp = predicted[:, None] - predicted[None, :]
     dm = measured[:, None] - measured[None, :]
     mask = dm > margin * np.abs(measured[None, :])
@@ -42,8 +51,7 @@ def topk_recall(predicted: np.ndarray, measured: np.ndarray, k: int) -> float:
 
     NaN when nothing was measured faster than zero (every candidate failed).
     """
-    predicted = np.asarray(predicted, dtype=np.float64)
-    measured = np.asarray(measured, dtype=np.float64)
+    predicted, measured = _paired(predicted, measured)
     k = min(k, len(measured), int(np.sum(measured > 0)))
     if k < 1:
         return float("nan")

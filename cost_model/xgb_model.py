@@ -88,11 +88,31 @@ class XGBCostModel:
 
     def fit(self, features: np.ndarray, throughput: np.ndarray, groups: np.ndarray | None = None,
             feature_names: Sequence[str] | None = None) -> "XGBCostModel":
+        """Train on ``features`` (one row per measured config, 2-D) and their ``throughput``
+        (higher = faster, failures 0), ranked within each of ``groups`` (one group id per row;
+        None: one group). ``feature_names`` name the columns (``FeatureExtractor.names``).
+        Returns the model itself. Raises ValueError for empty input, lengths that disagree,
+        or a throughput with no finite value (nothing to rank)."""
         import xgboost as xgb
 
         features = np.asarray(features, dtype=np.float32)
         throughput = np.asarray(throughput, dtype=np.float64)
         groups = np.zeros(len(throughput), dtype=np.int64) if groups is None else np.asarray(groups)
+        # xgboost would silently train on a mislaid set (it cuts labels to the rows, or fails deep inside)
+        if features.ndim != 2:
+            raise ValueError(f"features must be a 2-D array (one row per config), got shape {features.shape}")
+        if len(features) == 0:
+            raise ValueError("nothing to fit: features has no row")
+        if throughput.shape != (len(features),):
+            raise ValueError(f"throughput has shape {throughput.shape}: expected one value per row of features "
+                             f"({len(features)})")
+        if groups.shape != (len(features),):
+            raise ValueError(f"groups has shape {groups.shape}: expected one group per row of features ({len(features)})")
+        if not np.isfinite(throughput).any():
+            raise ValueError("throughput has no finite value: nothing to rank")
+        if feature_names is not None and len(list(feature_names)) != features.shape[1]:
+            raise ValueError(f"feature_names names {len(list(feature_names))} column(s); features has "
+                             f"{features.shape[1]}")
         order = np.argsort(groups, kind="stable")  # xgboost wants qid sorted
         labels = normalize_per_group(throughput, groups)[order]
         names = list(feature_names) if feature_names is not None else None
@@ -153,10 +173,18 @@ class XGBCostModel:
 
     @classmethod
     def load(cls, path: str, seed: int = 0) -> "XGBCostModel":
+        """The model ``save`` wrote to ``path`` (and ``path.meta.json``). FileNotFoundError naming
+        ``path`` when either file is missing."""
         import json
+        import os
 
         import xgboost as xgb
 
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no saved cost model at {path}")
+        if not os.path.isfile(path + ".meta.json"):  # save writes both: the model alone cannot be laid out
+            raise FileNotFoundError(f"cost model {path} has no {path}.meta.json beside it (save writes both)")
         with open(path + ".meta.json") as f:
             meta = json.load(f)
         model = cls(XGBConfig(**meta["config"]), seed)

@@ -34,3 +34,12 @@ def test_topk_recall_and_failures():
     assert quality["k"] == 2 and quality["topk_recall"] == 0.5
     assert 0.5 < quality["pairwise_accuracy"] < 1.0
     assert batch_quality(np.ones(4), np.zeros(4)) == {}
+
+
+def test_predicted_and_measured_of_different_lengths_are_named():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"one length: got shapes \(5,\) and \(4,\)"):
+        pairwise_accuracy(np.arange(5), np.arange(4))
+    with pytest.raises(ValueError, match="one length"):
+        topk_recall(np.arange(3), np.arange(4), 1)
