@@ -19,6 +19,7 @@ import fcntl
 import gzip
 import json
 import math
+import numbers
 import os
 import re
 import stat
@@ -351,15 +352,23 @@ class RecordLog:
         return iter(self.records())
 
 
-def load_records(paths: Iterable[str | os.PathLike], warn: bool = True) -> list[Record]:
-    """Every record of the logs ``paths`` (read, so each must exist: a name mistyped would
-    read as a log of nothing, and a model run on template defaults)."""
+def load_records(paths: Iterable[str | os.PathLike] | str | os.PathLike, warn: bool = True) -> list[Record]:
+    """Every record of the logs ``paths`` (one path, or several), in order. Each must exist
+    (FileNotFoundError): a name mistyped would read as a log of nothing, and a model run on
+    template defaults. Unreadable lines are skipped with a warning (``warn``)."""
     out: list[Record] = []
-    for path in paths:
+    for path in as_paths(paths):
         if not Path(path).exists():
             raise FileNotFoundError(f"log {path} does not exist")
         out.extend(RecordLog(path).records(warn))
     return out
+
+
+def as_paths(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> list[str | os.PathLike]:
+    """``paths`` as a list: one path (a str is one name, not its characters) or several."""
+    if isinstance(paths, (str, os.PathLike)):
+        return [paths]
+    return list(paths)
 
 
 def best_records(records: Iterable[Record]) -> dict[tuple[str, str], Record]:
@@ -381,10 +390,17 @@ def best(records: Iterable[Record], task, target) -> Record | None:
         (task.key, target.key))
 
 
-def to_dataframe(records: Iterable[Record]):
-    """One row per record, knob values as ``cfg.<name>`` columns, for notebooks."""
+def to_dataframe(records: Iterable[Record] | str | os.PathLike):
+    """One row per record, knob values as ``cfg.<name>`` columns, for notebooks.
+
+    ``records``: records, or the path of one log (``str`` or ``os.PathLike``), read with
+    ``load_records``. Integer columns that some rows lack (``dim.*`` and ``cfg.*`` of another
+    operator) are pandas' nullable ``Int64``, not floats; the fixed columns keep their dtypes
+    on an empty frame too."""
     import pandas as pd
 
+    if isinstance(records, (str, os.PathLike)):
+        records = load_records(records)
     rows = []
     for i, r in enumerate(records):
         row = {
@@ -420,12 +436,24 @@ def to_dataframe(records: Iterable[Record]):
         rows.append(row)
     # the fixed columns even without a record: a notebook's df["task"] works on an empty log too
     frame = pd.DataFrame(rows, columns=list(dict.fromkeys([*FRAME_COLUMNS, *(k for row in rows for k in row)])))
-    for column in ("seconds", "gflops", "build_s", "run_s"):  # float even when empty: cummax, plots
-        frame[column] = frame[column].astype(float)
+    # the fixed columns' dtypes even when empty: df[df["ok"]] needs bool, cummax and plots numbers
+    for column, dtype in FRAME_DTYPES.items():
+        frame[column] = frame[column].astype(dtype)
+    for column in frame.columns[len(FRAME_COLUMNS):]:
+        # integers that some rows lack (another op's dims and knobs) would turn float: 1.28e+02
+        present = [row[column] for row in rows if column in row]
+        if len(present) < len(rows) and all(_is_int(v) for v in present):
+            frame[column] = pd.array([row.get(column) for row in rows], dtype="Int64")
     frame["best_so_far_gflops"] = frame["gflops"].astype(float).fillna(0.0).groupby(
         [frame["task"], frame["target"]]).cummax()
     return frame
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 FRAME_COLUMNS = ("trial", "op", "task", "dtype", "target", "device", "tuner", "config_index", "error", "message", "ok",
                  "seconds", "gflops", "build_s", "run_s", "timestamp", "config")
+FRAME_DTYPES = {"trial": "int64", "config_index": "int64", "ok": bool, "seconds": float, "gflops": float,
+                "build_s": float, "run_s": float, "timestamp": float}

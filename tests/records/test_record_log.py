@@ -257,3 +257,33 @@ def test_reading_a_log_that_does_not_exist_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="log .*typo.jsonl does not exist"):
         load_records([tmp_path / "typo.jsonl"])
     assert RecordLog(tmp_path / "new.jsonl").records() == []
+
+
+def test_one_log_path_is_one_log_not_its_characters(tmp_path):
+    from records import load_records
+
+    log = RecordLog(tmp_path / "tune.jsonl")
+    log.append([make_record(0, 0.3), make_record(1, 0.2)])
+    for path in (str(log.path), log.path):
+        assert [r.config_index for r in load_records(path)] == [0, 1]
+        assert list(to_dataframe(path)["config_index"]) == [0, 1]  # a notebook's to_dataframe("tune.jsonl")
+    with pytest.raises(FileNotFoundError, match="typo.jsonl does not exist"):
+        to_dataframe(str(tmp_path / "typo.jsonl"))
+
+
+def test_an_empty_frame_has_the_dtypes_of_a_full_one():
+    empty = to_dataframe([])
+    assert empty["ok"].dtype == bool and empty[empty["ok"]].empty  # a filter on ok works on an empty log
+    assert empty["trial"].dtype == "int64" and empty["config_index"].dtype == "int64"
+    assert empty["timestamp"].dtype == float
+
+
+def test_integer_columns_stay_integers_when_other_ops_lack_them():
+    gemm = make_record(0, 0.3, Task.make("gemm", {"M": 128, "N": 4, "K": 4}))
+    norm = Record(Task.make("rmsnorm", {"M": 8, "N": 64}), Target.host(), {"vec": 8, "form": "fast"}, 3,
+                  MeasureResult((0.1,)), tuner="test")
+    frame = to_dataframe([gemm, norm])
+    assert frame["dim.M"].dtype == "int64" and frame["dim.M"].tolist() == [128, 8]  # both ops have M
+    assert frame["dim.K"].dtype == "Int64" and frame["dim.K"].tolist()[0] == 4 and frame["dim.K"].isna()[1]
+    assert frame["cfg.mr"].dtype == "Int64" and frame["cfg.vec"].dtype == "Int64"
+    assert frame["cfg.form"].tolist()[1] == "fast" and frame["cfg.form"].dtype != "Int64"  # strings stay strings
