@@ -10,6 +10,7 @@ warning. This path needs the compile stack (llvmlite); an exported library
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -40,9 +41,15 @@ class TunedKernels:
         self._builder: LocalBuilder | None = None
         self._kernels = None  # the backend's loader into this process (a CUDA context)
         self.warn_untuned = warn_untuned
+        self._closed = False
 
     @classmethod
-    def from_logs(cls, paths: Iterable[str], target: Target | None = None, allow_stale: bool = False) -> "TunedKernels":
+    def from_logs(cls, paths: Iterable[str | os.PathLike] | str | os.PathLike, target: Target | None = None,
+                  allow_stale: bool = False) -> "TunedKernels":
+        """The best kernels recorded in the logs ``paths`` (one path, or several) for ``target``
+        (default: this CPU). FileNotFoundError when a log does not exist; records of other
+        targets are ignored; stale records are skipped (a StaleRecordsWarning) unless
+        ``allow_stale``."""
         return cls(load_records(paths), target, allow_stale=allow_stale)
 
     @classmethod
@@ -62,6 +69,13 @@ class TunedKernels:
 
     def get(self, op: str, shape: Mapping[str, int], dtype: str = "float32", attrs: Mapping | None = None,
             dynamic: Sequence[str] = ()) -> Kernel:
+        """The kernel for ``op`` at ``shape`` (dims by name), ``dtype``, ``attrs`` and the
+        ``dynamic`` dims taken at run time: the fastest recorded config (dynamic dims at the
+        nearest tuned bucket), else the template default with an UntunedShapeWarning. Compiled
+        on first use, then cached. Raises ValueError for a task the operator does not take,
+        RuntimeError when the kernel cannot be built or after ``close``."""
+        if self._closed:  # as a closed KernelLibrary: compiling again would undo close()
+            raise RuntimeError("these TunedKernels are closed: make new ones to use them")
         task = Task.make(op, dict(shape), dtype, dict(attrs or {}), tuple(dynamic))
         template = get_template(op, self.target.kind)
         template.check(task)
@@ -101,6 +115,7 @@ class TunedKernels:
         return self._kernels.kernel(Path(build.artifact), build.source, task, self.target, meta)
 
     def close(self) -> None:
+        self._closed = True
         if self._kernels is not None:
             self._kernels.close()
             self._kernels = None

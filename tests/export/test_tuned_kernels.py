@@ -71,3 +71,15 @@ def test_a_default_serves_other_values_of_its_dynamic_dims_without_compiling_aga
         inputs = get_template("attention_decode", "cpu").make_inputs(task, np.random.default_rng(0))
         want = get_template("attention_decode", "cpu").reference(task, inputs)["O"]
         np.testing.assert_allclose(first(**inputs, dims={"S": 128, "L": 90}), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_closed_tuned_kernels_refuses_to_serve_as_a_closed_library_does(tmp_path):
+    from records import load_records
+
+    log = RecordLog(tmp_path / "r.jsonl")
+    log.path.touch()
+    assert load_records(str(log.path)) == []
+    kernels = TunedKernels.from_logs(str(log.path))  # one path, not a list of its characters
+    kernels.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        kernels.get("gemm", {"M": 5, "N": 7, "K": 9})
