@@ -162,6 +162,14 @@ class Kernel:
             else:
                 if name not in self.spec.dynamic:  # a runtime argument of a task tuned at one size
                     continue
+                # an array that holds the dim but has another number of dims: the array is wrong,
+                # not the call for leaving the dim out
+                for arg in self.args:
+                    array = arrays.get(arg.name)
+                    if hasattr(array, "shape") and name in arg.shape:
+                        raise ValueError(f"{self.spec.op} {arg.role}put {arg.name}: expected a {len(arg.shape)}-D "
+                                         f"array of shape ({', '.join(map(str, arg.shape))}), got shape "
+                                         f"{tuple(array.shape)}")
                 raise TypeError(f"{self.spec.key}: pass the dynamic dim {name} (dims={{'{name}': ...}})")
         for name, value in given.items():
             if out.get(name) != value:
