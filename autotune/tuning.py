@@ -289,7 +289,7 @@ def remeasure_task(job, log: RecordLog, builder, runner, progress: bool, note: C
     stale records stay in the log (nothing measured is ever dropped), and once a config has a
     fresh record its stale ones are superseded. The summary counts the new records only."""
     task, target = job.task, job.target
-    summary = TuneSummary(task, target)
+    summary = TuneSummary(task, target, tuner=REMEASURE)
     summary.started = time.perf_counter()
     with log.lock():  # one job per log, as for tuning
         again, lost = stale_configs(log.records(warn=False), task, target)
@@ -544,7 +544,7 @@ def measure_on_cluster(cluster, next_rounds: Callable[[], list[ClusterRound]]) -
                 round_.on_done(round_)
 
 
-@dataclass
+@dataclass(repr=False)  # TuneSummary's short repr
 class ClusterTuneSummary(TuneSummary):
     """One task tuned on several targets of a cluster: the totals, and each target's summary
     (``best`` is the first target's: the one with the most runners)."""
@@ -558,7 +558,8 @@ class ClusterTuneSummary(TuneSummary):
                    measured=sum(s.measured for s in summaries), resumed=sum(s.resumed for s in summaries),
                    failed=sum(s.failed for s in summaries), best=first.best, wall_s=max(s.wall_s for s in summaries),
                    build_s=sum(s.build_s for s in summaries), run_s=sum(s.run_s for s in summaries),
-                   records=[r for s in summaries for r in s.records], started=first.started, by_target=summaries)
+                   records=[r for s in summaries for r in s.records], started=first.started, tuner=first.tuner,
+                   by_target=summaries)
 
 
 def tune_task_on_cluster(job, log: RecordLog, cluster, targets: list[Target], tuner_options: dict, progress: bool,

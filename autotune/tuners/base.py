@@ -45,6 +45,14 @@ class TuneSummary:
     run_s: float = 0.0
     records: list[Record] = field(default_factory=list)
     started: float = 0.0       # perf_counter at start
+    tuner: str = ""            # the name of the tuner that filled it in
+
+    def __repr__(self) -> str:
+        # short: every record repeats the task and the target (a 16-trial summary was 32 KB)
+        best = "None" if self.best is None else f"{self.best.seconds:.3g} s with {self.best.config}"
+        return (f"{type(self).__name__}(task={self.task.key!r}, target={self.target.key!r}, tuner={self.tuner!r}, "
+                f"trials={self.trials}, measured={self.measured}, resumed={self.resumed}, failed={self.failed}, "
+                f"best={best})")
 
     @property
     def compile_share(self) -> float:
@@ -136,7 +144,7 @@ class Tuner:
     # The steps of ``tune``, for drivers that interleave many tasks (the model scheduler).
     def start(self, log: RecordLog | None = None, callbacks: Sequence[Callback] = ()) -> TuneSummary:
         """Resume from ``log``; returns the summary that ``measure`` and ``finish`` fill in."""
-        summary = TuneSummary(self.task, self.target)
+        summary = TuneSummary(self.task, self.target, tuner=self.name)
         summary.started = time.perf_counter()
         prior = self.resume(log) if log is not None else []
         # a config counts once toward the budget, however often it is in the log (two jobs that

@@ -105,3 +105,17 @@ def test_xgb_batch_picks_differ_in_at_least_two_knobs(host):
     assert [c.index for c in tuner._diverse(ranked, 3)] == [c.index for c in ranked[:3]]
     tuner.visited.add(first.index)  # a measured config is never proposed again
     assert first.index not in {c.index for c in tuner._diverse(ranked, 3)}
+
+
+def test_a_summary_reads_in_one_short_line(host):
+    """Every record repeats the task and the target: a summary of 16 trials was a 32 KB repr."""
+    from autotune.tuners import TuneSummary
+    from measure import MeasureResult
+    from records import Record
+
+    records = [Record(TASK, host, {"mr": i}, i, MeasureResult((1e-5 * (i + 1),)), tuner="random") for i in range(16)]
+    summary = TuneSummary(TASK, host, trials=16, measured=16, failed=0, best=records[0], records=records,
+                          tuner="random")
+    text = repr(summary)
+    assert len(text) < 400, text
+    assert TASK.key in text and "tuner='random'" in text and "trials=16" in text and "1e-05 s with {'mr': 0}" in text
