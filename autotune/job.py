@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import os
 import sys
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -21,6 +23,7 @@ from measure.backends import get_backend
 from measure.timing import CACHE_CONDITIONS, cache_condition, condition_of, policy_for
 from records import RecordLog, load_records
 from search_space import Target, Task, get_template
+from search_space.space import knob_values
 
 from .scheduler import ModelTuneSummary
 from .tune_model import ModelWorkload, tune_model, tune_model_on_cluster
@@ -89,14 +92,31 @@ class TuningJob:
     runner_cpus: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.target, Target):
+            raise JobError(f"target must be a Target (Target.host(), Target.from_name('sm_90a')), got {self.target!r}")
         if (self.task is None) == (self.model is None):
             raise JobError("a tuning job tunes either one task or one model")
-        if self.tuner not in TUNERS:
+        if self.task is not None and not isinstance(self.task, Task):
+            raise JobError(f"task must be a Task (Task.make(op, dims)), got {self.task!r}")
+        if self.model is not None and not isinstance(self.model, ModelWorkload):
+            raise JobError(f"model must be a ModelWorkload, got {type(self.model).__name__}")
+        if self.task is not None:  # said now, not as the first candidate fails inside run_job
+            try:
+                get_template(self.task.op, self.target.kind).check(self.task)
+            except ValueError as exc:
+                raise JobError(f"task {self.task.key}: {exc}") from None
+        if not isinstance(self.tuner, str) or self.tuner not in TUNERS:
             raise JobError(f"unknown tuner {self.tuner!r}: choose from {', '.join(TUNERS)}")
-        for name in ("trials", "batch"):
+        for name, least in (("trials", 1), ("batch", 1), ("seed", 0), ("runner_cpus", 1)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise JobError(f"{name} must be an integer >= 1, got {value!r}")
+            # numpy's integers too (np.int64(8)), kept as a Python int: the job goes to JSON
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+                raise JobError(f"{name} must be an integer >= {least}, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if not isinstance(self.log, (str, os.PathLike)) or not os.fspath(self.log).strip():
+            raise JobError(f"log must name the log file (a str or a path), got {self.log!r}")
+        if self.restrict is not None:
+            self._check_restrict()
         for name in ("build_timeout", "run_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -118,10 +138,21 @@ class TuningJob:
                 parse_cluster_address(self.cluster)
             except ValueError as exc:
                 raise JobError(str(exc)) from None
-        if not isinstance(self.runner_cpus, int) or self.runner_cpus < 1:
-            raise JobError(f"runner_cpus must be an integer >= 1, got {self.runner_cpus!r}")
         object.__setattr__(self, "transfer_from", tuple(str(p) for p in self.transfer_from))
         object.__setattr__(self, "log", str(self.log))
+
+    def _check_restrict(self) -> None:
+        """``restrict`` as {knob: [values]} (one value may be given alone), checked against the
+        task's space here; on a cluster the runners' spaces are checked when they report."""
+        if not isinstance(self.restrict, Mapping):
+            raise JobError(f"restrict must map knob names to values, like {{'threads': [1]}}, got {self.restrict!r}")
+        restrict = {str(name): list(knob_values(values)) for name, values in self.restrict.items()}
+        object.__setattr__(self, "restrict", restrict or None)
+        if self.task is not None and restrict and self.cluster is None:
+            try:
+                get_template(self.task.op, self.target.kind).space(self.task, self.target).restrict(**restrict)
+            except ValueError as exc:
+                raise JobError(f"restrict: {exc}") from None
 
     @property
     def name(self) -> str:

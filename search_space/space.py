@@ -72,6 +72,14 @@ class Config:
         return ",".join(f"{k}={v}" for k, v in self.values)
 
 
+def knob_values(values: Any) -> tuple[Any, ...]:
+    """Values a restriction allows a knob: a list of them, or one alone (a string is one value,
+    not its characters)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        return (values,)
+    return tuple(values)
+
+
 def _holds(check: Constraint, values: Values) -> bool:
     try:
         return bool(check(values))
@@ -111,14 +119,17 @@ class ConfigSpace:
     def names(self) -> list[str]:
         return [k.name for k in self.knobs]
 
-    def restrict(self, **allowed: Sequence[Any]) -> "ConfigSpace":
-        """The same space with some knobs limited to the given values (e.g. threads=[1])."""
+    def restrict(self, **allowed: Sequence[Any] | Any) -> "ConfigSpace":
+        """The same space with some knobs limited to the given values (e.g. threads=[1]; one
+        value may be given alone: threads=1, stores="cached"). ValueError for a knob the space
+        lacks or values it does not take."""
         knobs = []
         for knob in self.knobs:
             if knob.name in allowed:
-                keep = tuple(v for v in knob.values if v in tuple(allowed[knob.name]))
+                wanted = knob_values(allowed[knob.name])
+                keep = tuple(v for v in knob.values if v in wanted)
                 if not keep:
-                    raise ValueError(f"knob {knob.name} has none of the values {list(allowed[knob.name])}; "
+                    raise ValueError(f"knob {knob.name} has none of the values {list(wanted)}; "
                                      f"it takes {list(knob.values)}")
                 knob = Knob(knob.name, keep, knob.legacy if knob.legacy in keep else None)
             knobs.append(knob)
@@ -264,6 +275,11 @@ class ConfigSpace:
         pool = [i for i in self.valid_indices() if i not in exclude]
         picks = rng.choice(len(pool), size=min(n, len(pool)), replace=False) if pool else []
         return [self.get(pool[int(i)]) for i in picks]
+
+    def has_valid_config(self) -> bool:
+        """Whether any config of the space is valid: exact up to ``ENUMERATE_LIMIT`` configs,
+        beyond it as far as ``sample`` finds one (a space whose constraints leave none)."""
+        return bool(self.sample(np.random.default_rng(0), 1))
 
     def repair(self, values: Values, rng: np.random.Generator, steps: int = 60) -> Config | None:
         """A valid config reached from ``values`` by a min-conflicts walk (set a random knob to

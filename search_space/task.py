@@ -1,9 +1,10 @@
 """One operator instance to tune: a ``KernelSpec`` (runtime.abi) that checks its dims and dtype."""
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from runtime.abi import KernelSpec
 
@@ -26,17 +27,30 @@ class Task(KernelSpec):
         shape: dict[str, int],
         dtype: str = "float32",
         attrs: dict[str, Any] | None = None,
-        dynamic: tuple[str, ...] | list[str] = (),
+        dynamic: tuple[str, ...] | list[str] | str = (),
     ) -> "Task":
+        """The task ``op`` at ``shape`` (every dim by name, positive integers: numpy's too),
+        ``dtype``, ``attrs`` (those at their default are left out of the key) and ``dynamic``,
+        the dims the kernel takes at run time (names, or one string like "M" or "M,N").
+
+        Raises TypeError when ``op`` is not a string or ``shape`` not a mapping, ValueError for
+        a bad dtype, dim or dynamic dim. Whether the operator takes these dims and attributes
+        is its template's to say (``get_template(op, kind).check(task)``)."""
+        if not isinstance(op, str):
+            raise TypeError(f"op must be an operator name (a str), got {op!r}")
+        if not isinstance(shape, Mapping):
+            raise TypeError(f"shape must map dim names to sizes, like {{'M': 256}}, got {shape!r}")
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
         for name, value in shape.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"dim {name} must be a positive integer, got {value!r}")
+        if isinstance(dynamic, str):  # "M" is one dim, not its characters; "M,N" as the CLI's --dynamic
+            dynamic = [d.strip() for d in dynamic.split(",") if d.strip()]
         unknown = [d for d in dynamic if d not in shape]
         if unknown:
             raise ValueError(f"dynamic dims {unknown} are not dims of the shape")
-        return super().make(op, shape, dtype, attrs, dynamic)
+        return super().make(op, {name: int(value) for name, value in shape.items()}, dtype, attrs, dynamic)
 
     @property
     def flops(self) -> float:

@@ -88,3 +88,40 @@ def test_a_model_job_runs_through_the_same_entry(host, tmp_path, fast_policy):
     with LocalRunner(policy=fast_policy, timeout_s=60) as runner:
         summary = run_job(job, progress=False, runner=runner)
     assert summary.trials == 3 and len(RecordLog(job.log).records()) == 3
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"task": Task.make("gemv_typo", {"M": 1, "N": 64, "K": 64})}, "unknown op 'gemv_typo' for target cpu"),
+    ({"task": Task.make("gemv", {"M": 1, "N": 64})}, r"task gemv/float32/M=1,N=64: gemv takes dims M,N,K"),
+    ({"task": Task.make("gemv", {"M": 1, "N": 64, "K": 64, "Q": 2})}, "gemv takes dims M,N,K"),
+    ({"task": Task.make("gemv", {"M": 1, "N": 64, "K": 64}, attrs={"colour": 1})}, "has no attributes"),
+    ({"task": Task.make("rmsnorm", {"M": 1, "N": 64}, attrs={"eps": "abc"})}, "eps = 'abc' is not a float"),
+    ({"task": "gemm"}, "task must be a Task"),
+    ({"target": "cpu"}, "target must be a Target"),
+    ({"seed": "x"}, "seed must be an integer >= 0"),
+    ({"seed": 1.5}, "seed must be an integer >= 0"),
+    ({"seed": -1}, "seed must be an integer >= 0"),
+    ({"trials": True}, "trials must be an integer >= 1"),
+    ({"restrict": {"threads": [10**6]}}, r"restrict: knob threads has none of the values \[1000000\]"),
+    ({"restrict": {"colour": [1]}}, "restrict: no knob named colour"),
+    ({"restrict": "threads=1"}, "restrict must map knob names to values"),
+    ({"log": ""}, "log must name the log file"),
+])
+def test_a_task_or_an_input_the_job_cannot_use_is_refused_when_built(host, change, message):
+    fields = {"target": host, "task": TASK, **change}
+    with pytest.raises(JobError, match=message):
+        TuningJob(**fields)
+
+
+def test_numpy_integers_and_single_restriction_values_are_taken(host):
+    import numpy as np
+
+    task = Task.make("gemv", {"M": np.int64(1), "N": np.int32(64), "K": 64})
+    job = TuningJob(host, task, trials=np.int64(8), batch=np.int16(2), seed=np.uint8(3), restrict={"threads": 1})
+    assert task == TASK and (job.trials, job.batch, job.seed) == (8, 2, 3) and type(job.trials) is int
+    assert job.restrict == {"threads": [1]}  # one value alone is a one-value list
+    json.dumps(job.to_dict())  # plain Python values all the way down
+    gelu = TuningJob(host, Task.make("gelu", {"M": 8, "N": 64}), restrict={"stores": "cached"})
+    assert gelu.restrict == {"stores": ["cached"]}  # a string is one value, not its characters
+    assert Task.make("rmsnorm", {"M": 8, "N": 64}, dynamic="M").dynamic == ("M",)
+    assert Task.make("gemm", {"M": 8, "N": 8, "K": 8}, dynamic="M, N").dynamic == ("M", "N")

@@ -133,3 +133,16 @@ def test_accepted_completes_partial_values_and_skips_what_the_space_rejects():
     defaults = {"a": 1, "b": "x", "c": 8}
     got = space.accepted([{"c": 64}, {"a": 4, "c": 64}, {"b": "y"}, {"c": 64}, {"d": 1} | {"a": 3}], defaults)
     assert [c.as_dict() for c in got] == [{"a": 1, "b": "x", "c": 64}, {"a": 1, "b": "y", "c": 8}]
+
+
+def test_restrict_takes_one_value_alone():
+    space = make_space()
+    assert [k.values for k in space.restrict(a=2, b="y").knobs][:2] == [(2,), ("y",)]  # "y" is a value, not letters
+    with pytest.raises(ValueError, match=r"knob b has none of the values \['xy'\]"):
+        space.restrict(b="xy")
+
+
+def test_a_space_knows_whether_any_config_is_valid():
+    space = make_space()
+    assert space.has_valid_config()
+    assert not space.restrict(a=4, c=64).has_valid_config()  # 4 * 64 > 128

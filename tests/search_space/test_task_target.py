@@ -128,3 +128,20 @@ def test_a_lookup_imports_only_the_template_it_names():
                            | {f"search_space.templates.cuda.{op}" for op in others | {"gemv"}}), out
     with pytest.raises(ValueError, match="unknown op 'nosuchop' for target cpu: known ops are add, "):
         get_template("nosuchop", "cpu")
+
+
+def test_task_make_takes_numpy_dims_and_a_dynamic_dim_by_name():
+    import numpy as np
+
+    task = Task.make("rmsnorm", {"M": np.int64(8), "N": np.int32(64)}, dynamic="M")
+    assert task.dims == {"M": 8, "N": 64} and type(task.dims["M"]) is int and task.dynamic == ("M",)
+    assert Task.make("gemm", {"M": 8, "N": 8, "K": 8}, dynamic="M,N").dynamic == ("M", "N")
+    with pytest.raises(ValueError, match=r"dynamic dims \['Q'\]"):
+        Task.make("rmsnorm", {"M": 8, "N": 64}, dynamic="Q")
+    for bad in (True, 2.0, np.float64(2), "8", 0):
+        with pytest.raises(ValueError, match="dim M must be a positive integer"):
+            Task.make("rmsnorm", {"M": bad, "N": 64})
+    with pytest.raises(TypeError, match="shape must map dim names to sizes"):
+        Task.make("rmsnorm", "M=8,N=64")
+    with pytest.raises(TypeError, match="op must be an operator name"):
+        Task.make(None, {"M": 8})
