@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 from measure import LocalBuilder, LocalRunner, TimingPolicy
 from measure.backends import get_backend
 from measure.timing import CACHE_CONDITIONS, cache_condition, condition_of, policy_for
-from records import RecordLog, load_records
+from records import LogLockedError, LogWriteError, RecordLog, load_records
 from search_space import Target, Task, get_template
 from search_space.space import knob_values
 
@@ -233,11 +233,18 @@ def run_job(job: TuningJob, progress: bool = True, builder=None, runner=None,
     measured (and to MLflow), return the summary. ``builder``/``runner`` replace the local
     ones (tests, replay); ``note`` receives one-line remarks (what the cost model started from).
 
-    Raises JobError before measuring anything when the job's inputs cannot be used, and
-    ``measure.cluster.ClusterError`` when a job's cluster cannot be used."""
-    log = RecordLog(job.log)
+    Raises JobError before measuring anything when the job's inputs cannot be used (a log
+    that is not a tuning log or cannot be written, a task whose space, restricted, holds no
+    valid config, a CUDA target without this machine's GPU to measure on), LogLockedError when
+    another job holds the log, and ``measure.cluster.ClusterError`` when a job's cluster cannot
+    be used."""
+    if job.task is not None and not job.remeasure_stale and job.cluster is None:
+        check_space(job.task, job.target, job.restrict)  # a cluster's runners' spaces are checked as they report
+    log = writable_log(job.log)
     if job.cluster is not None and builder is None and runner is None:
         return _run_on_cluster(job, log, progress, note)
+    if runner is None:
+        check_local_gpu(job.target)
     with ExitStack() as stack:
         builder = builder or stack.enter_context(LocalBuilder(timeout_s=job.build_timeout))
         runner = runner or stack.enter_context(_runner(job))
@@ -246,6 +253,49 @@ def run_job(job: TuningJob, progress: bool = True, builder=None, runner=None,
         if job.task is not None:
             return tune_task(job, log, builder, runner, _tuner_options(job, note), progress, note)
         return tune_model(job, log, builder, runner, progress, note)
+
+
+def writable_log(path: str) -> RecordLog:
+    """The job's log, checked as the CLI's ``--log`` is (``RecordLog.check_writable``): a file
+    that is not a tuning log, a compressed one, one in a missing directory is bad input, said
+    before anything starts. A log another job holds stays a LogLockedError."""
+    log = RecordLog(path)
+    try:
+        log.check_writable()
+    except LogLockedError:
+        raise
+    except LogWriteError as exc:
+        raise JobError(str(exc)) from None
+    return log
+
+
+def check_space(task: Task, target: Target, restrict: Mapping[str, list] | None) -> None:
+    """A space (restricted) with no valid config would run zero trials and look like success:
+    bad input. A space merely spent by the log's records is not this (the job resumes them)."""
+    space = get_template(task.op, target.kind).space(task, target)
+    try:
+        space = space.restrict(**restrict) if restrict else space
+    except ValueError as exc:
+        raise JobError(f"restrict: {exc}") from None
+    if not space.has_valid_config():
+        if restrict:
+            raise JobError(f"the restriction {dict(restrict)} leaves no valid config of {task.key} on {target.key}")
+        raise JobError(f"no config of {task.key} is valid on {target.key}")
+
+
+def check_local_gpu(target: Target) -> None:
+    """A CUDA job measured here needs this machine's GPU 0, of the job's arch: without one every
+    candidate would be recorded as a failure, and a rerun would take those as done. The CLI's
+    ``resolve_target`` refuses the same before it builds a job."""
+    if target.kind != "cuda":
+        return
+    try:
+        gpu = Target.cuda(0)
+    except Exception as exc:  # no pycuda, no driver, no device
+        raise JobError(f"cuda target unavailable: {exc}") from None
+    if gpu.arch != target.arch:
+        raise JobError(f"target {target.key}: this machine's GPU 0 is {gpu.arch} ({gpu.device_name}): "
+                       "measure with Target.cuda()")
 
 
 def _runner(job: TuningJob):
@@ -300,8 +350,8 @@ def _check_restriction(job: TuningJob, targets: list[Target]) -> None:
     for target in targets:
         for task in tasks:
             try:
-                get_template(task.op, target.kind).space(task, target).restrict(**job.restrict)
-            except ValueError as exc:
+                check_space(task, target, job.restrict)
+            except JobError as exc:
                 raise JobError(f"{task.op} on the cluster's {target.key} runners ({target.cores} core(s) each): "
                                f"{exc}") from None
 

@@ -1,6 +1,7 @@
 """One TuningJob, built by the CLI and the Python API alike, checked when built, carried as JSON."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -125,3 +126,54 @@ def test_numpy_integers_and_single_restriction_values_are_taken(host):
     assert gelu.restrict == {"stores": ["cached"]}  # a string is one value, not its characters
     assert Task.make("rmsnorm", {"M": 8, "N": 64}, dynamic="M").dynamic == ("M",)
     assert Task.make("gemm", {"M": 8, "N": 8, "K": 8}, dynamic="M, N").dynamic == ("M", "N")
+
+
+def test_run_job_refuses_a_file_that_is_not_a_log_before_anything_starts(host, tmp_path):
+    from fakes import SyntheticRunner
+
+    notes = tmp_path / "notes.csv"
+    notes.write_text("a,b\n1,2\n")
+    runner = SyntheticRunner({"gemv": 1e-5})
+    with pytest.raises(JobError, match="notes.csv is not a tuning log"):
+        run_job(TuningJob(host, TASK, tuner="random", trials=2, log=str(notes), mlflow=False), progress=False,
+                builder=runner, runner=runner)
+    assert notes.read_text() == "a,b\n1,2\n" and not runner.calls
+    with pytest.raises(JobError, match="compressed"):  # before any candidate is measured, not at its append
+        run_job(TuningJob(host, TASK, tuner="random", trials=2, log=str(tmp_path / "x.jsonl.gz"), mlflow=False),
+                progress=False, builder=runner, runner=runner)
+    assert not runner.calls and not (tmp_path / "x.jsonl.gz").exists()
+
+
+def test_a_cuda_job_without_this_machines_gpu_is_refused_before_measuring(tmp_path, monkeypatch):
+    from fakes import SyntheticRunner
+
+    def no_gpu(cls, device=0):
+        raise RuntimeError("no CUDA device")
+
+    monkeypatch.setattr(Target, "cuda", classmethod(no_gpu))
+    job = TuningJob(Target.from_name("sm_90a"), Task.make("gemv", {"M": 1, "N": 256, "K": 256}, "float16"),
+                    tuner="random", trials=2, log=str(tmp_path / "gpu.jsonl"), mlflow=False)
+    with pytest.raises(JobError, match="cuda target unavailable: no CUDA device"):
+        run_job(job, progress=False)
+    assert not (tmp_path / "gpu.jsonl").exists()
+    # a runner given (a fake GPU, a replay) measures without this machine's GPU
+    runner = SyntheticRunner({"gemv": 1e-5})
+    assert run_job(job, progress=False, builder=runner, runner=runner).measured == 2
+
+
+def test_a_space_with_no_valid_config_is_refused_but_a_spent_one_resumes(host, tmp_path):
+    from fakes import SyntheticRunner
+
+    gelu = Task.make("gelu", {"M": 8, "N": 64})
+    log = tmp_path / "gelu.jsonl"
+    job = TuningJob(host, gelu, tuner="random", trials=64, log=str(log), mlflow=False,
+                    restrict={"form": ["tanh"], "division": ["reciprocal"]})
+    with pytest.raises(JobError, match=r"the restriction .* leaves no valid config of gelu/float32/M=8,N=64"):
+        run_job(job, progress=False)
+    assert not log.exists()
+    runner = SyntheticRunner({"gelu": 1e-5})
+    small = dataclasses.replace(job, restrict={"form": ["tanh"], "division": ["divide"], "threads": [1]})
+    first = run_job(small, progress=False, builder=runner, runner=runner)
+    assert 0 < first.measured < 64
+    again = run_job(small, progress=False, builder=runner, runner=runner)  # every config measured: nothing to do
+    assert again.measured == 0 and again.resumed == first.measured
