@@ -58,3 +58,48 @@ def test_notebook_runs_and_plots(name, study, monkeypatch):
     errors = [o for cell in book.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors
+
+
+def run_cells(name: str, cells: list[int], folder: Path, extra: str = "") -> list[str]:
+    """Cells ``cells`` of notebook ``name`` (then ``extra``) run in ``folder``: the text they print."""
+    book = nbformat.read(NOTEBOOKS / name, as_version=4)
+    book.cells = [book.cells[i] for i in cells] + ([nbformat.v4.new_code_cell(extra)] if extra else [])
+    NotebookClient(book, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+    return [o.get("text", "") for cell in book.cells for o in cell.get("outputs", []) if o.get("output_type") == "stream"]
+
+
+def small_log(folder: Path) -> Path:
+    """Three verified gemm records, one per value of a numeric knob (in an order text would sort as well)."""
+    from measure import MeasureResult
+    from records import Record
+
+    log = RecordLog(folder / "tune.jsonl")
+    task = Task.make("gemm", {"M": 64, "N": 64, "K": 64})
+    log.append([Record(task, Target.host(), {"vec": vec}, i, MeasureResult((1e-5 * (i + 1),)), tuner="random")
+                for i, vec in enumerate((16, 4, 8))])
+    return log.path
+
+
+def test_explore_skips_mlflow_without_a_store_and_orders_knob_values_as_numbers(tmp_path, monkeypatch):
+    small_log(tmp_path)
+    for key in ("AUTOTUNE_LOG", "MLFLOW_TRACKING_URI", "AUTOTUNE_TASK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AUTOTUNE_PLOTS", str(tmp_path / "plots"))
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    printed = run_cells("explore_tuning_log.ipynb", [1, 3, 7, 11, 12], tmp_path, "print(list(stats.index))")
+    assert not (tmp_path / "mlflow.db").exists()  # reading MLflow would have made an empty store
+    assert any("no MLflow store" in text for text in printed), printed
+    assert printed[-1].strip() == "['4', '8', '16']"
+
+
+def test_cost_model_says_in_one_line_when_no_record_is_of_the_task(tmp_path, monkeypatch):
+    from nbclient.exceptions import CellExecutionError
+
+    small_log(tmp_path)
+    monkeypatch.delenv("AUTOTUNE_LOG", raising=False)
+    monkeypatch.setenv("AUTOTUNE_TASK", "gemm/float32/M=1,N=1,K=1")
+    monkeypatch.setenv("AUTOTUNE_PLOTS", str(tmp_path / "plots"))
+    with pytest.raises(CellExecutionError) as error:
+        run_cells("cost_model.ipynb", [1], tmp_path)
+    assert error.value.ename == "RuntimeError", error.value.evalue  # not pandas' argmax of an empty sequence
+    assert error.value.evalue.startswith("no verified record of AUTOTUNE_TASK=gemm/float32/M=1,N=1,K=1 in")
