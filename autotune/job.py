@@ -64,6 +64,16 @@ class TuningJob:
     (``measure.cluster``): one tuner (one scheduler for a model) per target its runners report,
     each with the job's budget; ``runner_cpus``: the cores a CPU host's runner times on (the
     rest of the host compiles). None measures here, and Ray is never imported.
+
+    ``seed`` seeds the tuner and the inputs: with the same seed and the same measurements the
+    same configs are proposed. Real timings are noisy, so the model-based tuners (xgb,
+    optuna-tpe, optuna-cmaes) diverge from an earlier run once their measurements differ;
+    random and grid proposals do not depend on timings at all.
+
+    A job is checked when built (JobError): the task against its operator's template for the
+    target, the numbers (numpy integers are taken), the restriction against the task's space
+    (one value may be given alone: ``{"threads": 1}``). ``run_job`` checks the rest (the log,
+    the GPU, a space with no valid config) before anything starts.
     """
 
     target: Target

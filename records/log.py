@@ -260,6 +260,9 @@ class RecordLog:
         return self.path.suffix == ".gz"
 
     def append(self, records: Iterable[Record]) -> None:
+        """Write ``records`` as lines at the end of the log, flushed and fsynced before it
+        returns. LogWriteError when the log cannot take them (compressed, not a regular file,
+        no permission, full disk); it takes no lock (a tuning job holds ``lock``)."""
         lines = "".join(r.to_json() + "\n" for r in records)
         if not lines:
             return
@@ -346,6 +349,9 @@ class RecordLog:
             report.damage = f"unreadable from line {number + 1} on ({reason})"
 
     def records(self, warn: bool = True) -> list[Record]:
+        """Every record of the log, in order (none when the file does not exist yet); lines that
+        are not records are skipped with a warning (``warn``). LogReadError when the path is not
+        a regular file or no line can be read."""
         return self.load(warn).records
 
     def __iter__(self) -> Iterator[Record]:

@@ -444,6 +444,11 @@ class KernelLibrary:
 
     def get(self, op: str, shape: Mapping[str, int], dtype: str = "float32", attrs: Mapping | None = None,
             dynamic: Sequence[str] = ()) -> Kernel:
+        """The library's kernel for ``op`` at ``shape`` (dims by name), ``dtype``, ``attrs`` and
+        the ``dynamic`` dims taken at run time (a dynamic dim at the nearest exported bucket);
+        one it lacks comes from the fallback (with an UntunedShapeWarning). Raises ValueError
+        for a dim that is not an int in range, LookupError when neither has the kernel, and
+        RuntimeError after ``close``."""
         self._check_open()
         for name, value in dict(shape).items():  # 2.7 would be taken as 2, 0 divide by zero
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_DIM:

@@ -79,11 +79,14 @@ def op_definition(op: str) -> Operator:
 
 
 def list_operators() -> list[Operator]:
+    """Every registered operator definition (what an op computes, its dims), by name."""
     _load_builtin()
     return [cls() for _, cls in sorted(_OPERATORS.items())]
 
 
 def list_templates(target_kind: str | None = None) -> list[Template]:
+    """The templates (an op's kernels and their knobs) for ``target_kind`` ("cpu" or "cuda";
+    None: both), by op."""
     _load_builtin()
     return [cls() for (op, kind), cls in sorted(_TEMPLATES.items())
             if target_kind is None or kind == target_kind]

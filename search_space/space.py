@@ -188,6 +188,9 @@ class ConfigSpace:
         return index
 
     def from_values(self, values: Values) -> Config:
+        """The config with knob ``values`` (by name; a knob with a legacy value may be left out),
+        valid or not (``is_valid`` tells). KeyError for a missing knob, ValueError for a value
+        the knob does not take."""
         return self.get(self.index_of(values))
 
     def digits(self, config: Config) -> list[int]:

@@ -11,6 +11,9 @@ TUNERS: dict[str, type[Tuner]] = {"xgb": XGBTuner, "random": RandomTuner, "grid"
 
 
 def make_tuner(name: str, task, target, seed: int = 0, **kwargs) -> Tuner:
+    """A tuner of ``TUNERS`` by ``name`` for ``task`` on ``target``, seeded with ``seed``;
+    ``kwargs`` go to its constructor (``restrict``, a tuner's own options). Raises ValueError
+    for an unknown name."""
     try:
         cls = TUNERS[name]
     except KeyError:

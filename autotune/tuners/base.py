@@ -127,6 +127,12 @@ class Tuner:
 
     def tune(self, n_trials: int, builder: Builder, runner: Runner, batch_size: int = 8,
              log: RecordLog | None = None, callbacks: Sequence[Callback] = ()) -> TuneSummary:
+        """Search until ``n_trials`` configs (the ``log``'s records of this task included) are
+        measured or the space is spent: ``batch_size`` at a time, built by ``builder`` and
+        timed by ``runner``, each record appended to ``log`` as it is measured, ``callbacks``
+        told after each batch. Returns the TuneSummary (``best`` is None when nothing verified).
+        Raises ValueError for a budget or batch < 1, LogLockedError when another job holds the
+        log."""
         if n_trials < 1:
             raise ValueError(f"n_trials must be >= 1, got {n_trials}")
         if batch_size < 1:  # a batch of none would end the job at once, as if the space were spent
