@@ -100,6 +100,8 @@ class TuningJob:
     remeasure_stale: bool = False
     cluster: str | None = None
     runner_cpus: int = 1
+    time_limit: float | None = None
+    early_stopping: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, Target):
@@ -127,10 +129,21 @@ class TuningJob:
             raise JobError(f"log must name the log file (a str or a path), got {self.log!r}")
         if self.restrict is not None:
             self._check_restrict()
-        for name in ("build_timeout", "run_timeout"):
+        for name in ("build_timeout", "run_timeout", "time_limit"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if name == "time_limit" and value is None:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
                 raise JobError(f"{name.replace('_', '-')} must be a number of seconds > 0, got {value!r}")
+        if self.early_stopping is not None:
+            if not isinstance(self.early_stopping, numbers.Integral) or isinstance(self.early_stopping, bool) \
+                    or self.early_stopping < 1:
+                raise JobError(f"early-stopping must be an integer >= 1, got {self.early_stopping!r}")
+            object.__setattr__(self, "early_stopping", int(self.early_stopping))
+        if (self.time_limit is not None or self.early_stopping is not None) and (
+                self.model is not None or self.cluster is not None or self.remeasure_stale):
+            raise JobError("time-limit and early-stopping end the search of one task tuned here "
+                           "(not a model's, a cluster's or --remeasure-stale)")
         if (self.transfer_from or self.load_model or self.save_model) and self.tuner != "xgb":
             raise JobError("transfer_from, load_model and save_model need the xgb tuner")
         if self.mlflow and (not isinstance(self.experiment, str) or not self.experiment.strip()):
@@ -194,6 +207,8 @@ class TuningJob:
         if self.task is not None:
             out.update(op=self.task.op, task=self.task.key, shape=self.task.dims, dtype=self.task.dtype,
                        trials=self.trials, restrict=dict(self.restrict or {}))
+            out.update({k: v for k, v in (("time_limit", self.time_limit), ("early_stopping", self.early_stopping))
+                        if v is not None})
         else:
             out.update(self.model.params(), trials_total=self.trials, tasks=len(self.model.tasks()))
         if self.transfer_from or self.load_model or self.save_model:

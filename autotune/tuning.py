@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from cost_model import batch_quality
 from cost_model.transfer import best_configs_elsewhere, throughput_of
 from measure import MeasureInput, MeasureResult
-from records import Record, RecordLog, stale_configs
+from records import Record, RecordLog, select_best, stale_configs
 from search_space import Config, Target, Task, get_template
 
 from .progress import ProgressDisplay
@@ -262,6 +262,17 @@ def observed(job, note: Callable[[str], None], bar, finish_run: Callable):
         tracking.finish(lambda run, status: finish_run(run, status, outcome["summary"]), ended_by(stopped_by))
 
 
+def choose_fresh_best(summary: TuneSummary, note: Callable[[str], None]) -> None:
+    """The job's best as ``autotune best`` and export choose it: a resumed record measured on
+    code this version no longer builds (stale) is passed over, and said, as ``best`` says it."""
+    choices = select_best(summary.records)
+    summary.best = choices[0].record if choices else None
+    said = choices[0].note() if choices else None
+    if said:
+        again = " (tune --remeasure-stale measures them again)" if choices[0].remeasurable else ""
+        note(f"autotune: warning: {said}{again}")
+
+
 def tune_task(job, log: RecordLog, builder, runner, tuner_options: dict, progress: bool,
               note: Callable[[str], None]) -> TuneSummary:
     """One task of ``job`` (a ``TuningJob``, see ``autotune.job.run_job``): the tuner's loop
@@ -273,11 +284,13 @@ def tune_task(job, log: RecordLog, builder, runner, tuner_options: dict, progres
         metrics = MLflowCallback(tracking.run) if tracking.run else None
         callbacks = [c for c in (ResumeNote(job, log, note), metrics, bar) if c is not None]
         try:
-            outcome["summary"] = tuner.tune(job.trials, builder, runner, batch_size=job.batch, log=log,
-                                            callbacks=callbacks)
+            summary = tuner.tune(job.trials, builder, runner, batch_size=job.batch, log=log, callbacks=callbacks,
+                                 time_limit_s=job.time_limit, early_stopping=job.early_stopping)
         finally:  # an interrupted batch's records are in the log: in the run too
             if metrics is not None:
                 metrics.flush()
+        choose_fresh_best(summary, note)
+        outcome["summary"] = summary
         if job.save_model:
             _save_model(tuner, job.save_model)
     return outcome["summary"]
@@ -556,7 +569,8 @@ class ClusterTuneSummary(TuneSummary):
         first = summaries[0]
         return cls(first.task, first.target, trials=sum(s.trials for s in summaries),
                    measured=sum(s.measured for s in summaries), resumed=sum(s.resumed for s in summaries),
-                   failed=sum(s.failed for s in summaries), best=first.best, wall_s=max(s.wall_s for s in summaries),
+                   failed=sum(s.failed for s in summaries), resumed_failed=sum(s.resumed_failed for s in summaries),
+                   best=first.best, wall_s=max(s.wall_s for s in summaries),
                    build_s=sum(s.build_s for s in summaries), run_s=sum(s.run_s for s in summaries),
                    records=[r for s in summaries for r in s.records], started=first.started, tuner=first.tuner,
                    by_target=summaries)

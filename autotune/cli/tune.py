@@ -108,12 +108,16 @@ def _knobs(op: str, shape: str | None, dtype: str | None, kind: str, target: str
               help="print the result as one JSON object (with --compile-only: a JSON list of the candidates)")
 @click.option("--cold-cache", is_flag=True,
               help="cpu: time with the inputs out of cache, as in a model (tune-model always does)")
+@click.option("--time-limit", default=None, type=float, metavar="SECONDS",
+              help="start no new batch after this many seconds (the budget may be left unspent)")
+@click.option("--early-stopping", default=None, type=int, callback=positive, metavar="N",
+              help="stop once the last N trials found no faster config")
 @click.option("--remeasure-stale", is_flag=True,
               help="search nothing: measure again the configs of the log's stale records (code this version no "
                    "longer builds for their config) and append fresh records; with --op/--shape, that task's only")
 def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, log_path, tracking_uri, no_mlflow,
          experiment, build_timeout, run_timeout, restrict_items, threads, transfer_from, load_model, save_model, quiet,
-         compile_only, as_json, cold_cache, remeasure_stale) -> None:
+         compile_only, as_json, cold_cache, time_limit, early_stopping, remeasure_stale) -> None:
     """Tune one operator instance; every measurement goes to the log. With --remeasure-stale,
     measure the log's stale records again instead."""
     check_tracking(tracking_uri, no_mlflow)
@@ -161,7 +165,7 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
                    restrict=restriction(template, task, tgt, threads, restrict_items), transfer_from=tuple(transfer_from or ()),
                    load_model=load_model, save_model=save_model, mlflow=not no_mlflow, tracking_uri=tracking_uri,
                    experiment=experiment, build_timeout=build_timeout, run_timeout=run_timeout,
-                   cache="cold" if cold_cache else "auto")
+                   cache="cold" if cold_cache else "auto", time_limit=time_limit, early_stopping=early_stopping)
     summary = run_tuning(job, progress=not quiet)
     best = summary.best
     note = timing_note(best, job.target) if best is not None and job.cluster is None else ""  # this machine's load says nothing there
@@ -169,15 +173,21 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
         click.echo(f"autotune: {note}", err=True)
     if as_json:
         echo_json({"task": task.key, "target": job.target.key, "trials": summary.trials, "resumed": summary.resumed,
-                   "measured": summary.measured, "failed": summary.failed, "wall_s": summary.wall_s,
+                   "measured": summary.measured, "failed": summary.failed,
+                   "resumed_failed": summary.resumed_failed, "stopped": summary.stopped or None,
+                   "wall_s": summary.wall_s,
                    "best": None if best is None else {"seconds": best.seconds, "gflops": best.gflops,
                                                       "rate": rate(task, best.seconds)[0],
                                                       "rate_unit": rate(task, best.seconds)[1], "config": best.config},
                    "log": str(job.log)})
         return
+    failed = summary.failed + summary.resumed_failed
+    failed_now = f", {summary.failed} of them now" if summary.resumed else ""
     click.echo(f"{task.key}: {summary.trials} trials ({summary.resumed} resumed from the log, "
-               f"{summary.measured} measured now, {summary.failed} failed) in {summary.wall_s:.1f} s; "
+               f"{summary.measured} measured now; {failed} failed{failed_now}) in {summary.wall_s:.1f} s; "
                f"compile share {summary.compile_share * 100:.0f}%")
+    if summary.stopped:
+        click.echo(f"stopped before --trials {trials}: {summary.stopped}")
     for each in getattr(summary, "by_target", ()):  # a cluster of several kinds of machine: each its own best
         fastest = f"{format_time(each.best.seconds)}, {format_rate(task, each.best.seconds)}, config " \
                   f"{json.dumps(each.best.config)}" if each.best else "no candidate verified"

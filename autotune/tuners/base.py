@@ -38,7 +38,10 @@ class TuneSummary:
     trials: int = 0            # all trials counted toward the budget, resumed ones included
     measured: int = 0          # trials measured by this call
     resumed: int = 0           # trials found in the log
-    failed: int = 0
+    failed: int = 0            # trials measured by this call that failed
+    resumed_failed: int = 0    # resumed trials that failed
+    stopped: str = ""          # why the loop ended short of the budget ("" when it did not)
+    best_at: int = 0           # ``trials`` when the fastest so far was found (resumed: the start)
     best: Record | None = None
     wall_s: float = 0.0
     build_s: float = 0.0
@@ -58,6 +61,9 @@ class TuneSummary:
     def compile_share(self) -> float:
         busy = self.build_s + self.run_s
         return self.build_s / busy if busy > 0 else 0.0
+
+
+SPACE_SPENT = "every valid config of the space is measured"
 
 
 class Tuner:
@@ -126,7 +132,8 @@ class Tuner:
         return prior
 
     def tune(self, n_trials: int, builder: Builder, runner: Runner, batch_size: int = 8,
-             log: RecordLog | None = None, callbacks: Sequence[Callback] = ()) -> TuneSummary:
+             log: RecordLog | None = None, callbacks: Sequence[Callback] = (),
+             time_limit_s: float | None = None, early_stopping: int | None = None) -> TuneSummary:
         """Search until ``n_trials`` configs (the ``log``'s records of this task included) are
         measured or the space is spent: ``batch_size`` at a time, built by ``builder`` and
         timed by ``runner``, each record appended to ``log`` as it is measured, ``callbacks``
@@ -141,11 +148,28 @@ class Tuner:
         # count it toward its own budget (LogLockedError, at once, for that job)
         with log.lock() if log is not None else nullcontext():
             summary = self.start(log, callbacks)
-            while summary.trials < n_trials and self.has_next():
+            while summary.trials < n_trials:
+                summary.stopped = self.stop_reason(summary, time_limit_s, early_stopping)
+                if summary.stopped:
+                    break
                 configs = self.next_batch(min(batch_size, n_trials - summary.trials))
                 if not self.measure(configs, builder, runner, summary, log, callbacks):
+                    summary.stopped = SPACE_SPENT  # no untried config left to propose
                     break
             return self.finish(summary)
+
+    def stop_reason(self, summary: TuneSummary, time_limit_s: float | None = None,
+                    early_stopping: int | None = None) -> str:
+        """Why the loop stops before its budget, or "": the space is spent, the time limit
+        (Kernel Tuner's ``time_limit``) is reached, or no faster config was found in the last
+        ``early_stopping`` trials (AutoTVM's ``early_stopping``)."""
+        if not self.has_next():
+            return SPACE_SPENT
+        if time_limit_s is not None and time.perf_counter() - summary.started >= time_limit_s:
+            return f"the time limit of {time_limit_s:g} s is reached"
+        if early_stopping is not None and summary.trials - summary.best_at >= early_stopping:
+            return f"no faster config in the last {summary.trials - summary.best_at} trials (early stopping)"
+        return ""
 
     # The steps of ``tune``, for drivers that interleave many tasks (the model scheduler).
     def start(self, log: RecordLog | None = None, callbacks: Sequence[Callback] = ()) -> TuneSummary:
@@ -155,7 +179,9 @@ class Tuner:
         prior = self.resume(log) if log is not None else []
         # a config counts once toward the budget, however often it is in the log (two jobs that
         # once ran on one log measured each config twice)
-        summary.resumed = summary.trials = len({r.to_config(self.space).index for r in prior})
+        summary.resumed = summary.trials = summary.best_at = len({r.to_config(self.space).index for r in prior})
+        verified = {r.to_config(self.space).index for r in prior if r.ok}
+        summary.resumed_failed = len({r.to_config(self.space).index for r in prior if not r.ok} - verified)
         summary.records.extend(prior)
         if prior:
             resumed_inputs = [r.to_measure_input(self.space) for r in prior]
@@ -193,9 +219,12 @@ class Tuner:
             _tell(callbacks, "measured", record, summary.trials + i + 1)
             summary.build_s += result.build_s
             summary.run_s += result.run_s
+        best_before = self.best_cost
         self.update(inputs, results)
         first = summary.trials
         summary.trials += len(inputs)
+        if self.best_cost < best_before:
+            summary.best_at = summary.trials
         summary.measured += len(inputs)
         summary.failed += sum(1 for r in results if not r.ok)
         summary.records.extend(batch_records)

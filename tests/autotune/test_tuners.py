@@ -1,12 +1,15 @@
 """Contract tests over every tuner, on a real (small) gemm task."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from autotune.tuners import TUNERS, XGBTuner, make_tuner
+from autotune.tuners.base import SPACE_SPENT
+from fakes import SyntheticRunner
 from measure import LocalBuilder, LocalRunner
 from records import RecordLog
 from search_space import Task
@@ -119,3 +122,34 @@ def test_a_summary_reads_in_one_short_line(host):
     text = repr(summary)
     assert len(text) < 400, text
     assert TASK.key in text and "tuner='random'" in text and "trials=16" in text and "1e-05 s with {'mr': 0}" in text
+
+
+class _SlowRunner(SyntheticRunner):
+    def run(self, inputs, builds):
+        time.sleep(0.05 * len(inputs))
+        return super().run(inputs, builds)
+
+
+def test_the_loop_stops_early_by_time_by_no_improvement_and_on_a_spent_space(host, tmp_path):
+    """AutoTVM's early_stopping and Kernel Tuner's time_limit; a restricted space smaller than
+    the budget says it is spent rather than ending as if the budget were met."""
+    runner = SyntheticRunner({"gemm": 1e-5})
+    summary = make_tuner("random", TASK, host, seed=1).tune(400, runner, runner, batch_size=1, early_stopping=5)
+    assert "early stopping" in summary.stopped and summary.trials < 400
+    assert summary.trials - summary.best_at == 5
+    times = [r.seconds for r in summary.records]
+    assert min(times[:summary.best_at]) == summary.best.seconds == min(times)
+    assert all(t > summary.best.seconds for t in times[:summary.best_at - 1])  # found at trial best_at
+
+    slow = _SlowRunner({"gemm": 1e-5})
+    summary = make_tuner("random", TASK, host, seed=1).tune(400, slow, slow, batch_size=1, time_limit_s=0.3)
+    assert "time limit" in summary.stopped and 2 <= summary.trials < 40
+
+    small = make_tuner("random", TASK, host, seed=1)
+    knobs = {k.name: [k.values[0]] for k in small.space.knobs[1:]}
+    for name in ("random", "grid", "xgb"):
+        tuner = make_tuner(name, TASK, host, seed=1, restrict=knobs)
+        summary = tuner.tune(10_000, runner, runner, batch_size=4, log=RecordLog(tmp_path / f"{name}.jsonl"))
+        assert summary.stopped == SPACE_SPENT and 1 <= summary.trials < 10_000, name
+    full = make_tuner("random", TASK, host, seed=1).tune(6, runner, runner, batch_size=4)
+    assert full.trials == 6 and full.stopped == ""

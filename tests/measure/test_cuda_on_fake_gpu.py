@@ -226,7 +226,7 @@ def test_cli_tunes_and_benches_on_the_fake_gpu(fake_gpu, tmp_path):
                   "--tuner", "grid", "--trials", "4", "--batch", "2", "--log", "t.jsonl", "--no-mlflow", "--quiet"],
                  env, tmp_path)
     assert tuned.returncode == 0, tuned.stderr
-    assert "4 measured now, 0 failed" in tuned.stdout, tuned.stdout
+    assert "4 measured now; 0 failed" in tuned.stdout, tuned.stdout
     from records import RecordLog
 
     records = RecordLog(tmp_path / "t.jsonl").records()
