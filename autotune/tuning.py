@@ -67,7 +67,7 @@ class ProgressCallback:
         for record in records:
             if record.ok:
                 self.best_s = min(self.best_s, record.seconds)
-            if "pairwise_accuracy" in record.model:
+            if "pairwise_accuracy" in record.model and record.tuner == tuner.name:  # not another tuner's, resumed
                 self.quality = record.model
         self.display.update(first + len(records), self._figures(), line=True)
 
