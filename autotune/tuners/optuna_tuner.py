@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from typing import Any, Sequence
 
 import numpy as np
@@ -27,6 +28,21 @@ from search_space import Config
 from search_space.space import KEPT
 
 from .base import Tuner
+
+
+@contextmanager
+def quiet_optuna(optuna):
+    """Optuna's info lines (a trial finished) and its notice that multivariate TPE and CMA-ES
+    with margin are experimental are noise in a tuning job: silenced while the tuner calls
+    Optuna, and the process's own settings (a notebook's) restored after."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(level)
 
 
 class OptunaTuner(Tuner):
@@ -41,9 +57,6 @@ class OptunaTuner(Tuner):
         import optuna
         from optuna.distributions import CategoricalDistribution, IntDistribution
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        # multivariate TPE and CMA-ES with margin are marked experimental; the notice is noise here
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         self._optuna = optuna
         self.asks_per_config = asks_per_config
         self.distributions: dict[str, Any] = {}
@@ -52,7 +65,8 @@ class OptunaTuner(Tuner):
                 self.distributions[knob.name] = CategoricalDistribution(list(knob.values))
             else:
                 self.distributions[knob.name] = IntDistribution(0, len(knob) - 1)
-        self.study = optuna.create_study(direction="maximize", sampler=self.make_sampler(seed))
+        with quiet_optuna(optuna):
+            self.study = optuna.create_study(direction="maximize", sampler=self.make_sampler(seed))
         self._pending: dict[int, list[Any]] = {}  # config index -> asked trials waiting for it
         self._values: dict[int, float | None] = {}  # measured config index -> GFLOP/s (None: failed)
         self.failed_proposals = 0  # proposals told as failed because they broke a constraint
@@ -81,6 +95,10 @@ class OptunaTuner(Tuner):
 
     # -- ask ------------------------------------------------------------------------------
     def next_batch(self, n: int) -> list[Config]:
+        with quiet_optuna(self._optuna):
+            return self._next_batch(n)
+
+    def _next_batch(self, n: int) -> list[Config]:
         batch: list[Config] = []
         asks = 0
         while len(batch) < n and asks < self.asks_per_config * n + 20:
@@ -140,6 +158,10 @@ class OptunaTuner(Tuner):
 
     def update(self, inputs: Sequence[MeasureInput], results: Sequence[MeasureResult]) -> None:
         super().update(inputs, results)
+        with quiet_optuna(self._optuna):
+            self._learn(inputs, results)
+
+    def _learn(self, inputs: Sequence[MeasureInput], results: Sequence[MeasureResult]) -> None:
         from optuna.trial import TrialState, create_trial
 
         for inp, res in zip(inputs, results):

@@ -50,3 +50,27 @@ def test_invalid_proposals_are_failed_trials(name, sweep_logs):
     assert all(t.state == TrialState.FAIL for t in invalid)
     complete = [t for t in tuner.study.trials if t.state == TrialState.COMPLETE]
     assert complete and all(full.is_valid(tuner._decode(t.params)) for t in complete)
+
+
+@pytest.mark.parametrize("name", ["optuna-tpe", "optuna-cmaes"])
+def test_the_tuner_leaves_the_processs_optuna_settings_as_they_were(name, sweep_logs):
+    """A notebook's own Optuna studies keep their logging and warnings: the tuner quiets Optuna
+    only while it calls it, and its experimental notices do not reach the user."""
+    import warnings
+
+    import optuna
+
+    space = recorded_space(sweep_logs["target"])
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.DEBUG)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tuner = make_tuner(name, space.task, space.target, seed=1, space=space.space)
+            tuner.tune(12, ReplayBuilder(), ReplayRunner(space.results), batch_size=4)
+            assert not [w for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
+            assert optuna.logging.get_verbosity() == optuna.logging.DEBUG
+            warnings.warn("mine", optuna.exceptions.ExperimentalWarning)  # the user's filters still apply
+            assert [str(w.message) for w in caught] == ["mine"]
+    finally:
+        optuna.logging.set_verbosity(before)
