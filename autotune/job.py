@@ -270,6 +270,8 @@ def run_job(job: TuningJob, progress: bool = True, builder=None, runner=None,
         return _run_on_cluster(job, log, progress, note)
     if runner is None:
         check_local_gpu(job.target)
+    if builder is None:
+        check_compiler(job.target)
     with ExitStack() as stack:
         builder = builder or stack.enter_context(LocalBuilder(timeout_s=job.build_timeout))
         runner = runner or stack.enter_context(_runner(job))
@@ -306,6 +308,19 @@ def check_space(task: Task, target: Target, restrict: Mapping[str, list] | None)
         if restrict:
             raise JobError(f"the restriction {dict(restrict)} leaves no valid config of {task.key} on {target.key}")
         raise JobError(f"no config of {task.key} is valid on {target.key}")
+
+
+def check_compiler(target: Target) -> None:
+    """A CUDA job's candidates are built by nvcc here: without it every candidate would be
+    recorded as a COMPILE_ERROR, and a rerun would take those as done."""
+    if target.kind != "cuda":
+        return
+    from measure.compile_cuda import CudaCompileError, nvcc_path
+
+    try:
+        nvcc_path()
+    except CudaCompileError as exc:
+        raise JobError(str(exc)) from None
 
 
 def check_local_gpu(target: Target) -> None:

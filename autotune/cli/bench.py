@@ -7,7 +7,8 @@ from contextlib import contextmanager
 
 import click
 
-from .common import UserError, echo_json, positive, read_log, report_stale, resolve_target, resolve_task
+from .common import (UserError, echo_json, positive, read_log, report_stale, require_compiler, resolve_target,
+                     resolve_task)
 from .group import cli
 
 
@@ -33,6 +34,7 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, allow_sta
     from ..bench import bench_kernel
 
     tgt = resolve_target(target)
+    require_compiler(tgt)  # the tuned kernel is built again here
     if threads is not None and not tgt.uses_cpu_threads:
         raise UserError("--threads is for the cpu target")
     if threads is not None and threads > len(os.sched_getaffinity(0)):

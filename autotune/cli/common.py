@@ -43,6 +43,16 @@ def resolve_target(name: str, compile_only: bool = False):
     raise UserError(f"unknown target {name!r}: use cpu, cuda or an arch like sm_90a")
 
 
+def require_compiler(target) -> None:
+    """What builds kernels for ``target`` is here (nvcc for CUDA), else one line."""
+    from autotune.job import JobError, check_compiler
+
+    try:
+        check_compiler(target)
+    except JobError as exc:
+        raise UserError(str(exc)) from None
+
+
 def resolve_task(op: str, shape: str, dtype: str, target_kind: str, dynamic: str = "",
                  attrs: tuple[str, ...] | list[str] = ()):
     from search_space import Task, get_template, parse_shape

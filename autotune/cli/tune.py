@@ -8,7 +8,8 @@ import click
 
 from ..units import format_rate, format_time, rate
 from .common import (ManyValues, UserError, check_model_files, check_timeouts, check_tracking, cluster_options_given, echo_json, load_logs,
-                     make_job, open_log, positive, read_log, report_stale, resolve_target, resolve_task, run_tuning,
+                     make_job, open_log, positive, read_log, report_stale, require_compiler, resolve_target, resolve_task,
+                     run_tuning,
                      restriction, seed_option)
 from .group import cli
 
@@ -148,6 +149,7 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
         from .compile_only import compile_only_report, format_compile_report
 
         check_timeouts(build_timeout=build_timeout)
+        require_compiler(tgt)
         try:
             rows = compile_only_report(template, task, tgt, trials, seed, build_timeout,
                                        restriction(template, task, tgt, threads, restrict_items))

@@ -147,3 +147,28 @@ def test_run_on_a_cuda_library_without_a_gpu_is_one_line_exit_2(tmp_path, withou
     assert len(runtime.load(tmp_path / "lib").entries) == 1  # the library itself is fine
     proc = run("run", "--model", "tiny", "--lib", "lib", "--new-tokens", "2", cwd=tmp_path, env=without_pycuda)
     one_line_error(proc, "cuda target unavailable")
+
+
+def test_without_nvcc_a_cuda_job_is_one_line_and_writes_no_log(tmp_path):
+    """On a GPU machine whose nvcc is not on PATH every candidate would be recorded as a
+    COMPILE_ERROR, and a rerun would take those as done: refused before anything starts."""
+    from pathlib import Path
+
+    fake = Path(__file__).resolve().parents[1] / "fake_pycuda"  # a GPU that answers, so only nvcc is missing
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and not (Path(p) / "nvcc").exists()]
+    env = dict(os.environ, PATH=os.pathsep.join(path),
+               PYTHONPATH=os.pathsep.join([str(fake)] + [p for p in sys.path if p]))
+    common = ["--dtype", "float16", "--no-mlflow"]
+    for args in (["tune", "--op", "gemv", "--shape", "M=1,N=64,K=64", "--target", "cuda", "--trials", "2",
+                  "--log", "t.jsonl", *common],
+                 ["tune-model", "--model", "tiny", "--target", "cuda", "--trials-total", "2", "--log", "m.jsonl",
+                  "--quiet", *common],
+                 ["sweep", "--op", "gemv", "--shape", "M=1,N=64,K=64", "--target", "cuda", "--sample", "2",
+                  "--log", "s.jsonl", *common]):
+        proc = run(*args, cwd=tmp_path, env=env)
+        assert proc.returncode == 2 and "autotune: error: nvcc not found on PATH" in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    proc = run("tune", "--op", "gemv", "--shape", "M=1,N=64,K=64", "--dtype", "float16", "--target", "sm_90a",
+               "--compile-only", "--trials", "2", cwd=tmp_path, env=env)
+    one_line_error(proc, "nvcc not found on PATH")
+    assert not list(tmp_path.glob("*.jsonl"))
