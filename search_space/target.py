@@ -88,9 +88,12 @@ class Target:
         """``cpu``/``host`` for this CPU, or a CUDA arch like ``sm_90a`` (compile-only)."""
         if name in ("cpu", "host", "llvm"):
             return cls.host()
-        match = re.fullmatch(r"sm_(\d+)a?", name)
-        if match:
-            limits = _KNOWN_SM.get(name) or _KNOWN_SM.get(name.rstrip("a")) or _KNOWN_SM["sm_90"]
+        if re.fullmatch(r"sm_(\d+)a?", name):
+            # an arch's SM count and shared memory are what the constraints check: one not known
+            # here would be given another's (and "sm_9" would fail at every nvcc call)
+            limits = _KNOWN_SM.get(name)
+            if limits is None:
+                raise ValueError(f"unknown CUDA arch {name!r}: compile-only targets are {', '.join(_KNOWN_SM)}")
             return cls(
                 kind="cuda",
                 arch=name,

@@ -145,3 +145,17 @@ def test_task_make_takes_numpy_dims_and_a_dynamic_dim_by_name():
         Task.make("rmsnorm", "M=8,N=64")
     with pytest.raises(TypeError, match="op must be an operator name"):
         Task.make(None, {"M": 8})
+
+
+def test_only_known_cuda_archs_are_compile_only_targets():
+    """An arch's SM count and shared memory are what the constraints check: an unknown one was
+    given sm_90's, and a malformed one ("sm_9") failed at every nvcc call."""
+    import pytest
+
+    from search_space import Target
+
+    assert Target.from_name("sm_80").max_shared_memory_per_block == 163 << 10
+    assert Target.from_name("sm_90a").sm_count == 132
+    for name in ("sm_9", "sm_100a", "sm_86a"):
+        with pytest.raises(ValueError, match=f"unknown CUDA arch '{name}'.*sm_90a"):
+            Target.from_name(name)
