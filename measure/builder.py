@@ -205,7 +205,7 @@ class LocalBuilder:
             out = worker.call("measure.builder:build_candidate", payload, self.timeout_s)
         except WorkerTimeout:
             return BuildResult(None, None, build_s=time.perf_counter() - start, error=MeasureError.BUILD_TIMEOUT,
-                               message=f"build took longer than {self.timeout_s:.0f} s")
+                               message=f"build took longer than {self.timeout_s:g} s")
         except WorkerCrash as exc:
             return BuildResult(None, None, build_s=time.perf_counter() - start, error=MeasureError.COMPILE_ERROR,
                                message=f"compiler crashed: {exc}")

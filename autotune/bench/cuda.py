@@ -84,6 +84,7 @@ def measure_ceilings(target: Target, device: int = 0, use_torch: bool | None = N
         parts.append("measured now: " + ", ".join(sorted(measured)) +
                      " (stream and FFMA probes; tensor cores = cuBLAS 8192^3)")
     documented = sorted(set(DOCUMENTED) - measured)
+    ceilings["documented"] = documented  # the stand-ins, said beside any figure that uses one
     if documented:
         parts.append("H200 values measured on 2026-11-28 (not this GPU): " + ", ".join(documented))
     ceilings["source"] = "; ".join(parts + notes)
@@ -119,6 +120,10 @@ class CudaBenchResult(BenchResult):
         check = f" (vendor check: {self.baseline_check})" if self.baseline_check else ""
         roof = (f"{self.memory_gbs:.0f} GB/s streaming" if self.bound == "memory"
                 else f"{self.peak_gflops / 1e3:.0f} TFLOP/s peak")
+        stand_ins = self.ceilings.get("documented") or []
+        if (self.bound == "memory" and "stream_gbs" in stand_ins) or (
+                self.bound != "memory" and any(k.endswith("_gflops") for k in stand_ins)):
+            roof += ", an H200's measured on 2026-11-28: no probe ran here"
         return (f"{self.task.key} on {self.target.device_name}: tuned {format_time(self.tuned_s)} ({rate}); "
                 f"{vendor}{check}; {self.roofline_fraction * 100:.0f}% of the {self.bound} roofline ({roof})"
                 + self.warning())

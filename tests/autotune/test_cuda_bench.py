@@ -84,6 +84,10 @@ def test_result_without_a_vendor_baseline_is_valid_json_and_readable():
     assert data["baseline_s"] is None and data["speedup"] is None and data["bound"] == "memory"
     assert 0.7 < data["roofline_fraction"] < 0.8  # 90 MB in 30 us against 4.09 TB/s
     assert "no vendor baseline" in result.summary() and "GB/s" in result.summary()
+    # a roofline of stand-in values says so in the text too, not only in --json's ceilings
+    assert "no probe ran here" not in result.summary()
+    result.ceilings["documented"] = ["stream_gbs"]
+    assert "an H200's measured on 2026-11-28: no probe ran here" in result.summary()
 
 
 @pytest.mark.parametrize("version_py, available", [
