@@ -210,8 +210,14 @@ def _kernels(lib: str | None, logs: tuple[str, ...], target: str, allow_stale: b
             return runtime.load(lib, fallback=TunedKernels.defaults() if cpu else None)
         except (OSError, ValueError, AttributeError) as exc:
             raise UserError(f"--lib {lib}: {exc}") from None
+    records, tgt = load_logs(logs), resolve_target(target)
+    elsewhere = sorted({r.target.key for r in records} - {tgt.key})
+    if records and len(elsewhere) == len({r.target.key for r in records}):
+        # not one kernel of them could run here: the model would run on template defaults only
+        raise UserError(f"--log: no record is for {tgt.key} (--target {target}); the logs are of "
+                        f"{', '.join(elsewhere)}: run on that machine with its --target")
     with stale_warnings_reported(logs, allow_stale):  # records of code the templates no longer render
-        return TunedKernels(load_logs(logs), resolve_target(target), allow_stale=allow_stale)
+        return TunedKernels(records, tgt, allow_stale=allow_stale)
 
 
 def _precisions(dtype: str, kind: str, quantize: str, chosen_by: str = "") -> tuple[str, str]:

@@ -44,3 +44,16 @@ def test_resumed_failures_are_counted_and_a_stale_best_is_passed_over(tmp_path):
     said = json.loads(run(*COMMON, "--trials", "6", "--log", "t.jsonl", "--json", cwd=tmp_path).stdout)
     assert said["resumed_failed"] == 1 and said["failed"] == 0
     assert said["best"]["config"] == best[0]["config"] != lines[fastest]["config"]
+
+
+def test_run_refuses_logs_with_no_record_for_its_target(tmp_path):
+    """A log tuned on another machine (a GPU's, another CPU's) ran the model on template defaults
+    only, with a warning per kernel and exit 0."""
+    run(*COMMON, "--trials", "1", "--log", "t.jsonl", cwd=tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    for line in lines:
+        line["target"]["arch"] = "znver99"
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    proc = run("run", "--log", "other.jsonl", "--model", "tiny", "--new-tokens", "2", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "no record is for cpu-" in proc.stderr and "cpu-znver99" in proc.stderr
