@@ -3,6 +3,9 @@
 #
 #   source .device/env.sh && bash benchmarks/gpu_check.sh
 #
+# (`.device/env.sh`: made by the staging script on the project's lent GPU machine; elsewhere,
+# install the project with its cuda and dev extras, nvcc and a CUDA torch: docs/design.md.)
+#
 # 1. the tests marked `gpu`: the injected CUDA faults first, then real kernels verified and timed;
 # 2. tunes the shapes TARGETS.md sets goals for on a fresh log (xgb with the templates' priors:
 #    their seed configs, the hand-picked Hopper schedules among them, come first;

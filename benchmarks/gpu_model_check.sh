@@ -4,6 +4,9 @@
 #
 #   source .device/env.sh && bash benchmarks/gpu_model_check.sh
 #
+# (`.device/env.sh`: made by the staging script on the project's lent GPU machine; elsewhere,
+# install the project with its cuda and dev extras, nvcc and a CUDA torch: docs/design.md.)
+#
 # 1. llama-100m in float16 through the user's path: tune-model --dtype float16, export (cubins),
 #    autotune run --lib --compare (the numpy reference and the template defaults beside it);
 # 2. llama-2-7b and llama-3-8b, float16 and int4 (q4, float16 activations): tune-model on a small
@@ -14,8 +17,10 @@
 # (written again after each case); the summary table is printed last.
 #
 # Both GPU issues in one 15-minute device session: this script with GPU_MODEL_SMALL=0 (about 6
-# minutes, at most about 9 with the wheel install), then `GPU_CHECK_MODE=targets bash
-# benchmarks/gpu_check.sh` (about 4-5 minutes).
+# minutes typically, at most about 8.5 by its own limits), then `GPU_CHECK_MODE=targets bash
+# benchmarks/gpu_check.sh` (about 4-5 minutes, at most about 7.5). The typical runs fit with
+# the two machine starts; the worst cases (about 16 minutes) do not: run this one first, and
+# the second only with the time `status` says is left.
 # Knobs: GPU_MODEL_TRIALS (48 per large model), GPU_MODEL_CASES ("llama-2-7b:none llama-2-7b:q4
 # llama-3-8b:none llama-3-8b:q4"), GPU_MODEL_DTYPE (float16), GPU_MODEL_SMALL (1: run step 1),
 # GPU_MODEL_BUDGET_S (360: no large case starts later; the last then ends by about 520 s), GPU_MODEL_RUN_ARGS (extra gpu_model.py options),
