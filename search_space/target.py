@@ -59,6 +59,12 @@ class Target:
         return f"{self.kind}-{self.arch}"
 
     @property
+    def has_hopper_instructions(self) -> bool:
+        """wgmma, TMA, thread-block clusters: sm_90a's arch-specific instructions (ptxas refuses
+        them for sm_80-sm_89, and for sm_90 without the "a")."""
+        return self.kind == "cuda" and self.arch == "sm_90a"
+
+    @property
     def uses_cpu_threads(self) -> bool:
         """Its kernels run on CPU threads: a ``threads`` knob, and ``--threads`` applies."""
         return self.kind == "cpu"

@@ -169,3 +169,18 @@ def test_a_programmatic_launch_is_a_cuda_graphs_and_a_yes_or_no():
     with pytest.raises(ValueError, match="programmatic = 'yes' is not a bool like false"):
         get_template("attention_decode", "cuda").check(Task.make("attention_decode", shape, "float16",
                                                                   {"programmatic": "yes"}, ("S", "L")))
+
+
+def test_hopper_instructions_are_searched_on_sm90a_only():
+    """wgmma, TMA and clusters are sm_90a's: on an A100 (sm_80) such candidates failed in ptxas,
+    a trial each."""
+    rng = np.random.default_rng(0)
+    cases = [("gemm", {"M": 512, "N": 512, "K": 512}, lambda c: c["instr"] == "wgmma" or c["pipeline"] == "tma"
+              or c["cluster"] > 1),
+             ("attention_prefill", {"B": 1, "T": 128, "H": 4, "HKV": 4, "D": 64}, lambda c: c["impl"] == "wgmma")]
+    for op, dims, hopper_only in cases:
+        task, template = Task.make(op, dims, "float16"), get_template(op, "cuda")
+        on_a100 = template.space(task, Target.from_name("sm_80")).sample(rng, 200)
+        assert on_a100 and not any(hopper_only(c.as_dict()) for c in on_a100), op
+        on_h100 = template.space(task, SM90).sample(rng, 200)
+        assert any(hopper_only(c.as_dict()) for c in on_h100), op

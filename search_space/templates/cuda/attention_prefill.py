@@ -96,7 +96,9 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
         ]
         if hopper.applies(task):  # appended: the indices of the other impls' configs stay
             knobs[0] = Knob("impl", knobs[0].values + ("wgmma",))
+        hopper_ok = target.has_hopper_instructions
         constraints = [
+            ("wgmma needs sm_90a", lambda c: c["impl"] != "wgmma" or hopper_ok),
             ("mma warps own 16 or 32 query rows, simt warps 1 to 4",
              lambda c: (c["warp_rows"] >= 16) == (c["impl"] != "simt")),
             ("mma pipelines 2 or 3 stages, simt loads one",

@@ -296,7 +296,10 @@ def _mma_space(task: Task, target: Target) -> ConfigSpace:
         Knob("epilogue", ("direct", "smem"), legacy="direct"),
         Knob("cluster", (1, 2), legacy=1),
     ]
+    hopper = target.has_hopper_instructions
     constraints = [
+        ("wgmma, TMA and clusters need sm_90a",
+         lambda c: hopper or (not _wgmma(c) and not _tma(c) and c["cluster"] == 1)),
         ("tma: a wgmma pipeline, rows of 16-byte multiples, no K split",
          lambda c: not _tma(c) or (_wgmma(c) and (K * size) % 16 == 0 and c["split_k"] == 1)),
         ("persistent: only with the tma pipeline, and more tiles than SMs",
