@@ -144,6 +144,10 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
         raise UserError("--compile-only builds on this machine and measures nothing: --cluster is for measuring")
     if threads is not None and not tgt.uses_cpu_threads:
         raise UserError("--threads is for the cpu target")
+    if cold_cache and not tgt.uses_cpu_threads:
+        raise UserError("--cold-cache is for the cpu target")
+    if compile_only and (time_limit is not None or early_stopping is not None):
+        raise UserError("--time-limit and --early-stopping end a search; --compile-only builds --trials configs")
     template, task = resolve_task(op, shape, dtype, tgt.kind, dynamic, attrs)
     if compile_only:
         from .compile_only import compile_only_report, format_compile_report

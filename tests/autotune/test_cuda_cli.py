@@ -172,3 +172,11 @@ def test_without_nvcc_a_cuda_job_is_one_line_and_writes_no_log(tmp_path):
                "--compile-only", "--trials", "2", cwd=tmp_path, env=env)
     one_line_error(proc, "nvcc not found on PATH")
     assert not list(tmp_path.glob("*.jsonl"))
+
+
+def test_options_that_do_nothing_on_cuda_are_refused(tmp_path):
+    base = ["tune", "--op", "gemv", "--shape", "M=1,N=64,K=64", "--dtype", "float16", "--target", "sm_90a",
+            "--trials", "2"]
+    one_line_error(run(*base, "--cold-cache", cwd=tmp_path), "--cold-cache is for the cpu target")
+    one_line_error(run(*base, "--early-stopping", "3", cwd=tmp_path), "--compile-only builds --trials configs")
+    one_line_error(run(*base, "--time-limit", "5", cwd=tmp_path), "--compile-only builds --trials configs")
