@@ -44,3 +44,12 @@ def format_time(seconds: float | None) -> str:
     if seconds < 1.0:
         return f"{seconds * 1e3:.3f} ms"
     return f"{seconds:.2f} s"
+
+
+def format_bytes(nbytes: int) -> str:
+    """A size in the unit that reads best: KiB below a MiB, MiB below a GiB, else GiB."""
+    if nbytes < 1 << 20:
+        return f"{nbytes / 1024:.1f} KiB"
+    if nbytes < 1 << 30:
+        return f"{nbytes / (1 << 20):.1f} MiB"
+    return f"{nbytes / (1 << 30):.1f} GiB"

@@ -12,7 +12,7 @@ commands on the click group of ``group.py``, which imports none of them.
 """
 from __future__ import annotations
 
-from . import bench, library, model, research, tune  # noqa: F401  (each registers its commands on cli)
+from . import bench, cache, library, model, research, tune  # noqa: F401  (each registers its commands on cli)
 from .common import resolve_target, resolve_task
 from .group import UserError, cli, main
 

@@ -6,13 +6,9 @@ import sys
 
 import click
 
-from ..units import format_rate, format_time
+from ..units import format_bytes, format_rate, format_time
 from .common import ManyValues, UserError, echo_json, load_logs, stale_warnings_reported
 from .group import cli, error_line
-
-
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 1024:.1f} KiB" if nbytes < 1 << 20 else f"{nbytes / (1 << 20):.1f} MiB"
 
 
 def _records(logs, run_id: str | None, tracking_uri: str | None) -> list:
@@ -74,9 +70,9 @@ def export(logs, run_id, tracking_uri, out_dir, target, no_verify, allow_stale, 
     checked = (f"all {summary.verified} checked against numpy" if summary.verified == len(summary.kernels)
                else "not checked here")
     click.echo(f"exported {len(summary.kernels)} kernel(s) for {summary.target.key} to {summary.path} "
-               f"({_size(summary.total_bytes)}; {checked}) in {summary.seconds:.1f} s")
+               f"({format_bytes(summary.total_bytes)}; {checked}) in {summary.seconds:.1f} s")
     if summary.library is not None:
-        click.echo(f"  {summary.library.name}  {_size(summary.library.stat().st_size)}; header llm_autotune_kernels.h")
+        click.echo(f"  {summary.library.name}  {format_bytes(summary.library.stat().st_size)}; header llm_autotune_kernels.h")
     for entry in summary.kernels:
         task = Task.make(entry["op"], entry["dims"], entry["dtype"], entry["attrs"], entry["dynamic"])
         click.echo(f"  {entry['entry']}  {entry['task']}  {format_time(entry['seconds'])}  "

@@ -97,3 +97,38 @@ def test_a_private_folder_that_others_can_write_is_not_used(host, tmp_path, monk
     assert folder is not None and folder.parent == tmp_path
     folder.chmod(0o777)
     assert fallback_cache_dir(create=True) is None
+
+
+def test_the_cache_is_shown_and_cleared_by_kernel_never_touching_other_files(host, tmp_path):
+    """`autotune cache` shows what the cache holds; --clear removes its kernels (all, or those
+    built more than --older-than days ago) and leftovers of killed writes, and nothing else."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from measure.kernel_cache import clear, usage
+
+    cache = tmp_path / "cache"
+    with LocalBuilder(n_parallel=1, cache_dir=cache) as builder:
+        built = [builder.build([MeasureInput(task, get_template("add", "cpu").default(task, host), host)])[0]
+                 for task in (Task.make("add", {"M": 4, "N": 64}), Task.make("add", {"M": 4, "N": 128}))]
+    (cache / "notes.txt").write_text("mine")
+    (cache / f".{built[0].digest}.o.123.tmp").write_bytes(b"cut short")
+    held = usage(cache)
+    assert held.kernels == {".o": 2} and held.files == 7 and held.bytes > 0
+    old = time.time() - 3 * 86400
+    for path in cache.glob(built[0].digest + "*"):
+        os.utime(path, (old, old))
+    env = dict(os.environ, AUTOTUNE_CACHE_DIR=str(cache))
+    cli = [sys.executable, "-m", "autotune.cli", "cache"]
+    shown = subprocess.run(cli + ["--json"], env=env, capture_output=True, text=True)
+    assert json.loads(shown.stdout)["kernels"] == 2
+    bad = subprocess.run(cli + ["--older-than", "2"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--older-than is for --clear" in bad.stderr
+    gone = subprocess.run(cli + ["--clear", "--older-than", "2", "--json"], env=env, capture_output=True, text=True)
+    out = json.loads(gone.stdout)
+    assert out["removed"]["kernels"] == 1 and out["left"]["kernels"] == 1
+    assert not list(cache.glob(built[0].digest + "*")) and list(cache.glob(built[1].digest + "*"))
+    assert clear(cache).kernels == {".o": 1} and usage(cache).files == 0
+    assert (cache / "notes.txt").read_text() == "mine"  # not the cache's: never removed
