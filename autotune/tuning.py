@@ -78,25 +78,41 @@ class ProgressCallback:
 class MLflowCallback:
     """Per-trial metrics into the job's MLflow run, sent per batch; a tracking failure never
     stops the job (after one, the run sends nothing more: see ``MLflowRun``). ``flush`` sends
-    the records of a batch the job did not finish (interrupted): each trial in the log is a
-    point in the run too."""
+    what the log got since the last batch was sent (a batch the job did not finish: each trial
+    in the log is a point in the run too). It reads the log rather than counting candidates: a
+    signal can land between a record's write and any callback."""
 
-    def __init__(self, run):
-        self.run = run
-        self.pending: list[tuple[Record, int]] = []  # measured in the batch under way: (record, trial)
+    def __init__(self, run, log: RecordLog | None = None, task: Task | None = None, target: Target | None = None):
+        self.run, self.log = run, log
+        self.key = (task.key, target.key) if task is not None and target is not None else None
+        self.at_start = len(self._logged()) if self.key is not None else 0  # the task's records before the job
+        self.in_batch = 0  # measured since the last batch was sent
+        self.sent = 0      # records this job measured that the run holds
+        self.next_step = 0
+
+    def _logged(self) -> list[Record]:
+        return [r for r in self.log.records(warn=False) if (r.task.key, r.target.key) == self.key]
 
     def measured(self, record: Record, trial: int) -> None:
-        self.pending.append((record, trial))
+        self.in_batch += 1
 
     def __call__(self, tuner, inputs, results, records, first) -> None:
-        self.pending.clear()
         self.run.log_trials_or_stop(records, first)
+        self.sent += self.in_batch  # none for the records resumed from the log (the first call)
+        self.in_batch = 0
+        self.next_step = first + len(records)
 
     def flush(self) -> None:
-        if self.pending:
-            records, first = [r for r, _ in self.pending], self.pending[0][1] - 1
-            self.pending.clear()
-            self.run.log_trials_or_stop(records, first)
+        if self.key is None:
+            return
+        try:
+            unsent = self._logged()[self.at_start + self.sent:]
+        except (OSError, ValueError):  # best effort: the log holds them in any case
+            return
+        if unsent:
+            self.run.log_trials_or_stop(unsent, self.next_step)
+            self.sent += len(unsent)
+            self.next_step += len(unsent)
 
 
 class Tracking:
@@ -281,7 +297,7 @@ def tune_task(job, log: RecordLog, builder, runner, tuner_options: dict, progres
     bar = ProgressCallback(job.task, job.trials) if progress else None
     with observed(job, note, bar, lambda run, status, summary: _finish_run(run, log, status, summary)) as (
             tracking, outcome):
-        metrics = MLflowCallback(tracking.run) if tracking.run else None
+        metrics = MLflowCallback(tracking.run, log, job.task, job.target) if tracking.run else None
         callbacks = [c for c in (ResumeNote(job, log, note), metrics, bar) if c is not None]
         try:
             summary = tuner.tune(job.trials, builder, runner, batch_size=job.batch, log=log, callbacks=callbacks,

@@ -39,11 +39,15 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, allow_sta
         raise UserError("--threads is for the cpu target")
     if threads is not None and threads > len(os.sched_getaffinity(0)):
         raise UserError(f"--threads {threads}: this machine runs {len(os.sched_getaffinity(0))} thread(s) at once")
+    logged = read_log(log_path) if log_path else []
+    targets = {r.target.key for r in logged}
+    if targets and tgt.key not in targets:  # said before its dtypes or tasks are looked at
+        raise UserError(f"--log {log_path}: no record is for {tgt.key} (--target {target}); the log is of "
+                        f"{', '.join(sorted(targets))}: bench on that machine with its --target")
     template, task = resolve_task(op, shape, dtype, tgt.kind, dynamic, attrs)
     space = template.space(task, tgt)
     config = None
     if log_path:
-        logged = read_log(log_path)
         records = [r for r in logged if r.task.key == task.key and r.target.key == tgt.key]
         if threads is not None:
             records = [r for r in records if r.config.get("threads", threads) == threads]

@@ -57,3 +57,15 @@ def test_run_refuses_logs_with_no_record_for_its_target(tmp_path):
     proc = run("run", "--log", "other.jsonl", "--model", "tiny", "--new-tokens", "2", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "no record is for cpu-" in proc.stderr and "cpu-znver99" in proc.stderr
+
+
+def test_bench_says_first_that_a_log_is_of_another_target(tmp_path):
+    run(*COMMON, "--trials", "1", "--log", "t.jsonl", cwd=tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    for line in lines:
+        line["target"]["arch"] = "znver99"
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    proc = run("bench", "--op", "rmsnorm", "--shape", "M=4,N=256", "--dtype", "float16", "--log", "other.jsonl",
+               cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "no record is for cpu-" in proc.stderr and "cpu-znver99" in proc.stderr and "--dtype" not in proc.stderr
