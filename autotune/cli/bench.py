@@ -7,8 +7,8 @@ from contextlib import contextmanager
 
 import click
 
-from .common import (UserError, echo_json, positive, read_log, report_stale, require_compiler, resolve_target,
-                     resolve_task)
+from .common import (UserError, echo_json, positive, read_log, refuse_other_targets, report_stale, require_compiler,
+                     resolve_target, resolve_task)
 from .group import cli
 
 
@@ -40,10 +40,7 @@ def bench(op, shape, dtype, attrs, dynamic, log_path, target, threads, allow_sta
     if threads is not None and threads > len(os.sched_getaffinity(0)):
         raise UserError(f"--threads {threads}: this machine runs {len(os.sched_getaffinity(0))} thread(s) at once")
     logged = read_log(log_path) if log_path else []
-    targets = {r.target.key for r in logged}
-    if targets and tgt.key not in targets:  # said before its dtypes or tasks are looked at
-        raise UserError(f"--log {log_path}: no record is for {tgt.key} (--target {target}); the log is of "
-                        f"{', '.join(sorted(targets))}: bench on that machine with its --target")
+    refuse_other_targets(logged, tgt, target, f"--log {log_path}")  # before its dtypes or tasks are looked at
     template, task = resolve_task(op, shape, dtype, tgt.kind, dynamic, attrs)
     space = template.space(task, tgt)
     config = None

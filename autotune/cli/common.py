@@ -43,6 +43,16 @@ def resolve_target(name: str, compile_only: bool = False):
     raise UserError(f"unknown target {name!r}: use cpu, cuda or an arch like sm_90a")
 
 
+def refuse_other_targets(records, target, name: str, what: str) -> None:
+    """Logs none of whose records is for ``target`` (another machine's, a GPU's): not one of their
+    kernels could run here, so the command would run template defaults only. ``name`` is the
+    --target given, ``what`` the option and file(s) said first."""
+    keys = {r.target.key for r in records}
+    if keys and target.key not in keys:
+        raise UserError(f"{what}: no record is for {target.key} (--target {name}); the logs are of "
+                        f"{', '.join(sorted(keys))}: run on that machine with its --target")
+
+
 def require_compiler(target) -> None:
     """What builds kernels for ``target`` is here (nvcc for CUDA), else one line."""
     from autotune.job import JobError, check_compiler

@@ -13,7 +13,7 @@ from runtime.precision import DTYPES
 
 from ..units import format_time
 from .common import (UserError, available_memory, check_fits_in_memory, check_tracking, echo_json, load_logs, make_job, open_log,
-                     positive, resolve_target, restriction, run_tuning, seed_option, stale_warnings_reported)
+                     positive, refuse_other_targets, resolve_target, restriction, run_tuning, seed_option, stale_warnings_reported)
 from .group import cli
 
 
@@ -211,11 +211,7 @@ def _kernels(lib: str | None, logs: tuple[str, ...], target: str, allow_stale: b
         except (OSError, ValueError, AttributeError) as exc:
             raise UserError(f"--lib {lib}: {exc}") from None
     records, tgt = load_logs(logs), resolve_target(target)
-    elsewhere = sorted({r.target.key for r in records} - {tgt.key})
-    if records and len(elsewhere) == len({r.target.key for r in records}):
-        # not one kernel of them could run here: the model would run on template defaults only
-        raise UserError(f"--log: no record is for {tgt.key} (--target {target}); the logs are of "
-                        f"{', '.join(elsewhere)}: run on that machine with its --target")
+    refuse_other_targets(records, tgt, target, "--log")
     with stale_warnings_reported(logs, allow_stale):  # records of code the templates no longer render
         return TunedKernels(records, tgt, allow_stale=allow_stale)
 
