@@ -24,6 +24,11 @@ def run(*args, cwd=None, check=True, timeout=600):
     return proc
 
 
+def run_refused(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
+    """The CLI run on input it refuses: its exit code and stderr are the test's to check."""
+    return run(*args, cwd=cwd, check=False, timeout=timeout)
+
+
 @pytest.mark.parametrize("args, message", [
     (["tune", "--op", "nosuchop", "--shape", "M=1"], "unknown op 'nosuchop'"),
     (["tune", "--op", "gemm", "--shape", "M=1,N"], "malformed shape"),
@@ -46,7 +51,7 @@ def run(*args, cwd=None, check=True, timeout=600):
      "contradict each other"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
-    assert_usage_error(run(*args, cwd=tmp_path, check=False), message)
+    assert_usage_error(run_refused(*args, cwd=tmp_path), message)
 
 
 def assert_usage_error(proc, message: str) -> None:
@@ -81,17 +86,21 @@ def test_ops_lists_templates_as_json():
         assert list(shape) == o["dims"]
 
 
-def test_tune_64_trials_then_best_verifies_against_numpy(tmp_path):
-    """The issue's acceptance line, as written."""
-    run("tune", "--op", "gemm", "--shape", "M=256,N=256,K=256", "--tuner", "xgb", "--trials", "64",
+def test_tune_then_best_verifies_against_numpy(tmp_path):
+    """The issue's acceptance line (tune with xgb, best, the kernel checked against numpy) on 16
+    trials, not its 64: two batches of 8, the second ranked by the model fitted on the first and
+    none of its picks measured before. Each further batch only repeats that, at about 0.2 s of
+    CPU (compiling) a trial."""
+    run("tune", "--op", "gemm", "--shape", "M=256,N=256,K=256", "--tuner", "xgb", "--trials", "16",
         "--log", "t.jsonl", "--no-mlflow", "--quiet", cwd=tmp_path)
     records = RecordLog(tmp_path / "t.jsonl").records()
-    assert len(records) == 64
-    assert len({r.config_index for r in records}) == 64
+    assert len(records) == 16
+    assert len({r.config_index for r in records}) == 16
+    assert all("score" in r.model for r in records[8:]), "the second batch is the model's"
     ok = [r for r in records if r.ok]
-    assert len(ok) >= 60
+    assert len(ok) >= 15
     assert all(r.seconds > 1e-6 and len(r.result.costs) >= 3 for r in ok)
-    assert len({round(r.seconds, 9) for r in ok}) > 30  # real timings differ
+    assert len({round(r.seconds, 9) for r in ok}) > 8  # real timings differ
 
     (best,) = json.loads(run("best", "--log", "t.jsonl", "--json", cwd=tmp_path).stdout)
     assert best["task"] == "gemm/float32/M=256,N=256,K=256"
@@ -111,7 +120,7 @@ def test_tune_64_trials_then_best_verifies_against_numpy(tmp_path):
 
 def test_sigkill_midway_then_resume_loses_and_repeats_nothing(tmp_path):
     log_path = tmp_path / "k.jsonl"
-    args = ["tune", "--op", "gemv", "--shape", "M=2,N=512,K=512", "--tuner", "random", "--trials", "30",
+    args = ["tune", "--op", "gemv", "--shape", "M=2,N=512,K=512", "--tuner", "random", "--trials", "20",
             "--batch", "4", "--log", str(log_path), "--no-mlflow", "--quiet"]
     proc = subprocess.Popen(CLI + args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -123,7 +132,7 @@ def test_sigkill_midway_then_resume_loses_and_repeats_nothing(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the job and its workers, like a crash of the machine
     proc.wait()
     before = RecordLog(log_path).records()
-    assert 6 <= len(before) < 30
+    assert 6 <= len(before) < 20
     with open(log_path, "a") as f:  # as if the kill had landed mid-write
         f.write('{"schema": 1, "task": {"op": "gem')
 
@@ -133,25 +142,20 @@ def test_sigkill_midway_then_resume_loses_and_repeats_nothing(tmp_path):
     after = RecordLog(log_path).load(warn=False)
     assert after.bad_lines == 1
     records = after.records
-    assert len(records) == 30
+    assert len(records) == 20
     assert [r.to_json() for r in records[: len(before)]] == [r.to_json() for r in before]
-    assert len({r.config_index for r in records}) == 30
+    assert len({r.config_index for r in records}) == 20
 
 
-def test_attrs_reach_the_task_in_tune_and_bench(tmp_path):
+def test_attrs_reach_the_task_in_tune_and_bench_whose_json_has_both_sides(tmp_path):
+    # a bench takes seconds of timing and roofline probes: this one's JSON is read here, and the
+    # text of another (test_tune_and_bench_with_attrs_and_a_dynamic_dim)
     args = ["--op", "gemv_q4", "--shape", "M=2,N=64,K=128", "--attr", "group_size=32", "--attr", "zero_point=true"]
-    run("tune", *args, "--tuner", "random", "--trials", "3", "--log", "q.jsonl", "--no-mlflow", "--quiet", cwd=tmp_path)
+    run("tune", *args, "--tuner", "random", "--trials", "2", "--log", "q.jsonl", "--no-mlflow", "--quiet", cwd=tmp_path)
     records = RecordLog(tmp_path / "q.jsonl").records()
     assert records and all(r.task.attr == {"group_size": 32, "zero_point": True} for r in records)
     out = json.loads(run("bench", *args, "--log", "q.jsonl", "--json", cwd=tmp_path).stdout)
-    assert out["task"].endswith('group_size=32,zero_point=true') and out["tuned_s"] > 0
-
-
-def test_bench_prints_both_sides_as_json(tmp_path):
-    run("tune", "--op", "gemv", "--shape", "M=1,N=256,K=256", "--tuner", "random", "--trials", "6",
-        "--log", "b.jsonl", "--no-mlflow", "--quiet", cwd=tmp_path)
-    out = json.loads(run("bench", "--op", "gemv", "--shape", "M=1,N=256,K=256", "--log", "b.jsonl",
-                         "--json", cwd=tmp_path).stdout)
+    assert out["task"].endswith('group_size=32,zero_point=true')
     for key in ("tuned_s", "baseline_s", "baseline", "speedup", "roofline_fraction", "tuned_spread", "baseline_spread",
                 "load", "cores", "unreliable", "rate", "rate_unit"):
         assert key in out
@@ -159,12 +163,6 @@ def test_bench_prints_both_sides_as_json(tmp_path):
     assert out["speedup"] == pytest.approx(out["baseline_s"] / out["tuned_s"])
     assert out["blas"]["internal_api"] in ("openblas", "mkl", "blis", None)
     assert out["roofline_fraction"] > 0
-    text = run("bench", "--op", "gemv", "--shape", "M=1,N=256,K=256", "--log", "b.jsonl", cwd=tmp_path).stdout
-    assert "speedup" in text and "roofline" in text
-    # a fraction past 105% means the probe measured the wrong level: said in words, never printed
-    fractions = [int(f) for f in re.findall(r"(\d+)% of the", text)]
-    # (which ceiling bounds a 256 KiB gemv, memory or a cache level, depends on the machine and its load)
-    assert all(f <= 105 for f in fractions) and (fractions or "roofline the probes measured" in text), text
 
 
 @pytest.mark.parametrize("command", ["tune", "bench"])
@@ -184,7 +182,7 @@ def test_bad_attr_or_dynamic_is_one_line_and_exit_2(command, extra, message, tmp
     args = [command, "--op", "rmsnorm", "--shape", "M=4,N=64", *extra]
     if command == "tune":
         args += ["--trials", "1", "--no-mlflow", "--quiet", "--log", "t.jsonl"]
-    proc = run(*args, cwd=tmp_path, check=False)
+    proc = run_refused(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("autotune: error:"), proc.stderr
@@ -195,16 +193,24 @@ def test_bad_attr_or_dynamic_is_one_line_and_exit_2(command, extra, message, tmp
 def test_tune_and_bench_with_attrs_and_a_dynamic_dim(tmp_path):
     options = ["--op", "rmsnorm", "--shape", "M=8,N=256", "--attr", "residual=true", "--attr", "eps=1e-6",
                "--dynamic", "M"]
-    run("tune", *options, "--tuner", "random", "--trials", "4", "--log", "r.jsonl", "--no-mlflow", "--quiet",
+    run("tune", *options, "--tuner", "random", "--trials", "2", "--log", "r.jsonl", "--no-mlflow", "--quiet",
         cwd=tmp_path)
     records = RecordLog(tmp_path / "r.jsonl").records()
-    assert len(records) == 4 and all(r.ok for r in records)
+    assert len(records) == 2 and all(r.ok for r in records)
     task = records[0].task
     assert task.attr == {"residual": True, "eps": 1e-6} and task.dynamic == ("M",)
     assert task.key == "rmsnorm/float32/M~=8,N=256/eps=1e-06,residual=true"
 
-    out = json.loads(run("bench", *options, "--log", "r.jsonl", "--json", cwd=tmp_path).stdout)
-    assert out["task"] == task.key and out["tuned_s"] > 0 and out["baseline_s"] > 0
+    # the bench's text (the JSON is read of another bench, with test_attrs_reach_...): the task, both times
+    text = run("bench", *options, "--log", "r.jsonl", cwd=tmp_path).stdout
+    times = re.match(rf"{re.escape(task.key)} threads=\d+: tuned ([\d.]+) (?:us|ms|s) \(.*\), "
+                     r"baseline ([\d.]+) (?:us|ms|s) \(", text)
+    assert times and float(times[1]) > 0 and float(times[2]) > 0, text
+    assert "speedup" in text and "roofline" in text
+    # a fraction past 105% means the probe measured the wrong level: said in words, never printed
+    fractions = [int(f) for f in re.findall(r"(\d+)% of the", text)]
+    # (which ceiling bounds the norm's working set, memory or a cache level, depends on the machine and its load)
+    assert all(f <= 105 for f in fractions) and (fractions or "roofline the probes measured" in text), text
     # the same shape without the options is another task: the log has nothing for it
-    proc = run("bench", "--op", "rmsnorm", "--shape", "M=8,N=256", "--log", "r.jsonl", cwd=tmp_path, check=False)
+    proc = run_refused("bench", "--op", "rmsnorm", "--shape", "M=8,N=256", "--log", "r.jsonl", cwd=tmp_path)
     assert proc.returncode == 2 and "no verified record" in proc.stderr

@@ -3,6 +3,7 @@ an unreachable tracking store, nonsense timeouts, shapes no machine can hold, SI
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 import pytest
 
 from records import RecordLog
+from test_cli import run_refused
 
 CLI = [sys.executable, "-m", "autotune.cli"]
 SMALL = ["--op", "gemv", "--shape", "M=1,N=64,K=64"]
@@ -84,13 +86,29 @@ def test_bad_numbers_and_impossible_shapes_are_bad_input(args, message, tmp_path
     (tmp_path / "x.jsonl").write_text("")
     (tmp_path / "x.jsonl.gz").write_text("{}\n")  # named .gz, not gzip
     (tmp_path / "replay.json").write_text("my notes\n")  # not replay's: never replaced unnamed
-    proc = run(*args, cwd=tmp_path)
+    proc = run_refused(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "tune.jsonl").exists() or not (tmp_path / "tune.jsonl").read_text()
 
 
-def test_run_refuses_a_model_whose_weights_cannot_fit_before_making_them(tmp_path):
+@pytest.fixture(scope="module")
+def restricted_log(tmp_path_factory):
+    """(the tune's result, its log): SMALL tuned within --restrict, once for the tests that need a log."""
+    folder = tmp_path_factory.mktemp("restricted")
+    proc = run("tune", *SMALL, "--tuner", "random", "--trials", "4", "--restrict", "vec=8", "--restrict", "unroll=1,2",
+               "--quiet", "--no-mlflow", "--log", "r.jsonl", cwd=folder)
+    return proc, folder / "r.jsonl"
+
+
+def test_restrict_limits_the_search_to_the_values_given(restricted_log):
+    proc, log = restricted_log
+    assert proc.returncode == 0, proc.stderr
+    records = RecordLog(log).records()
+    assert len(records) == 4 and all(r.config["vec"] == 8 and r.config["unroll"] in (1, 2) for r in records)
+
+
+def test_run_refuses_a_model_whose_weights_cannot_fit_before_making_them(tmp_path, restricted_log):
     import json
 
     (tmp_path / "huge").mkdir()
@@ -98,10 +116,9 @@ def test_run_refuses_a_model_whose_weights_cannot_fit_before_making_them(tmp_pat
               "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
               "num_hidden_layers": 10_000_000, "vocab_size": 1000, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
     (tmp_path / "huge" / "config.json").write_text(json.dumps(config))
-    tuned = run("tune", *SMALL, "--tuner", "random", "--trials", "2", "--quiet", "--no-mlflow", "--log", "t.jsonl",
-                cwd=tmp_path)
-    assert tuned.returncode == 0, tuned.stderr
-    proc = run("run", "--model", "huge/config.json", "--log", "t.jsonl", "--new-tokens", "2", cwd=tmp_path)
+    assert restricted_log[0].returncode == 0, restricted_log[0].stderr
+    shutil.copy(restricted_log[1], tmp_path / "t.jsonl")  # a tuned log: the model is what is refused
+    proc = run_refused("run", "--model", "huge/config.json", "--log", "t.jsonl", "--new-tokens", "2", cwd=tmp_path)
     assert proc.returncode == 2 and "weights take about" in proc.stderr and "GiB available" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
@@ -206,12 +223,11 @@ def test_a_tracked_job_names_its_mlflow_run_for_export(tmp_path, mlflow_store):
     assert " us " in export.stdout and "GB/s" in export.stdout and "0.0000 ms" not in export.stdout
 
 
-def test_bench_skips_a_record_whose_config_is_not_in_the_space(tmp_path):
+def test_bench_skips_a_record_whose_config_is_not_in_the_space(tmp_path, restricted_log):
     import json
 
-    proc = run("tune", *SMALL, "--tuner", "random", "--trials", "2", "--quiet", "--no-mlflow", "--log", "t.jsonl",
-               cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert restricted_log[0].returncode == 0, restricted_log[0].stderr
+    shutil.copy(restricted_log[1], tmp_path / "t.jsonl")
     lines = (tmp_path / "t.jsonl").read_text().splitlines()
     alien = json.loads(lines[0])
     alien["config"]["values"]["vec"] = 999  # a knob value today's template does not offer
@@ -230,10 +246,3 @@ def test_a_plugin_that_cannot_be_imported_is_bad_input(tmp_path):
     proc = subprocess.run(CLI + ["ops"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode == 2 and "AUTOTUNE_PLUGINS: cannot import no_such_plugin_module" in proc.stderr
 
-
-def test_restrict_limits_the_search_to_the_values_given(tmp_path):
-    proc = run("tune", *SMALL, "--tuner", "random", "--trials", "4", "--restrict", "vec=8", "--restrict", "unroll=1,2",
-               "--quiet", "--no-mlflow", "--log", "r.jsonl", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    records = RecordLog(tmp_path / "r.jsonl").records()
-    assert len(records) == 4 and all(r.config["vec"] == 8 and r.config["unroll"] in (1, 2) for r in records)

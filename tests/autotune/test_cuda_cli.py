@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from test_cli import run_refused
+
 CLI = [sys.executable, "-m", "autotune.cli"]
 
 
@@ -36,17 +38,18 @@ def without_pycuda(tmp_path):
 
 @pytest.mark.tools("nvcc")
 def test_compile_only_reports_registers_shared_memory_and_spills(tmp_path):
+    # two configs, each a few seconds of nvcc: a third would repeat the same checks
     proc = run("tune", "--op", "gemm", "--shape", "M=100,N=72,K=96", "--dtype", "float16", "--target", "sm_90a",
-               "--trials", "3", "--json", cwd=tmp_path)
+               "--trials", "2", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
-    assert len(rows) == 3
+    assert len(rows) == 2
     for row in rows:
         assert {"config", "status", "registers", "smem_static", "smem_dynamic", "spill_stores", "spill_loads",
                 "threads", "grid"} <= set(row)
         assert row["status"] == "NO_ERROR" and row["registers"] > 0 and row["threads"] >= 32
         assert row["smem_dynamic"] > 0  # the tensor-core pipeline stages tiles in shared memory
-    assert len({json.dumps(r["config"], sort_keys=True) for r in rows}) == 3
+    assert len({json.dumps(r["config"], sort_keys=True) for r in rows}) == 2
     assert not (tmp_path / "tune.jsonl").exists()  # nothing ran, nothing was logged
 
 
@@ -60,8 +63,8 @@ def test_compile_only_keeps_to_restricted_knobs_and_finds_the_seed_schedules(tmp
     rows = json.loads(proc.stdout)
     assert len(rows) == 2 and all(r["config"]["pipeline"] == "tma" and r["config"]["cluster"] == 2 for r in rows)
     assert all(r["status"] == "NO_ERROR" and r["threads"] == 384 for r in rows)
-    proc = run("tune", "--op", "gemm", "--shape", "M=64,N=64,K=64", "--dtype", "float16", "--target", "sm_90a",
-               "--restrict", "cluster=2", "--compile-only", cwd=tmp_path)
+    proc = run_refused("tune", "--op", "gemm", "--shape", "M=64,N=64,K=64", "--dtype", "float16", "--target", "sm_90a",
+                      "--restrict", "cluster=2", "--compile-only", cwd=tmp_path)
     one_line_error(proc, "--restrict: no config of gemm's space at gemm/float16/M=64,N=64,K=64 is valid")
 
 
@@ -103,7 +106,7 @@ def test_an_arch_measures_only_on_its_gpu(tmp_path, without_pycuda, args):
     (["tune", "--op", "nosuchop", "--shape", "M=8", "--target", "sm_90a"], "unknown op 'nosuchop' for target cuda"),
 ])
 def test_bad_cuda_input_is_one_line_exit_2(tmp_path, args, fragment):
-    one_line_error(run(*args, cwd=tmp_path), fragment)
+    one_line_error(run_refused(*args, cwd=tmp_path), fragment)
 
 
 def test_ops_lists_the_cuda_matmul_templates():
@@ -177,6 +180,6 @@ def test_without_nvcc_a_cuda_job_is_one_line_and_writes_no_log(tmp_path):
 def test_options_that_do_nothing_on_cuda_are_refused(tmp_path):
     base = ["tune", "--op", "gemv", "--shape", "M=1,N=64,K=64", "--dtype", "float16", "--target", "sm_90a",
             "--trials", "2"]
-    one_line_error(run(*base, "--cold-cache", cwd=tmp_path), "--cold-cache is for the cpu target")
-    one_line_error(run(*base, "--early-stopping", "3", cwd=tmp_path), "--compile-only builds --trials configs")
-    one_line_error(run(*base, "--time-limit", "5", cwd=tmp_path), "--compile-only builds --trials configs")
+    one_line_error(run_refused(*base, "--cold-cache", cwd=tmp_path), "--cold-cache is for the cpu target")
+    one_line_error(run_refused(*base, "--early-stopping", "3", cwd=tmp_path), "--compile-only builds --trials configs")
+    one_line_error(run_refused(*base, "--time-limit", "5", cwd=tmp_path), "--compile-only builds --trials configs")
