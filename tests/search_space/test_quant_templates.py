@@ -14,21 +14,26 @@ from search_space.ops.matmul import dequantize_q4, quantize_q4
 
 
 def every_knob_value(space, default) -> list:
-    """The default plus, for each value of each knob, the default with that value — or,
-    where the space rejects that, a sampled valid config with that value: every code path
-    a knob selects gets compiled and run once."""
+    """The default plus configs that between them give each knob every value it has: each
+    changes as many knobs from the default as the space accepts together, not one (that
+    compiled the other knobs' default code again for every value), and a value the space
+    rejects on the default comes in a sampled valid config. Every code path a knob selects
+    gets compiled and run once, in about as many configs as the largest knob has values."""
     configs = [default]
     base = default.as_dict()
     pool = space.sample(np.random.default_rng(0), 300)
-    for knob in space.knobs:
-        for value in knob.values:
-            if value == base[knob.name]:
-                continue
-            values = dict(base, **{knob.name: value})
-            if space.accepts(values):
-                configs.append(space.from_values(values))
-            else:
-                configs += [c for c in pool if c[knob.name] == value][:1]
+    wanted = [(knob.name, value) for knob in space.knobs for value in knob.values if value != base[knob.name]]
+    alone = [(name, value) for name, value in wanted if not space.accepts(dict(base, **{name: value}))]
+    for name, value in alone:
+        configs += [c for c in pool if c[name] == value][:1]
+    todo = [pair for pair in wanted if pair not in alone]
+    while todo:  # the first pair left always fits the default: each round takes at least it
+        values = dict(base)
+        for name, value in todo:
+            if values[name] == base[name] and space.accepts(dict(values, **{name: value})):
+                values[name] = value
+        configs.append(space.from_values(values))
+        todo = [(name, value) for name, value in todo if values[name] != value]
     return configs
 
 
@@ -84,10 +89,11 @@ def test_gemv_q4_streams_cover_every_row_once(host, machinery):
     the float64 reference by the runner, NaN-poisoned Y included)."""
     template = get_template("gemv_q4", "cpu")
     inputs = []
-    for shape in ({"M": 1, "N": 37, "K": 256}, {"M": 3, "N": 70, "K": 256}):
+    for i, shape in enumerate(({"M": 1, "N": 37, "K": 256}, {"M": 3, "N": 70, "K": 256})):
         task = Task.make("gemv_q4", shape, attrs={"group_size": 32, "zero_point": False})
         space = template.space(task, host)
-        for streams, rows, threads in product((2, 4), (1, 2, 4), (1, 2)):
+        for j, (streams, rows) in enumerate(product((2, 4), (1, 2, 4))):
+            threads = 1 + (i + j) % 2  # each (streams, rows, threads) once over the two shapes
             values = dict(template.default(task, host).as_dict(), streams=streams, rows=rows, threads=threads)
             if not space.accepts(values):  # 16 vector registers (AVX2) hold 4 rows of one X row only
                 values["mtile"] = 1
