@@ -7,6 +7,7 @@ Workers die with their parent (see ``measure.worker_main``), even one stuck in a
 """
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import select
@@ -420,6 +421,23 @@ def _forget_zygotes() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_zygotes)
+
+
+def _close_idle_zygotes_at_exit() -> None:
+    """Wait for the idle zygotes as this process exits, so that their CPU time and their
+    workers' is counted as this process's (``time autotune tune``) and none outlives it unseen.
+    A thread still holding the lock (a daemon mid-fork) is not waited for: exit goes on."""
+    if not _zygotes_lock.acquire(timeout=1.0):
+        return
+    try:
+        for key in [k for k, z in _zygotes.items() if z.idle]:
+            _zygotes.pop(key).close()
+        _close_idle_retired()
+    finally:
+        _zygotes_lock.release()
+
+
+atexit.register(_close_idle_zygotes_at_exit)
 
 
 def _describe_exit(code: int | None) -> str:

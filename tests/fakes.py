@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,14 @@ def copied_store(tables: Path, folder: Path, name: str = "mlflow.db") -> str:
 def process_facts(variable: str) -> dict:
     """A worker job: who the worker is, who started it, and one variable of its environment."""
     return {"pid": os.getpid(), "parent": os.getppid(), "variable": os.environ.get(variable)}
+
+
+def burn_cpu(seconds: float) -> float:
+    """A worker job that spends ``seconds`` of CPU time; returns the worker's whole CPU time."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+    return time.process_time()
 
 
 def die_by_signal(signum: int) -> None:

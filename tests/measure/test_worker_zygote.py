@@ -179,3 +179,33 @@ def test_a_worker_ignores_sigint_and_an_interrupted_call_leaves_no_answer_behind
         assert isinstance(answer, dict) and answer["pid"] != pid and worker.generation == 2
     finally:
         worker.close()
+
+
+WORKER_THEN_EXIT = """
+import resource, sys
+from measure.worker import WorkerProcess
+
+worker = WorkerProcess()
+worker_cpu = worker.call("fakes:burn_cpu", 1.0, 120)
+worker.close()
+own = resource.getrusage(resource.RUSAGE_SELF)
+print(worker_cpu, own.ru_utime + own.ru_stime)
+"""
+
+
+def test_a_process_waits_for_its_idle_zygote_as_it_exits():
+    """So that ``time autotune tune`` counts what the workers spent, and no zygote outlives the
+    job unseen: a process's children's CPU time includes a grandchild's only once it is waited for."""
+    import resource
+    import subprocess
+    import sys
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))  # its worker imports fakes, as ours do
+    proc = subprocess.run([sys.executable, "-c", WORKER_THEN_EXIT], capture_output=True, text=True, timeout=300, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert proc.returncode == 0, proc.stderr
+    worker_cpu, own_cpu = map(float, proc.stdout.split())
+    counted = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    assert worker_cpu > 0.05
+    assert counted >= own_cpu + 0.9 * worker_cpu, (counted, own_cpu, worker_cpu)
