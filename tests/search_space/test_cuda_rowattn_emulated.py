@@ -77,23 +77,45 @@ CASES = [
 ]
 
 
+def _same_but_the_type(a: KernelSource, b: KernelSource) -> bool:
+    """Two 16-bit renders that differ in the element type's name alone, without inline PTX
+    (whose helpers, emulated or not, are specialised per type)."""
+    def named(code: str) -> str:
+        return code.replace("__nv_bfloat162", "__half2").replace("__nv_bfloat16", "__half")
+    return "// BEGIN PTX" not in a.code and named(a.code) == named(b.code) and a.launch == b.launch
+
+
 def jobs():
+    """Every config of every case in float32 and in a 16-bit type (float16 and bfloat16 take
+    turns); the other 16-bit type too where its kernel is more than the same code on another
+    element type (the mma attention's instructions), and every dtype for the first config of
+    each operator."""
     out = []
-    for op, shape, attrs, dynamic, runs, overrides in CASES:
+    ops = set()
+    for n, (op, shape, attrs, dynamic, runs, overrides) in enumerate(CASES):
         template = get_template(op, "cuda")
-        for dtype in DTYPES:
-            task = Task.make(op, shape, dtype, attrs=attrs, dynamic=template.dynamic_dims if dynamic is None else dynamic)
-            space = template.space(task, SM90)
-            default = template.default(task, SM90).as_dict()
-            seen = set()
-            for extra in overrides:
-                values = dict(default, **extra)
+        tasks = [Task.make(op, shape, dtype, attrs=attrs, dynamic=template.dynamic_dims if dynamic is None else dynamic)
+                 for dtype in DTYPES]
+        spaces = [template.space(task, SM90) for task in tasks]
+        defaults = [template.default(task, SM90).as_dict() for task in tasks]
+        seen = [set() for _ in DTYPES]
+        for j, extra in enumerate(overrides):
+            configs = {}
+            for d, (task, space) in enumerate(zip(tasks, spaces)):
+                values = dict(defaults[d], **extra)
                 if not space.accepts(values):
                     continue   # e.g. an mma config for float32
                 config = space.from_values(values)
-                if config.index not in seen:
-                    seen.add(config.index)
-                    out.append((template, task, config, runs))
+                if config.index not in seen[d]:
+                    seen[d].add(config.index)
+                    configs[d] = config
+            halves = [d for d in (1 + (n + j) % 2, 2 - (n + j) % 2) if d in configs]  # this turn's first
+            if len(halves) == 2 and (op in ops or j > 0):
+                first, other = (template.render(tasks[d], configs[d], SM90) for d in halves)
+                if _same_but_the_type(first, other):
+                    del configs[halves[1]]
+            ops.add(op)
+            out += [(template, tasks[d], configs[d], runs) for d in sorted(configs)]
     return out
 
 
