@@ -258,19 +258,22 @@ AWKWARD = [
 @pytest.mark.tools("nvcc")
 def test_awkward_and_static_shapes_compile():
     """Smallest legal sizes, odd N and D, static dims, non-default attributes: default configs
-    and one sampled config each go through nvcc without spills."""
-    inputs = []
+    and one sampled config each go through nvcc, the defaults without spills."""
+    inputs, defaults = [], []
     for op, shape, dtype, attrs, dynamic in AWKWARD:
         template = get_template(op, "cuda")
         task = Task.make(op, shape, dtype, attrs=attrs, dynamic=dynamic)
         template.check(task)
         configs = [template.default(task, SM90)] + template.space(task, SM90).sample(np.random.default_rng(3), 1)
+        defaults.append(len(inputs))
         inputs += [MeasureInput(task, c, SM90) for c in configs]
     with LocalBuilder(n_parallel=2, timeout_s=300) as builder:
         builds = builder.build(inputs)
     failures = [(i.task.key, str(i.config), b.message) for i, b in zip(inputs, builds) if b.error != MeasureError.NO_ERROR]
     assert not failures, failures
     assert all(b.stats["registers"] > 0 for b in builds)
+    spilled = [inputs[i].task.key for i in defaults if builds[i].stats["spill_stores"]]
+    assert not spilled, spilled
 
 
 def test_prefill_mma_issues_the_tensor_core_instruction():
