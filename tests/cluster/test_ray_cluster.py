@@ -2,7 +2,8 @@
 two CPUs each), so that one runner can die while the other goes on.
 
 Each node gets one CPU runner pinned to its last core; builds run on the other cores. The
-candidates are small gemv kernels timed briefly; every test shares the one cluster."""
+candidates are small gemv kernels timed briefly; every test shares the one cluster, and the
+tests that drive a RayCluster themselves share one with its runners started."""
 from __future__ import annotations
 
 import os
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.tools("ray")
 
 CLI = [sys.executable, "-m", "autotune.cli"]
 SHAPE = {"M": 1, "N": 64, "K": 128}
+SHARED: dict = {}  # {"cluster": the RayCluster the ``cluster`` fixture hands out} while one is open
 
 
 NEW_LOCAL_CLUSTER = """
@@ -80,16 +82,23 @@ def ray_cluster(kernel_cache):
     import ray
     from ray.cluster_utils import Cluster
 
-    # a test cluster: no token for the CLI drivers started below to find, no usage reports
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
-    os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    store = 80 << 20
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": store})
-    cluster.add_node(num_cpus=2, object_store_memory=store)
+    # a test cluster: no token for the CLI drivers started below to find, no usage reports, and
+    # idle workers kept (not killed after a second), so that each job of this process builds on
+    # the workers its last one left instead of starting new ones (about a CPU-second each)
+    ours = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_idle_worker_killing_time_threshold_ms": str(600_000)}
+    saved = {k: os.environ.get(k) for k in ours}
+    os.environ.update(ours)
+    # no daemon that no test uses (each a Python process polling all along): no autoscaler
+    # monitor, no log monitor (every driver here has log_to_driver=False)
+    node = {"num_cpus": 2, "object_store_memory": 80 << 20, "include_log_monitor": False}
+    cluster = Cluster(initialize_head=True, head_node_args=dict(node, no_monitor=True))
+    cluster.add_node(**node)
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         yield cluster.address
     finally:
+        _close_the_shared_cluster()
         ray.shutdown()
         cluster.shutdown()
         for key, value in saved.items():
@@ -99,17 +108,39 @@ def ray_cluster(kernel_cache):
                 os.environ[key] = value
 
 
+def _close_the_shared_cluster():
+    if "cluster" in SHARED:
+        SHARED.pop("cluster").close()
+
+
+@pytest.fixture(autouse=True)
+def one_set_of_runners_at_a_time(request):
+    """The shared RayCluster's runners hold a CPU of each node: a test that starts runners of
+    its own (a job, a CLI driver) runs without them."""
+    if "cluster" not in request.fixturenames:
+        _close_the_shared_cluster()
+
+
 @pytest.fixture
 def cluster(ray_cluster, fast_policy):
-    """A RayCluster with its runners started (one per node), timing briefly."""
+    """A RayCluster with its runners started (one per node), timing briefly, with no notes or
+    build counts from before. The tests next to each other share one (two runner actors, each
+    a Ray worker with a worker of its own to measure in, cost about a CPU-second to start); the
+    test after one that lost a runner, or left candidates in flight, gets a new one."""
     from measure.cluster import open_cluster
 
-    notes = []
-    with open_cluster(f"ray://{ray_cluster}", note=notes.append) as cluster:
+    cluster = SHARED.get("cluster")
+    if cluster is None or cluster.lost_runners or cluster.in_flight:
+        _close_the_shared_cluster()
+        notes = []
+        cluster = SHARED["cluster"] = open_cluster(f"ray://{ray_cluster}", note=notes.append)
         (target,) = cluster.start_runners("cpu", run_timeout=10)
-        cluster.set_policy(target.key, fast_policy)
         cluster.notes = notes
-        yield cluster
+    cluster.notes.clear()
+    cluster.build_nodes.clear()
+    cluster.build_cores.clear()
+    cluster.set_policy(cluster.runners[0].target.key, fast_policy)
+    return cluster
 
 
 def gemv_inputs(target, n, seed=0, shape=SHAPE):
@@ -137,6 +168,63 @@ def test_one_runner_per_host_and_builds_off_its_cores(cluster, host):
     assert cluster.build_cpus == 2
 
 
+def test_a_stalled_cluster_is_reported_and_the_job_still_gets_every_result(cluster, monkeypatch):
+    """A job whose candidates sit behind another job's work says so rather than wait without a
+    word: here the remark is due at once, before the builds just submitted can come back."""
+    from measure.cluster import pool
+
+    monkeypatch.setattr(pool, "STALL_NOTE_S", 0.0)
+    tickets = cluster.submit(gemv_inputs(cluster.runners[0].target, 4, seed=2))
+    results = {}
+    while len(results) < len(tickets):
+        results.update(cluster.wait())
+    assert all(r.ok for r in results.values()), [r.message for r in results.values() if not r.ok]
+    stalls = [note for note in cluster.notes if "nothing has come back from the cluster" in note]
+    assert stalls and "build(s)" in stalls[0] and "CPUs are free" in stalls[0] and "Still waiting" in stalls[0]
+
+
+def test_the_model_scheduler_measures_several_tasks_at_once(cluster, tmp_path):
+    """Rounds of different tasks are in flight together, and their measurements overlap in
+    time (each runner measures one candidate at a time, so an overlap is two runners at once)."""
+    from autotune.model_tasks import ModelTask
+    from autotune.scheduler import ClusterRounds, TaskScheduler
+    from autotune.tuning import measure_on_cluster
+    from measure import TimingPolicy
+    from records import RecordLog
+    from search_space import Task
+
+    target = cluster.runners[0].target
+    # candidates timed for ~0.2 s each, so that the runners' measurements can be seen to overlap
+    cluster.set_policy(target.key, TimingPolicy(warmup=1, min_sample_s=0.04, repeats=5, min_repeats=5))
+    tasks = [ModelTask(Task.make("gemv", {"M": 1, "N": n, "K": 128}), weight=1.0) for n in (32, 64, 96)]
+    log = RecordLog(tmp_path / "model.jsonl")
+    in_flight, most = set(), [0]
+
+    def round_done(scheduler, i, records):
+        in_flight.discard(i)
+
+    scheduler = TaskScheduler(tasks, target, tuner="random", batch=2)
+    run = ClusterRounds(scheduler, 12, cluster, log, on_round=[round_done])
+
+    def next_rounds():
+        rounds = run.next_rounds()
+        in_flight.update(r.tag for r in rounds)
+        most[0] = max(most[0], len(in_flight))
+        return rounds
+
+    measure_on_cluster(cluster, next_rounds)
+    summary = run.summary()
+    records, _ = distinct_configs(log.path)
+    assert summary.trials == len(records) == 12 and len({(r.task.key, r.config_key) for r in records}) == 12
+    assert {r.task.key for r in records} == {t.key for t in tasks}
+    assert most[0] >= 2, "one round at a time"
+    spans = [(r.result.timestamp - r.result.run_s, r.result.timestamp, r.task.key) for r in records]
+    overlapping = [(a[2], b[2]) for a in spans for b in spans if a[2] != b[2] and a[0] < b[1] and b[0] < a[1]]
+    assert overlapping, "no two tasks were measured at the same time"
+    assert np.isfinite(summary.estimated_latency_s)
+
+
+# the last test on the shared RayCluster: it kills one of the runners
 def test_a_runner_killed_while_measuring_loses_only_that_candidate(cluster):
     import ray
 
@@ -160,27 +248,21 @@ def test_a_runner_killed_while_measuring_loses_only_that_candidate(cluster):
     assert any("died" in note and "measured again" in note for note in cluster.notes)
 
 
-def test_a_stalled_cluster_is_reported_and_the_job_still_gets_every_result(cluster, monkeypatch):
-    """A job whose candidates sit behind another job's work says so rather than wait without a
-    word: here the remark is due at once, before the builds just submitted can come back."""
-    from measure.cluster import pool
-
-    monkeypatch.setattr(pool, "STALL_NOTE_S", 0.0)
-    tickets = cluster.submit(gemv_inputs(cluster.runners[0].target, 4, seed=2))
-    results = {}
-    while len(results) < len(tickets):
-        results.update(cluster.wait())
-    assert all(r.ok for r in results.values()), [r.message for r in results.values() if not r.ok]
-    stalls = [note for note in cluster.notes if "nothing has come back from the cluster" in note]
-    assert stalls and "build(s)" in stalls[0] and "CPUs are free" in stalls[0] and "Still waiting" in stalls[0]
-
-
 def _job(host, fast_policy, log, cluster=None, trials=8, batch=4):
     from autotune import TuningJob
     from search_space import Task
 
     return TuningJob(host, Task.make("gemv", SHAPE), tuner="random", trials=trials, batch=batch, seed=3, log=str(log),
                      mlflow=False, timing=fast_policy, cluster=cluster)
+
+
+def lines_in(log) -> int:
+    """The lines a job's log holds so far: 0 while there is none (a job checking that it can
+    write its log makes an empty one and removes it again)."""
+    try:
+        return log.read_text().count("\n")
+    except FileNotFoundError:
+        return 0
 
 
 def distinct_configs(path):
@@ -211,7 +293,7 @@ def _kill_a_runner_after_first_record(log_path, killed):
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if log_path.exists() and log_path.read_text().count("\n") >= 1:
+        if lines_in(log_path) >= 1:
             break
         time.sleep(0.01)
     names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("autotune-runner-")]
@@ -242,7 +324,7 @@ def _signal_after_records(args, cwd, log, records: int, signum) -> tuple[subproc
     driver = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and driver.poll() is None:
-        if log.exists() and log.read_text().count("\n") >= records:
+        if lines_in(log) >= records:
             break
         time.sleep(0.02)
     driver.send_signal(signum)
@@ -317,47 +399,6 @@ def test_a_driver_waiting_on_the_cluster_still_takes_signals(ray_cluster):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         ray.cancel(ref, force=True)
-
-
-def test_the_model_scheduler_measures_several_tasks_at_once(cluster, tmp_path):
-    """Rounds of different tasks are in flight together, and their measurements overlap in
-    time (each runner measures one candidate at a time, so an overlap is two runners at once)."""
-    from autotune.model_tasks import ModelTask
-    from autotune.scheduler import ClusterRounds, TaskScheduler
-    from autotune.tuning import measure_on_cluster
-    from measure import TimingPolicy
-    from records import RecordLog
-    from search_space import Task
-
-    target = cluster.runners[0].target
-    # candidates timed for ~0.2 s each, so that the runners' measurements can be seen to overlap
-    cluster.set_policy(target.key, TimingPolicy(warmup=1, min_sample_s=0.04, repeats=5, min_repeats=5))
-    tasks = [ModelTask(Task.make("gemv", {"M": 1, "N": n, "K": 128}), weight=1.0) for n in (32, 64, 96)]
-    log = RecordLog(tmp_path / "model.jsonl")
-    in_flight, most = set(), [0]
-
-    def round_done(scheduler, i, records):
-        in_flight.discard(i)
-
-    scheduler = TaskScheduler(tasks, target, tuner="random", batch=2)
-    run = ClusterRounds(scheduler, 12, cluster, log, on_round=[round_done])
-
-    def next_rounds():
-        rounds = run.next_rounds()
-        in_flight.update(r.tag for r in rounds)
-        most[0] = max(most[0], len(in_flight))
-        return rounds
-
-    measure_on_cluster(cluster, next_rounds)
-    summary = run.summary()
-    records, _ = distinct_configs(log.path)
-    assert summary.trials == len(records) == 12 and len({(r.task.key, r.config_key) for r in records}) == 12
-    assert {r.task.key for r in records} == {t.key for t in tasks}
-    assert most[0] >= 2, "one round at a time"
-    spans = [(r.result.timestamp - r.result.run_s, r.result.timestamp, r.task.key) for r in records]
-    overlapping = [(a[2], b[2]) for a in spans for b in spans if a[2] != b[2] and a[0] < b[1] and b[0] < a[1]]
-    assert overlapping, "no two tasks were measured at the same time"
-    assert np.isfinite(summary.estimated_latency_s)
 
 
 def test_a_model_job_on_the_cluster_logs_to_the_log_and_mlflow(ray_cluster, host, fast_policy, tmp_path, mlflow_store):
