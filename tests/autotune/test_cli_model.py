@@ -10,30 +10,48 @@ from test_cli import assert_usage_error, run
 from records import RecordLog
 
 
+# two prefill sizes, so that a prompt can be shorter, longer or between them; 16 and 64 as in the
+# other tiny jobs (q4 below, test_cli_model_bf16): their kernels of the same tasks come from the
+# session's kernel cache
+SIZES = ("--prefill-tokens", "16,128", "--decode-batch", "1", "--kv-len", "64")
+TASKS = 30  # of the tiny preset at SIZES
+TRIALS = TASKS + 2  # a trial for every task, and two the scheduler places
+
+
 @pytest.fixture(scope="module")
 def tiny_log(tmp_path_factory, mlflow_tables):
     """A tune-model job of the tiny preset, logged to a temporary MLflow store."""
     folder = tmp_path_factory.mktemp("tiny")
     copied_store(mlflow_tables, folder)
-    proc = run("tune-model", "--model", "tiny", "--prefill-tokens", "16", "--decode-batch", "1", "--kv-len", "64",
-               "--trials-total", "30", "--batch", "4", "--log", "tiny.jsonl", "--quiet", "--json",
-               "--tracking-uri", f"sqlite:///{folder}/mlflow.db", cwd=folder)
+    proc = run("tune-model", "--model", "tiny", *SIZES, "--trials-total", str(TRIALS), "--batch", "4",
+               "--log", "tiny.jsonl", "--quiet", "--json", "--tracking-uri", f"sqlite:///{folder}/mlflow.db",
+               cwd=folder)
+    (folder / "stderr.txt").write_text(proc.stderr)  # what the job said, for the tests of its lines
     return folder, json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def tiny_lib(tiny_log, tmp_path_factory):
+    """The library `autotune export` makes of ``tiny_log`` (read-only for tests)."""
+    folder, _ = tiny_log
+    out = tmp_path_factory.mktemp("tiny-lib")
+    run("export", "--log", str(folder / "tiny.jsonl"), "--out", str(out / "lib"), cwd=out)
+    return out / "lib"
 
 
 def test_tune_model_measures_every_task_within_the_budget(tiny_log):
     folder, summary = tiny_log
     records = RecordLog(folder / "tiny.jsonl").records()
-    assert summary["trials"] == len(records) == 30
-    assert len(summary["tasks"]) == 20 and all(t["trials"] >= 1 for t in summary["tasks"])
+    assert summary["trials"] == len(records) == TRIALS
+    assert len(summary["tasks"]) == TASKS and all(t["trials"] >= 1 for t in summary["tasks"])
     assert all(t["best_ms"] > 0 for t in summary["tasks"])
     assert abs(sum(t["share"] for t in summary["tasks"]) - 1.0) < 1e-6
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
     (run_info,) = client.search_runs(client.get_experiment_by_name("llm-autotune").experiment_id)
-    assert run_info.data.params["model"] == "tiny" and run_info.data.params["tasks"] == "20"
-    assert len(client.get_metric_history(run_info.info.run_id, "gflops")) == 30
+    assert run_info.data.params["model"] == "tiny" and run_info.data.params["tasks"] == str(TASKS)
+    assert len(client.get_metric_history(run_info.info.run_id, "gflops")) == TRIALS
     assert {a.path for a in client.list_artifacts(run_info.info.run_id)} >= {"tiny.jsonl", "model_tasks.json"}
 
 
@@ -41,12 +59,73 @@ def test_a_resumed_tune_model_only_adds_trials(tiny_log, tmp_path):
     folder, _ = tiny_log
     log = tmp_path / "again.jsonl"
     log.write_text((folder / "tiny.jsonl").read_text())
-    proc = run("tune-model", "--model", "tiny", "--prefill-tokens", "16", "--kv-len", "64", "--trials-total", "34",
-               "--batch", "4", "--log", str(log), "--quiet", "--no-mlflow", "--json", cwd=tmp_path)
+    proc = run("tune-model", "--model", "tiny", *SIZES, "--trials-total", str(TRIALS + 2), "--batch", "4",
+               "--log", str(log), "--quiet", "--no-mlflow", "--json", cwd=tmp_path)
     summary = json.loads(proc.stdout)
-    assert summary["resumed"] == 30 and summary["measured"] == 4
+    assert summary["resumed"] == TRIALS and summary["measured"] == 2
     records = RecordLog(log).records()
-    assert len({(r.task.key, r.config_index) for r in records}) == len(records) == 34
+    assert len({(r.task.key, r.config_index) for r in records}) == len(records) == TRIALS + 2
+
+
+def test_tune_model_says_and_records_its_condition_and_warns_on_a_mixed_log(tiny_log, tmp_path, host):
+    """tune-model times candidates cold or warm as the model runs them, and says which: in its
+    lines, its summary and every record (``tiny_log``'s job, then two that resume it)."""
+    from autotune import ModelWorkload
+    from autotune.bench.model_run import tuned_condition
+    from autotune.resume_notes import other_conditions
+    from measure.timing import cache_condition
+    from runtime.model_config import PRESETS
+    from search_space.registry import op_definition
+
+    folder, summary = tiny_log
+    stderr = (folder / "stderr.txt").read_text()
+    want = cache_condition(ModelWorkload(PRESETS["tiny"], (16, 128), (1,), (64,)).working_set_bytes(), host)
+    other = "cold" if want == "warm" else "warm"
+    # a trial for every task: weights (cycled) and activations (not) are both timed
+    assert f"timing candidates {want}" in stderr and "one forward pass touches" in stderr
+    # timed cold, the scheduler floors the weight-streaming tasks at a probed read rate, and says so
+    assert ("memory reads at" in stderr) == (want == "cold")
+    assert summary["cache"] == want and summary["working_set_bytes"] > 0
+    records = RecordLog(folder / "tiny.jsonl").records()
+    assert len(records) == TRIALS and {r.result.stats["cache"] for r in records if r.ok} == {want}
+    cycled = [r for r in records if r.ok and r.result.stats.get("input_copies", 1) > 1]
+    assert cycled and all(r.result.stats["cycle_bytes"] > 0 for r in cycled)
+    # an operator with no weights (attention over the prompt) is timed on the inputs the kernel
+    # before it wrote, not on copies
+    activations_only = [r for r in records if r.ok and not op_definition(r.task.op).resident_inputs(r.task)]
+    assert activations_only and not any("input_copies" in r.result.stats for r in activations_only)
+    # records from before the samples went on through the cycle (no cycle_bytes) are not quite
+    # the same condition: resuming them says so
+    workload = ModelWorkload(PRESETS["tiny"], (16, 128), (1,), (64,), dynamic_rows=True)  # a CPU prefill: dynamic M
+    keys = {t.key for t in workload.tasks()}
+
+    def conditions(log) -> str:
+        return other_conditions([r for r in RecordLog(log).records() if r.task.key in keys], want)
+
+    assert conditions(folder / "tiny.jsonl") == ""
+    lines = [json.loads(line) for line in (folder / "tiny.jsonl").read_text().splitlines()]
+    for line in lines:
+        line["result"]["stats"].pop("cycle_bytes", None)
+    (tmp_path / "older.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    older = conditions(tmp_path / "older.jsonl")
+    assert older.startswith(f"{len(cycled)} records timed {want} by the older cycle")
+    (tmp_path / "t.jsonl").write_text((folder / "tiny.jsonl").read_text())
+    common = ["tune-model", "--model", "tiny", *SIZES, "--batch", "2", "--log", "t.jsonl", "--no-mlflow", "--quiet",
+              "--json"]
+    proc = run(*common, "--trials-total", str(TRIALS + 1), "--cache", other, cwd=tmp_path)
+    assert f"timing candidates {other}" in proc.stderr and "as --cache says" in proc.stderr
+    assert ("memory reads at" in proc.stderr) == (other == "cold")
+    assert f"records timed {want}" in proc.stderr and "mix both" in proc.stderr
+    assert "other tuners" not in proc.stderr
+    # another tuner's records among those resumed: said, as tune says it (timed as auto says: a
+    # second run in the other condition would probe the memory again, for nothing checked here)
+    proc = run(*common, "--trials-total", str(TRIALS + 2), "--tuner", "random", cwd=tmp_path)
+    assert "measured by other tuners" in proc.stderr and "by xgb" in proc.stderr
+    records = RecordLog(tmp_path / "t.jsonl").records()
+    assert len(records) == TRIALS + 2  # each run's record says the condition it was timed in
+    assert ([r.result.stats["cache"] for r in records[TRIALS:] if r.ok]
+            == [condition for r, condition in zip(records[TRIALS:], (other, want)) if r.ok])
+    assert tuned_condition(logs=[str(tmp_path / "t.jsonl")]) in (want, "cold+warm", other)
 
 
 def test_run_on_the_tuned_log_matches_the_reference_and_the_defaults(tiny_log):
@@ -54,6 +133,7 @@ def test_run_on_the_tuned_log_matches_the_reference_and_the_defaults(tiny_log):
     proc = run("run", "--log", "tiny.jsonl", "--model", "tiny", "--prompt-tokens", "11", "--new-tokens", "6",
                "--compare", "--json", cwd=folder)
     out = json.loads(proc.stdout)
+    # a pass uses one prefill size's kernels: 20 of the log's 30 tasks
     assert out["kernels"]["tuned"] == 20 and out["kernels"]["untuned"] == 0
     assert out["kernels"]["prefill_padded_to"] == 11  # its own length: the prefill GEMMs read M at run time
     assert len(out["token_ids"][0]) == 6
@@ -65,8 +145,8 @@ def test_run_on_the_tuned_log_matches_the_reference_and_the_defaults(tiny_log):
 
 
 def test_q4_model_tunes_and_runs_against_the_dequantised_reference(tmp_path):
-    run("tune-model", "--model", "tiny", "--quantize", "q4", "--group-size", "32", "--prefill-tokens", "24",
-        "--kv-len", "32", "--trials-total", "21", "--batch", "2", "--log", "q4.jsonl", "--quiet", "--no-mlflow",
+    run("tune-model", "--model", "tiny", "--quantize", "q4", "--group-size", "32", "--prefill-tokens", "16",
+        "--kv-len", "64", "--trials-total", "21", "--batch", "2", "--log", "q4.jsonl", "--quiet", "--no-mlflow",
         cwd=tmp_path)
     ops = {r.task.op for r in RecordLog(tmp_path / "q4.jsonl").records()}
     assert {"gemm_q4", "gemv_q4"} <= ops and not ops & {"gemm", "gemv"}
@@ -121,8 +201,9 @@ print(json.dumps({"tokens": out.tokens.tolist(), "logits": out.logits.tolist(),
 
 
 @pytest.mark.tools("cc")
-def test_the_exported_library_runs_the_model_with_numpy_only(tiny_log, tmp_path):
-    """tune-model, export, then run in a process that has numpy and the runtime and nothing else."""
+def test_the_exported_library_runs_the_model_with_numpy_only(tiny_lib, tmp_path):
+    """tune-model, export (``tiny_lib``), then run in a process that has numpy and the runtime and
+    nothing else."""
     import numpy as np
     from fakes import run_numpy_only
 
@@ -130,13 +211,11 @@ def test_the_exported_library_runs_the_model_with_numpy_only(tiny_log, tmp_path)
     from runtime.reference import ReferenceModel
     from runtime.weights import ModelWeights
 
-    folder, _ = tiny_log
-    run("export", "--log", str(folder / "tiny.jsonl"), "--out", str(tmp_path / "lib"), cwd=tmp_path)
-    out = json.loads(run("run", "--lib", "lib", "--model", "tiny", "--prompt-tokens", "12", "--new-tokens", "5",
-                         "--compare", "--json", cwd=tmp_path).stdout)
+    out = json.loads(run("run", "--lib", str(tiny_lib), "--model", "tiny", "--prompt-tokens", "12", "--new-tokens",
+                         "5", "--compare", "--json", cwd=tmp_path).stdout)
     assert out["kernels"] == {"tuned": 20, "untuned": 0, "prefill_padded_to": 12, "decode_mode": "host"}
     assert out["reference"]["logits"]["max_rel"] < 1e-4 and out["reference"]["logits"]["same_tokens"]
-    proc = run_numpy_only(tmp_path, DEPLOYED_MODEL, str(tmp_path / "lib"))
+    proc = run_numpy_only(tmp_path, DEPLOYED_MODEL, str(tiny_lib))
     assert proc.returncode == 0, proc.stderr
     deployed = json.loads(proc.stdout)
     assert deployed["imported"] == []
@@ -162,16 +241,13 @@ def test_list_tasks_names_every_kernel_of_a_preset_with_its_uses(tmp_path):
 
 
 @pytest.mark.tools("cc")
-def test_a_prompt_of_any_length_runs_tuned_kernels_only(tmp_path):
+def test_a_prompt_of_any_length_runs_tuned_kernels_only(tiny_lib, tmp_path):
     """On the CPU a prefill's GEMMs read their M at run time, so a prompt of any length, shorter,
-    longer or between the sizes the model was tuned at (8 and 128 tokens), runs at its own
-    length on tuned kernels (each GEMM from the nearest tuned size), with no padding."""
-    run("tune-model", "--model", "tiny", "--prefill-tokens", "8,128", "--decode-batch", "1", "--kv-len", "256",
-        "--tuner", "random", "--trials-total", "30", "--batch", "4", "--log", "t.jsonl", "--quiet", "--no-mlflow",
-        cwd=tmp_path)
-    run("export", "--log", "t.jsonl", "--out", "lib", cwd=tmp_path)
-    for tokens, padded in ((1, 1), (3, 3), (16, 16), (17, 17), (100, 100), (200, 200)):
-        proc = run("run", "--lib", "lib", "--model", "tiny", "--prompt-ids", ",".join(["7"] * tokens),
+    longer or between the sizes the model was tuned at (16 and 128 tokens, ``tiny_lib``), runs at
+    its own length on tuned kernels (each GEMM from the nearest tuned size), with no padding."""
+    # one token (a prefill of one row), shorter, between (nearer 16, nearer 128), longer
+    for tokens, padded in ((1, 1), (3, 3), (17, 17), (100, 100), (200, 200)):
+        proc = run("run", "--lib", str(tiny_lib), "--model", "tiny", "--prompt-ids", ",".join(["7"] * tokens),
                    "--new-tokens", "2", "--json", cwd=tmp_path)
         out = json.loads(proc.stdout)
         assert "UntunedShapeWarning" not in proc.stderr and "not in the kernel library" not in proc.stderr, tokens

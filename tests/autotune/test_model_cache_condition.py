@@ -1,4 +1,5 @@
-"""tune-model times candidates cold or warm as the model runs them, and says which everywhere."""
+"""tune-model times candidates cold or warm as the model runs them, and says which everywhere
+(what a tune-model job says and records of it: test_cli_model.py, on the job it tunes there)."""
 from __future__ import annotations
 
 import json
@@ -13,14 +14,10 @@ import autotune.job
 from autotune import JobError, ModelWorkload, TuningJob
 from autotune.bench.model_run import RunReport, run_condition, tuned_condition
 from autotune.model_tasks import pass_bytes, weight_bytes
-from autotune.resume_notes import other_conditions
-from measure.timing import cache_condition
-from records import RecordLog
 from runtime.generation import Generation
 from runtime.abi import MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION
 from runtime.model_config import PRESETS, load_model_config
 from search_space import Task
-from search_space.registry import op_definition
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,55 +78,6 @@ def test_operator_jobs_keep_their_timing(cpu):
     job = TuningJob(cpu, model=ModelWorkload(TINY, (16,), (1,), (64,)), cache="warm", trials=5)
     back = TuningJob.from_dict(json.loads(json.dumps(job.to_dict())))
     assert back == job and back.cache == "warm" and back.params() == job.params()
-
-
-def test_tune_model_says_and_records_its_condition_and_warns_on_a_mixed_log(tmp_path, host):
-    common = ["tune-model", "--model", "tiny", "--prefill-tokens", "16", "--kv-len", "64", "--batch", "2",
-              "--log", "t.jsonl", "--no-mlflow", "--quiet", "--json"]
-    want = cache_condition(ModelWorkload(TINY, (16,), (1,), (64,)).working_set_bytes(), host)
-    other = "cold" if want == "warm" else "warm"
-    # one trial for every task: weights (cycled) and activations (not) are both timed
-    first = len(ModelWorkload(TINY, (16,), (1,), (64,), dynamic_rows=True).tasks())
-    proc = run(*common, "--trials-total", str(first), cwd=tmp_path)
-    assert f"timing candidates {want}" in proc.stderr and "one forward pass touches" in proc.stderr
-    # timed cold, the scheduler floors the weight-streaming tasks at a probed read rate, and says so
-    assert ("memory reads at" in proc.stderr) == (want == "cold")
-    summary = json.loads(proc.stdout)
-    assert summary["cache"] == want and summary["working_set_bytes"] > 0
-    records = RecordLog(tmp_path / "t.jsonl").records()
-    assert len(records) == first and {r.result.stats["cache"] for r in records if r.ok} == {want}
-    cycled = [r for r in records if r.ok and r.result.stats.get("input_copies", 1) > 1]
-    assert cycled and all(r.result.stats["cycle_bytes"] > 0 for r in cycled)
-    # an operator with no weights (attention over the prompt) is timed on the inputs the kernel
-    # before it wrote, not on copies
-    activations_only = [r for r in records if r.ok and not op_definition(r.task.op).resident_inputs(r.task)]
-    assert activations_only and not any("input_copies" in r.result.stats for r in activations_only)
-    # records from before the samples went on through the cycle (no cycle_bytes) are not quite
-    # the same condition: resuming them says so
-    workload = ModelWorkload(TINY, (16,), (1,), (64,), dynamic_rows=True)  # the job's (a CPU prefill: dynamic M)
-    keys = {t.key for t in workload.tasks()}
-
-    def conditions(log: str) -> str:
-        return other_conditions([r for r in RecordLog(tmp_path / log).records() if r.task.key in keys], want)
-
-    assert conditions("t.jsonl") == ""
-    lines = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
-    for line in lines:
-        line["result"]["stats"].pop("cycle_bytes", None)
-    (tmp_path / "older.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    older = conditions("older.jsonl")
-    assert older.startswith(f"{len(cycled)} records timed {want} by the older cycle")
-    proc = run(*common, "--trials-total", str(first + 2), "--cache", other, cwd=tmp_path)
-    assert f"timing candidates {other}" in proc.stderr and "as --cache says" in proc.stderr
-    assert ("memory reads at" in proc.stderr) == (other == "cold")
-    assert f"records timed {want}" in proc.stderr and "mix both" in proc.stderr
-    assert "other tuners" not in proc.stderr
-    # another tuner's records among those resumed: said, as tune says it
-    proc = run(*common, "--trials-total", str(first + 3), "--cache", other, "--tuner", "random", cwd=tmp_path)
-    assert "measured by other tuners" in proc.stderr and "by xgb" in proc.stderr
-    records = RecordLog(tmp_path / "t.jsonl").records()
-    assert [r.result.stats["cache"] for r in records if r.ok][first:] == [other] * (sum(r.ok for r in records) - first)
-    assert tuned_condition(logs=[str(tmp_path / "t.jsonl")]) in (want, "cold+warm", other)
 
 
 def test_tune_warns_when_it_resumes_records_of_another_cache_condition(tmp_path):

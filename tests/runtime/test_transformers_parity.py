@@ -105,6 +105,16 @@ def _save(folder: Path, family: str):
     return model
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """torch on one thread in this module: models this small gain nothing from more, and on a
+    busy machine the extra threads spin while they wait (8x the CPU time of one thread here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Each family saved once: (transformers model, folder)."""
