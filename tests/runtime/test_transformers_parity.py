@@ -10,6 +10,7 @@ the real Llama 2 / 3.1 / TinyLlama repositories ship, so both layouts are read.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -128,6 +129,13 @@ def prompts():
     return np.random.default_rng(7).integers(0, DIMS["vocab_size"], (BATCH, PROMPT_TOKENS))
 
 
+@pytest.fixture(scope="module")
+def greedy(checkpoints, prompts):
+    """family -> transformers' greedy tokens (``_transformers_greedy``), generated once: the
+    runtime, reference and CUDA tests of a family compare with the same tokens."""
+    return functools.cache(lambda family: _transformers_greedy(checkpoints[family][0], prompts))
+
+
 def _transformers_greedy(model, prompts: np.ndarray) -> np.ndarray:
     """transformers' own greedy generation: the NEW_TOKENS new tokens [B, NEW_TOKENS]."""
     ids = torch.from_numpy(prompts)
@@ -147,12 +155,12 @@ def _teacher_forced_logits(model, prompts: np.ndarray, tokens: np.ndarray) -> np
     return logits[:, PROMPT_TOKENS - 1:]
 
 
-def _check_against_transformers(generation, model, prompts) -> None:
+def _check_against_transformers(generation, model, prompts, greedy_tokens) -> None:
     want = _teacher_forced_logits(model, prompts, generation.tokens)
     assert generation.logits.shape == want.shape
     error = float(np.abs(generation.logits - want).max())
     assert error < LOGITS_TOLERANCE, f"logits differ from transformers by {error:.2e}"
-    np.testing.assert_array_equal(generation.tokens, _transformers_greedy(model, prompts))
+    np.testing.assert_array_equal(generation.tokens, greedy_tokens)
 
 
 def _load(folder: Path):
@@ -161,18 +169,19 @@ def _load(folder: Path):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_the_runtime_generates_what_transformers_generates(family, checkpoints, default_kernels, prompts):
+def test_the_runtime_generates_what_transformers_generates(family, checkpoints, default_kernels, prompts, greedy):
     model, folder = checkpoints[family]
     config, weights = _load(folder)
     generation = LlamaModel(config, weights, default_kernels).generate(prompts, NEW_TOKENS)
-    _check_against_transformers(generation, model, prompts)
+    _check_against_transformers(generation, model, prompts, greedy(family))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_the_reference_decoder_generates_what_transformers_generates(family, checkpoints, prompts):
+def test_the_reference_decoder_generates_what_transformers_generates(family, checkpoints, prompts, greedy):
     model, folder = checkpoints[family]
     config, weights = _load(folder)
-    _check_against_transformers(ReferenceModel(config, weights).generate(prompts, NEW_TOKENS), model, prompts)
+    _check_against_transformers(ReferenceModel(config, weights).generate(prompts, NEW_TOKENS), model, prompts,
+                                greedy(family))
 
 
 @pytest.mark.parametrize("family", ["llama3", "llama3.1", "llama3.2", "linear", "linear-4.x"])
@@ -274,7 +283,7 @@ def test_a_sequence_past_mistrals_sliding_window_is_refused(checkpoints, default
 
 
 @pytest.mark.parametrize("family", ["llama3.1", "qwen2"])
-def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints, prompts, fake_gpu):
+def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints, prompts, greedy, fake_gpu):
     """The same on the CUDA path (fake GPU: cubins built by nvcc, run on the emulator): device
     buffers, the decode step captured as a graph, rope scaling (Llama 3.1) and biases (Qwen2)."""
     from fakes import FAKE_GPU_TARGET
@@ -287,4 +296,4 @@ def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints
         runtime_model = LlamaModel(config, weights, kernels)
         generation = runtime_model.generate(prompts, NEW_TOKENS)
     assert runtime_model.decode_mode == "graph"
-    _check_against_transformers(generation, model, prompts)
+    _check_against_transformers(generation, model, prompts, greedy(family))
