@@ -60,7 +60,7 @@ demo: check-cc $(STAMP)
 # three workers, each test file kept on one (module fixtures compile kernels once), the longest
 # files first (tests/conftest.py: LONGEST_FIRST); no assertion rests on quiet timings, so nothing
 # needs to run alone. Three on two cores: much of the suite waits on the processes it starts
-# (8:59 on two workers, 8:11 and 8:19 on three, 1,305 tests, 2026-12-07). The suite starts about 700 Python processes (CLI runs, build and run
+# (8:59 on two workers, 8:11 and 8:19 on three, 1,305 tests; 6:20 on three once the slowest files repeated less, 1,314 tests, 2026-12-07). The suite starts about 700 Python processes (CLI runs, build and run
 # workers): bytecode is written even where the environment says not to (PYTHONDONTWRITEBYTECODE),
 # or each of them compiles the project's modules again
 test: $(TEST_STAMP)
