@@ -277,6 +277,15 @@ def process_facts(variable: str) -> dict:
     return {"pid": os.getpid(), "parent": os.getppid(), "variable": os.environ.get(variable)}
 
 
+def lines_in(log) -> int:
+    """The lines a job's log holds so far: 0 while there is none (a job checking that it can
+    write its log makes an empty one and removes it again)."""
+    try:
+        return log.read_text().count("\n")
+    except FileNotFoundError:
+        return 0
+
+
 def burn_cpu(seconds: float) -> float:
     """A worker job that spends ``seconds`` of CPU time; returns the worker's whole CPU time."""
     end = time.process_time() + seconds

@@ -13,6 +13,7 @@ import time
 import urllib.request
 
 import pytest
+from fakes import lines_in
 
 CLI = [sys.executable, "-m", "autotune.cli"]
 SERVER: dict[str, subprocess.Popen] = {}  # the module's server, for the last test to kill
@@ -22,15 +23,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _lines_in(log) -> int:
-    """The lines a job's log holds so far: 0 while there is none (a job checking that it can
-    write its log makes an empty one and removes it again)."""
-    try:
-        return log.read_text().count("\n")
-    except FileNotFoundError:
-        return 0
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +137,7 @@ def test_a_server_that_dies_mid_job_costs_seconds_not_minutes(tracking_server, t
                                   "--tracking-uri", tracking_server],
                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        while _lines_in(log) < 4:
+        while lines_in(log) < 4:
             assert job.poll() is None, job.communicate()[1]
             time.sleep(0.05)
     finally:

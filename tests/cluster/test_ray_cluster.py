@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from fakes import lines_in
 
 pytestmark = pytest.mark.tools("ray")
 
@@ -254,15 +255,6 @@ def _job(host, fast_policy, log, cluster=None, trials=8, batch=4):
 
     return TuningJob(host, Task.make("gemv", SHAPE), tuner="random", trials=trials, batch=batch, seed=3, log=str(log),
                      mlflow=False, timing=fast_policy, cluster=cluster)
-
-
-def lines_in(log) -> int:
-    """The lines a job's log holds so far: 0 while there is none (a job checking that it can
-    write its log makes an empty one and removes it again)."""
-    try:
-        return log.read_text().count("\n")
-    except FileNotFoundError:
-        return 0
 
 
 def distinct_configs(path):
