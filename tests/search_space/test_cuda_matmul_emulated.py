@@ -207,7 +207,7 @@ def _assert_caught(emulator, old, new, values, sm_count=132):
 @pytest.mark.parametrize("k, config", [
     (640, dict(core="mma", warps=4, rows=2, ksplit=2, unroll=2, mtile=2, kc=256, prefetch=1)),  # 3 K chunks, the last short
     (640, dict(core="mma", warps=2, rows=1, ksplit=1, unroll=1, mtile=4, kc=512, prefetch=0)),
-    (2112, dict(core="simt", warps=4, rows=4, ksplit=2, unroll=2, mtile=1, kc=2176, prefetch=0)),
+    (2112, dict(core="simt", warps=4, rows=2, ksplit=2, unroll=2, mtile=1, kc=2176, prefetch=0)),
 ])
 def test_gemm_q4_chunks_splits_and_tiles(emulator, k, config):
     template = get_template("gemm_q4", "cuda")

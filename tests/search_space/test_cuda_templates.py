@@ -45,9 +45,10 @@ def test_cuda_template_contract(template):
 @pytest.mark.tools("nvcc")
 @pytest.mark.parametrize("template", CUDA_TEMPLATES, ids=lambda t: t.op)
 def test_cuda_template_compiles_for_sm90a(template):
-    """The default config of every dtype and a sampled config of one dtype go through nvcc
-    (a sample of the whole space over the suite: the seed, and so the dtype and the config,
-    differ per template; each nvcc call costs about a second). A bfloat16 default that is the
+    """The default config of every dtype and a sampled config of one dtype go through nvcc, the
+    defaults without spilling registers to local memory (a sample of the whole space over the
+    suite: the seed, and so the dtype and the config, differ per template; each nvcc call costs
+    about a second). A bfloat16 default that is the
     float16 one with the element type renamed, and without inline PTX (whose helpers are
     specialised per type), is the same code for nvcc (checked here): only the float16 one is compiled."""
     rng = np.random.default_rng(sum(map(ord, template.op)))
@@ -60,6 +61,7 @@ def test_cuda_template_compiles_for_sm90a(template):
         if (named(sources["bfloat16"].code) == named(sources["float16"].code)
                 and sources["bfloat16"].launch == sources["float16"].launch):
             inputs = [i for i in inputs if i.task.dtype != "bfloat16"]
+    defaults = len(inputs)
     sampled = tasks[int(rng.integers(len(tasks)))]
     inputs += [MeasureInput(sampled, c, SM90) for c in template.space(sampled, SM90).sample(rng, 1)]
     with LocalBuilder(n_parallel=2, timeout_s=300) as builder:
@@ -68,6 +70,9 @@ def test_cuda_template_compiles_for_sm90a(template):
                 if b.error != MeasureError.NO_ERROR]
     assert not failures, failures
     assert all(b.stats.get("registers", 0) > 0 for b in builds)
+    spilled = [(i.task.key, str(i.config), b.stats["spill_stores"])
+               for i, b in zip(inputs[:defaults], builds) if b.stats["spill_stores"]]
+    assert not spilled, spilled
 
 
 @pytest.mark.tools("nvcc")

@@ -45,6 +45,7 @@ kernel before it reads X or R, and lets the kernel after it launch once its main
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 from ...codegen.cuda import PREAMBLE, c_type
@@ -151,8 +152,11 @@ def registers(task: Task, c: dict) -> int:
     if c["core"] == "mma":
         raw = c["unroll"] * rows * 2 * (4 + zp) * (2 if c["prefetch"] == 2 else 1)  # 2: two buffers
         return rows * c["mtile"] * 4 + raw + rows * 4 + c["mtile"] * 4 + 48
+    # SIMT: fitted to ptxas on sm_90a (gemv_q4 and gemm_q4, M 1..128, 1-4 rows, fp32 and fp16):
+    # the accumulators plus the X values each W row is multiplied by (up to 8 X rows at a time)
     norm = fusions(task)[0]
-    return m_rows(task, c) * (rows + norm) + c["unroll"] * rows * (4 + zp) + 32 * (1 + norm) + 40
+    m = m_rows(task, c)
+    return (5 * m * rows) // 4 + m * norm + 6 * rows * min(m, 8) + c["unroll"] * rows * (4 + zp) + 32 * norm + 44
 
 
 def rows_per_block(c: dict) -> int:
@@ -178,9 +182,10 @@ def q4_default(space: ConfigSpace, task: Task, target: Target) -> Config:
     want = (16 if M <= 16 else 8) * sms
     kcs = space.knob("kc").values
     core = space.knob("core").values[0]
-    rows = 1 if core == "mma" else 2
     tries = []
-    for mtile in sorted(space.knob("mtile").values, reverse=True):
+    # SIMT: 2 W rows a warp, else 1 where 2 would not fit in registers with this M tile
+    for mtile, rows in itertools.product(sorted(space.knob("mtile").values, reverse=True),
+                                         (1,) if core == "mma" else (2, 1)):
         for ksplit in (1, 2, 4):
             for kc in sorted(kcs, reverse=True) if core == "mma" else kcs[-1:]:
                 for warps, unroll in ((4, 2), (4, 1), (2, 1), (8, 2)):
