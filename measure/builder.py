@@ -95,9 +95,15 @@ def build_candidate(payload: dict[str, Any]) -> dict[str, Any]:
     config = template.space(task, target).from_values(payload["config"])
     start = time.perf_counter()
     source = template.render(task, config, target)
-    flags = artifact_flags(target)
-    digest = source.digest(flags)
-    cache = Path(payload["cache_dir"])
+    built = compile_through_cache(source, target, Path(payload["cache_dir"]))
+    return {**built, "source": source.to_dict(), "build_s": time.perf_counter() - start}
+
+
+def compile_through_cache(source: KernelSource, target: Target, cache: Path) -> dict[str, Any]:
+    """The artifact of ``source`` from the kernel cache, compiled and stored there on a miss
+    (in this user's private temp folder where the cache cannot be written). Returns the
+    artifact's path, digest, build stats, whether it was cached and a note for the user."""
+    digest = source.digest(artifact_flags(target))
     fallback = fallback_cache_dir(create=False)
     hit = cached_artifact(cache, source, target) or (fallback and cached_artifact(fallback, source, target))
     cached, note = hit is not None, ""
@@ -116,8 +122,7 @@ def build_candidate(payload: dict[str, Any]) -> dict[str, Any]:
             path = _store(fallback, digest, target, data, stats, source)
             note = (f"the kernel cache {cache} cannot be written ({exc.strerror or exc}): kernels are kept in "
                     f"{fallback} (AUTOTUNE_CACHE_DIR sets the cache)")
-    return {"artifact": str(path), "source": source.to_dict(), "digest": digest, "stats": stats,
-            "build_s": time.perf_counter() - start, "cached": cached, "cache_note": note}
+    return {"artifact": str(path), "digest": digest, "stats": stats, "cached": cached, "cache_note": note}
 
 
 def _store(cache: Path, digest: str, target: Target, data: bytes, stats: dict[str, Any], source: KernelSource) -> Path:

@@ -199,7 +199,7 @@ def _fake_env(registry):
 
 
 @pytest.mark.tools("nvcc")
-def test_cli_tunes_and_benches_on_the_fake_gpu(fake_gpu, tmp_path):
+def test_cli_tunes_and_benches_on_the_fake_gpu(fake_gpu, tmp_path, kernel_cache):
     from autotune.tuners import GridTuner
     from measure.cuda_roofline import probe_sources
 
@@ -248,6 +248,9 @@ def test_cli_tunes_and_benches_on_the_fake_gpu(fake_gpu, tmp_path):
     assert out["ceilings"]["stream_gbs"] > 0 and "measured now" in out["ceilings"]["source"]
     if out["baseline_s"] is None:
         assert "torch" in out["baseline"]
+    # the probes went through the kernel cache: the next bench loads them instead of running nvcc
+    cached = {json.loads(p.read_text())["entry"] for p in kernel_cache.glob("*.source.json")}
+    assert {"stream_add", "fma_peak"} <= cached
 
 
 def test_cuda_target_with_no_gpu_is_one_line_exit_2(tmp_path):
