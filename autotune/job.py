@@ -344,6 +344,13 @@ def _runner(job: TuningJob):
                        kind=job.target.kind)
 
 
+def model_timing(target: Target) -> TimingPolicy:
+    """How a model job without ``timing`` times candidates on ``target``: best-of-3 samples on
+    the CPU (``MODEL_TIMING``), the runner's own timing on a GPU."""
+    backend = get_backend(target.kind)
+    return MODEL_TIMING if backend.cache_conditions else backend.default_policy
+
+
 def runner_policy(job: TuningJob, target: Target) -> TimingPolicy | None:
     """How candidates of ``job`` are timed on ``target`` (None: the runner's default)."""
     if not get_backend(target.kind).cache_conditions:  # times as it always has (a GPU flushes L2)

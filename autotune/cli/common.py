@@ -336,6 +336,45 @@ def check_timeouts(**timeouts: float) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be a number of seconds > 0, got {value}")
 
 
+def timing_options(repeats: int | None = None, min_sample_ms: float | None = None):
+    """``--repeats`` and ``--min-sample-ms``: how long each candidate is timed. Without a
+    default, the target's own timing is kept (``timing_policy``)."""
+    kept = " [default: the target's timing: 7 on the cpu, up to 50 on a GPU]"
+    def decorate(command):
+        command = click.option(
+            "--min-sample-ms", default=min_sample_ms, show_default=min_sample_ms is not None, type=float,
+            help="cpu: shortest timed sample; a config's calls are repeated until a sample lasts this long"
+                 + ("" if min_sample_ms is not None else " [default: 5]"))(command)
+        return click.option(
+            "--repeats", default=repeats, show_default=repeats is not None, type=int, callback=positive,
+            help="timed samples per config (many short samples keep a clean minimum on a busy machine)"
+                 + ("" if repeats is not None else kept))(command)
+    return decorate
+
+
+def timing_policy(repeats: int | None, min_sample_ms: float | None, run_timeout: float, base):
+    """The ``TimingPolicy`` that ``base`` (the timing a job would use) becomes with the options
+    given; None when neither is given (the job keeps its own). A CPU sample lasts at least
+    ``min_sample_ms``; a GPU sample is one launch after an L2 flush, so there it has no meaning."""
+    from dataclasses import replace
+
+    if repeats is None and min_sample_ms is None:
+        return None
+    if min_sample_ms is not None:
+        if base.min_sample_s == 0:
+            raise UserError("--min-sample-ms is for the cpu target: on a GPU each sample is one launch after an "
+                            "L2 flush (--repeats sets how many)")
+        if not math.isfinite(min_sample_ms) or min_sample_ms <= 0:
+            raise UserError(f"--min-sample-ms must be a number of milliseconds > 0, got {min_sample_ms}")
+    repeats = base.repeats if repeats is None else repeats
+    sample_s = base.min_sample_s if min_sample_ms is None else min_sample_ms / 1e3
+    if repeats * sample_s * base.best_of >= run_timeout:  # every candidate would be recorded as timed out
+        raise UserError(f"{repeats} samples (--repeats) of at least {sample_s * 1e3:g} ms (--min-sample-ms)"
+                        + (f", each the best of {base.best_of} runs," if base.best_of > 1 else "")
+                        + f" take longer than --run-timeout {run_timeout:g} s")
+    return replace(base, repeats=repeats, min_sample_s=sample_s, min_repeats=min(base.min_repeats, repeats))
+
+
 def refuse_overwriting(option: str, output: str, inputs) -> None:
     """``output`` is not one of the files the command reads (``inputs``): writing a report or a
     model over a log would lose what was measured."""

@@ -13,7 +13,8 @@ from runtime.precision import DTYPES
 
 from ..units import format_time
 from .common import (UserError, available_memory, check_fits_in_memory, check_tracking, echo_json, load_logs, make_job, open_log,
-                     positive, refuse_other_targets, resolve_target, restriction, run_tuning, seed_option, stale_warnings_reported)
+                     positive, refuse_other_targets, resolve_target, restriction, run_tuning, seed_option, stale_warnings_reported,
+                     check_timeouts, timing_options, timing_policy)
 from .group import cli
 
 
@@ -69,9 +70,10 @@ def load_config(model: str):
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)),
               help="the model's precision: weights, activations and KV cache (float32 accumulation); on the cpu "
                    "bfloat16 is weight-only (bfloat16 linear weights, float32 arithmetic); float16 needs cuda")
+@timing_options()
 def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, group_size, trials_total, tuner, batch,
                seed, threads, log_path, tracking_uri, no_mlflow, experiment, build_timeout, run_timeout, quiet,
-               as_json, list_tasks, cache, dtype) -> None:
+               as_json, list_tasks, cache, dtype, repeats, min_sample_ms) -> None:
     """Tune every kernel a model's prefill and decode passes need, over one trial budget."""
     from autotune.tune_model import ModelWorkload
 
@@ -107,6 +109,10 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
     tgt = resolve_target(target)
     if threads is not None and not tgt.uses_cpu_threads:
         raise UserError("--threads is for the cpu target")
+    from autotune.job import model_timing
+
+    check_timeouts(build_timeout=build_timeout, run_timeout=run_timeout)
+    timing = timing_policy(repeats, min_sample_ms, run_timeout, model_timing(tgt))
     from search_space import get_template
 
     for task in tasks:  # a task that cannot be allocated would be given up trial after trial
@@ -116,7 +122,7 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
     job = make_job(target=tgt, model=workload, tuner=tuner, trials=trials_total, batch=batch, seed=seed,
                    log=open_log(log_path).path, restrict={"threads": [threads]} if threads is not None else None,
                    mlflow=not no_mlflow, tracking_uri=tracking_uri, experiment=experiment,
-                   build_timeout=build_timeout, run_timeout=run_timeout, cache=cache)
+                   build_timeout=build_timeout, run_timeout=run_timeout, cache=cache, timing=timing)
     click.echo(f"{config.name}: {config.parameters / 1e6:.1f}M parameters, {len(tasks)} tasks "
                f"({', '.join(sorted({t.task.op for t in tasks}))}), {trials_total} trials in all", err=True)
     condition = job.cache_condition()

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
 from .common import (ManyValues, UserError, check_timeouts, check_tracking, load_logs, make_job, open_log, positive, refuse_overwriting,
-                     resolve_target, resolve_task, run_tuning, restriction, seed_option)
+                     resolve_target, resolve_task, run_tuning, restriction, seed_option, timing_options,
+                     timing_policy)
 from ..units import format_rate, format_time
 from .group import cli
 
@@ -35,10 +35,7 @@ from .group import cli
 @click.option("--experiment", default="llm-autotune-sweeps", show_default=True, help="MLflow experiment")
 @click.option("--build-timeout", default=60.0, show_default=True, type=float, help="seconds a candidate may take to compile before it is recorded as BUILD_TIMEOUT")
 @click.option("--run-timeout", default=20.0, show_default=True, type=float, help="seconds a candidate may take to run (its check and timing) before it is recorded as RUN_TIMEOUT")
-@click.option("--repeats", default=7, show_default=True, type=int, callback=positive,
-              help="timed samples per config (many short samples keep a clean minimum on a busy machine)")
-@click.option("--min-sample-ms", default=5.0, show_default=True, type=float,
-              help="shortest timed sample; a config's calls are repeated until a sample lasts this long")
+@timing_options(repeats=7, min_sample_ms=5.0)
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def sweep(op, shape, dtype, target, sample, seed, restrict_items, threads, batch, log_path, tracking_uri, no_mlflow,
           experiment, build_timeout, run_timeout, repeats, min_sample_ms, quiet) -> None:
@@ -47,12 +44,8 @@ def sweep(op, shape, dtype, target, sample, seed, restrict_items, threads, batch
     from measure import TimingPolicy
 
     check_tracking(tracking_uri, no_mlflow)
-    if not math.isfinite(min_sample_ms) or min_sample_ms <= 0:
-        raise UserError(f"--min-sample-ms must be a number of milliseconds > 0, got {min_sample_ms}")
     check_timeouts(build_timeout=build_timeout, run_timeout=run_timeout)
-    if repeats * min_sample_ms / 1e3 >= run_timeout:  # every candidate would be recorded as timed out
-        raise UserError(f"--repeats {repeats} samples of --min-sample-ms {min_sample_ms:g} take longer than "
-                        f"--run-timeout {run_timeout:g} s")
+    timing = timing_policy(repeats, min_sample_ms, run_timeout, TimingPolicy())
     tgt = resolve_target(target)
     template, task = resolve_task(op, shape, dtype, tgt.kind)
     restrict = restriction(template, task, tgt, threads, restrict_items)
@@ -61,7 +54,6 @@ def sweep(op, shape, dtype, target, sample, seed, restrict_items, threads, batch
     # records of this task from an earlier sweep with another plan count toward the total too
     earlier = {r.config_index for r in log.records(warn=False)
                if r.task.key == task.key and r.target.key == tgt.key and r.config_index not in plan}
-    timing = TimingPolicy(min_sample_s=min_sample_ms / 1e3, repeats=repeats, min_repeats=min(3, repeats))
     job = make_job(target=tgt, task=task, tuner="sweep", trials=len(plan) + len(earlier), batch=batch, seed=seed,
                    log=log.path, restrict=restrict, tuner_options={"sample": sample}, mlflow=not no_mlflow,
                    tracking_uri=tracking_uri, experiment=experiment, build_timeout=build_timeout,

@@ -10,7 +10,7 @@ from ..units import format_rate, format_time, rate
 from .common import (ManyValues, UserError, check_model_files, check_timeouts, check_tracking, cluster_options_given, echo_json, load_logs,
                      make_job, open_log, positive, read_log, report_stale, require_compiler, resolve_target, resolve_task,
                      run_tuning,
-                     restriction, seed_option)
+                     restriction, seed_option, timing_options, timing_policy)
 from .group import cli
 
 
@@ -113,14 +113,17 @@ def _knobs(op: str, shape: str | None, dtype: str | None, kind: str, target: str
               help="start no new batch after this many seconds (the budget may be left unspent)")
 @click.option("--early-stopping", default=None, type=int, callback=positive, metavar="N",
               help="stop once the last N trials found no faster config")
+@timing_options()
 @click.option("--remeasure-stale", is_flag=True,
               help="search nothing: measure again the configs of the log's stale records (code this version no "
                    "longer builds for their config) and append fresh records; with --op/--shape, that task's only")
 def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, log_path, tracking_uri, no_mlflow,
          experiment, build_timeout, run_timeout, restrict_items, threads, transfer_from, load_model, save_model, quiet,
-         compile_only, as_json, cold_cache, time_limit, early_stopping, remeasure_stale) -> None:
+         compile_only, as_json, cold_cache, time_limit, early_stopping, repeats, min_sample_ms, remeasure_stale) -> None:
     """Tune one operator instance; every measurement goes to the log. With --remeasure-stale,
     measure the log's stale records again instead."""
+    from measure.backends import get_backend
+
     check_tracking(tracking_uri, no_mlflow)
     if remeasure_stale:
         if compile_only or target.startswith("sm_"):
@@ -129,15 +132,16 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
             raise UserError("--json is for tuning and --compile-only, not --remeasure-stale")
         if shape is not None and op is None:
             raise UserError("--shape needs --op")
-        remeasure(op, shape, dtype, attrs, dynamic, resolve_target(target), log_path, batch, seed, not no_mlflow,
-                  tracking_uri, experiment, build_timeout, run_timeout, cold_cache, quiet)
+        tgt = resolve_target(target)
+        check_timeouts(build_timeout=build_timeout, run_timeout=run_timeout)
+        timing = timing_policy(repeats, min_sample_ms, run_timeout, get_backend(tgt.kind).default_policy)
+        remeasure(op, shape, dtype, attrs, dynamic, tgt, log_path, batch, seed, not no_mlflow,
+                  tracking_uri, experiment, build_timeout, run_timeout, cold_cache, quiet, timing)
         return
     if op is None or shape is None:
         raise UserError("--op and --shape are required (or --remeasure-stale to measure a log's stale records again)")
     compile_only = compile_only or target.startswith("sm_")
     tgt = resolve_target(target, compile_only)
-    from measure.backends import get_backend
-
     if compile_only and not get_backend(tgt.kind).resource_report:
         raise UserError("--compile-only is for CUDA targets: use --target cuda or an arch like sm_90a")
     if compile_only and cluster_options_given():
@@ -167,11 +171,14 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
             sys.exit(1)
         return
     check_model_files(tuner, transfer_from, load_model, save_model, log_path)
+    check_timeouts(build_timeout=build_timeout, run_timeout=run_timeout)
+    timing = timing_policy(repeats, min_sample_ms, run_timeout, get_backend(tgt.kind).default_policy)
     job = make_job(target=tgt, task=task, tuner=tuner, trials=trials, batch=batch, seed=seed, log=open_log(log_path).path,
                    restrict=restriction(template, task, tgt, threads, restrict_items), transfer_from=tuple(transfer_from or ()),
                    load_model=load_model, save_model=save_model, mlflow=not no_mlflow, tracking_uri=tracking_uri,
                    experiment=experiment, build_timeout=build_timeout, run_timeout=run_timeout,
-                   cache="cold" if cold_cache else "auto", time_limit=time_limit, early_stopping=early_stopping)
+                   cache="cold" if cold_cache else "auto", time_limit=time_limit, early_stopping=early_stopping,
+                   timing=timing)
     summary = run_tuning(job, progress=not quiet)
     best = summary.best
     note = timing_note(best, job.target) if best is not None and job.cluster is None else ""  # this machine's load says nothing there
@@ -206,7 +213,7 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
 
 
 def remeasure(op, shape, dtype, attrs, dynamic, tgt, log_path, batch, seed, mlflow, tracking_uri, experiment,
-              build_timeout, run_timeout, cold_cache, quiet) -> None:
+              build_timeout, run_timeout, cold_cache, quiet, timing=None) -> None:
     """``tune --remeasure-stale``: one job per task of the log (or the task given) that has stale
     records on this target."""
     from records import CodeCheck, stale_configs
@@ -238,7 +245,8 @@ def remeasure(op, shape, dtype, attrs, dynamic, tgt, log_path, batch, seed, mlfl
         cold = cold_cache or 2 * sum(r.result.stats.get("cache") == "cold" for r in again) > len(again)
         job = make_job(target=tgt, task=task, trials=len(again), batch=batch, seed=seed, log=log.path, mlflow=mlflow,
                        tracking_uri=tracking_uri, experiment=experiment, build_timeout=build_timeout,
-                       run_timeout=run_timeout, cache="cold" if cold else "auto", remeasure_stale=True)
+                       run_timeout=run_timeout, cache="cold" if cold else "auto", remeasure_stale=True,
+                       timing=timing)
         summary = run_tuning(job, progress=not quiet)
         click.echo(f"{task.key}: measured {summary.measured} stale config(s) again ({summary.failed} failed) in "
                    f"{summary.wall_s:.1f} s")

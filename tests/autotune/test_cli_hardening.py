@@ -70,6 +70,9 @@ def test_an_unreachable_tracking_store_warns_once_and_the_job_tunes_into_its_log
     (["replay", "--log", "x.jsonl", "--json", "r.png", "--plot", "r.png"], "--json and --plot both name r.png"),
     (["replay", "--log", "x.jsonl", "--plot", "r.txt"], "--plot r.txt: the plot is written as"),
     (["sweep", *SMALL, "--log", "s.jsonl", "--min-sample-ms", "1e9"], "take longer than --run-timeout 20 s"),
+    (["tune", *SMALL, "--min-sample-ms", "0"], "--min-sample-ms must be a number of milliseconds > 0"),
+    (["tune", *SMALL, "--repeats", "0"], "--repeats must be >= 1"),
+    (["tune-model", "--model", "tiny", "--repeats", "1000", "--run-timeout", "10"], "each the best of 3 runs"),
     (["tune", *SMALL, "--tuner", "xgb", "--transfer-from", "."], "--transfer-from: log . is not a file"),
     # a transfer log that gives nothing: the job ran as if it had transferred
     (["tune", *SMALL, "--no-mlflow", "--transfer-from", "x.jsonl"], "--transfer-from: x.jsonl hold(s) no record"),
@@ -98,7 +101,7 @@ def restricted_log(tmp_path_factory):
     """(the tune's result, its log): SMALL tuned within --restrict, once for the tests that need a log."""
     folder = tmp_path_factory.mktemp("restricted")
     proc = run("tune", *SMALL, "--tuner", "random", "--trials", "4", "--restrict", "vec=8", "--restrict", "unroll=1,2",
-               "--quiet", "--no-mlflow", "--log", "r.jsonl", cwd=folder)
+               "--repeats", "4", "--min-sample-ms", "2", "--quiet", "--no-mlflow", "--log", "r.jsonl", cwd=folder)
     return proc, folder / "r.jsonl"
 
 
@@ -107,6 +110,20 @@ def test_restrict_limits_the_search_to_the_values_given(restricted_log):
     assert proc.returncode == 0, proc.stderr
     records = RecordLog(log).records()
     assert len(records) == 4 and all(r.config["vec"] == 8 and r.config["unroll"] in (1, 2) for r in records)
+
+
+def test_repeats_and_min_sample_ms_set_how_each_candidate_is_timed(restricted_log):
+    from autotune.cli.common import timing_policy
+    from autotune.job import MODEL_TIMING
+    from measure import TimingPolicy
+
+    _, log = restricted_log
+    stats = [r.result.stats for r in RecordLog(log).records() if r.ok]
+    assert stats and all(s["repeats"] == 4 for s in stats)
+    # what the options make of a job's timing: the rest of it kept (a model job's best-of-3 too)
+    assert timing_policy(None, None, 20.0, TimingPolicy()) is None
+    assert timing_policy(4, 2.0, 20.0, TimingPolicy()) == TimingPolicy(repeats=4, min_sample_s=0.002)
+    assert timing_policy(2, None, 20.0, MODEL_TIMING) == TimingPolicy(repeats=2, min_repeats=2, best_of=3)
 
 
 def test_run_refuses_a_model_whose_weights_cannot_fit_before_making_them(tmp_path, restricted_log):

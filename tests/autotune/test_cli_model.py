@@ -147,9 +147,11 @@ def test_run_on_the_tuned_log_matches_the_reference_and_the_defaults(tiny_log):
 def test_q4_model_tunes_and_runs_against_the_dequantised_reference(tmp_path):
     run("tune-model", "--model", "tiny", "--quantize", "q4", "--group-size", "32", "--prefill-tokens", "16",
         "--kv-len", "64", "--trials-total", "21", "--batch", "2", "--log", "q4.jsonl", "--quiet", "--no-mlflow",
-        cwd=tmp_path)
-    ops = {r.task.op for r in RecordLog(tmp_path / "q4.jsonl").records()}
+        "--repeats", "3", cwd=tmp_path)
+    records = RecordLog(tmp_path / "q4.jsonl").records()
+    ops = {r.task.op for r in records}
     assert {"gemm_q4", "gemv_q4"} <= ops and not ops & {"gemm", "gemv"}
+    assert {r.result.stats["repeats"] for r in records if r.ok} == {3}  # --repeats, in place of the 7 of a model job
     out = json.loads(run("run", "--log", "q4.jsonl", "--model", "tiny", "--prompt-ids", "5,6,7,8,9",
                          "--new-tokens", "4", "--compare", "--json", cwd=tmp_path).stdout)
     # q4 and its group of 32 come from the kernels: packed at the default 128, none of them would run
