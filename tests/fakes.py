@@ -41,17 +41,12 @@ def make_probe_inputs(task: Task, rng: np.random.Generator) -> dict[str, np.ndar
     return {"X": rng.uniform(-1, 1, task.dims["N"]).astype(np.float32)}
 
 
-@register_template
-class FaultProbe(Template):
-    """Y[i] = 2 * X[i], or a deliberate failure chosen by the ``mode`` knob."""
+class DoublesX:
+    """What both fault probes compute when nothing fails: Y[i] = 2 * X[i]."""
 
-    op = FAULT_OP
-    target_kind = "cpu"
     dims = ("N",)
-    example_shape = {"N": 1024}
     default_attrs = {"inputs": "ok"}
     attr_docs = {"inputs": f"one of {INPUT_FAULTS}: making the inputs works, raises, or crashes"}
-    description = "test-only template with injected faults"
 
     def flops(self, task: Task) -> float:
         return float(task.dims["N"])
@@ -64,6 +59,16 @@ class FaultProbe(Template):
 
     def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"Y": 2.0 * inputs["X"].astype(np.float64)}
+
+
+@register_template
+class FaultProbe(DoublesX, Template):
+    """Y[i] = 2 * X[i], or a deliberate failure chosen by the ``mode`` knob."""
+
+    op = FAULT_OP
+    target_kind = "cpu"
+    example_shape = {"N": 1024}
+    description = "test-only template with injected faults"
 
     def numpy_baseline(self, task, inputs):
         x = inputs["X"]
@@ -116,7 +121,7 @@ CUDA_MODES = ("ok", "oob", "hang", "wrong", "trap", "fat", "slow", "scribble")
 
 
 @register_template
-class CudaFaultProbe(Template):
+class CudaFaultProbe(DoublesX, Template):
     """Y[i] = 2 * X[i] on the GPU, or a deliberate failure chosen by ``mode``:
 
     ``oob`` writes far outside Y (an illegal address: a sticky error that poisons the
@@ -129,26 +134,11 @@ class CudaFaultProbe(Template):
 
     op = CUDA_FAULT_OP
     target_kind = "cuda"
-    dims = ("N",)
     example_shape = {"N": 4096}
-    default_attrs = {"inputs": "ok"}
-    attr_docs = {"inputs": f"one of {INPUT_FAULTS}: making the inputs works, raises, or crashes"}
     description = "test-only CUDA template with injected faults"
 
     def signature(self, task: Task):
         return (ArgSpec("X", "in", "float32", ("N",)), ArgSpec("Y", "out", "float32", ("N",)))
-
-    def flops(self, task: Task) -> float:
-        return float(task.dims["N"])
-
-    def min_bytes(self, task: Task) -> float:
-        return 8.0 * task.dims["N"]
-
-    def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return make_probe_inputs(task, rng)
-
-    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"Y": 2.0 * inputs["X"].astype(np.float64)}
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         return ConfigSpace([Knob("mode", CUDA_MODES), Knob("block", (128, 256))])
