@@ -82,29 +82,30 @@ def _has_gpu() -> bool:
         return False
 
 
-# The test files that take longest, longest first (seconds on the 2-core VM, 2026-12-06, beside
-# each). pytest-xdist hands each worker whole files in collection order (the Makefile turns
-# off its reordering by test count, which put the few-but-long files last): started early, the
-# long files run beside others and the short ones fill in at the end, where one long file would
-# otherwise run alone while the other worker waits. A file missing here only runs later.
+# The test files that take longest, longest first (seconds on the 2-core VM, 2026-12-07, beside
+# each: setup, call and teardown under three workers). pytest-xdist hands each worker whole files
+# in collection order (the Makefile turns off its reordering by test count, which put the
+# few-but-long files last): started early, the long files run beside others and the short ones
+# fill in at the end, where one long file would otherwise run alone while the other worker
+# waits. A file missing here only runs later.
 LONGEST_FIRST = (
-    "tests/autotune/test_model_on_fake_gpu.py",  # 99
-    "tests/cluster/test_ray_cluster.py",  # 78, mostly waiting on the cluster
-    "tests/search_space/test_quant_templates.py",  # 70
-    "tests/search_space/test_cuda_matmul_emulated.py",  # 64
-    "tests/autotune/test_cli.py",  # 55
-    "tests/autotune/test_cli_model.py",  # 55
-    "tests/search_space/test_cpu_templates.py",  # 49
+    "tests/cluster/test_ray_cluster.py",  # 100, mostly waiting on the cluster
+    "tests/autotune/test_model_on_fake_gpu.py",  # 79
+    "tests/autotune/test_cli_model.py",  # 60
+    "tests/search_space/test_cuda_matmul_emulated.py",  # 54
+    "tests/autotune/test_cli_hardening.py",  # 43
+    "tests/autotune/test_cli_research.py",  # 43
     "tests/search_space/test_cuda_rowattn_emulated.py",  # 42
-    "tests/search_space/test_cuda_templates.py",  # 41
-    "tests/autotune/test_cli_research.py",  # 39
-    "tests/cluster/test_mlflow_server.py",  # 39
-    "tests/runtime/test_transformers_parity.py",  # 37
-    "tests/autotune/test_cli_hardening.py",  # 34
-    "tests/search_space/test_gemm_schedules.py",  # 32
-    "tests/search_space/test_attention_templates.py",  # 31
-    "tests/measure/test_cuda_on_fake_gpu.py",  # 29
-    "tests/measure/test_faults.py",  # 23
+    "tests/search_space/test_cuda_templates.py",  # 42
+    "tests/search_space/test_cpu_templates.py",  # 40
+    "tests/runtime/test_transformers_parity.py",  # 38
+    "tests/search_space/test_quant_templates.py",  # 35
+    "tests/autotune/test_cli.py",  # 34
+    "tests/cluster/test_mlflow_server.py",  # 24
+    "tests/search_space/test_attention_templates.py",  # 23
+    "tests/measure/test_cuda_on_fake_gpu.py",  # 22
+    "tests/autotune/test_cuda_cli.py",  # 22
+    "tests/measure/test_faults.py",  # 21
 )
 
 
