@@ -152,6 +152,8 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
         raise UserError("--cold-cache is for the cpu target")
     if compile_only and (time_limit is not None or early_stopping is not None):
         raise UserError("--time-limit and --early-stopping end a search; --compile-only builds --trials configs")
+    if compile_only and (repeats is not None or min_sample_ms is not None):
+        raise UserError("--repeats and --min-sample-ms say how candidates are timed; --compile-only times nothing")
     template, task = resolve_task(op, shape, dtype, tgt.kind, dynamic, attrs)
     if compile_only:
         from .compile_only import compile_only_report, format_compile_report

@@ -72,6 +72,7 @@ def test_an_unreachable_tracking_store_warns_once_and_the_job_tunes_into_its_log
     (["sweep", *SMALL, "--log", "s.jsonl", "--min-sample-ms", "1e9"], "take longer than --run-timeout 20 s"),
     (["tune", *SMALL, "--min-sample-ms", "0"], "--min-sample-ms must be a number of milliseconds > 0"),
     (["tune", *SMALL, "--repeats", "0"], "--repeats must be >= 1"),
+    (["tune", *SMALL, "--target", "sm_90a", "--repeats", "3"], "--compile-only times nothing"),
     (["tune-model", "--model", "tiny", "--repeats", "1000", "--run-timeout", "10"], "each the best of 3 runs"),
     (["tune", *SMALL, "--tuner", "xgb", "--transfer-from", "."], "--transfer-from: log . is not a file"),
     # a transfer log that gives nothing: the job ran as if it had transferred
