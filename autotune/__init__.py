@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {"TuningJob": "autotune.job", "JobError": "autotune.job", "run_job": "autotune.job",
-         "ModelWorkload": "autotune.tune_model"}
+         "ModelWorkload": "autotune.tune_model", "compile_only_report": "autotune.compile_only"}
 
 __all__ = sorted(_LAZY)
 

@@ -8,7 +8,7 @@ commands on the click group of ``group.py``, which imports none of them.
     model.py         tune-model, run
     research.py      sweep, replay
     library.py       export
-    compile_only.py  tune --compile-only's report (CUDA builds checked against the target)
+    cache.py         cache
 """
 from __future__ import annotations
 

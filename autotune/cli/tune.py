@@ -156,12 +156,12 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
         raise UserError("--repeats and --min-sample-ms say how candidates are timed; --compile-only times nothing")
     template, task = resolve_task(op, shape, dtype, tgt.kind, dynamic, attrs)
     if compile_only:
-        from .compile_only import compile_only_report, format_compile_report
+        from ..compile_only import compile_only_report, format_compile_report
 
         check_timeouts(build_timeout=build_timeout)
         require_compiler(tgt)
         try:
-            rows = compile_only_report(template, task, tgt, trials, seed, build_timeout,
+            rows = compile_only_report(task, tgt, trials, seed, build_timeout,
                                        restriction(template, task, tgt, threads, restrict_items))
         except ValueError as exc:
             raise UserError(f"--restrict: {exc}") from None

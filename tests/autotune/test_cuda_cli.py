@@ -51,6 +51,15 @@ def test_compile_only_reports_registers_shared_memory_and_spills(tmp_path):
         assert row["smem_dynamic"] > 0  # the tensor-core pipeline stages tiles in shared memory
     assert len({json.dumps(r["config"], sort_keys=True) for r in rows}) == 2
     assert not (tmp_path / "tune.jsonl").exists()  # nothing ran, nothing was logged
+    # the same report from Python (its builds come from the kernel cache the command filled)
+    from autotune import compile_only_report
+    from search_space import Target, Task
+
+    task = Task.make("gemm", {"M": 100, "N": 72, "K": 96}, "float16")
+    same = compile_only_report(task, Target.from_name("sm_90a"), n_configs=2)
+    assert [(r["config"], r["registers"]) for r in same] == [(r["config"], r["registers"]) for r in rows]
+    with pytest.raises(ValueError, match="for CUDA targets"):
+        compile_only_report(Task.make("gemv", {"M": 1, "N": 64, "K": 64}, "float32"), Target.host())
 
 
 @pytest.mark.tools("nvcc")

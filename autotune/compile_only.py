@@ -1,4 +1,5 @@
-"""CUDA pieces of the command line that need no GPU: ``autotune tune --compile-only``.
+"""Compile-only reports of CUDA kernels, no GPU needed: ``autotune tune --compile-only`` and
+``autotune.compile_only_report`` from Python.
 
 Builds the template default and a sample of the space with nvcc, checks each against the
 target's limits (``measure.resources``) and reports per config what ptxas says: registers,
@@ -12,15 +13,21 @@ from typing import Any
 import numpy as np
 
 from measure import LocalBuilder, MeasureError, MeasureInput
-from search_space import Target, Task, Template
+from measure.backends import get_backend
+from search_space import Target, Task, get_template
 
 
-def compile_only_report(template: Template, task: Task, target: Target, n_configs: int, seed: int,
-                        build_timeout: float, restrict: dict | None = None) -> list[dict[str, Any]]:
+def compile_only_report(task: Task, target: Target, n_configs: int = 16, seed: int = 0,
+                        build_timeout: float = 60.0, restrict: dict | None = None) -> list[dict[str, Any]]:
     """One row per config, ``n_configs`` in all: the default, the template's seed schedules,
     then sampled ones; each only where the space (limited to ``restrict``, ``--restrict``'s knob
     values) takes it. The seeds come before the samples because a narrow restriction of a
-    large space may leave too few valid configs for random draws to find."""
+    large space may leave too few valid configs for random draws to find. ``target``: a CUDA
+    arch (``Target.from_name("sm_90a")``); nvcc must be on the PATH. ValueError when the target
+    has no resource report (the CPU) or no config of the space is valid."""
+    if not get_backend(target.kind).resource_report:
+        raise ValueError(f"compile-only reports are for CUDA targets (Target.from_name('sm_90a')), not {target.key}")
+    template = get_template(task.op, target.kind)
     space = template.space(task, target)
     if restrict:
         space = space.restrict(**restrict)
