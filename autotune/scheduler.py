@@ -48,7 +48,7 @@ from search_space.templates.threads import rough_one_core_seconds
 
 from .model_tasks import ModelTask
 from .tuners import TuneSummary, Tuner, make_tuner
-from .tuning import ClusterRound, with_priors
+from .tuning import ClusterRound, fresh_best, with_priors
 
 MAX_FAILED_ROUNDS = 3  # rounds without one verified candidate before a task is given up
 FIRST_ROUND = 2  # configs in a task's first round: its default and its tuner's first pick
@@ -74,6 +74,9 @@ class ModelTuneSummary:
     history: list[tuple[int, float]] = field(default_factory=list)  # (trials so far, estimated latency)
     given_up: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    # task key -> how many faster stale records (resumed, of code this version no longer
+    # builds) its best passed over
+    stale_passed_over: dict[str, int] = field(default_factory=dict)
 
     @property
     def estimated_latency_s(self) -> float:
@@ -289,6 +292,10 @@ class TaskScheduler:
     def _end(self, result: ModelTuneSummary) -> ModelTuneSummary:
         result.rounds = sum(self.rounds)
         result.summaries = [tuner.finish(s) for tuner, s in zip(self.tuners, result.summaries)]
+        for summary in result.summaries:  # each task's best as `best`, export and run choose it
+            choice = fresh_best(summary)
+            if choice is not None and choice.stale:
+                result.stale_passed_over[summary.task.key] = choice.stale
         result.given_up = [self.tasks[i].key for i in sorted(self.given_up)]
         result.wall_s = time.perf_counter() - result.started
         return result

@@ -132,7 +132,20 @@ def tune_model(job, log: RecordLog, builder, runner, progress: bool, note: Calla
         callbacks = [c for c in (ModelMLflow(tracking.run, 0) if tracking.run else None, bar) if c is not None]
         outcome["summary"] = scheduler.tune(job.trials, builder, runner, log, on_round=callbacks)
     warn_unmeasured_defaults(scheduler, note)
+    warn_stale_passed_over(outcome["summary"], log, note)
     return outcome["summary"]
+
+
+def warn_stale_passed_over(summary: ModelTuneSummary, log: RecordLog, note: Callable[[str], None]) -> None:
+    """Name the tasks whose resumed log holds faster records of code this version no longer
+    builds: their best, here and in ``run``/``export``, is the fastest fresh record, and the job
+    did not measure those configs again (they count as measured)."""
+    stale = summary.stale_passed_over
+    if stale:
+        shown = ", ".join(f"{key} ({n})" for key, n in list(stale.items())[:3])
+        more = f" and {len(stale) - 3} more" if len(stale) > 3 else ""
+        note(f"warning: {len(stale)} task(s) have faster records of code this version no longer builds (stale), "
+             f"passed over: {shown}{more}; `autotune tune --remeasure-stale --log {log.path}` measures them again")
 
 
 def warn_unmeasured_defaults(scheduler: TaskScheduler, note: Callable[[str], None]) -> None:
@@ -174,6 +187,7 @@ def tune_model_on_cluster(job, log: RecordLog, cluster, targets, progress: bool,
         outcome["summary"] = summaries[0] if len(summaries) == 1 else _all_targets(summaries)
     for scheduler in schedulers:
         warn_unmeasured_defaults(scheduler, note)
+    warn_stale_passed_over(outcome["summary"], log, note)
     return outcome["summary"]
 
 
@@ -202,7 +216,8 @@ def _all_targets(summaries: list[ModelTuneSummary]) -> ModelTuneSummary:
                             trials=sum(s.trials for s in summaries), measured=sum(s.measured for s in summaries),
                             resumed=sum(s.resumed for s in summaries), rounds=sum(s.rounds for s in summaries),
                             wall_s=max(s.wall_s for s in summaries), history=first.history,
-                            given_up=[k for s in summaries for k in s.given_up])
+                            given_up=[k for s in summaries for k in s.given_up],
+                            stale_passed_over={k: n for s in summaries for k, n in s.stale_passed_over.items()})
 
 
 def _finish(run, log: RecordLog, status: str, summary: ModelTuneSummary | None) -> None:

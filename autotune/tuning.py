@@ -278,14 +278,21 @@ def observed(job, note: Callable[[str], None], bar, finish_run: Callable):
         tracking.finish(lambda run, status: finish_run(run, status, outcome["summary"]), ended_by(stopped_by))
 
 
-def choose_fresh_best(summary: TuneSummary, note: Callable[[str], None]) -> None:
-    """The job's best as ``autotune best`` and export choose it: a resumed record measured on
-    code this version no longer builds (stale) is passed over, and said, as ``best`` says it."""
+def fresh_best(summary: TuneSummary):
+    """Set ``summary.best`` to the record ``autotune best`` and export choose: a resumed record
+    measured on code this version no longer builds (stale) is passed over. Returns the choice
+    (``records.TaskChoice``: how many stale records were passed over), None without a verified record."""
     choices = select_best(summary.records)
     summary.best = choices[0].record if choices else None
-    said = choices[0].note() if choices else None
+    return choices[0] if choices else None
+
+
+def choose_fresh_best(summary: TuneSummary, note: Callable[[str], None]) -> None:
+    """``fresh_best``, and the stale records passed over said, as ``best`` says it."""
+    choice = fresh_best(summary)
+    said = choice.note() if choice else None
     if said:
-        again = " (tune --remeasure-stale measures them again)" if choices[0].remeasurable else ""
+        again = " (tune --remeasure-stale measures them again)" if choice.remeasurable else ""
         note(f"autotune: warning: {said}{again}")
 
 

@@ -67,6 +67,34 @@ def test_a_resumed_tune_model_only_adds_trials(tiny_log, tmp_path):
     assert len({(r.task.key, r.config_index) for r in records}) == len(records) == TRIALS + 2
 
 
+def test_a_resumed_tune_model_passes_over_records_of_code_it_no_longer_builds(tiny_log, tmp_path):
+    """A task's fastest record, measured on code this version does not build (stale): the job
+    neither reports it as the task's best nor ranks the task by it, and says so."""
+    folder, _ = tiny_log
+    lines = (folder / "tiny.jsonl").read_text().splitlines()
+    records = RecordLog(folder / "tiny.jsonl").records()
+    ok = {}
+    for i, r in enumerate(records):
+        if r.ok:
+            ok.setdefault(r.task.key, []).append(i)
+    key, rows = max(ok.items(), key=lambda item: len(item[1]))
+    assert len(rows) >= 2, "the fixture's job gave no task a second verified record"
+    fastest, *others = sorted(rows, key=lambda i: records[i].seconds)
+    line = json.loads(lines[fastest])
+    line["result"]["stats"]["digest"] = "0" * 32
+    lines[fastest] = json.dumps(line)
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
+    proc = run("tune-model", "--model", "tiny", *SIZES, "--trials-total", str(TRIALS), "--log", "t.jsonl",
+               "--quiet", "--no-mlflow", "--json", cwd=tmp_path)
+    summary = json.loads(proc.stdout)
+    assert summary["measured"] == 0 and summary["resumed"] == TRIALS  # stale records still count as measured
+    (row,) = [t for t in summary["tasks"] if t["task"] == key]
+    assert row["best_ms"] == pytest.approx(records[others[0]].seconds * 1e3)
+    assert f"1 task(s) have faster records of code this version no longer builds (stale), passed over: {key} (1)" \
+        in proc.stderr, proc.stderr
+    assert "autotune tune --remeasure-stale --log t.jsonl" in proc.stderr
+
+
 def test_tune_model_says_and_records_its_condition_and_warns_on_a_mixed_log(tiny_log, tmp_path, host):
     """tune-model times candidates cold or warm as the model runs them, and says which: in its
     lines, its summary and every record (``tiny_log``'s job, then two that resume it)."""
