@@ -292,8 +292,9 @@ class TaskScheduler:
     def _end(self, result: ModelTuneSummary) -> ModelTuneSummary:
         result.rounds = sum(self.rounds)
         result.summaries = [tuner.finish(s) for tuner, s in zip(self.tuners, result.summaries)]
-        for summary in result.summaries:  # each task's best as `best`, export and run choose it
-            choice = fresh_best(summary)
+        # each task's best as `best`, export and run choose it
+        for tuner, summary in zip(self.tuners, result.summaries):
+            choice = fresh_best(summary, tuner.code_check)
             if choice is not None and choice.stale:
                 result.stale_passed_over[summary.task.key] = choice.stale
         result.given_up = [self.tasks[i].key for i in sorted(self.given_up)]

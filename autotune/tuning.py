@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from cost_model import batch_quality
 from cost_model.transfer import best_configs_elsewhere, throughput_of
 from measure import MeasureInput, MeasureResult
-from records import Record, RecordLog, select_best, stale_configs
+from records import CodeCheck, Record, RecordLog, select_best, stale_configs
 from search_space import Config, Target, Task, get_template
 
 from .progress import ProgressDisplay
@@ -278,18 +278,19 @@ def observed(job, note: Callable[[str], None], bar, finish_run: Callable):
         tracking.finish(lambda run, status: finish_run(run, status, outcome["summary"]), ended_by(stopped_by))
 
 
-def fresh_best(summary: TuneSummary):
+def fresh_best(summary: TuneSummary, check: CodeCheck | None = None):
     """Set ``summary.best`` to the record ``autotune best`` and export choose: a resumed record
     measured on code this version no longer builds (stale) is passed over. Returns the choice
-    (``records.TaskChoice``: how many stale records were passed over), None without a verified record."""
-    choices = select_best(summary.records)
+    (``records.TaskChoice``: how many stale records were passed over), None without a verified
+    record. ``check``: the tuner's (``Tuner.code_check``), which knows the records it resumed."""
+    choices = select_best(summary.records, check=check)
     summary.best = choices[0].record if choices else None
     return choices[0] if choices else None
 
 
-def choose_fresh_best(summary: TuneSummary, note: Callable[[str], None]) -> None:
+def choose_fresh_best(summary: TuneSummary, note: Callable[[str], None], check: CodeCheck | None = None) -> None:
     """``fresh_best``, and the stale records passed over said, as ``best`` says it."""
-    choice = fresh_best(summary)
+    choice = fresh_best(summary, check)
     said = choice.note() if choice else None
     if said:
         again = " (tune --remeasure-stale measures them again)" if choice.remeasurable else ""
@@ -312,7 +313,7 @@ def tune_task(job, log: RecordLog, builder, runner, tuner_options: dict, progres
         finally:  # an interrupted batch's records are in the log: in the run too
             if metrics is not None:
                 metrics.flush()
-        choose_fresh_best(summary, note)
+        choose_fresh_best(summary, note, tuner.code_check)
         outcome["summary"] = summary
         if job.save_model:
             _save_model(tuner, job.save_model)
@@ -641,6 +642,8 @@ def tune_task_on_cluster(job, log: RecordLog, cluster, targets: list[Target], tu
 
             measure_on_cluster(cluster, next_rounds)
         summaries = [tuner.finish(summary) for tuner, summary in zip(tuners, summaries)]
+        for tuner, summary in zip(tuners, summaries):  # as tune_task chooses it, stale records passed over
+            choose_fresh_best(summary, note, tuner.code_check)
         outcome["summary"] = summaries[0] if len(summaries) == 1 else ClusterTuneSummary.of(summaries)
         if job.save_model:
             _save_model(tuners[0], job.save_model)

@@ -13,7 +13,7 @@ import numpy as np
 from cost_model import batch_quality
 from cost_model.transfer import throughput_of
 from measure import Builder, MeasureInput, MeasureResult, Runner
-from records import Record, RecordLog, select_best
+from records import CodeCheck, Record, RecordLog, select_best
 from search_space import Config, ConfigSpace, Target, Task, Template, get_template
 
 
@@ -92,6 +92,9 @@ class Tuner:
         self.rng = np.random.default_rng(seed)
         self.visited: set[int] = set()
         self.best_cost = math.inf
+        # which records this version still builds: rendered once per config, at resume and when
+        # the job's best is chosen (a log of thousands of stale records takes seconds to render)
+        self.code_check = CodeCheck()
 
     # -- strategy interface ----------------------------------------------------------
     def next_batch(self, n: int) -> list[Config]:
@@ -131,7 +134,7 @@ class Tuner:
             self.update([r.to_measure_input(self.space) for r in prior], [r.result for r in prior])
             # the best to beat is one this version builds: a faster record of code the template no
             # longer renders (stale) says nothing of what a config runs at today
-            choices = select_best(prior)
+            choices = select_best(prior, check=self.code_check)
             self.best_cost = choices[0].record.seconds if choices and choices[0].record else math.inf
         return prior
 
