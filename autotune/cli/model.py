@@ -183,16 +183,24 @@ def cache_note(job) -> str:
             f"{working / mib:.1f} MiB, {fits} the last-level cache of {size}")
 
 
-def _prompts(prompt_ids: str | None, prompt_tokens: int, batch: int, vocab: int, seed: int):
+def _prompt_ids(prompt_ids: str | None, vocab: int) -> list[int] | None:
+    """``--prompt-ids`` as token ids, checked against the vocabulary (None when not given)."""
+    if prompt_ids is None:
+        return None
+    try:
+        ids = [int(i) for i in prompt_ids.split(",")]
+    except ValueError:
+        raise UserError(f"malformed --prompt-ids {prompt_ids!r}: expected integers like 1,2,3") from None
+    if min(ids) < 0 or max(ids) >= vocab:
+        raise UserError(f"--prompt-ids must lie in 0..{vocab - 1}")
+    return ids
+
+
+def _prompts(ids: list[int] | None, prompt_tokens: int, batch: int, vocab: int, seed: int):
+    """The batch of prompts: ``ids`` in every row, or ``prompt_tokens`` random ids a row."""
     import numpy as np
 
-    if prompt_ids is not None:
-        try:
-            ids = [int(i) for i in prompt_ids.split(",")]
-        except ValueError:
-            raise UserError(f"malformed --prompt-ids {prompt_ids!r}: expected integers like 1,2,3") from None
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise UserError(f"--prompt-ids must lie in 0..{vocab - 1}")
+    if ids is not None:
         return np.tile(np.asarray(ids, dtype=np.int64), (batch, 1))
     return np.random.default_rng(seed).integers(0, vocab, (batch, prompt_tokens))
 
@@ -346,9 +354,10 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
         raise UserError(f"--weights {weights_dir} is not a directory")
     if check_weights and not weights_dir:
         raise UserError("--check-weights is for --weights (generated weights are finite)")
-    prompts = _prompts(prompt_ids, prompt_tokens, batch, config.vocab_size, seed)
+    ids = _prompt_ids(prompt_ids, config.vocab_size)
+    length = len(ids) if ids is not None else prompt_tokens
     try:  # e.g. past a sliding window the runtime does not implement
-        config.check_sequence(prompts.shape[1] + new_tokens)
+        config.check_sequence(length + new_tokens)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     # a library runs on the target it was exported for: a --target that names another is a mistake
@@ -368,8 +377,9 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
         dtype = _dtype_of(kernels, dtype)
         activations, weights_dtype = _precisions(dtype, getattr(kernels, "kind", "cpu"), quantize, chosen_by)
         # the cache in the activations' precision; the logits kept only where --compare compares them
-        _check_model_fits(config, weights_dtype, quantize, activations, batch, prompts.shape[1] + new_tokens,
+        _check_model_fits(config, weights_dtype, quantize, activations, batch, length + new_tokens,
                           new_tokens if compare else 0)
+        prompts = _prompts(ids, prompt_tokens, batch, config.vocab_size, seed)  # made once they fit
         try:
             check_quantize(config, quantize, group_size)
             weights = make_weights(config, weights_dir, seed, quantize, group_size, check_weights)

@@ -60,6 +60,8 @@ def test_an_unreachable_tracking_store_warns_once_and_the_job_tunes_into_its_log
     (["sweep", *SMALL, "--log", "s.jsonl", "--seed", "-1"], "--seed must be an int >= 0"),
     (["tune-model", "--model", "tiny", "--seed", "-1"], "--seed must be an int >= 0"),
     (["run", "--model", "tiny", "--log", "x.jsonl", "--seed", "-1"], "--seed must be an int >= 0"),
+    # the prompts were made before the memory check: numpy's "Maximum allowed dimension exceeded"
+    (["run", "--model", "tiny", "--log", "x.jsonl", "--batch", "99999999999999999999"], "GiB available"),
     (["tune-model", "--model", "tiny", "--kv-len", "99999999999"], "GiB available"),
     # outputs that would replace what the command reads: measurements lost
     (["tune", *SMALL, "--log", "x.jsonl", "--save-model", "x.jsonl"], "--save-model x.jsonl is x.jsonl, which this"),
