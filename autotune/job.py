@@ -16,6 +16,7 @@ import os
 import sys
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
 from typing import Any, Callable, Mapping
 
 from measure import LocalBuilder, LocalRunner, TimingPolicy
@@ -55,8 +56,9 @@ class TuningJob:
     every call) or "auto": a model job decides from the bytes one forward pass touches, an
     operator job times warm. A model job
     without ``timing`` takes best-of-3 samples (``MODEL_TIMING``).
-    ``transfer_from``/``load_model``/``save_model`` give the xgb tuner's cost model a start
-    and keep it; ``tuner_options`` go to the tuner as they are; ``extra_params`` are recorded
+    ``transfer_from`` (one log or several), ``load_model`` and ``save_model`` give the xgb
+    tuner's cost model a start and keep it; ``tuner_options`` go to the tuner as they are;
+    ``timing`` is a ``measure.TimingPolicy``; ``extra_params`` are recorded
     in MLflow beside the job's own. ``remeasure_stale``: instead of searching, measure again
     the configs of the task's stale records in the log (``records.stale_configs``), appending
     fresh records; the tuner and the budget are not used.
@@ -148,6 +150,11 @@ class TuningJob:
             raise JobError("transfer_from, load_model and save_model need the xgb tuner")
         if self.mlflow and (not isinstance(self.experiment, str) or not self.experiment.strip()):
             raise JobError(f"experiment must name an MLflow experiment, got {self.experiment!r}")
+        if self.timing is not None and not isinstance(self.timing, TimingPolicy):
+            raise JobError(f"timing must be a measure.TimingPolicy (TimingPolicy(repeats=7, min_sample_s=0.005)), "
+                           f"got {self.timing!r}")
+        if not isinstance(self.tuner_options, Mapping):
+            raise JobError(f"tuner_options must map option names to values, got {self.tuner_options!r}")
         if self.cache not in ("auto", *CACHE_CONDITIONS):
             raise JobError(f"unknown cache condition {self.cache!r}: use auto, cold or warm")
         if self.model is not None and not self.target.uses_cpu_threads and self.restrict:
@@ -161,7 +168,12 @@ class TuningJob:
                 parse_cluster_address(self.cluster)
             except ValueError as exc:
                 raise JobError(str(exc)) from None
-        object.__setattr__(self, "transfer_from", tuple(str(p) for p in self.transfer_from))
+        # one log may be given alone: a str is a path, not its characters
+        given = (self.transfer_from,) if isinstance(self.transfer_from, (str, os.PathLike)) else self.transfer_from
+        given = list(given) if isinstance(given, Iterable) else [given]
+        if not all(isinstance(p, (str, os.PathLike)) for p in given):
+            raise JobError(f"transfer_from must name tuning logs (a path or several), got {self.transfer_from!r}")
+        object.__setattr__(self, "transfer_from", tuple(os.fspath(p) for p in given))
         object.__setattr__(self, "log", str(self.log))
 
     def _check_restrict(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +33,12 @@ MICRO = ModelConfig(name="micro", hidden_size=64, intermediate_size=64, num_atte
 def test_a_job_that_cannot_run_is_refused_when_built(host, change, message):
     with pytest.raises(JobError, match=message):
         TuningJob(host, TASK, **change)
+
+
+def test_one_transfer_log_may_be_given_alone(host):
+    """A str is one path: it was read as a tuple of its characters, each then "not a file"."""
+    assert TuningJob(host, TASK, transfer_from="other.jsonl").transfer_from == ("other.jsonl",)
+    assert TuningJob(host, TASK, transfer_from=[Path("a.jsonl"), "b.jsonl"]).transfer_from == ("a.jsonl", "b.jsonl")
 
 
 def test_a_job_round_trips_through_json(host):
@@ -107,6 +114,9 @@ def test_a_model_job_runs_through_the_same_entry(host, tmp_path, fast_policy):
     ({"restrict": {"colour": [1]}}, "restrict: no knob named colour"),
     ({"restrict": "threads=1"}, "restrict must map knob names to values"),
     ({"log": ""}, "log must name the log file"),
+    ({"timing": "fast"}, "timing must be a measure.TimingPolicy"),  # failed deep in the runner, mid-job
+    ({"tuner_options": ["plan"]}, "tuner_options must map option names to values"),
+    ({"transfer_from": 3}, "transfer_from must name tuning logs"),
 ])
 def test_a_task_or_an_input_the_job_cannot_use_is_refused_when_built(host, change, message):
     fields = {"target": host, "task": TASK, **change}
