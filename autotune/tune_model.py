@@ -1,6 +1,8 @@
 """A model's tuning: what to tune it for, its tasks, the scheduler, the log, MLflow, progress."""
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
@@ -28,6 +30,18 @@ class ModelWorkload:
     resident: bool = False  # the decode step a CUDA model captures as a graph (runtime.plan.decode_calls)
     weights: str | None = None  # the linear layers' weights when not in dtype: weight-only (runtime.plan)
     dynamic_rows: bool = False  # a prefill's linear layers take M at run time (runtime.plan, the CPU's)
+
+    def __post_init__(self) -> None:
+        # the sizes as tuples of ints, one size given alone too (a str would be read digit by digit)
+        for name in ("prefill_tokens", "decode_batch", "kv_len"):
+            value = getattr(self, name)
+            sizes = (value,) if isinstance(value, numbers.Integral) else value
+            if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
+                raise ValueError(f"{name} must be a size or sizes (128 or (128, 512)), got {value!r}")
+            sizes = tuple(sizes)
+            if not sizes or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in sizes):
+                raise ValueError(f"{name} must be a size or sizes (128 or (128, 512)), got {value!r}")
+            object.__setattr__(self, name, tuple(int(n) for n in sizes))
 
     def tasks(self) -> list[ModelTask]:
         return model_tasks(self.config, list(self.prefill_tokens), list(self.decode_batch), list(self.kv_len),

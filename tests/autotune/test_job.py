@@ -41,6 +41,17 @@ def test_one_transfer_log_may_be_given_alone(host):
     assert TuningJob(host, TASK, transfer_from=[Path("a.jsonl"), "b.jsonl"]).transfer_from == ("a.jsonl", "b.jsonl")
 
 
+def test_a_workload_takes_one_size_alone_and_refuses_what_is_not_sizes():
+    """A str of digits was read digit by digit, and the first comparison with an int raised a TypeError."""
+    import numpy as np
+
+    workload = ModelWorkload(MICRO, 128, np.int64(1), [32, np.int64(64)])
+    assert (workload.prefill_tokens, workload.decode_batch, workload.kv_len) == ((128,), (1,), (32, 64))
+    for bad in ("128", (), (1.5,), None, (True,)):
+        with pytest.raises(ValueError, match="prefill_tokens must be a size or sizes"):
+            ModelWorkload(MICRO, bad)
+
+
 def test_a_job_round_trips_through_json(host):
     jobs = [TuningJob(host, TASK, tuner="xgb", trials=5, restrict={"threads": [1]}, transfer_from=("x.jsonl",),
                       timing=TimingPolicy(repeats=3), extra_params={"note": "a"}),
