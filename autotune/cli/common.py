@@ -336,6 +336,29 @@ def check_timeouts(**timeouts: float) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be a number of seconds > 0, got {value}")
 
 
+def job_options(experiment: str):
+    """The options every command that runs a tuning job takes alike: where its runs go in
+    MLflow (``--tracking-uri``, ``--no-mlflow``, ``--experiment``) and how long a candidate may
+    build and run before it is recorded as timed out."""
+    options = [
+        click.option("--tracking-uri", default=None,
+                     help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db]"),
+        click.option("--no-mlflow", is_flag=True, help="do not log to MLflow"),
+        click.option("--experiment", default=experiment, show_default=True, help="MLflow experiment"),
+        click.option("--build-timeout", default=60.0, show_default=True, type=float,
+                     help="seconds a candidate may take to compile before it is recorded as BUILD_TIMEOUT"),
+        click.option("--run-timeout", default=20.0, show_default=True, type=float,
+                     help="seconds a candidate may take to run (its check and timing) before it is recorded as "
+                          "RUN_TIMEOUT"),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):  # listed in --help in this order
+            command = option(command)
+        return command
+    return decorate
+
+
 def timing_options(repeats: int | None = None, min_sample_ms: float | None = None):
     """``--repeats`` and ``--min-sample-ms``: how long each candidate is timed. Without a
     default, the target's own timing is kept (``timing_policy``)."""

@@ -14,7 +14,7 @@ from runtime.precision import DTYPES
 from ..units import format_time
 from .common import (UserError, available_memory, check_fits_in_memory, check_tracking, echo_json, load_logs, make_job, open_log,
                      positive, refuse_other_targets, resolve_target, restriction, run_tuning, seed_option, stale_warnings_reported,
-                     check_timeouts, timing_options, timing_policy)
+                     check_timeouts, job_options, timing_options, timing_policy)
 from .group import cli
 
 
@@ -56,11 +56,7 @@ def load_config(model: str):
 @click.option("--seed", default=0, show_default=True, type=int, callback=seed_option, help="seed of the tuners and the inputs")
 @click.option("--threads", default=None, type=int, callback=positive, help="cpu: only configs with this many threads")
 @click.option("--log", "log_path", default="tune.jsonl", show_default=True, help="JSONL tuning log (resumed)")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db]")
-@click.option("--no-mlflow", is_flag=True, help="do not log to MLflow")
-@click.option("--experiment", default="llm-autotune", show_default=True, help="MLflow experiment")
-@click.option("--build-timeout", default=60.0, show_default=True, type=float, help="seconds a candidate may take to compile before it is recorded as BUILD_TIMEOUT")
-@click.option("--run-timeout", default=20.0, show_default=True, type=float, help="seconds a candidate may take to run (its check and timing) before it is recorded as RUN_TIMEOUT")
+@job_options(experiment="llm-autotune")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @click.option("--list-tasks", is_flag=True, help="print the model's tasks and how often each runs, tune nothing")

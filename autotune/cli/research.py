@@ -11,7 +11,7 @@ import click
 from click.core import ParameterSource
 
 from .common import (ManyValues, UserError, check_timeouts, check_tracking, load_logs, make_job, open_log, positive, refuse_overwriting,
-                     resolve_target, resolve_task, run_tuning, restriction, seed_option, timing_options,
+                     resolve_target, resolve_task, run_tuning, restriction, seed_option, job_options, timing_options,
                      timing_policy)
 from ..units import format_rate, format_time
 from .group import cli
@@ -30,11 +30,7 @@ from .group import cli
 @click.option("--threads", default=None, type=int, callback=positive, help="sweep only configs with this many threads")
 @click.option("--batch", default=16, show_default=True, type=int, callback=positive, help="configs built in parallel")
 @click.option("--log", "log_path", required=True, help="JSONL log of the sweep (resumed)")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI")
-@click.option("--no-mlflow", is_flag=True, help="do not log to MLflow")
-@click.option("--experiment", default="llm-autotune-sweeps", show_default=True, help="MLflow experiment")
-@click.option("--build-timeout", default=60.0, show_default=True, type=float, help="seconds a candidate may take to compile before it is recorded as BUILD_TIMEOUT")
-@click.option("--run-timeout", default=20.0, show_default=True, type=float, help="seconds a candidate may take to run (its check and timing) before it is recorded as RUN_TIMEOUT")
+@job_options(experiment="llm-autotune-sweeps")
 @timing_options(repeats=7, min_sample_ms=5.0)
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def sweep(op, shape, dtype, target, sample, seed, restrict_items, threads, batch, log_path, tracking_uri, no_mlflow,

@@ -10,7 +10,7 @@ from ..units import format_rate, format_time, rate
 from .common import (ManyValues, UserError, check_model_files, check_timeouts, check_tracking, cluster_options_given, echo_json, load_logs,
                      make_job, open_log, positive, read_log, report_stale, require_compiler, resolve_target, resolve_task,
                      run_tuning,
-                     restriction, seed_option, timing_options, timing_policy)
+                     restriction, seed_option, job_options, timing_options, timing_policy)
 from .group import cli
 
 
@@ -89,11 +89,7 @@ def _knobs(op: str, shape: str | None, dtype: str | None, kind: str, target: str
 @click.option("--batch", default=8, show_default=True, type=int, callback=positive, help="candidates built and measured per round")
 @click.option("--seed", default=0, show_default=True, type=int, callback=seed_option, help="seed of the tuner and the inputs")
 @click.option("--log", "log_path", default="tune.jsonl", show_default=True, help="JSONL tuning log (resumed)")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db]")
-@click.option("--no-mlflow", is_flag=True, help="do not log to MLflow")
-@click.option("--experiment", default="llm-autotune", show_default=True, help="MLflow experiment")
-@click.option("--build-timeout", default=60.0, show_default=True, type=float, help="seconds a candidate may take to compile before it is recorded as BUILD_TIMEOUT")
-@click.option("--run-timeout", default=20.0, show_default=True, type=float, help="seconds a candidate may take to run (its check and timing) before it is recorded as RUN_TIMEOUT")
+@job_options(experiment="llm-autotune")
 @click.option("--restrict", "restrict_items", multiple=True, metavar="KNOB=V[,V]",
               help="search only these values of a knob, repeatable (vec=8,16)")
 @click.option("--threads", default=None, type=int, callback=positive,
