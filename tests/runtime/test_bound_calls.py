@@ -69,6 +69,8 @@ def test_a_kv_length_stays_within_the_cache_and_the_cache_keeps_its_rows(tmp_pat
         out["S=64 again"] = attempt(lambda: call(S=64))
         out["then L=64"] = attempt(lambda: call(L=64))
         out["scalars"] = dict(call.scalars)
+        out["S=32,L=40"] = attempt(lambda: call(S=32, L=40))
+        out["bind L=100"] = attempt(lambda: kernel.bind({"Q": q, "K": k, "V": v, "O": o}, dims={"S": 64, "L": 100}))
     """)
     assert out["S=32"].startswith("ValueError") and "dim L = 64 exceeds S = 32" in out["S=32"]
     assert out["S=32,L=8"].startswith("ValueError") and "dim S = 32 is not the 64 the arrays were bound at" in out["S=32,L=8"]
@@ -76,6 +78,8 @@ def test_a_kv_length_stays_within_the_cache_and_the_cache_keeps_its_rows(tmp_pat
     assert out["L=65"].startswith("ValueError") and "dim L = 65 exceeds S = 64" in out["L=65"]
     assert out["S=65"].startswith("ValueError") and "dim S = 65 exceeds 64" in out["S=65"]
     assert out["scalars"] == {"S": 64, "L": 64}
+    assert "dim L = 40 exceeds S = 32" in out["S=32,L=40"]
+    assert "dim L = 100 exceeds S = 64" in out["bind L=100"]
 
 
 def test_the_dims_that_set_an_array_s_layout():

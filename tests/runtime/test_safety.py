@@ -51,27 +51,6 @@ def test_a_bound_call_refuses_dims_its_arrays_do_not_hold(tmp_path, exported_lib
     assert out["call M=7.5"].startswith("ValueError") and "dim M must be an int, not 7.5" in out["call M=7.5"]
 
 
-def test_a_kv_length_may_not_pass_the_cache_it_counts_in(tmp_path, exported_library):
-    out = run_library_attempts(tmp_path, exported_library, """
-        shape = {"B": 1, "H": 4, "HKV": 2, "D": 32, "S": 64, "L": 64}
-        kernel = library.get("attention_decode", shape, dynamic=["S", "L"])
-        q, k, v, o = f32(1, 4, 32), f32(1, 2, 64, 32), f32(1, 2, 64, 32), np.zeros((1, 4, 32), np.float32)
-        call = kernel.bind({"Q": q, "K": k, "V": v, "O": o}, dims={"S": 64, "L": 1})
-        out["L=64"] = attempt(lambda: call(L=64))
-        out["L=65"] = attempt(lambda: call(L=65))
-        out["S=65"] = attempt(lambda: call(S=65))
-        out["S=32,L=40"] = attempt(lambda: call(S=32, L=40))
-        out["S=32,L=32"] = attempt(lambda: call(S=32, L=32))  # the rows lie 64 apart: refused
-        out["bind L=100"] = attempt(lambda: kernel.bind({"Q": q, "K": k, "V": v, "O": o}, dims={"S": 64, "L": 100}))
-    """)
-    assert out["L=64"] == "ok"
-    assert "dim S = 32 is not the 64 the arrays were bound at" in out["S=32,L=32"]
-    assert out["L=65"].startswith("ValueError") and "dim L = 65 exceeds S = 64" in out["L=65"]
-    assert out["S=65"].startswith("ValueError") and "dim S = 65 exceeds 64" in out["S=65"]
-    assert "dim L = 40 exceeds S = 32" in out["S=32,L=40"]
-    assert "dim L = 100 exceeds S = 64" in out["bind L=100"]
-
-
 # ----------------------------------------------------------------------------- arrays handed to C
 
 
