@@ -14,9 +14,9 @@ import math
 import numbers
 import os
 import sys
+from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from collections.abc import Iterable
 from typing import Any, Callable, Mapping
 
 from measure import LocalBuilder, LocalRunner, TimingPolicy
@@ -367,7 +367,7 @@ def runner_policy(job: TuningJob, target: Target) -> TimingPolicy | None:
     """How candidates of ``job`` are timed on ``target`` (None: the runner's default)."""
     if not get_backend(target.kind).cache_conditions:  # times as it always has (a GPU flushes L2)
         return job.timing
-    policy = job.timing if job.timing is not None or job.model is None else MODEL_TIMING
+    policy = job.timing if job.timing is not None or job.model is None else model_timing(target)
     if job.cache != "auto" or job.model is not None:
         # cold: as in a model too big for the cache, each kernel's weights come from memory;
         # warm: as in one that fits, they are still in cache from the previous pass

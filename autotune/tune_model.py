@@ -36,9 +36,7 @@ class ModelWorkload:
         for name in ("prefill_tokens", "decode_batch", "kv_len"):
             value = getattr(self, name)
             sizes = (value,) if isinstance(value, numbers.Integral) else value
-            if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
-                raise ValueError(f"{name} must be a size or sizes (128 or (128, 512)), got {value!r}")
-            sizes = tuple(sizes)
+            sizes = () if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable) else tuple(sizes)
             if not sizes or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in sizes):
                 raise ValueError(f"{name} must be a size or sizes (128 or (128, 512)), got {value!r}")
             object.__setattr__(self, name, tuple(int(n) for n in sizes))

@@ -84,13 +84,13 @@ def measure_cuda_roofline(payload: dict[str, Any]) -> dict[str, Any]:
 
     target = Target.from_dict(payload["target"])
     cache = Path(payload.get("cache_dir") or default_cache_dir())
+    sources = probe_sources()
 
     def cubin_of(name: str) -> bytes:  # through the kernel cache: the probes are the same every bench
         return Path(compile_through_cache(sources[name], target, cache)["artifact"]).read_bytes()
 
     gpu = get_backend("cuda").open_session()
     drv = gpu.drv
-    sources = probe_sources()
     out: dict[str, Any] = {"device": gpu.device_name}
 
     module = drv.module_from_buffer(cubin_of("stream"))

@@ -381,6 +381,7 @@ def timing_policy(repeats: int | None, min_sample_ms: float | None, run_timeout:
     ``min_sample_ms``; a GPU sample is one launch after an L2 flush, so there it has no meaning."""
     from dataclasses import replace
 
+    check_timeouts(run_timeout=run_timeout)  # before it bounds the samples
     if repeats is None and min_sample_ms is None:
         return None
     if min_sample_ms is not None:

@@ -14,7 +14,7 @@ from runtime.precision import DTYPES
 from ..units import format_time
 from .common import (UserError, available_memory, check_fits_in_memory, check_tracking, echo_json, load_logs, make_job, open_log,
                      positive, refuse_other_targets, resolve_target, restriction, run_tuning, seed_option, stale_warnings_reported,
-                     check_timeouts, job_options, timing_options, timing_policy)
+                     job_options, timing_options, timing_policy)
 from .group import cli
 
 
@@ -107,7 +107,6 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
         raise UserError("--threads is for the cpu target")
     from autotune.job import model_timing
 
-    check_timeouts(build_timeout=build_timeout, run_timeout=run_timeout)
     timing = timing_policy(repeats, min_sample_ms, run_timeout, model_timing(tgt))
     from search_space import get_template
 

@@ -129,7 +129,6 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
         if shape is not None and op is None:
             raise UserError("--shape needs --op")
         tgt = resolve_target(target)
-        check_timeouts(build_timeout=build_timeout, run_timeout=run_timeout)
         timing = timing_policy(repeats, min_sample_ms, run_timeout, get_backend(tgt.kind).default_policy)
         remeasure(op, shape, dtype, attrs, dynamic, tgt, log_path, batch, seed, not no_mlflow,
                   tracking_uri, experiment, build_timeout, run_timeout, cold_cache, quiet, timing)
@@ -169,7 +168,6 @@ def tune(op, shape, dtype, attrs, dynamic, target, tuner, trials, batch, seed, l
             sys.exit(1)
         return
     check_model_files(tuner, transfer_from, load_model, save_model, log_path)
-    check_timeouts(build_timeout=build_timeout, run_timeout=run_timeout)
     timing = timing_policy(repeats, min_sample_ms, run_timeout, get_backend(tgt.kind).default_policy)
     job = make_job(target=tgt, task=task, tuner=tuner, trials=trials, batch=batch, seed=seed, log=open_log(log_path).path,
                    restrict=restriction(template, task, tgt, threads, restrict_items), transfer_from=tuple(transfer_from or ()),
