@@ -8,6 +8,7 @@ compared with by ``autotune bench --target cuda``.
 | softmax | ``torch.softmax`` |
 | rmsnorm | ``torch.nn.functional.rms_norm`` (with ``residual``: the add, then the norm) |
 | layernorm | ``torch.nn.functional.layer_norm`` |
+| qk_norm | ``F.rms_norm`` of the q and of the k heads (as HF Qwen3's q_norm, k_norm), ``torch.cat`` with v |
 | rope | rotate-half in eager torch with precomputed cos/sin (the Hugging Face Llama way) |
 | swiglu | ``F.silu(G) * U`` |
 | gelu | ``F.gelu(X, approximate="tanh")`` |
@@ -148,6 +149,20 @@ def _layernorm(torch, task, t, template):
     eps = float(template.attrs(task)["eps"])
     x, g, b = t["X"], t["G"], t["BETA"]
     return "F.layer_norm", lambda: F.layer_norm(x, (x.shape[-1],), g, b, eps)
+
+
+@baseline("qk_norm")
+def _qk_norm(torch, task, t, template):
+    import torch.nn.functional as F
+
+    d = task.dims
+    eps = float(template.attrs(task)["eps"])
+    x, gq, gk = t["X"], t["GQ"], t["GK"]
+
+    def qk_norm():  # a new Y of X's shape, as the kernel writes: the v heads copied into it
+        q, k, v = x.split([d["H"], d["HKV"], d["HKV"]], dim=1)
+        return torch.cat([F.rms_norm(q, (d["D"],), gq, eps), F.rms_norm(k, (d["D"],), gk, eps), v], dim=1)
+    return "F.rms_norm of the q and k heads, torch.cat with v", qk_norm
 
 
 @baseline("swiglu")

@@ -18,6 +18,10 @@ template reads):
 - ``gelu``:      X[M,N] -> Y = 0.5 X (1 + tanh(sqrt(2/pi) (X + 0.044715 X^3))).
 - ``add``:       A[M,N], B[M,N] -> Y = A + B.
 - ``bias_add``:  X[M,N], B[N] -> Y = X + B (B added to every row: a linear layer's bias).
+- ``qk_norm``:   X[T, H + 2 HKV, D] (a token's Q/K/V projection: H query heads, then HKV key
+  heads, then HKV value heads), GQ[D], GK[D] -> Y of the same shape: each query head is
+  RMS-normalised over its D dims and scaled by GQ, each key head likewise by GK, the value heads
+  are copied (Qwen3's per-head q_norm and k_norm, before the rotary embedding).
 
 M (and T) may be runtime arguments: the number of tokens changes from step to step.
 """
@@ -188,6 +192,59 @@ class BiasAddOp(RowOp):
 
     def compute(self, task, a):
         return {"Y": a["X"] + a["B"]}
+
+
+@register_operator
+class QKNormOp(Operator):
+    op = "qk_norm"
+    dims = ("T", "H", "HKV", "D")
+    dynamic_dims = ("T",)
+    dtypes = FLOAT_DTYPES
+    default_attrs = ATTR_DEFAULTS["qk_norm"]
+    attr_docs = {"eps": "added to the mean of squares of each head before the square root"}
+    example_shape = {"T": 512, "H": 32, "HKV": 8, "D": 128}
+    description = "RMSNorm of each query and key head (Qwen3's q_norm, k_norm); value heads copied"
+
+    def signature(self, task: Task) -> tuple[ArgSpec, ...]:
+        dt, rows = task.dtype, ("T", self.heads(task), "D")
+        return (ArgSpec("X", "in", dt, rows), ArgSpec("GQ", "in", dt, ("D",)), ArgSpec("GK", "in", dt, ("D",)),
+                ArgSpec("Y", "out", dt, rows))
+
+    @staticmethod
+    def heads(task: Task) -> int:
+        """Heads per token row: query, key and value."""
+        return task.dims["H"] + 2 * task.dims["HKV"]
+
+    def flops(self, task: Task) -> float:
+        d = task.dims
+        return 4.0 * d["T"] * (d["H"] + d["HKV"]) * d["D"]
+
+    def min_bytes(self, task: Task) -> float:
+        d = task.dims
+        return ITEMSIZE[task.dtype] * (2 * d["T"] * self.heads(task) * d["D"] + 2 * d["D"])
+
+    def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        d = task.dims
+        return {"X": random_normal(rng, (d["T"], self.heads(task), d["D"]), task.dtype),
+                "GQ": random_uniform(rng, (d["D"],), task.dtype, 0.5, 1.5),
+                "GK": random_uniform(rng, (d["D"],), task.dtype, 0.5, 1.5)}
+
+    def compute(self, task: Task, a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        h, hkv = task.dims["H"], task.dims["HKV"]
+        x = a["X"]
+        y = x.copy()
+        eps = float(self.attrs(task)["eps"])
+        for heads, gain in ((slice(0, h), a["GQ"]), (slice(h, h + hkv), a["GK"])):
+            part = x[:, heads]
+            y[:, heads] = part / np.sqrt(np.mean(part * part, axis=-1, keepdims=True) + eps) * gain
+        return {"Y": y}
+
+    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.compute(task, {k: to_float64(v, task.dtype) for k, v in inputs.items()})
+
+    def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
+        arrays = {k: to_float32(v, task.dtype) for k, v in inputs.items()}
+        return "numpy float32 qk_norm", lambda: self.compute(task, arrays)
 
 
 def check_rope(op: str, task: Task) -> None:

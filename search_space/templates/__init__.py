@@ -4,8 +4,10 @@ needs no other), a listing imports them all (``search_space.registry``)."""
 from __future__ import annotations
 
 _CPU_OPS = ("add", "attention_decode", "attention_prefill", "bias_add", "gelu", "gemm", "gemm_q4", "gemv", "gemv_q4",
-            "layernorm", "rmsnorm", "rope", "softmax", "swiglu")
-_CUDA_OPS = _CPU_OPS + ("kv_append", "rope_append", "rope_append_attention", "argmax")
+            "layernorm", "qk_norm", "rmsnorm", "rope", "softmax", "swiglu")
+# CUDA has every CPU operator and these; one that is on both lists is named once
+_CUDA_OPS = _CPU_OPS + tuple(op for op in ("kv_append", "rope_append", "rope_append_attention", "argmax", "qk_norm")
+                             if op not in _CPU_OPS)
 # a CUDA module that registers more than its own name's template
 _CUDA_SHARED = {"kv_append": "device_step", "rope_append": "device_step", "argmax": "device_step",
                 "rope_append_attention": "attention_decode"}

@@ -39,6 +39,24 @@ def test_the_gemv_baseline_does_what_a_fused_gemv_does(attrs):
     np.testing.assert_allclose(call().numpy(), template.reference(task, inputs)["Y"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_qk_norm_baseline_does_what_the_kernel_does(dtype):
+    """q heads by GQ, k heads by GK, v heads as they were (torch's CPU build)."""
+    import numpy as np
+    import torch
+
+    from measure.verify import check_output
+    from search_space import get_template
+
+    task = Task.make("qk_norm", {"T": 3, "H": 4, "HKV": 2, "D": 64}, dtype)
+    template = get_template("qk_norm", "cuda")
+    inputs = template.make_inputs(task, np.random.default_rng(0))
+    _, call = BASELINES["qk_norm"](torch, task, {k: torch.from_numpy(v) for k, v in inputs.items()}, template)
+    y = call().float().numpy()
+    assert not check_output("Y", y, template.reference(task, inputs)["Y"], template.tolerance(task), "float32")
+    np.testing.assert_array_equal(y[:, 6:], inputs["X"][:, 6:].astype(np.float32))   # the v heads, exactly
+
+
 def test_the_rope_append_attention_baseline_does_what_the_fused_kernel_does():
     """Ragged positions, one past the cache, NaN in the rows no kernel may read (torch's CPU build)."""
     import numpy as np

@@ -17,7 +17,7 @@ from search_space.templates.cuda.rowplan import RowPlan
 SM90 = Target.from_name("sm_90a")
 ROW_OPS = ("softmax", "rmsnorm", "layernorm")
 FLAT_OPS = ("add", "swiglu", "gelu", "bias_add")
-OPS = ROW_OPS + FLAT_OPS + ("rope", "attention_decode", "attention_prefill")
+OPS = ROW_OPS + FLAT_OPS + ("qk_norm", "rope", "attention_decode", "attention_prefill")
 DTYPES = ("float32", "float16", "bfloat16")
 SIZES = (1, 2, 7, 31, 33, 511, 4097)
 
@@ -80,6 +80,26 @@ def test_flat_chunks_cover_every_element_once(op):
             covered = [c for b in range(grid) for c in range(b, chunks, grid)]   # block b: chunks b, b + grid, ...
             assert sorted(covered) == list(range(chunks))
             assert chunks * plan.chunk >= total > (chunks - 1) * plan.chunk
+
+
+def test_qk_norm_grid_covers_every_head_row_once():
+    """The head rows of T tokens (H + 2 HKV each) are rows of the row kernels: blockIdx.x * ROWS +
+    slot enumerates each once for any runtime T (or the T compiled in), blocks straddling two
+    tokens where ROWS does not divide H + 2 HKV."""
+    template = get_template("qk_norm", "cuda")
+    for heads, dynamic in (({"H": 32, "HKV": 8}, None), ({"H": 5, "HKV": 1}, ())):
+        task = task_of("qk_norm", {"T": 64, **heads, "D": 128}, dynamic=dynamic)
+        rows_per_token = heads["H"] + 2 * heads["HKV"]
+        for config in valid_configs("qk_norm", task):
+            rows = 1 if config["mapping"] == "block" else config["threads"] // 32   # a warp per row
+            launch = template.render(task, config, SM90).launch_dims
+            assert launch["block"] == (config["threads"], 1, 1)
+            for t in (SIZES if dynamic is None else (64,)):
+                (grid, _, _), _, _ = resolve_launch(launch, {"T": t})
+                m = t * rows_per_token
+                covered = sorted(b * rows + s for b in range(grid) for s in range(rows))
+                assert [r for r in covered if r < m] == list(range(m))
+                assert grid * rows - m < rows
 
 
 def test_rope_grid_covers_every_token_once():
@@ -178,6 +198,7 @@ def test_every_valid_config_respects_the_target(op):
         "softmax": {"M": 64, "N": 11008}, "rmsnorm": {"M": 64, "N": 11008}, "layernorm": {"M": 64, "N": 4096},
         "add": {"M": 64, "N": 4096}, "swiglu": {"M": 64, "N": 11008}, "gelu": {"M": 64, "N": 4096},
         "bias_add": {"M": 64, "N": 4096},
+        "qk_norm": {"T": 64, "H": 64, "HKV": 4, "D": 128},
         "rope": {"T": 64, "H": 32, "D": 128},
         "attention_decode": {"B": 8, "H": 32, "HKV": 8, "D": 128, "S": 4096, "L": 4096},
         "attention_prefill": {"B": 1, "T": 2048, "H": 32, "HKV": 8, "D": 128},
@@ -199,6 +220,7 @@ def test_every_valid_config_respects_the_target(op):
 @pytest.mark.parametrize("op", OPS)
 def test_every_knob_changes_the_code(op):
     shapes = {
+        "qk_norm": {"T": 64, "H": 32, "HKV": 8, "D": 128},
         "rope": {"T": 64, "H": 8, "D": 128},
         "attention_decode": {"B": 2, "H": 8, "HKV": 2, "D": 128, "S": 512, "L": 512},
         "attention_prefill": {"B": 1, "T": 256, "H": 4, "HKV": 2, "D": 64},
@@ -242,6 +264,8 @@ AWKWARD = [
     ("rmsnorm", {"M": 2, "N": 4100}, "bfloat16", {"residual": True}, ("M",)),
     ("layernorm", {"M": 9, "N": 24}, "float16", {}, ()),
     ("gelu", {"M": 1, "N": 3}, "bfloat16", {}, ()),
+    ("qk_norm", {"T": 1, "H": 1, "HKV": 1, "D": 2}, "float16", {}, ()),
+    ("qk_norm", {"T": 7, "H": 40, "HKV": 8, "D": 256}, "float32", {"eps": 1e-5}, ("T",)),
     ("rope", {"T": 3, "H": 3, "D": 2}, "float16", {}, ()),
     ("rope", {"T": 33, "H": 5, "D": 80}, "float32", {"theta": 500000.0}, ("T",)),
     ("rope", {"T": 9, "H": 4, "D": 64}, "bfloat16", {"theta": 500000.0, "rope_type": "llama3", "factor": 32.0,
@@ -291,6 +315,8 @@ def test_defaults_are_valid_at_many_shapes():
     shapes = {
         "softmax": [{"M": m, "N": n} for m, n in itertools.product((1, 4096), (1, 8, 100, 4096, 11008, 32000))],
         "rope": [{"T": 1, "H": 1, "D": 2}, {"T": 4096, "H": 32, "D": 128}, {"T": 5, "H": 64, "D": 256}],
+        "qk_norm": [{"T": 1, "H": 1, "HKV": 1, "D": 2}, {"T": 4096, "H": 32, "HKV": 8, "D": 128},
+                    {"T": 1, "H": 64, "HKV": 4, "D": 128}, {"T": 5, "H": 16, "HKV": 2, "D": 512}],
         "attention_decode": [{"B": 1, "H": 1, "HKV": 1, "D": 8, "S": 1, "L": 1},
                              {"B": 8, "H": 32, "HKV": 32, "D": 128, "S": 4096, "L": 4096},
                              {"B": 1, "H": 64, "HKV": 8, "D": 128, "S": 32768, "L": 30000}],

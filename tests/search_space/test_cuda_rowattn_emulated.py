@@ -36,6 +36,13 @@ CASES = [
     ("bias_add", {"M": 8, "N": 1000}, {}, None, [{"M": 3}], [{}, dict(grid="persistent", vec=2, unroll=4)]),
     ("bias_add", {"M": 4, "N": 7}, {}, None, [{"M": 5}], [{}]),
     ("gelu", {"M": 8, "N": 1001}, {}, None, [{"M": 1}], [dict(unroll=4, vec=1)]),
+    # Qwen3's q/k norm: query heads by GQ, key heads by GK, value heads copied; fewer tokens than
+    # tuned (10 heads a token: blocks of rows straddle tokens); a warp per head (the default), a
+    # block per head from shared memory, re-read rows
+    ("qk_norm", {"T": 4, "H": 6, "HKV": 2, "D": 128}, {}, None, [{"T": 3}, {"T": 1}],
+     [{}, dict(mapping="block", threads=64, vec=1, cache="smem", unroll=2, stream=1),
+      dict(mapping="warp", threads=64, vec=1, cache="reread", unroll=4)]),
+    ("qk_norm", {"T": 3, "H": 2, "HKV": 1, "D": 64}, {"eps": 1e-5}, (), [{}], [{}]),   # T compiled in
     ("rope", {"T": 8, "H": 3, "D": 80}, {"theta": 500000.0}, None, [{"T": 19}], [{}, dict(trig="registers", tokens=4)]),
     ("rope", {"T": 2, "H": 1, "D": 2}, {}, (), [{}], [{}]),
     ("rope", {"T": 8, "H": 2, "D": 24}, {"theta": 10000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

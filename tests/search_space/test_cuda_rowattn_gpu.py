@@ -157,6 +157,17 @@ def test_row_ops_on_gpu(drv, builder, target):
     check_cases(drv, builder, target, cases, n_sampled=1)
 
 
+def test_qk_norm_on_gpu(drv, builder, target):
+    """Qwen3's per-head q/k norm: Qwen3-8B's heads (32 + 2 x 8 of 128), an odd small group and
+    256 dims, T a runtime argument below and above the tuned size; Qwen3-14B's heads with T
+    compiled in."""
+    runs = [{"T": 1}, {"T": 3}, {"T": 64}, {"T": 200}]
+    cases = [("qk_norm", {"T": 64, "H": h, "HKV": hkv, "D": d}, {}, ("T",), runs, ROW_WANTED)
+             for h, hkv, d in ((32, 8, 128), (5, 1, 64), (16, 2, 256))]
+    cases.append(("qk_norm", {"T": 9, "H": 40, "HKV": 8, "D": 128}, {"eps": 1e-5}, (), [{}], ROW_WANTED))
+    check_cases(drv, builder, target, cases, n_sampled=1)
+
+
 def test_elementwise_ops_on_gpu(drv, builder, target):
     runs = [{"M": 1}, {"M": 5}, {"M": 64}, {"M": 333}]
     wanted = [dict(grid="persistent"), dict(vec=1, unroll=4), dict(stream=1, unroll=1)]

@@ -14,7 +14,7 @@ SMALL = {
     "gemm_q4": {"M": 5, "N": 7, "K": 64}, "gemv_q4": {"M": 1, "N": 7, "K": 64},
     "attention_prefill": {"B": 2, "T": 5, "H": 4, "HKV": 2, "D": 8},
     "attention_decode": {"B": 2, "H": 4, "HKV": 2, "D": 8, "S": 9, "L": 6},
-    "rope": {"T": 3, "H": 2, "D": 8},
+    "rope": {"T": 3, "H": 2, "D": 8}, "qk_norm": {"T": 3, "H": 4, "HKV": 2, "D": 8},
     "kv_append": {"B": 3, "HKV": 2, "D": 8, "S": 5},
     "rope_append": {"B": 3, "H": 4, "HKV": 2, "D": 8, "S": 5},
     "rope_append_attention": {"B": 3, "H": 4, "HKV": 2, "D": 8, "S": 9, "L": 6},

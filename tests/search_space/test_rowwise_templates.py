@@ -19,7 +19,11 @@ from measure.verify import check_output
 from search_space import Task, get_template
 
 ROW_OPS = ["softmax", "rmsnorm", "layernorm", "swiglu", "gelu", "add", "bias_add"]
-OP_KNOBS = {"softmax": "passes", "rmsnorm": "reuse", "layernorm": "stats", "gelu": "form", "rope": "table"}
+OP_KNOBS = {"softmax": "passes", "rmsnorm": "reuse", "layernorm": "stats", "gelu": "form", "rope": "table",
+            "qk_norm": "reuse"}
+# shapes of the operators that are not M rows of N
+SHAPES = {"rope": {"T": 5, "H": 3, "D": 38}, "qk_norm": {"T": 5, "H": 3, "HKV": 1, "D": 38}}
+SMALLEST = {"rope": {"T": 1, "H": 1, "D": 2}, "qk_norm": {"T": 1, "H": 1, "HKV": 1, "D": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +80,7 @@ def one_config_per_value(template, task, host, knob):
 DYNAMIC_CASES = [(op, {"M": 16, "N": 100}, {}) for op in ROW_OPS] + [
     ("rmsnorm", {"M": 16, "N": 100}, {"residual": True}),
     ("rope", {"T": 16, "H": 3, "D": 24}, {}),
+    ("qk_norm", {"T": 16, "H": 4, "HKV": 2, "D": 40}, {"eps": 1e-5}),
 ]
 
 
@@ -285,7 +290,7 @@ def runner(fast_policy):
 def test_every_operator_knob_value_verifies(op, host, builder, runner):
     template = get_template(op, "cpu")
     # N=60: not a whole number of vectors, and short enough to keep in AVX2's registers too
-    shape = {"T": 5, "H": 3, "D": 38} if op == "rope" else {"M": 5, "N": 60}
+    shape = SHAPES.get(op, {"M": 5, "N": 60})
     task = Task.make(op, shape)
     configs = one_config_per_value(template, task, host, OP_KNOBS[op])
     assert len({c[OP_KNOBS[op]] for c in configs}) >= 2
@@ -294,10 +299,10 @@ def test_every_operator_knob_value_verifies(op, host, builder, runner):
     assert all(r.ok for r in results), [(str(i.config), r.message) for i, r in zip(inputs, results) if not r.ok]
 
 
-@pytest.mark.parametrize("op, attrs", [(op, {}) for op in ROW_OPS + ["rope"]] + [("rmsnorm", {"residual": True})])
+@pytest.mark.parametrize("op, attrs", [(op, {}) for op in ROW_OPS + ["rope", "qk_norm"]] + [("rmsnorm", {"residual": True})])
 def test_every_config_of_the_smallest_shape_verifies(op, attrs, host, builder, runner):
     template = get_template(op, "cpu")
-    shape = {"T": 1, "H": 1, "D": 2} if op == "rope" else {"M": 1, "N": 1}
+    shape = SMALLEST.get(op, {"M": 1, "N": 1})
     for dynamic in ((), (template.dims[0],)):
         task = Task.make(op, shape, attrs=attrs, dynamic=dynamic)
         configs = list(template.space(task, host))
