@@ -66,7 +66,8 @@ def weight_bytes(config: ModelConfig, quantize: str = "none", group_size: int = 
                  weights: str | None = None) -> int:
     """Bytes of the weights one forward pass reads in precision ``dtype``: every linear layer
     (the LM head included; int4 codes and a scale per ``group_size`` weights with q4; in
-    ``weights`` when given: weight-only), the norm gains and the projection biases. The
+    ``weights`` when given: weight-only), the norm gains (Qwen3's of the query and key heads
+    too) and the projection biases. The
     embedding table is only gathered from, a row per token, so a tied one counts once, as the
     LM head."""
     c = config
@@ -77,7 +78,8 @@ def weight_bytes(config: ModelConfig, quantize: str = "none", group_size: int = 
     per_weight = 0.5 + size / group_size if quantize == "q4" else ITEMSIZE[weights or dtype]
     biases = layers * ((c.q_size + 2 * c.kv_size) * c.qkv_bias + h * c.o_bias
                        + (2 * c.intermediate_size + h) * c.mlp_bias)
-    return int(linear * per_weight) + size * ((2 * layers + 1) * h + biases)
+    gains = (2 * layers + 1) * h + 2 * layers * c.head_dim * c.qk_norm
+    return int(linear * per_weight) + size * (gains + biases)
 
 
 def pass_bytes(config: ModelConfig, rows: int, sequences: int, positions: int, quantize: str = "none",

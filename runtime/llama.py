@@ -32,7 +32,7 @@ from .model_config import ModelConfig
 from .plan import (FUSED_ATTRS, GEMV_MAX_M, PREFILL_DYNAMIC_ROWS, KernelCall, bias_role, biased_projections,
                    can_fuse_norms, decode_calls, precisions, prefill_calls, unfused)
 from .precision import bfloat16_to_float32, check_dtype, rounded, stored_as, to_float32, widened
-from .weights import DeviceWeights, ModelWeights, bias_name, fused_parts, layer_name
+from .weights import QK_NORMS, DeviceWeights, ModelWeights, bias_name, fused_parts, layer_name
 
 
 # the buffer each projection of a layer writes, by role
@@ -47,7 +47,8 @@ class _Buffers:
     one row the rotary embedding reads q and k as one block ``qk`` and writes ``qkr``, whose
     column blocks ``qr`` and ``kr`` are; with more, ``qr`` and ``kr`` are arrays of their own.
     A projection with a bias writes ``raw[its output]`` instead, which ``bias_add`` reads (its
-    input and output never alias)."""
+    input and output never alias). A model with norms of its query and key heads (Qwen3) has
+    the Q/K/V projection (and its bias) write ``qkv_pre``, which ``qk_norm`` turns into ``qkv``."""
 
     def __init__(self, arrays, rows: int, config: ModelConfig, dtype: str = "float32"):
         c = config
@@ -56,6 +57,8 @@ class _Buffers:
                   "qkv": c.q_size + 2 * c.kv_size, "attn": c.q_size,
                   "o": c.hidden_size, "gate_up": 2 * c.intermediate_size, "act": c.intermediate_size,
                   "mlp": c.hidden_size}
+        if c.qk_norm:
+            widths["qkv_pre"] = widths["qkv"]
         self.names = {name: arrays.empty((rows, width), numpy_dtype(dtype)) for name, width in widths.items()}
         biased = biased_projections(c)
         self.raw = {out: arrays.empty((rows, widths[out]), numpy_dtype(dtype)) for role, out in _OUTPUTS.items()
@@ -325,6 +328,20 @@ class LlamaModel:
             arrays.update(R=residual, S=new_residual)
         return kernel.bind(arrays, {"M": rows})
 
+    def _qkv_calls(self, k: dict[str, Kernel], buf: _Buffers, layer: int, x, gain: str | None = None) -> list:
+        """The bound calls that fill ``buf.qkv`` from ``x``: the Q/K/V projection (``gain``: the
+        norm a fused GEMV applies first), and where the model has them, the norms of the query and
+        key heads, which read the projection's rows from ``qkv_pre``."""
+        part = "self_attn.qkv_proj"
+        if not self.config.qk_norm:
+            return self._projection(k, buf, layer, "qkv_proj", part, x, gain=gain)
+        c = self.config
+        heads = (buf.rows, c.num_attention_heads + 2 * c.num_key_value_heads, c.head_dim)
+        norm = k["qk_norm"].bind({"X": buf.qkv_pre.reshape(heads), "GQ": self._weight(layer_name(layer, QK_NORMS[0])),
+                                  "GK": self._weight(layer_name(layer, QK_NORMS[1])), "Y": buf.qkv.reshape(heads)},
+                                 {"T": buf.rows})
+        return [*self._projection(k, buf, layer, "qkv_proj", part, x, gain=gain, out=buf.qkv_pre), norm]
+
     # -- one pass ----------------------------------------------------------------------
     @staticmethod
     def _ropes(k: dict[str, Kernel], buf: _Buffers) -> list:
@@ -347,7 +364,7 @@ class LlamaModel:
         if "residual_norm" not in k:  # the GEMVs do the norms (runtime.plan.FUSED_NORMS)
             return self._fused_layer_calls(k, buf, layer)
         c, lay, rows = self.config, layer, buf.rows
-        before = [*self._projection(k, buf, lay, "qkv_proj", "self_attn.qkv_proj", buf.h), *self._ropes(k, buf)]
+        before = [*self._qkv_calls(k, buf, lay, buf.h), *self._ropes(k, buf)]
         last = lay == c.num_hidden_layers - 1
         next_gain = "model.norm.weight" if last else layer_name(lay + 1, "input_layernorm")
         after = [*self._projection(k, buf, lay, "o_proj", "self_attn.o_proj", buf.attn),
@@ -366,8 +383,8 @@ class LlamaModel:
         ``res_a``, is ``res_b`` after attention and ``res_a`` again after the MLP; the next
         layer's Q/K/V projection (or the LM head) norms it."""
         lay = layer
-        before = [*self._projection(k, buf, lay, "qkv_proj", "self_attn.qkv_proj", buf.res_a,
-                                    gain=layer_name(lay, "input_layernorm")), *self._ropes(k, buf)]
+        before = [*self._qkv_calls(k, buf, lay, buf.res_a, gain=layer_name(lay, "input_layernorm")),
+                  *self._ropes(k, buf)]
         after = [*self._projection(k, buf, lay, "o_proj", "self_attn.o_proj", buf.attn, residual=buf.res_a,
                                    out=buf.res_b),
                  *self._projection(k, buf, lay, "gate_up_proj", "mlp.gate_up_proj", buf.res_b,

@@ -10,8 +10,9 @@ transformers. ``rope_theta`` is read at the top level (transformers 4.x) or unde
 (``factor``) or ``llama3`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
 ``original_max_position_embeddings``; Llama 3.1 / 3.2), computed as transformers computes
 them (``runtime.rope_frequencies``). Projection biases: Llama's ``attention_bias`` (q, k, v
-and o) and ``mlp_bias`` (gate, up, down), and Qwen2's fixed q/k/v biases. The lists below say
-what is accepted and why.
+and o) and ``mlp_bias`` (gate, up, down), Qwen2's fixed q/k/v biases and Qwen3's
+``attention_bias`` (q, k, v and o). Qwen3 also normalises each query and key head
+(``qk_norm``). The lists below say what is accepted and why.
 """
 from __future__ import annotations
 
@@ -28,8 +29,11 @@ from .rope_frequencies import ROPE_TYPES, rope_attrs, rope_problem
 # projection biases where the config says. Mistral is the same network plus an optional
 # sliding window (refused at run time for sequences longer than it, see
 # ``ModelConfig.check_sequence``); Qwen2 is Llama with biases on q, k and v (always, whatever
-# ``attention_bias`` says: transformers' Qwen2 does not read it).
-FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# ``attention_bias`` says: transformers' Qwen2 does not read it); Qwen3 is Llama with an RMSNorm
+# of each query and key head before the rotary embedding (``qk_norm``), its head_dim 128 unless
+# said (not hidden / heads).
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES.values())
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Why some popular look-alikes are refused, said in the error line.
@@ -51,9 +55,11 @@ READ_FIELDS = frozenset({
     "hidden_act", "attention_bias", "mlp_bias", "pretraining_tp",
     # nanotron's (SmolLM, SmolLM2): rotary pairs interleaved (refused) or, false, rotate-half
     "rope_interleaved",
-    # Qwen2's: sliding window on (refused) or off, its first layer, and the per-layer attention kind
+    # Qwen2's and Qwen3's: sliding window on (refused) or off, its first layer, and the per-layer
+    # attention kind
     "use_sliding_window", "max_window_layers", "layer_types"})
-_QWEN2_FIELDS = ("use_sliding_window", "max_window_layers", "layer_types")
+_QWEN_FIELDS = ("use_sliding_window", "max_window_layers", "layer_types")
+_QWEN_FAMILIES = ("qwen2", "qwen3")
 # Fields that change nothing a greedy decoder computes from the weights: token ids (the
 # caller's business), training-only settings (initialisation, dropout: inference has none),
 # the storage dtype (weights become float32 on load), the attention implementation transformers
@@ -100,6 +106,8 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    # Qwen3: each query and key head RMS-normalised over head_dim (gains q_norm, k_norm) before RoPE
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -154,7 +162,7 @@ class ModelConfig:
         h, i = self.hidden_size, self.intermediate_size
         layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
         layer += ((self.q_size + 2 * self.kv_size) * self.qkv_bias + h * self.o_bias
-                  + (2 * i + h) * self.mlp_bias)
+                  + (2 * i + h) * self.mlp_bias + 2 * self.head_dim * self.qk_norm)
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.num_hidden_layers * layer + self.vocab_size * h + head + h
 
@@ -175,18 +183,25 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json of a family that computes this model (``from_hf_dict`` reads it back
-        equal): Qwen2 for q/k/v biases alone, Llama for other biases or none, Mistral for a
-        sliding window without biases."""
+        equal): Qwen3 for norms of the query and key heads, Qwen2 for q/k/v biases alone, Llama
+        for other biases or none, Mistral for a sliding window without biases."""
         data = asdict(self)
         data.pop("name")
-        for field in ("rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias", "mlp_bias"):
+        for field in ("rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias", "mlp_bias", "qk_norm"):
             data.pop(field)
         if self.rope_type != "default":  # transformers 4.x layout, beside the top-level rope_theta
             data["rope_scaling"] = {"rope_type": self.rope_type, **self.rope_scaling}
         if self.sliding_window is None:
             data.pop("sliding_window")
         biases = (self.qkv_bias, self.o_bias, self.mlp_bias)
-        if biases == (True, False, False):
+        if self.qk_norm:
+            if self.sliding_window is not None or self.mlp_bias or self.qkv_bias != self.o_bias:
+                raise ValueError(f"model {self.name}: norms of the query and key heads (Qwen3) with a sliding_window, "
+                                 "MLP biases or biases on only some attention projections have no config.json this "
+                                 "runtime reads")
+            family = "qwen3"
+            data.update(use_sliding_window=False, attention_bias=self.qkv_bias)
+        elif biases == (True, False, False):
             if self.sliding_window is not None:
                 raise ValueError(f"model {self.name}: q/k/v biases (Qwen2) with a sliding_window have no config.json "
                                  "this runtime reads")
@@ -221,13 +236,13 @@ class ModelConfig:
             raise ValueError(f"{where}: missing {', '.join(missing)}")
         _check_layers(data, where)
         biases = _biases(data, family, where)
-        _check_qwen2_fields(data, family, where)
-        # Qwen2's: see _check_qwen2_fields; an absent one is what the family's config class defaults it to
-        window = None if family == "qwen2" else data.get("sliding_window", _ABSENT_WINDOW.get(family))
+        _check_qwen_fields(data, family, where)
+        # Qwen's: see _check_qwen_fields; an absent one is what the family's config class defaults it to
+        window = None if family in _QWEN_FAMILIES else data.get("sliding_window", _ABSENT_WINDOW.get(family))
         heads = data["num_attention_heads"]
         # null or absent means the default, as in transformers; any other value (0 too) is
         # honoured or refused by __post_init__, never replaced
-        head_dim = data.get("head_dim")
+        head_dim = _or(data.get("head_dim"), _ABSENT_HEAD_DIM.get(family))
         if head_dim is None:
             head_dim = data["hidden_size"] // heads if isinstance(heads, int) and heads else 0
         rope_type, scaling = _rope_scaling(data, where)
@@ -235,13 +250,13 @@ class ModelConfig:
                    num_attention_heads=heads,
                    num_key_value_heads=_or(data.get("num_key_value_heads", _ABSENT_KV_HEADS.get(family)), heads),
                    head_dim=head_dim, num_hidden_layers=data["num_hidden_layers"], vocab_size=data["vocab_size"],
-                   # absent: transformers' default for Llama, Mistral and Qwen2 alike; null is no epsilon
+                   # absent: transformers' default for every family read; null is no epsilon
                    rms_norm_eps=_number(data.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
                    rope_theta=_rope_theta(data, where),
                    tie_word_embeddings=_flag(data, "tie_word_embeddings", where),
                    max_position_embeddings=_or(data.get("max_position_embeddings"), _ABSENT_POSITIONS[family]),
                    sliding_window=window, rope_type=rope_type,
-                   **{_ROPE_FIELDS[p]: v for p, v in scaling.items()}, **biases)
+                   **{_ROPE_FIELDS[p]: v for p, v in scaling.items()}, **biases, qk_norm=family == "qwen3")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
@@ -249,11 +264,13 @@ class ModelConfig:
 
 # An absent num_key_value_heads is what the family's config class defaults it to in
 # transformers 4.x and 5.x (Llama's: one per query head); null, as 4.x reads it, is one per query head.
-_ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32}
+_ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32}
 # Likewise an absent sliding_window (MistralConfig's is 4096; null: none) and an absent
 # max_position_embeddings (kept, and written back by to_hf_dict; nothing computes with it)
 _ABSENT_WINDOW = {"mistral": 4096}
-_ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768}
+_ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
+# Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is
+_ABSENT_HEAD_DIM = {"qwen3": 128}
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -309,31 +326,35 @@ def _check_layers(data: Mapping[str, Any], where: str) -> None:
 
 def _biases(data: Mapping[str, Any], family: str, where: str) -> dict[str, bool]:
     """ModelConfig's bias fields: Llama's ``attention_bias`` (q, k, v, o) and ``mlp_bias`` (gate,
-    up, down); Qwen2's q/k/v biases. The other families' transformers code has no bias switch:
-    a true value there is refused (the checkpoint would lack the biases it announces)."""
+    up, down); Qwen2's q/k/v biases; Qwen3's ``attention_bias`` (q, k, v, o). Where a family's
+    transformers code has no switch, a true value is refused (the checkpoint would lack the
+    biases it announces)."""
     attention, mlp = (_or(data.get(field), False) for field in ("attention_bias", "mlp_bias"))
     for field, value in (("attention_bias", attention), ("mlp_bias", mlp)):
         if not isinstance(value, bool):
             raise ValueError(f"{where}: {field} = {_show(value)} is not true or false")
     if family == "llama":
         return {"qkv_bias": attention, "o_bias": attention, "mlp_bias": mlp}
+    switches = ("attention_bias",) if family == "qwen3" else ()
     for field, value in (("attention_bias", attention), ("mlp_bias", mlp)):
-        if value:
-            raise ValueError(f"{where}: {field} = true is not read by transformers for model_type {family!r} "
-                             "(only llama has the switch); supported there: false")
+        if value and field not in switches:
+            raise ValueError(f"{where}: {field} = true is not read by transformers for model_type {family!r}; "
+                             "supported there: false")
+    if family == "qwen3":
+        return {"qkv_bias": attention, "o_bias": attention}
     return {"qkv_bias": family == "qwen2"}
 
 
-def _check_qwen2_fields(data: Mapping[str, Any], family: str, where: str) -> None:
-    """Qwen2's sliding window: with ``use_sliding_window`` false (as every Qwen2 and Qwen2.5
-    checkpoint ships) transformers drops ``sliding_window`` and every layer attends to the
-    whole sequence, whatever ``max_window_layers`` says; true is not implemented. ``layer_types``
-    (transformers 5) must then name full attention for every layer. Other families have none
-    of these fields."""
-    if family != "qwen2":
-        present = [f for f in _QWEN2_FIELDS if f in data]
+def _check_qwen_fields(data: Mapping[str, Any], family: str, where: str) -> None:
+    """Qwen2's and Qwen3's sliding window: with ``use_sliding_window`` false (as every Qwen2,
+    Qwen2.5 and Qwen3 checkpoint ships) transformers drops ``sliding_window`` and every layer
+    attends to the whole sequence, whatever ``max_window_layers`` says; true is not implemented.
+    ``layer_types`` (transformers 5) must then name full attention for every layer. Other
+    families have none of these fields."""
+    if family not in _QWEN_FAMILIES:
+        present = [f for f in _QWEN_FIELDS if f in data]
         if present:
-            raise ValueError(f"{where}: {present[0]} = {_show(data[present[0]])} is a Qwen2 field, not implemented "
+            raise ValueError(f"{where}: {present[0]} = {_show(data[present[0]])} is a Qwen field, not implemented "
                              f"for model_type {family!r}")
         return
     if _flag(data, "use_sliding_window", where):
@@ -449,6 +470,9 @@ PRESETS: dict[str, ModelConfig] = {
     "mistral-7b": _preset("mistral-7b", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                           num_key_value_heads=8, head_dim=128, num_hidden_layers=32, vocab_size=32000,
                           rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=32768),
+    "qwen3-8b": _preset("qwen3-8b", hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=128, num_hidden_layers=36, vocab_size=151936,
+                        rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960, qk_norm=True),
     # small enough to tune and run in seconds; dims are multiples of 128 so q4 (group 128) applies
     "tiny": _preset("tiny", hidden_size=128, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2,
                     head_dim=32, num_hidden_layers=2, vocab_size=512, rms_norm_eps=1e-5, rope_theta=10000.0,

@@ -18,7 +18,9 @@ so one ``rope`` call (role ``rope_qk``, H + HKV heads) rotates both; with more r
 column blocks of it and each has its call (``rope_q``, ``rope_k``).
 A projection with a bias (``ModelConfig.qkv_bias``, ``o_bias``, ``mlp_bias``) is followed by
 a ``bias_add`` (role ``qkv_bias`` after ``qkv_proj``, and so on); a model without biases calls
-none. The LM head has no bias.
+none. The LM head has no bias. A model that normalises its query and key heads (Qwen3,
+``ModelConfig.qk_norm``) runs ``qk_norm`` on the Q/K/V projection's rows (after its bias), and
+everything after reads those normalised rows as it would the projection's.
 With ``quantize="q4"`` every linear layer, the LM head included, uses int4 weights
 (``gemm_q4``/``gemv_q4``, symmetric codes, one scale per ``group_size`` weights).
 
@@ -146,6 +148,16 @@ def _rope(config: ModelConfig, role: str, tokens: int, heads: int, count: int) -
     return KernelCall(role, spec, count)
 
 
+def _qk_norms(config: ModelConfig, rows: int) -> list[KernelCall]:
+    """Qwen3's norm of each query and key head, over the Q/K/V projection's ``rows`` rows."""
+    c = config
+    if not c.qk_norm:
+        return []
+    spec = KernelSpec.make("qk_norm", {"T": rows, "H": c.num_attention_heads, "HKV": c.num_key_value_heads,
+                                       "D": c.head_dim}, attrs={"eps": c.rms_norm_eps}, dynamic=("T",))
+    return [KernelCall("qk_norm", spec, c.num_hidden_layers)]
+
+
 def biased_projections(config: ModelConfig) -> dict[str, bool]:
     """Whether each projection of a layer (by role) has a bias; its ``bias_add`` has the role
     ``bias_role(role)``."""
@@ -263,6 +275,7 @@ def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: Kerne
     attrs = _linear_attrs(dtype, weights, quantize)
     calls = ([_norm(c, "first_norm", rows, False, 1), _norm(c, "residual_norm", rows, True, 2 * layers)]
             + _layer_linears(c, rows, quantize, group_size, attrs, dynamic_rows)
+            + _qk_norms(c, rows)
             + _ropes(c, rows)
             + [KernelCall("attention", attention, layers),
                _rows("swiglu", "swiglu", rows, c.intermediate_size, layers),

@@ -4,7 +4,8 @@ runtime is checked against and the speed it is compared with.
 The same computation as ``runtime.llama``: RMSNorm, Q/K/V projections, rotary embedding
 (rotate-half, scaled as the config's rope type says), causal grouped-query attention over a
 KV cache, output projection, residual, SwiGLU MLP, final norm, LM head, greedy decoding; each
-projection plus its bias where the config has one.
+projection plus its bias where the config has one, and Qwen3's RMSNorm of each query and key
+head before the rotary embedding where the config has it (``qk_norm``).
 Quantised weights enter as the float32 weights their int4 codes stand for.
 """
 from __future__ import annotations
@@ -85,6 +86,9 @@ class ReferenceModel:
             q = self._project(h, layer, "self_attn.q_proj").reshape(b, t, c.num_attention_heads, c.head_dim)
             k = self._project(h, layer, "self_attn.k_proj").reshape(b, t, c.num_key_value_heads, c.head_dim)
             v = self._project(h, layer, "self_attn.v_proj").reshape(b, t, c.num_key_value_heads, c.head_dim)
+            if c.qk_norm:
+                q = rms_norm(q, w[layer_name(layer, "self_attn.q_norm")], c.rms_norm_eps)
+                k = rms_norm(k, w[layer_name(layer, "self_attn.k_norm")], c.rms_norm_eps)
             q = rotate(q, positions, c.rope_theta, c.rope_type, **c.rope_scaling)
             k = rotate(k, positions, c.rope_theta, c.rope_type, **c.rope_scaling)
             k_cache, v_cache = caches[layer]

@@ -44,6 +44,10 @@ FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_at
 DEVICE_LINEARS = tuple(dict.fromkeys(next((f for f, parts in FUSED.items() if p in parts), p) for p in LINEARS))
 
 
+# Qwen3's norms of each query and key head (``ModelConfig.qk_norm``)
+QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+
+
 def layer_name(layer: int, part: str) -> str:
     return f"model.layers.{layer}.{part}.weight"
 
@@ -112,6 +116,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             layer_name(layer, "mlp.gate_proj"): (i, h), layer_name(layer, "mlp.up_proj"): (i, h),
             layer_name(layer, "mlp.down_proj"): (h, i)})
         shapes.update({bias_name(layer, part): shapes[layer_name(layer, part)][:1] for part in biased_parts(c)})
+        if c.qk_norm:  # Qwen3: one gain per head dim, shared by the heads of q (and of k)
+            shapes.update({layer_name(layer, part): (c.head_dim,) for part in QK_NORMS})
     return shapes
 
 

@@ -15,7 +15,7 @@ import pytest
 from runtime.abi import canonical_attrs
 from runtime.llama import LlamaModel
 from runtime.model_config import PRESETS, ModelConfig, load_model_config
-from runtime.plan import prefill_calls
+from runtime.plan import decode_calls, prefill_calls
 from runtime.reference import ReferenceModel, rotate
 from runtime.weights import ModelWeights
 
@@ -76,6 +76,14 @@ QWEN2 = {  # Qwen/Qwen2-0.5B: Llama-like, but q/k/v have biases; the window is o
     "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
     "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
     "transformers_version": "4.40.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+QWEN3 = {  # Qwen/Qwen3-0.6B: norms of each query and key head; head_dim 128, not hidden / heads (64)
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024,
+    "initializer_range": 0.02, "intermediate_size": 3072, "max_position_embeddings": 40960,
+    "max_window_layers": 28, "model_type": "qwen3", "num_attention_heads": 16, "num_hidden_layers": 28,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+    "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.51.0",
+    "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
 SMOLLM2 = {  # HuggingFaceTB/SmolLM2-135M: Llama, with two fields of nanotron's that transformers ignores
     "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 0,
     "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 576, "initializer_range": 0.041666666666666664,
@@ -98,13 +106,15 @@ def parse(data: dict) -> ModelConfig:
 @pytest.mark.parametrize("data, theta, kv_heads, window", [
     (LLAMA2_4X, 10000.0, 32, None), (LLAMA3_4X, 500000.0, 8, None), (LLAMA3_5X, 500000.0, 8, None),
     (TINYLLAMA, 10000.0, 4, None), (MISTRAL_V01, 10000.0, 8, 4096), (MISTRAL_V02, 1000000.0, 8, None),
-    (QWEN2, 1000000.0, 2, None), (SMOLLM2, 100000.0, 3, None),
-], ids=["llama2", "llama3-4.x", "llama3-5.x", "tinyllama", "mistral-v0.1", "mistral-v0.2", "qwen2", "smollm2"])
+    (QWEN2, 1000000.0, 2, None), (SMOLLM2, 100000.0, 3, None), (QWEN3, 1000000.0, 8, None),
+], ids=["llama2", "llama3-4.x", "llama3-5.x", "tinyllama", "mistral-v0.1", "mistral-v0.2", "qwen2", "smollm2",
+        "qwen3"])
 def test_supported_checkpoints_parse_with_their_rope_theta(data, theta, kv_heads, window):
     config = parse(data)
     assert config.rope_theta == theta and config.num_key_value_heads == kv_heads
     assert config.sliding_window == window
-    assert config.head_dim == data["hidden_size"] // data["num_attention_heads"]
+    assert config.head_dim == data.get("head_dim", data["hidden_size"] // data["num_attention_heads"])
+    assert config.qk_norm == (data["model_type"] == "qwen3")
     assert config.max_position_embeddings == data["max_position_embeddings"]
     assert parse(config.to_hf_dict()) == config  # what the reference worker receives parses back the same
 
@@ -203,7 +213,7 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**QWEN2, "layer_types": ["full_attention"] * 23 + ["sliding_attention"]}, "layer_types = [\"full_attention\""),
     ({**QWEN2, "layer_types": ["full_attention"]}, "layer_types = [\"full_attention\"] is not implemented"),
     ({**QWEN2, "model_type": "llama"}, "and model_type = 'llama' name different families"),
-    ({**LLAMA2_4X, "max_window_layers": 28}, "max_window_layers = 28 is a Qwen2 field, not implemented for "
+    ({**LLAMA2_4X, "max_window_layers": 28}, "max_window_layers = 28 is a Qwen field, not implemented for "
                                              "model_type 'llama'"),
     ({**LLAMA2_4X, "model_type": "gemma", "architectures": None}, "model_type 'gemma' is not supported"),
     ({**LLAMA2_4X, "architectures": ["LlamaForSequenceClassification"]},
@@ -211,6 +221,8 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**MISTRAL_V01, "attention_bias": True}, "attention_bias = true is not read by transformers for model_type "
                                               "'mistral'"),
     ({**QWEN2, "mlp_bias": True}, "mlp_bias = true is not read by transformers for model_type 'qwen2'"),
+    ({**QWEN3, "mlp_bias": True}, "mlp_bias = true is not read by transformers for model_type 'qwen3'"),
+    ({**QWEN3, "use_sliding_window": True}, "use_sliding_window = true (sliding-window attention from layer 28 on)"),
     ({**TINYLLAMA, "attention_bias": "yes"}, "attention_bias = 'yes' is not true or false"),
     ({**LLAMA2_4X, "hidden_act": "gelu"}, "hidden_act 'gelu' is not implemented; supported: silu, swish"),
     ({**LLAMA2_4X, "pretraining_tp": 2}, "pretraining_tp = 2"),
@@ -231,7 +243,7 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
         "llama3-context", "llama3-extra", "layouts-disagree", "types-disagree", "yarn-4.x", "longrope", "unknown-rope",
         "untyped-scaling", "partial-rotary", "thetas-disagree", "qwen2-window", "qwen2-layer-types",
         "qwen2-layer-count", "families-disagree", "qwen2-field", "gemma", "classifier", "mistral-bias",
-        "qwen2-mlp-bias", "bias-not-a-flag", "gelu", "pretraining-tp", "rope-interleaved", "rope-interleaved-not-a-flag", "eps-null", "quantized", "custom-code", "bad-window",
+        "qwen2-mlp-bias", "qwen3-mlp-bias", "qwen3-window", "bias-not-a-flag", "gelu", "pretraining-tp", "rope-interleaved", "rope-interleaved-not-a-flag", "eps-null", "quantized", "custom-code", "bad-window",
         "theta-string", "theta-infinite", "nested-theta-infinite", "theta-zero", "eps-infinite", "eps-nan"])
 def test_a_field_that_is_not_implemented_is_refused_by_name(data, message):
     with pytest.raises(ValueError) as caught:
@@ -253,7 +265,7 @@ def test_null_counts_take_the_defaults_as_in_transformers():
 
 
 @pytest.mark.parametrize("family, name, heads", [("llama", "LlamaForCausalLM", 4), ("mistral", "MistralForCausalLM", 16),
-                                                 ("qwen2", "Qwen2ForCausalLM", 32)])
+                                                 ("qwen2", "Qwen2ForCausalLM", 32), ("qwen3", "Qwen3ForCausalLM", 32)])
 def test_absent_fields_take_the_defaults_transformers_gives_them(family, name, heads):
     """A config.json may leave out what its family's config class defaults: the model must then
     be the one transformers builds from the same file (rms_norm_eps was 1e-5 here, 1e-6 there;
@@ -271,6 +283,9 @@ def test_absent_fields_take_the_defaults_transformers_gives_them(family, name, h
     window = getattr(theirs, "sliding_window", None) if getattr(theirs, "use_sliding_window", True) else None
     assert ours.sliding_window == window and (family != "mistral" or window == 4096)
     assert ours.max_position_embeddings == theirs.max_position_embeddings
+    # as the attention modules read it
+    assert ours.head_dim == getattr(theirs, "head_dim", theirs.hidden_size // theirs.num_attention_heads)
+    assert ours.head_dim == (128 if family == "qwen3" else 256 // heads)  # Qwen3Config's, whatever the sizes
 
 
 @pytest.mark.parametrize("field", ["rms_norm_eps", "rope_theta"])
@@ -292,7 +307,9 @@ def test_harmless_fields_are_accepted_and_attention_dropout_too():
     ({**LLAMA3_5X, "mlp_bias": True}, (False, False, True)),
     ({**LLAMA3_5X, "attention_bias": True, "mlp_bias": True}, (True, True, True)),
     ({**LLAMA2_4X, "attention_bias": None}, (False, False, False)),
-], ids=["qwen2", "qwen2-attention-bias-false", "llama-attention", "llama-mlp", "llama-both", "null"])
+    (QWEN3, (False, False, False)), ({**QWEN3, "attention_bias": True}, (True, True, False)),
+], ids=["qwen2", "qwen2-attention-bias-false", "llama-attention", "llama-mlp", "llama-both", "null", "qwen3",
+        "qwen3-attention-bias"])
 def test_projection_biases_are_read_per_family(data, biases):
     config = parse(data)
     assert (config.qkv_bias, config.o_bias, config.mlp_bias) == biases
@@ -310,6 +327,27 @@ def test_bias_combinations_of_no_family_cannot_be_written_as_a_config():
             dataclasses.replace(base, **flags).to_hf_dict()
     windowed = dataclasses.replace(base, qkv_bias=True, o_bias=True, sliding_window=8)
     assert parse(windowed.to_hf_dict()) == windowed  # Llama's biases, the window enforced as Mistral's
+
+
+def test_qwen3_plans_a_norm_of_the_query_and_key_heads_after_their_projection():
+    config = parse({**QWEN3, "attention_bias": True})
+    for calls in (prefill_calls(config, 16), decode_calls(config, 1, 64), decode_calls(config, 4, 64, resident=True)):
+        roles = [c.role for c in calls]
+        assert roles.index("qkv_bias") < roles.index("qk_norm")
+        norm = calls[roles.index("qk_norm")].spec
+        assert norm.dims == {"T": calls[roles.index("qkv_proj")].spec.dims["M"], "H": 16, "HKV": 8, "D": 128}
+        assert norm.attr == {"eps": 1e-6} or norm.attr == {}  # 1e-6, the default, may be left out of the key
+    assert "qk_norm" not in [c.role for c in prefill_calls(parse(QWEN2), 16)]
+    unbiased = dataclasses.replace(config, qkv_bias=False, o_bias=False)
+    assert parse(unbiased.to_hf_dict()) == unbiased and unbiased.to_hf_dict()["model_type"] == "qwen3"
+
+
+def test_the_qwen3_8b_preset_is_the_checkpoints_config():
+    """Qwen/Qwen3-8B's config.json (the 0.6B one's fields with the 8B's sizes) parses to the preset."""
+    data = {**QWEN3, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+            "num_attention_heads": 32, "max_window_layers": 36, "tie_word_embeddings": False}
+    assert dataclasses.replace(parse(data), name="qwen3-8b") == PRESETS["qwen3-8b"]
+    assert 8.1e9 < PRESETS["qwen3-8b"].parameters < 8.3e9  # 8.2B, as the model card says
 
 
 def test_a_qwen2_window_is_ignored_while_use_sliding_window_is_false():

@@ -74,11 +74,17 @@ FAMILIES = {
                                       tie_word_embeddings=True), "4.x"),
     # Llama with every projection biased
     "llama-biases": ("LlamaConfig", dict(rope_theta=10000.0, attention_bias=True, mlp_bias=True), "5.x"),
+    # norms of each query and key head; the 4.x one as Qwen3-0.6B ships (tied embeddings, a head_dim
+    # other than hidden / heads), with its attention biases switched on
+    "qwen3": ("Qwen3Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "5.x"),
+    "qwen3-4.x": ("Qwen3Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, head_dim=32,
+                                      tie_word_embeddings=True, attention_bias=True), "4.x"),
 }
 # config.json fields set after saving: a Qwen2 window far shorter than the sequence, ignored (by
 # transformers too) because use_sliding_window is false, as in the real checkpoints
 CONFIG_EDITS = {"qwen2-4.x": dict(sliding_window=16, max_window_layers=1)}
-BIASED = ["qwen2", "qwen2-4.x", "llama-biases"]
+BIASED = ["qwen2", "qwen2-4.x", "llama-biases", "qwen3-4.x"]
+QK_NORMED = ["qwen3", "qwen3-4.x"]
 
 
 def _randomize(model) -> None:
@@ -217,8 +223,24 @@ def test_the_bias_flags_are_those_of_each_family(checkpoints):
     flags = {family: tuple(getattr(load_model_config(checkpoints[family][1]), f)
                            for f in ("qkv_bias", "o_bias", "mlp_bias")) for family in BIASED}
     assert flags == {"qwen2": (True, False, False), "qwen2-4.x": (True, False, False),
-                     "llama-biases": (True, True, True)}
+                     "llama-biases": (True, True, True), "qwen3-4.x": (True, True, False)}
     assert load_model_config(checkpoints["qwen2-4.x"][1]).sliding_window is None
+
+
+@pytest.mark.parametrize("family", QK_NORMED)
+def test_the_norms_of_the_query_and_key_heads_matter(family, checkpoints, prompts):
+    """The comparisons above can fail: without Qwen3's norms of the query and key heads (what a
+    loader that read the checkpoint as Qwen2's or Llama's would run) the logits leave the
+    tolerance far behind."""
+    model, folder = checkpoints[family]
+    config, weights = _load(folder)
+    assert config.qk_norm and (family != "qwen3-4.x" or config.head_dim == 32)
+    plain = dataclasses.replace(config, qk_norm=False)
+    kept = ModelWeights(plain, {n: t for n, t in weights.tensors.items() if "_norm." not in n or "layernorm" in n})
+    assert len(kept.tensors) == len(weights.tensors) - 2 * config.num_hidden_layers
+    generation = ReferenceModel(plain, kept).generate(prompts, NEW_TOKENS)
+    want = _teacher_forced_logits(model, prompts, generation.tokens)
+    assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE
 
 
 @pytest.mark.parametrize("family", ["llama3.1", "llama3.2", "linear", "linear-4.x"])
@@ -282,10 +304,12 @@ def test_a_sequence_past_mistrals_sliding_window_is_refused(checkpoints, default
         assert "\n" not in text
 
 
-@pytest.mark.parametrize("family", ["llama3.1", "qwen2"])
+@pytest.mark.parametrize("family", ["llama3.1", "qwen2", "qwen3", "qwen3-4.x"])
 def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints, prompts, greedy, fake_gpu):
     """The same on the CUDA path (fake GPU: cubins built by nvcc, run on the emulator): device
-    buffers, the decode step captured as a graph, rope scaling (Llama 3.1) and biases (Qwen2)."""
+    buffers, the decode step captured as a graph, rope scaling (Llama 3.1), biases (Qwen2) and
+    the norms of the query and key heads (Qwen3: in the fused decode step, whose GEMVs take the
+    norms and attention the rotary embedding, and with biases, where they cannot)."""
     from fakes import FAKE_GPU_TARGET
 
     from export import TunedKernels
@@ -296,4 +320,6 @@ def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints
         runtime_model = LlamaModel(config, weights, kernels)
         generation = runtime_model.generate(prompts, NEW_TOKENS)
     assert runtime_model.decode_mode == "graph"
+    if family == "qwen3":
+        assert {"qk_norm", "rope_append_attention"} <= {kernel.spec.op for kernel in runtime_model.used.values()}
     _check_against_transformers(generation, model, prompts, greedy(family))
