@@ -112,11 +112,16 @@ def test_a_half_precision_model_keeps_the_float32_tokens(fake_gpu, tmp_path, dty
         out = model.generate(prompts, 32)
     assert {k.spec.dtype for k in model.used.values()} == {dtype}
     reference = ReferenceModel(MICRO, weights.rounded(dtype)).generate(prompts, 32)
+    assert_keeps_the_tokens(out, reference, dtype)
+
+
+def assert_keeps_the_tokens(out, reference, dtype: str) -> None:
+    """A half-precision generation ``out`` against the float32 ``reference`` on the same rounded
+    weights: the same greedy tokens, except that a step where the reference's two best logits
+    lie within our rounding error of each other may pick the other one; from there on the two
+    sequences differ, so logits are compared up to and including that step."""
     assert out.logits.dtype == np.float32
-    # The same greedy tokens, except that a step where the float32 reference's two best logits
-    # lie within our rounding error of each other may pick the other one; from there on the
-    # two sequences differ, so logits are compared up to and including that step.
-    steps = 32
+    steps = out.tokens.shape[1]
     flip = next((i for i in range(steps) if out.tokens[0, i] != reference.tokens[0, i]), steps)
     compared = slice(0, min(flip + 1, steps))
     error = np.abs(out.logits[0, compared] - reference.logits[0, compared]).max(axis=-1)
@@ -160,6 +165,38 @@ def test_a_model_with_projection_biases_decodes_the_reference_tokens_on_cuda(fak
     error = np.abs(out.logits - reference.logits).max() / np.abs(reference.logits).max()
     assert error < 1e-4, error
     np.testing.assert_array_equal(out.tokens, reference.tokens)
+
+
+# Qwen3: an RMSNorm of each query and key head before the rotary embedding; one KV head
+QWEN3 = dataclasses.replace(MICRO, name="micro-qwen3", num_key_value_heads=1, qk_norm=True)
+
+
+def test_a_qwen3_model_in_half_precision_keeps_the_float32_tokens_on_cuda(fake_gpu):
+    """Qwen3's qk_norm kernel in float16, in prefill and in the captured fused step (its GEMVs
+    take the other norms, attention the rotary embedding), on weights uploaded from the host and
+    on weights handed over on the device."""
+    from export import TunedKernels
+
+    weights = ModelWeights.random(QWEN3, seed=4)
+    prompts = np.array([[5, 9, 2, 33, 7]])
+    reference = ReferenceModel(QWEN3, weights.rounded("float16")).generate(prompts, 24)
+    plain = dataclasses.replace(QWEN3, qk_norm=False)
+    unnormed = ReferenceModel(plain, ModelWeights(plain, {n: t for n, t in weights.tensors.items()
+                                                          if not n.endswith(("q_norm.weight", "k_norm.weight"))}))
+    assert np.abs(unnormed.generate(prompts, 24).logits - reference.logits).max() > 0.1  # the norms matter here
+    with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
+        model = LlamaModel(QWEN3, weights, kernels, dtype="float16")
+        out = model.generate(prompts, 24)
+        assert model.decode_mode == "graph"
+        used = {(k.spec.op, k.spec.dtype) for k in model.used.values()}
+        assert {("qk_norm", "float16"), ("rope_append_attention", "float16")} <= used
+        on_device = {name: model.arrays.upload(np.concatenate([weights[part] for part in fused_parts(name)])
+                                               .astype(np.float16)) for name in device_shapes(QWEN3)}
+        assert on_device["model.layers.1.self_attn.k_norm.weight"].shape == (QWEN3.head_dim,)
+        shared = DeviceWeights(QWEN3, on_device, weights["model.embed_tokens.weight"].astype(np.float16))
+        np.testing.assert_array_equal(LlamaModel(QWEN3, shared, kernels, dtype="float16").generate(prompts, 24).logits,
+                                      out.logits)
+    assert_keeps_the_tokens(out, reference, "float16")
 
 
 class WithoutFusedNorms:
