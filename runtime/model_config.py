@@ -12,7 +12,9 @@ transformers. ``rope_theta`` is read at the top level (transformers 4.x) or unde
 them (``runtime.rope_frequencies``). Projection biases: Llama's ``attention_bias`` (q, k, v
 and o) and ``mlp_bias`` (gate, up, down), Qwen2's fixed q/k/v biases and Qwen3's
 ``attention_bias`` (q, k, v and o). Qwen3 also normalises each query and key head
-(``qk_norm``). The lists below say what is accepted and why.
+(``qk_norm``). Phi-3 (and Phi-4) is Llama with Q/K/V and gate/up stored stacked in the
+checkpoint (``runtime.weights`` splits them) and an optional sliding window as Mistral's. The
+lists below say what is accepted and why.
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ from .rope_frequencies import ROPE_TYPES, rope_attrs, rope_problem
 # ``attention_bias`` says: transformers' Qwen2 does not read it); Qwen3 is Llama with an RMSNorm
 # of each query and key head before the rotary embedding (``qk_norm``), its head_dim 128 unless
 # said (not hidden / heads).
+# Phi-3 and Phi-4 are Llama with stacked Q/K/V and gate/up tensors and Mistral's optional window.
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM"}
+            "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES.values())
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Why some popular look-alikes are refused, said in the error line.
@@ -57,7 +60,9 @@ READ_FIELDS = frozenset({
     "rope_interleaved",
     # Qwen2's and Qwen3's: sliding window on (refused) or off, its first layer, and the per-layer
     # attention kind
-    "use_sliding_window", "max_window_layers", "layer_types"})
+    "use_sliding_window", "max_window_layers", "layer_types",
+    # Phi-3's: the context its longrope scaling starts from; any other rope ignores it (checked: phi3 only)
+    "original_max_position_embeddings"})
 _QWEN_FIELDS = ("use_sliding_window", "max_window_layers", "layer_types")
 _QWEN_FAMILIES = ("qwen2", "qwen3")
 # Fields that change nothing a greedy decoder computes from the weights: token ids (the
@@ -70,6 +75,7 @@ HARMLESS_FIELDS = frozenset({
     "pad_token_id", "initializer_range", "use_cache", "attention_dropout", "max_sequence_length",
     "output_attentions", "output_hidden_states", "return_dict", "torchscript", "_attn_implementation_autoset",
     "tokenizer_class", "id2label", "label2id",
+    "resid_pdrop", "embd_pdrop",  # Phi-3's dropouts: inference has none
     "is_llama_config"})  # nanotron's (SmolLM2): says the config is Llama's, which it is checked to be
 # Keys inside ``rope_scaling`` / ``rope_parameters`` that any rope may carry (its type and,
 # under ``rope_parameters``, the base); the scaling parameters depend on the type.
@@ -226,6 +232,11 @@ class ModelConfig:
         where = source or f"model config {name}"
         family = _check_family(data, where)
         unknown = sorted(k for k in data if k not in READ_FIELDS and k not in HARMLESS_FIELDS)
+        if "auto_map" in unknown:  # said first: the one a user can resolve by deleting it
+            raise ValueError(f"{where}: auto_map = {_show(data['auto_map'])} names the repository's own model code, "
+                             "which may compute something else and which this runtime cannot check; a copy of the "
+                             f"config.json without auto_map runs as transformers' {FAMILIES[family]} (what "
+                             "transformers itself runs unless trust_remote_code is set)")
         if unknown:
             more = f" (and {', '.join(unknown[1:4])}{' ...' if len(unknown) > 4 else ''})" if len(unknown) > 1 else ""
             raise ValueError(f"{where}: unknown field {unknown[0]} = {_show(data[unknown[0]])}{more} is refused: "
@@ -237,6 +248,7 @@ class ModelConfig:
         _check_layers(data, where)
         biases = _biases(data, family, where)
         _check_qwen_fields(data, family, where)
+        _check_phi3_fields(data, family, where)
         # Qwen's: see _check_qwen_fields; an absent one is what the family's config class defaults it to
         window = None if family in _QWEN_FAMILIES else data.get("sliding_window", _ABSENT_WINDOW.get(family))
         heads = data["num_attention_heads"]
@@ -250,8 +262,9 @@ class ModelConfig:
                    num_attention_heads=heads,
                    num_key_value_heads=_or(data.get("num_key_value_heads", _ABSENT_KV_HEADS.get(family)), heads),
                    head_dim=head_dim, num_hidden_layers=data["num_hidden_layers"], vocab_size=data["vocab_size"],
-                   # absent: transformers' default for every family read; null is no epsilon
-                   rms_norm_eps=_number(data.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
+                   # absent: the family's config class default (_ABSENT_EPS); null is no epsilon
+                   rms_norm_eps=_number(data.get("rms_norm_eps", _ABSENT_EPS.get(family, 1e-6)), "rms_norm_eps",
+                                        where),
                    rope_theta=_rope_theta(data, where),
                    tie_word_embeddings=_flag(data, "tie_word_embeddings", where),
                    max_position_embeddings=_or(data.get("max_position_embeddings"), _ABSENT_POSITIONS[family]),
@@ -268,7 +281,8 @@ _ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32}
 # Likewise an absent sliding_window (MistralConfig's is 4096; null: none) and an absent
 # max_position_embeddings (kept, and written back by to_hf_dict; nothing computes with it)
 _ABSENT_WINDOW = {"mistral": 4096}
-_ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
+_ABSENT_EPS = {"phi3": 1e-5}  # Phi3Config's; every other family's config class has 1e-6
+_ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096}
 # Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is
 _ABSENT_HEAD_DIM = {"qwen3": 128}
 
@@ -367,6 +381,19 @@ def _check_qwen_fields(data: Mapping[str, Any], family: str, where: str) -> None
                          "\"full_attention\" for each of the num_hidden_layers layers")
 
 
+def _check_phi3_fields(data: Mapping[str, Any], family: str, where: str) -> None:
+    """Phi-3's top-level ``original_max_position_embeddings``: only its longrope scaling (refused)
+    reads it, so any count passes there; other families keep it inside their rope scaling."""
+    if "original_max_position_embeddings" not in data:
+        return
+    value = data["original_max_position_embeddings"]
+    if family != "phi3":
+        raise ValueError(f"{where}: original_max_position_embeddings = {_show(value)} at the top level is a Phi-3 "
+                         f"field, not implemented for model_type {family!r}")
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{where}: original_max_position_embeddings = {_show(value)} is not a positive integer")
+
+
 def _optional_number(value: Any, field: str, where: str) -> float | None:
     """A positive finite number, or None for null (json reads Infinity and NaN too)."""
     if value is None:
@@ -414,7 +441,9 @@ def _rope_scaling(data: Mapping[str, Any], where: str) -> tuple[str, dict[str, f
                              f"{', '.join(SUPPORTED_ROPE_TYPES)}")
         takes = ROPE_PARAMETERS[kind]
         allowed = {*_ROPE_TYPE_KEYS, *takes} | ({"rope_theta"} if field == "rope_parameters" else set())
-        extra = sorted(k for k in spec if k not in allowed)
+        # a partial rotary factor of 1 rotates every dim: what this runtime computes (Phi3Config writes it)
+        extra = sorted(k for k in spec if k not in allowed
+                       and not (k == "partial_rotary_factor" and spec[k] == 1 and not isinstance(spec[k], bool)))
         if extra:
             raise ValueError(f"{where}: {field}.{extra[0]} = {_show(spec[extra[0]])} is not implemented for rope "
                              f"type {kind!r}; supported: {', '.join(sorted(allowed))}")

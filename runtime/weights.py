@@ -210,9 +210,12 @@ class ModelWeights:
         projection biases too where the config has them): a checkpoint that holds others
         (biases its config does not announce, modules of another architecture) is refused with
         their names rather than loaded without them.
-        Rotary ``inv_freq`` buffers are the one exception (``IGNORED_TENSORS``)."""
+        Rotary ``inv_freq`` buffers are the one exception (``IGNORED_TENSORS``). A projection
+        stored stacked as the decoder runs it (``FUSED``: Phi-3's ``qkv_proj`` and
+        ``gate_up_proj``) stands for its parts, which are views of its rows."""
         files = checkpoint_files(folder)
-        wanted = set(expected_shapes(config))
+        shapes = expected_shapes(config)
+        wanted = set(shapes)
         found: dict[str, Path] = {}  # every tensor of the checkpoint -> its file
         for path in files:
             header, _ = read_header(path)
@@ -223,7 +226,12 @@ class ModelWeights:
                     raise ValueError(f"{folder}: tensor {name} is in both {found[name].name} and {path.name}")
                 found[name] = path
         _check_index(Path(folder), found)
-        unused = sorted(n for n in found if n not in wanted and not IGNORED_TENSORS.fullmatch(n))
+        stacked = {name: parts for name in found if len(parts := fused_parts(name)) > 1 and wanted >= set(parts)}
+        twice = sorted(part for parts in stacked.values() for part in parts if part in found)
+        if twice:
+            raise ValueError(f"{folder}: tensor {twice[0]} is in the checkpoint both alone and stacked in "
+                             f"{next(n for n, parts in stacked.items() if twice[0] in parts)}")
+        unused = sorted(n for n in found if n not in wanted and n not in stacked and not IGNORED_TENSORS.fullmatch(n))
         tied_head = config.tie_word_embeddings and "lm_head.weight" in unused
         if tied_head:  # checked below: the LM head is the embedding, so it may only repeat it
             unused.remove("lm_head.weight")
@@ -235,7 +243,9 @@ class ModelWeights:
         tensors: dict[str, np.ndarray] = {}
         for path in files:
             tensors.update({k: v for k, v in read_safetensors(path).items()
-                            if k in wanted or (tied_head and k == "lm_head.weight")})
+                            if k in wanted or k in stacked or (tied_head and k == "lm_head.weight")})
+        for name, parts in stacked.items():
+            tensors.update(_unstacked(folder, name, tensors.pop(name), {part: shapes[part] for part in parts}))
         if tied_head:
             head, embed = tensors.pop("lm_head.weight"), tensors.get("model.embed_tokens.weight")
             if embed is None:  # the one table stored under the head's name: transformers ties it the same
@@ -332,6 +342,16 @@ class DeviceWeights:
 
     def device(self, name: str, part: str = "") -> Any:
         return self.tensors[f"{name}#{part}" if part else name]
+
+
+def _unstacked(folder, name: str, tensor: np.ndarray, parts: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The parts a stacked tensor holds, in order along its rows (views: no copy)."""
+    rows = [shape[0] for shape in parts.values()]
+    want = (sum(rows), *next(iter(parts.values()))[1:])
+    if tuple(tensor.shape) != want:
+        raise ValueError(f"{folder}: {name} has shape {tuple(tensor.shape)}, expected {want} (its parts stacked)")
+    starts = np.cumsum([0, *rows])
+    return {part: tensor[begin:end] for part, begin, end in zip(parts, starts, starts[1:])}
 
 
 _FINITE_CHUNK = 1 << 22  # elements checked at a time: the check's scratch stays a few MB

@@ -84,6 +84,22 @@ QWEN3 = {  # Qwen/Qwen3-0.6B: norms of each query and key head; head_dim 128, no
     "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
     "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.51.0",
     "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+PHI3_MINI = {  # microsoft/Phi-3-mini-4k-instruct, its auto_map left out: Q/K/V and gate/up stored stacked
+    "_name_or_path": "Phi-3-mini-4k-instruct", "architectures": ["Phi3ForCausalLM"], "attention_bias": False,
+    "attention_dropout": 0.0, "bos_token_id": 1, "embd_pdrop": 0.0, "eos_token_id": 32000, "hidden_act": "silu",
+    "hidden_size": 3072, "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 4096,
+    "model_type": "phi3", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+    "original_max_position_embeddings": 4096, "pad_token_id": 32000, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05,
+    "rope_scaling": None, "rope_theta": 10000.0, "sliding_window": 2047, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.40.2", "use_cache": True, "vocab_size": 32064}
+PHI4 = {  # microsoft/phi-4: Phi-3's network at 14B, grouped-query attention, no window
+    "architectures": ["Phi3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 100257,
+    "embd_pdrop": 0.0, "eos_token_id": 100265, "hidden_act": "silu", "hidden_size": 5120, "initializer_range": 0.02,
+    "intermediate_size": 17920, "max_position_embeddings": 16384, "model_type": "phi3", "num_attention_heads": 40,
+    "num_hidden_layers": 40, "num_key_value_heads": 10, "original_max_position_embeddings": 16384,
+    "pad_token_id": 100349, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 250000,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.47.0",
+    "use_cache": True, "vocab_size": 100352}
 SMOLLM2 = {  # HuggingFaceTB/SmolLM2-135M: Llama, with two fields of nanotron's that transformers ignores
     "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 0,
     "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 576, "initializer_range": 0.041666666666666664,
@@ -107,8 +123,9 @@ def parse(data: dict) -> ModelConfig:
     (LLAMA2_4X, 10000.0, 32, None), (LLAMA3_4X, 500000.0, 8, None), (LLAMA3_5X, 500000.0, 8, None),
     (TINYLLAMA, 10000.0, 4, None), (MISTRAL_V01, 10000.0, 8, 4096), (MISTRAL_V02, 1000000.0, 8, None),
     (QWEN2, 1000000.0, 2, None), (SMOLLM2, 100000.0, 3, None), (QWEN3, 1000000.0, 8, None),
+    (PHI3_MINI, 10000.0, 32, 2047), (PHI4, 250000.0, 10, None),
 ], ids=["llama2", "llama3-4.x", "llama3-5.x", "tinyllama", "mistral-v0.1", "mistral-v0.2", "qwen2", "smollm2",
-        "qwen3"])
+        "qwen3", "phi-3-mini", "phi-4"])
 def test_supported_checkpoints_parse_with_their_rope_theta(data, theta, kv_heads, window):
     config = parse(data)
     assert config.rope_theta == theta and config.num_key_value_heads == kv_heads
@@ -223,6 +240,16 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**QWEN2, "mlp_bias": True}, "mlp_bias = true is not read by transformers for model_type 'qwen2'"),
     ({**QWEN3, "mlp_bias": True}, "mlp_bias = true is not read by transformers for model_type 'qwen3'"),
     ({**QWEN3, "use_sliding_window": True}, "use_sliding_window = true (sliding-window attention from layer 28 on)"),
+    ({**PHI3_MINI, "auto_map": {"AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"}},
+     "names the repository's own model code, which may compute something else and which this runtime cannot "
+     "check; a copy of the config.json without auto_map runs as transformers' Phi3ForCausalLM"),
+    ({**PHI4, "rope_scaling": {"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}},
+     "rope scaling 'longrope' (rope_scaling.type) is not implemented"),
+    ({**PHI4, "partial_rotary_factor": 0.75}, "unknown field partial_rotary_factor = 0.75"),
+    ({**LLAMA3_4X, "original_max_position_embeddings": 8192}, "original_max_position_embeddings = 8192 at the "
+                                                              "top level is a Phi-3 field"),
+    ({**PHI4, "original_max_position_embeddings": "4k"}, "original_max_position_embeddings = '4k' is not a "
+                                                         "positive integer"),
     ({**TINYLLAMA, "attention_bias": "yes"}, "attention_bias = 'yes' is not true or false"),
     ({**LLAMA2_4X, "hidden_act": "gelu"}, "hidden_act 'gelu' is not implemented; supported: silu, swish"),
     ({**LLAMA2_4X, "pretraining_tp": 2}, "pretraining_tp = 2"),
@@ -230,7 +257,7 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**SMOLLM2, "rope_interleaved": "no"}, "rope_interleaved = 'no' is not true or false"),
     ({**LLAMA2_4X, "rms_norm_eps": None}, "rms_norm_eps = null is not a positive finite number"),
     ({**LLAMA2_4X, "quantization_config": {"quant_method": "gptq", "bits": 4}}, "unknown field quantization_config"),
-    ({**LLAMA2_4X, "auto_map": {"AutoModelForCausalLM": "x.Y"}}, "unknown field auto_map"),
+    ({**LLAMA2_4X, "auto_map": {"AutoModelForCausalLM": "x.Y"}}, "auto_map = {\"AutoModelForCausalLM\": \"x.Y\"} names"),
     ({**MISTRAL_V01, "sliding_window": -1}, "sliding_window = -1"),
     ({**LLAMA2_4X, "rope_theta": "10000"}, "rope_theta = '10000' is not a number"),
     ({**LLAMA2_4X, "rope_theta": float("inf")}, "rope_theta = Infinity is not a positive finite number"),
@@ -243,7 +270,8 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
         "llama3-context", "llama3-extra", "layouts-disagree", "types-disagree", "yarn-4.x", "longrope", "unknown-rope",
         "untyped-scaling", "partial-rotary", "thetas-disagree", "qwen2-window", "qwen2-layer-types",
         "qwen2-layer-count", "families-disagree", "qwen2-field", "gemma", "classifier", "mistral-bias",
-        "qwen2-mlp-bias", "qwen3-mlp-bias", "qwen3-window", "bias-not-a-flag", "gelu", "pretraining-tp", "rope-interleaved", "rope-interleaved-not-a-flag", "eps-null", "quantized", "custom-code", "bad-window",
+        "qwen2-mlp-bias", "qwen3-mlp-bias", "qwen3-window", "phi3-auto-map", "phi3-longrope", "phi4-mini-partial",
+        "phi3-field", "phi3-bad-context", "bias-not-a-flag", "gelu", "pretraining-tp", "rope-interleaved", "rope-interleaved-not-a-flag", "eps-null", "quantized", "custom-code", "bad-window",
         "theta-string", "theta-infinite", "nested-theta-infinite", "theta-zero", "eps-infinite", "eps-nan"])
 def test_a_field_that_is_not_implemented_is_refused_by_name(data, message):
     with pytest.raises(ValueError) as caught:
@@ -265,7 +293,8 @@ def test_null_counts_take_the_defaults_as_in_transformers():
 
 
 @pytest.mark.parametrize("family, name, heads", [("llama", "LlamaForCausalLM", 4), ("mistral", "MistralForCausalLM", 16),
-                                                 ("qwen2", "Qwen2ForCausalLM", 32), ("qwen3", "Qwen3ForCausalLM", 32)])
+                                                 ("qwen2", "Qwen2ForCausalLM", 32), ("qwen3", "Qwen3ForCausalLM", 32),
+                                                 ("phi3", "Phi3ForCausalLM", 8)])
 def test_absent_fields_take_the_defaults_transformers_gives_them(family, name, heads):
     """A config.json may leave out what its family's config class defaults: the model must then
     be the one transformers builds from the same file (rms_norm_eps was 1e-5 here, 1e-6 there;
@@ -428,6 +457,34 @@ def test_a_checkpoint_with_tensors_the_model_does_not_use_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"holds 6 tensors m does not use: model\.layers\.0\.self_attn\.k_proj\.bias"
                                          r", .* \(and 2 more\)"):
         ModelWeights.load(config, tmp_path)
+
+
+def test_stacked_projections_load_as_their_parts_and_are_checked(tmp_path):
+    """Phi-3 stores Q/K/V and gate/up stacked: each loads as the rows of its parts (no copy); one
+    stored both ways, or stacked in another shape, is refused by name."""
+    config = parse(SMALL)
+    weights = ModelWeights.random(config)
+    tensors = dict(weights.tensors)
+    for layer in range(2):
+        for fused, parts in (("self_attn.qkv_proj", "qkv"), ("mlp.gate_up_proj", ("gate", "up"))):
+            kind = "self_attn" if fused.startswith("self_attn") else "mlp"
+            tensors[f"model.layers.{layer}.{fused}.weight"] = np.concatenate(
+                [tensors.pop(f"model.layers.{layer}.{kind}.{p}_proj.weight") for p in parts])
+    _save(tmp_path / "stacked", tensors)
+    loaded = ModelWeights.load(config, tmp_path / "stacked")
+    assert loaded.tensors.keys() == weights.tensors.keys()
+    for name, tensor in weights.tensors.items():
+        np.testing.assert_array_equal(loaded.tensors[name], tensor)
+    _save(tmp_path / "both", {**tensors, "model.layers.1.self_attn.k_proj.weight": weights.tensors[
+        "model.layers.1.self_attn.k_proj.weight"]})
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight is in the checkpoint both "
+                                         r"alone and stacked in model\.layers\.1\.self_attn\.qkv_proj\.weight"):
+        ModelWeights.load(config, tmp_path / "both")
+    short = {**tensors, "model.layers.0.mlp.gate_up_proj.weight": tensors["model.layers.0.mlp.gate_up_proj.weight"][1:]}
+    _save(tmp_path / "short", short)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate_up_proj\.weight has shape \(255, 64\), "
+                                         r"expected \(256, 64\) \(its parts stacked\)"):
+        ModelWeights.load(config, tmp_path / "short")
 
 
 def test_a_biased_model_needs_its_biases(tmp_path):

@@ -55,6 +55,7 @@ def _to_4x_layout(folder: Path, rope_theta: bool = True) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
+PHI3_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 # name -> (transformers config class, its arguments, layout of the saved config.json)
 FAMILIES = {
     "llama2": ("LlamaConfig", dict(rope_theta=10000.0), "4.x-no-theta"),
@@ -79,6 +80,12 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "5.x"),
     "qwen3-4.x": ("Qwen3Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, head_dim=32,
                                       tie_word_embeddings=True, attention_bias=True), "4.x"),
+    # Q/K/V and gate/up stored stacked; a window past the sequence (Phi-3-mini's is 2047), and none (Phi-4)
+    # (token ids inside this small vocabulary: Phi3Config's defaults are 32000)
+    "phi3": ("Phi3Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4}, sliding_window=64,
+                                **PHI3_IDS), "5.x"),
+    "phi4-4.x": ("Phi3Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 250000.0}, **PHI3_IDS),
+                 "4.x"),
 }
 # config.json fields set after saving: a Qwen2 window far shorter than the sequence, ignored (by
 # transformers too) because use_sliding_window is false, as in the real checkpoints
