@@ -8,6 +8,7 @@ in each process from the same recipe (a seed or a folder), so nothing large cros
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -181,6 +182,8 @@ class RunReport:
     tuned_for: str | None = None   # the cache condition the kernels were timed in ("cold", "warm")
     dtype: str = "float32"         # the model's precision
     runs_in: tuple[str, int, int] | None = None  # run_condition(): condition, bytes per pass, cache bytes
+    prompt_text: str | None = None  # run --prompt: the prompt as given
+    texts: list[str] | None = None  # and each sequence's generated tokens as text
 
     def cache(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tuned_for": self.tuned_for}
@@ -235,6 +238,8 @@ class RunReport:
             out[f"prefill_speedup_vs_{name}"] = _ratio(self.tuned.prefill_tokens_per_s, other.prefill_tokens_per_s)
         if self.reference is not None:
             out["reference"]["blas"] = self.reference_blas
+        if self.texts is not None:
+            out.update(prompt_text=self.prompt_text, texts=self.texts)
         return out
 
     def summary(self) -> str:
@@ -260,6 +265,10 @@ class RunReport:
             lines.append(f"  numpy BLAS: {self.reference_blas.get('internal_api')} "
                          f"{self.reference_blas.get('architecture')}, {self.reference_blas.get('num_threads')} threads")
         lines.append(f"  tokens: {self.tuned.tokens.tolist()}")
+        if self.texts is not None:  # quoted as JSON strings: a newline in the text stays on its line
+            lines.append(f"  prompt: {json.dumps(self.prompt_text, ensure_ascii=False)}")
+            lines += [f"  text{f'[{i}]' if len(self.texts) > 1 else ''}: {json.dumps(text, ensure_ascii=False)}"
+                      for i, text in enumerate(self.texts)]
         return "\n".join(lines)
 
 

@@ -191,6 +191,21 @@ def _prompt_ids(prompt_ids: str | None, vocab: int) -> list[int] | None:
     return ids
 
 
+def _text_prompt(text: str, prompt_ids: str | None, tokenizer_path: str | None, weights_dir: str | None, model: str,
+                 vocab: int):
+    """(the tokenizer, ``--prompt``'s token ids) from the checkpoint's tokenizer.json."""
+    from autotune.prompt_text import encode, find_tokenizer, load_tokenizer
+
+    if prompt_ids is not None:
+        raise UserError("give --prompt or --prompt-ids, not both")
+    try:
+        path = find_tokenizer(tokenizer_path, weights_dir, model)
+        tokenizer = load_tokenizer(path)
+        return tokenizer, encode(tokenizer, text, vocab, path)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def _prompts(ids: list[int] | None, prompt_tokens: int, batch: int, vocab: int, seed: int):
     """The batch of prompts: ``ids`` in every row, or ``prompt_tokens`` random ids a row."""
     import numpy as np
@@ -320,6 +335,10 @@ def _quantize_of(kernels, quantize: str) -> str:
 @click.option("--prompt-tokens", default=64, show_default=True, type=int, callback=positive,
               help="length of a random prompt")
 @click.option("--prompt-ids", default=None, help="the prompt's token ids, e.g. 1,2,3")
+@click.option("--prompt", "prompt_text", default=None,
+              help="or the prompt as text, encoded by the checkpoint's tokenizer.json; the generated text is printed")
+@click.option("--tokenizer", "tokenizer_path", default=None,
+              help="with --prompt: the tokenizer.json (or its folder); default: the one in --weights or beside --model")
 @click.option("--batch", default=1, show_default=True, type=int, callback=positive, help="sequences at once")
 @click.option("--new-tokens", default=32, show_default=True, type=int, callback=positive, help="tokens generated per sequence")
 @click.option("--quantize", default="auto", show_default=True, type=click.Choice(["auto", "none", "q4"]),
@@ -335,8 +354,8 @@ def _quantize_of(kernels, quantize: str) -> str:
               help="with --log: use records of code the templates no longer render, with a warning")
 @click.option("--check-weights", is_flag=True,
               help="with --weights: refuse a checkpoint whose tensors hold NaN or infinite values (one pass over them)")
-def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, new_tokens, quantize, group_size,
-        compare, target, as_json, dtype, allow_stale, check_weights) -> None:
+def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_text, tokenizer_path, batch, new_tokens,
+        quantize, group_size, compare, target, as_json, dtype, allow_stale, check_weights) -> None:
     """Generate with a model on tuned kernels; print prefill and decode tokens/s."""
     from runtime.kernel import UntunedShapeWarning
     from runtime.plan import check_quantize
@@ -349,7 +368,13 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
         raise UserError(f"--weights {weights_dir} is not a directory")
     if check_weights and not weights_dir:
         raise UserError("--check-weights is for --weights (generated weights are finite)")
-    ids = _prompt_ids(prompt_ids, config.vocab_size)
+    tokenizer = None
+    if prompt_text is not None:
+        tokenizer, ids = _text_prompt(prompt_text, prompt_ids, tokenizer_path, weights_dir, model, config.vocab_size)
+    elif tokenizer_path is not None:
+        raise UserError("--tokenizer is for --prompt")
+    else:
+        ids = _prompt_ids(prompt_ids, config.vocab_size)
     length = len(ids) if ids is not None else prompt_tokens
     try:  # e.g. past a sliding window the runtime does not implement
         config.check_sequence(length + new_tokens)
@@ -396,6 +421,11 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, batch, n
         kernels.close()
     report = RunReport(config.name, lib or ",".join(logs), quantize, batch, prompts.shape[1], new_tokens, tuned,
                        counts, dtype=dtype)
+    if tokenizer is not None:
+        from autotune.prompt_text import decode
+
+        report.prompt_text = prompt_text
+        report.texts = [decode(tokenizer, row) for row in tuned.tokens]
     try:
         report.tuned_for = tuned_condition(lib, logs)
     except (OSError, ValueError):

@@ -282,3 +282,52 @@ def test_a_prompt_of_any_length_runs_tuned_kernels_only(tiny_lib, tmp_path):
         out = json.loads(proc.stdout)
         assert "UntunedShapeWarning" not in proc.stderr and "not in the kernel library" not in proc.stderr, tokens
         assert out["kernels"]["untuned"] == 0 and out["kernels"]["prefill_padded_to"] == padded, (tokens, out["kernels"])
+
+
+def _word_tokenizer(path, words: dict[str, int]):
+    """A tokenizer.json of whole words (``tokenizers``' WordLevel model, split on whitespace)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path))
+    return tokenizer
+
+
+def test_a_text_prompt_runs_through_the_checkpoints_tokenizer(tiny_lib, tmp_path):
+    """--prompt is encoded by the tokenizer.json beside the weights (or --tokenizer) and the
+    generated ids come back as text; what it refuses, it says in one line."""
+    words = {"<unk>": 0, **{f"w{i}": i for i in range(1, 512)}}
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    tokenizer = _word_tokenizer(folder / "tokenizer.json", words)
+    out = json.loads(run("run", "--lib", str(tiny_lib), "--model", "tiny", "--tokenizer", str(folder),
+                         "--prompt", "w5 w6 w7", "--new-tokens", "4", "--json", cwd=tmp_path).stdout)
+    assert out["prompt_tokens"] == 3 and out["prompt_text"] == "w5 w6 w7"
+    assert out["texts"] == [tokenizer.decode(out["token_ids"][0], skip_special_tokens=False)]
+    assert out["texts"][0].split() == [f"w{i}" if i else "<unk>" for i in out["token_ids"][0]]
+    # the same ids as --prompt-ids gives the same tokens
+    same = json.loads(run("run", "--lib", str(tiny_lib), "--model", "tiny", "--prompt-ids", "5,6,7",
+                          "--new-tokens", "4", "--json", cwd=tmp_path).stdout)
+    assert same["token_ids"] == out["token_ids"] and "texts" not in same
+    text = run("run", "--lib", str(tiny_lib), "--model", "tiny", "--tokenizer", str(folder / "tokenizer.json"),
+               "--prompt", "w5 w6 w7", "--new-tokens", "4", cwd=tmp_path).stdout
+    assert 'prompt: "w5 w6 w7"' in text and f"text: {json.dumps(out['texts'][0])}" in text
+
+    _word_tokenizer(tmp_path / "wide.json", {"<unk>": 0, "w1": 1, "far": 600})
+    (tmp_path / "broken.json").write_text("{not json")
+    lib = ["run", "--lib", str(tiny_lib), "--model", "tiny"]
+    for args, message in (
+        (["--prompt", "w1"], "--prompt needs the checkpoint's tokenizer.json: --model tiny is a preset and "
+                             "no --weights"),
+        (["--prompt", "w1", "--weights", str(tmp_path)], f"none in {tmp_path}; give --tokenizer PATH"),
+        (["--prompt", "w1", "--prompt-ids", "1", "--tokenizer", str(folder)], "give --prompt or --prompt-ids"),
+        (["--tokenizer", str(folder)], "--tokenizer is for --prompt"),
+        (["--prompt", "w1", "--tokenizer", str(tmp_path / "none.json")], "none.json: no such file"),
+        (["--prompt", "w1", "--tokenizer", str(tmp_path / "broken.json")],
+         "is not a tokenizer.json the tokenizers"),
+        (["--prompt", "w1 far", "--tokenizer", str(tmp_path / "wide.json")], "gives token id 600, past the model's "
+                                                                              "vocabulary of 512"),
+        (["--prompt", " ", "--tokenizer", str(folder)], "--prompt ' ' encodes to no tokens"),
+    ):
+        assert_usage_error(run(*lib, *args, cwd=tmp_path, check=False), message)
