@@ -332,14 +332,13 @@ class LlamaModel:
         """The bound calls that fill ``buf.qkv`` from ``x``: the Q/K/V projection (``gain``: the
         norm a fused GEMV applies first), and where the model has them, the norms of the query and
         key heads, which read the projection's rows from ``qkv_pre``."""
-        part = "self_attn.qkv_proj"
-        if not self.config.qk_norm:
+        c, part = self.config, "self_attn.qkv_proj"
+        if not c.qk_norm:
             return self._projection(k, buf, layer, "qkv_proj", part, x, gain=gain)
-        c = self.config
-        heads = (buf.rows, c.num_attention_heads + 2 * c.num_key_value_heads, c.head_dim)
-        norm = k["qk_norm"].bind({"X": buf.qkv_pre.reshape(heads), "GQ": self._weight(layer_name(layer, QK_NORMS[0])),
-                                  "GK": self._weight(layer_name(layer, QK_NORMS[1])), "Y": buf.qkv.reshape(heads)},
-                                 {"T": buf.rows})
+        heads = (buf.rows, c.num_attention_heads + 2 * c.num_key_value_heads, c.head_dim)  # the kernel's X and Y
+        q_gain, k_gain = (self._weight(layer_name(layer, norm)) for norm in QK_NORMS)
+        norm = k["qk_norm"].bind({"X": buf.qkv_pre.reshape(heads), "GQ": q_gain, "GK": k_gain,
+                                  "Y": buf.qkv.reshape(heads)}, {"T": buf.rows})
         return [*self._projection(k, buf, layer, "qkv_proj", part, x, gain=gain, out=buf.qkv_pre), norm]
 
     # -- one pass ----------------------------------------------------------------------
