@@ -255,8 +255,9 @@ class ModelConfig:
         # null or absent means the default, as in transformers; any other value (0 too) is
         # honoured or refused by __post_init__, never replaced
         head_dim = _or(data.get("head_dim"), _ABSENT_HEAD_DIM.get(family))
-        if head_dim is None:
-            head_dim = data["hidden_size"] // heads if isinstance(heads, int) and heads else 0
+        if head_dim is None:  # 0 where the sizes are not counts: __post_init__ names the one that is not
+            counts = all(isinstance(v, int) and not isinstance(v, bool) for v in (data["hidden_size"], heads))
+            head_dim = data["hidden_size"] // heads if counts and heads else 0
         rope_type, scaling = _rope_scaling(data, where)
         return cls(name=name, hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
                    num_attention_heads=heads,

@@ -287,6 +287,13 @@ def test_a_zero_count_is_refused_not_replaced_by_its_default(field):
         parse({**SMALL, field: 0})
 
 
+@pytest.mark.parametrize("value", ["4096", None, [64], 64.0])
+def test_a_hidden_size_that_is_no_count_is_refused_by_name(value):
+    """From Python too (the CLI's loader caught the TypeError that dividing it by the heads raised)."""
+    with pytest.raises(ValueError, match=r"^model m: hidden_size must be a positive integer, got "):
+        parse({**SMALL, "hidden_size": value})
+
+
 def test_null_counts_take_the_defaults_as_in_transformers():
     config = parse({**SMALL, "num_key_value_heads": None, "head_dim": None})
     assert (config.num_key_value_heads, config.head_dim) == (4, 16)
