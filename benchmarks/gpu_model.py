@@ -132,6 +132,8 @@ class TorchLlama:
             q = q.reshape(t, c.num_attention_heads, c.head_dim)
             k = k.reshape(t, c.num_key_value_heads, c.head_dim)
             v = v.reshape(t, c.num_key_value_heads, c.head_dim)
+            if c.qk_norm:  # Qwen3: each query and key head normalised before the rotation
+                q, k = self._norm(q, p + "self_attn.q_norm.weight"), self._norm(k, p + "self_attn.k_norm.weight")
             q, k = self._rope(q, positions), self._rope(k, positions)
             k_cache, v_cache = cache[layer]
             k_cache[0, :, start:start + t] = k.transpose(0, 1)
