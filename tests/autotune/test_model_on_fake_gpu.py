@@ -190,6 +190,9 @@ def test_a_qwen3_model_in_half_precision_keeps_the_float32_tokens_on_cuda(fake_g
         assert model.decode_mode == "graph"
         used = {(k.spec.op, k.spec.dtype) for k in model.used.values()}
         assert {("qk_norm", "float16"), ("rope_append_attention", "float16")} <= used
+        # the head norms sit between two programmatic kernels and join the graph as they do
+        assert all(k.programmatic for k in model.used.values() if k.spec.op == "qk_norm")
+        assert model.programmatic_edges > 0 and model.programmatic_error is None
         on_device = {name: model.arrays.upload(np.concatenate([weights[part] for part in fused_parts(name)])
                                                .astype(np.float16)) for name in device_shapes(QWEN3)}
         assert on_device["model.layers.1.self_attn.k_norm.weight"].shape == (QWEN3.head_dim,)

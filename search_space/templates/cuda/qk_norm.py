@@ -6,12 +6,17 @@ Row r is head j = r % (H + 2 HKV): j < H is a query head, normalised and scaled 
 j < H + HKV a key head, by GK; the rest are value heads, copied. The choice is the same for
 every thread of a row, so the reductions (warp shuffles, block barriers) never diverge.
 
+In a captured decode step it sits between the Q/K/V GEMV and attention, both launched
+programmatically, so it takes a programmatic launch too (sm_90 on): it lets attention launch
+first thing and waits for the GEMV's rows before it reads them.
+
 T (tokens) may be a runtime argument. In the kernel it is named TOKENS: the row kernels'
 code calls the element type T.
 """
 from __future__ import annotations
 
 from ...codegen.cuda import PREAMBLE, VECTOR_HELPERS, dim_scalars, kernel_params
+from ...codegen.cuda_ptx import grid_dependency_code, programmatic_launch
 from ...ops.elementwise import QKNormOp
 from ...space import Config, ConfigSpace
 from ...target import Target
@@ -53,17 +58,19 @@ class QKNormCuda(QKNormOp, Template):
         # the C parameters in the order of ``args``; the dynamic T is renamed TOKENS (see above)
         params = kernel_params(self.signature(task)) + (", long long TOKENS" if "T" in task.dynamic else "")
         tokens = "" if "T" in task.dynamic else f"constexpr long long TOKENS = {d['T']};\n"
-        code = (PREAMBLE + VECTOR_HELPERS + p.constants() + tokens
+        programmatic = programmatic_launch(target)
+        helpers, trigger, wait = grid_dependency_code(bool(programmatic))
+        code = (PREAMBLE + VECTOR_HELPERS + helpers + p.constants() + tokens
                 + f"constexpr int H = {d['H']};\nconstexpr int HKV = {d['HKV']};\nconstexpr int HEADS = {heads};\n"
                 + p.reducers()
-                + f'\nextern "C" __global__ void __launch_bounds__({p.threads}) qk_norm_rows({params}) {{\n'
-                + p.smem_decl() + "  const long long M = TOKENS * HEADS;  // head rows\n" + p.row_start()
+                + f'\nextern "C" __global__ void __launch_bounds__({p.threads}) qk_norm_rows({params}) {{'
+                + (trigger + wait or "\n") + p.smem_decl() + "  const long long M = TOKENS * HEADS;  // head rows\n" + p.row_start()
                 + _body(p, float(self.attrs(task)["eps"])) + "}\n")
         if "T" in task.dynamic:
             grid = f"(T * {heads} + {p.rows - 1}) // {p.rows}" if p.rows > 1 else f"T * {heads}"
         else:
             grid = -(-d["T"] * heads // p.rows)
-        launch = (("block", (p.threads, 1, 1)), ("grid", (grid, 1, 1)), ("smem", p.smem_bytes()))
+        launch = (("block", (p.threads, 1, 1)), ("grid", (grid, 1, 1)), ("smem", p.smem_bytes())) + programmatic
         return KernelSource("cuda", code, "qk_norm_rows", tuple(args), launch)
 
 
