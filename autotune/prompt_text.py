@@ -1,12 +1,27 @@
 """Text in and out of ``autotune run``: the checkpoint's own tokenizer (its ``tokenizer.json``,
 read by Hugging Face's ``tokenizers``) turns ``--prompt`` into token ids, special tokens added as
 the tokenizer's post-processor says (Llama 3's begin-of-text, for one), and the generated ids
-back into text. No chat template is applied: the prompt is the model's input as written."""
+back into text, up to the first end-of-sequence token the checkpoint names (its
+``generation_config.json`` and ``config.json``: ``eos_token_id``). No chat template is applied:
+the prompt is the model's input as written."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from runtime.model_config import PRESETS
+
 TOKENIZER_FILE = "tokenizer.json"
+END_FILES = ("generation_config.json", "config.json")  # where a checkpoint names its end-of-sequence ids
+
+
+def checkpoint_folders(weights_dir: str | None, model: str) -> list[Path]:
+    """The folders a run's checkpoint files may lie in: the weights', then the model config's."""
+    folders = [Path(weights_dir)] if weights_dir else []
+    model_path = Path(model)
+    if model not in PRESETS and model_path.exists():
+        folders.append(model_path if model_path.is_dir() else model_path.parent)
+    return folders
 
 
 def find_tokenizer(tokenizer: str | None, weights_dir: str | None, model: str) -> Path:
@@ -21,10 +36,7 @@ def find_tokenizer(tokenizer: str | None, weights_dir: str | None, model: str) -
             raise ValueError(f"--tokenizer {tokenizer}: no such file{where} ({TOKENIZER_FILE} of a Hugging Face "
                              "checkpoint)")
         return path
-    model_path = Path(model)
-    folders = [Path(weights_dir)] if weights_dir else []
-    if model_path.exists():
-        folders.append(model_path if model_path.is_dir() else model_path.parent)
+    folders = checkpoint_folders(weights_dir, model)
     for folder in folders:
         if (folder / TOKENIZER_FILE).is_file():
             return folder / TOKENIZER_FILE
@@ -55,6 +67,29 @@ def encode(tokenizer, text: str, vocab: int, path: Path) -> list[int]:
         raise ValueError(f"--prompt: {path} gives token id {max(ids)}, past the model's vocabulary of {vocab}: "
                          "is it this model's tokenizer?")
     return ids
+
+
+def end_of_sequence_ids(folders: list[Path]) -> set[int]:
+    """The ``eos_token_id`` values (an id or a list of ids) of the checkpoint's files; a file that
+    is missing, unreadable or names none adds nothing (they only decide where the text ends)."""
+    ids: set[int] = set()
+    for folder in folders:
+        for name in END_FILES:
+            try:
+                value = json.loads((folder / name).read_text()).get("eos_token_id")
+            except (OSError, ValueError, AttributeError):
+                continue
+            values = value if isinstance(value, list) else [value]
+            ids.update(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+    return ids
+
+
+def until_end(ids, end_ids: set[int]) -> tuple[list[int], int | None]:
+    """The generated ``ids`` up to and including the first end-of-sequence id, and its index
+    (None where the model did not end)."""
+    ids = [int(i) for i in ids]
+    at = next((i for i, token in enumerate(ids) if token in end_ids), None)
+    return (ids if at is None else ids[:at + 1]), at
 
 
 def decode(tokenizer, ids) -> str:

@@ -183,7 +183,8 @@ class RunReport:
     dtype: str = "float32"         # the model's precision
     runs_in: tuple[str, int, int] | None = None  # run_condition(): condition, bytes per pass, cache bytes
     prompt_text: str | None = None  # run --prompt: the prompt as given
-    texts: list[str] | None = None  # and each sequence's generated tokens as text
+    texts: list[str] | None = None  # and each sequence's generated tokens as text, to its end of sequence
+    ended_at: list[int | None] | None = None  # the index of that end-of-sequence token (None: none)
 
     def cache(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tuned_for": self.tuned_for}
@@ -239,7 +240,7 @@ class RunReport:
         if self.reference is not None:
             out["reference"]["blas"] = self.reference_blas
         if self.texts is not None:
-            out.update(prompt_text=self.prompt_text, texts=self.texts)
+            out.update(prompt_text=self.prompt_text, texts=self.texts, ended_at=self.ended_at)
         return out
 
     def summary(self) -> str:
@@ -267,8 +268,10 @@ class RunReport:
         lines.append(f"  tokens: {self.tuned.tokens.tolist()}")
         if self.texts is not None:  # quoted as JSON strings: a newline in the text stays on its line
             lines.append(f"  prompt: {json.dumps(self.prompt_text, ensure_ascii=False)}")
+            ended = self.ended_at or [None] * len(self.texts)
             lines += [f"  text{f'[{i}]' if len(self.texts) > 1 else ''}: {json.dumps(text, ensure_ascii=False)}"
-                      for i, text in enumerate(self.texts)]
+                      + ("" if at is None else f" (end of sequence at new token {at + 1} of {self.new_tokens})")
+                      for i, (text, at) in enumerate(zip(self.texts, ended))]
         return "\n".join(lines)
 
 

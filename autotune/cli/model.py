@@ -422,10 +422,13 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
     report = RunReport(config.name, lib or ",".join(logs), quantize, batch, prompts.shape[1], new_tokens, tuned,
                        counts, dtype=dtype)
     if tokenizer is not None:
-        from autotune.prompt_text import decode
+        from autotune.prompt_text import checkpoint_folders, decode, end_of_sequence_ids, until_end
 
+        end_ids = end_of_sequence_ids(checkpoint_folders(weights_dir, model))
+        ended = [until_end(row, end_ids) for row in tuned.tokens]
         report.prompt_text = prompt_text
-        report.texts = [decode(tokenizer, row) for row in tuned.tokens]
+        report.texts = [decode(tokenizer, ids) for ids, _ in ended]
+        report.ended_at = [at for _, at in ended]
     try:
         report.tuned_for = tuned_condition(lib, logs)
     except (OSError, ValueError):

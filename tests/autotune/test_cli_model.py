@@ -331,3 +331,25 @@ def test_a_text_prompt_runs_through_the_checkpoints_tokenizer(tiny_lib, tmp_path
         (["--prompt", " ", "--tokenizer", str(folder)], "--prompt ' ' encodes to no tokens"),
     ):
         assert_usage_error(run(*lib, *args, cwd=tmp_path, check=False), message)
+
+
+def test_the_text_ends_at_the_checkpoints_end_of_sequence_token(tiny_lib, tmp_path):
+    """The text stops at the first id the checkpoint's generation_config.json (or config.json) names
+    as its end; the token ids and the timing still cover every new token."""
+    from runtime.model_config import PRESETS
+
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(PRESETS["tiny"].to_hf_dict()))
+    tokenizer = _word_tokenizer(folder / "tokenizer.json", {"<unk>": 0, **{f"w{i}": i for i in range(1, 512)}})
+    args = ("run", "--lib", str(tiny_lib), "--model", str(folder), "--prompt", "w5 w6 w7", "--new-tokens", "6")
+    first = json.loads(run(*args, "--json", cwd=tmp_path).stdout)
+    tokens = first["token_ids"][0]
+    assert first["ended_at"] == [None] and first["texts"] == [tokenizer.decode(tokens)]
+    at = max(i for i, token in enumerate(tokens) if token not in tokens[:i])  # the last id new to the text
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [tokens[at], 100000]}))
+    ended = json.loads(run(*args, "--json", cwd=tmp_path).stdout)
+    assert ended["token_ids"] == first["token_ids"] and ended["ended_at"] == [at]
+    assert ended["texts"] == [tokenizer.decode(tokens[:at + 1])]
+    text = run(*args, cwd=tmp_path).stdout
+    assert f"(end of sequence at new token {at + 1} of 6)" in text
