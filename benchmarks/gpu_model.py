@@ -124,7 +124,8 @@ class TorchLlama:
         F = torch.nn.functional
         t = ids.shape[0]
         positions = torch.arange(start, start + t, device=DEVICE)
-        x = F.embedding(ids, w("model.embed_tokens.weight"))
+        # Granite's scalars (1 for the other families): here, after each sublayer, and on the logits
+        x = F.embedding(ids, w("model.embed_tokens.weight")) * c.embedding_multiplier
         for layer in range(c.num_hidden_layers):
             p = f"model.layers.{layer}."
             h = self._norm(x, p + "input_layernorm.weight")
@@ -140,13 +141,14 @@ class TorchLlama:
             v_cache[0, :, start:start + t] = v.transpose(0, 1)
             length = start + t
             o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[:, :, :length], v_cache[:, :, :length],
-                                               is_causal=t > 1, enable_gqa=True)
-            x = x + F.linear(o[0].transpose(0, 1).reshape(t, -1), w(p + "self_attn.o_proj.weight"))
+                                               is_causal=t > 1, enable_gqa=True, scale=c.attention_scale)
+            attn = o[0].transpose(0, 1).reshape(t, -1)
+            x = x + F.linear(attn, w(p + "self_attn.o_proj.weight")) * c.residual_multiplier
             h = self._norm(x, p + "post_attention_layernorm.weight")
             gate, up = F.linear(h, w(p + "mlp.gate_up_proj.weight")).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w(p + "mlp.down_proj.weight"))
+            x = x + F.linear(F.silu(gate) * up, w(p + "mlp.down_proj.weight")) * c.residual_multiplier
         head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-        return F.linear(self._norm(x, "model.norm.weight"), w(head))
+        return F.linear(self._norm(x, "model.norm.weight"), w(head)) / c.logits_scaling
 
 
 def synchronize(torch) -> None:

@@ -8,6 +8,11 @@ norm, the LM head and greedy decoding. The kernels and their shapes are those of
 template defaults); activations, weights and the KV cache live where the kernels run
 (``runtime.arrays``: numpy for CPU kernels, device memory for CUDA ones).
 
+Granite's scalars are folded into the weights as they are copied to where the kernels run
+(``LlamaModel._factor``): the embedding table times ``embedding_multiplier``, the output and
+down projections (weights and biases) times ``residual_multiplier``, the LM head over
+``logits_scaling``; its ``attention_multiplier`` is the attention kernels' ``scale``.
+
 A bfloat16 model on CPU kernels is weight-only (``runtime.plan.precisions``): its linear layers
 read bfloat16 words (half the bytes of a decode step), and everything else computes and is
 stored in float32, holding the bfloat16 values of the weights it came from.
@@ -31,7 +36,7 @@ from .kernel import BoundCall, Kernel, KernelProvider, buckets, numpy_dtype, sel
 from .model_config import ModelConfig
 from .plan import (FUSED_ATTRS, GEMV_MAX_M, PREFILL_DYNAMIC_ROWS, KernelCall, bias_role, biased_projections,
                    can_fuse_norms, decode_calls, precisions, prefill_calls, unfused)
-from .precision import bfloat16_to_float32, check_dtype, rounded, stored_as, to_float32, widened
+from .precision import bfloat16_to_float32, check_dtype, from_float, rounded, stored_as, to_float32, widened
 from .weights import QK_NORMS, DeviceWeights, ModelWeights, bias_name, fused_parts, layer_name
 
 
@@ -98,11 +103,25 @@ class _WidenedTable:
     """An embedding table kept as bfloat16 words whose gathered rows come out as float32 (a
     weight-only model's: no float32 copy of the table, which is also the LM head when tied)."""
 
-    def __init__(self, words: np.ndarray):
-        self.words = words
+    def __init__(self, words: np.ndarray, factor: float = 1.0):
+        self.words, self.factor = words, np.float32(factor)
 
     def __getitem__(self, ids) -> np.ndarray:
-        return bfloat16_to_float32(self.words[ids])
+        rows = bfloat16_to_float32(self.words[ids])
+        return rows * self.factor if self.factor != 1 else rows
+
+
+# the tensors whose outputs a residual add adds: Granite's residual_multiplier scales them
+_RESIDUAL_BRANCH_ENDS = tuple(f".{part}.{kind}" for part in ("self_attn.o_proj", "mlp.down_proj")
+                              for kind in ("weight", "bias"))
+
+
+def _times(array: np.ndarray, factor: float, storage: str) -> np.ndarray:
+    """A tensor stored in ``storage`` (bfloat16: raw words) times ``factor``, stored so again
+    (itself for a factor of 1)."""
+    if factor == 1.0:
+        return array
+    return from_float(to_float32(np.asarray(array), storage) * np.float32(factor), storage)
 
 
 def _all_tuned(specs: list[KernelSpec], calls: list[KernelCall]) -> bool:
@@ -137,17 +156,23 @@ class LlamaModel:
         if isinstance(weights, DeviceWeights):
             if not self.arrays.resident:
                 raise ValueError("device weights need a provider of CUDA kernels")
+            if config.scaled:
+                raise ValueError(f"{config.name}: Granite's embedding_multiplier, residual_multiplier and "
+                                 "logits_scaling are folded into the weights as they are uploaded; device weights "
+                                 "are used as they lie, so pass host weights (ModelWeights)")
             self.embed = weights.embedding
             if self.embed.dtype != numpy_dtype(dtype):
                 raise ValueError(f"the embedding table is {self.embed.dtype}; a {dtype} model needs "
                                  f"{numpy_dtype(dtype)}")
         elif self.activations != self.weights_dtype:  # weight-only: rows widened as they are gathered
             words = stored_as(weights.tensors["model.embed_tokens.weight"], self.weights_dtype)
-            self.embed = _WidenedTable(words)
+            self.embed = _WidenedTable(words, config.embedding_multiplier)
             if config.tie_word_embeddings:  # the LM head reads the same words
-                self._device[f"{self.lm_head_name}#"] = self.arrays.upload(words)
+                self._device[f"{self.lm_head_name}#"] = self.arrays.upload(
+                    _times(words, self._factor(self.lm_head_name), self.weights_dtype))
         else:  # gathered on the host, rows already in the model's precision
-            self.embed = stored_as(weights.tensors["model.embed_tokens.weight"], dtype)
+            self.embed = _times(stored_as(weights.tensors["model.embed_tokens.weight"], dtype),
+                                config.embedding_multiplier, dtype)
         self.used: dict[str, Kernel] = {}  # every kernel handed out, by what it was tuned for
         self.prefill_sizes = prefill_sizes
         self._memo: dict[tuple, Kernel] = {}  # the provider's answer per call shape
@@ -216,8 +241,21 @@ class LlamaModel:
                 pieces = [self._host_tensor(getattr(self.w.quantized[p], part) if part else self.w.tensors[p],
                                             linear and not part) for p in parts]
             host = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            if part != "wq":  # int4 codes keep their values; their scales take the factor
+                host = _times(host, self._factor(name), self.weights_dtype if linear and not part else self.activations)
             self._device[key] = self.arrays.upload(host)
         return self._device[key]
+
+    def _factor(self, name: str) -> float:
+        """Granite's scalar folded into weight (or bias) ``name``: the output and down projections
+        produce what ``residual_multiplier`` scales before its residual add, the LM head the
+        logits ``logits_scaling`` divides; 1 for any other tensor and any other model."""
+        c = self.config
+        if name == self.lm_head_name:
+            return 1.0 / c.logits_scaling
+        if name.endswith(_RESIDUAL_BRANCH_ENDS):
+            return c.residual_multiplier
+        return 1.0
 
     def padded_tokens(self, batch: int, tokens: int) -> int:
         """The prompt length a prefill runs at: the smallest length >= the prompt's at which

@@ -13,8 +13,11 @@ them (``runtime.rope_frequencies``). Projection biases: Llama's ``attention_bias
 and o) and ``mlp_bias`` (gate, up, down), Qwen2's fixed q/k/v biases and Qwen3's
 ``attention_bias`` (q, k, v and o). Qwen3 also normalises each query and key head
 (``qk_norm``). Phi-3 (and Phi-4) is Llama with Q/K/V and gate/up stored stacked in the
-checkpoint (``runtime.weights`` splits them) and an optional sliding window as Mistral's. The
-lists below say what is accepted and why.
+checkpoint (``runtime.weights`` splits them) and an optional sliding window as Mistral's.
+Granite is Llama with four scalars: the embeddings times ``embedding_multiplier``, each
+sublayer's output times ``residual_multiplier`` before its residual add, ``attention_multiplier``
+as the softmax scale and the logits over ``logits_scaling``. The lists below say what is
+accepted and why.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from .rope_frequencies import ROPE_TYPES, rope_attrs, rope_problem
 # said (not hidden / heads).
 # Phi-3 and Phi-4 are Llama with stacked Q/K/V and gate/up tensors and Mistral's optional window.
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+            "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM"}
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES.values())
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Why some popular look-alikes are refused, said in the error line.
@@ -62,7 +65,12 @@ READ_FIELDS = frozenset({
     # attention kind
     "use_sliding_window", "max_window_layers", "layer_types",
     # Phi-3's: the context its longrope scaling starts from; any other rope ignores it (checked: phi3 only)
-    "original_max_position_embeddings"})
+    "original_max_position_embeddings",
+    # Granite's scalars (granite only: _GRANITE_FIELDS)
+    "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"})
+# Granite's scalars, by config.json name -> ModelConfig field
+_GRANITE_FIELDS = {"embedding_multiplier": "embedding_multiplier", "residual_multiplier": "residual_multiplier",
+                   "attention_multiplier": "attention_multiplier", "logits_scaling": "logits_scaling"}
 _QWEN_FIELDS = ("use_sliding_window", "max_window_layers", "layer_types")
 _QWEN_FAMILIES = ("qwen2", "qwen3")
 # Fields that change nothing a greedy decoder computes from the weights: token ids (the
@@ -114,6 +122,13 @@ class ModelConfig:
     mlp_bias: bool = False
     # Qwen3: each query and key head RMS-normalised over head_dim (gains q_norm, k_norm) before RoPE
     qk_norm: bool = False
+    # Granite: embeddings times embedding_multiplier; each attention and MLP output times
+    # residual_multiplier before its residual add; the softmax scale attention_multiplier (None:
+    # 1/sqrt(head_dim)); the logits divided by logits_scaling
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -126,7 +141,8 @@ class ModelConfig:
                              f"multiple of num_key_value_heads = {self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ValueError(f"model {self.name}: head_dim = {self.head_dim} must be even (rotary embedding)")
-        for field in ("rms_norm_eps", "rope_theta"):
+        for field in ("rms_norm_eps", "rope_theta", "embedding_multiplier", "residual_multiplier", "logits_scaling",
+                      *(("attention_multiplier",) if self.attention_multiplier is not None else ())):
             value = getattr(self, field)
             if not (value > 0 and math.isfinite(value)):  # an infinite eps zeroes every norm's output
                 raise ValueError(f"model {self.name}: {field} must be a positive finite number, got {value!r}")
@@ -141,6 +157,17 @@ class ModelConfig:
         problem = rope_problem(self.rope_type, self.rope_scaling)
         if problem:
             raise ValueError(f"model {self.name}: rope {problem}")
+
+    @property
+    def scaled(self) -> bool:
+        """Whether Granite's embedding, residual or logit scalars change anything (the attention
+        scale is the kernels' own attribute)."""
+        return (self.embedding_multiplier, self.residual_multiplier, self.logits_scaling) != (1.0, 1.0, 1.0)
+
+    @property
+    def attention_scale(self) -> float:
+        """The softmax scale of Q.K: Granite's attention_multiplier, else 1/sqrt(head_dim)."""
+        return self.attention_multiplier if self.attention_multiplier is not None else self.head_dim ** -0.5
 
     @property
     def rope_scaling(self) -> dict[str, float | int]:
@@ -193,14 +220,24 @@ class ModelConfig:
         for other biases or none, Mistral for a sliding window without biases."""
         data = asdict(self)
         data.pop("name")
-        for field in ("rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias", "mlp_bias", "qk_norm"):
+        for field in ("rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
+                      *_GRANITE_FIELDS.values()):
             data.pop(field)
         if self.rope_type != "default":  # transformers 4.x layout, beside the top-level rope_theta
             data["rope_scaling"] = {"rope_type": self.rope_type, **self.rope_scaling}
         if self.sliding_window is None:
             data.pop("sliding_window")
         biases = (self.qkv_bias, self.o_bias, self.mlp_bias)
-        if self.qk_norm:
+        if self.scaled or self.attention_multiplier is not None:
+            if self.qk_norm or self.sliding_window is not None or self.qkv_bias != self.o_bias:
+                raise ValueError(f"model {self.name}: Granite's multipliers with norms of the query and key heads, a "
+                                 "sliding_window or biases on only some attention projections have no config.json "
+                                 "this runtime reads")
+            family = "granite"
+            data.update({name: getattr(self, field) for name, field in _GRANITE_FIELDS.items()},
+                        attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+            data["attention_multiplier"] = self.attention_scale
+        elif self.qk_norm:
             if self.sliding_window is not None or self.mlp_bias or self.qkv_bias != self.o_bias:
                 raise ValueError(f"model {self.name}: norms of the query and key heads (Qwen3) with a sliding_window, "
                                  "MLP biases or biases on only some attention projections have no config.json this "
@@ -249,6 +286,7 @@ class ModelConfig:
         biases = _biases(data, family, where)
         _check_qwen_fields(data, family, where)
         _check_phi3_fields(data, family, where)
+        scalars = _granite_scalars(data, family, where)
         # Qwen's: see _check_qwen_fields; an absent one is what the family's config class defaults it to
         window = None if family in _QWEN_FAMILIES else data.get("sliding_window", _ABSENT_WINDOW.get(family))
         heads = data["num_attention_heads"]
@@ -270,7 +308,8 @@ class ModelConfig:
                    tie_word_embeddings=_flag(data, "tie_word_embeddings", where),
                    max_position_embeddings=_or(data.get("max_position_embeddings"), _ABSENT_POSITIONS[family]),
                    sliding_window=window, rope_type=rope_type,
-                   **{_ROPE_FIELDS[p]: v for p, v in scaling.items()}, **biases, qk_norm=family == "qwen3")
+                   **{_ROPE_FIELDS[p]: v for p, v in scaling.items()}, **biases, qk_norm=family == "qwen3",
+                   **scalars)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
@@ -283,7 +322,7 @@ _ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32}
 # max_position_embeddings (kept, and written back by to_hf_dict; nothing computes with it)
 _ABSENT_WINDOW = {"mistral": 4096}
 _ABSENT_EPS = {"phi3": 1e-5}  # Phi3Config's; every other family's config class has 1e-6
-_ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096}
+_ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096, "granite": 2048}
 # Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is
 _ABSENT_HEAD_DIM = {"qwen3": 128}
 
@@ -348,7 +387,7 @@ def _biases(data: Mapping[str, Any], family: str, where: str) -> dict[str, bool]
     for field, value in (("attention_bias", attention), ("mlp_bias", mlp)):
         if not isinstance(value, bool):
             raise ValueError(f"{where}: {field} = {_show(value)} is not true or false")
-    if family == "llama":
+    if family in ("llama", "granite"):  # GraniteAttention and GraniteMLP read both switches as Llama's do
         return {"qkv_bias": attention, "o_bias": attention, "mlp_bias": mlp}
     switches = ("attention_bias",) if family == "qwen3" else ()
     for field, value in (("attention_bias", attention), ("mlp_bias", mlp)):
@@ -380,6 +419,18 @@ def _check_qwen_fields(data: Mapping[str, Any], family: str, where: str) -> None
                               or any(kind != "full_attention" for kind in kinds)):
         raise ValueError(f"{where}: layer_types = {_show(kinds)} is not implemented; supported: "
                          "\"full_attention\" for each of the num_hidden_layers layers")
+
+
+def _granite_scalars(data: Mapping[str, Any], family: str, where: str) -> dict[str, float]:
+    """Granite's four scalars as ModelConfig fields (GraniteConfig's 1.0 where one is left out:
+    its attention_multiplier too, not 1/sqrt(head_dim)); refused by name in another family."""
+    present = [name for name in _GRANITE_FIELDS if name in data]
+    if family != "granite":
+        if present:
+            raise ValueError(f"{where}: {present[0]} = {_show(data[present[0]])} is a Granite field, not implemented "
+                             f"for model_type {family!r}")
+        return {}
+    return {field: _number(data.get(name, 1.0), name, where) for name, field in _GRANITE_FIELDS.items()}
 
 
 def _check_phi3_fields(data: Mapping[str, Any], family: str, where: str) -> None:

@@ -201,12 +201,19 @@ def _with_attrs(call: KernelCall, attrs: dict) -> KernelCall:
     return KernelCall(call.role, KernelSpec.make(spec.op, spec.dims, spec.dtype, attrs, spec.dynamic), call.count)
 
 
+def _scale(config: ModelConfig) -> dict:
+    """The attention kernels' ``scale`` attribute: Granite's attention_multiplier, else none (their
+    default, 1/sqrt(D))."""
+    return {} if config.attention_multiplier is None else {"scale": config.attention_multiplier}
+
+
 def _rope_into_attention(calls: list[KernelCall]) -> list[KernelCall]:
     """``calls`` with ``rope_append`` and attention as one ``rope_append_attention`` (role attention)."""
     append = next(call for call in calls if call.role == "rope_append")
     attention = next(call for call in calls if call.role == "attention")
-    fused = KernelSpec.make("rope_append_attention", attention.spec.dims, attention.spec.dtype, append.spec.attr,
-                            dynamic=("S", "L"))
+    scale = {k: v for k, v in attention.spec.attr.items() if k == "scale"}
+    fused = KernelSpec.make("rope_append_attention", attention.spec.dims, attention.spec.dtype,
+                            {**append.spec.attr, **scale}, dynamic=("S", "L"))
     return [KernelCall("attention", fused, attention.count) if call is attention else call
             for call in calls if call is not append]
 
@@ -292,7 +299,7 @@ def prefill_calls(config: ModelConfig, tokens: int, quantize: str = "none", grou
     c = config
     attention = KernelSpec.make("attention_prefill", {"B": batch, "T": tokens, "H": c.num_attention_heads,
                                                       "HKV": c.num_key_value_heads, "D": c.head_dim},
-                                attrs={"causal": True}, dynamic=("T",))
+                                attrs={"causal": True, **_scale(c)}, dynamic=("T",))
     return _pass_calls(c, batch * tokens, batch, attention, quantize, group_size, dtype, weights, dynamic_rows)
 
 
@@ -316,7 +323,7 @@ def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "
     attention = KernelSpec.make("attention_decode", {"B": batch, "H": c.num_attention_heads,
                                                      "HKV": c.num_key_value_heads, "D": c.head_dim,
                                                      "S": kv_len, "L": kv_len}, dynamic=("S", "L"),
-                                attrs={"lengths": "per_sequence"} if resident else None)
+                                attrs={**({"lengths": "per_sequence"} if resident else {}), **_scale(c)})
     calls = _pass_calls(c, batch, batch, attention, quantize, group_size, dtype, weights)
     if resident:
         append = KernelSpec.make("rope_append", {"B": batch, "H": c.num_attention_heads, "HKV": c.num_key_value_heads,

@@ -5,7 +5,8 @@ The same computation as ``runtime.llama``: RMSNorm, Q/K/V projections, rotary em
 (rotate-half, scaled as the config's rope type says), causal grouped-query attention over a
 KV cache, output projection, residual, SwiGLU MLP, final norm, LM head, greedy decoding; each
 projection plus its bias where the config has one, and Qwen3's RMSNorm of each query and key
-head before the rotary embedding where the config has it (``qk_norm``).
+head before the rotary embedding where the config has it (``qk_norm``), and Granite's scalars
+where set (embeddings, residual branches, softmax scale, logits).
 Quantised weights enter as the float32 weights their int4 codes stand for.
 """
 from __future__ import annotations
@@ -54,7 +55,8 @@ class ReferenceModel:
         return y + self.w[bias_name(layer, part)] if part in self.biased else y
 
     def _lm_head(self, x: np.ndarray) -> np.ndarray:
-        return self._matmul(x, "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight")
+        logits = self._matmul(x, "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight")
+        return logits / np.float32(self.config.logits_scaling) if self.config.logits_scaling != 1.0 else logits
 
     def _attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int) -> np.ndarray:
         """q[B, T, H, D] at positions start..start+T-1 against cache positions 0..start+T-1."""
@@ -64,7 +66,7 @@ class ReferenceModel:
         length = start + t
         qg = q.reshape(b, t, c.num_key_value_heads, group, c.head_dim).transpose(0, 2, 3, 1, 4)  # B,HKV,G,T,D
         keys, values = k_cache[:, :, :length], v_cache[:, :, :length]                            # B,HKV,L,D
-        scores = np.matmul(qg, keys[:, :, None].transpose(0, 1, 2, 4, 3)) * np.float32(c.head_dim ** -0.5)
+        scores = np.matmul(qg, keys[:, :, None].transpose(0, 1, 2, 4, 3)) * np.float32(c.attention_scale)
         if t > 1:  # causal: query i (at position start + i) sees keys 0..start + i
             mask = np.arange(length)[None, :] > (start + np.arange(t))[:, None]
             scores = np.where(mask, np.float32(-np.inf), scores)
@@ -80,6 +82,9 @@ class ReferenceModel:
         ids = checked_tokens(c, ids, start)
         b, t = ids.shape
         x = w["model.embed_tokens.weight"][ids]                                                   # B,T,h
+        residual = np.float32(c.residual_multiplier)  # Granite's scalars: 1 elsewhere
+        if c.embedding_multiplier != 1.0:
+            x = x * np.float32(c.embedding_multiplier)
         positions = np.arange(start, start + t)
         for layer in range(c.num_hidden_layers):
             h = rms_norm(x, w[layer_name(layer, "input_layernorm")], c.rms_norm_eps)
@@ -95,11 +100,11 @@ class ReferenceModel:
             k_cache[:, :, start:start + t] = k.transpose(0, 2, 1, 3)
             v_cache[:, :, start:start + t] = v.transpose(0, 2, 1, 3)
             attn = self._attention(q, k_cache, v_cache, start)
-            x = x + self._project(attn, layer, "self_attn.o_proj")
+            x = x + self._project(attn, layer, "self_attn.o_proj") * residual
             h = rms_norm(x, w[layer_name(layer, "post_attention_layernorm")], c.rms_norm_eps)
             gate = self._project(h, layer, "mlp.gate_proj")
             up = self._project(h, layer, "mlp.up_proj")
-            x = x + self._project(gate / (1.0 + np.exp(-gate)) * up, layer, "mlp.down_proj")
+            x = x + self._project(gate / (1.0 + np.exp(-gate)) * up, layer, "mlp.down_proj") * residual
         h = rms_norm(x[:, -1], w["model.norm.weight"], c.rms_norm_eps)
         return self._lm_head(h)
 

@@ -100,6 +100,15 @@ PHI4 = {  # microsoft/phi-4: Phi-3's network at 14B, grouped-query attention, no
     "pad_token_id": 100349, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 250000,
     "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.47.0",
     "use_cache": True, "vocab_size": 100352}
+GRANITE = {  # ibm-granite/granite-3.1-2b-instruct: Llama with four scalars, tied embeddings
+    "architectures": ["GraniteForCausalLM"], "attention_bias": False, "attention_dropout": 0.1,
+    "attention_multiplier": 0.015625, "bos_token_id": 0, "embedding_multiplier": 12.0, "eos_token_id": 0,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+    "logits_scaling": 8.0, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "granite",
+    "num_attention_heads": 32, "num_hidden_layers": 40, "num_key_value_heads": 8, "pad_token_id": 0,
+    "residual_multiplier": 0.22, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 5000000.0,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.47.0", "use_cache": True,
+    "vocab_size": 49155}
 SMOLLM2 = {  # HuggingFaceTB/SmolLM2-135M: Llama, with two fields of nanotron's that transformers ignores
     "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 0,
     "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 576, "initializer_range": 0.041666666666666664,
@@ -123,9 +132,9 @@ def parse(data: dict) -> ModelConfig:
     (LLAMA2_4X, 10000.0, 32, None), (LLAMA3_4X, 500000.0, 8, None), (LLAMA3_5X, 500000.0, 8, None),
     (TINYLLAMA, 10000.0, 4, None), (MISTRAL_V01, 10000.0, 8, 4096), (MISTRAL_V02, 1000000.0, 8, None),
     (QWEN2, 1000000.0, 2, None), (SMOLLM2, 100000.0, 3, None), (QWEN3, 1000000.0, 8, None),
-    (PHI3_MINI, 10000.0, 32, 2047), (PHI4, 250000.0, 10, None),
+    (PHI3_MINI, 10000.0, 32, 2047), (PHI4, 250000.0, 10, None), (GRANITE, 5000000.0, 8, None),
 ], ids=["llama2", "llama3-4.x", "llama3-5.x", "tinyllama", "mistral-v0.1", "mistral-v0.2", "qwen2", "smollm2",
-        "qwen3", "phi-3-mini", "phi-4"])
+        "qwen3", "phi-3-mini", "phi-4", "granite-3.1"])
 def test_supported_checkpoints_parse_with_their_rope_theta(data, theta, kv_heads, window):
     config = parse(data)
     assert config.rope_theta == theta and config.num_key_value_heads == kv_heads
@@ -250,6 +259,10 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
                                                               "top level is a Phi-3 field"),
     ({**PHI4, "original_max_position_embeddings": "4k"}, "original_max_position_embeddings = '4k' is not a "
                                                          "positive integer"),
+    ({**LLAMA3_4X, "logits_scaling": 8.0}, "logits_scaling = 8.0 is a Granite field, not implemented for "
+                                           "model_type 'llama'"),
+    ({**GRANITE, "residual_multiplier": 0}, "residual_multiplier = 0 is not a positive finite number"),
+    ({**GRANITE, "attention_multiplier": None}, "attention_multiplier = null is not a positive finite number"),
     ({**TINYLLAMA, "attention_bias": "yes"}, "attention_bias = 'yes' is not true or false"),
     ({**LLAMA2_4X, "hidden_act": "gelu"}, "hidden_act 'gelu' is not implemented; supported: silu, swish"),
     ({**LLAMA2_4X, "pretraining_tp": 2}, "pretraining_tp = 2"),
@@ -271,7 +284,7 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
         "untyped-scaling", "partial-rotary", "thetas-disagree", "qwen2-window", "qwen2-layer-types",
         "qwen2-layer-count", "families-disagree", "qwen2-field", "gemma", "classifier", "mistral-bias",
         "qwen2-mlp-bias", "qwen3-mlp-bias", "qwen3-window", "phi3-auto-map", "phi3-longrope", "phi4-mini-partial",
-        "phi3-field", "phi3-bad-context", "bias-not-a-flag", "gelu", "pretraining-tp", "rope-interleaved", "rope-interleaved-not-a-flag", "eps-null", "quantized", "custom-code", "bad-window",
+        "phi3-field", "phi3-bad-context", "granite-field", "granite-zero", "granite-null", "bias-not-a-flag", "gelu", "pretraining-tp", "rope-interleaved", "rope-interleaved-not-a-flag", "eps-null", "quantized", "custom-code", "bad-window",
         "theta-string", "theta-infinite", "nested-theta-infinite", "theta-zero", "eps-infinite", "eps-nan"])
 def test_a_field_that_is_not_implemented_is_refused_by_name(data, message):
     with pytest.raises(ValueError) as caught:
@@ -301,7 +314,7 @@ def test_null_counts_take_the_defaults_as_in_transformers():
 
 @pytest.mark.parametrize("family, name, heads", [("llama", "LlamaForCausalLM", 4), ("mistral", "MistralForCausalLM", 16),
                                                  ("qwen2", "Qwen2ForCausalLM", 32), ("qwen3", "Qwen3ForCausalLM", 32),
-                                                 ("phi3", "Phi3ForCausalLM", 8)])
+                                                 ("phi3", "Phi3ForCausalLM", 8), ("granite", "GraniteForCausalLM", 8)])
 def test_absent_fields_take_the_defaults_transformers_gives_them(family, name, heads):
     """A config.json may leave out what its family's config class defaults: the model must then
     be the one transformers builds from the same file (rms_norm_eps was 1e-5 here, 1e-6 there;
@@ -384,6 +397,23 @@ def test_the_qwen3_8b_preset_is_the_checkpoints_config():
             "num_attention_heads": 32, "max_window_layers": 36, "tie_word_embeddings": False}
     assert dataclasses.replace(parse(data), name="qwen3-8b") == PRESETS["qwen3-8b"]
     assert 8.1e9 < PRESETS["qwen3-8b"].parameters < 8.3e9  # 8.2B, as the model card says
+
+
+def test_granites_scalars_are_read_and_written_back_and_scale_every_attention_kernel():
+    config = parse(GRANITE)
+    assert (config.embedding_multiplier, config.residual_multiplier, config.attention_multiplier,
+            config.logits_scaling, config.scaled) == (12.0, 0.22, 0.015625, 8.0, True)
+    assert parse(config.to_hf_dict()) == config and config.to_hf_dict()["model_type"] == "granite"
+    resident = decode_calls(config, 1, 64, resident=True)
+    for calls in (prefill_calls(config, 16), decode_calls(config, 2, 64), resident):
+        attention = next(c for c in calls if c.role == "attention").spec
+        assert attention.attr["scale"] == 0.015625, attention
+    assert next(c for c in resident if c.role == "attention").spec.op == "rope_append_attention"
+    # left out: GraniteConfig's 1.0 each, the attention one too (not 1/sqrt(head_dim))
+    bare = parse({k: v for k, v in GRANITE.items() if k not in ("embedding_multiplier", "residual_multiplier",
+                                                               "attention_multiplier", "logits_scaling")})
+    assert (bare.attention_scale, bare.scaled) == (1.0, False)
+    assert parse(LLAMA3_4X).attention_scale == 128 ** -0.5
 
 
 def test_a_qwen2_window_is_ignored_while_use_sliding_window_is_false():

@@ -293,3 +293,33 @@ def test_a_log_tuned_before_rope_append_attention_keeps_its_tuned_pair():
                           ([append, overlapped, fused], False)):
         assert LlamaModel(TINY, weights, _Specs(specs))._tuned_before_rope_attention(1) is before, specs
     assert not LlamaModel(TINY, weights, _Specs([append, overlapped]))._tuned_before_rope_attention(2)
+
+
+# Granite's scalars on the tiny preset (granite-3.1-2b's values), tied or not
+GRANITE_SCALARS = dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625,
+                       logits_scaling=8.0)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("precision, tolerance", [("float32", 1e-5), ("q4", 1e-4), ("bfloat16", 2e-4)])
+def test_granites_scalars_folded_into_the_weights_keep_the_references_tokens(default_kernels, tied, precision,
+                                                                             tolerance):
+    """The runtime folds the embedding, residual and logit scalars into the weights it uploads (the
+    int4 scales, the bfloat16 words of a weight-only model, a tied table used as the LM head);
+    the reference applies them to the activations."""
+    import dataclasses
+
+    config = dataclasses.replace(PRESETS["tiny"], name="tiny-granite", tie_word_embeddings=tied, **GRANITE_SCALARS)
+    weights = ModelWeights.random(config, seed=1)
+    prompts = np.array([[5, 9, 2, 33, 7]])
+    if precision == "q4":
+        weights = weights.quantize_q4(128)
+    dtype = "bfloat16" if precision == "bfloat16" else "float32"
+    out = LlamaModel(config, weights, default_kernels, dtype=dtype).generate(prompts, 12)
+    reference = ReferenceModel(config, weights.rounded(dtype) if dtype != "float32" else weights).generate(prompts, 12)
+    error = np.abs(out.logits - reference.logits).max() / np.abs(reference.logits).max()
+    assert error < tolerance, error
+    np.testing.assert_array_equal(out.tokens, reference.tokens)
+    plain = ReferenceModel(dataclasses.replace(config, embedding_multiplier=1.0, residual_multiplier=1.0,
+                                               logits_scaling=1.0), weights).generate(prompts, 12)
+    assert np.abs(plain.logits - reference.logits).max() / np.abs(reference.logits).max() > 100 * tolerance

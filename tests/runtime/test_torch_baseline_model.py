@@ -1,6 +1,6 @@
 """The plain-torch decoder that ``benchmarks/gpu_model.py`` measures the runtime against on the
 GPU (speed, and logits in float32): here on torch's CPU build, it computes what the numpy
-reference computes, for Llama and for Qwen3's head norms, over a prompt and a decode step, so a
+reference computes, for Llama, Qwen3's head norms and Granite's scalars, over a prompt and a decode step, so a
 device session never spends its time comparing with a wrong baseline."""
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ torch = pytest.importorskip("torch")
 
 TINY = PRESETS["tiny"]
 QWEN3_TINY = dataclasses.replace(TINY, name="tiny-qwen3", qk_norm=True, rms_norm_eps=1e-6, rope_theta=1e6)
+GRANITE_TINY = dataclasses.replace(TINY, name="tiny-granite", embedding_multiplier=12.0, residual_multiplier=0.22,
+                                   attention_multiplier=0.015625, logits_scaling=8.0)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def monkeypatch_module():
         yield patch
 
 
-@pytest.mark.parametrize("config", [TINY, QWEN3_TINY], ids=lambda c: c.name)
+@pytest.mark.parametrize("config", [TINY, QWEN3_TINY, GRANITE_TINY], ids=lambda c: c.name)
 def test_the_torch_baseline_computes_what_the_reference_computes(gpu_model, config):
     weights = ModelWeights.random(config, seed=5)
     # named as the decoder reads them on the device: Q/K/V and gate/up stacked

@@ -86,6 +86,11 @@ FAMILIES = {
                                 **PHI3_IDS), "5.x"),
     "phi4-4.x": ("Phi3Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 250000.0}, **PHI3_IDS),
                  "4.x"),
+    # Granite's four scalars (granite-3.1-2b's), tied as it ships
+    "granite": ("GraniteConfig", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                      embedding_multiplier=12.0, residual_multiplier=0.22,
+                                      attention_multiplier=0.015625, logits_scaling=8.0, tie_word_embeddings=True),
+                "5.x"),
 }
 # config.json fields set after saving: a Qwen2 window far shorter than the sequence, ignored (by
 # transformers too) because use_sliding_window is false, as in the real checkpoints
@@ -234,6 +239,21 @@ def test_the_bias_flags_are_those_of_each_family(checkpoints):
     assert load_model_config(checkpoints["qwen2-4.x"][1]).sliding_window is None
 
 
+def test_granites_scalars_matter(checkpoints, prompts):
+    """Each of Granite's four scalars, left at 1 (what a loader reading the checkpoint as Llama's
+    would run), moves the logits far past the tolerance."""
+    model, folder = checkpoints["granite"]
+    config, weights = _load(folder)
+    fields = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
+    assert (config.embedding_multiplier, config.residual_multiplier, config.attention_multiplier,
+            config.logits_scaling) == (12.0, 0.22, 0.015625, 8.0)
+    for field in fields:
+        plain = dataclasses.replace(config, **{field: None if field == "attention_multiplier" else 1.0})
+        generation = ReferenceModel(plain, ModelWeights(plain, weights.tensors)).generate(prompts, NEW_TOKENS)
+        want = _teacher_forced_logits(model, prompts, generation.tokens)
+        assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE, field
+
+
 @pytest.mark.parametrize("family", QK_NORMED)
 def test_the_norms_of_the_query_and_key_heads_matter(family, checkpoints, prompts):
     """The comparisons above can fail: without Qwen3's norms of the query and key heads (what a
@@ -311,12 +331,13 @@ def test_a_sequence_past_mistrals_sliding_window_is_refused(checkpoints, default
         assert "\n" not in text
 
 
-@pytest.mark.parametrize("family", ["llama3.1", "qwen2", "qwen3", "qwen3-4.x"])
+@pytest.mark.parametrize("family", ["llama3.1", "qwen2", "qwen3", "qwen3-4.x", "granite"])
 def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints, prompts, greedy, fake_gpu):
     """The same on the CUDA path (fake GPU: cubins built by nvcc, run on the emulator): device
     buffers, the decode step captured as a graph, rope scaling (Llama 3.1), biases (Qwen2) and
     the norms of the query and key heads (Qwen3: in the fused decode step, whose GEMVs take the
-    norms and attention the rotary embedding, and with biases, where they cannot)."""
+    norms and attention the rotary embedding, and with biases, where they cannot) and Granite's
+    scalars (folded into the weights; the softmax scale an attribute of every attention kernel)."""
     from fakes import FAKE_GPU_TARGET
 
     from export import TunedKernels
