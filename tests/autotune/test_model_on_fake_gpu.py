@@ -339,3 +339,22 @@ def test_the_decode_gemvs_fuse_the_norms_where_the_library_has_them(fake_gpu, qu
         report = RunReport(MICRO.name, "lib", quantize, 2, 5, 5, out, {"tuned": 1, **decode_path(decoder)})
         (decode,) = report.decode_lines()
         assert decode.startswith("  decode: one CUDA graph per token") and line in decode and decode in report.summary()
+
+
+def test_device_weights_of_a_model_with_granites_scalars_are_refused(fake_gpu):
+    """The runtime folds Granite's scalars into the weights it uploads; weights already on the
+    device are used as they lie, so they cannot carry them: refused, saying so."""
+    from export import TunedKernels
+    from runtime.arrays import arrays_for
+
+    config = dataclasses.replace(MICRO, name="micro-granite", residual_multiplier=0.5)
+    weights = ModelWeights.random(config, seed=1)
+    arrays = arrays_for("cuda")
+    on_device = {name: arrays.upload(np.concatenate([weights[part] for part in fused_parts(name)]))
+                 for name in device_shapes(config)}
+    shared = DeviceWeights(config, on_device, weights["model.embed_tokens.weight"])
+    with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
+        with pytest.raises(ValueError, match=r"^micro-granite: Granite's embedding_multiplier, residual_multiplier "
+                                             r"and logits_scaling are folded into the weights as they are uploaded"):
+            LlamaModel(config, shared, kernels)
+        LlamaModel(config, weights, kernels).generate(np.array([[5, 9, 2]]), 2)  # host weights: folded
