@@ -32,8 +32,9 @@ def find_tokenizer(tokenizer: str | None, weights_dir: str | None, model: str) -
         path = Path(tokenizer)
         path = path / TOKENIZER_FILE if path.is_dir() else path
         if not path.is_file():
+            what = "not a regular file" if path.exists() else "no such file"
             where = " in that folder" if Path(tokenizer).is_dir() else ""
-            raise ValueError(f"--tokenizer {tokenizer}: no such file{where} ({TOKENIZER_FILE} of a Hugging Face "
+            raise ValueError(f"--tokenizer {tokenizer}: {what}{where} ({TOKENIZER_FILE} of a Hugging Face "
                              "checkpoint)")
         return path
     folders = checkpoint_folders(weights_dir, model)

@@ -324,6 +324,7 @@ def test_a_text_prompt_runs_through_the_checkpoints_tokenizer(tiny_lib, tmp_path
         (["--prompt", "w1", "--prompt-ids", "1", "--tokenizer", str(folder)], "give --prompt or --prompt-ids"),
         (["--tokenizer", str(folder)], "--tokenizer is for --prompt"),
         (["--prompt", "w1", "--tokenizer", str(tmp_path / "none.json")], "none.json: no such file"),
+        (["--prompt", "w1", "--tokenizer", "/dev/null"], "--tokenizer /dev/null: not a regular file"),
         (["--prompt", "w1", "--tokenizer", str(tmp_path / "broken.json")],
          "is not a tokenizer.json the tokenizers"),
         (["--prompt", "w1 far", "--tokenizer", str(tmp_path / "wide.json")], "gives token id 600, past the model's "
