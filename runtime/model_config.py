@@ -64,6 +64,8 @@ READ_FIELDS = frozenset({
     # Qwen2's and Qwen3's: sliding window on (refused) or off, its first layer, and the per-layer
     # attention kind
     "use_sliding_window", "max_window_layers", "layer_types",
+    # Qwen2.5-Math's and DeepSeek-R1-Distill-Qwen's: false, the plain rotary embedding (true: Qwen2-VL's)
+    "use_mrope",
     # Phi-3's: the context its longrope scaling starts from; any other rope ignores it (checked: phi3 only)
     "original_max_position_embeddings",
     # Granite's scalars (granite only: _GRANITE_FIELDS)
@@ -71,7 +73,7 @@ READ_FIELDS = frozenset({
 # Granite's scalars, by config.json name -> ModelConfig field
 _GRANITE_FIELDS = {"embedding_multiplier": "embedding_multiplier", "residual_multiplier": "residual_multiplier",
                    "attention_multiplier": "attention_multiplier", "logits_scaling": "logits_scaling"}
-_QWEN_FIELDS = ("use_sliding_window", "max_window_layers", "layer_types")
+_QWEN_FIELDS = ("use_sliding_window", "max_window_layers", "layer_types", "use_mrope")
 _QWEN_FAMILIES = ("qwen2", "qwen3")
 # Fields that change nothing a greedy decoder computes from the weights: token ids (the
 # caller's business), training-only settings (initialisation, dropout: inference has none),
@@ -403,14 +405,19 @@ def _check_qwen_fields(data: Mapping[str, Any], family: str, where: str) -> None
     """Qwen2's and Qwen3's sliding window: with ``use_sliding_window`` false (as every Qwen2,
     Qwen2.5 and Qwen3 checkpoint ships) transformers drops ``sliding_window`` and every layer
     attends to the whole sequence, whatever ``max_window_layers`` says; true is not implemented.
-    ``layer_types`` (transformers 5) must then name full attention for every layer. Other
-    families have none of these fields."""
+    ``layer_types`` (transformers 5) must then name full attention for every layer.
+    ``use_mrope`` false (Qwen2.5-Math and the DeepSeek-R1 distills built on it) is the plain rotary
+    embedding; true, Qwen2-VL's multimodal rotary embedding, is refused. Other families have none
+    of these fields."""
     if family not in _QWEN_FAMILIES:
         present = [f for f in _QWEN_FIELDS if f in data]
         if present:
             raise ValueError(f"{where}: {present[0]} = {_show(data[present[0]])} is a Qwen field, not implemented "
                              f"for model_type {family!r}")
         return
+    if _flag(data, "use_mrope", where):
+        raise ValueError(f"{where}: use_mrope = true (Qwen2-VL's multimodal rotary embedding) is not implemented; "
+                         "supported: false")
     if _flag(data, "use_sliding_window", where):
         raise ValueError(f"{where}: use_sliding_window = true (sliding-window attention from layer "
                          f"{_show(data.get('max_window_layers'))} on) is not implemented; supported: false")

@@ -76,6 +76,14 @@ QWEN2 = {  # Qwen/Qwen2-0.5B: Llama-like, but q/k/v have biases; the window is o
     "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
     "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
     "transformers_version": "4.40.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+# deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B: Qwen2 (from Qwen2.5-Math-1.5B), use_mrope false, a window switched off
+R1_DISTILL_QWEN = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643,
+    "hidden_act": "silu", "hidden_size": 1536, "initializer_range": 0.02, "intermediate_size": 8960,
+    "max_position_embeddings": 131072, "max_window_layers": 21, "model_type": "qwen2", "num_attention_heads": 12,
+    "num_hidden_layers": 28, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 10000,
+    "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.44.0",
+    "use_cache": True, "use_mrope": False, "use_sliding_window": False, "vocab_size": 151936}
 QWEN3 = {  # Qwen/Qwen3-0.6B: norms of each query and key head; head_dim 128, not hidden / heads (64)
     "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
     "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024,
@@ -133,8 +141,9 @@ def parse(data: dict) -> ModelConfig:
     (TINYLLAMA, 10000.0, 4, None), (MISTRAL_V01, 10000.0, 8, 4096), (MISTRAL_V02, 1000000.0, 8, None),
     (QWEN2, 1000000.0, 2, None), (SMOLLM2, 100000.0, 3, None), (QWEN3, 1000000.0, 8, None),
     (PHI3_MINI, 10000.0, 32, 2047), (PHI4, 250000.0, 10, None), (GRANITE, 5000000.0, 8, None),
+    (R1_DISTILL_QWEN, 10000.0, 2, None),
 ], ids=["llama2", "llama3-4.x", "llama3-5.x", "tinyllama", "mistral-v0.1", "mistral-v0.2", "qwen2", "smollm2",
-        "qwen3", "phi-3-mini", "phi-4", "granite-3.1"])
+        "qwen3", "phi-3-mini", "phi-4", "granite-3.1", "r1-distill-qwen"])
 def test_supported_checkpoints_parse_with_their_rope_theta(data, theta, kv_heads, window):
     config = parse(data)
     assert config.rope_theta == theta and config.num_key_value_heads == kv_heads
@@ -259,6 +268,9 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
                                                               "top level is a Phi-3 field"),
     ({**PHI4, "original_max_position_embeddings": "4k"}, "original_max_position_embeddings = '4k' is not a "
                                                          "positive integer"),
+    ({**R1_DISTILL_QWEN, "use_mrope": True}, "use_mrope = true (Qwen2-VL's multimodal rotary embedding) is not "
+                                             "implemented"),
+    ({**LLAMA3_4X, "use_mrope": False}, "use_mrope = false is a Qwen field, not implemented for model_type 'llama'"),
     ({**LLAMA3_4X, "logits_scaling": 8.0}, "logits_scaling = 8.0 is a Granite field, not implemented for "
                                            "model_type 'llama'"),
     ({**GRANITE, "residual_multiplier": 0}, "residual_multiplier = 0 is not a positive finite number"),
@@ -284,7 +296,7 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
         "untyped-scaling", "partial-rotary", "thetas-disagree", "qwen2-window", "qwen2-layer-types",
         "qwen2-layer-count", "families-disagree", "qwen2-field", "gemma", "classifier", "mistral-bias",
         "qwen2-mlp-bias", "qwen3-mlp-bias", "qwen3-window", "phi3-auto-map", "phi3-longrope", "phi4-mini-partial",
-        "phi3-field", "phi3-bad-context", "granite-field", "granite-zero", "granite-null", "bias-not-a-flag", "gelu", "pretraining-tp", "rope-interleaved", "rope-interleaved-not-a-flag", "eps-null", "quantized", "custom-code", "bad-window",
+        "phi3-field", "phi3-bad-context", "mrope", "mrope-field", "granite-field", "granite-zero", "granite-null", "bias-not-a-flag", "gelu", "pretraining-tp", "rope-interleaved", "rope-interleaved-not-a-flag", "eps-null", "quantized", "custom-code", "bad-window",
         "theta-string", "theta-infinite", "nested-theta-infinite", "theta-zero", "eps-infinite", "eps-nan"])
 def test_a_field_that_is_not_implemented_is_refused_by_name(data, message):
     with pytest.raises(ValueError) as caught:
