@@ -85,6 +85,7 @@ HARMLESS_FIELDS = frozenset({
     "pad_token_id", "initializer_range", "use_cache", "attention_dropout", "max_sequence_length",
     "output_attentions", "output_hidden_states", "return_dict", "torchscript", "_attn_implementation_autoset",
     "tokenizer_class", "id2label", "label2id",
+    "unsloth_version",  # the fine-tuning tool's version, written into the checkpoints it saves
     "resid_pdrop", "embd_pdrop",  # Phi-3's dropouts: inference has none
     "is_llama_config"})  # nanotron's (SmolLM2): says the config is Llama's, which it is checked to be
 # Keys inside ``rope_scaling`` / ``rope_parameters`` that any rope may carry (its type and,

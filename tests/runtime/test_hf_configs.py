@@ -357,6 +357,7 @@ def test_a_model_config_refuses_an_infinite_float(field):
 
 def test_harmless_fields_are_accepted_and_attention_dropout_too():
     config = parse({**LLAMA2_4X, "attention_dropout": 0.1, "pad_token_id": 0, "dtype": "float32",
+                    "unsloth_version": "2025.3.19",
                     "use_cache": False, "initializer_range": 0.5, "head_dim": None, "num_key_value_heads": None,
                     "hidden_act": "swish", "attention_bias": False, "mlp_bias": False})
     assert config.num_key_value_heads == 32 and config.head_dim == 128
