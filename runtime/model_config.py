@@ -147,7 +147,9 @@ class ModelConfig:
         for field in ("rms_norm_eps", "rope_theta", "embedding_multiplier", "residual_multiplier", "logits_scaling",
                       *(("attention_multiplier",) if self.attention_multiplier is not None else ())):
             value = getattr(self, field)
-            if not (value > 0 and math.isfinite(value)):  # an infinite eps zeroes every norm's output
+            # an infinite eps zeroes every norm's output; a string or a bool is no number
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and value > 0 and math.isfinite(value)):
                 raise ValueError(f"model {self.name}: {field} must be a positive finite number, got {value!r}")
         window = self.sliding_window
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):

@@ -349,6 +349,14 @@ def test_absent_fields_take_the_defaults_transformers_gives_them(family, name, h
     assert ours.head_dim == (128 if family == "qwen3" else 256 // heads)  # Qwen3Config's, whatever the sizes
 
 
+@pytest.mark.parametrize("field, value", [("embedding_multiplier", "2"), ("rms_norm_eps", None),
+                                          ("attention_multiplier", "0.1"), ("logits_scaling", True)])
+def test_a_model_config_refuses_a_scalar_that_is_no_number(field, value):
+    """From Python too: a str, None or a bool was a TypeError (or taken as 1) there."""
+    with pytest.raises(ValueError, match=rf"^model tiny: {field} must be a positive finite number, got "):
+        dataclasses.replace(PRESETS["tiny"], **{field: value})
+
+
 @pytest.mark.parametrize("field", ["rms_norm_eps", "rope_theta"])
 def test_a_model_config_refuses_an_infinite_float(field):
     with pytest.raises(ValueError, match=rf"^model tiny: {field} must be a positive finite number, got inf$"):
