@@ -139,6 +139,9 @@ class ModelConfig:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model {self.name}: {field} must be a positive integer, got {value!r}")
+        for field in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm"):
+            if not isinstance(getattr(self, field), bool):  # "no" would read as true
+                raise ValueError(f"model {self.name}: {field} must be true or false, got {getattr(self, field)!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"model {self.name}: num_attention_heads = {self.num_attention_heads} must be a "
                              f"multiple of num_key_value_heads = {self.num_key_value_heads}")

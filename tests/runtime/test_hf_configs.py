@@ -350,10 +350,13 @@ def test_absent_fields_take_the_defaults_transformers_gives_them(family, name, h
 
 
 @pytest.mark.parametrize("field, value", [("embedding_multiplier", "2"), ("rms_norm_eps", None),
-                                          ("attention_multiplier", "0.1"), ("logits_scaling", True)])
+                                          ("attention_multiplier", "0.1"), ("logits_scaling", True),
+                                          ("qk_norm", "no"), ("tie_word_embeddings", 1), ("mlp_bias", None)])
 def test_a_model_config_refuses_a_scalar_that_is_no_number(field, value):
-    """From Python too: a str, None or a bool was a TypeError (or taken as 1) there."""
-    with pytest.raises(ValueError, match=rf"^model tiny: {field} must be a positive finite number, got "):
+    """From Python too: a str, None or a bool was a TypeError (or taken as 1) there, and a flag
+    given as "no" read as true."""
+    kind = "true or false" if field in ("qk_norm", "tie_word_embeddings", "mlp_bias") else "a positive finite number"
+    with pytest.raises(ValueError, match=rf"^model tiny: {field} must be {kind}, got "):
         dataclasses.replace(PRESETS["tiny"], **{field: value})
 
 
