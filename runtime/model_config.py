@@ -70,9 +70,8 @@ READ_FIELDS = frozenset({
     "original_max_position_embeddings",
     # Granite's scalars (granite only: _GRANITE_FIELDS)
     "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"})
-# Granite's scalars, by config.json name -> ModelConfig field
-_GRANITE_FIELDS = {"embedding_multiplier": "embedding_multiplier", "residual_multiplier": "residual_multiplier",
-                   "attention_multiplier": "attention_multiplier", "logits_scaling": "logits_scaling"}
+# Granite's scalars: config.json fields and ModelConfig fields of the same names
+_GRANITE_FIELDS = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
 _QWEN_FIELDS = ("use_sliding_window", "max_window_layers", "layer_types", "use_mrope")
 _QWEN_FAMILIES = ("qwen2", "qwen3")
 # Fields that change nothing a greedy decoder computes from the weights: token ids (the
@@ -229,7 +228,7 @@ class ModelConfig:
         data = asdict(self)
         data.pop("name")
         for field in ("rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
-                      *_GRANITE_FIELDS.values()):
+                      *_GRANITE_FIELDS):
             data.pop(field)
         if self.rope_type != "default":  # transformers 4.x layout, beside the top-level rope_theta
             data["rope_scaling"] = {"rope_type": self.rope_type, **self.rope_scaling}
@@ -242,9 +241,8 @@ class ModelConfig:
                                  "sliding_window or biases on only some attention projections have no config.json "
                                  "this runtime reads")
             family = "granite"
-            data.update({name: getattr(self, field) for name, field in _GRANITE_FIELDS.items()},
-                        attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
-            data["attention_multiplier"] = self.attention_scale
+            data.update({name: getattr(self, name) for name in _GRANITE_FIELDS}, attention_bias=self.qkv_bias,
+                        mlp_bias=self.mlp_bias, attention_multiplier=self.attention_scale)
         elif self.qk_norm:
             if self.sliding_window is not None or self.mlp_bias or self.qkv_bias != self.o_bias:
                 raise ValueError(f"model {self.name}: norms of the query and key heads (Qwen3) with a sliding_window, "
@@ -443,7 +441,7 @@ def _granite_scalars(data: Mapping[str, Any], family: str, where: str) -> dict[s
             raise ValueError(f"{where}: {present[0]} = {_show(data[present[0]])} is a Granite field, not implemented "
                              f"for model_type {family!r}")
         return {}
-    return {field: _number(data.get(name, 1.0), name, where) for name, field in _GRANITE_FIELDS.items()}
+    return {name: _number(data.get(name, 1.0), name, where) for name in _GRANITE_FIELDS}
 
 
 def _check_phi3_fields(data: Mapping[str, Any], family: str, where: str) -> None:
