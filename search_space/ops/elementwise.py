@@ -39,7 +39,23 @@ from ..template import ArgSpec, Operator, register_operator
 from .common import FLOAT_DTYPES, ITEMSIZE, random_normal, random_uniform, to_float32, to_float64
 
 
-class RowOp(Operator):
+class NumpyComputedOp(Operator):
+    """An operator whose subclass computes it in numpy (``compute``, over a dict of arrays in
+    whatever float type they hold): its reference is that in float64, its baseline in float32."""
+
+    def compute(self, task: Task, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The operator in numpy, in whatever float type ``arrays`` hold."""
+        raise NotImplementedError
+
+    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.compute(task, {k: to_float64(v, task.dtype) for k, v in inputs.items()})
+
+    def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
+        arrays = {k: to_float32(v, task.dtype) for k, v in inputs.items()}
+        return f"numpy float32 {self.op}", lambda: self.compute(task, arrays)
+
+
+class RowOp(NumpyComputedOp):
     """Operators over M rows of N elements; inputs and outputs named by the subclass."""
 
     dims = ("M", "N")
@@ -70,17 +86,6 @@ class RowOp(Operator):
         out = {n: random_normal(rng, (d["M"], d["N"]), task.dtype) for n in self.row_inputs}
         out.update({n: random_uniform(rng, (d["N"],), task.dtype, 0.5, 1.5) for n in self.vector_inputs})
         return out
-
-    def compute(self, task: Task, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The operator in numpy, in whatever float type ``arrays`` hold."""
-        raise NotImplementedError
-
-    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.compute(task, {k: to_float64(v, task.dtype) for k, v in inputs.items()})
-
-    def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
-        arrays = {k: to_float32(v, task.dtype) for k, v in inputs.items()}
-        return f"numpy float32 {self.op}", lambda: self.compute(task, arrays)
 
 
 @register_operator
@@ -195,7 +200,7 @@ class BiasAddOp(RowOp):
 
 
 @register_operator
-class QKNormOp(Operator):
+class QKNormOp(NumpyComputedOp):
     op = "qk_norm"
     dims = ("T", "H", "HKV", "D")
     dynamic_dims = ("T",)
@@ -238,13 +243,6 @@ class QKNormOp(Operator):
             part = x[:, heads]
             y[:, heads] = part / np.sqrt(np.mean(part * part, axis=-1, keepdims=True) + eps) * gain
         return {"Y": y}
-
-    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.compute(task, {k: to_float64(v, task.dtype) for k, v in inputs.items()})
-
-    def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
-        arrays = {k: to_float32(v, task.dtype) for k, v in inputs.items()}
-        return "numpy float32 qk_norm", lambda: self.compute(task, arrays)
 
 
 def check_rope(op: str, task: Task) -> None:
