@@ -136,7 +136,7 @@ class ModelConfig:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                       "num_hidden_layers", "vocab_size", "max_position_embeddings"):
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _positive_int(value):
                 raise ValueError(f"model {self.name}: {field} must be a positive integer, got {value!r}")
         for field in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm"):
             if not isinstance(getattr(self, field), bool):  # "no" would read as true
@@ -154,7 +154,7 @@ class ModelConfig:
             if not (number and value > 0 and math.isfinite(value)):
                 raise ValueError(f"model {self.name}: {field} must be a positive finite number, got {value!r}")
         window = self.sliding_window
-        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        if window is not None and not _positive_int(window):
             raise ValueError(f"model {self.name}: sliding_window must be a positive integer or null, got {window!r}")
         takes = ROPE_PARAMETERS.get(self.rope_type, ())
         stray = [f for p, f in _ROPE_FIELDS.items() if p not in takes and getattr(self, f) is not None]
@@ -300,8 +300,8 @@ class ModelConfig:
         # honoured or refused by __post_init__, never replaced
         head_dim = _or(data.get("head_dim"), _ABSENT_HEAD_DIM.get(family))
         if head_dim is None:  # 0 where the sizes are not counts: __post_init__ names the one that is not
-            counts = all(isinstance(v, int) and not isinstance(v, bool) for v in (data["hidden_size"], heads))
-            head_dim = data["hidden_size"] // heads if counts and heads else 0
+            counts = _positive_int(data["hidden_size"]) and _positive_int(heads)
+            head_dim = data["hidden_size"] // heads if counts else 0
         rope_type, scaling = _rope_scaling(data, where)
         return cls(name=name, hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
                    num_attention_heads=heads,
@@ -331,6 +331,11 @@ _ABSENT_EPS = {"phi3": 1e-5}  # Phi3Config's; every other family's config class 
 _ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096, "granite": 2048}
 # Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is
 _ABSENT_HEAD_DIM = {"qwen3": 128}
+
+
+def _positive_int(value: Any) -> bool:
+    """A count: an int of at least 1 (a bool is no count, though Python says it is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -380,7 +385,7 @@ def _check_layers(data: Mapping[str, Any], where: str) -> None:
         raise ValueError(f"{where}: rope_interleaved = true (rotary pairs of adjacent dims) is not implemented; "
                          "this runtime rotates halves, as transformers' Llama does")
     window = data.get("sliding_window")
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+    if window is not None and not _positive_int(window):
         raise ValueError(f"{where}: sliding_window = {_show(window)} is not a positive integer or null")
 
 
@@ -453,7 +458,7 @@ def _check_phi3_fields(data: Mapping[str, Any], family: str, where: str) -> None
     if family != "phi3":
         raise ValueError(f"{where}: original_max_position_embeddings = {_show(value)} at the top level is a Phi-3 "
                          f"field, not implemented for model_type {family!r}")
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+    if value is not None and not _positive_int(value):
         raise ValueError(f"{where}: original_max_position_embeddings = {_show(value)} is not a positive integer")
 
 
