@@ -40,8 +40,8 @@ def sweep(op, shape, dtype, target, sample, seed, restrict_items, threads, batch
     from measure import TimingPolicy
 
     check_tracking(tracking_uri, no_mlflow)
-    check_timeouts(build_timeout=build_timeout, run_timeout=run_timeout)
-    timing = timing_policy(repeats, min_sample_ms, run_timeout, TimingPolicy())
+    check_timeouts(build_timeout=build_timeout)
+    timing = timing_policy(repeats, min_sample_ms, run_timeout, TimingPolicy())  # checks --run-timeout too
     tgt = resolve_target(target)
     template, task = resolve_task(op, shape, dtype, tgt.kind)
     restrict = restriction(template, task, tgt, threads, restrict_items)
