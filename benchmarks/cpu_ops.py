@@ -64,7 +64,7 @@ LLM_CASES = [
     "gemm:M=2048,N=4096,K=4096",
 ]
 PRESETS = {"llm": LLM_CASES, "default": DEFAULT_CASES}
-ROW_OPS = ("rmsnorm", "layernorm", "softmax", "rope", "swiglu", "gelu", "add")
+ROW_OPS = ("rmsnorm", "layernorm", "softmax", "rope", "swiglu", "geglu", "gelu", "add")
 
 
 def parse_case(case: str) -> tuple[str, str, str, list[str]]:

@@ -12,6 +12,7 @@ compared with by ``autotune bench --target cuda``.
 | rope | rotate-half in eager torch with precomputed cos/sin (the Hugging Face Llama way) |
 | swiglu | ``F.silu(G) * U`` |
 | gelu | ``F.gelu(X, approximate="tanh")`` |
+| geglu | ``F.gelu(G, approximate="tanh") * U`` |
 | add | ``torch.add`` |
 | bias_add | ``X + B`` (broadcast over rows) |
 | attention_prefill, attention_decode | ``F.scaled_dot_product_attention`` (GQA) |
@@ -179,6 +180,14 @@ def _gelu(torch, task, t, template):
 
     x = t["X"]
     return "F.gelu(tanh)", lambda: F.gelu(x, approximate="tanh")
+
+
+@baseline("geglu")
+def _geglu(torch, task, t, template):
+    import torch.nn.functional as F
+
+    g, u = t["G"], t["U"]
+    return "F.gelu(G, tanh) * U", lambda: F.gelu(g, approximate="tanh") * u
 
 
 @baseline("add")

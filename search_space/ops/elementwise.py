@@ -16,6 +16,7 @@ template reads):
   Y[i] = X[i] cos a - X[i + D/2] sin a,  Y[i + D/2] = X[i + D/2] cos a + X[i] sin a.
 - ``swiglu``:    G[M,N], U[M,N] -> Y = silu(G) * U, silu(g) = g / (1 + exp(-g)).
 - ``gelu``:      X[M,N] -> Y = 0.5 X (1 + tanh(sqrt(2/pi) (X + 0.044715 X^3))).
+- ``geglu``:     G[M,N], U[M,N] -> Y = gelu(G) * U, gelu as above (Gemma's gated MLP).
 - ``add``:       A[M,N], B[M,N] -> Y = A + B.
 - ``bias_add``:  X[M,N], B[N] -> Y = X + B (B added to every row: a linear layer's bias).
 - ``qk_norm``:   X[T, H + 2 HKV, D] (a token's Q/K/V projection: H query heads, then HKV key
@@ -168,6 +169,11 @@ class SwiGLUOp(RowOp):
         return {"Y": g / (1.0 + np.exp(-g)) * a["U"]}
 
 
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU's tanh approximation (PyTorch's ``approximate="tanh"``) in the type of ``x``."""
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
 @register_operator
 class GeluOp(RowOp):
     op = "gelu"
@@ -175,8 +181,19 @@ class GeluOp(RowOp):
     description = "GELU, tanh approximation"
 
     def compute(self, task, a):
-        x = a["X"]
-        return {"Y": 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))}
+        return {"Y": gelu_tanh(a["X"])}
+
+
+@register_operator
+class GegluOp(RowOp):
+    op = "geglu"
+    row_inputs = ("G", "U")
+    example_shape = {"M": 512, "N": 11008}
+    flops_per_element = 12.0
+    description = "GeGLU Y = gelu_tanh(G) * U (Gemma's gated MLP activation)"
+
+    def compute(self, task, a):
+        return {"Y": gelu_tanh(a["G"]) * a["U"]}
 
 
 @register_operator

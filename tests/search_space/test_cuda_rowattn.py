@@ -16,7 +16,7 @@ from search_space.templates.cuda.rowplan import RowPlan
 
 SM90 = Target.from_name("sm_90a")
 ROW_OPS = ("softmax", "rmsnorm", "layernorm")
-FLAT_OPS = ("add", "swiglu", "gelu", "bias_add")
+FLAT_OPS = ("add", "swiglu", "geglu", "gelu", "bias_add")
 OPS = ROW_OPS + FLAT_OPS + ("qk_norm", "rope", "attention_decode", "attention_prefill")
 DTYPES = ("float32", "float16", "bfloat16")
 SIZES = (1, 2, 7, 31, 33, 511, 4097)
@@ -197,7 +197,7 @@ def test_every_valid_config_respects_the_target(op):
     shapes = {
         "softmax": {"M": 64, "N": 11008}, "rmsnorm": {"M": 64, "N": 11008}, "layernorm": {"M": 64, "N": 4096},
         "add": {"M": 64, "N": 4096}, "swiglu": {"M": 64, "N": 11008}, "gelu": {"M": 64, "N": 4096},
-        "bias_add": {"M": 64, "N": 4096},
+        "geglu": {"M": 64, "N": 11008}, "bias_add": {"M": 64, "N": 4096},
         "qk_norm": {"T": 64, "H": 64, "HKV": 4, "D": 128},
         "rope": {"T": 64, "H": 32, "D": 128},
         "attention_decode": {"B": 8, "H": 32, "HKV": 8, "D": 128, "S": 4096, "L": 4096},

@@ -32,6 +32,7 @@ CASES = [
      [{}, dict(mapping="block", threads=64, cache="reread", unroll=2, stream=1)]),
     ("add", {"M": 8, "N": 1001}, {}, None, [{"M": 3}], [{}, dict(grid="persistent", vec=2)]),
     ("swiglu", {"M": 8, "N": 7}, {}, None, [{"M": 5}], [{}]),
+    ("geglu", {"M": 8, "N": 7}, {}, None, [{"M": 5}], [{}]),
     # the bias is read at each element's column: rows other than the tuned count, a long odd row
     ("bias_add", {"M": 8, "N": 1000}, {}, None, [{"M": 3}], [{}, dict(grid="persistent", vec=2, unroll=4)]),
     ("bias_add", {"M": 4, "N": 7}, {}, None, [{"M": 5}], [{}]),

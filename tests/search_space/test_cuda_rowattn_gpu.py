@@ -172,7 +172,7 @@ def test_elementwise_ops_on_gpu(drv, builder, target):
     runs = [{"M": 1}, {"M": 5}, {"M": 64}, {"M": 333}]
     wanted = [dict(grid="persistent"), dict(vec=1, unroll=4), dict(stream=1, unroll=1)]
     cases = [(op, {"M": 64, "N": n}, {}, ("M",), runs, wanted)
-             for op in ("add", "swiglu", "gelu") for n in (1, 7, 1001, 4096)]
+             for op in ("add", "swiglu", "geglu", "gelu") for n in (1, 7, 1001, 4096)]
     check_cases(drv, builder, target, cases, n_sampled=1)
 
 

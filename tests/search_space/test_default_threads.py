@@ -14,6 +14,7 @@ BIG = [  # tens of microseconds to milliseconds on one core
     ("gemv_q4", {"M": 1, "N": 4096, "K": 4096}, ()),
     ("rmsnorm", {"M": 128, "N": 2048}, ("M",)),
     ("swiglu", {"M": 128, "N": 5632}, ("M",)),
+    ("geglu", {"M": 128, "N": 5632}, ("M",)),
     ("attention_decode", {"B": 1, "H": 32, "HKV": 8, "D": 128, "S": 2048, "L": 2048}, ("S", "L")),
     ("attention_prefill", {"B": 1, "T": 128, "H": 32, "HKV": 4, "D": 64}, ("T",)),
 ]
@@ -21,6 +22,7 @@ SMALL = [  # a token's row: over before a worker wakes
     ("rmsnorm", {"M": 1, "N": 2048}, ()),
     ("rope", {"T": 1, "H": 36, "D": 64}, ("T",)),
     ("swiglu", {"M": 1, "N": 512}, ("M",)),
+    ("geglu", {"M": 1, "N": 512}, ("M",)),
 ]
 
 

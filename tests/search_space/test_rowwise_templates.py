@@ -18,9 +18,9 @@ from measure.cpu_kernel import allocate_args, load_object
 from measure.verify import check_output
 from search_space import Task, get_template
 
-ROW_OPS = ["softmax", "rmsnorm", "layernorm", "swiglu", "gelu", "add", "bias_add"]
-OP_KNOBS = {"softmax": "passes", "rmsnorm": "reuse", "layernorm": "stats", "gelu": "form", "rope": "table",
-            "qk_norm": "reuse"}
+ROW_OPS = ["softmax", "rmsnorm", "layernorm", "swiglu", "geglu", "gelu", "add", "bias_add"]
+OP_KNOBS = {"softmax": "passes", "rmsnorm": "reuse", "layernorm": "stats", "gelu": "form", "geglu": "form",
+            "rope": "table", "qk_norm": "reuse"}
 # shapes of the operators that are not M rows of N
 SHAPES = {"rope": {"T": 5, "H": 3, "D": 38}, "qk_norm": {"T": 5, "H": 3, "HKV": 1, "D": 38}}
 SMALLEST = {"rope": {"T": 1, "H": 1, "D": 2}, "qk_norm": {"T": 1, "H": 1, "HKV": 1, "D": 2}}
@@ -314,7 +314,7 @@ def test_every_config_of_the_smallest_shape_verifies(op, attrs, host, builder, r
 
 STREAMING_CASES = [
     ("add", {"M": 2100, "N": 1001}, {}), ("swiglu", {"M": 2100, "N": 1001}, {}), ("gelu", {"M": 4200, "N": 1001}, {}),
-    ("bias_add", {"M": 2100, "N": 1001}, {}),
+    ("geglu", {"M": 2100, "N": 1001}, {}), ("bias_add", {"M": 2100, "N": 1001}, {}),
     ("softmax", {"M": 2100, "N": 1001}, {}), ("rmsnorm", {"M": 2100, "N": 1001}, {}),
     ("rmsnorm", {"M": 1100, "N": 1001}, {"residual": True}), ("layernorm", {"M": 2100, "N": 1001}, {}),
     ("rope", {"T": 520, "H": 32, "D": 130}, {}),
