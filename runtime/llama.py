@@ -11,7 +11,11 @@ template defaults); activations, weights and the KV cache live where the kernels
 Granite's scalars are folded into the weights as they are copied to where the kernels run
 (``LlamaModel._factor``): the embedding table times ``embedding_multiplier``, the output and
 down projections (weights and biases) times ``residual_multiplier``, the LM head over
-``logits_scaling``; its ``attention_multiplier`` is the attention kernels' ``scale``.
+``logits_scaling``; its ``attention_multiplier`` is the attention kernels' ``scale``. So are
+Gemma's: its embedding scale (``embedding_multiplier``, rounded to a 16-bit model's precision
+as transformers rounds it) and its norms' 1 + weight (``ModelConfig.offset_norms``: the gains
+uploaded are 1 + weight). Gemma 3 normalises each sublayer's output before its residual add
+(``post_norm`` into ``post``, which the residual norm then adds).
 
 A bfloat16 model on CPU kernels is weight-only (``runtime.plan.precisions``): its linear layers
 read bfloat16 words (half the bytes of a decode step), and everything else computes and is
@@ -34,10 +38,10 @@ from .arrays import arrays_for
 from .generation import Generation, checked_generation, checked_tokens
 from .kernel import BoundCall, Kernel, KernelProvider, buckets, numpy_dtype, select
 from .model_config import ModelConfig
-from .plan import (FUSED_ATTRS, GEMV_MAX_M, PREFILL_DYNAMIC_ROWS, KernelCall, bias_role, biased_projections,
-                   can_fuse_norms, decode_calls, precisions, prefill_calls, unfused)
+from .plan import (FUSED_ATTRS, GATED_ACTS, GEMV_MAX_M, PREFILL_DYNAMIC_ROWS, KernelCall, bias_role,
+                   biased_projections, can_fuse_norms, decode_calls, precisions, prefill_calls, rope_suffix, unfused)
 from .precision import bfloat16_to_float32, check_dtype, from_float, rounded, stored_as, to_float32, widened
-from .weights import QK_NORMS, DeviceWeights, ModelWeights, bias_name, fused_parts, layer_name
+from .weights import QK_NORMS, DeviceWeights, ModelWeights, bias_name, fused_parts, is_norm_gain, layer_name
 
 
 # the buffer each projection of a layer writes, by role
@@ -64,6 +68,8 @@ class _Buffers:
                   "mlp": c.hidden_size}
         if c.qk_norm:
             widths["qkv_pre"] = widths["qkv"]
+        if c.post_norms:  # a sublayer's normalised output, which the residual norm adds
+            widths["post"] = c.hidden_size
         self.names = {name: arrays.empty((rows, width), numpy_dtype(dtype)) for name, width in widths.items()}
         biased = biased_projections(c)
         self.raw = {out: arrays.empty((rows, widths[out]), numpy_dtype(dtype)) for role, out in _OUTPUTS.items()
@@ -116,12 +122,12 @@ _RESIDUAL_BRANCH_ENDS = tuple(f".{part}.{kind}" for part in ("self_attn.o_proj",
                               for kind in ("weight", "bias"))
 
 
-def _times(array: np.ndarray, factor: float, storage: str) -> np.ndarray:
-    """A tensor stored in ``storage`` (bfloat16: raw words) times ``factor``, stored so again
-    (itself for a factor of 1)."""
-    if factor == 1.0:
+def _times(array: np.ndarray, factor: float, storage: str, offset: float = 0.0) -> np.ndarray:
+    """A tensor stored in ``storage`` (bfloat16: raw words) times ``factor`` plus ``offset``
+    (computed in float32), stored so again (itself for a factor of 1 and no offset)."""
+    if factor == 1.0 and offset == 0.0:
         return array
-    return from_float(to_float32(np.asarray(array), storage) * np.float32(factor), storage)
+    return from_float(to_float32(np.asarray(array), storage) * np.float32(factor) + np.float32(offset), storage)
 
 
 def _all_tuned(specs: list[KernelSpec], calls: list[KernelCall]) -> bool:
@@ -158,8 +164,9 @@ class LlamaModel:
                 raise ValueError("device weights need a provider of CUDA kernels")
             if config.scaled:
                 raise ValueError(f"{config.name}: Granite's embedding_multiplier, residual_multiplier and "
-                                 "logits_scaling are folded into the weights as they are uploaded; device weights "
-                                 "are used as they lie, so pass host weights (ModelWeights)")
+                                 "logits_scaling, and Gemma's embedding scale and norms by 1 + weight, are folded "
+                                 "into the weights as they are uploaded; device weights are used as they lie, so "
+                                 "pass host weights (ModelWeights)")
             self.embed = weights.embedding
             if self.embed.dtype != numpy_dtype(dtype):
                 raise ValueError(f"the embedding table is {self.embed.dtype}; a {dtype} model needs "
@@ -171,8 +178,9 @@ class LlamaModel:
                 self._device[f"{self.lm_head_name}#"] = self.arrays.upload(
                     _times(words, self._factor(self.lm_head_name), self.weights_dtype))
         else:  # gathered on the host, rows already in the model's precision
-            self.embed = _times(stored_as(weights.tensors["model.embed_tokens.weight"], dtype),
-                                config.embedding_multiplier, dtype)
+            # the scale in that precision, as transformers' Gemma multiplies by it (Granite's are exact)
+            scale = float(rounded(np.array([config.embedding_multiplier], np.float32), dtype)[0])
+            self.embed = _times(stored_as(weights.tensors["model.embed_tokens.weight"], dtype), scale, dtype)
         self.used: dict[str, Kernel] = {}  # every kernel handed out, by what it was tuned for
         self.prefill_sizes = prefill_sizes
         self._memo: dict[tuple, Kernel] = {}  # the provider's answer per call shape
@@ -242,7 +250,9 @@ class LlamaModel:
                                             linear and not part) for p in parts]
             host = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
             if part != "wq":  # int4 codes keep their values; their scales take the factor
-                host = _times(host, self._factor(name), self.weights_dtype if linear and not part else self.activations)
+                offset = 1.0 if self.config.offset_norms and is_norm_gain(name) else 0.0  # Gemma's 1 + weight
+                host = _times(host, self._factor(name), self.weights_dtype if linear and not part else self.activations,
+                              offset)
             self._device[key] = self.arrays.upload(host)
         return self._device[key]
 
@@ -381,18 +391,18 @@ class LlamaModel:
 
     # -- one pass ----------------------------------------------------------------------
     @staticmethod
-    def _ropes(k: dict[str, Kernel], buf: _Buffers) -> list:
+    def _ropes(k: dict[str, Kernel], buf: _Buffers, suffix: str = "") -> list:
         """The calls after the Q/K/V projection that rotate q and k (none where ``rope_append`` or
         ``rope_append_attention`` does it, reading q, k and v from the projection's rows), with the
-        column copies first."""
+        column copies first; ``suffix``: the layer's (``runtime.plan.rope_suffix``)."""
         rows = buf.rows
-        if "rope_append" in k or k["attention"].spec.op == "rope_append_attention":
+        if "rope_append" + suffix in k or k["attention"].spec.op == "rope_append_attention":
             return []
-        if "rope_qk" in k:  # one row: q and k rotated in one call
-            return [k["rope_qk"].bind({"X": buf.qk, "P": buf.positions, "Y": buf.qkr}, {"T": rows})]
+        if "rope_qk" + suffix in k:  # one row: q and k rotated in one call
+            return [k["rope_qk" + suffix].bind({"X": buf.qk, "P": buf.positions, "Y": buf.qkr}, {"T": rows})]
         return [*_host_calls(buf.split_qkv),
-                k["rope_q"].bind({"X": buf.q, "P": buf.positions, "Y": buf.qr}, {"T": rows}),
-                k["rope_k"].bind({"X": buf.k, "P": buf.positions, "Y": buf.kr}, {"T": rows})]
+                k["rope_q" + suffix].bind({"X": buf.q, "P": buf.positions, "Y": buf.qr}, {"T": rows}),
+                k["rope_k" + suffix].bind({"X": buf.k, "P": buf.positions, "Y": buf.kr}, {"T": rows})]
 
     def _layer_calls(self, k: dict[str, Kernel], buf: _Buffers, layer: int) -> tuple[list, list]:
         """Bound calls of one layer before and after attention (the rotary embedding and cache
@@ -401,17 +411,28 @@ class LlamaModel:
         if "residual_norm" not in k:  # the GEMVs do the norms (runtime.plan.FUSED_NORMS)
             return self._fused_layer_calls(k, buf, layer)
         c, lay, rows = self.config, layer, buf.rows
-        before = [*self._qkv_calls(k, buf, lay, buf.h), *self._ropes(k, buf)]
+        before = [*self._qkv_calls(k, buf, lay, buf.h), *self._ropes(k, buf, rope_suffix(c, lay))]
         last = lay == c.num_hidden_layers - 1
         next_gain = "model.norm.weight" if last else layer_name(lay + 1, "input_layernorm")
+        act = GATED_ACTS[c.activation]
+        if c.post_norms:  # Gemma 3: each sublayer's output normalised into ``post``, which is added
+            attention_out, mlp_out, mlp_gain = buf.post, buf.post, layer_name(lay, "pre_feedforward_layernorm")
+            post_attention = [self._norm(k["post_norm"], layer_name(lay, "post_attention_layernorm"), buf.o, buf.post,
+                                         rows)]
+            post_mlp = [self._norm(k["post_norm"], layer_name(lay, "post_feedforward_layernorm"), buf.mlp, buf.post,
+                                   rows)]
+        else:
+            attention_out, mlp_out, mlp_gain = buf.o, buf.mlp, layer_name(lay, "post_attention_layernorm")
+            post_attention = post_mlp = []
         after = [*self._projection(k, buf, lay, "o_proj", "self_attn.o_proj", buf.attn),
-                 self._norm(k["residual_norm"], layer_name(lay, "post_attention_layernorm"), buf.o, buf.h, rows,
-                            buf.res_a, buf.res_b),
+                 *post_attention,
+                 self._norm(k["residual_norm"], mlp_gain, attention_out, buf.h, rows, buf.res_a, buf.res_b),
                  *self._projection(k, buf, lay, "gate_up_proj", "mlp.gate_up_proj", buf.h),
                  *_host_calls(buf.split_gate_up),
-                 k["swiglu"].bind({"G": buf.gate, "U": buf.up, "Y": buf.act}, {"M": rows}),
+                 k[act].bind({"G": buf.gate, "U": buf.up, "Y": buf.act}, {"M": rows}),
                  *self._projection(k, buf, lay, "down_proj", "mlp.down_proj", buf.act),
-                 self._norm(k["residual_norm"], next_gain, buf.mlp, buf.h, rows, buf.res_b, buf.res_a)]
+                 *post_mlp,
+                 self._norm(k["residual_norm"], next_gain, mlp_out, buf.h, rows, buf.res_b, buf.res_a)]
         return before, after
 
     def _fused_layer_calls(self, k: dict[str, Kernel], buf: _Buffers, layer: int) -> tuple[list, list]:
@@ -421,7 +442,7 @@ class LlamaModel:
         layer's Q/K/V projection (or the LM head) norms it."""
         lay = layer
         before = [*self._qkv_calls(k, buf, lay, buf.res_a, gain=layer_name(lay, "input_layernorm")),
-                  *self._ropes(k, buf)]
+                  *self._ropes(k, buf, rope_suffix(self.config, lay))]
         after = [*self._projection(k, buf, lay, "o_proj", "self_attn.o_proj", buf.attn, residual=buf.res_a,
                                    out=buf.res_b),
                  *self._projection(k, buf, lay, "gate_up_proj", "mlp.gate_up_proj", buf.res_b,
@@ -711,7 +732,7 @@ class _ResidentStep:
         self.capacity = capacity
         for layer, (k_cache, v_cache) in enumerate(caches):
             before, after = model._layer_calls(k, buf, layer)
-            self.bound += before + self._attention_calls(k, k_cache, v_cache, positions) + after
+            self.bound += before + self._attention_calls(k, k_cache, v_cache, positions, rope_suffix(c, layer)) + after
         if self.fused_norms:  # the LM head normalises the residual stream itself
             self.bound.append(model._linear(k["lm_head"], model.lm_head_name, buf.res_a, self.logits,
                                             gain="model.norm.weight"))
@@ -726,16 +747,17 @@ class _ResidentStep:
         self.programmatic_error = model._edges_refused
         self.mode = "graph" if self._graph(keep_logits) is not None else "resident"  # captured here, untimed
 
-    def _attention_calls(self, k: dict, k_cache, v_cache, positions) -> list:
+    def _attention_calls(self, k: dict, k_cache, v_cache, positions, suffix: str = "") -> list:
         """A layer's calls from the Q/K/V projection's rows to attention's output: q and k rotated
-        at the positions the graph copies in, k and v written to the caches there, attention."""
+        at the positions the graph copies in, k and v written to the caches there, attention;
+        ``suffix``: the layer's rope kernels' (``runtime.plan.rope_suffix``)."""
         buf, capacity = self.buf, self.capacity
         if k["attention"].spec.op == "rope_append_attention":  # all in one kernel
             # K and KC are one cache: the kernel reads the rows before each position, writes the one there
             return [k["attention"].bind({"QKV": buf.qkv, "P": positions, "K": k_cache, "V": v_cache, "O": buf.attn,
                                          "KC": k_cache, "VC": v_cache}, {"S": capacity, "L": capacity})]
-        if "rope_append" in k:
-            append = k["rope_append"].bind({"QKV": buf.qkv, "P": positions, "Q": buf.qr, "KC": k_cache,
+        if "rope_append" + suffix in k:
+            append = k["rope_append" + suffix].bind({"QKV": buf.qkv, "P": positions, "Q": buf.qr, "KC": k_cache,
                                             "VC": v_cache}, {"S": capacity})
         else:  # rotated by the rope calls before it
             rows = (buf.rows, self.model.config.num_key_value_heads, self.model.config.head_dim)

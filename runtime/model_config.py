@@ -16,8 +16,12 @@ and o) and ``mlp_bias`` (gate, up, down), Qwen2's fixed q/k/v biases and Qwen3's
 checkpoint (``runtime.weights`` splits them) and an optional sliding window as Mistral's.
 Granite is Llama with four scalars: the embeddings times ``embedding_multiplier``, each
 sublayer's output times ``residual_multiplier`` before its residual add, ``attention_multiplier``
-as the softmax scale and the logits over ``logits_scaling``. The lists below say what is
-accepted and why.
+as the softmax scale and the logits over ``logits_scaling``. Gemma is Llama with its embeddings
+times sqrt(hidden_size), every RMSNorm scaling by 1 + its weight and GeGLU (the tanh form of
+GeLU) as the MLP's gate; Gemma 3 (text) adds Qwen3's norms of the query and key heads, a norm
+of each sublayer's output before its residual add, ``query_pre_attn_scalar`` as the softmax
+scale and, in its sliding-window layers, a rotary embedding of its own base. The lists below
+say what is accepted and why.
 """
 from __future__ import annotations
 
@@ -38,16 +42,26 @@ from .rope_frequencies import ROPE_TYPES, rope_attrs, rope_problem
 # of each query and key head before the rotary embedding (``qk_norm``), its head_dim 128 unless
 # said (not hidden / heads).
 # Phi-3 and Phi-4 are Llama with stacked Q/K/V and gate/up tensors and Mistral's optional window.
+# Gemma and Gemma 3: see the module's docstring; Gemma 3's sliding window is refused at run time
+# as Mistral's is (within it, its sliding layers differ from the others only by their rope base).
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM"}
+            "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
+            "gemma": "GemmaForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES.values())
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Why some popular look-alikes are refused, said in the error line.
-_WHY_NOT = {"GemmaForCausalLM": "it scales embeddings, offsets its norms, gates with GeLU",
-            "gemma": "it scales embeddings, offsets its norms, gates with GeLU",
+_GEMMA2_WHY = "it soft-caps its attention scores"
+_GEMMA3_WHY = ("the multimodal Gemma 3: its language model's config is the text_config inside, its weights under "
+               "language_model; the text-only Gemma3ForCausalLM (model_type gemma3_text) is supported")
+_WHY_NOT = {"Gemma2ForCausalLM": _GEMMA2_WHY, "gemma2": _GEMMA2_WHY,
+            "Gemma3ForConditionalGeneration": _GEMMA3_WHY, "gemma3": _GEMMA3_WHY,
             "MixtralForCausalLM": "its MLP is a mixture of experts", "mixtral": "its MLP is a mixture of experts"}
 # silu and swish are the same function (x * sigmoid(x)), the gate of SwiGLU.
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
+# Gemma's gate: GeLU's tanh form (transformers reads Gemma's legacy "gelu" as it, with a warning)
+GEMMA_ACTIVATIONS = {"gemma": ("gelu_pytorch_tanh", "gelu"), "gemma3_text": ("gelu_pytorch_tanh",)}
+# ModelConfig.activation: the gate's function, by the kernel that applies it (runtime.plan)
+ACTIVATIONS = ("silu", "gelu_tanh")
 # Rotary embedding variants implemented (``runtime.rope_frequencies``); dynamic, yarn,
 # longrope ... change the frequencies (some with the sequence length, some scale the
 # attention too) and would give other logits, so they are refused.
@@ -69,10 +83,19 @@ READ_FIELDS = frozenset({
     # Phi-3's: the context its longrope scaling starts from; any other rope ignores it (checked: phi3 only)
     "original_max_position_embeddings",
     # Granite's scalars (granite only: _GRANITE_FIELDS)
-    "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"})
+    "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
+    # Gemma's and Gemma 3's (gemma families only: _GEMMA_FIELDS)
+    *("hidden_activation", "query_pre_attn_scalar", "rope_local_base_freq", "sliding_window_pattern",
+      "_sliding_window_pattern", "final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention")})
 # Granite's scalars: config.json fields and ModelConfig fields of the same names
 _GRANITE_FIELDS = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
-_QWEN_FIELDS = ("use_sliding_window", "max_window_layers", "layer_types", "use_mrope")
+_QWEN_FIELDS = ("use_sliding_window", "max_window_layers", "use_mrope")
+_GEMMA_FIELDS = ("hidden_activation", "query_pre_attn_scalar", "rope_local_base_freq", "sliding_window_pattern",
+                 "_sliding_window_pattern", "final_logit_softcapping", "attn_logit_softcapping",
+                 "use_bidirectional_attention")
+_GEMMA_FAMILIES = ("gemma", "gemma3_text")
+# the fields of Gemma 3 alone (Gemma's config class has use_bidirectional_attention too)
+_GEMMA3_ONLY = tuple(f for f in _GEMMA_FIELDS if f not in ("use_bidirectional_attention",))
 _QWEN_FAMILIES = ("qwen2", "qwen3")
 # Fields that change nothing a greedy decoder computes from the weights: token ids (the
 # caller's business), training-only settings (initialisation, dropout: inference has none),
@@ -85,6 +108,7 @@ HARMLESS_FIELDS = frozenset({
     "output_attentions", "output_hidden_states", "return_dict", "torchscript", "_attn_implementation_autoset",
     "tokenizer_class", "id2label", "label2id",
     "unsloth_version",  # the fine-tuning tool's version, written into the checkpoints it saves
+    "cache_implementation",  # Gemma 3's: the KV cache class transformers' generate() picks
     "resid_pdrop", "embd_pdrop",  # Phi-3's dropouts: inference has none
     "is_llama_config"})  # nanotron's (SmolLM2): says the config is Llama's, which it is checked to be
 # Keys inside ``rope_scaling`` / ``rope_parameters`` that any rope may carry (its type and,
@@ -131,6 +155,17 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
+    # Gemma: the gated MLP's activation ("silu": SwiGLU; "gelu_tanh": GeGLU) and every RMSNorm
+    # (the query and key heads' too) scaling by 1 + its weight
+    activation: str = "silu"
+    offset_norms: bool = False
+    # Gemma 3: each sublayer's output RMS-normalised (post_attention_layernorm,
+    # post_feedforward_layernorm) before its residual add, the MLP's input by pre_feedforward_layernorm
+    post_norms: bool = False
+    # Gemma 3: the layers of sliding-window attention, whose rotary embedding (the default one)
+    # has the base local_rope_theta
+    local_layers: tuple[int, ...] = ()
+    local_rope_theta: float | None = None
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -138,7 +173,7 @@ class ModelConfig:
             value = getattr(self, field)
             if not _positive_int(value):
                 raise ValueError(f"model {self.name}: {field} must be a positive integer, got {value!r}")
-        for field in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm"):
+        for field in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "offset_norms", "post_norms"):
             if not isinstance(getattr(self, field), bool):  # "no" would read as true
                 raise ValueError(f"model {self.name}: {field} must be true or false, got {getattr(self, field)!r}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -153,6 +188,23 @@ class ModelConfig:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (number and value > 0 and math.isfinite(value)):
                 raise ValueError(f"model {self.name}: {field} must be a positive finite number, got {value!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model {self.name}: activation must be one of {', '.join(ACTIVATIONS)}, "
+                             f"got {self.activation!r}")
+        layers = self.local_layers
+        if not isinstance(layers, (tuple, list)) or not all(
+                _positive_int(i + 1) if isinstance(i, int) else False for i in layers):
+            raise ValueError(f"model {self.name}: local_layers must be a list of layer indices, got {layers!r}")
+        object.__setattr__(self, "local_layers", tuple(sorted(set(layers))))  # a JSON list reads back equal
+        if self.local_layers and self.local_layers[-1] >= self.num_hidden_layers:
+            raise ValueError(f"model {self.name}: local_layers names layer {self.local_layers[-1]} of "
+                             f"{self.num_hidden_layers}")
+        if (self.local_rope_theta is None) != (not self.local_layers):
+            raise ValueError(f"model {self.name}: local_layers and local_rope_theta go together")
+        theta = self.local_rope_theta
+        if theta is not None and not (isinstance(theta, (int, float)) and not isinstance(theta, bool)
+                                      and theta > 0 and math.isfinite(theta)):
+            raise ValueError(f"model {self.name}: local_rope_theta must be a positive finite number, got {theta!r}")
         window = self.sliding_window
         if window is not None and not _positive_int(window):
             raise ValueError(f"model {self.name}: sliding_window must be a positive integer or null, got {window!r}")
@@ -167,9 +219,22 @@ class ModelConfig:
 
     @property
     def scaled(self) -> bool:
-        """Whether Granite's embedding, residual or logit scalars change anything (the attention
-        scale is the kernels' own attribute)."""
-        return (self.embedding_multiplier, self.residual_multiplier, self.logits_scaling) != (1.0, 1.0, 1.0)
+        """Whether the runtime folds anything into the weights as it uploads them: Granite's
+        embedding, residual or logit scalars, Gemma's embedding scale or its norms' 1 + weight
+        (the attention scale is the kernels' own attribute)."""
+        return ((self.embedding_multiplier, self.residual_multiplier, self.logits_scaling) != (1.0, 1.0, 1.0)
+                or self.offset_norms)
+
+    def layer_rope_attrs(self, layer: int) -> dict[str, Any]:
+        """The rope kernel's attributes in ``layer``: Gemma 3's local ones in its sliding layers."""
+        if layer in self.local_layers:
+            return rope_attrs(self.local_rope_theta)
+        return self.rope_attrs
+
+    @property
+    def split_rope(self) -> bool:
+        """Whether some layers rotate otherwise than the others (``layer_rope_attrs``)."""
+        return bool(self.local_layers) and rope_attrs(self.local_rope_theta) != self.rope_attrs
 
     @property
     def attention_scale(self) -> float:
@@ -202,7 +267,7 @@ class ModelConfig:
         h, i = self.hidden_size, self.intermediate_size
         layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
         layer += ((self.q_size + 2 * self.kv_size) * self.qkv_bias + h * self.o_bias
-                  + (2 * i + h) * self.mlp_bias + 2 * self.head_dim * self.qk_norm)
+                  + (2 * i + h) * self.mlp_bias + 2 * self.head_dim * self.qk_norm + 2 * h * self.post_norms)
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.num_hidden_layers * layer + self.vocab_size * h + head + h
 
@@ -228,8 +293,10 @@ class ModelConfig:
         data = asdict(self)
         data.pop("name")
         for field in ("rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
-                      *_GRANITE_FIELDS):
+                      *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "local_layers", "local_rope_theta"):
             data.pop(field)
+        if self.offset_norms or self.activation != "silu" or self.post_norms or self.local_layers:
+            return self._gemma_hf_dict(data)
         if self.rope_type != "default":  # transformers 4.x layout, beside the top-level rope_theta
             data["rope_scaling"] = {"rope_type": self.rope_type, **self.rope_scaling}
         if self.sliding_window is None:
@@ -267,6 +334,34 @@ class ModelConfig:
         data.update(model_type=family, architectures=[FAMILIES[family]], hidden_act="silu")
         return data
 
+    def _gemma_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``to_hf_dict`` of a Gemma (GeGLU, norms by 1 + weight, embeddings times sqrt(hidden))
+        or, with the sublayers' output norms, a Gemma 3; refused for a mix no family computes."""
+        gemma3 = self.post_norms
+        common = (self.activation == "gelu_tanh" and self.offset_norms and not self.mlp_bias
+                  and self.qkv_bias == self.o_bias and self.embedding_multiplier == self.hidden_size ** 0.5
+                  and (self.residual_multiplier, self.logits_scaling) == (1.0, 1.0))
+        own = (self.qk_norm if gemma3 else not (self.qk_norm or self.local_layers or self.sliding_window is not None
+                                                 or self.attention_multiplier is not None))
+        if not (common and own):
+            raise ValueError(f"model {self.name}: GeGLU, norms by 1 + weight, output norms or local rope layers in a "
+                             "mix that is neither Gemma's nor Gemma 3's have no config.json this runtime reads")
+        family = "gemma3_text" if gemma3 else "gemma"
+        data.update(model_type=family, architectures=[FAMILIES[family]], hidden_act="gelu_pytorch_tanh",
+                    attention_bias=self.qkv_bias)
+        if gemma3:
+            scalar = self.attention_scale ** -2  # query_pre_attn_scalar, an integer in every release
+            full = {"rope_type": self.rope_type, **self.rope_scaling, "rope_theta": data.pop("rope_theta")}
+            local = {"rope_type": "default", "rope_theta": self.local_rope_theta or 10000.0}
+            data.pop("rope_scaling", None)
+            data.update(hidden_activation="gelu_pytorch_tanh",
+                        query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-9 else scalar,
+                        rope_parameters={"full_attention": full, "sliding_attention": local},
+                        layer_types=["sliding_attention" if i in self.local_layers else "full_attention"
+                                     for i in range(self.num_hidden_layers)],
+                        sliding_window=self.sliding_window)  # null written: absent reads as 4096
+        return data
+
     @classmethod
     def from_hf_dict(cls, data: Mapping[str, Any], name: str = "model", source: str | None = None) -> "ModelConfig":
         """The config a transformers ``config.json`` (4.x or 5.x layout) describes, or a
@@ -288,13 +383,19 @@ class ModelConfig:
                                "vocab_size") if k not in data]
         if missing:
             raise ValueError(f"{where}: missing {', '.join(missing)}")
-        _check_layers(data, where)
+        _check_layers(data, family, where)
         biases = _biases(data, family, where)
         _check_qwen_fields(data, family, where)
         _check_phi3_fields(data, family, where)
-        scalars = _granite_scalars(data, family, where)
+        scalars = {**_granite_scalars(data, family, where), **_gemma_fields(data, family, where)}
+        if family == "gemma3_text":
+            data, scalars["local_rope_theta"] = _gemma3_ropes(data, where)
+            if not scalars["local_layers"]:  # no sliding layer: nothing rotates with the local base
+                scalars["local_rope_theta"] = None
         # Qwen's: see _check_qwen_fields; an absent one is what the family's config class defaults it to
         window = None if family in _QWEN_FAMILIES else data.get("sliding_window", _ABSENT_WINDOW.get(family))
+        if family == "gemma3_text" and not scalars["local_layers"]:  # only its sliding layers have the window
+            window = None
         heads = data["num_attention_heads"]
         # null or absent means the default, as in transformers; any other value (0 too) is
         # honoured or refused by __post_init__, never replaced
@@ -311,11 +412,11 @@ class ModelConfig:
                    rms_norm_eps=_number(data.get("rms_norm_eps", _ABSENT_EPS.get(family, 1e-6)), "rms_norm_eps",
                                         where),
                    rope_theta=_rope_theta(data, where),
-                   tie_word_embeddings=_flag(data, "tie_word_embeddings", where),
+                   tie_word_embeddings=_flag(data, "tie_word_embeddings", where, family in _GEMMA_FAMILIES),
                    max_position_embeddings=_or(data.get("max_position_embeddings"), _ABSENT_POSITIONS[family]),
                    sliding_window=window, rope_type=rope_type,
-                   **{_ROPE_FIELDS[p]: v for p, v in scaling.items()}, **biases, qk_norm=family == "qwen3",
-                   **scalars)
+                   **{_ROPE_FIELDS[p]: v for p, v in scaling.items()}, **biases,
+                   **{"qk_norm": family == "qwen3", **scalars})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
@@ -323,14 +424,15 @@ class ModelConfig:
 
 # An absent num_key_value_heads is what the family's config class defaults it to in
 # transformers 4.x and 5.x (Llama's: one per query head); null, as 4.x reads it, is one per query head.
-_ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32}
+_ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma3_text": 4}
 # Likewise an absent sliding_window (MistralConfig's is 4096; null: none) and an absent
 # max_position_embeddings (kept, and written back by to_hf_dict; nothing computes with it)
-_ABSENT_WINDOW = {"mistral": 4096}
+_ABSENT_WINDOW = {"mistral": 4096, "gemma3_text": 4096}
 _ABSENT_EPS = {"phi3": 1e-5}  # Phi3Config's; every other family's config class has 1e-6
-_ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096, "granite": 2048}
-# Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is
-_ABSENT_HEAD_DIM = {"qwen3": 128}
+_ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096, "granite": 2048,
+                     "gemma": 8192, "gemma3_text": 131072}
+# Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is, Gemma's 256
+_ABSENT_HEAD_DIM = {"qwen3": 128, "gemma": 256, "gemma3_text": 256}
 
 
 def _positive_int(value: Any) -> bool:
@@ -372,12 +474,13 @@ def _check_family(data: Mapping[str, Any], where: str) -> str:
     return named.pop() if named else "llama"
 
 
-def _check_layers(data: Mapping[str, Any], where: str) -> None:
-    """Fields that would change a layer's computation: only Llama's own values pass."""
-    act = data.get("hidden_act", "silu")
-    if act not in SUPPORTED_ACTIVATIONS:
-        raise ValueError(f"{where}: hidden_act {_show(act)} is not implemented; supported: "
-                         f"{', '.join(SUPPORTED_ACTIVATIONS)}")
+def _check_layers(data: Mapping[str, Any], family: str, where: str) -> None:
+    """Fields that would change a layer's computation: only Llama's own values pass (Gemma's
+    activation is its own, see _gemma_fields)."""
+    act = data.get("hidden_act", "silu" if family not in _GEMMA_FAMILIES else GEMMA_ACTIVATIONS[family][0])
+    supported = SUPPORTED_ACTIVATIONS if family not in _GEMMA_FAMILIES else GEMMA_ACTIVATIONS[family]
+    if act not in supported:
+        raise ValueError(f"{where}: hidden_act {_show(act)} is not implemented; supported: {', '.join(supported)}")
     tp = data.get("pretraining_tp")
     if tp not in (None, 1) or isinstance(tp, bool):
         raise ValueError(f"{where}: pretraining_tp = {_show(tp)} is not supported; supported: 1")
@@ -400,12 +503,12 @@ def _biases(data: Mapping[str, Any], family: str, where: str) -> dict[str, bool]
             raise ValueError(f"{where}: {field} = {_show(value)} is not true or false")
     if family in ("llama", "granite"):  # GraniteAttention and GraniteMLP read both switches as Llama's do
         return {"qkv_bias": attention, "o_bias": attention, "mlp_bias": mlp}
-    switches = ("attention_bias",) if family == "qwen3" else ()
+    switches = ("attention_bias",) if family in ("qwen3", *_GEMMA_FAMILIES) else ()
     for field, value in (("attention_bias", attention), ("mlp_bias", mlp)):
         if value and field not in switches:
             raise ValueError(f"{where}: {field} = true is not read by transformers for model_type {family!r}; "
                              "supported there: false")
-    if family == "qwen3":
+    if family in ("qwen3", *_GEMMA_FAMILIES):  # q, k, v and o, as Llama's
         return {"qkv_bias": attention, "o_bias": attention}
     return {"qkv_bias": family == "qwen2"}
 
@@ -419,7 +522,8 @@ def _check_qwen_fields(data: Mapping[str, Any], family: str, where: str) -> None
     embedding; true, Qwen2-VL's multimodal rotary embedding, is refused. Other families have none
     of these fields."""
     if family not in _QWEN_FAMILIES:
-        present = [f for f in _QWEN_FIELDS if f in data]
+        # layer_types: Gemma 3's are read by _gemma_fields
+        present = [f for f in (*_QWEN_FIELDS, *(("layer_types",) if family != "gemma3_text" else ())) if f in data]
         if present:
             raise ValueError(f"{where}: {present[0]} = {_show(data[present[0]])} is a Qwen field, not implemented "
                              f"for model_type {family!r}")
@@ -447,6 +551,97 @@ def _granite_scalars(data: Mapping[str, Any], family: str, where: str) -> dict[s
                              f"for model_type {family!r}")
         return {}
     return {name: _number(data.get(name, 1.0), name, where) for name in _GRANITE_FIELDS}
+
+
+def _gemma_fields(data: Mapping[str, Any], family: str, where: str) -> dict[str, Any]:
+    """ModelConfig's fields for Gemma (GeGLU, norms by 1 + weight, embeddings times
+    sqrt(hidden_size), as transformers' GemmaTextScaledWordEmbedding) and Gemma 3 (also the head
+    norms, the sublayers' output norms, ``query_pre_attn_scalar`` and the sliding layers given by
+    ``layer_types``, else every layer but each ``sliding_window_pattern``-th); refused by name in
+    another family, and soft-capping or bidirectional attention refused by value."""
+    own = _GEMMA_FIELDS if family == "gemma3_text" else ("hidden_activation", "use_bidirectional_attention")
+    present = [name for name in _GEMMA_FIELDS if name in data and name not in (own if family in _GEMMA_FAMILIES
+                                                                               else ())]
+    if present:
+        raise ValueError(f"{where}: {present[0]} = {_show(data[present[0]])} is a Gemma 3 field, not implemented "
+                         f"for model_type {family!r}")
+    if family not in _GEMMA_FAMILIES:
+        return {}
+    if data.get("use_bidirectional_attention") not in (None, False):
+        raise ValueError(f"{where}: use_bidirectional_attention = {_show(data['use_bidirectional_attention'])} "
+                         "(EmbeddingGemma's) is not implemented; supported: false")
+    # Gemma's config class has no hidden_activation (transformers ignores one left in old files);
+    # Gemma 3's has it for hidden_act
+    act = data.get("hidden_activation")
+    if act is not None and act not in GEMMA_ACTIVATIONS[family][:1]:
+        raise ValueError(f"{where}: hidden_activation {_show(act)} is not implemented; supported: "
+                         f"{GEMMA_ACTIVATIONS[family][0]}")
+    hidden = data.get("hidden_size")
+    fields: dict[str, Any] = {"activation": "gelu_tanh", "offset_norms": True,
+                              "embedding_multiplier": hidden ** 0.5 if _positive_int(hidden) else 1.0}
+    if family == "gemma":
+        return fields
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if data.get(name) is not None:
+            raise ValueError(f"{where}: {name} = {_show(data[name])} (soft-capping) is not implemented; "
+                             "supported: null")
+    scalar = _number(data.get("query_pre_attn_scalar", 256), "query_pre_attn_scalar", where)
+    fields.update(qk_norm=True, post_norms=True, attention_multiplier=scalar ** -0.5,
+                  local_layers=_sliding_layers(data, where))
+    return fields
+
+
+def _sliding_layers(data: Mapping[str, Any], where: str) -> tuple[int, ...]:
+    """Gemma 3's sliding-window layers: ``layer_types`` (transformers 5), else every layer but
+    each ``sliding_window_pattern``-th (6 where absent, as Gemma3TextConfig)."""
+    layers = data["num_hidden_layers"]
+    kinds = data.get("layer_types")
+    if kinds is not None:
+        if (not isinstance(kinds, list) or len(kinds) != layers
+                or any(kind not in ("sliding_attention", "full_attention") for kind in kinds)):
+            raise ValueError(f"{where}: layer_types = {_show(kinds)} is not \"sliding_attention\" or "
+                             "\"full_attention\" for each of the num_hidden_layers layers")
+        return tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
+    patterns = {data[name] for name in ("sliding_window_pattern", "_sliding_window_pattern") if name in data}
+    pattern = patterns.pop() if len(patterns) == 1 else (6 if not patterns else None)
+    if not _positive_int(pattern):
+        raise ValueError(f"{where}: sliding_window_pattern = {_show(pattern)} is not one positive integer")
+    return tuple(i for i in range(layers) if (i + 1) % pattern)
+
+
+def _gemma3_ropes(data: Mapping[str, Any], where: str) -> tuple[dict[str, Any], float]:
+    """Gemma 3's two rotary embeddings: (``data`` with its full-attention layers' rope where
+    ``_rope_scaling`` and ``_rope_theta`` read it, the sliding layers' base). transformers 5
+    writes ``rope_parameters`` by layer kind; 4.x ``rope_theta`` and ``rope_scaling`` (the full
+    layers'; base 1e6 where absent) and ``rope_local_base_freq`` (10000 where absent). The
+    sliding layers' rope must be the default one."""
+    data = dict(data)
+    params = data.get("rope_parameters")
+    local_base = data.get("rope_local_base_freq")
+    if isinstance(params, dict) and {"full_attention", "sliding_attention"} & set(params):
+        extra = sorted(set(params) - {"full_attention", "sliding_attention"})
+        if extra:
+            raise ValueError(f"{where}: rope_parameters.{extra[0]} is not a layer kind; supported: full_attention, "
+                             "sliding_attention")
+        full, local = (params.get(kind) or {"rope_type": "default"} for kind in ("full_attention", "sliding_attention"))
+        for kind, spec in (("full_attention", full), ("sliding_attention", local)):
+            if not isinstance(spec, dict):
+                raise ValueError(f"{where}: rope_parameters.{kind} = {_show(spec)} is not an object")
+        data["rope_parameters"] = full
+        if local_base is not None and local.get("rope_theta", local_base) != local_base:
+            raise ValueError(f"{where}: rope_local_base_freq = {_show(local_base)} and "
+                             f"rope_parameters.sliding_attention.rope_theta = {_show(local['rope_theta'])} disagree")
+        local = {"rope_theta": local_base if local_base is not None else 10000.0, **local}
+    else:
+        local = {"rope_type": "default", "rope_theta": local_base if local_base is not None else 10000.0}
+    nested = data.get("rope_parameters")
+    if data.get("rope_theta") is None and not (isinstance(nested, dict) and nested.get("rope_theta") is not None):
+        data["rope_theta"] = 1000000.0  # Gemma3TextConfig's base of the full-attention layers
+    spot = f"{where}: the sliding layers'"
+    if _rope_scaling({"rope_parameters": local}, spot) != ("default", {}):
+        raise ValueError(f"{where}: rope_parameters.sliding_attention = {_show(local)}: a scaled rope in the sliding "
+                         "layers is not implemented; supported: the default one")
+    return data, _rope_theta({"rope_parameters": local}, spot)
 
 
 def _check_phi3_fields(data: Mapping[str, Any], family: str, where: str) -> None:
@@ -480,8 +675,10 @@ def _number(value: Any, field: str, where: str) -> float:
     return _optional_number(value, field, where)
 
 
-def _flag(data: Mapping[str, Any], field: str, where: str) -> bool:
-    value = data.get(field, False)
+def _flag(data: Mapping[str, Any], field: str, where: str, absent: bool = False) -> bool:
+    """A true or false field; ``absent``: its value where left out (Gemma's config classes tie
+    the embeddings unless told otherwise, the others do not)."""
+    value = data.get(field, absent)
     if not isinstance(value, bool):
         raise ValueError(f"{where}: {field} = {_show(value)} is not true or false")
     return value

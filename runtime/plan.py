@@ -21,6 +21,9 @@ a ``bias_add`` (role ``qkv_bias`` after ``qkv_proj``, and so on); a model withou
 none. The LM head has no bias. A model that normalises its query and key heads (Qwen3,
 ``ModelConfig.qk_norm``) runs ``qk_norm`` on the Q/K/V projection's rows (after its bias), and
 everything after reads those normalised rows as it would the projection's.
+Gemma gates with ``geglu`` where Llama has ``swiglu`` (role as the op); Gemma 3 normalises
+each sublayer's output (role ``post_norm``) before its residual add, and rotates its
+sliding layers with kernels of their own (roles with the suffix ``_local``, ``rope_suffix``).
 With ``quantize="q4"`` every linear layer, the LM head included, uses int4 weights
 (``gemm_q4``/``gemv_q4``, symmetric codes, one scale per ``group_size`` weights).
 
@@ -125,26 +128,50 @@ def _norm(config: ModelConfig, role: str, rows: int, residual: bool, count: int)
                  {"eps": config.rms_norm_eps, "residual": residual})
 
 
+# the gated MLP's kernel (and role) by ModelConfig.activation
+GATED_ACTS = {"silu": "swiglu", "gelu_tanh": "geglu"}
+LOCAL = "_local"  # the role suffix of the kernels of Gemma 3's sliding layers that rotate otherwise
+
+
+def rope_suffix(config: ModelConfig, layer: int) -> str:
+    """The suffix of the roles of ``layer``'s rope kernels: ``LOCAL`` in a layer whose rotary
+    embedding differs from the model's (``ModelConfig.split_rope``), else none."""
+    return LOCAL if config.split_rope and layer in config.local_layers else ""
+
+
+def _rope_groups(config: ModelConfig) -> list[tuple[str, dict, int]]:
+    """(role suffix, rope attributes, layers) of each group of layers that rotate alike."""
+    c = config
+    if not c.split_rope:
+        return [("", c.rope_attrs, c.num_hidden_layers)]
+    local = len(c.local_layers)
+    groups = [(LOCAL, c.layer_rope_attrs(c.local_layers[0]), local)]
+    return ([("", c.rope_attrs, c.num_hidden_layers - local)] if local < c.num_hidden_layers else []) + groups
+
+
 def _ropes(config: ModelConfig, rows: int) -> list[KernelCall]:
     """The rotary embedding calls of a layer over ``rows`` token rows: Q and K in one call when
-    they are contiguous (one row), else one each."""
-    c, layers = config, config.num_hidden_layers
-    if rows == 1:
-        return [_rope(c, "rope_qk", 1, c.num_attention_heads + c.num_key_value_heads, layers)]
-    return _rope_pair(c, rows, layers)
+    they are contiguous (one row), else one each; per group of layers that rotate alike."""
+    c = config
+    calls = []
+    for suffix, attrs, count in _rope_groups(c):
+        if rows == 1:
+            calls.append(_rope(c, "rope_qk" + suffix, 1, c.num_attention_heads + c.num_key_value_heads, count, attrs))
+        else:
+            calls += _rope_pair(c, rows, count, attrs, suffix)
+    return calls
 
 
-def _rope_pair(config: ModelConfig, rows: int, count: int) -> list[KernelCall]:
+def _rope_pair(config: ModelConfig, rows: int, count: int, attrs: dict, suffix: str = "") -> list[KernelCall]:
     """Q's and K's rotary embedding as a call each."""
-    return [_rope(config, "rope_q", rows, config.num_attention_heads, count),
-            _rope(config, "rope_k", rows, config.num_key_value_heads, count)]
+    return [_rope(config, "rope_q" + suffix, rows, config.num_attention_heads, count, attrs),
+            _rope(config, "rope_k" + suffix, rows, config.num_key_value_heads, count, attrs)]
 
 
-def _rope(config: ModelConfig, role: str, tokens: int, heads: int, count: int) -> KernelCall:
+def _rope(config: ModelConfig, role: str, tokens: int, heads: int, count: int, attrs: dict) -> KernelCall:
     # {"theta": ...} alone for a default rope, plus rope_type and its parameters for a scaled one
     # (KernelSpec.make leaves out theta 10000.0 and rope_type "default": their defaults)
-    spec = KernelSpec.make("rope", {"T": tokens, "H": heads, "D": config.head_dim},
-                           attrs=config.rope_attrs, dynamic=("T",))
+    spec = KernelSpec.make("rope", {"T": tokens, "H": heads, "D": config.head_dim}, attrs=attrs, dynamic=("T",))
     return KernelCall(role, spec, count)
 
 
@@ -174,9 +201,12 @@ FUSED_ATTRS = {name for extra in FUSED_NORMS.values() for name in extra}  # a GE
 
 def can_fuse_norms(config: ModelConfig, batch: int) -> bool:
     """Whether a decode step of ``batch`` sequences can run its norms and residual adds inside
-    its GEMVs: every linear layer is a GEMV, and none adds a bias after the GEMV that would
-    take the residual add."""
-    return batch <= GEMV_MAX_M and not (config.o_bias or config.mlp_bias)
+    its GEMVs: every linear layer is a GEMV, none adds a bias after the GEMV that would take
+    the residual add, and the layer is Llama's (no norm between a projection and its residual
+    add, SwiGLU as the gate, one rotary embedding for every layer)."""
+    c = config
+    return (batch <= GEMV_MAX_M and not (c.o_bias or c.mlp_bias or c.post_norms or c.split_rope)
+            and c.activation == "silu")
 
 
 def _fuse_norms(config: ModelConfig, calls: list[KernelCall]) -> list[KernelCall]:
@@ -234,11 +264,14 @@ def unfused(config: ModelConfig, call: KernelCall) -> list[KernelCall]:
         return [KernelCall("rope_append", append, call.count), KernelCall("attention", attention, call.count)]
     if call.role == "attention" and spec.attr.get("programmatic"):
         return [_with_attrs(call, {k: v for k, v in spec.attr.items() if k != "programmatic"})]
-    if call.role not in ("rope_qk", "rope_append"):
+    suffix = LOCAL if call.role.endswith(LOCAL) else ""
+    role = call.role[: len(call.role) - len(suffix)]
+    if role not in ("rope_qk", "rope_append"):
         return []
-    rows = spec.dims["B"] if call.role == "rope_append" else spec.dims["T"]
-    ropes = [KernelCall(r.role, replace(r.spec, dtype=spec.dtype), r.count) for r in _rope_pair(c, rows, call.count)]
-    if call.role == "rope_qk":
+    rows = spec.dims["B"] if role == "rope_append" else spec.dims["T"]
+    ropes = [KernelCall(r.role, replace(r.spec, dtype=spec.dtype), r.count)
+             for r in _rope_pair(c, rows, call.count, dict(spec.attr), suffix)]
+    if role == "rope_qk":
         return ropes
     append = KernelSpec.make("kv_append", {"B": rows, "HKV": c.num_key_value_heads, "D": c.head_dim,
                                            "S": spec.dims["S"]}, spec.dtype, dynamic=("S",))
@@ -280,12 +313,14 @@ def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: Kerne
     """The kernels of a pass over ``rows`` token rows of ``sequences`` sequences."""
     c, layers = config, config.num_hidden_layers
     attrs = _linear_attrs(dtype, weights, quantize)
+    act = GATED_ACTS[c.activation]
     calls = ([_norm(c, "first_norm", rows, False, 1), _norm(c, "residual_norm", rows, True, 2 * layers)]
+            + ([_norm(c, "post_norm", rows, False, 2 * layers)] if c.post_norms else [])
             + _layer_linears(c, rows, quantize, group_size, attrs, dynamic_rows)
             + _qk_norms(c, rows)
             + _ropes(c, rows)
             + [KernelCall("attention", attention, layers),
-               _rows("swiglu", "swiglu", rows, c.intermediate_size, layers),
+               _rows(act, act, rows, c.intermediate_size, layers),
                _linear("lm_head", sequences, c.vocab_size, c.hidden_size, 1, quantize, group_size, attrs)])
     return [KernelCall(call.role, replace(call.spec, dtype=dtype), call.count) for call in calls]
 
@@ -326,11 +361,12 @@ def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "
                                 attrs={**({"lengths": "per_sequence"} if resident else {}), **_scale(c)})
     calls = _pass_calls(c, batch, batch, attention, quantize, group_size, dtype, weights)
     if resident:
-        append = KernelSpec.make("rope_append", {"B": batch, "H": c.num_attention_heads, "HKV": c.num_key_value_heads,
-                                                 "D": c.head_dim, "S": kv_len}, dtype, c.rope_attrs, dynamic=("S",))
+        dims = {"B": batch, "H": c.num_attention_heads, "HKV": c.num_key_value_heads, "D": c.head_dim, "S": kv_len}
         argmax = KernelSpec.make("argmax", {"M": batch, "N": c.vocab_size}, dtype)
         calls = [call for call in calls if call.spec.op != "rope"]
-        calls += [KernelCall("rope_append", append, c.num_hidden_layers), KernelCall("argmax", argmax, 1)]
+        calls += [KernelCall("rope_append" + suffix, KernelSpec.make("rope_append", dims, dtype, attrs, dynamic=("S",)),
+                             count) for suffix, attrs, count in _rope_groups(c)]
+        calls.append(KernelCall("argmax", argmax, 1))
         if fused_norms is None:
             fused_norms = can_fuse_norms(c, batch)
         if fused_norms:

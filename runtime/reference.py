@@ -6,7 +6,9 @@ The same computation as ``runtime.llama``: RMSNorm, Q/K/V projections, rotary em
 KV cache, output projection, residual, SwiGLU MLP, final norm, LM head, greedy decoding; each
 projection plus its bias where the config has one, and Qwen3's RMSNorm of each query and key
 head before the rotary embedding where the config has it (``qk_norm``), and Granite's scalars
-where set (embeddings, residual branches, softmax scale, logits).
+where set (embeddings, residual branches, softmax scale, logits). Gemma's way: GeGLU, every
+norm by 1 + its weight, embeddings times sqrt(hidden_size); Gemma 3's too: each sublayer's
+output normalised before its residual add, the sliding layers rotated with their own base.
 Quantised weights enter as the float32 weights their int4 codes stand for.
 """
 from __future__ import annotations
@@ -23,6 +25,11 @@ from .weights import ModelWeights, bias_name, biased_parts, layer_name
 
 def rms_norm(x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * gain
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GeLU's tanh form (PyTorch's approximate="tanh"), Gemma's gate."""
+    return 0.5 * x * (1.0 + np.tanh(np.float32(np.sqrt(2.0 / np.pi)) * (x + np.float32(0.044715) * x * x * x)))
 
 
 def rotate(x: np.ndarray, positions: np.ndarray, theta: float, rope_type: str = "default",
@@ -53,6 +60,11 @@ class ReferenceModel:
         """A projection of a layer, plus its bias where it has one."""
         y = self._matmul(x, layer_name(layer, part))
         return y + self.w[bias_name(layer, part)] if part in self.biased else y
+
+    def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        """RMSNorm by the gain ``name`` (Gemma's: by 1 + that weight)."""
+        gain = self.w[name]
+        return rms_norm(x, gain + np.float32(1.0) if self.config.offset_norms else gain, self.config.rms_norm_eps)
 
     def _lm_head(self, x: np.ndarray) -> np.ndarray:
         logits = self._matmul(x, "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight")
@@ -87,25 +99,35 @@ class ReferenceModel:
             x = x * np.float32(c.embedding_multiplier)
         positions = np.arange(start, start + t)
         for layer in range(c.num_hidden_layers):
-            h = rms_norm(x, w[layer_name(layer, "input_layernorm")], c.rms_norm_eps)
+            h = self._norm(x, layer_name(layer, "input_layernorm"))
             q = self._project(h, layer, "self_attn.q_proj").reshape(b, t, c.num_attention_heads, c.head_dim)
             k = self._project(h, layer, "self_attn.k_proj").reshape(b, t, c.num_key_value_heads, c.head_dim)
             v = self._project(h, layer, "self_attn.v_proj").reshape(b, t, c.num_key_value_heads, c.head_dim)
             if c.qk_norm:
-                q = rms_norm(q, w[layer_name(layer, "self_attn.q_norm")], c.rms_norm_eps)
-                k = rms_norm(k, w[layer_name(layer, "self_attn.k_norm")], c.rms_norm_eps)
-            q = rotate(q, positions, c.rope_theta, c.rope_type, **c.rope_scaling)
-            k = rotate(k, positions, c.rope_theta, c.rope_type, **c.rope_scaling)
+                q = self._norm(q, layer_name(layer, "self_attn.q_norm"))
+                k = self._norm(k, layer_name(layer, "self_attn.k_norm"))
+            if layer in c.local_layers:  # Gemma 3's sliding layers: the default rope of their own base
+                q, k = (rotate(t, positions, c.local_rope_theta) for t in (q, k))
+            else:
+                q, k = (rotate(t, positions, c.rope_theta, c.rope_type, **c.rope_scaling) for t in (q, k))
             k_cache, v_cache = caches[layer]
             k_cache[:, :, start:start + t] = k.transpose(0, 2, 1, 3)
             v_cache[:, :, start:start + t] = v.transpose(0, 2, 1, 3)
             attn = self._attention(q, k_cache, v_cache, start)
-            x = x + self._project(attn, layer, "self_attn.o_proj") * residual
-            h = rms_norm(x, w[layer_name(layer, "post_attention_layernorm")], c.rms_norm_eps)
+            out = self._project(attn, layer, "self_attn.o_proj")
+            if c.post_norms:  # Gemma 3: post_attention_layernorm normalises attention's output
+                x = x + self._norm(out, layer_name(layer, "post_attention_layernorm"))
+                h = self._norm(x, layer_name(layer, "pre_feedforward_layernorm"))
+            else:
+                x = x + out * residual
+                h = self._norm(x, layer_name(layer, "post_attention_layernorm"))
             gate = self._project(h, layer, "mlp.gate_proj")
             up = self._project(h, layer, "mlp.up_proj")
-            x = x + self._project(gate / (1.0 + np.exp(-gate)) * up, layer, "mlp.down_proj") * residual
-        h = rms_norm(x[:, -1], w["model.norm.weight"], c.rms_norm_eps)
+            act = gelu_tanh(gate) if c.activation == "gelu_tanh" else gate / (1.0 + np.exp(-gate))
+            out = self._project(act * up, layer, "mlp.down_proj")
+            x = x + (self._norm(out, layer_name(layer, "post_feedforward_layernorm")) if c.post_norms
+                     else out * residual)
+        h = self._norm(x[:, -1], "model.norm.weight")
         return self._lm_head(h)
 
     def generate(self, prompts: np.ndarray, new_tokens: int) -> Generation:

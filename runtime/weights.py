@@ -46,6 +46,14 @@ DEVICE_LINEARS = tuple(dict.fromkeys(next((f for f, parts in FUSED.items() if p 
 
 # Qwen3's norms of each query and key head (``ModelConfig.qk_norm``)
 QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+# Gemma 3's norms around the MLP (``ModelConfig.post_norms``; its post_attention_layernorm
+# normalises attention's output, where Llama's normalises the MLP's input)
+MLP_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
+def is_norm_gain(name: str) -> bool:
+    """Whether tensor ``name`` is the gain of an RMSNorm (the layers', the heads', the final one)."""
+    return name.endswith("norm.weight")
 
 
 def layer_name(layer: int, part: str) -> str:
@@ -118,6 +126,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({bias_name(layer, part): shapes[layer_name(layer, part)][:1] for part in biased_parts(c)})
         if c.qk_norm:  # Qwen3: one gain per head dim, shared by the heads of q (and of k)
             shapes.update({layer_name(layer, part): (c.head_dim,) for part in QK_NORMS})
+        if c.post_norms:
+            shapes.update({layer_name(layer, part): (h,) for part in MLP_NORMS})
     return shapes
 
 
@@ -178,15 +188,16 @@ class ModelWeights:
 
     @classmethod
     def random(cls, config: ModelConfig, seed: int = 0) -> "ModelWeights":
-        """Seeded weights at the scale of a trained model (std 0.02; norm gains near 1; biases
-        std 0.1, large enough to change the logits)."""
+        """Seeded weights at the scale of a trained model (std 0.02; norm gains near 1, Gemma's
+        weights near 0 as it scales by 1 + weight; biases std 0.1, large enough to change the logits)."""
         rng = np.random.default_rng(seed)
         tensors = {}
         for name, shape in expected_shapes(config).items():
             if name.endswith(".bias"):
                 tensors[name] = (rng.standard_normal(shape, dtype=np.float32) * 0.1).astype(np.float32)
             elif len(shape) == 1:
-                tensors[name] = rng.uniform(0.8, 1.2, shape).astype(np.float32)
+                offset = 1.0 if config.offset_norms else 0.0
+                tensors[name] = (rng.uniform(0.8, 1.2, shape) - offset).astype(np.float32)
             else:
                 tensors[name] = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
         return cls(config, tensors)

@@ -202,6 +202,33 @@ def test_a_qwen3_model_in_half_precision_keeps_the_float32_tokens_on_cuda(fake_g
     assert_keeps_the_tokens(out, reference, "float16")
 
 
+# Gemma 3: GeGLU, norms by 1 + weight (the heads' too), each sublayer's output normalised before its
+# residual add, a sliding layer rotating with its own base, embeddings times 8, softmax scale 1/4
+GEMMA3 = dataclasses.replace(MICRO, name="micro-gemma3", qk_norm=True, post_norms=True, offset_norms=True,
+                             activation="gelu_tanh", embedding_multiplier=8.0, attention_multiplier=0.25,
+                             rope_theta=1e6, local_layers=(0,), local_rope_theta=1e4, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_gemma3_model_in_half_precision_keeps_the_float32_tokens_on_cuda(fake_gpu, dtype):
+    """Gemma 3's kernels in 16 bits (geglu, the output norms, two rope kernels), in prefill and in
+    the captured step, against the float32 reference on the same rounded weights. The gains
+    uploaded are 1 + weight rounded to the model's precision (bfloat16 keeps 8 bits of it)."""
+    from export import TunedKernels
+
+    weights = ModelWeights.random(GEMMA3, seed=5)
+    prompts = np.array([[5, 9, 2, 33, 7]])
+    reference = ReferenceModel(GEMMA3, weights.rounded(dtype)).generate(prompts, 24)
+    with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
+        model = LlamaModel(GEMMA3, weights, kernels, dtype=dtype)
+        out = model.generate(prompts, 24)
+    assert model.decode_mode == "graph"
+    used = {(k.spec.op, k.spec.dtype) for k in model.used.values()}
+    assert {("geglu", dtype), ("qk_norm", dtype)} <= used and ("swiglu", dtype) not in used
+    assert {k.spec.attr.get("theta", 1e4) for k in model.used.values() if k.spec.op == "rope_append"} == {1e4, 1e6}
+    assert_keeps_the_tokens(out, reference, dtype)
+
+
 class WithoutFusedNorms:
     """A provider as a library that lacks one of the fused GEMVs: the LM head's (N = 64 with the
     norm), the last of them the decode step asks for."""
@@ -355,6 +382,7 @@ def test_device_weights_of_a_model_with_granites_scalars_are_refused(fake_gpu):
     shared = DeviceWeights(config, on_device, weights["model.embed_tokens.weight"])
     with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
         with pytest.raises(ValueError, match=r"^micro-granite: Granite's embedding_multiplier, residual_multiplier "
-                                             r"and logits_scaling are folded into the weights as they are uploaded"):
+                                             r"and logits_scaling, and Gemma's embedding scale and norms by 1 \+ "
+                                             r"weight, are folded into the weights as they are uploaded"):
             LlamaModel(config, shared, kernels)
         LlamaModel(config, weights, kernels).generate(np.array([[5, 9, 2]]), 2)  # host weights: folded

@@ -125,6 +125,22 @@ SMOLLM2 = {  # HuggingFaceTB/SmolLM2-135M: Llama, with two fields of nanotron's 
     "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_interleaved": False, "rope_scaling": None,
     "rope_theta": 100000, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.40.1",
     "use_cache": True, "vocab_size": 49152}
+GEMMA_2B = {  # google/gemma-2b: GeGLU under its legacy name "gelu", one KV head of 256 dims, tied embeddings
+    "architectures": ["GemmaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 2,
+    "eos_token_id": 1, "head_dim": 256, "hidden_act": "gelu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 16384, "max_position_embeddings": 8192, "model_type": "gemma", "num_attention_heads": 8,
+    "num_hidden_layers": 18, "num_key_value_heads": 1, "pad_token_id": 0, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 10000.0, "torch_dtype": "bfloat16", "transformers_version": "4.38.0.dev0",
+    "use_cache": True, "vocab_size": 256000}
+GEMMA3_1B = {  # google/gemma-3-1b-it: five sliding layers of window 512 to one global, two rope bases
+    "architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "attn_logit_softcapping": None, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 106],
+    "final_logit_softcapping": None, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+    "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 32768,
+    "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1,
+    "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+    "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0", "use_cache": True, "vocab_size": 262144}
 
 # a model small enough to run in milliseconds, in each layout
 SMALL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 64,
@@ -141,15 +157,15 @@ def parse(data: dict) -> ModelConfig:
     (TINYLLAMA, 10000.0, 4, None), (MISTRAL_V01, 10000.0, 8, 4096), (MISTRAL_V02, 1000000.0, 8, None),
     (QWEN2, 1000000.0, 2, None), (SMOLLM2, 100000.0, 3, None), (QWEN3, 1000000.0, 8, None),
     (PHI3_MINI, 10000.0, 32, 2047), (PHI4, 250000.0, 10, None), (GRANITE, 5000000.0, 8, None),
-    (R1_DISTILL_QWEN, 10000.0, 2, None),
+    (R1_DISTILL_QWEN, 10000.0, 2, None), (GEMMA_2B, 10000.0, 1, None), (GEMMA3_1B, 1000000.0, 1, 512),
 ], ids=["llama2", "llama3-4.x", "llama3-5.x", "tinyllama", "mistral-v0.1", "mistral-v0.2", "qwen2", "smollm2",
-        "qwen3", "phi-3-mini", "phi-4", "granite-3.1", "r1-distill-qwen"])
+        "qwen3", "phi-3-mini", "phi-4", "granite-3.1", "r1-distill-qwen", "gemma-2b", "gemma-3-1b"])
 def test_supported_checkpoints_parse_with_their_rope_theta(data, theta, kv_heads, window):
     config = parse(data)
     assert config.rope_theta == theta and config.num_key_value_heads == kv_heads
     assert config.sliding_window == window
     assert config.head_dim == data.get("head_dim", data["hidden_size"] // data["num_attention_heads"])
-    assert config.qk_norm == (data["model_type"] == "qwen3")
+    assert config.qk_norm == (data["model_type"] in ("qwen3", "gemma3_text"))
     assert config.max_position_embeddings == data["max_position_embeddings"]
     assert parse(config.to_hf_dict()) == config  # what the reference worker receives parses back the same
 
@@ -250,7 +266,28 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**QWEN2, "model_type": "llama"}, "and model_type = 'llama' name different families"),
     ({**LLAMA2_4X, "max_window_layers": 28}, "max_window_layers = 28 is a Qwen field, not implemented for "
                                              "model_type 'llama'"),
-    ({**LLAMA2_4X, "model_type": "gemma", "architectures": None}, "model_type 'gemma' is not supported"),
+    ({**LLAMA2_4X, "model_type": "gemma2", "architectures": None},
+     "model_type 'gemma2' is not supported (it soft-caps its attention scores)"),
+    ({**GEMMA3_1B, "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"},
+     "'Gemma3ForConditionalGeneration' is not supported (the multimodal Gemma 3"),
+    ({**GEMMA3_1B, "attn_logit_softcapping": 50.0}, "attn_logit_softcapping = 50.0 (soft-capping) is not implemented"),
+    ({**GEMMA3_1B, "final_logit_softcapping": 30.0}, "final_logit_softcapping = 30.0 (soft-capping) is not"),
+    ({**GEMMA3_1B, "use_bidirectional_attention": True}, "use_bidirectional_attention = true (EmbeddingGemma's)"),
+    ({**GEMMA3_1B, "hidden_activation": "gelu"}, "hidden_activation 'gelu' is not implemented; supported: "
+                                                 "gelu_pytorch_tanh"),
+    ({**GEMMA_2B, "hidden_act": "silu"}, "hidden_act 'silu' is not implemented; supported: gelu_pytorch_tanh, gelu"),
+    ({**GEMMA_2B, "query_pre_attn_scalar": 256}, "query_pre_attn_scalar = 256 is a Gemma 3 field, not implemented "
+                                                 "for model_type 'gemma'"),
+    ({**LLAMA3_4X, "rope_local_base_freq": 10000}, "rope_local_base_freq = 10000 is a Gemma 3 field"),
+    ({**GEMMA3_1B, "layer_types": ["sliding_attention"] * 25 + ["chunked_attention"]}, "layer_types = "),
+    ({**GEMMA3_1B, "sliding_window_pattern": 0}, "sliding_window_pattern = 0 is not one positive integer"),
+    ({**GEMMA3_1B, "rope_scaling": None, "rope_theta": None, "rope_local_base_freq": None,
+      "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                          "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
+     "a scaled rope in the sliding layers is not implemented"),
+    ({**GEMMA3_1B, "rope_scaling": None, "rope_parameters": {"global": {"rope_theta": 1e6},
+                                                              "sliding_attention": {"rope_theta": 1e4}}},
+     "rope_parameters.global is not a layer kind"),
     ({**LLAMA2_4X, "architectures": ["LlamaForSequenceClassification"]},
      "architectures 'LlamaForSequenceClassification'"),
     ({**MISTRAL_V01, "attention_bias": True}, "attention_bias = true is not read by transformers for model_type "
@@ -294,7 +331,10 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
 ], ids=["yarn", "dynamic", "linear-no-factor", "linear-zero", "linear-string", "llama3-band", "llama3-missing",
         "llama3-context", "llama3-extra", "layouts-disagree", "types-disagree", "yarn-4.x", "longrope", "unknown-rope",
         "untyped-scaling", "partial-rotary", "thetas-disagree", "qwen2-window", "qwen2-layer-types",
-        "qwen2-layer-count", "families-disagree", "qwen2-field", "gemma", "classifier", "mistral-bias",
+        "qwen2-layer-count", "families-disagree", "qwen2-field", "gemma2", "gemma3-multimodal", "gemma3-attn-softcap",
+        "gemma3-final-softcap", "gemma3-bidirectional", "gemma3-erf-gelu", "gemma-silu", "gemma3-field-in-gemma",
+        "gemma3-field-in-llama", "gemma3-layer-kind", "gemma3-pattern", "gemma3-local-scaling", "gemma3-rope-key",
+        "classifier", "mistral-bias",
         "qwen2-mlp-bias", "qwen3-mlp-bias", "qwen3-window", "phi3-auto-map", "phi3-longrope", "phi4-mini-partial",
         "phi3-field", "phi3-bad-context", "mrope", "mrope-field", "granite-field", "granite-zero", "granite-null", "bias-not-a-flag", "gelu", "pretraining-tp", "rope-interleaved", "rope-interleaved-not-a-flag", "eps-null", "quantized", "custom-code", "bad-window",
         "theta-string", "theta-infinite", "nested-theta-infinite", "theta-zero", "eps-infinite", "eps-nan"])
@@ -438,6 +478,29 @@ def test_granites_scalars_are_read_and_written_back_and_scale_every_attention_ke
                                                                "attention_multiplier", "logits_scaling")})
     assert (bare.attention_scale, bare.scaled) == (1.0, False)
     assert parse(LLAMA3_4X).attention_scale == 128 ** -0.5
+
+
+def test_gemmas_are_read_written_back_and_planned_with_their_kernels():
+    gemma, gemma3 = parse(GEMMA_2B), parse(GEMMA3_1B)
+    for config in (gemma, gemma3):
+        assert (config.activation, config.offset_norms, config.tie_word_embeddings, config.head_dim) == (
+            "gelu_tanh", True, True, 256)
+        assert config.embedding_multiplier == config.hidden_size ** 0.5 and config.scaled
+        assert parse(config.to_hf_dict()) == config
+    assert gemma.to_hf_dict()["model_type"] == "gemma" and not (gemma.post_norms or gemma.qk_norm or gemma.split_rope)
+    assert (gemma3.post_norms, gemma3.qk_norm, gemma3.attention_scale) == (True, True, 1 / 16)
+    assert gemma3.local_layers == tuple(i for i in range(26) if (i + 1) % 6)  # layers 5, 11, 17, 23 are global
+    assert gemma3.layer_rope_attrs(0) == {"theta": 10000.0} and gemma3.layer_rope_attrs(5) == {"theta": 1e6}
+    assert 0.99e9 < gemma3.parameters < 1.01e9  # Gemma 3 1B
+    for calls in (prefill_calls(gemma3, 16), decode_calls(gemma3, 1, 64), decode_calls(gemma3, 4, 64, resident=True)):
+        roles = {c.role: c for c in calls}
+        assert "geglu" in roles and "swiglu" not in roles and roles["post_norm"].count == 2 * 26
+        ropes = [(c, c.spec.attr.get("theta", 1e4)) for c in calls if c.spec.op in ("rope", "rope_append")]
+        assert {theta for _, theta in ropes} == {1e4, 1e6}  # 1e4, the default, may be left out of the key
+        assert sum(c.count for c, theta in ropes if theta == 1e4) == 22 * len(ropes) // 2
+        assert all(c.role.endswith("_local") == (theta == 1e4) for c, theta in ropes)
+    resident = decode_calls(gemma, 1, 64, resident=True)  # no fused norms: the GEMVs know SwiGLU only
+    assert "first_norm" in {c.role for c in resident} and "geglu" in {c.role for c in resident}
 
 
 def test_a_qwen2_window_is_ignored_while_use_sliding_window_is_false():

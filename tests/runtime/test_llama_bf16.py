@@ -58,6 +58,22 @@ def test_tiny_bfloat16_matches_the_reference_on_rounded_weights(default_kernels)
     assert relative_error(ours.logits, unrounded.logits) > 100 * TOLERANCE
 
 
+def test_a_tiny_gemma3_in_bfloat16_matches_the_reference_on_rounded_weights(default_kernels):
+    """Gemma 3 weight-only: its norm gains (1 + weight) and embedding scale stay float32 here, so
+    the reference's tolerance holds as for Llama; the embedding table widened as it is gathered."""
+    gemma3 = dataclasses.replace(TINY, name="tiny-gemma3", qk_norm=True, post_norms=True, offset_norms=True,
+                                 activation="gelu_tanh", embedding_multiplier=TINY.hidden_size ** 0.5,
+                                 attention_multiplier=0.125, rope_theta=1e6, local_layers=(0,), local_rope_theta=1e4,
+                                 tie_word_embeddings=True)
+    weights = ModelWeights.random(gemma3, seed=3)
+    prompts = np.random.default_rng(1).integers(0, gemma3.vocab_size, (2, 9))
+    model, ours, reference = generate_both(gemma3, weights, default_kernels, prompts)
+    assert_weight_only(model)
+    assert "geglu" in {k.spec.op for k in model.used.values()}
+    assert relative_error(ours.logits, reference.logits) < TOLERANCE
+    np.testing.assert_array_equal(ours.tokens, reference.tokens)
+
+
 def test_llama_100m_bfloat16_matches_the_reference_on_rounded_weights(default_kernels):
     """llama-100m's dims (its kernels, its tied 32000-token head) at 2 of its 12 layers, over 8
     steps: more layers and steps run the same kernels again, on 2.7x the weights to make and

@@ -91,12 +91,30 @@ FAMILIES = {
                                       embedding_multiplier=12.0, residual_multiplier=0.22,
                                       attention_multiplier=0.015625, logits_scaling=8.0, tie_word_embeddings=True),
                 "5.x"),
+    # GeGLU, norms by 1 + weight, embeddings times sqrt(hidden); saved with the legacy hidden_act "gelu" of
+    # Google's Gemma releases, which transformers reads as the tanh form
+    "gemma": ("GemmaConfig", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4}), "5.x"),
+    # Gemma 3 adds the head norms, the sublayers' output norms, query_pre_attn_scalar (not head_dim, so
+    # that it matters) and sliding layers rotating with their own base; the global rope scaled, as in
+    # Gemma 3 4B and up. The window lies past the sequence (the runtime refuses sequences beyond it).
+    "gemma3": ("Gemma3TextConfig", dict(rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}, query_pre_attn_scalar=24, sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False), "5.x"),
+    # as Gemma 3 1B's config.json: the 4.x layout (rope_theta, rope_local_base_freq, sliding_window_pattern)
+    "gemma3-4.x": ("Gemma3TextConfig", dict(rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}, sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"]), "gemma3-4.x"),
 }
+# the model class of a config class, where it is not the config's name with ForCausalLM
+MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM"}
 # config.json fields set after saving: a Qwen2 window far shorter than the sequence, ignored (by
 # transformers too) because use_sliding_window is false, as in the real checkpoints
-CONFIG_EDITS = {"qwen2-4.x": dict(sliding_window=16, max_window_layers=1)}
+CONFIG_EDITS = {"qwen2-4.x": dict(sliding_window=16, max_window_layers=1), "gemma": dict(hidden_act="gelu")}
 BIASED = ["qwen2", "qwen2-4.x", "llama-biases", "qwen3-4.x"]
-QK_NORMED = ["qwen3", "qwen3-4.x"]
+QK_NORMED = ["qwen3", "qwen3-4.x", "gemma3", "gemma3-4.x"]
+GEMMAS = ["gemma", "gemma3", "gemma3-4.x"]
 
 
 def _randomize(model) -> None:
@@ -110,13 +128,29 @@ def _randomize(model) -> None:
             param.copy_(1.0 + 0.1 * noise if gain else 0.1 * noise)
 
 
+def _gemma3_to_4x_layout(folder: Path) -> None:
+    """Rewrite a transformers 5 Gemma 3 config.json as Gemma 3 1B ships it (transformers 4.50):
+    the bases at the top level, no layer_types but a sliding_window_pattern saying the same."""
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    rope = data.pop("rope_parameters")
+    assert data.pop("layer_types") == ["sliding_attention", "full_attention"]
+    data.pop("_sliding_window_pattern", None)
+    data.update(rope_theta=rope["full_attention"]["rope_theta"], rope_scaling=None,
+                rope_local_base_freq=rope["sliding_attention"]["rope_theta"], sliding_window_pattern=2)
+    path.write_text(json.dumps(data, indent=2))
+
+
 def _save(folder: Path, family: str):
     config_class, arguments, layout = FAMILIES[family]
     config = getattr(transformers, config_class)(**{**DIMS, **arguments})
-    model = getattr(transformers, config_class.replace("Config", "ForCausalLM"))(config).eval()
+    model_class = MODEL_CLASSES.get(config_class, config_class.replace("Config", "ForCausalLM"))
+    model = getattr(transformers, model_class)(config).eval()
     _randomize(model)
     model.save_pretrained(folder, safe_serialization=True)
-    if layout.startswith("4.x"):
+    if layout == "gemma3-4.x":
+        _gemma3_to_4x_layout(folder)
+    elif layout.startswith("4.x"):
         _to_4x_layout(folder, rope_theta=layout == "4.x")
     if family in CONFIG_EDITS:
         path = folder / "config.json"
@@ -262,12 +296,51 @@ def test_the_norms_of_the_query_and_key_heads_matter(family, checkpoints, prompt
     model, folder = checkpoints[family]
     config, weights = _load(folder)
     assert config.qk_norm and (family != "qwen3-4.x" or config.head_dim == 32)
+    if config.offset_norms:  # Gemma 3: without them the runtime would not compute Gemma 3 at all
+        config = dataclasses.replace(config, offset_norms=False)
+        weights = ModelWeights(config, {n: t + 1 if n.endswith("norm.weight") else t for n, t in weights.tensors.items()})
     plain = dataclasses.replace(config, qk_norm=False)
     kept = ModelWeights(plain, {n: t for n, t in weights.tensors.items() if "_norm." not in n or "layernorm" in n})
     assert len(kept.tensors) == len(weights.tensors) - 2 * config.num_hidden_layers
     generation = ReferenceModel(plain, kept).generate(prompts, NEW_TOKENS)
     want = _teacher_forced_logits(model, prompts, generation.tokens)
     assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE
+
+
+def test_gemmas_are_read_as_transformers_reads_them(checkpoints):
+    gemma, gemma3, gemma3_4x = (load_model_config(checkpoints[family][1]) for family in GEMMAS)
+    assert json.loads((checkpoints["gemma"][1] / "config.json").read_text())["hidden_act"] == "gelu"
+    for config in (gemma, gemma3, gemma3_4x):
+        assert (config.activation, config.offset_norms, config.embedding_multiplier) == ("gelu_tanh", True, 8.0)
+    assert not (gemma.post_norms or gemma.qk_norm or gemma.local_layers) and gemma.tie_word_embeddings
+    assert (gemma3.post_norms, gemma3.qk_norm, gemma3.attention_multiplier) == (True, True, 24 ** -0.5)
+    assert (gemma3.local_layers, gemma3.local_rope_theta, gemma3.rope_theta, gemma3.rope_type) == (
+        (0,), 1e4, 1e6, "linear")
+    assert (gemma3_4x.local_layers, gemma3_4x.local_rope_theta, gemma3_4x.attention_multiplier) == (
+        (0,), 1e4, 256 ** -0.5)
+    assert gemma3.sliding_window == gemma3_4x.sliding_window == 64
+
+
+@pytest.mark.parametrize("family", GEMMAS)
+def test_what_gemma_does_otherwise_matters(family, checkpoints, prompts):
+    """The comparisons above can fail: each of Gemma's departures from Llama, undone (a loader
+    reading the checkpoint as Llama's), moves the logits far past the tolerance: the embedding
+    scale, the norms by 1 + weight, the GeLU gate, and in Gemma 3 the output norms (dropped) and
+    the sliding layers' own rope base."""
+    model, folder = checkpoints[family]
+    config, weights = _load(folder)
+    undone = {"embedding scale": dict(embedding_multiplier=1.0), "norm offset": dict(offset_norms=False),
+              "GeLU gate": dict(activation="silu")}
+    if config.post_norms:
+        undone["output norms"] = dict(post_norms=False)
+        undone["local rope"] = dict(local_layers=(), local_rope_theta=None)
+    for what, fields in undone.items():
+        plain = dataclasses.replace(config, **fields)
+        kept = ModelWeights(plain, {n: t for n, t in weights.tensors.items()
+                                    if plain.post_norms or "feedforward_layernorm" not in n})
+        generation = ReferenceModel(plain, kept).generate(prompts, NEW_TOKENS)
+        want = _teacher_forced_logits(model, prompts, generation.tokens)
+        assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE, what
 
 
 @pytest.mark.parametrize("family", ["llama3.1", "llama3.2", "linear", "linear-4.x"])
@@ -331,7 +404,7 @@ def test_a_sequence_past_mistrals_sliding_window_is_refused(checkpoints, default
         assert "\n" not in text
 
 
-@pytest.mark.parametrize("family", ["llama3.1", "qwen2", "qwen3", "qwen3-4.x", "granite"])
+@pytest.mark.parametrize("family", ["llama3.1", "qwen2", "qwen3", "qwen3-4.x", "granite", "gemma", "gemma3"])
 def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints, prompts, greedy, fake_gpu):
     """The same on the CUDA path (fake GPU: cubins built by nvcc, run on the emulator): device
     buffers, the decode step captured as a graph, rope scaling (Llama 3.1), biases (Qwen2) and
