@@ -390,12 +390,20 @@ class LlamaModel:
         return [*self._projection(k, buf, layer, "qkv_proj", part, x, gain=gain, out=buf.qkv_pre), norm]
 
     # -- one pass ----------------------------------------------------------------------
+    def _qk(self, buf: _Buffers, layer: int) -> tuple:
+        """Where attention reads q and k in ``layer`` (and the cache takes k from): the rotated
+        rows, or in a layer without a rotary embedding (SmolLM3's NoPE) the projected ones."""
+        return (buf.q, buf.k) if layer in self.config.nope_layers else (buf.qr, buf.kr)
+
     @staticmethod
-    def _ropes(k: dict[str, Kernel], buf: _Buffers, suffix: str = "") -> list:
+    def _ropes(k: dict[str, Kernel], buf: _Buffers, suffix: str | None = "") -> list:
         """The calls after the Q/K/V projection that rotate q and k (none where ``rope_append`` or
         ``rope_append_attention`` does it, reading q, k and v from the projection's rows), with the
-        column copies first; ``suffix``: the layer's (``runtime.plan.rope_suffix``)."""
+        column copies first; ``suffix``: the layer's (``runtime.plan.rope_suffix``; None: the
+        layer does not rotate, only the column copies run)."""
         rows = buf.rows
+        if suffix is None:
+            return _host_calls(buf.split_qkv)
         if "rope_append" + suffix in k or k["attention"].spec.op == "rope_append_attention":
             return []
         if "rope_qk" + suffix in k:  # one row: q and k rotated in one call
@@ -470,9 +478,10 @@ class LlamaModel:
             before, after = self._layer_calls(k, buf, layer)
             for call in before:
                 call()
-            attention.bind({"Q": buf.qr, "K": buf.kr, "V": buf.v, "O": buf.attn}, {"T": padded})()
+            q, k_rows = self._qk(buf, layer)
+            attention.bind({"Q": q, "K": k_rows, "V": buf.v, "O": buf.attn}, {"T": padded})()
             k_cache, v_cache = caches[layer]
-            arrays.write_prompt(k_cache, buf.kr, padded)
+            arrays.write_prompt(k_cache, k_rows, padded)
             arrays.write_prompt(v_cache, buf.v, padded)
             for call in after:
                 call()
@@ -640,7 +649,7 @@ class _DecodeStep:
         for layer, (k_cache, v_cache) in enumerate(caches):
             before, after = model._layer_calls(k, buf, layer)
             self.bound += before + after
-            self.layers.append((tuple(call.run for call in before), arrays.position_writer(k_cache, buf.kr),
+            self.layers.append((tuple(call.run for call in before), arrays.position_writer(k_cache, model._qk(buf, layer)[1]),
                                 arrays.position_writer(v_cache, buf.v), tuple(call.run for call in after)))
         self.bound.append(model._linear(k["lm_head"], model.lm_head_name, buf.h, self.logits))
         self.first_norm, self.lm_head = self.bound[0].run, self.bound[-1].run
@@ -657,8 +666,8 @@ class _DecodeStep:
         calls = self._attention.get(id(kernel))
         if calls is None:
             buf = self.buf
-            calls = [kernel.bind({"Q": buf.qr, "K": k_cache, "V": v_cache, "O": buf.attn},
-                                 {"S": self.capacity, "L": length}) for k_cache, v_cache in self.caches]
+            calls = [kernel.bind({"Q": self.model._qk(buf, layer)[0], "K": k_cache, "V": v_cache, "O": buf.attn},
+                                 {"S": self.capacity, "L": length}) for layer, (k_cache, v_cache) in enumerate(self.caches)]
             self._attention[id(kernel)] = calls
         self._by_length[length] = calls
         return calls
@@ -747,11 +756,20 @@ class _ResidentStep:
         self.programmatic_error = model._edges_refused
         self.mode = "graph" if self._graph(keep_logits) is not None else "resident"  # captured here, untimed
 
-    def _attention_calls(self, k: dict, k_cache, v_cache, positions, suffix: str = "") -> list:
+    def _attention_calls(self, k: dict, k_cache, v_cache, positions, suffix: str | None = "") -> list:
         """A layer's calls from the Q/K/V projection's rows to attention's output: q and k rotated
         at the positions the graph copies in, k and v written to the caches there, attention;
-        ``suffix``: the layer's rope kernels' (``runtime.plan.rope_suffix``)."""
+        ``suffix``: the layer's rope kernels' (``runtime.plan.rope_suffix``; None: q and k as
+        projected, k and v written by ``kv_append``)."""
         buf, capacity = self.buf, self.capacity
+        if suffix is None:  # a layer without a rotary embedding
+            config = self.model.config
+            rows = (buf.rows, config.num_key_value_heads, config.head_dim)
+            append = k["kv_append"].bind({"K": buf.k.reshape(rows), "V": buf.v.reshape(rows), "P": positions,
+                                          "KC": k_cache, "VC": v_cache}, {"S": capacity})
+            attend = k["attention"].bind({"Q": buf.q, "K": k_cache, "V": v_cache, "LENS": self.lengths,
+                                          "O": buf.attn}, {"S": capacity, "L": capacity})
+            return [append, attend]
         if k["attention"].spec.op == "rope_append_attention":  # all in one kernel
             # K and KC are one cache: the kernel reads the rows before each position, writes the one there
             return [k["attention"].bind({"QKV": buf.qkv, "P": positions, "K": k_cache, "V": v_cache, "O": buf.attn,

@@ -42,11 +42,12 @@ from .rope_frequencies import ROPE_TYPES, rope_attrs, rope_problem
 # of each query and key head before the rotary embedding (``qk_norm``), its head_dim 128 unless
 # said (not hidden / heads).
 # Phi-3 and Phi-4 are Llama with stacked Q/K/V and gate/up tensors and Mistral's optional window.
-# Gemma and Gemma 3: see the module's docstring; Gemma 3's sliding window is refused at run time
+# SmolLM3 is Llama whose layers in ``no_rope_layers`` (every fourth) apply no rotary embedding
+# (NoPE), with Qwen's switched-off sliding window. Gemma and Gemma 3: see the module's docstring; Gemma 3's sliding window is refused at run time
 # as Mistral's is (within it, its sliding layers differ from the others only by their rope base).
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
-            "gemma": "GemmaForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+            "gemma": "GemmaForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES.values())
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Why some popular look-alikes are refused, said in the error line.
@@ -80,6 +81,8 @@ READ_FIELDS = frozenset({
     "use_sliding_window", "max_window_layers", "layer_types",
     # Qwen2.5-Math's and DeepSeek-R1-Distill-Qwen's: false, the plain rotary embedding (true: Qwen2-VL's)
     "use_mrope",
+    # SmolLM3's: which layers rotate (1) or not (0), else every no_rope_layer_interval-th does not
+    "no_rope_layers", "no_rope_layer_interval",
     # Phi-3's: the context its longrope scaling starts from; any other rope ignores it (checked: phi3 only)
     "original_max_position_embeddings",
     # Granite's scalars (granite only: _GRANITE_FIELDS)
@@ -97,6 +100,8 @@ _GEMMA_FAMILIES = ("gemma", "gemma3_text")
 # the fields of Gemma 3 alone (Gemma's config class has use_bidirectional_attention too)
 _GEMMA3_ONLY = tuple(f for f in _GEMMA_FIELDS if f not in ("use_bidirectional_attention",))
 _QWEN_FAMILIES = ("qwen2", "qwen3")
+# the families whose sliding window use_sliding_window switches (off: ignored), as Qwen2's
+_WINDOW_SWITCHED = (*_QWEN_FAMILIES, "smollm3")
 # Fields that change nothing a greedy decoder computes from the weights: token ids (the
 # caller's business), training-only settings (initialisation, dropout: inference has none),
 # the storage dtype (weights become float32 on load), the attention implementation transformers
@@ -166,6 +171,8 @@ class ModelConfig:
     # has the base local_rope_theta
     local_layers: tuple[int, ...] = ()
     local_rope_theta: float | None = None
+    # SmolLM3: the layers that apply no rotary embedding (NoPE): attention reads q and k as projected
+    nope_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -191,14 +198,15 @@ class ModelConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"model {self.name}: activation must be one of {', '.join(ACTIVATIONS)}, "
                              f"got {self.activation!r}")
-        layers = self.local_layers
-        if not isinstance(layers, (tuple, list)) or not all(
-                _positive_int(i + 1) if isinstance(i, int) else False for i in layers):
-            raise ValueError(f"model {self.name}: local_layers must be a list of layer indices, got {layers!r}")
-        object.__setattr__(self, "local_layers", tuple(sorted(set(layers))))  # a JSON list reads back equal
-        if self.local_layers and self.local_layers[-1] >= self.num_hidden_layers:
-            raise ValueError(f"model {self.name}: local_layers names layer {self.local_layers[-1]} of "
-                             f"{self.num_hidden_layers}")
+        for field in ("local_layers", "nope_layers"):
+            layers = getattr(self, field)
+            if not isinstance(layers, (tuple, list)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_hidden_layers for i in layers):
+                raise ValueError(f"model {self.name}: {field} must be a list of indices of its "
+                                 f"{self.num_hidden_layers} layers, got {layers!r}")
+            object.__setattr__(self, field, tuple(sorted(set(layers))))  # a JSON list reads back equal
+        if set(self.local_layers) & set(self.nope_layers):
+            raise ValueError(f"model {self.name}: a layer cannot both rotate with the local base and not rotate")
         if (self.local_rope_theta is None) != (not self.local_layers):
             raise ValueError(f"model {self.name}: local_layers and local_rope_theta go together")
         theta = self.local_rope_theta
@@ -293,8 +301,19 @@ class ModelConfig:
         data = asdict(self)
         data.pop("name")
         for field in ("rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
-                      *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "local_layers", "local_rope_theta"):
+                      *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "local_layers", "local_rope_theta",
+                      "nope_layers"):
             data.pop(field)
+        if self.nope_layers and (self.offset_norms or self.activation != "silu" or self.post_norms or self.local_layers
+                                 or self.qk_norm or self.scaled or self.attention_multiplier is not None
+                                 or self.sliding_window is not None or self.qkv_bias != self.o_bias):
+            raise ValueError(f"model {self.name}: layers without a rotary embedding (SmolLM3) in a model that is not "
+                             "otherwise Llama's have no config.json this runtime reads")
+        if self.nope_layers:
+            data.update(model_type="smollm3", architectures=[FAMILIES["smollm3"]], hidden_act="silu",
+                        attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias, use_sliding_window=False,
+                        no_rope_layers=[int(i not in self.nope_layers) for i in range(self.num_hidden_layers)])
+            return data
         if self.offset_norms or self.activation != "silu" or self.post_norms or self.local_layers:
             return self._gemma_hf_dict(data)
         if self.rope_type != "default":  # transformers 4.x layout, beside the top-level rope_theta
@@ -393,7 +412,7 @@ class ModelConfig:
             if not scalars["local_layers"]:  # no sliding layer: nothing rotates with the local base
                 scalars["local_rope_theta"] = None
         # Qwen's: see _check_qwen_fields; an absent one is what the family's config class defaults it to
-        window = None if family in _QWEN_FAMILIES else data.get("sliding_window", _ABSENT_WINDOW.get(family))
+        window = None if family in _WINDOW_SWITCHED else data.get("sliding_window", _ABSENT_WINDOW.get(family))
         if family == "gemma3_text" and not scalars["local_layers"]:  # only its sliding layers have the window
             window = None
         heads = data["num_attention_heads"]
@@ -411,12 +430,13 @@ class ModelConfig:
                    # absent: the family's config class default (_ABSENT_EPS); null is no epsilon
                    rms_norm_eps=_number(data.get("rms_norm_eps", _ABSENT_EPS.get(family, 1e-6)), "rms_norm_eps",
                                         where),
-                   rope_theta=_rope_theta(data, where),
-                   tie_word_embeddings=_flag(data, "tie_word_embeddings", where, family in _GEMMA_FAMILIES),
+                   rope_theta=_rope_theta(data, where, _ABSENT_THETA.get(family, 10000.0)),
+                   tie_word_embeddings=_flag(data, "tie_word_embeddings", where,
+                                             family in (*_GEMMA_FAMILIES, "smollm3")),
                    max_position_embeddings=_or(data.get("max_position_embeddings"), _ABSENT_POSITIONS[family]),
                    sliding_window=window, rope_type=rope_type,
                    **{_ROPE_FIELDS[p]: v for p, v in scaling.items()}, **biases,
-                   **{"qk_norm": family == "qwen3", **scalars})
+                   **{"qk_norm": family == "qwen3", **scalars}, nope_layers=_nope_layers(data, family, where))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
@@ -424,13 +444,14 @@ class ModelConfig:
 
 # An absent num_key_value_heads is what the family's config class defaults it to in
 # transformers 4.x and 5.x (Llama's: one per query head); null, as 4.x reads it, is one per query head.
-_ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma3_text": 4}
+_ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma3_text": 4, "smollm3": 4}
 # Likewise an absent sliding_window (MistralConfig's is 4096; null: none) and an absent
 # max_position_embeddings (kept, and written back by to_hf_dict; nothing computes with it)
 _ABSENT_WINDOW = {"mistral": 4096, "gemma3_text": 4096}
 _ABSENT_EPS = {"phi3": 1e-5}  # Phi3Config's; every other family's config class has 1e-6
 _ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096, "granite": 2048,
-                     "gemma": 8192, "gemma3_text": 131072}
+                     "gemma": 8192, "gemma3_text": 131072, "smollm3": 32768}
+_ABSENT_THETA = {"smollm3": 2000000.0}  # SmolLM3Config's base; 10000 elsewhere (Gemma 3: _gemma3_ropes)
 # Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is, Gemma's 256
 _ABSENT_HEAD_DIM = {"qwen3": 128, "gemma": 256, "gemma3_text": 256}
 
@@ -482,7 +503,7 @@ def _check_layers(data: Mapping[str, Any], family: str, where: str) -> None:
     if act not in supported:
         raise ValueError(f"{where}: hidden_act {_show(act)} is not implemented; supported: {', '.join(supported)}")
     tp = data.get("pretraining_tp")
-    if tp not in (None, 1) or isinstance(tp, bool):
+    if family != "smollm3" and (tp not in (None, 1) or isinstance(tp, bool)):  # SmolLM3 ships 2, never read
         raise ValueError(f"{where}: pretraining_tp = {_show(tp)} is not supported; supported: 1")
     if _flag(data, "rope_interleaved", where):
         raise ValueError(f"{where}: rope_interleaved = true (rotary pairs of adjacent dims) is not implemented; "
@@ -501,7 +522,7 @@ def _biases(data: Mapping[str, Any], family: str, where: str) -> dict[str, bool]
     for field, value in (("attention_bias", attention), ("mlp_bias", mlp)):
         if not isinstance(value, bool):
             raise ValueError(f"{where}: {field} = {_show(value)} is not true or false")
-    if family in ("llama", "granite"):  # GraniteAttention and GraniteMLP read both switches as Llama's do
+    if family in ("llama", "granite", "smollm3"):  # their attention and MLP read both switches as Llama's do
         return {"qkv_bias": attention, "o_bias": attention, "mlp_bias": mlp}
     switches = ("attention_bias",) if family in ("qwen3", *_GEMMA_FAMILIES) else ()
     for field, value in (("attention_bias", attention), ("mlp_bias", mlp)):
@@ -517,17 +538,21 @@ def _check_qwen_fields(data: Mapping[str, Any], family: str, where: str) -> None
     """Qwen2's and Qwen3's sliding window: with ``use_sliding_window`` false (as every Qwen2,
     Qwen2.5 and Qwen3 checkpoint ships) transformers drops ``sliding_window`` and every layer
     attends to the whole sequence, whatever ``max_window_layers`` says; true is not implemented.
+    SmolLM3 has the same switch (and ships an unread ``max_window_layers``).
     ``layer_types`` (transformers 5) must then name full attention for every layer.
     ``use_mrope`` false (Qwen2.5-Math and the DeepSeek-R1 distills built on it) is the plain rotary
     embedding; true, Qwen2-VL's multimodal rotary embedding, is refused. Other families have none
     of these fields."""
-    if family not in _QWEN_FAMILIES:
+    if family not in _WINDOW_SWITCHED:
         # layer_types: Gemma 3's are read by _gemma_fields
         present = [f for f in (*_QWEN_FIELDS, *(("layer_types",) if family != "gemma3_text" else ())) if f in data]
         if present:
             raise ValueError(f"{where}: {present[0]} = {_show(data[present[0]])} is a Qwen field, not implemented "
                              f"for model_type {family!r}")
         return
+    if family not in _QWEN_FAMILIES and "use_mrope" in data:
+        raise ValueError(f"{where}: use_mrope = {_show(data['use_mrope'])} is a Qwen field, not implemented for "
+                         f"model_type {family!r}")
     if _flag(data, "use_mrope", where):
         raise ValueError(f"{where}: use_mrope = true (Qwen2-VL's multimodal rotary embedding) is not implemented; "
                          "supported: false")
@@ -644,6 +669,30 @@ def _gemma3_ropes(data: Mapping[str, Any], where: str) -> tuple[dict[str, Any], 
     return data, _rope_theta({"rope_parameters": local}, spot)
 
 
+def _nope_layers(data: Mapping[str, Any], family: str, where: str) -> tuple[int, ...]:
+    """SmolLM3's layers without a rotary embedding: the zeros of ``no_rope_layers`` (a 0 or 1 per
+    layer), else every ``no_rope_layer_interval``-th layer (4 where absent, as SmolLM3Config);
+    refused by name in another family."""
+    present = [name for name in ("no_rope_layers", "no_rope_layer_interval") if name in data]
+    if family != "smollm3":
+        if present:
+            raise ValueError(f"{where}: {present[0]} = {_show(data[present[0]])} is a SmolLM3 field, not implemented "
+                             f"for model_type {family!r}")
+        return ()
+    layers = data["num_hidden_layers"]
+    flags = data.get("no_rope_layers")
+    if flags is not None:
+        if (not isinstance(flags, list) or len(flags) != layers
+                or any(flag not in (0, 1) or isinstance(flag, float) for flag in flags)):
+            raise ValueError(f"{where}: no_rope_layers = {_show(flags)} is not a 0 or 1 for each of the "
+                             "num_hidden_layers layers")
+        return tuple(i for i, flag in enumerate(flags) if not flag)
+    interval = data.get("no_rope_layer_interval", 4)
+    if not _positive_int(interval):
+        raise ValueError(f"{where}: no_rope_layer_interval = {_show(interval)} is not a positive integer")
+    return tuple(i for i in range(layers) if (i + 1) % interval == 0)
+
+
 def _check_phi3_fields(data: Mapping[str, Any], family: str, where: str) -> None:
     """Phi-3's top-level ``original_max_position_embeddings``: only its longrope scaling (refused)
     reads it, so any count passes there; other families keep it inside their rope scaling."""
@@ -733,7 +782,7 @@ def _rope_parameter(value: Any, key: str) -> Any:
     return float(value)
 
 
-def _rope_theta(data: Mapping[str, Any], where: str) -> float:
+def _rope_theta(data: Mapping[str, Any], where: str, absent: float = 10000.0) -> float:
     """The rotary base, from ``rope_theta`` (transformers 4.x) or ``rope_parameters.rope_theta`` (5.x)."""
     params = data.get("rope_parameters")
     top = _optional_number(data.get("rope_theta"), "rope_theta", where)
@@ -742,7 +791,7 @@ def _rope_theta(data: Mapping[str, Any], where: str) -> float:
     if top is not None and nested is not None and top != nested:
         raise ValueError(f"{where}: rope_theta = {top:g} and rope_parameters.rope_theta = {nested:g} disagree")
     theta = nested if nested is not None else top
-    return 10000.0 if theta is None else theta
+    return absent if theta is None else theta
 
 
 def _preset(name: str, **fields: Any) -> ModelConfig:

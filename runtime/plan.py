@@ -133,20 +133,23 @@ GATED_ACTS = {"silu": "swiglu", "gelu_tanh": "geglu"}
 LOCAL = "_local"  # the role suffix of the kernels of Gemma 3's sliding layers that rotate otherwise
 
 
-def rope_suffix(config: ModelConfig, layer: int) -> str:
+def rope_suffix(config: ModelConfig, layer: int) -> str | None:
     """The suffix of the roles of ``layer``'s rope kernels: ``LOCAL`` in a layer whose rotary
-    embedding differs from the model's (``ModelConfig.split_rope``), else none."""
+    embedding differs from the model's (``ModelConfig.split_rope``), none in the others; None in
+    a layer without one (SmolLM3's NoPE layers: attention reads q and k as projected)."""
+    if layer in config.nope_layers:
+        return None
     return LOCAL if config.split_rope and layer in config.local_layers else ""
 
 
 def _rope_groups(config: ModelConfig) -> list[tuple[str, dict, int]]:
-    """(role suffix, rope attributes, layers) of each group of layers that rotate alike."""
+    """(role suffix, rope attributes, layers) of each group of layers that rotate alike (none
+    for layers that do not rotate)."""
     c = config
-    if not c.split_rope:
-        return [("", c.rope_attrs, c.num_hidden_layers)]
-    local = len(c.local_layers)
-    groups = [(LOCAL, c.layer_rope_attrs(c.local_layers[0]), local)]
-    return ([("", c.rope_attrs, c.num_hidden_layers - local)] if local < c.num_hidden_layers else []) + groups
+    local = len(c.local_layers) if c.split_rope else 0
+    rest = c.num_hidden_layers - local - len(c.nope_layers)
+    return (([("", c.rope_attrs, rest)] if rest else [])
+            + ([(LOCAL, c.layer_rope_attrs(c.local_layers[0]), local)] if local else []))
 
 
 def _ropes(config: ModelConfig, rows: int) -> list[KernelCall]:
@@ -203,9 +206,9 @@ def can_fuse_norms(config: ModelConfig, batch: int) -> bool:
     """Whether a decode step of ``batch`` sequences can run its norms and residual adds inside
     its GEMVs: every linear layer is a GEMV, none adds a bias after the GEMV that would take
     the residual add, and the layer is Llama's (no norm between a projection and its residual
-    add, SwiGLU as the gate, one rotary embedding for every layer)."""
+    add, SwiGLU as the gate, one rotary embedding for every layer: the fused attention rotates)."""
     c = config
-    return (batch <= GEMV_MAX_M and not (c.o_bias or c.mlp_bias or c.post_norms or c.split_rope)
+    return (batch <= GEMV_MAX_M and not (c.o_bias or c.mlp_bias or c.post_norms or c.split_rope or c.nope_layers)
             and c.activation == "silu")
 
 
@@ -273,9 +276,14 @@ def unfused(config: ModelConfig, call: KernelCall) -> list[KernelCall]:
              for r in _rope_pair(c, rows, call.count, dict(spec.attr), suffix)]
     if role == "rope_qk":
         return ropes
-    append = KernelSpec.make("kv_append", {"B": rows, "HKV": c.num_key_value_heads, "D": c.head_dim,
-                                           "S": spec.dims["S"]}, spec.dtype, dynamic=("S",))
-    return ropes + [KernelCall("kv_append", append, call.count)]
+    return ropes + [KernelCall("kv_append", _kv_append(c, rows, spec.dims["S"], spec.dtype), call.count)]
+
+
+def _kv_append(config: ModelConfig, batch: int, kv_len: int, dtype: str) -> KernelSpec:
+    """The kernel that writes each sequence's new K and V rows into the caches."""
+    c = config
+    return KernelSpec.make("kv_append", {"B": batch, "HKV": c.num_key_value_heads, "D": c.head_dim, "S": kv_len},
+                           dtype, dynamic=("S",))
 
 
 def bias_role(role: str) -> str:
@@ -366,6 +374,8 @@ def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "
         calls = [call for call in calls if call.spec.op != "rope"]
         calls += [KernelCall("rope_append" + suffix, KernelSpec.make("rope_append", dims, dtype, attrs, dynamic=("S",)),
                              count) for suffix, attrs, count in _rope_groups(c)]
+        if c.nope_layers:  # their K and V rows written to the caches as projected
+            calls.append(KernelCall("kv_append", _kv_append(c, batch, kv_len, dtype), len(c.nope_layers)))
         calls.append(KernelCall("argmax", argmax, 1))
         if fused_norms is None:
             fused_norms = can_fuse_norms(c, batch)

@@ -8,7 +8,8 @@ projection plus its bias where the config has one, and Qwen3's RMSNorm of each q
 head before the rotary embedding where the config has it (``qk_norm``), and Granite's scalars
 where set (embeddings, residual branches, softmax scale, logits). Gemma's way: GeGLU, every
 norm by 1 + its weight, embeddings times sqrt(hidden_size); Gemma 3's too: each sublayer's
-output normalised before its residual add, the sliding layers rotated with their own base.
+output normalised before its residual add, the sliding layers rotated with their own base;
+SmolLM3's layers without a rotary embedding.
 Quantised weights enter as the float32 weights their int4 codes stand for.
 """
 from __future__ import annotations
@@ -106,7 +107,9 @@ class ReferenceModel:
             if c.qk_norm:
                 q = self._norm(q, layer_name(layer, "self_attn.q_norm"))
                 k = self._norm(k, layer_name(layer, "self_attn.k_norm"))
-            if layer in c.local_layers:  # Gemma 3's sliding layers: the default rope of their own base
+            if layer in c.nope_layers:  # SmolLM3's layers without a rotary embedding
+                pass
+            elif layer in c.local_layers:  # Gemma 3's sliding layers: the default rope of their own base
                 q, k = (rotate(t, positions, c.local_rope_theta) for t in (q, k))
             else:
                 q, k = (rotate(t, positions, c.rope_theta, c.rope_type, **c.rope_scaling) for t in (q, k))

@@ -141,6 +141,16 @@ GEMMA3_1B = {  # google/gemma-3-1b-it: five sliding layers of window 512 to one 
     "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
     "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
     "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0", "use_cache": True, "vocab_size": 262144}
+SMOLLM3_3B = {  # HuggingFaceTB/SmolLM3-3B: every fourth layer without a rotary embedding (NoPE)
+    "architectures": ["SmolLM3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": None,
+    "eos_token_id": 128012, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 11008, "layer_types": ["full_attention"] * 36, "max_position_embeddings": 65536,
+    "max_window_layers": 28, "mlp_bias": False, "model_type": "smollm3", "no_rope_layer_interval": 4,
+    "no_rope_layers": [int((i + 1) % 4 != 0) for i in range(36)], "num_attention_heads": 16,
+    "num_hidden_layers": 36, "num_key_value_heads": 4, "pad_token_id": 128004, "pretraining_tp": 2,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 5000000.0, "sliding_window": None,
+    "torch_dtype": "bfloat16", "transformers_version": "4.54.0.dev0", "use_cache": False,
+    "use_sliding_window": False, "vocab_size": 128256}
 
 # a model small enough to run in milliseconds, in each layout
 SMALL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 64,
@@ -158,8 +168,9 @@ def parse(data: dict) -> ModelConfig:
     (QWEN2, 1000000.0, 2, None), (SMOLLM2, 100000.0, 3, None), (QWEN3, 1000000.0, 8, None),
     (PHI3_MINI, 10000.0, 32, 2047), (PHI4, 250000.0, 10, None), (GRANITE, 5000000.0, 8, None),
     (R1_DISTILL_QWEN, 10000.0, 2, None), (GEMMA_2B, 10000.0, 1, None), (GEMMA3_1B, 1000000.0, 1, 512),
+    (SMOLLM3_3B, 5000000.0, 4, None),
 ], ids=["llama2", "llama3-4.x", "llama3-5.x", "tinyllama", "mistral-v0.1", "mistral-v0.2", "qwen2", "smollm2",
-        "qwen3", "phi-3-mini", "phi-4", "granite-3.1", "r1-distill-qwen", "gemma-2b", "gemma-3-1b"])
+        "qwen3", "phi-3-mini", "phi-4", "granite-3.1", "r1-distill-qwen", "gemma-2b", "gemma-3-1b", "smollm3-3b"])
 def test_supported_checkpoints_parse_with_their_rope_theta(data, theta, kv_heads, window):
     config = parse(data)
     assert config.rope_theta == theta and config.num_key_value_heads == kv_heads
@@ -279,6 +290,13 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**GEMMA_2B, "query_pre_attn_scalar": 256}, "query_pre_attn_scalar = 256 is a Gemma 3 field, not implemented "
                                                  "for model_type 'gemma'"),
     ({**LLAMA3_4X, "rope_local_base_freq": 10000}, "rope_local_base_freq = 10000 is a Gemma 3 field"),
+    ({**LLAMA3_4X, "no_rope_layer_interval": 4}, "no_rope_layer_interval = 4 is a SmolLM3 field, not implemented for "
+                                                 "model_type 'llama'"),
+    ({**SMOLLM3_3B, "no_rope_layers": [1] * 35}, "no_rope_layers = [1, 1, "),
+    ({**SMOLLM3_3B, "no_rope_layers": None, "no_rope_layer_interval": 0}, "no_rope_layer_interval = 0 is not"),
+    ({**SMOLLM3_3B, "use_sliding_window": True, "sliding_window": 4096}, "use_sliding_window = true"),
+    ({**SMOLLM3_3B, "use_mrope": False}, "use_mrope = false is a Qwen field, not implemented for model_type "
+                                         "'smollm3'"),
     ({**GEMMA3_1B, "layer_types": ["sliding_attention"] * 25 + ["chunked_attention"]}, "layer_types = "),
     ({**GEMMA3_1B, "sliding_window_pattern": 0}, "sliding_window_pattern = 0 is not one positive integer"),
     ({**GEMMA3_1B, "rope_scaling": None, "rope_theta": None, "rope_local_base_freq": None,
@@ -333,7 +351,8 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
         "untyped-scaling", "partial-rotary", "thetas-disagree", "qwen2-window", "qwen2-layer-types",
         "qwen2-layer-count", "families-disagree", "qwen2-field", "gemma2", "gemma3-multimodal", "gemma3-attn-softcap",
         "gemma3-final-softcap", "gemma3-bidirectional", "gemma3-erf-gelu", "gemma-silu", "gemma3-field-in-gemma",
-        "gemma3-field-in-llama", "gemma3-layer-kind", "gemma3-pattern", "gemma3-local-scaling", "gemma3-rope-key",
+        "gemma3-field-in-llama", "smollm3-field-in-llama", "smollm3-short-list", "smollm3-interval",
+        "smollm3-window", "smollm3-mrope", "gemma3-layer-kind", "gemma3-pattern", "gemma3-local-scaling", "gemma3-rope-key",
         "classifier", "mistral-bias",
         "qwen2-mlp-bias", "qwen3-mlp-bias", "qwen3-window", "phi3-auto-map", "phi3-longrope", "phi4-mini-partial",
         "phi3-field", "phi3-bad-context", "mrope", "mrope-field", "granite-field", "granite-zero", "granite-null", "bias-not-a-flag", "gelu", "pretraining-tp", "rope-interleaved", "rope-interleaved-not-a-flag", "eps-null", "quantized", "custom-code", "bad-window",
@@ -501,6 +520,19 @@ def test_gemmas_are_read_written_back_and_planned_with_their_kernels():
         assert all(c.role.endswith("_local") == (theta == 1e4) for c, theta in ropes)
     resident = decode_calls(gemma, 1, 64, resident=True)  # no fused norms: the GEMVs know SwiGLU only
     assert "first_norm" in {c.role for c in resident} and "geglu" in {c.role for c in resident}
+
+
+def test_smollm3_is_read_written_back_and_planned_without_rope_in_its_nope_layers():
+    config = parse(SMOLLM3_3B)
+    assert config.nope_layers == tuple(range(3, 36, 4)) and config.tie_word_embeddings
+    assert parse(config.to_hf_dict()) == config and config.to_hf_dict()["model_type"] == "smollm3"
+    bare = parse({k: v for k, v in SMOLLM3_3B.items() if k not in ("no_rope_layers", "rope_theta")})
+    assert bare.nope_layers == config.nope_layers and bare.rope_theta == 2e6  # SmolLM3Config's defaults
+    for calls in (prefill_calls(config, 16), decode_calls(config, 1, 64), decode_calls(config, 4, 64, resident=True)):
+        rotating = [c for c in calls if c.spec.op in ("rope", "rope_append")]
+        assert rotating and all(c.count == 27 for c in rotating)  # 36 layers, 9 without
+    resident = {c.role: c for c in decode_calls(config, 1, 64, resident=True)}
+    assert resident["kv_append"].count == 9 and "first_norm" in resident  # no fused norms: attention rotates
 
 
 def test_a_qwen2_window_is_ignored_while_use_sliding_window_is_false():

@@ -106,12 +106,19 @@ FAMILIES = {
         "full_attention": {"rope_type": "default", "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}, sliding_window=64,
         layer_types=["sliding_attention", "full_attention"]), "gemma3-4.x"),
+    # SmolLM3: layers without a rotary embedding (here every second one; every fourth in SmolLM3-3B),
+    # tied embeddings; the 4.x one as SmolLM3-3B ships (no_rope_layers listed, an unread pretraining_tp 2)
+    "smollm3": ("SmolLM3Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 2e6},
+                                      no_rope_layer_interval=2, **PHI3_IDS), "5.x"),
+    "smollm3-4.x": ("SmolLM3Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 5e6},
+                                          no_rope_layers=[0, 1], **PHI3_IDS), "4.x"),
 }
 # the model class of a config class, where it is not the config's name with ForCausalLM
 MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM"}
 # config.json fields set after saving: a Qwen2 window far shorter than the sequence, ignored (by
 # transformers too) because use_sliding_window is false, as in the real checkpoints
-CONFIG_EDITS = {"qwen2-4.x": dict(sliding_window=16, max_window_layers=1), "gemma": dict(hidden_act="gelu")}
+CONFIG_EDITS = {"qwen2-4.x": dict(sliding_window=16, max_window_layers=1), "gemma": dict(hidden_act="gelu"),
+                "smollm3-4.x": dict(pretraining_tp=2, max_window_layers=1, use_sliding_window=False)}
 BIASED = ["qwen2", "qwen2-4.x", "llama-biases", "qwen3-4.x"]
 QK_NORMED = ["qwen3", "qwen3-4.x", "gemma3", "gemma3-4.x"]
 GEMMAS = ["gemma", "gemma3", "gemma3-4.x"]
@@ -343,6 +350,19 @@ def test_what_gemma_does_otherwise_matters(family, checkpoints, prompts):
         assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE, what
 
 
+@pytest.mark.parametrize("family", ["smollm3", "smollm3-4.x"])
+def test_smollm3s_layers_without_rope_matter(family, checkpoints, prompts):
+    """The comparisons above can fail: rotating every layer (a loader reading SmolLM3 as Llama)
+    moves the logits far past the tolerance."""
+    model, folder = checkpoints[family]
+    config, weights = _load(folder)
+    assert config.nope_layers == ((1,) if family == "smollm3" else (0,)) and config.tie_word_embeddings
+    plain = dataclasses.replace(config, nope_layers=())
+    generation = ReferenceModel(plain, ModelWeights(plain, weights.tensors)).generate(prompts, NEW_TOKENS)
+    want = _teacher_forced_logits(model, prompts, generation.tokens)
+    assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE
+
+
 @pytest.mark.parametrize("family", ["llama3.1", "llama3.2", "linear", "linear-4.x"])
 def test_inverse_frequencies_are_those_of_transformers(family, checkpoints):
     """Each of the head's pairs, in every band of the llama3 scaling, against transformers'
@@ -404,7 +424,8 @@ def test_a_sequence_past_mistrals_sliding_window_is_refused(checkpoints, default
         assert "\n" not in text
 
 
-@pytest.mark.parametrize("family", ["llama3.1", "qwen2", "qwen3", "qwen3-4.x", "granite", "gemma", "gemma3"])
+@pytest.mark.parametrize("family", ["llama3.1", "qwen2", "qwen3", "qwen3-4.x", "granite", "gemma", "gemma3",
+                                    "smollm3"])
 def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints, prompts, greedy, fake_gpu):
     """The same on the CUDA path (fake GPU: cubins built by nvcc, run on the emulator): device
     buffers, the decode step captured as a graph, rope scaling (Llama 3.1), biases (Qwen2) and
