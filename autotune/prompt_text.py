@@ -2,8 +2,13 @@
 read by Hugging Face's ``tokenizers``) turns ``--prompt`` into token ids, special tokens added as
 the tokenizer's post-processor says (Llama 3's begin-of-text, for one), and the generated ids
 back into text, up to the first end-of-sequence token the checkpoint names (its
-``generation_config.json`` and ``config.json``: ``eos_token_id``). No chat template is applied:
-the prompt is the model's input as written."""
+``generation_config.json`` and ``config.json``: ``eos_token_id``). The prompt is the model's
+input as written, or with ``--chat`` a user message laid out by the checkpoint's chat template
+(``chat_template.jinja`` beside the tokenizer.json, else ``tokenizer_config.json``'s
+``chat_template``), rendered as transformers' ``apply_chat_template`` renders it: Jinja in a
+sandbox (the template is the checkpoint's, not ours), the generation prompt added, the
+tokenizer_config.json's special tokens as variables, and no special tokens added when encoding
+(the template writes them)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +17,9 @@ from pathlib import Path
 from runtime.model_config import PRESETS
 
 TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 4.43+ saves the template
+TOKENIZER_CONFIG = "tokenizer_config.json"  # where older ones keep it, with the special tokens
+SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 END_FILES = ("generation_config.json", "config.json")  # where a checkpoint names its end-of-sequence ids
 
 
@@ -58,10 +66,83 @@ def load_tokenizer(path: Path):
         raise ValueError(f"{path} is not a tokenizer.json the tokenizers library reads: {message}") from None
 
 
-def encode(tokenizer, text: str, vocab: int, path: Path) -> list[int]:
-    """``text`` as the model's token ids; ValueError for an empty prompt or ids past the model's
-    vocabulary (the tokenizer of another model)."""
-    ids = tokenizer.encode(text).ids
+def chat_prompt(tokenizer_path: Path, text: str) -> str:
+    """``text`` as a user message in the chat template of the checkpoint whose tokenizer.json is
+    ``tokenizer_path``, with the assistant's turn opened; ValueError (one line) where there is
+    no template or it cannot be rendered."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    folder = tokenizer_path.parent
+    settings = _json_object(folder / TOKENIZER_CONFIG)
+    template = _chat_template(folder, settings)
+    variables = {name: _token_text(settings.get(name)) for name in SPECIAL_TOKENS}
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, indent=None):
+        return json.dumps(value, ensure_ascii=False, indent=indent)
+
+    def strftime_now(layout):
+        import datetime
+
+        return datetime.datetime.now().strftime(layout)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+    environment.filters["tojson"] = tojson
+    environment.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    try:
+        return environment.from_string(template).render(
+            messages=[{"role": "user", "content": text}], add_generation_prompt=True, tools=None, documents=None,
+            **variables)
+    except jinja2.exceptions.TemplateError as exc:
+        where = folder / (CHAT_TEMPLATE_FILE if (folder / CHAT_TEMPLATE_FILE).is_file() else TOKENIZER_CONFIG)
+        raise ValueError(f"--chat: the chat template of {where} fails: {exc}") from None
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON file's object, or {} where the file is missing; ValueError for one that is no object."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--chat: cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--chat: {path} is not a JSON object")
+    return data
+
+
+def _chat_template(folder: Path, settings: dict) -> str:
+    """The template text: chat_template.jinja, else tokenizer_config.json's ``chat_template`` (a
+    string, or a list of named ones: the one named default)."""
+    path = folder / CHAT_TEMPLATE_FILE
+    if path.is_file():
+        return path.read_text()
+    template = settings.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if not isinstance(template, str):
+        raise ValueError(f"--chat: no chat template beside {folder / TOKENIZER_FILE} ({CHAT_TEMPLATE_FILE}, or "
+                         f"chat_template in {TOKENIZER_CONFIG}): a base model has none; drop --chat")
+    return template
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: its text, or an AddedToken's content."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def encode(tokenizer, text: str, vocab: int, path: Path, special: bool = True) -> list[int]:
+    """``text`` as the model's token ids (``special``: with the special tokens the tokenizer's
+    post-processor adds; a chat template writes its own); ValueError for an empty prompt or ids
+    past the model's vocabulary (the tokenizer of another model)."""
+    ids = tokenizer.encode(text, add_special_tokens=special).ids
     if not ids:
         raise ValueError(f"--prompt {text!r} encodes to no tokens")
     if max(ids) >= vocab:

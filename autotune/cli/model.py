@@ -192,16 +192,19 @@ def _prompt_ids(prompt_ids: str | None, vocab: int) -> list[int] | None:
 
 
 def _text_prompt(text: str, prompt_ids: str | None, tokenizer_path: str | None, weights_dir: str | None, model: str,
-                 vocab: int):
-    """(the tokenizer, ``--prompt``'s token ids) from the checkpoint's tokenizer.json."""
-    from autotune.prompt_text import encode, find_tokenizer, load_tokenizer
+                 vocab: int, chat: bool = False):
+    """(the tokenizer, ``--prompt``'s token ids, the text encoded) from the checkpoint's
+    tokenizer.json; ``chat``: the prompt laid out by its chat template first."""
+    from autotune.prompt_text import chat_prompt, encode, find_tokenizer, load_tokenizer
 
     if prompt_ids is not None:
         raise UserError("give --prompt or --prompt-ids, not both")
     try:
         path = find_tokenizer(tokenizer_path, weights_dir, model)
         tokenizer = load_tokenizer(path)
-        return tokenizer, encode(tokenizer, text, vocab, path)
+        if chat:
+            text = chat_prompt(path, text)
+        return tokenizer, encode(tokenizer, text, vocab, path, special=not chat), text
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -339,6 +342,9 @@ def _quantize_of(kernels, quantize: str) -> str:
               help="or the prompt as text, encoded by the checkpoint's tokenizer.json; the generated text is printed")
 @click.option("--tokenizer", "tokenizer_path", default=None,
               help="with --prompt: the tokenizer.json (or its folder); default: the one in --weights or beside --model")
+@click.option("--chat", is_flag=True,
+              help="with --prompt: send it as a user message through the checkpoint's chat template (an instruct "
+                   "model's: chat_template.jinja or tokenizer_config.json beside its tokenizer.json)")
 @click.option("--batch", default=1, show_default=True, type=int, callback=positive, help="sequences at once")
 @click.option("--new-tokens", default=32, show_default=True, type=int, callback=positive, help="tokens generated per sequence")
 @click.option("--quantize", default="auto", show_default=True, type=click.Choice(["auto", "none", "q4"]),
@@ -354,8 +360,8 @@ def _quantize_of(kernels, quantize: str) -> str:
               help="with --log: use records of code the templates no longer render, with a warning")
 @click.option("--check-weights", is_flag=True,
               help="with --weights: refuse a checkpoint whose tensors hold NaN or infinite values (one pass over them)")
-def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_text, tokenizer_path, batch, new_tokens,
-        quantize, group_size, compare, target, as_json, dtype, allow_stale, check_weights) -> None:
+def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_text, tokenizer_path, chat, batch,
+        new_tokens, quantize, group_size, compare, target, as_json, dtype, allow_stale, check_weights) -> None:
     """Generate with a model on tuned kernels; print prefill and decode tokens/s."""
     from runtime.kernel import UntunedShapeWarning
     from runtime.plan import check_quantize
@@ -368,11 +374,12 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
         raise UserError(f"--weights {weights_dir} is not a directory")
     if check_weights and not weights_dir:
         raise UserError("--check-weights is for --weights (generated weights are finite)")
-    tokenizer = None
+    tokenizer = encoded = None
     if prompt_text is not None:
-        tokenizer, ids = _text_prompt(prompt_text, prompt_ids, tokenizer_path, weights_dir, model, config.vocab_size)
-    elif tokenizer_path is not None:
-        raise UserError("--tokenizer is for --prompt")
+        tokenizer, ids, encoded = _text_prompt(prompt_text, prompt_ids, tokenizer_path, weights_dir, model,
+                                               config.vocab_size, chat)
+    elif tokenizer_path is not None or chat:
+        raise UserError(f"{'--tokenizer' if tokenizer_path is not None else '--chat'} is for --prompt")
     else:
         ids = _prompt_ids(prompt_ids, config.vocab_size)
     length = len(ids) if ids is not None else prompt_tokens
@@ -426,7 +433,7 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
 
         end_ids = end_of_sequence_ids(checkpoint_folders(weights_dir, model))
         ended = [until_end(row, end_ids) for row in tuned.tokens]
-        report.prompt_text = prompt_text
+        report.prompt_text = encoded  # with --chat, as the template laid it out
         report.texts = [decode(tokenizer, ids) for ids, _ in ended]
         report.ended_at = [at for _, at in ended]
     try:

@@ -354,3 +354,22 @@ def test_the_text_ends_at_the_checkpoints_end_of_sequence_token(tiny_lib, tmp_pa
     assert ended["texts"] == [tokenizer.decode(tokens[:at + 1])]
     text = run(*args, cwd=tmp_path).stdout
     assert f"(end of sequence at new token {at + 1} of 6)" in text
+
+
+def test_run_chat_generates_from_the_templated_prompt(tiny_lib, tmp_path):
+    """--chat lays the prompt out by the template beside the tokenizer; the JSON says the text
+    that was encoded. Without --prompt, or without a template, one line and exit 2."""
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    from test_chat_template import GEMMA_STYLE, _checkpoint_tokenizer
+
+    _checkpoint_tokenizer(folder, GEMMA_STYLE, legacy=False)
+    base = ["run", "--lib", str(tiny_lib), "--model", "tiny", "--new-tokens", "3", "--json"]
+    out = json.loads(run(*base, "--tokenizer", str(folder), "--prompt", "hi", "--chat", cwd=tmp_path).stdout)
+    assert out["prompt_text"] == "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    plain = json.loads(run(*base, "--tokenizer", str(folder), "--prompt", "hi", cwd=tmp_path).stdout)
+    assert out["prompt_tokens"] > plain["prompt_tokens"] == 3  # <bos> h i
+    assert_usage_error(run(*base, "--chat", cwd=tmp_path, check=False), "--chat is for --prompt")
+    (folder / "chat_template.jinja").unlink()
+    assert_usage_error(run(*base, "--tokenizer", str(folder), "--prompt", "hi", "--chat", cwd=tmp_path, check=False),
+                       "--chat: no chat template beside")
