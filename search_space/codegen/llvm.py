@@ -394,6 +394,11 @@ class KernelBuilder:
         b = i64(b) if isinstance(b, int) else b
         return self.b.select(self.b.icmp_signed("<", a, b), a, b)
 
+    def max(self, a, b):
+        a = i64(a) if isinstance(a, int) else a
+        b = i64(b) if isinstance(b, int) else b
+        return self.b.select(self.b.icmp_signed(">", a, b), a, b)
+
     def ret(self) -> None:
         self.b.ret_void()
 

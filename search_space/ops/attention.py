@@ -10,6 +10,11 @@ Head h of the queries reads key/value head ``h // (H // HKV)``. ``scale`` defaul
   cache K[B,HKV,S,D], V[B,HKV,S,D] of capacity S of which the first L positions are valid.
   S and L are runtime arguments (int64, in that order after the arrays) when dynamic, so one
   kernel serves every cache length; a task's L is the length it is tuned at.
+
+``window`` (sliding-window attention, Mistral's and Gemma 3's): a query at position t sees only
+the keys at t - window + 1 .. t, at most ``window`` of them (transformers' sliding-window mask);
+0, the default, means no window. In prefill it narrows the causal mask; in decode the query sits
+at position L - 1, so the cache rows read are max(0, L - window) .. L - 1.
 """
 from __future__ import annotations
 
@@ -35,6 +40,22 @@ def _check_heads(op: Operator, task: Task) -> None:
         raise ValueError(f"{op.op}: H = {d['H']} must be a multiple of HKV = {d['HKV']}")
 
 
+WINDOW_DOC = "sliding window: a query at position t sees the keys at t - window + 1 .. t; 0: no window"
+
+
+def check_window(op: Operator, task: Task) -> int:
+    """The task's ``window`` attribute, refused unless a count (0: none)."""
+    window = op.attrs(task)["window"]
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise ValueError(f"{op.op}: window = {window!r} must be a number of positions (0: no window)")
+    return window
+
+
+def window_start(length: int, window: int) -> int:
+    """The first of ``length`` positions a query at the last of them sees through ``window``."""
+    return max(0, length - window) if window else 0
+
+
 def softmax_last(scores: np.ndarray) -> np.ndarray:
     scores = scores - scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
@@ -50,13 +71,15 @@ class AttentionPrefillOp(Operator):
     dtypes = FLOAT_DTYPES
     default_attrs = ATTR_DEFAULTS["attention_prefill"]
     attr_docs = {"causal": "true: each query sees only the keys at or before its position",
-                 "scale": "softmax scale of Q.K; 0.0 means 1/sqrt(D)"}
+                 "scale": "softmax scale of Q.K; 0.0 means 1/sqrt(D)", "window": WINDOW_DOC + " (causal only)"}
     example_shape = {"B": 1, "T": 512, "H": 32, "HKV": 8, "D": 128}
     description = "causal grouped-query attention over a prompt, flash-style (O = softmax(QK^T) V)"
 
     def check(self, task: Task) -> None:
         super().check(task)
         _check_heads(self, task)
+        if check_window(self, task) and not self.attrs(task)["causal"]:
+            raise ValueError(f"{self.op}: a window needs causal attention (it narrows the causal mask)")
 
     def signature(self, task: Task) -> tuple[ArgSpec, ...]:
         dt = task.dtype
@@ -64,7 +87,9 @@ class AttentionPrefillOp(Operator):
                 ArgSpec("V", "in", dt, ("B", "T", "HKV", "D")), ArgSpec("O", "out", dt, ("B", "T", "H", "D")))
 
     def pairs(self, task: Task) -> float:
-        t = task.dims["T"]
+        t, w = task.dims["T"], self.attrs(task)["window"]
+        if w and w < t:  # the first w queries as causal, each later one sees w keys
+            return w * (w + 1) / 2 + (t - w) * w
         return t * (t + 1) / 2 if self.attrs(task)["causal"] else float(t * t)
 
     def flops(self, task: Task) -> float:
@@ -91,6 +116,9 @@ class AttentionPrefillOp(Operator):
         scores = np.matmul(qg, kt[:, :, None]) * _scale(self, task)       # B,HKV,G,T,T
         if self.attrs(task)["causal"]:
             scores[..., np.triu_indices(t, 1)[0], np.triu_indices(t, 1)[1]] = -np.inf
+        window = self.attrs(task)["window"]
+        if window:  # keys window or more positions behind the query
+            scores[..., np.tril_indices(t, -window)[0], np.tril_indices(t, -window)[1]] = -np.inf
         out = np.matmul(softmax_last(scores), vt[:, :, None])             # B,HKV,G,T,D
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dim)
 
@@ -116,7 +144,8 @@ class AttentionDecodeOp(Operator):
                             "needs: one launch serves every step)",
                  "programmatic": "true: the kernel may start before the kernel ahead of it in a captured CUDA "
                                  "graph has ended, and lets the next one start early (programmatic dependent "
-                                 "launch; CUDA, sm_90+)"}
+                                 "launch; CUDA, sm_90+)",
+                 "window": WINDOW_DOC + " (the query is at position L - 1: it reads cache rows L - window .. L - 1)"}
     example_shape = {"B": 1, "H": 32, "HKV": 8, "D": 128, "S": 4096, "L": 4096}
     description = "one query per sequence against a KV cache of runtime length L (split-KV)"
     LENGTHS = ("uniform", "per_sequence")
@@ -126,6 +155,7 @@ class AttentionDecodeOp(Operator):
         _check_heads(self, task)
         if task.dims["L"] > task.dims["S"]:
             raise ValueError(f"attention_decode: L = {task.dims['L']} exceeds the cache capacity S = {task.dims['S']}")
+        check_window(self, task)
         if self.attrs(task)["lengths"] not in self.LENGTHS:
             raise ValueError(f"attention_decode: lengths = {self.attrs(task)['lengths']!r}; use one of "
                              f"{', '.join(self.LENGTHS)}")
@@ -149,13 +179,17 @@ class AttentionDecodeOp(Operator):
         return (ArgSpec("Q", "in", dt, ("B", "H", "D")), ArgSpec("K", "in", dt, ("B", "HKV", "S", "D")),
                 ArgSpec("V", "in", dt, ("B", "HKV", "S", "D")), *lens, ArgSpec("O", "out", dt, ("B", "H", "D")))
 
+    def read_rows(self, task: Task) -> int:
+        """The cache rows a sequence at the task's L reads: L, or the window's."""
+        return task.dims["L"] - window_start(task.dims["L"], self.attrs(task)["window"])
+
     def flops(self, task: Task) -> float:
         d = task.dims
-        return 4.0 * d["B"] * d["H"] * d["L"] * d["D"]
+        return 4.0 * d["B"] * d["H"] * self.read_rows(task) * d["D"]
 
     def min_bytes(self, task: Task) -> float:
         d = task.dims
-        return ITEMSIZE[task.dtype] * d["B"] * d["D"] * (2 * d["HKV"] * d["L"] + 2 * d["H"])
+        return ITEMSIZE[task.dtype] * d["B"] * d["D"] * (2 * d["HKV"] * self.read_rows(task) + 2 * d["H"])
 
     def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
         d = task.dims
@@ -177,7 +211,8 @@ class AttentionDecodeOp(Operator):
         for seq in {*lengths} - {0}:  # one batched product per distinct length; no positions: zeros
             rows = [i for i, n in enumerate(lengths) if n == seq]
             qg = q[rows].reshape(len(rows), hkv, h // hkv, dim)                      # b,HKV,G,D
-            keys, values = k[rows, :, :seq], v[rows, :, :seq]                        # b,HKV,L,D
+            first = window_start(seq, self.attrs(task)["window"])
+            keys, values = k[rows, :, first:seq], v[rows, :, first:seq]              # b,HKV,L,D
             scores = np.matmul(qg, keys.transpose(0, 1, 3, 2)) * _scale(self, task)  # b,HKV,G,L
             out[rows] = np.matmul(softmax_last(scores), values).reshape(len(rows), h, dim)
         return out

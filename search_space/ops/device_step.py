@@ -31,7 +31,7 @@ from runtime.rope_frequencies import frequencies_of_attrs
 
 from ..task import Task
 from ..template import ArgSpec, Operator, register_operator
-from .attention import AttentionDecodeOp, _check_heads, _scale, softmax_last
+from .attention import WINDOW_DOC, AttentionDecodeOp, _check_heads, _scale, check_window, softmax_last, window_start
 from .common import FLOAT_DTYPES, ITEMSIZE, from_float, random_normal, to_float32, to_float64
 from .elementwise import RopeOp, check_rope, rotate_half
 
@@ -147,8 +147,10 @@ class RopeAppendAttentionOp(Operator):
     dims = ("B", "H", "HKV", "D", "S", "L")
     dynamic_dims = ("S", "L")
     dtypes = FLOAT_DTYPES
-    default_attrs = {"scale": 0.0, **RopeOp.default_attrs}
-    attr_docs = {"scale": AttentionDecodeOp.attr_docs["scale"], **RopeOp.attr_docs}
+    default_attrs = {"scale": 0.0, "window": 0, **RopeOp.default_attrs}
+    attr_docs = {"scale": AttentionDecodeOp.attr_docs["scale"],
+                 "window": WINDOW_DOC + " (the query is at its position P: it sees P - window + 1 .. P)",
+                 **RopeOp.attr_docs}
     example_shape = {"B": 1, "H": 32, "HKV": 8, "D": 128, "S": 4096, "L": 4096}
     description = ("rope of q and k, their cache append and decode attention in one kernel, from the fused Q/K/V "
                    "projection's rows (positions read from memory)")
@@ -157,6 +159,7 @@ class RopeAppendAttentionOp(Operator):
         super().check(task)
         check_rope(self.op, task)
         _check_heads(self, task)
+        check_window(self, task)
         d = task.dims
         if not 1 <= d["L"] <= d["S"]:
             raise ValueError(f"{self.op}: L = {d['L']} must be from 1 to the cache capacity S = {d['S']}")
@@ -168,14 +171,18 @@ class RopeAppendAttentionOp(Operator):
                 ArgSpec("K", "in", dt, cache), ArgSpec("V", "in", dt, cache), ArgSpec("O", "out", dt, ("B", "H", "D")),
                 ArgSpec("KC", "out", dt, cache), ArgSpec("VC", "out", dt, cache))
 
+    def read_rows(self, task: Task) -> int:
+        """The positions the new token at L - 1 attends to: L, or the window's."""
+        return task.dims["L"] - window_start(task.dims["L"], self.attrs(task)["window"])
+
     def flops(self, task: Task) -> float:
         d = task.dims
-        return 4.0 * d["B"] * d["H"] * d["L"] * d["D"] + 3.0 * d["B"] * (d["H"] + d["HKV"]) * d["D"]
+        return 4.0 * d["B"] * d["H"] * self.read_rows(task) * d["D"] + 3.0 * d["B"] * (d["H"] + d["HKV"]) * d["D"]
 
     def min_bytes(self, task: Task) -> float:
-        """The cached rows, the projection's rows, O and the two new cache rows."""
+        """The cached rows read, the projection's rows, O and the two new cache rows."""
         d = task.dims
-        rows = 2 * d["HKV"] * (d["L"] - 1) + (d["H"] + 2 * d["HKV"]) + d["H"] + 2 * d["HKV"]
+        rows = 2 * d["HKV"] * (self.read_rows(task) - 1) + (d["H"] + 2 * d["HKV"]) + d["H"] + 2 * d["HKV"]
         return ITEMSIZE[task.dtype] * d["B"] * d["D"] * rows + 4 * d["B"]
 
     def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -203,8 +210,9 @@ class RopeAppendAttentionOp(Operator):
         out = np.empty((d["B"], h, dim), dtype=rotated.dtype)
         for b, position in enumerate(int(p) for p in positions):
             cached = min(max(position, 0), d["S"])
-            keys = np.concatenate([k[b, :, :cached], new_k[b][:, None]], axis=1)      # HKV, n, D
-            values = np.concatenate([v[b, :, :cached], new_v[b][:, None]], axis=1)
+            first = window_start(cached + 1, self.attrs(task)["window"])
+            keys = np.concatenate([k[b, :, :cached], new_k[b][:, None]], axis=1)[:, first:]      # HKV, n, D
+            values = np.concatenate([v[b, :, :cached], new_v[b][:, None]], axis=1)[:, first:]
             q = rotated[b, :h].reshape(hkv, h // hkv, dim)                           # HKV, G, D
             scores = np.matmul(q, keys.transpose(0, 2, 1)) * _scale(self, task)      # HKV, G, n
             out[b] = np.matmul(softmax_last(scores), values).reshape(h, dim)

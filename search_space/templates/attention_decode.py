@@ -18,6 +18,9 @@ block before P.V reads it; with ``in_pv`` the first V rows of every block are re
 each block's pipeline drains at the switch from K to V. With 8 query heads per KV head
 (D = 64) the score loop is long enough to hide them: 16 -> 20 GB/s read cold on two cores.
 
+With a sliding ``window`` the valid range is [max(0, L - window), L) (the query sits at position
+L - 1); the splits cut that range, so the work and the knobs follow the window, not L.
+
 With one split a unit normalises its accumulators into O. With more, each unit leaves
 (max, sum, accumulator) in the workspace and a combine step merges the splits of every
 (batch, head). S (the cache capacity, the row stride of K and V) and L (valid rows) are
@@ -73,10 +76,11 @@ class AttentionDecodeCpu(AttentionDecodeOp, Template):
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
         d, lanes, regs, G = space_basics(task, target)
+        rows = self.read_rows(task)  # the cache rows a call reads: L, or the window's
         vecs = tuple(v for v in (4, 8, 16) if v <= lanes) or (lanes,)
         knobs = [
-            Knob("split", tuple(v for v in (1, 2, 4, 8, 16, 32) if v == 1 or d["L"] >= 16 * v)),
-            Knob("bk", _fitting((16, 32, 64, 128, 256), d["L"])),
+            Knob("split", tuple(v for v in (1, 2, 4, 8, 16, 32) if v == 1 or rows >= 16 * v)),
+            Knob("bk", _fitting((16, 32, 64, 128, 256), rows)),
             Knob("kr", (1, 2, 4, 8)),
             Knob("hr", tuple(v for v in _divisors(G) if v <= 8)),
             Knob("vec", vecs),
@@ -114,9 +118,10 @@ class AttentionDecodeCpu(AttentionDecodeOp, Template):
         d = task.dims
         c = config.as_dict()
         lay = _Layout(d, c)
-        moved = 4.0 * (2 * d["B"] * d["HKV"] * d["L"] * d["D"] + 2 * d["B"] * d["H"] * d["D"]
+        rows = self.read_rows(task)
+        moved = 4.0 * (2 * d["B"] * d["HKV"] * rows * d["D"] + 2 * d["B"] * d["H"] * d["D"]
                        + (2 * lay.units * lay.per_unit if c["split"] > 1 else 0))
-        chunk = math.ceil(d["L"] / c["split"])
+        chunk = math.ceil(rows / c["split"])
         return {
             "threads": c["threads"],
             "vector_lanes": c["vec"],
@@ -129,7 +134,7 @@ class AttentionDecodeCpu(AttentionDecodeOp, Template):
             "tile_bytes_l2": 4.0 * (lay.per_unit + lay.per_thread),
             "bytes_moved": moved,
             "arith_intensity": self.flops(task) / moved,
-            "reduction_share": (lay.G * c["split"]) / max(lay.G * d["L"], 1),
+            "reduction_share": (lay.G * c["split"]) / max(lay.G * rows, 1),
             "k_tail_fraction": (chunk % c["bk"]) / chunk,
             "n_tail_fraction": (lay.Dp - d["D"]) / lay.Dp,
             "packed": 0.0,
@@ -137,10 +142,10 @@ class AttentionDecodeCpu(AttentionDecodeOp, Template):
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
-        return _render(task, config.as_dict(), _scale(self, task))
+        return _render(task, config.as_dict(), _scale(self, task), self.attrs(task)["window"])
 
 
-def _render(task: Task, c: dict, scale: float) -> KernelSource:
+def _render(task: Task, c: dict, scale: float, window: int = 0) -> KernelSource:
     d = task.dims
     B, H, HKV, D = d["B"], d["H"], d["HKV"], d["D"]
     lay = _Layout(d, c)
@@ -161,13 +166,15 @@ def _render(task: Task, c: dict, scale: float) -> KernelSource:
         return (kb.masked_load_vec(base, at, lanes, cg.i64(count)) if count < lanes
                 else kb.load_vec(base, at, lanes))
 
-    chunk_len = b.sdiv(b.add(L, cg.i64(split - 1)), cg.i64(split))
+    # the rows read: [start, L), start = max(0, L - window) under a sliding window
+    start = kb.max(b.sub(L, cg.i64(window)), cg.i64(0)) if window else cg.i64(0)
+    chunk_len = b.sdiv(b.add(b.sub(L, start), cg.i64(split - 1)), cg.i64(split))
     with kb.loop(chunk_begin, chunk_end, 1, name="unit") as unit:
         bg = b.sdiv(unit, cg.i64(split))            # b * HKV + g
         si = b.srem(unit, cg.i64(split))
         g = b.srem(bg, cg.i64(HKV))
         bi = b.sdiv(bg, cg.i64(HKV))
-        c0 = b.mul(si, chunk_len)
+        c0 = b.add(start, b.mul(si, chunk_len))
         c1 = kb.min(L, b.add(c0, chunk_len))
         part = kb.gep(WS, b.mul(unit, cg.i64(lay.per_unit)))
         m_buf, l_buf, alpha_buf = part, kb.gep(part, G), kb.gep(part, 2 * G)

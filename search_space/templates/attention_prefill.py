@@ -22,6 +22,12 @@ only key blocks that start at or before the tile's last query token; blocks enti
 below the tile's first token need no mask, and only the blocks across the diagonal are
 masked (scores of future keys become -inf before the exp).
 
+A sliding ``window`` narrows the causal mask from below: a tile walks keys from the window
+start of its first token (max(0, t0 - window + 1)); the blocks before the window start of its
+last token are masked on both edges (a row may see no key of such a block: its exponentials
+are taken against a running max of 0 rather than -inf, so they are 0, never NaN), the rest as
+without a window.
+
 Any shape works: partial query tiles clamp the rows they read and write only valid rows,
 partial key blocks clamp the key rows of the last micro tile and use only valid scores, a
 D that is not a multiple of the vector width is read with masked loads. With T dynamic the
@@ -166,8 +172,11 @@ class AttentionPrefillCpu(AttentionPrefillOp, Template):
         chunks = lay.chunks(d, d["T"])
         n_q = math.ceil(d["T"] / c["bq"])
         # K/V rows each query tile reads: all keys, or those up to its last token when causal
+        # (from its first token's window start under a window)
+        window = self.attrs(task)["window"]
         if self.attrs(task)["causal"]:
-            keys = sum(min((i + 1) * c["bq"], d["T"]) for i in range(n_q))
+            keys = sum(min((i + 1) * c["bq"], d["T"]) - (max(0, i * c["bq"] - window + 1) if window else 0)
+                       for i in range(n_q))
         else:
             keys = n_q * d["T"]
         tiles = d["B"] * d["HKV"] * lay.nsub
@@ -193,7 +202,8 @@ class AttentionPrefillCpu(AttentionPrefillOp, Template):
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
-        return _render(task, config.as_dict(), _scale(self, task), bool(self.attrs(task)["causal"]))
+        return _render(task, config.as_dict(), _scale(self, task), bool(self.attrs(task)["causal"]),
+                       self.attrs(task)["window"])
 
 
 def outer_micro_kernel(module: ir.Module, name: str, mt: int, nt: int, lanes: int, last: int,
@@ -272,7 +282,7 @@ def transpose(kb: cg.KernelBuilder, rows: list) -> list:
     return m
 
 
-def _render(task: Task, c: dict, scale: float, causal: bool) -> KernelSource:
+def _render(task: Task, c: dict, scale: float, causal: bool, window: int = 0) -> KernelSource:
     d = task.dims
     B, H, HKV, D = d["B"], d["H"], d["HKV"], d["D"]
     lay = _Layout(d, c)
@@ -413,9 +423,13 @@ def _render(task: Task, c: dict, scale: float, causal: bool) -> KernelSource:
 
                 def score(k):
                     s = kb.load_vec(st, b.add(b.mul(k, cg.i64(Rp)), col), lanes)
-                    if masked:  # future keys of each row's token score -inf
+                    if masked:  # future keys of each row's token score -inf, and under a window past ones
                         key = kb.splat(b.trunc(b.add(rel, k), cg.I32), lanes)
-                        s = b.select(b.icmp_signed("<=", key, tq_lanes), s, kb.splat(neg_inf, lanes))
+                        seen = b.icmp_signed("<=", key, tq_lanes)
+                        if window:
+                            lower = kb.splat(b.trunc(b.add(rel, b.add(k, cg.i64(window))), cg.I32), lanes)
+                            seen = b.and_(seen, b.icmp_signed(">", lower, tq_lanes))
+                        s = b.select(seen, s, kb.splat(neg_inf, lanes))
                     return s
 
                 mx = kb.local(cg.vec(lanes), name="mx")
@@ -426,9 +440,11 @@ def _render(task: Task, c: dict, scale: float, causal: bool) -> KernelSource:
                 m_old = kb.load_vec(m_buf, col, lanes)
                 block_max = kb.fmul(b.load(mx), vscale) if fold else b.load(mx)
                 m_new = kb.fmax(m_old, block_max)
+                kb.store_vec(m_new, m_buf, col)
+                if masked and window:  # a row that has seen no key yet: exponentials against 0, not -inf
+                    m_new = b.select(b.fcmp_ordered("==", m_new, kb.splat(neg_inf, lanes)), kb.zeros(lanes), m_new)
                 alpha = kb.exp(kb.fsub(m_old, m_new))
                 kb.store_vec(alpha, alpha_buf, col)
-                kb.store_vec(m_new, m_buf, col)
                 neg = b.fneg(m_new)
                 total = kb.local(cg.vec(lanes), name="sum")
                 b.store(kb.zeros(lanes), total)
@@ -464,18 +480,28 @@ def _render(task: Task, c: dict, scale: float, causal: bool) -> KernelSource:
             for first_vector, nt, last in edges:
                 pv_panel(cg.i64(first_vector * lanes), nt, last)
 
-        # keys visible to the tile: [0, kend); blocks wholly at or below its first token
-        # (or, without causality, every full block) need no mask
+        # keys visible to the tile: [kstart, kend); blocks wholly at or below its first token
+        # (or, without causality, every full block) need no mask. Under a window the keys
+        # before kmid (the window start of its last token) are masked on both edges first.
         t1 = b.add(t0, n_valid)
+        kstart = cg.i64(0)
+        if window:
+            kstart = kb.max(b.sub(t0, cg.i64(window - 1)), cg.i64(0))
+            kmid = kb.min(kb.max(b.sub(t1, cg.i64(window)), kstart), t1)
+            n_low = b.sdiv(b.add(b.sub(kmid, kstart), cg.i64(bk - 1)), cg.i64(bk))
+            with kb.loop(0, n_low, 1, name="kw") as kwi:
+                k0 = b.add(kstart, b.mul(kwi, cg.i64(bk)))
+                key_block(k0, kb.min(bk, b.sub(kmid, k0)), True)
+            kstart = kmid
         if causal:
             kend = t1
-            unmasked = b.sdiv(b.add(t0, one), cg.i64(bk))
+            unmasked = b.sdiv(kb.max(b.sub(b.add(t0, one), kstart), cg.i64(0)), cg.i64(bk))
         else:
             kend = T
             unmasked = b.sdiv(T, cg.i64(bk))
         with kb.loop(0, unmasked, 1, name="kb") as kbi:
-            key_block(b.mul(kbi, cg.i64(bk)), cg.i64(bk), False)
-        first_rest = b.mul(unmasked, cg.i64(bk))
+            key_block(b.add(kstart, b.mul(kbi, cg.i64(bk))), cg.i64(bk), False)
+        first_rest = b.add(kstart, b.mul(unmasked, cg.i64(bk)))
         n_rest = b.sdiv(b.add(b.sub(kend, first_rest), cg.i64(bk - 1)), cg.i64(bk))
         with kb.loop(0, n_rest, 1, name="kr") as kri:
             k0 = b.add(first_rest, b.mul(kri, cg.i64(bk)))

@@ -159,6 +159,56 @@ def test_decode_with_more_splits_than_rows(machinery, host):
         assert run_at(template, source, kernel, task, {"L": length}, seed=length) is None
 
 
+# --------------------------------------------------------------------------- sliding window
+
+@pytest.mark.parametrize("window", [1, 16, 33])
+def test_prefill_with_a_sliding_window_every_length(machinery, host, window):
+    """Keys more than ``window`` positions behind a query are masked: blocks skipped before the
+    window, masked on both edges across it (rows that see no key of a block stay finite), at
+    lengths below, at and past the window, with tiles and blocks that do not divide it."""
+    template = get_template("attention_prefill", "cpu")
+    task = Task.make("attention_prefill", {"B": 2, "T": 80, "H": 4, "HKV": 2, "D": 40},
+                     attrs={"window": window}, dynamic=["T"])
+    rng = np.random.default_rng(window)
+    for config in configs(template, task, host, rng, n_random=2, bq=8, bk=16) + configs(template, task, host, rng,
+                                                                                           n_random=1):
+        source, kernel = load_kernel(machinery, task, config, host)
+        for length in (1, window, window + 1, 70, 80):
+            problem = run_at(template, source, kernel, task, {"T": length}, seed=length)
+            assert problem is None, (str(config), length, problem)
+
+
+@pytest.mark.parametrize("split", [1, 4])
+def test_decode_with_a_sliding_window_reads_only_the_window(machinery, host, split):
+    """The query at L - 1 sees rows L - window .. L - 1; the splits cut that range. NaN in
+    the rows before the window would show in the output if any were read."""
+    template = get_template("attention_decode", "cpu")
+    task = Task.make("attention_decode", {"B": 2, "H": 8, "HKV": 2, "D": 64, "S": 300, "L": 300},
+                     attrs={"window": 70}, dynamic=["S", "L"])
+    for config in configs(template, task, host, np.random.default_rng(split), n_random=1, split=split):
+        source, kernel = load_kernel(machinery, task, config, host)
+        for length in (1, 20, 70, 71, 200, 300):
+            sized = task.with_dims(L=length)
+            inputs = template.make_inputs(sized, np.random.default_rng(length))
+            inputs["K"][:, :, :max(0, length - 70)] = np.nan  # rows before the window
+            inputs["V"][:, :, :max(0, length - 70)] = np.nan
+            buffers = allocate_args(source, sized.dims, inputs, poison=True)
+            kernel(buffers, sized.dims)
+            want = template.reference(sized, inputs)["O"]
+            assert np.isfinite(want).all()
+            problem = check_output("O", buffers["O"], want, template.tolerance(sized))
+            assert problem is None, (str(config), length, problem)
+
+
+def test_a_window_is_a_count_and_needs_causal_prefill():
+    template = get_template("attention_prefill", "cpu")
+    for attrs, message in (({"window": -1}, "window = -1 must be a number of positions"),
+                           ({"window": 2.5}, "window = 2.5"),
+                           ({"window": 8, "causal": False}, "a window needs causal attention")):
+        with pytest.raises(ValueError, match=message):
+            template.check(Task.make("attention_prefill", {"B": 1, "T": 16, "H": 2, "HKV": 1, "D": 16}, attrs=attrs))
+
+
 # --------------------------------------------------------------------------- stability
 
 @pytest.mark.parametrize("op, shape", [

@@ -114,20 +114,25 @@ def test_rope_grid_covers_every_token_once():
             assert grid * tokens >= t > (grid - 1) * tokens
 
 
-def test_decode_splits_partition_any_length():
-    """The grid is (splits, HKV, B) whatever S and L are; split s takes [s * per, min(L, (s + 1) * per))
-    with per = ceil(L / splits), as the kernel computes it: a partition of [0, L) for any L."""
+@pytest.mark.parametrize("window", [0, 1, 100, 3000])
+def test_decode_splits_partition_any_length(window):
+    """The grid is (splits, HKV, B) whatever S and L are; split s takes [first + s * per, min(L, first
+    + (s + 1) * per)) with first = max(0, L - window) (0 without a window) and per = ceil((L - first)
+    / splits), as the kernel computes it: a partition of the window's rows [first, L) for any L."""
     template = get_template("attention_decode", "cuda")
-    task = task_of("attention_decode", {"B": 3, "H": 8, "HKV": 2, "D": 128, "S": 4096, "L": 3000})
+    task = task_of("attention_decode", {"B": 3, "H": 8, "HKV": 2, "D": 128, "S": 4096, "L": 3000},
+                   attrs={"window": window})
     for config in valid_configs("attention_decode", task):
         splits = config["splits"]
         source = template.render(task, config, SM90)
+        assert f"constexpr long long WINDOW = {window};" in source.code
         for s_cap, length in ((4096, 0), (4096, 1), (4096, 3000), (4096, 4096), (9000, 8191), (37, 5)):
             grid, _, smem = resolve_launch(source.launch_dims, {"S": s_cap, "L": length})
             assert grid == (splits, 2, 3) and smem == 0
-            per = (length + splits - 1) // splits
-            positions = [p for s in range(splits) for p in range(s * per, min(length, s * per + per))]
-            assert positions == list(range(length))
+            first = max(0, length - window) if window else 0
+            per = (length - first + splits - 1) // splits
+            positions = [p for s in range(splits) for p in range(first + s * per, min(length, first + s * per + per))]
+            assert positions == list(range(first, length))
         workspace = [a for a in source.args if a.role == "workspace"]
         assert len(workspace) == 1 and workspace[0].nbytes == workspace_bytes(task, splits)
         assert [a.name for a in source.args if a.role == "scalar"] == ["S", "L"]
@@ -276,6 +281,13 @@ AWKWARD = [
     ("attention_prefill", {"B": 2, "T": 1, "H": 3, "HKV": 1, "D": 32}, "bfloat16", {"causal": False}, ()),
     ("attention_prefill", {"B": 1, "T": 77, "H": 2, "HKV": 1, "D": 80}, "float16", {}, ("T",)),
     ("attention_prefill", {"B": 1, "T": 100, "H": 4, "HKV": 2, "D": 256}, "float16", {}, ("T",)),
+    # sliding windows (compiled in): simt, mma, split decode of ragged lengths, the fused decode step's
+    ("attention_prefill", {"B": 1, "T": 77, "H": 2, "HKV": 1, "D": 80}, "float32", {"window": 33}, ("T",)),
+    ("attention_prefill", {"B": 2, "T": 300, "H": 4, "HKV": 2, "D": 128}, "bfloat16", {"window": 100}, ()),
+    ("attention_decode", {"B": 3, "H": 6, "HKV": 1, "D": 80, "S": 65, "L": 64}, "float16",
+     {"window": 33, "lengths": "per_sequence"}, ("S", "L")),
+    ("rope_append_attention", {"B": 2, "H": 8, "HKV": 2, "D": 64, "S": 128, "L": 128}, "bfloat16", {"window": 1},
+     ("S", "L")),
 ]
 
 
@@ -309,6 +321,27 @@ def test_prefill_mma_issues_the_tensor_core_instruction():
         code = template.render(task, config, SM90).code
         assert f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32" in code
         assert "ldmatrix.sync.aligned.m8n8.x4.trans" in code and "cp.async.cg.shared.global" in code
+
+
+def test_window_bounds_the_split_counts_and_the_prefill_tiles():
+    """Knobs and features follow the work a window leaves: decode splits of at least 16 of the
+    window's rows, prefill key tiles from each query tile's window on."""
+    decode = get_template("attention_decode", "cuda")
+    shape = {"B": 1, "H": 8, "HKV": 2, "D": 128, "S": 4096, "L": 4096}
+    splits = {w: decode.space(task_of("attention_decode", shape, attrs={"window": w}), SM90).knob("splits").values
+              for w in (0, 40, 4096)}
+    assert splits[40] == (1, 2) and splits[0] == splits[4096] and max(splits[0]) == 128
+    rope = get_template("rope_append_attention", "cuda")
+    windowed = task_of("rope_append_attention", shape, attrs={"window": 40})
+    assert rope.space(windowed, SM90).knob("splits").values == (1, 2)
+    prefill = get_template("attention_prefill", "cuda")
+    shape = {"B": 1, "T": 2048, "H": 8, "HKV": 2, "D": 128}
+    tasks = {w: task_of("attention_prefill", shape, attrs={"window": w}) for w in (0, 256, 2048)}
+    config = prefill.default(tasks[0], SM90)
+    moved = {w: prefill.features(task, config, SM90)["bytes_moved"] for w, task in tasks.items()}
+    assert moved[256] < moved[0] / 2 and moved[2048] == moved[0]
+    with pytest.raises(ValueError, match="causal"):
+        prefill.space(task_of("attention_prefill", shape, attrs={"window": 256, "causal": False}), SM90)
 
 
 def test_defaults_are_valid_at_many_shapes():

@@ -56,6 +56,14 @@ CASES = [
     # ragged lengths from device memory (a CUDA graph's attention): sequence b attends to L - b positions
     ("attention_decode", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40}, {"lengths": "per_sequence"}, None,
      [{}, {"L": 2}], [{}, dict(splits=2, warps=2, unroll=1)]),
+    # sliding windows: the splits cut the window's rows (L - 70 .. L - 1), a window past L (L = 1,
+    # 50), ragged lengths whose windows start at different rows, a window of one row
+    ("attention_decode", {"B": 1, "H": 4, "HKV": 4, "D": 64, "S": 96, "L": 96}, {"window": 70}, None,
+     [{}, {"L": 1}, {"L": 50}, {"S": 130, "L": 129}],
+     [{}, dict(splits=1, warps=2), dict(lanes=32, vec=1, unroll=4, splits=4)]),
+    ("attention_decode", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40},
+     {"lengths": "per_sequence", "window": 37}, None, [{}, {"L": 2}], [{}, dict(splits=2, warps=2, unroll=1)]),
+    ("attention_decode", {"B": 2, "H": 4, "HKV": 1, "D": 32, "S": 24, "L": 20}, {"window": 1}, (), [{}], [{}]),
     # the captured step's: the same, launched programmatically (its wait and trigger are no-ops here)
     ("attention_decode", {"B": 2, "H": 4, "HKV": 2, "D": 32, "S": 24, "L": 20},
      {"lengths": "per_sequence", "programmatic": True}, None, [{}], [dict(splits=2, warps=2, unroll=1)]),
@@ -74,6 +82,11 @@ CASES = [
     ("rope_append_attention", {"B": 1, "H": 6, "HKV": 2, "D": 24, "S": 30, "L": 30},
      {"theta": 10000.0, "scale": 0.3, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}, None, [{}, {"L": 2}], [{}, dict(splits=8)]),
+    # windowed: the new row and the cached rows from P - 32 on (P - 0 with a window of one); at L
+    # = 5 the window holds every row
+    ("rope_append_attention", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40}, {"theta": 500000.0, "window": 33},
+     None, [{}, {"S": 9, "L": 5}], [{}, dict(splits=2, warps=2, unroll=2, lanes=2, vec=2), dict(splits=1, lanes=1)]),
+    ("rope_append_attention", {"B": 2, "H": 4, "HKV": 2, "D": 32, "S": 24, "L": 20}, {"window": 1}, None, [{}], [{}]),
     ("argmax", {"M": 3, "N": 1001}, {}, None, [{}], [{}, dict(threads=128)]),
     ("argmax", {"M": 2, "N": 4096}, {}, None, [{}], [{}, dict(vec=1, threads=256)]),
     ("attention_prefill", {"B": 1, "T": 64, "H": 2, "HKV": 1, "D": 64}, {}, None, [{"T": 1}, {"T": 100}],
@@ -82,6 +95,23 @@ CASES = [
       dict(impl="simt", warp_rows=2, block_k=64, stages=1, q_regs=0)]),
     ("attention_prefill", {"B": 2, "T": 40, "H": 4, "HKV": 2, "D": 32}, {"causal": False}, None, [{"T": 33}], [{}]),
     ("attention_prefill", {"B": 1, "T": 20, "H": 2, "HKV": 2, "D": 24}, {"scale": 0.2}, (), [{}], [{}]),
+    # sliding windows: key tiles skipped before a query tile's window (32-row tiles and 32-key
+    # tiles), masks at its lower edge; at T = 9 (below the window) the no-window result
+    ("attention_prefill", {"B": 1, "T": 70, "H": 2, "HKV": 1, "D": 64}, {"window": 16}, None,
+     [{}, {"T": 9}, {"T": 100}],
+     [{}, dict(impl="mma", warps=2, block_k=32, stages=3, q_regs=0),
+      dict(impl="mma", warps=2, warp_rows=32, block_k=32, stages=2, q_regs=1),
+      dict(impl="simt", warp_rows=2, block_k=32, stages=1, q_regs=0)]),
+    # a window that is no multiple of the tiles, GQA, two batches
+    ("attention_prefill", {"B": 2, "T": 70, "H": 4, "HKV": 2, "D": 32}, {"window": 33}, None, [{}],
+     [{}, dict(impl="mma", warps=2, block_k=32, stages=2, q_regs=0),
+      dict(impl="simt", warp_rows=1, block_k=32, stages=1, q_regs=0)]),
+    # a window of one key: each query sees itself only (most tiles wholly masked for most rows)
+    ("attention_prefill", {"B": 1, "T": 70, "H": 2, "HKV": 2, "D": 32}, {"window": 1}, (), [{}],
+     [dict(impl="mma", warps=2, block_k=32, stages=2, q_regs=1), dict(impl="simt", warp_rows=4, block_k=32, stages=1)]),
+    # a window as long as T, and longer: no key is masked by it
+    ("attention_prefill", {"B": 1, "T": 40, "H": 2, "HKV": 1, "D": 32}, {"window": 40}, (), [{}], [{}]),
+    ("attention_prefill", {"B": 1, "T": 40, "H": 2, "HKV": 1, "D": 32}, {"window": 64}, None, [{"T": 64}], [{}]),
 ]
 
 
@@ -190,6 +220,61 @@ def test_rope_append_attention_at_positions_outside_the_cache(emulator):
             assert not check_output(name, out["outputs"][name], reference[name], template.tolerance(task), "float16")
 
 
+def _run(emulator, task: Task, config: dict, inputs: dict) -> dict:
+    template = get_template(task.op, "cuda")
+    space = template.space(task, SM90)
+    source = template.render(task, space.from_values(dict(template.default(task, SM90).as_dict(), **config)), SM90)
+    workspaces = {a.name: np.zeros(max(a.nbytes, 1), np.uint8) for a in source.args if a.role == "workspace"}
+    out = emulator.run(source, task.dims, inputs, deferred=True, workspaces=workspaces)
+    assert "error" not in out, out.get("error")
+    return out["outputs"]
+
+
+@pytest.mark.parametrize("op, shape, dtype, window, config", [
+    ("attention_prefill", {"B": 1, "T": 70, "H": 2, "HKV": 1, "D": 64}, "float16", 70,
+     dict(impl="mma", warps=2, block_k=32, stages=2, q_regs=0)),
+    ("attention_prefill", {"B": 1, "T": 70, "H": 2, "HKV": 1, "D": 32}, "float32", 1000, {}),
+    ("attention_prefill", {"B": 1, "T": 150, "H": 2, "HKV": 1, "D": 64}, "bfloat16", 150,
+     dict(impl="wgmma", warps=4, warp_rows=16, q_regs=0, block_k=64, stages=2, consumers=2, overlap=1)),
+    ("attention_decode", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40}, "float16", 40,
+     dict(splits=2, warps=2, unroll=1)),
+    # the last sequence sits one past the cache: it sees 48 + 1 positions
+    ("rope_append_attention", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40}, "float32", 49, dict(splits=2)),
+], ids=["prefill-mma", "prefill-simt", "prefill-wgmma", "decode", "rope-append-attention"])
+def test_a_window_over_every_position_gives_exactly_the_unwindowed_result(emulator, op, shape, dtype, window, config):
+    """window >= T (or the positions a decode query sees): the same bits as no window."""
+    attrs = {"lengths": "per_sequence"} if op == "attention_decode" else {}
+    plain, windowed = (Task.make(op, shape, dtype, attrs=dict(attrs, window=w), dynamic=()) for w in (0, window))
+    inputs = get_template(op, "cuda").make_inputs(plain, np.random.default_rng(5))
+    a, b = _run(emulator, plain, config, inputs), _run(emulator, windowed, config, inputs)
+    for name in a:
+        assert np.array_equal(a[name], b[name], equal_nan=True), name
+
+
+@pytest.mark.parametrize("op", ["attention_decode", "rope_append_attention"])
+def test_decode_reads_no_cache_row_before_the_window(emulator, op):
+    """Cache rows before each sequence's window are NaN: a kernel that reads one (a split range
+    from 0, a row group starting early) gives NaN; ragged lengths, splits of the window's rows."""
+    template = get_template(op, "cuda")
+    attrs = {"lengths": "per_sequence", "window": 20} if op == "attention_decode" else {"window": 20}
+    task = Task.make(op, {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40}, "float16", attrs=attrs,
+                     dynamic=template.dynamic_dims)
+    inputs = template.make_inputs(task, np.random.default_rng(4))
+    # the first row a sequence sees: LENS[b] - 20, or P[b] - 19 (its own row at P[b] is the last)
+    firsts = inputs["LENS"] - 20 if op == "attention_decode" else np.minimum(inputs["P"], 48) - 19
+    for name in ("K", "V"):
+        cache = inputs[name].copy()
+        for b, first in enumerate(firsts):
+            cache[b, :, :max(int(first), 0)] = np.nan
+        inputs[name] = cache
+    reference = template.reference(task, inputs)
+    assert not np.isnan(reference["O"]).any()
+    for config in ({}, dict(splits=2, warps=1, unroll=1, lanes=4, vec=2)):
+        out = _run(emulator, task, config, inputs)
+        for name in reference:
+            assert not check_output(name, out[name], reference[name], template.tolerance(task), "float16"), name
+
+
 WGMMA = dict(impl="wgmma", warps=4, warp_rows=16, q_regs=0)
 
 
@@ -205,7 +290,19 @@ WGMMA = dict(impl="wgmma", warps=4, warp_rows=16, q_regs=0)
      dict(WGMMA, block_k=64, stages=2, consumers=2, overlap=1)),
     ("float16", {"B": 1, "T": 40, "H": 2, "HKV": 1, "D": 64}, ("T",), {},
      dict(WGMMA, block_k=128, stages=3, consumers=1, overlap=1)),  # a single key tile
-], ids=["one-consumer", "two-batches", "not-causal", "overlap", "overlap-one-tile"])
+    # sliding windows: the producer starts at the first tile of the window of the block's first
+    # row (the last block skips one of 64 keys), masks at the window's lower edge
+    ("float16", {"B": 1, "T": 150, "H": 2, "HKV": 1, "D": 64}, ("T",), {"window": 33},
+     dict(WGMMA, block_k=64, stages=2, consumers=1)),
+    # 128 rows a block against a window of 16: rows meet wholly masked tiles before their keys
+    ("bfloat16", {"B": 2, "T": 200, "H": 4, "HKV": 1, "D": 128}, (), {"window": 16},
+     dict(WGMMA, block_k=64, stages=2, consumers=2, overlap=1)),
+    ("float16", {"B": 1, "T": 70, "H": 2, "HKV": 2, "D": 64}, (), {"window": 1},
+     dict(WGMMA, block_k=64, stages=3, consumers=1, overlap=1)),
+    ("bfloat16", {"B": 1, "T": 100, "H": 2, "HKV": 1, "D": 128}, (), {"window": 100},   # as long as T: no mask
+     dict(WGMMA, block_k=128, stages=2, consumers=2)),
+], ids=["one-consumer", "two-batches", "not-causal", "overlap", "overlap-one-tile", "window", "window-overlap",
+        "window-of-one", "window-of-t"])
 def test_attention_prefill_wgmma_matches_the_reference(emulator, dtype, shape, dynamic, attrs, config):
     """The Hopper schedule: TMA boxes, the K/V ring, S on wgmma, P from registers into wgmma
     with V N-major; copies landing at once and only when a consumer waits."""

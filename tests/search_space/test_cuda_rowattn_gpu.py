@@ -210,6 +210,9 @@ def test_rope_append_attention_on_gpu(drv, builder, target):
     cases = [("rope_append_attention", {"B": b, "H": h, "HKV": hkv, "D": 128, "S": 512, "L": 512}, attrs, ("S", "L"),
               [{"L": 1}, {"L": 300}, {"S": 700, "L": 699}], wanted)
              for b, h, hkv, attrs in ((1, 32, 32, {}), (3, 32, 8, llama3))]
+    # a sliding window: the rows from P - 99 on (all of them at L = 1)
+    cases.append(("rope_append_attention", {"B": 3, "H": 32, "HKV": 8, "D": 128, "S": 512, "L": 512}, {"window": 100},
+                  ("S", "L"), [{"L": 1}, {"L": 300}], wanted))
     check_cases(drv, builder, target, cases, n_sampled=1, repeat=2)
 
 
@@ -223,6 +226,9 @@ def test_attention_decode_on_gpu(drv, builder, target):
         ("attention_decode", {"B": 2, "H": 8, "HKV": 2, "D": 128, "S": 512, "L": 512}, {}, ("S", "L"),
          [{"L": 257}, {"S": 300, "L": 300}], wanted),
         ("attention_decode", {"B": 3, "H": 6, "HKV": 1, "D": 80, "S": 64, "L": 33}, {"scale": 0.3}, (), [{}], wanted),
+        # sliding window over ragged lengths: the splits cut each sequence's last 100 rows
+        ("attention_decode", {"B": 3, "H": 8, "HKV": 2, "D": 128, "S": 512, "L": 512},
+         {"window": 100, "lengths": "per_sequence"}, ("S", "L"), [{"L": 1}, {"L": 77}, {"L": 512}], wanted),
     ]
     check_cases(drv, builder, target, cases, n_sampled=1, repeat=2)
 
@@ -241,5 +247,8 @@ def test_attention_prefill_on_gpu(drv, builder, target):
         ("attention_prefill", {"B": 1, "T": 128, "H": 8, "HKV": 2, "D": 128}, {"causal": False}, ("T",), runs, wanted),
         ("attention_prefill", {"B": 1, "T": 40, "H": 3, "HKV": 1, "D": 80}, {}, (), [{}], wanted),
         ("attention_prefill", {"B": 1, "T": 70, "H": 2, "HKV": 1, "D": 72}, {"scale": 0.2}, (), [{}], wanted),
+        # sliding windows: key tiles skipped and masked below each row's window; one key a row
+        ("attention_prefill", {"B": 2, "T": 128, "H": 4, "HKV": 2, "D": 64}, {"window": 33}, ("T",), runs, wanted),
+        ("attention_prefill", {"B": 1, "T": 200, "H": 2, "HKV": 1, "D": 128}, {"window": 1}, (), [{}], wanted),
     ]
     check_cases(drv, builder, target, cases, n_sampled=1)

@@ -75,6 +75,41 @@ def test_cuda_template_compiles_for_sm90a(template):
     assert not spilled, spilled
 
 
+# sliding-window attention (Mistral's, Gemma 3's) at each operator's example shape
+WINDOWS = {"attention_prefill": 128, "attention_decode": 1000, "rope_append_attention": 1000}
+
+
+@pytest.mark.tools("nvcc")
+def test_windowed_attention_compiles_for_sm90a():
+    """The windowed default config of every dtype of the three attention templates (and the
+    Hopper prefill's first seed), through the contract and nvcc, the defaults without spills."""
+    inputs = []
+    for op, window in WINDOWS.items():
+        template = get_template(op, "cuda")
+        for dtype in template.dtypes:
+            task = Task.make(op, template.example_shape, dtype, attrs={"window": window}, dynamic=template.dynamic_dims)
+            default = template.default(task, SM90)
+            assert template.space(task, SM90).is_valid(default)
+            features = template.features(task, default, SM90)
+            assert set(features) <= set(ANALYTIC_FEATURES) and all(math.isfinite(float(v)) for v in features.values())
+            assert f"constexpr long long WINDOW = {window};" in template.render(task, default, SM90).code
+            inputs.append(MeasureInput(task, default, SM90))
+    defaults = len(inputs)
+    prefill = get_template("attention_prefill", "cuda")
+    task = Task.make("attention_prefill", prefill.example_shape, "bfloat16", attrs={"window": 128},
+                     dynamic=prefill.dynamic_dims)
+    seed = prefill.seed_configs(task, SM90)[0]
+    assert seed["impl"] == "wgmma"
+    inputs.append(MeasureInput(task, prefill.space(task, SM90).from_values(seed), SM90))
+    with LocalBuilder(n_parallel=2, timeout_s=300) as builder:
+        builds = builder.build(inputs)
+    failures = [(i.task.key, str(i.config), b.error.name, b.message) for i, b in zip(inputs, builds)
+                if b.error != MeasureError.NO_ERROR]
+    assert not failures, failures
+    spilled = [(i.task.key, str(i.config)) for i, b in zip(inputs[:defaults], builds) if b.stats["spill_stores"]]
+    assert not spilled, spilled
+
+
 @pytest.mark.tools("nvcc")
 def test_the_decode_step_kernels_take_a_programmatic_launch_on_hopper(tmp_path):
     """The fused decode GEMVs (both int4 schedules, each way of starting the weights), rope_append,

@@ -13,7 +13,9 @@ counter, and the block that arrives last combines the partials and writes O. The
 wraps to 0 in that same atomic (atomicInc), so the workspace is ready for the next call;
 it must be zero-filled once when allocated. Scores are in the log2 domain (q pre-scaled
 by scale * log2(e)); arithmetic is float32. S (row stride of the cache) and L are
-runtime arguments; any 0 <= L <= S works (L = 0 writes zeros). With ``lengths=per_sequence``
+runtime arguments; any 0 <= L <= S works (L = 0 writes zeros). A sliding ``window`` (compiled
+in) moves the split range to the rows the query at L - 1 sees, [max(0, L - window), L): the
+splits cut that, so the work shrinks with the window. With ``lengths=per_sequence``
 each sequence's length is read from ``LENS[b]`` in device memory instead, so a launch
 recorded in a CUDA graph stays right as the cache grows. With ``programmatic`` (the captured
 decode step's) it lets the next kernel launch and waits for the one before it, first thing
@@ -23,12 +25,12 @@ its weights while attention runs.
 ``rope_append_attention`` (the captured decode step's attention) is the same kernel, started
 from the Q/K/V projection's rows: every block rotates its q heads itself (``rope_append``'s
 angles, rounded to E as that kernel stores them) and attends to the cached rows before the
-sequence's position P[b] (read from memory). The block whose range holds P[b] starts from the
-new row: warp 0 rotates k and takes it and v from the projection as it loads q (no extra round
-trip at the end), makes them the first row of row group 0's online softmax and writes both to
-the caches at P[b]. The runtime passes one cache as K and KC: the rows
-read (before P[b]) and the row written are disjoint, so the restrict-qualified pointers never
-touch the same element.
+sequence's position P[b] (read from memory), from max(0, P[b] - window + 1) on with a window.
+The block whose range holds P[b] starts from the new row: warp 0 rotates k and takes it and v
+from the projection as it loads q (no extra round trip at the end), makes them the first row of
+row group 0's online softmax and writes both to the caches at P[b]. The runtime passes one
+cache as K and KC: the rows read (before P[b]) and the row written are disjoint, so the
+restrict-qualified pointers never touch the same element.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import math
 
 from ...codegen.cuda import PREAMBLE, VECTOR_HELPERS, c_type, dim_scalars, kernel_params, registers_ok, static_dims
 from ...codegen.cuda_ptx import grid_dependency_code, programmatic_launch
-from ...ops.attention import AttentionDecodeOp, _scale
+from ...ops.attention import AttentionDecodeOp, _scale, window_start
 from ...ops.common import ITEMSIZE
 from ...ops.device_step import RopeAppendAttentionOp
 from ...space import Config, ConfigSpace, Knob
@@ -82,12 +84,16 @@ class SplitKvDecode:
     schedule_family = ("attention_decode", "rope_append_attention")  # each's best configs seed the other's search
     ROW_DIVISOR = 1  # a vector of a row must fit in D / this dims (2: within one rotate-half half)
 
+    def window_rows(self, task: Task) -> int:
+        """The positions a sequence at the task's L attends to (the range the splits cut): L, or its window's."""
+        return task.dims["L"] - window_start(task.dims["L"], self.attrs(task)["window"])
+
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
-        d, itemsize = task.dims, ITEMSIZE[task.dtype]
+        d, itemsize, rows = task.dims, ITEMSIZE[task.dtype], self.window_rows(task)
         vecs = tuple(v for v in (1, 2, 4, 8) if v * itemsize <= 16 and (d["D"] // self.ROW_DIVISOR) % v == 0)
         lanes = tuple(n for n in (1, 2, 4, 8, 16, 32) if any((d["D"] // v) % n == 0 for v in vecs))
-        splits = tuple(s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s == 1 or s <= -(-d["L"] // 16))
+        splits = tuple(s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s == 1 or s <= -(-rows // 16))
         max_warps = (target.max_threads_per_block or 1024) // 32
         knobs = [
             Knob("warps", tuple(w for w in (1, 2, 4, 8) if w <= max_warps)),
@@ -101,7 +107,7 @@ class SplitKvDecode:
             ("registers fit the block", lambda c: registers_ok(_registers(task, c), 32 * c["warps"], target)),
             ("block merge fits in static shared memory", lambda c: _static_smem(task, c) <= STATIC_SMEM),
             ("a step of rows is not longer than a split",
-             lambda c: c["unroll"] * c["warps"] * 32 // c["lanes"] <= max(-(-d["L"] // c["splits"]), 1)
+             lambda c: c["unroll"] * c["warps"] * 32 // c["lanes"] <= max(-(-rows // c["splits"]), 1)
              or c["unroll"] == 1),
         ]
         return ConfigSpace(knobs, constraints)
@@ -127,7 +133,7 @@ class SplitKvDecode:
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         c = config.as_dict()
         d = task.dims
-        g = _group(task)
+        g, rows = _group(task), self.window_rows(task)
         blocks = d["B"] * d["HKV"] * c["splits"]
         per_lane = d["D"] // c["lanes"]
         partial = 4 * blocks * g * (d["D"] + 2) * 2 if c["splits"] > 1 else 0
@@ -139,11 +145,11 @@ class SplitKvDecode:
             "unroll": c["unroll"],
             "accumulators": g * per_lane,
             "parallel_chunks": blocks,
-            "chunks_per_thread": d["L"] / c["splits"] / (c["warps"] * 32 // c["lanes"]),
+            "chunks_per_thread": rows / c["splits"] / (c["warps"] * 32 // c["lanes"]),
             "waves": blocks / (max(target.sm_count, 1) * per_sm),
             "bytes_moved": moved,
             "arith_intensity": self.flops(task) / moved,
-            "reduction_share": math.log2(c["lanes"]) / per_lane + (c["splits"] - 1) / max(d["L"], 1),
+            "reduction_share": math.log2(c["lanes"]) / per_lane + (c["splits"] - 1) / max(rows, 1),
             "registers": _registers(task, c),
             "occupancy": occupancy(32 * c["warps"], _static_smem(task, c), _registers(task, c), target),
             "shared_bytes": _static_smem(task, c),
@@ -176,6 +182,7 @@ class SplitKvDecode:
             "constexpr int STREAMS = WARPS * RPW;  // row groups of the block\n"
             f"constexpr int UNROLL = {c['unroll']};\nconstexpr int SPLITS = {c['splits']};\n"
             f"constexpr float QSCALE = {qscale!r}f;\n"
+            f"constexpr long long WINDOW = {self.attrs(task)['window']};   // 0: no sliding window\n"
             + static_dims(task, ("S", "L")) + constants
             + f"#define KV_LEN {length}\n"
             + kernel)
@@ -305,8 +312,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) @ENTRY@(@PARAMS@) {
 @POSITION@
 
   const long long head = (long long)b * HKV + kvh;
-  const long long per = (KV_LEN + SPLITS - 1) / SPLITS;
-  const long long begin = (long long)split * per;
+  // the splits cut the positions the query sees: [first, KV_LEN), the window's (or all)
+  const long long first = WINDOW > 0 && KV_LEN > WINDOW ? KV_LEN - WINDOW : 0;
+  const long long per = (KV_LEN - first + SPLITS - 1) / SPLITS;
+  const long long begin = first + (long long)split * per;
 @END@
   float q[G][CH][VEC], acc[G][CH][VEC], m[G], l[G];
 #pragma unroll

@@ -4,7 +4,9 @@ Grid (ceil(T / BQ), H, B): a block owns BQ query rows of one head h and reads K/
 h // (H / HKV) tile by tile (BK keys), keeping a running max, sum and output per row
 (online softmax), so the T x T scores never exist. Causal blocks stop at the diagonal and
 mask only the tiles that cross it (or the end of T); the grid runs the longest (last) query
-tiles first. T may be a runtime argument. Two implementations (knob ``impl``):
+tiles first. A sliding ``window`` (compiled in) also starts a block's key loop at the tile
+holding its first row's first visible key and masks the keys below the window in the tiles
+that straddle its lower edge. T may be a runtime argument. Two implementations (knob ``impl``):
 
 - ``mma`` (fp16/bf16, D a multiple of 16): tensor cores through mma.sync.m16n8k16 with
   float32 accumulators. Each warp owns ``warp_rows`` = 16 or 32 query rows (one or two
@@ -138,9 +140,11 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
         bq = _bq(c)
         q_tiles = -(-d["T"] // bq)
         blocks = q_tiles * d["H"] * d["B"]
-        causal = bool(self.attrs(task)["causal"])
+        causal, window = bool(self.attrs(task)["causal"]), self.attrs(task)["window"]
         kv_tiles = sum(-(-min(d["T"], (i + 1) * bq) // c["block_k"]) if causal else -(-d["T"] // c["block_k"])
                        for i in range(q_tiles))
+        if window:  # the tiles wholly before each query tile's window are skipped
+            kv_tiles -= sum(max(0, i * bq - window + 1) // c["block_k"] for i in range(q_tiles))
         itemsize = ITEMSIZE[task.dtype]
         moved = self.min_bytes(task) + d["B"] * d["H"] * kv_tiles * 2 * c["block_k"] * d["D"] * itemsize
         per_sm = max(1, min(2048 // _threads(c), (target.max_shared_memory_per_block or 48 << 10)
@@ -180,6 +184,7 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
             f"constexpr int WARPS = {c['warps']};\nconstexpr int THREADS = WARPS * 32;\n"
             f"constexpr int BQ = {bq};\nconstexpr int BK = {c['block_k']};\n"
             f"constexpr bool CAUSAL = {'true' if self.attrs(task)['causal'] else 'false'};\n"
+            f"constexpr long long WINDOW = {self.attrs(task)['window']};   // 0: no sliding window\n"
             f"constexpr float SCALE_LOG2 = {_scale(self, task) * LOG2E!r}f;\n"
             + static_dims(task, ("T",)))
         if c["impl"] == "wgmma":
@@ -207,7 +212,8 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
 # Where a block's work lies, the same in both kernels (written into each at @BLOCK_COORDS@
 # when this module loads): its query tile (the last ones first when causal: they have the
 # most keys), head, batch and KV head, the base pointers of its rows, and the number of
-# key tiles it visits (causal: up to the diagonal).
+# key tiles it visits (causal: up to the diagonal; with a window, from the tile holding the
+# first key its first row sees: kbase, the first key of visit 0).
 _BLOCK_COORDS = r"""
   const int qt = CAUSAL ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x;
   const int h = blockIdx.y, b = blockIdx.z, kvh = h / G;
@@ -218,7 +224,9 @@ _BLOCK_COORDS = r"""
   const E* Vb = V + ((long long)b * T * HKV + kvh) * D;
   E* Ob = O + ((long long)b * T * H + h) * D;
   const long long kv_len = CAUSAL ? (q0 + BQ < T ? q0 + BQ : T) : T;
-  const int n_tiles = (int)((kv_len + BK - 1) / BK);
+  const int j0 = WINDOW > 0 && q0 >= WINDOW ? (int)((q0 - WINDOW + 1) / BK) : 0;
+  const long long kbase = (long long)j0 * BK;
+  const int n_tiles = (int)((kv_len + BK - 1) / BK) - j0;
 """.strip("\n")
 
 _MMA_KERNEL = r"""
@@ -305,14 +313,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_prefill_mma(@PAR
 @BLOCK_COORDS@
 
   load_tile<BQ>(Qs, Qb, q_stride, q0, T);
-  load_tile<BK>(Ks, Kb, kv_stride, 0, T);
-  load_tile<BK>(Vs, Vb, kv_stride, 0, T);
+  load_tile<BK>(Ks, Kb, kv_stride, kbase, T);
+  load_tile<BK>(Vs, Vb, kv_stride, kbase, T);
   cp_async_commit();
 #pragma unroll
   for (int s = 1; s < STAGES - 1; ++s) {
     if (s < n_tiles) {
-      load_tile<BK>(Ks + s * BK * LDS, Kb, kv_stride, (long long)s * BK, T);
-      load_tile<BK>(Vs + s * BK * LDS, Vb, kv_stride, (long long)s * BK, T);
+      load_tile<BK>(Ks + s * BK * LDS, Kb, kv_stride, kbase + (long long)s * BK, T);
+      load_tile<BK>(Vs + s * BK * LDS, Vb, kv_stride, kbase + (long long)s * BK, T);
     }
     cp_async_commit();   // always: keeps the group count in step with the tile index
   }
@@ -335,8 +343,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_prefill_mma(@PAR
     {
       const int jn = j + STAGES - 1;
       if (jn < n_tiles) {
-        load_tile<BK>(Ks + (jn % STAGES) * BK * LDS, Kb, kv_stride, (long long)jn * BK, T);
-        load_tile<BK>(Vs + (jn % STAGES) * BK * LDS, Vb, kv_stride, (long long)jn * BK, T);
+        load_tile<BK>(Ks + (jn % STAGES) * BK * LDS, Kb, kv_stride, kbase + (long long)jn * BK, T);
+        load_tile<BK>(Vs + (jn % STAGES) * BK * LDS, Vb, kv_stride, kbase + (long long)jn * BK, T);
       }
       cp_async_commit();
     }
@@ -382,9 +390,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_prefill_mma(@PAR
       }
     }
 
-    // mask keys past T, and above the diagonal, only in tiles that reach them
-    const long long k0 = (long long)j * BK;
-    if (k0 + BK > T || (CAUSAL && k0 + BK - 1 > q0 + row_w)) {
+    // mask keys past T, above the diagonal and below the window, only in tiles that reach them
+    // (a row may meet a tile wholly below its window first: the softmax's -inf guard keeps it 0)
+    const long long k0 = kbase + (long long)j * BK;
+    if (k0 + BK > T || (CAUSAL && k0 + BK - 1 > q0 + row_w)
+        || (WINDOW > 0 && k0 + WINDOW <= q0 + row_w + 16 * MT - 1)) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -393,7 +403,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_prefill_mma(@PAR
           for (int i = 0; i < 4; ++i) {
             const long long key = k0 + nt * 8 + tig * 2 + (i & 1);
             const long long qrow = q0 + row_w + mt * 16 + gid + (i >> 1) * 8;
-            if (key >= T || (CAUSAL && key > qrow)) s[mt][nt][i] = -INFINITY;
+            if (key >= T || (CAUSAL && key > qrow) || (WINDOW > 0 && key + WINDOW <= qrow)) s[mt][nt][i] = -INFINITY;
           }
     }
 
@@ -520,7 +530,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_prefill_simt(@PA
   const int row_w = warp * R;
 
   for (int j = 0; j < n_tiles; ++j) {
-    const long long k0 = (long long)j * BK;
+    const long long k0 = kbase + (long long)j * BK;
     __syncthreads();   // the previous tile is consumed (and Q is stored, on the first pass)
     for (int i = threadIdx.x; i < BK * D; i += THREADS) {
       const int r = i / D, d = i % D;
@@ -556,7 +566,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_prefill_simt(@PA
 #pragma unroll
       for (int kp = 0; kp < KPL; ++kp) {
         const long long key = k0 + lane + 32 * kp;
-        if (key >= T || (CAUSAL && key > qrow)) s[r][kp] = -INFINITY;
+        if (key >= T || (CAUSAL && key > qrow) || (WINDOW > 0 && key + WINDOW <= qrow)) s[r][kp] = -INFINITY;
         mx = fmaxf(mx, s[r][kp]);
       }
       const float mn = fmaxf(m[r], warp_max(mx));

@@ -17,6 +17,9 @@ runs ahead by the ring's depth, so K/V copies overlap the consumers' math; with 
 the tensor cores also compute S of the next tile and P V of the last one while the
 warpgroup runs the softmax (FlashAttention-3's intra-warpgroup pipelining).
 
+A sliding ``window`` moves the first K/V tile the producer copies (``kbase``, as in the other
+impls) and adds the window's lower edge to the mask of the tiles that straddle it.
+
 Only where TMA can describe the arrays: 16-bit dtypes, D a multiple of 64 up to 128, and
 one batch when T is a runtime argument (the descriptors are encoded with the T the arrays
 were bound at; with one batch a shorter T reads rows the kernel masks anyway).
@@ -73,7 +76,7 @@ def tensor_maps(task: Task, c: dict) -> tuple[ArgSpec, ...]:
 
 
 def kernel(task: Task, c: dict, common: str, params: str, block_coords: str) -> str:
-    """The kernel source; ``common`` defines E, B, H, HKV, G, D, BQ, BK, CAUSAL, SCALE_LOG2 and T."""
+    """The kernel source; ``common`` defines E, B, H, HKV, G, D, BQ, BK, CAUSAL, WINDOW, SCALE_LOG2 and T."""
     pack = "__floats2half2_rn" if task.dtype == "float16" else "__floats2bfloat162_rn"
     dec, inc = setmaxnreg_calls(c["consumers"])
     return (common + PTX_HELPERS + WGMMA_HELPERS + WGMMA_RS_HELPERS + TMA_HELPERS
@@ -120,20 +123,21 @@ __device__ __forceinline__ void issue_pv(float* o, unsigned* p, const E* v) {
   wgmma_commit();
 }
 
-// Mask keys past T and above the diagonal (only in tiles that reach them), then the online
+// Mask keys past T, above the diagonal and below the window (only in tiles that reach them;
+// a row whose keys are all masked so far keeps weights 0: the -inf guard), then the online
 // softmax: sc becomes P (unnormalised), m_r and l_r move on, corr is what O is to be scaled
 // by. sc[4n + i] is row gid (+ 8 for i >= 2), key 8n + 2 tig (+ 1 for odd i); a quad of lanes
 // shares each row.
 __device__ __forceinline__ void softmax_tile(float* sc, float* m_r, float* l_r, float* corr, long long k0,
                                              long long qrow0, long long T, int gid, int tig) {
-  if (k0 + BK > T || (CAUSAL && k0 + BK - 1 > qrow0)) {
+  if (k0 + BK > T || (CAUSAL && k0 + BK - 1 > qrow0) || (WINDOW > 0 && k0 + WINDOW <= qrow0 + 15)) {
 #pragma unroll
     for (int n = 0; n < BK / 8; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const long long key = k0 + n * 8 + tig * 2 + (i & 1);
         const long long qrow = qrow0 + gid + (i >> 1) * 8;
-        if (key >= T || (CAUSAL && key > qrow)) sc[4 * n + i] = -INFINITY;
+        if (key >= T || (CAUSAL && key > qrow) || (WINDOW > 0 && key + WINDOW <= qrow)) sc[4 * n + i] = -INFINITY;
       }
   }
   float mx[2] = {m_r[0], m_r[1]};
@@ -208,8 +212,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) attention_prefill
         mbar_wait(&empty[s], ((j / STAGES) & 1) ^ 1u);
         mbar_arrive_expect_tx(&full[s], 2 * KV_BYTES);
         for (int db = 0; db < DB; ++db) {
-          tma_load_4d(Ks + (s * DB + db) * BK * 64, &map_k, db * 64, kvh, j * BK, b, &full[s]);
-          tma_load_4d(Vs + (s * DB + db) * BK * 64, &map_v, db * 64, kvh, j * BK, b, &full[s]);
+          tma_load_4d(Ks + (s * DB + db) * BK * 64, &map_k, db * 64, kvh, (int)kbase + j * BK, b, &full[s]);
+          tma_load_4d(Vs + (s * DB + db) * BK * 64, &map_v, db * 64, kvh, (int)kbase + j * BK, b, &full[s]);
         }
       }
     }
@@ -260,7 +264,7 @@ _SERIAL = r"""
     issue_qk(sc, Qw, Ks + s * DB * BK * 64);
     wgmma_wait<0>();
     fence_operands<BK / 2>(sc);
-    softmax_tile(sc, m_r, l_r, corr, (long long)j * BK, q0 + row_w, T, gid, tig);
+    softmax_tile(sc, m_r, l_r, corr, kbase + (long long)j * BK, q0 + row_w, T, gid, tig);
     scale_o(o, corr);
     pack_p(sc, p);
     issue_pv(o, p, Vs + s * DB * BK * 64);
@@ -278,7 +282,7 @@ _OVERLAPPED = r"""
   issue_qk(sc, Qw, Ks);
   wgmma_wait<0>();
   fence_operands<BK / 2>(sc);
-  softmax_tile(sc, m_r, l_r, corr, 0, q0 + row_w, T, gid, tig);   // O is 0: nothing to rescale
+  softmax_tile(sc, m_r, l_r, corr, kbase, q0 + row_w, T, gid, tig);   // O is 0: nothing to rescale
   pack_p(sc, p);
   for (int j = 1; j < n_tiles; ++j) {
     const int s = j % STAGES, prev = (j - 1) % STAGES;
@@ -287,7 +291,7 @@ _OVERLAPPED = r"""
     issue_pv(o, p, Vs + prev * DB * BK * 64);   // ... and P V of tile j - 1, both in flight
     wgmma_wait<1>();                            // S is done
     fence_operands<BK / 2>(sc);
-    softmax_tile(sc, m_r, l_r, corr, (long long)j * BK, q0 + row_w, T, gid, tig);
+    softmax_tile(sc, m_r, l_r, corr, kbase + (long long)j * BK, q0 + row_w, T, gid, tig);
     wgmma_wait<0>();                            // P V of tile j - 1 is done: its stage and O are free
     fence_operands<D / 2>(o);
     if (signals) mbar_arrive(&empty[prev]);
