@@ -10,9 +10,8 @@ from .model_config import ModelConfig
 
 
 def checked_tokens(config: ModelConfig, ids, start: int = 0) -> np.ndarray:
-    """``ids`` [B, T] as int64 once they are token ids of ``config``'s vocabulary that, placed at
-    ``start``, stay inside its sliding window (ValueError otherwise): numpy would take -1 for
-    the last word of the table, and past the window the decoder would compute something else."""
+    """``ids`` [B, T] as int64 once they are token ids of ``config``'s vocabulary (ValueError
+    otherwise: numpy would take -1 for the last word of the table)."""
     given = np.asarray(ids)
     if given.dtype.kind not in "iu":  # 1.7 is no token id, nor is True or "3"
         raise ValueError(f"prompts must be integer token ids, not {given.dtype}")
@@ -20,7 +19,6 @@ def checked_tokens(config: ModelConfig, ids, start: int = 0) -> np.ndarray:
         raise ValueError(f"prompts must be [batch, tokens] with batch and tokens >= 1, not of shape {given.shape}")
     if given.min() < 0 or given.max() >= config.vocab_size:
         raise ValueError(f"token ids must lie in 0..{config.vocab_size - 1}")
-    config.check_sequence(start + given.shape[1])
     return given.astype(np.int64)
 
 
@@ -28,9 +26,7 @@ def checked_generation(config: ModelConfig, prompts, new_tokens) -> tuple[np.nda
     """The prompts (``checked_tokens``) and ``new_tokens`` of a greedy generation, checked."""
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, (int, np.integer)) or new_tokens < 1:
         raise ValueError(f"new_tokens must be an int >= 1, not {new_tokens!r}")
-    prompts = checked_tokens(config, prompts)
-    config.check_sequence(prompts.shape[1] + int(new_tokens))
-    return prompts, int(new_tokens)
+    return checked_tokens(config, prompts), int(new_tokens)
 
 
 @dataclass

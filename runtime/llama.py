@@ -38,8 +38,9 @@ from .arrays import arrays_for
 from .generation import Generation, checked_generation, checked_tokens
 from .kernel import BoundCall, Kernel, KernelProvider, buckets, numpy_dtype, select
 from .model_config import ModelConfig
-from .plan import (FUSED_ATTRS, GATED_ACTS, GEMV_MAX_M, PREFILL_DYNAMIC_ROWS, KernelCall, bias_role,
-                   biased_projections, can_fuse_norms, decode_calls, precisions, prefill_calls, rope_suffix, unfused)
+from .plan import (FUSED_ATTRS, GATED_ACTS, GEMV_MAX_M, PREFILL_DYNAMIC_ROWS, KernelCall, attention_suffix,
+                   bias_role, biased_projections, can_fuse_norms, decode_calls, precisions, prefill_calls, rope_suffix,
+                   unfused)
 from .precision import bfloat16_to_float32, check_dtype, from_float, rounded, stored_as, to_float32, widened
 from .weights import QK_NORMS, DeviceWeights, ModelWeights, bias_name, fused_parts, is_norm_gain, layer_name
 
@@ -473,8 +474,8 @@ class LlamaModel:
         arrays.set(buf.res_a, self.embed[ids.reshape(-1)])
         arrays.set(buf.positions, np.tile(np.arange(padded, dtype=np.int32), batch))
         self._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, buf.rows)()
-        attention = k["attention"]
         for layer in range(c.num_hidden_layers):
+            attention = k["attention" + attention_suffix(c, layer, padded)]
             before, after = self._layer_calls(k, buf, layer)
             for call in before:
                 call()
@@ -501,7 +502,6 @@ class LlamaModel:
     def prepare(self, batch: int, tokens: int, new_tokens: int) -> None:
         """Load every kernel a generation of this size uses, so that timing it measures only
         the run (kernels from a tuning log are compiled on first use)."""
-        self.config.check_sequence(tokens + new_tokens)  # a Mistral sliding window: refused past it
         padded = self.padded_tokens(batch, tokens)
         self._plan(self._prefill(padded, batch))
         capacity = padded + new_tokens
@@ -513,9 +513,9 @@ class LlamaModel:
                 pass
         calls = self._decode(batch, capacity)
         self._plan(calls)
-        attention = next(c for c in calls if c.role == "attention")
-        for length in range(tokens + 1, tokens + new_tokens):
-            self._kernel(attention, S=capacity, L=length)
+        for attention in (c for c in calls if c.role.startswith("attention")):
+            for length in range(tokens + 1, tokens + new_tokens):
+                self._kernel(attention, S=capacity, L=length)
 
     def _fuses_norms(self, batch: int) -> bool:
         """Whether the resident step of ``batch`` sequences tries GEMVs that fuse the norms: where
@@ -535,14 +535,14 @@ class LlamaModel:
             calls = self._decode(batch, capacity, resident=True, fused_norms=fused)
             used = dict(self.used)
             try:
-                kernels = self._plan([call for call in calls if call.role != "attention"])
+                kernels = self._plan([call for call in calls if not call.role.startswith("attention")])
             except LookupError:
                 if not fused:
                     raise
                 self.used = used  # the fused kernels it found are not the ones that run
                 continue
-            attention = next(call for call in calls if call.role == "attention")
-            kernels.update(self._attention_kernels(attention, capacity))
+            for attention in (call for call in calls if call.role.startswith("attention")):
+                kernels.update(self._attention_kernels(attention, capacity))
             return kernels
         raise AssertionError("unreachable: the unfused plan either returns or raises")
 
@@ -564,7 +564,7 @@ class LlamaModel:
         if not (parts and call.spec.op == "rope_append_attention"
                 and self._tuned_before_rope_attention(call.spec.dims["B"])):
             try:
-                return {"attention": self._kernel(call, S=capacity, L=capacity)}
+                return {call.role: self._kernel(call, S=capacity, L=capacity)}
             except LookupError:
                 if not parts:
                     raise
@@ -597,7 +597,6 @@ class LlamaModel:
     def generate(self, prompts: np.ndarray, new_tokens: int, keep_logits: bool = True) -> Generation:
         """Greedy decoding of ``new_tokens`` tokens after ``prompts`` [B, T]; ``keep_logits=False``
         keeps only the tokens (a resident CUDA step then copies nothing else to the host)."""
-        # attention here sees the whole cache: a sequence past a sliding window is refused
         prompts, new_tokens = checked_generation(self.config, prompts, new_tokens)
         batch, tokens = prompts.shape
         padded = self.padded_tokens(batch, tokens)
@@ -639,7 +638,10 @@ class _DecodeStep:
         self.arrays = arrays = model.arrays
         self.embed = model.embed
         self.calls = model._decode(batch, capacity)
-        self.attention_call = next(call for call in self.calls if call.role == "attention")
+        # the attention call of each layer (Gemma 3's sliding layers have their own: runtime.plan._windows)
+        attention = {call.role: call for call in self.calls if call.role.startswith("attention")}
+        self.attention_of = [attention["attention" + attention_suffix(c, layer, capacity)]
+                             for layer in range(c.num_hidden_layers)]
         k = model._plan(self.calls)
         self.buf = buf = _Buffers(arrays, batch, c, model.activations)
         self.logits = arrays.empty((batch, c.vocab_size), numpy_dtype(model.activations))
@@ -653,7 +655,7 @@ class _DecodeStep:
                                 arrays.position_writer(v_cache, buf.v), tuple(call.run for call in after)))
         self.bound.append(model._linear(k["lm_head"], model.lm_head_name, buf.h, self.logits))
         self.first_norm, self.lm_head = self.bound[0].run, self.bound[-1].run
-        self._attention: dict[int, list[BoundCall]] = {}  # by kernel identity: buckets may switch with L
+        self._attention: dict[tuple, list[BoundCall]] = {}  # by kernel identities: buckets may switch with L
         self._by_length: dict[int, list[BoundCall]] = {}  # the same lists by KV length: one lookup a step
         for length in lengths:
             self._attention_calls(length)
@@ -662,13 +664,14 @@ class _DecodeStep:
         calls = self._by_length.get(length)
         if calls is not None:
             return calls
-        kernel = self.model._kernel(self.attention_call, S=self.capacity, L=length)
-        calls = self._attention.get(id(kernel))
+        kernels = [self.model._kernel(call, S=self.capacity, L=length) for call in self.attention_of]
+        calls = self._attention.get(tuple(map(id, kernels)))
         if calls is None:
             buf = self.buf
             calls = [kernel.bind({"Q": self.model._qk(buf, layer)[0], "K": k_cache, "V": v_cache, "O": buf.attn},
-                                 {"S": self.capacity, "L": length}) for layer, (k_cache, v_cache) in enumerate(self.caches)]
-            self._attention[id(kernel)] = calls
+                                 {"S": self.capacity, "L": length})
+                     for layer, (kernel, (k_cache, v_cache)) in enumerate(zip(kernels, self.caches))]
+            self._attention[tuple(map(id, kernels))] = calls
         self._by_length[length] = calls
         return calls
 
@@ -741,7 +744,9 @@ class _ResidentStep:
         self.capacity = capacity
         for layer, (k_cache, v_cache) in enumerate(caches):
             before, after = model._layer_calls(k, buf, layer)
-            self.bound += before + self._attention_calls(k, k_cache, v_cache, positions, rope_suffix(c, layer)) + after
+            attention = "attention" + attention_suffix(c, layer, capacity)
+            self.bound += (before + self._attention_calls(k, k_cache, v_cache, positions, rope_suffix(c, layer), attention)
+                           + after)
         if self.fused_norms:  # the LM head normalises the residual stream itself
             self.bound.append(model._linear(k["lm_head"], model.lm_head_name, buf.res_a, self.logits,
                                             gain="model.norm.weight"))
@@ -756,23 +761,25 @@ class _ResidentStep:
         self.programmatic_error = model._edges_refused
         self.mode = "graph" if self._graph(keep_logits) is not None else "resident"  # captured here, untimed
 
-    def _attention_calls(self, k: dict, k_cache, v_cache, positions, suffix: str | None = "") -> list:
+    def _attention_calls(self, k: dict, k_cache, v_cache, positions, suffix: str | None = "",
+                         attention: str = "attention") -> list:
         """A layer's calls from the Q/K/V projection's rows to attention's output: q and k rotated
         at the positions the graph copies in, k and v written to the caches there, attention;
         ``suffix``: the layer's rope kernels' (``runtime.plan.rope_suffix``; None: q and k as
-        projected, k and v written by ``kv_append``)."""
+        projected, k and v written by ``kv_append``); ``attention``: its attention kernel's role
+        (``runtime.plan.attention_suffix``)."""
         buf, capacity = self.buf, self.capacity
         if suffix is None:  # a layer without a rotary embedding
             config = self.model.config
             rows = (buf.rows, config.num_key_value_heads, config.head_dim)
             append = k["kv_append"].bind({"K": buf.k.reshape(rows), "V": buf.v.reshape(rows), "P": positions,
                                           "KC": k_cache, "VC": v_cache}, {"S": capacity})
-            attend = k["attention"].bind({"Q": buf.q, "K": k_cache, "V": v_cache, "LENS": self.lengths,
-                                          "O": buf.attn}, {"S": capacity, "L": capacity})
+            attend = k[attention].bind({"Q": buf.q, "K": k_cache, "V": v_cache, "LENS": self.lengths,
+                                        "O": buf.attn}, {"S": capacity, "L": capacity})
             return [append, attend]
-        if k["attention"].spec.op == "rope_append_attention":  # all in one kernel
+        if k[attention].spec.op == "rope_append_attention":  # all in one kernel
             # K and KC are one cache: the kernel reads the rows before each position, writes the one there
-            return [k["attention"].bind({"QKV": buf.qkv, "P": positions, "K": k_cache, "V": v_cache, "O": buf.attn,
+            return [k[attention].bind({"QKV": buf.qkv, "P": positions, "K": k_cache, "V": v_cache, "O": buf.attn,
                                          "KC": k_cache, "VC": v_cache}, {"S": capacity, "L": capacity})]
         if "rope_append" + suffix in k:
             append = k["rope_append" + suffix].bind({"QKV": buf.qkv, "P": positions, "Q": buf.qr, "KC": k_cache,
@@ -781,8 +788,8 @@ class _ResidentStep:
             rows = (buf.rows, self.model.config.num_key_value_heads, self.model.config.head_dim)
             append = k["kv_append"].bind({"K": buf.kr.reshape(rows), "V": buf.v.reshape(rows), "P": positions,
                                           "KC": k_cache, "VC": v_cache}, {"S": capacity})
-        attend = k["attention"].bind({"Q": buf.qr, "K": k_cache, "V": v_cache, "LENS": self.lengths,
-                                      "O": buf.attn}, {"S": capacity, "L": capacity})
+        attend = k[attention].bind({"Q": buf.qr, "K": k_cache, "V": v_cache, "LENS": self.lengths,
+                                    "O": buf.attn}, {"S": capacity, "L": capacity})
         return [append, attend]
 
     def _issue(self, keep_logits: bool, graph=None) -> None:

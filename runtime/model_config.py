@@ -36,15 +36,15 @@ from .rope_frequencies import ROPE_TYPES, rope_attrs, rope_problem
 
 # The decoder is Llama's (RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU), with
 # projection biases where the config says. Mistral is the same network plus an optional
-# sliding window (refused at run time for sequences longer than it, see
-# ``ModelConfig.check_sequence``); Qwen2 is Llama with biases on q, k and v (always, whatever
+# sliding window (each query sees the last ``sliding_window`` positions: the attention kernels'
+# ``window``, see ``ModelConfig.layer_window``); Qwen2 is Llama with biases on q, k and v (always, whatever
 # ``attention_bias`` says: transformers' Qwen2 does not read it); Qwen3 is Llama with an RMSNorm
 # of each query and key head before the rotary embedding (``qk_norm``), its head_dim 128 unless
 # said (not hidden / heads).
 # Phi-3 and Phi-4 are Llama with stacked Q/K/V and gate/up tensors and Mistral's optional window.
 # SmolLM3 is Llama whose layers in ``no_rope_layers`` (every fourth) apply no rotary embedding
-# (NoPE), with Qwen's switched-off sliding window. Gemma and Gemma 3: see the module's docstring; Gemma 3's sliding window is refused at run time
-# as Mistral's is (within it, its sliding layers differ from the others only by their rope base).
+# (NoPE), with Qwen's switched-off sliding window. Gemma and Gemma 3: see the module's docstring
+# (Gemma 3's window applies in its sliding layers only).
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
             "gemma": "GemmaForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
@@ -139,7 +139,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
-    sliding_window: int | None = None  # Mistral: each token attends to at most this many; None: all
+    # Mistral: each token attends to at most this many positions (its own and those before), in
+    # every layer or, where local_layers are given (Gemma 3), in those; None: all
+    sliding_window: int | None = None
     # rope scaling (``runtime.rope_frequencies``): the parameters of ``rope_type`` are set, the others None
     rope_type: str = "default"
     rope_factor: float | None = None
@@ -239,6 +241,13 @@ class ModelConfig:
             return rope_attrs(self.local_rope_theta)
         return self.rope_attrs
 
+    def layer_window(self, layer: int) -> int:
+        """The sliding window of ``layer``'s attention, 0 for none: every layer's (Mistral, Phi-3),
+        or in a model with local layers (Gemma 3) theirs alone."""
+        if self.sliding_window is None or (self.local_layers and layer not in self.local_layers):
+            return 0
+        return self.sliding_window
+
     @property
     def split_rope(self) -> bool:
         """Whether some layers rotate otherwise than the others (``layer_rope_attrs``)."""
@@ -278,21 +287,6 @@ class ModelConfig:
                   + (2 * i + h) * self.mlp_bias + 2 * self.head_dim * self.qk_norm + 2 * h * self.post_norms)
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.num_hidden_layers * layer + self.vocab_size * h + head + h
-
-    def fits_window(self, positions: int) -> bool:
-        """Whether attention over ``positions`` cached positions stays inside the sliding window
-        (always, without one): the runtime attends to the whole cache, the model only to the last
-        ``sliding_window`` positions, so past the window the two would give different logits."""
-        return self.sliding_window is None or positions <= self.sliding_window
-
-    def check_sequence(self, tokens: int) -> None:
-        """Refuse a sequence of ``tokens`` (prompt + new tokens) that would attend past the
-        sliding window (``fits_window``). The last new token is never fed back: the model
-        attends over ``tokens - 1`` positions."""
-        if not self.fits_window(tokens - 1):
-            raise ValueError(f"model {self.name}: {tokens} tokens (prompt + new tokens) attend over {tokens - 1} "
-                             f"positions, more than its sliding_window of {self.sliding_window}; sliding-window "
-                             "attention is not implemented, so a sequence must fit in the window")
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json of a family that computes this model (``from_hf_dict`` reads it back
@@ -816,6 +810,13 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-8b": _preset("qwen3-8b", hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
                         num_key_value_heads=8, head_dim=128, num_hidden_layers=36, vocab_size=151936,
                         rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960, qk_norm=True),
+    "gemma-3-1b": _preset("gemma-3-1b", hidden_size=1152, intermediate_size=6912, num_attention_heads=4,
+                          num_key_value_heads=1, head_dim=256, num_hidden_layers=26, vocab_size=262144,
+                          rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+                          max_position_embeddings=32768, sliding_window=512, qk_norm=True,
+                          embedding_multiplier=1152 ** 0.5, attention_multiplier=256 ** -0.5, activation="gelu_tanh",
+                          offset_norms=True, post_norms=True, local_layers=tuple(i for i in range(26) if (i + 1) % 6),
+                          local_rope_theta=10000.0),
     # small enough to tune and run in seconds; dims are multiples of 128 so q4 (group 128) applies
     "tiny": _preset("tiny", hidden_size=128, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2,
                     head_dim=32, num_hidden_layers=2, vocab_size=512, rms_norm_eps=1e-5, rope_theta=10000.0,

@@ -142,6 +142,34 @@ def rope_suffix(config: ModelConfig, layer: int) -> str | None:
     return LOCAL if config.split_rope and layer in config.local_layers else ""
 
 
+def _windows(config: ModelConfig, positions: int) -> dict[str, tuple[int, int]]:
+    """{role suffix: (window, layers)} of the attention kernels of a pass whose queries see up to
+    ``positions`` keys: a window only where it can narrow that (a pass within it runs the
+    plain kernels, those of every library tuned before windows), and Gemma 3's sliding layers
+    (``LOCAL``) apart from its global ones where the two differ."""
+    c = config
+    windows = [c.layer_window(layer) if c.layer_window(layer) < positions else 0 for layer in range(c.num_hidden_layers)]
+    if len(set(windows)) == 1:
+        return {"": (windows[0], c.num_hidden_layers)}
+    local = sum(1 for w in windows if w)
+    return {"": (0, c.num_hidden_layers - local), LOCAL: (c.sliding_window, local)}
+
+
+def attention_suffix(config: ModelConfig, layer: int, positions: int) -> str:
+    """The suffix of the role of ``layer``'s attention kernel in a pass over up to ``positions``
+    keys (``_windows``)."""
+    windowed = config.layer_window(layer) and config.layer_window(layer) < positions
+    return LOCAL if windowed and len(_windows(config, positions)) > 1 else ""
+
+
+def _attentions(config: ModelConfig, op: str, dims: dict, attrs: dict, positions: int,
+                dynamic: tuple[str, ...]) -> list[KernelCall]:
+    """The attention calls of a pass, one per window group (``_windows``)."""
+    return [KernelCall("attention" + suffix, KernelSpec.make(op, dims, attrs={**attrs, **({"window": w} if w else {})},
+                                                             dynamic=dynamic), count)
+            for suffix, (w, count) in _windows(config, positions).items()]
+
+
 def _rope_groups(config: ModelConfig) -> list[tuple[str, dict, int]]:
     """(role suffix, rope attributes, layers) of each group of layers that rotate alike (none
     for layers that do not rotate)."""
@@ -208,8 +236,8 @@ def can_fuse_norms(config: ModelConfig, batch: int) -> bool:
     the residual add, and the layer is Llama's (no norm between a projection and its residual
     add, SwiGLU as the gate, one rotary embedding for every layer: the fused attention rotates)."""
     c = config
-    return (batch <= GEMV_MAX_M and not (c.o_bias or c.mlp_bias or c.post_norms or c.split_rope or c.nope_layers)
-            and c.activation == "silu")
+    return (batch <= GEMV_MAX_M and not (c.o_bias or c.mlp_bias or c.post_norms or c.split_rope or c.nope_layers
+                                         or c.local_layers) and c.activation == "silu")
 
 
 def _fuse_norms(config: ModelConfig, calls: list[KernelCall]) -> list[KernelCall]:
@@ -244,7 +272,7 @@ def _rope_into_attention(calls: list[KernelCall]) -> list[KernelCall]:
     """``calls`` with ``rope_append`` and attention as one ``rope_append_attention`` (role attention)."""
     append = next(call for call in calls if call.role == "rope_append")
     attention = next(call for call in calls if call.role == "attention")
-    scale = {k: v for k, v in attention.spec.attr.items() if k == "scale"}
+    scale = {k: v for k, v in attention.spec.attr.items() if k in ("scale", "window")}
     fused = KernelSpec.make("rope_append_attention", attention.spec.dims, attention.spec.dtype,
                             {**append.spec.attr, **scale}, dynamic=("S", "L"))
     return [KernelCall("attention", fused, attention.count) if call is attention else call
@@ -260,8 +288,8 @@ def unfused(config: ModelConfig, call: KernelCall) -> list[KernelCall]:
     if spec.op == "rope_append_attention":  # rope_append, then the programmatic attention_decode
         d, attrs = spec.dims, spec.attr
         append = KernelSpec.make("rope_append", {n: d[n] for n in ("B", "H", "HKV", "D", "S")}, spec.dtype,
-                                 {k: v for k, v in attrs.items() if k != "scale"}, dynamic=("S",))
-        scale = {k: v for k, v in attrs.items() if k == "scale"}
+                                 {k: v for k, v in attrs.items() if k not in ("scale", "window")}, dynamic=("S",))
+        scale = {k: v for k, v in attrs.items() if k in ("scale", "window")}
         attention = KernelSpec.make("attention_decode", d, spec.dtype,
                                     {"lengths": "per_sequence", "programmatic": True, **scale}, dynamic=("S", "L"))
         return [KernelCall("rope_append", append, call.count), KernelCall("attention", attention, call.count)]
@@ -315,7 +343,7 @@ def _linear_attrs(dtype: str, weights: str | None, quantize: str) -> dict:
     return {"weight": weights}
 
 
-def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: KernelSpec, quantize: str,
+def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: list[KernelCall], quantize: str,
                 group_size: int, dtype: str, weights: str | None = None,
                 dynamic_rows: bool = False) -> list[KernelCall]:
     """The kernels of a pass over ``rows`` token rows of ``sequences`` sequences."""
@@ -327,8 +355,8 @@ def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: Kerne
             + _layer_linears(c, rows, quantize, group_size, attrs, dynamic_rows)
             + _qk_norms(c, rows)
             + _ropes(c, rows)
-            + [KernelCall("attention", attention, layers),
-               _rows(act, act, rows, c.intermediate_size, layers),
+            + attention
+            + [_rows(act, act, rows, c.intermediate_size, layers),
                _linear("lm_head", sequences, c.vocab_size, c.hidden_size, 1, quantize, group_size, attrs)])
     return [KernelCall(call.role, replace(call.spec, dtype=dtype), call.count) for call in calls]
 
@@ -340,9 +368,9 @@ def prefill_calls(config: ModelConfig, tokens: int, quantize: str = "none", grou
     ``dynamic_rows``: the layers' linear layers are gemms with a dynamic M (``PREFILL_DYNAMIC_ROWS``)."""
     check_quantize(config, quantize, group_size)
     c = config
-    attention = KernelSpec.make("attention_prefill", {"B": batch, "T": tokens, "H": c.num_attention_heads,
-                                                      "HKV": c.num_key_value_heads, "D": c.head_dim},
-                                attrs={"causal": True, **_scale(c)}, dynamic=("T",))
+    attention = _attentions(c, "attention_prefill", {"B": batch, "T": tokens, "H": c.num_attention_heads,
+                                                     "HKV": c.num_key_value_heads, "D": c.head_dim},
+                            {"causal": True, **_scale(c)}, tokens, ("T",))
     return _pass_calls(c, batch * tokens, batch, attention, quantize, group_size, dtype, weights, dynamic_rows)
 
 
@@ -363,10 +391,10 @@ def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "
     graph every kernel of a layer then starts as the one before it ends."""
     check_quantize(config, quantize, group_size)
     c = config
-    attention = KernelSpec.make("attention_decode", {"B": batch, "H": c.num_attention_heads,
-                                                     "HKV": c.num_key_value_heads, "D": c.head_dim,
-                                                     "S": kv_len, "L": kv_len}, dynamic=("S", "L"),
-                                attrs={**({"lengths": "per_sequence"} if resident else {}), **_scale(c)})
+    attention = _attentions(c, "attention_decode", {"B": batch, "H": c.num_attention_heads,
+                                                    "HKV": c.num_key_value_heads, "D": c.head_dim,
+                                                    "S": kv_len, "L": kv_len},
+                            {**({"lengths": "per_sequence"} if resident else {}), **_scale(c)}, kv_len, ("S", "L"))
     calls = _pass_calls(c, batch, batch, attention, quantize, group_size, dtype, weights)
     if resident:
         dims = {"B": batch, "H": c.num_attention_heads, "HKV": c.num_key_value_heads, "D": c.head_dim, "S": kv_len}

@@ -71,8 +71,10 @@ class ReferenceModel:
         logits = self._matmul(x, "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight")
         return logits / np.float32(self.config.logits_scaling) if self.config.logits_scaling != 1.0 else logits
 
-    def _attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int) -> np.ndarray:
-        """q[B, T, H, D] at positions start..start+T-1 against cache positions 0..start+T-1."""
+    def _attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int,
+                   window: int = 0) -> np.ndarray:
+        """q[B, T, H, D] at positions start..start+T-1 against cache positions 0..start+T-1
+        (``window``: only the last ``window`` of them up to each query's own)."""
         c = self.config
         b, t = q.shape[:2]
         group = c.num_attention_heads // c.num_key_value_heads
@@ -80,8 +82,11 @@ class ReferenceModel:
         qg = q.reshape(b, t, c.num_key_value_heads, group, c.head_dim).transpose(0, 2, 3, 1, 4)  # B,HKV,G,T,D
         keys, values = k_cache[:, :, :length], v_cache[:, :, :length]                            # B,HKV,L,D
         scores = np.matmul(qg, keys[:, :, None].transpose(0, 1, 2, 4, 3)) * np.float32(c.attention_scale)
-        if t > 1:  # causal: query i (at position start + i) sees keys 0..start + i
-            mask = np.arange(length)[None, :] > (start + np.arange(t))[:, None]
+        queries = (start + np.arange(t))[:, None]
+        mask = np.arange(length)[None, :] > queries  # causal: query i (at start + i) sees keys 0..start + i
+        if window:
+            mask |= np.arange(length)[None, :] <= queries - window
+        if mask.any():
             scores = np.where(mask, np.float32(-np.inf), scores)
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
@@ -116,7 +121,7 @@ class ReferenceModel:
             k_cache, v_cache = caches[layer]
             k_cache[:, :, start:start + t] = k.transpose(0, 2, 1, 3)
             v_cache[:, :, start:start + t] = v.transpose(0, 2, 1, 3)
-            attn = self._attention(q, k_cache, v_cache, start)
+            attn = self._attention(q, k_cache, v_cache, start, c.layer_window(layer))
             out = self._project(attn, layer, "self_attn.o_proj")
             if c.post_norms:  # Gemma 3: post_attention_layernorm normalises attention's output
                 x = x + self._norm(out, layer_name(layer, "post_attention_layernorm"))

@@ -90,7 +90,6 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
     except ValueError as exc:
         raise UserError(str(exc)) from None
     _check_precision(tasks, kind, activations)
-    _warn_past_window(config, workload)
     if list_tasks:
         rows = [{"task": t.key, "op": t.task.op, "weight": t.weight, "calls_per_pass": t.uses} for t in tasks]
         if as_json:
@@ -265,17 +264,6 @@ def _check_precision(tasks, kind: str, dtype: str) -> None:
                         "use --dtype float32 or another target")
 
 
-def _warn_past_window(config, workload) -> None:
-    """Sizes past a sliding window are tuned for nothing: ``run`` refuses such sequences (a
-    prefill of T tokens attends over T positions, a decode step over its KV length)."""
-    past = ([f"--prefill-tokens {t}" for t in workload.prefill_tokens if not config.fits_window(t)]
-            + [f"--kv-len {n}" for n in workload.kv_len if not config.fits_window(n)])
-    if past:
-        window = config.sliding_window
-        click.echo(f"autotune: warning: {config.name} has a sliding_window of {window}, and `run` refuses sequences "
-                   f"past it: {', '.join(past)} will never run (give sizes up to {window})", err=True)
-
-
 def _check_model_fits(config, weights_dtype: str, quantize: str, cache_dtype: str, batch: int, positions: int,
                       logit_steps: int) -> None:
     """Refuse a run whose weights, KV cache (``positions`` per sequence) and kept logits exceed
@@ -383,10 +371,6 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
     else:
         ids = _prompt_ids(prompt_ids, config.vocab_size)
     length = len(ids) if ids is not None else prompt_tokens
-    try:  # e.g. past a sliding window the runtime does not implement
-        config.check_sequence(length + new_tokens)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
     # a library runs on the target it was exported for: a --target that names another is a mistake
     named = click.get_current_context().get_parameter_source("target") is not ParameterSource.DEFAULT
     named_kind = resolve_target(target, compile_only=True).kind if lib and named else None

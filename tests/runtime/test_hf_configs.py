@@ -535,11 +535,14 @@ def test_smollm3_is_read_written_back_and_planned_without_rope_in_its_nope_layer
     assert resident["kv_append"].count == 9 and "first_norm" in resident  # no fused norms: attention rotates
 
 
+def test_the_gemma_3_1b_preset_is_the_checkpoints_config():
+    assert dataclasses.replace(parse(GEMMA3_1B), name="gemma-3-1b") == PRESETS["gemma-3-1b"]
+
+
 def test_a_qwen2_window_is_ignored_while_use_sliding_window_is_false():
     """As transformers does: Qwen2 and Qwen2.5 ship a sliding_window (131072) with the switch off."""
     config = parse({**QWEN2, "sliding_window": 16, "max_window_layers": 0})
-    assert config.sliding_window is None
-    config.check_sequence(10 ** 6)
+    assert config.sliding_window is None and config.layer_window(0) == 0
 
 
 def test_load_model_config_names_the_file(tmp_path):
@@ -567,33 +570,33 @@ class _NoKernels:
         raise AssertionError("kernels asked for")
 
 
-def test_a_sequence_longer_than_the_sliding_window_is_refused_before_it_runs():
+def test_a_window_reaches_the_attention_kernels_of_the_passes_that_exceed_it():
+    """Mistral's window on every layer, Gemma 3's on its sliding layers only; a pass that cannot
+    see past the window runs the plain kernels (those of libraries tuned before windows)."""
     config = parse({**SMALL, "model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 8})
-    assert config.sliding_window == 8
-    # fits: attention over the window is attention over everything (the last new token is
-    # never fed back, so 9 tokens attend over 8 positions)
-    config.check_sequence(9)
+    assert [config.layer_window(i) for i in range(2)] == [8, 8]
+
+    def windows(calls):
+        return {c.role: (c.spec.op, c.spec.attr.get("window", 0), c.count) for c in calls
+                if c.role.startswith("attention")}
+
+    assert windows(prefill_calls(config, 8)) == {"attention": ("attention_prefill", 0, 2)}
+    assert windows(prefill_calls(config, 9)) == {"attention": ("attention_prefill", 8, 2)}
+    assert windows(decode_calls(config, 1, 64)) == {"attention": ("attention_decode", 8, 2)}
+    fused = windows(decode_calls(config, 1, 64, resident=True))
+    assert fused == {"attention": ("rope_append_attention", 8, 2)}
+    gemma3 = parse(GEMMA3_1B)
+    assert windows(decode_calls(gemma3, 1, 512)) == {"attention": ("attention_decode", 0, 26)}
+    assert windows(decode_calls(gemma3, 1, 513)) == {"attention": ("attention_decode", 0, 4),
+                                                     "attention_local": ("attention_decode", 512, 22)}
+    # token ids: numpy would take -5 for the fifth word from the end of the table
     model = LlamaModel(config, ModelWeights.random(config), _NoKernels())
-    with pytest.raises(ValueError, match="10 tokens .* attend over 9 positions, more than its sliding_window of 8"):
-        model.generate(np.zeros((1, 6), dtype=np.int64), 4)
-    with pytest.raises(ValueError, match="sliding_window of 8"):
-        model.prepare(1, 6, 4)
-    # a pass over a prompt, called by itself, and the numpy reference check the same
-    with pytest.raises(ValueError, match="sliding_window of 8"):
-        model.prefill(np.zeros((1, 20), dtype=np.int64), [])
     reference = ReferenceModel(config, ModelWeights.random(config))
-    with pytest.raises(ValueError, match="sliding_window of 8"):
-        reference.forward(np.zeros((1, 20), dtype=np.int64), 0, [])
-    with pytest.raises(ValueError, match="sliding_window of 8"):
-        reference.generate(np.zeros((1, 6), dtype=np.int64), 4)
-    # and token ids: numpy would take -5 for the fifth word from the end of the table
     for run in (lambda ids: model.prefill(ids, []), lambda ids: reference.forward(ids, 0, []),
                 lambda ids: reference.generate(ids, 2)):
         for bad in ([[5, -5, 3]], [[config.vocab_size]]):
             with pytest.raises(ValueError, match=f"token ids must lie in 0..{config.vocab_size - 1}"):
                 run(np.array(bad))
-    # a window of null, or none at all, never refuses
-    parse({**SMALL, "sliding_window": None}).check_sequence(10 ** 6)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -737,15 +740,16 @@ def test_run_with_a_refused_config_is_one_line_and_exit_2(data, message, tmp_pat
     assert str(tmp_path / "config.json") in lines[0]
 
 
-def test_run_past_a_sliding_window_is_one_line_and_exit_2(tmp_path):
+def test_run_past_a_sliding_window_runs_windowed_attention(tmp_path):
     small = {**MISTRAL_V01, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
              "num_key_value_heads": 1, "num_hidden_layers": 1, "vocab_size": 64, "sliding_window": 4}
     (tmp_path / "config.json").write_text(json.dumps(small))
     (tmp_path / "empty.jsonl").write_text("")
-    proc = _cli(tmp_path, "run", "--model", str(tmp_path / "config.json"), "--prompt-tokens", "4",
-                "--new-tokens", "2", "--log", "empty.jsonl")
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "sliding_window of 4" in lines[0], proc.stderr
+    proc = _cli(tmp_path, "run", "--model", str(tmp_path / "config.json"), "--prompt-tokens", "6",
+                "--new-tokens", "3", "--log", "empty.jsonl", "--compare", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["reference"]["logits"]["same_tokens"], out["reference"]
 
 
 def test_run_with_zero_kv_heads_is_one_line_and_exit_2(tmp_path):
@@ -770,11 +774,12 @@ def test_run_refuses_an_empty_prompt_and_a_generation_that_cannot_fit(tmp_path):
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (args, proc.stderr)
 
 
-def test_tune_model_warns_of_sizes_past_the_sliding_window(tmp_path):
+def test_tune_model_tunes_windowed_attention_for_sizes_past_the_sliding_window(tmp_path):
     small = {**MISTRAL_V01, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
              "num_key_value_heads": 1, "num_hidden_layers": 1, "vocab_size": 64, "sliding_window": 64}
     (tmp_path / "config.json").write_text(json.dumps(small))
-    proc = _cli(tmp_path, "tune-model", "--model", "config.json", "--list-tasks", "--kv-len", "32,512")
-    assert proc.returncode == 0, proc.stderr
-    assert ("autotune: warning: config has a sliding_window of 64, and `run` refuses sequences past it: "
-            "--prefill-tokens 128, --kv-len 512 will never run") in proc.stderr
+    proc = _cli(tmp_path, "tune-model", "--model", "config.json", "--list-tasks", "--kv-len", "32,512", "--json")
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+    attention = sorted(row["task"] for row in json.loads(proc.stdout) if "attention" in row["op"])
+    assert any("L~=512" in key and "window=64" in key for key in attention), attention
+    assert any("L~=32" in key and "window" not in key for key in attention), attention
