@@ -111,9 +111,9 @@ ATTR_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({op: MappingPr
     "qk_norm": {"eps": 1e-6},
     "rope": _ROPE,
     "rope_append": _ROPE,
-    "rope_append_attention": {"scale": 0.0, "window": 0, **_ROPE},
-    "attention_prefill": {"causal": True, "scale": 0.0, "window": 0},
-    "attention_decode": {"scale": 0.0, "lengths": "uniform", "programmatic": False, "window": 0},
+    "rope_append_attention": {"scale": 0.0, "window": 0, "softcap": 0.0, **_ROPE},
+    "attention_prefill": {"causal": True, "scale": 0.0, "window": 0, "softcap": 0.0},
+    "attention_decode": {"scale": 0.0, "lengths": "uniform", "programmatic": False, "window": 0, "softcap": 0.0},
 }.items()})
 
 

@@ -15,6 +15,9 @@ Head h of the queries reads key/value head ``h // (H // HKV)``. ``scale`` defaul
 the keys at t - window + 1 .. t, at most ``window`` of them (transformers' sliding-window mask);
 0, the default, means no window. In prefill it narrows the causal mask; in decode the query sits
 at position L - 1, so the cache rows read are max(0, L - window) .. L - 1.
+
+``softcap`` (Gemma 2's attention logit soft-capping): each scaled score s becomes
+softcap * tanh(s / softcap) before the mask and the softmax; 0, the default, leaves it.
 """
 from __future__ import annotations
 
@@ -51,6 +54,23 @@ def check_window(op: Operator, task: Task) -> int:
     return window
 
 
+SOFTCAP_DOC = "soft-capping: each scaled score s becomes softcap * tanh(s / softcap) before the softmax; 0: none"
+
+
+def check_softcap(op: Operator, task: Task) -> float:
+    """The task's ``softcap`` attribute, refused unless a positive number or 0 (none)."""
+    cap = op.attrs(task)["softcap"]
+    if not (isinstance(cap, (int, float)) and not isinstance(cap, bool) and math.isfinite(cap) and cap >= 0):
+        raise ValueError(f"{op.op}: softcap = {cap!r} must be a positive number (0: none)")
+    return float(cap)
+
+
+def capped(op: Operator, task: Task, scores: np.ndarray) -> np.ndarray:
+    """Scaled scores soft-capped as the task's ``softcap`` says (themselves without one)."""
+    cap = op.attrs(task)["softcap"]
+    return cap * np.tanh(scores / cap) if cap else scores
+
+
 def window_start(length: int, window: int) -> int:
     """The first of ``length`` positions a query at the last of them sees through ``window``."""
     return max(0, length - window) if window else 0
@@ -71,13 +91,15 @@ class AttentionPrefillOp(Operator):
     dtypes = FLOAT_DTYPES
     default_attrs = ATTR_DEFAULTS["attention_prefill"]
     attr_docs = {"causal": "true: each query sees only the keys at or before its position",
-                 "scale": "softmax scale of Q.K; 0.0 means 1/sqrt(D)", "window": WINDOW_DOC + " (causal only)"}
+                 "scale": "softmax scale of Q.K; 0.0 means 1/sqrt(D)", "window": WINDOW_DOC + " (causal only)",
+                 "softcap": SOFTCAP_DOC}
     example_shape = {"B": 1, "T": 512, "H": 32, "HKV": 8, "D": 128}
     description = "causal grouped-query attention over a prompt, flash-style (O = softmax(QK^T) V)"
 
     def check(self, task: Task) -> None:
         super().check(task)
         _check_heads(self, task)
+        check_softcap(self, task)
         if check_window(self, task) and not self.attrs(task)["causal"]:
             raise ValueError(f"{self.op}: a window needs causal attention (it narrows the causal mask)")
 
@@ -113,7 +135,7 @@ class AttentionPrefillOp(Operator):
         qg = q.reshape(b, t, hkv, group, dim).transpose(0, 2, 3, 1, 4)  # B,HKV,G,T,D
         kt = k.transpose(0, 2, 3, 1)                                      # B,HKV,D,T
         vt = v.transpose(0, 2, 1, 3)                                      # B,HKV,T,D
-        scores = np.matmul(qg, kt[:, :, None]) * _scale(self, task)       # B,HKV,G,T,T
+        scores = capped(self, task, np.matmul(qg, kt[:, :, None]) * _scale(self, task))  # B,HKV,G,T,T
         if self.attrs(task)["causal"]:
             scores[..., np.triu_indices(t, 1)[0], np.triu_indices(t, 1)[1]] = -np.inf
         window = self.attrs(task)["window"]
@@ -145,7 +167,8 @@ class AttentionDecodeOp(Operator):
                  "programmatic": "true: the kernel may start before the kernel ahead of it in a captured CUDA "
                                  "graph has ended, and lets the next one start early (programmatic dependent "
                                  "launch; CUDA, sm_90+)",
-                 "window": WINDOW_DOC + " (the query is at position L - 1: it reads cache rows L - window .. L - 1)"}
+                 "window": WINDOW_DOC + " (the query is at position L - 1: it reads cache rows L - window .. L - 1)",
+                 "softcap": SOFTCAP_DOC}
     example_shape = {"B": 1, "H": 32, "HKV": 8, "D": 128, "S": 4096, "L": 4096}
     description = "one query per sequence against a KV cache of runtime length L (split-KV)"
     LENGTHS = ("uniform", "per_sequence")
@@ -156,6 +179,7 @@ class AttentionDecodeOp(Operator):
         if task.dims["L"] > task.dims["S"]:
             raise ValueError(f"attention_decode: L = {task.dims['L']} exceeds the cache capacity S = {task.dims['S']}")
         check_window(self, task)
+        check_softcap(self, task)
         if self.attrs(task)["lengths"] not in self.LENGTHS:
             raise ValueError(f"attention_decode: lengths = {self.attrs(task)['lengths']!r}; use one of "
                              f"{', '.join(self.LENGTHS)}")
@@ -213,7 +237,7 @@ class AttentionDecodeOp(Operator):
             qg = q[rows].reshape(len(rows), hkv, h // hkv, dim)                      # b,HKV,G,D
             first = window_start(seq, self.attrs(task)["window"])
             keys, values = k[rows, :, first:seq], v[rows, :, first:seq]              # b,HKV,L,D
-            scores = np.matmul(qg, keys.transpose(0, 1, 3, 2)) * _scale(self, task)  # b,HKV,G,L
+            scores = capped(self, task, np.matmul(qg, keys.transpose(0, 1, 3, 2)) * _scale(self, task))  # b,HKV,G,L
             out[rows] = np.matmul(softmax_last(scores), values).reshape(len(rows), h, dim)
         return out
 

@@ -31,7 +31,8 @@ from runtime.rope_frequencies import frequencies_of_attrs
 
 from ..task import Task
 from ..template import ArgSpec, Operator, register_operator
-from .attention import WINDOW_DOC, AttentionDecodeOp, _check_heads, _scale, check_window, softmax_last, window_start
+from .attention import (SOFTCAP_DOC, WINDOW_DOC, AttentionDecodeOp, _check_heads, _scale, capped, check_softcap,
+                        check_window, softmax_last, window_start)
 from .common import FLOAT_DTYPES, ITEMSIZE, from_float, random_normal, to_float32, to_float64
 from .elementwise import RopeOp, check_rope, rotate_half
 
@@ -147,9 +148,10 @@ class RopeAppendAttentionOp(Operator):
     dims = ("B", "H", "HKV", "D", "S", "L")
     dynamic_dims = ("S", "L")
     dtypes = FLOAT_DTYPES
-    default_attrs = {"scale": 0.0, "window": 0, **RopeOp.default_attrs}
+    default_attrs = {"scale": 0.0, "window": 0, "softcap": 0.0, **RopeOp.default_attrs}
     attr_docs = {"scale": AttentionDecodeOp.attr_docs["scale"],
                  "window": WINDOW_DOC + " (the query is at its position P: it sees P - window + 1 .. P)",
+                 "softcap": SOFTCAP_DOC,
                  **RopeOp.attr_docs}
     example_shape = {"B": 1, "H": 32, "HKV": 8, "D": 128, "S": 4096, "L": 4096}
     description = ("rope of q and k, their cache append and decode attention in one kernel, from the fused Q/K/V "
@@ -160,6 +162,7 @@ class RopeAppendAttentionOp(Operator):
         check_rope(self.op, task)
         _check_heads(self, task)
         check_window(self, task)
+        check_softcap(self, task)
         d = task.dims
         if not 1 <= d["L"] <= d["S"]:
             raise ValueError(f"{self.op}: L = {d['L']} must be from 1 to the cache capacity S = {d['S']}")
@@ -214,7 +217,7 @@ class RopeAppendAttentionOp(Operator):
             keys = np.concatenate([k[b, :, :cached], new_k[b][:, None]], axis=1)[:, first:]      # HKV, n, D
             values = np.concatenate([v[b, :, :cached], new_v[b][:, None]], axis=1)[:, first:]
             q = rotated[b, :h].reshape(hkv, h // hkv, dim)                           # HKV, G, D
-            scores = np.matmul(q, keys.transpose(0, 2, 1)) * _scale(self, task)      # HKV, G, n
+            scores = capped(self, task, np.matmul(q, keys.transpose(0, 2, 1)) * _scale(self, task))  # HKV, G, n
             out[b] = np.matmul(softmax_last(scores), values).reshape(h, dim)
         return {"O": out, **_caches(task, new_k, new_v, positions)}
 

@@ -21,6 +21,8 @@ each block's pipeline drains at the switch from K to V. With 8 query heads per K
 With a sliding ``window`` the valid range is [max(0, L - window), L) (the query sits at position
 L - 1); the splits cut that range, so the work and the knobs follow the window, not L.
 
+A ``softcap`` caps each scaled score s as softcap * tanh(s / softcap) where it is stored.
+
 With one split a unit normalises its accumulators into O. With more, each unit leaves
 (max, sum, accumulator) in the workspace and a combine step merges the splits of every
 (batch, head). S (the cache capacity, the row stride of K and V) and L (valid rows) are
@@ -142,10 +144,11 @@ class AttentionDecodeCpu(AttentionDecodeOp, Template):
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
-        return _render(task, config.as_dict(), _scale(self, task), self.attrs(task)["window"])
+        return _render(task, config.as_dict(), _scale(self, task), self.attrs(task)["window"],
+                       float(self.attrs(task)["softcap"]))
 
 
-def _render(task: Task, c: dict, scale: float, window: int = 0) -> KernelSource:
+def _render(task: Task, c: dict, scale: float, window: int = 0, softcap: float = 0.0) -> KernelSource:
     d = task.dims
     B, H, HKV, D = d["B"], d["H"], d["HKV"], d["D"]
     lay = _Layout(d, c)
@@ -247,6 +250,9 @@ def _render(task: Task, c: dict, scale: float, window: int = 0) -> KernelSource:
                             dots.append(total)
                     sums, width = kb.reduce_add_many(dots)
                     sums = kb.fmul(sums, ir.Constant(sums.type, [scale] * width))
+                    if softcap:  # softcap * tanh(s / softcap)
+                        sums = kb.fmul(kb.tanh(kb.fmul(sums, ir.Constant(sums.type, [1.0 / softcap] * width))),
+                                       ir.Constant(sums.type, [softcap] * width))
                     for h in range(hr):
                         at = b.add(b.mul(b.add(h0, cg.i64(h)), cg.i64(Sp)), j0)
                         if kr == 1:

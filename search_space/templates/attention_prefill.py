@@ -28,6 +28,9 @@ last token are masked on both edges (a row may see no key of such a block: its e
 are taken against a running max of 0 rather than -inf, so they are 0, never NaN), the rest as
 without a window.
 
+A ``softcap`` caps each block's scaled scores in place (softcap * tanh(s / softcap)) before
+its softmax; the scale is then applied to the packed queries (``scale_at = q``).
+
 Any shape works: partial query tiles clamp the rows they read and write only valid rows,
 partial key blocks clamp the key rows of the last micro tile and use only valid scores, a
 D that is not a multiple of the vector width is read with masked loads. With T dynamic the
@@ -132,7 +135,7 @@ class AttentionPrefillCpu(AttentionPrefillOp, Template):
             Knob("nr", (1, 2, 3, 4)),
             Knob("unroll", (1, 2, 4)),
             # scale the packed queries once, or fold the scale into each exp's argument
-            Knob("scale_at", ("q", "exp") if _scale(self, task) > 0 else ("q",)),
+            Knob("scale_at", ("q", "exp") if _scale(self, task) > 0 and not self.attrs(task)["softcap"] else ("q",)),
             Knob("order", ("zigzag", "linear") if causal else ("linear",)),
             threads_knob(target),
         ]
@@ -203,7 +206,7 @@ class AttentionPrefillCpu(AttentionPrefillOp, Template):
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
         return _render(task, config.as_dict(), _scale(self, task), bool(self.attrs(task)["causal"]),
-                       self.attrs(task)["window"])
+                       self.attrs(task)["window"], float(self.attrs(task)["softcap"]))
 
 
 def outer_micro_kernel(module: ir.Module, name: str, mt: int, nt: int, lanes: int, last: int,
@@ -282,7 +285,7 @@ def transpose(kb: cg.KernelBuilder, rows: list) -> list:
     return m
 
 
-def _render(task: Task, c: dict, scale: float, causal: bool, window: int = 0) -> KernelSource:
+def _render(task: Task, c: dict, scale: float, causal: bool, window: int = 0, softcap: float = 0.0) -> KernelSource:
     d = task.dims
     B, H, HKV, D = d["B"], d["H"], d["HKV"], d["D"]
     lay = _Layout(d, c)
@@ -413,6 +416,13 @@ def _render(task: Task, c: dict, scale: float, causal: bool, window: int = 0) ->
                     score_panel(b.mul(sp, cg.i64(nr * lanes)), nr)
             for first_vector, nt, _ in edges:
                 score_panel(cg.i64(first_vector * lanes), nt)
+
+            if softcap:  # the scaled scores (scale_at = q) capped in place: softcap * tanh(s / softcap)
+                inverse, cap = kb.splat(cg.f32(1.0 / softcap), lanes), kb.splat(cg.f32(softcap), lanes)
+                with kb.loop(0, nk, 1, name="cap") as k:
+                    for v in range(row_vectors):
+                        at = b.add(b.mul(k, cg.i64(Rp)), cg.i64(v * lanes))
+                        kb.store_vec(kb.fmul(kb.tanh(kb.fmul(kb.load_vec(st, at, lanes), inverse)), cap), st, at)
 
             # online softmax over the block, one vector of query rows at a time
             rel = b.sub(k0, t0)  # key index relative to the tile's first token

@@ -200,6 +200,32 @@ def test_decode_with_a_sliding_window_reads_only_the_window(machinery, host, spl
             assert problem is None, (str(config), length, problem)
 
 
+@pytest.mark.parametrize("op, shape, attrs, runs", [
+    ("attention_prefill", {"B": 1, "T": 70, "H": 4, "HKV": 2, "D": 40}, {"softcap": 2.0}, [{"T": 70}, {"T": 9}]),
+    ("attention_prefill", {"B": 1, "T": 70, "H": 4, "HKV": 1, "D": 32}, {"softcap": 2.0, "window": 16},
+     [{"T": 70}]),
+    ("attention_prefill", {"B": 1, "T": 40, "H": 2, "HKV": 2, "D": 32}, {"softcap": 2.0, "causal": False},
+     [{"T": 40}]),
+    ("attention_decode", {"B": 2, "H": 8, "HKV": 2, "D": 64, "S": 200, "L": 200}, {"softcap": 2.0},
+     [{"L": 200}, {"L": 3}]),
+    ("attention_decode", {"B": 1, "H": 4, "HKV": 1, "D": 64, "S": 200, "L": 200}, {"softcap": 2.0, "window": 70},
+     [{"L": 200}]),
+], ids=["prefill", "prefill-window", "prefill-full", "decode", "decode-window"])
+def test_soft_capped_scores(machinery, host, op, shape, attrs, runs):
+    """Gemma 2's soft-capping: scores capped at 2 (inputs scaled by 4 so that most reach the
+    cap); the uncapped result is far from the capped reference, so the check can fail."""
+    template = get_template(op, "cpu")
+    task = Task.make(op, shape, attrs=attrs, dynamic=["T"] if op == "attention_prefill" else ["S", "L"])
+    uncapped = Task.make(op, shape, attrs={k: v for k, v in attrs.items() if k != "softcap"})
+    inputs = {k: v * np.float32(4.0) for k, v in template.make_inputs(uncapped, np.random.default_rng(0)).items()}
+    assert np.abs(template.reference(task, inputs)["O"] - template.reference(uncapped, inputs)["O"]).max() > 0.1
+    for config in configs(template, task, host, np.random.default_rng(1), n_random=2):
+        source, kernel = load_kernel(machinery, task, config, host)
+        for dims in runs:
+            problem = run_at(template, source, kernel, task, dims, scale=4.0)
+            assert problem is None, (str(config), dims, problem)
+
+
 def test_a_window_is_a_count_and_needs_causal_prefill():
     template = get_template("attention_prefill", "cpu")
     for attrs, message in (({"window": -1}, "window = -1 must be a number of positions"),

@@ -288,6 +288,15 @@ AWKWARD = [
      {"window": 33, "lengths": "per_sequence"}, ("S", "L")),
     ("rope_append_attention", {"B": 2, "H": 8, "HKV": 2, "D": 64, "S": 128, "L": 128}, "bfloat16", {"window": 1},
      ("S", "L")),
+    # soft-capped (Gemma 2's, compiled in), also with windows: simt, mma at D = 256 (Gemma 2 9B's
+    # heads), split decode of ragged lengths, the fused decode step's
+    ("attention_prefill", {"B": 1, "T": 77, "H": 2, "HKV": 1, "D": 80}, "float32", {"window": 33, "softcap": 50.0},
+     ("T",)),
+    ("attention_prefill", {"B": 1, "T": 300, "H": 16, "HKV": 8, "D": 256}, "bfloat16", {"softcap": 50.0}, ("T",)),
+    ("attention_decode", {"B": 3, "H": 6, "HKV": 1, "D": 80, "S": 65, "L": 64}, "float16",
+     {"window": 33, "lengths": "per_sequence", "softcap": 30.0}, ("S", "L")),
+    ("rope_append_attention", {"B": 2, "H": 16, "HKV": 8, "D": 256, "S": 128, "L": 128}, "bfloat16",
+     {"window": 64, "softcap": 50.0}, ("S", "L")),
 ]
 
 
@@ -342,6 +351,23 @@ def test_window_bounds_the_split_counts_and_the_prefill_tiles():
     assert moved[256] < moved[0] / 2 and moved[2048] == moved[0]
     with pytest.raises(ValueError, match="causal"):
         prefill.space(task_of("attention_prefill", shape, attrs={"window": 256, "causal": False}), SM90)
+
+
+@pytest.mark.parametrize("op", ["attention_prefill", "attention_decode", "rope_append_attention"])
+def test_soft_capping_is_compiled_in_and_absent_without_a_cap(op):
+    """softcap = 0 leaves no trace in the source (the kernels are those of before the attribute);
+    a cap compiles in as a constant, and every placeholder of the capped kernels is filled."""
+    template = get_template(op, "cuda")
+    shape = ({"B": 1, "T": 256, "H": 4, "HKV": 2, "D": 128} if op == "attention_prefill"
+             else {"B": 2, "H": 8, "HKV": 2, "D": 64, "S": 512, "L": 512})
+    for dtype in DTYPES:
+        plain, capped = (task_of(op, shape, dtype, dynamic=(), attrs={"softcap": cap}) for cap in (0.0, 30.0))
+        assert template.space(plain, SM90).knobs == template.space(capped, SM90).knobs
+        for config in valid_configs(op, plain, n=20):
+            a, b = template.render(plain, config, SM90), template.render(capped, config, SM90)
+            assert "SOFTCAP" not in a.code and "CAP_IN" not in a.code and "tanhf" not in a.code
+            assert "constexpr float SOFTCAP = 30.0f;" in b.code and "tanhf(" in b.code and "@" not in b.code
+            assert a.args == b.args and a.launch_dims == b.launch_dims
 
 
 def test_defaults_are_valid_at_many_shapes():

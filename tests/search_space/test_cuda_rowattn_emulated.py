@@ -16,6 +16,7 @@ import pytest
 import cudaemu
 from measure.verify import check_output
 from search_space import KernelSource, Target, Task, get_template
+from search_space.ops.common import from_float, to_float64
 
 SM90 = Target.from_name("sm_90a")
 pytestmark = pytest.mark.tools("emulator")
@@ -64,6 +65,15 @@ CASES = [
     ("attention_decode", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40},
      {"lengths": "per_sequence", "window": 37}, None, [{}, {"L": 2}], [{}, dict(splits=2, warps=2, unroll=1)]),
     ("attention_decode", {"B": 2, "H": 4, "HKV": 1, "D": 32, "S": 24, "L": 20}, {"window": 1}, (), [{}], [{}]),
+    # soft-capping (Gemma 2's): small caps, so that most scores are capped; L from 1 to past the
+    # tuned S, ragged lengths with a window, a cap with a scale, one split and many
+    ("attention_decode", {"B": 1, "H": 4, "HKV": 4, "D": 64, "S": 96, "L": 96}, {"softcap": 2.0}, None,
+     [{}, {"L": 1}, {"S": 130, "L": 129}], [{}, dict(splits=1, warps=2), dict(lanes=32, vec=1, unroll=4, splits=4)]),
+    ("attention_decode", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40},
+     {"lengths": "per_sequence", "window": 37, "softcap": 1.5}, None, [{}, {"L": 2}],
+     [{}, dict(splits=2, warps=2, unroll=1)]),
+    ("attention_decode", {"B": 2, "H": 6, "HKV": 1, "D": 80, "S": 40, "L": 33}, {"scale": 0.5, "softcap": 3.0}, (),
+     [{}], [{}]),
     # the captured step's: the same, launched programmatically (its wait and trigger are no-ops here)
     ("attention_decode", {"B": 2, "H": 4, "HKV": 2, "D": 32, "S": 24, "L": 20},
      {"lengths": "per_sequence", "programmatic": True}, None, [{}], [dict(splits=2, warps=2, unroll=1)]),
@@ -87,6 +97,12 @@ CASES = [
     ("rope_append_attention", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40}, {"theta": 500000.0, "window": 33},
      None, [{}, {"S": 9, "L": 5}], [{}, dict(splits=2, warps=2, unroll=2, lanes=2, vec=2), dict(splits=1, lanes=1)]),
     ("rope_append_attention", {"B": 2, "H": 4, "HKV": 2, "D": 32, "S": 24, "L": 20}, {"window": 1}, None, [{}], [{}]),
+    # soft-capped: the new row's score capped too (it opens row group 0's state); with a window
+    ("rope_append_attention", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40},
+     {"theta": 500000.0, "softcap": 2.0}, None, [{}, {"L": 1}],
+     [{}, dict(splits=4, warps=2, unroll=2, lanes=2, vec=2), dict(splits=1, lanes=1)]),
+    ("rope_append_attention", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40}, {"window": 9, "softcap": 1.0},
+     None, [{}], [{}, dict(splits=1, lanes=1)]),
     ("argmax", {"M": 3, "N": 1001}, {}, None, [{}], [{}, dict(threads=128)]),
     ("argmax", {"M": 2, "N": 4096}, {}, None, [{}], [{}, dict(vec=1, threads=256)]),
     ("attention_prefill", {"B": 1, "T": 64, "H": 2, "HKV": 1, "D": 64}, {}, None, [{"T": 1}, {"T": 100}],
@@ -112,6 +128,19 @@ CASES = [
     # a window as long as T, and longer: no key is masked by it
     ("attention_prefill", {"B": 1, "T": 40, "H": 2, "HKV": 1, "D": 32}, {"window": 40}, (), [{}], [{}]),
     ("attention_prefill", {"B": 1, "T": 40, "H": 2, "HKV": 1, "D": 32}, {"window": 64}, None, [{"T": 64}], [{}]),
+    # soft-capping before the mask: causal (runtime T past the tuned one), with a window (rows that
+    # meet wholly masked tiles first stay 0, not NaN), a window of one key, not causal with a scale
+    ("attention_prefill", {"B": 1, "T": 64, "H": 2, "HKV": 1, "D": 64}, {"softcap": 2.0}, None, [{"T": 1}, {"T": 100}],
+     [{}, dict(impl="mma", warps=2, block_k=32, stages=3, q_regs=0),
+      dict(impl="mma", warps=2, warp_rows=32, block_k=32, stages=2, q_regs=1),
+      dict(impl="simt", warp_rows=2, block_k=64, stages=1, q_regs=0)]),
+    ("attention_prefill", {"B": 2, "T": 70, "H": 4, "HKV": 2, "D": 32}, {"window": 16, "softcap": 1.5}, None, [{}],
+     [{}, dict(impl="mma", warps=2, warp_rows=32, block_k=32, stages=2, q_regs=0),
+      dict(impl="simt", warp_rows=4, block_k=32, stages=1, q_regs=0)]),
+    ("attention_prefill", {"B": 1, "T": 70, "H": 2, "HKV": 2, "D": 32}, {"window": 1, "softcap": 2.0}, (), [{}],
+     [dict(impl="mma", warps=2, block_k=32, stages=2, q_regs=1), dict(impl="simt", warp_rows=1, block_k=32, stages=1)]),
+    ("attention_prefill", {"B": 2, "T": 40, "H": 4, "HKV": 2, "D": 32}, {"causal": False, "scale": 0.5, "softcap": 3.0},
+     None, [{"T": 33}], [{}]),
 ]
 
 
@@ -301,8 +330,15 @@ WGMMA = dict(impl="wgmma", warps=4, warp_rows=16, q_regs=0)
      dict(WGMMA, block_k=64, stages=3, consumers=1, overlap=1)),
     ("bfloat16", {"B": 1, "T": 100, "H": 2, "HKV": 1, "D": 128}, (), {"window": 100},   # as long as T: no mask
      dict(WGMMA, block_k=128, stages=2, consumers=2)),
+    # soft-capped S in the softmax the warpgroup runs (while S and P V are in flight with overlap)
+    ("float16", {"B": 1, "T": 150, "H": 2, "HKV": 1, "D": 64}, ("T",), {"softcap": 2.0},
+     dict(WGMMA, block_k=64, stages=2, consumers=1)),
+    ("bfloat16", {"B": 2, "T": 200, "H": 4, "HKV": 1, "D": 128}, (), {"window": 16, "softcap": 1.5},
+     dict(WGMMA, block_k=64, stages=2, consumers=2, overlap=1)),
+    ("float16", {"B": 1, "T": 70, "H": 2, "HKV": 2, "D": 128}, (), {"causal": False, "softcap": 2.0},
+     dict(WGMMA, block_k=64, stages=3, consumers=2)),
 ], ids=["one-consumer", "two-batches", "not-causal", "overlap", "overlap-one-tile", "window", "window-overlap",
-        "window-of-one", "window-of-t"])
+        "window-of-one", "window-of-t", "softcap", "softcap-window-overlap", "softcap-not-causal"])
 def test_attention_prefill_wgmma_matches_the_reference(emulator, dtype, shape, dynamic, attrs, config):
     """The Hopper schedule: TMA boxes, the K/V ring, S on wgmma, P from registers into wgmma
     with V N-major; copies landing at once and only when a consumer waits."""
@@ -312,6 +348,37 @@ def test_attention_prefill_wgmma_matches_the_reference(emulator, dtype, shape, d
     assert space.accepts(config), space.violations(space.from_values(config))
     for deferred in (False, True):
         assert emulator.check(task, space.from_values(config), SM90, deferred=deferred) is None
+
+
+# Gemma 2's cap of 50 on queries 16 times make_inputs': scores reach about +-50, deep in tanh's bend
+@pytest.mark.parametrize("op, shape, dtype, attrs, config", [
+    ("attention_prefill", {"B": 1, "T": 70, "H": 2, "HKV": 1, "D": 64}, "float16", {},
+     dict(impl="mma", warps=2, block_k=32, stages=2, q_regs=0)),
+    ("attention_prefill", {"B": 1, "T": 70, "H": 2, "HKV": 1, "D": 64}, "float32", {"window": 33}, {}),
+    ("attention_prefill", {"B": 1, "T": 150, "H": 2, "HKV": 1, "D": 128}, "float16", {"window": 100},
+     dict(WGMMA, block_k=64, stages=2, consumers=2, overlap=1)),
+    ("attention_decode", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40}, "float16", {"lengths": "per_sequence"},
+     dict(splits=2, warps=2, unroll=1)),
+    ("rope_append_attention", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40}, "float32", {"window": 20},
+     dict(splits=2)),
+], ids=["prefill-mma", "prefill-simt-window", "prefill-wgmma-window", "decode", "rope-append-attention-window"])
+def test_a_gemma2_soft_cap_bends_large_scores(emulator, op, shape, dtype, attrs, config):
+    """The capped reference is many tolerances away from the uncapped one (a kernel that skipped
+    the cap, or capped unscaled or log2-domain scores, fails), and the kernel matches it."""
+    template = get_template(op, "cuda")
+    plain, capped = (Task.make(op, shape, dtype, attrs=dict(attrs, softcap=cap), dynamic=template.dynamic_dims)
+                     for cap in (0.0, 50.0))
+    inputs = template.make_inputs(capped, np.random.default_rng(6))
+    name, rows = ("QKV", shape["H"]) if op == "rope_append_attention" else ("Q", None)   # the query rows only
+    q = to_float64(inputs[name], dtype)
+    q[:, :rows] *= 16.0
+    inputs[name] = from_float(q.astype(np.float32), dtype)
+    reference, uncapped = template.reference(capped, inputs), template.reference(plain, inputs)["O"]
+    tolerance = template.tolerance(capped)
+    assert np.linalg.norm(uncapped - reference["O"]) > 5 * tolerance * np.linalg.norm(reference["O"])
+    out = _run(emulator, capped, config, inputs)
+    for name in reference:
+        assert not check_output(name, out[name], reference[name], tolerance, dtype), name
 
 
 @pytest.mark.parametrize("old, new", [

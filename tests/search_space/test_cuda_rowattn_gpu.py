@@ -213,6 +213,9 @@ def test_rope_append_attention_on_gpu(drv, builder, target):
     # a sliding window: the rows from P - 99 on (all of them at L = 1)
     cases.append(("rope_append_attention", {"B": 3, "H": 32, "HKV": 8, "D": 128, "S": 512, "L": 512}, {"window": 100},
                   ("S", "L"), [{"L": 1}, {"L": 300}], wanted))
+    # soft-capped (Gemma 2's): the new row's score too; with a window
+    cases.append(("rope_append_attention", {"B": 3, "H": 32, "HKV": 8, "D": 128, "S": 512, "L": 512},
+                  {"window": 100, "softcap": 2.0}, ("S", "L"), [{"L": 1}, {"L": 300}], wanted))
     check_cases(drv, builder, target, cases, n_sampled=1, repeat=2)
 
 
@@ -229,6 +232,11 @@ def test_attention_decode_on_gpu(drv, builder, target):
         # sliding window over ragged lengths: the splits cut each sequence's last 100 rows
         ("attention_decode", {"B": 3, "H": 8, "HKV": 2, "D": 128, "S": 512, "L": 512},
          {"window": 100, "lengths": "per_sequence"}, ("S", "L"), [{"L": 1}, {"L": 77}, {"L": 512}], wanted),
+        # soft-capping: a small cap over ragged lengths, Gemma 2's cap of 50 on scores scaled up to reach it
+        ("attention_decode", {"B": 3, "H": 8, "HKV": 2, "D": 128, "S": 512, "L": 512},
+         {"softcap": 2.0, "lengths": "per_sequence"}, ("S", "L"), [{"L": 1}, {"L": 512}], wanted),
+        ("attention_decode", {"B": 2, "H": 8, "HKV": 4, "D": 256, "S": 300, "L": 300}, {"scale": 1.0, "softcap": 50.0},
+         ("S", "L"), [{"L": 300}], wanted),
     ]
     check_cases(drv, builder, target, cases, n_sampled=1, repeat=2)
 
@@ -250,5 +258,14 @@ def test_attention_prefill_on_gpu(drv, builder, target):
         # sliding windows: key tiles skipped and masked below each row's window; one key a row
         ("attention_prefill", {"B": 2, "T": 128, "H": 4, "HKV": 2, "D": 64}, {"window": 33}, ("T",), runs, wanted),
         ("attention_prefill", {"B": 1, "T": 200, "H": 2, "HKV": 1, "D": 128}, {"window": 1}, (), [{}], wanted),
+        # soft-capping before the mask: causal, with a window, not causal; Gemma 2's cap of 50 on
+        # scores scaled up to reach it (D = 256: mma and simt)
+        ("attention_prefill", {"B": 2, "T": 128, "H": 4, "HKV": 2, "D": 64}, {"softcap": 2.0}, ("T",), runs, wanted),
+        ("attention_prefill", {"B": 1, "T": 200, "H": 2, "HKV": 1, "D": 128}, {"window": 33, "softcap": 1.5}, (), [{}],
+         wanted),
+        ("attention_prefill", {"B": 1, "T": 128, "H": 8, "HKV": 2, "D": 128}, {"causal": False, "softcap": 2.0}, ("T",),
+         runs, wanted),
+        ("attention_prefill", {"B": 1, "T": 150, "H": 4, "HKV": 2, "D": 256}, {"scale": 1.0, "softcap": 50.0}, (), [{}],
+         wanted),
     ]
     check_cases(drv, builder, target, cases, n_sampled=1)

@@ -75,28 +75,37 @@ def test_cuda_template_compiles_for_sm90a(template):
     assert not spilled, spilled
 
 
-# sliding-window attention (Mistral's, Gemma 3's) at each operator's example shape
-WINDOWS = {"attention_prefill": 128, "attention_decode": 1000, "rope_append_attention": 1000}
+# sliding-window attention (Mistral's, Gemma 3's) and soft-capped attention (Gemma 2's) at each
+# operator's example shape: the attributes, and what the source then holds
+ATTENTION_VARIANTS = {
+    "window": ({"attention_prefill": {"window": 128}, "attention_decode": {"window": 1000},
+                "rope_append_attention": {"window": 1000}}, ("constexpr long long WINDOW = {window};",)),
+    "softcap": ({op: {"softcap": 50.0} for op in ("attention_prefill", "attention_decode", "rope_append_attention")},
+                ("constexpr float SOFTCAP = 50.0f;", "tanhf(")),
+}
 
 
 @pytest.mark.tools("nvcc")
-def test_windowed_attention_compiles_for_sm90a():
-    """The windowed default config of every dtype of the three attention templates (and the
-    Hopper prefill's first seed), through the contract and nvcc, the defaults without spills."""
+@pytest.mark.parametrize("variant", sorted(ATTENTION_VARIANTS))
+def test_windowed_and_soft_capped_attention_compile_for_sm90a(variant):
+    """The windowed (soft-capped) default config of every dtype of the three attention templates
+    (and the Hopper prefill's first seed), through the contract and nvcc, the defaults without spills."""
+    attrs_of, marks = ATTENTION_VARIANTS[variant]
     inputs = []
-    for op, window in WINDOWS.items():
+    for op, attrs in attrs_of.items():
         template = get_template(op, "cuda")
         for dtype in template.dtypes:
-            task = Task.make(op, template.example_shape, dtype, attrs={"window": window}, dynamic=template.dynamic_dims)
+            task = Task.make(op, template.example_shape, dtype, attrs=attrs, dynamic=template.dynamic_dims)
             default = template.default(task, SM90)
             assert template.space(task, SM90).is_valid(default)
             features = template.features(task, default, SM90)
             assert set(features) <= set(ANALYTIC_FEATURES) and all(math.isfinite(float(v)) for v in features.values())
-            assert f"constexpr long long WINDOW = {window};" in template.render(task, default, SM90).code
+            code = template.render(task, default, SM90).code
+            assert all(mark.format(**attrs) in code for mark in marks)
             inputs.append(MeasureInput(task, default, SM90))
     defaults = len(inputs)
     prefill = get_template("attention_prefill", "cuda")
-    task = Task.make("attention_prefill", prefill.example_shape, "bfloat16", attrs={"window": 128},
+    task = Task.make("attention_prefill", prefill.example_shape, "bfloat16", attrs=attrs_of["attention_prefill"],
                      dynamic=prefill.dynamic_dims)
     seed = prefill.seed_configs(task, SM90)[0]
     assert seed["impl"] == "wgmma"

@@ -15,12 +15,14 @@ it must be zero-filled once when allocated. Scores are in the log2 domain (q pre
 by scale * log2(e)); arithmetic is float32. S (row stride of the cache) and L are
 runtime arguments; any 0 <= L <= S works (L = 0 writes zeros). A sliding ``window`` (compiled
 in) moves the split range to the rows the query at L - 1 sees, [max(0, L - window), L): the
-splits cut that, so the work shrinks with the window. With ``lengths=per_sequence``
-each sequence's length is read from ``LENS[b]`` in device memory instead, so a launch
-recorded in a CUDA graph stays right as the cache grows. With ``programmatic`` (the captured
-decode step's) it lets the next kernel launch and waits for the one before it, first thing
-(``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``): the output projection after it can then stream
-its weights while attention runs.
+splits cut that, so the work shrinks with the window. A ``softcap`` (compiled in; 0 adds nothing
+to the source) pre-scales q by scale / softcap instead and makes each row's q . k the capped
+score tanh(q . k) * softcap * log2(e) (tanhf, float32) before the softmax. With
+``lengths=per_sequence`` each sequence's length is read from ``LENS[b]`` in device memory
+instead, so a launch recorded in a CUDA graph stays right as the cache grows. With
+``programmatic`` (the captured decode step's) it lets the next kernel launch and waits for the
+one before it, first thing (``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``): the output
+projection after it can then stream its weights while attention runs.
 
 ``rope_append_attention`` (the captured decode step's attention) is the same kernel, started
 from the Q/K/V projection's rows: every block rotates its q heads itself (``rope_append``'s
@@ -35,6 +37,7 @@ restrict-qualified pointers never touch the same element.
 from __future__ import annotations
 
 import math
+import re
 
 from ...codegen.cuda import PREAMBLE, VECTOR_HELPERS, c_type, dim_scalars, kernel_params, registers_ok, static_dims
 from ...codegen.cuda_ptx import grid_dependency_code, programmatic_launch
@@ -165,7 +168,17 @@ class SplitKvDecode:
         d = task.dims
         args = (self.signature(task) + (ArgSpec("WS", "workspace", "float32", (), nbytes=workspace_bytes(task, c["splits"])),)
                 + dim_scalars(task))
-        qscale = _scale(self, task) * LOG2E
+        cap = float(self.attrs(task)["softcap"])
+        if cap:  # q . k is s / softcap: soft_cap takes it to the capped score in the log2 domain
+            scaling = (f"constexpr float QSCALE = {_scale(self, task) / cap!r}f;   // q . k = s / SOFTCAP\n"
+                       f"constexpr float SOFTCAP = {cap!r}f;   // soft-capping: a scaled score s becomes "
+                       "SOFTCAP * tanh(s / SOFTCAP)\n"
+                       f"constexpr float SOFTCAP_LOG2 = {cap * LOG2E!r}f;\n"
+                       "__device__ __forceinline__ float soft_cap(float x) { return tanhf(x) * SOFTCAP_LOG2; }\n")
+        else:
+            scaling = f"constexpr float QSCALE = {_scale(self, task) * LOG2E!r}f;\n"
+        # each row's score (the dot product, summed over its lanes) capped, or left as it is
+        kernel = re.sub(r"@CAP_PART@( *)", r"\1part = soft_cap(part);\n\1" if cap else r"\1", kernel)
         # a step of a captured graph: the next kernel may launch at once, this one waits for Q and the cache
         helpers, start, wait = grid_dependency_code(programmatic)
         kernel = kernel.replace("(@PARAMS@) {\n", "(@PARAMS@) {" + (start + wait or "\n"))
@@ -181,8 +194,8 @@ class SplitKvDecode:
             f"constexpr int WARPS = {c['warps']};\nconstexpr int THREADS = WARPS * 32;\n"
             "constexpr int STREAMS = WARPS * RPW;  // row groups of the block\n"
             f"constexpr int UNROLL = {c['unroll']};\nconstexpr int SPLITS = {c['splits']};\n"
-            f"constexpr float QSCALE = {qscale!r}f;\n"
-            f"constexpr long long WINDOW = {self.attrs(task)['window']};   // 0: no sliding window\n"
+            + scaling
+            + f"constexpr long long WINDOW = {self.attrs(task)['window']};   // 0: no sliding window\n"
             + static_dims(task, ("S", "L")) + constants
             + f"#define KV_LEN {length}\n"
             + kernel)
@@ -283,7 +296,7 @@ _NEW_ROW = r"""  // The block whose range holds the new row starts from it, in r
         for (int e = 0; e < VEC; ++e) part = fmaf(q[g][c][e], kn[c][e], part);
 #pragma unroll
       for (int off = LPR / 2; off > 0; off >>= 1) part += __shfl_xor_sync(FULL, part, off);
-      if (rg == 0) {   // the state's first row: weight exp2(s - s) = 1
+@CAP_PART@      if (rg == 0) {   // the state's first row: weight exp2(s - s) = 1
         m[g] = part;
         l[g] = 1.0f;
 #pragma unroll
@@ -359,7 +372,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) @ENTRY@(@PARAMS@) {
           for (int e = 0; e < VEC; ++e) part = fmaf(q[g][c][e], to_f32(kr[u][c].e[e]), part);
 #pragma unroll
         for (int off = LPR / 2; off > 0; off >>= 1) part += __shfl_xor_sync(FULL, part, off);
-        s[u][g] = valid ? part : -INFINITY;
+@CAP_PART@        s[u][g] = valid ? part : -INFINITY;
       }
     }
 #pragma unroll

@@ -26,6 +26,9 @@ that straddle its lower edge. T may be a runtime argument. Two implementations (
   warpgroup and ``consumers`` warpgroups of 64 query rows on wgmma (``attention_prefill_wgmma``).
 
 Scores are kept in the log2 domain: exp2(s * scale * log2(e) - max * scale * log2(e)).
+With ``softcap`` (compiled in; 0 adds nothing to the source) each score becomes
+softcap * tanh(scale * q.k / softcap) (tanhf, float32) before the mask, and the log2 domain
+is that capped score times log2(e).
 """
 from __future__ import annotations
 
@@ -185,12 +188,13 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
             f"constexpr int BQ = {bq};\nconstexpr int BK = {c['block_k']};\n"
             f"constexpr bool CAUSAL = {'true' if self.attrs(task)['causal'] else 'false'};\n"
             f"constexpr long long WINDOW = {self.attrs(task)['window']};   // 0: no sliding window\n"
-            f"constexpr float SCALE_LOG2 = {_scale(self, task) * LOG2E!r}f;\n"
+            + _scaling(_scale(self, task), float(self.attrs(task)["softcap"]))
             + static_dims(task, ("T",)))
+        capped = bool(self.attrs(task)["softcap"])
         if c["impl"] == "wgmma":
             args = hopper.tensor_maps(task, c) + args  # descriptors first (see runtime.abi)
             code = hopper.kernel(task, c, common, kernel_params(self.signature(task) + dim_scalars(task)),
-                                 _BLOCK_COORDS)
+                                 _BLOCK_COORDS, capped)
             entry = "attention_prefill_wgmma"
         elif c["impl"] == "mma":
             mma_type = "f16" if task.dtype == "float16" else "bf16"
@@ -198,15 +202,45 @@ class AttentionPrefillCuda(AttentionPrefillOp, Template):
             code = (common + f"constexpr int STAGES = {c['stages']};\nconstexpr bool Q_REGS = {'true' if c['q_regs'] else 'false'};\n"
                     f"constexpr int MT = {c['warp_rows'] // 16};   // m-tiles of 16 rows per warp\n"
                     + _MMA_KERNEL.replace("@MMA_TYPE@", mma_type).replace("@PACK@", pack)
-                    .replace("@PARAMS@", kernel_params(args)))
+                    .replace("@PARAMS@", kernel_params(args)).replace("@CAP@\n", _MMA_CAP if capped else ""))
             entry = "attention_prefill_mma"
         else:
             code = (common + f"constexpr int R = {c['warp_rows']};\n"
-                    + _SIMT_KERNEL.replace("@PARAMS@", kernel_params(args)))
+                    + _SIMT_KERNEL.replace("@PARAMS@", kernel_params(args))
+                    .replace("@Q_SCALE@", "CAP_IN" if capped else "SCALE_LOG2")
+                    .replace("@CAP@", _SIMT_CAP if capped else ""))
             entry = "attention_prefill_simt"
         grid_x = f"(T + {bq - 1}) // {bq}" if "T" in task.dynamic else -(-d["T"] // bq)
         launch = (("block", (_threads(c), 1, 1)), ("grid", (grid_x, d["H"], d["B"])), ("smem", _smem(task, c)))
         return KernelSource("cuda", code, entry, tuple(args), launch)
+
+
+def _scaling(scale: float, softcap: float) -> str:
+    """The constants that take q . k to the log2 domain: SCALE_LOG2 = scale * log2(e), or with a
+    soft cap CAP_IN (q . k to s / softcap, whose tanh the kernels take) and SCALE_LOG2 = softcap *
+    log2(e) (that tanh to the capped score in the log2 domain)."""
+    if not softcap:
+        return f"constexpr float SCALE_LOG2 = {scale * LOG2E!r}f;\n"
+    return (f"constexpr float SOFTCAP = {softcap!r}f;   // soft-capping: a scaled score s becomes "
+            "SOFTCAP * tanh(s / SOFTCAP)\n"
+            f"constexpr float CAP_IN = {scale / softcap!r}f;   // q . k -> s / SOFTCAP\n"
+            f"constexpr float SCALE_LOG2 = {softcap * LOG2E!r}f;   "
+            "// tanh(s / SOFTCAP) -> the capped score in the log2 domain\n")
+
+
+# With a soft cap, the scores of the mma kernel (q . k) become tanh(s / SOFTCAP) before the mask
+# (masked keys then get -inf as before); SCALE_LOG2 takes them on as usual.
+_MMA_CAP = r"""    // soft-capping: tanh(s / SOFTCAP), in float32 (SCALE_LOG2 makes it SOFTCAP * tanh(.) * log2(e))
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[mt][nt][i] = tanhf(s[mt][nt][i] * CAP_IN);
+"""
+# The simt kernel's q is pre-scaled by CAP_IN instead: its scores are s / SOFTCAP, capped in
+# the log2 domain before the mask.
+_SIMT_CAP = "s[r][kp] = tanhf(s[r][kp]) * SCALE_LOG2;   // soft-capped, log2 domain\n        "
 
 
 # Where a block's work lies, the same in both kernels (written into each at @BLOCK_COORDS@
@@ -390,6 +424,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_prefill_mma(@PAR
       }
     }
 
+@CAP@
     // mask keys past T, above the diagonal and below the window, only in tiles that reach them
     // (a row may meet a tile wholly below its window first: the softmax's -inf guard keeps it 0)
     const long long k0 = kbase + (long long)j * BK;
@@ -517,7 +552,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_prefill_simt(@PA
 
   for (int i = threadIdx.x; i < BQ * D; i += THREADS) {
     const long long t = q0 + i / D;
-    Qs[i] = t < T ? to_f32(Qb[t * q_stride + i % D]) * SCALE_LOG2 : 0.0f;
+    Qs[i] = t < T ? to_f32(Qb[t * q_stride + i % D]) * @Q_SCALE@ : 0.0f;
   }
   float acc[R][DPL], m[R], l[R];
 #pragma unroll
@@ -566,7 +601,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_prefill_simt(@PA
 #pragma unroll
       for (int kp = 0; kp < KPL; ++kp) {
         const long long key = k0 + lane + 32 * kp;
-        if (key >= T || (CAUSAL && key > qrow) || (WINDOW > 0 && key + WINDOW <= qrow)) s[r][kp] = -INFINITY;
+        @CAP@if (key >= T || (CAUSAL && key > qrow) || (WINDOW > 0 && key + WINDOW <= qrow)) s[r][kp] = -INFINITY;
         mx = fmaxf(mx, s[r][kp]);
       }
       const float mn = fmaxf(m[r], warp_max(mx));

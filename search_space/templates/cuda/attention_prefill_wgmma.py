@@ -19,6 +19,9 @@ warpgroup runs the softmax (FlashAttention-3's intra-warpgroup pipelining).
 
 A sliding ``window`` moves the first K/V tile the producer copies (``kbase``, as in the other
 impls) and adds the window's lower edge to the mask of the tiles that straddle it.
+A ``softcap`` turns each tile's S into tanh(s / softcap) in registers before the mask
+(``CAP_IN`` and ``SCALE_LOG2`` from the other impls' constants), in the softmax the warpgroup
+runs while the tensor cores work.
 
 Only where TMA can describe the arrays: 16-bit dtypes, D a multiple of 64 up to 128, and
 one batch when T is a runtime argument (the descriptors are encoded with the T the arrays
@@ -75,15 +78,23 @@ def tensor_maps(task: Task, c: dict) -> tuple[ArgSpec, ...]:
             ArgSpec("V_map", "tensor_map", dt, (1, c["block_k"], 1, 64), of="V", swizzle=128))
 
 
-def kernel(task: Task, c: dict, common: str, params: str, block_coords: str) -> str:
-    """The kernel source; ``common`` defines E, B, H, HKV, G, D, BQ, BK, CAUSAL, WINDOW, SCALE_LOG2 and T."""
+def kernel(task: Task, c: dict, common: str, params: str, block_coords: str, capped: bool = False) -> str:
+    """The kernel source; ``common`` defines E, B, H, HKV, G, D, BQ, BK, CAUSAL, WINDOW, SCALE_LOG2 and T
+    (and CAP_IN where ``capped``: the scores are soft-capped)."""
     pack = "__floats2half2_rn" if task.dtype == "float16" else "__floats2bfloat162_rn"
     dec, inc = setmaxnreg_calls(c["consumers"])
     return (common + PTX_HELPERS + WGMMA_HELPERS + WGMMA_RS_HELPERS + TMA_HELPERS
             + f"constexpr int CONSUMERS = {c['consumers']};\nconstexpr int STAGES = {c['stages']};\n"
             + _KERNEL.replace("@PARAMS@", params).replace("@BLOCK_COORDS@", block_coords)
             .replace("@PACK@", pack).replace("@LOOP@", _OVERLAPPED if c["overlap"] else _SERIAL)
-            .replace("@DEC@", dec).replace("@INC@", inc))
+            .replace("@DEC@", dec).replace("@INC@", inc).replace("@CAP@", _CAP if capped else ""))
+
+
+# soft-capping: S (q . k) becomes tanh(s / SOFTCAP), float32, before the mask; SCALE_LOG2 (SOFTCAP * log2(e))
+# takes it on to the capped score in the log2 domain
+_CAP = r"""#pragma unroll
+  for (int i = 0; i < BK / 2; ++i) sc[i] = tanhf(sc[i] * CAP_IN);   // soft-capped
+"""
 
 
 _KERNEL = r"""
@@ -130,7 +141,7 @@ __device__ __forceinline__ void issue_pv(float* o, unsigned* p, const E* v) {
 // shares each row.
 __device__ __forceinline__ void softmax_tile(float* sc, float* m_r, float* l_r, float* corr, long long k0,
                                              long long qrow0, long long T, int gid, int tig) {
-  if (k0 + BK > T || (CAUSAL && k0 + BK - 1 > qrow0) || (WINDOW > 0 && k0 + WINDOW <= qrow0 + 15)) {
+@CAP@  if (k0 + BK > T || (CAUSAL && k0 + BK - 1 > qrow0) || (WINDOW > 0 && k0 + WINDOW <= qrow0 + 15)) {
 #pragma unroll
     for (int n = 0; n < BK / 8; ++n)
 #pragma unroll
