@@ -336,7 +336,13 @@ class LlamaModel:
     def logits_of(self, buffer) -> np.ndarray:
         """Logits on the host, as float32 (a CPU model's buffer itself: no copy per step)."""
         host = self.arrays.get(buffer)
-        return host if self.activations == "float32" else to_float32(host, self.activations)
+        return self.capped(host if self.activations == "float32" else to_float32(host, self.activations))
+
+    def capped(self, logits: np.ndarray) -> np.ndarray:
+        """Gemma 2's logits, final_softcap * tanh(logits / final_softcap), on the host (monotonic:
+        the greedy pick, on the device too, is the uncapped one's); others as they are."""
+        cap = self.config.final_softcap
+        return np.float32(cap) * np.tanh(logits / np.float32(cap)) if cap else logits
 
     def _is_q4(self, name: str) -> bool:
         if isinstance(self.w, DeviceWeights):  # named as the decoder runs them
@@ -847,7 +853,7 @@ class _ResidentStep:
         else:
             graph.launch()
         self.stream.synchronize()
-        logits = to_float32(np.asarray(self.host_logits), self.model.dtype) if keep_logits else None
+        logits = self.model.capped(to_float32(np.asarray(self.host_logits), self.model.dtype)) if keep_logits else None
         return np.array(self.host_ids, dtype=np.int64), logits
 
     def close(self) -> None:

@@ -18,9 +18,11 @@ Granite is Llama with four scalars: the embeddings times ``embedding_multiplier`
 sublayer's output times ``residual_multiplier`` before its residual add, ``attention_multiplier``
 as the softmax scale and the logits over ``logits_scaling``. Gemma is Llama with its embeddings
 times sqrt(hidden_size), every RMSNorm scaling by 1 + its weight and GeGLU (the tanh form of
-GeLU) as the MLP's gate; Gemma 3 (text) adds Qwen3's norms of the query and key heads, a norm
-of each sublayer's output before its residual add, ``query_pre_attn_scalar`` as the softmax
-scale and, in its sliding-window layers, a rotary embedding of its own base. The lists below
+GeLU) as the MLP's gate; Gemma 2 adds a norm of each sublayer's output before its residual add,
+``query_pre_attn_scalar`` as the softmax scale, a sliding window in every second layer and the
+soft-capping of attention scores and logits; Gemma 3 (text) has Qwen3's norms of the query and
+key heads instead of the caps and, in its sliding-window layers, a rotary embedding of its own
+base. The lists below
 say what is accepted and why.
 """
 from __future__ import annotations
@@ -47,20 +49,20 @@ from .rope_frequencies import ROPE_TYPES, rope_attrs, rope_problem
 # (Gemma 3's window applies in its sliding layers only).
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
-            "gemma": "GemmaForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
+            "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+            "smollm3": "SmolLM3ForCausalLM"}
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES.values())
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Why some popular look-alikes are refused, said in the error line.
-_GEMMA2_WHY = "it soft-caps its attention scores"
 _GEMMA3_WHY = ("the multimodal Gemma 3: its language model's config is the text_config inside, its weights under "
                "language_model; the text-only Gemma3ForCausalLM (model_type gemma3_text) is supported")
-_WHY_NOT = {"Gemma2ForCausalLM": _GEMMA2_WHY, "gemma2": _GEMMA2_WHY,
-            "Gemma3ForConditionalGeneration": _GEMMA3_WHY, "gemma3": _GEMMA3_WHY,
+_WHY_NOT = {"Gemma3ForConditionalGeneration": _GEMMA3_WHY, "gemma3": _GEMMA3_WHY,
             "MixtralForCausalLM": "its MLP is a mixture of experts", "mixtral": "its MLP is a mixture of experts"}
 # silu and swish are the same function (x * sigmoid(x)), the gate of SwiGLU.
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
 # Gemma's gate: GeLU's tanh form (transformers reads Gemma's legacy "gelu" as it, with a warning)
-GEMMA_ACTIVATIONS = {"gemma": ("gelu_pytorch_tanh", "gelu"), "gemma3_text": ("gelu_pytorch_tanh",)}
+GEMMA_ACTIVATIONS = {"gemma": ("gelu_pytorch_tanh", "gelu"), "gemma2": ("gelu_pytorch_tanh",),
+                     "gemma3_text": ("gelu_pytorch_tanh",)}
 # ModelConfig.activation: the gate's function, by the kernel that applies it (runtime.plan)
 ACTIVATIONS = ("silu", "gelu_tanh")
 # Rotary embedding variants implemented (``runtime.rope_frequencies``); dynamic, yarn,
@@ -96,9 +98,12 @@ _QWEN_FIELDS = ("use_sliding_window", "max_window_layers", "use_mrope")
 _GEMMA_FIELDS = ("hidden_activation", "query_pre_attn_scalar", "rope_local_base_freq", "sliding_window_pattern",
                  "_sliding_window_pattern", "final_logit_softcapping", "attn_logit_softcapping",
                  "use_bidirectional_attention")
-_GEMMA_FAMILIES = ("gemma", "gemma3_text")
-# the fields of Gemma 3 alone (Gemma's config class has use_bidirectional_attention too)
-_GEMMA3_ONLY = tuple(f for f in _GEMMA_FIELDS if f not in ("use_bidirectional_attention",))
+_GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3_text")
+# the Gemma fields each family's config class has
+_GEMMA_OWN = {"gemma": ("hidden_activation", "use_bidirectional_attention"),
+              "gemma2": ("hidden_activation", "use_bidirectional_attention", "query_pre_attn_scalar",
+                         "final_logit_softcapping", "attn_logit_softcapping"),
+              "gemma3_text": _GEMMA_FIELDS}
 _QWEN_FAMILIES = ("qwen2", "qwen3")
 # the families whose sliding window use_sliding_window switches (off: ignored), as Qwen2's
 _WINDOW_SWITCHED = (*_QWEN_FAMILIES, "smollm3")
@@ -175,6 +180,10 @@ class ModelConfig:
     local_rope_theta: float | None = None
     # SmolLM3: the layers that apply no rotary embedding (NoPE): attention reads q and k as projected
     nope_layers: tuple[int, ...] = ()
+    # Gemma 2: each scaled attention score s becomes attn_softcap * tanh(s / attn_softcap), and the
+    # logits final_softcap * tanh(logits / final_softcap); None: not capped
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -191,7 +200,8 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"model {self.name}: head_dim = {self.head_dim} must be even (rotary embedding)")
         for field in ("rms_norm_eps", "rope_theta", "embedding_multiplier", "residual_multiplier", "logits_scaling",
-                      *(("attention_multiplier",) if self.attention_multiplier is not None else ())):
+                      *(f for f in ("attention_multiplier", "attn_softcap", "final_softcap")
+                        if getattr(self, f) is not None)):
             value = getattr(self, field)
             # an infinite eps zeroes every norm's output; a string or a bool is no number
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -296,8 +306,10 @@ class ModelConfig:
         data.pop("name")
         for field in ("rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
                       *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "local_layers", "local_rope_theta",
-                      "nope_layers"):
+                      "nope_layers", "attn_softcap", "final_softcap"):
             data.pop(field)
+        if (self.attn_softcap or self.final_softcap) and not self.offset_norms:
+            raise ValueError(f"model {self.name}: soft-capping outside a Gemma has no config.json this runtime reads")
         if self.nope_layers and (self.offset_norms or self.activation != "silu" or self.post_norms or self.local_layers
                                  or self.qk_norm or self.scaled or self.attention_multiplier is not None
                                  or self.sliding_window is not None or self.qkv_bias != self.o_bias):
@@ -348,31 +360,33 @@ class ModelConfig:
         return data
 
     def _gemma_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
-        """``to_hf_dict`` of a Gemma (GeGLU, norms by 1 + weight, embeddings times sqrt(hidden))
-        or, with the sublayers' output norms, a Gemma 3; refused for a mix no family computes."""
-        gemma3 = self.post_norms
+        """``to_hf_dict`` of a Gemma (GeGLU, norms by 1 + weight, embeddings times sqrt(hidden)),
+        with the sublayers' output norms a Gemma 2, and with the head norms too a Gemma 3; refused
+        for a mix no family computes."""
+        family = ("gemma" if not self.post_norms else "gemma3_text" if self.qk_norm else "gemma2")
         common = (self.activation == "gelu_tanh" and self.offset_norms and not self.mlp_bias
                   and self.qkv_bias == self.o_bias and self.embedding_multiplier == self.hidden_size ** 0.5
                   and (self.residual_multiplier, self.logits_scaling) == (1.0, 1.0))
-        own = (self.qk_norm if gemma3 else not (self.qk_norm or self.local_layers or self.sliding_window is not None
-                                                 or self.attention_multiplier is not None))
+        own = {"gemma": not (self.qk_norm or self.local_layers or self.sliding_window is not None
+                             or self.attention_multiplier is not None or self.attn_softcap or self.final_softcap),
+               "gemma2": not self.split_rope, "gemma3_text": True}[family]
         if not (common and own):
             raise ValueError(f"model {self.name}: GeGLU, norms by 1 + weight, output norms or local rope layers in a "
-                             "mix that is neither Gemma's nor Gemma 3's have no config.json this runtime reads")
-        family = "gemma3_text" if gemma3 else "gemma"
+                             "mix that is no Gemma's have no config.json this runtime reads")
         data.update(model_type=family, architectures=[FAMILIES[family]], hidden_act="gelu_pytorch_tanh",
                     attention_bias=self.qkv_bias)
-        if gemma3:
+        if family != "gemma":
+            data.update(attn_logit_softcapping=self.attn_softcap, final_logit_softcapping=self.final_softcap,
+                        layer_types=["sliding_attention" if i in self.local_layers else "full_attention"
+                                     for i in range(self.num_hidden_layers)],
+                        sliding_window=self.sliding_window, hidden_activation="gelu_pytorch_tanh")
             scalar = self.attention_scale ** -2  # query_pre_attn_scalar, an integer in every release
+            data["query_pre_attn_scalar"] = round(scalar) if abs(scalar - round(scalar)) < 1e-9 else scalar
+        if family == "gemma3_text":
             full = {"rope_type": self.rope_type, **self.rope_scaling, "rope_theta": data.pop("rope_theta")}
             local = {"rope_type": "default", "rope_theta": self.local_rope_theta or 10000.0}
             data.pop("rope_scaling", None)
-            data.update(hidden_activation="gelu_pytorch_tanh",
-                        query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-9 else scalar,
-                        rope_parameters={"full_attention": full, "sliding_attention": local},
-                        layer_types=["sliding_attention" if i in self.local_layers else "full_attention"
-                                     for i in range(self.num_hidden_layers)],
-                        sliding_window=self.sliding_window)  # null written: absent reads as 4096
+            data.update(rope_parameters={"full_attention": full, "sliding_attention": local})
         return data
 
     @classmethod
@@ -403,11 +417,13 @@ class ModelConfig:
         scalars = {**_granite_scalars(data, family, where), **_gemma_fields(data, family, where)}
         if family == "gemma3_text":
             data, scalars["local_rope_theta"] = _gemma3_ropes(data, where)
-            if not scalars["local_layers"]:  # no sliding layer: nothing rotates with the local base
-                scalars["local_rope_theta"] = None
+        if family == "gemma2":  # its sliding layers rotate as the others
+            scalars["local_rope_theta"] = _rope_theta(data, where)
+        if family in ("gemma2", "gemma3_text") and not scalars["local_layers"]:  # no sliding layer
+            scalars["local_rope_theta"] = None
         # Qwen's: see _check_qwen_fields; an absent one is what the family's config class defaults it to
         window = None if family in _WINDOW_SWITCHED else data.get("sliding_window", _ABSENT_WINDOW.get(family))
-        if family == "gemma3_text" and not scalars["local_layers"]:  # only its sliding layers have the window
+        if family in ("gemma2", "gemma3_text") and not scalars["local_layers"]:  # only its sliding layers have it
             window = None
         heads = data["num_attention_heads"]
         # null or absent means the default, as in transformers; any other value (0 too) is
@@ -417,6 +433,8 @@ class ModelConfig:
             counts = _positive_int(data["hidden_size"]) and _positive_int(heads)
             head_dim = data["hidden_size"] // heads if counts else 0
         rope_type, scaling = _rope_scaling(data, where)
+        if family == "gemma2" and rope_type != "default":  # its sliding layers would need the same scaling
+            raise ValueError(f"{where}: rope scaling {rope_type!r} in Gemma 2 is not implemented; supported: default")
         return cls(name=name, hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
                    num_attention_heads=heads,
                    num_key_value_heads=_or(data.get("num_key_value_heads", _ABSENT_KV_HEADS.get(family)), heads),
@@ -438,16 +456,16 @@ class ModelConfig:
 
 # An absent num_key_value_heads is what the family's config class defaults it to in
 # transformers 4.x and 5.x (Llama's: one per query head); null, as 4.x reads it, is one per query head.
-_ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma3_text": 4, "smollm3": 4}
+_ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4, "gemma3_text": 4, "smollm3": 4}
 # Likewise an absent sliding_window (MistralConfig's is 4096; null: none) and an absent
 # max_position_embeddings (kept, and written back by to_hf_dict; nothing computes with it)
-_ABSENT_WINDOW = {"mistral": 4096, "gemma3_text": 4096}
+_ABSENT_WINDOW = {"mistral": 4096, "gemma2": 4096, "gemma3_text": 4096}
 _ABSENT_EPS = {"phi3": 1e-5}  # Phi3Config's; every other family's config class has 1e-6
 _ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096, "granite": 2048,
-                     "gemma": 8192, "gemma3_text": 131072, "smollm3": 32768}
+                     "gemma": 8192, "gemma2": 8192, "gemma3_text": 131072, "smollm3": 32768}
 _ABSENT_THETA = {"smollm3": 2000000.0}  # SmolLM3Config's base; 10000 elsewhere (Gemma 3: _gemma3_ropes)
 # Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is, Gemma's 256
-_ABSENT_HEAD_DIM = {"qwen3": 128, "gemma": 256, "gemma3_text": 256}
+_ABSENT_HEAD_DIM = {"qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3_text": 256}
 
 
 def _positive_int(value: Any) -> bool:
@@ -538,8 +556,9 @@ def _check_qwen_fields(data: Mapping[str, Any], family: str, where: str) -> None
     embedding; true, Qwen2-VL's multimodal rotary embedding, is refused. Other families have none
     of these fields."""
     if family not in _WINDOW_SWITCHED:
-        # layer_types: Gemma 3's are read by _gemma_fields
-        present = [f for f in (*_QWEN_FIELDS, *(("layer_types",) if family != "gemma3_text" else ())) if f in data]
+        # layer_types: Gemma 2's and 3's are read by _gemma_fields
+        present = [f for f in (*_QWEN_FIELDS, *(("layer_types",) if family not in ("gemma2", "gemma3_text") else ()))
+                   if f in data]
         if present:
             raise ValueError(f"{where}: {present[0]} = {_show(data[present[0]])} is a Qwen field, not implemented "
                              f"for model_type {family!r}")
@@ -578,11 +597,10 @@ def _gemma_fields(data: Mapping[str, Any], family: str, where: str) -> dict[str,
     norms, the sublayers' output norms, ``query_pre_attn_scalar`` and the sliding layers given by
     ``layer_types``, else every layer but each ``sliding_window_pattern``-th); refused by name in
     another family, and soft-capping or bidirectional attention refused by value."""
-    own = _GEMMA_FIELDS if family == "gemma3_text" else ("hidden_activation", "use_bidirectional_attention")
-    present = [name for name in _GEMMA_FIELDS if name in data and name not in (own if family in _GEMMA_FAMILIES
-                                                                               else ())]
+    own = _GEMMA_OWN.get(family, ())
+    present = [name for name in _GEMMA_FIELDS if name in data and name not in own]
     if present:
-        raise ValueError(f"{where}: {present[0]} = {_show(data[present[0]])} is a Gemma 3 field, not implemented "
+        raise ValueError(f"{where}: {present[0]} = {_show(data[present[0]])} is a Gemma 2 / 3 field, not implemented "
                          f"for model_type {family!r}")
     if family not in _GEMMA_FAMILIES:
         return {}
@@ -600,19 +618,20 @@ def _gemma_fields(data: Mapping[str, Any], family: str, where: str) -> dict[str,
                               "embedding_multiplier": hidden ** 0.5 if _positive_int(hidden) else 1.0}
     if family == "gemma":
         return fields
-    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if data.get(name) is not None:
-            raise ValueError(f"{where}: {name} = {_show(data[name])} (soft-capping) is not implemented; "
-                             "supported: null")
+    # Gemma 2's caps where left out: 50 and 30 (Gemma2Config's); Gemma 3's: none
+    absent = {"gemma2": (50.0, 30.0)}.get(family, (None, None))
+    caps = [_optional_number(data.get(name, default), name, where)
+            for name, default in zip(("attn_logit_softcapping", "final_logit_softcapping"), absent)]
     scalar = _number(data.get("query_pre_attn_scalar", 256), "query_pre_attn_scalar", where)
-    fields.update(qk_norm=True, post_norms=True, attention_multiplier=scalar ** -0.5,
-                  local_layers=_sliding_layers(data, where))
+    fields.update(qk_norm=family == "gemma3_text", post_norms=True, attention_multiplier=scalar ** -0.5,
+                  local_layers=_sliding_layers(data, family, where), attn_softcap=caps[0], final_softcap=caps[1])
     return fields
 
 
-def _sliding_layers(data: Mapping[str, Any], where: str) -> tuple[int, ...]:
-    """Gemma 3's sliding-window layers: ``layer_types`` (transformers 5), else every layer but
-    each ``sliding_window_pattern``-th (6 where absent, as Gemma3TextConfig)."""
+def _sliding_layers(data: Mapping[str, Any], family: str, where: str) -> tuple[int, ...]:
+    """Gemma 2's and 3's sliding-window layers: ``layer_types`` (transformers 5), else every
+    layer but each ``sliding_window_pattern``-th (6 where absent, as Gemma3TextConfig; Gemma 2:
+    every second, as Gemma2Config)."""
     layers = data["num_hidden_layers"]
     kinds = data.get("layer_types")
     if kinds is not None:
@@ -622,7 +641,7 @@ def _sliding_layers(data: Mapping[str, Any], where: str) -> tuple[int, ...]:
                              "\"full_attention\" for each of the num_hidden_layers layers")
         return tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
     patterns = {data[name] for name in ("sliding_window_pattern", "_sliding_window_pattern") if name in data}
-    pattern = patterns.pop() if len(patterns) == 1 else (6 if not patterns else None)
+    pattern = patterns.pop() if len(patterns) == 1 else ((6 if family == "gemma3_text" else 2) if not patterns else None)
     if not _positive_int(pattern):
         raise ValueError(f"{where}: sliding_window_pattern = {_show(pattern)} is not one positive integer")
     return tuple(i for i in range(layers) if (i + 1) % pattern)

@@ -263,16 +263,21 @@ def _with_attrs(call: KernelCall, attrs: dict) -> KernelCall:
 
 
 def _scale(config: ModelConfig) -> dict:
-    """The attention kernels' ``scale`` attribute: Granite's attention_multiplier, else none (their
-    default, 1/sqrt(D))."""
-    return {} if config.attention_multiplier is None else {"scale": config.attention_multiplier}
+    """The attention kernels' ``scale`` attribute (Granite's attention_multiplier, Gemma's
+    query_pre_attn_scalar; else none: their default, 1/sqrt(D)) and ``softcap`` (Gemma 2's)."""
+    return {**({} if config.attention_multiplier is None else {"scale": config.attention_multiplier}),
+            **({"softcap": config.attn_softcap} if config.attn_softcap else {})}
+
+
+# what rope_append_attention takes over from attention_decode (the rest of its attributes are rope's)
+ATTENTION_ATTRS = ("scale", "window", "softcap")
 
 
 def _rope_into_attention(calls: list[KernelCall]) -> list[KernelCall]:
     """``calls`` with ``rope_append`` and attention as one ``rope_append_attention`` (role attention)."""
     append = next(call for call in calls if call.role == "rope_append")
     attention = next(call for call in calls if call.role == "attention")
-    scale = {k: v for k, v in attention.spec.attr.items() if k in ("scale", "window")}
+    scale = {k: v for k, v in attention.spec.attr.items() if k in ATTENTION_ATTRS}
     fused = KernelSpec.make("rope_append_attention", attention.spec.dims, attention.spec.dtype,
                             {**append.spec.attr, **scale}, dynamic=("S", "L"))
     return [KernelCall("attention", fused, attention.count) if call is attention else call
@@ -288,8 +293,8 @@ def unfused(config: ModelConfig, call: KernelCall) -> list[KernelCall]:
     if spec.op == "rope_append_attention":  # rope_append, then the programmatic attention_decode
         d, attrs = spec.dims, spec.attr
         append = KernelSpec.make("rope_append", {n: d[n] for n in ("B", "H", "HKV", "D", "S")}, spec.dtype,
-                                 {k: v for k, v in attrs.items() if k not in ("scale", "window")}, dynamic=("S",))
-        scale = {k: v for k, v in attrs.items() if k in ("scale", "window")}
+                                 {k: v for k, v in attrs.items() if k not in ATTENTION_ATTRS}, dynamic=("S",))
+        scale = {k: v for k, v in attrs.items() if k in ATTENTION_ATTRS}
         attention = KernelSpec.make("attention_decode", d, spec.dtype,
                                     {"lengths": "per_sequence", "programmatic": True, **scale}, dynamic=("S", "L"))
         return [KernelCall("rope_append", append, call.count), KernelCall("attention", attention, call.count)]

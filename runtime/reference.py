@@ -68,8 +68,11 @@ class ReferenceModel:
         return rms_norm(x, gain + np.float32(1.0) if self.config.offset_norms else gain, self.config.rms_norm_eps)
 
     def _lm_head(self, x: np.ndarray) -> np.ndarray:
-        logits = self._matmul(x, "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight")
-        return logits / np.float32(self.config.logits_scaling) if self.config.logits_scaling != 1.0 else logits
+        c = self.config
+        logits = self._matmul(x, "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight")
+        if c.final_softcap:  # Gemma 2
+            logits = np.float32(c.final_softcap) * np.tanh(logits / np.float32(c.final_softcap))
+        return logits / np.float32(c.logits_scaling) if c.logits_scaling != 1.0 else logits
 
     def _attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int,
                    window: int = 0) -> np.ndarray:
@@ -82,6 +85,8 @@ class ReferenceModel:
         qg = q.reshape(b, t, c.num_key_value_heads, group, c.head_dim).transpose(0, 2, 3, 1, 4)  # B,HKV,G,T,D
         keys, values = k_cache[:, :, :length], v_cache[:, :, :length]                            # B,HKV,L,D
         scores = np.matmul(qg, keys[:, :, None].transpose(0, 1, 2, 4, 3)) * np.float32(c.attention_scale)
+        if c.attn_softcap:  # Gemma 2
+            scores = np.float32(c.attn_softcap) * np.tanh(scores / np.float32(c.attn_softcap))
         queries = (start + np.arange(t))[:, None]
         mask = np.arange(length)[None, :] > queries  # causal: query i (at start + i) sees keys 0..start + i
         if window:

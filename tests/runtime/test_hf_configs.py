@@ -132,6 +132,15 @@ GEMMA_2B = {  # google/gemma-2b: GeGLU under its legacy name "gelu", one KV head
     "num_hidden_layers": 18, "num_key_value_heads": 1, "pad_token_id": 0, "rms_norm_eps": 1e-06,
     "rope_scaling": None, "rope_theta": 10000.0, "torch_dtype": "bfloat16", "transformers_version": "4.38.0.dev0",
     "use_cache": True, "vocab_size": 256000}
+GEMMA2_2B = {  # google/gemma-2-2b-it: output norms, a window every second layer, soft-capped scores and logits
+    "architectures": ["Gemma2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 107],
+    "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304, "initializer_range": 0.02,
+    "intermediate_size": 9216, "max_position_embeddings": 8192, "model_type": "gemma2", "num_attention_heads": 8,
+    "num_hidden_layers": 26, "num_key_value_heads": 4, "pad_token_id": 0, "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096, "torch_dtype": "float32",
+    "transformers_version": "4.42.4", "use_cache": True, "vocab_size": 256000}
 GEMMA3_1B = {  # google/gemma-3-1b-it: five sliding layers of window 512 to one global, two rope bases
     "architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
     "attn_logit_softcapping": None, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 106],
@@ -168,15 +177,17 @@ def parse(data: dict) -> ModelConfig:
     (QWEN2, 1000000.0, 2, None), (SMOLLM2, 100000.0, 3, None), (QWEN3, 1000000.0, 8, None),
     (PHI3_MINI, 10000.0, 32, 2047), (PHI4, 250000.0, 10, None), (GRANITE, 5000000.0, 8, None),
     (R1_DISTILL_QWEN, 10000.0, 2, None), (GEMMA_2B, 10000.0, 1, None), (GEMMA3_1B, 1000000.0, 1, 512),
-    (SMOLLM3_3B, 5000000.0, 4, None),
+    (SMOLLM3_3B, 5000000.0, 4, None), (GEMMA2_2B, 10000.0, 4, 4096),
 ], ids=["llama2", "llama3-4.x", "llama3-5.x", "tinyllama", "mistral-v0.1", "mistral-v0.2", "qwen2", "smollm2",
-        "qwen3", "phi-3-mini", "phi-4", "granite-3.1", "r1-distill-qwen", "gemma-2b", "gemma-3-1b", "smollm3-3b"])
+        "qwen3", "phi-3-mini", "phi-4", "granite-3.1", "r1-distill-qwen", "gemma-2b", "gemma-3-1b", "smollm3-3b",
+        "gemma-2-2b"])
 def test_supported_checkpoints_parse_with_their_rope_theta(data, theta, kv_heads, window):
     config = parse(data)
     assert config.rope_theta == theta and config.num_key_value_heads == kv_heads
     assert config.sliding_window == window
     assert config.head_dim == data.get("head_dim", data["hidden_size"] // data["num_attention_heads"])
     assert config.qk_norm == (data["model_type"] in ("qwen3", "gemma3_text"))
+    assert config.attn_softcap == data.get("attn_logit_softcapping")
     assert config.max_position_embeddings == data["max_position_embeddings"]
     assert parse(config.to_hf_dict()) == config  # what the reference worker receives parses back the same
 
@@ -277,19 +288,19 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**QWEN2, "model_type": "llama"}, "and model_type = 'llama' name different families"),
     ({**LLAMA2_4X, "max_window_layers": 28}, "max_window_layers = 28 is a Qwen field, not implemented for "
                                              "model_type 'llama'"),
-    ({**LLAMA2_4X, "model_type": "gemma2", "architectures": None},
-     "model_type 'gemma2' is not supported (it soft-caps its attention scores)"),
+    ({**GEMMA2_2B, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+     "rope scaling 'linear' in Gemma 2 is not implemented"),
     ({**GEMMA3_1B, "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"},
      "'Gemma3ForConditionalGeneration' is not supported (the multimodal Gemma 3"),
-    ({**GEMMA3_1B, "attn_logit_softcapping": 50.0}, "attn_logit_softcapping = 50.0 (soft-capping) is not implemented"),
-    ({**GEMMA3_1B, "final_logit_softcapping": 30.0}, "final_logit_softcapping = 30.0 (soft-capping) is not"),
+    ({**GEMMA2_2B, "attn_logit_softcapping": 0}, "attn_logit_softcapping = 0 is not a positive finite number"),
+    ({**GEMMA2_2B, "final_logit_softcapping": "30"}, "final_logit_softcapping = '30' is not a number"),
     ({**GEMMA3_1B, "use_bidirectional_attention": True}, "use_bidirectional_attention = true (EmbeddingGemma's)"),
     ({**GEMMA3_1B, "hidden_activation": "gelu"}, "hidden_activation 'gelu' is not implemented; supported: "
                                                  "gelu_pytorch_tanh"),
     ({**GEMMA_2B, "hidden_act": "silu"}, "hidden_act 'silu' is not implemented; supported: gelu_pytorch_tanh, gelu"),
-    ({**GEMMA_2B, "query_pre_attn_scalar": 256}, "query_pre_attn_scalar = 256 is a Gemma 3 field, not implemented "
+    ({**GEMMA_2B, "query_pre_attn_scalar": 256}, "query_pre_attn_scalar = 256 is a Gemma 2 / 3 field, not implemented "
                                                  "for model_type 'gemma'"),
-    ({**LLAMA3_4X, "rope_local_base_freq": 10000}, "rope_local_base_freq = 10000 is a Gemma 3 field"),
+    ({**LLAMA3_4X, "rope_local_base_freq": 10000}, "rope_local_base_freq = 10000 is a Gemma 2 / 3 field"),
     ({**LLAMA3_4X, "no_rope_layer_interval": 4}, "no_rope_layer_interval = 4 is a SmolLM3 field, not implemented for "
                                                  "model_type 'llama'"),
     ({**SMOLLM3_3B, "no_rope_layers": [1] * 35}, "no_rope_layers = [1, 1, "),
@@ -349,8 +360,8 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
 ], ids=["yarn", "dynamic", "linear-no-factor", "linear-zero", "linear-string", "llama3-band", "llama3-missing",
         "llama3-context", "llama3-extra", "layouts-disagree", "types-disagree", "yarn-4.x", "longrope", "unknown-rope",
         "untyped-scaling", "partial-rotary", "thetas-disagree", "qwen2-window", "qwen2-layer-types",
-        "qwen2-layer-count", "families-disagree", "qwen2-field", "gemma2", "gemma3-multimodal", "gemma3-attn-softcap",
-        "gemma3-final-softcap", "gemma3-bidirectional", "gemma3-erf-gelu", "gemma-silu", "gemma3-field-in-gemma",
+        "qwen2-layer-count", "families-disagree", "qwen2-field", "gemma2-rope-scaling", "gemma3-multimodal",
+        "gemma2-zero-cap", "gemma2-string-cap", "gemma3-bidirectional", "gemma3-erf-gelu", "gemma-silu", "gemma3-field-in-gemma",
         "gemma3-field-in-llama", "smollm3-field-in-llama", "smollm3-short-list", "smollm3-interval",
         "smollm3-window", "smollm3-mrope", "gemma3-layer-kind", "gemma3-pattern", "gemma3-local-scaling", "gemma3-rope-key",
         "classifier", "mistral-bias",
@@ -533,6 +544,20 @@ def test_smollm3_is_read_written_back_and_planned_without_rope_in_its_nope_layer
         assert rotating and all(c.count == 27 for c in rotating)  # 36 layers, 9 without
     resident = {c.role: c for c in decode_calls(config, 1, 64, resident=True)}
     assert resident["kv_append"].count == 9 and "first_norm" in resident  # no fused norms: attention rotates
+
+
+def test_gemma2_is_read_written_back_and_planned_with_capped_attention():
+    config = parse(GEMMA2_2B)
+    assert (config.attn_softcap, config.final_softcap, config.post_norms, config.qk_norm) == (50.0, 30.0, True, False)
+    assert config.local_layers == tuple(range(0, 26, 2)) and not config.split_rope
+    assert parse(config.to_hf_dict()) == config and config.to_hf_dict()["model_type"] == "gemma2"
+    for calls in (prefill_calls(config, 16), decode_calls(config, 1, 8192), decode_calls(config, 2, 64, resident=True)):
+        attention = [c.spec for c in calls if c.role.startswith("attention")]
+        assert attention and all(spec.attr["softcap"] == 50.0 for spec in attention)
+    windows = {c.role: c.spec.attr.get("window", 0) for c in decode_calls(config, 1, 8192) if c.role.startswith("att")}
+    assert windows == {"attention": 0, "attention_local": 4096}
+    bare = parse({k: v for k, v in GEMMA2_2B.items() if not k.endswith("softcapping")})
+    assert (bare.attn_softcap, bare.final_softcap) == (50.0, 30.0)  # Gemma2Config's where left out
 
 
 def test_the_gemma_3_1b_preset_is_the_checkpoints_config():

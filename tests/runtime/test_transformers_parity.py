@@ -96,6 +96,14 @@ FAMILIES = {
     # GeGLU, norms by 1 + weight, embeddings times sqrt(hidden); saved with the legacy hidden_act "gelu" of
     # Google's Gemma releases, which transformers reads as the tanh form
     "gemma": ("GemmaConfig", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4}), "5.x"),
+    # Gemma 2: the sublayers' output norms, a window in every second layer (shorter than the prompt),
+    # query_pre_attn_scalar and soft-capped scores and logits (caps small enough to matter here); the
+    # 4.x one as gemma-2-2b ships (its caps 50 and 30, hidden_act and hidden_activation, no layer_types)
+    "gemma2": ("Gemma2Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                                    query_pre_attn_scalar=24, sliding_window=5, attn_logit_softcapping=1.5,
+                                    final_logit_softcapping=2.0), "5.x"),
+    "gemma2-4.x": ("Gemma2Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                                        sliding_window=64), "4.x"),
     # Gemma 3 adds the head norms, the sublayers' output norms, query_pre_attn_scalar (not head_dim, so
     # that it matters) and sliding layers rotating with their own base; the global rope scaled, as in
     # Gemma 3 4B and up. The window lies past the sequence (the runtime refuses sequences beyond it).
@@ -125,10 +133,11 @@ MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM"}
 # config.json fields set after saving: a Qwen2 window far shorter than the sequence, ignored (by
 # transformers too) because use_sliding_window is false, as in the real checkpoints
 CONFIG_EDITS = {"qwen2-4.x": dict(sliding_window=16, max_window_layers=1), "gemma": dict(hidden_act="gelu"),
-                "smollm3-4.x": dict(pretraining_tp=2, max_window_layers=1, use_sliding_window=False)}
+                "smollm3-4.x": dict(pretraining_tp=2, max_window_layers=1, use_sliding_window=False),
+                "gemma2-4.x": dict(hidden_act="gelu_pytorch_tanh")}
 BIASED = ["qwen2", "qwen2-4.x", "llama-biases", "qwen3-4.x"]
 QK_NORMED = ["qwen3", "qwen3-4.x", "gemma3", "gemma3-4.x"]
-GEMMAS = ["gemma", "gemma3", "gemma3-4.x"]
+GEMMAS = ["gemma", "gemma2", "gemma3", "gemma3-4.x"]
 
 
 def _randomize(model) -> None:
@@ -322,9 +331,9 @@ def test_the_norms_of_the_query_and_key_heads_matter(family, checkpoints, prompt
 
 
 def test_gemmas_are_read_as_transformers_reads_them(checkpoints):
-    gemma, gemma3, gemma3_4x = (load_model_config(checkpoints[family][1]) for family in GEMMAS)
+    gemma, gemma2, gemma3, gemma3_4x = (load_model_config(checkpoints[family][1]) for family in GEMMAS)
     assert json.loads((checkpoints["gemma"][1] / "config.json").read_text())["hidden_act"] == "gelu"
-    for config in (gemma, gemma3, gemma3_4x):
+    for config in (gemma, gemma2, gemma3, gemma3_4x):
         assert (config.activation, config.offset_norms, config.embedding_multiplier) == ("gelu_tanh", True, 8.0)
     assert not (gemma.post_norms or gemma.qk_norm or gemma.local_layers) and gemma.tie_word_embeddings
     assert (gemma3.post_norms, gemma3.qk_norm, gemma3.attention_multiplier) == (True, True, 24 ** -0.5)
@@ -333,6 +342,10 @@ def test_gemmas_are_read_as_transformers_reads_them(checkpoints):
     assert (gemma3_4x.local_layers, gemma3_4x.local_rope_theta, gemma3_4x.attention_multiplier) == (
         (0,), 1e4, 256 ** -0.5)
     assert gemma3.sliding_window == gemma3_4x.sliding_window == 64
+    assert (gemma2.post_norms, gemma2.qk_norm, gemma2.attn_softcap, gemma2.final_softcap) == (True, False, 1.5, 2.0)
+    assert (gemma2.local_layers, gemma2.sliding_window, gemma2.split_rope) == ((0,), 5, False)
+    gemma2_4x = load_model_config(checkpoints["gemma2-4.x"][1])
+    assert (gemma2_4x.attn_softcap, gemma2_4x.final_softcap, gemma2_4x.local_layers) == (50.0, 30.0, (0,))
 
 
 @pytest.mark.parametrize("family", GEMMAS)
@@ -347,7 +360,11 @@ def test_what_gemma_does_otherwise_matters(family, checkpoints, prompts):
               "GeLU gate": dict(activation="silu")}
     if config.post_norms:
         undone["output norms"] = dict(post_norms=False)
+    if config.split_rope:
         undone["local rope"] = dict(local_layers=(), local_rope_theta=None)
+    if config.attn_softcap:
+        undone["score caps"] = dict(attn_softcap=None)
+        undone["logit caps"] = dict(final_softcap=None)
     for what, fields in undone.items():
         plain = dataclasses.replace(config, **fields)
         kept = ModelWeights(plain, {n: t for n, t in weights.tensors.items()
@@ -416,7 +433,7 @@ def test_a_transformers_config_the_runtime_does_not_implement_is_refused(argumen
     assert text.startswith(str(folder / "config.json")) and message in text and "\n" not in text, text
 
 
-@pytest.mark.parametrize("family", ["mistral-window", "gemma3-window"])
+@pytest.mark.parametrize("family", ["mistral-window", "gemma3-window", "gemma2"])
 def test_the_sliding_window_matters(family, checkpoints, default_kernels, prompts):
     """The comparisons above can fail: attending to the whole sequence (a runtime without
     sliding-window attention) moves the logits far past the tolerance, and the runtime ran
@@ -435,7 +452,7 @@ def test_the_sliding_window_matters(family, checkpoints, default_kernels, prompt
 
 
 @pytest.mark.parametrize("family", ["llama3.1", "qwen2", "qwen3", "qwen3-4.x", "granite", "gemma", "gemma3",
-                                    "smollm3", "mistral-window", "gemma3-window"])
+                                    "smollm3", "mistral-window", "gemma3-window", "gemma2"])
 def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints, prompts, greedy, fake_gpu):
     """The same on the CUDA path (fake GPU: cubins built by nvcc, run on the emulator): device
     buffers, the decode step captured as a graph, rope scaling (Llama 3.1), biases (Qwen2) and
