@@ -84,9 +84,24 @@ def device_weights(torch, config, stored, dtype: str, quantize: str, group_size:
         return DeviceArray(t.data_ptr(), tuple(t.shape), np_dtype)
 
     embed = stored["model.embed_tokens.weight"]
+    if config.embedding_multiplier != 1:  # the gathered table carries the scale (Granite's, Gemma's)
+        embed = embed * torch.tensor(config.embedding_multiplier, dtype=embed.dtype)
     host = embed.view(torch.int16).cpu().numpy().view(np.uint16) if dtype == "bfloat16" else embed.cpu().numpy()
     quantized = frozenset(device_linear_names(config)) if quantize == "q4" else frozenset()
-    return DeviceWeights(config, {n: as_array(t) for n, t in stored.items()}, host, quantized, group_size)
+    # generated weights are taken as already folded (runtime.weights.DeviceWeights): the baseline
+    # then runs them without the scalars folded into weights (``baseline_config``)
+    return DeviceWeights(config, {n: as_array(t) for n, t in stored.items()}, host, quantized, group_size,
+                         folded=config.scaled)
+
+
+def baseline_config(config):
+    """The config the torch baseline runs the generated weights with: what the runtime folds into
+    uploaded weights (norm gains of 1 + weight, the residual and logit scalars) already in them,
+    as ``device_weights`` hands them over; the embedding scale stays (the baseline gathers from
+    the unscaled table, which is also a tied LM head)."""
+    import dataclasses
+
+    return dataclasses.replace(config, offset_norms=False, residual_multiplier=1.0, logits_scaling=1.0)
 
 
 class TorchLlama:
@@ -98,10 +113,15 @@ class TorchLlama:
         self.torch, self.c, self.weight, self.dtype = torch, config, weight, dtype
         freqs = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_type, **config.rope_scaling)
         self.freqs = torch.tensor(freqs, dtype=torch.float64, device=DEVICE)
+        local = inverse_frequencies(config.head_dim, config.local_rope_theta) if config.local_layers else freqs
+        self.local_freqs = torch.tensor(local, dtype=torch.float64, device=DEVICE)  # Gemma 3's sliding layers'
 
-    def _rope(self, x, positions):
-        torch = self.torch
-        angle = positions.to(torch.float64)[:, None] * self.freqs[None, :]
+    def _rope(self, x, positions, layer):
+        torch, c = self.torch, self.c
+        if layer in c.nope_layers:  # SmolLM3: no rotation
+            return x
+        freqs = self.local_freqs if layer in c.local_layers else self.freqs
+        angle = positions.to(torch.float64)[:, None] * freqs[None, :]
         cos, sin = angle.cos().to(x.dtype)[:, None, :], angle.sin().to(x.dtype)[:, None, :]
         half = x.shape[-1] // 2
         lo, hi = x[..., :half], x[..., half:]
@@ -110,7 +130,33 @@ class TorchLlama:
     def _norm(self, x, name):
         torch = self.torch
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.c.rms_norm_eps)).to(x.dtype) * self.weight(name)
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.c.rms_norm_eps)
+        if self.c.offset_norms:  # Gemma: by 1 + weight, in float32 (transformers' Gemma RMSNorm)
+            return (normed * (1.0 + self.weight(name).float())).to(x.dtype)
+        return normed.to(x.dtype) * self.weight(name)
+
+    def _attend(self, q, k, v, start, layer):
+        """Attention of q [T, H, D] at start.. over the cached k, v [1, HKV, L, D]: SDPA, or by
+        hand where Gemma 2 soft-caps the scores; a sliding window as a mask."""
+        torch, c = self.torch, self.c
+        t, length = q.shape[0], k.shape[2]
+        window = c.layer_window(layer)
+        mask = None
+        if t > 1 or (window and length > window):
+            keys = torch.arange(length, device=DEVICE)[None, :]
+            queries = torch.arange(start, start + t, device=DEVICE)[:, None]
+            mask = (keys <= queries) & ((keys > queries - window) if window else True)
+        qh = q.transpose(0, 1)[None]
+        if not c.attn_softcap:
+            return torch.nn.functional.scaled_dot_product_attention(qh, k, v, attn_mask=mask, enable_gqa=True,
+                                                                    scale=c.attention_scale)
+        group = c.num_attention_heads // c.num_key_value_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = (qh @ k.transpose(-1, -2)).float() * c.attention_scale
+        scores = c.attn_softcap * torch.tanh(scores / c.attn_softcap)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(-1).to(v.dtype) @ v
 
     def new_cache(self, capacity):
         c, torch = self.c, self.torch
@@ -124,8 +170,10 @@ class TorchLlama:
         F = torch.nn.functional
         t = ids.shape[0]
         positions = torch.arange(start, start + t, device=DEVICE)
-        # Granite's scalars (1 for the other families): here, after each sublayer, and on the logits
-        x = F.embedding(ids, w("model.embed_tokens.weight")) * c.embedding_multiplier
+        # Granite's scalars (1 for the other families): here, after each sublayer, and on the logits;
+        # Gemma's embedding scale in the model's precision, as transformers multiplies by it
+        x = F.embedding(ids, w("model.embed_tokens.weight"))
+        x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype) if c.embedding_multiplier != 1 else x
         for layer in range(c.num_hidden_layers):
             p = f"model.layers.{layer}."
             h = self._norm(x, p + "input_layernorm.weight")
@@ -135,20 +183,30 @@ class TorchLlama:
             v = v.reshape(t, c.num_key_value_heads, c.head_dim)
             if c.qk_norm:  # Qwen3: each query and key head normalised before the rotation
                 q, k = self._norm(q, p + "self_attn.q_norm.weight"), self._norm(k, p + "self_attn.k_norm.weight")
-            q, k = self._rope(q, positions), self._rope(k, positions)
+            q, k = self._rope(q, positions, layer), self._rope(k, positions, layer)
             k_cache, v_cache = cache[layer]
             k_cache[0, :, start:start + t] = k.transpose(0, 1)
             v_cache[0, :, start:start + t] = v.transpose(0, 1)
             length = start + t
-            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[:, :, :length], v_cache[:, :, :length],
-                                               is_causal=t > 1, enable_gqa=True, scale=c.attention_scale)
+            o = self._attend(q, k_cache[:, :, :length], v_cache[:, :, :length], start, layer)
             attn = o[0].transpose(0, 1).reshape(t, -1)
-            x = x + F.linear(attn, w(p + "self_attn.o_proj.weight")) * c.residual_multiplier
-            h = self._norm(x, p + "post_attention_layernorm.weight")
+            out = F.linear(attn, w(p + "self_attn.o_proj.weight"))
+            if c.post_norms:  # Gemma 2 / 3: each sublayer's output normalised before its residual add
+                x = x + self._norm(out, p + "post_attention_layernorm.weight")
+                h = self._norm(x, p + "pre_feedforward_layernorm.weight")
+            else:
+                x = x + out * c.residual_multiplier
+                h = self._norm(x, p + "post_attention_layernorm.weight")
             gate, up = F.linear(h, w(p + "mlp.gate_up_proj.weight")).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w(p + "mlp.down_proj.weight")) * c.residual_multiplier
+            act = F.gelu(gate, approximate="tanh") if c.activation == "gelu_tanh" else F.silu(gate)
+            out = F.linear(act * up, w(p + "mlp.down_proj.weight"))
+            x = x + (self._norm(out, p + "post_feedforward_layernorm.weight") if c.post_norms
+                     else out * c.residual_multiplier)
         head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-        return F.linear(self._norm(x, "model.norm.weight"), w(head)) / c.logits_scaling
+        logits = F.linear(self._norm(x, "model.norm.weight"), w(head))
+        if c.final_softcap:  # Gemma 2
+            logits = c.final_softcap * torch.tanh(logits / c.final_softcap)
+        return logits / c.logits_scaling
 
 
 def synchronize(torch) -> None:
@@ -267,7 +325,7 @@ def main() -> int:
     # plain torch eager in the model's precision on the same weights (int4: its dequantised fp16)
     tdtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     half_weights = {**stored, **{n: f.to(tdtype) for n, f in full.items()}}
-    eager = TorchLlama(torch, config, half_weights.__getitem__, tdtype)
+    eager = TorchLlama(torch, baseline_config(config), half_weights.__getitem__, tdtype)
     ids = torch.tensor(prompts[0], device=DEVICE)
 
     def eager_generate(new: int):
@@ -291,7 +349,8 @@ def main() -> int:
     del half_weights, eager
 
     # float32 torch, teacher-forced over our tokens, one layer's weights widened at a time
-    f32 = TorchLlama(torch, config, lambda n: full[n] if n in full else stored[n].float(), torch.float32)
+    f32 = TorchLlama(torch, baseline_config(config), lambda n: full[n] if n in full else stored[n].float(),
+                     torch.float32)
     sequence = torch.tensor(np.concatenate([prompts[0], ours.tokens[0, :-1]]), device=DEVICE)
     with torch.inference_mode():
         want = f32.forward(sequence, 0, f32.new_cache(sequence.shape[0]))[args.prompt - 1:].cpu().numpy()

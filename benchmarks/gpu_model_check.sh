@@ -22,7 +22,7 @@
 # the two machine starts; the worst cases (about 16 minutes) do not: run this one first, and
 # the second only with the time `status` says is left.
 # Knobs: GPU_MODEL_TRIALS (48 per large model), GPU_MODEL_CASES ("llama-2-7b:none llama-2-7b:q4
-# llama-3-8b:none llama-3-8b:q4"; any preset, qwen3-8b too), GPU_MODEL_DTYPE (float16), GPU_MODEL_SMALL (1: run step 1),
+# llama-3-8b:none llama-3-8b:q4"; any preset, qwen3-8b and gemma-3-1b too), GPU_MODEL_DTYPE (float16), GPU_MODEL_SMALL (1: run step 1),
 # GPU_MODEL_BUDGET_S (360: no large case starts later; the last then ends by about 520 s), GPU_MODEL_RUN_ARGS (extra gpu_model.py options),
 # GPU_MODEL_SEED_DIR (benchmarks/data/h200_models: NAME.jsonl.gz records of earlier runs, resumed;
 # another dtype's run starts from the float16 records as priors),

@@ -163,11 +163,12 @@ class LlamaModel:
         if isinstance(weights, DeviceWeights):
             if not self.arrays.resident:
                 raise ValueError("device weights need a provider of CUDA kernels")
-            if config.scaled:
+            if config.scaled and not weights.folded:
                 raise ValueError(f"{config.name}: Granite's embedding_multiplier, residual_multiplier and "
                                  "logits_scaling, and Gemma's embedding scale and norms by 1 + weight, are folded "
                                  "into the weights as they are uploaded; device weights are used as they lie, so "
-                                 "pass host weights (ModelWeights)")
+                                 "pass host weights (ModelWeights), or device weights that carry them "
+                                 "(DeviceWeights(..., folded=True))")
             self.embed = weights.embedding
             if self.embed.dtype != numpy_dtype(dtype):
                 raise ValueError(f"the embedding table is {self.embed.dtype}; a {dtype} model needs "

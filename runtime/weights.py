@@ -321,13 +321,19 @@ class DeviceWeights:
     (anything with ``gpudata``, ``shape`` and ``dtype``, e.g. ``runtime.arrays.DeviceArray``);
     an int4 layer named in ``quantized`` has "NAME#wq" ([N, K/2] uint8) and "NAME#scales"
     ([N, K/group_size]) instead. ``embedding`` is the token table on the host, in the model's
-    storage format (bfloat16 as uint16 words): each step gathers its rows there."""
+    storage format (bfloat16 as uint16 words): each step gathers its rows there.
+
+    ``folded``: the tensors already carry what the runtime folds into weights it uploads
+    (``ModelConfig.scaled``: Granite's scalars, Gemma's embedding scale and norm gains of 1 +
+    weight), as ``runtime.llama.LlamaModel`` would have uploaded them; without it such a model's
+    device weights are refused, since they are used as they lie."""
 
     config: ModelConfig
     tensors: dict[str, Any]
     embedding: np.ndarray
     quantized: frozenset[str] = frozenset()
     group_size: int = 0
+    folded: bool = False
 
     def __post_init__(self) -> None:
         self.quantized = frozenset(self.quantized)

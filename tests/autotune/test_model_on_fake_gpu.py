@@ -229,6 +229,30 @@ def test_a_gemma3_model_in_half_precision_keeps_the_float32_tokens_on_cuda(fake_
     assert_keeps_the_tokens(out, reference, dtype)
 
 
+def test_device_weights_that_carry_gemmas_folds_run_as_host_weights_do(fake_gpu):
+    """DeviceWeights(..., folded=True): norm gains of 1 + weight and the scaled embedding table
+    made by the caller, as the runtime would have uploaded them, give the host weights' logits
+    bit for bit; the same tensors unfolded are refused."""
+    from export import TunedKernels
+    from runtime.weights import is_norm_gain
+
+    weights = ModelWeights.random(GEMMA3, seed=6)
+    prompts = np.array([[5, 9, 2, 33, 7]])
+    with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
+        model = LlamaModel(GEMMA3, weights, kernels, dtype="float16")
+        out = model.generate(prompts, 6)
+        # each weight in the model's precision first, as the runtime takes a checkpoint's, then 1 + it
+        half = {name: np.concatenate([weights[part] for part in fused_parts(name)]).astype(np.float16)
+                for name in device_shapes(GEMMA3)}
+        folded = {name: model.arrays.upload((w.astype(np.float32) + 1).astype(np.float16) if is_norm_gain(name) else w)
+                  for name, w in half.items()}
+        table = (weights["model.embed_tokens.weight"] * np.float32(8.0)).astype(np.float16)
+        shared = LlamaModel(GEMMA3, DeviceWeights(GEMMA3, folded, table, folded=True), kernels, dtype="float16")
+        np.testing.assert_array_equal(shared.generate(prompts, 6).logits, out.logits)
+        with pytest.raises(ValueError, match=r"DeviceWeights\(\.\.\., folded=True\)"):
+            LlamaModel(GEMMA3, DeviceWeights(GEMMA3, folded, table), kernels, dtype="float16")
+
+
 class WithoutFusedNorms:
     """A provider as a library that lacks one of the fused GEMVs: the LM head's (N = 64 with the
     norm), the last of them the decode step asks for."""
