@@ -468,6 +468,22 @@ _ABSENT_THETA = {"smollm3": 2000000.0}  # SmolLM3Config's base; 10000 elsewhere 
 _ABSENT_HEAD_DIM = {"qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3_text": 256}
 
 
+# more layers than any model has: a per-layer list of this many would not be built (a config
+# naming 10**30 layers is refused, not enumerated)
+MAX_LAYERS = 100_000
+
+
+def _layer_count(data: Mapping[str, Any], where: str) -> int:
+    """``num_hidden_layers`` where per-layer lists are derived from it: 0 for one that is no
+    count (``ModelConfig`` refuses it by name), ValueError past ``MAX_LAYERS``."""
+    layers = data["num_hidden_layers"]
+    if not _positive_int(layers):
+        return 0
+    if layers > MAX_LAYERS:
+        raise ValueError(f"{where}: num_hidden_layers = {layers} is more than {MAX_LAYERS} layers")
+    return layers
+
+
 def _positive_int(value: Any) -> bool:
     """A count: an int of at least 1 (a bool is no count, though Python says it is an int)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
@@ -632,7 +648,9 @@ def _sliding_layers(data: Mapping[str, Any], family: str, where: str) -> tuple[i
     """Gemma 2's and 3's sliding-window layers: ``layer_types`` (transformers 5), else every
     layer but each ``sliding_window_pattern``-th (6 where absent, as Gemma3TextConfig; Gemma 2:
     every second, as Gemma2Config)."""
-    layers = data["num_hidden_layers"]
+    layers = _layer_count(data, where)
+    if not layers:  # no count: ModelConfig names num_hidden_layers
+        return ()
     kinds = data.get("layer_types")
     if kinds is not None:
         if (not isinstance(kinds, list) or len(kinds) != layers
@@ -640,8 +658,11 @@ def _sliding_layers(data: Mapping[str, Any], family: str, where: str) -> tuple[i
             raise ValueError(f"{where}: layer_types = {_show(kinds)} is not \"sliding_attention\" or "
                              "\"full_attention\" for each of the num_hidden_layers layers")
         return tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
-    patterns = {data[name] for name in ("sliding_window_pattern", "_sliding_window_pattern") if name in data}
-    pattern = patterns.pop() if len(patterns) == 1 else ((6 if family == "gemma3_text" else 2) if not patterns else None)
+    patterns = [data[name] for name in ("sliding_window_pattern", "_sliding_window_pattern") if name in data]
+    pattern = (6 if family == "gemma3_text" else 2) if not patterns else patterns[0]
+    if any(other != pattern for other in patterns):
+        raise ValueError(f"{where}: sliding_window_pattern = {_show(patterns[0])} and _sliding_window_pattern = "
+                         f"{_show(patterns[1])} disagree")
     if not _positive_int(pattern):
         raise ValueError(f"{where}: sliding_window_pattern = {_show(pattern)} is not one positive integer")
     return tuple(i for i in range(layers) if (i + 1) % pattern)
@@ -692,7 +713,9 @@ def _nope_layers(data: Mapping[str, Any], family: str, where: str) -> tuple[int,
             raise ValueError(f"{where}: {present[0]} = {_show(data[present[0]])} is a SmolLM3 field, not implemented "
                              f"for model_type {family!r}")
         return ()
-    layers = data["num_hidden_layers"]
+    layers = _layer_count(data, where)
+    if not layers:  # no count: ModelConfig names num_hidden_layers
+        return ()
     flags = data.get("no_rope_layers")
     if flags is not None:
         if (not isinstance(flags, list) or len(flags) != layers

@@ -310,6 +310,11 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
                                          "'smollm3'"),
     ({**GEMMA3_1B, "layer_types": ["sliding_attention"] * 25 + ["chunked_attention"]}, "layer_types = "),
     ({**GEMMA3_1B, "sliding_window_pattern": 0}, "sliding_window_pattern = 0 is not one positive integer"),
+    ({**GEMMA3_1B, "sliding_window_pattern": [6]}, "sliding_window_pattern = [6] is not one positive integer"),
+    ({**GEMMA3_1B, "_sliding_window_pattern": 4}, "sliding_window_pattern = 6 and _sliding_window_pattern = 4 "
+                                                  "disagree"),
+    ({**GEMMA3_1B, "num_hidden_layers": 10 ** 30}, "num_hidden_layers = 1000000000000000000000000000000 is more "
+                                                    "than 100000 layers"),
     ({**GEMMA3_1B, "rope_scaling": None, "rope_theta": None, "rope_local_base_freq": None,
       "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                           "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
@@ -363,7 +368,8 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
         "qwen2-layer-count", "families-disagree", "qwen2-field", "gemma2-rope-scaling", "gemma3-multimodal",
         "gemma2-zero-cap", "gemma2-string-cap", "gemma3-bidirectional", "gemma3-erf-gelu", "gemma-silu", "gemma3-field-in-gemma",
         "gemma3-field-in-llama", "smollm3-field-in-llama", "smollm3-short-list", "smollm3-interval",
-        "smollm3-window", "smollm3-mrope", "gemma3-layer-kind", "gemma3-pattern", "gemma3-local-scaling", "gemma3-rope-key",
+        "smollm3-window", "smollm3-mrope", "gemma3-layer-kind", "gemma3-pattern", "gemma3-pattern-list", "gemma3-patterns-disagree",
+        "gemma3-too-many-layers", "gemma3-local-scaling", "gemma3-rope-key",
         "classifier", "mistral-bias",
         "qwen2-mlp-bias", "qwen3-mlp-bias", "qwen3-window", "phi3-auto-map", "phi3-longrope", "phi4-mini-partial",
         "phi3-field", "phi3-bad-context", "mrope", "mrope-field", "granite-field", "granite-zero", "granite-null", "bias-not-a-flag", "gelu", "pretraining-tp", "rope-interleaved", "rope-interleaved-not-a-flag", "eps-null", "quantized", "custom-code", "bad-window",
