@@ -66,10 +66,11 @@ def load_tokenizer(path: Path):
         raise ValueError(f"{path} is not a tokenizer.json the tokenizers library reads: {message}") from None
 
 
-def chat_prompt(tokenizer_path: Path, text: str) -> str:
-    """``text`` as a user message in the chat template of the checkpoint whose tokenizer.json is
-    ``tokenizer_path``, with the assistant's turn opened; ValueError (one line) where there is
-    no template or it cannot be rendered."""
+def chat_prompt(tokenizer_path: Path, text: str, system: str | None = None) -> str:
+    """``text`` as a user message (after ``system`` as a system message, when given) in the chat
+    template of the checkpoint whose tokenizer.json is ``tokenizer_path``, with the assistant's
+    turn opened; ValueError (one line) where there is no template or it cannot be rendered (a
+    template that takes no system message says so)."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -95,7 +96,8 @@ def chat_prompt(tokenizer_path: Path, text: str) -> str:
     environment.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     try:
         return environment.from_string(template).render(
-            messages=[{"role": "user", "content": text}], add_generation_prompt=True, tools=None, documents=None,
+            messages=[*([{"role": "system", "content": system}] if system is not None else []),
+                      {"role": "user", "content": text}], add_generation_prompt=True, tools=None, documents=None,
             **variables)
     except jinja2.exceptions.TemplateError as exc:
         where = folder / (CHAT_TEMPLATE_FILE if (folder / CHAT_TEMPLATE_FILE).is_file() else TOKENIZER_CONFIG)

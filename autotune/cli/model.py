@@ -191,9 +191,9 @@ def _prompt_ids(prompt_ids: str | None, vocab: int) -> list[int] | None:
 
 
 def _text_prompt(text: str, prompt_ids: str | None, tokenizer_path: str | None, weights_dir: str | None, model: str,
-                 vocab: int, chat: bool = False):
+                 vocab: int, chat: bool = False, system: str | None = None):
     """(the tokenizer, ``--prompt``'s token ids, the text encoded) from the checkpoint's
-    tokenizer.json; ``chat``: the prompt laid out by its chat template first."""
+    tokenizer.json; ``chat``: the prompt laid out by its chat template first (after ``system``)."""
     from autotune.prompt_text import chat_prompt, encode, find_tokenizer, load_tokenizer
 
     if prompt_ids is not None:
@@ -202,7 +202,7 @@ def _text_prompt(text: str, prompt_ids: str | None, tokenizer_path: str | None, 
         path = find_tokenizer(tokenizer_path, weights_dir, model)
         tokenizer = load_tokenizer(path)
         if chat:
-            text = chat_prompt(path, text)
+            text = chat_prompt(path, text, system)
         return tokenizer, encode(tokenizer, text, vocab, path, special=not chat), text
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -333,6 +333,7 @@ def _quantize_of(kernels, quantize: str) -> str:
 @click.option("--chat", is_flag=True,
               help="with --prompt: send it as a user message through the checkpoint's chat template (an instruct "
                    "model's: chat_template.jinja or tokenizer_config.json beside its tokenizer.json)")
+@click.option("--system", "system_text", default=None, help="with --chat: a system message before the prompt")
 @click.option("--batch", default=1, show_default=True, type=int, callback=positive, help="sequences at once")
 @click.option("--new-tokens", default=32, show_default=True, type=int, callback=positive, help="tokens generated per sequence")
 @click.option("--quantize", default="auto", show_default=True, type=click.Choice(["auto", "none", "q4"]),
@@ -348,8 +349,8 @@ def _quantize_of(kernels, quantize: str) -> str:
               help="with --log: use records of code the templates no longer render, with a warning")
 @click.option("--check-weights", is_flag=True,
               help="with --weights: refuse a checkpoint whose tensors hold NaN or infinite values (one pass over them)")
-def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_text, tokenizer_path, chat, batch,
-        new_tokens, quantize, group_size, compare, target, as_json, dtype, allow_stale, check_weights) -> None:
+def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_text, tokenizer_path, chat, system_text,
+        batch, new_tokens, quantize, group_size, compare, target, as_json, dtype, allow_stale, check_weights) -> None:
     """Generate with a model on tuned kernels; print prefill and decode tokens/s."""
     from runtime.kernel import UntunedShapeWarning
     from runtime.plan import check_quantize
@@ -363,9 +364,11 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
     if check_weights and not weights_dir:
         raise UserError("--check-weights is for --weights (generated weights are finite)")
     tokenizer = encoded = None
+    if system_text is not None and not chat:
+        raise UserError("--system is for --chat")
     if prompt_text is not None:
         tokenizer, ids, encoded = _text_prompt(prompt_text, prompt_ids, tokenizer_path, weights_dir, model,
-                                               config.vocab_size, chat)
+                                               config.vocab_size, chat, system_text)
     elif tokenizer_path is not None or chat:
         raise UserError(f"{'--tokenizer' if tokenizer_path is not None else '--chat'} is for --prompt")
     else:

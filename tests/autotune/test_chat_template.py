@@ -79,8 +79,19 @@ def test_the_chat_prompt_is_what_transformers_renders(template, legacy, tmp_path
         assert ids.count(0) == 1 and ids[0] == 0
 
 
+@pytest.mark.parametrize("template", [LLAMA3_STYLE, CHATML_STYLE], ids=["llama3", "chatml"])
+def test_a_system_message_goes_first_as_transformers_puts_it(template, tmp_path):
+    theirs = _checkpoint_tokenizer(tmp_path, template, legacy=False)
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Why?"}]
+    want = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert chat_prompt(tmp_path / "tokenizer.json", "Why?", system="Answer briefly.") == want
+    assert "Answer briefly." in want
+
+
 def test_what_chat_refuses_is_one_line(tmp_path):
     _checkpoint_tokenizer(tmp_path, GEMMA_STYLE, legacy=False)
+    with pytest.raises(ValueError, match=r"fails: no system role$"):  # Gemma's way: no system message
+        chat_prompt(tmp_path / "tokenizer.json", "hi", system="Be brief.")
     (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('only user turns') }}")
     with pytest.raises(ValueError, match=r"^--chat: the chat template of .*chat_template.jinja fails: only user turns$"):
         chat_prompt(tmp_path / "tokenizer.json", "hi")

@@ -370,6 +370,8 @@ def test_run_chat_generates_from_the_templated_prompt(tiny_lib, tmp_path):
     plain = json.loads(run(*base, "--tokenizer", str(folder), "--prompt", "hi", cwd=tmp_path).stdout)
     assert out["prompt_tokens"] > plain["prompt_tokens"] == 3  # <bos> h i
     assert_usage_error(run(*base, "--chat", cwd=tmp_path, check=False), "--chat is for --prompt")
+    assert_usage_error(run(*base, "--tokenizer", str(folder), "--prompt", "hi", "--system", "x", cwd=tmp_path,
+                           check=False), "--system is for --chat")
     (folder / "chat_template.jinja").unlink()
     assert_usage_error(run(*base, "--tokenizer", str(folder), "--prompt", "hi", "--chat", cwd=tmp_path, check=False),
                        "--chat: no chat template beside")
