@@ -320,7 +320,7 @@ class ModelConfig:
                         attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias, use_sliding_window=False,
                         no_rope_layers=[int(i not in self.nope_layers) for i in range(self.num_hidden_layers)])
             return data
-        if self.offset_norms or self.activation != "silu" or self.post_norms or self.local_layers:
+        if self.offset_norms or self.activation != "silu" or self.post_norms:
             return self._gemma_hf_dict(data)
         if self.rope_type != "default":  # transformers 4.x layout, beside the top-level rope_theta
             data["rope_scaling"] = {"rope_type": self.rope_type, **self.rope_scaling}
@@ -336,28 +336,39 @@ class ModelConfig:
             data.update({name: getattr(self, name) for name in _GRANITE_FIELDS}, attention_bias=self.qkv_bias,
                         mlp_bias=self.mlp_bias, attention_multiplier=self.attention_scale)
         elif self.qk_norm:
-            if self.sliding_window is not None or self.mlp_bias or self.qkv_bias != self.o_bias:
-                raise ValueError(f"model {self.name}: norms of the query and key heads (Qwen3) with a sliding_window, "
+            if self.split_rope or self.mlp_bias or self.qkv_bias != self.o_bias:
+                raise ValueError(f"model {self.name}: norms of the query and key heads (Qwen3) with a local rope, "
                                  "MLP biases or biases on only some attention projections have no config.json this "
                                  "runtime reads")
             family = "qwen3"
-            data.update(use_sliding_window=False, attention_bias=self.qkv_bias)
+            data.update(self._qwen_window(), attention_bias=self.qkv_bias)
         elif biases == (True, False, False):
-            if self.sliding_window is not None:
-                raise ValueError(f"model {self.name}: q/k/v biases (Qwen2) with a sliding_window have no config.json "
+            if self.split_rope:
+                raise ValueError(f"model {self.name}: q/k/v biases (Qwen2) with a local rope have no config.json "
                                  "this runtime reads")
             family = "qwen2"
-            data.update(use_sliding_window=False)
+            data.update(self._qwen_window())
         elif self.qkv_bias != self.o_bias:
             which = [p for p, on in zip(("q/k/v", "o", "MLP"), biases) if on]
             raise ValueError(f"model {self.name}: biases on the {', '.join(which)} projections are no transformers "
                              "family's (Llama: q/k/v and o together, MLP optional; Qwen2: q/k/v alone)")
+        elif self.local_layers:
+            raise ValueError(f"model {self.name}: a window in some layers only, without biases or head norms (Qwen2, "
+                             "Qwen3) or Gemma's layers, has no config.json this runtime reads")
         else:
             family = "llama" if self.sliding_window is None or any(biases) else "mistral"
             if any(biases):
                 data.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
         data.update(model_type=family, architectures=[FAMILIES[family]], hidden_act="silu")
         return data
+
+    def _qwen_window(self) -> dict[str, Any]:
+        """Qwen's window fields: switched off, or on with ``layer_types`` naming the windowed layers."""
+        if self.sliding_window is None:
+            return {"use_sliding_window": False}
+        return {"use_sliding_window": True, "sliding_window": self.sliding_window, "max_window_layers": 0,
+                "layer_types": ["sliding_attention" if self.layer_window(i) else "full_attention"
+                                for i in range(self.num_hidden_layers)]}
 
     def _gemma_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
         """``to_hf_dict`` of a Gemma (GeGLU, norms by 1 + weight, embeddings times sqrt(hidden)),
@@ -412,7 +423,7 @@ class ModelConfig:
             raise ValueError(f"{where}: missing {', '.join(missing)}")
         _check_layers(data, family, where)
         biases = _biases(data, family, where)
-        _check_qwen_fields(data, family, where)
+        qwen_windowed = _check_qwen_fields(data, family, where)
         _check_phi3_fields(data, family, where)
         scalars = {**_granite_scalars(data, family, where), **_gemma_fields(data, family, where)}
         if family == "gemma3_text":
@@ -423,6 +434,10 @@ class ModelConfig:
             scalars["local_rope_theta"] = None
         # Qwen's: see _check_qwen_fields; an absent one is what the family's config class defaults it to
         window = None if family in _WINDOW_SWITCHED else data.get("sliding_window", _ABSENT_WINDOW.get(family))
+        if qwen_windowed:  # Qwen's switched-on window: in every layer as Mistral's, else in some
+            window = data.get("sliding_window", 4096)
+            if len(qwen_windowed) < data["num_hidden_layers"]:  # those rotate as the others
+                scalars.update(local_layers=qwen_windowed, local_rope_theta=_rope_theta(data, where))
         if family in ("gemma2", "gemma3_text") and not scalars["local_layers"]:  # only its sliding layers have it
             window = None
         heads = data["num_attention_heads"]
@@ -433,8 +448,9 @@ class ModelConfig:
             counts = _positive_int(data["hidden_size"]) and _positive_int(heads)
             head_dim = data["hidden_size"] // heads if counts else 0
         rope_type, scaling = _rope_scaling(data, where)
-        if family == "gemma2" and rope_type != "default":  # its sliding layers would need the same scaling
-            raise ValueError(f"{where}: rope scaling {rope_type!r} in Gemma 2 is not implemented; supported: default")
+        if scalars.get("local_layers") and family != "gemma3_text" and rope_type != "default":  # they'd need it too
+            raise ValueError(f"{where}: rope scaling {rope_type!r} with a sliding window in some layers is not "
+                             "implemented; supported: default")
         return cls(name=name, hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
                    num_attention_heads=heads,
                    num_key_value_heads=_or(data.get("num_key_value_heads", _ABSENT_KV_HEADS.get(family)), heads),
@@ -562,15 +578,16 @@ def _biases(data: Mapping[str, Any], family: str, where: str) -> dict[str, bool]
     return {"qkv_bias": family == "qwen2"}
 
 
-def _check_qwen_fields(data: Mapping[str, Any], family: str, where: str) -> None:
+def _check_qwen_fields(data: Mapping[str, Any], family: str, where: str) -> tuple[int, ...]:
     """Qwen2's and Qwen3's sliding window: with ``use_sliding_window`` false (as every Qwen2,
     Qwen2.5 and Qwen3 checkpoint ships) transformers drops ``sliding_window`` and every layer
-    attends to the whole sequence, whatever ``max_window_layers`` says; true is not implemented.
+    attends to the whole sequence, whatever ``max_window_layers`` says; true windows the layers
+    from ``max_window_layers`` on (or those ``layer_types`` names).
     SmolLM3 has the same switch (and ships an unread ``max_window_layers``).
     ``layer_types`` (transformers 5) must then name full attention for every layer.
     ``use_mrope`` false (Qwen2.5-Math and the DeepSeek-R1 distills built on it) is the plain rotary
     embedding; true, Qwen2-VL's multimodal rotary embedding, is refused. Other families have none
-    of these fields."""
+    of these fields. Returns the windowed layers (use_sliding_window true: ``_qwen_window_layers``)."""
     if family not in _WINDOW_SWITCHED:
         # layer_types: Gemma 2's and 3's are read by _gemma_fields
         present = [f for f in (*_QWEN_FIELDS, *(("layer_types",) if family not in ("gemma2", "gemma3_text") else ()))
@@ -578,21 +595,45 @@ def _check_qwen_fields(data: Mapping[str, Any], family: str, where: str) -> None
         if present:
             raise ValueError(f"{where}: {present[0]} = {_show(data[present[0]])} is a Qwen field, not implemented "
                              f"for model_type {family!r}")
-        return
+        return ()
     if family not in _QWEN_FAMILIES and "use_mrope" in data:
         raise ValueError(f"{where}: use_mrope = {_show(data['use_mrope'])} is a Qwen field, not implemented for "
                          f"model_type {family!r}")
     if _flag(data, "use_mrope", where):
         raise ValueError(f"{where}: use_mrope = true (Qwen2-VL's multimodal rotary embedding) is not implemented; "
                          "supported: false")
-    if _flag(data, "use_sliding_window", where):
-        raise ValueError(f"{where}: use_sliding_window = true (sliding-window attention from layer "
-                         f"{_show(data.get('max_window_layers'))} on) is not implemented; supported: false")
     kinds = data.get("layer_types")
+    if _flag(data, "use_sliding_window", where):
+        if family == "smollm3":  # its windowed layers would be its layers without rope
+            raise ValueError(f"{where}: use_sliding_window = true (SmolLM3's window in its layers without rope) is "
+                             "not implemented; supported: false")
+        return _qwen_window_layers(data, where)
     if kinds is not None and (not isinstance(kinds, list) or len(kinds) != data["num_hidden_layers"]
                               or any(kind != "full_attention" for kind in kinds)):
         raise ValueError(f"{where}: layer_types = {_show(kinds)} is not implemented; supported: "
                          "\"full_attention\" for each of the num_hidden_layers layers")
+    return ()
+
+
+def _qwen_window_layers(data: Mapping[str, Any], where: str) -> tuple[int, ...]:
+    """Qwen's windowed layers with ``use_sliding_window`` true: ``layer_types``' sliding ones, else
+    those from ``max_window_layers`` on (28 where absent, as Qwen2Config); none without a window."""
+    if data.get("sliding_window", 4096) is None:
+        return ()
+    layers = _layer_count(data, where)
+    if not layers:
+        return ()
+    kinds = data.get("layer_types")
+    if kinds is not None:
+        if (not isinstance(kinds, list) or len(kinds) != layers
+                or any(kind not in ("sliding_attention", "full_attention") for kind in kinds)):
+            raise ValueError(f"{where}: layer_types = {_show(kinds)} is not \"sliding_attention\" or "
+                             "\"full_attention\" for each of the num_hidden_layers layers")
+        return tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
+    first = data.get("max_window_layers", 28)
+    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+        raise ValueError(f"{where}: max_window_layers = {_show(first)} is not a layer index")
+    return tuple(range(first, layers))
 
 
 def _granite_scalars(data: Mapping[str, Any], family: str, where: str) -> dict[str, float]:

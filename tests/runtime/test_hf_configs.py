@@ -281,15 +281,16 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**LLAMA3_5X, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
      "rope_parameters.partial_rotary_factor = 0.5 is not implemented"),
     ({**LLAMA3_4X, "rope_parameters": {"rope_theta": 10000.0}}, "rope_theta = 500000 and rope_parameters.rope_theta"),
-    ({**QWEN2, "use_sliding_window": True}, "use_sliding_window = true (sliding-window attention from layer 24 on) "
-                                            "is not implemented; supported: false"),
+    ({**QWEN2, "use_sliding_window": True, "max_window_layers": 12, "rope_scaling": {"rope_type": "linear",
+                                                                                    "factor": 2.0}},
+     "rope scaling 'linear' with a sliding window in some layers is not implemented"),
     ({**QWEN2, "layer_types": ["full_attention"] * 23 + ["sliding_attention"]}, "layer_types = [\"full_attention\""),
     ({**QWEN2, "layer_types": ["full_attention"]}, "layer_types = [\"full_attention\"] is not implemented"),
     ({**QWEN2, "model_type": "llama"}, "and model_type = 'llama' name different families"),
     ({**LLAMA2_4X, "max_window_layers": 28}, "max_window_layers = 28 is a Qwen field, not implemented for "
                                              "model_type 'llama'"),
     ({**GEMMA2_2B, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
-     "rope scaling 'linear' in Gemma 2 is not implemented"),
+     "rope scaling 'linear' with a sliding window in some layers is not implemented"),
     ({**GEMMA3_1B, "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"},
      "'Gemma3ForConditionalGeneration' is not supported (the multimodal Gemma 3"),
     ({**GEMMA2_2B, "attn_logit_softcapping": 0}, "attn_logit_softcapping = 0 is not a positive finite number"),
@@ -328,7 +329,8 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
                                               "'mistral'"),
     ({**QWEN2, "mlp_bias": True}, "mlp_bias = true is not read by transformers for model_type 'qwen2'"),
     ({**QWEN3, "mlp_bias": True}, "mlp_bias = true is not read by transformers for model_type 'qwen3'"),
-    ({**QWEN3, "use_sliding_window": True}, "use_sliding_window = true (sliding-window attention from layer 28 on)"),
+    ({**QWEN3, "use_sliding_window": True, "sliding_window": 4096, "max_window_layers": -1},
+     "max_window_layers = -1 is not a layer index"),
     ({**PHI3_MINI, "auto_map": {"AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"}},
      "names the repository's own model code, which may compute something else and which this runtime cannot "
      "check; a copy of the config.json without auto_map runs as transformers' Phi3ForCausalLM"),
@@ -471,9 +473,11 @@ def test_projection_biases_are_read_per_family(data, biases):
 def test_bias_combinations_of_no_family_cannot_be_written_as_a_config():
     base = parse(SMALL)
     for flags, named in ((dict(o_bias=True), "the o projections"), (dict(qkv_bias=True, mlp_bias=True), "q/k/v, MLP"),
-                         (dict(qkv_bias=True, sliding_window=8), "sliding_window")):
+                         (dict(sliding_window=8, local_layers=(1,), local_rope_theta=1e4), "in some layers only")):
         with pytest.raises(ValueError, match=named):
             dataclasses.replace(base, **flags).to_hf_dict()
+    qwen2 = dataclasses.replace(base, qkv_bias=True, sliding_window=8)  # Qwen2's window, on in every layer
+    assert parse(qwen2.to_hf_dict()) == qwen2 and qwen2.to_hf_dict()["use_sliding_window"]
     windowed = dataclasses.replace(base, qkv_bias=True, o_bias=True, sliding_window=8)
     assert parse(windowed.to_hf_dict()) == windowed  # Llama's biases, the window enforced as Mistral's
 
@@ -568,6 +572,19 @@ def test_gemma2_is_read_written_back_and_planned_with_capped_attention():
 
 def test_the_gemma_3_1b_preset_is_the_checkpoints_config():
     assert dataclasses.replace(parse(GEMMA3_1B), name="gemma-3-1b") == PRESETS["gemma-3-1b"]
+
+
+def test_a_switched_on_qwen_window_applies_from_max_window_layers_on():
+    """As Qwen2Config and Qwen3Config compute layer_types: the layers from max_window_layers on
+    (or those layer_types names) are windowed, the others attend to everything."""
+    config = parse({**QWEN2, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 20})
+    assert config.sliding_window == 16 and config.local_layers == tuple(range(20, 24)) and not config.split_rope
+    assert [config.layer_window(i) for i in (19, 20)] == [0, 16]
+    assert parse(config.to_hf_dict()) == config
+    named = parse({**QWEN3, "use_sliding_window": True, "sliding_window": 16,
+                   "layer_types": ["sliding_attention"] * 2 + ["full_attention"] * 26})
+    assert named.local_layers == (0, 1) and parse(named.to_hf_dict()) == named
+    assert parse({**QWEN2, "use_sliding_window": True, "sliding_window": None}).sliding_window is None
 
 
 def test_a_qwen2_window_is_ignored_while_use_sliding_window_is_false():
@@ -756,10 +773,10 @@ def _cli(tmp_path, *args):
 @pytest.mark.parametrize("data, message", [
     (YARN_5X, "rope scaling 'yarn' (rope_parameters.rope_type) is not implemented"),
     ({**LLAMA2_4X, "hidden_act": "gelu_pytorch_tanh"}, "hidden_act 'gelu_pytorch_tanh' is not implemented"),
-    ({**QWEN2, "use_sliding_window": True}, "use_sliding_window = true"),
+    ({**SMOLLM3_3B, "use_sliding_window": True, "sliding_window": 4096}, "use_sliding_window = true"),
     ({**MISTRAL_V01, "attention_bias": True}, "attention_bias = true"),
     ({**SMALL, "rope_theta": float("inf")}, "rope_theta = Infinity is not a positive finite number"),
-], ids=["yarn", "gelu", "qwen2-window", "mistral-bias", "theta-infinite"])
+], ids=["yarn", "gelu", "smollm3-window", "mistral-bias", "theta-infinite"])
 def test_run_with_a_refused_config_is_one_line_and_exit_2(data, message, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(data))
     (tmp_path / "empty.jsonl").write_text("")

@@ -75,6 +75,9 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "5.x"),
     "qwen2-4.x": ("Qwen2Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                                       tie_word_embeddings=True), "4.x"),
+    # use_sliding_window on: the layers from max_window_layers on see the last 5 positions
+    "qwen2-window": ("Qwen2Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                         use_sliding_window=True, sliding_window=5, max_window_layers=1), "5.x"),
     # Llama with every projection biased
     "llama-biases": ("LlamaConfig", dict(rope_theta=10000.0, attention_bias=True, mlp_bias=True), "5.x"),
     # norms of each query and key head; the 4.x one as Qwen3-0.6B ships (tied embeddings, a head_dim
@@ -418,11 +421,9 @@ def _save_config(folder: Path, config) -> Path:
     (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
      "rope scaling 'dynamic' (rope_parameters.rope_type) is not implemented"),
     (dict(hidden_act="gelu_pytorch_tanh"), "hidden_act 'gelu_pytorch_tanh' is not implemented; supported: silu"),
-    (dict(config="Qwen2Config", use_sliding_window=True, sliding_window=16, max_window_layers=1),
-     "use_sliding_window = true (sliding-window attention from layer 1 on) is not implemented; supported: false"),
     (dict(config="Qwen2Config", layer_types=["full_attention", "sliding_attention"]),
      'layer_types = ["full_attention", "sliding_attention"] is not implemented'),
-], ids=["yarn", "dynamic", "gelu", "qwen2-sliding-window", "qwen2-layer-types"])
+], ids=["yarn", "dynamic", "gelu", "qwen2-layer-types"])
 def test_a_transformers_config_the_runtime_does_not_implement_is_refused(arguments, message, tmp_path):
     arguments = dict(arguments)
     config_class = getattr(transformers, arguments.pop("config", "LlamaConfig"))
@@ -433,7 +434,7 @@ def test_a_transformers_config_the_runtime_does_not_implement_is_refused(argumen
     assert text.startswith(str(folder / "config.json")) and message in text and "\n" not in text, text
 
 
-@pytest.mark.parametrize("family", ["mistral-window", "gemma3-window", "gemma2"])
+@pytest.mark.parametrize("family", ["mistral-window", "gemma3-window", "gemma2", "qwen2-window"])
 def test_the_sliding_window_matters(family, checkpoints, default_kernels, prompts):
     """The comparisons above can fail: attending to the whole sequence (a runtime without
     sliding-window attention) moves the logits far past the tolerance, and the runtime ran
@@ -452,7 +453,7 @@ def test_the_sliding_window_matters(family, checkpoints, default_kernels, prompt
 
 
 @pytest.mark.parametrize("family", ["llama3.1", "qwen2", "qwen3", "qwen3-4.x", "granite", "gemma", "gemma3",
-                                    "smollm3", "mistral-window", "gemma3-window", "gemma2"])
+                                    "smollm3", "mistral-window", "gemma3-window", "gemma2", "qwen2-window"])
 def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints, prompts, greedy, fake_gpu):
     """The same on the CUDA path (fake GPU: cubins built by nvcc, run on the emulator): device
     buffers, the decode step captured as a graph, rope scaling (Llama 3.1), biases (Qwen2) and
