@@ -623,13 +623,9 @@ def _qwen_window_layers(data: Mapping[str, Any], where: str) -> tuple[int, ...]:
     layers = _layer_count(data, where)
     if not layers:
         return ()
-    kinds = data.get("layer_types")
-    if kinds is not None:
-        if (not isinstance(kinds, list) or len(kinds) != layers
-                or any(kind not in ("sliding_attention", "full_attention") for kind in kinds)):
-            raise ValueError(f"{where}: layer_types = {_show(kinds)} is not \"sliding_attention\" or "
-                             "\"full_attention\" for each of the num_hidden_layers layers")
-        return tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
+    named = _named_sliding_layers(data, layers, where)
+    if named is not None:
+        return named
     first = data.get("max_window_layers", 28)
     if isinstance(first, bool) or not isinstance(first, int) or first < 0:
         raise ValueError(f"{where}: max_window_layers = {_show(first)} is not a layer index")
@@ -685,6 +681,18 @@ def _gemma_fields(data: Mapping[str, Any], family: str, where: str) -> dict[str,
     return fields
 
 
+def _named_sliding_layers(data: Mapping[str, Any], layers: int, where: str) -> tuple[int, ...] | None:
+    """The ``sliding_attention`` layers ``layer_types`` names (transformers 5), None without it."""
+    kinds = data.get("layer_types")
+    if kinds is None:
+        return None
+    if (not isinstance(kinds, list) or len(kinds) != layers
+            or any(kind not in ("sliding_attention", "full_attention") for kind in kinds)):
+        raise ValueError(f"{where}: layer_types = {_show(kinds)} is not \"sliding_attention\" or "
+                         "\"full_attention\" for each of the num_hidden_layers layers")
+    return tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
+
+
 def _sliding_layers(data: Mapping[str, Any], family: str, where: str) -> tuple[int, ...]:
     """Gemma 2's and 3's sliding-window layers: ``layer_types`` (transformers 5), else every
     layer but each ``sliding_window_pattern``-th (6 where absent, as Gemma3TextConfig; Gemma 2:
@@ -692,13 +700,9 @@ def _sliding_layers(data: Mapping[str, Any], family: str, where: str) -> tuple[i
     layers = _layer_count(data, where)
     if not layers:  # no count: ModelConfig names num_hidden_layers
         return ()
-    kinds = data.get("layer_types")
-    if kinds is not None:
-        if (not isinstance(kinds, list) or len(kinds) != layers
-                or any(kind not in ("sliding_attention", "full_attention") for kind in kinds)):
-            raise ValueError(f"{where}: layer_types = {_show(kinds)} is not \"sliding_attention\" or "
-                             "\"full_attention\" for each of the num_hidden_layers layers")
-        return tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
+    named = _named_sliding_layers(data, layers, where)
+    if named is not None:
+        return named
     patterns = [data[name] for name in ("sliding_window_pattern", "_sliding_window_pattern") if name in data]
     pattern = (6 if family == "gemma3_text" else 2) if not patterns else patterns[0]
     if any(other != pattern for other in patterns):
