@@ -9,22 +9,10 @@ from __future__ import annotations
 
 from ..ops.elementwise import GegluOp
 from ..template import register_template
-from .gelu import GELU_CONSTRAINTS, GELU_DEFAULTS, gelu_knobs, gelu_tanh
-from .pointwise import PointwiseCpu
+from .gelu import GeluKnobsCpu, gelu_tanh
 
 
 @register_template
-class GegluCpu(GegluOp, PointwiseCpu):
-    dtypes = ("float32",)
-
-    def extra_knobs(self, task, target):
-        return gelu_knobs(target)
-
-    def extra_defaults(self, task, target):
-        return dict(GELU_DEFAULTS)
-
-    def extra_constraints(self, task, target):
-        return list(GELU_CONSTRAINTS)
-
+class GegluCpu(GegluOp, GeluKnobsCpu):
     def emit_vector(self, kb, c, values):
         return {"Y": kb.fmul(gelu_tanh(kb, c, values["G"]), values["U"])}

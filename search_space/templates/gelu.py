@@ -6,7 +6,7 @@ identity 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u)), one exp and one division, with 
 cancellation anywhere (large negative u gives exp -> huge and the quotient -> 0). Its
 division follows the ``division`` knob (see swiglu).
 
-``gelu_tanh`` and the knob helpers are shared with geglu, which multiplies this by U.
+``gelu_tanh`` and the knobs (``GeluKnobsCpu``) are shared with geglu, which multiplies this by U.
 """
 from __future__ import annotations
 
@@ -19,17 +19,6 @@ from ..template import register_template
 from .pointwise import PointwiseCpu, divide, division_knob
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-def gelu_knobs(target) -> list[Knob]:
-    """The knobs of gelu and geglu: the formula (``form``) and how it divides (``division``)."""
-    return [Knob("form", ("sigmoid", "tanh")), division_knob(target)]
-
-
-GELU_DEFAULTS = {"form": "sigmoid", "division": "divide"}
-# the tanh form divides inside KernelBuilder.tanh: the knob would change nothing
-GELU_CONSTRAINTS = [("division applies to the sigmoid form",
-                     lambda c: c["form"] == "sigmoid" or c["division"] == "divide")]
 
 
 def gelu_tanh(kb: cg.KernelBuilder, c, x):
@@ -48,18 +37,23 @@ def gelu_tanh(kb: cg.KernelBuilder, c, x):
     return divide(kb, c, x, denominator)
 
 
-@register_template
-class GeluCpu(GeluOp, PointwiseCpu):
+class GeluKnobsCpu(PointwiseCpu):
+    """The knobs gelu and geglu share: the formula (``form``) and how it divides (``division``)."""
+
     dtypes = ("float32",)
 
     def extra_knobs(self, task, target):
-        return gelu_knobs(target)
+        return [Knob("form", ("sigmoid", "tanh")), division_knob(target)]
 
     def extra_defaults(self, task, target):
-        return dict(GELU_DEFAULTS)
+        return {"form": "sigmoid", "division": "divide"}
 
     def extra_constraints(self, task, target):
-        return list(GELU_CONSTRAINTS)
+        # the tanh form divides inside KernelBuilder.tanh: the knob would change nothing
+        return [("division applies to the sigmoid form", lambda c: c["form"] == "sigmoid" or c["division"] == "divide")]
 
+
+@register_template
+class GeluCpu(GeluOp, GeluKnobsCpu):
     def emit_vector(self, kb, c, values):
         return {"Y": gelu_tanh(kb, c, values["X"])}
