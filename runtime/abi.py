@@ -108,7 +108,7 @@ ATTR_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({op: MappingPr
     "gemv_q4": {"group_size": 128, "zero_point": False, **_FUSIONS},
     "rmsnorm": {"eps": 1e-5, "residual": False},
     "layernorm": {"eps": 1e-5},
-    "qk_norm": {"eps": 1e-6},
+    "qk_norm": {"eps": 1e-6, "span": "head"},
     "rope": _ROPE,
     "rope_append": _ROPE,
     "rope_append_attention": {"scale": 0.0, "window": 0, "softcap": 0.0, **_ROPE},

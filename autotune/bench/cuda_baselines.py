@@ -8,7 +8,7 @@ compared with by ``autotune bench --target cuda``.
 | softmax | ``torch.softmax`` |
 | rmsnorm | ``torch.nn.functional.rms_norm`` (with ``residual``: the add, then the norm) |
 | layernorm | ``torch.nn.functional.layer_norm`` |
-| qk_norm | ``F.rms_norm`` of the q and of the k heads (as HF Qwen3's q_norm, k_norm), ``torch.cat`` with v |
+| qk_norm | ``F.rms_norm`` of the q and k heads (HF Qwen3's q_norm, k_norm), or of the whole q and k (``span`` projection: OLMo 2's), ``torch.cat`` with v |
 | rope | rotate-half in eager torch with precomputed cos/sin (the Hugging Face Llama way) |
 | swiglu | ``F.silu(G) * U`` |
 | gelu | ``F.gelu(X, approximate="tanh")`` |
@@ -159,6 +159,15 @@ def _qk_norm(torch, task, t, template):
     d = task.dims
     eps = float(template.attrs(task)["eps"])
     x, gq, gk = t["X"], t["GQ"], t["GK"]
+    if template.by_projection(task):  # OLMo 2: each token's whole q (H D) and k (HKV D) one RMS row
+        rows = x.view(x.shape[0], -1)
+        q_run, k_run = template.run_lengths(task)
+
+        def qk_norm_projection():
+            q, k, v = rows.split([q_run, k_run, k_run], dim=1)
+            return torch.cat([F.rms_norm(q, (q_run,), gq, eps), F.rms_norm(k, (k_run,), gk, eps), v],
+                             dim=1).view(x.shape)
+        return "F.rms_norm of the whole q and k projections, torch.cat with v", qk_norm_projection
 
     def qk_norm():  # a new Y of X's shape, as the kernel writes: the v heads copied into it
         q, k, v = x.split([d["H"], d["HKV"], d["HKV"]], dim=1)

@@ -20,9 +20,11 @@ template reads):
 - ``add``:       A[M,N], B[M,N] -> Y = A + B.
 - ``bias_add``:  X[M,N], B[N] -> Y = X + B (B added to every row: a linear layer's bias).
 - ``qk_norm``:   X[T, H + 2 HKV, D] (a token's Q/K/V projection: H query heads, then HKV key
-  heads, then HKV value heads), GQ[D], GK[D] -> Y of the same shape: each query head is
-  RMS-normalised over its D dims and scaled by GQ, each key head likewise by GK, the value heads
-  are copied (Qwen3's per-head q_norm and k_norm, before the rotary embedding).
+  heads, then HKV value heads), GQ, GK -> Y of the same shape, the value heads copied. With
+  ``span`` head (Qwen3's per-head q_norm and k_norm, before the rotary embedding), GQ[D] and
+  GK[D]: each query head is RMS-normalised over its D dims and scaled by GQ, each key head
+  likewise by GK. With ``span`` projection (OLMo 2's), GQ[H D] and GK[HKV D]: a token's whole
+  query projection (H D values) is one RMS row scaled by GQ, its whole key projection one by GK.
 
 M (and T) may be runtime arguments: the number of tokens changes from step to step.
 """
@@ -223,13 +225,26 @@ class QKNormOp(NumpyComputedOp):
     dynamic_dims = ("T",)
     dtypes = FLOAT_DTYPES
     default_attrs = ATTR_DEFAULTS["qk_norm"]
-    attr_docs = {"eps": "added to the mean of squares of each head before the square root"}
+    attr_docs = {"eps": "added to the mean of squares of each normalised run before the square root",
+                 "span": "what one RMS row is: head: each query and key head of D (Qwen3; GQ, GK of D); "
+                         "projection: a token's whole query projection of H D and key projection of "
+                         "HKV D (OLMo 2; GQ of H D, GK of HKV D)"}
     example_shape = {"T": 512, "H": 32, "HKV": 8, "D": 128}
-    description = "RMSNorm of each query and key head (Qwen3's q_norm, k_norm); value heads copied"
+    description = ("RMSNorm of each query and key head (Qwen3's q_norm, k_norm) or of the whole q and k "
+                   "projections (OLMo 2's); value heads copied")
+    SPANS = ("head", "projection")
+
+    def check(self, task: Task) -> None:
+        super().check(task)
+        span = self.attrs(task)["span"]
+        if span not in self.SPANS:
+            raise ValueError(f"qk_norm: span = {span!r}; use one of {', '.join(self.SPANS)}")
 
     def signature(self, task: Task) -> tuple[ArgSpec, ...]:
         dt, rows = task.dtype, ("T", self.heads(task), "D")
-        return (ArgSpec("X", "in", dt, rows), ArgSpec("GQ", "in", dt, ("D",)), ArgSpec("GK", "in", dt, ("D",)),
+        q_run, k_run = self.run_lengths(task)
+        gq, gk = ((q_run,), (k_run,)) if self.by_projection(task) else (("D",), ("D",))
+        return (ArgSpec("X", "in", dt, rows), ArgSpec("GQ", "in", dt, gq), ArgSpec("GK", "in", dt, gk),
                 ArgSpec("Y", "out", dt, rows))
 
     @staticmethod
@@ -237,28 +252,41 @@ class QKNormOp(NumpyComputedOp):
         """Heads per token row: query, key and value."""
         return task.dims["H"] + 2 * task.dims["HKV"]
 
+    def by_projection(self, task: Task) -> bool:
+        return self.attrs(task)["span"] == "projection"
+
+    def run_lengths(self, task: Task) -> tuple[int, int]:
+        """The elements of one RMS row of a token's query part and of its key part, which are
+        the lengths of GQ and GK: D each (span head), or H D and HKV D (span projection)."""
+        d = task.dims
+        return (d["H"] * d["D"], d["HKV"] * d["D"]) if self.by_projection(task) else (d["D"], d["D"])
+
     def flops(self, task: Task) -> float:
         d = task.dims
         return 4.0 * d["T"] * (d["H"] + d["HKV"]) * d["D"]
 
     def min_bytes(self, task: Task) -> float:
         d = task.dims
-        return ITEMSIZE[task.dtype] * (2 * d["T"] * self.heads(task) * d["D"] + 2 * d["D"])
+        return ITEMSIZE[task.dtype] * (2 * d["T"] * self.heads(task) * d["D"] + sum(self.run_lengths(task)))
 
     def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
         d = task.dims
+        q_run, k_run = self.run_lengths(task)
         return {"X": random_normal(rng, (d["T"], self.heads(task), d["D"]), task.dtype),
-                "GQ": random_uniform(rng, (d["D"],), task.dtype, 0.5, 1.5),
-                "GK": random_uniform(rng, (d["D"],), task.dtype, 0.5, 1.5)}
+                "GQ": random_uniform(rng, (q_run,), task.dtype, 0.5, 1.5),
+                "GK": random_uniform(rng, (k_run,), task.dtype, 0.5, 1.5)}
 
     def compute(self, task: Task, a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        h, hkv = task.dims["H"], task.dims["HKV"]
+        t, h, hkv, d = (task.dims[n] for n in ("T", "H", "HKV", "D"))
         x = a["X"]
         y = x.copy()
         eps = float(self.attrs(task)["eps"])
-        for heads, gain in ((slice(0, h), a["GQ"]), (slice(h, h + hkv), a["GK"])):
-            part = x[:, heads]
-            y[:, heads] = part / np.sqrt(np.mean(part * part, axis=-1, keepdims=True) + eps) * gain
+        for first, count, gain in ((0, h, a["GQ"]), (h, hkv, a["GK"])):
+            heads = slice(first, first + count)
+            run = gain.shape[0]  # D (each head a row) or count * D (the whole projection one row)
+            part = x[:, heads].reshape(t, count * d // run, run)
+            normed = part / np.sqrt(np.mean(part * part, axis=-1, keepdims=True) + eps) * gain
+            y[:, heads] = normed.reshape(t, count, d)
         return {"Y": y}
 
 

@@ -1,11 +1,13 @@
-"""``qk_norm`` on the CPU: Qwen3's RMSNorm of each query and key head of X[T, H + 2 HKV, D],
-scaled by GQ (query heads) or GK (key heads); the value heads are copied.
+"""``qk_norm`` on the CPU: the RMSNorm of X[T, H + 2 HKV, D]'s query part scaled by GQ and of
+its key part scaled by GK; the value heads are copied.
 
-One token is one parallel chunk (T may be dynamic). Each head is a short row (D = 64 or 128):
-two passes over it, the sum of squares (``vec x unroll`` partial sums) then the scaled product.
-The ``reuse`` knob says where the second pass gets the head: ``reload`` reads X again (hot in
-L1), ``registers`` keeps every vector of the head from the first pass (offered where a head
-fits in half the vector registers).
+One token is one parallel chunk (T may be dynamic). The query and key parts are runs of
+elements normalised as one row: each head of D (``span`` head, Qwen3: D = 64 or 128) or the
+whole projection, H D and HKV D (``span`` projection, OLMo 2), the gain indexed by the offset
+within the run. Two passes over a run: the sum of squares (``vec x unroll`` partial sums) then
+the scaled product. The ``reuse`` knob says where the second pass gets the run: ``reload``
+reads X again (hot in L1), ``registers`` keeps every vector of the run from the first pass
+(offered where the longest run fits in half the vector registers: a head, rarely a projection).
 """
 from __future__ import annotations
 
@@ -25,17 +27,20 @@ class QKNormCpu(QKNormOp, Template):
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
-        t, d = task.dims["T"], task.dims["D"]
+        t = task.dims["T"]
+        run = max(self.run_lengths(task))  # the longest run a kernel keeps in registers
+        shortest = min(self.run_lengths(task))
         reuse = ["reload"]
-        if rw.vectors_per_row(d, target.vector_lanes_f32) <= rw.vector_registers(target) // 2:
+        if rw.vectors_per_row(run, target.vector_lanes_f32) <= rw.vector_registers(target) // 2:
             reuse.append("registers")
-        knobs = [rw.vec_knob(target, d), rw.unroll_knob(d), rw.threads_knob(target), Knob("reuse", tuple(reuse))]
+        knobs = [rw.vec_knob(target, run), rw.unroll_knob(shortest), rw.threads_knob(target),
+                 Knob("reuse", tuple(reuse))]
         budget = rw.register_budget(target)
         constraints = [
-            ("unroll fits the head", lambda c: c["unroll"] == 1 or c["vec"] * c["unroll"] <= d),
+            ("unroll fits the run", lambda c: c["unroll"] == 1 or c["vec"] * c["unroll"] <= shortest),
             ("one token per thread at least", lambda c: c["threads"] <= t),
-            ("kept head fits in registers",
-             lambda c: c["reuse"] != "registers" or rw.vectors_per_row(d, c["vec"]) <= budget),
+            ("kept run fits in registers",
+             lambda c: c["reuse"] != "registers" or rw.vectors_per_row(run, c["vec"]) <= budget),
         ]
         return ConfigSpace(knobs, constraints)
 
@@ -56,6 +61,7 @@ class QKNormCpu(QKNormOp, Template):
         c = config.as_dict()
         h, hkv, d = task.dims["H"], task.dims["HKV"], task.dims["D"]
         row = self.heads(task) * d
+        q_run, k_run = self.run_lengths(task)  # elements of one RMS row of q, of k
         lanes, unroll, in_registers = c["vec"], c["unroll"], c["reuse"] == "registers"
         eps = float(self.attrs(task)["eps"])
         args = rw.kernel_args(task, self.signature(task))
@@ -64,10 +70,11 @@ class QKNormCpu(QKNormOp, Template):
             kb, b, a = ctx.kb, ctx.kb.b, ctx.arrays
             base = b.mul(t, cg.i64(row))
 
-            def normalise(first: int, count: int, gain: str) -> None:
-                """Heads first .. first + count - 1 of the token, each scaled by ``gain``."""
-                with kb.loop(first, first + count, 1, name=f"{gain}.head") as head:
-                    start = b.add(base, b.mul(head, cg.i64(d)))
+            def normalise(origin, first: int, count: int, length: int, gain: str) -> None:
+                """Runs first .. first + count - 1 of ``length`` elements from element ``origin``,
+                each one RMS row scaled by ``gain`` (indexed by the offset within the run)."""
+                with kb.loop(first, first + count, 1, name=f"{gain}.head") as run:
+                    start = b.add(origin, b.mul(run, cg.i64(length)))
                     acc = rw.Accumulators(kb, 1, unroll, lanes, 0.0)
                     kept: list = []
 
@@ -77,8 +84,8 @@ class QKNormCpu(QKNormOp, Template):
                             kept.append(x)
                         acc.set(0, u, kb.fma(x, x, acc.get(0, u)))
 
-                    rw.each_vector(kb, d, lanes, unroll, squares, unrolled=in_registers)
-                    mean = kb.fmul(acc.sum(0), cg.f32(1.0 / d))
+                    rw.each_vector(kb, length, lanes, unroll, squares, unrolled=in_registers)
+                    mean = kb.fmul(acc.sum(0), cg.f32(1.0 / length))
                     scale = kb.splat(kb.fdiv(cg.f32(1.0), kb.call_math("sqrt", kb.fadd(mean, cg.f32(eps)))), lanes)
                     position = iter(kept)
 
@@ -88,10 +95,14 @@ class QKNormCpu(QKNormOp, Template):
                         g = rw.load(kb, a[gain], off, lanes, n)
                         rw.store(kb, kb.fmul(kb.fmul(x, scale), g), a["Y"], at, n)
 
-                    rw.each_vector(kb, d, lanes, unroll, scaled, unrolled=in_registers)
+                    rw.each_vector(kb, length, lanes, unroll, scaled, unrolled=in_registers)
 
-            normalise(0, h, "GQ")
-            normalise(h, hkv, "GK")
+            if self.by_projection(task):  # one run each: the key run starts after the H D query elements
+                normalise(base, 0, 1, q_run, "GQ")
+                normalise(b.add(base, cg.i64(h * d)), 0, 1, k_run, "GK")
+            else:  # head runs of D: the key heads are runs H .. H + HKV - 1 of the token
+                normalise(base, 0, h, d, "GQ")
+                normalise(base, h, hkv, d, "GK")
             values = b.add(base, cg.i64((h + hkv) * d))  # the value heads, one contiguous run
 
             def copy(off, _u, n) -> None:

@@ -39,16 +39,18 @@ def test_the_gemv_baseline_does_what_a_fused_gemv_does(attrs):
     np.testing.assert_allclose(call().numpy(), template.reference(task, inputs)["Y"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("span", ["head", "projection"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_the_qk_norm_baseline_does_what_the_kernel_does(dtype):
-    """q heads by GQ, k heads by GK, v heads as they were (torch's CPU build)."""
+def test_the_qk_norm_baseline_does_what_the_kernel_does(dtype, span):
+    """q heads by GQ, k heads by GK (each head, or the whole q and k projections), v heads as
+    they were (torch's CPU build)."""
     import numpy as np
     import torch
 
     from measure.verify import check_output
     from search_space import get_template
 
-    task = Task.make("qk_norm", {"T": 3, "H": 4, "HKV": 2, "D": 64}, dtype)
+    task = Task.make("qk_norm", {"T": 3, "H": 4, "HKV": 2, "D": 64}, dtype, {"span": span})
     template = get_template("qk_norm", "cuda")
     inputs = template.make_inputs(task, np.random.default_rng(0))
     _, call = BASELINES["qk_norm"](torch, task, {k: torch.from_numpy(v) for k, v in inputs.items()}, template)

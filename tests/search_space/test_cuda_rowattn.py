@@ -102,6 +102,35 @@ def test_qk_norm_grid_covers_every_head_row_once():
                 assert grid * rows - m < rows
 
 
+def test_qk_norm_by_projection_takes_a_block_per_token():
+    """span projection: one block of ``threads`` per token (the grid is T, runtime or compiled in),
+    no dynamic shared memory, GQ and GK as long as the q and k projections, launched
+    programmatically on sm_90 as the head kernel is; every config launches on the target and
+    every knob changes the code."""
+    template = get_template("qk_norm", "cuda")
+    shape = {"T": 64, "H": 32, "HKV": 8, "D": 128}
+    for dtype in DTYPES:
+        for dynamic in (None, ()):
+            task = task_of("qk_norm", shape, dtype, dynamic=dynamic, attrs={"span": "projection"})
+            space = template.space(task, SM90)
+            assert [k.name for k in space.knobs] == ["threads", "vec"]
+            for config in space:
+                source = template.render(task, config, SM90)
+                assert source.entry == "qk_norm_projection" and ("programmatic", True) in source.launch
+                assert [a.resolve_shape(task.dims) for a in source.args if a.name in ("GQ", "GK")] == [(4096,), (1024,)]
+                for t in (SIZES if dynamic is None else (64,)):
+                    grid, block, smem = resolve_launch(source.launch_dims, {"T": t})
+                    assert grid == (t, 1, 1) and block == (config["threads"], 1, 1) and smem == 0
+            default = template.default(task, SM90).as_dict()
+            for knob in space.knobs:   # each value alone, the others the default's: a code of its own
+                variants = [dict(default, **{knob.name: v}) for v in knob.values]
+                codes = {template.render(task, space.from_values(v), SM90).code for v in variants}
+                assert len(codes) == len(knob) >= 2, knob.name
+    sm80 = Target.from_name("sm_80")
+    task = task_of("qk_norm", shape, attrs={"span": "projection"})
+    assert "programmatic" not in template.render(task, template.default(task, sm80), sm80).launch_dims
+
+
 def test_rope_grid_covers_every_token_once():
     template = get_template("rope", "cuda")
     task = task_of("rope", {"T": 512, "H": 32, "D": 128})
@@ -271,6 +300,9 @@ AWKWARD = [
     ("gelu", {"M": 1, "N": 3}, "bfloat16", {}, ()),
     ("qk_norm", {"T": 1, "H": 1, "HKV": 1, "D": 2}, "float16", {}, ()),
     ("qk_norm", {"T": 7, "H": 40, "HKV": 8, "D": 256}, "float32", {"eps": 1e-5}, ("T",)),
+    ("qk_norm", {"T": 1, "H": 1, "HKV": 1, "D": 2}, "float16", {"span": "projection"}, ()),
+    ("qk_norm", {"T": 5, "H": 3, "HKV": 1, "D": 38}, "bfloat16", {"span": "projection"}, ("T",)),
+    ("qk_norm", {"T": 7, "H": 40, "HKV": 8, "D": 128}, "float32", {"span": "projection", "eps": 1e-5}, ("T",)),
     ("rope", {"T": 3, "H": 3, "D": 2}, "float16", {}, ()),
     ("rope", {"T": 33, "H": 5, "D": 80}, "float32", {"theta": 500000.0}, ("T",)),
     ("rope", {"T": 9, "H": 4, "D": 64}, "bfloat16", {"theta": 500000.0, "rope_type": "llama3", "factor": 32.0,
@@ -387,5 +419,6 @@ def test_defaults_are_valid_at_many_shapes():
         template = get_template(op, "cuda")
         for shape in items:
             for dtype in DTYPES:
-                task = task_of(op, shape, dtype)
-                assert template.space(task, SM90).is_valid(template.default(task, SM90)), (op, shape, dtype)
+                for attrs in ({}, {"span": "projection"}) if op == "qk_norm" else ({},):
+                    task = task_of(op, shape, dtype, attrs=attrs)
+                    assert template.space(task, SM90).is_valid(template.default(task, SM90)), (op, shape, dtype, attrs)

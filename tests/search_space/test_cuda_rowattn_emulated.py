@@ -45,6 +45,12 @@ CASES = [
      [{}, dict(mapping="block", threads=64, vec=1, cache="smem", unroll=2, stream=1),
       dict(mapping="warp", threads=64, vec=1, cache="reread", unroll=4)]),
     ("qk_norm", {"T": 3, "H": 2, "HKV": 1, "D": 64}, {"eps": 1e-5}, (), [{}], [{}]),   # T compiled in
+    # OLMo 2's: each token's whole q (H D) and k (HKV D) one RMS row, GQA, D of no wider vector
+    # than 2, runtime T; then 512 query elements over 128, 256 and 512 threads, T compiled in
+    ("qk_norm", {"T": 4, "H": 6, "HKV": 2, "D": 38}, {"span": "projection"}, None, [{"T": 3}, {"T": 1}],
+     [{}, dict(vec=1)]),
+    ("qk_norm", {"T": 3, "H": 8, "HKV": 2, "D": 64}, {"span": "projection", "eps": 1e-5}, (), [{}],
+     [{}, dict(threads=256, vec=2), dict(threads=512, vec=1)]),
     ("rope", {"T": 8, "H": 3, "D": 80}, {"theta": 500000.0}, None, [{"T": 19}], [{}, dict(trig="registers", tokens=4)]),
     ("rope", {"T": 2, "H": 1, "D": 2}, {}, (), [{}], [{}]),
     ("rope", {"T": 8, "H": 2, "D": 24}, {"theta": 10000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

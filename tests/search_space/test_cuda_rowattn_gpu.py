@@ -168,6 +168,19 @@ def test_qk_norm_on_gpu(drv, builder, target):
     check_cases(drv, builder, target, cases, n_sampled=1)
 
 
+def test_qk_norm_by_projection_on_gpu(drv, builder, target):
+    """OLMo 2's q/k norm over the whole q and k projections: OLMo 2 7B's heads (32 + 2 x 32 of
+    128), a GQA group with D = 38 (vectors of 2 at most) and 256 dims, T a runtime argument below
+    and above the tuned size; 40 + 2 x 8 heads with T compiled in."""
+    runs = [{"T": 1}, {"T": 3}, {"T": 64}, {"T": 200}]
+    wanted = [dict(threads=128), dict(threads=512), dict(vec=1)]
+    cases = [("qk_norm", {"T": 64, "H": h, "HKV": hkv, "D": d}, {"span": "projection"}, ("T",), runs, wanted)
+             for h, hkv, d in ((32, 32, 128), (5, 1, 38), (16, 2, 256))]
+    cases.append(("qk_norm", {"T": 9, "H": 40, "HKV": 8, "D": 128}, {"span": "projection", "eps": 1e-5}, (), [{}],
+                  wanted))
+    check_cases(drv, builder, target, cases, n_sampled=1)
+
+
 def test_elementwise_ops_on_gpu(drv, builder, target):
     runs = [{"M": 1}, {"M": 5}, {"M": 64}, {"M": 333}]
     wanted = [dict(grid="persistent"), dict(vec=1, unroll=4), dict(stream=1, unroll=1)]

@@ -105,6 +105,36 @@ def test_operator_checks_reject_bad_tasks():
         op_definition("add").check(Task.make("add", {"M": 1, "N": 2}, attrs={"eps": 1.0}))
     with pytest.raises(ValueError, match="decode"):
         op_definition("gemv").check(Task.make("gemv", {"M": 17, "N": 2, "K": 2}))
+    with pytest.raises(ValueError, match="qk_norm: span = 'tensor'; use one of head, projection"):
+        op_definition("qk_norm").check(Task.make("qk_norm", SMALL["qk_norm"], attrs={"span": "tensor"}))
+    with pytest.raises(ValueError, match="span = 1 is not a str"):
+        op_definition("qk_norm").check(Task.make("qk_norm", SMALL["qk_norm"], attrs={"span": 1}))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_qk_norm_by_projection_is_one_rms_row_per_projection(dtype):
+    """span projection (OLMo 2): GQ of H D and GK of HKV D; each token's q projection normalised
+    as one row, its k projection as another, v copied; the baseline agrees. span head is the
+    default: the same key as a spec that leaves it out."""
+    operator = op_definition("qk_norm")
+    shape = {"T": 3, "H": 4, "HKV": 2, "D": 6}
+    task = Task.make("qk_norm", shape, dtype, {"span": "projection"})
+    operator.check(task)
+    assert Task.make("qk_norm", shape, dtype, {"span": "head"}).key == Task.make("qk_norm", shape, dtype).key
+    assert [a.resolve_shape(task.dims) for a in operator.signature(task)] == [(3, 8, 6), (24,), (12,), (3, 8, 6)]
+    inputs = operator.make_inputs(task, np.random.default_rng(1))
+    assert [inputs[n].shape for n in ("GQ", "GK")] == [(24,), (12,)]
+    y = operator.reference(task, inputs)["Y"]
+    x, gq, gk = (to_float64(inputs[n], dtype) for n in ("X", "GQ", "GK"))
+    for t in range(3):
+        q, k = x[t, :4].ravel(), x[t, 4:6].ravel()
+        np.testing.assert_allclose(y[t, :4].ravel(), q / np.sqrt(np.mean(q * q) + 1e-6) * gq, rtol=1e-12)
+        np.testing.assert_allclose(y[t, 4:6].ravel(), k / np.sqrt(np.mean(k * k) + 1e-6) * gk, rtol=1e-12)
+    np.testing.assert_array_equal(y[:, 6:], x[:, 6:])
+    _, baseline = operator.numpy_baseline(task, inputs)
+    np.testing.assert_allclose(baseline()["Y"], y, rtol=2e-3, atol=2e-3)
+    assert operator.min_bytes(task) == operator.min_bytes(Task.make("qk_norm", shape, dtype)) + (24 + 12 - 2 * 6) * (
+        4 if dtype == "float32" else 2)
 
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -81,6 +81,7 @@ DYNAMIC_CASES = [(op, {"M": 16, "N": 100}, {}) for op in ROW_OPS] + [
     ("rmsnorm", {"M": 16, "N": 100}, {"residual": True}),
     ("rope", {"T": 16, "H": 3, "D": 24}, {}),
     ("qk_norm", {"T": 16, "H": 4, "HKV": 2, "D": 40}, {"eps": 1e-5}),
+    ("qk_norm", {"T": 16, "H": 4, "HKV": 2, "D": 38}, {"span": "projection"}),
 ]
 
 
@@ -182,6 +183,53 @@ def test_rope_smallest_head_dim_and_one_token(host, builder):
         y = run(kernel, template, task, inputs)["Y"].reshape(2)
         want = [np.cos(3) - 2 * np.sin(3), 2 * np.cos(3) + np.sin(3)]
         np.testing.assert_allclose(y, want, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- qk_norm
+
+
+@pytest.mark.parametrize("shape, dynamic", [
+    ({"T": 5, "H": 3, "HKV": 1, "D": 38}, ("T",)),   # GQA, D no whole number of vectors
+    ({"T": 4, "H": 2, "HKV": 1, "D": 30}, ()),       # a q projection of 60: it fits in registers
+    ({"T": 3, "H": 4, "HKV": 4, "D": 40}, ("T",)),   # as many key heads as query heads
+], ids=str)
+def test_qk_norm_by_projection_normalises_the_whole_q_and_k(shape, dynamic, host, builder):
+    """OLMo 2's q/k norm: each token's H D query elements one RMS row scaled by GQ[H D], its HKV D
+    key elements one by GK[HKV D], the value heads copied; every reuse value, runtime T."""
+    template = get_template("qk_norm", "cpu")
+    task = Task.make("qk_norm", shape, attrs={"span": "projection"}, dynamic=dynamic)
+    assert [a.resolve_shape(task.dims) for a in template.signature(task)][1:3] == [
+        (shape["H"] * shape["D"],), (shape["HKV"] * shape["D"],)]
+    configs = one_config_per_value(template, task, host, "reuse")
+    space = template.space(task, host)
+    configs += [c for c in [config_with(space, configs[0], unroll=max(space.knob("unroll").values), vec=4)] if c]
+    head = Task.make("qk_norm", shape, dynamic=dynamic)
+    for kernel in load_kernels(builder, host, [(task, c) for c in configs]):
+        for count in ((1, 2, 7) if dynamic else (shape["T"],)):
+            sized = task.with_dims(T=count)
+            inputs = template.make_inputs(sized, np.random.default_rng(count))
+            outputs = run(kernel, template, sized, inputs)
+            assert_matches(template, sized, inputs, outputs)
+            y, x = outputs["Y"], inputs["X"]
+            assert np.array_equal(y[:, shape["H"] + shape["HKV"]:], x[:, shape["H"] + shape["HKV"]:])  # v copied
+            # and not a norm per head: the projection's RMS is not each head's
+            per_head = template.reference(head.with_dims(T=count), {"X": x, "GQ": inputs["GQ"][:shape["D"]],
+                                                                     "GK": inputs["GK"][:shape["D"]]})["Y"]
+            assert np.abs(y[:, :shape["H"]] - per_head[:, :shape["H"]]).max() > 1e-3
+
+
+def test_qk_norm_keeps_a_run_in_registers_only_where_it_fits(host):
+    template = get_template("qk_norm", "cpu")
+    shape = {"T": 4, "H": 32, "HKV": 8, "D": 128}
+    heads, projections = (template.space(Task.make("qk_norm", shape, attrs={"span": span}), host)
+                          for span in ("head", "projection"))
+    assert "registers" in heads.knob("reuse").values      # a head of 128
+    assert projections.knob("reuse").values == ("reload",)  # 4096 elements of q
+    if host.vector_lanes_f32 >= 8:  # a q projection of 60: 8 vectors of 8 lanes, 4 of 16
+        short = Task.make("qk_norm", {"T": 4, "H": 2, "HKV": 1, "D": 30}, attrs={"span": "projection"})
+        assert "registers" in template.space(short, host).knob("reuse").values
+    # a spec that leaves span out is the head kernel, under the same key
+    assert Task.make("qk_norm", shape, attrs={"span": "head"}).key == Task.make("qk_norm", shape).key
 
 
 # ----------------------------------------------------------------------------- softmax
@@ -299,7 +347,8 @@ def test_every_operator_knob_value_verifies(op, host, builder, runner):
     assert all(r.ok for r in results), [(str(i.config), r.message) for i, r in zip(inputs, results) if not r.ok]
 
 
-@pytest.mark.parametrize("op, attrs", [(op, {}) for op in ROW_OPS + ["rope", "qk_norm"]] + [("rmsnorm", {"residual": True})])
+@pytest.mark.parametrize("op, attrs", [(op, {}) for op in ROW_OPS + ["rope", "qk_norm"]]
+                         + [("rmsnorm", {"residual": True}), ("qk_norm", {"span": "projection"})])
 def test_every_config_of_the_smallest_shape_verifies(op, attrs, host, builder, runner):
     template = get_template(op, "cpu")
     shape = SMALLEST.get(op, {"M": 1, "N": 1})
