@@ -108,21 +108,24 @@ class TorchLlama:
     """The same decoder in plain torch eager: what a user without a compiler runs."""
 
     def __init__(self, torch, config, weight, dtype):
-        from runtime.rope_frequencies import inverse_frequencies
+        from runtime.rope_frequencies import inverse_frequencies, rotation_scale_of
 
         self.torch, self.c, self.weight, self.dtype = torch, config, weight, dtype
         freqs = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_type, **config.rope_scaling)
         self.freqs = torch.tensor(freqs, dtype=torch.float64, device=DEVICE)
         local = inverse_frequencies(config.head_dim, config.local_rope_theta) if config.local_layers else freqs
         self.local_freqs = torch.tensor(local, dtype=torch.float64, device=DEVICE)  # Gemma 3's sliding layers'
+        self.scale = rotation_scale_of(config.rope_type, config.rope_scaling)  # yarn's attention factor: cos, sin
 
     def _rope(self, x, positions, layer):
         torch, c = self.torch, self.c
         if layer in c.nope_layers:  # SmolLM3: no rotation
             return x
-        freqs = self.local_freqs if layer in c.local_layers else self.freqs
+        local = layer in c.local_layers
+        freqs = self.local_freqs if local else self.freqs
+        scale = 1.0 if local else self.scale
         angle = positions.to(torch.float64)[:, None] * freqs[None, :]
-        cos, sin = angle.cos().to(x.dtype)[:, None, :], angle.sin().to(x.dtype)[:, None, :]
+        cos, sin = (angle.cos() * scale).to(x.dtype)[:, None, :], (angle.sin() * scale).to(x.dtype)[:, None, :]
         half = x.shape[-1] // 2
         lo, hi = x[..., :half], x[..., half:]
         return torch.cat([lo * cos - hi * sin, hi * cos + lo * sin], dim=-1)
@@ -176,12 +179,14 @@ class TorchLlama:
         x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype) if c.embedding_multiplier != 1 else x
         for layer in range(c.num_hidden_layers):
             p = f"model.layers.{layer}."
-            h = self._norm(x, p + "input_layernorm.weight")
+            h = self._norm(x, p + "input_layernorm.weight") if c.pre_norms else x  # OLMo 2: no input norm
             q, k, v = F.linear(h, w(p + "self_attn.qkv_proj.weight")).split([c.q_size, c.kv_size, c.kv_size], -1)
+            if c.qk_norm and c.qk_norm_span == "projection":  # OLMo 2: the whole q and k projections
+                q, k = self._norm(q, p + "self_attn.q_norm.weight"), self._norm(k, p + "self_attn.k_norm.weight")
             q = q.reshape(t, c.num_attention_heads, c.head_dim)
             k = k.reshape(t, c.num_key_value_heads, c.head_dim)
             v = v.reshape(t, c.num_key_value_heads, c.head_dim)
-            if c.qk_norm:  # Qwen3: each query and key head normalised before the rotation
+            if c.qk_norm and c.qk_norm_span == "head":  # Qwen3: each query and key head normalised before the rotation
                 q, k = self._norm(q, p + "self_attn.q_norm.weight"), self._norm(k, p + "self_attn.k_norm.weight")
             q, k = self._rope(q, positions, layer), self._rope(k, positions, layer)
             k_cache, v_cache = cache[layer]
@@ -191,9 +196,9 @@ class TorchLlama:
             o = self._attend(q, k_cache[:, :, :length], v_cache[:, :, :length], start, layer)
             attn = o[0].transpose(0, 1).reshape(t, -1)
             out = F.linear(attn, w(p + "self_attn.o_proj.weight"))
-            if c.post_norms:  # Gemma 2 / 3: each sublayer's output normalised before its residual add
+            if c.post_norms:  # Gemma 2 / 3, OLMo 2: each sublayer's output normalised before its residual add
                 x = x + self._norm(out, p + "post_attention_layernorm.weight")
-                h = self._norm(x, p + "pre_feedforward_layernorm.weight")
+                h = self._norm(x, p + "pre_feedforward_layernorm.weight") if c.pre_norms else x
             else:
                 x = x + out * c.residual_multiplier
                 h = self._norm(x, p + "post_attention_layernorm.weight")

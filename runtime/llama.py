@@ -106,6 +106,12 @@ def _host_calls(run) -> list:
     return [] if run is None else [_HostCall(run)]
 
 
+def _fuses_norms(kernels: dict[str, Kernel]) -> bool:
+    """Whether a pass's kernels (by role) run the norms inside the GEMVs (``runtime.plan.FUSED_NORMS``):
+    the LM head then normalises the residual stream itself."""
+    return kernels["lm_head"].spec.attr.get("norm", "none") != "none"
+
+
 class _WidenedTable:
     """An embedding table kept as bfloat16 words whose gathered rows come out as float32 (a
     weight-only model's: no float32 copy of the table, which is also the LM head when tied)."""
@@ -424,10 +430,14 @@ class LlamaModel:
         """Bound calls of one layer before and after attention (the rotary embedding and cache
         write of a resident step, or the cache write, and the attention itself sit between
         them), the residual stream ending in ``res_a``."""
-        if "residual_norm" not in k:  # the GEMVs do the norms (runtime.plan.FUSED_NORMS)
+        if _fuses_norms(k):  # the GEMVs do the norms (runtime.plan.FUSED_NORMS)
             return self._fused_layer_calls(k, buf, layer)
         c, lay, rows = self.config, layer, buf.rows
-        before = [*self._qkv_calls(k, buf, lay, buf.h), *self._ropes(k, buf, rope_suffix(c, lay))]
+        # OLMo 2 (no input norms): attention reads the residual stream itself
+        before = [*self._qkv_calls(k, buf, lay, buf.h if c.pre_norms else buf.res_a),
+                  *self._ropes(k, buf, rope_suffix(c, lay))]
+        if not c.pre_norms:
+            return before, self._post_normed_calls(k, buf, layer)
         last = lay == c.num_hidden_layers - 1
         next_gain = "model.norm.weight" if last else layer_name(lay + 1, "input_layernorm")
         act = GATED_ACTS[c.activation]
@@ -450,6 +460,28 @@ class LlamaModel:
                  *post_mlp,
                  self._norm(k["residual_norm"], next_gain, mlp_out, buf.h, rows, buf.res_b, buf.res_a)]
         return before, after
+
+    def _post_normed_calls(self, k: dict[str, Kernel], buf: _Buffers, layer: int) -> list:
+        """The calls after attention of a layer that normalises its sublayers' outputs only (OLMo 2):
+        each output normalised into ``post`` and added to the residual stream, which goes from
+        ``res_a`` to ``res_b`` and back; after the last layer the final norm writes ``h``."""
+        c, lay, rows = self.config, layer, buf.rows
+        act = GATED_ACTS[c.activation]
+
+        def add_normed(out, gain: str, residual, new_residual) -> list:
+            return [self._norm(k["post_norm"], layer_name(lay, gain), out, buf.post, rows),
+                    k["residual_add"].bind({"A": buf.post, "B": residual, "Y": new_residual}, {"M": rows})]
+
+        final = ([self._norm(k["final_norm"], "model.norm.weight", buf.res_a, buf.h, rows)]
+                 if lay == c.num_hidden_layers - 1 else [])
+        return [*self._projection(k, buf, lay, "o_proj", "self_attn.o_proj", buf.attn),
+                *add_normed(buf.o, "post_attention_layernorm", buf.res_a, buf.res_b),
+                *self._projection(k, buf, lay, "gate_up_proj", "mlp.gate_up_proj", buf.res_b),
+                *_host_calls(buf.split_gate_up),
+                k[act].bind({"G": buf.gate, "U": buf.up, "Y": buf.act}, {"M": rows}),
+                *self._projection(k, buf, lay, "down_proj", "mlp.down_proj", buf.act),
+                *add_normed(buf.mlp, "post_feedforward_layernorm", buf.res_b, buf.res_a),
+                *final]
 
     def _fused_layer_calls(self, k: dict[str, Kernel], buf: _Buffers, layer: int) -> tuple[list, list]:
         """``_layer_calls`` where the GEMVs fuse the norms before them and the residual adds
@@ -480,7 +512,8 @@ class LlamaModel:
         ids[:, :tokens] = prompts
         arrays.set(buf.res_a, self.embed[ids.reshape(-1)])
         arrays.set(buf.positions, np.tile(np.arange(padded, dtype=np.int32), batch))
-        self._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, buf.rows)()
+        if c.pre_norms:
+            self._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, buf.rows)()
         for layer in range(c.num_hidden_layers):
             attention = k["attention" + attention_suffix(c, layer, padded)]
             before, after = self._layer_calls(k, buf, layer)
@@ -653,7 +686,9 @@ class _DecodeStep:
         self.buf = buf = _Buffers(arrays, batch, c, model.activations)
         self.logits = arrays.empty((batch, c.vocab_size), numpy_dtype(model.activations))
         # the bound calls own the checks and keep their buffers alive; the step runs their ``run``
-        self.bound = [model._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, batch)]
+        # the first layer's input norm (none in OLMo 2: the first call is a no-op then)
+        self.bound = ([model._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, batch)]
+                      if c.pre_norms else [_HostCall(lambda: None)])
         self.layers = []  # per layer: (runs before attention, K and V cache writers, runs after)
         for layer, (k_cache, v_cache) in enumerate(caches):
             before, after = model._layer_calls(k, buf, layer)
@@ -744,8 +779,8 @@ class _ResidentStep:
         self.host_logits = drv.pagelocked_empty((batch, c.vocab_size), storage)
         self.copies_in = [(buf.res_a, self.host_rows), (steps, self.host_steps)]
         # the norms on their own, or inside the GEMVs (runtime.plan.FUSED_NORMS)
-        self.fused_norms = "first_norm" not in k
-        self.bound = [] if self.fused_norms else [
+        self.fused_norms = _fuses_norms(k)
+        self.bound = [] if self.fused_norms or not c.pre_norms else [
             model._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, batch)]
         buf.positions = positions  # a library without rope_append: its rope kernels read them here
         self.capacity = capacity

@@ -7,8 +7,9 @@ heads and ``num_key_value_heads`` to the number of heads (multi-head attention),
 transformers. ``rope_theta`` is read at the top level (transformers 4.x) or under
 ``rope_parameters`` (5.x), and so is the rope scaling: ``rope_scaling`` (4.x) or
 ``rope_parameters`` (5.x), with ``rope_type`` (or the older ``type``) ``default``, ``linear``
-(``factor``) or ``llama3`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
-``original_max_position_embeddings``; Llama 3.1 / 3.2), computed as transformers computes
+(``factor``), ``llama3`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
+``original_max_position_embeddings``; Llama 3.1 / 3.2) or ``yarn`` (``factor`` and what
+transformers fills in where left out: ``_yarn_defaults``), computed as transformers computes
 them (``runtime.rope_frequencies``). Projection biases: Llama's ``attention_bias`` (q, k, v
 and o) and ``mlp_bias`` (gate, up, down), Qwen2's fixed q/k/v biases and Qwen3's
 ``attention_bias`` (q, k, v and o). Qwen3 also normalises each query and key head
@@ -22,8 +23,10 @@ GeLU) as the MLP's gate; Gemma 2 adds a norm of each sublayer's output before it
 ``query_pre_attn_scalar`` as the softmax scale, a sliding window in every second layer and the
 soft-capping of attention scores and logits; Gemma 3 (text) has Qwen3's norms of the query and
 key heads instead of the caps and, in its sliding-window layers, a rotary embedding of its own
-base. The lists below
-say what is accepted and why.
+base. OLMo 2 normalises no sublayer's input, only its output (before the residual add), and
+RMS-normalises the whole query and key projections (one row of heads x head_dim each) before
+the rotary embedding; OLMo 3 adds Gemma 3's sliding layers (the default rope of the model's
+base there, the scaled one in the full layers). The lists below say what is accepted and why.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .rope_frequencies import PARAMETERS as ROPE_PARAMETERS
-from .rope_frequencies import ROPE_TYPES, rope_attrs, rope_problem
+from .rope_frequencies import ROPE_TYPES, rope_attrs, rope_problem, yarn_attention_factor
 
 # The decoder is Llama's (RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU), with
 # projection biases where the config says. Mistral is the same network plus an optional
@@ -46,11 +49,12 @@ from .rope_frequencies import ROPE_TYPES, rope_attrs, rope_problem
 # Phi-3 and Phi-4 are Llama with stacked Q/K/V and gate/up tensors and Mistral's optional window.
 # SmolLM3 is Llama whose layers in ``no_rope_layers`` (every fourth) apply no rotary embedding
 # (NoPE), with Qwen's switched-off sliding window. Gemma and Gemma 3: see the module's docstring
-# (Gemma 3's window applies in its sliding layers only).
+# (Gemma 3's window applies in its sliding layers only). OLMo 2: see the module's docstring.
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
             "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-            "smollm3": "SmolLM3ForCausalLM"}
+            "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+            "olmo3": "Olmo3ForCausalLM"}
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES.values())
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Why some popular look-alikes are refused, said in the error line.
@@ -65,6 +69,8 @@ GEMMA_ACTIVATIONS = {"gemma": ("gelu_pytorch_tanh", "gelu"), "gemma2": ("gelu_py
                      "gemma3_text": ("gelu_pytorch_tanh",)}
 # ModelConfig.activation: the gate's function, by the kernel that applies it (runtime.plan)
 ACTIVATIONS = ("silu", "gelu_tanh")
+# ModelConfig.qk_norm_span: what one RMS row of the q/k norms is (the qk_norm kernel's ``span``)
+QK_NORM_SPANS = ("head", "projection")
 # Rotary embedding variants implemented (``runtime.rope_frequencies``); dynamic, yarn,
 # longrope ... change the frequencies (some with the sequence length, some scale the
 # attention too) and would give other logits, so they are refused.
@@ -105,6 +111,9 @@ _GEMMA_OWN = {"gemma": ("hidden_activation", "use_bidirectional_attention"),
                          "final_logit_softcapping", "attn_logit_softcapping"),
               "gemma3_text": _GEMMA_FIELDS}
 _QWEN_FAMILIES = ("qwen2", "qwen3")
+_OLMO_FAMILIES = ("olmo2", "olmo3")
+# the families whose sliding layers ``layer_types`` names (read by _sliding_layers)
+_LAYER_KINDS = ("gemma2", "gemma3_text", "olmo3")
 # the families whose sliding window use_sliding_window switches (off: ignored), as Qwen2's
 _WINDOW_SWITCHED = (*_QWEN_FAMILIES, "smollm3")
 # Fields that change nothing a greedy decoder computes from the weights: token ids (the
@@ -127,7 +136,12 @@ _ROPE_TYPE_KEYS = ("rope_type", "type")
 # ModelConfig's field for each scaling parameter
 _ROPE_FIELDS = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
                 "high_freq_factor": "rope_high_freq_factor",
-                "original_max_position_embeddings": "rope_original_max_position_embeddings"}
+                "original_max_position_embeddings": "rope_original_max_position_embeddings",
+                "beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow", "truncate": "rope_truncate",
+                "attention_factor": "rope_attention_factor"}
+# yarn's keys that only say how its attention factor is computed (``yarn_attention_factor``):
+# read into ``attention_factor`` where that is not given
+_YARN_MSCALES = ("mscale", "mscale_all_dim")
 
 
 @dataclass(frozen=True)
@@ -153,13 +167,22 @@ class ModelConfig:
     rope_low_freq_factor: float | None = None
     rope_high_freq_factor: float | None = None
     rope_original_max_position_embeddings: int | None = None
+    # yarn's: the band of the blend, whether its edges are rounded, and the factor cos and sin are
+    # multiplied by (transformers' attention_scaling: given, or from factor, mscale, mscale_all_dim)
+    rope_beta_fast: float | None = None
+    rope_beta_slow: float | None = None
+    rope_truncate: bool | None = None
+    rope_attention_factor: float | None = None
     # projection biases: q/k/v (Qwen2; Llama's attention_bias), o (Llama's attention_bias),
     # gate/up/down (Llama's mlp_bias)
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    # Qwen3: each query and key head RMS-normalised over head_dim (gains q_norm, k_norm) before RoPE
+    # Qwen3: each query and key head RMS-normalised over head_dim (gains q_norm, k_norm) before RoPE;
+    # with qk_norm_span "projection" (OLMo 2) the whole query and key projections, each as one row
+    # (gains of q_size and kv_size values)
     qk_norm: bool = False
+    qk_norm_span: str = "head"
     # Granite: embeddings times embedding_multiplier; each attention and MLP output times
     # residual_multiplier before its residual add; the softmax scale attention_multiplier (None:
     # 1/sqrt(head_dim)); the logits divided by logits_scaling
@@ -174,6 +197,9 @@ class ModelConfig:
     # Gemma 3: each sublayer's output RMS-normalised (post_attention_layernorm,
     # post_feedforward_layernorm) before its residual add, the MLP's input by pre_feedforward_layernorm
     post_norms: bool = False
+    # OLMo 2: False, no norm before the sublayers: attention and the MLP read the residual stream as
+    # it is, and only their outputs are normalised (post_norms) before each residual add
+    pre_norms: bool = True
     # Gemma 3: the layers of sliding-window attention, whose rotary embedding (the default one)
     # has the base local_rope_theta
     local_layers: tuple[int, ...] = ()
@@ -191,7 +217,8 @@ class ModelConfig:
             value = getattr(self, field)
             if not _positive_int(value):
                 raise ValueError(f"model {self.name}: {field} must be a positive integer, got {value!r}")
-        for field in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "offset_norms", "post_norms"):
+        for field in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "offset_norms", "post_norms",
+                      "pre_norms"):
             if not isinstance(getattr(self, field), bool):  # "no" would read as true
                 raise ValueError(f"model {self.name}: {field} must be true or false, got {getattr(self, field)!r}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -207,6 +234,14 @@ class ModelConfig:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (number and value > 0 and math.isfinite(value)):
                 raise ValueError(f"model {self.name}: {field} must be a positive finite number, got {value!r}")
+        if self.qk_norm_span not in QK_NORM_SPANS:
+            raise ValueError(f"model {self.name}: qk_norm_span must be one of {', '.join(QK_NORM_SPANS)}, "
+                             f"got {self.qk_norm_span!r}")
+        if self.qk_norm_span != "head" and not self.qk_norm:
+            raise ValueError(f"model {self.name}: qk_norm_span {self.qk_norm_span!r} without qk_norm normalises nothing")
+        if not (self.pre_norms or self.post_norms):
+            raise ValueError(f"model {self.name}: a layer without norms before or after its sublayers (pre_norms and "
+                             "post_norms both false) is no family's")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"model {self.name}: activation must be one of {', '.join(ACTIVATIONS)}, "
                              f"got {self.activation!r}")
@@ -293,8 +328,9 @@ class ModelConfig:
         """Number of weights (embedding and LM head counted once each unless tied)."""
         h, i = self.hidden_size, self.intermediate_size
         layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        qk_gains = 2 * self.head_dim if self.qk_norm_span == "head" else self.q_size + self.kv_size
         layer += ((self.q_size + 2 * self.kv_size) * self.qkv_bias + h * self.o_bias
-                  + (2 * i + h) * self.mlp_bias + 2 * self.head_dim * self.qk_norm + 2 * h * self.post_norms)
+                  + (2 * i + h) * self.mlp_bias + qk_gains * self.qk_norm + 2 * h * (self.post_norms - (not self.pre_norms)))
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.num_hidden_layers * layer + self.vocab_size * h + head + h
 
@@ -304,12 +340,14 @@ class ModelConfig:
         for other biases or none, Mistral for a sliding window without biases."""
         data = asdict(self)
         data.pop("name")
-        for field in ("rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
-                      *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "local_layers", "local_rope_theta",
-                      "nope_layers", "attn_softcap", "final_softcap"):
+        for field in ("rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "qk_norm_span",
+                      *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "pre_norms", "local_layers",
+                      "local_rope_theta", "nope_layers", "attn_softcap", "final_softcap"):
             data.pop(field)
         if (self.attn_softcap or self.final_softcap) and not self.offset_norms:
             raise ValueError(f"model {self.name}: soft-capping outside a Gemma has no config.json this runtime reads")
+        if not self.pre_norms or self.qk_norm_span != "head":
+            return self._olmo_hf_dict(data)
         if self.nope_layers and (self.offset_norms or self.activation != "silu" or self.post_norms or self.local_layers
                                  or self.qk_norm or self.scaled or self.attention_multiplier is not None
                                  or self.sliding_window is not None or self.qkv_bias != self.o_bias):
@@ -360,6 +398,32 @@ class ModelConfig:
             if any(biases):
                 data.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
         data.update(model_type=family, architectures=[FAMILIES[family]], hidden_act="silu")
+        return data
+
+    def _olmo_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``to_hf_dict`` of an OLMo 2 (norms after the sublayers only, the whole q and k projections
+        normalised), with sliding layers an OLMo 3; refused for a mix that is no OLMo's."""
+        olmo = (not self.pre_norms and self.post_norms and self.qk_norm and self.qk_norm_span == "projection"
+                and self.activation == "silu" and not (self.offset_norms or self.scaled or self.mlp_bias
+                                                       or self.nope_layers)
+                and self.qkv_bias == self.o_bias and (self.sliding_window is None) == (not self.local_layers)
+                and self.attention_multiplier is None and not (self.attn_softcap or self.final_softcap))
+        if not olmo:
+            raise ValueError(f"model {self.name}: norms after the sublayers only or of the whole q and k projections "
+                             "in a mix that is no OLMo 2's or 3's have no config.json this runtime reads")
+        family = "olmo3" if self.local_layers else "olmo2"
+        data.update(model_type=family, architectures=[FAMILIES[family]], hidden_act="silu",
+                    attention_bias=self.qkv_bias)
+        if family == "olmo2":
+            if self.rope_type != "default":
+                data["rope_scaling"] = {"rope_type": self.rope_type, **self.rope_scaling}
+            data.pop("sliding_window")
+            return data
+        full = {"rope_type": self.rope_type, **self.rope_scaling, "rope_theta": data.pop("rope_theta")}
+        data.update(layer_types=["sliding_attention" if i in self.local_layers else "full_attention"
+                                 for i in range(self.num_hidden_layers)],
+                    rope_parameters={"full_attention": full,
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta}})
         return data
 
     def _qwen_window(self) -> dict[str, Any]:
@@ -426,11 +490,15 @@ class ModelConfig:
         qwen_windowed = _check_qwen_fields(data, family, where)
         _check_phi3_fields(data, family, where)
         scalars = {**_granite_scalars(data, family, where), **_gemma_fields(data, family, where)}
-        if family == "gemma3_text":
-            data, scalars["local_rope_theta"] = _gemma3_ropes(data, where)
+        if family in _OLMO_FAMILIES:  # norms after the sublayers only; q and k normalised as whole projections
+            scalars.update(qk_norm=True, qk_norm_span="projection", pre_norms=False, post_norms=True)
+        if family == "olmo3":  # OLMo 2 with Gemma 3's sliding layers (every fourth one global)
+            scalars["local_layers"] = _sliding_layers(data, family, where)
+        if family in ("gemma3_text", "olmo3"):
+            data, scalars["local_rope_theta"] = _layer_kind_ropes(data, where, family)
         if family == "gemma2":  # its sliding layers rotate as the others
             scalars["local_rope_theta"] = _rope_theta(data, where)
-        if family in ("gemma2", "gemma3_text") and not scalars["local_layers"]:  # no sliding layer
+        if family in _LAYER_KINDS and not scalars["local_layers"]:  # no sliding layer
             scalars["local_rope_theta"] = None
         # Qwen's: see _check_qwen_fields; an absent one is what the family's config class defaults it to
         window = None if family in _WINDOW_SWITCHED else data.get("sliding_window", _ABSENT_WINDOW.get(family))
@@ -438,7 +506,7 @@ class ModelConfig:
             window = data.get("sliding_window", 4096)
             if len(qwen_windowed) < data["num_hidden_layers"]:  # those rotate as the others
                 scalars.update(local_layers=qwen_windowed, local_rope_theta=_rope_theta(data, where))
-        if family in ("gemma2", "gemma3_text") and not scalars["local_layers"]:  # only its sliding layers have it
+        if family in _LAYER_KINDS and not scalars["local_layers"]:  # only its sliding layers have it
             window = None
         heads = data["num_attention_heads"]
         # null or absent means the default, as in transformers; any other value (0 too) is
@@ -447,8 +515,10 @@ class ModelConfig:
         if head_dim is None:  # 0 where the sizes are not counts: __post_init__ names the one that is not
             counts = _positive_int(data["hidden_size"]) and _positive_int(heads)
             head_dim = data["hidden_size"] // heads if counts else 0
-        rope_type, scaling = _rope_scaling(data, where)
-        if scalars.get("local_layers") and family != "gemma3_text" and rope_type != "default":  # they'd need it too
+        positions = _or(data.get("max_position_embeddings"), _ABSENT_POSITIONS[family])
+        rope_type, scaling = _rope_scaling(data, where, positions)
+        # they'd need it too (Gemma 3's and OLMo 3's sliding layers have a rope of their own)
+        if scalars.get("local_layers") and family not in ("gemma3_text", "olmo3") and rope_type != "default":
             raise ValueError(f"{where}: rope scaling {rope_type!r} with a sliding window in some layers is not "
                              "implemented; supported: default")
         return cls(name=name, hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
@@ -475,11 +545,11 @@ class ModelConfig:
 _ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4, "gemma3_text": 4, "smollm3": 4}
 # Likewise an absent sliding_window (MistralConfig's is 4096; null: none) and an absent
 # max_position_embeddings (kept, and written back by to_hf_dict; nothing computes with it)
-_ABSENT_WINDOW = {"mistral": 4096, "gemma2": 4096, "gemma3_text": 4096}
-_ABSENT_EPS = {"phi3": 1e-5}  # Phi3Config's; every other family's config class has 1e-6
+_ABSENT_WINDOW = {"mistral": 4096, "gemma2": 4096, "gemma3_text": 4096, "olmo3": 4096}
+_ABSENT_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5}  # Phi3Config's, OLMo's; every other family's: 1e-6
 _ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096, "granite": 2048,
-                     "gemma": 8192, "gemma2": 8192, "gemma3_text": 131072, "smollm3": 32768}
-_ABSENT_THETA = {"smollm3": 2000000.0}  # SmolLM3Config's base; 10000 elsewhere (Gemma 3: _gemma3_ropes)
+                     "gemma": 8192, "gemma2": 8192, "gemma3_text": 131072, "smollm3": 32768, "olmo2": 2048, "olmo3": 2048}
+_ABSENT_THETA = {"smollm3": 2000000.0}  # SmolLM3Config's base; 10000 elsewhere (Gemma 3, OLMo 3: _layer_kind_ropes)
 # Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is, Gemma's 256
 _ABSENT_HEAD_DIM = {"qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3_text": 256}
 
@@ -568,12 +638,12 @@ def _biases(data: Mapping[str, Any], family: str, where: str) -> dict[str, bool]
             raise ValueError(f"{where}: {field} = {_show(value)} is not true or false")
     if family in ("llama", "granite", "smollm3"):  # their attention and MLP read both switches as Llama's do
         return {"qkv_bias": attention, "o_bias": attention, "mlp_bias": mlp}
-    switches = ("attention_bias",) if family in ("qwen3", *_GEMMA_FAMILIES) else ()
+    switches = ("attention_bias",) if family in ("qwen3", *_OLMO_FAMILIES, *_GEMMA_FAMILIES) else ()
     for field, value in (("attention_bias", attention), ("mlp_bias", mlp)):
         if value and field not in switches:
             raise ValueError(f"{where}: {field} = true is not read by transformers for model_type {family!r}; "
                              "supported there: false")
-    if family in ("qwen3", *_GEMMA_FAMILIES):  # q, k, v and o, as Llama's
+    if family in ("qwen3", *_OLMO_FAMILIES, *_GEMMA_FAMILIES):  # q, k, v and o, as Llama's
         return {"qkv_bias": attention, "o_bias": attention}
     return {"qkv_bias": family == "qwen2"}
 
@@ -590,7 +660,7 @@ def _check_qwen_fields(data: Mapping[str, Any], family: str, where: str) -> tupl
     of these fields. Returns the windowed layers (use_sliding_window true: ``_qwen_window_layers``)."""
     if family not in _WINDOW_SWITCHED:
         # layer_types: Gemma 2's and 3's are read by _gemma_fields
-        present = [f for f in (*_QWEN_FIELDS, *(("layer_types",) if family not in ("gemma2", "gemma3_text") else ()))
+        present = [f for f in (*_QWEN_FIELDS, *(("layer_types",) if family not in _LAYER_KINDS else ()))
                    if f in data]
         if present:
             raise ValueError(f"{where}: {present[0]} = {_show(data[present[0]])} is a Qwen field, not implemented "
@@ -694,9 +764,9 @@ def _named_sliding_layers(data: Mapping[str, Any], layers: int, where: str) -> t
 
 
 def _sliding_layers(data: Mapping[str, Any], family: str, where: str) -> tuple[int, ...]:
-    """Gemma 2's and 3's sliding-window layers: ``layer_types`` (transformers 5), else every
-    layer but each ``sliding_window_pattern``-th (6 where absent, as Gemma3TextConfig; Gemma 2:
-    every second, as Gemma2Config)."""
+    """Gemma 2's, Gemma 3's and OLMo 3's sliding-window layers: ``layer_types`` (transformers 5),
+    else every layer but each ``sliding_window_pattern``-th (6 where absent, as Gemma3TextConfig;
+    Gemma 2: every second, as Gemma2Config; OLMo 3, which has no pattern field: every fourth)."""
     layers = _layer_count(data, where)
     if not layers:  # no count: ModelConfig names num_hidden_layers
         return ()
@@ -704,7 +774,7 @@ def _sliding_layers(data: Mapping[str, Any], family: str, where: str) -> tuple[i
     if named is not None:
         return named
     patterns = [data[name] for name in ("sliding_window_pattern", "_sliding_window_pattern") if name in data]
-    pattern = (6 if family == "gemma3_text" else 2) if not patterns else patterns[0]
+    pattern = {"gemma3_text": 6, "olmo3": 4}.get(family, 2) if not patterns else patterns[0]
     if any(other != pattern for other in patterns):
         raise ValueError(f"{where}: sliding_window_pattern = {_show(patterns[0])} and _sliding_window_pattern = "
                          f"{_show(patterns[1])} disagree")
@@ -713,15 +783,22 @@ def _sliding_layers(data: Mapping[str, Any], family: str, where: str) -> tuple[i
     return tuple(i for i in range(layers) if (i + 1) % pattern)
 
 
-def _gemma3_ropes(data: Mapping[str, Any], where: str) -> tuple[dict[str, Any], float]:
-    """Gemma 3's two rotary embeddings: (``data`` with its full-attention layers' rope where
-    ``_rope_scaling`` and ``_rope_theta`` read it, the sliding layers' base). transformers 5
+# the full-attention layers' rotary base where a config leaves it out (Gemma3TextConfig's, Olmo3Config's)
+_ABSENT_FULL_THETA = {"gemma3_text": 1000000.0, "olmo3": 500000.0}
+
+
+def _layer_kind_ropes(data: Mapping[str, Any], where: str, family: str) -> tuple[dict[str, Any], float]:
+    """Gemma 3's and OLMo 3's two rotary embeddings: (``data`` with its full-attention layers' rope
+    where ``_rope_scaling`` and ``_rope_theta`` read it, the sliding layers' base). transformers 5
     writes ``rope_parameters`` by layer kind; 4.x ``rope_theta`` and ``rope_scaling`` (the full
-    layers'; base 1e6 where absent) and ``rope_local_base_freq`` (10000 where absent). The
-    sliding layers' rope must be the default one."""
+    layers'; base ``_ABSENT_FULL_THETA`` where absent) and, Gemma 3's, ``rope_local_base_freq``
+    (10000 where absent; OLMo 3's sliding layers turn by ``rope_theta`` unscaled). The sliding
+    layers' rope must be the default one."""
     data = dict(data)
     params = data.get("rope_parameters")
     local_base = data.get("rope_local_base_freq")
+    if family == "olmo3":  # its sliding layers: the default rope of the model's base
+        local_base = _or(data.get("rope_theta"), _ABSENT_FULL_THETA[family])
     if isinstance(params, dict) and {"full_attention", "sliding_attention"} & set(params):
         extra = sorted(set(params) - {"full_attention", "sliding_attention"})
         if extra:
@@ -732,7 +809,7 @@ def _gemma3_ropes(data: Mapping[str, Any], where: str) -> tuple[dict[str, Any], 
             if not isinstance(spec, dict):
                 raise ValueError(f"{where}: rope_parameters.{kind} = {_show(spec)} is not an object")
         data["rope_parameters"] = full
-        if local_base is not None and local.get("rope_theta", local_base) != local_base:
+        if family == "gemma3_text" and local_base is not None and local.get("rope_theta", local_base) != local_base:
             raise ValueError(f"{where}: rope_local_base_freq = {_show(local_base)} and "
                              f"rope_parameters.sliding_attention.rope_theta = {_show(local['rope_theta'])} disagree")
         local = {"rope_theta": local_base if local_base is not None else 10000.0, **local}
@@ -740,7 +817,7 @@ def _gemma3_ropes(data: Mapping[str, Any], where: str) -> tuple[dict[str, Any], 
         local = {"rope_type": "default", "rope_theta": local_base if local_base is not None else 10000.0}
     nested = data.get("rope_parameters")
     if data.get("rope_theta") is None and not (isinstance(nested, dict) and nested.get("rope_theta") is not None):
-        data["rope_theta"] = 1000000.0  # Gemma3TextConfig's base of the full-attention layers
+        data["rope_theta"] = _ABSENT_FULL_THETA[family]
     spot = f"{where}: the sliding layers'"
     if _rope_scaling({"rope_parameters": local}, spot) != ("default", {}):
         raise ValueError(f"{where}: rope_parameters.sliding_attention = {_show(local)}: a scaled rope in the sliding "
@@ -814,9 +891,11 @@ def _flag(data: Mapping[str, Any], field: str, where: str, absent: bool = False)
     return value
 
 
-def _rope_scaling(data: Mapping[str, Any], where: str) -> tuple[str, dict[str, float | int]]:
+def _rope_scaling(data: Mapping[str, Any], where: str,
+                  positions: int | None = None) -> tuple[str, dict[str, float | int]]:
     """The rope type and its parameters, from ``rope_scaling`` (transformers 4.x) or
-    ``rope_parameters`` (5.x); a type or key this runtime does not compute is refused."""
+    ``rope_parameters`` (5.x); a type or key this runtime does not compute is refused.
+    ``positions``: the model's max_position_embeddings (yarn's original context where not given)."""
     found: dict[str, tuple[str, dict[str, float | int]]] = {}
     for field in ("rope_scaling", "rope_parameters"):
         spec = data.get(field)
@@ -835,7 +914,8 @@ def _rope_scaling(data: Mapping[str, Any], where: str) -> tuple[str, dict[str, f
             raise ValueError(f"{where}: rope scaling {_show(kind)} ({field}.{key}) is not implemented; supported: "
                              f"{', '.join(SUPPORTED_ROPE_TYPES)}")
         takes = ROPE_PARAMETERS[kind]
-        allowed = {*_ROPE_TYPE_KEYS, *takes} | ({"rope_theta"} if field == "rope_parameters" else set())
+        allowed = ({*_ROPE_TYPE_KEYS, *takes} | ({"rope_theta"} if field == "rope_parameters" else set())
+                   | (set(_YARN_MSCALES) if kind == "yarn" else set()))
         # a partial rotary factor of 1 rotates every dim: what this runtime computes (Phi3Config writes it)
         extra = sorted(k for k in spec if k not in allowed
                        and not (k == "partial_rotary_factor" and spec[k] == 1 and not isinstance(spec[k], bool)))
@@ -843,6 +923,8 @@ def _rope_scaling(data: Mapping[str, Any], where: str) -> tuple[str, dict[str, f
             raise ValueError(f"{where}: {field}.{extra[0]} = {_show(spec[extra[0]])} is not implemented for rope "
                              f"type {kind!r}; supported: {', '.join(sorted(allowed))}")
         params = {p: _rope_parameter(spec[p], p) for p in takes if spec.get(p) is not None}
+        if kind == "yarn":
+            params = _yarn_defaults(spec, params, data, positions, f"{where}: {field}")
         problem = rope_problem(kind, params)
         if problem:
             raise ValueError(f"{where}: {field}.{problem}")
@@ -851,6 +933,30 @@ def _rope_scaling(data: Mapping[str, Any], where: str) -> tuple[str, dict[str, f
         raise ValueError(f"{where}: rope_scaling = {_show(data['rope_scaling'])} and rope_parameters = "
                          f"{_show(data['rope_parameters'])} disagree")
     return found.get("rope_parameters") or found.get("rope_scaling") or ("default", {})
+
+
+def _yarn_defaults(spec: Mapping[str, Any], params: dict[str, Any], data: Mapping[str, Any], positions: int | None,
+                   where: str) -> dict[str, Any]:
+    """yarn's parameters with what transformers fills in: the original context from a top-level
+    ``original_max_position_embeddings`` (Phi-3's; it overrides) or else max_position_embeddings,
+    beta_fast 32 and beta_slow 1 (for 0 too: transformers reads them with ``or``), truncate true, and
+    the attention factor from the factor and the mscales where not given."""
+    params = dict(params)
+    top = data.get("original_max_position_embeddings")
+    if top is not None:
+        params["original_max_position_embeddings"] = top
+    elif positions is not None:
+        params.setdefault("original_max_position_embeddings", positions)
+    params["beta_fast"] = params.get("beta_fast") or 32.0
+    params["beta_slow"] = params.get("beta_slow") or 1.0
+    params.setdefault("truncate", True)
+    factor = params.get("factor")
+    if "attention_factor" not in params and isinstance(factor, float) and factor > 0 and math.isfinite(factor):
+        try:
+            params["attention_factor"] = yarn_attention_factor(factor, None, *(spec.get(k) for k in _YARN_MSCALES))
+        except ValueError as exc:
+            raise ValueError(f"{where}.{str(exc).removeprefix('rope: ')}") from None
+    return params
 
 
 def _rope_parameter(value: Any, key: str) -> Any:

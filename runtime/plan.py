@@ -24,6 +24,9 @@ everything after reads those normalised rows as it would the projection's.
 Gemma gates with ``geglu`` where Llama has ``swiglu`` (role as the op); Gemma 3 normalises
 each sublayer's output (role ``post_norm``) before its residual add, and rotates its
 sliding layers with kernels of their own (roles with the suffix ``_local``, ``rope_suffix``).
+OLMo 2 normalises no sublayer's input: each output's norm (``post_norm``) is added to the
+residual stream by an ``add`` (role ``residual_add``), and the last layer's output is normalised
+by ``final_norm`` (``_norms``); its ``qk_norm`` normalises whole projections (``span``).
 With ``quantize="q4"`` every linear layer, the LM head included, uses int4 weights
 (``gemm_q4``/``gemv_q4``, symmetric codes, one scale per ``group_size`` weights).
 
@@ -206,13 +209,29 @@ def _rope(config: ModelConfig, role: str, tokens: int, heads: int, count: int, a
     return KernelCall(role, spec, count)
 
 
+def _norms(config: ModelConfig, rows: int) -> list[KernelCall]:
+    """The RMSNorms of a pass (and the residual adds they take): the first layer's input norm,
+    then each residual add fused into the norm after it (the next sublayer's input, or the final
+    norm), and where the model has them the sublayers' output norms (Gemma 2 and 3). A model
+    without input norms (OLMo 2) normalises each sublayer's output, adds it to the residual stream
+    (``add``, role ``residual_add``) and normalises the last layer's output (``final_norm``)."""
+    c, layers = config, config.num_hidden_layers
+    post = [_norm(c, "post_norm", rows, False, 2 * layers)] if c.post_norms else []
+    if not c.pre_norms:
+        return [*post, _rows("residual_add", "add", rows, c.hidden_size, 2 * layers),
+                _norm(c, "final_norm", rows, False, 1)]
+    return [_norm(c, "first_norm", rows, False, 1), _norm(c, "residual_norm", rows, True, 2 * layers), *post]
+
+
 def _qk_norms(config: ModelConfig, rows: int) -> list[KernelCall]:
-    """Qwen3's norm of each query and key head, over the Q/K/V projection's ``rows`` rows."""
+    """Qwen3's norm of each query and key head (OLMo 2's: of the whole query and of the whole key
+    projection, ``span`` projection), over the Q/K/V projection's ``rows`` rows."""
     c = config
     if not c.qk_norm:
         return []
+    span = {"span": c.qk_norm_span} if c.qk_norm_span != "head" else {}
     spec = KernelSpec.make("qk_norm", {"T": rows, "H": c.num_attention_heads, "HKV": c.num_key_value_heads,
-                                       "D": c.head_dim}, attrs={"eps": c.rms_norm_eps}, dynamic=("T",))
+                                       "D": c.head_dim}, attrs={"eps": c.rms_norm_eps, **span}, dynamic=("T",))
     return [KernelCall("qk_norm", spec, c.num_hidden_layers)]
 
 
@@ -355,8 +374,7 @@ def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: list[
     c, layers = config, config.num_hidden_layers
     attrs = _linear_attrs(dtype, weights, quantize)
     act = GATED_ACTS[c.activation]
-    calls = ([_norm(c, "first_norm", rows, False, 1), _norm(c, "residual_norm", rows, True, 2 * layers)]
-            + ([_norm(c, "post_norm", rows, False, 2 * layers)] if c.post_norms else [])
+    calls = (_norms(c, rows)
             + _layer_linears(c, rows, quantize, group_size, attrs, dynamic_rows)
             + _qk_norms(c, rows)
             + _ropes(c, rows)

@@ -9,7 +9,8 @@ head before the rotary embedding where the config has it (``qk_norm``), and Gran
 where set (embeddings, residual branches, softmax scale, logits). Gemma's way: GeGLU, every
 norm by 1 + its weight, embeddings times sqrt(hidden_size); Gemma 3's too: each sublayer's
 output normalised before its residual add, the sliding layers rotated with their own base;
-SmolLM3's layers without a rotary embedding.
+SmolLM3's layers without a rotary embedding; OLMo 2's norms of the sublayers' outputs alone and
+of the whole query and key projections.
 Quantised weights enter as the float32 weights their int4 codes stand for.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from .generation import Generation, checked_generation, checked_tokens
 from .model_config import ModelConfig
-from .rope_frequencies import inverse_frequencies
+from .rope_frequencies import inverse_frequencies, rotation_scale_of
 from .weights import ModelWeights, bias_name, biased_parts, layer_name
 
 
@@ -41,7 +42,9 @@ def rotate(x: np.ndarray, positions: np.ndarray, theta: float, rope_type: str = 
     half = dim // 2
     freqs = inverse_frequencies(dim, theta, rope_type, **scaling)
     angle = positions.astype(np.float64)[:, None] * freqs[None, :]
-    cos, sin = np.cos(angle).astype(np.float32)[:, None, :], np.sin(angle).astype(np.float32)[:, None, :]
+    scale = rotation_scale_of(rope_type, scaling)  # yarn's attention factor, as transformers scales cos and sin
+    cos = (np.cos(angle) * scale).astype(np.float32)[:, None, :]
+    sin = (np.sin(angle) * scale).astype(np.float32)[:, None, :]
     lo, hi = x[..., :half], x[..., half:]
     return np.concatenate([lo * cos - hi * sin, hi * cos + lo * sin], axis=-1)
 
@@ -110,11 +113,16 @@ class ReferenceModel:
             x = x * np.float32(c.embedding_multiplier)
         positions = np.arange(start, start + t)
         for layer in range(c.num_hidden_layers):
-            h = self._norm(x, layer_name(layer, "input_layernorm"))
-            q = self._project(h, layer, "self_attn.q_proj").reshape(b, t, c.num_attention_heads, c.head_dim)
-            k = self._project(h, layer, "self_attn.k_proj").reshape(b, t, c.num_key_value_heads, c.head_dim)
+            h = self._norm(x, layer_name(layer, "input_layernorm")) if c.pre_norms else x  # OLMo 2: no pre-norm
+            q = self._project(h, layer, "self_attn.q_proj")
+            k = self._project(h, layer, "self_attn.k_proj")
             v = self._project(h, layer, "self_attn.v_proj").reshape(b, t, c.num_key_value_heads, c.head_dim)
-            if c.qk_norm:
+            if c.qk_norm and c.qk_norm_span == "projection":  # OLMo 2: the whole projection is one row
+                q = self._norm(q, layer_name(layer, "self_attn.q_norm"))
+                k = self._norm(k, layer_name(layer, "self_attn.k_norm"))
+            q = q.reshape(b, t, c.num_attention_heads, c.head_dim)
+            k = k.reshape(b, t, c.num_key_value_heads, c.head_dim)
+            if c.qk_norm and c.qk_norm_span == "head":
                 q = self._norm(q, layer_name(layer, "self_attn.q_norm"))
                 k = self._norm(k, layer_name(layer, "self_attn.k_norm"))
             if layer in c.nope_layers:  # SmolLM3's layers without a rotary embedding
@@ -128,9 +136,9 @@ class ReferenceModel:
             v_cache[:, :, start:start + t] = v.transpose(0, 2, 1, 3)
             attn = self._attention(q, k_cache, v_cache, start, c.layer_window(layer))
             out = self._project(attn, layer, "self_attn.o_proj")
-            if c.post_norms:  # Gemma 3: post_attention_layernorm normalises attention's output
+            if c.post_norms:  # Gemma 3, OLMo 2: post_attention_layernorm normalises attention's output
                 x = x + self._norm(out, layer_name(layer, "post_attention_layernorm"))
-                h = self._norm(x, layer_name(layer, "pre_feedforward_layernorm"))
+                h = self._norm(x, layer_name(layer, "pre_feedforward_layernorm")) if c.pre_norms else x
             else:
                 x = x + out * residual
                 h = self._norm(x, layer_name(layer, "post_attention_layernorm"))

@@ -12,6 +12,17 @@ same numbers. The rope types are those of transformers' ``rope_type``:
   L / ``low_freq_factor`` are divided by ``factor``, those shorter than L / ``high_freq_factor``
   are kept, and those in between are blended: f_i ((1 - s) / factor + s) with
   s = (L / w_i - low_freq_factor) / (high_freq_factor - low_freq_factor).
+- ``yarn`` (YaRN: Qwen, OLMo 3, gpt-oss, ...): with D the rotary dim and L =
+  ``original_max_position_embeddings``, pair i blends the default f_i (extrapolated) and
+  f_i / ``factor`` (interpolated) by a ramp r_i = clip((i - lo) / (hi - lo), 0, 1):
+  f_i (1 - r_i) + f_i r_i / factor, where lo and hi are the pairs that turn ``beta_fast`` and
+  ``beta_slow`` times over L: d(b) = D ln(L / (2 pi b)) / (2 ln theta), lo = max(floor(d(beta_fast)),
+  0), hi = min(ceil(d(beta_slow)), D - 1) (no floor and ceil when ``truncate`` is false; hi gains
+  0.001 when lo = hi). YaRN also multiplies cos and sin by an attention factor (transformers'
+  ``attention_scaling``), a kernel attribute here (``attention_factor``, resolved from a config by
+  ``yarn_attention_factor``): the rope kernels multiply cos and sin by it as transformers' rotary
+  embedding does, so the rotated q and k both come out scaled by it (q.k by its square).
+  ``rotation_scale`` is that factor for a kernel's attributes (1 for every other rope type).
 
 A rope is described by flat, JSON-able attributes (they are kernel attributes and go into
 tuning records): ``theta``, and for a scaled rope ``rope_type`` plus the parameters its type
@@ -24,14 +35,21 @@ from typing import Any, Mapping
 
 import numpy as np
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # the parameters each rope type takes, all required (as transformers requires them)
 PARAMETERS: dict[str, tuple[str, ...]] = {
     "default": (),
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    # transformers' defaults (beta_fast 32, beta_slow 1, truncate true) and the attention factor
+    # (``yarn_attention_factor``) are the config parser's to fill in; truncate is the one bool.
+    # attention_factor does not change the frequencies: it scales cos and sin (``rotation_scale``)
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
+             "attention_factor"),
 }
-SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# every parameter of every rope type
+SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                "beta_fast", "beta_slow", "truncate", "attention_factor")
 
 
 def _positive_number(value: Any) -> bool:
@@ -57,17 +75,25 @@ def rope_problem(rope_type: Any, params: Mapping[str, Any]) -> str | None:
         if key == "original_max_position_embeddings":
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 return f"{key} = {value!r} is not a positive integer"
+        elif key == "truncate":
+            if not isinstance(value, bool):
+                return f"{key} = {value!r} is not a bool"
         elif not _positive_number(value):
             return f"{key} = {value!r} is not a positive number"
     if rope_type == "llama3" and not params["low_freq_factor"] < params["high_freq_factor"]:
         return (f"low_freq_factor = {params['low_freq_factor']!r} is not below high_freq_factor = "
                 f"{params['high_freq_factor']!r}")
+    # transformers warns only where beta_fast < beta_slow: equal ones make a (nearly) sharp step
+    if rope_type == "yarn" and params["beta_fast"] < params["beta_slow"]:
+        return (f"beta_fast = {params['beta_fast']!r} is below beta_slow = {params['beta_slow']!r}"
+                f" (the pair turning beta_fast times starts the ramp, beta_slow ends it)")
     return None
 
 
 def inverse_frequencies(head_dim: int, theta: float, rope_type: str = "default",
                         **params: float | int) -> np.ndarray:
-    """f_i for i < head_dim / 2, float64; ``params`` are those ``PARAMETERS[rope_type]`` names."""
+    """f_i for i < head_dim / 2, float64; ``params`` are those ``PARAMETERS[rope_type]`` names
+    (yarn's ``attention_factor`` is checked but scales cos and sin, not the frequencies)."""
     problem = rope_problem(rope_type, params)
     if problem:
         raise ValueError(f"rope: {problem}")
@@ -89,7 +115,66 @@ def inverse_frequencies(head_dim: int, theta: float, rope_type: str = "default",
         scaled = np.where(wavelength > context / low, freqs / factor, freqs)
         middle = (wavelength >= context / high) & (wavelength <= context / low)
         return np.where(middle, freqs * ((1.0 - blend) / factor + blend), scaled)
+    if rope_type == "yarn":
+        return _yarn_frequencies(freqs, head_dim, float(theta), **params)
     return freqs
+
+
+def _yarn_frequencies(freqs: np.ndarray, dim: int, theta: float, factor: float,
+                      original_max_position_embeddings: int, beta_fast: float, beta_slow: float,
+                      truncate: bool, attention_factor: float) -> np.ndarray:
+    """transformers' ``_compute_yarn_parameters`` (its frequencies), in float64; the attention
+    factor is no part of them (``rotation_scale``)."""
+    if theta == 1.0:
+        raise ValueError("rope: theta = 1.0 leaves yarn's correction range undefined (ln theta = 0)")
+    context = float(original_max_position_embeddings)
+
+    def correction_dim(rotations: float) -> float:
+        # the (fractional) pair that turns ``rotations`` times over the original context
+        return dim * math.log(context / (rotations * 2.0 * math.pi)) / (2.0 * math.log(theta))
+
+    low, high = correction_dim(float(beta_fast)), correction_dim(float(beta_slow))
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    extrapolation = 1.0 - ramp
+    # in transformers' order: the interpolated (slowed) frequencies where the ramp is 1, the
+    # pretrained ones where it is 0
+    return (freqs / float(factor)) * (1.0 - extrapolation) + freqs * extrapolation
+
+
+def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """transformers' ``yarn_get_mscale``: 0.1 mscale ln(scale) + 1, or 1 for scale <= 1."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_attention_factor(factor: float, attention_factor: float | None = None, mscale: float | None = None,
+                          mscale_all_dim: float | None = None) -> float:
+    """The factor YaRN multiplies cos and sin by (transformers' ``attention_factor``, returned by
+    ``_compute_yarn_parameters`` as the rotary embedding's ``attention_scaling``): the given
+    ``attention_factor``; else, where ``mscale`` and ``mscale_all_dim`` are both set and non-zero,
+    get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim); else get_mscale(factor) =
+    0.1 ln(factor) + 1 (1 for factor <= 1). ``factor`` is the one the frequencies take (transformers
+    uses max_position_embeddings / original_max_position_embeddings where the config's is None).
+    It scales q.k by its square: a model folds that into the softmax scale."""
+    if not _positive_number(factor):
+        raise ValueError(f"rope: factor = {factor!r} is not a positive number")
+    if attention_factor is not None:
+        if not _positive_number(attention_factor):
+            raise ValueError(f"rope: attention_factor = {attention_factor!r} is not a positive number")
+        return float(attention_factor)
+    for key, value in (("mscale", mscale), ("mscale_all_dim", mscale_all_dim)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise ValueError(f"rope: {key} = {value!r} is not a number")
+    if mscale and mscale_all_dim:
+        return float(_yarn_get_mscale(factor, mscale) / _yarn_get_mscale(factor, mscale_all_dim))
+    return float(_yarn_get_mscale(factor))
 
 
 def rope_attrs(theta: float, rope_type: str = "default", **params: float | int) -> dict[str, Any]:
@@ -101,9 +186,10 @@ def rope_attrs(theta: float, rope_type: str = "default", **params: float | int) 
     attrs: dict[str, Any] = {"theta": float(theta)}
     if rope_type != "default":
         attrs["rope_type"] = rope_type
-        # floats as floats (8 and 8.0 name the same kernel), the context length as an integer
-        attrs.update((key, params[key] if key == "original_max_position_embeddings" else float(params[key]))
-                     for key in PARAMETERS[rope_type])
+        # floats as floats (8 and 8.0 name the same kernel), the context length as an integer,
+        # truncate as a bool
+        attrs.update((key, params[key] if key in ("original_max_position_embeddings", "truncate")
+                      else float(params[key])) for key in PARAMETERS[rope_type])
     return attrs
 
 
@@ -113,3 +199,20 @@ def frequencies_of_attrs(head_dim: int, attrs: Mapping[str, Any]) -> np.ndarray:
     rope_type = attrs.get("rope_type", "default")
     params = {key: attrs[key] for key in PARAMETERS.get(rope_type, ()) if key in attrs}
     return inverse_frequencies(head_dim, attrs["theta"], rope_type, **params)
+
+
+def rotation_scale_of(rope_type: str, params: Mapping[str, Any]) -> float:
+    """The factor cos and sin are multiplied by for ``rope_type`` with ``params`` (as
+    ``inverse_frequencies`` takes them): yarn's ``attention_factor``, 1.0 for every other type."""
+    if rope_type != "yarn":
+        return 1.0
+    value = params.get("attention_factor")
+    if not _positive_number(value):
+        raise ValueError(f"rope: attention_factor = {value!r} is not a positive number")
+    return float(value)
+
+
+def rotation_scale(attrs: Mapping[str, Any]) -> float:
+    """``rotation_scale_of`` a rope kernel's attributes: the factor its kernel multiplies cos and
+    sin by (transformers' ``attention_scaling``), so that it rotates q and k scaled by it."""
+    return rotation_scale_of(attrs.get("rope_type", "default"), attrs)

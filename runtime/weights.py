@@ -46,8 +46,9 @@ DEVICE_LINEARS = tuple(dict.fromkeys(next((f for f, parts in FUSED.items() if p 
 
 # Qwen3's norms of each query and key head (``ModelConfig.qk_norm``)
 QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
-# Gemma 3's norms around the MLP (``ModelConfig.post_norms``; its post_attention_layernorm
-# normalises attention's output, where Llama's normalises the MLP's input)
+# Gemma 2's and 3's norms around the MLP (``ModelConfig.post_norms``; its post_attention_layernorm
+# normalises attention's output, where Llama's normalises the MLP's input; OLMo 2 has the second
+# alone, ``ModelConfig.pre_norms``)
 MLP_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 
@@ -124,10 +125,14 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             layer_name(layer, "mlp.gate_proj"): (i, h), layer_name(layer, "mlp.up_proj"): (i, h),
             layer_name(layer, "mlp.down_proj"): (h, i)})
         shapes.update({bias_name(layer, part): shapes[layer_name(layer, part)][:1] for part in biased_parts(c)})
-        if c.qk_norm:  # Qwen3: one gain per head dim, shared by the heads of q (and of k)
-            shapes.update({layer_name(layer, part): (c.head_dim,) for part in QK_NORMS})
+        if c.qk_norm:  # Qwen3: one gain per head dim, shared by the heads of q (and of k); OLMo 2: one per value
+            q_norm, k_norm = QK_NORMS
+            shapes.update({layer_name(layer, q_norm): (c.head_dim if c.qk_norm_span == "head" else c.q_size,),
+                           layer_name(layer, k_norm): (c.head_dim if c.qk_norm_span == "head" else c.kv_size,)})
         if c.post_norms:
             shapes.update({layer_name(layer, part): (h,) for part in MLP_NORMS})
+        if not c.pre_norms:  # OLMo 2: post_attention_layernorm and post_feedforward_layernorm alone
+            del shapes[layer_name(layer, "input_layernorm")], shapes[layer_name(layer, "pre_feedforward_layernorm")]
     return shapes
 
 

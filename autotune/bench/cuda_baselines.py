@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runtime.rope_frequencies import frequencies_of_attrs
+from runtime.rope_frequencies import frequencies_of_attrs, rotation_scale
 
 BaselineFactory = Callable[[Any, Any, dict, Any], tuple[str, Callable[[], Any]]]
 BASELINES: dict[str, BaselineFactory] = {}
@@ -216,10 +216,12 @@ def _rope(torch, task, t, template):
     x, p = t["X"], t["P"]
     d = task.dims["D"]
     # the inverse frequencies as a float32 buffer, as HF Llama keeps them (scaled by the rope type)
-    freqs = torch.tensor(frequencies_of_attrs(d, template.attrs(task)), dtype=torch.float32, device="cuda")
+    attrs = template.attrs(task)
+    freqs = torch.tensor(frequencies_of_attrs(d, attrs), dtype=torch.float32, device="cuda")
     angle = p.to(torch.float32)[:, None] * freqs[None, :]
     emb = torch.cat([angle, angle], dim=-1)[:, None, :]  # T, 1, D
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    scale = rotation_scale(attrs)  # yarn's attention factor, as HF's rotary embedding applies it (else 1)
+    cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
 
     def rope():
         lo, hi = x[..., : d // 2], x[..., d // 2:]
@@ -273,10 +275,12 @@ def _rotation(torch, task, template, qkv, positions):
     the cos and sin tables are made once, here."""
     d = task.dims
     heads, dim = d["H"] + d["HKV"], d["D"]
-    freqs = torch.tensor(frequencies_of_attrs(dim, template.attrs(task)), dtype=torch.float32, device=qkv.device)
+    attrs = template.attrs(task)
+    freqs = torch.tensor(frequencies_of_attrs(dim, attrs), dtype=torch.float32, device=qkv.device)
     angle = positions.to(torch.float32)[:, None] * freqs[None, :]
     emb = torch.cat([angle, angle], dim=-1)[:, None, :]  # B, 1, D
-    cos, sin = emb.cos().to(qkv.dtype), emb.sin().to(qkv.dtype)
+    scale = rotation_scale(attrs)  # yarn's attention factor, as HF's rotary embedding applies it (else 1)
+    cos, sin = (emb.cos() * scale).to(qkv.dtype), (emb.sin() * scale).to(qkv.dtype)
 
     def rotated():
         x = qkv[:, :heads]

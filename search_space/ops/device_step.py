@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.rope_frequencies import frequencies_of_attrs
+from runtime.rope_frequencies import frequencies_of_attrs, rotation_scale
 
 from ..task import Task
 from ..template import ArgSpec, Operator, register_operator
@@ -130,8 +130,9 @@ class RopeAppendOp(Operator):
 
     def _compute(self, task: Task, qkv: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
         d = task.dims
-        freqs = frequencies_of_attrs(d["D"], self.attrs(task))
-        rotated = rotate_half(qkv[:, :d["H"] + d["HKV"]], positions, freqs)
+        attrs = self.attrs(task)
+        freqs = frequencies_of_attrs(d["D"], attrs)
+        rotated = rotate_half(qkv[:, :d["H"] + d["HKV"]], positions, freqs, rotation_scale(attrs))
         return {"Q": rotated[:, :d["H"]], **_caches(task, rotated[:, d["H"]:], qkv[:, d["H"] + d["HKV"]:], positions)}
 
     def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -208,7 +209,8 @@ class RopeAppendAttentionOp(Operator):
                  v: np.ndarray) -> dict[str, np.ndarray]:
         d = task.dims
         h, hkv, dim = d["H"], d["HKV"], d["D"]
-        rotated = rotate_half(qkv[:, :h + hkv], positions, frequencies_of_attrs(dim, self.attrs(task)))
+        attrs = self.attrs(task)
+        rotated = rotate_half(qkv[:, :h + hkv], positions, frequencies_of_attrs(dim, attrs), rotation_scale(attrs))
         new_k, new_v = rotated[:, h:], qkv[:, h + hkv:]
         out = np.empty((d["B"], h, dim), dtype=rotated.dtype)
         for b, position in enumerate(int(p) for p in positions):

@@ -11,9 +11,10 @@ template reads):
   (the fused residual add of a decoder block: S is the new residual stream).
 - ``layernorm``: X[M,N], G[N], BETA[N] -> Y = (X - mean) / sqrt(var + eps) * G + BETA.
 - ``rope``:      X[T,H,D], P[T] (int32 positions) -> Y[T,H,D], rotate-half (Llama / HF):
-  for i < D/2, f_i = theta^(-2i/D) (rescaled for ``rope_type`` linear or llama3, see
-  ``runtime.rope_frequencies``), a = P[t] * f_i:
-  Y[i] = X[i] cos a - X[i + D/2] sin a,  Y[i + D/2] = X[i + D/2] cos a + X[i] sin a.
+  for i < D/2, f_i = theta^(-2i/D) (rescaled for ``rope_type`` linear, llama3 or yarn, see
+  ``runtime.rope_frequencies``), a = P[t] * f_i, c = s cos a, n = s sin a with s yarn's
+  ``attention_factor`` (1 for the other types, ``rotation_scale``):
+  Y[i] = X[i] c - X[i + D/2] n,  Y[i + D/2] = X[i + D/2] c + X[i] n.
 - ``swiglu``:    G[M,N], U[M,N] -> Y = silu(G) * U, silu(g) = g / (1 + exp(-g)).
 - ``gelu``:      X[M,N] -> Y = 0.5 X (1 + tanh(sqrt(2/pi) (X + 0.044715 X^3))).
 - ``geglu``:     G[M,N], U[M,N] -> Y = gelu(G) * U, gelu as above (Gemma's gated MLP).
@@ -35,7 +36,7 @@ import math
 import numpy as np
 
 from runtime.abi import ATTR_DEFAULTS
-from runtime.rope_frequencies import ROPE_TYPES, SCALING_KEYS, frequencies_of_attrs, rope_problem
+from runtime.rope_frequencies import ROPE_TYPES, SCALING_KEYS, frequencies_of_attrs, rope_problem, rotation_scale
 
 from ..task import Task
 from ..template import ArgSpec, Operator, register_operator
@@ -303,12 +304,15 @@ def check_rope(op: str, task: Task) -> None:
         raise ValueError(f"{op}: {problem}")
 
 
-def rotate_half(x: np.ndarray, positions: np.ndarray, freqs: np.ndarray) -> np.ndarray:
-    """Rotate-half RoPE of x[T, heads, D] at positions[T], pair i turning by position * freqs[i]."""
+def rotate_half(x: np.ndarray, positions: np.ndarray, freqs: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Rotate-half RoPE of x[T, heads, D] at positions[T], pair i turning by position * freqs[i],
+    cos and sin multiplied by ``scale`` (yarn's attention factor, ``rotation_scale``)."""
     half = x.shape[-1] // 2
     dtype = np.float64 if x.dtype == np.float64 else np.float32
     angle = (positions.astype(np.float64)[:, None] * freqs[None, :]).astype(dtype)[:, None, :]  # T,1,D/2
     cos, sin = np.cos(angle), np.sin(angle)
+    if scale != 1.0:
+        cos, sin = cos * dtype(scale), sin * dtype(scale)
     lo, hi = x[..., :half], x[..., half:]
     return np.concatenate([lo * cos - hi * sin, hi * cos + lo * sin], axis=-1)
 
@@ -320,16 +324,24 @@ class RopeOp(Operator):
     dynamic_dims = ("T",)
     dtypes = FLOAT_DTYPES
     # the scaling parameters' defaults are only their types (for --attr) and neutral values: a
-    # rope of type linear or llama3 must name every parameter its type takes (``check``)
+    # rope of a scaled type (linear, llama3, yarn) must name every parameter its type takes (``check``)
     default_attrs = {**ATTR_DEFAULTS["rope"], "factor": 1.0, "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+                     "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True, "attention_factor": 1.0}
     attr_docs = {
         "theta": "RoPE base: position p turns pair i by p * theta^(-2i/D) (before scaling)",
         "rope_type": f"frequency scaling, as transformers' rope_type: {', '.join(ROPE_TYPES)}",
-        "factor": "linear, llama3 (required there): how much slower the (long-wavelength) frequencies turn",
+        "factor": "linear, llama3, yarn (required there): how much slower the (long-wavelength) frequencies turn",
         "low_freq_factor": "llama3 (required): wavelengths above original_max_position_embeddings / this are scaled",
         "high_freq_factor": "llama3 (required): wavelengths below original_max_position_embeddings / this are kept",
-        "original_max_position_embeddings": "llama3 (required): the context length the model was pretrained at",
+        "original_max_position_embeddings": "llama3, yarn (required): the context length the model was pretrained at",
+        "beta_fast": "yarn (required; transformers' default 32): pairs turning more often than this over "
+                     "original_max_position_embeddings are kept",
+        "beta_slow": "yarn (required; transformers' default 1): pairs turning less often than this over "
+                     "original_max_position_embeddings are divided by factor (those between are blended)",
+        "truncate": "yarn (required; transformers' default true): round the blended band's ends out to whole pairs",
+        "attention_factor": "yarn (required; from factor or mscale as transformers computes it): cos and sin are "
+                            "multiplied by it, so the rotated vectors come out scaled by it",
     }
     example_shape = {"T": 512, "H": 32, "D": 128}
     description = "rotary position embedding, rotate-half (Llama), positions as an input"
@@ -358,7 +370,8 @@ class RopeOp(Operator):
                 "P": np.arange(start, start + d["T"], dtype=np.int32)}
 
     def compute(self, task: Task, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        return rotate_half(x, positions, frequencies_of_attrs(task.dims["D"], self.attrs(task)))
+        attrs = self.attrs(task)
+        return rotate_half(x, positions, frequencies_of_attrs(task.dims["D"], attrs), rotation_scale(attrs))
 
     def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"Y": self.compute(task, to_float64(inputs["X"], task.dtype), inputs["P"])}

@@ -1,9 +1,10 @@
 """``rope`` on the CPU: rotate-half rotary embedding of X[T, H, D] at positions P[T].
 
-For i < D/2: a = P[t] f_i with f_i = theta^(-2i/D) (or its linear / llama3 scaling,
+For i < D/2: a = P[t] f_i with f_i = theta^(-2i/D) (or its linear / llama3 / yarn scaling,
 ``runtime.rope_frequencies``); Y[i] = X[i] cos a - X[i+D/2] sin a and
-Y[i+D/2] = X[i+D/2] cos a + X[i] sin a. Angles reach thousands of radians (positions x
-frequencies near 1), where a float32 angle is already off by 1e-4: the angle is formed
+Y[i+D/2] = X[i+D/2] cos a + X[i] sin a, cos and sin multiplied by yarn's attention factor
+(``rotation_scale``; no multiply where it is 1, every other rope type). Angles reach
+thousands of radians (positions x frequencies near 1), where a float32 angle is already off by 1e-4: the angle is formed
 and reduced in float64 (``KernelBuilder.sincos``), the frequencies are float64 constants
 computed at render time like the reference does, and only the reduced angle is float32.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import llvmlite.ir as ir
 
-from runtime.rope_frequencies import frequencies_of_attrs
+from runtime.rope_frequencies import frequencies_of_attrs, rotation_scale
 
 from ..codegen import llvm as cg
 from ..ops.elementwise import RopeOp
@@ -98,6 +99,7 @@ class RopeCpu(RopeOp, Template):
         streaming = c["stores"] == "streaming"
         # the reference's frequencies, bit for bit: float64, scaled as the rope type says
         freqs = [float(f) for f in frequencies_of_attrs(d, self.attrs(task))] + [0.0] * (width - half)
+        scale = rotation_scale(self.attrs(task))  # yarn's attention factor: cos and sin times it
         args = rw.kernel_args(task, self.signature(task), self.workspace(task, config))
         table = {}
 
@@ -114,13 +116,20 @@ class RopeCpu(RopeOp, Template):
             f = kb.load_vec(kb.b.bitcast(table["freqs"], cg.F64.as_pointer()), at, n_lanes, cg.F64)
             return kb.fmul(kb.splat(position, n_lanes), f)
 
+        def scaled(kb: cg.KernelBuilder, sin, cos):
+            """(sin, cos) times the rotation scale; as they are where it is 1."""
+            if scale == 1.0:
+                return sin, cos
+            factor = kb.splat(cg.f32(scale), sin.type.count)
+            return kb.fmul(sin, factor), kb.fmul(cos, factor)
+
         def token(ctx: rw.RowContext, t, _rows: int) -> None:
             kb, b, a = ctx.kb, ctx.kb.b, ctx.arrays
             position = b.sitofp(kb.load(a["P"], t, cg.I32), cg.F64)
             if c["table"] == "per_token":
                 slot = b.mul(ctx.thread, cg.i64(2 * width))
                 with kb.loop(0, width, F64_LANES, name="f") as i:
-                    sin, cos = kb.sincos(angles(kb, position, i, F64_LANES))
+                    sin, cos = scaled(kb, *kb.sincos(angles(kb, position, i, F64_LANES)))
                     kb.store_vec(cos, a["TABLE"], b.add(slot, i))
                     kb.store_vec(sin, a["TABLE"], b.add(slot, b.add(i, cg.i64(width))))
 
@@ -129,7 +138,7 @@ class RopeCpu(RopeOp, Template):
                             kb.load_vec(a["TABLE"], b.add(slot, b.add(off, cg.i64(width))), lanes))
             else:
                 def cos_sin(off):
-                    sin, cos = kb.sincos(angles(kb, position, off, lanes))
+                    sin, cos = scaled(kb, *kb.sincos(angles(kb, position, off, lanes)))
                     return cos, sin
 
             def rotate(first_head, count_heads: int):

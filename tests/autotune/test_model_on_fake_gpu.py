@@ -202,6 +202,21 @@ def test_a_qwen3_model_in_half_precision_keeps_the_float32_tokens_on_cuda(fake_g
     assert_keeps_the_tokens(out, reference, "float16")
 
 
+def generate_on_defaults(config, dtype: str):
+    """(model, its generation, the float32 reference's on the same rounded weights): 24 tokens after a
+    5-token prompt on the template defaults, the decode step captured as a graph."""
+    from export import TunedKernels
+
+    weights = ModelWeights.random(config, seed=5)
+    prompts = np.array([[5, 9, 2, 33, 7]])
+    reference = ReferenceModel(config, weights.rounded(dtype)).generate(prompts, 24)
+    with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
+        model = LlamaModel(config, weights, kernels, dtype=dtype)
+        out = model.generate(prompts, 24)
+    assert model.decode_mode == "graph"
+    return model, out, reference
+
+
 # Gemma 3: GeGLU, norms by 1 + weight (the heads' too), each sublayer's output normalised before its
 # residual add, a sliding layer rotating with its own base, embeddings times 8, softmax scale 1/4
 GEMMA3 = dataclasses.replace(MICRO, name="micro-gemma3", qk_norm=True, post_norms=True, offset_norms=True,
@@ -214,18 +229,32 @@ def test_a_gemma3_model_in_half_precision_keeps_the_float32_tokens_on_cuda(fake_
     """Gemma 3's kernels in 16 bits (geglu, the output norms, two rope kernels), in prefill and in
     the captured step, against the float32 reference on the same rounded weights. The gains
     uploaded are 1 + weight rounded to the model's precision (bfloat16 keeps 8 bits of it)."""
-    from export import TunedKernels
-
-    weights = ModelWeights.random(GEMMA3, seed=5)
-    prompts = np.array([[5, 9, 2, 33, 7]])
-    reference = ReferenceModel(GEMMA3, weights.rounded(dtype)).generate(prompts, 24)
-    with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
-        model = LlamaModel(GEMMA3, weights, kernels, dtype=dtype)
-        out = model.generate(prompts, 24)
-    assert model.decode_mode == "graph"
+    model, out, reference = generate_on_defaults(GEMMA3, dtype)
     used = {(k.spec.op, k.spec.dtype) for k in model.used.values()}
     assert {("geglu", dtype), ("qk_norm", dtype)} <= used and ("swiglu", dtype) not in used
     assert {k.spec.attr.get("theta", 1e4) for k in model.used.values() if k.spec.op == "rope_append"} == {1e4, 1e6}
+    assert_keeps_the_tokens(out, reference, dtype)
+
+
+# OLMo 3: no input norms (each sublayer's output normalised and added), the whole q and k projections
+# normalised, a sliding layer with a 3-token window and the default rope, a full one rotating with YaRN
+OLMO3 = dataclasses.replace(MICRO, name="micro-olmo3", qk_norm=True, qk_norm_span="projection", pre_norms=False,
+                            post_norms=True, sliding_window=3, local_layers=(0,), local_rope_theta=1e4,
+                            rope_type="yarn", rope_factor=8.0, rope_original_max_position_embeddings=4,
+                            rope_beta_fast=32.0, rope_beta_slow=1.0, rope_truncate=True, rope_attention_factor=1.2)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_an_olmo3_model_in_half_precision_keeps_the_float32_tokens_on_cuda(fake_gpu, dtype):
+    """OLMo 3's kernels in 16 bits (qk_norm over whole projections, post norms and residual adds,
+    windowed attention in the sliding layer, YaRN's scaled rotation in the full one), in prefill and
+    in the captured step, against the float32 reference on the same rounded weights."""
+    model, out, reference = generate_on_defaults(OLMO3, dtype)
+    used = {k.spec.op: k.spec for k in model.used.values()}
+    assert used["qk_norm"].attr["span"] == "projection" and used["add"].dtype == dtype
+    assert {k.spec.attr.get("rope_type", "default") for k in model.used.values() if k.spec.op == "rope_append"} == {
+        "default", "yarn"}
+    assert any(k.spec.attr.get("window") == 3 for k in model.used.values() if k.spec.op == "attention_decode")
     assert_keeps_the_tokens(out, reference, dtype)
 
 

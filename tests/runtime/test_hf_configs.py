@@ -61,6 +61,7 @@ LLAMA32_5X = {  # meta-llama/Llama-3.2-1B saved by transformers 5: llama3 scalin
     "rope_parameters": {**_LLAMA3_SCALING, "factor": 32.0, "rope_theta": 500000.0, "rope_type": "llama3"}}
 YARN_5X = {**LLAMA3_5X, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
                                             "original_max_position_embeddings": 8192}}
+DYNAMIC_5X = {**LLAMA3_5X, "rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e6}}
 MISTRAL_V01 = {  # mistralai/Mistral-7B-v0.1: a 4096-token sliding window
     "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
     "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
@@ -160,6 +161,20 @@ SMOLLM3_3B = {  # HuggingFaceTB/SmolLM3-3B: every fourth layer without a rotary 
     "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 5000000.0, "sliding_window": None,
     "torch_dtype": "bfloat16", "transformers_version": "4.54.0.dev0", "use_cache": False,
     "use_sliding_window": False, "vocab_size": 128256}
+OLMO2_1B = {  # allenai/OLMo-2-0425-1B: norms after the sublayers only, whole-projection q/k norms
+    "architectures": ["Olmo2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": None,
+    "eos_token_id": 100257, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 8192, "max_position_embeddings": 4096, "model_type": "olmo2", "num_attention_heads": 16,
+    "num_hidden_layers": 16, "num_key_value_heads": 16, "pad_token_id": 100277, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 500000, "tie_word_embeddings": False, "torch_dtype": "float32",
+    "transformers_version": "4.48.0", "use_cache": True, "vocab_size": 100352}
+OLMO3_7B = {  # allenai/Olmo-3-1025-7B: OLMo 2 with three sliding layers of four, YaRN in the full ones
+    **OLMO2_1B, "architectures": ["Olmo3ForCausalLM"], "model_type": "olmo3", "hidden_size": 4096,
+    "intermediate_size": 11008, "max_position_embeddings": 65536, "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 32, "vocab_size": 100278, "sliding_window": 4096, "transformers_version": "4.57.0",
+    "layer_types": ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(32)],
+    "rope_scaling": {"attention_factor": 1.2079441541679836, "beta_fast": 32, "beta_slow": 1, "factor": 8.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "yarn"}}
 
 # a model small enough to run in milliseconds, in each layout
 SMALL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 64,
@@ -177,16 +192,17 @@ def parse(data: dict) -> ModelConfig:
     (QWEN2, 1000000.0, 2, None), (SMOLLM2, 100000.0, 3, None), (QWEN3, 1000000.0, 8, None),
     (PHI3_MINI, 10000.0, 32, 2047), (PHI4, 250000.0, 10, None), (GRANITE, 5000000.0, 8, None),
     (R1_DISTILL_QWEN, 10000.0, 2, None), (GEMMA_2B, 10000.0, 1, None), (GEMMA3_1B, 1000000.0, 1, 512),
-    (SMOLLM3_3B, 5000000.0, 4, None), (GEMMA2_2B, 10000.0, 4, 4096),
+    (SMOLLM3_3B, 5000000.0, 4, None), (GEMMA2_2B, 10000.0, 4, 4096), (OLMO2_1B, 500000.0, 16, None),
+    (OLMO3_7B, 500000.0, 32, 4096),
 ], ids=["llama2", "llama3-4.x", "llama3-5.x", "tinyllama", "mistral-v0.1", "mistral-v0.2", "qwen2", "smollm2",
         "qwen3", "phi-3-mini", "phi-4", "granite-3.1", "r1-distill-qwen", "gemma-2b", "gemma-3-1b", "smollm3-3b",
-        "gemma-2-2b"])
+        "gemma-2-2b", "olmo-2-1b", "olmo-3-7b"])
 def test_supported_checkpoints_parse_with_their_rope_theta(data, theta, kv_heads, window):
     config = parse(data)
     assert config.rope_theta == theta and config.num_key_value_heads == kv_heads
     assert config.sliding_window == window
     assert config.head_dim == data.get("head_dim", data["hidden_size"] // data["num_attention_heads"])
-    assert config.qk_norm == (data["model_type"] in ("qwen3", "gemma3_text"))
+    assert config.qk_norm == (data["model_type"] in ("qwen3", "gemma3_text", "olmo2", "olmo3"))
     assert config.attn_softcap == data.get("attn_logit_softcapping")
     assert config.max_position_embeddings == data["max_position_embeddings"]
     assert parse(config.to_hf_dict()) == config  # what the reference worker receives parses back the same
@@ -254,8 +270,8 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
 
 
 @pytest.mark.parametrize("data, message", [
-    (YARN_5X, "rope scaling 'yarn' (rope_parameters.rope_type) is not implemented; supported: default, linear, "
-              "llama3"),
+    (DYNAMIC_5X, "rope scaling 'dynamic' (rope_parameters.rope_type) is not implemented; supported: default, linear, "
+                 "llama3, yarn"),
     ({**LLAMA2_4X, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic' (rope_scaling.type)"),
     ({**LLAMA2_4X, "rope_scaling": {"type": "linear"}},
      "rope_scaling.factor is missing: rope type 'linear' needs factor"),
@@ -273,8 +289,8 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
       "rope_parameters": {"rope_type": "linear", "factor": 4.0}}, "rope_scaling = {\"type\": \"linear\", "),
     ({**LLAMA2_4X, "rope_scaling": {"type": "linear", "rope_type": "llama3", "factor": 2.0}},
      "rope_scaling.rope_type and rope_scaling.type disagree"),
-    ({**LLAMA3_4X, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
-     "rope scaling 'yarn' (rope_scaling.rope_type)"),
+    ({**LLAMA3_4X, "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 1, "beta_slow": 32}},
+     "rope_scaling.beta_fast = 1.0 is below beta_slow = 32.0"),
     ({**LLAMA3_5X, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope scaling 'longrope'"),
     ({**LLAMA3_5X, "rope_parameters": {"rope_type": "something-new", "rope_theta": 1e4}}, "'something-new'"),
     ({**LLAMA2_4X, "rope_scaling": {"factor": 2.0}}, "rope_scaling = {\"factor\": 2.0} names no rope type"),
@@ -364,8 +380,8 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**LLAMA2_4X, "rope_theta": 0}, "rope_theta = 0 is not a positive finite number"),
     ({**LLAMA2_4X, "rms_norm_eps": float("inf")}, "rms_norm_eps = Infinity is not a positive finite number"),
     ({**LLAMA2_4X, "rms_norm_eps": float("nan")}, "rms_norm_eps = NaN is not a positive finite number"),
-], ids=["yarn", "dynamic", "linear-no-factor", "linear-zero", "linear-string", "llama3-band", "llama3-missing",
-        "llama3-context", "llama3-extra", "layouts-disagree", "types-disagree", "yarn-4.x", "longrope", "unknown-rope",
+], ids=["dynamic-5.x", "dynamic", "linear-no-factor", "linear-zero", "linear-string", "llama3-band", "llama3-missing",
+        "llama3-context", "llama3-extra", "layouts-disagree", "types-disagree", "yarn-betas", "longrope", "unknown-rope",
         "untyped-scaling", "partial-rotary", "thetas-disagree", "qwen2-window", "qwen2-layer-types",
         "qwen2-layer-count", "families-disagree", "qwen2-field", "gemma2-rope-scaling", "gemma3-multimodal",
         "gemma2-zero-cap", "gemma2-string-cap", "gemma3-bidirectional", "gemma3-erf-gelu", "gemma-silu", "gemma3-field-in-gemma",
@@ -556,6 +572,66 @@ def test_smollm3_is_read_written_back_and_planned_without_rope_in_its_nope_layer
     assert resident["kv_append"].count == 9 and "first_norm" in resident  # no fused norms: attention rotates
 
 
+def test_olmo2_is_read_written_back_and_planned_with_norms_after_its_sublayers():
+    config = parse(OLMO2_1B)
+    assert (config.pre_norms, config.post_norms, config.qk_norm, config.qk_norm_span) == (False, True, True, "projection")
+    assert round(config.parameters / 1e6) == 1485  # OLMo-2-0425-1B's 1.48 B weights
+    assert parse(config.to_hf_dict()) == config and config.to_hf_dict()["model_type"] == "olmo2"
+    bare = parse({k: v for k, v in OLMO2_1B.items() if k not in ("rms_norm_eps", "rope_theta", "max_position_embeddings")})
+    assert (bare.rms_norm_eps, bare.rope_theta, bare.max_position_embeddings) == (1e-5, 10000.0, 2048)  # Olmo2Config's
+    for calls in (prefill_calls(config, 16), decode_calls(config, 1, 64), decode_calls(config, 1, 64, resident=True)):
+        roles = {c.role: c for c in calls}
+        assert not {"first_norm", "residual_norm"} & set(roles)  # no input norms
+        assert roles["post_norm"].count == roles["residual_add"].count == 32 and roles["final_norm"].count == 1
+        assert roles["qk_norm"].spec.attr["span"] == "projection"
+    with pytest.raises(ValueError, match="mlp_bias = true is not read by transformers for model_type 'olmo2'"):
+        parse({**OLMO2_1B, "mlp_bias": True})
+    with pytest.raises(ValueError, match="no OLMo 2's"):  # OLMo 2's norms with Gemma's GeGLU
+        dataclasses.replace(config, activation="gelu_tanh").to_hf_dict()
+    with pytest.raises(ValueError, match="qk_norm_span 'projection' without qk_norm"):
+        dataclasses.replace(config, qk_norm=False)
+    with pytest.raises(ValueError, match="qk_norm_span must be one of head, projection"):
+        dataclasses.replace(config, qk_norm_span="token")
+    with pytest.raises(ValueError, match="pre_norms and post_norms both false"):
+        dataclasses.replace(config, post_norms=False)
+
+
+def test_yarn_is_read_with_transformers_defaults_and_written_back():
+    import math
+
+    config = parse(YARN_5X)
+    assert (config.rope_type, config.rope_factor, config.rope_original_max_position_embeddings) == ("yarn", 4.0, 8192)
+    assert (config.rope_beta_fast, config.rope_beta_slow, config.rope_truncate) == (32.0, 1.0, True)
+    assert config.rope_attention_factor == pytest.approx(0.1 * math.log(4.0) + 1.0)  # from the factor, not given
+    assert parse(config.to_hf_dict()) == config
+    assert config.rope_attrs["attention_factor"] == config.rope_attention_factor  # the rope kernels scale by it
+    # DeepSeek's mscales: their ratio; the original context from max_position_embeddings where left out
+    deepseek = parse({**LLAMA3_5X, "rope_parameters": {"rope_type": "yarn", "factor": 40.0, "mscale": 0.707,
+                                                       "mscale_all_dim": 0.707, "rope_theta": 1e4}})
+    assert deepseek.rope_attention_factor == 1.0 and deepseek.rope_original_max_position_embeddings == 8192
+    with pytest.raises(ValueError, match="rope_parameters.factor is missing: rope type 'yarn' needs factor"):
+        parse({**LLAMA3_5X, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}})
+    with pytest.raises(ValueError, match="rope_parameters.mscale = '1' is not a number"):
+        parse({**LLAMA3_5X, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "mscale": "1", "rope_theta": 1e4}})
+
+
+def test_olmo3_is_read_written_back_and_planned_with_windows_and_yarn_in_its_layer_kinds():
+    config = parse(OLMO3_7B)
+    assert config.local_layers == tuple(i for i in range(32) if (i + 1) % 4) and config.sliding_window == 4096
+    assert config.local_rope_theta == config.rope_theta == 500000.0 and config.rope_type == "yarn"
+    assert config.layer_rope_attrs(0) == {"theta": 500000.0} and config.layer_rope_attrs(3)["rope_type"] == "yarn"
+    assert round(config.parameters / 1e9, 2) == 7.30
+    assert parse(config.to_hf_dict()) == config and config.to_hf_dict()["model_type"] == "olmo3"
+    assert parse({k: v for k, v in OLMO3_7B.items() if k != "layer_types"}) == config  # every fourth layer full
+    plain = parse({k: v for k, v in OLMO3_7B.items() if k not in ("rope_scaling", "rope_theta")})
+    assert plain.rope_theta == plain.local_rope_theta == 500000.0 and not plain.split_rope  # Olmo3Config's base
+    calls = {c.role: c for c in prefill_calls(config, 8192)}
+    assert calls["attention_local"].spec.attr["window"] == 4096 and calls["attention"].count == 8
+    assert calls["rope_q_local"].count == 24 and calls["rope_q"].spec.attr["rope_type"] == "yarn"
+    with pytest.raises(ValueError, match="sliding_window_pattern = 4 is a Gemma 2 / 3 field"):
+        parse({**OLMO3_7B, "sliding_window_pattern": 4})
+
+
 def test_gemma2_is_read_written_back_and_planned_with_capped_attention():
     config = parse(GEMMA2_2B)
     assert (config.attn_softcap, config.final_softcap, config.post_norms, config.qk_norm) == (50.0, 30.0, True, False)
@@ -594,8 +670,8 @@ def test_a_qwen2_window_is_ignored_while_use_sliding_window_is_false():
 
 
 def test_load_model_config_names_the_file(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(YARN_5X))
-    with pytest.raises(ValueError, match=r"^.*config\.json: rope scaling 'yarn' \(rope_parameters.rope_type\)"):
+    (tmp_path / "config.json").write_text(json.dumps(DYNAMIC_5X))
+    with pytest.raises(ValueError, match=r"^.*config\.json: rope scaling 'dynamic' \(rope_parameters.rope_type\)"):
         load_model_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_5X))
     assert load_model_config(tmp_path).rope_theta == 500000.0
@@ -771,12 +847,12 @@ def _cli(tmp_path, *args):
 
 
 @pytest.mark.parametrize("data, message", [
-    (YARN_5X, "rope scaling 'yarn' (rope_parameters.rope_type) is not implemented"),
+    (DYNAMIC_5X, "rope scaling 'dynamic' (rope_parameters.rope_type) is not implemented"),
     ({**LLAMA2_4X, "hidden_act": "gelu_pytorch_tanh"}, "hidden_act 'gelu_pytorch_tanh' is not implemented"),
     ({**SMOLLM3_3B, "use_sliding_window": True, "sliding_window": 4096}, "use_sliding_window = true"),
     ({**MISTRAL_V01, "attention_bias": True}, "attention_bias = true"),
     ({**SMALL, "rope_theta": float("inf")}, "rope_theta = Infinity is not a positive finite number"),
-], ids=["yarn", "gelu", "smollm3-window", "mistral-bias", "theta-infinite"])
+], ids=["dynamic", "gelu", "smollm3-window", "mistral-bias", "theta-infinite"])
 def test_run_with_a_refused_config_is_one_line_and_exit_2(data, message, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(data))
     (tmp_path / "empty.jsonl").write_text("")

@@ -30,6 +30,8 @@ GEMMA3_TINY = dataclasses.replace(TINY, name="tiny-gemma3", qk_norm=True, rope_t
 GEMMA2_TINY = dataclasses.replace(TINY, name="tiny-gemma2", attn_softcap=0.02, final_softcap=0.2,
                                   local_rope_theta=TINY.rope_theta, **GEMMA_COMMON)
 SMOLLM3_TINY = dataclasses.replace(TINY, name="tiny-smollm3", nope_layers=(1,))
+OLMO2_TINY = dataclasses.replace(TINY, name="tiny-olmo2", qk_norm=True, qk_norm_span="projection", pre_norms=False,
+                                 post_norms=True)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,8 @@ def monkeypatch_module():
         yield patch
 
 
-@pytest.mark.parametrize("config", [TINY, QWEN3_TINY, GRANITE_TINY, GEMMA3_TINY, GEMMA2_TINY, SMOLLM3_TINY],
+@pytest.mark.parametrize("config", [TINY, QWEN3_TINY, GRANITE_TINY, GEMMA3_TINY, GEMMA2_TINY, SMOLLM3_TINY,
+                                    OLMO2_TINY],
                          ids=lambda c: c.name)
 def test_the_torch_baseline_computes_what_the_reference_computes(gpu_model, config):
     weights = ModelWeights.random(config, seed=5)
@@ -69,7 +72,7 @@ def test_the_torch_baseline_computes_what_the_reference_computes(gpu_model, conf
     scale = np.abs(want).max()
     assert np.abs(ours - want).max() < 1e-4 * scale and np.abs(step - want_step).max() < 1e-4 * scale
     # what each family adds matters at this scale: without it the logits differ
-    undone = {"qk_norm": dict(qk_norm=False), "attn_softcap": dict(attn_softcap=None),
+    undone = {"qk_norm": dict(qk_norm=False, qk_norm_span="head"), "attn_softcap": dict(attn_softcap=None),
               "final_softcap": dict(final_softcap=None), "sliding_window": dict(sliding_window=None),
               "nope_layers": dict(nope_layers=())}
     for field, change in undone.items():

@@ -130,6 +130,30 @@ FAMILIES = {
                                       no_rope_layer_interval=2, **PHI3_IDS), "5.x"),
     "smollm3-4.x": ("SmolLM3Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 5e6},
                                           no_rope_layers=[0, 1], **PHI3_IDS), "4.x"),
+    # OLMo 2: norms after the sublayers only, the whole q and k projections normalised; the 4.x one as
+    # OLMo-2-0425-1B ships (rope_theta at the top level, rope_scaling null), with attention biases on
+    "olmo2": ("Olmo2Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5}), "5.x"),
+    "olmo2-4.x": ("Olmo2Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+                                      attention_bias=True, **PHI3_IDS), "4.x"),
+    # YaRN: the original context shrunk to 16 so that the blend band and the attention factor act at these
+    # lengths; the 4.x one with every parameter given, the 5.x one with transformers' defaults
+    "qwen3-yarn": ("Qwen3Config", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                                                        "original_max_position_embeddings": 16}), "5.x"),
+    "llama-yarn-4.x": ("LlamaConfig", dict(rope_parameters={
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "attention_factor": 1.3,
+        "beta_fast": 16.0, "beta_slow": 2.0, "rope_theta": 1e4}), "4.x"),
+    # OLMo 3: OLMo 2 with a window (shorter than the prompt) in its sliding layers and YaRN in its full
+    # ones; the 4.x one as Olmo-3-7B ships (rope_theta and rope_scaling at the top level)
+    "olmo3": ("Olmo3Config", dict(rope_parameters={
+        "full_attention": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16,
+                           "attention_factor": 1.2079441541679836, "beta_fast": 32, "beta_slow": 1, "rope_theta": 5e5},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}}, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"]), "5.x"),
+    "olmo3-4.x": ("Olmo3Config", dict(rope_parameters={
+        "full_attention": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16,
+                           "rope_theta": 5e5},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}}, sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"]), "olmo3-4.x"),
 }
 # the model class of a config class, where it is not the config's name with ForCausalLM
 MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM"}
@@ -138,8 +162,9 @@ MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM"}
 CONFIG_EDITS = {"qwen2-4.x": dict(sliding_window=16, max_window_layers=1), "gemma": dict(hidden_act="gelu"),
                 "smollm3-4.x": dict(pretraining_tp=2, max_window_layers=1, use_sliding_window=False),
                 "gemma2-4.x": dict(hidden_act="gelu_pytorch_tanh")}
-BIASED = ["qwen2", "qwen2-4.x", "llama-biases", "qwen3-4.x"]
-QK_NORMED = ["qwen3", "qwen3-4.x", "gemma3", "gemma3-4.x"]
+BIASED = ["qwen2", "qwen2-4.x", "llama-biases", "qwen3-4.x", "olmo2-4.x"]
+QK_NORMED = ["qwen3", "qwen3-4.x", "gemma3", "gemma3-4.x", "olmo2", "olmo2-4.x", "olmo3"]
+YARNS = ["qwen3-yarn", "llama-yarn-4.x", "olmo3", "olmo3-4.x"]
 GEMMAS = ["gemma", "gemma2", "gemma3", "gemma3-4.x"]
 
 
@@ -167,6 +192,18 @@ def _gemma3_to_4x_layout(folder: Path) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
+def _olmo3_to_4x_layout(folder: Path) -> None:
+    """Rewrite a transformers 5 OLMo 3 config.json as Olmo-3-7B ships it (transformers 4.57): the
+    base at the top level, the full layers' scaling in ``rope_scaling``."""
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    rope = data.pop("rope_parameters")
+    full = dict(rope["full_attention"])
+    assert rope["sliding_attention"] == {"rope_type": "default", "rope_theta": full["rope_theta"]}
+    data.update(rope_theta=full.pop("rope_theta"), rope_scaling=full)
+    path.write_text(json.dumps(data, indent=2))
+
+
 def _save(folder: Path, family: str):
     config_class, arguments, layout = FAMILIES[family]
     config = getattr(transformers, config_class)(**{**DIMS, **arguments})
@@ -176,6 +213,8 @@ def _save(folder: Path, family: str):
     model.save_pretrained(folder, safe_serialization=True)
     if layout == "gemma3-4.x":
         _gemma3_to_4x_layout(folder)
+    elif layout == "olmo3-4.x":
+        _olmo3_to_4x_layout(folder)
     elif layout.startswith("4.x"):
         _to_4x_layout(folder, rope_theta=layout == "4.x")
     if family in CONFIG_EDITS:
@@ -277,6 +316,24 @@ def test_the_rope_settings_matter_at_these_lengths(family, checkpoints, prompts)
     assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE
 
 
+@pytest.mark.parametrize("family", YARNS)
+def test_yarn_matters_its_frequencies_and_its_attention_factor(family, checkpoints, prompts):
+    """The comparisons above can fail: with the default rope of the same base in place of YaRN, or
+    YaRN's frequencies without its attention factor (cos and sin scaled by it, in the full layers
+    only in OLMo 3), the logits leave the tolerance far behind."""
+    model, folder = checkpoints[family]
+    config, weights = _load(folder)
+    assert config.rope_type == "yarn" and config.rope_attention_factor > 1.0
+    assert (config.local_layers == (0,)) == family.startswith("olmo3")
+    plain = dict(rope_type="default", rope_factor=None, rope_original_max_position_embeddings=None,
+                 rope_beta_fast=None, rope_beta_slow=None, rope_truncate=None, rope_attention_factor=None)
+    for changed in (plain, dict(rope_attention_factor=1.0)):
+        other = dataclasses.replace(config, **changed)
+        generation = ReferenceModel(other, weights).generate(prompts, NEW_TOKENS)
+        want = _teacher_forced_logits(model, prompts, generation.tokens)
+        assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE, changed
+
+
 @pytest.mark.parametrize("family", BIASED)
 def test_the_biases_matter(family, checkpoints, prompts):
     """The comparisons above can fail: without its biases (what a loader that skipped them would
@@ -295,7 +352,8 @@ def test_the_bias_flags_are_those_of_each_family(checkpoints):
     flags = {family: tuple(getattr(load_model_config(checkpoints[family][1]), f)
                            for f in ("qkv_bias", "o_bias", "mlp_bias")) for family in BIASED}
     assert flags == {"qwen2": (True, False, False), "qwen2-4.x": (True, False, False),
-                     "llama-biases": (True, True, True), "qwen3-4.x": (True, True, False)}
+                     "llama-biases": (True, True, True), "qwen3-4.x": (True, True, False),
+                     "olmo2-4.x": (True, True, False)}
     assert load_model_config(checkpoints["qwen2-4.x"][1]).sliding_window is None
 
 
@@ -325,7 +383,7 @@ def test_the_norms_of_the_query_and_key_heads_matter(family, checkpoints, prompt
     if config.offset_norms:  # Gemma 3: without them the runtime would not compute Gemma 3 at all
         config = dataclasses.replace(config, offset_norms=False)
         weights = ModelWeights(config, {n: t + 1 if n.endswith("norm.weight") else t for n, t in weights.tensors.items()})
-    plain = dataclasses.replace(config, qk_norm=False)
+    plain = dataclasses.replace(config, qk_norm=False, qk_norm_span="head")
     kept = ModelWeights(plain, {n: t for n, t in weights.tensors.items() if "_norm." not in n or "layernorm" in n})
     assert len(kept.tensors) == len(weights.tensors) - 2 * config.num_hidden_layers
     generation = ReferenceModel(plain, kept).generate(prompts, NEW_TOKENS)
@@ -415,15 +473,12 @@ def _save_config(folder: Path, config) -> Path:
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
-                           "rope_theta": 10000.0}),
-     "rope scaling 'yarn' (rope_parameters.rope_type) is not implemented; supported: default, linear, llama3"),
     (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
-     "rope scaling 'dynamic' (rope_parameters.rope_type) is not implemented"),
+     "rope scaling 'dynamic' (rope_parameters.rope_type) is not implemented; supported: default, linear, llama3, yarn"),
     (dict(hidden_act="gelu_pytorch_tanh"), "hidden_act 'gelu_pytorch_tanh' is not implemented; supported: silu"),
     (dict(config="Qwen2Config", layer_types=["full_attention", "sliding_attention"]),
      'layer_types = ["full_attention", "sliding_attention"] is not implemented'),
-], ids=["yarn", "dynamic", "gelu", "qwen2-layer-types"])
+], ids=["dynamic", "gelu", "qwen2-layer-types"])
 def test_a_transformers_config_the_runtime_does_not_implement_is_refused(arguments, message, tmp_path):
     arguments = dict(arguments)
     config_class = getattr(transformers, arguments.pop("config", "LlamaConfig"))
@@ -453,7 +508,8 @@ def test_the_sliding_window_matters(family, checkpoints, default_kernels, prompt
 
 
 @pytest.mark.parametrize("family", ["llama3.1", "qwen2", "qwen3", "qwen3-4.x", "granite", "gemma", "gemma3",
-                                    "smollm3", "mistral-window", "gemma3-window", "gemma2", "qwen2-window"])
+                                    "smollm3", "mistral-window", "gemma3-window", "gemma2", "qwen2-window",
+                                    "olmo2-4.x", "olmo3"])
 def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints, prompts, greedy, fake_gpu):
     """The same on the CUDA path (fake GPU: cubins built by nvcc, run on the emulator): device
     buffers, the decode step captured as a graph, rope scaling (Llama 3.1), biases (Qwen2) and

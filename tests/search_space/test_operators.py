@@ -139,10 +139,13 @@ def test_qk_norm_by_projection_is_one_rms_row_per_projection(dtype):
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
+YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
+        "beta_slow": 1.0, "truncate": True, "attention_factor": 1.2079441541679836}
 
 
 @pytest.mark.parametrize("attrs, message", [
-    ({"rope_type": "yarn", "factor": 2.0}, "rope_type = 'yarn' is not implemented; supported: default, linear, llama3"),
+    ({"rope_type": "dynamic", "factor": 2.0},
+     "rope_type = 'dynamic' is not implemented; supported: default, linear, llama3, yarn"),
     ({"factor": 2.0}, "factor = 2.0 does not apply to rope type 'default'"),
     ({"rope_type": "linear"}, "factor is missing: rope type 'linear' needs factor"),
     ({"rope_type": "linear", "factor": -1.0}, "factor = -1.0 is not a positive number"),
@@ -150,6 +153,11 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
     ({**LLAMA3, "high_freq_factor": 0.5}, "low_freq_factor = 1.0 is not below high_freq_factor = 0.5"),
     ({**LLAMA3, "original_max_position_embeddings": 0}, "original_max_position_embeddings = 0 is not a positive"),
     ({"theta": 0.0}, "theta = 0.0 is not a positive number"),
+    ({**YARN, "beta_fast": 0.5}, "beta_fast = 0.5 is below beta_slow = 1.0"),
+    ({**YARN, "truncate": False, "beta_slow": -1.0}, "beta_slow = -1.0 is not a positive number"),
+    ({k: v for k, v in YARN.items() if k != "truncate"}, "truncate is missing: rope type 'yarn' needs factor"),
+    ({k: v for k, v in YARN.items() if k != "attention_factor"}, "attention_factor is missing: rope type 'yarn'"),
+    ({**YARN, "attention_factor": -1.0}, "attention_factor = -1.0 is not a positive number"),
 ])
 def test_rope_attributes_outside_the_implemented_scalings_are_refused(attrs, message):
     with pytest.raises(ValueError) as caught:

@@ -156,6 +156,10 @@ SCALED_ROPES = [  # llama3 with a short original context, so that D = 24 has pai
     {"theta": 10000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 64},
     {"theta": 500000.0, "rope_type": "linear", "factor": 4.0},
+    # yarn with a short original context: D = 24 has pairs 0-3 kept, 4-7 blended, 8-11 divided by the factor;
+    # cos and sin scaled by OLMo 3's attention factor
+    {"theta": 10000.0, "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 2048,
+     "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True, "attention_factor": 1.2079441541679836},
 ]
 
 

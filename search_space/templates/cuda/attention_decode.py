@@ -49,7 +49,7 @@ from ...target import Target
 from ...task import Task
 from ...template import ArgSpec, KernelSource, Template, register_template
 from .limits import occupancy
-from .rope import ROPE_ANGLE, frequency_table
+from .rope import rope_code
 
 STATIC_SMEM = 48 << 10
 LOG2E = 1.4426950408889634
@@ -224,8 +224,7 @@ class RopeAppendAttentionCuda(SplitKvDecode, RopeAppendAttentionOp, Template):
         self.check(task)
         kernel = (_KERNEL.replace("@POSITION@\n", _POSITION).replace("@END@", _CACHED_END)
                   .replace("@Q_VECTOR@", _ROTATED_Q_VECTOR).replace("@NEW_ROW@", _NEW_ROW))
-        constants = ("constexpr int HALF = D / 2;\n" + frequency_table(task, self.attrs(task)) + ROPE_ANGLE
-                     + _ROTATED_VECTOR)
+        constants = ("constexpr int HALF = D / 2;\n" + rope_code(task, self.attrs(task)) + _ROTATED_VECTOR)
         # always a step of the captured graph: it waits for the projection's rows
         return self._source(task, config, target, True, kernel, constants, "(cached + 1)",
                             "rope_append_attention_splitkv")

@@ -28,7 +28,7 @@ from ...target import Target
 from ...task import Task
 from ...template import KernelSource, Template, register_template
 from .limits import occupancy
-from .rope import ROPE_ANGLE, frequency_table
+from .rope import rope_code
 
 REGISTERS = 40  # about what ptxas gives these small kernels (32-52): the estimate before a build
 
@@ -130,7 +130,7 @@ class RopeAppendCuda(RopeAppendOp, Template):
         d = task.dims
         constants = (f"constexpr int H = {d['H']};\nconstexpr int HKV = {d['HKV']};\nconstexpr int D = {d['D']};\n"
                      "constexpr int HALF = D / 2;\n" + static_dims(task, ("S",))
-                     + frequency_table(task, self.attrs(task)) + ROPE_ANGLE)
+                     + rope_code(task, self.attrs(task)))
         # a step of the captured decode graph: the next kernel may launch at once, this one waits for the rows
         _, trigger, wait = grid_dependency_code(True)
         body = _ROPE_APPEND.replace("(@PARAMS@) {\n", "(@PARAMS@) {" + trigger + wait)

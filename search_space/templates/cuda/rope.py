@@ -5,17 +5,19 @@ dims i of the low half of one head's row and the matching dims i + D/2 of the hi
 numbered so that consecutive threads move consecutive 16-byte vectors of each half.
 Items per thread are a compile-time count (H, D static), unrolled.
 
-Angles: a = P[t] * f_i with f_i = theta^(-2i/D) (or its linear / llama3 scaling) from a
+Angles: a = P[t] * f_i with f_i = theta^(-2i/D) (or its linear / llama3 / yarn scaling) from a
 float64 table compiled in (``runtime.rope_frequencies``: the numbers the reference uses),
 multiplied in float64 and reduced to [-pi, pi] in float64, so that __sincosf (absolute
 error 2^-21.4 there) stays accurate at positions of many thousands where a float32 product
-alone would be off by 1e-4.
+alone would be off by 1e-4. A yarn rope's cos and sin are then multiplied by its attention
+factor (``rotation_scale``, as transformers' rotary embedding does); every other rope's source
+has no such multiply (``rope_code``: the same source, the same compiled-kernel cache key).
 ``trig = shared``: the block computes cos/sin once per (token, i) into shared memory and
 every head reuses them; ``trig = registers``: each thread computes its own.
 """
 from __future__ import annotations
 
-from runtime.rope_frequencies import frequencies_of_attrs
+from runtime.rope_frequencies import frequencies_of_attrs, rotation_scale
 
 from ...codegen.cuda import PREAMBLE, VECTOR_HELPERS, c_type, dim_scalars, kernel_params, registers_ok, static_dims
 from ...ops.common import ITEMSIZE
@@ -45,6 +47,22 @@ def frequency_table(task: Task, attrs) -> str:
     numbers the reference turns by (``runtime.rope_frequencies``)."""
     table = ", ".join(repr(float(f)) for f in frequencies_of_attrs(task.dims["D"], attrs))
     return f"__device__ const double INV_FREQ[HALF] = {{{table}}};\n"
+
+
+def rope_code(task: Task, attrs) -> str:
+    """``frequency_table`` and the ``rope_angle`` device function of a rope's attributes (after
+    ``HALF``): ``ROPE_ANGLE`` as it is where the rotation scale is 1 (every rope type but yarn), else
+    with cos and sin multiplied by ``ROPE_SCALE``, yarn's attention factor (``rotation_scale``).
+    Every rope kernel takes its angles from here."""
+    scale = rotation_scale(attrs)
+    if scale == 1.0:
+        return frequency_table(task, attrs) + ROPE_ANGLE
+    scaled = ROPE_ANGLE.replace(
+        "&s, &c);\n}", "&s, &c);\n  c *= ROPE_SCALE;\n  s *= ROPE_SCALE;\n}")
+    assert scaled != ROPE_ANGLE
+    return (frequency_table(task, attrs)
+            + "// yarn's attention factor: cos and sin times it (transformers' attention_scaling)\n"
+            f"constexpr float ROPE_SCALE = {float(scale)!r}f;\n" + scaled)
 
 
 def _items(task: Task, c: dict) -> int:
@@ -154,7 +172,7 @@ class RopeCuda(RopeOp, Template):
             "constexpr int ITEMS = TOKENS * H * NPV;\n"
             "constexpr int PER_THREAD = (ITEMS + THREADS - 1) / THREADS;\n"
             + static_dims(task, ("T",))
-            + frequency_table(task, self.attrs(task)) + ROPE_ANGLE
+            + rope_code(task, self.attrs(task))
             + f'extern "C" __global__ void __launch_bounds__(THREADS) rope_rows({kernel_params(args)}) {{\n'
             "  typedef T_ E;\n"
             "  const long long t0 = (long long)blockIdx.x * TOKENS;\n"

@@ -1,0 +1,223 @@
+"""``runtime.rope_frequencies``' YaRN against transformers' own ``_compute_yarn_parameters``
+(``ROPE_INIT_FUNCTIONS["yarn"]``, float32 there, float64 here): the frequencies of every pair
+and the attention factor it returns, and the parameters refused."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from runtime.rope_frequencies import (PARAMETERS, SCALING_KEYS, frequencies_of_attrs, inverse_frequencies,
+                                      rope_attrs, rope_problem, rotation_scale, rotation_scale_of,
+                                      yarn_attention_factor)
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
+
+# name -> (head_dim, theta, rope_parameters as a config gives them, max_position_embeddings)
+YARN_CASES = {
+    # Qwen2.5 / Qwen3's long-context recipe: factor 4 over a pretrained 32768
+    "qwen-128": (128, 1e6, {"factor": 4.0, "original_max_position_embeddings": 32768}, 131072),
+    "qwen-64": (64, 1e6, {"factor": 4.0, "original_max_position_embeddings": 32768}, 131072),
+    # OLMo 3's: every parameter given, the attention factor too
+    "olmo3-128": (128, 5e5, {"factor": 8.0, "original_max_position_embeddings": 8192, "beta_fast": 32,
+                             "beta_slow": 1, "attention_factor": 1.2079441541679836}, 65536),
+    "olmo3-64": (64, 5e5, {"factor": 8.0, "original_max_position_embeddings": 8192, "beta_fast": 32,
+                           "beta_slow": 1, "attention_factor": 1.2079441541679836}, 65536),
+    # gpt-oss's: truncate false (the band's ends not rounded to whole pairs)
+    "gpt-oss": (64, 150000.0, {"factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+                               "beta_slow": 1.0, "truncate": False}, 131072),
+    # DeepSeek's attention factor from mscale / mscale_all_dim, other betas
+    "mscale": (64, 10000.0, {"factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 16,
+                             "beta_slow": 2, "mscale": 0.707, "mscale_all_dim": 1.0}, 163840),
+    # mscale without mscale_all_dim: the attention factor from factor alone
+    "mscale-alone": (32, 10000.0, {"factor": 2.0, "original_max_position_embeddings": 256, "mscale": 0.707},
+                     512),
+    # a short context: the blended band in the middle of a small head
+    "short": (24, 10000.0, {"factor": 8.0, "original_max_position_embeddings": 2048}, 16384),
+    # beta_fast = beta_slow untruncated: the band's ends equal, transformers' 0.001 apart
+    "sharp": (16, 10000.0, {"factor": 2.0, "original_max_position_embeddings": 64, "beta_fast": 3.0,
+                            "beta_slow": 3.0, "truncate": False}, 128),
+    # a context so long that the band begins past the last pair (clamped: every pair interpolated)
+    "clamped": (16, 10000.0, {"factor": 2.0, "original_max_position_embeddings": 10 ** 12}, 2 * 10 ** 12),
+    # factor 1: the pretrained frequencies and attention factor 1
+    "factor-1": (64, 10000.0, {"factor": 1.0, "original_max_position_embeddings": 4096}, 4096),
+}
+
+
+def _transformers_yarn(head_dim: int, theta: float, rope: dict, max_positions: int):
+    config = transformers.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=4,
+                                      head_dim=head_dim, max_position_embeddings=max_positions,
+                                      rope_parameters={"rope_type": "yarn", "rope_theta": theta, **rope})
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    return inv_freq.double().numpy(), attention_factor
+
+
+def _kernel_params(rope: dict, max_positions: int) -> dict:
+    """The kernel parameters with transformers' defaults filled in, as the config parser does."""
+    factor = rope.get("factor")
+    return {"factor": float(factor if factor is not None
+                            else max_positions / rope["original_max_position_embeddings"]),
+            "original_max_position_embeddings": rope["original_max_position_embeddings"],
+            "beta_fast": float(rope.get("beta_fast") or 32), "beta_slow": float(rope.get("beta_slow") or 1),
+            "truncate": rope.get("truncate", True),
+            "attention_factor": yarn_attention_factor(float(factor if factor is not None else
+                                                            max_positions / rope["original_max_position_embeddings"]),
+                                                      rope.get("attention_factor"), rope.get("mscale"),
+                                                      rope.get("mscale_all_dim"))}
+
+
+@pytest.mark.parametrize("name", list(YARN_CASES))
+def test_yarn_frequencies_and_attention_factor_are_those_of_transformers(name):
+    head_dim, theta, rope, max_positions = YARN_CASES[name]
+    theirs, their_factor = _transformers_yarn(head_dim, theta, rope, max_positions)
+    params = _kernel_params(rope, max_positions)
+    ours = inverse_frequencies(head_dim, theta, "yarn", **params)
+    assert ours.dtype == np.float64 and ours.shape == (head_dim // 2,)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    # the kernel attributes name the same rotation
+    attrs = rope_attrs(theta, "yarn", **params)
+    np.testing.assert_array_equal(frequencies_of_attrs(head_dim, attrs), ours)
+    ours_factor = yarn_attention_factor(params["factor"], rope.get("attention_factor"), rope.get("mscale"),
+                                        rope.get("mscale_all_dim"))
+    assert isinstance(ours_factor, float) and ours_factor == pytest.approx(their_factor, rel=1e-12)
+    # the kernels scale cos and sin by it
+    assert rotation_scale(attrs) == ours_factor == rotation_scale_of("yarn", params)
+
+
+def test_yarn_bands_keep_the_fast_pairs_and_slow_the_slow_ones():
+    """The short case's band (pairs 3 .. 8 of 12): pairs below it kept, above it divided by the
+    factor, in it strictly between; the band's ends rounded out (truncate) or not."""
+    params = _kernel_params(YARN_CASES["short"][2], 0)
+    plain = inverse_frequencies(24, 10000.0)
+    ratio = plain / inverse_frequencies(24, 10000.0, "yarn", **params)
+    np.testing.assert_array_equal(ratio[:4], 1.0)
+    np.testing.assert_allclose(ratio[8:], 8.0, rtol=1e-15)
+    assert ((ratio[4:8] > 1.0) & (ratio[4:8] < 8.0)).all()
+    untruncated = plain / inverse_frequencies(24, 10000.0, "yarn", **{**params, "truncate": False})
+    assert not np.allclose(untruncated, ratio)
+
+
+def test_yarn_attrs_are_flat_typed_values():
+    attrs = rope_attrs(1e6, "yarn", factor=4, original_max_position_embeddings=32768, beta_fast=32, beta_slow=1,
+                       truncate=True, attention_factor=1)
+    assert attrs == {"theta": 1e6, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768,
+                     "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True, "attention_factor": 1.0}
+    assert [type(attrs[k]) for k in PARAMETERS["yarn"]] == [float, int, float, float, bool, float]
+    assert set(PARAMETERS["yarn"]) <= set(SCALING_KEYS)
+    assert all(set(keys) <= set(SCALING_KEYS) for keys in PARAMETERS.values())
+
+
+YARN = {"factor": 4.0, "original_max_position_embeddings": 32768, "beta_fast": 32.0, "beta_slow": 1.0,
+        "truncate": True, "attention_factor": 1.2079441541679836}
+
+
+@pytest.mark.parametrize("params, message", [
+    ({k: v for k, v in YARN.items() if k != "beta_fast"},
+     "beta_fast is missing: rope type 'yarn' needs factor, original_max_position_embeddings, beta_fast, beta_slow, "
+     "truncate, attention_factor"),
+    ({k: v for k, v in YARN.items() if k != "truncate"}, "truncate is missing: rope type 'yarn' needs"),
+    ({**YARN, "factor": 0.0}, "factor = 0.0 is not a positive number"),
+    ({**YARN, "beta_fast": -32.0}, "beta_fast = -32.0 is not a positive number"),
+    ({**YARN, "beta_slow": float("nan")}, "beta_slow = nan is not a positive number"),
+    ({**YARN, "beta_slow": True}, "beta_slow = True is not a positive number"),
+    ({**YARN, "original_max_position_embeddings": 4096.0}, "original_max_position_embeddings = 4096.0 is not a "
+                                                           "positive integer"),
+    ({**YARN, "truncate": 1}, "truncate = 1 is not a bool"),
+    ({**YARN, "truncate": "false"}, "truncate = 'false' is not a bool"),
+    ({**YARN, "beta_fast": 1.0, "beta_slow": 32.0}, "beta_fast = 1.0 is below beta_slow = 32.0"),
+    ({k: v for k, v in YARN.items() if k != "attention_factor"}, "attention_factor is missing: rope type 'yarn'"),
+    ({**YARN, "attention_factor": 0.0}, "attention_factor = 0.0 is not a positive number"),
+    ({**YARN, "attention_factor": float("inf")}, "attention_factor = inf is not a positive number"),
+    ({**YARN, "attention_factor": None}, "attention_factor is missing: rope type 'yarn'"),
+    ({**YARN, "mscale": 1.0}, "mscale = 1.0 does not apply to rope type 'yarn'"),
+    ({**YARN, "low_freq_factor": 1.0}, "low_freq_factor = 1.0 does not apply to rope type 'yarn'"),
+])
+def test_bad_yarn_parameters_are_refused(params, message):
+    assert rope_problem("yarn", params).startswith(message), rope_problem("yarn", params)
+    with pytest.raises(ValueError, match=f"^rope: {message[:20]}"):
+        inverse_frequencies(64, 10000.0, "yarn", **params)
+    with pytest.raises(ValueError, match=f"^rope: {message[:20]}"):
+        rope_attrs(10000.0, "yarn", **params)
+
+
+def test_yarn_takes_equal_betas_and_refuses_theta_one():
+    assert rope_problem("yarn", {**YARN, "beta_fast": 2.0, "beta_slow": 2.0}) is None
+    assert rope_problem("linear", {"factor": 2.0, "truncate": True}).startswith("truncate = True does not apply")
+    with pytest.raises(ValueError, match="theta = 1.0 leaves yarn's correction range undefined"):
+        inverse_frequencies(64, 1.0, "yarn", **YARN)
+
+
+def test_yarn_attention_factor():
+    assert yarn_attention_factor(4.0) == 0.1 * math.log(4.0) + 1.0
+    assert yarn_attention_factor(1.0) == 1.0 and yarn_attention_factor(0.5) == 1.0  # no scaling below 1
+    assert yarn_attention_factor(8.0, attention_factor=1.2079441541679836) == 1.2079441541679836
+    assert yarn_attention_factor(8, attention_factor=1) == 1.0
+    # both mscales set: their ratio; either missing or zero: factor alone
+    assert yarn_attention_factor(40.0, mscale=1.0, mscale_all_dim=1.0) == 1.0
+    assert yarn_attention_factor(40.0, mscale=0.707, mscale_all_dim=0) == yarn_attention_factor(40.0)
+    assert yarn_attention_factor(40.0, mscale=0.707) == yarn_attention_factor(40.0)
+    for call, message in [(lambda: yarn_attention_factor(0.0), "factor = 0.0 is not a positive number"),
+                          (lambda: yarn_attention_factor(4.0, attention_factor=-1.0),
+                           "attention_factor = -1.0 is not a positive number"),
+                          (lambda: yarn_attention_factor(4.0, mscale="1", mscale_all_dim=1.0),
+                           "mscale = '1' is not a number")]:
+        with pytest.raises(ValueError, match=f"^rope: {message}"):
+            call()
+
+
+def test_the_rope_operator_takes_yarn_attributes():
+    from search_space import Task, op_definition
+
+    rope = op_definition("rope")
+    attrs = rope_attrs(1e6, "yarn", **YARN)
+    task = Task.make("rope", {"T": 2, "H": 1, "D": 64}, attrs=attrs)
+    rope.check(task)
+    assert task.key.endswith("truncate=true")
+    for bad, message in [({**attrs, "truncate": 1}, "truncate = 1 is not a bool"),
+                         ({**attrs, "beta_slow": 64.0}, "beta_fast = 32.0 is below beta_slow = 64.0"),
+                         ({k: v for k, v in attrs.items() if k != "beta_slow"}, "beta_slow is missing")]:
+        with pytest.raises(ValueError, match=message):
+            rope.check(Task.make("rope", {"T": 2, "H": 1, "D": 64}, attrs=bad))
+
+
+@pytest.mark.parametrize("name", ["olmo3-128", "qwen-64", "mscale", "factor-1"])
+def test_the_yarn_rope_operator_rotates_as_transformers(name):
+    """The whole rotation, attention factor included: the numpy rope operator (and the fused
+    decode step's) with a yarn rope's kernel attributes against transformers' apply_rotary_pos_emb
+    with the cos and sin its yarn rotary embedding returns (scaled by its attention_scaling)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from search_space import Task, op_definition
+
+    head_dim, theta, rope, max_positions = YARN_CASES[name]
+    config = transformers.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=4,
+                                      head_dim=head_dim, max_position_embeddings=max_positions,
+                                      rope_parameters={"rope_type": "yarn", "rope_theta": theta, **rope})
+    embedding = LlamaRotaryEmbedding(config)
+    attrs = rope_attrs(theta, "yarn", **_kernel_params(rope, max_positions))
+    assert rotation_scale(attrs) == pytest.approx(embedding.attention_scaling, rel=1e-12)
+    # small positions: transformers forms the angles in float32 (off by an ulp of the angle)
+    positions = np.array([0, 1, 2, 5, 17, 40, 63], dtype=np.int32)
+    heads = 3
+    x = np.random.default_rng(7).standard_normal((len(positions), heads, head_dim)).astype(np.float32)
+    q = torch.from_numpy(x).transpose(0, 1)[None]  # 1, heads, T, D
+    cos, sin = embedding(q, torch.from_numpy(positions.astype(np.int64))[None])
+    theirs, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    theirs = theirs[0].transpose(0, 1).double().numpy()  # T, heads, D
+    task = Task.make("rope", {"T": len(positions), "H": heads, "D": head_dim}, attrs=attrs)
+    ours = op_definition("rope").reference(task, {"X": x, "P": positions})["Y"]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    if rotation_scale(attrs) != 1.0:  # and the factor is what made them agree
+        unscaled = op_definition("rope").reference(
+            Task.make("rope", task.dims, attrs={**attrs, "attention_factor": 1.0}), {"X": x, "P": positions})["Y"]
+        assert np.abs(unscaled - theirs).max() > 1e-2
+    # the fused decode step rotates its q and k rows alike (each token a sequence of one row)
+    step = Task.make("rope_append", {"B": len(positions), "H": 2, "HKV": 1, "D": head_dim, "S": 64}, attrs=attrs)
+    qkv = np.concatenate([x[:, :2], x[:, 2:], x[:, 2:]], axis=1)
+    out = op_definition("rope_append").reference(step, {"QKV": qkv, "P": positions})
+    np.testing.assert_allclose(out["Q"], theirs[:, :2], rtol=1e-5, atol=1e-5)
+    for b, position in enumerate(positions):
+        np.testing.assert_allclose(out["KC"][b, 0, position], theirs[b, 2], rtol=1e-5, atol=1e-5)
