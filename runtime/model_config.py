@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -55,13 +55,23 @@ FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
             "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
             "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
             "olmo3": "Olmo3ForCausalLM"}
-SUPPORTED_ARCHITECTURES = tuple(FAMILIES.values())
-SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+# Image-and-text models whose language model is one of FAMILIES (its config the ``text_config``
+# inside, its tensors under ``language_model``): the runtime runs that language model on text
+# prompts, as transformers runs the whole model on inputs without images. model_type ->
+# (architecture, the text config's model_type).
+MULTIMODAL = {"gemma3": ("Gemma3ForConditionalGeneration", "gemma3_text")}
+# What the text config class gives the sizes a multimodal release's text_config leaves out
+# (gemma-3-4b-it names neither its heads nor its vocabulary): Gemma3TextConfig's.
+_TEXT_DEFAULTS = {"gemma3": {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+                             "num_hidden_layers": 26, "num_attention_heads": 8}}
+SUPPORTED_ARCHITECTURES = (*FAMILIES.values(), *(arch for arch, _ in MULTIMODAL.values()))
+SUPPORTED_MODEL_TYPES = (*FAMILIES, *MULTIMODAL)
+# A multimodal config's own fields besides text_config: the image side (vision_config, the image
+# tokens' ids and count), which a text prompt never reaches, and the tying of the LM head.
+_MULTIMODAL_FIELDS = frozenset({"text_config", "vision_config", "architectures", "model_type", "tie_word_embeddings",
+                                "boi_token_index", "eoi_token_index", "image_token_index", "mm_tokens_per_image"})
 # Why some popular look-alikes are refused, said in the error line.
-_GEMMA3_WHY = ("the multimodal Gemma 3: its language model's config is the text_config inside, its weights under "
-               "language_model; the text-only Gemma3ForCausalLM (model_type gemma3_text) is supported")
-_WHY_NOT = {"Gemma3ForConditionalGeneration": _GEMMA3_WHY, "gemma3": _GEMMA3_WHY,
-            "MixtralForCausalLM": "its MLP is a mixture of experts", "mixtral": "its MLP is a mixture of experts"}
+_WHY_NOT = {"MixtralForCausalLM": "its MLP is a mixture of experts", "mixtral": "its MLP is a mixture of experts"}
 # silu and swish are the same function (x * sigmoid(x)), the gate of SwiGLU.
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
 # Gemma's gate: GeLU's tanh form (transformers reads Gemma's legacy "gelu" as it, with a warning)
@@ -210,6 +220,9 @@ class ModelConfig:
     # logits final_softcap * tanh(logits / final_softcap); None: not capped
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    # the image-and-text model (a key of MULTIMODAL) whose language model this is: its checkpoint
+    # holds these tensors under language_model, beside the image side's, which are not read
+    multimodal: str | None = None
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -234,6 +247,9 @@ class ModelConfig:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (number and value > 0 and math.isfinite(value)):
                 raise ValueError(f"model {self.name}: {field} must be a positive finite number, got {value!r}")
+        if self.multimodal is not None and self.multimodal not in MULTIMODAL:
+            raise ValueError(f"model {self.name}: multimodal must be one of {', '.join(MULTIMODAL)} or null, "
+                             f"got {self.multimodal!r}")
         if self.qk_norm_span not in QK_NORM_SPANS:
             raise ValueError(f"model {self.name}: qk_norm_span must be one of {', '.join(QK_NORM_SPANS)}, "
                              f"got {self.qk_norm_span!r}")
@@ -338,9 +354,19 @@ class ModelConfig:
         """The config.json of a family that computes this model (``from_hf_dict`` reads it back
         equal): Qwen3 for norms of the query and key heads, Qwen2 for q/k/v biases alone, Llama
         for other biases or none, Mistral for a sliding window without biases."""
+        if self.multimodal is not None:  # the text config inside the image-and-text model's
+            architecture, text_type = MULTIMODAL[self.multimodal]
+            text = replace(self, multimodal=None).to_hf_dict()
+            text.pop("architectures")  # the outer config's
+            if text["model_type"] != text_type:
+                raise ValueError(f"model {self.name}: {self.multimodal}'s language model is a {text_type}, "
+                                 f"not a {text['model_type']}")
+            return {"architectures": [architecture], "model_type": self.multimodal,
+                    "tie_word_embeddings": self.tie_word_embeddings, "text_config": text}
         data = asdict(self)
         data.pop("name")
-        for field in ("rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "qk_norm_span",
+        for field in ("multimodal", "rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
+                      "qk_norm_span",
                       *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "pre_norms", "local_layers",
                       "local_rope_theta", "nope_layers", "attn_softcap", "final_softcap"):
             data.pop(field)
@@ -470,6 +496,9 @@ class ModelConfig:
         ValueError of one line naming the first field that is not implemented. ``source``
         begins that line (the file's path); by default ``model config NAME``."""
         where = source or f"model config {name}"
+        wrapper = _multimodal(data)
+        if wrapper is not None:
+            return cls._from_multimodal(data, wrapper, name, where)
         family = _check_family(data, where)
         unknown = sorted(k for k in data if k not in READ_FIELDS and k not in HARMLESS_FIELDS)
         if "auto_map" in unknown:  # said first: the one a user can resolve by deleting it
@@ -536,6 +565,31 @@ class ModelConfig:
                    **{_ROPE_FIELDS[p]: v for p, v in scaling.items()}, **biases,
                    **{"qk_norm": family == "qwen3", **scalars}, nope_layers=_nope_layers(data, family, where))
 
+    @classmethod
+    def _from_multimodal(cls, data: Mapping[str, Any], wrapper: str, name: str, where: str) -> "ModelConfig":
+        """The language model of an image-and-text config (``MULTIMODAL``): its ``text_config`` read as
+        its own family's, the LM head tied as the outer config says (transformers ties by it)."""
+        architecture, text_type = MULTIMODAL[wrapper]
+        unknown = sorted(k for k in data if k not in _MULTIMODAL_FIELDS and k not in HARMLESS_FIELDS)
+        if unknown:
+            raise ValueError(f"{where}: unknown field {unknown[0]} = {_show(data[unknown[0]])} of {architecture} is "
+                             "refused: it may change the computation, and this runtime does not implement it")
+        architectures = data.get("architectures")
+        if architectures is not None and architectures != [architecture]:
+            raise ValueError(f"{where}: architectures = {_show(architectures)} and model_type = {_show(wrapper)} "
+                             "name different models")
+        text = data.get("text_config")
+        if not isinstance(text, dict):
+            raise ValueError(f"{where}: text_config = {_show(text)} is not an object (the language model's config)")
+        if text.get("model_type", text_type) != text_type or text.get("architectures", [FAMILIES[text_type]]) != [
+                FAMILIES[text_type]]:
+            raise ValueError(f"{where}: text_config names {_show(text.get('architectures') or text.get('model_type'))}; "
+                             f"{architecture}'s language model is a {text_type}")
+        config = cls.from_hf_dict({**_TEXT_DEFAULTS[wrapper], **text, "model_type": text_type}, name,
+                                  f"{where}: text_config")
+        tie = _flag(data, "tie_word_embeddings", where, config.tie_word_embeddings)
+        return replace(config, tie_word_embeddings=tie, multimodal=wrapper)
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
@@ -582,6 +636,15 @@ def _or(value: Any, default: Any) -> Any:
 def _show(value: Any) -> str:
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _multimodal(data: Mapping[str, Any]) -> str | None:
+    """The key of ``MULTIMODAL`` that ``model_type`` or ``architectures`` names, else None."""
+    model_type, architectures = data.get("model_type"), data.get("architectures")
+    for wrapper, (architecture, _) in MULTIMODAL.items():
+        if model_type == wrapper or (isinstance(architectures, list) and architecture in architectures):
+            return wrapper
+    return None
 
 
 def _check_family(data: Mapping[str, Any], where: str) -> str:

@@ -30,6 +30,25 @@ from .precision import Bfloat16Words, precision_of, rounded, widened
 # transformers recomputes them. Every other tensor the decoder does not read makes
 # ``ModelWeights.load`` refuse.
 IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+# An image-and-text checkpoint (``ModelConfig.multimodal``): the language model's tensors under
+# these prefixes (what transformers writes, and the layout 4.5x saved), the image side's
+# (``IMAGE_SIDE``) beside them, not read
+TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                 ("language_model.lm_head.", "lm_head."))
+IMAGE_SIDE = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\..*")
+
+
+def text_name(config: ModelConfig, name: str) -> str | None:
+    """The name the decoder reads checkpoint tensor ``name`` under: itself, or in an image-and-text
+    checkpoint its language model's name without the prefix, None for the image side's tensors."""
+    if config.multimodal is None:
+        return name
+    if IMAGE_SIDE.fullmatch(name):
+        return None
+    for prefix, plain in TEXT_PREFIXES:
+        if name.startswith(prefix):
+            return plain + name[len(prefix):]
+    return name  # not the language model's: refused as a tensor the decoder does not use
 INDEX_FILE = "model.safetensors.index.json"
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -228,7 +247,9 @@ class ModelWeights:
         their names rather than loaded without them.
         Rotary ``inv_freq`` buffers are the one exception (``IGNORED_TENSORS``). A projection
         stored stacked as the decoder runs it (``FUSED``: Phi-3's ``qkv_proj`` and
-        ``gate_up_proj``) stands for its parts, which are views of its rows."""
+        ``gate_up_proj``) stands for its parts, which are views of its rows. An image-and-text
+        checkpoint (``ModelConfig.multimodal``) holds them under its language model's prefix
+        (``text_name``); its image side's tensors are not read."""
         files = checkpoint_files(folder)
         shapes = expected_shapes(config)
         wanted = set(shapes)
@@ -242,6 +263,9 @@ class ModelWeights:
                     raise ValueError(f"{folder}: tensor {name} is in both {found[name].name} and {path.name}")
                 found[name] = path
         _check_index(Path(folder), found)
+        # by the names the decoder reads (an image-and-text checkpoint's language model: text_name)
+        renamed = {name: text_name(config, name) for name in found}
+        found = {renamed[name]: path for name, path in found.items() if renamed[name] is not None}
         stacked = {name: parts for name in found if len(parts := fused_parts(name)) > 1 and wanted >= set(parts)}
         twice = sorted(part for parts in stacked.values() for part in parts if part in found)
         if twice:
@@ -257,9 +281,10 @@ class ModelWeights:
                              f"{', '.join(unused[:4])}{more}; biases the config does not announce and modules "
                              "the decoder lacks are not implemented")
         tensors: dict[str, np.ndarray] = {}
+        read = {raw for raw, name in renamed.items()
+                if name is not None and (name in wanted or name in stacked or (tied_head and name == "lm_head.weight"))}
         for path in files:
-            tensors.update({k: v for k, v in read_safetensors(path).items()
-                            if k in wanted or k in stacked or (tied_head and k == "lm_head.weight")})
+            tensors.update({renamed[k]: v for k, v in read_safetensors(path, read).items()})
         for name, parts in stacked.items():
             tensors.update(_unstacked(folder, name, tensors.pop(name), {part: shapes[part] for part in parts}))
         if tied_head:
@@ -473,9 +498,9 @@ def _check_index(folder: Path, found: dict[str, Path]) -> None:
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
 
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """The float tensors of one safetensors file: float32 and float16 as they are (float64 as
-    float32), bfloat16 as ``Bfloat16Words`` copied out of the file.
+def read_safetensors(path: str | Path, keep=None) -> dict[str, np.ndarray]:
+    """The float tensors of one safetensors file (``keep``: only those it names): float32 and
+    float16 as they are (float64 as float32), bfloat16 as ``Bfloat16Words`` copied out of the file.
 
     Read with the safetensors package where numpy knows the dtype; bfloat16, which numpy
     lacks, is read from the file's header. The header is checked first (``read_header``): a
@@ -488,7 +513,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         with safe_open(str(path), framework="numpy") as f:
             for name in f.keys():
                 info = header[name]
-                if info["dtype"] == "BF16":
+                if info["dtype"] == "BF16" or (keep is not None and name not in keep):
                     continue
                 if info["dtype"] not in _SAFETENSORS_DTYPES:
                     raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, expected a float type")
@@ -496,7 +521,8 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
                 tensors[name] = tensor if tensor.dtype in (np.float16, np.float32) else tensor.astype(np.float32)
     except SafetensorError as exc:  # what the package finds beyond the header: one line, a ValueError
         raise ValueError(f"{path}: not a valid safetensors file: {exc}") from None
-    bf16 = [n for n, info in header.items() if n != "__metadata__" and info["dtype"] == "BF16"]
+    bf16 = [n for n, info in header.items() if n != "__metadata__" and info["dtype"] == "BF16"
+            and (keep is None or n in keep)]
     if bf16:
         raw = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
         for name in bf16:

@@ -175,6 +175,16 @@ OLMO3_7B = {  # allenai/Olmo-3-1025-7B: OLMo 2 with three sliding layers of four
     "layer_types": ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(32)],
     "rope_scaling": {"attention_factor": 1.2079441541679836, "beta_fast": 32, "beta_slow": 1, "factor": 8.0,
                      "original_max_position_embeddings": 8192, "rope_type": "yarn"}}
+GEMMA3_4B = {  # google/gemma-3-4b-it: the language model's config inside, the rest Gemma3TextConfig's defaults
+    "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999, "eoi_token_index": 256000,
+    "eos_token_id": [1, 106], "image_token_index": 262144, "initializer_range": 0.02, "mm_tokens_per_image": 256,
+    "model_type": "gemma3", "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+    "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                    "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024},
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                      "patch_size": 14, "vision_use_head": False}}
 
 # a model small enough to run in milliseconds, in each layout
 SMALL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 64,
@@ -308,7 +318,13 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**GEMMA2_2B, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
      "rope scaling 'linear' with a sliding window in some layers is not implemented"),
     ({**GEMMA3_1B, "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"},
-     "'Gemma3ForConditionalGeneration' is not supported (the multimodal Gemma 3"),
+     "unknown field attention_bias = false of Gemma3ForConditionalGeneration is refused"),
+    ({"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "text_config": None},
+     "text_config = null is not an object (the language model's config)"),
+    ({**GEMMA3_4B, "text_config": {**GEMMA3_4B["text_config"], "model_type": "gemma2"}},
+     "text_config names 'gemma2'; Gemma3ForConditionalGeneration's language model is a gemma3_text"),
+    ({**GEMMA3_4B, "text_config": {**GEMMA3_4B["text_config"], "rope_interleaved": True}},
+     "config.json: text_config: rope_interleaved = true"),
     ({**GEMMA2_2B, "attn_logit_softcapping": 0}, "attn_logit_softcapping = 0 is not a positive finite number"),
     ({**GEMMA2_2B, "final_logit_softcapping": "30"}, "final_logit_softcapping = '30' is not a number"),
     ({**GEMMA3_1B, "use_bidirectional_attention": True}, "use_bidirectional_attention = true (EmbeddingGemma's)"),
@@ -384,6 +400,7 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
         "llama3-context", "llama3-extra", "layouts-disagree", "types-disagree", "yarn-betas", "longrope", "unknown-rope",
         "untyped-scaling", "partial-rotary", "thetas-disagree", "qwen2-window", "qwen2-layer-types",
         "qwen2-layer-count", "families-disagree", "qwen2-field", "gemma2-rope-scaling", "gemma3-multimodal",
+        "multimodal-no-text", "multimodal-other-text", "multimodal-text-field",
         "gemma2-zero-cap", "gemma2-string-cap", "gemma3-bidirectional", "gemma3-erf-gelu", "gemma-silu", "gemma3-field-in-gemma",
         "gemma3-field-in-llama", "smollm3-field-in-llama", "smollm3-short-list", "smollm3-interval",
         "smollm3-window", "smollm3-mrope", "gemma3-layer-kind", "gemma3-pattern", "gemma3-pattern-list", "gemma3-patterns-disagree",
@@ -632,6 +649,19 @@ def test_olmo3_is_read_written_back_and_planned_with_windows_and_yarn_in_its_lay
         parse({**OLMO3_7B, "sliding_window_pattern": 4})
 
 
+def test_the_multimodal_gemma3_is_read_as_its_language_model():
+    config = parse(GEMMA3_4B)
+    assert (config.multimodal, config.hidden_size, config.num_hidden_layers, config.vocab_size) == (
+        "gemma3", 2560, 34, 262208)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (8, 4, 256)
+    assert (config.rope_type, config.rope_factor, config.rope_theta, config.local_rope_theta) == (
+        "linear", 8.0, 1e6, 1e4)
+    assert config.sliding_window == 1024 and len(config.local_layers) == 34 - 34 // 6 and config.tie_word_embeddings
+    assert round(config.parameters / 1e9, 2) == 3.88  # Gemma 3 4B's language model (the vision tower aside)
+    assert config.to_hf_dict()["architectures"] == ["Gemma3ForConditionalGeneration"]
+    assert parse(config.to_hf_dict()) == config
+
+
 def test_gemma2_is_read_written_back_and_planned_with_capped_attention():
     config = parse(GEMMA2_2B)
     assert (config.attn_softcap, config.final_softcap, config.post_norms, config.qk_norm) == (50.0, 30.0, True, False)
@@ -740,6 +770,26 @@ def test_a_checkpoint_with_tensors_the_model_does_not_use_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"holds 6 tensors m does not use: model\.layers\.0\.self_attn\.k_proj\.bias"
                                          r", .* \(and 2 more\)"):
         ModelWeights.load(config, tmp_path)
+
+
+@pytest.mark.parametrize("prefix", ["language_model.model.", "model.language_model."])
+def test_a_multimodal_checkpoint_loads_its_language_model_and_leaves_the_image_side(prefix, tmp_path):
+    """Both layouts transformers has saved Gemma3ForConditionalGeneration in; the vision tower and
+    projector are not read, any other tensor is refused as in a text checkpoint."""
+    config = dataclasses.replace(PRESETS["tiny"], multimodal="gemma3", qk_norm=True, post_norms=True,
+                                 offset_norms=True, activation="gelu_tanh", embedding_multiplier=128 ** 0.5,
+                                 tie_word_embeddings=True)
+    weights = ModelWeights.random(config, seed=2)
+    stored = {(prefix + n[len("model."):]) if n.startswith("model.") else n: t for n, t in weights.tensors.items()}
+    image = "model.vision_tower." if prefix.startswith("model.") else "vision_tower."
+    _save(tmp_path, {**stored, image + "encoder.weight": np.ones((4, 4), np.float32),
+                     image.replace("vision_tower", "multi_modal_projector") + "norm.weight": np.ones(4, np.float32)})
+    loaded = ModelWeights.load(config, tmp_path)
+    assert loaded.tensors.keys() == weights.tensors.keys()
+    assert all(np.array_equal(loaded[n], weights[n]) for n in weights.tensors)
+    _save(tmp_path, {**stored, prefix + "layers.0.extra.weight": np.ones(4, np.float32)})
+    with pytest.raises(ValueError, match=r"holds 1 tensors m does not use: model\.layers\.0\.extra\.weight"):
+        ModelWeights.load(dataclasses.replace(config, name="m"), tmp_path)
 
 
 def test_stacked_projections_load_as_their_parts_and_are_checked(tmp_path):

@@ -154,9 +154,17 @@ FAMILIES = {
                            "rope_theta": 5e5},
         "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}}, sliding_window=64,
         layer_types=["sliding_attention", "full_attention"]), "olmo3-4.x"),
+    # the multimodal Gemma 3 (4B and up): the same language model inside Gemma3ForConditionalGeneration,
+    # its config the text_config, its tensors under language_model, beside a (tiny) vision tower
+    "gemma3-mm": ("Gemma3Config", dict(text_config=dict(rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}, query_pre_attn_scalar=24, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"]), vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+        patch_size=14), mm_tokens_per_image=4), "5.x"),
 }
 # the model class of a config class, where it is not the config's name with ForCausalLM
-MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM"}
+MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM", "Gemma3Config": "Gemma3ForConditionalGeneration"}
 # config.json fields set after saving: a Qwen2 window far shorter than the sequence, ignored (by
 # transformers too) because use_sliding_window is false, as in the real checkpoints
 CONFIG_EDITS = {"qwen2-4.x": dict(sliding_window=16, max_window_layers=1), "gemma": dict(hidden_act="gelu"),
@@ -206,7 +214,11 @@ def _olmo3_to_4x_layout(folder: Path) -> None:
 
 def _save(folder: Path, family: str):
     config_class, arguments, layout = FAMILIES[family]
-    config = getattr(transformers, config_class)(**{**DIMS, **arguments})
+    if "text_config" in arguments:  # an image-and-text model: the shared dims are its language model's
+        arguments = {**arguments, "text_config": {**DIMS, **arguments["text_config"]}}
+        config = getattr(transformers, config_class)(**arguments)
+    else:
+        config = getattr(transformers, config_class)(**{**DIMS, **arguments})
     model_class = MODEL_CLASSES.get(config_class, config_class.replace("Config", "ForCausalLM"))
     model = getattr(transformers, model_class)(config).eval()
     _randomize(model)
@@ -509,7 +521,7 @@ def test_the_sliding_window_matters(family, checkpoints, default_kernels, prompt
 
 @pytest.mark.parametrize("family", ["llama3.1", "qwen2", "qwen3", "qwen3-4.x", "granite", "gemma", "gemma3",
                                     "smollm3", "mistral-window", "gemma3-window", "gemma2", "qwen2-window",
-                                    "olmo2-4.x", "olmo3"])
+                                    "olmo2-4.x", "olmo3", "gemma3-mm"])
 def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints, prompts, greedy, fake_gpu):
     """The same on the CUDA path (fake GPU: cubins built by nvcc, run on the emulator): device
     buffers, the decode step captured as a graph, rope scaling (Llama 3.1), biases (Qwen2) and
