@@ -10,6 +10,7 @@ the numpy reference, so that both sides compute with the same numbers.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -161,11 +162,17 @@ def linear_names(config: ModelConfig) -> list[str]:
 
 @dataclass
 class QuantizedLinear:
-    """One linear layer in int4: the kernel's arrays and the weights they stand for."""
+    """One linear layer in int4: the kernel's arrays, and the float32 weights they stand for
+    (``dequantized``: made on first use, by the reference decoder; a run on the kernels never
+    holds them, which would take 8x the bytes of the codes)."""
 
     wq: np.ndarray         # [N, K/2] uint8
     scales: np.ndarray     # [N, K/G] float32
-    dequantized: np.ndarray  # [N, K] float32
+    group_size: int
+
+    @functools.cached_property
+    def dequantized(self) -> np.ndarray:  # [N, K] float32
+        return dequantize_q4(self.wq, self.scales, None, self.group_size).astype(np.float32)
 
 
 @dataclass
@@ -326,9 +333,7 @@ class ModelWeights:
             return self
         quantized = {}
         for name, q in self.quantized.items():
-            scales = rounded(q.scales, dtype)
-            dequantized = dequantize_q4(q.wq, scales, None, self.group_size).astype(np.float32)
-            quantized[name] = QuantizedLinear(q.wq, scales, dequantized)
+            quantized[name] = QuantizedLinear(q.wq, rounded(q.scales, dtype), self.group_size)
         tensors = {name: rounded(self[name], dtype) for name in self.tensors}
         return ModelWeights(self.config, tensors, quantized, self.group_size)
 
@@ -337,8 +342,7 @@ class ModelWeights:
         quantized = {}
         for name in linear_names(self.config):
             packed = quantize_q4(self[name], group_size, zero_point=False)
-            dequantized = dequantize_q4(packed["WQ"], packed["SCALES"], None, group_size).astype(np.float32)
-            quantized[name] = QuantizedLinear(packed["WQ"], packed["SCALES"], dequantized)
+            quantized[name] = QuantizedLinear(packed["WQ"], packed["SCALES"], group_size)
         return ModelWeights(self.config, dict(self.tensors), quantized, group_size)
 
 

@@ -265,30 +265,54 @@ def _check_precision(tasks, kind: str, dtype: str) -> None:
 
 
 def _check_model_fits(config, weights_dtype: str, quantize: str, cache_dtype: str, batch: int, positions: int,
-                      logit_steps: int) -> None:
+                      logit_steps: int, weights_dir: str | None = None, compare: bool = False) -> None:
     """Refuse a run whose weights, KV cache (``positions`` per sequence) and kept logits exceed
     the memory this machine has available (a config.json with a million layers, or a billion
     new tokens, would otherwise end in MemoryError, the OOM killer or hours of decoding), or
-    whose sequence is longer than any kernel dim may be."""
+    whose sequence is longer than any kernel dim may be. A q4 run holds the weights it quantises
+    (as the checkpoint stores them; generated ones in float32) beside the int4 codes, and with
+    ``compare`` the float32 weights the codes stand for, which the reference computes with."""
     from runtime.abi import numpy_dtype
     from runtime.library import MAX_DIM
 
     if positions > MAX_DIM:
         raise UserError(f"{config.name}: {positions} positions (prompt + new tokens) is more than the kernels take "
                         f"({MAX_DIM})")
-    per_weight = 0.5 if quantize == "q4" else numpy_dtype(weights_dtype).itemsize
+    if quantize == "q4":
+        per_weight = 0.5 + _stored_itemsize(weights_dir) + (4 if compare else 0)
+    else:
+        per_weight = numpy_dtype(weights_dtype).itemsize
     weights = config.parameters * per_weight
     cache = 2 * config.num_hidden_layers * batch * positions * config.kv_size * numpy_dtype(cache_dtype).itemsize
     logits = batch * logit_steps * config.vocab_size * 4
     have = available_memory()
     if have and weights + cache + logits > have:
-        parts = [f"its {config.parameters / 1e9:.1f}B weights take about {weights / 2**30:.1f} GiB as "
-                 f"{'int4' if quantize == 'q4' else weights_dtype}"]
+        held = weights_dtype
+        if quantize == "q4":
+            held = "int4 codes beside the weights they are quantised from"
+            held += " and those the codes stand for" if compare else ""
+        parts = [f"its {config.parameters / 1e9:.1f}B weights take about {weights / 2**30:.1f} GiB as {held}"]
         if cache > weights / 100:
             parts.append(f"the KV cache of {batch} x {positions} positions {cache / 2**30:.1f} GiB")
         if logits > weights / 100:
             parts.append(f"the logits of {logit_steps} steps {logits / 2**30:.1f} GiB")
         raise UserError(f"{config.name}: {', '.join(parts)}; this machine has {have / 2**30:.1f} GiB available")
+
+
+def _stored_itemsize(weights_dir: str | None) -> int:
+    """Bytes per weight as the checkpoint in ``weights_dir`` stores them (its widest float type;
+    4 for generated weights, which are float32, and where the headers cannot be read: the load
+    says why)."""
+    from runtime.weights import checkpoint_files, read_header
+
+    if weights_dir is None:
+        return 4
+    try:
+        dtypes = {info["dtype"] for path in checkpoint_files(weights_dir)
+                  for name, info in read_header(path)[0].items() if name != "__metadata__"}
+    except (ValueError, OSError, KeyError, TypeError):
+        return 4
+    return 2 if dtypes and dtypes <= {"BF16", "F16"} else 4
 
 
 def _dtype_of(kernels, dtype: str) -> str:
@@ -392,7 +416,7 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
         activations, weights_dtype = _precisions(dtype, getattr(kernels, "kind", "cpu"), quantize, chosen_by)
         # the cache in the activations' precision; the logits kept only where --compare compares them
         _check_model_fits(config, weights_dtype, quantize, activations, batch, length + new_tokens,
-                          new_tokens if compare else 0)
+                          new_tokens if compare else 0, weights_dir, compare)
         prompts = _prompts(ids, prompt_tokens, batch, config.vocab_size, seed)  # made once they fit
         try:
             check_quantize(config, quantize, group_size)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from fakes import lines_in
 
@@ -267,3 +268,25 @@ def test_a_plugin_that_cannot_be_imported_is_bad_input(tmp_path):
     proc = subprocess.run(CLI + ["ops"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode == 2 and "AUTOTUNE_PLUGINS: cannot import no_such_plugin_module" in proc.stderr
 
+
+def test_a_q4_run_counts_the_weights_it_quantises_from(tmp_path, monkeypatch):
+    """A q4 run holds the weights it quantises (as the checkpoint stores them, generated ones in
+    float32) beside the codes, and with --compare the float32 weights the codes stand for: a model
+    whose codes alone fit, but not with those, is refused before anything is made."""
+    from safetensors.numpy import save_file
+
+    from autotune.cli import model as cli_model
+    from autotune.cli.common import UserError
+    from runtime.model_config import PRESETS
+
+    config = PRESETS["tiny"]
+    codes = config.parameters * 0.5
+    monkeypatch.setattr(cli_model, "available_memory", lambda: int(codes * 2))
+    fits = dict(weights_dtype="float32", quantize="q4", cache_dtype="float32", batch=1, positions=8, logit_steps=0)
+    with pytest.raises(UserError, match="as int4 codes beside the weights they are quantised from; this machine"):
+        cli_model._check_model_fits(config, **fits)  # generated: float32 beside the codes
+    save_file({"model.norm.weight": np.ones(4, np.float16)}, str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(cli_model, "available_memory", lambda: int(codes * 6))
+    cli_model._check_model_fits(config, **fits, weights_dir=str(tmp_path))  # 2.5 bytes a weight fit in 3
+    with pytest.raises(UserError, match="and those the codes stand for"):
+        cli_model._check_model_fits(config, **fits, weights_dir=str(tmp_path), compare=True)
