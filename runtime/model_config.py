@@ -105,6 +105,8 @@ READ_FIELDS = frozenset({
     "original_max_position_embeddings",
     # Granite's scalars (granite only: _GRANITE_FIELDS)
     "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
+    # a GPTQ checkpoint's (_gptq_group_size)
+    "quantization_config",
     # Gemma's and Gemma 3's (gemma families only: _GEMMA_FIELDS)
     *("hidden_activation", "query_pre_attn_scalar", "rope_local_base_freq", "sliding_window_pattern",
       "_sliding_window_pattern", "final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention")})
@@ -223,6 +225,9 @@ class ModelConfig:
     # the image-and-text model (a key of MULTIMODAL) whose language model this is: its checkpoint
     # holds these tensors under language_model, beside the image side's, which are not read
     multimodal: str | None = None
+    # a GPTQ checkpoint's: its layers' linear weights are int4 codes with one scale per this many
+    # weights along K (symmetric: the q4 format; ``runtime.weights``), its LM head is not quantised
+    gptq_group_size: int | None = None
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -247,6 +252,9 @@ class ModelConfig:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (number and value > 0 and math.isfinite(value)):
                 raise ValueError(f"model {self.name}: {field} must be a positive finite number, got {value!r}")
+        if self.gptq_group_size not in (None, *GPTQ_GROUP_SIZES):
+            raise ValueError(f"model {self.name}: gptq_group_size must be one of "
+                             f"{', '.join(map(str, GPTQ_GROUP_SIZES))} or null, got {self.gptq_group_size!r}")
         if self.multimodal is not None and self.multimodal not in MULTIMODAL:
             raise ValueError(f"model {self.name}: multimodal must be one of {', '.join(MULTIMODAL)} or null, "
                              f"got {self.multimodal!r}")
@@ -365,13 +373,17 @@ class ModelConfig:
                     "tie_word_embeddings": self.tie_word_embeddings, "text_config": text}
         data = asdict(self)
         data.pop("name")
-        for field in ("multimodal", "rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
+        for field in ("multimodal", "gptq_group_size", "rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
                       "qk_norm_span",
                       *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "pre_norms", "local_layers",
                       "local_rope_theta", "nope_layers", "attn_softcap", "final_softcap"):
             data.pop(field)
         if (self.attn_softcap or self.final_softcap) and not self.offset_norms:
             raise ValueError(f"model {self.name}: soft-capping outside a Gemma has no config.json this runtime reads")
+        if self.gptq_group_size is not None:  # the text model's config with the checkpoint's quantisation
+            return {**replace(self, gptq_group_size=None).to_hf_dict(),
+                    "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": self.gptq_group_size,
+                                            "sym": True, "desc_act": False}}
         if not self.pre_norms or self.qk_norm_span != "head":
             return self._olmo_hf_dict(data)
         if self.nope_layers and (self.offset_norms or self.activation != "silu" or self.post_norms or self.local_layers
@@ -550,6 +562,7 @@ class ModelConfig:
         if scalars.get("local_layers") and family not in ("gemma3_text", "olmo3") and rope_type != "default":
             raise ValueError(f"{where}: rope scaling {rope_type!r} with a sliding window in some layers is not "
                              "implemented; supported: default")
+        scalars["gptq_group_size"] = _gptq_group_size(data, where)
         return cls(name=name, hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
                    num_attention_heads=heads,
                    num_key_value_heads=_or(data.get("num_key_value_heads", _ABSENT_KV_HEADS.get(family)), heads),
@@ -886,6 +899,46 @@ def _layer_kind_ropes(data: Mapping[str, Any], where: str, family: str) -> tuple
         raise ValueError(f"{where}: rope_parameters.sliding_attention = {_show(local)}: a scaled rope in the sliding "
                          "layers is not implemented; supported: the default one")
     return data, _rope_theta({"rope_parameters": local}, spot)
+
+
+# GPTQ: the group sizes the q4 kernels take; the keys of quantization_config that say how the
+# checkpoint was made (calibration, packing options of the tools) and change nothing it computes
+GPTQ_GROUP_SIZES = (32, 64, 128)
+_GPTQ_HARMLESS = frozenset({
+    "quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format", "damp_percent",
+    "damp_auto_increment", "true_sequential", "static_groups", "model_name_or_path", "model_file_base_name",
+    "lm_head", "meta", "pack_dtype", "use_exllama", "exllama_config", "use_cuda_fp16", "tokenizer", "dataset",
+    "batch_size", "cache_block_outputs", "max_input_length", "module_name_preceding_first_block",
+    "block_name_to_quantize", "disable_exllama", "use_marlin", "pad_token_id", "backend"})
+
+
+def _gptq_group_size(data: Mapping[str, Any], where: str) -> int | None:
+    """The group size of a GPTQ checkpoint's ``quantization_config`` (None without one): 4 bits,
+    symmetric, without act-order (``desc_act``), the LM head not quantised, the gptq packing;
+    anything else refused by name."""
+    spec = data.get("quantization_config")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: quantization_config = {_show(spec)} is not an object")
+    method = spec.get("quant_method")
+    if method != "gptq":
+        raise ValueError(f"{where}: quantization_config.quant_method = {_show(method)} is not implemented; "
+                         "supported: gptq (4 bits, symmetric, without act-order)")
+    unknown = sorted(k for k in spec if k not in _GPTQ_HARMLESS)
+    if unknown:
+        raise ValueError(f"{where}: quantization_config.{unknown[0]} = {_show(spec[unknown[0]])} is not implemented")
+    wanted = {"bits": 4, "sym": True, "desc_act": False, "lm_head": False, "checkpoint_format": "gptq"}
+    for key, value in wanted.items():
+        given = spec.get(key, value)
+        if given != value or type(given) is not type(value):
+            raise ValueError(f"{where}: quantization_config.{key} = {_show(given)} is not implemented; "
+                             f"supported: {_show(value)}")
+    group = spec.get("group_size")
+    if group not in GPTQ_GROUP_SIZES or isinstance(group, bool):
+        raise ValueError(f"{where}: quantization_config.group_size = {_show(group)} is not implemented; supported: "
+                         f"{', '.join(map(str, GPTQ_GROUP_SIZES))}")
+    return group
 
 
 def _nope_layers(data: Mapping[str, Any], family: str, where: str) -> tuple[int, ...]:

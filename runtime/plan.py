@@ -75,6 +75,11 @@ def check_quantize(config: ModelConfig, quantize: str, group_size: int = 128) ->
     """Raise ValueError when ``config`` cannot run with ``quantize``."""
     if quantize not in QUANTIZE:
         raise ValueError(f"unknown quantization {quantize!r}: use one of {', '.join(QUANTIZE)}")
+    gptq = config.gptq_group_size
+    if gptq is not None and (quantize, group_size) != ("q4", gptq):
+        raise ValueError(f"{config.name} is a GPTQ checkpoint (int4, group size {gptq}): it runs with --quantize q4 "
+                         f"--group-size {gptq}, not --quantize {quantize}"
+                         + (f" --group-size {group_size}" if quantize == "q4" else ""))
     if quantize == "q4":
         if group_size not in (32, 64, 128):
             raise ValueError(f"q4 group size must be 32, 64 or 128, got {group_size}")
@@ -120,6 +125,12 @@ def _linear(role: str, m: int, n: int, k: int, count: int, quantize: str, group_
         attrs = {"group_size": group_size, "zero_point": False}
     return KernelCall(role, KernelSpec.make(op, {"M": m, "N": n, "K": k}, attrs=attrs,
                                             dynamic=("M",) if dynamic_rows else ()), count)
+
+
+def head_quantize(config: ModelConfig, quantize: str) -> str:
+    """How the LM head is stored in a model of ``quantize``: as the other linear layers, except in a
+    GPTQ checkpoint, which leaves it unquantised."""
+    return "none" if config.gptq_group_size is not None else quantize
 
 
 def _rows(role: str, op: str, rows: int, n: int, count: int, attrs: dict | None = None) -> KernelCall:
@@ -380,7 +391,8 @@ def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: list[
             + _ropes(c, rows)
             + attention
             + [_rows(act, act, rows, c.intermediate_size, layers),
-               _linear("lm_head", sequences, c.vocab_size, c.hidden_size, 1, quantize, group_size, attrs)])
+               _linear("lm_head", sequences, c.vocab_size, c.hidden_size, 1, head_quantize(c, quantize), group_size,
+                       attrs)])
     return [KernelCall(call.role, replace(call.spec, dtype=dtype), call.count) for call in calls]
 
 

@@ -160,6 +160,49 @@ def linear_names(config: ModelConfig) -> list[str]:
     return _linear_names(config, LINEARS)
 
 
+def q4_linear_names(config: ModelConfig) -> list[str]:
+    """The linear layers a q4 model holds as int4 codes: every one, but a GPTQ checkpoint's LM head."""
+    names = linear_names(config)
+    return names[:-1] if config.gptq_group_size is not None else names
+
+
+# A GPTQ checkpoint's tensors in place of each int4 linear layer's ``weight`` (AutoGPTQ's packing):
+# qweight [K/8, N] int32 (eight 4-bit codes along K, the first in the low bits), qzeros [K/G, N/8]
+# int32 (eight zero points along N, stored minus one), scales [K/G, N], g_idx [K] (optional: each
+# k's group). A weight is scales[g, n] * (code - (zero + 1)).
+GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def gptq_shapes(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{GPTQ tensor name: (the linear layer's weight name, its shape)} of a GPTQ config."""
+    shapes = expected_shapes(config)
+    group = config.gptq_group_size
+    out = {}
+    for name in q4_linear_names(config):
+        n, k = shapes[name]
+        prefix = name[: -len("weight")]
+        for part, shape in zip(GPTQ_PARTS, ((k // 8, n), (k // group, n // 8), (k // group, n), (k,))):
+            out[prefix + part] = (name, shape)
+    return out
+
+
+def gptq_linear(name: str, parts: dict[str, np.ndarray], group: int) -> QuantizedLinear:
+    """The q4 layer a GPTQ checkpoint's tensors of linear ``name`` stand for (``GPTQ_PARTS``); a
+    ValueError for zero points other than 8 (asymmetric) or groups out of order (act-order)."""
+    qweight, qzeros = (np.ascontiguousarray(parts[p]).view(np.uint32) for p in ("qweight", "qzeros"))
+    k, n = 8 * qweight.shape[0], qweight.shape[1]
+    shifts = (4 * np.arange(8, dtype=np.uint32))
+    codes = ((qweight[:, None, :] >> shifts[None, :, None]) & 15).reshape(k, n).T.astype(np.uint8)  # [N, K]
+    zeros = ((qzeros[:, :, None] >> shifts[None, None, :]) & 15).reshape(qzeros.shape[0], n) + 1
+    if not (zeros == 8).all():
+        raise ValueError(f"{name}: GPTQ zero points other than 8 (asymmetric codes) are not implemented")
+    g_idx = parts.get("g_idx")
+    if g_idx is not None and not np.array_equal(g_idx, np.arange(k) // group):
+        raise ValueError(f"{name}: GPTQ g_idx puts weights out of group order (act-order) - not implemented")
+    wq = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return QuantizedLinear(wq, np.ascontiguousarray(widened(parts["scales"]).T), group)
+
+
 @dataclass
 class QuantizedLinear:
     """One linear layer in int4: the kernel's arrays, and the float32 weights they stand for
@@ -189,6 +232,8 @@ class ModelWeights:
         problems = []
         for name, shape in expected_shapes(self.config).items():
             tensor = self.tensors.get(name)
+            if tensor is None and name in self.quantized:  # held as int4 codes only (a GPTQ checkpoint)
+                tensor = np.empty((self.quantized[name].wq.shape[0], 2 * self.quantized[name].wq.shape[1]), np.uint8)
             if tensor is None:
                 problems.append(f"{name} is missing")
             elif tuple(np.shape(tensor)) != shape:
@@ -259,7 +304,9 @@ class ModelWeights:
         (``text_name``); its image side's tensors are not read."""
         files = checkpoint_files(folder)
         shapes = expected_shapes(config)
-        wanted = set(shapes)
+        gptq = gptq_shapes(config) if config.gptq_group_size is not None else {}
+        # a GPTQ checkpoint's int4 layers: their GPTQ tensors in place of their weights
+        wanted = (set(shapes) - {linear for linear, _ in gptq.values()}) | set(gptq)
         found: dict[str, Path] = {}  # every tensor of the checkpoint -> its file
         for path in files:
             header, _ = read_header(path)
@@ -290,8 +337,10 @@ class ModelWeights:
         tensors: dict[str, np.ndarray] = {}
         read = {raw for raw, name in renamed.items()
                 if name is not None and (name in wanted or name in stacked or (tied_head and name == "lm_head.weight"))}
+        ints = {raw for raw, name in renamed.items() if name in gptq and not name.endswith(".scales")}
         for path in files:
-            tensors.update({renamed[k]: v for k, v in read_safetensors(path, read).items()})
+            tensors.update({renamed[k]: v for k, v in read_safetensors(path, read, ints).items()})
+        quantized = _gptq_layers(folder, tensors, gptq, config.gptq_group_size) if gptq else {}
         for name, parts in stacked.items():
             tensors.update(_unstacked(folder, name, tensors.pop(name), {part: shapes[part] for part in parts}))
         if tied_head:
@@ -301,7 +350,7 @@ class ModelWeights:
             elif head.shape != embed.shape or not np.array_equal(head, embed):
                 raise ValueError(f"{folder}: tie_word_embeddings is true but lm_head.weight differs from "
                                  "model.embed_tokens.weight")
-        weights = cls(config, tensors)
+        weights = cls(config, tensors, quantized, config.gptq_group_size or 0)
         if check_finite:
             weights.check_finite()
         return weights
@@ -310,6 +359,10 @@ class ModelWeights:
         """``model.safetensors`` and ``config.json`` in ``folder``, loadable by ``load``."""
         from safetensors.numpy import save_file
 
+        codes_only = sorted(set(self.quantized) - set(self.tensors))
+        if codes_only:  # a GPTQ checkpoint's: written as float weights they would be another checkpoint
+            raise ValueError(f"weights of {self.config.name}: {codes_only[0]} is held as int4 codes only; "
+                             "save writes float checkpoints")
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         # numpy has no bfloat16: such tensors are written widened (float32, the same values)
@@ -338,9 +391,14 @@ class ModelWeights:
         return ModelWeights(self.config, tensors, quantized, self.group_size)
 
     def quantize_q4(self, group_size: int = 128) -> "ModelWeights":
-        """A copy whose linear layers (LM head included) are int4 with symmetric group scales."""
+        """A copy whose linear layers (LM head included, but a GPTQ model's) are int4 with symmetric
+        group scales; itself when they already are (a GPTQ checkpoint)."""
+        if self.quantized:
+            if group_size != self.group_size:
+                raise ValueError(f"the weights are int4 with group size {self.group_size}, not {group_size}")
+            return self
         quantized = {}
-        for name in linear_names(self.config):
+        for name in q4_linear_names(self.config):
             packed = quantize_q4(self[name], group_size, zero_point=False)
             quantized[name] = QuantizedLinear(packed["WQ"], packed["SCALES"], group_size)
         return ModelWeights(self.config, dict(self.tensors), quantized, group_size)
@@ -393,6 +451,27 @@ class DeviceWeights:
 
     def device(self, name: str, part: str = "") -> Any:
         return self.tensors[f"{name}#{part}" if part else name]
+
+
+def _gptq_layers(folder, tensors: dict[str, np.ndarray], gptq: dict[str, tuple[str, tuple[int, ...]]],
+                 group: int) -> dict[str, QuantizedLinear]:
+    """The int4 layers of a GPTQ checkpoint, their tensors taken out of ``tensors`` (checked:
+    every one present but g_idx, of its shape, integers where GPTQ stores them)."""
+    layers: dict[str, dict[str, np.ndarray]] = {}
+    for name, (linear, shape) in gptq.items():
+        part = name.rsplit(".", 1)[1]
+        tensor = tensors.pop(name, None)
+        if tensor is None:
+            if part != "g_idx":
+                raise ValueError(f"{folder}: {name} is missing (the GPTQ checkpoint's int4 layer {linear})")
+            continue
+        integer = np.asarray(tensor).dtype == np.int32
+        if tuple(np.shape(tensor)) != shape or integer != (part != "scales"):
+            kind = "float" if part == "scales" else "int32"
+            raise ValueError(f"{folder}: {name} is {np.asarray(tensor).dtype} {tuple(np.shape(tensor))}, expected "
+                             f"{kind} {shape}")
+        layers.setdefault(linear, {})[part] = tensor
+    return {linear: gptq_linear(f"{folder}: {linear}", parts, group) for linear, parts in layers.items()}
 
 
 def _unstacked(folder, name: str, tensor: np.ndarray, parts: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -502,9 +581,10 @@ def _check_index(folder: Path, found: dict[str, Path]) -> None:
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
 
-def read_safetensors(path: str | Path, keep=None) -> dict[str, np.ndarray]:
+def read_safetensors(path: str | Path, keep=None, ints=frozenset()) -> dict[str, np.ndarray]:
     """The float tensors of one safetensors file (``keep``: only those it names): float32 and
-    float16 as they are (float64 as float32), bfloat16 as ``Bfloat16Words`` copied out of the file.
+    float16 as they are (float64 as float32), bfloat16 as ``Bfloat16Words`` copied out of the file;
+    those ``ints`` names may be int32 instead (a GPTQ checkpoint's codes, zero points, groups).
 
     Read with the safetensors package where numpy knows the dtype; bfloat16, which numpy
     lacks, is read from the file's header. The header is checked first (``read_header``): a
@@ -518,6 +598,9 @@ def read_safetensors(path: str | Path, keep=None) -> dict[str, np.ndarray]:
             for name in f.keys():
                 info = header[name]
                 if info["dtype"] == "BF16" or (keep is not None and name not in keep):
+                    continue
+                if name in ints and info["dtype"] == "I32":
+                    tensors[name] = f.get_tensor(name)
                     continue
                 if info["dtype"] not in _SAFETENSORS_DTYPES:
                     raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, expected a float type")

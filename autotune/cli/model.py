@@ -45,7 +45,8 @@ def load_config(model: str):
 @click.option("--decode-batch", default="1", show_default=True, help="batch sizes to tune decode at")
 @click.option("--kv-len", default="512", show_default=True, help="KV cache lengths to tune decode attention at")
 @click.option("--quantize", default="none", show_default=True, type=click.Choice(["none", "q4"]),
-              help="q4: int4 weight-only linear layers (symmetric, group-wise scales)")
+              help="q4: int4 weight-only linear layers (symmetric, group-wise scales); a GPTQ checkpoint's "
+                   "config makes it q4 with its group size")
 @click.option("--group-size", default=128, show_default=True, type=click.Choice(["32", "64", "128"]),
               callback=lambda ctx, param, value: int(value), help="q4: weights per int4 scale along K")
 @click.option("--trials-total", default=200, show_default=True, type=int, callback=positive,
@@ -76,6 +77,9 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
     check_tracking(tracking_uri, no_mlflow)
     config = load_config(model)
     from measure.backends import get_backend
+
+    if config.gptq_group_size is not None and _left_out("quantize") and _left_out("group_size"):
+        quantize, group_size = "q4", config.gptq_group_size  # a GPTQ checkpoint's layers are int4
 
     kind = resolve_target(target, compile_only=True).kind
     activations, weights = _precisions(dtype, kind, quantize)
@@ -278,8 +282,9 @@ def _check_model_fits(config, weights_dtype: str, quantize: str, cache_dtype: st
     if positions > MAX_DIM:
         raise UserError(f"{config.name}: {positions} positions (prompt + new tokens) is more than the kernels take "
                         f"({MAX_DIM})")
-    if quantize == "q4":
-        per_weight = 0.5 + _stored_itemsize(weights_dir) + (4 if compare else 0)
+    if quantize == "q4":  # a GPTQ checkpoint stores the codes themselves
+        source = 0 if config.gptq_group_size is not None else _stored_itemsize(weights_dir)
+        per_weight = 0.5 + source + (4 if compare else 0)
     else:
         per_weight = numpy_dtype(weights_dtype).itemsize
     weights = config.parameters * per_weight
@@ -323,6 +328,11 @@ def _dtype_of(kernels, dtype: str) -> str:
     found = {spec.dtype if spec.attr.get("weight", "same") == "same" else spec.attr["weight"]
              for spec in kernels.specs() if spec.op in ("gemv", "gemm", "gemv_q4", "gemm_q4")}
     return found.pop() if len(found) == 1 else "float32"
+
+
+def _left_out(option: str) -> bool:
+    """Whether the command's ``option`` took its default (not given on the command line)."""
+    return click.get_current_context().get_parameter_source(option) is ParameterSource.DEFAULT
 
 
 def _group_size_of(kernels, group_size: str) -> int:
@@ -409,6 +419,9 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
     try:
         if getattr(kernels, "kind", "cpu") == "cuda":
             resolve_target("cuda")  # a GPU to run them on, said in one line before any weights are made
+        if config.gptq_group_size is not None:  # a GPTQ checkpoint's layers are int4, its LM head not
+            quantize = "q4" if quantize == "auto" else quantize
+            group_size = str(config.gptq_group_size) if group_size == "auto" else group_size
         quantize = _quantize_of(kernels, quantize)
         group_size = _group_size_of(kernels, group_size)
         chosen_by = " (--dtype auto: the kernels' linear layers)" if dtype == "auto" else ""
