@@ -371,9 +371,10 @@ def _quantize_of(kernels, quantize: str) -> str:
 @click.option("--batch", default=1, show_default=True, type=int, callback=positive, help="sequences at once")
 @click.option("--new-tokens", default=32, show_default=True, type=int, callback=positive, help="tokens generated per sequence")
 @click.option("--quantize", default="auto", show_default=True, type=click.Choice(["auto", "none", "q4"]),
-              help="auto: q4 when the kernels are the int4 ones")
+              help="auto: q4 when the kernels are the int4 ones, or the model is a GPTQ checkpoint")
 @click.option("--group-size", default="auto", show_default=True, type=click.Choice(["auto", "32", "64", "128"]),
-              help="q4: weights per scale; auto: that of the kernels' int4 layers (128 where they say none)")
+              help="q4: weights per scale; auto: a GPTQ checkpoint's, else that of the kernels' int4 layers (128 "
+                   "where they say none)")
 @click.option("--compare", is_flag=True, help="also run the numpy reference and the untuned template defaults")
 @click.option("--target", default="cpu", show_default=True, help="with --log: the target the records are for")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object with the token ids and every figure")
