@@ -252,7 +252,8 @@ class ModelConfig:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (number and value > 0 and math.isfinite(value)):
                 raise ValueError(f"model {self.name}: {field} must be a positive finite number, got {value!r}")
-        if self.gptq_group_size not in (None, *GPTQ_GROUP_SIZES):
+        gptq = self.gptq_group_size
+        if gptq is not None and (not isinstance(gptq, int) or isinstance(gptq, bool) or gptq not in GPTQ_GROUP_SIZES):
             raise ValueError(f"model {self.name}: gptq_group_size must be one of "
                              f"{', '.join(map(str, GPTQ_GROUP_SIZES))} or null, got {self.gptq_group_size!r}")
         if self.multimodal is not None and self.multimodal not in MULTIMODAL:
@@ -935,7 +936,7 @@ def _gptq_group_size(data: Mapping[str, Any], where: str) -> int | None:
             raise ValueError(f"{where}: quantization_config.{key} = {_show(given)} is not implemented; "
                              f"supported: {_show(value)}")
     group = spec.get("group_size")
-    if group not in GPTQ_GROUP_SIZES or isinstance(group, bool):
+    if not isinstance(group, int) or isinstance(group, bool) or group not in GPTQ_GROUP_SIZES:  # 128.0 too
         raise ValueError(f"{where}: quantization_config.group_size = {_show(group)} is not implemented; supported: "
                          f"{', '.join(map(str, GPTQ_GROUP_SIZES))}")
     return group

@@ -88,6 +88,7 @@ def test_a_gptq_config_is_read_written_back_and_leaves_the_lm_head_unquantised()
     ({"sym": False}, "quantization_config.sym = false is not implemented"),
     ({"desc_act": True}, "quantization_config.desc_act = true is not implemented"),
     ({"group_size": -1}, "quantization_config.group_size = -1 is not implemented; supported: 32, 64, 128"),
+    ({"group_size": 128.0}, "quantization_config.group_size = 128.0 is not implemented; supported: 32, 64, 128"),
     ({"checkpoint_format": "gptq_v2"}, "checkpoint_format = 'gptq_v2' is not implemented"),
     ({"lm_head": True}, "quantization_config.lm_head = true is not implemented"),
     ({"something_new": 1}, "quantization_config.something_new = 1 is not implemented"),
