@@ -215,13 +215,7 @@ def _bias_add(torch, task, t, template):
 def _rope(torch, task, t, template):
     x, p = t["X"], t["P"]
     d = task.dims["D"]
-    # the inverse frequencies as a float32 buffer, as HF Llama keeps them (scaled by the rope type)
-    attrs = template.attrs(task)
-    freqs = torch.tensor(frequencies_of_attrs(d, attrs), dtype=torch.float32, device="cuda")
-    angle = p.to(torch.float32)[:, None] * freqs[None, :]
-    emb = torch.cat([angle, angle], dim=-1)[:, None, :]  # T, 1, D
-    scale = rotation_scale(attrs)  # yarn's attention factor, as HF's rotary embedding applies it (else 1)
-    cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
+    cos, sin = _cos_sin(torch, template.attrs(task), d, p, x.dtype, "cuda")  # T, 1, D
 
     def rope():
         lo, hi = x[..., : d // 2], x[..., d // 2:]
@@ -270,17 +264,22 @@ def _written_caches(torch, task, dtype, positions):
     return caches, rows, at
 
 
+def _cos_sin(torch, attrs, dim: int, positions, dtype, device):
+    """HF Llama's rotate-half tables [rows, 1, D] at ``positions``: the inverse frequencies as a
+    float32 buffer (scaled by the rope type), cos and sin times yarn's attention factor (else 1)."""
+    freqs = torch.tensor(frequencies_of_attrs(dim, attrs), dtype=torch.float32, device=device)
+    angle = positions.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([angle, angle], dim=-1)[:, None, :]
+    scale = rotation_scale(attrs)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
 def _rotation(torch, task, template, qkv, positions):
     """The rotate-half (HF Llama) of the projection's q and k rows at ``positions``, as a call:
     the cos and sin tables are made once, here."""
     d = task.dims
     heads, dim = d["H"] + d["HKV"], d["D"]
-    attrs = template.attrs(task)
-    freqs = torch.tensor(frequencies_of_attrs(dim, attrs), dtype=torch.float32, device=qkv.device)
-    angle = positions.to(torch.float32)[:, None] * freqs[None, :]
-    emb = torch.cat([angle, angle], dim=-1)[:, None, :]  # B, 1, D
-    scale = rotation_scale(attrs)  # yarn's attention factor, as HF's rotary embedding applies it (else 1)
-    cos, sin = (emb.cos() * scale).to(qkv.dtype), (emb.sin() * scale).to(qkv.dtype)
+    cos, sin = _cos_sin(torch, template.attrs(task), dim, positions, qkv.dtype, qkv.device)  # B, 1, D
 
     def rotated():
         x = qkv[:, :heads]
