@@ -81,9 +81,8 @@ GEMMA_ACTIVATIONS = {"gemma": ("gelu_pytorch_tanh", "gelu"), "gemma2": ("gelu_py
 ACTIVATIONS = ("silu", "gelu_tanh")
 # ModelConfig.qk_norm_span: what one RMS row of the q/k norms is (the qk_norm kernel's ``span``)
 QK_NORM_SPANS = ("head", "projection")
-# Rotary embedding variants implemented (``runtime.rope_frequencies``); dynamic, yarn,
-# longrope ... change the frequencies (some with the sequence length, some scale the
-# attention too) and would give other logits, so they are refused.
+# Rotary embedding variants implemented (``runtime.rope_frequencies``); dynamic, longrope ...
+# change the frequencies with the sequence length and would give other logits, so they are refused.
 SUPPORTED_ROPE_TYPES = ROPE_TYPES
 
 # Fields read into ModelConfig or checked by ``from_hf_dict`` (honoured, or refused by value).
@@ -252,8 +251,7 @@ class ModelConfig:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (number and value > 0 and math.isfinite(value)):
                 raise ValueError(f"model {self.name}: {field} must be a positive finite number, got {value!r}")
-        gptq = self.gptq_group_size
-        if gptq is not None and (not isinstance(gptq, int) or isinstance(gptq, bool) or gptq not in GPTQ_GROUP_SIZES):
+        if self.gptq_group_size is not None and not _is_gptq_group(self.gptq_group_size):
             raise ValueError(f"model {self.name}: gptq_group_size must be one of "
                              f"{', '.join(map(str, GPTQ_GROUP_SIZES))} or null, got {self.gptq_group_size!r}")
         if self.multimodal is not None and self.multimodal not in MULTIMODAL:
@@ -372,19 +370,19 @@ class ModelConfig:
                                  f"not a {text['model_type']}")
             return {"architectures": [architecture], "model_type": self.multimodal,
                     "tie_word_embeddings": self.tie_word_embeddings, "text_config": text}
-        data = asdict(self)
-        data.pop("name")
-        for field in ("multimodal", "gptq_group_size", "rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
-                      "qk_norm_span",
-                      *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "pre_norms", "local_layers",
-                      "local_rope_theta", "nope_layers", "attn_softcap", "final_softcap"):
-            data.pop(field)
-        if (self.attn_softcap or self.final_softcap) and not self.offset_norms:
-            raise ValueError(f"model {self.name}: soft-capping outside a Gemma has no config.json this runtime reads")
-        if self.gptq_group_size is not None:  # the text model's config with the checkpoint's quantisation
+        if self.gptq_group_size is not None:  # the model's config with the checkpoint's quantisation
             return {**replace(self, gptq_group_size=None).to_hf_dict(),
                     "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": self.gptq_group_size,
                                             "sym": True, "desc_act": False}}
+        data = asdict(self)
+        data.pop("name")
+        for field in ("multimodal", "gptq_group_size", "rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias",
+                      "mlp_bias", "qk_norm", "qk_norm_span", *_GRANITE_FIELDS, "activation", "offset_norms",
+                      "post_norms", "pre_norms", "local_layers", "local_rope_theta", "nope_layers", "attn_softcap",
+                      "final_softcap"):
+            data.pop(field)
+        if (self.attn_softcap or self.final_softcap) and not self.offset_norms:
+            raise ValueError(f"model {self.name}: soft-capping outside a Gemma has no config.json this runtime reads")
         if not self.pre_norms or self.qk_norm_span != "head":
             return self._olmo_hf_dict(data)
         if self.nope_layers and (self.offset_norms or self.activation != "silu" or self.post_norms or self.local_layers
@@ -913,6 +911,11 @@ _GPTQ_HARMLESS = frozenset({
     "block_name_to_quantize", "disable_exllama", "use_marlin", "pad_token_id", "backend"})
 
 
+def _is_gptq_group(value: Any) -> bool:
+    """A group size the q4 kernels take, as an int (128.0 is not carried into shapes)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value in GPTQ_GROUP_SIZES
+
+
 def _gptq_group_size(data: Mapping[str, Any], where: str) -> int | None:
     """The group size of a GPTQ checkpoint's ``quantization_config`` (None without one): 4 bits,
     symmetric, without act-order (``desc_act``), the LM head not quantised, the gptq packing;
@@ -936,7 +939,7 @@ def _gptq_group_size(data: Mapping[str, Any], where: str) -> int | None:
             raise ValueError(f"{where}: quantization_config.{key} = {_show(given)} is not implemented; "
                              f"supported: {_show(value)}")
     group = spec.get("group_size")
-    if not isinstance(group, int) or isinstance(group, bool) or group not in GPTQ_GROUP_SIZES:  # 128.0 too
+    if not _is_gptq_group(group):
         raise ValueError(f"{where}: quantization_config.group_size = {_show(group)} is not implemented; supported: "
                          f"{', '.join(map(str, GPTQ_GROUP_SIZES))}")
     return group

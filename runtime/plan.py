@@ -240,9 +240,10 @@ def _qk_norms(config: ModelConfig, rows: int) -> list[KernelCall]:
     c = config
     if not c.qk_norm:
         return []
-    span = {"span": c.qk_norm_span} if c.qk_norm_span != "head" else {}
+    # span "head" is the default, which KernelSpec.make leaves out: Qwen3's kernels keep their keys
     spec = KernelSpec.make("qk_norm", {"T": rows, "H": c.num_attention_heads, "HKV": c.num_key_value_heads,
-                                       "D": c.head_dim}, attrs={"eps": c.rms_norm_eps, **span}, dynamic=("T",))
+                                       "D": c.head_dim}, attrs={"eps": c.rms_norm_eps, "span": c.qk_norm_span},
+                           dynamic=("T",))
     return [KernelCall("qk_norm", spec, c.num_hidden_layers)]
 
 

@@ -29,12 +29,15 @@ def quantize_q4(w: np.ndarray, group_size: int, zero_point: bool) -> dict[str, n
         scale = np.maximum(np.abs(groups).max(axis=2), 1e-8) / 7.0
         zero = None
         codes = np.clip(np.round(groups / scale[..., None]) + 8, 0, 15)
-    codes = codes.reshape(n, k).astype(np.uint8)
-    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
-    out = {"WQ": packed, "SCALES": scale.astype(np.float32)}
+    out = {"WQ": pack_codes(codes.reshape(n, k).astype(np.uint8)), "SCALES": scale.astype(np.float32)}
     if zero_point:
         out["ZEROS"] = zero.astype(np.float32)
     return out
+
+
+def pack_codes(codes: np.ndarray) -> np.ndarray:
+    """Codes [N, K] (uint8, 0..15) as ``WQ[N, K/2]``: k = 2j in the low nibble of byte j."""
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
 
 
 def dequantize_q4(wq: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, group_size: int) -> np.ndarray:

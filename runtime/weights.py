@@ -23,7 +23,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from .model_config import ModelConfig
-from .q4 import dequantize_q4, quantize_q4
+from .plan import head_quantize
+from .q4 import dequantize_q4, pack_codes, quantize_q4
 from .precision import Bfloat16Words, precision_of, rounded, widened
 
 # Rotary frequencies some older transformers versions saved as buffers: they are a function
@@ -50,6 +51,8 @@ def text_name(config: ModelConfig, name: str) -> str | None:
         if name.startswith(prefix):
             return plain + name[len(prefix):]
     return name  # not the language model's: refused as a tensor the decoder does not use
+
+
 INDEX_FILE = "model.safetensors.index.json"
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -163,7 +166,7 @@ def linear_names(config: ModelConfig) -> list[str]:
 def q4_linear_names(config: ModelConfig) -> list[str]:
     """The linear layers a q4 model holds as int4 codes: every one, but a GPTQ checkpoint's LM head."""
     names = linear_names(config)
-    return names[:-1] if config.gptq_group_size is not None else names
+    return names if head_quantize(config, "q4") == "q4" else names[:-1]
 
 
 # A GPTQ checkpoint's tensors in place of each int4 linear layer's ``weight`` (AutoGPTQ's packing):
@@ -199,8 +202,7 @@ def gptq_linear(name: str, parts: dict[str, np.ndarray], group: int) -> Quantize
     g_idx = parts.get("g_idx")
     if g_idx is not None and not np.array_equal(g_idx, np.arange(k) // group):
         raise ValueError(f"{name}: GPTQ g_idx puts weights out of group order (act-order) - not implemented")
-    wq = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    return QuantizedLinear(wq, np.ascontiguousarray(widened(parts["scales"]).T), group)
+    return QuantizedLinear(pack_codes(codes), np.ascontiguousarray(widened(parts["scales"]).T), group)
 
 
 @dataclass
@@ -231,13 +233,16 @@ class ModelWeights:
                              f"not {type(self.tensors).__name__}")
         problems = []
         for name, shape in expected_shapes(self.config).items():
-            tensor = self.tensors.get(name)
-            if tensor is None and name in self.quantized:  # held as int4 codes only (a GPTQ checkpoint)
-                tensor = np.empty((self.quantized[name].wq.shape[0], 2 * self.quantized[name].wq.shape[1]), np.uint8)
-            if tensor is None:
+            tensor, codes = self.tensors.get(name), self.quantized.get(name)
+            if tensor is not None:
+                actual = tuple(np.shape(tensor))
+            elif codes is not None:  # held as int4 codes only (a GPTQ checkpoint): two a byte
+                actual = (codes.wq.shape[0], 2 * codes.wq.shape[1])
+            else:
                 problems.append(f"{name} is missing")
-            elif tuple(np.shape(tensor)) != shape:
-                problems.append(f"{name} has shape {tuple(np.shape(tensor))}, expected {shape}")
+                continue
+            if actual != shape:
+                problems.append(f"{name} has shape {actual}, expected {shape}")
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
             raise ValueError(f"weights do not fit {self.config.name}: {'; '.join(problems[:3])}{more}")
