@@ -65,7 +65,8 @@ def model_tasks(config: ModelConfig, prefill_tokens: list[int], decode_batch: li
 def weight_bytes(config: ModelConfig, quantize: str = "none", group_size: int = 128, dtype: str = "float32",
                  weights: str | None = None) -> int:
     """Bytes of the weights one forward pass reads in precision ``dtype``: every linear layer
-    (the LM head included; int4 codes and a scale per ``group_size`` weights with q4; in
+    (the LM head included; int4 codes and a scale per ``group_size`` weights with q4, and a zero
+    point where an int4 checkpoint's codes have them, whose LM head stays in floats; in
     ``weights`` when given: weight-only), the norm gains (Qwen3's of the query and key heads
     too) and the projection biases. The
     embedding table is only gathered from, a row per token, so a tied one counts once, as the
@@ -73,13 +74,18 @@ def weight_bytes(config: ModelConfig, quantize: str = "none", group_size: int = 
     c = config
     h, layers = c.hidden_size, c.num_hidden_layers
     linear = layers * (h * (c.q_size + 2 * c.kv_size) + c.q_size * h + 3 * h * c.intermediate_size)
-    linear += c.vocab_size * h
+    head = c.vocab_size * h
     size = ITEMSIZE[dtype]
-    per_weight = 0.5 + size / group_size if quantize == "q4" else ITEMSIZE[weights or dtype]
+    float_weight = ITEMSIZE[weights or dtype]
+    if quantize == "q4":
+        per_weight = 0.5 + size * (1 + c.int4_zero_points) / group_size
+        head_bytes = head * (float_weight if c.int4_format is not None else per_weight)
+    else:
+        per_weight, head_bytes = float_weight, head * float_weight
     biases = layers * ((c.q_size + 2 * c.kv_size) * c.qkv_bias + h * c.o_bias
                        + (2 * c.intermediate_size + h) * c.mlp_bias)
     gains = (2 * layers + 1) * h + 2 * layers * c.head_dim * c.qk_norm
-    return int(linear * per_weight) + size * (gains + biases)
+    return int(linear * per_weight + head_bytes) + size * (gains + biases)
 
 
 def pass_bytes(config: ModelConfig, rows: int, sequences: int, positions: int, quantize: str = "none",

@@ -240,7 +240,7 @@ class LlamaModel:
         return rounded(widened(array), self.dtype)  # weight-only: bfloat16 values in float32
 
     def _weight(self, name: str, part: str = "", linear: bool = False) -> object:
-        """A weight tensor (or part of a quantised one: "wq", "scales") where the kernels run;
+        """A weight tensor (or part of a quantised one: "wq", "scales", "zeros") where the kernels run;
         ``linear``: the weights of a linear layer."""
         key = f"{name}#{part}"
         if key not in self._device and isinstance(self.w, DeviceWeights):
@@ -257,7 +257,7 @@ class LlamaModel:
                 pieces = [self._host_tensor(getattr(self.w.quantized[p], part) if part else self.w.tensors[p],
                                             linear and not part) for p in parts]
             host = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-            if part != "wq":  # int4 codes keep their values; their scales take the factor
+            if part not in ("wq", "zeros"):  # int4 codes and zero points keep their values; scales take the factor
                 offset = 1.0 if self.config.offset_norms and is_norm_gain(name) else 0.0  # Gemma's 1 + weight
                 host = _times(host, self._factor(name), self.weights_dtype if linear and not part else self.activations,
                               offset)
@@ -365,6 +365,8 @@ class LlamaModel:
         if residual is not None:
             fused["R"] = residual
         if self._is_q4(name):
+            if self.config.int4_zero_points:  # an asymmetric int4 checkpoint's
+                fused["ZEROS"] = self._weight(name, "zeros")
             return kernel.bind({"X": x, "WQ": self._weight(name, "wq"), "SCALES": self._weight(name, "scales"),
                                 "Y": y, **fused})
         return kernel.bind({"X": x, "W": self._weight(name, linear=True), "Y": y, **fused})

@@ -104,7 +104,7 @@ READ_FIELDS = frozenset({
     "original_max_position_embeddings",
     # Granite's scalars (granite only: _GRANITE_FIELDS)
     "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
-    # a GPTQ checkpoint's (_gptq_group_size)
+    # an int4 checkpoint's, GPTQ or AWQ (_int4_checkpoint)
     "quantization_config",
     # Gemma's and Gemma 3's (gemma families only: _GEMMA_FIELDS)
     *("hidden_activation", "query_pre_attn_scalar", "rope_local_base_freq", "sliding_window_pattern",
@@ -224,9 +224,13 @@ class ModelConfig:
     # the image-and-text model (a key of MULTIMODAL) whose language model this is: its checkpoint
     # holds these tensors under language_model, beside the image side's, which are not read
     multimodal: str | None = None
-    # a GPTQ checkpoint's: its layers' linear weights are int4 codes with one scale per this many
-    # weights along K (symmetric: the q4 format; ``runtime.weights``), its LM head is not quantised
-    gptq_group_size: int | None = None
+    # an int4 checkpoint's (GPTQ or AWQ): how its tensors pack the codes (a key of INT4_FORMATS; None:
+    # a float checkpoint), and as the q4 kernels take them: one scale per ``int4_group_size`` weights
+    # along K and, with ``int4_zero_points``, a zero point per group (asymmetric codes; else 8).
+    # Its LM head is not quantised (``runtime.weights``)
+    int4_format: str | None = None
+    int4_group_size: int | None = None
+    int4_zero_points: bool = False
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -251,9 +255,7 @@ class ModelConfig:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (number and value > 0 and math.isfinite(value)):
                 raise ValueError(f"model {self.name}: {field} must be a positive finite number, got {value!r}")
-        if self.gptq_group_size is not None and not _is_gptq_group(self.gptq_group_size):
-            raise ValueError(f"model {self.name}: gptq_group_size must be one of "
-                             f"{', '.join(map(str, GPTQ_GROUP_SIZES))} or null, got {self.gptq_group_size!r}")
+        self._check_int4()
         if self.multimodal is not None and self.multimodal not in MULTIMODAL:
             raise ValueError(f"model {self.name}: multimodal must be one of {', '.join(MULTIMODAL)} or null, "
                              f"got {self.multimodal!r}")
@@ -357,6 +359,36 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.num_hidden_layers * layer + self.vocab_size * h + head + h
 
+    def _check_int4(self) -> None:
+        """An int4 checkpoint's fields: all three or none, each a value its loader reads."""
+        fmt, group = self.int4_format, self.int4_group_size
+        if fmt is not None and fmt not in INT4_FORMATS:
+            raise ValueError(f"model {self.name}: int4_format must be one of {', '.join(INT4_FORMATS)} or null, "
+                             f"got {fmt!r}")
+        if (fmt is None) != (group is None) or (fmt is None and self.int4_zero_points is not False):
+            raise ValueError(f"model {self.name}: int4_format, int4_group_size and int4_zero_points describe an "
+                             "int4 checkpoint together: set int4_format and int4_group_size, or neither")
+        if group is not None and not _is_int4_group(group):
+            raise ValueError(f"model {self.name}: int4_group_size must be one of "
+                             f"{', '.join(map(str, INT4_GROUP_SIZES))} or null, got {group!r}")
+        if not isinstance(self.int4_zero_points, bool):
+            raise ValueError(f"model {self.name}: int4_zero_points must be true or false, got {self.int4_zero_points!r}")
+        if fmt == "awq" and not self.int4_zero_points:
+            raise ValueError(f"model {self.name}: an AWQ checkpoint has zero points (int4_zero_points true)")
+
+    @property
+    def int4_name(self) -> str | None:
+        """What a message calls this model's int4 checkpoint ("GPTQ", "AWQ"); None for a float one."""
+        return None if self.int4_format is None else INT4_FORMATS[self.int4_format]
+
+    def _int4_hf_dict(self) -> dict[str, Any]:
+        """The quantization_config of this int4 checkpoint, as its method writes it."""
+        if self.int4_format == "awq":
+            return {"quant_method": "awq", "bits": 4, "group_size": self.int4_group_size, "zero_point": True,
+                    "version": "gemm"}
+        return {"quant_method": "gptq", "bits": 4, "group_size": self.int4_group_size,
+                "sym": not self.int4_zero_points, "desc_act": False, "checkpoint_format": self.int4_format}
+
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json of a family that computes this model (``from_hf_dict`` reads it back
         equal): Qwen3 for norms of the query and key heads, Qwen2 for q/k/v biases alone, Llama
@@ -370,13 +402,12 @@ class ModelConfig:
                                  f"not a {text['model_type']}")
             return {"architectures": [architecture], "model_type": self.multimodal,
                     "tie_word_embeddings": self.tie_word_embeddings, "text_config": text}
-        if self.gptq_group_size is not None:  # the model's config with the checkpoint's quantisation
-            return {**replace(self, gptq_group_size=None).to_hf_dict(),
-                    "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": self.gptq_group_size,
-                                            "sym": True, "desc_act": False}}
+        if self.int4_format is not None:  # the model's config with the checkpoint's quantisation
+            float_config = replace(self, int4_format=None, int4_group_size=None, int4_zero_points=False)
+            return {**float_config.to_hf_dict(), "quantization_config": self._int4_hf_dict()}
         data = asdict(self)
         data.pop("name")
-        for field in ("multimodal", "gptq_group_size", "rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias",
+        for field in ("multimodal", "int4_format", "int4_group_size", "int4_zero_points", "rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias",
                       "mlp_bias", "qk_norm", "qk_norm_span", *_GRANITE_FIELDS, "activation", "offset_norms",
                       "post_norms", "pre_norms", "local_layers", "local_rope_theta", "nope_layers", "attn_softcap",
                       "final_softcap"):
@@ -561,7 +592,7 @@ class ModelConfig:
         if scalars.get("local_layers") and family not in ("gemma3_text", "olmo3") and rope_type != "default":
             raise ValueError(f"{where}: rope scaling {rope_type!r} with a sliding window in some layers is not "
                              "implemented; supported: default")
-        scalars["gptq_group_size"] = _gptq_group_size(data, where)
+        scalars.update(_int4_checkpoint(data, where))
         return cls(name=name, hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
                    num_attention_heads=heads,
                    num_key_value_heads=_or(data.get("num_key_value_heads", _ABSENT_KV_HEADS.get(family)), heads),
@@ -900,49 +931,79 @@ def _layer_kind_ropes(data: Mapping[str, Any], where: str, family: str) -> tuple
     return data, _rope_theta({"rope_parameters": local}, spot)
 
 
-# GPTQ: the group sizes the q4 kernels take; the keys of quantization_config that say how the
-# checkpoint was made (calibration, packing options of the tools) and change nothing it computes
-GPTQ_GROUP_SIZES = (32, 64, 128)
-_GPTQ_HARMLESS = frozenset({
-    "quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format", "damp_percent",
-    "damp_auto_increment", "true_sequential", "static_groups", "model_name_or_path", "model_file_base_name",
-    "lm_head", "meta", "pack_dtype", "use_exllama", "exllama_config", "use_cuda_fp16", "tokenizer", "dataset",
-    "batch_size", "cache_block_outputs", "max_input_length", "module_name_preceding_first_block",
-    "block_name_to_quantize", "disable_exllama", "use_marlin", "pad_token_id", "backend"})
+# int4 checkpoints: how each packs its codes (INT4_FORMATS: the name a message gives it), the group
+# sizes the q4 kernels take, and the keys of each method's quantization_config that say how the
+# checkpoint was made or how other runtimes should run it (calibration, packing and kernel options)
+# and change nothing it computes
+INT4_FORMATS = {"gptq": "GPTQ", "gptq_v2": "GPTQ", "awq": "AWQ"}
+INT4_GROUP_SIZES = (32, 64, 128)
+_INT4_HARMLESS = {
+    "gptq": frozenset({
+        "quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format", "damp_percent",
+        "damp_auto_increment", "true_sequential", "static_groups", "model_name_or_path", "model_file_base_name",
+        "lm_head", "meta", "pack_dtype", "use_exllama", "exllama_config", "use_cuda_fp16", "tokenizer", "dataset",
+        "batch_size", "cache_block_outputs", "max_input_length", "module_name_preceding_first_block",
+        "block_name_to_quantize", "disable_exllama", "use_marlin", "pad_token_id", "backend"}),
+    "awq": frozenset({
+        "quant_method", "bits", "group_size", "zero_point", "version", "backend", "do_fuse", "fuse_max_seq_len",
+        "modules_to_fuse", "modules_to_not_convert", "exllama_config"}),
+}
 
 
-def _is_gptq_group(value: Any) -> bool:
+def _is_int4_group(value: Any) -> bool:
     """A group size the q4 kernels take, as an int (128.0 is not carried into shapes)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value in GPTQ_GROUP_SIZES
+    return isinstance(value, int) and not isinstance(value, bool) and value in INT4_GROUP_SIZES
 
 
-def _gptq_group_size(data: Mapping[str, Any], where: str) -> int | None:
-    """The group size of a GPTQ checkpoint's ``quantization_config`` (None without one): 4 bits,
-    symmetric, without act-order (``desc_act``), the LM head not quantised, the gptq packing;
+def _int4_checkpoint(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The ModelConfig fields of an int4 checkpoint's ``quantization_config`` ({} without one):
+    GPTQ (4 bits, symmetric or with zero points, without act-order (``desc_act``), the LM head not
+    quantised, the gptq or gptq_v2 packing) or AWQ (4 bits, zero points, the gemm packing);
     anything else refused by name."""
     spec = data.get("quantization_config")
     if spec is None:
-        return None
+        return {}
     if not isinstance(spec, dict):
         raise ValueError(f"{where}: quantization_config = {_show(spec)} is not an object")
     method = spec.get("quant_method")
-    if method != "gptq":
+    if method not in _INT4_HARMLESS:
         raise ValueError(f"{where}: quantization_config.quant_method = {_show(method)} is not implemented; "
-                         "supported: gptq (4 bits, symmetric, without act-order)")
-    unknown = sorted(k for k in spec if k not in _GPTQ_HARMLESS)
+                         "supported: gptq (4 bits, without act-order), awq (4 bits, gemm packing)")
+    unknown = sorted(k for k in spec if k not in _INT4_HARMLESS[method])
     if unknown:
         raise ValueError(f"{where}: quantization_config.{unknown[0]} = {_show(spec[unknown[0]])} is not implemented")
-    wanted = {"bits": 4, "sym": True, "desc_act": False, "lm_head": False, "checkpoint_format": "gptq"}
+    if method == "gptq":
+        wanted = {"bits": 4, "desc_act": False, "lm_head": False}
+        choices = {"sym": (True, False), "checkpoint_format": ("gptq", "gptq_v2")}
+    else:
+        # AutoAWQ writes its version in capitals in some checkpoints (GEMM), transformers reads either
+        version = spec.get("version", "gemm")
+        if isinstance(version, str) and version.lower() == "gemm":
+            spec = {**spec, "version": "gemm"}
+        wanted = {"bits": 4, "zero_point": True, "version": "gemm"}
+        choices = {}
+        skipped = spec.get("modules_to_not_convert")
+        if skipped not in (None, []):
+            raise ValueError(f"{where}: quantization_config.modules_to_not_convert = {_show(skipped)} is not "
+                             "implemented; supported: null (every linear layer of the decoder int4)")
     for key, value in wanted.items():
         given = spec.get(key, value)
         if given != value or type(given) is not type(value):
             raise ValueError(f"{where}: quantization_config.{key} = {_show(given)} is not implemented; "
                              f"supported: {_show(value)}")
+    for key, values in choices.items():
+        given = spec.get(key, values[0])
+        if given not in values or type(given) is not type(values[0]):
+            raise ValueError(f"{where}: quantization_config.{key} = {_show(given)} is not implemented; "
+                             f"supported: {', '.join(map(_show, values))}")
     group = spec.get("group_size")
-    if not _is_gptq_group(group):
+    if not _is_int4_group(group):
         raise ValueError(f"{where}: quantization_config.group_size = {_show(group)} is not implemented; supported: "
-                         f"{', '.join(map(str, GPTQ_GROUP_SIZES))}")
-    return group
+                         f"{', '.join(map(str, INT4_GROUP_SIZES))}")
+    if method == "gptq":
+        return {"int4_format": spec.get("checkpoint_format", "gptq"), "int4_group_size": group,
+                "int4_zero_points": not spec.get("sym", True)}
+    return {"int4_format": "awq", "int4_group_size": group, "int4_zero_points": True}
 
 
 def _nope_layers(data: Mapping[str, Any], family: str, where: str) -> tuple[int, ...]:

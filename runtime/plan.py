@@ -28,7 +28,9 @@ OLMo 2 normalises no sublayer's input: each output's norm (``post_norm``) is add
 residual stream by an ``add`` (role ``residual_add``), and the last layer's output is normalised
 by ``final_norm`` (``_norms``); its ``qk_norm`` normalises whole projections (``span``).
 With ``quantize="q4"`` every linear layer, the LM head included, uses int4 weights
-(``gemm_q4``/``gemv_q4``, symmetric codes, one scale per ``group_size`` weights).
+(``gemm_q4``/``gemv_q4``, symmetric codes, one scale per ``group_size`` weights). An int4
+checkpoint (GPTQ, AWQ: ``ModelConfig.int4_format``) keeps its LM head in floats, and where its
+codes have zero points (AWQ, GPTQ without ``sym``) its layers' kernels take them (``zero_point``).
 
 The resident CUDA decode step (``decode_calls(..., resident=True)``) also fuses each RMSNorm
 into the GEMV that reads its output, each residual add into the GEMV whose output it adds and
@@ -75,11 +77,11 @@ def check_quantize(config: ModelConfig, quantize: str, group_size: int = 128) ->
     """Raise ValueError when ``config`` cannot run with ``quantize``."""
     if quantize not in QUANTIZE:
         raise ValueError(f"unknown quantization {quantize!r}: use one of {', '.join(QUANTIZE)}")
-    gptq = config.gptq_group_size
-    if gptq is not None and (quantize, group_size) != ("q4", gptq):
-        raise ValueError(f"{config.name} is a GPTQ checkpoint (int4, group size {gptq}): it runs with --quantize q4 "
-                         f"--group-size {gptq}, not --quantize {quantize}"
-                         + (f" --group-size {group_size}" if quantize == "q4" else ""))
+    group = config.int4_group_size
+    if group is not None and (quantize, group_size) != ("q4", group):
+        raise ValueError(f"{config.name} is a{'n' if config.int4_name == 'AWQ' else ''} {config.int4_name} checkpoint "
+                         f"(int4, group size {group}): it runs with --quantize q4 --group-size {group}, not "
+                         f"--quantize {quantize}" + (f" --group-size {group_size}" if quantize == "q4" else ""))
     if quantize == "q4":
         if group_size not in (32, 64, 128):
             raise ValueError(f"q4 group size must be 32, 64 or 128, got {group_size}")
@@ -116,21 +118,22 @@ def precisions(dtype: str, kind: str, quantize: str = "none") -> tuple[str, str]
 
 
 def _linear(role: str, m: int, n: int, k: int, count: int, quantize: str, group_size: int,
-            attrs: dict | None = None, dynamic_rows: bool = False) -> KernelCall:
-    """``dynamic_rows``: a gemm that reads M at run time, whatever ``m`` (the rows it is tuned at)."""
+            attrs: dict | None = None, dynamic_rows: bool = False, zero_points: bool = False) -> KernelCall:
+    """``dynamic_rows``: a gemm that reads M at run time, whatever ``m`` (the rows it is tuned at);
+    ``zero_points``: int4 codes with a zero point per group (an asymmetric checkpoint's)."""
     op = "gemv" if m <= GEMV_MAX_M and not dynamic_rows else "gemm"
     attrs = dict(attrs or {})
     if quantize == "q4":
         op += "_q4"
-        attrs = {"group_size": group_size, "zero_point": False}
+        attrs = {"group_size": group_size, "zero_point": zero_points}
     return KernelCall(role, KernelSpec.make(op, {"M": m, "N": n, "K": k}, attrs=attrs,
                                             dynamic=("M",) if dynamic_rows else ()), count)
 
 
 def head_quantize(config: ModelConfig, quantize: str) -> str:
-    """How the LM head is stored in a model of ``quantize``: as the other linear layers, except in a
-    GPTQ checkpoint, which leaves it unquantised."""
-    return "none" if config.gptq_group_size is not None else quantize
+    """How the LM head is stored in a model of ``quantize``: as the other linear layers, except in an
+    int4 checkpoint (GPTQ, AWQ), which leaves it unquantised."""
+    return "none" if config.int4_format is not None else quantize
 
 
 def _rows(role: str, op: str, rows: int, n: int, count: int, attrs: dict | None = None) -> KernelCall:
@@ -357,12 +360,12 @@ def bias_role(role: str) -> str:
 def _layer_linears(config: ModelConfig, m: int, quantize: str, group_size: int, attrs: dict,
                    dynamic_rows: bool = False) -> list[KernelCall]:
     c, layers = config, config.num_hidden_layers
-    q, d = (quantize, group_size, attrs), dynamic_rows
+    q, d = (quantize, group_size, attrs), {"dynamic_rows": dynamic_rows, "zero_points": c.int4_zero_points}
     # Q, K, V as one projection and gate, up as another (runtime.weights.FUSED)
-    linears = [_linear("qkv_proj", m, c.q_size + 2 * c.kv_size, c.hidden_size, layers, *q, dynamic_rows=d),
-               _linear("o_proj", m, c.hidden_size, c.q_size, layers, *q, dynamic_rows=d),
-               _linear("gate_up_proj", m, 2 * c.intermediate_size, c.hidden_size, layers, *q, dynamic_rows=d),
-               _linear("down_proj", m, c.hidden_size, c.intermediate_size, layers, *q, dynamic_rows=d)]
+    linears = [_linear("qkv_proj", m, c.q_size + 2 * c.kv_size, c.hidden_size, layers, *q, **d),
+               _linear("o_proj", m, c.hidden_size, c.q_size, layers, *q, **d),
+               _linear("gate_up_proj", m, 2 * c.intermediate_size, c.hidden_size, layers, *q, **d),
+               _linear("down_proj", m, c.hidden_size, c.intermediate_size, layers, *q, **d)]
     biased = biased_projections(c)
     return linears + [_rows(bias_role(call.role), "bias_add", m, call.spec.dims["N"], layers)
                       for call in linears if biased[call.role]]

@@ -164,45 +164,78 @@ def linear_names(config: ModelConfig) -> list[str]:
 
 
 def q4_linear_names(config: ModelConfig) -> list[str]:
-    """The linear layers a q4 model holds as int4 codes: every one, but a GPTQ checkpoint's LM head."""
+    """The linear layers a q4 model holds as int4 codes: every one, but an int4 checkpoint's LM head."""
     names = linear_names(config)
     return names if head_quantize(config, "q4") == "q4" else names[:-1]
 
 
-# A GPTQ checkpoint's tensors in place of each int4 linear layer's ``weight`` (AutoGPTQ's packing):
-# qweight [K/8, N] int32 (eight 4-bit codes along K, the first in the low bits), qzeros [K/G, N/8]
-# int32 (eight zero points along N, stored minus one), scales [K/G, N], g_idx [K] (optional: each
-# k's group). A weight is scales[g, n] * (code - (zero + 1)).
-GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+# An int4 checkpoint's tensors in place of each int4 linear layer's ``weight``, by format
+# (``ModelConfig.int4_format``), with G the group size:
+# - GPTQ (AutoGPTQ's packing): qweight [K/8, N] int32 (eight 4-bit codes along K, the first in the
+#   low bits), qzeros [K/G, N/8] int32 (eight zero points along N, stored minus one; gptq_v2 stores
+#   them as they are), scales [K/G, N], g_idx [K] (optional: each k's group).
+# - AWQ (AutoAWQ's gemm packing): qweight [K, N/8] int32 (eight codes along N, in the nibble order
+#   AWQ_ORDER), qzeros [K/G, N/8] int32 (the zero points, packed the same way), scales [K/G, N].
+# A weight is scales[g, n] * (code - zero).
+INT4_PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a packed word holds column AWQ_ORDER[i] of its eight
+_NIBBLE_SHIFTS = 4 * np.arange(8, dtype=np.uint32)
 
 
-def gptq_shapes(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{GPTQ tensor name: (the linear layer's weight name, its shape)} of a GPTQ config."""
+def int4_method(config: ModelConfig) -> str:
+    """The key of INT4_PARTS of an int4 checkpoint's config: its quantisation method."""
+    return "awq" if config.int4_format == "awq" else "gptq"
+
+
+def int4_shapes(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{int4 checkpoint tensor name: (the linear layer's weight name, its shape)} of an int4 config."""
     shapes = expected_shapes(config)
-    group = config.gptq_group_size
+    group = config.int4_group_size
+    method = int4_method(config)
     out = {}
     for name in q4_linear_names(config):
         n, k = shapes[name]
         prefix = name[: -len("weight")]
-        for part, shape in zip(GPTQ_PARTS, ((k // 8, n), (k // group, n // 8), (k // group, n), (k,))):
+        packed = (k // 8, n) if method == "gptq" else (k, n // 8)
+        for part, shape in zip(INT4_PARTS[method], (packed, (k // group, n // 8), (k // group, n), (k,))):
             out[prefix + part] = (name, shape)
     return out
 
 
-def gptq_linear(name: str, parts: dict[str, np.ndarray], group: int) -> QuantizedLinear:
-    """The q4 layer a GPTQ checkpoint's tensors of linear ``name`` stand for (``GPTQ_PARTS``); a
-    ValueError for zero points other than 8 (asymmetric) or groups out of order (act-order)."""
-    qweight, qzeros = (np.ascontiguousarray(parts[p]).view(np.uint32) for p in ("qweight", "qzeros"))
-    k, n = 8 * qweight.shape[0], qweight.shape[1]
-    shifts = (4 * np.arange(8, dtype=np.uint32))
-    codes = ((qweight[:, None, :] >> shifts[None, :, None]) & 15).reshape(k, n).T.astype(np.uint8)  # [N, K]
-    zeros = ((qzeros[:, :, None] >> shifts[None, None, :]) & 15).reshape(qzeros.shape[0], n) + 1
-    if not (zeros == 8).all():
-        raise ValueError(f"{name}: GPTQ zero points other than 8 (asymmetric codes) are not implemented")
-    g_idx = parts.get("g_idx")
-    if g_idx is not None and not np.array_equal(g_idx, np.arange(k) // group):
-        raise ValueError(f"{name}: GPTQ g_idx puts weights out of group order (act-order) - not implemented")
-    return QuantizedLinear(pack_codes(codes), np.ascontiguousarray(widened(parts["scales"]).T), group)
+def _nibbles(packed: np.ndarray, axis: int) -> np.ndarray:
+    """The eight 4-bit values of each int32 of ``packed``, the first from the low bits, spread
+    along ``axis`` (0: a row becomes eight rows; 1: a column eight columns)."""
+    words = np.ascontiguousarray(packed).view(np.uint32)
+    if axis == 0:
+        return ((words[:, None, :] >> _NIBBLE_SHIFTS[None, :, None]) & 15).reshape(-1, words.shape[1])
+    return ((words[:, :, None] >> _NIBBLE_SHIFTS[None, None, :]) & 15).reshape(words.shape[0], -1)
+
+
+def int4_linear(name: str, parts: dict[str, np.ndarray], config: ModelConfig) -> QuantizedLinear:
+    """The q4 layer an int4 checkpoint's tensors of linear ``name`` stand for (``INT4_PARTS``): the
+    codes repacked as the kernels read them, the zero points kept where the config has them (a
+    ValueError for a symmetric checkpoint whose zero points are not all 8), a GPTQ g_idx that puts
+    weights out of group order (act-order) refused."""
+    group = config.int4_group_size
+    if config.int4_format == "awq":  # packed along N in AWQ_ORDER: undo the order within each eight
+        undo = np.argsort(AWQ_ORDER)
+        codes = _nibbles(parts["qweight"], 1)
+        zeros = _nibbles(parts["qzeros"], 1)
+        n = codes.shape[1]
+        codes = codes.reshape(-1, n // 8, 8)[:, :, undo].reshape(-1, n)
+        zeros = zeros.reshape(-1, n // 8, 8)[:, :, undo].reshape(-1, n)
+    else:
+        codes = _nibbles(parts["qweight"], 0)
+        zeros = _nibbles(parts["qzeros"], 1) + (1 if config.int4_format == "gptq" else 0)
+        g_idx = parts.get("g_idx")
+        if g_idx is not None and not np.array_equal(g_idx, np.arange(codes.shape[0]) // group):
+            raise ValueError(f"{name}: GPTQ g_idx puts weights out of group order (act-order) - not implemented")
+    if not config.int4_zero_points and not (zeros == 8).all():
+        raise ValueError(f"{name}: zero points other than 8 where the config says the codes are symmetric "
+                         "(quantization_config.sym true)")
+    kept = np.ascontiguousarray(zeros.T, dtype=np.float32) if config.int4_zero_points else None
+    return QuantizedLinear(pack_codes(codes.T.astype(np.uint8)), np.ascontiguousarray(widened(parts["scales"]).T),
+                           group, kept)
 
 
 @dataclass
@@ -214,10 +247,11 @@ class QuantizedLinear:
     wq: np.ndarray         # [N, K/2] uint8
     scales: np.ndarray     # [N, K/G] float32
     group_size: int
+    zeros: np.ndarray | None = None  # [N, K/G] float32 (whole numbers): the zero points; None: 8 (symmetric)
 
     @functools.cached_property
     def dequantized(self) -> np.ndarray:  # [N, K] float32
-        return dequantize_q4(self.wq, self.scales, None, self.group_size).astype(np.float32)
+        return dequantize_q4(self.wq, self.scales, self.zeros, self.group_size).astype(np.float32)
 
 
 @dataclass
@@ -236,13 +270,16 @@ class ModelWeights:
             tensor, codes = self.tensors.get(name), self.quantized.get(name)
             if tensor is not None:
                 actual = tuple(np.shape(tensor))
-            elif codes is not None:  # held as int4 codes only (a GPTQ checkpoint): two a byte
+            elif codes is not None:  # held as int4 codes only (an int4 checkpoint): two a byte
                 actual = (codes.wq.shape[0], 2 * codes.wq.shape[1])
             else:
                 problems.append(f"{name} is missing")
                 continue
             if actual != shape:
                 problems.append(f"{name} has shape {actual}, expected {shape}")
+        zero_points = self.config.int4_zero_points
+        problems += [f"{name} is int4 {'without' if zero_points else 'with'} zero points"
+                     for name, codes in self.quantized.items() if (codes.zeros is not None) != zero_points]
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
             raise ValueError(f"weights do not fit {self.config.name}: {'; '.join(problems[:3])}{more}")
@@ -309,9 +346,9 @@ class ModelWeights:
         (``text_name``); its image side's tensors are not read."""
         files = checkpoint_files(folder)
         shapes = expected_shapes(config)
-        gptq = gptq_shapes(config) if config.gptq_group_size is not None else {}
-        # a GPTQ checkpoint's int4 layers: their GPTQ tensors in place of their weights
-        wanted = (set(shapes) - {linear for linear, _ in gptq.values()}) | set(gptq)
+        int4 = int4_shapes(config) if config.int4_format is not None else {}
+        # an int4 checkpoint's int4 layers: their packed tensors in place of their weights
+        wanted = (set(shapes) - {linear for linear, _ in int4.values()}) | set(int4)
         found: dict[str, Path] = {}  # every tensor of the checkpoint -> its file
         for path in files:
             header, _ = read_header(path)
@@ -342,10 +379,10 @@ class ModelWeights:
         tensors: dict[str, np.ndarray] = {}
         read = {raw for raw, name in renamed.items()
                 if name is not None and (name in wanted or name in stacked or (tied_head and name == "lm_head.weight"))}
-        ints = {raw for raw, name in renamed.items() if name in gptq and not name.endswith(".scales")}
+        ints = {raw for raw, name in renamed.items() if name in int4 and not name.endswith(".scales")}
         for path in files:
             tensors.update({renamed[k]: v for k, v in read_safetensors(path, read, ints).items()})
-        quantized = _gptq_layers(folder, tensors, gptq, config.gptq_group_size) if gptq else {}
+        quantized = _int4_layers(folder, tensors, int4, config) if int4 else {}
         for name, parts in stacked.items():
             tensors.update(_unstacked(folder, name, tensors.pop(name), {part: shapes[part] for part in parts}))
         if tied_head:
@@ -355,7 +392,7 @@ class ModelWeights:
             elif head.shape != embed.shape or not np.array_equal(head, embed):
                 raise ValueError(f"{folder}: tie_word_embeddings is true but lm_head.weight differs from "
                                  "model.embed_tokens.weight")
-        weights = cls(config, tensors, quantized, config.gptq_group_size or 0)
+        weights = cls(config, tensors, quantized, config.int4_group_size or 0)
         if check_finite:
             weights.check_finite()
         return weights
@@ -365,7 +402,7 @@ class ModelWeights:
         from safetensors.numpy import save_file
 
         codes_only = sorted(set(self.quantized) - set(self.tensors))
-        if codes_only:  # a GPTQ checkpoint's: written as float weights they would be another checkpoint
+        if codes_only:  # an int4 checkpoint's: written as float weights they would be another checkpoint
             raise ValueError(f"weights of {self.config.name}: {codes_only[0]} is held as int4 codes only; "
                              "save writes float checkpoints")
         out = Path(folder)
@@ -391,21 +428,22 @@ class ModelWeights:
             return self
         quantized = {}
         for name, q in self.quantized.items():
-            quantized[name] = QuantizedLinear(q.wq, rounded(q.scales, dtype), self.group_size)
+            quantized[name] = QuantizedLinear(q.wq, rounded(q.scales, dtype), self.group_size, q.zeros)
         tensors = {name: rounded(self[name], dtype) for name in self.tensors}
         return ModelWeights(self.config, tensors, quantized, self.group_size)
 
     def quantize_q4(self, group_size: int = 128) -> "ModelWeights":
-        """A copy whose linear layers (LM head included, but a GPTQ model's) are int4 with symmetric
-        group scales; itself when they already are (a GPTQ checkpoint)."""
+        """A copy whose linear layers (LM head included, but an int4 checkpoint's) are int4 with group
+        scales (and zero points where the config's kernels take them); itself when they already are
+        (an int4 checkpoint)."""
         if self.quantized:
             if group_size != self.group_size:
                 raise ValueError(f"the weights are int4 with group size {self.group_size}, not {group_size}")
             return self
         quantized = {}
         for name in q4_linear_names(self.config):
-            packed = quantize_q4(self[name], group_size, zero_point=False)
-            quantized[name] = QuantizedLinear(packed["WQ"], packed["SCALES"], group_size)
+            packed = quantize_q4(self[name], group_size, zero_point=self.config.int4_zero_points)
+            quantized[name] = QuantizedLinear(packed["WQ"], packed["SCALES"], group_size, packed.get("ZEROS"))
         return ModelWeights(self.config, dict(self.tensors), quantized, group_size)
 
 
@@ -417,7 +455,8 @@ class DeviceWeights:
     stacked as ``FUSED`` says, their biases too where the config has them) to a device array
     (anything with ``gpudata``, ``shape`` and ``dtype``, e.g. ``runtime.arrays.DeviceArray``);
     an int4 layer named in ``quantized`` has "NAME#wq" ([N, K/2] uint8) and "NAME#scales"
-    ([N, K/group_size]) instead. ``embedding`` is the token table on the host, in the model's
+    ([N, K/group_size]) instead, and where the config's codes have zero points
+    (``ModelConfig.int4_zero_points``) "NAME#zeros" ([N, K/group_size]) too. ``embedding`` is the token table on the host, in the model's
     storage format (bfloat16 as uint16 words): each step gathers its rows there.
 
     ``folded``: the tensors already carry what the runtime folds into weights it uploads
@@ -444,6 +483,8 @@ class DeviceWeights:
                 raise ValueError(f"int4 layer {name}: K = {k} is not a multiple of the group size {self.group_size}")
             shapes[f"{name}#wq"] = (n, k // 2)
             shapes[f"{name}#scales"] = (n, k // self.group_size)
+            if self.config.int4_zero_points:  # an asymmetric int4 checkpoint's zero points
+                shapes[f"{name}#zeros"] = (n, k // self.group_size)
         problems = [f"{name} is missing" if name not in self.tensors else
                     f"{name} has shape {tuple(self.tensors[name].shape)}, expected {shape}"
                     for name, shape in shapes.items()
@@ -458,17 +499,18 @@ class DeviceWeights:
         return self.tensors[f"{name}#{part}" if part else name]
 
 
-def _gptq_layers(folder, tensors: dict[str, np.ndarray], gptq: dict[str, tuple[str, tuple[int, ...]]],
-                 group: int) -> dict[str, QuantizedLinear]:
-    """The int4 layers of a GPTQ checkpoint, their tensors taken out of ``tensors`` (checked:
-    every one present but g_idx, of its shape, integers where GPTQ stores them)."""
+def _int4_layers(folder, tensors: dict[str, np.ndarray], int4: dict[str, tuple[str, tuple[int, ...]]],
+                 config: ModelConfig) -> dict[str, QuantizedLinear]:
+    """The int4 layers of an int4 checkpoint, their tensors taken out of ``tensors`` (checked:
+    every one present but g_idx, of its shape, integers where the format stores them)."""
     layers: dict[str, dict[str, np.ndarray]] = {}
-    for name, (linear, shape) in gptq.items():
+    for name, (linear, shape) in int4.items():
         part = name.rsplit(".", 1)[1]
         tensor = tensors.pop(name, None)
         if tensor is None:
             if part != "g_idx":
-                raise ValueError(f"{folder}: {name} is missing (the GPTQ checkpoint's int4 layer {linear})")
+                raise ValueError(f"{folder}: {name} is missing (the {config.int4_name} checkpoint's int4 layer "
+                                 f"{linear})")
             continue
         integer = np.asarray(tensor).dtype == np.int32
         if tuple(np.shape(tensor)) != shape or integer != (part != "scales"):
@@ -476,7 +518,7 @@ def _gptq_layers(folder, tensors: dict[str, np.ndarray], gptq: dict[str, tuple[s
             raise ValueError(f"{folder}: {name} is {np.asarray(tensor).dtype} {tuple(np.shape(tensor))}, expected "
                              f"{kind} {shape}")
         layers.setdefault(linear, {})[part] = tensor
-    return {linear: gptq_linear(f"{folder}: {linear}", parts, group) for linear, parts in layers.items()}
+    return {linear: int4_linear(f"{folder}: {linear}", parts, config) for linear, parts in layers.items()}
 
 
 def _unstacked(folder, name: str, tensor: np.ndarray, parts: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -589,7 +631,7 @@ _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, 
 def read_safetensors(path: str | Path, keep=None, ints=frozenset()) -> dict[str, np.ndarray]:
     """The float tensors of one safetensors file (``keep``: only those it names): float32 and
     float16 as they are (float64 as float32), bfloat16 as ``Bfloat16Words`` copied out of the file;
-    those ``ints`` names may be int32 instead (a GPTQ checkpoint's codes, zero points, groups).
+    those ``ints`` names may be int32 instead (an int4 checkpoint's codes, zero points, groups).
 
     Read with the safetensors package where numpy knows the dtype; bfloat16, which numpy
     lacks, is read from the file's header. The header is checked first (``read_header``): a

@@ -45,8 +45,8 @@ def load_config(model: str):
 @click.option("--decode-batch", default="1", show_default=True, help="batch sizes to tune decode at")
 @click.option("--kv-len", default="512", show_default=True, help="KV cache lengths to tune decode attention at")
 @click.option("--quantize", default="none", show_default=True, type=click.Choice(["none", "q4"]),
-              help="q4: int4 weight-only linear layers (symmetric, group-wise scales); a GPTQ checkpoint's "
-                   "config makes it q4 with its group size")
+              help="q4: int4 weight-only linear layers (symmetric, group-wise scales); an int4 checkpoint's "
+                   "config (GPTQ, AWQ) makes it q4 with its group size and zero points")
 @click.option("--group-size", default=128, show_default=True, type=click.Choice(["32", "64", "128"]),
               callback=lambda ctx, param, value: int(value), help="q4: weights per int4 scale along K")
 @click.option("--trials-total", default=200, show_default=True, type=int, callback=positive,
@@ -78,8 +78,8 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
     config = load_config(model)
     from measure.backends import get_backend
 
-    if config.gptq_group_size is not None and _left_out("quantize") and _left_out("group_size"):
-        quantize, group_size = "q4", config.gptq_group_size  # a GPTQ checkpoint's layers are int4
+    if config.int4_format is not None and _left_out("quantize") and _left_out("group_size"):
+        quantize, group_size = "q4", config.int4_group_size  # an int4 checkpoint's layers are int4
 
     kind = resolve_target(target, compile_only=True).kind
     activations, weights = _precisions(dtype, kind, quantize)
@@ -282,8 +282,8 @@ def _check_model_fits(config, weights_dtype: str, quantize: str, cache_dtype: st
     if positions > MAX_DIM:
         raise UserError(f"{config.name}: {positions} positions (prompt + new tokens) is more than the kernels take "
                         f"({MAX_DIM})")
-    if quantize == "q4":  # a GPTQ checkpoint stores the codes themselves
-        source = 0 if config.gptq_group_size is not None else _stored_itemsize(weights_dir)
+    if quantize == "q4":  # an int4 checkpoint stores the codes themselves
+        source = 0 if config.int4_format is not None else _stored_itemsize(weights_dir)
         per_weight = 0.5 + source + (4 if compare else 0)
     else:
         per_weight = numpy_dtype(weights_dtype).itemsize
@@ -371,9 +371,9 @@ def _quantize_of(kernels, quantize: str) -> str:
 @click.option("--batch", default=1, show_default=True, type=int, callback=positive, help="sequences at once")
 @click.option("--new-tokens", default=32, show_default=True, type=int, callback=positive, help="tokens generated per sequence")
 @click.option("--quantize", default="auto", show_default=True, type=click.Choice(["auto", "none", "q4"]),
-              help="auto: q4 when the kernels are the int4 ones, or the model is a GPTQ checkpoint")
+              help="auto: q4 when the kernels are the int4 ones, or the model is an int4 checkpoint (GPTQ, AWQ)")
 @click.option("--group-size", default="auto", show_default=True, type=click.Choice(["auto", "32", "64", "128"]),
-              help="q4: weights per scale; auto: a GPTQ checkpoint's, else that of the kernels' int4 layers (128 "
+              help="q4: weights per scale; auto: an int4 checkpoint's, else that of the kernels' int4 layers (128 "
                    "where they say none)")
 @click.option("--compare", is_flag=True, help="also run the numpy reference and the untuned template defaults")
 @click.option("--target", default="cpu", show_default=True, help="with --log: the target the records are for")
@@ -420,9 +420,9 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
     try:
         if getattr(kernels, "kind", "cpu") == "cuda":
             resolve_target("cuda")  # a GPU to run them on, said in one line before any weights are made
-        if config.gptq_group_size is not None:  # a GPTQ checkpoint's layers are int4, its LM head not
+        if config.int4_format is not None:  # an int4 checkpoint's layers are int4, its LM head not
             quantize = "q4" if quantize == "auto" else quantize
-            group_size = str(config.gptq_group_size) if group_size == "auto" else group_size
+            group_size = str(config.int4_group_size) if group_size == "auto" else group_size
         quantize = _quantize_of(kernels, quantize)
         group_size = _group_size_of(kernels, group_size)
         chosen_by = " (--dtype auto: the kernels' linear layers)" if dtype == "auto" else ""

@@ -1,0 +1,351 @@
+"""int4 checkpoints: GPTQ's layers packed as AutoGPTQ packs them (qweight, qzeros, scales, g_idx),
+symmetric or with zero points, and AWQ's as AutoAWQ's WQLinear_GEMM packs them (qweight and
+qzeros packed along N in its nibble order, scales; zero points), loaded into the q4 format without
+a float copy, run against the reference decoder computing with the weights the codes stand for;
+what the q4 kernels cannot compute is refused by name."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from runtime.llama import LlamaModel
+from runtime.model_config import PRESETS, ModelConfig, load_model_config
+from runtime.plan import check_quantize, decode_calls, prefill_calls
+from runtime.reference import ReferenceModel
+from runtime.weights import ModelWeights, expected_shapes, q4_linear_names
+
+GROUP = 64
+GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "sym": True, "desc_act": False,
+        "damp_percent": 0.01, "true_sequential": True, "model_name_or_path": None, "model_file_base_name": "model"}
+FLOAT_CONFIG = dataclasses.replace(PRESETS["tiny"], name="tiny-int4")
+CONFIG = dataclasses.replace(FLOAT_CONFIG, int4_format="gptq", int4_group_size=GROUP)
+ASYMMETRIC = dataclasses.replace(CONFIG, int4_zero_points=True)
+AWQ_GROUP = 32
+# as AutoAWQ writes it (TheBloke's checkpoints spell the version in capitals)
+AWQ = {"quant_method": "awq", "bits": 4, "group_size": AWQ_GROUP, "zero_point": True, "version": "GEMM",
+       "modules_to_not_convert": None}
+AWQ_CONFIG = dataclasses.replace(FLOAT_CONFIG, int4_format="awq", int4_group_size=AWQ_GROUP, int4_zero_points=True)
+ORDER_MAP = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's: nibble i of a word holds column order_map[i] of its eight
+
+
+def pack_gptq(w: np.ndarray, group: int, sym: bool = True, v2: bool = False
+              ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """AutoGPTQ's packing of W[N, K], written out the way its QuantLinear.pack loops: codes
+    round(w / scale) + zero, symmetric (zero 8) or asymmetric (zero round(-min / scale)), each row
+    of qweight eight consecutive k's codes of one n, the first in the low bits; qzeros eight
+    consecutive n's zeros, stored minus one (``v2``: as they are). Also the weights they stand for."""
+    n, k = w.shape
+    groups = w.reshape(n, k // group, group)
+    if sym:
+        scales = (np.abs(groups).max(axis=2) / 7).astype(np.float16)                # [N, G]
+        zeros = np.full(scales.shape, 8, np.uint32)
+    else:
+        lo, hi = groups.min(axis=2), groups.max(axis=2)
+        scales = ((hi - lo) / 15).astype(np.float16)
+        zeros = np.clip(np.round(-lo / scales.astype(np.float32)), 1, 15).astype(np.uint32)
+    codes = np.clip(np.round(groups / scales[..., None].astype(np.float32)) + zeros[..., None], 0, 15)
+    codes = codes.astype(np.uint32).reshape(n, k)
+    intweight = codes.T                                                               # [K, N]
+    qweight = np.zeros((k // 8, n), np.uint32)
+    for row in range(k // 8):
+        for j in range(8):
+            qweight[row] |= intweight[8 * row + j] << np.uint32(4 * j)
+    stored = zeros.T - (0 if v2 else 1)                                               # [G, N]
+    qzeros = np.zeros((k // group, n // 8), np.uint32)
+    for col in range(n // 8):
+        for j in range(8):
+            qzeros[:, col] |= stored[:, 8 * col + j] << np.uint32(4 * j)
+    stands_for = ((codes.astype(np.float32).reshape(n, k // group, group) - zeros[..., None])
+                  * scales.astype(np.float32)[..., None]).reshape(n, k)
+    return ({"qweight": qweight.view(np.int32), "qzeros": qzeros.view(np.int32), "scales": scales.T.copy(),
+             "g_idx": (np.arange(k) // group).astype(np.int32)}, stands_for)
+
+
+def pack_awq(w: np.ndarray, group: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """AutoAWQ's quantisation and packing of W[N, K], written out the way its pseudo-quantiser and
+    WQLinear_GEMM.from_linear loop: per group scale (max - min) / 15 and zero -round(min / scale)
+    in 0..15, codes round(w / scale) + zero; intweight [K, N], each qweight word eight columns'
+    codes in ORDER_MAP's order, the qzeros words the same. Also the weights the codes stand for."""
+    n, k = w.shape
+    groups = w.reshape(n, k // group, group)
+    lo, hi = groups.min(axis=2), groups.max(axis=2)
+    scales = (np.maximum(hi - lo, 1e-5) / 15).astype(np.float16)                     # [N, G]
+    zeros = np.clip(-np.round(lo / scales.astype(np.float32)), 0, 15).astype(np.uint32)
+    codes = np.clip(np.round(groups / scales[..., None].astype(np.float32)) + zeros[..., None], 0, 15)
+    codes = codes.astype(np.uint32).reshape(n, k)
+    intweight = codes.T                                                               # [K, N]
+    qweight = np.zeros((k, n // 8), np.uint32)
+    for col in range(n // 8):
+        for i in range(8):
+            qweight[:, col] |= intweight[:, col * 8 + ORDER_MAP[i]] << np.uint32(4 * i)
+    zeros_kn = zeros.T                                                                # [K/G, N]
+    qzeros = np.zeros((k // group, n // 8), np.uint32)
+    for col in range(n // 8):
+        for i in range(8):
+            qzeros[:, col] |= zeros_kn[:, col * 8 + ORDER_MAP[i]] << np.uint32(4 * i)
+    stands_for = ((codes.astype(np.float32).reshape(n, k // group, group) - zeros[..., None])
+                  * scales.astype(np.float32)[..., None]).reshape(n, k)
+    return {"qweight": qweight.view(np.int32), "qzeros": qzeros.view(np.int32), "scales": scales.T.copy()}, stands_for
+
+
+def save_int4(folder, config: ModelConfig = CONFIG, seed: int = 3, edit=None):
+    """An int4 checkpoint of random weights in ``folder`` (``config``'s format, group size and zero
+    points): (its config as read back, the float weights the codes stand for by linear name);
+    ``edit(tensors)`` changes the tensors before they are written."""
+    from safetensors.numpy import save_file
+
+    weights = ModelWeights.random(config, seed=seed)
+    tensors, stands_for = {}, {}
+    for name in expected_shapes(config):
+        if name in q4_linear_names(config):
+            group = config.int4_group_size
+            if config.int4_format == "awq":
+                parts, stands_for[name] = pack_awq(weights[name], group)
+            else:
+                parts, stands_for[name] = pack_gptq(weights[name], group, not config.int4_zero_points,
+                                                    config.int4_format == "gptq_v2")
+            tensors.update({name[: -len("weight")] + part: t for part, t in parts.items()})
+        else:
+            tensors[name] = weights[name].astype(np.float16)
+    if edit is not None:
+        edit(tensors)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    spec = AWQ if config.int4_format == "awq" else {**GPTQ, "sym": not config.int4_zero_points,
+                                                     "checkpoint_format": config.int4_format}
+    hf = {**dataclasses.replace(config, int4_format=None, int4_group_size=None, int4_zero_points=False).to_hf_dict(),
+          "quantization_config": spec}
+    (folder / "config.json").write_text(json.dumps(hf))
+    return load_model_config(folder), stands_for
+
+
+def test_a_gptq_config_is_read_written_back_and_leaves_the_lm_head_unquantised():
+    config = ModelConfig.from_hf_dict({**FLOAT_CONFIG.to_hf_dict(),
+                                       "quantization_config": GPTQ}, CONFIG.name)
+    assert config == CONFIG and ModelConfig.from_hf_dict(config.to_hf_dict(), CONFIG.name) == config
+    for calls in (decode_calls(config, 1, 64, "q4", GROUP), prefill_calls(config, 16, "q4", GROUP)):
+        ops = {call.role: call.spec.op for call in calls}
+        assert ops["lm_head"] in ("gemv", "gemm") and ops["qkv_proj"] in ("gemv_q4", "gemm_q4")
+    with pytest.raises(ValueError, match="GPTQ checkpoint .int4, group size 64.: it runs with --quantize q4 "
+                                         "--group-size 64, not --quantize none"):
+        check_quantize(config, "none")
+    with pytest.raises(ValueError, match="not --quantize q4 --group-size 128"):
+        check_quantize(config, "q4", 128)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"quant_method": "bitsandbytes"}, "quant_method = 'bitsandbytes' is not implemented; supported: gptq"),
+    ({"bits": 8}, "quantization_config.bits = 8 is not implemented; supported: 4"),
+    ({"sym": "no"}, "quantization_config.sym = 'no' is not implemented; supported: true, false"),
+    ({"desc_act": True}, "quantization_config.desc_act = true is not implemented"),
+    ({"group_size": -1}, "quantization_config.group_size = -1 is not implemented; supported: 32, 64, 128"),
+    ({"group_size": 128.0}, "quantization_config.group_size = 128.0 is not implemented; supported: 32, 64, 128"),
+    ({"checkpoint_format": "marlin"}, "checkpoint_format = 'marlin' is not implemented; supported: 'gptq', 'gptq_v2'"),
+    ({"lm_head": True}, "quantization_config.lm_head = true is not implemented"),
+    ({"something_new": 1}, "quantization_config.something_new = 1 is not implemented"),
+])
+def test_a_quantization_the_kernels_do_not_compute_is_refused(change, message):
+    data = {**FLOAT_CONFIG.to_hf_dict(), "quantization_config": {**GPTQ, **change}}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ModelConfig.from_hf_dict(data, "m", source="config.json")
+
+
+@pytest.mark.parametrize("config, dtype", [(CONFIG, "float32"), (ASYMMETRIC, "float32"), (AWQ_CONFIG, "float32"),
+                                           (AWQ_CONFIG, "float16")], ids=["gptq", "gptq-asym", "awq", "awq-float16"])
+def test_an_int4_checkpoint_runs_on_the_cuda_path(config, dtype, tmp_path, fake_gpu):
+    from fakes import FAKE_GPU_TARGET
+
+    from export import TunedKernels
+
+    config, _ = save_int4(tmp_path, config)
+    weights = ModelWeights.load(config, tmp_path)
+    prompts = np.array([[5, 9, 2, 33, 7]])
+    reference = ReferenceModel(config, weights.rounded(dtype)).generate(prompts, 12)
+    with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
+        model = LlamaModel(config, weights, kernels, dtype=dtype)
+        out = model.generate(prompts, 12)
+    assert model.decode_mode == "graph"
+    np.testing.assert_array_equal(out.tokens, reference.tokens)
+    tolerance = 1e-3 if dtype == "float32" else 2e-2
+    assert np.abs(out.logits - reference.logits).max() < tolerance * np.abs(reference.logits).max()
+
+
+def _asymmetric(tensors):
+    name = next(n for n in tensors if n.endswith("qzeros"))
+    tensors[name] = tensors[name].copy()
+    tensors[name][0, 0] = np.int32(0x77777776)  # one zero point of 7 (stored 6)
+
+
+def _act_order(tensors):
+    name = next(n for n in tensors if n.endswith("g_idx"))
+    tensors[name] = tensors[name][::-1].copy()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_asymmetric, "zero points other than 8 where the config says the codes are symmetric"),
+    (_act_order, "g_idx puts weights out of group order .act-order. - not implemented"),
+    (lambda t: t.pop("model.layers.1.mlp.down_proj.qzeros"), "model.layers.1.mlp.down_proj.qzeros is missing"),
+    (lambda t: t.update({"model.layers.0.mlp.up_proj.qweight": t["model.layers.0.mlp.up_proj.qweight"].astype(
+        np.float32)}), r"qweight is float32 \(16, 384\), expected int32 \(16, 384\)"),
+    (lambda t: t.update({"model.layers.0.mlp.up_proj.weight": np.zeros((384, 128), np.float16)}),
+     "does not use: model.layers.0.mlp.up_proj.weight"),
+])
+def test_a_gptq_checkpoint_the_kernels_cannot_compute_is_refused(edit, message, tmp_path):
+    config, _ = save_int4(tmp_path, edit=edit)
+    with pytest.raises(ValueError, match=message):
+        ModelWeights.load(config, tmp_path)
+
+
+def test_g_idx_may_be_left_out(tmp_path):
+    def drop(tensors):
+        for name in [n for n in tensors if n.endswith("g_idx")]:
+            del tensors[name]
+
+    config, stands_for = save_int4(tmp_path, edit=drop)
+    weights = ModelWeights.load(config, tmp_path)
+    name = next(iter(stands_for))
+    np.testing.assert_array_equal(weights.linear(name), stands_for[name])
+
+
+def test_tune_model_and_run_take_the_quantisation_from_a_gptq_checkpoint(tmp_path):
+    """No --quantize needed: tune-model tunes int4 layers and a float LM head, run runs the
+    checkpoint on them; asking for unquantised layers is one line and exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    save_int4(tmp_path)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    cli = [sys.executable, "-m", "autotune.cli"]
+    tuned = subprocess.run(cli + ["tune-model", "--model", ".", "--trials-total", "12", "--prefill-tokens", "8",
+                                  "--kv-len", "16", "--log", "t.jsonl", "--no-mlflow", "--quiet", "--json"],
+                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert tuned.returncode == 0, tuned.stderr
+    ops = {json.loads(line)["task"]["op"] for line in (tmp_path / "t.jsonl").read_text().splitlines()}
+    assert {"gemv_q4", "gemv"} <= ops  # the layers int4, the LM head float
+    ran = subprocess.run(cli + ["run", "--log", "t.jsonl", "--model", ".", "--weights", ".", "--prompt-tokens", "6",
+                                "--new-tokens", "4", "--compare", "--json"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads(ran.stdout)
+    assert report["quantize"] == "q4" and report["reference"]["logits"]["same_tokens"]
+    refused = subprocess.run(cli + ["tune-model", "--model", ".", "--quantize", "none", "--log", "u.jsonl",
+                                    "--no-mlflow", "--quiet"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                             timeout=600)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1 and lines[0].startswith("autotune: error: ") and lines[0].endswith(
+        "is a GPTQ checkpoint (int4, group size 64): it runs with --quantize q4 --group-size 64, not --quantize none")
+
+
+def test_weights_held_as_int4_codes_only_are_not_saved_as_a_float_checkpoint(tmp_path):
+    config, _ = save_int4(tmp_path / "gptq")
+    with pytest.raises(ValueError, match="is held as int4 codes only; save writes float checkpoints"):
+        ModelWeights.load(config, tmp_path / "gptq").save(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config", [CONFIG, ASYMMETRIC, dataclasses.replace(ASYMMETRIC, int4_format="gptq_v2"),
+                                    dataclasses.replace(CONFIG, int4_format="gptq_v2"), AWQ_CONFIG],
+                         ids=["gptq", "gptq-asym", "gptq-asym-v2", "gptq-v2", "awq"])
+def test_an_int4_checkpoint_loads_as_int4_codes_and_generates_the_references_tokens(config, tmp_path,
+                                                                                   default_kernels):
+    """The layers compute the weights the codes stand for (GPTQ's v2 stores zero points without
+    the minus one, AWQ's nibble order is undone); where the codes have zero points (GPTQ without
+    sym, AWQ) each group's own reaches the ``zero_point`` q4 kernels; the model generates the
+    reference's tokens."""
+    loaded, stands_for = save_int4(tmp_path, config)
+    assert dataclasses.replace(loaded, name=config.name) == config
+    assert ModelConfig.from_hf_dict(config.to_hf_dict(), config.name) == config
+    weights = ModelWeights.load(loaded, tmp_path)
+    # no float copy of an int4 layer; the LM head (not quantised by GPTQ or AWQ) is a float tensor
+    assert set(weights.quantized) == set(stands_for) and not set(stands_for) & set(weights.tensors)
+    assert "lm_head.weight" in weights.tensors and weights.group_size == config.int4_group_size
+    assert weights.quantize_q4(config.int4_group_size) is weights
+    for name, want in stands_for.items():
+        np.testing.assert_array_equal(weights.linear(name), want)
+    zero_points = {name: q.zeros is not None for name, q in weights.quantized.items()}
+    assert set(zero_points.values()) == {config.int4_zero_points}
+    if config.int4_zero_points:  # really asymmetric: zero points other than 8
+        assert len(np.unique(next(iter(weights.quantized.values())).zeros)) > 1
+    prompts = np.random.default_rng(5).integers(0, config.vocab_size, (2, 7))
+    model = LlamaModel(loaded, weights, default_kernels)
+    ours = model.generate(prompts, 16)
+    reference = ReferenceModel(loaded, weights).generate(prompts, 16)
+    np.testing.assert_array_equal(ours.tokens, reference.tokens)
+    assert np.abs(ours.logits - reference.logits).max() < 1e-4 * np.abs(reference.logits).max()
+    ops = {kernel.spec.op for kernel in model.used.values()}
+    assert {"gemv_q4", "gemv"} <= ops  # the layers on int4 codes, the LM head on floats
+    attrs = {kernel.spec.attr.get("zero_point", False) for kernel in model.used.values()
+             if kernel.spec.op in ("gemv_q4", "gemm_q4")}
+    assert attrs == {config.int4_zero_points}
+
+
+# ----------------------------------------------------------------------------- AWQ
+
+
+def test_an_awq_config_is_read_written_back_and_runs_zero_point_kernels_with_a_float_lm_head():
+    config = ModelConfig.from_hf_dict({**FLOAT_CONFIG.to_hf_dict(), "quantization_config": AWQ}, AWQ_CONFIG.name)
+    assert config == AWQ_CONFIG and ModelConfig.from_hf_dict(config.to_hf_dict(), AWQ_CONFIG.name) == config
+    for calls in (decode_calls(config, 1, 64, "q4", AWQ_GROUP), prefill_calls(config, 16, "q4", AWQ_GROUP),
+                  decode_calls(config, 1, 64, "q4", AWQ_GROUP, dtype="float16", resident=True)):
+        specs = {call.role: call.spec for call in calls}
+        assert specs["lm_head"].op in ("gemv", "gemm")
+        for role in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            assert specs[role].op in ("gemv_q4", "gemm_q4") and specs[role].attr["zero_point"] is True
+    with pytest.raises(ValueError, match="is an AWQ checkpoint .int4, group size 32.: it runs with --quantize q4 "
+                                         "--group-size 32, not --quantize none"):
+        check_quantize(config, "none")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"version": "gemv"}, "quantization_config.version = 'gemv' is not implemented; supported: 'gemm'"),
+    ({"zero_point": False}, "quantization_config.zero_point = false is not implemented; supported: true"),
+    ({"bits": 3}, "quantization_config.bits = 3 is not implemented; supported: 4"),
+    ({"group_size": 256}, "quantization_config.group_size = 256 is not implemented; supported: 32, 64, 128"),
+    ({"modules_to_not_convert": ["model.layers.0.mlp.down_proj"]},
+     r'modules_to_not_convert = \["model.layers.0.mlp.down_proj"\] is not implemented'),
+    ({"calibration": "pile"}, "quantization_config.calibration = 'pile' is not implemented"),
+])
+def test_an_awq_quantization_the_kernels_do_not_compute_is_refused(change, message):
+    data = {**FLOAT_CONFIG.to_hf_dict(), "quantization_config": {**AWQ, **change}}
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_dict(data, "m", source="config.json")
+
+
+def test_int4_fields_are_checked_together():
+    with pytest.raises(ValueError, match="set int4_format and int4_group_size, or neither"):
+        dataclasses.replace(FLOAT_CONFIG, int4_group_size=64)
+    with pytest.raises(ValueError, match="an AWQ checkpoint has zero points"):
+        dataclasses.replace(AWQ_CONFIG, int4_zero_points=False)
+    with pytest.raises(ValueError, match="int4_format must be one of gptq, gptq_v2, awq or null, got 'nf4'"):
+        dataclasses.replace(AWQ_CONFIG, int4_format="nf4")
+
+
+def _truncated_zeros(tensors):
+    name = next(n for n in tensors if n.endswith("qzeros"))
+    tensors[name] = tensors[name][:, :-1].copy()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_truncated_zeros, r"q_proj.qzeros is int32 \(4, 15\), expected int32 \(4, 16\)"),
+    (lambda t: t.pop("model.layers.1.self_attn.o_proj.scales"), "o_proj.scales is missing .the AWQ checkpoint's"),
+    (lambda t: t.update({"model.layers.0.mlp.up_proj.g_idx": np.zeros(128, np.int32)}),
+     "does not use: model.layers.0.mlp.up_proj.g_idx"),
+])
+def test_an_awq_checkpoint_the_kernels_cannot_compute_is_refused(edit, message, tmp_path):
+    config, _ = save_int4(tmp_path, AWQ_CONFIG, edit=edit)
+    with pytest.raises(ValueError, match=message):
+        ModelWeights.load(config, tmp_path)
+
+
+def test_weights_quantised_for_a_zero_point_config_carry_zero_points():
+    """quantize_q4 makes what the config's kernels take: an asymmetric config's layers get zero
+    points, so weights generated for it run on the same kernels as its checkpoint."""
+    weights = ModelWeights.random(AWQ_CONFIG, seed=1).quantize_q4(AWQ_GROUP)
+    assert all(q.zeros is not None for q in weights.quantized.values())
+    symmetric = ModelWeights.random(FLOAT_CONFIG, seed=1).quantize_q4(AWQ_GROUP)
+    with pytest.raises(ValueError, match="is int4 without zero points"):
+        ModelWeights(AWQ_CONFIG, dict(symmetric.tensors), dict(symmetric.quantized), AWQ_GROUP)
