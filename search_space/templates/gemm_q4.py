@@ -9,12 +9,13 @@ per vector — and is paid once per W block and X block pass (``mc`` rows reuse 
 prefill shapes it is a small share next to the fmas of the micro-kernel. Cache blocks in
 K are multiples of the group size, so a panel always holds whole groups.
 
-``compute`` (targets with AVX2, codes without a zero point): ``f32`` as above, or ``i16``:
+``compute`` (targets with AVX2): ``f32`` as above, or ``i16``:
 an outer-product micro-kernel on int16 dot products, two products per lane where an fma
 makes one: ``vpdpwssd`` (AVX-512 VNNI, or AVX-VNNI at 8 lanes), else ``vpmaddwd`` and an
 add. Packing X rounds it to int16 per (row, group) with the scale max|x| / 32767 (so
-``xpack`` is on); the W panel holds the codes minus the centre 8 as int16, each k pair one
-int32, laid out as columns for the outer product, and a panel of the group scales beside it.
+``xpack`` is on); the W panel holds the codes minus their zero point (the centre 8 without
+zero points) as int16, each k pair one int32, laid out as columns for the outer product, and a
+panel of the group scales beside it.
 Per group the int32 sums are converted and scaled once, by the W scale times the X scale.
 Rounding X costs a relative error of about 1e-5 on typical activations (``gemv_q4``'s int16
 path rounds the same way), within the float32 tolerance.
@@ -75,7 +76,8 @@ class GemmQ4Cpu(GemmQ4Op, Template):
         c = config.as_dict()
         group, zero_point = q4_attrs(self, task)
         if c.get("compute") == "i16":
-            source = WeightSource(2, "int16", _pairs_panel(task.dims["K"], group, c["nr"] * c["vec"], c["vec"]), group)
+            panel = _pairs_panel(task.dims["K"], group, zero_point, c["nr"] * c["vec"], c["vec"])
+            source = WeightSource(2, "int16", panel, group)
             return render_blocked_gemm(task, c, "gemm_q4", self.signature(task), source, dot="i16",
                                        vnni=has_vnni(target, c["vec"]))
         source = WeightSource(4, "float32", _dequant_panel(task.dims["K"], group, zero_point, min(c["vec"], 16)))
@@ -83,21 +85,22 @@ class GemmQ4Cpu(GemmQ4Op, Template):
 
 
 def _has_i16(task: Task, target: Target, op) -> bool:
-    """The int16 path: int16 dot products (AVX2 at least), and codes centred on 8 (no zero point
-    to fold in)."""
-    return target.has_feature("avx2") and not q4_attrs(op, task)[1]
+    """The int16 path: int16 dot products (AVX2 at least)."""
+    return target.has_feature("avx2")
 
 
-def _pairs_panel(K: int, group: int, width: int, lanes: int):
-    """W rows [n0, n0+nlen) as int16 codes minus 8 for the int16 outer kernel: k pairs as
-    int32 columns, ``panel[n // width][k / 2][n % width]``, squares of ``lanes`` x ``lanes``
-    pairs transposed in registers; and their scales, ``scales[n // width][g][n % width]``.
-    Columns past nlen are zero in both."""
+def _pairs_panel(K: int, group: int, zero_point: bool, width: int, lanes: int):
+    """W rows [n0, n0+nlen) as int16 codes minus their zero point (8 without zero points; a
+    whole number 0..16, so code - z fits int16 and the X products stay exact) for the int16 outer
+    kernel: k pairs as int32 columns, ``panel[n // width][k / 2][n % width]``, squares of
+    ``lanes`` x ``lanes`` pairs transposed in registers; and their scales,
+    ``scales[n // width][g][n % width]``. Columns past nlen are zero in both."""
     groups = K // group
 
     def fill(kb, inputs, dst, n0, nlen, k0, klen: int, kc: int, _K: int, scales) -> None:
         b = kb.b
         WQ, S = inputs[1], inputs[2]
+        Z = inputs[3] if zero_point else None
         ld = b.mul(b.sdiv(b.add(nlen, cg.i64(width - 1)), cg.i64(width)), cg.i64(width))
         last = b.sub(nlen, cg.i64(1))
         i_lanes = cg.vec(lanes, cg.I32)
@@ -109,13 +112,19 @@ def _pairs_panel(K: int, group: int, width: int, lanes: int):
         with kb.loop(0, ld, lanes, name="tn") as nt:
             pairs_at = b.add(tile_of(nt, width * kc // 2), b.srem(nt, cg.i64(width)))
             with kb.loop(0, klen // 2, lanes, name="tk") as kt:
+                # the 2 * lanes k of this step lie in one group (q4_layout)
+                g = b.sdiv(b.add(k0, b.mul(kt, cg.i64(2))), cg.i64(group)) if Z is not None else None
                 rows = []
                 for i in range(lanes):
                     n = b.add(nt, cg.i64(i))
                     byte = b.add(b.mul(b.add(n0, kb.min(n, last)), cg.i64(K // 2)), b.add(b.sdiv(k0, cg.i64(2)), kt))
                     wide = b.zext(kb.load_vec(WQ, byte, lanes, cg.I8), i_lanes)
-                    low = b.sub(b.and_(wide, const(15)), const(8))
-                    high = b.sub(b.lshr(wide, const(4)), const(8))
+                    zero = const(8)  # symmetric codes: this renders as before zero points took this path
+                    if Z is not None:
+                        at = b.add(b.mul(b.add(n0, kb.min(n, last)), cg.i64(groups)), g)
+                        zero = kb.splat(b.fptosi(kb.load(Z, at), cg.I32), lanes)
+                    low = b.sub(b.and_(wide, const(15)), zero)
+                    high = b.sub(b.lshr(wide, const(4)), zero)
                     pair = b.or_(b.and_(low, const(0xFFFF)), b.shl(high, const(16)))
                     rows.append(b.select(b.icmp_signed("<", n, nlen), pair, ir.Constant(i_lanes, None)))
                 for k2, column in enumerate(transpose_square(kb, rows)):

@@ -72,7 +72,7 @@ def test_q4_matches_reference(op, group, zero_point, host, machinery):
 def test_q4_knobs_reach_every_code_path(host, machinery):
     """On a shape with several groups and K blocks, every knob value of both templates."""
     inputs = []
-    # codes without a zero point: gemm_q4's int16 path too, where the host has avx512vnni
+    # gemm_q4's int16 path too (with and without zero points), where the host has AVX2
     for op, shape, zero_point in (("gemv_q4", {"M": 5, "N": 301, "K": 2048}, True),
                                   ("gemm_q4", {"M": 21, "N": 50, "K": 1280}, True),
                                   ("gemm_q4", {"M": 21, "N": 50, "K": 1280}, False)):
@@ -134,7 +134,8 @@ def test_quantize_round_trip_is_within_half_a_step():
 
 @pytest.mark.parametrize("op, group, zero_point", [("gemv_q4", 128, False), ("gemv_q4", 128, True),
                                                    ("gemv_q4", 32, False), ("gemv_q4", 32, True),
-                                                   ("gemm_q4", 128, False), ("gemm_q4", 32, False)])
+                                                   ("gemm_q4", 128, False), ("gemm_q4", 32, False),
+                                                   ("gemm_q4", 128, True), ("gemm_q4", 32, True)])
 def test_q4_int16_activations_stay_within_float32_tolerance_with_outliers(op, group, zero_point, host):
     """The VNNI paths round X to int16 per (row, group); LLM activations have a few channels
     far larger than the rest, which coarsens the rounding of their whole group. Even so the
@@ -160,6 +161,28 @@ def test_q4_int16_activations_stay_within_float32_tolerance_with_outliers(op, gr
         errors[compute] = np.linalg.norm(buffers["Y"] - want) / np.linalg.norm(want)
     assert errors["f32"] < 1e-5
     assert errors["i16"] < template.tolerance(task), errors
+
+
+@pytest.mark.parametrize("op", ["gemv_q4", "gemm_q4"])
+def test_q4_zero_points_at_the_ends_of_their_range(op, host):
+    """Zero points 0 and 16 (a GPTQ checkpoint's zero 0, stored minus one, reads back as 16):
+    code - z spans -16..15, which every path, the int16 ones included, computes exactly."""
+    template = get_template(op, "cpu")
+    shape = {"M": 3, "N": 40, "K": 512} if op == "gemv_q4" else {"M": 21, "N": 40, "K": 512}
+    task = Task.make(op, shape, attrs={"group_size": 32, "zero_point": True})
+    rng = np.random.default_rng(9)
+    inputs = template.make_inputs(task, rng)
+    inputs["ZEROS"] = rng.choice(np.array([0.0, 16.0, 8.0], np.float32), inputs["ZEROS"].shape)
+    want = template.reference(task, inputs)["Y"]
+    space = template.space(task, host)
+    for compute in space.knob("compute").values if "compute" in space.names else ("f32",):
+        values = dict(template.default(task, host).as_dict(), **({"compute": compute} if "compute" in space.names
+                                                                 else {}))
+        source = template.render(task, space.from_values(values), host)
+        buffers = allocate_args(source, task.dims, inputs)
+        compile_and_load(source, host)(buffers, task.dims)
+        error = np.linalg.norm(buffers["Y"] - want) / np.linalg.norm(want)
+        assert error < template.tolerance(task), (compute, error)
 
 
 # int16 dot products on other CPUs than the host: (LLVM CPU, features, the instruction's intrinsic)
@@ -196,8 +219,11 @@ def test_q4_int16_kernels_build_for_each_kind_of_x86(kind, host):
         want = intrinsic if config["vec"] == lanes or kind == "avx2" else "vpdpwssd.256"
         assert want in source.code
         build_and_check(template, task, source, target, run=kind == "avx2")  # the host has AVX2
-    zero_point = Task.make("gemm_q4", {"M": 45, "N": 70, "K": 1280}, attrs={"group_size": 32, "zero_point": True})
-    assert "compute" not in template.space(zero_point, target).names  # a zero point keeps the float path
+    zero_point = Task.make("gemm_q4", {"M": 45, "N": 70, "K": 1280}, attrs={"group_size": 32, "zero_point": True},
+                           dynamic=["M"])
+    config = template.default(zero_point, target)
+    assert config["compute"] == "i16"  # codes minus each group's zero point, as int16
+    build_and_check(template, zero_point, template.render(zero_point, config, target), target, run=kind == "avx2")
     # the decode GEMV's int16 path, on the same instruction
     gemv = get_template("gemv_q4", "cpu")
     task = Task.make("gemv_q4", {"M": 3, "N": 70, "K": 1280}, attrs={"group_size": 32, "zero_point": False})
