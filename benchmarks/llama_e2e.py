@@ -5,9 +5,9 @@
     python benchmarks/llama_e2e.py --model benchmarks/models/llama-100m/config.json \
         --dtype bfloat16 --trials-total 300 --work /tmp/e2e --markdown
 
-``--dtype bfloat16`` runs the model weight-only on the CPU (bfloat16 linear weights, float32
-arithmetic; ``runtime.plan.precisions``); its numpy reference computes in float32 on the same
-rounded weights, so it reads twice the bytes per weight.
+``--dtype bfloat16`` (or ``float16``) runs the model weight-only on the CPU (16-bit linear
+weights, float32 arithmetic; ``runtime.plan.precisions``); its numpy reference computes in float32
+on the same rounded weights, so it reads twice the bytes per weight.
 
 Runs, as a user would, ``autotune tune-model`` (resumed from ``WORK/NAME.jsonl``),
 ``autotune export`` into ``WORK/NAME-lib`` and ``autotune run --lib ... --compare --json``
@@ -72,8 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", default=["tiny"], help="presets or config.json files")
     parser.add_argument("--quantize", default="none", choices=["none", "q4"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="bfloat16: weight-only bfloat16 linear layers, float32 arithmetic")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="bfloat16, float16: weight-only 16-bit linear layers, float32 arithmetic")
     parser.add_argument("--cache", default="auto", choices=["auto", "cold", "warm"],
                         help="tune-model's --cache: the condition candidates are timed in")
     parser.add_argument("--trials-total", type=int, default=300)
@@ -94,7 +94,7 @@ def main() -> None:
     for model in args.model:
         name = Path(model).parent.name if model.endswith(".json") else model
         name += "-q4" if args.quantize == "q4" else ""
-        name += "-bf16" if args.dtype == "bfloat16" else ""
+        name += {"bfloat16": "-bf16", "float16": "-f16"}.get(args.dtype, "")
         log, lib = work / f"{name}.jsonl", work / f"{name}-lib"
         begin = time.perf_counter()
         tune = json.loads(autotune("tune-model", "--model", model, "--quantize", args.quantize, "--dtype", args.dtype,

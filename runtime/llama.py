@@ -17,9 +17,10 @@ as transformers rounds it) and its norms' 1 + weight (``ModelConfig.offset_norms
 uploaded are 1 + weight). Gemma 3 normalises each sublayer's output before its residual add
 (``post_norm`` into ``post``, which the residual norm then adds).
 
-A bfloat16 model on CPU kernels is weight-only (``runtime.plan.precisions``): its linear layers
-read bfloat16 words (half the bytes of a decode step), and everything else computes and is
-stored in float32, holding the bfloat16 values of the weights it came from.
+A bfloat16 or float16 model on CPU kernels is weight-only (``runtime.plan.precisions``): its
+linear layers read 16-bit words (half the bytes of a decode step), and everything else computes
+and is stored in float32, holding the 16-bit values of the weights it came from. An int4
+checkpoint (GPTQ, AWQ) keeps its LM head in floats: there it is the one weight-only layer.
 
 Prompts are padded up to the nearest token count the prefill GEMMs were tuned at (their
 M is compiled in): causal attention keeps the real tokens blind to the padding, and the
@@ -41,7 +42,7 @@ from .model_config import ModelConfig
 from .plan import (FUSED_ATTRS, GATED_ACTS, GEMV_MAX_M, PREFILL_DYNAMIC_ROWS, KernelCall, attention_suffix,
                    bias_role, biased_projections, can_fuse_norms, decode_calls, precisions, prefill_calls, rope_suffix,
                    unfused)
-from .precision import bfloat16_to_float32, check_dtype, from_float, rounded, stored_as, to_float32, widened
+from .precision import check_dtype, from_float, rounded, stored_as, to_float32, widened
 from .weights import QK_NORMS, DeviceWeights, ModelWeights, bias_name, fused_parts, is_norm_gain, layer_name
 
 
@@ -113,14 +114,15 @@ def _fuses_norms(kernels: dict[str, Kernel]) -> bool:
 
 
 class _WidenedTable:
-    """An embedding table kept as bfloat16 words whose gathered rows come out as float32 (a
-    weight-only model's: no float32 copy of the table, which is also the LM head when tied)."""
+    """An embedding table kept as 16-bit words (``storage``: bfloat16 or float16) whose gathered
+    rows come out as float32 (a weight-only model's: no float32 copy of the table, which is also
+    the LM head when tied)."""
 
-    def __init__(self, words: np.ndarray, factor: float = 1.0):
-        self.words, self.factor = words, np.float32(factor)
+    def __init__(self, words: np.ndarray, storage: str, factor: float = 1.0):
+        self.words, self.storage, self.factor = words, storage, np.float32(factor)
 
     def __getitem__(self, ids) -> np.ndarray:
-        rows = bfloat16_to_float32(self.words[ids])
+        rows = to_float32(self.words[ids], self.storage)
         return rows * self.factor if self.factor != 1 else rows
 
 
@@ -163,7 +165,8 @@ class LlamaModel:
         self.dtype = check_dtype(dtype)
         self.quantize = "q4" if weights.quantized else "none"
         self.group_size = weights.group_size or 128
-        self.activations, self.weights_dtype = precisions(dtype, self.arrays.kind, self.quantize)
+        self.activations, self.weights_dtype = precisions(dtype, self.arrays.kind, self.quantize,
+                                                          float_head=config.int4_format is not None)
         self.lm_head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
         self._device: dict[str, object] = {}  # weights where the kernels read them, by name
         if isinstance(weights, DeviceWeights):
@@ -181,7 +184,7 @@ class LlamaModel:
                                  f"{numpy_dtype(dtype)}")
         elif self.activations != self.weights_dtype:  # weight-only: rows widened as they are gathered
             words = stored_as(weights.tensors["model.embed_tokens.weight"], self.weights_dtype)
-            self.embed = _WidenedTable(words, config.embedding_multiplier)
+            self.embed = _WidenedTable(words, self.weights_dtype, config.embedding_multiplier)
             if config.tie_word_embeddings:  # the LM head reads the same words
                 self._device[f"{self.lm_head_name}#"] = self.arrays.upload(
                     _times(words, self._factor(self.lm_head_name), self.weights_dtype))

@@ -95,25 +95,27 @@ def check_quantize(config: ModelConfig, quantize: str, group_size: int = 128) ->
 # the precisions each target kind's kernels compute in, and those its linear layers can keep
 # their weights in while computing in float32 (weight-only: the kernels widen them as they load)
 KERNEL_PRECISIONS = {"cpu": ("float32",), "cuda": ("float32", "float16", "bfloat16")}
-WEIGHT_ONLY = {"cpu": ("bfloat16",), "cuda": ()}
+WEIGHT_ONLY = {"cpu": ("bfloat16", "float16"), "cuda": ()}
 
 
-def precisions(dtype: str, kind: str, quantize: str = "none") -> tuple[str, str]:
+def precisions(dtype: str, kind: str, quantize: str = "none", float_head: bool = False) -> tuple[str, str]:
     """(the precision kernels run in, the linear layers' weights) of a model in ``dtype`` on
     ``kind`` ("cpu" or "cuda") kernels; ValueError for one that cannot run there.
 
     CUDA kernels run in the model's precision throughout. CPU kernels compute in float32: a
-    bfloat16 model there keeps its linear layers' weights as bfloat16 (weight-only, half the
-    bytes a decode step reads) and holds every other tensor's bfloat16 values in float32."""
+    bfloat16 or float16 model there keeps its linear layers' weights so (weight-only, half the
+    bytes a decode step reads) and holds every other tensor's values in float32. A q4 model's
+    int4 codes are its weights, so only its float LM head can be weight-only (``float_head``: an
+    int4 checkpoint's, ``head_quantize``)."""
     check_dtype(dtype)
     if dtype in KERNEL_PRECISIONS[kind]:
         return dtype, dtype
     if dtype not in WEIGHT_ONLY[kind]:
-        raise ValueError(f"the CPU kernels have no {dtype}: use float32 or bfloat16 (bfloat16 weights, "
+        raise ValueError(f"the CPU kernels have no {dtype}: use float32, or bfloat16 or float16 (weights in it, "
                          "float32 arithmetic), or the CUDA target")
-    if quantize != "none":
+    if quantize != "none" and not float_head:
         raise ValueError(f"{quantize} on the CPU runs in float32 (its int4 codes are the weights): "
-                         "drop the bfloat16 or the quantization")
+                         f"drop the {dtype} or the quantization")
     return "float32", dtype
 
 
@@ -372,13 +374,14 @@ def _layer_linears(config: ModelConfig, m: int, quantize: str, group_size: int, 
 
 
 def _linear_attrs(dtype: str, weights: str | None, quantize: str) -> dict:
-    """The attributes that make a linear layer weight-only, or none when W is in ``dtype``."""
+    """The attributes that make a float linear layer weight-only, or none when W is in ``dtype``.
+    ``quantize``: the LM head's (``head_quantize``), the one float layer a q4 model may have."""
     check_dtype(dtype)
     if weights is None or check_dtype(weights) == dtype:
         return {}
-    if (dtype, weights, quantize) != ("float32", "bfloat16", "none"):
+    if dtype != "float32" or weights not in WEIGHT_ONLY["cpu"] or quantize != "none":
         raise ValueError(f"{weights} weights on {dtype} kernels (quantize {quantize}): weight-only is bfloat16 "
-                         "weights on float32, unquantised")
+                         "or float16 weights on float32, unquantised")
     return {"weight": weights}
 
 
@@ -387,7 +390,7 @@ def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: list[
                 dynamic_rows: bool = False) -> list[KernelCall]:
     """The kernels of a pass over ``rows`` token rows of ``sequences`` sequences."""
     c, layers = config, config.num_hidden_layers
-    attrs = _linear_attrs(dtype, weights, quantize)
+    attrs = _linear_attrs(dtype, weights, head_quantize(c, quantize))  # q4 layers take no weight attrs
     act = GATED_ACTS[c.activation]
     calls = (_norms(c, rows)
             + _layer_linears(c, rows, quantize, group_size, attrs, dynamic_rows)

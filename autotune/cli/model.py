@@ -66,7 +66,8 @@ def load_config(model: str):
                    "one forward pass touches more bytes than the last-level cache holds")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)),
               help="the model's precision: weights, activations and KV cache (float32 accumulation); on the cpu "
-                   "bfloat16 is weight-only (bfloat16 linear weights, float32 arithmetic); float16 needs cuda")
+                   "bfloat16 and float16 are weight-only (16-bit linear weights, float32 arithmetic); an int4 "
+                   "checkpoint's (GPTQ, AWQ) default is float16")
 @timing_options()
 def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, group_size, trials_total, tuner, batch,
                seed, threads, log_path, tracking_uri, no_mlflow, experiment, build_timeout, run_timeout, quiet,
@@ -82,7 +83,9 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
         quantize, group_size = "q4", config.int4_group_size  # an int4 checkpoint's layers are int4
 
     kind = resolve_target(target, compile_only=True).kind
-    activations, weights = _precisions(dtype, kind, quantize)
+    if config.int4_format is not None and _left_out("dtype"):
+        dtype = "float16"  # as GPTQ and AWQ write their scales and float tensors
+    activations, weights = _precisions(config, dtype, kind, quantize)
     # a CUDA model's decode step runs as one captured graph: its kernels are the resident ones
     workload = ModelWorkload(config, parse_sizes(prefill_tokens, "--prefill-tokens"),
                              parse_sizes(decode_batch, "--decode-batch"), parse_sizes(kv_len, "--kv-len"),
@@ -246,14 +249,14 @@ def _kernels(lib: str | None, logs: tuple[str, ...], target: str, allow_stale: b
         return TunedKernels(records, tgt, allow_stale=allow_stale)
 
 
-def _precisions(dtype: str, kind: str, quantize: str, chosen_by: str = "") -> tuple[str, str]:
-    """(the kernels' precision, the linear layers' weights) of a model in ``dtype`` on ``kind``
-    (``runtime.plan.precisions``: bfloat16 on the CPU is weight-only), or a one-line refusal;
-    ``chosen_by`` says where a dtype the user did not give came from."""
+def _precisions(config, dtype: str, kind: str, quantize: str, chosen_by: str = "") -> tuple[str, str]:
+    """(the kernels' precision, the linear layers' weights) of ``config`` in ``dtype`` on ``kind``
+    (``runtime.plan.precisions``: bfloat16 and float16 on the CPU are weight-only), or a one-line
+    refusal; ``chosen_by`` says where a dtype the user did not give came from."""
     from runtime.plan import precisions
 
     try:
-        return precisions(dtype, kind, quantize)
+        return precisions(dtype, kind, quantize, float_head=config.int4_format is not None)
     except ValueError as exc:
         raise UserError(f"--dtype {dtype}{chosen_by}: {exc}") from None
 
@@ -321,13 +324,18 @@ def _stored_itemsize(weights_dir: str | None) -> int:
 
 
 def _dtype_of(kernels, dtype: str) -> str:
-    """``auto``: the precision of the provider's linear-layer kernels, that of their weights when
-    weight-only (float32 when it has several)."""
+    """``auto``: the precision of the provider's float linear-layer kernels, that of their weights
+    when weight-only, else of its int4 ones (float32 when it has several). The float ones speak
+    first: on the CPU an int4 checkpoint's LM head is float16 weight-only beside float32 int4 layers."""
     if dtype != "auto":
         return dtype
-    found = {spec.dtype if spec.attr.get("weight", "same") == "same" else spec.attr["weight"]
-             for spec in kernels.specs() if spec.op in ("gemv", "gemm", "gemv_q4", "gemm_q4")}
-    return found.pop() if len(found) == 1 else "float32"
+    specs = kernels.specs()
+    for ops in (("gemv", "gemm"), ("gemv_q4", "gemm_q4")):
+        found = {spec.dtype if spec.attr.get("weight", "same") == "same" else spec.attr["weight"]
+                 for spec in specs if spec.op in ops}
+        if found:
+            return found.pop() if len(found) == 1 else "float32"
+    return "float32"
 
 
 def _left_out(option: str) -> bool:
@@ -427,7 +435,7 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
         group_size = _group_size_of(kernels, group_size)
         chosen_by = " (--dtype auto: the kernels' linear layers)" if dtype == "auto" else ""
         dtype = _dtype_of(kernels, dtype)
-        activations, weights_dtype = _precisions(dtype, getattr(kernels, "kind", "cpu"), quantize, chosen_by)
+        activations, weights_dtype = _precisions(config, dtype, getattr(kernels, "kind", "cpu"), quantize, chosen_by)
         # the cache in the activations' precision; the logits kept only where --compare compares them
         _check_model_fits(config, weights_dtype, quantize, activations, batch, length + new_tokens,
                           new_tokens if compare else 0, weights_dir, compare)

@@ -22,6 +22,7 @@ from .ir_loop import counted_loop
 F32 = ir.FloatType()
 F64 = ir.DoubleType()
 BF16 = ir.IntType(16)  # bfloat16 travels as raw 16-bit words and is widened by shifting
+HALF = ir.HalfType()
 I1 = ir.IntType(1)
 I8 = ir.IntType(8)
 I16 = ir.IntType(16)
@@ -30,7 +31,7 @@ I64 = ir.IntType(64)
 VOID = ir.VoidType()
 PTR = I8.as_pointer()
 
-_ELEMENT = {"float32": F32, "float64": F64, "bfloat16": BF16, "float16": ir.HalfType(),
+_ELEMENT = {"float32": F32, "float64": F64, "bfloat16": BF16, "float16": HALF,
             "uint8": I8, "int8": I8, "int32": I32, "int64": I64, "uint16": I16}
 
 
@@ -317,6 +318,17 @@ class KernelBuilder:
             return self.b.bitcast(wide, vec(raw.type.count, F32))
         wide = self.b.shl(self.b.zext(raw, I32), ir.Constant(I32, 16))
         return self.b.bitcast(wide, F32)
+
+    def f16_to_f32(self, raw):
+        """Widen IEEE half bit patterns (i16 or <N x i16>) to float32: bitcast to half, fpext
+        (``vcvtph2ps`` with F16C)."""
+        if isinstance(raw.type, ir.VectorType):
+            return self.b.fpext(self.b.bitcast(raw, vec(raw.type.count, HALF)), vec(raw.type.count, F32))
+        return self.b.fpext(self.b.bitcast(raw, HALF), F32)
+
+    def words_to_f32(self, raw, dtype: str):
+        """Widen raw 16-bit words of ``dtype`` (bfloat16 or float16) to float32."""
+        return self.f16_to_f32(raw) if dtype == "float16" else self.bf16_to_f32(raw)
 
     def f32_to_bf16(self, value):
         """Round float32 (scalar or vector) to bfloat16 words, nearest even, exactly like

@@ -4,10 +4,11 @@ int4 weights (``gemm_q4``, ``gemv_q4``).
 W is stored out-features by in-features, as in Hugging Face checkpoints, so both operands
 are contiguous along K. Y has the task's dtype (accumulation is float32 or better).
 
-Weight-only bfloat16 (``weight=bfloat16`` on a float32 task): X and Y are float32, W holds
-raw bfloat16 words in the same [N, K] layout, widened to float32 as they are read. A decode
-step reads its weights once, so half the bytes is close to half the time. The reference
-computes with the widened weights in float64. Templates opt in (``weight_dtypes``).
+Weight-only bfloat16 or float16 (``weight=bfloat16`` or ``weight=float16`` on a float32
+task): X and Y are float32, W holds raw bfloat16 words (numpy uint16) or IEEE halves (numpy
+float16) in the same [N, K] layout, widened to float32 as they are read. A decode step reads
+its weights once, so half the bytes is close to half the time. The reference computes with
+the widened weights in float64. Templates opt in (``weight_dtypes``).
 
 int4 weight layout (the contract every q4 template reads):
 - ``WQ[N, K/2]`` uint8: two 4-bit codes per byte along K, element ``k = 2j`` in the low
@@ -43,7 +44,7 @@ from ..template import ArgSpec, Operator, Template, register_operator
 from .common import FLOAT_DTYPES, ITEMSIZE, from_float, random_uniform, to_float32, to_float64
 
 
-WEIGHT_ONLY = ("bfloat16",)  # narrower storages W may have on a float32 task
+WEIGHT_ONLY = ("bfloat16", "float16")  # narrower storages W may have on a float32 task
 NORMS = ("none", "rmsnorm")
 ACTS = ("none", "swiglu")
 FUSION_ATTRS = {name: ATTR_DEFAULTS["gemv"][name] for name in ("norm", "eps", "residual", "act")}
@@ -140,8 +141,8 @@ class Matmul(Operator):
     dims = ("M", "N", "K")
     dtypes = FLOAT_DTYPES
     default_attrs = ATTR_DEFAULTS["gemm"]
-    attr_docs = {"weight": "storage of W: same (the task's dtype), or bfloat16 on a float32 task (weight-only: "
-                           "raw words widened to float32 as they are read; CPU templates)"}
+    attr_docs = {"weight": "storage of W: same (the task's dtype), or bfloat16 or float16 on a float32 task "
+                           "(weight-only: 16-bit words widened to float32 as they are read; CPU templates)"}
     weight_dtypes: ClassVar[tuple[str, ...]] = ()  # a template's weight-only storages (the operator: any)
 
     def weight_dtype(self, task: Task) -> str:

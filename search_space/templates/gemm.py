@@ -18,10 +18,11 @@ float32 by shifting (packing widens W once per block) and uses fmas. Y is rounde
 bfloat16 (nearest even) when it is final: directly by the micro-kernel when K is one
 block, otherwise from a float32 copy of Y in the workspace once a block's K loop is done.
 
-Weight-only bfloat16 (``weight=bfloat16`` on a float32 task: X and Y float32, W raw words):
-the float32 knobs; W is widened by shifting where it is read, once per block when packed
-(the copy and the transposed panel of the outer-product kernel hold float32), at every K
-step of the micro-kernel when not.
+Weight-only bfloat16 or float16 (``weight=bfloat16`` or ``weight=float16`` on a float32 task:
+X and Y float32, W raw 16-bit words): the float32 knobs; W is widened where it is read
+(bfloat16 by shifting, float16 by ``vcvtph2ps``), once per block when packed (the copy and
+the transposed panel of the outer-product kernel hold float32), at every K step of the
+micro-kernel when not.
 
 Edges: blocks are whole multiples of the micro tile, so only the last M and N tiles can be
 partial; they get their own micro-kernels with the exact sizes, and the K remainder of a
@@ -46,6 +47,7 @@ from typing import Callable
 import llvmlite.ir as ir
 
 from ..codegen import llvm as cg
+from ..ops.common import ITEMSIZE
 from ..ops.matmul import GemmOp
 from ..space import Config, ConfigSpace, Knob
 from ..target import Target
@@ -179,7 +181,7 @@ def blocked_gemm_features(task: Task, c: dict, w_bytes: float, elem: int = 4) ->
 class GemmCpu(GemmOp, Template):
     target_kind = "cpu"
     dtypes = ("float32", "bfloat16")
-    weight_dtypes = ("bfloat16",)
+    weight_dtypes = ("bfloat16", "float16")
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
@@ -204,23 +206,24 @@ class GemmCpu(GemmOp, Template):
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
         d = task.dims
         elem = 2 if task.dtype == "bfloat16" else 4
-        w_elem = 2 if self.weight_dtype(task) == "bfloat16" else 4
+        w_elem = ITEMSIZE[self.weight_dtype(task)]
         return blocked_gemm_features(task, config.as_dict(), w_elem * d["N"] * d["K"], elem)
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
         c = config.as_dict()
         bf16 = task.dtype == "bfloat16"
-        weight_only = self.weight_dtype(task) != task.dtype  # bfloat16 W, float32 X and Y
+        w_dtype = self.weight_dtype(task)
+        weight_only = w_dtype != task.dtype  # bfloat16 or float16 W, float32 X and Y
         dot = c.get("dot", "fma") if bf16 else "fma"
         if dot == "bf16":
             # raw words into vdpbf16ps: the panel is a plain copy of bfloat16 W rows
             source = WeightSource(2, "bfloat16", _copy_panel(2) if c["pack"] else None)
         elif bf16 or (weight_only and c["kernel"] == "dot"):
-            source = WeightSource(4, "float32", _widen_panel(c["vec"])) if c["pack"] else \
-                WeightSource(2, "bfloat16", None)
+            source = WeightSource(4, "float32", _widen_panel(c["vec"], w_dtype)) if c["pack"] else \
+                WeightSource(2, w_dtype, None)
         elif c["kernel"] == "outer":
-            panel = _transpose_panel(c["nr"] * c["vec"], c["vec"], widen=weight_only)
+            panel = _transpose_panel(c["nr"] * c["vec"], c["vec"], w_dtype)
             return render_blocked_gemm(task, c, "gemm", GemmOp().signature(task), WeightSource(4, "float32", panel),
                                        dot="outer")
         else:
@@ -279,11 +282,12 @@ def transpose_square(kb: cg.KernelBuilder, rows: list) -> list:
     return rows
 
 
-def _transpose_panel(width: int, lanes: int, widen: bool = False) -> PanelFill:
+def _transpose_panel(width: int, lanes: int, dtype: str) -> PanelFill:
     """W rows [n0, n0+nlen) as columns for the outer-product kernel, one micro panel after
     the other: panel[n // width][k][n % width] (``width`` = the micro tile's columns), the
     columns past nlen zero. Squares of ``lanes`` x ``lanes`` are transposed in registers.
-    ``widen``: W holds bfloat16 words, widened to float32 as they are loaded."""
+    ``dtype``: W's storage; bfloat16 or float16 words are widened to float32 as they are loaded."""
+    widen = dtype != "float32"
     el = cg.I16 if widen else cg.F32
 
     def fill(kb, inputs, dst, n0, nlen, k0, klen: int, kc: int, K: int) -> None:
@@ -304,7 +308,7 @@ def _transpose_panel(width: int, lanes: int, widen: bool = False) -> PanelFill:
                 at = b.add(b.mul(b.add(n0, kb.min(n, last)), cg.i64(K)), b.add(k0, kt))
                 v = kb.load_vec(W, at, lanes, el) if count == lanes else \
                     kb.masked_load_vec(W, at, lanes, cg.i64(count), el)
-                v = kb.bf16_to_f32(v) if widen else v
+                v = kb.words_to_f32(v, dtype) if widen else v
                 rows.append(b.select(b.icmp_signed("<", n, nlen), v, kb.zeros(lanes)))
             for c, column in enumerate(transpose_square(kb, rows)[:count]):
                 kb.store_vec(column, dst, column_at(b.add(kt, cg.i64(c)), nt))
@@ -319,8 +323,9 @@ def _transpose_panel(width: int, lanes: int, widen: bool = False) -> PanelFill:
     return fill
 
 
-def _widen_panel(lanes: int) -> PanelFill:
-    """bfloat16 W rows widened to float32 once per block, so the micro-kernel reads floats."""
+def _widen_panel(lanes: int, dtype: str) -> PanelFill:
+    """W rows of ``dtype`` (bfloat16 or float16 words) widened to float32 once per block, so
+    the micro-kernel reads floats."""
     def fill(kb, inputs, dst, n0, nlen, k0, klen: int, kc: int, K: int) -> None:
         b = kb.b
         W = inputs[1]
@@ -330,11 +335,12 @@ def _widen_panel(lanes: int) -> PanelFill:
             main = klen - klen % lanes
             if main:
                 with kb.loop(0, main, lanes, name="pw") as k:
-                    kb.store_vec(kb.bf16_to_f32(kb.load_vec(W, b.add(src, k), lanes, cg.I16)), dst, b.add(out, k))
+                    raw = kb.load_vec(W, b.add(src, k), lanes, cg.I16)
+                    kb.store_vec(kb.words_to_f32(raw, dtype), dst, b.add(out, k))
             if klen % lanes:
                 rest = cg.i64(klen % lanes)
                 raw = kb.masked_load_vec(W, b.add(src, cg.i64(main)), lanes, rest, cg.I16)
-                kb.masked_store_vec(kb.bf16_to_f32(raw), dst, b.add(out, cg.i64(main)), rest)
+                kb.masked_store_vec(kb.words_to_f32(raw, dtype), dst, b.add(out, cg.i64(main)), rest)
     return fill
 
 
@@ -358,30 +364,35 @@ def _tile_function(module: ir.Module, name: str, mt: int, nv: int,
     return fn, kb, slots
 
 
+_TAGS = {"float32": "f", "bfloat16": "b", "float16": "h"}  # a micro-kernel's operand dtypes in its name
+
+
 def _micro_kernel(module: ir.Module, mt: int, nt: int, klen: int, lanes: int, unroll: int,
-                  ldx: int, ldw: int, N: int, x_bf16: bool, w_bf16: bool, dot: str, y_bf16: bool) -> ir.Function:
+                  ldx: int, ldw: int, N: int, x_dtype: str, w_dtype: str, dot: str, y_bf16: bool) -> ir.Function:
     """Y[mt, nt] (+)= X[mt, klen] . W[nt, klen]: pointers at the tile corners, a first flag.
 
-    ``dot`` "fma": float32 fmas, bfloat16 operands widened after loading; "bf16": raw
-    word pairs into vdpbf16ps (a K step covers 2 x lanes elements). ``y_bf16``: the tile is
-    final (one K block) and is stored rounded to bfloat16.
+    ``x_dtype``, ``w_dtype``: float32, or bfloat16 / float16 words. ``dot`` "fma": float32
+    fmas, 16-bit operands widened after loading; "bf16": raw bfloat16 word pairs into
+    vdpbf16ps (a K step covers 2 x lanes elements). ``y_bf16``: the tile is final (one K
+    block) and is stored rounded to bfloat16.
     """
-    tag = f"{'b' if x_bf16 else 'f'}{'b' if w_bf16 else 'f'}{dot}{'b' if y_bf16 else 'f'}"
+    tag = f"{_TAGS[x_dtype]}{_TAGS[w_dtype]}{dot}{'b' if y_bf16 else 'f'}"
     fn, kb, slots = _tile_function(module, f"micro_{mt}x{nt}_k{klen}_x{ldx}_{tag}", mt, nt, lanes)
     b = kb.b
     x, w, y, first = fn.args
     width = 2 * lanes if dot == "bf16" else lanes  # elements per K step
 
     def step(k, count=None) -> None:
-        def load(base, row: int, stride: int, bf16: bool):
+        def load(base, row: int, stride: int, dtype: str):
             at = b.add(cg.i64(row * stride), k)
-            el = cg.I16 if bf16 else cg.F32
+            words = dtype != "float32"
+            el = cg.I16 if words else cg.F32
             v = kb.load_vec(base, at, width, el) if count is None else kb.masked_load_vec(base, at, width, count, el)
-            return kb.bf16_to_f32(v) if bf16 and dot == "fma" else v
+            return kb.words_to_f32(v, dtype) if words and dot == "fma" else v
 
-        xs = [load(x, i, ldx, x_bf16) for i in range(mt)]
+        xs = [load(x, i, ldx, x_dtype) for i in range(mt)]
         for j in range(nt):
-            wv = load(w, j, ldw, w_bf16)
+            wv = load(w, j, ldw, w_dtype)
             for i in range(mt):
                 acc = b.load(slots[i][j])
                 b.store(kb.dot_bf16(acc, xs[i], wv) if dot == "bf16" else kb.fma(xs[i], wv, acc), slots[i][j])
@@ -569,7 +580,6 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
     xpack = bool(c["xpack"])
     ldw = kc if pack else K
     ldx = kc if xpack else K
-    w_bf16 = weights.dtype == "bfloat16"
     scratch_y = bf16 and kc < K  # partial sums of a bfloat16 Y live in a float32 copy
     n_in = len(signature) - 1
     n_ptr = n_in + 2
@@ -592,8 +602,8 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
                 x_strides = (1, mr) if xpack else (K, 1)
                 micro[key] = _outer_kernel(module, mt, -(-nt // lanes), nt, klen, lanes, unroll, x_strides, nr, N)
             else:
-                micro[key] = _micro_kernel(module, mt, nt, klen, lanes, unroll, ldx, ldw, N, bf16, w_bf16, dot,
-                                           bf16 and not scratch_y)
+                micro[key] = _micro_kernel(module, mt, nt, klen, lanes, unroll, ldx, ldw, N, task.dtype,
+                                           weights.dtype, dot, bf16 and not scratch_y)
         return micro[key]
 
     n_scalars = 1 if dynamic else 0
@@ -604,7 +614,7 @@ def render_blocked_gemm(task: Task, c: dict, name: str, signature: tuple[ArgSpec
     b = kb.b
     rows = body.args[n_ptr] if dynamic else cg.i64(M)  # M as the code sees it
     x_el = cg.I16 if bf16 or i16 else cg.F32
-    w_el = cg.I16 if w_bf16 or i16 else cg.F32
+    w_el = cg.F32 if weights.dtype == "float32" else cg.I16  # 16-bit words: bfloat16, float16, int16
     panel_bytes = weights.panel_bytes * nc * kc if pack else 0
     w_scales_at = _round_up(panel_bytes, 64)  # the int16 path's panel of W scales follows the codes
     if i16:

@@ -14,12 +14,13 @@ targets with avx512bf16); ``widen`` widens both operands to float32 by shifting 
 fmas. Each output is rounded to bfloat16 (nearest even) once its dot product is complete,
 so K is not split into blocks (``kblock`` is 0) for bfloat16.
 
-Weight-only bfloat16 (``weight=bfloat16`` on a float32 task: X and Y float32, W raw words):
-the float32 schedule and knobs, each W vector widened by shifting as it is loaded, so a
-decode step streams half the bytes of float32 W. Streamed from memory, such a kernel reads
-W slower than float32 kernels do (on a 2-core Intel VM: 17-20 GB/s against 28-30), so it
-also takes ``prefetch``: each W row is prefetched that many bytes ahead of its loads (0:
-none; 24-30 GB/s there).
+Weight-only bfloat16 or float16 (``weight=bfloat16`` or ``weight=float16`` on a float32 task:
+X and Y float32, W raw 16-bit words): the float32 schedule and knobs, each W vector widened
+as it is loaded (bfloat16 by shifting, float16 by ``vcvtph2ps``), so a decode step streams
+half the bytes of float32 W. Streamed from memory, a weight-only bfloat16 kernel read W
+slower than float32 kernels do (on a 2-core Intel VM: 17-20 GB/s against 28-30), so
+weight-only kernels also take ``prefetch``: each W row is prefetched that many bytes ahead of
+its loads (0: none; 24-30 GB/s there).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def vector_registers(target: Target) -> int:
 class GemvCpu(GemvOp, Template):
     target_kind = "cpu"
     dtypes = ("float32", "bfloat16")
-    weight_dtypes = ("bfloat16",)
+    weight_dtypes = ("bfloat16", "float16")
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
@@ -132,11 +133,11 @@ def _render(task: Task, c: dict, target: Target) -> KernelSource:
     rows, mtile, lanes, unroll = c["rows"], c["mtile"], c["vec"], c["unroll"]
     kblock = c["kblock"] or K
     bf16 = task.dtype == "bfloat16"
-    w_bf16 = GemvOp().weight_dtype(task) == "bfloat16"  # W as raw words (bfloat16 or weight-only)
+    w_dtype = GemvOp().weight_dtype(task)  # 16-bit words when bfloat16 (the task's or weight-only) or float16
     dot = "bf16" if bf16 and c["dot"] == "bf16" else "fma"
     x_el = cg.I16 if bf16 else cg.F32
-    w_el = cg.I16 if w_bf16 else cg.F32
-    ahead = c.get("prefetch", 0) // (2 if w_bf16 else 4)  # in W elements
+    w_el = cg.F32 if w_dtype == "float32" else cg.I16
+    ahead = c.get("prefetch", 0) // ITEMSIZE[w_dtype]  # in W elements
     width = 2 * lanes if dot == "bf16" else lanes  # elements per vector step
     module = cg.new_module("gemv")
     body, kb = cg.chunk_body(module, "gemv_chunk", n_pointers=3, n_scalars=0)
@@ -154,17 +155,17 @@ def _render(task: Task, c: dict, target: Target) -> KernelSource:
         x_rows = [b.mul(b.add(m0, cg.i64(m)), cg.i64(K)) for m in range(mt)]
         w_rows = [b.mul(b.add(n0, cg.i64(r)), cg.i64(K)) for r in range(nrows)]
 
-        def load(base, at, count, el):
+        def load(base, at, count, el, dtype):
             v = kb.masked_load_vec(base, at, width, count, el) if count is not None else kb.load_vec(base, at, width, el)
-            return kb.bf16_to_f32(v) if el == cg.I16 and dot == "fma" else v
+            return kb.words_to_f32(v, dtype) if el == cg.I16 and dot == "fma" else v
 
         def step(k, u: int, count=None) -> None:
-            xs = [load(X, b.add(b.add(x_rows[m], k0), k), count, x_el) for m in range(mt)]
+            xs = [load(X, b.add(b.add(x_rows[m], k0), k), count, x_el, task.dtype) for m in range(mt)]
             for r in range(nrows):
                 at = b.add(b.add(w_rows[r], k0), k)
                 if ahead and count is None and u == 0:  # once per unrolled step: about once a cache line
                     kb.prefetch(W, b.add(at, cg.i64(ahead)), w_el)
-                w = load(W, at, count, w_el)
+                w = load(W, at, count, w_el, w_dtype)
                 for m in range(mt):
                     slot = slots[m][r][u]
                     acc = b.load(slot)

@@ -349,3 +349,20 @@ def test_weights_quantised_for_a_zero_point_config_carry_zero_points():
     symmetric = ModelWeights.random(FLOAT_CONFIG, seed=1).quantize_q4(AWQ_GROUP)
     with pytest.raises(ValueError, match="is int4 without zero points"):
         ModelWeights(AWQ_CONFIG, dict(symmetric.tensors), dict(symmetric.quantized), AWQ_GROUP)
+
+
+def test_an_int4_checkpoint_in_float16_on_the_cpu_reads_its_lm_head_as_float16_words(tmp_path, default_kernels):
+    """The int4 layers read their codes; the float LM head, the largest tensor left, reads the
+    checkpoint's float16 words (half of float32's bytes) and computes with their exact values."""
+    config, _ = save_int4(tmp_path, AWQ_CONFIG)
+    weights = ModelWeights.load(config, tmp_path)
+    prompts = np.random.default_rng(6).integers(0, config.vocab_size, (1, 6))
+    model = LlamaModel(config, weights, default_kernels, dtype="float16")
+    ours = model.generate(prompts, 12)
+    reference = ReferenceModel(config, weights).generate(prompts, 12)  # the checkpoint's values are float16
+    np.testing.assert_array_equal(ours.tokens, reference.tokens)
+    assert np.abs(ours.logits - reference.logits).max() < 1e-4 * np.abs(reference.logits).max()
+    specs = {kernel.spec.op: kernel.spec for kernel in model.used.values()}
+    assert specs["gemv"].attr == {"weight": "float16"} and specs["gemv"].dtype == "float32"
+    assert specs["gemv_q4"].dtype == "float32" and "weight" not in specs["gemv_q4"].attr
+    assert model._weight("lm_head.weight", linear=True).dtype == np.float16

@@ -217,3 +217,30 @@ def test_a_masked_store_of_16_bit_words_writes_exactly_count_elements(count, lan
     raw = np.full(2 * lanes + 64, 0xA5, dtype=np.uint8)
     kernel({"S": np.arange(1, lanes + 1, dtype=np.float32), "D": raw}, {})
     assert (raw[:2 * count] != 0xA5).any() and (raw[2 * count:] == 0xA5).all()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("lanes", [0, 8, 16])
+def test_16_bit_words_widen_to_float32_exactly(host, dtype, lanes):
+    """Every 16-bit pattern (zeros, subnormals, infinities, NaNs) widened as numpy widens it,
+    scalar (``lanes`` 0) and vector."""
+    from search_space.ops.common import to_float32
+
+    module = cg.new_module("widen")
+    fn = cg.kernel_function(module, "k", 2)
+    kb = cg.KernelBuilder(fn)
+    x, y = fn.args
+    words = 1 << 16
+    with kb.loop(0, words, lanes or 1) as i:
+        if lanes:
+            kb.store_vec(kb.words_to_f32(kb.load_vec(x, i, lanes, cg.I16), dtype), y, i)
+        else:
+            kb.store(kb.words_to_f32(kb.load(x, i, cg.I16), dtype), y, i)
+    kb.ret()
+    source = KernelSource("llvm", str(module), "k", (ArgSpec("X", "in", dtype, (words,)),
+                                                      ArgSpec("Y", "out", "float32", (words,))))
+    raw = np.arange(words, dtype=np.uint32).astype(np.uint16)
+    stored = raw.view(np.float16) if dtype == "float16" else raw
+    buffers = allocate_args(source, {}, {"X": stored})
+    compile_and_load(source, host)(buffers, {})
+    np.testing.assert_array_equal(buffers["Y"], to_float32(stored, dtype))  # NaN equals NaN

@@ -43,8 +43,8 @@ def test_outer_kernel_needs_a_packed_w(host):
 
 # (op, dtype, attrs, knob values) of dynamic-M kernels: the M edge in every piece (mr 6: 4, 2
 # and 1 rows; mr 3: 2 and 1), both micro-kernels, X packed in both block orders, M blocks and
-# threads, and the bfloat16, weight-only and int4 variants of the schedule; every tile fits the
-# 16 vector registers of an AVX2 host
+# threads, and the bfloat16, weight-only (bfloat16 and float16 W) and int4 variants of the
+# schedule; every tile fits the 16 vector registers of an AVX2 host
 DYNAMIC_M = [
     ("gemm", "float32", None, dict(kernel="dot", mr=6, nr=1, xpack=0, order="nkm", inner="nm", mc=32, threads=1)),
     ("gemm", "float32", None, dict(kernel="dot", mr=3, nr=4, xpack=1, order="mnk", inner="mn", mc=32, threads=2)),
@@ -58,6 +58,10 @@ DYNAMIC_M = [
     ("gemm_q4", "float32", {"group_size": 32}, dict(compute="i16", mr=3, nr=2, xpack=1, order="nkm", mc=32, nc=48, threads=2)),
     ("gemm_q4", "float32", {"group_size": 64}, dict(compute="i16", mr=6, nr=1, xpack=1, order="mnk", mc=64, threads=1,
                                                     kc=256)),
+    ("gemm", "float32", {"weight": "float16"}, dict(kernel="dot", mr=3, nr=2, xpack=1, order="mnk", mc=32, pack=0,
+                                                    threads=2)),
+    ("gemm", "float32", {"weight": "float16"}, dict(kernel="outer", mr=6, nr=1, xpack=1, order="nkm", nc=48, pack=1,
+                                                    kc=256, threads=2)),
 ]
 
 
