@@ -40,11 +40,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 DEVICE = os.environ.get("GPU_MODEL_DEVICE", "cuda")
 
 
+def int4_layer_names(config, quantize: str) -> list[str]:
+    """The linear layers (as the decoder runs them) held as int4 codes: with q4 every one, but an
+    int4 checkpoint's LM head, which it keeps in floats (``runtime.plan.head_quantize``)."""
+    from runtime.plan import head_quantize
+    from runtime.weights import device_linear_names
+
+    names = device_linear_names(config) if quantize == "q4" else []
+    return names if head_quantize(config, quantize) == quantize else names[:-1]
+
+
 def generate_weights(torch, config, dtype: str, quantize: str, group_size: int, seed: int):
     """name -> torch tensor on the device in the model's precision, named as the decoder reads
     them (``runtime.weights.device_shapes``: Q/K/V and gate/up stacked; int4 layers as NAME#wq
-    and NAME#scales), plus for int4 layers the float32 weights their codes stand for."""
-    from runtime.weights import device_linear_names, device_shapes, expected_shapes, fused_parts
+    and NAME#scales, and NAME#zeros where the config's codes have zero points, as an AWQ
+    checkpoint's do), plus for int4 layers the float32 weights their codes stand for."""
+    from runtime.weights import device_shapes, expected_shapes, fused_parts
 
     tdtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -60,15 +71,24 @@ def generate_weights(torch, config, dtype: str, quantize: str, group_size: int, 
         pieces = [parts.pop(p) if p != "model.embed_tokens.weight" else parts[p] for p in fused_parts(name)]
         stored[name] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     full = {}
-    for name in (device_linear_names(config) if quantize == "q4" else ()):
+    for name in int4_layer_names(config, quantize):
         w = stored[name]
         n, k = w.shape
         groups = w.float().reshape(n, k // group_size, group_size)
-        scales = (groups.abs().amax(dim=2).clamp_min(1e-8) / 7.0).to(tdtype)
-        codes = (torch.round(groups / scales.float()[..., None]) + 8).clamp(0, 15).to(torch.uint8).reshape(n, k)
+        if config.int4_zero_points:  # asymmetric: each group's range in 16 steps from its zero point
+            lo, hi = groups.amin(dim=2), groups.amax(dim=2)
+            scales = ((hi - lo).clamp_min(1e-8) / 15.0).to(tdtype)
+            zeros = torch.round(-lo / scales.float()).clamp(0, 15)
+            stored[f"{name}#zeros"] = zeros.to(tdtype).contiguous()
+        else:
+            scales = (groups.abs().amax(dim=2).clamp_min(1e-8) / 7.0).to(tdtype)
+            zeros = torch.full_like(scales, 8, dtype=torch.float32)
+        codes = (torch.round(groups / scales.float()[..., None]) + zeros[..., None]).clamp(0, 15)
+        codes = codes.to(torch.uint8).reshape(n, k)
         stored[f"{name}#wq"] = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
         stored[f"{name}#scales"] = scales.contiguous()
-        full[name] = ((codes.float().reshape(n, -1, group_size) - 8) * scales.float()[..., None]).reshape(n, k)
+        full[name] = ((codes.float().reshape(n, -1, group_size) - zeros[..., None])
+                      * scales.float()[..., None]).reshape(n, k)
         if name != "model.embed_tokens.weight":
             del stored[name]  # only the codes live on: a 7B model in fp16 and int4 would not fit twice
     return stored, full
@@ -77,7 +97,7 @@ def generate_weights(torch, config, dtype: str, quantize: str, group_size: int, 
 def device_weights(torch, config, stored, dtype: str, quantize: str, group_size: int):
     from runtime.arrays import DeviceArray
     from runtime.kernel import numpy_dtype
-    from runtime.weights import DeviceWeights, device_linear_names
+    from runtime.weights import DeviceWeights
 
     def as_array(t):
         np_dtype = np.uint8 if t.dtype == torch.uint8 else numpy_dtype(dtype)
@@ -87,7 +107,7 @@ def device_weights(torch, config, stored, dtype: str, quantize: str, group_size:
     if config.embedding_multiplier != 1:  # the gathered table carries the scale (Granite's, Gemma's)
         embed = embed * torch.tensor(config.embedding_multiplier, dtype=embed.dtype)
     host = embed.view(torch.int16).cpu().numpy().view(np.uint16) if dtype == "bfloat16" else embed.cpu().numpy()
-    quantized = frozenset(device_linear_names(config)) if quantize == "q4" else frozenset()
+    quantized = frozenset(int4_layer_names(config, quantize))
     # generated weights are taken as already folded (runtime.weights.DeviceWeights): the baseline
     # then runs them without the scalars folded into weights (``baseline_config``)
     return DeviceWeights(config, {n: as_array(t) for n, t in stored.items()}, host, quantized, group_size,

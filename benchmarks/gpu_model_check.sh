@@ -22,7 +22,8 @@
 # the two machine starts; the worst cases (about 16 minutes) do not: run this one first, and
 # the second only with the time `status` says is left.
 # Knobs: GPU_MODEL_TRIALS (48 per large model), GPU_MODEL_CASES ("llama-2-7b:none llama-2-7b:q4
-# llama-3-8b:none llama-3-8b:q4"; any preset, qwen3-8b and gemma-3-1b too), GPU_MODEL_DTYPE (float16), GPU_MODEL_SMALL (1: run step 1),
+# llama-3-8b:none llama-3-8b:q4"; any preset, qwen3-8b and gemma-3-1b too; MODEL:awq runs it as an AWQ
+# checkpoint: int4 layers with zero points, group 128, the LM head in floats), GPU_MODEL_DTYPE (float16), GPU_MODEL_SMALL (1: run step 1),
 # GPU_MODEL_BUDGET_S (360: no large case starts later; the last then ends by about 520 s), GPU_MODEL_RUN_ARGS (extra gpu_model.py options),
 # GPU_MODEL_SEED_DIR (benchmarks/data/h200_models: NAME.jsonl.gz records of earlier runs, resumed;
 # another dtype's run starts from the float16 records as priors),
@@ -115,16 +116,23 @@ for case in "${CASES[@]}"; do
   model=${case%%:*}; quantize=${case##*:}
   if (( $(date +%s) - START > BUDGET )); then step "$case: skipped, out of time"; continue; fi
   name="$model-$DTYPE-$quantize"
+  config=$model
+  if [[ "$quantize" == awq ]]; then  # the model as an AWQ checkpoint: int4 layers with zero points, a float LM head
+    config="$LOG/$model-awq"; quantize=q4
+    mkdir -p "$config" && $PY -c "import dataclasses, sys; from runtime.model_config import load_model_config as load
+c = load(sys.argv[1]); dataclasses.replace(c, name=c.name + '-awq', int4_format='awq', int4_group_size=128,
+int4_zero_points=True).save(sys.argv[2] + '/config.json')" "$model" "$config"
+  fi
   # resume from the records of an earlier run, if any: the new trials add to them
-  total=$(( $(seed_log "$model" "$quantize" "$LOG/$name.jsonl") + TRIALS ))
+  total=$(( $(seed_log "$model" "${case##*:}" "$LOG/$name.jsonl") + TRIALS ))
   # (the seed file's lines count in full; tune-model resumes only those of this model's tasks)
   step "$name: tune-model (--trials-total $total: $TRIALS plus the $(( total - TRIALS )) records of $SEED_DIR)"
-  timeout "$TUNE_S" $PY -m autotune.cli tune-model --model "$model" --target cuda --dtype "$DTYPE" --quantize "$quantize" \
+  timeout "$TUNE_S" $PY -m autotune.cli tune-model --model "$config" --target cuda --dtype "$DTYPE" --quantize "$quantize" \
     --prefill-tokens 128 --decode-batch 1 --kv-len 256 --trials-total "$total" --log "$LOG/$name.jsonl" \
     --no-mlflow --quiet > "$LOG/tune-$name.txt" 2>&1
   echo "tune-model exit code $?"; tail -n 3 "$LOG/tune-$name.txt"
   step "$name: run against the floor and torch"
-  timeout 100 $PY benchmarks/gpu_model.py --model "$model" --dtype "$DTYPE" --quantize "$quantize" ${GPU_MODEL_RUN_ARGS:-} \
+  timeout 100 $PY benchmarks/gpu_model.py --model "$config" --dtype "$DTYPE" --quantize "$quantize" ${GPU_MODEL_RUN_ARGS:-} \
     --log "$LOG/$name.jsonl" > "$LOG/model-$name.json" 2> "$LOG/model-$name.err"
   echo "gpu_model exit code $?"; tail -n 2 "$LOG/model-$name.err"
   save
