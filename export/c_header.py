@@ -8,6 +8,7 @@ them; and, once, what holds for every entry (the CPU it needs, aliasing, threads
 """
 from __future__ import annotations
 
+import json
 import textwrap
 from typing import Any, Iterable, Mapping
 
@@ -45,6 +46,8 @@ Q4_LAYOUT = ("WQ packs two 4-bit codes per byte along K: k = 2j in the low nibbl
 
 
 def _attr_text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):  # longrope's factors: as the manifest writes them
+        return json.dumps(list(value))
     return "true" if value is True else "false" if value is False else str(value)
 
 
@@ -93,10 +96,11 @@ def entry_comment(kernel: Mapping[str, Any]) -> list[str]:
 COMMENT_WIDTH = 96  # after " * ": header lines stay within 100 columns
 
 
-def _comment_lines(text: str, indent: str = "") -> list[str]:
-    """``text`` as lines of a block comment, wrapped at spaces to ``COMMENT_WIDTH``."""
+def _comment_lines(text: str, indent: str = "", break_words: bool = True) -> list[str]:
+    """``text`` as lines of a block comment, wrapped at spaces to ``COMMENT_WIDTH`` (a longer
+    word cut too, unless ``break_words`` is false)."""
     return [" * " + part for part in textwrap.wrap(text, COMMENT_WIDTH, subsequent_indent=indent,
-                                                   break_on_hyphens=False)]
+                                                   break_on_hyphens=False, break_long_words=break_words)]
 
 
 def header_text(kernels: Iterable[Mapping[str, Any]], target_key: str, guard: str = "LLM_AUTOTUNE_KERNELS_H",
@@ -144,7 +148,11 @@ def header_text(kernels: Iterable[Mapping[str, Any]], target_key: str, guard: st
     for kernel in kernels:
         # a description or attribute (a plugin's) that says "*/" must not end the comment early
         comment = [line.replace("*/", "* /") for line in entry_comment(kernel)]
-        out.append("/* " + comment[0])
+        if " " in kernel["task"]:  # a list attribute (longrope's factors): the key wrapped at its spaces
+            first, *more = _comment_lines(comment[0], "  ", break_words=False)
+            out += ["/*" + first[2:], *more]
+        else:
+            out.append("/* " + comment[0])
         for line in comment[1:]:
             if len(line) <= COMMENT_WIDTH:
                 out.append(" * " + line)

@@ -135,19 +135,35 @@ def attr_value_fits(default: Any, value: Any) -> bool:
             return False
     if isinstance(default, int):
         return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, tuple):  # a list of values (longrope's factors): JSON gives a list
+        return isinstance(value, (list, tuple))
     return isinstance(value, type(default))
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds (a key is JSON: np.int64(128) is 128), a list
+    or array as a tuple of such values (hashable; JSON gives it back as a list)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def attr_kind(default: Any) -> str:
+    """What a message calls the kind of value ``attr_value_fits`` takes for ``default``."""
+    return "list" if isinstance(default, tuple) else type(default).__name__
 
 
 def canonical_attrs(op: str, attrs: Mapping[str, Any]) -> dict[str, Any]:
     """``attrs`` without those at ``op``'s default (``ATTR_DEFAULTS``), numpy scalars as the
-    Python values they hold, and a number given where the default is a float as a float
-    (``theta=500000`` is ``theta=500000.0``). A value of another kind than the default's
+    Python values they hold, lists as tuples, and a number given where the default is a float as
+    a float (``theta=500000`` is ``theta=500000.0``). A value of another kind than the default's
     (``residual=0``) stays, for the operator's check to refuse."""
     defaults = ATTR_DEFAULTS.get(op, {})
     out: dict[str, Any] = {}
     for name, value in attrs.items():
-        if isinstance(value, np.generic):  # a key is JSON: np.int64(128) is 128
-            value = value.item()
+        value = _plain(value)
         if name in defaults:
             default = defaults[name]
             if isinstance(default, float) and _is_number(value):

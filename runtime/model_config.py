@@ -8,12 +8,13 @@ transformers. ``rope_theta`` is read at the top level (transformers 4.x) or unde
 ``rope_parameters`` (5.x), and so is the rope scaling: ``rope_scaling`` (4.x) or
 ``rope_parameters`` (5.x), with ``rope_type`` (or the older ``type``) ``default``, ``linear``
 (``factor``), ``llama3`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
-``original_max_position_embeddings``; Llama 3.1 / 3.2) or ``yarn`` (``factor`` and what
-transformers fills in where left out: ``_yarn_defaults``), computed as transformers computes
-them (``runtime.rope_frequencies``). Projection biases: Llama's ``attention_bias`` (q, k, v
-and o) and ``mlp_bias`` (gate, up, down), Qwen2's fixed q/k/v biases and Qwen3's
-``attention_bias`` (q, k, v and o). Qwen3 also normalises each query and key head
-(``qk_norm``). Phi-3 (and Phi-4) is Llama with Q/K/V and gate/up stored stacked in the
+``original_max_position_embeddings``; Llama 3.1 / 3.2), ``yarn`` (``factor`` and what
+transformers fills in where left out: ``_yarn_defaults``) or, in Phi-3, ``longrope`` (``su``;
+``_longrope_defaults``: within the original context only, ``ModelConfig.positions_problem``),
+computed as transformers computes them (``runtime.rope_frequencies``). Projection biases:
+Llama's ``attention_bias`` (q, k, v and o) and ``mlp_bias`` (gate, up, down), Qwen2's fixed
+q/k/v biases and Qwen3's ``attention_bias`` (q, k, v and o). Qwen3 also normalises each query
+and key head (``qk_norm``). Phi-3 (and Phi-4) is Llama with Q/K/V and gate/up stored stacked in the
 checkpoint (``runtime.weights`` splits them) and an optional sliding window as Mistral's.
 Granite is Llama with four scalars: the embeddings times ``embedding_multiplier``, each
 sublayer's output times ``residual_multiplier`` before its residual add, ``attention_multiplier``
@@ -37,7 +38,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .rope_frequencies import PARAMETERS as ROPE_PARAMETERS
-from .rope_frequencies import ROPE_TYPES, rope_attrs, rope_problem, yarn_attention_factor
+from .rope_frequencies import (ROPE_TYPES, factors_problem, longrope_attention_factor, rope_attrs, rope_problem,
+                               yarn_attention_factor)
 
 # The decoder is Llama's (RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU), with
 # projection biases where the config says. Mistral is the same network plus an optional
@@ -81,9 +83,14 @@ GEMMA_ACTIVATIONS = {"gemma": ("gelu_pytorch_tanh", "gelu"), "gemma2": ("gelu_py
 ACTIVATIONS = ("silu", "gelu_tanh")
 # ModelConfig.qk_norm_span: what one RMS row of the q/k norms is (the qk_norm kernel's ``span``)
 QK_NORM_SPANS = ("head", "projection")
-# Rotary embedding variants implemented (``runtime.rope_frequencies``); dynamic, longrope ...
-# change the frequencies with the sequence length and would give other logits, so they are refused.
+# Rotary embedding variants implemented (``runtime.rope_frequencies``); dynamic ... changes the
+# frequencies with the sequence length and would give other logits, so it is refused, as are
+# sequences past longrope's original context (``ModelConfig.positions_problem``).
 SUPPORTED_ROPE_TYPES = ROPE_TYPES
+# Phi3Config reads these rope types as longrope (su: its old name); longrope is refused elsewhere
+_PHI3_LONGROPE_NAMES = ("su", "yarn")
+# Phi3Config's original_max_position_embeddings where a config.json leaves it out
+_PHI3_ORIGINAL_CONTEXT = 4096
 
 # Fields read into ModelConfig or checked by ``from_hf_dict`` (honoured, or refused by value).
 READ_FIELDS = frozenset({
@@ -100,7 +107,7 @@ READ_FIELDS = frozenset({
     "use_mrope",
     # SmolLM3's: which layers rotate (1) or not (0), else every no_rope_layer_interval-th does not
     "no_rope_layers", "no_rope_layer_interval",
-    # Phi-3's: the context its longrope scaling starts from; any other rope ignores it (checked: phi3 only)
+    # Phi-3's: the context its longrope scaling was trained at; any other rope ignores it (checked: phi3 only)
     "original_max_position_embeddings",
     # Granite's scalars (granite only: _GRANITE_FIELDS)
     "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
@@ -149,10 +156,15 @@ _ROPE_FIELDS = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_facto
                 "high_freq_factor": "rope_high_freq_factor",
                 "original_max_position_embeddings": "rope_original_max_position_embeddings",
                 "beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow", "truncate": "rope_truncate",
-                "attention_factor": "rope_attention_factor"}
-# yarn's keys that only say how its attention factor is computed (``yarn_attention_factor``):
-# read into ``attention_factor`` where that is not given
-_YARN_MSCALES = ("mscale", "mscale_all_dim")
+                "attention_factor": "rope_attention_factor", "short_factor": "rope_short_factor",
+                "long_factor": "rope_long_factor"}
+# the scaling parameters a config holds: its rope kernels' and, longrope's, the factors transformers
+# switches to past the original context and that context (refused there: ``positions_problem``)
+_CONFIG_ROPE_PARAMETERS = {**ROPE_PARAMETERS, "longrope": (*ROPE_PARAMETERS["longrope"], "long_factor",
+                                                            "original_max_position_embeddings")}
+# keys that only say how a rope type's attention factor is computed (``yarn_attention_factor``,
+# ``longrope_attention_factor``): read into ``attention_factor`` where that is not given
+_ATTENTION_FACTOR_INPUTS = {"yarn": ("mscale", "mscale_all_dim"), "longrope": ("factor",)}
 
 
 @dataclass(frozen=True)
@@ -184,6 +196,11 @@ class ModelConfig:
     rope_beta_slow: float | None = None
     rope_truncate: bool | None = None
     rope_attention_factor: float | None = None
+    # longrope's (Phi-3): pair i's frequency divided by short_factor[i] within the original context
+    # (rope_original_max_position_embeddings); long_factor, transformers' past it, is kept for
+    # to_hf_dict, such sequences refused (positions_problem)
+    rope_short_factor: tuple[float, ...] | None = None
+    rope_long_factor: tuple[float, ...] | None = None
     # projection biases: q/k/v (Qwen2; Llama's attention_bias), o (Llama's attention_bias),
     # gate/up/down (Llama's mlp_bias)
     qkv_bias: bool = False
@@ -288,12 +305,20 @@ class ModelConfig:
         window = self.sliding_window
         if window is not None and not _positive_int(window):
             raise ValueError(f"model {self.name}: sliding_window must be a positive integer or null, got {window!r}")
-        takes = ROPE_PARAMETERS.get(self.rope_type, ())
+        for field in ("rope_short_factor", "rope_long_factor"):
+            if isinstance(getattr(self, field), list):  # a JSON list reads back equal
+                object.__setattr__(self, field, tuple(getattr(self, field)))
+        takes = _CONFIG_ROPE_PARAMETERS.get(self.rope_type, ())
         stray = [f for p, f in _ROPE_FIELDS.items() if p not in takes and getattr(self, f) is not None]
         if stray:
             raise ValueError(f"model {self.name}: {stray[0]} = {getattr(self, stray[0])!r} does not apply to "
                              f"rope_type {self.rope_type!r}")
-        problem = rope_problem(self.rope_type, self.rope_scaling)
+        problem = rope_problem(self.rope_type, self.rope_scaling, self.head_dim)
+        if self.rope_type == "longrope" and not problem:
+            context = self.rope_original_max_position_embeddings
+            problem = (factors_problem("long_factor", self.rope_long_factor, self.head_dim)
+                       or (None if _positive_int(context) else
+                           f"original_max_position_embeddings = {context!r} is not a positive integer"))
         if problem:
             raise ValueError(f"model {self.name}: rope {problem}")
 
@@ -330,7 +355,8 @@ class ModelConfig:
 
     @property
     def rope_scaling(self) -> dict[str, float | int]:
-        """The parameters of the rope type by transformers' names (empty for ``default``)."""
+        """The parameters of the rope type by transformers' names (empty for ``default``), as its
+        kernels and ``inverse_frequencies`` take them (longrope's: short_factor, attention_factor)."""
         return {p: getattr(self, _ROPE_FIELDS[p]) for p in ROPE_PARAMETERS.get(self.rope_type, ())
                 if getattr(self, _ROPE_FIELDS[p]) is not None}
 
@@ -339,6 +365,18 @@ class ModelConfig:
         """The rope kernel's attributes: ``{"theta": ...}`` for a default rope, plus the type and
         its parameters for a scaled one."""
         return rope_attrs(self.rope_theta, self.rope_type, **self.rope_scaling)
+
+    def positions_problem(self, positions: int) -> str | None:
+        """Why a sequence of ``positions`` positions (the last one's index + 1) is not computed as
+        transformers computes it, in words that begin with the count; None where it is. Past
+        longrope's original context transformers rotates every position by long_factor (and keeps
+        the cache's earlier keys as rotated by short_factor): not implemented."""
+        context = self.rope_original_max_position_embeddings
+        if self.rope_type != "longrope" or positions <= context:
+            return None
+        return (f"{positions} positions, more than longrope's original context of {context} "
+                "(original_max_position_embeddings): past it transformers rotates by long_factor, which is "
+                "not implemented")
 
     @property
     def q_size(self) -> int:
@@ -414,6 +452,8 @@ class ModelConfig:
             data.pop(field)
         if (self.attn_softcap or self.final_softcap) and not self.offset_norms:
             raise ValueError(f"model {self.name}: soft-capping outside a Gemma has no config.json this runtime reads")
+        if self.rope_type == "longrope":
+            return self._phi3_hf_dict(data)
         if not self.pre_norms or self.qk_norm_span != "head":
             return self._olmo_hf_dict(data)
         if self.nope_layers and (self.offset_norms or self.activation != "silu" or self.post_norms or self.local_layers
@@ -466,6 +506,25 @@ class ModelConfig:
             if any(biases):
                 data.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
         data.update(model_type=family, architectures=[FAMILIES[family]], hidden_act="silu")
+        return data
+
+    def _phi3_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``to_hf_dict`` of a model with longrope scaling: Phi-3's (Llama's network with an optional
+        window; the one family whose longrope this runtime reads), the original context at the top
+        level as Phi-3 writes it; refused for a model that is not otherwise Phi-3's."""
+        plain = not (self.qkv_bias or self.o_bias or self.mlp_bias or self.qk_norm or self.scaled
+                     or self.attention_multiplier is not None or self.local_layers or self.nope_layers
+                     or self.activation != "silu" or self.post_norms or not self.pre_norms)
+        if not plain:
+            raise ValueError(f"model {self.name}: longrope (Phi-3's) with biases, head norms, Granite's scalars, "
+                             "Gemma's or OLMo's norms or layers of their own has no config.json this runtime reads")
+        if self.sliding_window is None:
+            data.pop("sliding_window")
+        # lists, as json.loads gives them and Phi3Config checks them to be
+        scaling = {"rope_type": "longrope", "short_factor": list(self.rope_short_factor),
+                   "long_factor": list(self.rope_long_factor), "attention_factor": self.rope_attention_factor}
+        data.update(model_type="phi3", architectures=[FAMILIES["phi3"]], hidden_act="silu", rope_scaling=scaling,
+                    original_max_position_embeddings=self.rope_original_max_position_embeddings)
         return data
 
     def _olmo_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -587,7 +646,7 @@ class ModelConfig:
             counts = _positive_int(data["hidden_size"]) and _positive_int(heads)
             head_dim = data["hidden_size"] // heads if counts else 0
         positions = _or(data.get("max_position_embeddings"), _ABSENT_POSITIONS[family])
-        rope_type, scaling = _rope_scaling(data, where, positions)
+        rope_type, scaling = _rope_scaling(data, where, positions, family, head_dim)
         # they'd need it too (Gemma 3's and OLMo 3's sliding layers have a rope of their own)
         if scalars.get("local_layers") and family not in ("gemma3_text", "olmo3") and rope_type != "default":
             raise ValueError(f"{where}: rope scaling {rope_type!r} with a sliding window in some layers is not "
@@ -1033,8 +1092,9 @@ def _nope_layers(data: Mapping[str, Any], family: str, where: str) -> tuple[int,
 
 
 def _check_phi3_fields(data: Mapping[str, Any], family: str, where: str) -> None:
-    """Phi-3's top-level ``original_max_position_embeddings``: only its longrope scaling (refused)
-    reads it, so any count passes there; other families keep it inside their rope scaling."""
+    """Phi-3's top-level ``original_max_position_embeddings``: only its longrope scaling reads it
+    (``_longrope_defaults``), so any count passes here; other families keep it inside their rope
+    scaling."""
     if "original_max_position_embeddings" not in data:
         return
     value = data["original_max_position_embeddings"]
@@ -1072,11 +1132,13 @@ def _flag(data: Mapping[str, Any], field: str, where: str, absent: bool = False)
     return value
 
 
-def _rope_scaling(data: Mapping[str, Any], where: str,
-                  positions: int | None = None) -> tuple[str, dict[str, float | int]]:
+def _rope_scaling(data: Mapping[str, Any], where: str, positions: int | None = None, family: str | None = None,
+                  head_dim: int | None = None) -> tuple[str, dict[str, Any]]:
     """The rope type and its parameters, from ``rope_scaling`` (transformers 4.x) or
     ``rope_parameters`` (5.x); a type or key this runtime does not compute is refused.
-    ``positions``: the model's max_position_embeddings (yarn's original context where not given)."""
+    ``positions``: the model's max_position_embeddings (yarn's original context where not given,
+    longrope's attention factor); ``family``: longrope is Phi-3's (``su`` and ``yarn`` read as it
+    there, as Phi3Config does); ``head_dim``: the length longrope's factor lists are checked against."""
     found: dict[str, tuple[str, dict[str, float | int]]] = {}
     for field in ("rope_scaling", "rope_parameters"):
         spec = data.get(field)
@@ -1085,6 +1147,8 @@ def _rope_scaling(data: Mapping[str, Any], where: str,
         if not isinstance(spec, dict):
             raise ValueError(f"{where}: {field} = {_show(spec)} is not an object")
         kinds = {key: spec[key] for key in _ROPE_TYPE_KEYS if key in spec}
+        if family == "phi3":  # transformers 5 keeps the name given in type beside rope_type longrope
+            kinds = {key: "longrope" if kind in _PHI3_LONGROPE_NAMES else kind for key, kind in kinds.items()}
         if len(set(map(str, kinds.values()))) > 1:
             raise ValueError(f"{where}: {field}.rope_type and {field}.type disagree ({_show(kinds)})")
         if not kinds and field == "rope_scaling":
@@ -1094,9 +1158,12 @@ def _rope_scaling(data: Mapping[str, Any], where: str,
         if kind not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"{where}: rope scaling {_show(kind)} ({field}.{key}) is not implemented; supported: "
                              f"{', '.join(SUPPORTED_ROPE_TYPES)}")
-        takes = ROPE_PARAMETERS[kind]
+        if kind == "longrope" and family != "phi3":
+            raise ValueError(f"{where}: rope scaling 'longrope' ({field}.{key}) is implemented for Phi-3 "
+                             f"(model_type 'phi3') only, not for model_type {_show(family)}")
+        takes = _CONFIG_ROPE_PARAMETERS[kind]
         allowed = ({*_ROPE_TYPE_KEYS, *takes} | ({"rope_theta"} if field == "rope_parameters" else set())
-                   | (set(_YARN_MSCALES) if kind == "yarn" else set()))
+                   | set(_ATTENTION_FACTOR_INPUTS.get(kind, ())))
         # a partial rotary factor of 1 rotates every dim: what this runtime computes (Phi3Config writes it)
         extra = sorted(k for k in spec if k not in allowed
                        and not (k == "partial_rotary_factor" and spec[k] == 1 and not isinstance(spec[k], bool)))
@@ -1105,8 +1172,11 @@ def _rope_scaling(data: Mapping[str, Any], where: str,
                              f"type {kind!r}; supported: {', '.join(sorted(allowed))}")
         params = {p: _rope_parameter(spec[p], p) for p in takes if spec.get(p) is not None}
         if kind == "yarn":
-            params = _yarn_defaults(spec, params, data, positions, f"{where}: {field}")
-        problem = rope_problem(kind, params)
+            params = _yarn_defaults(spec, params, positions, f"{where}: {field}")
+        if kind == "longrope":
+            params = _longrope_defaults(spec, params, data, positions, head_dim, f"{where}: {field}")
+        problem = rope_problem(kind, {p: v for p, v in params.items() if p in ROPE_PARAMETERS[kind]},
+                               head_dim if _positive_int(head_dim) else None)
         if problem:
             raise ValueError(f"{where}: {field}.{problem}")
         found[field] = (kind, params)
@@ -1116,17 +1186,14 @@ def _rope_scaling(data: Mapping[str, Any], where: str,
     return found.get("rope_parameters") or found.get("rope_scaling") or ("default", {})
 
 
-def _yarn_defaults(spec: Mapping[str, Any], params: dict[str, Any], data: Mapping[str, Any], positions: int | None,
+def _yarn_defaults(spec: Mapping[str, Any], params: dict[str, Any], positions: int | None,
                    where: str) -> dict[str, Any]:
-    """yarn's parameters with what transformers fills in: the original context from a top-level
-    ``original_max_position_embeddings`` (Phi-3's; it overrides) or else max_position_embeddings,
-    beta_fast 32 and beta_slow 1 (for 0 too: transformers reads them with ``or``), truncate true, and
-    the attention factor from the factor and the mscales where not given."""
+    """yarn's parameters with what transformers fills in: the original context from
+    max_position_embeddings, beta_fast 32 and beta_slow 1 (for 0 too: transformers reads them with
+    ``or``), truncate true, and the attention factor from the factor and the mscales where not
+    given. (Phi-3's yarn is read as longrope, as Phi3Config reads it.)"""
     params = dict(params)
-    top = data.get("original_max_position_embeddings")
-    if top is not None:
-        params["original_max_position_embeddings"] = top
-    elif positions is not None:
+    if positions is not None:
         params.setdefault("original_max_position_embeddings", positions)
     params["beta_fast"] = params.get("beta_fast") or 32.0
     params["beta_slow"] = params.get("beta_slow") or 1.0
@@ -1134,7 +1201,47 @@ def _yarn_defaults(spec: Mapping[str, Any], params: dict[str, Any], data: Mappin
     factor = params.get("factor")
     if "attention_factor" not in params and isinstance(factor, float) and factor > 0 and math.isfinite(factor):
         try:
-            params["attention_factor"] = yarn_attention_factor(factor, None, *(spec.get(k) for k in _YARN_MSCALES))
+            params["attention_factor"] = yarn_attention_factor(factor, None,
+                                                               *(spec.get(k) for k in _ATTENTION_FACTOR_INPUTS["yarn"]))
+        except ValueError as exc:
+            raise ValueError(f"{where}.{str(exc).removeprefix('rope: ')}") from None
+    return params
+
+
+def _longrope_defaults(spec: Mapping[str, Any], params: dict[str, Any], data: Mapping[str, Any], positions: Any,
+                       head_dim: Any, where: str) -> dict[str, Any]:
+    """longrope's parameters as Phi3Config standardises them: the original context is the top-level
+    ``original_max_position_embeddings`` (Phi3Config's 4096 where absent; one inside the scaling,
+    which transformers overrides, must agree), the attention factor the one given, else from
+    ``factor``, else from max_position_embeddings / the original context
+    (``longrope_attention_factor``); both factor lists checked (their lengths: head_dim / 2)."""
+    params = dict(params)
+    context = data.get("original_max_position_embeddings", _PHI3_ORIGINAL_CONTEXT)
+    if context is None:  # Phi3Config refuses a null one
+        raise ValueError(f"{where} (longrope) reads the top-level original_max_position_embeddings, which is null")
+    inner = params.get("original_max_position_embeddings")
+    if inner is not None and inner != context:
+        absent = "" if "original_max_position_embeddings" in data else " (Phi3Config's where the field is absent)"
+        raise ValueError(f"{where}.original_max_position_embeddings = {_show(inner)} and the top-level "
+                         f"original_max_position_embeddings = {_show(context)}{absent} disagree: transformers reads "
+                         "the top-level one")
+    params["original_max_position_embeddings"] = context
+    pairs = head_dim if _positive_int(head_dim) else None  # else ModelConfig names head_dim
+    for key in ("short_factor", "long_factor"):
+        if key not in params:
+            raise ValueError(f"{where}.{key} is missing: rope type 'longrope' needs short_factor and long_factor")
+        problem = factors_problem(key, params[key], pairs)
+        if problem:
+            raise ValueError(f"{where}.{problem}")
+    if "attention_factor" not in params:
+        factor = spec.get("factor")
+        if factor is None:  # Phi-3's: how far max_position_embeddings reaches past the original context
+            if not _positive_int(positions):
+                raise ValueError(f"{where} (longrope): max_position_embeddings = {_show(positions)} is not a "
+                                 "positive integer (the attention factor is computed from it)")
+            factor = positions / context
+        try:
+            params["attention_factor"] = longrope_attention_factor(factor, context)
         except ValueError as exc:
             raise ValueError(f"{where}.{str(exc).removeprefix('rope: ')}") from None
     return params
@@ -1142,7 +1249,10 @@ def _yarn_defaults(spec: Mapping[str, Any], params: dict[str, Any], data: Mappin
 
 def _rope_parameter(value: Any, key: str) -> Any:
     """One kind of number per parameter (8 and 8.0 alike), so that equal configs give equal
-    kernel attributes; anything else is left for ``rope_problem`` to name."""
+    kernel attributes; a list of numbers (longrope's factors) as a tuple of floats; anything
+    else is left for ``rope_problem`` to name."""
+    if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return tuple(map(float, value))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return value
     if key == "original_max_position_embeddings":

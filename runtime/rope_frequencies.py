@@ -22,11 +22,19 @@ same numbers. The rope types are those of transformers' ``rope_type``:
   ``attention_scaling``), a kernel attribute here (``attention_factor``, resolved from a config by
   ``yarn_attention_factor``): the rope kernels multiply cos and sin by it as transformers' rotary
   embedding does, so the rotated q and k both come out scaled by it (q.k by its square).
-  ``rotation_scale`` is that factor for a kernel's attributes (1 for every other rope type).
+  ``rotation_scale`` is that factor for a kernel's attributes (1 for the types without one).
+- ``longrope`` (Phi-3.5, Phi-3-mini-128k, Phi-3-medium-128k; transformers' old name ``su``):
+  f_i = theta^(-2i/D) / ext_i, with ext the list ``short_factor`` (D/2 positive numbers), and cos
+  and sin multiplied by ``attention_factor`` as yarn's (resolved from a config by
+  ``longrope_attention_factor``). transformers rotates by ``long_factor`` instead once a sequence
+  runs past the original context; that switch is no kernel's: the config parser keeps the long
+  factors and the runtime refuses such sequences (``ModelConfig.positions_problem``).
 
 A rope is described by flat, JSON-able attributes (they are kernel attributes and go into
 tuning records): ``theta``, and for a scaled rope ``rope_type`` plus the parameters its type
-takes (``PARAMETERS``). A default rope is ``{"theta": ...}`` alone.
+takes (``PARAMETERS``): numbers, a bool, and longrope's ``short_factor``, a tuple of numbers (a
+JSON list, read back as a tuple: ``runtime.abi.canonical_attrs``). A default rope is
+``{"theta": ...}`` alone.
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 # the parameters each rope type takes, all required (as transformers requires them)
 PARAMETERS: dict[str, tuple[str, ...]] = {
     "default": (),
@@ -46,10 +54,12 @@ PARAMETERS: dict[str, tuple[str, ...]] = {
     # attention_factor does not change the frequencies: it scales cos and sin (``rotation_scale``)
     "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
              "attention_factor"),
+    # the factors in force within the original context, and yarn's kind of attention factor
+    "longrope": ("short_factor", "attention_factor"),
 }
 # every parameter of every rope type
 SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
-                "beta_fast", "beta_slow", "truncate", "attention_factor")
+                "beta_fast", "beta_slow", "truncate", "attention_factor", "short_factor")
 
 
 def _positive_number(value: Any) -> bool:
@@ -57,9 +67,23 @@ def _positive_number(value: Any) -> bool:
             and value > 0)
 
 
-def rope_problem(rope_type: Any, params: Mapping[str, Any]) -> str | None:
+def factors_problem(key: str, value: Any, head_dim: int | None = None) -> str | None:
+    """Why ``value`` is not a list (or tuple) of positive numbers, one per rotary pair of a
+    ``head_dim`` head where that is known (longrope's ``short_factor`` and ``long_factor``), in a
+    few words that begin with ``key``; None when it is."""
+    if not isinstance(value, (list, tuple)) or not value or not all(map(_positive_number, value)):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return f"{key} = {shown} is not a list of positive numbers"
+    if head_dim is not None and len(value) != head_dim // 2:
+        return (f"{key} has length {len(value)}; a head of {head_dim} dims has {head_dim // 2} rotary pairs, "
+                "one factor each")
+    return None
+
+
+def rope_problem(rope_type: Any, params: Mapping[str, Any], head_dim: int | None = None) -> str | None:
     """Why ``rope_type`` with ``params`` (scaling parameters only, no theta) is not a rope this
-    module computes, in a few words that begin with the offending key; None when it is."""
+    module computes, in a few words that begin with the offending key; None when it is.
+    ``head_dim``, where known, checks the length of longrope's factors."""
     if rope_type not in ROPE_TYPES:
         shown = repr(rope_type) if isinstance(rope_type, str) else str(rope_type)
         return f"rope_type = {shown} is not implemented; supported: {', '.join(ROPE_TYPES)}"
@@ -78,6 +102,10 @@ def rope_problem(rope_type: Any, params: Mapping[str, Any]) -> str | None:
         elif key == "truncate":
             if not isinstance(value, bool):
                 return f"{key} = {value!r} is not a bool"
+        elif key == "short_factor":
+            problem = factors_problem(key, value, head_dim)
+            if problem:
+                return problem
         elif not _positive_number(value):
             return f"{key} = {value!r} is not a positive number"
     if rope_type == "llama3" and not params["low_freq_factor"] < params["high_freq_factor"]:
@@ -93,8 +121,9 @@ def rope_problem(rope_type: Any, params: Mapping[str, Any]) -> str | None:
 def inverse_frequencies(head_dim: int, theta: float, rope_type: str = "default",
                         **params: float | int) -> np.ndarray:
     """f_i for i < head_dim / 2, float64; ``params`` are those ``PARAMETERS[rope_type]`` names
-    (yarn's ``attention_factor`` is checked but scales cos and sin, not the frequencies)."""
-    problem = rope_problem(rope_type, params)
+    (the ``attention_factor`` of yarn and longrope is checked but scales cos and sin, not the
+    frequencies)."""
+    problem = rope_problem(rope_type, params, head_dim)
     if problem:
         raise ValueError(f"rope: {problem}")
     if not _positive_number(theta):
@@ -117,6 +146,8 @@ def inverse_frequencies(head_dim: int, theta: float, rope_type: str = "default",
         return np.where(middle, freqs * ((1.0 - blend) / factor + blend), scaled)
     if rope_type == "yarn":
         return _yarn_frequencies(freqs, head_dim, float(theta), **params)
+    if rope_type == "longrope":  # transformers' _compute_longrope_parameters within the original context
+        return freqs / np.asarray(params["short_factor"], dtype=np.float64)
     return freqs
 
 
@@ -177,6 +208,26 @@ def yarn_attention_factor(factor: float, attention_factor: float | None = None, 
     return float(_yarn_get_mscale(factor))
 
 
+def longrope_attention_factor(factor: float, original_max_position_embeddings: int,
+                              attention_factor: float | None = None) -> float:
+    """The factor longrope multiplies cos and sin by (transformers' ``_compute_longrope_parameters``):
+    the given ``attention_factor``; else sqrt(1 + ln(factor) / ln(original_max_position_embeddings)),
+    1 for factor <= 1. ``factor`` is the config's, else (Phi-3's) max_position_embeddings /
+    original_max_position_embeddings."""
+    if attention_factor is not None:
+        if not _positive_number(attention_factor):
+            raise ValueError(f"rope: attention_factor = {attention_factor!r} is not a positive number")
+        return float(attention_factor)
+    if not _positive_number(factor):
+        raise ValueError(f"rope: factor = {factor!r} is not a positive number")
+    if factor <= 1.0:
+        return 1.0
+    if original_max_position_embeddings < 2:  # ln 1 = 0: transformers divides by zero
+        raise ValueError(f"rope: original_max_position_embeddings = {original_max_position_embeddings!r} leaves "
+                         "longrope's attention factor undefined (ln of it is 0)")
+    return math.sqrt(1.0 + math.log(factor) / math.log(original_max_position_embeddings))
+
+
 def rope_attrs(theta: float, rope_type: str = "default", **params: float | int) -> dict[str, Any]:
     """The kernel attributes of a rope: ``{"theta": ...}`` for the default one (as tuning
     records have always named it), plus ``rope_type`` and its parameters for a scaled one."""
@@ -187,8 +238,9 @@ def rope_attrs(theta: float, rope_type: str = "default", **params: float | int) 
     if rope_type != "default":
         attrs["rope_type"] = rope_type
         # floats as floats (8 and 8.0 name the same kernel), the context length as an integer,
-        # truncate as a bool
+        # truncate as a bool, a list of factors as a tuple of floats (hashable, as a key needs)
         attrs.update((key, params[key] if key in ("original_max_position_embeddings", "truncate")
+                      else tuple(map(float, params[key])) if key == "short_factor"
                       else float(params[key])) for key in PARAMETERS[rope_type])
     return attrs
 
@@ -203,8 +255,9 @@ def frequencies_of_attrs(head_dim: int, attrs: Mapping[str, Any]) -> np.ndarray:
 
 def rotation_scale_of(rope_type: str, params: Mapping[str, Any]) -> float:
     """The factor cos and sin are multiplied by for ``rope_type`` with ``params`` (as
-    ``inverse_frequencies`` takes them): yarn's ``attention_factor``, 1.0 for every other type."""
-    if rope_type != "yarn":
+    ``inverse_frequencies`` takes them): the ``attention_factor`` of yarn and longrope, 1.0 for
+    the other types."""
+    if "attention_factor" not in PARAMETERS.get(rope_type, ()):
         return 1.0
     value = params.get("attention_factor")
     if not _positive_number(value):

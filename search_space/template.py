@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
-from runtime.abi import ROLES, ArgSpec, attr_value_fits  # noqa: F401  (the kernel ABI, re-exported)
+from runtime.abi import ROLES, ArgSpec, attr_kind, attr_value_fits  # noqa: F401  (the kernel ABI, re-exported)
 
 from .space import Config, ConfigSpace
 from .target import Target
@@ -111,7 +111,7 @@ class Operator:
         for name, value in task.attrs:
             default = self.default_attrs[name]
             if not attr_value_fits(default, value):
-                raise ValueError(f"{self.op}: {name} = {value!r} is not a {type(default).__name__} like "
+                raise ValueError(f"{self.op}: {name} = {value!r} is not a {attr_kind(default)} like "
                                  f"{json.dumps(default)}")
             # an epsilon under a square root: a negative one makes NaN rows, which the check
             # against numpy takes as right wherever numpy's are NaN too

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from runtime.abi import attr_value_fits
+from runtime.abi import attr_kind, attr_value_fits
 
 from .group import CLUSTER_KEY, UserError
 
@@ -129,7 +129,7 @@ def parse_attrs(items, template) -> dict[str, Any]:
     """``--attr KEY=VALUE`` items: VALUE as JSON when it parses (true, 1e-6), else a string.
 
     Keys must be attributes of the operator and values of the type of its default (an
-    integer is accepted where a float is expected).
+    integer is accepted where a float is expected, and in a list).
     """
     attrs: dict[str, Any] = {}
     defaults = template.default_attrs
@@ -149,7 +149,9 @@ def parse_attrs(items, template) -> dict[str, Any]:
             value = text.strip()
         want = defaults[key]
         if not attr_value_fits(want, value):
-            raise UserError(f"--attr {key}={text}: expected a {type(want).__name__} like {json.dumps(want)}")
+            raise UserError(f"--attr {key}={text}: expected a {attr_kind(want)} like {json.dumps(want)}")
+        if isinstance(want, tuple):  # a list of factors (longrope's): floats, as a model's config gives them
+            value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
         attrs[key] = float(value) if isinstance(want, float) else value
     return attrs
 

@@ -276,7 +276,8 @@ def _check_model_fits(config, weights_dtype: str, quantize: str, cache_dtype: st
     """Refuse a run whose weights, KV cache (``positions`` per sequence) and kept logits exceed
     the memory this machine has available (a config.json with a million layers, or a billion
     new tokens, would otherwise end in MemoryError, the OOM killer or hours of decoding), or
-    whose sequence is longer than any kernel dim may be. A q4 run holds the weights it quantises
+    whose sequence is longer than any kernel dim may be or than the model is computed for (past
+    longrope's original context). A q4 run holds the weights it quantises
     (as the checkpoint stores them; generated ones in float32) beside the int4 codes, and with
     ``compare`` the float32 weights the codes stand for, which the reference computes with."""
     from runtime.abi import numpy_dtype
@@ -285,6 +286,9 @@ def _check_model_fits(config, weights_dtype: str, quantize: str, cache_dtype: st
     if positions > MAX_DIM:
         raise UserError(f"{config.name}: {positions} positions (prompt + new tokens) is more than the kernels take "
                         f"({MAX_DIM})")
+    problem = config.positions_problem(positions - 1)  # the last new token is never read back
+    if problem:
+        raise UserError(f"{config.name}: the prompt and the new tokens but the last run {problem}")
     if quantize == "q4":  # an int4 checkpoint stores the codes themselves
         source = 0 if config.int4_format is not None else _stored_itemsize(weights_dir)
         per_weight = 0.5 + source + (4 if compare else 0)

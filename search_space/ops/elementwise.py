@@ -11,9 +11,9 @@ template reads):
   (the fused residual add of a decoder block: S is the new residual stream).
 - ``layernorm``: X[M,N], G[N], BETA[N] -> Y = (X - mean) / sqrt(var + eps) * G + BETA.
 - ``rope``:      X[T,H,D], P[T] (int32 positions) -> Y[T,H,D], rotate-half (Llama / HF):
-  for i < D/2, f_i = theta^(-2i/D) (rescaled for ``rope_type`` linear, llama3 or yarn, see
-  ``runtime.rope_frequencies``), a = P[t] * f_i, c = s cos a, n = s sin a with s yarn's
-  ``attention_factor`` (1 for the other types, ``rotation_scale``):
+  for i < D/2, f_i = theta^(-2i/D) (rescaled for ``rope_type`` linear, llama3, yarn or longrope,
+  see ``runtime.rope_frequencies``), a = P[t] * f_i, c = s cos a, n = s sin a with s the
+  ``attention_factor`` of yarn and longrope (1 for the other types, ``rotation_scale``):
   Y[i] = X[i] c - X[i + D/2] n,  Y[i + D/2] = X[i + D/2] c + X[i] n.
 - ``swiglu``:    G[M,N], U[M,N] -> Y = silu(G) * U, silu(g) = g / (1 + exp(-g)).
 - ``gelu``:      X[M,N] -> Y = 0.5 X (1 + tanh(sqrt(2/pi) (X + 0.044715 X^3))).
@@ -299,14 +299,15 @@ def check_rope(op: str, task: Task) -> None:
     theta = attrs.get("theta", RopeOp.default_attrs["theta"])
     if theta <= 0:  # a finite number: Operator.check, which every caller runs first, refuses anything else
         raise ValueError(f"{op}: theta = {theta!r} is not a positive number")
-    problem = rope_problem(attrs.get("rope_type", "default"), {k: v for k, v in attrs.items() if k in SCALING_KEYS})
+    problem = rope_problem(attrs.get("rope_type", "default"), {k: v for k, v in attrs.items() if k in SCALING_KEYS},
+                           task.dims["D"])
     if problem:
         raise ValueError(f"{op}: {problem}")
 
 
 def rotate_half(x: np.ndarray, positions: np.ndarray, freqs: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """Rotate-half RoPE of x[T, heads, D] at positions[T], pair i turning by position * freqs[i],
-    cos and sin multiplied by ``scale`` (yarn's attention factor, ``rotation_scale``)."""
+    cos and sin multiplied by ``scale`` (yarn's or longrope's attention factor, ``rotation_scale``)."""
     half = x.shape[-1] // 2
     dtype = np.float64 if x.dtype == np.float64 else np.float32
     angle = (positions.astype(np.float64)[:, None] * freqs[None, :]).astype(dtype)[:, None, :]  # T,1,D/2
@@ -324,10 +325,11 @@ class RopeOp(Operator):
     dynamic_dims = ("T",)
     dtypes = FLOAT_DTYPES
     # the scaling parameters' defaults are only their types (for --attr) and neutral values: a
-    # rope of a scaled type (linear, llama3, yarn) must name every parameter its type takes (``check``)
+    # rope of a scaled type (linear, llama3, yarn, longrope) must name every parameter its type takes (``check``)
     default_attrs = {**ATTR_DEFAULTS["rope"], "factor": 1.0, "low_freq_factor": 1.0,
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
-                     "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True, "attention_factor": 1.0}
+                     "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True, "attention_factor": 1.0,
+                     "short_factor": ()}
     attr_docs = {
         "theta": "RoPE base: position p turns pair i by p * theta^(-2i/D) (before scaling)",
         "rope_type": f"frequency scaling, as transformers' rope_type: {', '.join(ROPE_TYPES)}",
@@ -340,8 +342,10 @@ class RopeOp(Operator):
         "beta_slow": "yarn (required; transformers' default 1): pairs turning less often than this over "
                      "original_max_position_embeddings are divided by factor (those between are blended)",
         "truncate": "yarn (required; transformers' default true): round the blended band's ends out to whole pairs",
-        "attention_factor": "yarn (required; from factor or mscale as transformers computes it): cos and sin are "
-                            "multiplied by it, so the rotated vectors come out scaled by it",
+        "attention_factor": "yarn, longrope (required; from factor or mscale as transformers computes it): cos and "
+                            "sin are multiplied by it, so the rotated vectors come out scaled by it",
+        "short_factor": "longrope (required): D/2 positive numbers, pair i's frequency divided by the i-th (the "
+                        "factors transformers applies within the original context)",
     }
     example_shape = {"T": 512, "H": 32, "D": 128}
     description = "rotary position embedding, rotate-half (Llama), positions as an input"

@@ -1,9 +1,9 @@
 """``rope`` on the CPU: rotate-half rotary embedding of X[T, H, D] at positions P[T].
 
-For i < D/2: a = P[t] f_i with f_i = theta^(-2i/D) (or its linear / llama3 / yarn scaling,
+For i < D/2: a = P[t] f_i with f_i = theta^(-2i/D) (or its linear / llama3 / yarn / longrope scaling,
 ``runtime.rope_frequencies``); Y[i] = X[i] cos a - X[i+D/2] sin a and
-Y[i+D/2] = X[i+D/2] cos a + X[i] sin a, cos and sin multiplied by yarn's attention factor
-(``rotation_scale``; no multiply where it is 1, every other rope type). Angles reach
+Y[i+D/2] = X[i+D/2] cos a + X[i] sin a, cos and sin multiplied by the attention factor of yarn
+and longrope (``rotation_scale``; no multiply where it is 1, every other rope type). Angles reach
 thousands of radians (positions x frequencies near 1), where a float32 angle is already off by 1e-4: the angle is formed
 and reduced in float64 (``KernelBuilder.sincos``), the frequencies are float64 constants
 computed at render time like the reference does, and only the reduced angle is float32.
@@ -99,7 +99,7 @@ class RopeCpu(RopeOp, Template):
         streaming = c["stores"] == "streaming"
         # the reference's frequencies, bit for bit: float64, scaled as the rope type says
         freqs = [float(f) for f in frequencies_of_attrs(d, self.attrs(task))] + [0.0] * (width - half)
-        scale = rotation_scale(self.attrs(task))  # yarn's attention factor: cos and sin times it
+        scale = rotation_scale(self.attrs(task))  # yarn's or longrope's attention factor: cos and sin times it
         args = rw.kernel_args(task, self.signature(task), self.workspace(task, config))
         table = {}
 

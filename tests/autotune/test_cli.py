@@ -40,6 +40,10 @@ def run_refused(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
     (["tune", "--op", "gemv_q4", "--shape", "M=1,N=8,K=64", "--attr", "group_size"], "malformed --attr"),
     (["tune", "--op", "gemv_q4", "--shape", "M=1,N=8,K=96", "--attr", "group_size=48"], "group_size must be"),
     (["tune", "--op", "gemm", "--shape", "M=1,N=2,K=3", "--attr", "causal=true"], "has no attribute"),
+    (["tune", "--op", "rope", "--shape", "T=1,H=1,D=4", "--attr", "rope_type=longrope", "--attr", "short_factor=2"],
+     "--attr short_factor=2: expected a list like []"),
+    (["tune", "--op", "rope", "--shape", "T=1,H=1,D=4", "--attr", "rope_type=longrope", "--attr", "short_factor=[1]",
+      "--attr", "attention_factor=1.2"], "short_factor has length 1; a head of 4 dims has 2 rotary pairs"),
     (["best", "--log", "/no/such/log.jsonl"], "does not exist"),
     (["ops", "--target", "tpu"], "unknown target"),
     # one of the two was ignored without a word
@@ -52,6 +56,16 @@ def run_refused(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert_usage_error(run_refused(*args, cwd=tmp_path), message)
+
+
+def test_a_list_attribute_is_json_and_its_integers_are_the_floats_a_model_config_gives():
+    """``--attr short_factor=[1,2]`` names the kernel a longrope model asks for (its factors floats)."""
+    from autotune.cli.common import parse_attrs
+    from search_space import get_template
+
+    attrs = parse_attrs(["rope_type=longrope", "short_factor=[1,2.5]"], get_template("rope", "cpu"))
+    assert attrs == {"rope_type": "longrope", "short_factor": [1.0, 2.5]}
+    assert [type(f) for f in attrs["short_factor"]] == [float, float]
 
 
 def assert_usage_error(proc, message: str) -> None:

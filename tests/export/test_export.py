@@ -193,6 +193,27 @@ def test_a_long_list_of_cpu_features_is_wrapped_in_the_header():
     assert f"CPU: the kernels use {', '.join(features)}; on a CPU without them" in prose
 
 
+def test_a_list_attribute_is_wrapped_in_the_header():
+    """A longrope kernel's key and attributes hold its factors (48 for Phi-3.5): wrapped at their
+    spaces, the key's words kept whole."""
+    from export.c_header import header_text
+    from runtime.rope_frequencies import rope_attrs
+    from search_space import Task
+
+    factors = [1.0 + i / 47 * 1.8399994373321533 for i in range(48)]
+    task = Task.make("rope", {"T": 8, "H": 32, "D": 96}, attrs=rope_attrs(1e4, "longrope", short_factor=factors,
+                                                                           attention_factor=1.19), dynamic=("T",))
+    kernel = {"entry": "rope_f32_x", "task": task.key, "op": "rope", "dims": task.dims, "dtype": "float32",
+              "attrs": task.attr, "dynamic": ["T"], "launch": {"threads": 1},
+              "args": [{"name": "X", "role": "in", "dtype": "float32", "shape": ["T", "H", "D"]}]}
+    lines = header_text([kernel], "cpu-test").splitlines()
+    assert max(len(line) for line in lines) <= 100
+    first = next(i for i, line in enumerate(lines) if line.startswith("/* rope_f32_x:"))
+    key = " ".join(line[3:].strip() for line in lines[first:first + 20]).split(" attributes:")[0]
+    assert key.startswith(f"rope_f32_x: {task.key}")
+    assert any(f"short_factor={json.dumps(factors[:2])[:-1]}" in line for line in lines)
+
+
 def test_no_attribute_ends_a_header_comment_early():
     from export.c_header import header_text
 

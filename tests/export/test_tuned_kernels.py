@@ -83,3 +83,47 @@ def test_a_closed_tuned_kernels_refuses_to_serve_as_a_closed_library_does(tmp_pa
     kernels.close()
     with pytest.raises(RuntimeError, match="closed"):
         kernels.get("gemm", {"M": 5, "N": 7, "K": 9})
+
+
+
+@pytest.mark.tools("cc")
+def test_a_longrope_record_is_found_again_by_tuned_kernels_and_an_exported_library(tmp_path, host, fast_policy):
+    """A list-valued attribute, longrope's short factors: through the log's JSON (a list there), the
+    records read back, TunedKernels and an exported library (its manifest and C header), the tuned
+    kernel serves the call a model makes, whatever sequence type the factors come in."""
+    import json
+
+    import runtime
+    from export import export_library
+    from records import load_records
+    from runtime.rope_frequencies import rope_attrs
+    from search_space import get_template
+
+    factors = [1.0 + i / 4 for i in range(16)]
+    attrs = rope_attrs(10000.0, "longrope", short_factor=factors, attention_factor=1.19)
+    task = Task.make("rope", {"T": 8, "H": 4, "D": 32}, attrs=attrs, dynamic=("T",))
+    log = RecordLog(tmp_path / "r.jsonl")
+    with LocalBuilder(n_parallel=2) as builder, LocalRunner(policy=fast_policy) as runner:
+        summary = RandomTuner(task, host, seed=2).tune(4, builder, runner, batch_size=4, log=log)
+    line = json.loads(log.path.read_text().splitlines()[0])
+    assert line["task"]["attrs"]["short_factor"] == factors  # a JSON list
+    records = load_records([log.path])
+    assert {r.task for r in records} == {task} and {r.task.key for r in records} == {task.key}
+    template = get_template("rope", "cpu")
+    inputs = template.make_inputs(Task.make("rope", {"T": 5, "H": 4, "D": 32}, attrs=attrs), np.random.default_rng(3))
+    want = template.reference(task, inputs)["Y"]
+    call = {**attrs, "short_factor": np.array(factors)}  # as a caller may hold them
+    with TunedKernels.from_logs([log.path]) as kernels:
+        kernel = kernels.get("rope", {"T": 5, "H": 4, "D": 32}, attrs=call, dynamic=("T",))
+        assert kernel.tuned and kernel.config == summary.best.config
+        np.testing.assert_allclose(kernel(**inputs, dims={"T": 5}), want, rtol=1e-5, atol=1e-5)
+    export_library(records, tmp_path / "lib")
+    manifest = json.loads((tmp_path / "lib" / "manifest.json").read_text())
+    (entry,) = manifest["kernels"]
+    assert entry["attrs"]["short_factor"] == factors and entry["task"] == task.key
+    assert "short_factor=[1.0, 1.25, 1.5," in (tmp_path / "lib" / manifest["header"]).read_text()
+    with runtime.load(tmp_path / "lib") as library:
+        kernel = library.get("rope", {"T": 5, "H": 4, "D": 32}, attrs={**attrs, "short_factor": factors},
+                             dynamic=("T",))
+        assert kernel.tuned and kernel.entry == entry["entry"]
+        np.testing.assert_allclose(kernel(**inputs, dims={"T": 5}), want, rtol=1e-5, atol=1e-5)

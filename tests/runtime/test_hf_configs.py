@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 
@@ -13,10 +14,12 @@ import numpy as np
 import pytest
 
 from runtime.abi import canonical_attrs
+from runtime.generation import checked_generation
 from runtime.llama import LlamaModel
 from runtime.model_config import PRESETS, ModelConfig, load_model_config
 from runtime.plan import decode_calls, prefill_calls
 from runtime.reference import ReferenceModel, rotate
+from runtime.rope_frequencies import inverse_frequencies
 from runtime.weights import ModelWeights
 
 LLAMA2_4X = {  # meta-llama/Llama-2-7b-hf
@@ -109,6 +112,31 @@ PHI4 = {  # microsoft/phi-4: Phi-3's network at 14B, grouped-query attention, no
     "pad_token_id": 100349, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 250000,
     "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.47.0",
     "use_cache": True, "vocab_size": 100352}
+# microsoft/Phi-3.5-mini-instruct: longrope scaling from a pretrained 4096 to 131072 positions (its
+# auto_map left out); the factors of its release, 48 each for a head of 96 dims
+PHI35_SHORT = [1.0, 1.0199999809265137, 1.0299999713897705, 1.0299999713897705, 1.0499999523162842, 1.0499999523162842,
+               1.0499999523162842, 1.0499999523162842, 1.0499999523162842, 1.0699999332427979, 1.0999999046325684,
+               1.1099998950958252, 1.1599998474121094, 1.1599998474121094, 1.1699998378753662, 1.2899998426437378,
+               1.339999794960022, 1.679999828338623, 1.7899998426437378, 1.8199998140335083, 1.8499997854232788,
+               1.8799997568130493, 1.9099997282028198, 1.9399996995925903, 1.9899996519088745, 2.0199997425079346,
+               2.0199997425079346, 2.0199997425079346, 2.0199997425079346, 2.0199997425079346, 2.0199997425079346,
+               2.0299997329711914, 2.0299997329711914, 2.0299997329711914, 2.0299997329711914, 2.0299997329711914,
+               2.0299997329711914, 2.0299997329711914, 2.0299997329711914, 2.0299997329711914, 2.0799996852874756,
+               2.0899996757507324, 2.189999580383301, 2.2199995517730713, 2.5899994373321533, 2.729999542236328,
+               2.749999523162842, 2.8399994373321533]
+PHI35_LONG = [1.0800000429153442, 1.1100000143051147, 1.1399999856948853, 1.340000033378601, 1.5899999141693115,
+              1.600000023841858, 1.6200000047683716, 2.620000123977661, 3.2300000190734863, 3.2300000190734863,
+              4.789999961853027, 7.400000095367432, 7.700000286102295, 9.09000015258789, 12.199999809265137,
+              17.670000076293945, 24.46000099182129, 28.57000160217285, 30.420001983642578, 30.840002059936523,
+              32.590003967285156, 32.93000411987305, 42.320003509521484, 44.96000289916992, 50.340003967285156,
+              50.45000457763672, 57.55000305175781, 57.93000411987305, 58.21000289916992, 60.1400032043457,
+              62.61000442504883, 62.62000274658203, 62.71000289916992, 63.1400032043457, 63.1400032043457,
+              63.77000427246094, 63.93000411987305, 63.96000289916992, 63.970001220703125, 64.02999877929688,
+              64.06999969482422, 64.08000183105469, 64.12000274658203, 64.41000366210938, 64.4800033569336,
+              64.51000213623047, 64.52999877929688, 64.83999633789062]
+PHI35_MINI = {**PHI3_MINI, "_name_or_path": "Phi-3.5-mini-instruct", "max_position_embeddings": 131072,
+              "rope_scaling": {"long_factor": PHI35_LONG, "short_factor": PHI35_SHORT, "type": "longrope"},
+              "sliding_window": 262144, "transformers_version": "4.43.3"}
 GRANITE = {  # ibm-granite/granite-3.1-2b-instruct: Llama with four scalars, tied embeddings
     "architectures": ["GraniteForCausalLM"], "attention_bias": False, "attention_dropout": 0.1,
     "attention_multiplier": 0.015625, "bos_token_id": 0, "embedding_multiplier": 12.0, "eos_token_id": 0,
@@ -367,7 +395,7 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
      "names the repository's own model code, which may compute something else and which this runtime cannot "
      "check; a copy of the config.json without auto_map runs as transformers' Phi3ForCausalLM"),
     ({**PHI4, "rope_scaling": {"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}},
-     "rope scaling 'longrope' (rope_scaling.type) is not implemented"),
+     "rope_scaling.short_factor has length 1; a head of 128 dims has 64 rotary pairs, one factor each"),
     ({**PHI4, "partial_rotary_factor": 0.75}, "unknown field partial_rotary_factor = 0.75"),
     ({**LLAMA3_4X, "original_max_position_embeddings": 8192}, "original_max_position_embeddings = 8192 at the "
                                                               "top level is a Phi-3 field"),
@@ -958,3 +986,159 @@ def test_tune_model_tunes_windowed_attention_for_sizes_past_the_sliding_window(t
     attention = sorted(row["task"] for row in json.loads(proc.stdout) if "attention" in row["op"])
     assert any("L~=512" in key and "window=64" in key for key in attention), attention
     assert any("L~=32" in key and "window" not in key for key in attention), attention
+
+
+# ----------------------------------------------------------------------------- longrope (Phi-3)
+
+def test_phi35s_longrope_is_read_planned_and_written_back():
+    config = parse(PHI35_MINI)
+    assert (config.rope_type, config.head_dim, config.rope_original_max_position_embeddings) == ("longrope", 96, 4096)
+    assert config.rope_short_factor == tuple(PHI35_SHORT) and config.rope_long_factor == tuple(PHI35_LONG)
+    # transformers' default: sqrt(1 + ln(131072 / 4096) / ln 4096)
+    assert config.rope_attention_factor == math.sqrt(1 + math.log(32) / math.log(4096))
+    assert config.rope_scaling == {"short_factor": tuple(PHI35_SHORT), "attention_factor": config.rope_attention_factor}
+    assert parse(config.to_hf_dict()) == config == parse(json.loads(json.dumps(config.to_hf_dict())))
+    assert config.to_hf_dict()["model_type"] == "phi3"
+    # a tune-model job's copy (asdict through JSON: tuples become lists)
+    assert ModelConfig(**json.loads(json.dumps(dataclasses.asdict(config)))) == config
+    # every rope kernel takes the short factors and the attention factor, the long ones none
+    want = {"rope_type": "longrope", "short_factor": tuple(PHI35_SHORT),
+            "attention_factor": config.rope_attention_factor}
+    for calls in (prefill_calls(config, 16), decode_calls(config, 1, 64), decode_calls(config, 1, 64, resident=True)):
+        ropes = [c.spec for c in calls if c.spec.op.startswith("rope")]
+        assert ropes and all({k: spec.attr[k] for k in want} == want and "long_factor" not in spec.attr
+                             for spec in ropes)
+
+
+def test_transformers_reads_phi35_and_the_written_config_as_the_runtime_does():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = parse(PHI35_MINI)
+    ours = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_type, **config.rope_scaling)
+    for data in (PHI35_MINI, config.to_hf_dict()):
+        theirs = transformers.Phi3Config.from_dict(json.loads(json.dumps(data)))  # a copy: it edits the dicts
+        inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](theirs, "cpu")
+        np.testing.assert_allclose(ours, inv_freq.double().numpy(), rtol=1e-6)
+        assert attention_factor == pytest.approx(config.rope_attention_factor, rel=1e-12)
+        assert theirs.rope_parameters["original_max_position_embeddings"] == 4096
+        assert theirs.rope_parameters["long_factor"] == list(config.rope_long_factor)
+
+
+_PHI35_5X = {**{k: v for k, v in PHI35_MINI.items() if k not in ("rope_scaling", "rope_theta")},
+             "rope_parameters": {"type": "su", "rope_type": "longrope", "short_factor": PHI35_SHORT,
+                                 "long_factor": PHI35_LONG, "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+                                 "original_max_position_embeddings": 4096}}
+
+
+@pytest.mark.parametrize("data", [
+    {**PHI35_MINI, "rope_scaling": {**PHI35_MINI["rope_scaling"], "type": "su"}},
+    {**PHI35_MINI, "rope_scaling": {**PHI35_MINI["rope_scaling"], "original_max_position_embeddings": 4096}},
+    {**PHI35_MINI, "rope_scaling": {**PHI35_MINI["rope_scaling"], "factor": 32}},
+    _PHI35_5X,
+], ids=["su", "inner-context", "factor", "5.x"])
+def test_longropes_names_and_layouts_read_alike(data):
+    """Phi-3-mini-128k's old name su, the original context inside the scaling too, the factor
+    given (Phi-3's default is max_position_embeddings over the original context), and the 5.x
+    layout transformers 5 saves (keeping the name su beside rope_type longrope)."""
+    assert parse(data) == parse(PHI35_MINI)
+
+
+_PHI35_SCALING = PHI35_MINI["rope_scaling"]
+
+
+@pytest.mark.parametrize("data, message", [
+    ({**PHI4, "rope_scaling": {"type": "yarn", "factor": 4.0}},  # Phi3Config reads yarn as longrope
+     "rope_scaling.short_factor is missing: rope type 'longrope' needs short_factor and long_factor"),
+    ({**PHI35_MINI, "rope_scaling": {**_PHI35_SCALING, "long_factor": PHI35_LONG[1:]}},
+     "rope_scaling.long_factor has length 47; a head of 96 dims has 48 rotary pairs, one factor each"),
+    ({**PHI35_MINI, "rope_scaling": {**_PHI35_SCALING, "short_factor": [1.0] * 47 + ["2"]}},
+     "rope_scaling.short_factor = [1.0, 1.0, "),
+    ({**PHI35_MINI, "rope_scaling": {**_PHI35_SCALING, "long_factor": None}},
+     "rope_scaling.long_factor is missing: rope type 'longrope' needs short_factor and long_factor"),
+    ({**PHI35_MINI, "rope_scaling": {**_PHI35_SCALING, "original_max_position_embeddings": 8192}},
+     "rope_scaling.original_max_position_embeddings = 8192 and the top-level original_max_position_embeddings = "
+     "4096 disagree: transformers reads the top-level one"),
+    ({**{k: v for k, v in PHI35_MINI.items() if k != "original_max_position_embeddings"},
+      "rope_scaling": {**_PHI35_SCALING, "original_max_position_embeddings": 8192}},
+     "original_max_position_embeddings = 4096 (Phi3Config's where the field is absent) disagree"),
+    ({**PHI35_MINI, "original_max_position_embeddings": None},
+     "rope_scaling (longrope) reads the top-level original_max_position_embeddings, which is null"),
+    ({**PHI35_MINI, "rope_scaling": {**_PHI35_SCALING, "attention_factor": 0}},
+     "rope_scaling.attention_factor = 0.0 is not a positive number"),
+    ({**PHI35_MINI, "rope_scaling": {**_PHI35_SCALING, "factor": "32"}},
+     "rope_scaling.factor = '32' is not a positive"),
+    ({**PHI35_MINI, "rope_scaling": {**_PHI35_SCALING, "beta_fast": 32}},
+     "rope_scaling.beta_fast = 32 is not implemented for rope type 'longrope'"),
+    ({**PHI35_MINI, "rope_scaling": {**_PHI35_SCALING, "partial_rotary_factor": 0.75}},
+     "rope_scaling.partial_rotary_factor = 0.75 is not implemented for rope type 'longrope'"),
+    ({**LLAMA3_4X, "rope_scaling": {**_PHI35_SCALING, "short_factor": [1.0] * 64, "long_factor": [1.0] * 64}},
+     "rope scaling 'longrope' (rope_scaling.type) is implemented for Phi-3 (model_type 'phi3') only"),
+    ({**LLAMA3_4X, "rope_scaling": {**_PHI35_SCALING, "type": "su"}}, "rope scaling 'su' (rope_scaling.type) is not "
+                                                                      "implemented"),
+], ids=["phi3-yarn", "long-length", "short-string", "long-missing", "contexts-disagree", "context-absent",
+        "context-null", "attention-zero", "factor-string", "yarn-key", "partial-rotary", "llama", "su-in-llama"])
+def test_a_longrope_this_runtime_does_not_compute_is_refused(data, message):
+    with pytest.raises(ValueError) as caught:
+        parse(data)
+    text = str(caught.value)
+    assert text.startswith("config.json: ") and message in text and "\n" not in text, text
+
+
+def test_a_longrope_model_config_checks_its_factors_and_refuses_what_is_no_phi3s():
+    config = parse(PHI35_MINI)
+    for fields, message in [
+        (dict(rope_long_factor=config.rope_long_factor[:3]), "rope long_factor has length 3; a head of 96 dims"),
+        (dict(rope_short_factor=(1.0,) * 47 + (0.0,)), "rope short_factor = (1.0, 1.0, "),
+        (dict(rope_original_max_position_embeddings=None), "rope original_max_position_embeddings = None is not"),
+        (dict(rope_type="yarn"), "rope_short_factor = (1.0, 1.0199"),
+    ]:
+        with pytest.raises(ValueError, match=r"^model m: " + message.replace("(", r"\(").replace(")", r"\)")):
+            dataclasses.replace(config, **fields)
+    with pytest.raises(ValueError, match="longrope .Phi-3's. with biases"):
+        dataclasses.replace(config, qkv_bias=True, o_bias=True).to_hf_dict()
+
+
+SMALL_LONGROPE = {**SMALL, "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "num_hidden_layers": 1,
+                  "vocab_size": 64, "original_max_position_embeddings": 16,
+                  "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0],
+                                   "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]}}
+
+
+def test_a_generation_past_longropes_original_context_is_refused_before_any_work(default_kernels):
+    """The prompt's positions and every new token's but the last (which no step reads back) must
+    lie within the original context: 10 + 7 new tokens run positions 0 to 15 of 16, one more is
+    refused, by the runtime's generate and prefill and by the reference, before any kernel runs."""
+    config = parse(SMALL_LONGROPE)
+    weights = ModelWeights.random(config, seed=0)
+    prompts = np.random.default_rng(1).integers(0, config.vocab_size, (2, 10))
+    assert config.positions_problem(16) is None
+    assert checked_generation(config, prompts, 7)[1] == 7
+    fitting = LlamaModel(config, weights, default_kernels).generate(prompts, 7)
+    np.testing.assert_array_equal(fitting.tokens, ReferenceModel(config, weights).generate(prompts, 7).tokens)
+    message = ("m: 10 prompt tokens and 8 new tokens run 17 positions, more than longrope's original context of 16 "
+               "(original_max_position_embeddings): past it transformers rotates by long_factor, which is not "
+               "implemented")
+    model = LlamaModel(config, weights, default_kernels)
+    for generate in (model.generate, ReferenceModel(config, weights).generate):
+        with pytest.raises(ValueError) as caught:
+            generate(prompts, 8)
+        assert str(caught.value) == message
+    assert not model.used  # refused before any kernel was looked up
+    with pytest.raises(ValueError, match="^m: 17 tokens from position 0 run 17 positions, more than longrope's"):
+        model.prefill(np.zeros((1, 17), np.int64), model.new_caches(1, 17))
+
+
+def test_run_refuses_a_generation_past_longropes_original_context(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(SMALL_LONGROPE))
+    (tmp_path / "empty.jsonl").write_text("")
+    base = ["run", "--model", "config.json", "--log", "empty.jsonl", "--prompt-tokens", "6", "--json"]
+    proc = _cli(tmp_path, *base, "--new-tokens", "11", "--compare")  # positions 0 to 15: the whole context
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["reference"]["logits"]["same_tokens"]
+    proc = _cli(tmp_path, *base, "--new-tokens", "12")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].endswith("the prompt and the new tokens but the last run 17 positions, more than longrope's "
+                             "original context of 16 (original_max_position_embeddings): past it transformers "
+                             "rotates by long_factor, which is not implemented"), lines

@@ -1,16 +1,21 @@
-"""``runtime.rope_frequencies``' YaRN against transformers' own ``_compute_yarn_parameters``
-(``ROPE_INIT_FUNCTIONS["yarn"]``, float32 there, float64 here): the frequencies of every pair
-and the attention factor it returns, and the parameters refused."""
+"""``runtime.rope_frequencies``' YaRN and longrope against transformers' own
+``_compute_yarn_parameters`` and ``_compute_longrope_parameters`` (``ROPE_INIT_FUNCTIONS``,
+float32 there, float64 here): the frequencies of every pair and the attention factor they
+return, and the parameters refused."""
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import numpy as np
 import pytest
 
+from runtime.abi import canonical_attrs
 from runtime.rope_frequencies import (PARAMETERS, SCALING_KEYS, frequencies_of_attrs, inverse_frequencies,
-                                      rope_attrs, rope_problem, rotation_scale, rotation_scale_of,
-                                      yarn_attention_factor)
+                                      longrope_attention_factor, rope_attrs, rope_problem, rotation_scale,
+                                      rotation_scale_of, yarn_attention_factor)
+from test_hf_configs import PHI35_LONG, PHI35_SHORT  # noqa: E402  (same directory)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -190,14 +195,19 @@ def test_the_yarn_rope_operator_rotates_as_transformers(name):
     with the cos and sin its yarn rotary embedding returns (scaled by its attention_scaling)."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    from search_space import Task, op_definition
-
     head_dim, theta, rope, max_positions = YARN_CASES[name]
     config = transformers.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=4,
                                       head_dim=head_dim, max_position_embeddings=max_positions,
                                       rope_parameters={"rope_type": "yarn", "rope_theta": theta, **rope})
-    embedding = LlamaRotaryEmbedding(config)
     attrs = rope_attrs(theta, "yarn", **_kernel_params(rope, max_positions))
+    _check_rotation(LlamaRotaryEmbedding(config), apply_rotary_pos_emb, attrs, head_dim)
+
+
+def _check_rotation(embedding, apply_rotary_pos_emb, attrs: dict, head_dim: int) -> None:
+    """The numpy rope operator and rope_append with ``attrs`` rotate as transformers' rotary
+    ``embedding`` and ``apply_rotary_pos_emb`` do, and without the attention factor they would not."""
+    from search_space import Task, op_definition
+
     assert rotation_scale(attrs) == pytest.approx(embedding.attention_scaling, rel=1e-12)
     # small positions: transformers forms the angles in float32 (off by an ulp of the angle)
     positions = np.array([0, 1, 2, 5, 17, 40, 63], dtype=np.int32)
@@ -221,3 +231,136 @@ def test_the_yarn_rope_operator_rotates_as_transformers(name):
     np.testing.assert_allclose(out["Q"], theirs[:, :2], rtol=1e-5, atol=1e-5)
     for b, position in enumerate(positions):
         np.testing.assert_allclose(out["KC"][b, 0, position], theirs[b, 2], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- longrope
+
+_SMALL_SHORT = [1.0, 1.25, 1.5, 2.0, 3.0, 4.5, 7.0, 11.0]
+_SMALL_LONG = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]
+# name -> (head_dim, theta, rope_parameters, max_position_embeddings, original_max_position_embeddings)
+LONGROPE_CASES = {
+    # Phi-3.5-mini's: the attention factor from 131072 / 4096 (transformers' default for Phi-3)
+    "phi-3.5-mini": (96, 10000.0, {"short_factor": PHI35_SHORT, "long_factor": PHI35_LONG}, 131072, 4096),
+    # the factor given, or the attention factor itself
+    "factor": (96, 10000.0, {"short_factor": PHI35_SHORT, "long_factor": PHI35_LONG, "factor": 8.0}, 131072, 4096),
+    "attention-factor": (96, 10000.0, {"short_factor": PHI35_SHORT, "long_factor": PHI35_LONG,
+                                       "attention_factor": 1.3}, 131072, 4096),
+    # no longer context than the original: attention factor 1
+    "unscaled": (96, 10000.0, {"short_factor": PHI35_SHORT, "long_factor": PHI35_LONG}, 4096, 4096),
+    "small": (16, 500000.0, {"short_factor": _SMALL_SHORT, "long_factor": _SMALL_LONG}, 256, 64),
+}
+
+
+def _phi3_config(name: str):
+    head_dim, theta, rope, max_positions, original = LONGROPE_CASES[name]
+    return transformers.Phi3Config(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=4,
+                                   max_position_embeddings=max_positions, original_max_position_embeddings=original,
+                                   rope_parameters={"rope_type": "longrope", "rope_theta": theta,
+                                                    **json.loads(json.dumps(rope))})  # a copy: it edits it
+
+
+def _longrope_attrs(name: str) -> dict:
+    """The kernel attributes of a case, the attention factor resolved as the config parser does."""
+    head_dim, theta, rope, max_positions, original = LONGROPE_CASES[name]
+    factor = rope.get("factor", max_positions / original)
+    return rope_attrs(theta, "longrope", short_factor=rope["short_factor"],
+                      attention_factor=longrope_attention_factor(factor, original, rope.get("attention_factor")))
+
+
+@pytest.mark.parametrize("name", list(LONGROPE_CASES))
+def test_longrope_frequencies_and_attention_factor_are_those_of_transformers(name):
+    head_dim, theta, rope, max_positions, original = LONGROPE_CASES[name]
+    config = _phi3_config(name)
+    theirs, their_factor = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")  # no sequence yet: the short factors
+    attrs = _longrope_attrs(name)
+    ours = inverse_frequencies(head_dim, theta, "longrope", **{k: attrs[k] for k in PARAMETERS["longrope"]})
+    assert ours.dtype == np.float64 and ours.shape == (head_dim // 2,)
+    np.testing.assert_allclose(ours, theirs.double().numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(frequencies_of_attrs(head_dim, attrs), ours)
+    assert rotation_scale(attrs) == pytest.approx(their_factor, rel=1e-12)
+    assert (rotation_scale(attrs) == 1.0) == (name == "unscaled")
+    # past the original context transformers divides by the long factors instead: the frequencies
+    # no kernel here computes (such sequences are refused)
+    past, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=original + 1)
+    np.testing.assert_allclose(ours * np.array(rope["short_factor"]) / np.array(rope["long_factor"]),
+                               past.double().numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["phi-3.5-mini", "small"])
+def test_the_longrope_rope_operator_rotates_as_transformers(name):
+    """As the yarn test above, with Phi-3's rotary embedding at positions within the original context."""
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding, apply_rotary_pos_emb
+
+    _check_rotation(Phi3RotaryEmbedding(_phi3_config(name)), apply_rotary_pos_emb, _longrope_attrs(name),
+                    LONGROPE_CASES[name][0])
+
+
+def test_longrope_attention_factor():
+    assert longrope_attention_factor(32.0, 4096) == math.sqrt(1 + math.log(32) / math.log(4096))
+    assert longrope_attention_factor(1.0, 4096) == 1.0 == longrope_attention_factor(0.5, 4096)  # none below 1
+    assert longrope_attention_factor(32.0, 4096, attention_factor=1) == 1.0
+    for call, message in [(lambda: longrope_attention_factor(0.0, 4096), "factor = 0.0 is not a positive number"),
+                          (lambda: longrope_attention_factor(2.0, 4096, -1.0), "attention_factor = -1.0 is not"),
+                          (lambda: longrope_attention_factor(2.0, 1), "original_max_position_embeddings = 1 leaves")]:
+        with pytest.raises(ValueError, match=f"^rope: {message}"):
+            call()
+
+
+def test_longrope_attrs_hold_the_short_factors_as_a_tuple_that_round_trips_through_json():
+    """A list-valued kernel attribute: a tuple of floats wherever it is hashed, a JSON list in
+    records and manifests, equal (and of the same key) once read back."""
+    from search_space import Task, op_definition
+
+    attrs = rope_attrs(10000.0, "longrope", short_factor=[1, 2, 4, 8], attention_factor=1)
+    assert attrs == {"theta": 10000.0, "rope_type": "longrope", "short_factor": (1.0, 2.0, 4.0, 8.0),
+                     "attention_factor": 1.0}
+    assert all(type(f) is float for f in attrs["short_factor"]) and set(PARAMETERS["longrope"]) <= set(SCALING_KEYS)
+    task = Task.make("rope", {"T": 8, "H": 2, "D": 8}, attrs=attrs, dynamic=("T",))
+    op_definition("rope").check(task)
+    assert task.key == ("rope/float32/T~=8,H=2,D=8/attention_factor=1.0,rope_type=\"longrope\","
+                        "short_factor=[1.0, 2.0, 4.0, 8.0]")
+    again = Task.from_dict(json.loads(json.dumps(task.to_dict())))
+    assert again == task and again.key == task.key and hash(again) == hash(task)
+    # a list, a numpy array or numpy floats name the same kernel
+    for factors in ([1.0, 2.0, 4.0, 8.0], np.array([1.0, 2.0, 4.0, 8.0]), tuple(np.float64(f) for f in (1, 2, 4, 8))):
+        assert Task.make("rope", task.dims, attrs={**attrs, "short_factor": factors}, dynamic=("T",)) == task
+    assert canonical_attrs("rope", {"short_factor": [np.float32(1.5)]}) == {"short_factor": (1.5,)}
+
+
+def test_existing_rope_keys_are_unchanged():
+    """Records tuned before longrope name their kernels as they did (no attribute renders otherwise)."""
+    from search_space import Task
+
+    yarn = rope_attrs(1e6, "yarn", **YARN)
+    assert Task.make("rope", {"T": 8, "H": 4, "D": 64}, attrs=yarn, dynamic=("T",)).key == (
+        "rope/float32/T~=8,H=4,D=64/attention_factor=1.2079441541679836,beta_fast=32.0,beta_slow=1.0,factor=4.0,"
+        "original_max_position_embeddings=32768,rope_type=\"yarn\",theta=1000000.0,truncate=true")
+    assert Task.make("rope", {"T": 8, "H": 4, "D": 64}, attrs={"theta": 10000.0}).key == "rope/float32/T=8,H=4,D=64"
+
+
+LONGROPE = {"short_factor": (1.0, 2.0, 4.0, 8.0), "attention_factor": 1.2}
+
+
+@pytest.mark.parametrize("params, message, op_message", [
+    ({**LONGROPE, "short_factor": (1.0, 2.0)}, "short_factor has length 2; a head of 8 dims has 4 rotary pairs", None),
+    ({**LONGROPE, "short_factor": ()}, "short_factor = () is not a list of positive numbers", None),
+    ({**LONGROPE, "short_factor": (1.0, -2.0, 4.0, 8.0)}, "short_factor = (1.0, -2.0, 4.0, 8.0) is not a list", None),
+    ({**LONGROPE, "short_factor": (1.0, True, 4.0, 8.0)}, "short_factor = (1.0, True, 4.0, 8.0) is not a list", None),
+    ({**LONGROPE, "short_factor": 2.0}, "short_factor = 2.0 is not a list of positive numbers",
+     "short_factor = 2.0 is not a list like []"),
+    ({"attention_factor": 1.2}, "short_factor is missing: rope type 'longrope' needs short_factor, attention_factor",
+     None),
+    ({**LONGROPE, "attention_factor": 0.0}, "attention_factor = 0.0 is not a positive number", None),
+    ({**LONGROPE, "long_factor": (1.0,) * 4}, "long_factor = (1.0, 1.0, 1.0, 1.0) does not apply to rope type",
+     "has no attributes ['long_factor']"),
+])
+def test_bad_longrope_parameters_are_refused(params, message, op_message):
+    from search_space import Task, op_definition
+
+    assert rope_problem("longrope", params, 8).startswith(message), rope_problem("longrope", params, 8)
+    with pytest.raises(ValueError, match=f"^rope: {re.escape(message)}"):
+        inverse_frequencies(8, 10000.0, "longrope", **params)
+    with pytest.raises(ValueError, match=re.escape(op_message or f"rope: {message}")):
+        op_definition("rope").check(Task.make("rope", {"T": 2, "H": 1, "D": 8},
+                                              attrs={"rope_type": "longrope", **params}))
+

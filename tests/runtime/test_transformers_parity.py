@@ -56,6 +56,10 @@ def _to_4x_layout(folder: Path, rope_theta: bool = True) -> None:
 
 
 PHI3_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# longrope's factors for a head of 16 dims: within the original context the short ones (far enough
+# from 1 and from the long ones to matter at these lengths)
+LONGROPE_FACTORS = {"short_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+                    "long_factor": [1.0, 3.0, 5.0, 9.0, 17.0, 33.0, 65.0, 129.0]}
 # name -> (transformers config class, its arguments, layout of the saved config.json)
 FAMILIES = {
     "llama2": ("LlamaConfig", dict(rope_theta=10000.0), "4.x-no-theta"),
@@ -154,6 +158,14 @@ FAMILIES = {
                            "rope_theta": 5e5},
         "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}}, sliding_window=64,
         layer_types=["sliding_attention", "full_attention"]), "olmo3-4.x"),
+    # Phi-3.5's longrope (Phi-3-mini-128k's under its old name su, which transformers 5 saves beside rope_type
+    # longrope), its original context shrunk to the 38 positions the generations run (7 prompt tokens, 32 new
+    # ones, the last never read back): the short factors throughout, the attention factor from 256 / 38
+    "phi3-longrope": ("Phi3Config", dict(rope_scaling={"type": "su", **LONGROPE_FACTORS}, rope_theta=1e4,
+                                         original_max_position_embeddings=38, **PHI3_IDS), "5.x"),
+    "phi3-longrope-4.x": ("Phi3Config", dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                                                              **LONGROPE_FACTORS},
+                                             original_max_position_embeddings=38, **PHI3_IDS), "4.x"),
     # the multimodal Gemma 3 (4B and up): the same language model inside Gemma3ForConditionalGeneration,
     # its config the text_config, its tensors under language_model, beside a (tiny) vision tower
     "gemma3-mm": ("Gemma3Config", dict(text_config=dict(rope_parameters={
@@ -173,6 +185,7 @@ CONFIG_EDITS = {"qwen2-4.x": dict(sliding_window=16, max_window_layers=1), "gemm
 BIASED = ["qwen2", "qwen2-4.x", "llama-biases", "qwen3-4.x", "olmo2-4.x"]
 QK_NORMED = ["qwen3", "qwen3-4.x", "gemma3", "gemma3-4.x", "olmo2", "olmo2-4.x", "olmo3"]
 YARNS = ["qwen3-yarn", "llama-yarn-4.x", "olmo3", "olmo3-4.x"]
+LONGROPES = ["phi3-longrope", "phi3-longrope-4.x"]
 GEMMAS = ["gemma", "gemma2", "gemma3", "gemma3-4.x"]
 
 
@@ -346,6 +359,33 @@ def test_yarn_matters_its_frequencies_and_its_attention_factor(family, checkpoin
         assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE, changed
 
 
+@pytest.mark.parametrize("family", LONGROPES)
+def test_longrope_matters_its_short_factors_and_its_attention_factor(family, checkpoints, prompts):
+    """The comparisons above can fail: with the default rope of the same base, the long factors in
+    place of the short ones (what transformers turns to only past the original context) or without
+    the attention factor, the logits leave the tolerance far behind."""
+    model, folder = checkpoints[family]
+    config, weights = _load(folder)
+    assert config.rope_type == "longrope" and config.rope_attention_factor > 1.0
+    assert config.rope_original_max_position_embeddings == PROMPT_TOKENS + NEW_TOKENS - 1
+    plain = dict(rope_type="default", rope_short_factor=None, rope_long_factor=None,
+                 rope_original_max_position_embeddings=None, rope_attention_factor=None)
+    for changed in (plain, dict(rope_short_factor=config.rope_long_factor), dict(rope_attention_factor=1.0)):
+        other = dataclasses.replace(config, **changed)
+        generation = ReferenceModel(other, weights).generate(prompts, NEW_TOKENS)
+        want = _teacher_forced_logits(model, prompts, generation.tokens)
+        assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE, changed
+
+
+def test_a_longrope_generation_one_token_longer_is_refused(checkpoints, default_kernels, prompts):
+    """One more new token would run position 38, past the original context, where transformers
+    rotates by the long factors: refused, by the runtime and the reference, before any work."""
+    config, weights = _load(checkpoints["phi3-longrope"][1])
+    for generate in (LlamaModel(config, weights, default_kernels).generate, ReferenceModel(config, weights).generate):
+        with pytest.raises(ValueError, match="run 39 positions, more than longrope's original context of 38"):
+            generate(prompts, NEW_TOKENS + 1)
+
+
 @pytest.mark.parametrize("family", BIASED)
 def test_the_biases_matter(family, checkpoints, prompts):
     """The comparisons above can fail: without its biases (what a loader that skipped them would
@@ -460,7 +500,7 @@ def test_smollm3s_layers_without_rope_matter(family, checkpoints, prompts):
     assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE
 
 
-@pytest.mark.parametrize("family", ["llama3.1", "llama3.2", "linear", "linear-4.x"])
+@pytest.mark.parametrize("family", ["llama3.1", "llama3.2", "linear", "linear-4.x", *LONGROPES])
 def test_inverse_frequencies_are_those_of_transformers(family, checkpoints):
     """Each of the head's pairs, in every band of the llama3 scaling, against transformers'
     own rotary embedding module (float32 there, float64 here)."""
@@ -521,13 +561,14 @@ def test_the_sliding_window_matters(family, checkpoints, default_kernels, prompt
 
 @pytest.mark.parametrize("family", ["llama3.1", "qwen2", "qwen3", "qwen3-4.x", "granite", "gemma", "gemma3",
                                     "smollm3", "mistral-window", "gemma3-window", "gemma2", "qwen2-window",
-                                    "olmo2-4.x", "olmo3", "gemma3-mm"])
+                                    "olmo2-4.x", "olmo3", "gemma3-mm", "phi3-longrope"])
 def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints, prompts, greedy, fake_gpu):
     """The same on the CUDA path (fake GPU: cubins built by nvcc, run on the emulator): device
     buffers, the decode step captured as a graph, rope scaling (Llama 3.1), biases (Qwen2) and
     the norms of the query and key heads (Qwen3: in the fused decode step, whose GEMVs take the
     norms and attention the rotary embedding, and with biases, where they cannot) and Granite's
-    scalars (folded into the weights; the softmax scale an attribute of every attention kernel)."""
+    scalars (folded into the weights; the softmax scale an attribute of every attention kernel) and
+    longrope (its short factors a list attribute of the rope kernels the decode step fuses)."""
     from fakes import FAKE_GPU_TARGET
 
     from export import TunedKernels

@@ -242,3 +242,30 @@ def test_hopper_instructions_are_searched_on_sm90a_only():
         assert on_a100 and not any(hopper_only(c.as_dict()) for c in on_a100), op
         on_h100 = template.space(task, SM90).sample(rng, 200)
         assert any(hopper_only(c.as_dict()) for c in on_h100), op
+
+
+@pytest.mark.tools("nvcc")
+def test_longrope_rope_kernels_compile_for_sm90a():
+    """The three CUDA rope kernels of a longrope rope (its short factors a list attribute) bake in
+    the frequencies ``frequencies_of_attrs`` gives (the reference's, divided by the factors) and
+    scale cos and sin by its attention factor; the default config of every dtype through nvcc."""
+    from runtime.rope_frequencies import rope_attrs
+
+    from search_space.templates.cuda.rope import frequency_table
+
+    attrs = rope_attrs(10000.0, "longrope", short_factor=[1.0 + i / 8 for i in range(64)], attention_factor=1.19)
+    inputs = []
+    for op in ("rope", "rope_append", "rope_append_attention"):
+        template = get_template(op, "cuda")
+        for dtype in template.dtypes:
+            task = Task.make(op, template.example_shape, dtype, attrs=attrs, dynamic=template.dynamic_dims)
+            default = template.default(task, SM90)
+            code = template.render(task, default, SM90).code
+            assert frequency_table(task, template.attrs(task)) in code
+            assert "// longrope's attention factor" in code and "constexpr float ROPE_SCALE = 1.19f;" in code
+            inputs.append(MeasureInput(task, default, SM90))
+    with LocalBuilder(n_parallel=2, timeout_s=300) as builder:
+        builds = builder.build(inputs)
+    failures = [(i.task.key, str(i.config), b.error.name, b.message) for i, b in zip(inputs, builds)
+                if b.error != MeasureError.NO_ERROR]
+    assert not failures, failures

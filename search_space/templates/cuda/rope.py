@@ -5,12 +5,12 @@ dims i of the low half of one head's row and the matching dims i + D/2 of the hi
 numbered so that consecutive threads move consecutive 16-byte vectors of each half.
 Items per thread are a compile-time count (H, D static), unrolled.
 
-Angles: a = P[t] * f_i with f_i = theta^(-2i/D) (or its linear / llama3 / yarn scaling) from a
+Angles: a = P[t] * f_i with f_i = theta^(-2i/D) (or its linear / llama3 / yarn / longrope scaling) from a
 float64 table compiled in (``runtime.rope_frequencies``: the numbers the reference uses),
 multiplied in float64 and reduced to [-pi, pi] in float64, so that __sincosf (absolute
 error 2^-21.4 there) stays accurate at positions of many thousands where a float32 product
-alone would be off by 1e-4. A yarn rope's cos and sin are then multiplied by its attention
-factor (``rotation_scale``, as transformers' rotary embedding does); every other rope's source
+alone would be off by 1e-4. A yarn or longrope rope's cos and sin are then multiplied by its
+attention factor (``rotation_scale``, as transformers' rotary embedding does); every other rope's source
 has no such multiply (``rope_code``: the same source, the same compiled-kernel cache key).
 ``trig = shared``: the block computes cos/sin once per (token, i) into shared memory and
 every head reuses them; ``trig = registers``: each thread computes its own.
@@ -51,9 +51,9 @@ def frequency_table(task: Task, attrs) -> str:
 
 def rope_code(task: Task, attrs) -> str:
     """``frequency_table`` and the ``rope_angle`` device function of a rope's attributes (after
-    ``HALF``): ``ROPE_ANGLE`` as it is where the rotation scale is 1 (every rope type but yarn), else
-    with cos and sin multiplied by ``ROPE_SCALE``, yarn's attention factor (``rotation_scale``).
-    Every rope kernel takes its angles from here."""
+    ``HALF``): ``ROPE_ANGLE`` as it is where the rotation scale is 1 (every rope type but yarn and
+    longrope), else with cos and sin multiplied by ``ROPE_SCALE``, their attention factor
+    (``rotation_scale``). Every rope kernel takes its angles from here."""
     scale = rotation_scale(attrs)
     if scale == 1.0:
         return frequency_table(task, attrs) + ROPE_ANGLE
@@ -61,7 +61,7 @@ def rope_code(task: Task, attrs) -> str:
         "&s, &c);\n}", "&s, &c);\n  c *= ROPE_SCALE;\n  s *= ROPE_SCALE;\n}")
     assert scaled != ROPE_ANGLE
     return (frequency_table(task, attrs)
-            + "// yarn's attention factor: cos and sin times it (transformers' attention_scaling)\n"
+            + f"// {attrs['rope_type']}'s attention factor: cos and sin times it (transformers' attention_scaling)\n"
             f"constexpr float ROPE_SCALE = {float(scale)!r}f;\n" + scaled)
 
 
