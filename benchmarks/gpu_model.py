@@ -131,7 +131,8 @@ class TorchLlama:
         from runtime.rope_frequencies import inverse_frequencies, rotation_scale_of
 
         self.torch, self.c, self.weight, self.dtype = torch, config, weight, dtype
-        freqs = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_type, **config.rope_scaling)
+        # over the rotary dims: the first c.rotary_dim of a head (partial rotary), all of it elsewhere
+        freqs = inverse_frequencies(config.rotary_dim, config.rope_theta, config.rope_type, **config.rope_scaling)
         self.freqs = torch.tensor(freqs, dtype=torch.float64, device=DEVICE)
         local = inverse_frequencies(config.head_dim, config.local_rope_theta) if config.local_layers else freqs
         self.local_freqs = torch.tensor(local, dtype=torch.float64, device=DEVICE)  # Gemma 3's sliding layers'
@@ -146,9 +147,9 @@ class TorchLlama:
         scale = 1.0 if local else self.scale
         angle = positions.to(torch.float64)[:, None] * freqs[None, :]
         cos, sin = (angle.cos() * scale).to(x.dtype)[:, None, :], (angle.sin() * scale).to(x.dtype)[:, None, :]
-        half = x.shape[-1] // 2
-        lo, hi = x[..., :half], x[..., half:]
-        return torch.cat([lo * cos - hi * sin, hi * cos + lo * sin], dim=-1)
+        half = freqs.shape[0]  # partial rotary: dims 2 half .. D - 1 pass through
+        lo, hi, passed = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+        return torch.cat([lo * cos - hi * sin, hi * cos + lo * sin, passed], dim=-1)
 
     def _norm(self, x, name):
         torch = self.torch

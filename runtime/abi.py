@@ -100,7 +100,7 @@ class ArgSpec:
 # the caller spelled it. Only true defaults: rope's scaling parameters (factor, ...) have none, the
 # rope types that take them need every one (``runtime.rope_frequencies``).
 _FUSIONS = {"norm": "none", "eps": 1e-5, "residual": False, "act": "none"}
-_ROPE = {"theta": 10000.0, "rope_type": "default"}
+_ROPE = {"theta": 10000.0, "rope_type": "default", "rotary_dim": 0}  # rotary_dim 0: the whole head
 ATTR_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({op: MappingProxyType(attrs) for op, attrs in {
     "gemm": {"weight": "same"},
     "gemv": {"weight": "same", **_FUSIONS},

@@ -39,7 +39,7 @@ from typing import Any, Mapping
 
 from .rope_frequencies import PARAMETERS as ROPE_PARAMETERS
 from .rope_frequencies import (ROPE_TYPES, factors_problem, longrope_attention_factor, rope_attrs, rope_problem,
-                               yarn_attention_factor)
+                               rotary_dim_problem, yarn_attention_factor)
 
 # The decoder is Llama's (RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU), with
 # projection biases where the config says. Mistral is the same network plus an optional
@@ -109,6 +109,8 @@ READ_FIELDS = frozenset({
     "no_rope_layers", "no_rope_layer_interval",
     # Phi-3's: the context its longrope scaling was trained at; any other rope ignores it (checked: phi3 only)
     "original_max_position_embeddings",
+    # Phi-4-mini's: the share of each head that is rotated (phi3 only: _partial_rotary_factor)
+    "partial_rotary_factor",
     # Granite's scalars (granite only: _GRANITE_FIELDS)
     "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
     # an int4 checkpoint's, GPTQ or AWQ (_int4_checkpoint)
@@ -201,6 +203,9 @@ class ModelConfig:
     # to_hf_dict, such sequences refused (positions_problem)
     rope_short_factor: tuple[float, ...] | None = None
     rope_long_factor: tuple[float, ...] | None = None
+    # Phi-4-mini's 0.75: only the first int(head_dim * this) dims of a head are rotated (``rotary_dim``),
+    # the rest pass through
+    partial_rotary_factor: float = 1.0
     # projection biases: q/k/v (Qwen2; Llama's attention_bias), o (Llama's attention_bias),
     # gate/up/down (Llama's mlp_bias)
     qkv_bias: bool = False
@@ -313,10 +318,16 @@ class ModelConfig:
         if stray:
             raise ValueError(f"model {self.name}: {stray[0]} = {getattr(self, stray[0])!r} does not apply to "
                              f"rope_type {self.rope_type!r}")
-        problem = rope_problem(self.rope_type, self.rope_scaling, self.head_dim)
+        factor = self.partial_rotary_factor
+        if not (_is_number(factor) and math.isfinite(factor)) or rotary_dim_problem(self.rotary_dim, self.head_dim):
+            raise ValueError(f"model {self.name}: partial_rotary_factor = {factor!r} does not give an even rotary dim "
+                             f"in 2 .. head_dim = {self.head_dim} (int(head_dim * factor), as transformers computes it)")
+        if self.rotary_dim < self.head_dim and self.local_layers:  # their rope (layer_rope_attrs) has no rotary_dim
+            raise ValueError(f"model {self.name}: partial_rotary_factor = {factor!r} with local layers is not implemented")
+        problem = rope_problem(self.rope_type, self.rope_scaling, self.rotary_dim)
         if self.rope_type == "longrope" and not problem:
             context = self.rope_original_max_position_embeddings
-            problem = (factors_problem("long_factor", self.rope_long_factor, self.head_dim)
+            problem = (factors_problem("long_factor", self.rope_long_factor, self.rotary_dim)
                        or (None if _positive_int(context) else
                            f"original_max_position_embeddings = {context!r} is not a positive integer"))
         if problem:
@@ -361,10 +372,18 @@ class ModelConfig:
                 if getattr(self, _ROPE_FIELDS[p]) is not None}
 
     @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each head that are rotated: transformers' int(head_dim * partial_rotary_factor)."""
+        return int(self.head_dim * self.partial_rotary_factor) if _is_number(self.partial_rotary_factor) else 0
+
+    @property
     def rope_attrs(self) -> dict[str, Any]:
         """The rope kernel's attributes: ``{"theta": ...}`` for a default rope, plus the type and
-        its parameters for a scaled one."""
-        return rope_attrs(self.rope_theta, self.rope_type, **self.rope_scaling)
+        its parameters for a scaled one, and ``rotary_dim`` for a partial rotary."""
+        attrs = rope_attrs(self.rope_theta, self.rope_type, **self.rope_scaling)
+        if self.rotary_dim < self.head_dim:
+            attrs["rotary_dim"] = self.rotary_dim
+        return attrs
 
     def positions_problem(self, positions: int) -> str | None:
         """Why a sequence of ``positions`` positions (the last one's index + 1) is not computed as
@@ -445,14 +464,14 @@ class ModelConfig:
             return {**float_config.to_hf_dict(), "quantization_config": self._int4_hf_dict()}
         data = asdict(self)
         data.pop("name")
-        for field in ("multimodal", "int4_format", "int4_group_size", "int4_zero_points", "rope_type", *_ROPE_FIELDS.values(), "qkv_bias", "o_bias",
+        for field in ("multimodal", "int4_format", "int4_group_size", "int4_zero_points", "rope_type", *_ROPE_FIELDS.values(), "partial_rotary_factor", "qkv_bias", "o_bias",
                       "mlp_bias", "qk_norm", "qk_norm_span", *_GRANITE_FIELDS, "activation", "offset_norms",
                       "post_norms", "pre_norms", "local_layers", "local_rope_theta", "nope_layers", "attn_softcap",
                       "final_softcap"):
             data.pop(field)
         if (self.attn_softcap or self.final_softcap) and not self.offset_norms:
             raise ValueError(f"model {self.name}: soft-capping outside a Gemma has no config.json this runtime reads")
-        if self.rope_type == "longrope":
+        if self.rope_type == "longrope" or self.partial_rotary_factor != 1.0:
             return self._phi3_hf_dict(data)
         if not self.pre_norms or self.qk_norm_span != "head":
             return self._olmo_hf_dict(data)
@@ -509,22 +528,28 @@ class ModelConfig:
         return data
 
     def _phi3_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
-        """``to_hf_dict`` of a model with longrope scaling: Phi-3's (Llama's network with an optional
-        window; the one family whose longrope this runtime reads), the original context at the top
-        level as Phi-3 writes it; refused for a model that is not otherwise Phi-3's."""
+        """``to_hf_dict`` of a model with longrope scaling or a partial rotary: Phi-3's (Llama's network
+        with an optional window; the one family whose longrope and partial rotary this runtime reads),
+        the original context and partial_rotary_factor at the top level as Phi-3 and Phi-4-mini write
+        them; refused for a model that is not otherwise Phi-3's."""
         plain = not (self.qkv_bias or self.o_bias or self.mlp_bias or self.qk_norm or self.scaled
                      or self.attention_multiplier is not None or self.local_layers or self.nope_layers
                      or self.activation != "silu" or self.post_norms or not self.pre_norms)
-        if not plain:
-            raise ValueError(f"model {self.name}: longrope (Phi-3's) with biases, head norms, Granite's scalars, "
-                             "Gemma's or OLMo's norms or layers of their own has no config.json this runtime reads")
+        if not plain or self.rope_type not in ("default", "longrope"):  # Phi3Config's rope types
+            raise ValueError(f"model {self.name}: longrope or a partial rotary (Phi-3's) with biases, head norms, "
+                             "Granite's scalars, Gemma's or OLMo's norms, layers of their own or another rope type "
+                             "has no config.json this runtime reads")
         if self.sliding_window is None:
             data.pop("sliding_window")
-        # lists, as json.loads gives them and Phi3Config checks them to be
-        scaling = {"rope_type": "longrope", "short_factor": list(self.rope_short_factor),
-                   "long_factor": list(self.rope_long_factor), "attention_factor": self.rope_attention_factor}
-        data.update(model_type="phi3", architectures=[FAMILIES["phi3"]], hidden_act="silu", rope_scaling=scaling,
-                    original_max_position_embeddings=self.rope_original_max_position_embeddings)
+        data.update(model_type="phi3", architectures=[FAMILIES["phi3"]], hidden_act="silu")
+        if self.partial_rotary_factor != 1.0:
+            data["partial_rotary_factor"] = self.partial_rotary_factor
+        if self.rope_type == "longrope":
+            # lists, as json.loads gives them and Phi3Config checks them to be
+            data["rope_scaling"] = {"rope_type": "longrope", "short_factor": list(self.rope_short_factor),
+                                    "long_factor": list(self.rope_long_factor),
+                                    "attention_factor": self.rope_attention_factor}
+            data["original_max_position_embeddings"] = self.rope_original_max_position_embeddings
         return data
 
     def _olmo_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -646,7 +671,12 @@ class ModelConfig:
             counts = _positive_int(data["hidden_size"]) and _positive_int(heads)
             head_dim = data["hidden_size"] // heads if counts else 0
         positions = _or(data.get("max_position_embeddings"), _ABSENT_POSITIONS[family])
-        rope_type, scaling = _rope_scaling(data, where, positions, family, head_dim)
+        partial = _partial_rotary_factor(data, family, where)
+        rotary_dim = int(head_dim * partial) if _positive_int(head_dim) else head_dim
+        if _positive_int(head_dim) and rotary_dim_problem(rotary_dim, head_dim):
+            raise ValueError(f"{where}: partial_rotary_factor = {partial!r} gives a rotary dim of int({head_dim} x "
+                             f"{partial!r}) = {rotary_dim}, not an even number in 2 .. head_dim = {head_dim}")
+        rope_type, scaling = _rope_scaling(data, where, positions, family, rotary_dim)
         # they'd need it too (Gemma 3's and OLMo 3's sliding layers have a rope of their own)
         if scalars.get("local_layers") and family not in ("gemma3_text", "olmo3") and rope_type != "default":
             raise ValueError(f"{where}: rope scaling {rope_type!r} with a sliding window in some layers is not "
@@ -663,7 +693,7 @@ class ModelConfig:
                    tie_word_embeddings=_flag(data, "tie_word_embeddings", where,
                                              family in (*_GEMMA_FAMILIES, "smollm3")),
                    max_position_embeddings=_or(data.get("max_position_embeddings"), _ABSENT_POSITIONS[family]),
-                   sliding_window=window, rope_type=rope_type,
+                   sliding_window=window, rope_type=rope_type, partial_rotary_factor=partial,
                    **{_ROPE_FIELDS[p]: v for p, v in scaling.items()}, **biases,
                    **{"qk_norm": family == "qwen3", **scalars}, nope_layers=_nope_layers(data, family, where))
 
@@ -724,6 +754,11 @@ def _layer_count(data: Mapping[str, Any], where: str) -> int:
     if layers > MAX_LAYERS:
         raise ValueError(f"{where}: num_hidden_layers = {layers} is more than {MAX_LAYERS} layers")
     return layers
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float (not a bool, though Python says it is an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _positive_int(value: Any) -> bool:
@@ -1091,6 +1126,27 @@ def _nope_layers(data: Mapping[str, Any], family: str, where: str) -> tuple[int,
     return tuple(i for i in range(layers) if (i + 1) % interval == 0)
 
 
+def _partial_rotary_factor(data: Mapping[str, Any], family: str, where: str) -> float:
+    """The share of each head that is rotated: Phi3Config's partial_rotary_factor, from rope_scaling
+    or rope_parameters, else the top level (Phi-4-mini's), else 1. Other families' rotary embeddings
+    do not apply it (transformers' Llama rotates every dim whatever it says, its scaled ropes fail):
+    there any value but 1 is refused (in rope_scaling or rope_parameters by ``_rope_scaling``)."""
+    given = {f"{field}.partial_rotary_factor": data[field]["partial_rotary_factor"]
+             for field in ("rope_scaling", "rope_parameters")
+             if isinstance(data.get(field), dict) and "partial_rotary_factor" in data[field]}
+    if "partial_rotary_factor" in data:
+        given["partial_rotary_factor"] = data["partial_rotary_factor"]
+    for key, value in given.items():
+        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{where}: {key} = {_show(value)} is not a positive number")
+        if family != "phi3" and value != 1:
+            raise ValueError(f"{where}: {key} = {_show(value)} is implemented for Phi-3 (model_type 'phi3') only: "
+                             f"transformers' {FAMILIES[family]} does not apply it")
+    if len(set(given.values())) > 1:
+        raise ValueError(f"{where}: {' and '.join(f'{k} = {_show(v)}' for k, v in given.items())} disagree")
+    return float(next(iter(given.values()), 1.0))
+
+
 def _check_phi3_fields(data: Mapping[str, Any], family: str, where: str) -> None:
     """Phi-3's top-level ``original_max_position_embeddings``: only its longrope scaling reads it
     (``_longrope_defaults``), so any count passes here; other families keep it inside their rope
@@ -1164,9 +1220,11 @@ def _rope_scaling(data: Mapping[str, Any], where: str, positions: int | None = N
         takes = _CONFIG_ROPE_PARAMETERS[kind]
         allowed = ({*_ROPE_TYPE_KEYS, *takes} | ({"rope_theta"} if field == "rope_parameters" else set())
                    | set(_ATTENTION_FACTOR_INPUTS.get(kind, ())))
-        # a partial rotary factor of 1 rotates every dim: what this runtime computes (Phi3Config writes it)
+        # a partial rotary factor of 1 rotates every dim (Phi3Config writes it); Phi-3's any other,
+        # read and checked by _partial_rotary_factor
         extra = sorted(k for k in spec if k not in allowed
-                       and not (k == "partial_rotary_factor" and spec[k] == 1 and not isinstance(spec[k], bool)))
+                       and not (k == "partial_rotary_factor"
+                                and (family == "phi3" or spec[k] == 1 and not isinstance(spec[k], bool))))
         if extra:
             raise ValueError(f"{where}: {field}.{extra[0]} = {_show(spec[extra[0]])} is not implemented for rope "
                              f"type {kind!r}; supported: {', '.join(sorted(allowed))}")

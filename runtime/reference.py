@@ -35,9 +35,13 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
 
 
 def rotate(x: np.ndarray, positions: np.ndarray, theta: float, rope_type: str = "default",
-           **scaling: float | int) -> np.ndarray:
+           rotary_dim: int | None = None, **scaling: float | int) -> np.ndarray:
     """Rotary embedding of x[..., T, heads, D] at ``positions`` [T] (angles in float64);
-    ``rope_type`` and ``scaling`` as ``runtime.rope_frequencies.inverse_frequencies`` takes them."""
+    ``rope_type`` and ``scaling`` as ``runtime.rope_frequencies.inverse_frequencies`` takes them.
+    ``rotary_dim`` (partial rotary): only the first that many dims turn, the rest pass through."""
+    if rotary_dim is not None and rotary_dim < x.shape[-1]:
+        turned = rotate(x[..., :rotary_dim], positions, theta, rope_type, **scaling)
+        return np.concatenate([turned, x[..., rotary_dim:]], axis=-1)
     dim = x.shape[-1]
     half = dim // 2
     freqs = inverse_frequencies(dim, theta, rope_type, **scaling)
@@ -130,7 +134,7 @@ class ReferenceModel:
             elif layer in c.local_layers:  # Gemma 3's sliding layers: the default rope of their own base
                 q, k = (rotate(t, positions, c.local_rope_theta) for t in (q, k))
             else:
-                q, k = (rotate(t, positions, c.rope_theta, c.rope_type, **c.rope_scaling) for t in (q, k))
+                q, k = (rotate(t, positions, c.rope_theta, c.rope_type, c.rotary_dim, **c.rope_scaling) for t in (q, k))
             k_cache, v_cache = caches[layer]
             k_cache[:, :, start:start + t] = k.transpose(0, 2, 1, 3)
             v_cache[:, :, start:start + t] = v.transpose(0, 2, 1, 3)

@@ -30,6 +30,11 @@ same numbers. The rope types are those of transformers' ``rope_type``:
   runs past the original context; that switch is no kernel's: the config parser keeps the long
   factors and the runtime refuses such sequences (``ModelConfig.positions_problem``).
 
+Partial rotary (transformers' ``partial_rotary_factor``: Phi-4-mini's 0.75): only the first
+R = int(head_dim * factor) dims of a head are rotated, as a head of R dims (D above is R: R/2
+frequencies, pairs (i, i + R/2), longrope's factors R/2 long); dims R .. head_dim pass through.
+Kernels take R as the attribute ``rotary_dim`` (0, the default, for all of the head).
+
 A rope is described by flat, JSON-able attributes (they are kernel attributes and go into
 tuning records): ``theta``, and for a scaled rope ``rope_type`` plus the parameters its type
 takes (``PARAMETERS``): numbers, a bool, and longrope's ``short_factor``, a tuple of numbers (a
@@ -68,14 +73,14 @@ def _positive_number(value: Any) -> bool:
 
 
 def factors_problem(key: str, value: Any, head_dim: int | None = None) -> str | None:
-    """Why ``value`` is not a list (or tuple) of positive numbers, one per rotary pair of a
-    ``head_dim`` head where that is known (longrope's ``short_factor`` and ``long_factor``), in a
+    """Why ``value`` is not a list (or tuple) of positive numbers, one per rotary pair of
+    ``head_dim`` rotary dims (a head's, or the rotated part of it) where that is known (longrope's ``short_factor`` and ``long_factor``), in a
     few words that begin with ``key``; None when it is."""
     if not isinstance(value, (list, tuple)) or not value or not all(map(_positive_number, value)):
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
         return f"{key} = {shown} is not a list of positive numbers"
     if head_dim is not None and len(value) != head_dim // 2:
-        return (f"{key} has length {len(value)}; a head of {head_dim} dims has {head_dim // 2} rotary pairs, "
+        return (f"{key} has length {len(value)}; {head_dim} rotary dims make {head_dim // 2} rotary pairs, "
                 "one factor each")
     return None
 
@@ -245,12 +250,29 @@ def rope_attrs(theta: float, rope_type: str = "default", **params: float | int) 
     return attrs
 
 
+def rotary_dim_problem(rotary_dim: Any, head_dim: int) -> str | None:
+    """Why ``rotary_dim`` (the leading dims of a head that are rotated) is not an even integer in
+    2 .. ``head_dim``, in a few words that begin with ``rotary_dim``; None when it is."""
+    if (not isinstance(rotary_dim, int) or isinstance(rotary_dim, bool) or rotary_dim % 2
+            or not 2 <= rotary_dim <= head_dim):
+        return f"rotary_dim = {rotary_dim!r} is not an even integer in 2 .. {head_dim} (the head dim)"
+    return None
+
+
+def rotary_dim_of(head_dim: int, attrs: Mapping[str, Any]) -> int:
+    """The dims a rope kernel rotates, the first of each head: its ``rotary_dim`` attribute, where
+    0 (the default) means all ``head_dim`` (partial rotary: transformers' ``partial_rotary_factor``,
+    Phi-4-mini's; the dims past it pass through unchanged)."""
+    return attrs.get("rotary_dim") or head_dim
+
+
 def frequencies_of_attrs(head_dim: int, attrs: Mapping[str, Any]) -> np.ndarray:
     """``inverse_frequencies`` of a rope kernel's attributes (with the operator's defaults
-    filled in: only the parameters of its rope type are read)."""
+    filled in: only the parameters of its rope type are read), over its rotary dims
+    (``rotary_dim_of``): rotary_dim / 2 of them."""
     rope_type = attrs.get("rope_type", "default")
     params = {key: attrs[key] for key in PARAMETERS.get(rope_type, ()) if key in attrs}
-    return inverse_frequencies(head_dim, attrs["theta"], rope_type, **params)
+    return inverse_frequencies(rotary_dim_of(head_dim, attrs), attrs["theta"], rope_type, **params)
 
 
 def rotation_scale_of(rope_type: str, params: Mapping[str, Any]) -> float:

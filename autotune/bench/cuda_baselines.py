@@ -217,10 +217,7 @@ def _rope(torch, task, t, template):
     d = task.dims["D"]
     cos, sin = _cos_sin(torch, template.attrs(task), d, p, x.dtype, "cuda")  # T, 1, D
 
-    def rope():
-        lo, hi = x[..., : d // 2], x[..., d // 2:]
-        return x * cos + torch.cat([-hi, lo], dim=-1) * sin
-    return "eager torch rotate-half (HF Llama)", rope
+    return "eager torch rotate-half (HF Llama)", lambda: _rotate_half(torch, x, cos, sin)
 
 
 @baseline("attention_prefill")
@@ -274,18 +271,23 @@ def _cos_sin(torch, attrs, dim: int, positions, dtype, device):
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
+def _rotate_half(torch, x, cos, sin):
+    """HF's rotate-half of x by the tables: its first cos.shape[-1] dims, the rest as they are (a
+    partial rotary, as transformers' Phi-3 applies it)."""
+    rotary = cos.shape[-1]
+    turned = x[..., :rotary]
+    lo, hi = turned[..., : rotary // 2], turned[..., rotary // 2:]
+    rotated = turned * cos + torch.cat([-hi, lo], dim=-1) * sin
+    return rotated if rotary == x.shape[-1] else torch.cat([rotated, x[..., rotary:]], dim=-1)
+
+
 def _rotation(torch, task, template, qkv, positions):
     """The rotate-half (HF Llama) of the projection's q and k rows at ``positions``, as a call:
     the cos and sin tables are made once, here."""
     d = task.dims
     heads, dim = d["H"] + d["HKV"], d["D"]
     cos, sin = _cos_sin(torch, template.attrs(task), dim, positions, qkv.dtype, qkv.device)  # B, 1, D
-
-    def rotated():
-        x = qkv[:, :heads]
-        lo, hi = x[..., : dim // 2], x[..., dim // 2:]
-        return x * cos + torch.cat([-hi, lo], dim=-1) * sin
-    return rotated
+    return lambda: _rotate_half(torch, qkv[:, :heads], cos, sin)
 
 
 @baseline("kv_append")

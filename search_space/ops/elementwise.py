@@ -14,7 +14,9 @@ template reads):
   for i < D/2, f_i = theta^(-2i/D) (rescaled for ``rope_type`` linear, llama3, yarn or longrope,
   see ``runtime.rope_frequencies``), a = P[t] * f_i, c = s cos a, n = s sin a with s the
   ``attention_factor`` of yarn and longrope (1 for the other types, ``rotation_scale``):
-  Y[i] = X[i] c - X[i + D/2] n,  Y[i + D/2] = X[i + D/2] c + X[i] n.
+  Y[i] = X[i] c - X[i + D/2] n,  Y[i + D/2] = X[i + D/2] c + X[i] n. With ``rotary_dim`` R
+  (partial rotary, 0 for D) the first R dims of each head are rotated so (D read as R) and
+  dims R .. D - 1 are copied.
 - ``swiglu``:    G[M,N], U[M,N] -> Y = silu(G) * U, silu(g) = g / (1 + exp(-g)).
 - ``gelu``:      X[M,N] -> Y = 0.5 X (1 + tanh(sqrt(2/pi) (X + 0.044715 X^3))).
 - ``geglu``:     G[M,N], U[M,N] -> Y = gelu(G) * U, gelu as above (Gemma's gated MLP).
@@ -36,7 +38,8 @@ import math
 import numpy as np
 
 from runtime.abi import ATTR_DEFAULTS
-from runtime.rope_frequencies import ROPE_TYPES, SCALING_KEYS, frequencies_of_attrs, rope_problem, rotation_scale
+from runtime.rope_frequencies import (ROPE_TYPES, SCALING_KEYS, frequencies_of_attrs, rope_problem, rotary_dim_of,
+                                     rotary_dim_problem, rotation_scale)
 
 from ..task import Task
 from ..template import ArgSpec, Operator, register_operator
@@ -299,16 +302,22 @@ def check_rope(op: str, task: Task) -> None:
     theta = attrs.get("theta", RopeOp.default_attrs["theta"])
     if theta <= 0:  # a finite number: Operator.check, which every caller runs first, refuses anything else
         raise ValueError(f"{op}: theta = {theta!r} is not a positive number")
-    problem = rope_problem(attrs.get("rope_type", "default"), {k: v for k, v in attrs.items() if k in SCALING_KEYS},
-                           task.dims["D"])
+    rotary_dim = attrs.get("rotary_dim", 0)
+    problem = (rotary_dim and rotary_dim_problem(rotary_dim, task.dims["D"])) or rope_problem(
+        attrs.get("rope_type", "default"), {k: v for k, v in attrs.items() if k in SCALING_KEYS},
+        rotary_dim_of(task.dims["D"], attrs))
     if problem:
         raise ValueError(f"{op}: {problem}")
 
 
 def rotate_half(x: np.ndarray, positions: np.ndarray, freqs: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """Rotate-half RoPE of x[T, heads, D] at positions[T], pair i turning by position * freqs[i],
-    cos and sin multiplied by ``scale`` (yarn's or longrope's attention factor, ``rotation_scale``)."""
-    half = x.shape[-1] // 2
+    cos and sin multiplied by ``scale`` (yarn's or longrope's attention factor, ``rotation_scale``).
+    The first 2 len(freqs) dims are rotated (pairs (i, i + len(freqs))), the rest pass through
+    (partial rotary)."""
+    half = len(freqs)
+    if 2 * half < x.shape[-1]:
+        return np.concatenate([rotate_half(x[..., :2 * half], positions, freqs, scale), x[..., 2 * half:]], axis=-1)
     dtype = np.float64 if x.dtype == np.float64 else np.float32
     angle = (positions.astype(np.float64)[:, None] * freqs[None, :]).astype(dtype)[:, None, :]  # T,1,D/2
     cos, sin = np.cos(angle), np.sin(angle)
@@ -344,7 +353,9 @@ class RopeOp(Operator):
         "truncate": "yarn (required; transformers' default true): round the blended band's ends out to whole pairs",
         "attention_factor": "yarn, longrope (required; from factor or mscale as transformers computes it): cos and "
                             "sin are multiplied by it, so the rotated vectors come out scaled by it",
-        "short_factor": "longrope (required): D/2 positive numbers, pair i's frequency divided by the i-th (the "
+        "rotary_dim": "partial rotary (Phi-4-mini): only the first rotary_dim dims of a head are rotated (an even "
+                      "number, pairs (i, i + rotary_dim/2)), the rest pass through; 0: all D",
+        "short_factor": "longrope (required): rotary_dim/2 (D/2) positive numbers, pair i's frequency divided by the i-th (the "
                         "factors transformers applies within the original context)",
     }
     example_shape = {"T": 512, "H": 32, "D": 128}

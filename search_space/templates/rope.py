@@ -7,6 +7,8 @@ and longrope (``rotation_scale``; no multiply where it is 1, every other rope ty
 thousands of radians (positions x frequencies near 1), where a float32 angle is already off by 1e-4: the angle is formed
 and reduced in float64 (``KernelBuilder.sincos``), the frequencies are float64 constants
 computed at render time like the reference does, and only the reduced angle is float32.
+With ``rotary_dim`` R < D (partial rotary) D above reads R, and dims R .. D - 1 of each head are
+copied.
 
 The ``table`` knob: ``per_token`` computes cos and sin of every (token, frequency) once,
 into the calling thread's share of a workspace, and reuses them for all H heads (the
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import llvmlite.ir as ir
 
-from runtime.rope_frequencies import frequencies_of_attrs, rotation_scale
+from runtime.rope_frequencies import frequencies_of_attrs, rotary_dim_of, rotation_scale
 
 from ..codegen import llvm as cg
 from ..ops.elementwise import RopeOp
@@ -46,8 +48,8 @@ class RopeCpu(RopeOp, Template):
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
-        t, h, d = task.dims["T"], task.dims["H"], task.dims["D"]
-        half = d // 2
+        t, h = task.dims["T"], task.dims["H"]
+        half = rotary_dim_of(task.dims["D"], self.attrs(task)) // 2
         knobs = [rw.vec_knob(target, half), rw.unroll_knob(half),
                  Knob("heads", tuple(v for v in HEAD_BLOCKS if v == 1 or v <= h)),
                  rw.threads_knob(target), rw.stores_knob(task, target), Knob("table", TABLES)]
@@ -87,14 +89,15 @@ class RopeCpu(RopeOp, Template):
     def workspace(self, task: Task, config: Config) -> tuple[ArgSpec, ...]:
         if config["table"] != "per_token":
             return ()
-        nbytes = 4 * 2 * padded(task.dims["D"] // 2) * config["threads"]  # cos and sin rows, per thread
+        nbytes = 4 * 2 * padded(rotary_dim_of(task.dims["D"], self.attrs(task)) // 2) * config["threads"]  # cos and sin rows, per thread
         return (ArgSpec("TABLE", "workspace", "float32", nbytes=nbytes),)
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
         c = config.as_dict()
         h, d = task.dims["H"], task.dims["D"]
-        half, width = d // 2, padded(d // 2)
+        rotary = rotary_dim_of(d, self.attrs(task))  # the first rotary dims turn, the rest are copied
+        half, width = rotary // 2, padded(rotary // 2)
         lanes, unroll, heads = c["vec"], c["unroll"], c["heads"]
         streaming = c["stores"] == "streaming"
         # the reference's frequencies, bit for bit: float64, scaled as the rope type says
@@ -162,6 +165,14 @@ class RopeCpu(RopeOp, Template):
                     rw.vector_loop(kb, half, lanes, unroll, rotate(first, heads))
             for k in range(whole * heads, h):
                 rw.vector_loop(kb, half, lanes, unroll, rotate(cg.i64(k), 1))
+            if rotary < d:  # partial rotary: the dims past it pass through
+                with kb.loop(0, h, 1, name="hp") as head:
+                    row = b.add(b.mul(b.add(b.mul(t, cg.i64(h)), head), cg.i64(d)), cg.i64(rotary))
+
+                    def copy(off, _u, count) -> None:
+                        at = b.add(row, off)
+                        rw.store(kb, rw.load(kb, a["X"], at, lanes, count), a["Y"], at, count, streaming)
+                    rw.vector_loop(kb, d - rotary, lanes, 1, copy)
 
         return rw.build_row_kernel("rope", task, args, "T", 1, c["threads"], token, prepare=prepare,
                                    streaming=streaming)

@@ -43,7 +43,7 @@ def run_refused(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
     (["tune", "--op", "rope", "--shape", "T=1,H=1,D=4", "--attr", "rope_type=longrope", "--attr", "short_factor=2"],
      "--attr short_factor=2: expected a list like []"),
     (["tune", "--op", "rope", "--shape", "T=1,H=1,D=4", "--attr", "rope_type=longrope", "--attr", "short_factor=[1]",
-      "--attr", "attention_factor=1.2"], "short_factor has length 1; a head of 4 dims has 2 rotary pairs"),
+      "--attr", "attention_factor=1.2"], "short_factor has length 1; 4 rotary dims make 2 rotary pairs"),
     (["best", "--log", "/no/such/log.jsonl"], "does not exist"),
     (["ops", "--target", "tpu"], "unknown target"),
     # one of the two was ignored without a word

@@ -333,7 +333,7 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**LLAMA3_5X, "rope_parameters": {"rope_type": "something-new", "rope_theta": 1e4}}, "'something-new'"),
     ({**LLAMA2_4X, "rope_scaling": {"factor": 2.0}}, "rope_scaling = {\"factor\": 2.0} names no rope type"),
     ({**LLAMA3_5X, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
-     "rope_parameters.partial_rotary_factor = 0.5 is not implemented"),
+     "rope_parameters.partial_rotary_factor = 0.5 is implemented for Phi-3 (model_type 'phi3') only"),
     ({**LLAMA3_4X, "rope_parameters": {"rope_theta": 10000.0}}, "rope_theta = 500000 and rope_parameters.rope_theta"),
     ({**QWEN2, "use_sliding_window": True, "max_window_layers": 12, "rope_scaling": {"rope_type": "linear",
                                                                                     "factor": 2.0}},
@@ -395,8 +395,10 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
      "names the repository's own model code, which may compute something else and which this runtime cannot "
      "check; a copy of the config.json without auto_map runs as transformers' Phi3ForCausalLM"),
     ({**PHI4, "rope_scaling": {"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}},
-     "rope_scaling.short_factor has length 1; a head of 128 dims has 64 rotary pairs, one factor each"),
-    ({**PHI4, "partial_rotary_factor": 0.75}, "unknown field partial_rotary_factor = 0.75"),
+     "rope_scaling.short_factor has length 1; 128 rotary dims make 64 rotary pairs, one factor each"),
+    ({**LLAMA3_5X, "partial_rotary_factor": 0.75},
+     "partial_rotary_factor = 0.75 is implemented for Phi-3 (model_type 'phi3') only: transformers' LlamaForCausalLM "
+     "does not apply it"),
     ({**LLAMA3_4X, "original_max_position_embeddings": 8192}, "original_max_position_embeddings = 8192 at the "
                                                               "top level is a Phi-3 field"),
     ({**PHI4, "original_max_position_embeddings": "4k"}, "original_max_position_embeddings = '4k' is not a "
@@ -435,7 +437,7 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
         "smollm3-window", "smollm3-mrope", "gemma3-layer-kind", "gemma3-pattern", "gemma3-pattern-list", "gemma3-patterns-disagree",
         "gemma3-too-many-layers", "gemma3-local-scaling", "gemma3-rope-key",
         "classifier", "mistral-bias",
-        "qwen2-mlp-bias", "qwen3-mlp-bias", "qwen3-window", "phi3-auto-map", "phi3-longrope", "phi4-mini-partial",
+        "qwen2-mlp-bias", "qwen3-mlp-bias", "qwen3-window", "phi3-auto-map", "phi3-longrope", "llama-partial",
         "phi3-field", "phi3-bad-context", "mrope", "mrope-field", "granite-field", "granite-zero", "granite-null", "bias-not-a-flag", "gelu", "pretraining-tp", "rope-interleaved", "rope-interleaved-not-a-flag", "eps-null", "quantized", "custom-code", "bad-window",
         "theta-string", "theta-infinite", "nested-theta-infinite", "theta-zero", "eps-infinite", "eps-nan"])
 def test_a_field_that_is_not_implemented_is_refused_by_name(data, message):
@@ -1051,7 +1053,7 @@ _PHI35_SCALING = PHI35_MINI["rope_scaling"]
     ({**PHI4, "rope_scaling": {"type": "yarn", "factor": 4.0}},  # Phi3Config reads yarn as longrope
      "rope_scaling.short_factor is missing: rope type 'longrope' needs short_factor and long_factor"),
     ({**PHI35_MINI, "rope_scaling": {**_PHI35_SCALING, "long_factor": PHI35_LONG[1:]}},
-     "rope_scaling.long_factor has length 47; a head of 96 dims has 48 rotary pairs, one factor each"),
+     "rope_scaling.long_factor has length 47; 96 rotary dims make 48 rotary pairs, one factor each"),
     ({**PHI35_MINI, "rope_scaling": {**_PHI35_SCALING, "short_factor": [1.0] * 47 + ["2"]}},
      "rope_scaling.short_factor = [1.0, 1.0, "),
     ({**PHI35_MINI, "rope_scaling": {**_PHI35_SCALING, "long_factor": None}},
@@ -1070,8 +1072,9 @@ _PHI35_SCALING = PHI35_MINI["rope_scaling"]
      "rope_scaling.factor = '32' is not a positive"),
     ({**PHI35_MINI, "rope_scaling": {**_PHI35_SCALING, "beta_fast": 32}},
      "rope_scaling.beta_fast = 32 is not implemented for rope type 'longrope'"),
+    # Phi-4-mini's factor on Phi-3.5's head of 96: 72 rotary dims, its 48 factors too many
     ({**PHI35_MINI, "rope_scaling": {**_PHI35_SCALING, "partial_rotary_factor": 0.75}},
-     "rope_scaling.partial_rotary_factor = 0.75 is not implemented for rope type 'longrope'"),
+     "rope_scaling.short_factor has length 48; 72 rotary dims make 36 rotary pairs, one factor each"),
     ({**LLAMA3_4X, "rope_scaling": {**_PHI35_SCALING, "short_factor": [1.0] * 64, "long_factor": [1.0] * 64}},
      "rope scaling 'longrope' (rope_scaling.type) is implemented for Phi-3 (model_type 'phi3') only"),
     ({**LLAMA3_4X, "rope_scaling": {**_PHI35_SCALING, "type": "su"}}, "rope scaling 'su' (rope_scaling.type) is not "
@@ -1088,14 +1091,14 @@ def test_a_longrope_this_runtime_does_not_compute_is_refused(data, message):
 def test_a_longrope_model_config_checks_its_factors_and_refuses_what_is_no_phi3s():
     config = parse(PHI35_MINI)
     for fields, message in [
-        (dict(rope_long_factor=config.rope_long_factor[:3]), "rope long_factor has length 3; a head of 96 dims"),
+        (dict(rope_long_factor=config.rope_long_factor[:3]), "rope long_factor has length 3; 96 rotary dims"),
         (dict(rope_short_factor=(1.0,) * 47 + (0.0,)), "rope short_factor = (1.0, 1.0, "),
         (dict(rope_original_max_position_embeddings=None), "rope original_max_position_embeddings = None is not"),
         (dict(rope_type="yarn"), "rope_short_factor = (1.0, 1.0199"),
     ]:
         with pytest.raises(ValueError, match=r"^model m: " + message.replace("(", r"\(").replace(")", r"\)")):
             dataclasses.replace(config, **fields)
-    with pytest.raises(ValueError, match="longrope .Phi-3's. with biases"):
+    with pytest.raises(ValueError, match="longrope or a partial rotary .Phi-3's. with biases"):
         dataclasses.replace(config, qkv_bias=True, o_bias=True).to_hf_dict()
 
 
@@ -1142,3 +1145,60 @@ def test_run_refuses_a_generation_past_longropes_original_context(tmp_path):
     assert lines[0].endswith("the prompt and the new tokens but the last run 17 positions, more than longrope's "
                              "original context of 16 (original_max_position_embeddings): past it transformers "
                              "rotates by long_factor, which is not implemented"), lines
+
+
+# microsoft/Phi-4-mini-instruct's shape (auto_map left out, factors made up): a head of 128 of
+# which partial_rotary_factor 0.75 rotates 96, longrope with 48 factors each
+PHI4_MINI = {
+    "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_act": "silu", "hidden_size": 3072,
+    "intermediate_size": 8192, "num_attention_heads": 24, "num_key_value_heads": 8, "num_hidden_layers": 32,
+    "vocab_size": 200064, "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+    "partial_rotary_factor": 0.75, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 262144,
+    "tie_word_embeddings": True, "rope_scaling": {"type": "longrope", "short_factor": [1.0 + i / 40 for i in range(48)],
+                                                  "long_factor": [1.0 + i for i in range(48)]}}
+
+
+def test_phi4_mini_rotates_its_first_96_dims_and_its_config_reads_back_equal():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = parse(PHI4_MINI)
+    assert (config.head_dim, config.partial_rotary_factor, config.rotary_dim) == (128, 0.75, 96)
+    assert parse(config.to_hf_dict()) == config == parse(json.loads(json.dumps(config.to_hf_dict())))
+    assert ModelConfig(**json.loads(json.dumps(dataclasses.asdict(config)))) == config
+    # the 5.x layout transformers saves: the factor inside rope_parameters too
+    nested = {**{k: v for k, v in PHI4_MINI.items() if k not in ("rope_scaling", "rope_theta")},
+              "rope_parameters": {**PHI4_MINI["rope_scaling"], "rope_type": "longrope", "rope_theta": 10000.0,
+                                  "partial_rotary_factor": 0.75}}
+    assert parse(nested) == config
+    ours = inverse_frequencies(config.rotary_dim, config.rope_theta, config.rope_type, **config.rope_scaling)
+    for data in (PHI4_MINI, config.to_hf_dict()):
+        theirs = transformers.Phi3Config.from_dict(json.loads(json.dumps(data)))
+        assert theirs.rope_parameters["partial_rotary_factor"] == 0.75
+        np.testing.assert_allclose(ours, ROPE_INIT_FUNCTIONS["longrope"](theirs, "cpu")[0].double().numpy(), rtol=1e-6)
+    # every rope kernel rotates the 96 dims; a whole-head rope's attributes name no rotary_dim
+    for calls in (prefill_calls(config, 16), decode_calls(config, 1, 64), decode_calls(config, 1, 64, resident=True)):
+        ropes = [c.spec for c in calls if c.spec.op.startswith("rope")]
+        assert ropes and all(spec.attr["rotary_dim"] == 96 for spec in ropes)
+    assert "rotary_dim" not in parse(PHI35_MINI).rope_attrs
+    plain = parse({k: v for k, v in PHI4_MINI.items() if k not in ("rope_scaling", "original_max_position_embeddings")})
+    assert plain.rope_attrs == {"theta": 10000.0, "rotary_dim": 96} and parse(plain.to_hf_dict()) == plain
+
+
+@pytest.mark.parametrize("data, message", [
+    ({**PHI4_MINI, "partial_rotary_factor": 0.7}, "partial_rotary_factor = 0.7 gives a rotary dim of int(128 x 0.7) = "
+                                                 "89, not an even number in 2 .. head_dim = 128"),
+    ({**PHI4_MINI, "partial_rotary_factor": 1.5}, "int(128 x 1.5) = 192, not an even number"),
+    ({**PHI4_MINI, "partial_rotary_factor": 0}, "partial_rotary_factor = 0 is not a positive number"),
+    ({**PHI4_MINI, "partial_rotary_factor": None}, "partial_rotary_factor = null is not a positive number"),
+    ({**PHI4_MINI, "rope_scaling": {**PHI4_MINI["rope_scaling"], "partial_rotary_factor": 0.5}},
+     "rope_scaling.partial_rotary_factor = 0.5 and partial_rotary_factor = 0.75 disagree"),
+    ({**PHI4_MINI, "partial_rotary_factor": 1.0}, "short_factor has length 48; 128 rotary dims make 64 rotary pairs"),
+    ({**LLAMA3_5X, "partial_rotary_factor": 0.5}, "partial_rotary_factor = 0.5 is implemented for Phi-3"),
+], ids=["odd", "over", "zero", "null", "disagree", "factors-of-a-whole-head", "llama"])
+def test_a_partial_rotary_factor_this_runtime_does_not_compute_is_refused(data, message):
+    with pytest.raises(ValueError) as caught:
+        parse(data)
+    assert message in str(caught.value), str(caught.value)
+    with pytest.raises(ValueError, match=r"partial_rotary_factor = 0.7 does not give an even rotary dim"):
+        dataclasses.replace(parse(PHI4_MINI), partial_rotary_factor=0.7)

@@ -342,7 +342,7 @@ LONGROPE = {"short_factor": (1.0, 2.0, 4.0, 8.0), "attention_factor": 1.2}
 
 
 @pytest.mark.parametrize("params, message, op_message", [
-    ({**LONGROPE, "short_factor": (1.0, 2.0)}, "short_factor has length 2; a head of 8 dims has 4 rotary pairs", None),
+    ({**LONGROPE, "short_factor": (1.0, 2.0)}, "short_factor has length 2; 8 rotary dims make 4 rotary pairs", None),
     ({**LONGROPE, "short_factor": ()}, "short_factor = () is not a list of positive numbers", None),
     ({**LONGROPE, "short_factor": (1.0, -2.0, 4.0, 8.0)}, "short_factor = (1.0, -2.0, 4.0, 8.0) is not a list", None),
     ({**LONGROPE, "short_factor": (1.0, True, 4.0, 8.0)}, "short_factor = (1.0, True, 4.0, 8.0) is not a list", None),
@@ -364,3 +364,24 @@ def test_bad_longrope_parameters_are_refused(params, message, op_message):
         op_definition("rope").check(Task.make("rope", {"T": 2, "H": 1, "D": 8},
                                               attrs={"rope_type": "longrope", **params}))
 
+
+
+def test_a_partial_rotary_rotates_as_phi4_mini_in_transformers():
+    """Phi-4-mini's rope: partial_rotary_factor 0.75 of a head of 128 (96 dims turn, as 48 pairs
+    (i, i + 48)), longrope with 48 short factors: the frequencies over the rotary dims and the
+    rotation of the numpy operators (the last 32 dims passed through) are transformers' Phi-3's."""
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding, apply_rotary_pos_emb
+
+    short = [1.0 + i / 16 for i in range(48)]
+    config = transformers.Phi3Config(
+        hidden_size=4 * 128, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=131072,
+        original_max_position_embeddings=4096, partial_rotary_factor=0.75,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short,
+                         "long_factor": [2.0 * f for f in short]})
+    attrs = {**rope_attrs(10000.0, "longrope", short_factor=short,
+                          attention_factor=longrope_attention_factor(131072 / 4096, 4096)), "rotary_dim": 96}
+    theirs, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")
+    ours = frequencies_of_attrs(128, attrs)
+    assert ours.shape == (48,)
+    np.testing.assert_allclose(ours, theirs.double().numpy(), rtol=1e-6)
+    _check_rotation(Phi3RotaryEmbedding(config), apply_rotary_pos_emb, attrs, 128)

@@ -30,6 +30,8 @@ GEMMA3_TINY = dataclasses.replace(TINY, name="tiny-gemma3", qk_norm=True, rope_t
 GEMMA2_TINY = dataclasses.replace(TINY, name="tiny-gemma2", attn_softcap=0.02, final_softcap=0.2,
                                   local_rope_theta=TINY.rope_theta, **GEMMA_COMMON)
 SMOLLM3_TINY = dataclasses.replace(TINY, name="tiny-smollm3", nope_layers=(1,))
+# Phi-4-mini's partial rotary: 24 of the 32 dims of a head turn, the rest pass through
+PARTIAL_TINY = dataclasses.replace(TINY, name="tiny-partial-rotary", partial_rotary_factor=0.75)
 OLMO2_TINY = dataclasses.replace(TINY, name="tiny-olmo2", qk_norm=True, qk_norm_span="projection", pre_norms=False,
                                  post_norms=True)
 
@@ -51,7 +53,7 @@ def monkeypatch_module():
 
 
 @pytest.mark.parametrize("config", [TINY, QWEN3_TINY, GRANITE_TINY, GEMMA3_TINY, GEMMA2_TINY, SMOLLM3_TINY,
-                                    OLMO2_TINY],
+                                    OLMO2_TINY, PARTIAL_TINY],
                          ids=lambda c: c.name)
 def test_the_torch_baseline_computes_what_the_reference_computes(gpu_model, config):
     weights = ModelWeights.random(config, seed=5)

@@ -166,6 +166,12 @@ FAMILIES = {
     "phi3-longrope-4.x": ("Phi3Config", dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
                                                               **LONGROPE_FACTORS},
                                              original_max_position_embeddings=38, **PHI3_IDS), "4.x"),
+    # Phi-4-mini's partial rotary (0.75: 12 of the 16 dims of a head turn, the last 4 pass through) with
+    # longrope over the rotary dims (6 factors), as Phi-4-mini ships it (the factor at the top level)
+    "phi4-mini-partial": ("Phi3Config", dict(rope_scaling={"type": "longrope",
+                                                           **{k: v[:6] for k, v in LONGROPE_FACTORS.items()}},
+                                             rope_theta=1e4, partial_rotary_factor=0.75,
+                                             original_max_position_embeddings=38, **PHI3_IDS), "5.x"),
     # the multimodal Gemma 3 (4B and up): the same language model inside Gemma3ForConditionalGeneration,
     # its config the text_config, its tensors under language_model, beside a (tiny) vision tower
     "gemma3-mm": ("Gemma3Config", dict(text_config=dict(rope_parameters={
@@ -185,7 +191,7 @@ CONFIG_EDITS = {"qwen2-4.x": dict(sliding_window=16, max_window_layers=1), "gemm
 BIASED = ["qwen2", "qwen2-4.x", "llama-biases", "qwen3-4.x", "olmo2-4.x"]
 QK_NORMED = ["qwen3", "qwen3-4.x", "gemma3", "gemma3-4.x", "olmo2", "olmo2-4.x", "olmo3"]
 YARNS = ["qwen3-yarn", "llama-yarn-4.x", "olmo3", "olmo3-4.x"]
-LONGROPES = ["phi3-longrope", "phi3-longrope-4.x"]
+LONGROPES = ["phi3-longrope", "phi3-longrope-4.x", "phi4-mini-partial"]
 GEMMAS = ["gemma", "gemma2", "gemma3", "gemma3-4.x"]
 
 
@@ -377,6 +383,19 @@ def test_longrope_matters_its_short_factors_and_its_attention_factor(family, che
         assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE, changed
 
 
+def test_a_partial_rotary_matters(checkpoints, prompts):
+    """The comparisons above can fail: rotating every dim of the head (with the factors of a
+    whole head) moves the logits far past the tolerance."""
+    model, folder = checkpoints["phi4-mini-partial"]
+    config, weights = _load(folder)
+    assert (config.head_dim, config.rotary_dim) == (16, 12)
+    whole = dataclasses.replace(config, partial_rotary_factor=1.0, rope_short_factor=config.rope_short_factor + (1.0,) * 2,
+                                rope_long_factor=config.rope_long_factor + (1.0,) * 2)
+    generation = ReferenceModel(whole, weights).generate(prompts, NEW_TOKENS)
+    want = _teacher_forced_logits(model, prompts, generation.tokens)
+    assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE
+
+
 def test_a_longrope_generation_one_token_longer_is_refused(checkpoints, default_kernels, prompts):
     """One more new token would run position 38, past the original context, where transformers
     rotates by the long factors: refused, by the runtime and the reference, before any work."""
@@ -507,7 +526,7 @@ def test_inverse_frequencies_are_those_of_transformers(family, checkpoints):
     model, folder = checkpoints[family]
     config = load_model_config(folder)
     theirs = model.model.rotary_emb.inv_freq.double().numpy()
-    ours = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_type, **config.rope_scaling)
+    ours = inverse_frequencies(config.rotary_dim, config.rope_theta, config.rope_type, **config.rope_scaling)
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
     if config.rope_type == "llama3":  # the three bands: kept, blended, divided by the factor
         plain = inverse_frequencies(config.head_dim, config.rope_theta)
@@ -561,7 +580,7 @@ def test_the_sliding_window_matters(family, checkpoints, default_kernels, prompt
 
 @pytest.mark.parametrize("family", ["llama3.1", "qwen2", "qwen3", "qwen3-4.x", "granite", "gemma", "gemma3",
                                     "smollm3", "mistral-window", "gemma3-window", "gemma2", "qwen2-window",
-                                    "olmo2-4.x", "olmo3", "gemma3-mm", "phi3-longrope"])
+                                    "olmo2-4.x", "olmo3", "gemma3-mm", "phi3-longrope", "phi4-mini-partial"])
 def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints, prompts, greedy, fake_gpu):
     """The same on the CUDA path (fake GPU: cubins built by nvcc, run on the emulator): device
     buffers, the decode step captured as a graph, rope scaling (Llama 3.1), biases (Qwen2) and

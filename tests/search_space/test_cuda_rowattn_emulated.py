@@ -61,6 +61,12 @@ CASES = [
                                         "original_max_position_embeddings": 2048, "beta_fast": 32.0, "beta_slow": 1.0,
                                         "truncate": False, "attention_factor": 1.2079441541679836},
      None, [{"T": 5}], [{}, dict(trig="registers", tokens=4)]),
+    # partial rotary (Phi-4-mini's 0.75): pairs (i, i + 12) of the first 24 dims turn, 24 .. 31
+    # pass through; a longrope one with rotary_dim / 2 factors, 2 of 40 dims (vectors of 1)
+    ("rope", {"T": 8, "H": 3, "D": 32}, {"theta": 10000.0, "rotary_dim": 24}, None, [{"T": 5}],
+     [{}, dict(trig="registers", tokens=4, vec=2)]),
+    ("rope", {"T": 4, "H": 2, "D": 40}, {"theta": 10000.0, "rotary_dim": 2, "rope_type": "longrope",
+                                        "short_factor": (1.5,), "attention_factor": 1.19}, None, [{}], [{}]),
     ("attention_decode", {"B": 1, "H": 4, "HKV": 4, "D": 64, "S": 96, "L": 96}, {}, None,
      [{"L": 1}, {"S": 130, "L": 129}], [{}, dict(splits=1, warps=2), dict(lanes=32, vec=1, unroll=4, splits=4)]),
     ("attention_decode", {"B": 2, "H": 6, "HKV": 1, "D": 80, "S": 40, "L": 33}, {"scale": 0.3}, (), [{}], [{}]),
@@ -102,9 +108,13 @@ CASES = [
                                                                   "truncate": True,
                                                                   "attention_factor": 1.2079441541679836},
      None, [{}], [{}]),
+    ("rope_append", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 24}, {"theta": 10000.0, "rotary_dim": 24}, None,
+     [{}, {"S": 7}], [{}, dict(vec=1, threads=32)]),
     # and both with attention: the new row from registers, the cached rows before it (NaN from there on)
     ("rope_append_attention", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40}, {"theta": 500000.0}, None,
      [{}, {"L": 1}, {"S": 9, "L": 5}], [{}, dict(splits=4, warps=2, unroll=2, lanes=2, vec=2), dict(splits=1, lanes=1)]),
+    ("rope_append_attention", {"B": 3, "H": 4, "HKV": 2, "D": 32, "S": 48, "L": 40},
+     {"theta": 10000.0, "rotary_dim": 24}, None, [{}, {"L": 1}], [{}, dict(splits=4, warps=2, lanes=2, vec=4)]),
     ("rope_append_attention", {"B": 1, "H": 6, "HKV": 2, "D": 24, "S": 30, "L": 30},
      {"theta": 10000.0, "scale": 0.3, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}, None, [{}, {"L": 2}], [{}, dict(splits=8)]),

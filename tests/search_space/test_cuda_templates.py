@@ -245,15 +245,21 @@ def test_hopper_instructions_are_searched_on_sm90a_only():
 
 
 @pytest.mark.tools("nvcc")
-def test_longrope_rope_kernels_compile_for_sm90a():
+@pytest.mark.parametrize("rotary_dim", [0, 96], ids=["whole-head", "partial"])
+def test_longrope_rope_kernels_compile_for_sm90a(rotary_dim):
     """The three CUDA rope kernels of a longrope rope (its short factors a list attribute) bake in
     the frequencies ``frequencies_of_attrs`` gives (the reference's, divided by the factors) and
-    scale cos and sin by its attention factor; the default config of every dtype through nvcc."""
+    scale cos and sin by its attention factor; with a partial rotary (Phi-4-mini's: 96 of 128
+    dims, 48 factors) they turn HALF = ROTARY / 2 pairs and copy the other dims. The default
+    config of every dtype through nvcc."""
     from runtime.rope_frequencies import rope_attrs
 
     from search_space.templates.cuda.rope import frequency_table
 
-    attrs = rope_attrs(10000.0, "longrope", short_factor=[1.0 + i / 8 for i in range(64)], attention_factor=1.19)
+    pairs = (rotary_dim or 128) // 2
+    attrs = rope_attrs(10000.0, "longrope", short_factor=[1.0 + i / 8 for i in range(pairs)], attention_factor=1.19)
+    if rotary_dim:
+        attrs["rotary_dim"] = rotary_dim
     inputs = []
     for op in ("rope", "rope_append", "rope_append_attention"):
         template = get_template(op, "cuda")
@@ -261,8 +267,10 @@ def test_longrope_rope_kernels_compile_for_sm90a():
             task = Task.make(op, template.example_shape, dtype, attrs=attrs, dynamic=template.dynamic_dims)
             default = template.default(task, SM90)
             code = template.render(task, default, SM90).code
-            assert frequency_table(task, template.attrs(task)) in code
+            table = frequency_table(task, template.attrs(task))
+            assert table in code and table.count(",") == pairs - 1
             assert "// longrope's attention factor" in code and "constexpr float ROPE_SCALE = 1.19f;" in code
+            assert ("constexpr int ROTARY = 96;\nconstexpr int HALF = ROTARY / 2;\n" in code) == bool(rotary_dim)
             inputs.append(MeasureInput(task, default, SM90))
     with LocalBuilder(n_parallel=2, timeout_s=300) as builder:
         builds = builder.build(inputs)

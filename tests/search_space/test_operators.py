@@ -158,6 +158,10 @@ YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 
     ({k: v for k, v in YARN.items() if k != "truncate"}, "truncate is missing: rope type 'yarn' needs factor"),
     ({k: v for k, v in YARN.items() if k != "attention_factor"}, "attention_factor is missing: rope type 'yarn'"),
     ({**YARN, "attention_factor": -1.0}, "attention_factor = -1.0 is not a positive number"),
+    ({"rotary_dim": 5}, "rotary_dim = 5 is not an even integer in 2 .. 8 (the head dim)"),
+    ({"rotary_dim": 10}, "rotary_dim = 10 is not an even integer in 2 .. 8"),
+    ({"rotary_dim": 4, "rope_type": "longrope", "short_factor": (1.0,) * 4, "attention_factor": 1.0},
+     "short_factor has length 4; 4 rotary dims make 2 rotary pairs"),
 ])
 def test_rope_attributes_outside_the_implemented_scalings_are_refused(attrs, message):
     with pytest.raises(ValueError) as caught:

@@ -178,6 +178,25 @@ def test_scaled_rope_bakes_in_the_scaled_frequencies(attrs, host, builder):
         assert np.abs(outputs["Y"] - template.reference(plain, inputs)["Y"]).max() > 1e-2
 
 
+@pytest.mark.parametrize("attrs", [
+    {"theta": 10000.0, "rotary_dim": 24},   # Phi-4-mini's 0.75 of a 32-dim head
+    # longrope over the rotary dims: rotary_dim / 2 factors; 6 of 38 dims, a tail in both parts
+    {"theta": 10000.0, "rotary_dim": 6, "rope_type": "longrope", "short_factor": (1.0, 1.5, 2.0),
+     "attention_factor": 1.19},
+], ids=["default", "longrope"])
+def test_partial_rotary_rope_turns_the_first_rotary_dims_and_copies_the_rest(attrs, host, builder):
+    template = get_template("rope", "cpu")
+    dims = {"T": 5, "H": 3, "D": 32 if attrs["rotary_dim"] == 24 else 38}
+    task = Task.make("rope", dims, attrs=attrs, dynamic=("T",))
+    configs = one_config_per_value(template, task, host, "table")
+    inputs = template.make_inputs(task, np.random.default_rng(7))
+    rotary = attrs["rotary_dim"]
+    for kernel in load_kernels(builder, host, [(task, c) for c in configs]):
+        outputs = run(kernel, template, task, inputs)
+        assert_matches(template, task, inputs, outputs, tol=2e-6)
+        assert np.array_equal(outputs["Y"][..., rotary:], inputs["X"][..., rotary:])
+
+
 def test_rope_smallest_head_dim_and_one_token(host, builder):
     template = get_template("rope", "cpu")
     task = Task.make("rope", {"T": 1, "H": 1, "D": 2})

@@ -28,6 +28,8 @@ projection after it can then stream its weights while attention runs.
 from the Q/K/V projection's rows: every block rotates its q heads itself (``rope_append``'s
 angles, rounded to E as that kernel stores them) and attends to the cached rows before the
 sequence's position P[b] (read from memory), from max(0, P[b] - window + 1) on with a window.
+A partial ``rotary_dim`` R turns pairs (i, i + R/2) for i < R/2 and leaves dims R .. D - 1 as
+they are (each vector lies in one of those parts).
 The block whose range holds P[b] starts from the new row: warp 0 rotates k and takes it and v
 from the projection as it loads q (no extra round trip at the end), makes them the first row of
 row group 0's online softmax and writes both to the caches at P[b]. The runtime passes one
@@ -49,7 +51,7 @@ from ...target import Target
 from ...task import Task
 from ...template import ArgSpec, KernelSource, Template, register_template
 from .limits import occupancy
-from .rope import rope_code
+from .rope import half_constants, rope_code, rotary_pairs
 
 STATIC_SMEM = 48 << 10
 LOG2E = 1.4426950408889634
@@ -85,7 +87,11 @@ class SplitKvDecode:
     target_kind = "cuda"
     dtypes = ("float32", "float16", "bfloat16")
     schedule_family = ("attention_decode", "rope_append_attention")  # each's best configs seed the other's search
-    ROW_DIVISOR = 1  # a vector of a row must fit in D / this dims (2: within one rotate-half half)
+
+    def vector_span(self, task: Task) -> int:
+        """The dims every vector width must divide: D (rope_append_attention's: within one part of
+        a rotated row)."""
+        return task.dims["D"]
 
     def window_rows(self, task: Task) -> int:
         """The positions a sequence at the task's L attends to (the range the splits cut): L, or its window's."""
@@ -94,7 +100,7 @@ class SplitKvDecode:
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
         d, itemsize, rows = task.dims, ITEMSIZE[task.dtype], self.window_rows(task)
-        vecs = tuple(v for v in (1, 2, 4, 8) if v * itemsize <= 16 and (d["D"] // self.ROW_DIVISOR) % v == 0)
+        vecs = tuple(v for v in (1, 2, 4, 8) if v * itemsize <= 16 and self.vector_span(task) % v == 0)
         lanes = tuple(n for n in (1, 2, 4, 8, 16, 32) if any((d["D"] // v) % n == 0 for v in vecs))
         splits = tuple(s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s == 1 or s <= -(-rows // 16))
         max_warps = (target.max_threads_per_block or 1024) // 32
@@ -218,13 +224,20 @@ class AttentionDecodeCuda(SplitKvDecode, AttentionDecodeOp, Template):
 
 @register_template
 class RopeAppendAttentionCuda(SplitKvDecode, RopeAppendAttentionOp, Template):
-    ROW_DIVISOR = 2
+
+    def vector_span(self, task: Task) -> int:
+        """A vector lies within one rotate-half half (R/2 dims of a rotary dim R) or within the
+        pass-through dims R .. D - 1."""
+        return math.gcd(rotary_pairs(task), task.dims["D"])
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
         kernel = (_KERNEL.replace("@POSITION@\n", _POSITION).replace("@END@", _CACHED_END)
                   .replace("@Q_VECTOR@", _ROTATED_Q_VECTOR).replace("@NEW_ROW@", _NEW_ROW))
-        constants = ("constexpr int HALF = D / 2;\n" + rope_code(task, self.attrs(task)) + _ROTATED_VECTOR)
+        rotated_vector = _ROTATED_VECTOR
+        if 2 * rotary_pairs(task) < task.dims["D"]:  # partial rotary: the dims past ROTARY as they are
+            rotated_vector = rotated_vector.replace("  const bool low", _PASSED_VECTOR + "  const bool low")
+        constants = half_constants(task) + rope_code(task, self.attrs(task)) + rotated_vector
         # always a step of the captured graph: it waits for the projection's rows
         return self._source(task, config, target, True, kernel, constants, "(cached + 1)",
                             "rope_append_attention_splitkv")
@@ -253,6 +266,13 @@ __device__ __forceinline__ void rotated_vector(const E* row, int i0, int positio
     out[e] = to_f32(from_f32<E>(fmaf(to_f32(x.e[e]), cs, turned)));
   }
 }
+"""
+_PASSED_VECTOR = r"""  if (i0 >= ROTARY) {
+    const Pack<E, VEC> x = load_pack<VEC>(row + i0);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[e] = to_f32(x.e[e]);
+    return;
+  }
 """
 _POSITION = """  // this sequence's position: the cached rows before it (at most S), then its own new row
   const int position = P[b];

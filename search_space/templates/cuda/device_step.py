@@ -8,7 +8,8 @@ outside the cache writes nothing.
 rope_append: one block per (head of q or k, sequence). A q head's block rotates its row of the
 projection's output into Q; a k head's block reads the sequence's position, rotates the k row
 into the cache row there and copies the matching v row into V's cache (a position outside the
-cache writes nothing). Each thread takes ``vec`` pairs (i, i + D/2) at a time; angles as in
+cache writes nothing). Each thread takes ``vec`` pairs (i, i + D/2) at a time (i + R/2 for a
+partial ``rotary_dim`` R, whose dims R .. D - 1 are copied as they are); angles as in
 ``rope`` (float64 frequencies and reduction, then the fast sincos). It runs only in the captured
 decode step, so it takes a programmatic launch (``codegen.cuda_ptx.GRID_DEPENDENCY_HELPERS``):
 it lets the next kernel launch and waits for the Q/K/V projection before it reads anything.
@@ -28,7 +29,7 @@ from ...target import Target
 from ...task import Task
 from ...template import KernelSource, Template, register_template
 from .limits import occupancy
-from .rope import rope_code
+from .rope import half_constants, rope_code, rotary_pairs
 
 REGISTERS = 40  # about what ptxas gives these small kernels (32-52): the estimate before a build
 
@@ -117,23 +118,25 @@ class RopeAppendCuda(RopeAppendOp, Template):
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
-        return _space(task, target, task.dims["D"] // 2, (32, 64, 128))
+        return _space(task, target, rotary_pairs(task), (32, 64, 128))
 
     def default(self, task: Task, target: Target) -> Config:
-        return _default(self.space(task, target), task.dims["D"] // 2)
+        return _default(self.space(task, target), rotary_pairs(task))
 
     def features(self, task: Task, config: Config, target: Target) -> dict[str, float]:
-        return _features(task, config, target, task.dims["D"] // 2, self.min_bytes(task))
+        return _features(task, config, target, rotary_pairs(task), self.min_bytes(task))
 
     def render(self, task: Task, config: Config, target: Target) -> KernelSource:
         self.check(task)
         d = task.dims
         constants = (f"constexpr int H = {d['H']};\nconstexpr int HKV = {d['HKV']};\nconstexpr int D = {d['D']};\n"
-                     "constexpr int HALF = D / 2;\n" + static_dims(task, ("S",))
+                     + half_constants(task) + static_dims(task, ("S",))
                      + rope_code(task, self.attrs(task)))
         # a step of the captured decode graph: the next kernel may launch at once, this one waits for the rows
         _, trigger, wait = grid_dependency_code(True)
         body = _ROPE_APPEND.replace("(@PARAMS@) {\n", "(@PARAMS@) {" + trigger + wait)
+        if 2 * rotary_pairs(task) < d["D"]:  # partial rotary: the dims past ROTARY as they are
+            body = body.replace("\n  }\n}\n", "\n  }\n" + _PASS_THROUGH + "}\n")
         return _source(task, config, self.signature(task) + dim_scalars(task), constants, body,
                        "rope_append_rows", d["H"] + d["HKV"], d["B"], programmatic_on=target)
 
@@ -171,6 +174,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) rope_append_rows(@PARAMS@)
     store_pack<VEC>(out + f + HALF, yhi);
   }
 }
+"""
+_PASS_THROUGH = """  for (int e = ROTARY + threadIdx.x; e < D; e += THREADS) out[e] = x[e];
 """
 
 

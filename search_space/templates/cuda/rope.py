@@ -14,10 +14,12 @@ attention factor (``rotation_scale``, as transformers' rotary embedding does); e
 has no such multiply (``rope_code``: the same source, the same compiled-kernel cache key).
 ``trig = shared``: the block computes cos/sin once per (token, i) into shared memory and
 every head reuses them; ``trig = registers``: each thread computes its own.
+With ``rotary_dim`` R < D (partial rotary) the pairs are (i, i + R/2) for i < R/2 (``HALF`` is R/2)
+and each block copies its tokens' dims R .. D - 1.
 """
 from __future__ import annotations
 
-from runtime.rope_frequencies import frequencies_of_attrs, rotation_scale
+from runtime.rope_frequencies import frequencies_of_attrs, rotary_dim_of, rotation_scale
 
 from ...codegen.cuda import PREAMBLE, VECTOR_HELPERS, c_type, dim_scalars, kernel_params, registers_ok, static_dims
 from ...ops.common import ITEMSIZE
@@ -42,8 +44,17 @@ ROPE_ANGLE = (
     "}\n\n")
 
 
+# partial rotary: the block's tokens' dims ROTARY .. D - 1 copied as they are
+_PASS_THROUGH = (
+    "  for (int k = threadIdx.x; k < TOKENS * H * (D - ROTARY); k += THREADS) {\n"
+    "    const long long t = t0 + k / (H * (D - ROTARY));\n"
+    "    const long long at = (t * H + (k / (D - ROTARY)) % H) * D + ROTARY + k % (D - ROTARY);\n"
+    "    if (t < T) Y[at] = X[at];\n"
+    "  }\n")
+
+
 def frequency_table(task: Task, attrs) -> str:
-    """The float64 frequencies of pairs 0 .. D/2 - 1 as a device array ``INV_FREQ[HALF]``, the
+    """The float64 frequencies of pairs 0 .. HALF - 1 (D/2, or ROTARY/2) as a device array ``INV_FREQ[HALF]``, the
     numbers the reference turns by (``runtime.rope_frequencies``)."""
     table = ", ".join(repr(float(f)) for f in frequencies_of_attrs(task.dims["D"], attrs))
     return f"__device__ const double INV_FREQ[HALF] = {{{table}}};\n"
@@ -65,9 +76,22 @@ def rope_code(task: Task, attrs) -> str:
             f"constexpr float ROPE_SCALE = {float(scale)!r}f;\n" + scaled)
 
 
+def rotary_pairs(task: Task) -> int:
+    """The pairs of a head that turn: half its rotary dims (``rotary_dim_of``)."""
+    return rotary_dim_of(task.dims["D"], task.attr) // 2
+
+
+def half_constants(task: Task) -> str:
+    """``HALF`` (the pairs that turn), and for a partial rotary ``ROTARY``, the dims that do: the
+    same source as before partial rotary where every dim turns."""
+    rotary = rotary_dim_of(task.dims["D"], task.attr)
+    if rotary == task.dims["D"]:
+        return "constexpr int HALF = D / 2;\n"
+    return f"constexpr int ROTARY = {rotary};\nconstexpr int HALF = ROTARY / 2;\n"
+
+
 def _items(task: Task, c: dict) -> int:
-    d = task.dims
-    return c["tokens"] * d["H"] * (d["D"] // 2) // c["vec"]
+    return c["tokens"] * task.dims["H"] * rotary_pairs(task) // c["vec"]
 
 
 def _per_thread(task: Task, c: dict) -> int:
@@ -80,7 +104,7 @@ def _registers(task: Task, c: dict) -> int:
 
 
 def _smem(task: Task, c: dict) -> int:
-    return 8 * c["tokens"] * (task.dims["D"] // 2) if c["trig"] == "shared" else 0
+    return 8 * c["tokens"] * rotary_pairs(task) if c["trig"] == "shared" else 0
 
 
 @register_template
@@ -90,8 +114,8 @@ class RopeCuda(RopeOp, Template):
 
     def space(self, task: Task, target: Target) -> ConfigSpace:
         self.check(task)
-        d, itemsize = task.dims, ITEMSIZE[task.dtype]
-        half = d["D"] // 2
+        itemsize = ITEMSIZE[task.dtype]
+        half = rotary_pairs(task)
         max_threads = target.max_threads_per_block or 1024
         knobs = [
             Knob("tokens", (1, 2, 4, 8)),
@@ -150,7 +174,6 @@ class RopeCuda(RopeOp, Template):
         self.check(task)
         c = config.as_dict()
         d = task.dims
-        half = d["D"] // 2
         args = self.signature(task) + dim_scalars(task)
         shared = c["trig"] == "shared"
         trig_setup = (
@@ -166,7 +189,7 @@ class RopeCuda(RopeOp, Template):
         code = (
             PREAMBLE + VECTOR_HELPERS
             + f"typedef {c_type(task.dtype)} T_;\n"
-            f"constexpr int H = {d['H']};\nconstexpr int D = {d['D']};\nconstexpr int HALF = D / 2;\n"
+            f"constexpr int H = {d['H']};\nconstexpr int D = {d['D']};\n" + half_constants(task) +
             f"constexpr int VEC = {c['vec']};\nconstexpr int NPV = HALF / VEC;\n"
             f"constexpr int TOKENS = {c['tokens']};\nconstexpr int THREADS = {c['threads']};\n"
             "constexpr int ITEMS = TOKENS * H * NPV;\n"
@@ -198,7 +221,7 @@ class RopeCuda(RopeOp, Template):
             "    }\n"
             "    store_pack<VEC>(Y + base, ylo);\n"
             "    store_pack<VEC>(Y + base + HALF, yhi);\n"
-            "  }\n}\n")
+            "  }\n" + (_PASS_THROUGH if 2 * rotary_pairs(task) < d["D"] else "") + "}\n")
         grid = f"(T + {c['tokens'] - 1}) // {c['tokens']}" if "T" in task.dynamic else -(-d["T"] // c["tokens"])
         launch = (("block", (c["threads"], 1, 1)), ("grid", (grid, 1, 1)), ("smem", 0))
         return KernelSource("cuda", code, "rope_rows", tuple(args), launch)
