@@ -86,9 +86,13 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
     if config.int4_format is not None and _left_out("dtype"):
         dtype = "float16"  # as GPTQ and AWQ write their scales and float tensors
     activations, weights = _precisions(config, dtype, kind, quantize)
+    prefill_sizes, kv_sizes = parse_sizes(prefill_tokens, "--prefill-tokens"), parse_sizes(kv_len, "--kv-len")
+    for option, sizes in (("--prefill-tokens", prefill_sizes), ("--kv-len", kv_sizes)):
+        problem = config.positions_problem(max(sizes))  # kernels no run of this model would use
+        if problem:
+            raise UserError(f"{option} {max(sizes)}: {config.name} runs {problem}")
     # a CUDA model's decode step runs as one captured graph: its kernels are the resident ones
-    workload = ModelWorkload(config, parse_sizes(prefill_tokens, "--prefill-tokens"),
-                             parse_sizes(decode_batch, "--decode-batch"), parse_sizes(kv_len, "--kv-len"),
+    workload = ModelWorkload(config, prefill_sizes, parse_sizes(decode_batch, "--decode-batch"), kv_sizes,
                              quantize, group_size, activations, resident=get_backend(kind).resident_decode,
                              weights=weights if weights != activations else None,
                              dynamic_rows=PREFILL_DYNAMIC_ROWS[kind])

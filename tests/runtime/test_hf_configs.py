@@ -1146,6 +1146,14 @@ def test_run_refuses_a_generation_past_longropes_original_context(tmp_path):
                              "original context of 16 (original_max_position_embeddings): past it transformers "
                              "rotates by long_factor, which is not implemented"), lines
 
+    # tune-model: kernels at positions no run reaches are refused too, before any tuning
+    for option, other in (("--kv-len", "--prefill-tokens"), ("--prefill-tokens", "--kv-len")):
+        proc = _cli(tmp_path, "tune-model", "--model", "config.json", "--list-tasks", option, "8,17", other, "8")
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert f"{option} 17: " in lines[0] and "17 positions, more than longrope's original context of 16" in lines[0]
+    assert _cli(tmp_path, "tune-model", "--model", "config.json", "--list-tasks", "--kv-len", "16",
+                "--prefill-tokens", "8").returncode == 0
 
 # microsoft/Phi-4-mini-instruct's shape (auto_map left out, factors made up): a head of 128 of
 # which partial_rotary_factor 0.75 rotates 96, longrope with 48 factors each
