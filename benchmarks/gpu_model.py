@@ -40,22 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 DEVICE = os.environ.get("GPU_MODEL_DEVICE", "cuda")
 
 
-def int4_layer_names(config, quantize: str) -> list[str]:
-    """The linear layers (as the decoder runs them) held as int4 codes: with q4 every one, but an
-    int4 checkpoint's LM head, which it keeps in floats (``runtime.plan.head_quantize``)."""
-    from runtime.plan import head_quantize
-    from runtime.weights import device_linear_names
-
-    names = device_linear_names(config) if quantize == "q4" else []
-    return names if head_quantize(config, quantize) == quantize else names[:-1]
-
-
 def generate_weights(torch, config, dtype: str, quantize: str, group_size: int, seed: int):
     """name -> torch tensor on the device in the model's precision, named as the decoder reads
     them (``runtime.weights.device_shapes``: Q/K/V and gate/up stacked; int4 layers as NAME#wq
     and NAME#scales, and NAME#zeros where the config's codes have zero points, as an AWQ
     checkpoint's do), plus for int4 layers the float32 weights their codes stand for."""
-    from runtime.weights import device_shapes, expected_shapes, fused_parts
+    from runtime.weights import device_shapes, expected_shapes, fused_parts, q4_linear_names
 
     tdtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -71,7 +61,7 @@ def generate_weights(torch, config, dtype: str, quantize: str, group_size: int, 
         pieces = [parts.pop(p) if p != "model.embed_tokens.weight" else parts[p] for p in fused_parts(name)]
         stored[name] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     full = {}
-    for name in int4_layer_names(config, quantize):
+    for name in (q4_linear_names(config, device=True) if quantize == "q4" else ()):
         w = stored[name]
         n, k = w.shape
         groups = w.float().reshape(n, k // group_size, group_size)
@@ -97,7 +87,7 @@ def generate_weights(torch, config, dtype: str, quantize: str, group_size: int, 
 def device_weights(torch, config, stored, dtype: str, quantize: str, group_size: int):
     from runtime.arrays import DeviceArray
     from runtime.kernel import numpy_dtype
-    from runtime.weights import DeviceWeights
+    from runtime.weights import DeviceWeights, q4_linear_names
 
     def as_array(t):
         np_dtype = np.uint8 if t.dtype == torch.uint8 else numpy_dtype(dtype)
@@ -107,7 +97,7 @@ def device_weights(torch, config, stored, dtype: str, quantize: str, group_size:
     if config.embedding_multiplier != 1:  # the gathered table carries the scale (Granite's, Gemma's)
         embed = embed * torch.tensor(config.embedding_multiplier, dtype=embed.dtype)
     host = embed.view(torch.int16).cpu().numpy().view(np.uint16) if dtype == "bfloat16" else embed.cpu().numpy()
-    quantized = frozenset(int4_layer_names(config, quantize))
+    quantized = frozenset(q4_linear_names(config, device=True) if quantize == "q4" else ())
     # generated weights are taken as already folded (runtime.weights.DeviceWeights): the baseline
     # then runs them without the scalars folded into weights (``baseline_config``)
     return DeviceWeights(config, {n: as_array(t) for n, t in stored.items()}, host, quantized, group_size,

@@ -117,7 +117,8 @@ ATTR_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({op: MappingPr
 }.items()})
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or float (not a bool, though Python says it is an int)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -130,7 +131,7 @@ def attr_value_fits(default: Any, value: Any) -> bool:
         return isinstance(value, bool)
     if isinstance(default, float):
         try:
-            return _is_number(value) and math.isfinite(value)
+            return is_number(value) and math.isfinite(value)
         except OverflowError:  # an int past any float
             return False
     if isinstance(default, int):
@@ -166,7 +167,7 @@ def canonical_attrs(op: str, attrs: Mapping[str, Any]) -> dict[str, Any]:
         value = _plain(value)
         if name in defaults:
             default = defaults[name]
-            if isinstance(default, float) and _is_number(value):
+            if isinstance(default, float) and is_number(value):
                 try:
                     value = float(value)
                 except OverflowError:  # an int past any float: the operator's check refuses it

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from .abi import is_number
 from .rope_frequencies import PARAMETERS as ROPE_PARAMETERS
 from .rope_frequencies import (ROPE_TYPES, factors_problem, longrope_attention_factor, rope_attrs, rope_problem,
                                rotary_dim_problem, yarn_attention_factor)
@@ -319,7 +320,7 @@ class ModelConfig:
             raise ValueError(f"model {self.name}: {stray[0]} = {getattr(self, stray[0])!r} does not apply to "
                              f"rope_type {self.rope_type!r}")
         factor = self.partial_rotary_factor
-        if not (_is_number(factor) and math.isfinite(factor)) or rotary_dim_problem(self.rotary_dim, self.head_dim):
+        if not (is_number(factor) and math.isfinite(factor)) or rotary_dim_problem(self.rotary_dim, self.head_dim):
             raise ValueError(f"model {self.name}: partial_rotary_factor = {factor!r} does not give an even rotary dim "
                              f"in 2 .. head_dim = {self.head_dim} (int(head_dim * factor), as transformers computes it)")
         if self.rotary_dim < self.head_dim and self.local_layers:  # their rope (layer_rope_attrs) has no rotary_dim
@@ -374,7 +375,7 @@ class ModelConfig:
     @property
     def rotary_dim(self) -> int:
         """The leading dims of each head that are rotated: transformers' int(head_dim * partial_rotary_factor)."""
-        return int(self.head_dim * self.partial_rotary_factor) if _is_number(self.partial_rotary_factor) else 0
+        return int(self.head_dim * self.partial_rotary_factor) if is_number(self.partial_rotary_factor) else 0
 
     @property
     def rope_attrs(self) -> dict[str, Any]:
@@ -464,10 +465,10 @@ class ModelConfig:
             return {**float_config.to_hf_dict(), "quantization_config": self._int4_hf_dict()}
         data = asdict(self)
         data.pop("name")
-        for field in ("multimodal", "int4_format", "int4_group_size", "int4_zero_points", "rope_type", *_ROPE_FIELDS.values(), "partial_rotary_factor", "qkv_bias", "o_bias",
-                      "mlp_bias", "qk_norm", "qk_norm_span", *_GRANITE_FIELDS, "activation", "offset_norms",
-                      "post_norms", "pre_norms", "local_layers", "local_rope_theta", "nope_layers", "attn_softcap",
-                      "final_softcap"):
+        for field in ("multimodal", "int4_format", "int4_group_size", "int4_zero_points", "rope_type",
+                      *_ROPE_FIELDS.values(), "partial_rotary_factor", "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
+                      "qk_norm_span", *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "pre_norms",
+                      "local_layers", "local_rope_theta", "nope_layers", "attn_softcap", "final_softcap"):
             data.pop(field)
         if (self.attn_softcap or self.final_softcap) and not self.offset_norms:
             raise ValueError(f"model {self.name}: soft-capping outside a Gemma has no config.json this runtime reads")
@@ -756,11 +757,6 @@ def _layer_count(data: Mapping[str, Any], where: str) -> int:
     return layers
 
 
-def _is_number(value: Any) -> bool:
-    """An int or float (not a bool, though Python says it is an int)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _positive_int(value: Any) -> bool:
     """A count: an int of at least 1 (a bool is no count, though Python says it is an int)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
@@ -1046,7 +1042,7 @@ _INT4_HARMLESS = {
 
 def _is_int4_group(value: Any) -> bool:
     """A group size the q4 kernels take, as an int (128.0 is not carried into shapes)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value in INT4_GROUP_SIZES
+    return _positive_int(value) and value in INT4_GROUP_SIZES
 
 
 def _int4_checkpoint(data: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -1066,26 +1062,21 @@ def _int4_checkpoint(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     unknown = sorted(k for k in spec if k not in _INT4_HARMLESS[method])
     if unknown:
         raise ValueError(f"{where}: quantization_config.{unknown[0]} = {_show(spec[unknown[0]])} is not implemented")
+    # the values each key may take, the first where it is left out
     if method == "gptq":
-        wanted = {"bits": 4, "desc_act": False, "lm_head": False}
-        choices = {"sym": (True, False), "checkpoint_format": ("gptq", "gptq_v2")}
+        accepted = {"bits": (4,), "desc_act": (False,), "lm_head": (False,), "sym": (True, False),
+                    "checkpoint_format": ("gptq", "gptq_v2")}
     else:
         # AutoAWQ writes its version in capitals in some checkpoints (GEMM), transformers reads either
         version = spec.get("version", "gemm")
         if isinstance(version, str) and version.lower() == "gemm":
             spec = {**spec, "version": "gemm"}
-        wanted = {"bits": 4, "zero_point": True, "version": "gemm"}
-        choices = {}
+        accepted = {"bits": (4,), "zero_point": (True,), "version": ("gemm",)}
         skipped = spec.get("modules_to_not_convert")
         if skipped not in (None, []):
             raise ValueError(f"{where}: quantization_config.modules_to_not_convert = {_show(skipped)} is not "
                              "implemented; supported: null (every linear layer of the decoder int4)")
-    for key, value in wanted.items():
-        given = spec.get(key, value)
-        if given != value or type(given) is not type(value):
-            raise ValueError(f"{where}: quantization_config.{key} = {_show(given)} is not implemented; "
-                             f"supported: {_show(value)}")
-    for key, values in choices.items():
+    for key, values in accepted.items():
         given = spec.get(key, values[0])
         if given not in values or type(given) is not type(values[0]):
             raise ValueError(f"{where}: quantization_config.{key} = {_show(given)} is not implemented; "
@@ -1137,7 +1128,7 @@ def _partial_rotary_factor(data: Mapping[str, Any], family: str, where: str) -> 
     if "partial_rotary_factor" in data:
         given["partial_rotary_factor"] = data["partial_rotary_factor"]
     for key, value in given.items():
-        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        if not is_number(value) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{where}: {key} = {_show(value)} is not a positive number")
         if family != "phi3" and value != 1:
             raise ValueError(f"{where}: {key} = {_show(value)} is implemented for Phi-3 (model_type 'phi3') only: "

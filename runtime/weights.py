@@ -163,9 +163,10 @@ def linear_names(config: ModelConfig) -> list[str]:
     return _linear_names(config, LINEARS)
 
 
-def q4_linear_names(config: ModelConfig) -> list[str]:
-    """The linear layers a q4 model holds as int4 codes: every one, but an int4 checkpoint's LM head."""
-    names = linear_names(config)
+def q4_linear_names(config: ModelConfig, device: bool = False) -> list[str]:
+    """The linear layers a q4 model holds as int4 codes: every one, but an int4 checkpoint's LM head
+    (the last name); ``device``: named as the decoder runs them (``device_linear_names``)."""
+    names = device_linear_names(config) if device else linear_names(config)
     return names if head_quantize(config, "q4") == "q4" else names[:-1]
 
 
