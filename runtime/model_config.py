@@ -62,17 +62,24 @@ FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
 # inside, its tensors under ``language_model``): the runtime runs that language model on text
 # prompts, as transformers runs the whole model on inputs without images. model_type ->
 # (architecture, the text config's model_type).
-MULTIMODAL = {"gemma3": ("Gemma3ForConditionalGeneration", "gemma3_text")}
+MULTIMODAL = {"gemma3": ("Gemma3ForConditionalGeneration", "gemma3_text"),
+              "mistral3": ("Mistral3ForConditionalGeneration", "mistral")}
 # What the text config class gives the sizes a multimodal release's text_config leaves out
-# (gemma-3-4b-it names neither its heads nor its vocabulary): Gemma3TextConfig's.
+# (gemma-3-4b-it names neither its heads nor its vocabulary): Gemma3TextConfig's. A Mistral 3
+# text_config given as an object takes MistralConfig's own defaults, as the family's config does.
 _TEXT_DEFAULTS = {"gemma3": {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
-                             "num_hidden_layers": 26, "num_attention_heads": 8}}
+                             "num_hidden_layers": 26, "num_attention_heads": 8}, "mistral3": {}}
 SUPPORTED_ARCHITECTURES = (*FAMILIES.values(), *(arch for arch, _ in MULTIMODAL.values()))
 SUPPORTED_MODEL_TYPES = (*FAMILIES, *MULTIMODAL)
 # A multimodal config's own fields besides text_config: the image side (vision_config, the image
-# tokens' ids and count), which a text prompt never reaches, and the tying of the LM head.
-_MULTIMODAL_FIELDS = frozenset({"text_config", "vision_config", "architectures", "model_type", "tie_word_embeddings",
-                                "boi_token_index", "eoi_token_index", "image_token_index", "mm_tokens_per_image"})
+# tokens' ids and count, how image features are projected), which a text prompt never reaches,
+# and the tying of the LM head.
+_MULTIMODAL_FIELDS = {
+    wrapper: frozenset({"text_config", "vision_config", "architectures", "model_type", "tie_word_embeddings",
+                        "image_token_index", *image_side})
+    for wrapper, image_side in (("gemma3", ("boi_token_index", "eoi_token_index", "mm_tokens_per_image")),
+                                ("mistral3", ("projector_hidden_act", "multimodal_projector_bias",
+                                              "spatial_merge_size", "vision_feature_layer")))}
 # Why some popular look-alikes are refused, said in the error line.
 _WHY_NOT = {"MixtralForCausalLM": "its MLP is a mixture of experts", "mixtral": "its MLP is a mixture of experts"}
 # silu and swish are the same function (x * sigmoid(x)), the gate of SwiGLU.
@@ -455,6 +462,8 @@ class ModelConfig:
             architecture, text_type = MULTIMODAL[self.multimodal]
             text = replace(self, multimodal=None).to_hf_dict()
             text.pop("architectures")  # the outer config's
+            if text_type == "mistral" and text["model_type"] == "llama" and "attention_bias" not in text:
+                text.update(model_type="mistral", sliding_window=self.sliding_window)  # MistralConfig's absent is 4096
             if text["model_type"] != text_type:
                 raise ValueError(f"model {self.name}: {self.multimodal}'s language model is a {text_type}, "
                                  f"not a {text['model_type']}")
@@ -703,7 +712,7 @@ class ModelConfig:
         """The language model of an image-and-text config (``MULTIMODAL``): its ``text_config`` read as
         its own family's, the LM head tied as the outer config says (transformers ties by it)."""
         architecture, text_type = MULTIMODAL[wrapper]
-        unknown = sorted(k for k in data if k not in _MULTIMODAL_FIELDS and k not in HARMLESS_FIELDS)
+        unknown = sorted(k for k in data if k not in _MULTIMODAL_FIELDS[wrapper] and k not in HARMLESS_FIELDS)
         if unknown:
             raise ValueError(f"{where}: unknown field {unknown[0]} = {_show(data[unknown[0]])} of {architecture} is "
                              "refused: it may change the computation, and this runtime does not implement it")
@@ -720,6 +729,8 @@ class ModelConfig:
                              f"{architecture}'s language model is a {text_type}")
         config = cls.from_hf_dict({**_TEXT_DEFAULTS[wrapper], **text, "model_type": text_type}, name,
                                   f"{where}: text_config")
+        # absent: the text config's (Mistral Small 3.1 names neither and ships an LM head of its own,
+        # which transformers 5 then leaves untied although Mistral3Config's default is true)
         tie = _flag(data, "tie_word_embeddings", where, config.tie_word_embeddings)
         return replace(config, tie_word_embeddings=tie, multimodal=wrapper)
 

@@ -213,6 +213,19 @@ GEMMA3_4B = {  # google/gemma-3-4b-it: the language model's config inside, the r
     "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
                       "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
                       "patch_size": 14, "vision_use_head": False}}
+MISTRAL_SMALL_31 = {  # mistralai/Mistral-Small-3.1-24B-Instruct-2503 (no tie_word_embeddings: its own LM head)
+    "architectures": ["Mistral3ForConditionalGeneration"], "image_token_index": 10, "model_type": "mistral3",
+    "multimodal_projector_bias": False, "projector_hidden_act": "gelu", "spatial_merge_size": 2,
+    "text_config": {"attention_dropout": 0.0, "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120,
+                    "initializer_range": 0.02, "intermediate_size": 32768, "max_position_embeddings": 131072,
+                    "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 40,
+                    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000000.0, "sliding_window": None,
+                    "use_cache": True, "vocab_size": 131072},
+    "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+    "vision_config": {"head_dim": 64, "hidden_act": "silu", "hidden_size": 1024, "image_size": 1540,
+                      "intermediate_size": 4096, "model_type": "pixtral", "num_attention_heads": 16,
+                      "num_channels": 3, "num_hidden_layers": 24, "patch_size": 14, "rope_theta": 10000.0},
+    "vision_feature_layer": -1}
 
 # a model small enough to run in milliseconds, in each layout
 SMALL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 64,
@@ -691,6 +704,22 @@ def test_the_multimodal_gemma3_is_read_as_its_language_model():
     assert round(config.parameters / 1e9, 2) == 3.88  # Gemma 3 4B's language model (the vision tower aside)
     assert config.to_hf_dict()["architectures"] == ["Gemma3ForConditionalGeneration"]
     assert parse(config.to_hf_dict()) == config
+
+
+def test_the_multimodal_mistral3_is_read_as_its_language_model():
+    config = parse(MISTRAL_SMALL_31)
+    assert (config.multimodal, config.hidden_size, config.num_hidden_layers, config.vocab_size) == (
+        "mistral3", 5120, 40, 131072)
+    assert (config.num_key_value_heads, config.head_dim, config.rope_theta) == (8, 128, 1e9)
+    assert config.sliding_window is None and not config.tie_word_embeddings
+    assert round(config.parameters / 1e9, 2) == 23.57  # the language model of Mistral Small 3.1 24B
+    assert config.to_hf_dict()["text_config"]["model_type"] == "mistral" and parse(config.to_hf_dict()) == config
+    assert parse({**MISTRAL_SMALL_31, "tie_word_embeddings": True}).tie_word_embeddings
+    with pytest.raises(ValueError, match="unknown field mm_tokens_per_image = 256 of Mistral3ForConditionalGeneration"):
+        parse({**MISTRAL_SMALL_31, "mm_tokens_per_image": 256})  # a Gemma 3 field
+    with pytest.raises(ValueError, match="text_config names 'llama'; Mistral3ForConditionalGeneration's language "
+                                         "model is a mistral"):
+        parse({**MISTRAL_SMALL_31, "text_config": {**MISTRAL_SMALL_31["text_config"], "model_type": "llama"}})
 
 
 def test_gemma2_is_read_written_back_and_planned_with_capped_attention():

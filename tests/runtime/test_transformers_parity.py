@@ -180,9 +180,18 @@ FAMILIES = {
         layer_types=["sliding_attention", "full_attention"]), vision_config=dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
         patch_size=14), mm_tokens_per_image=4), "5.x"),
+    # Mistral Small 3.1 / 3.2 (Mistral3ForConditionalGeneration): a Mistral language model beside a Pixtral
+    # vision tower, its config as the releases write it: no tie_word_embeddings beside the text_config
+    # (Mistral3Config's default is true; transformers leaves the LM head the checkpoint holds untied)
+    "mistral3-mm": ("Mistral3Config", dict(text_config=dict(model_type="mistral", sliding_window=None, rope_theta=1e6),
+                                           vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                              num_attention_heads=2, head_dim=16, image_size=28,
+                                                              patch_size=14),
+                                           tie_word_embeddings=False), "mistral3-4.x"),
 }
 # the model class of a config class, where it is not the config's name with ForCausalLM
-MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM", "Gemma3Config": "Gemma3ForConditionalGeneration"}
+MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM", "Gemma3Config": "Gemma3ForConditionalGeneration",
+                 "Mistral3Config": "Mistral3ForConditionalGeneration"}
 # config.json fields set after saving: a Qwen2 window far shorter than the sequence, ignored (by
 # transformers too) because use_sliding_window is false, as in the real checkpoints
 CONFIG_EDITS = {"qwen2-4.x": dict(sliding_window=16, max_window_layers=1), "gemma": dict(hidden_act="gelu"),
@@ -219,6 +228,16 @@ def _gemma3_to_4x_layout(folder: Path) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
+def _mistral3_to_4x_layout(folder: Path) -> None:
+    """Rewrite a transformers 5 Mistral 3 config.json as Mistral Small 3.1 ships it (transformers 4.50):
+    no tie_word_embeddings beside the text_config. (transformers 5 saves the tensors under
+    ``language_model.model.`` and ``language_model.lm_head.``, as the releases hold them.)"""
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    assert data.pop("tie_word_embeddings") is False
+    path.write_text(json.dumps(data, indent=2))
+
+
 def _olmo3_to_4x_layout(folder: Path) -> None:
     """Rewrite a transformers 5 OLMo 3 config.json as Olmo-3-7B ships it (transformers 4.57): the
     base at the top level, the full layers' scaling in ``rope_scaling``."""
@@ -246,6 +265,8 @@ def _save(folder: Path, family: str):
         _gemma3_to_4x_layout(folder)
     elif layout == "olmo3-4.x":
         _olmo3_to_4x_layout(folder)
+    elif layout == "mistral3-4.x":
+        _mistral3_to_4x_layout(folder)
     elif layout.startswith("4.x"):
         _to_4x_layout(folder, rope_theta=layout == "4.x")
     if family in CONFIG_EDITS:
@@ -580,7 +601,8 @@ def test_the_sliding_window_matters(family, checkpoints, default_kernels, prompt
 
 @pytest.mark.parametrize("family", ["llama3.1", "qwen2", "qwen3", "qwen3-4.x", "granite", "gemma", "gemma3",
                                     "smollm3", "mistral-window", "gemma3-window", "gemma2", "qwen2-window",
-                                    "olmo2-4.x", "olmo3", "gemma3-mm", "phi3-longrope", "phi4-mini-partial"])
+                                    "olmo2-4.x", "olmo3", "gemma3-mm", "mistral3-mm", "phi3-longrope",
+                                    "phi4-mini-partial"])
 def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints, prompts, greedy, fake_gpu):
     """The same on the CUDA path (fake GPU: cubins built by nvcc, run on the emulator): device
     buffers, the decode step captured as a graph, rope scaling (Llama 3.1), biases (Qwen2) and
