@@ -15,6 +15,7 @@ compared with by ``autotune bench --target cuda``.
 | geglu | ``F.gelu(G, approximate="tanh") * U`` |
 | add | ``torch.add`` |
 | bias_add | ``X + B`` (broadcast over rows) |
+| gather_columns | ``X.index_select(1, P)`` (P as int64, converted once, outside the timing) |
 | attention_prefill, attention_decode | ``F.scaled_dot_product_attention`` (GQA) |
 
 Each runs in a worker process that imports torch (never the parent). Inputs come from the
@@ -209,6 +210,12 @@ def _add(torch, task, t, template):
 def _bias_add(torch, task, t, template):
     x, b = t["X"], t["B"]
     return "torch X + B", lambda: torch.add(x, b)
+
+
+@baseline("gather_columns")
+def _gather_columns(torch, task, t, template):
+    x, p = t["X"], t["P"].long()
+    return "torch index_select", lambda: torch.index_select(x, 1, p)
 
 
 @baseline("rope")

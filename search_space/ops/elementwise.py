@@ -22,6 +22,9 @@ template reads):
 - ``geglu``:     G[M,N], U[M,N] -> Y = gelu(G) * U, gelu as above (Gemma's gated MLP).
 - ``add``:       A[M,N], B[M,N] -> Y = A + B.
 - ``bias_add``:  X[M,N], B[N] -> Y = X + B (B added to every row: a linear layer's bias).
+- ``gather_columns``: X[M,N], P[N] (int32, each in 0 .. N - 1) -> Y[m, j] = X[m, P[j]]: the input
+  of a linear layer quantised with act-order (GPTQ ``desc_act``), whose weight rows are stored
+  sorted by group, put in that order.
 - ``qk_norm``:   X[T, H + 2 HKV, D] (a token's Q/K/V projection: H query heads, then HKV key
   heads, then HKV value heads), GQ, GK -> Y of the same shape, the value heads copied. With
   ``span`` head (Qwen3's per-head q_norm and k_norm, before the rotary embedding), GQ[D] and
@@ -220,6 +223,35 @@ class BiasAddOp(RowOp):
 
     def compute(self, task, a):
         return {"Y": a["X"] + a["B"]}
+
+
+@register_operator
+class GatherColumnsOp(RowOp):
+    op = "gather_columns"
+    description = ("Y[m, j] = X[m, P[j]]: each row's columns in the order P gives (the input of an "
+                   "act-order int4 linear layer, its weights stored sorted by group)")
+    flops_per_element = 0.0
+
+    def signature(self, task: Task) -> tuple[ArgSpec, ...]:
+        dt = task.dtype
+        return (ArgSpec("X", "in", dt, ("M", "N")), ArgSpec("P", "in", "int32", ("N",)),
+                ArgSpec("Y", "out", dt, ("M", "N")))
+
+    def min_bytes(self, task: Task) -> float:
+        d = task.dims
+        return ITEMSIZE[task.dtype] * 2 * d["M"] * d["N"] + 4 * d["N"]
+
+    def make_inputs(self, task: Task, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        d = task.dims
+        return {"X": random_normal(rng, (d["M"], d["N"]), task.dtype),
+                "P": rng.permutation(d["N"]).astype(np.int32)}
+
+    def reference(self, task: Task, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"Y": to_float64(inputs["X"], task.dtype)[:, inputs["P"]]}
+
+    def numpy_baseline(self, task: Task, inputs: dict[str, np.ndarray]):
+        x, order = to_float32(inputs["X"], task.dtype), inputs["P"]
+        return "numpy take", lambda: np.take(x, order, axis=1)
 
 
 @register_operator

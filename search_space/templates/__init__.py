@@ -3,8 +3,8 @@ lookup imports only the module of the template it names (a worker building one g
 needs no other), a listing imports them all (``search_space.registry``)."""
 from __future__ import annotations
 
-_CPU_OPS = ("add", "attention_decode", "attention_prefill", "bias_add", "geglu", "gelu", "gemm", "gemm_q4", "gemv",
-            "gemv_q4", "layernorm", "qk_norm", "rmsnorm", "rope", "softmax", "swiglu")
+_CPU_OPS = ("add", "attention_decode", "attention_prefill", "bias_add", "gather_columns", "geglu", "gelu", "gemm",
+            "gemm_q4", "gemv", "gemv_q4", "layernorm", "qk_norm", "rmsnorm", "rope", "softmax", "swiglu")
 # CUDA has every CPU operator and these; one that is on both lists is named once
 _CUDA_OPS = _CPU_OPS + tuple(op for op in ("kv_append", "rope_append", "rope_append_attention", "argmax", "qk_norm")
                              if op not in _CPU_OPS)

@@ -17,7 +17,7 @@ from search_space.templates.cuda.rowplan import RowPlan
 SM90 = Target.from_name("sm_90a")
 ROW_OPS = ("softmax", "rmsnorm", "layernorm")
 FLAT_OPS = ("add", "swiglu", "geglu", "gelu", "bias_add")
-OPS = ROW_OPS + FLAT_OPS + ("qk_norm", "rope", "attention_decode", "attention_prefill")
+OPS = ROW_OPS + FLAT_OPS + ("gather_columns", "qk_norm", "rope", "attention_decode", "attention_prefill")
 DTYPES = ("float32", "float16", "bfloat16")
 SIZES = (1, 2, 7, 31, 33, 511, 4097)
 
@@ -80,6 +80,28 @@ def test_flat_chunks_cover_every_element_once(op):
             covered = [c for b in range(grid) for c in range(b, chunks, grid)]   # block b: chunks b, b + grid, ...
             assert sorted(covered) == list(range(chunks))
             assert chunks * plan.chunk >= total > (chunks - 1) * plan.chunk
+
+
+def test_gather_blocks_cover_every_row_and_column_once():
+    """Block (x, y) takes rows x * rows .. (below M) and chunk y of the row's vectors, thread t its
+    vectors t, t + threads, ... of the chunk: every (row, vector) exactly once for any runtime M."""
+    template = get_template("gather_columns", "cuda")
+    for n, dtype in ((7, "float32"), (1000, "float16"), (14336, "bfloat16")):
+        task = task_of("gather_columns", {"M": 16, "N": n}, dtype)
+        for config in valid_configs("gather_columns", task, 30):
+            c = config.as_dict()
+            launch = template.render(task, config, SM90).launch_dims
+            nv = n // c["vec"]
+            chunk = -(-nv // c["split"])
+            vectors = sorted(v for y in range(c["split"]) for t in range(c["threads"])
+                             for v in range(y * chunk + t, min(y * chunk + chunk, nv), c["threads"]))
+            assert vectors == list(range(nv))
+            assert all(y * chunk < nv for y in range(c["split"]))        # no block without a column
+            for m in (1, 2, 7, 33):
+                (gx, gy, gz), block, smem = resolve_launch(launch, {"M": m})
+                assert (gy, gz) == (c["split"], 1) and block == (c["threads"], 1, 1) and smem == 0
+                rows = [x * c["rows"] + r for x in range(gx) for r in range(c["rows"])]
+                assert [r for r in rows if r < m] == list(range(m)) and gx * c["rows"] - m < c["rows"]
 
 
 def test_qk_norm_grid_covers_every_head_row_once():
@@ -231,7 +253,7 @@ def test_every_valid_config_respects_the_target(op):
     shapes = {
         "softmax": {"M": 64, "N": 11008}, "rmsnorm": {"M": 64, "N": 11008}, "layernorm": {"M": 64, "N": 4096},
         "add": {"M": 64, "N": 4096}, "swiglu": {"M": 64, "N": 11008}, "gelu": {"M": 64, "N": 4096},
-        "geglu": {"M": 64, "N": 11008}, "bias_add": {"M": 64, "N": 4096},
+        "geglu": {"M": 64, "N": 11008}, "bias_add": {"M": 64, "N": 4096}, "gather_columns": {"M": 64, "N": 14336},
         "qk_norm": {"T": 64, "H": 64, "HKV": 4, "D": 128},
         "rope": {"T": 64, "H": 32, "D": 128},
         "attention_decode": {"B": 8, "H": 32, "HKV": 8, "D": 128, "S": 4096, "L": 4096},
@@ -298,6 +320,8 @@ AWKWARD = [
     ("rmsnorm", {"M": 2, "N": 4100}, "bfloat16", {"residual": True}, ("M",)),
     ("layernorm", {"M": 9, "N": 24}, "float16", {}, ()),
     ("gelu", {"M": 1, "N": 3}, "bfloat16", {}, ()),
+    ("gather_columns", {"M": 2, "N": 7}, "float16", {}, ()),
+    ("gather_columns", {"M": 3, "N": 14336}, "bfloat16", {}, ("M",)),
     ("qk_norm", {"T": 1, "H": 1, "HKV": 1, "D": 2}, "float16", {}, ()),
     ("qk_norm", {"T": 7, "H": 40, "HKV": 8, "D": 256}, "float32", {"eps": 1e-5}, ("T",)),
     ("qk_norm", {"T": 1, "H": 1, "HKV": 1, "D": 2}, "float16", {"span": "projection"}, ()),
@@ -413,6 +437,7 @@ def test_soft_capping_is_compiled_in_and_absent_without_a_cap(op):
 def test_defaults_are_valid_at_many_shapes():
     shapes = {
         "softmax": [{"M": m, "N": n} for m, n in itertools.product((1, 4096), (1, 8, 100, 4096, 11008, 32000))],
+        "gather_columns": [{"M": m, "N": n} for m, n in itertools.product((1, 7, 4096), (1, 3, 4096, 11008, 14336))],
         "rope": [{"T": 1, "H": 1, "D": 2}, {"T": 4096, "H": 32, "D": 128}, {"T": 5, "H": 64, "D": 256}],
         "qk_norm": [{"T": 1, "H": 1, "HKV": 1, "D": 2}, {"T": 4096, "H": 32, "HKV": 8, "D": 128},
                     {"T": 1, "H": 64, "HKV": 4, "D": 128}, {"T": 5, "H": 16, "HKV": 2, "D": 512}],

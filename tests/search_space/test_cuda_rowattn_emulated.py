@@ -38,6 +38,11 @@ CASES = [
     ("bias_add", {"M": 8, "N": 1000}, {}, None, [{"M": 3}], [{}, dict(grid="persistent", vec=2, unroll=4)]),
     ("bias_add", {"M": 4, "N": 7}, {}, None, [{"M": 5}], [{}]),
     ("gelu", {"M": 8, "N": 1001}, {}, None, [{"M": 1}], [dict(unroll=4, vec=1)]),
+    # columns in a random order: fewer rows than tuned (the last block of rows part full), a row
+    # in chunks, unrolled vectors past a chunk's end; a row of 7 (vectors of one), M compiled in
+    ("gather_columns", {"M": 4, "N": 1000}, {}, None, [{"M": 3}],
+     [{}, dict(threads=64, vec=2, rows=2, split=4, unroll=2), dict(threads=64, vec=4, rows=4, split=1, unroll=4)]),
+    ("gather_columns", {"M": 2, "N": 7}, {}, (), [{}], [{}]),
     # Qwen3's q/k norm: query heads by GQ, key heads by GK, value heads copied; fewer tokens than
     # tuned (10 heads a token: blocks of rows straddle tokens); a warp per head (the default), a
     # block per head from shared memory, re-read rows
