@@ -39,9 +39,9 @@ from .arrays import arrays_for
 from .generation import Generation, checked_generation, checked_tokens
 from .kernel import BoundCall, Kernel, KernelProvider, buckets, numpy_dtype, select
 from .model_config import ModelConfig
-from .plan import (FUSED_ATTRS, GATED_ACTS, GEMV_MAX_M, PREFILL_DYNAMIC_ROWS, KernelCall, attention_suffix,
-                   bias_role, biased_projections, can_fuse_norms, decode_calls, precisions, prefill_calls, rope_suffix,
-                   unfused)
+from .plan import (ACT_ORDER_GATHERS, FUSED_ATTRS, GATED_ACTS, GEMV_MAX_M, PREFILL_DYNAMIC_ROWS, KernelCall,
+                   attention_suffix, bias_role, biased_projections, can_fuse_norms, decode_calls, precisions,
+                   prefill_calls, rope_suffix, unfused)
 from .precision import check_dtype, from_float, rounded, stored_as, to_float32, widened
 from .weights import QK_NORMS, DeviceWeights, ModelWeights, bias_name, fused_parts, is_norm_gain, layer_name
 
@@ -72,6 +72,8 @@ class _Buffers:
             widths["qkv_pre"] = widths["qkv"]
         if c.post_norms:  # a sublayer's normalised output, which the residual norm adds
             widths["post"] = c.hidden_size
+        if c.int4_act_order:  # a projection's input gathered into its weights' order (ACT_ORDER_GATHERS)
+            widths.update(gather_hidden=c.hidden_size, gather_attn=c.q_size)
         self.names = {name: arrays.empty((rows, width), numpy_dtype(dtype)) for name, width in widths.items()}
         biased = biased_projections(c)
         self.raw = {out: arrays.empty((rows, widths[out]), numpy_dtype(dtype)) for role, out in _OUTPUTS.items()
@@ -172,6 +174,9 @@ class LlamaModel:
         if isinstance(weights, DeviceWeights):
             if not self.arrays.resident:
                 raise ValueError("device weights need a provider of CUDA kernels")
+            if config.int4_act_order:
+                raise ValueError(f"{config.name}: an act-order GPTQ checkpoint runs from host weights (ModelWeights.load), "
+                                 "which put its layers in the order its kernels read")
             if config.scaled and not weights.folded:
                 raise ValueError(f"{config.name}: Granite's embedding_multiplier, residual_multiplier and "
                                  "logits_scaling, and Gemma's embedding scale and norms by 1 + weight, are folded "
@@ -243,7 +248,7 @@ class LlamaModel:
         return rounded(widened(array), self.dtype)  # weight-only: bfloat16 values in float32
 
     def _weight(self, name: str, part: str = "", linear: bool = False) -> object:
-        """A weight tensor (or part of a quantised one: "wq", "scales", "zeros") where the kernels run;
+        """A weight tensor (or part of a quantised one: "wq", "scales", "zeros", "order") where the kernels run;
         ``linear``: the weights of a linear layer."""
         key = f"{name}#{part}"
         if key not in self._device and isinstance(self.w, DeviceWeights):
@@ -252,6 +257,8 @@ class LlamaModel:
             if np.dtype(array.dtype) != want:
                 raise ValueError(f"device weight {key.rstrip('#')} is {array.dtype}; a {self.dtype} model needs {want}")
             self._device[key] = array
+        if key not in self._device and part == "order":  # act-order: one for a fused projection's parts
+            self._device[key] = self.arrays.upload(self.w.quantized[fused_parts(name)[0]].order)
         if key not in self._device:
             parts = fused_parts(name)  # a fused projection: its tensors stacked along N
             if part == "wq":  # the int4 codes are bytes
@@ -259,6 +266,9 @@ class LlamaModel:
             else:  # floats in the model's precision, converted one tensor at a time
                 pieces = [self._host_tensor(getattr(self.w.quantized[p], part) if part else self.w.tensors[p],
                                             linear and not part) for p in parts]
+            down_order = self._down_order(name)
+            if down_order is not None:  # gate and up write their rows in the order down_proj reads them
+                pieces = [piece[down_order] for piece in pieces]
             host = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
             if part not in ("wq", "zeros"):  # int4 codes and zero points keep their values; scales take the factor
                 offset = 1.0 if self.config.offset_norms and is_norm_gain(name) else 0.0  # Gemma's 1 + weight
@@ -266,6 +276,14 @@ class LlamaModel:
                               offset)
             self._device[key] = self.arrays.upload(host)
         return self._device[key]
+
+    def _down_order(self, name: str) -> np.ndarray | None:
+        """For a tensor of gate/up (weights, scales, zero points, biases) of an act-order checkpoint:
+        the order down_proj's stored rows read their input in. SwiGLU's output then comes in that
+        order, and down_proj needs no gather (``runtime.plan.ACT_ORDER_GATHERS``)."""
+        if not self.config.int4_act_order or ".mlp.gate_up_proj." not in name:
+            return None
+        return self.w.quantized[name.split(".mlp.")[0] + ".mlp.down_proj.weight"].order
 
     def _factor(self, name: str) -> float:
         """Granite's scalar folded into weight (or bias) ``name``: the output and down projections
@@ -381,11 +399,17 @@ class LlamaModel:
         ``bias_add``. ``gain`` and ``residual``: what a fused GEMV also reads (``_linear``)."""
         out = buf.names[_OUTPUTS[role]] if out is None else out
         raw = buf.raw.get(_OUTPUTS[role])
+        gather = []
+        if self.config.int4_act_order and role in ACT_ORDER_GATHERS:  # the input in the weights' row order
+            gathered = buf.names[ACT_ORDER_GATHERS[role]]
+            gather = [k[ACT_ORDER_GATHERS[role]].bind({"X": x, "P": self._weight(layer_name(layer, part), "order"),
+                                                       "Y": gathered}, {"M": buf.rows})]
+            x = gathered
         if raw is None:
-            return [self._linear(k[role], layer_name(layer, part), x, out, gain, residual)]
+            return [*gather, self._linear(k[role], layer_name(layer, part), x, out, gain, residual)]
         if residual is not None:
             raise ValueError(f"{role} has a bias: its residual add cannot be fused into the GEMV")
-        return [self._linear(k[role], layer_name(layer, part), x, raw, gain),
+        return [*gather, self._linear(k[role], layer_name(layer, part), x, raw, gain),
                 k[bias_role(role)].bind({"X": raw, "B": self._weight(bias_name(layer, part)), "Y": out},
                                         {"M": buf.rows})]
 

@@ -257,10 +257,14 @@ class ModelConfig:
     # an int4 checkpoint's (GPTQ or AWQ): how its tensors pack the codes (a key of INT4_FORMATS; None:
     # a float checkpoint), and as the q4 kernels take them: one scale per ``int4_group_size`` weights
     # along K and, with ``int4_zero_points``, a zero point per group (asymmetric codes; else 8).
-    # Its LM head is not quantised (``runtime.weights``)
+    # Its LM head is not quantised (``runtime.weights``). ``int4_act_order``: a GPTQ checkpoint made
+    # with act-order (desc_act, without static_groups), whose g_idx gives each weight row its group
+    # out of order: the rows are stored sorted by group and each such layer's input gathered into
+    # that order (``gather_columns``) before it
     int4_format: str | None = None
     int4_group_size: int | None = None
     int4_zero_points: bool = False
+    int4_act_order: bool = False
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -440,6 +444,9 @@ class ModelConfig:
             raise ValueError(f"model {self.name}: int4_zero_points must be true or false, got {self.int4_zero_points!r}")
         if fmt == "awq" and not self.int4_zero_points:
             raise ValueError(f"model {self.name}: an AWQ checkpoint has zero points (int4_zero_points true)")
+        if not isinstance(self.int4_act_order, bool) or (self.int4_act_order and fmt not in ("gptq", "gptq_v2")):
+            raise ValueError(f"model {self.name}: int4_act_order is true only for a GPTQ checkpoint (int4_format gptq "
+                             f"or gptq_v2), got {self.int4_act_order!r}")
 
     @property
     def int4_name(self) -> str | None:
@@ -452,7 +459,7 @@ class ModelConfig:
             return {"quant_method": "awq", "bits": 4, "group_size": self.int4_group_size, "zero_point": True,
                     "version": "gemm"}
         return {"quant_method": "gptq", "bits": 4, "group_size": self.int4_group_size,
-                "sym": not self.int4_zero_points, "desc_act": False, "checkpoint_format": self.int4_format}
+                "sym": not self.int4_zero_points, "desc_act": self.int4_act_order, "checkpoint_format": self.int4_format}
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json of a family that computes this model (``from_hf_dict`` reads it back
@@ -470,11 +477,12 @@ class ModelConfig:
             return {"architectures": [architecture], "model_type": self.multimodal,
                     "tie_word_embeddings": self.tie_word_embeddings, "text_config": text}
         if self.int4_format is not None:  # the model's config with the checkpoint's quantisation
-            float_config = replace(self, int4_format=None, int4_group_size=None, int4_zero_points=False)
+            float_config = replace(self, int4_format=None, int4_group_size=None, int4_zero_points=False,
+                                   int4_act_order=False)
             return {**float_config.to_hf_dict(), "quantization_config": self._int4_hf_dict()}
         data = asdict(self)
         data.pop("name")
-        for field in ("multimodal", "int4_format", "int4_group_size", "int4_zero_points", "rope_type",
+        for field in ("multimodal", "int4_format", "int4_group_size", "int4_zero_points", "int4_act_order", "rope_type",
                       *_ROPE_FIELDS.values(), "partial_rotary_factor", "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
                       "qk_norm_span", *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "pre_norms",
                       "local_layers", "local_rope_theta", "nope_layers", "attn_softcap", "final_softcap"):
@@ -1058,8 +1066,8 @@ def _is_int4_group(value: Any) -> bool:
 
 def _int4_checkpoint(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The ModelConfig fields of an int4 checkpoint's ``quantization_config`` ({} without one):
-    GPTQ (4 bits, symmetric or with zero points, without act-order (``desc_act``), the LM head not
-    quantised, the gptq or gptq_v2 packing) or AWQ (4 bits, zero points, the gemm packing);
+    GPTQ (4 bits, symmetric or with zero points, with or without act-order (``desc_act``), the LM
+    head not quantised, the gptq or gptq_v2 packing) or AWQ (4 bits, zero points, the gemm packing);
     anything else refused by name."""
     spec = data.get("quantization_config")
     if spec is None:
@@ -1069,14 +1077,14 @@ def _int4_checkpoint(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     method = spec.get("quant_method")
     if method not in _INT4_HARMLESS:
         raise ValueError(f"{where}: quantization_config.quant_method = {_show(method)} is not implemented; "
-                         "supported: gptq (4 bits, without act-order), awq (4 bits, gemm packing)")
+                         "supported: gptq (4 bits), awq (4 bits, gemm packing)")
     unknown = sorted(k for k in spec if k not in _INT4_HARMLESS[method])
     if unknown:
         raise ValueError(f"{where}: quantization_config.{unknown[0]} = {_show(spec[unknown[0]])} is not implemented")
     # the values each key may take, the first where it is left out
     if method == "gptq":
-        accepted = {"bits": (4,), "desc_act": (False,), "lm_head": (False,), "sym": (True, False),
-                    "checkpoint_format": ("gptq", "gptq_v2")}
+        accepted = {"bits": (4,), "desc_act": (False, True), "static_groups": (False, True), "lm_head": (False,),
+                    "sym": (True, False), "checkpoint_format": ("gptq", "gptq_v2")}
     else:
         # AutoAWQ writes its version in capitals in some checkpoints (GEMM), transformers reads either
         version = spec.get("version", "gemm")
@@ -1097,8 +1105,10 @@ def _int4_checkpoint(data: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise ValueError(f"{where}: quantization_config.group_size = {_show(group)} is not implemented; supported: "
                          f"{', '.join(map(str, INT4_GROUP_SIZES))}")
     if method == "gptq":
+        # static_groups fixes each group's rows before act-order reorders the work: g_idx stays in order
         return {"int4_format": spec.get("checkpoint_format", "gptq"), "int4_group_size": group,
-                "int4_zero_points": not spec.get("sym", True)}
+                "int4_zero_points": not spec.get("sym", True),
+                "int4_act_order": spec.get("desc_act", False) and not spec.get("static_groups", False)}
     return {"int4_format": "awq", "int4_group_size": group, "int4_zero_points": True}
 
 

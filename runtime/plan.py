@@ -270,10 +270,11 @@ def can_fuse_norms(config: ModelConfig, batch: int) -> bool:
     """Whether a decode step of ``batch`` sequences can run its norms and residual adds inside
     its GEMVs: every linear layer is a GEMV, none adds a bias after the GEMV that would take
     the residual add, and the layer is Llama's (no norm between a projection and its residual
-    add, SwiGLU as the gate, one rotary embedding for every layer: the fused attention rotates)."""
+    add, SwiGLU as the gate, one rotary embedding for every layer: the fused attention rotates),
+    and no gather of an act-order checkpoint sits between a norm and the GEMV that would take it."""
     c = config
     return (batch <= GEMV_MAX_M and not (c.o_bias or c.mlp_bias or c.post_norms or c.split_rope or c.nope_layers
-                                         or c.local_layers) and c.activation == "silu")
+                                         or c.local_layers or c.int4_act_order) and c.activation == "silu")
 
 
 def _fuse_norms(config: ModelConfig, calls: list[KernelCall]) -> list[KernelCall]:
@@ -359,9 +360,17 @@ def bias_role(role: str) -> str:
     return role.replace("_proj", "_bias")
 
 
+# The projections (by role) whose input an act-order GPTQ checkpoint (``ModelConfig.int4_act_order``)
+# gathers into its weights' row order first, and the gather's role; down_proj needs none (its order
+# is in gate/up's rows: ``runtime.weights``)
+ACT_ORDER_GATHERS = {"qkv_proj": "gather_hidden", "o_proj": "gather_attn", "gate_up_proj": "gather_hidden"}
+
+
 def _layer_linears(config: ModelConfig, m: int, quantize: str, group_size: int, attrs: dict,
                    dynamic_rows: bool = False) -> list[KernelCall]:
     c, layers = config, config.num_hidden_layers
+    gathers = ([_rows("gather_hidden", "gather_columns", m, c.hidden_size, 2 * layers),
+                _rows("gather_attn", "gather_columns", m, c.q_size, layers)] if c.int4_act_order else [])
     q, d = (quantize, group_size, attrs), {"dynamic_rows": dynamic_rows, "zero_points": c.int4_zero_points}
     # Q, K, V as one projection and gate, up as another (runtime.weights.FUSED)
     linears = [_linear("qkv_proj", m, c.q_size + 2 * c.kv_size, c.hidden_size, layers, *q, **d),
@@ -369,8 +378,8 @@ def _layer_linears(config: ModelConfig, m: int, quantize: str, group_size: int, 
                _linear("gate_up_proj", m, 2 * c.intermediate_size, c.hidden_size, layers, *q, **d),
                _linear("down_proj", m, c.hidden_size, c.intermediate_size, layers, *q, **d)]
     biased = biased_projections(c)
-    return linears + [_rows(bias_role(call.role), "bias_add", m, call.spec.dims["N"], layers)
-                      for call in linears if biased[call.role]]
+    return linears + gathers + [_rows(bias_role(call.role), "bias_add", m, call.spec.dims["N"], layers)
+                                for call in linears if biased[call.role]]
 
 
 def _linear_attrs(dtype: str, weights: str | None, quantize: str) -> dict:

@@ -16,7 +16,7 @@ import os
 import re
 import stat
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -215,8 +215,9 @@ def _nibbles(packed: np.ndarray, axis: int) -> np.ndarray:
 def int4_linear(name: str, parts: dict[str, np.ndarray], config: ModelConfig) -> QuantizedLinear:
     """The q4 layer an int4 checkpoint's tensors of linear ``name`` stand for (``INT4_PARTS``): the
     codes repacked as the kernels read them, the zero points kept where the config has them (a
-    ValueError for a symmetric checkpoint whose zero points are not all 8), a GPTQ g_idx that puts
-    weights out of group order (act-order) refused."""
+    ValueError for a symmetric checkpoint whose zero points are not all 8). A GPTQ g_idx that puts
+    rows out of group order (act-order) has them stored sorted by group, and the layer's ``order``
+    says where each came from; it must give every group ``int4_group_size`` rows."""
     group = config.int4_group_size
     if config.int4_format == "awq":  # packed along N in AWQ_ORDER: undo the order within each eight
         undo = np.argsort(AWQ_ORDER)
@@ -228,15 +229,34 @@ def int4_linear(name: str, parts: dict[str, np.ndarray], config: ModelConfig) ->
     else:
         codes = _nibbles(parts["qweight"], 0)
         zeros = _nibbles(parts["qzeros"], 1) + (1 if config.int4_format == "gptq" else 0)
-        g_idx = parts.get("g_idx")
-        if g_idx is not None and not np.array_equal(g_idx, np.arange(codes.shape[0]) // group):
-            raise ValueError(f"{name}: GPTQ g_idx puts weights out of group order (act-order) - not implemented")
+        order = _act_order(name, parts.get("g_idx"), codes.shape[0], config)
+        if order is not None:
+            codes = codes[order]
     if not config.int4_zero_points and not (zeros == 8).all():
         raise ValueError(f"{name}: zero points other than 8 where the config says the codes are symmetric "
                          "(quantization_config.sym true)")
     kept = np.ascontiguousarray(zeros.T, dtype=np.float32) if config.int4_zero_points else None
     return QuantizedLinear(pack_codes(codes.T.astype(np.uint8)), np.ascontiguousarray(widened(parts["scales"]).T),
-                           group, kept)
+                           group, kept, order if config.int4_format != "awq" else None)
+
+
+def _act_order(name: str, g_idx: np.ndarray | None, k: int, config: ModelConfig) -> np.ndarray | None:
+    """The rows of a GPTQ layer of an act-order model sorted by group (int32 [K]: where row j of the
+    sorted codes came from), None in a model without act-order. ValueError for a g_idx out of order
+    where the config says there is no act-order, or one that does not give each group
+    ``int4_group_size`` rows."""
+    group = config.int4_group_size
+    in_order = np.arange(k) // group
+    if not config.int4_act_order:
+        if g_idx is not None and not np.array_equal(g_idx, in_order):
+            raise ValueError(f"{name}: g_idx puts rows out of group order (act-order), but "
+                             "quantization_config.desc_act is not true")
+        return None
+    if g_idx is None:  # every layer of an act-order model has an order, if only this one's
+        g_idx = in_order
+    if g_idx.min() < 0 or g_idx.max() >= k // group or (np.bincount(g_idx, minlength=k // group) != group).any():
+        raise ValueError(f"{name}: g_idx does not give each of the {k // group} groups {group} rows")
+    return np.argsort(g_idx, kind="stable").astype(np.int32)
 
 
 @dataclass
@@ -249,10 +269,18 @@ class QuantizedLinear:
     scales: np.ndarray     # [N, K/G] float32
     group_size: int
     zeros: np.ndarray | None = None  # [N, K/G] float32 (whole numbers): the zero points; None: 8 (symmetric)
+    # act-order (int32 [K]): column j of wq holds input k = order[j] of the layer, so the kernels read
+    # the input gathered so (``gather_columns``); None: in order
+    order: np.ndarray | None = None
 
     @functools.cached_property
-    def dequantized(self) -> np.ndarray:  # [N, K] float32
-        return dequantize_q4(self.wq, self.scales, self.zeros, self.group_size).astype(np.float32)
+    def dequantized(self) -> np.ndarray:  # [N, K] float32, in the layer's input order
+        weights = dequantize_q4(self.wq, self.scales, self.zeros, self.group_size).astype(np.float32)
+        if self.order is None:
+            return weights
+        unsorted = np.empty_like(weights)
+        unsorted[:, self.order] = weights
+        return unsorted
 
 
 @dataclass
@@ -281,6 +309,8 @@ class ModelWeights:
         zero_points = self.config.int4_zero_points
         problems += [f"{name} is int4 {'without' if zero_points else 'with'} zero points"
                      for name, codes in self.quantized.items() if (codes.zeros is not None) != zero_points]
+        problems += [f"{name} has {'no' if self.config.int4_act_order else 'an'} act-order"
+                     for name, codes in self.quantized.items() if (codes.order is not None) != self.config.int4_act_order]
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
             raise ValueError(f"weights do not fit {self.config.name}: {'; '.join(problems[:3])}{more}")
@@ -429,7 +459,7 @@ class ModelWeights:
             return self
         quantized = {}
         for name, q in self.quantized.items():
-            quantized[name] = QuantizedLinear(q.wq, rounded(q.scales, dtype), self.group_size, q.zeros)
+            quantized[name] = replace(q, scales=rounded(q.scales, dtype))
         tensors = {name: rounded(self[name], dtype) for name in self.tensors}
         return ModelWeights(self.config, tensors, quantized, self.group_size)
 
@@ -519,7 +549,21 @@ def _int4_layers(folder, tensors: dict[str, np.ndarray], int4: dict[str, tuple[s
             raise ValueError(f"{folder}: {name} is {np.asarray(tensor).dtype} {tuple(np.shape(tensor))}, expected "
                              f"{kind} {shape}")
         layers.setdefault(linear, {})[part] = tensor
-    return {linear: int4_linear(f"{folder}: {linear}", parts, config) for linear, parts in layers.items()}
+    quantized = {linear: int4_linear(f"{folder}: {linear}", parts, config) for linear, parts in layers.items()}
+    if config.int4_act_order:
+        _check_act_orders(folder, quantized, config)
+    return quantized
+
+
+def _check_act_orders(folder, quantized: dict[str, QuantizedLinear], config: ModelConfig) -> None:
+    """The layers of one fused projection (``FUSED``) of an act-order checkpoint read their input in
+    one order (they share it), as GPTQ makes them: each orders a layer input by the same statistics."""
+    for layer in range(config.num_hidden_layers):
+        for fused, parts in FUSED.items():
+            orders = [quantized[layer_name(layer, part)].order for part in parts]
+            if any(not np.array_equal(o, orders[0]) for o in orders[1:]):
+                raise ValueError(f"{folder}: the act-order (g_idx) of {', '.join(layer_name(layer, p) for p in parts)} "
+                                 f"differs, and they run as one projection ({fused}): not implemented")
 
 
 def _unstacked(folder, name: str, tensor: np.ndarray, parts: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:

@@ -23,6 +23,7 @@ GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "sym": True, "de
 FLOAT_CONFIG = dataclasses.replace(PRESETS["tiny"], name="tiny-int4")
 CONFIG = dataclasses.replace(FLOAT_CONFIG, int4_format="gptq", int4_group_size=GROUP)
 ASYMMETRIC = dataclasses.replace(CONFIG, int4_zero_points=True)
+ACT_ORDER = dataclasses.replace(CONFIG, int4_act_order=True)
 AWQ_GROUP = 32
 # as AutoAWQ writes it (TheBloke's checkpoints spell the version in capitals)
 AWQ = {"quant_method": "awq", "bits": 4, "group_size": AWQ_GROUP, "zero_point": True, "version": "GEMM",
@@ -31,14 +32,18 @@ AWQ_CONFIG = dataclasses.replace(FLOAT_CONFIG, int4_format="awq", int4_group_siz
 ORDER_MAP = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's: nibble i of a word holds column order_map[i] of its eight
 
 
-def pack_gptq(w: np.ndarray, group: int, sym: bool = True, v2: bool = False
+def pack_gptq(w: np.ndarray, group: int, sym: bool = True, v2: bool = False, g_idx: np.ndarray | None = None
               ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """AutoGPTQ's packing of W[N, K], written out the way its QuantLinear.pack loops: codes
     round(w / scale) + zero, symmetric (zero 8) or asymmetric (zero round(-min / scale)), each row
     of qweight eight consecutive k's codes of one n, the first in the low bits; qzeros eight
-    consecutive n's zeros, stored minus one (``v2``: as they are). Also the weights they stand for."""
+    consecutive n's zeros, stored minus one (``v2``: as they are). ``g_idx``: each k's group, as
+    act-order leaves them (each group's scale and zero from its own rows; in order where None).
+    Also the weights they stand for."""
     n, k = w.shape
-    groups = w.reshape(n, k // group, group)
+    g_idx = (np.arange(k) // group).astype(np.int32) if g_idx is None else g_idx
+    by_group = np.argsort(g_idx, kind="stable")                                       # k of each sorted row
+    groups = w[:, by_group].reshape(n, k // group, group)
     if sym:
         scales = (np.abs(groups).max(axis=2) / 7).astype(np.float16)                # [N, G]
         zeros = np.full(scales.shape, 8, np.uint32)
@@ -46,8 +51,7 @@ def pack_gptq(w: np.ndarray, group: int, sym: bool = True, v2: bool = False
         lo, hi = groups.min(axis=2), groups.max(axis=2)
         scales = ((hi - lo) / 15).astype(np.float16)
         zeros = np.clip(np.round(-lo / scales.astype(np.float32)), 1, 15).astype(np.uint32)
-    codes = np.clip(np.round(groups / scales[..., None].astype(np.float32)) + zeros[..., None], 0, 15)
-    codes = codes.astype(np.uint32).reshape(n, k)
+    codes = np.clip(np.round(w / scales[:, g_idx].astype(np.float32)) + zeros[:, g_idx], 0, 15).astype(np.uint32)
     intweight = codes.T                                                               # [K, N]
     qweight = np.zeros((k // 8, n), np.uint32)
     for row in range(k // 8):
@@ -58,10 +62,17 @@ def pack_gptq(w: np.ndarray, group: int, sym: bool = True, v2: bool = False
     for col in range(n // 8):
         for j in range(8):
             qzeros[:, col] |= stored[:, 8 * col + j] << np.uint32(4 * j)
-    stands_for = ((codes.astype(np.float32).reshape(n, k // group, group) - zeros[..., None])
-                  * scales.astype(np.float32)[..., None]).reshape(n, k)
+    stands_for = (codes.astype(np.float32) - zeros[:, g_idx]) * scales[:, g_idx].astype(np.float32)
     return ({"qweight": qweight.view(np.int32), "qzeros": qzeros.view(np.int32), "scales": scales.T.copy(),
-             "g_idx": (np.arange(k) // group).astype(np.int32)}, stands_for)
+             "g_idx": g_idx.astype(np.int32)}, stands_for)
+
+
+def act_order_g_idx(k: int, group: int, rng: np.random.Generator) -> np.ndarray:
+    """A g_idx as GPTQ's act-order leaves it: the rows in a shuffled order (GPTQ's: by the size of
+    the input's second moments), each group ``group`` consecutive rows of that order."""
+    g_idx = np.empty(k, np.int32)
+    g_idx[rng.permutation(k)] = np.arange(k) // group
+    return g_idx
 
 
 def pack_awq(w: np.ndarray, group: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -98,15 +109,20 @@ def save_int4(folder, config: ModelConfig = CONFIG, seed: int = 3, edit=None):
     from safetensors.numpy import save_file
 
     weights = ModelWeights.random(config, seed=seed)
-    tensors, stands_for = {}, {}
+    tensors, stands_for, orders = {}, {}, {}
+    rng = np.random.default_rng(seed)
     for name in expected_shapes(config):
         if name in q4_linear_names(config):
             group = config.int4_group_size
             if config.int4_format == "awq":
                 parts, stands_for[name] = pack_awq(weights[name], group)
             else:
+                # act-order: one order per layer input (q, k and v share theirs, gate and up theirs)
+                shared = name.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
+                if config.int4_act_order and shared not in orders:
+                    orders[shared] = act_order_g_idx(weights[name].shape[1], group, rng)
                 parts, stands_for[name] = pack_gptq(weights[name], group, not config.int4_zero_points,
-                                                    config.int4_format == "gptq_v2")
+                                                    config.int4_format == "gptq_v2", orders.get(shared))
             tensors.update({name[: -len("weight")] + part: t for part, t in parts.items()})
         else:
             tensors[name] = weights[name].astype(np.float16)
@@ -115,8 +131,10 @@ def save_int4(folder, config: ModelConfig = CONFIG, seed: int = 3, edit=None):
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "model.safetensors"))
     spec = AWQ if config.int4_format == "awq" else {**GPTQ, "sym": not config.int4_zero_points,
-                                                     "checkpoint_format": config.int4_format}
-    hf = {**dataclasses.replace(config, int4_format=None, int4_group_size=None, int4_zero_points=False).to_hf_dict(),
+                                                     "checkpoint_format": config.int4_format,
+                                                     "desc_act": config.int4_act_order}
+    hf = {**dataclasses.replace(config, int4_format=None, int4_group_size=None, int4_zero_points=False,
+                                int4_act_order=False).to_hf_dict(),
           "quantization_config": spec}
     (folder / "config.json").write_text(json.dumps(hf))
     return load_model_config(folder), stands_for
@@ -136,11 +154,50 @@ def test_a_gptq_config_is_read_written_back_and_leaves_the_lm_head_unquantised()
         check_quantize(config, "q4", 128)
 
 
+def test_act_order_is_read_from_desc_act_and_gathers_the_inputs_of_all_but_down_proj():
+    """desc_act without static_groups (which keeps g_idx in order) is act-order: the plan gathers
+    the inputs of the Q/K/V, output and gate/up projections, and fuses no norms into GEMVs."""
+    act_order = {**FLOAT_CONFIG.to_hf_dict(), "quantization_config": {**GPTQ, "desc_act": True}}
+    config = ModelConfig.from_hf_dict(act_order, CONFIG.name)
+    assert config == ACT_ORDER and ModelConfig.from_hf_dict(config.to_hf_dict(), CONFIG.name) == config
+    static = {**act_order, "quantization_config": {**GPTQ, "desc_act": True, "static_groups": True}}
+    assert not ModelConfig.from_hf_dict(static, CONFIG.name).int4_act_order
+    layers = config.num_hidden_layers
+    for calls in (decode_calls(config, 1, 64, "q4", GROUP, resident=True), prefill_calls(config, 16, "q4", GROUP)):
+        gathers = {(c.role, c.spec.dims["N"], c.count) for c in calls if c.spec.op == "gather_columns"}
+        assert gathers == {("gather_hidden", config.hidden_size, 2 * layers), ("gather_attn", config.q_size, layers)}
+        assert not any(call.spec.attr.get("norm") for call in calls)
+    with pytest.raises(ValueError, match="int4_act_order is true only for a GPTQ checkpoint"):
+        dataclasses.replace(AWQ_CONFIG, int4_act_order=True)
+
+
+def _unequal_groups(tensors):
+    name = next(n for n in tensors if n.endswith("g_idx"))
+    tensors[name] = tensors[name].copy()
+    tensors[name][tensors[name] == 0] = 1  # group 1 twice the rows, group 0 none
+
+
+def _q_and_k_differ(tensors):
+    name = "model.layers.0.self_attn.k_proj.g_idx"
+    tensors[name] = tensors[name][::-1].copy()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_unequal_groups, r"g_idx does not give each of the 2 groups 64 rows"),
+    (_q_and_k_differ, r"the act-order \(g_idx\) of model.layers.0.self_attn.q_proj.weight, .* differs, and they run "
+                      r"as one projection"),
+])
+def test_an_act_order_checkpoint_the_kernels_cannot_compute_is_refused(edit, message, tmp_path):
+    config, _ = save_int4(tmp_path, ACT_ORDER, edit=edit)
+    with pytest.raises(ValueError, match=message):
+        ModelWeights.load(config, tmp_path)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"quant_method": "bitsandbytes"}, "quant_method = 'bitsandbytes' is not implemented; supported: gptq"),
     ({"bits": 8}, "quantization_config.bits = 8 is not implemented; supported: 4"),
     ({"sym": "no"}, "quantization_config.sym = 'no' is not implemented; supported: true, false"),
-    ({"desc_act": True}, "quantization_config.desc_act = true is not implemented"),
+    ({"desc_act": 1}, "quantization_config.desc_act = 1 is not implemented; supported: false, true"),
     ({"group_size": -1}, "quantization_config.group_size = -1 is not implemented; supported: 32, 64, 128"),
     ({"group_size": 128.0}, "quantization_config.group_size = 128.0 is not implemented; supported: 32, 64, 128"),
     ({"checkpoint_format": "marlin"}, "checkpoint_format = 'marlin' is not implemented; supported: 'gptq', 'gptq_v2'"),
@@ -154,7 +211,8 @@ def test_a_quantization_the_kernels_do_not_compute_is_refused(change, message):
 
 
 # symmetric codes in float32, zero points (their binding is the same for GPTQ's and AWQ's) in float16
-@pytest.mark.parametrize("config, dtype", [(CONFIG, "float32"), (AWQ_CONFIG, "float16")], ids=["gptq", "awq-float16"])
+@pytest.mark.parametrize("config, dtype", [(ACT_ORDER, "float32"), (AWQ_CONFIG, "float16")],
+                         ids=["gptq-act-order", "awq-float16"])
 def test_an_int4_checkpoint_runs_on_the_cuda_path(config, dtype, tmp_path, fake_gpu):
     from fakes import FAKE_GPU_TARGET
 
@@ -186,7 +244,7 @@ def _act_order(tensors):
 
 @pytest.mark.parametrize("edit, message", [
     (_asymmetric, "zero points other than 8 where the config says the codes are symmetric"),
-    (_act_order, "g_idx puts weights out of group order .act-order. - not implemented"),
+    (_act_order, "g_idx puts rows out of group order .act-order., but quantization_config.desc_act is not true"),
     (lambda t: t.pop("model.layers.1.mlp.down_proj.qzeros"), "model.layers.1.mlp.down_proj.qzeros is missing"),
     (lambda t: t.update({"model.layers.0.mlp.up_proj.qweight": t["model.layers.0.mlp.up_proj.qweight"].astype(
         np.float32)}), r"qweight is float32 \(16, 384\), expected int32 \(16, 384\)"),
@@ -248,8 +306,10 @@ def test_weights_held_as_int4_codes_only_are_not_saved_as_a_float_checkpoint(tmp
 
 
 @pytest.mark.parametrize("config", [CONFIG, ASYMMETRIC, dataclasses.replace(ASYMMETRIC, int4_format="gptq_v2"),
-                                    dataclasses.replace(CONFIG, int4_format="gptq_v2"), AWQ_CONFIG],
-                         ids=["gptq", "gptq-asym", "gptq-asym-v2", "gptq-v2", "awq"])
+                                    dataclasses.replace(CONFIG, int4_format="gptq_v2"), AWQ_CONFIG, ACT_ORDER,
+                                    dataclasses.replace(ASYMMETRIC, int4_act_order=True)],
+                         ids=["gptq", "gptq-asym", "gptq-asym-v2", "gptq-v2", "awq", "gptq-act-order",
+                              "gptq-asym-act-order"])
 def test_an_int4_checkpoint_loads_as_int4_codes_and_generates_the_references_tokens(config, tmp_path,
                                                                                    default_kernels):
     """The layers compute the weights the codes stand for (GPTQ's v2 stores zero points without
@@ -278,6 +338,7 @@ def test_an_int4_checkpoint_loads_as_int4_codes_and_generates_the_references_tok
     assert np.abs(ours.logits - reference.logits).max() < 1e-4 * np.abs(reference.logits).max()
     ops = {kernel.spec.op for kernel in model.used.values()}
     assert {"gemv_q4", "gemv"} <= ops  # the layers on int4 codes, the LM head on floats
+    assert ("gather_columns" in ops) == config.int4_act_order  # the inputs of act-order layers in their order
     attrs = {kernel.spec.attr.get("zero_point", False) for kernel in model.used.values()
              if kernel.spec.op in ("gemv_q4", "gemm_q4")}
     assert attrs == {config.int4_zero_points}
