@@ -174,9 +174,6 @@ class LlamaModel:
         if isinstance(weights, DeviceWeights):
             if not self.arrays.resident:
                 raise ValueError("device weights need a provider of CUDA kernels")
-            if config.int4_act_order:
-                raise ValueError(f"{config.name}: an act-order GPTQ checkpoint runs from host weights (ModelWeights.load), "
-                                 "which put its layers in the order its kernels read")
             if config.scaled and not weights.folded:
                 raise ValueError(f"{config.name}: Granite's embedding_multiplier, residual_multiplier and "
                                  "logits_scaling, and Gemma's embedding scale and norms by 1 + weight, are folded "
@@ -253,7 +250,7 @@ class LlamaModel:
         key = f"{name}#{part}"
         if key not in self._device and isinstance(self.w, DeviceWeights):
             array = self.w.device(name, part)
-            want = np.uint8 if part == "wq" else numpy_dtype(self.dtype)
+            want = {"wq": np.uint8, "order": np.int32}.get(part, numpy_dtype(self.dtype))
             if np.dtype(array.dtype) != want:
                 raise ValueError(f"device weight {key.rstrip('#')} is {array.dtype}; a {self.dtype} model needs {want}")
             self._device[key] = array

@@ -487,8 +487,12 @@ class DeviceWeights:
     (anything with ``gpudata``, ``shape`` and ``dtype``, e.g. ``runtime.arrays.DeviceArray``);
     an int4 layer named in ``quantized`` has "NAME#wq" ([N, K/2] uint8) and "NAME#scales"
     ([N, K/group_size]) instead, and where the config's codes have zero points
-    (``ModelConfig.int4_zero_points``) "NAME#zeros" ([N, K/group_size]) too. ``embedding`` is the token table on the host, in the model's
-    storage format (bfloat16 as uint16 words): each step gathers its rows there.
+    (``ModelConfig.int4_zero_points``) "NAME#zeros" ([N, K/group_size]) too. In an act-order
+    checkpoint (``ModelConfig.int4_act_order``) every int4 layer but down_proj has "NAME#order" ([K]
+    int32: where each of its rows, stored sorted by group, came from; ``QuantizedLinear.order``), and
+    gate/up's rows lie in the order down_proj's read (as ``runtime.llama.LlamaModel`` uploads host
+    weights). ``embedding`` is the token table on the host, in the model's storage format (bfloat16
+    as uint16 words): each step gathers its rows there.
 
     ``folded``: the tensors already carry what the runtime folds into weights it uploads
     (``ModelConfig.scaled``: Granite's scalars, Gemma's embedding scale and norm gains of 1 +
@@ -516,6 +520,8 @@ class DeviceWeights:
             shapes[f"{name}#scales"] = (n, k // self.group_size)
             if self.config.int4_zero_points:  # an asymmetric int4 checkpoint's zero points
                 shapes[f"{name}#zeros"] = (n, k // self.group_size)
+            if self.config.int4_act_order and not name.endswith("mlp.down_proj.weight"):  # its input's gather
+                shapes[f"{name}#order"] = (k,)
         problems = [f"{name} is missing" if name not in self.tensors else
                     f"{name} has shape {tuple(self.tensors[name].shape)}, expected {shape}"
                     for name, shape in shapes.items()

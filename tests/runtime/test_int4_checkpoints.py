@@ -15,7 +15,7 @@ from runtime.llama import LlamaModel
 from runtime.model_config import PRESETS, ModelConfig, load_model_config
 from runtime.plan import check_quantize, decode_calls, prefill_calls
 from runtime.reference import ReferenceModel
-from runtime.weights import ModelWeights, expected_shapes, q4_linear_names
+from runtime.weights import ModelWeights, device_shapes, expected_shapes, q4_linear_names
 
 GROUP = 64
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "sym": True, "desc_act": False,
@@ -225,10 +225,37 @@ def test_an_int4_checkpoint_runs_on_the_cuda_path(config, dtype, tmp_path, fake_
     with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
         model = LlamaModel(config, weights, kernels, dtype=dtype)
         out = model.generate(prompts, 12)
+        if config.int4_act_order:
+            _act_order_device_weights_run_as_uploaded(model, weights, kernels, prompts, out)
     assert model.decode_mode == "graph"
     np.testing.assert_array_equal(out.tokens, reference.tokens)
     tolerance = 1e-3 if dtype == "float32" else 2e-2
     assert np.abs(out.logits - reference.logits).max() < tolerance * np.abs(reference.logits).max()
+
+
+def _act_order_device_weights_run_as_uploaded(host, weights, kernels, prompts, want):
+    """DeviceWeights of an act-order checkpoint: each gathered layer's NAME#order beside its codes
+    and scales, gate/up's rows in down_proj's order (taken here from what ``host`` uploaded for the
+    host weights) run as those did; without the orders they are refused by name."""
+    from runtime.weights import DeviceWeights, device_linear_names
+
+    config = host.config
+    linears = set(q4_linear_names(config, device=True))
+    on_device = {}
+    for name in device_shapes(config):
+        if name not in linears:
+            on_device[name] = host._weight(name, linear=name in device_linear_names(config))
+            continue
+        for part in ("wq", "scales", *(() if name.endswith("down_proj.weight") else ("order",))):
+            on_device[f"{name}#{part}"] = host._weight(name, part)
+    table = weights["model.embed_tokens.weight"]
+    got = LlamaModel(config, DeviceWeights(config, on_device, table, linears, GROUP), kernels).generate(prompts, 12)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.logits, want.logits)
+    orderless = {k: v for k, v in on_device.items() if not k.endswith("#order")}
+    with pytest.raises(ValueError, match=r"device weights do not fit .*: model\.layers\.\d\.\S+_proj\.weight#order "
+                                         r"is missing"):
+        DeviceWeights(config, orderless, table, linears, GROUP)
 
 
 def _asymmetric(tensors):
