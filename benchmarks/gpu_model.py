@@ -61,8 +61,15 @@ def generate_weights(torch, config, dtype: str, quantize: str, group_size: int, 
         pieces = [parts.pop(p) if p != "model.embed_tokens.weight" else parts[p] for p in fused_parts(name)]
         stored[name] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     full = {}
+    # act-order (``ModelConfig.int4_act_order``): each int4 layer's input columns in a random order,
+    # its codes stored in that order (grouped as GPTQ's sorted g_idx groups them) and, but down_proj's,
+    # the order as NAME#order; torch multiplies with the weights in the input's own order
+    orders = {name: torch.randperm(stored[name].shape[1], generator=gen, device=DEVICE)
+              for name in (q4_linear_names(config, device=True) if quantize == "q4" and config.int4_act_order else ())}
     for name in (q4_linear_names(config, device=True) if quantize == "q4" else ()):
         w = stored[name]
+        if name in orders:
+            w = w[:, orders[name]]
         n, k = w.shape
         groups = w.float().reshape(n, k // group_size, group_size)
         if config.int4_zero_points:  # asymmetric: each group's range in 16 steps from its zero point
@@ -79,8 +86,19 @@ def generate_weights(torch, config, dtype: str, quantize: str, group_size: int, 
         stored[f"{name}#scales"] = scales.contiguous()
         full[name] = ((codes.float().reshape(n, -1, group_size) - zeros[..., None])
                       * scales.float()[..., None]).reshape(n, k)
+        if name in orders:
+            full[name] = full[name][:, torch.argsort(orders[name])]  # back in the input's order
+            if not name.endswith("down_proj.weight"):
+                stored[f"{name}#order"] = orders[name].to(torch.int32)
         if name != "model.embed_tokens.weight":
             del stored[name]  # only the codes live on: a 7B model in fp16 and int4 would not fit twice
+    for name in [n for n in orders if n.endswith("mlp.gate_up_proj.weight")]:
+        # gate's and up's rows in the order down_proj reads its input, as the runtime uploads them
+        down = orders[name.replace("gate_up_proj", "down_proj")]
+        for part in ("wq", "scales", "zeros"):
+            if f"{name}#{part}" in stored:
+                gate, up = stored[f"{name}#{part}"].chunk(2)
+                stored[f"{name}#{part}"] = torch.cat([gate[down], up[down]]).contiguous()
     return stored, full
 
 
@@ -90,7 +108,7 @@ def device_weights(torch, config, stored, dtype: str, quantize: str, group_size:
     from runtime.weights import DeviceWeights, q4_linear_names
 
     def as_array(t):
-        np_dtype = np.uint8 if t.dtype == torch.uint8 else numpy_dtype(dtype)
+        np_dtype = {torch.uint8: np.uint8, torch.int32: np.int32}.get(t.dtype, numpy_dtype(dtype))
         return DeviceArray(t.data_ptr(), tuple(t.shape), np_dtype)
 
     embed = stored["model.embed_tokens.weight"]

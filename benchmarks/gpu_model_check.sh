@@ -23,7 +23,8 @@
 # the second only with the time `status` says is left.
 # Knobs: GPU_MODEL_TRIALS (48 per large model), GPU_MODEL_CASES ("llama-2-7b:none llama-2-7b:q4
 # llama-3-8b:none llama-3-8b:q4"; any preset, qwen3-8b and gemma-3-1b too; MODEL:awq runs it as an AWQ
-# checkpoint: int4 layers with zero points, group 128, the LM head in floats), GPU_MODEL_DTYPE (float16), GPU_MODEL_SMALL (1: run step 1),
+# checkpoint: int4 layers with zero points, group 128, the LM head in floats; MODEL:gptq-act as a GPTQ
+# act-order one: symmetric int4 layers whose inputs are gathered first), GPU_MODEL_DTYPE (float16), GPU_MODEL_SMALL (1: run step 1),
 # GPU_MODEL_BUDGET_S (360: no large case starts later; the last then ends by about 520 s), GPU_MODEL_RUN_ARGS (extra gpu_model.py options),
 # GPU_MODEL_SEED_DIR (benchmarks/data/h200_models: NAME.jsonl.gz records of earlier runs, resumed;
 # another dtype's run starts from the float16 records as priors),
@@ -122,9 +123,15 @@ for case in "${CASES[@]}"; do
     mkdir -p "$config" && $PY -c "import dataclasses, sys; from runtime.model_config import load_model_config as load
 c = load(sys.argv[1]); dataclasses.replace(c, name=c.name + '-awq', int4_format='awq', int4_group_size=128,
 int4_zero_points=True).save(sys.argv[2] + '/config.json')" "$model" "$config"
+  elif [[ "$quantize" == gptq-act ]]; then  # a GPTQ act-order checkpoint: gathered inputs, a float LM head
+    config="$LOG/$model-gptq-act"; quantize=q4
+    mkdir -p "$config" && $PY -c "import dataclasses, sys; from runtime.model_config import load_model_config as load
+c = load(sys.argv[1]); dataclasses.replace(c, name=c.name + '-gptq-act', int4_format='gptq', int4_group_size=128,
+int4_act_order=True).save(sys.argv[2] + '/config.json')" "$model" "$config"
   fi
   # resume from the records of an earlier run, if any: the new trials add to them
-  total=$(( $(seed_log "$model" "${case##*:}" "$LOG/$name.jsonl") + TRIALS ))
+  seed=${case##*:}; [[ "$seed" == gptq-act ]] && seed=q4  # its int4 layers are q4's: their records carry over
+  total=$(( $(seed_log "$model" "$seed" "$LOG/$name.jsonl") + TRIALS ))
   # (the seed file's lines count in full; tune-model resumes only those of this model's tasks)
   step "$name: tune-model (--trials-total $total: $TRIALS plus the $(( total - TRIALS )) records of $SEED_DIR)"
   timeout "$TUNE_S" $PY -m autotune.cli tune-model --model "$config" --target cuda --dtype "$DTYPE" --quantize "$quantize" \
