@@ -42,13 +42,17 @@ def model_tasks(config: ModelConfig, prefill_tokens: list[int], decode_batch: li
     ``weights`` and ``dynamic_rows`` as ``runtime.plan`` takes them (``precisions`` maps a
     model's precision on a target to the first two, ``PREFILL_DYNAMIC_ROWS`` a target to the last)."""
     passes: list[tuple[str, float, list]] = []
+    # past longrope's original context a pass rotates by long_factor (ModelConfig.rope_is_long): a
+    # prompt of T tokens, and a decode step at KV length L, run L positions
     for tokens in prefill_tokens:
         passes.append((f"prefill T={tokens}", 1.0, prefill_calls(config, tokens, quantize, group_size, dtype=dtype,
-                                                                     weights=weights, dynamic_rows=dynamic_rows)))
+                                                                     weights=weights, dynamic_rows=dynamic_rows,
+                                                                     long_rope=config.rope_is_long(tokens))))
     for batch in decode_batch:
         for length in kv_len:
             passes.append((f"decode B={batch} L={length}", decode_steps / len(kv_len),
-                           decode_calls(config, batch, length, quantize, group_size, dtype, resident, weights)))
+                           decode_calls(config, batch, length, quantize, group_size, dtype, resident, weights,
+                                        long_rope=config.rope_is_long(length))))
     tasks: dict[str, ModelTask] = {}
     for name, runs, calls in passes:
         for call in calls:

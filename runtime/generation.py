@@ -9,10 +9,9 @@ import numpy as np
 from .model_config import ModelConfig
 
 
-def checked_tokens(config: ModelConfig, ids, start: int = 0) -> np.ndarray:
+def checked_tokens(config: ModelConfig, ids) -> np.ndarray:
     """``ids`` [B, T] as int64 once they are token ids of ``config``'s vocabulary (ValueError
-    otherwise: numpy would take -1 for the last word of the table) whose positions, from
-    ``start`` on, the model computes as transformers does (``ModelConfig.positions_problem``)."""
+    otherwise: numpy would take -1 for the last word of the table)."""
     given = np.asarray(ids)
     if given.dtype.kind not in "iu":  # 1.7 is no token id, nor is True or "3"
         raise ValueError(f"prompts must be integer token ids, not {given.dtype}")
@@ -20,23 +19,15 @@ def checked_tokens(config: ModelConfig, ids, start: int = 0) -> np.ndarray:
         raise ValueError(f"prompts must be [batch, tokens] with batch and tokens >= 1, not of shape {given.shape}")
     if given.min() < 0 or given.max() >= config.vocab_size:
         raise ValueError(f"token ids must lie in 0..{config.vocab_size - 1}")
-    problem = config.positions_problem(start + given.shape[1])
-    if problem:
-        raise ValueError(f"{config.name}: {given.shape[1]} tokens from position {start} run {problem}")
     return given.astype(np.int64)
 
 
 def checked_generation(config: ModelConfig, prompts, new_tokens) -> tuple[np.ndarray, int]:
     """The prompts (``checked_tokens``) and ``new_tokens`` of a greedy generation, checked before
-    any work: the steps run the prompt's positions and those of every new token but the last,
-    which no step reads back."""
+    any work."""
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, (int, np.integer)) or new_tokens < 1:
         raise ValueError(f"new_tokens must be an int >= 1, not {new_tokens!r}")
-    prompts = checked_tokens(config, prompts)
-    problem = config.positions_problem(prompts.shape[1] + int(new_tokens) - 1)
-    if problem:
-        raise ValueError(f"{config.name}: {prompts.shape[1]} prompt tokens and {new_tokens} new tokens run {problem}")
-    return prompts, int(new_tokens)
+    return checked_tokens(config, prompts), int(new_tokens)
 
 
 @dataclass

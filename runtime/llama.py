@@ -309,7 +309,8 @@ class LlamaModel:
 
     def _search_padded(self, batch: int, tokens: int) -> int:
         specs = self.kernels.specs()
-        probe = next(c for c in self._prefill(tokens, batch) if c.role == "qkv_proj").spec
+        long_rope = self.config.rope_is_long(tokens)  # the prompt's own length picks its factors, not the padding
+        probe = next(c for c in self._prefill(tokens, batch, long_rope) if c.role == "qkv_proj").spec
         # sizes of the kernels this pass would run: of its dtype and attributes (another
         # precision's, or another int4 group's, would pad the prompt to run untuned kernels)
         own = [s for s in specs if s.dtype == probe.dtype and s.attrs == probe.attrs]
@@ -317,16 +318,16 @@ class LlamaModel:
                               for m in buckets(own, op, "M", N=probe.dims["N"], K=probe.dims["K"])
                               if m % batch == 0 and m // batch >= tokens})
         for length in sorted({tokens, *tuned_sizes}):
-            if _all_tuned(specs, self._prefill(length, batch)):
+            if _all_tuned(specs, self._prefill(length, batch, long_rope)):
                 return length
         # no length runs every kernel tuned: GEMMs that compile M in still run best at a size
         # they were tuned at; ones that read M at run time gain nothing but rows from padding
         return tuned_sizes[0] if tuned_sizes and not self.dynamic_rows else tokens
 
-    def _prefill(self, tokens: int, batch: int) -> list[KernelCall]:
+    def _prefill(self, tokens: int, batch: int, long_rope: bool = False) -> list[KernelCall]:
         dynamic = self.dynamic_rows and not self._short_on_gemvs(batch, tokens)
         return prefill_calls(self.config, tokens, self.quantize, self.group_size, batch, self.activations,
-                             self.weights_dtype, dynamic)
+                             self.weights_dtype, dynamic, long_rope)
 
     def _short_on_gemvs(self, batch: int, tokens: int) -> bool:
         """Whether a prefill of ``batch * tokens`` rows runs its linear layers on GEMVs tuned at
@@ -354,9 +355,9 @@ class LlamaModel:
         return not linear or any("M" in spec.dynamic for spec in linear)
 
     def _decode(self, batch: int, capacity: int, resident: bool = False,
-                fused_norms: bool | None = None) -> list[KernelCall]:
+                fused_norms: bool | None = None, long_rope: bool = False) -> list[KernelCall]:
         return decode_calls(self.config, batch, capacity, self.quantize, self.group_size, self.activations,
-                            resident, self.weights_dtype, fused_norms)
+                            resident, self.weights_dtype, fused_norms, long_rope)
 
     def logits_of(self, buffer) -> np.ndarray:
         """Logits on the host, as float32 (a CPU model's buffer itself: no copy per step)."""
@@ -532,7 +533,7 @@ class LlamaModel:
         prompts = checked_tokens(c, prompts)
         batch, tokens = prompts.shape
         padded = self.padded_tokens(batch, tokens)
-        k = self._plan(self._prefill(padded, batch))
+        k = self._plan(self._prefill(padded, batch, c.rope_is_long(tokens)))
         buf = _Buffers(arrays, batch * padded, c, self.activations)
         ids = np.zeros((batch, padded), dtype=np.int64)
         ids[:, :tokens] = prompts
@@ -568,20 +569,45 @@ class LlamaModel:
     def prepare(self, batch: int, tokens: int, new_tokens: int) -> None:
         """Load every kernel a generation of this size uses, so that timing it measures only
         the run (kernels from a tuning log are compiled on first use)."""
-        padded = self.padded_tokens(batch, tokens)
-        self._plan(self._prefill(padded, batch))
-        capacity = padded + new_tokens
-        if self.arrays.resident:
-            try:  # the resident step: one attention kernel, at the longest length
-                self._resident_kernels(batch, capacity)
-                return
-            except LookupError:  # a library without them: the host-driven step below
-                pass
-        calls = self._decode(batch, capacity)
-        self._plan(calls)
-        for attention in (c for c in calls if c.role.startswith("attention")):
-            for length in range(tokens + 1, tokens + new_tokens):
-                self._kernel(attention, S=capacity, L=length)
+        self._plan(self._prefill(self.padded_tokens(batch, tokens), batch, self.config.rope_is_long(tokens)))
+        again = self._rerun_length(tokens, new_tokens)
+        if again is not None:  # the sequence run again past longrope's original context (generate)
+            self._plan(self._prefill(self.padded_tokens(batch, again), batch, True))
+        capacity = self._capacity(batch, tokens, new_tokens)
+        for long_rope, lengths in self._decode_phases(tokens, new_tokens).items():
+            if self.arrays.resident:
+                try:  # the resident step: one attention kernel, at the longest length
+                    self._resident_kernels(batch, capacity, long_rope)
+                    continue
+                except LookupError:  # a library without them: the host-driven step below
+                    pass
+            calls = self._decode(batch, capacity, long_rope=long_rope)
+            self._plan(calls)
+            for attention in (c for c in calls if c.role.startswith("attention")):
+                for length in lengths:
+                    self._kernel(attention, S=capacity, L=length)
+
+    def _capacity(self, batch: int, tokens: int, new_tokens: int) -> int:
+        """The KV cache length of a generation: the padded prompt and the new tokens, or more where
+        it crosses longrope's original context and runs the sequence so far again as a prompt
+        (``generate``), padded in its turn."""
+        capacity = self.padded_tokens(batch, tokens) + new_tokens
+        again = self._rerun_length(tokens, new_tokens)
+        return capacity if again is None else max(capacity, self.padded_tokens(batch, again))
+
+    def _rerun_length(self, tokens: int, new_tokens: int) -> int | None:
+        """The length of the sequence a generation runs again as a prompt where it crosses
+        longrope's original context (a prompt within it, steps past it); None where it does not."""
+        crosses = True in self._decode_phases(tokens, new_tokens) and not self.config.rope_is_long(tokens)
+        return self.config.rope_original_max_position_embeddings + 1 if crosses else None
+
+    def _decode_phases(self, tokens: int, new_tokens: int) -> dict[bool, list[int]]:
+        """{whether the steps rotate by longrope's long_factor: the KV lengths they run at} of the
+        decode steps after a prompt of ``tokens`` (a step at position p runs p + 1 positions)."""
+        phases: dict[bool, list[int]] = {}
+        for position in range(tokens, tokens + new_tokens - 1):
+            phases.setdefault(self.config.rope_is_long(position + 1), []).append(position + 1)
+        return phases
 
     def _fuses_norms(self, batch: int) -> bool:
         """Whether the resident step of ``batch`` sequences tries GEMVs that fuse the norms: where
@@ -592,13 +618,13 @@ class LlamaModel:
         gemvs = [spec for spec in self.kernels.specs() if spec.op in ("gemv", "gemv_q4") and spec.dims["M"] == batch]
         return not gemvs or any(FUSED_ATTRS & set(spec.attr) for spec in gemvs)
 
-    def _resident_kernels(self, batch: int, capacity: int) -> dict[str, Kernel]:
+    def _resident_kernels(self, batch: int, capacity: int, long_rope: bool = False) -> dict[str, Kernel]:
         """The kernels of the resident decode step by role (LookupError: the provider lacks one);
         attention is the one for the longest length: a recorded launch cannot switch kernels.
         The GEMVs fuse the norms where they can and the provider has them (a library exported
         before they existed has the norms on their own)."""
         for fused in (True, False) if self._fuses_norms(batch) else (False,):
-            calls = self._decode(batch, capacity, resident=True, fused_norms=fused)
+            calls = self._decode(batch, capacity, resident=True, fused_norms=fused, long_rope=long_rope)
             used = dict(self.used)
             try:
                 kernels = self._plan([call for call in calls if not call.role.startswith("attention")])
@@ -641,17 +667,18 @@ class LlamaModel:
         return kernels
 
     def _decode_step(self, batch: int, capacity: int, caches, lengths,
-                     keep_logits: bool) -> "_DecodeStep | _ResidentStep":
+                     keep_logits: bool, long_rope: bool = False) -> "_DecodeStep | _ResidentStep":
         """The decode step: on CUDA the resident one, captured as a graph, when the kernels
-        provider has its kernels (a library exported before they existed has not)."""
+        provider has its kernels (a library exported before they existed has not); ``long_rope``:
+        its rope kernels divide by longrope's long_factor."""
         step: _DecodeStep | _ResidentStep
         if self.arrays.resident:
             try:
-                step = _ResidentStep(self, batch, capacity, caches, keep_logits)
+                step = _ResidentStep(self, batch, capacity, caches, keep_logits, long_rope)
             except LookupError:
-                step = _DecodeStep(self, batch, capacity, caches, lengths)
+                step = _DecodeStep(self, batch, capacity, caches, lengths, long_rope)
         else:
-            step = _DecodeStep(self, batch, capacity, caches, lengths)
+            step = _DecodeStep(self, batch, capacity, caches, lengths, long_rope)
         self.decode_mode = step.mode
         self.capture_error = getattr(step, "capture_error", None)
         self.programmatic_edges = getattr(step, "programmatic_edges", 0) if step.mode == "graph" else 0
@@ -665,8 +692,7 @@ class LlamaModel:
         keeps only the tokens (a resident CUDA step then copies nothing else to the host)."""
         prompts, new_tokens = checked_generation(self.config, prompts, new_tokens)
         batch, tokens = prompts.shape
-        padded = self.padded_tokens(batch, tokens)
-        capacity = padded + new_tokens
+        capacity = self._capacity(batch, tokens, new_tokens)
         caches = self.new_caches(batch, capacity)
         begin = time.perf_counter()
         first, _ = self.prefill(prompts, caches)
@@ -674,16 +700,28 @@ class LlamaModel:
         # ndarray.argmax: np.argmax's dispatch costs 0.6 us more, per decode step
         logits, ids = [first.copy()], [first.argmax(axis=-1)]
         # bound (and on CUDA captured) here, not in the timed steps: for the host-driven step
-        # the attention calls of every KV length to come
-        step = self._decode_step(batch, capacity, caches, range(tokens + 1, tokens + new_tokens), keep_logits)
+        # the attention calls of every KV length to come. A generation that crosses longrope's
+        # original context has a step of each kind, the second from that position on.
+        steps = {long_rope: self._decode_step(batch, capacity, caches, lengths, keep_logits, long_rope)
+                 for long_rope, lengths in self._decode_phases(tokens, new_tokens).items()}
+        long_from = self.config.rope_original_max_position_embeddings if True in steps else capacity
+        rerun_at = long_from if self._rerun_length(tokens, new_tokens) else -1
         begin = time.perf_counter()
         for position in range(tokens, tokens + new_tokens - 1):
-            next_ids, out = step.advance(ids[-1], position, keep_logits)
+            if position == rerun_at:
+                # crossing longrope's original context, transformers' Phi-3 runs the whole sequence
+                # again (its cache dropped), every position rotated by long_factor: so here
+                sequence = np.concatenate([prompts, np.stack(ids, axis=1)], axis=1)
+                out, _ = self.prefill(sequence, caches)
+                next_ids = out.argmax(axis=-1)
+            else:
+                next_ids, out = steps[position >= long_from].advance(ids[-1], position, keep_logits)
             if keep_logits:
                 logits.append(out)
             ids.append(next_ids)
         decode_s = time.perf_counter() - begin
-        step.close()
+        for step in steps.values():
+            step.close()
         return Generation(np.stack(ids, axis=1), np.stack(logits, axis=1) if keep_logits else None, prefill_s,
                           decode_s, batch * tokens, batch * (new_tokens - 1))
 
@@ -696,14 +734,14 @@ class _DecodeStep:
     whose dims never change are kept as their ``BoundCall.run`` (the foreign call and nothing
     else); attention takes the new KV length through its bound call, which checks it."""
 
-    def __init__(self, model: LlamaModel, batch: int, capacity: int, caches, lengths=()):
+    def __init__(self, model: LlamaModel, batch: int, capacity: int, caches, lengths=(), long_rope: bool = False):
         """``lengths``: the KV lengths the steps will run at, whose attention calls are bound
-        now (any other is bound on first use)."""
+        now (any other is bound on first use); ``long_rope``: rotated by longrope's long_factor."""
         c = model.config
         self.model, self.batch, self.capacity, self.caches = model, batch, capacity, caches
         self.arrays = arrays = model.arrays
         self.embed = model.embed
-        self.calls = model._decode(batch, capacity)
+        self.calls = model._decode(batch, capacity, long_rope=long_rope)
         # the attention call of each layer (Gemma 3's sliding layers have their own: runtime.plan._windows)
         attention = {call.role: call for call in self.calls if call.role.startswith("attention")}
         self.attention_of = [attention["attention" + attention_suffix(c, layer, capacity)]
@@ -785,12 +823,14 @@ class _ResidentStep:
     kept, out last), and waits once. Where the driver cannot capture, the same work is issued
     call by call."""
 
-    def __init__(self, model: LlamaModel, batch: int, capacity: int, caches, keep_logits: bool = True):
+    def __init__(self, model: LlamaModel, batch: int, capacity: int, caches, keep_logits: bool = True,
+                 long_rope: bool = False):
         c, arrays = model.config, model.arrays
         drv = arrays.drv
         self.model, self.arrays, self.stream = model, arrays, arrays.stream
         self.embed = model.embed
-        k = model._resident_kernels(batch, capacity)  # LookupError: the provider has no resident kernels
+        # LookupError: the provider has no resident kernels
+        k = model._resident_kernels(batch, capacity, long_rope)
         storage = numpy_dtype(model.dtype)
         self.buf = buf = _Buffers(arrays, batch, c, model.dtype)
         self.logits = arrays.empty((batch, c.vocab_size), storage)

@@ -10,7 +10,8 @@ transformers. ``rope_theta`` is read at the top level (transformers 4.x) or unde
 (``factor``), ``llama3`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
 ``original_max_position_embeddings``; Llama 3.1 / 3.2), ``yarn`` (``factor`` and what
 transformers fills in where left out: ``_yarn_defaults``) or, in Phi-3, ``longrope`` (``su``;
-``_longrope_defaults``: within the original context only, ``ModelConfig.positions_problem``),
+``_longrope_defaults``; past the original context a pass rotates by ``long_factor``:
+``ModelConfig.rope_is_long``),
 computed as transformers computes them (``runtime.rope_frequencies``). Projection biases:
 Llama's ``attention_bias`` (q, k, v and o) and ``mlp_bias`` (gate, up, down), Qwen2's fixed
 q/k/v biases and Qwen3's ``attention_bias`` (q, k, v and o). Qwen3 also normalises each query
@@ -92,8 +93,7 @@ ACTIVATIONS = ("silu", "gelu_tanh")
 # ModelConfig.qk_norm_span: what one RMS row of the q/k norms is (the qk_norm kernel's ``span``)
 QK_NORM_SPANS = ("head", "projection")
 # Rotary embedding variants implemented (``runtime.rope_frequencies``); dynamic ... changes the
-# frequencies with the sequence length and would give other logits, so it is refused, as are
-# sequences past longrope's original context (``ModelConfig.positions_problem``).
+# frequencies with the sequence length and would give other logits, so it is refused.
 SUPPORTED_ROPE_TYPES = ROPE_TYPES
 # Phi3Config reads these rope types as longrope (su: its old name); longrope is refused elsewhere
 _PHI3_LONGROPE_NAMES = ("su", "yarn")
@@ -169,7 +169,7 @@ _ROPE_FIELDS = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_facto
                 "attention_factor": "rope_attention_factor", "short_factor": "rope_short_factor",
                 "long_factor": "rope_long_factor"}
 # the scaling parameters a config holds: its rope kernels' and, longrope's, the factors transformers
-# switches to past the original context and that context (refused there: ``positions_problem``)
+# switches to past the original context and that context (``ModelConfig.rope_is_long``)
 _CONFIG_ROPE_PARAMETERS = {**ROPE_PARAMETERS, "longrope": (*ROPE_PARAMETERS["longrope"], "long_factor",
                                                             "original_max_position_embeddings")}
 # keys that only say how a rope type's attention factor is computed (``yarn_attention_factor``,
@@ -207,8 +207,7 @@ class ModelConfig:
     rope_truncate: bool | None = None
     rope_attention_factor: float | None = None
     # longrope's (Phi-3): pair i's frequency divided by short_factor[i] within the original context
-    # (rope_original_max_position_embeddings); long_factor, transformers' past it, is kept for
-    # to_hf_dict, such sequences refused (positions_problem)
+    # (rope_original_max_position_embeddings), by long_factor[i] in a pass past it (rope_is_long)
     rope_short_factor: tuple[float, ...] | None = None
     rope_long_factor: tuple[float, ...] | None = None
     # Phi-4-mini's 0.75: only the first int(head_dim * this) dims of a head are rotated (``rotary_dim``),
@@ -397,17 +396,26 @@ class ModelConfig:
             attrs["rotary_dim"] = self.rotary_dim
         return attrs
 
-    def positions_problem(self, positions: int) -> str | None:
-        """Why a sequence of ``positions`` positions (the last one's index + 1) is not computed as
-        transformers computes it, in words that begin with the count; None where it is. Past
-        longrope's original context transformers rotates every position by long_factor (and keeps
-        the cache's earlier keys as rotated by short_factor): not implemented."""
-        context = self.rope_original_max_position_embeddings
-        if self.rope_type != "longrope" or positions <= context:
-            return None
-        return (f"{positions} positions, more than longrope's original context of {context} "
-                "(original_max_position_embeddings): past it transformers rotates by long_factor, which is "
-                "not implemented")
+    def rope_is_long(self, positions: int) -> bool:
+        """Whether a forward pass over positions up to ``positions`` (the last one's index + 1)
+        rotates by longrope's long_factor: past the original context, as transformers picks the
+        factors per pass by its largest position. (A generation that crosses it runs the whole
+        sequence again there, as transformers' Phi-3 does: ``runtime.llama.LlamaModel.generate``.)"""
+        return self.rope_type == "longrope" and positions > self.rope_original_max_position_embeddings
+
+    def rope_scaling_for(self, positions: int) -> dict[str, Any]:
+        """``rope_scaling`` of a forward pass over positions up to ``positions``: long_factor in
+        the place of short_factor where the pass rotates by it (``rope_is_long``)."""
+        if not self.rope_is_long(positions):
+            return self.rope_scaling
+        return {**self.rope_scaling, "short_factor": self.rope_long_factor}
+
+    def rope_attrs_for(self, long: bool) -> dict[str, Any]:
+        """The rope kernel's attributes in a pass that rotates by long_factor (``long``) or not:
+        the kernels divide pair i's frequency by the i-th of the factors named ``short_factor``."""
+        if not long or self.rope_type != "longrope":
+            return self.rope_attrs
+        return {**self.rope_attrs, "short_factor": tuple(map(float, self.rope_long_factor))}
 
     @property
     def q_size(self) -> int:

@@ -189,22 +189,23 @@ def _attentions(config: ModelConfig, op: str, dims: dict, attrs: dict, positions
             for suffix, (w, count) in _windows(config, positions).items()]
 
 
-def _rope_groups(config: ModelConfig) -> list[tuple[str, dict, int]]:
+def _rope_groups(config: ModelConfig, long_rope: bool = False) -> list[tuple[str, dict, int]]:
     """(role suffix, rope attributes, layers) of each group of layers that rotate alike (none
-    for layers that do not rotate)."""
+    for layers that do not rotate); ``long_rope``: in a pass past longrope's original context
+    (``ModelConfig.rope_is_long``), whose kernels divide by long_factor."""
     c = config
     local = len(c.local_layers) if c.split_rope else 0
     rest = c.num_hidden_layers - local - len(c.nope_layers)
-    return (([("", c.rope_attrs, rest)] if rest else [])
+    return (([("", c.rope_attrs_for(long_rope), rest)] if rest else [])
             + ([(LOCAL, c.layer_rope_attrs(c.local_layers[0]), local)] if local else []))
 
 
-def _ropes(config: ModelConfig, rows: int) -> list[KernelCall]:
+def _ropes(config: ModelConfig, rows: int, long_rope: bool = False) -> list[KernelCall]:
     """The rotary embedding calls of a layer over ``rows`` token rows: Q and K in one call when
     they are contiguous (one row), else one each; per group of layers that rotate alike."""
     c = config
     calls = []
-    for suffix, attrs, count in _rope_groups(c):
+    for suffix, attrs, count in _rope_groups(c, long_rope):
         if rows == 1:
             calls.append(_rope(c, "rope_qk" + suffix, 1, c.num_attention_heads + c.num_key_value_heads, count, attrs))
         else:
@@ -396,7 +397,7 @@ def _linear_attrs(dtype: str, weights: str | None, quantize: str) -> dict:
 
 def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: list[KernelCall], quantize: str,
                 group_size: int, dtype: str, weights: str | None = None,
-                dynamic_rows: bool = False) -> list[KernelCall]:
+                dynamic_rows: bool = False, long_rope: bool = False) -> list[KernelCall]:
     """The kernels of a pass over ``rows`` token rows of ``sequences`` sequences."""
     c, layers = config, config.num_hidden_layers
     attrs = _linear_attrs(dtype, weights, head_quantize(c, quantize))  # q4 layers take no weight attrs
@@ -404,7 +405,7 @@ def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: list[
     calls = (_norms(c, rows)
             + _layer_linears(c, rows, quantize, group_size, attrs, dynamic_rows)
             + _qk_norms(c, rows)
-            + _ropes(c, rows)
+            + _ropes(c, rows, long_rope)
             + attention
             + [_rows(act, act, rows, c.intermediate_size, layers),
                _linear("lm_head", sequences, c.vocab_size, c.hidden_size, 1, head_quantize(c, quantize), group_size,
@@ -414,21 +415,27 @@ def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: list[
 
 def prefill_calls(config: ModelConfig, tokens: int, quantize: str = "none", group_size: int = 128,
                   batch: int = 1, dtype: str = "float32", weights: str | None = None,
-                  dynamic_rows: bool = False) -> list[KernelCall]:
+                  dynamic_rows: bool = False, long_rope: bool = False) -> list[KernelCall]:
     """Kernels of one prefill pass over ``batch`` prompts of ``tokens`` tokens (logits of the last).
-    ``dynamic_rows``: the layers' linear layers are gemms with a dynamic M (``PREFILL_DYNAMIC_ROWS``)."""
+    ``dynamic_rows``: the layers' linear layers are gemms with a dynamic M (``PREFILL_DYNAMIC_ROWS``);
+    ``long_rope``: a prompt past longrope's original context (``ModelConfig.rope_is_long`` of its
+    own length, which padding does not change), rotated by long_factor."""
     check_quantize(config, quantize, group_size)
     c = config
     attention = _attentions(c, "attention_prefill", {"B": batch, "T": tokens, "H": c.num_attention_heads,
                                                      "HKV": c.num_key_value_heads, "D": c.head_dim},
                             {"causal": True, **_scale(c)}, tokens, ("T",))
-    return _pass_calls(c, batch * tokens, batch, attention, quantize, group_size, dtype, weights, dynamic_rows)
+    return _pass_calls(c, batch * tokens, batch, attention, quantize, group_size, dtype, weights, dynamic_rows,
+                       long_rope)
 
 
 def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "none",
                  group_size: int = 128, dtype: str = "float32", resident: bool = False,
-                 weights: str | None = None, fused_norms: bool | None = None) -> list[KernelCall]:
-    """Kernels of one decode step: one new token per sequence, ``kv_len`` cached positions.
+                 weights: str | None = None, fused_norms: bool | None = None,
+                 long_rope: bool = False) -> list[KernelCall]:
+    """Kernels of one decode step: one new token per sequence, ``kv_len`` cached positions;
+    ``long_rope``: a step at a position past longrope's original context, rotated by long_factor
+    (a generation that crosses it runs the sequence so far again as a long prompt, then these).
 
     ``resident``: the step a CUDA model captures once as a graph and replays for every token,
     so nothing in it may depend on the step: attention reads each sequence's length from
@@ -446,13 +453,13 @@ def decode_calls(config: ModelConfig, batch: int, kv_len: int, quantize: str = "
                                                     "HKV": c.num_key_value_heads, "D": c.head_dim,
                                                     "S": kv_len, "L": kv_len},
                             {**({"lengths": "per_sequence"} if resident else {}), **_scale(c)}, kv_len, ("S", "L"))
-    calls = _pass_calls(c, batch, batch, attention, quantize, group_size, dtype, weights)
+    calls = _pass_calls(c, batch, batch, attention, quantize, group_size, dtype, weights, long_rope=long_rope)
     if resident:
         dims = {"B": batch, "H": c.num_attention_heads, "HKV": c.num_key_value_heads, "D": c.head_dim, "S": kv_len}
         argmax = KernelSpec.make("argmax", {"M": batch, "N": c.vocab_size}, dtype)
         calls = [call for call in calls if call.spec.op != "rope"]
         calls += [KernelCall("rope_append" + suffix, KernelSpec.make("rope_append", dims, dtype, attrs, dynamic=("S",)),
-                             count) for suffix, attrs, count in _rope_groups(c)]
+                             count) for suffix, attrs, count in _rope_groups(c, long_rope)]
         if c.nope_layers:  # their K and V rows written to the caches as projected
             calls.append(KernelCall("kv_append", _kv_append(c, batch, kv_len, dtype), len(c.nope_layers)))
         calls.append(KernelCall("argmax", argmax, 1))

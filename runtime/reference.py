@@ -109,7 +109,7 @@ class ReferenceModel:
     def forward(self, ids: np.ndarray, start: int, caches: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         """Logits [B, V] of the last of the tokens ``ids`` [B, T] placed at ``start``."""
         c, w = self.config, self.w
-        ids = checked_tokens(c, ids, start)
+        ids = checked_tokens(c, ids)
         b, t = ids.shape
         x = w["model.embed_tokens.weight"][ids]                                                   # B,T,h
         residual = np.float32(c.residual_multiplier)  # Granite's scalars: 1 elsewhere
@@ -134,7 +134,9 @@ class ReferenceModel:
             elif layer in c.local_layers:  # Gemma 3's sliding layers: the default rope of their own base
                 q, k = (rotate(t, positions, c.local_rope_theta) for t in (q, k))
             else:
-                q, k = (rotate(t, positions, c.rope_theta, c.rope_type, c.rotary_dim, **c.rope_scaling) for t in (q, k))
+                # past longrope's original context the whole pass turns by long_factor (rope_scaling_for)
+                scaling = c.rope_scaling_for(start + ids.shape[1])
+                q, k = (rotate(t, positions, c.rope_theta, c.rope_type, c.rotary_dim, **scaling) for t in (q, k))
             k_cache, v_cache = caches[layer]
             k_cache[:, :, start:start + t] = k.transpose(0, 2, 1, 3)
             v_cache[:, :, start:start + t] = v.transpose(0, 2, 1, 3)
@@ -170,7 +172,14 @@ class ReferenceModel:
         tokens = [np.argmax(logits[0], axis=-1)]
         begin = time.perf_counter()
         for step in range(1, new_tokens):
-            logits.append(self.forward(tokens[-1][:, None], t + step - 1, caches))
+            position = t + step - 1
+            if c.rope_is_long(position + 1) and not c.rope_is_long(position):
+                # crossing longrope's original context, transformers' Phi-3 runs the whole sequence
+                # again (its cache dropped), every position rotated by long_factor
+                sequence = np.concatenate([prompts, np.stack(tokens, axis=1)], axis=1)
+                logits.append(self.forward(sequence, 0, caches))
+            else:
+                logits.append(self.forward(tokens[-1][:, None], position, caches))
             tokens.append(np.argmax(logits[-1], axis=-1))
         decode_s = time.perf_counter() - begin
         return Generation(np.stack(tokens, axis=1), np.stack(logits, axis=1), prefill_s, decode_s, b * t,

@@ -26,9 +26,10 @@ same numbers. The rope types are those of transformers' ``rope_type``:
 - ``longrope`` (Phi-3.5, Phi-3-mini-128k, Phi-3-medium-128k; transformers' old name ``su``):
   f_i = theta^(-2i/D) / ext_i, with ext the list ``short_factor`` (D/2 positive numbers), and cos
   and sin multiplied by ``attention_factor`` as yarn's (resolved from a config by
-  ``longrope_attention_factor``). transformers rotates by ``long_factor`` instead once a sequence
-  runs past the original context; that switch is no kernel's: the config parser keeps the long
-  factors and the runtime refuses such sequences (``ModelConfig.positions_problem``).
+  ``longrope_attention_factor``). transformers rotates by ``long_factor`` instead in a forward pass
+  whose largest position is past the original context (and its Phi-3 runs a generation's whole
+  sequence again where it crosses it, so that every cached key turns so); that switch is no kernel's: the runtime runs such a pass on kernels whose
+  ``short_factor`` attribute holds the long factors (``ModelConfig.rope_is_long``, ``rope_attrs_for``).
 
 Partial rotary (transformers' ``partial_rotary_factor``: Phi-4-mini's 0.75): only the first
 R = int(head_dim * factor) dims of a head are rotated, as a head of R dims (D above is R: R/2
@@ -59,7 +60,8 @@ PARAMETERS: dict[str, tuple[str, ...]] = {
     # attention_factor does not change the frequencies: it scales cos and sin (``rotation_scale``)
     "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
              "attention_factor"),
-    # the factors in force within the original context, and yarn's kind of attention factor
+    # the factors in force (short_factor within the original context, long_factor's values past
+    # it: ModelConfig.rope_attrs_for), and yarn's kind of attention factor
     "longrope": ("short_factor", "attention_factor"),
 }
 # every parameter of every rope type

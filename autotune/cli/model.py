@@ -87,10 +87,6 @@ def tune_model(model, target, prefill_tokens, decode_batch, kv_len, quantize, gr
         dtype = "float16"  # as GPTQ and AWQ write their scales and float tensors
     activations, weights = _precisions(config, dtype, kind, quantize)
     prefill_sizes, kv_sizes = parse_sizes(prefill_tokens, "--prefill-tokens"), parse_sizes(kv_len, "--kv-len")
-    for option, sizes in (("--prefill-tokens", prefill_sizes), ("--kv-len", kv_sizes)):
-        problem = config.positions_problem(max(sizes))  # kernels no run of this model would use
-        if problem:
-            raise UserError(f"{option} {max(sizes)}: {config.name} runs {problem}")
     # a CUDA model's decode step runs as one captured graph: its kernels are the resident ones
     workload = ModelWorkload(config, prefill_sizes, parse_sizes(decode_batch, "--decode-batch"), kv_sizes,
                              quantize, group_size, activations, resident=get_backend(kind).resident_decode,
@@ -290,9 +286,6 @@ def _check_model_fits(config, weights_dtype: str, quantize: str, cache_dtype: st
     if positions > MAX_DIM:
         raise UserError(f"{config.name}: {positions} positions (prompt + new tokens) is more than the kernels take "
                         f"({MAX_DIM})")
-    problem = config.positions_problem(positions - 1)  # the last new token is never read back
-    if problem:
-        raise UserError(f"{config.name}: the prompt and the new tokens but the last run {problem}")
     if quantize == "q4":  # an int4 checkpoint stores the codes themselves
         source = 0 if config.int4_format is not None else _stored_itemsize(weights_dir)
         per_weight = 0.5 + source + (4 if compare else 0)

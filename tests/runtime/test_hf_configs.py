@@ -1137,52 +1137,49 @@ SMALL_LONGROPE = {**SMALL, "architectures": ["Phi3ForCausalLM"], "model_type": "
                                    "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]}}
 
 
-def test_a_generation_past_longropes_original_context_is_refused_before_any_work(default_kernels):
-    """The prompt's positions and every new token's but the last (which no step reads back) must
-    lie within the original context: 10 + 7 new tokens run positions 0 to 15 of 16, one more is
-    refused, by the runtime's generate and prefill and by the reference, before any kernel runs."""
+def test_past_longropes_original_context_a_pass_rotates_by_the_long_factors(default_kernels):
+    """A pass whose largest position is past the original context (16) rotates by long_factor, as
+    transformers picks the factors per forward pass: a 10-token prompt and 12 new tokens switch at
+    position 16 (the sequence so far run again as a long prompt), a 17-token prompt is long from the
+    start. The runtime runs the long passes on rope kernels whose short_factor holds the long
+    factors, and generates the reference's tokens; with the long factors the short ones the logits
+    differ."""
     config = parse(SMALL_LONGROPE)
+    assert not config.rope_is_long(16) and config.rope_is_long(17)
+    assert config.rope_attrs_for(True)["short_factor"] == (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
     weights = ModelWeights.random(config, seed=0)
-    prompts = np.random.default_rng(1).integers(0, config.vocab_size, (2, 10))
-    assert config.positions_problem(16) is None
-    assert checked_generation(config, prompts, 7)[1] == 7
-    fitting = LlamaModel(config, weights, default_kernels).generate(prompts, 7)
-    np.testing.assert_array_equal(fitting.tokens, ReferenceModel(config, weights).generate(prompts, 7).tokens)
-    message = ("m: 10 prompt tokens and 8 new tokens run 17 positions, more than longrope's original context of 16 "
-               "(original_max_position_embeddings): past it transformers rotates by long_factor, which is not "
-               "implemented")
-    model = LlamaModel(config, weights, default_kernels)
-    for generate in (model.generate, ReferenceModel(config, weights).generate):
-        with pytest.raises(ValueError) as caught:
-            generate(prompts, 8)
-        assert str(caught.value) == message
-    assert not model.used  # refused before any kernel was looked up
-    with pytest.raises(ValueError, match="^m: 17 tokens from position 0 run 17 positions, more than longrope's"):
-        model.prefill(np.zeros((1, 17), np.int64), model.new_caches(1, 17))
+    rng = np.random.default_rng(1)
+    short_only = dataclasses.replace(config, rope_long_factor=config.rope_short_factor)
+    for prompt, new in ((10, 12), (17, 4)):
+        prompts = rng.integers(0, config.vocab_size, (2, prompt))
+        model = LlamaModel(config, weights, default_kernels)
+        ours = model.generate(prompts, new)
+        reference = ReferenceModel(config, weights).generate(prompts, new)
+        np.testing.assert_array_equal(ours.tokens, reference.tokens)
+        assert np.abs(ours.logits - reference.logits).max() < 1e-4 * np.abs(reference.logits).max()
+        factors = {kernel.spec.attr["short_factor"] for kernel in model.used.values() if "short_factor" in kernel.spec.attr}
+        assert factors == ({config.rope_short_factor, config.rope_long_factor} if prompt <= 16
+                           else {config.rope_long_factor})
+        other = ReferenceModel(short_only, weights).generate(prompts, new)
+        assert np.abs(other.logits - reference.logits)[:, 16 - prompt if prompt <= 16 else 0:].max() > 1e-3
 
 
-def test_run_refuses_a_generation_past_longropes_original_context(tmp_path):
+def test_run_and_tune_model_go_past_longropes_original_context(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(SMALL_LONGROPE))
     (tmp_path / "empty.jsonl").write_text("")
-    base = ["run", "--model", "config.json", "--log", "empty.jsonl", "--prompt-tokens", "6", "--json"]
-    proc = _cli(tmp_path, *base, "--new-tokens", "11", "--compare")  # positions 0 to 15: the whole context
+    proc = _cli(tmp_path, "run", "--model", "config.json", "--log", "empty.jsonl", "--prompt-tokens", "6", "--json",
+                "--new-tokens", "14", "--compare")  # positions 0 to 18: past the context of 16
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["reference"]["logits"]["same_tokens"]
-    proc = _cli(tmp_path, *base, "--new-tokens", "12")
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].endswith("the prompt and the new tokens but the last run 17 positions, more than longrope's "
-                             "original context of 16 (original_max_position_embeddings): past it transformers "
-                             "rotates by long_factor, which is not implemented"), lines
+    # tune-model: a decode step at KV length 17 and a prompt of 17 tokens rotate by the long factors
+    proc = _cli(tmp_path, "tune-model", "--model", "config.json", "--list-tasks", "--kv-len", "8,17",
+                "--prefill-tokens", "8,17")
+    assert proc.returncode == 0, proc.stderr
+    ropes = [line for line in proc.stdout.splitlines() if " rope/" in line]
+    long = [line for line in ropes if "128.0" in line]
+    assert long and all("L=17" in line or "T=17" in line for line in long), ropes
+    assert all("L=17" not in line and "T=17" not in line for line in set(ropes) - set(long)), ropes
 
-    # tune-model: kernels at positions no run reaches are refused too, before any tuning
-    for option, other in (("--kv-len", "--prefill-tokens"), ("--prefill-tokens", "--kv-len")):
-        proc = _cli(tmp_path, "tune-model", "--model", "config.json", "--list-tasks", option, "8,17", other, "8")
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-        assert f"{option} 17: " in lines[0] and "17 positions, more than longrope's original context of 16" in lines[0]
-    assert _cli(tmp_path, "tune-model", "--model", "config.json", "--list-tasks", "--kv-len", "16",
-                "--prefill-tokens", "8").returncode == 0
 
 # microsoft/Phi-4-mini-instruct's shape (auto_map left out, factors made up): a head of 128 of
 # which partial_rotary_factor 0.75 rotates 96, longrope with 48 factors each

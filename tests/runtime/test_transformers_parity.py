@@ -9,6 +9,7 @@ the real Llama 2 / 3.1 / TinyLlama repositories ship, so both layouts are read.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -417,13 +418,59 @@ def test_a_partial_rotary_matters(checkpoints, prompts):
     assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE
 
 
-def test_a_longrope_generation_one_token_longer_is_refused(checkpoints, default_kernels, prompts):
-    """One more new token would run position 38, past the original context, where transformers
-    rotates by the long factors: refused, by the runtime and the reference, before any work."""
-    config, weights = _load(checkpoints["phi3-longrope"][1])
-    for generate in (LlamaModel(config, weights, default_kernels).generate, ReferenceModel(config, weights).generate):
-        with pytest.raises(ValueError, match="run 39 positions, more than longrope's original context of 38"):
-            generate(prompts, NEW_TOKENS + 1)
+def _transformers_generation(model, prompts: np.ndarray, new: int) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' greedy generation step by step, as its own cache runs it: (the new tokens
+    [B, new], their logits [B, new, V]). Past longrope's original context only this shows what it
+    computes: a teacher-forced pass over the whole sequence rotates every position by long_factor."""
+    ids = torch.from_numpy(prompts)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    logits = torch.stack(out.logits, dim=1).float().numpy()
+    return out.sequences[:, prompts.shape[1]:].numpy(), logits
+
+
+@pytest.mark.parametrize("prompt, new", [(30, 16), (38, 3), (40, 4)], ids=["crossing", "at-the-edge", "long-prompt"])
+def test_past_longropes_original_context_the_runtime_generates_what_transformers_generates(
+        prompt, new, checkpoints, default_kernels):
+    """transformers rotates a forward pass by the long factors once its largest position is past
+    the original context (38), and its Phi-3 runs a generation's whole sequence again (its cache
+    dropped) at the step that crosses it: position 38, the first decode step after a prompt of 38;
+    a prompt past it is long from the start. The runtime and the reference generate transformers'
+    tokens and logits; with only the short factors the logits differ."""
+    model, folder = checkpoints["phi3-longrope"]
+    config, weights = _load(folder)
+    prompts = np.random.default_rng(11).integers(0, DIMS["vocab_size"], (BATCH, prompt))
+    # a copy: a pass past the context leaves the rotary embedding of the module's model on the long factors
+    tokens, want = _transformers_generation(copy.deepcopy(model), prompts, new)
+    for generation in (LlamaModel(config, weights, default_kernels).generate(prompts, new),
+                       ReferenceModel(config, weights).generate(prompts, new)):
+        np.testing.assert_array_equal(generation.tokens, tokens)
+        assert np.abs(generation.logits - want).max() < LOGITS_TOLERANCE
+    short_only = dataclasses.replace(config, rope_long_factor=config.rope_short_factor)
+    other = ReferenceModel(short_only, weights).generate(prompts, new)
+    assert np.abs(other.logits - want).max() > 100 * LOGITS_TOLERANCE
+
+
+def test_past_longropes_original_context_on_the_cuda_path(checkpoints, fake_gpu):
+    """The same crossing on the CUDA path (fake GPU): a captured step of each kind, the sequence run
+    again on the device between them; transformers' tokens and logits."""
+    from fakes import FAKE_GPU_TARGET
+
+    from export import TunedKernels
+
+    model, folder = checkpoints["phi3-longrope"]
+    config, weights = _load(folder)
+    prompts = np.random.default_rng(11).integers(0, DIMS["vocab_size"], (BATCH, 34))
+    tokens, want = _transformers_generation(copy.deepcopy(model), prompts, 8)
+    with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
+        runtime_model = LlamaModel(config, weights, kernels)
+        generation = runtime_model.generate(prompts, 8)
+    assert runtime_model.decode_mode == "graph"
+    np.testing.assert_array_equal(generation.tokens, tokens)
+    assert np.abs(generation.logits - want).max() < LOGITS_TOLERANCE
+    factors = {k.spec.attr["short_factor"] for k in runtime_model.used.values() if "short_factor" in k.spec.attr}
+    assert factors == {config.rope_short_factor, config.rope_long_factor}
 
 
 @pytest.mark.parametrize("family", BIASED)
@@ -601,7 +648,7 @@ def test_the_sliding_window_matters(family, checkpoints, default_kernels, prompt
 
 @pytest.mark.parametrize("family", ["llama3.1", "qwen2", "qwen3", "qwen3-4.x", "granite", "gemma", "gemma3",
                                     "smollm3", "mistral-window", "gemma3-window", "gemma2", "qwen2-window",
-                                    "olmo2-4.x", "olmo3", "gemma3-mm", "phi3-longrope", "phi4-mini-partial"])
+                                    "olmo2-4.x", "olmo3", "gemma3-mm", "phi4-mini-partial"])
 def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints, prompts, greedy, fake_gpu):
     """The same on the CUDA path (fake GPU: cubins built by nvcc, run on the emulator): device
     buffers, the decode step captured as a graph, rope scaling (Llama 3.1), biases (Qwen2) and
