@@ -95,11 +95,15 @@ def biased_parts(config: ModelConfig) -> tuple[str, ...]:
             + (("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") if config.mlp_bias else ()))
 
 
+# what a fused projection's tensors may be: its weights, its biases, an int4 checkpoint's parts
+_STACKED_KINDS = ("weight", "bias", "qweight", "qzeros", "scales", "g_idx")
+
+
 def fused_parts(name: str) -> tuple[str, ...]:
-    """The Hugging Face tensors a fused projection stacks, its weights or its biases ((name,)
-    for any other tensor)."""
+    """The Hugging Face tensors a fused projection stacks, its weights, its biases or an int4
+    checkpoint's tensors of it ((name,) for any other tensor)."""
     for fused, parts in FUSED.items():
-        for kind in ("weight", "bias"):
+        for kind in _STACKED_KINDS:
             suffix = f".{fused}.{kind}"
             if name.endswith(suffix):
                 prefix = name[: -len(suffix)]
@@ -410,12 +414,16 @@ class ModelWeights:
         tensors: dict[str, np.ndarray] = {}
         read = {raw for raw, name in renamed.items()
                 if name is not None and (name in wanted or name in stacked or (tied_head and name == "lm_head.weight"))}
-        ints = {raw for raw, name in renamed.items() if name in int4 and not name.endswith(".scales")}
+        ints = {raw for raw, name in renamed.items()
+                if (name in int4 or stacked.get(name, (None,))[0] in int4) and not name.endswith(".scales")}
         for path in files:
             tensors.update({renamed[k]: v for k, v in read_safetensors(path, read, ints).items()})
-        quantized = _int4_layers(folder, tensors, int4, config) if int4 else {}
         for name, parts in stacked.items():
-            tensors.update(_unstacked(folder, name, tensors.pop(name), {part: shapes[part] for part in parts}))
+            if parts[0] in int4:  # an int4 checkpoint's stacked layer: its parts side by side along N
+                tensors.update(_int4_unstacked(folder, name, tensors.pop(name), {p: int4[p][1] for p in parts}))
+            else:
+                tensors.update(_unstacked(folder, name, tensors.pop(name), {part: shapes[part] for part in parts}))
+        quantized = _int4_layers(folder, tensors, int4, config) if int4 else {}
         if tied_head:
             head, embed = tensors.pop("lm_head.weight"), tensors.get("model.embed_tokens.weight")
             if embed is None:  # the one table stored under the head's name: transformers ties it the same
@@ -580,6 +588,24 @@ def _unstacked(folder, name: str, tensor: np.ndarray, parts: dict[str, tuple[int
         raise ValueError(f"{folder}: {name} has shape {tuple(tensor.shape)}, expected {want} (its parts stacked)")
     starts = np.cumsum([0, *rows])
     return {part: tensor[begin:end] for part, begin, end in zip(parts, starts, starts[1:])}
+
+
+def _int4_unstacked(folder, name: str, tensor: np.ndarray, parts: dict[str, tuple[int, ...]]
+                    ) -> dict[str, np.ndarray]:
+    """The parts an int4 checkpoint's stacked tensor holds (``INT4_PARTS``): qweight, qzeros and
+    scales hold them side by side along their last axis (N, or N/8 packed), g_idx is the one each
+    part shares (they read the same input)."""
+    if len(next(iter(parts.values()))) == 1:  # g_idx: one per input row
+        want = next(iter(parts.values()))
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"{folder}: {name} has shape {tuple(tensor.shape)}, expected {want}")
+        return {part: tensor for part in parts}
+    columns = [shape[1] for shape in parts.values()]
+    want = (next(iter(parts.values()))[0], sum(columns))
+    if tuple(tensor.shape) != want:
+        raise ValueError(f"{folder}: {name} has shape {tuple(tensor.shape)}, expected {want} (its parts side by side)")
+    starts = np.cumsum([0, *columns])
+    return {part: tensor[:, begin:end] for part, begin, end in zip(parts, starts, starts[1:])}
 
 
 _FINITE_CHUNK = 1 << 22  # elements checked at a time: the check's scratch stays a few MB

@@ -210,9 +210,9 @@ def test_a_quantization_the_kernels_do_not_compute_is_refused(change, message):
         ModelConfig.from_hf_dict(data, "m", source="config.json")
 
 
-# symmetric codes in float32, zero points (their binding is the same for GPTQ's and AWQ's) in float16
-@pytest.mark.parametrize("config, dtype", [(ACT_ORDER, "float32"), (AWQ_CONFIG, "float16")],
-                         ids=["gptq-act-order", "awq-float16"])
+# zero points (their binding is the same for GPTQ's and AWQ's) and act-order's gathers, in float16
+@pytest.mark.parametrize("config, dtype", [(dataclasses.replace(ASYMMETRIC, int4_act_order=True), "float16")],
+                         ids=["gptq-asym-act-order-float16"])
 def test_an_int4_checkpoint_runs_on_the_cuda_path(config, dtype, tmp_path, fake_gpu):
     from fakes import FAKE_GPU_TARGET
 
@@ -246,10 +246,12 @@ def _act_order_device_weights_run_as_uploaded(host, weights, kernels, prompts, w
         if name not in linears:
             on_device[name] = host._weight(name, linear=name in device_linear_names(config))
             continue
-        for part in ("wq", "scales", *(() if name.endswith("down_proj.weight") else ("order",))):
+        zeros = ("zeros",) if config.int4_zero_points else ()
+        for part in ("wq", "scales", *zeros, *(() if name.endswith("down_proj.weight") else ("order",))):
             on_device[f"{name}#{part}"] = host._weight(name, part)
-    table = weights["model.embed_tokens.weight"]
-    got = LlamaModel(config, DeviceWeights(config, on_device, table, linears, GROUP), kernels).generate(prompts, 12)
+    table = host.embed  # in the model's precision, as device weights take it
+    got = LlamaModel(config, DeviceWeights(config, on_device, table, linears, GROUP), kernels,
+                     dtype=host.dtype).generate(prompts, 12)
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_array_equal(got.logits, want.logits)
     orderless = {k: v for k, v in on_device.items() if not k.endswith("#order")}
@@ -282,6 +284,44 @@ def test_a_gptq_checkpoint_the_kernels_cannot_compute_is_refused(edit, message, 
     config, _ = save_int4(tmp_path, edit=edit)
     with pytest.raises(ValueError, match=message):
         ModelWeights.load(config, tmp_path)
+
+
+def _stacked(tensors):
+    """Each layer's Q/K/V and gate/up as one int4 layer each, as Phi-3's checkpoints (qkv_proj,
+    gate_up_proj) hold them: the parts' qweight, qzeros and scales side by side, one g_idx."""
+    fused = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+             "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+    for layer in range(CONFIG.num_hidden_layers):
+        for name, parts in fused.items():
+            for kind in ("qweight", "qzeros", "scales", "g_idx"):
+                pieces = [tensors.pop(f"model.layers.{layer}.{part}.{kind}", None) for part in parts]
+                if pieces[0] is None:  # AWQ has no g_idx
+                    continue
+                tensors[f"model.layers.{layer}.{name}.{kind}"] = (
+                    pieces[0] if kind == "g_idx" else np.concatenate(pieces, axis=1))
+
+
+@pytest.mark.parametrize("config", [CONFIG, AWQ_CONFIG, ACT_ORDER], ids=["gptq", "awq", "gptq-act-order"])
+def test_stacked_int4_projections_load_as_their_parts(config, tmp_path):
+    """Phi-3's int4 checkpoints quantise qkv_proj and gate_up_proj as one layer each: they load as
+    the same int4 layers as the parts stored apart; one of another width is refused by name."""
+    apart, _ = save_int4(tmp_path / "apart", config)
+    stacked, _ = save_int4(tmp_path / "stacked", config, edit=_stacked)
+    want, got = ModelWeights.load(apart, tmp_path / "apart"), ModelWeights.load(stacked, tmp_path / "stacked")
+    assert want.quantized.keys() == got.quantized.keys()
+    for name, layer in want.quantized.items():
+        for part in ("wq", "scales", "zeros", "order"):
+            np.testing.assert_array_equal(getattr(got.quantized[name], part), getattr(layer, part))
+
+    def narrow(tensors):
+        _stacked(tensors)
+        name = "model.layers.1.mlp.gate_up_proj.scales"
+        tensors[name] = tensors[name][:, 8:].copy()
+
+    save_int4(tmp_path / "narrow", config, edit=narrow)
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.gate_up_proj.scales has shape \(\d+, 760\), expected "
+                                         r"\(\d+, 768\) \(its parts side by side\)"):
+        ModelWeights.load(stacked, tmp_path / "narrow")
 
 
 def test_g_idx_may_be_left_out(tmp_path):

@@ -453,19 +453,20 @@ def test_past_longropes_original_context_the_runtime_generates_what_transformers
 
 
 def test_past_longropes_original_context_on_the_cuda_path(checkpoints, fake_gpu):
-    """The same crossing on the CUDA path (fake GPU): a captured step of each kind, the sequence run
-    again on the device between them; transformers' tokens and logits."""
+    """The same crossing on the CUDA path (fake GPU), with Phi-4-mini's partial rotary: a captured
+    step of each kind, the sequence run again on the device between them; transformers' tokens
+    and logits. (Its longrope within the context, and the partial rotary's kernels, on the way.)"""
     from fakes import FAKE_GPU_TARGET
 
     from export import TunedKernels
 
-    model, folder = checkpoints["phi3-longrope"]
+    model, folder = checkpoints["phi4-mini-partial"]
     config, weights = _load(folder)
     prompts = np.random.default_rng(11).integers(0, DIMS["vocab_size"], (BATCH, 34))
-    tokens, want = _transformers_generation(copy.deepcopy(model), prompts, 8)
+    tokens, want = _transformers_generation(copy.deepcopy(model), prompts, 7)
     with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
         runtime_model = LlamaModel(config, weights, kernels)
-        generation = runtime_model.generate(prompts, 8)
+        generation = runtime_model.generate(prompts, 7)
     assert runtime_model.decode_mode == "graph"
     np.testing.assert_array_equal(generation.tokens, tokens)
     assert np.abs(generation.logits - want).max() < LOGITS_TOLERANCE
@@ -648,14 +649,14 @@ def test_the_sliding_window_matters(family, checkpoints, default_kernels, prompt
 
 @pytest.mark.parametrize("family", ["llama3.1", "qwen2", "qwen3", "qwen3-4.x", "granite", "gemma", "gemma3",
                                     "smollm3", "mistral-window", "gemma3-window", "gemma2", "qwen2-window",
-                                    "olmo2-4.x", "olmo3", "gemma3-mm", "phi4-mini-partial"])
+                                    "olmo2-4.x", "olmo3", "gemma3-mm"])
 def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints, prompts, greedy, fake_gpu):
     """The same on the CUDA path (fake GPU: cubins built by nvcc, run on the emulator): device
     buffers, the decode step captured as a graph, rope scaling (Llama 3.1), biases (Qwen2) and
     the norms of the query and key heads (Qwen3: in the fused decode step, whose GEMVs take the
     norms and attention the rotary embedding, and with biases, where they cannot) and Granite's
-    scalars (folded into the weights; the softmax scale an attribute of every attention kernel) and
-    longrope (its short factors a list attribute of the rope kernels the decode step fuses)."""
+    scalars (folded into the weights; the softmax scale an attribute of every attention kernel).
+    Longrope's on the CUDA path: ``test_past_longropes_original_context_on_the_cuda_path``."""
     from fakes import FAKE_GPU_TARGET
 
     from export import TunedKernels
