@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -74,10 +75,10 @@ SUPPORTED_ARCHITECTURES = (*FAMILIES.values(), *(arch for arch, _ in MULTIMODAL.
 SUPPORTED_MODEL_TYPES = (*FAMILIES, *MULTIMODAL)
 # A multimodal config's own fields besides text_config: the image side (vision_config, the image
 # tokens' ids and count, how image features are projected), which a text prompt never reaches,
-# and the tying of the LM head.
+# the tying of the LM head, and an int4 checkpoint's quantization_config (its language model's).
 _MULTIMODAL_FIELDS = {
     wrapper: frozenset({"text_config", "vision_config", "architectures", "model_type", "tie_word_embeddings",
-                        "image_token_index", *image_side})
+                        "image_token_index", "quantization_config", *image_side})
     for wrapper, image_side in (("gemma3", ("boi_token_index", "eoi_token_index", "mm_tokens_per_image")),
                                 ("mistral3", ("projector_hidden_act", "multimodal_projector_bias",
                                               "spatial_merge_size", "vision_feature_layer")))}
@@ -482,8 +483,10 @@ class ModelConfig:
             if text["model_type"] != text_type:
                 raise ValueError(f"model {self.name}: {self.multimodal}'s language model is a {text_type}, "
                                  f"not a {text['model_type']}")
+            # an int4 checkpoint's quantization_config beside text_config, as its tools write it
+            quantization = {"quantization_config": text.pop("quantization_config")} if self.int4_format else {}
             return {"architectures": [architecture], "model_type": self.multimodal,
-                    "tie_word_embeddings": self.tie_word_embeddings, "text_config": text}
+                    "tie_word_embeddings": self.tie_word_embeddings, "text_config": text, **quantization}
         if self.int4_format is not None:  # the model's config with the checkpoint's quantisation
             float_config = replace(self, int4_format=None, int4_group_size=None, int4_zero_points=False,
                                    int4_act_order=False)
@@ -743,7 +746,11 @@ class ModelConfig:
                 FAMILIES[text_type]]:
             raise ValueError(f"{where}: text_config names {_show(text.get('architectures') or text.get('model_type'))}; "
                              f"{architecture}'s language model is a {text_type}")
-        config = cls.from_hf_dict({**_TEXT_DEFAULTS[wrapper], **text, "model_type": text_type}, name,
+        if "quantization_config" in data and "quantization_config" in text:
+            raise ValueError(f"{where}: quantization_config is given twice, beside text_config and inside it")
+        # an int4 checkpoint (GPTQ, AWQ) says how beside text_config: its language model's layers
+        quantization = {"quantization_config": data["quantization_config"]} if "quantization_config" in data else {}
+        config = cls.from_hf_dict({**_TEXT_DEFAULTS[wrapper], **text, **quantization, "model_type": text_type}, name,
                                   f"{where}: text_config")
         # absent: the text config's (Mistral Small 3.1 names neither and ships an LM head of its own,
         # which transformers 5 then leaves untied although Mistral3Config's default is true)
@@ -1100,9 +1107,11 @@ def _int4_checkpoint(data: Mapping[str, Any], where: str) -> dict[str, Any]:
             spec = {**spec, "version": "gemm"}
         accepted = {"bits": (4,), "zero_point": (True,), "version": ("gemm",)}
         skipped = spec.get("modules_to_not_convert")
-        if skipped not in (None, []):
+        if skipped is not None and not (isinstance(skipped, list) and all(
+                isinstance(name, str) and _outside_the_decoder(name) for name in skipped)):
             raise ValueError(f"{where}: quantization_config.modules_to_not_convert = {_show(skipped)} is not "
-                             "implemented; supported: null (every linear layer of the decoder int4)")
+                             "implemented; supported: null, or modules outside the decoder's layers (the LM head, "
+                             "an image-and-text model's vision_tower and multi_modal_projector)")
     for key, values in accepted.items():
         given = spec.get(key, values[0])
         if given not in values or type(given) is not type(values[0]):
@@ -1118,6 +1127,16 @@ def _int4_checkpoint(data: Mapping[str, Any], where: str) -> dict[str, Any]:
                 "int4_zero_points": not spec.get("sym", True),
                 "int4_act_order": spec.get("desc_act", False) and not spec.get("static_groups", False)}
     return {"int4_format": "awq", "int4_group_size": group, "int4_zero_points": True}
+
+
+# modules an AWQ checkpoint may keep unquantised (modules_to_not_convert) without changing what the
+# decoder reads: its float LM head, and the image side of an image-and-text model (vision_tower,
+# multi_modal_projector, which the runtime does not read), under any prefix
+_NOT_CONVERTED_OUTSIDE = re.compile(r"((model|language_model)\.)*(lm_head|vision_tower|multi_modal_projector)")
+
+
+def _outside_the_decoder(module: str) -> bool:
+    return _NOT_CONVERTED_OUTSIDE.fullmatch(module) is not None
 
 
 def _nope_layers(data: Mapping[str, Any], family: str, where: str) -> tuple[int, ...]:

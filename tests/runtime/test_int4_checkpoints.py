@@ -435,11 +435,44 @@ def test_an_awq_config_is_read_written_back_and_runs_zero_point_kernels_with_a_f
     ({"group_size": 256}, "quantization_config.group_size = 256 is not implemented; supported: 32, 64, 128"),
     ({"modules_to_not_convert": ["model.layers.0.mlp.down_proj"]},
      r'modules_to_not_convert = \["model.layers.0.mlp.down_proj"\] is not implemented'),
+    ({"modules_to_not_convert": ["vision_tower", "model.norm"]},
+     r'modules_to_not_convert = \["vision_tower", "model.norm"\] is not implemented; supported: null, or modules '
+     r'outside the decoder'),
     ({"calibration": "pile"}, "quantization_config.calibration = 'pile' is not implemented"),
 ])
 def test_an_awq_quantization_the_kernels_do_not_compute_is_refused(change, message):
     data = {**FLOAT_CONFIG.to_hf_dict(), "quantization_config": {**AWQ, **change}}
     with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_dict(data, "m", source="config.json")
+
+
+def test_an_int4_image_and_text_checkpoint_runs_its_language_model(tmp_path, default_kernels):
+    """AWQ of an image-and-text model (Mistral 3 here; Gemma 3 alike): quantization_config beside
+    text_config, modules_to_not_convert naming the image side (and the LM head), the int4 layers
+    under language_model; the language model loads as int4 and generates the reference's tokens."""
+    config = dataclasses.replace(AWQ_CONFIG, name="tiny-mm-awq", multimodal="mistral3")
+
+    def image_and_text(tensors):
+        for name in list(tensors):
+            plain = tensors.pop(name)
+            tensors["language_model." + name if name.startswith(("model.", "lm_head.")) else name] = plain
+        tensors["vision_tower.patch_conv.weight"] = np.ones((4, 4), np.float16)
+
+    loaded, _ = save_int4(tmp_path, config, edit=image_and_text)
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert "quantization_config" in data and "quantization_config" not in data["text_config"]
+    data["quantization_config"]["modules_to_not_convert"] = ["vision_tower", "multi_modal_projector", "lm_head"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    loaded = load_model_config(tmp_path)
+    assert dataclasses.replace(loaded, name=config.name) == config
+    assert ModelConfig.from_hf_dict(config.to_hf_dict(), config.name) == config
+    weights = ModelWeights.load(loaded, tmp_path)
+    assert set(weights.quantized) == set(q4_linear_names(config))
+    prompts = np.random.default_rng(5).integers(0, config.vocab_size, (1, 6))
+    ours = LlamaModel(loaded, weights, default_kernels).generate(prompts, 6)
+    np.testing.assert_array_equal(ours.tokens, ReferenceModel(loaded, weights).generate(prompts, 6).tokens)
+    data["text_config"]["quantization_config"] = data["quantization_config"]
+    with pytest.raises(ValueError, match="quantization_config is given twice, beside text_config and inside it"):
         ModelConfig.from_hf_dict(data, "m", source="config.json")
 
 
