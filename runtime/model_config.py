@@ -65,12 +65,26 @@ FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
 # prompts, as transformers runs the whole model on inputs without images. model_type ->
 # (architecture, the text config's model_type).
 MULTIMODAL = {"gemma3": ("Gemma3ForConditionalGeneration", "gemma3_text"),
-              "mistral3": ("Mistral3ForConditionalGeneration", "mistral")}
+              "mistral3": ("Mistral3ForConditionalGeneration", "mistral"),
+              "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "qwen2")}
+# The model_type a multimodal release's text_config names, where it is not its family's: Qwen2.5-VL's
+# language model is a Qwen2 under a name of its own (and its releases write no text_config at all:
+# the language model's fields at the top level, ``_FLAT_MULTIMODAL``)
+_TEXT_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl_text"}
+_FLAT_MULTIMODAL = frozenset({"qwen2_5_vl"})
+# Multimodal rotary embeddings (Qwen2.5-VL's mrope): a text token's position is the same on each of
+# the sections' axes, so on text prompts they turn as the plain rope of the same base
+_MROPE_KEYS = ("mrope_section", "mrope_interleaved")
 # What the text config class gives the sizes a multimodal release's text_config leaves out
 # (gemma-3-4b-it names neither its heads nor its vocabulary): Gemma3TextConfig's. A Mistral 3
 # text_config given as an object takes MistralConfig's own defaults, as the family's config does.
 _TEXT_DEFAULTS = {"gemma3": {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
-                             "num_hidden_layers": 26, "num_attention_heads": 8}, "mistral3": {}}
+                             "num_hidden_layers": 26, "num_attention_heads": 8}, "mistral3": {},
+                  # Qwen2_5_VLTextConfig's
+                  "qwen2_5_vl": {"vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568,
+                                 "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+                                 "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+                                 "sliding_window": 4096, "use_sliding_window": False, "max_window_layers": 80}}
 SUPPORTED_ARCHITECTURES = (*FAMILIES.values(), *(arch for arch, _ in MULTIMODAL.values()))
 SUPPORTED_MODEL_TYPES = (*FAMILIES, *MULTIMODAL)
 # A multimodal config's own fields besides text_config: the image side (vision_config, the image
@@ -81,7 +95,9 @@ _MULTIMODAL_FIELDS = {
                         "image_token_index", "quantization_config", *image_side})
     for wrapper, image_side in (("gemma3", ("boi_token_index", "eoi_token_index", "mm_tokens_per_image")),
                                 ("mistral3", ("projector_hidden_act", "multimodal_projector_bias",
-                                              "spatial_merge_size", "vision_feature_layer")))}
+                                              "spatial_merge_size", "vision_feature_layer")),
+                                ("qwen2_5_vl", ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                "vision_end_token_id", "vision_token_id")))}
 # Why some popular look-alikes are refused, said in the error line.
 _WHY_NOT = {"MixtralForCausalLM": "its MLP is a mixture of experts", "mixtral": "its MLP is a mixture of experts"}
 # silu and swish are the same function (x * sigmoid(x)), the gate of SwiGLU.
@@ -480,7 +496,9 @@ class ModelConfig:
             text.pop("architectures")  # the outer config's
             if text_type == "mistral" and text["model_type"] == "llama" and "attention_bias" not in text:
                 text.update(model_type="mistral", sliding_window=self.sliding_window)  # MistralConfig's absent is 4096
-            if text["model_type"] != text_type:
+            if text["model_type"] == text_type and self.multimodal in _TEXT_MODEL_TYPES:
+                text["model_type"] = _TEXT_MODEL_TYPES[self.multimodal]  # the name the release's text_config has
+            if text["model_type"] not in (text_type, _TEXT_MODEL_TYPES.get(self.multimodal)):
                 raise ValueError(f"model {self.name}: {self.multimodal}'s language model is a {text_type}, "
                                  f"not a {text['model_type']}")
             # an int4 checkpoint's quantization_config beside text_config, as its tools write it
@@ -731,6 +749,11 @@ class ModelConfig:
         """The language model of an image-and-text config (``MULTIMODAL``): its ``text_config`` read as
         its own family's, the LM head tied as the outer config says (transformers ties by it)."""
         architecture, text_type = MULTIMODAL[wrapper]
+        flat = wrapper in _FLAT_MULTIMODAL and "text_config" not in data
+        if flat:  # the release's layout: the language model's fields beside the image side's
+            fields = _MULTIMODAL_FIELDS[wrapper]
+            data = {**{k: v for k, v in data.items() if k in fields},
+                    "text_config": {k: v for k, v in data.items() if k not in fields}}
         unknown = sorted(k for k in data if k not in _MULTIMODAL_FIELDS[wrapper] and k not in HARMLESS_FIELDS)
         if unknown:
             raise ValueError(f"{where}: unknown field {unknown[0]} = {_show(data[unknown[0]])} of {architecture} is "
@@ -742,10 +765,11 @@ class ModelConfig:
         text = data.get("text_config")
         if not isinstance(text, dict):
             raise ValueError(f"{where}: text_config = {_show(text)} is not an object (the language model's config)")
-        if text.get("model_type", text_type) != text_type or text.get("architectures", [FAMILIES[text_type]]) != [
-                FAMILIES[text_type]]:
+        if text.get("model_type", text_type) not in (text_type, _TEXT_MODEL_TYPES.get(wrapper)) or text.get(
+                "architectures", [FAMILIES[text_type]]) != [FAMILIES[text_type]]:
             raise ValueError(f"{where}: text_config names {_show(text.get('architectures') or text.get('model_type'))}; "
                              f"{architecture}'s language model is a {text_type}")
+        text = _without_mrope(text, where)
         if "quantization_config" in data and "quantization_config" in text:
             raise ValueError(f"{where}: quantization_config is given twice, beside text_config and inside it")
         # an int4 checkpoint (GPTQ, AWQ) says how beside text_config: its language model's layers
@@ -803,6 +827,32 @@ def _or(value: Any, default: Any) -> Any:
 def _show(value: Any) -> str:
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _without_mrope(text: dict[str, Any], where: str) -> dict[str, Any]:
+    """A multimodal language model's config with its multimodal rotary embedding (mrope, by
+    ``rope_scaling`` or ``rope_parameters``) as the plain rope it is on text prompts (``_MROPE_KEYS``)."""
+    out = dict(text)
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = out.get(key)
+        if not isinstance(rope, dict) or not ({"mrope_section", "mrope_interleaved"} & set(rope)
+                                              or "mrope" in (rope.get("type"), rope.get("rope_type"))):
+            continue
+        rope = {k: v for k, v in rope.items() if k not in _MROPE_KEYS}
+        for name in ("type", "rope_type"):  # mrope's type, or the default one transformers 5 writes beside it
+            if rope.get(name) in ("mrope", "default"):
+                rope.pop(name)
+        if set(rope) - {"rope_theta"}:
+            raise ValueError(f"{where}: text_config.{key} = {_show(text[key])}: mrope with another rope scaling is "
+                             "not implemented")
+        if key == "rope_parameters" and rope:
+            out[key] = {"rope_type": "default", **rope}
+        elif "rope_theta" in rope:
+            out.pop(key)
+            out["rope_theta"] = rope["rope_theta"]
+        else:
+            out.pop(key)
+    return out
 
 
 def _multimodal(data: Mapping[str, Any]) -> str | None:
@@ -1131,8 +1181,8 @@ def _int4_checkpoint(data: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 # modules an AWQ checkpoint may keep unquantised (modules_to_not_convert) without changing what the
 # decoder reads: its float LM head, and the image side of an image-and-text model (vision_tower,
-# multi_modal_projector, which the runtime does not read), under any prefix
-_NOT_CONVERTED_OUTSIDE = re.compile(r"((model|language_model)\.)*(lm_head|vision_tower|multi_modal_projector)")
+# multi_modal_projector, Qwen2.5-VL's visual, which the runtime does not read), under any prefix
+_NOT_CONVERTED_OUTSIDE = re.compile(r"((model|language_model)\.)*(lm_head|vision_tower|multi_modal_projector|visual)")
 
 
 def _outside_the_decoder(module: str) -> bool:

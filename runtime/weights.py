@@ -37,7 +37,7 @@ IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_fr
 # (``IMAGE_SIDE``) beside them, not read
 TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
                  ("language_model.lm_head.", "lm_head."))
-IMAGE_SIDE = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\..*")
+IMAGE_SIDE = re.compile(r"(model\.)?(vision_tower|multi_modal_projector|visual)\..*")
 
 
 def text_name(config: ModelConfig, name: str) -> str | None:

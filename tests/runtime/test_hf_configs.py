@@ -722,6 +722,38 @@ def test_the_multimodal_mistral3_is_read_as_its_language_model():
         parse({**MISTRAL_SMALL_31, "text_config": {**MISTRAL_SMALL_31["text_config"], "model_type": "llama"}})
 
 
+QWEN25_VL_7B = {  # Qwen/Qwen2.5-VL-7B-Instruct (vision_config shortened): the language model's fields at the top
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
+    "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 3584,
+    "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 128000, "max_window_layers": 28,
+    "model_type": "qwen2_5_vl", "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True, "use_sliding_window": False,
+    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "out_hidden_size": 3584,
+                      "model_type": "qwen2_5_vl", "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 152064}
+
+
+def test_qwen25_vl_is_read_as_its_language_model_with_the_plain_rope_of_text_prompts():
+    config = parse(QWEN25_VL_7B)
+    assert (config.multimodal, config.hidden_size, config.num_hidden_layers, config.num_key_value_heads) == (
+        "qwen2_5_vl", 3584, 28, 4)
+    assert (config.rope_type, config.rope_theta, config.qkv_bias, config.sliding_window) == ("default", 1e6, True, None)
+    assert round(config.parameters / 1e9, 2) == 7.62 and not config.tie_word_embeddings
+    assert config.to_hf_dict()["text_config"]["model_type"] == "qwen2_5_vl_text" and parse(config.to_hf_dict()) == config
+    with pytest.raises(ValueError, match="mrope with another rope scaling is not implemented"):
+        parse({**QWEN25_VL_7B, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24], "factor": 4.0}})
+    # transformers 5's layout: the language model's fields in text_config, nothing of it beside
+    outer = ("architectures", "model_type", "vision_config", "image_token_id", "video_token_id", "vision_token_id",
+             "vision_start_token_id", "vision_end_token_id", "tie_word_embeddings")
+    nested = {**{k: QWEN25_VL_7B[k] for k in outer},
+              "text_config": {k: v for k, v in QWEN25_VL_7B.items() if k not in outer}}
+    assert parse(nested) == config
+    with pytest.raises(ValueError, match="unknown field hidden_act = 'silu' of Qwen2_5_VLForConditionalGeneration"):
+        parse({**nested, "hidden_act": "silu"})
+
+
 def test_gemma2_is_read_written_back_and_planned_with_capped_attention():
     config = parse(GEMMA2_2B)
     assert (config.attn_softcap, config.final_softcap, config.post_norms, config.qk_norm) == (50.0, 30.0, True, False)

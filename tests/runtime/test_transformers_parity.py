@@ -61,6 +61,9 @@ PHI3_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 # from 1 and from the long ones to matter at these lengths)
 LONGROPE_FACTORS = {"short_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
                     "long_factor": [1.0, 3.0, 5.0, 9.0, 17.0, 33.0, 65.0, 129.0]}
+# a one-block Qwen2.5-VL vision tower (never run: the prompts are text)
+QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                   spatial_merge_size=2, window_size=28, fullatt_block_indexes=[0])
 # name -> (transformers config class, its arguments, layout of the saved config.json)
 FAMILIES = {
     "llama2": ("LlamaConfig", dict(rope_theta=10000.0), "4.x-no-theta"),
@@ -189,10 +192,19 @@ FAMILIES = {
                                                               num_attention_heads=2, head_dim=16, image_size=28,
                                                               patch_size=14),
                                            tie_word_embeddings=False), "mistral3-4.x"),
+    # Qwen2.5-VL's language model (a Qwen2) on text prompts, its multimodal rope (mrope: three sections
+    # of a head's dims, each turned by a position of its own, all the token's on text) as transformers
+    # 5 saves it and as the releases write it (transformers 4.49: every text field at the top level)
+    "qwen2.5-vl": ("Qwen2_5_VLConfig", dict(text_config=dict(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+                                            vision_config=QWEN_VISION), "5.x"),
+    "qwen2.5-vl-4.x": ("Qwen2_5_VLConfig", dict(text_config=dict(rope_scaling={"type": "mrope",
+                                                                               "mrope_section": [2, 3, 3]}),
+                                                vision_config=QWEN_VISION), "qwen2.5-vl-4.x"),
 }
 # the model class of a config class, where it is not the config's name with ForCausalLM
 MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM", "Gemma3Config": "Gemma3ForConditionalGeneration",
-                 "Mistral3Config": "Mistral3ForConditionalGeneration"}
+                 "Mistral3Config": "Mistral3ForConditionalGeneration",
+                 "Qwen2_5_VLConfig": "Qwen2_5_VLForConditionalGeneration"}
 # config.json fields set after saving: a Qwen2 window far shorter than the sequence, ignored (by
 # transformers too) because use_sliding_window is false, as in the real checkpoints
 CONFIG_EDITS = {"qwen2-4.x": dict(sliding_window=16, max_window_layers=1), "gemma": dict(hidden_act="gelu"),
@@ -239,6 +251,18 @@ def _mistral3_to_4x_layout(folder: Path) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
+def _qwen25vl_to_4x_layout(folder: Path) -> None:
+    """Rewrite a transformers 5 Qwen2.5-VL config.json as the releases ship it (transformers 4.49):
+    the text_config's fields at the top level, the base beside ``rope_scaling`` of type mrope."""
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    text = data.pop("text_config")
+    rope = text.pop("rope_parameters")
+    text.pop("model_type")
+    data.update(text, rope_theta=rope["rope_theta"], rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
+    path.write_text(json.dumps(data, indent=2))
+
+
 def _olmo3_to_4x_layout(folder: Path) -> None:
     """Rewrite a transformers 5 OLMo 3 config.json as Olmo-3-7B ships it (transformers 4.57): the
     base at the top level, the full layers' scaling in ``rope_scaling``."""
@@ -268,6 +292,8 @@ def _save(folder: Path, family: str):
         _olmo3_to_4x_layout(folder)
     elif layout == "mistral3-4.x":
         _mistral3_to_4x_layout(folder)
+    elif layout == "qwen2.5-vl-4.x":
+        _qwen25vl_to_4x_layout(folder)
     elif layout.startswith("4.x"):
         _to_4x_layout(folder, rope_theta=layout == "4.x")
     if family in CONFIG_EDITS:
