@@ -66,11 +66,12 @@ FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
 # (architecture, the text config's model_type).
 MULTIMODAL = {"gemma3": ("Gemma3ForConditionalGeneration", "gemma3_text"),
               "mistral3": ("Mistral3ForConditionalGeneration", "mistral"),
-              "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "qwen2")}
+              "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "qwen2"),
+              "qwen3_vl": ("Qwen3VLForConditionalGeneration", "qwen3")}
 # The model_type a multimodal release's text_config names, where it is not its family's: Qwen2.5-VL's
 # language model is a Qwen2 under a name of its own (and its releases write no text_config at all:
-# the language model's fields at the top level, ``_FLAT_MULTIMODAL``)
-_TEXT_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl_text"}
+# the language model's fields at the top level, ``_FLAT_MULTIMODAL``), Qwen3-VL's a Qwen3
+_TEXT_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text"}
 _FLAT_MULTIMODAL = frozenset({"qwen2_5_vl"})
 # Multimodal rotary embeddings (Qwen2.5-VL's mrope): a text token's position is the same on each of
 # the sections' axes, so on text prompts they turn as the plain rope of the same base
@@ -84,7 +85,12 @@ _TEXT_DEFAULTS = {"gemma3": {"vocab_size": 262208, "hidden_size": 2304, "interme
                   "qwen2_5_vl": {"vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568,
                                  "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
                                  "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
-                                 "sliding_window": 4096, "use_sliding_window": False, "max_window_layers": 80}}
+                                 "sliding_window": 4096, "use_sliding_window": False, "max_window_layers": 80},
+                  # Qwen3VLTextConfig's (no window)
+                  "qwen3_vl": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
+                               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                               "head_dim": 128, "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
+                               "rope_theta": 500000.0, "attention_bias": False}}
 SUPPORTED_ARCHITECTURES = (*FAMILIES.values(), *(arch for arch, _ in MULTIMODAL.values()))
 SUPPORTED_MODEL_TYPES = (*FAMILIES, *MULTIMODAL)
 # A multimodal config's own fields besides text_config: the image side (vision_config, the image
@@ -97,7 +103,9 @@ _MULTIMODAL_FIELDS = {
                                 ("mistral3", ("projector_hidden_act", "multimodal_projector_bias",
                                               "spatial_merge_size", "vision_feature_layer")),
                                 ("qwen2_5_vl", ("image_token_id", "video_token_id", "vision_start_token_id",
-                                                "vision_end_token_id", "vision_token_id")))}
+                                                "vision_end_token_id", "vision_token_id")),
+                                ("qwen3_vl", ("image_token_id", "video_token_id", "vision_start_token_id",
+                                              "vision_end_token_id")))}
 # Why some popular look-alikes are refused, said in the error line.
 _WHY_NOT = {"MixtralForCausalLM": "its MLP is a mixture of experts", "mixtral": "its MLP is a mixture of experts"}
 # silu and swish are the same function (x * sigmoid(x)), the gate of SwiGLU.

@@ -754,6 +754,29 @@ def test_qwen25_vl_is_read_as_its_language_model_with_the_plain_rope_of_text_pro
         parse({**nested, "hidden_act": "silu"})
 
 
+QWEN3_VL_8B = {  # Qwen/Qwen3-VL-8B-Instruct (vision_config shortened)
+    "architectures": ["Qwen3VLForConditionalGeneration"], "image_token_id": 151655, "model_type": "qwen3_vl",
+    "text_config": {"attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643, "dtype": "bfloat16",
+                    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+                    "initializer_range": 0.02, "intermediate_size": 12288, "max_position_embeddings": 262144,
+                    "model_type": "qwen3_vl_text", "num_attention_heads": 32, "num_hidden_layers": 36,
+                    "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+                    "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"},
+                    "rope_theta": 5000000, "use_cache": True, "vocab_size": 151936},
+    "tie_word_embeddings": False, "transformers_version": "4.57.0.dev0", "video_token_id": 151656,
+    "vision_config": {"deepstack_visual_indexes": [8, 16, 24], "depth": 27, "hidden_size": 1152,
+                      "model_type": "qwen3_vl", "out_hidden_size": 4096},
+    "vision_end_token_id": 151653, "vision_start_token_id": 151652}
+
+
+def test_qwen3_vl_is_read_as_its_language_model():
+    config = parse(QWEN3_VL_8B)
+    assert (config.multimodal, config.qk_norm, config.rope_type, config.rope_theta) == ("qwen3_vl", True, "default", 5e6)
+    assert (config.hidden_size, config.num_hidden_layers, config.head_dim) == (4096, 36, 128)
+    assert round(config.parameters / 1e9, 2) == 8.19 and not config.tie_word_embeddings
+    assert parse(config.to_hf_dict()) == config
+
+
 def test_gemma2_is_read_written_back_and_planned_with_capped_attention():
     config = parse(GEMMA2_2B)
     assert (config.attn_softcap, config.final_softcap, config.post_norms, config.qk_norm) == (50.0, 30.0, True, False)

@@ -200,11 +200,19 @@ FAMILIES = {
     "qwen2.5-vl-4.x": ("Qwen2_5_VLConfig", dict(text_config=dict(rope_scaling={"type": "mrope",
                                                                                "mrope_section": [2, 3, 3]}),
                                                 vision_config=QWEN_VISION), "qwen2.5-vl-4.x"),
+    # Qwen3-VL's language model (a Qwen3: norms of the query and key heads), its mrope interleaved
+    "qwen3-vl": ("Qwen3VLConfig", dict(text_config=dict(rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                                      "mrope_interleaved": True}),
+                                       vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                          out_hidden_size=64, patch_size=16, spatial_merge_size=2,
+                                                          deepstack_visual_indexes=[0], num_position_embeddings=16)),
+                 "5.x"),
 }
 # the model class of a config class, where it is not the config's name with ForCausalLM
 MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM", "Gemma3Config": "Gemma3ForConditionalGeneration",
                  "Mistral3Config": "Mistral3ForConditionalGeneration",
-                 "Qwen2_5_VLConfig": "Qwen2_5_VLForConditionalGeneration"}
+                 "Qwen2_5_VLConfig": "Qwen2_5_VLForConditionalGeneration",
+                 "Qwen3VLConfig": "Qwen3VLForConditionalGeneration"}
 # config.json fields set after saving: a Qwen2 window far shorter than the sequence, ignored (by
 # transformers too) because use_sliding_window is false, as in the real checkpoints
 CONFIG_EDITS = {"qwen2-4.x": dict(sliding_window=16, max_window_layers=1), "gemma": dict(hidden_act="gelu"),
