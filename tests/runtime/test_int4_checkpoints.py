@@ -446,23 +446,40 @@ def test_an_awq_quantization_the_kernels_do_not_compute_is_refused(change, messa
         ModelConfig.from_hf_dict(data, "m", source="config.json")
 
 
-def test_an_int4_image_and_text_checkpoint_runs_its_language_model(tmp_path, default_kernels):
-    """AWQ of an image-and-text model (Mistral 3 here; Gemma 3 alike): quantization_config beside
-    text_config, modules_to_not_convert naming the image side (and the LM head), the int4 layers
-    under language_model; the language model loads as int4 and generates the reference's tokens."""
-    config = dataclasses.replace(AWQ_CONFIG, name="tiny-mm-awq", multimodal="mistral3")
+def _under_language_model(tensors):
+    """Mistral 3's (and Gemma 3's) layout: the language model's tensors under language_model."""
+    for name in list(tensors):
+        plain = tensors.pop(name)
+        tensors["language_model." + name if name.startswith(("model.", "lm_head.")) else name] = plain
+    tensors["vision_tower.patch_conv.weight"] = np.ones((4, 4), np.float16)
 
-    def image_and_text(tensors):
-        for name in list(tensors):
-            plain = tensors.pop(name)
-            tensors["language_model." + name if name.startswith(("model.", "lm_head.")) else name] = plain
-        tensors["vision_tower.patch_conv.weight"] = np.ones((4, 4), np.float16)
 
-    loaded, _ = save_int4(tmp_path, config, edit=image_and_text)
+def _beside_visual(tensors):
+    """Qwen2.5-VL's: the language model's tensors as a Qwen2's, the visual tower beside them."""
+    tensors["visual.patch_embed.proj.weight"] = np.ones((4, 4), np.float16)
+
+
+def _flat(data):
+    """Qwen2.5-VL's releases: the text_config's fields at the top level."""
+    return {**{k: v for k, v in data.items() if k != "text_config"}, **data["text_config"]}
+
+
+@pytest.mark.parametrize("wrapper, changes, edit, layout, not_converted", [
+    ("mistral3", {}, _under_language_model, dict, ["vision_tower", "multi_modal_projector", "lm_head"]),
+    ("qwen2_5_vl", {"qkv_bias": True}, _beside_visual, _flat, ["visual"]),
+], ids=["mistral3", "qwen2.5-vl"])
+def test_an_int4_image_and_text_checkpoint_runs_its_language_model(wrapper, changes, edit, layout, not_converted,
+                                                                   tmp_path, default_kernels):
+    """AWQ of an image-and-text model (Mistral 3, Gemma 3 alike, and Qwen2.5-VL as its official AWQ
+    releases are): quantization_config beside the text config, modules_to_not_convert naming the
+    image side (and the LM head); the language model loads as int4 and generates the reference's
+    tokens."""
+    config = dataclasses.replace(AWQ_CONFIG, name="tiny-mm-awq", multimodal=wrapper, **changes)
+    save_int4(tmp_path, config, edit=edit)
     data = json.loads((tmp_path / "config.json").read_text())
     assert "quantization_config" in data and "quantization_config" not in data["text_config"]
-    data["quantization_config"]["modules_to_not_convert"] = ["vision_tower", "multi_modal_projector", "lm_head"]
-    (tmp_path / "config.json").write_text(json.dumps(data))
+    data["quantization_config"]["modules_to_not_convert"] = not_converted
+    (tmp_path / "config.json").write_text(json.dumps(layout(data)))
     loaded = load_model_config(tmp_path)
     assert dataclasses.replace(loaded, name=config.name) == config
     assert ModelConfig.from_hf_dict(config.to_hf_dict(), config.name) == config
