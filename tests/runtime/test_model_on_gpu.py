@@ -39,3 +39,50 @@ def test_programmatic_edges_decode_what_the_plain_graph_decodes_on_the_gpu(quant
             scale = np.abs(plain.logits).max()
             assert np.abs(joined.logits - plain.logits).max() <= 1e-3 * scale
             np.testing.assert_array_equal(joined.tokens, plain.tokens)
+
+
+@pytest.mark.gpu
+def test_an_act_order_gptq_checkpoint_decodes_the_references_tokens_on_the_gpu(tmp_path):
+    """GPTQ with act-order (gather_columns before the Q/K/V, output and gate/up projections, down's
+    order in gate/up's rows) and zero points, in float16: the tokens of the reference computed on
+    the same rounded weights."""
+    import dataclasses
+
+    from runtime.reference import ReferenceModel
+    from test_int4_checkpoints import ASYMMETRIC, save_int4
+
+    config, _ = save_int4(tmp_path, dataclasses.replace(ASYMMETRIC, int4_act_order=True))
+    weights = ModelWeights.load(config, tmp_path)
+    prompts = np.random.default_rng(2).integers(0, config.vocab_size, (2, 9))
+    want = ReferenceModel(config, weights.rounded("float16")).generate(prompts, 16)
+    with TunedKernels.defaults(Target.cuda(0)) as kernels:
+        model = LlamaModel(config, weights, kernels, dtype="float16")
+        got = model.generate(prompts, 16)
+    assert model.decode_mode == "graph"
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert np.abs(got.logits - want.logits).max() < 2e-2 * np.abs(want.logits).max()
+
+
+@pytest.mark.gpu
+def test_a_generation_across_longropes_original_context_decodes_the_references_tokens_on_the_gpu():
+    """Phi-3's longrope with an original context of 16: a 10-token prompt and 14 new tokens cross it
+    (the short graph, the sequence run again as a long prompt, then the long graph); float32, the
+    reference's tokens and logits."""
+    from runtime.reference import ReferenceModel
+
+    config = ModelConfig.from_hf_dict({
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_act": "silu", "hidden_size": 256,
+        "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+        "vocab_size": 500, "rms_norm_eps": 1e-5, "max_position_embeddings": 256, "tie_word_embeddings": False,
+        "original_max_position_embeddings": 16,
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0 + i / 8 for i in range(32)],
+                         "long_factor": [1.0 + 4 * i for i in range(32)]}}, "phi3-small")
+    weights = ModelWeights.random(config, seed=4)
+    prompts = np.random.default_rng(3).integers(0, config.vocab_size, (2, 10))
+    want = ReferenceModel(config, weights).generate(prompts, 14)
+    with TunedKernels.defaults(Target.cuda(0)) as kernels:
+        model = LlamaModel(config, weights, kernels)
+        got = model.generate(prompts, 14)
+    assert model.decode_mode == "graph"
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert np.abs(got.logits - want.logits).max() < 1e-3 * np.abs(want.logits).max()
