@@ -474,15 +474,22 @@ class ModelWeights:
     def quantize_q4(self, group_size: int = 128) -> "ModelWeights":
         """A copy whose linear layers (LM head included, but an int4 checkpoint's) are int4 with group
         scales (and zero points where the config's kernels take them); itself when they already are
-        (an int4 checkpoint)."""
+        (an int4 checkpoint). For an act-order config each layer input's rows are grouped in an
+        order of their own (seeded; Q/K/V share one, gate/up one), as GPTQ's act-order groups them."""
         if self.quantized:
             if group_size != self.group_size:
                 raise ValueError(f"the weights are int4 with group size {self.group_size}, not {group_size}")
             return self
         quantized = {}
+        orders: dict[str, np.ndarray] = {}
+        rng = np.random.default_rng(0)
         for name in q4_linear_names(self.config):
-            packed = quantize_q4(self[name], group_size, zero_point=self.config.int4_zero_points)
-            quantized[name] = QuantizedLinear(packed["WQ"], packed["SCALES"], group_size, packed.get("ZEROS"))
+            weights, order = self[name], None
+            if self.config.int4_act_order:  # one order per layer input: a fused projection's parts share it
+                order = orders.setdefault(_input_of(name), rng.permutation(weights.shape[1]).astype(np.int32))
+                weights = weights[:, order]
+            packed = quantize_q4(weights, group_size, zero_point=self.config.int4_zero_points)
+            quantized[name] = QuantizedLinear(packed["WQ"], packed["SCALES"], group_size, packed.get("ZEROS"), order)
         return ModelWeights(self.config, dict(self.tensors), quantized, group_size)
 
 
@@ -567,6 +574,16 @@ def _int4_layers(folder, tensors: dict[str, np.ndarray], int4: dict[str, tuple[s
     if config.int4_act_order:
         _check_act_orders(folder, quantized, config)
     return quantized
+
+
+def _input_of(name: str) -> str:
+    """The input linear layer ``name`` reads, named by the first part of its fused projection
+    (``FUSED``: q_proj for k_proj and v_proj, gate_proj for up_proj); itself for the others."""
+    for parts in FUSED.values():
+        for part in parts[1:]:
+            if f".{part}." in name:
+                return name.replace(f".{part}.", f".{parts[0]}.")
+    return name
 
 
 def _check_act_orders(folder, quantized: dict[str, QuantizedLinear], config: ModelConfig) -> None:

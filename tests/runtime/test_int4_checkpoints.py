@@ -171,6 +171,25 @@ def test_act_order_is_read_from_desc_act_and_gathers_the_inputs_of_all_but_down_
         dataclasses.replace(AWQ_CONFIG, int4_act_order=True)
 
 
+def test_float_weights_quantised_for_an_act_order_config_group_each_input_in_an_order_of_its_own(default_kernels):
+    """What `run` does without --weights: random weights quantised as the config's checkpoints are,
+    Q/K/V (and gate/up) sharing an order; the int4 layers stand for the float weights as closely
+    as in-order groups do, and the model generates the reference's tokens."""
+    floats = ModelWeights.random(ACT_ORDER, seed=4)
+    weights = floats.quantize_q4(GROUP)
+    q = {name.split(".")[-2]: layer for name, layer in weights.quantized.items() if ".0." in name}
+    assert np.array_equal(q["q_proj"].order, q["v_proj"].order) and np.array_equal(q["gate_proj"].order,
+                                                                                   q["up_proj"].order)
+    assert not np.array_equal(q["q_proj"].order, np.arange(ACT_ORDER.hidden_size))
+    in_order = ModelWeights.random(CONFIG, seed=4).quantize_q4(GROUP)
+    for name, layer in weights.quantized.items():
+        error = np.abs(layer.dequantized - floats[name]).max()
+        assert error < 1.5 * np.abs(in_order.quantized[name].dequantized - floats[name]).max()
+    prompts = np.random.default_rng(6).integers(0, ACT_ORDER.vocab_size, (1, 6))
+    ours = LlamaModel(ACT_ORDER, weights, default_kernels).generate(prompts, 6)
+    np.testing.assert_array_equal(ours.tokens, ReferenceModel(ACT_ORDER, weights).generate(prompts, 6).tokens)
+
+
 def _unequal_groups(tensors):
     name = next(n for n in tensors if n.endswith("g_idx"))
     tensors[name] = tensors[name].copy()
