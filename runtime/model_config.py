@@ -477,9 +477,9 @@ class ModelConfig:
             raise ValueError(f"model {self.name}: int4_zero_points must be true or false, got {self.int4_zero_points!r}")
         if fmt == "awq" and not self.int4_zero_points:
             raise ValueError(f"model {self.name}: an AWQ checkpoint has zero points (int4_zero_points true)")
-        if not isinstance(self.int4_act_order, bool) or (self.int4_act_order and fmt not in ("gptq", "gptq_v2")):
-            raise ValueError(f"model {self.name}: int4_act_order is true only for a GPTQ checkpoint (int4_format gptq "
-                             f"or gptq_v2), got {self.int4_act_order!r}")
+        if not isinstance(self.int4_act_order, bool) or (self.int4_act_order and fmt not in _ACT_ORDER_FORMATS):
+            raise ValueError(f"model {self.name}: int4_act_order is true only for a GPTQ or compressed-tensors "
+                             f"checkpoint (int4_format {', '.join(_ACT_ORDER_FORMATS)}), got {self.int4_act_order!r}")
 
     @property
     def int4_name(self) -> str | None:
@@ -488,6 +488,14 @@ class ModelConfig:
 
     def _int4_hf_dict(self) -> dict[str, Any]:
         """The quantization_config of this int4 checkpoint, as its method writes it."""
+        if self.int4_format == "compressed":
+            weights = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": self.int4_group_size,
+                       "symmetric": not self.int4_zero_points, "dynamic": False,
+                       "actorder": "group" if self.int4_act_order else None}
+            return {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+                    "quantization_status": "compressed", "config_groups": {"group_0": {
+                        "targets": ["Linear"], "weights": weights, "input_activations": None,
+                        "output_activations": None}}}
         if self.int4_format == "awq":
             return {"quant_method": "awq", "bits": 4, "group_size": self.int4_group_size, "zero_point": True,
                     "version": "gemm"}
@@ -1117,7 +1125,9 @@ def _layer_kind_ropes(data: Mapping[str, Any], where: str, family: str) -> tuple
 # sizes the q4 kernels take, and the keys of each method's quantization_config that say how the
 # checkpoint was made or how other runtimes should run it (calibration, packing and kernel options)
 # and change nothing it computes
-INT4_FORMATS = {"gptq": "GPTQ", "gptq_v2": "GPTQ", "awq": "AWQ"}
+INT4_FORMATS = {"gptq": "GPTQ", "gptq_v2": "GPTQ", "awq": "AWQ", "compressed": "compressed-tensors"}
+# the formats whose layers carry a g_idx, so that their rows may come in act-order
+_ACT_ORDER_FORMATS = ("gptq", "gptq_v2", "compressed")
 INT4_GROUP_SIZES = (32, 64, 128)
 _INT4_HARMLESS = {
     "gptq": frozenset({
@@ -1148,9 +1158,12 @@ def _int4_checkpoint(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise ValueError(f"{where}: quantization_config = {_show(spec)} is not an object")
     method = spec.get("quant_method")
+    if method == "compressed-tensors":
+        return _compressed_tensors_checkpoint(spec, where)
     if method not in _INT4_HARMLESS:
         raise ValueError(f"{where}: quantization_config.quant_method = {_show(method)} is not implemented; "
-                         "supported: gptq (4 bits), awq (4 bits, gemm packing)")
+                         "supported: gptq (4 bits), awq (4 bits, gemm packing), compressed-tensors (4-bit "
+                         "weights, pack-quantized)")
     unknown = sorted(k for k in spec if k not in _INT4_HARMLESS[method])
     if unknown:
         raise ValueError(f"{where}: quantization_config.{unknown[0]} = {_show(spec[unknown[0]])} is not implemented")
@@ -1185,6 +1198,71 @@ def _int4_checkpoint(data: Mapping[str, Any], where: str) -> dict[str, Any]:
                 "int4_zero_points": not spec.get("sym", True),
                 "int4_act_order": spec.get("desc_act", False) and not spec.get("static_groups", False)}
     return {"int4_format": "awq", "int4_group_size": group, "int4_zero_points": True}
+
+
+# compressed-tensors (llm-compressor's W4A16 checkpoints): the keys that say how the checkpoint was
+# made and change nothing it computes, and those of its one group's weight quantisation
+_COMPRESSED_HARMLESS = frozenset({"quant_method", "format", "config_groups", "ignore", "kv_cache_scheme",
+                                  "quantization_status", "global_compression_ratio", "version", "sparsity_config",
+                                  "transform_config", "provider"})
+_COMPRESSED_GROUP_KEYS = frozenset({"targets", "weights", "input_activations", "output_activations", "format"})
+_COMPRESSED_WEIGHT_HARMLESS = frozenset({"num_bits", "type", "strategy", "group_size", "symmetric", "dynamic",
+                                         "actorder", "observer", "observer_kwargs", "block_structure", "zp_dtype",
+                                         "scale_dtype"})
+
+
+def _compressed_tensors_checkpoint(spec: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The ModelConfig fields of a compressed-tensors ``quantization_config``: one config group of
+    4-bit int weights in groups of 32, 64 or 128 (symmetric or not, act-order "group" giving a g_idx)
+    on every Linear but those ``ignore`` names outside the decoder's layers, packed (pack-quantized),
+    no activation or KV cache quantisation; anything else refused by name."""
+    what = f"{where}: quantization_config"
+    unknown = sorted(k for k in spec if k not in _COMPRESSED_HARMLESS)
+    if unknown:
+        raise ValueError(f"{what}.{unknown[0]} = {_show(spec[unknown[0]])} is not implemented")
+    for key, want in (("format", "pack-quantized"), ("quantization_status", "compressed")):
+        if spec.get(key, want) != want:
+            raise ValueError(f"{what}.{key} = {_show(spec.get(key))} is not implemented; supported: {_show(want)}")
+    for key in ("kv_cache_scheme", "sparsity_config", "transform_config"):
+        if spec.get(key) not in (None, {}):
+            raise ValueError(f"{what}.{key} = {_show(spec[key])} is not implemented; supported: null")
+    ignored = spec.get("ignore", [])
+    if not isinstance(ignored, list) or not all(isinstance(name, str) and (
+            _outside_the_decoder(name) or _IMAGE_SIDE_PATTERN.search(name)) for name in ignored):
+        raise ValueError(f"{what}.ignore = {_show(ignored)} is not implemented; supported: modules outside the "
+                         "decoder's layers (lm_head, an image-and-text model's vision side)")
+    groups = spec.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise ValueError(f"{what}.config_groups = {_show(groups)} is not implemented; supported: one group")
+    (name, group), = groups.items()
+    if not isinstance(group, dict) or set(group) - _COMPRESSED_GROUP_KEYS or group.get("targets") != ["Linear"]:
+        raise ValueError(f"{what}.config_groups.{name} = {_show(group)} is not implemented; supported: targets "
+                         "[\"Linear\"], weights only")
+    for key in ("input_activations", "output_activations"):
+        if group.get(key) is not None:
+            raise ValueError(f"{what}.config_groups.{name}.{key} = {_show(group[key])} is not implemented (weight-"
+                             "only checkpoints: W4A16)")
+    weights = group.get("weights")
+    if not isinstance(weights, dict) or set(weights) - _COMPRESSED_WEIGHT_HARMLESS:
+        raise ValueError(f"{what}.config_groups.{name}.weights = {_show(weights)} is not implemented")
+    accepted = {"num_bits": (4,), "type": ("int",), "strategy": ("group",), "symmetric": (True, False),
+                "dynamic": (False,), "actorder": (None, "group", "weight", "static"), "block_structure": (None,)}
+    for key, values in accepted.items():
+        given = weights.get(key, values[0])
+        if given not in values or not any(type(given) is type(value) for value in values):  # 1 is not True
+            raise ValueError(f"{what}.config_groups.{name}.weights.{key} = {_show(given)} is not implemented; "
+                             f"supported: {', '.join(map(_show, values))}")
+    size = weights.get("group_size")
+    if not _is_int4_group(size):
+        raise ValueError(f"{what}.config_groups.{name}.weights.group_size = {_show(size)} is not implemented; "
+                         f"supported: {', '.join(map(str, INT4_GROUP_SIZES))}")
+    # act-order "group" keeps each column's group in weight_g_idx; "weight" (static) keeps groups in order
+    return {"int4_format": "compressed", "int4_group_size": size, "int4_zero_points": not weights.get("symmetric", True),
+            "int4_act_order": weights.get("actorder") == "group"}
+
+
+# an ignored module of the image side, as compressed-tensors names them (paths or "re:" patterns)
+_IMAGE_SIDE_PATTERN = re.compile(r"vision_tower|multi_modal_projector|visual|vision_model")
 
 
 # modules an AWQ checkpoint may keep unquantised (modules_to_not_convert) without changing what the

@@ -181,15 +181,25 @@ def q4_linear_names(config: ModelConfig, device: bool = False) -> list[str]:
 #   them as they are), scales [K/G, N], g_idx [K] (optional: each k's group).
 # - AWQ (AutoAWQ's gemm packing): qweight [K, N/8] int32 (eight codes along N, in the nibble order
 #   AWQ_ORDER), qzeros [K/G, N/8] int32 (the zero points, packed the same way), scales [K/G, N].
-# A weight is scales[g, n] * (code - zero).
-INT4_PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
+# - compressed-tensors (pack-quantized): weight_packed [N, K/8] int32 (eight codes along K, the first
+#   in the low bits, each the signed value plus 8), weight_zero_point [N/8, K/G] int32 (asymmetric
+#   only: eight along N, plus 8 likewise), weight_scale [N, K/G], weight_g_idx [K] (act-order
+#   "group" only), weight_shape [2] (N, K).
+# A weight is scales[g, n] * (code - zero) (compressed-tensors: zero 8 where it stores none).
+INT4_PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales"),
+              "compressed": ("weight_packed", "weight_zero_point", "weight_scale", "weight_g_idx", "weight_shape")}
+# the parts a layer may leave out: GPTQ's g_idx (in order), compressed-tensors' zero points (symmetric)
+# and g_idx (no act-order)
+_OPTIONAL_INT4_PARTS = ("g_idx", "weight_g_idx", "weight_zero_point")
+# the parts that hold floats (the others integers)
+_INT4_SCALES = ("scales", "weight_scale")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a packed word holds column AWQ_ORDER[i] of its eight
 _NIBBLE_SHIFTS = 4 * np.arange(8, dtype=np.uint32)
 
 
 def int4_method(config: ModelConfig) -> str:
     """The key of INT4_PARTS of an int4 checkpoint's config: its quantisation method."""
-    return "awq" if config.int4_format == "awq" else "gptq"
+    return config.int4_format if config.int4_format in ("awq", "compressed") else "gptq"
 
 
 def int4_shapes(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -201,8 +211,11 @@ def int4_shapes(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
     for name in q4_linear_names(config):
         n, k = shapes[name]
         prefix = name[: -len("weight")]
-        packed = (k // 8, n) if method == "gptq" else (k, n // 8)
-        for part, shape in zip(INT4_PARTS[method], (packed, (k // group, n // 8), (k // group, n), (k,))):
+        if method == "compressed":  # along K within each output row
+            layout = ((n, k // 8), (n // 8, k // group), (n, k // group), (k,), (2,))
+        else:
+            layout = ((k // 8, n) if method == "gptq" else (k, n // 8), (k // group, n // 8), (k // group, n), (k,))
+        for part, shape in zip(INT4_PARTS[method], layout):
             out[prefix + part] = (name, shape)
     return out
 
@@ -230,6 +243,21 @@ def int4_linear(name: str, parts: dict[str, np.ndarray], config: ModelConfig) ->
         n = codes.shape[1]
         codes = codes.reshape(-1, n // 8, 8)[:, :, undo].reshape(-1, n)
         zeros = zeros.reshape(-1, n // 8, 8)[:, :, undo].reshape(-1, n)
+    elif config.int4_format == "compressed":  # [N, K] as stored; the signed values plus 8 are codes
+        (n, k) = (int(d) for d in parts["weight_shape"])
+        codes = _nibbles(parts["weight_packed"], 1).T
+        if (n, k) != codes.T.shape:
+            raise ValueError(f"{name}: weight_shape says {n} x {k}, the packed codes hold {codes.shape[1]} x "
+                             f"{codes.shape[0]}")
+        stored = parts.get("weight_zero_point")
+        if config.int4_zero_points != (stored is not None):
+            raise ValueError(f"{name}: weight_zero_point {'missing' if stored is None else 'given'} where "
+                             f"quantization_config's weights are {'not ' if config.int4_zero_points else ''}symmetric")
+        zeros = np.full((k // group, n), 8, np.uint32) if stored is None else _nibbles(stored, 0).T
+        order = _act_order(name, parts.get("weight_g_idx"), k, config)
+        if order is not None:
+            codes = codes[order]
+        parts = {**parts, "scales": parts["weight_scale"].T}
     else:
         codes = _nibbles(parts["qweight"], 0)
         zeros = _nibbles(parts["qzeros"], 1) + (1 if config.int4_format == "gptq" else 0)
@@ -253,8 +281,8 @@ def _act_order(name: str, g_idx: np.ndarray | None, k: int, config: ModelConfig)
     in_order = np.arange(k) // group
     if not config.int4_act_order:
         if g_idx is not None and not np.array_equal(g_idx, in_order):
-            raise ValueError(f"{name}: g_idx puts rows out of group order (act-order), but "
-                             "quantization_config.desc_act is not true")
+            raise ValueError(f"{name}: g_idx puts rows out of group order (act-order), but quantization_config "
+                             "says none (GPTQ's desc_act true, compressed-tensors' actorder \"group\")")
         return None
     if g_idx is None:  # every layer of an act-order model has an order, if only this one's
         g_idx = in_order
@@ -414,8 +442,8 @@ class ModelWeights:
         tensors: dict[str, np.ndarray] = {}
         read = {raw for raw, name in renamed.items()
                 if name is not None and (name in wanted or name in stacked or (tied_head and name == "lm_head.weight"))}
-        ints = {raw for raw, name in renamed.items()
-                if (name in int4 or stacked.get(name, (None,))[0] in int4) and not name.endswith(".scales")}
+        ints = {raw for raw, name in renamed.items() if (name in int4 or stacked.get(name, (None,))[0] in int4)
+                and not name.endswith(tuple("." + part for part in _INT4_SCALES))}
         for path in files:
             tensors.update({renamed[k]: v for k, v in read_safetensors(path, read, ints).items()})
         for name, parts in stacked.items():
@@ -560,13 +588,13 @@ def _int4_layers(folder, tensors: dict[str, np.ndarray], int4: dict[str, tuple[s
         part = name.rsplit(".", 1)[1]
         tensor = tensors.pop(name, None)
         if tensor is None:
-            if part != "g_idx":
+            if part not in _OPTIONAL_INT4_PARTS:
                 raise ValueError(f"{folder}: {name} is missing (the {config.int4_name} checkpoint's int4 layer "
                                  f"{linear})")
             continue
-        integer = np.asarray(tensor).dtype == np.int32
-        if tuple(np.shape(tensor)) != shape or integer != (part != "scales"):
-            kind = "float" if part == "scales" else "int32"
+        integer = np.asarray(tensor).dtype in (np.int32, np.int64)
+        if tuple(np.shape(tensor)) != shape or integer != (part not in _INT4_SCALES):
+            kind = "float" if part in _INT4_SCALES else "int32"
             raise ValueError(f"{folder}: {name} is {np.asarray(tensor).dtype} {tuple(np.shape(tensor))}, expected "
                              f"{kind} {shape}")
         layers.setdefault(linear, {})[part] = tensor
@@ -740,7 +768,7 @@ def read_safetensors(path: str | Path, keep=None, ints=frozenset()) -> dict[str,
                 info = header[name]
                 if info["dtype"] == "BF16" or (keep is not None and name not in keep):
                     continue
-                if name in ints and info["dtype"] == "I32":
+                if name in ints and info["dtype"] in ("I32", "I64"):  # I64: compressed-tensors' weight_shape
                     tensors[name] = f.get_tensor(name)
                     continue
                 if info["dtype"] not in _SAFETENSORS_DTYPES:

@@ -13,7 +13,7 @@ import pytest
 
 from runtime.llama import LlamaModel
 from runtime.model_config import PRESETS, ModelConfig, load_model_config
-from runtime.plan import check_quantize, decode_calls, prefill_calls
+from runtime.plan import check_quantize, decode_calls, head_quantize, prefill_calls
 from runtime.reference import ReferenceModel
 from runtime.weights import ModelWeights, device_shapes, expected_shapes, q4_linear_names
 
@@ -30,6 +30,19 @@ AWQ = {"quant_method": "awq", "bits": 4, "group_size": AWQ_GROUP, "zero_point": 
        "modules_to_not_convert": None}
 AWQ_CONFIG = dataclasses.replace(FLOAT_CONFIG, int4_format="awq", int4_group_size=AWQ_GROUP, int4_zero_points=True)
 ORDER_MAP = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's: nibble i of a word holds column order_map[i] of its eight
+COMPRESSED_CONFIG = dataclasses.replace(FLOAT_CONFIG, int4_format="compressed", int4_group_size=GROUP)
+
+
+def compressed_spec(group: int, symmetric: bool = True, act_order: bool = False) -> dict:
+    """A quantization_config as llm-compressor writes a W4A16 checkpoint's."""
+    weights = {"actorder": "group" if act_order else None, "block_structure": None, "dynamic": False,
+               "group_size": group, "num_bits": 4, "observer": "minmax", "observer_kwargs": {}, "strategy": "group",
+               "symmetric": symmetric, "type": "int"}
+    return {"config_groups": {"group_0": {"input_activations": None, "output_activations": None,
+                                          "targets": ["Linear"], "weights": weights}},
+            "format": "pack-quantized", "global_compression_ratio": 1.9, "ignore": ["lm_head"],
+            "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed",
+            "sparsity_config": {}, "version": "0.10.2"}
 
 
 def pack_gptq(w: np.ndarray, group: int, sym: bool = True, v2: bool = False, g_idx: np.ndarray | None = None
@@ -65,6 +78,43 @@ def pack_gptq(w: np.ndarray, group: int, sym: bool = True, v2: bool = False, g_i
     stands_for = (codes.astype(np.float32) - zeros[:, g_idx]) * scales[:, g_idx].astype(np.float32)
     return ({"qweight": qweight.view(np.int32), "qzeros": qzeros.view(np.int32), "scales": scales.T.copy(),
              "g_idx": g_idx.astype(np.int32)}, stands_for)
+
+
+def pack_compressed(w: np.ndarray, group: int, sym: bool = True, g_idx: np.ndarray | None = None
+                    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """compressed-tensors' pack-quantized layout of W[N, K], written out the way its pack_to_int32
+    loops: signed codes q (symmetric: round(w / scale) with zero point 0; else q = round(w / scale) +
+    zp, zp in -8..7) stored plus 8, eight consecutive k's of one n a word of weight_packed [N, K/8],
+    the first in the low bits; the zero points plus 8, eight consecutive n's a word of
+    weight_zero_point [N/8, K/G] (asymmetric only); weight_scale [N, K/G]; weight_shape (N, K);
+    weight_g_idx each k's group (act-order "group" only). Also the weights they stand for."""
+    n, k = w.shape
+    order_given = g_idx is not None
+    g_idx = (np.arange(k) // group).astype(np.int32) if g_idx is None else g_idx
+    groups = w[:, np.argsort(g_idx, kind="stable")].reshape(n, k // group, group)
+    if sym:
+        scales = (np.abs(groups).max(axis=2) / 7).astype(np.float16)
+        zp = np.zeros(scales.shape, np.int32)
+    else:
+        lo, hi = groups.min(axis=2), groups.max(axis=2)
+        scales = ((hi - lo) / 15).astype(np.float16)
+        zp = np.clip(np.round(-lo / scales.astype(np.float32)) - 8, -8, 7).astype(np.int32)
+    q = np.clip(np.round(w / scales[:, g_idx].astype(np.float32)) + zp[:, g_idx], -8, 7).astype(np.int32)
+    stored = (q + 8).astype(np.uint32)
+    packed = np.zeros((n, k // 8), np.uint32)
+    for i in range(8):
+        packed |= stored[:, i::8] << np.uint32(4 * i)
+    parts = {"weight_packed": packed.view(np.int32), "weight_scale": scales.copy(),
+             "weight_shape": np.array([n, k], np.int64)}
+    if not sym:
+        zeros = np.zeros((n // 8, k // group), np.uint32)
+        for i in range(8):
+            zeros |= (zp[i::8] + 8).astype(np.uint32) << np.uint32(4 * i)
+        parts["weight_zero_point"] = zeros.view(np.int32)
+    if order_given:
+        parts["weight_g_idx"] = g_idx.astype(np.int32)
+    stands_for = (q - zp[:, g_idx]).astype(np.float32) * scales[:, g_idx].astype(np.float32)
+    return parts, stands_for
 
 
 def act_order_g_idx(k: int, group: int, rng: np.random.Generator) -> np.ndarray:
@@ -116,6 +166,12 @@ def save_int4(folder, config: ModelConfig = CONFIG, seed: int = 3, edit=None):
             group = config.int4_group_size
             if config.int4_format == "awq":
                 parts, stands_for[name] = pack_awq(weights[name], group)
+            elif config.int4_format == "compressed":
+                shared = name.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
+                if config.int4_act_order and shared not in orders:
+                    orders[shared] = act_order_g_idx(weights[name].shape[1], group, rng)
+                parts, stands_for[name] = pack_compressed(weights[name], group, not config.int4_zero_points,
+                                                          orders.get(shared))
             else:
                 # act-order: one order per layer input (q, k and v share theirs, gate and up theirs)
                 shared = name.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
@@ -133,6 +189,8 @@ def save_int4(folder, config: ModelConfig = CONFIG, seed: int = 3, edit=None):
     spec = AWQ if config.int4_format == "awq" else {**GPTQ, "sym": not config.int4_zero_points,
                                                      "checkpoint_format": config.int4_format,
                                                      "desc_act": config.int4_act_order}
+    if config.int4_format == "compressed":
+        spec = compressed_spec(config.int4_group_size, not config.int4_zero_points, config.int4_act_order)
     hf = {**dataclasses.replace(config, int4_format=None, int4_group_size=None, int4_zero_points=False,
                                 int4_act_order=False).to_hf_dict(),
           "quantization_config": spec}
@@ -167,7 +225,7 @@ def test_act_order_is_read_from_desc_act_and_gathers_the_inputs_of_all_but_down_
         gathers = {(c.role, c.spec.dims["N"], c.count) for c in calls if c.spec.op == "gather_columns"}
         assert gathers == {("gather_hidden", config.hidden_size, 2 * layers), ("gather_attn", config.q_size, layers)}
         assert not any(call.spec.attr.get("norm") for call in calls)
-    with pytest.raises(ValueError, match="int4_act_order is true only for a GPTQ checkpoint"):
+    with pytest.raises(ValueError, match="int4_act_order is true only for a GPTQ or compressed-tensors checkpoint"):
         dataclasses.replace(AWQ_CONFIG, int4_act_order=True)
 
 
@@ -292,7 +350,8 @@ def _act_order(tensors):
 
 @pytest.mark.parametrize("edit, message", [
     (_asymmetric, "zero points other than 8 where the config says the codes are symmetric"),
-    (_act_order, "g_idx puts rows out of group order .act-order., but quantization_config.desc_act is not true"),
+    (_act_order, "g_idx puts rows out of group order .act-order., but quantization_config says none .GPTQ's "
+                 "desc_act true"),
     (lambda t: t.pop("model.layers.1.mlp.down_proj.qzeros"), "model.layers.1.mlp.down_proj.qzeros is missing"),
     (lambda t: t.update({"model.layers.0.mlp.up_proj.qweight": t["model.layers.0.mlp.up_proj.qweight"].astype(
         np.float32)}), r"qweight is float32 \(16, 384\), expected int32 \(16, 384\)"),
@@ -393,9 +452,10 @@ def test_weights_held_as_int4_codes_only_are_not_saved_as_a_float_checkpoint(tmp
 
 @pytest.mark.parametrize("config", [CONFIG, ASYMMETRIC, dataclasses.replace(ASYMMETRIC, int4_format="gptq_v2"),
                                     dataclasses.replace(CONFIG, int4_format="gptq_v2"), AWQ_CONFIG, ACT_ORDER,
-                                    dataclasses.replace(ASYMMETRIC, int4_act_order=True)],
+                                    dataclasses.replace(ASYMMETRIC, int4_act_order=True), COMPRESSED_CONFIG,
+                                    dataclasses.replace(COMPRESSED_CONFIG, int4_zero_points=True, int4_act_order=True)],
                          ids=["gptq", "gptq-asym", "gptq-asym-v2", "gptq-v2", "awq", "gptq-act-order",
-                              "gptq-asym-act-order"])
+                              "gptq-asym-act-order", "compressed", "compressed-asym-act-order"])
 def test_an_int4_checkpoint_loads_as_int4_codes_and_generates_the_references_tokens(config, tmp_path,
                                                                                    default_kernels):
     """The layers compute the weights the codes stand for (GPTQ's v2 stores zero points without
@@ -512,12 +572,54 @@ def test_an_int4_image_and_text_checkpoint_runs_its_language_model(wrapper, chan
         ModelConfig.from_hf_dict(data, "m", source="config.json")
 
 
+def test_a_compressed_tensors_config_is_read_and_written_back():
+    config = ModelConfig.from_hf_dict({**FLOAT_CONFIG.to_hf_dict(), "quantization_config": compressed_spec(GROUP)},
+                                      COMPRESSED_CONFIG.name)
+    assert config == COMPRESSED_CONFIG and ModelConfig.from_hf_dict(config.to_hf_dict(), config.name) == config
+    assert config.int4_name == "compressed-tensors" and head_quantize(config, "q4") == "none"
+    asymmetric = ModelConfig.from_hf_dict({**FLOAT_CONFIG.to_hf_dict(), "quantization_config": compressed_spec(
+        GROUP, symmetric=False, act_order=True)}, "m")
+    assert (asymmetric.int4_zero_points, asymmetric.int4_act_order) == (True, True)
+    # llm-compressor's "weight" act-order keeps each group's columns together: no g_idx
+    spec = compressed_spec(GROUP)
+    spec["config_groups"]["group_0"]["weights"]["actorder"] = "weight"
+    assert not ModelConfig.from_hf_dict({**FLOAT_CONFIG.to_hf_dict(), "quantization_config": spec}, "m").int4_act_order
+
+
+def _weights_change(**change):
+    def edit(spec):
+        spec["config_groups"]["group_0"]["weights"].update(change)
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_weights_change(num_bits=8), r"weights.num_bits = 8 is not implemented; supported: 4"),
+    (_weights_change(strategy="channel", group_size=None), r"weights.strategy = 'channel' is not implemented"),
+    (_weights_change(type="float"), r"weights.type = 'float' is not implemented"),
+    (_weights_change(group_size=256), r"weights.group_size = 256 is not implemented; supported: 32, 64, 128"),
+    (lambda spec: spec["config_groups"]["group_0"].update(input_activations={"num_bits": 8}),
+     r"input_activations = \{\"num_bits\": 8\} is not implemented \(weight-only checkpoints: W4A16\)"),
+    (lambda spec: spec.update(format="float-quantized"), r"format = 'float-quantized' is not implemented"),
+    (lambda spec: spec.update(kv_cache_scheme={"num_bits": 8}), r"kv_cache_scheme = \{\"num_bits\": 8\} is not"),
+    (lambda spec: spec.update(ignore=["lm_head", "re:.*down_proj"]), r"ignore = \[\"lm_head\", \"re:\.\*down_proj\"\] "
+                                                                      r"is not implemented"),
+    (lambda spec: spec["config_groups"].update(group_1=spec["config_groups"]["group_0"]),
+     r"config_groups = .* is not implemented; supported: one group"),
+])
+def test_a_compressed_tensors_quantization_the_kernels_do_not_compute_is_refused(edit, message):
+    spec = compressed_spec(GROUP)
+    edit(spec)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_dict({**FLOAT_CONFIG.to_hf_dict(), "quantization_config": spec}, "m",
+                                 source="config.json")
+
+
 def test_int4_fields_are_checked_together():
     with pytest.raises(ValueError, match="set int4_format and int4_group_size, or neither"):
         dataclasses.replace(FLOAT_CONFIG, int4_group_size=64)
     with pytest.raises(ValueError, match="an AWQ checkpoint has zero points"):
         dataclasses.replace(AWQ_CONFIG, int4_zero_points=False)
-    with pytest.raises(ValueError, match="int4_format must be one of gptq, gptq_v2, awq or null, got 'nf4'"):
+    with pytest.raises(ValueError, match="int4_format must be one of gptq, gptq_v2, awq, compressed or null, got 'nf4'"):
         dataclasses.replace(AWQ_CONFIG, int4_format="nf4")
 
 
