@@ -164,19 +164,16 @@ def save_int4(folder, config: ModelConfig = CONFIG, seed: int = 3, edit=None):
     for name in expected_shapes(config):
         if name in q4_linear_names(config):
             group = config.int4_group_size
+            # act-order: one order per layer input (q, k and v share theirs, gate and up theirs)
+            shared = name.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
+            if config.int4_act_order and shared not in orders:
+                orders[shared] = act_order_g_idx(weights[name].shape[1], group, rng)
             if config.int4_format == "awq":
                 parts, stands_for[name] = pack_awq(weights[name], group)
             elif config.int4_format == "compressed":
-                shared = name.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
-                if config.int4_act_order and shared not in orders:
-                    orders[shared] = act_order_g_idx(weights[name].shape[1], group, rng)
                 parts, stands_for[name] = pack_compressed(weights[name], group, not config.int4_zero_points,
                                                           orders.get(shared))
             else:
-                # act-order: one order per layer input (q, k and v share theirs, gate and up theirs)
-                shared = name.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
-                if config.int4_act_order and shared not in orders:
-                    orders[shared] = act_order_g_idx(weights[name].shape[1], group, rng)
                 parts, stands_for[name] = pack_gptq(weights[name], group, not config.int4_zero_points,
                                                     config.int4_format == "gptq_v2", orders.get(shared))
             tensors.update({name[: -len("weight")] + part: t for part, t in parts.items()})
