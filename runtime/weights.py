@@ -592,7 +592,8 @@ def _int4_layers(folder, tensors: dict[str, np.ndarray], int4: dict[str, tuple[s
                 raise ValueError(f"{folder}: {name} is missing (the {config.int4_name} checkpoint's int4 layer "
                                  f"{linear})")
             continue
-        integer = np.asarray(tensor).dtype in (np.int32, np.int64)
+        # int32 words and indices (weight_shape: any integers, torch writes int64)
+        integer = np.asarray(tensor).dtype in ((np.int32, np.int64) if part == "weight_shape" else (np.int32,))
         if tuple(np.shape(tensor)) != shape or integer != (part not in _INT4_SCALES):
             kind = "float" if part in _INT4_SCALES else "int32"
             raise ValueError(f"{folder}: {name} is {np.asarray(tensor).dtype} {tuple(np.shape(tensor))}, expected "
