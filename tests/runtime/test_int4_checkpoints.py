@@ -352,6 +352,8 @@ def _act_order(tensors):
     (lambda t: t.pop("model.layers.1.mlp.down_proj.qzeros"), "model.layers.1.mlp.down_proj.qzeros is missing"),
     (lambda t: t.update({"model.layers.0.mlp.up_proj.qweight": t["model.layers.0.mlp.up_proj.qweight"].astype(
         np.float32)}), r"qweight is float32 \(16, 384\), expected int32 \(16, 384\)"),
+    (lambda t: t.update({"model.layers.0.mlp.up_proj.qweight": t["model.layers.0.mlp.up_proj.qweight"].astype(
+        np.int64)}), r"qweight is int64 \(16, 384\), expected int32 \(16, 384\)"),
     (lambda t: t.update({"model.layers.0.mlp.up_proj.weight": np.zeros((384, 128), np.float16)}),
      "does not use: model.layers.0.mlp.up_proj.weight"),
 ])
