@@ -1150,8 +1150,8 @@ def _is_int4_group(value: Any) -> bool:
 def _int4_checkpoint(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The ModelConfig fields of an int4 checkpoint's ``quantization_config`` ({} without one):
     GPTQ (4 bits, symmetric or with zero points, with or without act-order (``desc_act``), the LM
-    head not quantised, the gptq or gptq_v2 packing) or AWQ (4 bits, zero points, the gemm packing);
-    anything else refused by name."""
+    head not quantised, the gptq or gptq_v2 packing), AWQ (4 bits, zero points, the gemm packing) or
+    compressed-tensors (``_compressed_tensors_checkpoint``); anything else refused by name."""
     spec = data.get("quantization_config")
     if spec is None:
         return {}

@@ -193,10 +193,9 @@ FAMILIES = {
                                                               patch_size=14),
                                            tie_word_embeddings=False), "mistral3-4.x"),
     # Qwen2.5-VL's language model (a Qwen2) on text prompts, its multimodal rope (mrope: three sections
-    # of a head's dims, each turned by a position of its own, all the token's on text) as transformers
-    # 5 saves it and as the releases write it (transformers 4.49: every text field at the top level)
-    "qwen2.5-vl": ("Qwen2_5_VLConfig", dict(text_config=dict(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
-                                            vision_config=QWEN_VISION), "5.x"),
+    # of a head's dims, each turned by a position of its own, all the token's on text), as the releases
+    # write it (transformers 4.49: every text field at the top level; transformers 5's text_config
+    # layout reads the same: test_hf_configs)
     "qwen2.5-vl-4.x": ("Qwen2_5_VLConfig", dict(text_config=dict(rope_scaling={"type": "mrope",
                                                                                "mrope_section": [2, 3, 3]}),
                                                 vision_config=QWEN_VISION), "qwen2.5-vl-4.x"),
