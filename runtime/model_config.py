@@ -1147,6 +1147,25 @@ def _is_int4_group(value: Any) -> bool:
     return _positive_int(value) and value in INT4_GROUP_SIZES
 
 
+def _check_accepted(spec: Mapping[str, Any], accepted: Mapping[str, tuple], what: str) -> None:
+    """Each key of ``accepted`` in ``spec`` one of its values (the first where it is left out), of
+    that value's type (1 is not True); a ValueError naming it as ``what.key`` otherwise."""
+    for key, values in accepted.items():
+        given = spec.get(key, values[0])
+        if given not in values or not any(type(given) is type(value) for value in values):
+            raise ValueError(f"{what}.{key} = {_show(given)} is not implemented; "
+                             f"supported: {', '.join(map(_show, values))}")
+
+
+def _int4_group(spec: Mapping[str, Any], what: str) -> int:
+    """``spec``'s group_size, one the q4 kernels take (else a ValueError naming it as ``what``)."""
+    group = spec.get("group_size")
+    if not _is_int4_group(group):
+        raise ValueError(f"{what}.group_size = {_show(group)} is not implemented; supported: "
+                         f"{', '.join(map(str, INT4_GROUP_SIZES))}")
+    return group
+
+
 def _int4_checkpoint(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The ModelConfig fields of an int4 checkpoint's ``quantization_config`` ({} without one):
     GPTQ (4 bits, symmetric or with zero points, with or without act-order (``desc_act``), the LM
@@ -1183,15 +1202,8 @@ def _int4_checkpoint(data: Mapping[str, Any], where: str) -> dict[str, Any]:
             raise ValueError(f"{where}: quantization_config.modules_to_not_convert = {_show(skipped)} is not "
                              "implemented; supported: null, or modules outside the decoder's layers (the LM head, "
                              "an image-and-text model's vision_tower and multi_modal_projector)")
-    for key, values in accepted.items():
-        given = spec.get(key, values[0])
-        if given not in values or type(given) is not type(values[0]):
-            raise ValueError(f"{where}: quantization_config.{key} = {_show(given)} is not implemented; "
-                             f"supported: {', '.join(map(_show, values))}")
-    group = spec.get("group_size")
-    if not _is_int4_group(group):
-        raise ValueError(f"{where}: quantization_config.group_size = {_show(group)} is not implemented; supported: "
-                         f"{', '.join(map(str, INT4_GROUP_SIZES))}")
+    _check_accepted(spec, accepted, f"{where}: quantization_config")
+    group = _int4_group(spec, f"{where}: quantization_config")
     if method == "gptq":
         # static_groups fixes each group's rows before act-order reorders the work: g_idx stays in order
         return {"int4_format": spec.get("checkpoint_format", "gptq"), "int4_group_size": group,
@@ -1247,15 +1259,8 @@ def _compressed_tensors_checkpoint(spec: Mapping[str, Any], where: str) -> dict[
         raise ValueError(f"{what}.config_groups.{name}.weights = {_show(weights)} is not implemented")
     accepted = {"num_bits": (4,), "type": ("int",), "strategy": ("group",), "symmetric": (True, False),
                 "dynamic": (False,), "actorder": (None, "group", "weight", "static"), "block_structure": (None,)}
-    for key, values in accepted.items():
-        given = weights.get(key, values[0])
-        if given not in values or not any(type(given) is type(value) for value in values):  # 1 is not True
-            raise ValueError(f"{what}.config_groups.{name}.weights.{key} = {_show(given)} is not implemented; "
-                             f"supported: {', '.join(map(_show, values))}")
-    size = weights.get("group_size")
-    if not _is_int4_group(size):
-        raise ValueError(f"{what}.config_groups.{name}.weights.group_size = {_show(size)} is not implemented; "
-                         f"supported: {', '.join(map(str, INT4_GROUP_SIZES))}")
+    _check_accepted(weights, accepted, f"{what}.config_groups.{name}.weights")
+    size = _int4_group(weights, f"{what}.config_groups.{name}.weights")
     # act-order "group" keeps each column's group in weight_g_idx; "weight" (static) keeps groups in order
     return {"int4_format": "compressed", "int4_group_size": size, "int4_zero_points": not weights.get("symmetric", True),
             "int4_act_order": weights.get("actorder") == "group"}
