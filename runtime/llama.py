@@ -598,7 +598,8 @@ class LlamaModel:
     def _rerun_length(self, tokens: int, new_tokens: int) -> int | None:
         """The length of the sequence a generation runs again as a prompt where it crosses
         longrope's original context (a prompt within it, steps past it); None where it does not."""
-        crosses = True in self._decode_phases(tokens, new_tokens) and not self.config.rope_is_long(tokens)
+        # the last step runs at position tokens + new_tokens - 2: tokens + new_tokens - 1 positions
+        crosses = self.config.rope_is_long(tokens + new_tokens - 1) and not self.config.rope_is_long(tokens)
         return self.config.rope_original_max_position_embeddings + 1 if crosses else None
 
     def _decode_phases(self, tokens: int, new_tokens: int) -> dict[bool, list[int]]:

@@ -116,6 +116,7 @@ class ReferenceModel:
         if c.embedding_multiplier != 1.0:
             x = x * np.float32(c.embedding_multiplier)
         positions = np.arange(start, start + t)
+        scaling = c.rope_scaling_for(start + t)  # past longrope's original context the pass turns by long_factor
         for layer in range(c.num_hidden_layers):
             h = self._norm(x, layer_name(layer, "input_layernorm")) if c.pre_norms else x  # OLMo 2: no pre-norm
             q = self._project(h, layer, "self_attn.q_proj")
@@ -134,8 +135,6 @@ class ReferenceModel:
             elif layer in c.local_layers:  # Gemma 3's sliding layers: the default rope of their own base
                 q, k = (rotate(t, positions, c.local_rope_theta) for t in (q, k))
             else:
-                # past longrope's original context the whole pass turns by long_factor (rope_scaling_for)
-                scaling = c.rope_scaling_for(start + ids.shape[1])
                 q, k = (rotate(t, positions, c.rope_theta, c.rope_type, c.rotary_dim, **scaling) for t in (q, k))
             k_cache, v_cache = caches[layer]
             k_cache[:, :, start:start + t] = k.transpose(0, 2, 1, 3)
