@@ -245,10 +245,11 @@ def int4_linear(name: str, parts: dict[str, np.ndarray], config: ModelConfig) ->
         zeros = zeros.reshape(-1, n // 8, 8)[:, :, undo].reshape(-1, n)
     elif config.int4_format == "compressed":  # [N, K] as stored; the signed values plus 8 are codes
         (n, k) = (int(d) for d in parts["weight_shape"])
-        codes = _nibbles(parts["weight_packed"], 1).T
-        if (n, k) != codes.T.shape:
-            raise ValueError(f"{name}: weight_shape says {n} x {k}, the packed codes hold {codes.shape[1]} x "
-                             f"{codes.shape[0]}")
+        codes = _nibbles(parts["weight_packed"], 1)
+        if (n, k) != codes.shape:
+            raise ValueError(f"{name}: weight_shape says {n} x {k}, the packed codes hold {codes.shape[0]} x "
+                             f"{codes.shape[1]}")
+        codes = codes.T  # [K, N], as the other formats' codes
         stored = parts.get("weight_zero_point")
         if config.int4_zero_points != (stored is not None):
             raise ValueError(f"{name}: weight_zero_point {'missing' if stored is None else 'given'} where "
@@ -273,7 +274,7 @@ def int4_linear(name: str, parts: dict[str, np.ndarray], config: ModelConfig) ->
 
 
 def _act_order(name: str, g_idx: np.ndarray | None, k: int, config: ModelConfig) -> np.ndarray | None:
-    """The rows of a GPTQ layer of an act-order model sorted by group (int32 [K]: where row j of the
+    """The rows of a GPTQ or compressed-tensors layer of an act-order model sorted by group (int32 [K]: where row j of the
     sorted codes came from), None in a model without act-order. ValueError for a g_idx out of order
     where the config says there is no act-order, or one that does not give each group
     ``int4_group_size`` rows."""
