@@ -851,7 +851,7 @@ def _without_mrope(text: dict[str, Any], where: str) -> dict[str, Any]:
     out = dict(text)
     for key in ("rope_scaling", "rope_parameters"):
         rope = out.get(key)
-        if not isinstance(rope, dict) or not ({"mrope_section", "mrope_interleaved"} & set(rope)
+        if not isinstance(rope, dict) or not (set(_MROPE_KEYS) & set(rope)
                                               or "mrope" in (rope.get("type"), rope.get("rope_type"))):
             continue
         rope = {k: v for k, v in rope.items() if k not in _MROPE_KEYS}
