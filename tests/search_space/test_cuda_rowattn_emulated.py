@@ -180,19 +180,10 @@ CASES = [
 ]
 
 
-def _same_but_the_type(a: KernelSource, b: KernelSource) -> bool:
-    """Two 16-bit renders that differ in the element type's name alone, without inline PTX
-    (whose helpers, emulated or not, are specialised per type)."""
-    def named(code: str) -> str:
-        return code.replace("__nv_bfloat162", "__half2").replace("__nv_bfloat16", "__half")
-    return "// BEGIN PTX" not in a.code and named(a.code) == named(b.code) and a.launch == b.launch
-
-
 def jobs():
     """Every config of every case in float32 and in a 16-bit type (float16 and bfloat16 take
-    turns); the other 16-bit type too where its kernel is more than the same code on another
-    element type (the mma attention's instructions), and every dtype for the first config of
-    each operator."""
+    turns, so each type meets the mma attention's instructions in several cases), and every
+    dtype for the first config of each operator."""
     out = []
     ops = set()
     for n, (op, shape, attrs, dynamic, runs, overrides) in enumerate(CASES):
@@ -214,9 +205,7 @@ def jobs():
                     configs[d] = config
             halves = [d for d in (1 + (n + j) % 2, 2 - (n + j) % 2) if d in configs]  # this turn's first
             if len(halves) == 2 and (op in ops or j > 0):
-                first, other = (template.render(tasks[d], configs[d], SM90) for d in halves)
-                if _same_but_the_type(first, other):
-                    del configs[halves[1]]
+                del configs[halves[1]]  # the 16-bit types take turns
             ops.add(op)
             out += [(template, tasks[d], configs[d], runs) for d in sorted(configs)]
     return out
