@@ -43,6 +43,7 @@ from .plan import (ACT_ORDER_GATHERS, FUSED_ATTRS, GATED_ACTS, GEMV_MAX_M, PREFI
                    attention_suffix, bias_role, biased_projections, can_fuse_norms, decode_calls, precisions,
                    prefill_calls, rope_suffix, unfused)
 from .precision import check_dtype, from_float, rounded, stored_as, to_float32, widened
+from .sampling import NextTokens, Sampling
 from .weights import QK_NORMS, DeviceWeights, ModelWeights, bias_name, fused_parts, is_norm_gain, layer_name
 
 
@@ -688,35 +689,43 @@ class LlamaModel:
                              if isinstance(step, _ResidentStep) else 0)
         return step
 
-    def generate(self, prompts: np.ndarray, new_tokens: int, keep_logits: bool = True) -> Generation:
-        """Greedy decoding of ``new_tokens`` tokens after ``prompts`` [B, T]; ``keep_logits=False``
-        keeps only the tokens (a resident CUDA step then copies nothing else to the host)."""
+    def generate(self, prompts: np.ndarray, new_tokens: int, keep_logits: bool = True,
+                 sampling: Sampling | None = None, stop_ids=(), pad_id: int | None = None) -> Generation:
+        """Up to ``new_tokens`` tokens after ``prompts`` [B, T]: the most likely ones, or drawn by
+        ``sampling``; a sequence ends at its first of ``stop_ids``, padded with ``pad_id`` from then
+        on, and the generation once every one has (``runtime.sampling``). ``keep_logits=False``
+        keeps only the tokens (a resident CUDA step of greedy decoding then copies nothing else
+        to the host)."""
         prompts, new_tokens = checked_generation(self.config, prompts, new_tokens)
         batch, tokens = prompts.shape
+        chooser = NextTokens(batch, sampling, stop_ids, pad_id, self.config.vocab_size)
+        step_logits = keep_logits or chooser.needs_logits
         capacity = self._capacity(batch, tokens, new_tokens)
         caches = self.new_caches(batch, capacity)
         begin = time.perf_counter()
         first, _ = self.prefill(prompts, caches)
         prefill_s = time.perf_counter() - begin
-        # ndarray.argmax: np.argmax's dispatch costs 0.6 us more, per decode step
-        logits, ids = [first.copy()], [first.argmax(axis=-1)]
+        logits, ids = [first.copy()], [chooser(first)]
         # bound (and on CUDA captured) here, not in the timed steps: for the host-driven step
         # the attention calls of every KV length to come. A generation that crosses longrope's
         # original context has a step of each kind, the second from that position on.
-        steps = {long_rope: self._decode_step(batch, capacity, caches, lengths, keep_logits, long_rope)
+        steps = {long_rope: self._decode_step(batch, capacity, caches, lengths, step_logits, long_rope)
                  for long_rope, lengths in self._decode_phases(tokens, new_tokens).items()}
         long_from = self.config.rope_original_max_position_embeddings if True in steps else capacity
         rerun_at = long_from if self._rerun_length(tokens, new_tokens) else -1
         begin = time.perf_counter()
         for position in range(tokens, tokens + new_tokens - 1):
+            if chooser.all_ended:
+                break
             if position == rerun_at:
                 # crossing longrope's original context, transformers' Phi-3 runs the whole sequence
                 # again (its cache dropped), every position rotated by long_factor: so here
                 sequence = np.concatenate([prompts, np.stack(ids, axis=1)], axis=1)
                 out, _ = self.prefill(sequence, caches)
-                next_ids = out.argmax(axis=-1)
+                next_ids = chooser(out)
             else:
-                next_ids, out = steps[position >= long_from].advance(ids[-1], position, keep_logits)
+                most_likely, out = steps[position >= long_from].advance(ids[-1], position, step_logits)
+                next_ids = chooser(out, most_likely)
             if keep_logits:
                 logits.append(out)
             ids.append(next_ids)
@@ -724,7 +733,7 @@ class LlamaModel:
         for step in steps.values():
             step.close()
         return Generation(np.stack(ids, axis=1), np.stack(logits, axis=1) if keep_logits else None, prefill_s,
-                          decode_s, batch * tokens, batch * (new_tokens - 1))
+                          decode_s, batch * tokens, batch * (len(ids) - 1))
 
 
 class _DecodeStep:

@@ -22,6 +22,7 @@ import numpy as np
 from .generation import Generation, checked_generation, checked_tokens
 from .model_config import ModelConfig
 from .rope_frequencies import inverse_frequencies, rotation_scale_of
+from .sampling import NextTokens, Sampling
 from .weights import ModelWeights, bias_name, biased_parts, layer_name
 
 
@@ -156,11 +157,14 @@ class ReferenceModel:
         h = self._norm(x[:, -1], "model.norm.weight")
         return self._lm_head(h)
 
-    def generate(self, prompts: np.ndarray, new_tokens: int) -> Generation:
-        """Greedy decoding of ``new_tokens`` tokens after ``prompts`` [B, T]."""
+    def generate(self, prompts: np.ndarray, new_tokens: int, sampling: Sampling | None = None, stop_ids=(),
+                 pad_id: int | None = None) -> Generation:
+        """Up to ``new_tokens`` tokens after ``prompts`` [B, T], chosen and ended as
+        ``LlamaModel.generate`` chooses and ends them."""
         c = self.config
         prompts, new_tokens = checked_generation(c, prompts, new_tokens)
         b, t = prompts.shape
+        chooser = NextTokens(b, sampling, stop_ids, pad_id, c.vocab_size)
         capacity = t + new_tokens
         caches = [(np.zeros((b, c.num_key_value_heads, capacity, c.head_dim), np.float32),
                    np.zeros((b, c.num_key_value_heads, capacity, c.head_dim), np.float32))
@@ -168,9 +172,11 @@ class ReferenceModel:
         begin = time.perf_counter()
         logits = [self.forward(prompts, 0, caches)]
         prefill_s = time.perf_counter() - begin
-        tokens = [np.argmax(logits[0], axis=-1)]
+        tokens = [chooser(logits[0])]
         begin = time.perf_counter()
         for step in range(1, new_tokens):
+            if chooser.all_ended:
+                break
             position = t + step - 1
             if c.rope_is_long(position + 1) and not c.rope_is_long(position):
                 # crossing longrope's original context, transformers' Phi-3 runs the whole sequence
@@ -179,7 +185,7 @@ class ReferenceModel:
                 logits.append(self.forward(sequence, 0, caches))
             else:
                 logits.append(self.forward(tokens[-1][:, None], position, caches))
-            tokens.append(np.argmax(logits[-1], axis=-1))
+            tokens.append(chooser(logits[-1]))
         decode_s = time.perf_counter() - begin
         return Generation(np.stack(tokens, axis=1), np.stack(logits, axis=1), prefill_s, decode_s, b * t,
-                          b * (new_tokens - 1))
+                          b * (len(tokens) - 1))

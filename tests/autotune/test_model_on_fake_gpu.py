@@ -20,6 +20,7 @@ from runtime import cuda_graph
 from runtime.llama import LlamaModel
 from runtime.model_config import ModelConfig
 from runtime.reference import ReferenceModel
+from runtime.sampling import Sampling
 from runtime.weights import DeviceWeights, ModelWeights, device_shapes, fused_parts
 
 pytestmark = pytest.mark.tools("nvcc")
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.tools("nvcc")
 # LM head too, prefill linears are gemv
 MICRO = ModelConfig(name="micro", hidden_size=64, intermediate_size=64, num_attention_heads=2,
                     num_key_value_heads=2, head_dim=32, num_hidden_layers=2, vocab_size=64)
+SAMPLING = Sampling(temperature=0.9, top_k=20, top_p=0.95, seed=4)
 
 
 def test_the_model_tunes_exports_and_runs_on_cuda_kernels(fake_gpu, tmp_path, monkeypatch):
@@ -61,6 +63,14 @@ def test_the_model_tunes_exports_and_runs_on_cuda_kernels(fake_gpu, tmp_path, mo
         out = model.generate(prompts, 4)
         # every decode step was one replay of the captured step, which the fake ran kernel by kernel
         assert fake_driver.COUNTS["graph_launches"] - replays == 3 and model.decode_mode == "graph"
+        # sampled: the captured step hands its logits to the host for the draws, kept or not; and
+        # ended at the last id that was new to the sequence
+        sampled = model.generate(prompts, 6, keep_logits=False, sampling=SAMPLING)
+        row = list(sampled.tokens[0])
+        at = max(i for i, token in enumerate(row) if token not in row[:i])
+        ended = model.generate(prompts, 6, keep_logits=False, sampling=SAMPLING, stop_ids=[row[at]])
+        assert model.decode_mode == "graph" and at > 0 and ended.tokens.shape == (1, at + 1)
+        np.testing.assert_array_equal(ended.tokens[0], row[:at + 1])
 
         # where the driver cannot capture, the same kernels run issued one by one
         def no_graphs(drv):
@@ -83,6 +93,7 @@ def test_the_model_tunes_exports_and_runs_on_cuda_kernels(fake_gpu, tmp_path, mo
     error = np.abs(out.logits - reference.logits).max() / np.abs(reference.logits).max()
     assert error < 1e-4, error
     np.testing.assert_array_equal(out.tokens, reference.tokens)
+    np.testing.assert_array_equal(sampled.tokens, ReferenceModel(MICRO, weights).generate(prompts, 6, SAMPLING).tokens)
 
 
 # Stated tolerances of a half-precision model against float32 computed from the same rounded
