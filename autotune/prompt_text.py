@@ -153,10 +153,11 @@ def encode(tokenizer, text: str, vocab: int, path: Path, special: bool = True) -
     return ids
 
 
-def end_of_sequence_ids(folders: list[Path]) -> set[int]:
-    """The ``eos_token_id`` values (an id or a list of ids) of the checkpoint's files; a file that
-    is missing, unreadable or names none adds nothing (they only decide where the text ends)."""
-    ids: set[int] = set()
+def end_of_sequence_ids(folders: list[Path]) -> list[int]:
+    """The ``eos_token_id`` values (an id or a list of ids) of the checkpoint's files, in their
+    order (transformers pads a finished sequence with the first); a file that is missing,
+    unreadable or names none adds nothing (they only decide where a sequence ends)."""
+    ids: list[int] = []
     for folder in folders:
         for name in END_FILES:
             try:
@@ -164,11 +165,11 @@ def end_of_sequence_ids(folders: list[Path]) -> set[int]:
             except (OSError, ValueError, AttributeError):
                 continue
             values = value if isinstance(value, list) else [value]
-            ids.update(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+            ids += [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v not in ids]
     return ids
 
 
-def until_end(ids, end_ids: set[int]) -> tuple[list[int], int | None]:
+def until_end(ids, end_ids) -> tuple[list[int], int | None]:
     """The generated ``ids`` up to and including the first end-of-sequence id, and its index
     (None where the model did not end)."""
     ids = [int(i) for i in ids]

@@ -8,6 +8,7 @@ in each process from the same recipe (a seed or a folder), so nothing large cros
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from runtime.generation import Generation
 from runtime.kernel import KernelProvider
 from runtime.llama import LlamaModel
 from runtime.model_config import ModelConfig
+from runtime.sampling import Sampling
 from runtime.weights import ModelWeights
 
 from .cpu import FAST_BLAS_ENV
@@ -46,11 +48,13 @@ def make_weights(config: ModelConfig, weights_dir: str | None, seed: int, quanti
 def run_generation(kernels: KernelProvider, config: ModelConfig, weights: ModelWeights, prompts: np.ndarray,
                    new_tokens: int, prefill_sizes: list[int] | None = None,
                    repeats: int = REPEATS, dtype: str = "float32",
-                   keep_logits: bool = True) -> tuple[Generation, dict[str, Any]]:
+                   keep_logits: bool = True, sampling: Sampling | None = None,
+                   stop_ids=()) -> tuple[Generation, dict[str, Any]]:
     """Load every kernel, warm up once, then the timed generations (the fastest prefill and
     decode of ``repeats``); also how many of the kernels it ran were tuned, the prompt length
     the prefill ran at, and how the decode steps ran (``decode_path``). ``keep_logits=False``:
-    the tokens only (every step's logits of a long generation take memory)."""
+    the tokens only (every step's logits of a long generation take memory). ``sampling`` and
+    ``stop_ids``: as ``LlamaModel.generate`` takes them (every repeat draws the same tokens)."""
     model = LlamaModel(config, weights, kernels, prefill_sizes, dtype=dtype)
     batch, tokens = prompts.shape
     if prefill_sizes is None:
@@ -60,7 +64,8 @@ def run_generation(kernels: KernelProvider, config: ModelConfig, weights: ModelW
         model.prefill_sizes = [model.padded_tokens(batch, tokens)]
     model.prepare(batch, tokens, new_tokens)
     model.generate(prompts, min(new_tokens, 2))
-    generation = fastest(model.generate(prompts, new_tokens, keep_logits=keep_logits) for _ in range(repeats))
+    generation = fastest(model.generate(prompts, new_tokens, keep_logits=keep_logits, sampling=sampling,
+                                        stop_ids=stop_ids) for _ in range(repeats))
     tuned = sum(1 for k in model.used.values() if k.tuned)
     return generation, {"tuned": tuned, "untuned": len(model.used) - tuned,
                         "prefill_padded_to": model.padded_tokens(batch, tokens), **decode_path(model)}
@@ -93,7 +98,9 @@ def reference_job(payload: dict[str, Any]) -> dict[str, Any]:
     model = ReferenceModel(config, weights)
     prompts = np.asarray(payload["prompts"])
     model.generate(prompts, min(payload["new_tokens"], 2))  # warm-up, as the tuned side gets
-    result = fastest(model.generate(prompts, payload["new_tokens"]) for _ in range(payload["repeats"]))
+    sampling = Sampling(**payload["sampling"]) if payload.get("sampling") else None
+    result = fastest(model.generate(prompts, payload["new_tokens"], sampling, payload.get("stop_ids", ()))
+                     for _ in range(payload["repeats"]))
     pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
     blas = {k: pools[0].get(k) for k in ("internal_api", "version", "architecture", "num_threads")} if pools else {}
     return {"tokens": result.tokens, "logits": result.logits, "prefill_s": result.prefill_s,
@@ -102,15 +109,16 @@ def reference_job(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_reference(config: ModelConfig, weights_dir: str | None, seed: int, quantize: str, group_size: int,
-                  prompts: np.ndarray, new_tokens: int, dtype: str = "float32") -> tuple[Generation, dict]:
+                  prompts: np.ndarray, new_tokens: int, dtype: str = "float32", sampling: Sampling | None = None,
+                  stop_ids=()) -> tuple[Generation, dict]:
     """The numpy reference in float32, from the weights a model in ``dtype`` holds (rounded to
-    it), in a worker process with the fastest BLAS."""
+    it), in a worker process with the fastest BLAS; tokens chosen and ended as the tuned side's."""
     from measure.worker import WorkerProcess
 
     payload = {"config": config.to_hf_dict(), "name": config.name, "weights_dir": weights_dir, "seed": seed,
                "quantize": quantize, "group_size": group_size, "prompts": prompts, "new_tokens": new_tokens,
-               "dtype": dtype,
-               "repeats": REPEATS}
+               "dtype": dtype, "repeats": REPEATS, "stop_ids": list(stop_ids),
+               "sampling": dataclasses.asdict(sampling) if sampling is not None else None}
     worker = WorkerProcess(env=FAST_BLAS_ENV, name="autotune-reference")
     try:
         out = worker.call("autotune.bench.model_run:reference_job", payload, 3600)
@@ -155,11 +163,14 @@ def run_condition(config: ModelConfig, batch: int, tokens: int, capacity: int, q
 
 
 def logit_difference(a: Generation, b: Generation) -> dict[str, float]:
-    """Largest |a - b| over every step's logits, absolute and relative to the largest |b|."""
-    diff = np.abs(a.logits.astype(np.float64) - b.logits.astype(np.float64))
-    scale = float(np.abs(b.logits).max()) or 1.0
+    """Largest |a - b| over every step's logits (the steps both ran: one side may have ended
+    sooner), absolute and relative to the largest |b|."""
+    steps = min(a.logits.shape[1], b.logits.shape[1])
+    a_logits, b_logits = a.logits[:, :steps], b.logits[:, :steps]
+    diff = np.abs(a_logits.astype(np.float64) - b_logits.astype(np.float64))
+    scale = float(np.abs(b_logits).max()) or 1.0
     # NaN logits (weights that hold NaN) give token 0 on both sides: equal tokens, no agreement
-    finite = bool(np.isfinite(a.logits).all() and np.isfinite(b.logits).all())
+    finite = bool(np.isfinite(a_logits).all() and np.isfinite(b_logits).all())
     return {"max_abs": float(diff.max()), "max_rel": float(diff.max()) / scale,
             "prefill_max_abs": float(diff[:, 0].max()),
             "decode_max_abs": float(diff[:, 1:].max()) if diff.shape[1] > 1 else 0.0,
@@ -185,6 +196,8 @@ class RunReport:
     prompt_text: str | None = None  # run --prompt: the prompt as given
     texts: list[str] | None = None  # and each sequence's generated tokens as text, to its end of sequence
     ended_at: list[int | None] | None = None  # the index of that end-of-sequence token (None: none)
+    sampling: Sampling | None = None  # None: greedy decoding
+    stop_ids: tuple[int, ...] = ()    # the ids a sequence ended at (none: every new token generated)
 
     def cache(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tuned_for": self.tuned_for}
@@ -221,6 +234,19 @@ class RunReport:
         return [f"  decode: the step's kernels issued one by one (no CUDA graph: "
                 f"{self.kernels.get('capture_error', 'not captured')})"]
 
+    def choice_lines(self) -> list[str]:
+        """How the tokens were chosen (nothing for greedy decoding) and where the generation ended."""
+        lines = []
+        if self.sampling is not None:
+            s = self.sampling
+            lines.append(f"  sampling: temperature {s.temperature:g}, top-k {s.top_k or 'off'}, "
+                         f"top-p {s.top_p:g}, seed {s.seed}")
+        generated = self.tuned.tokens.shape[1]
+        if self.stop_ids and all(set(row.tolist()) & set(self.stop_ids) for row in self.tuned.tokens):
+            lines.append(f"  ended: every sequence at an end-of-sequence id, after {generated} of {self.new_tokens} "
+                         "new tokens")
+        return lines
+
     def to_dict(self) -> dict[str, Any]:
         def speed(g: Generation) -> dict[str, float]:
             return {"prefill_tokens_per_s": g.prefill_tokens_per_s, "decode_tokens_per_s": g.decode_tokens_per_s,
@@ -229,7 +255,9 @@ class RunReport:
         out: dict[str, Any] = {"model": self.model, "source": self.source, "quantize": self.quantize,
                                "dtype": self.dtype,
                                "batch": self.batch, "prompt_tokens": self.prompt_tokens,
-                               "new_tokens": self.new_tokens, "token_ids": self.tuned.tokens.tolist(),
+                               "new_tokens": self.new_tokens, "generated_tokens": int(self.tuned.tokens.shape[1]),
+                               "sampling": dataclasses.asdict(self.sampling) if self.sampling else None,
+                               "stop_ids": list(self.stop_ids), "token_ids": self.tuned.tokens.tolist(),
                                "kernels": self.kernels, "cache": self.cache(), **speed(self.tuned)}
         for name, other in (("reference", self.reference), ("defaults", self.defaults)):
             if other is None:
@@ -251,6 +279,7 @@ class RunReport:
                  f"{self.kernels.get('untuned', 0)} template defaults",
                  self.cache_line(),
                  *self.decode_lines(),
+                 *self.choice_lines(),
                  f"  tuned:     prefill {self.tuned.prefill_tokens_per_s:10.1f} tok/s   {_decode(self.tuned)}"]
         for name, other in (("numpy", self.reference), ("defaults", self.defaults)):
             if other is None:

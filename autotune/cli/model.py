@@ -339,6 +339,29 @@ def _dtype_of(kernels, dtype: str) -> str:
     return "float32"
 
 
+def _sampling(temperature: float, top_k: int, top_p: float, seed: int):
+    """``--temperature`` and its cuts as a ``Sampling``, None for greedy decoding."""
+    from runtime.sampling import Sampling
+
+    if temperature == 0:
+        cuts = [name for name in ("top_k", "top_p") if not _left_out(name)]
+        if cuts:
+            raise UserError(f"--{cuts[0].replace('_', '-')} is for sampling: give --temperature above 0 too")
+        return None
+    try:
+        return Sampling(temperature, top_k, top_p, seed)
+    except ValueError as exc:
+        raise UserError("--" + str(exc).replace("_", "-", 1)) from None
+
+
+def _stop_ids(weights_dir: str | None, model: str, vocab: int) -> tuple[int, ...]:
+    """The checkpoint's end-of-sequence ids that the model can generate (an id past its vocabulary
+    ends nothing)."""
+    from autotune.prompt_text import checkpoint_folders, end_of_sequence_ids
+
+    return tuple(i for i in end_of_sequence_ids(checkpoint_folders(weights_dir, model)) if 0 <= i < vocab)
+
+
 def _left_out(option: str) -> bool:
     """Whether the command's ``option`` took its default (not given on the command line)."""
     return click.get_current_context().get_parameter_source(option) is ParameterSource.DEFAULT
@@ -365,9 +388,10 @@ def _quantize_of(kernels, quantize: str) -> str:
 @click.option("--log", "logs", multiple=True, help="or tuning logs: kernels compiled on first use (repeatable)")
 @click.option("--model", required=True, help=f"a preset ({', '.join(PRESETS)}) or a config.json (or its folder)")
 @click.option("--weights", "weights_dir", default=None, help="folder of safetensors files (HF Llama names)")
-@click.option("--seed", default=0, show_default=True, type=int, callback=seed_option, help="seed of generated weights and prompt")
+@click.option("--seed", default=0, show_default=True, type=int, callback=seed_option,
+              help="seed of generated weights, prompt and sampling")
 @click.option("--prompt-tokens", default=64, show_default=True, type=int, callback=positive,
-              help="length of a random prompt")
+              help="length of a random prompt (which generates every --new-tokens: a benchmark)")
 @click.option("--prompt-ids", default=None, help="the prompt's token ids, e.g. 1,2,3")
 @click.option("--prompt", "prompt_text", default=None,
               help="or the prompt as text, encoded by the checkpoint's tokenizer.json; the generated text is printed")
@@ -378,7 +402,17 @@ def _quantize_of(kernels, quantize: str) -> str:
                    "model's: chat_template.jinja or tokenizer_config.json beside its tokenizer.json)")
 @click.option("--system", "system_text", default=None, help="with --chat: a system message before the prompt")
 @click.option("--batch", default=1, show_default=True, type=int, callback=positive, help="sequences at once")
-@click.option("--new-tokens", default=32, show_default=True, type=int, callback=positive, help="tokens generated per sequence")
+@click.option("--new-tokens", default=32, show_default=True, type=int, callback=positive,
+              help="tokens generated per sequence, at most: a sequence of --prompt or --prompt-ids ends at the "
+                   "checkpoint's end-of-sequence ids (generation_config.json, config.json)")
+@click.option("--ignore-eos", is_flag=True, help="generate every --new-tokens, past an end-of-sequence id")
+@click.option("--temperature", default=0.0, show_default=True, type=float,
+              help="0: greedy decoding (the most likely token); above 0: sample from the logits / temperature")
+@click.option("--top-k", default=0, show_default=True, type=int, help="with --temperature: sample among the k most "
+                                                                        "likely tokens (0: all)")
+@click.option("--top-p", default=1.0, show_default=True, type=float,
+              help="with --temperature: sample among the most likely tokens that hold this share of the "
+                   "probability (1: all)")
 @click.option("--quantize", default="auto", show_default=True, type=click.Choice(["auto", "none", "q4"]),
               help="auto: q4 when the kernels are the int4 ones, or the model is an int4 checkpoint (GPTQ, AWQ)")
 @click.option("--group-size", default="auto", show_default=True, type=click.Choice(["auto", "32", "64", "128"]),
@@ -394,7 +428,8 @@ def _quantize_of(kernels, quantize: str) -> str:
 @click.option("--check-weights", is_flag=True,
               help="with --weights: refuse a checkpoint whose tensors hold NaN or infinite values (one pass over them)")
 def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_text, tokenizer_path, chat, system_text,
-        batch, new_tokens, quantize, group_size, compare, target, as_json, dtype, allow_stale, check_weights) -> None:
+        batch, new_tokens, ignore_eos, temperature, top_k, top_p, quantize, group_size, compare, target, as_json, dtype,
+        allow_stale, check_weights) -> None:
     """Generate with a model on tuned kernels; print prefill and decode tokens/s."""
     from runtime.kernel import UntunedShapeWarning
     from runtime.plan import check_quantize
@@ -418,6 +453,8 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
     else:
         ids = _prompt_ids(prompt_ids, config.vocab_size)
     length = len(ids) if ids is not None else prompt_tokens
+    sampling = _sampling(temperature, top_k, top_p, seed)
+    stop_ids = () if ids is None or ignore_eos else _stop_ids(weights_dir, model, config.vocab_size)
     # a library runs on the target it was exported for: a --target that names another is a mistake
     named = click.get_current_context().get_parameter_source("target") is not ParameterSource.DEFAULT
     named_kind = resolve_target(target, compile_only=True).kind if lib and named else None
@@ -450,7 +487,7 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UntunedShapeWarning)
             tuned, counts = run_generation(kernels, config, weights, prompts, new_tokens, dtype=dtype,
-                                           keep_logits=compare)
+                                           keep_logits=compare, sampling=sampling, stop_ids=stop_ids)
         for w in caught:
             if issubclass(w.category, UntunedShapeWarning):
                 untuned.append(str(w.message))
@@ -461,7 +498,7 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
     finally:
         kernels.close()
     report = RunReport(config.name, lib or ",".join(logs), quantize, batch, prompts.shape[1], new_tokens, tuned,
-                       counts, dtype=dtype)
+                       counts, dtype=dtype, sampling=sampling, stop_ids=stop_ids)
     if tokenizer is not None:
         from autotune.prompt_text import checkpoint_folders, decode, end_of_sequence_ids, until_end
 
@@ -482,13 +519,14 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
         from export import TunedKernels
 
         report.reference, report.reference_blas = run_reference(config, weights_dir, seed, quantize, group_size,
-                                                                prompts, new_tokens, dtype)
+                                                                prompts, new_tokens, dtype, sampling, stop_ids)
         # the defaults run where the tuned kernels do: compiled for this CPU, or for the GPU
         defaults_target = resolve_target("cuda") if getattr(kernels, "kind", "cpu") == "cuda" else None
         with TunedKernels.defaults(defaults_target) as defaults:
             # at the prompt length the tuned prefill ran at, so both sides compute the same shapes
             report.defaults, _ = run_generation(defaults, config, weights, prompts, new_tokens,
-                                                prefill_sizes=[counts["prefill_padded_to"]], dtype=dtype)
+                                                prefill_sizes=[counts["prefill_padded_to"]], dtype=dtype,
+                                                sampling=sampling, stop_ids=stop_ids)
     if as_json:
         echo_json(report.to_dict())
     else:

@@ -335,8 +335,9 @@ def test_a_text_prompt_runs_through_the_checkpoints_tokenizer(tiny_lib, tmp_path
 
 
 def test_the_text_ends_at_the_checkpoints_end_of_sequence_token(tiny_lib, tmp_path):
-    """The text stops at the first id the checkpoint's generation_config.json (or config.json) names
-    as its end; the token ids and the timing still cover every new token."""
+    """The generation stops at the first id the checkpoint's generation_config.json (or
+    config.json) names as its end, and the text with it; --ignore-eos generates every new token
+    (the text still ends there)."""
     from runtime.model_config import PRESETS
 
     folder = tmp_path / "checkpoint"
@@ -347,13 +348,44 @@ def test_the_text_ends_at_the_checkpoints_end_of_sequence_token(tiny_lib, tmp_pa
     first = json.loads(run(*args, "--json", cwd=tmp_path).stdout)
     tokens = first["token_ids"][0]
     assert first["ended_at"] == [None] and first["texts"] == [tokenizer.decode(tokens)]
-    at = max(i for i, token in enumerate(tokens) if token not in tokens[:i])  # the last id new to the text
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [tokens[at], 100000]}))
+    at = min(i for i, token in enumerate(tokens) if i and token not in tokens[:i])  # the first new id after one
+    # an id past the vocabulary ends nothing
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [100000, tokens[at]]}))
     ended = json.loads(run(*args, "--json", cwd=tmp_path).stdout)
-    assert ended["token_ids"] == first["token_ids"] and ended["ended_at"] == [at]
+    assert ended["token_ids"] == [tokens[:at + 1]] and ended["ended_at"] == [at]
+    assert ended["generated_tokens"] == at + 1 and ended["stop_ids"] == [tokens[at]]
     assert ended["texts"] == [tokenizer.decode(tokens[:at + 1])]
     text = run(*args, cwd=tmp_path).stdout
     assert f"(end of sequence at new token {at + 1} of 6)" in text
+    assert f"ended: every sequence at an end-of-sequence id, after {at + 1} of 6 new tokens" in text
+    every = json.loads(run(*args, "--ignore-eos", "--json", cwd=tmp_path).stdout)
+    assert every["token_ids"] == first["token_ids"] and every["ended_at"] == [at] and every["stop_ids"] == []
+    # a random prompt is a benchmark: every new token
+    bench = json.loads(run(*args[:5], "--new-tokens", "6", "--json", cwd=tmp_path).stdout)
+    assert bench["generated_tokens"] == 6 and bench["stop_ids"] == []
+
+
+def test_run_samples_with_a_temperature_repeatably_and_compares_like_for_like(tiny_lib, tmp_path):
+    """--temperature draws the tokens (seeded by --seed), the same ones on the tuned kernels and
+    in the numpy reference of --compare; the cuts need a temperature; bad values are one line."""
+    base = ["run", "--lib", str(tiny_lib), "--model", "tiny", "--prompt-ids", "5,6,7", "--new-tokens", "8", "--json"]
+    greedy = json.loads(run(*base, cwd=tmp_path).stdout)
+    assert greedy["sampling"] is None
+    sampled = json.loads(run(*base, "--temperature", "1.5", "--top-k", "50", "--seed", "3", "--compare",
+                             cwd=tmp_path).stdout)
+    assert sampled["sampling"] == {"temperature": 1.5, "top_k": 50, "top_p": 1.0, "seed": 3}
+    assert sampled["token_ids"] != greedy["token_ids"]
+    assert sampled["reference"]["logits"]["same_tokens"] and sampled["defaults"]["logits"]["same_tokens"]
+    again = json.loads(run(*base, "--temperature", "1.5", "--top-k", "50", "--seed", "3", cwd=tmp_path).stdout)
+    assert again["token_ids"] == sampled["token_ids"]
+    text = run(*base[:-1], "--temperature", "0.7", "--top-p", "0.9", cwd=tmp_path).stdout
+    assert "sampling: temperature 0.7, top-k off, top-p 0.9, seed 0" in text
+    for args, message in ((["--top-k", "5"], "--top-k is for sampling: give --temperature above 0 too"),
+                          (["--top-p", "0.5"], "--top-p is for sampling: give --temperature above 0 too"),
+                          (["--temperature", "-1"], "--temperature must be a number > 0, not -1.0"),
+                          (["--temperature", "1", "--top-p", "2"], r"--top-p must be a number in (0, 1]"),
+                          (["--temperature", "1", "--top-k", "-3"], "--top-k must be an int >= 0")):
+        assert_usage_error(run(*base, *args, cwd=tmp_path, check=False), message)
 
 
 def test_run_chat_generates_from_the_templated_prompt(tiny_lib, tmp_path):
