@@ -284,11 +284,15 @@ class ModelConfig:
     # Its LM head is not quantised (``runtime.weights``). ``int4_act_order``: a GPTQ checkpoint made
     # with act-order (desc_act, without static_groups), whose g_idx gives each weight row its group
     # out of order: the rows are stored sorted by group and each such layer's input gathered into
-    # that order (``gather_columns``) before it
+    # that order (``gather_columns``) before it. ``int4_channelwise``: a checkpoint with one scale
+    # (and zero point) per output row (GPTQ's group_size -1, compressed-tensors' strategy "channel"):
+    # loaded as groups of ``int4_group_size`` (the largest the kernels take that divides every
+    # layer's K), each holding its row's scale, which computes the same weights
     int4_format: str | None = None
     int4_group_size: int | None = None
     int4_zero_points: bool = False
     int4_act_order: bool = False
+    int4_channelwise: bool = False
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -480,6 +484,11 @@ class ModelConfig:
         if not isinstance(self.int4_act_order, bool) or (self.int4_act_order and fmt not in _ACT_ORDER_FORMATS):
             raise ValueError(f"model {self.name}: int4_act_order is true only for a GPTQ or compressed-tensors "
                              f"checkpoint (int4_format {', '.join(_ACT_ORDER_FORMATS)}), got {self.int4_act_order!r}")
+        channelwise = self.int4_channelwise
+        if not isinstance(channelwise, bool) or (channelwise and (fmt not in _ACT_ORDER_FORMATS
+                                                                   or self.int4_act_order)):
+            raise ValueError(f"model {self.name}: int4_channelwise is true only for a GPTQ or compressed-tensors "
+                             f"checkpoint without act-order (one group per row has no order), got {channelwise!r}")
 
     @property
     def int4_name(self) -> str | None:
@@ -489,7 +498,8 @@ class ModelConfig:
     def _int4_hf_dict(self) -> dict[str, Any]:
         """The quantization_config of this int4 checkpoint, as its method writes it."""
         if self.int4_format == "compressed":
-            weights = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": self.int4_group_size,
+            weights = {"num_bits": 4, "type": "int", "strategy": "channel" if self.int4_channelwise else "group",
+                       "group_size": None if self.int4_channelwise else self.int4_group_size,
                        "symmetric": not self.int4_zero_points, "dynamic": False,
                        "actorder": "group" if self.int4_act_order else None}
             return {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
@@ -499,7 +509,7 @@ class ModelConfig:
         if self.int4_format == "awq":
             return {"quant_method": "awq", "bits": 4, "group_size": self.int4_group_size, "zero_point": True,
                     "version": "gemm"}
-        return {"quant_method": "gptq", "bits": 4, "group_size": self.int4_group_size,
+        return {"quant_method": "gptq", "bits": 4, "group_size": -1 if self.int4_channelwise else self.int4_group_size,
                 "sym": not self.int4_zero_points, "desc_act": self.int4_act_order, "checkpoint_format": self.int4_format}
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -523,11 +533,12 @@ class ModelConfig:
                     "tie_word_embeddings": self.tie_word_embeddings, "text_config": text, **quantization}
         if self.int4_format is not None:  # the model's config with the checkpoint's quantisation
             float_config = replace(self, int4_format=None, int4_group_size=None, int4_zero_points=False,
-                                   int4_act_order=False)
+                                   int4_act_order=False, int4_channelwise=False)
             return {**float_config.to_hf_dict(), "quantization_config": self._int4_hf_dict()}
         data = asdict(self)
         data.pop("name")
-        for field in ("multimodal", "int4_format", "int4_group_size", "int4_zero_points", "int4_act_order", "rope_type",
+        for field in ("multimodal", "int4_format", "int4_group_size", "int4_zero_points", "int4_act_order",
+                      "int4_channelwise", "rope_type",
                       *_ROPE_FIELDS.values(), "partial_rotary_factor", "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
                       "qk_norm_span", *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "pre_norms",
                       "local_layers", "local_rope_theta", "nope_layers", "attn_softcap", "final_softcap"):
@@ -744,7 +755,8 @@ class ModelConfig:
         if scalars.get("local_layers") and family not in ("gemma3_text", "olmo3") and rope_type != "default":
             raise ValueError(f"{where}: rope scaling {rope_type!r} with a sliding window in some layers is not "
                              "implemented; supported: default")
-        scalars.update(_int4_checkpoint(data, where))
+        q_size = heads * head_dim if _positive_int(heads) and _positive_int(head_dim) else None
+        scalars.update(_int4_checkpoint(data, where, (data["hidden_size"], data["intermediate_size"], q_size)))
         return cls(name=name, hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
                    num_attention_heads=heads,
                    num_key_value_heads=_or(data.get("num_key_value_heads", _ABSENT_KV_HEADS.get(family)), heads),
@@ -1166,11 +1178,25 @@ def _int4_group(spec: Mapping[str, Any], what: str) -> int:
     return group
 
 
-def _int4_checkpoint(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+def _channel_group(ks: tuple, what: str) -> int:
+    """The group a checkpoint with one scale per output row loads as (``int4_channelwise``): the
+    largest the q4 kernels take that divides ``ks``, the K of every quantised layer (a size that is
+    no count is left to ModelConfig to name)."""
+    ks = tuple(k for k in ks if _positive_int(k))
+    for group in sorted(INT4_GROUP_SIZES, reverse=True):
+        if all(k % group == 0 for k in ks):
+            return group
+    raise ValueError(f"{what}: one scale per output row (group_size -1) of layers whose K ({', '.join(map(str, ks))}) "
+                     f"is not a multiple of {min(INT4_GROUP_SIZES)} is not implemented")
+
+
+def _int4_checkpoint(data: Mapping[str, Any], where: str, ks: tuple = ()) -> dict[str, Any]:
     """The ModelConfig fields of an int4 checkpoint's ``quantization_config`` ({} without one):
-    GPTQ (4 bits, symmetric or with zero points, with or without act-order (``desc_act``), the LM
-    head not quantised, the gptq or gptq_v2 packing), AWQ (4 bits, zero points, the gemm packing) or
-    compressed-tensors (``_compressed_tensors_checkpoint``); anything else refused by name."""
+    GPTQ (4 bits, symmetric or with zero points, in groups or one per output row (group_size -1),
+    with or without act-order (``desc_act``), the LM head not quantised, the gptq or gptq_v2
+    packing), AWQ (4 bits, zero points, the gemm packing) or compressed-tensors
+    (``_compressed_tensors_checkpoint``); anything else refused by name. ``ks``: the K of the
+    quantised layers (hidden, intermediate and attention sizes), for a group per row."""
     spec = data.get("quantization_config")
     if spec is None:
         return {}
@@ -1178,7 +1204,7 @@ def _int4_checkpoint(data: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise ValueError(f"{where}: quantization_config = {_show(spec)} is not an object")
     method = spec.get("quant_method")
     if method == "compressed-tensors":
-        return _compressed_tensors_checkpoint(spec, where)
+        return _compressed_tensors_checkpoint(spec, where, ks)
     if method not in _INT4_HARMLESS:
         raise ValueError(f"{where}: quantization_config.quant_method = {_show(method)} is not implemented; "
                          "supported: gptq (4 bits), awq (4 bits, gemm packing), compressed-tensors (4-bit "
@@ -1203,6 +1229,11 @@ def _int4_checkpoint(data: Mapping[str, Any], where: str) -> dict[str, Any]:
                              "implemented; supported: null, or modules outside the decoder's layers (the LM head, "
                              "an image-and-text model's vision_tower and multi_modal_projector)")
     _check_accepted(spec, accepted, f"{where}: quantization_config")
+    if method == "gptq" and spec.get("group_size") == -1 and type(spec.get("group_size")) is int:
+        # one group per row: act-order changed the order of the work only (every g_idx 0)
+        return {"int4_format": spec.get("checkpoint_format", "gptq"),
+                "int4_group_size": _channel_group(ks, f"{where}: quantization_config"),
+                "int4_zero_points": not spec.get("sym", True), "int4_channelwise": True}
     group = _int4_group(spec, f"{where}: quantization_config")
     if method == "gptq":
         # static_groups fixes each group's rows before act-order reorders the work: g_idx stays in order
@@ -1223,11 +1254,12 @@ _COMPRESSED_WEIGHT_HARMLESS = frozenset({"num_bits", "type", "strategy", "group_
                                          "scale_dtype"})
 
 
-def _compressed_tensors_checkpoint(spec: Mapping[str, Any], where: str) -> dict[str, Any]:
+def _compressed_tensors_checkpoint(spec: Mapping[str, Any], where: str, ks: tuple = ()) -> dict[str, Any]:
     """The ModelConfig fields of a compressed-tensors ``quantization_config``: one config group of
     4-bit int weights in groups of 32, 64 or 128 (symmetric or not, act-order "group" giving a g_idx)
-    on every Linear but those ``ignore`` names outside the decoder's layers, packed (pack-quantized),
-    no activation or KV cache quantisation; anything else refused by name."""
+    or one per output row (strategy "channel") on every Linear but those ``ignore`` names outside
+    the decoder's layers, packed (pack-quantized), no activation or KV cache quantisation; anything
+    else refused by name."""
     what = f"{where}: quantization_config"
     unknown = sorted(k for k in spec if k not in _COMPRESSED_HARMLESS)
     if unknown:
@@ -1257,9 +1289,15 @@ def _compressed_tensors_checkpoint(spec: Mapping[str, Any], where: str) -> dict[
     weights = group.get("weights")
     if not isinstance(weights, dict) or set(weights) - _COMPRESSED_WEIGHT_HARMLESS:
         raise ValueError(f"{what}.config_groups.{name}.weights = {_show(weights)} is not implemented")
-    accepted = {"num_bits": (4,), "type": ("int",), "strategy": ("group",), "symmetric": (True, False),
+    accepted = {"num_bits": (4,), "type": ("int",), "strategy": ("group", "channel"), "symmetric": (True, False),
                 "dynamic": (False,), "actorder": (None, "group", "weight", "static"), "block_structure": (None,)}
     _check_accepted(weights, accepted, f"{what}.config_groups.{name}.weights")
+    if weights.get("strategy") == "channel":
+        # a row is one group: act-order "group" would have no groups to order, the others order the work only
+        _check_accepted(weights, {"group_size": (None,), "actorder": (None, "weight", "static")},
+                        f"{what}.config_groups.{name}.weights (strategy 'channel')")
+        return {"int4_format": "compressed", "int4_group_size": _channel_group(ks, what),
+                "int4_zero_points": not weights.get("symmetric", True), "int4_channelwise": True}
     size = _int4_group(weights, f"{what}.config_groups.{name}.weights")
     # act-order "group" keeps each column's group in weight_g_idx; "weight" (static) keeps groups in order
     return {"int4_format": "compressed", "int4_group_size": size, "int4_zero_points": not weights.get("symmetric", True),

@@ -79,8 +79,10 @@ def check_quantize(config: ModelConfig, quantize: str, group_size: int = 128) ->
         raise ValueError(f"unknown quantization {quantize!r}: use one of {', '.join(QUANTIZE)}")
     group = config.int4_group_size
     if group is not None and (quantize, group_size) != ("q4", group):
+        grouped = (f"one scale per output row, run as groups of {group}" if config.int4_channelwise
+                   else f"group size {group}")
         raise ValueError(f"{config.name} is a{'n' if config.int4_name == 'AWQ' else ''} {config.int4_name} checkpoint "
-                         f"(int4, group size {group}): it runs with --quantize q4 --group-size {group}, not "
+                         f"(int4, {grouped}): it runs with --quantize q4 --group-size {group}, not "
                          f"--quantize {quantize}" + (f" --group-size {group_size}" if quantize == "q4" else ""))
     if quantize == "q4":
         if group_size not in (32, 64, 128):

@@ -205,16 +205,16 @@ def int4_method(config: ModelConfig) -> str:
 def int4_shapes(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{int4 checkpoint tensor name: (the linear layer's weight name, its shape)} of an int4 config."""
     shapes = expected_shapes(config)
-    group = config.int4_group_size
     method = int4_method(config)
     out = {}
     for name in q4_linear_names(config):
         n, k = shapes[name]
+        groups = 1 if config.int4_channelwise else k // config.int4_group_size  # scales (and zeros) per row
         prefix = name[: -len("weight")]
         if method == "compressed":  # along K within each output row
-            layout = ((n, k // 8), (n // 8, k // group), (n, k // group), (k,), (2,))
+            layout = ((n, k // 8), (n // 8, groups), (n, groups), (k,), (2,))
         else:
-            layout = ((k // 8, n) if method == "gptq" else (k, n // 8), (k // group, n // 8), (k // group, n), (k,))
+            layout = ((k // 8, n) if method == "gptq" else (k, n // 8), (groups, n // 8), (groups, n), (k,))
         for part, shape in zip(INT4_PARTS[method], layout):
             out[prefix + part] = (name, shape)
     return out
@@ -254,7 +254,8 @@ def int4_linear(name: str, parts: dict[str, np.ndarray], config: ModelConfig) ->
         if config.int4_zero_points != (stored is not None):
             raise ValueError(f"{name}: weight_zero_point {'missing' if stored is None else 'given'} where "
                              f"quantization_config's weights are {'not ' if config.int4_zero_points else ''}symmetric")
-        zeros = np.full((k // group, n), 8, np.uint32) if stored is None else _nibbles(stored, 0).T
+        groups = parts["weight_scale"].shape[1]
+        zeros = np.full((groups, n), 8, np.uint32) if stored is None else _nibbles(stored, 0).T
         order = _act_order(name, parts.get("weight_g_idx"), k, config)
         if order is not None:
             codes = codes[order]
@@ -268,8 +269,11 @@ def int4_linear(name: str, parts: dict[str, np.ndarray], config: ModelConfig) ->
     if not config.int4_zero_points and not (zeros == 8).all():
         raise ValueError(f"{name}: zero points other than 8 where the config says the codes are symmetric "
                          "(quantization_config.sym true)")
+    scales = widened(parts["scales"])  # [groups, N]
+    if config.int4_channelwise:  # a row's one scale and zero point for each of the kernels' groups
+        scales, zeros = (np.repeat(a, codes.shape[0] // group, axis=0) for a in (scales, zeros))
     kept = np.ascontiguousarray(zeros.T, dtype=np.float32) if config.int4_zero_points else None
-    return QuantizedLinear(pack_codes(codes.T.astype(np.uint8)), np.ascontiguousarray(widened(parts["scales"]).T),
+    return QuantizedLinear(pack_codes(codes.T.astype(np.uint8)), np.ascontiguousarray(scales.T),
                            group, kept, order if config.int4_format != "awq" else None)
 
 
@@ -279,9 +283,12 @@ def _act_order(name: str, g_idx: np.ndarray | None, k: int, config: ModelConfig)
     where the config says there is no act-order, or one that does not give each group
     ``int4_group_size`` rows."""
     group = config.int4_group_size
-    in_order = np.arange(k) // group
+    in_order = np.zeros(k, np.int64) if config.int4_channelwise else np.arange(k) // group
     if not config.int4_act_order:
         if g_idx is not None and not np.array_equal(g_idx, in_order):
+            if config.int4_channelwise:
+                raise ValueError(f"{name}: g_idx names groups other than 0 where quantization_config says one per "
+                                 "output row (group_size -1)")
             raise ValueError(f"{name}: g_idx puts rows out of group order (act-order), but quantization_config "
                              "says none (GPTQ's desc_act true, compressed-tensors' actorder \"group\")")
         return None

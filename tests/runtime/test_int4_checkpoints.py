@@ -31,13 +31,17 @@ AWQ = {"quant_method": "awq", "bits": 4, "group_size": AWQ_GROUP, "zero_point": 
 AWQ_CONFIG = dataclasses.replace(FLOAT_CONFIG, int4_format="awq", int4_group_size=AWQ_GROUP, int4_zero_points=True)
 ORDER_MAP = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's: nibble i of a word holds column order_map[i] of its eight
 COMPRESSED_CONFIG = dataclasses.replace(FLOAT_CONFIG, int4_format="compressed", int4_group_size=GROUP)
+# one scale per output row, loaded as groups of 128 (the tiny model's K: 128 and 384)
+CHANNELWISE = dataclasses.replace(ASYMMETRIC, int4_group_size=128, int4_channelwise=True)
+COMPRESSED_CHANNELWISE = dataclasses.replace(COMPRESSED_CONFIG, int4_group_size=128, int4_channelwise=True)
 
 
-def compressed_spec(group: int, symmetric: bool = True, act_order: bool = False) -> dict:
-    """A quantization_config as llm-compressor writes a W4A16 checkpoint's."""
+def compressed_spec(group: int | None, symmetric: bool = True, act_order: bool = False) -> dict:
+    """A quantization_config as llm-compressor writes a W4A16 checkpoint's (``group`` None: one
+    scale per output row, strategy "channel")."""
     weights = {"actorder": "group" if act_order else None, "block_structure": None, "dynamic": False,
-               "group_size": group, "num_bits": 4, "observer": "minmax", "observer_kwargs": {}, "strategy": "group",
-               "symmetric": symmetric, "type": "int"}
+               "group_size": group, "num_bits": 4, "observer": "minmax", "observer_kwargs": {},
+               "strategy": "group" if group else "channel", "symmetric": symmetric, "type": "int"}
     return {"config_groups": {"group_0": {"input_activations": None, "output_activations": None,
                                           "targets": ["Linear"], "weights": weights}},
             "format": "pack-quantized", "global_compression_ratio": 1.9, "ignore": ["lm_head"],
@@ -163,7 +167,7 @@ def save_int4(folder, config: ModelConfig = CONFIG, seed: int = 3, edit=None):
     rng = np.random.default_rng(seed)
     for name in expected_shapes(config):
         if name in q4_linear_names(config):
-            group = config.int4_group_size
+            group = weights[name].shape[1] if config.int4_channelwise else config.int4_group_size
             # act-order: one order per layer input (q, k and v share theirs, gate and up theirs)
             shared = name.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
             if config.int4_act_order and shared not in orders:
@@ -183,13 +187,15 @@ def save_int4(folder, config: ModelConfig = CONFIG, seed: int = 3, edit=None):
         edit(tensors)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "model.safetensors"))
-    spec = AWQ if config.int4_format == "awq" else {**GPTQ, "sym": not config.int4_zero_points,
-                                                     "checkpoint_format": config.int4_format,
-                                                     "desc_act": config.int4_act_order}
+    group = -1 if config.int4_channelwise else config.int4_group_size
+    spec = {**AWQ, "group_size": group} if config.int4_format == "awq" else {
+        **GPTQ, "group_size": group, "sym": not config.int4_zero_points, "checkpoint_format": config.int4_format,
+        "desc_act": config.int4_act_order}
     if config.int4_format == "compressed":
-        spec = compressed_spec(config.int4_group_size, not config.int4_zero_points, config.int4_act_order)
+        spec = compressed_spec(None if config.int4_channelwise else config.int4_group_size,
+                               not config.int4_zero_points, config.int4_act_order)
     hf = {**dataclasses.replace(config, int4_format=None, int4_group_size=None, int4_zero_points=False,
-                                int4_act_order=False).to_hf_dict(),
+                                int4_act_order=False, int4_channelwise=False).to_hf_dict(),
           "quantization_config": spec}
     (folder / "config.json").write_text(json.dumps(hf))
     return load_model_config(folder), stands_for
@@ -272,7 +278,8 @@ def test_an_act_order_checkpoint_the_kernels_cannot_compute_is_refused(edit, mes
     ({"bits": 8}, "quantization_config.bits = 8 is not implemented; supported: 4"),
     ({"sym": "no"}, "quantization_config.sym = 'no' is not implemented; supported: true, false"),
     ({"desc_act": 1}, "quantization_config.desc_act = 1 is not implemented; supported: false, true"),
-    ({"group_size": -1}, "quantization_config.group_size = -1 is not implemented; supported: 32, 64, 128"),
+    ({"group_size": -2}, "quantization_config.group_size = -2 is not implemented; supported: 32, 64, 128"),
+    ({"group_size": 256}, "quantization_config.group_size = 256 is not implemented; supported: 32, 64, 128"),
     ({"group_size": 128.0}, "quantization_config.group_size = 128.0 is not implemented; supported: 32, 64, 128"),
     ({"checkpoint_format": "marlin"}, "checkpoint_format = 'marlin' is not implemented; supported: 'gptq', 'gptq_v2'"),
     ({"lm_head": True}, "quantization_config.lm_head = true is not implemented"),
@@ -452,9 +459,10 @@ def test_weights_held_as_int4_codes_only_are_not_saved_as_a_float_checkpoint(tmp
 @pytest.mark.parametrize("config", [CONFIG, ASYMMETRIC, dataclasses.replace(ASYMMETRIC, int4_format="gptq_v2"),
                                     dataclasses.replace(CONFIG, int4_format="gptq_v2"), AWQ_CONFIG, ACT_ORDER,
                                     COMPRESSED_CONFIG,
-                                    dataclasses.replace(COMPRESSED_CONFIG, int4_zero_points=True, int4_act_order=True)],
+                                    dataclasses.replace(COMPRESSED_CONFIG, int4_zero_points=True, int4_act_order=True),
+                                    CHANNELWISE, COMPRESSED_CHANNELWISE],
                          ids=["gptq", "gptq-asym", "gptq-asym-v2", "gptq-v2", "awq", "gptq-act-order", "compressed",
-                              "compressed-asym-act-order"])
+                              "compressed-asym-act-order", "gptq-asym-channelwise", "compressed-channelwise"])
 def test_an_int4_checkpoint_loads_as_int4_codes_and_generates_the_references_tokens(config, tmp_path,
                                                                                    default_kernels):
     """The layers compute the weights the codes stand for (GPTQ's v2 stores zero points without
@@ -593,7 +601,11 @@ def _weights_change(**change):
 
 @pytest.mark.parametrize("edit, message", [
     (_weights_change(num_bits=8), r"weights.num_bits = 8 is not implemented; supported: 4"),
-    (_weights_change(strategy="channel", group_size=None), r"weights.strategy = 'channel' is not implemented"),
+    (_weights_change(strategy="tensor", group_size=None), r"weights.strategy = 'tensor' is not implemented"),
+    (_weights_change(strategy="channel", group_size=None, actorder="group"),
+     r"weights \(strategy 'channel'\).actorder = 'group' is not implemented; supported: null, 'weight', 'static'"),
+    (_weights_change(strategy="channel", group_size=128),
+     r"weights \(strategy 'channel'\).group_size = 128 is not implemented; supported: null"),
     (_weights_change(type="float"), r"weights.type = 'float' is not implemented"),
     (_weights_change(group_size=256), r"weights.group_size = 256 is not implemented; supported: 32, 64, 128"),
     (lambda spec: spec["config_groups"]["group_0"].update(input_activations={"num_bits": 8}),
@@ -611,6 +623,43 @@ def test_a_compressed_tensors_quantization_the_kernels_do_not_compute_is_refused
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_hf_dict({**FLOAT_CONFIG.to_hf_dict(), "quantization_config": spec}, "m",
                                  source="config.json")
+
+
+def test_one_scale_per_output_row_is_read_as_groups_the_kernels_take():
+    """GPTQ's group_size -1 and compressed-tensors' strategy "channel": loaded as the largest group
+    of 32, 64, 128 that divides every layer's K (act-order then orders nothing); written back as
+    they came; refused where no group divides K."""
+    gptq = {**GPTQ, "group_size": -1, "sym": False, "desc_act": True}
+    config = ModelConfig.from_hf_dict({**FLOAT_CONFIG.to_hf_dict(), "quantization_config": gptq}, CHANNELWISE.name)
+    assert config == CHANNELWISE and ModelConfig.from_hf_dict(config.to_hf_dict(), config.name) == config
+    assert config.to_hf_dict()["quantization_config"]["group_size"] == -1
+    compressed = ModelConfig.from_hf_dict({**FLOAT_CONFIG.to_hf_dict(), "quantization_config": compressed_spec(None)},
+                                          COMPRESSED_CHANNELWISE.name)
+    assert compressed == COMPRESSED_CHANNELWISE
+    assert ModelConfig.from_hf_dict(compressed.to_hf_dict(), compressed.name) == compressed
+    for intermediate, group in ((320, 64), (352, 32)):
+        data = {**FLOAT_CONFIG.to_hf_dict(), "intermediate_size": intermediate, "quantization_config": gptq}
+        assert ModelConfig.from_hf_dict(data, "m").int4_group_size == group
+        check_quantize(ModelConfig.from_hf_dict(data, "m"), "q4", group)
+    with pytest.raises(ValueError, match=r"one scale per output row \(group_size -1\) of layers whose K \(128, 340, "
+                                         r"128\) is not a multiple of 32 is not implemented"):
+        ModelConfig.from_hf_dict({**FLOAT_CONFIG.to_hf_dict(), "intermediate_size": 340, "quantization_config": gptq},
+                                 "m")
+    with pytest.raises(ValueError, match="int4_channelwise is true only for a GPTQ or compressed-tensors checkpoint "
+                                         "without act-order"):
+        dataclasses.replace(CHANNELWISE, int4_act_order=True)
+
+
+def test_a_channelwise_g_idx_names_group_0_only(tmp_path):
+    def edit(tensors):
+        name = "model.layers.0.self_attn.q_proj.g_idx"
+        tensors[name] = tensors[name].copy()
+        tensors[name][5] = 1
+
+    config, _ = save_int4(tmp_path, CHANNELWISE, edit=edit)
+    with pytest.raises(ValueError, match="q_proj.weight: g_idx names groups other than 0 where quantization_config "
+                                         r"says one per output row \(group_size -1\)"):
+        ModelWeights.load(config, tmp_path)
 
 
 def test_int4_fields_are_checked_together():
