@@ -19,7 +19,17 @@ def checked_tokens(config: ModelConfig, ids) -> np.ndarray:
         raise ValueError(f"prompts must be [batch, tokens] with batch and tokens >= 1, not of shape {given.shape}")
     if given.min() < 0 or given.max() >= config.vocab_size:
         raise ValueError(f"token ids must lie in 0..{config.vocab_size - 1}")
+    check_positions(config, given.shape[1])
     return given.astype(np.int64)
+
+
+def check_positions(config: ModelConfig, positions: int) -> None:
+    """ValueError where a sequence of ``positions`` positions passes ``config.position_limit``."""
+    limit = config.position_limit
+    if limit is not None and positions > limit:
+        raise ValueError(f"{config.name} scales its queries by position past its first {limit} positions "
+                         f"(rope_parameters.llama_4_scaling_beta, Ministral 3's), which is not implemented: this "
+                         f"sequence takes {positions} positions")
 
 
 def checked_generation(config: ModelConfig, prompts, new_tokens) -> tuple[np.ndarray, int]:
@@ -27,7 +37,9 @@ def checked_generation(config: ModelConfig, prompts, new_tokens) -> tuple[np.nda
     any work."""
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, (int, np.integer)) or new_tokens < 1:
         raise ValueError(f"new_tokens must be an int >= 1, not {new_tokens!r}")
-    return checked_tokens(config, prompts), int(new_tokens)
+    prompts = checked_tokens(config, prompts)
+    check_positions(config, prompts.shape[1] + new_tokens - 1)  # the last new token is never fed back
+    return prompts, int(new_tokens)
 
 
 @dataclass

@@ -52,6 +52,8 @@ from .rope_frequencies import (ROPE_TYPES, factors_problem, longrope_attention_f
 # of each query and key head before the rotary embedding (``qk_norm``), its head_dim 128 unless
 # said (not hidden / heads).
 # Phi-3 and Phi-4 are Llama with stacked Q/K/V and gate/up tensors and Mistral's optional window.
+# Ministral 3 (and Devstral 2) is Mistral (no window unless said) with YaRN whose queries past the
+# original context are scaled up by position (``query_scale_beta``; those positions are refused).
 # SmolLM3 is Llama whose layers in ``no_rope_layers`` (every fourth) apply no rotary embedding
 # (NoPE), with Qwen's switched-off sliding window. Gemma and Gemma 3: see the module's docstring
 # (Gemma 3's window applies in its sliding layers only). OLMo 2: see the module's docstring.
@@ -59,7 +61,7 @@ FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
             "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
             "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
             "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
-            "olmo3": "Olmo3ForCausalLM"}
+            "olmo3": "Olmo3ForCausalLM", "ministral3": "Ministral3ForCausalLM"}
 # Image-and-text models whose language model is one of FAMILIES (its config the ``text_config``
 # inside, its tensors under ``language_model``): the runtime runs that language model on text
 # prompts, as transformers runs the whole model on inputs without images. model_type ->
@@ -72,6 +74,9 @@ MULTIMODAL = {"gemma3": ("Gemma3ForConditionalGeneration", "gemma3_text"),
 # language model is a Qwen2 under a name of its own (and its releases write no text_config at all:
 # the language model's fields at the top level, ``_FLAT_MULTIMODAL``), Qwen3-VL's a Qwen3
 _TEXT_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text"}
+# The other families a multimodal model's language model may be: Ministral 3's and Devstral 2's
+# Mistral3ForConditionalGeneration holds a ministral3
+_OTHER_TEXT_FAMILIES = {"mistral3": ("ministral3",)}
 _FLAT_MULTIMODAL = frozenset({"qwen2_5_vl"})
 # Multimodal rotary embeddings (Qwen2.5-VL's mrope): a text token's position is the same on each of
 # the sections' axes, so on text prompts they turn as the plain rope of the same base
@@ -200,6 +205,8 @@ _CONFIG_ROPE_PARAMETERS = {**ROPE_PARAMETERS, "longrope": (*ROPE_PARAMETERS["lon
 # keys that only say how a rope type's attention factor is computed (``yarn_attention_factor``,
 # ``longrope_attention_factor``): read into ``attention_factor`` where that is not given
 _ATTENTION_FACTOR_INPUTS = {"yarn": ("mscale", "mscale_all_dim"), "longrope": ("factor",)}
+# keys a family's rope parameters carry besides the rope's own: Ministral 3's query scaling
+_FAMILY_ROPE_KEYS = {"ministral3": ("llama_4_scaling_beta",)}
 
 
 @dataclass(frozen=True)
@@ -235,6 +242,10 @@ class ModelConfig:
     # (rope_original_max_position_embeddings), by long_factor[i] in a pass past it (rope_is_long)
     rope_short_factor: tuple[float, ...] | None = None
     rope_long_factor: tuple[float, ...] | None = None
+    # Ministral 3's (rope_parameters.llama_4_scaling_beta): a query at position p is scaled by
+    # 1 + beta ln(1 + floor(p / rope_original_max_position_embeddings)), which is 1 within the
+    # original context; a generation past it is refused (``position_limit``)
+    query_scale_beta: float = 0.0
     # Phi-4-mini's 0.75: only the first int(head_dim * this) dims of a head are rotated (``rotary_dim``),
     # the rest pass through
     partial_rotary_factor: float = 1.0
@@ -318,6 +329,12 @@ class ModelConfig:
             if not (number and value > 0 and math.isfinite(value)):
                 raise ValueError(f"model {self.name}: {field} must be a positive finite number, got {value!r}")
         self._check_int4()
+        beta = self.query_scale_beta
+        if (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta >= 0)
+                or (beta and self.rope_type != "yarn")):
+            raise ValueError(f"model {self.name}: query_scale_beta (Ministral 3's llama_4_scaling_beta) must be a "
+                             f"finite number >= 0, and above 0 with yarn's original context only, got {beta!r} with "
+                             f"rope type {self.rope_type!r}")
         if self.multimodal is not None and self.multimodal not in MULTIMODAL:
             raise ValueError(f"model {self.name}: multimodal must be one of {', '.join(MULTIMODAL)} or null, "
                              f"got {self.multimodal!r}")
@@ -425,6 +442,12 @@ class ModelConfig:
             attrs["rotary_dim"] = self.rotary_dim
         return attrs
 
+    @property
+    def position_limit(self) -> int | None:
+        """The most positions a sequence may take (None: any): Ministral 3's queries past its
+        original context are scaled by position (``query_scale_beta``), which is not implemented."""
+        return self.rope_original_max_position_embeddings if self.query_scale_beta else None
+
     def rope_is_long(self, positions: int) -> bool:
         """Whether a forward pass over positions up to ``positions`` (the last one's index + 1)
         rotates by longrope's long_factor: past the original context, as transformers picks the
@@ -524,9 +547,10 @@ class ModelConfig:
                 text.update(model_type="mistral", sliding_window=self.sliding_window)  # MistralConfig's absent is 4096
             if text["model_type"] == text_type and self.multimodal in _TEXT_MODEL_TYPES:
                 text["model_type"] = _TEXT_MODEL_TYPES[self.multimodal]  # the name the release's text_config has
-            if text["model_type"] not in (text_type, _TEXT_MODEL_TYPES.get(self.multimodal)):
-                raise ValueError(f"model {self.name}: {self.multimodal}'s language model is a {text_type}, "
-                                 f"not a {text['model_type']}")
+            others = _OTHER_TEXT_FAMILIES.get(self.multimodal, ())
+            if text["model_type"] not in (text_type, _TEXT_MODEL_TYPES.get(self.multimodal), *others):
+                raise ValueError(f"model {self.name}: {self.multimodal}'s language model is a "
+                                 f"{' or '.join((text_type, *others))}, not a {text['model_type']}")
             # an int4 checkpoint's quantization_config beside text_config, as its tools write it
             quantization = {"quantization_config": text.pop("quantization_config")} if self.int4_format else {}
             return {"architectures": [architecture], "model_type": self.multimodal,
@@ -538,7 +562,7 @@ class ModelConfig:
         data = asdict(self)
         data.pop("name")
         for field in ("multimodal", "int4_format", "int4_group_size", "int4_zero_points", "int4_act_order",
-                      "int4_channelwise", "rope_type",
+                      "int4_channelwise", "rope_type", "query_scale_beta",
                       *_ROPE_FIELDS.values(), "partial_rotary_factor", "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
                       "qk_norm_span", *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "pre_norms",
                       "local_layers", "local_rope_theta", "nope_layers", "attn_softcap", "final_softcap"):
@@ -547,6 +571,8 @@ class ModelConfig:
             raise ValueError(f"model {self.name}: soft-capping outside a Gemma has no config.json this runtime reads")
         if self.rope_type == "longrope" or self.partial_rotary_factor != 1.0:
             return self._phi3_hf_dict(data)
+        if self.query_scale_beta:
+            return self._ministral3_hf_dict(data)
         if not self.pre_norms or self.qk_norm_span != "head":
             return self._olmo_hf_dict(data)
         if self.nope_layers and (self.offset_norms or self.activation != "silu" or self.post_norms or self.local_layers
@@ -626,6 +652,25 @@ class ModelConfig:
             data["original_max_position_embeddings"] = self.rope_original_max_position_embeddings
         return data
 
+    def _ministral3_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``to_hf_dict`` of a model whose queries are scaled by position past the original context
+        (``query_scale_beta``): Ministral 3's (Mistral's network, its YaRN in rope_parameters beside
+        llama_4_scaling_beta); refused for a model that is not otherwise Mistral's."""
+        plain = not (self.qkv_bias or self.o_bias or self.mlp_bias or self.qk_norm or self.scaled
+                     or self.attention_multiplier is not None or self.local_layers or self.nope_layers
+                     or self.activation != "silu" or self.post_norms or not self.pre_norms)
+        if not plain:
+            raise ValueError(f"model {self.name}: queries scaled by position (Ministral 3's llama_4_scaling_beta) "
+                             "with biases, head norms, Granite's scalars, Gemma's or OLMo's norms or layers of their "
+                             "own have no config.json this runtime reads")
+        if self.sliding_window is None:
+            data.pop("sliding_window")
+        rope = {"rope_type": self.rope_type, **self.rope_scaling, "rope_theta": data.pop("rope_theta"),
+                "llama_4_scaling_beta": self.query_scale_beta}
+        data.update(model_type="ministral3", architectures=[FAMILIES["ministral3"]], hidden_act="silu",
+                    rope_parameters=rope)
+        return data
+
     def _olmo_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
         """``to_hf_dict`` of an OLMo 2 (norms after the sublayers only, the whole q and k projections
         normalised), with sliding layers an OLMo 3; refused for a mix that is no OLMo's."""
@@ -700,6 +745,8 @@ class ModelConfig:
         if wrapper is not None:
             return cls._from_multimodal(data, wrapper, name, where)
         family = _check_family(data, where)
+        if family == "ministral3" and data.get("rope_parameters") is None and data.get("rope_scaling") is None:
+            data = {**data, "rope_parameters": _MINISTRAL3_ROPE}  # Ministral3Config's where none is given
         unknown = sorted(k for k in data if k not in READ_FIELDS and k not in HARMLESS_FIELDS)
         if "auto_map" in unknown:  # said first: the one a user can resolve by deleting it
             raise ValueError(f"{where}: auto_map = {_show(data['auto_map'])} names the repository's own model code, "
@@ -757,6 +804,7 @@ class ModelConfig:
                              "implemented; supported: default")
         q_size = heads * head_dim if _positive_int(heads) and _positive_int(head_dim) else None
         scalars.update(_int4_checkpoint(data, where, (data["hidden_size"], data["intermediate_size"], q_size)))
+        scalars["query_scale_beta"] = _query_scale_beta(data, family, rope_type, where)
         return cls(name=name, hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
                    num_attention_heads=heads,
                    num_key_value_heads=_or(data.get("num_key_value_heads", _ABSENT_KV_HEADS.get(family)), heads),
@@ -793,10 +841,13 @@ class ModelConfig:
         text = data.get("text_config")
         if not isinstance(text, dict):
             raise ValueError(f"{where}: text_config = {_show(text)} is not an object (the language model's config)")
+        if text.get("model_type") in _OTHER_TEXT_FAMILIES.get(wrapper, ()):
+            text_type = text["model_type"]
         if text.get("model_type", text_type) not in (text_type, _TEXT_MODEL_TYPES.get(wrapper)) or text.get(
                 "architectures", [FAMILIES[text_type]]) != [FAMILIES[text_type]]:
+            kinds = " or ".join((text_type, *_OTHER_TEXT_FAMILIES.get(wrapper, ())))
             raise ValueError(f"{where}: text_config names {_show(text.get('architectures') or text.get('model_type'))}; "
-                             f"{architecture}'s language model is a {text_type}")
+                             f"{architecture}'s language model is a {kinds}")
         text = _without_mrope(text, where)
         if "quantization_config" in data and "quantization_config" in text:
             raise ValueError(f"{where}: quantization_config is given twice, beside text_config and inside it")
@@ -815,16 +866,23 @@ class ModelConfig:
 
 # An absent num_key_value_heads is what the family's config class defaults it to in
 # transformers 4.x and 5.x (Llama's: one per query head); null, as 4.x reads it, is one per query head.
-_ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4, "gemma3_text": 4, "smollm3": 4}
+_ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4, "gemma3_text": 4, "smollm3": 4,
+                    "ministral3": 8}
 # Likewise an absent sliding_window (MistralConfig's is 4096; null: none) and an absent
 # max_position_embeddings (kept, and written back by to_hf_dict; nothing computes with it)
 _ABSENT_WINDOW = {"mistral": 4096, "gemma2": 4096, "gemma3_text": 4096, "olmo3": 4096}
-_ABSENT_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5}  # Phi3Config's, OLMo's; every other family's: 1e-6
+_ABSENT_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5}  # Phi3Config's, OLMo's; every other family's: 1e-6
 _ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096, "granite": 2048,
-                     "gemma": 8192, "gemma2": 8192, "gemma3_text": 131072, "smollm3": 32768, "olmo2": 2048, "olmo3": 2048}
+                     "gemma": 8192, "gemma2": 8192, "gemma3_text": 131072, "smollm3": 32768, "olmo2": 2048, "olmo3": 2048,
+                     "ministral3": 262144}
 _ABSENT_THETA = {"smollm3": 2000000.0}  # SmolLM3Config's base; 10000 elsewhere (Gemma 3, OLMo 3: _layer_kind_ropes)
 # Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is, Gemma's 256
-_ABSENT_HEAD_DIM = {"qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3_text": 256}
+_ABSENT_HEAD_DIM = {"qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3_text": 256, "ministral3": 128}
+# Ministral3Config's rope where a config names none: YaRN from a 16384-position context, the
+# queries scaled past it
+_MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 16384,
+                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                    "llama_4_scaling_beta": 0.1}
 
 
 # more layers than any model has: a per-layer list of this many would not be built (a config
@@ -1437,7 +1495,13 @@ def _rope_scaling(data: Mapping[str, Any], where: str, positions: int | None = N
                              f"(model_type 'phi3') only, not for model_type {_show(family)}")
         takes = _CONFIG_ROPE_PARAMETERS[kind]
         allowed = ({*_ROPE_TYPE_KEYS, *takes} | ({"rope_theta"} if field == "rope_parameters" else set())
-                   | set(_ATTENTION_FACTOR_INPUTS.get(kind, ())))
+                   | set(_ATTENTION_FACTOR_INPUTS.get(kind, ())) | set(_FAMILY_ROPE_KEYS.get(family, ())))
+        if "max_position_embeddings" in spec and family == "ministral3":
+            # Ministral3Config writes the model's own here; yarn reads the top-level one
+            if spec["max_position_embeddings"] != _or(data.get("max_position_embeddings"), _ABSENT_POSITIONS[family]):
+                raise ValueError(f"{where}: {field}.max_position_embeddings = {_show(spec['max_position_embeddings'])} "
+                                 "differs from max_position_embeddings")
+            allowed.add("max_position_embeddings")
         # a partial rotary factor of 1 rotates every dim (Phi3Config writes it); Phi-3's any other,
         # read and checked by _partial_rotary_factor
         extra = sorted(k for k in spec if k not in allowed
@@ -1460,6 +1524,21 @@ def _rope_scaling(data: Mapping[str, Any], where: str, positions: int | None = N
         raise ValueError(f"{where}: rope_scaling = {_show(data['rope_scaling'])} and rope_parameters = "
                          f"{_show(data['rope_parameters'])} disagree")
     return found.get("rope_parameters") or found.get("rope_scaling") or ("default", {})
+
+
+def _query_scale_beta(data: Mapping[str, Any], family: str, rope_type: str, where: str) -> float:
+    """Ministral 3's ``llama_4_scaling_beta`` (inside its rope parameters; 0 where absent, which
+    scales nothing): a number >= 0, above 0 with yarn only (whose original context it divides by)."""
+    if family != "ministral3":
+        return 0.0
+    spec = data.get("rope_parameters") or data.get("rope_scaling") or {}
+    beta = spec.get("llama_4_scaling_beta", 0.0)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"{where}: llama_4_scaling_beta = {_show(beta)} is not a finite number >= 0")
+    if beta and rope_type != "yarn":
+        raise ValueError(f"{where}: llama_4_scaling_beta = {_show(beta)} with rope type {rope_type!r} is not "
+                         "implemented; supported: with yarn (whose original_max_position_embeddings it divides by)")
+    return float(beta)
 
 
 def _yarn_defaults(spec: Mapping[str, Any], params: dict[str, Any], positions: int | None,

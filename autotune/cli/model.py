@@ -453,6 +453,12 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
     else:
         ids = _prompt_ids(prompt_ids, config.vocab_size)
     length = len(ids) if ids is not None else prompt_tokens
+    from runtime.generation import check_positions
+
+    try:
+        check_positions(config, length + new_tokens - 1)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     sampling = _sampling(temperature, top_k, top_p, seed)
     stop_ids = () if ids is None or ignore_eos else _stop_ids(weights_dir, model, config.vocab_size)
     # a library runs on the target it was exported for: a --target that names another is a mistake

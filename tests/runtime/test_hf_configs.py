@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -225,6 +226,23 @@ MISTRAL_SMALL_31 = {  # mistralai/Mistral-Small-3.1-24B-Instruct-2503 (no tie_wo
     "vision_config": {"head_dim": 64, "hidden_act": "silu", "hidden_size": 1024, "image_size": 1540,
                       "intermediate_size": 4096, "model_type": "pixtral", "num_attention_heads": 16,
                       "num_channels": 3, "num_hidden_layers": 24, "patch_size": 14, "rope_theta": 10000.0},
+    "vision_feature_layer": -1}
+
+MINISTRAL_3_8B = {  # mistralai/Ministral-3-8B-Instruct-2512-BF16 (vision_config shortened): a ministral3 inside
+    "architectures": ["Mistral3ForConditionalGeneration"], "image_token_index": 10, "model_type": "mistral3",
+    "multimodal_projector_bias": False, "projector_hidden_act": "gelu", "spatial_merge_size": 2,
+    "text_config": {"head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+                    "max_position_embeddings": 262144, "model_type": "ministral3", "num_attention_heads": 32,
+                    "num_hidden_layers": 34, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+                    "rope_parameters": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 16.0,
+                                        "llama_4_scaling_beta": 0.1, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                        "original_max_position_embeddings": 16384, "rope_theta": 1000000.0,
+                                        "rope_type": "yarn", "type": "yarn"},
+                    "sliding_window": None, "use_cache": True, "vocab_size": 131072},
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "5.0.0.dev0",
+    "vision_config": {"head_dim": 64, "hidden_act": "silu", "hidden_size": 1024, "image_size": 1540,
+                      "intermediate_size": 4096, "model_type": "pixtral", "num_attention_heads": 16,
+                      "num_hidden_layers": 24, "patch_size": 14, "rope_theta": 10000.0},
     "vision_feature_layer": -1}
 
 # a model small enough to run in milliseconds, in each layout
@@ -722,6 +740,35 @@ def test_the_multimodal_mistral3_is_read_as_its_language_model():
         parse({**MISTRAL_SMALL_31, "text_config": {**MISTRAL_SMALL_31["text_config"], "model_type": "llama"}})
 
 
+def test_ministral3_is_read_as_mistral3s_language_model_with_its_query_scaling_and_position_limit():
+    config = parse(MINISTRAL_3_8B)
+    assert (config.multimodal, config.hidden_size, config.num_hidden_layers, config.sliding_window) == (
+        "mistral3", 4096, 34, None)
+    assert (config.rope_type, config.rope_factor, config.rope_attention_factor) == ("yarn", 16.0, 1.0)  # the mscales
+    assert config.query_scale_beta == 0.1 and config.position_limit == 16384
+    assert config.to_hf_dict()["text_config"]["model_type"] == "ministral3" and parse(config.to_hf_dict()) == config
+    text = dict(MINISTRAL_3_8B["text_config"], architectures=["Ministral3ForCausalLM"])
+    alone = parse(text)
+    assert alone == dataclasses.replace(config, multimodal=None) and parse(alone.to_hf_dict()) == alone
+    rope = text["rope_parameters"]
+    for data, message in (
+            ({**MINISTRAL_3_8B, "quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}},
+             "quantization_config.quant_method = 'fp8' is not implemented"),
+            ({**text, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "llama_4_scaling_beta": 0.1}},
+             "llama_4_scaling_beta = 0.1 with rope type 'default' is not implemented"),
+            ({**text, "rope_parameters": {**rope, "llama_4_scaling_beta": -1}},
+             "llama_4_scaling_beta = -1 is not a finite number >= 0"),
+            ({**text, "rope_parameters": {**rope, "max_position_embeddings": 4096}},
+             "rope_parameters.max_position_embeddings = 4096 differs from max_position_embeddings"),
+            ({**SMALL, "rope_parameters": {**rope, "rope_theta": 1e4}},
+             "rope_parameters.llama_4_scaling_beta = 0.1 is not implemented for rope type 'yarn'")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse(data)
+    # Ministral3Config's rope where none is given
+    assert parse({k: v for k, v in text.items() if k != "rope_parameters"}) == alone
+    assert parse({**text, "rope_parameters": {**rope, "max_position_embeddings": 262144}}) == alone
+
+
 QWEN25_VL_7B = {  # Qwen/Qwen2.5-VL-7B-Instruct (vision_config shortened): the language model's fields at the top
     "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 151643,
     "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
@@ -1049,6 +1096,18 @@ def test_run_with_zero_kv_heads_is_one_line_and_exit_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].endswith(": num_key_value_heads must be a positive integer, got 0"), lines
+
+
+def test_run_refuses_a_ministral3_generation_past_its_original_context(tmp_path):
+    small = {**SMALL, "architectures": ["Ministral3ForCausalLM"], "model_type": "ministral3", "head_dim": 16,
+             "rope_parameters": {**MINISTRAL_3_8B["text_config"]["rope_parameters"], "original_max_position_embeddings": 8}}
+    (tmp_path / "config.json").write_text(json.dumps(small))
+    (tmp_path / "empty.jsonl").write_text("")
+    proc = _cli(tmp_path, "run", "--model", "config.json", "--log", "empty.jsonl", "--prompt-tokens", "4",
+                "--new-tokens", "6")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "scales its queries by position past its first 8 positions" in lines[0] and "takes 9 positions" in lines[0]
 
 
 def test_run_refuses_an_empty_prompt_and_a_generation_that_cannot_fit(tmp_path):

@@ -61,6 +61,8 @@ PHI3_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 # from 1 and from the long ones to matter at these lengths)
 LONGROPE_FACTORS = {"short_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
                     "long_factor": [1.0, 3.0, 5.0, 9.0, 17.0, 33.0, 65.0, 129.0]}
+MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 38,
+                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}
 # a one-block Qwen2.5-VL vision tower (never run: the prompts are text)
 QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
                    spatial_merge_size=2, window_size=28, fullatt_block_indexes=[0])
@@ -206,6 +208,15 @@ FAMILIES = {
                                                           out_hidden_size=64, patch_size=16, spatial_merge_size=2,
                                                           deepstack_visual_indexes=[0], num_position_embeddings=16)),
                  "5.x"),
+    # Ministral 3: Mistral with YaRN (its mscales) and queries scaled past the original context, here 38
+    # positions (7 prompt tokens, 32 new ones, the last never read back): the scaling is 1 throughout;
+    # and inside Mistral3ForConditionalGeneration, as the releases (and Devstral 2) ship it
+    "ministral3": ("Ministral3Config", dict(rope_parameters=MINISTRAL3_ROPE), "5.x"),
+    "ministral3-mm": ("Mistral3Config", dict(text_config=dict(model_type="ministral3", rope_parameters=MINISTRAL3_ROPE),
+                                             vision_config=dict(hidden_size=32, intermediate_size=64,
+                                                                num_hidden_layers=1, num_attention_heads=2,
+                                                                head_dim=16, image_size=28, patch_size=14),
+                                             tie_word_embeddings=False), "5.x"),
 }
 # the model class of a config class, where it is not the config's name with ForCausalLM
 MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM", "Gemma3Config": "Gemma3ForConditionalGeneration",
@@ -476,6 +487,31 @@ def test_a_partial_rotary_matters(checkpoints, prompts):
     generation = ReferenceModel(whole, weights).generate(prompts, NEW_TOKENS)
     want = _teacher_forced_logits(model, prompts, generation.tokens)
     assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE
+
+
+def test_ministral3_past_its_original_context_is_refused_where_transformers_scales_the_queries(
+        checkpoints, default_kernels, prompts):
+    """Ministral 3's queries at positions from the original context on are scaled up (by 1 + 0.1
+    ln 2 at 38 here): transformers' logits move there, and a generation that reaches them is
+    refused by name, by the runtime and the reference."""
+    model, folder = checkpoints["ministral3"]
+    config, weights = _load(folder)
+    assert config.position_limit == 38
+    ids = torch.from_numpy(np.concatenate([prompts] * 6, axis=1))  # 42 positions
+    parameters = model.config.rope_parameters
+    with torch.no_grad():
+        scaled = model(ids).logits
+        parameters["llama_4_scaling_beta"] = 0.0
+        try:
+            plain = model(ids).logits
+        finally:
+            parameters["llama_4_scaling_beta"] = 0.1
+    assert torch.equal(scaled[:, :38], plain[:, :38]) and (scaled[:, 38:] - plain[:, 38:]).abs().max() > 1e-3
+    for generate in (LlamaModel(config, weights, default_kernels).generate, ReferenceModel(config, weights).generate):
+        with pytest.raises(ValueError, match="ministral3 scales its queries by position past its first 38 positions "
+                                             r"\(rope_parameters.llama_4_scaling_beta, Ministral 3's\), which is not "
+                                             "implemented: this sequence takes 39 positions"):
+            generate(prompts, NEW_TOKENS + 1)
 
 
 def _transformers_generation(model, prompts: np.ndarray, new: int) -> tuple[np.ndarray, np.ndarray]:
