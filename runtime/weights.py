@@ -96,7 +96,8 @@ def biased_parts(config: ModelConfig) -> tuple[str, ...]:
 
 
 # what a fused projection's tensors may be: its weights, its biases, an int4 checkpoint's parts
-_STACKED_KINDS = ("weight", "bias", "qweight", "qzeros", "scales", "g_idx")
+_STACKED_KINDS = ("weight", "bias", "qweight", "qzeros", "scales", "g_idx", "weight_packed", "weight_scale",
+                  "weight_zero_point", "weight_g_idx", "weight_shape")
 
 
 def fused_parts(name: str) -> tuple[str, ...]:
@@ -455,7 +456,10 @@ class ModelWeights:
         for path in files:
             tensors.update({renamed[k]: v for k, v in read_safetensors(path, read, ints).items()})
         for name, parts in stacked.items():
-            if parts[0] in int4:  # an int4 checkpoint's stacked layer: its parts side by side along N
+            if name.endswith(".weight_shape"):  # compressed-tensors': the stack's (N, K)
+                tensors.update(_stacked_weight_shapes(folder, name, tensors.pop(name),
+                                                      {p: shapes[int4[p][0]] for p in parts}))
+            elif parts[0] in int4:  # an int4 checkpoint's stacked layer: its parts along N
                 tensors.update(_int4_unstacked(folder, name, tensors.pop(name), {p: int4[p][1] for p in parts}))
             else:
                 tensors.update(_unstacked(folder, name, tensors.pop(name), {part: shapes[part] for part in parts}))
@@ -646,9 +650,12 @@ def _unstacked(folder, name: str, tensor: np.ndarray, parts: dict[str, tuple[int
 
 def _int4_unstacked(folder, name: str, tensor: np.ndarray, parts: dict[str, tuple[int, ...]]
                     ) -> dict[str, np.ndarray]:
-    """The parts an int4 checkpoint's stacked tensor holds (``INT4_PARTS``): qweight, qzeros and
-    scales hold them side by side along their last axis (N, or N/8 packed), g_idx is the one each
-    part shares (they read the same input)."""
+    """The parts an int4 checkpoint's stacked tensor holds (``INT4_PARTS``): GPTQ's and AWQ's
+    qweight, qzeros and scales hold them side by side along their last axis (N, or N/8 packed),
+    compressed-tensors' weight_packed, weight_scale and weight_zero_point one above the other
+    (along N); g_idx is the one each part shares (they read the same input)."""
+    if name.rsplit(".", 1)[1] in ("weight_packed", "weight_scale", "weight_zero_point"):
+        return _unstacked(folder, name, tensor, parts)
     if len(next(iter(parts.values()))) == 1:  # g_idx: one per input row
         want = next(iter(parts.values()))
         if tuple(tensor.shape) != want:
@@ -660,6 +667,16 @@ def _int4_unstacked(folder, name: str, tensor: np.ndarray, parts: dict[str, tupl
         raise ValueError(f"{folder}: {name} has shape {tuple(tensor.shape)}, expected {want} (its parts side by side)")
     starts = np.cumsum([0, *columns])
     return {part: tensor[:, begin:end] for part, begin, end in zip(parts, starts, starts[1:])}
+
+
+def _stacked_weight_shapes(folder, name: str, tensor: np.ndarray, parts: dict[str, tuple[int, int]]
+                           ) -> dict[str, np.ndarray]:
+    """compressed-tensors' weight_shape of a stacked layer, (N summed, K), as each part's (N, K)."""
+    want = (sum(n for n, _ in parts.values()), next(iter(parts.values()))[1])
+    given = np.asarray(tensor)
+    if given.shape != (2,) or given.dtype.kind not in "iu" or tuple(int(v) for v in given) != want:
+        raise ValueError(f"{folder}: {name} is {given.tolist()}, expected {list(want)} (its parts stacked)")
+    return {part: np.array(shape, dtype=np.int64) for part, shape in parts.items()}
 
 
 _FINITE_CHUNK = 1 << 22  # elements checked at a time: the check's scratch stays a few MB

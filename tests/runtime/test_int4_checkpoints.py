@@ -372,20 +372,30 @@ def test_a_gptq_checkpoint_the_kernels_cannot_compute_is_refused(edit, message, 
 
 def _stacked(tensors):
     """Each layer's Q/K/V and gate/up as one int4 layer each, as Phi-3's checkpoints (qkv_proj,
-    gate_up_proj) hold them: the parts' qweight, qzeros and scales side by side, one g_idx."""
+    gate_up_proj) hold them: the parts' qweight, qzeros and scales side by side, one g_idx (and
+    compressed-tensors': weight_packed, weight_scale, weight_zero_point one above the other,
+    weight_shape the stack's)."""
     fused = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
              "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
     for layer in range(CONFIG.num_hidden_layers):
         for name, parts in fused.items():
-            for kind in ("qweight", "qzeros", "scales", "g_idx"):
+            for kind in ("qweight", "qzeros", "scales", "g_idx", "weight_packed", "weight_scale", "weight_zero_point",
+                         "weight_g_idx", "weight_shape"):
                 pieces = [tensors.pop(f"model.layers.{layer}.{part}.{kind}", None) for part in parts]
-                if pieces[0] is None:  # AWQ has no g_idx
+                if pieces[0] is None:  # AWQ has no g_idx, each format its own parts
                     continue
-                tensors[f"model.layers.{layer}.{name}.{kind}"] = (
-                    pieces[0] if kind == "g_idx" else np.concatenate(pieces, axis=1))
+                if kind in ("g_idx", "weight_g_idx"):
+                    stacked = pieces[0]
+                elif kind == "weight_shape":
+                    stacked = np.array([sum(int(p[0]) for p in pieces), int(pieces[0][1])], np.int64)
+                else:
+                    stacked = np.concatenate(pieces, axis=0 if kind.startswith("weight_") else 1)
+                tensors[f"model.layers.{layer}.{name}.{kind}"] = stacked
 
 
-@pytest.mark.parametrize("config", [CONFIG, AWQ_CONFIG, ACT_ORDER], ids=["gptq", "awq", "gptq-act-order"])
+@pytest.mark.parametrize("config", [CONFIG, AWQ_CONFIG, ACT_ORDER,
+                                    dataclasses.replace(COMPRESSED_CONFIG, int4_zero_points=True, int4_act_order=True)],
+                         ids=["gptq", "awq", "gptq-act-order", "compressed-asym-act-order"])
 def test_stacked_int4_projections_load_as_their_parts(config, tmp_path):
     """Phi-3's int4 checkpoints quantise qkv_proj and gate_up_proj as one layer each: they load as
     the same int4 layers as the parts stored apart; one of another width is refused by name."""
@@ -397,15 +407,28 @@ def test_stacked_int4_projections_load_as_their_parts(config, tmp_path):
         for part in ("wq", "scales", "zeros", "order"):
             np.testing.assert_array_equal(getattr(got.quantized[name], part), getattr(layer, part))
 
+    compressed = config.int4_format == "compressed"
+
     def narrow(tensors):
         _stacked(tensors)
-        name = "model.layers.1.mlp.gate_up_proj.scales"
-        tensors[name] = tensors[name][:, 8:].copy()
+        name = f"model.layers.1.mlp.gate_up_proj.{'weight_scale' if compressed else 'scales'}"
+        tensors[name] = (tensors[name][8:] if compressed else tensors[name][:, 8:]).copy()
 
     save_int4(tmp_path / "narrow", config, edit=narrow)
-    with pytest.raises(ValueError, match=r"model.layers.1.mlp.gate_up_proj.scales has shape \(\d+, 760\), expected "
-                                         r"\(\d+, 768\) \(its parts side by side\)"):
+    message = (r"gate_up_proj.weight_scale has shape \(760, \d+\), expected \(768, \d+\) \(its parts stacked\)"
+               if compressed else
+               r"gate_up_proj.scales has shape \(\d+, 760\), expected \(\d+, 768\) \(its parts side by side\)")
+    with pytest.raises(ValueError, match=message):
         ModelWeights.load(stacked, tmp_path / "narrow")
+    if compressed:
+        def misshapen(tensors):
+            _stacked(tensors)
+            tensors["model.layers.0.self_attn.qkv_proj.weight_shape"] = np.array([255, 128], np.int64)
+
+        save_int4(tmp_path / "misshapen", config, edit=misshapen)
+        with pytest.raises(ValueError, match=r"qkv_proj.weight_shape is \[255, 128\], expected \[256, 128\] "
+                                             r"\(its parts stacked\)"):
+            ModelWeights.load(stacked, tmp_path / "misshapen")
 
 
 def test_g_idx_may_be_left_out(tmp_path):
