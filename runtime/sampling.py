@@ -43,36 +43,52 @@ class Sampling:
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, not {self.seed!r}")
 
-    def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """[B, V] float64: each row's distribution the draw is from (zero where cut)."""
+    def kept(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens a draw from one row of ``logits`` [V] may pick, by ascending id, and their
+        probabilities (summing to 1). Whole-vocabulary work is a few passes (a partition, not a
+        sort: 128k logits cost about a millisecond); only the kept tokens are sorted."""
         scores = np.asarray(logits, dtype=np.float64) / self.temperature
-        vocab = scores.shape[-1]
+        vocab = scores.shape[0]
+        ids = None
         if 0 < self.top_k < vocab:
             # as transformers: every score below the k-th largest goes (ties with it stay)
-            kth = np.partition(scores, vocab - self.top_k, axis=-1)[:, vocab - self.top_k]
-            scores = np.where(scores < kth[:, None], -np.inf, scores)
-        probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        probs /= probs.sum(axis=-1, keepdims=True)
+            kth = np.partition(scores, vocab - self.top_k)[vocab - self.top_k]
+            ids = np.flatnonzero(scores >= kth)
+            scores = scores[ids]
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
         if self.top_p < 1:
-            probs = np.stack([self._nucleus(row) for row in probs])
-            probs /= probs.sum(axis=-1, keepdims=True)
-        return probs
+            nucleus = self._nucleus(probs)
+            ids = nucleus if ids is None else ids[nucleus]
+            probs = probs[nucleus] / probs[nucleus].sum()
+        return (np.arange(vocab) if ids is None else ids), probs
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """[B, V] float64: each row's distribution the draw is from (zero where cut)."""
+        rows = np.atleast_2d(np.asarray(logits))
+        out = np.zeros(rows.shape, np.float64)
+        for out_row, row in zip(out, rows):
+            ids, probs = self.kept(row)
+            out_row[ids] = probs
+        return out
 
     def _nucleus(self, probs: np.ndarray) -> np.ndarray:
-        """``probs`` with every token cut whose more likely tokens hold top_p of the mass already."""
-        vocab = probs.shape[0]
-        candidates = np.arange(vocab)
-        if vocab > _TOP_P_CANDIDATES:
-            top = np.argpartition(probs, vocab - _TOP_P_CANDIDATES)[vocab - _TOP_P_CANDIDATES:]
+        """The indices (ascending) of ``probs`` kept by top_p: each token whose more likely tokens
+        hold less than top_p of the mass. Looked for among the most likely 1024, then 8x as many,
+        before the whole row is sorted."""
+        n = probs.shape[0]
+        candidates = np.arange(n)
+        size = _TOP_P_CANDIDATES
+        while size < n:
+            top = np.argpartition(probs, n - size)[n - size:]
             if probs[top].sum() >= self.top_p:  # the nucleus lies among them
                 candidates = np.sort(top)
+                break
+            size *= 8
         # most likely first; of equal ones the later id first, as transformers' ascending sort has them
         order = candidates[np.argsort(probs[candidates], kind="stable")[::-1]]
         before = np.cumsum(probs[order]) - probs[order]  # the mass of the tokens more likely than each
-        kept = np.zeros_like(probs)
-        keep = order[before < self.top_p]
-        kept[keep] = probs[keep]
-        return kept
+        return np.sort(order[before < self.top_p])
 
 
 class NextTokens:
@@ -104,14 +120,13 @@ class NextTokens:
             if not self.stop_ids:
                 return ids  # plain greedy decoding: nothing to add to a step (the tiny model's is ~50 us)
         else:
-            probs = self.sampling.probabilities(logits)
-            draws = self.rng.random(probs.shape[0])
-            # the first token whose cumulative probability passes the draw: a cut token adds
-            # nothing to it, so is never the first (the last kept one where rounding runs past)
-            cumulative = np.cumsum(probs, axis=-1)
-            ids = np.array([np.searchsorted(row, u * row[-1], side="right") for row, u in zip(cumulative, draws)])
-            last_kept = probs.shape[-1] - 1 - (probs[:, ::-1] > 0).argmax(axis=-1)
-            ids = np.minimum(ids, last_kept)
+            ids = np.empty(len(logits), np.int64)
+            for b, (row, draw) in enumerate(zip(logits, self.rng.random(len(logits)))):
+                kept, probs = self.sampling.kept(row)
+                # the first kept token (by id) whose cumulative probability passes the draw (the
+                # last one where rounding runs past)
+                cumulative = np.cumsum(probs)
+                ids[b] = kept[min(np.searchsorted(cumulative, draw * cumulative[-1], side="right"), len(kept) - 1)]
         ids = np.where(self.ended, self.pad_id, ids).astype(np.int64)
         if self.stop_ids:
             self.ended |= np.isin(ids, self.stop_ids)
