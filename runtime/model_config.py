@@ -52,7 +52,8 @@ from .rope_frequencies import (ROPE_TYPES, factors_problem, longrope_attention_f
 # of each query and key head before the rotary embedding (``qk_norm``), its head_dim 128 unless
 # said (not hidden / heads).
 # Phi-3 and Phi-4 are Llama with stacked Q/K/V and gate/up tensors and Mistral's optional window.
-# Ministral 3 (and Devstral 2) is Mistral (no window unless said) with YaRN whose queries past the
+# Ministral (Ministral-8B-Instruct-2410) is Mistral whose window applies in the layers ``layer_types``
+# names (three in four). Ministral 3 (and Devstral 2) is Mistral (no window unless said) with YaRN whose queries past the
 # original context are scaled up by position (``query_scale_beta``; those positions are refused).
 # SmolLM3 is Llama whose layers in ``no_rope_layers`` (every fourth) apply no rotary embedding
 # (NoPE), with Qwen's switched-off sliding window. Gemma and Gemma 3: see the module's docstring
@@ -61,7 +62,7 @@ FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
             "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
             "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
             "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
-            "olmo3": "Olmo3ForCausalLM", "ministral3": "Ministral3ForCausalLM"}
+            "olmo3": "Olmo3ForCausalLM", "ministral": "MinistralForCausalLM", "ministral3": "Ministral3ForCausalLM"}
 # Image-and-text models whose language model is one of FAMILIES (its config the ``text_config``
 # inside, its tensors under ``language_model``): the runtime runs that language model on text
 # prompts, as transformers runs the whole model on inputs without images. model_type ->
@@ -171,7 +172,7 @@ _GEMMA_OWN = {"gemma": ("hidden_activation", "use_bidirectional_attention"),
 _QWEN_FAMILIES = ("qwen2", "qwen3")
 _OLMO_FAMILIES = ("olmo2", "olmo3")
 # the families whose sliding layers ``layer_types`` names (read by _sliding_layers)
-_LAYER_KINDS = ("gemma2", "gemma3_text", "olmo3")
+_LAYER_KINDS = ("gemma2", "gemma3_text", "olmo3", "ministral")
 # the families whose sliding window use_sliding_window switches (off: ignored), as Qwen2's
 _WINDOW_SWITCHED = (*_QWEN_FAMILIES, "smollm3")
 # Fields that change nothing a greedy decoder computes from the weights: token ids (the
@@ -618,8 +619,12 @@ class ModelConfig:
             raise ValueError(f"model {self.name}: biases on the {', '.join(which)} projections are no transformers "
                              "family's (Llama: q/k/v and o together, MLP optional; Qwen2: q/k/v alone)")
         elif self.local_layers:
-            raise ValueError(f"model {self.name}: a window in some layers only, without biases or head norms (Qwen2, "
-                             "Qwen3) or Gemma's layers, has no config.json this runtime reads")
+            if any(biases) or self.split_rope:
+                raise ValueError(f"model {self.name}: a window in some layers only with biases on every attention "
+                                 "projection, or a rope of their own, has no config.json this runtime reads")
+            family = "ministral"
+            data.update(layer_types=["sliding_attention" if i in self.local_layers else "full_attention"
+                                     for i in range(self.num_hidden_layers)])
         else:
             family = "llama" if self.sliding_window is None or any(biases) else "mistral"
             if any(biases):
@@ -770,6 +775,8 @@ class ModelConfig:
             scalars.update(qk_norm=True, qk_norm_span="projection", pre_norms=False, post_norms=True)
         if family == "olmo3":  # OLMo 2 with Gemma 3's sliding layers (every fourth one global)
             scalars["local_layers"] = _sliding_layers(data, family, where)
+        if family == "ministral":  # Mistral's window in the sliding layers, which rotate as the others
+            scalars.update(local_layers=_sliding_layers(data, family, where), local_rope_theta=_rope_theta(data, where))
         if family in ("gemma3_text", "olmo3"):
             data, scalars["local_rope_theta"] = _layer_kind_ropes(data, where, family)
         if family == "gemma2":  # its sliding layers rotate as the others
@@ -784,6 +791,8 @@ class ModelConfig:
                 scalars.update(local_layers=qwen_windowed, local_rope_theta=_rope_theta(data, where))
         if family in _LAYER_KINDS and not scalars["local_layers"]:  # only its sliding layers have it
             window = None
+        if family == "ministral" and (window is None or len(scalars["local_layers"]) == data["num_hidden_layers"]):
+            scalars.update(local_layers=(), local_rope_theta=None)  # no window, or Mistral's in every layer
         heads = data["num_attention_heads"]
         # null or absent means the default, as in transformers; any other value (0 too) is
         # honoured or refused by __post_init__, never replaced
@@ -866,15 +875,15 @@ class ModelConfig:
 
 # An absent num_key_value_heads is what the family's config class defaults it to in
 # transformers 4.x and 5.x (Llama's: one per query head); null, as 4.x reads it, is one per query head.
-_ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4, "gemma3_text": 4, "smollm3": 4,
+_ABSENT_KV_HEADS = {"mistral": 8, "ministral": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4, "gemma3_text": 4, "smollm3": 4,
                     "ministral3": 8}
 # Likewise an absent sliding_window (MistralConfig's is 4096; null: none) and an absent
 # max_position_embeddings (kept, and written back by to_hf_dict; nothing computes with it)
-_ABSENT_WINDOW = {"mistral": 4096, "gemma2": 4096, "gemma3_text": 4096, "olmo3": 4096}
+_ABSENT_WINDOW = {"mistral": 4096, "gemma2": 4096, "gemma3_text": 4096, "olmo3": 4096, "ministral": 4096}
 _ABSENT_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5}  # Phi3Config's, OLMo's; every other family's: 1e-6
 _ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096, "granite": 2048,
                      "gemma": 8192, "gemma2": 8192, "gemma3_text": 131072, "smollm3": 32768, "olmo2": 2048, "olmo3": 2048,
-                     "ministral3": 262144}
+                     "ministral3": 262144, "ministral": 131072}
 _ABSENT_THETA = {"smollm3": 2000000.0}  # SmolLM3Config's base; 10000 elsewhere (Gemma 3, OLMo 3: _layer_kind_ropes)
 # Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is, Gemma's 256
 _ABSENT_HEAD_DIM = {"qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3_text": 256, "ministral3": 128}
@@ -1139,6 +1148,8 @@ def _sliding_layers(data: Mapping[str, Any], family: str, where: str) -> tuple[i
     named = _named_sliding_layers(data, layers, where)
     if named is not None:
         return named
+    if family == "ministral":  # MinistralConfig's: every layer where it has a window
+        return tuple(range(layers)) if data.get("sliding_window", _ABSENT_WINDOW[family]) is not None else ()
     patterns = [data[name] for name in ("sliding_window_pattern", "_sliding_window_pattern") if name in data]
     pattern = {"gemma3_text": 6, "olmo3": 4}.get(family, 2) if not patterns else patterns[0]
     if any(other != pattern for other in patterns):

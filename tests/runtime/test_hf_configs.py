@@ -568,9 +568,13 @@ def test_projection_biases_are_read_per_family(data, biases):
 def test_bias_combinations_of_no_family_cannot_be_written_as_a_config():
     base = parse(SMALL)
     for flags, named in ((dict(o_bias=True), "the o projections"), (dict(qkv_bias=True, mlp_bias=True), "q/k/v, MLP"),
-                         (dict(sliding_window=8, local_layers=(1,), local_rope_theta=1e4), "in some layers only")):
+                         (dict(qkv_bias=True, o_bias=True, sliding_window=8, local_layers=(1,), local_rope_theta=1e4),
+                          "in some layers only with biases on every attention projection")):
         with pytest.raises(ValueError, match=named):
             dataclasses.replace(base, **flags).to_hf_dict()
+    # a window in some layers without biases: Ministral's
+    ministral = dataclasses.replace(base, sliding_window=8, local_layers=(1,), local_rope_theta=base.rope_theta)
+    assert ministral.to_hf_dict()["model_type"] == "ministral" and parse(ministral.to_hf_dict()) == ministral
     qwen2 = dataclasses.replace(base, qkv_bias=True, sliding_window=8)  # Qwen2's window, on in every layer
     assert parse(qwen2.to_hf_dict()) == qwen2 and qwen2.to_hf_dict()["use_sliding_window"]
     windowed = dataclasses.replace(base, qkv_bias=True, o_bias=True, sliding_window=8)

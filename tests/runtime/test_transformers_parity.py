@@ -208,6 +208,10 @@ FAMILIES = {
                                                           out_hidden_size=64, patch_size=16, spatial_merge_size=2,
                                                           deepstack_visual_indexes=[0], num_position_embeddings=16)),
                  "5.x"),
+    # Ministral (8B-Instruct-2410): Mistral's window in the layers layer_types names (here the second: it
+    # sees 5 positions, the first all)
+    "ministral": ("MinistralConfig", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e8}, sliding_window=5,
+                                          layer_types=["full_attention", "sliding_attention"]), "5.x"),
     # Ministral 3: Mistral with YaRN (its mscales) and queries scaled past the original context, here 38
     # positions (7 prompt tokens, 32 new ones, the last never read back): the scaling is 1 throughout;
     # and inside Mistral3ForConditionalGeneration, as the releases (and Devstral 2) ship it
@@ -669,6 +673,19 @@ def test_what_gemma_does_otherwise_matters(family, checkpoints, prompts):
         generation = ReferenceModel(plain, kept).generate(prompts, NEW_TOKENS)
         want = _teacher_forced_logits(model, prompts, generation.tokens)
         assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE, what
+
+
+def test_ministrals_window_applies_in_its_sliding_layers_only(checkpoints, prompts):
+    """Ministral's window in every layer (Mistral's) or in none moves the logits far past the
+    tolerance: the comparisons above see it in the second layer only."""
+    model, folder = checkpoints["ministral"]
+    config, weights = _load(folder)
+    assert (config.local_layers, config.sliding_window) == ((1,), 5)
+    for window in (5, None):
+        other = dataclasses.replace(config, local_layers=(), local_rope_theta=None, sliding_window=window)
+        generation = ReferenceModel(other, ModelWeights(other, weights.tensors)).generate(prompts, NEW_TOKENS)
+        want = _teacher_forced_logits(model, prompts, generation.tokens)
+        assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE, window
 
 
 @pytest.mark.parametrize("family", ["smollm3", "smollm3-4.x"])
