@@ -52,6 +52,8 @@ from .rope_frequencies import (ROPE_TYPES, factors_problem, longrope_attention_f
 # of each query and key head before the rotary embedding (``qk_norm``), its head_dim 128 unless
 # said (not hidden / heads).
 # Phi-3 and Phi-4 are Llama with stacked Q/K/V and gate/up tensors and Mistral's optional window.
+# EXAONE 4.0 is OLMo 2's layer (norms after the sublayers only) with Qwen3's norms of each query and
+# key head; with a window, its sliding layers rotate and its global ones do not (NoPE, SmolLM3's).
 # Ministral (Ministral-8B-Instruct-2410) is Mistral whose window applies in the layers ``layer_types``
 # names (three in four). Ministral 3 (and Devstral 2) is Mistral (no window unless said) with YaRN whose queries past the
 # original context are scaled up by position (``query_scale_beta``; those positions are refused).
@@ -62,7 +64,8 @@ FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
             "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
             "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
             "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
-            "olmo3": "Olmo3ForCausalLM", "ministral": "MinistralForCausalLM", "ministral3": "Ministral3ForCausalLM"}
+            "olmo3": "Olmo3ForCausalLM", "ministral": "MinistralForCausalLM", "ministral3": "Ministral3ForCausalLM",
+            "exaone4": "Exaone4ForCausalLM"}
 # Image-and-text models whose language model is one of FAMILIES (its config the ``text_config``
 # inside, its tensors under ``language_model``): the runtime runs that language model on text
 # prompts, as transformers runs the whole model on inputs without images. model_type ->
@@ -168,11 +171,11 @@ _GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3_text")
 _GEMMA_OWN = {"gemma": ("hidden_activation", "use_bidirectional_attention"),
               "gemma2": ("hidden_activation", "use_bidirectional_attention", "query_pre_attn_scalar",
                          "final_logit_softcapping", "attn_logit_softcapping"),
-              "gemma3_text": _GEMMA_FIELDS}
+              "gemma3_text": _GEMMA_FIELDS, "exaone4": ("sliding_window_pattern",)}
 _QWEN_FAMILIES = ("qwen2", "qwen3")
 _OLMO_FAMILIES = ("olmo2", "olmo3")
 # the families whose sliding layers ``layer_types`` names (read by _sliding_layers)
-_LAYER_KINDS = ("gemma2", "gemma3_text", "olmo3", "ministral")
+_LAYER_KINDS = ("gemma2", "gemma3_text", "olmo3", "ministral", "exaone4")
 # the families whose sliding window use_sliding_window switches (off: ignored), as Qwen2's
 _WINDOW_SWITCHED = (*_QWEN_FAMILIES, "smollm3")
 # Fields that change nothing a greedy decoder computes from the weights: token ids (the
@@ -679,6 +682,8 @@ class ModelConfig:
     def _olmo_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
         """``to_hf_dict`` of an OLMo 2 (norms after the sublayers only, the whole q and k projections
         normalised), with sliding layers an OLMo 3; refused for a mix that is no OLMo's."""
+        if self.qk_norm_span == "head" and self.qk_norm and not self.pre_norms:
+            return self._exaone4_hf_dict(data)
         olmo = (not self.pre_norms and self.post_norms and self.qk_norm and self.qk_norm_span == "projection"
                 and self.activation == "silu" and not (self.offset_norms or self.scaled or self.mlp_bias
                                                        or self.nope_layers)
@@ -700,6 +705,27 @@ class ModelConfig:
                                  for i in range(self.num_hidden_layers)],
                     rope_parameters={"full_attention": full,
                                      "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta}})
+        return data
+
+    def _exaone4_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``to_hf_dict`` of an EXAONE 4.0 (OLMo 2's norms after the sublayers, a norm of each query
+        and key head; with a window, sliding layers that rotate and global ones that do not);
+        refused for a mix that is no EXAONE's."""
+        hybrid = self.sliding_window is not None
+        exaone = (self.post_norms and self.activation == "silu"
+                  and not (self.offset_norms or self.scaled or self.qkv_bias or self.o_bias or self.mlp_bias
+                           or self.attention_multiplier is not None or self.attn_softcap or self.final_softcap)
+                  and (set(self.nope_layers) == set(range(self.num_hidden_layers)) - set(self.local_layers)
+                       if hybrid else not (self.local_layers or self.nope_layers))
+                  and (not hybrid or (bool(self.local_layers) and not self.split_rope)))
+        if not exaone:
+            raise ValueError(f"model {self.name}: norms after the sublayers only with norms of each query and key "
+                             "head in a mix that is no EXAONE 4.0's have no config.json this runtime reads")
+        if self.rope_type != "default":
+            data["rope_scaling"] = {"rope_type": self.rope_type, **self.rope_scaling}
+        data.update(model_type="exaone4", architectures=[FAMILIES["exaone4"]], hidden_act="silu",
+                    layer_types=["sliding_attention" if i in self.local_layers else "full_attention"
+                                 for i in range(self.num_hidden_layers)])
         return data
 
     def _qwen_window(self) -> dict[str, Any]:
@@ -775,13 +801,19 @@ class ModelConfig:
             scalars.update(qk_norm=True, qk_norm_span="projection", pre_norms=False, post_norms=True)
         if family == "olmo3":  # OLMo 2 with Gemma 3's sliding layers (every fourth one global)
             scalars["local_layers"] = _sliding_layers(data, family, where)
+        if family == "exaone4":  # OLMo 2's norms, Qwen3's head norms; with a window, NoPE in the global layers
+            scalars.update(qk_norm=True, pre_norms=False, post_norms=True)
+            if data.get("sliding_window", _ABSENT_WINDOW[family]) is not None:
+                sliding = _sliding_layers(data, family, where)
+                scalars.update(local_layers=sliding, local_rope_theta=_rope_theta(data, where),
+                               nope_layers=tuple(i for i in range(_layer_count(data, where)) if i not in sliding))
         if family == "ministral":  # Mistral's window in the sliding layers, which rotate as the others
             scalars.update(local_layers=_sliding_layers(data, family, where), local_rope_theta=_rope_theta(data, where))
         if family in ("gemma3_text", "olmo3"):
             data, scalars["local_rope_theta"] = _layer_kind_ropes(data, where, family)
         if family == "gemma2":  # its sliding layers rotate as the others
             scalars["local_rope_theta"] = _rope_theta(data, where)
-        if family in _LAYER_KINDS and not scalars["local_layers"]:  # no sliding layer
+        if family in _LAYER_KINDS and not scalars.get("local_layers"):  # no sliding layer
             scalars["local_rope_theta"] = None
         # Qwen's: see _check_qwen_fields; an absent one is what the family's config class defaults it to
         window = None if family in _WINDOW_SWITCHED else data.get("sliding_window", _ABSENT_WINDOW.get(family))
@@ -789,7 +821,7 @@ class ModelConfig:
             window = data.get("sliding_window", 4096)
             if len(qwen_windowed) < data["num_hidden_layers"]:  # those rotate as the others
                 scalars.update(local_layers=qwen_windowed, local_rope_theta=_rope_theta(data, where))
-        if family in _LAYER_KINDS and not scalars["local_layers"]:  # only its sliding layers have it
+        if family in _LAYER_KINDS and not scalars.get("local_layers"):  # only its sliding layers have it
             window = None
         if family == "ministral" and (window is None or len(scalars["local_layers"]) == data["num_hidden_layers"]):
             scalars.update(local_layers=(), local_rope_theta=None)  # no window, or Mistral's in every layer
@@ -827,7 +859,7 @@ class ModelConfig:
                    max_position_embeddings=_or(data.get("max_position_embeddings"), _ABSENT_POSITIONS[family]),
                    sliding_window=window, rope_type=rope_type, partial_rotary_factor=partial,
                    **{_ROPE_FIELDS[p]: v for p, v in scaling.items()}, **biases,
-                   **{"qk_norm": family == "qwen3", **scalars}, nope_layers=_nope_layers(data, family, where))
+                   **{"qk_norm": family == "qwen3", "nope_layers": _nope_layers(data, family, where), **scalars})
 
     @classmethod
     def _from_multimodal(cls, data: Mapping[str, Any], wrapper: str, name: str, where: str) -> "ModelConfig":
@@ -875,15 +907,15 @@ class ModelConfig:
 
 # An absent num_key_value_heads is what the family's config class defaults it to in
 # transformers 4.x and 5.x (Llama's: one per query head); null, as 4.x reads it, is one per query head.
-_ABSENT_KV_HEADS = {"mistral": 8, "ministral": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4, "gemma3_text": 4, "smollm3": 4,
+_ABSENT_KV_HEADS = {"mistral": 8, "ministral": 8, "exaone4": 32, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4, "gemma3_text": 4, "smollm3": 4,
                     "ministral3": 8}
 # Likewise an absent sliding_window (MistralConfig's is 4096; null: none) and an absent
 # max_position_embeddings (kept, and written back by to_hf_dict; nothing computes with it)
-_ABSENT_WINDOW = {"mistral": 4096, "gemma2": 4096, "gemma3_text": 4096, "olmo3": 4096, "ministral": 4096}
-_ABSENT_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5}  # Phi3Config's, OLMo's; every other family's: 1e-6
+_ABSENT_WINDOW = {"mistral": 4096, "gemma2": 4096, "gemma3_text": 4096, "olmo3": 4096, "ministral": 4096, "exaone4": 4096}
+_ABSENT_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5, "exaone4": 1e-5}  # Phi3Config's, OLMo's; every other family's: 1e-6
 _ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096, "granite": 2048,
                      "gemma": 8192, "gemma2": 8192, "gemma3_text": 131072, "smollm3": 32768, "olmo2": 2048, "olmo3": 2048,
-                     "ministral3": 262144, "ministral": 131072}
+                     "ministral3": 262144, "ministral": 131072, "exaone4": 2048}
 _ABSENT_THETA = {"smollm3": 2000000.0}  # SmolLM3Config's base; 10000 elsewhere (Gemma 3, OLMo 3: _layer_kind_ropes)
 # Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is, Gemma's 256
 _ABSENT_HEAD_DIM = {"qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3_text": 256, "ministral3": 128}
@@ -1148,10 +1180,13 @@ def _sliding_layers(data: Mapping[str, Any], family: str, where: str) -> tuple[i
     named = _named_sliding_layers(data, layers, where)
     if named is not None:
         return named
+    if family == "exaone4" and isinstance(data.get("sliding_window_pattern"), str):
+        raise ValueError(f"{where}: sliding_window_pattern = {_show(data['sliding_window_pattern'])} (a pattern of "
+                         "letters) is not implemented; supported: an integer, or layer_types")
     if family == "ministral":  # MinistralConfig's: every layer where it has a window
         return tuple(range(layers)) if data.get("sliding_window", _ABSENT_WINDOW[family]) is not None else ()
     patterns = [data[name] for name in ("sliding_window_pattern", "_sliding_window_pattern") if name in data]
-    pattern = {"gemma3_text": 6, "olmo3": 4}.get(family, 2) if not patterns else patterns[0]
+    pattern = {"gemma3_text": 6, "olmo3": 4, "exaone4": 4}.get(family, 2) if not patterns else patterns[0]
     if any(other != pattern for other in patterns):
         raise ValueError(f"{where}: sliding_window_pattern = {_show(patterns[0])} and _sliding_window_pattern = "
                          f"{_show(patterns[1])} disagree")

@@ -773,6 +773,35 @@ def test_ministral3_is_read_as_mistral3s_language_model_with_its_query_scaling_a
     assert parse({**text, "rope_parameters": {**rope, "max_position_embeddings": 262144}}) == alone
 
 
+EXAONE_4_1B = {  # LGAI-EXAONE/EXAONE-4.0-1.2B: no window, llama3 rope scaling, tied embeddings
+    "architectures": ["Exaone4ForCausalLM"], "bos_token_id": 1, "eos_token_id": 361, "head_dim": 64,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 4096,
+    "layer_types": ["full_attention"] * 30, "max_position_embeddings": 65536, "model_type": "exaone4",
+    "num_attention_heads": 32, "num_hidden_layers": 30, "num_key_value_heads": 8, "pad_token_id": 0,
+    "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 16.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                            "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 1000000, "sliding_window": None, "sliding_window_pattern": None, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "transformers_version": "4.54.0", "use_cache": True, "vocab_size": 102400}
+
+
+def test_exaone4_is_read_written_back_and_its_hybrid_layers_split_into_windowed_and_nope_ones():
+    config = parse(EXAONE_4_1B)
+    assert (config.pre_norms, config.post_norms, config.qk_norm, config.qk_norm_span) == (False, True, True, "head")
+    assert (config.rope_type, config.sliding_window, config.local_layers, config.nope_layers) == ("llama3", None, (), ())
+    assert parse(config.to_hf_dict()) == config and config.tie_word_embeddings
+    hybrid = parse({**EXAONE_4_1B, "rope_scaling": None, "sliding_window": 4096, "num_hidden_layers": 8,
+                    "layer_types": None, "sliding_window_pattern": 4})
+    assert (hybrid.local_layers, hybrid.nope_layers) == ((0, 1, 2, 4, 5, 6), (3, 7))
+    assert parse(hybrid.to_hf_dict()) == hybrid
+    for data, message in (
+            ({**EXAONE_4_1B, "rope_scaling": None, "sliding_window": 4096, "layer_types": None,
+              "sliding_window_pattern": "LLLG"}, "sliding_window_pattern = 'LLLG' (a pattern of letters) is not"),
+            ({**EXAONE_4_1B, "sliding_window": 4096, "layer_types": ["sliding_attention", "full_attention"] * 15},
+             "rope scaling 'llama3' with a sliding window in some layers is not implemented")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse(data)
+
+
 QWEN25_VL_7B = {  # Qwen/Qwen2.5-VL-7B-Instruct (vision_config shortened): the language model's fields at the top
     "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 151643,
     "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,

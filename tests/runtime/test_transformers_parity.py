@@ -208,6 +208,14 @@ FAMILIES = {
                                                           out_hidden_size=64, patch_size=16, spatial_merge_size=2,
                                                           deepstack_visual_indexes=[0], num_position_embeddings=16)),
                  "5.x"),
+    # EXAONE 4.0: OLMo 2's norms after the sublayers with a norm of each query and key head; 1.2B's
+    # (no window, llama3 rope scaling) and the 32B's hybrid (a window in the sliding layer, shorter than
+    # the prompt; the global layer without rope)
+    "exaone4": ("Exaone4Config", dict(rope_parameters={**LLAMA3_SCALING, "rope_theta": 1e6}, sliding_window=None,
+                                      layer_types=["full_attention"] * 2), "5.x"),
+    "exaone4-hybrid": ("Exaone4Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                             sliding_window=5, layer_types=["sliding_attention", "full_attention"]),
+                       "5.x"),
     # Ministral (8B-Instruct-2410): Mistral's window in the layers layer_types names (here the second: it
     # sees 5 positions, the first all)
     "ministral": ("MinistralConfig", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e8}, sliding_window=5,
@@ -675,6 +683,20 @@ def test_what_gemma_does_otherwise_matters(family, checkpoints, prompts):
         assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE, what
 
 
+def test_exaone4s_rope_in_its_sliding_layers_only_and_its_head_norms_matter(checkpoints, prompts):
+    """EXAONE 4.0's hybrid: rope in every layer, no window, or OLMo 2's norms of the whole q and k
+    projections each move the logits far past the tolerance."""
+    model, folder = checkpoints["exaone4-hybrid"]
+    config, weights = _load(folder)
+    assert (config.local_layers, config.nope_layers, config.qk_norm_span) == ((0,), (1,), "head")
+    for change in (dict(nope_layers=()), dict(local_layers=(), local_rope_theta=None, nope_layers=(),
+                                              sliding_window=None)):
+        other = dataclasses.replace(config, **change)
+        generation = ReferenceModel(other, ModelWeights(other, weights.tensors)).generate(prompts, NEW_TOKENS)
+        want = _teacher_forced_logits(model, prompts, generation.tokens)
+        assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE, change
+
+
 def test_ministrals_window_applies_in_its_sliding_layers_only(checkpoints, prompts):
     """Ministral's window in every layer (Mistral's) or in none moves the logits far past the
     tolerance: the comparisons above see it in the second layer only."""
@@ -762,7 +784,7 @@ def test_the_sliding_window_matters(family, checkpoints, default_kernels, prompt
 
 @pytest.mark.parametrize("family", ["llama3.1", "qwen2", "qwen3", "qwen3-4.x", "granite", "gemma", "gemma3",
                                     "smollm3", "mistral-window", "gemma3-window", "gemma2", "qwen2-window",
-                                    "olmo2-4.x", "olmo3", "gemma3-mm"])
+                                    "olmo2-4.x", "olmo3", "gemma3-mm", "exaone4-hybrid"])
 def test_the_cuda_path_generates_what_transformers_generates(family, checkpoints, prompts, greedy, fake_gpu):
     """The same on the CUDA path (fake GPU: cubins built by nvcc, run on the emulator): device
     buffers, the decode step captured as a graph, rope scaling (Llama 3.1), biases (Qwen2) and
