@@ -175,12 +175,13 @@ class LlamaModel:
         if isinstance(weights, DeviceWeights):
             if not self.arrays.resident:
                 raise ValueError("device weights need a provider of CUDA kernels")
-            if config.scaled and not weights.folded:
+            if (config.scaled or config.rope_interleaved) and not weights.folded:
                 raise ValueError(f"{config.name}: Granite's embedding_multiplier, residual_multiplier and "
                                  "logits_scaling, and Gemma's embedding scale and norms by 1 + weight, are folded "
-                                 "into the weights as they are uploaded; device weights are used as they lie, so "
-                                 "pass host weights (ModelWeights), or device weights that carry them "
-                                 "(DeviceWeights(..., folded=True))")
+                                 "into the weights as they are uploaded, and ERNIE 4.5's and Helium's q and k rows "
+                                 "are loaded with each head's rotary pairs as halves (runtime.weights.halves_order); "
+                                 "device weights are used as they lie, so pass host weights (ModelWeights), or "
+                                 "device weights that carry them (DeviceWeights(..., folded=True))")
             self.embed = weights.embedding
             if self.embed.dtype != numpy_dtype(dtype):
                 raise ValueError(f"the embedding table is {self.embed.dtype}; a {dtype} model needs "

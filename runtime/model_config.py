@@ -52,11 +52,14 @@ from .rope_frequencies import (ROPE_TYPES, factors_problem, longrope_attention_f
 # of each query and key head before the rotary embedding (``qk_norm``), its head_dim 128 unless
 # said (not hidden / heads).
 # Phi-3 and Phi-4 are Llama with stacked Q/K/V and gate/up tensors and Mistral's optional window.
+# ERNIE 4.5 (dense) is Llama with every projection biased or none (``use_bias``) and rotary pairs of
+# adjacent dims (``rope_interleaved``); Helium is Llama with such pairs and no o_proj bias.
 # EXAONE 4.0 is OLMo 2's layer (norms after the sublayers only) with Qwen3's norms of each query and
 # key head; with a window, its sliding layers rotate and its global ones do not (NoPE, SmolLM3's).
 # Ministral (Ministral-8B-Instruct-2410) is Mistral whose window applies in the layers ``layer_types``
-# names (three in four). Ministral 3 (and Devstral 2) is Mistral (no window unless said) with YaRN whose queries past the
-# original context are scaled up by position (``query_scale_beta``; those positions are refused).
+# names (three in four). Ministral 3 (and Devstral 2) is Mistral (no window unless said) with YaRN
+# whose queries past the original context are scaled up by position (``query_scale_beta``; those
+# positions are refused).
 # SmolLM3 is Llama whose layers in ``no_rope_layers`` (every fourth) apply no rotary embedding
 # (NoPE), with Qwen's switched-off sliding window. Gemma and Gemma 3: see the module's docstring
 # (Gemma 3's window applies in its sliding layers only). OLMo 2: see the module's docstring.
@@ -65,7 +68,7 @@ FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
             "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
             "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
             "olmo3": "Olmo3ForCausalLM", "ministral": "MinistralForCausalLM", "ministral3": "Ministral3ForCausalLM",
-            "exaone4": "Exaone4ForCausalLM"}
+            "exaone4": "Exaone4ForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM", "helium": "HeliumForCausalLM"}
 # Image-and-text models whose language model is one of FAMILIES (its config the ``text_config``
 # inside, its tensors under ``language_model``): the runtime runs that language model on text
 # prompts, as transformers runs the whole model on inputs without images. model_type ->
@@ -147,6 +150,8 @@ READ_FIELDS = frozenset({
     "use_sliding_window", "max_window_layers", "layer_types",
     # Qwen2.5-Math's and DeepSeek-R1-Distill-Qwen's: false, the plain rotary embedding (true: Qwen2-VL's)
     "use_mrope",
+    # ERNIE 4.5's: a bias on every projection, or none
+    "use_bias",
     # SmolLM3's: which layers rotate (1) or not (0), else every no_rope_layer_interval-th does not
     "no_rope_layers", "no_rope_layer_interval",
     # Phi-3's: the context its longrope scaling was trained at; any other rope ignores it (checked: phi3 only)
@@ -250,6 +255,10 @@ class ModelConfig:
     # 1 + beta ln(1 + floor(p / rope_original_max_position_embeddings)), which is 1 within the
     # original context; a generation past it is refused (``position_limit``)
     query_scale_beta: float = 0.0
+    # ERNIE 4.5's and Helium's: the rotary pairs are adjacent dims (2i, 2i + 1), not halves (i, i +
+    # rotary_dim / 2). The loader permutes each head's q and k rows (``runtime.weights``) so that the
+    # rope kernels rotate halves: q.k is the same sum in another order
+    rope_interleaved: bool = False
     # Phi-4-mini's 0.75: only the first int(head_dim * this) dims of a head are rotated (``rotary_dim``),
     # the rest pass through
     partial_rotary_factor: float = 1.0
@@ -316,7 +325,7 @@ class ModelConfig:
             if not _positive_int(value):
                 raise ValueError(f"model {self.name}: {field} must be a positive integer, got {value!r}")
         for field in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "offset_norms", "post_norms",
-                      "pre_norms"):
+                      "pre_norms", "rope_interleaved"):
             if not isinstance(getattr(self, field), bool):  # "no" would read as true
                 raise ValueError(f"model {self.name}: {field} must be true or false, got {getattr(self, field)!r}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -566,7 +575,7 @@ class ModelConfig:
         data = asdict(self)
         data.pop("name")
         for field in ("multimodal", "int4_format", "int4_group_size", "int4_zero_points", "int4_act_order",
-                      "int4_channelwise", "rope_type", "query_scale_beta",
+                      "int4_channelwise", "rope_type", "query_scale_beta", "rope_interleaved",
                       *_ROPE_FIELDS.values(), "partial_rotary_factor", "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
                       "qk_norm_span", *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "pre_norms",
                       "local_layers", "local_rope_theta", "nope_layers", "attn_softcap", "final_softcap"):
@@ -577,6 +586,8 @@ class ModelConfig:
             return self._phi3_hf_dict(data)
         if self.query_scale_beta:
             return self._ministral3_hf_dict(data)
+        if self.rope_interleaved:
+            return self._interleaved_hf_dict(data)
         if not self.pre_norms or self.qk_norm_span != "head":
             return self._olmo_hf_dict(data)
         if self.nope_layers and (self.offset_norms or self.activation != "silu" or self.post_norms or self.local_layers
@@ -677,6 +688,29 @@ class ModelConfig:
                 "llama_4_scaling_beta": self.query_scale_beta}
         data.update(model_type="ministral3", architectures=[FAMILIES["ministral3"]], hidden_act="silu",
                     rope_parameters=rope)
+        return data
+
+    def _interleaved_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``to_hf_dict`` of a model whose rotary pairs are adjacent dims: ERNIE 4.5's (a bias on
+        every projection or none) or Helium's (no o_proj bias); refused for a model that is not
+        otherwise Llama's."""
+        plain = not (self.qk_norm or self.scaled or self.attention_multiplier is not None or self.local_layers
+                     or self.nope_layers or self.activation != "silu" or self.post_norms or not self.pre_norms
+                     or self.sliding_window is not None or self.partial_rotary_factor != 1.0)
+        biases = (self.qkv_bias, self.o_bias, self.mlp_bias)
+        if not plain or not (len(set(biases)) == 1 or not self.o_bias):
+            raise ValueError(f"model {self.name}: rotary pairs of adjacent dims (ERNIE 4.5's, Helium's) in a model "
+                             "that is not otherwise Llama's, or with an o_proj bias without the others, have no "
+                             "config.json this runtime reads")
+        data.pop("sliding_window")
+        if self.rope_type != "default":
+            data["rope_scaling"] = {"rope_type": self.rope_type, **self.rope_scaling}
+        if len(set(biases)) == 1:
+            data.update(model_type="ernie4_5", architectures=[FAMILIES["ernie4_5"]], use_bias=self.qkv_bias)
+        else:
+            data.update(model_type="helium", architectures=[FAMILIES["helium"]], attention_bias=self.qkv_bias,
+                        mlp_bias=self.mlp_bias)
+        data["hidden_act"] = "silu"
         return data
 
     def _olmo_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -846,6 +880,7 @@ class ModelConfig:
         q_size = heads * head_dim if _positive_int(heads) and _positive_int(head_dim) else None
         scalars.update(_int4_checkpoint(data, where, (data["hidden_size"], data["intermediate_size"], q_size)))
         scalars["query_scale_beta"] = _query_scale_beta(data, family, rope_type, where)
+        scalars["rope_interleaved"] = family in ("ernie4_5", "helium")
         return cls(name=name, hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
                    num_attention_heads=heads,
                    num_key_value_heads=_or(data.get("num_key_value_heads", _ABSENT_KV_HEADS.get(family)), heads),
@@ -855,7 +890,7 @@ class ModelConfig:
                                         where),
                    rope_theta=_rope_theta(data, where, _ABSENT_THETA.get(family, 10000.0)),
                    tie_word_embeddings=_flag(data, "tie_word_embeddings", where,
-                                             family in (*_GEMMA_FAMILIES, "smollm3")),
+                                             family in (*_GEMMA_FAMILIES, "smollm3", "ernie4_5")),
                    max_position_embeddings=_or(data.get("max_position_embeddings"), _ABSENT_POSITIONS[family]),
                    sliding_window=window, rope_type=rope_type, partial_rotary_factor=partial,
                    **{_ROPE_FIELDS[p]: v for p, v in scaling.items()}, **biases,
@@ -907,23 +942,29 @@ class ModelConfig:
 
 # An absent num_key_value_heads is what the family's config class defaults it to in
 # transformers 4.x and 5.x (Llama's: one per query head); null, as 4.x reads it, is one per query head.
-_ABSENT_KV_HEADS = {"mistral": 8, "ministral": 8, "exaone4": 32, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4, "gemma3_text": 4, "smollm3": 4,
-                    "ministral3": 8}
+_ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4, "gemma3_text": 4, "smollm3": 4,
+                    "ministral": 8, "ministral3": 8, "exaone4": 32, "ernie4_5": 2, "helium": 20}
 # Likewise an absent sliding_window (MistralConfig's is 4096; null: none) and an absent
 # max_position_embeddings (kept, and written back by to_hf_dict; nothing computes with it)
-_ABSENT_WINDOW = {"mistral": 4096, "gemma2": 4096, "gemma3_text": 4096, "olmo3": 4096, "ministral": 4096, "exaone4": 4096}
-_ABSENT_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5, "exaone4": 1e-5}  # Phi3Config's, OLMo's; every other family's: 1e-6
+_ABSENT_WINDOW = {"mistral": 4096, "gemma2": 4096, "gemma3_text": 4096, "olmo3": 4096, "ministral": 4096,
+                  "exaone4": 4096}
+_ABSENT_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5, "exaone4": 1e-5, "ernie4_5": 1e-5,
+               "helium": 1e-8}  # Phi3Config's, OLMo's; every other family's: 1e-6
 _ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096, "granite": 2048,
-                     "gemma": 8192, "gemma2": 8192, "gemma3_text": 131072, "smollm3": 32768, "olmo2": 2048, "olmo3": 2048,
-                     "ministral3": 262144, "ministral": 131072, "exaone4": 2048}
-_ABSENT_THETA = {"smollm3": 2000000.0}  # SmolLM3Config's base; 10000 elsewhere (Gemma 3, OLMo 3: _layer_kind_ropes)
+                     "gemma": 8192, "gemma2": 8192, "gemma3_text": 131072, "smollm3": 32768, "olmo2": 2048,
+                     "olmo3": 2048,
+                     "ministral3": 262144, "ministral": 131072, "exaone4": 2048, "ernie4_5": 131072,
+                     "helium": 4096}
+# the config classes' bases (SmolLM3's, ERNIE 4.5's, Helium's); 10000 elsewhere (Gemma 3, OLMo 3: _layer_kind_ropes)
+_ABSENT_THETA = {"smollm3": 2000000.0, "ernie4_5": 500000.0, "helium": 100000.0}
 # Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is, Gemma's 256
-_ABSENT_HEAD_DIM = {"qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3_text": 256, "ministral3": 128}
+_ABSENT_HEAD_DIM = {"qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3_text": 256, "ministral3": 128, "ernie4_5": 128,
+                    "helium": 128}
 # Ministral3Config's rope where a config names none: YaRN from a 16384-position context, the
 # queries scaled past it
-_MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 16384,
-                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
-                    "llama_4_scaling_beta": 0.1}
+_MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
+                    "original_max_position_embeddings": 16384, "beta_fast": 32.0, "beta_slow": 1.0,
+                    "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
 
 
 # more layers than any model has: a per-layer list of this many would not be built (a config
@@ -1039,12 +1080,24 @@ def _biases(data: Mapping[str, Any], family: str, where: str) -> dict[str, bool]
     up, down); Qwen2's q/k/v biases; Qwen3's ``attention_bias`` (q, k, v, o). Where a family's
     transformers code has no switch, a true value is refused (the checkpoint would lack the
     biases it announces)."""
+    if "use_bias" in data and family != "ernie4_5":
+        raise ValueError(f"{where}: use_bias = {_show(data['use_bias'])} is an ERNIE 4.5 field, not implemented for "
+                         f"model_type {family!r}")
     attention, mlp = (_or(data.get(field), False) for field in ("attention_bias", "mlp_bias"))
     for field, value in (("attention_bias", attention), ("mlp_bias", mlp)):
         if not isinstance(value, bool):
             raise ValueError(f"{where}: {field} = {_show(value)} is not true or false")
     if family in ("llama", "granite", "smollm3"):  # their attention and MLP read both switches as Llama's do
         return {"qkv_bias": attention, "o_bias": attention, "mlp_bias": mlp}
+    if family == "helium":  # Granite's attention with an unbiased o_proj, Llama's MLP
+        return {"qkv_bias": attention, "o_bias": False, "mlp_bias": mlp}
+    if family == "ernie4_5":  # use_bias: every projection's, or none
+        every = _or(data.get("use_bias"), False)
+        if not isinstance(every, bool) or attention or mlp:
+            raise ValueError(f"{where}: use_bias = {_show(data.get('use_bias'))} with attention_bias "
+                             f"{_show(attention)} and mlp_bias {_show(mlp)}: ERNIE 4.5 reads use_bias (true or "
+                             "false) alone")
+        return {"qkv_bias": every, "o_bias": every, "mlp_bias": every}
     switches = ("attention_bias",) if family in ("qwen3", *_OLMO_FAMILIES, *_GEMMA_FAMILIES) else ()
     for field, value in (("attention_bias", attention), ("mlp_bias", mlp)):
         if value and field not in switches:

@@ -471,6 +471,8 @@ class ModelWeights:
             elif head.shape != embed.shape or not np.array_equal(head, embed):
                 raise ValueError(f"{folder}: tie_word_embeddings is true but lm_head.weight differs from "
                                  "model.embed_tokens.weight")
+        if config.rope_interleaved:
+            tensors, quantized = _pairs_as_halves(config, tensors, quantized)
         weights = cls(config, tensors, quantized, config.int4_group_size or 0)
         if check_finite:
             weights.check_finite()
@@ -486,8 +488,11 @@ class ModelWeights:
                              "save writes float checkpoints")
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
+        tensors = self.tensors
+        if self.config.rope_interleaved:  # back in the checkpoint's order of each head's dims
+            tensors, _ = _pairs_as_halves(self.config, tensors, {}, inverse=True)
         # numpy has no bfloat16: such tensors are written widened (float32, the same values)
-        save_file({name: self[name] if isinstance(t, Bfloat16Words) else t for name, t in self.tensors.items()},
+        save_file({name: widened(t) if isinstance(t, Bfloat16Words) else t for name, t in tensors.items()},
                   str(out / "model.safetensors"))
         self.config.save(out / "config.json")
         return out
@@ -589,6 +594,38 @@ class DeviceWeights:
 
     def device(self, name: str, part: str = "") -> Any:
         return self.tensors[f"{name}#{part}" if part else name]
+
+
+def halves_order(config: ModelConfig) -> np.ndarray:
+    """The order of a head's dims in which rotary pairs of adjacent dims (2i, 2i + 1: ERNIE 4.5's,
+    Helium's) are halves (i, i + rotary_dim / 2: what the rope kernels and the reference rotate);
+    the dims past the rotary ones stay."""
+    r, d = config.rotary_dim, config.head_dim
+    return np.concatenate([np.arange(0, r, 2), np.arange(1, r, 2), np.arange(r, d)])
+
+
+def _pairs_as_halves(config: ModelConfig, tensors: dict[str, np.ndarray], quantized: dict[str, "QuantizedLinear"],
+                     inverse: bool = False) -> tuple[dict[str, np.ndarray], dict[str, "QuantizedLinear"]]:
+    """``tensors`` and ``quantized`` with each query and key head's rows (weights, biases, int4
+    codes, scales and zero points) in ``halves_order`` (``inverse``: back). q.k sums the same
+    products in another order, so attention is unchanged and the rotation becomes rotate-half."""
+    order = halves_order(config)
+    if inverse:
+        order = np.argsort(order)
+    tensors, quantized = dict(tensors), dict(quantized)
+    for layer in range(config.num_hidden_layers):
+        for part, heads in (("self_attn.q_proj", config.num_attention_heads),
+                            ("self_attn.k_proj", config.num_key_value_heads)):
+            rows = (np.arange(heads)[:, None] * config.head_dim + order[None, :]).reshape(-1)
+            for name in (layer_name(layer, part), bias_name(layer, part)):
+                if name in tensors:
+                    tensors[name] = tensors[name][rows]
+            name = layer_name(layer, part)
+            if name in quantized:
+                q = quantized[name]
+                quantized[name] = replace(q, wq=q.wq[rows], scales=q.scales[rows],
+                                          zeros=None if q.zeros is None else q.zeros[rows])
+    return tensors, quantized
 
 
 def _int4_layers(folder, tensors: dict[str, np.ndarray], int4: dict[str, tuple[str, tuple[int, ...]]],

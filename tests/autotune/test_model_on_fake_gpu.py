@@ -450,3 +450,9 @@ def test_device_weights_of_a_model_with_granites_scalars_are_refused(fake_gpu):
                                              r"weight, are folded into the weights as they are uploaded"):
             LlamaModel(config, shared, kernels)
         LlamaModel(config, weights, kernels).generate(np.array([[5, 9, 2]]), 2)  # host weights: folded
+        # ERNIE 4.5's q and k rows are permuted as they load, which weights on the device are not
+        interleaved = dataclasses.replace(MICRO, name="micro-ernie", rope_interleaved=True)
+        with pytest.raises(ValueError, match=r"ERNIE 4.5's and Helium's q and k rows are loaded with each head's "
+                                             r"rotary pairs as halves"):
+            LlamaModel(interleaved, DeviceWeights(interleaved, on_device, weights["model.embed_tokens.weight"]),
+                       kernels)

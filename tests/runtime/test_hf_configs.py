@@ -787,7 +787,8 @@ EXAONE_4_1B = {  # LGAI-EXAONE/EXAONE-4.0-1.2B: no window, llama3 rope scaling, 
 def test_exaone4_is_read_written_back_and_its_hybrid_layers_split_into_windowed_and_nope_ones():
     config = parse(EXAONE_4_1B)
     assert (config.pre_norms, config.post_norms, config.qk_norm, config.qk_norm_span) == (False, True, True, "head")
-    assert (config.rope_type, config.sliding_window, config.local_layers, config.nope_layers) == ("llama3", None, (), ())
+    assert (config.rope_type, config.sliding_window) == ("llama3", None)
+    assert config.local_layers == config.nope_layers == ()
     assert parse(config.to_hf_dict()) == config and config.tie_word_embeddings
     hybrid = parse({**EXAONE_4_1B, "rope_scaling": None, "sliding_window": 4096, "num_hidden_layers": 8,
                     "layer_types": None, "sliding_window_pattern": 4})
@@ -800,6 +801,33 @@ def test_exaone4_is_read_written_back_and_its_hybrid_layers_split_into_windowed_
              "rope scaling 'llama3' with a sliding window in some layers is not implemented")):
         with pytest.raises(ValueError, match=re.escape(message)):
             parse(data)
+
+
+ERNIE_45_03B = {  # baidu/ERNIE-4.5-0.3B-PT (the transformers-format release)
+    "architectures": ["Ernie4_5ForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 1024, "intermediate_size": 3072, "max_position_embeddings": 131072,
+    "model_type": "ernie4_5", "num_attention_heads": 16, "num_hidden_layers": 18, "num_key_value_heads": 2,
+    "pad_token_id": 0, "rms_norm_eps": 1e-05, "rope_theta": 500000, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "use_bias": False, "use_cache": False, "vocab_size": 103424}
+
+
+def test_ernie45_and_helium_are_read_with_rotary_pairs_of_adjacent_dims_and_written_back():
+    config = parse(ERNIE_45_03B)
+    assert config.rope_interleaved and config.tie_word_embeddings and config.rope_theta == 500000
+    assert not (config.qkv_bias or config.o_bias or config.mlp_bias) and parse(config.to_hf_dict()) == config
+    assert round(config.parameters / 1e9, 2) == 0.36
+    biased = parse({**ERNIE_45_03B, "use_bias": True})
+    assert (biased.qkv_bias, biased.o_bias, biased.mlp_bias) == (True, True, True)
+    assert parse(biased.to_hf_dict()) == biased
+    helium = dataclasses.replace(biased, o_bias=False, mlp_bias=False)
+    assert helium.to_hf_dict()["model_type"] == "helium" and parse(helium.to_hf_dict()) == helium
+    for data, message in (({**ERNIE_45_03B, "attention_bias": True}, "ERNIE 4.5 reads use_bias (true or false) alone"),
+                          ({**SMALL, "use_bias": True}, "use_bias = true is an ERNIE 4.5 field, not implemented for "
+                                                        "model_type 'llama'")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse(data)
+    with pytest.raises(ValueError, match="rotary pairs of adjacent dims .* have no config.json"):
+        dataclasses.replace(config, sliding_window=8).to_hf_dict()
 
 
 QWEN25_VL_7B = {  # Qwen/Qwen2.5-VL-7B-Instruct (vision_config shortened): the language model's fields at the top
@@ -1133,7 +1161,8 @@ def test_run_with_zero_kv_heads_is_one_line_and_exit_2(tmp_path):
 
 def test_run_refuses_a_ministral3_generation_past_its_original_context(tmp_path):
     small = {**SMALL, "architectures": ["Ministral3ForCausalLM"], "model_type": "ministral3", "head_dim": 16,
-             "rope_parameters": {**MINISTRAL_3_8B["text_config"]["rope_parameters"], "original_max_position_embeddings": 8}}
+             "rope_parameters": {**MINISTRAL_3_8B["text_config"]["rope_parameters"],
+                                 "original_max_position_embeddings": 8}}
     (tmp_path / "config.json").write_text(json.dumps(small))
     (tmp_path / "empty.jsonl").write_text("")
     proc = _cli(tmp_path, "run", "--model", "config.json", "--log", "empty.jsonl", "--prompt-tokens", "4",

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from runtime.llama import LlamaModel  # noqa: E402
-from runtime.model_config import load_model_config  # noqa: E402
+from runtime.model_config import ModelConfig, load_model_config  # noqa: E402
 from runtime.reference import ReferenceModel  # noqa: E402
 from runtime.rope_frequencies import inverse_frequencies  # noqa: E402
 from runtime.weights import ModelWeights  # noqa: E402
@@ -62,7 +62,8 @@ PHI3_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 LONGROPE_FACTORS = {"short_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
                     "long_factor": [1.0, 3.0, 5.0, 9.0, 17.0, 33.0, 65.0, 129.0]}
 MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 38,
-                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}
+                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                   "llama_4_scaling_beta": 0.1}
 # a one-block Qwen2.5-VL vision tower (never run: the prompts are text)
 QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
                    spatial_merge_size=2, window_size=28, fullatt_block_indexes=[0])
@@ -208,6 +209,12 @@ FAMILIES = {
                                                           out_hidden_size=64, patch_size=16, spatial_merge_size=2,
                                                           deepstack_visual_indexes=[0], num_position_embeddings=16)),
                  "5.x"),
+    # rotary pairs of adjacent dims: ERNIE 4.5 (0.3B: tied embeddings), here with a bias on every
+    # projection, and Helium, here with q/k/v biases (its o_proj has none)
+    "ernie4_5": ("Ernie4_5Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5}, head_dim=16,
+                                        use_bias=True), "5.x"),
+    "helium": ("HeliumConfig", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e5}, head_dim=16,
+                                    attention_bias=True), "5.x"),
     # EXAONE 4.0: OLMo 2's norms after the sublayers with a norm of each query and key head; 1.2B's
     # (no window, llama3 rope scaling) and the 32B's hybrid (a window in the sliding layer, shorter than
     # the prompt; the global layer without rope)
@@ -695,6 +702,21 @@ def test_exaone4s_rope_in_its_sliding_layers_only_and_its_head_norms_matter(chec
         generation = ReferenceModel(other, ModelWeights(other, weights.tensors)).generate(prompts, NEW_TOKENS)
         want = _teacher_forced_logits(model, prompts, generation.tokens)
         assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE, change
+
+
+@pytest.mark.parametrize("family", ["ernie4_5", "helium"])
+def test_rotary_pairs_of_adjacent_dims_matter_and_are_saved_as_they_came(family, checkpoints, prompts, tmp_path):
+    """ERNIE 4.5's and Helium's q and k rows run as loaded, without the permutation that makes their
+    rotary pairs halves, move the logits far past the tolerance; saved weights load back equal."""
+    model, folder = checkpoints[family]
+    config, weights = _load(folder)
+    assert config.rope_interleaved and ModelConfig.from_hf_dict(config.to_hf_dict(), config.name) == config
+    raw = ModelWeights.load(dataclasses.replace(config, rope_interleaved=False), folder)
+    generation = ReferenceModel(config, ModelWeights(config, raw.tensors)).generate(prompts, NEW_TOKENS)
+    want = _teacher_forced_logits(model, prompts, generation.tokens)
+    assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE
+    again = ModelWeights.load(config, weights.save(tmp_path / "saved"))
+    assert all(np.array_equal(again.tensors[name], tensor) for name, tensor in weights.tensors.items())
 
 
 def test_ministrals_window_applies_in_its_sliding_layers_only(checkpoints, prompts):
