@@ -53,7 +53,9 @@ from .rope_frequencies import (ROPE_TYPES, factors_problem, longrope_attention_f
 # said (not hidden / heads).
 # Phi-3 and Phi-4 are Llama with stacked Q/K/V and gate/up tensors and Mistral's optional window.
 # ERNIE 4.5 (dense) is Llama with every projection biased or none (``use_bias``) and rotary pairs of
-# adjacent dims (``rope_interleaved``); Helium is Llama with such pairs and no o_proj bias.
+# adjacent dims (``rope_interleaved``); Helium is Llama with such pairs and no o_proj bias. GLM-4
+# (0414) is Qwen2's biases with such pairs over half of each head, gate/up stacked as Phi-3's, and a
+# norm of each sublayer's output before its residual add (Gemma 2's, by the weight itself).
 # EXAONE 4.0 is OLMo 2's layer (norms after the sublayers only) with Qwen3's norms of each query and
 # key head; with a window, its sliding layers rotate and its global ones do not (NoPE, SmolLM3's).
 # Ministral (Ministral-8B-Instruct-2410) is Mistral whose window applies in the layers ``layer_types``
@@ -68,7 +70,8 @@ FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
             "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
             "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
             "olmo3": "Olmo3ForCausalLM", "ministral": "MinistralForCausalLM", "ministral3": "Ministral3ForCausalLM",
-            "exaone4": "Exaone4ForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM", "helium": "HeliumForCausalLM"}
+            "exaone4": "Exaone4ForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM", "helium": "HeliumForCausalLM",
+            "glm4": "Glm4ForCausalLM"}
 # Image-and-text models whose language model is one of FAMILIES (its config the ``text_config``
 # inside, its tensors under ``language_model``): the runtime runs that language model on text
 # prompts, as transformers runs the whole model on inputs without images. model_type ->
@@ -582,12 +585,12 @@ class ModelConfig:
             data.pop(field)
         if (self.attn_softcap or self.final_softcap) and not self.offset_norms:
             raise ValueError(f"model {self.name}: soft-capping outside a Gemma has no config.json this runtime reads")
+        if self.rope_interleaved:
+            return self._interleaved_hf_dict(data)
         if self.rope_type == "longrope" or self.partial_rotary_factor != 1.0:
             return self._phi3_hf_dict(data)
         if self.query_scale_beta:
             return self._ministral3_hf_dict(data)
-        if self.rope_interleaved:
-            return self._interleaved_hf_dict(data)
         if not self.pre_norms or self.qk_norm_span != "head":
             return self._olmo_hf_dict(data)
         if self.nope_layers and (self.offset_norms or self.activation != "silu" or self.post_norms or self.local_layers
@@ -691,14 +694,22 @@ class ModelConfig:
         return data
 
     def _interleaved_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
-        """``to_hf_dict`` of a model whose rotary pairs are adjacent dims: ERNIE 4.5's (a bias on
-        every projection or none) or Helium's (no o_proj bias); refused for a model that is not
-        otherwise Llama's."""
+        """``to_hf_dict`` of a model whose rotary pairs are adjacent dims: GLM-4's (norms of the
+        sublayers' outputs), ERNIE 4.5's (a bias on every projection or none) or Helium's (no
+        o_proj bias); refused for a model that is not otherwise Llama's."""
         plain = not (self.qk_norm or self.scaled or self.attention_multiplier is not None or self.local_layers
-                     or self.nope_layers or self.activation != "silu" or self.post_norms or not self.pre_norms
-                     or self.sliding_window is not None or self.partial_rotary_factor != 1.0)
+                     or self.nope_layers or self.activation != "silu" or not self.pre_norms
+                     or self.sliding_window is not None)
         biases = (self.qkv_bias, self.o_bias, self.mlp_bias)
-        if not plain or not (len(set(biases)) == 1 or not self.o_bias):
+        if plain and self.post_norms and not (self.o_bias or self.mlp_bias):
+            data.pop("sliding_window")
+            rope = {"rope_type": self.rope_type, **self.rope_scaling, "rope_theta": data.pop("rope_theta"),
+                    "partial_rotary_factor": self.partial_rotary_factor}
+            data.update(model_type="glm4", architectures=[FAMILIES["glm4"]], hidden_act="silu",
+                        attention_bias=self.qkv_bias, rope_parameters=rope)
+            return data
+        if (not plain or self.post_norms or self.partial_rotary_factor != 1.0
+                or not (len(set(biases)) == 1 or not self.o_bias)):
             raise ValueError(f"model {self.name}: rotary pairs of adjacent dims (ERNIE 4.5's, Helium's) in a model "
                              "that is not otherwise Llama's, or with an o_proj bias without the others, have no "
                              "config.json this runtime reads")
@@ -880,7 +891,9 @@ class ModelConfig:
         q_size = heads * head_dim if _positive_int(heads) and _positive_int(head_dim) else None
         scalars.update(_int4_checkpoint(data, where, (data["hidden_size"], data["intermediate_size"], q_size)))
         scalars["query_scale_beta"] = _query_scale_beta(data, family, rope_type, where)
-        scalars["rope_interleaved"] = family in ("ernie4_5", "helium")
+        scalars["rope_interleaved"] = family in ("ernie4_5", "helium", "glm4")
+        if family == "glm4":  # Gemma 2's norms of the sublayers' outputs, by the weight itself
+            scalars["post_norms"] = True
         return cls(name=name, hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
                    num_attention_heads=heads,
                    num_key_value_heads=_or(data.get("num_key_value_heads", _ABSENT_KV_HEADS.get(family)), heads),
@@ -942,24 +955,24 @@ class ModelConfig:
 
 # An absent num_key_value_heads is what the family's config class defaults it to in
 # transformers 4.x and 5.x (Llama's: one per query head); null, as 4.x reads it, is one per query head.
-_ABSENT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4, "gemma3_text": 4, "smollm3": 4,
+_ABSENT_KV_HEADS = {"mistral": 8, "glm4": 2, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4, "gemma3_text": 4, "smollm3": 4,
                     "ministral": 8, "ministral3": 8, "exaone4": 32, "ernie4_5": 2, "helium": 20}
 # Likewise an absent sliding_window (MistralConfig's is 4096; null: none) and an absent
 # max_position_embeddings (kept, and written back by to_hf_dict; nothing computes with it)
 _ABSENT_WINDOW = {"mistral": 4096, "gemma2": 4096, "gemma3_text": 4096, "olmo3": 4096, "ministral": 4096,
                   "exaone4": 4096}
-_ABSENT_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5, "exaone4": 1e-5, "ernie4_5": 1e-5,
+_ABSENT_EPS = {"glm4": 1.5625e-07, "phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5, "exaone4": 1e-5, "ernie4_5": 1e-5,
                "helium": 1e-8}  # Phi3Config's, OLMo's; every other family's: 1e-6
 _ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096, "granite": 2048,
                      "gemma": 8192, "gemma2": 8192, "gemma3_text": 131072, "smollm3": 32768, "olmo2": 2048,
                      "olmo3": 2048,
-                     "ministral3": 262144, "ministral": 131072, "exaone4": 2048, "ernie4_5": 131072,
+                     "ministral3": 262144, "ministral": 131072, "exaone4": 2048, "ernie4_5": 131072, "glm4": 131072,
                      "helium": 4096}
 # the config classes' bases (SmolLM3's, ERNIE 4.5's, Helium's); 10000 elsewhere (Gemma 3, OLMo 3: _layer_kind_ropes)
 _ABSENT_THETA = {"smollm3": 2000000.0, "ernie4_5": 500000.0, "helium": 100000.0}
 # Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is, Gemma's 256
 _ABSENT_HEAD_DIM = {"qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3_text": 256, "ministral3": 128, "ernie4_5": 128,
-                    "helium": 128}
+                    "helium": 128, "glm4": 128}
 # Ministral3Config's rope where a config names none: YaRN from a 16384-position context, the
 # queries scaled past it
 _MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
@@ -1091,6 +1104,12 @@ def _biases(data: Mapping[str, Any], family: str, where: str) -> dict[str, bool]
         return {"qkv_bias": attention, "o_bias": attention, "mlp_bias": mlp}
     if family == "helium":  # Granite's attention with an unbiased o_proj, Llama's MLP
         return {"qkv_bias": attention, "o_bias": False, "mlp_bias": mlp}
+    if family == "glm4":  # q/k/v biased by attention_bias (true where left out), o_proj and the MLP never
+        qkv = _or(data.get("attention_bias"), True)
+        if not isinstance(qkv, bool) or mlp:
+            raise ValueError(f"{where}: attention_bias = {_show(qkv)}, mlp_bias = {_show(mlp)}: GLM-4 reads "
+                             "attention_bias (true or false) alone")
+        return {"qkv_bias": qkv}
     if family == "ernie4_5":  # use_bias: every projection's, or none
         every = _or(data.get("use_bias"), False)
         if not isinstance(every, bool) or attention or mlp:
@@ -1514,12 +1533,12 @@ def _partial_rotary_factor(data: Mapping[str, Any], family: str, where: str) -> 
     for key, value in given.items():
         if not is_number(value) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{where}: {key} = {_show(value)} is not a positive number")
-        if family != "phi3" and value != 1:
-            raise ValueError(f"{where}: {key} = {_show(value)} is implemented for Phi-3 (model_type 'phi3') only: "
-                             f"transformers' {FAMILIES[family]} does not apply it")
+        if family not in ("phi3", "glm4") and value != 1:
+            raise ValueError(f"{where}: {key} = {_show(value)} is implemented for Phi-3 and GLM-4 (model_type "
+                             f"'phi3', 'glm4') only: transformers' {FAMILIES[family]} does not apply it")
     if len(set(given.values())) > 1:
         raise ValueError(f"{where}: {' and '.join(f'{k} = {_show(v)}' for k, v in given.items())} disagree")
-    return float(next(iter(given.values()), 1.0))
+    return float(next(iter(given.values()), 0.5 if family == "glm4" else 1.0))  # Glm4Config's where left out
 
 
 def _check_phi3_fields(data: Mapping[str, Any], family: str, where: str) -> None:
@@ -1605,7 +1624,7 @@ def _rope_scaling(data: Mapping[str, Any], where: str, positions: int | None = N
         # read and checked by _partial_rotary_factor
         extra = sorted(k for k in spec if k not in allowed
                        and not (k == "partial_rotary_factor"
-                                and (family == "phi3" or spec[k] == 1 and not isinstance(spec[k], bool))))
+                                and (family in ("phi3", "glm4") or spec[k] == 1 and not isinstance(spec[k], bool))))
         if extra:
             raise ValueError(f"{where}: {field}.{extra[0]} = {_show(spec[extra[0]])} is not implemented for rope "
                              f"type {kind!r}; supported: {', '.join(sorted(allowed))}")

@@ -40,9 +40,33 @@ TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", 
 IMAGE_SIDE = re.compile(r"(model\.)?(vision_tower|multi_modal_projector|visual)\..*")
 
 
+# GLM-4's norms around its sublayers by the names the decoder reads (Gemma 2's): its
+# post_attention_layernorm is the MLP's input norm, post_self_attn_layernorm attention's output norm
+GLM_NORMS = {"post_self_attn_layernorm": "post_attention_layernorm",
+             "post_attention_layernorm": "pre_feedforward_layernorm", "post_mlp_layernorm": "post_feedforward_layernorm"}
+_GLM_NORM_NAME = re.compile(r"(model\.layers\.\d+\.)(\w+)(\.weight)")
+
+
+def glm_norms(config: ModelConfig) -> bool:
+    """Whether ``config``'s checkpoints name their norms as GLM-4's (pairs of adjacent dims and norms
+    of the sublayers' outputs: GLM-4 is the family with both)."""
+    return config.rope_interleaved and config.post_norms
+
+
+def renamed_norm(name: str, names: Mapping[str, str]) -> str:
+    """``name`` with a layer norm's part renamed by ``names`` (GLM_NORMS or its inverse)."""
+    found = _GLM_NORM_NAME.fullmatch(name)
+    if found is None or found.group(2) not in names:
+        return name
+    return found.group(1) + names[found.group(2)] + found.group(3)
+
+
 def text_name(config: ModelConfig, name: str) -> str | None:
-    """The name the decoder reads checkpoint tensor ``name`` under: itself, or in an image-and-text
-    checkpoint its language model's name without the prefix, None for the image side's tensors."""
+    """The name the decoder reads checkpoint tensor ``name`` under: itself (GLM-4's norms:
+    ``GLM_NORMS``), or in an image-and-text checkpoint its language model's name without the
+    prefix, None for the image side's tensors."""
+    if glm_norms(config):
+        return renamed_norm(name, GLM_NORMS)
     if config.multimodal is None:
         return name
     if IMAGE_SIDE.fullmatch(name):
@@ -491,6 +515,9 @@ class ModelWeights:
         tensors = self.tensors
         if self.config.rope_interleaved:  # back in the checkpoint's order of each head's dims
             tensors, _ = _pairs_as_halves(self.config, tensors, {}, inverse=True)
+        if glm_norms(self.config):  # and under its names of the norms
+            back = {internal: glm for glm, internal in GLM_NORMS.items()}
+            tensors = {renamed_norm(name, back): tensor for name, tensor in tensors.items()}
         # numpy has no bfloat16: such tensors are written widened (float32, the same values)
         save_file({name: widened(t) if isinstance(t, Bfloat16Words) else t for name, t in tensors.items()},
                   str(out / "model.safetensors"))

@@ -364,7 +364,7 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**LLAMA3_5X, "rope_parameters": {"rope_type": "something-new", "rope_theta": 1e4}}, "'something-new'"),
     ({**LLAMA2_4X, "rope_scaling": {"factor": 2.0}}, "rope_scaling = {\"factor\": 2.0} names no rope type"),
     ({**LLAMA3_5X, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
-     "rope_parameters.partial_rotary_factor = 0.5 is implemented for Phi-3 (model_type 'phi3') only"),
+     "rope_parameters.partial_rotary_factor = 0.5 is implemented for Phi-3 and GLM-4 (model_type 'phi3', 'glm4') only"),
     ({**LLAMA3_4X, "rope_parameters": {"rope_theta": 10000.0}}, "rope_theta = 500000 and rope_parameters.rope_theta"),
     ({**QWEN2, "use_sliding_window": True, "max_window_layers": 12, "rope_scaling": {"rope_type": "linear",
                                                                                     "factor": 2.0}},
@@ -428,8 +428,8 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**PHI4, "rope_scaling": {"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}},
      "rope_scaling.short_factor has length 1; 128 rotary dims make 64 rotary pairs, one factor each"),
     ({**LLAMA3_5X, "partial_rotary_factor": 0.75},
-     "partial_rotary_factor = 0.75 is implemented for Phi-3 (model_type 'phi3') only: transformers' LlamaForCausalLM "
-     "does not apply it"),
+     "partial_rotary_factor = 0.75 is implemented for Phi-3 and GLM-4 (model_type 'phi3', 'glm4') only: "
+     "transformers' LlamaForCausalLM does not apply it"),
     ({**LLAMA3_4X, "original_max_position_embeddings": 8192}, "original_max_position_embeddings = 8192 at the "
                                                               "top level is a Phi-3 field"),
     ({**PHI4, "original_max_position_embeddings": "4k"}, "original_max_position_embeddings = '4k' is not a "
@@ -828,6 +828,26 @@ def test_ernie45_and_helium_are_read_with_rotary_pairs_of_adjacent_dims_and_writ
             parse(data)
     with pytest.raises(ValueError, match="rotary pairs of adjacent dims .* have no config.json"):
         dataclasses.replace(config, sliding_window=8).to_hf_dict()
+
+
+GLM4_9B = {  # THUDM/GLM-4-9B-0414
+    "architectures": ["Glm4ForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+    "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+    "initializer_range": 0.02, "intermediate_size": 13696, "max_position_embeddings": 32768, "model_type": "glm4",
+    "num_attention_heads": 32, "num_hidden_layers": 40, "num_key_value_heads": 2, "pad_token_id": 151329,
+    "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.52.0.dev0", "use_cache": True, "vocab_size": 151552}
+
+
+def test_glm4_is_read_with_half_rotated_heads_in_adjacent_pairs_and_norms_after_its_sublayers():
+    config = parse(GLM4_9B)
+    assert (config.rope_interleaved, config.partial_rotary_factor, config.rotary_dim) == (True, 0.5, 64)
+    assert (config.pre_norms, config.post_norms, config.offset_norms) == (True, True, False)
+    assert (config.qkv_bias, config.o_bias, config.mlp_bias) == (True, False, False)
+    assert round(config.parameters / 1e9, 2) == 9.4 and parse(config.to_hf_dict()) == config
+    assert parse({k: v for k, v in GLM4_9B.items() if k != "partial_rotary_factor"}) == config  # 0.5 where absent
+    with pytest.raises(ValueError, match=re.escape("GLM-4 reads attention_bias (true or false) alone")):
+        parse({**GLM4_9B, "mlp_bias": True})
 
 
 QWEN25_VL_7B = {  # Qwen/Qwen2.5-VL-7B-Instruct (vision_config shortened): the language model's fields at the top

@@ -25,7 +25,7 @@ from runtime.llama import LlamaModel  # noqa: E402
 from runtime.model_config import ModelConfig, load_model_config  # noqa: E402
 from runtime.reference import ReferenceModel  # noqa: E402
 from runtime.rope_frequencies import inverse_frequencies  # noqa: E402
-from runtime.weights import ModelWeights  # noqa: E402
+from runtime.weights import ModelWeights, halves_order  # noqa: E402
 
 PROMPT_TOKENS, NEW_TOKENS, BATCH = 7, 32, 2
 LOGITS_TOLERANCE = 1e-4
@@ -215,6 +215,10 @@ FAMILIES = {
                                         use_bias=True), "5.x"),
     "helium": ("HeliumConfig", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e5}, head_dim=16,
                                     attention_bias=True), "5.x"),
+    # GLM-4 (0414): q/k/v biases, pairs of adjacent dims over half of each head, gate/up stacked, the norms
+    # of the sublayers' outputs under GLM's names
+    "glm4": ("Glm4Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                 "partial_rotary_factor": 0.5}, head_dim=16, **PHI3_IDS), "5.x"),
     # EXAONE 4.0: OLMo 2's norms after the sublayers with a norm of each query and key head; 1.2B's
     # (no window, llama3 rope scaling) and the 32B's hybrid (a window in the sliding layer, shorter than
     # the prompt; the global layer without rope)
@@ -704,15 +708,17 @@ def test_exaone4s_rope_in_its_sliding_layers_only_and_its_head_norms_matter(chec
         assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE, change
 
 
-@pytest.mark.parametrize("family", ["ernie4_5", "helium"])
+@pytest.mark.parametrize("family", ["ernie4_5", "helium", "glm4"])
 def test_rotary_pairs_of_adjacent_dims_matter_and_are_saved_as_they_came(family, checkpoints, prompts, tmp_path):
     """ERNIE 4.5's and Helium's q and k rows run as loaded, without the permutation that makes their
     rotary pairs halves, move the logits far past the tolerance; saved weights load back equal."""
     model, folder = checkpoints[family]
     config, weights = _load(folder)
     assert config.rope_interleaved and ModelConfig.from_hf_dict(config.to_hf_dict(), config.name) == config
-    raw = ModelWeights.load(dataclasses.replace(config, rope_interleaved=False), folder)
-    generation = ReferenceModel(config, ModelWeights(config, raw.tensors)).generate(prompts, NEW_TOKENS)
+    back = np.argsort(halves_order(config))  # each head's q and k rows as the checkpoint stores them
+    raw = {name: t.reshape(-1, config.head_dim, *t.shape[1:])[:, back].reshape(t.shape)
+           if ".q_proj." in name or ".k_proj." in name else t for name, t in weights.tensors.items()}
+    generation = ReferenceModel(config, ModelWeights(config, raw)).generate(prompts, NEW_TOKENS)
     want = _teacher_forced_logits(model, prompts, generation.tokens)
     assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE
     again = ModelWeights.load(config, weights.save(tmp_path / "saved"))
