@@ -43,7 +43,8 @@ IMAGE_SIDE = re.compile(r"(model\.)?(vision_tower|multi_modal_projector|visual)\
 # GLM-4's norms around its sublayers by the names the decoder reads (Gemma 2's): its
 # post_attention_layernorm is the MLP's input norm, post_self_attn_layernorm attention's output norm
 GLM_NORMS = {"post_self_attn_layernorm": "post_attention_layernorm",
-             "post_attention_layernorm": "pre_feedforward_layernorm", "post_mlp_layernorm": "post_feedforward_layernorm"}
+             "post_attention_layernorm": "pre_feedforward_layernorm",
+             "post_mlp_layernorm": "post_feedforward_layernorm"}
 _GLM_NORM_NAME = re.compile(r"(model\.layers\.\d+\.)(\w+)(\.weight)")
 
 
