@@ -962,9 +962,9 @@ _ABSENT_KV_HEADS = {"mistral": 8, "glm4": 2, "qwen2": 32, "qwen3": 32, "gemma": 
 # max_position_embeddings (kept, and written back by to_hf_dict; nothing computes with it)
 _ABSENT_WINDOW = {"mistral": 4096, "gemma2": 4096, "gemma3_text": 4096, "olmo3": 4096, "ministral": 4096,
                   "exaone4": 4096}
+# the config classes' rms_norm_eps where left out; every other family's: 1e-6
 _ABSENT_EPS = {"glm4": 1.5625e-07, "phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5, "exaone4": 1e-5,
-               "ernie4_5": 1e-5,
-               "helium": 1e-8}  # Phi3Config's, OLMo's; every other family's: 1e-6
+               "ernie4_5": 1e-5, "helium": 1e-8}
 _ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096, "granite": 2048,
                      "gemma": 8192, "gemma2": 8192, "gemma3_text": 131072, "smollm3": 32768, "olmo2": 2048,
                      "olmo3": 2048,
