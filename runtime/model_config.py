@@ -56,6 +56,7 @@ from .rope_frequencies import (ROPE_TYPES, factors_problem, longrope_attention_f
 # adjacent dims (``rope_interleaved``); Helium is Llama with such pairs and no o_proj bias. GLM-4
 # (0414) is Qwen2's biases with such pairs over half of each head, gate/up stacked as Phi-3's, and a
 # norm of each sublayer's output before its residual add (Gemma 2's, by the weight itself).
+# Seed-OSS is Llama whose q/k/v (attention_bias), o (attention_out_bias) and MLP biases switch apart.
 # EXAONE 4.0 is OLMo 2's layer (norms after the sublayers only) with Qwen3's norms of each query and
 # key head; with a window, its sliding layers rotate and its global ones do not (NoPE, SmolLM3's).
 # Ministral (Ministral-8B-Instruct-2410) is Mistral whose window applies in the layers ``layer_types``
@@ -71,7 +72,7 @@ FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
             "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
             "olmo3": "Olmo3ForCausalLM", "ministral": "MinistralForCausalLM", "ministral3": "Ministral3ForCausalLM",
             "exaone4": "Exaone4ForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM", "helium": "HeliumForCausalLM",
-            "glm4": "Glm4ForCausalLM"}
+            "glm4": "Glm4ForCausalLM", "seed_oss": "SeedOssForCausalLM"}
 # Image-and-text models whose language model is one of FAMILIES (its config the ``text_config``
 # inside, its tensors under ``language_model``): the runtime runs that language model on text
 # prompts, as transformers runs the whole model on inputs without images. model_type ->
@@ -153,8 +154,8 @@ READ_FIELDS = frozenset({
     "use_sliding_window", "max_window_layers", "layer_types",
     # Qwen2.5-Math's and DeepSeek-R1-Distill-Qwen's: false, the plain rotary embedding (true: Qwen2-VL's)
     "use_mrope",
-    # ERNIE 4.5's: a bias on every projection, or none
-    "use_bias",
+    # ERNIE 4.5's: a bias on every projection, or none; Seed-OSS's: o_proj's bias
+    "use_bias", "attention_out_bias",
     # SmolLM3's: which layers rotate (1) or not (0), else every no_rope_layer_interval-th does not
     "no_rope_layers", "no_rope_layer_interval",
     # Phi-3's: the context its longrope scaling was trained at; any other rope ignores it (checked: phi3 only)
@@ -198,7 +199,7 @@ HARMLESS_FIELDS = frozenset({
     "tokenizer_class", "id2label", "label2id",
     "unsloth_version",  # the fine-tuning tool's version, written into the checkpoints it saves
     "cache_implementation",  # Gemma 3's: the KV cache class transformers' generate() picks
-    "resid_pdrop", "embd_pdrop",  # Phi-3's dropouts: inference has none
+    "resid_pdrop", "embd_pdrop", "residual_dropout",  # Phi-3's and Seed-OSS's dropouts: inference has none
     "is_llama_config"})  # nanotron's (SmolLM2): says the config is Llama's, which it is checked to be
 # Keys inside ``rope_scaling`` / ``rope_parameters`` that any rope may carry (its type and,
 # under ``rope_parameters``, the base); the scaling parameters depend on the type.
@@ -631,10 +632,12 @@ class ModelConfig:
                                  "this runtime reads")
             family = "qwen2"
             data.update(self._qwen_window())
-        elif self.qkv_bias != self.o_bias:
-            which = [p for p, on in zip(("q/k/v", "o", "MLP"), biases) if on]
-            raise ValueError(f"model {self.name}: biases on the {', '.join(which)} projections are no transformers "
-                             "family's (Llama: q/k/v and o together, MLP optional; Qwen2: q/k/v alone)")
+        elif self.qkv_bias != self.o_bias:  # Seed-OSS switches each projection's bias apart
+            if self.sliding_window is not None or self.local_layers:
+                raise ValueError(f"model {self.name}: biases on q/k/v and o apart (Seed-OSS) with a sliding window "
+                                 "have no config.json this runtime reads")
+            family = "seed_oss"
+            data.update(attention_bias=self.qkv_bias, attention_out_bias=self.o_bias, mlp_bias=self.mlp_bias)
         elif self.local_layers:
             if any(biases) or self.split_rope:
                 raise ValueError(f"model {self.name}: a window in some layers only with biases on every attention "
@@ -955,8 +958,8 @@ class ModelConfig:
 
 # An absent num_key_value_heads is what the family's config class defaults it to in
 # transformers 4.x and 5.x (Llama's: one per query head); null, as 4.x reads it, is one per query head.
-_ABSENT_KV_HEADS = {"mistral": 8, "glm4": 2, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4, "gemma3_text": 4,
-                    "smollm3": 4,
+_ABSENT_KV_HEADS = {"mistral": 8, "glm4": 2, "seed_oss": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4,
+                    "gemma3_text": 4, "smollm3": 4,
                     "ministral": 8, "ministral3": 8, "exaone4": 32, "ernie4_5": 2, "helium": 20}
 # Likewise an absent sliding_window (MistralConfig's is 4096; null: none) and an absent
 # max_position_embeddings (kept, and written back by to_hf_dict; nothing computes with it)
@@ -969,12 +972,13 @@ _ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 
                      "gemma": 8192, "gemma2": 8192, "gemma3_text": 131072, "smollm3": 32768, "olmo2": 2048,
                      "olmo3": 2048,
                      "ministral3": 262144, "ministral": 131072, "exaone4": 2048, "ernie4_5": 131072, "glm4": 131072,
+                     "seed_oss": 524288,
                      "helium": 4096}
 # the config classes' bases (SmolLM3's, ERNIE 4.5's, Helium's); 10000 elsewhere (Gemma 3, OLMo 3: _layer_kind_ropes)
 _ABSENT_THETA = {"smollm3": 2000000.0, "ernie4_5": 500000.0, "helium": 100000.0}
 # Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is, Gemma's 256
-_ABSENT_HEAD_DIM = {"qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3_text": 256, "ministral3": 128, "ernie4_5": 128,
-                    "helium": 128, "glm4": 128}
+_ABSENT_HEAD_DIM = {"seed_oss": 128, "qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3_text": 256, "ministral3": 128,
+                    "ernie4_5": 128, "helium": 128, "glm4": 128}
 # Ministral3Config's rope where a config names none: YaRN from a 16384-position context, the
 # queries scaled past it
 _MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
@@ -1095,9 +1099,19 @@ def _biases(data: Mapping[str, Any], family: str, where: str) -> dict[str, bool]
     up, down); Qwen2's q/k/v biases; Qwen3's ``attention_bias`` (q, k, v, o). Where a family's
     transformers code has no switch, a true value is refused (the checkpoint would lack the
     biases it announces)."""
-    if "use_bias" in data and family != "ernie4_5":
-        raise ValueError(f"{where}: use_bias = {_show(data['use_bias'])} is an ERNIE 4.5 field, not implemented for "
-                         f"model_type {family!r}")
+    for field, owner, name in (("use_bias", "ernie4_5", "an ERNIE 4.5"),
+                               ("attention_out_bias", "seed_oss", "a Seed-OSS")):
+        if field in data and family != owner:
+            raise ValueError(f"{where}: {field} = {_show(data[field])} is {name} field, not implemented for "
+                             f"model_type {family!r}")
+    if family == "seed_oss":  # each projection's bias its own switch
+        flags = {field: _or(data.get(field), default) for field, default in
+                 (("attention_bias", True), ("attention_out_bias", False), ("mlp_bias", False))}
+        for field, value in flags.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: {field} = {_show(value)} is not true or false")
+        return {"qkv_bias": flags["attention_bias"], "o_bias": flags["attention_out_bias"],
+                "mlp_bias": flags["mlp_bias"]}
     attention, mlp = (_or(data.get(field), False) for field in ("attention_bias", "mlp_bias"))
     for field, value in (("attention_bias", attention), ("mlp_bias", mlp)):
         if not isinstance(value, bool):

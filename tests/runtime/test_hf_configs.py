@@ -567,11 +567,22 @@ def test_projection_biases_are_read_per_family(data, biases):
 
 def test_bias_combinations_of_no_family_cannot_be_written_as_a_config():
     base = parse(SMALL)
-    for flags, named in ((dict(o_bias=True), "the o projections"), (dict(qkv_bias=True, mlp_bias=True), "q/k/v, MLP"),
+    for flags, named in ((dict(o_bias=True, sliding_window=8), "biases on q/k/v and o apart .Seed-OSS. with a "
+                                                               "sliding window"),
                          (dict(qkv_bias=True, o_bias=True, sliding_window=8, local_layers=(1,), local_rope_theta=1e4),
                           "in some layers only with biases on every attention projection")):
         with pytest.raises(ValueError, match=named):
             dataclasses.replace(base, **flags).to_hf_dict()
+    # q/k/v and o biases apart: Seed-OSS's (q/k/v alone: Qwen2's)
+    for flags in (dict(o_bias=True), dict(qkv_bias=True, mlp_bias=True)):
+        seed = dataclasses.replace(base, **flags)
+        assert seed.to_hf_dict()["model_type"] == "seed_oss" and parse(seed.to_hf_dict()) == seed
+    release = parse({**SMALL, "architectures": ["SeedOssForCausalLM"], "model_type": "seed_oss",
+                     "residual_dropout": 0.1})  # Seed-OSS-36B's switches: attention_bias true, the others false
+    assert (release.qkv_bias, release.o_bias, release.mlp_bias) == (True, False, False)
+    with pytest.raises(ValueError, match="attention_out_bias = true is a Seed-OSS field, not implemented for "
+                                         "model_type 'llama'"):
+        parse({**SMALL, "attention_out_bias": True})
     # a window in some layers without biases: Ministral's
     ministral = dataclasses.replace(base, sliding_window=8, local_layers=(1,), local_rope_theta=base.rope_theta)
     assert ministral.to_hf_dict()["model_type"] == "ministral" and parse(ministral.to_hf_dict()) == ministral

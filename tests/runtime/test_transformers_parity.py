@@ -219,6 +219,11 @@ FAMILIES = {
     # of the sublayers' outputs under GLM's names
     "glm4": ("Glm4Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                                  "partial_rotary_factor": 0.5}, head_dim=16, **PHI3_IDS), "5.x"),
+    # Seed-OSS: each projection's bias switched apart (here o and the MLP's, not q/k/v's; the release has
+    # q/k/v's alone)
+    "seed_oss": ("SeedOssConfig", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e7}, head_dim=16,
+                                       attention_bias=False, attention_out_bias=True, mlp_bias=True, **PHI3_IDS),
+                 "5.x"),
     # EXAONE 4.0: OLMo 2's norms after the sublayers with a norm of each query and key head; 1.2B's
     # (no window, llama3 rope scaling) and the 32B's hybrid (a window in the sliding layer, shorter than
     # the prompt; the global layer without rope)
