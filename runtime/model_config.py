@@ -294,7 +294,7 @@ class ModelConfig:
     # it is, and only their outputs are normalised (post_norms) before each residual add
     pre_norms: bool = True
     # Gemma 3: the layers of sliding-window attention, whose rotary embedding (the default one)
-    # has the base local_rope_theta
+    # has the base local_rope_theta; None: they rotate as the other layers (EXAONE 4.0's)
     local_layers: tuple[int, ...] = ()
     local_rope_theta: float | None = None
     # SmolLM3: the layers that apply no rotary embedding (NoPE): attention reads q and k as projected
@@ -375,8 +375,8 @@ class ModelConfig:
             object.__setattr__(self, field, tuple(sorted(set(layers))))  # a JSON list reads back equal
         if set(self.local_layers) & set(self.nope_layers):
             raise ValueError(f"model {self.name}: a layer cannot both rotate with the local base and not rotate")
-        if (self.local_rope_theta is None) != (not self.local_layers):
-            raise ValueError(f"model {self.name}: local_layers and local_rope_theta go together")
+        if self.local_rope_theta is not None and not self.local_layers:
+            raise ValueError(f"model {self.name}: local_rope_theta is the rotary base of local_layers; there are none")
         theta = self.local_rope_theta
         if theta is not None and not (isinstance(theta, (int, float)) and not isinstance(theta, bool)
                                       and theta > 0 and math.isfinite(theta)):
@@ -417,7 +417,7 @@ class ModelConfig:
 
     def layer_rope_attrs(self, layer: int) -> dict[str, Any]:
         """The rope kernel's attributes in ``layer``: Gemma 3's local ones in its sliding layers."""
-        if layer in self.local_layers:
+        if layer in self.local_layers and self.local_rope_theta is not None:
             return rope_attrs(self.local_rope_theta)
         return self.rope_attrs
 
@@ -431,7 +431,8 @@ class ModelConfig:
     @property
     def split_rope(self) -> bool:
         """Whether some layers rotate otherwise than the others (``layer_rope_attrs``)."""
-        return bool(self.local_layers) and rope_attrs(self.local_rope_theta) != self.rope_attrs
+        return (bool(self.local_layers) and self.local_rope_theta is not None
+                and rope_attrs(self.local_rope_theta) != self.rope_attrs)
 
     @property
     def attention_scale(self) -> float:
@@ -853,7 +854,7 @@ class ModelConfig:
             scalars.update(qk_norm=True, pre_norms=False, post_norms=True)
             if data.get("sliding_window", _ABSENT_WINDOW[family]) is not None:
                 sliding = _sliding_layers(data, family, where)
-                scalars.update(local_layers=sliding, local_rope_theta=_rope_theta(data, where),
+                scalars.update(local_layers=sliding, local_rope_theta=None,  # they rotate by the model's rope
                                nope_layers=tuple(i for i in range(_layer_count(data, where)) if i not in sliding))
         if family == "ministral":  # Mistral's window in the sliding layers, which rotate as the others
             scalars.update(local_layers=_sliding_layers(data, family, where), local_rope_theta=_rope_theta(data, where))
@@ -887,8 +888,9 @@ class ModelConfig:
             raise ValueError(f"{where}: partial_rotary_factor = {partial!r} gives a rotary dim of int({head_dim} x "
                              f"{partial!r}) = {rotary_dim}, not an even number in 2 .. head_dim = {head_dim}")
         rope_type, scaling = _rope_scaling(data, where, positions, family, rotary_dim)
-        # they'd need it too (Gemma 3's and OLMo 3's sliding layers have a rope of their own)
-        if scalars.get("local_layers") and family not in ("gemma3_text", "olmo3") and rope_type != "default":
+        # they'd need it too (Gemma 3's and OLMo 3's sliding layers have a rope of their own, EXAONE 4.0's
+        # the model's)
+        if scalars.get("local_layers") and family not in ("gemma3_text", "olmo3", "exaone4") and rope_type != "default":
             raise ValueError(f"{where}: rope scaling {rope_type!r} with a sliding window in some layers is not "
                              "implemented; supported: default")
         q_size = heads * head_dim if _positive_int(heads) and _positive_int(head_dim) else None

@@ -133,7 +133,8 @@ class ReferenceModel:
                 k = self._norm(k, layer_name(layer, "self_attn.k_norm"))
             if layer in c.nope_layers:  # SmolLM3's layers without a rotary embedding
                 pass
-            elif layer in c.local_layers:  # Gemma 3's sliding layers: the default rope of their own base
+            elif layer in c.local_layers and c.local_rope_theta is not None:  # Gemma 3's sliding layers: the
+                # default rope of their own base
                 q, k = (rotate(t, positions, c.local_rope_theta) for t in (q, k))
             else:
                 q, k = (rotate(t, positions, c.rope_theta, c.rope_type, c.rotary_dim, **scaling) for t in (q, k))

@@ -805,13 +805,14 @@ def test_exaone4_is_read_written_back_and_its_hybrid_layers_split_into_windowed_
                     "layer_types": None, "sliding_window_pattern": 4})
     assert (hybrid.local_layers, hybrid.nope_layers) == ((0, 1, 2, 4, 5, 6), (3, 7))
     assert parse(hybrid.to_hf_dict()) == hybrid
-    for data, message in (
-            ({**EXAONE_4_1B, "rope_scaling": None, "sliding_window": 4096, "layer_types": None,
-              "sliding_window_pattern": "LLLG"}, "sliding_window_pattern = 'LLLG' (a pattern of letters) is not"),
-            ({**EXAONE_4_1B, "sliding_window": 4096, "layer_types": ["sliding_attention", "full_attention"] * 15},
-             "rope scaling 'llama3' with a sliding window in some layers is not implemented")):
-        with pytest.raises(ValueError, match=re.escape(message)):
-            parse(data)
+    # the 32B's: llama3 scaling in its sliding layers, which rotate by the model's rope
+    big = parse({**EXAONE_4_1B, "sliding_window": 4096, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]
+                 + ["sliding_attention"] * 26})
+    assert big.local_rope_theta is None and not big.split_rope and big.layer_rope_attrs(0) == big.rope_attrs
+    assert big.nope_layers == (3,) and parse(big.to_hf_dict()) == big
+    with pytest.raises(ValueError, match=re.escape("sliding_window_pattern = 'LLLG' (a pattern of letters) is not")):
+        parse({**EXAONE_4_1B, "rope_scaling": None, "sliding_window": 4096, "layer_types": None,
+               "sliding_window_pattern": "LLLG"})
 
 
 ERNIE_45_03B = {  # baidu/ERNIE-4.5-0.3B-PT (the transformers-format release)

@@ -226,10 +226,10 @@ FAMILIES = {
                  "5.x"),
     # EXAONE 4.0: OLMo 2's norms after the sublayers with a norm of each query and key head; 1.2B's
     # (no window, llama3 rope scaling) and the 32B's hybrid (a window in the sliding layer, shorter than
-    # the prompt; the global layer without rope)
+    # the prompt, which rotates by the scaled rope; the global layer without rope)
     "exaone4": ("Exaone4Config", dict(rope_parameters={**LLAMA3_SCALING, "rope_theta": 1e6}, sliding_window=None,
                                       layer_types=["full_attention"] * 2), "5.x"),
-    "exaone4-hybrid": ("Exaone4Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    "exaone4-hybrid": ("Exaone4Config", dict(rope_parameters={**LLAMA3_SCALING, "rope_theta": 1e6},
                                              sliding_window=5, layer_types=["sliding_attention", "full_attention"]),
                        "5.x"),
     # Ministral (8B-Instruct-2410): Mistral's window in the layers layer_types names (here the second: it
@@ -700,13 +700,13 @@ def test_what_gemma_does_otherwise_matters(family, checkpoints, prompts):
 
 
 def test_exaone4s_rope_in_its_sliding_layers_only_and_its_head_norms_matter(checkpoints, prompts):
-    """EXAONE 4.0's hybrid: rope in every layer, no window, or OLMo 2's norms of the whole q and k
-    projections each move the logits far past the tolerance."""
+    """EXAONE 4.0's hybrid: rope in every layer, no window, or the sliding layer turned by the
+    unscaled rope each move the logits far past the tolerance."""
     model, folder = checkpoints["exaone4-hybrid"]
     config, weights = _load(folder)
     assert (config.local_layers, config.nope_layers, config.qk_norm_span) == ((0,), (1,), "head")
-    for change in (dict(nope_layers=()), dict(local_layers=(), local_rope_theta=None, nope_layers=(),
-                                              sliding_window=None)):
+    for change in (dict(nope_layers=()), dict(local_layers=(), nope_layers=(), sliding_window=None),
+                   dict(local_rope_theta=1e6)):  # the sliding layer turned by the unscaled rope
         other = dataclasses.replace(config, **change)
         generation = ReferenceModel(other, ModelWeights(other, weights.tensors)).generate(prompts, NEW_TOKENS)
         want = _teacher_forced_logits(model, prompts, generation.tokens)
