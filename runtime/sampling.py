@@ -111,7 +111,6 @@ class NextTokens:
         """Whether a step must hand over its logits (a draw needs them; greedy needs its ids only)."""
         return self.sampling is not None
 
-
     def __call__(self, logits: np.ndarray | None, most_likely: np.ndarray | None = None) -> np.ndarray:
         """The next ids [B] (int64) after a step's ``logits`` [B, V]; ``most_likely``: their argmax
         where the step computed it already (on the device)."""

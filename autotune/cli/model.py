@@ -431,6 +431,7 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
         batch, new_tokens, ignore_eos, temperature, top_k, top_p, quantize, group_size, compare, target, as_json, dtype,
         allow_stale, check_weights) -> None:
     """Generate with a model on tuned kernels; print prefill and decode tokens/s."""
+    from runtime.generation import check_positions
     from runtime.kernel import UntunedShapeWarning
     from runtime.plan import check_quantize
 
@@ -453,14 +454,14 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
     else:
         ids = _prompt_ids(prompt_ids, config.vocab_size)
     length = len(ids) if ids is not None else prompt_tokens
-    from runtime.generation import check_positions
-
     try:
         check_positions(config, length + new_tokens - 1)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     sampling = _sampling(temperature, top_k, top_p, seed)
-    stop_ids = () if ids is None or ignore_eos else _stop_ids(weights_dir, model, config.vocab_size)
+    # a given prompt's text and generation end at the checkpoint's end-of-sequence ids (--ignore-eos: the text only)
+    end_ids = () if ids is None else _stop_ids(weights_dir, model, config.vocab_size)
+    stop_ids = () if ignore_eos else end_ids
     # a library runs on the target it was exported for: a --target that names another is a mistake
     named = click.get_current_context().get_parameter_source("target") is not ParameterSource.DEFAULT
     named_kind = resolve_target(target, compile_only=True).kind if lib and named else None
@@ -506,9 +507,8 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
     report = RunReport(config.name, lib or ",".join(logs), quantize, batch, prompts.shape[1], new_tokens, tuned,
                        counts, dtype=dtype, sampling=sampling, stop_ids=stop_ids)
     if tokenizer is not None:
-        from autotune.prompt_text import checkpoint_folders, decode, end_of_sequence_ids, until_end
+        from autotune.prompt_text import decode, until_end
 
-        end_ids = end_of_sequence_ids(checkpoint_folders(weights_dir, model))
         ended = [until_end(row, end_ids) for row in tuned.tokens]
         report.prompt_text = encoded  # with --chat, as the template laid it out
         report.texts = [decode(tokenizer, ids) for ids, _ in ended]
