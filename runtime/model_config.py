@@ -653,14 +653,19 @@ class ModelConfig:
         data.update(model_type=family, architectures=[FAMILIES[family]], hidden_act="silu")
         return data
 
+    def _plain_layers(self) -> bool:
+        """Whether every layer is Llama's but for its biases and its output norms: no head norms,
+        Granite's or Gemma's scalars, no local or NoPE layers, SwiGLU, a norm before each sublayer
+        (what the writers of the families built on Llama's layer check first)."""
+        return not (self.qk_norm or self.scaled or self.attention_multiplier is not None or self.local_layers
+                    or self.nope_layers or self.activation != "silu" or not self.pre_norms)
+
     def _phi3_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
         """``to_hf_dict`` of a model with longrope scaling or a partial rotary: Phi-3's (Llama's network
         with an optional window; the one family whose longrope and partial rotary this runtime reads),
         the original context and partial_rotary_factor at the top level as Phi-3 and Phi-4-mini write
         them; refused for a model that is not otherwise Phi-3's."""
-        plain = not (self.qkv_bias or self.o_bias or self.mlp_bias or self.qk_norm or self.scaled
-                     or self.attention_multiplier is not None or self.local_layers or self.nope_layers
-                     or self.activation != "silu" or self.post_norms or not self.pre_norms)
+        plain = self._plain_layers() and not (self.qkv_bias or self.o_bias or self.mlp_bias or self.post_norms)
         if not plain or self.rope_type not in ("default", "longrope"):  # Phi3Config's rope types
             raise ValueError(f"model {self.name}: longrope or a partial rotary (Phi-3's) with biases, head norms, "
                              "Granite's scalars, Gemma's or OLMo's norms, layers of their own or another rope type "
@@ -682,9 +687,7 @@ class ModelConfig:
         """``to_hf_dict`` of a model whose queries are scaled by position past the original context
         (``query_scale_beta``): Ministral 3's (Mistral's network, its YaRN in rope_parameters beside
         llama_4_scaling_beta); refused for a model that is not otherwise Mistral's."""
-        plain = not (self.qkv_bias or self.o_bias or self.mlp_bias or self.qk_norm or self.scaled
-                     or self.attention_multiplier is not None or self.local_layers or self.nope_layers
-                     or self.activation != "silu" or self.post_norms or not self.pre_norms)
+        plain = self._plain_layers() and not (self.qkv_bias or self.o_bias or self.mlp_bias or self.post_norms)
         if not plain:
             raise ValueError(f"model {self.name}: queries scaled by position (Ministral 3's llama_4_scaling_beta) "
                              "with biases, head norms, Granite's scalars, Gemma's or OLMo's norms or layers of their "
@@ -701,9 +704,7 @@ class ModelConfig:
         """``to_hf_dict`` of a model whose rotary pairs are adjacent dims: GLM-4's (norms of the
         sublayers' outputs), ERNIE 4.5's (a bias on every projection or none) or Helium's (no
         o_proj bias); refused for a model that is not otherwise Llama's."""
-        plain = not (self.qk_norm or self.scaled or self.attention_multiplier is not None or self.local_layers
-                     or self.nope_layers or self.activation != "silu" or not self.pre_norms
-                     or self.sliding_window is not None)
+        plain = self._plain_layers() and self.sliding_window is None
         biases = (self.qkv_bias, self.o_bias, self.mlp_bias)
         if plain and self.post_norms and not (self.o_bias or self.mlp_bias):
             data.pop("sliding_window")
