@@ -74,10 +74,15 @@ def weight_bytes(config: ModelConfig, quantize: str = "none", group_size: int = 
     ``weights`` when given: weight-only), the norm gains (Qwen3's of the query and key heads
     too) and the projection biases. The
     embedding table is only gathered from, a row per token, so a tied one counts once, as the
-    LM head."""
+    LM head. A mixture of experts' MLP counts the router, the experts one token runs
+    (``experts_per_token``) and Qwen2-MoE's shared expert: what a decode step of one sequence reads."""
     c = config
     h, layers = c.hidden_size, c.num_hidden_layers
-    linear = layers * (h * (c.q_size + 2 * c.kv_size) + c.q_size * h + 3 * h * c.intermediate_size)
+    mlp = 3 * h * c.intermediate_size
+    if c.moe:
+        shared = c.shared_expert_intermediate_size
+        mlp = mlp * c.experts_per_token + h * c.num_experts + (3 * h * shared + h if shared else 0)
+    linear = layers * (h * (c.q_size + 2 * c.kv_size) + c.q_size * h + mlp)
     head = c.vocab_size * h
     size = ITEMSIZE[dtype]
     float_weight = ITEMSIZE[weights or dtype]

@@ -43,8 +43,10 @@ from .plan import (ACT_ORDER_GATHERS, FUSED_ATTRS, GATED_ACTS, GEMV_MAX_M, PREFI
                    attention_suffix, bias_role, biased_projections, can_fuse_norms, decode_calls, precisions,
                    prefill_calls, rope_suffix, unfused)
 from .precision import check_dtype, from_float, rounded, stored_as, to_float32, widened
+from .experts import route, rows_by_expert
 from .sampling import NextTokens, Sampling
-from .weights import QK_NORMS, DeviceWeights, ModelWeights, bias_name, fused_parts, is_norm_gain, layer_name
+from .weights import (QK_NORMS, DeviceWeights, ModelWeights, bias_name, fused_parts, is_norm_gain, layer_name,
+                      router_part)
 
 
 # the buffer each projection of a layer writes, by role
@@ -75,6 +77,13 @@ class _Buffers:
             widths["post"] = c.hidden_size
         if c.int4_act_order:  # a projection's input gathered into its weights' order (ACT_ORDER_GATHERS)
             widths.update(gather_hidden=c.hidden_size, gather_attn=c.q_size)
+        if c.moe:  # the router's logits, and the rows one expert call reads and writes (_MixtureOfExperts)
+            shared = c.shared_expert_intermediate_size
+            widths.update(router=c.num_experts + (1 if shared else 0), expert_x=c.hidden_size,
+                          expert_gate_up=2 * c.intermediate_size, expert_gate=c.intermediate_size,
+                          expert_up=c.intermediate_size, expert_act=c.intermediate_size, expert_y=c.hidden_size)
+            if shared:
+                widths.update(shared_gate_up=2 * shared, shared_act=shared, shared_y=c.hidden_size)
         self.names = {name: arrays.empty((rows, width), numpy_dtype(dtype)) for name, width in widths.items()}
         biased = biased_projections(c)
         self.raw = {out: arrays.empty((rows, widths[out]), numpy_dtype(dtype)) for role, out in _OUTPUTS.items()
@@ -83,6 +92,9 @@ class _Buffers:
         (self.q, self.k, self.v), self.split_qkv = arrays.split_columns(self.qkv, (c.q_size, c.kv_size, c.kv_size))
         (self.gate, self.up), self.split_gate_up = arrays.split_columns(
             self.gate_up, (c.intermediate_size, c.intermediate_size))
+        if c.shared_expert_intermediate_size:
+            (self.shared_gate, self.shared_up), self.split_shared = arrays.split_columns(
+                self.shared_gate_up, (c.shared_expert_intermediate_size,) * 2)
         if rows == 1:  # one rope call over q and k side by side (runtime.plan._ropes)
             (self.qk, _), _ = arrays.split_columns(self.qkv, (c.q_size + c.kv_size, c.kv_size))
             self.qkr = arrays.empty((rows, c.q_size + c.kv_size), numpy_dtype(dtype))
@@ -164,6 +176,9 @@ class LlamaModel:
         self.config = config
         self.w = weights
         self.kernels = kernels
+        if config.moe and getattr(kernels, "kind", "cpu") != "cpu":
+            raise ValueError(f"{config.name} is a mixture of experts, which runs on CPU kernels only: its router picks "
+                             "each token's experts on the host")
         self.arrays = arrays_for(getattr(kernels, "kind", "cpu"))
         self.dtype = check_dtype(dtype)
         self.quantize = "q4" if weights.quantized else "none"
@@ -201,6 +216,7 @@ class LlamaModel:
         self._memo: dict[tuple, Kernel] = {}  # the provider's answer per call shape
         self._padded: dict[tuple[int, int], int] = {}  # padded_tokens per (batch, prompt length)
         self._on_gemvs: dict[tuple[int, int], bool] = {}  # per (batch, tokens): a short prefill on tuned GEMVs
+        self._last_prefill: tuple | None = None  # the last prefill shape's kernels, buffers and bound calls
         # how the last generation decoded: "host" (a call per kernel), "graph" (a captured CUDA
         # graph per step) or "resident" (the graph's kernels, issued one by one: no capture here)
         self.decode_mode: str | None = None
@@ -469,7 +485,6 @@ class LlamaModel:
             return before, self._post_normed_calls(k, buf, layer)
         last = lay == c.num_hidden_layers - 1
         next_gain = "model.norm.weight" if last else layer_name(lay + 1, "input_layernorm")
-        act = GATED_ACTS[c.activation]
         if c.post_norms:  # Gemma 3: each sublayer's output normalised into ``post``, which is added
             attention_out, mlp_out, mlp_gain = buf.post, buf.post, layer_name(lay, "pre_feedforward_layernorm")
             post_attention = [self._norm(k["post_norm"], layer_name(lay, "post_attention_layernorm"), buf.o, buf.post,
@@ -482,20 +497,27 @@ class LlamaModel:
         after = [*self._projection(k, buf, lay, "o_proj", "self_attn.o_proj", buf.attn),
                  *post_attention,
                  self._norm(k["residual_norm"], mlp_gain, attention_out, buf.h, rows, buf.res_a, buf.res_b),
-                 *self._projection(k, buf, lay, "gate_up_proj", "mlp.gate_up_proj", buf.h),
-                 *_host_calls(buf.split_gate_up),
-                 k[act].bind({"G": buf.gate, "U": buf.up, "Y": buf.act}, {"M": rows}),
-                 *self._projection(k, buf, lay, "down_proj", "mlp.down_proj", buf.act),
+                 *self._mlp_calls(k, buf, lay, buf.h),
                  *post_mlp,
                  self._norm(k["residual_norm"], next_gain, mlp_out, buf.h, rows, buf.res_b, buf.res_a)]
         return before, after
+
+    def _mlp_calls(self, k: dict[str, Kernel], buf: _Buffers, layer: int, x) -> list:
+        """The calls of a layer's MLP from ``x`` into ``buf.mlp``: the gated MLP (gate/up, the
+        activation, down), or a mixture of experts (``_MixtureOfExperts``)."""
+        if self.config.moe:
+            return [_HostCall(_MixtureOfExperts(self, k, buf, layer, x))]
+        act = GATED_ACTS[self.config.activation]
+        return [*self._projection(k, buf, layer, "gate_up_proj", "mlp.gate_up_proj", x),
+                *_host_calls(buf.split_gate_up),
+                k[act].bind({"G": buf.gate, "U": buf.up, "Y": buf.act}, {"M": buf.rows}),
+                *self._projection(k, buf, layer, "down_proj", "mlp.down_proj", buf.act)]
 
     def _post_normed_calls(self, k: dict[str, Kernel], buf: _Buffers, layer: int) -> list:
         """The calls after attention of a layer that normalises its sublayers' outputs only (OLMo 2):
         each output normalised into ``post`` and added to the residual stream, which goes from
         ``res_a`` to ``res_b`` and back; after the last layer the final norm writes ``h``."""
         c, lay, rows = self.config, layer, buf.rows
-        act = GATED_ACTS[c.activation]
 
         def add_normed(out, gain: str, residual, new_residual) -> list:
             return [self._norm(k["post_norm"], layer_name(lay, gain), out, buf.post, rows),
@@ -505,10 +527,7 @@ class LlamaModel:
                  if lay == c.num_hidden_layers - 1 else [])
         return [*self._projection(k, buf, lay, "o_proj", "self_attn.o_proj", buf.attn),
                 *add_normed(buf.o, "post_attention_layernorm", buf.res_a, buf.res_b),
-                *self._projection(k, buf, lay, "gate_up_proj", "mlp.gate_up_proj", buf.res_b),
-                *_host_calls(buf.split_gate_up),
-                k[act].bind({"G": buf.gate, "U": buf.up, "Y": buf.act}, {"M": rows}),
-                *self._projection(k, buf, lay, "down_proj", "mlp.down_proj", buf.act),
+                *self._mlp_calls(k, buf, lay, buf.res_b),
                 *add_normed(buf.mlp, "post_feedforward_layernorm", buf.res_b, buf.res_a),
                 *final]
 
@@ -535,17 +554,15 @@ class LlamaModel:
         prompts = checked_tokens(c, prompts)
         batch, tokens = prompts.shape
         padded = self.padded_tokens(batch, tokens)
-        k = self._plan(self._prefill(padded, batch, c.rope_is_long(tokens)))
-        buf = _Buffers(arrays, batch * padded, c, self.activations)
+        k, buf, layers = self._prefill_pass(batch, padded, c.rope_is_long(tokens))
         ids = np.zeros((batch, padded), dtype=np.int64)
         ids[:, :tokens] = prompts
         arrays.set(buf.res_a, self.embed[ids.reshape(-1)])
         arrays.set(buf.positions, np.tile(np.arange(padded, dtype=np.int32), batch))
         if c.pre_norms:
             self._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, buf.rows)()
-        for layer in range(c.num_hidden_layers):
+        for layer, (before, after) in enumerate(layers):
             attention = k["attention" + attention_suffix(c, layer, padded)]
-            before, after = self._layer_calls(k, buf, layer)
             for call in before:
                 call()
             q, k_rows = self._qk(buf, layer)
@@ -560,6 +577,20 @@ class LlamaModel:
         logits = arrays.empty((batch, c.vocab_size), storage)
         self._linear(k["lm_head"], self.lm_head_name, last, logits)()
         return self.logits_of(logits), padded
+
+    def _prefill_pass(self, batch: int, padded: int, long_rope: bool) -> tuple[dict, _Buffers, list]:
+        """(the kernels by role, the buffers, each layer's bound calls before and after attention)
+        of a prefill of ``batch`` prompts run at ``padded`` tokens; the last shape's are kept, so
+        that prompts of one length bind their calls once (a mixture of experts binds three per
+        expert and layer)."""
+        key = (batch, padded, long_rope)
+        if self._last_prefill is None or self._last_prefill[0] != key:
+            self._last_prefill = None  # its buffers freed before the new ones are made
+            k = self._plan(self._prefill(padded, batch, long_rope))
+            buf = _Buffers(self.arrays, batch * padded, self.config, self.activations)
+            layers = [self._layer_calls(k, buf, layer) for layer in range(self.config.num_hidden_layers)]
+            self._last_prefill = (key, k, buf, layers)
+        return self._last_prefill[1:]
 
     def new_caches(self, batch: int, capacity: int) -> list:
         c = self.config
@@ -735,6 +766,93 @@ class LlamaModel:
             step.close()
         return Generation(np.stack(ids, axis=1), np.stack(logits, axis=1) if keep_logits else None, prefill_s,
                           decode_s, batch * tokens, batch * (len(ids) - 1))
+
+
+class _MixtureOfExperts:
+    """A layer's mixture of experts on CPU kernels, called as one host call of the layer's list.
+
+    The router's GEMV (or GEMM) writes the logits ``buf.router``; the experts are picked on the host
+    (``runtime.experts.route``). Where the expert kernels read M at run time (a CPU prefill's
+    gemms) each picked expert runs once on the rows routed to it, gathered into ``expert_x``;
+    otherwise (a decode step's GEMVs of one row) each row runs through its experts one by one. Their
+    outputs, weighted, are summed into ``buf.mlp``, after Qwen2-MoE's shared expert, whose gate is
+    the router's last column. An expert's calls are bound on its first use."""
+
+    def __init__(self, model: LlamaModel, k: dict[str, Kernel], buf: _Buffers, layer: int, x):
+        c = model.config
+        self.model, self.k, self.buf, self.layer, self.x = model, k, buf, layer, x
+        self.experts, self.per_token, self.normalise = c.num_experts, c.experts_per_token, c.norm_topk_prob
+        self.width = c.intermediate_size
+        self.act = "expert_" + GATED_ACTS[c.activation]
+        self.grouped = "M" in k["expert_gate_up"].spec.dynamic
+        self._calls: dict[int, tuple] = {}  # expert -> its bound calls
+        self._bound: list = []  # the bound calls whose runs are kept (they own their workspaces)
+        router = model._linear(k["router"], layer_name(layer, router_part(c)), x, buf.router)
+        self.router, self.shared = router.run, None
+        self._bound.append(router)
+        if c.shared_expert_intermediate_size:
+            shared = [model._linear(k["shared_gate_up"], layer_name(layer, "mlp.shared_expert.gate_up_proj"), x,
+                                    buf.shared_gate_up),
+                      *_host_calls(buf.split_shared),
+                      k["shared_" + GATED_ACTS[c.activation]].bind(
+                          {"G": buf.shared_gate, "U": buf.shared_up, "Y": buf.shared_act}, {"M": buf.rows}),
+                      model._linear(k["shared_down"], layer_name(layer, "mlp.shared_expert.down_proj"), buf.shared_act,
+                                    buf.shared_y)]
+            self._bound += shared
+            self.shared = [call.run for call in shared]
+
+    def _expert(self, expert: int) -> tuple:
+        """``expert``'s bound calls (gate/up, the activation, down), bound on its first use: on every
+        row of the expert buffers where it takes the rows routed to it (called with their count as M),
+        else on their first row."""
+        calls = self._calls.get(expert)
+        if calls is None:
+            m, k, buf, owner = self.model, self.k, self.buf, f"mlp.experts.{expert}"
+            rows = buf.rows if self.grouped else 1
+            gate_up = buf.expert_gate_up[:rows]
+            if rows == 1:  # one row: its column blocks are contiguous views
+                gate, up = gate_up[:, :self.width], gate_up[:, self.width:]
+            else:  # copied out of gate_up by __call__
+                gate, up = buf.expert_gate, buf.expert_up
+            calls = self._calls[expert] = (
+                m._linear(k["expert_gate_up"], layer_name(self.layer, f"{owner}.gate_up_proj"), buf.expert_x[:rows],
+                          gate_up),
+                k[self.act].bind({"G": gate, "U": up, "Y": buf.expert_act[:rows]}, {"M": rows}),
+                m._linear(k["expert_down"], layer_name(self.layer, f"{owner}.down_proj"), buf.expert_act[:rows],
+                          buf.expert_y[:rows]))
+        return calls
+
+    def __call__(self) -> None:
+        buf, x, out, width = self.buf, self.x, self.buf.mlp, self.width
+        self.router()
+        experts, weights = route(buf.router[:, :self.experts], self.per_token, self.normalise)
+        if self.shared is None:
+            out.fill(0.0)
+        else:
+            for run in self.shared:
+                run()
+            gate = buf.router[:, self.experts:]
+            np.multiply(buf.shared_y, 1.0 / (1.0 + np.exp(-gate)), out=out)
+        if self.grouped:
+            split = buf.rows > 1
+            for expert, (rows, weight) in rows_by_expert(experts, weights).items():
+                count = len(rows)
+                np.take(x, rows, axis=0, out=buf.expert_x[:count])
+                gate_up, act, down = self._expert(expert)
+                gate_up(M=count)
+                if split:
+                    np.copyto(buf.expert_gate[:count], buf.expert_gate_up[:count, :width])
+                    np.copyto(buf.expert_up[:count], buf.expert_gate_up[:count, width:])
+                act(M=count)
+                down(M=count)
+                out[rows] += weight[:, None] * buf.expert_y[:count]
+            return
+        for row in range(buf.rows):
+            buf.expert_x[0] = x[row]
+            for expert, weight in zip(experts[row].tolist(), weights[row].tolist()):
+                for call in self._expert(expert):
+                    call.run()
+                out[row] += np.float32(weight) * buf.expert_y[0]
 
 
 class _DecodeStep:

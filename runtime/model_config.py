@@ -66,13 +66,20 @@ from .rope_frequencies import (ROPE_TYPES, factors_problem, longrope_attention_f
 # SmolLM3 is Llama whose layers in ``no_rope_layers`` (every fourth) apply no rotary embedding
 # (NoPE), with Qwen's switched-off sliding window. Gemma and Gemma 3: see the module's docstring
 # (Gemma 3's window applies in its sliding layers only). OLMo 2: see the module's docstring.
+# Mixtures of experts (``ModelConfig.num_experts``), by family: (architecture, the dense family whose
+# attention and fields its own follow). Mixtral is Mistral's layer with a routed MLP (the top-k
+# probabilities renormalised); Qwen3-MoE Qwen3's, Qwen2-MoE Qwen2's (plus a shared expert, gated by
+# a sigmoid), OLMoE Llama's with OLMo 2's norms of the whole query and key projections.
+MOE_FAMILIES = {"mixtral": ("MixtralForCausalLM", "mistral"), "qwen2_moe": ("Qwen2MoeForCausalLM", "qwen2"),
+                "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3"), "olmoe": ("OlmoeForCausalLM", "llama")}
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
             "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
             "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
             "olmo3": "Olmo3ForCausalLM", "ministral": "MinistralForCausalLM", "ministral3": "Ministral3ForCausalLM",
             "exaone4": "Exaone4ForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM", "helium": "HeliumForCausalLM",
-            "glm4": "Glm4ForCausalLM", "seed_oss": "SeedOssForCausalLM"}
+            "glm4": "Glm4ForCausalLM", "seed_oss": "SeedOssForCausalLM",
+            **{family: architecture for family, (architecture, _) in MOE_FAMILIES.items()}}
 # Image-and-text models whose language model is one of FAMILIES (its config the ``text_config``
 # inside, its tensors under ``language_model``): the runtime runs that language model on text
 # prompts, as transformers runs the whole model on inputs without images. model_type ->
@@ -123,7 +130,8 @@ _MULTIMODAL_FIELDS = {
                                 ("qwen3_vl", ("image_token_id", "video_token_id", "vision_start_token_id",
                                               "vision_end_token_id")))}
 # Why some popular look-alikes are refused, said in the error line.
-_WHY_NOT = {"MixtralForCausalLM": "its MLP is a mixture of experts", "mixtral": "its MLP is a mixture of experts"}
+_WHY_NOT = {"DeepseekV3ForCausalLM": "its attention is latent (MLA) and its router grouped",
+            "deepseek_v3": "its attention is latent (MLA) and its router grouped"}
 # silu and swish are the same function (x * sigmoid(x)), the gate of SwiGLU.
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
 # Gemma's gate: GeLU's tanh form (transformers reads Gemma's legacy "gelu" as it, with a warning)
@@ -166,6 +174,10 @@ READ_FIELDS = frozenset({
     "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
     # an int4 checkpoint's, GPTQ or AWQ (_int4_checkpoint)
     "quantization_config",
+    # a mixture of experts' (MOE_FAMILIES only: _moe_fields); Qwen2-MoE's switch of its q/k/v biases;
+    # OLMoE's clipping of q, k and v (null only)
+    "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+    "decoder_sparse_step", "mlp_only_layers", "shared_expert_intermediate_size", "qkv_bias", "clip_qkv",
     # Gemma's and Gemma 3's (gemma families only: _GEMMA_FIELDS)
     *("hidden_activation", "query_pre_attn_scalar", "rope_local_base_freq", "sliding_window_pattern",
       "_sliding_window_pattern", "final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention")})
@@ -186,7 +198,7 @@ _OLMO_FAMILIES = ("olmo2", "olmo3")
 # the families whose sliding layers ``layer_types`` names (read by _sliding_layers)
 _LAYER_KINDS = ("gemma2", "gemma3_text", "olmo3", "ministral", "exaone4")
 # the families whose sliding window use_sliding_window switches (off: ignored), as Qwen2's
-_WINDOW_SWITCHED = (*_QWEN_FAMILIES, "smollm3")
+_WINDOW_SWITCHED = (*_QWEN_FAMILIES, "smollm3", "qwen2_moe", "qwen3_moe")
 # Fields that change nothing a greedy decoder computes from the weights: token ids (the
 # caller's business), training-only settings (initialisation, dropout: inference has none),
 # the storage dtype (weights become float32 on load), the attention implementation transformers
@@ -200,6 +212,9 @@ HARMLESS_FIELDS = frozenset({
     "unsloth_version",  # the fine-tuning tool's version, written into the checkpoints it saves
     "cache_implementation",  # Gemma 3's: the KV cache class transformers' generate() picks
     "resid_pdrop", "embd_pdrop", "residual_dropout",  # Phi-3's and Seed-OSS's dropouts: inference has none
+    # a mixture of experts' training settings: the load-balancing loss, and Mixtral's router noise
+    # (applied in training mode only)
+    "router_aux_loss_coef", "output_router_logits", "router_jitter_noise",
     "is_llama_config"})  # nanotron's (SmolLM2): says the config is Llama's, which it is checked to be
 # Keys inside ``rope_scaling`` / ``rope_parameters`` that any rope may carry (its type and,
 # under ``rope_parameters``, the base); the scaling parameters depend on the type.
@@ -321,6 +336,16 @@ class ModelConfig:
     int4_zero_points: bool = False
     int4_act_order: bool = False
     int4_channelwise: bool = False
+    # a mixture of experts (MOE_FAMILIES); 0: a dense MLP. Each layer's MLP is then ``num_experts``
+    # gated experts of ``intermediate_size`` each, of which the router (``mlp.gate``) picks
+    # ``experts_per_token`` per token: a softmax over every expert, the top ones' probabilities
+    # (renormalised to sum 1 with ``norm_topk_prob``) weighting their outputs (``runtime.experts``).
+    # With ``shared_expert_intermediate_size`` (Qwen2-MoE) a shared expert of that size runs for
+    # every token too, its output times sigmoid(``mlp.shared_expert_gate`` . x)
+    num_experts: int = 0
+    experts_per_token: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -346,6 +371,7 @@ class ModelConfig:
             if not (number and value > 0 and math.isfinite(value)):
                 raise ValueError(f"model {self.name}: {field} must be a positive finite number, got {value!r}")
         self._check_int4()
+        self._check_experts()
         beta = self.query_scale_beta
         if (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta >= 0)
                 or (beta and self.rope_type != "yarn")):
@@ -499,7 +525,11 @@ class ModelConfig:
     def parameters(self) -> int:
         """Number of weights (embedding and LM head counted once each unless tied)."""
         h, i = self.hidden_size, self.intermediate_size
-        layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        mlp = 3 * h * i
+        if self.moe:  # every expert, the router, and Qwen2-MoE's shared expert and its gate
+            shared = self.shared_expert_intermediate_size
+            mlp = self.num_experts * (3 * h * i + h) + (3 * h * shared + h if shared else 0)
+        layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + mlp + 2 * h
         qk_gains = 2 * self.head_dim if self.qk_norm_span == "head" else self.q_size + self.kv_size
         layer += ((self.q_size + 2 * self.kv_size) * self.qkv_bias + h * self.o_bias
                   + (2 * i + h) * self.mlp_bias + qk_gains * self.qk_norm + 2 * h * (self.post_norms - (not self.pre_norms)))
@@ -530,6 +560,34 @@ class ModelConfig:
                                                                    or self.int4_act_order)):
             raise ValueError(f"model {self.name}: int4_channelwise is true only for a GPTQ or compressed-tensors "
                              f"checkpoint without act-order (one group per row has no order), got {channelwise!r}")
+
+    def _check_experts(self) -> None:
+        """A mixture of experts' fields: all zero (dense), or counts that pick from the experts."""
+        counts = {f: getattr(self, f) for f in ("num_experts", "experts_per_token", "shared_expert_intermediate_size")}
+        for field, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"model {self.name}: {field} must be a whole number >= 0, got {value!r}")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ValueError(f"model {self.name}: norm_topk_prob must be true or false, got {self.norm_topk_prob!r}")
+        if not self.num_experts:
+            if self.experts_per_token or self.shared_expert_intermediate_size or self.norm_topk_prob:
+                raise ValueError(f"model {self.name}: experts_per_token, shared_expert_intermediate_size and "
+                                 "norm_topk_prob describe a mixture of experts; num_experts is 0 (a dense MLP)")
+            return
+        if not 1 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(f"model {self.name}: experts_per_token = {self.experts_per_token} must be in 1 .. "
+                             f"num_experts = {self.num_experts}")
+        if self.mlp_bias or self.activation != "silu" or self.scaled:
+            raise ValueError(f"model {self.name}: a mixture of experts' experts are SwiGLU MLPs without biases or "
+                             "Granite's and Gemma's scalars")
+        if self.int4_format is not None:  # their routers stay in floats: a float layer among int4 ones
+            raise ValueError(f"model {self.name}: int4 checkpoints ({self.int4_name}) of a mixture of experts are not "
+                             "implemented; load the float checkpoint and quantise it (--quantize q4)")
+
+    @property
+    def moe(self) -> bool:
+        """Whether the MLP is a mixture of experts (``num_experts``)."""
+        return self.num_experts > 0
 
     @property
     def int4_name(self) -> str | None:
@@ -583,8 +641,11 @@ class ModelConfig:
                       "int4_channelwise", "rope_type", "query_scale_beta", "rope_interleaved",
                       *_ROPE_FIELDS.values(), "partial_rotary_factor", "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
                       "qk_norm_span", *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "pre_norms",
-                      "local_layers", "local_rope_theta", "nope_layers", "attn_softcap", "final_softcap"):
+                      "local_layers", "local_rope_theta", "nope_layers", "attn_softcap", "final_softcap",
+                      "num_experts", "experts_per_token", "norm_topk_prob", "shared_expert_intermediate_size"):
             data.pop(field)
+        if self.moe:
+            return self._moe_hf_dict(data)
         if (self.attn_softcap or self.final_softcap) and not self.offset_norms:
             raise ValueError(f"model {self.name}: soft-capping outside a Gemma has no config.json this runtime reads")
         if self.rope_interleaved:
@@ -778,6 +839,44 @@ class ModelConfig:
                                  for i in range(self.num_hidden_layers)])
         return data
 
+    def _moe_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``to_hf_dict`` of a mixture of experts: Qwen2-MoE's with a shared expert, Qwen3-MoE's with norms
+        of each query and key head, OLMoE's with norms of the whole projections, else Mixtral's."""
+        shared, span = self.shared_expert_intermediate_size, self.qk_norm_span if self.qk_norm else None
+        if shared:
+            family = "qwen2_moe"
+            fits = span is None and not self.o_bias and not self.split_rope
+        elif span == "head":
+            family, fits = "qwen3_moe", self.qkv_bias == self.o_bias and not self.split_rope
+        elif span == "projection":
+            family, fits = "olmoe", self.qkv_bias == self.o_bias and self.sliding_window is None
+        else:
+            family = "mixtral"
+            fits = self.norm_topk_prob and not (self.qkv_bias or self.o_bias or self.local_layers)
+        plain = not (self.scaled or self.attention_multiplier is not None or self.nope_layers or self.post_norms
+                     or not self.pre_norms or self.rope_interleaved or self.query_scale_beta
+                     or self.rope_type == "longrope" or self.partial_rotary_factor != 1.0)
+        if not (fits and plain):
+            raise ValueError(f"model {self.name}: a mixture of experts with these attention settings has no "
+                             f"config.json this runtime reads (the nearest family, {family}, cannot hold them)")
+        if self.rope_type != "default":
+            data["rope_scaling"] = {"rope_type": self.rope_type, **self.rope_scaling}
+        experts = {"num_experts_per_tok": self.experts_per_token}
+        if family == "mixtral":
+            experts["num_local_experts"] = self.num_experts
+        else:
+            experts.update(num_experts=self.num_experts, norm_topk_prob=self.norm_topk_prob)
+            data.pop("sliding_window")
+        if family in ("qwen2_moe", "qwen3_moe"):  # the experts' size under Qwen's name; no dense layers
+            experts.update(moe_intermediate_size=self.intermediate_size, decoder_sparse_step=1, mlp_only_layers=[],
+                           **self._qwen_window())
+        if family == "qwen2_moe":
+            experts.update(shared_expert_intermediate_size=shared, qkv_bias=self.qkv_bias)
+        elif family != "mixtral":
+            experts["attention_bias"] = self.qkv_bias
+        data.update(experts, model_type=family, architectures=[FAMILIES[family]], hidden_act="silu")
+        return data
+
     def _qwen_window(self) -> dict[str, Any]:
         """Qwen's window fields: switched off, or on with ``layer_types`` naming the windowed layers."""
         if self.sliding_window is None:
@@ -826,6 +925,7 @@ class ModelConfig:
         if wrapper is not None:
             return cls._from_multimodal(data, wrapper, name, where)
         family = _check_family(data, where)
+        data, experts = _moe_fields(data, family, where)
         if family == "ministral3" and data.get("rope_parameters") is None and data.get("rope_scaling") is None:
             data = {**data, "rope_parameters": _MINISTRAL3_ROPE}  # Ministral3Config's where none is given
         unknown = sorted(k for k in data if k not in READ_FIELDS and k not in HARMLESS_FIELDS)
@@ -900,6 +1000,9 @@ class ModelConfig:
         scalars["rope_interleaved"] = family in ("ernie4_5", "helium", "glm4")
         if family == "glm4":  # Gemma 2's norms of the sublayers' outputs, by the weight itself
             scalars["post_norms"] = True
+        if family == "olmoe":  # OLMo 2's norms of the whole query and key projections, before the sublayers
+            scalars.update(qk_norm=True, qk_norm_span="projection")
+        scalars.update(experts)
         return cls(name=name, hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
                    num_attention_heads=heads,
                    num_key_value_heads=_or(data.get("num_key_value_heads", _ABSENT_KV_HEADS.get(family)), heads),
@@ -913,7 +1016,7 @@ class ModelConfig:
                    max_position_embeddings=_or(data.get("max_position_embeddings"), _ABSENT_POSITIONS[family]),
                    sliding_window=window, rope_type=rope_type, partial_rotary_factor=partial,
                    **{_ROPE_FIELDS[p]: v for p, v in scaling.items()}, **biases,
-                   **{"qk_norm": family == "qwen3", "nope_layers": _nope_layers(data, family, where), **scalars})
+                   **{"qk_norm": family in ("qwen3", "qwen3_moe"), "nope_layers": _nope_layers(data, family, where), **scalars})
 
     @classmethod
     def _from_multimodal(cls, data: Mapping[str, Any], wrapper: str, name: str, where: str) -> "ModelConfig":
@@ -961,7 +1064,7 @@ class ModelConfig:
 
 # An absent num_key_value_heads is what the family's config class defaults it to in
 # transformers 4.x and 5.x (Llama's: one per query head); null, as 4.x reads it, is one per query head.
-_ABSENT_KV_HEADS = {"mistral": 8, "glm4": 2, "seed_oss": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4,
+_ABSENT_KV_HEADS = {"mistral": 8, "mixtral": 8, "qwen2_moe": 16, "qwen3_moe": 4, "glm4": 2, "seed_oss": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4,
                     "gemma3_text": 4, "smollm3": 4,
                     "ministral": 8, "ministral3": 8, "exaone4": 32, "ernie4_5": 2, "helium": 20}
 # Likewise an absent sliding_window (MistralConfig's is 4096; null: none) and an absent
@@ -970,15 +1073,15 @@ _ABSENT_WINDOW = {"mistral": 4096, "gemma2": 4096, "gemma3_text": 4096, "olmo3":
                   "exaone4": 4096}
 # the config classes' rms_norm_eps where left out; every other family's: 1e-6
 _ABSENT_EPS = {"glm4": 1.5625e-07, "phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5, "exaone4": 1e-5,
-               "ernie4_5": 1e-5, "helium": 1e-8}
+               "ernie4_5": 1e-5, "helium": 1e-8, "mixtral": 1e-5, "olmoe": 1e-5}
 _ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096, "granite": 2048,
                      "gemma": 8192, "gemma2": 8192, "gemma3_text": 131072, "smollm3": 32768, "olmo2": 2048,
                      "olmo3": 2048,
                      "ministral3": 262144, "ministral": 131072, "exaone4": 2048, "ernie4_5": 131072, "glm4": 131072,
                      "seed_oss": 524288,
-                     "helium": 4096}
+                     "helium": 4096, "mixtral": 131072, "qwen2_moe": 32768, "qwen3_moe": 32768, "olmoe": 4096}
 # the config classes' bases (SmolLM3's, ERNIE 4.5's, Helium's); 10000 elsewhere (Gemma 3, OLMo 3: _layer_kind_ropes)
-_ABSENT_THETA = {"smollm3": 2000000.0, "ernie4_5": 500000.0, "helium": 100000.0}
+_ABSENT_THETA = {"smollm3": 2000000.0, "ernie4_5": 500000.0, "helium": 100000.0, "mixtral": 1000000.0}
 # Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is, Gemma's 256
 _ABSENT_HEAD_DIM = {"seed_oss": 128, "qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3_text": 256, "ministral3": 128,
                     "ernie4_5": 128, "helium": 128, "glm4": 128}
@@ -1079,6 +1182,71 @@ def _check_family(data: Mapping[str, Any], where: str) -> str:
     return named.pop() if named else "llama"
 
 
+# each mixture-of-experts family's fields (MOE_FAMILIES) and their config class's values where left
+# out; None: required. intermediate_size is Mixtral's experts' size, moe_intermediate_size Qwen's
+# (whose intermediate_size is that of dense layers, which a model of experts only has none of)
+_MOE_DEFAULTS = {
+    "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+                  "shared_expert_intermediate_size": 5632, "norm_topk_prob": False, "decoder_sparse_step": 1,
+                  "mlp_only_layers": []},
+    "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                  "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    "olmoe": {"num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False, "clip_qkv": None}}
+# every field _MOE_DEFAULTS names: refused in a dense family's config
+_MOE_KEYS = frozenset(k for fields in _MOE_DEFAULTS.values() for k in fields) | {"num_experts"}
+
+
+def _moe_fields(data: Mapping[str, Any], family: str, where: str) -> tuple[Mapping[str, Any], dict[str, Any]]:
+    """(the config with a Qwen MoE's experts' size as intermediate_size, ModelConfig's expert fields)
+    of a mixture of experts (``MOE_FAMILIES``); a dense family's config as it is and no fields. The
+    number of experts may be named num_experts or num_local_experts (transformers maps one to the
+    other); layers with a dense MLP among the experts' (``mlp_only_layers``, ``decoder_sparse_step``
+    above 1) and OLMoE's clipping of q, k and v are refused."""
+    if family not in MOE_FAMILIES:
+        stray = sorted(k for k in _MOE_KEYS if k in data)
+        if stray:
+            raise ValueError(f"{where}: {stray[0]} = {_show(data[stray[0]])} is a mixture of experts' field, not "
+                             f"read for model_type {family!r} (supported: {', '.join(MOE_FAMILIES)})")
+        return data, {}
+    own = _MOE_DEFAULTS[family]
+    stray = sorted(k for k in _MOE_KEYS - set(own) - {"num_experts", "num_local_experts"} if k in data)
+    if stray:
+        raise ValueError(f"{where}: {stray[0]} = {_show(data[stray[0]])} is not read by transformers for model_type "
+                         f"{family!r}")
+    named = {k: data[k] for k in ("num_experts", "num_local_experts") if data.get(k) is not None}
+    if len(named) == 2 and named["num_experts"] != named["num_local_experts"]:
+        raise ValueError(f"{where}: num_experts = {_show(named['num_experts'])} and num_local_experts = "
+                         f"{_show(named['num_local_experts'])} name different counts of experts")
+    fields = {k: _or(data.get(k), v) for k, v in own.items()}
+    experts = next(iter(named.values()), fields.get("num_experts", fields.get("num_local_experts")))
+    counts = {"num_experts": experts, "num_experts_per_tok": fields["num_experts_per_tok"]}
+    if "moe_intermediate_size" in own:
+        counts["moe_intermediate_size"] = fields["moe_intermediate_size"]
+    if "shared_expert_intermediate_size" in own:
+        counts["shared_expert_intermediate_size"] = fields["shared_expert_intermediate_size"]
+    for field, value in counts.items():
+        if not _positive_int(value):
+            raise ValueError(f"{where}: {field} = {_show(value)} is not a positive integer")
+    if counts["num_experts_per_tok"] > experts:
+        raise ValueError(f"{where}: num_experts_per_tok = {counts['num_experts_per_tok']} is more than the "
+                         f"{experts} experts")
+    step, dense = fields.get("decoder_sparse_step", 1), fields.get("mlp_only_layers", [])
+    if step != 1 or dense != []:
+        raise ValueError(f"{where}: decoder_sparse_step = {_show(step)}, mlp_only_layers = {_show(dense)}: layers "
+                         "with a dense MLP among the experts' are not implemented; supported: 1 and []")
+    if fields.get("clip_qkv") is not None:
+        raise ValueError(f"{where}: clip_qkv = {_show(fields['clip_qkv'])} (q, k and v clamped) is not implemented; "
+                         "supported: null")
+    norm = fields.get("norm_topk_prob", True)  # Mixtral always renormalises
+    if not isinstance(norm, bool):
+        raise ValueError(f"{where}: norm_topk_prob = {_show(norm)} is not true or false")
+    if "moe_intermediate_size" in counts:
+        data = {**data, "intermediate_size": counts["moe_intermediate_size"]}
+    return data, {"num_experts": experts, "experts_per_token": counts["num_experts_per_tok"], "norm_topk_prob": norm,
+                  "shared_expert_intermediate_size": counts.get("shared_expert_intermediate_size", 0)}
+
+
 def _check_layers(data: Mapping[str, Any], family: str, where: str) -> None:
     """Fields that would change a layer's computation: only Llama's own values pass (Gemma's
     activation is its own, see _gemma_fields)."""
@@ -1093,6 +1261,8 @@ def _check_layers(data: Mapping[str, Any], family: str, where: str) -> None:
         raise ValueError(f"{where}: rope_interleaved = true (rotary pairs of adjacent dims) is not implemented; "
                          "this runtime rotates halves, as transformers' Llama does")
     window = data.get("sliding_window")
+    if family in _WINDOW_SWITCHED and not data.get("use_sliding_window", False):
+        window = None  # dropped unread (Qwen2MoeConfig writes 0 there)
     if window is not None and not _positive_int(window):
         raise ValueError(f"{where}: sliding_window = {_show(window)} is not a positive integer or null")
 
@@ -1102,7 +1272,7 @@ def _biases(data: Mapping[str, Any], family: str, where: str) -> dict[str, bool]
     up, down); Qwen2's q/k/v biases; Qwen3's ``attention_bias`` (q, k, v, o). Where a family's
     transformers code has no switch, a true value is refused (the checkpoint would lack the
     biases it announces)."""
-    for field, owner, name in (("use_bias", "ernie4_5", "an ERNIE 4.5"),
+    for field, owner, name in (("use_bias", "ernie4_5", "an ERNIE 4.5"), ("qkv_bias", "qwen2_moe", "a Qwen2-MoE"),
                                ("attention_out_bias", "seed_oss", "a Seed-OSS")):
         if field in data and family != owner:
             raise ValueError(f"{where}: {field} = {_show(data[field])} is {name} field, not implemented for "
@@ -1136,12 +1306,19 @@ def _biases(data: Mapping[str, Any], family: str, where: str) -> dict[str, bool]
                              f"{_show(attention)} and mlp_bias {_show(mlp)}: ERNIE 4.5 reads use_bias (true or "
                              "false) alone")
         return {"qkv_bias": every, "o_bias": every, "mlp_bias": every}
-    switches = ("attention_bias",) if family in ("qwen3", *_OLMO_FAMILIES, *_GEMMA_FAMILIES) else ()
+    if family == "qwen2_moe":  # Qwen2's q/k/v biases, which transformers 5 can switch off (qkv_bias)
+        qkv = _flag(data, "qkv_bias", where, True)
+        if attention or mlp:
+            raise ValueError(f"{where}: attention_bias = {_show(attention)}, mlp_bias = {_show(mlp)}: Qwen2-MoE "
+                             "reads qkv_bias alone")
+        return {"qkv_bias": qkv}
+    own = ("qwen3", "qwen3_moe", "olmoe", *_OLMO_FAMILIES, *_GEMMA_FAMILIES)
+    switches = ("attention_bias",) if family in own else ()
     for field, value in (("attention_bias", attention), ("mlp_bias", mlp)):
         if value and field not in switches:
             raise ValueError(f"{where}: {field} = true is not read by transformers for model_type {family!r}; "
                              "supported there: false")
-    if family in ("qwen3", *_OLMO_FAMILIES, *_GEMMA_FAMILIES):  # q, k, v and o, as Llama's
+    if family in own:  # q, k, v and o, as Llama's
         return {"qkv_bias": attention, "o_bias": attention}
     return {"qkv_bias": family == "qwen2"}
 
@@ -1797,6 +1974,11 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": _preset("tiny", hidden_size=128, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2,
                     head_dim=32, num_hidden_layers=2, vocab_size=512, rms_norm_eps=1e-5, rope_theta=10000.0,
                     max_position_embeddings=1024),
+    # the tiny model with a mixture of experts' MLP (Mixtral's routing: 8 experts, 2 a token)
+    "tiny-moe": _preset("tiny-moe", hidden_size=128, intermediate_size=128, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=32, num_hidden_layers=2, vocab_size=512, rms_norm_eps=1e-5,
+                        rope_theta=10000.0, max_position_embeddings=1024, num_experts=8, experts_per_token=2,
+                        norm_topk_prob=True),
 }
 
 

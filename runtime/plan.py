@@ -377,12 +377,56 @@ def _layer_linears(config: ModelConfig, m: int, quantize: str, group_size: int, 
     q, d = (quantize, group_size, attrs), {"dynamic_rows": dynamic_rows, "zero_points": c.int4_zero_points}
     # Q, K, V as one projection and gate, up as another (runtime.weights.FUSED)
     linears = [_linear("qkv_proj", m, c.q_size + 2 * c.kv_size, c.hidden_size, layers, *q, **d),
-               _linear("o_proj", m, c.hidden_size, c.q_size, layers, *q, **d),
-               _linear("gate_up_proj", m, 2 * c.intermediate_size, c.hidden_size, layers, *q, **d),
-               _linear("down_proj", m, c.hidden_size, c.intermediate_size, layers, *q, **d)]
+               _linear("o_proj", m, c.hidden_size, c.q_size, layers, *q, **d)]
+    if c.moe:
+        linears += _expert_linears(c, m, q, d)
+    else:
+        linears += [_linear("gate_up_proj", m, 2 * c.intermediate_size, c.hidden_size, layers, *q, **d),
+                    _linear("down_proj", m, c.hidden_size, c.intermediate_size, layers, *q, **d)]
     biased = biased_projections(c)
     return linears + gathers + [_rows(bias_role(call.role), "bias_add", m, call.spec.dims["N"], layers)
-                                for call in linears if biased[call.role]]
+                                for call in linears if biased.get(call.role, False)]
+
+
+def expert_rows(config: ModelConfig, rows: int, dynamic_rows: bool = False) -> tuple[int, int]:
+    """(the rows an expert's kernels are tuned at, how many times a layer calls each) in a pass over
+    ``rows`` token rows of a mixture of experts. With ``dynamic_rows`` each expert takes the rows
+    routed to it at once (a gemm reading M at run time, tuned at the rows an expert gets on average);
+    otherwise each row goes through its experts alone (GEMVs of one row: a decode step's)."""
+    picks = rows * config.experts_per_token
+    if dynamic_rows:
+        return max(1, -(-picks // config.num_experts)), min(config.num_experts, picks)
+    return 1, picks
+
+
+def _expert_linears(config: ModelConfig, rows: int, q: tuple, d: dict) -> list[KernelCall]:
+    """A mixture of experts' linear layers in a pass over ``rows`` rows: the router (with Qwen2-MoE's
+    shared gate as one more row: ``runtime.weights.router_part``), each expert's gate/up and down,
+    and the shared expert's (``expert_rows``)."""
+    c, layers, h = config, config.num_hidden_layers, config.hidden_size
+    shared = c.shared_expert_intermediate_size
+    m, calls = expert_rows(c, rows, d["dynamic_rows"])
+    linears = [_linear("router", rows, c.num_experts + (1 if shared else 0), h, layers, *q, **d),
+               _linear("expert_gate_up", m, 2 * c.intermediate_size, h, layers * calls, *q, **d),
+               _linear("expert_down", m, h, c.intermediate_size, layers * calls, *q, **d)]
+    if shared:
+        linears += [_linear("shared_gate_up", rows, 2 * shared, h, layers, *q, **d),
+                    _linear("shared_down", rows, h, shared, layers, *q, **d)]
+    return linears
+
+
+def _acts(config: ModelConfig, rows: int, dynamic_rows: bool) -> list[KernelCall]:
+    """The gated MLPs' activations: one per layer, or a mixture of experts' per expert call and
+    its shared expert's."""
+    c, layers = config, config.num_hidden_layers
+    act = GATED_ACTS[c.activation]
+    if not c.moe:
+        return [_rows(act, act, rows, c.intermediate_size, layers)]
+    m, calls = expert_rows(c, rows, dynamic_rows)
+    acts = [_rows("expert_" + act, act, m, c.intermediate_size, layers * calls)]
+    if c.shared_expert_intermediate_size:
+        acts.append(_rows("shared_" + act, act, rows, c.shared_expert_intermediate_size, layers))
+    return acts
 
 
 def _linear_attrs(dtype: str, weights: str | None, quantize: str) -> dict:
@@ -401,16 +445,15 @@ def _pass_calls(config: ModelConfig, rows: int, sequences: int, attention: list[
                 group_size: int, dtype: str, weights: str | None = None,
                 dynamic_rows: bool = False, long_rope: bool = False) -> list[KernelCall]:
     """The kernels of a pass over ``rows`` token rows of ``sequences`` sequences."""
-    c, layers = config, config.num_hidden_layers
+    c = config
     attrs = _linear_attrs(dtype, weights, head_quantize(c, quantize))  # q4 layers take no weight attrs
-    act = GATED_ACTS[c.activation]
     calls = (_norms(c, rows)
             + _layer_linears(c, rows, quantize, group_size, attrs, dynamic_rows)
             + _qk_norms(c, rows)
             + _ropes(c, rows, long_rope)
             + attention
-            + [_rows(act, act, rows, c.intermediate_size, layers),
-               _linear("lm_head", sequences, c.vocab_size, c.hidden_size, 1, head_quantize(c, quantize), group_size,
+            + _acts(c, rows, dynamic_rows)
+            + [_linear("lm_head", sequences, c.vocab_size, c.hidden_size, 1, head_quantize(c, quantize), group_size,
                        attrs)])
     return [KernelCall(call.role, replace(call.spec, dtype=dtype), call.count) for call in calls]
 

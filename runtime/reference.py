@@ -10,7 +10,7 @@ where set (embeddings, residual branches, softmax scale, logits). Gemma's way: G
 norm by 1 + its weight, embeddings times sqrt(hidden_size); Gemma 3's too: each sublayer's
 output normalised before its residual add, the sliding layers rotated with their own base;
 SmolLM3's layers without a rotary embedding; OLMo 2's norms of the sublayers' outputs alone and
-of the whole query and key projections.
+of the whole query and key projections; a mixture of experts' routed MLP (``runtime.experts``).
 Quantised weights enter as the float32 weights their int4 codes stand for.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ from .generation import Generation, checked_generation, checked_tokens
 from .model_config import ModelConfig
 from .rope_frequencies import inverse_frequencies, rotation_scale_of
 from .sampling import NextTokens, Sampling
-from .weights import ModelWeights, bias_name, biased_parts, layer_name
+from .experts import route, rows_by_expert
+from .weights import ROUTER, SHARED_GATE, ModelWeights, bias_name, biased_parts, layer_name
 
 
 def rms_norm(x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
@@ -107,6 +108,28 @@ class ReferenceModel:
         out = np.matmul(scores, values[:, :, None])                                             # B,HKV,G,T,D
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, c.q_size)
 
+    def _mlp(self, h: np.ndarray, layer: int, owner: str) -> np.ndarray:
+        """The gated MLP ``owner`` of a layer ("mlp", or an expert's "mlp.experts.E", "mlp.shared_expert")."""
+        gate = self._project(h, layer, f"{owner}.gate_proj")
+        up = self._project(h, layer, f"{owner}.up_proj")
+        act = gelu_tanh(gate) if self.config.activation == "gelu_tanh" else gate / (1.0 + np.exp(-gate))
+        return self._project(act * up, layer, f"{owner}.down_proj")
+
+    def _experts(self, h: np.ndarray, layer: int) -> np.ndarray:
+        """A mixture of experts' MLP: each row through the experts the router picks for it
+        (``runtime.experts.route``), their outputs weighted and summed; Qwen2-MoE's shared expert,
+        gated by a sigmoid, added."""
+        c = self.config
+        rows = h.reshape(-1, c.hidden_size)
+        experts, weights = route(self._matmul(rows, layer_name(layer, ROUTER)), c.experts_per_token, c.norm_topk_prob)
+        out = np.zeros_like(rows)
+        for expert, (picked, weight) in rows_by_expert(experts, weights).items():
+            out[picked] += weight[:, None] * self._mlp(rows[picked], layer, f"mlp.experts.{expert}")
+        if c.shared_expert_intermediate_size:
+            gate = self._matmul(rows, layer_name(layer, SHARED_GATE))
+            out += self._mlp(rows, layer, "mlp.shared_expert") / (1.0 + np.exp(-gate))
+        return out.reshape(h.shape)
+
     def forward(self, ids: np.ndarray, start: int, caches: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         """Logits [B, V] of the last of the tokens ``ids`` [B, T] placed at ``start``."""
         c, w = self.config, self.w
@@ -149,10 +172,7 @@ class ReferenceModel:
             else:
                 x = x + out * residual
                 h = self._norm(x, layer_name(layer, "post_attention_layernorm"))
-            gate = self._project(h, layer, "mlp.gate_proj")
-            up = self._project(h, layer, "mlp.up_proj")
-            act = gelu_tanh(gate) if c.activation == "gelu_tanh" else gate / (1.0 + np.exp(-gate))
-            out = self._project(act * up, layer, "mlp.down_proj")
+            out = self._experts(h, layer) if c.moe else self._mlp(h, layer, "mlp")
             x = x + (self._norm(out, layer_name(layer, "post_feedforward_layernorm")) if c.post_norms
                      else out * residual)
         h = self._norm(x[:, -1], "model.norm.weight")

@@ -68,6 +68,8 @@ def text_name(config: ModelConfig, name: str) -> str | None:
     prefix, None for the image side's tensors."""
     if glm_norms(config):
         return renamed_norm(name, GLM_NORMS)
+    if config.moe:
+        return from_mixtral_name(name)
     if config.multimodal is None:
         return name
     if IMAGE_SIDE.fullmatch(name):
@@ -90,6 +92,74 @@ FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_at
          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 # LINEARS as the decoder runs them: each fused group in place of its parts
 DEVICE_LINEARS = tuple(dict.fromkeys(next((f for f, parts in FUSED.items() if p in parts), p) for p in LINEARS))
+
+
+# A mixture of experts' MLP (``ModelConfig.num_experts``) under the names Qwen's MoE checkpoints use:
+# the router ``mlp.gate`` [E, H], expert e's ``mlp.experts.e.{gate,up,down}_proj``, Qwen2-MoE's
+# ``mlp.shared_expert.{gate,up,down}_proj`` and ``mlp.shared_expert_gate`` [1, H]. Mixtral's names
+# (``MIXTRAL_NAMES``) are read and written as its checkpoints hold them. The decoder runs each
+# expert's gate and up as one matrix (``mlp.experts.e.gate_up_proj``) and, where there is a shared
+# expert, the router and the shared expert's gate as one (``mlp.router``: E + 1 rows).
+ROUTER, SHARED_GATE, ROUTER_WITH_SHARED_GATE = "mlp.gate", "mlp.shared_expert_gate", "mlp.router"
+_GATED = ("gate_proj", "up_proj", "down_proj")
+# an expert's or the shared expert's gate/up stacked, its parts (fused_parts)
+_EXPERT_GATE_UP = re.compile(r"(.*\.mlp\.(?:experts\.\d+|shared_expert))\.gate_up_proj\.(\w+)")
+# Mixtral's checkpoints: its block_sparse_moe is Qwen's mlp, its experts' w1, w3, w2 gate, up, down
+_MIXTRAL_NAME = re.compile(r"(model\.layers\.\d+\.)block_sparse_moe\.(gate|experts\.\d+\.(w1|w2|w3))(\.weight)")
+_MIXTRAL_PROJS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_QWEN_EXPERT_NAME = re.compile(r"(model\.layers\.\d+\.)mlp\.(gate|experts\.\d+\.(gate_proj|up_proj|down_proj))(\.weight)")
+
+
+def mixtral_names(config: ModelConfig) -> bool:
+    """Whether ``config``'s checkpoints name their experts as Mixtral's (what its config.json is)."""
+    return config.moe and config.to_hf_dict()["model_type"] == "mixtral"
+
+
+def _renamed_expert(name: str, pattern: re.Pattern, block: str, projections: Mapping[str, str]) -> str:
+    """``name`` of a router or an expert's projection (``pattern``) under ``block`` (the MLP's name),
+    its projection renamed by ``projections``; any other name as it is."""
+    found = pattern.fullmatch(name)
+    if found is None:
+        return name
+    part = found.group(2)
+    if found.group(3):
+        part = part[: -len(found.group(3))] + projections[found.group(3)]
+    return f"{found.group(1)}{block}.{part}{found.group(4)}"
+
+
+def from_mixtral_name(name: str) -> str:
+    """A Mixtral checkpoint's tensor ``name`` as the decoder reads it (any other name as it is)."""
+    return _renamed_expert(name, _MIXTRAL_NAME, "mlp", _MIXTRAL_PROJS)
+
+
+def to_mixtral_name(name: str) -> str:
+    """The inverse of ``from_mixtral_name``."""
+    return _renamed_expert(name, _QWEN_EXPERT_NAME, "block_sparse_moe", {p: w for w, p in _MIXTRAL_PROJS.items()})
+
+
+def mlp_parts(config: ModelConfig) -> tuple[str, ...]:
+    """The linear layers of a layer's MLP (Hugging Face parts): Llama's three, or a mixture of
+    experts' router, every expert's three and Qwen2-MoE's shared expert and its gate."""
+    if not config.moe:
+        return tuple(f"mlp.{proj}" for proj in _GATED)
+    experts = tuple(f"mlp.experts.{e}.{proj}" for e in range(config.num_experts) for proj in _GATED)
+    shared = ((SHARED_GATE, *(f"mlp.shared_expert.{proj}" for proj in _GATED))
+              if config.shared_expert_intermediate_size else ())
+    return (ROUTER, *experts, *shared)
+
+
+def router_part(config: ModelConfig) -> str:
+    """The router's part as the decoder runs it: with a shared expert, stacked with its gate."""
+    return ROUTER_WITH_SHARED_GATE if config.shared_expert_intermediate_size else ROUTER
+
+
+def device_mlp_parts(config: ModelConfig) -> tuple[str, ...]:
+    """``mlp_parts`` as the decoder runs them: gate and up stacked, the router with the shared gate."""
+    if not config.moe:
+        return ("mlp.gate_up_proj", "mlp.down_proj")
+    owners = [f"mlp.experts.{e}" for e in range(config.num_experts)]
+    owners += ["mlp.shared_expert"] if config.shared_expert_intermediate_size else []
+    return (router_part(config), *(f"{owner}.{proj}" for owner in owners for proj in ("gate_up_proj", "down_proj")))
 
 
 # Qwen3's norms of each query and key head (``ModelConfig.qk_norm``)
@@ -128,6 +198,13 @@ _STACKED_KINDS = ("weight", "bias", "qweight", "qzeros", "scales", "g_idx", "wei
 def fused_parts(name: str) -> tuple[str, ...]:
     """The Hugging Face tensors a fused projection stacks, its weights, its biases or an int4
     checkpoint's tensors of it ((name,) for any other tensor)."""
+    expert = _EXPERT_GATE_UP.fullmatch(name)
+    if expert is not None:
+        return tuple(f"{expert.group(1)}.{proj}.{expert.group(2)}" for proj in _GATED[:2])
+    router = f".{ROUTER_WITH_SHARED_GATE}.weight"
+    if name.endswith(router):
+        prefix = name[: -len(router)]
+        return (f"{prefix}.{ROUTER}.weight", f"{prefix}.{SHARED_GATE}.weight")
     for fused, parts in FUSED.items():
         for kind in _STACKED_KINDS:
             suffix = f".{fused}.{kind}"
@@ -141,6 +218,8 @@ def device_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The weights a decoder reads where its kernels run: ``expected_shapes`` with the fused
     projections stacked, and no embedding table unless it is also the LM head (it is
     gathered on the host)."""
+    if config.moe:
+        raise ValueError(f"{config.name}: a mixture of experts runs on CPU kernels only (no device weights)")
     shapes = dict(expected_shapes(config))
     for layer in range(config.num_hidden_layers):
         for fused, parts in FUSED.items():
@@ -155,7 +234,7 @@ def device_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def device_linear_names(config: ModelConfig) -> list[str]:
     """The linear layers as the decoder runs them (fused projections, the LM head included)."""
-    return _linear_names(config, DEVICE_LINEARS)
+    return _linear_names(config, (*DEVICE_LINEARS[:2], *device_mlp_parts(config)))
 
 
 def _linear_names(config: ModelConfig, parts: tuple[str, ...]) -> list[str]:
@@ -174,9 +253,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({
             layer_name(layer, "input_layernorm"): (h,), layer_name(layer, "post_attention_layernorm"): (h,),
             layer_name(layer, "self_attn.q_proj"): (c.q_size, h), layer_name(layer, "self_attn.k_proj"): (c.kv_size, h),
-            layer_name(layer, "self_attn.v_proj"): (c.kv_size, h), layer_name(layer, "self_attn.o_proj"): (h, c.q_size),
-            layer_name(layer, "mlp.gate_proj"): (i, h), layer_name(layer, "mlp.up_proj"): (i, h),
-            layer_name(layer, "mlp.down_proj"): (h, i)})
+            layer_name(layer, "self_attn.v_proj"): (c.kv_size, h), layer_name(layer, "self_attn.o_proj"): (h, c.q_size)})
+        shapes.update({layer_name(layer, part): _mlp_shape(c, part) for part in mlp_parts(c)})
         shapes.update({bias_name(layer, part): shapes[layer_name(layer, part)][:1] for part in biased_parts(c)})
         if c.qk_norm:  # Qwen3: one gain per head dim, shared by the heads of q (and of k); OLMo 2: one per value
             q_norm, k_norm = QK_NORMS
@@ -189,8 +267,17 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _mlp_shape(config: ModelConfig, part: str) -> tuple[int, int]:
+    """The shape of an MLP's linear layer ``part`` (``mlp_parts``)."""
+    h = config.hidden_size
+    if part in (ROUTER, SHARED_GATE):
+        return (config.num_experts if part == ROUTER else 1, h)
+    i = config.shared_expert_intermediate_size if part.startswith("mlp.shared_expert.") else config.intermediate_size
+    return (h, i) if part.endswith("down_proj") else (i, h)
+
+
 def linear_names(config: ModelConfig) -> list[str]:
-    return _linear_names(config, LINEARS)
+    return _linear_names(config, (*LINEARS[:4], *mlp_parts(config)))
 
 
 def q4_linear_names(config: ModelConfig, device: bool = False) -> list[str]:
@@ -519,6 +606,8 @@ class ModelWeights:
         if glm_norms(self.config):  # and under its names of the norms
             back = {internal: glm for glm, internal in GLM_NORMS.items()}
             tensors = {renamed_norm(name, back): tensor for name, tensor in tensors.items()}
+        if mixtral_names(self.config):
+            tensors = {to_mixtral_name(name): tensor for name, tensor in tensors.items()}
         # numpy has no bfloat16: such tensors are written widened (float32, the same values)
         save_file({name: widened(t) if isinstance(t, Bfloat16Words) else t for name, t in tensors.items()},
                   str(out / "model.safetensors"))

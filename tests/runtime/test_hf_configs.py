@@ -1444,3 +1444,94 @@ def test_a_partial_rotary_factor_this_runtime_does_not_compute_is_refused(data, 
     assert message in str(caught.value), str(caught.value)
     with pytest.raises(ValueError, match=r"partial_rotary_factor = 0.7 does not give an even rotary dim"):
         dataclasses.replace(parse(PHI4_MINI), partial_rotary_factor=0.7)
+
+
+MIXTRAL_8X7B = {  # mistralai/Mixtral-8x7B-v0.1
+    "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+    "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32, "num_experts_per_tok": 2,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8, "output_router_logits": False,
+    "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.02, "sliding_window": None,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.36.0.dev0",
+    "use_cache": True, "vocab_size": 32000}
+QWEN3_30B_A3B = {  # Qwen/Qwen3-30B-A3B
+    "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 40960,
+    "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 768,
+    "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936}
+QWEN15_MOE = {  # Qwen/Qwen1.5-MoE-A2.7B
+    "architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "decoder_sparse_step": 1, "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 2048,
+    "initializer_range": 0.02, "intermediate_size": 5632, "max_position_embeddings": 8192, "max_window_layers": 21,
+    "model_type": "qwen2_moe", "moe_intermediate_size": 1408, "norm_topk_prob": False, "num_attention_heads": 16,
+    "num_experts": 60, "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 16,
+    "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+    "shared_expert_intermediate_size": 5632, "sliding_window": 32768, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.40.0.dev0", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 151936}
+OLMOE_1B_7B = {  # allenai/OLMoE-1B-7B-0924
+    "architectures": ["OlmoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": None,
+    "eos_token_id": 50279, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 1024, "max_position_embeddings": 4096, "model_type": "olmoe", "norm_topk_prob": False,
+    "num_attention_heads": 16, "num_experts": 64, "num_experts_per_tok": 8, "num_hidden_layers": 16,
+    "num_key_value_heads": 16, "output_router_logits": False, "pad_token_id": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": None, "rope_theta": 10000.0, "router_aux_loss_coef": 0.01, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 50304}
+
+
+@pytest.mark.parametrize("data, experts, per_token, size, parameters", [
+    (MIXTRAL_8X7B, 8, 2, 14336, 46.7e9), (QWEN3_30B_A3B, 128, 8, 768, 30.5e9), (QWEN15_MOE, 60, 4, 1408, 14.3e9),
+    (OLMOE_1B_7B, 64, 8, 1024, 6.9e9)], ids=["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b"])
+def test_mixtures_of_experts_read_as_their_model_cards_count_them(data, experts, per_token, size, parameters):
+    config = parse(data)
+    assert (config.num_experts, config.experts_per_token, config.intermediate_size) == (experts, per_token, size)
+    assert abs(config.parameters / parameters - 1) < 0.01, config.parameters
+    assert config.norm_topk_prob == (data["model_type"] in ("mixtral", "qwen3_moe"))
+    assert config.qk_norm == (data["model_type"] in ("qwen3_moe", "olmoe"))
+    assert config.qkv_bias == (data["model_type"] == "qwen2_moe") and config.sliding_window is None
+    assert config.shared_expert_intermediate_size == (5632 if data["model_type"] == "qwen2_moe" else 0)
+    assert parse(config.to_hf_dict()) == config  # written as its family, read back equal
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(mlp_only_layers=[3]), r"mlp_only_layers = \[3\]: layers with a dense MLP among the experts' are not "
+                                "implemented"),
+    (dict(decoder_sparse_step=2), "decoder_sparse_step = 2"),
+    (dict(num_local_experts=64), "num_experts = 128 and num_local_experts = 64 name different counts of experts"),
+    (dict(num_experts_per_tok=129), "num_experts_per_tok = 129 is more than the 128 experts"),
+    (dict(num_experts=0), "num_experts = 0 is not a positive integer"),
+    (dict(norm_topk_prob="yes"), "norm_topk_prob = 'yes' is not true or false"),
+    (dict(shared_expert_intermediate_size=64), "shared_expert_intermediate_size = 64 is not read by transformers "
+                                               "for model_type 'qwen3_moe'"),
+    (dict(quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True,
+                               "desc_act": False}), "int4 checkpoints .GPTQ. of a mixture of experts are not "
+                                                     "implemented"),
+])
+def test_mixture_of_experts_settings_not_implemented_are_refused_by_name(change, message):
+    with pytest.raises(ValueError, match=message):
+        parse({**QWEN3_30B_A3B, **change})
+
+
+def test_expert_fields_in_a_dense_family_and_olmoes_clipping_are_refused():
+    with pytest.raises(ValueError, match=r"num_experts = 8 is a mixture of experts' field, not read for model_type "
+                                         "'llama' .supported: mixtral, qwen2_moe, qwen3_moe, olmoe."):
+        parse({**LLAMA3_4X, "num_experts": 8})
+    with pytest.raises(ValueError, match="qkv_bias = true is a Qwen2-MoE field, not implemented for model_type "
+                                         "'llama'"):
+        parse({**LLAMA3_4X, "qkv_bias": True})
+    with pytest.raises(ValueError, match=r"clip_qkv = 8.0 \(q, k and v clamped\) is not implemented"):
+        parse({**OLMOE_1B_7B, "clip_qkv": 8.0})
+    # Qwen2-MoE's q/k/v biases switched off (transformers 5's qkv_bias), and the 0 window transformers 5
+    # writes beside use_sliding_window false
+    config = parse({**QWEN15_MOE, "qkv_bias": False, "sliding_window": 0})
+    assert not config.qkv_bias and config.sliding_window is None
+    with pytest.raises(ValueError, match="experts_per_token = 3 must be in 1 .. num_experts = 2"):
+        dataclasses.replace(PRESETS["tiny-moe"], num_experts=2, experts_per_token=3)
+    with pytest.raises(ValueError, match="experts_per_token, shared_expert_intermediate_size and norm_topk_prob "
+                                         "describe a mixture of experts"):
+        dataclasses.replace(PRESETS["tiny"], experts_per_token=2)

@@ -245,7 +245,18 @@ FAMILIES = {
                                                                 num_hidden_layers=1, num_attention_heads=2,
                                                                 head_dim=16, image_size=28, patch_size=14),
                                              tie_word_embeddings=False), "5.x"),
+    # mixtures of experts (4 experts, 2 a token): Mixtral (the top two renormalised), Qwen3-MoE (norms of the
+    # query and key heads; experts of their own size, renormalised as Qwen3-30B-A3B ships), Qwen2-MoE
+    # (q/k/v biases, a shared expert gated by a sigmoid, not renormalised) and OLMoE (norms of the whole
+    # query and key projections)
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), "5.x"),
+    "qwen3-moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                         norm_topk_prob=True), "5.x"),
+    "qwen2-moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                         shared_expert_intermediate_size=128), "5.x"),
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, **PHI3_IDS), "5.x"),
 }
+MIXTURES = ["mixtral", "qwen3-moe", "qwen2-moe", "olmoe"]
 # the model class of a config class, where it is not the config's name with ForCausalLM
 MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM", "Gemma3Config": "Gemma3ForConditionalGeneration",
                  "Mistral3Config": "Mistral3ForConditionalGeneration",
@@ -515,6 +526,46 @@ def test_a_partial_rotary_matters(checkpoints, prompts):
     generation = ReferenceModel(whole, weights).generate(prompts, NEW_TOKENS)
     want = _teacher_forced_logits(model, prompts, generation.tokens)
     assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE
+
+
+@pytest.mark.parametrize("family", MIXTURES)
+def test_the_routing_matters(family, checkpoints, prompts):
+    """The comparisons above can fail: one expert a token instead of two, the top probabilities
+    renormalised or not the other way, or (Qwen2-MoE) the shared expert ungated, and the logits
+    leave the tolerance far behind."""
+    model, folder = checkpoints[family]
+    config, weights = _load(folder)
+    assert config.num_experts == 4 and config.experts_per_token == 2
+    assert config.norm_topk_prob == (family in ("mixtral", "qwen3-moe"))
+    changes = [dict(experts_per_token=1), dict(norm_topk_prob=not config.norm_topk_prob)]
+    for changed in changes:
+        other = dataclasses.replace(config, **changed)
+        generation = ReferenceModel(other, weights).generate(prompts, NEW_TOKENS)
+        want = _teacher_forced_logits(model, prompts, generation.tokens)
+        assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE, changed
+    if family == "qwen2-moe":  # its shared expert's gate: a gain of 1 instead of sigmoid(gate . x)
+        ungated = dict(weights.tensors)
+        for layer in range(config.num_hidden_layers):
+            ungated[f"model.layers.{layer}.mlp.shared_expert_gate.weight"] = np.zeros((1, config.hidden_size),
+                                                                                      np.float32)
+        generation = ReferenceModel(config, ModelWeights(config, ungated)).generate(prompts, NEW_TOKENS)
+        want = _teacher_forced_logits(model, prompts, generation.tokens)
+        assert np.abs(generation.logits - want).max() > 100 * LOGITS_TOLERANCE
+
+
+def test_mixtral_checkpoints_keep_their_names(checkpoints, tmp_path):
+    """Mixtral's checkpoints name the MLP block_sparse_moe and the experts' projections w1, w3, w2:
+    read so, and written back so by ``save``."""
+    from runtime.weights import read_header
+
+    _, folder = checkpoints["mixtral"]
+    config, weights = _load(folder)
+    names = set(read_header(folder / "model.safetensors")[0])
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in names
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in weights.tensors
+    weights.save(tmp_path)
+    assert set(read_header(tmp_path / "model.safetensors")[0]) - {"__metadata__"} == names - {"__metadata__"}
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mixtral"
 
 
 def test_ministral3_past_its_original_context_is_refused_where_transformers_scales_the_queries(

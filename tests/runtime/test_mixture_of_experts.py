@@ -1,0 +1,114 @@
+"""A mixture of experts' MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) on CPU kernels: the routing,
+the kernels a pass calls, and the tiny-moe preset against the numpy reference in float32, int4
+and bfloat16 weights, with prompts long enough that each expert takes its rows at once (a gemm
+reading M at run time) and decode steps that run each row through its experts (GEMVs of one row).
+The families themselves are checked against transformers in test_transformers_parity."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from autotune.model_tasks import weight_bytes
+from runtime.experts import route, rows_by_expert
+from runtime.llama import LlamaModel
+from runtime.model_config import PRESETS
+from runtime.plan import decode_calls, prefill_calls
+from runtime.reference import ReferenceModel
+from runtime.weights import ModelWeights, device_linear_names, linear_names
+from test_llama import relative_error  # noqa: E402  (same directory)
+
+TINY_MOE = PRESETS["tiny-moe"]
+# |logit difference| / max |logit|: float32 arithmetic only (int4: the kernels scale the codes as they
+# go, the reference multiplies by weights dequantised first), as test_llama's
+TOLERANCES = {"float32": 1e-5, "q4": 1e-4, "bfloat16": 1e-5}
+
+
+def test_route_weights_the_most_probable_experts():
+    logits = np.array([[0.0, 2.0, 1.0, -1.0], [3.0, 3.0, 0.0, 0.0]], np.float32)
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    experts, weights = route(logits, 2, normalise=False)
+    np.testing.assert_array_equal(experts, [[1, 2], [0, 1]])  # a tie goes to the lower expert first
+    np.testing.assert_allclose(weights, np.take_along_axis(probabilities, experts, axis=1), rtol=1e-6)
+    _, normalised = route(logits, 2, normalise=True)
+    np.testing.assert_allclose(normalised.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(normalised[0], weights[0] / weights[0].sum(), rtol=1e-6)
+    with pytest.raises(ValueError, match="cannot pick 5 experts"):
+        route(logits, 5, normalise=True)
+
+
+def test_rows_by_expert_groups_each_experts_rows_in_order():
+    experts = np.array([[2, 0], [0, 3], [2, 3]])
+    weights = np.array([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]], np.float32)
+    groups = rows_by_expert(experts, weights)
+    assert list(groups) == [0, 2, 3]
+    np.testing.assert_array_equal(groups[0][0], [0, 1])
+    np.testing.assert_allclose(groups[0][1], [0.4, 0.7])
+    np.testing.assert_array_equal(groups[3][0], [1, 2])
+
+
+def test_a_pass_calls_the_router_and_each_picked_expert():
+    c = TINY_MOE
+    layers, k = c.num_hidden_layers, c.experts_per_token
+    decode = {call.role: call for call in decode_calls(c, 2, 64)}
+    assert decode["router"].spec.dims == {"M": 2, "N": c.num_experts, "K": c.hidden_size}
+    assert decode["expert_gate_up"].spec.dims == {"M": 1, "N": 2 * c.intermediate_size, "K": c.hidden_size}
+    assert decode["expert_gate_up"].count == decode["expert_down"].count == layers * 2 * k  # each row alone
+    assert decode["expert_swiglu"].count == layers * 2 * k and "gate_up_proj" not in decode
+    prefill = {call.role: call for call in prefill_calls(c, 40, dynamic_rows=True)}
+    gate_up = prefill["expert_gate_up"]
+    assert gate_up.spec.op == "gemm" and gate_up.spec.dynamic == ("M",)
+    assert gate_up.spec.dims["M"] == 40 * k // c.num_experts and gate_up.count == layers * c.num_experts
+    # a decode step reads the experts one token runs, not all of them
+    dense = dataclasses.replace(c, num_experts=0, experts_per_token=0, norm_topk_prob=False)
+    extra = weight_bytes(c) - weight_bytes(dense)
+    assert extra == 4 * layers * c.hidden_size * (3 * c.intermediate_size * (k - 1) + c.num_experts)
+
+
+def _generate_both(weights: ModelWeights, kernels, prompts, dtype: str = "float32", steps: int = 16):
+    model = LlamaModel(TINY_MOE, weights, kernels, dtype=dtype)
+    ours = model.generate(prompts, steps)
+    reference = ReferenceModel(TINY_MOE, weights.rounded(dtype)).generate(prompts, steps)
+    return model, ours, reference
+
+
+@pytest.mark.parametrize("kind", ["float32", "q4", "bfloat16"])
+def test_tiny_moe_generates_the_references_tokens(kind, default_kernels):
+    """24-token prompts of two sequences (48 rows: each expert's rows at once) and 16 steps of
+    two rows (each through its two experts): the reference's logits and greedy tokens."""
+    weights = ModelWeights.random(TINY_MOE, seed=5)
+    if kind == "q4":
+        weights = weights.quantize_q4(128)
+        assert set(weights.quantized) == set(linear_names(TINY_MOE))  # the routers and experts too
+    prompts = np.random.default_rng(2).integers(0, TINY_MOE.vocab_size, (2, 24))
+    model, ours, reference = _generate_both(weights, default_kernels, prompts, "bfloat16" if kind == "bfloat16"
+                                            else "float32")
+    assert relative_error(ours.logits, reference.logits) < TOLERANCES[kind]
+    np.testing.assert_array_equal(ours.tokens, reference.tokens)
+    used = {(spec.op, spec.dims["M"], spec.dynamic) for spec in (k.spec for k in model.used.values())
+            if spec.dims.get("K") == TINY_MOE.intermediate_size}  # the experts' down projections
+    gemm, gemv = ("gemm_q4", "gemv_q4") if kind == "q4" else ("gemm", "gemv")
+    assert {(op, dynamic) for op, _, dynamic in used} == {(gemm, ("M",)), (gemv, ())}
+    assert (gemv, 1, ()) in used  # a decode step's rows one by one
+    # every expert ran: the routing spreads the rows (a router that always picked the same two would not)
+    assert all(f"model.layers.{layer}.mlp.experts.{expert}.gate_up_proj.weight#{'wq' if kind == 'q4' else ''}"
+               in model._device for layer in range(2) for expert in range(8))
+
+
+def test_a_mixture_of_experts_is_refused_on_cuda_kernels():
+    class CudaKernels:
+        kind = "cuda"
+
+    with pytest.raises(ValueError, match="tiny-moe is a mixture of experts, which runs on CPU kernels only"):
+        LlamaModel(TINY_MOE, ModelWeights.random(TINY_MOE), CudaKernels())
+
+
+def test_the_decoders_linear_layers_stack_each_experts_gate_and_up():
+    with_shared = dataclasses.replace(TINY_MOE, shared_expert_intermediate_size=64, norm_topk_prob=False)
+    names = device_linear_names(with_shared)
+    assert names[:3] == ["model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+                         "model.layers.0.mlp.router.weight"]
+    assert "model.layers.1.mlp.experts.7.gate_up_proj.weight" in names
+    assert "model.layers.1.mlp.shared_expert.gate_up_proj.weight" in names
+    assert len(names) == 2 * (2 + 1 + 2 * 8 + 2) + 1
