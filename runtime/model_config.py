@@ -580,9 +580,9 @@ class ModelConfig:
         if self.mlp_bias or self.activation != "silu" or self.scaled:
             raise ValueError(f"model {self.name}: a mixture of experts' experts are SwiGLU MLPs without biases or "
                              "Granite's and Gemma's scalars")
-        if self.int4_format is not None:  # their routers stay in floats: a float layer among int4 ones
-            raise ValueError(f"model {self.name}: int4 checkpoints ({self.int4_name}) of a mixture of experts are not "
-                             "implemented; load the float checkpoint and quantise it (--quantize q4)")
+        if self.int4_act_order:  # each expert's input would be gathered into an order of its own
+            raise ValueError(f"model {self.name}: act-order int4 checkpoints (desc_act) of a mixture of experts are "
+                             "not implemented")
 
     @property
     def moe(self) -> bool:

@@ -406,7 +406,11 @@ def _expert_linears(config: ModelConfig, rows: int, q: tuple, d: dict) -> list[K
     c, layers, h = config, config.num_hidden_layers, config.hidden_size
     shared = c.shared_expert_intermediate_size
     m, calls = expert_rows(c, rows, d["dynamic_rows"])
-    linears = [_linear("router", rows, c.num_experts + (1 if shared else 0), h, layers, *q, **d),
+    quantize, group_size, attrs = q
+    # the router stays in floats where the LM head does (an int4 checkpoint's)
+    router = _linear("router", rows, c.num_experts + (1 if shared else 0), h, layers, head_quantize(c, quantize),
+                     group_size, attrs, **d)
+    linears = [router,
                _linear("expert_gate_up", m, 2 * c.intermediate_size, h, layers * calls, *q, **d),
                _linear("expert_down", m, h, c.intermediate_size, layers * calls, *q, **d)]
     if shared:

@@ -282,9 +282,14 @@ def linear_names(config: ModelConfig) -> list[str]:
 
 def q4_linear_names(config: ModelConfig, device: bool = False) -> list[str]:
     """The linear layers a q4 model holds as int4 codes: every one, but an int4 checkpoint's LM head
-    (the last name); ``device``: named as the decoder runs them (``device_linear_names``)."""
+    (the last name) and a mixture of experts' routers (and Qwen2-MoE's shared gates), which GPTQ,
+    AWQ and llm-compressor leave in floats; ``device``: named as the decoder runs them
+    (``device_linear_names``)."""
     names = device_linear_names(config) if device else linear_names(config)
-    return names if head_quantize(config, "q4") == "q4" else names[:-1]
+    if head_quantize(config, "q4") == "q4":
+        return names
+    floats = (f".{ROUTER}.weight", f".{SHARED_GATE}.weight", f".{ROUTER_WITH_SHARED_GATE}.weight")
+    return [name for name in names[:-1] if not name.endswith(floats)]
 
 
 # An int4 checkpoint's tensors in place of each int4 linear layer's ``weight``, by format

@@ -1496,6 +1496,10 @@ def test_mixtures_of_experts_read_as_their_model_cards_count_them(data, experts,
     assert config.qkv_bias == (data["model_type"] == "qwen2_moe") and config.sliding_window is None
     assert config.shared_expert_intermediate_size == (5632 if data["model_type"] == "qwen2_moe" else 0)
     assert parse(config.to_hf_dict()) == config  # written as its family, read back equal
+    # and as GPTQ's int4 checkpoint of it (Qwen3-30B-A3B-GPTQ-Int4's quantization_config)
+    gptq = parse({**data, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True,
+                                                  "desc_act": False}})
+    assert (gptq.int4_format, gptq.num_experts) == ("gptq", experts)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -1509,8 +1513,8 @@ def test_mixtures_of_experts_read_as_their_model_cards_count_them(data, experts,
     (dict(shared_expert_intermediate_size=64), "shared_expert_intermediate_size = 64 is not read by transformers "
                                                "for model_type 'qwen3_moe'"),
     (dict(quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True,
-                               "desc_act": False}), "int4 checkpoints .GPTQ. of a mixture of experts are not "
-                                                     "implemented"),
+                               "desc_act": True}), "act-order int4 checkpoints .desc_act. of a mixture of experts "
+                                                    "are not implemented"),
 ])
 def test_mixture_of_experts_settings_not_implemented_are_refused_by_name(change, message):
     with pytest.raises(ValueError, match=message):

@@ -34,6 +34,11 @@ COMPRESSED_CONFIG = dataclasses.replace(FLOAT_CONFIG, int4_format="compressed", 
 # one scale per output row, loaded as groups of 128 (the tiny model's K: 128 and 384)
 CHANNELWISE = dataclasses.replace(ASYMMETRIC, int4_group_size=128, int4_channelwise=True)
 COMPRESSED_CHANNELWISE = dataclasses.replace(COMPRESSED_CONFIG, int4_group_size=128, int4_channelwise=True)
+# mixtures of experts: every expert's projections int4, the routers (and Qwen2-MoE's shared gate) floats
+MOE = dataclasses.replace(PRESETS["tiny-moe"], name="tiny-moe-int4", int4_format="gptq", int4_group_size=GROUP)
+MOE_SHARED_AWQ = dataclasses.replace(PRESETS["tiny-moe"], name="qwen2-moe-awq", shared_expert_intermediate_size=128,
+                                     qkv_bias=True, norm_topk_prob=False, int4_format="awq",
+                                     int4_group_size=AWQ_GROUP, int4_zero_points=True)
 
 
 def compressed_spec(group: int | None, symmetric: bool = True, act_order: bool = False) -> dict:
@@ -483,9 +488,10 @@ def test_weights_held_as_int4_codes_only_are_not_saved_as_a_float_checkpoint(tmp
                                     dataclasses.replace(CONFIG, int4_format="gptq_v2"), AWQ_CONFIG, ACT_ORDER,
                                     COMPRESSED_CONFIG,
                                     dataclasses.replace(COMPRESSED_CONFIG, int4_zero_points=True, int4_act_order=True),
-                                    CHANNELWISE, COMPRESSED_CHANNELWISE],
+                                    CHANNELWISE, COMPRESSED_CHANNELWISE, MOE, MOE_SHARED_AWQ],
                          ids=["gptq", "gptq-asym", "gptq-asym-v2", "gptq-v2", "awq", "gptq-act-order", "compressed",
-                              "compressed-asym-act-order", "gptq-asym-channelwise", "compressed-channelwise"])
+                              "compressed-asym-act-order", "gptq-asym-channelwise", "compressed-channelwise",
+                              "gptq-moe", "awq-moe-shared"])
 def test_an_int4_checkpoint_loads_as_int4_codes_and_generates_the_references_tokens(config, tmp_path,
                                                                                    default_kernels):
     """The layers compute the weights the codes stand for (GPTQ's v2 stores zero points without
@@ -518,6 +524,11 @@ def test_an_int4_checkpoint_loads_as_int4_codes_and_generates_the_references_tok
     attrs = {kernel.spec.attr.get("zero_point", False) for kernel in model.used.values()
              if kernel.spec.op in ("gemv_q4", "gemm_q4")}
     assert attrs == {config.int4_zero_points}
+    if config.moe:  # its routers on float kernels, every expert on int4 ones
+        assert "model.layers.1.mlp.gate.weight" in weights.tensors and "model.layers.1.mlp.experts.7.down_proj.weight" \
+            in weights.quantized
+        routers = {kernel.spec.op for kernel in model.used.values() if kernel.spec.dims.get("N") in (8, 9)}
+        assert routers and not any(op.endswith("_q4") for op in routers)
 
 
 # ----------------------------------------------------------------------------- AWQ
