@@ -407,3 +407,25 @@ def test_run_chat_generates_from_the_templated_prompt(tiny_lib, tmp_path):
     (folder / "chat_template.jinja").unlink()
     assert_usage_error(run(*base, "--tokenizer", str(folder), "--prompt", "hi", "--chat", cwd=tmp_path, check=False),
                        "--chat: no chat template beside")
+
+
+def test_a_mixture_of_experts_checkpoint_tunes_and_runs_with_the_references_tokens(tmp_path):
+    """A Mixtral checkpoint (the tiny-moe preset's dims and random weights, its tensors under
+    Mixtral's names) from the command line: tune-model tunes its router's and experts' kernels
+    (GEMVs of one row for a decode step, gemms of the rows an expert gets for a prefill), and run
+    generates the numpy reference's tokens on them."""
+    from runtime.model_config import PRESETS
+    from runtime.weights import ModelWeights
+
+    ModelWeights.random(PRESETS["tiny-moe"], seed=1).save(tmp_path / "mixtral")
+    assert json.loads((tmp_path / "mixtral/config.json").read_text())["model_type"] == "mixtral"
+    sizes = ("--prefill-tokens", "24", "--decode-batch", "1", "--kv-len", "64")
+    tasks = json.loads(run("tune-model", "--model", "mixtral", *sizes, "--list-tasks", "--json", cwd=tmp_path).stdout)
+    experts = [t for t in tasks if t["task"] in ("gemv/float32/M=1,N=256,K=128", "gemm/float32/M~=6,N=256,K=128")]
+    assert len(experts) == 2  # each expert's gate/up: a decode step's row alone, a prefill's 48 picks over 8
+    run("tune-model", "--model", "mixtral", *sizes, "--trials-total", str(len(tasks)), "--log", "moe.jsonl", "--quiet",
+        "--no-mlflow", cwd=tmp_path)
+    out = json.loads(run("run", "--log", "moe.jsonl", "--model", "mixtral", "--prompt-tokens", "24", "--new-tokens",
+                         "8", "--compare", "--json", cwd=tmp_path).stdout)
+    assert out["kernels"]["untuned"] == 0, out["kernels"]
+    assert out["reference"]["logits"]["max_rel"] < 1e-4 and out["reference"]["logits"]["same_tokens"]
