@@ -32,6 +32,15 @@ With ``quantize="q4"`` every linear layer, the LM head included, uses int4 weigh
 checkpoint (GPTQ, AWQ: ``ModelConfig.int4_format``) keeps its LM head in floats, and where its
 codes have zero points (AWQ, GPTQ without ``sym``) its layers' kernels take them (``zero_point``).
 
+A mixture of experts (``ModelConfig.num_experts``) calls, in place of gate/up, the activation and
+down: the router (role ``router``: a linear layer to the experts' logits, with Qwen2-MoE's shared
+gate as one more column), and for each expert a row picks, ``expert_gate_up``, the activation
+(role ``expert_`` + the op) and ``expert_down``: where the pass's GEMMs read M at run time each picked
+expert runs once on the rows routed to it (tuned at the rows an expert gets on average), otherwise
+each row runs through its experts alone on GEMVs of one row (``expert_rows``); Qwen2-MoE's shared
+expert runs on every row (roles ``shared_gate_up``, ``shared_`` + the op, ``shared_down``). The
+routing itself is the host's (``runtime.experts``), so these models run on CPU kernels only.
+
 The resident CUDA decode step (``decode_calls(..., resident=True)``) also fuses each RMSNorm
 into the GEMV that reads its output, each residual add into the GEMV whose output it adds and
 SwiGLU into the gate/up GEMV (``norm=rmsnorm``, ``residual`` and ``act=swiglu`` on

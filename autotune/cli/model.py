@@ -255,6 +255,8 @@ def _precisions(config, dtype: str, kind: str, quantize: str, chosen_by: str = "
     refusal; ``chosen_by`` says where a dtype the user did not give came from."""
     from runtime.plan import precisions
 
+    if config.moe and kind != "cpu":  # runtime.llama: the router picks each token's experts on the host
+        raise UserError(f"{config.name} is a mixture of experts, which runs on CPU kernels only: use --target cpu")
     try:
         return precisions(dtype, kind, quantize, float_head=config.int4_format is not None)
     except ValueError as exc:

@@ -200,6 +200,8 @@ def test_q4_model_tunes_and_runs_against_the_dequantised_reference(tmp_path):
     (["run", "--model", "tiny"], "either --lib DIR"),
     (["run", "--model", "tiny", "--lib", "/no/such/lib"], "no manifest.json"),
     (["run", "--model", "tiny", "--log", "/no/such/log.jsonl"], "does not exist"),
+    (["tune-model", "--model", "tiny-moe", "--target", "cuda"], "tiny-moe is a mixture of experts, which runs on "
+                                                                "CPU kernels only: use --target cpu"),
 ])
 def test_bad_model_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert_usage_error(run(*args, cwd=tmp_path, check=False), message)
