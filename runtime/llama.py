@@ -80,8 +80,8 @@ class _Buffers:
         if c.moe:  # the router's logits, and the rows one expert call reads and writes (_MixtureOfExperts)
             shared = c.shared_expert_intermediate_size
             widths.update(router=c.num_experts + (1 if shared else 0), expert_x=c.hidden_size,
-                          expert_gate_up=2 * c.intermediate_size, expert_gate=c.intermediate_size,
-                          expert_up=c.intermediate_size, expert_act=c.intermediate_size, expert_y=c.hidden_size)
+                          expert_gate=c.intermediate_size, expert_up=c.intermediate_size,
+                          expert_act=c.intermediate_size, expert_y=c.hidden_size)
             if shared:
                 widths.update(shared_gate_up=2 * shared, shared_act=shared, shared_y=c.hidden_size)
         self.names = {name: arrays.empty((rows, width), numpy_dtype(dtype)) for name, width in widths.items()}
@@ -782,9 +782,8 @@ class _MixtureOfExperts:
         c = model.config
         self.model, self.k, self.buf, self.layer, self.x = model, k, buf, layer, x
         self.experts, self.per_token, self.normalise = c.num_experts, c.experts_per_token, c.norm_topk_prob
-        self.width = c.intermediate_size
         self.act = "expert_" + GATED_ACTS[c.activation]
-        self.grouped = "M" in k["expert_gate_up"].spec.dynamic
+        self.grouped = "M" in k["expert_gate"].spec.dynamic
         self._calls: dict[int, tuple] = {}  # expert -> its bound calls
         self._bound: list = []  # the bound calls whose runs are kept (they own their workspaces)
         router = model._linear(k["router"], layer_name(layer, router_part(c)), x, buf.router)
@@ -802,28 +801,27 @@ class _MixtureOfExperts:
             self.shared = [call.run for call in shared]
 
     def _expert(self, expert: int) -> tuple:
-        """``expert``'s bound calls (gate/up, the activation, down), bound on its first use: on every
+        """``expert``'s bound calls (gate, up, the activation, down), bound on its first use: on every
         row of the expert buffers where it takes the rows routed to it (called with their count as M),
         else on their first row."""
         calls = self._calls.get(expert)
         if calls is None:
-            m, k, buf, owner = self.model, self.k, self.buf, f"mlp.experts.{expert}"
+            m, k, buf = self.model, self.k, self.buf
             rows = buf.rows if self.grouped else 1
-            gate_up = buf.expert_gate_up[:rows]
-            if rows == 1:  # one row: its column blocks are contiguous views
-                gate, up = gate_up[:, :self.width], gate_up[:, self.width:]
-            else:  # copied out of gate_up by __call__
-                gate, up = buf.expert_gate, buf.expert_up
+            x, gate, up, act = buf.expert_x[:rows], buf.expert_gate[:rows], buf.expert_up[:rows], buf.expert_act[:rows]
+            name = functools.partial(self._name, expert)
             calls = self._calls[expert] = (
-                m._linear(k["expert_gate_up"], layer_name(self.layer, f"{owner}.gate_up_proj"), buf.expert_x[:rows],
-                          gate_up),
-                k[self.act].bind({"G": gate, "U": up, "Y": buf.expert_act[:rows]}, {"M": rows}),
-                m._linear(k["expert_down"], layer_name(self.layer, f"{owner}.down_proj"), buf.expert_act[:rows],
-                          buf.expert_y[:rows]))
+                m._linear(k["expert_gate"], name("gate_proj"), x, gate),
+                m._linear(k["expert_up"], name("up_proj"), x, up),
+                k[self.act].bind({"G": gate, "U": up, "Y": act}, {"M": rows}),
+                m._linear(k["expert_down"], name("down_proj"), act, buf.expert_y[:rows]))
         return calls
 
+    def _name(self, expert: int, projection: str) -> str:
+        return layer_name(self.layer, f"mlp.experts.{expert}.{projection}")
+
     def __call__(self) -> None:
-        buf, x, out, width = self.buf, self.x, self.buf.mlp, self.width
+        buf, x, out = self.buf, self.x, self.buf.mlp
         self.router()
         experts, weights = route(buf.router[:, :self.experts], self.per_token, self.normalise)
         if self.shared is None:
@@ -834,17 +832,11 @@ class _MixtureOfExperts:
             gate = buf.router[:, self.experts:]
             np.multiply(buf.shared_y, 1.0 / (1.0 + np.exp(-gate)), out=out)
         if self.grouped:
-            split = buf.rows > 1
             for expert, (rows, weight) in rows_by_expert(experts, weights).items():
                 count = len(rows)
                 np.take(x, rows, axis=0, out=buf.expert_x[:count])
-                gate_up, act, down = self._expert(expert)
-                gate_up(M=count)
-                if split:
-                    np.copyto(buf.expert_gate[:count], buf.expert_gate_up[:count, :width])
-                    np.copyto(buf.expert_up[:count], buf.expert_gate_up[:count, width:])
-                act(M=count)
-                down(M=count)
+                for call in self._expert(expert):
+                    call(M=count)
                 out[rows] += weight[:, None] * buf.expert_y[:count]
             return
         for row in range(buf.rows):

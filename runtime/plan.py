@@ -34,8 +34,8 @@ codes have zero points (AWQ, GPTQ without ``sym``) its layers' kernels take them
 
 A mixture of experts (``ModelConfig.num_experts``) calls, in place of gate/up, the activation and
 down: the router (role ``router``: a linear layer to the experts' logits, with Qwen2-MoE's shared
-gate as one more column), and for each expert a row picks, ``expert_gate_up``, the activation
-(role ``expert_`` + the op) and ``expert_down``: where the pass's GEMMs read M at run time each picked
+gate as one more column), and for each expert a row picks, ``expert_gate`` and ``expert_up`` (one
+task: the two are not stacked), the activation (role ``expert_`` + the op) and ``expert_down``: where the pass's GEMMs read M at run time each picked
 expert runs once on the rows routed to it (tuned at the rows an expert gets on average), otherwise
 each row runs through its experts alone on GEMVs of one row (``expert_rows``); Qwen2-MoE's shared
 expert runs on every row (roles ``shared_gate_up``, ``shared_`` + the op, ``shared_down``). The
@@ -419,8 +419,10 @@ def _expert_linears(config: ModelConfig, rows: int, q: tuple, d: dict) -> list[K
     # the router stays in floats where the LM head does (an int4 checkpoint's)
     router = _linear("router", rows, c.num_experts + (1 if shared else 0), h, layers, head_quantize(c, quantize),
                      group_size, attrs, **d)
-    linears = [router,
-               _linear("expert_gate_up", m, 2 * c.intermediate_size, h, layers * calls, *q, **d),
+    # an expert's gate and up apart (one task): its weights are read where they lie, not stacked in a
+    # copy, which for a model of experts would be most of its bytes again
+    linears = [router, *(_linear(role, m, c.intermediate_size, h, layers * calls, *q, **d)
+                         for role in ("expert_gate", "expert_up")),
                _linear("expert_down", m, h, c.intermediate_size, layers * calls, *q, **d)]
     if shared:
         linears += [_linear("shared_gate_up", rows, 2 * shared, h, layers, *q, **d),

@@ -97,13 +97,14 @@ DEVICE_LINEARS = tuple(dict.fromkeys(next((f for f, parts in FUSED.items() if p 
 # A mixture of experts' MLP (``ModelConfig.num_experts``) under the names Qwen's MoE checkpoints use:
 # the router ``mlp.gate`` [E, H], expert e's ``mlp.experts.e.{gate,up,down}_proj``, Qwen2-MoE's
 # ``mlp.shared_expert.{gate,up,down}_proj`` and ``mlp.shared_expert_gate`` [1, H]. Mixtral's names
-# (``MIXTRAL_NAMES``) are read and written as its checkpoints hold them. The decoder runs each
-# expert's gate and up as one matrix (``mlp.experts.e.gate_up_proj``) and, where there is a shared
-# expert, the router and the shared expert's gate as one (``mlp.router``: E + 1 rows).
+# are read and written as its checkpoints hold them (``from_mixtral_name``). The decoder runs each
+# expert's projections as they are stored (stacking gate and up would copy most of the model), the
+# shared expert's gate and up as one matrix, and the router and the shared expert's gate as one
+# (``mlp.router``: E + 1 rows).
 ROUTER, SHARED_GATE, ROUTER_WITH_SHARED_GATE = "mlp.gate", "mlp.shared_expert_gate", "mlp.router"
 _GATED = ("gate_proj", "up_proj", "down_proj")
-# an expert's or the shared expert's gate/up stacked, its parts (fused_parts)
-_EXPERT_GATE_UP = re.compile(r"(.*\.mlp\.(?:experts\.\d+|shared_expert))\.gate_up_proj\.(\w+)")
+# the shared expert's gate/up stacked, its parts (fused_parts)
+_SHARED_GATE_UP = re.compile(r"(.*\.mlp\.shared_expert)\.gate_up_proj\.(\w+)")
 # Mixtral's checkpoints: its block_sparse_moe is Qwen's mlp, its experts' w1, w3, w2 gate, up, down
 _MIXTRAL_NAME = re.compile(r"(model\.layers\.\d+\.)block_sparse_moe\.(gate|experts\.\d+\.(w1|w2|w3))(\.weight)")
 _MIXTRAL_PROJS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -154,12 +155,14 @@ def router_part(config: ModelConfig) -> str:
 
 
 def device_mlp_parts(config: ModelConfig) -> tuple[str, ...]:
-    """``mlp_parts`` as the decoder runs them: gate and up stacked, the router with the shared gate."""
+    """``mlp_parts`` as the decoder runs them: a dense or shared expert's gate and up stacked, the
+    router with the shared gate; the experts' projections as they are."""
     if not config.moe:
         return ("mlp.gate_up_proj", "mlp.down_proj")
-    owners = [f"mlp.experts.{e}" for e in range(config.num_experts)]
-    owners += ["mlp.shared_expert"] if config.shared_expert_intermediate_size else []
-    return (router_part(config), *(f"{owner}.{proj}" for owner in owners for proj in ("gate_up_proj", "down_proj")))
+    experts = tuple(f"mlp.experts.{e}.{proj}" for e in range(config.num_experts) for proj in _GATED)
+    shared = (("mlp.shared_expert.gate_up_proj", "mlp.shared_expert.down_proj")
+              if config.shared_expert_intermediate_size else ())
+    return (router_part(config), *experts, *shared)
 
 
 # Qwen3's norms of each query and key head (``ModelConfig.qk_norm``)
@@ -198,7 +201,7 @@ _STACKED_KINDS = ("weight", "bias", "qweight", "qzeros", "scales", "g_idx", "wei
 def fused_parts(name: str) -> tuple[str, ...]:
     """The Hugging Face tensors a fused projection stacks, its weights, its biases or an int4
     checkpoint's tensors of it ((name,) for any other tensor)."""
-    expert = _EXPERT_GATE_UP.fullmatch(name)
+    expert = _SHARED_GATE_UP.fullmatch(name)
     if expert is not None:
         return tuple(f"{expert.group(1)}.{proj}.{expert.group(2)}" for proj in _GATED[:2])
     router = f".{ROUTER_WITH_SHARED_GATE}.weight"

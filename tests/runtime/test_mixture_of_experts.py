@@ -53,13 +53,15 @@ def test_a_pass_calls_the_router_and_each_picked_expert():
     layers, k = c.num_hidden_layers, c.experts_per_token
     decode = {call.role: call for call in decode_calls(c, 2, 64)}
     assert decode["router"].spec.dims == {"M": 2, "N": c.num_experts, "K": c.hidden_size}
-    assert decode["expert_gate_up"].spec.dims == {"M": 1, "N": 2 * c.intermediate_size, "K": c.hidden_size}
-    assert decode["expert_gate_up"].count == decode["expert_down"].count == layers * 2 * k  # each row alone
+    # an expert's gate and up: one task, its two projections apart
+    assert decode["expert_gate"].spec == decode["expert_up"].spec
+    assert decode["expert_gate"].spec.dims == {"M": 1, "N": c.intermediate_size, "K": c.hidden_size}
+    assert decode["expert_gate"].count == decode["expert_down"].count == layers * 2 * k  # each row alone
     assert decode["expert_swiglu"].count == layers * 2 * k and "gate_up_proj" not in decode
     prefill = {call.role: call for call in prefill_calls(c, 40, dynamic_rows=True)}
-    gate_up = prefill["expert_gate_up"]
-    assert gate_up.spec.op == "gemm" and gate_up.spec.dynamic == ("M",)
-    assert gate_up.spec.dims["M"] == 40 * k // c.num_experts and gate_up.count == layers * c.num_experts
+    gate = prefill["expert_gate"]
+    assert gate.spec.op == "gemm" and gate.spec.dynamic == ("M",)
+    assert gate.spec.dims["M"] == 40 * k // c.num_experts and gate.count == layers * c.num_experts
     # a decode step reads the experts one token runs, not all of them
     dense = dataclasses.replace(c, num_experts=0, experts_per_token=0, norm_topk_prob=False)
     extra = weight_bytes(c) - weight_bytes(dense)
@@ -92,8 +94,12 @@ def test_tiny_moe_generates_the_references_tokens(kind, default_kernels):
     assert {(op, dynamic) for op, _, dynamic in used} == {(gemm, ("M",)), (gemv, ())}
     assert (gemv, 1, ()) in used  # a decode step's rows one by one
     # every expert ran: the routing spreads the rows (a router that always picked the same two would not)
-    assert all(f"model.layers.{layer}.mlp.experts.{expert}.gate_up_proj.weight#{'wq' if kind == 'q4' else ''}"
-               in model._device for layer in range(2) for expert in range(8))
+    part = "wq" if kind == "q4" else ""
+    assert all(f"model.layers.{layer}.mlp.experts.{expert}.{projection}.weight#{part}" in model._device
+               for layer in range(2) for expert in range(8) for projection in ("gate_proj", "up_proj", "down_proj"))
+    if kind == "float32":  # read where they lie: no copy of an expert's weights
+        name = "model.layers.1.mlp.experts.5.up_proj.weight"
+        assert np.shares_memory(model._device[f"{name}#"], weights.tensors[name])
 
 
 def test_a_mixture_of_experts_is_refused_on_cuda_kernels():
@@ -104,11 +110,11 @@ def test_a_mixture_of_experts_is_refused_on_cuda_kernels():
         LlamaModel(TINY_MOE, ModelWeights.random(TINY_MOE), CudaKernels())
 
 
-def test_the_decoders_linear_layers_stack_each_experts_gate_and_up():
+def test_the_decoders_linear_layers_keep_each_experts_projections_apart():
     with_shared = dataclasses.replace(TINY_MOE, shared_expert_intermediate_size=64, norm_topk_prob=False)
     names = device_linear_names(with_shared)
     assert names[:3] == ["model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.self_attn.o_proj.weight",
                          "model.layers.0.mlp.router.weight"]
-    assert "model.layers.1.mlp.experts.7.gate_up_proj.weight" in names
-    assert "model.layers.1.mlp.shared_expert.gate_up_proj.weight" in names
-    assert len(names) == 2 * (2 + 1 + 2 * 8 + 2) + 1
+    assert "model.layers.1.mlp.experts.7.up_proj.weight" in names  # an expert's gate and up apart
+    assert "model.layers.1.mlp.shared_expert.gate_up_proj.weight" in names  # the shared expert's stacked
+    assert len(names) == 2 * (2 + 1 + 3 * 8 + 2) + 1
