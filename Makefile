@@ -1,7 +1,7 @@
 # Two entry points on a fresh machine; each installs what it needs into .venv first.
 #   make demo   tune gemm and gemv on this CPU (xgb), log to a local MLflow store, print best + bench;
 #               then tune, export and run the tiny model against numpy and the untuned defaults,
-#               and the tiny model with bfloat16 weights
+#               the tiny model with bfloat16 weights, and the tiny model with a mixture of experts
 #   make test   run the test suite (the test extra brings torch and transformers to compare with)
 PYTHON ?= python3
 VENV ?= .venv
@@ -50,10 +50,14 @@ demo: check-cc $(STAMP)
 	# tuned against defaults above is timing noise; the float32 run's 60 trials tune them
 	# the same model in float16 on a GPU: its tasks (listing them needs no GPU)
 	$(BIN)/autotune tune-model --model tiny --target cuda --dtype float16 --list-tasks
+	# the tiny model with a mixture of experts (8 experts, 2 a token, Mixtral's routing) on this CPU
+	$(BIN)/autotune tune-model --model tiny-moe --trials-total 40 --log demo-model-moe.jsonl
+	$(BIN)/autotune run --log demo-model-moe.jsonl --model tiny-moe --compare
 	@echo
-	@echo "make demo wrote: demo.jsonl (gemm, gemv), demo-model.jsonl and demo-model-bf16.jsonl (the tiny"
-	@echo "model's kernels): tuning logs, one record per measurement; demo-lib/ (the tuned-kernel library:"
-	@echo "shared object, C header, manifest); mlflow.db and mlartifacts/ (the MLflow store: one run per job)."
+	@echo "make demo wrote: demo.jsonl (gemm, gemv), demo-model.jsonl, demo-model-bf16.jsonl and"
+	@echo "demo-model-moe.jsonl (the tiny models' kernels): tuning logs, one record per measurement;"
+	@echo "demo-lib/ (the tuned-kernel library: shared object, C header, manifest); mlflow.db and"
+	@echo "mlartifacts/ (the MLflow store: one run per job)."
 	@echo "Next: source $(BIN)/activate, then autotune best --log demo.jsonl; autotune --help;"
 	@echo "mlflow ui --backend-store-uri sqlite:///mlflow.db; the notebooks in notebooks/ read demo.jsonl."
 
