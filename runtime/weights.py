@@ -523,9 +523,12 @@ class ModelWeights:
             raise ValueError(f"weights of {self.config.name}: {', '.join(bad[:3])}{more} hold NaN or infinite values")
 
     @classmethod
-    def load(cls, config: ModelConfig, folder: str | Path, check_finite: bool = False) -> "ModelWeights":
+    def load(cls, config: ModelConfig, folder: str | Path, check_finite: bool = False,
+             mapped: bool = False) -> "ModelWeights":
         """The checkpoint in ``folder`` (``checkpoint_files``), each tensor in its file's precision;
-        with ``check_finite``, refused when a tensor holds a NaN or an infinity.
+        with ``check_finite``, refused when a tensor holds a NaN or an infinity; ``mapped``: the
+        tensors are views of the files mapped into memory (``mapped_safetensors``: no copy, pages
+        read as they are used; the files must not change while the weights are in use).
 
         Every tensor of the checkpoint must be one the decoder reads (``expected_shapes``: the
         projection biases too where the config has them): a checkpoint that holds others
@@ -574,7 +577,7 @@ class ModelWeights:
         ints = {raw for raw, name in renamed.items() if (name in int4 or stacked.get(name, (None,))[0] in int4)
                 and not name.endswith(tuple("." + part for part in _INT4_SCALES))}
         for path in files:
-            tensors.update({renamed[k]: v for k, v in read_safetensors(path, read, ints).items()})
+            tensors.update({renamed[k]: v for k, v in read_safetensors(path, read, ints, mapped).items()})
         for name, parts in stacked.items():
             if name.endswith(".weight_shape"):  # compressed-tensors': the stack's (N, K)
                 tensors.update(_stacked_weight_shapes(folder, name, tensors.pop(name),
@@ -938,14 +941,16 @@ def _check_index(folder: Path, found: dict[str, Path]) -> None:
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
 
-def read_safetensors(path: str | Path, keep=None, ints=frozenset()) -> dict[str, np.ndarray]:
+def read_safetensors(path: str | Path, keep=None, ints=frozenset(), mapped: bool = False) -> dict[str, np.ndarray]:
     """The float tensors of one safetensors file (``keep``: only those it names): float32 and
     float16 as they are (float64 as float32), bfloat16 as ``Bfloat16Words`` copied out of the file;
     those ``ints`` names may be int32 instead (an int4 checkpoint's codes, zero points, groups).
 
     Read with the safetensors package where numpy knows the dtype; bfloat16, which numpy
     lacks, is read from the file's header. The header is checked first (``read_header``): a
-    malformed file is a ValueError, never a MemoryError."""
+    malformed file is a ValueError, never a MemoryError. ``mapped``: ``mapped_safetensors``."""
+    if mapped:
+        return mapped_safetensors(path, keep, ints)
     from safetensors import SafetensorError, safe_open
 
     tensors: dict[str, np.ndarray] = {}
@@ -973,6 +978,35 @@ def read_safetensors(path: str | Path, keep=None, ints=frozenset()) -> dict[str,
             begin, end = header[name]["data_offsets"]
             words = raw[begin:end].view(np.uint16).reshape(header[name]["shape"])
             tensors[name] = np.array(words).view(Bfloat16Words)  # a copy: the file may change after
+    return tensors
+
+
+_MAPPED_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
+
+
+def mapped_safetensors(path: str | Path, keep=None, ints=frozenset()) -> dict[str, np.ndarray]:
+    """``read_safetensors`` without reading: each tensor a read-only view of the file mapped into
+    memory, so that loading costs no copy and the operating system pages in what the kernels
+    read (a mixture of experts touches the experts its tokens pick). The file must then stay as
+    it is while the weights are in use. float64 tensors, and a tensor whose offset in the file does
+    not suit its type's alignment, are copied out as ``read_safetensors`` would."""
+    header, data_start = read_header(path)
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
+    tensors: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        if name == "__metadata__" or (keep is not None and name not in keep):
+            continue
+        dtype = info["dtype"]
+        if dtype in ("I32", "I64") and name not in ints or dtype not in _MAPPED_DTYPES and dtype != "F64":
+            raise ValueError(f"{path}: tensor {name} has dtype {dtype}, expected a float type")
+        begin, end = info["data_offsets"]
+        if dtype == "F64":
+            tensors[name] = raw[begin:end].view(np.float64).reshape(info["shape"]).astype(np.float32)
+            continue
+        tensor = raw[begin:end].view(_MAPPED_DTYPES[dtype]).reshape(info["shape"])
+        if not tensor.flags.aligned:  # the kernels take aligned arrays only
+            tensor = np.array(tensor)
+        tensors[name] = tensor.view(Bfloat16Words) if dtype == "BF16" else tensor.view(np.ndarray)
     return tensors
 
 

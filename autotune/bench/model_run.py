@@ -39,8 +39,10 @@ def fastest(generations: Iterable[Generation]) -> Generation:
 
 
 def make_weights(config: ModelConfig, weights_dir: str | None, seed: int, quantize: str,
-                 group_size: int, check_finite: bool = False) -> ModelWeights:
-    weights = (ModelWeights.load(config, weights_dir, check_finite) if weights_dir
+                 group_size: int, check_finite: bool = False, mapped: bool = False) -> ModelWeights:
+    """The checkpoint in ``weights_dir`` (``mapped``: its files mapped, ``ModelWeights.load``) or
+    weights generated from ``seed``; int4 where ``quantize`` says so."""
+    weights = (ModelWeights.load(config, weights_dir, check_finite, mapped) if weights_dir
                else ModelWeights.random(config, seed))
     return weights.quantize_q4(group_size) if quantize == "q4" else weights
 

@@ -429,9 +429,13 @@ def _quantize_of(kernels, quantize: str) -> str:
               help="with --log: use records of code the templates no longer render, with a warning")
 @click.option("--check-weights", is_flag=True,
               help="with --weights: refuse a checkpoint whose tensors hold NaN or infinite values (one pass over them)")
+@click.option("--mmap", "mapped", is_flag=True,
+              help="with --weights: map the checkpoint's files into memory rather than read them (no copy; the "
+                   "pages the kernels read come in as they are used: a mixture of experts' unpicked experts stay on "
+                   "disk); the files must not change during the run")
 def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_text, tokenizer_path, chat, system_text,
         batch, new_tokens, ignore_eos, temperature, top_k, top_p, quantize, group_size, compare, target, as_json, dtype,
-        allow_stale, check_weights) -> None:
+        allow_stale, check_weights, mapped) -> None:
     """Generate with a model on tuned kernels; print prefill and decode tokens/s."""
     from runtime.generation import check_positions
     from runtime.kernel import UntunedShapeWarning
@@ -445,6 +449,8 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
         raise UserError(f"--weights {weights_dir} is not a directory")
     if check_weights and not weights_dir:
         raise UserError("--check-weights is for --weights (generated weights are finite)")
+    if mapped and not weights_dir:
+        raise UserError("--mmap is for --weights (generated weights are in memory already)")
     tokenizer = encoded = None
     if system_text is not None and not chat:
         raise UserError("--system is for --chat")
@@ -489,7 +495,7 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
         prompts = _prompts(ids, prompt_tokens, batch, config.vocab_size, seed)  # made once they fit
         try:
             check_quantize(config, quantize, group_size)
-            weights = make_weights(config, weights_dir, seed, quantize, group_size, check_weights)
+            weights = make_weights(config, weights_dir, seed, quantize, group_size, check_weights, mapped)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         untuned: list[str] = []

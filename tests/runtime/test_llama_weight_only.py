@@ -102,6 +102,7 @@ def save_bfloat16_checkpoint(weights: ModelWeights, folder) -> None:
         blobs.append(words.tobytes())
         offset += words.nbytes
     text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # as safetensors pads it: the data begins 8-byte aligned
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
     weights.config.save(folder / "config.json")
 

@@ -118,3 +118,60 @@ def test_the_decoders_linear_layers_keep_each_experts_projections_apart():
     assert "model.layers.1.mlp.experts.7.up_proj.weight" in names  # an expert's gate and up apart
     assert "model.layers.1.mlp.shared_expert.gate_up_proj.weight" in names  # the shared expert's stacked
     assert len(names) == 2 * (2 + 1 + 3 * 8 + 2) + 1
+
+
+def _is_mapped(array: np.ndarray) -> bool:
+    """Whether ``array`` is a view of a file mapped into memory (numpy may point a view's base
+    straight at the mapping)."""
+    import mmap
+
+    while isinstance(array, np.ndarray):
+        if isinstance(array, np.memmap) or isinstance(array.base, mmap.mmap):
+            return True
+        array = array.base
+    return False
+
+
+def test_a_mapped_bfloat16_checkpoint_runs_its_experts_from_the_files_pages(tmp_path, default_kernels):
+    """``ModelWeights.load(..., mapped=True)``: every tensor a read-only view of the mapped file,
+    equal to the one read; a bfloat16 model's kernels read the experts' words there (no copy), and
+    generate the very logits of the model on the read weights."""
+    from test_llama_weight_only import save_bfloat16_checkpoint
+
+    from runtime.precision import Bfloat16Words
+
+    save_bfloat16_checkpoint(ModelWeights.random(TINY_MOE, seed=6), tmp_path)
+    read = ModelWeights.load(TINY_MOE, tmp_path)
+    mapped = ModelWeights.load(TINY_MOE, tmp_path, mapped=True)
+    assert set(read.tensors) == set(mapped.tensors)
+    for name, tensor in mapped.tensors.items():
+        assert isinstance(tensor, Bfloat16Words) and _is_mapped(tensor) and not tensor.flags.writeable, name
+        np.testing.assert_array_equal(tensor, read.tensors[name])
+    assert not any(_is_mapped(tensor) for tensor in read.tensors.values())
+    prompts = np.random.default_rng(4).integers(0, TINY_MOE.vocab_size, (1, 20))
+    model = LlamaModel(TINY_MOE, mapped, default_kernels, dtype="bfloat16")
+    ours = model.generate(prompts, 8)
+    want = LlamaModel(TINY_MOE, read, default_kernels, dtype="bfloat16").generate(prompts, 8)
+    np.testing.assert_array_equal(ours.logits, want.logits)
+    name = "model.layers.1.mlp.experts.3.down_proj.weight"
+    assert np.shares_memory(model._device[f"{name}#"], mapped.tensors[name])
+
+
+def test_a_mapped_tensor_the_kernels_could_not_take_is_copied(tmp_path):
+    """A float32 tensor stored at an offset that is no multiple of 4 (after three float16 values):
+    copied out aligned, as the kernels take arrays; the others stay views of the file."""
+    import json
+    import struct
+
+    from runtime.weights import mapped_safetensors
+
+    half, single = np.array([1.5, -2.0, 3.25], np.float16), np.arange(4, dtype=np.float32)
+    header = {"h": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]},
+              "s": {"dtype": "F32", "shape": [2, 2], "data_offsets": [6, 22]}}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + half.tobytes() + single.tobytes())
+    tensors = mapped_safetensors(tmp_path / "x.safetensors")
+    np.testing.assert_array_equal(tensors["h"], half)
+    np.testing.assert_array_equal(tensors["s"], single.reshape(2, 2))
+    assert _is_mapped(tensors["h"]) and not _is_mapped(tensors["s"]) and tensors["s"].flags.aligned
