@@ -142,7 +142,9 @@ class _WidenedTable:
 
 
 # the tensors whose outputs a residual add adds: Granite's residual_multiplier scales them
-_RESIDUAL_BRANCH_ENDS = tuple(f".{part}.{kind}" for part in ("self_attn.o_proj", "mlp.down_proj")
+# the projections whose outputs Granite's residual_multiplier scales: attention's and the MLP's, an
+# expert's or a shared expert's (a mixture's weighted sum of them is scaled so)
+_RESIDUAL_BRANCH_ENDS = tuple(f".{part}.{kind}" for part in ("self_attn.o_proj", "down_proj")
                               for kind in ("weight", "bias"))
 
 

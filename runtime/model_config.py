@@ -69,9 +69,11 @@ from .rope_frequencies import (ROPE_TYPES, factors_problem, longrope_attention_f
 # Mixtures of experts (``ModelConfig.num_experts``), by family: (architecture, the dense family whose
 # attention and fields its own follow). Mixtral is Mistral's layer with a routed MLP (the top-k
 # probabilities renormalised); Qwen3-MoE Qwen3's, Qwen2-MoE Qwen2's (plus a shared expert, gated by
-# a sigmoid), OLMoE Llama's with OLMo 2's norms of the whole query and key projections.
+# a sigmoid), OLMoE Llama's with OLMo 2's norms of the whole query and key projections, Granite MoE
+# Granite's (its four scalars; the top experts' logits softmaxed, which renormalises as Mixtral does).
 MOE_FAMILIES = {"mixtral": ("MixtralForCausalLM", "mistral"), "qwen2_moe": ("Qwen2MoeForCausalLM", "qwen2"),
-                "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3"), "olmoe": ("OlmoeForCausalLM", "llama")}
+                "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3"), "olmoe": ("OlmoeForCausalLM", "llama"),
+                "granitemoe": ("GraniteMoeForCausalLM", "granite")}
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
             "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
@@ -577,9 +579,9 @@ class ModelConfig:
         if not 1 <= self.experts_per_token <= self.num_experts:
             raise ValueError(f"model {self.name}: experts_per_token = {self.experts_per_token} must be in 1 .. "
                              f"num_experts = {self.num_experts}")
-        if self.mlp_bias or self.activation != "silu" or self.scaled:
-            raise ValueError(f"model {self.name}: a mixture of experts' experts are SwiGLU MLPs without biases or "
-                             "Granite's and Gemma's scalars")
+        if self.mlp_bias or self.activation != "silu" or self.offset_norms:
+            raise ValueError(f"model {self.name}: a mixture of experts' experts are SwiGLU MLPs without biases, "
+                             "normalised by the weight itself (not Gemma's 1 + weight)")
         if self.int4_act_order:  # each expert's input would be gathered into an order of its own
             raise ValueError(f"model {self.name}: act-order int4 checkpoints (desc_act) of a mixture of experts are "
                              "not implemented")
@@ -840,10 +842,16 @@ class ModelConfig:
         return data
 
     def _moe_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
-        """``to_hf_dict`` of a mixture of experts: Qwen2-MoE's with a shared expert, Qwen3-MoE's with norms
-        of each query and key head, OLMoE's with norms of the whole projections, else Mixtral's."""
+        """``to_hf_dict`` of a mixture of experts: Granite MoE's with Granite's scalars, Qwen2-MoE's with a
+        shared expert, Qwen3-MoE's with norms of each query and key head, OLMoE's with norms of the whole
+        projections, else Mixtral's."""
         shared, span = self.shared_expert_intermediate_size, self.qk_norm_span if self.qk_norm else None
-        if shared:
+        granite = self.scaled or self.attention_multiplier is not None
+        if granite:
+            family = "granitemoe"
+            fits = (self.norm_topk_prob and not (shared or span or self.local_layers or self.sliding_window)
+                    and self.qkv_bias == self.o_bias)
+        elif shared:
             family = "qwen2_moe"
             fits = span is None and not self.o_bias and not self.split_rope
         elif span == "head":
@@ -853,26 +861,29 @@ class ModelConfig:
         else:
             family = "mixtral"
             fits = self.norm_topk_prob and not (self.qkv_bias or self.o_bias or self.local_layers)
-        plain = not (self.scaled or self.attention_multiplier is not None or self.nope_layers or self.post_norms
-                     or not self.pre_norms or self.rope_interleaved or self.query_scale_beta
-                     or self.rope_type == "longrope" or self.partial_rotary_factor != 1.0)
+        plain = not (self.nope_layers or self.post_norms or not self.pre_norms or self.rope_interleaved
+                     or self.query_scale_beta or self.rope_type == "longrope" or self.partial_rotary_factor != 1.0)
         if not (fits and plain):
             raise ValueError(f"model {self.name}: a mixture of experts with these attention settings has no "
                              f"config.json this runtime reads (the nearest family, {family}, cannot hold them)")
         if self.rope_type != "default":
             data["rope_scaling"] = {"rope_type": self.rope_type, **self.rope_scaling}
         experts = {"num_experts_per_tok": self.experts_per_token}
-        if family == "mixtral":
+        if family in ("mixtral", "granitemoe"):
             experts["num_local_experts"] = self.num_experts
         else:
             experts.update(num_experts=self.num_experts, norm_topk_prob=self.norm_topk_prob)
+        if family != "mixtral":  # Mixtral's window is its config's; the others write theirs below or have none
             data.pop("sliding_window")
+        if granite:  # Granite's scalars, its softmax scale given (GraniteMoeConfig's absent one is 1.0)
+            experts.update({name: getattr(self, name) for name in _GRANITE_FIELDS},
+                           attention_multiplier=self.attention_scale, attention_bias=self.qkv_bias)
         if family in ("qwen2_moe", "qwen3_moe"):  # the experts' size under Qwen's name; no dense layers
             experts.update(moe_intermediate_size=self.intermediate_size, decoder_sparse_step=1, mlp_only_layers=[],
                            **self._qwen_window())
         if family == "qwen2_moe":
             experts.update(shared_expert_intermediate_size=shared, qkv_bias=self.qkv_bias)
-        elif family != "mixtral":
+        elif family not in ("mixtral", "granitemoe"):
             experts["attention_bias"] = self.qkv_bias
         data.update(experts, model_type=family, architectures=[FAMILIES[family]], hidden_act="silu")
         return data
@@ -1079,7 +1090,8 @@ _ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 
                      "olmo3": 2048,
                      "ministral3": 262144, "ministral": 131072, "exaone4": 2048, "ernie4_5": 131072, "glm4": 131072,
                      "seed_oss": 524288,
-                     "helium": 4096, "mixtral": 131072, "qwen2_moe": 32768, "qwen3_moe": 32768, "olmoe": 4096}
+                     "helium": 4096, "mixtral": 131072, "qwen2_moe": 32768, "qwen3_moe": 32768, "olmoe": 4096,
+                     "granitemoe": 2048}
 # the config classes' bases (SmolLM3's, ERNIE 4.5's, Helium's); 10000 elsewhere (Gemma 3, OLMo 3: _layer_kind_ropes)
 _ABSENT_THETA = {"smollm3": 2000000.0, "ernie4_5": 500000.0, "helium": 100000.0, "mixtral": 1000000.0}
 # Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is, Gemma's 256
@@ -1192,7 +1204,8 @@ _MOE_DEFAULTS = {
                   "mlp_only_layers": []},
     "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
                   "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
-    "olmoe": {"num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False, "clip_qkv": None}}
+    "olmoe": {"num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False, "clip_qkv": None},
+    "granitemoe": {"num_local_experts": 8, "num_experts_per_tok": 2}}
 # every field _MOE_DEFAULTS names: refused in a dense family's config
 _MOE_KEYS = frozenset(k for fields in _MOE_DEFAULTS.values() for k in fields) | {"num_experts"}
 
@@ -1235,6 +1248,9 @@ def _moe_fields(data: Mapping[str, Any], family: str, where: str) -> tuple[Mappi
     if step != 1 or dense != []:
         raise ValueError(f"{where}: decoder_sparse_step = {_show(step)}, mlp_only_layers = {_show(dense)}: layers "
                          "with a dense MLP among the experts' are not implemented; supported: 1 and []")
+    if family == "granitemoe" and data.get("quantization_config") is not None:
+        raise ValueError(f"{where}: int4 checkpoints of Granite MoE (every expert of a layer in one tensor) are not "
+                         "implemented")
     if fields.get("clip_qkv") is not None:
         raise ValueError(f"{where}: clip_qkv = {_show(fields['clip_qkv'])} (q, k and v clamped) is not implemented; "
                          "supported: null")
@@ -1289,7 +1305,7 @@ def _biases(data: Mapping[str, Any], family: str, where: str) -> dict[str, bool]
     for field, value in (("attention_bias", attention), ("mlp_bias", mlp)):
         if not isinstance(value, bool):
             raise ValueError(f"{where}: {field} = {_show(value)} is not true or false")
-    if family in ("llama", "granite", "smollm3"):  # their attention and MLP read both switches as Llama's do
+    if family in ("llama", "granite", "smollm3", "granitemoe"):  # both switches read as Llama's reads them
         return {"qkv_bias": attention, "o_bias": attention, "mlp_bias": mlp}
     if family == "helium":  # Granite's attention with an unbiased o_proj, Llama's MLP
         return {"qkv_bias": attention, "o_bias": False, "mlp_bias": mlp}
@@ -1381,7 +1397,7 @@ def _granite_scalars(data: Mapping[str, Any], family: str, where: str) -> dict[s
     """Granite's four scalars as ModelConfig fields (GraniteConfig's 1.0 where one is left out:
     its attention_multiplier too, not 1/sqrt(head_dim)); refused by name in another family."""
     present = [name for name in _GRANITE_FIELDS if name in data]
-    if family != "granite":
+    if family not in ("granite", "granitemoe"):
         if present:
             raise ValueError(f"{where}: {present[0]} = {_show(data[present[0]])} is a Granite field, not implemented "
                              f"for model_type {family!r}")

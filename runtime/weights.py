@@ -68,8 +68,9 @@ def text_name(config: ModelConfig, name: str) -> str | None:
     prefix, None for the image side's tensors."""
     if glm_norms(config):
         return renamed_norm(name, GLM_NORMS)
-    if config.moe:
-        return from_mixtral_name(name)
+    if config.moe:  # Mixtral's names, Granite MoE's router
+        found = _GRANITE_ROUTER.fullmatch(name)
+        return f"{found.group(1)}{ROUTER}.weight" if found else from_mixtral_name(name)
     if config.multimodal is None:
         return name
     if IMAGE_SIDE.fullmatch(name):
@@ -109,6 +110,43 @@ _SHARED_GATE_UP = re.compile(r"(.*\.mlp\.shared_expert)\.gate_up_proj\.(\w+)")
 _MIXTRAL_NAME = re.compile(r"(model\.layers\.\d+\.)block_sparse_moe\.(gate|experts\.\d+\.(w1|w2|w3))(\.weight)")
 _MIXTRAL_PROJS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _QWEN_EXPERT_NAME = re.compile(r"(model\.layers\.\d+\.)mlp\.(gate|experts\.\d+\.(gate_proj|up_proj|down_proj))(\.weight)")
+
+
+# Granite MoE's checkpoints: a layer's experts in one tensor each, ``block_sparse_moe.input_linear``
+# [E, 2I, H] (each expert's gate rows, then its up rows) and ``output_linear`` [E, H, I] (each one's
+# down), the router as ``block_sparse_moe.router.layer``; loaded as views of each expert's projections
+_GRANITE_STACK = re.compile(r"(model\.layers\.\d+\.)block_sparse_moe\.(input_linear|output_linear)\.weight")
+_GRANITE_PROJECTIONS = {"input_linear": ("gate_proj", "up_proj"), "output_linear": ("down_proj",)}
+_GRANITE_ROUTER = re.compile(r"(model\.layers\.\d+\.)block_sparse_moe\.router\.layer\.weight")
+
+
+def granite_experts(config: ModelConfig) -> bool:
+    """Whether ``config``'s checkpoints hold each layer's experts stacked, as Granite MoE's do."""
+    return config.moe and config.to_hf_dict()["model_type"] == "granitemoe"
+
+
+def stacked_parts(config: ModelConfig, name: str) -> tuple[str, ...]:
+    """``fused_parts``, and the experts' projections a Granite MoE's stacked tensor ``name`` holds,
+    in order."""
+    found = _GRANITE_STACK.fullmatch(name) if config.moe else None
+    if found is None:
+        return fused_parts(name)
+    projections = _GRANITE_PROJECTIONS[found.group(2)]
+    return tuple(f"{found.group(1)}mlp.experts.{e}.{p}.weight" for e in range(config.num_experts) for p in projections)
+
+
+def _granite_stacks(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``tensors`` as a Granite MoE's checkpoint holds them (the inverse of loading: stacked experts,
+    its router's name), float32 where a tensor is bfloat16 words."""
+    out = {}
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}."
+        for stack, projections in _GRANITE_PROJECTIONS.items():
+            experts = [np.concatenate([widened(tensors.pop(f"{prefix}mlp.experts.{e}.{p}.weight")) for p in projections])
+                       for e in range(config.num_experts)]
+            out[f"{prefix}block_sparse_moe.{stack}.weight"] = np.stack(experts)
+        out[f"{prefix}block_sparse_moe.router.layer.weight"] = tensors.pop(f"{prefix}{ROUTER}.weight")
+    return {**tensors, **out}
 
 
 def mixtral_names(config: ModelConfig) -> bool:
@@ -557,7 +595,8 @@ class ModelWeights:
         # by the names the decoder reads (an image-and-text checkpoint's language model: text_name)
         renamed = {name: text_name(config, name) for name in found}
         found = {renamed[name]: path for name, path in found.items() if renamed[name] is not None}
-        stacked = {name: parts for name in found if len(parts := fused_parts(name)) > 1 and wanted >= set(parts)}
+        stacked = {name: parts for name in found
+                   if len(parts := stacked_parts(config, name)) > 1 and wanted >= set(parts)}
         twice = sorted(part for parts in stacked.values() for part in parts if part in found)
         if twice:
             raise ValueError(f"{folder}: tensor {twice[0]} is in the checkpoint both alone and stacked in "
@@ -585,7 +624,8 @@ class ModelWeights:
             elif parts[0] in int4:  # an int4 checkpoint's stacked layer: its parts along N
                 tensors.update(_int4_unstacked(folder, name, tensors.pop(name), {p: int4[p][1] for p in parts}))
             else:
-                tensors.update(_unstacked(folder, name, tensors.pop(name), {part: shapes[part] for part in parts}))
+                tensors.update(_unstacked(folder, name, tensors.pop(name), {part: shapes[part] for part in parts},
+                                          config.num_experts if _GRANITE_STACK.fullmatch(name) else None))
         quantized = _int4_layers(folder, tensors, int4, config) if int4 else {}
         if tied_head:
             head, embed = tensors.pop("lm_head.weight"), tensors.get("model.embed_tokens.weight")
@@ -619,6 +659,8 @@ class ModelWeights:
             tensors = {renamed_norm(name, back): tensor for name, tensor in tensors.items()}
         if mixtral_names(self.config):
             tensors = {to_mixtral_name(name): tensor for name, tensor in tensors.items()}
+        elif granite_experts(self.config):
+            tensors = _granite_stacks(self.config, dict(tensors))
         # numpy has no bfloat16: such tensors are written widened (float32, the same values)
         save_file({name: widened(t) if isinstance(t, Bfloat16Words) else t for name, t in tensors.items()},
                   str(out / "model.safetensors"))
@@ -803,10 +845,18 @@ def _check_act_orders(folder, quantized: dict[str, QuantizedLinear], config: Mod
                                  f"differs, and they run as one projection ({fused}): not implemented")
 
 
-def _unstacked(folder, name: str, tensor: np.ndarray, parts: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """The parts a stacked tensor holds, in order along its rows (views: no copy)."""
+def _unstacked(folder, name: str, tensor: np.ndarray, parts: dict[str, tuple[int, ...]],
+               experts: int | None = None) -> dict[str, np.ndarray]:
+    """The parts a stacked tensor holds, in order along its rows (views: no copy); ``experts``: the
+    tensor is [experts, rows of one expert's parts, K] (Granite MoE's)."""
     rows = [shape[0] for shape in parts.values()]
     want = (sum(rows), *next(iter(parts.values()))[1:])
+    if experts is not None:
+        want = (experts, want[0] // experts, *want[1:])
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"{folder}: {name} has shape {tuple(tensor.shape)}, expected {want} (its experts stacked)")
+        tensor = tensor.reshape(-1, tensor.shape[-1])
+        want = tensor.shape
     if tuple(tensor.shape) != want:
         raise ValueError(f"{folder}: {name} has shape {tuple(tensor.shape)}, expected {want} (its parts stacked)")
     starts = np.cumsum([0, *rows])

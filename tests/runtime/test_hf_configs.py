@@ -1474,6 +1474,15 @@ QWEN15_MOE = {  # Qwen/Qwen1.5-MoE-A2.7B
     "shared_expert_intermediate_size": 5632, "sliding_window": 32768, "tie_word_embeddings": False,
     "torch_dtype": "bfloat16", "transformers_version": "4.40.0.dev0", "use_cache": True, "use_sliding_window": False,
     "vocab_size": 151936}
+GRANITE_MOE_1B = {  # ibm-granite/granite-3.1-1b-a400m-instruct
+    "architectures": ["GraniteMoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.1,
+    "attention_multiplier": 0.015625, "bos_token_id": 0, "embedding_multiplier": 12.0, "eos_token_id": 0,
+    "hidden_act": "silu", "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 512,
+    "logits_scaling": 6.0, "max_position_embeddings": 131072, "model_type": "granitemoe", "num_attention_heads": 16,
+    "num_experts_per_tok": 8, "num_hidden_layers": 24, "num_key_value_heads": 8, "num_local_experts": 32,
+    "output_router_logits": False, "pad_token_id": 0, "residual_multiplier": 0.22, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 10000000.0, "router_aux_loss_coef": 0.01, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "transformers_version": "4.46.0.dev0", "use_cache": True, "vocab_size": 49155}
 OLMOE_1B_7B = {  # allenai/OLMoE-1B-7B-0924
     "architectures": ["OlmoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": None,
     "eos_token_id": 50279, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
@@ -1486,20 +1495,29 @@ OLMOE_1B_7B = {  # allenai/OLMoE-1B-7B-0924
 
 @pytest.mark.parametrize("data, experts, per_token, size, parameters", [
     (MIXTRAL_8X7B, 8, 2, 14336, 46.7e9), (QWEN3_30B_A3B, 128, 8, 768, 30.5e9), (QWEN15_MOE, 60, 4, 1408, 14.3e9),
-    (OLMOE_1B_7B, 64, 8, 1024, 6.9e9)], ids=["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b"])
+    (OLMOE_1B_7B, 64, 8, 1024, 6.9e9), (GRANITE_MOE_1B, 32, 8, 512, 1.33e9)],
+    ids=["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b", "granite-3.1-1b-a400m"])
 def test_mixtures_of_experts_read_as_their_model_cards_count_them(data, experts, per_token, size, parameters):
     config = parse(data)
     assert (config.num_experts, config.experts_per_token, config.intermediate_size) == (experts, per_token, size)
     assert abs(config.parameters / parameters - 1) < 0.01, config.parameters
-    assert config.norm_topk_prob == (data["model_type"] in ("mixtral", "qwen3_moe"))
+    assert config.norm_topk_prob == (data["model_type"] in ("mixtral", "qwen3_moe", "granitemoe"))
+    assert (config.embedding_multiplier, config.residual_multiplier) == (
+        (12.0, 0.22) if data["model_type"] == "granitemoe" else (1.0, 1.0))
     assert config.qk_norm == (data["model_type"] in ("qwen3_moe", "olmoe"))
     assert config.qkv_bias == (data["model_type"] == "qwen2_moe") and config.sliding_window is None
     assert config.shared_expert_intermediate_size == (5632 if data["model_type"] == "qwen2_moe" else 0)
     assert parse(config.to_hf_dict()) == config  # written as its family, read back equal
-    # and as GPTQ's int4 checkpoint of it (Qwen3-30B-A3B-GPTQ-Int4's quantization_config)
-    gptq = parse({**data, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True,
-                                                  "desc_act": False}})
-    assert (gptq.int4_format, gptq.num_experts) == ("gptq", experts)
+    # and as GPTQ's int4 checkpoint of it (Qwen3-30B-A3B-GPTQ-Int4's quantization_config); Granite MoE's
+    # experts, stacked three-dimensional tensors, are no GPTQ layers
+    gptq = {**data, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True,
+                                            "desc_act": False}}
+    if data["model_type"] == "granitemoe":
+        with pytest.raises(ValueError, match="int4 checkpoints of Granite MoE .every expert of a layer in one "
+                                             "tensor. are not implemented"):
+            parse(gptq)
+    else:
+        assert (parse(gptq).int4_format, parse(gptq).num_experts) == ("gptq", experts)
 
 
 @pytest.mark.parametrize("change, message", [
