@@ -17,6 +17,10 @@ as transformers rounds it) and its norms' 1 + weight (``ModelConfig.offset_norms
 uploaded are 1 + weight). Gemma 3 normalises each sublayer's output before its residual add
 (``post_norm`` into ``post``, which the residual norm then adds).
 
+Ministral 3's queries past its original context are scaled by position after their rotary
+embedding (``ModelConfig.query_scales``): on CPU kernels the step multiplies the rows of q in place
+(numpy reaches them); on CUDA kernels, which do not, such a generation is refused.
+
 A bfloat16 or float16 model on CPU kernels is weight-only (``runtime.plan.precisions``): its
 linear layers read 16-bit words (half the bytes of a decode step), and everything else computes
 and is stored in float32, holding the 16-bit values of the weights it came from. An int4
@@ -182,6 +186,9 @@ class LlamaModel:
             raise ValueError(f"{config.name} is a mixture of experts, which runs on CPU kernels only: its router picks "
                              "each token's experts on the host")
         self.arrays = arrays_for(getattr(kernels, "kind", "cpu"))
+        # Ministral 3's queries past its original context are scaled on the host (ModelConfig.query_scales):
+        # on CPU kernels, whose buffers numpy reaches
+        self.scales_queries = self.arrays.kind == "cpu"
         self.dtype = check_dtype(dtype)
         self.quantize = "q4" if weights.quantized else "none"
         self.group_size = weights.group_size or 128
@@ -553,14 +560,16 @@ class LlamaModel:
         """Run the prompts [B, T] through the model, filling ``caches``; logits [B, V] of the
         last prompt token (on the host) and the padded length the pass ran at."""
         c, arrays = self.config, self.arrays
-        prompts = checked_tokens(c, prompts)
+        prompts = checked_tokens(c, prompts, self.scales_queries)
         batch, tokens = prompts.shape
         padded = self.padded_tokens(batch, tokens)
         k, buf, layers = self._prefill_pass(batch, padded, c.rope_is_long(tokens))
         ids = np.zeros((batch, padded), dtype=np.int64)
         ids[:, :tokens] = prompts
         arrays.set(buf.res_a, self.embed[ids.reshape(-1)])
-        arrays.set(buf.positions, np.tile(np.arange(padded, dtype=np.int32), batch))
+        positions = np.tile(np.arange(padded, dtype=np.int32), batch)
+        arrays.set(buf.positions, positions)
+        query_scales = c.query_scales(positions)  # Ministral 3's past its original context, else None
         if c.pre_norms:
             self._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, buf.rows)()
         for layer, (before, after) in enumerate(layers):
@@ -568,6 +577,8 @@ class LlamaModel:
             for call in before:
                 call()
             q, k_rows = self._qk(buf, layer)
+            if query_scales is not None:
+                np.multiply(q, query_scales[:, None], out=q)
             attention.bind({"Q": q, "K": k_rows, "V": buf.v, "O": buf.attn}, {"T": padded})()
             k_cache, v_cache = caches[layer]
             arrays.write_prompt(k_cache, k_rows, padded)
@@ -730,7 +741,7 @@ class LlamaModel:
         on, and the generation once every one has (``runtime.sampling``). ``keep_logits=False``
         keeps only the tokens (a resident CUDA step of greedy decoding then copies nothing else
         to the host)."""
-        prompts, new_tokens = checked_generation(self.config, prompts, new_tokens)
+        prompts, new_tokens = checked_generation(self.config, prompts, new_tokens, self.scales_queries)
         batch, tokens = prompts.shape
         chooser = NextTokens(batch, sampling, stop_ids, pad_id, self.config.vocab_size)
         step_logits = keep_logits or chooser.needs_logits
@@ -876,12 +887,13 @@ class _DecodeStep:
         # the first layer's input norm (none in OLMo 2: the first call is a no-op then)
         self.bound = ([model._norm(k["first_norm"], layer_name(0, "input_layernorm"), buf.res_a, buf.h, batch)]
                       if c.pre_norms else [_HostCall(lambda: None)])
-        self.layers = []  # per layer: (runs before attention, K and V cache writers, runs after)
+        self.layers = []  # per layer: (runs before attention, K and V cache writers, runs after, its queries)
         for layer, (k_cache, v_cache) in enumerate(caches):
             before, after = model._layer_calls(k, buf, layer)
             self.bound += before + after
-            self.layers.append((tuple(call.run for call in before), arrays.position_writer(k_cache, model._qk(buf, layer)[1]),
-                                arrays.position_writer(v_cache, buf.v), tuple(call.run for call in after)))
+            query, keys = model._qk(buf, layer)
+            self.layers.append((tuple(call.run for call in before), arrays.position_writer(k_cache, keys),
+                                arrays.position_writer(v_cache, buf.v), tuple(call.run for call in after), query))
         self.bound.append(model._linear(k["lm_head"], model.lm_head_name, buf.h, self.logits))
         self.first_norm, self.lm_head = self.bound[0].run, self.bound[-1].run
         self._attention: dict[tuple, list[BoundCall]] = {}  # by kernel identities: buckets may switch with L
@@ -921,10 +933,13 @@ class _DecodeStep:
         arrays.fill(buf.positions, position)
         length = position + 1
         attention = self._attention_calls(length)
+        scales = self.model.config.query_scales(position) if self.model.config.query_scale_beta else None
         self.first_norm()
-        for (before, write_k, write_v, after), attend in zip(self.layers, attention):
+        for (before, write_k, write_v, after, query), attend in zip(self.layers, attention):
             for run in before:
                 run()
+            if scales is not None:  # Ministral 3's queries past its original context
+                np.multiply(query, scales, out=query)
             write_k(position)
             write_v(position)
             attend(L=length)  # checked: at most the cache's S rows

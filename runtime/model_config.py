@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from .abi import is_number
 from .rope_frequencies import PARAMETERS as ROPE_PARAMETERS
 from .rope_frequencies import (ROPE_TYPES, factors_problem, longrope_attention_factor, rope_attrs, rope_problem,
@@ -490,9 +492,22 @@ class ModelConfig:
 
     @property
     def position_limit(self) -> int | None:
-        """The most positions a sequence may take (None: any): Ministral 3's queries past its
-        original context are scaled by position (``query_scale_beta``), which is not implemented."""
+        """The most positions a sequence may take where queries are not scaled by position (None:
+        any): Ministral 3's past its original context are (``query_scale_beta``, ``query_scales``),
+        which the CPU runtime and the reference do and the CUDA kernels do not."""
         return self.rope_original_max_position_embeddings if self.query_scale_beta else None
+
+    def query_scales(self, positions) -> np.ndarray | None:
+        """What Ministral 3 multiplies a query at each of ``positions`` by after its rotary embedding,
+        1 + beta ln(1 + floor(p / original context)) in float32 as transformers computes it (1 within
+        the original context); None for a model that scales no query, or positions that are all
+        within it."""
+        limit = self.position_limit
+        p = np.asarray(positions)
+        if limit is None or not (p >= limit).any():
+            return None
+        return (1 + self.query_scale_beta * np.log(1 + np.floor(p.astype(np.float32) / np.float32(limit)))).astype(
+            np.float32)
 
     def rope_is_long(self, positions: int) -> bool:
         """Whether a forward pass over positions up to ``positions`` (the last one's index + 1)

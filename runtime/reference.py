@@ -10,7 +10,8 @@ where set (embeddings, residual branches, softmax scale, logits). Gemma's way: G
 norm by 1 + its weight, embeddings times sqrt(hidden_size); Gemma 3's too: each sublayer's
 output normalised before its residual add, the sliding layers rotated with their own base;
 SmolLM3's layers without a rotary embedding; OLMo 2's norms of the sublayers' outputs alone and
-of the whole query and key projections; a mixture of experts' routed MLP (``runtime.experts``).
+of the whole query and key projections; a mixture of experts' routed MLP (``runtime.experts``);
+Ministral 3's queries scaled by position past its original context (``ModelConfig.query_scales``).
 Quantised weights enter as the float32 weights their int4 codes stand for.
 """
 from __future__ import annotations
@@ -133,7 +134,7 @@ class ReferenceModel:
     def forward(self, ids: np.ndarray, start: int, caches: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         """Logits [B, V] of the last of the tokens ``ids`` [B, T] placed at ``start``."""
         c, w = self.config, self.w
-        ids = checked_tokens(c, ids)
+        ids = checked_tokens(c, ids, scales_queries=True)
         b, t = ids.shape
         x = w["model.embed_tokens.weight"][ids]                                                   # B,T,h
         residual = np.float32(c.residual_multiplier)  # Granite's scalars: 1 elsewhere
@@ -141,6 +142,7 @@ class ReferenceModel:
             x = x * np.float32(c.embedding_multiplier)
         positions = np.arange(start, start + t)
         scaling = c.rope_scaling_for(start + t)  # past longrope's original context the pass turns by long_factor
+        query_scales = c.query_scales(positions)
         for layer in range(c.num_hidden_layers):
             h = self._norm(x, layer_name(layer, "input_layernorm")) if c.pre_norms else x  # OLMo 2: no pre-norm
             q = self._project(h, layer, "self_attn.q_proj")
@@ -161,6 +163,8 @@ class ReferenceModel:
                 q, k = (rotate(t, positions, c.local_rope_theta) for t in (q, k))
             else:
                 q, k = (rotate(t, positions, c.rope_theta, c.rope_type, c.rotary_dim, **scaling) for t in (q, k))
+            if query_scales is not None:  # Ministral 3's past its original context
+                q = q * query_scales[:, None, None]
             k_cache, v_cache = caches[layer]
             k_cache[:, :, start:start + t] = k.transpose(0, 2, 1, 3)
             v_cache[:, :, start:start + t] = v.transpose(0, 2, 1, 3)
@@ -183,7 +187,7 @@ class ReferenceModel:
         """Up to ``new_tokens`` tokens after ``prompts`` [B, T], chosen and ended as
         ``LlamaModel.generate`` chooses and ends them."""
         c = self.config
-        prompts, new_tokens = checked_generation(c, prompts, new_tokens)
+        prompts, new_tokens = checked_generation(c, prompts, new_tokens, scales_queries=True)
         b, t = prompts.shape
         chooser = NextTokens(b, sampling, stop_ids, pad_id, c.vocab_size)
         capacity = t + new_tokens

@@ -462,8 +462,8 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
     else:
         ids = _prompt_ids(prompt_ids, config.vocab_size)
     length = len(ids) if ids is not None else prompt_tokens
-    try:
-        check_positions(config, length + new_tokens - 1)
+    try:  # before any kernel is built where the target is sure not to scale queries (CUDA)
+        check_positions(config, length + new_tokens - 1, scales_queries=target != "cuda")
     except ValueError as exc:
         raise UserError(str(exc)) from None
     sampling = _sampling(temperature, top_k, top_p, seed)
@@ -481,6 +481,7 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
     try:
         if getattr(kernels, "kind", "cpu") == "cuda":
             resolve_target("cuda")  # a GPU to run them on, said in one line before any weights are made
+        check_positions(config, length + new_tokens - 1, scales_queries=getattr(kernels, "kind", "cpu") == "cpu")
         if config.int4_format is not None:  # an int4 checkpoint's layers are int4, its LM head not
             quantize = "q4" if quantize == "auto" else quantize
             group_size = str(config.int4_group_size) if group_size == "auto" else group_size

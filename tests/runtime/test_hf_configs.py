@@ -1191,17 +1191,20 @@ def test_run_with_zero_kv_heads_is_one_line_and_exit_2(tmp_path):
     assert lines[0].endswith(": num_key_value_heads must be a positive integer, got 0"), lines
 
 
-def test_run_refuses_a_ministral3_generation_past_its_original_context(tmp_path):
+def test_run_refuses_a_ministral3_generation_past_its_original_context_on_cuda_kernels(tmp_path):
+    """The CUDA kernels scale no query by position: said in one line before anything is built (the
+    CPU runtime scales them: test_transformers_parity)."""
     small = {**SMALL, "architectures": ["Ministral3ForCausalLM"], "model_type": "ministral3", "head_dim": 16,
              "rope_parameters": {**MINISTRAL_3_8B["text_config"]["rope_parameters"],
                                  "original_max_position_embeddings": 8}}
     (tmp_path / "config.json").write_text(json.dumps(small))
     (tmp_path / "empty.jsonl").write_text("")
-    proc = _cli(tmp_path, "run", "--model", "config.json", "--log", "empty.jsonl", "--prompt-tokens", "4",
-                "--new-tokens", "6")
+    proc = _cli(tmp_path, "run", "--model", "config.json", "--log", "empty.jsonl", "--target", "cuda",
+                "--prompt-tokens", "4", "--new-tokens", "6")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "scales its queries by position past its first 8 positions" in lines[0] and "takes 9 positions" in lines[0]
+    assert "which the CUDA kernels do not implement" in lines[0]
 
 
 def test_run_refuses_an_empty_prompt_and_a_generation_that_cannot_fit(tmp_path):

@@ -579,29 +579,43 @@ def test_mixtures_of_experts_keep_their_checkpoints_names(family, stored, checkp
     assert all(np.array_equal(again.tensors[name], tensor) for name, tensor in weights.tensors.items())
 
 
-def test_ministral3_past_its_original_context_is_refused_where_transformers_scales_the_queries(
-        checkpoints, default_kernels, prompts):
+def test_ministral3_past_its_original_context_scales_its_queries_as_transformers_does(
+        checkpoints, default_kernels, prompts, fake_gpu):
     """Ministral 3's queries at positions from the original context on are scaled up (by 1 + 0.1
-    ln 2 at 38 here): transformers' logits move there, and a generation that reaches them is
-    refused by name, by the runtime and the reference."""
+    ln 2 at 38 here): transformers' logits move there. The CPU runtime and the reference scale them
+    too: transformers' tokens and logits over a generation that crosses position 38 and one whose
+    prompt is past it; the CUDA kernels do not, and a generation that reaches it is refused there
+    by name."""
+    from fakes import FAKE_GPU_TARGET
+
+    from export import TunedKernels
+
     model, folder = checkpoints["ministral3"]
     config, weights = _load(folder)
     assert config.position_limit == 38
-    ids = torch.from_numpy(np.concatenate([prompts] * 6, axis=1))  # 42 positions
+    long_prompts = np.concatenate([prompts] * 6, axis=1)  # 42 positions
     parameters = model.config.rope_parameters
     with torch.no_grad():
-        scaled = model(ids).logits
+        scaled = model(torch.from_numpy(long_prompts)).logits
         parameters["llama_4_scaling_beta"] = 0.0
         try:
-            plain = model(ids).logits
+            plain = model(torch.from_numpy(long_prompts)).logits
         finally:
             parameters["llama_4_scaling_beta"] = 0.1
     assert torch.equal(scaled[:, :38], plain[:, :38]) and (scaled[:, 38:] - plain[:, 38:]).abs().max() > 1e-3
-    for generate in (LlamaModel(config, weights, default_kernels).generate, ReferenceModel(config, weights).generate):
+    for given, new in ((prompts, 40), (long_prompts, 6)):
+        want_tokens, want_logits = _transformers_generation(model, given, new)
+        for generate in (LlamaModel(config, weights, default_kernels).generate,
+                         ReferenceModel(config, weights).generate):
+            generation = generate(given, new)
+            np.testing.assert_array_equal(generation.tokens, want_tokens)
+            assert np.abs(generation.logits - want_logits).max() < LOGITS_TOLERANCE
+    with TunedKernels.defaults(FAKE_GPU_TARGET) as kernels:
         with pytest.raises(ValueError, match="ministral3 scales its queries by position past its first 38 positions "
-                                             r"\(rope_parameters.llama_4_scaling_beta, Ministral 3's\), which is not "
-                                             "implemented: this sequence takes 39 positions"):
-            generate(prompts, NEW_TOKENS + 1)
+                                             r"\(rope_parameters.llama_4_scaling_beta, Ministral 3's\), which the "
+                                             r"CUDA kernels do not implement \(the CPU runtime does\): this sequence "
+                                             "takes 39 positions"):
+            LlamaModel(config, weights, kernels).generate(prompts, NEW_TOKENS + 1)
 
 
 def _transformers_generation(model, prompts: np.ndarray, new: int) -> tuple[np.ndarray, np.ndarray]:
