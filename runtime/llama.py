@@ -73,7 +73,7 @@ class _Buffers:
         self.rows = rows
         widths = {"res_a": c.hidden_size, "res_b": c.hidden_size, "h": c.hidden_size,
                   "qkv": c.q_size + 2 * c.kv_size, "attn": c.q_size,
-                  "o": c.hidden_size, "gate_up": 2 * c.intermediate_size, "act": c.intermediate_size,
+                  "o": c.hidden_size, "gate_up": 2 * c.dense_size, "act": c.dense_size,
                   "mlp": c.hidden_size}
         if c.qk_norm:
             widths["qkv_pre"] = widths["qkv"]
@@ -95,7 +95,7 @@ class _Buffers:
         self.__dict__.update(self.names)  # plain attributes: buf.h is read often, __getattr__ costs 0.4 us
         (self.q, self.k, self.v), self.split_qkv = arrays.split_columns(self.qkv, (c.q_size, c.kv_size, c.kv_size))
         (self.gate, self.up), self.split_gate_up = arrays.split_columns(
-            self.gate_up, (c.intermediate_size, c.intermediate_size))
+            self.gate_up, (c.dense_size, c.dense_size))
         if c.shared_expert_intermediate_size:
             (self.shared_gate, self.shared_up), self.split_shared = arrays.split_columns(
                 self.shared_gate_up, (c.shared_expert_intermediate_size,) * 2)
@@ -514,7 +514,7 @@ class LlamaModel:
     def _mlp_calls(self, k: dict[str, Kernel], buf: _Buffers, layer: int, x) -> list:
         """The calls of a layer's MLP from ``x`` into ``buf.mlp``: the gated MLP (gate/up, the
         activation, down), or a mixture of experts (``_MixtureOfExperts``)."""
-        if self.config.moe:
+        if self.config.moe_layer(layer):
             return [_HostCall(_MixtureOfExperts(self, k, buf, layer, x))]
         act = GATED_ACTS[self.config.activation]
         return [*self._projection(k, buf, layer, "gate_up_proj", "mlp.gate_up_proj", x),

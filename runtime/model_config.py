@@ -350,6 +350,10 @@ class ModelConfig:
     experts_per_token: int = 0
     norm_topk_prob: bool = False
     shared_expert_intermediate_size: int = 0
+    # a mixture of experts' layers whose MLP is a dense one of ``dense_intermediate_size`` (Qwen MoE's
+    # mlp_only_layers and decoder_sparse_step); every other layer's is the experts'
+    dense_layers: tuple[int, ...] = ()
+    dense_intermediate_size: int = 0
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -546,12 +550,13 @@ class ModelConfig:
         if self.moe:  # every expert, the router, and Qwen2-MoE's shared expert and its gate
             shared = self.shared_expert_intermediate_size
             mlp = self.num_experts * (3 * h * i + h) + (3 * h * shared + h if shared else 0)
+        dense_mlps = len(self.dense_layers) * (3 * h * self.dense_intermediate_size - mlp)
         layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + mlp + 2 * h
         qk_gains = 2 * self.head_dim if self.qk_norm_span == "head" else self.q_size + self.kv_size
         layer += ((self.q_size + 2 * self.kv_size) * self.qkv_bias + h * self.o_bias
                   + (2 * i + h) * self.mlp_bias + qk_gains * self.qk_norm + 2 * h * (self.post_norms - (not self.pre_norms)))
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return self.num_hidden_layers * layer + self.vocab_size * h + head + h
+        return self.num_hidden_layers * layer + dense_mlps + self.vocab_size * h + head + h
 
     def _check_int4(self) -> None:
         """An int4 checkpoint's fields: all three or none, each a value its loader reads."""
@@ -586,11 +591,24 @@ class ModelConfig:
                 raise ValueError(f"model {self.name}: {field} must be a whole number >= 0, got {value!r}")
         if not isinstance(self.norm_topk_prob, bool):
             raise ValueError(f"model {self.name}: norm_topk_prob must be true or false, got {self.norm_topk_prob!r}")
+        dense = self.dense_layers
+        if not isinstance(dense, (tuple, list)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_hidden_layers for i in dense):
+            raise ValueError(f"model {self.name}: dense_layers must be a list of indices of its "
+                             f"{self.num_hidden_layers} layers, got {dense!r}")
+        object.__setattr__(self, "dense_layers", tuple(sorted(set(dense))))  # a JSON list reads back equal
+        size = self.dense_intermediate_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or bool(size) != bool(self.dense_layers):
+            raise ValueError(f"model {self.name}: dense_intermediate_size is the MLP size of dense_layers: a positive "
+                             f"integer where there are some, else 0; got {size!r} with dense_layers {dense!r}")
         if not self.num_experts:
-            if self.experts_per_token or self.shared_expert_intermediate_size or self.norm_topk_prob:
-                raise ValueError(f"model {self.name}: experts_per_token, shared_expert_intermediate_size and "
-                                 "norm_topk_prob describe a mixture of experts; num_experts is 0 (a dense MLP)")
+            if self.experts_per_token or self.shared_expert_intermediate_size or self.norm_topk_prob or dense:
+                raise ValueError(f"model {self.name}: experts_per_token, shared_expert_intermediate_size, "
+                                 "norm_topk_prob and dense_layers describe a mixture of experts; num_experts is 0 "
+                                 "(a dense MLP)")
             return
+        if len(self.dense_layers) == self.num_hidden_layers:
+            raise ValueError(f"model {self.name}: every layer is in dense_layers: no layer has the experts")
         if not 1 <= self.experts_per_token <= self.num_experts:
             raise ValueError(f"model {self.name}: experts_per_token = {self.experts_per_token} must be in 1 .. "
                              f"num_experts = {self.num_experts}")
@@ -603,8 +621,23 @@ class ModelConfig:
 
     @property
     def moe(self) -> bool:
-        """Whether the MLP is a mixture of experts (``num_experts``)."""
+        """Whether the MLP is a mixture of experts (``num_experts``), in some layers at least."""
         return self.num_experts > 0
+
+    def moe_layer(self, layer: int) -> bool:
+        """Whether ``layer``'s MLP is the mixture of experts (not a dense one: ``dense_layers``)."""
+        return self.num_experts > 0 and layer not in self.dense_layers
+
+    @property
+    def moe_layers(self) -> int:
+        """How many layers' MLPs are the mixture of experts."""
+        return self.num_hidden_layers - len(self.dense_layers) if self.moe else 0
+
+    @property
+    def dense_size(self) -> int:
+        """The size of a dense MLP: ``intermediate_size`` of a dense model, ``dense_intermediate_size``
+        of the dense layers among a mixture of experts'."""
+        return self.dense_intermediate_size if self.moe else self.intermediate_size
 
     @property
     def int4_name(self) -> str | None:
@@ -659,7 +692,8 @@ class ModelConfig:
                       *_ROPE_FIELDS.values(), "partial_rotary_factor", "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
                       "qk_norm_span", *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "pre_norms",
                       "local_layers", "local_rope_theta", "nope_layers", "attn_softcap", "final_softcap",
-                      "num_experts", "experts_per_token", "norm_topk_prob", "shared_expert_intermediate_size"):
+                      "num_experts", "experts_per_token", "norm_topk_prob", "shared_expert_intermediate_size",
+                      "dense_layers", "dense_intermediate_size"):
             data.pop(field)
         if self.moe:
             return self._moe_hf_dict(data)
@@ -876,6 +910,8 @@ class ModelConfig:
         else:
             family = "mixtral"
             fits = self.norm_topk_prob and not (self.qkv_bias or self.o_bias or self.local_layers)
+        if self.dense_layers and family not in ("qwen2_moe", "qwen3_moe"):  # the family with mlp_only_layers
+            fits = False
         plain = not (self.nope_layers or self.post_norms or not self.pre_norms or self.rope_interleaved
                      or self.query_scale_beta or self.rope_type == "longrope" or self.partial_rotary_factor != 1.0)
         if not (fits and plain):
@@ -893,9 +929,11 @@ class ModelConfig:
         if granite:  # Granite's scalars, its softmax scale given (GraniteMoeConfig's absent one is 1.0)
             experts.update({name: getattr(self, name) for name in _GRANITE_FIELDS},
                            attention_multiplier=self.attention_scale, attention_bias=self.qkv_bias)
-        if family in ("qwen2_moe", "qwen3_moe"):  # the experts' size under Qwen's name; no dense layers
-            experts.update(moe_intermediate_size=self.intermediate_size, decoder_sparse_step=1, mlp_only_layers=[],
-                           **self._qwen_window())
+        if family in ("qwen2_moe", "qwen3_moe"):  # the experts' size under Qwen's name; the dense layers' theirs
+            experts.update(moe_intermediate_size=self.intermediate_size, decoder_sparse_step=1,
+                           mlp_only_layers=list(self.dense_layers), **self._qwen_window())
+            if self.dense_layers:
+                experts["intermediate_size"] = self.dense_intermediate_size
         if family == "qwen2_moe":
             experts.update(shared_expert_intermediate_size=shared, qkv_bias=self.qkv_bias)
         elif family not in ("mixtral", "granitemoe"):
@@ -1259,10 +1297,7 @@ def _moe_fields(data: Mapping[str, Any], family: str, where: str) -> tuple[Mappi
     if counts["num_experts_per_tok"] > experts:
         raise ValueError(f"{where}: num_experts_per_tok = {counts['num_experts_per_tok']} is more than the "
                          f"{experts} experts")
-    step, dense = fields.get("decoder_sparse_step", 1), fields.get("mlp_only_layers", [])
-    if step != 1 or dense != []:
-        raise ValueError(f"{where}: decoder_sparse_step = {_show(step)}, mlp_only_layers = {_show(dense)}: layers "
-                         "with a dense MLP among the experts' are not implemented; supported: 1 and []")
+    dense = _dense_layers(data, fields, where)
     if family == "granitemoe" and data.get("quantization_config") is not None:
         raise ValueError(f"{where}: int4 checkpoints of Granite MoE (every expert of a layer in one tensor) are not "
                          "implemented")
@@ -1272,10 +1307,31 @@ def _moe_fields(data: Mapping[str, Any], family: str, where: str) -> tuple[Mappi
     norm = fields.get("norm_topk_prob", True)  # Mixtral always renormalises
     if not isinstance(norm, bool):
         raise ValueError(f"{where}: norm_topk_prob = {_show(norm)} is not true or false")
+    dense_size = data.get("intermediate_size", 0) if dense else 0
+    if dense and not _positive_int(dense_size):
+        raise ValueError(f"{where}: intermediate_size = {_show(dense_size)} (the dense layers' MLP size) is not a "
+                         "positive integer")
     if "moe_intermediate_size" in counts:
         data = {**data, "intermediate_size": counts["moe_intermediate_size"]}
     return data, {"num_experts": experts, "experts_per_token": counts["num_experts_per_tok"], "norm_topk_prob": norm,
-                  "shared_expert_intermediate_size": counts.get("shared_expert_intermediate_size", 0)}
+                  "shared_expert_intermediate_size": counts.get("shared_expert_intermediate_size", 0),
+                  "dense_layers": dense, "dense_intermediate_size": dense_size}
+
+
+def _dense_layers(data: Mapping[str, Any], fields: Mapping[str, Any], where: str) -> tuple[int, ...]:
+    """The layers of a Qwen MoE whose MLP is dense, as transformers picks them: those in
+    ``mlp_only_layers``, and those whose index + 1 is no multiple of ``decoder_sparse_step``."""
+    step, only = fields.get("decoder_sparse_step", 1), fields.get("mlp_only_layers", [])
+    layers = _layer_count(data, where) if "num_hidden_layers" in data else 0  # none: refused as missing
+    if not _positive_int(step):
+        raise ValueError(f"{where}: decoder_sparse_step = {_show(step)} is not a positive integer")
+    if not isinstance(only, list) or not all(type(i) is int and 0 <= i < max(layers, 1) for i in only):
+        raise ValueError(f"{where}: mlp_only_layers = {_show(only)} is not a list of indices of its layers")
+    dense = tuple(i for i in range(layers) if i in only or (i + 1) % step)
+    if layers and len(dense) == layers:
+        raise ValueError(f"{where}: decoder_sparse_step = {_show(step)}, mlp_only_layers = {_show(only)} leave no "
+                         "layer with the experts")
+    return dense
 
 
 def _check_layers(data: Mapping[str, Any], family: str, where: str) -> None:

@@ -96,8 +96,13 @@ def check_quantize(config: ModelConfig, quantize: str, group_size: int = 128) ->
     if quantize == "q4":
         if group_size not in (32, 64, 128):
             raise ValueError(f"q4 group size must be 32, 64 or 128, got {group_size}")
-        for name, k in (("hidden_size", config.hidden_size), ("intermediate_size", config.intermediate_size),
-                        ("num_attention_heads * head_dim", config.q_size)):
+        sizes = [("hidden_size", config.hidden_size), ("intermediate_size", config.intermediate_size),
+                 ("num_attention_heads * head_dim", config.q_size)]
+        if config.dense_layers:  # a mixture of experts' dense layers
+            sizes.append(("dense_intermediate_size", config.dense_intermediate_size))
+        if config.shared_expert_intermediate_size:
+            sizes.append(("shared_expert_intermediate_size", config.shared_expert_intermediate_size))
+        for name, k in sizes:
             if k % group_size:
                 raise ValueError(f"--quantize q4: {name} = {k} of {config.name} is not a multiple of the "
                                  f"group size {group_size}")
@@ -389,9 +394,10 @@ def _layer_linears(config: ModelConfig, m: int, quantize: str, group_size: int, 
                _linear("o_proj", m, c.hidden_size, c.q_size, layers, *q, **d)]
     if c.moe:
         linears += _expert_linears(c, m, q, d)
-    else:
-        linears += [_linear("gate_up_proj", m, 2 * c.intermediate_size, c.hidden_size, layers, *q, **d),
-                    _linear("down_proj", m, c.hidden_size, c.intermediate_size, layers, *q, **d)]
+    dense = layers - c.moe_layers  # the layers with a dense MLP: all of a dense model's
+    if dense:
+        linears += [_linear("gate_up_proj", m, 2 * c.dense_size, c.hidden_size, dense, *q, **d),
+                    _linear("down_proj", m, c.hidden_size, c.dense_size, dense, *q, **d)]
     biased = biased_projections(c)
     return linears + gathers + [_rows(bias_role(call.role), "bias_add", m, call.spec.dims["N"], layers)
                                 for call in linears if biased.get(call.role, False)]
@@ -412,7 +418,7 @@ def _expert_linears(config: ModelConfig, rows: int, q: tuple, d: dict) -> list[K
     """A mixture of experts' linear layers in a pass over ``rows`` rows: the router (with Qwen2-MoE's
     shared gate as one more row: ``runtime.weights.router_part``), each expert's gate/up and down,
     and the shared expert's (``expert_rows``)."""
-    c, layers, h = config, config.num_hidden_layers, config.hidden_size
+    c, layers, h = config, config.moe_layers, config.hidden_size
     shared = c.shared_expert_intermediate_size
     m, calls = expert_rows(c, rows, d["dynamic_rows"])
     quantize, group_size, attrs = q
@@ -431,14 +437,15 @@ def _expert_linears(config: ModelConfig, rows: int, q: tuple, d: dict) -> list[K
 
 
 def _acts(config: ModelConfig, rows: int, dynamic_rows: bool) -> list[KernelCall]:
-    """The gated MLPs' activations: one per layer, or a mixture of experts' per expert call and
-    its shared expert's."""
-    c, layers = config, config.num_hidden_layers
+    """The gated MLPs' activations: one per dense layer, and a mixture of experts' per expert call
+    and its shared expert's."""
+    c, layers, dense = config, config.moe_layers, config.num_hidden_layers - config.moe_layers
     act = GATED_ACTS[c.activation]
+    acts = [_rows(act, act, rows, c.dense_size, dense)] if dense else []
     if not c.moe:
-        return [_rows(act, act, rows, c.intermediate_size, layers)]
+        return acts
     m, calls = expert_rows(c, rows, dynamic_rows)
-    acts = [_rows("expert_" + act, act, m, c.intermediate_size, layers * calls)]
+    acts.append(_rows("expert_" + act, act, m, c.intermediate_size, layers * calls))
     if c.shared_expert_intermediate_size:
         acts.append(_rows("shared_" + act, act, rows, c.shared_expert_intermediate_size, layers))
     return acts

@@ -176,7 +176,7 @@ class ReferenceModel:
             else:
                 x = x + out * residual
                 h = self._norm(x, layer_name(layer, "post_attention_layernorm"))
-            out = self._experts(h, layer) if c.moe else self._mlp(h, layer, "mlp")
+            out = self._experts(h, layer) if c.moe_layer(layer) else self._mlp(h, layer, "mlp")
             x = x + (self._norm(out, layer_name(layer, "post_feedforward_layernorm")) if c.post_norms
                      else out * residual)
         h = self._norm(x[:, -1], "model.norm.weight")

@@ -176,10 +176,10 @@ def to_mixtral_name(name: str) -> str:
     return _renamed_expert(name, _QWEN_EXPERT_NAME, "block_sparse_moe", {p: w for w, p in _MIXTRAL_PROJS.items()})
 
 
-def mlp_parts(config: ModelConfig) -> tuple[str, ...]:
-    """The linear layers of a layer's MLP (Hugging Face parts): Llama's three, or a mixture of
+def mlp_parts(config: ModelConfig, layer: int) -> tuple[str, ...]:
+    """The linear layers of ``layer``'s MLP (Hugging Face parts): Llama's three, or a mixture of
     experts' router, every expert's three and Qwen2-MoE's shared expert and its gate."""
-    if not config.moe:
+    if not config.moe_layer(layer):
         return tuple(f"mlp.{proj}" for proj in _GATED)
     experts = tuple(f"mlp.experts.{e}.{proj}" for e in range(config.num_experts) for proj in _GATED)
     shared = ((SHARED_GATE, *(f"mlp.shared_expert.{proj}" for proj in _GATED))
@@ -192,10 +192,10 @@ def router_part(config: ModelConfig) -> str:
     return ROUTER_WITH_SHARED_GATE if config.shared_expert_intermediate_size else ROUTER
 
 
-def device_mlp_parts(config: ModelConfig) -> tuple[str, ...]:
+def device_mlp_parts(config: ModelConfig, layer: int) -> tuple[str, ...]:
     """``mlp_parts`` as the decoder runs them: a dense or shared expert's gate and up stacked, the
     router with the shared gate; the experts' projections as they are."""
-    if not config.moe:
+    if not config.moe_layer(layer):
         return ("mlp.gate_up_proj", "mlp.down_proj")
     experts = tuple(f"mlp.experts.{e}.{proj}" for e in range(config.num_experts) for proj in _GATED)
     shared = (("mlp.shared_expert.gate_up_proj", "mlp.shared_expert.down_proj")
@@ -275,11 +275,13 @@ def device_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def device_linear_names(config: ModelConfig) -> list[str]:
     """The linear layers as the decoder runs them (fused projections, the LM head included)."""
-    return _linear_names(config, (*DEVICE_LINEARS[:2], *device_mlp_parts(config)))
+    return _linear_names(config, DEVICE_LINEARS[:2], device_mlp_parts)
 
 
-def _linear_names(config: ModelConfig, parts: tuple[str, ...]) -> list[str]:
-    names = [layer_name(layer, part) for layer in range(config.num_hidden_layers) for part in parts]
+def _linear_names(config: ModelConfig, attention: tuple[str, ...], mlp) -> list[str]:
+    """Every layer's ``attention`` parts and ``mlp(config, layer)`` parts, then the LM head."""
+    names = [layer_name(layer, part) for layer in range(config.num_hidden_layers)
+             for part in (*attention, *mlp(config, layer))]
     return names + ["lm_head.weight" if not config.tie_word_embeddings else "model.embed_tokens.weight"]
 
 
@@ -295,7 +297,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             layer_name(layer, "input_layernorm"): (h,), layer_name(layer, "post_attention_layernorm"): (h,),
             layer_name(layer, "self_attn.q_proj"): (c.q_size, h), layer_name(layer, "self_attn.k_proj"): (c.kv_size, h),
             layer_name(layer, "self_attn.v_proj"): (c.kv_size, h), layer_name(layer, "self_attn.o_proj"): (h, c.q_size)})
-        shapes.update({layer_name(layer, part): _mlp_shape(c, part) for part in mlp_parts(c)})
+        shapes.update({layer_name(layer, part): _mlp_shape(c, part) for part in mlp_parts(c, layer)})
         shapes.update({bias_name(layer, part): shapes[layer_name(layer, part)][:1] for part in biased_parts(c)})
         if c.qk_norm:  # Qwen3: one gain per head dim, shared by the heads of q (and of k); OLMo 2: one per value
             q_norm, k_norm = QK_NORMS
@@ -313,12 +315,15 @@ def _mlp_shape(config: ModelConfig, part: str) -> tuple[int, int]:
     h = config.hidden_size
     if part in (ROUTER, SHARED_GATE):
         return (config.num_experts if part == ROUTER else 1, h)
-    i = config.shared_expert_intermediate_size if part.startswith("mlp.shared_expert.") else config.intermediate_size
+    if part.startswith("mlp.shared_expert."):
+        i = config.shared_expert_intermediate_size
+    else:  # an expert's, or a dense MLP's
+        i = config.intermediate_size if part.startswith("mlp.experts.") else config.dense_size
     return (h, i) if part.endswith("down_proj") else (i, h)
 
 
 def linear_names(config: ModelConfig) -> list[str]:
-    return _linear_names(config, (*LINEARS[:4], *mlp_parts(config)))
+    return _linear_names(config, LINEARS[:4], mlp_parts)
 
 
 def q4_linear_names(config: ModelConfig, device: bool = False) -> list[str]:

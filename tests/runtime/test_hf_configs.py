@@ -1511,6 +1511,15 @@ def test_mixtures_of_experts_read_as_their_model_cards_count_them(data, experts,
     assert config.qkv_bias == (data["model_type"] == "qwen2_moe") and config.sliding_window is None
     assert config.shared_expert_intermediate_size == (5632 if data["model_type"] == "qwen2_moe" else 0)
     assert parse(config.to_hf_dict()) == config  # written as its family, read back equal
+    if data["model_type"] in ("qwen2_moe", "qwen3_moe"):  # dense layers among the experts', read and written
+        sparse = parse({**data, "decoder_sparse_step": 2, "mlp_only_layers": [3]})
+        assert sparse.dense_layers == (0, 2, 3, *range(4, data["num_hidden_layers"], 2))
+        assert sparse.dense_intermediate_size == data["intermediate_size"] and sparse.intermediate_size == size
+        assert parse(sparse.to_hf_dict()) == sparse
+        h, shared = config.hidden_size, config.shared_expert_intermediate_size
+        moe = config.num_experts * (3 * h * size + h) + (3 * h * shared + h if shared else 0)
+        dense = 3 * h * data["intermediate_size"]  # in place of the experts in each dense layer
+        assert config.parameters - sparse.parameters == len(sparse.dense_layers) * (moe - dense)
     # and as GPTQ's int4 checkpoint of it (Qwen3-30B-A3B-GPTQ-Int4's quantization_config); Granite MoE's
     # experts, stacked three-dimensional tensors, are no GPTQ layers
     gptq = {**data, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True,
@@ -1524,9 +1533,9 @@ def test_mixtures_of_experts_read_as_their_model_cards_count_them(data, experts,
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(mlp_only_layers=[3]), r"mlp_only_layers = \[3\]: layers with a dense MLP among the experts' are not "
-                                "implemented"),
-    (dict(decoder_sparse_step=2), "decoder_sparse_step = 2"),
+    (dict(mlp_only_layers=list(range(48))), r"mlp_only_layers = \[0, 1, .* leave no layer with the experts"),
+    (dict(mlp_only_layers=[48]), r"mlp_only_layers = \[48\] is not a list of indices of its layers"),
+    (dict(decoder_sparse_step=0), "decoder_sparse_step = 0 is not a positive integer"),
     (dict(num_local_experts=64), "num_experts = 128 and num_local_experts = 64 name different counts of experts"),
     (dict(num_experts_per_tok=129), "num_experts_per_tok = 129 is more than the 128 experts"),
     (dict(num_experts=0), "num_experts = 0 is not a positive integer"),
@@ -1557,6 +1566,10 @@ def test_expert_fields_in_a_dense_family_and_olmoes_clipping_are_refused():
     assert not config.qkv_bias and config.sliding_window is None
     with pytest.raises(ValueError, match="experts_per_token = 3 must be in 1 .. num_experts = 2"):
         dataclasses.replace(PRESETS["tiny-moe"], num_experts=2, experts_per_token=3)
-    with pytest.raises(ValueError, match="experts_per_token, shared_expert_intermediate_size and norm_topk_prob "
-                                         "describe a mixture of experts"):
+    with pytest.raises(ValueError, match="experts_per_token, shared_expert_intermediate_size, norm_topk_prob and "
+                                         "dense_layers describe a mixture of experts"):
         dataclasses.replace(PRESETS["tiny"], experts_per_token=2)
+    with pytest.raises(ValueError, match="dense_intermediate_size is the MLP size of dense_layers"):
+        dataclasses.replace(PRESETS["tiny-moe"], dense_layers=(0,))
+    with pytest.raises(ValueError, match="every layer is in dense_layers: no layer has the experts"):
+        dataclasses.replace(PRESETS["tiny-moe"], dense_layers=(0, 1), dense_intermediate_size=256)

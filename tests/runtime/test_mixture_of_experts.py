@@ -175,3 +175,17 @@ def test_a_mapped_tensor_the_kernels_could_not_take_is_copied(tmp_path):
     np.testing.assert_array_equal(tensors["h"], half)
     np.testing.assert_array_equal(tensors["s"], single.reshape(2, 2))
     assert _is_mapped(tensors["h"]) and not _is_mapped(tensors["s"]) and tensors["s"].flags.aligned
+
+
+def test_dense_layers_among_the_experts_call_a_dense_mlp():
+    """Qwen MoE's mlp_only_layers: those layers call gate/up and down of the dense size, the others
+    the router and experts; a decode step reads each kind's bytes."""
+    c = dataclasses.replace(TINY_MOE, dense_layers=(0,), dense_intermediate_size=256)
+    calls = {call.role: call for call in decode_calls(c, 1, 64)}
+    assert calls["gate_up_proj"].spec.dims == {"M": 1, "N": 512, "K": c.hidden_size} and calls["gate_up_proj"].count == 1
+    assert calls["router"].count == 1 and calls["expert_gate"].count == c.experts_per_token
+    assert calls["swiglu"].spec.dims["N"] == 256 and calls["swiglu"].count == 1
+    h, k = c.hidden_size, c.experts_per_token
+    assert weight_bytes(c) - weight_bytes(TINY_MOE) == 4 * (3 * h * 256 - (3 * h * c.intermediate_size * k + h * 8))
+    assert [name for name in linear_names(c) if ".mlp." in name][:3] == [
+        "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"]

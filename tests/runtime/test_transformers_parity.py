@@ -255,6 +255,13 @@ FAMILIES = {
     "qwen2-moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                                          shared_expert_intermediate_size=128), "5.x"),
     "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, **PHI3_IDS), "5.x"),
+    # dense MLPs among the experts' layers: Qwen3-MoE's first layer (mlp_only_layers), Qwen2-MoE's every
+    # other (decoder_sparse_step 2: the first), each of the dense intermediate_size
+    "qwen3-moe-dense": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                               norm_topk_prob=True, mlp_only_layers=[0]), "5.x"),
+    "qwen2-moe-sparse-step": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                                     shared_expert_intermediate_size=128, decoder_sparse_step=2),
+                              "5.x"),
     # Granite MoE: Granite's four scalars (granite-3.1-1b-a400m's), tied as it ships, each layer's experts
     # stacked in two tensors
     "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=12.0,
