@@ -1,7 +1,8 @@
 """How a mixture of experts routes each token (``ModelConfig.num_experts``), as transformers'
-Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE routers do: a softmax over every expert's logit in
-float32, the ``experts_per_token`` most probable experts, their probabilities as the weights of
-their outputs, renormalised to sum 1 where ``norm_topk_prob`` says (Mixtral always does).
+Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE and ERNIE 4.5 MoE routers do: a softmax over
+every expert's logit in float32, the ``experts_per_token`` most probable experts (ERNIE 4.5: of
+the highest probability plus a bias of each), their probabilities as the weights of their
+outputs, renormalised to sum 1 where ``norm_topk_prob`` says (Mixtral always does).
 
 The tuned decoder (``runtime.llama``) and the numpy reference both route with ``route``, so
 they pick the same experts from the same logits; the parity tests check it against
@@ -12,9 +13,16 @@ from __future__ import annotations
 import numpy as np
 
 
-def route(logits: np.ndarray, experts_per_token: int, normalise: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(experts [rows, k] int64, most probable first; weights [rows, k] float32) of router
-    ``logits`` [rows, E]."""
+# transformers' floor of the sum the top probabilities are renormalised by (ERNIE 4.5's moe_norm_min;
+# without a selection bias no such sum comes near it)
+NORM_MIN = 1e-12
+
+
+def route(logits: np.ndarray, experts_per_token: int, normalise: bool,
+          selection_bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(experts [rows, k] int64, the top first; weights [rows, k] float32) of router ``logits``
+    [rows, E]: the most probable experts, or with ``selection_bias`` [E] (ERNIE 4.5's) those of the
+    highest probability plus bias, weighted by their probabilities alone."""
     logits = np.asarray(logits, dtype=np.float32)
     k = experts_per_token
     if logits.ndim != 2 or not 1 <= k <= logits.shape[1]:
@@ -22,11 +30,12 @@ def route(logits: np.ndarray, experts_per_token: int, normalise: bool) -> tuple[
     shifted = logits - logits.max(axis=1, keepdims=True)
     probabilities = np.exp(shifted)
     probabilities /= probabilities.sum(axis=1, keepdims=True)
+    scores = probabilities if selection_bias is None else probabilities + np.asarray(selection_bias, np.float32)
     # the k largest, in descending order (a stable sort: ties go to the lower expert, as torch.topk's do on CPU)
-    chosen = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    chosen = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     weights = np.take_along_axis(probabilities, chosen, axis=1)
     if normalise:
-        weights = weights / weights.sum(axis=1, keepdims=True)
+        weights = weights / np.maximum(weights.sum(axis=1, keepdims=True), np.float32(NORM_MIN))
     return chosen, weights.astype(np.float32)
 
 

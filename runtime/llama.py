@@ -50,7 +50,7 @@ from .precision import check_dtype, from_float, rounded, stored_as, to_float32, 
 from .experts import route, rows_by_expert
 from .sampling import NextTokens, Sampling
 from .weights import (QK_NORMS, DeviceWeights, ModelWeights, bias_name, fused_parts, is_norm_gain, layer_name,
-                      router_part)
+                      router_part, selection_bias_name)
 
 
 # the buffer each projection of a layer writes, by role
@@ -83,7 +83,7 @@ class _Buffers:
             widths.update(gather_hidden=c.hidden_size, gather_attn=c.q_size)
         if c.moe:  # the router's logits, and the rows one expert call reads and writes (_MixtureOfExperts)
             shared = c.shared_expert_intermediate_size
-            widths.update(router=c.num_experts + (1 if shared else 0), expert_x=c.hidden_size,
+            widths.update(router=c.num_experts + (1 if shared and c.shared_expert_gated else 0), expert_x=c.hidden_size,
                           expert_gate=c.intermediate_size, expert_up=c.intermediate_size,
                           expert_act=c.intermediate_size, expert_y=c.hidden_size)
             if shared:
@@ -788,13 +788,17 @@ class _MixtureOfExperts:
     (``runtime.experts.route``). Where the expert kernels read M at run time (a CPU prefill's
     gemms) each picked expert runs once on the rows routed to it, gathered into ``expert_x``;
     otherwise (a decode step's GEMVs of one row) each row runs through its experts one by one. Their
-    outputs, weighted, are summed into ``buf.mlp``, after Qwen2-MoE's shared expert, whose gate is
-    the router's last column. An expert's calls are bound on its first use."""
+    outputs, weighted, are summed into ``buf.mlp``, after the shared expert's (Qwen2-MoE's gated by
+    the router's last column, ERNIE 4.5's as it is). An expert's calls are bound on its first use."""
 
     def __init__(self, model: LlamaModel, k: dict[str, Kernel], buf: _Buffers, layer: int, x):
         c = model.config
         self.model, self.k, self.buf, self.layer, self.x = model, k, buf, layer, x
         self.experts, self.per_token, self.normalise = c.num_experts, c.experts_per_token, c.norm_topk_prob
+        self.gated = c.shared_expert_gated
+        # ERNIE 4.5's bias of each expert's selection, on the host where the experts are picked
+        self.selection_bias = (widened(model.w.tensors[selection_bias_name(layer)]).reshape(-1)
+                               if c.expert_selection_bias else None)
         self.act = "expert_" + GATED_ACTS[c.activation]
         self.grouped = "M" in k["expert_gate"].spec.dynamic
         self._calls: dict[int, tuple] = {}  # expert -> its bound calls
@@ -836,14 +840,16 @@ class _MixtureOfExperts:
     def __call__(self) -> None:
         buf, x, out = self.buf, self.x, self.buf.mlp
         self.router()
-        experts, weights = route(buf.router[:, :self.experts], self.per_token, self.normalise)
+        experts, weights = route(buf.router[:, :self.experts], self.per_token, self.normalise, self.selection_bias)
         if self.shared is None:
             out.fill(0.0)
         else:
             for run in self.shared:
                 run()
-            gate = buf.router[:, self.experts:]
-            np.multiply(buf.shared_y, 1.0 / (1.0 + np.exp(-gate)), out=out)
+            if self.gated:  # Qwen2-MoE's sigmoid gate: the router's last column
+                np.multiply(buf.shared_y, 1.0 / (1.0 + np.exp(-buf.router[:, self.experts:])), out=out)
+            else:
+                np.copyto(out, buf.shared_y)
         if self.grouped:
             for expert, (rows, weight) in rows_by_expert(experts, weights).items():
                 count = len(rows)

@@ -72,10 +72,13 @@ from .rope_frequencies import (ROPE_TYPES, factors_problem, longrope_attention_f
 # attention and fields its own follow). Mixtral is Mistral's layer with a routed MLP (the top-k
 # probabilities renormalised); Qwen3-MoE Qwen3's, Qwen2-MoE Qwen2's (plus a shared expert, gated by
 # a sigmoid), OLMoE Llama's with OLMo 2's norms of the whole query and key projections, Granite MoE
-# Granite's (its four scalars; the top experts' logits softmaxed, which renormalises as Mixtral does).
+# Granite's (its four scalars; the top experts' logits softmaxed, which renormalises as Mixtral does),
+# ERNIE 4.5 MoE ERNIE 4.5's (its first layer dense, ungated shared experts, the experts picked by
+# their probabilities plus a bias of their own, ``expert_selection_bias``).
 MOE_FAMILIES = {"mixtral": ("MixtralForCausalLM", "mistral"), "qwen2_moe": ("Qwen2MoeForCausalLM", "qwen2"),
                 "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3"), "olmoe": ("OlmoeForCausalLM", "llama"),
-                "granitemoe": ("GraniteMoeForCausalLM", "granite")}
+                "granitemoe": ("GraniteMoeForCausalLM", "granite"),
+                "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM", "ernie4_5")}
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
             "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
@@ -182,6 +185,9 @@ READ_FIELDS = frozenset({
     # OLMoE's clipping of q, k and v (null only)
     "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
     "decoder_sparse_step", "mlp_only_layers", "shared_expert_intermediate_size", "qkv_bias", "clip_qkv",
+    # ERNIE 4.5 MoE's names of them (_ernie_moe_fields)
+    "moe_num_experts", "moe_k", "moe_num_shared_experts", "moe_layer_start_index", "moe_layer_end_index",
+    "moe_layer_interval", "moe_norm_min", "num_nextn_predict_layers",
     # Gemma's and Gemma 3's (gemma families only: _GEMMA_FIELDS)
     *("hidden_activation", "query_pre_attn_scalar", "rope_local_base_freq", "sliding_window_pattern",
       "_sliding_window_pattern", "final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention")})
@@ -354,6 +360,12 @@ class ModelConfig:
     # mlp_only_layers and decoder_sparse_step); every other layer's is the experts'
     dense_layers: tuple[int, ...] = ()
     dense_intermediate_size: int = 0
+    # whether the shared expert's output is gated (Qwen2-MoE's sigmoid of ``mlp.shared_expert_gate``) or
+    # added as it is (ERNIE 4.5's); and whether the experts are picked by their probabilities plus a
+    # bias of each (ERNIE 4.5's ``mlp.moe_statics.e_score_correction_bias``, [1, E]), the probabilities
+    # alone weighting their outputs
+    shared_expert_gated: bool = True
+    expert_selection_bias: bool = False
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -589,8 +601,11 @@ class ModelConfig:
         for field, value in counts.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"model {self.name}: {field} must be a whole number >= 0, got {value!r}")
-        if not isinstance(self.norm_topk_prob, bool):
-            raise ValueError(f"model {self.name}: norm_topk_prob must be true or false, got {self.norm_topk_prob!r}")
+        for field in ("norm_topk_prob", "shared_expert_gated", "expert_selection_bias"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"model {self.name}: {field} must be true or false, got {getattr(self, field)!r}")
+        if self.expert_selection_bias and not self.num_experts:
+            raise ValueError(f"model {self.name}: expert_selection_bias describes a mixture of experts; num_experts is 0")
         dense = self.dense_layers
         if not isinstance(dense, (tuple, list)) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_hidden_layers for i in dense):
@@ -693,7 +708,7 @@ class ModelConfig:
                       "qk_norm_span", *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "pre_norms",
                       "local_layers", "local_rope_theta", "nope_layers", "attn_softcap", "final_softcap",
                       "num_experts", "experts_per_token", "norm_topk_prob", "shared_expert_intermediate_size",
-                      "dense_layers", "dense_intermediate_size"):
+                      "dense_layers", "dense_intermediate_size", "shared_expert_gated", "expert_selection_bias"):
             data.pop(field)
         if self.moe:
             return self._moe_hf_dict(data)
@@ -896,6 +911,8 @@ class ModelConfig:
         projections, else Mixtral's."""
         shared, span = self.shared_expert_intermediate_size, self.qk_norm_span if self.qk_norm else None
         granite = self.scaled or self.attention_multiplier is not None
+        if self.rope_interleaved:  # ERNIE 4.5's pairs of adjacent dims
+            return self._ernie_moe_hf_dict(data)
         if granite:
             family = "granitemoe"
             fits = (self.norm_topk_prob and not (shared or span or self.local_layers or self.sliding_window)
@@ -911,6 +928,8 @@ class ModelConfig:
             family = "mixtral"
             fits = self.norm_topk_prob and not (self.qkv_bias or self.o_bias or self.local_layers)
         if self.dense_layers and family not in ("qwen2_moe", "qwen3_moe"):  # the family with mlp_only_layers
+            fits = False
+        if not self.shared_expert_gated or self.expert_selection_bias:  # ERNIE 4.5's alone
             fits = False
         plain = not (self.nope_layers or self.post_norms or not self.pre_norms or self.rope_interleaved
                      or self.query_scale_beta or self.rope_type == "longrope" or self.partial_rotary_factor != 1.0)
@@ -939,6 +958,28 @@ class ModelConfig:
         elif family not in ("mixtral", "granitemoe"):
             experts["attention_bias"] = self.qkv_bias
         data.update(experts, model_type=family, architectures=[FAMILIES[family]], hidden_act="silu")
+        return data
+
+    def _ernie_moe_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``to_hf_dict`` of ERNIE 4.5 MoE: its dense layers those before ``moe_layer_start_index``,
+        its shared experts ungated (a multiple of the experts' size), the experts picked with a bias."""
+        moe = [i for i in range(self.num_hidden_layers) if self.moe_layer(i)]
+        shared, size = self.shared_expert_intermediate_size, self.intermediate_size
+        fits = (moe == list(range(moe[0], self.num_hidden_layers)) and bool(self.dense_layers) == bool(moe[0])
+                and not self.shared_expert_gated and self.expert_selection_bias and self.norm_topk_prob
+                and shared % size == 0 and self.qkv_bias == self.o_bias == self.mlp_bias
+                and self._plain_layers() and self.sliding_window is None and self.rope_type == "default"
+                and self.rotary_dim == self.head_dim and self.head_dim * self.num_attention_heads == self.hidden_size)
+        if not fits:
+            raise ValueError(f"model {self.name}: a mixture of experts with rotary pairs of adjacent dims is ERNIE 4.5 "
+                             "MoE's, which cannot hold these settings")
+        data.pop("sliding_window")
+        data.update(model_type="ernie4_5_moe", architectures=[FAMILIES["ernie4_5_moe"]], hidden_act="silu",
+                    use_bias=self.qkv_bias, intermediate_size=self.dense_intermediate_size or size,
+                    moe_intermediate_size=size, moe_k=self.experts_per_token, moe_num_experts=self.num_experts,
+                    moe_num_shared_experts=shared // size, moe_layer_start_index=moe[0],
+                    moe_layer_end_index=self.num_hidden_layers - 1, moe_layer_interval=1, moe_norm_min=1e-12)
+        data.pop("head_dim")  # hidden_size / num_attention_heads, as the family computes it
         return data
 
     def _qwen_window(self) -> dict[str, Any]:
@@ -1061,7 +1102,7 @@ class ModelConfig:
         q_size = heads * head_dim if _positive_int(heads) and _positive_int(head_dim) else None
         scalars.update(_int4_checkpoint(data, where, (data["hidden_size"], data["intermediate_size"], q_size)))
         scalars["query_scale_beta"] = _query_scale_beta(data, family, rope_type, where)
-        scalars["rope_interleaved"] = family in ("ernie4_5", "helium", "glm4")
+        scalars["rope_interleaved"] = family in ("ernie4_5", "ernie4_5_moe", "helium", "glm4")
         if family == "glm4":  # Gemma 2's norms of the sublayers' outputs, by the weight itself
             scalars["post_norms"] = True
         if family == "olmoe":  # OLMo 2's norms of the whole query and key projections, before the sublayers
@@ -1076,7 +1117,7 @@ class ModelConfig:
                                         where),
                    rope_theta=_rope_theta(data, where, _ABSENT_THETA.get(family, 10000.0)),
                    tie_word_embeddings=_flag(data, "tie_word_embeddings", where,
-                                             family in (*_GEMMA_FAMILIES, "smollm3", "ernie4_5")),
+                                             family in (*_GEMMA_FAMILIES, "smollm3", "ernie4_5", "ernie4_5_moe")),
                    max_position_embeddings=_or(data.get("max_position_embeddings"), _ABSENT_POSITIONS[family]),
                    sliding_window=window, rope_type=rope_type, partial_rotary_factor=partial,
                    **{_ROPE_FIELDS[p]: v for p, v in scaling.items()}, **biases,
@@ -1130,23 +1171,24 @@ class ModelConfig:
 # transformers 4.x and 5.x (Llama's: one per query head); null, as 4.x reads it, is one per query head.
 _ABSENT_KV_HEADS = {"mistral": 8, "mixtral": 8, "qwen2_moe": 16, "qwen3_moe": 4, "glm4": 2, "seed_oss": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4,
                     "gemma3_text": 4, "smollm3": 4,
-                    "ministral": 8, "ministral3": 8, "exaone4": 32, "ernie4_5": 2, "helium": 20}
+                    "ministral": 8, "ministral3": 8, "exaone4": 32, "ernie4_5": 2, "helium": 20, "ernie4_5_moe": 4}
 # Likewise an absent sliding_window (MistralConfig's is 4096; null: none) and an absent
 # max_position_embeddings (kept, and written back by to_hf_dict; nothing computes with it)
 _ABSENT_WINDOW = {"mistral": 4096, "gemma2": 4096, "gemma3_text": 4096, "olmo3": 4096, "ministral": 4096,
                   "exaone4": 4096}
 # the config classes' rms_norm_eps where left out; every other family's: 1e-6
 _ABSENT_EPS = {"glm4": 1.5625e-07, "phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5, "exaone4": 1e-5,
-               "ernie4_5": 1e-5, "helium": 1e-8, "mixtral": 1e-5, "olmoe": 1e-5}
+               "ernie4_5": 1e-5, "helium": 1e-8, "mixtral": 1e-5, "olmoe": 1e-5, "ernie4_5_moe": 1e-5}
 _ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096, "granite": 2048,
                      "gemma": 8192, "gemma2": 8192, "gemma3_text": 131072, "smollm3": 32768, "olmo2": 2048,
                      "olmo3": 2048,
                      "ministral3": 262144, "ministral": 131072, "exaone4": 2048, "ernie4_5": 131072, "glm4": 131072,
                      "seed_oss": 524288,
                      "helium": 4096, "mixtral": 131072, "qwen2_moe": 32768, "qwen3_moe": 32768, "olmoe": 4096,
-                     "granitemoe": 2048}
+                     "granitemoe": 2048, "ernie4_5_moe": 131072}
 # the config classes' bases (SmolLM3's, ERNIE 4.5's, Helium's); 10000 elsewhere (Gemma 3, OLMo 3: _layer_kind_ropes)
-_ABSENT_THETA = {"smollm3": 2000000.0, "ernie4_5": 500000.0, "helium": 100000.0, "mixtral": 1000000.0}
+_ABSENT_THETA = {"smollm3": 2000000.0, "ernie4_5": 500000.0, "helium": 100000.0, "mixtral": 1000000.0,
+                 "ernie4_5_moe": 500000.0}
 # Qwen3Config's head_dim is 128 whatever hidden_size / num_attention_heads is, Gemma's 256
 _ABSENT_HEAD_DIM = {"seed_oss": 128, "qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3_text": 256, "ministral3": 128,
                     "ernie4_5": 128, "helium": 128, "glm4": 128}
@@ -1258,9 +1300,50 @@ _MOE_DEFAULTS = {
     "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
                   "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
     "olmoe": {"num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False, "clip_qkv": None},
-    "granitemoe": {"num_local_experts": 8, "num_experts_per_tok": 2}}
+    "granitemoe": {"num_local_experts": 8, "num_experts_per_tok": 2},
+    # its own names (_ERNIE_MOE_FIELDS); moe_layer_end_index -1: the last layer
+    "ernie4_5_moe": {"moe_num_experts": 64, "moe_k": 6, "moe_intermediate_size": 1536, "moe_num_shared_experts": 2,
+                     "moe_layer_start_index": 1, "moe_layer_end_index": -1, "moe_layer_interval": 1,
+                     "moe_norm_min": 1e-12, "num_nextn_predict_layers": None}}
 # every field _MOE_DEFAULTS names: refused in a dense family's config
 _MOE_KEYS = frozenset(k for fields in _MOE_DEFAULTS.values() for k in fields) | {"num_experts"}
+
+
+def _ernie_moe_fields(data: Mapping[str, Any], fields: Mapping[str, Any], where: str
+                      ) -> tuple[Mapping[str, Any], dict[str, Any]]:
+    """``_moe_fields`` of ERNIE 4.5 MoE, from its own names: the experts from
+    ``moe_layer_start_index`` to ``moe_layer_end_index`` every ``moe_layer_interval``-th layer, the
+    other layers dense; ``moe_num_shared_experts`` experts' worth of a shared one, added ungated; the
+    experts picked by probability plus ``e_score_correction_bias``, their weights renormalised
+    (``moe_norm_min``, transformers' floor of the sum, 1e-12 only: no sum of probabilities comes
+    near it). Its multi-token-prediction layers (``num_nextn_predict_layers``) are not run, as
+    transformers runs none."""
+    experts, per_token, size, shared = (fields[k] for k in ("moe_num_experts", "moe_k", "moe_intermediate_size",
+                                                             "moe_num_shared_experts"))
+    for field, value in (("moe_num_experts", experts), ("moe_k", per_token), ("moe_intermediate_size", size)):
+        if not _positive_int(value):
+            raise ValueError(f"{where}: {field} = {_show(value)} is not a positive integer")
+    if not (type(shared) is int and shared >= 0):
+        raise ValueError(f"{where}: moe_num_shared_experts = {_show(shared)} is not a whole number")
+    if per_token > experts:
+        raise ValueError(f"{where}: moe_k = {per_token} is more than the {experts} experts")
+    if fields["moe_norm_min"] != 1e-12:
+        raise ValueError(f"{where}: moe_norm_min = {_show(fields['moe_norm_min'])} is not implemented; supported: 1e-12")
+    layers = _layer_count(data, where) if "num_hidden_layers" in data else 0
+    start, end, interval = (fields[k] for k in ("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval"))
+    end = layers - 1 if end == -1 else end
+    if not (type(start) is int and start >= 0 and type(end) is int and _positive_int(interval)):
+        raise ValueError(f"{where}: moe_layer_start_index = {_show(start)}, moe_layer_end_index = {_show(end)}, "
+                         f"moe_layer_interval = {_show(interval)} do not say which layers have the experts")
+    dense = tuple(i for i in range(layers) if not ((i + 1) % interval == 0 and start <= i <= end))
+    if layers and len(dense) == layers:
+        raise ValueError(f"{where}: moe_layer_start_index = {start} .. moe_layer_end_index = {end} leave no layer with "
+                         "the experts")
+    dense_size = data.get("intermediate_size", 0) if dense else 0
+    return {**data, "intermediate_size": size}, {
+        "num_experts": experts, "experts_per_token": per_token, "norm_topk_prob": True,
+        "shared_expert_intermediate_size": size * shared, "shared_expert_gated": False, "expert_selection_bias": True,
+        "dense_layers": dense, "dense_intermediate_size": dense_size}
 
 
 def _moe_fields(data: Mapping[str, Any], family: str, where: str) -> tuple[Mapping[str, Any], dict[str, Any]]:
@@ -1280,6 +1363,9 @@ def _moe_fields(data: Mapping[str, Any], family: str, where: str) -> tuple[Mappi
     if stray:
         raise ValueError(f"{where}: {stray[0]} = {_show(data[stray[0]])} is not read by transformers for model_type "
                          f"{family!r}")
+    if family == "ernie4_5_moe":
+        return _ernie_moe_fields(data, {k: _or(data.get(k), v) if v is not None else data.get(k)
+                                        for k, v in own.items()}, where)
     named = {k: data[k] for k in ("num_experts", "num_local_experts") if data.get(k) is not None}
     if len(named) == 2 and named["num_experts"] != named["num_local_experts"]:
         raise ValueError(f"{where}: num_experts = {_show(named['num_experts'])} and num_local_experts = "
@@ -1361,7 +1447,7 @@ def _biases(data: Mapping[str, Any], family: str, where: str) -> dict[str, bool]
     biases it announces)."""
     for field, owner, name in (("use_bias", "ernie4_5", "an ERNIE 4.5"), ("qkv_bias", "qwen2_moe", "a Qwen2-MoE"),
                                ("attention_out_bias", "seed_oss", "a Seed-OSS")):
-        if field in data and family != owner:
+        if field in data and family != owner and not (field == "use_bias" and family == "ernie4_5_moe"):
             raise ValueError(f"{where}: {field} = {_show(data[field])} is {name} field, not implemented for "
                              f"model_type {family!r}")
     if family == "seed_oss":  # each projection's bias its own switch
@@ -1386,7 +1472,7 @@ def _biases(data: Mapping[str, Any], family: str, where: str) -> dict[str, bool]
             raise ValueError(f"{where}: attention_bias = {_show(qkv)}, mlp_bias = {_show(mlp)}: GLM-4 reads "
                              "attention_bias (true or false) alone")
         return {"qkv_bias": qkv}
-    if family == "ernie4_5":  # use_bias: every projection's, or none
+    if family in ("ernie4_5", "ernie4_5_moe"):  # use_bias: every projection's, or none
         every = _or(data.get("use_bias"), False)
         if not isinstance(every, bool) or attention or mlp:
             raise ValueError(f"{where}: use_bias = {_show(data.get('use_bias'))} with attention_bias "

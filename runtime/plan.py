@@ -423,7 +423,8 @@ def _expert_linears(config: ModelConfig, rows: int, q: tuple, d: dict) -> list[K
     m, calls = expert_rows(c, rows, d["dynamic_rows"])
     quantize, group_size, attrs = q
     # the router stays in floats where the LM head does (an int4 checkpoint's)
-    router = _linear("router", rows, c.num_experts + (1 if shared else 0), h, layers, head_quantize(c, quantize),
+    gated = shared and c.shared_expert_gated
+    router = _linear("router", rows, c.num_experts + (1 if gated else 0), h, layers, head_quantize(c, quantize),
                      group_size, attrs, **d)
     # an expert's gate and up apart (one task): its weights are read where they lie, not stacked in a
     # copy, which for a model of experts would be most of its bytes again

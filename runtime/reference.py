@@ -25,7 +25,7 @@ from .model_config import ModelConfig
 from .rope_frequencies import inverse_frequencies, rotation_scale_of
 from .sampling import NextTokens, Sampling
 from .experts import route, rows_by_expert
-from .weights import ROUTER, SHARED_GATE, ModelWeights, bias_name, biased_parts, layer_name
+from .weights import ROUTER, SHARED_GATE, ModelWeights, bias_name, biased_parts, layer_name, selection_bias_name
 
 
 def rms_norm(x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
@@ -122,13 +122,17 @@ class ReferenceModel:
         gated by a sigmoid, added."""
         c = self.config
         rows = h.reshape(-1, c.hidden_size)
-        experts, weights = route(self._matmul(rows, layer_name(layer, ROUTER)), c.experts_per_token, c.norm_topk_prob)
+        bias = self.w[selection_bias_name(layer)].reshape(-1) if c.expert_selection_bias else None
+        experts, weights = route(self._matmul(rows, layer_name(layer, ROUTER)), c.experts_per_token, c.norm_topk_prob,
+                                 bias)
         out = np.zeros_like(rows)
         for expert, (picked, weight) in rows_by_expert(experts, weights).items():
             out[picked] += weight[:, None] * self._mlp(rows[picked], layer, f"mlp.experts.{expert}")
         if c.shared_expert_intermediate_size:
-            gate = self._matmul(rows, layer_name(layer, SHARED_GATE))
-            out += self._mlp(rows, layer, "mlp.shared_expert") / (1.0 + np.exp(-gate))
+            shared = self._mlp(rows, layer, "mlp.shared_expert")
+            if c.shared_expert_gated:  # Qwen2-MoE's sigmoid gate; ERNIE 4.5's shared experts are added as they are
+                shared = shared / (1.0 + np.exp(-self._matmul(rows, layer_name(layer, SHARED_GATE))))
+            out += shared
         return out.reshape(h.shape)
 
     def forward(self, ids: np.ndarray, start: int, caches: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:

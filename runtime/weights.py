@@ -48,6 +48,13 @@ GLM_NORMS = {"post_self_attn_layernorm": "post_attention_layernorm",
 _GLM_NORM_NAME = re.compile(r"(model\.layers\.\d+\.)(\w+)(\.weight)")
 
 
+def _ignored(config: ModelConfig, name: str) -> bool:
+    """Whether checkpoint tensor ``name`` is one the decoder leaves unread (``IGNORED_TENSORS``, and
+    ERNIE 4.5 MoE's multi-token-prediction layers, which transformers does not load either)."""
+    ernie_moe = config.expert_selection_bias and "mtp" in name
+    return bool(IGNORED_TENSORS.fullmatch(name)) or ernie_moe
+
+
 def glm_norms(config: ModelConfig) -> bool:
     """Whether ``config``'s checkpoints name their norms as GLM-4's (pairs of adjacent dims and norms
     of the sublayers' outputs: GLM-4 is the family with both)."""
@@ -68,9 +75,11 @@ def text_name(config: ModelConfig, name: str) -> str | None:
     prefix, None for the image side's tensors."""
     if glm_norms(config):
         return renamed_norm(name, GLM_NORMS)
-    if config.moe:  # Mixtral's names, Granite MoE's router
+    if config.moe:  # Mixtral's names, Granite MoE's router, ERNIE 4.5's shared experts
         found = _GRANITE_ROUTER.fullmatch(name)
-        return f"{found.group(1)}{ROUTER}.weight" if found else from_mixtral_name(name)
+        if found:
+            return f"{found.group(1)}{ROUTER}.weight"
+        return from_mixtral_name(name).replace(".mlp.shared_experts.", ".mlp.shared_expert.")
     if config.multimodal is None:
         return name
     if IMAGE_SIDE.fullmatch(name):
@@ -182,14 +191,22 @@ def mlp_parts(config: ModelConfig, layer: int) -> tuple[str, ...]:
     if not config.moe_layer(layer):
         return tuple(f"mlp.{proj}" for proj in _GATED)
     experts = tuple(f"mlp.experts.{e}.{proj}" for e in range(config.num_experts) for proj in _GATED)
-    shared = ((SHARED_GATE, *(f"mlp.shared_expert.{proj}" for proj in _GATED))
-              if config.shared_expert_intermediate_size else ())
-    return (ROUTER, *experts, *shared)
+    shared = tuple(f"mlp.shared_expert.{proj}" for proj in _GATED) if config.shared_expert_intermediate_size else ()
+    gate = (SHARED_GATE,) if shared and config.shared_expert_gated else ()
+    return (ROUTER, *experts, *gate, *shared)
+
+
+# ERNIE 4.5 MoE's bias of each expert's selection (``ModelConfig.expert_selection_bias``), [1, E]
+SELECTION_BIAS = "mlp.moe_statics.e_score_correction_bias"
+
+
+def selection_bias_name(layer: int) -> str:
+    return f"model.layers.{layer}.{SELECTION_BIAS}"
 
 
 def router_part(config: ModelConfig) -> str:
     """The router's part as the decoder runs it: with a shared expert, stacked with its gate."""
-    return ROUTER_WITH_SHARED_GATE if config.shared_expert_intermediate_size else ROUTER
+    return ROUTER_WITH_SHARED_GATE if config.shared_expert_intermediate_size and config.shared_expert_gated else ROUTER
 
 
 def device_mlp_parts(config: ModelConfig, layer: int) -> tuple[str, ...]:
@@ -298,6 +315,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             layer_name(layer, "self_attn.q_proj"): (c.q_size, h), layer_name(layer, "self_attn.k_proj"): (c.kv_size, h),
             layer_name(layer, "self_attn.v_proj"): (c.kv_size, h), layer_name(layer, "self_attn.o_proj"): (h, c.q_size)})
         shapes.update({layer_name(layer, part): _mlp_shape(c, part) for part in mlp_parts(c, layer)})
+        if c.expert_selection_bias and c.moe_layer(layer):
+            shapes[selection_bias_name(layer)] = (1, c.num_experts)
         shapes.update({bias_name(layer, part): shapes[layer_name(layer, part)][:1] for part in biased_parts(c)})
         if c.qk_norm:  # Qwen3: one gain per head dim, shared by the heads of q (and of k); OLMo 2: one per value
             q_norm, k_norm = QK_NORMS
@@ -606,7 +625,7 @@ class ModelWeights:
         if twice:
             raise ValueError(f"{folder}: tensor {twice[0]} is in the checkpoint both alone and stacked in "
                              f"{next(n for n, parts in stacked.items() if twice[0] in parts)}")
-        unused = sorted(n for n in found if n not in wanted and n not in stacked and not IGNORED_TENSORS.fullmatch(n))
+        unused = sorted(n for n in found if n not in wanted and n not in stacked and not _ignored(config, n))
         tied_head = config.tie_word_embeddings and "lm_head.weight" in unused
         if tied_head:  # checked below: the LM head is the embedding, so it may only repeat it
             unused.remove("lm_head.weight")
@@ -666,6 +685,8 @@ class ModelWeights:
             tensors = {to_mixtral_name(name): tensor for name, tensor in tensors.items()}
         elif granite_experts(self.config):
             tensors = _granite_stacks(self.config, dict(tensors))
+        elif self.config.moe and not self.config.shared_expert_gated:  # ERNIE 4.5's name of its shared experts
+            tensors = {name.replace(".mlp.shared_expert.", ".mlp.shared_experts."): t for name, t in tensors.items()}
         # numpy has no bfloat16: such tensors are written widened (float32, the same values)
         save_file({name: widened(t) if isinstance(t, Bfloat16Words) else t for name, t in tensors.items()},
                   str(out / "model.safetensors"))

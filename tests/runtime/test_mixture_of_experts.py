@@ -189,3 +189,47 @@ def test_dense_layers_among_the_experts_call_a_dense_mlp():
     assert weight_bytes(c) - weight_bytes(TINY_MOE) == 4 * (3 * h * 256 - (3 * h * c.intermediate_size * k + h * 8))
     assert [name for name in linear_names(c) if ".mlp." in name][:3] == [
         "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"]
+
+
+ERNIE_MOE = {"architectures": ["Ernie4_5_MoeForCausalLM"], "model_type": "ernie4_5_moe", "hidden_size": 128,
+             "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 3,
+             "vocab_size": 512, "moe_num_experts": 8, "moe_k": 2, "moe_intermediate_size": 64,
+             "moe_num_shared_experts": 2, "moe_layer_start_index": 1, "moe_layer_end_index": -1,
+             "moe_layer_interval": 1, "moe_norm_min": 1e-12, "num_nextn_predict_layers": 1, "use_bias": False,
+             "tie_word_embeddings": True}
+
+
+def test_ernie_moe_reads_its_layers_and_leaves_its_multi_token_prediction_layers_unread(tmp_path):
+    """ERNIE 4.5 MoE: the layers before moe_layer_start_index dense, the shared expert ungated and
+    two experts wide, the experts picked with a bias; a checkpoint's multi-token-prediction tensors
+    (which transformers does not load either) are not read; settings it cannot run are refused."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    from runtime.model_config import ModelConfig
+    from runtime.weights import read_header
+
+    config = ModelConfig.from_hf_dict(ERNIE_MOE, "ernie-moe")
+    assert (config.dense_layers, config.dense_intermediate_size, config.intermediate_size) == ((0,), 256, 64)
+    assert (config.shared_expert_intermediate_size, config.shared_expert_gated) == (128, False)
+    assert config.expert_selection_bias and config.norm_topk_prob and config.rope_interleaved
+    assert ModelConfig.from_hf_dict(config.to_hf_dict(), "ernie-moe") == config
+    weights = ModelWeights.random(config, seed=2)
+    weights.save(tmp_path)
+    names = set(read_header(tmp_path / "model.safetensors")[0])
+    assert "model.layers.2.mlp.shared_experts.up_proj.weight" in names
+    assert "model.layers.2.mlp.moe_statics.e_score_correction_bias" in names
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    save_file({**stored, "model.mtp_linear_proj.0.weight": np.zeros((4, 4), np.float32)},
+              str(tmp_path / "model.safetensors"))
+    loaded = ModelWeights.load(config, tmp_path)
+    assert set(loaded.tensors) == set(weights.tensors)  # the shared experts under their name here, no mtp
+    for name, tensor in weights.tensors.items():
+        np.testing.assert_array_equal(loaded.tensors[name], tensor)
+    for change, message in ((dict(moe_norm_min=1e-6), "moe_norm_min = 1e-06 is not implemented"),
+                            (dict(moe_layer_start_index=3), "leave no layer with the experts"),
+                            (dict(moe_k=9), "moe_k = 9 is more than the 8 experts")):
+        with pytest.raises(ValueError, match=message):
+            ModelConfig.from_hf_dict({**ERNIE_MOE, **change}, "ernie-moe")
+    assert json.loads((tmp_path / "config.json").read_text())["moe_num_shared_experts"] == 2

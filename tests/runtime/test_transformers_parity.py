@@ -267,8 +267,12 @@ FAMILIES = {
     "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=12.0,
                                             residual_multiplier=0.22, attention_multiplier=0.015625,
                                             logits_scaling=6.0, tie_word_embeddings=True), "5.x"),
+    # ERNIE 4.5 MoE (21B-A3B's layout): rotary pairs of adjacent dims, the first layer dense, two experts'
+    # worth of shared expert added ungated, the experts picked by probability plus a bias of each
+    "ernie4.5-moe": ("Ernie4_5_MoeConfig", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=64,
+                                                moe_num_shared_experts=2, moe_layer_start_index=1), "5.x"),
 }
-MIXTURES = ["mixtral", "qwen3-moe", "qwen2-moe", "olmoe", "granitemoe"]
+MIXTURES = ["mixtral", "qwen3-moe", "qwen2-moe", "olmoe", "granitemoe", "ernie4.5-moe"]
 # the model class of a config class, where it is not the config's name with ForCausalLM
 MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM", "Gemma3Config": "Gemma3ForConditionalGeneration",
                  "Mistral3Config": "Mistral3ForConditionalGeneration",
@@ -549,13 +553,19 @@ def test_the_routing_matters(family, checkpoints, prompts):
     model, folder = checkpoints[family]
     config, weights = _load(folder)
     assert config.num_experts == 4 and config.experts_per_token == 2
-    assert config.norm_topk_prob == (family in ("mixtral", "qwen3-moe", "granitemoe"))
+    assert config.norm_topk_prob == (family in ("mixtral", "qwen3-moe", "granitemoe", "ernie4.5-moe"))
     changes = [dict(experts_per_token=1), dict(norm_topk_prob=not config.norm_topk_prob)]
     for changed in changes:
         other = dataclasses.replace(config, **changed)
         generation = ReferenceModel(other, weights).generate(prompts, NEW_TOKENS)
         want = _teacher_forced_logits(model, prompts, generation.tokens)
         assert np.abs(generation.logits - want).max() > 10 * LOGITS_TOLERANCE, changed
+    if family == "ernie4.5-moe":  # the experts picked by their probabilities alone, without the bias
+        unbiased = dict(weights.tensors, **{"model.layers.1.mlp.moe_statics.e_score_correction_bias":
+                                            np.zeros((1, 4), np.float32)})
+        generation = ReferenceModel(config, ModelWeights(config, unbiased)).generate(prompts, NEW_TOKENS)
+        want = _teacher_forced_logits(model, prompts, generation.tokens)
+        assert np.abs(generation.logits - want).max() > 10 * LOGITS_TOLERANCE
     if family == "qwen2-moe":  # its shared expert's gate: a gain of 1 instead of sigmoid(gate . x)
         ungated = dict(weights.tensors)
         for layer in range(config.num_hidden_layers):
@@ -567,21 +577,23 @@ def test_the_routing_matters(family, checkpoints, prompts):
 
 
 @pytest.mark.parametrize("family, stored", [("mixtral", "block_sparse_moe.experts.3.w2.weight"),
-                                            ("granitemoe", "block_sparse_moe.output_linear.weight")])
+                                            ("granitemoe", "block_sparse_moe.output_linear.weight"),
+                                            ("ernie4.5-moe", "mlp.shared_experts.down_proj.weight")])
 def test_mixtures_of_experts_keep_their_checkpoints_names(family, stored, checkpoints, tmp_path):
     """Mixtral's checkpoints name the MLP block_sparse_moe and the experts' projections w1, w3, w2;
-    Granite MoE's stack a layer's experts in two tensors and call the router router.layer: read so
-    (each expert's projections as views), and written back so by ``save``."""
+    Granite MoE's stack a layer's experts in two tensors and call the router router.layer; ERNIE 4.5
+    MoE's name its shared expert shared_experts: read so (each expert's projections as views), and
+    written back so by ``save``."""
     from runtime.weights import read_header
 
     _, folder = checkpoints[family]
     config, weights = _load(folder)
     names = set(read_header(folder / "model.safetensors")[0]) - {"__metadata__"}
-    assert f"model.layers.0.{stored}" in names
-    assert "model.layers.0.mlp.experts.3.down_proj.weight" in weights.tensors
+    assert f"model.layers.1.{stored}" in names
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in weights.tensors
     weights.save(tmp_path)
     assert set(read_header(tmp_path / "model.safetensors")[0]) - {"__metadata__"} == names
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == family
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == family.replace(".", "_").replace("-", "_")
     again = ModelWeights.load(load_model_config(tmp_path), tmp_path)
     assert all(np.array_equal(again.tensors[name], tensor) for name, tensor in weights.tensors.items())
 
