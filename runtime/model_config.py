@@ -1359,7 +1359,8 @@ def _moe_fields(data: Mapping[str, Any], family: str, where: str) -> tuple[Mappi
                              f"read for model_type {family!r} (supported: {', '.join(MOE_FAMILIES)})")
         return data, {}
     own = _MOE_DEFAULTS[family]
-    stray = sorted(k for k in _MOE_KEYS - set(own) - {"num_experts", "num_local_experts"} if k in data)
+    aliases = set() if family == "ernie4_5_moe" else {"num_experts", "num_local_experts"}  # one maps to the other
+    stray = sorted(k for k in _MOE_KEYS - set(own) - aliases if k in data)
     if stray:
         raise ValueError(f"{where}: {stray[0]} = {_show(data[stray[0]])} is not read by transformers for model_type "
                          f"{family!r}")

@@ -229,7 +229,9 @@ def test_ernie_moe_reads_its_layers_and_leaves_its_multi_token_prediction_layers
         np.testing.assert_array_equal(loaded.tensors[name], tensor)
     for change, message in ((dict(moe_norm_min=1e-6), "moe_norm_min = 1e-06 is not implemented"),
                             (dict(moe_layer_start_index=3), "leave no layer with the experts"),
-                            (dict(moe_k=9), "moe_k = 9 is more than the 8 experts")):
+                            (dict(moe_k=9), "moe_k = 9 is more than the 8 experts"),
+                            (dict(num_experts=8), "num_experts = 8 is not read by transformers for model_type "
+                                                  "'ernie4_5_moe'")):
         with pytest.raises(ValueError, match=message):
             ModelConfig.from_hf_dict({**ERNIE_MOE, **change}, "ernie-moe")
     assert json.loads((tmp_path / "config.json").read_text())["moe_num_shared_experts"] == 2
