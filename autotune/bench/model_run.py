@@ -200,6 +200,7 @@ class RunReport:
     ended_at: list[int | None] | None = None  # the index of that end-of-sequence token (None: none)
     sampling: Sampling | None = None  # None: greedy decoding
     stop_ids: tuple[int, ...] = ()    # the ids a sequence ended at (none: every new token generated)
+    weights: str = ""                 # where the weights came from: a checkpoint folder, or "random (seed N)"
 
     def cache(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tuned_for": self.tuned_for}
@@ -254,8 +255,8 @@ class RunReport:
             return {"prefill_tokens_per_s": g.prefill_tokens_per_s, "decode_tokens_per_s": g.decode_tokens_per_s,
                     "prefill_s": g.prefill_s, "decode_s": g.decode_s}
 
-        out: dict[str, Any] = {"model": self.model, "source": self.source, "quantize": self.quantize,
-                               "dtype": self.dtype,
+        out: dict[str, Any] = {"model": self.model, "source": self.source, "weights": self.weights,
+                               "quantize": self.quantize, "dtype": self.dtype,
                                "batch": self.batch, "prompt_tokens": self.prompt_tokens,
                                "new_tokens": self.new_tokens, "generated_tokens": int(self.tuned.tokens.shape[1]),
                                "sampling": dataclasses.asdict(self.sampling) if self.sampling else None,
@@ -279,6 +280,7 @@ class RunReport:
                  f"tokens" + (f" (prefill padded to {padded})" if padded != self.prompt_tokens else "")
                  + f", {self.new_tokens} new; kernels {self.kernels.get('tuned', 0)} tuned, "
                  f"{self.kernels.get('untuned', 0)} template defaults",
+                 *([f"  weights: {self.weights}"] if self.weights else []),
                  self.cache_line(),
                  *self.decode_lines(),
                  *self.choice_lines(),

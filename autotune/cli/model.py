@@ -310,6 +310,19 @@ def _check_model_fits(config, weights_dtype: str, quantize: str, cache_dtype: st
         raise UserError(f"{config.name}: {', '.join(parts)}; this machine has {have / 2**30:.1f} GiB available")
 
 
+def _checkpoint_beside(model: str) -> str | None:
+    """The folder of ``--model`` (a config.json or its folder) where it holds safetensors files: a
+    downloaded checkpoint, whose weights a run takes unless told otherwise; None for a preset or a
+    config alone."""
+    from runtime.model_config import PRESETS
+
+    path = Path(model)
+    if model in PRESETS or not path.exists():
+        return None
+    folder = path if path.is_dir() else path.parent
+    return str(folder) if any(folder.glob("*.safetensors")) else None
+
+
 def _stored_itemsize(weights_dir: str | None) -> int:
     """Bytes per weight as the checkpoint in ``weights_dir`` stores them (its widest float type;
     4 for generated weights, which are float32, and where the headers cannot be read: the load
@@ -429,13 +442,16 @@ def _quantize_of(kernels, quantize: str) -> str:
               help="with --log: use records of code the templates no longer render, with a warning")
 @click.option("--check-weights", is_flag=True,
               help="with --weights: refuse a checkpoint whose tensors hold NaN or infinite values (one pass over them)")
+@click.option("--random-weights", is_flag=True,
+              help="generate the weights from --seed even where --model's folder holds a checkpoint (by default "
+                   "its safetensors files are the weights, as if given to --weights)")
 @click.option("--mmap", "mapped", is_flag=True,
               help="with --weights: map the checkpoint's files into memory rather than read them (no copy; the "
                    "pages the kernels read come in as they are used: a mixture of experts' unpicked experts stay on "
                    "disk); the files must not change during the run")
 def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_text, tokenizer_path, chat, system_text,
         batch, new_tokens, ignore_eos, temperature, top_k, top_p, quantize, group_size, compare, target, as_json, dtype,
-        allow_stale, check_weights, mapped) -> None:
+        allow_stale, check_weights, random_weights, mapped) -> None:
     """Generate with a model on tuned kernels; print prefill and decode tokens/s."""
     from runtime.generation import check_positions
     from runtime.kernel import UntunedShapeWarning
@@ -447,10 +463,16 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
     config = load_config(model)
     if weights_dir and not Path(weights_dir).is_dir():
         raise UserError(f"--weights {weights_dir} is not a directory")
+    if random_weights and weights_dir:
+        raise UserError("--random-weights and --weights: give one (generated weights, or a checkpoint's)")
+    if weights_dir is None and not random_weights:  # a checkpoint's folder given as --model is its weights too
+        weights_dir = _checkpoint_beside(model)
     if check_weights and not weights_dir:
-        raise UserError("--check-weights is for --weights (generated weights are finite)")
+        raise UserError("--check-weights is for a checkpoint's weights (--weights, or a --model folder holding one): "
+                        "generated weights are finite")
     if mapped and not weights_dir:
-        raise UserError("--mmap is for --weights (generated weights are in memory already)")
+        raise UserError("--mmap is for a checkpoint's weights (--weights, or a --model folder holding one): generated "
+                        "weights are in memory already")
     tokenizer = encoded = None
     if system_text is not None and not chat:
         raise UserError("--system is for --chat")
@@ -514,7 +536,8 @@ def run(lib, logs, model, weights_dir, seed, prompt_tokens, prompt_ids, prompt_t
     finally:
         kernels.close()
     report = RunReport(config.name, lib or ",".join(logs), quantize, batch, prompts.shape[1], new_tokens, tuned,
-                       counts, dtype=dtype, sampling=sampling, stop_ids=stop_ids)
+                       counts, dtype=dtype, sampling=sampling, stop_ids=stop_ids,
+                       weights=weights_dir if weights_dir else f"random (seed {seed})")
     if tokenizer is not None:
         from autotune.prompt_text import decode, until_end
 

@@ -200,7 +200,9 @@ def test_q4_model_tunes_and_runs_against_the_dequantised_reference(tmp_path):
     (["run", "--model", "tiny"], "either --lib DIR"),
     (["run", "--model", "tiny", "--lib", "/no/such/lib"], "no manifest.json"),
     (["run", "--model", "tiny", "--log", "/no/such/log.jsonl"], "does not exist"),
-    (["run", "--model", "tiny", "--lib", "lib", "--mmap"], "--mmap is for --weights"),
+    (["run", "--model", "tiny", "--lib", "lib", "--mmap"], "--mmap is for a checkpoint's weights"),
+    (["run", "--model", "tiny", "--lib", "lib", "--weights", ".", "--random-weights"],
+     "--random-weights and --weights: give one"),
     (["tune-model", "--model", "tiny-moe", "--target", "cuda"], "tiny-moe is a mixture of experts, which runs on "
                                                                 "CPU kernels only: use --target cpu"),
 ])
@@ -428,7 +430,8 @@ def test_a_mixture_of_experts_checkpoint_tunes_and_runs_with_the_references_toke
     assert "gemm/float32/M~=6,N=128,K=128" in {t["task"] for t in tasks}
     run("tune-model", "--model", "mixtral", *sizes, "--trials-total", str(len(tasks)), "--log", "moe.jsonl", "--quiet",
         "--no-mlflow", cwd=tmp_path)
-    out = json.loads(run("run", "--log", "moe.jsonl", "--model", "mixtral", "--weights", "mixtral", "--mmap",
-                         "--prompt-tokens", "24", "--new-tokens", "8", "--compare", "--json", cwd=tmp_path).stdout)
-    assert out["kernels"]["untuned"] == 0, out["kernels"]
+    # the folder given as --model holds the checkpoint: its weights are the run's (no --weights needed)
+    out = json.loads(run("run", "--log", "moe.jsonl", "--model", "mixtral", "--mmap", "--prompt-tokens", "24",
+                         "--new-tokens", "8", "--compare", "--json", cwd=tmp_path).stdout)
+    assert out["kernels"]["untuned"] == 0 and out["weights"] == "mixtral", out
     assert out["reference"]["logits"]["max_rel"] < 1e-4 and out["reference"]["logits"]["same_tokens"]

@@ -98,4 +98,4 @@ def test_run_check_weights_refuses_a_damaged_checkpoint_in_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "autotune: error: weights of tiny: model.embed_tokens.weight hold NaN or infinite values"]
     proc = subprocess.run(run + ["--check-weights"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 2 and "--check-weights is for --weights" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "--check-weights is for a checkpoint's weights" in proc.stderr, proc.stderr
