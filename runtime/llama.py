@@ -796,9 +796,11 @@ class _MixtureOfExperts:
         self.model, self.k, self.buf, self.layer, self.x = model, k, buf, layer, x
         self.experts, self.per_token, self.normalise = c.num_experts, c.experts_per_token, c.norm_topk_prob
         self.gated = c.shared_expert_gated
-        # ERNIE 4.5's bias of each expert's selection, on the host where the experts are picked
-        self.selection_bias = (widened(model.w.tensors[selection_bias_name(layer)]).reshape(-1)
+        # ERNIE 4.5's and GLM-4.5's bias of each expert's selection, on the host where the experts are picked
+        self.selection_bias = (widened(model.w.tensors[selection_bias_name(c, layer)]).reshape(-1)
                                if c.expert_selection_bias else None)
+        self.routing = dict(scoring=c.router_scoring, groups=c.expert_groups, groups_per_token=c.expert_groups_per_token,
+                            scale=c.routed_scaling_factor)
         self.act = "expert_" + GATED_ACTS[c.activation]
         self.grouped = "M" in k["expert_gate"].spec.dynamic
         self._calls: dict[int, tuple] = {}  # expert -> its bound calls
@@ -840,7 +842,8 @@ class _MixtureOfExperts:
     def __call__(self) -> None:
         buf, x, out = self.buf, self.x, self.buf.mlp
         self.router()
-        experts, weights = route(buf.router[:, :self.experts], self.per_token, self.normalise, self.selection_bias)
+        experts, weights = route(buf.router[:, :self.experts], self.per_token, self.normalise, self.selection_bias,
+                                 **self.routing)
         if self.shared is None:
             out.fill(0.0)
         else:

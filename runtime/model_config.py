@@ -74,11 +74,14 @@ from .rope_frequencies import (ROPE_TYPES, factors_problem, longrope_attention_f
 # a sigmoid), OLMoE Llama's with OLMo 2's norms of the whole query and key projections, Granite MoE
 # Granite's (its four scalars; the top experts' logits softmaxed, which renormalises as Mixtral does),
 # ERNIE 4.5 MoE ERNIE 4.5's (its first layer dense, ungated shared experts, the experts picked by
-# their probabilities plus a bias of their own, ``expert_selection_bias``).
+# their probabilities plus a bias of their own, ``expert_selection_bias``), GLM-4.5's (GLM-4.5-Air:
+# q/k/v biases, optional head norms, half of each head rotated; DeepSeek-V3's routing by sigmoid
+# scores with a bias, in groups, scaled; its first layers dense, ungated shared experts).
 MOE_FAMILIES = {"mixtral": ("MixtralForCausalLM", "mistral"), "qwen2_moe": ("Qwen2MoeForCausalLM", "qwen2"),
                 "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3"), "olmoe": ("OlmoeForCausalLM", "llama"),
                 "granitemoe": ("GraniteMoeForCausalLM", "granite"),
-                "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM", "ernie4_5")}
+                "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM", "ernie4_5"),
+                "glm4_moe": ("Glm4MoeForCausalLM", "qwen3")}
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
             "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
@@ -139,6 +142,8 @@ _MULTIMODAL_FIELDS = {
 # Why some popular look-alikes are refused, said in the error line.
 _WHY_NOT = {"DeepseekV3ForCausalLM": "its attention is latent (MLA) and its router grouped",
             "deepseek_v3": "its attention is latent (MLA) and its router grouped"}
+# how a router scores the experts (ModelConfig.router_scoring, runtime.experts.route)
+ROUTER_SCORINGS = ("softmax", "sigmoid")
 # silu and swish are the same function (x * sigmoid(x)), the gate of SwiGLU.
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
 # Gemma's gate: GeLU's tanh form (transformers reads Gemma's legacy "gelu" as it, with a warning)
@@ -188,6 +193,9 @@ READ_FIELDS = frozenset({
     # ERNIE 4.5 MoE's names of them (_ernie_moe_fields)
     "moe_num_experts", "moe_k", "moe_num_shared_experts", "moe_layer_start_index", "moe_layer_end_index",
     "moe_layer_interval", "moe_norm_min", "num_nextn_predict_layers",
+    # GLM-4.5's (_glm_moe_fields)
+    "n_routed_experts", "n_shared_experts", "routed_scaling_factor", "n_group", "topk_group", "first_k_dense_replace",
+    "use_qk_norm",
     # Gemma's and Gemma 3's (gemma families only: _GEMMA_FIELDS)
     *("hidden_activation", "query_pre_attn_scalar", "rope_local_base_freq", "sliding_window_pattern",
       "_sliding_window_pattern", "final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention")})
@@ -366,6 +374,13 @@ class ModelConfig:
     # alone weighting their outputs
     shared_expert_gated: bool = True
     expert_selection_bias: bool = False
+    # GLM-4.5's (DeepSeek-V3's) routing: each expert scored by the sigmoid of its logit ("sigmoid"; else a
+    # softmax over them), the weights times ``routed_scaling_factor``, the experts picked from the
+    # ``expert_groups_per_token`` best of ``expert_groups`` equal groups (``runtime.experts.route``)
+    router_scoring: str = "softmax"
+    routed_scaling_factor: float = 1.0
+    expert_groups: int = 1
+    expert_groups_per_token: int = 1
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -606,6 +621,12 @@ class ModelConfig:
                 raise ValueError(f"model {self.name}: {field} must be true or false, got {getattr(self, field)!r}")
         if self.expert_selection_bias and not self.num_experts:
             raise ValueError(f"model {self.name}: expert_selection_bias describes a mixture of experts; num_experts is 0")
+        if self.router_scoring not in ROUTER_SCORINGS:
+            raise ValueError(f"model {self.name}: router_scoring must be one of {', '.join(ROUTER_SCORINGS)}, "
+                             f"got {self.router_scoring!r}")
+        scale = self.routed_scaling_factor
+        if not (is_number(scale) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"model {self.name}: routed_scaling_factor must be a positive finite number, got {scale!r}")
         dense = self.dense_layers
         if not isinstance(dense, (tuple, list)) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_hidden_layers for i in dense):
@@ -617,16 +638,27 @@ class ModelConfig:
             raise ValueError(f"model {self.name}: dense_intermediate_size is the MLP size of dense_layers: a positive "
                              f"integer where there are some, else 0; got {size!r} with dense_layers {dense!r}")
         if not self.num_experts:
-            if self.experts_per_token or self.shared_expert_intermediate_size or self.norm_topk_prob or dense:
+            routing = (self.router_scoring, self.routed_scaling_factor, self.expert_groups,
+                       self.expert_groups_per_token, self.shared_expert_gated) != ("softmax", 1.0, 1, 1, True)
+            if (self.experts_per_token or self.shared_expert_intermediate_size or self.norm_topk_prob or dense
+                    or routing):
                 raise ValueError(f"model {self.name}: experts_per_token, shared_expert_intermediate_size, "
-                                 "norm_topk_prob and dense_layers describe a mixture of experts; num_experts is 0 "
-                                 "(a dense MLP)")
+                                 "norm_topk_prob, dense_layers and the routing fields describe a mixture of experts; "
+                                 "num_experts is 0 (a dense MLP)")
             return
         if len(self.dense_layers) == self.num_hidden_layers:
             raise ValueError(f"model {self.name}: every layer is in dense_layers: no layer has the experts")
         if not 1 <= self.experts_per_token <= self.num_experts:
             raise ValueError(f"model {self.name}: experts_per_token = {self.experts_per_token} must be in 1 .. "
                              f"num_experts = {self.num_experts}")
+        groups, picked = self.expert_groups, self.expert_groups_per_token
+        if not (_positive_int(groups) and _positive_int(picked) and picked <= groups
+                and (self.num_experts % groups == 0 and (groups == 1 or self.num_experts // groups >= 2))):
+            raise ValueError(f"model {self.name}: expert_groups = {groups!r} must divide the {self.num_experts} experts "
+                             f"into groups of two or more, and expert_groups_per_token = {picked!r} pick 1 .. that many")
+        if self.num_experts and (self.num_experts // groups) * picked < self.experts_per_token:
+            raise ValueError(f"model {self.name}: {picked} of {groups} expert groups hold fewer than the "
+                             f"{self.experts_per_token} experts a token picks")
         if self.mlp_bias or self.activation != "silu" or self.offset_norms:
             raise ValueError(f"model {self.name}: a mixture of experts' experts are SwiGLU MLPs without biases, "
                              "normalised by the weight itself (not Gemma's 1 + weight)")
@@ -708,7 +740,8 @@ class ModelConfig:
                       "qk_norm_span", *_GRANITE_FIELDS, "activation", "offset_norms", "post_norms", "pre_norms",
                       "local_layers", "local_rope_theta", "nope_layers", "attn_softcap", "final_softcap",
                       "num_experts", "experts_per_token", "norm_topk_prob", "shared_expert_intermediate_size",
-                      "dense_layers", "dense_intermediate_size", "shared_expert_gated", "expert_selection_bias"):
+                      "dense_layers", "dense_intermediate_size", "shared_expert_gated", "expert_selection_bias",
+                      "router_scoring", "routed_scaling_factor", "expert_groups", "expert_groups_per_token"):
             data.pop(field)
         if self.moe:
             return self._moe_hf_dict(data)
@@ -913,6 +946,8 @@ class ModelConfig:
         granite = self.scaled or self.attention_multiplier is not None
         if self.rope_interleaved:  # ERNIE 4.5's pairs of adjacent dims
             return self._ernie_moe_hf_dict(data)
+        if self.router_scoring == "sigmoid":
+            return self._glm_moe_hf_dict(data)
         if granite:
             family = "granitemoe"
             fits = (self.norm_topk_prob and not (shared or span or self.local_layers or self.sliding_window)
@@ -980,6 +1015,29 @@ class ModelConfig:
                     moe_num_shared_experts=shared // size, moe_layer_start_index=moe[0],
                     moe_layer_end_index=self.num_hidden_layers - 1, moe_layer_interval=1, moe_norm_min=1e-12)
         data.pop("head_dim")  # hidden_size / num_attention_heads, as the family computes it
+        return data
+
+    def _glm_moe_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``to_hf_dict`` of GLM-4.5 (the family whose router scores by sigmoid): its dense layers the
+        first ones, its shared experts ungated (a multiple of the experts' size), the experts picked
+        with a bias, a rotary share of each head."""
+        dense, shared, size = self.dense_layers, self.shared_expert_intermediate_size, self.intermediate_size
+        fits = (dense == tuple(range(len(dense))) and not self.shared_expert_gated and self.expert_selection_bias
+                and shared % size == 0 and not (self.o_bias or self.mlp_bias) and self.qk_norm_span == "head"
+                and not (self.scaled or self.attention_multiplier is not None or self.local_layers or self.nope_layers
+                         or self.post_norms or not self.pre_norms or self.sliding_window is not None
+                         or self.query_scale_beta or self.rope_type != "default"))
+        if not fits:
+            raise ValueError(f"model {self.name}: a mixture of experts scored by sigmoid is GLM-4.5's, which cannot "
+                             "hold these settings")
+        data.pop("sliding_window")
+        data.update(model_type="glm4_moe", architectures=[FAMILIES["glm4_moe"]], hidden_act="silu",
+                    attention_bias=self.qkv_bias, use_qk_norm=self.qk_norm, partial_rotary_factor=self.partial_rotary_factor,
+                    intermediate_size=self.dense_intermediate_size or size, moe_intermediate_size=size,
+                    n_routed_experts=self.num_experts, num_experts_per_tok=self.experts_per_token,
+                    n_shared_experts=shared // size, routed_scaling_factor=self.routed_scaling_factor,
+                    n_group=self.expert_groups, topk_group=self.expert_groups_per_token,
+                    first_k_dense_replace=len(dense), norm_topk_prob=self.norm_topk_prob)
         return data
 
     def _qwen_window(self) -> dict[str, Any]:
@@ -1171,21 +1229,23 @@ class ModelConfig:
 # transformers 4.x and 5.x (Llama's: one per query head); null, as 4.x reads it, is one per query head.
 _ABSENT_KV_HEADS = {"mistral": 8, "mixtral": 8, "qwen2_moe": 16, "qwen3_moe": 4, "glm4": 2, "seed_oss": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4,
                     "gemma3_text": 4, "smollm3": 4,
-                    "ministral": 8, "ministral3": 8, "exaone4": 32, "ernie4_5": 2, "helium": 20, "ernie4_5_moe": 4}
+                    "ministral": 8, "ministral3": 8, "exaone4": 32, "ernie4_5": 2, "helium": 20, "ernie4_5_moe": 4,
+                    "glm4_moe": 8}
 # Likewise an absent sliding_window (MistralConfig's is 4096; null: none) and an absent
 # max_position_embeddings (kept, and written back by to_hf_dict; nothing computes with it)
 _ABSENT_WINDOW = {"mistral": 4096, "gemma2": 4096, "gemma3_text": 4096, "olmo3": 4096, "ministral": 4096,
                   "exaone4": 4096}
 # the config classes' rms_norm_eps where left out; every other family's: 1e-6
 _ABSENT_EPS = {"glm4": 1.5625e-07, "phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5, "exaone4": 1e-5,
-               "ernie4_5": 1e-5, "helium": 1e-8, "mixtral": 1e-5, "olmoe": 1e-5, "ernie4_5_moe": 1e-5}
+               "ernie4_5": 1e-5, "helium": 1e-8, "mixtral": 1e-5, "olmoe": 1e-5, "ernie4_5_moe": 1e-5,
+               "glm4_moe": 1e-5}
 _ABSENT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "phi3": 4096, "granite": 2048,
                      "gemma": 8192, "gemma2": 8192, "gemma3_text": 131072, "smollm3": 32768, "olmo2": 2048,
                      "olmo3": 2048,
                      "ministral3": 262144, "ministral": 131072, "exaone4": 2048, "ernie4_5": 131072, "glm4": 131072,
                      "seed_oss": 524288,
                      "helium": 4096, "mixtral": 131072, "qwen2_moe": 32768, "qwen3_moe": 32768, "olmoe": 4096,
-                     "granitemoe": 2048, "ernie4_5_moe": 131072}
+                     "granitemoe": 2048, "ernie4_5_moe": 131072, "glm4_moe": 131072}
 # the config classes' bases (SmolLM3's, ERNIE 4.5's, Helium's); 10000 elsewhere (Gemma 3, OLMo 3: _layer_kind_ropes)
 _ABSENT_THETA = {"smollm3": 2000000.0, "ernie4_5": 500000.0, "helium": 100000.0, "mixtral": 1000000.0,
                  "ernie4_5_moe": 500000.0}
@@ -1304,7 +1364,10 @@ _MOE_DEFAULTS = {
     # its own names (_ERNIE_MOE_FIELDS); moe_layer_end_index -1: the last layer
     "ernie4_5_moe": {"moe_num_experts": 64, "moe_k": 6, "moe_intermediate_size": 1536, "moe_num_shared_experts": 2,
                      "moe_layer_start_index": 1, "moe_layer_end_index": -1, "moe_layer_interval": 1,
-                     "moe_norm_min": 1e-12, "num_nextn_predict_layers": None}}
+                     "moe_norm_min": 1e-12, "num_nextn_predict_layers": None},
+    "glm4_moe": {"n_routed_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1408, "n_shared_experts": 1,
+                 "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+                 "norm_topk_prob": True, "use_qk_norm": False, "num_nextn_predict_layers": 1}}
 # every field _MOE_DEFAULTS names: refused in a dense family's config
 _MOE_KEYS = frozenset(k for fields in _MOE_DEFAULTS.values() for k in fields) | {"num_experts"}
 
@@ -1346,6 +1409,42 @@ def _ernie_moe_fields(data: Mapping[str, Any], fields: Mapping[str, Any], where:
         "dense_layers": dense, "dense_intermediate_size": dense_size}
 
 
+def _glm_moe_fields(data: Mapping[str, Any], fields: Mapping[str, Any], where: str
+                    ) -> tuple[Mapping[str, Any], dict[str, Any]]:
+    """``_moe_fields`` of GLM-4.5 from its names: ``n_routed_experts`` scored by sigmoid and picked
+    with a bias, from the ``topk_group`` best of ``n_group`` groups, their weights (renormalised with
+    ``norm_topk_prob``) times ``routed_scaling_factor``; the first ``first_k_dense_replace`` layers
+    dense; ``n_shared_experts`` experts' worth of a shared one added ungated; ``use_qk_norm``: norms
+    of each query and key head. Its multi-token-prediction layers (``num_nextn_predict_layers``,
+    stored as layers past ``num_hidden_layers``) are not run, as transformers runs none."""
+    experts, per_token, size, shared, first = (fields[k] for k in ("n_routed_experts", "num_experts_per_tok",
+                                                                    "moe_intermediate_size", "n_shared_experts",
+                                                                    "first_k_dense_replace"))
+    for field, value in (("n_routed_experts", experts), ("num_experts_per_tok", per_token),
+                         ("moe_intermediate_size", size), ("n_group", fields["n_group"]),
+                         ("topk_group", fields["topk_group"])):
+        if not _positive_int(value):
+            raise ValueError(f"{where}: {field} = {_show(value)} is not a positive integer")
+    for field, value in (("n_shared_experts", shared), ("first_k_dense_replace", first)):
+        if not (type(value) is int and value >= 0):
+            raise ValueError(f"{where}: {field} = {_show(value)} is not a whole number")
+    for field in ("norm_topk_prob", "use_qk_norm"):
+        if not isinstance(fields[field], bool):
+            raise ValueError(f"{where}: {field} = {_show(fields[field])} is not true or false")
+    layers = _layer_count(data, where) if "num_hidden_layers" in data else 0
+    dense = tuple(range(min(first, layers)))
+    if layers and len(dense) == layers:
+        raise ValueError(f"{where}: first_k_dense_replace = {first} leaves no layer with the experts")
+    dense_size = data.get("intermediate_size", 0) if dense else 0
+    return {**data, "intermediate_size": size}, {
+        "num_experts": experts, "experts_per_token": per_token, "norm_topk_prob": fields["norm_topk_prob"],
+        "shared_expert_intermediate_size": size * shared, "shared_expert_gated": False, "expert_selection_bias": True,
+        "router_scoring": "sigmoid", "routed_scaling_factor": _number(fields["routed_scaling_factor"],
+                                                                      "routed_scaling_factor", where),
+        "expert_groups": fields["n_group"], "expert_groups_per_token": fields["topk_group"],
+        "dense_layers": dense, "dense_intermediate_size": dense_size, "qk_norm": fields["use_qk_norm"]}
+
+
 def _moe_fields(data: Mapping[str, Any], family: str, where: str) -> tuple[Mapping[str, Any], dict[str, Any]]:
     """(the config with a Qwen MoE's experts' size as intermediate_size, ModelConfig's expert fields)
     of a mixture of experts (``MOE_FAMILIES``); a dense family's config as it is and no fields. The
@@ -1359,14 +1458,15 @@ def _moe_fields(data: Mapping[str, Any], family: str, where: str) -> tuple[Mappi
                              f"read for model_type {family!r} (supported: {', '.join(MOE_FAMILIES)})")
         return data, {}
     own = _MOE_DEFAULTS[family]
-    aliases = set() if family == "ernie4_5_moe" else {"num_experts", "num_local_experts"}  # one maps to the other
+    # one maps to the other (the families with names of their own have neither)
+    aliases = set() if family in ("ernie4_5_moe", "glm4_moe") else {"num_experts", "num_local_experts"}
     stray = sorted(k for k in _MOE_KEYS - set(own) - aliases if k in data)
     if stray:
         raise ValueError(f"{where}: {stray[0]} = {_show(data[stray[0]])} is not read by transformers for model_type "
                          f"{family!r}")
-    if family == "ernie4_5_moe":
-        return _ernie_moe_fields(data, {k: _or(data.get(k), v) if v is not None else data.get(k)
-                                        for k, v in own.items()}, where)
+    if family in ("ernie4_5_moe", "glm4_moe"):
+        fields = {k: _or(data.get(k), v) if v is not None else data.get(k) for k, v in own.items()}
+        return (_ernie_moe_fields if family == "ernie4_5_moe" else _glm_moe_fields)(data, fields, where)
     named = {k: data[k] for k in ("num_experts", "num_local_experts") if data.get(k) is not None}
     if len(named) == 2 and named["num_experts"] != named["num_local_experts"]:
         raise ValueError(f"{where}: num_experts = {_show(named['num_experts'])} and num_local_experts = "
@@ -1480,6 +1580,10 @@ def _biases(data: Mapping[str, Any], family: str, where: str) -> dict[str, bool]
                              f"{_show(attention)} and mlp_bias {_show(mlp)}: ERNIE 4.5 reads use_bias (true or "
                              "false) alone")
         return {"qkv_bias": every, "o_bias": every, "mlp_bias": every}
+    if family == "glm4_moe":  # q/k/v biased by attention_bias, o_proj never
+        if mlp:
+            raise ValueError(f"{where}: mlp_bias = {_show(mlp)}: GLM-4.5's MLPs have no biases")
+        return {"qkv_bias": attention}
     if family == "qwen2_moe":  # Qwen2's q/k/v biases, which transformers 5 can switch off (qkv_bias)
         qkv = _flag(data, "qkv_bias", where, True)
         if attention or mlp:
@@ -1903,12 +2007,13 @@ def _partial_rotary_factor(data: Mapping[str, Any], family: str, where: str) -> 
     for key, value in given.items():
         if not is_number(value) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{where}: {key} = {_show(value)} is not a positive number")
-        if family not in ("phi3", "glm4") and value != 1:
-            raise ValueError(f"{where}: {key} = {_show(value)} is implemented for Phi-3 and GLM-4 (model_type "
-                             f"'phi3', 'glm4') only: transformers' {FAMILIES[family]} does not apply it")
+        if family not in ("phi3", "glm4", "glm4_moe") and value != 1:
+            raise ValueError(f"{where}: {key} = {_show(value)} is implemented for Phi-3, GLM-4 and GLM-4.5 (model_type "
+                             f"'phi3', 'glm4', 'glm4_moe') only: transformers' {FAMILIES[family]} does not apply it")
     if len(set(given.values())) > 1:
         raise ValueError(f"{where}: {' and '.join(f'{k} = {_show(v)}' for k, v in given.items())} disagree")
-    return float(next(iter(given.values()), 0.5 if family == "glm4" else 1.0))  # Glm4Config's where left out
+    # Glm4Config's and Glm4MoeConfig's where left out
+    return float(next(iter(given.values()), 0.5 if family in ("glm4", "glm4_moe") else 1.0))
 
 
 def _check_phi3_fields(data: Mapping[str, Any], family: str, where: str) -> None:
@@ -1994,7 +2099,8 @@ def _rope_scaling(data: Mapping[str, Any], where: str, positions: int | None = N
         # read and checked by _partial_rotary_factor
         extra = sorted(k for k in spec if k not in allowed
                        and not (k == "partial_rotary_factor"
-                                and (family in ("phi3", "glm4") or spec[k] == 1 and not isinstance(spec[k], bool))))
+                                and (family in ("phi3", "glm4", "glm4_moe") or spec[k] == 1
+                                     and not isinstance(spec[k], bool))))
         if extra:
             raise ValueError(f"{where}: {field}.{extra[0]} = {_show(spec[extra[0]])} is not implemented for rope "
                              f"type {kind!r}; supported: {', '.join(sorted(allowed))}")

@@ -122,9 +122,10 @@ class ReferenceModel:
         gated by a sigmoid, added."""
         c = self.config
         rows = h.reshape(-1, c.hidden_size)
-        bias = self.w[selection_bias_name(layer)].reshape(-1) if c.expert_selection_bias else None
+        bias = self.w[selection_bias_name(c, layer)].reshape(-1) if c.expert_selection_bias else None
         experts, weights = route(self._matmul(rows, layer_name(layer, ROUTER)), c.experts_per_token, c.norm_topk_prob,
-                                 bias)
+                                 bias, c.router_scoring, c.expert_groups, c.expert_groups_per_token,
+                                 c.routed_scaling_factor)
         out = np.zeros_like(rows)
         for expert, (picked, weight) in rows_by_expert(experts, weights).items():
             out[picked] += weight[:, None] * self._mlp(rows[picked], layer, f"mlp.experts.{expert}")

@@ -49,10 +49,18 @@ _GLM_NORM_NAME = re.compile(r"(model\.layers\.\d+\.)(\w+)(\.weight)")
 
 
 def _ignored(config: ModelConfig, name: str) -> bool:
-    """Whether checkpoint tensor ``name`` is one the decoder leaves unread (``IGNORED_TENSORS``, and
-    ERNIE 4.5 MoE's multi-token-prediction layers, which transformers does not load either)."""
-    ernie_moe = config.expert_selection_bias and "mtp" in name
-    return bool(IGNORED_TENSORS.fullmatch(name)) or ernie_moe
+    """Whether checkpoint tensor ``name`` is one the decoder leaves unread (``IGNORED_TENSORS``, and the
+    multi-token-prediction layers of ERNIE 4.5 MoE, its ``mtp`` tensors, and of GLM-4.5, layers past
+    ``num_hidden_layers``, which transformers does not load either)."""
+    if IGNORED_TENSORS.fullmatch(name):
+        return True
+    if not config.expert_selection_bias:
+        return False
+    found = _LAYER_INDEX.match(name)
+    return "mtp" in name or (found is not None and int(found.group(1)) >= config.num_hidden_layers)
+
+
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def glm_norms(config: ModelConfig) -> bool:
@@ -196,12 +204,17 @@ def mlp_parts(config: ModelConfig, layer: int) -> tuple[str, ...]:
     return (ROUTER, *experts, *gate, *shared)
 
 
-# ERNIE 4.5 MoE's bias of each expert's selection (``ModelConfig.expert_selection_bias``), [1, E]
-SELECTION_BIAS = "mlp.moe_statics.e_score_correction_bias"
+# the bias of each expert's selection (``ModelConfig.expert_selection_bias``) as the checkpoints hold it:
+# ERNIE 4.5 MoE's [1, E], GLM-4.5's (its router's, scoring by sigmoid) [E]
+SELECTION_BIAS = {"softmax": "mlp.moe_statics.e_score_correction_bias", "sigmoid": "mlp.gate.e_score_correction_bias"}
 
 
-def selection_bias_name(layer: int) -> str:
-    return f"model.layers.{layer}.{SELECTION_BIAS}"
+def selection_bias_name(config: ModelConfig, layer: int) -> str:
+    return f"model.layers.{layer}.{SELECTION_BIAS[config.router_scoring]}"
+
+
+def _selection_bias_shape(config: ModelConfig) -> tuple[int, ...]:
+    return (1, config.num_experts) if config.router_scoring == "softmax" else (config.num_experts,)
 
 
 def router_part(config: ModelConfig) -> str:
@@ -316,7 +329,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             layer_name(layer, "self_attn.v_proj"): (c.kv_size, h), layer_name(layer, "self_attn.o_proj"): (h, c.q_size)})
         shapes.update({layer_name(layer, part): _mlp_shape(c, part) for part in mlp_parts(c, layer)})
         if c.expert_selection_bias and c.moe_layer(layer):
-            shapes[selection_bias_name(layer)] = (1, c.num_experts)
+            shapes[selection_bias_name(c, layer)] = _selection_bias_shape(c)
         shapes.update({bias_name(layer, part): shapes[layer_name(layer, part)][:1] for part in biased_parts(c)})
         if c.qk_norm:  # Qwen3: one gain per head dim, shared by the heads of q (and of k); OLMo 2: one per value
             q_norm, k_norm = QK_NORMS

@@ -1486,6 +1486,16 @@ GRANITE_MOE_1B = {  # ibm-granite/granite-3.1-1b-a400m-instruct
     "output_router_logits": False, "pad_token_id": 0, "residual_multiplier": 0.22, "rms_norm_eps": 1e-06,
     "rope_scaling": None, "rope_theta": 10000000.0, "router_aux_loss_coef": 0.01, "tie_word_embeddings": True,
     "torch_dtype": "bfloat16", "transformers_version": "4.46.0.dev0", "use_cache": True, "vocab_size": 49155}
+GLM_45_AIR = {  # zai-org/GLM-4.5-Air
+    "architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "pad_token_id": 151329,
+    "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+    "partial_rotary_factor": 0.5, "initializer_range": 0.02, "intermediate_size": 10944,
+    "max_position_embeddings": 131072, "model_type": "glm4_moe", "moe_intermediate_size": 1408, "norm_topk_prob": True,
+    "num_attention_heads": 96, "n_group": 1, "topk_group": 1, "n_routed_experts": 128, "n_shared_experts": 1,
+    "routed_scaling_factor": 1.0, "num_experts_per_tok": 8, "first_k_dense_replace": 1, "num_hidden_layers": 46,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 1000000,
+    "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.54.0", "use_cache": True, "use_qk_norm": False, "vocab_size": 151552}
 OLMOE_1B_7B = {  # allenai/OLMoE-1B-7B-0924
     "architectures": ["OlmoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": None,
     "eos_token_id": 50279, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
@@ -1498,18 +1508,22 @@ OLMOE_1B_7B = {  # allenai/OLMoE-1B-7B-0924
 
 @pytest.mark.parametrize("data, experts, per_token, size, parameters", [
     (MIXTRAL_8X7B, 8, 2, 14336, 46.7e9), (QWEN3_30B_A3B, 128, 8, 768, 30.5e9), (QWEN15_MOE, 60, 4, 1408, 14.3e9),
-    (OLMOE_1B_7B, 64, 8, 1024, 6.9e9), (GRANITE_MOE_1B, 32, 8, 512, 1.33e9)],
-    ids=["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b", "granite-3.1-1b-a400m"])
+    (OLMOE_1B_7B, 64, 8, 1024, 6.9e9), (GRANITE_MOE_1B, 32, 8, 512, 1.33e9), (GLM_45_AIR, 128, 8, 1408, 106.9e9)],
+    ids=["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b", "granite-3.1-1b-a400m", "glm-4.5-air"])
 def test_mixtures_of_experts_read_as_their_model_cards_count_them(data, experts, per_token, size, parameters):
     config = parse(data)
     assert (config.num_experts, config.experts_per_token, config.intermediate_size) == (experts, per_token, size)
     assert abs(config.parameters / parameters - 1) < 0.01, config.parameters
-    assert config.norm_topk_prob == (data["model_type"] in ("mixtral", "qwen3_moe", "granitemoe"))
+    family = data["model_type"]
+    assert config.norm_topk_prob == (family in ("mixtral", "qwen3_moe", "granitemoe", "glm4_moe"))
     assert (config.embedding_multiplier, config.residual_multiplier) == (
         (12.0, 0.22) if data["model_type"] == "granitemoe" else (1.0, 1.0))
     assert config.qk_norm == (data["model_type"] in ("qwen3_moe", "olmoe"))
-    assert config.qkv_bias == (data["model_type"] == "qwen2_moe") and config.sliding_window is None
-    assert config.shared_expert_intermediate_size == (5632 if data["model_type"] == "qwen2_moe" else 0)
+    assert config.qkv_bias == (family in ("qwen2_moe", "glm4_moe")) and config.sliding_window is None
+    assert config.shared_expert_intermediate_size == {"qwen2_moe": 5632, "glm4_moe": 1408}.get(family, 0)
+    if family == "glm4_moe":  # half of each head rotated, the first layer dense, sigmoid scores with a bias
+        assert (config.rotary_dim, config.dense_layers, config.dense_intermediate_size) == (64, (0,), 10944)
+        assert config.router_scoring == "sigmoid" and config.expert_selection_bias and not config.shared_expert_gated
     assert parse(config.to_hf_dict()) == config  # written as its family, read back equal
     if data["model_type"] in ("qwen2_moe", "qwen3_moe"):  # dense layers among the experts', read and written
         sparse = parse({**data, "decoder_sparse_step": 2, "mlp_only_layers": [3]})
@@ -1566,9 +1580,14 @@ def test_expert_fields_in_a_dense_family_and_olmoes_clipping_are_refused():
     assert not config.qkv_bias and config.sliding_window is None
     with pytest.raises(ValueError, match="experts_per_token = 3 must be in 1 .. num_experts = 2"):
         dataclasses.replace(PRESETS["tiny-moe"], num_experts=2, experts_per_token=3)
-    with pytest.raises(ValueError, match="experts_per_token, shared_expert_intermediate_size, norm_topk_prob and "
-                                         "dense_layers describe a mixture of experts"):
-        dataclasses.replace(PRESETS["tiny"], experts_per_token=2)
+    for field, value in (("experts_per_token", 2), ("router_scoring", "sigmoid"), ("expert_groups", 2)):
+        with pytest.raises(ValueError, match="experts_per_token, shared_expert_intermediate_size, norm_topk_prob, "
+                                             "dense_layers and the routing fields describe a mixture of experts"):
+            dataclasses.replace(PRESETS["tiny"], **{field: value})
+    with pytest.raises(ValueError, match="expert_groups = 3 must divide the 8 experts"):
+        dataclasses.replace(PRESETS["tiny-moe"], expert_groups=3)
+    with pytest.raises(ValueError, match="1 of 4 expert groups hold fewer than the 3 experts a token picks"):
+        dataclasses.replace(PRESETS["tiny-moe"], expert_groups=4, experts_per_token=3)
     with pytest.raises(ValueError, match="dense_intermediate_size is the MLP size of dense_layers"):
         dataclasses.replace(PRESETS["tiny-moe"], dense_layers=(0,))
     with pytest.raises(ValueError, match="every layer is in dense_layers: no layer has the experts"):

@@ -38,6 +38,23 @@ def test_route_weights_the_most_probable_experts():
         route(logits, 5, normalise=True)
 
 
+def test_route_by_sigmoid_scores_in_groups_scaled():
+    """GLM-4.5's (DeepSeek-V3's) routing: each expert's sigmoid plus its bias picks, only from the best
+    group (by the sum of its two best biased scores), and the sigmoids alone, renormalised and
+    scaled, weight the picks."""
+    logits = np.array([[2.0, 1.9, -3.0, -3.0, 2.5, -1.0, -1.0, -1.0]], np.float32)
+    bias = np.zeros(8, np.float32)
+    experts, weights = route(logits, 2, True, bias, "sigmoid", groups=2, groups_per_token=1, scale=2.5)
+    # group 0's two best (2.0, 1.9) outsum group 1's (2.5, -1.0): expert 4, the best alone, is not picked
+    np.testing.assert_array_equal(experts, [[0, 1]])
+    sig = 1 / (1 + np.exp(-logits[0, :2]))
+    np.testing.assert_allclose(weights[0], 2.5 * sig / sig.sum(), rtol=1e-6)
+    bias[4] = 1.0  # a bias that makes group 1 the better one, and picks expert 4 first
+    experts, _ = route(logits, 2, True, bias, "sigmoid", groups=2, groups_per_token=1)
+    assert experts[0, 0] == 4 and experts[0, 1] in (5, 6, 7)
+    assert set(route(logits, 2, True, None, "sigmoid")[0][0]) == {0, 4}  # ungrouped: the two best overall
+
+
 def test_rows_by_expert_groups_each_experts_rows_in_order():
     experts = np.array([[2, 0], [0, 3], [2, 3]])
     weights = np.array([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]], np.float32)

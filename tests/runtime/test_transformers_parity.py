@@ -271,8 +271,14 @@ FAMILIES = {
     # worth of shared expert added ungated, the experts picked by probability plus a bias of each
     "ernie4.5-moe": ("Ernie4_5_MoeConfig", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=64,
                                                 moe_num_shared_experts=2, moe_layer_start_index=1), "5.x"),
+    # GLM-4.5 (GLM-4.5-Air's layout): q/k/v biases, head norms, half of each head rotated; DeepSeek-V3's
+    # routing (sigmoid scores plus a bias, 8 experts in 2 groups of which the better one is picked from,
+    # the weights times 2.5), the first layer dense, an ungated shared expert
+    "glm4.5-moe": ("Glm4MoeConfig", dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                                         n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                                         first_k_dense_replace=1, use_qk_norm=True, attention_bias=True), "5.x"),
 }
-MIXTURES = ["mixtral", "qwen3-moe", "qwen2-moe", "olmoe", "granitemoe", "ernie4.5-moe"]
+MIXTURES = ["mixtral", "qwen3-moe", "qwen2-moe", "olmoe", "granitemoe", "ernie4.5-moe", "glm4.5-moe"]
 # the model class of a config class, where it is not the config's name with ForCausalLM
 MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM", "Gemma3Config": "Gemma3ForConditionalGeneration",
                  "Mistral3Config": "Mistral3ForConditionalGeneration",
@@ -299,6 +305,9 @@ def _randomize(model) -> None:
             noise = torch.randn(param.shape, generator=gen)
             gain = param.dim() == 1 and not name.endswith(".bias")
             param.copy_(1.0 + 0.1 * noise if gain else 0.1 * noise)
+        for name, buffer in sorted(model.named_buffers()):  # GLM-4.5's selection bias is a buffer
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=gen))
 
 
 def _gemma3_to_4x_layout(folder: Path) -> None:
@@ -552,18 +561,25 @@ def test_the_routing_matters(family, checkpoints, prompts):
     scales the experts' part down)."""
     model, folder = checkpoints[family]
     config, weights = _load(folder)
-    assert config.num_experts == 4 and config.experts_per_token == 2
-    assert config.norm_topk_prob == (family in ("mixtral", "qwen3-moe", "granitemoe", "ernie4.5-moe"))
+    assert config.num_experts == (8 if family == "glm4.5-moe" else 4) and config.experts_per_token == 2
+    assert config.norm_topk_prob == (family in ("mixtral", "qwen3-moe", "granitemoe", "ernie4.5-moe", "glm4.5-moe"))
     changes = [dict(experts_per_token=1), dict(norm_topk_prob=not config.norm_topk_prob)]
     for changed in changes:
         other = dataclasses.replace(config, **changed)
         generation = ReferenceModel(other, weights).generate(prompts, NEW_TOKENS)
         want = _teacher_forced_logits(model, prompts, generation.tokens)
         assert np.abs(generation.logits - want).max() > 10 * LOGITS_TOLERANCE, changed
-    if family == "ernie4.5-moe":  # the experts picked by their probabilities alone, without the bias
-        unbiased = dict(weights.tensors, **{"model.layers.1.mlp.moe_statics.e_score_correction_bias":
-                                            np.zeros((1, 4), np.float32)})
+    if config.expert_selection_bias:  # the experts picked by their scores alone, without the bias (ERNIE, GLM)
+        from runtime.weights import selection_bias_name
+
+        name = selection_bias_name(config, 1)
+        unbiased = dict(weights.tensors, **{name: np.zeros_like(weights[name])})
         generation = ReferenceModel(config, ModelWeights(config, unbiased)).generate(prompts, NEW_TOKENS)
+        want = _teacher_forced_logits(model, prompts, generation.tokens)
+        assert np.abs(generation.logits - want).max() > 10 * LOGITS_TOLERANCE
+    if family == "glm4.5-moe":  # its groups: every expert open to every token
+        generation = ReferenceModel(dataclasses.replace(config, expert_groups=1, expert_groups_per_token=1),
+                                    weights).generate(prompts, NEW_TOKENS)
         want = _teacher_forced_logits(model, prompts, generation.tokens)
         assert np.abs(generation.logits - want).max() > 10 * LOGITS_TOLERANCE
     if family == "qwen2-moe":  # its shared expert's gate: a gain of 1 instead of sigmoid(gate . x)
@@ -578,7 +594,8 @@ def test_the_routing_matters(family, checkpoints, prompts):
 
 @pytest.mark.parametrize("family, stored", [("mixtral", "block_sparse_moe.experts.3.w2.weight"),
                                             ("granitemoe", "block_sparse_moe.output_linear.weight"),
-                                            ("ernie4.5-moe", "mlp.shared_experts.down_proj.weight")])
+                                            ("ernie4.5-moe", "mlp.shared_experts.down_proj.weight"),
+                                            ("glm4.5-moe", "mlp.gate.e_score_correction_bias")])
 def test_mixtures_of_experts_keep_their_checkpoints_names(family, stored, checkpoints, tmp_path):
     """Mixtral's checkpoints name the MLP block_sparse_moe and the experts' projections w1, w3, w2;
     Granite MoE's stack a layer's experts in two tensors and call the router router.layer; ERNIE 4.5
@@ -593,7 +610,8 @@ def test_mixtures_of_experts_keep_their_checkpoints_names(family, stored, checkp
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in weights.tensors
     weights.save(tmp_path)
     assert set(read_header(tmp_path / "model.safetensors")[0]) - {"__metadata__"} == names
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == family.replace(".", "_").replace("-", "_")
+    model_type = {"ernie4.5-moe": "ernie4_5_moe", "glm4.5-moe": "glm4_moe"}.get(family, family)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == model_type
     again = ModelWeights.load(load_model_config(tmp_path), tmp_path)
     assert all(np.array_equal(again.tensors[name], tensor) for name, tensor in weights.tensors.items())
 
