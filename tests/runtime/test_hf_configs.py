@@ -364,7 +364,8 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**LLAMA3_5X, "rope_parameters": {"rope_type": "something-new", "rope_theta": 1e4}}, "'something-new'"),
     ({**LLAMA2_4X, "rope_scaling": {"factor": 2.0}}, "rope_scaling = {\"factor\": 2.0} names no rope type"),
     ({**LLAMA3_5X, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
-     "rope_parameters.partial_rotary_factor = 0.5 is implemented for Phi-3 and GLM-4 (model_type 'phi3', 'glm4') only"),
+     "rope_parameters.partial_rotary_factor = 0.5 is implemented for Phi-3, GLM-4 and GLM-4.5 (model_type 'phi3', "
+     "'glm4', 'glm4_moe') only"),
     ({**LLAMA3_4X, "rope_parameters": {"rope_theta": 10000.0}}, "rope_theta = 500000 and rope_parameters.rope_theta"),
     ({**QWEN2, "use_sliding_window": True, "max_window_layers": 12, "rope_scaling": {"rope_type": "linear",
                                                                                     "factor": 2.0}},
@@ -428,8 +429,8 @@ def test_the_compiled_rope_kernel_rotates_with_the_parsed_theta():
     ({**PHI4, "rope_scaling": {"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}},
      "rope_scaling.short_factor has length 1; 128 rotary dims make 64 rotary pairs, one factor each"),
     ({**LLAMA3_5X, "partial_rotary_factor": 0.75},
-     "partial_rotary_factor = 0.75 is implemented for Phi-3 and GLM-4 (model_type 'phi3', 'glm4') only: "
-     "transformers' LlamaForCausalLM does not apply it"),
+     "partial_rotary_factor = 0.75 is implemented for Phi-3, GLM-4 and GLM-4.5 (model_type 'phi3', 'glm4', "
+     "'glm4_moe') only: transformers' LlamaForCausalLM does not apply it"),
     ({**LLAMA3_4X, "original_max_position_embeddings": 8192}, "original_max_position_embeddings = 8192 at the "
                                                               "top level is a Phi-3 field"),
     ({**PHI4, "original_max_position_embeddings": "4k"}, "original_max_position_embeddings = '4k' is not a "
