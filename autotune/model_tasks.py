@@ -78,12 +78,11 @@ def weight_bytes(config: ModelConfig, quantize: str = "none", group_size: int = 
     (``experts_per_token``) and Qwen2-MoE's shared expert: what a decode step of one sequence reads."""
     c = config
     h, layers = c.hidden_size, c.num_hidden_layers
-    mlp = layers * 3 * h * c.dense_size
-    if c.moe:  # per layer of experts in place of a dense MLP
+    mlp = (layers - c.moe_layers) * 3 * h * c.dense_size
+    if c.moe:  # a layer of experts: the router, the experts one token runs, the shared expert and its gate
         shared = c.shared_expert_intermediate_size
-        per_layer = 3 * h * c.intermediate_size * c.experts_per_token + h * c.num_experts
-        mlp = len(c.dense_layers) * 3 * h * c.dense_size + c.moe_layers * (per_layer + (3 * h * shared + h if shared
-                                                                                       else 0))
+        mlp += c.moe_layers * (3 * h * c.intermediate_size * c.experts_per_token + h * c.num_experts
+                               + (3 * h * shared + h if shared else 0))
     linear = layers * (h * (c.q_size + 2 * c.kv_size) + c.q_size * h) + mlp
     head = c.vocab_size * h
     size = ITEMSIZE[dtype]

@@ -40,6 +40,7 @@ import numpy as np
 
 from .abi import KernelSpec
 from .arrays import arrays_for
+from .experts import route, rows_by_expert
 from .generation import Generation, checked_generation, checked_tokens
 from .kernel import BoundCall, Kernel, KernelProvider, buckets, numpy_dtype, select
 from .model_config import ModelConfig
@@ -47,7 +48,6 @@ from .plan import (ACT_ORDER_GATHERS, FUSED_ATTRS, GATED_ACTS, GEMV_MAX_M, PREFI
                    attention_suffix, bias_role, biased_projections, can_fuse_norms, decode_calls, precisions,
                    prefill_calls, rope_suffix, unfused)
 from .precision import check_dtype, from_float, rounded, stored_as, to_float32, widened
-from .experts import route, rows_by_expert
 from .sampling import NextTokens, Sampling
 from .weights import (QK_NORMS, DeviceWeights, ModelWeights, bias_name, fused_parts, is_norm_gain, layer_name,
                       router_part, selection_bias_name)
@@ -145,7 +145,6 @@ class _WidenedTable:
         return rows * self.factor if self.factor != 1 else rows
 
 
-# the tensors whose outputs a residual add adds: Granite's residual_multiplier scales them
 # the projections whose outputs Granite's residual_multiplier scales: attention's and the MLP's, an
 # expert's or a shared expert's (a mixture's weighted sum of them is scaled so)
 _RESIDUAL_BRANCH_ENDS = tuple(f".{part}.{kind}" for part in ("self_attn.o_proj", "down_proj")

@@ -939,15 +939,16 @@ class ModelConfig:
         return data
 
     def _moe_hf_dict(self, data: dict[str, Any]) -> dict[str, Any]:
-        """``to_hf_dict`` of a mixture of experts: Granite MoE's with Granite's scalars, Qwen2-MoE's with a
-        shared expert, Qwen3-MoE's with norms of each query and key head, OLMoE's with norms of the whole
+        """``to_hf_dict`` of a mixture of experts: ERNIE 4.5 MoE's with rotary pairs of adjacent dims,
+        GLM-4.5's with sigmoid scores, Granite MoE's with Granite's scalars, Qwen2-MoE's with a shared
+        expert, Qwen3-MoE's with norms of each query and key head, OLMoE's with norms of the whole
         projections, else Mixtral's."""
-        shared, span = self.shared_expert_intermediate_size, self.qk_norm_span if self.qk_norm else None
-        granite = self.scaled or self.attention_multiplier is not None
         if self.rope_interleaved:  # ERNIE 4.5's pairs of adjacent dims
             return self._ernie_moe_hf_dict(data)
         if self.router_scoring == "sigmoid":
             return self._glm_moe_hf_dict(data)
+        shared, span = self.shared_expert_intermediate_size, self.qk_norm_span if self.qk_norm else None
+        granite = self.scaled or self.attention_multiplier is not None
         if granite:
             family = "granitemoe"
             fits = (self.norm_topk_prob and not (shared or span or self.local_layers or self.sliding_window)
@@ -964,7 +965,7 @@ class ModelConfig:
             fits = self.norm_topk_prob and not (self.qkv_bias or self.o_bias or self.local_layers)
         if self.dense_layers and family not in ("qwen2_moe", "qwen3_moe"):  # the family with mlp_only_layers
             fits = False
-        if not self.shared_expert_gated or self.expert_selection_bias:  # ERNIE 4.5's alone
+        if not self.shared_expert_gated or self.expert_selection_bias:  # ERNIE 4.5's and GLM-4.5's (above)
             fits = False
         plain = not (self.nope_layers or self.post_norms or not self.pre_norms or self.rope_interleaved
                      or self.query_scale_beta or self.rope_type == "longrope" or self.partial_rotary_factor != 1.0)
@@ -1179,7 +1180,8 @@ class ModelConfig:
                    max_position_embeddings=_or(data.get("max_position_embeddings"), _ABSENT_POSITIONS[family]),
                    sliding_window=window, rope_type=rope_type, partial_rotary_factor=partial,
                    **{_ROPE_FIELDS[p]: v for p, v in scaling.items()}, **biases,
-                   **{"qk_norm": family in ("qwen3", "qwen3_moe"), "nope_layers": _nope_layers(data, family, where), **scalars})
+                   **{"qk_norm": family in ("qwen3", "qwen3_moe"), "nope_layers": _nope_layers(data, family, where),
+                      **scalars})
 
     @classmethod
     def _from_multimodal(cls, data: Mapping[str, Any], wrapper: str, name: str, where: str) -> "ModelConfig":
@@ -1227,7 +1229,8 @@ class ModelConfig:
 
 # An absent num_key_value_heads is what the family's config class defaults it to in
 # transformers 4.x and 5.x (Llama's: one per query head); null, as 4.x reads it, is one per query head.
-_ABSENT_KV_HEADS = {"mistral": 8, "mixtral": 8, "qwen2_moe": 16, "qwen3_moe": 4, "glm4": 2, "seed_oss": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4,
+_ABSENT_KV_HEADS = {"mistral": 8, "mixtral": 8, "qwen2_moe": 16, "qwen3_moe": 4, "glm4": 2, "seed_oss": 8, "qwen2": 32,
+                    "qwen3": 32, "gemma": 16, "gemma2": 4,
                     "gemma3_text": 4, "smollm3": 4,
                     "ministral": 8, "ministral3": 8, "exaone4": 32, "ernie4_5": 2, "helium": 20, "ernie4_5_moe": 4,
                     "glm4_moe": 8}
@@ -1402,11 +1405,9 @@ def _ernie_moe_fields(data: Mapping[str, Any], fields: Mapping[str, Any], where:
     if layers and len(dense) == layers:
         raise ValueError(f"{where}: moe_layer_start_index = {start} .. moe_layer_end_index = {end} leave no layer with "
                          "the experts")
-    dense_size = data.get("intermediate_size", 0) if dense else 0
-    return {**data, "intermediate_size": size}, {
+    return _with_experts(data, where, size, dense, {
         "num_experts": experts, "experts_per_token": per_token, "norm_topk_prob": True,
-        "shared_expert_intermediate_size": size * shared, "shared_expert_gated": False, "expert_selection_bias": True,
-        "dense_layers": dense, "dense_intermediate_size": dense_size}
+        "shared_expert_intermediate_size": size * shared, "shared_expert_gated": False, "expert_selection_bias": True})
 
 
 def _glm_moe_fields(data: Mapping[str, Any], fields: Mapping[str, Any], where: str
@@ -1435,14 +1436,13 @@ def _glm_moe_fields(data: Mapping[str, Any], fields: Mapping[str, Any], where: s
     dense = tuple(range(min(first, layers)))
     if layers and len(dense) == layers:
         raise ValueError(f"{where}: first_k_dense_replace = {first} leaves no layer with the experts")
-    dense_size = data.get("intermediate_size", 0) if dense else 0
-    return {**data, "intermediate_size": size}, {
+    return _with_experts(data, where, size, dense, {
         "num_experts": experts, "experts_per_token": per_token, "norm_topk_prob": fields["norm_topk_prob"],
         "shared_expert_intermediate_size": size * shared, "shared_expert_gated": False, "expert_selection_bias": True,
         "router_scoring": "sigmoid", "routed_scaling_factor": _number(fields["routed_scaling_factor"],
                                                                       "routed_scaling_factor", where),
         "expert_groups": fields["n_group"], "expert_groups_per_token": fields["topk_group"],
-        "dense_layers": dense, "dense_intermediate_size": dense_size, "qk_norm": fields["use_qk_norm"]}
+        "qk_norm": fields["use_qk_norm"]})
 
 
 def _moe_fields(data: Mapping[str, Any], family: str, where: str) -> tuple[Mapping[str, Any], dict[str, Any]]:
@@ -1494,15 +1494,23 @@ def _moe_fields(data: Mapping[str, Any], family: str, where: str) -> tuple[Mappi
     norm = fields.get("norm_topk_prob", True)  # Mixtral always renormalises
     if not isinstance(norm, bool):
         raise ValueError(f"{where}: norm_topk_prob = {_show(norm)} is not true or false")
+    return _with_experts(data, where, counts.get("moe_intermediate_size"), dense, {
+        "num_experts": experts, "experts_per_token": counts["num_experts_per_tok"], "norm_topk_prob": norm,
+        "shared_expert_intermediate_size": counts.get("shared_expert_intermediate_size", 0)})
+
+
+def _with_experts(data: Mapping[str, Any], where: str, size: int | None, dense: tuple[int, ...],
+                  fields: dict[str, Any]) -> tuple[Mapping[str, Any], dict[str, Any]]:
+    """(``data`` with the experts' ``size``, where the family names it apart, as intermediate_size;
+    the expert ``fields`` with the ``dense`` layers and their MLP size, the config's
+    intermediate_size): what each family's reader of expert fields returns."""
     dense_size = data.get("intermediate_size", 0) if dense else 0
     if dense and not _positive_int(dense_size):
         raise ValueError(f"{where}: intermediate_size = {_show(dense_size)} (the dense layers' MLP size) is not a "
                          "positive integer")
-    if "moe_intermediate_size" in counts:
-        data = {**data, "intermediate_size": counts["moe_intermediate_size"]}
-    return data, {"num_experts": experts, "experts_per_token": counts["num_experts_per_tok"], "norm_topk_prob": norm,
-                  "shared_expert_intermediate_size": counts.get("shared_expert_intermediate_size", 0),
-                  "dense_layers": dense, "dense_intermediate_size": dense_size}
+    if size is not None:
+        data = {**data, "intermediate_size": size}
+    return data, {**fields, "dense_layers": dense, "dense_intermediate_size": dense_size}
 
 
 def _dense_layers(data: Mapping[str, Any], fields: Mapping[str, Any], where: str) -> tuple[int, ...]:

@@ -48,6 +48,9 @@ GLM_NORMS = {"post_self_attn_layernorm": "post_attention_layernorm",
 _GLM_NORM_NAME = re.compile(r"(model\.layers\.\d+\.)(\w+)(\.weight)")
 
 
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
+
+
 def _ignored(config: ModelConfig, name: str) -> bool:
     """Whether checkpoint tensor ``name`` is one the decoder leaves unread (``IGNORED_TENSORS``, and the
     multi-token-prediction layers of ERNIE 4.5 MoE, its ``mtp`` tensors, and of GLM-4.5, layers past
@@ -58,9 +61,6 @@ def _ignored(config: ModelConfig, name: str) -> bool:
         return False
     found = _LAYER_INDEX.match(name)
     return "mtp" in name or (found is not None and int(found.group(1)) >= config.num_hidden_layers)
-
-
-_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def glm_norms(config: ModelConfig) -> bool:
@@ -137,9 +137,10 @@ _GRANITE_PROJECTIONS = {"input_linear": ("gate_proj", "up_proj"), "output_linear
 _GRANITE_ROUTER = re.compile(r"(model\.layers\.\d+\.)block_sparse_moe\.router\.layer\.weight")
 
 
-def granite_experts(config: ModelConfig) -> bool:
-    """Whether ``config``'s checkpoints hold each layer's experts stacked, as Granite MoE's do."""
-    return config.moe and config.to_hf_dict()["model_type"] == "granitemoe"
+def _checkpoint_family(config: ModelConfig) -> str | None:
+    """The model_type a mixture of experts' checkpoints are written as (its names of the experts
+    follow it); None for a dense model."""
+    return config.to_hf_dict()["model_type"] if config.moe else None
 
 
 def stacked_parts(config: ModelConfig, name: str) -> tuple[str, ...]:
@@ -166,11 +167,6 @@ def _granite_stacks(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> d
     return {**tensors, **out}
 
 
-def mixtral_names(config: ModelConfig) -> bool:
-    """Whether ``config``'s checkpoints name their experts as Mixtral's (what its config.json is)."""
-    return config.moe and config.to_hf_dict()["model_type"] == "mixtral"
-
-
 def _renamed_expert(name: str, pattern: re.Pattern, block: str, projections: Mapping[str, str]) -> str:
     """``name`` of a router or an expert's projection (``pattern``) under ``block`` (the MLP's name),
     its projection renamed by ``projections``; any other name as it is."""
@@ -193,12 +189,17 @@ def to_mixtral_name(name: str) -> str:
     return _renamed_expert(name, _QWEN_EXPERT_NAME, "block_sparse_moe", {p: w for w, p in _MIXTRAL_PROJS.items()})
 
 
+def _expert_parts(config: ModelConfig) -> tuple[str, ...]:
+    """Every expert's three projections (Hugging Face parts), as checkpoints and the decoder name them."""
+    return tuple(f"mlp.experts.{e}.{proj}" for e in range(config.num_experts) for proj in _GATED)
+
+
 def mlp_parts(config: ModelConfig, layer: int) -> tuple[str, ...]:
     """The linear layers of ``layer``'s MLP (Hugging Face parts): Llama's three, or a mixture of
     experts' router, every expert's three and Qwen2-MoE's shared expert and its gate."""
     if not config.moe_layer(layer):
         return tuple(f"mlp.{proj}" for proj in _GATED)
-    experts = tuple(f"mlp.experts.{e}.{proj}" for e in range(config.num_experts) for proj in _GATED)
+    experts = _expert_parts(config)
     shared = tuple(f"mlp.shared_expert.{proj}" for proj in _GATED) if config.shared_expert_intermediate_size else ()
     gate = (SHARED_GATE,) if shared and config.shared_expert_gated else ()
     return (ROUTER, *experts, *gate, *shared)
@@ -227,7 +228,7 @@ def device_mlp_parts(config: ModelConfig, layer: int) -> tuple[str, ...]:
     router with the shared gate; the experts' projections as they are."""
     if not config.moe_layer(layer):
         return ("mlp.gate_up_proj", "mlp.down_proj")
-    experts = tuple(f"mlp.experts.{e}.{proj}" for e in range(config.num_experts) for proj in _GATED)
+    experts = _expert_parts(config)
     shared = (("mlp.shared_expert.gate_up_proj", "mlp.shared_expert.down_proj")
               if config.shared_expert_intermediate_size else ())
     return (router_part(config), *experts, *shared)
@@ -694,9 +695,10 @@ class ModelWeights:
         if glm_norms(self.config):  # and under its names of the norms
             back = {internal: glm for glm, internal in GLM_NORMS.items()}
             tensors = {renamed_norm(name, back): tensor for name, tensor in tensors.items()}
-        if mixtral_names(self.config):
+        family = _checkpoint_family(self.config)
+        if family == "mixtral":
             tensors = {to_mixtral_name(name): tensor for name, tensor in tensors.items()}
-        elif granite_experts(self.config):
+        elif family == "granitemoe":
             tensors = _granite_stacks(self.config, dict(tensors))
         elif self.config.moe and not self.config.shared_expert_gated:  # ERNIE 4.5's name of its shared experts
             tensors = {name.replace(".mlp.shared_expert.", ".mlp.shared_experts."): t for name, t in tensors.items()}
